@@ -1,0 +1,86 @@
+"""The object task code receives: `def run(ctx, **params)`.
+
+It runs inside the worker (a process of the local executor, or a Dask worker) and talks to the
+server through a message channel. Progress reports are coalesced here (at most one message per
+`flush_interval`), so a task may call `advance()` per item without flooding the server; stage
+changes and the end of the task are always sent at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+
+class TaskCancelled(Exception):
+    """Raised inside task code at its next check once cancellation was requested."""
+
+
+class CancelFlag(Protocol):
+    def is_set(self) -> bool: ...
+
+
+Send = Callable[[tuple[Any, ...]], None]
+
+
+class TaskContext:
+    """Progress, cancellation and logging for one running task."""
+
+    def __init__(self, task_id: str, send: Send, cancel_flag: CancelFlag, *, flush_interval: float = 0.02) -> None:
+        self.task_id = task_id
+        self._send = send
+        self._cancel = cancel_flag
+        self._flush_interval = flush_interval
+        self._stage: str | None = None
+        self._total: int | None = None
+        self._processed = 0
+        self._message: str | None = None
+        self._last_flush = 0.0
+        self._dirty = False
+
+    @property
+    def processed(self) -> int:
+        return self._processed
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def stage(self, name: str, total: int | None = None, message: str | None = None) -> None:
+        """Start a new stage (the previous one is complete) with `total` items to process."""
+        self.flush()
+        self.check_cancelled()
+        self._stage, self._total, self._processed, self._message = name, total, 0, message
+        self._send(("stage", name, total, message))
+        self._last_flush = time.monotonic()
+
+    def advance(self, n: int = 1, message: str | None = None) -> None:
+        """Count `n` more items of the current stage as processed; also a cancellation point."""
+        self._processed += n
+        if message is not None:
+            self._message = message
+        self._dirty = True
+        if time.monotonic() - self._last_flush >= self._flush_interval:
+            self.flush()
+        self.check_cancelled()
+
+    def set_progress(self, processed: int, message: str | None = None) -> None:
+        """Set the processed count of the current stage (it never goes backwards on the server)."""
+        self.advance(processed - self._processed, message)
+
+    def flush(self) -> None:
+        """Send pending progress now."""
+        if self._dirty:
+            self._send(("progress", self._processed, self._message))
+            self._dirty = False
+            self._last_flush = time.monotonic()
+
+    def check_cancelled(self) -> None:
+        """Raise TaskCancelled if cancellation was requested."""
+        if self._cancel.is_set():
+            raise TaskCancelled()
+
+    def log(self, message: str) -> None:
+        """A line for the task's stderr tail."""
+        self._send(("log", str(message)))

@@ -1,0 +1,144 @@
+"""EventBus: in-process publish/subscribe of state changes (DESIGN section 3).
+
+Every change is persisted first, then published once here. Each event has a monotonically
+increasing sequence number. A subscriber never holds an unbounded queue: pending events are
+coalesced to the latest state per entity, so a slow reader skips intermediate progress but always
+receives the final state of every entity it follows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .models import iso, now
+
+
+@dataclass(frozen=True)
+class Event:
+    """One state change: `kind` is e.g. "task.updated"; `data` is the entity's new state."""
+
+    seq: int
+    at: float
+    kind: str
+    entity_type: str
+    entity_id: str
+    data: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "at": iso(self.at),
+            "kind": self.kind,
+            "entity_type": self.entity_type,
+            "entity_id": self.entity_id,
+            "data": self.data,
+        }
+
+
+EventPredicate = Callable[[Event], bool]
+
+
+@dataclass
+class Subscription:
+    """A subscriber's view of the bus: iterate it (async) to receive coalesced events."""
+
+    predicate: EventPredicate | None
+    _bus: EventBus
+    _pending: OrderedDict[tuple[str, str], Event] = field(default_factory=OrderedDict)
+    _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: bool = False
+
+    def offer(self, event: Event) -> None:
+        if self.closed or (self.predicate is not None and not self.predicate(event)):
+            return
+        key = (event.entity_type, event.entity_id)
+        # Replace the pending state of this entity and move it to the back, so order of
+        # arrival is kept between entities while each entity holds only its latest state.
+        self._pending.pop(key, None)
+        self._pending[key] = event
+        self._wakeup.set()
+
+    def drain(self) -> list[Event]:
+        """Take every pending event without waiting."""
+        events = list(self._pending.values())
+        self._pending.clear()
+        self._wakeup.clear()
+        return events
+
+    async def next_batch(self) -> list[Event]:
+        """Wait for at least one event, then take all pending ones."""
+        while not self._pending:
+            if self.closed:
+                raise StopAsyncIteration
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        return self.drain()
+
+    def close(self) -> None:
+        self.closed = True
+        self._bus._subscriptions.discard(self)
+        self._wakeup.set()
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Event:
+        while not self._pending:
+            if self.closed:
+                raise StopAsyncIteration
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        _key, event = self._pending.popitem(last=False)
+        return event
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+
+class EventBus:
+    """Fan-out of events to subscribers, with a bounded history for resuming by sequence number."""
+
+    def __init__(self, history_size: int = 10_000) -> None:
+        self._seq = itertools.count(1)
+        self._subscriptions: set[Subscription] = set()
+        self._history: deque[Event] = deque(maxlen=history_size)
+        self._listeners: list[Callable[[Event], None]] = []
+
+    @property
+    def last_seq(self) -> int:
+        return self._history[-1].seq if self._history else 0
+
+    def publish(self, kind: str, entity_type: str, entity_id: str, data: dict[str, Any]) -> Event:
+        event = Event(next(self._seq), now(), kind, entity_type, entity_id, data)
+        self._history.append(event)
+        for sub in list(self._subscriptions):
+            sub.offer(event)
+        for listener in list(self._listeners):
+            listener(event)
+        return event
+
+    def subscribe(self, predicate: EventPredicate | None = None) -> Subscription:
+        sub = Subscription(predicate=predicate, _bus=self)
+        self._subscriptions.add(sub)
+        return sub
+
+    def add_listener(self, listener: Callable[[Event], None]) -> Callable[[], None]:
+        """Call `listener` synchronously for every event; returns a function that removes it."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def since(self, seq: int) -> Iterator[Event]:
+        """Events after `seq` still held in the history (oldest first)."""
+        return (e for e in self._history if e.seq > seq)
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscriptions) + len(self._listeners)

@@ -1,0 +1,45 @@
+"""The executor interface the TaskManager drives."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+MessageCallback = Callable[[tuple[Any, ...]], None]
+
+
+class Executor(abc.ABC):
+    """Runs task functions elsewhere and reports their messages on the server's event loop.
+
+    `on_message` is always called on the loop given to `start()`; the last message of every
+    submitted task is ("exit", exitcode), after its final result message if it sent one.
+    """
+
+    name: str = "executor"
+
+    @abc.abstractmethod
+    def start(self, loop: asyncio.AbstractEventLoop) -> None: ...
+
+    @abc.abstractmethod
+    def submit(self, task_id: str, target: str, params: dict[str, Any], on_message: MessageCallback) -> str:
+        """Start a task; return an identifier of the worker running it."""
+
+    @abc.abstractmethod
+    def request_cancel(self, task_id: str) -> None:
+        """Ask the task to stop at its next check (cooperative)."""
+
+    @abc.abstractmethod
+    def kill(self, task_id: str) -> None:
+        """Stop the task's worker now (forced)."""
+
+    @abc.abstractmethod
+    def is_running(self, task_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def shutdown(self, grace: float) -> None:
+        """Cancel everything still running, wait up to `grace` seconds, then kill."""
+
+    @abc.abstractmethod
+    def status(self) -> dict[str, Any]: ...

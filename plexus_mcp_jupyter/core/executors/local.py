@@ -1,0 +1,126 @@
+"""The local executor: one worker process per running task.
+
+A process per task (bounded by the manager's max_concurrency) gives each task its own memory and
+lets a forced stop kill exactly one task without disturbing the others. Processes start from a
+forkserver that has pre-imported the worker module, so a start costs milliseconds and never forks
+the threaded server process itself. Messages come back over a pipe, read by one thread per task
+that hands them to the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from .. import worker
+from .base import Executor, MessageCallback
+
+
+@dataclass
+class _Running:
+    process: Any
+    cancel_flag: Any
+    reader: threading.Thread
+
+
+class LocalExecutor(Executor):
+    name = "local"
+
+    def __init__(self, start_method: str | None = None) -> None:
+        methods = mp.get_all_start_methods()
+        self.start_method = start_method or ("forkserver" if "forkserver" in methods else "spawn")
+        self._mp = mp.get_context(self.start_method)
+        if self.start_method == "forkserver":
+            self._mp.set_forkserver_preload(["plexus_mcp_jupyter.core.worker"])
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._running: dict[str, _Running] = {}
+        self._lock = threading.Lock()
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def submit(self, task_id: str, target: str, params: dict[str, Any], on_message: MessageCallback) -> str:
+        if self._loop is None:
+            raise RuntimeError("LocalExecutor.start(loop) must be called before submit()")
+        receiver, sender = self._mp.Pipe(duplex=False)
+        cancel_flag = self._mp.Event()
+        process = self._mp.Process(
+            target=worker.process_main,
+            args=(task_id, target, params, sender, cancel_flag),
+            name=f"plexus-task-{task_id[:8]}",
+            daemon=True,
+        )
+        process.start()
+        sender.close()  # the child holds the only writer: EOF on our side means it is gone
+        reader = threading.Thread(
+            target=self._pump, args=(task_id, process, receiver, on_message), daemon=True,
+            name=f"plexus-pump-{task_id[:8]}",
+        )
+        with self._lock:
+            self._running[task_id] = _Running(process, cancel_flag, reader)
+        reader.start()
+        return f"local:{os.uname().nodename}:{os.getpid()}:{process.pid}"
+
+    def _pump(self, task_id: str, process: Any, receiver: Any, on_message: MessageCallback) -> None:
+        loop = self._loop
+        assert loop is not None
+        try:
+            while True:
+                try:
+                    msg = receiver.recv()
+                except (EOFError, OSError):
+                    break
+                except Exception as exc:  # an unpicklable message: report it, keep reading
+                    msg = ("log", f"plexus: a message from the worker could not be read: {exc}")
+                loop.call_soon_threadsafe(on_message, msg)
+        finally:
+            receiver.close()
+            process.join()
+            with self._lock:
+                self._running.pop(task_id, None)
+            loop.call_soon_threadsafe(on_message, ("exit", process.exitcode))
+
+    def request_cancel(self, task_id: str) -> None:
+        with self._lock:
+            running = self._running.get(task_id)
+        if running is not None:
+            running.cancel_flag.set()
+
+    def kill(self, task_id: str) -> None:
+        with self._lock:
+            running = self._running.get(task_id)
+        if running is not None and running.process.is_alive():
+            running.process.kill()
+
+    def is_running(self, task_id: str) -> bool:
+        with self._lock:
+            return task_id in self._running
+
+    def pid(self, task_id: str) -> int | None:
+        with self._lock:
+            running = self._running.get(task_id)
+        return running.process.pid if running else None
+
+    async def shutdown(self, grace: float) -> None:
+        with self._lock:
+            ids = list(self._running)
+        for task_id in ids:
+            self.request_cancel(task_id)
+        deadline = asyncio.get_running_loop().time() + grace
+        while self._running and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        for task_id in list(self._running):
+            self.kill(task_id)
+        with self._lock:
+            readers = [r.reader for r in self._running.values()]
+        for reader in readers:
+            await asyncio.to_thread(reader.join, 5)
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            running = len(self._running)
+        return {"name": self.name, "start_method": self.start_method, "running": running}

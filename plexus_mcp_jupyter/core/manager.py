@@ -1,0 +1,510 @@
+"""TaskManager: dispatch, scheduling, progress, cancellation and restart recovery (DESIGN section 3).
+
+It is the only writer of task state. Every change goes: TaskManager -> Store (persisted) ->
+EventBus (published once). It runs on the server's event loop and never runs task code there:
+task functions run in an Executor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import InvalidArgument, NotFound
+from .events import Event, EventBus
+from .executors.base import Executor
+from .models import FINAL_STATUSES, StageStatus, Task, TaskStatus, now, parse_iso
+from .progress import ProgressDecision, ProgressTracker
+from .store import Store, TaskFilter, decode_cursor, encode_cursor
+from .tasks import get_task_type, task_type_names
+
+log = logging.getLogger("plexus_mcp_jupyter")
+
+MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
+HOST = os.uname().nodename if hasattr(os, "uname") else "localhost"
+
+
+@dataclass
+class CancelOutcome:
+    """What cancelling one task did."""
+
+    task_id: str
+    outcome: str  # cancelled | cancelling | already_finished | not_found
+    status: str | None
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task_id": self.task_id, "outcome": self.outcome, "status": self.status, "message": self.message}
+
+
+@dataclass
+class _RunState:
+    task: Task
+    tracker: ProgressTracker
+    final: tuple[Any, ...] | None = None
+    cancel_requested: bool = False
+    kill_timer: asyncio.TimerHandle | None = None
+    log_tail: list[str] = field(default_factory=list)
+
+
+class TaskManager:
+    """Owns the lifecycle of every task on one store."""
+
+    def __init__(
+        self,
+        store: Store,
+        bus: EventBus,
+        executor: Executor,
+        *,
+        max_concurrency: int = 4,
+        max_concurrency_per_owner: int = 0,
+        cancel_grace_seconds: float = 5.0,
+        progress_write_interval: float = 1.0,
+        max_page_size: int = 100,
+        max_output_bytes: int = 65_536,
+        poll_interval: float = 1.0,
+    ) -> None:
+        self.store = store
+        self.bus = bus
+        self.executor = executor
+        self.max_concurrency = max_concurrency
+        self.max_concurrency_per_owner = max_concurrency_per_owner
+        self.cancel_grace_seconds = cancel_grace_seconds
+        self.progress_write_interval = progress_write_interval
+        self.max_page_size = max_page_size
+        self.max_output_bytes = max_output_bytes
+        self.poll_interval = poll_interval
+        self.server_id = f"{executor.name}:{HOST}:{os.getpid()}"
+        self._running: dict[str, _RunState] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._schedule_pending = False
+        self._maintenance: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.started = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Recover from an earlier crash, then start scheduling. Idempotent."""
+        if self.started:
+            return
+        self.started = True
+        self._loop = asyncio.get_running_loop()
+        self.executor.start(self._loop)
+        self.recover()
+        self._maintenance = self._loop.create_task(self._maintain(), name="plexus-task-maintenance")
+        self._schedule()
+
+    async def stop(self) -> None:
+        """Stop every running task (cooperatively, then forcibly) and record why."""
+        if not self.started:
+            return
+        self._stopping = True
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+        await self.executor.shutdown(self.cancel_grace_seconds)
+        # Let the executor's final callbacks run, then resolve anything that did not report.
+        for _ in range(10):
+            if not self._running:
+                break
+            await asyncio.sleep(0.01)
+        for task_id in list(self._running):
+            self._finish(task_id, exitcode=None)
+        self.started = False
+
+    def recover(self) -> None:
+        """Resolve tasks left RUNNING by a server that is gone: fail them, or re-queue idempotent ones."""
+        for task in self.store.tasks_with_status(TaskStatus.RUNNING):
+            if task.id in self._running or not _owner_gone(task.worker):
+                continue
+            stages = task.stages
+            for stage in stages:
+                if stage.status == StageStatus.RUNNING:
+                    stage.status = StageStatus.FAILED
+                    stage.completed_at = now()
+            try:
+                idempotent = get_task_type(task.type).idempotent
+            except InvalidArgument:
+                idempotent = False
+            if idempotent and not task.cancel_requested:
+                self.store.update_task(task.id, status=TaskStatus.QUEUED, started_at=None, worker=None)
+                log.warning("Plexus: re-queued task %s (%s) left running by a stopped server", task.id, task.type)
+                task = self.store.get_task(task.id) or task
+                self.bus.publish("task.updated", "task", task.id, task.summary())
+                continue
+            task.status = TaskStatus.CANCELLED if task.cancel_requested else TaskStatus.FAILED
+            task.completed_at = now()
+            task.estimated_completion_at = None
+            task.error_message = (
+                "cancelled: the server stopped before the task ended"
+                if task.cancel_requested
+                else "server restarted while the task was running"
+            )
+            self.store.save_progress(task, stages=stages, final=True)
+            log.warning("Plexus: task %s left RUNNING by a stopped server is now %s", task.id, task.status.value)
+            self.bus.publish(_final_kind(task.status), "task", task.id, task.summary())
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def get(self, task_id: str) -> Task:
+        """The task with live progress (running tasks are read from memory, fresher than the store)."""
+        state = self._running.get(task_id)
+        if state is not None:
+            return state.task
+        task = self.store.get_task(task_id)
+        if task is None:
+            raise NotFound(f"no task with id {task_id!r}; list_tasks shows the ids that exist")
+        return task
+
+    def build_filter(
+        self,
+        status: str | Sequence[str] | None = None,
+        type: str | Sequence[str] | None = None,
+        since: str | None = None,
+        owner: str | None = None,
+    ) -> TaskFilter:
+        """Validate raw filter values (from MCP, REST or a URI) into a TaskFilter."""
+        statuses = tuple(TaskStatus.parse(s) for s in _as_list(status))
+        known = task_type_names()
+        types = tuple(_as_list(type))
+        for t in types:
+            if t not in known:
+                raise InvalidArgument(f"unknown task type {t!r}; expected one of {', '.join(known)}")
+        return TaskFilter(
+            statuses=statuses,
+            types=types,
+            since=parse_iso(since) if since else None,
+            owner=owner,
+        )
+
+    def check_limit(self, limit: int | None, default: int = 20) -> int:
+        if limit is None:
+            return min(default, self.max_page_size)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= self.max_page_size:
+            raise InvalidArgument(f"limit must be a whole number from 1 to {self.max_page_size}, not {limit!r}")
+        return limit
+
+    def list(
+        self, flt: TaskFilter, *, limit: int | None = None, cursor: str | None = None
+    ) -> tuple[list[Task], str | None]:
+        """One page of tasks, newest first, and the cursor of the next page (None on the last)."""
+        limit = self.check_limit(limit)
+        after = decode_cursor(cursor, flt) if cursor else None
+        page, next_key = self.store.list_tasks(flt, limit=limit, after=after)
+        page = [self._running[t.id].task if t.id in self._running else t for t in page]
+        return page, (encode_cursor(next_key, flt) if next_key else None)
+
+    def counts(self) -> dict[str, int]:
+        counts = {s.value: 0 for s in TaskStatus}
+        counts.update(self.store.counts_by_status())
+        return counts
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def dispatch(
+        self,
+        type: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        priority: int = 0,
+        owner: str | None = None,
+        description: str | None = None,
+    ) -> Task:
+        """Create a task, QUEUED, and return it at once; the scheduler starts it when a slot is free."""
+        task_type = get_task_type(type)
+        params = dict(params or {})
+        if task_type.validate is not None:
+            params = task_type.validate(params)
+        if isinstance(priority, bool) or not isinstance(priority, int) or not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+            raise InvalidArgument(
+                f"priority must be a whole number from {MIN_PRIORITY} to {MAX_PRIORITY} (higher runs first), "
+                f"not {priority!r}"
+            )
+        task = Task(
+            id=str(uuid.uuid4()),
+            type=task_type.name,
+            status=TaskStatus.QUEUED,
+            priority=priority,
+            owner=owner,
+            params=params,
+            description=description or task_type.description,
+        )
+        self.store.create_task(task)
+        self.bus.publish("task.created", "task", task.id, task.summary())
+        self._schedule_soon()
+        return task
+
+    def cancel(self, task_ids: Iterable[str]) -> list[CancelOutcome]:
+        """Cancel tasks: queued ones at once, running ones cooperatively then forcibly after the grace."""
+        return [self._cancel_one(task_id) for task_id in dict.fromkeys(task_ids)]
+
+    async def wait_final(self, task_ids: Iterable[str], timeout: float) -> None:
+        """Wait until every given task is in a final state (or unknown), or `timeout` seconds pass."""
+        pending = set(task_ids)
+        done = asyncio.Event()
+
+        def on_event(event: Event) -> None:
+            if event.entity_type == "task" and event.entity_id in pending and event.data["status"] in _FINAL_NAMES:
+                pending.discard(event.entity_id)
+                if not pending:
+                    done.set()
+
+        remove = self.bus.add_listener(on_event)
+        try:
+            for task_id in list(pending):
+                try:
+                    if self.get(task_id).status.is_final:
+                        pending.discard(task_id)
+                except NotFound:
+                    pending.discard(task_id)
+            if pending:
+                try:
+                    await asyncio.wait_for(done.wait(), timeout)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            remove()
+
+    # -- scheduling ----------------------------------------------------------------------------
+
+    def _schedule_soon(self) -> None:
+        if self._loop is None or self._schedule_pending:
+            return
+        self._schedule_pending = True
+        self._loop.call_soon(self._schedule)
+
+    def _schedule(self) -> None:
+        self._schedule_pending = False
+        if self._stopping or self._loop is None:
+            return
+        slots = self.max_concurrency - len(self._running)
+        if slots <= 0:
+            return
+        per_owner: dict[str | None, int] = {}
+        for state in self._running.values():
+            per_owner[state.task.owner] = per_owner.get(state.task.owner, 0) + 1
+        for task in self.store.queued(limit=slots + 50):
+            if slots <= 0:
+                break
+            cap = self.max_concurrency_per_owner
+            if cap and per_owner.get(task.owner, 0) >= cap:
+                continue
+            started_at = now()
+            if not self.store.claim(task.id, worker=self.server_id, started_at=started_at):
+                continue  # another server on this store took it
+            task.status, task.started_at, task.worker = TaskStatus.RUNNING, started_at, self.server_id
+            per_owner[task.owner] = per_owner.get(task.owner, 0) + 1
+            slots -= 1
+            self._start(task)
+
+    def _start(self, task: Task) -> None:
+        state = _RunState(task, ProgressTracker(task, write_interval=self.progress_write_interval))
+        self._running[task.id] = state
+        self.bus.publish("task.updated", "task", task.id, task.summary())
+        try:
+            target = get_task_type(task.type).target
+            task.worker = self.executor.submit(task.id, target, task.params, lambda msg: self._on_message(task.id, msg))
+        except Exception as exc:
+            state.final = ("error", f"the task could not be started: {exc}", None, {})
+            self._finish(task.id, exitcode=None)
+            return
+        self.store.update_task(task.id, worker=task.worker)
+
+    async def _maintain(self) -> None:
+        """Apply cancellations requested through the store by other processes; pick up their tasks."""
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                local = [tid for tid, s in self._running.items() if not s.cancel_requested]
+                for task_id in self.store.cancel_requested_ids(local):
+                    self._request_stop(task_id)
+                self._schedule()
+            except Exception:
+                log.exception("Plexus: task maintenance failed; retrying")
+
+    # -- worker messages -----------------------------------------------------------------------
+
+    def _on_message(self, task_id: str, msg: tuple[Any, ...]) -> None:
+        state = self._running.get(task_id)
+        if state is None:
+            return
+        kind = msg[0]
+        at = now()
+        if kind == "stage":
+            _, name, total, message = msg
+            self._apply(state, state.tracker.begin_stage(str(name), total, at, message), "task.stage")
+        elif kind == "progress":
+            _, processed, message = msg
+            self._apply(state, state.tracker.advance_to(int(processed), at, message), "task.updated")
+        elif kind == "log":
+            state.log_tail.append(str(msg[1]))
+            del state.log_tail[:-50]
+        elif kind in ("done", "error", "cancelled"):
+            state.final = msg
+        elif kind == "exit":
+            self._finish(task_id, exitcode=msg[1])
+
+    def _apply(self, state: _RunState, decision: ProgressDecision, kind: str) -> None:
+        task = state.task
+        if decision.write:
+            self.store.save_progress(task, stages=decision.changed_stages, sample=decision.sample)
+        self.bus.publish(kind, "task", task.id, task.summary())
+
+    def _finish(self, task_id: str, exitcode: int | None) -> None:
+        state = self._running.pop(task_id, None)
+        if state is None:
+            return
+        if state.kill_timer is not None:
+            state.kill_timer.cancel()
+        task = state.task
+        final = state.final
+        tails: Mapping[str, Any] = {}
+        if final is not None and final[0] == "done":
+            task.status = TaskStatus.COMPLETED
+            task.output = self._bounded_output(final[1])
+            tails = final[2]
+        elif final is not None and final[0] == "cancelled":
+            task.status = TaskStatus.CANCELLED
+            task.error_message = "cancelled at the task's request check"
+            tails = final[1]
+        elif final is not None and final[0] == "error":
+            task.status = TaskStatus.FAILED
+            task.error_message = str(final[1])[:2000]
+            task.error_details = final[2]
+            tails = final[3] or {}
+        elif state.cancel_requested:
+            task.status = TaskStatus.CANCELLED
+            task.error_message = (
+                f"cancelled: the worker was stopped after the {self.cancel_grace_seconds:g}s grace period"
+            )
+        elif self._stopping:
+            task.status = TaskStatus.FAILED
+            task.error_message = "the server stopped while the task was running"
+        else:
+            task.status = TaskStatus.FAILED
+            task.error_message = f"the worker process exited unexpectedly (exit code {exitcode})"
+        task.completed_at = now()
+        task.stdout_tail = tails.get("stdout")
+        task.stderr_tail = tails.get("stderr") or ("\n".join(state.log_tail) or None)
+        stage_status = {
+            TaskStatus.COMPLETED: StageStatus.COMPLETED,
+            TaskStatus.CANCELLED: StageStatus.CANCELLED,
+        }.get(task.status, StageStatus.FAILED)
+        decision = state.tracker.finish(stage_status, task.completed_at, task.error_message)
+        self.store.save_progress(task, stages=decision.changed_stages, sample=decision.sample, final=True)
+        self.bus.publish(_final_kind(task.status), "task", task.id, task.summary())
+        self._schedule_soon()
+
+    def _bounded_output(self, output: Any) -> Any:
+        text = json.dumps(output, default=str)
+        if len(text) <= self.max_output_bytes:
+            return json.loads(text)
+        return {
+            "truncated": True,
+            "size_bytes": len(text),
+            "preview": text[: min(2000, self.max_output_bytes)],
+        }
+
+    # -- cancellation --------------------------------------------------------------------------
+
+    def _cancel_one(self, task_id: str) -> CancelOutcome:
+        if task_id in self._running:
+            already = self._running[task_id].cancel_requested
+            self._request_stop(task_id)
+            return CancelOutcome(
+                task_id, "cancelling", TaskStatus.RUNNING.value,
+                "cancellation was already requested; the task is stopping" if already else
+                f"cancellation requested; the task stops at its next check, or is stopped within "
+                f"{self.cancel_grace_seconds:g}s",
+            )
+        task = self.store.get_task(task_id)
+        if task is None:
+            return CancelOutcome(task_id, "not_found", None, f"no task with id {task_id!r}")
+        if task.status.is_final:
+            return CancelOutcome(
+                task_id, "already_finished", task.status.value,
+                f"the task already ended as {task.status.value}; nothing to cancel",
+            )
+        if task.status in (TaskStatus.QUEUED, TaskStatus.PENDING):
+            at = now()
+            if self.store.update_task(
+                task_id,
+                only_if_status=(TaskStatus.QUEUED, TaskStatus.PENDING),
+                status=TaskStatus.CANCELLED,
+                completed_at=at,
+                cancel_requested=True,
+                error_message="cancelled before it started",
+            ):
+                task.status, task.completed_at, task.cancel_requested = TaskStatus.CANCELLED, at, True
+                task.error_message = "cancelled before it started"
+                self.bus.publish("task.cancelled", "task", task_id, task.summary())
+                return CancelOutcome(task_id, "cancelled", task.status.value, "cancelled before it started")
+            return self._cancel_one(task_id)  # it started meanwhile: cancel it as a running task
+        # RUNNING on another server sharing this store: it applies the request at its next poll.
+        self.store.update_task(task_id, cancel_requested=True)
+        return CancelOutcome(
+            task_id, "cancelling", task.status.value,
+            "cancellation requested from the server running this task",
+        )
+
+    def _request_stop(self, task_id: str) -> None:
+        state = self._running.get(task_id)
+        if state is None or state.cancel_requested:
+            return
+        state.cancel_requested = True
+        state.task.cancel_requested = True
+        self.store.update_task(task_id, cancel_requested=True)
+        self.executor.request_cancel(task_id)
+        if self._loop is not None:
+            state.kill_timer = self._loop.call_later(self.cancel_grace_seconds, self.executor.kill, task_id)
+        self.bus.publish("task.updated", "task", task_id, state.task.summary())
+
+
+_FINAL_NAMES = frozenset(s.value for s in FINAL_STATUSES)
+
+
+def _final_kind(status: TaskStatus) -> str:
+    return {
+        TaskStatus.COMPLETED: "task.completed",
+        TaskStatus.FAILED: "task.failed",
+        TaskStatus.CANCELLED: "task.cancelled",
+    }[status]
+
+
+def _as_list(value: str | Sequence[str] | None) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v for v in (part.strip() for part in value.split(",")) if v]
+    return [str(v) for v in value]
+
+
+def _owner_gone(worker: str | None) -> bool:
+    """True when the server that claimed a task (recorded in `worker`) is no longer alive."""
+    if not worker:
+        return True
+    parts = worker.split(":")
+    if len(parts) < 3:
+        return True
+    host, pid_text = parts[1], parts[2]
+    if host != HOST:
+        return False  # another machine's server: it resolves its own tasks
+    try:
+        pid = int(pid_text)
+    except ValueError:
+        return True
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

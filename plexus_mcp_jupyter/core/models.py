@@ -1,0 +1,207 @@
+"""The task model: statuses, tasks, stages and progress samples (DESIGN section 3).
+
+These are plain dataclasses with no I/O; the Store persists them and every face serialises them
+with `to_dict()`, so the JSON shape of a task is defined once, here.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from .errors import InvalidArgument
+
+
+class TaskStatus(str, enum.Enum):
+    """Lifecycle of a task. QUEUED -> RUNNING -> one of the final states."""
+
+    PENDING = "PENDING"
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATUSES
+
+    @classmethod
+    def parse(cls, value: str | TaskStatus) -> TaskStatus:
+        """Parse a status name case-insensitively, with an error that lists the allowed names."""
+        if isinstance(value, TaskStatus):
+            return value
+        try:
+            return cls(str(value).strip().upper())
+        except ValueError:
+            allowed = ", ".join(s.value for s in cls)
+            raise InvalidArgument(f"unknown status {value!r}; expected one of {allowed}") from None
+
+
+FINAL_STATUSES = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+
+
+class StageStatus(str, enum.Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+def now() -> float:
+    """Wall-clock time in epoch seconds: the one clock every stored timestamp uses."""
+    return time.time()
+
+
+def iso(ts: float | None) -> str | None:
+    """Epoch seconds to an ISO 8601 UTC string (millisecond precision), None stays None."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_iso(value: str) -> float:
+    """An ISO 8601 date or date-time (naive means UTC) to epoch seconds."""
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidArgument(
+            f"'since' must be an ISO 8601 date or date-time such as 2026-01-31T12:00:00Z, not {value!r}"
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.timestamp()
+
+
+@dataclass
+class Stage:
+    """One named phase of a task, with its own item counts and ETA."""
+
+    name: str
+    order: int
+    status: StageStatus = StageStatus.PENDING
+    status_message: str | None = None
+    total_items: int | None = None
+    processed_items: int = 0
+    started_at: float | None = None
+    completed_at: float | None = None
+    estimated_completion_at: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "order": self.order,
+            "status": self.status.value,
+            "status_message": self.status_message,
+            "total_items": self.total_items,
+            "processed_items": self.processed_items,
+            "started_at": iso(self.started_at),
+            "completed_at": iso(self.completed_at),
+            "estimated_completion_at": iso(self.estimated_completion_at),
+        }
+
+
+@dataclass
+class ProgressSample:
+    """A point of a task's progress history."""
+
+    at: float
+    stage: str | None
+    processed: int
+    total: int | None
+    message: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "at": iso(self.at),
+            "stage": self.stage,
+            "processed": self.processed,
+            "total": self.total,
+            "message": self.message,
+        }
+
+
+@dataclass
+class Task:
+    """A unit of long-running work and everything known about it."""
+
+    id: str
+    type: str
+    status: TaskStatus
+    priority: int = 0
+    owner: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    description: str | None = None
+    created_at: float = field(default_factory=now)
+    started_at: float | None = None
+    completed_at: float | None = None
+    estimated_completion_at: float | None = None
+    current_stage: str | None = None
+    error_message: str | None = None
+    error_details: dict[str, Any] | None = None
+    output: Any = None
+    stdout_tail: str | None = None
+    stderr_tail: str | None = None
+    worker: str | None = None
+    cancel_requested: bool = False
+    stages: list[Stage] = field(default_factory=list)
+
+    @property
+    def progress(self) -> dict[str, Any]:
+        """Processed and total items of the current stage (or the last one), and the percentage."""
+        stage = next((s for s in self.stages if s.name == self.current_stage), None)
+        if stage is None and self.stages:
+            stage = self.stages[-1]
+        if stage is None:
+            return {"stage": None, "processed": 0, "total": None, "percent": None}
+        percent = None
+        if stage.total_items:
+            percent = round(100.0 * stage.processed_items / stage.total_items, 1)
+        return {
+            "stage": stage.name,
+            "processed": stage.processed_items,
+            "total": stage.total_items,
+            "percent": percent,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """The compact form used in lists: enough to decide whether to look closer."""
+        return {
+            "task_id": self.id,
+            "type": self.type,
+            "status": self.status.value,
+            "priority": self.priority,
+            "description": self.description,
+            "created_at": iso(self.created_at),
+            "started_at": iso(self.started_at),
+            "completed_at": iso(self.completed_at),
+            "estimated_completion_at": iso(self.estimated_completion_at),
+            "current_stage": self.current_stage,
+            "progress": self.progress,
+            "error_message": self.error_message,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """The full form: summary plus parameters, stages, output and log tails."""
+        data = self.summary()
+        data.update(
+            {
+                "owner": self.owner,
+                "params": self.params,
+                "error_details": self.error_details,
+                "output": self.output,
+                "stdout_tail": self.stdout_tail,
+                "stderr_tail": self.stderr_tail,
+                "worker": self.worker,
+                "cancel_requested": self.cancel_requested,
+                "stages": [s.to_dict() for s in self.stages],
+            }
+        )
+        return data

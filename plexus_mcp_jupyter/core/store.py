@@ -1,0 +1,445 @@
+"""Durable storage of tasks, stages and progress history on SQLAlchemy Core.
+
+SQLite (WAL mode) by default, any SQLAlchemy URL (PostgreSQL) by configuration. Every write is one
+transaction, so a failure leaves no half-written row. The Store knows nothing of HTTP or MCP.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from .errors import InvalidArgument
+from .models import FINAL_STATUSES, ProgressSample, Stage, StageStatus, Task, TaskStatus
+
+SCHEMA_VERSION = 1
+
+metadata = sa.MetaData()
+
+tasks_table = sa.Table(
+    "tasks",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("type", sa.String(64), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False, default=0),
+    sa.Column("owner", sa.String(128)),
+    sa.Column("params", sa.JSON),
+    sa.Column("description", sa.Text),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("started_at", sa.Float),
+    sa.Column("completed_at", sa.Float),
+    sa.Column("estimated_completion_at", sa.Float),
+    sa.Column("current_stage", sa.String(128)),
+    sa.Column("error_message", sa.Text),
+    sa.Column("error_details", sa.JSON),
+    sa.Column("output", sa.JSON),
+    sa.Column("stdout_tail", sa.Text),
+    sa.Column("stderr_tail", sa.Text),
+    sa.Column("worker", sa.String(256)),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
+    sa.Index("ix_tasks_created", "created_at", "id"),
+    sa.Index("ix_tasks_status_created", "status", "created_at", "id"),
+    sa.Index("ix_tasks_type_created", "type", "created_at", "id"),
+    sa.Index("ix_tasks_queue", "status", "priority", "created_at"),
+)
+
+stages_table = sa.Table(
+    "task_stages",
+    metadata,
+    sa.Column("task_id", sa.String(36), sa.ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("stage_order", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("status_message", sa.Text),
+    sa.Column("total_items", sa.Integer),
+    sa.Column("processed_items", sa.Integer, nullable=False, default=0),
+    sa.Column("started_at", sa.Float),
+    sa.Column("completed_at", sa.Float),
+    sa.Column("estimated_completion_at", sa.Float),
+)
+
+samples_table = sa.Table(
+    "progress_samples",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("task_id", sa.String(36), sa.ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("stage", sa.String(128)),
+    sa.Column("processed", sa.Integer, nullable=False),
+    sa.Column("total", sa.Integer),
+    sa.Column("message", sa.Text),
+    sa.Index("ix_samples_task", "task_id", "id"),
+)
+
+meta_table = sa.Table(
+    "plexus_meta",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+_TASK_COLUMNS = [c.name for c in tasks_table.columns]
+
+
+@dataclass(frozen=True)
+class TaskFilter:
+    """The filters every task listing accepts (MCP tool, resource, REST): one definition for all."""
+
+    statuses: tuple[TaskStatus, ...] = ()
+    types: tuple[str, ...] = ()
+    since: float | None = None
+    owner: str | None = None
+
+    def fingerprint(self) -> str:
+        """A short digest that ties a cursor to the filter it was issued for."""
+        raw = json.dumps(
+            [sorted(s.value for s in self.statuses), sorted(self.types), self.since, self.owner]
+        ).encode()
+        return hashlib.sha256(raw).hexdigest()[:12]
+
+
+def encode_cursor(key: tuple[float, str], flt: TaskFilter) -> str:
+    payload = json.dumps({"k": [key[0], key[1]], "f": flt.fingerprint()}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, flt: TaskFilter) -> tuple[float, str]:
+    """Turn an opaque cursor back into its position, refusing ones this server did not issue."""
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        payload = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        created, task_id = payload["k"]
+        fingerprint = payload["f"]
+        key = (float(created), str(task_id))
+    except Exception:
+        raise InvalidArgument(
+            "invalid cursor: pass back the next_cursor of a previous page unchanged, or omit it for the first page"
+        ) from None
+    if fingerprint != flt.fingerprint():
+        raise InvalidArgument(
+            "this cursor belongs to a listing with other filters: repeat the filters of the first page, "
+            "or omit the cursor to start again"
+        )
+    return key
+
+
+def default_db_url(data_dir: str | os.PathLike[str]) -> str:
+    """The embedded SQLite database under a data directory (created if missing)."""
+    path = Path(data_dir) / "plexus_mcp"
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path / 'plexus.db'}"
+
+
+class Store:
+    """Tasks, stages and progress samples in a relational database."""
+
+    def __init__(self, url: str, *, echo: bool = False) -> None:
+        self.url = url
+        self.engine: Engine = sa.create_engine(url, echo=echo, future=True)
+        if self.engine.dialect.name == "sqlite":
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        metadata.create_all(self.engine)
+        self._check_schema_version()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def _check_schema_version(self) -> None:
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                sa.select(meta_table.c.value).where(meta_table.c.key == "schema_version")
+            ).first()
+            if row is None:
+                conn.execute(sa.insert(meta_table).values(key="schema_version", value=str(SCHEMA_VERSION)))
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"the database at {self.safe_url} has schema version {row[0]}, newer than this "
+                    f"plexus-mcp-jupyter supports ({SCHEMA_VERSION}): upgrade the package or use another db_url"
+                )
+
+    @property
+    def safe_url(self) -> str:
+        """The URL with any password hidden, for logs and health output."""
+        return self.engine.url.render_as_string(hide_password=True)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def ping(self) -> bool:
+        with self.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        return True
+
+    # -- tasks ---------------------------------------------------------------------------------
+
+    def create_task(self, task: Task) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(sa.insert(tasks_table).values(**_task_row(task)))
+            for stage in task.stages:
+                conn.execute(sa.insert(stages_table).values(**_stage_row(task.id, stage)))
+
+    def get_task(self, task_id: str) -> Task | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(tasks_table).where(tasks_table.c.id == task_id)).mappings().first()
+            if row is None:
+                return None
+            task = _task_from_row(row)
+            task.stages = self._stages_for(conn, [task_id]).get(task_id, [])
+            return task
+
+    def list_tasks(
+        self, flt: TaskFilter, *, limit: int, after: tuple[float, str] | None = None
+    ) -> tuple[list[Task], tuple[float, str] | None]:
+        """One page of tasks, newest first, and the key to continue after (None on the last page)."""
+        t = tasks_table
+        query = sa.select(t).order_by(t.c.created_at.desc(), t.c.id.desc()).limit(limit + 1)
+        query = query.where(*_filter_clauses(flt))
+        if after is not None:
+            created, task_id = after
+            query = query.where(
+                sa.or_(t.c.created_at < created, sa.and_(t.c.created_at == created, t.c.id < task_id))
+            )
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+            page = [_task_from_row(r) for r in rows[:limit]]
+            stages = self._stages_for(conn, [task.id for task in page])
+        for task in page:
+            task.stages = stages.get(task.id, [])
+        next_key = (page[-1].created_at, page[-1].id) if len(rows) > limit else None
+        return page, next_key
+
+    def count_tasks(self, flt: TaskFilter) -> int:
+        query = sa.select(sa.func.count()).select_from(tasks_table).where(*_filter_clauses(flt))
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def counts_by_status(self) -> dict[str, int]:
+        t = tasks_table
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(t.c.status, sa.func.count()).group_by(t.c.status)).all()
+        return {status: int(n) for status, n in rows}
+
+    def find_task_ids(self, flt: TaskFilter, *, limit: int) -> list[str]:
+        t = tasks_table
+        query = sa.select(t.c.id).where(*_filter_clauses(flt)).order_by(t.c.created_at).limit(limit)
+        with self.engine.connect() as conn:
+            return [r[0] for r in conn.execute(query)]
+
+    def existing_ids(self, ids: Iterable[str]) -> set[str]:
+        ids = list(ids)
+        if not ids:
+            return set()
+        with self.engine.connect() as conn:
+            return {r[0] for r in conn.execute(sa.select(tasks_table.c.id).where(tasks_table.c.id.in_(ids)))}
+
+    def queued(self, *, limit: int) -> list[Task]:
+        """The queue in scheduling order: highest priority first, then oldest."""
+        t = tasks_table
+        query = (
+            sa.select(t)
+            .where(t.c.status == TaskStatus.QUEUED.value)
+            .order_by(t.c.priority.desc(), t.c.created_at, t.c.id)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [_task_from_row(r) for r in conn.execute(query).mappings()]
+
+    def tasks_with_status(self, status: TaskStatus) -> list[Task]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(tasks_table).where(tasks_table.c.status == status.value)).mappings()
+            return [_task_from_row(r) for r in rows]
+
+    def claim(self, task_id: str, *, worker: str, started_at: float) -> bool:
+        """Move a QUEUED task to RUNNING if nobody else did: safe with several servers on one store."""
+        t = tasks_table
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                sa.update(t)
+                .where(t.c.id == task_id, t.c.status == TaskStatus.QUEUED.value)
+                .values(status=TaskStatus.RUNNING.value, worker=worker, started_at=started_at)
+            )
+            return result.rowcount == 1
+
+    def update_task(self, task_id: str, *, only_if_status: Sequence[TaskStatus] = (), **values: Any) -> bool:
+        """Set columns of one task; with only_if_status, only while it has one of those statuses."""
+        t = tasks_table
+        values = {k: (v.value if isinstance(v, TaskStatus) else v) for k, v in values.items()}
+        query = sa.update(t).where(t.c.id == task_id).values(**values)
+        if only_if_status:
+            query = query.where(t.c.status.in_([s.value for s in only_if_status]))
+        with self.engine.begin() as conn:
+            return conn.execute(query).rowcount == 1
+
+    def cancel_requested_ids(self, ids: Iterable[str]) -> set[str]:
+        ids = list(ids)
+        if not ids:
+            return set()
+        t = tasks_table
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(t.c.id).where(t.c.id.in_(ids), t.c.cancel_requested.is_(True)))
+            return {r[0] for r in rows}
+
+    def save_progress(
+        self,
+        task: Task,
+        *,
+        stages: Iterable[Stage] = (),
+        sample: ProgressSample | None = None,
+        final: bool = False,
+    ) -> None:
+        """Write a task's progress columns, the given stages and a sample, in one transaction.
+
+        A final write (completion, failure, cancellation) also stores status, output and errors,
+        and never overwrites a task that is already final.
+        """
+        t = tasks_table
+        values: dict[str, Any] = {
+            "current_stage": task.current_stage,
+            "estimated_completion_at": task.estimated_completion_at,
+        }
+        query = sa.update(t).where(t.c.id == task.id)
+        if final:
+            values.update(
+                status=task.status.value,
+                completed_at=task.completed_at,
+                error_message=task.error_message,
+                error_details=task.error_details,
+                output=task.output,
+                stdout_tail=task.stdout_tail,
+                stderr_tail=task.stderr_tail,
+            )
+            query = query.where(t.c.status.notin_([s.value for s in FINAL_STATUSES]))
+        with self.engine.begin() as conn:
+            conn.execute(query.values(**values))
+            for stage in stages:
+                self._upsert_stage(conn, task.id, stage)
+            if sample is not None:
+                conn.execute(sa.insert(samples_table).values(task_id=task.id, **_sample_row(sample)))
+
+    def history(self, task_id: str, *, limit: int) -> tuple[list[ProgressSample], int]:
+        """The most recent `limit` progress samples of a task, oldest first, and how many exist."""
+        s = samples_table
+        with self.engine.connect() as conn:
+            total = conn.execute(
+                sa.select(sa.func.count()).select_from(s).where(s.c.task_id == task_id)
+            ).scalar_one()
+            rows = conn.execute(
+                sa.select(s).where(s.c.task_id == task_id).order_by(s.c.id.desc()).limit(limit)
+            ).mappings()
+            samples = [
+                ProgressSample(at=r["at"], stage=r["stage"], processed=r["processed"], total=r["total"],
+                               message=r["message"])
+                for r in rows
+            ]
+        samples.reverse()
+        return samples, int(total)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _stages_for(self, conn: Connection, ids: list[str]) -> dict[str, list[Stage]]:
+        if not ids:
+            return {}
+        st = stages_table
+        rows = conn.execute(
+            sa.select(st).where(st.c.task_id.in_(ids)).order_by(st.c.task_id, st.c.stage_order)
+        ).mappings()
+        out: dict[str, list[Stage]] = {}
+        for r in rows:
+            out.setdefault(r["task_id"], []).append(
+                Stage(
+                    name=r["name"],
+                    order=r["stage_order"],
+                    status=StageStatus(r["status"]),
+                    status_message=r["status_message"],
+                    total_items=r["total_items"],
+                    processed_items=r["processed_items"],
+                    started_at=r["started_at"],
+                    completed_at=r["completed_at"],
+                    estimated_completion_at=r["estimated_completion_at"],
+                )
+            )
+        return out
+
+    def _upsert_stage(self, conn: Connection, task_id: str, stage: Stage) -> None:
+        st = stages_table
+        row = _stage_row(task_id, stage)
+        updated = conn.execute(
+            sa.update(st)
+            .where(st.c.task_id == task_id, st.c.stage_order == stage.order)
+            .values(**{k: v for k, v in row.items() if k not in ("task_id", "stage_order")})
+        )
+        if updated.rowcount == 0:
+            conn.execute(sa.insert(st).values(**row))
+
+
+def _filter_clauses(flt: TaskFilter) -> list[Any]:
+    t = tasks_table
+    clauses: list[Any] = []
+    if flt.statuses:
+        clauses.append(t.c.status.in_([s.value for s in flt.statuses]))
+    if flt.types:
+        clauses.append(t.c.type.in_(list(flt.types)))
+    if flt.since is not None:
+        clauses.append(t.c.created_at >= flt.since)
+    if flt.owner is not None:
+        clauses.append(t.c.owner == flt.owner)
+    return clauses
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cursor = dbapi_conn.cursor()
+    # WAL lets readers (REST, MCP resources) proceed while a progress write commits; NORMAL
+    # sync is durable across process crashes, which is the failure this store must survive.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _task_row(task: Task) -> dict[str, Any]:
+    row = {name: getattr(task, name) for name in _TASK_COLUMNS}
+    row["status"] = task.status.value
+    return row
+
+
+def _task_from_row(row: Any) -> Task:
+    data = {name: row[name] for name in _TASK_COLUMNS}
+    data["status"] = TaskStatus(data["status"])
+    data["params"] = data["params"] or {}
+    data["cancel_requested"] = bool(data["cancel_requested"])
+    return Task(**data)
+
+
+def _stage_row(task_id: str, stage: Stage) -> dict[str, Any]:
+    return {
+        "task_id": task_id,
+        "stage_order": stage.order,
+        "name": stage.name,
+        "status": stage.status.value,
+        "status_message": stage.status_message,
+        "total_items": stage.total_items,
+        "processed_items": stage.processed_items,
+        "started_at": stage.started_at,
+        "completed_at": stage.completed_at,
+        "estimated_completion_at": stage.estimated_completion_at,
+    }
+
+
+def _sample_row(sample: ProgressSample) -> dict[str, Any]:
+    return {
+        "at": sample.at,
+        "stage": sample.stage,
+        "processed": sample.processed,
+        "total": sample.total,
+        "message": sample.message,
+    }

@@ -1,0 +1,62 @@
+"""The registry of task types: name -> task function, by import path so workers can load it."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class TaskType:
+    """A kind of task: where its function lives and how its parameters are checked."""
+
+    name: str
+    target: str  # "package.module:function", imported by the worker
+    description: str
+    validate: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+    # An idempotent task may be re-queued after a server crash instead of failed.
+    idempotent: bool = False
+
+
+_REGISTRY: dict[str, TaskType] = {}
+
+
+def register_task_type(task_type: TaskType) -> None:
+    _REGISTRY[task_type.name] = task_type
+
+
+def get_task_type(name: str) -> TaskType:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise InvalidArgument(f"unknown task type {name!r}; expected one of {', '.join(sorted(_REGISTRY))}") from None
+
+
+def task_type_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def load_target(target: str) -> Callable[..., Any]:
+    module_name, _, attr = target.partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, attr)  # type: ignore[no-any-return]
+
+
+def _register_builtin() -> None:
+    from . import demo
+
+    register_task_type(
+        TaskType(
+            name="demo",
+            target="plexus_mcp_jupyter.core.demo:run_demo",
+            description="Simulated work in three stages, with optional failure.",
+            validate=demo.validate_params,
+        )
+    )
+
+
+_register_builtin()

@@ -1,0 +1,89 @@
+"""What runs inside a worker process: load the task function, run it, report back.
+
+Messages sent to the server (tuples, pickled over a pipe):
+("stage", name, total, message), ("progress", processed, message), ("log", text),
+and exactly one final message: ("done", output, tails), ("error", message, details, tails) or
+("cancelled", tails). The executor adds ("exit", exitcode) when the process has ended.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import sys
+import traceback
+from typing import Any
+
+from .context import CancelFlag, TaskCancelled, TaskContext
+from .tasks import load_target
+
+TAIL_CHARS = 4000
+
+
+class Tail(io.TextIOBase):
+    """A write-only text stream that keeps only the last `limit` characters."""
+
+    def __init__(self, limit: int = TAIL_CHARS) -> None:
+        self.limit = limit
+        self._text = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        self._text = (self._text + s)[-self.limit :]
+        return len(s)
+
+    def getvalue(self) -> str | None:
+        return self._text or None
+
+
+def run_task(
+    task_id: str, target: str, params: dict[str, Any], send: Any, cancel_flag: CancelFlag
+) -> tuple[Any, ...]:
+    """Run one task function with a context; return its final message (not sent)."""
+    stdout, stderr = Tail(), Tail()
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = stdout, stderr
+
+    def send_msg(msg: tuple[Any, ...]) -> None:
+        if msg[0] == "log":
+            stderr.write(msg[1].rstrip("\n") + "\n")
+        send(msg)
+
+    ctx = TaskContext(task_id, send_msg, cancel_flag)
+    try:
+        fn = load_target(target)
+        output = fn(ctx, **params)
+        ctx.flush()
+        return ("done", output, _tails(stdout, stderr))
+    except TaskCancelled:
+        ctx.flush()
+        return ("cancelled", _tails(stdout, stderr))
+    except BaseException as exc:  # the task's own failure, reported, never raised to the pool
+        ctx.flush()
+        details = {"exception_type": type(exc).__name__, "traceback": traceback.format_exc()[-TAIL_CHARS:]}
+        return ("error", f"{type(exc).__name__}: {exc}", details, _tails(stdout, stderr))
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
+def process_main(task_id: str, target: str, params: dict[str, Any], conn: Any, cancel_flag: CancelFlag) -> None:
+    """Entry point of a local-executor worker process."""
+    # The server may speak MCP over its stdout (stdio mode): a worker must never write there.
+    os.dup2(2, 1)
+    # Ctrl-C in the server's terminal is the server's to handle; it stops workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        final = run_task(task_id, target, params, conn.send, cancel_flag)
+        try:
+            conn.send(final)
+        except Exception as exc:  # e.g. an output that cannot be pickled
+            conn.send(("error", f"the task's result could not be sent back: {exc}", None, final[-1]))
+    finally:
+        conn.close()
+
+
+def _tails(stdout: Tail, stderr: Tail) -> dict[str, str | None]:
+    return {"stdout": stdout.getvalue(), "stderr": stderr.getvalue()}
