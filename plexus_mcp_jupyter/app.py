@@ -1,0 +1,68 @@
+"""PlexusMCPExtension: the Jupyter Server extension. It only wires things together."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jupyter_core.paths import jupyter_data_dir
+from jupyter_server.extension.application import ExtensionApp
+
+from ._version import __version__
+from .config import PlexusSettings
+from .handlers.health import HealthHandler
+from .handlers.mcp import MCPHandler
+from .handlers.rest import CancelTasksHandler, TaskCancelHandler, TaskHandler, TasksHandler
+from .runtime import PlexusRuntime
+
+TASK_ID = r"(?P<task_id>[^/]+)"
+
+
+class PlexusMCPExtension(ExtensionApp, PlexusSettings):
+    """Serves the Plexus MCP endpoint and REST API on the Jupyter server's own port and auth."""
+
+    name = "plexus_mcp_jupyter"
+    description = "MCP endpoint for long-running tasks and evaluations"
+    version = __version__
+    load_other_extensions = True
+
+    runtime: PlexusRuntime
+
+    def initialize_settings(self) -> None:
+        self.apply_env(protected=self._cli_settings())
+        self.runtime = PlexusRuntime(self, data_dir=jupyter_data_dir())
+        self.settings["plexus"] = self.runtime
+        identity_provider = self.serverapp.identity_provider
+        if not identity_provider.auth_enabled:
+            self.log.warning(
+                "Plexus MCP: Jupyter authentication is disabled, so the MCP endpoint accepts anyone who can "
+                "reach this server. Set a token or password to protect it."
+            )
+        self.log.info("Plexus MCP endpoint at %splexus/mcp (store: %s)", self.serverapp.base_url,
+                      self.runtime.store.safe_url)
+
+    def initialize_handlers(self) -> None:
+        self.handlers.extend(
+            [
+                (r"/plexus/mcp/?", MCPHandler),
+                (r"/plexus/api/health/?", HealthHandler),
+                (r"/plexus/api/tasks/?", TasksHandler),
+                (r"/plexus/api/tasks/cancel/?", CancelTasksHandler),
+                (rf"/plexus/api/tasks/{TASK_ID}/cancel/?", TaskCancelHandler),
+                (rf"/plexus/api/tasks/{TASK_ID}/?", TaskHandler),
+            ]
+        )
+
+    def _cli_settings(self) -> set[str]:
+        """Names of settings given on the command line, which the environment must not override."""
+        cli: Any = getattr(self.serverapp, "cli_config", None) or {}
+        names: set[str] = set()
+        for section in ("PlexusMCPExtension", "PlexusSettings"):
+            if section in cli:
+                names.update(cli[section].keys())
+        return names
+
+    async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
+        await self.runtime.start()
+
+    async def stop_extension(self) -> None:
+        await self.runtime.stop()

@@ -1,0 +1,87 @@
+"""Settings shared by the Jupyter extension and the `plexus` CLI.
+
+Every setting is a traitlet, so it can be set in a Jupyter config file
+(`c.PlexusMCPExtension.max_concurrency = 8`), on the command line
+(`--PlexusMCPExtension.max_concurrency=8`) or by an environment variable
+(`PLEXUS_MCP_MAX_CONCURRENCY=8`). Precedence: command line > environment > config file > default.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from traitlets import CaselessStrEnum, Float, Integer, TraitError, Unicode
+from traitlets.config import Configurable
+
+ENV_PREFIX = "PLEXUS_MCP_"
+
+
+def env_var(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+class PlexusSettings(Configurable):
+    """The settings of the Plexus core and MCP endpoint."""
+
+    db_url = Unicode(
+        "",
+        help="SQLAlchemy URL of the task store. Empty: SQLite in WAL mode at "
+        "{jupyter data dir}/plexus_mcp/plexus.db. Example: postgresql+psycopg://user@host/plexus",
+    ).tag(config=True)
+    executor = CaselessStrEnum(
+        ["local"], default_value="local",
+        help="Where task code runs: 'local' (a worker process per task).",
+    ).tag(config=True)
+    max_concurrency = Integer(4, help="Tasks that may run at once; the rest wait QUEUED.").tag(config=True)
+    max_concurrency_per_owner = Integer(
+        0, help="Tasks one identity may run at once (0: no per-identity cap)."
+    ).tag(config=True)
+    cancel_grace_seconds = Float(
+        5.0, help="Seconds a cancelled task has to stop by itself before its worker is killed."
+    ).tag(config=True)
+    progress_write_interval = Float(
+        1.0, help="Seconds between progress writes of one task to the store (stage changes and ends are "
+        "always written at once)."
+    ).tag(config=True)
+    poll_interval = Float(
+        1.0, help="Seconds between checks of the store for work and cancellations from other servers "
+        "sharing it."
+    ).tag(config=True)
+    max_page_size = Integer(100, help="Largest page a listing returns.").tag(config=True)
+    max_output_bytes = Integer(
+        65_536, help="Largest task output kept as it is (JSON bytes); larger outputs are truncated."
+    ).tag(config=True)
+    session_idle_timeout = Float(
+        1800.0, help="Seconds after which an idle MCP session is closed."
+    ).tag(config=True)
+    max_sessions = Integer(1000, help="Most MCP sessions open at once.").tag(config=True)
+    max_request_bytes = Integer(
+        4 * 1024 * 1024, help="Largest MCP request body, in bytes (larger ones get HTTP 413)."
+    ).tag(config=True)
+    event_store_size = Integer(
+        10_000, help="SSE events kept so a dropped MCP stream can resume with Last-Event-ID."
+    ).tag(config=True)
+
+    def apply_env(self, environ: Mapping[str, str] | None = None, protected: Iterable[str] = ()) -> None:
+        """Set traits from PLEXUS_MCP_* variables, except those in `protected` (set on the command line)."""
+        environ = os.environ if environ is None else environ
+        protected = set(protected)
+        for name, trait in self.settings_traits().items():
+            var = env_var(name)
+            if var not in environ or name in protected:
+                continue
+            raw = environ[var]
+            try:
+                setattr(self, name, trait.from_string(raw))
+            except (TraitError, ValueError) as exc:
+                raise ValueError(f"{var}={raw!r} is not a valid value for {name}: {exc}") from None
+
+    @classmethod
+    def settings_traits(cls) -> dict[str, Any]:
+        """The traits of PlexusSettings itself (not those of classes that mix it in)."""
+        return PlexusSettings.class_traits(config=True)
+
+    def settings_values(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.settings_traits()}

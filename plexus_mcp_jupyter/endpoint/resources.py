@@ -1,0 +1,70 @@
+"""The MCP resources: tasks as JSON documents, with templates, filters and cursors."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
+
+from ..core.errors import InvalidArgument, NotFound
+from ..core.manager import TaskManager
+from .tools import task_detail
+
+JSON = "application/json"
+
+
+def _dump(data: Any) -> str:
+    return json.dumps(data, separators=(",", ":"), default=str)
+
+
+def register_resources(server: MCPServer, manager: TaskManager) -> None:
+    def task_page(status: str | None, type: str | None, limit: str | None, cursor: str | None) -> str:
+        try:
+            page_size = None
+            if limit:
+                if not limit.isdigit():
+                    raise InvalidArgument(f"limit must be a whole number from 1 to {manager.max_page_size}, "
+                                          f"not {limit!r}")
+                page_size = int(limit)
+            flt = manager.build_filter(status=status, type=type)
+            tasks, next_cursor = manager.list(flt, limit=page_size, cursor=cursor or None)
+        except InvalidArgument as exc:
+            raise ResourceError(str(exc)) from None
+        return _dump({"tasks": [t.summary() for t in tasks], "next_cursor": next_cursor})
+
+    @server.resource(
+        "plexus://tasks{?status,type,limit,cursor}",
+        name="tasks",
+        title="Tasks",
+        description=(
+            "Tasks, newest first. status and type take comma-separated names; limit 1-100; cursor is the "
+            "next_cursor of the previous page."
+        ),
+        mime_type=JSON,
+    )
+    def tasks_resource(status: str | None = None, type: str | None = None, limit: str | None = None,
+                       cursor: str | None = None) -> str:
+        return task_page(status, type, limit, cursor)
+
+    @server.resource("plexus://tasks", name="recent-tasks", title="Recent tasks",
+                     description="The 20 most recent tasks (the first page of plexus://tasks{?...}).",
+                     mime_type=JSON)
+    def recent_tasks() -> str:
+        return task_page(None, None, None, None)
+
+    @server.resource(
+        "plexus://tasks/{task_id}",
+        name="task",
+        title="Task detail",
+        description="One task: status, stages, progress history (most recent 200 samples), output and metadata.",
+        mime_type=JSON,
+    )
+    def task_resource(task_id: str) -> str:
+        try:
+            task = manager.get(task_id)
+        except NotFound as exc:
+            raise ResourceNotFoundError(str(exc)) from None
+        detail = task_detail(manager, task, history=True, history_limit=200)
+        return detail.model_dump_json()

@@ -1,0 +1,99 @@
+"""Pydantic models of what the MCP tools return: the source of each tool's `outputSchema`.
+
+They mirror `Task.summary()` / `Task.to_dict()` (core/models.py), which produce the data; the
+models only describe and validate it at the edge.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from ..core.models import StageStatus, TaskStatus
+
+
+class Progress(BaseModel):
+    stage: str | None = Field(description="Name of the current (or last) stage")
+    processed: int = Field(description="Items processed in that stage")
+    total: int | None = Field(description="Items in that stage, when known")
+    percent: float | None = Field(description="processed / total as a percentage, when total is known")
+
+
+class TaskSummary(BaseModel):
+    task_id: str
+    type: str
+    status: TaskStatus
+    priority: int
+    description: str | None
+    created_at: str | None = Field(description="ISO 8601 UTC")
+    started_at: str | None
+    completed_at: str | None
+    estimated_completion_at: str | None = Field(
+        description="Expected end of the current stage (ISO 8601 UTC), once it is 10% done"
+    )
+    current_stage: str | None
+    progress: Progress
+    error_message: str | None
+
+
+class StageInfo(BaseModel):
+    name: str
+    order: int
+    status: StageStatus
+    status_message: str | None
+    total_items: int | None
+    processed_items: int
+    started_at: str | None
+    completed_at: str | None
+    estimated_completion_at: str | None
+
+
+class ProgressPoint(BaseModel):
+    at: str | None
+    stage: str | None
+    processed: int
+    total: int | None
+    message: str | None
+
+
+class TaskDetail(TaskSummary):
+    owner: str | None
+    params: dict[str, Any]
+    error_details: dict[str, Any] | None
+    output: Any = Field(description="The task's result (bounded in size)")
+    stdout_tail: str | None
+    stderr_tail: str | None
+    worker: str | None
+    cancel_requested: bool
+    stages: list[StageInfo]
+    history: list[ProgressPoint] | None = Field(
+        default=None, description="Progress samples, oldest first (only when history=true)"
+    )
+    history_total: int | None = Field(default=None, description="How many samples exist in all")
+    resource_uri: str
+
+
+class TaskPage(BaseModel):
+    tasks: list[TaskSummary]
+    next_cursor: str | None = Field(description="Pass as `cursor` to get the next page; null on the last page")
+
+
+class DispatchResult(BaseModel):
+    task_id: str
+    type: str
+    status: TaskStatus
+    priority: int
+    created_at: str | None
+    resource_uri: str = Field(description="Read this resource for stages and progress history")
+
+
+class CancelItem(BaseModel):
+    task_id: str
+    outcome: str = Field(description="cancelled | cancelling | already_finished | not_found")
+    status: str | None
+    message: str
+
+
+class CancelResult(BaseModel):
+    results: list[CancelItem]

@@ -1,0 +1,214 @@
+"""The MCP tools: a small catalogue over TaskManager. Each returns in milliseconds.
+
+Every tool returns `structuredContent` validated against its `outputSchema` (endpoint/schemas.py)
+plus a one-line text summary for clients that only show text. Core errors (bad values, unknown
+ids) become tool errors whose message says what was wrong and what is allowed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import wraps
+from typing import Annotated, Any, TypeVar
+
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import CallToolResult, TextContent, ToolAnnotations
+from pydantic import BaseModel, Field
+
+from ..core import demo
+from ..core.errors import PlexusError
+from ..core.manager import MAX_PRIORITY, MIN_PRIORITY, TaskManager
+from ..core.models import Task, TaskStatus
+from .schemas import CancelResult, DispatchResult, TaskDetail, TaskPage, TaskSummary
+
+HISTORY_MAX = 1000
+MAX_CANCEL_IDS = 100
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def task_uri(task_id: str) -> str:
+    return f"plexus://tasks/{task_id}"
+
+
+def identity_of(ctx: Context | None) -> str | None:
+    """Who is calling: set by the HTTP handler on the request scope; None over stdio."""
+    if ctx is None:
+        return None
+    try:
+        request = ctx.request_context.request
+    except ValueError:
+        return None
+    scope = getattr(request, "scope", None)
+    return scope.get("plexus.identity") if isinstance(scope, dict) else None
+
+
+def client_errors(fn: F) -> F:
+    """Turn core errors into tool errors, whose messages reach the client."""
+
+    @wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except PlexusError as exc:
+            raise ToolError(str(exc)) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def result(summary: str, model: BaseModel) -> CallToolResult:
+    return CallToolResult(
+        content=[TextContent(type="text", text=summary)],
+        structured_content=model.model_dump(mode="json"),
+    )
+
+
+def task_detail(manager: TaskManager, task: Task, *, history: bool, history_limit: int) -> TaskDetail:
+    data = task.to_dict()
+    data["resource_uri"] = task_uri(task.id)
+    if history:
+        samples, total = manager.store.history(task.id, limit=history_limit)
+        data["history"] = [s.to_dict() for s in samples]
+        data["history_total"] = total
+    return TaskDetail.model_validate(data)
+
+
+def describe(task: Task) -> str:
+    """One line a person can read: what, where it is, how far."""
+    p = task.progress
+    text = f"Task {task.id} ({task.type}) is {task.status.value}"
+    if p["stage"]:
+        text += f", stage {p['stage']} {p['processed']}/{p['total'] if p['total'] is not None else '?'}"
+        if p["percent"] is not None:
+            text += f" ({p['percent']}%)"
+    if task.error_message:
+        text += f": {task.error_message}"
+    return text + "."
+
+
+def register_tools(server: MCPServer, manager: TaskManager) -> None:
+    read_only = ToolAnnotations(read_only_hint=True, open_world_hint=False)
+
+    @server.tool(
+        title="Run a demo task",
+        description=(
+            "Start a simulated long-running task (stages Setup, Processing, Finalizing) and return its id at "
+            "once, status QUEUED. Follow it with get_task or the resource plexus://tasks/{task_id}. "
+            "Use fail or fail_at to rehearse failure handling."
+        ),
+        annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False),
+    )
+    @client_errors
+    async def run_demo_task(
+        ctx: Context,
+        items: Annotated[int, Field(ge=1, le=demo.MAX_ITEMS,
+                                    description=f"Items to process in the Processing stage, 1 to {demo.MAX_ITEMS:,}")]
+        = demo.DEFAULT_ITEMS,
+        item_delay_ms: Annotated[float, Field(ge=0, le=demo.MAX_ITEM_DELAY_MS,
+                                              description="Simulated work per item, in milliseconds (0 to 10000)")]
+        = demo.DEFAULT_ITEM_DELAY_MS,
+        fail: Annotated[bool, Field(description="Fail at a random item between 30% and 70% of the way")] = False,
+        fail_at: Annotated[int | None, Field(ge=1, description="Fail exactly at this item number (1 to items)")]
+        = None,
+        seed: Annotated[int | None, Field(description="Seed of the random failure point, for repeatable runs")]
+        = None,
+        priority: Annotated[int, Field(ge=MIN_PRIORITY, le=MAX_PRIORITY,
+                                       description=f"Queue priority, {MIN_PRIORITY} to {MAX_PRIORITY}; "
+                                       "higher starts first")] = 0,
+    ) -> Annotated[CallToolResult, DispatchResult]:
+        params = {"items": items, "item_delay_ms": item_delay_ms, "fail": fail, "fail_at": fail_at, "seed": seed}
+        task = manager.dispatch("demo", params, priority=priority, owner=identity_of(ctx))
+        out = DispatchResult(
+            task_id=task.id, type=task.type, status=task.status, priority=task.priority,
+            created_at=task.summary()["created_at"], resource_uri=task_uri(task.id),
+        )
+        return result(f"Queued demo task {task.id} ({items} items); follow it with get_task.", out)
+
+    @server.tool(
+        title="List tasks",
+        description=(
+            "List tasks, newest first, optionally filtered by status, type and creation time. Returns at most "
+            "`limit` tasks and a next_cursor to continue."
+        ),
+        annotations=read_only,
+    )
+    @client_errors
+    async def list_tasks(
+        status: Annotated[list[TaskStatus] | None, Field(description="Only tasks with one of these statuses")]
+        = None,
+        type: Annotated[list[str] | None, Field(description="Only tasks of these types (e.g. demo)")] = None,
+        since: Annotated[str | None, Field(description="Only tasks created at or after this ISO 8601 time")]
+        = None,
+        limit: Annotated[int, Field(ge=1, le=100, description="Page size, 1 to 100")] = 20,
+        cursor: Annotated[str | None, Field(description="next_cursor of the previous page, unchanged")] = None,
+    ) -> Annotated[CallToolResult, TaskPage]:
+        flt = manager.build_filter(status=[s.value for s in status or []], type=type, since=since)
+        tasks, next_cursor = manager.list(flt, limit=min(limit, manager.max_page_size), cursor=cursor)
+        page = TaskPage(tasks=[TaskSummary.model_validate(t.summary()) for t in tasks], next_cursor=next_cursor)
+        lines = "; ".join(f"{t.id[:8]} {t.type} {t.status.value}" for t in tasks[:10])
+        more = " (more: pass next_cursor)" if next_cursor else ""
+        return result(f"{len(tasks)} task(s){more}" + (f": {lines}" if lines else ""), page)
+
+    @server.tool(
+        title="Get a task",
+        description=(
+            "Everything about one task: status, stages with item counts and ETA, output, error, log tails; "
+            "with history=true also its progress history."
+        ),
+        annotations=read_only,
+    )
+    @client_errors
+    async def get_task(
+        task_id: Annotated[str, Field(min_length=1, max_length=64, description="The task's id")],
+        history: Annotated[bool, Field(description="Include progress samples (about one per second)")] = False,
+        history_limit: Annotated[int, Field(ge=1, le=HISTORY_MAX,
+                                            description=f"Most recent samples to include, 1 to {HISTORY_MAX}")]
+        = 100,
+    ) -> Annotated[CallToolResult, TaskDetail]:
+        task = manager.get(task_id)
+        detail = task_detail(manager, task, history=history, history_limit=history_limit)
+        return result(describe(task), detail)
+
+    @server.tool(
+        title="Cancel tasks",
+        description=(
+            "Cancel tasks by id, or every task matching a status/type filter. Queued tasks are cancelled at "
+            "once; running ones stop at their next check or are stopped after a grace period. Cancelling a "
+            "finished task is a no-op that says so."
+        ),
+        annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True,
+                                    open_world_hint=False),
+    )
+    @client_errors
+    async def cancel_tasks(
+        task_ids: Annotated[list[str] | None, Field(max_length=MAX_CANCEL_IDS,
+                                                    description=f"Ids of tasks to cancel (at most {MAX_CANCEL_IDS})")]
+        = None,
+        status: Annotated[list[TaskStatus] | None,
+                          Field(description="Instead of ids: cancel tasks with these statuses (QUEUED, RUNNING)")]
+        = None,
+        type: Annotated[list[str] | None, Field(description="With status: only tasks of these types")] = None,
+        wait_seconds: Annotated[float, Field(ge=0, le=30, description="Wait up to this long (0 to 30 s) for "
+                                             "running tasks to end before answering")] = 0,
+    ) -> Annotated[CallToolResult, CancelResult]:
+        if bool(task_ids) == bool(status):
+            raise ToolError("give either task_ids (a list of ids) or status (with optional type), not both or neither")
+        if task_ids:
+            ids = list(task_ids)
+        else:
+            flt = manager.build_filter(status=[s.value for s in status or []], type=type)
+            ids = manager.store.find_task_ids(flt, limit=MAX_CANCEL_IDS)
+        outcomes = manager.cancel(ids)
+        if wait_seconds:
+            await manager.wait_final([o.task_id for o in outcomes if o.outcome == "cancelling"], wait_seconds)
+            for o in outcomes:
+                if o.outcome == "cancelling":
+                    task = manager.get(o.task_id)
+                    if task.status.is_final:
+                        o.outcome, o.status, o.message = "cancelled", task.status.value, f"ended as {task.status.value}"
+        counts: dict[str, int] = {}
+        for o in outcomes:
+            counts[o.outcome] = counts.get(o.outcome, 0) + 1
+        text = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in counts.items()) or "no task matched"
+        return result(text.capitalize() + ".", CancelResult.model_validate({"results": [o.to_dict() for o in outcomes]}))

@@ -1,0 +1,158 @@
+"""The tornado <-> ASGI bridge that serves the SDK's StreamableHTTPSessionManager on tornado.
+
+`MCPEndpoint` owns the session manager and keeps its `run()` context entered for the server's
+lifetime (a background task). `MCPBridge.serve()` turns one tornado request into an ASGI call:
+the request body is fed through `receive`, and `send` events become status, headers and
+flushed body chunks, so SSE streams go out as they are produced. Authentication happens before
+the bridge is entered; the SDK never sees an unauthenticated request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from mcp.server.mcpserver import MCPServer
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from mcp.server.transport_security import TransportSecuritySettings
+from tornado.iostream import StreamClosedError
+from tornado.web import RequestHandler
+
+from .event_store import MemoryEventStore
+
+log = logging.getLogger("plexus_mcp_jupyter")
+
+_NO_DNS_CHECKS = TransportSecuritySettings(enable_dns_rebinding_protection=False)
+
+
+class MCPEndpoint:
+    """The SDK session manager plus the background task that keeps it running."""
+
+    def __init__(
+        self,
+        server: MCPServer,
+        *,
+        session_idle_timeout: float | None = 1800.0,
+        max_sessions: int | None = 1000,
+        max_request_body_size: int = 4 * 1024 * 1024,
+        event_store_size: int = 10_000,
+    ) -> None:
+        self.server = server
+        self.event_store = MemoryEventStore(event_store_size)
+        self.session_manager = StreamableHTTPSessionManager(
+            app=server._lowlevel_server,
+            event_store=self.event_store,
+            json_response=False,
+            stateless=False,
+            # Host and Origin are checked by the tornado handler (Jupyter's own rules).
+            security_settings=_NO_DNS_CHECKS,
+            session_idle_timeout=session_idle_timeout,
+            max_sessions=max_sessions,
+            max_request_body_size=max_request_body_size,
+        )
+        self._runner: asyncio.Task[None] | None = None
+        self._started = asyncio.Event()
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        """Enter the session manager's run() context in a background task (idempotent)."""
+        if self._runner is None:
+            self._runner = asyncio.get_running_loop().create_task(self._run(), name="plexus-mcp-sessions")
+        await self._started.wait()
+
+    async def _run(self) -> None:
+        try:
+            async with self.session_manager.run():
+                self._started.set()
+                await self._stop.wait()
+        except Exception:
+            log.exception("Plexus: the MCP session manager stopped unexpectedly")
+            raise
+
+    async def stop(self) -> None:
+        if self._runner is None:
+            return
+        self._stop.set()
+        try:
+            await asyncio.wait_for(self._runner, 10)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            self._runner.cancel()
+        except Exception:
+            pass
+        self._runner = None
+
+    @property
+    def session_count(self) -> int:
+        return len(self.session_manager._server_instances)
+
+
+class MCPBridge:
+    """Serves one tornado request through the ASGI session manager."""
+
+    def __init__(self, handler: RequestHandler, endpoint: MCPEndpoint) -> None:
+        self.handler = handler
+        self.endpoint = endpoint
+        self.disconnected = asyncio.Event()
+        self._started = False
+
+    def scope(self, extra: dict[str, Any]) -> dict[str, Any]:
+        request = self.handler.request
+        host, _, port = (request.host or "localhost").partition(":")
+        headers = [
+            (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in request.headers.get_all()
+        ]
+        scope: dict[str, Any] = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": request.version.partition("/")[2] or "1.1",
+            "method": request.method,
+            "scheme": request.protocol,
+            "path": request.path,
+            "raw_path": request.path.encode("latin-1"),
+            "query_string": request.query.encode("latin-1"),
+            "root_path": "",
+            "headers": headers,
+            "client": (request.remote_ip or "", 0),
+            "server": (host, int(port) if port.isdigit() else (443 if request.protocol == "https" else 80)),
+            "state": {},
+        }
+        scope.update(extra)
+        return scope
+
+    async def serve(self, extra_scope: dict[str, Any]) -> None:
+        await self.endpoint.start()
+        body = self.handler.request.body or b""
+        body_sent = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal body_sent
+            if not body_sent:
+                body_sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await self.disconnected.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            handler = self.handler
+            if message["type"] == "http.response.start":
+                self._started = True
+                handler.set_status(message["status"])
+                handler.clear_header("Content-Type")
+                for name, value in message.get("headers", []):
+                    handler.add_header(name.decode("latin-1"), value.decode("latin-1"))
+            elif message["type"] == "http.response.body":
+                if self.disconnected.is_set():
+                    return
+                chunk = message.get("body", b"")
+                if chunk:
+                    handler.write(chunk)
+                if message.get("more_body", False):
+                    try:
+                        await handler.flush()
+                    except StreamClosedError:
+                        self.disconnected.set()
+
+        await self.endpoint.session_manager.handle_request(self.scope(extra_scope), receive, send)
+        if not self.handler._finished and not self.disconnected.is_set():
+            self.handler.finish()

@@ -1,0 +1,1 @@
+"""Tornado handlers of the Jupyter extension: the MCP endpoint, REST API and health."""

@@ -1,0 +1,116 @@
+"""Authentication shared by every Plexus handler on Jupyter Server.
+
+Jupyter's identity provider decides who is calling (its token in an `Authorization: token|Bearer`
+header, or its login cookie). Unlike Jupyter's own API handlers, a missing or bad credential is
+answered 401 with `WWW-Authenticate: Bearer` (what MCP clients and scripts expect), never a redirect
+to the login page; a foreign Origin or Host is 403.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from typing import Any
+from urllib.parse import urlparse
+
+from jupyter_server.base.handlers import APIHandler
+from tornado import web
+
+from ..core.errors import InvalidArgument, NotFound, PlexusError
+from ..runtime import PlexusRuntime
+
+
+class PlexusHandler(APIHandler):
+    """Base of the Plexus handlers: JSON in and out, 401/403 rules, the runtime at hand."""
+
+    auth_resource = "plexus"
+    require_auth = True
+
+    @property
+    def runtime(self) -> PlexusRuntime:
+        return self.settings["plexus"]  # type: ignore[no-any-return]
+
+    @property
+    def identity(self) -> str | None:
+        user = self.current_user
+        return f"jupyter:{user.username}" if user is not None else None
+
+    async def prepare(self) -> None:  # type: ignore[override]
+        if not self.check_host():
+            raise web.HTTPError(403, "this Host is not allowed to reach the server (see ServerApp.allow_remote_access)")
+        if not self.origin_allowed():
+            raise web.HTTPError(
+                403, "requests from this Origin are not allowed (see ServerApp.allow_origin and allow_origin_pat)"
+            )
+        user = self.identity_provider.get_user(self)
+        if inspect.isawaitable(user):
+            user = await user
+        self.current_user = self._jupyter_current_user = user
+        if self.require_auth:
+            if user is None:
+                self.set_header("WWW-Authenticate", 'Bearer realm="jupyter"')
+                raise web.HTTPError(
+                    401, "authentication required: send the Jupyter token as 'Authorization: Bearer <token>'"
+                )
+            if self.request.method not in ("GET", "HEAD", "OPTIONS"):
+                self.check_xsrf_cookie()
+            if not self.authorizer.is_authorized(self, user, self.auth_action, self.auth_resource):
+                raise web.HTTPError(403, f"user {user.username!r} may not {self.auth_action} {self.auth_resource}")
+        await self.runtime.start()
+
+    @property
+    def auth_action(self) -> str:
+        return "read" if self.request.method in ("GET", "HEAD", "OPTIONS") else "write"
+
+    def origin_allowed(self) -> bool:
+        """Same-origin, no Origin (scripts, MCP clients), or allowed by Jupyter's allow_origin settings.
+
+        Checked even for token-authenticated requests: an MCP endpoint must refuse foreign Origins
+        (DNS rebinding), whatever the credential.
+        """
+        origin = self.request.headers.get("Origin")
+        if origin is None or self.allow_origin == "*":
+            return True
+        host = self.request.headers.get("Host")
+        if urlparse(origin.lower()).netloc == (host or "").lower():
+            return True
+        if self.allow_origin:
+            return bool(self.allow_origin == origin)
+        if self.allow_origin_pat:
+            return bool(self.allow_origin_pat.match(origin))
+        return False
+
+    # -- JSON helpers --------------------------------------------------------------------------
+
+    def json_body(self) -> dict[str, Any]:
+        if not self.request.body:
+            return {}
+        try:
+            body = json.loads(self.request.body)
+        except ValueError as exc:
+            raise web.HTTPError(400, f"the request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise web.HTTPError(400, "the request body must be a JSON object")
+        return body
+
+    def reply(self, data: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(data, default=str))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        message = getattr(exc, "log_message", None) or self._reason
+        if exc is not None and not isinstance(exc, web.HTTPError):
+            message = "internal server error; the server log has the details"
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"error": {"status": status_code, "message": message}}))
+
+
+def http_error(exc: PlexusError) -> web.HTTPError:
+    """Map a core error to the HTTP error of the same meaning."""
+    if isinstance(exc, NotFound):
+        return web.HTTPError(404, str(exc))
+    if isinstance(exc, InvalidArgument):
+        return web.HTTPError(400, str(exc))
+    return web.HTTPError(400, str(exc))

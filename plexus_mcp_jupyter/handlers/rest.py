@@ -1,0 +1,90 @@
+"""`{base_url}plexus/api/tasks`: the REST face of TaskManager (same filters, cursors and errors as MCP)."""
+
+from __future__ import annotations
+
+from ..core.errors import InvalidArgument, NotFound, PlexusError
+from .base import PlexusHandler, http_error
+
+
+def _int_arg(handler: PlexusHandler, name: str, default: int | None) -> int | None:
+    raw = handler.get_argument(name, None)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidArgument(f"{name} must be a whole number, not {raw!r}") from None
+
+
+class TasksHandler(PlexusHandler):
+    async def get(self) -> None:
+        """List tasks: ?status=RUNNING,QUEUED&type=demo&since=ISO&limit=20&cursor=..."""
+        manager = self.runtime.manager
+        try:
+            flt = manager.build_filter(
+                status=self.get_argument("status", None),
+                type=self.get_argument("type", None),
+                since=self.get_argument("since", None),
+            )
+            tasks, next_cursor = manager.list(flt, limit=_int_arg(self, "limit", None),
+                                              cursor=self.get_argument("cursor", None) or None)
+        except PlexusError as exc:
+            raise http_error(exc) from None
+        self.reply({"tasks": [t.summary() for t in tasks], "next_cursor": next_cursor})
+
+    async def post(self) -> None:
+        """Dispatch a task: {"type": "demo", "params": {...}, "priority": 0}. 201 with the task."""
+        body = self.json_body()
+        unknown = sorted(set(body) - {"type", "params", "priority", "description"})
+        try:
+            if unknown:
+                raise InvalidArgument(f"unknown field(s) {unknown}; allowed: type, params, priority, description")
+            params = body.get("params", {})
+            if not isinstance(params, dict):
+                raise InvalidArgument("params must be a JSON object")
+            task = self.runtime.manager.dispatch(
+                str(body.get("type", "demo")), params, priority=body.get("priority", 0), owner=self.identity,
+                description=body.get("description"),
+            )
+        except PlexusError as exc:
+            raise http_error(exc) from None
+        self.set_header("Location", self.request.path.rstrip("/") + "/" + task.id)
+        self.reply(task.to_dict(), status=201)
+
+
+class TaskHandler(PlexusHandler):
+    async def get(self, task_id: str) -> None:
+        """One task; ?history=true&history_limit=100 adds its progress history."""
+        manager = self.runtime.manager
+        try:
+            task = manager.get(task_id)
+            data = task.to_dict()
+            if self.get_argument("history", "false").lower() in ("1", "true", "yes"):
+                limit = _int_arg(self, "history_limit", 100) or 100
+                if not 1 <= limit <= 1000:
+                    raise InvalidArgument(f"history_limit must be from 1 to 1000, not {limit}")
+                samples, total = manager.store.history(task_id, limit=limit)
+                data["history"] = [s.to_dict() for s in samples]
+                data["history_total"] = total
+        except PlexusError as exc:
+            raise http_error(exc) from None
+        self.reply(data)
+
+
+class TaskCancelHandler(PlexusHandler):
+    async def post(self, task_id: str) -> None:
+        """Cancel one task. 404 if it does not exist; a finished task answers 200 with outcome already_finished."""
+        outcome = self.runtime.manager.cancel([task_id])[0]
+        if outcome.outcome == "not_found":
+            raise http_error(NotFound(outcome.message))
+        self.reply(outcome.to_dict())
+
+
+class CancelTasksHandler(PlexusHandler):
+    async def post(self) -> None:
+        """Cancel several tasks: {"task_ids": [...]}."""
+        body = self.json_body()
+        ids = body.get("task_ids")
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids) or len(ids) > 100:
+            raise http_error(InvalidArgument("task_ids must be a list of 1 to 100 task id strings"))
+        self.reply({"results": [o.to_dict() for o in self.runtime.manager.cancel(ids)]})

@@ -1,0 +1,86 @@
+"""Builds and runs one Plexus core plus its MCP endpoint: used by the extension and the CLI alike."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ._version import __version__
+from .config import PlexusSettings
+from .core.events import EventBus
+from .core.executors import Executor, LocalExecutor
+from .core.manager import TaskManager
+from .core.store import Store, default_db_url
+from .endpoint.server import build_mcp_server
+from .endpoint.transport import MCPEndpoint
+
+log = logging.getLogger("plexus_mcp_jupyter")
+
+
+def make_executor(name: str) -> Executor:
+    if name == "local":
+        return LocalExecutor()
+    raise ValueError(f"unknown executor {name!r}; expected 'local'")
+
+
+class PlexusRuntime:
+    """The store, event bus, task manager and MCP endpoint of one server process."""
+
+    def __init__(self, settings: PlexusSettings, *, data_dir: str) -> None:
+        self.settings = settings
+        self.store = Store(settings.db_url or default_db_url(data_dir))
+        self.bus = EventBus()
+        self.executor = make_executor(settings.executor)
+        self.manager = TaskManager(
+            self.store,
+            self.bus,
+            self.executor,
+            max_concurrency=settings.max_concurrency,
+            max_concurrency_per_owner=settings.max_concurrency_per_owner,
+            cancel_grace_seconds=settings.cancel_grace_seconds,
+            progress_write_interval=settings.progress_write_interval,
+            max_page_size=settings.max_page_size,
+            max_output_bytes=settings.max_output_bytes,
+            poll_interval=settings.poll_interval,
+        )
+        self.mcp = build_mcp_server(self.manager)
+        self.endpoint = MCPEndpoint(
+            self.mcp,
+            session_idle_timeout=settings.session_idle_timeout,
+            max_sessions=settings.max_sessions,
+            max_request_body_size=settings.max_request_bytes,
+            event_store_size=settings.event_store_size,
+        )
+        self._started = False
+
+    async def start(self) -> None:
+        """Start the task manager and the MCP session manager (idempotent, cheap once started)."""
+        if self._started:
+            return
+        self._started = True
+        await self.manager.start()
+        await self.endpoint.start()
+        log.info("Plexus MCP %s ready; store %s, executor %s", __version__, self.store.safe_url, self.executor.name)
+
+    async def stop(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        await self.endpoint.stop()
+        await self.manager.stop()
+        self.store.close()
+
+    def health(self) -> dict[str, Any]:
+        try:
+            self.store.ping()
+            store_status = "ok"
+        except Exception as exc:  # reported, not raised: health must answer
+            store_status = f"error: {type(exc).__name__}"
+        return {
+            "status": "ok" if store_status == "ok" else "degraded",
+            "version": __version__,
+            "store": {"status": store_status, "url": self.store.safe_url},
+            "executor": self.executor.status(),
+            "tasks": self.manager.counts(),
+            "mcp": {"sessions": self.endpoint.session_count},
+        }

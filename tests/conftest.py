@@ -1,0 +1,100 @@
+"""Fixtures that start the real thing: a Jupyter server with the extension, on a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx2
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from traitlets.config import Config
+
+pytest_plugins = ("pytest_jupyter.jupyter_server",)
+
+LEGACY = "legacy"  # the 2025-11-25 initialize handshake
+MODERN = "2026-07-28"  # the per-request era, no handshake
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    return tmp_path / "plexus.db"
+
+
+@pytest.fixture
+def plexus_config(db_path) -> dict[str, Any]:
+    """Settings of the extension under test; tests may change them before the server starts."""
+    return {
+        "db_url": f"sqlite:///{db_path}",
+        "cancel_grace_seconds": 1.0,
+        "poll_interval": 0.2,
+        "progress_write_interval": 0.2,
+    }
+
+
+@pytest.fixture
+def jp_server_config(plexus_config):
+    return Config(
+        {
+            "ServerApp": {"jpserver_extensions": {"plexus_mcp_jupyter": True}},
+            "PlexusMCPExtension": plexus_config,
+        }
+    )
+
+
+@pytest.fixture
+def server_url(jp_serverapp, http_server_client, jp_http_port, jp_base_url) -> str:
+    """Base URL of the running Jupyter server (listening on a real port)."""
+    return f"http://localhost:{jp_http_port}{jp_base_url}"
+
+
+@pytest.fixture
+def token(jp_serverapp) -> str:
+    return jp_serverapp.identity_provider.token
+
+
+@pytest.fixture
+def mcp_url(server_url) -> str:
+    return f"{server_url}plexus/mcp"
+
+
+@pytest.fixture
+def runtime(jp_serverapp):
+    return jp_serverapp.web_app.settings["plexus"]
+
+
+@asynccontextmanager
+async def open_client(url: str, token: str | None, mode: str = LEGACY, **kwargs: Any) -> AsyncIterator[Client]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30.0, read=300.0)) as http:
+        async with Client(streamable_http_client(url, http_client=http), mode=mode, **kwargs) as client:
+            yield client
+
+
+@pytest.fixture
+def mcp_client(mcp_url, token) -> Callable[..., Any]:
+    """Factory: `async with mcp_client(mode) as client:` an official SDK client over real HTTP."""
+
+    def factory(mode: str = LEGACY, **kwargs: Any):
+        return open_client(mcp_url, token, mode, **kwargs)
+
+    return factory
+
+
+async def poll(fn: Callable[[], Any], predicate: Callable[[Any], bool], timeout: float = 20.0,
+               interval: float = 0.05) -> Any:
+    """Call `fn` (sync or async) until `predicate(result)` holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if predicate(last):
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s; last value: {last!r}")
