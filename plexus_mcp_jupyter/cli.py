@@ -1,0 +1,148 @@
+"""The `plexus` command: `plexus mcp serve`, `plexus mcp config`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import secrets
+import sys
+from typing import Any
+
+from jupyter_core.paths import jupyter_data_dir
+
+from ._version import __version__
+from .config import PlexusSettings, env_var
+
+CLIENTS = ("claude", "cursor", "vscode")
+
+
+def _settings_from_args(args: argparse.Namespace) -> PlexusSettings:
+    """CLI flags over PLEXUS_MCP_* environment variables over defaults."""
+    settings = PlexusSettings()
+    given = {name: value for name, value in (("db_url", args.db_url), ("max_concurrency", args.max_concurrency))
+             if value is not None}
+    settings.apply_env(protected=given)
+    for name, value in given.items():
+        setattr(settings, name, value)
+    return settings
+
+
+def _configure_logging(level: str) -> None:
+    # Logs go to stderr: in stdio mode stdout belongs to the protocol.
+    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper(), logging.INFO),
+                        format="[%(levelname)1.1s %(asctime)s %(name)s] %(message)s")
+    for name in ("mcp", "sse_starlette", "httpx", "httpx2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .runtime import PlexusRuntime
+    from .standalone import serve_http, serve_stdio
+
+    _configure_logging(args.log_level)
+    try:
+        settings = _settings_from_args(args)
+    except ValueError as exc:
+        print(f"plexus: {exc}", file=sys.stderr)
+        return 2
+    runtime = PlexusRuntime(settings, data_dir=jupyter_data_dir())
+    if args.transport == "stdio":
+        asyncio.run(serve_stdio(runtime))
+        return 0
+    token = args.token or os.environ.get(env_var("token"), "")
+    generated = not token
+    if generated:
+        token = secrets.token_urlsafe(32)
+    asyncio.run(
+        serve_http(
+            runtime, host=args.host, port=args.port, token=token, token_generated=generated,
+            certfile=args.certfile, keyfile=args.keyfile, allowed_origins=tuple(args.allow_origin or ()),
+        )
+    )
+    return 0
+
+
+def client_config(client: str, *, url: str | None, token: str | None, stdio_args: list[str] | None,
+                  name: str = "plexus") -> dict[str, Any]:
+    """A ready configuration for an MCP client, for HTTP (url + token) or stdio (a command)."""
+    if stdio_args is not None:
+        entry: dict[str, Any] = {"command": "plexus", "args": ["mcp", "serve", "--transport", "stdio", *stdio_args]}
+        if client == "vscode":
+            return {"servers": {name: {"type": "stdio", **entry}}}
+        return {"mcpServers": {name: entry}}
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if client == "vscode":
+        return {"servers": {name: {"type": "http", "url": url, "headers": headers}}}
+    if client == "cursor":
+        return {"mcpServers": {name: {"url": url, "headers": headers}}}
+    return {"mcpServers": {name: {"type": "http", "url": url, "headers": headers}}}
+
+
+def _running_jupyter() -> dict[str, Any] | None:
+    from jupyter_server.serverapp import list_running_servers
+
+    return next(iter(list_running_servers()), None)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.stdio:
+        extra = ["--db-url", args.db_url] if args.db_url else []
+        print(json.dumps(client_config(args.client, url=None, token=None, stdio_args=extra, name=args.name), indent=2))
+        return 0
+    url, token = args.url, args.token
+    if url is None:
+        server = _running_jupyter()
+        if server is None:
+            print(
+                "plexus: no running Jupyter server was found. Start one with `jupyter lab`, pass --url and "
+                "--token for another server, or use --stdio for a client-launched server.",
+                file=sys.stderr,
+            )
+            return 1
+        url = server["url"].rstrip("/") + "/plexus/mcp"
+        token = token or server.get("token") or None
+    print(json.dumps(client_config(args.client, url=url, token=token, stdio_args=None, name=args.name), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plexus", description="Plexus MCP: long-running tasks for AI assistants.")
+    parser.add_argument("--version", action="version", version=f"plexus-mcp-jupyter {__version__}")
+    sub = parser.add_subparsers(dest="group", required=True)
+    mcp = sub.add_parser("mcp", help="the MCP server").add_subparsers(dest="command", required=True)
+
+    serve = mcp.add_parser("serve", help="serve MCP without Jupyter, on the same store")
+    serve.add_argument("--transport", choices=("stdio", "http"), default="stdio")
+    serve.add_argument("--host", default="127.0.0.1", help="HTTP: address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8765, help="HTTP: port (default 8765; 0 picks a free one)")
+    serve.add_argument("--token", help=f"HTTP: bearer token (default ${env_var('token')}, else generated)")
+    serve.add_argument("--certfile", help="HTTP: TLS certificate file")
+    serve.add_argument("--keyfile", help="HTTP: TLS private key file")
+    serve.add_argument("--allow-origin", action="append", help="HTTP: a browser Origin to allow (repeatable)")
+    serve.add_argument("--db-url", help=f"SQLAlchemy URL of the store (default ${env_var('db_url')}, else the "
+                       "SQLite file Jupyter uses)")
+    serve.add_argument("--max-concurrency", type=int, help="tasks that may run at once")
+    serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (logs go to stderr)")
+    serve.set_defaults(func=cmd_serve)
+
+    config = mcp.add_parser("config", help="print a client configuration for the running server")
+    config.add_argument("--client", choices=CLIENTS, default="claude")
+    config.add_argument("--url", help="MCP endpoint URL (default: the running Jupyter server's)")
+    config.add_argument("--token", help="bearer token (default: the running Jupyter server's)")
+    config.add_argument("--stdio", action="store_true", help="configure the client to launch `plexus mcp serve`")
+    config.add_argument("--db-url", help="with --stdio: the store the launched server uses")
+    config.add_argument("--name", default="plexus", help="the server's name in the client (default plexus)")
+    config.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""`plexus mcp serve`: the same core and MCP endpoint without Jupyter, over stdio or HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import signal
+import ssl
+import sys
+from typing import Any
+from urllib.parse import urlparse
+
+from tornado import web
+
+from .endpoint.transport import MCPBridge
+from .runtime import PlexusRuntime
+
+log = logging.getLogger("plexus_mcp_jupyter")
+
+
+class _StandaloneHandler(web.RequestHandler):
+    """Bearer-token authentication and Origin checks for the standalone HTTP server."""
+
+    require_auth = True
+
+    @property
+    def runtime(self) -> PlexusRuntime:
+        return self.settings["plexus"]  # type: ignore[no-any-return]
+
+    def authenticated(self) -> bool:
+        header = self.request.headers.get("Authorization", "")
+        scheme, _, credential = header.partition(" ")
+        if scheme.lower() not in ("bearer", "token") or not credential:
+            return False
+        return hmac.compare_digest(credential.strip().encode(), self.settings["plexus_token"].encode())
+
+    def prepare(self) -> None:
+        origin = self.request.headers.get("Origin")
+        if origin is not None:
+            allowed = self.settings.get("plexus_allowed_origins", ())
+            same = urlparse(origin.lower()).netloc == (self.request.host or "").lower()
+            if not same and origin not in allowed:
+                raise web.HTTPError(403, "requests from this Origin are not allowed (see --allow-origin)")
+        if self.require_auth and not self.authenticated():
+            self.set_header("WWW-Authenticate", 'Bearer realm="plexus"')
+            raise web.HTTPError(401, "authentication required: send 'Authorization: Bearer <token>'")
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        message = getattr(exc, "log_message", None) or self._reason
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"jsonrpc": "2.0", "id": None,
+                                "error": {"code": -32600 if status_code < 500 else -32603, "message": message}}))
+
+
+class StandaloneMCPHandler(_StandaloneHandler):
+    _bridge: MCPBridge | None = None
+
+    async def _serve(self) -> None:
+        self._bridge = MCPBridge(self, self.runtime.endpoint)
+        await self._bridge.serve({"plexus.identity": "token"})
+
+    post = get = delete = _serve
+
+    def on_connection_close(self) -> None:
+        if self._bridge is not None:
+            self._bridge.disconnected.set()
+
+
+class StandaloneHealthHandler(_StandaloneHandler):
+    require_auth = False
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(self.runtime.health() if self.authenticated() else {"status": "ok"}))
+
+
+def make_app(runtime: PlexusRuntime, token: str, allowed_origins: tuple[str, ...] = ()) -> web.Application:
+    return web.Application(
+        [(r"/mcp/?", StandaloneMCPHandler), (r"/health/?", StandaloneHealthHandler)],
+        plexus=runtime,
+        plexus_token=token,
+        plexus_allowed_origins=allowed_origins,
+    )
+
+
+async def serve_stdio(runtime: PlexusRuntime) -> None:
+    """MCP over this process's stdin/stdout; stdout carries nothing but the protocol."""
+    await runtime.manager.start()
+    try:
+        await runtime.mcp.run_stdio_async()
+    finally:
+        await runtime.manager.stop()
+        runtime.store.close()
+
+
+async def serve_http(
+    runtime: PlexusRuntime,
+    *,
+    host: str,
+    port: int,
+    token: str,
+    token_generated: bool,
+    certfile: str | None = None,
+    keyfile: str | None = None,
+    allowed_origins: tuple[str, ...] = (),
+) -> None:
+    await runtime.start()
+    ssl_ctx = None
+    if certfile:
+        ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_ctx.load_cert_chain(certfile, keyfile)
+    app = make_app(runtime, token, allowed_origins)
+    server = app.listen(port, host, ssl_options=ssl_ctx, xheaders=False)
+    scheme = "https" if ssl_ctx else "http"
+    actual_port = next(iter(server._sockets.values())).getsockname()[1]
+    url = f"{scheme}://{'localhost' if host in ('127.0.0.1', 'localhost') else host}:{actual_port}/mcp"
+    print(f"Plexus MCP endpoint: {url}", file=sys.stderr)
+    if token_generated:
+        print(f"    Authorization: Bearer {token}", file=sys.stderr)
+        print(f"    or connect with: {url}  (token printed above; set PLEXUS_MCP_TOKEN to choose one)",
+              file=sys.stderr)
+    sys.stderr.flush()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    try:
+        await stop.wait()
+    finally:
+        server.stop()
+        await runtime.stop()

@@ -1,0 +1,253 @@
+"""The core without any server: progress semantics, store paging, events, the demo task, the manager."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from contextlib import asynccontextmanager
+
+import pytest
+
+from plexus_mcp_jupyter.core import EventBus, InvalidArgument, NotFound, Store, Task, TaskManager, TaskStatus
+from plexus_mcp_jupyter.core.demo import validate_params
+from plexus_mcp_jupyter.core.executors import LocalExecutor
+from plexus_mcp_jupyter.core.models import StageStatus
+from plexus_mcp_jupyter.core.progress import ProgressTracker
+from plexus_mcp_jupyter.core.store import TaskFilter, decode_cursor, encode_cursor
+
+from .conftest import poll
+
+
+def make_task(**kw) -> Task:
+    import uuid
+
+    kw.setdefault("id", str(uuid.uuid4()))
+    kw.setdefault("type", "demo")
+    kw.setdefault("status", TaskStatus.QUEUED)
+    return Task(**kw)
+
+
+# -- progress semantics ---------------------------------------------------------------------------
+
+
+def test_progress_never_decreases_and_never_exceeds_total():
+    tracker = ProgressTracker(make_task(), write_interval=1.0)
+    tracker.begin_stage("Processing", 100, at=0.0)
+    tracker.advance_to(40, at=1.0)
+    tracker.advance_to(30, at=2.0)
+    assert tracker.stage.processed_items == 40
+    tracker.advance_to(500, at=3.0)
+    assert tracker.stage.processed_items == 100
+
+
+def test_eta_appears_only_once_a_stage_is_ten_percent_done():
+    tracker = ProgressTracker(make_task(), write_interval=1.0)
+    tracker.begin_stage("Processing", 1000, at=100.0)
+    tracker.advance_to(99, at=101.0)
+    assert tracker.stage.estimated_completion_at is None
+    tracker.advance_to(100, at=102.0)
+    # 100 items in 2 s -> 50 items/s -> 900 left take 18 s
+    assert tracker.stage.estimated_completion_at == pytest.approx(120.0)
+    assert tracker.task.estimated_completion_at == tracker.stage.estimated_completion_at
+
+
+def test_writes_are_throttled_but_stage_changes_and_the_end_are_always_written():
+    tracker = ProgressTracker(make_task(), write_interval=1.0)
+    assert tracker.begin_stage("Setup", 3, at=0.0).write
+    assert not tracker.advance_to(1, at=0.1).write
+    assert not tracker.advance_to(2, at=0.5).write
+    assert tracker.advance_to(3, at=1.2).write
+    change = tracker.begin_stage("Processing", 10, at=1.3)
+    assert change.write and change.sample is not None
+    assert [s.name for s in change.changed_stages] == ["Setup", "Processing"]
+    assert change.changed_stages[0].status == StageStatus.COMPLETED
+    end = tracker.finish(StageStatus.FAILED, at=1.4, message="boom")
+    assert end.write and end.changed_stages[0].status == StageStatus.FAILED
+
+
+# -- store ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(f"sqlite:///{tmp_path / 'core.db'}")
+    yield s
+    s.close()
+
+
+def test_store_uses_wal_mode_on_sqlite(store):
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def test_pagination_walks_every_task_once_newest_first(store):
+    created = []
+    for i in range(53):
+        t = make_task(created_at=1000.0 + (i // 2))  # pairs share a timestamp: ties are broken by id
+        store.create_task(t)
+        created.append(t)
+    seen, after = [], None
+    while True:
+        page, after = store.list_tasks(TaskFilter(), limit=10, after=after)
+        seen.extend(page)
+        if after is None:
+            break
+    assert len(seen) == 53 and len({t.id for t in seen}) == 53
+    keys = [(t.created_at, t.id) for t in seen]
+    assert keys == sorted(keys, reverse=True)
+
+
+def test_a_cursor_is_bound_to_its_filter_and_garbage_is_refused():
+    flt = TaskFilter(statuses=(TaskStatus.RUNNING,))
+    cursor = encode_cursor((1.0, "abc"), flt)
+    assert decode_cursor(cursor, flt) == (1.0, "abc")
+    with pytest.raises(InvalidArgument, match="other filters"):
+        decode_cursor(cursor, TaskFilter())
+    with pytest.raises(InvalidArgument, match="invalid cursor"):
+        decode_cursor("not-a-cursor!", flt)
+
+
+def test_a_failed_write_leaves_no_half_written_task(store):
+    task = make_task()
+    store.create_task(task)
+    with pytest.raises(Exception):
+        store.create_task(task)  # same id: the whole transaction is rolled back
+    assert store.count_tasks(TaskFilter()) == 1
+
+
+# -- validation -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"items": 0}, "items must be a whole number from 1 to 1,000,000"),
+        ({"items": 10**9}, "items must be"),
+        ({"items": "ten"}, "items must be"),
+        ({"item_delay_ms": -1}, "item_delay_ms must be"),
+        ({"items": 10, "fail_at": 11}, r"fail_at must be an item number from 1 to items \(10\)"),
+        ({"colour": "red"}, "unknown demo parameter"),
+    ],
+)
+def test_demo_parameters_are_checked_with_the_allowed_range_in_the_message(params, message):
+    with pytest.raises(InvalidArgument, match=message):
+        validate_params(params)
+
+
+def test_unknown_status_names_the_allowed_ones():
+    with pytest.raises(
+        InvalidArgument, match="unknown status 'DONE'; expected one of PENDING, QUEUED, RUNNING"
+    ):
+        TaskStatus.parse("DONE")
+    assert TaskStatus.parse("running") is TaskStatus.RUNNING
+
+
+# -- events ---------------------------------------------------------------------------------------
+
+
+async def test_a_slow_subscriber_gets_the_latest_state_per_entity_and_every_final_state():
+    bus = EventBus()
+    sub = bus.subscribe(lambda e: e.entity_type == "task")
+    for i in range(1000):
+        bus.publish("task.updated", "task", "a", {"processed": i})
+    bus.publish("task.completed", "task", "a", {"status": "COMPLETED"})
+    bus.publish("task.updated", "task", "b", {"processed": 1})
+    bus.publish("key.created", "key", "k", {})
+    events = sub.drain()
+    assert [(e.entity_id, e.kind) for e in events] == [("a", "task.completed"), ("b", "task.updated")]
+    assert events[0].seq < events[1].seq
+    sub.close()
+    assert bus.subscriber_count == 0
+
+
+# -- the manager with real worker processes -------------------------------------------------------
+
+
+@asynccontextmanager
+async def running_manager(path, **kw):
+    store = Store(f"sqlite:///{path / 'manager.db'}")
+    kw.setdefault("max_concurrency", 1)
+    m = TaskManager(store, EventBus(), LocalExecutor(), cancel_grace_seconds=1.0, poll_interval=0.1, **kw)
+    await m.start()
+    try:
+        yield m
+    finally:
+        await m.stop()
+        store.close()
+
+
+def test_manager_runs_by_priority_then_age(tmp_path):
+    async def scenario():
+        store = Store(f"sqlite:///{tmp_path / 'prio.db'}")
+        m = TaskManager(store, EventBus(), LocalExecutor(), max_concurrency=1, poll_interval=0.1)
+        started: list[str] = []
+        m.bus.add_listener(
+            lambda e: (
+                started.append(e.entity_id)
+                if e.data["status"] == "RUNNING" and e.entity_id not in started
+                else None
+            )
+        )
+        # Queue before starting the scheduler, so the order is decided by priority alone.
+        low = m.dispatch("demo", {"items": 5, "item_delay_ms": 0}, priority=0)
+        high = m.dispatch("demo", {"items": 5, "item_delay_ms": 0}, priority=10)
+        low2 = m.dispatch("demo", {"items": 5, "item_delay_ms": 0}, priority=0)
+        await m.start()
+        await m.wait_final([low.id, high.id, low2.id], 30)
+        await m.stop()
+        store.close()
+        return started, (low.id, high.id, low2.id)
+
+    started, (low, high, low2) = asyncio.run(scenario())
+    assert started == [high, low, low2]
+
+
+async def test_cancelling_a_queued_task_is_immediate_and_a_finished_one_is_a_no_op(tmp_path):
+    async with running_manager(tmp_path) as manager:
+        blocker = manager.dispatch("demo", {"items": 10_000, "item_delay_ms": 5})
+        queued = manager.dispatch("demo", {"items": 5})
+        [outcome] = manager.cancel([queued.id])
+        assert outcome.outcome == "cancelled" and manager.get(queued.id).status is TaskStatus.CANCELLED
+        [again] = manager.cancel([queued.id])
+        assert again.outcome == "already_finished" and "nothing to cancel" in again.message
+        [missing] = manager.cancel(["no-such-task"])
+        assert missing.outcome == "not_found"
+        manager.cancel([blocker.id])
+        await manager.wait_final([blocker.id], 10)
+        assert manager.get(blocker.id).status is TaskStatus.CANCELLED
+
+
+async def test_a_task_that_ignores_cancellation_is_killed_after_the_grace_period(tmp_path):
+    async with running_manager(tmp_path) as manager:
+        from plexus_mcp_jupyter.core.tasks import TaskType, register_task_type
+
+        register_task_type(TaskType("stubborn", "tests.task_functions:stubborn", "ignores cancellation"))
+        task = manager.dispatch("stubborn", {})
+        await poll(lambda: manager.get(task.id).current_stage, lambda s: s == "Stubborn")
+        pid = manager.executor.pid(task.id)
+        assert pid is not None
+        manager.cancel([task.id])
+        await manager.wait_final([task.id], 10)
+        done = manager.get(task.id)
+        assert done.status is TaskStatus.CANCELLED
+        assert "grace period" in done.error_message
+        await poll(lambda: _pid_alive(pid), lambda alive: not alive, timeout=5)
+
+
+async def test_get_unknown_task_raises_not_found(tmp_path):
+    async with running_manager(tmp_path) as manager:
+        with pytest.raises(NotFound, match="no task with id 'nope'"):
+            manager.get("nope")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie has exited: it is waiting only to be reaped.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
