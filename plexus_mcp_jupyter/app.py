@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from jupyter_core.paths import jupyter_data_dir
@@ -9,7 +10,7 @@ from jupyter_server.extension.application import ExtensionApp
 
 from ._version import __version__
 from .config import PlexusSettings
-from .handlers.health import HealthHandler
+from .handlers.health import AUTH_DISABLED_WARNING, HealthHandler
 from .handlers.mcp import MCPHandler
 from .handlers.rest import CancelTasksHandler, TaskCancelHandler, TaskHandler, TasksHandler
 from .runtime import PlexusRuntime
@@ -28,15 +29,15 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
     runtime: PlexusRuntime
 
     def initialize_settings(self) -> None:
+        # The core logs to "plexus_mcp_jupyter"; inside Jupyter that goes through Jupyter's own logger.
+        logging.getLogger("plexus_mcp_jupyter").parent = self.serverapp.log
+        self.log = self.serverapp.log
         self.apply_env(protected=self._cli_settings())
         self.runtime = PlexusRuntime(self, data_dir=jupyter_data_dir())
         self.settings["plexus"] = self.runtime
         identity_provider = self.serverapp.identity_provider
         if not identity_provider.auth_enabled:
-            self.log.warning(
-                "Plexus MCP: Jupyter authentication is disabled, so the MCP endpoint accepts anyone who can "
-                "reach this server. Set a token or password to protect it."
-            )
+            self.log.warning("Plexus MCP: %s", AUTH_DISABLED_WARNING)
         self.log.info("Plexus MCP endpoint at %splexus/mcp (store: %s)", self.serverapp.base_url,
                       self.runtime.store.safe_url)
 

@@ -44,12 +44,13 @@ class _StandaloneHandler(web.RequestHandler):
             if not same and origin not in allowed:
                 raise web.HTTPError(403, "requests from this Origin are not allowed (see --allow-origin)")
         if self.require_auth and not self.authenticated():
-            self.set_header("WWW-Authenticate", 'Bearer realm="plexus"')
             raise web.HTTPError(401, "authentication required: send 'Authorization: Bearer <token>'")
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
         message = getattr(exc, "log_message", None) or self._reason
+        if status_code == 401:
+            self.set_header("WWW-Authenticate", 'Bearer realm="plexus"')
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps({"jsonrpc": "2.0", "id": None,
                                 "error": {"code": -32600 if status_code < 500 else -32603, "message": message}}))

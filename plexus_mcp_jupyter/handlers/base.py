@@ -48,15 +48,28 @@ class PlexusHandler(APIHandler):
         self.current_user = self._jupyter_current_user = user
         if self.require_auth:
             if user is None:
-                self.set_header("WWW-Authenticate", 'Bearer realm="jupyter"')
                 raise web.HTTPError(
                     401, "authentication required: send the Jupyter token as 'Authorization: Bearer <token>'"
                 )
-            if self.request.method not in ("GET", "HEAD", "OPTIONS"):
+            if self.needs_xsrf_check():
                 self.check_xsrf_cookie()
             if not self.authorizer.is_authorized(self, user, self.auth_action, self.auth_resource):
                 raise web.HTTPError(403, f"user {user.username!r} may not {self.auth_action} {self.auth_resource}")
         await self.runtime.start()
+
+    def needs_xsrf_check(self) -> bool:
+        """A browser's cookie-carrying write must also carry Jupyter's XSRF token.
+
+        Browsers send Origin with every cross-site write, and foreign Origins were refused above;
+        a write with neither Origin nor cookie (MCP clients, scripts) cannot be a forged one.
+        """
+        headers = self.request.headers
+        return (
+            self.request.method not in ("GET", "HEAD", "OPTIONS")
+            and "Cookie" in headers
+            and "Origin" in headers
+            and not self.token_authenticated
+        )
 
     @property
     def auth_action(self) -> str:
@@ -103,9 +116,14 @@ class PlexusHandler(APIHandler):
         message = getattr(exc, "log_message", None) or self._reason
         if exc is not None and not isinstance(exc, web.HTTPError):
             message = "internal server error; the server log has the details"
+        if status_code == 401:
+            # send_error() cleared the headers set in prepare(): the challenge goes here.
+            self.set_header("WWW-Authenticate", 'Bearer realm="jupyter"')
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"error": {"status": status_code, "message": message}}))
+        self.finish(json.dumps(self.error_body(status_code, message)))
 
+    def error_body(self, status_code: int, message: str) -> dict[str, Any]:
+        return {"error": {"status": status_code, "message": message}}
 
 def http_error(exc: PlexusError) -> web.HTTPError:
     """Map a core error to the HTTP error of the same meaning."""
