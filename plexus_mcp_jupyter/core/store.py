@@ -254,9 +254,14 @@ class Store:
             return [_task_from_row(r) for r in conn.execute(query).mappings()]
 
     def tasks_with_status(self, status: TaskStatus) -> list[Task]:
+        """Every task with this status, with its stages."""
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(tasks_table).where(tasks_table.c.status == status.value)).mappings()
-            return [_task_from_row(r) for r in rows]
+            tasks = [_task_from_row(r) for r in rows]
+            stages = self._stages_for(conn, [t.id for t in tasks])
+        for task in tasks:
+            task.stages = stages.get(task.id, [])
+        return tasks
 
     def claim(self, task_id: str, *, worker: str, started_at: float) -> bool:
         """Move a QUEUED task to RUNNING if nobody else did: safe with several servers on one store."""

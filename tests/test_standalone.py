@@ -1,0 +1,162 @@
+"""`plexus mcp serve` over stdio and HTTP, `plexus mcp config`, and restart recovery after a crash."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import httpx2
+import pytest
+from mcp import Client, StdioServerParameters
+
+from plexus_mcp_jupyter.cli import main as cli_main
+from plexus_mcp_jupyter.core import Store, TaskStatus
+
+from .conftest import LEGACY, MODERN, open_client, poll
+
+
+def plexus_env(tmp_path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"JUPYTER_DATA_DIR": str(tmp_path / "data"), "PLEXUS_MCP_DB_URL": f"sqlite:///{tmp_path / 's.db'}"})
+    env.update(extra)
+    return env
+
+
+@pytest.mark.parametrize("mode", [LEGACY, MODERN])
+async def test_stdio_serves_the_same_tools_and_keeps_stdout_for_the_protocol(tmp_path, mode):
+    params = StdioServerParameters(command=sys.executable, args=["-m", "plexus_mcp_jupyter.cli", "mcp", "serve",
+                                                                 "--transport", "stdio", "--log-level", "DEBUG"],
+                                   env=plexus_env(tmp_path, PLEXUS_MCP_PROGRESS_WRITE_INTERVAL="0.1"))
+    async with Client(params, mode=mode) as client:
+        names = {t.name for t in (await client.list_tools()).tools}
+        assert names == {"run_demo_task", "list_tasks", "get_task", "cancel_tasks"}
+        # The task prints to stdout inside its worker: it must not corrupt the protocol stream.
+        task_id = (await client.call_tool("run_demo_task", {"items": 30, "item_delay_ms": 1})).structured_content[
+            "task_id"]
+
+        async def status():
+            return (await client.call_tool("get_task", {"task_id": task_id})).structured_content["status"]
+
+        assert await poll(status, lambda s: s in ("COMPLETED", "FAILED")) == "COMPLETED"
+    # the same store is readable by anyone afterwards
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    assert store.get_task(task_id).status is TaskStatus.COMPLETED
+    store.close()
+
+
+def start_http(tmp_path, *args: str, **env: str) -> tuple[subprocess.Popen, str, str | None]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "plexus_mcp_jupyter.cli", "mcp", "serve", "--transport", "http", "--port", "0", *args],
+        env=plexus_env(tmp_path, **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    url, token = None, None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (url is None or (token is None and "--token" not in args and
+                                                            "PLEXUS_MCP_TOKEN" not in env)):
+        line = proc.stderr.readline()
+        if not line:
+            break
+        if m := re.search(r"Plexus MCP endpoint: (\S+)", line):
+            url = m.group(1)
+        if m := re.search(r"Authorization: Bearer (\S+)", line):
+            token = m.group(1)
+    assert url, "the server did not print its URL"
+    return proc, url, token
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+async def test_http_requires_the_printed_token(tmp_path):
+    proc, url, token = start_http(tmp_path)
+    try:
+        assert token and proc.stdout is not None
+        async with httpx2.AsyncClient() as http:
+            denied = await http.post(url, json={}, headers={"Accept": "application/json, text/event-stream"})
+            wrong = await http.post(url, json={}, headers={"Authorization": "Bearer nope"})
+            health = await http.get(url.replace("/mcp", "/health"))
+        assert denied.status_code == 401 and denied.headers["WWW-Authenticate"].startswith("Bearer")
+        assert wrong.status_code == 401 and health.json() == {"status": "ok"}
+        async with open_client(url, token) as client:
+            started = await client.call_tool("run_demo_task", {"items": 5, "item_delay_ms": 0})
+            assert started.structured_content["status"] == "QUEUED"
+    finally:
+        stop(proc)
+
+
+async def test_http_takes_the_token_from_the_environment_and_does_not_print_it(tmp_path):
+    proc, url, token = start_http(tmp_path, PLEXUS_MCP_TOKEN="s3cret-token-from-env")
+    try:
+        assert token is None
+        async with open_client(url, "s3cret-token-from-env") as client:
+            assert (await client.list_tools()).tools
+    finally:
+        stop(proc)
+        assert "s3cret-token-from-env" not in proc.stderr.read()
+
+
+async def test_a_task_running_when_the_server_crashes_is_failed_at_the_next_start(tmp_path):
+    proc, url, token = start_http(tmp_path)
+    try:
+        async with open_client(url, token) as client:
+            task_id = (await client.call_tool("run_demo_task", {"items": 100_000, "item_delay_ms": 5})
+                       ).structured_content["task_id"]
+
+            async def status():
+                return (await client.call_tool("get_task", {"task_id": task_id})).structured_content["status"]
+
+            await poll(status, lambda s: s == "RUNNING")
+    finally:
+        proc.kill()  # a crash: no chance to clean up
+        proc.wait()
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    assert store.get_task(task_id).status is TaskStatus.RUNNING
+    store.close()
+
+    proc, url, token = start_http(tmp_path)
+    try:
+        async with open_client(url, token) as client:
+            task = (await client.call_tool("get_task", {"task_id": task_id})).structured_content
+    finally:
+        stop(proc)
+    assert task["status"] == "FAILED" and task["error_message"] == "server restarted while the task was running"
+    assert task["stages"][-1]["status"] == "FAILED"
+
+
+@pytest.mark.parametrize(
+    ("client", "top", "extra"),
+    [("claude", "mcpServers", {"type": "http"}), ("cursor", "mcpServers", {}), ("vscode", "servers", {"type": "http"})],
+)
+def test_config_prints_a_ready_client_configuration(capsys, client, top, extra):
+    assert cli_main(["mcp", "config", "--client", client, "--url", "http://localhost:8888/plexus/mcp",
+                     "--token", "abc"]) == 0
+    config = json.loads(capsys.readouterr().out)
+    entry = config[top]["plexus"]
+    assert entry["url"] == "http://localhost:8888/plexus/mcp"
+    assert entry["headers"] == {"Authorization": "Bearer abc"}
+    for key, value in extra.items():
+        assert entry[key] == value
+
+
+def test_config_for_stdio_launches_plexus(capsys):
+    assert cli_main(["mcp", "config", "--client", "vscode", "--stdio"]) == 0
+    entry = json.loads(capsys.readouterr().out)["servers"]["plexus"]
+    assert entry == {"type": "stdio", "command": "plexus", "args": ["mcp", "serve", "--transport", "stdio"]}
+
+
+def test_config_finds_the_running_jupyter_server(capsys, jp_serverapp, jp_runtime_dir):
+    jp_serverapp.write_server_info_file()
+    assert cli_main(["mcp", "config", "--client", "cursor"]) == 0
+    entry = json.loads(capsys.readouterr().out)["mcpServers"]["plexus"]
+    assert entry["url"].endswith("/plexus/mcp")
+    assert entry["headers"]["Authorization"] == f"Bearer {jp_serverapp.identity_provider.token}"
