@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ from .tasks import get_task_type, task_type_names
 log = logging.getLogger("plexus_mcp_jupyter")
 
 MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
+FINISHED_CACHE_SIZE = 1024
 HOST = os.uname().nodename if hasattr(os, "uname") else "localhost"
 
 
@@ -82,6 +84,7 @@ class TaskManager:
         self.poll_interval = poll_interval
         self.server_id = f"{executor.name}:{HOST}:{os.getpid()}"
         self._running: dict[str, _RunState] = {}
+        self._finished: OrderedDict[str, Task] = OrderedDict()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._schedule_pending = False
         self._maintenance: asyncio.Task[None] | None = None
@@ -157,10 +160,24 @@ class TaskManager:
         state = self._running.get(task_id)
         if state is not None:
             return state.task
+        task = self._finished.get(task_id)
+        if task is not None:
+            self._finished.move_to_end(task_id)
+            return task
         task = self.store.get_task(task_id)
         if task is None:
             raise NotFound(f"no task with id {task_id!r}; list_tasks shows the ids that exist")
+        if task.status.is_final:
+            self._remember_finished(task)
         return task
+
+    def _remember_finished(self, task: Task) -> None:
+        # A task in a final state never changes again, so it can be served from memory: assistants
+        # poll get_task on finished tasks often, and the store read dominated that call.
+        self._finished[task.id] = task
+        self._finished.move_to_end(task.id)
+        while len(self._finished) > FINISHED_CACHE_SIZE:
+            self._finished.popitem(last=False)
 
     def build_filter(
         self,
@@ -398,6 +415,7 @@ class TaskManager:
         }.get(task.status, StageStatus.FAILED)
         decision = state.tracker.finish(stage_status, task.completed_at, task.error_message)
         self.store.save_progress(task, stages=decision.changed_stages, sample=decision.sample, final=True)
+        self._remember_finished(task)
         self.bus.publish(_final_kind(task.status), "task", task.id, task.summary())
         self._schedule_soon()
 

@@ -90,6 +90,15 @@ meta_table = sa.Table(
 
 _TASK_COLUMNS = [c.name for c in tasks_table.columns]
 
+# The hottest reads, built once: constructing and cache-keying a statement per call cost more than
+# running it on SQLite.
+_SELECT_TASK = sa.select(tasks_table).where(tasks_table.c.id == sa.bindparam("task_id"))
+_SELECT_STAGES_OF_ONE = (
+    sa.select(stages_table)
+    .where(stages_table.c.task_id == sa.bindparam("task_id"))
+    .order_by(stages_table.c.stage_order)
+)
+
 
 @dataclass(frozen=True)
 class TaskFilter:
@@ -189,11 +198,12 @@ class Store:
 
     def get_task(self, task_id: str) -> Task | None:
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(tasks_table).where(tasks_table.c.id == task_id)).mappings().first()
+            row = conn.execute(_SELECT_TASK, {"task_id": task_id}).mappings().first()
             if row is None:
                 return None
             task = _task_from_row(row)
-            task.stages = self._stages_for(conn, [task_id]).get(task_id, [])
+            task.stages = [_stage_from_row(r) for r in conn.execute(_SELECT_STAGES_OF_ONE, {"task_id": task_id})
+                           .mappings()]
             return task
 
     def list_tasks(
@@ -359,19 +369,7 @@ class Store:
         ).mappings()
         out: dict[str, list[Stage]] = {}
         for r in rows:
-            out.setdefault(r["task_id"], []).append(
-                Stage(
-                    name=r["name"],
-                    order=r["stage_order"],
-                    status=StageStatus(r["status"]),
-                    status_message=r["status_message"],
-                    total_items=r["total_items"],
-                    processed_items=r["processed_items"],
-                    started_at=r["started_at"],
-                    completed_at=r["completed_at"],
-                    estimated_completion_at=r["estimated_completion_at"],
-                )
-            )
+            out.setdefault(r["task_id"], []).append(_stage_from_row(r))
         return out
 
     def _upsert_stage(self, conn: Connection, task_id: str, stage: Stage) -> None:
@@ -423,6 +421,20 @@ def _task_from_row(row: Any) -> Task:
     data["params"] = data["params"] or {}
     data["cancel_requested"] = bool(data["cancel_requested"])
     return Task(**data)
+
+
+def _stage_from_row(r: Any) -> Stage:
+    return Stage(
+        name=r["name"],
+        order=r["stage_order"],
+        status=StageStatus(r["status"]),
+        status_message=r["status_message"],
+        total_items=r["total_items"],
+        processed_items=r["processed_items"],
+        started_at=r["started_at"],
+        completed_at=r["completed_at"],
+        estimated_completion_at=r["estimated_completion_at"],
+    )
 
 
 def _stage_row(task_id: str, stage: Stage) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from .event_store import MemoryEventStore
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
+FLUSH_NOW_BYTES = 256 * 1024
 _NO_DNS_CHECKS = TransportSecuritySettings(enable_dns_rebinding_protection=False)
 
 
@@ -95,6 +96,8 @@ class MCPBridge:
         self.endpoint = endpoint
         self.disconnected = asyncio.Event()
         self._started = False
+        self._unflushed = 0
+        self._flush_handle: asyncio.Handle | None = None
 
     def scope(self, extra: dict[str, Any]) -> dict[str, Any]:
         request = self.handler.request
@@ -137,6 +140,11 @@ class MCPBridge:
             handler = self.handler
             if message["type"] == "http.response.start":
                 self._started = True
+                # Tornado leaves Nagle's algorithm on until a response finishes; an SSE stream
+                # sends small events that must leave at once (as uvicorn does, with TCP_NODELAY).
+                stream = getattr(handler.request.connection, "stream", None)
+                if stream is not None:
+                    stream.set_nodelay(True)
                 handler.set_status(message["status"])
                 handler.clear_header("Content-Type")
                 for name, value in message.get("headers", []):
@@ -147,12 +155,40 @@ class MCPBridge:
                 chunk = message.get("body", b"")
                 if chunk:
                     handler.write(chunk)
+                    self._unflushed += len(chunk)
                 if message.get("more_body", False):
-                    try:
-                        await handler.flush()
-                    except StreamClosedError:
-                        self.disconnected.set()
+                    if self._unflushed > FLUSH_NOW_BYTES:
+                        # A large backlog: wait for the socket, so a slow reader slows the writer.
+                        await self._flush()
+                    elif self._flush_handle is None:
+                        # Flush at the end of this loop iteration, so chunks sent together (an SSE
+                        # event and the end of the stream) leave in one write.
+                        self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_later)
 
-        await self.endpoint.session_manager.handle_request(self.scope(extra_scope), receive, send)
+        try:
+            await self.endpoint.session_manager.handle_request(self.scope(extra_scope), receive, send)
+        finally:
+            if self._flush_handle is not None:
+                self._flush_handle.cancel()
+                self._flush_handle = None
         if not self.handler._finished and not self.disconnected.is_set():
             self.handler.finish()
+
+    async def _flush(self) -> None:
+        self._unflushed = 0
+        try:
+            await self.handler.flush()
+        except StreamClosedError:
+            self.disconnected.set()
+
+    def _flush_later(self) -> None:
+        self._flush_handle = None
+        if self.handler._finished or self.disconnected.is_set():
+            return
+        self._unflushed = 0
+        future = self.handler.flush()
+        future.add_done_callback(self._flushed)
+
+    def _flushed(self, future: asyncio.Future[None]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            self.disconnected.set()

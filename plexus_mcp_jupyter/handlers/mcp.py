@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ..endpoint.transport import MCPBridge
@@ -25,6 +26,13 @@ class MCPHandler(PlexusHandler):
 
     async def delete(self) -> None:
         await self._serve()
+
+    def _log(self) -> None:
+        # Jupyter logs successful requests at debug level only; skipping that work for every MCP
+        # message (a measurable share of a call) loses nothing unless debug logging is on.
+        if self.get_status() < 300 and not self.log.isEnabledFor(logging.DEBUG):
+            return
+        super()._log()
 
     def on_connection_close(self) -> None:
         if self._bridge is not None:

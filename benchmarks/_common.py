@@ -1,0 +1,175 @@
+"""Helpers shared by the benchmarks: start servers as subprocesses, time MCP calls, print ratios."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx2
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+
+HERE = Path(__file__).resolve().parent
+TOKEN = "bench-token"
+
+
+SERVER_CPU = 1  # servers run on this core, the benchmark's client on the others (less scheduler noise)
+
+
+def pinned() -> list[str]:
+    """A `taskset` prefix that puts a server on SERVER_CPU, when the machine has more than one core."""
+    if (os.cpu_count() or 1) > 1 and shutil.which("taskset"):
+        return ["taskset", "-c", str(SERVER_CPU)]
+    return []
+
+
+def pin_client() -> None:
+    """Keep the benchmark's own process off the servers' core."""
+    cpus = set(range(os.cpu_count() or 1)) - {SERVER_CPU}
+    if cpus and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cpus)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx2.get(url, timeout=1.0)
+            return
+        except Exception:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up within {timeout}s")
+
+
+@contextmanager
+def jupyter_server(workdir: Path, extra_env: dict[str, str] | None = None):
+    """A real `jupyter server` with the extension; yields (MCP endpoint URL, server pid)."""
+    port = free_port()
+    env = dict(os.environ, JUPYTER_DATA_DIR=str(workdir / "jdata"), JUPYTER_RUNTIME_DIR=str(workdir / "jrun"),
+               PLEXUS_MCP_DB_URL=f"sqlite:///{workdir / 'jupyter.db'}", **(extra_env or {}))
+    proc = subprocess.Popen(
+        [*pinned(), sys.executable, "-m", "jupyter", "server", f"--port={port}", "--no-browser", "--allow-root",
+         f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={workdir}", "--ServerApp.log_level=WARN"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/plexus/api/health")
+        yield f"http://127.0.0.1:{port}/plexus/mcp", proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+@contextmanager
+def uvicorn_peer(workdir: Path):
+    """The same MCP server on uvicorn (the SDK's own ASGI app); yields (URL, server pid)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [*pinned(), sys.executable, str(HERE / "_uvicorn_peer.py"), str(port), f"sqlite:///{workdir / 'uvicorn.db'}",
+         str(workdir / "udata")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/mcp")
+        yield f"http://127.0.0.1:{port}/mcp", proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+@asynccontextmanager
+async def client(url: str, token: str | None = TOKEN, mode: str = "legacy"):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx2.AsyncClient(headers=headers, timeout=60) as http:
+        async with Client(streamable_http_client(url, http_client=http), mode=mode) as c:
+            yield c
+
+
+async def time_calls(call: Callable[[], Awaitable[Any]], n: int) -> list[float]:
+    """Latencies (seconds) of n sequential calls."""
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await call()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def summarize(latencies: list[float]) -> dict[str, float]:
+    ordered = sorted(latencies)
+    return {
+        "calls_per_s": len(ordered) / sum(ordered),
+        "p50_ms": 1000 * statistics.median(ordered),
+        "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+    }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time used so far by a process (from /proc, no dependency)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+class LeanSession:
+    """A minimal keep-alive MCP client (2025-11-25 handshake, SSE parsed by hand).
+
+    The SDK client opens a new connection for each call and spends several milliseconds of CPU per
+    call itself; this one reuses one connection and does little work, so its latency is mostly the
+    server's.
+    """
+
+    def __init__(self, url: str, token: str | None) -> None:
+        headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self.url = url
+        self.http = httpx2.AsyncClient(headers=headers, timeout=60)
+        self._id = 0
+
+    async def __aenter__(self) -> LeanSession:
+        init = await self.request("initialize", {"protocolVersion": "2025-11-25", "capabilities": {},
+                                                 "clientInfo": {"name": "bench", "version": "1"}})
+        assert "result" in init, init
+        await self.http.post(self.url, json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.http.delete(self.url)
+        await self.http.aclose()
+
+    async def request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        import json
+
+        self._id += 1
+        response = await self.http.post(self.url, json={"jsonrpc": "2.0", "id": self._id, "method": method,
+                                                       "params": params})
+        if "mcp-session-id" in response.headers:
+            self.http.headers["mcp-session-id"] = response.headers["mcp-session-id"]
+            self.http.headers["mcp-protocol-version"] = "2025-11-25"
+        for line in response.text.splitlines():
+            if line.startswith("data:") and line[5:].strip():
+                message = json.loads(line[5:])
+                if message.get("id") == self._id:
+                    return message  # type: ignore[no-any-return]
+        raise RuntimeError(f"no response to {method}: {response.status_code} {response.text[:200]}")
+
+
+def tempdir() -> tempfile.TemporaryDirectory[str]:
+    return tempfile.TemporaryDirectory(prefix="plexus-bench-")
