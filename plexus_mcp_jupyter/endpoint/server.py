@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from pydantic import ValidationError
 
 from .._version import __version__
 from ..core.manager import TaskManager
@@ -18,8 +21,41 @@ INSTRUCTIONS = (
 )
 
 
+class PlexusMCPServer(MCPServer):
+    """The SDK's MCPServer, with argument errors a person (or a model) can act on.
+
+    The SDK reports a schema violation as pydantic's multi-line dump (model name, error type codes, a
+    documentation URL). Here it becomes one line per bad argument: its name, what is allowed, and
+    what was sent.
+    """
+
+    async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
+        if self._tool_manager.get_tool(name) is None:
+            available = ", ".join(sorted(t.name for t in self._tool_manager.list_tools()))
+            raise ToolError(f"unknown tool {name!r}; available tools: {available}")
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as exc:
+            if isinstance(exc.__cause__, ValidationError):
+                raise ToolError(describe_validation_error(name, exc.__cause__)) from exc.__cause__
+            raise
+
+
+def describe_validation_error(tool: str, error: ValidationError) -> str:
+    """'invalid arguments for run_demo_task: items: Input should be greater than or equal to 1 (got 0)'."""
+    problems = []
+    for item in error.errors(include_url=False):
+        where = ".".join(str(part) for part in item["loc"]) or "arguments"
+        text = f"{where}: {item['msg']}"
+        if item["type"] != "missing":
+            sent = repr(item.get("input"))
+            text += f" (got {sent if len(sent) <= 60 else sent[:57] + '...'})"
+        problems.append(text)
+    return f"invalid arguments for {tool}: " + "; ".join(problems)
+
+
 def build_mcp_server(manager: TaskManager) -> MCPServer:
-    server: MCPServer = MCPServer(
+    server: MCPServer = PlexusMCPServer(
         name="plexus",
         title="Plexus tasks and evaluations",
         version=__version__,
