@@ -29,6 +29,7 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
     runtime: PlexusRuntime
 
     def initialize_settings(self) -> None:
+        assert self.serverapp is not None  # set by Jupyter before it initializes an extension
         # The core logs to "plexus_mcp_jupyter"; inside Jupyter that goes through Jupyter's own logger.
         logging.getLogger("plexus_mcp_jupyter").parent = self.serverapp.log
         self.log = self.serverapp.log

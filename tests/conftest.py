@@ -70,9 +70,11 @@ def runtime(jp_serverapp):
 @asynccontextmanager
 async def open_client(url: str, token: str | None, mode: str = LEGACY, **kwargs: Any) -> AsyncIterator[Client]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30.0, read=300.0)) as http:
-        async with Client(streamable_http_client(url, http_client=http), mode=mode, **kwargs) as client:
-            yield client
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30.0, read=300.0)) as http,
+        Client(streamable_http_client(url, http_client=http), mode=mode, **kwargs) as client,
+    ):
+        yield client
 
 
 @pytest.fixture
@@ -85,8 +87,9 @@ def mcp_client(mcp_url, token) -> Callable[..., Any]:
     return factory
 
 
-async def poll(fn: Callable[[], Any], predicate: Callable[[Any], bool], timeout: float = 20.0,
-               interval: float = 0.05) -> Any:
+async def poll(
+    fn: Callable[[], Any], predicate: Callable[[Any], bool], timeout: float = 20.0, interval: float = 0.05
+) -> Any:
     """Call `fn` (sync or async) until `predicate(result)` holds; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     last = None

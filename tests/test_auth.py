@@ -34,8 +34,9 @@ async def test_missing_or_bad_credentials_get_401_with_www_authenticate(server_u
 @pytest.mark.parametrize("scheme", ["Bearer", "token"])
 async def test_the_jupyter_token_in_either_header_form_is_accepted(server_url, token, scheme):
     async with httpx2.AsyncClient() as http:
-        response = await http.post(server_url + "plexus/mcp", json=INIT,
-                                   headers={**MCP_HEADERS, "Authorization": f"{scheme} {token}"})
+        response = await http.post(
+            server_url + "plexus/mcp", json=INIT, headers={**MCP_HEADERS, "Authorization": f"{scheme} {token}"}
+        )
     assert response.status_code == 200
     assert response.headers.get("mcp-session-id")
 
@@ -44,8 +45,9 @@ async def test_a_foreign_origin_is_refused_with_403_even_with_a_valid_token(serv
     headers = {**MCP_HEADERS, "Authorization": f"Bearer {token}", "Origin": "http://evil.example"}
     async with httpx2.AsyncClient() as http:
         response = await http.post(server_url + "plexus/mcp", json=INIT, headers=headers)
-        same = await http.post(server_url + "plexus/mcp", json=INIT,
-                               headers={**headers, "Origin": server_url.split("/a%40b")[0]})
+        same = await http.post(
+            server_url + "plexus/mcp", json=INIT, headers={**headers, "Origin": server_url.split("/a%40b")[0]}
+        )
     assert response.status_code == 403 and "Origin" in response.json()["error"]["message"]
     assert same.status_code == 200
 
@@ -53,16 +55,25 @@ async def test_a_foreign_origin_is_refused_with_403_even_with_a_valid_token(serv
 class TestAllowOrigin:
     @pytest.fixture
     def jp_server_config(self, plexus_config):
-        return Config({
-            "ServerApp": {"jpserver_extensions": {"plexus_mcp_jupyter": True}, "allow_origin": "http://lab.example"},
-            "PlexusMCPExtension": plexus_config,
-        })
+        return Config(
+            {
+                "ServerApp": {
+                    "jpserver_extensions": {"plexus_mcp_jupyter": True},
+                    "allow_origin": "http://lab.example",
+                },
+                "PlexusMCPExtension": plexus_config,
+            }
+        )
 
     async def test_an_origin_allowed_by_jupyter_is_accepted(self, server_url, token):
         headers = {**MCP_HEADERS, "Authorization": f"Bearer {token}"}
         async with httpx2.AsyncClient() as http:
-            ok = await http.post(server_url + "plexus/mcp", json=INIT, headers={**headers, "Origin": "http://lab.example"})
-            bad = await http.post(server_url + "plexus/mcp", json=INIT, headers={**headers, "Origin": "http://x.example"})
+            ok = await http.post(
+                server_url + "plexus/mcp", json=INIT, headers={**headers, "Origin": "http://lab.example"}
+            )
+            bad = await http.post(
+                server_url + "plexus/mcp", json=INIT, headers={**headers, "Origin": "http://x.example"}
+            )
         assert ok.status_code == 200 and bad.status_code == 403
 
 
@@ -79,11 +90,13 @@ async def test_health_answers_liveness_without_auth_and_details_with_it(server_u
 class TestAuthDisabled:
     @pytest.fixture
     def jp_server_config(self, plexus_config):
-        return Config({
-            "ServerApp": {"jpserver_extensions": {"plexus_mcp_jupyter": True}, "token": ""},
-            "IdentityProvider": {"token": ""},
-            "PlexusMCPExtension": plexus_config,
-        })
+        return Config(
+            {
+                "ServerApp": {"jpserver_extensions": {"plexus_mcp_jupyter": True}, "token": ""},
+                "IdentityProvider": {"token": ""},
+                "PlexusMCPExtension": plexus_config,
+            }
+        )
 
     async def test_the_endpoint_follows_jupyter_and_says_it_is_open(self, mcp_url, server_url, jp_serverapp):
         assert not jp_serverapp.identity_provider.auth_enabled

@@ -7,6 +7,7 @@ import os
 from contextlib import asynccontextmanager
 
 import pytest
+from sqlalchemy.exc import IntegrityError
 
 from plexus_mcp_jupyter.core import EventBus, InvalidArgument, NotFound, Store, Task, TaskManager, TaskStatus
 from plexus_mcp_jupyter.core.demo import validate_params
@@ -110,7 +111,7 @@ def test_a_cursor_is_bound_to_its_filter_and_garbage_is_refused():
 def test_a_failed_write_leaves_no_half_written_task(store):
     task = make_task()
     store.create_task(task)
-    with pytest.raises(Exception):
+    with pytest.raises(IntegrityError):
         store.create_task(task)  # same id: the whole transaction is rolled back
     assert store.count_tasks(TaskFilter()) == 1
 
@@ -135,9 +136,7 @@ def test_demo_parameters_are_checked_with_the_allowed_range_in_the_message(param
 
 
 def test_unknown_status_names_the_allowed_ones():
-    with pytest.raises(
-        InvalidArgument, match="unknown status 'DONE'; expected one of PENDING, QUEUED, RUNNING"
-    ):
+    with pytest.raises(InvalidArgument, match="unknown status 'DONE'; expected one of PENDING, QUEUED, RUNNING"):
         TaskStatus.parse("DONE")
     assert TaskStatus.parse("running") is TaskStatus.RUNNING
 
@@ -183,9 +182,7 @@ def test_manager_runs_by_priority_then_age(tmp_path):
         started: list[str] = []
         m.bus.add_listener(
             lambda e: (
-                started.append(e.entity_id)
-                if e.data["status"] == "RUNNING" and e.entity_id not in started
-                else None
+                started.append(e.entity_id) if e.data["status"] == "RUNNING" and e.entity_id not in started else None
             )
         )
         # Queue before starting the scheduler, so the order is decided by priority alone.

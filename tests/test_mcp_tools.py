@@ -77,8 +77,9 @@ async def test_fail_at_ends_failed_with_the_error_message_and_the_failing_stage(
 async def test_random_failure_is_between_30_and_70_percent_and_repeatable_with_a_seed(mcp_client):
     async with mcp_client() as client:
         ids = [
-            (await client.call_tool("run_demo_task", {"items": 200, "item_delay_ms": 0, "fail": True, "seed": 7}))
-            .structured_content["task_id"]
+            (
+                await client.call_tool("run_demo_task", {"items": 200, "item_delay_ms": 0, "fail": True, "seed": 7})
+            ).structured_content["task_id"]
             for _ in range(2)
         ]
         tasks = [await wait_final(client, i) for i in ids]
@@ -132,7 +133,7 @@ async def test_list_filters_and_pagination_visit_every_task_once(mcp_client, run
             cursor = page["next_cursor"]
             if cursor is None:
                 break
-        cancelled = (await client.call_tool("list_tasks", {"status": ["CANCELLED"], "type": ["demo"]}))
+        cancelled = await client.call_tool("list_tasks", {"status": ["CANCELLED"], "type": ["demo"]})
         since_future = await client.call_tool("list_tasks", {"since": "2999-01-01T00:00:00Z"})
     assert sorted(seen) == sorted(ids[5:]) and len(seen) == len(set(seen))
     assert seen == list(reversed(ids[5:]))  # newest first
@@ -142,8 +143,11 @@ async def test_list_filters_and_pagination_visit_every_task_once(mcp_client, run
 
 BAD_CALLS = [
     ("get_task", {"task_id": "no-such-task"}, "no task with id 'no-such-task'"),
-    ("run_demo_task", {"items": 0}, "invalid arguments for run_demo_task: items: Input should be greater than or "
-                                    "equal to 1 (got 0)"),
+    (
+        "run_demo_task",
+        {"items": 0},
+        "invalid arguments for run_demo_task: items: Input should be greater than or equal to 1 (got 0)",
+    ),
     ("run_demo_task", {"items": 10**9}, "less than or equal to 1000000"),
     ("run_demo_task", {"items": "many"}, "valid integer"),
     ("run_demo_task", {"items": 10, "fail_at": 11}, "fail_at must be an item number from 1 to items (10)"),
@@ -159,8 +163,9 @@ BAD_CALLS = [
 ]
 
 
-@pytest.mark.parametrize(("tool", "args", "message"), BAD_CALLS, ids=[f"{t}-{i}" for i, (t, _, _) in
-                                                                     enumerate(BAD_CALLS)])
+@pytest.mark.parametrize(
+    ("tool", "args", "message"), BAD_CALLS, ids=[f"{t}-{i}" for i, (t, _, _) in enumerate(BAD_CALLS)]
+)
 async def test_bad_input_is_a_tool_error_saying_what_is_allowed_and_nothing_is_written(
     mcp_client, runtime, tool, args, message
 ):
@@ -182,14 +187,13 @@ async def test_a_cursor_from_another_filter_is_refused(mcp_client, runtime):
         for _ in range(3):
             await client.call_tool("run_demo_task", {"items": 5})
         page = (await client.call_tool("list_tasks", {"limit": 1})).structured_content
-        other = await client.call_tool("list_tasks", {"limit": 1, "status": ["QUEUED"],
-                                                      "cursor": page["next_cursor"]})
+        other = await client.call_tool("list_tasks", {"limit": 1, "status": ["QUEUED"], "cursor": page["next_cursor"]})
     assert other.is_error and "other filters" in other.content[0].text
 
 
 async def test_tasks_are_owned_by_the_jupyter_user_who_dispatched_them(mcp_client, jp_serverapp):
     async with mcp_client() as client:
         started = await client.call_tool("run_demo_task", {"items": 1})
-        task = (await client.call_tool("get_task", {"task_id": started.structured_content["task_id"]}))
+        task = await client.call_tool("get_task", {"task_id": started.structured_content["task_id"]})
     assert task.structured_content["owner"] == "jupyter"  # the notebook user, whatever the request
     assert os.path.exists(jp_serverapp.web_app.settings["plexus"].store.engine.url.database)

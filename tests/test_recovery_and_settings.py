@@ -13,9 +13,14 @@ from plexus_mcp_jupyter.core.models import Stage, StageStatus
 def crashed_rows(db_path):
     """Rows a crashed server left behind, written before the Jupyter server starts."""
     store = Store(f"sqlite:///{db_path}")
-    running = Task(id="left-running", type="demo", status=TaskStatus.RUNNING, params={"items": 10},
-                   worker="local:somehost-that-is-this-host:999999999",
-                   stages=[Stage("Processing", 0, StageStatus.RUNNING, total_items=10, processed_items=4)])
+    running = Task(
+        id="left-running",
+        type="demo",
+        status=TaskStatus.RUNNING,
+        params={"items": 10},
+        worker="local:somehost-that-is-this-host:999999999",
+        stages=[Stage("Processing", 0, StageStatus.RUNNING, total_items=10, processed_items=4)],
+    )
     from plexus_mcp_jupyter.core.manager import HOST
 
     running.worker = f"local:{HOST}:999999999:1"
@@ -58,11 +63,25 @@ class TestExtensionReadsTheEnvironment:
 
         monkeypatch.setenv("PLEXUS_MCP_MAX_CONCURRENCY", "2")
         monkeypatch.setenv("PLEXUS_MCP_MAX_PAGE_SIZE", "50")
-        return Config({
-            "ServerApp": {"jpserver_extensions": {"plexus_mcp_jupyter": True}},
-            "PlexusMCPExtension": {**plexus_config, "max_page_size": 30},
-        })
+        return Config(
+            {
+                "ServerApp": {"jpserver_extensions": {"plexus_mcp_jupyter": True}},
+                "PlexusMCPExtension": {**plexus_config, "max_page_size": 30},
+            }
+        )
 
     def test_env_beats_the_config_file(self, runtime):
         assert runtime.manager.max_concurrency == 2
         assert runtime.manager.max_page_size == 50
+
+
+def test_building_the_server_leaves_the_host_process_logging_alone():
+    import logging
+
+    from plexus_mcp_jupyter.endpoint.server import build_mcp_server
+
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level)
+    build_mcp_server(None)  # type: ignore[arg-type]
+    assert (list(root.handlers), root.level) == before
+    assert logging.getLogger("mcp").getEffectiveLevel() >= logging.WARNING

@@ -25,8 +25,9 @@ async def error_of(jp_fetch, *path, **kwargs):
 
 
 async def test_dispatch_follow_and_list_a_demo_task(jp_fetch):
-    code, task = await call(jp_fetch, "tasks", method="POST", body={"type": "demo", "params": {"items": 20,
-                                                                                              "item_delay_ms": 1}})
+    code, task = await call(
+        jp_fetch, "tasks", method="POST", body={"type": "demo", "params": {"items": 20, "item_delay_ms": 1}}
+    )
     assert code == 201 and task["status"] == "QUEUED" and task["params"]["items"] == 20
 
     async def get():
@@ -40,7 +41,9 @@ async def test_dispatch_follow_and_list_a_demo_task(jp_fetch):
 
 async def test_cancel_one_and_many(jp_fetch, jp_serverapp):
     jp_serverapp.web_app.settings["plexus"].manager.max_concurrency = 0
-    ids = [(await call(jp_fetch, "tasks", method="POST", body={"params": {"items": 5}}))[1]["task_id"] for _ in range(3)]
+    ids = [
+        (await call(jp_fetch, "tasks", method="POST", body={"params": {"items": 5}}))[1]["task_id"] for _ in range(3)
+    ]
     code, one = await call(jp_fetch, "tasks", ids[0], "cancel", method="POST", body={})
     assert code == 200 and one["outcome"] == "cancelled"
     code, many = await call(jp_fetch, "tasks", "cancel", method="POST", body={"task_ids": ids})
@@ -66,8 +69,9 @@ async def test_cancel_one_and_many(jp_fetch, jp_serverapp):
         (("tasks", "cancel"), {"method": "POST", "body": {"task_ids": "x"}}, 400, "task_ids must be a list"),
     ],
 )
-async def test_bad_requests_get_json_errors_that_say_what_is_allowed(jp_fetch, jp_serverapp, path, kwargs, status,
-                                                                     message):
+async def test_bad_requests_get_json_errors_that_say_what_is_allowed(
+    jp_fetch, jp_serverapp, path, kwargs, status, message
+):
     before = jp_serverapp.web_app.settings["plexus"].manager.counts()
     code, text = await error_of(jp_fetch, *path, **kwargs)
     assert code == status and message in text

@@ -29,15 +29,18 @@ def plexus_env(tmp_path, **extra: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("mode", [LEGACY, MODERN])
 async def test_stdio_serves_the_same_tools_and_keeps_stdout_for_the_protocol(tmp_path, mode):
-    params = StdioServerParameters(command=sys.executable, args=["-m", "plexus_mcp_jupyter.cli", "mcp", "serve",
-                                                                 "--transport", "stdio", "--log-level", "DEBUG"],
-                                   env=plexus_env(tmp_path, PLEXUS_MCP_PROGRESS_WRITE_INTERVAL="0.1"))
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "plexus_mcp_jupyter.cli", "mcp", "serve", "--transport", "stdio", "--log-level", "DEBUG"],
+        env=plexus_env(tmp_path, PLEXUS_MCP_PROGRESS_WRITE_INTERVAL="0.1"),
+    )
     async with Client(params, mode=mode) as client:
         names = {t.name for t in (await client.list_tools()).tools}
         assert names == {"run_demo_task", "list_tasks", "get_task", "cancel_tasks"}
         # The task prints to stdout inside its worker: it must not corrupt the protocol stream.
         task_id = (await client.call_tool("run_demo_task", {"items": 30, "item_delay_ms": 1})).structured_content[
-            "task_id"]
+            "task_id"
+        ]
 
         async def status():
             return (await client.call_tool("get_task", {"task_id": task_id})).structured_content["status"]
@@ -52,12 +55,16 @@ async def test_stdio_serves_the_same_tools_and_keeps_stdout_for_the_protocol(tmp
 def start_http(tmp_path, *args: str, **env: str) -> tuple[subprocess.Popen, str, str | None]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "plexus_mcp_jupyter.cli", "mcp", "serve", "--transport", "http", "--port", "0", *args],
-        env=plexus_env(tmp_path, **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=plexus_env(tmp_path, **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     url, token = None, None
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and (url is None or (token is None and "--token" not in args and
-                                                            "PLEXUS_MCP_TOKEN" not in env)):
+    while time.monotonic() < deadline and (
+        url is None or (token is None and "--token" not in args and "PLEXUS_MCP_TOKEN" not in env)
+    ):
         line = proc.stderr.readline()
         if not line:
             break
@@ -109,8 +116,9 @@ async def test_a_task_running_when_the_server_crashes_is_failed_at_the_next_star
     proc, url, token = start_http(tmp_path)
     try:
         async with open_client(url, token) as client:
-            task_id = (await client.call_tool("run_demo_task", {"items": 100_000, "item_delay_ms": 5})
-                       ).structured_content["task_id"]
+            task_id = (
+                await client.call_tool("run_demo_task", {"items": 100_000, "item_delay_ms": 5})
+            ).structured_content["task_id"]
 
             async def status():
                 return (await client.call_tool("get_task", {"task_id": task_id})).structured_content["status"]
@@ -138,8 +146,10 @@ async def test_a_task_running_when_the_server_crashes_is_failed_at_the_next_star
     [("claude", "mcpServers", {"type": "http"}), ("cursor", "mcpServers", {}), ("vscode", "servers", {"type": "http"})],
 )
 def test_config_prints_a_ready_client_configuration(capsys, client, top, extra):
-    assert cli_main(["mcp", "config", "--client", client, "--url", "http://localhost:8888/plexus/mcp",
-                     "--token", "abc"]) == 0
+    assert (
+        cli_main(["mcp", "config", "--client", client, "--url", "http://localhost:8888/plexus/mcp", "--token", "abc"])
+        == 0
+    )
     config = json.loads(capsys.readouterr().out)
     entry = config[top]["plexus"]
     assert entry["url"] == "http://localhost:8888/plexus/mcp"

@@ -72,8 +72,7 @@ async def test_an_oversized_body_is_refused_with_413(mcp_url, session):
 
 async def test_a_dropped_sse_stream_resumes_with_last_event_id(mcp_url, session):
     async with session() as http:
-        call = {"jsonrpc": "2.0", "id": 7, "method": "tools/call",
-                "params": {"name": "list_tasks", "arguments": {}}}
+        call = {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "list_tasks", "arguments": {}}}
         # Read only the priming event of the response stream, then drop the connection.
         async with http.stream("POST", mcp_url, json=call) as stream:
             assert stream.headers["content-type"].startswith("text/event-stream")

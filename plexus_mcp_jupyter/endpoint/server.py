@@ -55,6 +55,11 @@ def describe_validation_error(tool: str, error: ValidationError) -> str:
 
 
 def build_mcp_server(manager: TaskManager) -> MCPServer:
+    # MCPServer() calls logging.basicConfig() with a Rich handler on the root logger. Inside Jupyter that
+    # would re-route the whole server's logging (and Rich formatting halves throughput), so whatever it
+    # adds to the root logger is taken away again; the SDK's loggers stay at WARNING.
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     server: MCPServer = PlexusMCPServer(
         name="plexus",
         title="Plexus tasks and evaluations",
@@ -62,9 +67,11 @@ def build_mcp_server(manager: TaskManager) -> MCPServer:
         instructions=INSTRUCTIONS,
         log_level="WARNING",
     )
-    # The SDK's logging setup installs its own handler at the given level; keep its loggers quiet
-    # so they neither slow the hot path nor write to stdout in stdio mode.
-    for name in ("mcp", "mcp.server", "mcp.shared", "sse_starlette"):
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+    for name in ("mcp", "sse_starlette"):
         logging.getLogger(name).setLevel(logging.WARNING)
     register_tools(server, manager)
     register_resources(server, manager)

@@ -33,7 +33,7 @@ class LocalExecutor(Executor):
     def __init__(self, start_method: str | None = None) -> None:
         methods = mp.get_all_start_methods()
         self.start_method = start_method or ("forkserver" if "forkserver" in methods else "spawn")
-        self._mp = mp.get_context(self.start_method)
+        self._mp: Any = mp.get_context(self.start_method)
         if self.start_method == "forkserver":
             self._mp.set_forkserver_preload(["plexus_mcp_jupyter.core.worker"])
         self._loop: asyncio.AbstractEventLoop | None = None
