@@ -248,3 +248,31 @@ def _pid_alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+async def test_large_outputs_are_truncated_and_log_tails_are_kept(tmp_path):
+    from plexus_mcp_jupyter.core.tasks import TaskType, register_task_type
+
+    register_task_type(TaskType("big_output", "tests.task_functions:big_output", "large output"))
+    async with running_manager(tmp_path, max_output_bytes=1000) as manager:
+        task = manager.dispatch("big_output", {})
+        await manager.wait_final([task.id], 20)
+        done = manager.store.get_task(task.id)  # what was persisted, not the in-memory copy
+    assert done.status is TaskStatus.COMPLETED
+    assert done.output["truncated"] is True and done.output["size_bytes"] > 200_000
+    assert len(done.output["preview"]) <= 1000
+    assert "hello from the task's stdout" in done.stdout_tail
+    assert "a line for the task's stderr tail" in done.stderr_tail
+
+
+async def test_a_per_owner_cap_lets_other_owners_through(tmp_path):
+    async with running_manager(tmp_path, max_concurrency=2, max_concurrency_per_owner=1) as manager:
+        a1 = manager.dispatch("demo", {"items": 10_000, "item_delay_ms": 5}, owner="alice")
+        a2 = manager.dispatch("demo", {"items": 5, "item_delay_ms": 0}, owner="alice")
+        b1 = manager.dispatch("demo", {"items": 5, "item_delay_ms": 0}, owner="bob")
+        await manager.wait_final([b1.id], 20)
+        assert manager.get(b1.id).status is TaskStatus.COMPLETED  # bob was not held up behind alice
+        assert manager.get(a2.id).status is TaskStatus.QUEUED  # alice's second waits for her first
+        manager.cancel([a1.id])
+        await manager.wait_final([a1.id, a2.id], 20)
+        assert manager.get(a2.id).status is TaskStatus.COMPLETED
