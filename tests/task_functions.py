@@ -17,3 +17,24 @@ def big_output(ctx, size: int = 200_000) -> dict:
     print("hello from the task's stdout")
     ctx.log("a line for the task's stderr tail")
     return {"blob": "x" * size}
+
+
+def noisy_demo(ctx, **params):
+    """The demo task, writing to stdout through Python and straight to file descriptor 1."""
+    import os
+    import sys
+
+    from plexus_mcp_jupyter.core.demo import run_demo
+
+    print("noise on sys.stdout")
+    sys.stdout.flush()
+    os.write(1, b"noise on fd 1\n")
+    return run_demo(ctx, **params)
+
+
+def use_noisy_demo() -> None:
+    """Make 'demo' tasks noisy in this process (used by the stdio test's server)."""
+    from plexus_mcp_jupyter.core import demo
+    from plexus_mcp_jupyter.core.tasks import TaskType, register_task_type
+
+    register_task_type(TaskType("demo", "tests.task_functions:noisy_demo", "noisy demo", demo.validate_params))

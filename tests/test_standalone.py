@@ -9,13 +9,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx2
 import pytest
 from mcp import Client, StdioServerParameters
 
 from plexus_mcp_jupyter.cli import main as cli_main
-from plexus_mcp_jupyter.core import Store, TaskStatus
+from plexus_mcp_jupyter.core import Store, Task, TaskStatus
 
 from .conftest import LEGACY, MODERN, open_client, poll
 
@@ -29,15 +30,35 @@ def plexus_env(tmp_path, **extra: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("mode", [LEGACY, MODERN])
 async def test_stdio_serves_the_same_tools_and_keeps_stdout_for_the_protocol(tmp_path, mode):
+    # The server's demo tasks write to stdout (sys.stdout and fd 1) in their workers: none of it may
+    # reach the protocol stream, or the client would fail to parse it.
+    bootstrap = (
+        "import sys; from tests.task_functions import use_noisy_demo; use_noisy_demo(); "
+        "from plexus_mcp_jupyter.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
     params = StdioServerParameters(
         command=sys.executable,
-        args=["-m", "plexus_mcp_jupyter.cli", "mcp", "serve", "--transport", "stdio", "--log-level", "DEBUG"],
+        args=["-c", bootstrap, "mcp", "serve", "--transport", "stdio", "--log-level", "DEBUG"],
         env=plexus_env(tmp_path, PLEXUS_MCP_PROGRESS_WRITE_INTERVAL="0.1"),
+        cwd=str(Path(__file__).resolve().parent.parent),
     )
-    async with Client(params, mode=mode) as client:
+    # A task queued before the server starts is started before the stdio transport takes over fd 1,
+    # so its worker (and the forkserver) inherit the protocol stream as their stdout.
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    queued = Task(
+        id="queued-before-start", type="demo", status=TaskStatus.QUEUED, params={"items": 30, "item_delay_ms": 1}
+    )
+    store.create_task(queued)
+    store.close()
+    garbage: list[Exception] = []
+
+    async def on_message(message):
+        if isinstance(message, Exception):  # a line on stdout that is not a JSON-RPC message
+            garbage.append(message)
+
+    async with Client(params, mode=mode, message_handler=on_message) as client:
         names = {t.name for t in (await client.list_tools()).tools}
         assert names == {"run_demo_task", "list_tasks", "get_task", "cancel_tasks"}
-        # The task prints to stdout inside its worker: it must not corrupt the protocol stream.
         task_id = (await client.call_tool("run_demo_task", {"items": 30, "item_delay_ms": 1})).structured_content[
             "task_id"
         ]
@@ -46,10 +67,15 @@ async def test_stdio_serves_the_same_tools_and_keeps_stdout_for_the_protocol(tmp
             return (await client.call_tool("get_task", {"task_id": task_id})).structured_content["status"]
 
         assert await poll(status, lambda s: s in ("COMPLETED", "FAILED")) == "COMPLETED"
+        early = (await client.call_tool("get_task", {"task_id": queued.id})).structured_content
+        assert early["status"] == "COMPLETED"
     # the same store is readable by anyone afterwards
     store = Store(f"sqlite:///{tmp_path / 's.db'}")
-    assert store.get_task(task_id).status is TaskStatus.COMPLETED
+    task = store.get_task(task_id)
     store.close()
+    assert task.status is TaskStatus.COMPLETED
+    assert "noise on sys.stdout" in task.stdout_tail  # captured for the task, not sent to the client
+    assert garbage == []
 
 
 def start_http(tmp_path, *args: str, **env: str) -> tuple[subprocess.Popen, str, str | None]:
