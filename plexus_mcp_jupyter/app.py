@@ -10,6 +10,7 @@ from jupyter_server.extension.application import ExtensionApp
 
 from ._version import __version__
 from .config import PlexusSettings
+from .handlers.events import EventsHandler
 from .handlers.health import AUTH_DISABLED_WARNING, HealthHandler
 from .handlers.mcp import MCPHandler
 from .handlers.rest import CancelTasksHandler, TaskCancelHandler, TaskHandler, TasksHandler
@@ -47,6 +48,7 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
             [
                 (r"/plexus/mcp/?", MCPHandler),
                 (r"/plexus/api/health/?", HealthHandler),
+                (r"/plexus/api/events/?", EventsHandler),
                 (r"/plexus/api/tasks/?", TasksHandler),
                 (r"/plexus/api/tasks/cancel/?", CancelTasksHandler),
                 (rf"/plexus/api/tasks/{TASK_ID}/cancel/?", TaskCancelHandler),

@@ -63,8 +63,11 @@ def mcp_url(server_url) -> str:
 
 
 @pytest.fixture
-def runtime(jp_serverapp):
-    return jp_serverapp.web_app.settings["plexus"]
+def runtime(jp_serverapp, jp_asyncio_loop):
+    """The extension's core, started (Jupyter starts it after its loop starts; pytest-jupyter never does)."""
+    plexus = jp_serverapp.web_app.settings["plexus"]
+    jp_asyncio_loop.run_until_complete(plexus.start())
+    return plexus
 
 
 @asynccontextmanager

@@ -214,11 +214,24 @@ async def test_cancelling_a_queued_task_is_immediate_and_a_finished_one_is_a_no_
         assert manager.get(blocker.id).status is TaskStatus.CANCELLED
 
 
-async def test_a_task_that_ignores_cancellation_is_killed_after_the_grace_period(tmp_path):
-    async with running_manager(tmp_path) as manager:
-        from plexus_mcp_jupyter.core.tasks import TaskType, register_task_type
+@pytest.fixture
+def test_task_types():
+    """Task types only these tests use, removed again afterwards."""
+    from plexus_mcp_jupyter.core.tasks import TaskType, register_task_type, unregister_task_type
 
-        register_task_type(TaskType("stubborn", "tests.task_functions:stubborn", "ignores cancellation"))
+    types = [
+        TaskType("stubborn", "tests.task_functions:stubborn", "ignores cancellation"),
+        TaskType("big_output", "tests.task_functions:big_output", "large output"),
+    ]
+    for task_type in types:
+        register_task_type(task_type)
+    yield
+    for task_type in types:
+        unregister_task_type(task_type.name)
+
+
+async def test_a_task_that_ignores_cancellation_is_killed_after_the_grace_period(tmp_path, test_task_types):
+    async with running_manager(tmp_path) as manager:
         task = manager.dispatch("stubborn", {})
         await poll(lambda: manager.get(task.id).current_stage, lambda s: s == "Stubborn")
         pid = manager.executor.pid(task.id)
@@ -250,10 +263,7 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
-async def test_large_outputs_are_truncated_and_log_tails_are_kept(tmp_path):
-    from plexus_mcp_jupyter.core.tasks import TaskType, register_task_type
-
-    register_task_type(TaskType("big_output", "tests.task_functions:big_output", "large output"))
+async def test_large_outputs_are_truncated_and_log_tails_are_kept(tmp_path, test_task_types):
     async with running_manager(tmp_path, max_output_bytes=1000) as manager:
         task = manager.dispatch("big_output", {})
         await manager.wait_final([task.id], 20)

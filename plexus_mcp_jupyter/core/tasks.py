@@ -25,8 +25,15 @@ class TaskType:
 _REGISTRY: dict[str, TaskType] = {}
 
 
-def register_task_type(task_type: TaskType) -> None:
+def register_task_type(task_type: TaskType) -> TaskType | None:
+    """Register (or replace) a task type; returns the one it replaced, if any."""
+    previous = _REGISTRY.get(task_type.name)
     _REGISTRY[task_type.name] = task_type
+    return previous
+
+
+def unregister_task_type(name: str) -> None:
+    _REGISTRY.pop(name, None)
 
 
 def get_task_type(name: str) -> TaskType:

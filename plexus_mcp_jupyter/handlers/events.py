@@ -1,0 +1,112 @@
+"""`{base_url}plexus/api/events`: a WebSocket of state changes for the notebook and the lab.
+
+Query: `entity_type`, `ids`, `status`, `type` (comma-separated; empty matches all) and `since` (a
+sequence number: events after it that are still in the bus's history are replayed first). Messages
+are JSON: `{"type": "hello", "seq": N}` once, then `{"type": "event", "seq", "at", "kind",
+"entity_type", "entity_id", "data"}`; `{"type": "gap", ...}` when events after `since` were already
+dropped from the history. A client that reads slowly gets the latest state per entity (never an
+unbounded backlog) and always the final state. Bad filters close the socket with code 4400 and the
+reason; the full message is sent first as `{"type": "error", "message": ...}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from jupyter_server.base.websocket import WebSocketMixin
+from tornado.iostream import StreamClosedError
+from tornado.websocket import WebSocketClosedError, WebSocketHandler
+
+from ..core.errors import InvalidArgument
+from ..core.events import Event, Subscription
+from ..core.filters import EventFilter
+from .base import PlexusHandler
+
+BAD_FILTER = 4400
+
+
+class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: ignore[misc]
+    _subscription: Subscription | None = None
+    _pump: asyncio.Task[None] | None = None
+
+    async def prepare(self) -> None:  # type: ignore[override]
+        # Our 401/403 rules, not WebSocketMixin's (which answers a missing credential with 403).
+        await PlexusHandler.prepare(self)
+
+    def check_origin(self, origin: str | None = None) -> bool:
+        return self.origin_allowed()
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        await WebSocketHandler.get(self, *args, **kwargs)
+
+    async def open(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        super().open(*args, **kwargs)  # Jupyter's keep-alive pings
+        bus = self.runtime.bus
+        try:
+            flt = EventFilter.parse(
+                entity_type=self.get_argument("entity_type", None),
+                ids=self.get_argument("ids", None),
+                status=self.get_argument("status", None),
+                type=self.get_argument("type", None),
+            )
+            since_text = self.get_argument("since", None)
+            since = int(since_text) if since_text not in (None, "") else None
+            if since is not None and since < 0:
+                raise ValueError
+        except InvalidArgument as exc:
+            self._refuse(str(exc))
+            return
+        except ValueError:
+            self._refuse("since must be a sequence number (a whole number >= 0) from an earlier event")
+            return
+        # Subscribe before replaying, so nothing published meanwhile is missed.
+        self._subscription = bus.subscribe(flt)
+        await self._send({"type": "hello", "seq": bus.last_seq})
+        replayed_up_to = since or 0
+        if since is not None:
+            history = list(bus.since(since))
+            oldest = history[0].seq if history else bus.last_seq + 1
+            if oldest > since + 1 and bus.last_seq > since:
+                await self._send({"type": "gap", "since": since, "oldest": oldest,
+                                  "message": "events after 'since' were dropped; re-read the current state"})
+            for event in history:
+                if flt(event):
+                    await self._send(_event_message(event))
+                replayed_up_to = event.seq
+        self._pump = asyncio.get_running_loop().create_task(self._forward(replayed_up_to))
+
+    def _refuse(self, message: str) -> None:
+        self.write_message(json.dumps({"type": "error", "message": message}))
+        reason = message if len(message.encode()) <= 120 else message.encode()[:117].decode(errors="ignore") + "..."
+        self.close(BAD_FILTER, reason)
+
+    async def _forward(self, after: int) -> None:
+        subscription = self._subscription
+        assert subscription is not None
+        try:
+            while True:
+                for event in await subscription.next_batch():
+                    if event.seq > after:
+                        await self._send(_event_message(event))
+        except (StopAsyncIteration, WebSocketClosedError, StreamClosedError):
+            pass
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        # Awaiting the write is the backpressure: while a client does not read, events wait in the
+        # subscription, where they coalesce to the latest state per entity.
+        await self.write_message(json.dumps(message, default=str))
+
+    def on_message(self, message: str | bytes) -> None:
+        pass  # the stream is one-way
+
+    def on_close(self) -> None:
+        if self._subscription is not None:
+            self._subscription.close()
+        if self._pump is not None:
+            self._pump.cancel()
+
+
+def _event_message(event: Event) -> dict[str, Any]:
+    return {"type": "event", **event.to_dict()}
