@@ -20,6 +20,7 @@ from ..core import demo
 from ..core.errors import PlexusError
 from ..core.manager import MAX_PRIORITY, MIN_PRIORITY, TaskManager
 from ..core.models import Task, TaskStatus
+from .progress import final_summary, follow_to_end, progress_token
 from .schemas import CancelResult, DispatchResult, TaskDetail, TaskPage, TaskSummary
 
 HISTORY_MAX = 1000
@@ -95,7 +96,10 @@ def register_tools(server: MCPServer, manager: TaskManager) -> None:
         description=(
             "Start a simulated long-running task (stages Setup, Processing, Finalizing) and return its id at "
             "once, status QUEUED. Follow it with get_task or the resource plexus://tasks/{task_id}. "
-            "Use fail or fail_at to rehearse failure handling."
+            "Use fail or fail_at to rehearse failure handling. If the request carries a progress token "
+            "(_meta.progressToken), the call instead stays open, sends notifications/progress (items done over "
+            "all stages, the stage and ETA in the message) until the task ends, and returns its outcome; "
+            "cancelling the call cancels the task."
         ),
         annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False),
     )
@@ -119,10 +123,15 @@ def register_tools(server: MCPServer, manager: TaskManager) -> None:
     ) -> Annotated[CallToolResult, DispatchResult]:
         params = {"items": items, "item_delay_ms": item_delay_ms, "fail": fail, "fail_at": fail_at, "seed": seed}
         task = manager.dispatch("demo", params, priority=priority, owner=identity_of(ctx))
-        out = DispatchResult(
-            task_id=task.id, type=task.type, status=task.status, priority=task.priority,
-            created_at=task.summary()["created_at"], resource_uri=task_uri(task.id),
-        )
+        if progress_token(ctx) is not None:
+            # The caller asked for progress: stream it until the task ends (cancelling the call
+            # cancels the task), then answer with the outcome.
+            task = await follow_to_end(ctx, manager, task.id)
+            out = DispatchResult.model_validate(final_summary(task))
+            call_result = result(describe(task), out)
+            call_result.is_error = task.status is not TaskStatus.COMPLETED
+            return call_result
+        out = DispatchResult.model_validate(final_summary(task))
         return result(f"Queued demo task {task.id} ({items} items); follow it with get_task.", out)
 
     @server.tool(
