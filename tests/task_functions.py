@@ -38,3 +38,20 @@ def use_noisy_demo() -> None:
     from plexus_mcp_jupyter.core.tasks import TaskType, register_task_type
 
     register_task_type(TaskType("demo", "tests.task_functions:noisy_demo", "noisy demo", demo.validate_params))
+
+
+def circular(ctx) -> list:
+    """Returns a value JSON cannot express at all."""
+    loop: list = []
+    loop.append(loop)
+    return loop
+
+
+def long_idempotent(ctx) -> None:
+    """Runs until stopped; registered as idempotent by the tests."""
+    import time
+
+    ctx.stage("Working", 1)
+    while True:
+        time.sleep(0.02)
+        ctx.check_cancelled()

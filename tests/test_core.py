@@ -222,6 +222,8 @@ def test_task_types():
     types = [
         TaskType("stubborn", "tests.task_functions:stubborn", "ignores cancellation"),
         TaskType("big_output", "tests.task_functions:big_output", "large output"),
+        TaskType("circular", "tests.task_functions:circular", "unserialisable output"),
+        TaskType("resumable", "tests.task_functions:long_idempotent", "idempotent", idempotent=True),
     ]
     for task_type in types:
         register_task_type(task_type)
@@ -286,3 +288,47 @@ async def test_a_per_owner_cap_lets_other_owners_through(tmp_path):
         manager.cancel([a1.id])
         await manager.wait_final([a1.id, a2.id], 20)
         assert manager.get(a2.id).status is TaskStatus.COMPLETED
+
+
+async def test_an_output_json_cannot_express_still_completes_with_a_note(tmp_path, test_task_types):
+    async with running_manager(tmp_path) as manager:
+        task = manager.dispatch("circular", {})
+        await manager.wait_final([task.id], 20)
+        done = manager.store.get_task(task.id)
+    assert done.status is TaskStatus.COMPLETED
+    assert done.output["truncated"] is True and "not JSON-serialisable" in done.output["error"]
+
+
+async def test_stopping_the_server_fails_running_tasks_and_requeues_idempotent_ones(tmp_path, test_task_types):
+    store = Store(f"sqlite:///{tmp_path / 'stop.db'}")
+    manager = TaskManager(store, EventBus(), LocalExecutor(), max_concurrency=2, cancel_grace_seconds=1.0)
+    await manager.start()
+    plain = manager.dispatch("demo", {"items": 100_000, "item_delay_ms": 5})
+    resumable = manager.dispatch("resumable", {})
+    await poll(lambda: [manager.get(t.id).current_stage for t in (plain, resumable)], lambda stages: all(stages))
+    await manager.stop()
+    stopped, requeued = store.get_task(plain.id), store.get_task(resumable.id)
+    store.close()
+    assert stopped.status is TaskStatus.FAILED  # not CANCELLED: nobody asked for that
+    assert stopped.error_message == "the server stopped while the task was running"
+    assert requeued.status is TaskStatus.QUEUED and requeued.stages == [] and requeued.worker is None
+
+
+def test_a_claim_by_an_earlier_server_with_our_process_id_counts_as_gone(tmp_path):
+    from plexus_mcp_jupyter.core.manager import HOST, _owner_gone
+
+    assert _owner_gone(f"local:{HOST}:{os.getpid()}:oldinstance/pid=1", own_instance="newinstance")
+    assert not _owner_gone(f"local:{HOST}:{os.getpid()}:me/pid=1", own_instance="me")
+    assert not _owner_gone("local:another-host:1:x/pid=1", own_instance="me")
+    assert _owner_gone(None, own_instance="me")
+
+
+async def test_a_capped_owner_with_a_long_queue_does_not_starve_others(tmp_path):
+    async with running_manager(tmp_path, max_concurrency=2, max_concurrency_per_owner=1) as manager:
+        first = manager.dispatch("demo", {"items": 100_000, "item_delay_ms": 5}, owner="alice")
+        for _ in range(80):  # more than the scheduler looks at in one pass
+            manager.dispatch("demo", {"items": 1, "item_delay_ms": 0}, owner="alice")
+        bob = manager.dispatch("demo", {"items": 1, "item_delay_ms": 0}, owner="bob")
+        await manager.wait_final([bob.id], 20)
+        assert manager.get(bob.id).status is TaskStatus.COMPLETED
+        manager.cancel([first.id])

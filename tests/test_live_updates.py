@@ -36,7 +36,8 @@ async def test_progress_notifications_arrive_in_order_monotonic_and_end_at_total
 async def test_a_failing_task_streams_to_a_clear_failure_result(mcp_client):
     async with mcp_client() as client:
         result = await client.call_tool(
-            "run_demo_task", {"items": 100, "item_delay_ms": 1, "fail_at": 50},
+            "run_demo_task",
+            {"items": 100, "item_delay_ms": 1, "fail_at": 50},
             progress_callback=lambda *a: asyncio.sleep(0),
         )
     assert result.is_error

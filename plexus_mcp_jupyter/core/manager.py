@@ -8,7 +8,6 @@ task functions run in an Executor.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import uuid
@@ -29,6 +28,7 @@ log = logging.getLogger("plexus_mcp_jupyter")
 
 MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
 FINISHED_CACHE_SIZE = 1024
+RECOVERY_EVERY = 10  # maintenance ticks between checks for tasks of servers that died
 HOST = os.uname().nodename if hasattr(os, "uname") else "localhost"
 
 
@@ -53,6 +53,8 @@ class _RunState:
     cancel_requested: bool = False
     kill_timer: asyncio.TimerHandle | None = None
     log_tail: list[str] = field(default_factory=list)
+    exited: int | None = None  # the worker's exit code, once it has ended
+    closing: ProgressDecision | None = None  # the final stage change, computed once
 
 
 class TaskManager:
@@ -82,7 +84,10 @@ class TaskManager:
         self.max_page_size = max_page_size
         self.max_output_bytes = max_output_bytes
         self.poll_interval = poll_interval
-        self.server_id = f"{executor.name}:{HOST}:{os.getpid()}"
+        # Who claims a task: executor, host, process id and a per-start instance id, so a restarted
+        # server that got the same process id (PID 1 in a container) still sees its old claims as gone.
+        self.instance = uuid.uuid4().hex[:12]
+        self.server_id = f"{executor.name}:{HOST}:{os.getpid()}:{self.instance}"
         self._running: dict[str, _RunState] = {}
         self._finished: OrderedDict[str, Task] = OrderedDict()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -98,6 +103,7 @@ class TaskManager:
         if self.started:
             return
         self.started = True
+        self._stopping = False
         self._loop = asyncio.get_running_loop()
         self.executor.start(self._loop)
         self.recover()
@@ -124,22 +130,15 @@ class TaskManager:
     def recover(self) -> None:
         """Resolve tasks left RUNNING by a server that is gone: fail them, or re-queue idempotent ones."""
         for task in self.store.tasks_with_status(TaskStatus.RUNNING):
-            if task.id in self._running or not _owner_gone(task.worker):
+            if task.id in self._running or not _owner_gone(task.worker, self.instance):
                 continue
             stages = task.stages
             for stage in stages:
                 if stage.status == StageStatus.RUNNING:
                     stage.status = StageStatus.FAILED
                     stage.completed_at = now()
-            try:
-                idempotent = get_task_type(task.type).idempotent
-            except InvalidArgument:
-                idempotent = False
-            if idempotent and not task.cancel_requested:
-                self.store.update_task(task.id, status=TaskStatus.QUEUED, started_at=None, worker=None)
-                log.warning("Plexus: re-queued task %s (%s) left running by a stopped server", task.id, task.type)
-                task = self.store.get_task(task.id) or task
-                self.bus.publish("task.updated", "task", task.id, task.summary())
+            if self._idempotent(task.type) and not task.cancel_requested:
+                self._requeue(task.id, "left running by a stopped server")
                 continue
             task.status = TaskStatus.CANCELLED if task.cancel_requested else TaskStatus.FAILED
             task.completed_at = now()
@@ -152,6 +151,15 @@ class TaskManager:
             self.store.save_progress(task, stages=stages, final=True)
             log.warning("Plexus: task %s left RUNNING by a stopped server is now %s", task.id, task.status.value)
             self.bus.publish(_final_kind(task.status), "task", task.id, task.summary())
+
+    def _requeue(self, task_id: str, why: str) -> None:
+        self.store.requeue(task_id)
+        self._finished.pop(task_id, None)
+        log.warning("Plexus: re-queued task %s (%s)", task_id, why)
+        task = self.store.get_task(task_id)
+        if task is not None:
+            self.bus.publish("task.updated", "task", task.id, task.summary())
+        self._schedule_soon()
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -306,10 +314,13 @@ class TaskManager:
         per_owner: dict[str | None, int] = {}
         for state in self._running.values():
             per_owner[state.task.owner] = per_owner.get(state.task.owner, 0) + 1
-        for task in self.store.queued(limit=slots + 50):
+        cap = self.max_concurrency_per_owner
+        capped = {owner for owner, n in per_owner.items() if cap and n >= cap}
+        # Owners at their cap are left out by the query itself, so however many of their tasks wait,
+        # other owners' tasks are still found.
+        for task in self.store.queued(limit=slots + 50, exclude_owners=capped):
             if slots <= 0:
                 break
-            cap = self.max_concurrency_per_owner
             if cap and per_owner.get(task.owner, 0) >= cap:
                 continue
             started_at = now()
@@ -326,21 +337,33 @@ class TaskManager:
         self.bus.publish("task.updated", "task", task.id, task.summary())
         try:
             target = get_task_type(task.type).target
-            task.worker = self.executor.submit(task.id, target, task.params, lambda msg: self._on_message(task.id, msg))
+            worker = self.executor.submit(
+                task.id, target, task.params, lambda msg: self._on_message(task.id, msg),
+                max_output_bytes=self.max_output_bytes,
+            )
         except Exception as exc:
             state.final = ("error", f"the task could not be started: {exc}", None, {})
             self._finish(task.id, exitcode=None)
             return
+        task.worker = f"{self.server_id}/{worker}"
         self.store.update_task(task.id, worker=task.worker)
 
     async def _maintain(self) -> None:
-        """Apply cancellations requested through the store by other processes; pick up their tasks."""
+        """Periodic upkeep: cancellations and tasks from other servers on the store, retried final
+        writes, and (every RECOVERY_EVERY ticks) tasks of servers on this host that died meanwhile."""
+        tick = 0
         while True:
             await asyncio.sleep(self.poll_interval)
+            tick += 1
             try:
+                for task_id, state in list(self._running.items()):
+                    if state.exited is not None:
+                        self._finish(task_id, state.exited)  # its final write failed earlier
                 local = [tid for tid, s in self._running.items() if not s.cancel_requested]
                 for task_id in self.store.cancel_requested_ids(local):
                     self._request_stop(task_id)
+                if tick % RECOVERY_EVERY == 0:
+                    self.recover()
                 self._schedule()
             except Exception:
                 log.exception("Plexus: task maintenance failed; retrying")
@@ -374,17 +397,32 @@ class TaskManager:
         self.bus.publish(kind, "task", task.id, task.summary())
 
     def _finish(self, task_id: str, exitcode: int | None) -> None:
-        state = self._running.pop(task_id, None)
+        """Record how a task ended. The run state is dropped only once the final write committed:
+        if the store fails, the task keeps its slot and `_maintain` tries again."""
+        state = self._running.get(task_id)
         if state is None:
             return
+        state.exited = exitcode if exitcode is not None else -1
         if state.kill_timer is not None:
             state.kill_timer.cancel()
+            state.kill_timer = None
         task = state.task
         final = state.final
+        if self._stopping and not state.cancel_requested:
+            # Our own shutdown stopped it (its worker may report "cancelled" to the shutdown's request).
+            if self._idempotent(task.type):
+                try:
+                    self._requeue(task.id, "the server stopped while it was running")
+                except Exception:
+                    log.exception("Plexus: could not re-queue task %s at shutdown", task_id)
+                    return
+                self._running.pop(task_id, None)
+                return
+            final = None
         tails: Mapping[str, Any] = {}
         if final is not None and final[0] == "done":
             task.status = TaskStatus.COMPLETED
-            task.output = self._bounded_output(final[1])
+            task.output = final[1]  # bounded and made plain JSON by the worker (Executor contract)
             tails = final[2]
         elif final is not None and final[0] == "cancelled":
             task.status = TaskStatus.CANCELLED
@@ -406,28 +444,32 @@ class TaskManager:
         else:
             task.status = TaskStatus.FAILED
             task.error_message = f"the worker process exited unexpectedly (exit code {exitcode})"
-        task.completed_at = now()
+        task.completed_at = task.completed_at or now()
         task.stdout_tail = tails.get("stdout")
         task.stderr_tail = tails.get("stderr") or ("\n".join(state.log_tail) or None)
         stage_status = {
             TaskStatus.COMPLETED: StageStatus.COMPLETED,
             TaskStatus.CANCELLED: StageStatus.CANCELLED,
         }.get(task.status, StageStatus.FAILED)
-        decision = state.tracker.finish(stage_status, task.completed_at, task.error_message)
-        self.store.save_progress(task, stages=decision.changed_stages, sample=decision.sample, final=True)
+        if state.closing is None:
+            state.closing = state.tracker.finish(stage_status, task.completed_at, task.error_message)
+        try:
+            self.store.save_progress(task, stages=state.closing.changed_stages, sample=state.closing.sample,
+                                     final=True)
+        except Exception:
+            log.exception("Plexus: could not record the end of task %s; retrying", task_id)
+            return
+        self._running.pop(task_id, None)
         self._remember_finished(task)
         self.bus.publish(_final_kind(task.status), "task", task.id, task.summary())
         self._schedule_soon()
 
-    def _bounded_output(self, output: Any) -> Any:
-        text = json.dumps(output, default=str)
-        if len(text) <= self.max_output_bytes:
-            return json.loads(text)
-        return {
-            "truncated": True,
-            "size_bytes": len(text),
-            "preview": text[: min(2000, self.max_output_bytes)],
-        }
+    @staticmethod
+    def _idempotent(task_type: str) -> bool:
+        try:
+            return get_task_type(task_type).idempotent
+        except InvalidArgument:
+            return False
 
     # -- cancellation --------------------------------------------------------------------------
 
@@ -503,22 +545,31 @@ def _as_list(value: str | Sequence[str] | None) -> list[str]:
     return [str(v) for v in value]
 
 
-def _owner_gone(worker: str | None) -> bool:
-    """True when the server that claimed a task (recorded in `worker`) is no longer alive."""
+def _owner_gone(worker: str | None, own_instance: str) -> bool:
+    """True when the server that claimed a task (recorded in `worker`) is no longer alive.
+
+    `worker` is "executor:host:pid:instance[/worker-id]". A claim by this very server (same instance)
+    is alive; a claim by another instance with our process id is an earlier life of this process id
+    (a restart that got the same pid, as PID 1 in a container does); otherwise the process id decides.
+    Servers on other hosts resolve their own tasks.
+    """
     if not worker:
         return True
-    parts = worker.split(":")
+    parts = worker.split("/", 1)[0].split(":")
     if len(parts) < 3:
         return True
     host, pid_text = parts[1], parts[2]
+    instance = parts[3] if len(parts) > 3 else None
     if host != HOST:
-        return False  # another machine's server: it resolves its own tasks
+        return False
+    if instance == own_instance:
+        return False
     try:
         pid = int(pid_text)
     except ValueError:
         return True
     if pid == os.getpid():
-        return False
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -251,8 +251,8 @@ class Store:
         with self.engine.connect() as conn:
             return {r[0] for r in conn.execute(sa.select(tasks_table.c.id).where(tasks_table.c.id.in_(ids)))}
 
-    def queued(self, *, limit: int) -> list[Task]:
-        """The queue in scheduling order: highest priority first, then oldest."""
+    def queued(self, *, limit: int, exclude_owners: Iterable[str | None] = ()) -> list[Task]:
+        """The queue in scheduling order (highest priority, then oldest), without the given owners'."""
         t = tasks_table
         query = (
             sa.select(t)
@@ -260,6 +260,15 @@ class Store:
             .order_by(t.c.priority.desc(), t.c.created_at, t.c.id)
             .limit(limit)
         )
+        excluded = set(exclude_owners)
+        named = sorted(o for o in excluded if o is not None)
+        if None in excluded:
+            query = query.where(t.c.owner.is_not(None))
+            if named:
+                query = query.where(t.c.owner.notin_(named))
+        elif named:
+            # NULL NOT IN (...) is not true in SQL: tasks without an owner must be kept explicitly.
+            query = query.where(sa.or_(t.c.owner.is_(None), t.c.owner.notin_(named)))
         with self.engine.connect() as conn:
             return [_task_from_row(r) for r in conn.execute(query).mappings()]
 
@@ -283,6 +292,19 @@ class Store:
                 .values(status=TaskStatus.RUNNING.value, worker=worker, started_at=started_at)
             )
             return result.rowcount == 1
+
+    def requeue(self, task_id: str) -> None:
+        """Put a task back in the queue as if it had never started (its stages and history go)."""
+        t = tasks_table
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.update(t)
+                .where(t.c.id == task_id)
+                .values(status=TaskStatus.QUEUED.value, started_at=None, completed_at=None, worker=None,
+                        current_stage=None, estimated_completion_at=None, error_message=None, error_details=None)
+            )
+            conn.execute(sa.delete(stages_table).where(stages_table.c.task_id == task_id))
+            conn.execute(sa.delete(samples_table).where(samples_table.c.task_id == task_id))
 
     def update_task(self, task_id: str, *, only_if_status: Sequence[TaskStatus] = (), **values: Any) -> bool:
         """Set columns of one task; with only_if_status, only while it has one of those statuses."""

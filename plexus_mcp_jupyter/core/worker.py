@@ -16,6 +16,7 @@ import traceback
 from typing import Any
 
 from .context import CancelFlag, TaskCancelled, TaskContext
+from .output import bounded_output
 from .tasks import load_target
 
 TAIL_CHARS = 4000
@@ -40,9 +41,13 @@ class Tail(io.TextIOBase):
 
 
 def run_task(
-    task_id: str, target: str, params: dict[str, Any], send: Any, cancel_flag: CancelFlag
+    task_id: str, target: str, params: dict[str, Any], send: Any, cancel_flag: CancelFlag,
+    max_output_bytes: int = 65_536,
 ) -> tuple[Any, ...]:
-    """Run one task function with a context; return its final message (not sent)."""
+    """Run one task function with a context; return its final message (not sent).
+
+    The output is bounded here, in the worker, so a huge result never crosses to the server.
+    """
     stdout, stderr = Tail(), Tail()
     saved = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = stdout, stderr
@@ -57,7 +62,7 @@ def run_task(
         fn = load_target(target)
         output = fn(ctx, **params)
         ctx.flush()
-        return ("done", output, _tails(stdout, stderr))
+        return ("done", bounded_output(output, max_output_bytes), _tails(stdout, stderr))
     except TaskCancelled:
         ctx.flush()
         return ("cancelled", _tails(stdout, stderr))
@@ -69,14 +74,16 @@ def run_task(
         sys.stdout, sys.stderr = saved
 
 
-def process_main(task_id: str, target: str, params: dict[str, Any], conn: Any, cancel_flag: CancelFlag) -> None:
+def process_main(
+    task_id: str, target: str, params: dict[str, Any], conn: Any, cancel_flag: CancelFlag, max_output_bytes: int
+) -> None:
     """Entry point of a local-executor worker process."""
     # The server may speak MCP over its stdout (stdio mode): a worker must never write there.
     os.dup2(2, 1)
     # Ctrl-C in the server's terminal is the server's to handle; it stops workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        final = run_task(task_id, target, params, conn.send, cancel_flag)
+        final = run_task(task_id, target, params, conn.send, cancel_flag, max_output_bytes)
         try:
             conn.send(final)
         except Exception as exc:  # e.g. an output that cannot be pickled

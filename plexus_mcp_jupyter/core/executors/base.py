@@ -14,7 +14,9 @@ class Executor(abc.ABC):
     """Runs task functions elsewhere and reports their messages on the server's event loop.
 
     `on_message` is always called on the loop given to `start()`; the last message of every
-    submitted task is ("exit", exitcode), after its final result message if it sent one.
+    submitted task is ("exit", exitcode), after its final result message if it sent one. A ("done",
+    output, tails) message carries output already passed through `core.output.bounded_output` with
+    the given `max_output_bytes`, in the worker, so a huge result never reaches the server.
     """
 
     name: str = "executor"
@@ -23,8 +25,11 @@ class Executor(abc.ABC):
     def start(self, loop: asyncio.AbstractEventLoop) -> None: ...
 
     @abc.abstractmethod
-    def submit(self, task_id: str, target: str, params: dict[str, Any], on_message: MessageCallback) -> str:
-        """Start a task; return an identifier of the worker running it."""
+    def submit(
+        self, task_id: str, target: str, params: dict[str, Any], on_message: MessageCallback, *,
+        max_output_bytes: int,
+    ) -> str:
+        """Start a task; return an identifier of the worker running it (e.g. "pid=1234")."""
 
     @abc.abstractmethod
     def request_cancel(self, task_id: str) -> None:

@@ -10,8 +10,8 @@ that hands them to the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing as mp
-import os
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -42,15 +42,24 @@ class LocalExecutor(Executor):
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        if self.start_method == "forkserver":
+            # Starting the forkserver (a fresh interpreter importing the worker module) takes most of a
+            # second: do it now, off the event loop, rather than inside the first task's start.
+            from multiprocessing import forkserver
 
-    def submit(self, task_id: str, target: str, params: dict[str, Any], on_message: MessageCallback) -> str:
+            threading.Thread(target=forkserver.ensure_running, name="plexus-forkserver-warmup", daemon=True).start()
+
+    def submit(
+        self, task_id: str, target: str, params: dict[str, Any], on_message: MessageCallback, *,
+        max_output_bytes: int = 65_536,
+    ) -> str:
         if self._loop is None:
             raise RuntimeError("LocalExecutor.start(loop) must be called before submit()")
         receiver, sender = self._mp.Pipe(duplex=False)
         cancel_flag = self._mp.Event()
         process = self._mp.Process(
             target=worker.process_main,
-            args=(task_id, target, params, sender, cancel_flag),
+            args=(task_id, target, params, sender, cancel_flag, max_output_bytes),
             name=f"plexus-task-{task_id[:8]}",
             daemon=True,
         )
@@ -63,7 +72,7 @@ class LocalExecutor(Executor):
         with self._lock:
             self._running[task_id] = _Running(process, cancel_flag, reader)
         reader.start()
-        return f"local:{os.uname().nodename}:{os.getpid()}:{process.pid}"
+        return f"pid={process.pid}"
 
     def _pump(self, task_id: str, process: Any, receiver: Any, on_message: MessageCallback) -> None:
         loop = self._loop
@@ -76,13 +85,17 @@ class LocalExecutor(Executor):
                     break
                 except Exception as exc:  # an unpicklable message: report it, keep reading
                     msg = ("log", f"plexus: a message from the worker could not be read: {exc}")
-                loop.call_soon_threadsafe(on_message, msg)
+                try:
+                    loop.call_soon_threadsafe(on_message, msg)
+                except RuntimeError:  # the loop closed during shutdown
+                    break
         finally:
             receiver.close()
             process.join()
             with self._lock:
                 self._running.pop(task_id, None)
-            loop.call_soon_threadsafe(on_message, ("exit", process.exitcode))
+            with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
+                loop.call_soon_threadsafe(on_message, ("exit", process.exitcode))
 
     def request_cancel(self, task_id: str) -> None:
         with self._lock:
