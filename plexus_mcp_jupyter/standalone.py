@@ -11,12 +11,12 @@ import signal
 import ssl
 import sys
 from typing import Any
-from urllib.parse import urlparse
 
 from tornado import web
 
 from .endpoint.transport import MCPBridge
 from .runtime import PlexusRuntime
+from .security.http import LOOPBACK_HOSTS, error_message, host_name, jsonrpc_error, origin_allowed
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
@@ -38,23 +38,23 @@ class _StandaloneHandler(web.RequestHandler):
         return hmac.compare_digest(credential.strip().encode(), self.settings["plexus_token"].encode())
 
     def prepare(self) -> None:
-        origin = self.request.headers.get("Origin")
-        if origin is not None:
-            allowed = self.settings.get("plexus_allowed_origins", ())
-            same = urlparse(origin.lower()).netloc == (self.request.host or "").lower()
-            if not same and origin not in allowed:
-                raise web.HTTPError(403, "requests from this Origin are not allowed (see --allow-origin)")
+        headers = self.request.headers
+        if self.settings["plexus_loopback"] and host_name(headers.get("Host")) not in LOOPBACK_HOSTS:
+            # Bound to loopback: any other Host is a DNS-rebinding attempt.
+            raise web.HTTPError(403, "this Host is not allowed: the server listens on loopback only")
+        allowed = self.settings.get("plexus_allowed_origins", ())
+        origin = headers.get("Origin")
+        if not (origin_allowed(origin, headers.get("Host")) or origin in allowed):
+            raise web.HTTPError(403, "requests from this Origin are not allowed (see --allow-origin)")
         if self.require_auth and not self.authenticated():
             raise web.HTTPError(401, "authentication required: send 'Authorization: Bearer <token>'")
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        message = getattr(exc, "log_message", None) or self._reason
+        message = error_message(kwargs.get("exc_info", (None, None, None))[1], self._reason)
         if status_code == 401:
             self.set_header("WWW-Authenticate", 'Bearer realm="plexus"')
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"jsonrpc": "2.0", "id": None,
-                                "error": {"code": -32600 if status_code < 500 else -32603, "message": message}}))
+        self.finish(json.dumps(jsonrpc_error(status_code, message)))
 
 
 class StandaloneMCPHandler(_StandaloneHandler):
@@ -79,12 +79,15 @@ class StandaloneHealthHandler(_StandaloneHandler):
         self.finish(json.dumps(self.runtime.health() if self.authenticated() else {"status": "ok"}))
 
 
-def make_app(runtime: PlexusRuntime, token: str, allowed_origins: tuple[str, ...] = ()) -> web.Application:
+def make_app(
+    runtime: PlexusRuntime, token: str, allowed_origins: tuple[str, ...] = (), *, loopback: bool = True
+) -> web.Application:
     return web.Application(
         [(r"/mcp/?", StandaloneMCPHandler), (r"/health/?", StandaloneHealthHandler)],
         plexus=runtime,
         plexus_token=token,
         plexus_allowed_origins=allowed_origins,
+        plexus_loopback=loopback,
     )
 
 
@@ -114,7 +117,7 @@ async def serve_http(
     if certfile:
         ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_ctx.load_cert_chain(certfile, keyfile)
-    app = make_app(runtime, token, allowed_origins)
+    app = make_app(runtime, token, allowed_origins, loopback=host in LOOPBACK_HOSTS)
     server = app.listen(port, host, ssl_options=ssl_ctx, xheaders=False)
     scheme = "https" if ssl_ctx else "http"
     actual_port = next(iter(server._sockets.values())).getsockname()[1]

@@ -106,3 +106,40 @@ class TestAuthDisabled:
             health = (await http.get(server_url + "plexus/api/health")).json()
         assert health["auth"]["enabled"] is False
         assert "accepts anyone" in health["auth"]["warning"]
+
+
+@pytest.mark.parametrize("path", ["plexus/mcp", "plexus/api/tasks", "plexus/api/health"])
+async def test_a_cors_preflight_is_answered_not_crashed(server_url, path):
+    async with httpx2.AsyncClient() as http:
+        response = await http.request(
+            "OPTIONS",
+            server_url + path,
+            headers={"Origin": "http://elsewhere.example", "Access-Control-Request-Method": "POST"},
+        )
+    assert response.status_code in (200, 204)
+
+
+async def test_a_cookie_authenticated_write_needs_the_xsrf_token(server_url, token):
+    async with httpx2.AsyncClient() as http:
+        # Behave as a browser: the login page (which sets the _xsrf cookie), the token in a URL once
+        # (which sets the login cookie), then only cookies.
+        await http.get(server_url + "login")
+        xsrf = http.cookies.get("_xsrf")
+        login = await http.get(server_url + f"api/status?token={token}")
+        assert xsrf and login.status_code == 200 and len(http.cookies) >= 2
+        forged = await http.post(server_url + "plexus/api/tasks", json={"params": {"items": 1}})
+        assert forged.status_code == 403
+        with_token = await http.post(
+            server_url + "plexus/api/tasks", json={"params": {"items": 1}}, headers={"X-XSRFToken": xsrf}
+        )
+        assert with_token.status_code == 201
+
+
+async def test_a_foreign_host_is_refused_when_remote_access_is_off(server_url, token):
+    async with httpx2.AsyncClient() as http:
+        response = await http.post(
+            server_url + "plexus/mcp",
+            json=INIT,
+            headers={**MCP_HEADERS, "Authorization": f"Bearer {token}", "Host": "evil.example"},
+        )
+    assert response.status_code == 403 and "Host" in response.json()["error"]["message"]

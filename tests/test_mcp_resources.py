@@ -63,6 +63,7 @@ async def test_list_resource_honours_filters_and_cursors(mcp_client, runtime):
         ("plexus://tasks?status=DONE", "unknown status 'DONE'"),
         ("plexus://tasks?limit=lots", "limit must be a whole number from 1 to 100"),
         ("plexus://tasks?limit=0", "limit must be a whole number from 1 to 100"),
+        ("plexus://tasks?limit=%C2%B2", "limit must be a whole number from 1 to 100"),
         ("plexus://tasks?cursor=xyz", "invalid cursor"),
         ("plexus://nothing-here", "Unknown resource"),
     ],
@@ -72,4 +73,6 @@ async def test_bad_resource_uris_get_a_clear_error(mcp_client, uri, message):
         with pytest.raises(MCPError) as err:
             await client.read_resource(uri)
         assert message in err.value.message
+        if not message.startswith("Unknown"):
+            assert err.value.code == -32602  # invalid params, not an internal error
         assert (await client.list_resources()).resources  # still serving

@@ -160,6 +160,7 @@ BAD_CALLS = [
     ("cancel_tasks", {"task_ids": ["a"], "status": ["QUEUED"]}, "not both"),
     ("nonexistent_tool", {}, "unknown tool 'nonexistent_tool'; available tools: cancel_tasks, get_task"),
     ("get_task", {}, "invalid arguments for get_task: task_id: Field required"),
+    ("run_demo_task", {"items": 10, "item_delay": 5}, "unknown argument(s) item_delay; allowed: fail, fail_at"),
 ]
 
 

@@ -67,6 +67,10 @@ async def test_cancel_one_and_many(jp_fetch, jp_serverapp):
         (("tasks",), {"method": "POST", "body": {"priority": 10**6}}, 400, "priority must be a whole number"),
         (("tasks",), {"method": "POST", "body": {"colour": 1}}, 400, "unknown field(s) ['colour']"),
         (("tasks", "cancel"), {"method": "POST", "body": {"task_ids": "x"}}, 400, "task_ids must be a list"),
+        (("tasks",), {"method": "POST", "body": {"description": {"a": 1}}}, 400, "description must be a string"),
+        (("tasks",), {"method": "POST", "body": {"type": ["demo"]}}, 400, "type must be a task type name"),
+        (("tasks", "x"), {"params": {"history": "true", "history_limit": "0"}}, 404, "no task with id 'x'"),
+        (("tasks", "%s"), {}, 404, "no task with id '%s'"),
     ],
 )
 async def test_bad_requests_get_json_errors_that_say_what_is_allowed(

@@ -196,3 +196,18 @@ def test_config_finds_the_running_jupyter_server(capsys, jp_serverapp, jp_runtim
     entry = json.loads(capsys.readouterr().out)["mcpServers"]["plexus"]
     assert entry["url"].endswith("/plexus/mcp")
     assert entry["headers"]["Authorization"] == f"Bearer {jp_serverapp.identity_provider.token}"
+
+
+async def test_http_refuses_foreign_hosts_and_origins_on_loopback(tmp_path):
+    proc, url, token = start_http(tmp_path)
+    try:
+        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream"}
+        async with httpx2.AsyncClient() as http:
+            rebinding = await http.post(url, json={}, headers={**headers, "Host": "evil.example"})
+            foreign = await http.post(url, json={}, headers={**headers, "Origin": "http://evil.example"})
+            missing = await http.get(url.replace("/mcp", "/health"), headers={"Host": "evil.example"})
+    finally:
+        stop(proc)
+    assert rebinding.status_code == 403 and "Host" in rebinding.json()["error"]["message"]
+    assert foreign.status_code == 403 and "Origin" in foreign.json()["error"]["message"]
+    assert missing.status_code == 403

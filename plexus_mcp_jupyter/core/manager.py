@@ -28,6 +28,7 @@ log = logging.getLogger("plexus_mcp_jupyter")
 
 MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
 FINISHED_CACHE_SIZE = 1024
+HISTORY_MAX = 1000  # most progress samples one read returns
 RECOVERY_EVERY = 10  # maintenance ticks between checks for tasks of servers that died
 HOST = os.uname().nodename if hasattr(os, "uname") else "localhost"
 
@@ -207,6 +208,20 @@ class TaskManager:
             since=parse_iso(since) if since else None,
             owner=owner,
         )
+
+    def parse_limit(self, text: str | None) -> int | None:
+        """A page size given as text (URI and query parameters); None when absent."""
+        if text is None or text == "":
+            return None
+        if not (text.isascii() and text.isdigit()):
+            raise InvalidArgument(f"limit must be a whole number from 1 to {self.max_page_size}, not {text!r}")
+        return self.check_limit(int(text))
+
+    @staticmethod
+    def check_history_limit(limit: int) -> int:
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= HISTORY_MAX:
+            raise InvalidArgument(f"history_limit must be a whole number from 1 to {HISTORY_MAX}, not {limit!r}")
+        return limit
 
     def check_limit(self, limit: int | None, default: int = 20) -> int:
         if limit is None:

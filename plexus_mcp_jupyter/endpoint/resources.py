@@ -6,7 +6,9 @@ import json
 from typing import Any
 
 from mcp.server.mcpserver import MCPServer
-from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
+from mcp.server.mcpserver.exceptions import ResourceNotFoundError
+from mcp.shared.exceptions import MCPError
+from mcp.types import INVALID_PARAMS
 
 from ..core.errors import InvalidArgument, NotFound
 from ..core.manager import TaskManager
@@ -22,16 +24,10 @@ def _dump(data: Any) -> str:
 def register_resources(server: MCPServer, manager: TaskManager) -> None:
     def task_page(status: str | None, type: str | None, limit: str | None, cursor: str | None) -> str:
         try:
-            page_size = None
-            if limit:
-                if not limit.isdigit():
-                    raise InvalidArgument(f"limit must be a whole number from 1 to {manager.max_page_size}, "
-                                          f"not {limit!r}")
-                page_size = int(limit)
             flt = manager.build_filter(status=status, type=type)
-            tasks, next_cursor = manager.list(flt, limit=page_size, cursor=cursor or None)
+            tasks, next_cursor = manager.list(flt, limit=manager.parse_limit(limit), cursor=cursor or None)
         except InvalidArgument as exc:
-            raise ResourceError(str(exc)) from None
+            raise MCPError(INVALID_PARAMS, str(exc)) from None
         return _dump({"tasks": [t.summary() for t in tasks], "next_cursor": next_cursor})
 
     @server.resource(

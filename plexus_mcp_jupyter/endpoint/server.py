@@ -30,9 +30,18 @@ class PlexusMCPServer(MCPServer):
     """
 
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
-        if self._tool_manager.get_tool(name) is None:
+        tool = self._tool_manager.get_tool(name)
+        if tool is None:
             available = ", ".join(sorted(t.name for t in self._tool_manager.list_tools()))
             raise ToolError(f"unknown tool {name!r}; available tools: {available}")
+        allowed = set(tool.parameters.get("properties", {}))
+        unknown = sorted(set(arguments) - allowed)
+        if unknown:
+            # pydantic would drop them silently: a misspelt argument must not run with its default.
+            raise ToolError(
+                f"invalid arguments for {name}: unknown argument(s) {', '.join(unknown)}; "
+                f"allowed: {', '.join(sorted(allowed)) or 'none'}"
+            )
         try:
             return await super().call_tool(name, arguments, context)
         except ToolError as exc:

@@ -12,7 +12,6 @@ import hmac
 import inspect
 import json
 from typing import Any
-from urllib.parse import urlparse
 
 from jupyter_server.auth.identity import IdentityProvider, PasswordIdentityProvider, User
 from jupyter_server.base.handlers import APIHandler
@@ -20,12 +19,14 @@ from tornado import web
 
 from ..core.errors import InvalidArgument, NotFound, PlexusError
 from ..runtime import PlexusRuntime
+from ..security.http import error_message, origin_allowed
 
 _DEFAULT_HEADERS: dict[int, dict[str, str]] = {}
 NOTEBOOK_USER = "jupyter"
 # Jupyter's own providers: one notebook user, authenticated by the server's token or password.
 _SINGLE_USER_PROVIDERS = (IdentityProvider, PasswordIdentityProvider)
 _TOKEN_USER = User(username=NOTEBOOK_USER, name="Jupyter token", display_name="Jupyter token")
+_ANONYMOUS_USER = User(username=NOTEBOOK_USER, name="Anonymous (auth disabled)", display_name="Anonymous")
 
 
 class PlexusHandler(APIHandler):
@@ -54,15 +55,21 @@ class PlexusHandler(APIHandler):
         return f"jupyter:{user.username}"
 
     def _user_from_server_token(self) -> User | None:
-        """Fast path for the default identity provider: the server's own token in the header.
+        """Fast path for Jupyter's own identity providers: the server's token in the header, or no auth.
 
-        It is the same check the provider makes (constant-time here), without what the provider adds
-        for browsers: a fresh anonymous user and a signed login cookie on every response, which API
-        clients never use and which cost a sizeable share of each MCP call. Any other provider, or a
-        request without that header, goes through `identity_provider.get_user()` unchanged.
+        The token check is the one the provider makes (constant-time here), without what the provider
+        adds for browsers: a fresh anonymous user and a signed login cookie on every response, which API
+        clients never use, which cost a sizeable share of each MCP call, and which would make a
+        cookie-keeping client look like a browser (and so need an XSRF token) from its second request.
+        With auth disabled, the same applies to the anonymous user. Any other provider, or a request
+        without that header, goes through `identity_provider.get_user()` unchanged.
         """
         provider = self.identity_provider
-        if type(provider) not in _SINGLE_USER_PROVIDERS or not provider.token:
+        if type(provider) not in _SINGLE_USER_PROVIDERS:
+            return None
+        if not provider.auth_enabled:
+            return None if "Cookie" in self.request.headers else _ANONYMOUS_USER
+        if not provider.token:
             return None
         match = provider.auth_header_pat.match(self.request.headers.get("Authorization", ""))
         if match is None or not hmac.compare_digest(match.group(2).encode(), provider.token.encode()):
@@ -84,6 +91,7 @@ class PlexusHandler(APIHandler):
     async def prepare(self) -> None:  # type: ignore[override]
         if self.request.method == "OPTIONS":
             # A CORS preflight carries no credentials; APIHandler.options() answers it.
+            self.current_user = self._jupyter_current_user = None
             self.set_cors_headers()
             return
         if not self.check_host():
@@ -112,16 +120,14 @@ class PlexusHandler(APIHandler):
         await self.runtime.start()
 
     def needs_xsrf_check(self) -> bool:
-        """A browser's cookie-carrying write must also carry Jupyter's XSRF token.
+        """A cookie-authenticated write must carry Jupyter's XSRF token, as in Jupyter's own API.
 
-        Browsers send Origin with every cross-site write, and foreign Origins were refused above;
-        a write with neither Origin nor cookie (MCP clients, scripts) cannot be a forged one.
+        Header-authenticated clients (MCP, scripts) send no cookie: only a browser can be made to send
+        a request with ambient credentials, and the cookie is what it sends.
         """
-        headers = self.request.headers
         return (
             self.request.method not in ("GET", "HEAD", "OPTIONS")
-            and "Cookie" in headers
-            and "Origin" in headers
+            and "Cookie" in self.request.headers
             and not self.token_authenticated
         )
 
@@ -130,22 +136,9 @@ class PlexusHandler(APIHandler):
         return "read" if self.request.method in ("GET", "HEAD", "OPTIONS") else "write"
 
     def origin_allowed(self) -> bool:
-        """Same-origin, no Origin (scripts, MCP clients), or allowed by Jupyter's allow_origin settings.
-
-        Checked even for token-authenticated requests: an MCP endpoint must refuse foreign Origins
-        (DNS rebinding), whatever the credential.
-        """
-        origin = self.request.headers.get("Origin")
-        if origin is None or self.allow_origin == "*":
-            return True
-        host = self.request.headers.get("Host")
-        if urlparse(origin.lower()).netloc == (host or "").lower():
-            return True
-        if self.allow_origin:
-            return bool(self.allow_origin == origin)
-        if self.allow_origin_pat:
-            return bool(self.allow_origin_pat.match(origin))
-        return False
+        """See security.http.origin_allowed: Jupyter's allow_origin settings, checked for every request."""
+        headers = self.request.headers
+        return origin_allowed(headers.get("Origin"), headers.get("Host"), self.allow_origin, self.allow_origin_pat)
 
     # -- JSON helpers --------------------------------------------------------------------------
 
@@ -166,10 +159,7 @@ class PlexusHandler(APIHandler):
         self.finish(json.dumps(data, default=str))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        message = getattr(exc, "log_message", None) or self._reason
-        if exc is not None and not isinstance(exc, web.HTTPError):
-            message = "internal server error; the server log has the details"
+        message = error_message(kwargs.get("exc_info", (None, None, None))[1], self._reason)
         if status_code == 401:
             # send_error() cleared the headers set in prepare(): the challenge goes here.
             self.set_header("WWW-Authenticate", 'Bearer realm="jupyter"')

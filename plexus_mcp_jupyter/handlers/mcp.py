@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from ..endpoint.transport import MCPBridge
+from ..security.http import jsonrpc_error
 from .base import PlexusHandler
 
 
@@ -39,6 +40,4 @@ class MCPHandler(PlexusHandler):
             self._bridge.disconnected.set()
 
     def error_body(self, status_code: int, message: str) -> dict[str, Any]:
-        # A JSON-RPC error object, as the SDK itself answers transport-level failures.
-        code = -32600 if status_code < 500 else -32603
-        return {"jsonrpc": "2.0", "id": None, "error": {"code": code, "message": message}}
+        return jsonrpc_error(status_code, message)

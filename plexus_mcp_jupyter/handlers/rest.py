@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..core.errors import InvalidArgument, NotFound, PlexusError
 from .base import PlexusHandler, http_error
 
-
-def _int_arg(handler: PlexusHandler, name: str, default: int | None) -> int | None:
-    raw = handler.get_argument(name, None)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise InvalidArgument(f"{name} must be a whole number, not {raw!r}") from None
+MAX_DESCRIPTION = 1000
+DISPATCH_FIELDS = ("type", "params", "priority", "description")
 
 
 class TasksHandler(PlexusHandler):
@@ -26,30 +21,43 @@ class TasksHandler(PlexusHandler):
                 type=self.get_argument("type", None),
                 since=self.get_argument("since", None),
             )
-            tasks, next_cursor = manager.list(flt, limit=_int_arg(self, "limit", None),
-                                              cursor=self.get_argument("cursor", None) or None)
+            tasks, next_cursor = manager.list(
+                flt,
+                limit=manager.parse_limit(self.get_argument("limit", None)),
+                cursor=self.get_argument("cursor", None) or None,
+            )
         except PlexusError as exc:
             raise http_error(exc) from None
         self.reply({"tasks": [t.summary() for t in tasks], "next_cursor": next_cursor})
 
     async def post(self) -> None:
         """Dispatch a task: {"type": "demo", "params": {...}, "priority": 0}. 201 with the task."""
-        body = self.json_body()
-        unknown = sorted(set(body) - {"type", "params", "priority", "description"})
         try:
-            if unknown:
-                raise InvalidArgument(f"unknown field(s) {unknown}; allowed: type, params, priority, description")
-            params = body.get("params", {})
-            if not isinstance(params, dict):
-                raise InvalidArgument("params must be a JSON object")
+            body = _dispatch_body(self.json_body())
             task = self.runtime.manager.dispatch(
-                str(body.get("type", "demo")), params, priority=body.get("priority", 0), owner=self.identity,
-                description=body.get("description"),
+                body["type"], body["params"], priority=body["priority"], owner=self.identity,
+                description=body["description"],
             )
         except PlexusError as exc:
             raise http_error(exc) from None
         self.set_header("Location", self.request.path.rstrip("/") + "/" + task.id)
         self.reply(task.to_dict(), status=201)
+
+
+def _dispatch_body(body: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(body) - set(DISPATCH_FIELDS))
+    if unknown:
+        raise InvalidArgument(f"unknown field(s) {unknown}; allowed: {', '.join(DISPATCH_FIELDS)}")
+    task_type = body.get("type", "demo")
+    if not isinstance(task_type, str):
+        raise InvalidArgument(f"type must be a task type name (a string), not {task_type!r}")
+    params = body.get("params", {})
+    if not isinstance(params, dict):
+        raise InvalidArgument("params must be a JSON object")
+    description = body.get("description")
+    if description is not None and (not isinstance(description, str) or len(description) > MAX_DESCRIPTION):
+        raise InvalidArgument(f"description must be a string of at most {MAX_DESCRIPTION} characters")
+    return {"type": task_type, "params": params, "priority": body.get("priority", 0), "description": description}
 
 
 class TaskHandler(PlexusHandler):
@@ -60,10 +68,10 @@ class TaskHandler(PlexusHandler):
             task = manager.get(task_id)
             data = task.to_dict()
             if self.get_argument("history", "false").lower() in ("1", "true", "yes"):
-                limit = _int_arg(self, "history_limit", 100) or 100
-                if not 1 <= limit <= 1000:
-                    raise InvalidArgument(f"history_limit must be from 1 to 1000, not {limit}")
-                samples, total = manager.store.history(task_id, limit=limit)
+                raw = self.get_argument("history_limit", "100")
+                if not (raw.isascii() and raw.isdigit()):
+                    raise InvalidArgument(f"history_limit must be a whole number, not {raw!r}")
+                samples, total = manager.store.history(task_id, limit=manager.check_history_limit(int(raw)))
                 data["history"] = [s.to_dict() for s in samples]
                 data["history_total"] = total
         except PlexusError as exc:

@@ -1,0 +1,1 @@
+"""Request checks shared by the Jupyter handlers and the standalone server."""

@@ -1,0 +1,56 @@
+"""Origin and Host rules and error bodies, shared by the Jupyter handlers and the standalone server."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import urlparse
+
+from tornado import web
+
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
+
+
+def origin_allowed(
+    origin: str | None, host: str | None, allow_origin: str = "", allow_origin_pat: re.Pattern[str] | str | None = None
+) -> bool:
+    """No Origin (scripts, MCP clients), the server's own origin, or one the configuration allows.
+
+    An MCP endpoint must refuse foreign Origins whatever the credential (DNS rebinding), so this is
+    checked for token-authenticated requests too, unlike Jupyter's own API.
+    """
+    if origin is None or allow_origin == "*":
+        return True
+    if urlparse(origin.lower()).netloc == (host or "").lower():
+        return True
+    if allow_origin:
+        return allow_origin == origin
+    if allow_origin_pat:
+        return bool(re.match(allow_origin_pat, origin))
+    return False
+
+
+def host_name(host_header: str | None) -> str:
+    """The host part of a Host header, without the port ("[::1]:8888" -> "[::1]")."""
+    host = (host_header or "").strip().lower()
+    if host.startswith("["):
+        return host.split("]", 1)[0] + "]"
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def error_message(exc: BaseException | None, reason: str) -> str:
+    """The message of an HTTPError as written (tornado doubles '%' in a message given without args)."""
+    if isinstance(exc, web.HTTPError) and exc.log_message:
+        try:
+            return exc.log_message % exc.args
+        except (TypeError, ValueError):
+            return exc.log_message
+    if exc is not None and not isinstance(exc, web.HTTPError):
+        return "internal server error; the server log has the details"
+    return reason
+
+
+def jsonrpc_error(status_code: int, message: str) -> dict[str, Any]:
+    """A JSON-RPC error object, as the SDK itself answers transport-level failures."""
+    code = -32600 if status_code < 500 else -32603
+    return {"jsonrpc": "2.0", "id": None, "error": {"code": code, "message": message}}
