@@ -34,34 +34,38 @@ class PlexusSettings(Configurable):
         ["local"], default_value="local",
         help="Where task code runs: 'local' (a worker process per task).",
     ).tag(config=True)
-    max_concurrency = Integer(4, help="Tasks that may run at once; the rest wait QUEUED.").tag(config=True)
+    max_concurrency = Integer(4, min=0, help="Tasks that may run at once; the rest wait QUEUED.").tag(config=True)
     max_concurrency_per_owner = Integer(
-        0, help="Tasks one identity may run at once (0: no per-identity cap)."
+        0, min=0, help="Tasks one identity may run at once (0: no per-identity cap)."
     ).tag(config=True)
     cancel_grace_seconds = Float(
-        5.0, help="Seconds a cancelled task has to stop by itself before its worker is killed."
+        5.0, min=0.1, help="Seconds a cancelled task has to stop by itself before its worker is killed."
     ).tag(config=True)
     progress_write_interval = Float(
-        1.0, help="Seconds between progress writes of one task to the store (stage changes and ends are "
+        1.0, min=0.0, help="Seconds between progress writes of one task to the store (stage changes and ends are "
         "always written at once)."
     ).tag(config=True)
     poll_interval = Float(
-        1.0, help="Seconds between checks of the store for work and cancellations from other servers "
+        1.0, min=0.05, help="Seconds between checks of the store for work and cancellations from other servers "
         "sharing it."
     ).tag(config=True)
-    max_page_size = Integer(100, help="Largest page a listing returns.").tag(config=True)
+    max_page_size = Integer(100, min=1, max=1000, help="Largest page a listing returns.").tag(config=True)
     max_output_bytes = Integer(
-        65_536, help="Largest task output kept as it is (JSON bytes); larger outputs are truncated."
+        65_536, min=1024, help="Largest task output kept as it is (JSON bytes); larger outputs are truncated."
     ).tag(config=True)
     session_idle_timeout = Float(
-        1800.0, help="Seconds after which an idle MCP session is closed."
+        1800.0, min=1.0, help="Seconds after which an idle MCP session is closed."
     ).tag(config=True)
-    max_sessions = Integer(1000, help="Most MCP sessions open at once.").tag(config=True)
+    max_sessions = Integer(1000, min=1, help="Most MCP sessions open at once.").tag(config=True)
     max_request_bytes = Integer(
-        4 * 1024 * 1024, help="Largest MCP request body, in bytes (larger ones get HTTP 413)."
+        4 * 1024 * 1024, min=1024, help="Largest MCP request body, in bytes (larger ones get HTTP 413)."
     ).tag(config=True)
     event_store_size = Integer(
-        10_000, help="SSE events kept so a dropped MCP stream can resume with Last-Event-ID."
+        10_000, min=1, help="SSE events kept so a dropped MCP stream can resume with Last-Event-ID."
+    ).tag(config=True)
+    event_store_bytes = Integer(
+        32 * 1024 * 1024, min=64 * 1024,
+        help="Most bytes of SSE events kept for resumption; the oldest go first past this or event_store_size.",
     ).tag(config=True)
 
     def apply_env(self, environ: Mapping[str, str] | None = None, protected: Iterable[str] = ()) -> None:

@@ -50,6 +50,7 @@ class PlexusRuntime:
             max_sessions=settings.max_sessions,
             max_request_body_size=settings.max_request_bytes,
             event_store_size=settings.event_store_size,
+            event_store_bytes=settings.event_store_bytes,
         )
         self._started = False
 

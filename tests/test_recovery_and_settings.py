@@ -85,3 +85,33 @@ def test_building_the_server_leaves_the_host_process_logging_alone():
     build_mcp_server(None)  # type: ignore[arg-type]
     assert (list(root.handlers), root.level) == before
     assert logging.getLogger("mcp").getEffectiveLevel() >= logging.WARNING
+
+
+def test_settings_refuse_values_that_cannot_work():
+    from traitlets import TraitError
+
+    with pytest.raises(TraitError, match="max_page_size"):
+        PlexusSettings(max_page_size=0)
+    with pytest.raises(TraitError, match="cancel_grace_seconds"):
+        PlexusSettings(cancel_grace_seconds=-1)
+
+
+async def test_the_event_store_is_bounded_in_bytes_and_still_replays_what_it_kept():
+    from mcp.types import JSONRPCResponse
+
+    from plexus_mcp_jupyter.endpoint.event_store import MemoryEventStore
+
+    store = MemoryEventStore(max_events=1000, max_bytes=10_000)
+    ids = [
+        await store.store_event("s", JSONRPCResponse(jsonrpc="2.0", id=i, result={"blob": "x" * 1000}))
+        for i in range(50)
+    ]
+    assert store.bytes <= 10_000 and store.size < 50
+    replayed = []
+
+    async def collect(event):
+        replayed.append(event.message.id)
+
+    assert await store.replay_events_after(ids[-3], collect) == "s"
+    assert replayed == [48, 49]
+    assert await store.replay_events_after(ids[0], collect) is None  # dropped: not replayable

@@ -38,9 +38,10 @@ class MCPEndpoint:
         max_sessions: int | None = 1000,
         max_request_body_size: int = 4 * 1024 * 1024,
         event_store_size: int = 10_000,
+        event_store_bytes: int = 32 * 1024 * 1024,
     ) -> None:
         self.server = server
-        self.event_store = MemoryEventStore(event_store_size)
+        self.event_store = MemoryEventStore(event_store_size, event_store_bytes)
         self.session_manager = StreamableHTTPSessionManager(
             app=server._lowlevel_server,
             event_store=self.event_store,
@@ -53,6 +54,7 @@ class MCPEndpoint:
             max_request_body_size=max_request_body_size,
         )
         self._runner: asyncio.Task[None] | None = None
+        self._failure: Exception | None = None
         self._started = asyncio.Event()
         self._stop = asyncio.Event()
 
@@ -61,15 +63,19 @@ class MCPEndpoint:
         if self._runner is None:
             self._runner = asyncio.get_running_loop().create_task(self._run(), name="plexus-mcp-sessions")
         await self._started.wait()
+        if self._failure is not None:
+            raise RuntimeError(f"the MCP session manager could not start: {self._failure}") from self._failure
 
     async def _run(self) -> None:
         try:
             async with self.session_manager.run():
                 self._started.set()
                 await self._stop.wait()
-        except Exception:
+        except Exception as exc:
+            self._failure = exc
             log.exception("Plexus: the MCP session manager stopped unexpectedly")
-            raise
+        finally:
+            self._started.set()  # never leave a request waiting for a start that will not come
 
     async def stop(self) -> None:
         if self._runner is None:
