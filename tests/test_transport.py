@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from contextlib import asynccontextmanager
 
@@ -93,3 +94,13 @@ async def test_a_dropped_sse_stream_resumes_with_last_event_id(mcp_url, session)
                     if replayed[-1].get("id") == 7:
                         break
     assert replayed[-1]["id"] == 7 and replayed[-1]["result"]["structuredContent"]["tasks"] == []
+
+
+async def test_the_standalone_sse_stream_sends_its_headers_at_once(mcp_url, session):
+    async with session() as http:
+        started = asyncio.get_running_loop().time()
+        async with http.stream("GET", mcp_url, headers={"Accept": "text/event-stream"}) as stream:
+            waited = asyncio.get_running_loop().time() - started
+            assert stream.status_code == 200
+            assert stream.headers["content-type"].startswith("text/event-stream")
+    assert waited < 2.0  # not held back until the first event or keep-alive ping (15 s)

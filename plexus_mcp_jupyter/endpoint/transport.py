@@ -153,8 +153,15 @@ class MCPBridge:
                     stream.set_nodelay(True)
                 handler.set_status(message["status"])
                 handler.clear_header("Content-Type")
+                event_stream = False
                 for name, value in message.get("headers", []):
                     handler.add_header(name.decode("latin-1"), value.decode("latin-1"))
+                    event_stream = event_stream or (name.lower() == b"content-type"
+                                                    and value.startswith(b"text/event-stream"))
+                if event_stream and self._flush_handle is None:
+                    # An SSE stream (the standalone GET stream above all) may stay silent for a long
+                    # time: its headers must go now, as uvicorn sends them, not with the first event.
+                    self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_later)
             elif message["type"] == "http.response.body":
                 if self.disconnected.is_set():
                     return
