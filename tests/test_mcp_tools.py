@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -102,7 +103,10 @@ async def test_cancelling_a_running_task_ends_cancelled_within_the_grace_period_
         await poll(processing, lambda t: t["current_stage"] == "Processing" and t["progress"]["processed"] > 0)
         pid = runtime.executor.pid(task_id)
         assert pid is not None and _pid_alive(pid)
+        started_cancel = time.monotonic()
         cancelled = await client.call_tool("cancel_tasks", {"task_ids": [task_id], "wait_seconds": 5})
+        elapsed = time.monotonic() - started_cancel
+        assert elapsed < runtime.settings.cancel_grace_seconds + 1.0
         assert cancelled.structured_content["results"][0]["outcome"] == "cancelled", cancelled.structured_content
         task = (await client.call_tool("get_task", {"task_id": task_id})).structured_content
         again = await client.call_tool("cancel_tasks", {"task_ids": [task_id]})
@@ -198,3 +202,16 @@ async def test_tasks_are_owned_by_the_jupyter_user_who_dispatched_them(mcp_clien
         task = await client.call_tool("get_task", {"task_id": started.structured_content["task_id"]})
     assert task.structured_content["owner"] == "jupyter"  # the notebook user, whatever the request
     assert os.path.exists(jp_serverapp.web_app.settings["plexus"].store.engine.url.database)
+
+
+async def test_cancelling_by_filter_works_in_bounded_batches(mcp_client, runtime):
+    runtime.manager.max_concurrency = 0
+    for _ in range(105):
+        runtime.manager.dispatch("demo", {"items": 1})
+    async with mcp_client() as client:
+        first = await client.call_tool("cancel_tasks", {"status": ["QUEUED"], "type": ["demo"]})
+        second = await client.call_tool("cancel_tasks", {"status": ["QUEUED"]})
+    assert len(first.structured_content["results"]) == 100 and first.structured_content["more"] is True
+    assert "call again" in first.content[0].text
+    assert len(second.structured_content["results"]) == 5 and second.structured_content["more"] is False
+    assert {r["outcome"] for r in second.structured_content["results"]} == {"cancelled"}

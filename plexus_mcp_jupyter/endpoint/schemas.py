@@ -97,3 +97,4 @@ class CancelItem(BaseModel):
 
 class CancelResult(BaseModel):
     results: list[CancelItem]
+    more: bool = Field(default=False, description="More tasks matched the filter than one call cancels: call again")

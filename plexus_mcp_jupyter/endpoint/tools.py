@@ -18,12 +18,11 @@ from pydantic import BaseModel, Field
 
 from ..core import demo
 from ..core.errors import PlexusError
-from ..core.manager import MAX_PRIORITY, MIN_PRIORITY, TaskManager
+from ..core.manager import HISTORY_MAX, MAX_PRIORITY, MIN_PRIORITY, TaskManager
 from ..core.models import Task, TaskStatus
 from .progress import final_summary, follow_to_end, progress_token
 from .schemas import CancelResult, DispatchResult, TaskDetail, TaskPage, TaskSummary
 
-HISTORY_MAX = 1000
 MAX_CANCEL_IDS = 100
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -203,21 +202,30 @@ def register_tools(server: MCPServer, manager: TaskManager) -> None:
     ) -> Annotated[CallToolResult, CancelResult]:
         if bool(task_ids) == bool(status):
             raise ToolError("give either task_ids (a list of ids) or status (with optional type), not both or neither")
+        more = 0
         if task_ids:
             ids = list(task_ids)
         else:
             flt = manager.build_filter(status=[s.value for s in status or []], type=type)
-            ids = manager.store.find_task_ids(flt, limit=MAX_CANCEL_IDS)
+            ids = manager.store.find_task_ids(flt, limit=MAX_CANCEL_IDS + 1)
+            more, ids = max(0, len(ids) - MAX_CANCEL_IDS), ids[:MAX_CANCEL_IDS]
         outcomes = manager.cancel(ids)
         if wait_seconds:
             await manager.wait_final([o.task_id for o in outcomes if o.outcome == "cancelling"], wait_seconds)
             for o in outcomes:
-                if o.outcome == "cancelling":
-                    task = manager.get(o.task_id)
-                    if task.status.is_final:
-                        o.outcome, o.status, o.message = "cancelled", task.status.value, f"ended as {task.status.value}"
+                if o.outcome != "cancelling":
+                    continue
+                task = manager.get(o.task_id)
+                if task.status is TaskStatus.CANCELLED:
+                    o.outcome, o.status, o.message = "cancelled", task.status.value, "stopped"
+                elif task.status.is_final:  # it ended on its own before it saw the request
+                    o.outcome, o.status = "already_finished", task.status.value
+                    o.message = f"the task ended as {task.status.value} before it could be cancelled"
         counts: dict[str, int] = {}
         for o in outcomes:
             counts[o.outcome] = counts.get(o.outcome, 0) + 1
         text = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in counts.items()) or "no task matched"
-        return result(text.capitalize() + ".", CancelResult.model_validate({"results": [o.to_dict() for o in outcomes]}))
+        if more:
+            text += f"; more tasks match the filter (at most {MAX_CANCEL_IDS} per call): call again"
+        out = CancelResult.model_validate({"results": [o.to_dict() for o in outcomes], "more": bool(more)})
+        return result(text[0].upper() + text[1:] + ".", out)
