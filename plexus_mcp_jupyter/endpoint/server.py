@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from .._version import __version__
 from ..core.manager import TaskManager
 from .resources import register_resources
+from .subscriptions import install_subscriptions
 from .tools import register_tools
 
 INSTRUCTIONS = (
@@ -84,4 +85,6 @@ def build_mcp_server(manager: TaskManager) -> MCPServer:
         logging.getLogger(name).setLevel(logging.WARNING)
     register_tools(server, manager)
     register_resources(server, manager)
+    if manager is not None:
+        server.resource_watch = install_subscriptions(server, manager)  # type: ignore[attr-defined]
     return server
