@@ -93,8 +93,27 @@ def resources_md() -> str:
         lines.append(f"| `{r.uri}` | {r.name} | {r.description} |")
     for t in templates:
         lines.append(f"| `{t.uri_template}` | {t.name} | {t.description} |")
-    lines.append("")
+    lines += ["", UPDATES]
     return "\n".join(lines)
+
+
+UPDATES = """## Live updates
+
+Subscribe to `plexus://tasks/{task_id}` or to a task list, with or without `status` and `type` filters
+(`plexus://tasks?status=RUNNING,QUEUED&type=demo`; `limit` and `cursor` are accepted and ignored):
+
+- 2025-11-25 era: `resources/subscribe` / `resources/unsubscribe`; updates arrive as
+  `notifications/resources/updated` on the session's GET stream.
+- 2026-07-28 era: `subscriptions/listen` with `resourceSubscriptions`; updates arrive on that stream.
+
+What is pushed, and when: a task URI is updated on every change of that task (status, stage,
+progress); a list URI when a task of its types enters it, leaves it, or changes while in it. Updates
+are coalesced per subscriber: a burst of progress becomes one notification per URI, and a change
+after a notification was sent is always followed by another one, so the final state of every task is
+always announced. Read the resource again on each notification. A URI that does not exist or is
+malformed is refused with a JSON-RPC invalid-params error naming the subscribable forms.
+Unsubscribing, or the end of the session, releases everything the subscriber held.
+"""
 
 
 def _type_of(schema: dict[str, Any], root: dict[str, Any]) -> str:
