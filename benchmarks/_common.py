@@ -58,13 +58,16 @@ def wait_http(url: str, timeout: float = 60.0) -> None:
 
 
 @contextmanager
-def jupyter_server(workdir: Path, extra_env: dict[str, str] | None = None):
-    """A real `jupyter server` with the extension; yields (MCP endpoint URL, server pid)."""
+def jupyter_server(workdir: Path, extra_env: dict[str, str] | None = None, python_args: list[str] | None = None):
+    """A real `jupyter server` with the extension; yields (MCP endpoint URL, server pid).
+
+    `python_args` replaces `-m jupyter server` (e.g. `-c` code that registers a task type, then runs
+    jupyter_server.serverapp.main)."""
     port = free_port()
     env = dict(os.environ, JUPYTER_DATA_DIR=str(workdir / "jdata"), JUPYTER_RUNTIME_DIR=str(workdir / "jrun"),
                PLEXUS_MCP_DB_URL=f"sqlite:///{workdir / 'jupyter.db'}", **(extra_env or {}))
     proc = subprocess.Popen(
-        [*pinned(), sys.executable, "-m", "jupyter", "server", f"--port={port}", "--no-browser", "--allow-root",
+        [*pinned(), sys.executable, *(python_args or ["-m", "jupyter", "server"]), f"--port={port}", "--no-browser", "--allow-root",
          f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={workdir}", "--ServerApp.log_level=WARN"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )

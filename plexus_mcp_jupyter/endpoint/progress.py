@@ -51,6 +51,8 @@ def overall_progress(task: Task) -> tuple[float, float, str]:
         message = f"{stage.name}: {stage.processed_items}/{stage.total_items if stage.total_items is not None else '?'}"
         if task.estimated_completion_at is not None:
             message += f", ETA {iso(task.estimated_completion_at)}"
+        if stage.status_message:
+            message += f" - {stage.status_message}"
     return done, known, message
 
 
