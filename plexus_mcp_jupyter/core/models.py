@@ -7,6 +7,7 @@ with `to_dict()`, so the JSON shape of a task is defined once, here.
 from __future__ import annotations
 
 import enum
+import functools
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -61,6 +62,12 @@ def iso(ts: float | None) -> str | None:
     """Epoch seconds to an ISO 8601 UTC string (millisecond precision), None stays None."""
     if ts is None:
         return None
+    return _iso(ts)
+
+
+@functools.lru_cache(maxsize=8192)
+def _iso(ts: float) -> str:
+    # A pure function of the timestamp, memoized: every listing formats the same few timestamps again.
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 

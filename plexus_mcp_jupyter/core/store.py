@@ -7,6 +7,7 @@ transaction, so a failure leaves no half-written row. The Store knows nothing of
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import os
@@ -210,17 +211,22 @@ class Store:
         self, flt: TaskFilter, *, limit: int, after: tuple[float, str] | None = None
     ) -> tuple[list[Task], tuple[float, str] | None]:
         """One page of tasks, newest first, and the key to continue after (None on the last page)."""
-        t = tasks_table
-        query = sa.select(t).order_by(t.c.created_at.desc(), t.c.id.desc()).limit(limit + 1)
-        query = query.where(*_filter_clauses(flt))
+        query = _list_query(len(flt.statuses), len(flt.types), flt.since is not None, flt.owner is not None,
+                            after is not None)
+        params: dict[str, Any] = {"limit": limit + 1}
+        for i, status in enumerate(flt.statuses):
+            params[f"status_{i}"] = status.value
+        for i, type_ in enumerate(flt.types):
+            params[f"type_{i}"] = type_
+        if flt.since is not None:
+            params["since"] = flt.since
+        if flt.owner is not None:
+            params["owner"] = flt.owner
         if after is not None:
-            created, task_id = after
-            query = query.where(
-                sa.or_(t.c.created_at < created, sa.and_(t.c.created_at == created, t.c.id < task_id))
-            )
+            params["after_created"], params["after_id"] = after
         with self.engine.connect() as conn:
-            rows = conn.execute(query).mappings().all()
-            page = [_task_from_row(r) for r in rows[:limit]]
+            rows = conn.execute(query, params).all()
+            page = [_task_from_tuple(r) for r in rows[:limit]]
             stages = self._stages_for(conn, [task.id for task in page])
         for task in page:
             task.stages = stages.get(task.id, [])
@@ -385,13 +391,16 @@ class Store:
     def _stages_for(self, conn: Connection, ids: list[str]) -> dict[str, list[Stage]]:
         if not ids:
             return {}
-        st = stages_table
-        rows = conn.execute(
-            sa.select(st).where(st.c.task_id.in_(ids)).order_by(st.c.task_id, st.c.stage_order)
-        ).mappings()
+        if len(ids) <= _PREBUILT_IN_MAX:
+            params = {f"id_{i}": task_id for i, task_id in enumerate(ids)}
+            rows = conn.execute(_stages_query(len(ids)), params)
+        else:
+            st = stages_table
+            query = sa.select(st).where(st.c.task_id.in_(ids)).order_by(st.c.task_id, st.c.stage_order)
+            rows = conn.execute(query)
         out: dict[str, list[Stage]] = {}
         for r in rows:
-            out.setdefault(r["task_id"], []).append(_stage_from_row(r))
+            out.setdefault(r[0], []).append(_stage_from_tuple(r))
         return out
 
     def _upsert_stage(self, conn: Connection, task_id: str, stage: Stage) -> None:
@@ -404,6 +413,43 @@ class Store:
         )
         if updated.rowcount == 0:
             conn.execute(sa.insert(st).values(**row))
+
+
+# Listing statements, built once per shape (how many statuses and types, which optional filters) with
+# bind parameters for every value: building and cache-keying a statement per call, and expanding an
+# IN list of ids at each execution, cost more than running the queries on SQLite.
+_PREBUILT_IN_MAX = 128
+
+
+@functools.lru_cache(maxsize=256)
+def _list_query(n_statuses: int, n_types: int, since: bool, owner: bool, after: bool) -> sa.Select[Any]:
+    t = tasks_table
+    query = sa.select(t).order_by(t.c.created_at.desc(), t.c.id.desc()).limit(sa.bindparam("limit"))
+    if n_statuses:
+        query = query.where(t.c.status.in_([sa.bindparam(f"status_{i}") for i in range(n_statuses)]))
+    if n_types:
+        query = query.where(t.c.type.in_([sa.bindparam(f"type_{i}") for i in range(n_types)]))
+    if since:
+        query = query.where(t.c.created_at >= sa.bindparam("since"))
+    if owner:
+        query = query.where(t.c.owner == sa.bindparam("owner"))
+    if after:
+        created: Any = sa.bindparam("after_created")
+        task_id: Any = sa.bindparam("after_id")
+        query = query.where(
+            sa.or_(t.c.created_at < created, sa.and_(t.c.created_at == created, t.c.id < task_id))
+        )
+    return query
+
+
+@functools.lru_cache(maxsize=_PREBUILT_IN_MAX)
+def _stages_query(n_ids: int) -> sa.Select[Any]:
+    st = stages_table
+    return (
+        sa.select(st)
+        .where(st.c.task_id.in_([sa.bindparam(f"id_{i}") for i in range(n_ids)]))
+        .order_by(st.c.task_id, st.c.stage_order)
+    )
 
 
 def _filter_clauses(flt: TaskFilter) -> list[Any]:
@@ -438,7 +484,15 @@ def _task_row(task: Task) -> dict[str, Any]:
 
 
 def _task_from_row(row: Any) -> Task:
-    data = {name: row[name] for name in _TASK_COLUMNS}
+    return _task_from_dict({name: row[name] for name in _TASK_COLUMNS})
+
+
+def _task_from_tuple(row: Any) -> Task:
+    """A plain row of `select(tasks_table)` (table-column order): cheaper than by-name access."""
+    return _task_from_dict(dict(zip(_TASK_COLUMNS, row, strict=True)))
+
+
+def _task_from_dict(data: dict[str, Any]) -> Task:
     data["status"] = TaskStatus(data["status"])
     data["params"] = data["params"] or {}
     data["cancel_requested"] = bool(data["cancel_requested"])
@@ -456,6 +510,28 @@ def _stage_from_row(r: Any) -> Stage:
         started_at=r["started_at"],
         completed_at=r["completed_at"],
         estimated_completion_at=r["estimated_completion_at"],
+    )
+
+
+_STAGE_COLUMNS = ("task_id", "stage_order", "name", "status", "status_message", "total_items",
+                  "processed_items", "started_at", "completed_at", "estimated_completion_at")
+assert tuple(c.name for c in stages_table.columns) == _STAGE_COLUMNS
+
+
+def _stage_from_tuple(r: Any) -> Stage:
+    """A plain row of task_stages (in _STAGE_COLUMNS order) to a Stage: cheaper than by-name access."""
+    (_task_id, order, name, status, status_message, total_items, processed_items,
+     started_at, completed_at, eta) = r
+    return Stage(
+        name=name,
+        order=order,
+        status=StageStatus(status),
+        status_message=status_message,
+        total_items=total_items,
+        processed_items=processed_items,
+        started_at=started_at,
+        completed_at=completed_at,
+        estimated_completion_at=eta,
     )
 
 

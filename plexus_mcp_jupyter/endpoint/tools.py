@@ -21,7 +21,7 @@ from ..core.errors import PlexusError
 from ..core.manager import HISTORY_MAX, MAX_PRIORITY, MIN_PRIORITY, TaskManager
 from ..core.models import Task, TaskStatus
 from .progress import final_summary, follow_to_end, progress_token
-from .schemas import CancelResult, DispatchResult, TaskDetail, TaskPage, TaskSummary
+from .schemas import CancelResult, DispatchResult, TaskDetail, TaskPage
 
 MAX_CANCEL_IDS = 100
 
@@ -57,21 +57,36 @@ def client_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def result(summary: str, model: BaseModel) -> CallToolResult:
+def result(summary: str, model: BaseModel | dict[str, Any]) -> CallToolResult:
+    """The tool result: a text line plus structured content.
+
+    The structured content may be given as the JSON-ready dict a model would dump to (what
+    `Task.summary()` / `Task.to_dict()` produce, in the models' field order): the SDK validates
+    structured content against the tool's output model on every call anyway, so validating it
+    here first, then dumping it again, only did the same work twice.
+    """
     return CallToolResult(
         content=[TextContent(type="text", text=summary)],
-        structured_content=model.model_dump(mode="json"),
+        structured_content=model if isinstance(model, dict) else model.model_dump(mode="json"),
     )
 
 
-def task_detail(manager: TaskManager, task: Task, *, history: bool, history_limit: int) -> TaskDetail:
+def task_detail_data(manager: TaskManager, task: Task, *, history: bool, history_limit: int) -> dict[str, Any]:
+    """A task as TaskDetail's JSON form (same keys, same order), without building the model."""
     data = task.to_dict()
-    data["resource_uri"] = task_uri(task.id)
     if history:
         samples, total = manager.store.history(task.id, limit=history_limit)
         data["history"] = [s.to_dict() for s in samples]
         data["history_total"] = total
-    return TaskDetail.model_validate(data)
+    else:
+        data["history"] = None
+        data["history_total"] = None
+    data["resource_uri"] = task_uri(task.id)
+    return data
+
+
+def task_detail(manager: TaskManager, task: Task, *, history: bool, history_limit: int) -> TaskDetail:
+    return TaskDetail.model_validate(task_detail_data(manager, task, history=history, history_limit=history_limit))
 
 
 def describe(task: Task) -> str:
@@ -153,7 +168,8 @@ def register_tools(server: MCPServer, manager: TaskManager) -> None:
     ) -> Annotated[CallToolResult, TaskPage]:
         flt = manager.build_filter(status=[s.value for s in status or []], type=type, since=since)
         tasks, next_cursor = manager.list(flt, limit=limit, cursor=cursor)
-        page = TaskPage(tasks=[TaskSummary.model_validate(t.summary()) for t in tasks], next_cursor=next_cursor)
+        # TaskPage's JSON form; the SDK validates it against TaskPage (see result()).
+        page = {"tasks": [t.summary() for t in tasks], "next_cursor": next_cursor}
         lines = "; ".join(f"{t.id[:8]} {t.type} {t.status.value}" for t in tasks[:10])
         more = " (more: pass next_cursor)" if next_cursor else ""
         return result(f"{len(tasks)} task(s){more}" + (f": {lines}" if lines else ""), page)
@@ -175,7 +191,7 @@ def register_tools(server: MCPServer, manager: TaskManager) -> None:
         = 100,
     ) -> Annotated[CallToolResult, TaskDetail]:
         task = manager.get(task_id)
-        detail = task_detail(manager, task, history=history, history_limit=history_limit)
+        detail = task_detail_data(manager, task, history=history, history_limit=history_limit)
         return result(describe(task), detail)
 
     @server.tool(

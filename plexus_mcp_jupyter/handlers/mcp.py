@@ -3,11 +3,33 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
+
+from jupyter_server.log import log_request
+from jupyter_server.prometheus.log_functions import prometheus_log_method
 
 from ..endpoint.transport import MCPBridge
 from ..security.http import jsonrpc_error
 from .base import PlexusHandler
+
+
+def debug_emitted(logger: logging.Logger) -> bool:
+    """Whether a DEBUG record on this logger would reach a handler that prints it.
+
+    `isEnabledFor(DEBUG)` alone is not the answer under Jupyter: traitlets sets its loggers to DEBUG and
+    applies `log_level` on the handlers.
+    """
+    if not logger.isEnabledFor(logging.DEBUG):
+        return False
+    current: logging.Logger | None = logger
+    while current is not None:
+        if any(handler.level <= logging.DEBUG for handler in current.handlers):
+            return True
+        if not current.propagate:
+            return False
+        current = current.parent
+    return logging.lastResort is not None and logging.lastResort.level <= logging.DEBUG
 
 
 class MCPHandler(PlexusHandler):
@@ -29,10 +51,17 @@ class MCPHandler(PlexusHandler):
         await self._serve()
 
     def _log(self) -> None:
-        # Jupyter logs successful requests at debug level only; skipping that work for every MCP
-        # message (a measurable share of a call) loses nothing unless debug logging is on.
-        if self.get_status() < 300 and not self.log.isEnabledFor(logging.DEBUG):
-            return
+        # Jupyter's log_request logs successful requests at debug level only; formatting that line for
+        # every MCP message (a measurable share of a call) is skipped when no handler would print it.
+        # Its request metrics (prometheus) are still recorded, as log_request would.
+        if self.get_status() < 300:
+            log_function = self.settings.get("log_function")
+            if isinstance(log_function, partial) and log_function.func is log_request and not debug_emitted(
+                self.log
+            ):
+                if log_function.keywords.get("record_prometheus_metrics", True):
+                    prometheus_log_method(self)
+                return
         super()._log()
 
     def on_connection_close(self) -> None:
