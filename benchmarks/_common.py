@@ -64,12 +64,28 @@ def jupyter_server(workdir: Path, extra_env: dict[str, str] | None = None, pytho
     `python_args` replaces `-m jupyter server` (e.g. `-c` code that registers a task type, then runs
     jupyter_server.serverapp.main)."""
     port = free_port()
-    env = dict(os.environ, JUPYTER_DATA_DIR=str(workdir / "jdata"), JUPYTER_RUNTIME_DIR=str(workdir / "jrun"),
-               PLEXUS_MCP_DB_URL=f"sqlite:///{workdir / 'jupyter.db'}", **(extra_env or {}))
+    env = dict(
+        os.environ,
+        JUPYTER_DATA_DIR=str(workdir / "jdata"),
+        JUPYTER_RUNTIME_DIR=str(workdir / "jrun"),
+        PLEXUS_MCP_DB_URL=f"sqlite:///{workdir / 'jupyter.db'}",
+        **(extra_env or {}),
+    )
     proc = subprocess.Popen(
-        [*pinned(), sys.executable, *(python_args or ["-m", "jupyter", "server"]), f"--port={port}", "--no-browser", "--allow-root",
-         f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={workdir}", "--ServerApp.log_level=WARN"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            *pinned(),
+            sys.executable,
+            *(python_args or ["-m", "jupyter", "server"]),
+            f"--port={port}",
+            "--no-browser",
+            "--allow-root",
+            f"--IdentityProvider.token={TOKEN}",
+            f"--ServerApp.root_dir={workdir}",
+            "--ServerApp.log_level=WARN",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         wait_http(f"http://127.0.0.1:{port}/plexus/api/health")
@@ -84,9 +100,16 @@ def uvicorn_peer(workdir: Path):
     """The same MCP server on uvicorn (the SDK's own ASGI app); yields (URL, server pid)."""
     port = free_port()
     proc = subprocess.Popen(
-        [*pinned(), sys.executable, str(HERE / "_uvicorn_peer.py"), str(port), f"sqlite:///{workdir / 'uvicorn.db'}",
-         str(workdir / "udata")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            *pinned(),
+            sys.executable,
+            str(HERE / "_uvicorn_peer.py"),
+            str(port),
+            f"sqlite:///{workdir / 'uvicorn.db'}",
+            str(workdir / "udata"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         wait_http(f"http://127.0.0.1:{port}/mcp")
@@ -147,8 +170,10 @@ class LeanSession:
         self._id = 0
 
     async def __aenter__(self) -> LeanSession:
-        init = await self.request("initialize", {"protocolVersion": "2025-11-25", "capabilities": {},
-                                                 "clientInfo": {"name": "bench", "version": "1"}})
+        init = await self.request(
+            "initialize",
+            {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}},
+        )
         assert "result" in init, init
         await self.http.post(self.url, json={"jsonrpc": "2.0", "method": "notifications/initialized"})
         return self
@@ -161,8 +186,9 @@ class LeanSession:
         import json
 
         self._id += 1
-        response = await self.http.post(self.url, json={"jsonrpc": "2.0", "id": self._id, "method": method,
-                                                       "params": params})
+        response = await self.http.post(
+            self.url, json={"jsonrpc": "2.0", "id": self._id, "method": method, "params": params}
+        )
         if "mcp-session-id" in response.headers:
             self.http.headers["mcp-session-id"] = response.headers["mcp-session-id"]
             self.http.headers["mcp-protocol-version"] = "2025-11-25"

@@ -31,8 +31,9 @@ async def one_run(url: str, items: int, delay: float) -> list[float]:
             latencies.append(now - float(message.rsplit("@", 1)[1]))
 
     async with client(url) as c:
-        result = await c.call_tool("run_demo_task", {"items": items, "item_delay_ms": delay},
-                                   progress_callback=on_progress)
+        result = await c.call_tool(
+            "run_demo_task", {"items": items, "item_delay_ms": delay}, progress_callback=on_progress
+        )
         assert not result.is_error, result
     return latencies
 
@@ -54,10 +55,13 @@ async def main() -> None:
             all_latencies += await one_run(url, args.items, args.item_delay_ms)
     ms = sorted(1000 * x for x in all_latencies)
     p99 = ms[min(len(ms) - 1, int(0.99 * len(ms)))]
-    print(f"progress notifications: {len(ms)} over {args.runs} runs of {args.items} items "
-          f"({args.item_delay_ms} ms/item)")
-    print(f"worker report -> client notification: p50 {statistics.median(ms):.1f} ms, p99 {p99:.1f} ms, "
-          f"max {ms[-1]:.1f} ms  (goal p99 < 50 ms: {'met' if p99 < 50 else 'NOT met'})")
+    print(
+        f"progress notifications: {len(ms)} over {args.runs} runs of {args.items} items ({args.item_delay_ms} ms/item)"
+    )
+    print(
+        f"worker report -> client notification: p50 {statistics.median(ms):.1f} ms, p99 {p99:.1f} ms, "
+        f"max {ms[-1]:.1f} ms  (goal p99 < 50 ms: {'met' if p99 < 50 else 'NOT met'})"
+    )
 
 
 if __name__ == "__main__":

@@ -115,14 +115,20 @@ async def main() -> None:
         for tool in TOOLS:
             for name in SERVERS:
                 cpu = f"{med(runs[name], tool, 'server_cpu_us'):>10.0f}" if label == "sdk" else f"{'':>10}"
-                print(f"{label:<6} {tool:<11} {name:<18} {med(runs[name], tool, 'calls_per_s'):>8.0f} "
-                      f"{med(runs[name], tool, 'p50_ms'):>7.2f} {med(runs[name], tool, 'p99_ms'):>7.2f} {cpu}")
+                print(
+                    f"{label:<6} {tool:<11} {name:<18} {med(runs[name], tool, 'calls_per_s'):>8.0f} "
+                    f"{med(runs[name], tool, 'p50_ms'):>7.2f} {med(runs[name], tool, 'p99_ms'):>7.2f} {cpu}"
+                )
     print("ratios tornado / uvicorn (throughput: higher is better; server CPU: lower is better)")
+    ours, peer = SERVERS
     for tool in TOOLS:
-        ours, peer = SERVERS
-        print(f"  {tool:<11} sdk throughput {med(sdk[ours], tool, 'calls_per_s') / med(sdk[peer], tool, 'calls_per_s'):.2f}"
-              f"  lean throughput {med(lean[ours], tool, 'calls_per_s') / med(lean[peer], tool, 'calls_per_s'):.2f}"
-              f"  server CPU/call {med(sdk[ours], tool, 'server_cpu_us') / med(sdk[peer], tool, 'server_cpu_us'):.2f}")
+        sdk_ratio = med(sdk[ours], tool, "calls_per_s") / med(sdk[peer], tool, "calls_per_s")
+        lean_ratio = med(lean[ours], tool, "calls_per_s") / med(lean[peer], tool, "calls_per_s")
+        cpu_ratio = med(sdk[ours], tool, "server_cpu_us") / med(sdk[peer], tool, "server_cpu_us")
+        print(
+            f"  {tool:<11} sdk throughput {sdk_ratio:.2f}  lean throughput {lean_ratio:.2f}  "
+            f"server CPU/call {cpu_ratio:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ task functions run in an Executor.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import uuid
@@ -230,7 +231,7 @@ class TaskManager:
             raise InvalidArgument(f"limit must be a whole number from 1 to {self.max_page_size}, not {limit!r}")
         return limit
 
-    def list(
+    def list_tasks(
         self, flt: TaskFilter, *, limit: int | None = None, cursor: str | None = None
     ) -> tuple[list[Task], str | None]:
         """One page of tasks, newest first, and the cursor of the next page (None on the last)."""
@@ -304,10 +305,8 @@ class TaskManager:
                 except NotFound:
                     pending.discard(task_id)
             if pending:
-                try:
+                with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(done.wait(), timeout)
-                except asyncio.TimeoutError:
-                    pass
         finally:
             remove()
 

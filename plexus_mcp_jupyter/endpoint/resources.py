@@ -25,7 +25,7 @@ def register_resources(server: MCPServer, manager: TaskManager) -> None:
     def task_page(status: str | None, type: str | None, limit: str | None, cursor: str | None) -> str:
         try:
             flt = manager.build_filter(status=status, type=type)
-            tasks, next_cursor = manager.list(flt, limit=manager.parse_limit(limit), cursor=cursor or None)
+            tasks, next_cursor = manager.list_tasks(flt, limit=manager.parse_limit(limit), cursor=cursor or None)
         except InvalidArgument as exc:
             raise MCPError(INVALID_PARAMS, str(exc)) from None
         return _dump({"tasks": [t.summary() for t in tasks], "next_cursor": next_cursor})

@@ -167,7 +167,7 @@ def register_tools(server: MCPServer, manager: TaskManager) -> None:
         cursor: Annotated[str | None, Field(description="next_cursor of the previous page, unchanged")] = None,
     ) -> Annotated[CallToolResult, TaskPage]:
         flt = manager.build_filter(status=[s.value for s in status or []], type=type, since=since)
-        tasks, next_cursor = manager.list(flt, limit=limit, cursor=cursor)
+        tasks, next_cursor = manager.list_tasks(flt, limit=limit, cursor=cursor)
         # TaskPage's JSON form; the SDK validates it against TaskPage (see result()).
         page = {"tasks": [t.summary() for t in tasks], "next_cursor": next_cursor}
         lines = "; ".join(f"{t.id[:8]} {t.type} {t.status.value}" for t in tasks[:10])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import MutableMapping
 from typing import Any
 
 from mcp.server.mcpserver import MCPServer
@@ -134,7 +135,7 @@ class MCPBridge:
         body = self.handler.request.body or b""
         body_sent = False
 
-        async def receive() -> dict[str, Any]:
+        async def receive() -> MutableMapping[str, Any]:
             nonlocal body_sent
             if not body_sent:
                 body_sent = True
@@ -142,7 +143,7 @@ class MCPBridge:
             await self.disconnected.wait()
             return {"type": "http.disconnect"}
 
-        async def send(message: dict[str, Any]) -> None:
+        async def send(message: MutableMapping[str, Any]) -> None:
             handler = self.handler
             if message["type"] == "http.response.start":
                 self._started = True

@@ -21,7 +21,6 @@ from ..core.errors import InvalidArgument, NotFound, PlexusError
 from ..runtime import PlexusRuntime
 from ..security.http import error_message, origin_allowed
 
-_DEFAULT_HEADERS: dict[int, dict[str, str]] = {}
 NOTEBOOK_USER = "jupyter"
 # Jupyter's own providers: one notebook user, authenticated by the server's token or password.
 _SINGLE_USER_PROVIDERS = (IdentityProvider, PasswordIdentityProvider)
@@ -80,11 +79,11 @@ class PlexusHandler(APIHandler):
     def set_default_headers(self) -> None:
         # Jupyter's headers (nosniff, configured headers, its Content-Security-Policy), computed once
         # per application: rebuilding the policy string was a measurable share of every MCP call.
-        headers = _DEFAULT_HEADERS.get(id(self.application))
+        headers = self.settings.get("plexus_default_headers")
         if headers is None:
             headers = {"X-Content-Type-Options": "nosniff", **self.settings.get("headers", {}),
                        "Content-Security-Policy": self.content_security_policy}
-            _DEFAULT_HEADERS[id(self.application)] = headers
+            self.settings["plexus_default_headers"] = headers
         for name, value in headers.items():
             self.set_header(name, value)
 
@@ -102,9 +101,8 @@ class PlexusHandler(APIHandler):
             )
         user = self._user_from_server_token()
         if user is None:
-            user = self.identity_provider.get_user(self)
-            if inspect.isawaitable(user):
-                user = await user
+            found = self.identity_provider.get_user(self)
+            user = await found if inspect.isawaitable(found) else found
         self.current_user = self._jupyter_current_user = user
         if self.require_auth:
             if user is None:

@@ -21,7 +21,7 @@ class TasksHandler(PlexusHandler):
                 type=self.get_argument("type", None),
                 since=self.get_argument("since", None),
             )
-            tasks, next_cursor = manager.list(
+            tasks, next_cursor = manager.list_tasks(
                 flt,
                 limit=manager.parse_limit(self.get_argument("limit", None)),
                 cursor=self.get_argument("cursor", None) or None,
