@@ -122,9 +122,11 @@ def uvicorn_peer(workdir: Path):
 @asynccontextmanager
 async def client(url: str, token: str | None = TOKEN, mode: str = "legacy"):
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with httpx2.AsyncClient(headers=headers, timeout=60) as http:
-        async with Client(streamable_http_client(url, http_client=http), mode=mode) as c:
-            yield c
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=60) as http,
+        Client(streamable_http_client(url, http_client=http), mode=mode) as c,
+    ):
+        yield c
 
 
 async def time_calls(call: Callable[[], Awaitable[Any]], n: int) -> list[float]:
