@@ -109,11 +109,15 @@ def test_a_cursor_is_bound_to_its_filter_and_garbage_is_refused():
 
 
 def test_a_failed_write_leaves_no_half_written_task(store):
-    task = make_task()
-    store.create_task(task)
+    from plexus_mcp_jupyter.core.models import Stage
+
+    # The task row goes in first; the second stage collides with the first (same order): the whole
+    # transaction must roll back, task row included.
+    task = make_task(stages=[Stage("A", 0), Stage("B", 0)])
     with pytest.raises(IntegrityError):
-        store.create_task(task)  # same id: the whole transaction is rolled back
-    assert store.count_tasks(TaskFilter()) == 1
+        store.create_task(task)
+    assert store.get_task(task.id) is None
+    assert store.count_tasks(TaskFilter()) == 0
 
 
 # -- validation -----------------------------------------------------------------------------------

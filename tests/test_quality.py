@@ -1,0 +1,23 @@
+"""The code stays lint- and type-clean (ruff, mypy), as CI checks on every run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_ruff_finds_nothing():
+    result = run("ruff", "check", "plexus_mcp_jupyter", "tests", "benchmarks")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mypy_finds_nothing():
+    result = run("mypy", "plexus_mcp_jupyter")
+    assert result.returncode == 0, result.stdout + result.stderr
