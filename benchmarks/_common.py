@@ -120,11 +120,11 @@ def uvicorn_peer(workdir: Path):
 
 
 @asynccontextmanager
-async def client(url: str, token: str | None = TOKEN, mode: str = "legacy"):
+async def client(url: str, token: str | None = TOKEN, mode: str = "legacy", **kwargs: Any):
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with (
         httpx2.AsyncClient(headers=headers, timeout=60) as http,
-        Client(streamable_http_client(url, http_client=http), mode=mode) as c,
+        Client(streamable_http_client(url, http_client=http), mode=mode, **kwargs) as c,
     ):
         yield c
 
