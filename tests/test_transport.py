@@ -104,3 +104,18 @@ async def test_the_standalone_sse_stream_sends_its_headers_at_once(mcp_url, sess
             assert stream.status_code == 200
             assert stream.headers["content-type"].startswith("text/event-stream")
     assert waited < 2.0  # not held back until the first event or keep-alive ping (15 s)
+
+
+async def test_a_progress_token_of_the_wrong_type_is_refused_and_the_session_survives(mcp_url, session):
+    async with session() as http:
+        bad = {
+            "jsonrpc": "2.0",
+            "id": 9,
+            "method": "tools/call",
+            "params": {"name": "run_demo_task", "arguments": {"items": 1}, "_meta": {"progressToken": {"x": 1}}},
+        }
+        response = await http.post(mcp_url, json=bad)
+        messages = [json.loads(e["data"]) for e in sse_events(response.text) if e.get("data")] or [response.json()]
+        assert messages[-1]["error"]["code"] == -32602
+        ok = await http.post(mcp_url, json={"jsonrpc": "2.0", "id": 10, "method": "tools/list"})
+        assert ok.status_code == 200 and "run_demo_task" in ok.text
