@@ -67,6 +67,10 @@ class PlexusRuntime:
         if not self._started:
             return
         self._started = False
+        self.manager.begin_stop()  # first: MCP calls the endpoint cuts short must not cancel their tasks
+        watch = getattr(self.mcp, "resource_watch", None)
+        if watch is not None:
+            watch.close()
         await self.endpoint.stop()
         await self.manager.stop()
         self.store.close()

@@ -114,3 +114,29 @@ async def test_a_client_that_never_reads_costs_one_pending_event_per_task(
     assert len(json.loads(response.body)["tasks"]) == 3
     writer.close()
     await poll(lambda: len(runtime.bus._subscriptions), lambda n: n == 0, timeout=10)
+
+
+async def test_resuming_with_a_number_from_another_server_start_gets_a_gap_then_live_events(jp_ws_fetch, runtime):
+    ws = await jp_ws_fetch("plexus", "api", "events", params={"since": "1000000", "epoch": "an-old-epoch"})
+    hello = await next_message(ws)
+    gap = await next_message(ws)
+    assert gap["type"] == "gap" and hello["epoch"] == runtime.bus.epoch
+    task = runtime.manager.dispatch("demo", {"items": 5, "item_delay_ms": 0})
+    seen = await events_until(ws, lambda m: m.get("data", {}).get("status") == "COMPLETED")
+    ws.close()
+    assert seen[-1]["entity_id"] == task.id
+
+
+def test_a_failing_subscriber_does_not_break_the_core_or_the_others():
+    from plexus_mcp_jupyter.core.events import EventBus
+
+    bus = EventBus()
+    got = []
+
+    def broken(event):
+        raise RuntimeError("boom")
+
+    bus.add_listener(broken)
+    bus.add_listener(got.append)
+    event = bus.publish("task.updated", "task", "t", {"status": "RUNNING"})
+    assert got == [event]

@@ -15,20 +15,56 @@ from plexus_mcp_jupyter.handlers.mcp import debug_emitted
 def _tasks() -> list[Task]:
     t0 = 1_767_225_600.123456
     stages = [
-        Stage(name="Setup", order=0, status=StageStatus.COMPLETED, total_items=1, processed_items=1,
-              started_at=t0, completed_at=t0 + 0.5),
-        Stage(name="Processing", order=1, status=StageStatus.RUNNING, total_items=3, processed_items=1,
-              started_at=t0 + 0.5, estimated_completion_at=t0 + 9.9996),
+        Stage(
+            name="Setup",
+            order=0,
+            status=StageStatus.COMPLETED,
+            total_items=1,
+            processed_items=1,
+            started_at=t0,
+            completed_at=t0 + 0.5,
+        ),
+        Stage(
+            name="Processing",
+            order=1,
+            status=StageStatus.RUNNING,
+            total_items=3,
+            processed_items=1,
+            started_at=t0 + 0.5,
+            estimated_completion_at=t0 + 9.9996,
+        ),
         Stage(name="Finalizing", order=2),
     ]
     return [
         Task(id="a", type="demo", status=TaskStatus.QUEUED, created_at=t0),
-        Task(id="b", type="demo", status=TaskStatus.RUNNING, priority=-3, owner="jupyter", created_at=t0 + 1,
-             started_at=t0 + 1.0005, current_stage="Processing", params={"items": 3, "seed": None},
-             stages=stages, description="a demo"),
-        Task(id="c", type="demo", status=TaskStatus.FAILED, created_at=t0 + 2, completed_at=t0 + 3,
-             error_message="boom", error_details={"item": 2, "trace": ["x"]}, output=[1, {"k": 2.5}],
-             stdout_tail="out", stderr_tail="err", worker="w", cancel_requested=True, stages=stages[:2]),
+        Task(
+            id="b",
+            type="demo",
+            status=TaskStatus.RUNNING,
+            priority=-3,
+            owner="jupyter",
+            created_at=t0 + 1,
+            started_at=t0 + 1.0005,
+            current_stage="Processing",
+            params={"items": 3, "seed": None},
+            stages=stages,
+            description="a demo",
+        ),
+        Task(
+            id="c",
+            type="demo",
+            status=TaskStatus.FAILED,
+            created_at=t0 + 2,
+            completed_at=t0 + 3,
+            error_message="boom",
+            error_details={"item": 2, "trace": ["x"]},
+            output=[1, {"k": 2.5}],
+            stdout_tail="out",
+            stderr_tail="err",
+            worker="w",
+            cancel_requested=True,
+            stages=stages[:2],
+        ),
     ]
 
 

@@ -65,13 +65,18 @@ async def test_list_subscriptions_honour_their_filters(mcp_client, runtime):
     assert not matcher(event("RUNNING"), "QUEUED")
     assert matcher(event("FAILED"), "RUNNING")  # it enters the list
     assert matcher(event("QUEUED"), "FAILED")  # it leaves the list (a retry)
+    assert matcher(event("RUNNING"), None)  # unknown before: it may have been in the list
+    assert not matcher(event("QUEUED"), "")  # a new task that is not in the list
     assert not _list_matcher(TaskFilter(types=("other",)))(event("RUNNING"), None)
 
     uris, on_message = updates_collector()
     async with mcp_client(message_handler=on_message) as client:
         await client.subscribe_resource("plexus://tasks?status=FAILED")
+        follower = next(iter(runtime.mcp.resource_watch._sessions.values()))
         ok = runtime.manager.dispatch("demo", {"items": 20, "item_delay_ms": 0})
         await runtime.manager.wait_final([ok.id], 20)
+        # Server-side truth: nothing was owed or sent for a task that never entered the FAILED list.
+        assert follower.sent == 0 and not follower.pending
         bad = runtime.manager.dispatch("demo", {"items": 20, "item_delay_ms": 0, "fail_at": 3})
         await runtime.manager.wait_final([bad.id], 20)
         await poll(lambda: len(uris), lambda n: n >= 1)
@@ -119,7 +124,9 @@ async def test_unsubscribing_and_session_end_release_everything(mcp_client, runt
         assert watch.followed() == 0 and watch.session_count == 0
         await client.subscribe_resource("plexus://tasks")
         assert watch.session_count == 1
-    await poll(lambda: gc.collect() and watch.session_count, lambda n: n == 0, timeout=10)
+        connection = next(iter(watch._sessions))
+        assert len(connection.exit_stack._exit_callbacks) <= 2  # one cleanup per session, not per cycle
+    await poll(lambda: (gc.collect(), watch.session_count)[1], lambda n: n == 0, timeout=10)
 
 
 async def test_twenty_subscribed_sessions_each_see_every_final_state(mcp_client, runtime):

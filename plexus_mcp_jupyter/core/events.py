@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from .models import iso, now
+
+log = logging.getLogger("plexus_mcp_jupyter")
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,9 @@ class EventBus:
     """Fan-out of events to subscribers, with a bounded history for resuming by sequence number."""
 
     def __init__(self, history_size: int = 10_000) -> None:
+        # Sequence numbers start again with each bus; the epoch tells a resuming client which bus its
+        # number belongs to.
+        self.epoch = uuid.uuid4().hex[:12]
         self._seq = itertools.count(1)
         self._subscriptions: set[Subscription] = set()
         self._history: deque[Event] = deque(maxlen=history_size)
@@ -117,12 +124,15 @@ class EventBus:
         return self._history[-1].seq if self._history else 0
 
     def publish(self, kind: str, entity_type: str, entity_id: str, data: dict[str, Any]) -> Event:
+        """Record and fan out one event. A failing subscriber is logged and skipped: it must never
+        break the core that publishes (a task left half-started) or keep the event from the others."""
         event = Event(next(self._seq), now(), kind, entity_type, entity_id, data)
         self._history.append(event)
-        for sub in list(self._subscriptions):
-            sub.offer(event)
-        for listener in list(self._listeners):
-            listener(event)
+        for receiver in [*(s.offer for s in self._subscriptions), *self._listeners]:
+            try:
+                receiver(event)
+            except Exception:
+                log.exception("Plexus: an event subscriber failed on %s %s", kind, entity_id)
         return event
 
     def subscribe(self, predicate: EventPredicate | None = None) -> Subscription:

@@ -106,11 +106,22 @@ class TaskManager:
             return
         self.started = True
         self._stopping = False
+        self.instance = uuid.uuid4().hex[:12]  # per start: a restart of this object is a new claimant
+        self.server_id = f"{self.executor.name}:{HOST}:{os.getpid()}:{self.instance}"
         self._loop = asyncio.get_running_loop()
         self.executor.start(self._loop)
         self.recover()
         self._maintenance = self._loop.create_task(self._maintain(), name="plexus-task-maintenance")
         self._schedule()
+
+    @property
+    def stopping(self) -> bool:
+        """True once the server began to stop: running tasks end as FAILED (or re-queued), not cancelled."""
+        return self._stopping
+
+    def begin_stop(self) -> None:
+        """Mark the shutdown before the faces close, so that calls cut short by it do not cancel tasks."""
+        self._stopping = True
 
     async def stop(self) -> None:
         """Stop every running task (cooperatively, then forcibly) and record why."""
@@ -422,8 +433,9 @@ class TaskManager:
             state.kill_timer = None
         task = state.task
         final = state.final
-        if self._stopping and not state.cancel_requested:
-            # Our own shutdown stopped it (its worker may report "cancelled" to the shutdown's request).
+        if self._stopping and not state.cancel_requested and (final is None or final[0] == "cancelled"):
+            # Our own shutdown stopped it (its worker reports "cancelled" to the shutdown's request, or
+            # nothing when killed). A result or an error it produced meanwhile is kept as reported.
             if self._idempotent(task.type):
                 try:
                     self._requeue(task.id, "the server stopped while it was running")

@@ -7,6 +7,7 @@ The call then stays open until the task ends, sending `notifications/progress` a
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -15,6 +16,8 @@ from mcp.server.mcpserver import Context
 
 from ..core.manager import TaskManager
 from ..core.models import Task, TaskStatus, iso
+
+log = logging.getLogger("plexus_mcp_jupyter")
 
 
 def progress_token(ctx: Context | None) -> str | int | None:
@@ -31,17 +34,20 @@ def progress_token(ctx: Context | None) -> str | int | None:
     return token if isinstance(token, str | int) and not isinstance(token, bool) else None
 
 
-def overall_progress(task: Task) -> tuple[float, float, str]:
+def overall_progress(task: Task) -> tuple[float, float | None, str]:
     """Steps done, steps known so far, and a one-line message.
 
     A step is an item of any stage, plus one for the task's end, so that the last notification (at
     total) is sent when the task completes, not when its last item is done. Finished stages count in
-    full, so the figure never decreases as stages change; the total grows as stages become known.
+    full, so the figure never decreases as stages change; the total grows as stages become known,
+    and is None while a stage's size is unknown (progress must never exceed total).
     """
     done = sum(float(stage.processed_items) for stage in task.stages)
-    known = sum(float(stage.total_items) for stage in task.stages if stage.total_items is not None) + 1
+    known: float | None = None
+    if all(stage.total_items is not None for stage in task.stages):
+        known = sum(float(stage.total_items or 0) for stage in task.stages) + 1
     if task.status == TaskStatus.COMPLETED:
-        done = known
+        done = known if known is not None else done + 1
     stage = task.stages[-1] if task.stages else None
     if task.status.is_final:
         message = task.status.value + (f": {task.error_message}" if task.error_message else "")
@@ -72,8 +78,13 @@ async def follow_to_end(ctx: Context, manager: TaskManager, task_id: str) -> Tas
             await subscription.next_batch()
             task = manager.get(task_id)
     except anyio.get_cancelled_exc_class():
-        # The client cancelled the call (notifications/cancelled) or went away: stop the work too.
-        manager.cancel([task_id])
+        # The client cancelled the call (notifications/cancelled) or went away: stop the work too,
+        # unless it is the server shutting down, which records its tasks itself.
+        if not manager.stopping:
+            try:
+                manager.cancel([task_id])
+            except Exception:
+                log.exception("Plexus: could not cancel task %s after its call was cancelled", task_id)
         raise
     finally:
         subscription.close()

@@ -14,19 +14,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import anyio
 from mcp.server.mcpserver import MCPServer
-from mcp.server.subscriptions import ListenHandler, ResourceUpdated, SubscriptionBus
+from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, ResourceUpdated
 from mcp.shared.exceptions import MCPError
+from mcp.shared.subscriptions import SUBSCRIPTION_ID_META_KEY, event_to_notification
 from mcp.types import (
     INVALID_PARAMS,
+    INVALID_REQUEST,
     EmptyResult,
     SubscribeRequestParams,
+    SubscriptionFilter,
+    SubscriptionsAcknowledgedNotification,
+    SubscriptionsAcknowledgedNotificationParams,
     SubscriptionsListenRequestParams,
     SubscriptionsListenResult,
     UnsubscribeRequestParams,
@@ -85,30 +90,33 @@ def _list_matcher(flt: TaskFilter) -> Matcher:
         if types and event.data.get("type") not in types:
             return False
         # A task entering or leaving a status-filtered list changes it, and so does a change to one in it.
-        return not statuses or event.data.get("status") in statuses or old_status in statuses
+        # An unknown previous status (None) may have been in the list: tell, to be safe.
+        return (not statuses or old_status is None or event.data.get("status") in statuses
+                or old_status in statuses)
 
     return matches
 
 
-@dataclass
+@dataclass(eq=False)  # identity: followers live in sets
 class _Follower:
-    """The URIs one receiver follows and the notifications owed to it."""
+    """The URIs one receiver (a session, or one listen stream) follows, and the notifications owed to it."""
 
-    send: Callable[[str], Any]  # async: sends notifications/resources/updated (or publishes it)
+    send: Callable[[str], Awaitable[None]]  # sends one notifications/resources/updated
     uris: dict[str, Matcher] = field(default_factory=dict)
-    pending: dict[str, None] = field(default_factory=dict)  # ordered set
+    pending: dict[str, None] = field(default_factory=dict)  # an ordered set
     sender: asyncio.Task[None] | None = None
+    ready: bool = True  # a listen stream is ready once its acknowledgement went out
     closed: bool = False
+    sent: int = 0
 
 
 class ResourceWatch:
     """Who follows which resource, fed by the core's EventBus."""
 
-    def __init__(self, manager: TaskManager, listen_bus: SubscriptionBus) -> None:
+    def __init__(self, manager: TaskManager) -> None:
         self.manager = manager
         self._sessions: weakref.WeakKeyDictionary[Any, _Follower] = weakref.WeakKeyDictionary()
-        self._listen_counts: Counter[str] = Counter()
-        self._listen = _Follower(send=lambda uri: listen_bus.publish(ResourceUpdated(uri=uri)))
+        self._streams: set[_Follower] = set()
         self._last_status: dict[str, str] = {}
         self._remove_listener = manager.bus.add_listener(self._on_event)
 
@@ -122,92 +130,111 @@ class ResourceWatch:
             connection_ref = weakref.ref(connection)
             follower = _Follower(send=lambda u: _send_updated(connection_ref, u))
             self._sessions[connection] = follower
-            # The session's end releases its subscriptions at once (the weak key is the backstop).
-            connection.exit_stack.callback(self._drop, connection)
+            if not connection.state.get(_CLEANUP_KEY):
+                # Once per session: its end releases its subscriptions (the weak key is the backstop).
+                connection.state[_CLEANUP_KEY] = True
+                connection.exit_stack.callback(self._drop, connection)
         follower.uris[uri] = matcher
 
-    def unsubscribe(self, session: Any, uri: str) -> None:
-        follower = self._sessions.get(session)
+    def unsubscribe(self, connection: Any, uri: str) -> None:
+        follower = self._sessions.get(connection)
         if follower is None:
             return
         follower.uris.pop(uri, None)
         follower.pending.pop(uri, None)
         if not follower.uris:
-            self._drop(session)
+            self._drop(connection)
 
-    def listen(self, uris: list[str]) -> None:
-        """A listen stream started following these URIs (validated beforehand)."""
-        for uri in uris:
-            if self._listen_counts[uri] == 0:
-                self._listen.uris[uri] = parse_subscription(uri, self.manager)
-            self._listen_counts[uri] += 1
+    def add_stream(self, uris: list[str], send: Callable[[str], Awaitable[None]]) -> _Follower:
+        """A listen stream (2026 era): its own follower, so it is coalesced and paced by its own writes."""
+        follower = _Follower(send=send, uris={uri: parse_subscription(uri, self.manager) for uri in uris},
+                             ready=False)
+        self._streams.add(follower)
+        return follower
 
-    def unlisten(self, uris: list[str]) -> None:
-        for uri in uris:
-            self._listen_counts[uri] -= 1
-            if self._listen_counts[uri] <= 0:
-                del self._listen_counts[uri]
-                self._listen.uris.pop(uri, None)
-                self._listen.pending.pop(uri, None)
+    def stream_ready(self, follower: _Follower) -> None:
+        follower.ready = True
+        self._kick(follower)
+
+    def remove_stream(self, follower: _Follower) -> None:
+        self._streams.discard(follower)
+        self._close(follower)
 
     @property
     def session_count(self) -> int:
         return len(self._sessions)
 
     def followed(self) -> int:
-        return sum(len(f.uris) for f in self._sessions.values()) + len(self._listen.uris)
+        return sum(len(f.uris) for f in self._followers())
 
     def close(self) -> None:
         self._remove_listener()
-        for follower in [*self._sessions.values(), self._listen]:
-            if follower.sender is not None:
-                follower.sender.cancel()
+        for follower in self._followers():
+            self._close(follower)
 
-    def _drop(self, session: Any) -> None:
-        follower = self._sessions.pop(session, None)
+    def _followers(self) -> list[_Follower]:
+        return [*self._sessions.values(), *self._streams]
+
+    def _drop(self, connection: Any) -> None:
+        follower = self._sessions.pop(connection, None)
         if follower is not None:
-            follower.closed = True
-            if follower.sender is not None and follower.sender is not asyncio.current_task():
-                follower.sender.cancel()
+            self._close(follower)
+
+    @staticmethod
+    def _close(follower: _Follower) -> None:
+        follower.closed = True
+        follower.pending.clear()
+        if follower.sender is not None and follower.sender is not asyncio.current_task():
+            follower.sender.cancel()
 
     # -- delivery ------------------------------------------------------------------------------
 
     def _on_event(self, event: Event) -> None:
         if event.entity_type != "task":
             return
-        old = self._last_status.get(event.entity_id)
+        # The status a task had before this event: "" for a new task, None when this server has not
+        # seen it yet (a task from before its start), in which case a status-filtered list is told.
+        old = "" if event.kind == "task.created" else self._last_status.get(event.entity_id, _UNKNOWN)
         status = event.data.get("status")
         if status in ("COMPLETED", "FAILED", "CANCELLED"):
             self._last_status.pop(event.entity_id, None)
         elif isinstance(status, str):
             self._last_status[event.entity_id] = status
-        for follower in [*self._sessions.values(), self._listen]:
+        for follower in self._followers():
             for uri, matcher in follower.uris.items():
                 if matcher(event, old):
                     follower.pending[uri] = None
-            if follower.pending and follower.sender is None:
-                try:
-                    loop = asyncio.get_running_loop()
-                except RuntimeError:
-                    continue  # published outside the loop (a script): sent with the next event
-                follower.sender = loop.create_task(self._drain(follower))
+            self._kick(follower)
+
+    def _kick(self, follower: _Follower) -> None:
+        if not follower.pending or follower.sender is not None or not follower.ready or follower.closed:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # published outside the loop (a script): sent with the next event
+        follower.sender = loop.create_task(self._drain(follower))
 
     async def _drain(self, follower: _Follower) -> None:
         try:
             while follower.pending and not follower.closed:
                 uri = next(iter(follower.pending))
                 del follower.pending[uri]
-                await follower.send(uri)
-        except Exception:  # the session went away mid-send: forget it
-            log.debug("Plexus: a resource subscriber went away", exc_info=True)
-            follower.closed = True
-            for session, f in list(self._sessions.items()):
-                if f is follower:
-                    self._sessions.pop(session, None)
+                await follower.send(uri)  # awaited: a slow reader slows this loop, and updates coalesce
+                follower.sent += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # This receiver could not be written to (its session or stream is ending; their own
+            # cleanup unregisters them). Others are unaffected.
+            log.debug("Plexus: a resource update could not be sent", exc_info=True)
         finally:
             follower.sender = None
-            if follower.pending and not follower.closed:
-                follower.sender = asyncio.get_running_loop().create_task(self._drain(follower))
+        self._kick(follower)
+
+
+_CLEANUP_KEY = "plexus.resource_watch.cleanup"
+_UNKNOWN = None
 
 
 async def _send_updated(connection_ref: weakref.ref[Any], uri: str) -> None:
@@ -219,28 +246,52 @@ async def _send_updated(connection_ref: weakref.ref[Any], uri: str) -> None:
 
 
 class PlexusListenHandler(ListenHandler):
-    """The SDK's `subscriptions/listen` handler, telling the ResourceWatch which URIs streams follow."""
+    """`subscriptions/listen` (2026-07-28) for resource updates, one ResourceWatch follower per stream.
 
-    def __init__(self, bus: SubscriptionBus, watch: ResourceWatch) -> None:
-        super().__init__(bus)
+    Same protocol as the SDK's handler (acknowledgement first, every frame stamped with the
+    subscription id, only what was asked for), but resource updates come from the stream's own
+    follower rather than the shared in-memory bus: they are coalesced per stream and each write is
+    awaited, so a client that reads slowly gets fewer, later notifications (the last one after the final
+    state) instead of a backlog that ends its stream.
+    """
+
+    def __init__(self, watch: ResourceWatch) -> None:
+        super().__init__(InMemorySubscriptionBus())
         self._watch = watch
 
     async def __call__(self, ctx: Any, params: SubscriptionsListenRequestParams) -> SubscriptionsListenResult:
-        uris = [str(u) for u in (params.notifications.resource_subscriptions or [])]
-        for uri in uris:
-            parse_subscription(uri, self._watch.manager)  # refuse a bad URI before the stream starts
-        self._watch.listen(uris)
+        subscription_id = ctx.request_id
+        if subscription_id is None:
+            raise MCPError(INVALID_REQUEST, "subscriptions/listen requires a request id")
+        requested = params.notifications
+        uris = [str(u) for u in (requested.resource_subscriptions or [])]
+        meta: dict[str, Any] = {SUBSCRIPTION_ID_META_KEY: subscription_id}
+        honored = SubscriptionFilter(resource_subscriptions=uris or None)  # list-changed events never happen here
+
+        async def send(uri: str) -> None:
+            await ctx.session.send_notification(
+                event_to_notification(ResourceUpdated(uri=uri), meta), related_request_id=subscription_id
+            )
+
+        follower = self._watch.add_stream(uris, send)  # parses (and refuses) the URIs first
         try:
-            return await super().__call__(ctx, params)
+            await ctx.session.send_notification(
+                SubscriptionsAcknowledgedNotification(
+                    params=SubscriptionsAcknowledgedNotificationParams(notifications=honored, _meta=meta)
+                ),
+                related_request_id=subscription_id,
+            )
+            self._watch.stream_ready(follower)
+            await anyio.sleep_forever()  # until the client closes the stream (the request is cancelled)
         finally:
-            self._watch.unlisten(uris)
+            self._watch.remove_stream(follower)
+        return SubscriptionsListenResult(_meta=meta)  # pragma: no cover - the wait above only ends by cancel
 
 
 def install_subscriptions(server: MCPServer, manager: TaskManager) -> ResourceWatch:
     """Serve resources/subscribe, resources/unsubscribe and subscriptions/listen from the EventBus."""
     lowlevel = server._lowlevel_server
-    listen_bus = server._subscriptions
-    watch = ResourceWatch(manager, listen_bus)
+    watch = ResourceWatch(manager)
 
     # The per-request ServerSession does not outlive its request; subscriptions belong to the
     # connection behind it (the SDK has no public accessor for it on the low-level context yet).
@@ -254,7 +305,5 @@ def install_subscriptions(server: MCPServer, manager: TaskManager) -> ResourceWa
 
     lowlevel.add_request_handler("resources/subscribe", SubscribeRequestParams, on_subscribe)
     lowlevel.add_request_handler("resources/unsubscribe", UnsubscribeRequestParams, on_unsubscribe)
-    lowlevel.add_request_handler(
-        "subscriptions/listen", SubscriptionsListenRequestParams, PlexusListenHandler(listen_bus, watch)
-    )
+    lowlevel.add_request_handler("subscriptions/listen", SubscriptionsListenRequestParams, PlexusListenHandler(watch))
     return watch

@@ -1,10 +1,12 @@
 """`{base_url}plexus/api/events`: a WebSocket of state changes for the notebook and the lab.
 
-Query: `entity_type`, `ids`, `status`, `type` (comma-separated; empty matches all) and `since` (a
-sequence number: events after it that are still in the bus's history are replayed first). Messages
-are JSON: `{"type": "hello", "seq": N}` once, then `{"type": "event", "seq", "at", "kind",
-"entity_type", "entity_id", "data"}`; `{"type": "gap", ...}` when events after `since` were already
-dropped from the history. A client that reads slowly gets the latest state per entity (never an
+Query: `entity_type`, `ids`, `status`, `type` (comma-separated; empty matches all), `since` (a
+sequence number: events after it that are still in the bus's history are replayed first) and `epoch`
+(the `epoch` of the hello that `since` came from). Messages are JSON: `{"type": "hello", "seq": N,
+"epoch": E}` once, then `{"type": "event", "seq", "at", "kind",
+"entity_type", "entity_id", "data"}`; `{"type": "gap", ...}` when events after `since` are not available
+(dropped from the history, or numbered by an earlier server start: a different epoch, or a `since`
+beyond the last event). A client that reads slowly gets the latest state per entity (never an
 unbounded backlog) and always the final state. Bad filters close the socket with code 4400 and the
 reason; the full message is sent first as `{"type": "error", "message": ...}`.
 """
@@ -61,20 +63,26 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
         except ValueError:
             self._refuse("since must be a sequence number (a whole number >= 0) from an earlier event")
             return
-        # Subscribe before replaying, so nothing published meanwhile is missed.
+        # Subscribe, then take the history in the same step: every event is then either in the
+        # snapshot (seq <= snapshot) or in the subscription (seq > snapshot), none in both or neither.
         self._subscription = bus.subscribe(flt)
-        await self._send({"type": "hello", "seq": bus.last_seq})
-        replayed_up_to = since or 0
+        snapshot = bus.last_seq
+        history = list(bus.since(since)) if since is not None else []
+        epoch = self.get_argument("epoch", None)
+        await self._send({"type": "hello", "seq": snapshot, "epoch": bus.epoch})
         if since is not None:
-            history = list(bus.since(since))
-            oldest = history[0].seq if history else bus.last_seq + 1
-            if oldest > since + 1 and bus.last_seq > since:
-                await self._send({"type": "gap", "since": since, "oldest": oldest,
-                                  "message": "events after 'since' were dropped; re-read the current state"})
-            for event in history:
-                if flt(event):
-                    await self._send(_event_message(event))
-                replayed_up_to = event.seq
+            oldest = history[0].seq if history else snapshot + 1
+            other_bus = (epoch is not None and epoch != bus.epoch) or since > snapshot
+            if other_bus or oldest > since + 1:
+                # Numbers from another server start (or dropped from the history): say so, and
+                # continue from now rather than filtering everything out against a foreign number.
+                await self._send({"type": "gap", "since": since, "oldest": oldest, "epoch": bus.epoch,
+                                  "message": "events after 'since' are not available; re-read the current state"})
+            if not other_bus:
+                for event in history:
+                    if flt(event):
+                        await self._send(_event_message(event))
+        replayed_up_to = snapshot
         self._pump = asyncio.get_running_loop().create_task(self._forward(replayed_up_to))
 
     def _refuse(self, message: str) -> None:
@@ -92,6 +100,9 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
                         await self._send(_event_message(event))
         except (StopAsyncIteration, WebSocketClosedError, StreamClosedError):
             pass
+        except Exception:
+            self.log.exception("Plexus: the event stream failed")
+            self.close(1011, "internal error in the event stream; reconnect with since=<last seq>")
 
     async def _send(self, message: dict[str, Any]) -> None:
         # Awaiting the write is the backpressure: while a client does not read, events wait in the
