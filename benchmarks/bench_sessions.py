@@ -31,7 +31,9 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-async def one_session(url: str, tasks: int, items: int, deadline: float, ready: asyncio.Event) -> int:
+async def one_session(
+    url: str, tasks: int, items: int, deadline: float, ready: asyncio.Event, connected: asyncio.Semaphore
+) -> int:
     """Returns how many of its tasks' final states this session never saw."""
     announced: set[str] = set()
     woken = asyncio.Event()
@@ -43,6 +45,17 @@ async def one_session(url: str, tasks: int, items: int, deadline: float, ready: 
 
     final: dict[str, str] = {}
     async with client(url, message_handler=on_message) as c:
+        # Server notifications on the 2025 wire ride the session's GET stream, which the client opens
+        # in the background after the handshake; whatever is sent before it is up is lost by design.
+        # A canary task that reports progress for a while proves the stream is up before we count.
+        canary = await c.call_tool("run_demo_task", {"items": 200, "item_delay_ms": 10})
+        canary_uri = f"plexus://tasks/{canary.structured_content['task_id']}"
+        await c.subscribe_resource(canary_uri)
+        await asyncio.wait_for(woken.wait(), 60)
+        await c.unsubscribe_resource(canary_uri)
+        await c.call_tool("cancel_tasks", {"task_ids": [canary.structured_content["task_id"]]})
+        announced.clear()
+        connected.release()
         await ready.wait()
         ids = []
         for _ in range(tasks):
@@ -53,14 +66,14 @@ async def one_session(url: str, tasks: int, items: int, deadline: float, ready: 
         pending = {f"plexus://tasks/{i}" for i in ids}
         announced |= pending
         while pending and time.monotonic() < deadline:
+            woken.clear()  # before reading: an announcement during the reads must wake the next wait
             for uri in sorted(announced & pending):
                 announced.discard(uri)
                 status = json.loads((await c.read_resource(uri)).contents[0].text)["status"]
                 if status in FINAL:
                     final[uri] = status
                     pending.discard(uri)
-            if pending:
-                woken.clear()
+            if pending and not (announced & pending):
                 try:
                     await asyncio.wait_for(woken.wait(), max(0.0, deadline - time.monotonic()))
                 except asyncio.TimeoutError:
@@ -81,9 +94,13 @@ async def main() -> None:
         started = time.monotonic()
         ready = asyncio.Event()
         deadline = started + args.deadline
-        runs = [asyncio.create_task(one_session(url, args.tasks, args.items, deadline, ready))
-                for _ in range(args.sessions)]
-        await asyncio.sleep(0.5)
+        connected = asyncio.Semaphore(0)
+        runs = [
+            asyncio.create_task(one_session(url, args.tasks, args.items, deadline, ready, connected))
+            for _ in range(args.sessions)
+        ]
+        for _ in range(args.sessions):
+            await connected.acquire()
         ready.set()
         lost = sum(await asyncio.gather(*runs))
         elapsed = time.monotonic() - started

@@ -12,12 +12,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing as mp
+import sys
 import threading
+import types
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from .. import worker
 from .base import Executor, MessageCallback
+
+
+@contextlib.contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """Start a worker without re-importing the server's `__main__` in it.
+
+    multiprocessing (forkserver and spawn) makes each child re-import the parent's main module, which
+    for Jupyter is the whole `jupyter server` entry point: measured 0.6 to 1 s before a task's first
+    line. Workers import their task code by path and need nothing from `__main__`, so a bare module
+    stands in for it while the child's preparation data is taken (synchronously, in start()).
+    """
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if main is not None:
+            sys.modules["__main__"] = main
 
 
 @dataclass
@@ -63,7 +84,8 @@ class LocalExecutor(Executor):
             name=f"plexus-task-{task_id[:8]}",
             daemon=True,
         )
-        process.start()
+        with _main_module_hidden():
+            process.start()
         sender.close()  # the child holds the only writer: EOF on our side means it is gone
         reader = threading.Thread(
             target=self._pump, args=(task_id, process, receiver, on_message), daemon=True,
