@@ -16,6 +16,7 @@ from mcp.server.mcpserver import Context
 
 from ..core.manager import TaskManager
 from ..core.models import Task, TaskStatus, iso
+from .schemas import task_uri
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
@@ -97,5 +98,5 @@ def final_summary(task: Task) -> dict[str, Any]:
         "status": task.status,
         "priority": task.priority,
         "created_at": iso(task.created_at),
-        "resource_uri": f"plexus://tasks/{task.id}",
+        "resource_uri": task_uri(task.id),
     }

@@ -13,6 +13,11 @@ from pydantic import BaseModel, Field
 from ..core.models import StageStatus, TaskStatus
 
 
+def task_uri(task_id: str) -> str:
+    """The MCP resource of one task."""
+    return f"plexus://tasks/{task_id}"
+
+
 class Progress(BaseModel):
     stage: str | None = Field(description="Name of the current (or last) stage")
     processed: int = Field(description="Items processed in that stage")

@@ -21,15 +21,11 @@ from ..core.errors import PlexusError
 from ..core.manager import HISTORY_MAX, MAX_PRIORITY, MIN_PRIORITY, TaskManager
 from ..core.models import Task, TaskStatus
 from .progress import final_summary, follow_to_end, progress_token
-from .schemas import CancelResult, DispatchResult, TaskDetail, TaskPage
+from .schemas import CancelResult, DispatchResult, TaskDetail, TaskPage, task_uri
 
 MAX_CANCEL_IDS = 100
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def task_uri(task_id: str) -> str:
-    return f"plexus://tasks/{task_id}"
 
 
 def identity_of(ctx: Context | None) -> str | None:
