@@ -48,14 +48,18 @@ async def one_session(
         # Server notifications on the 2025 wire ride the session's GET stream, which the client opens
         # in the background after the handshake; whatever is sent before it is up is lost by design.
         # A canary task that reports progress for a while proves the stream is up before we count.
-        canary = await c.call_tool("run_demo_task", {"items": 200, "item_delay_ms": 10})
-        canary_uri = f"plexus://tasks/{canary.structured_content['task_id']}"
-        await c.subscribe_resource(canary_uri)
-        await asyncio.wait_for(woken.wait(), 60)
-        await c.unsubscribe_resource(canary_uri)
-        await c.call_tool("cancel_tasks", {"task_ids": [canary.structured_content["task_id"]]})
-        announced.clear()
-        connected.release()
+        # A long canary task, cancelled once subscribed to: its end (queued or running) is announced,
+        # which proves the stream is up before we count.
+        try:
+            canary = await c.call_tool("run_demo_task", {"items": 100_000, "item_delay_ms": 5})
+            canary_id = canary.structured_content["task_id"]
+            await c.subscribe_resource(f"plexus://tasks/{canary_id}")
+            await c.call_tool("cancel_tasks", {"task_ids": [canary_id]})
+            await asyncio.wait_for(woken.wait(), 60)
+            await c.unsubscribe_resource(f"plexus://tasks/{canary_id}")
+            announced.clear()
+        finally:
+            connected.release()  # never leave the others waiting for this session
         await ready.wait()
         ids = []
         for _ in range(tasks):
