@@ -103,11 +103,44 @@ class _Follower:
 
     send: Callable[[str], Awaitable[None]]  # sends one notifications/resources/updated
     uris: dict[str, Matcher] = field(default_factory=dict)
+    # Indexes of `uris`, so an event costs a lookup per follower, not a test per followed URI.
+    by_task: dict[str, str] = field(default_factory=dict)  # task id -> its task URI
+    lists: dict[str, Matcher] = field(default_factory=dict)  # list URI -> matcher
     pending: dict[str, None] = field(default_factory=dict)  # an ordered set
     sender: asyncio.Task[None] | None = None
     ready: bool = True  # a listen stream is ready once its acknowledgement went out
     closed: bool = False
     sent: int = 0
+
+    def follow(self, uri: str, matcher: Matcher) -> None:
+        self.uris[uri] = matcher
+        task_id = _task_id_of(uri)
+        if task_id is not None:
+            self.by_task[task_id] = uri
+        else:
+            self.lists[uri] = matcher
+
+    def unfollow(self, uri: str) -> None:
+        self.uris.pop(uri, None)
+        self.lists.pop(uri, None)
+        self.pending.pop(uri, None)
+        task_id = _task_id_of(uri)
+        if task_id is not None and self.by_task.get(task_id) == uri:
+            del self.by_task[task_id]
+
+    def owed(self, event: Event, old_status: str | None) -> None:
+        uri = self.by_task.get(event.entity_id)
+        if uri is not None:
+            self.pending[uri] = None
+        for uri, matcher in self.lists.items():
+            if matcher(event, old_status):
+                self.pending[uri] = None
+
+
+def _task_id_of(uri: str) -> str | None:
+    """The task id of a `plexus://tasks/{task_id}` URI (already validated), None for a list URI."""
+    path = urlsplit(uri).path.strip("/")
+    return path or None
 
 
 class ResourceWatch:
@@ -134,21 +167,21 @@ class ResourceWatch:
                 # Once per session: its end releases its subscriptions (the weak key is the backstop).
                 connection.state[_CLEANUP_KEY] = True
                 connection.exit_stack.callback(self._drop, connection)
-        follower.uris[uri] = matcher
+        follower.follow(uri, matcher)
 
     def unsubscribe(self, connection: Any, uri: str) -> None:
         follower = self._sessions.get(connection)
         if follower is None:
             return
-        follower.uris.pop(uri, None)
-        follower.pending.pop(uri, None)
+        follower.unfollow(uri)
         if not follower.uris:
             self._drop(connection)
 
     def add_stream(self, uris: list[str], send: Callable[[str], Awaitable[None]]) -> _Follower:
         """A listen stream (2026 era): its own follower, so it is coalesced and paced by its own writes."""
-        follower = _Follower(send=send, uris={uri: parse_subscription(uri, self.manager) for uri in uris},
-                             ready=False)
+        follower = _Follower(send=send, ready=False)
+        for uri in uris:
+            follower.follow(uri, parse_subscription(uri, self.manager))
         self._streams.add(follower)
         return follower
 
@@ -201,9 +234,7 @@ class ResourceWatch:
         elif isinstance(status, str):
             self._last_status[event.entity_id] = status
         for follower in self._followers():
-            for uri, matcher in follower.uris.items():
-                if matcher(event, old):
-                    follower.pending[uri] = None
+            follower.owed(event, old)
             self._kick(follower)
 
     def _kick(self, follower: _Follower) -> None:
