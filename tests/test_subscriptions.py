@@ -42,12 +42,20 @@ async def read_json(client, uri: str) -> dict:
 async def test_a_subscribed_task_is_announced_through_to_its_final_state(mcp_client, runtime):
     uris, on_message = updates_collector()
     seen: list[str] = []
+    sent_at_final: list[int] = []
     async with mcp_client(message_handler=on_message) as client:
         task_id = (await client.call_tool("run_demo_task", {"items": 300, "item_delay_ms": 2})).structured_content[
             "task_id"
         ]
         uri = f"plexus://tasks/{task_id}"
         await client.subscribe_resource(uri)
+        follower = next(iter(runtime.mcp.resource_watch._sessions.values()))
+        # Server-side truth: how many notifications had been sent when the final state was published.
+        runtime.bus.add_listener(
+            lambda e: (
+                sent_at_final.append(follower.sent) if e.kind == "task.completed" and e.entity_id == task_id else None
+            )
+        )
 
         async def latest_status():
             while uris:
@@ -56,6 +64,9 @@ async def test_a_subscribed_task_is_announced_through_to_its_final_state(mcp_cli
             return seen[-1] if seen else None
 
         assert await poll(latest_status, lambda s: s == "COMPLETED", timeout=30) == "COMPLETED"
+        # A notification was sent after the final state (not only earlier ones that a read happened to
+        # catch up with).
+        await poll(lambda: follower.sent, lambda n: sent_at_final and n > sent_at_final[0])
     assert "RUNNING" in seen or "QUEUED" in seen
 
 
