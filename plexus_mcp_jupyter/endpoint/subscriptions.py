@@ -102,8 +102,7 @@ class _Follower:
     """The URIs one receiver (a session, or one listen stream) follows, and the notifications owed to it."""
 
     send: Callable[[str], Awaitable[None]]  # sends one notifications/resources/updated
-    uris: dict[str, Matcher] = field(default_factory=dict)
-    # Indexes of `uris`, so an event costs a lookup per follower, not a test per followed URI.
+    # What it follows, indexed so that an event costs a lookup per follower, not a test per URI.
     by_task: dict[str, str] = field(default_factory=dict)  # task id -> its task URI
     lists: dict[str, Matcher] = field(default_factory=dict)  # list URI -> matcher
     pending: dict[str, None] = field(default_factory=dict)  # an ordered set
@@ -112,8 +111,11 @@ class _Follower:
     closed: bool = False
     sent: int = 0
 
+    @property
+    def uris(self) -> list[str]:
+        return [*self.by_task.values(), *self.lists]
+
     def follow(self, uri: str, matcher: Matcher) -> None:
-        self.uris[uri] = matcher
         task_id = _task_id_of(uri)
         if task_id is not None:
             self.by_task[task_id] = uri
@@ -121,7 +123,6 @@ class _Follower:
             self.lists[uri] = matcher
 
     def unfollow(self, uri: str) -> None:
-        self.uris.pop(uri, None)
         self.lists.pop(uri, None)
         self.pending.pop(uri, None)
         task_id = _task_id_of(uri)
