@@ -86,6 +86,3 @@ class PlexusSettings(Configurable):
     def settings_traits(cls) -> dict[str, Any]:
         """The traits of PlexusSettings itself (not those of classes that mix it in)."""
         return PlexusSettings.class_traits(config=True)
-
-    def settings_values(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.settings_traits()}

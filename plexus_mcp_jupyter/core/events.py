@@ -47,9 +47,13 @@ class Event:
 EventPredicate = Callable[[Event], bool]
 
 
+class SubscriptionClosed(Exception):
+    """Raised by `Subscription.next_batch()` once the subscription is closed and drained."""
+
+
 @dataclass
 class Subscription:
-    """A subscriber's view of the bus: iterate it (async) to receive coalesced events."""
+    """A subscriber's view of the bus: `next_batch()` (or `drain()`) hands out coalesced events."""
 
     predicate: EventPredicate | None
     _bus: EventBus
@@ -78,7 +82,7 @@ class Subscription:
         """Wait for at least one event, then take all pending ones."""
         while not self._pending:
             if self.closed:
-                raise StopAsyncIteration
+                raise SubscriptionClosed
             self._wakeup.clear()
             await self._wakeup.wait()
         return self.drain()
@@ -87,18 +91,6 @@ class Subscription:
         self.closed = True
         self._bus._subscriptions.discard(self)
         self._wakeup.set()
-
-    def __aiter__(self) -> Subscription:
-        return self
-
-    async def __anext__(self) -> Event:
-        while not self._pending:
-            if self.closed:
-                raise StopAsyncIteration
-            self._wakeup.clear()
-            await self._wakeup.wait()
-        _key, event = self._pending.popitem(last=False)
-        return event
 
     def __hash__(self) -> int:
         return id(self)

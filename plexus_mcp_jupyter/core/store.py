@@ -250,13 +250,6 @@ class Store:
         with self.engine.connect() as conn:
             return [r[0] for r in conn.execute(query)]
 
-    def existing_ids(self, ids: Iterable[str]) -> set[str]:
-        ids = list(ids)
-        if not ids:
-            return set()
-        with self.engine.connect() as conn:
-            return {r[0] for r in conn.execute(sa.select(tasks_table.c.id).where(tasks_table.c.id.in_(ids)))}
-
     def queued(self, *, limit: int, exclude_owners: Iterable[str | None] = ()) -> list[Task]:
         """The queue in scheduling order (highest priority, then oldest), without the given owners'."""
         t = tasks_table

@@ -22,7 +22,7 @@ from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from ..core.errors import InvalidArgument
-from ..core.events import Event, Subscription
+from ..core.events import Event, Subscription, SubscriptionClosed
 from ..core.filters import EventFilter
 from .base import PlexusHandler
 
@@ -39,9 +39,6 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
 
     def check_origin(self, origin: str | None = None) -> bool:
         return self.origin_allowed()
-
-    async def get(self, *args: Any, **kwargs: Any) -> None:
-        await WebSocketHandler.get(self, *args, **kwargs)
 
     async def open(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         super().open(*args, **kwargs)  # Jupyter's keep-alive pings
@@ -98,7 +95,7 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
                 for event in await subscription.next_batch():
                     if event.seq > after:
                         await self._send(_event_message(event))
-        except (StopAsyncIteration, WebSocketClosedError, StreamClosedError):
+        except (SubscriptionClosed, WebSocketClosedError, StreamClosedError):
             pass
         except Exception:
             self.log.exception("Plexus: the event stream failed")

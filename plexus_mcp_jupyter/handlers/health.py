@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from .._version import __version__
 from .base import PlexusHandler
 
 AUTH_DISABLED_WARNING = (
@@ -27,5 +26,3 @@ class HealthHandler(PlexusHandler):
     # Jupyter's authenticated-by-default check looks for this marker on handler methods.
     get.__allow_unauthenticated = True  # type: ignore[attr-defined]
 
-
-__all__ = ["HealthHandler", "__version__"]

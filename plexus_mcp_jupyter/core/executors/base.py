@@ -40,9 +40,6 @@ class Executor(abc.ABC):
         """Stop the task's worker now (forced)."""
 
     @abc.abstractmethod
-    def is_running(self, task_id: str) -> bool: ...
-
-    @abc.abstractmethod
     async def shutdown(self, grace: float) -> None:
         """Cancel everything still running, wait up to `grace` seconds, then kill."""
 

@@ -131,10 +131,6 @@ class LocalExecutor(Executor):
         if running is not None and running.process.is_alive():
             running.process.kill()
 
-    def is_running(self, task_id: str) -> bool:
-        with self._lock:
-            return task_id in self._running
-
     def pid(self, task_id: str) -> int | None:
         with self._lock:
             running = self._running.get(task_id)
