@@ -64,9 +64,12 @@ def tools_md() -> str:
     lines = ["# MCP tools", "", GENERATED, "",
              "Every tool returns at once (milliseconds), with `structuredContent` matching its output schema and a",
              "one-line text summary. A bad argument is a tool error (`isError: true`) whose text says what was",
-             "wrong and what is allowed.", ""]
+             "wrong and what is allowed. Long work starts a task and answers with its id; how to follow it",
+             "(progress tokens, MCP tasks, subscriptions, reconnecting) is in long-running-work.md.", ""]
     for tool in tools:
         lines += [f"## `{tool.name}`", "", tool.description or "", ""]
+        if tool.execution is not None and tool.execution.task_support:
+            lines += [f"Runs as an MCP task: `execution.taskSupport` is `{tool.execution.task_support}`.", ""]
         props = tool.input_schema.get("properties", {})
         required = set(tool.input_schema.get("required", []))
         if props:

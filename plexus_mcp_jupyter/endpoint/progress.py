@@ -99,4 +99,6 @@ def final_summary(task: Task) -> dict[str, Any]:
         "priority": task.priority,
         "created_at": iso(task.created_at),
         "resource_uri": task_uri(task.id),
+        "output": task.output,
+        "error_message": task.error_message,
     }

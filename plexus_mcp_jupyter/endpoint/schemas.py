@@ -91,6 +91,8 @@ class DispatchResult(BaseModel):
     priority: int
     created_at: str | None
     resource_uri: str = Field(description="Read this resource for stages and progress history")
+    output: Any = Field(default=None, description="The task's result once it has completed (bounded in size)")
+    error_message: str | None = Field(default=None, description="Why the task failed, once it has failed")
 
 
 class CancelItem(BaseModel):

@@ -7,13 +7,16 @@ from typing import Any
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import Tool as MCPTool
+from mcp.types import ToolExecution
 from pydantic import ValidationError
 
 from .._version import __version__
 from ..core.manager import TaskManager
 from .resources import register_resources
-from .subscriptions import install_subscriptions
-from .tools import register_tools
+from .subscriptions import ResourceWatch, install_subscriptions
+from .tasks_ext import PlexusTasks, install_task_capability
+from .tools import TASK_TOOLS, register_tools
 
 INSTRUCTIONS = (
     "Plexus runs long tasks in the user's Jupyter server. Tools return at once: start work with "
@@ -29,6 +32,15 @@ class PlexusMCPServer(MCPServer):
     documentation URL). Here it becomes one line per bad argument: its name, what is allowed, and
     what was sent.
     """
+
+    task_tools: frozenset[str] = frozenset()
+
+    async def list_tools(self) -> list[MCPTool]:
+        tools = await super().list_tools()
+        for tool in tools:
+            if tool.name in self.task_tools:  # 2025-11-25: these may be called as tasks (the 2026 era drops it)
+                tool.execution = ToolExecution(task_support="optional")
+        return tools
 
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
         tool = self._tool_manager.get_tool(name)
@@ -70,13 +82,17 @@ def build_mcp_server(manager: TaskManager) -> MCPServer:
     # adds to the root logger is taken away again; the SDK's loggers stay at WARNING.
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    server: MCPServer = PlexusMCPServer(
+    tasks = PlexusTasks(manager, TASK_TOOLS)
+    server = PlexusMCPServer(
         name="plexus",
         title="Plexus tasks and evaluations",
         version=__version__,
         instructions=INSTRUCTIONS,
         log_level="WARNING",
+        extensions=[tasks],
+        middleware=[tasks.legacy_middleware],
     )
+    server.task_tools = tasks.task_tools
     for handler in root.handlers[:]:
         if handler not in handlers:
             root.removeHandler(handler)
@@ -85,6 +101,10 @@ def build_mcp_server(manager: TaskManager) -> MCPServer:
         logging.getLogger(name).setLevel(logging.WARNING)
     register_tools(server, manager)
     register_resources(server, manager)
-    if manager is not None:
-        server.resource_watch = install_subscriptions(server, manager)  # type: ignore[attr-defined]
+    install_task_capability(server._lowlevel_server)
+    if manager is not None:  # None when only the schemas are wanted (docs.py)
+        watch = ResourceWatch(manager)
+        tasks.follow_status = watch.follow_status
+        install_subscriptions(server, watch)
+        server.resource_watch = watch  # type: ignore[attr-defined]
     return server

@@ -16,11 +16,11 @@ import logging
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
 import anyio
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import MCPServer, require_client_extension
 from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, ResourceUpdated
 from mcp.shared.exceptions import MCPError
 from mcp.shared.subscriptions import SUBSCRIPTION_ID_META_KEY, event_to_notification
@@ -36,11 +36,13 @@ from mcp.types import (
     SubscriptionsListenResult,
     UnsubscribeRequestParams,
 )
+from pydantic import BaseModel
 
 from ..core.errors import InvalidArgument, NotFound
 from ..core.events import Event
 from ..core.manager import TaskManager
 from ..core.store import TaskFilter
+from .tasks_ext import TASKS_EXTENSION, detailed_task, legacy_status_notification
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
@@ -102,9 +104,12 @@ class _Follower:
     """The URIs one receiver (a session, or one listen stream) follows, and the notifications owed to it."""
 
     send: Callable[[str], Awaitable[None]]  # sends one notifications/resources/updated
+    # Sends one MCP task status notification (given the task id), for followers of task statuses.
+    send_status: Callable[[str], Awaitable[None]] | None = None
     # What it follows, indexed so that an event costs a lookup per follower, not a test per URI.
     by_task: dict[str, str] = field(default_factory=dict)  # task id -> its task URI
     lists: dict[str, Matcher] = field(default_factory=dict)  # list URI -> matcher
+    statuses: set[str] = field(default_factory=set)  # task ids whose status changes are owed (MCP tasks)
     pending: dict[str, None] = field(default_factory=dict)  # an ordered set
     sender: asyncio.Task[None] | None = None
     ready: bool = True  # a listen stream is ready once its acknowledgement went out
@@ -114,6 +119,10 @@ class _Follower:
     @property
     def uris(self) -> list[str]:
         return [*self.by_task.values(), *self.lists]
+
+    @property
+    def idle(self) -> bool:
+        return not (self.by_task or self.lists or self.statuses)
 
     def follow(self, uri: str, matcher: Matcher) -> None:
         task_id = _task_id_of(uri)
@@ -133,6 +142,8 @@ class _Follower:
         uri = self.by_task.get(event.entity_id)
         if uri is not None:
             self.pending[uri] = None
+        if event.entity_id in self.statuses and event.data.get("status") != old_status:
+            self.pending[_STATUS_KEY + event.entity_id] = None
         for uri, matcher in self.lists.items():
             if matcher(event, old_status):
                 self.pending[uri] = None
@@ -159,6 +170,17 @@ class ResourceWatch:
     def subscribe(self, connection: Any, uri: str) -> None:
         """`connection` is the SDK's connection-scoped object (one per MCP session)."""
         matcher = parse_subscription(uri, self.manager)
+        self._session_follower(connection).follow(uri, matcher)
+
+    def follow_status(self, connection: Any, task_id: str) -> None:
+        """Send a session `notifications/tasks/status` when the task's status changes (2025-11-25 tasks)."""
+        follower = self._session_follower(connection)
+        if follower.send_status is None:
+            connection_ref = weakref.ref(connection)
+            follower.send_status = lambda t: _send_task_status(connection_ref, self.manager, t)
+        follower.statuses.add(task_id)
+
+    def _session_follower(self, connection: Any) -> _Follower:
         follower = self._sessions.get(connection)
         if follower is None:
             connection_ref = weakref.ref(connection)
@@ -168,21 +190,28 @@ class ResourceWatch:
                 # Once per session: its end releases its subscriptions (the weak key is the backstop).
                 connection.state[_CLEANUP_KEY] = True
                 connection.exit_stack.callback(self._drop, connection)
-        follower.follow(uri, matcher)
+        return follower
 
     def unsubscribe(self, connection: Any, uri: str) -> None:
         follower = self._sessions.get(connection)
         if follower is None:
             return
         follower.unfollow(uri)
-        if not follower.uris:
+        if follower.idle:
             self._drop(connection)
 
-    def add_stream(self, uris: list[str], send: Callable[[str], Awaitable[None]]) -> _Follower:
+    def add_stream(
+        self,
+        uris: list[str],
+        send: Callable[[str], Awaitable[None]],
+        task_ids: list[str] = (),  # type: ignore[assignment]
+        send_status: Callable[[str], Awaitable[None]] | None = None,
+    ) -> _Follower:
         """A listen stream (2026 era): its own follower, so it is coalesced and paced by its own writes."""
-        follower = _Follower(send=send, ready=False)
+        follower = _Follower(send=send, send_status=send_status, ready=False)
         for uri in uris:
             follower.follow(uri, parse_subscription(uri, self.manager))
+        follower.statuses.update(task_ids)
         self._streams.add(follower)
         return follower
 
@@ -250,9 +279,13 @@ class ResourceWatch:
     async def _drain(self, follower: _Follower) -> None:
         try:
             while follower.pending and not follower.closed:
-                uri = next(iter(follower.pending))
-                del follower.pending[uri]
-                await follower.send(uri)  # awaited: a slow reader slows this loop, and updates coalesce
+                key = next(iter(follower.pending))
+                del follower.pending[key]
+                # Awaited: a slow reader slows this loop, and updates coalesce meanwhile.
+                if key.startswith(_STATUS_KEY) and follower.send_status is not None:
+                    await follower.send_status(key[len(_STATUS_KEY):])
+                else:
+                    await follower.send(key)
                 follower.sent += 1
         except asyncio.CancelledError:
             raise
@@ -266,6 +299,7 @@ class ResourceWatch:
 
 
 _CLEANUP_KEY = "plexus.resource_watch.cleanup"
+_STATUS_KEY = "status:"  # pending key of a task status notification (resource URIs start with plexus://)
 _UNKNOWN = None
 
 
@@ -275,6 +309,15 @@ async def _send_updated(connection_ref: weakref.ref[Any], uri: str) -> None:
         raise ConnectionError("the session is gone")
     # The connection's own channel: on the 2025 HTTP wire, the session's standalone GET stream.
     await connection.outbound.notify("notifications/resources/updated", {"uri": uri})
+
+
+async def _send_task_status(connection_ref: weakref.ref[Any], manager: TaskManager, task_id: str) -> None:
+    connection = connection_ref()
+    if connection is None:
+        raise ConnectionError("the session is gone")
+    params = legacy_status_notification(manager, task_id)
+    if params is not None:
+        await connection.outbound.notify("notifications/tasks/status", params)
 
 
 class PlexusListenHandler(ListenHandler):
@@ -291,21 +334,49 @@ class PlexusListenHandler(ListenHandler):
         super().__init__(InMemorySubscriptionBus())
         self._watch = watch
 
+    def _task_ids(self, ctx: Any, requested: SubscriptionFilter) -> list[str]:
+        """The `taskIds` of the tasks extension: the ones that exist are honoured."""
+        task_ids = (requested.model_extra or {}).get("taskIds")
+        if task_ids is None:
+            return []
+        require_client_extension(ctx, TASKS_EXTENSION)
+        if not isinstance(task_ids, list) or not all(isinstance(t, str) for t in task_ids):
+            raise MCPError(INVALID_PARAMS, "notifications.taskIds must be a list of task id strings")
+        honoured = []
+        for task_id in dict.fromkeys(task_ids):
+            try:
+                self._watch.manager.get(task_id)
+            except NotFound:
+                continue
+            honoured.append(task_id)
+        return honoured
+
     async def __call__(self, ctx: Any, params: SubscriptionsListenRequestParams) -> SubscriptionsListenResult:
         subscription_id = ctx.request_id
         if subscription_id is None:
             raise MCPError(INVALID_REQUEST, "subscriptions/listen requires a request id")
         requested = params.notifications
         uris = [str(u) for u in (requested.resource_subscriptions or [])]
+        task_ids = self._task_ids(ctx, requested)
         meta: dict[str, Any] = {SUBSCRIPTION_ID_META_KEY: subscription_id}
-        honored = SubscriptionFilter(resource_subscriptions=uris or None)  # list-changed events never happen here
+        # List-changed events never happen here, so only these are honoured.
+        honored = SubscriptionFilter(resource_subscriptions=uris or None)
+        if task_ids:
+            honored.taskIds = task_ids  # type: ignore[attr-defined]  # an extension's key (extra="allow")
 
         async def send(uri: str) -> None:
             await ctx.session.send_notification(
                 event_to_notification(ResourceUpdated(uri=uri), meta), related_request_id=subscription_id
             )
 
-        follower = self._watch.add_stream(uris, send)  # parses (and refuses) the URIs first
+        async def send_status(task_id: str) -> None:
+            try:
+                params = {**detailed_task(self._watch.manager.get(task_id)), "_meta": meta}
+            except NotFound:
+                return
+            await ctx.session.send_notification(TaskStatusPush(params=params), related_request_id=subscription_id)
+
+        follower = self._watch.add_stream(uris, send, task_ids, send_status)  # parses (and refuses) the URIs first
         try:
             await ctx.session.send_notification(
                 SubscriptionsAcknowledgedNotification(
@@ -320,10 +391,16 @@ class PlexusListenHandler(ListenHandler):
         return SubscriptionsListenResult(_meta=meta)  # pragma: no cover - the wait above only ends by cancel
 
 
-def install_subscriptions(server: MCPServer, manager: TaskManager) -> ResourceWatch:
+class TaskStatusPush(BaseModel):
+    """`notifications/tasks` of the tasks extension: a whole DetailedTask, as `tasks/get` would answer."""
+
+    method: Literal["notifications/tasks"] = "notifications/tasks"
+    params: dict[str, Any]
+
+
+def install_subscriptions(server: MCPServer, watch: ResourceWatch) -> None:
     """Serve resources/subscribe, resources/unsubscribe and subscriptions/listen from the EventBus."""
     lowlevel = server._lowlevel_server
-    watch = ResourceWatch(manager)
 
     # The per-request ServerSession does not outlive its request; subscriptions belong to the
     # connection behind it (the SDK has no public accessor for it on the low-level context yet).
@@ -338,4 +415,3 @@ def install_subscriptions(server: MCPServer, manager: TaskManager) -> ResourceWa
     lowlevel.add_request_handler("resources/subscribe", SubscribeRequestParams, on_subscribe)
     lowlevel.add_request_handler("resources/unsubscribe", UnsubscribeRequestParams, on_unsubscribe)
     lowlevel.add_request_handler("subscriptions/listen", SubscriptionsListenRequestParams, PlexusListenHandler(watch))
-    return watch

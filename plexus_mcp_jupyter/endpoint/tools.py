@@ -98,6 +98,19 @@ def describe(task: Task) -> str:
     return text + "."
 
 
+def outcome_result(task: Task) -> CallToolResult:
+    """What a task tool answers once its task has ended: the outcome, an error result unless it completed.
+
+    The same result whether the call waited (progress token) or the task is fetched later (MCP tasks).
+    """
+    call_result = result(describe(task), DispatchResult.model_validate(final_summary(task)))
+    call_result.is_error = task.status is not TaskStatus.COMPLETED
+    return call_result
+
+
+TASK_TOOLS = ("run_demo_task",)  # tools whose result names the task they started: they can run as MCP tasks
+
+
 def register_tools(server: MCPServer, manager: TaskManager) -> None:
     read_only = ToolAnnotations(read_only_hint=True, open_world_hint=False)
 
@@ -109,7 +122,7 @@ def register_tools(server: MCPServer, manager: TaskManager) -> None:
             "Use fail or fail_at to rehearse failure handling. If the request carries a progress token "
             "(_meta.progressToken), the call instead stays open, sends notifications/progress (items done over "
             "all stages, the stage and ETA in the message) until the task ends, and returns its outcome; "
-            "cancelling the call cancels the task."
+            "cancelling the call cancels the task. It can also run as an MCP task (tasks/get, tasks/result)."
         ),
         annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False),
     )
@@ -136,11 +149,7 @@ def register_tools(server: MCPServer, manager: TaskManager) -> None:
         if progress_token(ctx) is not None:
             # The caller asked for progress: stream it until the task ends (cancelling the call
             # cancels the task), then answer with the outcome.
-            task = await follow_to_end(ctx, manager, task.id)
-            out = DispatchResult.model_validate(final_summary(task))
-            call_result = result(describe(task), out)
-            call_result.is_error = task.status is not TaskStatus.COMPLETED
-            return call_result
+            return outcome_result(await follow_to_end(ctx, manager, task.id))
         out = DispatchResult.model_validate(final_summary(task))
         return result(f"Queued demo task {task.id} ({items} items); follow it with get_task.", out)
 

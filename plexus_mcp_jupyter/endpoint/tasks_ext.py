@@ -1,0 +1,300 @@
+"""MCP tasks: the 2025-11-25 experimental tasks and the 2026-07-28 `io.modelcontextprotocol/tasks` extension.
+
+Both map onto the Plexus task of TaskManager: the MCP task id *is* the Plexus task id, so there is one
+record of the work, one status and one result, whichever face started it. Any Plexus task can be
+polled with `tasks/get` (one started by a plain call, the notebook or REST too), a result outlives the
+session that asked for it, and a client that reconnects picks it up by id.
+
+The 2025-11-25 lane (handshake sessions): a `tools/call` carrying `params.task` returns
+`CreateTaskResult` at once; `tasks/get`, `tasks/result` (waits for the end), `tasks/list` and
+`tasks/cancel` follow it, and the session that created a task is sent `notifications/tasks/status` when
+its status changes. Tools declare `execution.taskSupport`. The SDK sieves every legacy `tools/call` result
+through `CallToolResult`, so this lane answers from a server middleware, which owns its result.
+
+The 2026-07-28 lane: a client that declares the extension in its per-request capabilities gets a task
+handle (`resultType: "task"`) from a task tool instead of the queued-task summary; `tasks/get` inlines
+the final `CallToolResult`; `tasks/cancel` and `tasks/update` acknowledge; `subscriptions/listen` with
+`notifications.taskIds` pushes `notifications/tasks`. This lane is an SDK `Extension`.
+
+Status mapping. Queued and running tasks are `working`. A task that failed is a tool call whose result
+has `isError: true`: `failed` in 2025-11-25 (whose spec says so for tool calls) and `completed` with an
+`isError` result in 2026-07-28 (whose `failed` is reserved for JSON-RPC errors).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
+from mcp.server.extension import Extension, MethodBinding
+from mcp.server.mcpserver import require_client_extension
+from mcp.shared.exceptions import MCPError
+from mcp.types import (
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    METHOD_NOT_FOUND,
+    CallToolRequestParams,
+    PaginatedRequestParams,
+    RequestParams,
+    ServerTasksCapability,
+    ServerTasksRequestsCapability,
+    TasksCallCapability,
+    TasksCancelCapability,
+    TasksListCapability,
+    TasksToolsCapability,
+)
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+from pydantic import BaseModel, Field
+
+from ..core.errors import InvalidArgument, NotFound
+from ..core.manager import TaskManager
+from ..core.models import Task, TaskStatus, iso
+from .tools import describe, outcome_result
+
+log = logging.getLogger("plexus_mcp_jupyter")
+
+TASKS_EXTENSION = "io.modelcontextprotocol/tasks"
+RELATED_TASK_META = "io.modelcontextprotocol/related-task"
+POLL_INTERVAL_MS = 1000
+LIST_PAGE_SIZE = 50
+LEGACY_VERSIONS_ONLY = "tasks/result and tasks/list are 2025-11-25 methods"
+
+# What a 2025-11-25 server advertises: tasks can be listed and cancelled, and tools/call can be a task.
+LEGACY_CAPABILITY = ServerTasksCapability(
+    list=TasksListCapability(),
+    cancel=TasksCancelCapability(),
+    requests=ServerTasksRequestsCapability(tools=TasksToolsCapability(call=TasksCallCapability())),
+)
+
+
+def is_modern(protocol_version: str | None) -> bool:
+    return protocol_version in MODERN_PROTOCOL_VERSIONS
+
+
+class TaskIdParams(RequestParams):
+    task_id: str = Field(min_length=1, max_length=64)
+
+
+class UpdateTaskParams(TaskIdParams):
+    input_responses: dict[str, Any] | None = None
+
+
+def mcp_status(task: Task, *, modern: bool) -> str:
+    if not task.status.is_final:
+        return "working"
+    if task.status is TaskStatus.COMPLETED or (modern and task.status is TaskStatus.FAILED):
+        return "completed"
+    return "cancelled" if task.status is TaskStatus.CANCELLED else "failed"
+
+
+def last_updated(task: Task) -> float:
+    times = [task.created_at, task.started_at, task.completed_at]
+    for stage in task.stages:
+        times += [stage.started_at, stage.completed_at]
+    return max(t for t in times if t is not None)
+
+
+def task_view(task: Task, *, modern: bool) -> dict[str, Any]:
+    """The MCP `Task` of a Plexus task, in the era's field names (ttl/pollInterval became ttlMs/pollIntervalMs).
+
+    Tasks are kept until the store is cleaned, so the time to live is unlimited (null).
+    """
+    return {
+        "taskId": task.id,
+        "status": mcp_status(task, modern=modern),
+        "statusMessage": describe(task),
+        "createdAt": iso(task.created_at),
+        "lastUpdatedAt": iso(last_updated(task)),
+        "ttlMs" if modern else "ttl": None,
+        "pollIntervalMs" if modern else "pollInterval": POLL_INTERVAL_MS,
+    }
+
+
+def tool_result_dict(task: Task) -> dict[str, Any]:
+    """The `CallToolResult` the task tool answers with once the task has ended, as JSON."""
+    return outcome_result(task).model_dump(by_alias=True, mode="json", exclude_none=True)
+
+
+def detailed_task(task: Task) -> dict[str, Any]:
+    """The 2026-07-28 `DetailedTask`: the task, with the final tool result inlined once it ended."""
+    view = task_view(task, modern=True)
+    if task.status.is_final and task.status is not TaskStatus.CANCELLED:
+        view["result"] = tool_result_dict(task)
+    return view
+
+
+def _not_found(task_id: str) -> MCPError:
+    return MCPError(INVALID_PARAMS, f"Failed to retrieve task: task {task_id!r} not found; task ids come from "
+                                    "a task-augmented tools/call, list_tasks or tasks/list")
+
+
+def _progress_free(ctx: ServerRequestContext[Any, Any]) -> ServerRequestContext[Any, Any]:
+    """The context without a progress token: a task call answers at once instead of streaming progress."""
+    meta = ctx.meta
+    if not meta or not ({"progressToken", "progress_token"} & set(meta)):
+        return ctx
+    stripped = {k: v for k, v in meta.items() if k not in ("progressToken", "progress_token")}
+    return dataclasses.replace(ctx, meta=stripped)  # type: ignore[arg-type]
+
+
+class PlexusTasks(Extension):
+    """Serves MCP tasks from TaskManager (both eras; see the module docstring)."""
+
+    identifier = TASKS_EXTENSION
+
+    def __init__(self, manager: TaskManager, task_tools: Sequence[str]) -> None:
+        self.manager = manager
+        self.task_tools = frozenset(task_tools)  # tools whose result names a Plexus task (task_id)
+        # Set by install_subscriptions: follow a task's status for a session (legacy notifications).
+        self.follow_status: Callable[[Any, str], None] | None = None
+
+    # -- shared ---------------------------------------------------------------------------------
+
+    def _task(self, task_id: str) -> Task:
+        try:
+            return self.manager.get(task_id)
+        except NotFound:
+            raise _not_found(task_id) from None
+
+    async def _start(self, ctx: ServerRequestContext[Any, Any], name: str, call_next: CallNext) -> Task:
+        """Run the task tool (which dispatches and answers at once) and return the task it started."""
+        outcome = await call_next(_progress_free(ctx))
+        if isinstance(outcome, dict):
+            data = outcome
+        elif isinstance(outcome, BaseModel):
+            data = outcome.model_dump(by_alias=True, mode="json")
+        else:
+            data = {}
+        if data.get("isError"):
+            text = " ".join(c.get("text", "") for c in data.get("content", []) if isinstance(c, dict))
+            raise MCPError(INVALID_PARAMS, text or f"{name} failed")
+        task_id = (data.get("structuredContent") or {}).get("task_id")
+        if not isinstance(task_id, str):
+            log.error("Plexus: task tool %s returned no task_id", name)
+            raise MCPError(INTERNAL_ERROR, f"{name} did not start a task")
+        return self.manager.get(task_id)
+
+    # -- 2026-07-28: the extension --------------------------------------------------------------
+
+    async def intercept_tool_call(
+        self, params: CallToolRequestParams, ctx: ServerRequestContext[Any, Any], call_next: CallNext
+    ) -> HandlerResult:
+        if (
+            not is_modern(ctx.protocol_version)
+            or params.name not in self.task_tools
+            or not self._declared(ctx)
+            or (ctx.meta and ({"progressToken", "progress_token"} & set(ctx.meta)))  # asked to stream instead
+        ):
+            return await call_next(ctx)
+        task = await self._start(ctx, params.name, call_next)
+        return {"resultType": "task", **task_view(task, modern=True)}
+
+    @staticmethod
+    def _declared(ctx: ServerRequestContext[Any, Any]) -> bool:
+        capabilities = ctx.session.client_capabilities
+        return bool(capabilities and capabilities.extensions and TASKS_EXTENSION in capabilities.extensions)
+
+    def methods(self) -> Sequence[MethodBinding]:
+        return (
+            MethodBinding("tasks/get", TaskIdParams, self.get),
+            MethodBinding("tasks/cancel", TaskIdParams, self.cancel),
+            MethodBinding("tasks/update", UpdateTaskParams, self.update, frozenset(MODERN_PROTOCOL_VERSIONS)),
+            MethodBinding("tasks/result", TaskIdParams, self.result, frozenset({"2025-11-25"})),
+            MethodBinding("tasks/list", PaginatedRequestParams, self.list, frozenset({"2025-11-25"})),
+        )
+
+    async def get(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> dict[str, Any]:
+        if is_modern(ctx.protocol_version):
+            require_client_extension(ctx, TASKS_EXTENSION)
+            return detailed_task(self._task(params.task_id))
+        return task_view(self._task(params.task_id), modern=False)
+
+    async def cancel(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> dict[str, Any]:
+        modern = is_modern(ctx.protocol_version)
+        if modern:
+            require_client_extension(ctx, TASKS_EXTENSION)
+        task = self._task(params.task_id)
+        if task.status.is_final:
+            if modern:  # cancellation is cooperative: a task that already ended is acknowledged as it is
+                return {}
+            raise MCPError(INVALID_PARAMS, f"Cannot cancel task {task.id!r}: already in terminal status "
+                                           f"{mcp_status(task, modern=False)!r}")
+        self.manager.cancel([task.id])
+        return {} if modern else task_view(self.manager.get(task.id), modern=False)
+
+    async def update(self, ctx: ServerRequestContext[Any, Any], params: UpdateTaskParams) -> dict[str, Any]:
+        # Plexus tasks never ask the client for input, so no response is outstanding: they are ignored.
+        require_client_extension(ctx, TASKS_EXTENSION)
+        self._task(params.task_id)
+        return {}
+
+    # -- 2025-11-25 -----------------------------------------------------------------------------
+
+    async def result(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> dict[str, Any]:
+        """`tasks/result`: the tool's result once the task has ended (the request waits until then)."""
+        task = self._task(params.task_id)
+        while not task.status.is_final:
+            await self.manager.wait_final([task.id], timeout=3600)
+            task = self.manager.get(task.id)
+        data = tool_result_dict(task)
+        data["_meta"] = {**data.get("_meta", {}), RELATED_TASK_META: {"taskId": task.id}}
+        return data
+
+    async def list(self, ctx: ServerRequestContext[Any, Any], params: PaginatedRequestParams) -> dict[str, Any]:
+        try:
+            tasks, next_cursor = self.manager.list_tasks(
+                self.manager.build_filter(), limit=LIST_PAGE_SIZE, cursor=params.cursor
+            )
+        except InvalidArgument as exc:
+            raise MCPError(INVALID_PARAMS, str(exc)) from None
+        page: dict[str, Any] = {"tasks": [task_view(t, modern=False) for t in tasks]}
+        if next_cursor:
+            page["nextCursor"] = next_cursor
+        return page
+
+    async def legacy_middleware(
+        self, ctx: ServerRequestContext[Any, Any], call_next: Callable[[Any], Awaitable[HandlerResult]]
+    ) -> HandlerResult:
+        """A 2025-11-25 `tools/call` with `params.task`: answer `CreateTaskResult` (this middleware owns it)."""
+        params = ctx.params
+        if ctx.method != "tools/call" or is_modern(ctx.protocol_version) or not params or "task" not in params:
+            return await call_next(ctx)
+        name = params.get("name")
+        if name not in self.task_tools:
+            raise MCPError(
+                METHOD_NOT_FOUND,
+                f"tool {name!r} does not run as a task (its execution.taskSupport is forbidden): call it without "
+                f"`task`; tools that do: {', '.join(sorted(self.task_tools))}",
+            )
+        task_meta = params.get("task")
+        if not isinstance(task_meta, dict) or not isinstance(task_meta.get("ttl", 0), int | None):
+            raise MCPError(INVALID_PARAMS, "task must be an object with an optional integer ttl (milliseconds)")
+        task = await self._start(ctx, name, call_next)
+        if self.follow_status is not None:
+            self.follow_status(ctx.session._connection, task.id)
+        return {"task": task_view(task, modern=False)}
+
+
+def legacy_status_notification(manager: TaskManager, task_id: str) -> dict[str, Any] | None:
+    """The params of `notifications/tasks/status` for a task (None when it is gone)."""
+    try:
+        return task_view(manager.get(task_id), modern=False)
+    except NotFound:
+        return None
+
+
+def install_task_capability(lowlevel: Any) -> None:
+    """Advertise `capabilities.tasks` to 2025-11-25 clients (the 2026 era advertises the extension)."""
+    original = lowlevel.get_capabilities
+
+    def get_capabilities(*args: Any, **kwargs: Any) -> Any:
+        capabilities = original(*args, **kwargs)
+        if not is_modern(kwargs.get("protocol_version")):
+            capabilities.tasks = LEGACY_CAPABILITY
+        return capabilities
+
+    lowlevel.get_capabilities = get_capabilities
+
