@@ -406,10 +406,13 @@ def _read(path: Path, fmt: str, ref: str, columns: builtins.list[str] | None) ->
         elif fmt == "jsonl":
             df = pd.read_json(path, lines=True, dtype=False)
         else:
-            stored = [n for n in pq.read_schema(path).names if not n.startswith("__index_level_")]
-            # Read only the wanted columns when they are all there; otherwise load() reports the gap.
-            wanted = columns if columns is not None and set(columns) <= set(stored) else None
-            df = pd.read_parquet(path, columns=wanted)
+            # One open file for schema and data: a registered frame replaced meanwhile is read whole, old or new.
+            with path.open("rb") as handle:
+                stored = [n for n in pq.read_schema(handle).names if not n.startswith("__index_level_")]
+                handle.seek(0)
+                # Read only the wanted columns when they are all there; otherwise load() reports the gap.
+                wanted = columns if columns is not None and set(columns) <= set(stored) else None
+                df = pd.read_parquet(handle, columns=wanted)
     return _with_range_index(df)
 
 
@@ -424,10 +427,11 @@ def _peek(path: Path, fmt: str, ref: str) -> tuple[int | None, builtins.list[tup
     """Rows (None if too costly) and column dtypes, without reading the whole file."""
     with _reading(ref, fmt):
         if fmt == "parquet":
-            rows = pq.read_metadata(path).num_rows
-            # Dtypes as pandas would report them, from an empty table of the same schema.
-            empty = pq.read_schema(path).empty_table().to_pandas()
-            return rows, [(str(c), str(t)) for c, t in empty.dtypes.items()]
+            with path.open("rb") as handle:
+                parquet = pq.ParquetFile(handle)
+                # Dtypes as pandas would report them, from an empty table of the same schema.
+                empty = parquet.schema_arrow.empty_table().to_pandas()
+                return parquet.metadata.num_rows, [(str(c), str(t)) for c, t in empty.dtypes.items()]
         if fmt == "csv":
             head = pd.read_csv(path, nrows=HEAD_ROWS)
         else:
