@@ -198,8 +198,8 @@ class RulesScorer(Scorer):
     def score(self, chunk: pd.DataFrame) -> ScoreBatch:
         require_columns(chunk, self.input_column, what="input column")
         text = chunk[self.input_column].astype("string").fillna("")
-        predictions = pd.Series(self.default, index=chunk.index, dtype=object)
-        explanations = pd.Series("no rule matched; default label", index=chunk.index, dtype=object)
+        predictions = _constant(self.default, chunk.index)
+        explanations = _constant("no rule matched; default label", chunk.index)
         unmatched = pd.Series(True, index=chunk.index)
         flags = 0 if self.case_sensitive else re.IGNORECASE
         for number, rule in enumerate(self.rules, start=1):
@@ -511,8 +511,12 @@ def _labels(values: pd.Series) -> pd.Series:
 
 
 def _failed(index: pd.Index, message: str) -> ScoreBatch:
-    return ScoreBatch(predictions=pd.Series(None, index=index, dtype=object),
-                      errors=pd.Series(message, index=index, dtype=object))
+    return ScoreBatch(predictions=_constant(None, index), errors=_constant(message, index))
+
+
+def _constant(value: str | None, index: pd.Index) -> pd.Series:
+    # Built from a list: pd.Series(None, index=..., dtype=object) would hold NaN, not None.
+    return pd.Series([value] * len(index), index=index, dtype=object)
 
 
 def _error_text(error: BaseException) -> str:
