@@ -1,0 +1,1 @@
+"""Evaluations: datasets, scorers, scorecards and metrics, usable without any server."""

@@ -1,0 +1,492 @@
+"""Datasets an evaluation can read: files under the Jupyter root, registered DataFrames, shipped examples.
+
+A dataset is named by one string, its *ref*:
+
+- ``example:<name>``: a small dataset shipped with the package (``example:sentiment``, ``example:topics``,
+  ``example:fraud``).
+- ``registered:<name>``: a DataFrame registered by name (from a kernel, say); stored as Parquet.
+- ``file:<path>`` or a bare ``<path>``: a CSV (``.csv``), Parquet (``.parquet``, ``.pq``) or JSON Lines
+  (``.jsonl``, ``.ndjson``) file, relative to the Jupyter root, ``/``-separated. The ``file:`` prefix is
+  only needed when the path itself starts with one of these prefixes.
+
+A bare name is always a path, never a registered name: a file and a registered frame may share a name
+without ambiguity.
+
+File paths are confined to the root: absolute paths, ``~``, ``..`` and paths whose real location (symlinks
+resolved with ``os.path.realpath``) is outside the root are refused. Hidden parts (a name starting with
+``.``, such as ``.git`` or ``.ipynb_checkpoints``) are refused too, as Jupyter's contents API refuses them
+by default: they hold tool state and secrets, not data. A symlink whose target stays inside the root is
+allowed. The same check (:func:`confine_path`) guards scorecard files.
+
+Every loaded frame has a fresh ``RangeIndex``: a stored index with a name becomes column(s), an unnamed
+one is dropped.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import itertools
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..core.errors import InvalidArgument, NotFound
+
+Source = Literal["file", "registered", "example"]
+
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
+REF_PREFIXES = ("example:", "registered:", "file:")
+FILE_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+ALLOWED_EXTENSIONS = ", ".join(FILE_FORMATS)
+REF_HELP = ("expected 'example:<name>', 'registered:<name>' or a path relative to the Jupyter root "
+            f"(optionally 'file:<path>') ending in {ALLOWED_EXTENSIONS}")
+
+REGISTERED_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+REGISTERED_NAME_HELP = "1 to 64 letters, digits, '_', '.' or '-', not starting with '.'"
+
+MAX_LABEL_CLASSES = 20  # label_distribution keeps the most frequent classes only
+MAX_COLUMNS_LISTED = 200  # DatasetInfo.columns keeps the first ones; column_count says how many there are
+MAX_LISTED_IN_ERROR = 20  # require_columns names this many existing columns, then "and N more"
+# Bounds of the walk that lists data files, so a huge root (a home directory) cannot stall a listing.
+WALK_MAX_DEPTH = 6
+WALK_MAX_FILES = 20_000
+WALK_SKIPPED_DIRS = frozenset({"node_modules", "__pycache__", "site-packages", "venv"})
+# A listing counts CSV / JSONL rows by counting lines up to this size; bigger files report rows=None.
+COUNT_LINES_MAX_BYTES = 64 * 1024 * 1024
+HEAD_ROWS = 100  # rows read to infer column dtypes of a CSV / JSONL file in a listing
+
+
+@dataclass(frozen=True)
+class ColumnInfo:
+    name: str
+    dtype: str
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a dataset is, without its data. `rows` is None when counting would cost a full read."""
+
+    ref: str
+    name: str
+    source: Source
+    rows: int | None
+    columns: tuple[ColumnInfo, ...]
+    column_count: int
+    label_column: str | None = None
+    # The most frequent labels first, at most MAX_LABEL_CLASSES; label None counts missing values.
+    label_distribution: tuple[tuple[str | None, int], ...] | None = None
+    label_classes: int | None = None  # how many distinct labels in all, listed or not
+    size_bytes: int | None = None
+    error: str | None = None  # set in a listing when the file could not be described
+
+    def to_dict(self) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "ref": self.ref,
+            "name": self.name,
+            "source": self.source,
+            "rows": self.rows,
+            "columns": [{"name": c.name, "dtype": c.dtype} for c in self.columns],
+            "column_count": self.column_count,
+            "label_column": self.label_column,
+            "label_distribution": None if self.label_distribution is None else [
+                {"label": label, "count": count} for label, count in self.label_distribution],
+            "label_classes": self.label_classes,
+        }
+        if self.size_bytes is not None:
+            result["size_bytes"] = self.size_bytes
+        if self.error is not None:
+            result["error"] = self.error
+        return result
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A parsed ref: where the dataset comes from and its name there (a relative path for files)."""
+
+    source: Source
+    name: str
+
+    def __str__(self) -> str:
+        if self.source == "file":
+            return f"file:{self.name}" if self.name.startswith(REF_PREFIXES) else self.name
+        return f"{self.source}:{self.name}"
+
+
+def parse_ref(ref: object) -> DatasetRef:
+    """Split a dataset ref into source and name; checks the syntax only, not that the dataset exists."""
+    if not isinstance(ref, str) or not ref.strip():
+        raise InvalidArgument(f"dataset must be a non-empty string, not {ref!r}; {REF_HELP}")
+    ref = ref.strip()
+    for source in ("example", "registered"):
+        if ref.startswith(source + ":"):
+            name = ref[len(source) + 1:]
+            if not name:
+                raise InvalidArgument(f"dataset {ref!r} has no name after '{source}:'; {REF_HELP}")
+            return DatasetRef(source, name)  # type: ignore[arg-type]
+    path = ref.removeprefix("file:")
+    if not path:
+        raise InvalidArgument(f"dataset {ref!r} has no path after 'file:'; {REF_HELP}")
+    return DatasetRef("file", path)
+
+
+def confine_path(root_dir: Path | str, relative: str, *, what: str = "dataset") -> Path:
+    """The real path of `relative` under `root_dir`, or InvalidArgument saying why it is refused.
+
+    Refused: empty, absolute or ``~`` paths, ``..`` parts, hidden parts (``.git``) and anything whose
+    real location (symlinks resolved) is outside the root. Existence is not checked.
+    """
+    if not isinstance(relative, str) or not relative.strip() or "\x00" in relative:
+        raise InvalidArgument(f"{what} path must be a non-empty path relative to the Jupyter root, not {relative!r}")
+    if os.path.isabs(relative) or relative.startswith("~") or PurePosixPath(relative).is_absolute():
+        raise InvalidArgument(f"{what} path {relative!r} is absolute; give a path relative to the Jupyter root")
+    parts = PurePosixPath(relative).parts
+    if ".." in parts:
+        raise InvalidArgument(f"{what} path {relative!r} contains '..'; give a path inside the Jupyter root")
+    _refuse_hidden(parts, relative, what)
+    real_root = os.path.realpath(root_dir)
+    real = os.path.realpath(os.path.join(real_root, relative))
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise InvalidArgument(f"{what} path {relative!r} resolves outside the Jupyter root (through a symlink)")
+    _refuse_hidden(Path(os.path.relpath(real, real_root)).parts, relative, what)
+    return Path(real)
+
+
+def _refuse_hidden(parts: Sequence[str], relative: str, what: str) -> None:
+    hidden = [part for part in parts if part.startswith(".") and part != "."]
+    if hidden:
+        raise InvalidArgument(f"{what} path {relative!r} has a hidden part {hidden[0]!r}; "
+                              "hidden files and folders are not served")
+
+
+def require_columns(df: pd.DataFrame, *names: str, what: str = "label column") -> None:
+    """Raise InvalidArgument naming each of `names` missing from `df` and the columns it does have."""
+    missing = [name for name in names if name not in df.columns]
+    if not missing:
+        return
+    existing = [str(column) for column in df.columns]
+    shown = ", ".join(existing[:MAX_LISTED_IN_ERROR]) or "(none)"
+    if len(existing) > MAX_LISTED_IN_ERROR:
+        shown += f", ... ({len(existing) - MAX_LISTED_IN_ERROR} more)"
+    quoted = ", ".join(repr(name) for name in missing)
+    raise InvalidArgument(f"{what} {quoted} not found; the columns are: {shown}")
+
+
+class DatasetCatalog:
+    """Finds, loads, describes and registers datasets. Holds no data; safe to share between threads.
+
+    `root_dir` is the Jupyter root that file refs are relative to; `registered_dir` holds registered
+    frames as ``<name>.parquet`` (created on first use).
+    """
+
+    def __init__(self, root_dir: Path | str, registered_dir: Path | str) -> None:
+        self.root_dir = Path(root_dir)
+        self.registered_dir = Path(registered_dir)
+
+    # --- finding ---------------------------------------------------------------------------------------
+
+    def resolve_path(self, relative: str, *, what: str = "dataset") -> Path:
+        """The real path of a file under the root; see :func:`confine_path`."""
+        return confine_path(self.root_dir, relative, what=what)
+
+    def example_names(self) -> builtins.list[str]:
+        return sorted(path.stem for path in EXAMPLES_DIR.glob("*.csv"))
+
+    def registered_names(self) -> builtins.list[str]:
+        if not self.registered_dir.is_dir():
+            return []
+        return sorted(path.stem for path in self.registered_dir.glob("*.parquet") if not path.name.startswith("."))
+
+    def _locate(self, ref: DatasetRef) -> tuple[Path, str]:
+        """The file holding a dataset and its format; NotFound / InvalidArgument say what is allowed."""
+        if ref.source == "example":
+            path = EXAMPLES_DIR / f"{ref.name}.csv"
+            if "/" in ref.name or not path.is_file():
+                raise NotFound(f"no example dataset {ref.name!r}; the examples are: "
+                               f"{', '.join('example:' + n for n in self.example_names())}")
+            return path, "csv"
+        if ref.source == "registered":
+            _check_registered_name(ref.name)
+            path = self.registered_dir / f"{ref.name}.parquet"
+            if not path.is_file():
+                names = self.registered_names()
+                known = ", ".join(names[:MAX_LISTED_IN_ERROR]) if names else "none yet"
+                raise NotFound(f"no registered dataset {ref.name!r}; registered: {known}")
+            return path, "parquet"
+        suffix = PurePosixPath(ref.name).suffix.lower()
+        if suffix not in FILE_FORMATS:
+            raise InvalidArgument(f"dataset file {ref.name!r} has an unsupported extension {suffix or '(none)'!r}; "
+                                  f"supported: {ALLOWED_EXTENSIONS}")
+        path = self.resolve_path(ref.name)
+        if path.is_dir():
+            raise InvalidArgument(f"dataset path {ref.name!r} is a folder; give a data file ({ALLOWED_EXTENSIONS})")
+        if not path.is_file():
+            raise NotFound(f"no dataset file {ref.name!r} under the Jupyter root")
+        return path, FILE_FORMATS[suffix]
+
+    # --- loading ---------------------------------------------------------------------------------------
+
+    def load(self, ref: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """The dataset as a DataFrame with a RangeIndex, optionally only `columns` (in that order).
+
+        Raises NotFound (no such dataset), InvalidArgument (bad ref, path refused, unsupported extension,
+        unreadable or malformed file, no rows, a column in `columns` missing).
+        """
+        parsed = parse_ref(ref)
+        path, fmt = self._locate(parsed)
+        wanted = builtins.list(columns) if columns is not None else None
+        df = _read(path, fmt, str(parsed), wanted)
+        if wanted is not None:
+            require_columns(df, *wanted, what=f"column(s) of dataset {str(parsed)!r}:")
+            df = df[wanted]
+        if len(df) == 0:
+            raise InvalidArgument(f"dataset {str(parsed)!r} has no rows")
+        return df
+
+    # --- describing ------------------------------------------------------------------------------------
+
+    def describe(self, ref: str, label_column: str | None = None) -> DatasetInfo:
+        """Rows, columns and dtypes, and the label distribution of `label_column` (or of a column named
+        ``label`` when there is one and none is given). Loads the whole dataset."""
+        parsed = parse_ref(ref)
+        path, _ = self._locate(parsed)
+        df = self.load(str(parsed))
+        if label_column is not None:
+            require_columns(df, label_column)
+        elif "label" in df.columns:
+            label_column = "label"
+        distribution, classes = _label_distribution(df[label_column]) if label_column else (None, None)
+        return _info(parsed, len(df), [(str(c), str(t)) for c, t in df.dtypes.items()],
+                     label_column=label_column, label_distribution=distribution, label_classes=classes,
+                     size_bytes=path.stat().st_size if parsed.source == "file" else None)
+
+    def list(self, *, include_files: bool = True, limit: int = 500) -> builtins.list[DatasetInfo]:
+        """Examples, then registered frames, then data files under the root (sorted by path), at most
+        `limit` in all. Described cheaply, without label distributions: Parquet from its metadata, CSV and
+        JSONL from their first rows plus a line count (rows=None above COUNT_LINES_MAX_BYTES). A file that
+        cannot be described is listed with `error` set. The walk skips hidden folders, node_modules and
+        the like, and stops at WALK_MAX_DEPTH levels or after WALK_MAX_FILES files."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise InvalidArgument(f"limit must be a whole number of at least 1, not {limit!r}")
+        refs: Iterator[DatasetRef] = itertools.chain(
+            (DatasetRef("example", name) for name in self.example_names()),
+            (DatasetRef("registered", name) for name in self.registered_names()),
+            self._data_files() if include_files else iter(()),
+        )
+        result: builtins.list[DatasetInfo] = []
+        for parsed in refs:
+            if len(result) >= limit:
+                break
+            result.append(self._describe_cheaply(parsed))
+        return result
+
+    def _describe_cheaply(self, parsed: DatasetRef) -> DatasetInfo:
+        try:
+            path, fmt = self._locate(parsed)
+            size = path.stat().st_size if parsed.source == "file" else None
+            rows, columns = _peek(path, fmt, str(parsed))
+        except (InvalidArgument, NotFound, OSError) as error:
+            return _info(parsed, None, [], error=str(error))
+        return _info(parsed, rows, columns, size_bytes=size)
+
+    def _data_files(self) -> Iterator[DatasetRef]:
+        real_root = os.path.realpath(self.root_dir)
+        skip = {os.path.realpath(self.registered_dir)}
+        found: builtins.list[str] = []
+        visited = 0
+        for directory, dirnames, filenames in os.walk(real_root):
+            depth = 0 if directory == real_root else os.path.relpath(directory, real_root).count(os.sep) + 1
+            dirnames[:] = [] if depth >= WALK_MAX_DEPTH else [
+                d for d in dirnames
+                if not d.startswith(".") and d not in WALK_SKIPPED_DIRS and os.path.join(directory, d) not in skip]
+            for filename in filenames:
+                visited += 1
+                if filename.startswith(".") or os.path.splitext(filename)[1].lower() not in FILE_FORMATS:
+                    continue
+                parts = Path(os.path.relpath(os.path.join(directory, filename), real_root)).parts
+                found.append(str(PurePosixPath(*parts)))
+            if visited >= WALK_MAX_FILES:
+                break
+        for relative in sorted(found):
+            yield DatasetRef("file", relative)
+
+    # --- registering -----------------------------------------------------------------------------------
+
+    def register(self, name: str, df: pd.DataFrame, *, replace: bool = False) -> DatasetInfo:
+        """Store `df` as the registered dataset `name` (ref ``registered:<name>``).
+
+        The file is written to a temporary name and renamed into place, so a reader never sees half a
+        file. A named index becomes column(s); an unnamed one is dropped. Raises InvalidArgument for a
+        bad name, a name already taken (unless `replace`), an empty frame, or columns Parquet cannot
+        store (the message says which).
+        """
+        _check_registered_name(name)
+        if not isinstance(df, pd.DataFrame):
+            raise InvalidArgument(f"a registered dataset must be a pandas DataFrame, not {type(df).__name__}")
+        if len(df) == 0:
+            raise InvalidArgument(f"DataFrame for {name!r} has no rows; register a frame with at least one row")
+        names = [str(column) for column in df.columns]
+        if len(set(names)) != len(names):
+            duplicated = sorted({n for n in names if names.count(n) > 1})
+            raise InvalidArgument(f"DataFrame for {name!r} has duplicate column names {duplicated}")
+        frame = _with_range_index(df)
+        frame.columns = [str(column) for column in frame.columns]
+        try:
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+        except (pa.ArrowException, TypeError, ValueError) as error:
+            raise InvalidArgument(f"cannot store DataFrame {name!r} as Parquet: {_one_line(error)}") from None
+        self.registered_dir.mkdir(parents=True, exist_ok=True)
+        final = self.registered_dir / f"{name}.parquet"
+        if final.exists() and not replace:
+            raise InvalidArgument(f"a dataset is already registered as {name!r}; pass replace=True to overwrite it")
+        descriptor, temporary = tempfile.mkstemp(dir=self.registered_dir, prefix=f".{name}.", suffix=".tmp")
+        os.close(descriptor)
+        try:
+            pq.write_table(table, temporary)
+            if replace:
+                os.replace(temporary, final)
+            else:
+                _rename_new(temporary, final, name)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+        return _info(DatasetRef("registered", name), len(frame), [(str(c), str(t)) for c, t in frame.dtypes.items()])
+
+    def unregister(self, name: str) -> None:
+        """Remove a registered dataset; NotFound if there is none by that name."""
+        _check_registered_name(name)
+        try:
+            (self.registered_dir / f"{name}.parquet").unlink()
+        except FileNotFoundError:
+            raise NotFound(f"no registered dataset {name!r}") from None
+
+
+def _rename_new(temporary: str, final: Path, name: str) -> None:
+    # A hard link fails if the name exists, so two concurrent registrations cannot both win.
+    try:
+        os.link(temporary, final)
+    except FileExistsError:
+        raise InvalidArgument(f"a dataset is already registered as {name!r}; "
+                              "pass replace=True to overwrite it") from None
+    except OSError:  # a file system without hard links: check, then rename
+        if final.exists():
+            raise InvalidArgument(f"a dataset is already registered as {name!r}; "
+                                  "pass replace=True to overwrite it") from None
+        os.replace(temporary, final)
+
+
+def _check_registered_name(name: object) -> None:
+    if not isinstance(name, str) or not REGISTERED_NAME.fullmatch(name) or name.startswith("."):
+        raise InvalidArgument(f"invalid registered dataset name {name!r}; use {REGISTERED_NAME_HELP}")
+
+
+@contextlib.contextmanager
+def _reading(ref: str, fmt: str) -> Iterator[None]:
+    """Turn a parser's failure into one InvalidArgument line naming the dataset and the format."""
+    try:
+        yield
+    except pd.errors.EmptyDataError:
+        raise InvalidArgument(f"dataset {ref!r} is empty (no header and no rows)") from None
+    except (ValueError, pd.errors.ParserError, pa.ArrowException, UnicodeDecodeError, OSError) as error:
+        raise InvalidArgument(f"cannot read dataset {ref!r} as {fmt.upper()}: {_one_line(error)}") from None
+
+
+def _read(path: Path, fmt: str, ref: str, columns: builtins.list[str] | None) -> pd.DataFrame:
+    with _reading(ref, fmt):
+        if fmt == "csv":
+            df = pd.read_csv(path)
+        elif fmt == "jsonl":
+            df = pd.read_json(path, lines=True, dtype=False)
+        else:
+            # One open file for schema and data: a registered frame replaced meanwhile is read whole, old or new.
+            with path.open("rb") as handle:
+                stored = [n for n in pq.read_schema(handle).names if not n.startswith("__index_level_")]
+                handle.seek(0)
+                # Read only the wanted columns when they are all there; otherwise load() reports the gap.
+                wanted = columns if columns is not None and set(columns) <= set(stored) else None
+                df = pd.read_parquet(handle, columns=wanted)
+    return _with_range_index(df)
+
+
+def _with_range_index(df: pd.DataFrame) -> pd.DataFrame:
+    if isinstance(df.index, pd.RangeIndex) and df.index.start == 0 and df.index.step == 1:
+        return df
+    named = any(name is not None for name in df.index.names)
+    return df.reset_index(drop=not named)
+
+
+def _peek(path: Path, fmt: str, ref: str) -> tuple[int | None, builtins.list[tuple[str, str]]]:
+    """Rows (None if too costly) and column dtypes, without reading the whole file."""
+    with _reading(ref, fmt):
+        if fmt == "parquet":
+            with path.open("rb") as handle:
+                parquet = pq.ParquetFile(handle)
+                # Dtypes as pandas would report them, from an empty table of the same schema.
+                empty = parquet.schema_arrow.empty_table().to_pandas()
+                return parquet.metadata.num_rows, [(str(c), str(t)) for c, t in empty.dtypes.items()]
+        if fmt == "csv":
+            head = pd.read_csv(path, nrows=HEAD_ROWS)
+        else:
+            head = pd.read_json(path, lines=True, nrows=HEAD_ROWS, dtype=False)
+    columns = [(str(c), str(t)) for c, t in head.dtypes.items()]
+    if len(head) < HEAD_ROWS:
+        return len(head), columns
+    if path.stat().st_size > COUNT_LINES_MAX_BYTES:
+        return None, columns
+    # Counts lines, so a CSV value with an embedded newline makes this an over-estimate.
+    lines = _count_lines(path)
+    return (lines - 1 if fmt == "csv" else lines), columns
+
+
+def _count_lines(path: Path) -> int:
+    count = 0
+    last = b"\n"
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            count += block.count(b"\n")
+            last = block[-1:]
+    return count + (last != b"\n")
+
+
+def _label_distribution(labels: pd.Series) -> tuple[tuple[tuple[str | None, int], ...], int]:
+    counts = labels.value_counts(dropna=False)
+    top = tuple((None if pd.isna(label) else str(label), int(count))
+                for label, count in counts.head(MAX_LABEL_CLASSES).items())
+    return top, len(counts)
+
+
+def _info(parsed: DatasetRef, rows: int | None, columns: Sequence[tuple[str, str]], **extra: Any) -> DatasetInfo:
+    return DatasetInfo(
+        ref=str(parsed),
+        name=parsed.name,
+        source=parsed.source,
+        rows=rows,
+        columns=tuple(ColumnInfo(n, t) for n, t in columns[:MAX_COLUMNS_LISTED]),
+        column_count=len(columns),
+        **extra,
+    )
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+__all__ = [
+    "ALLOWED_EXTENSIONS",
+    "ColumnInfo",
+    "DatasetCatalog",
+    "DatasetInfo",
+    "DatasetRef",
+    "confine_path",
+    "parse_ref",
+    "require_columns",
+]
