@@ -47,9 +47,10 @@ class LabelNormalization:
 
     A value that is missing (None, NaN, pd.NA, NaT) or empty once stripped becomes `na_label`. Other values
     become `str(value)`, stripped of surrounding whitespace when `strip` and lower-cased when `lower`. The
-    string "NaN" is a value like any other (it becomes "nan"), not a missing one. `na_label` is used as
-    given (not stripped or lower-cased), so a value that normalises to it ("NA" by default) is counted with
-    the missing ones.
+    string "NaN" is a value like any other (it becomes "nan"), not a missing one. Distinct values are found
+    by hashing, so values equal in Python (1, 1.0, True) are one value, named after the first one seen.
+    `na_label` is used as given (not stripped or lower-cased), so a value that normalises to it ("NA" by
+    default) is counted with the missing ones.
     """
 
     strip: bool = True
@@ -119,7 +120,10 @@ def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, flo
     denominator = 1 + z2 / n
     centre = (p + z2 / (2 * n)) / denominator
     half_width = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denominator
-    return (max(0.0, centre - half_width), min(1.0, centre + half_width))
+    # The bounds are exactly 0 at p == 0 and 1 at p == 1; say so rather than trust the rounding.
+    low = 0.0 if successes == 0 else max(0.0, centre - half_width)
+    high = 1.0 if successes == n else min(1.0, centre + half_width)
+    return (low, high)
 
 
 def _json_float(value: float) -> float | None:
@@ -300,8 +304,7 @@ def compute_metrics(
     pred = _column(predictions, "predictions")
     if len(ref) != len(pred):
         raise InvalidArgument(
-            f"labels and predictions must have one value per item; got {len(ref)} labels and "
-            f"{len(pred)} predictions"
+            f"labels and predictions must have one value per item; got {len(ref)} labels and {len(pred)} predictions"
         )
     if len(ref) == 0:
         raise InvalidArgument("no items to compute metrics over: labels and predictions are empty")
