@@ -10,6 +10,7 @@ from jupyter_server.extension.application import ExtensionApp
 
 from ._version import __version__
 from .config import PlexusSettings
+from .handlers.evaluations import DatasetsHandler, EvaluationHandler, EvaluationResultsHandler, EvaluationsHandler
 from .handlers.events import EventsHandler
 from .handlers.health import AUTH_DISABLED_WARNING, HealthHandler
 from .handlers.mcp import MCPHandler
@@ -17,6 +18,7 @@ from .handlers.rest import CancelTasksHandler, TaskCancelHandler, TaskHandler, T
 from .runtime import PlexusRuntime
 
 TASK_ID = r"(?P<task_id>[^/]+)"
+EVALUATION_ID = r"(?P<evaluation_id>[^/]+)"
 
 
 class PlexusMCPExtension(ExtensionApp, PlexusSettings):
@@ -35,7 +37,7 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
         logging.getLogger("plexus_mcp_jupyter").parent = self.serverapp.log
         self.log = self.serverapp.log
         self.apply_env(protected=self._cli_settings())
-        self.runtime = PlexusRuntime(self, data_dir=jupyter_data_dir())
+        self.runtime = PlexusRuntime(self, data_dir=jupyter_data_dir(), root_dir=self.serverapp.root_dir)
         self.settings["plexus"] = self.runtime
         identity_provider = self.serverapp.identity_provider
         if not identity_provider.auth_enabled:
@@ -53,6 +55,10 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
                 (r"/plexus/api/tasks/cancel/?", CancelTasksHandler),
                 (rf"/plexus/api/tasks/{TASK_ID}/cancel/?", TaskCancelHandler),
                 (rf"/plexus/api/tasks/{TASK_ID}/?", TaskHandler),
+                (r"/plexus/api/evaluations/?", EvaluationsHandler),
+                (rf"/plexus/api/evaluations/{EVALUATION_ID}/results/?", EvaluationResultsHandler),
+                (rf"/plexus/api/evaluations/{EVALUATION_ID}/?", EvaluationHandler),
+                (r"/plexus/api/datasets/?", DatasetsHandler),
             ]
         )
 

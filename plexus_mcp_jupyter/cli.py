@@ -48,7 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"plexus: {exc}", file=sys.stderr)
         return 2
-    runtime = PlexusRuntime(settings, data_dir=jupyter_data_dir())
+    runtime = PlexusRuntime(settings, data_dir=jupyter_data_dir(), root_dir=args.root_dir)
     if args.transport == "stdio":
         asyncio.run(serve_stdio(runtime))
         return 0
@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--certfile", help="HTTP: TLS certificate file")
     serve.add_argument("--keyfile", help="HTTP: TLS private key file")
     serve.add_argument("--allow-origin", action="append", help="HTTP: a browser Origin to allow (repeatable)")
+    serve.add_argument("--root-dir", help="folder that dataset and scorecard paths are relative to (default: the "
+                       "current folder); nothing outside it can be read")
     serve.add_argument("--db-url", help=f"SQLAlchemy URL of the store (default ${env_var('db_url')}, else the "
                        "SQLite file Jupyter uses)")
     serve.add_argument("--max-concurrency", type=int, help="tasks that may run at once")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 from ._version import __version__
@@ -13,6 +15,9 @@ from .core.manager import TaskManager
 from .core.store import Store, default_db_url
 from .endpoint.server import build_mcp_server
 from .endpoint.transport import MCPEndpoint
+from .evaluations.datasets import DatasetCatalog
+from .evaluations.service import EvaluationService
+from .evaluations.store import EvaluationStore
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
@@ -26,9 +31,11 @@ def make_executor(name: str) -> Executor:
 class PlexusRuntime:
     """The store, event bus, task manager and MCP endpoint of one server process."""
 
-    def __init__(self, settings: PlexusSettings, *, data_dir: str) -> None:
+    def __init__(self, settings: PlexusSettings, *, data_dir: str, root_dir: str | None = None) -> None:
         self.settings = settings
         self.store = Store(settings.db_url or default_db_url(data_dir))
+        self.root_dir = Path(root_dir or os.getcwd()).resolve()
+        registered_dir = Path(data_dir) / "plexus_mcp" / "datasets"
         self.bus = EventBus()
         self.executor = make_executor(settings.executor)
         self.manager = TaskManager(
@@ -42,8 +49,13 @@ class PlexusRuntime:
             max_page_size=settings.max_page_size,
             max_output_bytes=settings.max_output_bytes,
             poll_interval=settings.poll_interval,
+            # What every worker is told besides its task's parameters (never stored or shown to clients).
+            worker_environment={"db_url": self.store.url, "root_dir": str(self.root_dir),
+                                "registered_dir": str(registered_dir)},
         )
-        self.mcp = build_mcp_server(self.manager)
+        self.catalog = DatasetCatalog(self.root_dir, registered_dir)
+        self.evaluations = EvaluationService(self.manager, EvaluationStore(self.store.engine), self.catalog)
+        self.mcp = build_mcp_server(self.manager, self.evaluations)
         self.endpoint = MCPEndpoint(
             self.mcp,
             session_idle_timeout=settings.session_idle_timeout,

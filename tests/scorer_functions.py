@@ -43,3 +43,25 @@ def explodes(texts: pd.Series) -> pd.Series:
 
 def untyped(texts):
     return texts.str.len()
+
+
+def sentiment_or_boom(text):
+    """Per item: a keyword sentiment, but raises on texts containing 'refund' (a scorer failing on some items)."""
+    if "refund" in str(text).lower():
+        raise RuntimeError("model cannot handle refunds")
+    return "positive" if any(w in str(text).lower() for w in ("great", "love", "excellent", "good")) else "negative"
+
+
+def coin(texts: pd.Series) -> pd.Series:
+    """Vectorised and random on purpose: a consistency evaluation must see disagreement between runs."""
+    import numpy as np
+
+    return pd.Series(np.random.default_rng().choice(["a", "b"], size=len(texts)), index=texts.index)
+
+
+def slow(text):
+    """Per item, 20 ms: long enough to cancel an evaluation mid-way."""
+    import time
+
+    time.sleep(0.02)
+    return "positive"

@@ -16,8 +16,14 @@ async def test_templates_and_the_static_listing_are_advertised(mcp_client, mode)
     async with mcp_client(mode) as client:
         templates = {t.uri_template for t in (await client.list_resource_templates()).resource_templates}
         resources = {str(r.uri) for r in (await client.list_resources()).resources}
-    assert templates == {"plexus://tasks{?status,type,limit,cursor}", "plexus://tasks/{task_id}"}
-    assert "plexus://tasks" in resources
+    assert templates == {
+        "plexus://tasks{?status,type,limit,cursor}",
+        "plexus://tasks/{task_id}",
+        "plexus://evaluations{?status,type,limit,cursor}",
+        "plexus://evaluations/{evaluation_id}",
+        "plexus://evaluations/{evaluation_id}/results{?only_mismatches,label,score,limit,cursor}",
+    }
+    assert {"plexus://tasks", "plexus://evaluations", "plexus://datasets"} <= resources
 
 
 async def test_task_detail_resource_has_stages_history_and_metadata(mcp_client):

@@ -24,7 +24,7 @@ async def wait_final(client, task_id: str, timeout: float = 30.0) -> dict:
 async def test_the_catalogue_is_small_and_every_tool_has_schemas_with_descriptions(mcp_client, mode):
     async with mcp_client(mode) as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
-    assert set(tools) == {"run_demo_task", "list_tasks", "get_task", "cancel_tasks"}
+    assert set(tools) == ALL_TOOLS
     for tool in tools.values():
         assert tool.description and tool.output_schema and tool.output_schema["type"] == "object"
         for name, prop in tool.input_schema["properties"].items():
@@ -35,6 +35,13 @@ async def test_the_catalogue_is_small_and_every_tool_has_schemas_with_descriptio
     assert "CANCELLED" in str(status)  # the allowed statuses are in the schema
     assert tools["get_task"].annotations.read_only_hint is True
     assert tools["cancel_tasks"].annotations.destructive_hint is True
+
+
+ALL_TOOLS = {
+    "run_demo_task", "list_tasks", "get_task", "cancel_tasks",
+    "create_evaluation", "get_evaluation", "get_evaluation_results", "list_evaluations",
+    "list_datasets", "list_scorers",
+}
 
 
 @pytest.mark.parametrize("mode", ERAS)
@@ -162,7 +169,7 @@ BAD_CALLS = [
     ("list_tasks", {"limit": 1000}, "less than or equal to 100"),
     ("cancel_tasks", {}, "either task_ids"),
     ("cancel_tasks", {"task_ids": ["a"], "status": ["QUEUED"]}, "not both"),
-    ("nonexistent_tool", {}, "unknown tool 'nonexistent_tool'; available tools: cancel_tasks, get_task"),
+    ("nonexistent_tool", {}, "unknown tool 'nonexistent_tool'; available tools: cancel_tasks, create_evaluation"),
     ("get_task", {}, "invalid arguments for get_task: task_id: Field required"),
     ("run_demo_task", {"items": 10, "item_delay": 5}, "unknown argument(s) item_delay; allowed: fail, fail_at"),
 ]

@@ -19,6 +19,7 @@ from plexus_mcp_jupyter.cli import main as cli_main
 from plexus_mcp_jupyter.core import Store, Task, TaskStatus
 
 from .conftest import LEGACY, MODERN, open_client, poll
+from .test_mcp_tools import ALL_TOOLS
 
 
 def plexus_env(tmp_path, **extra: str) -> dict[str, str]:
@@ -58,7 +59,7 @@ async def test_stdio_serves_the_same_tools_and_keeps_stdout_for_the_protocol(tmp
 
     async with Client(params, mode=mode, message_handler=on_message) as client:
         names = {t.name for t in (await client.list_tools()).tools}
-        assert names == {"run_demo_task", "list_tasks", "get_task", "cancel_tasks"}
+        assert names == ALL_TOOLS
         task_id = (await client.call_tool("run_demo_task", {"items": 30, "item_delay_ms": 1})).structured_content[
             "task_id"
         ]

@@ -9,7 +9,7 @@ changes and the end of the task are always sent at once.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 
@@ -27,8 +27,13 @@ Send = Callable[[tuple[Any, ...]], None]
 class TaskContext:
     """Progress, cancellation and logging for one running task."""
 
-    def __init__(self, task_id: str, send: Send, cancel_flag: CancelFlag, *, flush_interval: float = 0.02) -> None:
+    def __init__(
+        self, task_id: str, send: Send, cancel_flag: CancelFlag, *, flush_interval: float = 0.02,
+        environment: Mapping[str, Any] | None = None,
+    ) -> None:
         self.task_id = task_id
+        # What the server tells every task (store URL, Jupyter root, data directory): never stored or shown.
+        self.environment: Mapping[str, Any] = dict(environment or {})
         self._send = send
         self._cancel = cancel_flag
         self._flush_interval = flush_interval

@@ -75,8 +75,10 @@ class TaskManager:
         max_page_size: int = 100,
         max_output_bytes: int = 65_536,
         poll_interval: float = 1.0,
+        worker_environment: Mapping[str, Any] | None = None,
     ) -> None:
         self.store = store
+        self.worker_environment = dict(worker_environment or {})
         self.bus = bus
         self.executor = executor
         self.max_concurrency = max_concurrency
@@ -364,7 +366,7 @@ class TaskManager:
             target = get_task_type(task.type).target
             worker = self.executor.submit(
                 task.id, target, task.params, lambda msg: self._on_message(task.id, msg),
-                max_output_bytes=self.max_output_bytes,
+                max_output_bytes=self.max_output_bytes, environment=self.worker_environment,
             )
         except Exception as exc:
             state.final = ("error", f"the task could not be started: {exc}", None, {})

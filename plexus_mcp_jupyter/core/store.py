@@ -118,29 +118,43 @@ class TaskFilter:
         return hashlib.sha256(raw).hexdigest()[:12]
 
 
-def encode_cursor(key: tuple[float, str], flt: TaskFilter) -> str:
-    payload = json.dumps({"k": [key[0], key[1]], "f": flt.fingerprint()}, separators=(",", ":"))
+def encode_position(values: Sequence[Any], fingerprint: str) -> str:
+    """An opaque cursor: a position in a listing (JSON scalars) tied to the filter it was issued for."""
+    payload = json.dumps({"k": list(values), "f": fingerprint}, separators=(",", ":"))
     return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str, flt: TaskFilter) -> tuple[float, str]:
-    """Turn an opaque cursor back into its position, refusing ones this server did not issue."""
+def decode_position(cursor: str, fingerprint: str, size: int) -> list[Any]:
+    """The position of a cursor this server issued for the same filter; InvalidArgument otherwise."""
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         payload = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        created, task_id = payload["k"]
-        fingerprint = payload["f"]
-        key = (float(created), str(task_id))
+        values, issued_for = payload["k"], payload["f"]
+        if not isinstance(values, list) or len(values) != size:
+            raise ValueError
     except Exception:
         raise InvalidArgument(
             "invalid cursor: pass back the next_cursor of a previous page unchanged, or omit it for the first page"
         ) from None
-    if fingerprint != flt.fingerprint():
+    if issued_for != fingerprint:
         raise InvalidArgument(
             "this cursor belongs to a listing with other filters: repeat the filters of the first page, "
             "or omit the cursor to start again"
         )
-    return key
+    return values
+
+
+def encode_cursor(key: tuple[float, str], flt: TaskFilter) -> str:
+    return encode_position(key, flt.fingerprint())
+
+
+def decode_cursor(cursor: str, flt: TaskFilter) -> tuple[float, str]:
+    """Turn an opaque cursor back into its position, refusing ones this server did not issue."""
+    created, task_id = decode_position(cursor, flt.fingerprint(), 2)
+    try:
+        return float(created), str(task_id)
+    except (TypeError, ValueError):
+        raise InvalidArgument("invalid cursor: pass back the next_cursor of a previous page unchanged") from None
 
 
 def default_db_url(data_dir: str | os.PathLike[str]) -> str:

@@ -64,6 +64,22 @@ def _register_builtin() -> None:
             validate=demo.validate_params,
         )
     )
+    register_task_type(
+        TaskType(
+            name="evaluation",
+            target="plexus_mcp_jupyter.evaluations.runner:run_evaluation",
+            description="An evaluation of a scorer on a dataset (created by create_evaluation).",
+            validate=_evaluation_params,
+            idempotent=True,  # its items are keyed by position: a re-run after a crash rewrites them
+        )
+    )
+
+
+def _evaluation_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(params.get("evaluation_id"), str) or not isinstance(params.get("scores"), list):
+        raise InvalidArgument("evaluation tasks are created by create_evaluation (MCP) or POST "
+                              "plexus/api/evaluations, which check their parameters")
+    return dict(params)
 
 
 _register_builtin()

@@ -16,6 +16,7 @@ import traceback
 from typing import Any
 
 from .context import CancelFlag, TaskCancelled, TaskContext
+from .errors import PlexusError
 from .output import bounded_output
 from .tasks import load_target
 
@@ -42,7 +43,7 @@ class Tail(io.TextIOBase):
 
 def run_task(
     task_id: str, target: str, params: dict[str, Any], send: Any, cancel_flag: CancelFlag,
-    max_output_bytes: int = 65_536,
+    max_output_bytes: int = 65_536, environment: dict[str, Any] | None = None,
 ) -> tuple[Any, ...]:
     """Run one task function with a context; return its final message (not sent).
 
@@ -57,7 +58,7 @@ def run_task(
             stderr.write(msg[1].rstrip("\n") + "\n")
         send(msg)
 
-    ctx = TaskContext(task_id, send_msg, cancel_flag)
+    ctx = TaskContext(task_id, send_msg, cancel_flag, environment=environment)
     try:
         fn = load_target(target)
         output = fn(ctx, **params)
@@ -69,13 +70,16 @@ def run_task(
     except BaseException as exc:  # the task's own failure, reported, never raised to the pool
         ctx.flush()
         details = {"exception_type": type(exc).__name__, "traceback": traceback.format_exc()[-TAIL_CHARS:]}
-        return ("error", f"{type(exc).__name__}: {exc}", details, _tails(stdout, stderr))
+        # Plexus's own errors already say what was wrong and what is allowed; others are named by their type.
+        message = str(exc) if isinstance(exc, PlexusError) else f"{type(exc).__name__}: {exc}"
+        return ("error", message, details, _tails(stdout, stderr))
     finally:
         sys.stdout, sys.stderr = saved
 
 
 def process_main(
-    task_id: str, target: str, params: dict[str, Any], conn: Any, cancel_flag: CancelFlag, max_output_bytes: int
+    task_id: str, target: str, params: dict[str, Any], conn: Any, cancel_flag: CancelFlag, max_output_bytes: int,
+    environment: dict[str, Any] | None = None,
 ) -> None:
     """Entry point of a local-executor worker process."""
     # The server may speak MCP over its stdout (stdio mode): a worker must never write there.
@@ -83,7 +87,7 @@ def process_main(
     # Ctrl-C in the server's terminal is the server's to handle; it stops workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        final = run_task(task_id, target, params, conn.send, cancel_flag, max_output_bytes)
+        final = run_task(task_id, target, params, conn.send, cancel_flag, max_output_bytes, environment)
         try:
             conn.send(final)
         except Exception as exc:  # e.g. an output that cannot be pickled

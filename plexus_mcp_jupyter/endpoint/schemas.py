@@ -105,3 +105,62 @@ class CancelItem(BaseModel):
 class CancelResult(BaseModel):
     results: list[CancelItem]
     more: bool = Field(default=False, description="More tasks matched the filter than one call cancels: call again")
+
+
+class EvaluationDetail(BaseModel):
+    """An evaluation: its status and progress (from its task), definition and metrics."""
+
+    evaluation_id: str
+    task_id: str
+    type: str = Field(description="accuracy | feedback | consistency")
+    status: str = Field(description="SETUP | RUNNING | COMPLETED | FAILED | CANCELLED")
+    dataset: str
+    scores: list[str] = Field(description="Names of the scores (one, or a scorecard's)")
+    created_at: str | None
+    started_at: str | None
+    completed_at: str | None
+    elapsed_seconds: float | None
+    remaining_seconds: float | None = Field(description="Estimated, once scoring is 10% done")
+    processed_items: int
+    total_items: int | None
+    counts: dict[str, Any] | None = Field(description="Per score: items, scored, errors (once completed)")
+    error_message: str | None
+    resource_uri: str
+    definition: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = Field(
+        default=None, description="Per score: accuracy (95% Wilson interval), per-class precision/recall/F1, "
+        "macro/weighted F1, Cohen's kappa, Gwet's AC1, confusion matrix, class distributions (once completed)")
+
+
+class EvaluationPage(BaseModel):
+    evaluations: list[EvaluationDetail]
+    next_cursor: str | None = Field(description="Pass as `cursor` to get the next page; null on the last page")
+
+
+class EvaluationItem(BaseModel):
+    seq: int = Field(description="Position in the (sampled) dataset")
+    item_id: str | None
+    input: str | None = Field(description="Excerpt of the input text")
+    label: str | None
+    prediction: str | None
+    correct: bool | None = Field(description="null when the item could not be scored")
+    explanation: str | None
+    error: str | None
+
+
+class EvaluationResults(BaseModel):
+    evaluation_id: str
+    score: str
+    only_mismatches: bool
+    label: str | None
+    items: list[EvaluationItem]
+    next_cursor: str | None = Field(description="Pass as `cursor` to get the next page; null on the last page")
+
+
+class DatasetList(BaseModel):
+    datasets: list[dict[str, Any]]
+
+
+class ScorerList(BaseModel):
+    kinds: dict[str, str]
+    examples: list[dict[str, str]]

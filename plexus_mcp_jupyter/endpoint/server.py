@@ -7,16 +7,19 @@ from typing import Any
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import CallToolResult, ToolExecution
 from mcp.types import Tool as MCPTool
-from mcp.types import ToolExecution
 from pydantic import ValidationError
 
 from .._version import __version__
 from ..core.manager import TaskManager
+from ..core.models import Task
+from ..evaluations.service import EvaluationService
+from .evaluation_tools import evaluation_outcome, register_evaluation_tools
 from .resources import register_resources
 from .subscriptions import ResourceWatch, install_subscriptions
 from .tasks_ext import PlexusTasks, install_task_capability
-from .tools import TASK_TOOLS, register_tools
+from .tools import TASK_TOOLS, outcome_result, register_tools
 
 INSTRUCTIONS = (
     "Plexus runs long tasks in the user's Jupyter server. Tools return at once: start work with "
@@ -76,13 +79,20 @@ def describe_validation_error(tool: str, error: ValidationError) -> str:
     return f"invalid arguments for {tool}: " + "; ".join(problems)
 
 
-def build_mcp_server(manager: TaskManager) -> MCPServer:
+def build_mcp_server(manager: TaskManager, evaluations: EvaluationService | None = None) -> MCPServer:
     # MCPServer() calls logging.basicConfig() with a Rich handler on the root logger. Inside Jupyter that
     # would re-route the whole server's logging (and Rich formatting halves throughput), so whatever it
     # adds to the root logger is taken away again; the SDK's loggers stay at WARNING.
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    tasks = PlexusTasks(manager, TASK_TOOLS)
+    def outcome(task: Task) -> CallToolResult:
+        """The final tool result of a task, by the tool that starts tasks of its type."""
+        if task.type == "evaluation" and evaluations is not None:
+            return evaluation_outcome(evaluations, task)
+        return outcome_result(task)
+
+    task_tools = (*TASK_TOOLS, "create_evaluation") if evaluations is not None else TASK_TOOLS
+    tasks = PlexusTasks(manager, task_tools, outcome)
     server = PlexusMCPServer(
         name="plexus",
         title="Plexus tasks and evaluations",
@@ -101,10 +111,12 @@ def build_mcp_server(manager: TaskManager) -> MCPServer:
         logging.getLogger(name).setLevel(logging.WARNING)
     register_tools(server, manager)
     register_resources(server, manager)
+    if evaluations is not None:
+        register_evaluation_tools(server, evaluations)
     install_task_capability(server._lowlevel_server)
     if manager is not None:  # None when only the schemas are wanted (docs.py)
         watch = ResourceWatch(manager)
         tasks.follow_status = watch.follow_status
-        install_subscriptions(server, watch)
+        install_subscriptions(server, watch, outcome)
         server.resource_watch = watch  # type: ignore[attr-defined]
     return server

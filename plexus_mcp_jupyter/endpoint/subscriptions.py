@@ -42,7 +42,7 @@ from ..core.errors import InvalidArgument, NotFound
 from ..core.events import Event
 from ..core.manager import TaskManager
 from ..core.store import TaskFilter
-from .tasks_ext import TASKS_EXTENSION, detailed_task, legacy_status_notification
+from .tasks_ext import TASKS_EXTENSION, Outcome, detailed_task, legacy_status_notification
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
@@ -330,9 +330,10 @@ class PlexusListenHandler(ListenHandler):
     state) instead of a backlog that ends its stream.
     """
 
-    def __init__(self, watch: ResourceWatch) -> None:
+    def __init__(self, watch: ResourceWatch, outcome: Outcome) -> None:
         super().__init__(InMemorySubscriptionBus())
         self._watch = watch
+        self._outcome = outcome
 
     def _task_ids(self, ctx: Any, requested: SubscriptionFilter) -> list[str]:
         """The `taskIds` of the tasks extension: the ones that exist are honoured."""
@@ -371,7 +372,7 @@ class PlexusListenHandler(ListenHandler):
 
         async def send_status(task_id: str) -> None:
             try:
-                params = {**detailed_task(self._watch.manager.get(task_id)), "_meta": meta}
+                params = {**detailed_task(self._outcome, self._watch.manager.get(task_id)), "_meta": meta}
             except NotFound:
                 return
             await ctx.session.send_notification(TaskStatusPush(params=params), related_request_id=subscription_id)
@@ -398,7 +399,7 @@ class TaskStatusPush(BaseModel):
     params: dict[str, Any]
 
 
-def install_subscriptions(server: MCPServer, watch: ResourceWatch) -> None:
+def install_subscriptions(server: MCPServer, watch: ResourceWatch, outcome: Outcome) -> None:
     """Serve resources/subscribe, resources/unsubscribe and subscriptions/listen from the EventBus."""
     lowlevel = server._lowlevel_server
 
@@ -414,4 +415,5 @@ def install_subscriptions(server: MCPServer, watch: ResourceWatch) -> None:
 
     lowlevel.add_request_handler("resources/subscribe", SubscribeRequestParams, on_subscribe)
     lowlevel.add_request_handler("resources/unsubscribe", UnsubscribeRequestParams, on_unsubscribe)
-    lowlevel.add_request_handler("subscriptions/listen", SubscriptionsListenRequestParams, PlexusListenHandler(watch))
+    listen = PlexusListenHandler(watch, outcome)
+    lowlevel.add_request_handler("subscriptions/listen", SubscriptionsListenRequestParams, listen)

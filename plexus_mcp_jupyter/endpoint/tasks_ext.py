@@ -37,6 +37,7 @@ from mcp.types import (
     INVALID_PARAMS,
     METHOD_NOT_FOUND,
     CallToolRequestParams,
+    CallToolResult,
     PaginatedRequestParams,
     RequestParams,
     ServerTasksCapability,
@@ -52,7 +53,7 @@ from pydantic import BaseModel, Field
 from ..core.errors import InvalidArgument, NotFound
 from ..core.manager import TaskManager
 from ..core.models import Task, TaskStatus, iso
-from .tools import describe, outcome_result
+from .tools import describe
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
@@ -113,16 +114,19 @@ def task_view(task: Task, *, modern: bool) -> dict[str, Any]:
     }
 
 
-def tool_result_dict(task: Task) -> dict[str, Any]:
+Outcome = Callable[[Task], CallToolResult]  # the tool result of a task that has ended
+
+
+def tool_result_dict(outcome: Outcome, task: Task) -> dict[str, Any]:
     """The `CallToolResult` the task tool answers with once the task has ended, as JSON."""
-    return outcome_result(task).model_dump(by_alias=True, mode="json", exclude_none=True)
+    return outcome(task).model_dump(by_alias=True, mode="json", exclude_none=True)
 
 
-def detailed_task(task: Task) -> dict[str, Any]:
+def detailed_task(outcome: Outcome, task: Task) -> dict[str, Any]:
     """The 2026-07-28 `DetailedTask`: the task, with the final tool result inlined once it ended."""
     view = task_view(task, modern=True)
     if task.status.is_final and task.status is not TaskStatus.CANCELLED:
-        view["result"] = tool_result_dict(task)
+        view["result"] = tool_result_dict(outcome, task)
     return view
 
 
@@ -145,8 +149,9 @@ class PlexusTasks(Extension):
 
     identifier = TASKS_EXTENSION
 
-    def __init__(self, manager: TaskManager, task_tools: Sequence[str]) -> None:
+    def __init__(self, manager: TaskManager, task_tools: Sequence[str], outcome: Outcome) -> None:
         self.manager = manager
+        self.outcome = outcome
         self.task_tools = frozenset(task_tools)  # tools whose result names a Plexus task (task_id)
         # Set by install_subscriptions: follow a task's status for a session (legacy notifications).
         self.follow_status: Callable[[Any, str], None] | None = None
@@ -209,7 +214,7 @@ class PlexusTasks(Extension):
     async def get(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> dict[str, Any]:
         if is_modern(ctx.protocol_version):
             require_client_extension(ctx, TASKS_EXTENSION)
-            return detailed_task(self._task(params.task_id))
+            return detailed_task(self.outcome, self._task(params.task_id))
         return task_view(self._task(params.task_id), modern=False)
 
     async def cancel(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> dict[str, Any]:
@@ -239,7 +244,7 @@ class PlexusTasks(Extension):
         while not task.status.is_final:
             await self.manager.wait_final([task.id], timeout=3600)
             task = self.manager.get(task.id)
-        data = tool_result_dict(task)
+        data = tool_result_dict(self.outcome, task)
         data["_meta"] = {**data.get("_meta", {}), RELATED_TASK_META: {"taskId": task.id}}
         return data
 

@@ -1,1 +1,1 @@
-"""Evaluations: datasets, scorers, scorecards and metrics, usable without any server."""
+"""Evaluations: datasets, scorers, scorecards, metrics, the runner that scores a dataset as a task, and the service."""

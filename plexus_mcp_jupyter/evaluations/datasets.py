@@ -251,6 +251,21 @@ class DatasetCatalog:
             raise InvalidArgument(f"dataset {str(parsed)!r} has no rows")
         return df
 
+    def columns(self, ref: str) -> builtins.list[str]:
+        """The dataset's column names, read from its header or schema only (cheap enough for a tool call).
+
+        Raises like :meth:`load` for a dataset that is missing, refused or unreadable.
+        """
+        parsed = parse_ref(ref)
+        path, fmt = self._locate(parsed)
+        with _reading(str(parsed), fmt):
+            if fmt == "parquet":
+                with path.open("rb") as handle:
+                    return [str(c) for c in pq.ParquetFile(handle).schema_arrow.names]
+            if fmt == "csv":
+                return [str(c) for c in pd.read_csv(path, nrows=0).columns]
+            return [str(c) for c in pd.read_json(path, lines=True, nrows=1, dtype=False).columns]
+
     # --- describing ------------------------------------------------------------------------------------
 
     def describe(self, ref: str, label_column: str | None = None) -> DatasetInfo:

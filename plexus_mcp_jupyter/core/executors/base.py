@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 MessageCallback = Callable[[tuple[Any, ...]], None]
@@ -27,9 +27,13 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     def submit(
         self, task_id: str, target: str, params: dict[str, Any], on_message: MessageCallback, *,
-        max_output_bytes: int,
+        max_output_bytes: int, environment: Mapping[str, Any] | None = None,
     ) -> str:
-        """Start a task; return an identifier of the worker running it (e.g. "pid=1234")."""
+        """Start a task; return an identifier of the worker running it (e.g. "pid=1234").
+
+        `environment` is what the server tells every task besides its parameters (`TaskContext.environment`:
+        the store URL, the Jupyter root); unlike parameters it is never stored or shown to a client.
+        """
 
     @abc.abstractmethod
     def request_cancel(self, task_id: str) -> None:

@@ -15,7 +15,7 @@ import multiprocessing as mp
 import sys
 import threading
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,7 +72,7 @@ class LocalExecutor(Executor):
 
     def submit(
         self, task_id: str, target: str, params: dict[str, Any], on_message: MessageCallback, *,
-        max_output_bytes: int = 65_536,
+        max_output_bytes: int = 65_536, environment: Mapping[str, Any] | None = None,
     ) -> str:
         if self._loop is None:
             raise RuntimeError("LocalExecutor.start(loop) must be called before submit()")
@@ -80,7 +80,7 @@ class LocalExecutor(Executor):
         cancel_flag = self._mp.Event()
         process = self._mp.Process(
             target=worker.process_main,
-            args=(task_id, target, params, sender, cancel_flag, max_output_bytes),
+            args=(task_id, target, params, sender, cancel_flag, max_output_bytes, dict(environment or {})),
             name=f"plexus-task-{task_id[:8]}",
             daemon=True,
         )

@@ -1,0 +1,252 @@
+"""The evaluation tools and resources: EvaluationService over MCP. Each tool returns in milliseconds.
+
+`create_evaluation` starts an evaluation task and answers at once (or, with a progress token, streams
+progress until it ends, like `run_demo_task`); it can also run as an MCP task.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ResourceNotFoundError
+from mcp.shared.exceptions import MCPError
+from mcp.types import INVALID_PARAMS, CallToolResult, ToolAnnotations
+from pydantic import Field
+
+from ..core.errors import NotFound, PlexusError
+from ..core.manager import MAX_PRIORITY, MIN_PRIORITY
+from ..core.models import Task, TaskStatus
+from ..evaluations.service import EVALUATION_TYPES, MAX_RUNS, EvaluationService
+from ..evaluations.store import EvaluationStatus
+from .progress import follow_to_end, progress_token
+from .schemas import DatasetList, EvaluationDetail, EvaluationPage, EvaluationResults, ScorerList
+from .tools import client_errors, identity_of, result
+
+JSON = "application/json"
+
+
+def describe_evaluation(view: dict[str, Any]) -> str:
+    text = f"Evaluation {view['evaluation_id']} ({view['type']} on {view['dataset']}) is {view['status']}"
+    if view["total_items"]:
+        text += f", {view['processed_items']}/{view['total_items']} items scored"
+    for name, m in (view.get("metrics") or {}).items():
+        if m.get("accuracy") is not None:
+            text += f"; {name}: accuracy {m['accuracy']:.3f}, macro F1 {m['macro_f1']:.3f}"
+        elif m.get("mean_pairwise_agreement") is not None:
+            text += f"; {name}: agreement {m['mean_pairwise_agreement']:.3f}, unanimous {m['unanimous_share']:.3f}"
+    for name, c in (view.get("counts") or {}).items():
+        if c.get("errors"):
+            text += f"; {name}: {c['errors']} item(s) could not be scored"
+    if view["error_message"]:
+        text += f": {view['error_message']}"
+    return text + "."
+
+
+def evaluation_outcome(service: EvaluationService, task: Task) -> CallToolResult:
+    """What create_evaluation answers once its task has ended (a streamed call, or an MCP task's result)."""
+    row = service.store.by_task(task.id)
+    if row is None:
+        raise NotFound(f"task {task.id} has no evaluation record")
+    view = service.view(row)
+    outcome = result(describe_evaluation(view), view)
+    outcome.is_error = task.status is not TaskStatus.COMPLETED
+    return outcome
+
+
+def _dump(data: Any) -> str:
+    return json.dumps(data, separators=(",", ":"), default=str)
+
+
+def register_evaluation_tools(server: MCPServer, service: EvaluationService) -> None:
+    read_only = ToolAnnotations(read_only_hint=True, open_world_hint=False)
+
+    @server.tool(
+        title="Create an evaluation",
+        description=(
+            "Evaluate predictions against labels on a dataset and return the evaluation (status SETUP) at once; "
+            "follow it with get_evaluation, then read metrics there and the items it got wrong with "
+            "get_evaluation_results(only_mismatches=true). type: accuracy (a scorer, or prediction_column, vs "
+            "label_column), feedback (earlier predictions in prediction_column vs corrected labels in "
+            "label_column), consistency (a scorer run `runs` times: agreement between runs). dataset: "
+            "'example:sentiment' (see list_datasets), 'registered:<name>' or a file path under the Jupyter root "
+            "(.csv, .parquet, .jsonl). scorer: 'column:<col>', 'python:<module>:<function>', or a rules object "
+            "(see list_scorers). Or give scorecard: a YAML file naming the dataset and several scores. With a "
+            "progress token the call streams progress until the evaluation ends and returns it; it can also run "
+            "as an MCP task."
+        ),
+        annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False),
+    )
+    @client_errors
+    async def create_evaluation(
+        ctx: Context,
+        type: Annotated[str, Field(description=f"One of {', '.join(EVALUATION_TYPES)}")],
+        dataset: Annotated[str | None, Field(description="Dataset ref (not with scorecard)")] = None,
+        scorer: Annotated[str | dict[str, Any] | None, Field(
+            description="Scorer spec: 'column:<col>', 'python:<module>:<function>', or {kind: rules, rules: "
+            "[{pattern|keywords, label}], default, input_column}")] = None,
+        scorecard: Annotated[str | None, Field(description="Path of a scorecard YAML under the Jupyter root")]
+        = None,
+        label_column: Annotated[str | None, Field(description="Column of correct labels")] = None,
+        prediction_column: Annotated[str | None, Field(description="Column of predictions (instead of scorer)")]
+        = None,
+        input_column: Annotated[str | None, Field(description="Column the scorer reads (default 'text')")] = None,
+        id_column: Annotated[str | None, Field(description="Column of item ids for results (default row number)")]
+        = None,
+        sample_n: Annotated[int | None, Field(ge=1, description="Evaluate a random sample of this many rows")]
+        = None,
+        sample_fraction: Annotated[float | None, Field(gt=0, le=1, description="Or of this share of rows")] = None,
+        seed: Annotated[int | None, Field(description="Seed of the sample, for repeatable runs")] = None,
+        runs: Annotated[int, Field(ge=2, le=MAX_RUNS, description=f"consistency: runs of the scorer, 2 to {MAX_RUNS}")]
+        = 3,
+        priority: Annotated[int, Field(ge=MIN_PRIORITY, le=MAX_PRIORITY, description="Queue priority")] = 0,
+    ) -> Annotated[CallToolResult, EvaluationDetail]:
+        view, task = service.create(
+            type, dataset, scorer=scorer, scorecard=scorecard, label_column=label_column,
+            prediction_column=prediction_column, input_column=input_column, id_column=id_column,
+            sample_n=sample_n, sample_fraction=sample_fraction, seed=seed, runs=runs, priority=priority,
+            owner=identity_of(ctx),
+        )
+        if progress_token(ctx) is not None:
+            return evaluation_outcome(service, await follow_to_end(ctx, service.manager, task.id))
+        return result(f"Started evaluation {view['evaluation_id']} ({type} on {view['dataset']}); follow it with "
+                      "get_evaluation.", view)
+
+    @server.tool(
+        title="Get an evaluation",
+        description=(
+            "Status, progress (processed/total items, elapsed and remaining seconds), definition and, once "
+            "completed, metrics per score."
+        ),
+        annotations=read_only,
+    )
+    @client_errors
+    async def get_evaluation(
+        evaluation_id: Annotated[str, Field(min_length=1, max_length=64, description="The evaluation's id")],
+    ) -> Annotated[CallToolResult, EvaluationDetail]:
+        view = service.get(evaluation_id)
+        return result(describe_evaluation(view), view)
+
+    @server.tool(
+        title="Get evaluation results",
+        description=(
+            "Per-item results in dataset order (id, input excerpt, label, prediction, correct, explanation, "
+            "error), optionally only the mismatches (wrong or unscored) or one label; paginated."
+        ),
+        annotations=read_only,
+    )
+    @client_errors
+    async def get_evaluation_results(
+        evaluation_id: Annotated[str, Field(min_length=1, max_length=64, description="The evaluation's id")],
+        only_mismatches: Annotated[bool, Field(description="Only items scored wrong or not scored")] = False,
+        label: Annotated[str | None, Field(description="Only items with this label (as in the dataset)")] = None,
+        score: Annotated[str | None, Field(description="Which score of a scorecard (default: the first)")] = None,
+        limit: Annotated[int, Field(ge=1, le=100, description="Page size, 1 to 100")] = 20,
+        cursor: Annotated[str | None, Field(description="next_cursor of the previous page, unchanged")] = None,
+    ) -> Annotated[CallToolResult, EvaluationResults]:
+        items, next_cursor, asked = service.results(evaluation_id, only_mismatches=only_mismatches, label=label,
+                                                    score=score, limit=limit, cursor=cursor)
+        more = " (more: pass next_cursor)" if next_cursor else ""
+        return result(f"{len(items)} item(s){more}.", {**asked, "items": items, "next_cursor": next_cursor})
+
+    @server.tool(
+        title="List evaluations",
+        description="Evaluations, newest first, optionally by status and type; paginated.",
+        annotations=read_only,
+    )
+    @client_errors
+    async def list_evaluations(
+        status: Annotated[list[str] | None, Field(description=f"Any of {', '.join(EvaluationStatus.ALL)}")] = None,
+        type: Annotated[list[str] | None, Field(description=f"Any of {', '.join(EVALUATION_TYPES)}")] = None,
+        limit: Annotated[int, Field(ge=1, le=100, description="Page size, 1 to 100")] = 20,
+        cursor: Annotated[str | None, Field(description="next_cursor of the previous page, unchanged")] = None,
+    ) -> Annotated[CallToolResult, EvaluationPage]:
+        views, next_cursor = service.list_evaluations(status, type, limit=limit, cursor=cursor)
+        lines = "; ".join(f"{v['evaluation_id'][:8]} {v['type']} {v['status']}" for v in views[:10])
+        more = " (more: pass next_cursor)" if next_cursor else ""
+        return result(f"{len(views)} evaluation(s){more}" + (f": {lines}" if lines else ""),
+                      {"evaluations": views, "next_cursor": next_cursor})
+
+    @server.tool(
+        title="List datasets",
+        description=(
+            "Datasets an evaluation can use: shipped examples, DataFrames registered from notebooks, and data "
+            "files under the Jupyter root, with rows and columns."
+        ),
+        annotations=read_only,
+    )
+    @client_errors
+    async def list_datasets(
+        include_files: Annotated[bool, Field(description="Also look for data files under the root")] = True,
+    ) -> Annotated[CallToolResult, DatasetList]:
+        datasets = service.datasets(include_files=include_files)
+        return result(f"{len(datasets)} dataset(s): " + ", ".join(d["ref"] for d in datasets[:20]),
+                      {"datasets": datasets})
+
+    @server.tool(
+        title="List scorers",
+        description="The kinds of scorer an evaluation can use, their spec forms, and example scorers.",
+        annotations=read_only,
+    )
+    @client_errors
+    async def list_scorers() -> Annotated[CallToolResult, ScorerList]:
+        scorers = service.scorers()
+        return result("Scorer kinds: " + ", ".join(scorers["kinds"]), scorers)
+
+    _register_resources(server, service)
+
+
+def _register_resources(server: MCPServer, service: EvaluationService) -> None:
+    def page(status: str | None, type: str | None, limit: str | None, cursor: str | None) -> str:
+        try:
+            views, next_cursor = service.list_evaluations(status, type, limit=service.manager.parse_limit(limit),
+                                              cursor=cursor or None)
+        except PlexusError as exc:
+            raise MCPError(INVALID_PARAMS, str(exc)) from None
+        return _dump({"evaluations": views, "next_cursor": next_cursor})
+
+    @server.resource("plexus://evaluations{?status,type,limit,cursor}", name="evaluations", title="Evaluations",
+                     description="Evaluations, newest first; status and type take comma-separated names.",
+                     mime_type=JSON)
+    def evaluations_resource(status: str | None = None, type: str | None = None, limit: str | None = None,
+                             cursor: str | None = None) -> str:
+        return page(status, type, limit, cursor)
+
+    @server.resource("plexus://evaluations", name="recent-evaluations", title="Recent evaluations",
+                     description="The 20 most recent evaluations.", mime_type=JSON)
+    def recent_evaluations() -> str:
+        return page(None, None, None, None)
+
+    @server.resource("plexus://evaluations/{evaluation_id}", name="evaluation", title="Evaluation",
+                     description="One evaluation: status, progress, definition and metrics.", mime_type=JSON)
+    def evaluation_resource(evaluation_id: str) -> str:
+        try:
+            return _dump(service.get(evaluation_id))
+        except NotFound as exc:
+            raise ResourceNotFoundError(str(exc)) from None
+
+    @server.resource("plexus://evaluations/{evaluation_id}/results{?only_mismatches,label,score,limit,cursor}",
+                     name="evaluation-results", title="Evaluation results",
+                     description="Per-item results, in dataset order; only_mismatches=true for the wrong ones.",
+                     mime_type=JSON)
+    def results_resource(evaluation_id: str, only_mismatches: str | None = None, label: str | None = None,
+                         score: str | None = None, limit: str | None = None, cursor: str | None = None) -> str:
+        flag = (only_mismatches or "").lower()
+        if flag not in ("", "true", "false", "1", "0"):
+            raise MCPError(INVALID_PARAMS, f"only_mismatches must be true or false, not {only_mismatches!r}")
+        try:
+            items, next_cursor, asked = service.results(
+                evaluation_id, only_mismatches=flag in ("true", "1"), label=label or None, score=score or None,
+                limit=service.manager.parse_limit(limit), cursor=cursor or None)
+        except NotFound as exc:
+            raise ResourceNotFoundError(str(exc)) from None
+        except PlexusError as exc:
+            raise MCPError(INVALID_PARAMS, str(exc)) from None
+        return _dump({**asked, "items": items, "next_cursor": next_cursor})
+
+    @server.resource("plexus://datasets", name="datasets", title="Datasets",
+                     description="Datasets an evaluation can use (examples, registered, files under the root).",
+                     mime_type=JSON)
+    def datasets_resource() -> str:
+        return _dump({"datasets": service.datasets()})

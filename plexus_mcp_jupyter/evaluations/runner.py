@@ -1,0 +1,239 @@
+"""The evaluation task: runs in a worker process, like any Plexus task.
+
+Stages: Setup (load and sample the dataset, check columns, build the scorers), Scoring (chunk by chunk:
+score, write the chunk's items in one transaction, report progress; cancellation is checked between
+chunks), Metrics (vectorised, from the scored items; written with the evaluation once). The worker writes
+to the store itself (its URL comes from `ctx.environment`, never from the task's parameters), so a
+million items never cross the pipe to the server.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import sqlalchemy as sa
+
+from ..core.context import TaskContext
+from ..core.errors import InvalidArgument
+from .datasets import DatasetCatalog, require_columns
+from .metrics import LabelNormalization, compute_metrics, consistency_metrics, normalize_labels
+from .sampling import sample_frame
+from .scorers import ScoreBatch, Scorer, scorer_from_spec
+from .store import SETUP_STAGE, EvaluationStore
+
+EXCERPT_CHARS = 200
+EXPLANATION_CHARS = 500
+DEFAULT_CHUNK_SIZE = 50_000  # the largest chunk; chunks are sized by time (Chunks)
+
+
+def run_evaluation(
+    ctx: TaskContext,
+    evaluation_id: str,
+    type: str,
+    dataset: str,
+    scores: list[dict[str, Any]],
+    label_column: str | None = None,
+    input_column: str | None = None,
+    id_column: str | None = None,
+    sample: dict[str, Any] | None = None,
+    runs: int = 1,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    normalization: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Score a dataset, record its items and metrics; return a short summary (the task's output)."""
+    env = ctx.environment
+    norm = LabelNormalization(**(normalization or {}))
+    ctx.stage(SETUP_STAGE, None, f"loading {dataset}")
+    catalog = DatasetCatalog(Path(env["root_dir"]), Path(env["registered_dir"]))
+    frame = catalog.load(dataset)
+    if sample:
+        frame = sample_frame(frame, **sample)
+    needed = [c for c in (label_column, input_column, id_column) if c]
+    require_columns(frame, *needed, what="column")
+    scorers = [(score["name"], scorer_from_spec(score["scorer"], input_column=input_column),
+                score.get("label_column") or label_column) for score in scores]
+    for _name, scorer, score_label in scorers:
+        require_columns(frame, *scorer.columns, what="scorer input column")
+        if score_label:
+            require_columns(frame, score_label, what="label column")
+            _require_two_classes(frame[score_label], score_label, norm)
+    store = EvaluationStore(sa.create_engine(env["db_url"]))
+    try:
+        store.clear_items(evaluation_id)
+        passes = runs if type == "consistency" else 1
+        ctx.stage("Scoring", len(frame) * len(scorers) * passes, f"{len(frame):,} items")
+        metrics: dict[str, Any] = {}
+        counts: dict[str, Any] = {}
+        for name, scorer, score_label in scorers:
+            if type == "consistency":
+                metrics[name], counts[name] = _consistency(ctx, store, evaluation_id, name, scorer, frame, runs,
+                                                           score_label, input_column, id_column, chunk_size, norm)
+            else:
+                metrics[name], counts[name] = _accuracy(ctx, store, evaluation_id, name, scorer, frame, score_label,
+                                                        input_column, id_column, chunk_size, norm)
+        ctx.stage("Metrics", 1)
+        store.set_results(evaluation_id, metrics, counts)
+        ctx.advance(1)
+    finally:
+        store.engine.dispose()
+    return {"evaluation_id": evaluation_id, "items": len(frame), "scores": _summary(metrics, counts)}
+
+
+def _require_two_classes(labels: pd.Series, column: str, norm: LabelNormalization) -> None:
+    classes = pd.unique(normalize_labels(labels, norm))
+    if len(classes) < 2:
+        raise InvalidArgument(
+            f"label column {column!r} has a single class ({classes[0]!r} in every row) after normalisation: "
+            "agreement metrics need at least two classes; pick another label column or dataset"
+        )
+
+
+class Chunks:
+    """Chunks of a frame sized to take about `target` seconds each to score.
+
+    Cancellation is checked and progress reported between chunks, so a slow per-item scorer gets small
+    chunks (a prompt cancel, smooth progress) and a fast vectorised one large chunks (few transactions).
+    """
+
+    def __init__(self, frame: pd.DataFrame, first: int = 64, target: float = 0.25, largest: int = 50_000) -> None:
+        self.frame, self.size, self.target, self.largest = frame, first, target, largest
+        self._started = 0.0
+
+    def __iter__(self) -> Iterator[tuple[int, pd.DataFrame]]:
+        start = 0
+        while start < len(self.frame):
+            chunk = self.frame.iloc[start:start + self.size]
+            self._started = time.perf_counter()
+            yield start, chunk
+            elapsed = time.perf_counter() - self._started
+            start += len(chunk)
+            rate = len(chunk) / max(elapsed, 1e-6)
+            self.size = int(min(self.largest, max(1, min(rate * self.target, self.size * 4))))
+
+
+def _score(ctx: TaskContext, scorer: Scorer, chunk: pd.DataFrame) -> ScoreBatch:
+    ctx.check_cancelled()
+    return scorer.score(chunk)
+
+
+def _accuracy(
+    ctx: TaskContext, store: EvaluationStore, evaluation_id: str, name: str, scorer: Scorer, frame: pd.DataFrame,
+    label_column: str | None, input_column: str | None, id_column: str | None, chunk_size: int,
+    norm: LabelNormalization,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    if label_column is None:
+        raise InvalidArgument(f"score {name!r} needs a label column to compare its predictions with")
+    predictions: list[pd.Series] = []
+    scored: list[np.ndarray] = []
+    for start, chunk in Chunks(frame, largest=chunk_size):
+        batch = _score(ctx, scorer, chunk)
+        labels = chunk[label_column]
+        correct = normalize_labels(labels, norm) == normalize_labels(batch.predictions, norm)
+        failed = _failed_mask(batch)
+        store.add_items(evaluation_id, name, _rows(start, chunk, labels, batch, correct, failed, input_column,
+                                                   id_column))
+        predictions.append(batch.predictions)
+        scored.append(~failed)
+        ctx.advance(len(chunk))
+    # Items whose scoring failed are left out of the metrics (and counted); a missing prediction without
+    # an error is the "na" class like any other.
+    keep = np.concatenate(scored)
+    if not keep.any():
+        raise InvalidArgument(f"score {name!r}: every item failed to score; see the items' errors")
+    predicted = pd.concat(predictions).to_numpy(dtype=object)
+    result = compute_metrics(frame[label_column].to_numpy()[keep], predicted[keep], norm).to_dict()
+    return result, {"items": len(frame), "scored": int(keep.sum()), "errors": int((~keep).sum())}
+
+
+def _failed_mask(batch: ScoreBatch) -> np.ndarray:
+    if batch.errors is None:
+        return np.zeros(len(batch.predictions), dtype=bool)
+    return batch.errors.notna().to_numpy()
+
+
+def _rows(
+    start: int, chunk: pd.DataFrame, labels: pd.Series | None, batch: ScoreBatch, correct: np.ndarray | None,
+    failed: np.ndarray, input_column: str | None, id_column: str | None,
+) -> list[dict[str, Any]]:
+    n = len(chunk)
+    ids = chunk[id_column].astype(str).tolist() if id_column else [str(i) for i in range(start, start + n)]
+    inputs = _texts(chunk[input_column], EXCERPT_CHARS) if input_column and input_column in chunk else [None] * n
+    label_texts = _texts(labels, EXCERPT_CHARS) if labels is not None else [None] * n
+    predictions = _texts(batch.predictions, EXCERPT_CHARS)
+    explanations = _texts(batch.explanations, EXPLANATION_CHARS) if batch.explanations is not None else [None] * n
+    errors = _texts(batch.errors, EXPLANATION_CHARS) if batch.errors is not None else [None] * n
+    oks: list[bool | None] = correct.tolist() if correct is not None else [None] * n
+    return [
+        {
+            "seq": start + i, "item_id": ids[i], "input": inputs[i], "label": label_texts[i],
+            "prediction": None if failed[i] else predictions[i],
+            "correct": None if failed[i] else oks[i], "explanation": explanations[i], "error": errors[i],
+        }
+        for i in range(n)
+    ]
+
+
+def _texts(values: pd.Series, limit: int) -> list[str | None]:
+    """Values as bounded strings (None for missing), so no item floods a client."""
+    out: list[str | None] = []
+    for value in values.tolist():
+        if value is None or (not isinstance(value, str) and pd.isna(value)):
+            out.append(None)
+            continue
+        text = value if isinstance(value, str) else str(value)
+        out.append(text if len(text) <= limit else text[: limit - 1] + "…")
+    return out
+
+
+def _consistency(
+    ctx: TaskContext, store: EvaluationStore, evaluation_id: str, name: str, scorer: Scorer, frame: pd.DataFrame,
+    runs: int, label_column: str | None, input_column: str | None, id_column: str | None, chunk_size: int,
+    norm: LabelNormalization,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    errors = 0
+    all_modal: list[np.ndarray] = []
+    grids: list[np.ndarray] = []
+    for start, chunk in Chunks(frame, largest=chunk_size):
+        columns, failed = [], np.zeros(len(chunk), dtype=bool)
+        for _ in range(runs):
+            batch = _score(ctx, scorer, chunk)
+            failed |= _failed_mask(batch)
+            columns.append(normalize_labels(batch.predictions, norm))
+            ctx.advance(len(chunk))
+        grid = np.stack(columns, axis=1)
+        unanimous = (grid == grid[:, :1]).all(axis=1)
+        modal = consistency_metrics(grid, norm).modal_prediction
+        errors += int(failed.sum())
+        explanation = pd.Series([", ".join(row) for row in grid.tolist()], index=chunk.index)
+        batch = ScoreBatch(pd.Series(modal, index=chunk.index), explanation, None)
+        labels = chunk[label_column] if label_column else None
+        store.add_items(evaluation_id, name, _rows(start, chunk, labels, batch, unanimous, failed, input_column,
+                                                   id_column))
+        grids.append(np.asarray(grid[~failed], dtype=object))
+        modal_or_none = np.asarray(modal, dtype=object).copy()
+        modal_or_none[failed] = None
+        all_modal.append(modal_or_none)
+    grid = np.concatenate(grids) if grids else np.zeros((0, runs), dtype=object)
+    if len(grid) == 0:
+        raise InvalidArgument(f"score {name!r}: every item failed to score; see the items' errors")
+    result = consistency_metrics(grid, norm).to_dict()
+    if label_column:
+        modal_all = np.concatenate(all_modal)
+        keep = np.array([m is not None for m in modal_all], dtype=bool)
+        result["accuracy_of_modal"] = compute_metrics(
+            frame[label_column].to_numpy()[keep], modal_all[keep], norm
+        ).to_dict()
+    return result, {"items": len(frame), "scored": len(grid), "errors": errors}
+
+
+def _summary(metrics: dict[str, Any], counts: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for name, m in metrics.items():
+        keys = ("accuracy", "macro_f1", "cohen_kappa", "gwet_ac1", "mean_pairwise_agreement", "unanimous_share")
+        out[name] = {k: m[k] for k in keys if k in m} | counts[name]
+    return out

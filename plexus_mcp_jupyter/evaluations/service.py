@@ -1,0 +1,263 @@
+"""The evaluations face of the core: create, read and list evaluations, their results and datasets.
+
+Used by the MCP tools and resources and by REST alike; knows nothing of either. Creating an evaluation
+checks what is cheap to check at once (the type and its arguments, the dataset exists and is under the
+root, its columns, the scorer specs' shape), then dispatches an `evaluation` task and returns in
+milliseconds; loading, scoring and metrics happen in the worker (runner.py).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..core.errors import InvalidArgument, NotFound
+from ..core.manager import TaskManager
+from ..core.models import Task, iso
+from .datasets import DatasetCatalog
+from .sampling import check_sample
+from .scorecards import load_scorecard
+from .scorers import SCORER_KINDS, normalize_spec
+from .store import EvaluationFilter, EvaluationStatus, EvaluationStore, ItemFilter, parse_statuses
+
+EVALUATION_TYPES = ("accuracy", "feedback", "consistency")
+MAX_RUNS = 10
+MAX_LABELS_SHOWN = 50  # per-class rows and confusion matrix beyond this many classes are left out
+DEFAULT_SCORE = "score"
+
+
+def evaluation_uri(evaluation_id: str) -> str:
+    return f"plexus://evaluations/{evaluation_id}"
+
+
+class EvaluationService:
+    """Evaluations over one TaskManager, EvaluationStore and DatasetCatalog."""
+
+    def __init__(self, manager: TaskManager, store: EvaluationStore, catalog: DatasetCatalog) -> None:
+        self.manager = manager
+        self.store = store
+        self.catalog = catalog
+
+    # -- creating ---------------------------------------------------------------------------------------
+
+    def create(
+        self,
+        type: str,
+        dataset: str | None = None,
+        *,
+        scorer: str | Mapping[str, Any] | None = None,
+        scorecard: str | None = None,
+        label_column: str | None = None,
+        prediction_column: str | None = None,
+        input_column: str | None = None,
+        id_column: str | None = None,
+        sample_n: int | None = None,
+        sample_fraction: float | None = None,
+        seed: int | None = None,
+        runs: int = 3,
+        priority: int = 0,
+        owner: str | None = None,
+    ) -> tuple[dict[str, Any], Task]:
+        """Check the request, dispatch the evaluation task, and return the evaluation's view and its task."""
+        if type not in EVALUATION_TYPES:
+            raise InvalidArgument(f"unknown evaluation type {type!r}; expected one of {', '.join(EVALUATION_TYPES)}")
+        sample = None
+        if scorecard is not None:
+            if dataset is not None or scorer is not None or prediction_column is not None:
+                raise InvalidArgument("a scorecard names its dataset and scores: do not also give dataset, scorer "
+                                      "or prediction_column")
+            card = load_scorecard(scorecard, root_dir=self.catalog.root_dir)
+            dataset, input_column, id_column = card.dataset, card.input_column, card.id_column
+            label_column = label_column or card.label_column
+            scores = [s.to_dict() for s in card.scores]
+            if card.sample is not None:
+                sample = card.sample.to_dict()
+        else:
+            if dataset is None:
+                raise InvalidArgument("dataset is required (or a scorecard): e.g. 'example:sentiment', "
+                                      "'registered:<name>' or a file path under the Jupyter root")
+            scores = [{"name": DEFAULT_SCORE, "scorer": self._scorer(type, scorer, prediction_column)}]
+        if type == "consistency" and (isinstance(runs, bool) or not isinstance(runs, int)
+                                      or not 2 <= runs <= MAX_RUNS):
+            raise InvalidArgument(f"runs must be a whole number from 2 to {MAX_RUNS} for a consistency evaluation, "
+                                  f"not {runs!r}")
+        if type != "consistency" and label_column is None:
+            raise InvalidArgument(f"label_column is required for a {type} evaluation: the column holding the "
+                                  "correct labels" + (" (the human-corrected values)" if type == "feedback" else ""))
+        if sample_n is not None or sample_fraction is not None:
+            check_sample(sample_n, sample_fraction, seed)
+            sample = {"n": sample_n, "fraction": sample_fraction, "seed": seed}
+        columns = self.catalog.columns(dataset)
+        wanted = {"label_column": label_column, "input_column": input_column, "id_column": id_column}
+        for score in scores:
+            spec = score["scorer"]
+            if spec.get("kind") == "column":
+                wanted[f"score {score['name']!r} column"] = spec["column"]
+            elif spec.get("input_column") or input_column:
+                wanted[f"score {score['name']!r} input column"] = spec.get("input_column") or input_column
+            elif "text" not in columns:
+                raise InvalidArgument(f"score {score['name']!r} reads the column 'text' by default, which dataset "
+                                      f"{dataset!r} lacks: give input_column; columns: {_listing(columns)}")
+            if score.get("label_column"):
+                wanted[f"score {score['name']!r} label column"] = score["label_column"]
+        for what, column in wanted.items():
+            if column is not None and column not in columns:
+                raise InvalidArgument(f"{what.replace('_', ' ')} {column!r} is not in dataset {dataset!r}; "
+                                      f"its columns: {_listing(columns)}")
+        evaluation_id = str(uuid.uuid4())
+        params = {
+            "evaluation_id": evaluation_id, "type": type, "dataset": dataset, "scores": scores,
+            "label_column": label_column, "input_column": input_column, "id_column": id_column,
+            "sample": sample, "runs": runs if type == "consistency" else 1,
+        }
+        task = self.manager.dispatch("evaluation", params, priority=priority, owner=owner,
+                                     description=f"{type} evaluation of {dataset}")
+        definition = {k: v for k, v in params.items() if k not in ("evaluation_id", "type", "dataset")}
+        if scorecard is not None:
+            definition["scorecard"] = scorecard
+        try:
+            self.store.create({"id": evaluation_id, "task_id": task.id, "type": type, "owner": owner,
+                               "dataset": dataset, "definition": definition, "created_at": time.time()})
+        except Exception:
+            self.manager.cancel([task.id])  # never a task without its record
+            raise
+        return self.get(evaluation_id), task
+
+    @staticmethod
+    def _scorer(type: str, scorer: Any, prediction_column: str | None) -> dict[str, Any]:
+        if type == "feedback":
+            if scorer is not None or prediction_column is None:
+                raise InvalidArgument("a feedback evaluation compares earlier predictions with corrected labels: "
+                                      "give prediction_column (and label_column), not a scorer")
+            return {"kind": "column", "column": prediction_column}
+        if (scorer is None) == (prediction_column is None):
+            raise InvalidArgument(
+                f"give either scorer (a spec; kinds: {', '.join(SCORER_KINDS)}) or prediction_column, not both "
+                "or neither"
+            )
+        if type == "consistency" and scorer is None:
+            raise InvalidArgument("a consistency evaluation runs a scorer several times: give scorer, not "
+                                  "prediction_column")
+        return normalize_spec(scorer if scorer is not None else f"column:{prediction_column}")
+
+    # -- reading ----------------------------------------------------------------------------------------
+
+    def _record(self, evaluation_id: str) -> dict[str, Any]:
+        row = self.store.get(evaluation_id) if isinstance(evaluation_id, str) else None
+        if row is None:
+            raise NotFound(f"no evaluation {evaluation_id!r}; list_evaluations shows the ones that exist")
+        return row
+
+    def task_of(self, evaluation_id: str) -> str:
+        return str(self._record(evaluation_id)["task_id"])
+
+    def get(self, evaluation_id: str) -> dict[str, Any]:
+        return self.view(self._record(evaluation_id))
+
+    def view(self, row: Mapping[str, Any], *, summary: bool = False) -> dict[str, Any]:
+        """An evaluation as clients see it: the record plus status and progress from its task."""
+        task = self.manager.get(row["task_id"])
+        scoring = next((s for s in task.stages if s.name == "Scoring"), None)
+        started, ended = task.started_at, task.completed_at
+        elapsed = None if started is None else round((ended or time.time()) - started, 3)
+        remaining = None
+        if task.estimated_completion_at is not None and not task.status.is_final:
+            remaining = max(0.0, round(task.estimated_completion_at - time.time(), 3))
+        definition = row["definition"]
+        data: dict[str, Any] = {
+            "evaluation_id": row["id"],
+            "task_id": row["task_id"],
+            "type": row["type"],
+            "status": EvaluationStatus.of(task.status, task.current_stage),
+            "dataset": row["dataset"],
+            "scores": [s["name"] for s in definition["scores"]],
+            "created_at": iso(row["created_at"]),
+            "started_at": iso(started),
+            "completed_at": iso(ended),
+            "elapsed_seconds": elapsed,
+            "remaining_seconds": remaining,
+            "processed_items": scoring.processed_items if scoring else 0,
+            "total_items": scoring.total_items if scoring else None,
+            "counts": row["counts"],
+            "error_message": task.error_message,
+            "resource_uri": evaluation_uri(row["id"]),
+        }
+        if not summary:
+            data["definition"] = definition
+            data["metrics"] = _bounded(row["metrics"]) if row["metrics"] is not None else None
+        return data
+
+    def list_evaluations(
+        self, status: str | Sequence[str] | None = None, type: str | Sequence[str] | None = None, *,
+        limit: int | None = None, cursor: str | None = None, owner: str | None = None,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        types = tuple(t.strip() for t in (type.split(",") if isinstance(type, str) else type or ()) if t.strip())
+        for t in types:
+            if t not in EVALUATION_TYPES:
+                raise InvalidArgument(f"unknown evaluation type {t!r}; expected one of {', '.join(EVALUATION_TYPES)}")
+        flt = EvaluationFilter(statuses=parse_statuses(status), types=types, owner=owner)
+        rows, next_cursor = self.store.list_records(flt, limit=self.manager.check_limit(limit), cursor=cursor)
+        return [self.view(r, summary=True) for r in rows], next_cursor
+
+    def results(
+        self, evaluation_id: str, *, only_mismatches: bool = False, label: str | None = None,
+        score: str | None = None, limit: int | None = None, cursor: str | None = None,
+    ) -> tuple[list[dict[str, Any]], str | None, dict[str, Any]]:
+        """One page of per-item results, in dataset order, the next cursor, and what was asked."""
+        row = self._record(evaluation_id)
+        names = [s["name"] for s in row["definition"]["scores"]]
+        if score is None:
+            score = names[0]
+        elif score not in names:
+            raise InvalidArgument(f"evaluation {evaluation_id!r} has no score {score!r}; "
+                                  f"its scores: {', '.join(names)}")
+        flt = ItemFilter(score=score, only_mismatches=only_mismatches, label=label)
+        items, next_cursor = self.store.items(evaluation_id, flt, limit=self.manager.check_limit(limit),
+                                              cursor=cursor)
+        return items, next_cursor, {"evaluation_id": evaluation_id, "score": score,
+                                    "only_mismatches": only_mismatches, "label": label}
+
+    # -- datasets and scorers ---------------------------------------------------------------------------
+
+    def datasets(self, *, include_files: bool = True, limit: int = 200) -> list[dict[str, Any]]:
+        return [info.to_dict() for info in self.catalog.list(include_files=include_files, limit=limit)]
+
+    def scorers(self) -> dict[str, Any]:
+        """The scorer kinds and their spec forms, and the example scorers shipped with the package."""
+        return {
+            "kinds": {
+                "column": "column:<column>: predictions already in a column",
+                "rules": "{kind: rules, rules: [{pattern: <regex> | keywords: [...], label}], default, input_column}",
+                "python": "python:<package.module>:<function> (vectorised when it takes a pandas Series)",
+                "kernel": "kernel:<name>: a callable registered from a notebook kernel",
+            },
+            "examples": [
+                {"spec": "python:plexus_mcp_jupyter.evaluations.examples.scorers:keyword_sentiment",
+                 "for": "example:sentiment"},
+                {"spec": "python:plexus_mcp_jupyter.evaluations.examples.scorers:ticket_topic",
+                 "for": "example:topics"},
+                {"spec": "column:prediction", "for": "example:sentiment, example:topics, example:fraud"},
+            ],
+        }
+
+
+def _listing(columns: Sequence[str], limit: int = 30) -> str:
+    shown = ", ".join(columns[:limit])
+    return shown + (f", ... ({len(columns)} in all)" if len(columns) > limit else "")
+
+
+def _bounded(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Metrics as stored, but no more than MAX_LABELS_SHOWN classes in per-class rows and the matrix."""
+    out = {}
+    for name, m in metrics.items():
+        labels = m.get("labels") or []
+        if len(labels) > MAX_LABELS_SHOWN:
+            m = dict(m)
+            m["per_class"] = sorted(m.get("per_class", []), key=lambda r: -r["support"])[:MAX_LABELS_SHOWN]
+            m.pop("confusion_matrix", None)
+            m["truncated"] = (f"{len(labels)} classes: the {MAX_LABELS_SHOWN} largest are shown, without the "
+                              "confusion matrix")
+        out[name] = m
+    return out

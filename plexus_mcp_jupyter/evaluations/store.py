@@ -1,0 +1,249 @@
+"""Evaluations and their per-item results, in the same database as the tasks.
+
+An evaluation is a task of type `evaluation` plus this record. Its status, progress and times are the
+task's (one source of truth); the record holds what only an evaluation has: its definition, its
+metrics and its items. Items are written by the worker, a chunk per transaction, so every row is whole.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from ..core.errors import InvalidArgument
+from ..core.models import TaskStatus
+from ..core.store import decode_position, encode_position, metadata, tasks_table
+
+SETUP_STAGE = "Setup"
+
+evaluations_table = sa.Table(
+    "evaluations",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("task_id", sa.String(36), sa.ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False,
+              unique=True),
+    sa.Column("type", sa.String(16), nullable=False),
+    sa.Column("owner", sa.String(128)),
+    sa.Column("dataset", sa.Text, nullable=False),
+    sa.Column("definition", sa.JSON, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("metrics", sa.JSON),  # {score name: metrics}, set once when the evaluation completes
+    sa.Column("counts", sa.JSON),  # items, scored, errors (per score), set with the metrics
+    sa.Index("ix_evaluations_created", "created_at", "id"),
+    sa.Index("ix_evaluations_type_created", "type", "created_at", "id"),
+)
+
+items_table = sa.Table(
+    "evaluation_items",
+    metadata,
+    sa.Column("evaluation_id", sa.String(36), sa.ForeignKey("evaluations.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("score", sa.String(128), primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True),  # the item's position in the (sampled) dataset
+    sa.Column("item_id", sa.Text),
+    sa.Column("input", sa.Text),  # an excerpt
+    sa.Column("label", sa.Text),
+    sa.Column("prediction", sa.Text),
+    sa.Column("correct", sa.Boolean),  # null when the item could not be scored
+    sa.Column("explanation", sa.Text),
+    sa.Column("error", sa.Text),
+    sa.Index("ix_items_correct", "evaluation_id", "score", "correct", "seq"),
+    sa.Index("ix_items_label", "evaluation_id", "score", "label", "seq"),
+)
+
+ITEM_COLUMNS = ("seq", "item_id", "input", "label", "prediction", "correct", "explanation", "error")
+
+
+class EvaluationStatus:
+    """An evaluation's status, derived from its task's: SETUP -> RUNNING -> COMPLETED | FAILED | CANCELLED."""
+
+    SETUP = "SETUP"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    ALL = (SETUP, RUNNING, COMPLETED, FAILED, CANCELLED)
+
+    @staticmethod
+    def of(task_status: TaskStatus, current_stage: str | None) -> str:
+        if task_status in (TaskStatus.PENDING, TaskStatus.QUEUED) or (
+            task_status is TaskStatus.RUNNING and current_stage in (None, SETUP_STAGE)
+        ):
+            return EvaluationStatus.SETUP
+        return task_status.value
+
+    @staticmethod
+    def clause(status: str) -> Any:
+        """The SQL condition on the task row for one evaluation status."""
+        t = tasks_table
+        in_setup = sa.or_(t.c.current_stage.is_(None), t.c.current_stage == SETUP_STAGE)
+        if status == EvaluationStatus.SETUP:
+            return sa.or_(
+                t.c.status.in_([TaskStatus.PENDING.value, TaskStatus.QUEUED.value]),
+                sa.and_(t.c.status == TaskStatus.RUNNING.value, in_setup),
+            )
+        if status == EvaluationStatus.RUNNING:
+            return sa.and_(t.c.status == TaskStatus.RUNNING.value, sa.not_(in_setup))
+        return t.c.status == status
+
+
+def parse_statuses(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    out = []
+    for part in (p.strip().upper() for p in parts):
+        if not part:
+            continue
+        if part not in EvaluationStatus.ALL:
+            raise InvalidArgument(f"unknown evaluation status {part!r}; "
+                                  f"expected one of {', '.join(EvaluationStatus.ALL)}")
+        out.append(part)
+    return tuple(dict.fromkeys(out))
+
+
+@dataclass(frozen=True)
+class EvaluationFilter:
+    statuses: tuple[str, ...] = ()
+    types: tuple[str, ...] = ()
+    owner: str | None = None
+
+    def fingerprint(self) -> str:
+        raw = json.dumps(["evaluations", sorted(self.statuses), sorted(self.types), self.owner]).encode()
+        return hashlib.sha256(raw).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class ItemFilter:
+    score: str
+    only_mismatches: bool = False
+    label: str | None = None
+
+    def fingerprint(self) -> str:
+        raw = json.dumps(["items", self.score, self.only_mismatches, self.label]).encode()
+        return hashlib.sha256(raw).hexdigest()[:12]
+
+
+class EvaluationStore:
+    """Reads and writes evaluation records and items on an engine shared with the task Store."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        metadata.create_all(engine, tables=[evaluations_table, items_table])
+
+    def create(self, row: dict[str, Any]) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(sa.insert(evaluations_table).values(**row))
+
+    def get(self, evaluation_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(_SELECT_ONE, {"id": evaluation_id}).mappings().first()
+        return dict(row) if row is not None else None
+
+    def by_task(self, task_id: str) -> dict[str, Any] | None:
+        e = evaluations_table
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(e).where(e.c.task_id == task_id)).mappings().first()
+        return dict(row) if row is not None else None
+
+    def list_records(
+        self, flt: EvaluationFilter, *, limit: int, cursor: str | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of evaluation records, newest first, and the cursor of the next page."""
+        e, t = evaluations_table, tasks_table
+        query = (
+            sa.select(e).join(t, t.c.id == e.c.task_id)
+            .order_by(e.c.created_at.desc(), e.c.id.desc()).limit(limit + 1)
+        )
+        if flt.statuses:
+            query = query.where(sa.or_(*(EvaluationStatus.clause(s) for s in flt.statuses)))
+        if flt.types:
+            query = query.where(e.c.type.in_(flt.types))
+        if flt.owner is not None:
+            query = query.where(e.c.owner == flt.owner)
+        if cursor:
+            created, evaluation_id = decode_position(cursor, flt.fingerprint(), 2)
+            query = query.where(sa.or_(e.c.created_at < created,
+                                       sa.and_(e.c.created_at == created, e.c.id < evaluation_id)))
+        with self.engine.connect() as conn:
+            rows = [dict(r) for r in conn.execute(query).mappings()]
+        next_cursor = None
+        if len(rows) > limit:
+            rows = rows[:limit]
+            next_cursor = encode_position([rows[-1]["created_at"], rows[-1]["id"]], flt.fingerprint())
+        return rows, next_cursor
+
+    # -- items (written by the worker) --------------------------------------------------------------
+
+    def add_items(self, evaluation_id: str, score: str, rows: list[dict[str, Any]]) -> None:
+        """Insert one chunk of items in one transaction."""
+        if not rows:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(sa.insert(items_table), [{"evaluation_id": evaluation_id, "score": score, **r} for r in rows])
+
+    def clear_items(self, evaluation_id: str) -> None:
+        """Forget the items of an earlier run (a re-queued evaluation starts again)."""
+        with self.engine.begin() as conn:
+            conn.execute(sa.delete(items_table).where(items_table.c.evaluation_id == evaluation_id))
+
+    def set_results(self, evaluation_id: str, metrics: dict[str, Any], counts: dict[str, Any]) -> None:
+        e = evaluations_table
+        with self.engine.begin() as conn:
+            conn.execute(sa.update(e).where(e.c.id == evaluation_id).values(metrics=metrics, counts=counts))
+
+    def items(
+        self, evaluation_id: str, flt: ItemFilter, *, limit: int, cursor: str | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of items in dataset order, and the cursor of the next page."""
+        params: dict[str, Any] = {"evaluation_id": evaluation_id, "score": flt.score, "limit": limit + 1}
+        if flt.label is not None:
+            params["label"] = flt.label
+        if cursor:
+            (after,) = decode_position(cursor, flt.fingerprint(), 1)
+            if not isinstance(after, int):
+                raise InvalidArgument("invalid cursor: pass back the next_cursor of a previous page unchanged")
+            params["after"] = after
+        query = _items_query(flt.only_mismatches, flt.label is not None, cursor is not None)
+        with self.engine.connect() as conn:
+            rows = [dict(r) for r in conn.execute(query, params).mappings()]
+        next_cursor = None
+        if len(rows) > limit:
+            rows = rows[:limit]
+            next_cursor = encode_position([rows[-1]["seq"]], flt.fingerprint())
+        return rows, next_cursor
+
+    def count_items(self, evaluation_id: str, score: str) -> int:
+        i = items_table
+        query = sa.select(sa.func.count()).where(i.c.evaluation_id == evaluation_id, i.c.score == score)
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+
+_SELECT_ONE = sa.select(evaluations_table).where(evaluations_table.c.id == sa.bindparam("id"))
+
+
+@functools.lru_cache(maxsize=8)
+def _items_query(only_mismatches: bool, label: bool, after: bool) -> sa.Select[Any]:
+    i = items_table
+    query = (
+        sa.select(*(i.c[name] for name in ITEM_COLUMNS))
+        .where(i.c.evaluation_id == sa.bindparam("evaluation_id"), i.c.score == sa.bindparam("score"))
+        .order_by(i.c.seq)
+        .limit(sa.bindparam("limit"))
+    )
+    if only_mismatches:
+        # Items scored wrong, and items that could not be scored (an error, or no prediction).
+        query = query.where(sa.or_(i.c.correct.is_(False), i.c.correct.is_(None)))
+    if label:
+        query = query.where(i.c.label == sa.bindparam("label"))
+    if after:
+        query = query.where(i.c.seq > sa.bindparam("after"))
+    return query

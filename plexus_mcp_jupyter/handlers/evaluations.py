@@ -1,0 +1,138 @@
+"""`{base_url}plexus/api/evaluations` and `.../datasets`: the REST face of EvaluationService.
+
+Same arguments, filters, cursors and error messages as the MCP tools. `POST .../datasets` receives a
+DataFrame from a kernel (the notebook client's `register_dataset`) as Parquet, or as JSON records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+
+from ..core.errors import InvalidArgument, PlexusError
+from .base import PlexusHandler, http_error
+
+CREATE_FIELDS = ("type", "dataset", "scorer", "scorecard", "label_column", "prediction_column", "input_column",
+                 "id_column", "sample_n", "sample_fraction", "seed", "runs", "priority")
+PARQUET_TYPES = ("application/vnd.apache.parquet", "application/x-parquet", "application/octet-stream")
+
+
+def _flag(handler: PlexusHandler, name: str) -> bool:
+    raw = handler.get_argument(name, "false").lower()
+    if raw not in ("true", "false", "1", "0", "yes", "no"):
+        raise InvalidArgument(f"{name} must be true or false, not {raw!r}")
+    return raw in ("true", "1", "yes")
+
+
+class EvaluationsHandler(PlexusHandler):
+    async def get(self) -> None:
+        """List evaluations: ?status=COMPLETED,RUNNING&type=accuracy&limit=20&cursor=..."""
+        service = self.runtime.evaluations
+        try:
+            views, next_cursor = service.list_evaluations(
+                self.get_argument("status", None), self.get_argument("type", None),
+                limit=self.runtime.manager.parse_limit(self.get_argument("limit", None)),
+                cursor=self.get_argument("cursor", None) or None,
+            )
+        except PlexusError as exc:
+            raise http_error(exc) from None
+        self.reply({"evaluations": views, "next_cursor": next_cursor})
+
+    async def post(self) -> None:
+        """Create an evaluation (the arguments of create_evaluation as a JSON object): 201 with it."""
+        body = self.json_body()
+        try:
+            unknown = sorted(set(body) - set(CREATE_FIELDS))
+            if unknown:
+                raise InvalidArgument(f"unknown field(s) {unknown}; allowed: {', '.join(CREATE_FIELDS)}")
+            if not isinstance(body.get("type"), str):
+                raise InvalidArgument("type is required: accuracy, feedback or consistency")
+            arguments = {k: v for k, v in body.items() if k not in ("type", "dataset")}
+            view, _task = self.runtime.evaluations.create(body["type"], body.get("dataset"), owner=self.identity,
+                                                          **arguments)
+        except (PlexusError, TypeError) as exc:
+            raise http_error(exc if isinstance(exc, PlexusError) else InvalidArgument(str(exc))) from None
+        self.set_header("Location", self.request.path.rstrip("/") + "/" + view["evaluation_id"])
+        self.reply(view, status=201)
+
+
+class EvaluationHandler(PlexusHandler):
+    async def get(self, evaluation_id: str) -> None:
+        try:
+            self.reply(self.runtime.evaluations.get(evaluation_id))
+        except PlexusError as exc:
+            raise http_error(exc) from None
+
+
+class EvaluationResultsHandler(PlexusHandler):
+    async def get(self, evaluation_id: str) -> None:
+        """Per-item results: ?only_mismatches=true&label=...&score=...&limit=20&cursor=..."""
+        service = self.runtime.evaluations
+        try:
+            items, next_cursor, asked = service.results(
+                evaluation_id, only_mismatches=_flag(self, "only_mismatches"),
+                label=self.get_argument("label", None), score=self.get_argument("score", None),
+                limit=self.runtime.manager.parse_limit(self.get_argument("limit", None)),
+                cursor=self.get_argument("cursor", None) or None,
+            )
+        except PlexusError as exc:
+            raise http_error(exc) from None
+        self.reply({**asked, "items": items, "next_cursor": next_cursor})
+
+
+class DatasetsHandler(PlexusHandler):
+    async def get(self) -> None:
+        """Datasets: examples, registered and files under the root (?include_files=false to skip files)."""
+        try:
+            include_files = self.get_argument("include_files", "true").lower() not in ("false", "0", "no")
+            datasets = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: self.runtime.evaluations.datasets(include_files=include_files))
+        except PlexusError as exc:
+            raise http_error(exc) from None
+        self.reply({"datasets": datasets})
+
+    async def post(self) -> None:
+        """Register a DataFrame: ?name=<name>[&replace=true], body Parquet, or JSON {"records": [...]}.
+
+        201 with the dataset's description; 409 when the name is taken (unless replace=true).
+        """
+        try:
+            name = self.get_argument("name", None)
+            if not name:
+                raise InvalidArgument("name is required (?name=...): letters, digits, '_', '.', '-', up to 64")
+            replace = _flag(self, "replace")
+            frame = self._frame()
+            catalog = self.runtime.catalog
+            if not replace and name in catalog.registered_names():
+                self.reply({"message": f"a dataset named {name!r} is already registered: pass replace=true to "
+                                       "replace it, or choose another name"}, status=409)
+                return
+            # Writing Parquet takes a while for a big frame: off the event loop.
+            info = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: catalog.register(name, frame, replace=replace))
+        except PlexusError as exc:
+            raise http_error(exc) from None
+        self.reply(info.to_dict(), status=201)
+
+    def _frame(self) -> pd.DataFrame:
+        content_type = (self.request.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        body = self.request.body
+        if not body:
+            raise InvalidArgument("the request has no body: send the DataFrame as Parquet or JSON records")
+        if content_type in PARQUET_TYPES:
+            try:
+                return pd.read_parquet(io.BytesIO(body))
+            except (pa.ArrowException, OSError, ValueError) as exc:
+                raise InvalidArgument(f"the body is not a readable Parquet file: {exc}") from None
+        if content_type == "application/json":
+            data: Any = self.json_body()
+            records = data.get("records")
+            if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records):
+                raise InvalidArgument('JSON bodies are {"records": [{column: value, ...}, ...]} with at least one row')
+            return pd.DataFrame.from_records(records)
+        raise InvalidArgument(f"unsupported Content-Type {content_type or '(none)'!r}; send "
+                              "application/vnd.apache.parquet or application/json")

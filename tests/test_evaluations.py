@@ -1,0 +1,179 @@
+"""Evaluations end to end: a real server, the SDK client, real worker processes and the SQLite store."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score
+
+from plexus_mcp_jupyter.evaluations.datasets import EXAMPLES_DIR
+
+from .conftest import poll
+
+FINAL = {"COMPLETED", "FAILED", "CANCELLED"}
+
+
+async def create(client, **arguments) -> dict:
+    result = await client.call_tool("create_evaluation", arguments)
+    assert not result.is_error, result.content[0].text
+    return result.structured_content
+
+
+async def finished(client, evaluation_id: str, timeout: float = 60) -> dict:
+    async def get():
+        return (await client.call_tool("get_evaluation", {"evaluation_id": evaluation_id})).structured_content
+
+    return await poll(get, lambda e: e["status"] in FINAL, timeout=timeout, interval=0.1)
+
+
+async def all_results(client, evaluation_id: str, **arguments) -> list[dict]:
+    items, cursor = [], None
+    while True:
+        page = (await client.call_tool("get_evaluation_results", {
+            "evaluation_id": evaluation_id, "limit": 37, **arguments, **({"cursor": cursor} if cursor else {})
+        })).structured_content
+        items += page["items"]
+        cursor = page["next_cursor"]
+        if not cursor:
+            return items
+
+
+def normalised(series: pd.Series) -> pd.Series:
+    return series.fillna("").astype(str).str.strip().str.lower().replace("", "na")
+
+
+async def test_an_accuracy_evaluation_of_a_prediction_column_matches_scikit_learn(mcp_client, runtime):
+    frame = pd.read_csv(EXAMPLES_DIR / "sentiment.csv")
+    async with mcp_client() as client:
+        started = await create(client, type="accuracy", dataset="example:sentiment", prediction_column="prediction",
+                               label_column="label", input_column="text", id_column="id")
+        assert started["status"] == "SETUP" and started["task_id"]
+        done = await finished(client, started["evaluation_id"])
+        assert done["status"] == "COMPLETED", done["error_message"]
+        assert done["processed_items"] == done["total_items"] == len(frame)
+        m = done["metrics"]["score"]
+        labels, predictions = normalised(frame["label"]), normalised(frame["prediction"])
+        assert m["n"] == len(frame)
+        assert m["accuracy"] == pytest.approx(accuracy_score(labels, predictions))
+        assert m["macro_f1"] == pytest.approx(f1_score(labels, predictions, average="macro", zero_division=0))
+        assert m["cohen_kappa"] == pytest.approx(cohen_kappa_score(labels, predictions))
+        assert m["accuracy_ci"][0] < m["accuracy"] < m["accuracy_ci"][1]
+
+        # Every item once, in order, across pages; the mismatches are exactly the wrong ones.
+        items = await all_results(client, started["evaluation_id"])
+        assert [i["seq"] for i in items] == list(range(len(frame)))
+        assert [i["item_id"] for i in items] == frame["id"].tolist()
+        wrong = await all_results(client, started["evaluation_id"], only_mismatches=True)
+        assert [i["item_id"] for i in wrong] == frame["id"][labels != predictions].tolist()
+        assert all(i["correct"] is False for i in wrong)
+        positives = await all_results(client, started["evaluation_id"], label="positive")
+        assert len(positives) == int((frame["label"] == "positive").sum())
+
+        # The same through the resources.
+        resource = json.loads((await client.read_resource(done["resource_uri"])).contents[0].text)
+        assert resource["metrics"]["score"]["accuracy"] == m["accuracy"]
+        page = json.loads((await client.read_resource(
+            f"plexus://evaluations/{started['evaluation_id']}/results?only_mismatches=true&limit=5")).contents[0].text)
+        assert [i["item_id"] for i in page["items"]] == [i["item_id"] for i in wrong[:5]]
+
+
+async def test_a_scorer_failing_on_some_items_records_them_and_completes(mcp_client, runtime):
+    frame = pd.read_csv(EXAMPLES_DIR / "sentiment.csv")
+    failing = frame["text"].str.lower().str.contains("refund")
+    assert failing.any() and not failing.all()
+    async with mcp_client() as client:
+        started = await create(client, type="accuracy", dataset="example:sentiment", label_column="label",
+                               scorer="python:tests.scorer_functions:sentiment_or_boom")
+        done = await finished(client, started["evaluation_id"])
+        assert done["status"] == "COMPLETED", done["error_message"]
+        assert done["counts"]["score"] == {"items": len(frame), "scored": int((~failing).sum()),
+                                           "errors": int(failing.sum())}
+        assert done["metrics"]["score"]["n"] == int((~failing).sum())
+        errors = [i for i in await all_results(client, started["evaluation_id"], only_mismatches=True) if i["error"]]
+        assert len(errors) == int(failing.sum())
+        assert all("model cannot handle refunds" in i["error"] and i["correct"] is None for i in errors)
+
+
+async def test_a_consistency_evaluation_measures_agreement_between_runs(mcp_client, runtime):
+    async with mcp_client() as client:
+        steady = await create(client, type="consistency", dataset="example:topics", scorer="column:prediction",
+                              runs=3)
+        random = await create(client, type="consistency", dataset="example:topics",
+                              scorer="python:tests.scorer_functions:coin", runs=4, label_column="label")
+        steady_done = await finished(client, steady["evaluation_id"])
+        random_done = await finished(client, random["evaluation_id"])
+        assert steady_done["status"] == random_done["status"] == "COMPLETED"
+        assert steady_done["metrics"]["score"]["unanimous_share"] == 1.0
+        m = random_done["metrics"]["score"]
+        assert m["n_runs"] == 4 and 0.2 < m["mean_pairwise_agreement"] < 0.8 and m["unanimous_share"] < 0.5
+        assert "accuracy_of_modal" in m
+        disagreeing = await all_results(client, random["evaluation_id"], only_mismatches=True)
+        assert disagreeing and all(len(i["explanation"].split(", ")) == 4 for i in disagreeing)
+
+
+async def test_a_feedback_evaluation_and_listing_by_type_and_status(mcp_client, runtime):
+    async with mcp_client() as client:
+        fb = await create(client, type="feedback", dataset="example:fraud", prediction_column="prediction",
+                          label_column="label", sample_n=100, seed=3)
+        done = await finished(client, fb["evaluation_id"])
+        assert done["status"] == "COMPLETED" and done["total_items"] == 100
+        listed = (await client.call_tool("list_evaluations", {"type": ["feedback"], "status": ["COMPLETED"]}))
+        assert [e["evaluation_id"] for e in listed.structured_content["evaluations"]] == [fb["evaluation_id"]]
+        none = await client.call_tool("list_evaluations", {"status": ["RUNNING"], "type": ["feedback"]})
+        assert none.structured_content["evaluations"] == []
+
+
+async def test_cancelling_an_evaluation_mid_way_stops_it(mcp_client, runtime):
+    async with mcp_client() as client:
+        started = await create(client, type="accuracy", dataset="example:fraud", label_column="label",
+                               scorer="python:tests.scorer_functions:slow", input_column="text")
+
+        async def status():
+            return (await client.call_tool("get_evaluation", {"evaluation_id": started["evaluation_id"]})
+                    ).structured_content
+
+        await poll(status, lambda e: e["status"] == "RUNNING" and e["processed_items"] > 0, timeout=30)
+        await client.call_tool("cancel_tasks", {"task_ids": [started["task_id"]]})
+        done = await finished(client, started["evaluation_id"])
+        assert done["status"] == "CANCELLED" and done["processed_items"] < done["total_items"]
+        assert done["metrics"] is None
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"type": "precision", "dataset": "example:sentiment"}, "unknown evaluation type 'precision'"),
+        ({"type": "accuracy", "dataset": "missing.csv", "prediction_column": "p", "label_column": "l"},
+         "no dataset file 'missing.csv'"),
+        ({"type": "accuracy", "dataset": "../outside.csv", "prediction_column": "p", "label_column": "l"}, ".."),
+        ({"type": "accuracy", "dataset": "example:sentiment", "prediction_column": "prediction",
+          "label_column": "gold"}, "label column 'gold' is not in dataset 'example:sentiment'; its columns: id, text"),
+        ({"type": "accuracy", "dataset": "example:sentiment", "label_column": "label"}, "give either scorer"),
+        ({"type": "consistency", "dataset": "example:sentiment", "scorer": "column:prediction", "runs": 1},
+         "runs"),
+        ({"type": "accuracy", "dataset": "example:sentiment", "label_column": "label",
+          "scorer": {"kind": "rules", "rules": [{"pattern": "(", "label": "x"}]}}, "pattern"),
+    ],
+)
+async def test_bad_requests_are_refused_at_once_with_what_is_allowed(mcp_client, runtime, arguments, message):
+    async with mcp_client() as client:
+        result = await client.call_tool("create_evaluation", arguments)
+        assert result.is_error and message in result.content[0].text
+        assert (await client.call_tool("list_evaluations", {})).structured_content["evaluations"] == []
+
+
+async def test_problems_found_by_the_worker_fail_the_evaluation_clearly(mcp_client, runtime, jp_root_dir):
+    (jp_root_dir / "one_class.csv").write_text("text,label\na,yes\nb,yes\n")
+    async with mcp_client() as client:
+        missing = await create(client, type="accuracy", dataset="example:sentiment", label_column="label",
+                               scorer="python:tests.no_such_module:score")
+        one_class = await create(client, type="accuracy", dataset="one_class.csv", label_column="label",
+                                 prediction_column="text")
+        failed = await finished(client, missing["evaluation_id"])
+        assert failed["status"] == "FAILED" and "tests.no_such_module" in failed["error_message"]
+        failed = await finished(client, one_class["evaluation_id"])
+        assert failed["status"] == "FAILED" and "single class" in failed["error_message"]
+        health = await client.call_tool("list_tasks", {})
+        assert not health.is_error  # the server is unaffected
