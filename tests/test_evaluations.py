@@ -6,11 +6,13 @@ import json
 
 import pandas as pd
 import pytest
+from mcp import MCPError
 from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score
 
 from plexus_mcp_jupyter.evaluations.datasets import EXAMPLES_DIR
 
 from .conftest import poll
+from .test_subscriptions import updates_collector
 
 FINAL = {"COMPLETED", "FAILED", "CANCELLED"}
 
@@ -177,3 +179,23 @@ async def test_problems_found_by_the_worker_fail_the_evaluation_clearly(mcp_clie
         assert failed["status"] == "FAILED" and "single class" in failed["error_message"]
         health = await client.call_tool("list_tasks", {})
         assert not health.is_error  # the server is unaffected
+
+
+@pytest.mark.filterwarnings("ignore::mcp.shared.exceptions.MCPDeprecationWarning")
+async def test_evaluation_resources_are_subscribable_to_their_final_state(mcp_client, runtime):
+    uris, on_message = updates_collector()
+    async with mcp_client(message_handler=on_message) as client:
+        started = await create(client, type="accuracy", dataset="example:fraud", label_column="label",
+                               scorer="python:tests.scorer_functions:slow", input_column="text", sample_n=60)
+        uri = started["resource_uri"]
+        await client.subscribe_resource(uri)
+        await client.subscribe_resource(uri + "/results?only_mismatches=true")
+        await client.subscribe_resource("plexus://evaluations?status=COMPLETED&type=accuracy")
+        await finished(client, started["evaluation_id"])
+        await poll(lambda: set(uris), lambda seen: {uri, uri + "/results?only_mismatches=true",
+                                                    "plexus://evaluations?status=COMPLETED&type=accuracy"} <= seen)
+        for bad, message in [("plexus://evaluations/nope", "no evaluation 'nope'"),
+                             ("plexus://evaluations?status=DONE", "unknown evaluation status 'DONE'"),
+                             (uri + "/items", "cannot subscribe")]:
+            with pytest.raises(MCPError, match=message):
+                await client.subscribe_resource(bad)

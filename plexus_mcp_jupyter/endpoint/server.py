@@ -115,7 +115,7 @@ def build_mcp_server(manager: TaskManager, evaluations: EvaluationService | None
         register_evaluation_tools(server, evaluations)
     install_task_capability(server._lowlevel_server)
     if manager is not None:  # None when only the schemas are wanted (docs.py)
-        watch = ResourceWatch(manager)
+        watch = ResourceWatch(manager, evaluations)
         tasks.follow_status = watch.follow_status
         install_subscriptions(server, watch, outcome)
         server.resource_watch = watch  # type: ignore[attr-defined]

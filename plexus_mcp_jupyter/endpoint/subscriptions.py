@@ -41,20 +41,34 @@ from pydantic import BaseModel
 from ..core.errors import InvalidArgument, NotFound
 from ..core.events import Event
 from ..core.manager import TaskManager
+from ..core.models import TaskStatus
 from ..core.store import TaskFilter
+from ..evaluations.service import EvaluationService
+from ..evaluations.store import EvaluationStatus, parse_statuses
 from .tasks_ext import TASKS_EXTENSION, Outcome, detailed_task, legacy_status_notification
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
-SUBSCRIBABLE = "plexus://tasks, plexus://tasks?status=...&type=..., plexus://tasks/{task_id}"
+SUBSCRIBABLE = ("plexus://tasks, plexus://tasks?status=...&type=..., plexus://tasks/{task_id}, plexus://evaluations, "
+                "plexus://evaluations?status=...&type=..., plexus://evaluations/{id}, plexus://evaluations/{id}/results")
 
 # matcher(event, previous status of the task or None) -> does the resource change?
 Matcher = Callable[[Event, "str | None"], bool]
 
 
-def parse_subscription(uri: str, manager: TaskManager) -> Matcher:
-    """The matcher of a subscribable URI; MCPError (invalid params) with the allowed forms otherwise."""
+@dataclass(frozen=True)
+class Followed:
+    """What a subscribed URI follows: one task (`task_id`), or a list (`matcher`)."""
+
+    task_id: str | None
+    matcher: Matcher | None = None
+
+
+def parse_subscription(uri: str, manager: TaskManager, evaluations: EvaluationService | None = None) -> Followed:
+    """What a subscribable URI follows; MCPError (invalid params) with the allowed forms otherwise."""
     parts = urlsplit(uri)
+    if parts.scheme == "plexus" and parts.netloc == "evaluations" and evaluations is not None:
+        return _parse_evaluation_uri(uri, parts, evaluations)
     if parts.scheme != "plexus" or parts.netloc != "tasks" or parts.fragment:
         raise MCPError(INVALID_PARAMS, f"cannot subscribe to {uri!r}; subscribable resources: {SUBSCRIBABLE}")
     path = parts.path.strip("/")
@@ -65,13 +79,8 @@ def parse_subscription(uri: str, manager: TaskManager) -> Matcher:
             manager.get(path)
         except NotFound as exc:
             raise MCPError(INVALID_PARAMS, str(exc)) from None
-        return lambda event, _old: event.entity_type == "task" and event.entity_id == path
-    query = parse_qs(parts.query, keep_blank_values=True)
-    unknown = sorted(set(query) - {"status", "type", "limit", "cursor"})
-    if unknown:
-        raise MCPError(
-            INVALID_PARAMS, f"unknown parameter(s) {unknown} in {uri!r}; allowed: status, type, limit, cursor"
-        )
+        return Followed(path)
+    query = _query(uri, parts.query, ("status", "type", "limit", "cursor"))
     try:
         flt = manager.build_filter(
             status=",".join(query.get("status", [])) or None, type=",".join(query.get("type", [])) or None
@@ -79,7 +88,41 @@ def parse_subscription(uri: str, manager: TaskManager) -> Matcher:
         manager.parse_limit(",".join(query.get("limit", [])) or None)
     except InvalidArgument as exc:
         raise MCPError(INVALID_PARAMS, str(exc)) from None
-    return _list_matcher(flt)
+    return Followed(None, _list_matcher(flt))
+
+
+def _query(uri: str, query: str, allowed: tuple[str, ...]) -> dict[str, list[str]]:
+    parsed = parse_qs(query, keep_blank_values=True)
+    unknown = sorted(set(parsed) - set(allowed))
+    if unknown:
+        raise MCPError(INVALID_PARAMS, f"unknown parameter(s) {unknown} in {uri!r}; allowed: {', '.join(allowed)}")
+    return parsed
+
+
+# The task statuses an evaluation of each status can have (SETUP spans queued and the Setup stage).
+_TASK_STATUSES_OF = {
+    EvaluationStatus.SETUP: (TaskStatus.PENDING, TaskStatus.QUEUED, TaskStatus.RUNNING),
+    EvaluationStatus.RUNNING: (TaskStatus.RUNNING,),
+}
+
+
+def _parse_evaluation_uri(uri: str, parts: Any, evaluations: EvaluationService) -> Followed:
+    """`plexus://evaluations/{id}` and its results follow the evaluation's task; the list follows its type."""
+    segments = [s for s in parts.path.split("/") if s]
+    try:
+        if segments:
+            if len(segments) > 2 or (len(segments) == 2 and segments[1] != "results") or (
+                    parts.query and len(segments) == 1):
+                raise MCPError(INVALID_PARAMS, f"cannot subscribe to {uri!r}; subscribable resources: {SUBSCRIBABLE}")
+            _query(uri, parts.query, ("only_mismatches", "label", "score", "limit", "cursor"))
+            return Followed(evaluations.task_of(segments[0]))
+        query = _query(uri, parts.query, ("status", "type", "limit", "cursor"))
+        statuses = parse_statuses(",".join(query.get("status", [])) or None)
+        evaluations.list_evaluations(None, ",".join(query.get("type", [])) or None, limit=1)  # checks the types
+    except (InvalidArgument, NotFound) as exc:
+        raise MCPError(INVALID_PARAMS, str(exc)) from None
+    task_statuses = tuple(dict.fromkeys(t for s in statuses for t in _TASK_STATUSES_OF.get(s, (TaskStatus(s),))))
+    return Followed(None, _list_matcher(TaskFilter(statuses=task_statuses, types=("evaluation",))))
 
 
 def _list_matcher(flt: TaskFilter) -> Matcher:
@@ -107,7 +150,8 @@ class _Follower:
     # Sends one MCP task status notification (given the task id), for followers of task statuses.
     send_status: Callable[[str], Awaitable[None]] | None = None
     # What it follows, indexed so that an event costs a lookup per follower, not a test per URI.
-    by_task: dict[str, str] = field(default_factory=dict)  # task id -> its task URI
+    by_task: dict[str, dict[str, None]] = field(default_factory=dict)  # task id -> URIs that follow it
+    task_of: dict[str, str] = field(default_factory=dict)  # URI -> the task it follows
     lists: dict[str, Matcher] = field(default_factory=dict)  # list URI -> matcher
     statuses: set[str] = field(default_factory=set)  # task ids whose status changes are owed (MCP tasks)
     pending: dict[str, None] = field(default_factory=dict)  # an ordered set
@@ -118,29 +162,31 @@ class _Follower:
 
     @property
     def uris(self) -> list[str]:
-        return [*self.by_task.values(), *self.lists]
+        return [*self.task_of, *self.lists]
 
     @property
     def idle(self) -> bool:
         return not (self.by_task or self.lists or self.statuses)
 
-    def follow(self, uri: str, matcher: Matcher) -> None:
-        task_id = _task_id_of(uri)
-        if task_id is not None:
-            self.by_task[task_id] = uri
-        else:
-            self.lists[uri] = matcher
+    def follow(self, uri: str, followed: Followed) -> None:
+        if followed.task_id is not None:
+            self.by_task.setdefault(followed.task_id, {})[uri] = None
+            self.task_of[uri] = followed.task_id
+        elif followed.matcher is not None:
+            self.lists[uri] = followed.matcher
 
     def unfollow(self, uri: str) -> None:
         self.lists.pop(uri, None)
         self.pending.pop(uri, None)
-        task_id = _task_id_of(uri)
-        if task_id is not None and self.by_task.get(task_id) == uri:
-            del self.by_task[task_id]
+        task_id = self.task_of.pop(uri, None)
+        if task_id is not None:
+            uris = self.by_task.get(task_id, {})
+            uris.pop(uri, None)
+            if not uris:
+                self.by_task.pop(task_id, None)
 
     def owed(self, event: Event, old_status: str | None) -> None:
-        uri = self.by_task.get(event.entity_id)
-        if uri is not None:
+        for uri in self.by_task.get(event.entity_id, ()):
             self.pending[uri] = None
         if event.entity_id in self.statuses and event.data.get("status") != old_status:
             self.pending[_STATUS_KEY + event.entity_id] = None
@@ -149,17 +195,12 @@ class _Follower:
                 self.pending[uri] = None
 
 
-def _task_id_of(uri: str) -> str | None:
-    """The task id of a `plexus://tasks/{task_id}` URI (already validated), None for a list URI."""
-    path = urlsplit(uri).path.strip("/")
-    return path or None
-
-
 class ResourceWatch:
     """Who follows which resource, fed by the core's EventBus."""
 
-    def __init__(self, manager: TaskManager) -> None:
+    def __init__(self, manager: TaskManager, evaluations: EvaluationService | None = None) -> None:
         self.manager = manager
+        self.evaluations = evaluations
         self._sessions: weakref.WeakKeyDictionary[Any, _Follower] = weakref.WeakKeyDictionary()
         self._streams: set[_Follower] = set()
         self._last_status: dict[str, str] = {}
@@ -169,7 +210,7 @@ class ResourceWatch:
 
     def subscribe(self, connection: Any, uri: str) -> None:
         """`connection` is the SDK's connection-scoped object (one per MCP session)."""
-        matcher = parse_subscription(uri, self.manager)
+        matcher = parse_subscription(uri, self.manager, self.evaluations)
         self._session_follower(connection).follow(uri, matcher)
 
     def follow_status(self, connection: Any, task_id: str) -> None:
@@ -210,7 +251,7 @@ class ResourceWatch:
         """A listen stream (2026 era): its own follower, so it is coalesced and paced by its own writes."""
         follower = _Follower(send=send, send_status=send_status, ready=False)
         for uri in uris:
-            follower.follow(uri, parse_subscription(uri, self.manager))
+            follower.follow(uri, parse_subscription(uri, self.manager, self.evaluations))
         follower.statuses.update(task_ids)
         self._streams.add(follower)
         return follower
