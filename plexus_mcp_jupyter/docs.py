@@ -103,7 +103,9 @@ def resources_md() -> str:
 UPDATES = """## Live updates
 
 Subscribe to `plexus://tasks/{task_id}` or to a task list, with or without `status` and `type` filters
-(`plexus://tasks?status=RUNNING,QUEUED&type=demo`; `limit` and `cursor` are accepted and ignored):
+(`plexus://tasks?status=RUNNING,QUEUED&type=demo`; `limit` and `cursor` are accepted and ignored), and
+likewise to `plexus://evaluations/{id}`, `plexus://evaluations/{id}/results?...` (both change with the
+evaluation's task) and `plexus://evaluations?status=...&type=...`:
 
 - 2025-11-25 era: `resources/subscribe` / `resources/unsubscribe`; updates arrive as
   `notifications/resources/updated` on the session's GET stream.
