@@ -199,3 +199,44 @@ async def test_evaluation_resources_are_subscribable_to_their_final_state(mcp_cl
                              (uri + "/items", "cannot subscribe")]:
             with pytest.raises(MCPError, match=message):
                 await client.subscribe_resource(bad)
+
+
+async def test_a_scorecard_gives_metrics_per_score_and_streams_progress_with_a_token(mcp_client, runtime,
+                                                                                    jp_root_dir):
+    (jp_root_dir / "cards").mkdir()
+    (jp_root_dir / "cards" / "triage.yaml").write_text(
+        "name: triage\n"
+        "dataset: example:topics\n"
+        "input_column: text\n"
+        "label_column: label\n"
+        "id_column: id\n"
+        "scores:\n"
+        "  - name: stored\n"
+        "    scorer: column:prediction\n"
+        "  - name: python\n"
+        "    scorer: python:plexus_mcp_jupyter.evaluations.examples.scorers:ticket_topic\n"
+    )
+    progress: list[tuple[float, float | None]] = []
+
+    async def on_progress(done, total, message):
+        progress.append((done, total))
+
+    async with mcp_client() as client:
+        result = await client.call_tool("create_evaluation", {"type": "accuracy", "scorecard": "cards/triage.yaml"},
+                                        progress_callback=on_progress)
+        assert not result.is_error, result.content[0].text
+        done = result.structured_content
+        assert done["status"] == "COMPLETED" and done["scores"] == ["stored", "python"]
+        assert set(done["metrics"]) == {"stored", "python"}
+        assert done["metrics"]["stored"]["n"] == 300
+        assert progress and progress[-1][0] == progress[-1][1]  # the last notification is at total
+        assert [p[0] for p in progress] == sorted(p[0] for p in progress)
+        page = (await client.call_tool("get_evaluation_results", {
+            "evaluation_id": done["evaluation_id"], "score": "python", "limit": 3})).structured_content
+        assert page["score"] == "python" and len(page["items"]) == 3
+        bad = await client.call_tool("get_evaluation_results", {"evaluation_id": done["evaluation_id"],
+                                                                 "score": "nope"})
+        assert bad.is_error and "its scores: stored, python" in bad.content[0].text
+        (jp_root_dir / "cards" / "broken.yaml").write_text("name: x\ndataset: example:topics\nscores: 3\n")
+        broken = await client.call_tool("create_evaluation", {"type": "accuracy", "scorecard": "cards/broken.yaml"})
+        assert broken.is_error and "line" in broken.content[0].text

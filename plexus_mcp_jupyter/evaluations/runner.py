@@ -48,7 +48,7 @@ def run_evaluation(
     """Score a dataset, record its items and metrics; return a short summary (the task's output)."""
     env = ctx.environment
     norm = LabelNormalization(**(normalization or {}))
-    ctx.stage(SETUP_STAGE, None, f"loading {dataset}")
+    ctx.stage(SETUP_STAGE, 1, f"loading {dataset}")  # one step, so that progress always has a total
     catalog = DatasetCatalog(Path(env["root_dir"]), Path(env["registered_dir"]))
     frame = catalog.load(dataset)
     if sample:
@@ -62,6 +62,7 @@ def run_evaluation(
         if score_label:
             require_columns(frame, score_label, what="label column")
             _require_two_classes(frame[score_label], score_label, norm)
+    ctx.advance(1)
     store = EvaluationStore(sa.create_engine(env["db_url"]))
     try:
         store.clear_items(evaluation_id)
