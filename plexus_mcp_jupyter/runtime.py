@@ -9,6 +9,7 @@ from typing import Any
 
 from ._version import __version__
 from .config import PlexusSettings
+from .core.errors import InvalidArgument
 from .core.events import EventBus
 from .core.executors import Executor, LocalExecutor
 from .core.manager import TaskManager
@@ -16,6 +17,7 @@ from .core.store import Store, default_db_url
 from .endpoint.server import build_mcp_server
 from .endpoint.transport import MCPEndpoint
 from .evaluations.datasets import DatasetCatalog
+from .evaluations.kernel_scorers import KernelScorerRegistry
 from .evaluations.service import EvaluationService
 from .evaluations.store import EvaluationStore
 
@@ -54,7 +56,10 @@ class PlexusRuntime:
                                 "registered_dir": str(registered_dir)},
         )
         self.catalog = DatasetCatalog(self.root_dir, registered_dir)
-        self.evaluations = EvaluationService(self.manager, EvaluationStore(self.store.engine), self.catalog)
+        self.kernel_scorers = KernelScorerRegistry()
+        self.manager.request_handlers["kernel_score"] = self._kernel_score
+        self.evaluations = EvaluationService(self.manager, EvaluationStore(self.store.engine), self.catalog,
+                                             self.kernel_scorers)
         self.mcp = build_mcp_server(self.manager, self.evaluations)
         self.endpoint = MCPEndpoint(
             self.mcp,
@@ -65,6 +70,12 @@ class PlexusRuntime:
             event_store_bytes=settings.event_store_bytes,
         )
         self._started = False
+
+    async def _kernel_score(self, task: Any, payload: Any) -> dict[str, Any]:
+        """A worker's request to score a chunk with a notebook kernel's scorer."""
+        if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list):
+            raise InvalidArgument("a kernel_score request is {scorer, inputs: [...]}")
+        return await self.kernel_scorers.score(str(payload.get("scorer")), payload["inputs"])
 
     async def start(self) -> None:
         """Start the task manager and the MCP session manager (idempotent, cheap once started)."""

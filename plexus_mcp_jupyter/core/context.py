@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+from .errors import PlexusError
+
 
 class TaskCancelled(Exception):
     """Raised inside task code at its next check once cancellation was requested."""
@@ -22,6 +24,7 @@ class CancelFlag(Protocol):
 
 
 Send = Callable[[tuple[Any, ...]], None]
+Receive = Callable[[float], "tuple[Any, ...] | None"]  # a message from the server within the timeout, or None
 
 
 class TaskContext:
@@ -29,11 +32,13 @@ class TaskContext:
 
     def __init__(
         self, task_id: str, send: Send, cancel_flag: CancelFlag, *, flush_interval: float = 0.02,
-        environment: Mapping[str, Any] | None = None,
+        environment: Mapping[str, Any] | None = None, receive: Receive | None = None,
     ) -> None:
         self.task_id = task_id
         # What the server tells every task (store URL, Jupyter root, data directory): never stored or shown.
         self.environment: Mapping[str, Any] = dict(environment or {})
+        self._receive = receive
+        self._requests = 0
         self._send = send
         self._cancel = cancel_flag
         self._flush_interval = flush_interval
@@ -89,3 +94,27 @@ class TaskContext:
     def log(self, message: str) -> None:
         """A line for the task's stderr tail."""
         self._send(("log", str(message)))
+
+    def request(self, kind: str, payload: Any, timeout: float = 600.0) -> Any:
+        """Ask the server for something only it can do (e.g. score a chunk in a notebook kernel) and wait.
+
+        Raises PlexusError with the server's message when it refuses, TaskCancelled when the task is
+        cancelled meanwhile, TimeoutError after `timeout` seconds, RuntimeError if this executor cannot.
+        """
+        if self._receive is None:
+            raise RuntimeError(f"this task's executor cannot relay {kind!r} requests to the server")
+        self.flush()
+        self._requests += 1
+        request_id = self._requests
+        self._send(("request", request_id, kind, payload))
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_cancelled()
+            reply = self._receive(0.05)
+            if reply is not None and reply[0] == "reply" and reply[1] == request_id:
+                _, _, ok, result = reply
+                if not ok:
+                    raise PlexusError(str(result))
+                return result
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no answer to {kind!r} within {timeout:.0f} s")

@@ -13,11 +13,11 @@ import logging
 import os
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import InvalidArgument, NotFound
+from .errors import InvalidArgument, NotFound, PlexusError
 from .events import Event, EventBus
 from .executors.base import Executor
 from .models import FINAL_STATUSES, StageStatus, Task, TaskStatus, now, parse_iso
@@ -79,6 +79,9 @@ class TaskManager:
     ) -> None:
         self.store = store
         self.worker_environment = dict(worker_environment or {})
+        # Handlers of requests tasks send to the server (TaskContext.request), by kind.
+        self.request_handlers: dict[str, Callable[[Task, Any], Awaitable[Any]]] = {}
+        self._background: set[asyncio.Future[Any]] = set()
         self.bus = bus
         self.executor = executor
         self.max_concurrency = max_concurrency
@@ -414,8 +417,30 @@ class TaskManager:
             del state.log_tail[:-50]
         elif kind in ("done", "error", "cancelled"):
             state.final = msg
+        elif kind == "request":
+            _, request_id, request_kind, payload = msg
+            self._loop_task(self._serve_request(state.task, request_id, str(request_kind), payload))
         elif kind == "exit":
             self._finish(task_id, exitcode=msg[1])
+
+    async def _serve_request(self, task: Task, request_id: Any, kind: str, payload: Any) -> None:
+        """Answer a task's request (TaskContext.request) with the handler registered for its kind."""
+        handler = self.request_handlers.get(kind)
+        try:
+            if handler is None:
+                raise InvalidArgument(f"this server does not serve {kind!r} requests from tasks")
+            reply: tuple[Any, ...] = ("reply", request_id, True, await handler(task, payload))
+        except PlexusError as exc:
+            reply = ("reply", request_id, False, str(exc))
+        except Exception as exc:
+            log.exception("Plexus: the %r request of task %s failed", kind, task.id)
+            reply = ("reply", request_id, False, f"the server could not serve {kind!r}: {type(exc).__name__}: {exc}")
+        self.executor.reply(task.id, reply)
+
+    def _loop_task(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _apply(self, state: _RunState, decision: ProgressDecision, kind: str) -> None:
         task = state.task

@@ -43,7 +43,7 @@ class Tail(io.TextIOBase):
 
 def run_task(
     task_id: str, target: str, params: dict[str, Any], send: Any, cancel_flag: CancelFlag,
-    max_output_bytes: int = 65_536, environment: dict[str, Any] | None = None,
+    max_output_bytes: int = 65_536, environment: dict[str, Any] | None = None, receive: Any = None,
 ) -> tuple[Any, ...]:
     """Run one task function with a context; return its final message (not sent).
 
@@ -58,7 +58,7 @@ def run_task(
             stderr.write(msg[1].rstrip("\n") + "\n")
         send(msg)
 
-    ctx = TaskContext(task_id, send_msg, cancel_flag, environment=environment)
+    ctx = TaskContext(task_id, send_msg, cancel_flag, environment=environment, receive=receive)
     try:
         fn = load_target(target)
         output = fn(ctx, **params)
@@ -87,7 +87,10 @@ def process_main(
     # Ctrl-C in the server's terminal is the server's to handle; it stops workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        final = run_task(task_id, target, params, conn.send, cancel_flag, max_output_bytes, environment)
+        def receive(timeout: float) -> Any:
+            return conn.recv() if conn.poll(timeout) else None
+
+        final = run_task(task_id, target, params, conn.send, cancel_flag, max_output_bytes, environment, receive)
         try:
             conn.send(final)
         except Exception as exc:  # e.g. an output that cannot be pickled

@@ -164,3 +164,5 @@ class DatasetList(BaseModel):
 class ScorerList(BaseModel):
     kinds: dict[str, str]
     examples: list[dict[str, str]]
+    kernel_scorers: list[dict[str, Any]] = Field(
+        default_factory=list, description="Scorers registered by notebook kernels now: use their spec")

@@ -23,7 +23,7 @@ from ..core.errors import InvalidArgument
 from .datasets import DatasetCatalog, require_columns
 from .metrics import LabelNormalization, compute_metrics, consistency_metrics, normalize_labels
 from .sampling import sample_frame
-from .scorers import ScoreBatch, Scorer, scorer_from_spec
+from .scorers import KernelScorerSpec, ScoreBatch, Scorer, kernel_scorer_spec, scorer_from_spec
 from .store import SETUP_STAGE, EvaluationStore
 
 EXCERPT_CHARS = 200
@@ -55,7 +55,7 @@ def run_evaluation(
         frame = sample_frame(frame, **sample)
     needed = [c for c in (label_column, input_column, id_column) if c]
     require_columns(frame, *needed, what="column")
-    scorers = [(score["name"], scorer_from_spec(score["scorer"], input_column=input_column),
+    scorers = [(score["name"], _build_scorer(ctx, score["scorer"], input_column),
                 score.get("label_column") or label_column) for score in scores]
     for _name, scorer, score_label in scorers:
         require_columns(frame, *scorer.columns, what="scorer input column")
@@ -83,6 +83,39 @@ def run_evaluation(
     finally:
         store.engine.dispose()
     return {"evaluation_id": evaluation_id, "items": len(frame), "scores": _summary(metrics, counts)}
+
+
+class KernelRelay(Scorer):
+    """A notebook kernel's scorer, reached through the server (evaluations/kernel_scorers.py)."""
+
+    kind = "kernel"
+
+    def __init__(self, ctx: TaskContext, spec: KernelScorerSpec) -> None:
+        self.ctx, self.spec, self.name = ctx, spec, spec.name or f"kernel:{spec.function}"
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (self.spec.input_column,)
+
+    def describe(self) -> dict[str, Any]:
+        return self.spec.describe()
+
+    def score(self, chunk: pd.DataFrame) -> ScoreBatch:
+        inputs = _texts(chunk[self.spec.input_column], 1_000_000)
+        answer = self.ctx.request("kernel_score", {"scorer": self.spec.function, "inputs": inputs})
+
+        def series(values: list[Any] | None) -> pd.Series | None:
+            return None if values is None else pd.Series(values, index=chunk.index, dtype=object)
+
+        errors = series(answer["errors"])
+        return ScoreBatch(series(answer["predictions"]), series(answer["explanations"]),  # type: ignore[arg-type]
+                          errors if errors is not None and errors.notna().any() else None)
+
+
+def _build_scorer(ctx: TaskContext, spec: dict[str, Any], input_column: str | None) -> Scorer:
+    if isinstance(spec, dict) and spec.get("kind") == "kernel":
+        return KernelRelay(ctx, kernel_scorer_spec(spec, input_column=input_column))
+    return scorer_from_spec(spec, input_column=input_column)
 
 
 def _require_two_classes(labels: pd.Series, column: str, norm: LabelNormalization) -> None:

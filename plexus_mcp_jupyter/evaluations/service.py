@@ -17,6 +17,7 @@ from ..core.errors import InvalidArgument, NotFound
 from ..core.manager import TaskManager
 from ..core.models import Task, iso
 from .datasets import DatasetCatalog
+from .kernel_scorers import KernelScorerRegistry
 from .sampling import check_sample
 from .scorecards import load_scorecard
 from .scorers import SCORER_KINDS, normalize_spec
@@ -35,10 +36,12 @@ def evaluation_uri(evaluation_id: str) -> str:
 class EvaluationService:
     """Evaluations over one TaskManager, EvaluationStore and DatasetCatalog."""
 
-    def __init__(self, manager: TaskManager, store: EvaluationStore, catalog: DatasetCatalog) -> None:
+    def __init__(self, manager: TaskManager, store: EvaluationStore, catalog: DatasetCatalog,
+                 kernel_scorers: KernelScorerRegistry | None = None) -> None:
         self.manager = manager
         self.store = store
         self.catalog = catalog
+        self.kernel_scorers = kernel_scorers or KernelScorerRegistry()
 
     # -- creating ---------------------------------------------------------------------------------------
 
@@ -93,6 +96,8 @@ class EvaluationService:
         wanted = {"label_column": label_column, "input_column": input_column, "id_column": id_column}
         for score in scores:
             spec = score["scorer"]
+            if spec.get("kind") == "kernel":
+                self.kernel_scorers.check(spec["function"])
             if spec.get("kind") == "column":
                 wanted[f"score {score['name']!r} column"] = spec["column"]
             elif spec.get("input_column") or input_column:
@@ -240,6 +245,7 @@ class EvaluationService:
                  "for": "example:topics"},
                 {"spec": "column:prediction", "for": "example:sentiment, example:topics, example:fraud"},
             ],
+            "kernel_scorers": self.kernel_scorers.describe(),
         }
 
 

@@ -14,6 +14,7 @@ reason; the full message is sent first as `{"type": "error", "message": ...}`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -27,6 +28,7 @@ from ..core.filters import EventFilter
 from .base import PlexusHandler
 
 BAD_FILTER = 4400
+CLIENT_MESSAGES = ("register_scorer", "unregister_scorer", "score_result", "score_error")
 
 
 class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: ignore[misc]
@@ -107,9 +109,37 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
         await self.write_message(json.dumps(message, default=str))
 
     def on_message(self, message: str | bytes) -> None:
-        pass  # the stream is one-way
+        """Kernel scorers (evaluations/kernel_scorers.py): registration, and answers to score requests."""
+        registry = self.runtime.kernel_scorers
+        try:
+            data = json.loads(message)
+            if not isinstance(data, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            self.send_json({"type": "error", "message": "messages to the event stream are JSON objects with a type: "
+                                                        f"one of {', '.join(CLIENT_MESSAGES)}"})
+            return
+        kind = data.get("type")
+        try:
+            if kind == "register_scorer":
+                registry.register(self, data.get("name"), data.get("batch", True))
+                self.send_json({"type": "scorer_registered", "name": data["name"]})
+            elif kind == "unregister_scorer":
+                registry.unregister(self, str(data.get("name")))
+            elif kind in ("score_result", "score_error"):
+                registry.resolve(self, data)
+            else:
+                raise InvalidArgument(f"unknown message type {kind!r}; expected one of {', '.join(CLIENT_MESSAGES)}")
+        except InvalidArgument as exc:
+            self.send_json({"type": "error", "message": str(exc), "in_reply_to": kind})
+
+    def send_json(self, message: dict[str, Any]) -> None:
+        """Send a message now (score requests); a closed socket is the registry's to notice (on_close)."""
+        with contextlib.suppress(WebSocketClosedError):
+            self.write_message(json.dumps(message, default=str))
 
     def on_close(self) -> None:
+        self.runtime.kernel_scorers.channel_closed(self)
         if self._subscription is not None:
             self._subscription.close()
         if self._pump is not None:

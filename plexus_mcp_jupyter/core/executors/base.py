@@ -35,6 +35,10 @@ class Executor(abc.ABC):
         the store URL, the Jupyter root); unlike parameters it is never stored or shown to a client.
         """
 
+    def reply(self, task_id: str, message: tuple[Any, ...]) -> None:
+        """Send a task the answer to one of its requests (`TaskContext.request`)."""
+        raise NotImplementedError(f"the {self.name} executor cannot answer requests from tasks")
+
     @abc.abstractmethod
     def request_cancel(self, task_id: str) -> None:
         """Ask the task to stop at its next check (cooperative)."""

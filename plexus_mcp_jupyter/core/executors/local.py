@@ -46,6 +46,7 @@ class _Running:
     process: Any
     cancel_flag: Any
     reader: threading.Thread
+    channel: Any  # our end of the duplex pipe: the pump thread reads it, reply() writes it
 
 
 class LocalExecutor(Executor):
@@ -76,7 +77,8 @@ class LocalExecutor(Executor):
     ) -> str:
         if self._loop is None:
             raise RuntimeError("LocalExecutor.start(loop) must be called before submit()")
-        receiver, sender = self._mp.Pipe(duplex=False)
+        # Duplex: the worker reports on it, and the server answers the worker's requests on it.
+        receiver, sender = self._mp.Pipe(duplex=True)
         cancel_flag = self._mp.Event()
         process = self._mp.Process(
             target=worker.process_main,
@@ -92,7 +94,7 @@ class LocalExecutor(Executor):
             name=f"plexus-pump-{task_id[:8]}",
         )
         with self._lock:
-            self._running[task_id] = _Running(process, cancel_flag, reader)
+            self._running[task_id] = _Running(process, cancel_flag, reader, receiver)
         reader.start()
         return f"pid={process.pid}"
 
@@ -118,6 +120,13 @@ class LocalExecutor(Executor):
                 self._running.pop(task_id, None)
             with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
                 loop.call_soon_threadsafe(on_message, ("exit", process.exitcode))
+
+    def reply(self, task_id: str, message: tuple[Any, ...]) -> None:
+        with self._lock:
+            running = self._running.get(task_id)
+        if running is not None:
+            with contextlib.suppress(OSError, ValueError):  # the worker is gone: nobody waits for the answer
+                running.channel.send(message)
 
     def request_cancel(self, task_id: str) -> None:
         with self._lock:

@@ -1,0 +1,131 @@
+"""Scorers that live in notebook kernels: the server side of `plexus.register_scorer(name, fn)`.
+
+A kernel registers a scorer over its event-stream WebSocket (`{"type": "register_scorer", "name",
+"batch"}`); the scorer belongs to that connection and is gone when it closes. An evaluation naming
+`kernel:<name>` runs in a worker like any other; for each chunk the worker asks the server
+(`TaskContext.request("kernel_score", ...)`), the server sends the kernel `{"type": "score_request",
+"request_id", "scorer", "inputs"}` and the kernel answers on the same socket with `{"type":
+"score_result", "request_id", "predictions", "explanations", "errors"}` (or `score_error`). If the
+kernel goes away, its pending requests fail with a message saying so, and so does the evaluation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..core.errors import InvalidArgument, NotFound, PlexusError
+
+NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+DEFAULT_TIMEOUT = 600.0
+
+
+class ScorerChannel(Protocol):
+    """Where a kernel's scorers are reached: its event-stream WebSocket."""
+
+    def send_json(self, message: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class KernelScorer:
+    name: str
+    batch: bool
+    channel: ScorerChannel
+    pending: dict[str, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
+
+
+class KernelScorerRegistry:
+    """Kernel scorers by name, and the score requests waiting for their kernels."""
+
+    def __init__(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.timeout = timeout
+        self._scorers: dict[str, KernelScorer] = {}
+        self._ids = itertools.count(1)
+
+    def names(self) -> list[str]:
+        return sorted(self._scorers)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"spec": f"kernel:{s.name}", "batch": s.batch} for s in sorted(self._scorers.values(),
+                                                                               key=lambda s: s.name)]
+
+    def register(self, channel: ScorerChannel, name: Any, batch: Any = True) -> None:
+        if not isinstance(name, str) or not NAME.match(name):
+            raise InvalidArgument(f"a scorer name is 1 to 64 letters, digits, '_', '.' or '-', not {name!r}")
+        current = self._scorers.get(name)
+        if current is not None and current.channel is not channel:
+            raise InvalidArgument(f"a scorer named {name!r} is already registered by another kernel: choose "
+                                  "another name, or unregister it there")
+        self._scorers[name] = KernelScorer(name, bool(batch), channel)
+
+    def unregister(self, channel: ScorerChannel, name: str) -> None:
+        scorer = self._scorers.get(name)
+        if scorer is not None and scorer.channel is channel:
+            self._drop(scorer, f"scorer {name!r} was unregistered by its kernel")
+
+    def channel_closed(self, channel: ScorerChannel) -> None:
+        """The kernel's socket closed: its scorers go, and whatever waits for them fails."""
+        for scorer in [s for s in self._scorers.values() if s.channel is channel]:
+            self._drop(scorer, f"the kernel that registered scorer {scorer.name!r} disconnected (restarted, shut "
+                               "down or lost its connection): register the scorer again and restart the evaluation")
+
+    def check(self, name: str) -> None:
+        """InvalidArgument unless a kernel serves `name` now (create_evaluation checks before dispatching)."""
+        if name not in self._scorers:
+            known = ", ".join(self.names()) or "none"
+            raise InvalidArgument(f"no kernel scorer {name!r} is registered (registered: {known}); register one in a "
+                                  "notebook with plexus.register_scorer(name, fn)")
+
+    async def score(self, name: str, inputs: list[Any]) -> dict[str, Any]:
+        """Predictions for `inputs` from the kernel's scorer: {predictions, explanations, errors}."""
+        scorer = self._scorers.get(name)
+        if scorer is None:
+            raise NotFound(f"kernel scorer {name!r} is not registered any more: its kernel went away or "
+                           "unregistered it")
+        request_id = f"s{next(self._ids)}"
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        scorer.pending[request_id] = future
+        try:
+            scorer.channel.send_json({"type": "score_request", "request_id": request_id, "scorer": name,
+                                      "inputs": inputs})
+            answer = await asyncio.wait_for(future, self.timeout)
+        except TimeoutError:
+            raise PlexusError(f"kernel scorer {name!r} did not answer within {self.timeout:.0f} s") from None
+        finally:
+            scorer.pending.pop(request_id, None)
+        return _checked(answer, name, len(inputs))
+
+    def resolve(self, channel: ScorerChannel, message: dict[str, Any]) -> None:
+        """A `score_result` or `score_error` from a kernel."""
+        request_id = str(message.get("request_id"))
+        for scorer in self._scorers.values():
+            future = scorer.pending.get(request_id) if scorer.channel is channel else None
+            if future is not None and not future.done():
+                if message.get("type") == "score_error":
+                    future.set_exception(PlexusError(f"kernel scorer {scorer.name!r} failed: "
+                                                     f"{message.get('message') or 'no message'}"))
+                else:
+                    future.set_result(message)
+                return
+
+    def _drop(self, scorer: KernelScorer, reason: str) -> None:
+        self._scorers.pop(scorer.name, None)
+        for future in scorer.pending.values():
+            if not future.done():
+                future.set_exception(PlexusError(reason))
+
+
+def _checked(answer: dict[str, Any], name: str, n: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in ("predictions", "explanations", "errors"):
+        values = answer.get(key)
+        if values is None and key != "predictions":
+            out[key] = None
+            continue
+        if not isinstance(values, list) or len(values) != n:
+            raise PlexusError(f"kernel scorer {name!r} answered {key} that are not a list of {n} values")
+        out[key] = [None if v is None else str(v) for v in values]
+    return out
