@@ -13,7 +13,13 @@ from jupyter_server.extension.application import ExtensionApp
 
 from ._version import __version__
 from .config import PlexusSettings
-from .handlers.evaluations import DatasetsHandler, EvaluationHandler, EvaluationResultsHandler, EvaluationsHandler
+from .handlers.evaluations import (
+    DatasetHandler,
+    DatasetsHandler,
+    EvaluationHandler,
+    EvaluationResultsHandler,
+    EvaluationsHandler,
+)
 from .handlers.events import EventsHandler
 from .handlers.health import AUTH_DISABLED_WARNING, HealthHandler
 from .handlers.mcp import MCPHandler
@@ -63,6 +69,7 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
                 (rf"/plexus/api/evaluations/{EVALUATION_ID}/results/?", EvaluationResultsHandler),
                 (rf"/plexus/api/evaluations/{EVALUATION_ID}/?", EvaluationHandler),
                 (r"/plexus/api/datasets/?", DatasetsHandler),
+                (r"/plexus/api/datasets/(?P<ref>.+)", DatasetHandler),
             ]
         )
 

@@ -68,6 +68,22 @@ class PlexusSettings(Configurable):
         help="Most bytes of SSE events kept for resumption; the oldest go first past this or event_store_size.",
     ).tag(config=True)
 
+    scorer_modules = Unicode(
+        "plexus_mcp_jupyter.evaluations.examples",
+        help="Comma-separated Python module prefixes whose functions API keys may name as python: scorers (a "
+        "python: scorer runs that code in a worker, so this is an allowlist). The notebook user, an admin, may "
+        "name any importable function.",
+    ).tag(config=True)
+    rate_limit = Float(
+        20.0, min=0.01, help="Requests per second an API key may make on average (HTTP 429 beyond; a key may "
+        "have its own).",
+    ).tag(config=True)
+    rate_burst = Integer(40, min=1, help="Requests an API key may make at once before rate_limit applies.").tag(
+        config=True)
+    max_tasks_per_key = Integer(
+        50, min=1, help="Unfinished tasks (queued and running) one API key may have; more are refused."
+    ).tag(config=True)
+
     def apply_env(self, environ: Mapping[str, str] | None = None, protected: Iterable[str] = ()) -> None:
         """Set traits from PLEXUS_MCP_* variables, except those in `protected` (set on the command line)."""
         environ = os.environ if environ is None else environ

@@ -61,7 +61,7 @@ class PlexusRuntime:
         self.keys = KeyStore(self.store.engine)
         self.manager.request_handlers["kernel_score"] = self._kernel_score
         self.evaluations = EvaluationService(self.manager, EvaluationStore(self.store.engine), self.catalog,
-                                             self.kernel_scorers)
+                                             self.kernel_scorers, settings.scorer_modules.split(","))
         self.mcp = build_mcp_server(self.manager, self.evaluations)
         self.endpoint = MCPEndpoint(
             self.mcp,

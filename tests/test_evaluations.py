@@ -240,3 +240,52 @@ async def test_a_scorecard_gives_metrics_per_score_and_streams_progress_with_a_t
         (jp_root_dir / "cards" / "broken.yaml").write_text("name: x\ndataset: example:topics\nscores: 3\n")
         broken = await client.call_tool("create_evaluation", {"type": "accuracy", "scorecard": "cards/broken.yaml"})
         assert broken.is_error and "line" in broken.content[0].text
+
+
+async def test_sampled_items_keep_their_dataset_rows_and_a_seed_is_kept_for_reruns(mcp_client, runtime):
+    frame = pd.read_csv(EXAMPLES_DIR / "topics.csv")
+    async with mcp_client() as client:
+        first = await create(client, type="accuracy", dataset="example:topics", prediction_column="prediction",
+                             label_column="label", sample_n=40)
+        seed = first["definition"]["sample"]["seed"]
+        assert isinstance(seed, int)  # chosen at creation, so a re-run scores the same rows
+        again = await create(client, type="accuracy", dataset="example:topics", prediction_column="prediction",
+                             label_column="label", sample_n=40, seed=seed)
+        await finished(client, first["evaluation_id"])
+        await finished(client, again["evaluation_id"])
+        items = await all_results(client, first["evaluation_id"])
+        rows_again = [int(i["item_id"]) for i in await all_results(client, again["evaluation_id"])]
+    rows = [int(i["item_id"]) for i in items]
+    assert rows == rows_again and len(rows) == 40 and max(rows) >= 40  # dataset rows, not sample positions
+    assert [i["label"] for i in items] == frame["label"][rows].tolist()
+
+
+async def test_the_label_filter_matches_labels_as_the_metrics_normalise_them(mcp_client, runtime, jp_root_dir):
+    (jp_root_dir / "messy.csv").write_text("text,label,guess\na, Yes ,yes\nb,YES,no\nc,no,no\nd,No ,yes\n")
+    async with mcp_client() as client:
+        started = await create(client, type="accuracy", dataset="messy.csv", prediction_column="guess",
+                               label_column="label")
+        await finished(client, started["evaluation_id"])
+        yes = await all_results(client, started["evaluation_id"], label="yes")
+        no_wrong = await all_results(client, started["evaluation_id"], label="NO", only_mismatches=True)
+    assert [i["label"] for i in yes] == [" Yes ", "YES"]
+    assert [i["label"] for i in no_wrong] == ["No "]
+
+
+async def test_a_consistency_scorer_failing_on_some_items_records_their_errors(mcp_client, runtime):
+    async with mcp_client() as client:
+        started = await create(client, type="consistency", dataset="example:sentiment", runs=2,
+                               scorer="python:tests.scorer_functions:sentiment_or_boom")
+        done = await finished(client, started["evaluation_id"])
+        assert done["status"] == "COMPLETED" and done["counts"]["score"]["errors"] > 0
+        failed = [i for i in await all_results(client, started["evaluation_id"], only_mismatches=True)
+                  if i["correct"] is None]
+    assert len(failed) == done["counts"]["score"]["errors"]
+    assert all("model cannot handle refunds" in i["error"] for i in failed)
+
+
+async def test_scorecards_with_aliases_are_refused(mcp_client, runtime):
+    bomb = "a: &a [x, x]\nb: &b [*a, *a]\nc: &c [*b, *b]\nname: x\n"
+    async with mcp_client() as client:
+        result = await client.call_tool("create_evaluation", {"type": "accuracy", "scorecard": bomb})
+    assert result.is_error and "aliases" in result.content[0].text

@@ -145,7 +145,7 @@ async def test_tasks_cancel_stops_the_work_and_a_second_cancel_says_it_already_e
         await poll(lambda: runtime.manager.get(task_id).status.value, lambda s: s == "RUNNING")
         cancel = CancelTaskRequest(params=CancelTaskRequestParams(task_id=task_id))
         answer = await client.session.send_request(cancel, RAW)
-        assert answer["taskId"] == task_id
+        assert answer["taskId"] == task_id and answer["status"] == "cancelled"  # cancelled from the answer on
         await poll(lambda: get_task(client.session, task_id), lambda t: t["status"] == "cancelled")
         with pytest.raises(MCPError, match="already in terminal status 'cancelled'") as info:
             await client.session.send_request(cancel, RAW)
@@ -303,3 +303,35 @@ async def test_listen_with_task_ids_pushes_each_status_and_the_final_result(mcp_
         assert final["taskId"] == handle.task_id and final["status"] == "completed"
         assert final["result"]["structuredContent"]["output"]["items_processed"] == 30
 
+
+
+async def test_bad_arguments_with_the_extension_are_a_tool_error_and_no_task(mcp_client, runtime):
+    tasks = TasksClient()
+    async with mcp_client(MODERN, extensions=[tasks]) as client:
+        result = await client.call_tool("run_demo_task", {"items": 0})
+        assert result.is_error and "items" in result.content[0].text and tasks.handles == []
+    assert runtime.manager.list_tasks(runtime.manager.build_filter())[0] == []
+
+
+async def test_an_evaluation_runs_as_an_mcp_task_and_its_result_is_the_evaluation(mcp_client, runtime):
+    async with mcp_client() as client:
+        created = await task_call(client, {"type": "accuracy", "dataset": "example:sentiment",
+                                           "prediction_column": "prediction", "label_column": "label"},
+                                  name="create_evaluation")
+        payload = await client.session.send_request(
+            GetTaskPayloadRequest(params=GetTaskPayloadRequestParams(task_id=created["task"]["taskId"])), RAW)
+    result = CallToolResult.model_validate(payload)
+    assert result.is_error is False and result.structured_content["status"] == "COMPLETED"
+    assert result.structured_content["metrics"]["score"]["n"] == 200
+
+
+async def test_listening_to_a_task_that_already_ended_reports_its_final_state(mcp_client, runtime):
+    task = runtime.manager.dispatch("demo", {"items": 2, "item_delay_ms": 0})
+    await runtime.manager.wait_final([task.id], 20)
+    tasks = TasksClient()
+    async with mcp_client(MODERN, extensions=[tasks]) as client, anyio.create_task_group() as streams:
+        listen = {"notifications": {"taskIds": [task.id]}}
+        streams.start_soon(partial(raw_request, client, "subscriptions/listen", listen, request_id="listen-ended"))
+        pushed = await poll(lambda: tasks.pushed, bool)
+        streams.cancel_scope.cancel()
+    assert pushed[0]["taskId"] == task.id and pushed[0]["status"] == "completed"

@@ -168,14 +168,20 @@ def default_db_url(data_dir: str | os.PathLike[str]) -> str:
     return f"sqlite:///{path / 'plexus.db'}"
 
 
+def make_engine(url: str, *, echo: bool = False) -> Engine:
+    """An engine on the store, with the SQLite settings every process using it needs (WAL, busy timeout)."""
+    engine = sa.create_engine(url, echo=echo, future=True)
+    if engine.dialect.name == "sqlite":
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
 class Store:
     """Tasks, stages and progress samples in a relational database."""
 
     def __init__(self, url: str, *, echo: bool = False) -> None:
         self.url = url
-        self.engine: Engine = sa.create_engine(url, echo=echo, future=True)
-        if self.engine.dialect.name == "sqlite":
-            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.engine: Engine = make_engine(url, echo=echo)
         metadata.create_all(self.engine)
         self._check_schema_version()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
+import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 from mcp.shared.exceptions import MCPError
@@ -18,11 +19,12 @@ from pydantic import Field
 from ..core.errors import NotFound, PlexusError
 from ..core.manager import MAX_PRIORITY, MIN_PRIORITY
 from ..core.models import Task, TaskStatus
-from ..evaluations.service import EVALUATION_TYPES, MAX_RUNS, EvaluationService
+from ..evaluations.service import EVALUATION_TYPES, MAX_RUNS, EvaluationService, parse_flag
 from ..evaluations.store import EvaluationStatus
+from .principal import current_principal
 from .progress import follow_to_end, progress_token
 from .schemas import DatasetList, EvaluationDetail, EvaluationPage, EvaluationResults, ScorerList
-from .tools import client_errors, identity_of, result
+from .tools import client_errors, result
 
 JSON = "application/json"
 
@@ -47,8 +49,10 @@ def describe_evaluation(view: dict[str, Any]) -> str:
 def evaluation_outcome(service: EvaluationService, task: Task) -> CallToolResult:
     """What create_evaluation answers once its task has ended (a streamed call, or an MCP task's result)."""
     row = service.store.by_task(task.id)
-    if row is None:
-        raise NotFound(f"task {task.id} has no evaluation record")
+    if row is None:  # its record could not be written when it was created: say so, as a tool error
+        missing = result(f"Task {task.id} has no evaluation record.", {})
+        missing.is_error = True
+        return missing
     view = service.view(row)
     outcome = result(describe_evaluation(view), view)
     outcome.is_error = task.status is not TaskStatus.COMPLETED
@@ -102,11 +106,12 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService) -> 
         = 3,
         priority: Annotated[int, Field(ge=MIN_PRIORITY, le=MAX_PRIORITY, description="Queue priority")] = 0,
     ) -> Annotated[CallToolResult, EvaluationDetail]:
+        principal = current_principal()
         view, task = service.create(
             type, dataset, scorer=scorer, scorecard=scorecard, label_column=label_column,
             prediction_column=prediction_column, input_column=input_column, id_column=id_column,
             sample_n=sample_n, sample_fraction=sample_fraction, seed=seed, runs=runs, priority=priority,
-            owner=identity_of(ctx),
+            owner=principal.owner, trusted=principal.is_admin,
         )
         if progress_token(ctx) is not None:
             return evaluation_outcome(service, await follow_to_end(ctx, service.manager, task.id))
@@ -180,7 +185,8 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService) -> 
     async def list_datasets(
         include_files: Annotated[bool, Field(description="Also look for data files under the root")] = True,
     ) -> Annotated[CallToolResult, DatasetList]:
-        datasets = service.datasets(include_files=include_files)
+        # Walking the root and peeking at files is I/O: off the event loop.
+        datasets = await anyio.to_thread.run_sync(lambda: service.datasets(include_files=include_files))
         return result(f"{len(datasets)} dataset(s): " + ", ".join(d["ref"] for d in datasets[:20]),
                       {"datasets": datasets})
 
@@ -232,12 +238,10 @@ def _register_resources(server: MCPServer, service: EvaluationService) -> None:
                      mime_type=JSON)
     def results_resource(evaluation_id: str, only_mismatches: str | None = None, label: str | None = None,
                          score: str | None = None, limit: str | None = None, cursor: str | None = None) -> str:
-        flag = (only_mismatches or "").lower()
-        if flag not in ("", "true", "false", "1", "0"):
-            raise MCPError(INVALID_PARAMS, f"only_mismatches must be true or false, not {only_mismatches!r}")
         try:
             items, next_cursor, asked = service.results(
-                evaluation_id, only_mismatches=flag in ("true", "1"), label=label or None, score=score or None,
+                evaluation_id, only_mismatches=parse_flag("only_mismatches", only_mismatches), label=label or None,
+                score=score or None,
                 limit=service.manager.parse_limit(limit), cursor=cursor or None)
         except NotFound as exc:
             raise ResourceNotFoundError(str(exc)) from None
@@ -248,5 +252,5 @@ def _register_resources(server: MCPServer, service: EvaluationService) -> None:
     @server.resource("plexus://datasets", name="datasets", title="Datasets",
                      description="Datasets an evaluation can use (examples, registered, files under the root).",
                      mime_type=JSON)
-    def datasets_resource() -> str:
-        return _dump({"datasets": service.datasets()})
+    async def datasets_resource() -> str:
+        return _dump({"datasets": await anyio.to_thread.run_sync(service.datasets)})

@@ -190,6 +190,8 @@ class _Follower:
             self.pending[uri] = None
         if event.entity_id in self.statuses and event.data.get("status") != old_status:
             self.pending[_STATUS_KEY + event.entity_id] = None
+            if event.data.get("status") in _FINAL:
+                self.statuses.discard(event.entity_id)  # nothing follows a final status
         for uri, matcher in self.lists.items():
             if matcher(event, old_status):
                 self.pending[uri] = None
@@ -257,6 +259,9 @@ class ResourceWatch:
         return follower
 
     def stream_ready(self, follower: _Follower) -> None:
+        # Each followed task's current status first: one that ended before the stream opened is told too.
+        for task_id in follower.statuses:
+            follower.pending[_STATUS_KEY + task_id] = None
         follower.ready = True
         self._kick(follower)
 
@@ -340,6 +345,7 @@ class ResourceWatch:
 
 
 _CLEANUP_KEY = "plexus.resource_watch.cleanup"
+_FINAL = frozenset(s.value for s in TaskStatus if s.is_final)
 _STATUS_KEY = "status:"  # pending key of a task status notification (resource URIs start with plexus://)
 _UNKNOWN = None
 

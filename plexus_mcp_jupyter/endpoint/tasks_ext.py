@@ -62,6 +62,7 @@ log = logging.getLogger("plexus_mcp_jupyter")
 TASKS_EXTENSION = "io.modelcontextprotocol/tasks"
 RELATED_TASK_META = "io.modelcontextprotocol/related-task"
 POLL_INTERVAL_MS = 1000
+TERMINAL = frozenset({"completed", "failed", "cancelled"})
 LIST_PAGE_SIZE = 50
 LEGACY_VERSIONS_ONLY = "tasks/result and tasks/list are 2025-11-25 methods"
 
@@ -86,6 +87,10 @@ class UpdateTaskParams(TaskIdParams):
 
 
 def mcp_status(task: Task, *, modern: bool) -> str:
+    if not modern and task.cancel_requested:
+        # 2025-11-25: a cancelled task is cancelled from the answer to tasks/cancel on, and stays so, even
+        # if the work ended otherwise before it saw the request (its Plexus record says how it ended).
+        return "cancelled"
     if not task.status.is_final:
         return "working"
     if task.status is TaskStatus.COMPLETED or (modern and task.status is TaskStatus.FAILED):
@@ -167,8 +172,9 @@ class PlexusTasks(Extension):
         except NotFound:
             raise _not_found(task_id) from None
 
-    async def _start(self, ctx: ServerRequestContext[Any, Any], name: str, call_next: CallNext) -> Task:
-        """Run the task tool (which dispatches and answers at once) and return the task it started."""
+    async def _start(self, ctx: ServerRequestContext[Any, Any], name: str, call_next: CallNext) -> Task | HandlerResult:
+        """Run the task tool (which dispatches and answers at once) and return the task it started, or the
+        tool's error result (bad arguments: no task was started)."""
         outcome = await call_next(_progress_free(ctx))
         if isinstance(outcome, dict):
             data = outcome
@@ -177,8 +183,7 @@ class PlexusTasks(Extension):
         else:
             data = {}
         if data.get("isError"):
-            text = " ".join(c.get("text", "") for c in data.get("content", []) if isinstance(c, dict))
-            raise MCPError(INVALID_PARAMS, text or f"{name} failed")
+            return outcome
         task_id = (data.get("structuredContent") or {}).get("task_id")
         if not isinstance(task_id, str):
             log.error("Plexus: task tool %s returned no task_id", name)
@@ -198,6 +203,8 @@ class PlexusTasks(Extension):
         ):
             return await call_next(ctx)
         task = await self._start(ctx, params.name, call_next)
+        if not isinstance(task, Task):
+            return task  # the tool's own error result, as a plain call would answer
         return {"resultType": "task", **task_view(task, modern=True)}
 
     @staticmethod
@@ -229,9 +236,9 @@ class PlexusTasks(Extension):
         if not principal.may("cancel_any") and not (principal.may("cancel_own") and task.owner == principal.owner):
             raise MCPError(INVALID_REQUEST, principal.denial("cancel_any" if principal.may("cancel_own") else
                                                               "cancel_own"))
-        if task.status.is_final:
-            if modern:  # cancellation is cooperative: a task that already ended is acknowledged as it is
-                return {}
+        if modern and task.status.is_final:  # cancellation is cooperative: an ended task is acknowledged as it is
+            return {}
+        if not modern and mcp_status(task, modern=False) in TERMINAL:
             raise MCPError(INVALID_PARAMS, f"Cannot cancel task {task.id!r}: already in terminal status "
                                            f"{mcp_status(task, modern=False)!r}")
         self.manager.cancel([task.id])
@@ -285,6 +292,11 @@ class PlexusTasks(Extension):
         if not isinstance(task_meta, dict) or not isinstance(task_meta.get("ttl", 0), int | None):
             raise MCPError(INVALID_PARAMS, "task must be an object with an optional integer ttl (milliseconds)")
         task = await self._start(ctx, name, call_next)
+        if not isinstance(task, Task):
+            # A 2025-11-25 client expects CreateTaskResult: no task was made, so the tool error is a JSON-RPC one.
+            data = task if isinstance(task, dict) else task.model_dump(by_alias=True, mode="json")  # type: ignore[union-attr]
+            text = " ".join(c.get("text", "") for c in data.get("content", []) if isinstance(c, dict))
+            raise MCPError(INVALID_PARAMS, text or f"{name} failed")
         if self.follow_status is not None:
             self.follow_status(ctx.session._connection, task.id)
         return {"task": task_view(task, modern=False)}

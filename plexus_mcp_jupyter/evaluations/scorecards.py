@@ -157,7 +157,20 @@ def load_scorecard(source: str | Path, *, root_dir: Path | str | None = None) ->
         where = f"scorecard {label!r}"
     else:
         label, text, where = None, source, "scorecard"
+        if len(text.encode()) > MAX_SCORECARD_BYTES:
+            raise InvalidArgument(f"scorecard text is larger than {MAX_SCORECARD_BYTES // 1024} KiB")
     return _parse(text, where, label)
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """Safe YAML without anchors and aliases: a few hundred bytes of nested aliases expand exponentially."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "anchors and aliases (*name) are not allowed in a "
+                                              "scorecard: write the value out", event.start_mark)
+        return super().compose_node(parent, index)
 
 
 def _read_file(path: str, root_dir: Path | str | None) -> str:
@@ -175,7 +188,7 @@ def _read_file(path: str, root_dir: Path | str | None) -> str:
 
 
 def _parse(text: str, where: str, label: str | None) -> Scorecard:
-    loader = yaml.SafeLoader(text)
+    loader = _NoAliasLoader(text)
     try:
         root = loader.get_single_node()
         if root is None:

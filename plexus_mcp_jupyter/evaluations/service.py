@@ -8,6 +8,7 @@ milliseconds; loading, scoring and metrics happen in the worker (runner.py).
 
 from __future__ import annotations
 
+import secrets
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -29,6 +30,14 @@ MAX_LABELS_SHOWN = 50  # per-class rows and confusion matrix beyond this many cl
 DEFAULT_SCORE = "score"
 
 
+def parse_flag(name: str, raw: str | None) -> bool:
+    """A true/false query parameter, the same way on every face (REST, resource URIs)."""
+    value = (raw or "false").strip().lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise InvalidArgument(f"{name} must be true or false, not {raw!r}")
+    return value in ("true", "1", "yes")
+
+
 def evaluation_uri(evaluation_id: str) -> str:
     return f"plexus://evaluations/{evaluation_id}"
 
@@ -37,7 +46,8 @@ class EvaluationService:
     """Evaluations over one TaskManager, EvaluationStore and DatasetCatalog."""
 
     def __init__(self, manager: TaskManager, store: EvaluationStore, catalog: DatasetCatalog,
-                 kernel_scorers: KernelScorerRegistry | None = None) -> None:
+                 kernel_scorers: KernelScorerRegistry | None = None, scorer_modules: Sequence[str] = ()) -> None:
+        self.scorer_modules = tuple(m.strip() for m in scorer_modules if m.strip())
         self.manager = manager
         self.store = store
         self.catalog = catalog
@@ -62,8 +72,12 @@ class EvaluationService:
         runs: int = 3,
         priority: int = 0,
         owner: str | None = None,
+        trusted: bool = True,
     ) -> tuple[dict[str, Any], Task]:
-        """Check the request, dispatch the evaluation task, and return the evaluation's view and its task."""
+        """Check the request, dispatch the evaluation task, and return the evaluation's view and its task.
+
+        An untrusted caller (an API key, not an admin) may name python: scorers only in `scorer_modules`.
+        """
         if type not in EVALUATION_TYPES:
             raise InvalidArgument(f"unknown evaluation type {type!r}; expected one of {', '.join(EVALUATION_TYPES)}")
         sample = None
@@ -71,6 +85,12 @@ class EvaluationService:
             if dataset is not None or scorer is not None or prediction_column is not None:
                 raise InvalidArgument("a scorecard names its dataset and scores: do not also give dataset, scorer "
                                       "or prediction_column")
+            overridden = [name for name, value in (("input_column", input_column), ("id_column", id_column),
+                                                   ("sample_n", sample_n), ("sample_fraction", sample_fraction))
+                          if value is not None]
+            if overridden:
+                raise InvalidArgument(f"a scorecard sets its own columns and sample: do not also give "
+                                      f"{', '.join(overridden)} (edit the scorecard instead)")
             card = load_scorecard(scorecard, root_dir=self.catalog.root_dir)
             dataset, input_column, id_column = card.dataset, card.input_column, card.id_column
             label_column = label_column or card.label_column
@@ -92,12 +112,17 @@ class EvaluationService:
         if sample_n is not None or sample_fraction is not None:
             check_sample(sample_n, sample_fraction, seed)
             sample = {"n": sample_n, "fraction": sample_fraction, "seed": seed}
+        if sample is not None and sample.get("seed") is None:
+            # Chosen now and kept in the definition: a re-run after a crash scores the same rows.
+            sample["seed"] = secrets.randbelow(2**31)
         columns = self.catalog.columns(dataset)
         wanted = {"label_column": label_column, "input_column": input_column, "id_column": id_column}
         for score in scores:
             spec = score["scorer"]
             if spec.get("kind") == "kernel":
                 self.kernel_scorers.check(spec["function"])
+            if spec.get("kind") == "python" and not trusted:
+                self._check_importable(spec["function"])
             if spec.get("kind") == "column":
                 wanted[f"score {score['name']!r} column"] = spec["column"]
             elif spec.get("input_column") or input_column:
@@ -129,6 +154,14 @@ class EvaluationService:
             self.manager.cancel([task.id])  # never a task without its record
             raise
         return self.get(evaluation_id), task
+
+    def _check_importable(self, path: str) -> None:
+        module = path.partition(":")[0]
+        if not any(module == prefix or module.startswith(prefix + ".") for prefix in self.scorer_modules):
+            raise InvalidArgument(
+                f"python scorer {path!r} is not in a module API keys may use (scorer_modules: "
+                f"{', '.join(self.scorer_modules) or 'none'}); an admin can add its module to scorer_modules, or "
+                "use a column or rules scorer")
 
     @staticmethod
     def _scorer(type: str, scorer: Any, prediction_column: str | None) -> dict[str, Any]:

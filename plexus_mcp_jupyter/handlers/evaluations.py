@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow as pa
 
 from ..core.errors import InvalidArgument, PlexusError
+from ..evaluations.service import parse_flag
 from .base import PlexusHandler, http_error
 
 CREATE_FIELDS = ("type", "dataset", "scorer", "scorecard", "label_column", "prediction_column", "input_column",
@@ -21,11 +22,8 @@ CREATE_FIELDS = ("type", "dataset", "scorer", "scorecard", "label_column", "pred
 PARQUET_TYPES = ("application/vnd.apache.parquet", "application/x-parquet", "application/octet-stream")
 
 
-def _flag(handler: PlexusHandler, name: str) -> bool:
-    raw = handler.get_argument(name, "false").lower()
-    if raw not in ("true", "false", "1", "0", "yes", "no"):
-        raise InvalidArgument(f"{name} must be true or false, not {raw!r}")
-    return raw in ("true", "1", "yes")
+def _flag(handler: PlexusHandler, name: str, default: str = "false") -> bool:
+    return parse_flag(name, handler.get_argument(name, default))
 
 
 class EvaluationsHandler(PlexusHandler):
@@ -53,7 +51,7 @@ class EvaluationsHandler(PlexusHandler):
                 raise InvalidArgument("type is required: accuracy, feedback or consistency")
             arguments = {k: v for k, v in body.items() if k not in ("type", "dataset")}
             view, _task = self.runtime.evaluations.create(body["type"], body.get("dataset"), owner=self.identity,
-                                                          **arguments)
+                                                          trusted=self.principal.is_admin, **arguments)
         except (PlexusError, TypeError) as exc:
             raise http_error(exc if isinstance(exc, PlexusError) else InvalidArgument(str(exc))) from None
         self.set_header("Location", self.request.path.rstrip("/") + "/" + view["evaluation_id"])
@@ -84,11 +82,22 @@ class EvaluationResultsHandler(PlexusHandler):
         self.reply({**asked, "items": items, "next_cursor": next_cursor})
 
 
+class DatasetHandler(PlexusHandler):
+    async def get(self, ref: str) -> None:
+        """One dataset: rows, columns, and the label distribution (?label_column=...; default 'label')."""
+        try:
+            info = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: self.runtime.catalog.describe(ref, self.get_argument("label_column", None)))
+        except PlexusError as exc:
+            raise http_error(exc) from None
+        self.reply(info.to_dict())
+
+
 class DatasetsHandler(PlexusHandler):
     async def get(self) -> None:
         """Datasets: examples, registered and files under the root (?include_files=false to skip files)."""
         try:
-            include_files = self.get_argument("include_files", "true").lower() not in ("false", "0", "no")
+            include_files = _flag(self, "include_files", "true")
             datasets = await asyncio.get_running_loop().run_in_executor(
                 None, lambda: self.runtime.evaluations.datasets(include_files=include_files))
         except PlexusError as exc:
@@ -105,15 +114,15 @@ class DatasetsHandler(PlexusHandler):
             if not name:
                 raise InvalidArgument("name is required (?name=...): letters, digits, '_', '.', '-', up to 64")
             replace = _flag(self, "replace")
-            frame = self._frame()
+            # Parsing and writing Parquet take a while for a big frame: off the event loop.
+            loop = asyncio.get_running_loop()
+            frame = await loop.run_in_executor(None, self._frame)
             catalog = self.runtime.catalog
             if not replace and name in catalog.registered_names():
                 self.reply({"message": f"a dataset named {name!r} is already registered: pass replace=true to "
                                        "replace it, or choose another name"}, status=409)
                 return
-            # Writing Parquet takes a while for a big frame: off the event loop.
-            info = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: catalog.register(name, frame, replace=replace))
+            info = await loop.run_in_executor(None, lambda: catalog.register(name, frame, replace=replace))
         except PlexusError as exc:
             raise http_error(exc) from None
         self.reply(info.to_dict(), status=201)
