@@ -315,7 +315,7 @@ class PlexusClient:
         return sorted(self._scorers)
 
     def _ask(self, message: dict[str, Any], name: str, timeout: float) -> dict[str, Any]:
-        done, box = threading.Event(), []
+        done, box = threading.Event(), list[dict[str, Any]]()
         entry = (name, done, box)
         with self._lock:
             self._replies.append(entry)

@@ -84,7 +84,8 @@ class TaskState(HasTraits):
             if not urgent:
                 self._pending = (summary, at)
                 if self._timer is None:
-                    self._timer = threading.Timer(self.applied_at + self.min_interval - time.time(), self._flush)
+                    wait = (self.applied_at or 0.0) + self.min_interval - time.time()
+                    self._timer = threading.Timer(max(wait, 0.0), self._flush)
                     self._timer.daemon = True
                     self._timer.start()
                 return

@@ -32,8 +32,9 @@ def check_scorer(name: str, fn: Any, batch: bool) -> KernelScorer:
     if not isinstance(name, str) or not NAME.match(name):
         raise PlexusInputError(f"a scorer name is 1 to 64 letters, digits, '_', '.' or '-', not {name!r}")
     if not callable(fn):
-        raise PlexusInputError(f"the scorer must be callable (a function taking {'a pandas Series of inputs' if batch else 'one input'} "
-                               f"and returning labels), not {type(fn).__name__} {fn!r}")
+        takes = "a pandas Series of inputs" if batch else "one input"
+        raise PlexusInputError(f"the scorer must be callable (a function taking {takes} and returning labels), "
+                               f"not {type(fn).__name__} {fn!r}")
     return KernelScorer(name, fn, bool(batch))
 
 

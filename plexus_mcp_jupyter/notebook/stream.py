@@ -10,10 +10,10 @@ serialises frames with a lock).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
@@ -80,10 +80,8 @@ class EventStream:
         self.connected.clear()
         ws = self._ws
         if ws is not None:
-            try:
+            with contextlib.suppress(Exception):
                 ws.shutdown()  # unblocks recv() at once; no closing handshake to wait for
-            except Exception:  # pragma: no cover - already closed
-                pass
 
     def _query(self) -> str:
         if self.last_seq is None:
@@ -143,10 +141,8 @@ class EventStream:
             finally:
                 self.connected.clear()
                 self._ws = None
-                try:
+                with contextlib.suppress(Exception):
                     ws.close(timeout=0.5)
-                except Exception:
-                    pass
             if not self._stopped.is_set():
                 self._stopped.wait(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
