@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -78,10 +79,14 @@ class EventStream:
     def close(self) -> None:
         self._stopped.set()
         self.connected.clear()
+        self.drop()
+
+    def drop(self) -> None:
+        """Break the current connection as a network failure would (the thread reconnects unless closed)."""
         ws = self._ws
-        if ws is not None:
-            with contextlib.suppress(Exception):
-                ws.shutdown()  # unblocks recv() at once; no closing handshake to wait for
+        if ws is not None and ws.sock is not None:
+            with contextlib.suppress(OSError):
+                ws.sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked recv() at once, unlike close()
 
     def _query(self) -> str:
         if self.last_seq is None:
