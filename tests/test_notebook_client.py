@@ -14,7 +14,13 @@ import threading
 
 import pandas as pd
 import pytest
-from sklearn.metrics import accuracy_score, cohen_kappa_score, confusion_matrix, f1_score, precision_recall_fscore_support
+from sklearn.metrics import (
+    accuracy_score,
+    cohen_kappa_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+)
 
 from plexus_mcp_jupyter.core.models import TaskStatus
 from plexus_mcp_jupyter.evaluations.datasets import EXAMPLES_DIR
@@ -248,7 +254,8 @@ async def test_a_python_callable_scores_an_evaluation_in_this_process(plexus):
     assert calls and all(name.startswith("plexus-scorer") for name in calls)  # never the socket's reader thread
     ok = ~frame["text"].str.lower().str.contains("refund")
     summary = (await run(lambda: ev.metrics)).attrs["summary"]
-    assert summary["accuracy"] == pytest.approx(accuracy_score(frame["label"][ok], [keyword(t) for t in frame["text"][ok]]))
+    expected = [keyword(t) for t in frame["text"][ok]]
+    assert summary["accuracy"] == pytest.approx(accuracy_score(frame["label"][ok], expected))
     errors = (await run(ev.results))["error"].dropna()
     assert len(errors) == int((~ok).sum()) and errors.str.startswith("ValueError: no refunds here").all()
 
@@ -309,5 +316,5 @@ async def test_bad_input_is_refused_with_the_fix(plexus):
     plexus.max_upload_bytes = 1000
     with pytest.raises(PlexusInputError, match=r"too large to send.*sample"):
         await run(plexus.register_dataset, "big", pd.DataFrame({"text": ["x" * 100] * 1000}))
-    with pytest.raises(PlexusInputError, match="not a pandas DataFrame|expected a pandas DataFrame"):
+    with pytest.raises(PlexusInputError, match="expected a pandas DataFrame"):
         await run(plexus.register_dataset, "odd", {"a": 1})
