@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
 from typing import Any
 
 from jupyter_core.paths import jupyter_data_dir
@@ -44,6 +47,7 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
             self.log.warning("Plexus MCP: %s", AUTH_DISABLED_WARNING)
         self.log.info("Plexus MCP endpoint at %splexus/mcp (store: %s)", self.serverapp.base_url,
                       self.runtime.store.safe_url)
+        self.connection_file = write_connection_file(self.serverapp)
 
     def initialize_handlers(self) -> None:
         self.handlers.extend(
@@ -75,4 +79,38 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
         await self.runtime.start()
 
     async def stop_extension(self) -> None:
+        remove_connection_file(self.connection_file)
         await self.runtime.stop()
+
+
+CONNECTION_FILE_ENV = "PLEXUS_MCP_CONNECTION_FILE"
+
+
+def write_connection_file(serverapp: Any) -> str | None:
+    """Tell the kernels this server starts how to reach it, with no set-up in the notebook.
+
+    The URL and token go to a file only the user can read (as Jupyter's own jpserver-<pid>.json), and its
+    path to an environment variable that kernels launched by this server inherit; the token itself never
+    enters the environment.
+    """
+    path = os.path.join(serverapp.runtime_dir, f"plexus-{os.getpid()}.json")
+    try:
+        os.makedirs(serverapp.runtime_dir, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"url": serverapp.connection_url, "token": serverapp.identity_provider.token,
+                       "pid": os.getpid()}, handle)
+    except OSError as exc:
+        serverapp.log.warning("Plexus MCP: could not write %s (%s); notebooks must call plexus.connect(url, token)",
+                              path, exc)
+        return None
+    os.environ[CONNECTION_FILE_ENV] = path
+    return path
+
+
+def remove_connection_file(path: str | None) -> None:
+    if path is not None:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        if os.environ.get(CONNECTION_FILE_ENV) == path:
+            del os.environ[CONNECTION_FILE_ENV]

@@ -20,6 +20,7 @@ from .evaluations.datasets import DatasetCatalog
 from .evaluations.kernel_scorers import KernelScorerRegistry
 from .evaluations.service import EvaluationService
 from .evaluations.store import EvaluationStore
+from .security.keys import KeyStore
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
@@ -57,6 +58,7 @@ class PlexusRuntime:
         )
         self.catalog = DatasetCatalog(self.root_dir, registered_dir)
         self.kernel_scorers = KernelScorerRegistry()
+        self.keys = KeyStore(self.store.engine)
         self.manager.request_handlers["kernel_score"] = self._kernel_score
         self.evaluations = EvaluationService(self.manager, EvaluationStore(self.store.engine), self.catalog,
                                              self.kernel_scorers)

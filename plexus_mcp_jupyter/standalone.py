@@ -16,9 +16,12 @@ from tornado import web
 
 from .endpoint.transport import MCPBridge
 from .runtime import PlexusRuntime
-from .security.http import LOOPBACK_HOSTS, error_message, host_name, jsonrpc_error, origin_allowed
+from .security.http import LOOPBACK_HOSTS, bearer_credential, error_message, host_name, jsonrpc_error, origin_allowed
+from .security.identity import Principal, Role
+from .security.keys import KeyRejected, looks_like_key
 
 log = logging.getLogger("plexus_mcp_jupyter")
+STANDALONE_ADMIN = Principal(owner="token", role=Role.ADMIN)  # whoever holds the server's token
 
 
 class _StandaloneHandler(web.RequestHandler):
@@ -30,12 +33,23 @@ class _StandaloneHandler(web.RequestHandler):
     def runtime(self) -> PlexusRuntime:
         return self.settings["plexus"]  # type: ignore[no-any-return]
 
+    principal: Principal | None = None
+
     def authenticated(self) -> bool:
-        header = self.request.headers.get("Authorization", "")
-        scheme, _, credential = header.partition(" ")
-        if scheme.lower() not in ("bearer", "token") or not credential:
+        """The server's token (an admin) or an API key; sets `principal`. A rejected key is a 401 that says why."""
+        credential = bearer_credential(self.request.headers.get("Authorization"))
+        if credential is None:
             return False
-        return hmac.compare_digest(credential.strip().encode(), self.settings["plexus_token"].encode())
+        if looks_like_key(credential):
+            try:
+                self.principal = self.runtime.keys.verify(credential).principal()
+            except KeyRejected as exc:
+                raise web.HTTPError(401, f"{exc}: send a valid Plexus API key or the server's token") from None
+            return True
+        if hmac.compare_digest(credential.encode(), self.settings["plexus_token"].encode()):
+            self.principal = STANDALONE_ADMIN
+            return True
+        return False
 
     def prepare(self) -> None:
         headers = self.request.headers
@@ -62,7 +76,8 @@ class StandaloneMCPHandler(_StandaloneHandler):
 
     async def _serve(self) -> None:
         self._bridge = MCPBridge(self, self.runtime.endpoint)
-        await self._bridge.serve({"plexus.identity": "token"})
+        principal = self.principal or STANDALONE_ADMIN
+        await self._bridge.serve({"plexus.identity": principal.owner, "plexus.principal": principal})
 
     post = get = delete = _serve
 

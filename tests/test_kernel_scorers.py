@@ -110,3 +110,15 @@ async def test_scorer_names_belong_to_one_kernel_and_bad_messages_are_answered(j
     first.ws.close()
     await poll(runtime.kernel_scorers.names, lambda names: names == [])
     second.ws.close()
+
+
+def test_kernels_started_by_the_server_can_find_it(jp_serverapp, server_url, token):
+    import os
+    import stat
+
+    path = os.environ["PLEXUS_MCP_CONNECTION_FILE"]
+    with open(path) as handle:
+        info = json.load(handle)
+    assert info["url"].rstrip("/") == jp_serverapp.connection_url.rstrip("/") and info["token"] == token
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600  # only the user can read the token
+    assert token not in os.environ.values()  # the path is in the environment, the token is not

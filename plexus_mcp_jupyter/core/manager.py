@@ -22,7 +22,7 @@ from .events import Event, EventBus
 from .executors.base import Executor
 from .models import FINAL_STATUSES, StageStatus, Task, TaskStatus, now, parse_iso
 from .progress import ProgressDecision, ProgressTracker
-from .store import Store, TaskFilter, decode_cursor, encode_cursor
+from .store import Store, TaskFilter, decode_cursor, encode_cursor, owner_visible
 from .tasks import get_task_type, task_type_names
 
 log = logging.getLogger("plexus_mcp_jupyter")
@@ -39,7 +39,7 @@ class CancelOutcome:
     """What cancelling one task did."""
 
     task_id: str
-    outcome: str  # cancelled | cancelling | already_finished | not_found
+    outcome: str  # cancelled | cancelling | already_finished | not_found | forbidden
     status: str | None
     message: str
 
@@ -181,8 +181,17 @@ class TaskManager:
 
     # -- queries -------------------------------------------------------------------------------
 
-    def get(self, task_id: str) -> Task:
-        """The task with live progress (running tasks are read from memory, fresher than the store)."""
+    def get(self, task_id: str, viewer: str | None = None) -> Task:
+        """The task with live progress (running tasks are read from memory, fresher than the store).
+
+        With `viewer` (a non-admin caller's owner), a task it may not see is NotFound, like a missing one.
+        """
+        task = self._get(task_id)
+        if not owner_visible(task.owner, viewer):
+            raise NotFound(f"no task with id {task_id!r}; list_tasks shows the ids that exist")
+        return task
+
+    def _get(self, task_id: str) -> Task:
         state = self._running.get(task_id)
         if state is not None:
             return state.task
@@ -211,6 +220,7 @@ class TaskManager:
         type: str | Sequence[str] | None = None,
         since: str | None = None,
         owner: str | None = None,
+        viewer: str | None = None,
     ) -> TaskFilter:
         """Validate raw filter values (from MCP, REST or a URI) into a TaskFilter."""
         statuses = tuple(TaskStatus.parse(s) for s in _as_list(status))
@@ -224,6 +234,7 @@ class TaskManager:
             types=types,
             since=parse_iso(since) if since else None,
             owner=owner,
+            viewer=viewer,
         )
 
     def parse_limit(self, text: str | None) -> int | None:
@@ -297,9 +308,30 @@ class TaskManager:
         self._schedule_soon()
         return task
 
-    def cancel(self, task_ids: Iterable[str]) -> list[CancelOutcome]:
-        """Cancel tasks: queued ones at once, running ones cooperatively then forcibly after the grace."""
-        return [self._cancel_one(task_id) for task_id in dict.fromkeys(task_ids)]
+    def cancel(
+        self, task_ids: Iterable[str], *, viewer: str | None = None, others: bool = True
+    ) -> list[CancelOutcome]:
+        """Cancel tasks: queued ones at once, running ones cooperatively then forcibly after the grace.
+
+        With `viewer` (a non-admin caller's owner), tasks it may not see are not_found; without `others`,
+        visible tasks owned by someone else are refused (forbidden).
+        """
+        outcomes = []
+        for task_id in dict.fromkeys(task_ids):
+            if viewer is not None or not others:
+                try:
+                    task = self.get(task_id, viewer)
+                except NotFound as exc:
+                    outcomes.append(CancelOutcome(task_id, "not_found", None, str(exc)))
+                    continue
+                if not others and task.owner != viewer:
+                    outcomes.append(CancelOutcome(
+                        task_id, "forbidden", task.status.value,
+                        f"permission denied: you may cancel only your own tasks (this one belongs to "
+                        f"{task.owner or 'the local user'}); an admin may cancel it"))
+                    continue
+            outcomes.append(self._cancel_one(task_id))
+        return outcomes
 
     async def wait_final(self, task_ids: Iterable[str], timeout: float) -> None:
         """Wait until every given task is in a final state (or unknown), or `timeout` seconds pass."""

@@ -193,6 +193,7 @@ class Task:
             "current_stage": self.current_stage,
             "progress": self.progress,
             "error_message": self.error_message,
+            "owner": self.owner,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -200,7 +201,6 @@ class Task:
         data = self.summary()
         data.update(
             {
-                "owner": self.owner,
                 "params": self.params,
                 "error_details": self.error_details,
                 "output": self.output,

@@ -23,6 +23,7 @@ from .errors import InvalidArgument
 from .models import FINAL_STATUSES, ProgressSample, Stage, StageStatus, Task, TaskStatus
 
 SCHEMA_VERSION = 1
+KEY_OWNER_PREFIX = "key:"  # owners of work created with an API key (security/identity.py)
 
 metadata = sa.MetaData()
 
@@ -109,11 +110,14 @@ class TaskFilter:
     types: tuple[str, ...] = ()
     since: float | None = None
     owner: str | None = None
+    # Only what a non-admin caller with this owner may see: its own work and anything not owned by
+    # another API key (security/identity.py, Principal.sees_owner, is the same rule). None: everything.
+    viewer: str | None = None
 
     def fingerprint(self) -> str:
         """A short digest that ties a cursor to the filter it was issued for."""
         raw = json.dumps(
-            [sorted(s.value for s in self.statuses), sorted(self.types), self.since, self.owner]
+            [sorted(s.value for s in self.statuses), sorted(self.types), self.since, self.owner, self.viewer]
         ).encode()
         return hashlib.sha256(raw).hexdigest()[:12]
 
@@ -226,7 +230,7 @@ class Store:
     ) -> tuple[list[Task], tuple[float, str] | None]:
         """One page of tasks, newest first, and the key to continue after (None on the last page)."""
         query = _list_query(len(flt.statuses), len(flt.types), flt.since is not None, flt.owner is not None,
-                            after is not None)
+                            after is not None, flt.viewer is not None)
         params: dict[str, Any] = {"limit": limit + 1}
         for i, status in enumerate(flt.statuses):
             params[f"status_{i}"] = status.value
@@ -236,6 +240,8 @@ class Store:
             params["since"] = flt.since
         if flt.owner is not None:
             params["owner"] = flt.owner
+        if flt.viewer is not None:
+            params["viewer"] = flt.viewer
         if after is not None:
             params["after_created"], params["after_id"] = after
         with self.engine.connect() as conn:
@@ -428,8 +434,19 @@ class Store:
 _PREBUILT_IN_MAX = 128
 
 
+def owner_visible(owner: str | None, viewer: str | None) -> bool:
+    """Whether a caller with owner `viewer` (None: an admin) may see work owned by `owner`; see visible_to."""
+    return viewer is None or owner is None or owner == viewer or not owner.startswith(KEY_OWNER_PREFIX)
+
+
+def visible_to(owner_column: Any, viewer: Any) -> Any:
+    """SQL for Principal.sees_owner: unowned, not owned by an API key, or the viewer's own."""
+    return sa.or_(owner_column.is_(None), owner_column.notlike(f"{KEY_OWNER_PREFIX}%"), owner_column == viewer)
+
+
 @functools.lru_cache(maxsize=256)
-def _list_query(n_statuses: int, n_types: int, since: bool, owner: bool, after: bool) -> sa.Select[Any]:
+def _list_query(n_statuses: int, n_types: int, since: bool, owner: bool, after: bool,
+                viewer: bool = False) -> sa.Select[Any]:
     t = tasks_table
     query = sa.select(t).order_by(t.c.created_at.desc(), t.c.id.desc()).limit(sa.bindparam("limit"))
     if n_statuses:
@@ -440,6 +457,8 @@ def _list_query(n_statuses: int, n_types: int, since: bool, owner: bool, after: 
         query = query.where(t.c.created_at >= sa.bindparam("since"))
     if owner:
         query = query.where(t.c.owner == sa.bindparam("owner"))
+    if viewer:
+        query = query.where(visible_to(t.c.owner, sa.bindparam("viewer")))
     if after:
         created: Any = sa.bindparam("after_created")
         task_id: Any = sa.bindparam("after_id")
@@ -470,6 +489,8 @@ def _filter_clauses(flt: TaskFilter) -> list[Any]:
         clauses.append(t.c.created_at >= flt.since)
     if flt.owner is not None:
         clauses.append(t.c.owner == flt.owner)
+    if flt.viewer is not None:
+        clauses.append(visible_to(t.c.owner, flt.viewer))
     return clauses
 
 

@@ -12,6 +12,7 @@ from mcp.types import INVALID_PARAMS
 
 from ..core.errors import InvalidArgument, NotFound
 from ..core.manager import TaskManager
+from .principal import current_principal
 from .tools import task_detail
 
 JSON = "application/json"
@@ -24,7 +25,7 @@ def _dump(data: Any) -> str:
 def register_resources(server: MCPServer, manager: TaskManager) -> None:
     def task_page(status: str | None, type: str | None, limit: str | None, cursor: str | None) -> str:
         try:
-            flt = manager.build_filter(status=status, type=type)
+            flt = manager.build_filter(status=status, type=type, viewer=current_principal().viewer)
             tasks, next_cursor = manager.list_tasks(flt, limit=manager.parse_limit(limit), cursor=cursor or None)
         except InvalidArgument as exc:
             raise MCPError(INVALID_PARAMS, str(exc)) from None
@@ -59,7 +60,7 @@ def register_resources(server: MCPServer, manager: TaskManager) -> None:
     )
     def task_resource(task_id: str) -> str:
         try:
-            task = manager.get(task_id)
+            task = manager.get(task_id, current_principal().viewer)
         except NotFound as exc:
             raise ResourceNotFoundError(str(exc)) from None
         detail = task_detail(manager, task, history=True, history_limit=200)

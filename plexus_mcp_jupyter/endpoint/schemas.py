@@ -40,6 +40,7 @@ class TaskSummary(BaseModel):
     current_stage: str | None
     progress: Progress
     error_message: str | None
+    owner: str | None = Field(description="Who created it: jupyter (the notebook user), key:<id> (an API key)")
 
 
 class StageInfo(BaseModel):
@@ -63,7 +64,6 @@ class ProgressPoint(BaseModel):
 
 
 class TaskDetail(TaskSummary):
-    owner: str | None
     params: dict[str, Any]
     error_details: dict[str, Any] | None
     output: Any = Field(description="The task's result (bounded in size)")
@@ -97,7 +97,7 @@ class DispatchResult(BaseModel):
 
 class CancelItem(BaseModel):
     task_id: str
-    outcome: str = Field(description="cancelled | cancelling | already_finished | not_found")
+    outcome: str = Field(description="cancelled | cancelling | already_finished | not_found | forbidden")
     status: str | None
     message: str
 

@@ -15,7 +15,9 @@ from .._version import __version__
 from ..core.manager import TaskManager
 from ..core.models import Task
 from ..evaluations.service import EvaluationService
+from ..security.identity import TOOL_ACTIONS
 from .evaluation_tools import evaluation_outcome, register_evaluation_tools
+from .principal import acting_as, current_principal, principal_of
 from .resources import register_resources
 from .subscriptions import ResourceWatch, install_subscriptions
 from .tasks_ext import PlexusTasks, install_task_capability
@@ -45,11 +47,29 @@ class PlexusMCPServer(MCPServer):
                 tool.execution = ToolExecution(task_support="optional")
         return tools
 
+    async def _handle_list_tools(self, ctx: Any, params: Any) -> Any:
+        result = await super()._handle_list_tools(ctx, params)
+        principal = principal_of(ctx)
+        if not principal.is_admin:  # a key sees only the tools its role may call
+            result.tools = [t for t in result.tools if principal.may_call(t.name)]
+        return result
+
+    async def _handle_call_tool(self, ctx: Any, params: Any) -> Any:
+        with acting_as(principal_of(ctx)):
+            return await super()._handle_call_tool(ctx, params)
+
+    async def _handle_read_resource(self, ctx: Any, params: Any) -> Any:
+        with acting_as(principal_of(ctx)):
+            return await super()._handle_read_resource(ctx, params)
+
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
         tool = self._tool_manager.get_tool(name)
         if tool is None:
             available = ", ".join(sorted(t.name for t in self._tool_manager.list_tools()))
             raise ToolError(f"unknown tool {name!r}; available tools: {available}")
+        principal = current_principal()
+        if not principal.may_call(name):
+            raise ToolError(principal.denial(TOOL_ACTIONS.get(name, "keys")))
         allowed = set(tool.parameters.get("properties", {}))
         unknown = sorted(set(arguments) - allowed)
         if unknown:

@@ -35,6 +35,7 @@ from mcp.shared.exceptions import MCPError
 from mcp.types import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
+    INVALID_REQUEST,
     METHOD_NOT_FOUND,
     CallToolRequestParams,
     CallToolResult,
@@ -53,6 +54,7 @@ from pydantic import BaseModel, Field
 from ..core.errors import InvalidArgument, NotFound
 from ..core.manager import TaskManager
 from ..core.models import Task, TaskStatus, iso
+from .principal import principal_of
 from .tools import describe
 
 log = logging.getLogger("plexus_mcp_jupyter")
@@ -158,9 +160,10 @@ class PlexusTasks(Extension):
 
     # -- shared ---------------------------------------------------------------------------------
 
-    def _task(self, task_id: str) -> Task:
+    def _task(self, ctx: ServerRequestContext[Any, Any], task_id: str) -> Task:
+        """The task, if the caller may see it (another API key's tasks are "not found", like missing ones)."""
         try:
-            return self.manager.get(task_id)
+            return self.manager.get(task_id, principal_of(ctx).viewer)
         except NotFound:
             raise _not_found(task_id) from None
 
@@ -214,14 +217,18 @@ class PlexusTasks(Extension):
     async def get(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> dict[str, Any]:
         if is_modern(ctx.protocol_version):
             require_client_extension(ctx, TASKS_EXTENSION)
-            return detailed_task(self.outcome, self._task(params.task_id))
-        return task_view(self._task(params.task_id), modern=False)
+            return detailed_task(self.outcome, self._task(ctx, params.task_id))
+        return task_view(self._task(ctx, params.task_id), modern=False)
 
     async def cancel(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> dict[str, Any]:
         modern = is_modern(ctx.protocol_version)
         if modern:
             require_client_extension(ctx, TASKS_EXTENSION)
-        task = self._task(params.task_id)
+        task = self._task(ctx, params.task_id)
+        principal = principal_of(ctx)
+        if not principal.may("cancel_any") and not (principal.may("cancel_own") and task.owner == principal.owner):
+            raise MCPError(INVALID_REQUEST, principal.denial("cancel_any" if principal.may("cancel_own") else
+                                                              "cancel_own"))
         if task.status.is_final:
             if modern:  # cancellation is cooperative: a task that already ended is acknowledged as it is
                 return {}
@@ -233,14 +240,14 @@ class PlexusTasks(Extension):
     async def update(self, ctx: ServerRequestContext[Any, Any], params: UpdateTaskParams) -> dict[str, Any]:
         # Plexus tasks never ask the client for input, so no response is outstanding: they are ignored.
         require_client_extension(ctx, TASKS_EXTENSION)
-        self._task(params.task_id)
+        self._task(ctx, params.task_id)
         return {}
 
     # -- 2025-11-25 -----------------------------------------------------------------------------
 
     async def result(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> dict[str, Any]:
         """`tasks/result`: the tool's result once the task has ended (the request waits until then)."""
-        task = self._task(params.task_id)
+        task = self._task(ctx, params.task_id)
         while not task.status.is_final:
             await self.manager.wait_final([task.id], timeout=3600)
             task = self.manager.get(task.id)
@@ -251,7 +258,7 @@ class PlexusTasks(Extension):
     async def list(self, ctx: ServerRequestContext[Any, Any], params: PaginatedRequestParams) -> dict[str, Any]:
         try:
             tasks, next_cursor = self.manager.list_tasks(
-                self.manager.build_filter(), limit=LIST_PAGE_SIZE, cursor=params.cursor
+                self.manager.build_filter(viewer=principal_of(ctx).viewer), limit=LIST_PAGE_SIZE, cursor=params.cursor
             )
         except InvalidArgument as exc:
             raise MCPError(INVALID_PARAMS, str(exc)) from None

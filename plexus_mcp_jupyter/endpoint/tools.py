@@ -20,6 +20,7 @@ from ..core import demo
 from ..core.errors import PlexusError
 from ..core.manager import HISTORY_MAX, MAX_PRIORITY, MIN_PRIORITY, TaskManager
 from ..core.models import Task, TaskStatus
+from .principal import current_principal
 from .progress import final_summary, follow_to_end, progress_token
 from .schemas import CancelResult, DispatchResult, TaskDetail, TaskPage, task_uri
 
@@ -28,16 +29,9 @@ MAX_CANCEL_IDS = 100
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def identity_of(ctx: Context | None) -> str | None:
-    """Who is calling: set by the HTTP handler on the request scope; None over stdio."""
-    if ctx is None:
-        return None
-    try:
-        request = ctx.request_context.request
-    except ValueError:
-        return None
-    scope = getattr(request, "scope", None)
-    return scope.get("plexus.identity") if isinstance(scope, dict) else None
+def identity_of(ctx: Context | None = None) -> str | None:
+    """The owner of what the caller creates (endpoint/principal.py); None over stdio."""
+    return current_principal().owner
 
 
 def client_errors(fn: F) -> F:
@@ -171,7 +165,8 @@ def register_tools(server: MCPServer, manager: TaskManager) -> None:
         limit: Annotated[int, Field(ge=1, le=100, description="Page size, 1 to 100")] = 20,
         cursor: Annotated[str | None, Field(description="next_cursor of the previous page, unchanged")] = None,
     ) -> Annotated[CallToolResult, TaskPage]:
-        flt = manager.build_filter(status=[s.value for s in status or []], type=type, since=since)
+        flt = manager.build_filter(status=[s.value for s in status or []], type=type, since=since,
+                                   viewer=current_principal().viewer)
         tasks, next_cursor = manager.list_tasks(flt, limit=limit, cursor=cursor)
         # TaskPage's JSON form; the SDK validates it against TaskPage (see result()).
         page = {"tasks": [t.summary() for t in tasks], "next_cursor": next_cursor}
@@ -195,7 +190,7 @@ def register_tools(server: MCPServer, manager: TaskManager) -> None:
                                             description=f"Most recent samples to include, 1 to {HISTORY_MAX}")]
         = 100,
     ) -> Annotated[CallToolResult, TaskDetail]:
-        task = manager.get(task_id)
+        task = manager.get(task_id, current_principal().viewer)
         detail = task_detail_data(manager, task, history=history, history_limit=history_limit)
         return result(describe(task), detail)
 
@@ -224,13 +219,17 @@ def register_tools(server: MCPServer, manager: TaskManager) -> None:
         if bool(task_ids) == bool(status):
             raise ToolError("give either task_ids (a list of ids) or status (with optional type), not both or neither")
         more = 0
+        principal = current_principal()
+        others = principal.may("cancel_any")
         if task_ids:
             ids = list(task_ids)
         else:
-            flt = manager.build_filter(status=[s.value for s in status or []], type=type)
+            # A filter cancels what the caller may cancel: everything for an admin, its own tasks otherwise.
+            flt = manager.build_filter(status=[s.value for s in status or []], type=type, viewer=principal.viewer,
+                                       owner=None if others else principal.owner)
             ids = manager.store.find_task_ids(flt, limit=MAX_CANCEL_IDS + 1)
             more, ids = max(0, len(ids) - MAX_CANCEL_IDS), ids[:MAX_CANCEL_IDS]
-        outcomes = manager.cancel(ids)
+        outcomes = manager.cancel(ids, viewer=principal.viewer, others=others)
         if wait_seconds:
             await manager.wait_final([o.task_id for o in outcomes if o.outcome == "cancelling"], wait_seconds)
             for o in outcomes:

@@ -19,7 +19,9 @@ from tornado import web
 
 from ..core.errors import InvalidArgument, NotFound, PlexusError
 from ..runtime import PlexusRuntime
-from ..security.http import error_message, origin_allowed
+from ..security.http import bearer_credential, error_message, origin_allowed
+from ..security.identity import Principal, Role
+from ..security.keys import KeyRejected, looks_like_key
 
 NOTEBOOK_USER = "jupyter"
 # Jupyter's own providers: one notebook user, authenticated by the server's token or password.
@@ -38,9 +40,22 @@ class PlexusHandler(APIHandler):
     def runtime(self) -> PlexusRuntime:
         return self.settings["plexus"]  # type: ignore[no-any-return]
 
+    _principal: Principal | None = None
+
+    @property
+    def principal(self) -> Principal:
+        """Who is calling and with which role: an API key's, or the notebook user's (an admin)."""
+        if self._principal is None:
+            self._principal = Principal(owner=self._jupyter_owner(), role=Role.ADMIN)
+        return self._principal
+
     @property
     def identity(self) -> str | None:
-        """The owner recorded on what this caller creates.
+        """The owner recorded on what this caller creates."""
+        return self.principal.owner
+
+    def _jupyter_owner(self) -> str | None:
+        """The owner of what the notebook user creates.
 
         With Jupyter's default identity provider there is one user (the notebook's), whose requests get
         a fresh anonymous name each time they come with the shared token: they are all "jupyter".
@@ -99,6 +114,10 @@ class PlexusHandler(APIHandler):
             raise web.HTTPError(
                 403, "requests from this Origin are not allowed (see ServerApp.allow_origin and allow_origin_pat)"
             )
+        credential = bearer_credential(self.request.headers.get("Authorization"))
+        if credential is not None and looks_like_key(credential):
+            await self._authenticate_key(credential)
+            return
         user = self._user_from_server_token()
         if user is None:
             found = self.identity_provider.get_user(self)
@@ -113,6 +132,19 @@ class PlexusHandler(APIHandler):
                 self.check_xsrf_cookie()
             if not self.authorizer.is_authorized(self, user, self.auth_action, self.auth_resource):
                 raise web.HTTPError(403, f"user {user.username!r} may not {self.auth_action} {self.auth_resource}")
+        if "Origin" in self.request.headers:
+            self.set_cors_headers()
+        await self.runtime.start()
+
+    async def _authenticate_key(self, credential: str) -> None:
+        """An API key in the Authorization header: its principal, checked on every request (revocation)."""
+        try:
+            key = self.runtime.keys.verify(credential)
+        except KeyRejected as exc:
+            raise web.HTTPError(401, f"{exc}: send a valid Plexus API key or the Jupyter token") from None
+        self._principal = key.principal()
+        self.current_user = self._jupyter_current_user = User(username=self._principal.owner or "key")
+        self._token_authenticated = True  # a header credential: no XSRF check
         if "Origin" in self.request.headers:
             self.set_cors_headers()
         await self.runtime.start()

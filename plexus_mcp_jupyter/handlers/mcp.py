@@ -39,7 +39,7 @@ class MCPHandler(PlexusHandler):
 
     async def _serve(self) -> None:
         self._bridge = MCPBridge(self, self.runtime.endpoint)
-        await self._bridge.serve({"plexus.identity": self.identity})
+        await self._bridge.serve({"plexus.identity": self.identity, "plexus.principal": self.principal})
 
     async def post(self) -> None:
         await self._serve()

@@ -11,6 +11,15 @@ from tornado import web
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 
 
+def bearer_credential(header: str | None) -> str | None:
+    """The credential of an `Authorization: Bearer <x>` (or Jupyter's `token <x>`) header, else None."""
+    if not header:
+        return None
+    scheme, _, credential = header.partition(" ")
+    credential = credential.strip()
+    return credential if scheme.lower() in ("bearer", "token") and credential else None
+
+
 def origin_allowed(
     origin: str | None, host: str | None, allow_origin: str = "", allow_origin_pat: re.Pattern[str] | str | None = None
 ) -> bool:
