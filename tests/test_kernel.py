@@ -109,8 +109,8 @@ async def test_a_kernel_runs_a_task_and_its_widget_moves_while_the_kernel_is_idl
         bar = out.split("bar ")[1].strip()
         # The cell has ended: the kernel's main thread is idle. The event thread alone moves the bar
         # (comm messages sent from a background thread) to its end.
-        done = await kernel.until(lambda m: m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == bar
-                                  and state_of(m).get("bar_style") == "success")
+        await kernel.until(lambda m: m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == bar
+                           and state_of(m).get("bar_style") == "success")
         values = [state_of(m)["value"] for m in kernel.iopub
                   if m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == bar and "value" in state_of(m)]
         maxima = [state_of(m)["max"] for m in kernel.iopub
