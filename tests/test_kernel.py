@@ -125,13 +125,11 @@ async def test_a_kernel_runs_a_task_and_its_widget_moves_while_the_kernel_is_idl
         await stop_kernel(kernel)
 
 
-async def test_a_kernel_finds_the_server_by_connection_file_and_errors_leave_it_usable(
-    kernel_env, server_url, token, tmp_path
-):
-    connection = tmp_path / "plexus-connection.json"
-    connection.write_text(json.dumps({"url": server_url, "token": token}))
-    connection.chmod(0o600)
-    kernel = await start_kernel({**kernel_env, "PLEXUS_MCP_CONNECTION_FILE": str(connection)})
+async def test_a_kernel_finds_the_server_by_its_connection_file_and_errors_leave_it_usable(kernel_env, token):
+    # The file the extension writes for the kernels it launches (user-only, URL and token).
+    connection = os.environ["PLEXUS_MCP_CONNECTION_FILE"]
+    assert json.loads(Path(connection).read_text())["token"] == token
+    kernel = await start_kernel({**kernel_env, "PLEXUS_MCP_CONNECTION_FILE": connection})
     try:
         out = await kernel.run(
             "from plexus_mcp_jupyter import plexus\n"
