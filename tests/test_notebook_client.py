@@ -272,8 +272,17 @@ async def test_scorers_survive_a_dropped_event_stream(plexus, runtime):
     await run(plexus.register_scorer, "survivor", lambda texts: ["positive"] * len(texts))
     stream = plexus.client.stream
     assert runtime.kernel_scorers.names() == ["survivor"]
+    messages: list[dict] = []
+    plexus.on_event(messages.append)
+    long = await run(plexus.run_demo, 20000, 5.0)
+    stream.epoch = "an-earlier-server"  # as if the server restarted meanwhile: it cannot replay, says "gap"
     stream.drop()  # as if the network dropped the socket
     await poll(lambda: stream.connections, lambda n: n >= 2)
+    # The client re-read what it follows by REST and told the listeners.
+    refresh = await poll(lambda: [m for m in messages if m["type"] == "refresh"], bool)
+    assert long.id in [t["task_id"] for t in refresh[0]["tasks"]]
+    await run(long.cancel)
+    await run(long.wait, 20)
     await poll(runtime.kernel_scorers.names, lambda names: names == ["survivor"])
     frame = pd.DataFrame({"text": ["a", "b"], "label": ["positive", "negative"]})
     ev = await run(lambda: plexus.evaluate(frame, "kernel:survivor", input_column="text"))

@@ -229,12 +229,10 @@ class PlexusClient:
         self.stream.start()
         return state
 
-    def _on_open(self, hello: dict[str, Any], resumed: bool) -> None:
-        if self._stream is not None and self._stream.connections > 1:
-            if self._scorers:
-                self._executor().submit(self._reregister)
-            if not resumed:
-                self._executor().submit(self.refresh)
+    def _on_open(self, hello: dict[str, Any], reconnected: bool) -> None:
+        # Lost events need nothing here: a resumed stream replays them, or the server says "gap".
+        if reconnected and self._scorers:
+            self._executor().submit(self._reregister)
 
     def _on_message(self, message: dict[str, Any]) -> None:
         kind = message.get("type")

@@ -35,7 +35,7 @@ def ws_url(http_url: str) -> str:
 
 
 class EventStream:
-    """The reader thread. `on_message(message)` gets every message, `on_open(hello, resumed)` each connection."""
+    """The reader thread. `on_message(message)` gets every message, `on_open(hello, reconnected)` each connection."""
 
     def __init__(
         self,
@@ -99,7 +99,7 @@ class EventStream:
     def _run(self) -> None:
         backoff = BACKOFF_START
         while not self._stopped.is_set():
-            resumed = self.last_seq is not None
+            reconnected = self.last_seq is not None
             try:
                 ws = websocket.create_connection(self.url + self._query(), header=self._header,
                                                  timeout=CONNECT_TIMEOUT, enable_multithread=True)
@@ -116,15 +116,13 @@ class EventStream:
                 if hello.get("type") != "hello":
                     raise websocket.WebSocketException(f"expected hello, got {hello!r}")
                 self.connections += 1
-                if self.epoch is not None and hello.get("epoch") != self.epoch:
-                    resumed = False  # another server start: the gap message follows
                 self.epoch = hello.get("epoch")
                 if self.last_seq is None:
                     self.last_seq = int(hello["seq"])
                 self.connected.set()
                 backoff = BACKOFF_START
                 self.last_error = None
-                self._on_open(hello, resumed)
+                self._on_open(hello, reconnected)
                 while not self._stopped.is_set():
                     raw = ws.recv()
                     if not raw:
