@@ -231,6 +231,13 @@ async def test_evaluating_a_dataframe_gives_metrics_that_match_scikit_learn(plex
     assert len(everything) == len(frame) and isinstance(everything["label"].dtype, pd.CategoricalDtype)
     assert str(everything["correct"].dtype) == "boolean"
     assert len(await run(ev.results, False, None, 7)) == 7
+    # A client that never saw its events takes hold of it finished.
+    fresh = Plexus()
+    fresh._client = PlexusClient(plexus.client.url, plexus.client.token, check=False)
+    again = await run(fresh.evaluation, ev.id)
+    assert again.status == "COMPLETED" and again.done
+    assert again.summary["accuracy"] == summary["accuracy"]
+    fresh.close()
 
 
 def keyword(text: str) -> str:

@@ -99,7 +99,9 @@ class Plexus:
         return TaskHandle(self.client, task_id, self.client.get_task(task_id))
 
     def evaluation(self, evaluation_id: str) -> EvaluationHandle:
-        return EvaluationHandle(self.client, self.client.request("GET", f"evaluations/{evaluation_id}"))
+        """A handle on an existing evaluation (one an assistant created, say)."""
+        view = self.client.request("GET", f"evaluations/{evaluation_id}")
+        return EvaluationHandle(self.client, view, self.client.get_task(view["task_id"]))
 
     def run_demo(self, items: int = 2000, item_delay_ms: float = 5.0, fail: bool = False, fail_at: int | None = None,
                  seed: int | None = None, *, priority: int = 0, description: str | None = None) -> TaskHandle:

@@ -92,10 +92,10 @@ class EvaluationHandle(TaskHandle):
 
     kind = "evaluation"
 
-    def __init__(self, client: PlexusClient, view: dict[str, Any]) -> None:
+    def __init__(self, client: PlexusClient, view: dict[str, Any], task: dict[str, Any] | None = None) -> None:
         self.evaluation_id = view["evaluation_id"]
         self.view = view
-        super().__init__(client, view["task_id"])
+        super().__init__(client, view["task_id"], task)
 
     @property
     def id(self) -> str:
@@ -124,7 +124,7 @@ class EvaluationHandle(TaskHandle):
         if not self.done:
             raise PlexusError(f"evaluation {self.id} is {self.status}: metrics come when it completes; call "
                               ".wait() first")
-        metrics = self.view.get("metrics") if self.view.get("metrics") is not None else None
+        metrics = self.view.get("metrics")
         if metrics is None:
             metrics = self.refresh().get("metrics")
         if not metrics:

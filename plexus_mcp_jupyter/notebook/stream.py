@@ -26,6 +26,7 @@ log = logging.getLogger("plexus_mcp_jupyter.notebook")
 BACKOFF_START = 0.25
 BACKOFF_MAX = 10.0
 CONNECT_TIMEOUT = 10.0
+IDLE_TIMEOUT = 60.0  # after this long without a frame, ping; after twice this, reconnect
 
 
 def ws_url(http_url: str) -> str:
@@ -111,7 +112,7 @@ class EventStream:
                 continue
             self._ws = ws
             try:
-                ws.settimeout(None)  # Jupyter pings the socket; recv() answers them
+                ws.settimeout(IDLE_TIMEOUT)
                 hello = json.loads(ws.recv())
                 if hello.get("type") != "hello":
                     raise websocket.WebSocketException(f"expected hello, got {hello!r}")
@@ -123,10 +124,22 @@ class EventStream:
                 backoff = BACKOFF_START
                 self.last_error = None
                 self._on_open(hello, reconnected)
+                quiet = False
                 while not self._stopped.is_set():
-                    raw = ws.recv()
-                    if not raw:
+                    try:
+                        opcode, frame = ws.recv_data_frame(True)  # answers Jupyter's pings by itself
+                    except websocket.WebSocketTimeoutException:
+                        if quiet:
+                            raise  # no frame, not even a pong, for two periods: the peer is gone
+                        quiet = True
+                        ws.ping()
+                        continue
+                    quiet = False
+                    if opcode in (websocket.ABNF.OPCODE_PING, websocket.ABNF.OPCODE_PONG):
+                        continue
+                    if opcode == websocket.ABNF.OPCODE_CLOSE:
                         break
+                    raw = frame.data
                     message = json.loads(raw)
                     if message.get("type") == "event":
                         self.last_seq = int(message["seq"])
