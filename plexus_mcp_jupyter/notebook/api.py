@@ -131,15 +131,11 @@ class Plexus:
         limit, 512 MiB by default) is refused before sending. PlexusConflict if the name is taken and
         replace is False.
         """
-        body = self._parquet(df)
         try:
-            info: dict[str, Any] = self.client.request(
-                "POST", "datasets", params={"name": name, "replace": str(bool(replace)).lower()}, data=body,
-                headers={"Content-Type": "application/vnd.apache.parquet"}, timeout=max(self.client.timeout, 300.0))
+            return self._upload(name, self._parquet(df), replace)
         except PlexusConflict as exc:
             raise PlexusConflict(f"a dataset named {name!r} is already registered: pass replace=True to replace it, "
                                  "or choose another name", exc.status) from None
-        return info
 
     def _parquet(self, df: Any) -> bytes:
         import pandas as pd
@@ -210,7 +206,7 @@ class Plexus:
                                 id_column)
             body = self._parquet(data)
             name = name or "nb-" + hashlib.sha1(body).hexdigest()[:12]
-            self._upload(name, body)
+            self._upload(name, body, replace=True)
             dataset = f"registered:{name}"
         elif isinstance(data, str):
             dataset = data
@@ -234,10 +230,11 @@ class Plexus:
         view = client.request("POST", "evaluations", json={k: v for k, v in request.items() if v is not None})
         return EvaluationHandle(client, view)
 
-    def _upload(self, name: str, body: bytes) -> None:
-        self.client.request("POST", "datasets", params={"name": name, "replace": "true"}, data=body,
-                            headers={"Content-Type": "application/vnd.apache.parquet"},
-                            timeout=max(self.client.timeout, 300.0))
+    def _upload(self, name: str, body: bytes, replace: bool) -> dict[str, Any]:
+        info: dict[str, Any] = self.client.request(
+            "POST", "datasets", params={"name": name, "replace": str(bool(replace)).lower()}, data=body,
+            headers={"Content-Type": "application/vnd.apache.parquet"}, timeout=max(self.client.timeout, 300.0))
+        return info
 
     @staticmethod
     def _check_columns(df: pd.DataFrame, scorer: Any, label: str | None, prediction: str | None,
