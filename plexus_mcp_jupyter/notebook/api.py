@@ -1,0 +1,264 @@
+"""`plexus`: the notebook's entry point, connecting on first use.
+
+    from plexus_mcp_jupyter import plexus      # or: %load_ext plexus_mcp_jupyter
+    plexus.tasks()                             # DataFrame of recent tasks
+    h = plexus.run_demo(items=500); h          # a live progress bar
+    ev = plexus.evaluate(df, prediction="pred", label="label").wait()
+    ev.metrics, ev.confusion_matrix(), ev.results(only_mismatches=True)
+    plexus.dashboard()                         # everything running, live, with Cancel buttons
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .client import EventListener, PlexusClient, resolve_connection
+from .errors import PlexusConflict, PlexusInputError
+from .handles import EvaluationHandle, TaskHandle
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .widgets import Dashboard
+
+# Jupyter's default ServerApp.max_body_size (512 MiB): a larger request is refused by the server.
+MAX_UPLOAD_BYTES = 512 * 1024 * 1024
+NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+class Plexus:
+    """The notebook's view of its Jupyter server's Plexus tasks and evaluations."""
+
+    def __init__(self) -> None:
+        self._client: PlexusClient | None = None
+        self.max_upload_bytes = MAX_UPLOAD_BYTES
+
+    def __repr__(self) -> str:
+        where = self._client.url if self._client else "not connected yet (connects on first use)"
+        return f"<plexus: {where}>"
+
+    # -- connection -------------------------------------------------------------------------------------
+
+    def connect(self, url: str | None = None, token: str | None = None, *, timeout: float = 30.0) -> PlexusClient:
+        """Connect to a server: `url` and `token`, else PLEXUS_MCP_URL/PLEXUS_MCP_TOKEN, else the file named by
+        PLEXUS_MCP_CONNECTION_FILE. Raises PlexusConnectionError (or PlexusAuthError) saying how to fix it."""
+        url, token = resolve_connection(url, token)
+        client = PlexusClient(url, token, timeout=timeout)
+        if self._client is not None:
+            self._client.close()
+        self._client = client
+        return client
+
+    @property
+    def client(self) -> PlexusClient:
+        if self._client is None:
+            self.connect()
+        assert self._client is not None
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def on_event(self, callback: EventListener) -> Callable[[], None]:
+        """Call `callback(message)` for every event (on the event thread; keep it quick); returns an unsubscribe."""
+        return self.client.on_event(callback)
+
+    # -- tables -----------------------------------------------------------------------------------------
+
+    def tasks(self, status: str | None = None, type: str | None = None, limit: int | None = 100) -> pd.DataFrame:
+        """Tasks, newest first, as a DataFrame (status/type: comma-separated filters; limit None: all)."""
+        from .tables import tasks_frame
+
+        return tasks_frame(self.client.pages("tasks", "tasks", {"status": status, "type": type}, limit))
+
+    def evaluations(self, status: str | None = None, type: str | None = None,
+                    limit: int | None = 100) -> pd.DataFrame:
+        """Evaluations, newest first, as a DataFrame (status: SETUP, RUNNING, COMPLETED, FAILED, CANCELLED)."""
+        from .tables import evaluations_frame
+
+        return evaluations_frame(self.client.pages("evaluations", "evaluations", {"status": status, "type": type},
+                                                   limit))
+
+    def datasets(self, include_files: bool = False) -> pd.DataFrame:
+        """Datasets the server knows: shipped examples, registered DataFrames (and files under the root)."""
+        import pandas as pd
+
+        rows = self.client.request("GET", "datasets", params={"include_files": str(include_files).lower()})
+        return pd.DataFrame(rows["datasets"])
+
+    # -- handles ----------------------------------------------------------------------------------------
+
+    def task(self, task_id: str) -> TaskHandle:
+        """A handle on an existing task (one an assistant started, say)."""
+        return TaskHandle(self.client, task_id, self.client.get_task(task_id))
+
+    def evaluation(self, evaluation_id: str) -> EvaluationHandle:
+        """A handle on an existing evaluation (one an assistant created, say)."""
+        view = self.client.request("GET", f"evaluations/{evaluation_id}")
+        return EvaluationHandle(self.client, view, self.client.get_task(view["task_id"]))
+
+    def run_demo(self, items: int = 2000, item_delay_ms: float = 5.0, fail: bool = False, fail_at: int | None = None,
+                 seed: int | None = None, *, priority: int = 0, description: str | None = None) -> TaskHandle:
+        """Dispatch the demo task (Setup, Processing `items` items, Finalizing) and return its handle."""
+        params: dict[str, Any] = {"items": items, "item_delay_ms": item_delay_ms, "fail": fail}
+        if fail_at is not None:
+            params["fail_at"] = fail_at
+        if seed is not None:
+            params["seed"] = seed
+        return self.dispatch("demo", params, priority=priority, description=description)
+
+    def dispatch(self, type: str, params: dict[str, Any] | None = None, *, priority: int = 0,
+                 description: str | None = None) -> TaskHandle:
+        """Dispatch a task of any registered type and return its handle."""
+        client = self.client
+        client.stream.start()  # so its first events are not missed
+        body = {"type": type, "params": params or {}, "priority": priority, "description": description}
+        task = client.request("POST", "tasks", json=body)
+        return TaskHandle(client, task["task_id"], task)
+
+    # -- datasets and scorers ---------------------------------------------------------------------------
+
+    def register_dataset(self, name: str, df: pd.DataFrame, replace: bool = False) -> dict[str, Any]:
+        """Make `df` a dataset (`registered:<name>`) for evaluations and for assistants (list_datasets).
+
+        Sent as Parquet. A frame whose Parquet form exceeds `plexus.max_upload_bytes` (Jupyter's request
+        limit, 512 MiB by default) is refused before sending. PlexusConflict if the name is taken and
+        replace is False.
+        """
+        try:
+            return self._upload(name, self._parquet(df), replace)
+        except PlexusConflict as exc:
+            raise PlexusConflict(f"a dataset named {name!r} is already registered: pass replace=True to replace it, "
+                                 "or choose another name", exc.status) from None
+
+    def _parquet(self, df: Any) -> bytes:
+        import pandas as pd
+
+        if not isinstance(df, pd.DataFrame):
+            raise PlexusInputError(f"expected a pandas DataFrame, not {type(df).__name__}")
+        if df.empty:
+            raise PlexusInputError("the DataFrame has no rows: there is nothing to evaluate")
+        in_memory = int(df.memory_usage(deep=True).sum())
+        if in_memory > 8 * self.max_upload_bytes:
+            raise PlexusInputError(self._too_big(f"{in_memory / 2**20:,.0f} MiB in memory"))
+        buffer = io.BytesIO()
+        frame = df.copy(deep=False)
+        frame.columns = [str(c) for c in frame.columns]
+        frame.to_parquet(buffer, index=False)
+        size = buffer.tell()
+        if size > self.max_upload_bytes:
+            raise PlexusInputError(self._too_big(f"{size / 2**20:,.0f} MiB as Parquet"))
+        return buffer.getvalue()
+
+    def _too_big(self, how_big: str) -> str:
+        return (f"the DataFrame is too large to send ({how_big}; the server accepts requests up to "
+                f"{self.max_upload_bytes / 2**20:,.0f} MiB, ServerApp.max_body_size): keep only the columns the "
+                "evaluation needs, pass sample_n / evaluate df.sample(n), or write it as Parquet under the Jupyter "
+                "root (df.to_parquet('data.parquet')) and evaluate that path")
+
+    def register_scorer(self, name: str, fn: Callable[..., Any], batch: bool = True) -> str:
+        """Serve `fn` from this kernel as the scorer `kernel:<name>`, which assistants can name in
+        create_evaluation. batch=True: `fn(pd.Series of inputs)` returns labels (or (label, explanation) pairs);
+        batch=False: `fn(input)` per item. Returns the scorer spec."""
+        return self.client.register_scorer(name, fn, batch)
+
+    def unregister_scorer(self, name: str) -> None:
+        self.client.unregister_scorer(name)
+
+    # -- evaluations ------------------------------------------------------------------------------------
+
+    def evaluate(
+        self,
+        data: pd.DataFrame | str,
+        scorer: str | Callable[..., Any] | dict[str, Any] | None = None,
+        label: str | None = "label",
+        prediction: str | None = None,
+        type: str = "accuracy",
+        input_column: str | None = None,
+        id_column: str | None = None,
+        sample_n: int | None = None,
+        sample_fraction: float | None = None,
+        seed: int | None = None,
+        runs: int = 3,
+        name: str | None = None,
+        batch: bool = True,
+        priority: int = 0,
+    ) -> EvaluationHandle:
+        """Evaluate a DataFrame (registered first, as `name` or `nb-<hash>`) or a named dataset.
+
+        `scorer`: a spec string ("python:pkg.mod:fn", "kernel:<name>", ...), a rules mapping, or a Python
+        callable, which is registered as a kernel scorer (batch as in register_scorer) and runs here;
+        `prediction`: a column of predictions instead of a scorer. Returns the evaluation's handle at once.
+        """
+        import pandas as pd
+
+        if scorer is not None and not isinstance(scorer, str | dict) and not callable(scorer):
+            raise PlexusInputError(f"scorer must be a spec string, a rules mapping or a callable, not "
+                                   f"{builtin_type(scorer)} {scorer!r}")
+        if isinstance(data, pd.DataFrame):
+            self._check_columns(data, scorer, label if type != "consistency" else None, prediction, input_column,
+                                id_column)
+            body = self._parquet(data)
+            name = name or "nb-" + hashlib.sha1(body).hexdigest()[:12]
+            self._upload(name, body, replace=True)
+            dataset = f"registered:{name}"
+        elif isinstance(data, str):
+            dataset = data
+        else:
+            raise PlexusInputError("data must be a pandas DataFrame or a dataset name ('example:sentiment', "
+                                   "'registered:<name>', a file path under the Jupyter root), not "
+                                   f"{builtin_type(data)}")
+        if callable(scorer) and not isinstance(scorer, str | dict):
+            fn_name = NAME_UNSAFE.sub("-", getattr(scorer, "__name__", "scorer"))[:50]
+            scorer = self.register_scorer(f"nb-{fn_name}", scorer, batch)
+        request: dict[str, Any] = {
+            "type": type, "dataset": dataset, "scorer": scorer,
+            "label_column": label if type != "consistency" else None,
+            "prediction_column": prediction, "input_column": input_column, "id_column": id_column,
+            "sample_n": sample_n, "sample_fraction": sample_fraction, "seed": seed, "priority": priority,
+        }
+        if type == "consistency":
+            request["runs"] = runs
+        client = self.client
+        client.stream.start()
+        view = client.request("POST", "evaluations", json={k: v for k, v in request.items() if v is not None})
+        return EvaluationHandle(client, view)
+
+    def _upload(self, name: str, body: bytes, replace: bool) -> dict[str, Any]:
+        info: dict[str, Any] = self.client.request(
+            "POST", "datasets", params={"name": name, "replace": str(bool(replace)).lower()}, data=body,
+            headers={"Content-Type": "application/vnd.apache.parquet"}, timeout=max(self.client.timeout, 300.0))
+        return info
+
+    @staticmethod
+    def _check_columns(df: pd.DataFrame, scorer: Any, label: str | None, prediction: str | None,
+                       input_column: str | None, id_column: str | None) -> None:
+        wanted = {"label": label, "prediction": prediction, "input_column": input_column, "id_column": id_column}
+        if scorer is not None and input_column is None:
+            wanted["input_column (default 'text')"] = "text"
+        columns = [str(c) for c in df.columns]
+        for what, column in wanted.items():
+            if column is not None and column not in columns:
+                shown = ", ".join(repr(c) for c in columns[:30]) + (" ..." if len(columns) > 30 else "")
+                raise PlexusInputError(f"{what}={column!r} is not a column of the DataFrame; its columns: {shown}")
+
+    # -- widgets ----------------------------------------------------------------------------------------
+
+    def dashboard(self, limit: int = 20) -> Dashboard:
+        """A live view of running and recent tasks and evaluations, with progress, ETA and Cancel buttons."""
+        from .widgets import Dashboard
+
+        return Dashboard(self.client, limit=limit)
+
+
+def builtin_type(value: Any) -> str:
+    return type(value).__name__
+
+
+plexus = Plexus()
