@@ -14,7 +14,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_finds_nothing():
-    result = run("ruff", "check", "plexus_mcp_jupyter", "tests", "benchmarks")
+    result = run("ruff", "check", "plexus_mcp_jupyter", "tests", "benchmarks", "notebooks", "docs")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
