@@ -172,3 +172,49 @@ async def test_keys_are_managed_over_rest_by_admins_and_revocation_ends_open_str
     with pytest.raises(Exception) as denied:
         await jp_fetch("plexus", "api", "keys", headers={"Authorization": f"Bearer {keys['operator']}"})
     assert denied.value.code == 403 and "keys" in denied.value.response.body.decode()
+
+
+@pytest.mark.parametrize(
+    ("who", "method", "path", "body", "status"),
+    [
+        ("viewer", "GET", ("tasks",), None, 200),
+        ("viewer", "POST", ("tasks",), {"type": "demo", "params": {"items": 1}}, 403),
+        ("operator", "POST", ("tasks",), {"type": "demo", "params": {"items": 1}}, 201),
+        ("viewer", "POST", ("evaluations",), {"type": "accuracy", "dataset": "example:sentiment",
+                                              "prediction_column": "prediction", "label_column": "label"}, 403),
+        ("viewer", "GET", ("evaluations",), None, 200),
+        ("viewer", "GET", ("audit",), None, 403),
+        ("operator", "GET", ("keys",), None, 403),
+        ("admin", "GET", ("keys",), None, 200),
+        ("admin", "GET", ("audit",), None, 200),
+        ("viewer", "POST", ("tasks", "NOTEBOOK", "cancel"), {}, 403),
+        ("operator", "POST", ("tasks", "NOTEBOOK", "cancel"), {}, 403),
+        ("admin", "POST", ("tasks", "NOTEBOOK", "cancel"), {}, 200),
+    ],
+)
+async def test_the_permission_matrix_of_rest(jp_fetch, keys, runtime, who, method, path, body, status):
+    notebook_task = runtime.manager.dispatch("demo", {"items": 1000, "item_delay_ms": 50}, owner="jupyter")
+    path = tuple(notebook_task.id if p == "NOTEBOOK" else p for p in path)
+    kwargs = {"method": method, "headers": {"Authorization": f"Bearer {keys[who]}"}}
+    if body is not None:
+        kwargs["body"] = json.dumps(body)
+    try:
+        response = await jp_fetch("plexus", "api", *path, **kwargs)
+        code, text = response.code, response.body.decode()
+    except Exception as exc:  # tornado raises for 4xx
+        code, text = exc.code, exc.response.body.decode()
+    runtime.manager.cancel([notebook_task.id])
+    assert code == status, text
+    if status == 403:
+        assert "permission denied" in text or "may cancel only your own" in text
+
+
+async def test_a_viewer_key_cannot_serve_scorers_on_the_event_stream(jp_ws_fetch, keys, runtime):
+    ws = await jp_ws_fetch("plexus", "api", "events", headers={"Authorization": f"Bearer {keys['viewer']}"},
+                           params={"ids": "none"})
+    assert json.loads(await ws.read_message())["type"] == "hello"
+    ws.write_message(json.dumps({"type": "register_scorer", "name": "sneaky"}))
+    answer = json.loads(await asyncio.wait_for(ws.read_message(), 5))
+    assert answer["type"] == "error" and "permission denied" in answer["message"]
+    assert runtime.kernel_scorers.names() == []
+    ws.close()
