@@ -22,6 +22,7 @@ from .handlers.evaluations import (
 )
 from .handlers.events import EventsHandler
 from .handlers.health import AUTH_DISABLED_WARNING, HealthHandler
+from .handlers.keys import AuditHandler, KeyHandler, KeysHandler
 from .handlers.mcp import MCPHandler
 from .handlers.rest import CancelTasksHandler, TaskCancelHandler, TaskHandler, TasksHandler
 from .runtime import PlexusRuntime
@@ -70,6 +71,9 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
                 (rf"/plexus/api/evaluations/{EVALUATION_ID}/?", EvaluationHandler),
                 (r"/plexus/api/datasets/?", DatasetsHandler),
                 (r"/plexus/api/datasets/(?P<ref>.+)", DatasetHandler),
+                (r"/plexus/api/keys/?", KeysHandler),
+                (r"/plexus/api/keys/(?P<key_id>[^/]+)/?", KeyHandler),
+                (r"/plexus/api/audit/?", AuditHandler),
             ]
         )
 

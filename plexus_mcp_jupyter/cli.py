@@ -108,6 +108,73 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store_engine(args: argparse.Namespace) -> Any:
+    """The store's engine, as `plexus mcp serve` and Jupyter would open it (--db-url, env, or the default)."""
+    from .core.store import Store, default_db_url
+
+    settings = PlexusSettings()
+    settings.apply_env(protected={"db_url"} if args.db_url else ())
+    url = args.db_url or settings.db_url or default_db_url(jupyter_data_dir())
+    return Store(url).engine
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """`plexus keys create|list|revoke`: manage API keys directly in the store (as its owner, an admin)."""
+    from .core.errors import PlexusError
+    from .security.audit import AuditLog
+    from .security.identity import LOCAL_ADMIN
+    from .security.keys import KeyStore
+
+    engine = _store_engine(args)
+    keys, audit = KeyStore(engine), AuditLog(engine)
+    try:
+        if args.command == "create":
+            key, secret = keys.create(args.name, args.role, expires_in_days=args.expires_in_days,
+                                      created_by="cli", rate_limit=args.rate_limit)
+            audit.record(LOCAL_ADMIN, "key.create", target=key.id, client="cli",
+                         details={"name": key.name, "role": key.role.value})
+            print(json.dumps({**key.to_dict(), "secret": secret}, indent=2))
+            print("The secret is shown only now: store it. Clients send 'Authorization: Bearer <secret>'.",
+                  file=sys.stderr)
+        elif args.command == "list":
+            for key in keys.list(include_revoked=args.all):
+                print(json.dumps(key.to_dict()))
+        else:
+            key = keys.revoke(args.key_id)
+            audit.record(LOCAL_ADMIN, "key.revoke", target=key.id, client="cli")
+            print(json.dumps(key.to_dict()))
+            print("Revoked: servers refuse it within seconds and close its open streams.", file=sys.stderr)
+    except PlexusError as exc:
+        print(f"plexus: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        audit.close()
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """`plexus audit export`: the audit log as JSON lines, oldest first."""
+    from .core.errors import PlexusError
+    from .security.audit import AuditLog
+
+    audit = AuditLog(_store_engine(args))
+    try:
+        records, cursor = audit.query(since=args.since, action=args.action, limit=1000)
+        pages = [records]
+        while cursor:
+            records, cursor = audit.query(since=args.since, action=args.action, limit=1000, cursor=cursor)
+            pages.append(records)
+        for page in reversed(pages):
+            for record in reversed(page):
+                print(json.dumps(record, default=str))
+    except PlexusError as exc:
+        print(f"plexus: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        audit.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plexus", description="Plexus MCP: long-running tasks for AI assistants.")
     parser.add_argument("--version", action="version", version=f"plexus-mcp-jupyter {__version__}")
@@ -138,6 +205,28 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--db-url", help="with --stdio: the store the launched server uses")
     config.add_argument("--name", default="plexus", help="the server's name in the client (default plexus)")
     config.set_defaults(func=cmd_config)
+
+    keys = sub.add_parser("keys", help="API keys for MCP clients, REST and the event stream").add_subparsers(
+        dest="command", required=True)
+    create = keys.add_parser("create", help="create a key and print its secret (shown only once)")
+    create.add_argument("name", help="who or what uses it, e.g. 'claude-desktop on my laptop'")
+    create.add_argument("--role", choices=("viewer", "operator", "admin"), default="viewer")
+    create.add_argument("--expires-in-days", type=float, help="days until it expires (default: never)")
+    create.add_argument("--rate-limit", type=float, help="requests per second for this key (default: the setting)")
+    listing = keys.add_parser("list", help="list keys (never their secrets)")
+    listing.add_argument("--all", action="store_true", help="include revoked keys")
+    revoke = keys.add_parser("revoke", help="revoke a key by its id or prefix (plx_<id>)")
+    revoke.add_argument("key_id")
+    for command in (create, listing, revoke):
+        command.add_argument("--db-url", help="the store (default: the one Jupyter and `plexus mcp serve` use)")
+        command.set_defaults(func=cmd_keys)
+
+    audit = sub.add_parser("audit", help="the audit log").add_subparsers(dest="command", required=True)
+    export = audit.add_parser("export", help="print the audit log as JSON lines, oldest first")
+    export.add_argument("--since", help="only records at or after this ISO 8601 time")
+    export.add_argument("--action", help="only these actions (* wildcard, e.g. 'tool.*')")
+    export.add_argument("--db-url", help="the store (default: the one Jupyter and `plexus mcp serve` use)")
+    export.set_defaults(func=cmd_audit)
     return parser
 
 

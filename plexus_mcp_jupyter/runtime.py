@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ._version import __version__
 from .config import PlexusSettings
-from .core.errors import InvalidArgument
+from .core.errors import InvalidArgument, NotFound
 from .core.events import EventBus
 from .core.executors import Executor, LocalExecutor
 from .core.manager import TaskManager
@@ -20,7 +22,10 @@ from .evaluations.datasets import DatasetCatalog
 from .evaluations.kernel_scorers import KernelScorerRegistry
 from .evaluations.service import EvaluationService
 from .evaluations.store import EvaluationStore
-from .security.keys import KeyStore
+from .security.audit import AuditLog
+from .security.identity import Principal
+from .security.keys import CACHE_SECONDS, ApiKey, KeyStore
+from .security.ratelimit import RateLimiter
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
@@ -59,10 +64,15 @@ class PlexusRuntime:
         self.catalog = DatasetCatalog(self.root_dir, registered_dir)
         self.kernel_scorers = KernelScorerRegistry()
         self.keys = KeyStore(self.store.engine)
+        self._streams: dict[str, set[Callable[[], None]]] = {}
+        self._key_watch: asyncio.Task[None] | None = None
+        self.audit = AuditLog(self.store.engine)
+        self.limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
+        self.manager.max_unfinished_per_key = settings.max_tasks_per_key
         self.manager.request_handlers["kernel_score"] = self._kernel_score
         self.evaluations = EvaluationService(self.manager, EvaluationStore(self.store.engine), self.catalog,
                                              self.kernel_scorers, settings.scorer_modules.split(","))
-        self.mcp = build_mcp_server(self.manager, self.evaluations)
+        self.mcp = build_mcp_server(self.manager, self.evaluations, self.audit)
         self.endpoint = MCPEndpoint(
             self.mcp,
             session_idle_timeout=settings.session_idle_timeout,
@@ -79,6 +89,44 @@ class PlexusRuntime:
             raise InvalidArgument("a kernel_score request is {scorer, inputs: [...]}")
         return await self.kernel_scorers.score(str(payload.get("scorer")), payload["inputs"])
 
+    # -- API keys: open streams end when their key does ----------------------------------------------
+
+    def track_stream(self, principal: Principal, close: Callable[[], None]) -> Callable[[], None]:
+        """Remember a long-lived stream (event WebSocket, MCP SSE) of an API key; returns the forget function."""
+        if principal.key_id is None:
+            return lambda: None
+        closers = self._streams.setdefault(principal.key_id, set())
+        closers.add(close)
+        return lambda: closers.discard(close)
+
+    def revoke_key(self, key_id: str, by: Principal | None = None) -> ApiKey:
+        """Revoke a key: its next request is refused and its open streams are closed now."""
+        key = self.keys.revoke(key_id)
+        self._close_streams(key.id)
+        self.audit.record(by, "key.revoke", target=key.id)
+        return key
+
+    def _close_streams(self, key_id: str) -> None:
+        for close in list(self._streams.pop(key_id, ())):
+            try:
+                close()
+            except Exception:
+                log.debug("Plexus: a stream of key %s could not be closed", key_id, exc_info=True)
+
+    async def _watch_keys(self) -> None:
+        """Keys revoked or expired elsewhere (the CLI, another server on the store) end their streams too."""
+        while True:
+            await asyncio.sleep(CACHE_SECONDS)
+            for key_id in list(self._streams):
+                try:
+                    active = self.keys.get(key_id).status() == "active"
+                except NotFound:
+                    active = False
+                except Exception:
+                    continue  # the store is unreachable: try again later
+                if not active:
+                    self._close_streams(key_id)
+
     async def start(self) -> None:
         """Start the task manager and the MCP session manager (idempotent, cheap once started)."""
         if self._started:
@@ -86,6 +134,7 @@ class PlexusRuntime:
         self._started = True
         await self.manager.start()
         await self.endpoint.start()
+        self._key_watch = asyncio.get_running_loop().create_task(self._watch_keys(), name="plexus-key-watch")
         log.info("Plexus MCP %s ready; store %s, executor %s", __version__, self.store.safe_url, self.executor.name)
 
     async def stop(self) -> None:
@@ -93,11 +142,14 @@ class PlexusRuntime:
             return
         self._started = False
         self.manager.begin_stop()  # first: MCP calls the endpoint cuts short must not cancel their tasks
+        if self._key_watch is not None:
+            self._key_watch.cancel()
         watch = getattr(self.mcp, "resource_watch", None)
         if watch is not None:
             watch.close()
         await self.endpoint.stop()
         await self.manager.stop()
+        self.audit.close()
         self.store.close()
 
     def health(self) -> dict[str, Any]:

@@ -10,9 +10,12 @@ from typing import Any
 
 import httpx2
 import pytest
+import sqlalchemy as sa
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from traitlets.config import Config
+
+from plexus_mcp_jupyter.security.keys import keys_table
 
 pytest_plugins = ("pytest_jupyter.jupyter_server",)
 
@@ -104,3 +107,20 @@ async def poll(
             return last
         await asyncio.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s; last value: {last!r}")
+
+
+@pytest.fixture
+def keys(runtime):
+    """A key of each kind: (credential) by name."""
+    made = {}
+    for role in ("viewer", "operator", "admin"):
+        made[role] = runtime.keys.create(f"{role} key", role)[1]
+    made["operator2"] = runtime.keys.create("another operator", "operator")[1]
+    revoked_key, made["revoked"] = runtime.keys.create("revoked", "admin")
+    runtime.keys.revoke(revoked_key.id)
+    expired_key, made["expired"] = runtime.keys.create("expired", "admin", expires_in_days=1)
+    with runtime.store.engine.begin() as conn:
+        conn.execute(sa.update(keys_table).where(keys_table.c.id == expired_key.id).values(expires_at=time.time() - 1))
+    made["bad"] = made["admin"][:-4] + "AAAA"
+    made["malformed"] = "plx_nonsense"
+    return made

@@ -212,3 +212,27 @@ async def test_http_refuses_foreign_hosts_and_origins_on_loopback(tmp_path):
     assert rebinding.status_code == 403 and "Host" in rebinding.json()["error"]["message"]
     assert foreign.status_code == 403 and "Origin" in foreign.json()["error"]["message"]
     assert missing.status_code == 403
+
+
+async def test_http_accepts_api_keys_with_their_roles(tmp_path):
+    env = plexus_env(tmp_path)
+    created = subprocess.run(
+        [sys.executable, "-m", "plexus_mcp_jupyter.cli", "keys", "create", "a viewer", "--role", "viewer"],
+        env=env, capture_output=True, text=True, check=True)
+    secret = json.loads(created.stdout)["secret"]
+    assert secret not in created.stderr  # the secret goes to stdout once, nowhere else
+    proc, url, _token = start_http(tmp_path)
+    try:
+        async with open_client(url, secret) as client:
+            names = {t.name for t in (await client.list_tools()).tools}
+            assert "list_tasks" in names and "run_demo_task" not in names
+            refused = await client.call_tool("run_demo_task", {"items": 1})
+            assert refused.is_error and "permission denied" in refused.content[0].text
+        subprocess.run([sys.executable, "-m", "plexus_mcp_jupyter.cli", "keys", "revoke", secret.split("_")[1]],
+                       env=env, capture_output=True, text=True, check=True)
+        async with httpx2.AsyncClient() as http:
+            gone = await poll(lambda: http.post(url, json={}, headers={"Authorization": f"Bearer {secret}"}),
+                              lambda r: r.status_code == 401, timeout=10, interval=0.5)
+        assert "revoked" in gone.text and secret not in gone.text
+    finally:
+        stop(proc)

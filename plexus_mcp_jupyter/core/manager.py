@@ -22,7 +22,7 @@ from .events import Event, EventBus
 from .executors.base import Executor
 from .models import FINAL_STATUSES, StageStatus, Task, TaskStatus, now, parse_iso
 from .progress import ProgressDecision, ProgressTracker
-from .store import Store, TaskFilter, decode_cursor, encode_cursor, owner_visible
+from .store import KEY_OWNER_PREFIX, Store, TaskFilter, decode_cursor, encode_cursor, owner_visible
 from .tasks import get_task_type, task_type_names
 
 log = logging.getLogger("plexus_mcp_jupyter")
@@ -81,6 +81,7 @@ class TaskManager:
         self.worker_environment = dict(worker_environment or {})
         # Handlers of requests tasks send to the server (TaskContext.request), by kind.
         self.request_handlers: dict[str, Callable[[Task, Any], Awaitable[Any]]] = {}
+        self.max_unfinished_per_key = 0  # 0: no cap; API keys (owners key:<id>) may have at most this many
         self._background: set[asyncio.Future[Any]] = set()
         self.bus = bus
         self.executor = executor
@@ -286,6 +287,13 @@ class TaskManager:
     ) -> Task:
         """Create a task, QUEUED, and return it at once; the scheduler starts it when a slot is free."""
         task_type = get_task_type(type)
+        if self.max_unfinished_per_key and owner is not None and owner.startswith(KEY_OWNER_PREFIX):
+            unfinished = self.store.count_tasks(TaskFilter(
+                statuses=(TaskStatus.PENDING, TaskStatus.QUEUED, TaskStatus.RUNNING), owner=owner))
+            if unfinished >= self.max_unfinished_per_key:
+                raise InvalidArgument(
+                    f"this API key has {unfinished} unfinished tasks, the most allowed (max_tasks_per_key): wait for "
+                    "some to finish, or cancel some, before starting more")
         params = dict(params or {})
         if task_type.validate is not None:
             params = task_type.validate(params)

@@ -130,7 +130,7 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService) -> 
     async def get_evaluation(
         evaluation_id: Annotated[str, Field(min_length=1, max_length=64, description="The evaluation's id")],
     ) -> Annotated[CallToolResult, EvaluationDetail]:
-        view = service.get(evaluation_id)
+        view = service.get(evaluation_id, current_principal().viewer)
         return result(describe_evaluation(view), view)
 
     @server.tool(
@@ -151,7 +151,8 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService) -> 
         cursor: Annotated[str | None, Field(description="next_cursor of the previous page, unchanged")] = None,
     ) -> Annotated[CallToolResult, EvaluationResults]:
         items, next_cursor, asked = service.results(evaluation_id, only_mismatches=only_mismatches, label=label,
-                                                    score=score, limit=limit, cursor=cursor)
+                                                    score=score, limit=limit, cursor=cursor,
+                                                    viewer=current_principal().viewer)
         more = " (more: pass next_cursor)" if next_cursor else ""
         return result(f"{len(items)} item(s){more}.", {**asked, "items": items, "next_cursor": next_cursor})
 
@@ -167,7 +168,8 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService) -> 
         limit: Annotated[int, Field(ge=1, le=100, description="Page size, 1 to 100")] = 20,
         cursor: Annotated[str | None, Field(description="next_cursor of the previous page, unchanged")] = None,
     ) -> Annotated[CallToolResult, EvaluationPage]:
-        views, next_cursor = service.list_evaluations(status, type, limit=limit, cursor=cursor)
+        views, next_cursor = service.list_evaluations(status, type, limit=limit, cursor=cursor,
+                                                      viewer=current_principal().viewer)
         lines = "; ".join(f"{v['evaluation_id'][:8]} {v['type']} {v['status']}" for v in views[:10])
         more = " (more: pass next_cursor)" if next_cursor else ""
         return result(f"{len(views)} evaluation(s){more}" + (f": {lines}" if lines else ""),
@@ -207,7 +209,7 @@ def _register_resources(server: MCPServer, service: EvaluationService) -> None:
     def page(status: str | None, type: str | None, limit: str | None, cursor: str | None) -> str:
         try:
             views, next_cursor = service.list_evaluations(status, type, limit=service.manager.parse_limit(limit),
-                                              cursor=cursor or None)
+                                                          cursor=cursor or None, viewer=current_principal().viewer)
         except PlexusError as exc:
             raise MCPError(INVALID_PARAMS, str(exc)) from None
         return _dump({"evaluations": views, "next_cursor": next_cursor})
@@ -228,7 +230,7 @@ def _register_resources(server: MCPServer, service: EvaluationService) -> None:
                      description="One evaluation: status, progress, definition and metrics.", mime_type=JSON)
     def evaluation_resource(evaluation_id: str) -> str:
         try:
-            return _dump(service.get(evaluation_id))
+            return _dump(service.get(evaluation_id, current_principal().viewer))
         except NotFound as exc:
             raise ResourceNotFoundError(str(exc)) from None
 
@@ -241,8 +243,8 @@ def _register_resources(server: MCPServer, service: EvaluationService) -> None:
         try:
             items, next_cursor, asked = service.results(
                 evaluation_id, only_mismatches=parse_flag("only_mismatches", only_mismatches), label=label or None,
-                score=score or None,
-                limit=service.manager.parse_limit(limit), cursor=cursor or None)
+                score=score or None, limit=service.manager.parse_limit(limit), cursor=cursor or None,
+                viewer=current_principal().viewer)
         except NotFound as exc:
             raise ResourceNotFoundError(str(exc)) from None
         except PlexusError as exc:

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
 from mcp.server.mcpserver import MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
-from mcp.types import CallToolResult, ToolExecution
+from mcp.server.mcpserver.exceptions import ResourceError, ToolError
+from mcp.shared.exceptions import MCPError
+from mcp.types import INVALID_PARAMS, CallToolResult, ToolExecution
 from mcp.types import Tool as MCPTool
 from pydantic import ValidationError
 
 from .._version import __version__
+from ..core.errors import PlexusError
 from ..core.manager import TaskManager
 from ..core.models import Task
 from ..evaluations.service import EvaluationService
+from ..security.audit import AuditLog
 from ..security.identity import TOOL_ACTIONS
 from .evaluation_tools import evaluation_outcome, register_evaluation_tools
 from .principal import acting_as, current_principal, principal_of
@@ -62,7 +66,31 @@ class PlexusMCPServer(MCPServer):
         with acting_as(principal_of(ctx)):
             return await super()._handle_read_resource(ctx, params)
 
+    audit: AuditLog | None = None
+
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
+        """Check, run and audit one tool call (every call is recorded, with its outcome)."""
+        outcome = "error"
+        try:
+            result = await self._call_tool(name, arguments, context)
+            outcome = "error" if getattr(result, "is_error", False) else "ok"
+            return result
+        except ToolError as exc:
+            outcome = "denied" if str(exc).startswith("permission denied") else "error"
+            raise
+        finally:
+            if self.audit is not None:
+                try:
+                    scope = getattr(context.request_context.request, "scope", None) if context is not None else None
+                except ValueError:  # no request (stdio)
+                    scope = None
+                client = scope.get("client") if isinstance(scope, dict) else None
+                target = next((str(arguments[k]) for k in ("task_id", "evaluation_id", "dataset")
+                               if isinstance(arguments, dict) and k in arguments), None)
+                self.audit.record(current_principal(), f"tool.{name}", target=target, outcome=outcome,
+                                  client=client[0] if client else None, details={"arguments": arguments})
+
+    async def _call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
         tool = self._tool_manager.get_tool(name)
         if tool is None:
             available = ", ".join(sorted(t.name for t in self._tool_manager.list_tools()))
@@ -86,6 +114,30 @@ class PlexusMCPServer(MCPServer):
             raise
 
 
+def register_audit_resource(server: MCPServer, audit: AuditLog) -> None:
+    @server.resource("plexus://audit{?action,outcome,limit,cursor}", name="audit", title="Audit log",
+                     description="Audit records, newest first (admins only); action takes a * wildcard "
+                     "(tool.*), outcome is ok, error or denied.", mime_type="application/json")
+    def audit_resource(action: str | None = None, outcome: str | None = None, limit: str | None = None,
+                       cursor: str | None = None) -> str:
+        principal = current_principal()
+        if not principal.may("audit"):
+            audit.record(principal, "resource.read", target="plexus://audit", outcome="denied")
+            raise ResourceError(principal.denial("audit"))
+        try:
+            count = int(limit) if limit else 100
+            if not 1 <= count <= 1000:
+                raise ValueError
+        except ValueError:
+            raise MCPError(INVALID_PARAMS, f"limit must be a whole number from 1 to 1000, not {limit!r}") from None
+        try:
+            records, next_cursor = audit.query(action=action or None, outcome=outcome or None, limit=count,
+                                               cursor=cursor or None)
+        except PlexusError as exc:
+            raise MCPError(INVALID_PARAMS, str(exc)) from None
+        return json.dumps({"records": records, "next_cursor": next_cursor}, default=str)
+
+
 def describe_validation_error(tool: str, error: ValidationError) -> str:
     """'invalid arguments for run_demo_task: items: Input should be greater than or equal to 1 (got 0)'."""
     problems = []
@@ -99,7 +151,9 @@ def describe_validation_error(tool: str, error: ValidationError) -> str:
     return f"invalid arguments for {tool}: " + "; ".join(problems)
 
 
-def build_mcp_server(manager: TaskManager, evaluations: EvaluationService | None = None) -> MCPServer:
+def build_mcp_server(
+    manager: TaskManager, evaluations: EvaluationService | None = None, audit: AuditLog | None = None
+) -> MCPServer:
     # MCPServer() calls logging.basicConfig() with a Rich handler on the root logger. Inside Jupyter that
     # would re-route the whole server's logging (and Rich formatting halves throughput), so whatever it
     # adds to the root logger is taken away again; the SDK's loggers stay at WARNING.
@@ -123,6 +177,9 @@ def build_mcp_server(manager: TaskManager, evaluations: EvaluationService | None
         middleware=[tasks.legacy_middleware],
     )
     server.task_tools = tasks.task_tools
+    server.audit = audit
+    if audit is not None:
+        register_audit_resource(server, audit)
     for handler in root.handlers[:]:
         if handler not in handlers:
             root.removeHandler(handler)

@@ -42,9 +42,10 @@ from ..core.errors import InvalidArgument, NotFound
 from ..core.events import Event
 from ..core.manager import TaskManager
 from ..core.models import TaskStatus
-from ..core.store import TaskFilter
+from ..core.store import TaskFilter, owner_visible
 from ..evaluations.service import EvaluationService
 from ..evaluations.store import EvaluationStatus, parse_statuses
+from .principal import principal_of
 from .tasks_ext import TASKS_EXTENSION, Outcome, detailed_task, legacy_status_notification
 
 log = logging.getLogger("plexus_mcp_jupyter")
@@ -64,11 +65,22 @@ class Followed:
     matcher: Matcher | None = None
 
 
-def parse_subscription(uri: str, manager: TaskManager, evaluations: EvaluationService | None = None) -> Followed:
-    """What a subscribable URI follows; MCPError (invalid params) with the allowed forms otherwise."""
+def parse_subscription(
+    uri: str, manager: TaskManager, evaluations: EvaluationService | None = None, viewer: str | None = None
+) -> Followed:
+    """What a subscribable URI follows, for a caller with owner `viewer` (None: an admin); MCPError
+    (invalid params) with the allowed forms otherwise. Lists follow only what that caller may see."""
+    followed = _parse(uri, manager, evaluations, viewer)
+    if followed.matcher is not None and viewer is not None:
+        matcher = followed.matcher
+        return Followed(None, lambda event, old: owner_visible(event.data.get("owner"), viewer) and matcher(event, old))
+    return followed
+
+
+def _parse(uri: str, manager: TaskManager, evaluations: EvaluationService | None, viewer: str | None) -> Followed:
     parts = urlsplit(uri)
     if parts.scheme == "plexus" and parts.netloc == "evaluations" and evaluations is not None:
-        return _parse_evaluation_uri(uri, parts, evaluations)
+        return _parse_evaluation_uri(uri, parts, evaluations, viewer)
     if parts.scheme != "plexus" or parts.netloc != "tasks" or parts.fragment:
         raise MCPError(INVALID_PARAMS, f"cannot subscribe to {uri!r}; subscribable resources: {SUBSCRIBABLE}")
     path = parts.path.strip("/")
@@ -76,7 +88,7 @@ def parse_subscription(uri: str, manager: TaskManager, evaluations: EvaluationSe
         if "/" in path or parts.query:
             raise MCPError(INVALID_PARAMS, f"cannot subscribe to {uri!r}; subscribable resources: {SUBSCRIBABLE}")
         try:
-            manager.get(path)
+            manager.get(path, viewer)
         except NotFound as exc:
             raise MCPError(INVALID_PARAMS, str(exc)) from None
         return Followed(path)
@@ -106,7 +118,7 @@ _TASK_STATUSES_OF = {
 }
 
 
-def _parse_evaluation_uri(uri: str, parts: Any, evaluations: EvaluationService) -> Followed:
+def _parse_evaluation_uri(uri: str, parts: Any, evaluations: EvaluationService, viewer: str | None) -> Followed:
     """`plexus://evaluations/{id}` and its results follow the evaluation's task; the list follows its type."""
     segments = [s for s in parts.path.split("/") if s]
     try:
@@ -115,7 +127,7 @@ def _parse_evaluation_uri(uri: str, parts: Any, evaluations: EvaluationService) 
                     parts.query and len(segments) == 1):
                 raise MCPError(INVALID_PARAMS, f"cannot subscribe to {uri!r}; subscribable resources: {SUBSCRIBABLE}")
             _query(uri, parts.query, ("only_mismatches", "label", "score", "limit", "cursor"))
-            return Followed(evaluations.task_of(segments[0]))
+            return Followed(evaluations.task_of(segments[0], viewer))
         query = _query(uri, parts.query, ("status", "type", "limit", "cursor"))
         statuses = parse_statuses(",".join(query.get("status", [])) or None)
         evaluations.list_evaluations(None, ",".join(query.get("type", [])) or None, limit=1)  # checks the types
@@ -210,9 +222,9 @@ class ResourceWatch:
 
     # -- registration --------------------------------------------------------------------------
 
-    def subscribe(self, connection: Any, uri: str) -> None:
+    def subscribe(self, connection: Any, uri: str, viewer: str | None = None) -> None:
         """`connection` is the SDK's connection-scoped object (one per MCP session)."""
-        matcher = parse_subscription(uri, self.manager, self.evaluations)
+        matcher = parse_subscription(uri, self.manager, self.evaluations, viewer)
         self._session_follower(connection).follow(uri, matcher)
 
     def follow_status(self, connection: Any, task_id: str) -> None:
@@ -249,11 +261,12 @@ class ResourceWatch:
         send: Callable[[str], Awaitable[None]],
         task_ids: list[str] = (),  # type: ignore[assignment]
         send_status: Callable[[str], Awaitable[None]] | None = None,
+        viewer: str | None = None,
     ) -> _Follower:
         """A listen stream (2026 era): its own follower, so it is coalesced and paced by its own writes."""
         follower = _Follower(send=send, send_status=send_status, ready=False)
         for uri in uris:
-            follower.follow(uri, parse_subscription(uri, self.manager, self.evaluations))
+            follower.follow(uri, parse_subscription(uri, self.manager, self.evaluations, viewer))
         follower.statuses.update(task_ids)
         self._streams.add(follower)
         return follower
@@ -391,9 +404,10 @@ class PlexusListenHandler(ListenHandler):
         if not isinstance(task_ids, list) or not all(isinstance(t, str) for t in task_ids):
             raise MCPError(INVALID_PARAMS, "notifications.taskIds must be a list of task id strings")
         honoured = []
+        viewer = principal_of(ctx).viewer
         for task_id in dict.fromkeys(task_ids):
             try:
-                self._watch.manager.get(task_id)
+                self._watch.manager.get(task_id, viewer)
             except NotFound:
                 continue
             honoured.append(task_id)
@@ -424,7 +438,8 @@ class PlexusListenHandler(ListenHandler):
                 return
             await ctx.session.send_notification(TaskStatusPush(params=params), related_request_id=subscription_id)
 
-        follower = self._watch.add_stream(uris, send, task_ids, send_status)  # parses (and refuses) the URIs first
+        # add_stream parses (and refuses) the URIs first.
+        follower = self._watch.add_stream(uris, send, task_ids, send_status, principal_of(ctx).viewer)
         try:
             await ctx.session.send_notification(
                 SubscriptionsAcknowledgedNotification(
@@ -453,7 +468,7 @@ def install_subscriptions(server: MCPServer, watch: ResourceWatch, outcome: Outc
     # The per-request ServerSession does not outlive its request; subscriptions belong to the
     # connection behind it (the SDK has no public accessor for it on the low-level context yet).
     async def on_subscribe(ctx: Any, params: SubscribeRequestParams) -> EmptyResult:
-        watch.subscribe(ctx.session._connection, str(params.uri))
+        watch.subscribe(ctx.session._connection, str(params.uri), principal_of(ctx).viewer)
         return EmptyResult()
 
     async def on_unsubscribe(ctx: Any, params: UnsubscribeRequestParams) -> EmptyResult:

@@ -17,6 +17,7 @@ from typing import Any
 from ..core.errors import InvalidArgument, NotFound
 from ..core.manager import TaskManager
 from ..core.models import Task, iso
+from ..core.store import owner_visible
 from .datasets import DatasetCatalog
 from .kernel_scorers import KernelScorerRegistry
 from .sampling import check_sample
@@ -182,17 +183,18 @@ class EvaluationService:
 
     # -- reading ----------------------------------------------------------------------------------------
 
-    def _record(self, evaluation_id: str) -> dict[str, Any]:
+    def _record(self, evaluation_id: str, viewer: str | None = None) -> dict[str, Any]:
+        """The record, if a caller with owner `viewer` (None: an admin) may see it; NotFound otherwise."""
         row = self.store.get(evaluation_id) if isinstance(evaluation_id, str) else None
-        if row is None:
+        if row is None or not owner_visible(row["owner"], viewer):
             raise NotFound(f"no evaluation {evaluation_id!r}; list_evaluations shows the ones that exist")
         return row
 
-    def task_of(self, evaluation_id: str) -> str:
-        return str(self._record(evaluation_id)["task_id"])
+    def task_of(self, evaluation_id: str, viewer: str | None = None) -> str:
+        return str(self._record(evaluation_id, viewer)["task_id"])
 
-    def get(self, evaluation_id: str) -> dict[str, Any]:
-        return self.view(self._record(evaluation_id))
+    def get(self, evaluation_id: str, viewer: str | None = None) -> dict[str, Any]:
+        return self.view(self._record(evaluation_id, viewer))
 
     def view(self, row: Mapping[str, Any], *, summary: bool = False) -> dict[str, Any]:
         """An evaluation as clients see it: the record plus status and progress from its task."""
@@ -229,22 +231,22 @@ class EvaluationService:
 
     def list_evaluations(
         self, status: str | Sequence[str] | None = None, type: str | Sequence[str] | None = None, *,
-        limit: int | None = None, cursor: str | None = None, owner: str | None = None,
+        limit: int | None = None, cursor: str | None = None, owner: str | None = None, viewer: str | None = None,
     ) -> tuple[list[dict[str, Any]], str | None]:
         types = tuple(t.strip() for t in (type.split(",") if isinstance(type, str) else type or ()) if t.strip())
         for t in types:
             if t not in EVALUATION_TYPES:
                 raise InvalidArgument(f"unknown evaluation type {t!r}; expected one of {', '.join(EVALUATION_TYPES)}")
-        flt = EvaluationFilter(statuses=parse_statuses(status), types=types, owner=owner)
+        flt = EvaluationFilter(statuses=parse_statuses(status), types=types, owner=owner, viewer=viewer)
         rows, next_cursor = self.store.list_records(flt, limit=self.manager.check_limit(limit), cursor=cursor)
         return [self.view(r, summary=True) for r in rows], next_cursor
 
     def results(
         self, evaluation_id: str, *, only_mismatches: bool = False, label: str | None = None,
-        score: str | None = None, limit: int | None = None, cursor: str | None = None,
+        score: str | None = None, limit: int | None = None, cursor: str | None = None, viewer: str | None = None,
     ) -> tuple[list[dict[str, Any]], str | None, dict[str, Any]]:
         """One page of per-item results, in dataset order, the next cursor, and what was asked."""
-        row = self._record(evaluation_id)
+        row = self._record(evaluation_id, viewer)
         names = [s["name"] for s in row["definition"]["scores"]]
         if score is None:
             score = names[0]

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 
 from ..core.errors import InvalidArgument
 from ..core.models import TaskStatus
-from ..core.store import decode_position, encode_position, metadata, tasks_table
+from ..core.store import decode_position, encode_position, metadata, tasks_table, visible_to
 from .metrics import LabelNormalization
 
 SETUP_STAGE = "Setup"
@@ -119,9 +119,10 @@ class EvaluationFilter:
     statuses: tuple[str, ...] = ()
     types: tuple[str, ...] = ()
     owner: str | None = None
+    viewer: str | None = None  # as TaskFilter.viewer
 
     def fingerprint(self) -> str:
-        raw = json.dumps(["evaluations", sorted(self.statuses), sorted(self.types), self.owner]).encode()
+        raw = json.dumps(["evaluations", sorted(self.statuses), sorted(self.types), self.owner, self.viewer]).encode()
         return hashlib.sha256(raw).hexdigest()[:12]
 
 
@@ -173,6 +174,8 @@ class EvaluationStore:
             query = query.where(e.c.type.in_(flt.types))
         if flt.owner is not None:
             query = query.where(e.c.owner == flt.owner)
+        if flt.viewer is not None:
+            query = query.where(visible_to(e.c.owner, flt.viewer))
         if cursor:
             created, evaluation_id = decode_position(cursor, flt.fingerprint(), 2)
             if not isinstance(created, int | float) or not isinstance(evaluation_id, str):

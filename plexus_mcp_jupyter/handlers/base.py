@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import inspect
 import json
+import math
 from typing import Any
 
 from jupyter_server.auth.identity import IdentityProvider, PasswordIdentityProvider, User
@@ -41,6 +42,27 @@ class PlexusHandler(APIHandler):
         return self.settings["plexus"]  # type: ignore[no-any-return]
 
     _principal: Principal | None = None
+    _retry_after = 0
+    audit_mutations = True  # POST/PUT/DELETE are recorded in the audit log (MCP records its tool calls itself)
+
+    def require(self, action: str) -> Principal:
+        """The caller, if its role allows `action`; 403 saying what is needed otherwise."""
+        principal = self.principal
+        if not principal.may(action):
+            raise web.HTTPError(403, principal.denial(action))
+        return principal
+
+    def on_finish(self) -> None:
+        status = self.get_status()
+        method = self.request.method or "GET"
+        denied = status in (401, 403, 429)
+        if denied or (self.audit_mutations and method in ("POST", "PUT", "PATCH", "DELETE")):
+            outcome = "denied" if denied else ("ok" if status < 400 else "error")
+            runtime = self.settings.get("plexus")
+            if runtime is not None:
+                runtime.audit.record(self._principal, f"http.{method}", target=self.request.path, outcome=outcome,
+                                     client=self.request.remote_ip, details={"status": status})
+        super().on_finish()
 
     @property
     def principal(self) -> Principal:
@@ -137,12 +159,19 @@ class PlexusHandler(APIHandler):
         await self.runtime.start()
 
     async def _authenticate_key(self, credential: str) -> None:
-        """An API key in the Authorization header: its principal, checked on every request (revocation)."""
+        """An API key in the Authorization header: its principal, checked on every request (revocation),
+        then its rate limit (HTTP 429 with Retry-After)."""
         try:
             key = self.runtime.keys.verify(credential)
         except KeyRejected as exc:
             raise web.HTTPError(401, f"{exc}: send a valid Plexus API key or the Jupyter token") from None
         self._principal = key.principal()
+        wait = self.runtime.limiter.take(key.id, key.rate_limit)
+        if wait:
+            self._retry_after = max(1, math.ceil(wait))
+            rate = key.rate_limit or self.runtime.limiter.rate
+            raise web.HTTPError(429, f"rate limit: this key may make {rate:g} requests per second (bursts of "
+                                     f"{self.runtime.limiter.burst}); retry after {self._retry_after} s")
         self.current_user = self._jupyter_current_user = User(username=self._principal.owner or "key")
         self._token_authenticated = True  # a header credential: no XSRF check
         if "Origin" in self.request.headers:
@@ -193,6 +222,8 @@ class PlexusHandler(APIHandler):
         if status_code == 401:
             # send_error() cleared the headers set in prepare(): the challenge goes here.
             self.set_header("WWW-Authenticate", 'Bearer realm="jupyter"')
+        if status_code == 429 and self._retry_after:
+            self.set_header("Retry-After", str(self._retry_after))
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(self.error_body(status_code, message)))
 

@@ -34,7 +34,7 @@ class EvaluationsHandler(PlexusHandler):
             views, next_cursor = service.list_evaluations(
                 self.get_argument("status", None), self.get_argument("type", None),
                 limit=self.runtime.manager.parse_limit(self.get_argument("limit", None)),
-                cursor=self.get_argument("cursor", None) or None,
+                cursor=self.get_argument("cursor", None) or None, viewer=self.principal.viewer,
             )
         except PlexusError as exc:
             raise http_error(exc) from None
@@ -42,6 +42,7 @@ class EvaluationsHandler(PlexusHandler):
 
     async def post(self) -> None:
         """Create an evaluation (the arguments of create_evaluation as a JSON object): 201 with it."""
+        self.require("evaluate")
         body = self.json_body()
         try:
             unknown = sorted(set(body) - set(CREATE_FIELDS))
@@ -61,7 +62,7 @@ class EvaluationsHandler(PlexusHandler):
 class EvaluationHandler(PlexusHandler):
     async def get(self, evaluation_id: str) -> None:
         try:
-            self.reply(self.runtime.evaluations.get(evaluation_id))
+            self.reply(self.runtime.evaluations.get(evaluation_id, self.principal.viewer))
         except PlexusError as exc:
             raise http_error(exc) from None
 
@@ -75,7 +76,7 @@ class EvaluationResultsHandler(PlexusHandler):
                 evaluation_id, only_mismatches=_flag(self, "only_mismatches"),
                 label=self.get_argument("label", None), score=self.get_argument("score", None),
                 limit=self.runtime.manager.parse_limit(self.get_argument("limit", None)),
-                cursor=self.get_argument("cursor", None) or None,
+                cursor=self.get_argument("cursor", None) or None, viewer=self.principal.viewer,
             )
         except PlexusError as exc:
             raise http_error(exc) from None
@@ -109,6 +110,7 @@ class DatasetsHandler(PlexusHandler):
 
         201 with the dataset's description; 409 when the name is taken (unless replace=true).
         """
+        self.require("register")
         try:
             name = self.get_argument("name", None)
             if not name:

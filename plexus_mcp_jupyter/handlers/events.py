@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 from jupyter_server.base.websocket import WebSocketMixin
@@ -25,6 +26,7 @@ from tornado.websocket import WebSocketClosedError, WebSocketHandler
 from ..core.errors import InvalidArgument
 from ..core.events import Event, Subscription, SubscriptionClosed
 from ..core.filters import EventFilter
+from ..security.identity import Principal
 from .base import PlexusHandler
 
 BAD_FILTER = 4400
@@ -34,6 +36,7 @@ CLIENT_MESSAGES = ("register_scorer", "unregister_scorer", "score_result", "scor
 class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: ignore[misc]
     _subscription: Subscription | None = None
     _pump: asyncio.Task[None] | None = None
+    _forget_stream: Callable[[], None] = staticmethod(lambda: None)  # type: ignore[assignment]
 
     async def prepare(self) -> None:  # type: ignore[override]
         # Our 401/403 rules, not WebSocketMixin's (which answers a missing credential with 403).
@@ -64,7 +67,11 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
             return
         # Subscribe, then take the history in the same step: every event is then either in the
         # snapshot (seq <= snapshot) or in the subscription (seq > snapshot), none in both or neither.
-        self._subscription = bus.subscribe(flt)
+        accepts: Callable[[Event], bool] = flt
+        if not self.principal.is_admin:  # a key sees its own work and the notebook user's, as everywhere else
+            accepts = _visible_only(flt, self.principal)
+        self._subscription = bus.subscribe(accepts)
+        self._forget_stream = self.runtime.track_stream(self.principal, lambda: self.close(4401, "API key revoked"))
         snapshot = bus.last_seq
         history = list(bus.since(since)) if since is not None else []
         epoch = self.get_argument("epoch", None)
@@ -79,7 +86,7 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
                                   "message": "events after 'since' are not available; re-read the current state"})
             if not other_bus:
                 for event in history:
-                    if flt(event):
+                    if accepts(event):
                         await self._send(_event_message(event))
         replayed_up_to = snapshot
         self._pump = asyncio.get_running_loop().create_task(self._forward(replayed_up_to))
@@ -121,6 +128,8 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
             return
         kind = data.get("type")
         try:
+            if kind in ("register_scorer", "score_result", "score_error") and not self.principal.may("register"):
+                raise InvalidArgument(self.principal.denial("register"))
             if kind == "register_scorer":
                 registry.register(self, data.get("name"), data.get("batch", True))
                 self.send_json({"type": "scorer_registered", "name": data["name"]})
@@ -139,11 +148,19 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
             self.write_message(json.dumps(message, default=str))
 
     def on_close(self) -> None:
+        self._forget_stream()
         self.runtime.kernel_scorers.channel_closed(self)
         if self._subscription is not None:
             self._subscription.close()
         if self._pump is not None:
             self._pump.cancel()
+
+
+def _visible_only(flt: Callable[[Event], bool], principal: Principal) -> Callable[[Event], bool]:
+    def accepts(event: Event) -> bool:
+        return flt(event) and principal.sees_owner(event.data.get("owner"))
+
+    return accepts
 
 
 def _event_message(event: Event) -> dict[str, Any]:

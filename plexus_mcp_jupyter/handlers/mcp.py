@@ -36,6 +36,7 @@ class MCPHandler(PlexusHandler):
     """`{base_url}plexus/mcp`: Streamable HTTP (POST messages, GET the SSE stream, DELETE the session)."""
 
     _bridge: MCPBridge | None = None
+    audit_mutations = False  # tool calls are recorded by the MCP server, with their names and outcomes
 
     async def _serve(self) -> None:
         self._bridge = MCPBridge(self, self.runtime.endpoint)
@@ -45,7 +46,19 @@ class MCPHandler(PlexusHandler):
         await self._serve()
 
     async def get(self) -> None:
-        await self._serve()
+        # The session's SSE stream lives as long as the session: it ends when its API key is revoked.
+        forget = self.runtime.track_stream(self.principal, self._end_stream)
+        try:
+            await self._serve()
+        finally:
+            forget()
+
+    def _end_stream(self) -> None:
+        if self._bridge is not None:
+            self._bridge.disconnected.set()
+        connection = self.request.connection
+        if connection is not None and hasattr(connection, "close"):
+            connection.close()
 
     async def delete(self) -> None:
         await self._serve()

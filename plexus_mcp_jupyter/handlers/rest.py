@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from tornado import web
+
 from ..core.errors import InvalidArgument, NotFound, PlexusError
 from .base import PlexusHandler, http_error
 
@@ -20,6 +22,7 @@ class TasksHandler(PlexusHandler):
                 status=self.get_argument("status", None),
                 type=self.get_argument("type", None),
                 since=self.get_argument("since", None),
+                viewer=self.principal.viewer,
             )
             tasks, next_cursor = manager.list_tasks(
                 flt,
@@ -32,6 +35,7 @@ class TasksHandler(PlexusHandler):
 
     async def post(self) -> None:
         """Dispatch a task: {"type": "demo", "params": {...}, "priority": 0}. 201 with the task."""
+        self.require("dispatch")
         try:
             body = _dispatch_body(self.json_body())
             task = self.runtime.manager.dispatch(
@@ -65,7 +69,7 @@ class TaskHandler(PlexusHandler):
         """One task; ?history=true&history_limit=100 adds its progress history."""
         manager = self.runtime.manager
         try:
-            task = manager.get(task_id)
+            task = manager.get(task_id, self.principal.viewer)
             data = task.to_dict()
             if self.get_argument("history", "false").lower() in ("1", "true", "yes"):
                 raw = self.get_argument("history_limit", "100")
@@ -82,7 +86,10 @@ class TaskHandler(PlexusHandler):
 class TaskCancelHandler(PlexusHandler):
     async def post(self, task_id: str) -> None:
         """Cancel one task. 404 if it does not exist; a finished task answers 200 with outcome already_finished."""
-        outcome = self.runtime.manager.cancel([task_id])[0]
+        principal = self.require("cancel_own")
+        outcome = self.runtime.manager.cancel([task_id], viewer=principal.viewer, others=principal.may("cancel_any"))[0]
+        if outcome.outcome == "forbidden":
+            raise web.HTTPError(403, outcome.message)
         if outcome.outcome == "not_found":
             raise http_error(NotFound(outcome.message))
         self.reply(outcome.to_dict())
@@ -95,4 +102,6 @@ class CancelTasksHandler(PlexusHandler):
         ids = body.get("task_ids")
         if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids) or len(ids) > 100:
             raise http_error(InvalidArgument("task_ids must be a list of 1 to 100 task id strings"))
-        self.reply({"results": [o.to_dict() for o in self.runtime.manager.cancel(ids)]})
+        principal = self.require("cancel_own")
+        outcomes = self.runtime.manager.cancel(ids, viewer=principal.viewer, others=principal.may("cancel_any"))
+        self.reply({"results": [o.to_dict() for o in outcomes]})

@@ -1,0 +1,75 @@
+"""`{base_url}plexus/api/keys` and `.../audit`: API key management and the audit log (admins only)."""
+
+from __future__ import annotations
+
+from ..core.errors import InvalidArgument, PlexusError
+from ..evaluations.service import parse_flag
+from .base import PlexusHandler, http_error
+
+KEY_FIELDS = ("name", "role", "expires_in_days", "rate_limit")
+
+
+class KeysHandler(PlexusHandler):
+    async def get(self) -> None:
+        """The keys (never their secrets); ?include_revoked=true lists revoked ones too."""
+        self.require("keys")
+        try:
+            include_revoked = parse_flag("include_revoked", self.get_argument("include_revoked", None))
+        except PlexusError as exc:
+            raise http_error(exc) from None
+        self.reply({"keys": [k.to_dict() for k in self.runtime.keys.list(include_revoked=include_revoked)]})
+
+    async def post(self) -> None:
+        """Create a key: {"name", "role": viewer|operator|admin, "expires_in_days"?, "rate_limit"?}.
+
+        201 with the key and its secret, which is shown this once and stored only as a hash.
+        """
+        principal = self.require("keys")
+        body = self.json_body()
+        try:
+            unknown = sorted(set(body) - set(KEY_FIELDS))
+            if unknown:
+                raise InvalidArgument(f"unknown field(s) {unknown}; allowed: {', '.join(KEY_FIELDS)}")
+            key, secret = self.runtime.keys.create(
+                body.get("name", ""), body.get("role", "viewer"), expires_in_days=body.get("expires_in_days"),
+                created_by=principal.owner, rate_limit=body.get("rate_limit"))
+        except PlexusError as exc:
+            raise http_error(exc) from None
+        self.runtime.audit.record(principal, "key.create", target=key.id, details={"name": key.name,
+                                                                                   "role": key.role.value})
+        self.reply({**key.to_dict(), "secret": secret,
+                    "note": "the secret is shown only now: store it; send it as 'Authorization: Bearer <secret>'"},
+                   status=201)
+
+
+class KeyHandler(PlexusHandler):
+    async def get(self, key_id: str) -> None:
+        self.require("keys")
+        try:
+            self.reply(self.runtime.keys.get(key_id).to_dict())
+        except PlexusError as exc:
+            raise http_error(exc) from None
+
+    async def delete(self, key_id: str) -> None:
+        """Revoke a key: its next request is refused and its open streams end now."""
+        principal = self.require("keys")
+        try:
+            self.reply(self.runtime.revoke_key(key_id, by=principal).to_dict())
+        except PlexusError as exc:
+            raise http_error(exc) from None
+
+
+class AuditHandler(PlexusHandler):
+    async def get(self) -> None:
+        """Audit records, newest first: ?action=tool.*&outcome=denied&owner=key:<id>&since=ISO&limit=&cursor="""
+        self.require("audit")
+        runtime = self.runtime
+        try:
+            records, next_cursor = runtime.audit.query(
+                action=self.get_argument("action", None), outcome=self.get_argument("outcome", None),
+                owner=self.get_argument("owner", None), since=self.get_argument("since", None),
+                limit=runtime.manager.parse_limit(self.get_argument("limit", None)) or 100,
+                cursor=self.get_argument("cursor", None) or None)
+        except PlexusError as exc:
+            raise http_error(exc) from None
+        self.reply({"records": records, "next_cursor": next_cursor})

@@ -1,0 +1,158 @@
+"""The audit log: who did what to what, with which outcome, from where, and when.
+
+Every tool call, mutation, key operation and denial is recorded. Appending never blocks a request: a
+record goes to a bounded queue that a writer thread drains in batches (when the queue is full, the record
+is counted as dropped and a warning is logged, rather than stalling the server). Secrets are never
+recorded: credentials never reach it, and argument fields with sensitive names are redacted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from ..core.errors import InvalidArgument
+from ..core.models import iso, parse_iso
+from ..core.store import decode_position, encode_position, metadata
+from .identity import Principal
+
+log = logging.getLogger("plexus_mcp_jupyter")
+
+REDACTED = "[redacted]"
+DEFAULT_SENSITIVE = ("token", "password", "secret", "authorization", "api_key", "apikey", "credential", "cookie")
+MAX_DETAIL_CHARS = 2000
+QUEUE_SIZE = 10_000
+OUTCOMES = ("ok", "error", "denied")
+
+audit_table = sa.Table(
+    "audit_log",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("owner", sa.String(128)),
+    sa.Column("key_id", sa.String(12)),
+    sa.Column("role", sa.String(16)),
+    sa.Column("action", sa.String(128), nullable=False),
+    sa.Column("target", sa.Text),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("client", sa.String(128)),
+    sa.Column("details", sa.JSON),
+    sa.Index("ix_audit_at", "at"),
+    sa.Index("ix_audit_action", "action", "id"),
+)
+
+
+def redact(value: Any, sensitive: Iterable[str] = DEFAULT_SENSITIVE) -> Any:
+    """A copy of `value` with the values of sensitive-looking keys replaced, at any depth."""
+    names = tuple(s.lower() for s in sensitive)
+    if isinstance(value, Mapping):
+        return {k: REDACTED if any(n in str(k).lower() for n in names) else redact(v, names) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact(v, names) for v in value]
+    if isinstance(value, str) and value.startswith("plx_"):
+        return REDACTED  # an API key passed as a value
+    return value
+
+
+class AuditLog:
+    """Appends audit records in the background; reads them for admins."""
+
+    def __init__(self, engine: Engine, sensitive: Iterable[str] = DEFAULT_SENSITIVE) -> None:
+        self.engine = engine
+        self.sensitive = tuple(sensitive)
+        metadata.create_all(engine, tables=[audit_table])
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(QUEUE_SIZE)
+        self.dropped = 0
+        self._writer = threading.Thread(target=self._write_loop, name="plexus-audit", daemon=True)
+        self._writer.start()
+
+    def record(self, principal: Principal | None, action: str, *, target: str | None = None, outcome: str = "ok",
+               client: str | None = None, details: Mapping[str, Any] | None = None) -> None:
+        """Queue one record; never blocks."""
+        text = json.dumps(redact(dict(details or {}), self.sensitive), default=str)
+        row = {
+            "at": time.time(), "owner": principal.owner if principal else None,
+            "key_id": principal.key_id if principal else None, "role": principal.role.value if principal else None,
+            "action": action[:128], "target": (target or None) and str(target)[:500], "outcome": outcome,
+            "client": client, "details": json.loads(text) if len(text) <= MAX_DETAIL_CHARS else {"truncated": True},
+        }
+        try:
+            self._queue.put_nowait(row)
+        except queue.Full:
+            self.dropped += 1
+            log.warning("Plexus: the audit queue is full; %d record(s) dropped", self.dropped)
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until what was queued so far is written (tests, export, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self.flush()
+        self._queue.put(None)
+
+    def _write_loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                self._queue.task_done()
+                return
+            batch = [first]
+            while len(batch) < 500:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)  # seen after this batch
+                    self._queue.task_done()
+                    break
+                batch.append(item)
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(sa.insert(audit_table), batch)
+            except Exception:
+                log.exception("Plexus: %d audit record(s) could not be written", len(batch))
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    def query(self, *, action: str | None = None, outcome: str | None = None, owner: str | None = None,
+              since: str | None = None, limit: int = 100, cursor: str | None = None) -> tuple[list[dict[str, Any]],
+                                                                                            str | None]:
+        """Records, newest first, filtered; with a cursor for the next page."""
+        a = audit_table
+        query = sa.select(a).order_by(a.c.id.desc()).limit(limit + 1)
+        if outcome is not None:
+            if outcome not in OUTCOMES:
+                raise InvalidArgument(f"unknown outcome {outcome!r}; expected one of {', '.join(OUTCOMES)}")
+            query = query.where(a.c.outcome == outcome)
+        if action:
+            query = query.where(a.c.action.like(action.replace("*", "%")))
+        if owner:
+            query = query.where(a.c.owner == owner)
+        if since:
+            query = query.where(a.c.at >= parse_iso(since))
+        fingerprint = json.dumps(["audit", action, outcome, owner, since])
+        if cursor:
+            (after,) = decode_position(cursor, fingerprint, 1)
+            if not isinstance(after, int):
+                raise InvalidArgument("invalid cursor: pass back the next_cursor of a previous page unchanged")
+            query = query.where(a.c.id < after)
+        with self.engine.connect() as conn:
+            rows = [dict(r) for r in conn.execute(query).mappings()]
+        next_cursor = encode_position([rows[limit - 1]["id"]], fingerprint) if len(rows) > limit else None
+        return [_public(r) for r in rows[:limit]], next_cursor
+
+
+def _public(row: dict[str, Any]) -> dict[str, Any]:
+    return {**row, "at": iso(row["at"])}
