@@ -23,7 +23,7 @@ from ..core.store import make_engine
 from .datasets import DatasetCatalog, require_columns
 from .metrics import LabelNormalization, compute_metrics, consistency_metrics, normalize_labels
 from .sampling import sample_frame
-from .scorers import KernelScorerSpec, ScoreBatch, Scorer, kernel_scorer_spec, scorer_from_spec
+from .scorers import DEFAULT_INPUT_COLUMN, KernelScorerSpec, ScoreBatch, Scorer, kernel_scorer_spec, scorer_from_spec
 from .store import SETUP_STAGE, EvaluationStore
 
 EXCERPT_CHARS = 200
@@ -78,6 +78,8 @@ def _run(
             require_columns(frame, score_label, what="label column")
             _require_two_classes(frame[score_label], score_label, norm)
     ctx.advance(1)
+    if input_column is None and DEFAULT_INPUT_COLUMN in frame.columns:
+        input_column = DEFAULT_INPUT_COLUMN  # what scorers read by default is what results show as input
     passes = runs if type == "consistency" else 1
     ctx.stage("Scoring", len(frame) * len(scorers) * passes, f"{len(frame):,} items")
     metrics: dict[str, Any] = {}
