@@ -65,7 +65,8 @@ async def main() -> None:
 
     print(f"tools/call on one Jupyter server: {args.calls} sequential calls per tool, median of {args.rounds} "
           "alternating rounds")
-    print(f"{'client':<6} {'tool':<11} {'credential':<14} {'calls/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'srv CPU us':>10}")
+    header = ("client", "tool", "credential", "calls/s", "p50 ms", "p99 ms", "srv CPU us")
+    print("{:<6} {:<11} {:<14} {:>8} {:>7} {:>7} {:>10}".format(*header))
     for label, runs in (("sdk", sdk), ("lean", lean)):
         for tool in TOOLS:
             for name in names:
