@@ -74,6 +74,10 @@ class PlexusSettings(Configurable):
         "python: scorer runs that code in a worker, so this is an allowlist). The notebook user, an admin, may "
         "name any importable function.",
     ).tag(config=True)
+    redact_columns = Unicode(
+        "", help="Comma-separated dataset column names whose values never appear in evaluation results (ids, "
+        "input excerpts or labels shown as [redacted]); they are still scored.",
+    ).tag(config=True)
     rate_limit = Float(
         20.0, min=0.01, help="Requests per second an API key may make on average (HTTP 429 beyond; a key may "
         "have its own).",

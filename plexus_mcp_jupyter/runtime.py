@@ -25,7 +25,7 @@ from .evaluations.store import EvaluationStore
 from .security.audit import AuditLog
 from .security.identity import Principal
 from .security.keys import CACHE_SECONDS, ApiKey, KeyStore
-from .security.ratelimit import RateLimiter
+from .security.ratelimit import RateLimited, RateLimiter
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
@@ -59,7 +59,7 @@ class PlexusRuntime:
             poll_interval=settings.poll_interval,
             # What every worker is told besides its task's parameters (never stored or shown to clients).
             worker_environment={"db_url": self.store.url, "root_dir": str(self.root_dir),
-                                "registered_dir": str(registered_dir)},
+                                "registered_dir": str(registered_dir), "redact_columns": settings.redact_columns},
         )
         self.catalog = DatasetCatalog(self.root_dir, registered_dir)
         self.kernel_scorers = KernelScorerRegistry()
@@ -88,6 +88,20 @@ class PlexusRuntime:
         if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list):
             raise InvalidArgument("a kernel_score request is {scorer, inputs: [...]}")
         return await self.kernel_scorers.score(str(payload.get("scorer")), payload["inputs"])
+
+    # -- API keys ----------------------------------------------------------------------------------
+
+    def admit_key(self, credential: str) -> Principal:
+        """The principal of an API key, if it is valid and within its rate limit.
+
+        Raises KeyRejected (401: unknown, malformed, expired or revoked) or RateLimited (429), whose
+        messages are safe to show: they never contain the credential.
+        """
+        key = self.keys.verify(credential)
+        wait = self.limiter.take(key.id, key.rate_limit)
+        if wait:
+            raise RateLimited(wait, key.rate_limit or self.limiter.rate, self.limiter.burst)
+        return key.principal()
 
     # -- API keys: open streams end when their key does ----------------------------------------------
 

@@ -19,6 +19,7 @@ from .runtime import PlexusRuntime
 from .security.http import LOOPBACK_HOSTS, bearer_credential, error_message, host_name, jsonrpc_error, origin_allowed
 from .security.identity import Principal, Role
 from .security.keys import KeyRejected, looks_like_key
+from .security.ratelimit import RateLimited
 
 log = logging.getLogger("plexus_mcp_jupyter")
 STANDALONE_ADMIN = Principal(owner="token", role=Role.ADMIN)  # whoever holds the server's token
@@ -42,9 +43,12 @@ class _StandaloneHandler(web.RequestHandler):
             return False
         if looks_like_key(credential):
             try:
-                self.principal = self.runtime.keys.verify(credential).principal()
+                self.principal = self.runtime.admit_key(credential)
             except KeyRejected as exc:
                 raise web.HTTPError(401, f"{exc}: send a valid Plexus API key or the server's token") from None
+            except RateLimited as exc:
+                self._retry_after = exc.retry_after
+                raise web.HTTPError(429, str(exc)) from None
             return True
         if hmac.compare_digest(credential.encode(), self.settings["plexus_token"].encode()):
             self.principal = STANDALONE_ADMIN
@@ -63,10 +67,21 @@ class _StandaloneHandler(web.RequestHandler):
         if self.require_auth and not self.authenticated():
             raise web.HTTPError(401, "authentication required: send 'Authorization: Bearer <token>'")
 
+    _retry_after = 0
+
+    def on_finish(self) -> None:
+        status = self.get_status()
+        if status in (401, 403, 429) and (self.principal is not None
+                                          or not self.runtime.limiter.take(f"ip:{self.request.remote_ip}")):
+            self.runtime.audit.record(self.principal, f"http.{self.request.method}", target=self.request.path,
+                                      outcome="denied", client=self.request.remote_ip, details={"status": status})
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         message = error_message(kwargs.get("exc_info", (None, None, None))[1], self._reason)
         if status_code == 401:
             self.set_header("WWW-Authenticate", 'Bearer realm="plexus"')
+        if status_code == 429 and self._retry_after:
+            self.set_header("Retry-After", str(self._retry_after))
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(jsonrpc_error(status_code, message)))
 
@@ -77,7 +92,18 @@ class StandaloneMCPHandler(_StandaloneHandler):
     async def _serve(self) -> None:
         self._bridge = MCPBridge(self, self.runtime.endpoint)
         principal = self.principal or STANDALONE_ADMIN
-        await self._bridge.serve({"plexus.identity": principal.owner, "plexus.principal": principal})
+        forget = self.runtime.track_stream(principal, self._end_stream)  # ends when its API key is revoked
+        try:
+            await self._bridge.serve({"plexus.identity": principal.owner, "plexus.principal": principal})
+        finally:
+            forget()
+
+    def _end_stream(self) -> None:
+        if self._bridge is not None:
+            self._bridge.disconnected.set()
+        connection = self.request.connection
+        if connection is not None and hasattr(connection, "close"):
+            connection.close()
 
     post = get = delete = _serve
 

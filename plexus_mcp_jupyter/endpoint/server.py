@@ -62,6 +62,13 @@ class PlexusMCPServer(MCPServer):
         with acting_as(principal_of(ctx)):
             return await super()._handle_call_tool(ctx, params)
 
+    async def _handle_list_resource_templates(self, ctx: Any, params: Any) -> Any:
+        result = await super()._handle_list_resource_templates(ctx, params)
+        if not principal_of(ctx).may("audit"):  # what a caller may not read is not advertised to it
+            result.resource_templates = [t for t in result.resource_templates
+                                         if not t.uri_template.startswith("plexus://audit")]
+        return result
+
     async def _handle_read_resource(self, ctx: Any, params: Any) -> Any:
         with acting_as(principal_of(ctx)):
             return await super()._handle_read_resource(ctx, params)
@@ -177,7 +184,7 @@ def build_mcp_server(
         middleware=[tasks.legacy_middleware],
     )
     server.task_tools = tasks.task_tools
-    server.audit = audit
+    server.audit = tasks.audit = audit
     if audit is not None:
         register_audit_resource(server, audit)
     for handler in root.handlers[:]:

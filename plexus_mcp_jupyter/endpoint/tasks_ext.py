@@ -162,6 +162,7 @@ class PlexusTasks(Extension):
         self.task_tools = frozenset(task_tools)  # tools whose result names a Plexus task (task_id)
         # Set by install_subscriptions: follow a task's status for a session (legacy notifications).
         self.follow_status: Callable[[Any, str], None] | None = None
+        self.audit: Any = None  # the AuditLog, set by build_mcp_server
 
     # -- shared ---------------------------------------------------------------------------------
 
@@ -242,6 +243,8 @@ class PlexusTasks(Extension):
             raise MCPError(INVALID_PARAMS, f"Cannot cancel task {task.id!r}: already in terminal status "
                                            f"{mcp_status(task, modern=False)!r}")
         self.manager.cancel([task.id])
+        if self.audit is not None:
+            self.audit.record(principal, "tasks/cancel", target=task.id)
         return {} if modern else task_view(self.manager.get(task.id), modern=False)
 
     async def update(self, ctx: ServerRequestContext[Any, Any], params: UpdateTaskParams) -> dict[str, Any]:

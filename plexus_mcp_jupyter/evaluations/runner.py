@@ -27,6 +27,7 @@ from .scorers import DEFAULT_INPUT_COLUMN, KernelScorerSpec, ScoreBatch, Scorer,
 from .store import SETUP_STAGE, EvaluationStore
 
 EXCERPT_CHARS = 200
+REDACTED = "[redacted]"
 EXPLANATION_CHARS = 500
 DEFAULT_CHUNK_SIZE = 50_000  # the largest chunk; chunks are sized by time (Chunks)
 
@@ -183,7 +184,7 @@ def _accuracy(
         correct = classes == normalize_labels(batch.predictions, norm)
         failed = _failed_mask(batch)
         store.add_items(evaluation_id, name, _rows(start, chunk, labels, classes, batch, correct, failed,
-                                                   input_column, id_column))
+                                                   input_column, id_column, _redacted(ctx)))
         predictions.append(batch.predictions)
         scored.append(~failed)
         ctx.advance(len(chunk))
@@ -206,13 +207,24 @@ def _failed_mask(batch: ScoreBatch) -> np.ndarray:
 def _rows(
     start: int, chunk: pd.DataFrame, labels: pd.Series | None, classes: np.ndarray | None, batch: ScoreBatch,
     correct: np.ndarray | None, failed: np.ndarray, input_column: str | None, id_column: str | None,
+    redacted: frozenset[str] = frozenset(),
 ) -> list[tuple[Any, ...]]:
-    """The chunk's items as rows of ITEM_COLUMNS, built column by column (no Python work per field)."""
+    """The chunk's items as rows of ITEM_COLUMNS, built column by column (no Python work per field).
+
+    Columns named in `redacted` (the redact_columns setting) are scored as they are but never stored.
+    """
     n = len(chunk)
     none: list[Any] = [None] * n
+    hidden: list[Any] = [REDACTED] * n
     # The default id is the row's position in the dataset (the index survives sampling).
     ids = _texts(chunk[id_column], EXCERPT_CHARS) if id_column else chunk.index.astype(str).tolist()
     inputs = _texts(chunk[input_column], EXCERPT_CHARS) if input_column and input_column in chunk else none
+    if id_column in redacted:
+        ids = hidden
+    if input_column in redacted:
+        inputs = hidden
+    if labels is not None and labels.name in redacted:
+        labels, classes = pd.Series(hidden, index=chunk.index), np.asarray(hidden, dtype=object)
     predictions = pd.Series(_texts(batch.predictions, EXCERPT_CHARS), dtype=object)
     oks = pd.Series(correct.tolist() if correct is not None else none, dtype=object)
     if failed.any():
@@ -227,6 +239,10 @@ def _rows(
         _texts(batch.errors, EXPLANATION_CHARS) if batch.errors is not None else none,
         strict=True,
     ))
+
+
+def _redacted(ctx: TaskContext) -> frozenset[str]:
+    return frozenset(c.strip() for c in str(ctx.environment.get("redact_columns", "")).split(",") if c.strip())
 
 
 def _texts(values: pd.Series, limit: int) -> list[str | None]:
@@ -270,7 +286,7 @@ def _consistency(
         labels = chunk[label_column] if label_column else None
         classes = normalize_labels(labels, norm) if labels is not None else None
         store.add_items(evaluation_id, name, _rows(start, chunk, labels, classes, batch, unanimous, failed,
-                                                   input_column, id_column))
+                                                   input_column, id_column, _redacted(ctx)))
         grids.append(np.asarray(grid[~failed], dtype=object))
         modal_or_none = np.asarray(modal, dtype=object).copy()
         modal_or_none[failed] = None

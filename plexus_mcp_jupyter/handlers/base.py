@@ -11,7 +11,6 @@ from __future__ import annotations
 import hmac
 import inspect
 import json
-import math
 from typing import Any
 
 from jupyter_server.auth.identity import IdentityProvider, PasswordIdentityProvider, User
@@ -23,6 +22,7 @@ from ..runtime import PlexusRuntime
 from ..security.http import bearer_credential, error_message, origin_allowed
 from ..security.identity import Principal, Role
 from ..security.keys import KeyRejected, looks_like_key
+from ..security.ratelimit import RateLimited
 
 NOTEBOOK_USER = "jupyter"
 # Jupyter's own providers: one notebook user, authenticated by the server's token or password.
@@ -59,7 +59,10 @@ class PlexusHandler(APIHandler):
         if denied or (self.audit_mutations and method in ("POST", "PUT", "PATCH", "DELETE")):
             outcome = "denied" if denied else ("ok" if status < 400 else "error")
             runtime = self.settings.get("plexus")
-            if runtime is not None:
+            # Anonymous denials are recorded at most at the key rate per address: a flood of bad requests
+            # must not grow the audit log without bound.
+            anonymous = self._principal is None
+            if runtime is not None and not (anonymous and runtime.limiter.take(f"ip:{self.request.remote_ip}")):
                 runtime.audit.record(self._principal, f"http.{method}", target=self.request.path, outcome=outcome,
                                      client=self.request.remote_ip, details={"status": status})
         super().on_finish()
@@ -162,16 +165,12 @@ class PlexusHandler(APIHandler):
         """An API key in the Authorization header: its principal, checked on every request (revocation),
         then its rate limit (HTTP 429 with Retry-After)."""
         try:
-            key = self.runtime.keys.verify(credential)
+            self._principal = self.runtime.admit_key(credential)
         except KeyRejected as exc:
             raise web.HTTPError(401, f"{exc}: send a valid Plexus API key or the Jupyter token") from None
-        self._principal = key.principal()
-        wait = self.runtime.limiter.take(key.id, key.rate_limit)
-        if wait:
-            self._retry_after = max(1, math.ceil(wait))
-            rate = key.rate_limit or self.runtime.limiter.rate
-            raise web.HTTPError(429, f"rate limit: this key may make {rate:g} requests per second (bursts of "
-                                     f"{self.runtime.limiter.burst}); retry after {self._retry_after} s")
+        except RateLimited as exc:
+            self._retry_after = exc.retry_after
+            raise web.HTTPError(429, str(exc)) from None
         self.current_user = self._jupyter_current_user = User(username=self._principal.owner or "key")
         self._token_authenticated = True  # a header credential: no XSRF check
         if "Origin" in self.request.headers:

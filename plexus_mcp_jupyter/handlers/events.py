@@ -132,6 +132,8 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
                 raise InvalidArgument(self.principal.denial("register"))
             if kind == "register_scorer":
                 registry.register(self, data.get("name"), data.get("batch", True))
+                self.runtime.audit.record(self.principal, "scorer.register", target=str(data.get("name")),
+                                          client=self.request.remote_ip)
                 self.send_json({"type": "scorer_registered", "name": data["name"]})
             elif kind == "unregister_scorer":
                 registry.unregister(self, str(data.get("name")))

@@ -39,19 +39,20 @@ class MCPHandler(PlexusHandler):
     audit_mutations = False  # tool calls are recorded by the MCP server, with their names and outcomes
 
     async def _serve(self) -> None:
-        self._bridge = MCPBridge(self, self.runtime.endpoint)
-        await self._bridge.serve({"plexus.identity": self.identity, "plexus.principal": self.principal})
+        # A response may stay open (the session's GET stream, a call streaming progress, tasks/result,
+        # subscriptions/listen): when its API key is revoked, it ends.
+        forget = self.runtime.track_stream(self.principal, self._end_stream)
+        try:
+            self._bridge = MCPBridge(self, self.runtime.endpoint)
+            await self._bridge.serve({"plexus.identity": self.identity, "plexus.principal": self.principal})
+        finally:
+            forget()
 
     async def post(self) -> None:
         await self._serve()
 
     async def get(self) -> None:
-        # The session's SSE stream lives as long as the session: it ends when its API key is revoked.
-        forget = self.runtime.track_stream(self.principal, self._end_stream)
-        try:
-            await self._serve()
-        finally:
-            forget()
+        await self._serve()
 
     def _end_stream(self) -> None:
         if self._bridge is not None:

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
+
+
+class RateLimited(Exception):
+    """Over the limit: `retry_after` whole seconds to wait (HTTP 429 with Retry-After)."""
+
+    def __init__(self, wait: float, rate: float, burst: int) -> None:
+        self.retry_after = max(1, math.ceil(wait))
+        super().__init__(f"rate limit: this key may make {rate:g} requests per second (bursts of {burst}); retry "
+                         f"after {self.retry_after} s")
 
 
 class RateLimiter:
