@@ -231,10 +231,9 @@ def problems_of(message: Any) -> list[str]:
 
 
 class Findings:
-    """Violations seen while fuzzing; the known bugs (each with an xfail reproducer below) are set apart."""
+    """Violations seen while fuzzing (the bugs it found are fixed: any violation now fails the test)."""
 
     def __init__(self) -> None:
-        self.known: dict[str, int] = {}
         self.new: list[Any] = []
 
     def check(self, message: Any, where: Any, code: int | None = None) -> None:
@@ -243,11 +242,7 @@ class Findings:
             found.append("internal error (-32603)")
         if not found:
             return
-        bug = known_bug(message, found)
-        if bug:
-            self.known[bug] = self.known.get(bug, 0) + 1
-        else:
-            self.new.append((found, where, message[:MAX_MESSAGE] if isinstance(message, str) else message))
+        self.new.append((found, where, message[:MAX_MESSAGE] if isinstance(message, str) else message))
 
     def fail(self, *items: Any) -> None:
         self.new.append(items)
@@ -263,28 +258,6 @@ class Findings:
 
     def assert_clean(self) -> None:
         assert not self.new, "\n".join(repr(item) for item in self.new[:20])
-
-
-# The bugs this file found, by what gives them away; test_known_bug_* below reproduce each one (xfail, strict).
-UNKNOWN_ARGUMENT_ECHO = "unknown argument names echoed raw and unbounded"
-UNBOUNDED_VALIDATION = "one problem per bad list element: validation messages without bound"
-PYDANTIC_DUMP = "JSON-RPC envelope errors answered with pydantic's multi-line dump"
-VALUE_ECHO = "core errors quote the rejected value in full"
-
-
-def known_bug(message: Any, problems: list[str]) -> str | None:
-    if not isinstance(message, str) or "empty" in problems or "internal error (-32603)" in problems:
-        return None
-    if message.startswith("invalid arguments for ") and "unknown argument(s)" in message and set(problems) <= {
-            "multi-line", "too long"}:
-        return UNKNOWN_ARGUMENT_ECHO
-    if message.startswith("invalid arguments for ") and problems == ["too long"] and message.count("; ") >= 3:
-        return UNBOUNDED_VALIDATION
-    if message.startswith("Validation error: ") and "validation error" in message:
-        return PYDANTIC_DUMP
-    if message.startswith("Error executing tool ") and problems == ["too long"] and re.search(r"(.)\1{199}", message):
-        return VALUE_ECHO
-    return None
 
 
 async def call_and_check(client: Any, tool: str, arguments: dict[str, Any], findings: Findings) -> Any:
@@ -607,7 +580,7 @@ async def test_every_tool_answers_fuzzed_arguments_with_clear_errors(mcp_url, se
         assert answered > len(cases) // 2  # most calls are answered as tool results (errors or not)
     await cancel_everything(mcp_url, token)
     await still_alive(mcp_url, server_url, token)
-    print(f"{len(cases)} calls; known bugs seen: {findings.known}")
+    print(f"{len(cases)} calls")
     findings.check_log(caplog)
     findings.assert_clean()
 
@@ -617,7 +590,7 @@ async def test_raw_jsonrpc_bodies_get_clear_errors_and_the_server_survives(mcp_u
     await fuzz_raw(mcp_url, token, RAW_EXAMPLES, findings)
     await cancel_everything(mcp_url, token)
     await still_alive(mcp_url, server_url, token)
-    print(f"{RAW_EXAMPLES} bodies; known bugs seen: {findings.known}")
+    print(f"{RAW_EXAMPLES} bodies")
     findings.check_log(caplog)
     findings.assert_clean()
 
@@ -639,17 +612,14 @@ async def test_a_viewer_key_fuzzing_tools_and_bodies_creates_nothing(mcp_url, se
     owned = tasks_owned_by(runtime, f"{KEY_OWNER_PREFIX}{viewer_id}")
     assert owned == [], [(t.id, t.type, t.status) for t in owned]
     await still_alive(mcp_url, server_url, viewer)
-    print(f"viewer: known bugs seen: {findings.known}")
     findings.check_log(caplog)
     findings.assert_clean()
 
 
-# -- the bugs found, one reproducer each (xfail, strict: they fail until the server is fixed) ------------
+# -- the bugs fuzzing found, one test each (fixed: their messages are one bounded line) ------------------
 
 
-@pytest.mark.xfail(strict=True, reason="bug: unknown argument names are echoed raw (newlines kept) and unbounded "
-                   "(a 20,000-character name gives a 20,000-character message); PlexusMCPServer._call_tool")
-async def test_known_bug_unknown_argument_names_are_echoed_raw_and_unbounded(mcp_client, runtime):
+async def test_unknown_argument_names_are_bounded_in_the_error(mcp_client, runtime):
     async with mcp_client() as client:
         result = await client.call_tool("list_scorers", {"first line\nsecond line": 1, "x" * 20_000: 2})
     text = result.content[0].text
@@ -657,9 +627,7 @@ async def test_known_bug_unknown_argument_names_are_echoed_raw_and_unbounded(mcp
     assert problems_of(text) == [], (problems_of(text), len(text))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: describe_validation_error lists one problem per bad list element, "
-                   "without bound: 100 bad statuses give a message of about 11,000 characters")
-async def test_known_bug_validation_messages_grow_with_the_number_of_bad_elements(mcp_client, runtime):
+async def test_validation_messages_stay_bounded_with_many_bad_elements(mcp_client, runtime):
     async with mcp_client() as client:
         result = await client.call_tool("list_tasks", {"status": ["nope"] * 100})
     text = result.content[0].text
@@ -667,10 +635,7 @@ async def test_known_bug_validation_messages_grow_with_the_number_of_bad_element
     assert problems_of(text) == [], (problems_of(text), len(text))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: core errors (PlexusError) quote the rejected value in full: list_tasks "
-                   "since='x'*5000 gives a 5,100-character message; same for list_tasks type and list_evaluations "
-                   "status")
-async def test_known_bug_core_errors_quote_the_rejected_value_in_full(mcp_client, runtime):
+async def test_core_errors_quote_a_rejected_value_bounded(mcp_client, runtime):
     async with mcp_client() as client:
         result = await client.call_tool("list_tasks", {"since": "x" * 5000})
     text = result.content[0].text
@@ -678,11 +643,7 @@ async def test_known_bug_core_errors_quote_the_rejected_value_in_full(mcp_client
     assert problems_of(text) == [], (problems_of(text), len(text))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a JSON-RPC message that fails the envelope schema (here id: [] with "
-                   "params: [null]) is answered HTTP 400 with pydantic's multi-line dump (10 errors, type codes, "
-                   "errors.pydantic.dev URLs, ~2,000 characters) as the error message (the SDK's "
-                   "streamable_http.py, not wrapped)")
-async def test_known_bug_a_bad_jsonrpc_envelope_is_answered_with_a_pydantic_dump(mcp_url, token, runtime):
+async def test_a_bad_jsonrpc_envelope_is_answered_in_one_line(mcp_url, token, runtime):
     async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as http:
         era = Era(http, mcp_url)
         await era.open_session()

@@ -25,7 +25,7 @@ from .principal import acting_as, current_principal, principal_of
 from .resources import register_resources
 from .subscriptions import ResourceWatch, install_subscriptions
 from .tasks_ext import PlexusTasks, install_task_capability
-from .tools import TASK_TOOLS, outcome_result, register_tools
+from .tools import TASK_TOOLS, outcome_result, register_tools, short
 
 INSTRUCTIONS = (
     "Plexus runs long tasks in the user's Jupyter server. Tools return at once: start work with "
@@ -109,8 +109,10 @@ class PlexusMCPServer(MCPServer):
         unknown = sorted(set(arguments) - allowed)
         if unknown:
             # pydantic would drop them silently: a misspelt argument must not run with its default.
+            shown = ", ".join(short(u, 40, quote=False) for u in unknown[:5])
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
             raise ToolError(
-                f"invalid arguments for {name}: unknown argument(s) {', '.join(unknown)}; "
+                f"invalid arguments for {name}: unknown argument(s) {shown}{more}; "
                 f"allowed: {', '.join(sorted(allowed)) or 'none'}"
             )
         try:
@@ -148,14 +150,19 @@ def register_audit_resource(server: MCPServer, audit: AuditLog) -> None:
 def describe_validation_error(tool: str, error: ValidationError) -> str:
     """'invalid arguments for run_demo_task: items: Input should be greater than or equal to 1 (got 0)'."""
     problems = []
-    for item in error.errors(include_url=False):
-        where = ".".join(str(part) for part in item["loc"]) or "arguments"
+    errors = error.errors(include_url=False)
+    for item in errors[:MAX_PROBLEMS]:
+        where = short(".".join(str(part) for part in item["loc"]) or "arguments", 60, quote=False)
         text = f"{where}: {item['msg']}"
         if item["type"] != "missing":
-            sent = repr(item.get("input"))
-            text += f" (got {sent if len(sent) <= 60 else sent[:57] + '...'})"
+            text += f" (got {short(item.get('input'), 60)})"
         problems.append(text)
+    if len(errors) > MAX_PROBLEMS:
+        problems.append(f"and {len(errors) - MAX_PROBLEMS} more problem(s) of the same kind")
     return f"invalid arguments for {tool}: " + "; ".join(problems)
+
+
+MAX_PROBLEMS = 3
 
 
 def build_mcp_server(

@@ -7,6 +7,7 @@ ids) become tool errors whose message says what was wrong and what is allowed.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from functools import wraps
 from typing import Annotated, Any, TypeVar
@@ -34,15 +35,30 @@ def identity_of(ctx: Context | None = None) -> str | None:
     return current_principal().owner
 
 
+def short(value: Any, limit: int = 60, *, quote: bool = True) -> str:
+    """A value as a client may see it in a message: one line, at most `limit` characters."""
+    text = repr(value) if quote else str(value).encode("unicode_escape").decode("ascii", "replace")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_LONG_QUOTED = re.compile(r"'([^'\n]{77})[^'\n]{4,}'")
+
+
+def bounded(message: str, limit: int = 500) -> str:
+    """One line, long quoted values cut, at most `limit` characters: core messages quote what was sent."""
+    text = _LONG_QUOTED.sub(lambda m: f"'{m.group(1)}...'", " ".join(message.split()))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def client_errors(fn: F) -> F:
-    """Turn core errors into tool errors, whose messages reach the client."""
+    """Turn core errors into tool errors, whose messages reach the client (bounded: they quote input)."""
 
     @wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return await fn(*args, **kwargs)
         except PlexusError as exc:
-            raise ToolError(str(exc)) from None
+            raise ToolError(bounded(str(exc))) from None
 
     return wrapper  # type: ignore[return-value]
 

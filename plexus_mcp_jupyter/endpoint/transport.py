@@ -10,6 +10,7 @@ the bridge is entered; the SDK never sees an unauthenticated request.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import MutableMapping
 from typing import Any
@@ -143,7 +144,10 @@ class MCPBridge:
             await self.disconnected.wait()
             return {"type": "http.disconnect"}
 
+        status = 0
+
         async def send(message: MutableMapping[str, Any]) -> None:
+            nonlocal status
             handler = self.handler
             if message["type"] == "http.response.start":
                 self._started = True
@@ -153,6 +157,7 @@ class MCPBridge:
                 if stream is not None:
                     stream.set_nodelay(True)
                 handler.set_status(message["status"])
+                status = message["status"]
                 handler.clear_header("Content-Type")
                 event_stream = False
                 for name, value in message.get("headers", []):
@@ -167,6 +172,9 @@ class MCPBridge:
                 if self.disconnected.is_set():
                     return
                 chunk = message.get("body", b"")
+                if status == 400 and b"Validation error: " in chunk and not message.get("more_body", False):
+                    chunk = _short_envelope_error(chunk)
+                    handler.set_header("Content-Length", str(len(chunk)))
                 if chunk:
                     handler.write(chunk)
                     self._unflushed += len(chunk)
@@ -206,3 +214,18 @@ class MCPBridge:
     def _flushed(self, future: asyncio.Future[None]) -> None:
         if not future.cancelled() and future.exception() is not None:
             self.disconnected.set()
+
+
+ENVELOPE = ('expected a JSON-RPC 2.0 message: {"jsonrpc": "2.0", "method": <string>, "id": <string or integer>, '
+            '"params": <object, optional>} (or a response or notification of that form)')
+
+
+def _short_envelope_error(body: bytes) -> bytes:
+    """The SDK answers a malformed JSON-RPC envelope with pydantic's multi-line dump: say it in one line."""
+    try:
+        data = json.loads(body)
+        data["error"]["message"] = f"invalid JSON-RPC message: {ENVELOPE}"
+        data["error"].pop("data", None)
+    except (ValueError, KeyError, TypeError):
+        return body
+    return json.dumps(data).encode()
