@@ -201,7 +201,12 @@ class Run:
 
 
 async def paced_calls(
-    session: LeanSession, params: dict[str, Any], interval: float, phase: Phase, *, calls: int | None = None,
+    session: LeanSession,
+    params: dict[str, Any],
+    interval: float,
+    phase: Phase,
+    *,
+    calls: int | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
     """get_task once every `interval` seconds (never in a burst to catch up), until `calls` or `stop`."""
@@ -218,8 +223,9 @@ async def paced_calls(
         await asyncio.sleep(due - time.perf_counter())
 
 
-async def idle_phase(session: LeanSession, params: dict[str, Any], args: argparse.Namespace, cpu: TreeCPU,
-                     name: str) -> Phase:
+async def idle_phase(
+    session: LeanSession, params: dict[str, Any], args: argparse.Namespace, cpu: TreeCPU, name: str
+) -> Phase:
     phase = Phase(name)
     own0, rest0 = cpu.read()
     t0 = time.perf_counter()
@@ -231,7 +237,12 @@ async def idle_phase(session: LeanSession, params: dict[str, Any], args: argpars
 
 
 async def busy_phase(
-    url: str, session: LeanSession, params: dict[str, Any], args: argparse.Namespace, cpu: TreeCPU, name: str,
+    url: str,
+    session: LeanSession,
+    params: dict[str, Any],
+    args: argparse.Namespace,
+    cpu: TreeCPU,
+    name: str,
 ) -> tuple[Phase, Run]:
     phase = Phase(name)
     before = {p.pid for p in cpu.server.children(recursive=True)}
@@ -244,10 +255,18 @@ async def busy_phase(
         spies = Spies(args.py_spy)
         spies.record("server", cpu.server.pid, idle=True)
         c0 = time.perf_counter()
-        view = await call_tool(follower, "create_evaluation", {
-            "type": "accuracy", "dataset": "registered:big", "prediction_column": "prediction",
-            "label_column": "label", "input_column": "text", "id_column": "id",
-        })
+        view = await call_tool(
+            follower,
+            "create_evaluation",
+            {
+                "type": "accuracy",
+                "dataset": "registered:big",
+                "prediction_column": "prediction",
+                "label_column": "label",
+                "input_column": "text",
+                "id_column": "id",
+            },
+        )
         create_ms = 1000 * (time.perf_counter() - c0)
         evaluation_id, task_id = view["evaluation_id"], view["task_id"]
         while True:  # follow it, and sample the process tree's CPU and memory meanwhile
@@ -268,11 +287,18 @@ async def busy_phase(
         own1, rest1 = cpu.read()
         phase.server_cpu, phase.worker_cpu = own1 - own0, rest1 - rest0
         task = await call_tool(follower, "get_task", {"task_id": task_id})
-    stages = {s["name"]: (parse_iso(s["started_at"]), parse_iso(s["completed_at"]))
-              for s in task["stages"] if s["started_at"] and s["completed_at"]}
+    stages = {
+        s["name"]: (parse_iso(s["started_at"]), parse_iso(s["completed_at"]))
+        for s in task["stages"]
+        if s["started_at"] and s["completed_at"]
+    }
     run = Run(
-        created=parse_iso(task["created_at"]), started=parse_iso(task["started_at"]),
-        completed=parse_iso(task["completed_at"]), stages=stages, status=view["status"], create_call_ms=create_ms,
+        created=parse_iso(task["created_at"]),
+        started=parse_iso(task["started_at"]),
+        completed=parse_iso(task["completed_at"]),
+        stages=stages,
+        status=view["status"],
+        create_call_ms=create_ms,
         follow_ms=follow_ms,
         worker_peak_rss=max((rss for pid, rss in cpu.peak_rss.items() if pid not in before), default=0),
         profiles=spies.files,
@@ -297,8 +323,20 @@ class Spies:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"{label}.txt"
         py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-        command = [py_spy, "record", "--nonblocking", "-p", str(pid), "-r", "100", "-f", "raw", "-o", str(path),
-                   *(["--idle"] * idle)]
+        command = [
+            py_spy,
+            "record",
+            "--nonblocking",
+            "-p",
+            str(pid),
+            "-r",
+            "100",
+            "-f",
+            "raw",
+            "-o",
+            str(path),
+            *(["--idle"] * idle),
+        ]
         self.running[label] = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.files[label] = path
 
@@ -410,8 +448,12 @@ def breakdown(body: bytes, write_rows: int, write_rounds: int) -> None:
         (registered / "big.parquet").write_bytes(body)
         env = {"db_url": store.url, "root_dir": str(work), "registered_dir": str(registered)}
         marks: list[tuple[str, float]] = []
-        ctx = TaskContext("bench", lambda m: marks.append((m[1], time.perf_counter())) if m[0] == "stage" else None,
-                          _Flag(), environment=env)
+        ctx = TaskContext(
+            "bench",
+            lambda m: marks.append((m[1], time.perf_counter())) if m[0] == "stage" else None,
+            _Flag(),
+            environment=env,
+        )
         timers = Timers()
         saved = {name: getattr(runner, name) for name in ("_rows", "_score", "normalize_labels", "compute_metrics")}
         saved_load = DatasetCatalog.load
@@ -433,9 +475,16 @@ def breakdown(body: bytes, write_rows: int, write_rounds: int) -> None:
             evaluation_store.EvaluationStore.add_items = timers.wrap("add_items (SQLAlchemy + SQLite)", saved_add)
             evaluation_store.EvaluationStore.set_results = timers.wrap("set_results", saved_results)
             t0, c0 = time.perf_counter(), time.process_time()
-            runner.run_evaluation(ctx, "bench-evaluation", "accuracy", "registered:big",
-                                  [{"name": "score", "scorer": {"kind": "column", "column": "prediction"}}],
-                                  label_column="label", input_column="text", id_column="id")
+            runner.run_evaluation(
+                ctx,
+                "bench-evaluation",
+                "accuracy",
+                "registered:big",
+                [{"name": "score", "scorer": {"kind": "column", "column": "prediction"}}],
+                label_column="label",
+                input_column="text",
+                id_column="id",
+            )
             total, total_cpu = time.perf_counter() - t0, time.process_time() - c0
         finally:
             for name, fn in saved.items():
@@ -444,8 +493,9 @@ def breakdown(body: bytes, write_rows: int, write_rounds: int) -> None:
             evaluation_store.EvaluationStore.add_items = saved_add  # type: ignore[method-assign]
             evaluation_store.EvaluationStore.set_results = saved_results  # type: ignore[method-assign]
 
-        print(f"\nin-process run_evaluation (no server, no worker process): {total:.2f} s, "
-              f"{len(calls)} chunks of items")
+        print(
+            f"\nin-process run_evaluation (no server, no worker process): {total:.2f} s, {len(calls)} chunks of items"
+        )
         bounds = [*marks, ("end", t0 + total)]
         print("  stages: " + ", ".join(f"{name} {b - a:.2f} s" for (name, a), (_, b) in itertools.pairwise(bounds)))
         timers.seconds["everything else"] = total - sum(timers.seconds.values())
@@ -453,8 +503,10 @@ def breakdown(body: bytes, write_rows: int, write_rounds: int) -> None:
         print(f"  {'piece':<34} {'wall':>9} {'share':>6} {'CPU':>9} {'share':>6}")
         for name, seconds in sorted(timers.seconds.items(), key=lambda kv: -kv[1]):
             cpu = timers.cpu[name]
-            print(f"  {name:<34} {seconds:7.2f} s {100 * seconds / total:5.1f}% "
-                  f"{cpu:7.2f} s {100 * cpu / total_cpu:5.1f}%")
+            print(
+                f"  {name:<34} {seconds:7.2f} s {100 * seconds / total:5.1f}% "
+                f"{cpu:7.2f} s {100 * cpu / total_cpu:5.1f}%"
+            )
         print(f"  {'all':<34} {total:7.2f} s {'':>6} {total_cpu:7.2f} s")
 
         write_ways(work, calls, write_rows, write_rounds)
@@ -533,16 +585,20 @@ def write_ways(work: Path, calls: list[tuple[Any, ...]], limit: int, rounds: int
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{path}{suffix}").unlink(missing_ok=True)
             seconds[name].append((build, write, wall))
-    print(f"  building and writing the items of the first {rows:,} rows again ({len(chunks)} chunks, a transaction "
-          f"each; medians of {rounds} alternating rounds, fresh WAL databases; CPU time of this process, steadier "
-          "than wall time on a busy machine, and wall time):")
+    print(
+        f"  building and writing the items of the first {rows:,} rows again ({len(chunks)} chunks, a transaction "
+        f"each; medians of {rounds} alternating rounds, fresh WAL databases; CPU time of this process, steadier "
+        "than wall time on a busy machine, and wall time):"
+    )
     print(f"    {'way':<46} {'build CPU':>9} {'write CPU':>9} {'vs now':>7} {'wall':>8}")
     first = None
     for name, *_ in ways:
         build, write, wall = (statistics.median(x[i] for x in seconds[name]) for i in range(3))
         first = first or build + write
-        print(f"    {name:<46} {1e6 * build / rows:6.2f} us {1e6 * write / rows:6.2f} us "
-              f"{(build + write) / first:6.2f}x {1e6 * wall / rows:5.1f} us  (per row)")
+        print(
+            f"    {name:<46} {1e6 * build / rows:6.2f} us {1e6 * write / rows:6.2f} us "
+            f"{(build + write) / first:6.2f}x {1e6 * wall / rows:5.1f} us  (per row)"
+        )
 
 
 INSERT_SQL = (
@@ -552,8 +608,16 @@ INSERT_SQL = (
 
 
 def tuple_rows(
-    evaluation_id: Any, score: str, start: int, chunk: pd.DataFrame, labels: pd.Series | None, batch: Any,
-    correct: np.ndarray | None, failed: np.ndarray, input_column: str | None, id_column: str | None,
+    evaluation_id: Any,
+    score: str,
+    start: int,
+    chunk: pd.DataFrame,
+    labels: pd.Series | None,
+    batch: Any,
+    correct: np.ndarray | None,
+    failed: np.ndarray,
+    input_column: str | None,
+    id_column: str | None,
 ) -> list[tuple[Any, ...]]:
     """The rows runner._rows builds, from the same per-column lists, zipped into tuples for executemany instead
     of a dict per row (whole-column string operations instead of _texts() measured no faster)."""
@@ -571,8 +635,21 @@ def tuple_rows(
         oks = [None if f else v for f, v in zip(failed.tolist(), oks, strict=True)]
     explanations = _texts(batch.explanations, EXPLANATION_CHARS) if batch.explanations is not None else none
     errors = _texts(batch.errors, EXPLANATION_CHARS) if batch.errors is not None else none
-    return list(zip(itertools.repeat(evaluation_id, n), itertools.repeat(score, n), range(start, start + n), ids,
-                    inputs, label_texts, predictions, oks, explanations, errors, strict=True))
+    return list(
+        zip(
+            itertools.repeat(evaluation_id, n),
+            itertools.repeat(score, n),
+            range(start, start + n),
+            ids,
+            inputs,
+            label_texts,
+            predictions,
+            oks,
+            explanations,
+            errors,
+            strict=True,
+        )
+    )
 
 
 # -- the report --------------------------------------------------------------------------------------------
@@ -587,21 +664,28 @@ def latency_row(name: str, latencies: list[float], extra: str = "") -> str:
     if not latencies:
         return f"  {name:<24} {0:>6}"
     ms = [1000 * x for x in latencies]
-    return (f"  {name:<24} {len(ms):>6} {statistics.median(ms):>7.2f} {p(ms, 0.99):>7.2f} {max(ms):>8.1f}"
-            f"{extra}")
+    return f"  {name:<24} {len(ms):>6} {statistics.median(ms):>7.2f} {p(ms, 0.99):>7.2f} {max(ms):>8.1f}{extra}"
 
 
 def cpu_text(phase: Phase) -> str:
-    return (f"   server {100 * phase.server_cpu / phase.wall:4.0f}%  workers "
-            f"{100 * phase.worker_cpu / phase.wall:4.0f}%")
+    return f"   server {100 * phase.server_cpu / phase.wall:4.0f}%  workers {100 * phase.worker_cpu / phase.wall:4.0f}%"
 
 
-def report(args: argparse.Namespace, idle: list[Phase], busy: list[Phase], runs: list[Run], raw: float,
-           read_parquet: float, upload: float) -> None:
+def report(
+    args: argparse.Namespace,
+    idle: list[Phase],
+    busy: list[Phase],
+    runs: list[Run],
+    raw: float,
+    read_parquet: float,
+    upload: float,
+) -> None:
     pinned = "server and worker pinned to one core" if _common.pinned() else "no pinning"
     nice = f", worker nice {args.worker_nice}" if args.worker_nice else ""
-    print(f"\n{args.rows:,} rows; get_task on a finished task once every {args.interval_ms:g} ms "
-          f"(lean client); {pinned}{nice}")
+    print(
+        f"\n{args.rows:,} rows; get_task on a finished task once every {args.interval_ms:g} ms "
+        f"(lean client); {pinned}{nice}"
+    )
     print(f"  {'phase':<24} {'calls':>6} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>8}   CPU (% of one core)")
     for n, phase in enumerate(idle):
         print(latency_row(phase.name, [s[1] for s in phase.samples], cpu_text(phase)))
@@ -614,20 +698,30 @@ def report(args: argparse.Namespace, idle: list[Phase], busy: list[Phase], runs:
                     print(latency_row(f"  during {stage}", [s[1] for s in b.samples if start <= s[0] < end]))
     idle_ms = [1000 * s[1] for phase in idle for s in phase.samples]
     busy_ms = [1000 * s[1] for phase in busy for s in phase.samples]
-    scoring_ms = [1000 * s[1] for b, run in zip(busy, runs, strict=True) for s in b.samples
-                  if "Scoring" in run.stages and run.stages["Scoring"][0] <= s[0] < run.stages["Scoring"][1]]
+    scoring_ms = [
+        1000 * s[1]
+        for b, run in zip(busy, runs, strict=True)
+        for s in b.samples
+        if "Scoring" in run.stages and run.stages["Scoring"][0] <= s[0] < run.stages["Scoring"][1]
+    ]
     ratio = statistics.median(busy_ms) / statistics.median(idle_ms)
-    print(f"  idle p50 {statistics.median(idle_ms):.2f} ms, busy p50 {statistics.median(busy_ms):.2f} ms: "
-          f"busy/idle p50 {ratio:.2f} (goal <= 2.0: {'met' if ratio <= 2.0 else 'NOT met'}); "
-          f"p99 idle {p(idle_ms, 0.99):.2f} ms, busy {p(busy_ms, 0.99):.2f} ms "
-          f"({p(busy_ms, 0.99) / p(idle_ms, 0.99):.1f}x)")
+    print(
+        f"  idle p50 {statistics.median(idle_ms):.2f} ms, busy p50 {statistics.median(busy_ms):.2f} ms: "
+        f"busy/idle p50 {ratio:.2f} (goal <= 2.0: {'met' if ratio <= 2.0 else 'NOT met'}); "
+        f"p99 idle {p(idle_ms, 0.99):.2f} ms, busy {p(busy_ms, 0.99):.2f} ms "
+        f"({p(busy_ms, 0.99) / p(idle_ms, 0.99):.1f}x)"
+    )
     if scoring_ms:
-        print(f"  during Scoring only: p50 {statistics.median(scoring_ms):.2f} ms "
-              f"({statistics.median(scoring_ms) / statistics.median(idle_ms):.2f}x idle), "
-              f"p99 {p(scoring_ms, 0.99):.2f} ms")
+        print(
+            f"  during Scoring only: p50 {statistics.median(scoring_ms):.2f} ms "
+            f"({statistics.median(scoring_ms) / statistics.median(idle_ms):.2f}x idle), "
+            f"p99 {p(scoring_ms, 0.99):.2f} ms"
+        )
     follow = [ms for run in runs for ms in run.follow_ms]
-    print(f"  follower: create_evaluation {statistics.median(r.create_call_ms for r in runs):.1f} ms, "
-          f"get_evaluation p50 {statistics.median(follow):.2f} ms (every {args.follow_s:g} s)")
+    print(
+        f"  follower: create_evaluation {statistics.median(r.create_call_ms for r in runs):.1f} ms, "
+        f"get_evaluation p50 {statistics.median(follow):.2f} ms (every {args.follow_s:g} s)"
+    )
 
     print(f"\nevaluation of {args.rows:,} rows (median of {len(runs)}), from get_task's times:")
 
@@ -642,20 +736,27 @@ def report(args: argparse.Namespace, idle: list[Phase], busy: list[Phase], runs:
     for stage in STAGES:
         if all(stage in r.stages for r in runs):
             parts.append((f"stage {stage}", med(lambda r, s=stage: r.stages[s][1] - r.stages[s][0])))
-    parts.append(("end (last stage -> COMPLETED)",
-                  med(lambda r: r.completed - max(end for _, end in r.stages.values()))))
+    parts.append(
+        ("end (last stage -> COMPLETED)", med(lambda r: r.completed - max(end for _, end in r.stages.values())))
+    )
     print(f"  {'created -> COMPLETED':<32} {total:8.2f} s   {args.rows / total:>9,.0f} rows/s")
     for name, seconds in parts:
         print(f"  {name:<32} {seconds:8.2f} s   {100 * seconds / total:5.1f}%")
     busy_wall = sum(b.wall for b in busy)
-    print(f"  CPU during the busy phases: server {sum(b.server_cpu for b in busy):.1f} s, workers "
-          f"{sum(b.worker_cpu for b in busy):.1f} s over {busy_wall:.1f} s; worker peak RSS "
-          f"{max(r.worker_peak_rss for r in runs) / 2**20:.0f} MiB")
-    print(f"  raw compute_metrics in this process, same frame: {1000 * raw:.1f} ms "
-          f"(read_parquet {1000 * read_parquet:.0f} ms; the upload of the Parquet body took {upload:.2f} s)")
-    print(f"  ratios: end-to-end / raw metrics {total / raw:,.0f}x; end-to-end / (read_parquet + raw metrics) "
-          f"{total / (read_parquet + raw):,.0f}x  (compute_metrics over the whole frame runs at the end of the "
-          "Scoring stage; the Metrics stage only stores them)")
+    print(
+        f"  CPU during the busy phases: server {sum(b.server_cpu for b in busy):.1f} s, workers "
+        f"{sum(b.worker_cpu for b in busy):.1f} s over {busy_wall:.1f} s; worker peak RSS "
+        f"{max(r.worker_peak_rss for r in runs) / 2**20:.0f} MiB"
+    )
+    print(
+        f"  raw compute_metrics in this process, same frame: {1000 * raw:.1f} ms "
+        f"(read_parquet {1000 * read_parquet:.0f} ms; the upload of the Parquet body took {upload:.2f} s)"
+    )
+    print(
+        f"  ratios: end-to-end / raw metrics {total / raw:,.0f}x; end-to-end / (read_parquet + raw metrics) "
+        f"{total / (read_parquet + raw):,.0f}x  (compute_metrics over the whole frame runs at the end of the "
+        "Scoring stage; the Metrics stage only stores them)"
+    )
     for run in runs[:1]:
         print_profiles(run.profiles)
 
