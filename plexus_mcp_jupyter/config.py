@@ -68,6 +68,10 @@ class PlexusSettings(Configurable):
         help="Most bytes of SSE events kept for resumption; the oldest go first past this or event_store_size.",
     ).tag(config=True)
 
+    worker_nice = Integer(
+        10, min=0, max=19, help="How much lower than the server's the priority of task workers is (Unix nice): "
+        "the server keeps answering quickly while workers are busy.",
+    ).tag(config=True)
     scorer_modules = Unicode(
         "plexus_mcp_jupyter.evaluations.examples",
         help="Comma-separated Python module prefixes whose functions API keys may name as python: scorers (a "

@@ -59,7 +59,8 @@ class PlexusRuntime:
             poll_interval=settings.poll_interval,
             # What every worker is told besides its task's parameters (never stored or shown to clients).
             worker_environment={"db_url": self.store.url, "root_dir": str(self.root_dir),
-                                "registered_dir": str(registered_dir), "redact_columns": settings.redact_columns},
+                                "registered_dir": str(registered_dir), "redact_columns": settings.redact_columns,
+                                "nice": settings.worker_nice},
         )
         self.catalog = DatasetCatalog(self.root_dir, registered_dir)
         self.kernel_scorers = KernelScorerRegistry()

@@ -8,6 +8,7 @@ and exactly one final message: ("done", output, tails), ("error", message, detai
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -86,6 +87,10 @@ def process_main(
     os.dup2(2, 1)
     # Ctrl-C in the server's terminal is the server's to handle; it stops workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Below the server's priority, so that a busy worker never slows the server's answers much.
+    if environment and environment.get("nice"):
+        with contextlib.suppress(OSError):
+            os.nice(int(environment["nice"]))
     try:
         def receive(timeout: float) -> Any:
             return conn.recv() if conn.poll(timeout) else None

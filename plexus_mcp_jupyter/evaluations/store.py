@@ -56,9 +56,15 @@ items_table = sa.Table(
     sa.Column("correct", sa.Boolean),  # null when the item could not be scored
     sa.Column("explanation", sa.Text),
     sa.Column("error", sa.Text),
-    sa.Index("ix_items_correct", "evaluation_id", "score", "correct", "seq"),
     sa.Index("ix_items_label", "evaluation_id", "score", "label_class", "seq"),
 )
+
+# only_mismatches reads the wrong and unscored items: a partial index holds only those (most items are right),
+# which costs a fraction of a full index on every insert. The query's condition is the index's, word for word,
+# so that the database can use it.
+MISMATCH = items_table.c.correct.is_not(True)
+sa.Index("ix_items_mismatches", items_table.c.evaluation_id, items_table.c.score, items_table.c.seq,
+         sqlite_where=MISMATCH, postgresql_where=MISMATCH)
 
 ITEM_COLUMNS = ("seq", "item_id", "input", "label", "prediction", "correct", "explanation", "error")
 # The order of the rows the runner writes (after evaluation_id and score).
@@ -270,7 +276,7 @@ def _items_query(only_mismatches: bool, label: bool, after: bool) -> sa.Select[A
     )
     if only_mismatches:
         # Items scored wrong, and items that could not be scored (an error, or no prediction).
-        query = query.where(sa.or_(i.c.correct.is_(False), i.c.correct.is_(None)))
+        query = query.where(MISMATCH)
     if label:
         query = query.where(i.c.label_class == sa.bindparam("label"))
     if after:

@@ -57,7 +57,8 @@ class LocalExecutor(Executor):
         self.start_method = start_method or ("forkserver" if "forkserver" in methods else "spawn")
         self._mp: Any = mp.get_context(self.start_method)
         if self.start_method == "forkserver":
-            self._mp.set_forkserver_preload(["plexus_mcp_jupyter.core.worker"])
+            # The evaluation runner too: pandas, pyarrow and SQLAlchemy cost 0.5-1.8 s to import in every worker.
+            self._mp.set_forkserver_preload(["plexus_mcp_jupyter.core.worker", "plexus_mcp_jupyter.evaluations.runner"])
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running: dict[str, _Running] = {}
         self._lock = threading.Lock()
