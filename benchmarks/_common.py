@@ -204,3 +204,8 @@ class LeanSession:
 
 def tempdir() -> tempfile.TemporaryDirectory[str]:
     return tempfile.TemporaryDirectory(prefix="plexus-bench-")
+
+
+def med(runs: list[dict], tool: str, key: str) -> float:
+    """The median of one figure over rounds (runs: one dict per round, by tool then figure)."""
+    return statistics.median(r[tool][key] for r in runs)

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import timeit
 from pathlib import Path
 
 import httpx2
-from _common import TOKEN, jupyter_server, pin_client, tempdir
+from _common import TOKEN, jupyter_server, med, pin_client, tempdir
 from bench_tools_call import TOOLS, lean_round, sdk_round, seed
 
 KEY_RATE = 10_000  # requests per second: the largest per-key rate_limit the key store accepts
@@ -57,10 +56,6 @@ def in_process_cost(tmp: Path, n: int = 20_000) -> dict[str, float]:
     }
     store.close()
     return out
-
-
-def med(runs: list[dict], tool: str, key: str) -> float:
-    return statistics.median(r[tool][key] for r in runs)
 
 
 async def main() -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 from pathlib import Path
 
 from _common import (
@@ -28,6 +27,7 @@ from _common import (
     client,
     cpu_seconds,
     jupyter_server,
+    med,
     pin_client,
     summarize,
     tempdir,
@@ -85,10 +85,6 @@ async def lean_round(url: str, token: str | None, task_id: str, calls: int, warm
             await time_calls(call, warmup)
             out[tool] = summarize(await time_calls(call, calls))
     return out
-
-
-def med(runs: list[dict], tool: str, key: str) -> float:
-    return statistics.median(r[tool][key] for r in runs)
 
 
 async def main() -> None:

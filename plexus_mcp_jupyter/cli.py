@@ -145,11 +145,15 @@ def cmd_keys(args: argparse.Namespace) -> int:
             print(json.dumps(key.to_dict()))
             print("Revoked: servers refuse it within seconds and close its open streams.", file=sys.stderr)
     except PlexusError as exc:
-        print(f"plexus: {exc}", file=sys.stderr)
-        return 2
+        return _fail(exc)
     finally:
         audit.close()
     return 0
+
+
+def _fail(exc: Exception) -> int:
+    print(f"plexus: {exc}", file=sys.stderr)
+    return 2
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -168,8 +172,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
             for record in reversed(page):
                 print(json.dumps(record, default=str))
     except PlexusError as exc:
-        print(f"plexus: {exc}", file=sys.stderr)
-        return 2
+        return _fail(exc)
     finally:
         audit.close()
     return 0

@@ -100,10 +100,7 @@ class StandaloneMCPHandler(_StandaloneHandler):
 
     def _end_stream(self) -> None:
         if self._bridge is not None:
-            self._bridge.disconnected.set()
-        connection = self.request.connection
-        if connection is not None and hasattr(connection, "close"):
-            connection.close()
+            self._bridge.end()
 
     post = get = delete = _serve
 

@@ -196,6 +196,13 @@ class MCPBridge:
         if not self.handler._finished and not self.disconnected.is_set():
             self.handler.finish()
 
+    def end(self) -> None:
+        """End the response now (its API key was revoked): the SDK sees a disconnect, the client a closed stream."""
+        self.disconnected.set()
+        connection = self.handler.request.connection
+        if connection is not None and hasattr(connection, "close"):
+            connection.close()
+
     async def _flush(self) -> None:
         self._unflushed = 0
         try:

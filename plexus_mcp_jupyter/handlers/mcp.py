@@ -56,10 +56,7 @@ class MCPHandler(PlexusHandler):
 
     def _end_stream(self) -> None:
         if self._bridge is not None:
-            self._bridge.disconnected.set()
-        connection = self.request.connection
-        if connection is not None and hasattr(connection, "close"):
-            connection.close()
+            self._bridge.end()
 
     async def delete(self) -> None:
         await self._serve()
