@@ -72,7 +72,8 @@ class PlexusRuntime:
         self.manager.max_unfinished_per_key = settings.max_tasks_per_key
         self.manager.request_handlers["kernel_score"] = self._kernel_score
         self.evaluations = EvaluationService(self.manager, EvaluationStore(self.store.engine), self.catalog,
-                                             self.kernel_scorers, settings.scorer_modules.split(","))
+                                             self.kernel_scorers, settings.scorer_modules.split(","),
+                                             settings.redact_columns.split(","))
         self.mcp = build_mcp_server(self.manager, self.evaluations, self.audit)
         self.endpoint = MCPEndpoint(
             self.mcp,
@@ -88,7 +89,7 @@ class PlexusRuntime:
         """A worker's request to score a chunk with a notebook kernel's scorer."""
         if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list):
             raise InvalidArgument("a kernel_score request is {scorer, inputs: [...]}")
-        return await self.kernel_scorers.score(str(payload.get("scorer")), payload["inputs"])
+        return await self.kernel_scorers.score(str(payload.get("scorer")), payload["inputs"], owner=task.owner)
 
     # -- API keys ----------------------------------------------------------------------------------
 
@@ -110,9 +111,17 @@ class PlexusRuntime:
         """Remember a long-lived stream (event WebSocket, MCP SSE) of an API key; returns the forget function."""
         if principal.key_id is None:
             return lambda: None
-        closers = self._streams.setdefault(principal.key_id, set())
-        closers.add(close)
-        return lambda: closers.discard(close)
+        key_id = principal.key_id
+        self._streams.setdefault(key_id, set()).add(close)
+
+        def forget() -> None:
+            closers = self._streams.get(key_id)
+            if closers is not None:
+                closers.discard(close)
+                if not closers:  # the watcher checks only keys with open streams
+                    del self._streams[key_id]
+
+        return forget
 
     def revoke_key(self, key_id: str, by: Principal | None = None) -> ApiKey:
         """Revoke a key: its next request is refused and its open streams are closed now."""
@@ -134,7 +143,8 @@ class PlexusRuntime:
             await asyncio.sleep(CACHE_SECONDS)
             for key_id in list(self._streams):
                 try:
-                    active = self.keys.get(key_id).status() == "active"
+                    key = await asyncio.to_thread(self.keys.get, key_id)
+                    active = key.status() == "active"
                 except NotFound:
                     active = False
                 except Exception:

@@ -218,3 +218,63 @@ async def test_a_viewer_key_cannot_serve_scorers_on_the_event_stream(jp_ws_fetch
     assert answer["type"] == "error" and "permission denied" in answer["message"]
     assert runtime.kernel_scorers.names() == []
     ws.close()
+
+
+async def test_evaluation_tasks_cannot_be_dispatched_directly(jp_fetch, keys, runtime):
+    body = {"type": "evaluation", "params": {"evaluation_id": "x", "type": "accuracy", "dataset": "example:fraud",
+                                             "scores": [{"name": "s", "scorer": {"kind": "python",
+                                                                                 "function": "os:system"}}]}}
+    for credential in (keys["operator"], keys["admin"]):
+        with pytest.raises(Exception) as refused:
+            await jp_fetch("plexus", "api", "tasks", method="POST", body=json.dumps(body),
+                           headers={"Authorization": f"Bearer {credential}"})
+        assert refused.value.code == 400 and "create_evaluation" in refused.value.response.body.decode()
+
+
+async def test_api_keys_cannot_walk_out_of_an_allowed_module(mcp_url, keys, runtime):
+    async with open_client(mcp_url, keys["operator"]) as client:
+        escape = await client.call_tool("create_evaluation", {
+            "type": "accuracy", "dataset": "example:sentiment", "label_column": "label",
+            "scorer": "python:plexus_mcp_jupyter.evaluations.examples.scorers:pd.io.common.os.system"})
+    assert escape.is_error and "no dotted or private attribute" in escape.content[0].text
+
+
+async def test_a_keys_kernel_scorer_never_scores_someone_elses_evaluation(jp_ws_fetch, mcp_url, token, keys, runtime):
+    ws = await jp_ws_fetch("plexus", "api", "events", params={"ids": "none"},
+                           headers={"Authorization": f"Bearer {keys['operator']}"})
+    assert json.loads(await ws.read_message())["type"] == "hello"
+    ws.write_message(json.dumps({"type": "register_scorer", "name": "my_model"}))
+    assert json.loads(await asyncio.wait_for(ws.read_message(), 5))["type"] == "scorer_registered"
+    async with open_client(mcp_url, token) as notebook_user, open_client(mcp_url, keys["operator2"]) as other:
+        for client in (notebook_user, other):
+            refused = await client.call_tool("create_evaluation", {
+                "type": "accuracy", "dataset": "example:sentiment", "label_column": "label",
+                "scorer": "kernel:my_model"})
+            assert refused.is_error and "no kernel scorer 'my_model'" in refused.content[0].text
+    ws.close()
+
+
+async def test_revoking_with_the_whole_credential_works_and_keeps_the_secret_out_of_the_audit(jp_fetch, runtime):
+    key, secret = runtime.keys.create("leaked", "operator")
+    response = await jp_fetch("plexus", "api", "keys", secret, method="DELETE")
+    assert json.loads(response.body)["status"] == "revoked"
+    runtime.audit.flush()
+    records, _ = runtime.audit.query(limit=50)
+    assert secret not in json.dumps(records) and any(key.id in (r["target"] or "") for r in records)
+
+
+async def test_a_key_cannot_replace_someone_elses_dataset(jp_fetch, keys, runtime):
+    import io
+
+    import pandas as pd
+
+    buffer = io.BytesIO()
+    pd.DataFrame({"text": ["a", "b"], "label": ["x", "y"]}).to_parquet(buffer)
+    parquet = {"Content-Type": "application/vnd.apache.parquet"}
+    await jp_fetch("plexus", "api", "datasets", method="POST", body=buffer.getvalue(), headers=dict(parquet),
+                   params={"name": "shared"})
+    with pytest.raises(Exception) as refused:
+        await jp_fetch("plexus", "api", "datasets", method="POST", body=buffer.getvalue(),
+                       headers={**parquet, "Authorization": f"Bearer {keys['operator']}"},
+                       params={"name": "shared", "replace": "true"})
+    assert refused.value.code == 403 and "only they or an admin" in refused.value.response.body.decode()

@@ -95,7 +95,7 @@ class TaskContext:
         """A line for the task's stderr tail."""
         self._send(("log", str(message)))
 
-    def request(self, kind: str, payload: Any, timeout: float = 600.0) -> Any:
+    def request(self, kind: str, payload: Any, timeout: float = 660.0) -> Any:
         """Ask the server for something only it can do (e.g. score a chunk in a notebook kernel) and wait.
 
         Raises PlexusError with the server's message when it refuses, TaskCancelled when the task is

@@ -55,6 +55,7 @@ class _RunState:
     cancel_requested: bool = False
     kill_timer: asyncio.TimerHandle | None = None
     log_tail: list[str] = field(default_factory=list)
+    requests: set[asyncio.Future[Any]] = field(default_factory=set)  # the task's requests being served
     exited: int | None = None  # the worker's exit code, once it has ended
     closing: ProgressDecision | None = None  # the final stage change, computed once
 
@@ -82,7 +83,6 @@ class TaskManager:
         # Handlers of requests tasks send to the server (TaskContext.request), by kind.
         self.request_handlers: dict[str, Callable[[Task, Any], Awaitable[Any]]] = {}
         self.max_unfinished_per_key = 0  # 0: no cap; API keys (owners key:<id>) may have at most this many
-        self._background: set[asyncio.Future[Any]] = set()
         self.bus = bus
         self.executor = executor
         self.max_concurrency = max_concurrency
@@ -284,9 +284,16 @@ class TaskManager:
         priority: int = 0,
         owner: str | None = None,
         description: str | None = None,
+        internal: bool = False,
     ) -> Task:
-        """Create a task, QUEUED, and return it at once; the scheduler starts it when a slot is free."""
+        """Create a task, QUEUED, and return it at once; the scheduler starts it when a slot is free.
+
+        Internal task types (evaluations) are refused unless `internal`: only their service creates them.
+        """
         task_type = get_task_type(type)
+        if task_type.internal and not internal:
+            raise InvalidArgument(f"{type} tasks are created by their own tools (create_evaluation, POST "
+                                  "plexus/api/evaluations), not dispatched directly")
         if self.max_unfinished_per_key and owner is not None and owner.startswith(KEY_OWNER_PREFIX):
             unfinished = self.store.count_tasks(TaskFilter(
                 statuses=(TaskStatus.PENDING, TaskStatus.QUEUED, TaskStatus.RUNNING), owner=owner))
@@ -459,7 +466,7 @@ class TaskManager:
             state.final = msg
         elif kind == "request":
             _, request_id, request_kind, payload = msg
-            self._loop_task(self._serve_request(state.task, request_id, str(request_kind), payload))
+            self._loop_task(self._serve_request(state.task, request_id, str(request_kind), payload), state)
         elif kind == "exit":
             self._finish(task_id, exitcode=msg[1])
 
@@ -475,12 +482,14 @@ class TaskManager:
         except Exception as exc:
             log.exception("Plexus: the %r request of task %s failed", kind, task.id)
             reply = ("reply", request_id, False, f"the server could not serve {kind!r}: {type(exc).__name__}: {exc}")
-        self.executor.reply(task.id, reply)
+        # A large answer to a worker that stopped reading would block a plain send: off the event loop.
+        await asyncio.get_running_loop().run_in_executor(None, self.executor.reply, task.id, reply)
 
-    def _loop_task(self, coro: Any) -> None:
+    def _loop_task(self, coro: Any, state: _RunState) -> None:
+        """Run a request's handler; it is cancelled when its task ends (nobody waits for the answer then)."""
         task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        state.requests.add(task)
+        task.add_done_callback(state.requests.discard)
 
     def _apply(self, state: _RunState, decision: ProgressDecision, kind: str) -> None:
         task = state.task
@@ -492,6 +501,9 @@ class TaskManager:
         """Record how a task ended. The run state is dropped only once the final write committed:
         if the store fails, the task keeps its slot and `_maintain` tries again."""
         state = self._running.get(task_id)
+        if state is not None:
+            for request in state.requests:
+                request.cancel()
         if state is None:
             return
         state.exited = exitcode if exitcode is not None else -1

@@ -20,6 +20,8 @@ class TaskType:
     validate: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
     # An idempotent task may be re-queued after a server crash instead of failed.
     idempotent: bool = False
+    # Created only by the service that owns it (which checked its parameters), never directly by a client.
+    internal: bool = False
 
 
 _REGISTRY: dict[str, TaskType] = {}
@@ -71,6 +73,7 @@ def _register_builtin() -> None:
             description="An evaluation of a scorer on a dataset (created by create_evaluation).",
             validate=_evaluation_params,
             idempotent=True,  # its items are keyed by position: a re-run after a crash rewrites them
+            internal=True,  # its parameters name code to import and records to write: only the service makes them
         )
     )
 

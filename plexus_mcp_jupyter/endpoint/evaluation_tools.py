@@ -199,7 +199,8 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService) -> 
     )
     @client_errors
     async def list_scorers() -> Annotated[CallToolResult, ScorerList]:
-        scorers = service.scorers()
+        principal = current_principal()
+        scorers = service.scorers(principal.owner, principal.is_admin)
         return result("Scorer kinds: " + ", ".join(scorers["kinds"]), scorers)
 
     _register_resources(server, service)

@@ -335,6 +335,20 @@ class DatasetCatalog:
 
     # --- registering -----------------------------------------------------------------------------------
 
+    def owner_of(self, name: str) -> str | None:
+        """Who registered `name` (its sidecar `.<name>.owner`), None when unknown (before owners were kept)."""
+        _check_registered_name(name)
+        path = self.registered_dir / f".{name}.owner"
+        try:
+            return path.read_text(encoding="utf-8").strip() or None
+        except OSError:
+            return None
+
+    def set_owner(self, name: str, owner: str | None) -> None:
+        _check_registered_name(name)
+        self.registered_dir.mkdir(parents=True, exist_ok=True)
+        (self.registered_dir / f".{name}.owner").write_text(owner or "", encoding="utf-8")
+
     def register(self, name: str, df: pd.DataFrame, *, replace: bool = False) -> DatasetInfo:
         """Store `df` as the registered dataset `name` (ref ``registered:<name>``).
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..core.errors import InvalidArgument, NotFound, PlexusError
+from ..core.store import KEY_OWNER_PREFIX
 
 NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 DEFAULT_TIMEOUT = 600.0
@@ -34,7 +35,13 @@ class KernelScorer:
     name: str
     batch: bool
     channel: ScorerChannel
+    owner: str | None = None  # who registered it (the notebook user, or an API key)
     pending: dict[str, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
+
+    def serves(self, owner: str | None) -> bool:
+        """A key's scorer scores only that key's evaluations (it would see the data and choose the answers);
+        the notebook user's scorers serve anyone who may start an evaluation."""
+        return self.owner == owner or not (self.owner or "").startswith(KEY_OWNER_PREFIX)
 
 
 class KernelScorerRegistry:
@@ -48,18 +55,22 @@ class KernelScorerRegistry:
     def names(self) -> list[str]:
         return sorted(self._scorers)
 
-    def describe(self) -> list[dict[str, Any]]:
-        return [{"spec": f"kernel:{s.name}", "batch": s.batch} for s in sorted(self._scorers.values(),
-                                                                               key=lambda s: s.name)]
+    def describe(self, owner: str | None = None, everything: bool = True) -> list[dict[str, Any]]:
+        """The scorers `owner` may use (all of them for an admin: `everything`)."""
+        return [{"spec": f"kernel:{s.name}", "batch": s.batch}
+                for s in sorted(self._scorers.values(), key=lambda s: s.name) if everything or s.serves(owner)]
 
-    def register(self, channel: ScorerChannel, name: Any, batch: Any = True) -> None:
+    def register(self, channel: ScorerChannel, name: Any, batch: Any = True, owner: str | None = None) -> None:
         if not isinstance(name, str) or not NAME.match(name):
             raise InvalidArgument(f"a scorer name is 1 to 64 letters, digits, '_', '.' or '-', not {name!r}")
         current = self._scorers.get(name)
         if current is not None and current.channel is not channel:
             raise InvalidArgument(f"a scorer named {name!r} is already registered by another kernel: choose "
                                   "another name, or unregister it there")
-        self._scorers[name] = KernelScorer(name, bool(batch), channel)
+        if current is not None:  # the same kernel again (a re-run cell): requests waiting for it keep waiting
+            current.batch = bool(batch)
+            return
+        self._scorers[name] = KernelScorer(name, bool(batch), channel, owner)
 
     def unregister(self, channel: ScorerChannel, name: str) -> None:
         scorer = self._scorers.get(name)
@@ -72,17 +83,18 @@ class KernelScorerRegistry:
             self._drop(scorer, f"the kernel that registered scorer {scorer.name!r} disconnected (restarted, shut "
                                "down or lost its connection): register the scorer again and restart the evaluation")
 
-    def check(self, name: str) -> None:
-        """InvalidArgument unless a kernel serves `name` now (create_evaluation checks before dispatching)."""
-        if name not in self._scorers:
-            known = ", ".join(self.names()) or "none"
+    def check(self, name: str, owner: str | None = None) -> None:
+        """InvalidArgument unless a kernel serves `name` now for `owner`'s evaluation (checked before dispatch)."""
+        scorer = self._scorers.get(name)
+        if scorer is None or not scorer.serves(owner):
+            known = ", ".join(s.name for s in self._scorers.values() if s.serves(owner)) or "none"
             raise InvalidArgument(f"no kernel scorer {name!r} is registered (registered: {known}); register one in a "
                                   "notebook with plexus.register_scorer(name, fn)")
 
-    async def score(self, name: str, inputs: list[Any]) -> dict[str, Any]:
-        """Predictions for `inputs` from the kernel's scorer: {predictions, explanations, errors}."""
+    async def score(self, name: str, inputs: list[Any], owner: str | None = None) -> dict[str, Any]:
+        """Predictions for `inputs` from the kernel's scorer, for `owner`'s evaluation."""
         scorer = self._scorers.get(name)
-        if scorer is None:
+        if scorer is None or not scorer.serves(owner):
             raise NotFound(f"kernel scorer {name!r} is not registered any more: its kernel went away or "
                            "unregistered it")
         request_id = f"s{next(self._ids)}"

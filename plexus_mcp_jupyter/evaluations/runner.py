@@ -23,7 +23,16 @@ from ..core.store import make_engine
 from .datasets import DatasetCatalog, require_columns
 from .metrics import LabelNormalization, compute_metrics, consistency_metrics, normalize_labels
 from .sampling import sample_frame
-from .scorers import DEFAULT_INPUT_COLUMN, KernelScorerSpec, ScoreBatch, Scorer, kernel_scorer_spec, scorer_from_spec
+from .scorers import (
+    DEFAULT_INPUT_COLUMN,
+    KernelScorerSpec,
+    ScoreBatch,
+    Scorer,
+    import_function,
+    kernel_scorer_spec,
+    module_allowed,
+    scorer_from_spec,
+)
 from .store import SETUP_STAGE, EvaluationStore
 
 EXCERPT_CHARS = 200
@@ -45,11 +54,20 @@ def run_evaluation(
     runs: int = 1,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     normalization: dict[str, Any] | None = None,
+    scorer_modules: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Score a dataset, record its items and metrics; return a short summary (the task's output)."""
+    """Score a dataset, record its items and metrics; return a short summary (the task's output).
+
+    `scorer_modules`, set for an API key's evaluation, restricts python: scorers to functions defined there.
+    """
     env = ctx.environment
     store = EvaluationStore(make_engine(env["db_url"]))
     try:
+        record = store.get(evaluation_id)
+        if record is None or record["task_id"] != ctx.task_id:
+            raise InvalidArgument(f"evaluation {evaluation_id!r} does not belong to this task")
+        if scorer_modules is not None:
+            _check_functions(scores, scorer_modules)
         # A re-run (a re-queued task after a crash) starts from nothing: no items or metrics of an earlier run.
         store.reset(evaluation_id)
         return _run(ctx, store, evaluation_id, type, dataset, scores, label_column, input_column, id_column, sample,
@@ -123,6 +141,17 @@ class KernelRelay(Scorer):
         errors = series(answer["errors"])
         return ScoreBatch(series(answer["predictions"]), series(answer["explanations"]),  # type: ignore[arg-type]
                           errors if errors is not None and errors.notna().any() else None)
+
+
+def _check_functions(scores: list[dict[str, Any]], prefixes: list[str]) -> None:
+    """An API key's python: scorers must be functions defined in an allowed module (checked after import)."""
+    for score in scores:
+        spec = score["scorer"]
+        if isinstance(spec, dict) and spec.get("kind") == "python":
+            module = getattr(import_function(spec["function"]), "__module__", "") or ""
+            if not module_allowed(module, prefixes):
+                raise InvalidArgument(f"python scorer {spec['function']!r} is defined in {module!r}, not in an "
+                                      f"allowed module ({', '.join(prefixes)})")
 
 
 def _build_scorer(ctx: TaskContext, spec: dict[str, Any], input_column: str | None) -> Scorer:

@@ -368,6 +368,11 @@ def kernel_scorer_spec(spec: object, *, input_column: str | None = None) -> Kern
                             name=checked.get("name"))
 
 
+def module_allowed(module: str, prefixes: Sequence[str]) -> bool:
+    """Whether `module` is one of `prefixes` or inside one (the scorer_modules allowlist)."""
+    return any(module == prefix or module.startswith(prefix + ".") for prefix in prefixes)
+
+
 def import_function(path: str) -> Callable[..., Any]:
     """The callable at 'package.module:attribute'; SpecError says which part failed and why."""
     module_name, _, attribute = path.partition(":")

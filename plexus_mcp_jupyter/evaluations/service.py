@@ -22,7 +22,7 @@ from .datasets import DatasetCatalog
 from .kernel_scorers import KernelScorerRegistry
 from .sampling import check_sample
 from .scorecards import load_scorecard
-from .scorers import SCORER_KINDS, normalize_spec
+from .scorers import SCORER_KINDS, module_allowed, normalize_spec
 from .store import EvaluationFilter, EvaluationStatus, EvaluationStore, ItemFilter, parse_statuses
 
 EVALUATION_TYPES = ("accuracy", "feedback", "consistency")
@@ -47,7 +47,9 @@ class EvaluationService:
     """Evaluations over one TaskManager, EvaluationStore and DatasetCatalog."""
 
     def __init__(self, manager: TaskManager, store: EvaluationStore, catalog: DatasetCatalog,
-                 kernel_scorers: KernelScorerRegistry | None = None, scorer_modules: Sequence[str] = ()) -> None:
+                 kernel_scorers: KernelScorerRegistry | None = None, scorer_modules: Sequence[str] = (),
+                 redact_columns: Sequence[str] = ()) -> None:
+        self.redacted = frozenset(c.strip() for c in redact_columns if c.strip())
         self.scorer_modules = tuple(m.strip() for m in scorer_modules if m.strip())
         self.manager = manager
         self.store = store
@@ -116,14 +118,16 @@ class EvaluationService:
         if sample is not None and sample.get("seed") is None:
             # Chosen now and kept in the definition: a re-run after a crash scores the same rows.
             sample["seed"] = secrets.randbelow(2**31)
+        restricted = False
         columns = self.catalog.columns(dataset)
         wanted = {"label_column": label_column, "input_column": input_column, "id_column": id_column}
         for score in scores:
             spec = score["scorer"]
             if spec.get("kind") == "kernel":
-                self.kernel_scorers.check(spec["function"])
+                self.kernel_scorers.check(spec["function"], owner)
             if spec.get("kind") == "python" and not trusted:
                 self._check_importable(spec["function"])
+                restricted = True
             if spec.get("kind") == "column":
                 wanted[f"score {score['name']!r} column"] = spec["column"]
             elif spec.get("input_column") or input_column:
@@ -134,17 +138,23 @@ class EvaluationService:
             if score.get("label_column"):
                 wanted[f"score {score['name']!r} label column"] = score["label_column"]
         for what, column in wanted.items():
+            if column in self.redacted and what != "id_column" and "input" not in what:
+                # Predictions and labels appear in results and metrics: a redacted column cannot be either.
+                raise InvalidArgument(f"{what.replace('_', ' ')} {column!r} is redacted (redact_columns): its values "
+                                      "would appear in results and metrics; ask an admin, or use another column")
             if column is not None and column not in columns:
                 raise InvalidArgument(f"{what.replace('_', ' ')} {column!r} is not in dataset {dataset!r}; "
                                       f"its columns: {_listing(columns)}")
         evaluation_id = str(uuid.uuid4())
-        params = {
+        params: dict[str, Any] = {
             "evaluation_id": evaluation_id, "type": type, "dataset": dataset, "scores": scores,
             "label_column": label_column, "input_column": input_column, "id_column": id_column,
             "sample": sample, "runs": runs if type == "consistency" else 1,
         }
+        if restricted:  # the worker checks again, after importing, where the function really comes from
+            params["scorer_modules"] = list(self.scorer_modules)
         task = self.manager.dispatch("evaluation", params, priority=priority, owner=owner,
-                                     description=f"{type} evaluation of {dataset}")
+                                     description=f"{type} evaluation of {dataset}", internal=True)
         definition = {k: v for k, v in params.items() if k not in ("evaluation_id", "type", "dataset")}
         if scorecard is not None:
             definition["scorecard"] = scorecard
@@ -157,8 +167,12 @@ class EvaluationService:
         return self.get(evaluation_id), task
 
     def _check_importable(self, path: str) -> None:
-        module = path.partition(":")[0]
-        if not any(module == prefix or module.startswith(prefix + ".") for prefix in self.scorer_modules):
+        module, _, attribute = path.partition(":")
+        if "." in attribute or attribute.startswith("_"):
+            # module:a.b walks attributes, which reaches other modules (pd.io.common.os.system): not for keys.
+            raise InvalidArgument(f"python scorer {path!r}: API keys may name a function defined in an allowed "
+                                  "module as module:function (no dotted or private attribute)")
+        if not module_allowed(module, self.scorer_modules):
             raise InvalidArgument(
                 f"python scorer {path!r} is not in a module API keys may use (scorer_modules: "
                 f"{', '.join(self.scorer_modules) or 'none'}); an admin can add its module to scorer_modules, or "
@@ -264,7 +278,7 @@ class EvaluationService:
     def datasets(self, *, include_files: bool = True, limit: int = 200) -> list[dict[str, Any]]:
         return [info.to_dict() for info in self.catalog.list(include_files=include_files, limit=limit)]
 
-    def scorers(self) -> dict[str, Any]:
+    def scorers(self, owner: str | None = None, everything: bool = True) -> dict[str, Any]:
         """The scorer kinds and their spec forms, and the example scorers shipped with the package."""
         return {
             "kinds": {
@@ -280,7 +294,7 @@ class EvaluationService:
                  "for": "example:topics"},
                 {"spec": "column:prediction", "for": "example:sentiment, example:topics, example:fraud"},
             ],
-            "kernel_scorers": self.kernel_scorers.describe(),
+            "kernel_scorers": self.kernel_scorers.describe(owner, everything),
         }
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+from tornado import web
 
 from ..core.errors import InvalidArgument, PlexusError
 from ..evaluations.service import parse_flag
@@ -86,12 +87,18 @@ class EvaluationResultsHandler(PlexusHandler):
 class DatasetHandler(PlexusHandler):
     async def get(self, ref: str) -> None:
         """One dataset: rows, columns, and the label distribution (?label_column=...; default 'label')."""
+        label_column = self.get_argument("label_column", None)
         try:
+            if label_column in self.runtime.evaluations.redacted:
+                raise InvalidArgument(f"column {label_column!r} is redacted (redact_columns): its values are not shown")
             info = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: self.runtime.catalog.describe(ref, self.get_argument("label_column", None)))
+                None, lambda: self.runtime.catalog.describe(ref, label_column))
         except PlexusError as exc:
             raise http_error(exc) from None
-        self.reply(info.to_dict())
+        data = info.to_dict()
+        if data.get("label_column") in self.runtime.evaluations.redacted:  # the default `label` column
+            data["label_distribution"] = None
+        self.reply(data)
 
 
 class DatasetsHandler(PlexusHandler):
@@ -120,11 +127,18 @@ class DatasetsHandler(PlexusHandler):
             loop = asyncio.get_running_loop()
             frame = await loop.run_in_executor(None, self._frame)
             catalog = self.runtime.catalog
-            if not replace and name in catalog.registered_names():
+            taken = name in catalog.registered_names()
+            if not replace and taken:
                 self.reply({"message": f"a dataset named {name!r} is already registered: pass replace=true to "
                                        "replace it, or choose another name"}, status=409)
                 return
+            owner = catalog.owner_of(name) if taken else None
+            if taken and not self.principal.is_admin and owner != self.principal.owner:
+                # Another caller's data: replacing it would change what their evaluations score.
+                raise web.HTTPError(403, f"permission denied: dataset {name!r} was registered by "
+                                         f"{owner or 'the notebook user'}; only they or an admin may replace it")
             info = await loop.run_in_executor(None, lambda: catalog.register(name, frame, replace=replace))
+            catalog.set_owner(name, self.principal.owner)
         except PlexusError as exc:
             raise http_error(exc) from None
         self.reply(info.to_dict(), status=201)

@@ -131,7 +131,7 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
             if kind in ("register_scorer", "score_result", "score_error") and not self.principal.may("register"):
                 raise InvalidArgument(self.principal.denial("register"))
             if kind == "register_scorer":
-                registry.register(self, data.get("name"), data.get("batch", True))
+                registry.register(self, data.get("name"), data.get("batch", True), owner=self.principal.owner)
                 self.runtime.audit.record(self.principal, "scorer.register", target=str(data.get("name")),
                                           client=self.request.remote_ip)
                 self.send_json({"type": "scorer_registered", "name": data["name"]})

@@ -23,6 +23,7 @@ from ..core.errors import InvalidArgument
 from ..core.models import iso, parse_iso
 from ..core.store import decode_position, encode_position, metadata
 from .identity import Principal
+from .keys import without_secrets
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
@@ -57,8 +58,8 @@ def redact(value: Any, sensitive: Iterable[str] = DEFAULT_SENSITIVE) -> Any:
         return {k: REDACTED if any(n in str(k).lower() for n in names) else redact(v, names) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [redact(v, names) for v in value]
-    if isinstance(value, str) and value.startswith("plx_"):
-        return REDACTED  # an API key passed as a value
+    if isinstance(value, str):
+        return without_secrets(value)  # an API key passed as (or in) a value
     return value
 
 
@@ -81,7 +82,8 @@ class AuditLog:
         row = {
             "at": time.time(), "owner": principal.owner if principal else None,
             "key_id": principal.key_id if principal else None, "role": principal.role.value if principal else None,
-            "action": action[:128], "target": (target or None) and str(target)[:500], "outcome": outcome,
+            "action": action[:128], "target": without_secrets(str(target))[:500] if target else None,
+            "outcome": outcome,
             "client": client, "details": json.loads(text) if len(text) <= MAX_DETAIL_CHARS else {"truncated": True},
         }
         try:
@@ -97,11 +99,16 @@ class AuditLog:
             time.sleep(0.01)
 
     def close(self) -> None:
-        self.flush()
-        self._queue.put(None)
+        self.flush(timeout=2.0)
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:  # the writer is stuck: it is a daemon thread, and what is queued is lost
+            log.warning("Plexus: the audit log could not be closed cleanly; %d record(s) unwritten",
+                        self._queue.qsize())
 
     def _write_loop(self) -> None:
-        while True:
+        stopping = False
+        while not stopping:
             first = self._queue.get()
             if first is None:
                 self._queue.task_done()
@@ -113,7 +120,7 @@ class AuditLog:
                 except queue.Empty:
                     break
                 if item is None:
-                    self._queue.put(None)  # seen after this batch
+                    stopping = True  # after this batch
                     self._queue.task_done()
                     break
                 batch.append(item)

@@ -88,6 +88,20 @@ class KeyRejected(Exception):
     """The credential looks like a Plexus key but is not a valid one (the message says why, safely)."""
 
 
+def key_id_of(text: str) -> str:
+    """The id in an id, a prefix plx_<id>, or a whole credential plx_<id>_<secret>."""
+    match = KEY_PATTERN.match(text)
+    return match.group(1) if match else text.removeprefix(PREFIX)
+
+
+SECRET_IN_TEXT = re.compile(r"(plx_[a-z0-9]{12})_[A-Za-z0-9_-]+")
+
+
+def without_secrets(text: str) -> str:
+    """`text` with the secret of any API key in it replaced (paths, messages): plx_<id>_[redacted]."""
+    return SECRET_IN_TEXT.sub(r"\1_[redacted]", text)
+
+
 def looks_like_key(credential: str) -> bool:
     return credential.startswith(PREFIX)
 
@@ -132,11 +146,13 @@ class KeyStore:
         return self.get(key_id), f"{PREFIX}{key_id}_{secret}"
 
     def get(self, key_id: str) -> ApiKey:
-        key_id = key_id.removeprefix(PREFIX)
+        """A key by its id, its prefix (plx_<id>) or the whole credential (whose secret is never echoed)."""
+        key_id = key_id_of(key_id)
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(keys_table).where(keys_table.c.id == key_id)).mappings().first()
         if row is None:
-            raise NotFound(f"no API key {key_id!r}; list the keys to see their ids")
+            shown = key_id if re.fullmatch(r"[a-z0-9]{1,12}", key_id) else "(not a key id)"
+            raise NotFound(f"no API key {shown}; list the keys to see their ids")
         return _key(row)
 
     def list(self, *, include_revoked: bool = False) -> list[ApiKey]:
