@@ -107,7 +107,9 @@ def write_connection_file(serverapp: Any) -> str | None:
     path = os.path.join(serverapp.runtime_dir, f"plexus-{os.getpid()}.json")
     try:
         os.makedirs(serverapp.runtime_dir, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # Never through a symlink someone planted, and user-only even if the file was there before.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w") as handle:
             json.dump({"url": serverapp.connection_url, "token": serverapp.identity_provider.token,
                        "pid": os.getpid()}, handle)

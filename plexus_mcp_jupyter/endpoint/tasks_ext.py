@@ -235,6 +235,8 @@ class PlexusTasks(Extension):
         task = self._task(ctx, params.task_id)
         principal = principal_of(ctx)
         if not principal.may("cancel_any") and not (principal.may("cancel_own") and task.owner == principal.owner):
+            if self.audit is not None:
+                self.audit.record(principal, "tasks/cancel", target=task.id, outcome="denied")
             raise MCPError(INVALID_REQUEST, principal.denial("cancel_any" if principal.may("cancel_own") else
                                                               "cancel_own"))
         if modern and task.status.is_final:  # cancellation is cooperative: an ended task is acknowledged as it is

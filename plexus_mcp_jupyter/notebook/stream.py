@@ -25,6 +25,7 @@ log = logging.getLogger("plexus_mcp_jupyter.notebook")
 
 BACKOFF_START = 0.25
 BACKOFF_MAX = 10.0
+FINAL_CLOSE_CODES = (4400, 4401)  # a bad filter; an API key revoked
 CONNECT_TIMEOUT = 10.0
 IDLE_TIMEOUT = 60.0  # after this long without a frame, ping; after twice this, reconnect
 
@@ -138,6 +139,14 @@ class EventStream:
                     if opcode in (websocket.ABNF.OPCODE_PING, websocket.ABNF.OPCODE_PONG):
                         continue
                     if opcode == websocket.ABNF.OPCODE_CLOSE:
+                        code = int.from_bytes(frame.data[:2], "big") if len(frame.data) >= 2 else None
+                        if code in FINAL_CLOSE_CODES:
+                            # The key was revoked, or the request is wrong: reconnecting cannot help.
+                            self.last_error = (f"the server ended the event stream ({code}: "
+                                               f"{frame.data[2:].decode(errors='replace')}); reconnect with "
+                                               "plexus.connect(url, token) and a valid credential")
+                            log.warning("Plexus: %s", self.last_error)
+                            self._stopped.set()
                         break
                     raw = frame.data
                     message = json.loads(raw)
