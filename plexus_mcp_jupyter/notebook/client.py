@@ -294,12 +294,25 @@ class PlexusClient:
         """Serve `fn` as the scorer `kernel:<name>` from this kernel (see scoring.py); returns the spec."""
         scorer = check_scorer(name, fn, batch)
         self.ensure_stream(timeout)
-        reply = self._ask({"type": "register_scorer", "name": name, "batch": scorer.batch}, name, timeout)
-        if reply.get("type") == "error":
-            raise PlexusInputError(f"the server refused scorer {name!r}: {reply.get('message')}")
-        with self._lock:
+        with self._lock:  # before the server knows it: a score request may follow the registration at once
+            previous = self._scorers.get(name)
             self._scorers[name] = scorer
+        try:
+            reply = self._ask({"type": "register_scorer", "name": name, "batch": scorer.batch}, name, timeout)
+        except BaseException:
+            self._restore(name, previous)
+            raise
+        if reply.get("type") == "error":
+            self._restore(name, previous)
+            raise PlexusInputError(f"the server refused scorer {name!r}: {reply.get('message')}")
         return f"kernel:{name}"
+
+    def _restore(self, name: str, previous: Any) -> None:
+        with self._lock:
+            if previous is None:
+                self._scorers.pop(name, None)
+            else:
+                self._scorers[name] = previous
 
     def unregister_scorer(self, name: str) -> None:
         with self._lock:
