@@ -31,6 +31,7 @@ REDACTED = "[redacted]"
 DEFAULT_SENSITIVE = ("token", "password", "secret", "authorization", "api_key", "apikey", "credential", "cookie")
 MAX_DETAIL_CHARS = 2000
 QUEUE_SIZE = 10_000
+BATCH_WAIT = 0.2  # seconds the writer lets records gather before it writes them in one transaction
 OUTCOMES = ("ok", "error", "denied")
 
 audit_table = sa.Table(
@@ -113,8 +114,10 @@ class AuditLog:
             if first is None:
                 self._queue.task_done()
                 return
+            # Gather what arrives shortly after: a transaction per record cost ~0.5 ms of CPU per tool call.
+            time.sleep(BATCH_WAIT)
             batch = [first]
-            while len(batch) < 500:
+            while len(batch) < 1000:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
