@@ -58,6 +58,17 @@ def wait_http(url: str, timeout: float = 60.0) -> None:
 
 
 @contextmanager
+def serving(proc: subprocess.Popen, ready_url: str):
+    """Wait until a started server answers at `ready_url`; stop it when the block ends."""
+    try:
+        wait_http(ready_url)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+@contextmanager
 def jupyter_server(workdir: Path, extra_env: dict[str, str] | None = None, python_args: list[str] | None = None):
     """A real `jupyter server` with the extension; yields (MCP endpoint URL, server pid).
 
@@ -87,12 +98,8 @@ def jupyter_server(workdir: Path, extra_env: dict[str, str] | None = None, pytho
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/plexus/api/health")
+    with serving(proc, f"http://127.0.0.1:{port}/plexus/api/health"):
         yield f"http://127.0.0.1:{port}/plexus/mcp", proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(15)
 
 
 @contextmanager
@@ -111,12 +118,8 @@ def uvicorn_peer(workdir: Path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/mcp")
+    with serving(proc, f"http://127.0.0.1:{port}/mcp"):
         yield f"http://127.0.0.1:{port}/mcp", proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(15)
 
 
 @asynccontextmanager

@@ -16,10 +16,19 @@ from tornado import web
 
 from .endpoint.transport import MCPBridge
 from .runtime import PlexusRuntime
-from .security.http import LOOPBACK_HOSTS, bearer_credential, error_message, host_name, jsonrpc_error, origin_allowed
+from .security.http import (
+    LOOPBACK_HOSTS,
+    admit_key,
+    bearer_credential,
+    error_message,
+    host_name,
+    jsonrpc_error,
+    origin_allowed,
+    record_request,
+    set_retry_after,
+)
 from .security.identity import Principal, Role
-from .security.keys import KeyRejected, looks_like_key
-from .security.ratelimit import RateLimited
+from .security.keys import looks_like_key
 
 log = logging.getLogger("plexus_mcp_jupyter")
 STANDALONE_ADMIN = Principal(owner="token", role=Role.ADMIN)  # whoever holds the server's token
@@ -42,13 +51,7 @@ class _StandaloneHandler(web.RequestHandler):
         if credential is None:
             return False
         if looks_like_key(credential):
-            try:
-                self.principal = self.runtime.admit_key(credential)
-            except KeyRejected as exc:
-                raise web.HTTPError(401, f"{exc}: send a valid Plexus API key or the server's token") from None
-            except RateLimited as exc:
-                self._retry_after = exc.retry_after
-                raise web.HTTPError(429, str(exc)) from None
+            self.principal = admit_key(self.runtime, credential, "the server's token")
             return True
         if hmac.compare_digest(credential.encode(), self.settings["plexus_token"].encode()):
             self.principal = STANDALONE_ADMIN
@@ -67,21 +70,16 @@ class _StandaloneHandler(web.RequestHandler):
         if self.require_auth and not self.authenticated():
             raise web.HTTPError(401, "authentication required: send 'Authorization: Bearer <token>'")
 
-    _retry_after = 0
-
     def on_finish(self) -> None:
         status = self.get_status()
-        if status in (401, 403, 429) and (self.principal is not None
-                                          or not self.runtime.limiter.take(f"ip:{self.request.remote_ip}")):
-            self.runtime.audit.record(self.principal, f"http.{self.request.method}", target=self.request.path,
-                                      outcome="denied", client=self.request.remote_ip, details={"status": status})
+        if status in (401, 403, 429):
+            record_request(self.runtime, self.principal, self.request, status, "denied")
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         message = error_message(kwargs.get("exc_info", (None, None, None))[1], self._reason)
         if status_code == 401:
             self.set_header("WWW-Authenticate", 'Bearer realm="plexus"')
-        if status_code == 429 and self._retry_after:
-            self.set_header("Retry-After", str(self._retry_after))
+        set_retry_after(self, kwargs.get("exc_info", (None, None, None))[1])
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(jsonrpc_error(status_code, message)))
 

@@ -30,11 +30,6 @@ MAX_CANCEL_IDS = 100
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def identity_of(ctx: Context | None = None) -> str | None:
-    """The owner of what the caller creates (endpoint/principal.py); None over stdio."""
-    return current_principal().owner
-
-
 def short(value: Any, limit: int = 60, *, quote: bool = True) -> str:
     """A value as a client may see it in a message: one line, at most `limit` characters."""
     text = repr(value) if quote else str(value).encode("unicode_escape").decode("ascii", "replace")
@@ -155,7 +150,7 @@ def register_tools(server: MCPServer, manager: TaskManager) -> None:
                                        "higher starts first")] = 0,
     ) -> Annotated[CallToolResult, DispatchResult]:
         params = {"items": items, "item_delay_ms": item_delay_ms, "fail": fail, "fail_at": fail_at, "seed": seed}
-        task = manager.dispatch("demo", params, priority=priority, owner=identity_of(ctx))
+        task = manager.dispatch("demo", params, priority=priority, owner=current_principal().owner)
         if progress_token(ctx) is not None:
             # The caller asked for progress: stream it until the task ends (cancelling the call
             # cancels the task), then answer with the outcome.

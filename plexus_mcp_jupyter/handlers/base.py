@@ -19,10 +19,16 @@ from tornado import web
 
 from ..core.errors import InvalidArgument, NotFound, PlexusError
 from ..runtime import PlexusRuntime
-from ..security.http import bearer_credential, error_message, origin_allowed
+from ..security.http import (
+    admit_key,
+    bearer_credential,
+    error_message,
+    origin_allowed,
+    record_request,
+    set_retry_after,
+)
 from ..security.identity import Principal, Role
-from ..security.keys import KeyRejected, looks_like_key
-from ..security.ratelimit import RateLimited
+from ..security.keys import looks_like_key
 
 NOTEBOOK_USER = "jupyter"
 # Jupyter's own providers: one notebook user, authenticated by the server's token or password.
@@ -42,7 +48,6 @@ class PlexusHandler(APIHandler):
         return self.settings["plexus"]  # type: ignore[no-any-return]
 
     _principal: Principal | None = None
-    _retry_after = 0
     audit_mutations = True  # POST/PUT/DELETE are recorded in the audit log (MCP records its tool calls itself)
 
     def require(self, action: str) -> Principal:
@@ -56,15 +61,10 @@ class PlexusHandler(APIHandler):
         status = self.get_status()
         method = self.request.method or "GET"
         denied = status in (401, 403, 429)
-        if denied or (self.audit_mutations and method in ("POST", "PUT", "PATCH", "DELETE")):
+        runtime = self.settings.get("plexus")
+        if runtime is not None and (denied or (self.audit_mutations and method in ("POST", "PUT", "PATCH", "DELETE"))):
             outcome = "denied" if denied else ("ok" if status < 400 else "error")
-            runtime = self.settings.get("plexus")
-            # Anonymous denials are recorded at most at the key rate per address: a flood of bad requests
-            # must not grow the audit log without bound.
-            anonymous = self._principal is None
-            if runtime is not None and not (anonymous and runtime.limiter.take(f"ip:{self.request.remote_ip}")):
-                runtime.audit.record(self._principal, f"http.{method}", target=self.request.path, outcome=outcome,
-                                     client=self.request.remote_ip, details={"status": status})
+            record_request(runtime, self._principal, self.request, status, outcome)
         super().on_finish()
 
     @property
@@ -164,13 +164,7 @@ class PlexusHandler(APIHandler):
     async def _authenticate_key(self, credential: str) -> None:
         """An API key in the Authorization header: its principal, checked on every request (revocation),
         then its rate limit (HTTP 429 with Retry-After)."""
-        try:
-            self._principal = self.runtime.admit_key(credential)
-        except KeyRejected as exc:
-            raise web.HTTPError(401, f"{exc}: send a valid Plexus API key or the Jupyter token") from None
-        except RateLimited as exc:
-            self._retry_after = exc.retry_after
-            raise web.HTTPError(429, str(exc)) from None
+        self._principal = admit_key(self.runtime, credential, "the Jupyter token")
         self.current_user = self._jupyter_current_user = User(username=self._principal.owner or "key")
         self._token_authenticated = True  # a header credential: no XSRF check
         if "Origin" in self.request.headers:
@@ -221,8 +215,7 @@ class PlexusHandler(APIHandler):
         if status_code == 401:
             # send_error() cleared the headers set in prepare(): the challenge goes here.
             self.set_header("WWW-Authenticate", 'Bearer realm="jupyter"')
-        if status_code == 429 and self._retry_after:
-            self.set_header("Retry-After", str(self._retry_after))
+        set_retry_after(self, kwargs.get("exc_info", (None, None, None))[1])
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(self.error_body(status_code, message)))
 

@@ -8,6 +8,10 @@ from urllib.parse import urlparse
 
 from tornado import web
 
+from .identity import Principal
+from .keys import KeyRejected
+from .ratelimit import RateLimited
+
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 
 
@@ -63,3 +67,38 @@ def jsonrpc_error(status_code: int, message: str) -> dict[str, Any]:
     """A JSON-RPC error object, as the SDK itself answers transport-level failures."""
     code = -32600 if status_code < 500 else -32603
     return {"jsonrpc": "2.0", "id": None, "error": {"code": code, "message": message}}
+
+
+class TooManyRequests(web.HTTPError):
+    """HTTP 429, carrying the seconds the client should wait (written as Retry-After)."""
+
+    def __init__(self, limited: RateLimited) -> None:
+        super().__init__(429, str(limited))
+        self.retry_after = limited.retry_after
+
+
+def admit_key(runtime: Any, credential: str, alternative: str) -> Principal:
+    """The principal of an API key for either server: 401 for a rejected key (saying what else to send), 429
+    over its rate limit."""
+    try:
+        return runtime.admit_key(credential)  # type: ignore[no-any-return]
+    except KeyRejected as exc:
+        raise web.HTTPError(401, f"{exc}: send a valid Plexus API key or {alternative}") from None
+    except RateLimited as exc:
+        raise TooManyRequests(exc) from None
+
+
+def set_retry_after(handler: web.RequestHandler, error: BaseException | None) -> None:
+    """In write_error (send_error cleared the headers set before): Retry-After of a 429."""
+    seconds = getattr(error, "retry_after", None)
+    if seconds:
+        handler.set_header("Retry-After", str(seconds))
+
+
+def record_request(runtime: Any, principal: Principal | None, request: Any, status: int, outcome: str) -> None:
+    """An audit record of an HTTP request. Anonymous ones are recorded at most at the key rate per address:
+    a flood of bad requests must not grow the audit log without bound."""
+    if principal is None and runtime.limiter.take(f"ip:{request.remote_ip}"):
+        return
+    runtime.audit.record(principal, f"http.{request.method}", target=request.path, outcome=outcome,
+                         client=request.remote_ip, details={"status": status})
