@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
@@ -259,7 +259,7 @@ class ResourceWatch:
         self,
         uris: list[str],
         send: Callable[[str], Awaitable[None]],
-        task_ids: list[str] = (),  # type: ignore[assignment]
+        task_ids: Sequence[str] = (),
         send_status: Callable[[str], Awaitable[None]] | None = None,
         viewer: str | None = None,
     ) -> _Follower:

@@ -177,12 +177,7 @@ class PlexusTasks(Extension):
         """Run the task tool (which dispatches and answers at once) and return the task it started, or the
         tool's error result (bad arguments: no task was started)."""
         outcome = await call_next(_progress_free(ctx))
-        if isinstance(outcome, dict):
-            data = outcome
-        elif isinstance(outcome, BaseModel):
-            data = outcome.model_dump(by_alias=True, mode="json")
-        else:
-            data = {}
+        data = _as_dict(outcome)
         if data.get("isError"):
             return outcome
         task_id = (data.get("structuredContent") or {}).get("task_id")
@@ -299,12 +294,18 @@ class PlexusTasks(Extension):
         task = await self._start(ctx, name, call_next)
         if not isinstance(task, Task):
             # A 2025-11-25 client expects CreateTaskResult: no task was made, so the tool error is a JSON-RPC one.
-            data = task if isinstance(task, dict) else task.model_dump(by_alias=True, mode="json")  # type: ignore[union-attr]
-            text = " ".join(c.get("text", "") for c in data.get("content", []) if isinstance(c, dict))
+            text = " ".join(c.get("text", "") for c in _as_dict(task).get("content", []) if isinstance(c, dict))
             raise MCPError(INVALID_PARAMS, text or f"{name} failed")
         if self.follow_status is not None:
             self.follow_status(ctx.session._connection, task.id)
         return {"task": task_view(task, modern=False)}
+
+
+def _as_dict(outcome: Any) -> dict[str, Any]:
+    """A tools/call handler's result as its JSON (handlers return a model or an already dumped dict)."""
+    if isinstance(outcome, dict):
+        return outcome
+    return outcome.model_dump(by_alias=True, mode="json") if isinstance(outcome, BaseModel) else {}
 
 
 def legacy_status_notification(manager: TaskManager, task_id: str) -> dict[str, Any] | None:
