@@ -111,7 +111,7 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService) -> 
             type, dataset, scorer=scorer, scorecard=scorecard, label_column=label_column,
             prediction_column=prediction_column, input_column=input_column, id_column=id_column,
             sample_n=sample_n, sample_fraction=sample_fraction, seed=seed, runs=runs, priority=priority,
-            owner=principal.owner, trusted=principal.is_admin,
+            owner=principal.owner, trusted=principal.is_admin, role=principal.role.value,
         )
         if progress_token(ctx) is not None:
             return evaluation_outcome(service, await follow_to_end(ctx, service.manager, task.id))
@@ -199,8 +199,7 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService) -> 
     )
     @client_errors
     async def list_scorers() -> Annotated[CallToolResult, ScorerList]:
-        principal = current_principal()
-        scorers = service.scorers(principal.owner, principal.is_admin)
+        scorers = service.scorers(current_principal().owner)
         return result("Scorer kinds: " + ", ".join(scorers["kinds"]), scorers)
 
     _register_resources(server, service)
