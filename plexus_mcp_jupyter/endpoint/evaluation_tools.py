@@ -104,7 +104,8 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService) -> 
         seed: Annotated[int | None, Field(description="Seed of the sample, for repeatable runs")] = None,
         runs: Annotated[int, Field(ge=2, le=MAX_RUNS, description=f"consistency: runs of the scorer, 2 to {MAX_RUNS}")]
         = 3,
-        priority: Annotated[int, Field(ge=MIN_PRIORITY, le=MAX_PRIORITY, description="Queue priority")] = 0,
+        priority: Annotated[int, Field(ge=MIN_PRIORITY, le=MAX_PRIORITY, description="Queue priority (operator keys: "
+                                       "at most max_priority_operator, default 10)")] = 0,
     ) -> Annotated[CallToolResult, EvaluationDetail]:
         principal = current_principal()
         view, task = service.create(
