@@ -77,6 +77,27 @@ async def test_a_capped_keys_queue_does_not_block_the_next_owner_in_line(runtime
     manager.cancel([first.id, *(t.id for t in queued)])
 
 
+@pytest.mark.parametrize(("max_concurrency", "share", "per_owner", "key_cap", "notebook_cap"), [
+    (4, 0.5, 0, 2, 0),  # the defaults: half the slots for a key, none for the notebook user
+    (2, 0.5, 0, 1, 0),
+    (5, 0.5, 0, 2, 0),  # rounded down
+    (1, 0.5, 0, 1, 0),  # at least one: with a single slot a key can still hold it
+    (8, 1.0, 0, 0, 0),  # 1 turns the share off
+    (8, 0.5, 3, 3, 3),  # max_concurrency_per_owner caps everyone; a key gets the smaller cap
+])
+def test_the_slot_share_of_a_key(tmp_path, max_concurrency, share, per_owner, key_cap, notebook_cap):
+    from plexus_mcp_jupyter.core import Store
+    from plexus_mcp_jupyter.core.events import EventBus
+    from plexus_mcp_jupyter.core.executors import LocalExecutor
+    from plexus_mcp_jupyter.core.manager import TaskManager
+
+    manager = TaskManager(Store(f"sqlite:///{tmp_path / 'caps.db'}"), EventBus(), LocalExecutor(),
+                          max_concurrency=max_concurrency, max_concurrency_per_owner=per_owner, key_slot_share=share)
+    assert (manager.slot_cap("key:k1"), manager.slot_cap("jupyter"), manager.slot_cap(None)) == (
+        key_cap, notebook_cap, notebook_cap)
+    manager.store.close()
+
+
 async def test_a_priority_above_the_ceiling_of_a_role_is_refused_and_admins_keep_the_full_range(
         jp_fetch, mcp_url, token, keys, runtime):
     async with open_client(mcp_url, keys["operator"]) as operator:
@@ -170,4 +191,3 @@ async def test_a_keys_scorer_name_never_blocks_the_notebook_users_and_each_evalu
             assert refused.is_error and "no kernel scorer 'my_scorer'" in refused.content[0].text
     for socket in (squatter, again):
         socket.ws.close()
-    await asyncio.sleep(0)
