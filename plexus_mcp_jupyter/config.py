@@ -92,6 +92,20 @@ class PlexusSettings(Configurable):
         50, min=1, help="Unfinished tasks (queued and running) one API key may have; more are refused."
     ).tag(config=True)
 
+    key_slot_share = Float(
+        0.5, min=0.0, max=1.0,
+        help="Share of max_concurrency the running tasks of one API key may hold: floor(share x max_concurrency), at "
+        "least 1 (default 0.5: half the slots, so one key never holds all of them while max_concurrency >= 2). The "
+        "key's other tasks wait QUEUED and the scheduler starts the next eligible task; 1 turns the share off. The "
+        "notebook user (Jupyter's own identity, the standalone token) has no share.",
+    ).tag(config=True)
+    max_priority_operator = Integer(
+        10, min=-1000, max=1000,
+        help="Highest task priority an operator key may set (dispatch and evaluations); a higher one is refused "
+        "with an error naming this setting. Admins (keys and the notebook user) may use the full range, -1000 to "
+        "1000; viewers cannot dispatch at all.",
+    ).tag(config=True)
+
     def apply_env(self, environ: Mapping[str, str] | None = None, protected: Iterable[str] = ()) -> None:
         """Set traits from PLEXUS_MCP_* variables, except those in `protected` (set on the command line)."""
         environ = os.environ if environ is None else environ

@@ -23,7 +23,7 @@ from .evaluations.kernel_scorers import KernelScorerRegistry
 from .evaluations.service import EvaluationService
 from .evaluations.store import EvaluationStore
 from .security.audit import AuditLog
-from .security.identity import Principal
+from .security.identity import Principal, Role
 from .security.keys import CACHE_SECONDS, ApiKey, KeyStore
 from .security.ratelimit import RateLimited, RateLimiter
 
@@ -52,6 +52,8 @@ class PlexusRuntime:
             self.executor,
             max_concurrency=settings.max_concurrency,
             max_concurrency_per_owner=settings.max_concurrency_per_owner,
+            key_slot_share=settings.key_slot_share,
+            max_priority_by_role={Role.OPERATOR.value: settings.max_priority_operator},
             cancel_grace_seconds=settings.cancel_grace_seconds,
             progress_write_interval=settings.progress_write_interval,
             max_page_size=settings.max_page_size,

@@ -71,6 +71,8 @@ class TaskManager:
         *,
         max_concurrency: int = 4,
         max_concurrency_per_owner: int = 0,
+        key_slot_share: float = 1.0,
+        max_priority_by_role: Mapping[str, int] | None = None,
         cancel_grace_seconds: float = 5.0,
         progress_write_interval: float = 1.0,
         max_page_size: int = 100,
@@ -87,6 +89,10 @@ class TaskManager:
         self.executor = executor
         self.max_concurrency = max_concurrency
         self.max_concurrency_per_owner = max_concurrency_per_owner
+        # One API key's share of the slots (owners key:<id>), so that no key holds every slot.
+        self.key_slot_share = key_slot_share
+        # The highest priority a caller of each role may set (a role not named has the full range).
+        self.max_priority_by_role = dict(max_priority_by_role or {})
         self.cancel_grace_seconds = cancel_grace_seconds
         self.progress_write_interval = progress_write_interval
         self.max_page_size = max_page_size
@@ -285,10 +291,13 @@ class TaskManager:
         owner: str | None = None,
         description: str | None = None,
         internal: bool = False,
+        role: str | None = None,
     ) -> Task:
         """Create a task, QUEUED, and return it at once; the scheduler starts it when a slot is free.
 
         Internal task types (evaluations) are refused unless `internal`: only their service creates them.
+        `role` is the dispatching caller's role: a priority above its ceiling (`max_priority_by_role`) is
+        refused. None is the server's own work, with the full range.
         """
         task_type = get_task_type(type)
         if task_type.internal and not internal:
@@ -309,6 +318,7 @@ class TaskManager:
                 f"priority must be a whole number from {MIN_PRIORITY} to {MAX_PRIORITY} (higher runs first), "
                 f"not {priority!r}"
             )
+        self.check_priority(priority, role)
         task = Task(
             id=str(uuid.uuid4()),
             type=task_type.name,
@@ -322,6 +332,29 @@ class TaskManager:
         self.bus.publish("task.created", "task", task.id, task.summary())
         self._schedule_soon()
         return task
+
+    def check_priority(self, priority: int, role: str | None) -> None:
+        """InvalidArgument when `priority` is above the ceiling of `role` (refused, never clamped: the caller
+        learns that its task would not have run as early as it asked)."""
+        ceiling = self.max_priority_by_role.get(role) if role is not None else None
+        if ceiling is not None and priority > ceiling:
+            raise InvalidArgument(
+                f"priority {priority} is above {ceiling}, the highest a caller with the {role} role may set "
+                f"(setting max_priority_{role}); give a priority from {MIN_PRIORITY} to {ceiling}, or ask an admin, "
+                f"who may use up to {MAX_PRIORITY}"
+            )
+
+    def slot_cap(self, owner: str | None) -> int:
+        """The most tasks of `owner` that may run at once here (0: no cap but max_concurrency).
+
+        An API key gets `key_slot_share` of the slots (at least 1), so one key never holds all of them;
+        `max_concurrency_per_owner` caps every owner. Decided by the owner alone, which the store keeps
+        with each task: it holds across restarts and for every face.
+        """
+        caps = [self.max_concurrency_per_owner] if self.max_concurrency_per_owner else []
+        if owner is not None and owner.startswith(KEY_OWNER_PREFIX) and self.key_slot_share < 1:
+            caps.append(max(1, int(self.key_slot_share * self.max_concurrency)))
+        return min(caps, default=0)
 
     def cancel(
         self, task_ids: Iterable[str], *, viewer: str | None = None, others: bool = True
@@ -391,22 +424,35 @@ class TaskManager:
         per_owner: dict[str | None, int] = {}
         for state in self._running.values():
             per_owner[state.task.owner] = per_owner.get(state.task.owner, 0) + 1
-        cap = self.max_concurrency_per_owner
-        capped = {owner for owner, n in per_owner.items() if cap and n >= cap}
+
+        def at_cap(owner: str | None) -> bool:
+            cap = self.slot_cap(owner)
+            return bool(cap) and per_owner.get(owner, 0) >= cap
+
+        capped = {owner for owner in per_owner if at_cap(owner)}
         # Owners at their cap are left out by the query itself, so however many of their tasks wait,
-        # other owners' tasks are still found.
-        for task in self.store.queued(limit=slots + 50, exclude_owners=capped):
-            if slots <= 0:
-                break
-            if cap and per_owner.get(task.owner, 0) >= cap:
-                continue
-            started_at = now()
-            if not self.store.claim(task.id, worker=self.server_id, started_at=started_at):
-                continue  # another server on this store took it
-            task.status, task.started_at, task.worker = TaskStatus.RUNNING, started_at, self.server_id
-            per_owner[task.owner] = per_owner.get(task.owner, 0) + 1
-            slots -= 1
-            self._start(task)
+        # other owners' tasks are still found. When an owner reaches its cap during a pass, the queue
+        # is read again without it: each read starts at least one task, so a pass reads it at most
+        # max_concurrency times.
+        more = True
+        while more and slots > 0:
+            more = False
+            for task in self.store.queued(limit=slots + 50, exclude_owners=capped):
+                if slots <= 0:
+                    break
+                if task.owner in capped:
+                    continue
+                started_at = now()
+                if not self.store.claim(task.id, worker=self.server_id, started_at=started_at):
+                    continue  # another server on this store took it
+                task.status, task.started_at, task.worker = TaskStatus.RUNNING, started_at, self.server_id
+                per_owner[task.owner] = per_owner.get(task.owner, 0) + 1
+                slots -= 1
+                self._start(task)
+                if at_cap(task.owner):
+                    capped.add(task.owner)
+                    more = True
+                    break
 
     def _start(self, task: Task) -> None:
         state = _RunState(task, ProgressTracker(task, write_interval=self.progress_write_interval))

@@ -104,14 +104,15 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService) -> 
         seed: Annotated[int | None, Field(description="Seed of the sample, for repeatable runs")] = None,
         runs: Annotated[int, Field(ge=2, le=MAX_RUNS, description=f"consistency: runs of the scorer, 2 to {MAX_RUNS}")]
         = 3,
-        priority: Annotated[int, Field(ge=MIN_PRIORITY, le=MAX_PRIORITY, description="Queue priority")] = 0,
+        priority: Annotated[int, Field(ge=MIN_PRIORITY, le=MAX_PRIORITY, description="Queue priority (operator keys: "
+                                       "at most max_priority_operator, default 10)")] = 0,
     ) -> Annotated[CallToolResult, EvaluationDetail]:
         principal = current_principal()
         view, task = service.create(
             type, dataset, scorer=scorer, scorecard=scorecard, label_column=label_column,
             prediction_column=prediction_column, input_column=input_column, id_column=id_column,
             sample_n=sample_n, sample_fraction=sample_fraction, seed=seed, runs=runs, priority=priority,
-            owner=principal.owner, trusted=principal.is_admin,
+            owner=principal.owner, trusted=principal.is_admin, role=principal.role.value,
         )
         if progress_token(ctx) is not None:
             return evaluation_outcome(service, await follow_to_end(ctx, service.manager, task.id))
@@ -199,8 +200,7 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService) -> 
     )
     @client_errors
     async def list_scorers() -> Annotated[CallToolResult, ScorerList]:
-        principal = current_principal()
-        scorers = service.scorers(principal.owner, principal.is_admin)
+        scorers = service.scorers(current_principal().owner)
         return result("Scorer kinds: " + ", ".join(scorers["kinds"]), scorers)
 
     _register_resources(server, service)

@@ -165,4 +165,6 @@ class ScorerList(BaseModel):
     kinds: dict[str, str]
     examples: list[dict[str, str]]
     kernel_scorers: list[dict[str, Any]] = Field(
-        default_factory=list, description="Scorers registered by notebook kernels now: use their spec")
+        default_factory=list,
+        description="Kernel scorers your evaluations can name now (your own, and the notebook user's where you have "
+        "none of that name): use their spec")

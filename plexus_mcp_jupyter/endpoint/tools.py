@@ -147,10 +147,12 @@ def register_tools(server: MCPServer, manager: TaskManager) -> None:
         = None,
         priority: Annotated[int, Field(ge=MIN_PRIORITY, le=MAX_PRIORITY,
                                        description=f"Queue priority, {MIN_PRIORITY} to {MAX_PRIORITY}; "
-                                       "higher starts first")] = 0,
+                                       "higher starts first. Operator keys may set at most the server's "
+                                       "max_priority_operator (default 10)")] = 0,
     ) -> Annotated[CallToolResult, DispatchResult]:
         params = {"items": items, "item_delay_ms": item_delay_ms, "fail": fail, "fail_at": fail_at, "seed": seed}
-        task = manager.dispatch("demo", params, priority=priority, owner=current_principal().owner)
+        principal = current_principal()
+        task = manager.dispatch("demo", params, priority=priority, owner=principal.owner, role=principal.role.value)
         if progress_token(ctx) is not None:
             # The caller asked for progress: stream it until the task ends (cancelling the call
             # cancels the task), then answer with the outcome.

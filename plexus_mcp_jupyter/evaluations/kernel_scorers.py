@@ -7,6 +7,12 @@ A kernel registers a scorer over its event-stream WebSocket (`{"type": "register
 "request_id", "scorer", "inputs"}` and the kernel answers on the same socket with `{"type":
 "score_result", "request_id", "predictions", "explanations", "errors"}` (or `score_error`). If the
 kernel goes away, its pending requests fail with a message saying so, and so does the evaluation.
+
+Names are per owner: each API key has its own, and the notebook user (every identity that is not a key)
+has one, so a key can never take a name from the notebook user or from another key. `kernel:<name>` in
+an evaluation is resolved for the evaluation's owner, at each request: its own scorer of that name,
+else (for a key) the notebook user's. A key's scorer scores only that key's evaluations: it would see
+the data and choose the answers.
 """
 
 from __future__ import annotations
@@ -38,10 +44,14 @@ class KernelScorer:
     owner: str | None = None  # who registered it (the notebook user, or an API key)
     pending: dict[str, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
 
-    def serves(self, owner: str | None) -> bool:
-        """A key's scorer scores only that key's evaluations (it would see the data and choose the answers);
-        the notebook user's scorers serve anyone who may start an evaluation."""
-        return self.owner == owner or not (self.owner or "").startswith(KEY_OWNER_PREFIX)
+    @property
+    def key(self) -> tuple[str | None, str]:
+        return namespace(self.owner), self.name
+
+
+def namespace(owner: str | None) -> str | None:
+    """Whose names a scorer of `owner` shares: an API key's own, or (None) the notebook user's."""
+    return owner if owner is not None and owner.startswith(KEY_OWNER_PREFIX) else None
 
 
 class KernelScorerRegistry:
@@ -49,32 +59,42 @@ class KernelScorerRegistry:
 
     def __init__(self, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.timeout = timeout
-        self._scorers: dict[str, KernelScorer] = {}
+        self._scorers: dict[tuple[str | None, str], KernelScorer] = {}  # by (namespace, name)
         self._ids = itertools.count(1)
 
     def names(self) -> list[str]:
-        return sorted(self._scorers)
+        """Every registered name, of every owner (a name registered by two owners appears twice)."""
+        return sorted(name for _, name in self._scorers)
 
-    def describe(self, owner: str | None = None, everything: bool = True) -> list[dict[str, Any]]:
-        """The scorers `owner` may use (all of them for an admin: `everything`)."""
-        return [{"spec": f"kernel:{s.name}", "batch": s.batch}
-                for s in sorted(self._scorers.values(), key=lambda s: s.name) if everything or s.serves(owner)]
+    def find(self, name: str, owner: str | None) -> KernelScorer | None:
+        """The scorer `kernel:<name>` means in an evaluation of `owner`: its own, else the notebook user's."""
+        return self._scorers.get((namespace(owner), name)) or self._scorers.get((None, name))
+
+    def usable(self, owner: str | None) -> list[KernelScorer]:
+        """The scorers `owner`'s evaluations can name, one per name (its own shadow the notebook user's)."""
+        names = sorted({name for space, name in self._scorers if space in (None, namespace(owner))})
+        return [scorer for scorer in (self.find(name, owner) for name in names) if scorer is not None]
+
+    def describe(self, owner: str | None = None) -> list[dict[str, Any]]:
+        """The scorers `owner` may use, as list_scorers shows them (an admin too: another key's scorer
+        would not serve it)."""
+        return [{"spec": f"kernel:{s.name}", "batch": s.batch} for s in self.usable(owner)]
 
     def register(self, channel: ScorerChannel, name: Any, batch: Any = True, owner: str | None = None) -> None:
         if not isinstance(name, str) or not NAME.match(name):
             raise InvalidArgument(f"a scorer name is 1 to 64 letters, digits, '_', '.' or '-', not {name!r}")
-        current = self._scorers.get(name)
+        current = self._scorers.get((namespace(owner), name))
         if current is not None and current.channel is not channel:
-            raise InvalidArgument(f"a scorer named {name!r} is already registered by another kernel: choose "
-                                  "another name, or unregister it there")
+            raise InvalidArgument(f"a scorer named {name!r} is already registered by another kernel of yours: "
+                                  "choose another name, or unregister it there")
         if current is not None:  # the same kernel again (a re-run cell): requests waiting for it keep waiting
             current.batch = bool(batch)
             return
-        self._scorers[name] = KernelScorer(name, bool(batch), channel, owner)
+        scorer = KernelScorer(name, bool(batch), channel, owner)
+        self._scorers[scorer.key] = scorer
 
     def unregister(self, channel: ScorerChannel, name: str) -> None:
-        scorer = self._scorers.get(name)
-        if scorer is not None and scorer.channel is channel:
+        for scorer in [s for s in self._scorers.values() if s.channel is channel and s.name == name]:
             self._drop(scorer, f"scorer {name!r} was unregistered by its kernel")
 
     def channel_closed(self, channel: ScorerChannel) -> None:
@@ -85,16 +105,15 @@ class KernelScorerRegistry:
 
     def check(self, name: str, owner: str | None = None) -> None:
         """InvalidArgument unless a kernel serves `name` now for `owner`'s evaluation (checked before dispatch)."""
-        scorer = self._scorers.get(name)
-        if scorer is None or not scorer.serves(owner):
-            known = ", ".join(s.name for s in self._scorers.values() if s.serves(owner)) or "none"
+        if self.find(name, owner) is None:
+            known = ", ".join(s.name for s in self.usable(owner)) or "none"
             raise InvalidArgument(f"no kernel scorer {name!r} is registered (registered: {known}); register one in a "
                                   "notebook with plexus.register_scorer(name, fn)")
 
     async def score(self, name: str, inputs: list[Any], owner: str | None = None) -> dict[str, Any]:
         """Predictions for `inputs` from the kernel's scorer, for `owner`'s evaluation."""
-        scorer = self._scorers.get(name)
-        if scorer is None or not scorer.serves(owner):
+        scorer = self.find(name, owner)
+        if scorer is None:
             raise NotFound(f"kernel scorer {name!r} is not registered any more: its kernel went away or "
                            "unregistered it")
         request_id = f"s{next(self._ids)}"
@@ -124,7 +143,8 @@ class KernelScorerRegistry:
                 return
 
     def _drop(self, scorer: KernelScorer, reason: str) -> None:
-        self._scorers.pop(scorer.name, None)
+        if self._scorers.get(scorer.key) is scorer:
+            del self._scorers[scorer.key]
         for future in scorer.pending.values():
             if not future.done():
                 future.set_exception(PlexusError(reason))

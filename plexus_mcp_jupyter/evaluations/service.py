@@ -76,11 +76,15 @@ class EvaluationService:
         priority: int = 0,
         owner: str | None = None,
         trusted: bool = True,
+        role: str | None = None,
     ) -> tuple[dict[str, Any], Task]:
         """Check the request, dispatch the evaluation task, and return the evaluation's view and its task.
 
-        An untrusted caller (an API key, not an admin) may name python: scorers only in `scorer_modules`.
+        An untrusted caller (an API key, not an admin) may name python: scorers only in `scorer_modules`;
+        `role` is the caller's, whose priority ceiling applies (TaskManager.check_priority).
         """
+        if not isinstance(priority, bool) and isinstance(priority, int):
+            self.manager.check_priority(priority, role)  # before any parsing: the cheapest refusal first
         if type not in EVALUATION_TYPES:
             raise InvalidArgument(f"unknown evaluation type {type!r}; expected one of {', '.join(EVALUATION_TYPES)}")
         sample = None
@@ -154,7 +158,7 @@ class EvaluationService:
         if restricted:  # the worker checks again, after importing, where the function really comes from
             params["scorer_modules"] = list(self.scorer_modules)
         task = self.manager.dispatch("evaluation", params, priority=priority, owner=owner,
-                                     description=f"{type} evaluation of {dataset}", internal=True)
+                                     description=f"{type} evaluation of {dataset}", internal=True, role=role)
         definition = {k: v for k, v in params.items() if k not in ("evaluation_id", "type", "dataset")}
         if scorecard is not None:
             definition["scorecard"] = scorecard
@@ -278,8 +282,9 @@ class EvaluationService:
     def datasets(self, *, include_files: bool = True, limit: int = 200) -> list[dict[str, Any]]:
         return [info.to_dict() for info in self.catalog.list(include_files=include_files, limit=limit)]
 
-    def scorers(self, owner: str | None = None, everything: bool = True) -> dict[str, Any]:
-        """The scorer kinds and their spec forms, and the example scorers shipped with the package."""
+    def scorers(self, owner: str | None = None) -> dict[str, Any]:
+        """The scorer kinds and their spec forms, the example scorers shipped with the package, and the
+        kernel scorers `owner`'s evaluations can name."""
         return {
             "kinds": {
                 "column": "column:<column>: predictions already in a column",
@@ -294,7 +299,7 @@ class EvaluationService:
                  "for": "example:topics"},
                 {"spec": "column:prediction", "for": "example:sentiment, example:topics, example:fraud"},
             ],
-            "kernel_scorers": self.kernel_scorers.describe(owner, everything),
+            "kernel_scorers": self.kernel_scorers.describe(owner),
         }
 
 

@@ -40,7 +40,7 @@ class TasksHandler(PlexusHandler):
             body = _dispatch_body(self.json_body())
             task = self.runtime.manager.dispatch(
                 body["type"], body["params"], priority=body["priority"], owner=self.identity,
-                description=body["description"],
+                description=body["description"], role=self.principal.role.value,
             )
         except PlexusError as exc:
             raise http_error(exc) from None
