@@ -17,6 +17,7 @@ from .core.executors import Executor, LocalExecutor
 from .core.manager import TaskManager
 from .core.store import Store, default_db_url
 from .endpoint.server import build_mcp_server
+from .endpoint.sessions import SessionLimits
 from .endpoint.transport import MCPEndpoint
 from .evaluations.datasets import DatasetCatalog
 from .evaluations.kernel_scorers import KernelScorerRegistry
@@ -77,8 +78,9 @@ class PlexusRuntime:
         self.mcp = build_mcp_server(self.manager, self.evaluations, self.audit)
         self.endpoint = MCPEndpoint(
             self.mcp,
-            session_idle_timeout=settings.session_idle_timeout,
-            max_sessions=settings.max_sessions,
+            limits=SessionLimits(max_sessions=settings.max_sessions, per_key=settings.max_sessions_per_key,
+                                 reserved_share=settings.reserved_session_share,
+                                 idle_timeout=settings.session_idle_timeout),
             max_request_body_size=settings.max_request_bytes,
             event_store_size=settings.event_store_size,
             event_store_bytes=settings.event_store_bytes,
