@@ -7,16 +7,18 @@ Jupyter extension and `plexus mcp serve --transport http`) share the endpoint, s
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
-import subprocess
-import sys
 from typing import Any
 
 import httpx2
 import pytest
 from mcp import MCPError
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+
+from plexus_mcp_jupyter.core import Store
+from plexus_mcp_jupyter.security.keys import KeyStore
 
 from .conftest import MODERN, open_client, poll
 from .test_standalone import plexus_env, start_http, stop
@@ -97,6 +99,15 @@ async def test_a_key_opens_at_most_its_share_and_deleting_one_makes_room(mcp_url
         assert (await delete_session(http, mcp_url, keys["viewer"], opened[0])).status_code == 200
         assert (await initialize(http, mcp_url, keys["viewer"])).status_code == 200
         assert (await initialize(http, mcp_url, keys["viewer"])).status_code == 429
+
+
+async def test_a_flood_of_initializes_from_one_key_gets_exactly_its_share(mcp_url, token, keys, runtime):
+    # The attack: a viewer key opening sessions as fast as it can. Concurrent requests must not slip past the cap.
+    async with httpx2.AsyncClient(timeout=30, limits=httpx2.Limits(max_connections=30)) as http:
+        flood = await asyncio.gather(*(initialize(http, mcp_url, keys["viewer"]) for _ in range(30)))
+        assert sorted(r.status_code for r in flood) == [200] * PER_KEY + [429] * (30 - PER_KEY)
+        assert runtime.endpoint.session_count == PER_KEY
+        assert (await initialize(http, mcp_url, token)).status_code == 200
 
 
 async def test_requests_that_open_no_session_never_keep_a_slot(mcp_url, keys, runtime):
@@ -196,11 +207,9 @@ async def test_another_principal_gets_404_for_a_session_it_did_not_open(mcp_url,
 
 
 async def test_the_standalone_server_caps_and_binds_sessions_too(tmp_path):
-    env = plexus_env(tmp_path)
-    created = subprocess.run(
-        [sys.executable, "-m", "plexus_mcp_jupyter.cli", "keys", "create", "a viewer", "--role", "viewer"],
-        env=env, capture_output=True, text=True, check=True)
-    viewer = json.loads(created.stdout)["secret"]
+    store = Store(plexus_env(tmp_path)["PLEXUS_MCP_DB_URL"])  # the store the server will use
+    viewer = KeyStore(store.engine).create("a viewer", "viewer")[1]
+    store.close()
     proc, url, token = start_http(tmp_path, PLEXUS_MCP_MAX_SESSIONS_PER_KEY="2")
     try:
         assert token
