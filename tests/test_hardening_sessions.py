@@ -167,6 +167,19 @@ async def test_keys_together_leave_room_for_the_token_and_admins(mcp_url, token,
         assert full.status_code == 503 and f"max_sessions={MAX_SESSIONS}" in refusal(full)
 
 
+async def test_revoking_a_key_ends_its_sessions_and_frees_their_slots(jp_fetch, mcp_url, keys, runtime):
+    key_id = {k.name: k.id for k in runtime.keys.list()}
+    async with httpx2.AsyncClient(timeout=30) as http:
+        await open_sessions(http, mcp_url, keys["viewer"], PER_KEY)
+        await open_sessions(http, mcp_url, keys["operator"], PER_KEY)
+        # on this server (REST): at once
+        await jp_fetch("plexus", "api", "keys", key_id["viewer key"], method="DELETE")
+        await poll(lambda: runtime.endpoint.session_count, lambda n: n == PER_KEY, timeout=5)
+        # elsewhere (the CLI or another server on the store): at the key watcher's next look
+        runtime.keys.revoke(key_id["operator key"])
+        await poll(lambda: runtime.endpoint.session_count, lambda n: n == 0, timeout=15)
+
+
 class TestIdleSessions:
     @pytest.fixture
     def plexus_config(self, plexus_config: dict[str, Any]) -> dict[str, Any]:

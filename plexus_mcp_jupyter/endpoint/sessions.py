@@ -16,6 +16,7 @@ principal exactly as one for an unknown session (404 "Session not found"), for P
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -99,10 +100,26 @@ class PlexusSessionManager(StreamableHTTPSessionManager):
         self._holders: dict[str, _Holder] = {}  # open session id -> its holder
         self._held: Counter[str] = Counter()  # holder id -> sessions open
         self._key_share_used = 0
+        self._ending: set[asyncio.Task[None]] = set()
 
     @property
     def session_count(self) -> int:
         return len(self._server_instances)
+
+    def key_ids(self) -> set[str]:
+        """The API keys that hold sessions (the key watcher checks them for revocation)."""
+        return {holder.id.removeprefix(_KEY_PREFIX) for holder in self._holders.values() if holder.is_key}
+
+    def end_sessions_of_key(self, key_id: str) -> None:
+        """End every session of a key now (it was revoked): nobody can use them, and their slots are free at once."""
+        holder_id = f"{_KEY_PREFIX}{key_id}"
+        for session_id in [s for s, holder in self._holders.items() if holder.id == holder_id]:
+            transport = self._server_instances.get(session_id)
+            self._forget(session_id)
+            if transport is not None:
+                task = asyncio.get_running_loop().create_task(self._discard_session(session_id, transport))
+                self._ending.add(task)
+                task.add_done_callback(self._ending.discard)
 
     def _admit_session(self, requestor: AuthorizationContext | None) -> StreamableHTTPServerTransport | None:
         holder = _Holder.of(requestor)
@@ -115,14 +132,17 @@ class PlexusSessionManager(StreamableHTTPSessionManager):
         return transport
 
     async def _discard_session(self, session_id: str, transport: StreamableHTTPServerTransport) -> None:
-        # Called once or twice per session (DELETE, then its server task's end): forget it only once.
+        self._forget(session_id)
+        await super()._discard_session(session_id, transport)
+
+    def _forget(self, session_id: str) -> None:
+        # Called once or twice per session (DELETE, then its server task's end): counted down only once.
         holder = self._holders.pop(session_id, None)
         if holder is not None:
             self._held[holder.id] -= 1
             if not self._held[holder.id]:
                 del self._held[holder.id]
             self._key_share_used -= holder.in_key_share
-        await super()._discard_session(session_id, transport)
 
     def _check(self, holder: _Holder) -> None:
         limits = self.limits
