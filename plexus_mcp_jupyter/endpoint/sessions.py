@@ -5,8 +5,9 @@ A 2025-11-25 session is opened by a request without `Mcp-Session-Id` that the SD
 StreamableHTTPSessionManager registers a session in `_admit_session` (synchronously, under its creation
 lock) and forgets it in `_discard_session`, whichever way it ends, including an opening request it refused.
 `PlexusSessionManager` counts sessions per holder at exactly those two points, so admission is exact under
-concurrent requests and a slot can never leak. Those two methods are private to the SDK: they are
-overridden here and nowhere else, and tests/test_hardening_sessions.py says what broke if the SDK changes
+concurrent requests and a slot can never leak. Those two methods, and the session table
+`_server_instances` read for the count and to end a revoked key's sessions, are private to the SDK: they
+are used here and nowhere else, and tests/test_hardening_sessions.py says what broke if the SDK changes
 them. The 2026-07-28 era serves each request on its own and opens no session: it is not counted.
 
 Binding uses the SDK's public mechanism: the handler puts an `AuthenticatedUser` naming the principal on
