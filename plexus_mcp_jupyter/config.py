@@ -91,6 +91,15 @@ class PlexusSettings(Configurable):
     max_tasks_per_key = Integer(
         50, min=1, help="Unfinished tasks (queued and running) one API key may have; more are refused."
     ).tag(config=True)
+    max_sessions_per_key = Integer(
+        20, min=1, help="MCP sessions one API key may have open at once (HTTP 429 beyond; a session ends by DELETE "
+        "or after session_idle_timeout). The notebook user and the server's token are held only to max_sessions.",
+    ).tag(config=True)
+    reserved_session_share = Float(
+        0.1, min=0.0, max=0.9, help="Share of max_sessions that only admins (the notebook user, the server's token, "
+        "admin keys) may use: viewer and operator keys together stop at max_sessions minus this share, rounded "
+        "up (HTTP 503), so a flood of keys never locks the admins out. Default 0.1 (100 of 1000).",
+    ).tag(config=True)
 
     key_slot_share = Float(
         0.5, min=0.0, max=1.0,

@@ -17,6 +17,7 @@ from .core.executors import Executor, LocalExecutor
 from .core.manager import TaskManager
 from .core.store import Store, default_db_url
 from .endpoint.server import build_mcp_server
+from .endpoint.sessions import SessionLimits
 from .endpoint.transport import MCPEndpoint
 from .evaluations.datasets import DatasetCatalog
 from .evaluations.kernel_scorers import KernelScorerRegistry
@@ -79,8 +80,9 @@ class PlexusRuntime:
         self.mcp = build_mcp_server(self.manager, self.evaluations, self.audit)
         self.endpoint = MCPEndpoint(
             self.mcp,
-            session_idle_timeout=settings.session_idle_timeout,
-            max_sessions=settings.max_sessions,
+            limits=SessionLimits(max_sessions=settings.max_sessions, per_key=settings.max_sessions_per_key,
+                                 reserved_share=settings.reserved_session_share,
+                                 idle_timeout=settings.session_idle_timeout),
             max_request_body_size=settings.max_request_bytes,
             event_store_size=settings.event_store_size,
             event_store_bytes=settings.event_store_bytes,
@@ -126,13 +128,14 @@ class PlexusRuntime:
         return forget
 
     def revoke_key(self, key_id: str, by: Principal | None = None) -> ApiKey:
-        """Revoke a key: its next request is refused and its open streams are closed now."""
+        """Revoke a key: its next request is refused, its open streams and MCP sessions are closed now."""
         key = self.keys.revoke(key_id)
         self._close_streams(key.id)
         self.audit.record(by, "key.revoke", target=key.id)
         return key
 
     def _close_streams(self, key_id: str) -> None:
+        self.endpoint.session_manager.end_sessions_of_key(key_id)
         for close in list(self._streams.pop(key_id, ())):
             try:
                 close()
@@ -140,10 +143,11 @@ class PlexusRuntime:
                 log.debug("Plexus: a stream of key %s could not be closed", key_id, exc_info=True)
 
     async def _watch_keys(self) -> None:
-        """Keys revoked or expired elsewhere (the CLI, another server on the store) end their streams too."""
+        """Keys revoked or expired elsewhere (the CLI, another server on the store) end their streams and sessions
+        too."""
         while True:
             await asyncio.sleep(CACHE_SECONDS)
-            for key_id in list(self._streams):
+            for key_id in set(self._streams) | self.endpoint.session_manager.key_ids():
                 try:
                     key = await asyncio.to_thread(self.keys.get, key_id)
                     active = key.status() == "active"

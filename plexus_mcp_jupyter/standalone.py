@@ -92,7 +92,7 @@ class StandaloneMCPHandler(_StandaloneHandler):
         principal = self.principal or STANDALONE_ADMIN
         forget = self.runtime.track_stream(principal, self._end_stream)  # ends when its API key is revoked
         try:
-            await self._bridge.serve({"plexus.identity": principal.owner, "plexus.principal": principal})
+            await self._bridge.serve(principal)
         finally:
             forget()
 

@@ -4,7 +4,8 @@
 lifetime (a background task). `MCPBridge.serve()` turns one tornado request into an ASGI call:
 the request body is fed through `receive`, and `send` events become status, headers and
 flushed body chunks, so SSE streams go out as they are produced. Authentication happens before
-the bridge is entered; the SDK never sees an unauthenticated request.
+the bridge is entered; the SDK never sees an unauthenticated request. Who may open and use a session
+is decided in sessions.py (the per-key cap, the admins' reserve, the binding to its opener).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from collections.abc import MutableMapping
 from typing import Any
 
 from mcp.server.mcpserver import MCPServer
-from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
 from tornado.iostream import StreamClosedError
 from tornado.web import RequestHandler
 
+from ..security.http import jsonrpc_error
+from ..security.identity import Principal
 from .event_store import MemoryEventStore
+from .sessions import PlexusSessionManager, SessionLimits, SessionRefused, session_user
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
@@ -36,23 +39,21 @@ class MCPEndpoint:
         self,
         server: MCPServer,
         *,
-        session_idle_timeout: float | None = 1800.0,
-        max_sessions: int | None = 1000,
+        limits: SessionLimits | None = None,
         max_request_body_size: int = 4 * 1024 * 1024,
         event_store_size: int = 10_000,
         event_store_bytes: int = 32 * 1024 * 1024,
     ) -> None:
         self.server = server
         self.event_store = MemoryEventStore(event_store_size, event_store_bytes)
-        self.session_manager = StreamableHTTPSessionManager(
-            app=server._lowlevel_server,
+        self.session_manager = PlexusSessionManager(
+            server._lowlevel_server,
+            limits=limits or SessionLimits(),
             event_store=self.event_store,
             json_response=False,
             stateless=False,
             # Host and Origin are checked by the tornado handler (Jupyter's own rules).
             security_settings=_NO_DNS_CHECKS,
-            session_idle_timeout=session_idle_timeout,
-            max_sessions=max_sessions,
             max_request_body_size=max_request_body_size,
         )
         self._runner: asyncio.Task[None] | None = None
@@ -93,7 +94,7 @@ class MCPEndpoint:
 
     @property
     def session_count(self) -> int:
-        return len(self.session_manager._server_instances)
+        return self.session_manager.session_count
 
 
 class MCPBridge:
@@ -131,8 +132,11 @@ class MCPBridge:
         scope.update(extra)
         return scope
 
-    async def serve(self, extra_scope: dict[str, Any]) -> None:
+    async def serve(self, principal: Principal) -> None:
+        """Serve the request as `principal` (authenticated by the handler): tools and resources act as it,
+        and a session answers only the principal that opened it."""
         await self.endpoint.start()
+        extra_scope = {"plexus.principal": principal, "user": session_user(principal)}
         body = self.handler.request.body or b""
         body_sent = False
 
@@ -189,6 +193,10 @@ class MCPBridge:
 
         try:
             await self.endpoint.session_manager.handle_request(self.scope(extra_scope), receive, send)
+        except SessionRefused as refused:  # raised before anything was sent
+            self.handler.set_status(refused.status)
+            self.handler.set_header("Content-Type", "application/json")
+            self.handler.write(json.dumps(jsonrpc_error(refused.status, str(refused))))
         finally:
             if self._flush_handle is not None:
                 self._flush_handle.cancel()

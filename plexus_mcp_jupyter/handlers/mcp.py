@@ -44,7 +44,7 @@ class MCPHandler(PlexusHandler):
         forget = self.runtime.track_stream(self.principal, self._end_stream)
         try:
             self._bridge = MCPBridge(self, self.runtime.endpoint)
-            await self._bridge.serve({"plexus.identity": self.identity, "plexus.principal": self.principal})
+            await self._bridge.serve(self.principal)
         finally:
             forget()
 
