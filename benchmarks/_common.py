@@ -59,22 +59,32 @@ def wait_http(url: str, timeout: float = 60.0) -> None:
 
 @contextmanager
 def serving(proc: subprocess.Popen, ready_url: str):
-    """Wait until a started server answers at `ready_url`; stop it when the block ends."""
+    """Wait until a started server answers at `ready_url`; stop it when the block ends (also on Ctrl-C or an
+    error), killing it if it has not stopped 15 s after SIGTERM."""
     try:
         wait_http(ready_url)
         yield
     finally:
         proc.terminate()
-        proc.wait(15)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @contextmanager
-def jupyter_server(workdir: Path, extra_env: dict[str, str] | None = None, python_args: list[str] | None = None):
+def jupyter_server(
+    workdir: Path,
+    extra_env: dict[str, str] | None = None,
+    python_args: list[str] | None = None,
+    port: int | None = None,
+):
     """A real `jupyter server` with the extension; yields (MCP endpoint URL, server pid).
 
     `python_args` replaces `-m jupyter server` (e.g. `-c` code that registers a task type, then runs
-    jupyter_server.serverapp.main)."""
-    port = free_port()
+    jupyter_server.serverapp.main); `port` defaults to a free one."""
+    port = port or free_port()
     env = dict(
         os.environ,
         JUPYTER_DATA_DIR=str(workdir / "jdata"),
@@ -100,6 +110,36 @@ def jupyter_server(workdir: Path, extra_env: dict[str, str] | None = None, pytho
     )
     with serving(proc, f"http://127.0.0.1:{port}/plexus/api/health"):
         yield f"http://127.0.0.1:{port}/plexus/mcp", proc.pid
+
+
+@contextmanager
+def standalone_server(workdir: Path, extra_env: dict[str, str] | None = None, port: int | None = None):
+    """`plexus mcp serve --transport http` on a SQLite store in `workdir` (also its root dir), with TOKEN;
+    yields (MCP endpoint URL, server pid)."""
+    port = port or free_port()
+    env = dict(os.environ, JUPYTER_DATA_DIR=str(workdir / "jdata"), **(extra_env or {}))
+    proc = subprocess.Popen(
+        [
+            *pinned(),
+            sys.executable,
+            "-m",
+            "plexus_mcp_jupyter.cli",
+            "mcp",
+            "serve",
+            "--transport=http",
+            f"--port={port}",
+            f"--token={TOKEN}",
+            f"--root-dir={workdir}",
+            f"--db-url=sqlite:///{workdir / 'standalone.db'}",
+            "--log-level=WARNING",
+        ],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    with serving(proc, f"http://127.0.0.1:{port}/health"):
+        yield f"http://127.0.0.1:{port}/mcp", proc.pid
 
 
 @contextmanager
@@ -149,6 +189,14 @@ def summarize(latencies: list[float]) -> dict[str, float]:
         "p50_ms": 1000 * statistics.median(ordered),
         "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
     }
+
+
+def memory_kib(pid: int, field: str = "VmRSS") -> int:
+    """A memory figure of a process from /proc/<pid>/status, in KiB: VmRSS now, VmHWM its peak so far."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    return 0
 
 
 def cpu_seconds(pid: int) -> float:
