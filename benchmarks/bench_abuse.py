@@ -69,7 +69,7 @@ from urllib.parse import quote
 
 import _common
 import httpx2
-from _common import LeanSession, cpu_seconds, jupyter_server, memory_kib, pin_client, standalone_server, tempdir
+from _common import TOKEN, LeanSession, cpu_seconds, jupyter_server, memory_kib, pin_client, standalone_server, tempdir
 
 ROOT = Path(__file__).resolve().parent.parent
 FLOODS = ("sessions", "scorecards", "slow", "bigfiles")
@@ -304,24 +304,28 @@ async def answer(request: Awaitable[httpx2.Response]) -> tuple[str, httpx2.Respo
     return str(response.status_code), response
 
 
-def mcp_outcome(response: httpx2.Response) -> str:
-    """An MCP tools/call answer: its HTTP status, and for 200 whether the tool (or JSON-RPC) refused it."""
+def mcp_outcome(response: httpx2.Response) -> tuple[str, str]:
+    """An MCP tools/call answer (JSON or an SSE stream): the label for the answers count (its HTTP status, and
+    for 200 whether the tool or JSON-RPC refused the call) and the text of the refusal."""
     if response.status_code != 200:
-        return str(response.status_code)
-    text = response.text
+        return str(response.status_code), response.text
+    lines = response.text.splitlines()
     if response.headers.get("content-type", "").startswith("text/event-stream"):
-        text = next((line[5:] for line in text.splitlines() if line.startswith("data:") and line[5:].strip()), "{}")
-    message = json.loads(text)
+        lines = [line[5:] for line in lines if line.startswith("data:") and line[5:].strip().startswith("{")]
+    message = json.loads(lines[-1]) if lines else {}
     if "error" in message:
-        return "200 rpc error"
-    return "200 tool error" if message.get("result", {}).get("isError") else "200"
+        return "200 rpc error", str(message["error"].get("message"))
+    result = message.get("result", {})
+    if result.get("isError"):
+        return "200 tool error", " ".join(str(c.get("text")) for c in result.get("content", []))
+    return "200", ""
 
 
-def first_refusal(phase: Phase, label: str, response: httpx2.Response | None) -> None:
+def first_refusal(phase: Phase, label: str, text: str) -> None:
     """Keep the first refusal's message (shortened) as a note: what the server said to the flood."""
-    if response is None or label == "200" or any(n.startswith("first refusal") for n in phase.notes):
+    if label == "200" or any(n.startswith("first refusal") for n in phase.notes):
         return
-    text = " ".join(response.text.split())
+    text = " ".join(text.split())
     phase.notes.append(f"first refusal: {label}: {text[:160]}{'...' if len(text) > 160 else ''}")
 
 
@@ -338,12 +342,20 @@ async def flood_sessions(target: Target, args: argparse.Namespace, phase: Phase)
             while next(sent) < args.sessions and time.monotonic() < deadline:
                 label, response = await answer(http.post(target.mcp_url, content=body))
                 phase.answers[label] += 1
-                first_refusal(phase, label, response)
+                if response is not None:
+                    first_refusal(phase, label, response.text)
 
         t0 = time.monotonic()
         await asyncio.gather(*(worker() for _ in range(args.session_concurrency)))
-    phase.notes.append(f"{sum(phase.answers.values())} initialize POSTs in {time.monotonic() - t0:.1f} s, "
-                       f"{args.session_concurrency} at once")
+        elapsed = time.monotonic() - t0
+        # The harm the issue saw beyond latency: the notebook user locked out of new sessions.
+        label, response = await answer(http.post(target.mcp_url, content=body, headers={
+            "Authorization": f"Bearer {TOKEN}"}))
+        if response is not None and "mcp-session-id" in response.headers:
+            await http.delete(target.mcp_url, headers={"Authorization": f"Bearer {TOKEN}",
+                                                       "Mcp-Session-Id": response.headers["mcp-session-id"]})
+    phase.notes.append(f"{sum(phase.answers.values())} initialize POSTs in {elapsed:.1f} s, "
+                       f"{args.session_concurrency} at once; then the token's own initialize: {label}")
 
 
 def scorecard_text(kib: int) -> str:
@@ -369,7 +381,8 @@ async def flood_scorecards(target: Target, args: argparse.Namespace, phase: Phas
             async def post() -> str:
                 label, response = await answer(http.post(url, content=body,
                                                           headers={"Content-Type": "application/json"}))
-                first_refusal(phase, label, response)
+                if response is not None:
+                    first_refusal(phase, label, response.text)
                 return label
 
         else:
@@ -382,9 +395,9 @@ async def flood_scorecards(target: Target, args: argparse.Namespace, phase: Phas
             async def post() -> str:
                 session = next(turn)
                 label, response = await answer(session.http.post(session.url, content=body))
-                if response is not None and label == "200":
-                    label = mcp_outcome(response)
-                first_refusal(phase, label, response)
+                if response is not None:
+                    label, text = mcp_outcome(response)
+                    first_refusal(phase, label, text)
                 return label
 
         async def worker() -> None:
@@ -414,7 +427,9 @@ async def flood_slow(target: Target, args: argparse.Namespace, phase: Phase) -> 
     partial = f"GET {target.health_path} HTTP/1.1\r\nHost: 127.0.0.1:{target.port}\r\nX-Slow: ".encode()
     writers: list[asyncio.StreamWriter] = []
     readers: list[asyncio.Task[str]] = []
-    gate = asyncio.Semaphore(256)
+    # Connects wait at most a second: once the server stops accepting, its backlog fills and a connect
+    # hangs in SYN retries, which would otherwise make opening the flood take longer than holding it.
+    gate = asyncio.Semaphore(512)
     deadline = time.monotonic() + min(args.flood_s, args.slow_hold_s + 15)
 
     async def watch(reader: asyncio.StreamReader) -> str:
@@ -431,7 +446,7 @@ async def flood_slow(target: Target, args: argparse.Namespace, phase: Phase) -> 
                 phase.answers["not opened (time)"] += 1
                 return
             try:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", target.port), 3)
+                reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", target.port), 1)
                 writer.write(partial)
                 await writer.drain()
             except (TimeoutError, asyncio.TimeoutError):
@@ -447,14 +462,14 @@ async def flood_slow(target: Target, args: argparse.Namespace, phase: Phase) -> 
     try:
         await asyncio.gather(*(connect() for _ in range(count)))
         opened = time.monotonic() - t0
-        await asyncio.sleep(max(0.0, min(args.slow_hold_s, deadline - time.monotonic())))
+        hold = max(0.0, min(args.slow_hold_s, deadline - time.monotonic()))
+        await asyncio.sleep(hold)
         for task in readers:
             if task.done():
                 phase.answers[task.result() if task.exception() is None else "reset by server"] += 1
             else:
                 phase.answers["held open, no answer"] += 1
-        phase.notes.append(f"{len(writers)} of {count} connections opened in {opened:.1f} s, held "
-                           f"{args.slow_hold_s:g} s")
+        phase.notes.append(f"{len(writers)} of {count} connections opened in {opened:.1f} s, held {hold:.1f} s")
     finally:
         for task in readers:
             task.cancel()
@@ -480,7 +495,8 @@ async def flood_bigfiles(target: Target, args: argparse.Namespace, phase: Phase)
                     return
                 label, response = await answer(http.get(urls[kind]))
                 phase.answers[label] += 1
-                first_refusal(phase, label, response)
+                if response is not None:
+                    first_refusal(phase, label, response.text)
                 if response is not None:
                     sizes[kind].append(len(response.content))
 
@@ -572,6 +588,7 @@ class Figures:
     timeouts: int
     errors: int
     other: Counter[str]  # answers other than 200 (e.g. 429 or 503 to health itself)
+    stall: float  # the longest time, in seconds, without an answer (timeouts cap the latencies, not this)
 
     @classmethod
     def of(cls, samples: list[Sample], phase: Phase) -> Figures:
@@ -579,9 +596,11 @@ class Figures:
         ms = [1000 * s[1] for s in inside]
         outcomes = Counter(s[2] for s in inside)
         other = Counter({k: v for k, v in outcomes.items() if k not in ("200", "timeout", "error")})
+        answered = [phase.start, *sorted(t + seconds for t, seconds, outcome in inside
+                                         if outcome not in ("timeout", "error")), phase.end]
         median = statistics.median(ms) if ms else float("nan")
         return cls(len(ms), median, quantile(ms, 0.99), max(ms, default=float("nan")), outcomes["timeout"],
-                   outcomes["error"], other)
+                   outcomes["error"], other, max(b - a for a, b in itertools.pairwise(answered)))
 
 
 def counts(counter: Counter[str]) -> str:
@@ -596,10 +615,11 @@ def report(target: Target, args: argparse.Namespace, phases: list[Phase], kept: 
     fds = args.server_fds or "inherited"
     print(f"\n{server} (extension on SQLite, {pin}, soft limit on open files {fds}); keys at {args.key_rate:g} "
           f"req/s; GET {target.health_path} every {args.probe_ms:g} ms kept alive and every {args.fresh_ms:g} ms "
-          f"on a new connection, timeout {args.probe_timeout:g} s")
+          f"on a new connection, timeout {args.probe_timeout:g} s; load average {args.load:.1f} at the start "
+          f"({os.cpu_count()} CPUs)")
     print(f"{'phase':<11} {'secs':>5} | {'probes':>6} {'p50 ms':>7} {'p99 ms':>8} {'max ms':>8} {'t/o':>4} "
-          f"{'err':>4} {'p99/idle':>8} | {'new-conn p99':>12} {'fails':>5} {'x idle':>6} | {'srv CPU':>7} "
-          f"{'RSS MiB':>7} {'peak':>6} | answers")
+          f"{'err':>4} {'stall s':>7} {'p99/idle':>8} | {'new-conn p99':>12} {'fails':>5} {'x idle':>6} | "
+          f"{'srv CPU':>7} {'RSS MiB':>7} {'peak':>6} | answers")
     idle = phases[0]
     idle_kept, idle_fresh = Figures.of(kept, idle), Figures.of(fresh, idle)
     verdicts: list[tuple[str, float, float]] = []
@@ -609,7 +629,7 @@ def report(target: Target, args: argparse.Namespace, phases: list[Phase], kept: 
         if phase.name in FLOODS:
             verdicts.append((phase.name, ratio, fresh_ratio))
         print(f"{phase.name:<11} {phase.end - phase.start:>5.1f} | {k.count:>6} {k.p50:>7.2f} {k.p99:>8.2f} "
-              f"{k.max:>8.1f} {k.timeouts:>4} {k.errors:>4} {ratio:>8.1f} | {f.p99:>12.2f} "
+              f"{k.max:>8.1f} {k.timeouts:>4} {k.errors:>4} {k.stall:>7.2f} {ratio:>8.1f} | {f.p99:>12.2f} "
               f"{f.timeouts + f.errors:>5} {fresh_ratio:>6.1f} | {phase.cpu_s:>6.1f}s {phase.rss_mib:>7.0f} "
               f"{phase.peak_mib:>6.0f} | {counts(phase.answers)}")
         for probe, figures in (("kept-alive", k), ("new-connection", f)):
@@ -669,6 +689,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     pin_client()
+    args.load = os.getloadavg()[0]  # other work on the machine blurs the idle baseline: say how much there was
     # SIGTERM cleans up like Ctrl-C: the server is stopped and the temporary folder removed.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     t0 = time.monotonic()
