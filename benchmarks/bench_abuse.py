@@ -233,6 +233,7 @@ def prober_main(port: int, path: str, probe_s: float, fresh_s: float, timeout: f
                 results: Connection) -> None:
     """The prober process: both probes in threads until `stop` is set, then the samples back to the parent."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops this process
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # how the parent stops it (the parent's handler is inherited)
     kept: list[Sample] = []
     fresh: list[Sample] = []
     threads = [
