@@ -211,8 +211,9 @@ def probe_once(conn: http.client.HTTPConnection | None, port: int, path: str, ti
 
 
 def probe_loop(port: int, path: str, interval: float, timeout: float, keep_alive: bool,
-               stop: threading.Event | Any, out: list[Sample]) -> None:
-    """GET `path` every `interval` until `stop` is set; a failed probe is recorded at `timeout`."""
+               stop: Any, out: list[Sample]) -> None:
+    """GET `path` every `interval` until `stop` (a multiprocessing Event) is set; a failed probe is recorded at
+    `timeout`."""
     conn: http.client.HTTPConnection | None = None
     next_at = time.monotonic()
     while not stop.is_set():
@@ -374,6 +375,7 @@ async def flood_scorecards(target: Target, args: argparse.Namespace, phase: Phas
     deadline = time.monotonic() + args.flood_s
     sent = itertools.count()
     seconds: list[float] = []
+    sessions: list[LeanSession] = []  # MCP (standalone): two sessions of the operator key
     async with httpx2.AsyncClient(headers=target.auth("operator"), timeout=max(60.0, args.flood_s)) as http:
         if target.kind == "jupyter":
             url = f"{target.base}plexus/api/evaluations"
@@ -387,7 +389,8 @@ async def flood_scorecards(target: Target, args: argparse.Namespace, phase: Phas
                 return label
 
         else:
-            sessions = [await LeanSession(target.mcp_url, target.keys["operator"]).__aenter__() for _ in range(2)]
+            for _ in range(2):
+                sessions.append(await LeanSession(target.mcp_url, target.keys["operator"]).__aenter__())
             call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
                     "params": {"name": "create_evaluation", "arguments": {"type": "accuracy", "scorecard": card}}}
             body = json.dumps(call).encode()
@@ -410,9 +413,8 @@ async def flood_scorecards(target: Target, args: argparse.Namespace, phase: Phas
         try:
             await asyncio.gather(worker(), worker())
         finally:
-            if target.kind != "jupyter":
-                for session in sessions:
-                    await session.__aexit__(None, None, None)
+            for session in sessions:
+                await session.__aexit__(None, None, None)
     if seconds:
         phase.notes.append(f"{len(seconds)} requests with a {len(card.encode()) / 1024:.0f} KiB card "
                            f"({card.count('- {name')} scores), answered in {min(seconds):.1f} to "
