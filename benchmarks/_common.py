@@ -74,6 +74,21 @@ def serving(proc: subprocess.Popen, ready_url: str):
 
 
 @contextmanager
+def started(args: list[str], ready_url: str, env: dict[str, str] | None = None):
+    """`python <args>` pinned to the servers' core, its output discarded (and its stdin, so that a Ctrl-C
+    cannot make it ask the terminal anything); yields its pid once it answers at `ready_url`."""
+    proc = subprocess.Popen(
+        [*pinned(), sys.executable, *args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    with serving(proc, ready_url):
+        yield proc.pid
+
+
+@contextmanager
 def jupyter_server(
     workdir: Path,
     extra_env: dict[str, str] | None = None,
@@ -92,24 +107,17 @@ def jupyter_server(
         PLEXUS_MCP_DB_URL=f"sqlite:///{workdir / 'jupyter.db'}",
         **(extra_env or {}),
     )
-    proc = subprocess.Popen(
-        [
-            *pinned(),
-            sys.executable,
-            *(python_args or ["-m", "jupyter", "server"]),
-            f"--port={port}",
-            "--no-browser",
-            "--allow-root",
-            f"--IdentityProvider.token={TOKEN}",
-            f"--ServerApp.root_dir={workdir}",
-            "--ServerApp.log_level=WARN",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    with serving(proc, f"http://127.0.0.1:{port}/plexus/api/health"):
-        yield f"http://127.0.0.1:{port}/plexus/mcp", proc.pid
+    args = [
+        *(python_args or ["-m", "jupyter", "server"]),
+        f"--port={port}",
+        "--no-browser",
+        "--allow-root",
+        f"--IdentityProvider.token={TOKEN}",
+        f"--ServerApp.root_dir={workdir}",
+        "--ServerApp.log_level=WARN",
+    ]
+    with started(args, f"http://127.0.0.1:{port}/plexus/api/health", env) as pid:
+        yield f"http://127.0.0.1:{port}/plexus/mcp", pid
 
 
 @contextmanager
@@ -118,48 +126,19 @@ def standalone_server(workdir: Path, extra_env: dict[str, str] | None = None, po
     yields (MCP endpoint URL, server pid)."""
     port = port or free_port()
     env = dict(os.environ, JUPYTER_DATA_DIR=str(workdir / "jdata"), **(extra_env or {}))
-    proc = subprocess.Popen(
-        [
-            *pinned(),
-            sys.executable,
-            "-m",
-            "plexus_mcp_jupyter.cli",
-            "mcp",
-            "serve",
-            "--transport=http",
-            f"--port={port}",
-            f"--token={TOKEN}",
-            f"--root-dir={workdir}",
-            f"--db-url=sqlite:///{workdir / 'standalone.db'}",
-            "--log-level=WARNING",
-        ],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    with serving(proc, f"http://127.0.0.1:{port}/health"):
-        yield f"http://127.0.0.1:{port}/mcp", proc.pid
+    args = ["-m", "plexus_mcp_jupyter.cli", "mcp", "serve", "--transport=http", f"--port={port}", f"--token={TOKEN}",
+            f"--root-dir={workdir}", f"--db-url=sqlite:///{workdir / 'standalone.db'}", "--log-level=WARNING"]
+    with started(args, f"http://127.0.0.1:{port}/health", env) as pid:
+        yield f"http://127.0.0.1:{port}/mcp", pid
 
 
 @contextmanager
 def uvicorn_peer(workdir: Path):
     """The same MCP server on uvicorn (the SDK's own ASGI app); yields (URL, server pid)."""
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            *pinned(),
-            sys.executable,
-            str(HERE / "_uvicorn_peer.py"),
-            str(port),
-            f"sqlite:///{workdir / 'uvicorn.db'}",
-            str(workdir / "udata"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    with serving(proc, f"http://127.0.0.1:{port}/mcp"):
-        yield f"http://127.0.0.1:{port}/mcp", proc.pid
+    args = [str(HERE / "_uvicorn_peer.py"), str(port), f"sqlite:///{workdir / 'uvicorn.db'}", str(workdir / "udata")]
+    with started(args, f"http://127.0.0.1:{port}/mcp") as pid:
+        yield f"http://127.0.0.1:{port}/mcp", pid
 
 
 @asynccontextmanager
@@ -206,6 +185,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}},
+}
+MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+
+
 class LeanSession:
     """A minimal keep-alive MCP client (2025-11-25 handshake, SSE parsed by hand).
 
@@ -215,7 +203,7 @@ class LeanSession:
     """
 
     def __init__(self, url: str, token: str | None) -> None:
-        headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+        headers = dict(MCP_HEADERS)
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self.url = url
@@ -223,10 +211,7 @@ class LeanSession:
         self._id = 0
 
     async def __aenter__(self) -> LeanSession:
-        init = await self.request(
-            "initialize",
-            {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}},
-        )
+        init = await self.request("initialize", INITIALIZE["params"])
         assert "result" in init, init
         await self.http.post(self.url, json={"jsonrpc": "2.0", "method": "notifications/initialized"})
         return self

@@ -69,21 +69,24 @@ from urllib.parse import quote
 
 import _common
 import httpx2
-from _common import TOKEN, LeanSession, cpu_seconds, jupyter_server, memory_kib, pin_client, standalone_server, tempdir
+from _common import (
+    INITIALIZE,
+    MCP_HEADERS,
+    TOKEN,
+    LeanSession,
+    cpu_seconds,
+    jupyter_server,
+    memory_kib,
+    pin_client,
+    standalone_server,
+    tempdir,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 FLOODS = ("sessions", "scorecards", "slow", "bigfiles")
 STANDALONE_FLOODS = ("sessions", "scorecards", "slow")  # the standalone server serves no datasets over REST
 GOAL = 5.0  # health p99 during a flood <= GOAL x idle p99
 FD_MARGIN = 256  # files this process keeps for itself beside the slow connections
-INITIALIZE = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "abuse", "version": "1"}},
-}
-MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
-
 Sample = tuple[float, float, str]  # (monotonic time the probe started, seconds, outcome: status, timeout, error)
 
 
