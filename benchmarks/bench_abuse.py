@@ -503,7 +503,6 @@ async def flood_bigfiles(target: Target, args: argparse.Namespace, phase: Phase)
                 phase.answers[label] += 1
                 if response is not None:
                     first_refusal(phase, label, response.text)
-                if response is not None:
                     sizes[kind].append(len(response.content))
 
         await asyncio.gather(*(worker() for _ in range(4)))
@@ -530,7 +529,8 @@ FLOOD_RUNS: dict[str, Callable[[Target, argparse.Namespace, Phase], Awaitable[No
 
 
 async def settle(target: Target, limit: float = 60.0) -> float:
-    """Wait until health answers within half a second again (at most `limit` s); returns the seconds waited."""
+    """Wait until health answers within half a second again (at most `limit` s), then a second more; returns the
+    seconds until it did."""
     t0 = time.monotonic()
     async with httpx2.AsyncClient(timeout=2.0) as http:
         while time.monotonic() - t0 < limit:
@@ -541,8 +541,9 @@ async def settle(target: Target, limit: float = 60.0) -> float:
                 ):
                     break
             await asyncio.sleep(0.2)
+    waited = time.monotonic() - t0
     await asyncio.sleep(1.0)
-    return time.monotonic() - t0
+    return waited
 
 
 async def run_phases(target: Target, args: argparse.Namespace, floods: list[str]) -> list[Phase]:
