@@ -20,8 +20,9 @@ server is given time to recover, up to 60 s, between them):
    scores, the last one a duplicate name, so it is refused only after the whole card is parsed and checked
    and no evaluation runs), two at a time, --scorecards in all: REST `POST plexus/api/evaluations`
    (standalone: MCP tools/call create_evaluation);
-4. slow: --slow connections that send half a request header and then nothing, held --slow-hold-s, counted by
-   what the server does with them (answers by status, closed, still open). The server's soft limit on open
+4. slow: --slow connections from another loopback address (--slow-from, 127.0.0.2) that send half a request
+   header and then nothing, held --slow-hold-s, counted by what the server does with them (answers by
+   status, closed, still open). The server's soft limit on open
    files is set to --server-fds (1024, Linux's usual default soft limit) so that the flood replays the
    exhaustion of file descriptors the issue saw; this process raises its own to its hard limit and caps
    --slow below it;
@@ -452,7 +453,8 @@ async def flood_slow(target: Target, args: argparse.Namespace, phase: Phase) -> 
                 phase.answers["not opened (time)"] += 1
                 return
             try:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", target.port), 1)
+                opening = asyncio.open_connection("127.0.0.1", target.port, local_addr=(args.slow_from, 0))
+                reader, writer = await asyncio.wait_for(opening, 1)
                 writer.write(partial)
                 await writer.drain()
             except (TimeoutError, asyncio.TimeoutError):
@@ -673,6 +675,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--card-kib", type=int, default=1024, help="size of the inline scorecard (just under it)")
     parser.add_argument("--slow", type=int, default=3000, help="slow connections (capped below the fd limit)")
     parser.add_argument("--slow-hold-s", type=float, default=15.0, help="seconds the slow connections are held")
+    parser.add_argument("--slow-from", default="127.0.0.2",
+                        help="loopback address the slow connections come from: not the probes' 127.0.0.1, so that a "
+                        "cap per address tells the flood from everyone else, as on a network")
     parser.add_argument("--server-fds", type=int, default=1024,
                         help="soft limit on the server's open files, set once it is up (0: keep the inherited one)")
     parser.add_argument("--big-mb", type=int, default=50, help="size of the one-line file (the issue used 200)")
