@@ -22,10 +22,9 @@ server is given time to recover, up to 60 s, between them):
    (standalone: MCP tools/call create_evaluation);
 4. slow: --slow connections from another loopback address (--slow-from, 127.0.0.2) that send half a request
    header and then nothing, held --slow-hold-s, counted by what the server does with them (answers by
-   status, closed, still open). The server's soft limit on open
-   files is set to --server-fds (1024, Linux's usual default soft limit) so that the flood replays the
-   exhaustion of file descriptors the issue saw; this process raises its own to its hard limit and caps
-   --slow below it;
+   status, closed, still open). The server's soft limit on open files is set to --server-fds (1024,
+   Linux's usual default soft limit) so that the flood replays the exhaustion of file descriptors the
+   issue saw; this process raises its own to its hard limit and caps --slow below it;
 5. bigfiles (Jupyter only): a --big-mb MB file under the root with a single line and no newline, then the
    viewer key GETs `plexus/api/datasets` and `plexus/api/datasets/<file>`, --big-requests in all, four at
    once; the server's RSS before and after and the sizes of the answers are printed;
@@ -38,6 +37,11 @@ refusing with 4xx is still a flood.
 
     python benchmarks/bench_abuse.py [--quick] [--only sessions,scorecards,slow,bigfiles] [--standalone]
         [--port N] [--big-mb 50] [--slow 3000] [--server-fds 1024] ...
+
+Printed per phase: the kept-alive probe's count, p50, p99, max, timeouts, errors, longest time without an
+answer ("stall s": timeouts cap the latencies, not this) and p99 / idle p99; the new-connection probe's p99,
+failures and p99 / idle p99; the server's CPU seconds, RSS and peak RSS; the flood's answers; then notes
+(first refusal, counts, sizes) and a PASS/FAIL line per flood.
 
 Goal (issue 11): health p99 during any flood <= 5 x idle p99 (on both probes).
 """
