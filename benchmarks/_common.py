@@ -59,22 +59,47 @@ def wait_http(url: str, timeout: float = 60.0) -> None:
 
 @contextmanager
 def serving(proc: subprocess.Popen, ready_url: str):
-    """Wait until a started server answers at `ready_url`; stop it when the block ends."""
+    """Wait until a started server answers at `ready_url`; stop it when the block ends (also on Ctrl-C or an
+    error), killing it if it has not stopped 15 s after SIGTERM."""
     try:
         wait_http(ready_url)
         yield
     finally:
         proc.terminate()
-        proc.wait(15)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @contextmanager
-def jupyter_server(workdir: Path, extra_env: dict[str, str] | None = None, python_args: list[str] | None = None):
+def started(args: list[str], ready_url: str, env: dict[str, str] | None = None):
+    """`python <args>` pinned to the servers' core, its output discarded (and its stdin, so that a Ctrl-C
+    cannot make it ask the terminal anything); yields its pid once it answers at `ready_url`."""
+    proc = subprocess.Popen(
+        [*pinned(), sys.executable, *args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    with serving(proc, ready_url):
+        yield proc.pid
+
+
+@contextmanager
+def jupyter_server(
+    workdir: Path,
+    extra_env: dict[str, str] | None = None,
+    python_args: list[str] | None = None,
+    port: int | None = None,
+):
     """A real `jupyter server` with the extension; yields (MCP endpoint URL, server pid).
 
     `python_args` replaces `-m jupyter server` (e.g. `-c` code that registers a task type, then runs
-    jupyter_server.serverapp.main)."""
-    port = free_port()
+    jupyter_server.serverapp.main); `port` defaults to a free one."""
+    port = port or free_port()
     env = dict(
         os.environ,
         JUPYTER_DATA_DIR=str(workdir / "jdata"),
@@ -82,44 +107,38 @@ def jupyter_server(workdir: Path, extra_env: dict[str, str] | None = None, pytho
         PLEXUS_MCP_DB_URL=f"sqlite:///{workdir / 'jupyter.db'}",
         **(extra_env or {}),
     )
-    proc = subprocess.Popen(
-        [
-            *pinned(),
-            sys.executable,
-            *(python_args or ["-m", "jupyter", "server"]),
-            f"--port={port}",
-            "--no-browser",
-            "--allow-root",
-            f"--IdentityProvider.token={TOKEN}",
-            f"--ServerApp.root_dir={workdir}",
-            "--ServerApp.log_level=WARN",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    with serving(proc, f"http://127.0.0.1:{port}/plexus/api/health"):
-        yield f"http://127.0.0.1:{port}/plexus/mcp", proc.pid
+    args = [
+        *(python_args or ["-m", "jupyter", "server"]),
+        f"--port={port}",
+        "--no-browser",
+        "--allow-root",
+        f"--IdentityProvider.token={TOKEN}",
+        f"--ServerApp.root_dir={workdir}",
+        "--ServerApp.log_level=WARN",
+    ]
+    with started(args, f"http://127.0.0.1:{port}/plexus/api/health", env) as pid:
+        yield f"http://127.0.0.1:{port}/plexus/mcp", pid
+
+
+@contextmanager
+def standalone_server(workdir: Path, extra_env: dict[str, str] | None = None, port: int | None = None):
+    """`plexus mcp serve --transport http` on a SQLite store in `workdir` (also its root dir), with TOKEN;
+    yields (MCP endpoint URL, server pid)."""
+    port = port or free_port()
+    env = dict(os.environ, JUPYTER_DATA_DIR=str(workdir / "jdata"), **(extra_env or {}))
+    args = ["-m", "plexus_mcp_jupyter.cli", "mcp", "serve", "--transport=http", f"--port={port}", f"--token={TOKEN}",
+            f"--root-dir={workdir}", f"--db-url=sqlite:///{workdir / 'standalone.db'}", "--log-level=WARNING"]
+    with started(args, f"http://127.0.0.1:{port}/health", env) as pid:
+        yield f"http://127.0.0.1:{port}/mcp", pid
 
 
 @contextmanager
 def uvicorn_peer(workdir: Path):
     """The same MCP server on uvicorn (the SDK's own ASGI app); yields (URL, server pid)."""
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            *pinned(),
-            sys.executable,
-            str(HERE / "_uvicorn_peer.py"),
-            str(port),
-            f"sqlite:///{workdir / 'uvicorn.db'}",
-            str(workdir / "udata"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    with serving(proc, f"http://127.0.0.1:{port}/mcp"):
-        yield f"http://127.0.0.1:{port}/mcp", proc.pid
+    args = [str(HERE / "_uvicorn_peer.py"), str(port), f"sqlite:///{workdir / 'uvicorn.db'}", str(workdir / "udata")]
+    with started(args, f"http://127.0.0.1:{port}/mcp") as pid:
+        yield f"http://127.0.0.1:{port}/mcp", pid
 
 
 @asynccontextmanager
@@ -151,11 +170,28 @@ def summarize(latencies: list[float]) -> dict[str, float]:
     }
 
 
+def memory_kib(pid: int, field: str = "VmRSS") -> int:
+    """A memory figure of a process from /proc/<pid>/status, in KiB: VmRSS now, VmHWM its peak so far."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    return 0
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time used so far by a process (from /proc, no dependency)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / ticks
+
+
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}},
+}
+MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 
 
 class LeanSession:
@@ -167,7 +203,7 @@ class LeanSession:
     """
 
     def __init__(self, url: str, token: str | None) -> None:
-        headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+        headers = dict(MCP_HEADERS)
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self.url = url
@@ -175,10 +211,7 @@ class LeanSession:
         self._id = 0
 
     async def __aenter__(self) -> LeanSession:
-        init = await self.request(
-            "initialize",
-            {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}},
-        )
+        init = await self.request("initialize", INITIALIZE["params"])
         assert "result" in init, init
         await self.http.post(self.url, json={"jsonrpc": "2.0", "method": "notifications/initialized"})
         return self

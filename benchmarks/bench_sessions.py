@@ -17,18 +17,11 @@ import time
 import warnings
 from pathlib import Path
 
-from _common import client, cpu_seconds, jupyter_server, pin_client, tempdir
+from _common import client, cpu_seconds, jupyter_server, memory_kib, pin_client, tempdir
 from mcp.types import ResourceUpdatedNotification, ServerNotification
 
 warnings.filterwarnings("ignore")  # resources/subscribe is the 2025-era API, deprecated for 2026 clients
 FINAL = {"COMPLETED", "FAILED", "CANCELLED"}
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
 
 
 async def one_session(
@@ -109,7 +102,7 @@ async def main() -> None:
         lost = sum(await asyncio.gather(*runs))
         elapsed = time.monotonic() - started
         cpu = cpu_seconds(pid) - cpu0
-        peak = rss_kib(pid)
+        peak = memory_kib(pid, "VmHWM")
     total = args.sessions * args.tasks
     print(f"{args.sessions} subscribed sessions x {args.tasks} tasks ({args.items} items each): {total} tasks")
     print(f"final states lost: {lost} (goal 0); all seen within {elapsed:.1f} s")
