@@ -176,6 +176,33 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     return engine
 
 
+def add_missing_columns(engine: Engine, schema: sa.MetaData) -> list[str]:
+    """Bring a store made by an older release up to date: add the nullable columns it lacks.
+
+    `create_all` creates missing tables but never alters existing ones, so a column added in a later
+    release (always nullable or with a server default) is added here with `ALTER TABLE ... ADD COLUMN`,
+    which SQLite and PostgreSQL both support. Returns "table.column" for each column added.
+    """
+    inspector = sa.inspect(engine)
+    added: list[str] = []
+    with engine.begin() as conn:
+        for table in schema.sorted_tables:
+            if not inspector.has_table(table.name):
+                continue
+            present = {column["name"] for column in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in present:
+                    continue
+                if not column.nullable and column.server_default is None:
+                    raise RuntimeError(f"cannot add the required column {table.name}.{column.name} to an existing "
+                                       "store: give it a server_default")
+                ddl = sa.schema.CreateColumn(column).compile(dialect=engine.dialect)
+                name = engine.dialect.identifier_preparer.quote(table.name)
+                conn.execute(sa.text(f"ALTER TABLE {name} ADD COLUMN {ddl}"))
+                added.append(f"{table.name}.{column.name}")
+    return added
+
+
 class Store:
     """Tasks, stages and progress samples in a relational database."""
 
@@ -183,6 +210,7 @@ class Store:
         self.url = url
         self.engine: Engine = make_engine(url, echo=echo)
         metadata.create_all(self.engine)
+        add_missing_columns(self.engine, metadata)
         self._check_schema_version()
 
     # -- lifecycle -----------------------------------------------------------------------------
