@@ -91,6 +91,19 @@ class PlexusSettings(Configurable):
     max_tasks_per_key = Integer(
         50, min=1, help="Unfinished tasks (queued and running) one API key may have; more are refused."
     ).tag(config=True)
+    max_scorecard_bytes = Integer(
+        64 * 1024, min=1024, help="Largest scorecard, in bytes of YAML (inline text or file); a larger one is "
+        "refused before it is parsed. Default 65536 (64 KiB).",
+    ).tag(config=True)
+    max_scorecard_scores = Integer(
+        100, min=1, help="Most scores one scorecard may name; more are refused before the card is built. "
+        "Default 100.",
+    ).tag(config=True)
+    max_evaluation_items = Integer(
+        5_000_000, min=1, help="Most items one evaluation may score (rows x scores x runs); a larger one is refused "
+        "before it is dispatched, or fails at Setup when its rows are only known once loaded (CSV, JSON Lines). "
+        "Default 5000000.",
+    ).tag(config=True)
 
     def apply_env(self, environ: Mapping[str, str] | None = None, protected: Iterable[str] = ()) -> None:
         """Set traits from PLEXUS_MCP_* variables, except those in `protected` (set on the command line)."""

@@ -43,6 +43,8 @@ def describe_evaluation(view: dict[str, Any]) -> str:
             text += f"; {name}: {c['errors']} item(s) could not be scored"
     if view["error_message"]:
         text += f": {view['error_message']}"
+    if view.get("items_pruned_at"):
+        text += "; its per-item results were pruned"
     return text + "."
 
 
@@ -107,7 +109,7 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService) -> 
         priority: Annotated[int, Field(ge=MIN_PRIORITY, le=MAX_PRIORITY, description="Queue priority")] = 0,
     ) -> Annotated[CallToolResult, EvaluationDetail]:
         principal = current_principal()
-        view, task = service.create(
+        view, task = await service.create(
             type, dataset, scorer=scorer, scorecard=scorecard, label_column=label_column,
             prediction_column=prediction_column, input_column=input_column, id_column=id_column,
             sample_n=sample_n, sample_fraction=sample_fraction, seed=seed, runs=runs, priority=priority,
