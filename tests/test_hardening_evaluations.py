@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -19,7 +17,11 @@ from typing import Any
 import httpx2
 import pytest
 
+from plexus_mcp_jupyter.core.models import Task, TaskStatus
+from plexus_mcp_jupyter.core.store import Store
 from plexus_mcp_jupyter.evaluations.limits import MAX_NESTING, MAX_NUMBER_CHARS
+from plexus_mcp_jupyter.evaluations.store import EvaluationStore
+from plexus_mcp_jupyter.security.keys import KeyStore
 
 from .conftest import open_client, poll
 from .test_standalone import plexus_env, start_http, stop
@@ -216,11 +218,9 @@ async def test_the_items_of_a_cancelled_evaluation_are_pruned_and_its_record_sta
 
 
 async def test_the_standalone_server_refuses_the_same_scorecards_and_stays_responsive(tmp_path):
-    env = plexus_env(tmp_path)
-    created = subprocess.run(
-        [sys.executable, "-m", "plexus_mcp_jupyter.cli", "keys", "create", "an operator", "--role", "operator"],
-        env=env, capture_output=True, text=True, check=True)
-    key = json.loads(created.stdout)["secret"]
+    store = Store(plexus_env(tmp_path)["PLEXUS_MCP_DB_URL"])  # the store the server is about to open
+    key = KeyStore(store.engine).create("an operator", "operator")[1]
+    store.close()
     proc, url, _token = start_http(tmp_path, PLEXUS_MCP_MAX_EVALUATION_ITEMS="1000")
     try:
         async with open_client(url, key) as client:
@@ -246,3 +246,22 @@ async def test_the_standalone_server_refuses_the_same_scorecards_and_stays_respo
             assert listed.structured_content["evaluations"] == []
     finally:
         stop(proc)
+
+
+async def test_a_server_prunes_at_start_what_a_stopped_one_left(tmp_path):
+    # A cancelled evaluation whose items were still there when its server stopped (12,000: three batches).
+    store = Store(plexus_env(tmp_path)["PLEXUS_MCP_DB_URL"])
+    evaluations = EvaluationStore(store.engine)
+    store.create_task(Task(id="t-cancelled", type="evaluation", status=TaskStatus.CANCELLED))
+    evaluations.create({"id": "e-cancelled", "task_id": "t-cancelled", "type": "accuracy", "owner": None,
+                        "dataset": "example:sentiment", "definition": {"scores": [{"name": "score"}]},
+                        "created_at": time.time()})
+    evaluations.add_items("e-cancelled", "score", [(i, str(i), "x", "a", "a", "a", True, None, None)
+                                                    for i in range(12_000)])
+    proc, _url, _token = start_http(tmp_path)
+    try:
+        record = await poll(lambda: evaluations.get("e-cancelled"), lambda r: r["items_pruned_at"] is not None)
+    finally:
+        stop(proc)
+    assert evaluations.count_items("e-cancelled", "score") == 0 and record["definition"]["scores"]
+    store.close()

@@ -289,8 +289,12 @@ def _add_missing_columns(engine: Engine) -> None:
     for column in evaluations_table.columns:
         if column.name not in present:
             kind = column.type.compile(dialect=engine.dialect)
-            with engine.begin() as conn:
-                conn.exec_driver_sql(f"ALTER TABLE {evaluations_table.name} ADD COLUMN {column.name} {kind}")
+            try:
+                with engine.begin() as conn:
+                    conn.exec_driver_sql(f"ALTER TABLE {evaluations_table.name} ADD COLUMN {column.name} {kind}")
+            except sa.exc.DBAPIError:  # another process sharing the store added it first
+                if column.name not in {c["name"] for c in sa.inspect(engine).get_columns(evaluations_table.name)}:
+                    raise
 
 
 def _placeholders(engine: Engine, columns: Sequence[str]) -> str:
