@@ -146,6 +146,14 @@ async def test_pathological_scorecards_get_a_400_with_one_line(server_url, opera
     assert reason in one_line(answer.json()["error"]["message"])
 
 
+async def test_a_scorer_spec_error_quotes_a_bounded_excerpt_of_what_was_sent(server_url, operator):
+    scorer = {"kind": "rules", "rules": [{"pattern": "a", "label": ["x" * 1_000_000]}]}
+    answer = await post_evaluation(server_url, operator, {
+        "type": "accuracy", "dataset": "example:sentiment", "label_column": "label", "scorer": scorer})
+    assert answer.status_code == 400
+    assert one_line(answer.json()["error"]["message"]).startswith("rules[0].label: must be a non-empty string")
+
+
 @pytest.fixture
 def small_item_bound(plexus_config) -> None:
     # Cards of 1 MiB are allowed here, so that the bounds on scores and items are what refuses them.
