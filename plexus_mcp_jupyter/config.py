@@ -114,6 +114,19 @@ class PlexusSettings(Configurable):
         "with an error naming this setting. Admins (keys and the notebook user) may use the full range, -1000 to "
         "1000; viewers cannot dispatch at all.",
     ).tag(config=True)
+    max_scorecard_bytes = Integer(
+        64 * 1024, min=1024, help="Largest scorecard, in bytes of YAML (inline text or file); a larger one is "
+        "refused before it is parsed. Default 65536 (64 KiB).",
+    ).tag(config=True)
+    max_scorecard_scores = Integer(
+        100, min=1, help="Most scores one scorecard may name; more are refused before the card is built. "
+        "Default 100.",
+    ).tag(config=True)
+    max_evaluation_items = Integer(
+        5_000_000, min=1, help="Most items one evaluation may score (rows x scores x runs); a larger one is refused "
+        "before it is dispatched, or fails at Setup when its rows are only known once loaded (CSV, JSON Lines). "
+        "Default 5000000.",
+    ).tag(config=True)
 
     def apply_env(self, environ: Mapping[str, str] | None = None, protected: Iterable[str] = ()) -> None:
         """Set traits from PLEXUS_MCP_* variables, except those in `protected` (set on the command line)."""

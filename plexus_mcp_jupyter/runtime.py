@@ -21,6 +21,7 @@ from .endpoint.sessions import SessionLimits
 from .endpoint.transport import MCPEndpoint
 from .evaluations.datasets import DatasetCatalog
 from .evaluations.kernel_scorers import KernelScorerRegistry
+from .evaluations.limits import EvaluationLimits
 from .evaluations.service import EvaluationService
 from .evaluations.store import EvaluationStore
 from .security.audit import AuditLog
@@ -63,7 +64,7 @@ class PlexusRuntime:
             # What every worker is told besides its task's parameters (never stored or shown to clients).
             worker_environment={"db_url": self.store.url, "root_dir": str(self.root_dir),
                                 "registered_dir": str(registered_dir), "redact_columns": settings.redact_columns,
-                                "nice": settings.worker_nice},
+                                "nice": settings.worker_nice, "max_evaluation_items": settings.max_evaluation_items},
         )
         self.catalog = DatasetCatalog(self.root_dir, registered_dir)
         self.kernel_scorers = KernelScorerRegistry()
@@ -76,7 +77,10 @@ class PlexusRuntime:
         self.manager.request_handlers["kernel_score"] = self._kernel_score
         self.evaluations = EvaluationService(self.manager, EvaluationStore(self.store.engine), self.catalog,
                                              self.kernel_scorers, settings.scorer_modules.split(","),
-                                             settings.redact_columns.split(","))
+                                             settings.redact_columns.split(","), EvaluationLimits(
+                                                 max_scorecard_bytes=settings.max_scorecard_bytes,
+                                                 max_scorecard_scores=settings.max_scorecard_scores,
+                                                 max_evaluation_items=settings.max_evaluation_items))
         self.mcp = build_mcp_server(self.manager, self.evaluations, self.audit)
         self.endpoint = MCPEndpoint(
             self.mcp,
@@ -165,6 +169,7 @@ class PlexusRuntime:
         self._started = True
         await self.manager.start()
         await self.endpoint.start()
+        self.evaluations.start()
         self._key_watch = asyncio.get_running_loop().create_task(self._watch_keys(), name="plexus-key-watch")
         log.info("Plexus MCP %s ready; store %s, executor %s", __version__, self.store.safe_url, self.executor.name)
 
@@ -180,6 +185,7 @@ class PlexusRuntime:
             watch.close()
         await self.endpoint.stop()
         await self.manager.stop()
+        self.evaluations.close()
         self.audit.close()
         self.store.close()
 

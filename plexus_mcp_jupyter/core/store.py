@@ -176,30 +176,35 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     return engine
 
 
-def add_missing_columns(engine: Engine, schema: sa.MetaData) -> list[str]:
-    """Bring a store made by an older release up to date: add the nullable columns it lacks.
+def add_missing_columns(engine: Engine, tables: Iterable[sa.Table]) -> list[str]:
+    """Bring a store made by an older release up to date: add the nullable columns its tables lack.
 
     `create_all` creates missing tables but never alters existing ones, so a column added in a later
     release (always nullable or with a server default) is added here with `ALTER TABLE ... ADD COLUMN`,
-    which SQLite and PostgreSQL both support. Returns "table.column" for each column added.
+    which SQLite and PostgreSQL both support, one transaction per column: another process sharing the store
+    may add the same column first. Returns "table.column" for each column this call added.
     """
-    inspector = sa.inspect(engine)
     added: list[str] = []
-    with engine.begin() as conn:
-        for table in schema.sorted_tables:
-            if not inspector.has_table(table.name):
+    for table in tables:
+        if not sa.inspect(engine).has_table(table.name):
+            continue
+        present = {column["name"] for column in sa.inspect(engine).get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
                 continue
-            present = {column["name"] for column in inspector.get_columns(table.name)}
-            for column in table.columns:
-                if column.name in present:
-                    continue
-                if not column.nullable and column.server_default is None:
-                    raise RuntimeError(f"cannot add the required column {table.name}.{column.name} to an existing "
-                                       "store: give it a server_default")
-                ddl = sa.schema.CreateColumn(column).compile(dialect=engine.dialect)
-                name = engine.dialect.identifier_preparer.quote(table.name)
-                conn.execute(sa.text(f"ALTER TABLE {name} ADD COLUMN {ddl}"))
-                added.append(f"{table.name}.{column.name}")
+            if not column.nullable and column.server_default is None:
+                raise RuntimeError(f"cannot add the required column {table.name}.{column.name} to an existing store: "
+                                   "give it a server_default")
+            ddl = sa.schema.CreateColumn(column).compile(dialect=engine.dialect)
+            name = engine.dialect.identifier_preparer.quote(table.name)
+            try:
+                with engine.begin() as conn:
+                    conn.execute(sa.text(f"ALTER TABLE {name} ADD COLUMN {ddl}"))
+            except sa.exc.DBAPIError:  # added meanwhile by another process sharing the store?
+                if column.name not in {c["name"] for c in sa.inspect(engine).get_columns(table.name)}:
+                    raise
+                continue
+            added.append(f"{table.name}.{column.name}")
     return added
 
 
@@ -210,7 +215,7 @@ class Store:
         self.url = url
         self.engine: Engine = make_engine(url, echo=echo)
         metadata.create_all(self.engine)
-        add_missing_columns(self.engine, metadata)
+        add_missing_columns(self.engine, [tasks_table, stages_table, samples_table, meta_table])
         self._check_schema_version()
 
     # -- lifecycle -----------------------------------------------------------------------------

@@ -43,6 +43,8 @@ def describe_evaluation(view: dict[str, Any]) -> str:
             text += f"; {name}: {c['errors']} item(s) could not be scored"
     if view["error_message"]:
         text += f": {view['error_message']}"
+    if view.get("items_pruned_at"):
+        text += "; its per-item results were pruned"
     return text + "."
 
 
@@ -108,7 +110,7 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService) -> 
                                        "at most max_priority_operator, default 10)")] = 0,
     ) -> Annotated[CallToolResult, EvaluationDetail]:
         principal = current_principal()
-        view, task = service.create(
+        view, task = await service.create(
             type, dataset, scorer=scorer, scorecard=scorecard, label_column=label_column,
             prediction_column=prediction_column, input_column=input_column, id_column=id_column,
             sample_n=sample_n, sample_fraction=sample_fraction, seed=seed, runs=runs, priority=priority,

@@ -125,6 +125,8 @@ class EvaluationDetail(BaseModel):
     total_items: int | None
     counts: dict[str, Any] | None = Field(description="Per score: items, scored, errors (once completed)")
     error_message: str | None
+    items_pruned_at: str | None = Field(
+        default=None, description="When the per-item results of this cancelled evaluation were deleted (null: kept)")
     resource_uri: str
     definition: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = Field(

@@ -397,6 +397,19 @@ class DatasetCatalog:
         except FileNotFoundError:
             raise NotFound(f"no registered dataset {name!r}") from None
 
+    def known_rows(self, ref: str) -> int | None:
+        """The dataset's rows when they are known without a scan: Parquet metadata (registered frames and
+        files) and the small shipped examples; None for CSV and JSON Lines files (counted when loaded)."""
+        parsed = parse_ref(ref)
+        path, fmt = self._locate(parsed)
+        with _reading(str(parsed), fmt):
+            if fmt == "parquet":
+                with path.open("rb") as handle:
+                    return int(pq.ParquetFile(handle).metadata.num_rows)
+            if parsed.source == "example":
+                return len(pd.read_csv(path))
+        return None
+
 
 def _rename_new(temporary: str, final: Path, name: str) -> None:
     # A hard link fails if the name exists, so two concurrent registrations cannot both win.

@@ -21,6 +21,7 @@ from ..core.context import TaskContext
 from ..core.errors import InvalidArgument
 from ..core.store import make_engine
 from .datasets import DatasetCatalog, require_columns
+from .limits import DEFAULT_MAX_ITEMS, check_items
 from .metrics import LabelNormalization, compute_metrics, consistency_metrics, normalize_labels
 from .sampling import sample_frame
 from .scorers import (
@@ -87,6 +88,9 @@ def _run(
     frame = catalog.load(dataset)
     if sample:
         frame = sample_frame(frame, **sample)
+    passes = runs if type == "consistency" else 1
+    # A CSV or JSON Lines file's rows are known only now: the bound the service checked for the others.
+    check_items(len(frame), len(scores), passes, int(env.get("max_evaluation_items", DEFAULT_MAX_ITEMS)))
     needed = [c for c in (label_column, input_column, id_column) if c]
     require_columns(frame, *needed, what="column")
     scorers = [(score["name"], _build_scorer(ctx, score["scorer"], input_column),
@@ -99,7 +103,6 @@ def _run(
     ctx.advance(1)
     if input_column is None and DEFAULT_INPUT_COLUMN in frame.columns:
         input_column = DEFAULT_INPUT_COLUMN  # what scorers read by default is what results show as input
-    passes = runs if type == "consistency" else 1
     ctx.stage("Scoring", len(frame) * len(scorers) * passes, f"{len(frame):,} items")
     metrics: dict[str, Any] = {}
     counts: dict[str, Any] = {}

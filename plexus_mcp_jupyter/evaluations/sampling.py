@@ -24,6 +24,15 @@ def check_sample(n: Any = None, fraction: Any = None, seed: Any = None) -> None:
         raise InvalidArgument(f"sample seed must be a whole number of at least 0, not {seed!r}")
 
 
+def sampled_rows(rows: int, n: int | None = None, fraction: float | None = None) -> int:
+    """How many of `rows` rows a sample keeps: n, at most every row; or a fraction, rounded down."""
+    if n is not None:
+        return min(n, rows)
+    if fraction is not None:
+        return math.floor(rows * float(fraction))
+    return rows
+
+
 def sample_frame(df: pd.DataFrame, n: int | None = None, fraction: float | None = None,
                  seed: int | None = None) -> pd.DataFrame:
     """A random subset of `df`'s rows, kept in their original order and with their original index.
@@ -34,7 +43,7 @@ def sample_frame(df: pd.DataFrame, n: int | None = None, fraction: float | None 
     """
     check_sample(n, fraction, seed)
     rows = len(df)
-    size = min(n, rows) if n is not None else math.floor(rows * float(fraction))  # type: ignore[arg-type]
+    size = sampled_rows(rows, n, fraction)
     if size == 0:
         what = f"fraction {fraction}" if fraction is not None else f"n={n}"
         raise InvalidArgument(f"sampling {what} of {rows} row(s) selects no rows; "

@@ -31,20 +31,22 @@ checked when the evaluation starts.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, NoReturn
 
 import yaml
 
-from ..core.errors import InvalidArgument, NotFound
+from ..core.errors import InvalidArgument, NotFound, PlexusError
 from .datasets import REF_HELP, confine_path, parse_ref
+from .limits import DEFAULT_LIMITS, MAX_NESTING, MAX_NUMBER_CHARS, EvaluationLimits
 from .sampling import check_sample
 from .scorers import SCORER_SPEC_SCHEMA, SpecError, normalize_spec
 
 SCORECARD_EXTENSIONS = (".yaml", ".yml")
-MAX_SCORECARD_BYTES = 1024 * 1024
 
 _NAME = {"type": "string", "minLength": 1}
 SCORECARD_SCHEMA: dict[str, Any] = {
@@ -143,70 +145,151 @@ class Scorecard:
         return result
 
 
-def load_scorecard(source: str | Path, *, root_dir: Path | str | None = None) -> Scorecard:
+def load_scorecard(source: str | Path, *, root_dir: Path | str | None = None,
+                   limits: EvaluationLimits = DEFAULT_LIMITS) -> Scorecard:
     """Read a scorecard from YAML text, or from a file when `source` is a Path or a one-line string ending
     in .yaml / .yml.
 
     With `root_dir` a file path is relative to it and confined like a dataset path (no ``..``, absolute
     paths, hidden parts or symlinks out); without it (a trusted local caller) the path is read as given.
-    Raises NotFound for a missing file and InvalidArgument, naming the line and field, for anything else.
+    The text's size is bounded before any YAML is read, and its shape (nesting, aliases, number of scores,
+    length of numbers) by a scan of the parser's events before anything is built. Raises NotFound for a
+    missing file and InvalidArgument, naming the line and field, for anything else. Blocks for as long as
+    parsing takes: call it from a thread, not the event loop.
     """
     if isinstance(source, Path) or ("\n" not in source and source.strip().lower().endswith(SCORECARD_EXTENSIONS)):
         label = str(source)
-        text = _read_file(str(source), root_dir)
+        data = _read_file(str(source), root_dir, limits.max_scorecard_bytes)
         where = f"scorecard {label!r}"
     else:
-        label, text, where = None, source, "scorecard"
-        if len(text.encode()) > MAX_SCORECARD_BYTES:
-            raise InvalidArgument(f"scorecard text is larger than {MAX_SCORECARD_BYTES // 1024} KiB")
-    return _parse(text, where, label)
+        label, where = None, "scorecard"
+        data = _encoded(source, limits.max_scorecard_bytes)
+    return _parse(data, where, label, limits.max_scorecard_scores)
 
 
-class _NoAliasLoader(yaml.SafeLoader):
-    """Safe YAML without anchors and aliases: a few hundred bytes of nested aliases expand exponentially."""
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.composer.ComposerError(None, None, "anchors and aliases (*name) are not allowed in a "
-                                              "scorecard: write the value out", event.start_mark)
-        return super().compose_node(parent, index)
+def _too_big(what: str, size: int, bound: int) -> InvalidArgument:
+    return InvalidArgument(f"{what} is {size:,} bytes, more than the {bound:,} a scorecard may have "
+                           "(max_scorecard_bytes); split it, or ask an admin to raise the bound")
 
 
-def _read_file(path: str, root_dir: Path | str | None) -> str:
+def _encoded(text: str, bound: int) -> bytes:
+    """The text as UTF-8, refused before it is parsed when it is too big (a character is 1 to 4 bytes)."""
+    if len(text) > bound:  # without encoding it: at least this many bytes
+        raise _too_big("scorecard text", len(text.encode("utf-8", "surrogatepass")), bound)
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidArgument(f"scorecard text is not valid Unicode: {error.reason} at character {error.start}") \
+            from None
+    if len(data) > bound:
+        raise _too_big("scorecard text", len(data), bound)
+    return data
+
+
+# The C parser (libyaml) when PyYAML has it: a scorecard parses in milliseconds, not seconds.
+_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_INT_TAG = "tag:yaml.org,2002:int"
+
+
+def _read_file(path: str, root_dir: Path | str | None, bound: int) -> bytes:
     if not path.lower().endswith(SCORECARD_EXTENSIONS):
         raise InvalidArgument(f"scorecard {path!r} must be a {' or '.join(SCORECARD_EXTENSIONS)} file")
     real = confine_path(root_dir, str(PurePosixPath(path)), what="scorecard") if root_dir is not None else Path(path)
     if not real.is_file():
         raise NotFound(f"no scorecard file {path!r}" + (" under the Jupyter root" if root_dir is not None else ""))
-    if real.stat().st_size > MAX_SCORECARD_BYTES:
-        raise InvalidArgument(f"scorecard {path!r} is larger than {MAX_SCORECARD_BYTES // 1024} KiB")
     try:
-        return real.read_text(encoding="utf-8")
+        with real.open("rb") as handle:
+            data = handle.read(bound + 1)  # never more than the bound, whatever the file's size
+            if len(data) > bound:
+                raise _too_big(f"scorecard {path!r}", os.fstat(handle.fileno()).st_size, bound)
+        data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise InvalidArgument(f"cannot read scorecard {path!r}: {error}") from None
+    return data
 
 
-def _parse(text: str, where: str, label: str | None) -> Scorecard:
-    loader = _NoAliasLoader(text)
+@contextlib.contextmanager
+def _yaml_errors(where: str) -> Iterator[None]:
+    """A parser's error as one InvalidArgument line with the YAML line; a constructor's ValueError too."""
     try:
-        root = loader.get_single_node()
-        if root is None:
-            raise InvalidArgument(f"{where} is empty; it needs {', '.join(SCORECARD_SCHEMA['required'])}")
-        _refuse_duplicate_keys(root, where)
-        data = loader.construct_document(root)
+        yield
+    except PlexusError:
+        raise  # already one line that says where
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         line = f" line {mark.line + 1}" if mark is not None else ""
-        problem = error.problem or error.context or "malformed YAML"
+        problem = " ".join(str(error.problem or error.context or "malformed YAML").split())
         raise InvalidArgument(f"{where}{line}: malformed YAML: {problem}") from None
     except yaml.YAMLError as error:
-        raise InvalidArgument(f"{where}: malformed YAML: {' '.join(str(error).split())}") from None
+        raise InvalidArgument(f"{where}: malformed YAML: {' '.join(str(error).split())[:300]}") from None
+    except (ValueError, OverflowError) as error:  # a timestamp such as 2024-13-45, say
+        raise InvalidArgument(f"{where}: a value cannot be read: {' '.join(str(error).split())[:300]}") from None
+
+
+def _scan(data: bytes, where: str, max_scores: int) -> None:
+    """Check the shape of a card from the parser's events, before any node is built: nesting at most
+    MAX_NESTING deep, no aliases (a few hundred bytes of nested aliases expand exponentially), numbers at
+    most MAX_NUMBER_CHARS long, at most `max_scores` scores. Linear in the text, and never recursive."""
+    loader = _Loader(data)
+    depth = 0
+    root_children = 0  # nodes directly in the root collection: key, value, key, value... for a mapping
+    scores_next = in_scores = False
+    scores, beyond = 0, None
+    try:
+        while loader.check_event():
+            event = loader.get_event()
+            line = event.start_mark.line + 1
+            if isinstance(event, yaml.AliasEvent):
+                raise InvalidArgument(f"{where} line {line}: anchors and aliases (*name) are not allowed in a "
+                                      "scorecard: write the value out")
+            if isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+                if depth == 1:
+                    in_scores = False
+                continue
+            if not isinstance(event, yaml.NodeEvent):
+                continue
+            if depth == 1:
+                if root_children % 2 == 0:
+                    scores_next = isinstance(event, yaml.ScalarEvent) and event.value == "scores"
+                else:
+                    in_scores, scores_next = scores_next and isinstance(event, yaml.SequenceStartEvent), False
+                root_children += 1
+            elif depth == 2 and in_scores:
+                scores += 1
+                if scores == max_scores + 1:
+                    beyond = line
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_NESTING:
+                    raise InvalidArgument(f"{where} line {line}: nested more than {MAX_NESTING} levels deep; a "
+                                          "scorecard needs 7 at most")
+            elif (isinstance(event, yaml.ScalarEvent) and event.implicit[0] and len(event.value) > MAX_NUMBER_CHARS
+                  and loader.resolve(yaml.ScalarNode, event.value, (True, False)) == _INT_TAG):
+                raise InvalidArgument(f"{where} line {line}: a number of {len(event.value):,} characters; numbers "
+                                      f"in a scorecard have at most {MAX_NUMBER_CHARS}")
     finally:
         loader.dispose()
+    if beyond is not None:
+        raise InvalidArgument(f"{where} line {beyond}: field 'scores': {scores:,} scores, more than the "
+                              f"{max_scores:,} a scorecard may have (max_scorecard_scores); split it into several")
+
+
+def _parse(data: bytes, where: str, label: str | None, max_scores: int) -> Scorecard:
+    with _yaml_errors(where):
+        _scan(data, where, max_scores)
+        loader = _Loader(data)
+        try:
+            root = loader.get_single_node()
+            if root is None:
+                raise InvalidArgument(f"{where} is empty; it needs {', '.join(SCORECARD_SCHEMA['required'])}")
+            _refuse_duplicate_keys(root, where)
+            parsed = loader.construct_document(root)
+        finally:
+            loader.dispose()
     checker = _Checker(root, where)
-    checker.check(data, SCORECARD_SCHEMA, [])
-    return _build(data, checker, label)
+    checker.check(parsed, SCORECARD_SCHEMA, [])
+    return _build(parsed, checker, label)
 
 
 def _build(data: dict[str, Any], checker: _Checker, label: str | None) -> Scorecard:

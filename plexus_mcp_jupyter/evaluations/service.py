@@ -8,10 +8,16 @@ milliseconds; loading, scoring and metrics happen in the worker (runner.py).
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import logging
 import secrets
+import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from ..core.errors import InvalidArgument, NotFound
@@ -20,7 +26,8 @@ from ..core.models import Task, iso
 from ..core.store import owner_visible
 from .datasets import DatasetCatalog
 from .kernel_scorers import KernelScorerRegistry
-from .sampling import check_sample
+from .limits import DEFAULT_LIMITS, EvaluationLimits, check_items
+from .sampling import check_sample, sampled_rows
 from .scorecards import load_scorecard
 from .scorers import SCORER_KINDS, module_allowed, normalize_spec
 from .store import EvaluationFilter, EvaluationStatus, EvaluationStore, ItemFilter, parse_statuses
@@ -29,6 +36,10 @@ EVALUATION_TYPES = ("accuracy", "feedback", "consistency")
 MAX_RUNS = 10
 MAX_LABELS_SHOWN = 50  # per-class rows and confusion matrix beyond this many classes are left out
 DEFAULT_SCORE = "score"
+CHECK_THREADS = 2  # create requests checked at once (parsing, headers); more wait their turn
+PRUNE_BATCH = 5000  # items deleted per transaction when pruning: the SQLite write lock is released between
+
+log = logging.getLogger("plexus_mcp_jupyter")
 
 
 def parse_flag(name: str, raw: str | None) -> bool:
@@ -43,22 +54,104 @@ def evaluation_uri(evaluation_id: str) -> str:
     return f"plexus://evaluations/{evaluation_id}"
 
 
+@dataclass(frozen=True)
+class EvaluationPlan:
+    """A checked create request: what dispatching it needs (EvaluationService.plan makes one)."""
+
+    type: str
+    dataset: str
+    scores: list[dict[str, Any]]
+    label_column: str | None
+    input_column: str | None
+    id_column: str | None
+    sample: dict[str, Any] | None
+    runs: int
+    restricted: bool  # python: scorers limited to scorer_modules (an API key's request)
+    scorecard: str | None
+
+
 class EvaluationService:
     """Evaluations over one TaskManager, EvaluationStore and DatasetCatalog."""
 
     def __init__(self, manager: TaskManager, store: EvaluationStore, catalog: DatasetCatalog,
                  kernel_scorers: KernelScorerRegistry | None = None, scorer_modules: Sequence[str] = (),
-                 redact_columns: Sequence[str] = ()) -> None:
+                 redact_columns: Sequence[str] = (), limits: EvaluationLimits = DEFAULT_LIMITS) -> None:
         self.redacted = frozenset(c.strip() for c in redact_columns if c.strip())
         self.scorer_modules = tuple(m.strip() for m in scorer_modules if m.strip())
         self.manager = manager
         self.store = store
         self.catalog = catalog
         self.kernel_scorers = kernel_scorers or KernelScorerRegistry()
+        self.limits = limits
+        self._checks = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="plexus-evaluation-check")
+        self._pruner = ThreadPoolExecutor(1, thread_name_prefix="plexus-evaluation-prune")
+        self._stopping = threading.Event()
+        self._unlisten: Callable[[], None] | None = None
+
+    # -- life cycle: pruning the items of cancelled evaluations ------------------------------------------
+
+    def start(self) -> None:
+        """Prune the items of cancelled evaluations from now on, and those an earlier server left."""
+        if self._unlisten is None:
+            self._unlisten = self.manager.bus.add_listener(self._on_event)
+            self._prune_soon()
+
+    def close(self) -> None:
+        """Stop pruning (between two batches) and checking; the threads end on their own."""
+        if self._unlisten is not None:
+            self._unlisten()
+            self._unlisten = None
+        self._stopping.set()
+        self._checks.shutdown(wait=False, cancel_futures=True)
+        self._pruner.shutdown(wait=True, cancel_futures=True)
+
+    def _on_event(self, event: Any) -> None:
+        if event.kind == "task.cancelled" and event.data.get("type") == "evaluation":
+            self._prune_soon()
+
+    def _prune_soon(self) -> None:
+        if not self._stopping.is_set():
+            self._pruner.submit(self.prune_cancelled)
+
+    def prune_cancelled(self) -> int:
+        """Delete the items of cancelled evaluations, PRUNE_BATCH per transaction, and mark each record
+        pruned; returns how many items went. Runs in the pruning thread; blocks on the store."""
+        deleted = 0
+        try:
+            for evaluation_id in self.store.unpruned_cancelled():
+                while not self._stopping.is_set():
+                    batch = self.store.delete_items(evaluation_id, PRUNE_BATCH)
+                    deleted += batch
+                    if batch == 0:
+                        break
+                    time.sleep(0.005)  # let the server and the workers take the write lock between batches
+                if self._stopping.is_set():
+                    break
+                self.store.mark_pruned(evaluation_id, time.time())
+        except Exception:  # the store is unreachable, say: the next cancellation or start tries again
+            log.exception("Plexus: pruning the items of cancelled evaluations failed")
+        return deleted
 
     # -- creating ---------------------------------------------------------------------------------------
 
-    def create(
+    async def create(self, type: str, dataset: str | None = None, *, priority: int = 0, owner: str | None = None,
+                     trusted: bool = True, role: str | None = None, **arguments: Any) -> tuple[dict[str, Any], Task]:
+        """Check a request (the arguments of :meth:`plan`) in a checking thread, then dispatch it.
+
+        `role` is the caller's, whose priority ceiling applies (TaskManager.check_priority): checked first, on
+        the loop, since it is the cheapest refusal.
+
+        Parsing a scorecard and reading a dataset's header take time that grows with what the client sent
+        or named, so they never run on the event loop; at most CHECK_THREADS requests are checked at once
+        (the rest wait their turn), so a flood of them cannot take the loop's default thread pool either.
+        """
+        if not isinstance(priority, bool) and isinstance(priority, int):
+            self.manager.check_priority(priority, role)
+        check = functools.partial(self.plan, type, dataset, trusted=trusted, **arguments)
+        plan = await asyncio.get_running_loop().run_in_executor(self._checks, check)
+        return self.dispatch(plan, priority=priority, owner=owner, role=role)
+
+    def plan(
         self,
         type: str,
         dataset: str | None = None,
@@ -73,18 +166,14 @@ class EvaluationService:
         sample_fraction: float | None = None,
         seed: int | None = None,
         runs: int = 3,
-        priority: int = 0,
-        owner: str | None = None,
         trusted: bool = True,
-        role: str | None = None,
-    ) -> tuple[dict[str, Any], Task]:
-        """Check the request, dispatch the evaluation task, and return the evaluation's view and its task.
+    ) -> EvaluationPlan:
+        """Check a request without dispatching it: the type and its arguments, the scorecard, the dataset's
+        columns (its header only) and rows where known cheaply, the scorer specs' shape, the item bound.
 
-        An untrusted caller (an API key, not an admin) may name python: scorers only in `scorer_modules`;
-        `role` is the caller's, whose priority ceiling applies (TaskManager.check_priority).
+        An untrusted caller (an API key, not an admin) may name python: scorers only in `scorer_modules`.
+        Blocks on the file system and the YAML parser: call it from a thread (as :meth:`create` does).
         """
-        if not isinstance(priority, bool) and isinstance(priority, int):
-            self.manager.check_priority(priority, role)  # before any parsing: the cheapest refusal first
         if type not in EVALUATION_TYPES:
             raise InvalidArgument(f"unknown evaluation type {type!r}; expected one of {', '.join(EVALUATION_TYPES)}")
         sample = None
@@ -98,7 +187,10 @@ class EvaluationService:
             if overridden:
                 raise InvalidArgument(f"a scorecard sets its own columns and sample: do not also give "
                                       f"{', '.join(overridden)} (edit the scorecard instead)")
-            card = load_scorecard(scorecard, root_dir=self.catalog.root_dir)
+            if not isinstance(scorecard, str):
+                raise InvalidArgument("scorecard must be a string: the path of a scorecard YAML file under the "
+                                      "Jupyter root, or the YAML text itself")
+            card = load_scorecard(scorecard, root_dir=self.catalog.root_dir, limits=self.limits)
             dataset, input_column, id_column = card.dataset, card.input_column, card.id_column
             label_column = label_column or card.label_column
             scores = [s.to_dict() for s in card.scores]
@@ -127,8 +219,6 @@ class EvaluationService:
         wanted = {"label_column": label_column, "input_column": input_column, "id_column": id_column}
         for score in scores:
             spec = score["scorer"]
-            if spec.get("kind") == "kernel":
-                self.kernel_scorers.check(spec["function"], owner)
             if spec.get("kind") == "python" and not trusted:
                 self._check_importable(spec["function"])
                 restricted = True
@@ -149,22 +239,38 @@ class EvaluationService:
             if column is not None and column not in columns:
                 raise InvalidArgument(f"{what.replace('_', ' ')} {column!r} is not in dataset {dataset!r}; "
                                       f"its columns: {_listing(columns)}")
+        runs = runs if type == "consistency" else 1
+        rows = self.catalog.known_rows(dataset)
+        if rows is not None:  # otherwise the worker checks once it has loaded the rows, before scoring any
+            check_items(sampled_rows(rows, **{k: v for k, v in (sample or {}).items() if k != "seed"}),
+                        len(scores), runs, self.limits.max_evaluation_items)
+        return EvaluationPlan(type=type, dataset=dataset, scores=scores, label_column=label_column,
+                              input_column=input_column, id_column=id_column, sample=sample, runs=runs,
+                              restricted=restricted, scorecard=scorecard)
+
+    def dispatch(self, plan: EvaluationPlan, *, priority: int = 0, owner: str | None = None,
+                 role: str | None = None) -> tuple[dict[str, Any], Task]:
+        """Dispatch a checked request and insert its record (milliseconds, on the event loop)."""
+        for score in plan.scores:
+            if score["scorer"].get("kind") == "kernel":  # the registry lives on the loop: checked here
+                self.kernel_scorers.check(score["scorer"]["function"], owner)
         evaluation_id = str(uuid.uuid4())
         params: dict[str, Any] = {
-            "evaluation_id": evaluation_id, "type": type, "dataset": dataset, "scores": scores,
-            "label_column": label_column, "input_column": input_column, "id_column": id_column,
-            "sample": sample, "runs": runs if type == "consistency" else 1,
+            "evaluation_id": evaluation_id, "type": plan.type, "dataset": plan.dataset, "scores": plan.scores,
+            "label_column": plan.label_column, "input_column": plan.input_column, "id_column": plan.id_column,
+            "sample": plan.sample, "runs": plan.runs,
         }
-        if restricted:  # the worker checks again, after importing, where the function really comes from
+        if plan.restricted:  # the worker checks again, after importing, where the function really comes from
             params["scorer_modules"] = list(self.scorer_modules)
         task = self.manager.dispatch("evaluation", params, priority=priority, owner=owner,
-                                     description=f"{type} evaluation of {dataset}", internal=True, role=role)
+                                     description=f"{plan.type} evaluation of {plan.dataset}", internal=True,
+                                     role=role)
         definition = {k: v for k, v in params.items() if k not in ("evaluation_id", "type", "dataset")}
-        if scorecard is not None:
-            definition["scorecard"] = scorecard
+        if plan.scorecard is not None:
+            definition["scorecard"] = plan.scorecard
         try:
-            self.store.create({"id": evaluation_id, "task_id": task.id, "type": type, "owner": owner,
-                               "dataset": dataset, "definition": definition, "created_at": time.time()})
+            self.store.create({"id": evaluation_id, "task_id": task.id, "type": plan.type, "owner": owner,
+                               "dataset": plan.dataset, "definition": definition, "created_at": time.time()})
         except Exception:
             self.manager.cancel([task.id])  # never a task without its record
             raise
@@ -240,6 +346,7 @@ class EvaluationService:
             "total_items": scoring.total_items if scoring else None,
             "counts": row["counts"],
             "error_message": task.error_message,
+            "items_pruned_at": iso(row["items_pruned_at"]),
             "resource_uri": evaluation_uri(row["id"]),
         }
         if not summary:
@@ -265,6 +372,9 @@ class EvaluationService:
     ) -> tuple[list[dict[str, Any]], str | None, dict[str, Any]]:
         """One page of per-item results, in dataset order, the next cursor, and what was asked."""
         row = self._record(evaluation_id, viewer)
+        if row["items_pruned_at"] is not None:
+            raise InvalidArgument(f"evaluation {evaluation_id!r} was cancelled and its per-item results were pruned "
+                                  "(items of cancelled evaluations are not kept); its record remains")
         names = [s["name"] for s in row["definition"]["scores"]]
         if score is None:
             score = names[0]

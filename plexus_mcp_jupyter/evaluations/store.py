@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 
 from ..core.errors import InvalidArgument
 from ..core.models import TaskStatus
-from ..core.store import decode_position, encode_position, metadata, tasks_table, visible_to
+from ..core.store import add_missing_columns, decode_position, encode_position, metadata, tasks_table, visible_to
 from .metrics import LabelNormalization
 
 SETUP_STAGE = "Setup"
@@ -37,6 +37,7 @@ evaluations_table = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("metrics", sa.JSON),  # {score name: metrics}, set once when the evaluation completes
     sa.Column("counts", sa.JSON),  # items, scored, errors (per score), set with the metrics
+    sa.Column("items_pruned_at", sa.Float),  # set when the items of a cancelled evaluation have been deleted
     sa.Index("ix_evaluations_created", "created_at", "id"),
     sa.Index("ix_evaluations_type_created", "type", "created_at", "id"),
 )
@@ -149,6 +150,7 @@ class EvaluationStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         metadata.create_all(engine, tables=[evaluations_table, items_table])
+        add_missing_columns(engine, [evaluations_table, items_table])
 
     def create(self, row: dict[str, Any]) -> None:
         with self.engine.begin() as conn:
@@ -216,7 +218,37 @@ class EvaluationStore:
         with self.engine.begin() as conn:
             conn.execute(sa.delete(items_table).where(items_table.c.evaluation_id == evaluation_id))
             conn.execute(sa.update(evaluations_table).where(evaluations_table.c.id == evaluation_id)
-                         .values(metrics=None, counts=None))
+                         .values(metrics=None, counts=None, items_pruned_at=None))
+
+    def unpruned_cancelled(self) -> list[str]:
+        """Ids of cancelled evaluations whose items have not been pruned yet, oldest first."""
+        e, t = evaluations_table, tasks_table
+        query = (sa.select(e.c.id).join(t, t.c.id == e.c.task_id)
+                 .where(t.c.status == TaskStatus.CANCELLED.value, e.c.items_pruned_at.is_(None))
+                 .order_by(e.c.created_at))
+        with self.engine.connect() as conn:
+            return [str(r) for r in conn.execute(query).scalars()]
+
+    def delete_items(self, evaluation_id: str, batch: int) -> int:
+        """Delete at most `batch` items of an evaluation in one transaction; returns how many went.
+
+        From its first remaining item on, by key range (items of a score are numbered 0, 1, 2...), so
+        each batch is found through the primary key, on SQLite and PostgreSQL alike.
+        """
+        i = items_table
+        with self.engine.begin() as conn:
+            first = conn.execute(sa.select(i.c.score, i.c.seq).where(i.c.evaluation_id == evaluation_id)
+                                 .order_by(i.c.score, i.c.seq).limit(1)).first()
+            if first is None:
+                return 0
+            gone = conn.execute(sa.delete(i).where(i.c.evaluation_id == evaluation_id, i.c.score == first.score,
+                                                   i.c.seq >= first.seq, i.c.seq < first.seq + batch))
+            return int(gone.rowcount)
+
+    def mark_pruned(self, evaluation_id: str, at: float) -> None:
+        e = evaluations_table
+        with self.engine.begin() as conn:
+            conn.execute(sa.update(e).where(e.c.id == evaluation_id).values(items_pruned_at=at))
 
     def set_results(self, evaluation_id: str, metrics: dict[str, Any], counts: dict[str, Any]) -> None:
         e = evaluations_table

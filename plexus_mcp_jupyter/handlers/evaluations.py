@@ -52,9 +52,9 @@ class EvaluationsHandler(PlexusHandler):
             if not isinstance(body.get("type"), str):
                 raise InvalidArgument("type is required: accuracy, feedback or consistency")
             arguments = {k: v for k, v in body.items() if k not in ("type", "dataset")}
-            view, _task = self.runtime.evaluations.create(body["type"], body.get("dataset"), owner=self.identity,
-                                                          trusted=self.principal.is_admin,
-                                                          role=self.principal.role.value, **arguments)
+            view, _task = await self.runtime.evaluations.create(
+                body["type"], body.get("dataset"), owner=self.identity, trusted=self.principal.is_admin,
+                role=self.principal.role.value, **arguments)
         except (PlexusError, TypeError) as exc:
             raise http_error(exc if isinstance(exc, PlexusError) else InvalidArgument(str(exc))) from None
         self.set_header("Location", self.request.path.rstrip("/") + "/" + view["evaluation_id"])
