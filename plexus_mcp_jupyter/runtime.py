@@ -26,6 +26,7 @@ from .security.audit import AuditLog
 from .security.identity import Principal
 from .security.keys import CACHE_SECONDS, ApiKey, KeyStore
 from .security.ratelimit import RateLimited, RateLimiter
+from .security.redaction import scrub_logs
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
@@ -90,6 +91,12 @@ class PlexusRuntime:
         if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list):
             raise InvalidArgument("a kernel_score request is {scorer, inputs: [...]}")
         return await self.kernel_scorers.score(str(payload.get("scorer")), payload["inputs"], owner=task.owner)
+
+    def protect_secret(self, secret: str | None, loggers: tuple[str, ...] = ()) -> None:
+        """A server credential (Jupyter's token, the standalone token) that must never reach the server log
+        or the audit log, wherever a client puts it (a query string, a tool argument, a key's name)."""
+        self.audit.scrubber.add(secret)
+        scrub_logs(self.audit.scrubber, loggers)
 
     # -- API keys ----------------------------------------------------------------------------------
 
