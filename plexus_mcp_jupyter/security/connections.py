@@ -101,6 +101,7 @@ class ConnectionGuard:
         self.header_timeout = header_timeout
         self.body_timeout = body_timeout
         self.open: dict[str, int] = {}
+        self._counted: set[IOStream] = set()  # connections accepted before install() are not ours to release
         self.refused = 0
         self._refusals = OncePerInterval()
 
@@ -122,15 +123,20 @@ class ConnectionGuard:
             if not self.admit(_address_key(address)):
                 stream.close()
                 return
+            self._counted.add(stream)
             handle_stream(stream, address)
 
         def counted_on_close(server_conn: Any) -> None:
-            self.release(_address_key(getattr(server_conn.context, "address", None)))
+            if server_conn.stream in self._counted:
+                self._counted.discard(server_conn.stream)
+                self.release(_address_key(server_conn.context.address))
             on_close(server_conn)
 
         server.handle_stream = guarded_handle_stream  # type: ignore[method-assign]
         server.on_close = counted_on_close  # type: ignore[method-assign]
         limit_accept_error_logs()
+        log.info("Plexus: HTTP connections time out after %gs without headers (or idle) and %gs for a body; at "
+                 "most %d per client address", self.header_timeout, self.body_timeout, self.max_per_address)
 
     def admit(self, key: str) -> bool:
         """Count a new connection from `key`, or refuse it (and log that, once per interval) past the cap."""
