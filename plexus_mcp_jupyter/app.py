@@ -68,7 +68,8 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
         if self.config_problems:
             # The endpoint does not half-exist: every Plexus route answers 503 with this (docs/architecture.md).
             logging.getLogger("plexus_mcp_jupyter").error(
-                "Plexus MCP is not served: %s. Fix the setting and restart the server.", "; ".join(self.config_problems))
+                "Plexus MCP is not served: %s. Fix the setting and restart the server.",
+                "; ".join(self.config_problems))
             return
         self.runtime = PlexusRuntime(self, data_dir=jupyter_data_dir(), root_dir=self.serverapp.root_dir)
         self.settings["plexus"] = self.runtime

@@ -298,8 +298,9 @@ def start_jupyter(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[bytes], 
                      PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root", f"--port={port}", "--ServerApp.ip=127.0.0.1",
-             f"--IdentityProvider.token={token}", "--ServerApp.jpserver_extensions=plexus_mcp_jupyter=True", *args],
+            [sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root", f"--port={port}",
+             "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}",
+             "--ServerApp.jpserver_extensions=plexus_mcp_jupyter=True", *args],
             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp_path))
     base = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 60
