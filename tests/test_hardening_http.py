@@ -396,3 +396,68 @@ async def test_the_standalone_server_closes_slow_and_idle_connections_and_caps_t
     finally:
         stop(proc)
     assert_refusals_logged_once(proc.stderr.read())
+
+
+@pytest.mark.skipif(not hasattr(__import__("resource"), "prlimit"), reason="needs Linux prlimit")
+async def test_a_connection_flood_never_exhausts_file_descriptors_or_floods_the_log(tmp_path):
+    """More connections than the server has descriptors: the surplus is refused before accept() fails, the
+    log gains a line or two, and an established keep-alive connection keeps getting health answers."""
+    import resource
+
+    proc, url, _token = start_http(tmp_path)
+    base = url.replace("/mcp", "/").replace("localhost", "127.0.0.1")
+    port = int(re.search(r":(\d+)/", base).group(1))
+    resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (300, 300))  # the server's limit, as in a small container
+    flood: list[socket.socket] = []
+    latencies: list[float] = []
+    try:
+        other_address = httpx2.AsyncHTTPTransport(local_address="127.0.0.2")
+        async with httpx2.AsyncClient(transport=other_address, timeout=5,
+                                      headers={"Host": f"localhost:{port}"}) as http:
+            async def health() -> None:
+                started = time.monotonic()
+                assert (await http.get(f"{base}health")).status_code == 200
+                latencies.append(time.monotonic() - started)
+
+            await health()  # opens the keep-alive connection the checks below reuse
+            for _ in range(400):
+                flood.append(slow_connection(port, f"localhost:{port}", "/mcp", idle=True))
+                if len(flood) % 100 == 0:
+                    await health()
+            await health()
+            refused = await asyncio.gather(*(asyncio.to_thread(closed_by_server, s, 0.2) for s in flood[-50:]))
+            assert all(refused), "connections past the descriptor budget were kept"
+    finally:
+        for sock in flood:
+            sock.close()
+        stop(proc)
+    log = proc.stderr.read()
+    assert "Too many open files" not in log, log[-3000:]
+    assert_refusals_logged_once(log)
+    assert max(latencies) < 1.0, latencies
+
+
+def test_accept_errors_for_lack_of_descriptors_are_one_line_per_interval():
+    """What the event loop logs when accept() fails with EMFILE (a traceback per attempt, ~396k of them in
+    the attack) becomes one line a minute with a count; other errors pass unchanged."""
+    from plexus_mcp_jupyter.security.connections import limit_accept_error_logs
+
+    limit_accept_error_logs()
+    capture = Capture()
+    loop_log = logging.getLogger("asyncio")
+    loop_log.addHandler(capture)
+    try:
+        for _ in range(1000):
+            try:
+                raise OSError(24, "Too many open files")
+            except OSError:
+                loop_log.error("Exception in callback BaseSelectorEventLoop._accept_connection", exc_info=True)
+        try:
+            raise ValueError("something else")
+        except ValueError:
+            loop_log.error("Exception in callback", exc_info=True)
+    finally:
+        loop_log.removeHandler(capture)
+    emfile = [line for line in capture.lines if "Too many open files" in line]
+    assert len(emfile) == 1 and "Traceback" not in emfile[0] and "ulimit" in emfile[0], capture.lines
+    assert "ValueError: something else" in capture.text()

@@ -7,7 +7,9 @@ could accept nothing (health timed out) and tornado logged a traceback per refus
   requests on a keep-alive connection) and `body_timeout` (the wait for the whole body) close
   connections that send too slowly or not at all. A response being streamed (an MCP SSE stream) is not
   reading, so neither applies to it.
-- at most `max_per_address` connections being read per client address; one more is closed at once.
+- at most `max_per_address` connections being read per client address, and in all at most three
+  quarters of the process's open-files limit (the rest stays for the store, workers, kernels and
+  files); one more is closed at once, so accepting never runs out of descriptors because of clients.
 - the refusals and accept errors (EMFILE: no file descriptor left) are logged once per interval with a
   count, not once per attempt.
 
@@ -21,6 +23,11 @@ from __future__ import annotations
 import errno
 import logging
 import time
+
+try:
+    import resource
+except ImportError:  # Windows: no open-files limit to read, no total cap
+    resource = None  # type: ignore[assignment]
 from collections.abc import Callable
 from typing import Any
 
@@ -88,6 +95,16 @@ def limit_accept_error_logs(loggers: tuple[str, ...] = ("asyncio", "tornado.appl
             logger.addFilter(AcceptErrorLog())
 
 
+def max_total_connections() -> int | None:
+    """Three quarters of the open-files limit as it is now (Jupyter raises it at start; so may an operator)."""
+    if resource is None:
+        return None
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return max(16, soft - max(64, soft // 4))
+
+
 def _address_key(address: Any) -> str:
     """The client address a connection counts against (a Unix socket's clients share one)."""
     return str(address[0]) if isinstance(address, tuple) and address else "local"
@@ -139,17 +156,22 @@ class ConnectionGuard:
                  "most %d per client address", self.header_timeout, self.body_timeout, self.max_per_address)
 
     def admit(self, key: str) -> bool:
-        """Count a new connection from `key`, or refuse it (and log that, once per interval) past the cap."""
+        """Count a new connection from `key`, or refuse it (and log that, once per interval) past a cap."""
         count = self.open.get(key, 0)
+        total_cap = max_total_connections()
         if count >= self.max_per_address:
-            self.refused += 1
-            if self._refusals.due():
-                more = self._refusals.take_suppressed()
-                log.warning("Plexus: refused a connection from %s, which has %d open (max_connections_per_address)"
-                            "%s", key, count, f"; {more} more refused since the last such line" if more else "")
-            return False
-        self.open[key] = count + 1
-        return True
+            reason = f"{key} has {count} open (max_connections_per_address)"
+        elif total_cap is not None and len(self._counted) >= total_cap:
+            reason = f"{len(self._counted)} connections are open, 3/4 of the open-files limit"
+        else:
+            self.open[key] = count + 1
+            return True
+        self.refused += 1
+        if self._refusals.due():
+            more = self._refusals.take_suppressed()
+            log.warning("Plexus: refused a connection from %s: %s%s", key, reason,
+                        f"; {more} more refused since the last such line" if more else "")
+        return False
 
     def release(self, key: str) -> None:
         count = self.open.get(key, 0) - 1
