@@ -7,6 +7,7 @@ import contextlib
 import hmac
 import json
 import logging
+import os
 import signal
 import ssl
 import sys
@@ -142,21 +143,29 @@ def _on_stop_signals(callback: Callable[[], object]) -> None:
 async def serve_stdio(runtime: PlexusRuntime) -> None:
     """MCP over this process's stdin/stdout; stdout carries nothing but the protocol.
 
-    Ends when the client closes stdin or sends SIGTERM/SIGINT; either way the audit log is flushed."""
-    serving = asyncio.current_task()
-    assert serving is not None
-    _on_stop_signals(serving.cancel)
+    Ends when the client closes stdin or on SIGTERM/SIGINT; either way running tasks are recorded and the
+    audit log writes its last records. After a signal the process exits at once: the SDK reads stdin in a
+    thread that nothing can interrupt, and waiting for it (as asyncio.run would) would hang until the
+    client writes or closes stdin."""
+    stop = asyncio.Event()
+    _on_stop_signals(stop.set)
     await runtime.manager.start()
+    serving = asyncio.ensure_future(runtime.mcp.run_stdio_async())
+    stopping = asyncio.ensure_future(stop.wait())
     try:
-        await runtime.mcp.run_stdio_async()
-    except asyncio.CancelledError:
-        pass  # a stop signal: shut down as when stdin closes
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        stopping.cancel()
         try:
             await runtime.manager.stop()
         finally:
             runtime.audit.close()
             runtime.store.close()
+    if not serving.done():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    serving.result()  # the transport's own error, if it failed
 
 
 async def serve_http(

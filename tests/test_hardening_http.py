@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -461,3 +462,35 @@ def test_accept_errors_for_lack_of_descriptors_are_one_line_per_interval():
     emfile = [line for line in capture.lines if "Too many open files" in line]
     assert len(emfile) == 1 and "Traceback" not in emfile[0] and "ulimit" in emfile[0], capture.lines
     assert "ValueError: something else" in capture.text()
+
+
+def test_stdio_writes_its_last_audit_records_when_terminated(tmp_path):
+    """SIGTERM with stdin still open (a client or service manager ending the server): the shutdown path runs."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "plexus_mcp_jupyter.cli", "mcp", "serve", "--transport", "stdio"],
+        env=plexus_env(tmp_path), cwd=str(REPO), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    messages = [
+        {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "test", "version": "1"}}},
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "list_tasks", "arguments": {}}},
+    ]
+    try:
+        for message in messages:
+            proc.stdin.write(json.dumps(message) + "\n")
+        proc.stdin.flush()
+        while json.loads(proc.stdout.readline()).get("id") != 2:
+            pass  # the answer to the tool call: its audit record is queued now
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "Traceback" not in proc.stderr.read()
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 's.db'}")
+    with engine.connect() as conn:
+        actions = [r.action for r in conn.execute(sa.select(audit_table.c.action))]
+    engine.dispose()
+    assert actions == ["tool.list_tasks"], actions
