@@ -85,6 +85,7 @@ class PlexusRuntime:
             event_store_bytes=settings.event_store_bytes,
         )
         self._started = False
+        self._log_scrubbers: list[Callable[[], None]] = []  # detach functions (see protect_secret)
 
     async def _kernel_score(self, task: Any, payload: Any) -> dict[str, Any]:
         """A worker's request to score a chunk with a notebook kernel's scorer."""
@@ -96,7 +97,7 @@ class PlexusRuntime:
         """A server credential (Jupyter's token, the standalone token) that must never reach the server log
         or the audit log, wherever a client puts it (a query string, a tool argument, a key's name)."""
         self.audit.scrubber.add(secret)
-        scrub_logs(self.audit.scrubber, loggers)
+        self._log_scrubbers.append(scrub_logs(self.audit.scrubber, loggers))
 
     # -- API keys ----------------------------------------------------------------------------------
 
@@ -170,6 +171,9 @@ class PlexusRuntime:
         log.info("Plexus MCP %s ready; store %s, executor %s", __version__, self.store.safe_url, self.executor.name)
 
     async def stop(self) -> None:
+        for detach in self._log_scrubbers:
+            detach()
+        self._log_scrubbers.clear()
         if not self._started:
             return
         self._started = False

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 
 from .keys import without_secrets
 
@@ -61,9 +62,19 @@ class LogScrubber(logging.Filter):
         return True
 
 
-def scrub_logs(scrubber: SecretScrubber, extra_loggers: tuple[str, ...] = ()) -> None:
-    """Attach a LogScrubber for `scrubber` to the server loggers (once per logger and scrubber)."""
+def scrub_logs(scrubber: SecretScrubber, extra_loggers: tuple[str, ...] = ()) -> Callable[[], None]:
+    """Attach a LogScrubber for `scrubber` to the server loggers (once per logger and scrubber); returns the
+    function that detaches them again (a stopped server's secrets need no more scrubbing)."""
+    attached: list[tuple[logging.Logger, LogScrubber]] = []
     for name in (*SERVER_LOGGERS, *extra_loggers):
         logger = logging.getLogger(name)
         if not any(isinstance(f, LogScrubber) and f.scrubber is scrubber for f in logger.filters):
-            logger.addFilter(LogScrubber(scrubber))
+            scrub_filter = LogScrubber(scrubber)
+            logger.addFilter(scrub_filter)
+            attached.append((logger, scrub_filter))
+
+    def detach() -> None:
+        for logger, scrub_filter in attached:
+            logger.removeFilter(scrub_filter)
+
+    return detach
