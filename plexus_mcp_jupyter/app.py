@@ -12,7 +12,7 @@ from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
 
 from ._version import __version__
-from .config import PlexusSettings
+from .config import PlexusSettings, SettingsError
 from .handlers.evaluations import (
     DatasetHandler,
     DatasetsHandler,
@@ -21,14 +21,16 @@ from .handlers.evaluations import (
     EvaluationsHandler,
 )
 from .handlers.events import EventsHandler
-from .handlers.health import AUTH_DISABLED_WARNING, HealthHandler
+from .handlers.health import AUTH_DISABLED_WARNING, HealthHandler, UnavailableHandler
 from .handlers.keys import AuditHandler, KeyHandler, KeysHandler
 from .handlers.mcp import MCPHandler
 from .handlers.rest import CancelTasksHandler, TaskCancelHandler, TaskHandler, TasksHandler
 from .runtime import PlexusRuntime
+from .security.connections import ConnectionGuard
 
 TASK_ID = r"(?P<task_id>[^/]+)"
 EVALUATION_ID = r"(?P<evaluation_id>[^/]+)"
+KEY_ID = r"(?P<key_id>[^/]+)"
 
 
 class PlexusMCPExtension(ExtensionApp, PlexusSettings):
@@ -40,16 +42,39 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
     load_other_extensions = True
 
     runtime: PlexusRuntime
+    # Why the endpoint is not served (bad settings), one line each; empty when all is well.
+    config_problems: list[str]
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.config_problems = []
+        super().__init__(**kwargs)
+
+    def update_config(self, config: Any) -> None:
+        """Load config, keeping the bad Plexus settings out and remembering them (see initialize_settings):
+        traitlets would raise on the first, and Jupyter would then drop the extension with only a warning."""
+        clean, problems = self.invalid_settings(config)
+        self.config_problems.extend(p for p in problems if p not in self.config_problems)
+        super().update_config(type(config)(clean) if problems else config)
 
     def initialize_settings(self) -> None:
         assert self.serverapp is not None  # set by Jupyter before it initializes an extension
         # The core logs to "plexus_mcp_jupyter"; inside Jupyter that goes through Jupyter's own logger.
         logging.getLogger("plexus_mcp_jupyter").parent = self.serverapp.log
         self.log = self.serverapp.log
-        self.apply_env(protected=self._cli_settings())
+        try:
+            self.apply_env(protected=self._cli_settings())
+        except SettingsError as exc:
+            self.config_problems.extend(exc.problems)
+        if self.config_problems:
+            # The endpoint does not half-exist: every Plexus route answers 503 with this (docs/architecture.md).
+            logging.getLogger("plexus_mcp_jupyter").error(
+                "Plexus MCP is not served: %s. Fix the setting and restart the server.",
+                "; ".join(self.config_problems))
+            return
         self.runtime = PlexusRuntime(self, data_dir=jupyter_data_dir(), root_dir=self.serverapp.root_dir)
         self.settings["plexus"] = self.runtime
         identity_provider = self.serverapp.identity_provider
+        self.runtime.protect_secret(identity_provider.token, loggers=(self.serverapp.log.name,))
         if not identity_provider.auth_enabled:
             self.log.warning("Plexus MCP: %s", AUTH_DISABLED_WARNING)
         self.log.info("Plexus MCP endpoint at %splexus/mcp (store: %s)", self.serverapp.base_url,
@@ -57,25 +82,28 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
         self.connection_file = write_connection_file(self.serverapp)
 
     def initialize_handlers(self) -> None:
-        self.handlers.extend(
-            [
-                (r"/plexus/mcp/?", MCPHandler),
-                (r"/plexus/api/health/?", HealthHandler),
-                (r"/plexus/api/events/?", EventsHandler),
-                (r"/plexus/api/tasks/?", TasksHandler),
-                (r"/plexus/api/tasks/cancel/?", CancelTasksHandler),
-                (rf"/plexus/api/tasks/{TASK_ID}/cancel/?", TaskCancelHandler),
-                (rf"/plexus/api/tasks/{TASK_ID}/?", TaskHandler),
-                (r"/plexus/api/evaluations/?", EvaluationsHandler),
-                (rf"/plexus/api/evaluations/{EVALUATION_ID}/results/?", EvaluationResultsHandler),
-                (rf"/plexus/api/evaluations/{EVALUATION_ID}/?", EvaluationHandler),
-                (r"/plexus/api/datasets/?", DatasetsHandler),
-                (r"/plexus/api/datasets/(?P<ref>.+)", DatasetHandler),
-                (r"/plexus/api/keys/?", KeysHandler),
-                (r"/plexus/api/keys/(?P<key_id>[^/]+)/?", KeyHandler),
-                (r"/plexus/api/audit/?", AuditHandler),
-            ]
-        )
+        routes: list[tuple[str, type[Any]]] = [
+            (r"/plexus/mcp/?", MCPHandler),
+            (r"/plexus/api/health/?", HealthHandler),
+            (r"/plexus/api/events/?", EventsHandler),
+            (r"/plexus/api/tasks/?", TasksHandler),
+            (r"/plexus/api/tasks/cancel/?", CancelTasksHandler),
+            (rf"/plexus/api/tasks/{TASK_ID}/cancel/?", TaskCancelHandler),
+            (rf"/plexus/api/tasks/{TASK_ID}/?", TaskHandler),
+            (r"/plexus/api/evaluations/?", EvaluationsHandler),
+            (rf"/plexus/api/evaluations/{EVALUATION_ID}/results/?", EvaluationResultsHandler),
+            (rf"/plexus/api/evaluations/{EVALUATION_ID}/?", EvaluationHandler),
+            (r"/plexus/api/datasets/?", DatasetsHandler),
+            (r"/plexus/api/datasets/(?P<ref>.+)", DatasetHandler),
+            (r"/plexus/api/keys/?", KeysHandler),
+            (rf"/plexus/api/keys/{KEY_ID}/?", KeyHandler),
+            (r"/plexus/api/audit/?", AuditHandler),
+        ]
+        if self.config_problems:
+            message = f"Plexus MCP is not running: {'; '.join(self.config_problems)}. Fix the setting and restart."
+            self.handlers.append((r"/plexus(?:/.*)?", UnavailableHandler, {"message": message}))
+            return
+        self.handlers.extend(routes)
 
     def _cli_settings(self) -> set[str]:
         """Names of settings given on the command line, which the environment must not override."""
@@ -87,9 +115,19 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
         return names
 
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
+        if self.config_problems:
+            return
+        try:
+            http_server = serverapp.http_server
+        except AttributeError:  # embedded without a server of its own (tests that bring theirs)
+            http_server = None
+        if http_server is not None:
+            ConnectionGuard.from_settings(self).install(http_server)
         await self.runtime.start()
 
     async def stop_extension(self) -> None:
+        if self.config_problems:
+            return
         remove_connection_file(self.connection_file)
         await self.runtime.stop()
 

@@ -12,9 +12,10 @@ import sys
 from typing import Any
 
 from jupyter_core.paths import jupyter_data_dir
+from traitlets import TraitError
 
 from ._version import __version__
-from .config import PlexusSettings, env_var
+from .config import PlexusSettings, SettingsError, allowed_values, env_var
 
 CLIENTS = ("claude", "cursor", "vscode")
 
@@ -26,7 +27,10 @@ def _settings_from_args(args: argparse.Namespace) -> PlexusSettings:
              if value is not None}
     settings.apply_env(protected=given)
     for name, value in given.items():
-        setattr(settings, name, value)
+        try:
+            setattr(settings, name, value)
+        except TraitError as exc:
+            raise SettingsError([f"--{name.replace('_', '-')} {value!r} is not valid: {allowed_values(exc)}"]) from None
     return settings
 
 
@@ -43,11 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .standalone import serve_http, serve_stdio
 
     _configure_logging(args.log_level)
-    try:
-        settings = _settings_from_args(args)
-    except ValueError as exc:
-        print(f"plexus: {exc}", file=sys.stderr)
-        return 2
+    settings = _settings_from_args(args)
     runtime = PlexusRuntime(settings, data_dir=jupyter_data_dir(), root_dir=args.root_dir)
     if args.transport == "stdio":
         asyncio.run(serve_stdio(runtime))
@@ -235,7 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except SettingsError as exc:  # a bad PLEXUS_MCP_* value or flag: one line naming it, exit code 2
+        return _fail(exc)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,34 @@ Every setting is a traitlet, so it can be set in a Jupyter config file
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from traitlets import CaselessStrEnum, Float, Integer, TraitError, Unicode
 from traitlets.config import Configurable
+from traitlets.config.loader import DeferredConfig
 
 ENV_PREFIX = "PLEXUS_MCP_"
+
+
+class SettingsError(ValueError):
+    """One or more settings have values that are not allowed; `problems` has a line for each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def allowed_values(exc: Exception) -> str:
+    """Traitlets' message without its class-instance preamble ("The 'x' trait of a Y instance expected ...")."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return re.sub(r"^The (value of the )?'\w+' trait of an? \w+ instance ", "", text).rstrip(".")
+
+
+def _shown(value: Any) -> Any:
+    """A config value as the user typed it (a deferred command-line string shows as that string)."""
+    return str(value) if isinstance(value, DeferredConfig) else value
 
 
 def env_var(name: str) -> str:
@@ -128,10 +149,27 @@ class PlexusSettings(Configurable):
         "Default 5000000.",
     ).tag(config=True)
 
+    http_header_timeout = Float(
+        60.0, min=0.1, help="Seconds a client connection may take to send a request's headers, and may stay idle "
+        "between requests (keep-alive), before the server closes it. Applies to the whole Jupyter server when the "
+        "extension runs in it (tornado's idle_connection_timeout; its default is 3600).",
+    ).tag(config=True)
+    http_body_timeout = Float(
+        300.0, min=0.1, help="Seconds a client may take to send a whole request body before the server closes the "
+        "connection (a slow-body client holds a connection until then).",
+    ).tag(config=True)
+    max_connections_per_address = Integer(
+        512, min=1, help="HTTP connections one client address may have open at once; more are closed on arrival "
+        "(logged once a minute). Established WebSockets do not count.",
+    ).tag(config=True)
+
     def apply_env(self, environ: Mapping[str, str] | None = None, protected: Iterable[str] = ()) -> None:
-        """Set traits from PLEXUS_MCP_* variables, except those in `protected` (set on the command line)."""
+        """Set traits from PLEXUS_MCP_* variables, except those in `protected` (set on the command line).
+
+        Raises SettingsError naming every bad variable, its value and what is allowed; valid ones are set."""
         environ = os.environ if environ is None else environ
         protected = set(protected)
+        problems = []
         for name, trait in self.settings_traits().items():
             var = env_var(name)
             if var not in environ or name in protected:
@@ -140,7 +178,34 @@ class PlexusSettings(Configurable):
             try:
                 setattr(self, name, trait.from_string(raw))
             except (TraitError, ValueError) as exc:
-                raise ValueError(f"{var}={raw!r} is not a valid value for {name}: {exc}") from None
+                problems.append(f"{var}={raw!r} is not a valid value for {name}: {allowed_values(exc)}")
+        if problems:
+            raise SettingsError(problems)
+
+    def invalid_settings(self, config: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """`config` (a traitlets Config) without the Plexus settings whose values are invalid, and why each is.
+
+        Traitlets raises on the first bad value and Jupyter then only warns and drops the whole extension:
+        this lets the caller report every bad setting by name and refuse to serve (see app.py)."""
+        traits = self.settings_traits()
+        problems: list[str] = []
+        clean = dict(config)
+        for section in ("PlexusMCPExtension", "PlexusSettings"):
+            values = config.get(section)
+            if not values:
+                continue
+            kept = type(values)()
+            for name, value in values.items():
+                trait = traits.get(name)
+                try:
+                    if trait is not None:
+                        given = value.get_value(trait) if isinstance(value, DeferredConfig) else value
+                        trait.validate(self, given)
+                    kept[name] = value
+                except (TraitError, ValueError) as exc:
+                    problems.append(f"{section}.{name}={_shown(value)!r} is not valid: {allowed_values(exc)}")
+            clean[section] = kept
+        return clean, problems
 
     @classmethod
     def settings_traits(cls) -> dict[str, Any]:

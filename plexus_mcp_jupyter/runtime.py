@@ -28,6 +28,7 @@ from .security.audit import AuditLog
 from .security.identity import Principal, Role
 from .security.keys import CACHE_SECONDS, ApiKey, KeyStore
 from .security.ratelimit import RateLimited, RateLimiter
+from .security.redaction import scrub_logs
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
@@ -92,12 +93,19 @@ class PlexusRuntime:
             event_store_bytes=settings.event_store_bytes,
         )
         self._started = False
+        self._log_scrubbers: list[Callable[[], None]] = []  # detach functions (see protect_secret)
 
     async def _kernel_score(self, task: Any, payload: Any) -> dict[str, Any]:
         """A worker's request to score a chunk with a notebook kernel's scorer."""
         if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list):
             raise InvalidArgument("a kernel_score request is {scorer, inputs: [...]}")
         return await self.kernel_scorers.score(str(payload.get("scorer")), payload["inputs"], owner=task.owner)
+
+    def protect_secret(self, secret: str | None, loggers: tuple[str, ...] = ()) -> None:
+        """A server credential (Jupyter's token, the standalone token) that must never reach the server log
+        or the audit log, wherever a client puts it (a query string, a tool argument, a key's name)."""
+        self.audit.scrubber.add(secret)
+        self._log_scrubbers.append(scrub_logs(self.audit.scrubber, loggers))
 
     # -- API keys ----------------------------------------------------------------------------------
 
@@ -174,6 +182,9 @@ class PlexusRuntime:
         log.info("Plexus MCP %s ready; store %s, executor %s", __version__, self.store.safe_url, self.executor.name)
 
     async def stop(self) -> None:
+        for detach in self._log_scrubbers:
+            detach()
+        self._log_scrubbers.clear()
         if not self._started:
             return
         self._started = False

@@ -7,15 +7,19 @@ import contextlib
 import hmac
 import json
 import logging
+import os
 import signal
 import ssl
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from tornado import web
+from tornado.httpserver import HTTPServer
 
 from .endpoint.transport import MCPBridge
 from .runtime import PlexusRuntime
+from .security.connections import ConnectionGuard
 from .security.http import (
     LOOPBACK_HOSTS,
     admit_key,
@@ -65,7 +69,7 @@ class _StandaloneHandler(web.RequestHandler):
             raise web.HTTPError(403, "this Host is not allowed: the server listens on loopback only")
         allowed = self.settings.get("plexus_allowed_origins", ())
         origin = headers.get("Origin")
-        if not (origin_allowed(origin, headers.get("Host")) or origin in allowed):
+        if not (origin_allowed(origin, headers.get("Host"), self.request.protocol) or origin in allowed):
             raise web.HTTPError(403, "requests from this Origin are not allowed (see --allow-origin)")
         if self.require_auth and not self.authenticated():
             raise web.HTTPError(401, "authentication required: send 'Authorization: Bearer <token>'")
@@ -127,14 +131,41 @@ def make_app(
     )
 
 
+def _on_stop_signals(callback: Callable[[], object]) -> None:
+    """Call `callback` on SIGINT and SIGTERM (how clients and service managers end this process), so the
+    shutdown path runs: the audit log's last records are written, running tasks are recorded."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not on Windows' loop
+            loop.add_signal_handler(sig, callback)
+
+
 async def serve_stdio(runtime: PlexusRuntime) -> None:
-    """MCP over this process's stdin/stdout; stdout carries nothing but the protocol."""
+    """MCP over this process's stdin/stdout; stdout carries nothing but the protocol.
+
+    Ends when the client closes stdin or on SIGTERM/SIGINT; either way running tasks are recorded and the
+    audit log writes its last records. After a signal the process exits at once: the SDK reads stdin in a
+    thread that nothing can interrupt, and waiting for it (as asyncio.run would) would hang until the
+    client writes or closes stdin."""
+    stop = asyncio.Event()
+    _on_stop_signals(stop.set)
     await runtime.manager.start()
+    serving = asyncio.ensure_future(runtime.mcp.run_stdio_async())
+    stopping = asyncio.ensure_future(stop.wait())
     try:
-        await runtime.mcp.run_stdio_async()
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        await runtime.manager.stop()
-        runtime.store.close()
+        stopping.cancel()
+        try:
+            await runtime.manager.stop()
+        finally:
+            runtime.audit.close()
+            runtime.store.close()
+    if not serving.done():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    serving.result()  # the transport's own error, if it failed
 
 
 async def serve_http(
@@ -148,13 +179,17 @@ async def serve_http(
     keyfile: str | None = None,
     allowed_origins: tuple[str, ...] = (),
 ) -> None:
+    """Serve until SIGINT/SIGTERM, with the connection timeouts and per-address cap of the settings."""
+    runtime.protect_secret(token)
     await runtime.start()
     ssl_ctx = None
     if certfile:
         ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_ctx.load_cert_chain(certfile, keyfile)
     app = make_app(runtime, token, allowed_origins, loopback=host in LOOPBACK_HOSTS)
-    server = app.listen(port, host, ssl_options=ssl_ctx, xheaders=False)
+    server = HTTPServer(app, ssl_options=ssl_ctx, xheaders=False)
+    ConnectionGuard.from_settings(runtime.settings).install(server)
+    server.listen(port, host)
     scheme = "https" if ssl_ctx else "http"
     actual_port = next(iter(server._sockets.values())).getsockname()[1]
     url = f"{scheme}://{'localhost' if host in ('127.0.0.1', 'localhost') else host}:{actual_port}/mcp"
@@ -165,10 +200,7 @@ async def serve_http(
               file=sys.stderr)
     sys.stderr.flush()
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):  # not on Windows' loop
-            loop.add_signal_handler(sig, stop.set)
+    _on_stop_signals(stop.set)
     try:
         await stop.wait()
     finally:

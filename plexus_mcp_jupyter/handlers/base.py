@@ -20,10 +20,12 @@ from tornado import web
 from ..core.errors import InvalidArgument, NotFound, PlexusError
 from ..runtime import PlexusRuntime
 from ..security.http import (
+    BadJSON,
     admit_key,
     bearer_credential,
     error_message,
     origin_allowed,
+    parse_json_off_loop,
     record_request,
     set_retry_after,
 )
@@ -190,17 +192,19 @@ class PlexusHandler(APIHandler):
     def origin_allowed(self) -> bool:
         """See security.http.origin_allowed: Jupyter's allow_origin settings, checked for every request."""
         headers = self.request.headers
-        return origin_allowed(headers.get("Origin"), headers.get("Host"), self.allow_origin, self.allow_origin_pat)
+        return origin_allowed(headers.get("Origin"), headers.get("Host"), self.request.protocol, self.allow_origin,
+                              self.allow_origin_pat)
 
     # -- JSON helpers --------------------------------------------------------------------------
 
-    def json_body(self) -> dict[str, Any]:
+    async def json_body(self) -> dict[str, Any]:
+        """The body as a JSON object; 400 with a one-line reason for anything else (see parse_json)."""
         if not self.request.body:
             return {}
         try:
-            body = json.loads(self.request.body)
-        except ValueError as exc:
-            raise web.HTTPError(400, f"the request body is not valid JSON: {exc}") from None
+            body = await parse_json_off_loop(self.request.body)
+        except BadJSON as exc:
+            raise web.HTTPError(400, f"the request body is {exc}") from None
         if not isinstance(body, dict):
             raise web.HTTPError(400, "the request body must be a JSON object")
         return body

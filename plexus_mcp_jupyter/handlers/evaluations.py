@@ -16,6 +16,7 @@ from tornado import web
 
 from ..core.errors import InvalidArgument, PlexusError
 from ..evaluations.service import parse_flag
+from ..security.http import BadJSON, parse_json
 from .base import PlexusHandler, http_error
 
 CREATE_FIELDS = ("type", "dataset", "scorer", "scorecard", "label_column", "prediction_column", "input_column",
@@ -44,7 +45,7 @@ class EvaluationsHandler(PlexusHandler):
     async def post(self) -> None:
         """Create an evaluation (the arguments of create_evaluation as a JSON object): 201 with it."""
         self.require("evaluate")
-        body = self.json_body()
+        body = await self.json_body()
         try:
             unknown = sorted(set(body) - set(CREATE_FIELDS))
             if unknown:
@@ -155,7 +156,12 @@ class DatasetsHandler(PlexusHandler):
             except (pa.ArrowException, OSError, ValueError) as exc:
                 raise InvalidArgument(f"the body is not a readable Parquet file: {exc}") from None
         if content_type == "application/json":
-            data: Any = self.json_body()
+            try:  # in a thread already (see post)
+                data: Any = parse_json(body)
+            except BadJSON as exc:
+                raise InvalidArgument(f"the request body is {exc}") from None
+            if not isinstance(data, dict):
+                raise InvalidArgument("the request body must be a JSON object")
             records = data.get("records")
             if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records):
                 raise InvalidArgument('JSON bodies are {"records": [{column: value, ...}, ...]} with at least one row')

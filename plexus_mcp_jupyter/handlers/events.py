@@ -26,6 +26,7 @@ from tornado.websocket import WebSocketClosedError, WebSocketHandler
 from ..core.errors import InvalidArgument
 from ..core.events import Event, Subscription, SubscriptionClosed
 from ..core.filters import EventFilter
+from ..security.http import BadJSON, parse_json_off_loop
 from ..security.identity import Principal
 from .base import PlexusHandler
 
@@ -115,16 +116,19 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
         # subscription, where they coalesce to the latest state per entity.
         await self.write_message(json.dumps(message, default=str))
 
-    def on_message(self, message: str | bytes) -> None:
-        """Kernel scorers (evaluations/kernel_scorers.py): registration, and answers to score requests."""
+    async def on_message(self, message: str | bytes) -> None:
+        """Kernel scorers (evaluations/kernel_scorers.py): registration, and answers to score requests.
+
+        A message that is not a JSON object gets an error message saying why; the socket stays open."""
         registry = self.runtime.kernel_scorers
+        expected = f"messages to the event stream are JSON objects with a type: one of {', '.join(CLIENT_MESSAGES)}"
         try:
-            data = json.loads(message)
-            if not isinstance(data, dict):
-                raise ValueError("not an object")
-        except ValueError:
-            self.send_json({"type": "error", "message": "messages to the event stream are JSON objects with a type: "
-                                                        f"one of {', '.join(CLIENT_MESSAGES)}"})
+            data = await parse_json_off_loop(message)
+        except BadJSON as exc:
+            self.send_json({"type": "error", "message": f"the message is {exc}; {expected}"})
+            return
+        if not isinstance(data, dict):
+            self.send_json({"type": "error", "message": expected})
             return
         kind = data.get("type")
         try:

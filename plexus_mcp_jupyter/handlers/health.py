@@ -1,6 +1,12 @@
-"""`{base_url}plexus/api/health`: liveness for anyone, details for authenticated callers."""
+"""`{base_url}plexus/api/health`: liveness for anyone, details for authenticated callers; and the 503 that
+every Plexus route answers while the extension's settings are invalid."""
 
 from __future__ import annotations
+
+import json
+
+from jupyter_server.auth.decorator import allow_unauthenticated
+from jupyter_server.base.handlers import APIHandler
 
 from .._version import __version__
 from .base import PlexusHandler
@@ -14,6 +20,7 @@ AUTH_DISABLED_WARNING = (
 class HealthHandler(PlexusHandler):
     require_auth = False
 
+    @allow_unauthenticated  # also with ServerApp.allow_unauthenticated_access=False: liveness needs no credential
     async def get(self) -> None:
         if self.current_user is None:
             self.reply({"status": "ok"})
@@ -28,6 +35,17 @@ class HealthHandler(PlexusHandler):
             details["auth"]["warning"] = AUTH_DISABLED_WARNING
         self.reply(details)
 
-    # Jupyter's authenticated-by-default check looks for this marker on handler methods.
-    get.__allow_unauthenticated = True  # type: ignore[attr-defined]
 
+
+class UnavailableHandler(APIHandler):
+    """Every Plexus route while the extension's settings are invalid: 503 naming the setting, for anyone.
+
+    The message holds only setting names, values and what is allowed, which say nothing about the data."""
+
+    def initialize(self, message: str) -> None:  # type: ignore[override]
+        self.message = message
+
+    async def prepare(self) -> None:  # type: ignore[override]
+        self.set_status(503)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"error": {"status": 503, "message": self.message}}))

@@ -25,7 +25,7 @@ class KeysHandler(PlexusHandler):
         201 with the key and its secret, which is shown this once and stored only as a hash.
         """
         principal = self.require("keys")
-        body = self.json_body()
+        body = await self.json_body()
         try:
             unknown = sorted(set(body) - set(KEY_FIELDS))
             if unknown:

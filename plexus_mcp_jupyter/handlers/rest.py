@@ -37,7 +37,7 @@ class TasksHandler(PlexusHandler):
         """Dispatch a task: {"type": "demo", "params": {...}, "priority": 0}. 201 with the task."""
         self.require("dispatch")
         try:
-            body = _dispatch_body(self.json_body())
+            body = _dispatch_body(await self.json_body())
             task = self.runtime.manager.dispatch(
                 body["type"], body["params"], priority=body["priority"], owner=self.identity,
                 description=body["description"], role=self.principal.role.value,
@@ -98,7 +98,7 @@ class TaskCancelHandler(PlexusHandler):
 class CancelTasksHandler(PlexusHandler):
     async def post(self) -> None:
         """Cancel several tasks: {"task_ids": [...]}."""
-        body = self.json_body()
+        body = await self.json_body()
         ids = body.get("task_ids")
         if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids) or len(ids) > 100:
             raise http_error(InvalidArgument("task_ids must be a list of 1 to 100 task id strings"))

@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import sqlalchemy as sa
@@ -24,10 +24,10 @@ from ..core.models import iso, parse_iso
 from ..core.store import decode_position, encode_position, metadata
 from .identity import Principal
 from .keys import without_secrets
+from .redaction import REDACTED, SecretScrubber
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
-REDACTED = "[redacted]"
 DEFAULT_SENSITIVE = ("token", "password", "secret", "authorization", "api_key", "apikey", "credential", "cookie")
 MAX_DETAIL_CHARS = 2000
 QUEUE_SIZE = 10_000
@@ -52,15 +52,18 @@ audit_table = sa.Table(
 )
 
 
-def redact(value: Any, sensitive: Iterable[str] = DEFAULT_SENSITIVE) -> Any:
-    """A copy of `value` with the values of sensitive-looking keys replaced, at any depth."""
+def redact(value: Any, sensitive: Iterable[str] = DEFAULT_SENSITIVE,
+           scrub: Callable[[str], str] = without_secrets) -> Any:
+    """A copy of `value` with the values of sensitive-looking keys replaced, at any depth, and every string
+    passed through `scrub` (API keys by default; an AuditLog's scrubber also knows the server's token)."""
     names = tuple(s.lower() for s in sensitive)
     if isinstance(value, Mapping):
-        return {k: REDACTED if any(n in str(k).lower() for n in names) else redact(v, names) for k, v in value.items()}
+        return {k: REDACTED if any(n in str(k).lower() for n in names) else redact(v, names, scrub)
+                for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [redact(v, names) for v in value]
+        return [redact(v, names, scrub) for v in value]
     if isinstance(value, str):
-        return without_secrets(value)  # an API key passed as (or in) a value
+        return scrub(value)
     return value
 
 
@@ -70,6 +73,7 @@ class AuditLog:
     def __init__(self, engine: Engine, sensitive: Iterable[str] = DEFAULT_SENSITIVE) -> None:
         self.engine = engine
         self.sensitive = tuple(sensitive)
+        self.scrubber = SecretScrubber()  # the server adds its token (see PlexusRuntime.protect_secret)
         metadata.create_all(engine, tables=[audit_table])
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(QUEUE_SIZE)
         self.dropped = 0
@@ -79,11 +83,12 @@ class AuditLog:
     def record(self, principal: Principal | None, action: str, *, target: str | None = None, outcome: str = "ok",
                client: str | None = None, details: Mapping[str, Any] | None = None) -> None:
         """Queue one record; never blocks."""
-        text = json.dumps(redact(dict(details or {}), self.sensitive), default=str)
+        scrub = self.scrubber.scrub
+        text = json.dumps(redact(dict(details or {}), self.sensitive, scrub), default=str)
         row = {
             "at": time.time(), "owner": principal.owner if principal else None,
             "key_id": principal.key_id if principal else None, "role": principal.role.value if principal else None,
-            "action": action[:128], "target": without_secrets(str(target))[:500] if target else None,
+            "action": action[:128], "target": scrub(str(target))[:500] if target else None,
             "outcome": outcome,
             "client": client, "details": json.loads(text) if len(text) <= MAX_DETAIL_CHARS else {"truncated": True},
         }

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
+import sys
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import urlsplit
 
 from tornado import web
 
@@ -25,16 +28,22 @@ def bearer_credential(header: str | None) -> str | None:
 
 
 def origin_allowed(
-    origin: str | None, host: str | None, allow_origin: str = "", allow_origin_pat: re.Pattern[str] | str | None = None
+    origin: str | None,
+    host: str | None,
+    scheme: str,
+    allow_origin: str = "",
+    allow_origin_pat: re.Pattern[str] | str | None = None,
 ) -> bool:
     """No Origin (scripts, MCP clients), the server's own origin, or one the configuration allows.
 
-    An MCP endpoint must refuse foreign Origins whatever the credential (DNS rebinding), so this is
-    checked for token-authenticated requests too, unlike Jupyter's own API.
+    The server's own origin is the request's scheme, host and port (a page on https://host cannot call
+    http://host, nor the reverse: they are different origins). An MCP endpoint must refuse foreign
+    Origins whatever the credential (DNS rebinding), so this is checked for token-authenticated requests
+    too, unlike Jupyter's own API.
     """
     if origin is None or allow_origin == "*":
         return True
-    if urlparse(origin.lower()).netloc == (host or "").lower():
+    if same_origin(origin, scheme, host):
         return True
     if allow_origin:
         return allow_origin == origin
@@ -43,12 +52,62 @@ def origin_allowed(
     return False
 
 
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def same_origin(origin: str, scheme: str, host: str | None) -> bool:
+    """Whether `origin` is (scheme, host, port) of a request with this scheme and Host header, default
+    ports normalised ("http://h" is "http://h:80")."""
+    try:
+        theirs = urlsplit(origin.strip().lower())
+        ours = urlsplit(f"{scheme.lower()}://{(host or '').strip().lower()}")
+        if theirs.scheme not in DEFAULT_PORTS or theirs.scheme != ours.scheme or not ours.hostname:
+            return False
+        default = DEFAULT_PORTS[theirs.scheme]
+        return (theirs.hostname, theirs.port or default) == (ours.hostname, ours.port or default)
+    except ValueError:  # a malformed port
+        return False
+
+
 def host_name(host_header: str | None) -> str:
     """The host part of a Host header, without the port ("[::1]:8888" -> "[::1]")."""
     host = (host_header or "").strip().lower()
     if host.startswith("["):
         return host.split("]", 1)[0] + "]"
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+# Bodies up to this size are parsed on the event loop; larger ones in a thread (they take milliseconds).
+JSON_ON_LOOP_BYTES = 64 * 1024
+
+
+class BadJSON(ValueError):
+    """A body or message that is not the JSON the server accepts; the message is one line for the client."""
+
+
+def parse_json(text: str | bytes) -> Any:
+    """JSON from a client, every failure a BadJSON with a one-line reason (never a RecursionError or a
+    multi-line message): the one parse behind every REST body and WebSocket message."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise BadJSON("not accepted: JSON nested too deeply (at most a few hundred levels)") from None
+    except UnicodeDecodeError:
+        raise BadJSON("not valid JSON: the text is not UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise BadJSON(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except ValueError as exc:  # an integer of more than sys.get_int_max_str_digits() digits
+        if "digits" in str(exc):
+            limit = sys.get_int_max_str_digits()
+            raise BadJSON(f"not accepted: a number in it has more than {limit} digits") from None
+        raise BadJSON(f"not valid JSON: {str(exc).splitlines()[0]}") from None
+
+
+async def parse_json_off_loop(text: str | bytes) -> Any:
+    """parse_json, in a thread for large input: nothing that grows with client input runs on the loop."""
+    if len(text) <= JSON_ON_LOOP_BYTES:
+        return parse_json(text)
+    return await asyncio.to_thread(parse_json, text)
 
 
 def error_message(exc: BaseException | None, reason: str) -> str:

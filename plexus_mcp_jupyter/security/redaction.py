@@ -1,0 +1,80 @@
+"""Keeping secrets out of the server log and the audit log.
+
+A secret reaches text in three ways: an API key anywhere (`plx_<id>_<secret>`), a credential in a URL's
+query (`?token=...`, which Jupyter accepts, so tornado's warning and access lines would carry it), and the
+value of a server token wherever a client put it (a tool argument, a key's name). `SecretScrubber` removes
+all three; `LogScrubber` applies it to every record of the loggers that write URLs and messages for Plexus
+routes, before any handler formats them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+
+from .keys import without_secrets
+
+REDACTED = "[redacted]"
+# Query parameters whose value is a credential, by name (Jupyter's own log scrubs the same names).
+QUERY_SECRET = re.compile(
+    r"([?&;][^=&;\s#]*(?:token|auth|key|secret|password|xsrf|code|state)[^=&;\s#]*=)[^&;\s#'\"]*", re.IGNORECASE
+)
+MIN_SECRET_CHARS = 8  # shorter "secrets" (a test's "x") would scrub ordinary words
+# Loggers that write request lines and errors: tornado's (access, warnings, uncaught errors), the event
+# loop's (accept errors) and ours. Jupyter's own logger is added by the extension.
+SERVER_LOGGERS = ("tornado.access", "tornado.application", "tornado.general", "asyncio", "plexus_mcp_jupyter")
+
+
+class SecretScrubber:
+    """Replaces known secret values, API keys and credential query parameters in text."""
+
+    def __init__(self) -> None:
+        self._values: set[str] = set()
+
+    def add(self, secret: str | None) -> None:
+        """A value that must never be shown (a server token)."""
+        if secret and len(secret) >= MIN_SECRET_CHARS:
+            self._values.add(secret)
+
+    def scrub(self, text: str) -> str:
+        for value in self._values:
+            if value in text:
+                text = text.replace(value, REDACTED)
+        return without_secrets(QUERY_SECRET.sub(rf"\1{REDACTED}", text))
+
+
+class LogScrubber(logging.Filter):
+    """A logger filter: the record's message and traceback with secrets scrubbed (it always passes)."""
+
+    def __init__(self, scrubber: SecretScrubber) -> None:
+        super().__init__()
+        self.scrubber = scrubber
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = self.scrubber.scrub(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        if record.exc_info and not record.exc_text:
+            # Formatters reuse exc_text when it is set: a scrubbed one is what every handler prints.
+            record.exc_text = self.scrubber.scrub(logging.Formatter().formatException(record.exc_info))
+        return True
+
+
+def scrub_logs(scrubber: SecretScrubber, extra_loggers: tuple[str, ...] = ()) -> Callable[[], None]:
+    """Attach a LogScrubber for `scrubber` to the server loggers (once per logger and scrubber); returns the
+    function that detaches them again (a stopped server's secrets need no more scrubbing)."""
+    attached: list[tuple[logging.Logger, LogScrubber]] = []
+    for name in (*SERVER_LOGGERS, *extra_loggers):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, LogScrubber) and f.scrubber is scrubber for f in logger.filters):
+            scrub_filter = LogScrubber(scrubber)
+            logger.addFilter(scrub_filter)
+            attached.append((logger, scrub_filter))
+
+    def detach() -> None:
+        for logger, scrub_filter in attached:
+            logger.removeFilter(scrub_filter)
+
+    return detach
