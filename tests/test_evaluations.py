@@ -185,12 +185,14 @@ async def test_problems_found_by_the_worker_fail_the_evaluation_clearly(mcp_clie
 async def test_evaluation_resources_are_subscribable_to_their_final_state(mcp_client, runtime):
     uris, on_message = updates_collector()
     async with mcp_client(message_handler=on_message) as client:
+        # The list first, and items enough (150 x 20 ms) for the evaluation to outlast two more subscriptions
+        # on a busy machine: a subscription made after the last change would rightly hear nothing.
+        await client.subscribe_resource("plexus://evaluations?status=COMPLETED&type=accuracy")
         started = await create(client, type="accuracy", dataset="example:fraud", label_column="label",
-                               scorer="python:tests.scorer_functions:slow", input_column="text", sample_n=60)
+                               scorer="python:tests.scorer_functions:slow", input_column="text", sample_n=150)
         uri = started["resource_uri"]
         await client.subscribe_resource(uri)
         await client.subscribe_resource(uri + "/results?only_mismatches=true")
-        await client.subscribe_resource("plexus://evaluations?status=COMPLETED&type=accuracy")
         await finished(client, started["evaluation_id"])
         await poll(lambda: set(uris), lambda seen: {uri, uri + "/results?only_mismatches=true",
                                                     "plexus://evaluations?status=COMPLETED&type=accuracy"} <= seen)
