@@ -19,6 +19,7 @@ from .core.store import Store, default_db_url
 from .endpoint.server import build_mcp_server
 from .endpoint.transport import MCPEndpoint
 from .evaluations.datasets import DatasetCatalog
+from .evaluations.file_reads import ReadBounds
 from .evaluations.kernel_scorers import KernelScorerRegistry
 from .evaluations.service import EvaluationService
 from .evaluations.store import EvaluationStore
@@ -62,7 +63,9 @@ class PlexusRuntime:
                                 "registered_dir": str(registered_dir), "redact_columns": settings.redact_columns,
                                 "nice": settings.worker_nice},
         )
-        self.catalog = DatasetCatalog(self.root_dir, registered_dir)
+        self.catalog = DatasetCatalog(
+            self.root_dir, registered_dir, threads=settings.dataset_threads,
+            bounds=ReadBounds(header_bytes=settings.max_dataset_header_bytes, columns=settings.max_dataset_columns))
         self.kernel_scorers = KernelScorerRegistry()
         self.keys = KeyStore(self.store.engine)
         self._streams: dict[str, set[Callable[[], None]]] = {}
@@ -174,6 +177,7 @@ class PlexusRuntime:
             watch.close()
         await self.endpoint.stop()
         await self.manager.stop()
+        self.catalog.close()
         self.audit.close()
         self.store.close()
 
