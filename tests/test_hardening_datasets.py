@@ -19,7 +19,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from plexus_mcp_jupyter.core.errors import InvalidArgument
 from plexus_mcp_jupyter.evaluations.datasets import DatasetCatalog
+from plexus_mcp_jupyter.evaluations.file_reads import MAX_TRACKED_LABELS, ReadBounds
 
 from .conftest import open_client
 from .test_standalone import start_http, stop
@@ -172,7 +174,8 @@ async def test_file_reads_use_a_few_threads_of_their_own(api, keys, jp_root_dir,
 
     monkeypatch.setattr(DatasetCatalog, "_describe_cheaply", slow)
     async with api(keys["viewer"]) as viewer:
-        listings = asyncio.gather(*(viewer.get("datasets") for _ in range(12)))
+        # More than the default pool's threads (at most 32), as one client's burst of listings can be.
+        listings = asyncio.gather(*(viewer.get("datasets") for _ in range(40)))
         deadline = time.monotonic() + 10
         while busy < 2 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -184,7 +187,7 @@ async def test_file_reads_use_a_few_threads_of_their_own(api, keys, jp_root_dir,
             release.set()
         answers = await listings
     assert probe == "free" and health.status_code == 200
-    assert most == 2, f"{most} file reads ran at once"
+    assert 1 <= most <= 2, f"{most} file reads ran at once"
     assert all(a.status_code == 200 for a in answers)
 
 
@@ -245,3 +248,43 @@ async def test_the_standalone_server_lists_pathological_files_within_bounds(tmp_
         assert listed["fine.csv"]["rows"] == 2
     finally:
         stop(proc)
+
+
+# --- the catalog's bounded reads, without a server -------------------------------------------------------
+
+
+@pytest.fixture
+def catalog(tmp_path):
+    (tmp_path / "root").mkdir()
+    return DatasetCatalog(tmp_path / "root", tmp_path / "registered", bounds=ReadBounds(header_bytes=4096))
+
+
+def test_describe_streams_json_lines_and_parquet_as_pandas_would_count_them(catalog):
+    frame = pd.DataFrame({"text": [f"t{i}" for i in range(1000)],
+                          "label": (["a", "b", None, "a"] * 250)})
+    frame.to_json(catalog.root_dir / "d.jsonl", orient="records", lines=True)
+    frame.to_parquet(catalog.root_dir / "d.parquet")
+    expected = {"a": 500, "b": 250, None: 250}
+    for ref in ("d.jsonl", "d.parquet"):
+        info = catalog.describe(ref)
+        assert info.rows == 1000 and info.label_classes == 3, ref
+        assert dict(info.label_distribution or ()) == expected, ref
+    assert catalog.describe("d.jsonl", label_column="text").label_classes == 1000
+
+
+def test_a_column_of_too_many_distinct_values_gets_a_note_not_a_distribution(catalog):
+    count = MAX_TRACKED_LABELS + 1
+    pd.DataFrame({"label": [str(i) for i in range(count)]}).to_csv(catalog.root_dir / "ids.csv", index=False)
+    info = catalog.describe("ids.csv")
+    assert info.rows == count and info.label_distribution is None and info.label_classes is None
+    assert "more than 10,000 distinct values" in (info.label_note or "")
+
+
+def test_a_row_longer_than_a_block_or_a_crafted_footer_is_an_error_not_a_read(catalog):
+    (catalog.root_dir / "long_row.jsonl").write_bytes(b'{"label": "a"}\n{"label": "' + b"b" * (2 << 20) + b'"}\n')
+    with pytest.raises(InvalidArgument, match=r"cannot read dataset 'long_row\.jsonl' as JSONL: a line is longer"):
+        catalog.describe("long_row.jsonl")
+    # A Parquet file whose footer claims 1 GB: refused before pyarrow tries to read it.
+    (catalog.root_dir / "crafted.parquet").write_bytes(b"PAR1" + b"\0" * 64 + (1 << 30).to_bytes(4, "little") + b"PAR1")
+    (listed,) = [info for info in catalog.list() if info.ref == "crafted.parquet"]
+    assert "Parquet footer is 1,073,741,824 bytes" in (listed.error or "")
