@@ -99,7 +99,8 @@ async def test_an_evaluation_or_describe_of_such_a_file_is_a_short_400(api, keys
             described = await operator.get(f"datasets/{dataset}")
             assert described.status_code == 400 and len(described.content) < 2000, described.content[:200]
         message = (await operator.get("datasets/endless.csv")).json()["error"]["message"]
-    assert "first line is longer than 65,536 bytes" in message
+    assert message == ("dataset 'endless.csv' cannot be read: its first line is longer than 65,536 bytes "
+                       "(the max_dataset_header_bytes setting)")
     # What the server logs about these requests is bounded too (tornado logs an HTTPError's message).
     assert all(len(record.getMessage()) < 4000 for record in caplog.records)
 

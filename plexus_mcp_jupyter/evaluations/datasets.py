@@ -566,6 +566,8 @@ def _reading(ref: str, fmt: str) -> Iterator[None]:
     """Turn a parser's failure into one InvalidArgument line naming the dataset and the format."""
     try:
         yield
+    except InvalidArgument:  # already says what is wrong (a bound of file_reads)
+        raise
     except pd.errors.EmptyDataError:
         raise InvalidArgument(f"dataset {clip(ref)} is empty (no header and no rows)") from None
     except (ValueError, pd.errors.ParserError, pa.ArrowException, UnicodeDecodeError, OSError,
