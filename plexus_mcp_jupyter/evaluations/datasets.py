@@ -199,10 +199,13 @@ def _refuse_hidden(parts: Sequence[str], relative: str, what: str) -> None:
 
 def require_columns(df: pd.DataFrame, *names: str, what: str = "label column") -> None:
     """Raise InvalidArgument naming each of `names` missing from `df` and the columns it does have."""
-    missing = [name for name in names if name not in df.columns]
+    _require_names([str(column) for column in df.columns], names, what)
+
+
+def _require_names(existing: Sequence[str], names: Sequence[str], what: str) -> None:
+    missing = [name for name in names if name not in existing]
     if not missing:
         return
-    existing = [str(column) for column in df.columns]
     shown = ", ".join(existing[:MAX_LISTED_IN_ERROR]) or "(none)"
     if len(existing) > MAX_LISTED_IN_ERROR:
         shown += f", ... ({len(existing) - MAX_LISTED_IN_ERROR} more)"
@@ -369,11 +372,9 @@ class DatasetCatalog:
         ref = str(parsed)
         _, columns = self._peek(path, fmt, ref, count_rows=False)
         names = [name for name, _ in columns]
-        if label_column is not None and label_column not in names:
-            shown = ", ".join(names[:MAX_LISTED_IN_ERROR]) + (
-                f", ... ({len(names) - MAX_LISTED_IN_ERROR} more)" if len(names) > MAX_LISTED_IN_ERROR else "")
-            raise InvalidArgument(f"label column {label_column!r} not found; the columns are: {shown or '(none)'}")
-        if label_column is None and "label" in names:
+        if label_column is not None:
+            _require_names(names, [label_column], "label column")
+        elif "label" in names:
             label_column = "label"
         with _reading(ref, fmt):
             if fmt == "parquet":
