@@ -19,13 +19,14 @@ A file outside the bounds raises InvalidArgument saying which bound and the sett
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import pandas as pd
 import pyarrow as pa
@@ -138,6 +139,13 @@ def parquet_file(handle: IO[bytes], ref: str) -> pq.ParquetFile:
 # --- streaming passes --------------------------------------------------------------------------------
 
 
+class LongLabel(NamedTuple):
+    """A label longer than MAX_LABEL_CHARS, counted by its digest so that the counts stay small in memory."""
+
+    start: str
+    digest: bytes
+
+
 @dataclass
 class LabelCounts:
     """Rows seen and, unless there were too many distinct values, how often each value occurred."""
@@ -155,6 +163,9 @@ class LabelCounts:
             value, count = entry["values"], entry["counts"]
             if isinstance(value, float) and value != value:  # NaN is missing, as for pandas
                 value = None
+            elif isinstance(value, (str, bytes)) and len(value) > MAX_LABEL_CHARS:
+                whole = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
+                value = LongLabel(str(value[:MAX_LABEL_CHARS - 3]), hashlib.blake2b(whole, digest_size=16).digest())
             counts[value] = counts.get(value, 0) + count
         if len(counts) > MAX_TRACKED_LABELS:
             self.counts, self.too_many = None, True
@@ -167,7 +178,7 @@ class LabelCounts:
 
 
 def _shown_label(value: Any) -> str:
-    text = str(value)
+    text = value.start + "..." if isinstance(value, LongLabel) else str(value)
     return text if len(text) <= MAX_LABEL_CHARS else text[:MAX_LABEL_CHARS - 3] + "..."
 
 
@@ -200,8 +211,14 @@ def count_csv(path: Path, names: list[str], label: str | None, bounds: ReadBound
                                               strings_can_be_null=True),
     )
     result = LabelCounts()
-    for batch in reader:
-        result.add(batch.column(0) if label is not None else None, batch.num_rows)
+    try:
+        for batch in reader:
+            result.add(batch.column(0) if label is not None else None, batch.num_rows)
+    except pa.ArrowInvalid as error:
+        if "straddl" not in str(error):
+            raise
+        raise ValueError(f"a row is longer than {bounds.block_bytes:,} bytes (the max_dataset_header_bytes "
+                         "setting)") from None
     return result
 
 
@@ -236,7 +253,7 @@ def _lines(path: Path, block: int) -> Iterator[bytes]:
             lines = (rest + chunk).split(b"\n")
             rest = lines.pop()
             if len(rest) > block:
-                raise ValueError(f"a line is longer than {block:,} bytes")
+                raise ValueError(f"a line is longer than {block:,} bytes (the max_dataset_header_bytes setting)")
             yield from lines
         if rest:
             yield rest
