@@ -285,6 +285,9 @@ def test_a_row_longer_than_a_block_or_a_crafted_footer_is_an_error_not_a_read(ca
     (catalog.root_dir / "long_row.jsonl").write_bytes(b'{"label": "a"}\n{"label": "' + b"b" * (2 << 20) + b'"}\n')
     with pytest.raises(InvalidArgument, match=r"cannot read dataset 'long_row\.jsonl' as JSONL: a line is longer"):
         catalog.describe("long_row.jsonl")
+    (catalog.root_dir / "long_row.csv").write_bytes(b"text,label\na,b\nc," + b"d" * (2 << 20) + b"\n")
+    with pytest.raises(InvalidArgument, match=r"as CSV: a row is longer than 1,048,576 bytes \(the max_dataset_h"):
+        catalog.describe("long_row.csv")
     # A Parquet file whose footer claims 1 GB: refused before pyarrow tries to read it.
     (catalog.root_dir / "crafted.parquet").write_bytes(b"PAR1" + b"\0" * 64 + (1 << 30).to_bytes(4, "little") + b"PAR1")
     (listed,) = [info for info in catalog.list() if info.ref == "crafted.parquet"]
