@@ -206,7 +206,8 @@ def _require_names(existing: Sequence[str], names: Sequence[str], what: str) -> 
     missing = [name for name in names if name not in existing]
     if not missing:
         return
-    shown = ", ".join(existing[:MAX_LISTED_IN_ERROR]) or "(none)"
+    # Names as long as the bound allows, twenty of them, would make a long line of a message and the log.
+    shown = ", ".join(n if len(n) <= 60 else n[:57] + "..." for n in existing[:MAX_LISTED_IN_ERROR]) or "(none)"
     if len(existing) > MAX_LISTED_IN_ERROR:
         shown += f", ... ({len(existing) - MAX_LISTED_IN_ERROR} more)"
     quoted = ", ".join(repr(name) for name in missing)
