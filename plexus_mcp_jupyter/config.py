@@ -162,6 +162,22 @@ class PlexusSettings(Configurable):
         512, min=1, help="HTTP connections one client address may have open at once; more are closed on arrival "
         "(logged once a minute). Established WebSockets do not count.",
     ).tag(config=True)
+    max_dataset_header_bytes = Integer(
+        1024 * 1024, min=1024,
+        help="Longest first line (header, or first record) of a CSV or JSON Lines file that listing, describing "
+        "or checking a dataset reads, in bytes; also the longest row a describe streams. A file beyond it is "
+        "listed as unreadable, with the reason. Default 1 MiB.",
+    ).tag(config=True)
+    max_dataset_columns = Integer(
+        10_000, min=1,
+        help="Most columns a dataset may have (a file is listed as unreadable beyond it; a DataFrame with more is "
+        "not registered). Default 10000.",
+    ).tag(config=True)
+    dataset_threads = Integer(
+        2, min=1,
+        help="Threads that list, describe and check data files at once (their own pool, so that slow reads never "
+        "hold the event loop or the default thread pool); more requests wait their turn. Default 2.",
+    ).tag(config=True)
 
     def apply_env(self, environ: Mapping[str, str] | None = None, protected: Iterable[str] = ()) -> None:
         """Set traits from PLEXUS_MCP_* variables, except those in `protected` (set on the command line).

@@ -20,6 +20,7 @@ from .endpoint.server import build_mcp_server
 from .endpoint.sessions import SessionLimits
 from .endpoint.transport import MCPEndpoint
 from .evaluations.datasets import DatasetCatalog
+from .evaluations.file_reads import ReadBounds
 from .evaluations.kernel_scorers import KernelScorerRegistry
 from .evaluations.limits import EvaluationLimits
 from .evaluations.service import EvaluationService
@@ -67,7 +68,9 @@ class PlexusRuntime:
                                 "registered_dir": str(registered_dir), "redact_columns": settings.redact_columns,
                                 "nice": settings.worker_nice, "max_evaluation_items": settings.max_evaluation_items},
         )
-        self.catalog = DatasetCatalog(self.root_dir, registered_dir)
+        self.catalog = DatasetCatalog(
+            self.root_dir, registered_dir, threads=settings.dataset_threads,
+            bounds=ReadBounds(header_bytes=settings.max_dataset_header_bytes, columns=settings.max_dataset_columns))
         self.kernel_scorers = KernelScorerRegistry()
         self.keys = KeyStore(self.store.engine)
         self._streams: dict[str, set[Callable[[], None]]] = {}
@@ -197,6 +200,7 @@ class PlexusRuntime:
         await self.endpoint.stop()
         await self.manager.stop()
         self.evaluations.close()
+        self.catalog.close()
         self.audit.close()
         self.store.close()
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 from mcp.shared.exceptions import MCPError
@@ -190,8 +189,8 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService) -> 
     async def list_datasets(
         include_files: Annotated[bool, Field(description="Also look for data files under the root")] = True,
     ) -> Annotated[CallToolResult, DatasetList]:
-        # Walking the root and peeking at files is I/O: off the event loop.
-        datasets = await anyio.to_thread.run_sync(lambda: service.datasets(include_files=include_files))
+        # Walking the root and peeking at files is I/O: off the event loop, in the catalog's few threads.
+        datasets = await service.catalog.run(service.datasets, include_files=include_files)
         return result(f"{len(datasets)} dataset(s): " + ", ".join(d["ref"] for d in datasets[:20]),
                       {"datasets": datasets})
 
@@ -258,4 +257,4 @@ def _register_resources(server: MCPServer, service: EvaluationService) -> None:
                      description="Datasets an evaluation can use (examples, registered, files under the root).",
                      mime_type=JSON)
     async def datasets_resource() -> str:
-        return _dump({"datasets": await anyio.to_thread.run_sync(service.datasets)})
+        return _dump({"datasets": await service.catalog.run(service.datasets)})

@@ -20,28 +20,52 @@ allowed. The same check (:func:`confine_path`) guards scorecard files.
 
 Every loaded frame has a fresh ``RangeIndex``: a stored index with a name becomes column(s), an unnamed
 one is dropped.
+
+Listing, describing and checking columns serve any caller who may read, so they read files within bounds
+(:mod:`.file_reads`): never a whole file, never an unbounded line, and in the catalog's own few threads
+(:meth:`DatasetCatalog.run`) so they cannot occupy the event loop or the default thread pool. Loading a
+whole frame (:meth:`DatasetCatalog.load`) is for evaluation workers, in their own processes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import contextlib
+import functools
 import itertools
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..core.errors import InvalidArgument, NotFound
+from .file_reads import (
+    MAX_TRACKED_LABELS,
+    ReadBounds,
+    check_columns,
+    check_name,
+    clip,
+    count_csv,
+    count_jsonl,
+    count_parquet,
+    head,
+    parquet_file,
+    parse_head,
+)
 
 Source = Literal["file", "registered", "example"]
+T = TypeVar("T")
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 REF_PREFIXES = ("example:", "registered:", "file:")
@@ -63,6 +87,8 @@ WALK_SKIPPED_DIRS = frozenset({"node_modules", "__pycache__", "site-packages", "
 # A listing counts CSV / JSONL rows by counting lines up to this size; bigger files report rows=None.
 COUNT_LINES_MAX_BYTES = 64 * 1024 * 1024
 HEAD_ROWS = 100  # rows read to infer column dtypes of a CSV / JSONL file in a listing
+MAX_REF_CHARS = 4096  # a dataset ref (a path, mostly) longer than this is refused
+DESCRIBED_CACHE_SIZE = 256  # descriptions kept, keyed by file, size, mtime and label column
 
 
 @dataclass(frozen=True)
@@ -87,6 +113,7 @@ class DatasetInfo:
     label_classes: int | None = None  # how many distinct labels in all, listed or not
     size_bytes: int | None = None
     error: str | None = None  # set in a listing when the file could not be described
+    label_note: str | None = None  # why label_distribution is None although there is a label column
 
     def to_dict(self) -> dict[str, Any]:
         result: dict[str, Any] = {
@@ -105,6 +132,8 @@ class DatasetInfo:
             result["size_bytes"] = self.size_bytes
         if self.error is not None:
             result["error"] = self.error
+        if self.label_note is not None:
+            result["label_note"] = self.label_note
         return result
 
 
@@ -125,7 +154,7 @@ def parse_ref(ref: object) -> DatasetRef:
     """Split a dataset ref into source and name; checks the syntax only, not that the dataset exists."""
     if not isinstance(ref, str) or not ref.strip():
         raise InvalidArgument(f"dataset must be a non-empty string, not {ref!r}; {REF_HELP}")
-    ref = ref.strip()
+    ref = check_name(ref, "dataset", MAX_REF_CHARS).strip()
     for source in ("example", "registered"):
         if ref.startswith(source + ":"):
             name = ref[len(source) + 1:]
@@ -144,8 +173,9 @@ def confine_path(root_dir: Path | str, relative: str, *, what: str = "dataset") 
     Refused: empty, absolute or ``~`` paths, ``..`` parts, hidden parts (``.git``) and anything whose
     real location (symlinks resolved) is outside the root. Existence is not checked.
     """
-    if not isinstance(relative, str) or not relative.strip() or "\x00" in relative:
+    if not isinstance(relative, str) or not relative.strip():
         raise InvalidArgument(f"{what} path must be a non-empty path relative to the Jupyter root, not {relative!r}")
+    check_name(relative, f"{what} path", MAX_REF_CHARS)
     if os.path.isabs(relative) or relative.startswith("~") or PurePosixPath(relative).is_absolute():
         raise InvalidArgument(f"{what} path {relative!r} is absolute; give a path relative to the Jupyter root")
     parts = PurePosixPath(relative).parts
@@ -169,11 +199,15 @@ def _refuse_hidden(parts: Sequence[str], relative: str, what: str) -> None:
 
 def require_columns(df: pd.DataFrame, *names: str, what: str = "label column") -> None:
     """Raise InvalidArgument naming each of `names` missing from `df` and the columns it does have."""
-    missing = [name for name in names if name not in df.columns]
+    _require_names([str(column) for column in df.columns], names, what)
+
+
+def _require_names(existing: Sequence[str], names: Sequence[str], what: str) -> None:
+    missing = [name for name in names if name not in existing]
     if not missing:
         return
-    existing = [str(column) for column in df.columns]
-    shown = ", ".join(existing[:MAX_LISTED_IN_ERROR]) or "(none)"
+    # Names as long as the bound allows, twenty of them, would make a long line of a message and the log.
+    shown = ", ".join(n if len(n) <= 60 else n[:57] + "..." for n in existing[:MAX_LISTED_IN_ERROR]) or "(none)"
     if len(existing) > MAX_LISTED_IN_ERROR:
         shown += f", ... ({len(existing) - MAX_LISTED_IN_ERROR} more)"
     quoted = ", ".join(repr(name) for name in missing)
@@ -181,15 +215,42 @@ def require_columns(df: pd.DataFrame, *names: str, what: str = "label column") -
 
 
 class DatasetCatalog:
-    """Finds, loads, describes and registers datasets. Holds no data; safe to share between threads.
+    """Finds, loads, describes and registers datasets. Holds no data but a small cache of descriptions;
+    safe to share between threads.
 
     `root_dir` is the Jupyter root that file refs are relative to; `registered_dir` holds registered
-    frames as ``<name>.parquet`` (created on first use).
+    frames as ``<name>.parquet`` (created on first use). `bounds` limit what listing, describing and
+    column checks read of a file; `threads` is how many of them run at once through :meth:`run`.
     """
 
-    def __init__(self, root_dir: Path | str, registered_dir: Path | str) -> None:
+    def __init__(self, root_dir: Path | str, registered_dir: Path | str, *, bounds: ReadBounds | None = None,
+                 threads: int = 2) -> None:
         self.root_dir = Path(root_dir)
         self.registered_dir = Path(registered_dir)
+        self.bounds = bounds or ReadBounds()
+        self.threads = threads
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._described: OrderedDict[tuple[Any, ...], DatasetInfo] = OrderedDict()
+        self._describing: dict[str, threading.Lock] = {}
+
+    async def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)` in the catalog's threads, at most `threads` at once; the rest wait in turn.
+
+        Reading files takes time that grows with the files, so it never runs on the event loop; and in
+        a pool of its own, so that many slow listings cannot take every thread of the default pool.
+        """
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="plexus-datasets")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+
+    def close(self) -> None:
+        """Stop the threads (those at work finish first)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     # --- finding ---------------------------------------------------------------------------------------
 
@@ -252,43 +313,95 @@ class DatasetCatalog:
         return df
 
     def columns(self, ref: str) -> builtins.list[str]:
-        """The dataset's column names, read from its header or schema only (cheap enough for a tool call).
+        """The dataset's column names, read from its first line or its Parquet footer only, within the
+        catalog's bounds (so at most `bounds.header_bytes` of a text file, whatever its size).
 
-        Raises like :meth:`load` for a dataset that is missing, refused or unreadable.
+        Raises like :meth:`load` for a dataset that is missing, refused or unreadable, and InvalidArgument
+        for one outside the bounds (a first line too long, too many columns, a column name too long).
         """
         parsed = parse_ref(ref)
         path, fmt = self._locate(parsed)
-        with _reading(str(parsed), fmt):
+        with _reading(str(parsed), fmt), path.open("rb") as handle:
             if fmt == "parquet":
-                with path.open("rb") as handle:
-                    return [str(c) for c in pq.ParquetFile(handle).schema_arrow.names]
-            if fmt == "csv":
-                return [str(c) for c in pd.read_csv(path, nrows=0).columns]
-            return [str(c) for c in pd.read_json(path, lines=True, nrows=1, dtype=False).columns]
+                names = [str(c) for c in parquet_file(handle, str(parsed)).schema_arrow.names]
+            else:
+                data, _ = head(handle, self.bounds, str(parsed), sample=0)
+                names = [str(c) for c in parse_head(data, fmt, 0 if fmt == "csv" else 1).columns]
+        return check_columns(names, self.bounds, str(parsed))
 
     # --- describing ------------------------------------------------------------------------------------
 
     def describe(self, ref: str, label_column: str | None = None) -> DatasetInfo:
         """Rows, columns and dtypes, and the label distribution of `label_column` (or of a column named
-        ``label`` when there is one and none is given). Loads the whole dataset."""
+        ``label`` when there is one and none is given).
+
+        Never loads the dataset: columns and dtypes come from the first rows (or the Parquet schema), rows
+        and label counts from one streaming pass over that column (Parquet metadata when there is no label
+        column). A label column with more than MAX_TRACKED_LABELS distinct values gets no distribution,
+        and `label_note` says why. The result is cached by file, size and mtime, and one file is
+        described by one thread at a time: others asking meanwhile wait for that result.
+        """
         parsed = parse_ref(ref)
-        path, _ = self._locate(parsed)
-        df = self.load(str(parsed))
         if label_column is not None:
-            require_columns(df, label_column)
-        elif "label" in df.columns:
+            check_name(label_column, "label column", self.bounds.name_chars)
+        path, fmt = self._locate(parsed)
+        with self._lock:
+            lock = self._describing.setdefault(str(path), threading.Lock())
+        with lock:
+            key = (*_version(path), "describe", label_column)
+            info = self._recall(key)
+            if info is None:
+                info = self._remember(key, self._describe(parsed, path, fmt, label_column, path.stat().st_size))
+        return info
+
+    def _recall(self, key: tuple[Any, ...]) -> DatasetInfo | None:
+        with self._lock:
+            info = self._described.get(key)
+            if info is not None:
+                self._described.move_to_end(key)
+            return info
+
+    def _remember(self, key: tuple[Any, ...], info: DatasetInfo) -> DatasetInfo:
+        with self._lock:
+            self._described[key] = info
+            while len(self._described) > DESCRIBED_CACHE_SIZE:
+                self._described.popitem(last=False)
+        return info
+
+    def _describe(self, parsed: DatasetRef, path: Path, fmt: str, label_column: str | None,
+                  size: int) -> DatasetInfo:
+        ref = str(parsed)
+        _, columns = self._peek(path, fmt, ref, count_rows=False)
+        names = [name for name, _ in columns]
+        if label_column is not None:
+            _require_names(names, [label_column], "label column")
+        elif "label" in names:
             label_column = "label"
-        distribution, classes = _label_distribution(df[label_column]) if label_column else (None, None)
-        return _info(parsed, len(df), [(str(c), str(t)) for c, t in df.dtypes.items()],
-                     label_column=label_column, label_distribution=distribution, label_classes=classes,
-                     size_bytes=path.stat().st_size if parsed.source == "file" else None)
+        with _reading(ref, fmt):
+            if fmt == "parquet":
+                counted = count_parquet(path, label_column)
+            elif fmt == "csv":
+                counted = count_csv(path, names, label_column, self.bounds)
+            else:
+                counted = count_jsonl(path, label_column, self.bounds)
+        if counted.rows == 0:
+            raise InvalidArgument(f"dataset {clip(ref)} has no rows")
+        extra: dict[str, Any] = {"label_column": label_column}
+        if label_column is not None and counted.too_many:
+            extra["label_note"] = (f"more than {MAX_TRACKED_LABELS:,} distinct values: not counted "
+                                   "(is this a label column?)")
+        elif label_column is not None:
+            extra["label_distribution"] = counted.top(MAX_LABEL_CLASSES)
+            extra["label_classes"] = len(counted.counts or {})
+        return _info(parsed, counted.rows, columns, size_bytes=size if parsed.source == "file" else None, **extra)
 
     def list(self, *, include_files: bool = True, limit: int = 500) -> builtins.list[DatasetInfo]:
         """Examples, then registered frames, then data files under the root (sorted by path), at most
         `limit` in all. Described cheaply, without label distributions: Parquet from its metadata, CSV and
         JSONL from their first rows plus a line count (rows=None above COUNT_LINES_MAX_BYTES). A file that
-        cannot be described is listed with `error` set. The walk skips hidden folders, node_modules and
-        the like, and stops at WALK_MAX_DEPTH levels or after WALK_MAX_FILES files."""
+        cannot be described, or not within the catalog's bounds, is listed with `error` set (saying why).
+        The walk skips hidden folders, node_modules and the like, and stops at WALK_MAX_DEPTH levels or
+        after WALK_MAX_FILES files."""
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise InvalidArgument(f"limit must be a whole number of at least 1, not {limit!r}")
         refs: Iterator[DatasetRef] = itertools.chain(
@@ -306,11 +419,37 @@ class DatasetCatalog:
     def _describe_cheaply(self, parsed: DatasetRef) -> DatasetInfo:
         try:
             path, fmt = self._locate(parsed)
+            key = (*_version(path), "list", str(parsed))
             size = path.stat().st_size if parsed.source == "file" else None
-            rows, columns = _peek(path, fmt, str(parsed))
+            info = self._recall(key)
+            if info is None:
+                rows, columns = self._peek(path, fmt, str(parsed))
+                info = self._remember(key, _info(parsed, rows, columns, size_bytes=size))
         except (InvalidArgument, NotFound, OSError) as error:
-            return _info(parsed, None, [], error=str(error))
-        return _info(parsed, rows, columns, size_bytes=size)
+            return _info(parsed, None, [], error=_one_line(error))
+        return info
+
+    def _peek(self, path: Path, fmt: str, ref: str, *,
+              count_rows: bool = True) -> tuple[int | None, builtins.list[tuple[str, str]]]:
+        """Rows (None if too costly, or not `count_rows`) and column dtypes, from bounded reads only."""
+        with _reading(ref, fmt), path.open("rb") as handle:
+            if fmt == "parquet":
+                parquet = parquet_file(handle, ref)
+                check_columns([str(c) for c in parquet.schema_arrow.names], self.bounds, ref)
+                # Dtypes as pandas would report them, from an empty table of the same schema.
+                empty = parquet.schema_arrow.empty_table().to_pandas()
+                return parquet.metadata.num_rows, [(str(c), str(t)) for c, t in empty.dtypes.items()]
+            data, whole = head(handle, self.bounds, ref)
+            first = parse_head(data, fmt, HEAD_ROWS)
+        columns = [(str(c), str(t)) for c, t in first.dtypes.items()]
+        check_columns([name for name, _ in columns], self.bounds, ref)
+        if whole and len(first) < HEAD_ROWS:
+            return len(first), columns
+        if not count_rows or path.stat().st_size > COUNT_LINES_MAX_BYTES:
+            return None, columns
+        # Counts lines, so a CSV value with an embedded newline makes this an over-estimate.
+        lines = _count_lines(path)
+        return (lines - 1 if fmt == "csv" else lines), columns
 
     def _data_files(self) -> Iterator[DatasetRef]:
         real_root = os.path.realpath(self.root_dir)
@@ -334,6 +473,12 @@ class DatasetCatalog:
             yield DatasetRef("file", relative)
 
     # --- registering -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def check_registered_name(name: object) -> str:
+        """`name` if it may name a registered dataset; InvalidArgument saying what is allowed otherwise."""
+        _check_registered_name(name)
+        return name  # type: ignore[return-value]
 
     def owner_of(self, name: str) -> str | None:
         """Who registered `name` (its sidecar `.<name>.owner`), None when unknown (before owners were kept)."""
@@ -367,7 +512,7 @@ class DatasetCatalog:
             duplicated = sorted({n for n in names if names.count(n) > 1})
             raise InvalidArgument(f"DataFrame for {name!r} has duplicate column names {duplicated}")
         frame = _with_range_index(df)
-        frame.columns = [str(column) for column in frame.columns]
+        frame.columns = check_columns([str(column) for column in frame.columns], self.bounds, f"registered:{name}")
         try:
             table = pa.Table.from_pandas(frame, preserve_index=False)
         except (pa.ArrowException, TypeError, ValueError) as error:
@@ -427,7 +572,8 @@ def _rename_new(temporary: str, final: Path, name: str) -> None:
 
 def _check_registered_name(name: object) -> None:
     if not isinstance(name, str) or not REGISTERED_NAME.fullmatch(name) or name.startswith("."):
-        raise InvalidArgument(f"invalid registered dataset name {name!r}; use {REGISTERED_NAME_HELP}")
+        shown = clip(name) if isinstance(name, str) else repr(name)
+        raise InvalidArgument(f"invalid registered dataset name {shown}; use {REGISTERED_NAME_HELP}")
 
 
 @contextlib.contextmanager
@@ -435,10 +581,13 @@ def _reading(ref: str, fmt: str) -> Iterator[None]:
     """Turn a parser's failure into one InvalidArgument line naming the dataset and the format."""
     try:
         yield
+    except InvalidArgument:  # already says what is wrong (a bound of file_reads)
+        raise
     except pd.errors.EmptyDataError:
-        raise InvalidArgument(f"dataset {ref!r} is empty (no header and no rows)") from None
-    except (ValueError, pd.errors.ParserError, pa.ArrowException, UnicodeDecodeError, OSError) as error:
-        raise InvalidArgument(f"cannot read dataset {ref!r} as {fmt.upper()}: {_one_line(error)}") from None
+        raise InvalidArgument(f"dataset {clip(ref)} is empty (no header and no rows)") from None
+    except (ValueError, pd.errors.ParserError, pa.ArrowException, UnicodeDecodeError, OSError,
+            RecursionError) as error:
+        raise InvalidArgument(f"cannot read dataset {clip(ref)} as {fmt.upper()}: {_one_line(error)}") from None
 
 
 def _read(path: Path, fmt: str, ref: str, columns: builtins.list[str] | None) -> pd.DataFrame:
@@ -465,27 +614,10 @@ def _with_range_index(df: pd.DataFrame) -> pd.DataFrame:
     return df.reset_index(drop=not named)
 
 
-def _peek(path: Path, fmt: str, ref: str) -> tuple[int | None, builtins.list[tuple[str, str]]]:
-    """Rows (None if too costly) and column dtypes, without reading the whole file."""
-    with _reading(ref, fmt):
-        if fmt == "parquet":
-            with path.open("rb") as handle:
-                parquet = pq.ParquetFile(handle)
-                # Dtypes as pandas would report them, from an empty table of the same schema.
-                empty = parquet.schema_arrow.empty_table().to_pandas()
-                return parquet.metadata.num_rows, [(str(c), str(t)) for c, t in empty.dtypes.items()]
-        if fmt == "csv":
-            head = pd.read_csv(path, nrows=HEAD_ROWS)
-        else:
-            head = pd.read_json(path, lines=True, nrows=HEAD_ROWS, dtype=False)
-    columns = [(str(c), str(t)) for c, t in head.dtypes.items()]
-    if len(head) < HEAD_ROWS:
-        return len(head), columns
-    if path.stat().st_size > COUNT_LINES_MAX_BYTES:
-        return None, columns
-    # Counts lines, so a CSV value with an embedded newline makes this an over-estimate.
-    lines = _count_lines(path)
-    return (lines - 1 if fmt == "csv" else lines), columns
+def _version(path: Path) -> tuple[str, int, int, int]:
+    """What identifies one version of a file for the description cache: path, size, mtime, inode."""
+    stat = path.stat()
+    return str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino
 
 
 def _count_lines(path: Path) -> int:
@@ -496,13 +628,6 @@ def _count_lines(path: Path) -> int:
             count += block.count(b"\n")
             last = block[-1:]
     return count + (last != b"\n")
-
-
-def _label_distribution(labels: pd.Series) -> tuple[tuple[tuple[str | None, int], ...], int]:
-    counts = labels.value_counts(dropna=False)
-    top = tuple((None if pd.isna(label) else str(label), int(count))
-                for label, count in counts.head(MAX_LABEL_CLASSES).items())
-    return top, len(counts)
 
 
 def _info(parsed: DatasetRef, rows: int | None, columns: Sequence[tuple[str, str]], **extra: Any) -> DatasetInfo:

@@ -6,7 +6,6 @@ DataFrame from a kernel (the notebook client's `register_dataset`) as Parquet, o
 
 from __future__ import annotations
 
-import asyncio
 import io
 from typing import Any
 
@@ -26,6 +25,16 @@ PARQUET_TYPES = ("application/vnd.apache.parquet", "application/x-parquet", "app
 
 def _flag(handler: PlexusHandler, name: str, default: str = "false") -> bool:
     return parse_flag(name, handler.get_argument(name, default))
+
+
+def _name_argument(handler: PlexusHandler, name: str) -> str | None:
+    """A query argument that names something, exactly as sent (None if absent).
+
+    Tornado's get_argument turns control characters into spaces and strips the ends, so `?name=evil%00`
+    would silently name `evil`; the catalog refuses such names instead, saying what is allowed.
+    """
+    values = handler.request.query_arguments.get(name)
+    return handler.decode_argument(values[-1], name=name) if values else None
 
 
 class EvaluationsHandler(PlexusHandler):
@@ -89,12 +98,11 @@ class EvaluationResultsHandler(PlexusHandler):
 class DatasetHandler(PlexusHandler):
     async def get(self, ref: str) -> None:
         """One dataset: rows, columns, and the label distribution (?label_column=...; default 'label')."""
-        label_column = self.get_argument("label_column", None)
+        label_column = _name_argument(self, "label_column") or None
         try:
             if label_column in self.runtime.evaluations.redacted:
                 raise InvalidArgument(f"column {label_column!r} is redacted (redact_columns): its values are not shown")
-            info = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: self.runtime.catalog.describe(ref, label_column))
+            info = await self.runtime.catalog.run(self.runtime.catalog.describe, ref, label_column)
         except PlexusError as exc:
             raise http_error(exc) from None
         data = info.to_dict()
@@ -108,8 +116,7 @@ class DatasetsHandler(PlexusHandler):
         """Datasets: examples, registered and files under the root (?include_files=false to skip files)."""
         try:
             include_files = _flag(self, "include_files", "true")
-            datasets = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: self.runtime.evaluations.datasets(include_files=include_files))
+            datasets = await self.runtime.catalog.run(self.runtime.evaluations.datasets, include_files=include_files)
         except PlexusError as exc:
             raise http_error(exc) from None
         self.reply({"datasets": datasets})
@@ -121,14 +128,14 @@ class DatasetsHandler(PlexusHandler):
         """
         self.require("register")
         try:
-            name = self.get_argument("name", None)
+            name = _name_argument(self, "name")
             if not name:
                 raise InvalidArgument("name is required (?name=...): letters, digits, '_', '.', '-', up to 64")
-            replace = _flag(self, "replace")
-            # Parsing and writing Parquet take a while for a big frame: off the event loop.
-            loop = asyncio.get_running_loop()
-            frame = await loop.run_in_executor(None, self._frame)
             catalog = self.runtime.catalog
+            catalog.check_registered_name(name)
+            replace = _flag(self, "replace")
+            # Parsing and writing Parquet take a while for a big frame: off the event loop, in the catalog's threads.
+            frame = await catalog.run(self._frame)
             taken = name in catalog.registered_names()
             if not replace and taken:
                 self.reply({"message": f"a dataset named {name!r} is already registered: pass replace=true to "
@@ -139,7 +146,7 @@ class DatasetsHandler(PlexusHandler):
                 # Another caller's data: replacing it would change what their evaluations score.
                 raise web.HTTPError(403, f"permission denied: dataset {name!r} was registered by "
                                          f"{owner or 'the notebook user'}; only they or an admin may replace it")
-            info = await loop.run_in_executor(None, lambda: catalog.register(name, frame, replace=replace))
+            info = await catalog.run(catalog.register, name, frame, replace=replace)
             catalog.set_owner(name, self.principal.owner)
         except PlexusError as exc:
             raise http_error(exc) from None

@@ -1,0 +1,259 @@
+"""Reading what a data file holds (columns, first rows, rows, label counts) within fixed bounds.
+
+A listing, a describe or a column check runs in the server for any caller who may read datasets, on files
+anyone with write access to the Jupyter root may have put there. None of them may hold a whole file in
+memory or read an unbounded line: a 200 MB line without a newline once became a 1.26 GB listing, and a
+2 GB one a MemoryError. So:
+
+- the first line of a CSV or JSON Lines file (the header, or the first record) must end within
+  `ReadBounds.header_bytes`, and a Parquet file's footer (its schema and metadata) must fit in
+  PARQUET_FOOTER_BYTES;
+- a file may have at most `ReadBounds.columns` columns, each named in at most `ReadBounds.name_chars`
+  characters, so every message that lists column names is bounded too;
+- the first rows (for dtypes) come from at most HEAD_SAMPLE_BYTES after the header;
+- rows and label counts come from a streaming pass in blocks (Parquet batches of one column, pyarrow's
+  CSV reader of one column, JSON Lines lines of at most `block_bytes`), never from a loaded frame.
+
+A file outside the bounds raises InvalidArgument saying which bound and the setting that sets it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, NamedTuple
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from ..core.errors import InvalidArgument
+
+HEAD_SAMPLE_BYTES = 1 << 20  # bytes after the header read to infer column dtypes from the first rows
+PARQUET_FOOTER_BYTES = 16 << 20  # a Parquet footer above this is refused (thrift metadata, read whole)
+MAX_TRACKED_LABELS = 10_000  # more distinct values than this and a column is not counted as labels
+MAX_LABEL_CHARS = 200  # a label value is shown up to this many characters
+MIN_BLOCK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class ReadBounds:
+    """How much of a data file the server reads to describe it (settings max_dataset_header_bytes and
+    max_dataset_columns; `name_chars` is fixed)."""
+
+    header_bytes: int = 1 << 20
+    columns: int = 10_000
+    name_chars: int = 1_000
+
+    @property
+    def block_bytes(self) -> int:
+        """Largest line (CSV row or JSON record) a streaming pass reads; a longer one is an error."""
+        return max(MIN_BLOCK_BYTES, self.header_bytes)
+
+
+def clip(text: str, limit: int = 100) -> str:
+    """`text` as repr, cut to about `limit` characters: what of a client's or a file's string an error echoes."""
+    shown = repr(text[:limit])
+    return shown + f"... ({len(text):,} characters)" if len(text) > limit else shown
+
+
+def check_name(value: object, what: str, limit: int) -> str:
+    """`value` if it is a non-empty string of at most `limit` characters without control characters.
+
+    A name is refused, never changed: silently dropping a NUL (as tornado's argument cleaning does)
+    would register or read something other than what the caller named.
+    """
+    if not isinstance(value, str) or not value:
+        raise InvalidArgument(f"{what} must be a non-empty string, not {value!r}")
+    if len(value) > limit:
+        raise InvalidArgument(f"{what} {clip(value)} is longer than {limit:,} characters")
+    bad = next((c for c in value if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
+    if bad is not None:
+        raise InvalidArgument(f"{what} {clip(value)} contains the control character {bad!r}; "
+                              "use printable characters only (no NUL, tab, newline or other control characters)")
+    return value
+
+
+# --- the first line and the first rows ---------------------------------------------------------------
+
+
+def head(handle: IO[bytes], bounds: ReadBounds, ref: str, sample: int = HEAD_SAMPLE_BYTES) -> tuple[bytes, bool]:
+    """The file's first line plus up to `sample` bytes of whole lines after it, and whether that is all of it.
+
+    Raises InvalidArgument when the first line does not end within `bounds.header_bytes`.
+    """
+    data = handle.read(bounds.header_bytes + sample + 1)
+    first_end = data.find(b"\n", 0, bounds.header_bytes + 1)
+    whole = len(data) <= bounds.header_bytes + sample
+    if first_end < 0 and not (whole and len(data) <= bounds.header_bytes):
+        raise InvalidArgument(f"dataset {clip(ref)} cannot be read: its first line is longer than "
+                              f"{bounds.header_bytes:,} bytes (the max_dataset_header_bytes setting)")
+    if whole:
+        return data, True
+    return data[:data.rindex(b"\n") + 1], False
+
+
+def check_columns(names: list[str], bounds: ReadBounds, ref: str) -> list[str]:
+    """`names` if there are at most `bounds.columns` of them, none longer than `bounds.name_chars`."""
+    if len(names) > bounds.columns:
+        raise InvalidArgument(f"dataset {clip(ref)} has {len(names):,} columns, more than {bounds.columns:,} "
+                              "(the max_dataset_columns setting)")
+    long = next((name for name in names if len(name) > bounds.name_chars), None)
+    if long is not None:
+        raise InvalidArgument(f"dataset {clip(ref)} has a column name of {len(long):,} characters "
+                              f"({clip(long, 40)}), more than {bounds.name_chars:,}")
+    return names
+
+
+def parse_head(data: bytes, fmt: str, rows: int | None) -> pd.DataFrame:
+    """The first `rows` rows (None: all) of a CSV or JSON Lines head, as pandas reads the whole file."""
+    if fmt == "csv":
+        return pd.read_csv(io.BytesIO(data), nrows=rows)
+    if not data.strip():
+        raise pd.errors.EmptyDataError("no records")
+    return pd.read_json(io.BytesIO(data), lines=True, nrows=rows, dtype=False)
+
+
+def parquet_file(handle: IO[bytes], ref: str) -> pq.ParquetFile:
+    """A ParquetFile, after checking its footer length: a crafted footer can claim gigabytes."""
+    handle.seek(0, io.SEEK_END)
+    size = handle.tell()
+    if size >= 12:
+        handle.seek(size - 8)
+        tail = handle.read(8)
+        footer = int.from_bytes(tail[:4], "little")
+        if tail[4:] == b"PAR1" and footer > PARQUET_FOOTER_BYTES:
+            raise InvalidArgument(f"dataset {clip(ref)} cannot be read: its Parquet footer is {footer:,} bytes, "
+                                  f"more than {PARQUET_FOOTER_BYTES:,}")
+    handle.seek(0)
+    return pq.ParquetFile(handle)
+
+
+# --- streaming passes --------------------------------------------------------------------------------
+
+
+class LongLabel(NamedTuple):
+    """A label longer than MAX_LABEL_CHARS, counted by its digest so that the counts stay small in memory."""
+
+    start: str
+    digest: bytes
+
+
+@dataclass
+class LabelCounts:
+    """Rows seen and, unless there were too many distinct values, how often each value occurred."""
+
+    rows: int = 0
+    counts: dict[Any, int] | None = None
+    too_many: bool = False
+
+    def add(self, column: pa.Array | pa.ChunkedArray | None, length: int) -> None:
+        self.rows += length
+        if column is None or self.too_many:
+            return
+        counts = {} if self.counts is None else self.counts
+        for entry in pc.value_counts(column).to_pylist():
+            value, count = entry["values"], entry["counts"]
+            if isinstance(value, float) and value != value:  # NaN is missing, as for pandas
+                value = None
+            elif isinstance(value, (str, bytes)) and len(value) > MAX_LABEL_CHARS:
+                whole = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
+                value = LongLabel(str(value[:MAX_LABEL_CHARS - 3]), hashlib.blake2b(whole, digest_size=16).digest())
+            counts[value] = counts.get(value, 0) + count
+        if len(counts) > MAX_TRACKED_LABELS:
+            self.counts, self.too_many = None, True
+        else:
+            self.counts = counts
+
+    def top(self, limit: int) -> tuple[tuple[str | None, int], ...]:
+        ranked = sorted((self.counts or {}).items(), key=lambda item: -item[1])[:limit]
+        return tuple((None if value is None else _shown_label(value), count) for value, count in ranked)
+
+
+def _shown_label(value: Any) -> str:
+    text = value.start + "..." if isinstance(value, LongLabel) else str(value)
+    return text if len(text) <= MAX_LABEL_CHARS else text[:MAX_LABEL_CHARS - 3] + "..."
+
+
+def count_parquet(path: Path, label: str | None) -> LabelCounts:
+    """Rows from the metadata; label counts from batches of that one column."""
+    result = LabelCounts()
+    with path.open("rb") as handle:
+        parquet = parquet_file(handle, str(path))
+        if label is None:
+            result.rows = parquet.metadata.num_rows
+            return result
+        for batch in parquet.iter_batches(batch_size=65_536, columns=[label]):
+            result.add(batch.column(0), batch.num_rows)
+    return result
+
+
+def count_csv(path: Path, names: list[str], label: str | None, bounds: ReadBounds) -> LabelCounts:
+    """Rows and label counts from pyarrow's streaming CSV reader, one column, as text.
+
+    The header is replaced by `names` (pandas' names, with its suffixes for duplicates) so the label
+    column is the one pandas would read; quoted newlines are values, as for pandas.
+    """
+    column = label if label is not None else names[0]
+    reader = pa_csv.open_csv(
+        path,
+        read_options=pa_csv.ReadOptions(column_names=names, skip_rows=1, block_size=bounds.block_bytes,
+                                        use_threads=False),
+        parse_options=pa_csv.ParseOptions(newlines_in_values=True),
+        convert_options=pa_csv.ConvertOptions(include_columns=[column], column_types={column: pa.string()},
+                                              strings_can_be_null=True),
+    )
+    result = LabelCounts()
+    try:
+        for batch in reader:
+            result.add(batch.column(0) if label is not None else None, batch.num_rows)
+    except pa.ArrowInvalid as error:
+        if "straddl" not in str(error):
+            raise
+        raise ValueError(f"a row is longer than {bounds.block_bytes:,} bytes (the max_dataset_header_bytes "
+                         "setting)") from None
+    return result
+
+
+def count_jsonl(path: Path, label: str | None, bounds: ReadBounds) -> LabelCounts:
+    """Rows and label counts from the records, read line by line in blocks (each line at most a block)."""
+    result = LabelCounts()
+    values: list[Any] = []
+    for number, line in enumerate(_lines(path, bounds.block_bytes), start=1):
+        if not line.strip():
+            continue
+        if label is None:
+            result.rows += 1
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError) as error:
+            raise ValueError(f"line {number} is not a JSON record ({type(error).__name__})") from None
+        value = record.get(label) if isinstance(record, dict) else None
+        values.append(value if value is None or isinstance(value, str) else str(value))
+        if len(values) >= 65_536:
+            result.add(pa.array(values, pa.string()), len(values))
+            values = []
+    if values:
+        result.add(pa.array(values, pa.string()), len(values))
+    return result
+
+
+def _lines(path: Path, block: int) -> Iterator[bytes]:
+    with path.open("rb") as handle:
+        rest = b""
+        while chunk := handle.read(block):
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop()
+            if len(rest) > block:
+                raise ValueError(f"a line is longer than {block:,} bytes (the max_dataset_header_bytes setting)")
+            yield from lines
+        if rest:
+            yield rest

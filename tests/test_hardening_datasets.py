@@ -1,0 +1,294 @@
+"""Issue 11, datasets: pathological files under the root, whole-file reads, control characters, deep JSON.
+
+Each test drives a real server the way the attack did, with files of a few MB and the bounds set low.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import threading
+import time
+from collections.abc import Awaitable
+from typing import Any
+
+import httpx2
+import numpy as np
+import pandas as pd
+import pytest
+
+from plexus_mcp_jupyter.core.errors import InvalidArgument
+from plexus_mcp_jupyter.evaluations.datasets import DatasetCatalog
+from plexus_mcp_jupyter.evaluations.file_reads import MAX_TRACKED_LABELS, ReadBounds
+
+from .conftest import open_client
+from .test_standalone import start_http, stop
+
+HEADER_BYTES = 64 * 1024
+MAX_COLUMNS = 100
+ENDLESS = 4 * 1024 * 1024  # a first line without a newline, 64 times the bound
+
+
+@pytest.fixture
+def plexus_config(plexus_config):
+    return {**plexus_config, "max_dataset_header_bytes": HEADER_BYTES, "max_dataset_columns": MAX_COLUMNS,
+            "dataset_threads": 2, "rate_limit": 10_000.0, "rate_burst": 10_000}
+
+
+@pytest.fixture
+def api(server_url, token):
+    """An HTTP client for the REST API, as the notebook user."""
+
+    def factory(credential: str | None = None) -> httpx2.AsyncClient:
+        return httpx2.AsyncClient(base_url=f"{server_url}plexus/api/", timeout=60.0,
+                                  headers={"Authorization": f"Bearer {credential or token}"})
+
+    return factory
+
+
+def write_pathological_files(root: Any) -> None:
+    (root / "endless.csv").write_bytes(b"x" * ENDLESS)  # one column whose name is 4 MB long
+    (root / "endless.jsonl").write_bytes(b'{"' + b"k" * ENDLESS + b'": 1}\n')
+    (root / "wide.csv").write_text(",".join(f"c{i}" for i in range(MAX_COLUMNS * 5)) + "\n" +
+                                   ",".join("1" for _ in range(MAX_COLUMNS * 5)) + "\n")
+    (root / "long_name.csv").write_text("n" * 5000 + ",label\n1,a\n")
+    (root / "fine.csv").write_text("text,label\ngood,pos\nbad,neg\n")
+
+
+async def with_health(api_client: httpx2.AsyncClient, work: Awaitable[Any]) -> tuple[Any, float]:
+    """Run `work` while asking for health again and again; its result and the slowest health answer."""
+    task = asyncio.ensure_future(work)
+    slowest = 0.0
+    while True:
+        started = time.monotonic()
+        health = await api_client.get("health")
+        assert health.status_code == 200
+        slowest = max(slowest, time.monotonic() - started)
+        if task.done():
+            return task.result(), slowest
+        await asyncio.sleep(0.02)
+
+
+async def test_files_outside_the_bounds_are_listed_as_unreadable_with_a_bounded_reason(api, keys, jp_root_dir):
+    write_pathological_files(jp_root_dir)
+    async with api(keys["viewer"]) as viewer:
+        response, slowest = await with_health(viewer, viewer.get("datasets"))
+    assert response.status_code == 200
+    assert len(response.content) < 64 * 1024, f"the listing is {len(response.content):,} bytes"
+    listed = {d["ref"]: d for d in response.json()["datasets"]}
+    assert "first line is longer than 65,536 bytes (the max_dataset_header_bytes setting)" in listed["endless.csv"][
+        "error"]
+    assert "first line is longer than 65,536 bytes" in listed["endless.jsonl"]["error"]
+    assert "500 columns, more than 100 (the max_dataset_columns setting)" in listed["wide.csv"]["error"]
+    assert "column name of 5,000 characters" in listed["long_name.csv"]["error"]
+    assert listed["fine.csv"]["rows"] == 2 and "error" not in listed["fine.csv"]
+    assert all(d["rows"] is None and d["columns"] == [] for ref, d in listed.items() if "error" in d)
+    assert slowest < 1.0, f"health took {slowest:.2f}s during the listing"
+
+
+async def test_an_evaluation_or_describe_of_such_a_file_is_a_short_400(api, keys, jp_root_dir, caplog):
+    write_pathological_files(jp_root_dir)
+    async with api(keys["operator"]) as operator:
+        for dataset in ("endless.csv", "endless.jsonl", "long_name.csv"):
+            created = await operator.post("evaluations", json={
+                "type": "accuracy", "dataset": dataset, "prediction_column": "p", "label_column": "label"})
+            assert created.status_code == 400 and len(created.content) < 2000, created.content[:200]
+            assert "\n" not in created.json()["error"]["message"]
+            described = await operator.get(f"datasets/{dataset}")
+            assert described.status_code == 400 and len(described.content) < 2000, described.content[:200]
+        message = (await operator.get("datasets/endless.csv")).json()["error"]["message"]
+    assert message == ("dataset 'endless.csv' cannot be read: its first line is longer than 65,536 bytes "
+                       "(the max_dataset_header_bytes setting)")
+    # What the server logs about these requests is bounded too (tornado logs an HTTPError's message).
+    assert all(len(record.getMessage()) < 4000 for record in caplog.records)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def test_describing_a_big_csv_streams_it_once_with_bounded_memory(api, keys, jp_root_dir):
+    rows = 600_000
+    rng = np.random.default_rng(3)
+    frame = pd.DataFrame({"id": np.arange(rows), "text": rng.choice(["good film", "bad plot", "fine"], rows),
+                          "label": rng.choice(["pos", "neg", "neutral"], rows, p=[0.5, 0.3, 0.2])})
+    frame.to_csv(jp_root_dir / "big.csv", index=False)
+    expected = frame["label"].value_counts().to_dict()
+    del frame
+    peak = baseline = _rss()
+    sampling = True
+
+    def sample() -> None:
+        nonlocal peak
+        while sampling:
+            peak = max(peak, _rss())
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        async with api(keys["viewer"]) as viewer:
+            answers, slowest = await with_health(viewer, asyncio.gather(*(viewer.get("datasets/big.csv")
+                                                                          for _ in range(4))))
+    finally:
+        sampling = False
+        sampler.join()
+    assert [a.status_code for a in answers] == [200] * 4
+    info = answers[0].json()
+    assert all(a.json() == info for a in answers)
+    assert info["rows"] == rows and info["label_column"] == "label" and info["label_classes"] == 3
+    assert {d["label"]: d["count"] for d in info["label_distribution"]} == expected
+    assert [c["name"] for c in info["columns"]] == ["id", "text", "label"]
+    grown = (peak - baseline) / 2**20
+    assert grown < 60, f"four describes of a {os.path.getsize(jp_root_dir / 'big.csv') / 2**20:.0f} MB CSV " \
+                       f"grew the server by {grown:.0f} MB"
+    assert slowest < 1.0, f"health took {slowest:.2f}s during the describes"
+    # The cached description is of that version of the file: a changed file is described again.
+    with open(jp_root_dir / "big.csv", "a") as handle:
+        handle.write("x,y,pos\n")
+    async with api(keys["viewer"]) as viewer:
+        again = (await viewer.get("datasets/big.csv")).json()
+    assert again["rows"] == rows + 1
+
+
+async def test_file_reads_use_a_few_threads_of_their_own(api, keys, jp_root_dir, monkeypatch):
+    """Many slow listings at once hold at most `dataset_threads` threads; the default pool stays free."""
+    (jp_root_dir / "slow.csv").write_text("text,label\na,b\n")
+    release = threading.Event()
+    busy, most = 0, 0
+    lock = threading.Lock()
+    original = DatasetCatalog._describe_cheaply
+
+    def slow(self: DatasetCatalog, parsed: Any) -> Any:
+        nonlocal busy, most
+        if parsed.source == "file":
+            with lock:
+                busy += 1
+                most = max(most, busy)
+            release.wait(30)  # a file that takes long to read (a slow disk, a huge file)
+            with lock:
+                busy -= 1
+        return original(self, parsed)
+
+    monkeypatch.setattr(DatasetCatalog, "_describe_cheaply", slow)
+    async with api(keys["viewer"]) as viewer:
+        # More than the default pool's threads (at most 32), as one client's burst of listings can be.
+        listings = asyncio.gather(*(viewer.get("datasets") for _ in range(40)))
+        deadline = time.monotonic() + 10
+        while busy < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        loop = asyncio.get_running_loop()
+        try:
+            probe = await asyncio.wait_for(loop.run_in_executor(None, lambda: "free"), timeout=2)
+            health = await viewer.get("health")
+        finally:
+            release.set()
+        answers = await listings
+    assert probe == "free" and health.status_code == 200
+    assert 1 <= most <= 2, f"{most} file reads ran at once"
+    assert all(a.status_code == 200 for a in answers)
+
+
+async def test_names_with_control_characters_are_refused_not_changed(api, keys, jp_root_dir):
+    buffer = io.BytesIO()
+    pd.DataFrame({"text": ["a"], "label": ["b"]}).to_parquet(buffer)
+    (jp_root_dir / "fine.csv").write_text("text,label\ngood,pos\n")
+    async with api() as notebook:
+        registered = await notebook.post("datasets?name=evil%00", content=buffer.getvalue(),
+                                         headers={"Content-Type": "application/vnd.apache.parquet"})
+        assert registered.status_code == 400
+        assert "invalid registered dataset name 'evil\\x00'; use 1 to 64 letters" in registered.json()["error"][
+            "message"]
+        listed = (await notebook.get("datasets", params={"include_files": "false"})).json()["datasets"]
+        assert "registered:evil" not in [d["ref"] for d in listed]
+        for path, params in (("datasets/fine.csv", {"label_column": "label\x00"}),
+                             ("datasets/fine.csv", {"label_column": "label\n"}),
+                             ("datasets/fine%01.csv", {})):
+            described = await notebook.get(path, params=params)
+            assert described.status_code == 400, (path, params, described.text)
+            assert "control character" in described.json()["error"]["message"]
+        created = await notebook.post("evaluations", json={
+            "type": "accuracy", "dataset": "fine.csv\n", "prediction_column": "text", "label_column": "label"})
+        assert created.status_code == 400 and "control character" in created.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("body", [
+    '{"a":' * 100_000 + "1" + "}" * 100_000,
+    '{"records": [{"a": 1' + "0" * 100_000 + "}]}",
+    '{"records": [{"a": ' + "[" * 100_000 + "]" * 100_000 + "}]}",
+])
+async def test_deep_or_huge_json_records_are_a_one_line_400(api, keys, body):
+    async with api(keys["operator"]) as operator:
+        response = await operator.post("datasets?name=deep", content=body,
+                                       headers={"Content-Type": "application/json"})
+        assert response.status_code == 400, response.text[:300]
+        message = response.json()["error"]["message"]
+        assert "\n" not in message and len(message) < 500
+        assert (await operator.get("health")).status_code == 200
+
+
+async def test_the_standalone_server_lists_pathological_files_within_bounds(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    write_pathological_files(root)
+    proc, url, token = start_http(tmp_path, "--root-dir", str(root),
+                                  PLEXUS_MCP_MAX_DATASET_HEADER_BYTES=str(HEADER_BYTES),
+                                  PLEXUS_MCP_MAX_DATASET_COLUMNS=str(MAX_COLUMNS))
+    try:
+        async with open_client(url, token) as client:
+            # Before the bounds, this answer carried the 4 MB column name (and took minutes to build).
+            result = await asyncio.wait_for(client.call_tool("list_datasets", {}), timeout=60)
+        listed = {d["ref"]: d for d in result.structured_content["datasets"]}
+        size = len(json.dumps(result.structured_content))
+        assert size < 64 * 1024, f"list_datasets answered {size:,} bytes"
+        assert "max_dataset_header_bytes" in listed["endless.csv"]["error"]
+        assert "max_dataset_columns" in listed["wide.csv"]["error"]
+        assert listed["fine.csv"]["rows"] == 2
+    finally:
+        stop(proc)
+
+
+# --- the catalog's bounded reads, without a server -------------------------------------------------------
+
+
+@pytest.fixture
+def catalog(tmp_path):
+    (tmp_path / "root").mkdir()
+    return DatasetCatalog(tmp_path / "root", tmp_path / "registered", bounds=ReadBounds(header_bytes=4096))
+
+
+def test_describe_streams_json_lines_and_parquet_as_pandas_would_count_them(catalog):
+    frame = pd.DataFrame({"text": [f"t{i}" for i in range(1000)],
+                          "label": (["a", "b", None, "a"] * 250)})
+    frame.to_json(catalog.root_dir / "d.jsonl", orient="records", lines=True)
+    frame.to_parquet(catalog.root_dir / "d.parquet")
+    expected = {"a": 500, "b": 250, None: 250}
+    for ref in ("d.jsonl", "d.parquet"):
+        info = catalog.describe(ref)
+        assert info.rows == 1000 and info.label_classes == 3, ref
+        assert dict(info.label_distribution or ()) == expected, ref
+    assert catalog.describe("d.jsonl", label_column="text").label_classes == 1000
+
+
+def test_a_column_of_too_many_distinct_values_gets_a_note_not_a_distribution(catalog):
+    count = MAX_TRACKED_LABELS + 1
+    pd.DataFrame({"label": [str(i) for i in range(count)]}).to_csv(catalog.root_dir / "ids.csv", index=False)
+    info = catalog.describe("ids.csv")
+    assert info.rows == count and info.label_distribution is None and info.label_classes is None
+    assert "more than 10,000 distinct values" in (info.label_note or "")
+
+
+def test_a_row_longer_than_a_block_or_a_crafted_footer_is_an_error_not_a_read(catalog):
+    (catalog.root_dir / "long_row.jsonl").write_bytes(b'{"label": "a"}\n{"label": "' + b"b" * (2 << 20) + b'"}\n')
+    with pytest.raises(InvalidArgument, match=r"cannot read dataset 'long_row\.jsonl' as JSONL: a line is longer"):
+        catalog.describe("long_row.jsonl")
+    (catalog.root_dir / "long_row.csv").write_bytes(b"text,label\na,b\nc," + b"d" * (2 << 20) + b"\n")
+    with pytest.raises(InvalidArgument, match=r"as CSV: a row is longer than 1,048,576 bytes \(the max_dataset_h"):
+        catalog.describe("long_row.csv")
+    # A Parquet file whose footer claims 1 GB: refused before pyarrow tries to read it.
+    (catalog.root_dir / "crafted.parquet").write_bytes(b"PAR1" + b"\0" * 64 + (1 << 30).to_bytes(4, "little") + b"PAR1")
+    (listed,) = [info for info in catalog.list() if info.ref == "crafted.parquet"]
+    assert "Parquet footer is 1,073,741,824 bytes" in (listed.error or "")
