@@ -12,7 +12,9 @@ A probe that gets no answer within --probe-timeout counts as a timeout and is re
 that fails otherwise (refused, reset) counts as an error, recorded at the same value.
 
 The phases, one after another on the same server (each flood bounded in count and in time, --flood-s; the
-server is given time to recover, up to 60 s, between them):
+sessions, scorecards and bigfiles floods repeat their requests for at least --min-flood-s, 5 s, so that a
+flood the server refuses in a fraction of a second still meets a few hundred probes; the server is given
+time to recover, up to 60 s, between them):
 
 1. idle: nothing but the probes (--idle-s);
 2. sessions: the viewer key POSTs MCP `initialize` (no DELETE) --sessions times, --session-concurrency at once;
@@ -343,13 +345,14 @@ async def flood_sessions(target: Target, args: argparse.Namespace, phase: Phase)
     """The viewer key opens MCP sessions as fast as the server takes them, and never closes one."""
     body = json.dumps(INITIALIZE).encode()
     deadline = time.monotonic() + args.flood_s
+    min_end = time.monotonic() + min(args.min_flood_s, args.flood_s)
     sent = itertools.count()
     limits = httpx2.Limits(max_connections=args.session_concurrency)
     async with httpx2.AsyncClient(headers={**MCP_HEADERS, **target.auth("viewer")}, timeout=args.flood_s,
                                   limits=limits) as http:
 
         async def worker() -> None:
-            while next(sent) < args.sessions and time.monotonic() < deadline:
+            while flooding(sent, args.sessions, deadline, min_end):
                 label, response = await answer(http.post(target.mcp_url, content=body))
                 phase.answers[label] += 1
                 if response is not None:
@@ -368,6 +371,13 @@ async def flood_sessions(target: Target, args: argparse.Namespace, phase: Phase)
                        f"{args.session_concurrency} at once; then the token's own initialize: {label}")
 
 
+def flooding(sent: Iterator[int], count: int, deadline: float, min_end: float) -> bool:
+    """A flood goes on until it has sent `count` requests and lasted `min_end` (so that its health figures rest on
+    enough probes, however fast the server refuses it), and never past `deadline`."""
+    now = time.monotonic()
+    return now < deadline and (next(sent) < count or now < min_end)
+
+
 def scorecard_text(kib: int) -> str:
     """A scorecard of just under `kib` KiB: thousands of scores, the last a duplicate name, so the server
     refuses it only once it has parsed and checked the whole card (no evaluation is dispatched)."""
@@ -381,6 +391,7 @@ async def flood_scorecards(target: Target, args: argparse.Namespace, phase: Phas
     """The operator key creates evaluations from a big inline scorecard, two requests at a time."""
     card = scorecard_text(args.card_kib)
     deadline = time.monotonic() + args.flood_s
+    min_end = time.monotonic() + min(args.min_flood_s, args.flood_s)
     sent = itertools.count()
     seconds: list[float] = []
     sessions: list[LeanSession] = []  # MCP (standalone): two sessions of the operator key
@@ -413,7 +424,7 @@ async def flood_scorecards(target: Target, args: argparse.Namespace, phase: Phas
                 return label
 
         async def worker() -> None:
-            while next(sent) < args.scorecards and time.monotonic() < deadline:
+            while flooding(sent, args.scorecards, deadline, min_end):
                 t0 = time.monotonic()
                 phase.answers[await post()] += 1
                 seconds.append(time.monotonic() - t0)
@@ -496,15 +507,16 @@ async def flood_bigfiles(target: Target, args: argparse.Namespace, phase: Phase)
     sizes: dict[str, list[int]] = {"listing": [], "describe": []}
     listing = f"{target.base}plexus/api/datasets"
     urls = {"listing": listing, "describe": f"{listing}/{quote(name)}"}
-    kinds = itertools.islice(itertools.cycle(("listing", "describe")), args.big_requests)
+    kinds = itertools.cycle(("listing", "describe"))
     deadline = time.monotonic() + args.flood_s
+    min_end = time.monotonic() + min(args.min_flood_s, args.flood_s)
+    sent = itertools.count()
     rss_before = server_memory_mib(target.pid)
     async with httpx2.AsyncClient(headers=target.auth("viewer"), timeout=max(60.0, args.flood_s)) as http:
 
         async def worker() -> None:
-            for kind in kinds:
-                if time.monotonic() >= deadline:
-                    return
+            while flooding(sent, args.big_requests, deadline, min_end):
+                kind = next(kinds)
                 label, response = await answer(http.get(urls[kind]))
                 phase.answers[label] += 1
                 if response is not None:
@@ -673,6 +685,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--port", type=int, help="the server's port (default: a free one)")
     parser.add_argument("--idle-s", type=float, default=10.0, help="seconds of the idle phase")
     parser.add_argument("--flood-s", type=float, default=30.0, help="most seconds a flood sends for")
+    parser.add_argument("--min-flood-s", type=float, default=5.0,
+                        help="least seconds the sessions, scorecards and bigfiles floods go on for: they repeat their "
+                        "requests until then, so that a flood the server refuses quickly still meets enough probes")
     parser.add_argument("--sessions", type=int, default=800, help="MCP sessions the viewer key opens")
     parser.add_argument("--session-concurrency", type=int, default=8)
     parser.add_argument("--scorecards", type=int, default=6, help="create_evaluation requests, two at a time")

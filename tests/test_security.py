@@ -278,3 +278,20 @@ async def test_a_key_cannot_replace_someone_elses_dataset(jp_fetch, keys, runtim
                        headers={**parquet, "Authorization": f"Bearer {keys['operator']}"},
                        params={"name": "shared", "replace": "true"})
     assert refused.value.code == 403 and "only they or an admin" in refused.value.response.body.decode()
+
+
+async def test_a_huge_argument_is_audited_as_its_size_and_the_record_keeps_the_rest(mcp_url, token, keys, runtime):
+    card = "name: big\n# " + "x" * 300_000 + f"\n# {token}\n"  # refused for its size; the token must not leak either
+    async with open_client(mcp_url, keys["operator"]) as client:
+        refused = await client.call_tool("create_evaluation", {"type": "accuracy", "scorecard": card,
+                                                               "runs": 3, "label_column": "label"})
+        assert refused.is_error and "max_scorecard_bytes" in refused.content[0].text
+        await client.call_tool("list_tasks", {"status": ["QUEUED"] * 150})
+    runtime.audit.flush()
+    records, _ = runtime.audit.query(limit=20, action="tool.create_evaluation")
+    details = records[0]["details"]
+    assert details["arguments"]["scorecard"] == f"[{len(card):,} characters]"
+    assert details["arguments"]["label_column"] == "label" and details["arguments"]["runs"] == 3
+    listing = runtime.audit.query(limit=20, action="tool.list_tasks")[0][0]["details"]
+    assert listing["arguments"]["status"] == "[150 entries]"
+    assert token not in json.dumps(records)

@@ -52,18 +52,33 @@ audit_table = sa.Table(
 )
 
 
+MAX_DETAIL_ENTRIES = 100  # entries of one list or mapping in a record's details
+MAX_DETAIL_DEPTH = 8
+
+
 def redact(value: Any, sensitive: Iterable[str] = DEFAULT_SENSITIVE,
-           scrub: Callable[[str], str] = without_secrets) -> Any:
+           scrub: Callable[[str], str] = without_secrets, depth: int = 0) -> Any:
     """A copy of `value` with the values of sensitive-looking keys replaced, at any depth, and every string
-    passed through `scrub` (API keys by default; an AuditLog's scrubber also knows the server's token)."""
+    passed through `scrub` (API keys by default; an AuditLog's scrubber also knows the server's token).
+
+    Bounded by construction, since it runs on the event loop over what a client sent: a string longer than a
+    record's details may be, a list or mapping of more than MAX_DETAIL_ENTRIES, or anything nested deeper than
+    MAX_DETAIL_DEPTH is replaced by a note of its size, never scanned (a 1 MiB argument once cost ~20 ms of the
+    loop per tool call here).
+    """
     names = tuple(s.lower() for s in sensitive)
+    if isinstance(value, Mapping | list | tuple) and (depth >= MAX_DETAIL_DEPTH or len(value) > MAX_DETAIL_ENTRIES):
+        return f"[{len(value):,} entries]" if depth < MAX_DETAIL_DEPTH else "[nested deeper]"
     if isinstance(value, Mapping):
-        return {k: REDACTED if any(n in str(k).lower() for n in names) else redact(v, names, scrub)
-                for k, v in value.items()}
+        copy = {}
+        for key, item in value.items():
+            name = scrub(str(key)[:128])
+            copy[name] = REDACTED if any(n in name.lower() for n in names) else redact(item, names, scrub, depth + 1)
+        return copy
     if isinstance(value, list | tuple):
-        return [redact(v, names, scrub) for v in value]
+        return [redact(v, names, scrub, depth + 1) for v in value]
     if isinstance(value, str):
-        return scrub(value)
+        return scrub(value) if len(value) <= MAX_DETAIL_CHARS else f"[{len(value):,} characters]"
     return value
 
 
