@@ -21,6 +21,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from .errors import InvalidArgument
 from .models import FINAL_STATUSES, ProgressSample, Stage, StageStatus, Task, TaskStatus
+from .retention import RetentionPolicy
 
 SCHEMA_VERSION = 1
 KEY_OWNER_PREFIX = "key:"  # owners of work created with an API key (security/identity.py)
@@ -49,10 +50,13 @@ tasks_table = sa.Table(
     sa.Column("stderr_tail", sa.Text),
     sa.Column("worker", sa.String(256)),
     sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("owner_role", sa.String(32), nullable=True),  # weighted fair share (core/queue.py)
+    sa.Column("retention_seconds", sa.Float, nullable=True),  # the task's own retention (an MCP ttl)
     sa.Index("ix_tasks_created", "created_at", "id"),
     sa.Index("ix_tasks_status_created", "status", "created_at", "id"),
     sa.Index("ix_tasks_type_created", "type", "created_at", "id"),
     sa.Index("ix_tasks_queue", "status", "priority", "created_at"),
+    sa.Index("ix_tasks_completed", "completed_at"),  # retention finds the oldest finished tasks
 )
 
 stages_table = sa.Table(
@@ -81,6 +85,20 @@ samples_table = sa.Table(
     sa.Column("total", sa.Integer),
     sa.Column("message", sa.Text),
     sa.Index("ix_samples_task", "task_id", "id"),
+)
+
+# Tombstones of tasks pruned by retention (core/retention.py): an expired id answers "expired on <date>"
+# rather than "not found". They are pruned in turn, after as long again as the task was kept.
+expired_table = sa.Table(
+    "expired_tasks",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("type", sa.String(64), nullable=False),
+    sa.Column("owner", sa.String(128)),
+    sa.Column("completed_at", sa.Float),
+    sa.Column("expired_at", sa.Float, nullable=False),
+    sa.Column("retention_seconds", sa.Float, nullable=False),
+    sa.Index("ix_expired_at", "expired_at"),
 )
 
 meta_table = sa.Table(
@@ -203,6 +221,14 @@ def add_missing_columns(engine: Engine, schema: sa.MetaData) -> list[str]:
     return added
 
 
+def add_missing_indexes(engine: Engine, schema: sa.MetaData) -> None:
+    """Create the indexes a later release added to an existing table (`create_all` makes only new tables')."""
+    with engine.begin() as conn:
+        for table in schema.sorted_tables:
+            for index in table.indexes:
+                index.create(conn, checkfirst=True)
+
+
 class Store:
     """Tasks, stages and progress samples in a relational database."""
 
@@ -211,6 +237,7 @@ class Store:
         self.engine: Engine = make_engine(url, echo=echo)
         metadata.create_all(self.engine)
         add_missing_columns(self.engine, metadata)
+        add_missing_indexes(self.engine, metadata)
         self._check_schema_version()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -433,6 +460,76 @@ class Store:
         samples.reverse()
         return samples, int(total)
 
+    # -- the queue (core/queue.py) -------------------------------------------------------------
+
+    def queue_window(self, *, per_owner: int, limit: int) -> list[Task]:
+        """The first `per_owner` queued tasks of each owner at each priority, by priority then age, at most
+        `limit`: enough to share the next starts between owners however long one owner's queue is."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(_queue_window_query(), {"per_owner": per_owner, "limit": limit}).all()
+        return [_task_from_tuple(r) for r in rows]
+
+    def queued_ahead(self, task: Task) -> int:
+        """How many queued tasks come before `task` by priority and age alone (sharing aside)."""
+        t = tasks_table
+        query = sa.select(sa.func.count()).select_from(t).where(
+            t.c.status == TaskStatus.QUEUED.value,
+            sa.or_(t.c.priority > task.priority,
+                   sa.and_(t.c.priority == task.priority,
+                           sa.or_(t.c.created_at < task.created_at,
+                                  sa.and_(t.c.created_at == task.created_at, t.c.id < task.id)))),
+        )
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    # -- retention (core/retention.py) ---------------------------------------------------------
+
+    def prune_expired(self, policy: RetentionPolicy, at: float, batch: int) -> list[str]:
+        """Remove up to `batch` finished tasks whose retention has passed (with their stages and history),
+        leaving a tombstone for each, in one transaction; then as many tombstones past theirs.
+        Returns the ids of the tasks removed."""
+        t = tasks_table
+        final = [s.value for s in FINAL_STATUSES]
+        cols = (t.c.id, t.c.type, t.c.owner, t.c.completed_at, t.c.retention_seconds)
+        finished = sa.and_(t.c.status.in_(final), t.c.completed_at.is_not(None))
+        queries = [
+            sa.select(*cols).where(finished, t.c.retention_seconds.is_(None), t.c.type == type_,
+                                   t.c.completed_at < at - seconds)
+            for type_, seconds in policy.by_type.items()
+        ]
+        queries.append(sa.select(*cols).where(finished, t.c.retention_seconds.is_(None),
+                                              t.c.type.notin_(list(policy.by_type)),
+                                              t.c.completed_at < at - policy.default_seconds))
+        queries.append(sa.select(*cols).where(finished, t.c.retention_seconds.is_not(None),
+                                              t.c.completed_at + t.c.retention_seconds < at))
+        rows: list[Any] = []
+        with self.engine.begin() as conn:
+            for query in queries:
+                if len(rows) >= batch:
+                    break
+                rows += conn.execute(query.order_by(t.c.completed_at).limit(batch - len(rows))).all()
+            ids = [r[0] for r in rows]
+            if rows:
+                conn.execute(sa.insert(expired_table), [
+                    {"id": task_id, "type": type_, "owner": owner, "completed_at": completed, "expired_at": at,
+                     "retention_seconds": own if own is not None else policy.for_type(type_)}
+                    for task_id, type_, owner, completed, own in rows
+                ])
+                conn.execute(sa.delete(samples_table).where(samples_table.c.task_id.in_(ids)))
+                conn.execute(sa.delete(stages_table).where(stages_table.c.task_id.in_(ids)))
+                conn.execute(sa.delete(t).where(t.c.id.in_(ids)))
+            x = expired_table
+            old = sa.select(x.c.id).where(x.c.expired_at + x.c.retention_seconds < at).limit(batch)
+            conn.execute(sa.delete(x).where(x.c.id.in_(old.scalar_subquery())))
+        return ids
+
+    def tombstone(self, task_id: str) -> dict[str, Any] | None:
+        """What is left of a task pruned by retention (id, type, owner, completed_at, expired_at, retention)."""
+        x = expired_table
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(x).where(x.c.id == task_id)).mappings().first()
+        return dict(row) if row is not None else None
+
     # -- helpers -------------------------------------------------------------------------------
 
     def _stages_for(self, conn: Connection, ids: list[str]) -> dict[str, list[Stage]]:
@@ -500,6 +597,19 @@ def _list_query(n_statuses: int, n_types: int, since: bool, owner: bool, after: 
             sa.or_(t.c.created_at < created, sa.and_(t.c.created_at == created, t.c.id < task_id))
         )
     return query
+
+
+@functools.lru_cache(maxsize=1)
+def _queue_window_query() -> sa.Select[Any]:
+    t = tasks_table
+    rank = sa.func.row_number().over(partition_by=(t.c.priority, t.c.owner), order_by=(t.c.created_at, t.c.id))
+    inner = sa.select(t, rank.label("queue_rank")).where(t.c.status == TaskStatus.QUEUED.value).subquery()
+    return (
+        sa.select(*(inner.c[name] for name in _TASK_COLUMNS))
+        .where(inner.c.queue_rank <= sa.bindparam("per_owner"))
+        .order_by(inner.c.priority.desc(), inner.c.created_at, inner.c.id)
+        .limit(sa.bindparam("limit"))
+    )
 
 
 @functools.lru_cache(maxsize=_PREBUILT_IN_MAX)
