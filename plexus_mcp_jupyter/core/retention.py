@@ -67,16 +67,16 @@ class RetentionPolicy:
 def expired_message(task_id: str, tombstone: Mapping[str, object]) -> str:
     at = datetime.fromtimestamp(float(tombstone["expired_at"]), tz=timezone.utc)  # type: ignore[arg-type]
     seconds = float(tombstone["retention_seconds"])  # type: ignore[arg-type]
-    return (f"task {task_id!r} expired on {at.strftime('%Y-%m-%d %H:%M:%S')} UTC: finished tasks are kept "
-            f"{_span(seconds)} (retention of {tombstone['type']} tasks: task_retention_seconds, "
-            "task_retention_by_type or the task's ttl), then pruned with their history")
+    return (f"task {task_id!r} expired on {at.strftime('%Y-%m-%d %H:%M:%S')} UTC: finished {tombstone['type']} "
+            f"tasks are kept {_span(seconds)} (task_retention_seconds, task_retention_by_type, or the ttl asked "
+            "for the task), then pruned with their history")
 
 
 def _span(seconds: float) -> str:
     for unit, size in (("days", DAY), ("hours", 3600.0), ("minutes", 60.0)):
         if seconds >= size:
             return f"{seconds / size:g} {unit}"
-    return f"{seconds:g} seconds"
+    return f"{seconds:g} second" + ("" if seconds == 1 else "s")
 
 
 class RetentionPruner:
