@@ -15,7 +15,7 @@ from .core.errors import InvalidArgument, NotFound
 from .core.events import EventBus
 from .core.executors import Executor, LocalExecutor
 from .core.manager import TaskManager
-from .core.resources import check_amount, parse_assignments, parse_resources
+from .core.resources import parse_positive_numbers, parse_resources
 from .core.retention import RetentionPolicy
 from .core.store import Store, default_db_url
 from .endpoint.server import build_mcp_server
@@ -37,19 +37,6 @@ def make_executor(name: str) -> Executor:
     if name == "local":
         return LocalExecutor()
     raise ValueError(f"unknown executor {name!r}; expected 'local'")
-
-
-def _weights(text: str) -> dict[str, float]:
-    """queue_role_weights: role=weight, each weight a number > 0."""
-    out: dict[str, float] = {}
-    for role, value in parse_assignments(text, "queue_role_weights").items():
-        try:
-            out[role] = float(value)
-        except ValueError:
-            out[role] = 0.0
-        if not out[role] > 0:
-            raise InvalidArgument(f"queue_role_weights: {role}={value!r} must be a number > 0")
-    return out
 
 
 class PlexusRuntime:
@@ -89,10 +76,9 @@ class PlexusRuntime:
         self.limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
         self.manager.max_unfinished_per_key = settings.max_tasks_per_key
         self.manager.configure_queue(
-            type_caps={name: int(check_amount(name, value, "max_concurrency_by_type")) for name, value in
-                       parse_assignments(settings.max_concurrency_by_type, "max_concurrency_by_type").items()},
+            type_caps=parse_resources(settings.max_concurrency_by_type, "max_concurrency_by_type"),
             fairness=settings.queue_fairness,
-            role_weights=_weights(settings.queue_role_weights),
+            role_weights=parse_positive_numbers(settings.queue_role_weights, "queue_role_weights"),
             resources=parse_resources(settings.executor_resources),
         )
         self.manager.configure_retention(

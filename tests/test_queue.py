@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
 
 import pytest
 import sqlalchemy as sa
@@ -188,7 +189,7 @@ async def test_estimated_start_comes_from_recent_run_times(runtime):
     ids = [manager.dispatch("demo", SHORT).id for _ in range(3)]
     assert all(manager.queue_info(manager.get(t)).estimated_start_at is None for t in ids)  # no slot, no history
     manager.max_concurrency = 1
-    manager._durations["demo"] = __import__("collections").deque([2.0, 4.0])
+    manager._durations["demo"] = deque([2.0, 4.0])
     running = manager.dispatch("demo", LONG, priority=9)
     manager._schedule()
     assert manager.get(running.id).status.value == "RUNNING"
@@ -230,3 +231,22 @@ async def test_a_server_killed_with_a_full_queue_keeps_it_in_order(tmp_path):
             await client.call_tool("cancel_tasks", {"status": ["QUEUED", "RUNNING"]})
     finally:
         stop(proc)
+
+
+@pytest.mark.parametrize(("setting", "value", "words"), [
+    ("executor_resources", "slots=four", "executor_resources: slots must be a whole number >= 0, not 'four'"),
+    ("executor_resources", "gpu", "executor_resources: 'gpu' is not name=value"),
+    ("max_concurrency_by_type", "Demo=1", "the name 'Demo' must be lower-case"),
+    ("queue_role_weights", "admin=0", "queue_role_weights: admin='0' must be a number > 0"),
+    ("task_retention_by_type", "demo=soon", "task_retention_by_type: demo='soon' must be a number > 0"),
+])
+def test_a_bad_queue_or_retention_setting_is_refused_with_its_name(tmp_path, setting, value, words):
+    from plexus_mcp_jupyter.config import PlexusSettings
+    from plexus_mcp_jupyter.core.errors import InvalidArgument
+    from plexus_mcp_jupyter.runtime import PlexusRuntime
+
+    settings = PlexusSettings(db_url=f"sqlite:///{tmp_path / 'bad.db'}")
+    setattr(settings, setting, value)
+    with pytest.raises(InvalidArgument) as refused:
+        PlexusRuntime(settings, data_dir=str(tmp_path))
+    assert words in str(refused.value)

@@ -69,9 +69,7 @@ async def test_another_keys_expired_task_stays_not_found(mcp_url, token, runtime
 
 
 async def test_the_mcp_task_ttl_is_honoured_within_bounds_and_reported(mcp_url, token, runtime):
-    runtime.manager.pruner.stop()
     runtime.manager.configure_retention(RetentionPolicy(default_seconds=3600, max_ttl_seconds=3600), interval=0.2)
-    runtime.manager.pruner.start()
     async with open_client(mcp_url, token) as client:
         async def task_call(ttl: int) -> dict:
             request = CallToolRequest(params=CallToolRequestParams(

@@ -142,14 +142,22 @@ class TaskManager:
 
     def configure_retention(self, policy: RetentionPolicy, *, interval: float = 60.0, batch: int = 500) -> None:
         """Keep finished tasks as `policy` says; prune every `interval` seconds, `batch` tasks at a time."""
+        if self.pruner is not None:
+            self.pruner.stop()
         self.retention = policy
         self.pruner = RetentionPruner(self.store.prune_expired, policy, interval=interval, batch=batch,
                                       on_pruned=self._forget_pruned)
+        if self.started:
+            self.pruner.start()
 
     def _forget_pruned(self, ids: list[str]) -> None:
         # Called on the pruning thread: the finished-task cache belongs to the loop.
         if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(lambda: [self._finished.pop(task_id, None) for task_id in ids])
+            self._loop.call_soon_threadsafe(self._drop_finished, ids)
+
+    def _drop_finished(self, ids: list[str]) -> None:
+        for task_id in ids:
+            self._finished.pop(task_id, None)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -186,7 +194,7 @@ class TaskManager:
         if self._maintenance is not None:
             self._maintenance.cancel()
         if self.pruner is not None:
-            self.pruner.stop()
+            await asyncio.get_running_loop().run_in_executor(None, self.pruner.stop)
         await self.executor.shutdown(self.cancel_grace_seconds)
         # Let the executor's final callbacks run, then resolve anything that did not report.
         for _ in range(10):

@@ -35,8 +35,21 @@ def parse_assignments(text: str, setting: str) -> dict[str, str]:
     return out
 
 
+def parse_positive_numbers(text: str, setting: str) -> dict[str, float]:
+    """`name=number,...` (weights, seconds) to a mapping of numbers > 0; InvalidArgument naming the setting."""
+    out: dict[str, float] = {}
+    for name, value in parse_assignments(text, setting).items():
+        try:
+            out[name] = float(value)
+        except ValueError:
+            out[name] = 0.0
+        if not out[name] > 0:
+            raise InvalidArgument(f"{setting}: {name}={value!r} must be a number > 0")
+    return out
+
+
 def parse_resources(text: str, setting: str = "executor_resources") -> Resources:
-    """`slots=4,memory_mb=8000,gpu=1` to a resource set of whole, non-negative amounts."""
+    """`slots=4,memory_mb=8000,gpu=1` (or `evaluation=2`: counts by name) to whole, non-negative amounts."""
     out: Resources = {}
     for name, value in parse_assignments(text, setting).items():
         out[name] = check_amount(name, value, setting)
@@ -46,8 +59,8 @@ def parse_resources(text: str, setting: str = "executor_resources") -> Resources
 def check_amount(name: str, value: object, where: str) -> int:
     """One resource amount: a lower-case name and a whole number >= 0."""
     if not _NAME.match(name):
-        raise InvalidArgument(f"{where}: resource name {name!r} must be lower-case letters, digits and _ "
-                              "(such as slots, memory_mb, gpu)")
+        raise InvalidArgument(f"{where}: the name {name!r} must be lower-case letters, digits and _ "
+                              "(such as slots, memory_mb, gpu, or a task type)")
     if isinstance(value, str) and value.isascii() and value.isdigit():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -16,9 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from .errors import InvalidArgument
 from .models import Task, now
-from .resources import parse_assignments
+from .resources import parse_positive_numbers
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
@@ -37,15 +36,7 @@ class RetentionPolicy:
     @classmethod
     def from_settings(cls, default_seconds: float, by_type: str, max_ttl_seconds: float) -> RetentionPolicy:
         """The policy of the settings task_retention_seconds, task_retention_by_type and max_task_ttl_seconds."""
-        parsed: dict[str, float] = {}
-        for name, value in parse_assignments(by_type, "task_retention_by_type").items():
-            try:
-                seconds = float(value)
-            except ValueError:
-                seconds = -1.0
-            if not seconds > 0:
-                raise InvalidArgument(f"task_retention_by_type: {name}={value!r} must be a number of seconds > 0")
-            parsed[name] = seconds
+        parsed = parse_positive_numbers(by_type, "task_retention_by_type")
         return cls(default_seconds, parsed, max_ttl_seconds)
 
     def for_type(self, task_type: str) -> float:
@@ -104,8 +95,11 @@ class RetentionPruner:
         self._thread = threading.Thread(target=self._run, name="plexus-retention", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop after the current batch (waits up to `timeout` seconds for it: the store may close next)."""
         self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     def run_once(self) -> int:
         """Prune everything expired now, a batch at a time; the number of tasks pruned."""

@@ -55,7 +55,6 @@ tasks_table = sa.Table(
     sa.Index("ix_tasks_created", "created_at", "id"),
     sa.Index("ix_tasks_status_created", "status", "created_at", "id"),
     sa.Index("ix_tasks_type_created", "type", "created_at", "id"),
-    sa.Index("ix_tasks_queue", "status", "priority", "created_at"),
     sa.Index("ix_tasks_completed", "completed_at"),  # retention finds the oldest finished tasks
     sa.Index("ix_tasks_owner_queue", "status", "priority", "owner", "created_at", "id"),  # the queue's shares
 )
@@ -331,27 +330,6 @@ class Store:
         query = sa.select(t.c.id).where(*_filter_clauses(flt)).order_by(t.c.created_at).limit(limit)
         with self.engine.connect() as conn:
             return [r[0] for r in conn.execute(query)]
-
-    def queued(self, *, limit: int, exclude_owners: Iterable[str | None] = ()) -> list[Task]:
-        """The queue in scheduling order (highest priority, then oldest), without the given owners'."""
-        t = tasks_table
-        query = (
-            sa.select(t)
-            .where(t.c.status == TaskStatus.QUEUED.value)
-            .order_by(t.c.priority.desc(), t.c.created_at, t.c.id)
-            .limit(limit)
-        )
-        excluded = set(exclude_owners)
-        named = sorted(o for o in excluded if o is not None)
-        if None in excluded:
-            query = query.where(t.c.owner.is_not(None))
-            if named:
-                query = query.where(t.c.owner.notin_(named))
-        elif named:
-            # NULL NOT IN (...) is not true in SQL: tasks without an owner must be kept explicitly.
-            query = query.where(sa.or_(t.c.owner.is_(None), t.c.owner.notin_(named)))
-        with self.engine.connect() as conn:
-            return [_task_from_row(r) for r in conn.execute(query).mappings()]
 
     def tasks_with_status(self, status: TaskStatus) -> list[Task]:
         """Every task with this status, with its stages."""
