@@ -86,7 +86,7 @@ async def test_two_keys_flooding_the_queue_share_it(mcp_url, runtime):
     # all of A's queued ones (plain FIFO would make B wait for the whole flood).
     _, a = runtime.keys.create("a", "operator", rate_limit=1000)
     _, b = runtime.keys.create("b", "operator", rate_limit=1000)
-    task = {"items": 20, "item_delay_ms": 100}  # about 2 s each
+    task = {"items": 30, "item_delay_ms": 100}  # about 3 s each
     async with open_client(mcp_url, a) as flooder, open_client(mcp_url, b) as other:
         flood = [await run(flooder, task) for _ in range(5)]
         await poll(lambda: status(flooder, flood[0]), lambda s: s == "RUNNING")
@@ -129,7 +129,7 @@ async def test_a_two_slot_task_is_not_jumped_by_smaller_lower_priority_ones(mcp_
     manager = runtime.manager
     manager.max_concurrency = 2
     async with open_client(mcp_url, token) as client:
-        first = await run(client, {"items": 15, "item_delay_ms": 100})  # holds one of the two slots ~1.5 s
+        first = await run(client, {"items": 40, "item_delay_ms": 100})  # holds one of the two slots ~4 s
         await poll(lambda: status(client, first), lambda s: s == "RUNNING")
         wide = manager.dispatch(wide_type, SHORT, priority=5).id
         small = [await run(client, {"items": 3, "item_delay_ms": 50}) for _ in range(3)]

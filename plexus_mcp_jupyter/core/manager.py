@@ -767,7 +767,9 @@ class TaskManager:
             )
         task = self.store.get_task(task_id)
         if task is None:
-            return CancelOutcome(task_id, "not_found", None, f"no task with id {task_id!r}")
+            tombstone = self.store.tombstone(task_id)
+            return CancelOutcome(task_id, "not_found", None, expired_message(task_id, tombstone) if tombstone
+                                 else f"no task with id {task_id!r}")
         if task.status.is_final:
             return CancelOutcome(
                 task_id, "already_finished", task.status.value,
