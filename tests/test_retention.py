@@ -52,8 +52,9 @@ async def test_a_finished_task_is_pruned_after_its_retention_and_answers_expired
         assert f"task {task_id!r} expired on 20" in text and "finished demo tasks are kept 1 second " in text, text
         cancelled = (await client.call_tool("cancel_tasks", {"task_ids": [task_id]})).structured_content
         assert cancelled["results"][0]["outcome"] == "not_found" and "expired on" in cancelled["results"][0]["message"]
-        resource = await client.read_resource(f"plexus://tasks/{task_id}")
-        assert "expired on" in str(resource)
+        with pytest.raises(MCPError) as resource:
+            await client.read_resource(f"plexus://tasks/{task_id}")
+        assert "expired on" in str(resource.value)
         never = (await client.call_tool("get_task", {"task_id": "no-such-task"})).content[0].text
         assert "no task with id" in never  # an id that never existed is still "not found"
     assert rows_of(runtime.store, task_id) == {"tasks": 0, "task_stages": 0, "progress_samples": 0,
