@@ -130,3 +130,24 @@ def test_pruning_runs_in_bounded_batches_on_its_own_thread(tmp_path):
     assert store.prune_expired(RetentionPolicy(default_seconds=50), time.time() + 200, 5000) == ["recent"]
     assert store.tombstone("t7") is None
     store.close()
+
+
+async def test_an_expired_evaluation_goes_with_its_items(mcp_url, token, runtime):
+    from plexus_mcp_jupyter.evaluations.store import evaluations_table, items_table
+
+    from .test_evaluations import create, finished
+
+    async with open_client(mcp_url, token) as client:
+        made = await create(client, type="accuracy", dataset="example:sentiment", label_column="label",
+                            prediction_column="prediction")
+        assert (await finished(client, made["evaluation_id"]))["status"] == "COMPLETED"
+        with runtime.store.engine.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(items_table)).scalar_one() > 0
+        runtime.manager.configure_retention(RetentionPolicy(by_type={"evaluation": 0.5}), interval=0.2)
+        await poll(lambda: runtime.store.tombstone(made["task_id"]), lambda t: t is not None, timeout=15)
+        with runtime.store.engine.connect() as conn:
+            left = [conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one()
+                    for t in (evaluations_table, items_table)]
+        assert left == [0, 0]
+        text = (await client.call_tool("get_task", {"task_id": made["task_id"]})).content[0].text
+        assert "expired on" in text and "finished evaluation tasks are kept 0.5 seconds" in text
