@@ -391,9 +391,8 @@ class TaskManager:
             owner_role=role,
         )
         self.store.create_task(task)
-        self._queue_info = None
         self.bus.publish("task.created", "task", task.id, task.summary())
-        self._schedule_soon()
+        self.queue_changed()
         return task
 
     def check_priority(self, priority: int, role: str | None) -> None:
@@ -555,6 +554,12 @@ class TaskManager:
             remove()
 
     # -- scheduling ----------------------------------------------------------------------------
+
+    def queue_changed(self) -> None:
+        """Call after changing the queue in the store (a task added, cancelled, re-prioritised): the queue
+        positions are planned afresh and a scheduling pass follows on the loop."""
+        self._queue_info = None
+        self._schedule_soon()
 
     def _schedule_soon(self) -> None:
         if self._loop is None or self._schedule_pending:
@@ -787,7 +792,7 @@ class TaskManager:
             ):
                 task.status, task.completed_at, task.cancel_requested = TaskStatus.CANCELLED, at, True
                 task.error_message = "cancelled before it started"
-                self._queue_info = None
+                self.queue_changed()
                 self.bus.publish("task.cancelled", "task", task_id, task.summary())
                 return CancelOutcome(task_id, "cancelled", task.status.value, "cancelled before it started")
             return self._cancel_one(task_id)  # it started meanwhile: cancel it as a running task

@@ -226,8 +226,11 @@ def _estimated_starts(
         res.take(free, needs)
         duration = durations.get(task.type)
         begun = task.started_at if task.started_at is not None else at
-        end = begun + duration if duration is not None else task.estimated_completion_at
-        if end is not None:
+        # Its type's mean run time, and its own ETA (the end of its current stage, so a lower bound).
+        known = [end for end in (begun + duration if duration is not None else None, task.estimated_completion_at)
+                 if end is not None]
+        if known:
+            end = max(known)
             counter += 1
             releases.append((max(end, at), counter, needs))
     heapq.heapify(releases)
