@@ -277,3 +277,23 @@ def test_listing_by_status_and_reading_the_queue_walk_indexes_without_sorting(tm
     assert "COVERING INDEX ix_tasks_owner_queue" in groups, groups
     assert "ix_tasks_owner_queue" in head and "TEMP B-TREE" not in head, head
     store.close()
+
+
+async def test_positions_past_the_look_ahead_count_what_was_not_read(runtime, monkeypatch):
+    from plexus_mcp_jupyter.core import manager as manager_module
+
+    monkeypatch.setattr(manager_module, "QUEUE_LOOKAHEAD", 4)
+    manager = runtime.manager
+    manager.max_concurrency = 0  # paused: the queue only grows
+    a = [manager.dispatch("demo", SHORT, owner="key:a").id for _ in range(6)]
+    b = manager.dispatch("demo", SHORT, owner="key:b").id
+    low = manager.dispatch("demo", SHORT, owner="key:c", priority=-1).id
+
+    def place(task_id: str):
+        return manager.queue_info(manager.get(task_id))
+
+    assert (place(a[0]).position, place(a[0]).exact) == (1, True)
+    assert place(b).position == 2  # the owners share priority 0: b is second however long a's queue is
+    assert (place(low).position, place(low).exact) == (8, False)  # after all seven of priority 0
+    assert (place(a[5]).position, place(a[5]).exact) == (6, False)  # not read: by priority and age alone
+    manager.cancel([*a, b, low])

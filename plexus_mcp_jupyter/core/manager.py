@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import uuid
@@ -36,7 +37,7 @@ FINISHED_CACHE_SIZE = 1024
 HISTORY_MAX = 1000  # most progress samples one read returns
 RECOVERY_EVERY = 10  # maintenance ticks between checks for tasks of servers that died
 SCHEDULE_WINDOW = 200  # most queued tasks one scheduling pass reads
-QUEUE_LOOKAHEAD = 500  # most queued tasks whose exact position get_task computes (beyond: by priority and age)
+QUEUE_LOOKAHEAD = 200  # most queued tasks whose exact position get_task computes (beyond: by priority and age)
 DURATIONS_KEPT = 20  # recent run times per task type behind estimated starts
 HOST = os.uname().nodename if hasattr(os, "uname") else "localhost"
 
@@ -455,12 +456,31 @@ class TaskManager:
             return None
         if self._queue_info is None:
             running = [state.task for state in self._running.values()]
-            window = self.store.queue_window(per_owner=QUEUE_LOOKAHEAD, limit=QUEUE_LOOKAHEAD)
+            window, cut = self.store.queue_window(per_owner=QUEUE_LOOKAHEAD, limit=QUEUE_LOOKAHEAD)
             durations = {t: sum(d) / len(d) for t, d in self._durations.items() if d}
             planned = queue_plan(window, running, self._policy(), clock=self._fair, durations=durations, at=now())
+            # A group read only in part has unread tasks that start after its last one read: from there on,
+            # positions count the unread tasks of higher priorities and are marked inexact (a lower bound).
+            last = {(t.priority, t.owner): i for i, t in enumerate(planned.order)}
+
+            def exact_until(group: tuple[int, str | None]) -> int:
+                if group in last:
+                    return last[group]
+                # Not read at all: it comes after everything of a higher priority.
+                return next((i - 1 for i, t in enumerate(planned.order) if t.priority <= group[0]),
+                            len(planned.order))
+
+            exact = min((exact_until(group) for group in cut), default=len(planned.order))
+            waiting = dict(planned.waiting)
+            for i, task_ahead in enumerate(planned.order[exact + 1:], exact + 2):
+                info = waiting.get(task_ahead.id)
+                if info is not None:
+                    unread = sum(n for (priority, _), n in cut.items() if priority > task_ahead.priority)
+                    waiting[task_ahead.id] = dataclasses.replace(info, position=i + unread, estimated_start_at=None,
+                                                                  exact=False)
             started = {t.id for t in planned.starts}
             starting = {t.id: i for i, t in enumerate(planned.order, 1) if t.id in started}
-            self._queue_info = (planned.waiting, starting)
+            self._queue_info = (waiting, starting)
         waiting, starting = self._queue_info
         info = waiting.get(task.id)
         if info is not None:
@@ -577,7 +597,7 @@ class TaskManager:
         running = [state.task for state in self._running.values()]
         # At most slots+1 tasks per owner and priority: enough for any owner's share of one pass, so one
         # owner's flood never hides the next owner's work, and the read stays bounded.
-        window = self.store.queue_window(per_owner=policy.capacity.get("slots", 0) + 1, limit=SCHEDULE_WINDOW)
+        window, _ = self.store.queue_window(per_owner=policy.capacity.get("slots", 0) + 1, limit=SCHEDULE_WINDOW)
         for task in queue_plan(window, running, policy, clock=self._fair).starts:
             started_at = now()
             if not self.store.claim(task.id, worker=self.server_id, started_at=started_at):

@@ -18,6 +18,8 @@ recent mean run time), and are None as soon as one needed duration is unknown.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import heapq
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -151,6 +153,7 @@ def plan(
     `durations` (task type -> mean seconds) and `at` (now), estimated starts are filled in.
     """
     order = start_order(queued, policy, clock)
+    policy = dataclasses.replace(policy, needs=functools.cache(policy.needs))  # one registry read per type
     capacity = dict(policy.capacity)
     free: res.Resources = dict(capacity)
     for task in running:

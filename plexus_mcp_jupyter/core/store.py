@@ -441,19 +441,28 @@ class Store:
 
     # -- the queue (core/queue.py) -------------------------------------------------------------
 
-    def queue_window(self, *, per_owner: int, limit: int) -> list[Task]:
-        """The first `per_owner` queued tasks of each owner at each priority, by priority then age, at most
-        `limit`: enough to share the next starts between owners however long one owner's queue is."""
+    def queue_window(self, *, per_owner: int, limit: int) -> tuple[list[Task], dict[tuple[int, str | None], int]]:
+        """The first queued tasks of each owner at each priority (at most `per_owner` each, `limit` in all,
+        shared evenly between the groups), by priority then age: enough to share the next starts between
+        owners however long one owner's queue is. Also, for each (priority, owner) group with more queued
+        tasks than were read, how many were not."""
         rows: list[Any] = []
+        cut: dict[tuple[int, str | None], int] = {}
         with self.engine.connect() as conn:
-            for priority, owner in conn.execute(_QUEUE_GROUPS, {"limit": limit}).all():
+            groups = conn.execute(_QUEUE_GROUPS, {"limit": limit}).all()
+            quota = min(per_owner, max(1, limit // max(len(groups), 1)))
+            for priority, owner, queued in groups:
                 if len(rows) >= limit:
-                    break
+                    cut[(priority, owner)] = queued
+                    continue
+                take = min(quota, limit - len(rows))
                 rows += conn.execute(_QUEUE_GROUP_HEAD[owner is not None],
-                                     {"priority": priority, "owner": owner, "per_owner": per_owner}).all()
+                                     {"priority": priority, "owner": owner, "per_owner": take}).all()
+                if queued > take:
+                    cut[(priority, owner)] = queued - take
         tasks = [_task_from_tuple(r) for r in rows]
         tasks.sort(key=lambda task: (-task.priority, task.created_at, task.id))
-        return tasks[:limit]
+        return tasks, cut
 
     def queued_ahead(self, task: Task) -> int:
         """How many queued tasks come before `task` by priority and age alone (sharing aside)."""
@@ -602,7 +611,7 @@ def _list_one(statuses: tuple[int, ...], n_types: int, since: bool, owner: bool,
 # measured 15 ms with 4,000 queued, this 1 ms.
 _t = tasks_table
 _QUEUE_GROUPS = (
-    sa.select(_t.c.priority, _t.c.owner)
+    sa.select(_t.c.priority, _t.c.owner, sa.func.count())
     .where(_t.c.status == TaskStatus.QUEUED.value)
     .group_by(_t.c.priority, _t.c.owner)
     .order_by(_t.c.priority.desc())
