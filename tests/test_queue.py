@@ -6,6 +6,8 @@ server (and `plexus mcp serve --transport http`), the SDK client over real HTTP,
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections import deque
 
@@ -16,7 +18,7 @@ from plexus_mcp_jupyter.core.store import Store, tasks_table
 from plexus_mcp_jupyter.core.tasks import TaskType, register_task_type, unregister_task_type
 
 from .conftest import open_client, poll
-from .test_standalone import start_http, stop
+from .test_standalone import plexus_env, start_http, stop
 
 LONG = {"items": 100_000, "item_delay_ms": 50}  # runs until cancelled
 SHORT = {"items": 1, "item_delay_ms": 0}
@@ -81,24 +83,41 @@ async def test_higher_priority_first_then_fifo_on_a_single_slot(mcp_url, token, 
         assert (await detail(client, low2))["queue"] is None  # only queued tasks have a place
 
 
+async def flood_and_share(flooder, other) -> None:
+    """Key A floods first, then key B sends one task: B's starts after the one of A's running, not after
+    all of A's queued ones (plain FIFO would make B wait for the whole flood)."""
+    task = {"items": 30, "item_delay_ms": 100}  # about 3 s each
+    flood = [await run(flooder, task) for _ in range(5)]
+    await poll(lambda: status(flooder, flood[0]), lambda s: s == "RUNNING")
+    mine = await run(other, task)
+    place = (await detail(other, mine))["queue"]
+    assert place["position"] == 1, place  # ahead of the flood's four queued tasks
+    assert [(await detail(flooder, t))["queue"]["position"] for t in flood[1:]] == [2, 3, 4, 5]
+    await poll(lambda: status(other, mine), lambda s: s != "QUEUED", timeout=15)
+    started_before = [t for t in flood if (await detail(flooder, t))["started_at"] is not None]
+    assert len(started_before) == 1, "key B waited for more than the one task of A that was running"
+    await flooder.call_tool("cancel_tasks", {"status": ["QUEUED", "RUNNING"]})
+    await other.call_tool("cancel_tasks", {"task_ids": [mine]})
+
+
 async def test_two_keys_flooding_the_queue_share_it(mcp_url, runtime):
-    # Key A floods first, then key B sends one task: B's starts after the one of A's running, not after
-    # all of A's queued ones (plain FIFO would make B wait for the whole flood).
     _, a = runtime.keys.create("a", "operator", rate_limit=1000)
     _, b = runtime.keys.create("b", "operator", rate_limit=1000)
-    task = {"items": 30, "item_delay_ms": 100}  # about 3 s each
     async with open_client(mcp_url, a) as flooder, open_client(mcp_url, b) as other:
-        flood = [await run(flooder, task) for _ in range(5)]
-        await poll(lambda: status(flooder, flood[0]), lambda s: s == "RUNNING")
-        mine = await run(other, task)
-        place = (await detail(other, mine))["queue"]
-        assert place["position"] == 1, place  # ahead of the flood's four queued tasks
-        assert [(await detail(flooder, t))["queue"]["position"] for t in flood[1:]] == [2, 3, 4, 5]
-        await poll(lambda: status(other, mine), lambda s: s != "QUEUED", timeout=15)
-        started_before = [t for t in flood if runtime.manager.get(t).started_at is not None]
-        assert len(started_before) == 1, "key B waited for more than the one task of A that was running"
-        await flooder.call_tool("cancel_tasks", {"status": ["QUEUED", "RUNNING"]})
-        await other.call_tool("cancel_tasks", {"task_ids": [mine]})
+        await flood_and_share(flooder, other)
+
+
+async def test_the_standalone_server_shares_the_queue_too(tmp_path):
+    env = plexus_env(tmp_path)
+    a, b = (json.loads(subprocess.run(
+        [sys.executable, "-m", "plexus_mcp_jupyter.cli", "keys", "create", name, "--role", "operator"],
+        env=env, capture_output=True, text=True, check=True).stdout)["secret"] for name in ("a", "b"))
+    proc, url, _ = start_http(tmp_path, "--max-concurrency", "1", PLEXUS_MCP_KEY_SLOT_SHARE="1")
+    try:
+        async with open_client(url, a) as flooder, open_client(url, b) as other:
+            await flood_and_share(flooder, other)
+    finally:
+        stop(proc)
 
 
 async def test_weighted_sharing_and_fifo_are_settings(runtime):
