@@ -12,8 +12,9 @@ queue position, so the position a client is shown is the order the scheduler fol
    needs fit in what is free. A task whose needs do not fit *reserves* them: what it needs is taken from
    what later tasks may use, so a stream of small tasks never starves a big one ahead of them.
 
-Estimated starts replay the same order against the expected ends of the running tasks (their type's
-recent mean run time), and are None as soon as one needed duration is unknown.
+Estimated starts replay the same order against the expected ends of the running tasks (the later of
+their type's recent mean run time and their own ETA), each queued task then running its type's mean;
+they are None from the first task that waits for something whose end is unknown.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from . import resources as res
 from .models import Task, iso
 
 FAIRNESS_MODES = ("round_robin", "weighted", "fifo")
-REASONS = ("no_slot", "owner_cap", "type_cap", "resources")
+REASONS = ("no_slot", "owner_cap", "type_cap", "resources", "starting")
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class QueuedInfo:
     reason: str  # one of REASONS
     message: str
     estimated_start_at: float | None
-    exact: bool = True  # False: beyond the look-ahead, position by priority and age only
+    exact: bool = True  # False: past the look-ahead (TaskManager.queue_info), a lower bound or by age only
 
     def to_dict(self) -> dict[str, Any]:
         return {"position": self.position, "reason": self.reason, "message": self.message,
@@ -61,6 +62,8 @@ class QueuedInfo:
 
 @dataclass
 class Plan:
+    """One scheduling decision: the start order, what starts now, and where the others stand."""
+
     order: list[Task]
     starts: list[Task]
     waiting: dict[str, QueuedInfo]
