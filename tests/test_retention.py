@@ -151,3 +151,5 @@ async def test_an_expired_evaluation_goes_with_its_items(mcp_url, token, runtime
         assert left == [0, 0]
         text = (await client.call_tool("get_task", {"task_id": made["task_id"]})).content[0].text
         assert "expired on" in text and "finished evaluation tasks are kept 0.5 seconds" in text
+        evaluation = (await client.call_tool("get_evaluation", {"evaluation_id": made["evaluation_id"]}))
+        assert evaluation.is_error and f"evaluation {made['evaluation_id']!r} expired on" in evaluation.content[0].text

@@ -55,10 +55,11 @@ class RetentionPolicy:
         return min(max(ttl_ms / 1000.0, MIN_TTL_SECONDS), self.max_ttl_seconds)
 
 
-def expired_message(task_id: str, tombstone: Mapping[str, object]) -> str:
+def expired_message(entity_id: str, tombstone: Mapping[str, object], kind: str = "task") -> str:
+    """`task '…' expired on <date> UTC: ...`: what an id pruned by retention answers."""
     at = datetime.fromtimestamp(float(tombstone["expired_at"]), tz=timezone.utc)  # type: ignore[arg-type]
     seconds = float(tombstone["retention_seconds"])  # type: ignore[arg-type]
-    return (f"task {task_id!r} expired on {at.strftime('%Y-%m-%d %H:%M:%S')} UTC: finished {tombstone['type']} "
+    return (f"{kind} {entity_id!r} expired on {at.strftime('%Y-%m-%d %H:%M:%S')} UTC: finished {tombstone['type']} "
             f"tasks are kept {_span(seconds)} (task_retention_seconds, task_retention_by_type, or the ttl asked "
             "for the task), then pruned with their history")
 

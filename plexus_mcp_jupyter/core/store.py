@@ -98,7 +98,9 @@ expired_table = sa.Table(
     sa.Column("completed_at", sa.Float),
     sa.Column("expired_at", sa.Float, nullable=False),
     sa.Column("retention_seconds", sa.Float, nullable=False),
+    sa.Column("evaluation_id", sa.String(36), nullable=True),  # an evaluation task's: that id expires too
     sa.Index("ix_expired_at", "expired_at"),
+    sa.Index("ix_expired_evaluation", "evaluation_id"),
 )
 
 meta_table = sa.Table(
@@ -485,7 +487,7 @@ class Store:
         Returns the ids of the tasks removed."""
         t = tasks_table
         final = [s.value for s in FINAL_STATUSES]
-        cols = (t.c.id, t.c.type, t.c.owner, t.c.completed_at, t.c.retention_seconds)
+        cols = (t.c.id, t.c.type, t.c.owner, t.c.completed_at, t.c.retention_seconds, t.c.params)
         finished = sa.and_(t.c.status.in_(final), t.c.completed_at.is_not(None))
         queries = [
             sa.select(*cols).where(finished, t.c.retention_seconds.is_(None), t.c.type == type_,
@@ -507,8 +509,9 @@ class Store:
             if rows:
                 conn.execute(sa.insert(expired_table), [
                     {"id": task_id, "type": type_, "owner": owner, "completed_at": completed, "expired_at": at,
-                     "retention_seconds": own if own is not None else policy.for_type(type_)}
-                    for task_id, type_, owner, completed, own in rows
+                     "retention_seconds": own if own is not None else policy.for_type(type_),
+                     "evaluation_id": (params or {}).get("evaluation_id") if type_ == "evaluation" else None}
+                    for task_id, type_, owner, completed, own, params in rows
                 ])
                 conn.execute(sa.delete(samples_table).where(samples_table.c.task_id.in_(ids)))
                 conn.execute(sa.delete(stages_table).where(stages_table.c.task_id.in_(ids)))
@@ -518,11 +521,13 @@ class Store:
             conn.execute(sa.delete(x).where(x.c.id.in_(old.scalar_subquery())))
         return ids
 
-    def tombstone(self, task_id: str) -> dict[str, Any] | None:
-        """What is left of a task pruned by retention (id, type, owner, completed_at, expired_at, retention)."""
+    def tombstone(self, task_id: str | None = None, *, evaluation_id: str | None = None) -> dict[str, Any] | None:
+        """What is left of a task pruned by retention (id, type, owner, completed_at, expired_at, retention),
+        found by the task's id or its evaluation's."""
         x = expired_table
+        where = x.c.id == task_id if evaluation_id is None else x.c.evaluation_id == evaluation_id
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(x).where(x.c.id == task_id)).mappings().first()
+            row = conn.execute(sa.select(x).where(where)).mappings().first()
         return dict(row) if row is not None else None
 
     # -- helpers -------------------------------------------------------------------------------
