@@ -179,6 +179,47 @@ class PlexusSettings(Configurable):
         "hold the event loop or the default thread pool); more requests wait their turn. Default 2.",
     ).tag(config=True)
 
+    # -- issue 12: the queue model, resources and retention (docs/tasks.md) -----------------------------
+    queue_fairness = CaselessStrEnum(
+        ["round_robin", "weighted", "fifo"], default_value="round_robin",
+        help="How owners share a priority level of the queue: 'round_robin' (default: the next start goes to the "
+        "owner with the fewest tasks running and placed), 'weighted' (the same, counted relative to the weight of "
+        "the role that dispatched each task, queue_role_weights) or 'fifo' (no sharing: oldest first).",
+    ).tag(config=True)
+    queue_role_weights = Unicode(
+        "admin=2,operator=1,viewer=1",
+        help="Weights of roles under queue_fairness='weighted', as role=weight (default admin=2,operator=1,viewer=1: "
+        "an admin's tasks get two starts for an operator's one); a role not named weighs 1.",
+    ).tag(config=True)
+    max_concurrency_by_type = Unicode(
+        "", help="Most tasks of a type running at once, as type=count (e.g. 'evaluation=2'); default empty: only "
+        "max_concurrency and the resources bound them.",
+    ).tag(config=True)
+    executor_resources = Unicode(
+        "", help="The executor's capacity, overriding what it declares (the local one: this machine's memory_mb), "
+        "as name=amount (e.g. 'slots=4,memory_mb=8000,gpu=1'). slots bounds max_concurrency; a named resource not "
+        "declared has 0. A task type's needs that exceed it are refused at dispatch. Default empty.",
+    ).tag(config=True)
+    task_retention_seconds = Float(
+        30 * 86_400.0, min=1.0, help="Seconds a finished task (stages, progress history, evaluation record) is kept "
+        "after it ended before it is pruned (default 2592000: 30 days); its id then answers 'expired'.",
+    ).tag(config=True)
+    task_retention_by_type = Unicode(
+        "", help="Retention of finished tasks by type, as type=seconds (e.g. 'demo=3600,evaluation=7776000'); a "
+        "type not named keeps task_retention_seconds. Default empty.",
+    ).tag(config=True)
+    max_task_ttl_seconds = Float(
+        30 * 86_400.0, min=1.0, help="Longest retention an MCP client may ask for with a task's ttl (a shorter "
+        "ttl is honoured down to 1 s; a longer one is cut to this). Default 2592000 (30 days).",
+    ).tag(config=True)
+    retention_interval_seconds = Float(
+        60.0, min=0.05, help="Seconds between passes of the background pruner of expired tasks (default 60).",
+    ).tag(config=True)
+    retention_batch_size = Integer(
+        500, min=1, max=10_000, help="Most tasks one pruning transaction removes (default 500); a pass runs batches "
+        "until nothing expired is left, off the event loop.",
+    ).tag(config=True)
+
     def apply_env(self, environ: Mapping[str, str] | None = None, protected: Iterable[str] = ()) -> None:
         """Set traits from PLEXUS_MCP_* variables, except those in `protected` (set on the command line).
 

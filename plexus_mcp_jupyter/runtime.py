@@ -15,6 +15,8 @@ from .core.errors import InvalidArgument, NotFound
 from .core.events import EventBus
 from .core.executors import Executor, LocalExecutor
 from .core.manager import TaskManager
+from .core.resources import parse_positive_numbers, parse_resources
+from .core.retention import RetentionPolicy
 from .core.store import Store, default_db_url
 from .endpoint.server import build_mcp_server
 from .endpoint.sessions import SessionLimits
@@ -78,6 +80,17 @@ class PlexusRuntime:
         self.audit = AuditLog(self.store.engine)
         self.limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
         self.manager.max_unfinished_per_key = settings.max_tasks_per_key
+        self.manager.configure_queue(
+            type_caps=parse_resources(settings.max_concurrency_by_type, "max_concurrency_by_type"),
+            fairness=settings.queue_fairness,
+            role_weights=parse_positive_numbers(settings.queue_role_weights, "queue_role_weights"),
+            resources=parse_resources(settings.executor_resources),
+        )
+        self.manager.configure_retention(
+            RetentionPolicy.from_settings(settings.task_retention_seconds, settings.task_retention_by_type,
+                                          settings.max_task_ttl_seconds),
+            interval=settings.retention_interval_seconds, batch=settings.retention_batch_size,
+        )
         self.manager.request_handlers["kernel_score"] = self._kernel_score
         self.evaluations = EvaluationService(self.manager, EvaluationStore(self.store.engine), self.catalog,
                                              self.kernel_scorers, settings.scorer_modules.split(","),

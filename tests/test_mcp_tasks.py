@@ -97,7 +97,7 @@ async def test_a_task_augmented_call_returns_at_once_and_its_result_is_fetched_l
         with anyio.fail_after(5):
             created = await task_call(client, {"items": 40, "item_delay_ms": 20})
         task = created["task"]
-        assert task["status"] == "working" and task["ttl"] is None and task["pollInterval"] > 0
+        assert task["status"] == "working" and task["ttl"] == 60_000 and task["pollInterval"] > 0  # the ttl asked
         task_id = task["taskId"]
         assert runtime.manager.get(task_id).type == "demo"  # the MCP task is the Plexus task
         got = await get_task(client.session, task_id)
@@ -230,7 +230,7 @@ async def test_a_modern_client_declaring_the_extension_gets_a_task_and_its_resul
         result = await client.call_tool("run_demo_task", {"items": 20, "item_delay_ms": 10})
         assert len(tasks.handles) == 1  # the call was answered with a task handle, resolved by polling
         handle = tasks.handles[0]
-        assert handle.status == "working" and handle.ttl_ms is None and handle.poll_interval_ms
+        assert handle.status == "working" and handle.ttl_ms == 30 * 86_400_000 and handle.poll_interval_ms
         assert result.is_error is False
         assert result.structured_content["task_id"] == handle.task_id
         assert result.structured_content["output"]["items_processed"] == 20

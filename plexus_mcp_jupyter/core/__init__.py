@@ -1,6 +1,6 @@
 """The core: tasks, their store, manager, events and executors. Usable without any server."""
 
-from .errors import InvalidArgument, NotFound, PlexusError
+from .errors import Expired, InvalidArgument, NotFound, PlexusError
 from .events import Event, EventBus
 from .manager import CancelOutcome, TaskManager
 from .models import ProgressSample, Stage, StageStatus, Task, TaskStatus
@@ -10,6 +10,7 @@ __all__ = [
     "CancelOutcome",
     "Event",
     "EventBus",
+    "Expired",
     "InvalidArgument",
     "NotFound",
     "PlexusError",

@@ -16,3 +16,7 @@ class InvalidArgument(PlexusError, ValueError):
 
 class NotFound(PlexusError, LookupError):
     """The named entity does not exist (or is not visible to the caller)."""
+
+
+class Expired(NotFound):
+    """The entity existed but was pruned by retention (core/retention.py): the message says when and why."""

@@ -9,19 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import InvalidArgument, NotFound, PlexusError
+from . import resources as res
+from .errors import Expired, InvalidArgument, NotFound, PlexusError
 from .events import Event, EventBus
 from .executors.base import Executor
-from .models import FINAL_STATUSES, StageStatus, Task, TaskStatus, now, parse_iso
+from .models import FINAL_STATUSES, StageStatus, Task, TaskStatus, iso, now, parse_iso
 from .progress import ProgressDecision, ProgressTracker
+from .queue import FAIRNESS_MODES, FairClock, QueuedInfo, QueuePolicy, weight
+from .queue import plan as queue_plan
+from .retention import RetentionPolicy, RetentionPruner, expired_message
 from .store import KEY_OWNER_PREFIX, Store, TaskFilter, decode_cursor, encode_cursor, owner_visible
 from .tasks import get_task_type, task_type_names
 
@@ -31,6 +36,9 @@ MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
 FINISHED_CACHE_SIZE = 1024
 HISTORY_MAX = 1000  # most progress samples one read returns
 RECOVERY_EVERY = 10  # maintenance ticks between checks for tasks of servers that died
+SCHEDULE_WINDOW = 200  # most queued tasks one scheduling pass reads
+QUEUE_LOOKAHEAD = 200  # most queued tasks whose exact position get_task computes (beyond: by priority and age)
+DURATIONS_KEPT = 20  # recent run times per task type behind estimated starts
 HOST = os.uname().nodename if hasattr(os, "uname") else "localhost"
 
 
@@ -109,6 +117,48 @@ class TaskManager:
         self._maintenance: asyncio.Task[None] | None = None
         self._stopping = False
         self.started = False
+        # The queue model (core/queue.py), resources and retention; configure_queue / configure_retention.
+        self.type_caps: dict[str, int] = {}
+        self.fairness = "round_robin"
+        self.role_weights: dict[str, float] = {}
+        self.configured_resources: res.Resources = {}
+        self.retention = RetentionPolicy()
+        self.pruner: RetentionPruner | None = None
+        self._durations: dict[str, deque[float]] = {}
+        self._fair = FairClock()  # how owners have shared the starts so far
+        self._queue_info: tuple[dict[str, QueuedInfo], dict[str, int]] | None = None  # per scheduling pass
+
+    def configure_queue(
+        self, *, type_caps: Mapping[str, int] | None = None, fairness: str = "round_robin",
+        role_weights: Mapping[str, float] | None = None, resources: Mapping[str, int] | None = None,
+    ) -> None:
+        """Set the queue model: per-type caps, how owners share a priority, and the executor's capacity
+        overrides (`executor_resources`). See core/queue.py."""
+        if fairness not in FAIRNESS_MODES:
+            raise InvalidArgument(f"queue_fairness must be one of {', '.join(FAIRNESS_MODES)}, not {fairness!r}")
+        self.type_caps = dict(type_caps or {})
+        self.fairness = fairness
+        self.role_weights = dict(role_weights or {})
+        self.configured_resources = dict(resources or {})
+
+    def configure_retention(self, policy: RetentionPolicy, *, interval: float = 60.0, batch: int = 500) -> None:
+        """Keep finished tasks as `policy` says; prune every `interval` seconds, `batch` tasks at a time."""
+        if self.pruner is not None:
+            self.pruner.stop()
+        self.retention = policy
+        self.pruner = RetentionPruner(self.store.prune_expired, policy, interval=interval, batch=batch,
+                                      on_pruned=self._forget_pruned)
+        if self.started:
+            self.pruner.start()
+
+    def _forget_pruned(self, ids: list[str]) -> None:
+        # Called on the pruning thread: the finished-task cache belongs to the loop.
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._drop_finished, ids)
+
+    def _drop_finished(self, ids: list[str]) -> None:
+        for task_id in ids:
+            self._finished.pop(task_id, None)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -124,6 +174,8 @@ class TaskManager:
         self.executor.start(self._loop)
         self.recover()
         self._maintenance = self._loop.create_task(self._maintain(), name="plexus-task-maintenance")
+        if self.pruner is not None:
+            self.pruner.start()
         self._schedule()
 
     @property
@@ -142,6 +194,8 @@ class TaskManager:
         self._stopping = True
         if self._maintenance is not None:
             self._maintenance.cancel()
+        if self.pruner is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.pruner.stop)
         await self.executor.shutdown(self.cancel_grace_seconds)
         # Let the executor's final callbacks run, then resolve anything that did not report.
         for _ in range(10):
@@ -192,8 +246,15 @@ class TaskManager:
         """The task with live progress (running tasks are read from memory, fresher than the store).
 
         With `viewer` (a non-admin caller's owner), a task it may not see is NotFound, like a missing one.
+        A task pruned by retention is Expired (a NotFound that says when), if the caller could see it.
         """
-        task = self._get(task_id)
+        try:
+            task = self._get(task_id)
+        except NotFound:
+            tombstone = self.store.tombstone(task_id)
+            if tombstone is not None and owner_visible(tombstone["owner"], viewer):
+                raise Expired(expired_message(task_id, tombstone)) from None
+            raise
         if not owner_visible(task.owner, viewer):
             raise NotFound(f"no task with id {task_id!r}; list_tasks shows the ids that exist")
         return task
@@ -319,6 +380,7 @@ class TaskManager:
                 f"not {priority!r}"
             )
         self.check_priority(priority, role)
+        self.check_fits(task_type.name)
         task = Task(
             id=str(uuid.uuid4()),
             type=task_type.name,
@@ -327,10 +389,11 @@ class TaskManager:
             owner=owner,
             params=params,
             description=description or task_type.description,
+            owner_role=role,
         )
         self.store.create_task(task)
         self.bus.publish("task.created", "task", task.id, task.summary())
-        self._schedule_soon()
+        self.queue_changed()
         return task
 
     def check_priority(self, priority: int, role: str | None) -> None:
@@ -343,6 +406,110 @@ class TaskManager:
                 f"(setting max_priority_{role}); give a priority from {MIN_PRIORITY} to {ceiling}, or ask an admin, "
                 f"who may use up to {MAX_PRIORITY}"
             )
+
+    # -- the queue model: resources, caps, positions (core/queue.py) -----------------------------
+
+    def capacity(self) -> res.Resources:
+        """What this server may run at once: the executor's capacity, `executor_resources` over it, and
+        `max_concurrency` worker slots (fewer if `executor_resources` names fewer)."""
+        total = {**self.executor.capacity(), **self.configured_resources}
+        total["slots"] = min(self.max_concurrency, self.configured_resources.get("slots", self.max_concurrency))
+        return total
+
+    @staticmethod
+    def needs(task_type: str) -> dict[str, int]:
+        """What one task of this type needs (its registry entry; one slot when the type is gone)."""
+        try:
+            return dict(get_task_type(task_type).resources)
+        except InvalidArgument:
+            return dict(res.DEFAULT_NEEDS)
+
+    def check_fits(self, task_type: str) -> None:
+        """InvalidArgument when one task of this type needs more than the whole capacity: it could never start.
+
+        Slots count only when max_concurrency > 0 (0 pauses the queue; it does not make every task too big).
+        """
+        capacity = self.capacity()
+        if self.max_concurrency == 0:
+            capacity["slots"] = max(capacity["slots"], self.configured_resources.get("slots", 1) or 1)
+        short = res.shortfall(self.needs(task_type), capacity)
+        if short:
+            detail = "; ".join(f"{name}: needs {need}, the executor has {have} in all"
+                               for name, (need, have) in sorted(short.items()))
+            raise InvalidArgument(
+                f"a {task_type} task needs more than this server can ever give it ({detail}): it would wait "
+                "forever, so it is refused; raise the capacity (executor_resources, max_concurrency) or run it "
+                "where there is more")
+
+    def _policy(self) -> QueuePolicy:
+        return QueuePolicy(capacity=self.capacity(), needs=self.needs, slot_cap=self.slot_cap,
+                           type_caps=self.type_caps, fairness=self.fairness, weights=self.role_weights)
+
+    def queue_info(self, task: Task) -> QueuedInfo | None:
+        """Where a QUEUED task stands: position, why it waits, estimated start (None for other statuses).
+
+        Computed once per scheduling pass for the first QUEUE_LOOKAHEAD queued tasks (one bounded read
+        and an O(n log n) plan), then served from memory; a task beyond them gets its position by
+        priority and age from one indexed count.
+        """
+        if task.status is not TaskStatus.QUEUED:
+            return None
+        if self._queue_info is None:
+            running = [state.task for state in self._running.values()]
+            window, cut = self.store.queue_window(per_owner=QUEUE_LOOKAHEAD, limit=QUEUE_LOOKAHEAD)
+            durations = {t: sum(d) / len(d) for t, d in self._durations.items() if d}
+            planned = queue_plan(window, running, self._policy(), clock=self._fair, durations=durations, at=now())
+            # A group read only in part has unread tasks that start after its last one read: from there on,
+            # positions count the unread tasks of higher priorities and are marked inexact (a lower bound).
+            last = {(t.priority, t.owner): i for i, t in enumerate(planned.order)}
+
+            def exact_until(group: tuple[int, str | None]) -> int:
+                if group in last:
+                    return last[group]
+                # Not read at all: it comes after everything of a higher priority.
+                return next((i - 1 for i, t in enumerate(planned.order) if t.priority <= group[0]),
+                            len(planned.order))
+
+            exact = min((exact_until(group) for group in cut), default=len(planned.order))
+            waiting = dict(planned.waiting)
+            for i, task_ahead in enumerate(planned.order[exact + 1:], exact + 2):
+                info = waiting.get(task_ahead.id)
+                if info is not None:
+                    unread = sum(n for (priority, _), n in cut.items() if priority > task_ahead.priority)
+                    waiting[task_ahead.id] = dataclasses.replace(info, position=i + unread, estimated_start_at=None,
+                                                                  exact=False)
+            started = {t.id for t in planned.starts}
+            starting = {t.id: i for i, t in enumerate(planned.order, 1) if t.id in started}
+            self._queue_info = (waiting, starting)
+        waiting, starting = self._queue_info
+        info = waiting.get(task.id)
+        if info is not None:
+            return info
+        if task.id in starting:
+            return QueuedInfo(starting[task.id], "starting", "capacity is free: it starts in the scheduler's next "
+                              "pass", now())
+        ahead = self.store.queued_ahead(task)
+        return QueuedInfo(ahead + 1, "no_slot", f"{ahead} queued tasks have a higher priority or are older; it "
+                          f"starts when they have (position by priority and age: beyond the first {QUEUE_LOOKAHEAD} "
+                          "tasks the scheduler plans)", None, exact=False)
+
+    def queue_fields(self, task: Task) -> dict[str, Any]:
+        """The queue and retention fields of a task's detail: `queue` (QUEUED only), `expires_at` (finished
+        only) and `retention_seconds` (how long it is kept once finished)."""
+        info = self.queue_info(task)
+        return {
+            "queue": info.to_dict() if info is not None else None,
+            "retention_seconds": self.retention.for_task(task),
+            "expires_at": iso(self.retention.expires_at(task)) if task.status.is_final else None,
+        }
+
+    def set_retention(self, task_id: str, seconds: float) -> None:
+        """Keep this task `seconds` once it has finished (a client's MCP ttl, already bounded)."""
+        self.store.update_task(task_id, retention_seconds=seconds)
+        for copy in (self._running[task_id].task if task_id in self._running else None,
+                     self._finished.get(task_id)):
+            if copy is not None:
+                copy.retention_seconds = seconds
 
     def slot_cap(self, owner: str | None) -> int:
         """The most tasks of `owner` that may run at once here (0: no cap but max_concurrency).
@@ -408,6 +575,12 @@ class TaskManager:
 
     # -- scheduling ----------------------------------------------------------------------------
 
+    def queue_changed(self) -> None:
+        """Call after changing the queue in the store (a task added, cancelled, re-prioritised): the queue
+        positions are planned afresh and a scheduling pass follows on the loop."""
+        self._queue_info = None
+        self._schedule_soon()
+
     def _schedule_soon(self) -> None:
         if self._loop is None or self._schedule_pending:
             return
@@ -415,44 +588,24 @@ class TaskManager:
         self._loop.call_soon(self._schedule)
 
     def _schedule(self) -> None:
+        """One scheduling pass: start what the queue model (core/queue.py) says may start now."""
         self._schedule_pending = False
-        if self._stopping or self._loop is None:
+        self._queue_info = None  # positions change with every pass
+        if self._stopping or self._loop is None or self.max_concurrency - len(self._running) <= 0:
             return
-        slots = self.max_concurrency - len(self._running)
-        if slots <= 0:
-            return
-        per_owner: dict[str | None, int] = {}
-        for state in self._running.values():
-            per_owner[state.task.owner] = per_owner.get(state.task.owner, 0) + 1
-
-        def at_cap(owner: str | None) -> bool:
-            cap = self.slot_cap(owner)
-            return bool(cap) and per_owner.get(owner, 0) >= cap
-
-        capped = {owner for owner in per_owner if at_cap(owner)}
-        # Owners at their cap are left out by the query itself, so however many of their tasks wait,
-        # other owners' tasks are still found. When an owner reaches its cap during a pass, the queue
-        # is read again without it: each read starts at least one task, so a pass reads it at most
-        # max_concurrency times.
-        more = True
-        while more and slots > 0:
-            more = False
-            for task in self.store.queued(limit=slots + 50, exclude_owners=capped):
-                if slots <= 0:
-                    break
-                if task.owner in capped:
-                    continue
-                started_at = now()
-                if not self.store.claim(task.id, worker=self.server_id, started_at=started_at):
-                    continue  # another server on this store took it
-                task.status, task.started_at, task.worker = TaskStatus.RUNNING, started_at, self.server_id
-                per_owner[task.owner] = per_owner.get(task.owner, 0) + 1
-                slots -= 1
-                self._start(task)
-                if at_cap(task.owner):
-                    capped.add(task.owner)
-                    more = True
-                    break
+        policy = self._policy()
+        running = [state.task for state in self._running.values()]
+        # At most slots+1 tasks per owner and priority: enough for any owner's share of one pass, so one
+        # owner's flood never hides the next owner's work, and the read stays bounded.
+        window, _ = self.store.queue_window(per_owner=policy.capacity.get("slots", 0) + 1, limit=SCHEDULE_WINDOW)
+        for task in queue_plan(window, running, policy, clock=self._fair).starts:
+            started_at = now()
+            if not self.store.claim(task.id, worker=self.server_id, started_at=started_at):
+                self._schedule_soon()  # another server on this store took it: plan again without it
+                continue
+            self._fair.commit(task.owner, weight(task, policy))
+            task.status, task.started_at, task.worker = TaskStatus.RUNNING, started_at, self.server_id
+            self._start(task)
 
     def _start(self, task: Task) -> None:
         state = _RunState(task, ProgressTracker(task, write_interval=self.progress_write_interval))
@@ -596,6 +749,9 @@ class TaskManager:
             task.status = TaskStatus.FAILED
             task.error_message = f"the worker process exited unexpectedly (exit code {exitcode})"
         task.completed_at = task.completed_at or now()
+        if task.status is TaskStatus.COMPLETED and task.started_at is not None:
+            self._durations.setdefault(task.type, deque(maxlen=DURATIONS_KEPT)).append(
+                task.completed_at - task.started_at)
         task.stdout_tail = tails.get("stdout")
         task.stderr_tail = tails.get("stderr") or ("\n".join(state.log_tail) or None)
         stage_status = {
@@ -636,7 +792,9 @@ class TaskManager:
             )
         task = self.store.get_task(task_id)
         if task is None:
-            return CancelOutcome(task_id, "not_found", None, f"no task with id {task_id!r}")
+            tombstone = self.store.tombstone(task_id)
+            return CancelOutcome(task_id, "not_found", None, expired_message(task_id, tombstone) if tombstone
+                                 else f"no task with id {task_id!r}")
         if task.status.is_final:
             return CancelOutcome(
                 task_id, "already_finished", task.status.value,
@@ -654,6 +812,7 @@ class TaskManager:
             ):
                 task.status, task.completed_at, task.cancel_requested = TaskStatus.CANCELLED, at, True
                 task.error_message = "cancelled before it started"
+                self.queue_changed()
                 self.bus.publish("task.cancelled", "task", task_id, task.summary())
                 return CancelOutcome(task_id, "cancelled", task.status.value, "cancelled before it started")
             return self._cancel_one(task_id)  # it started meanwhile: cancel it as a running task

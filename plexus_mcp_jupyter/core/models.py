@@ -159,6 +159,8 @@ class Task:
     worker: str | None = None
     cancel_requested: bool = False
     stages: list[Stage] = field(default_factory=list)
+    owner_role: str | None = None  # the role that dispatched it: its weight under weighted fair share
+    retention_seconds: float | None = None  # kept this long once finished (a client's MCP ttl); None: by type
 
     @property
     def progress(self) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from .errors import InvalidArgument
 from .models import FINAL_STATUSES, ProgressSample, Stage, StageStatus, Task, TaskStatus
+from .retention import RetentionPolicy
 
 SCHEMA_VERSION = 1
 KEY_OWNER_PREFIX = "key:"  # owners of work created with an API key (security/identity.py)
@@ -49,10 +50,13 @@ tasks_table = sa.Table(
     sa.Column("stderr_tail", sa.Text),
     sa.Column("worker", sa.String(256)),
     sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("owner_role", sa.String(32), nullable=True),  # weighted fair share (core/queue.py)
+    sa.Column("retention_seconds", sa.Float, nullable=True),  # the task's own retention (an MCP ttl)
     sa.Index("ix_tasks_created", "created_at", "id"),
     sa.Index("ix_tasks_status_created", "status", "created_at", "id"),
     sa.Index("ix_tasks_type_created", "type", "created_at", "id"),
-    sa.Index("ix_tasks_queue", "status", "priority", "created_at"),
+    sa.Index("ix_tasks_completed", "completed_at"),  # retention finds the oldest finished tasks
+    sa.Index("ix_tasks_owner_queue", "status", "priority", "owner", "created_at", "id"),  # the queue's shares
 )
 
 stages_table = sa.Table(
@@ -83,6 +87,22 @@ samples_table = sa.Table(
     sa.Index("ix_samples_task", "task_id", "id"),
 )
 
+# Tombstones of tasks pruned by retention (core/retention.py): an expired id answers "expired on <date>"
+# rather than "not found". They are pruned in turn, after as long again as the task was kept.
+expired_table = sa.Table(
+    "expired_tasks",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("type", sa.String(64), nullable=False),
+    sa.Column("owner", sa.String(128)),
+    sa.Column("completed_at", sa.Float),
+    sa.Column("expired_at", sa.Float, nullable=False),
+    sa.Column("retention_seconds", sa.Float, nullable=False),
+    sa.Column("evaluation_id", sa.String(36), nullable=True),  # an evaluation task's: that id expires too
+    sa.Index("ix_expired_at", "expired_at"),
+    sa.Index("ix_expired_evaluation", "evaluation_id"),
+)
+
 meta_table = sa.Table(
     "plexus_meta",
     metadata,
@@ -90,6 +110,7 @@ meta_table = sa.Table(
     sa.Column("value", sa.Text, nullable=False),
 )
 
+_CORE_TABLES = (tasks_table, stages_table, samples_table, expired_table, meta_table)
 _TASK_COLUMNS = [c.name for c in tasks_table.columns]
 
 # The hottest reads, built once: constructing and cache-keying a statement per call cost more than
@@ -208,6 +229,16 @@ def add_missing_columns(engine: Engine, tables: Iterable[sa.Table]) -> list[str]
     return added
 
 
+def add_missing_indexes(engine: Engine, tables: Iterable[sa.Table]) -> None:
+    """Create the indexes a later release added to an existing table (`create_all` makes only new tables')."""
+    with engine.begin() as conn:
+        for table in tables:
+            for index in table.indexes:
+                index.create(conn, checkfirst=True)
+
+
+
+
 class Store:
     """Tasks, stages and progress samples in a relational database."""
 
@@ -215,7 +246,8 @@ class Store:
         self.url = url
         self.engine: Engine = make_engine(url, echo=echo)
         metadata.create_all(self.engine)
-        add_missing_columns(self.engine, [tasks_table, stages_table, samples_table, meta_table])
+        add_missing_columns(self.engine, _CORE_TABLES)
+        add_missing_indexes(self.engine, _CORE_TABLES)
         self._check_schema_version()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -308,27 +340,6 @@ class Store:
         query = sa.select(t.c.id).where(*_filter_clauses(flt)).order_by(t.c.created_at).limit(limit)
         with self.engine.connect() as conn:
             return [r[0] for r in conn.execute(query)]
-
-    def queued(self, *, limit: int, exclude_owners: Iterable[str | None] = ()) -> list[Task]:
-        """The queue in scheduling order (highest priority, then oldest), without the given owners'."""
-        t = tasks_table
-        query = (
-            sa.select(t)
-            .where(t.c.status == TaskStatus.QUEUED.value)
-            .order_by(t.c.priority.desc(), t.c.created_at, t.c.id)
-            .limit(limit)
-        )
-        excluded = set(exclude_owners)
-        named = sorted(o for o in excluded if o is not None)
-        if None in excluded:
-            query = query.where(t.c.owner.is_not(None))
-            if named:
-                query = query.where(t.c.owner.notin_(named))
-        elif named:
-            # NULL NOT IN (...) is not true in SQL: tasks without an owner must be kept explicitly.
-            query = query.where(sa.or_(t.c.owner.is_(None), t.c.owner.notin_(named)))
-        with self.engine.connect() as conn:
-            return [_task_from_row(r) for r in conn.execute(query).mappings()]
 
     def tasks_with_status(self, status: TaskStatus) -> list[Task]:
         """Every task with this status, with its stages."""
@@ -438,6 +449,95 @@ class Store:
         samples.reverse()
         return samples, int(total)
 
+    # -- the queue (core/queue.py) -------------------------------------------------------------
+
+    def queue_window(self, *, per_owner: int, limit: int) -> tuple[list[Task], dict[tuple[int, str | None], int]]:
+        """The first queued tasks of each owner at each priority (at most `per_owner` each, `limit` in all,
+        shared evenly between the groups), by priority then age: enough to share the next starts between
+        owners however long one owner's queue is. Also, for each (priority, owner) group with more queued
+        tasks than were read, how many were not."""
+        rows: list[Any] = []
+        cut: dict[tuple[int, str | None], int] = {}
+        with self.engine.connect() as conn:
+            groups = conn.execute(_QUEUE_GROUPS, {"limit": limit}).all()
+            quota = min(per_owner, max(1, limit // max(len(groups), 1)))
+            for priority, owner, queued in groups:
+                if len(rows) >= limit:
+                    cut[(priority, owner)] = queued
+                    continue
+                take = min(quota, limit - len(rows))
+                rows += conn.execute(_QUEUE_GROUP_HEAD[owner is not None],
+                                     {"priority": priority, "owner": owner, "per_owner": take}).all()
+                if queued > take:
+                    cut[(priority, owner)] = queued - take
+        tasks = [_task_from_tuple(r) for r in rows]
+        tasks.sort(key=lambda task: (-task.priority, task.created_at, task.id))
+        return tasks, cut
+
+    def queued_ahead(self, task: Task) -> int:
+        """How many queued tasks come before `task` by priority and age alone (sharing aside)."""
+        t = tasks_table
+        query = sa.select(sa.func.count()).select_from(t).where(
+            t.c.status == TaskStatus.QUEUED.value,
+            sa.or_(t.c.priority > task.priority,
+                   sa.and_(t.c.priority == task.priority,
+                           sa.or_(t.c.created_at < task.created_at,
+                                  sa.and_(t.c.created_at == task.created_at, t.c.id < task.id)))),
+        )
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    # -- retention (core/retention.py) ---------------------------------------------------------
+
+    def prune_expired(self, policy: RetentionPolicy, at: float, batch: int) -> list[str]:
+        """Remove up to `batch` finished tasks whose retention has passed (with their stages and history),
+        leaving a tombstone for each, in one transaction; then as many tombstones past theirs.
+        Returns the ids of the tasks removed."""
+        t = tasks_table
+        final = [s.value for s in FINAL_STATUSES]
+        cols = (t.c.id, t.c.type, t.c.owner, t.c.completed_at, t.c.retention_seconds, t.c.params)
+        finished = sa.and_(t.c.status.in_(final), t.c.completed_at.is_not(None))
+        queries = [
+            sa.select(*cols).where(finished, t.c.retention_seconds.is_(None), t.c.type == type_,
+                                   t.c.completed_at < at - seconds)
+            for type_, seconds in policy.by_type.items()
+        ]
+        queries.append(sa.select(*cols).where(finished, t.c.retention_seconds.is_(None),
+                                              t.c.type.notin_(list(policy.by_type)),
+                                              t.c.completed_at < at - policy.default_seconds))
+        queries.append(sa.select(*cols).where(finished, t.c.retention_seconds.is_not(None),
+                                              t.c.completed_at + t.c.retention_seconds < at))
+        rows: list[Any] = []
+        with self.engine.begin() as conn:
+            for query in queries:
+                if len(rows) >= batch:
+                    break
+                rows += conn.execute(query.order_by(t.c.completed_at).limit(batch - len(rows))).all()
+            ids = [r[0] for r in rows]
+            if rows:
+                conn.execute(sa.insert(expired_table), [
+                    {"id": task_id, "type": type_, "owner": owner, "completed_at": completed, "expired_at": at,
+                     "retention_seconds": own if own is not None else policy.for_type(type_),
+                     "evaluation_id": (params or {}).get("evaluation_id") if type_ == "evaluation" else None}
+                    for task_id, type_, owner, completed, own, params in rows
+                ])
+                conn.execute(sa.delete(samples_table).where(samples_table.c.task_id.in_(ids)))
+                conn.execute(sa.delete(stages_table).where(stages_table.c.task_id.in_(ids)))
+                conn.execute(sa.delete(t).where(t.c.id.in_(ids)))
+            x = expired_table
+            old = sa.select(x.c.id).where(x.c.expired_at + x.c.retention_seconds < at).limit(batch)
+            conn.execute(sa.delete(x).where(x.c.id.in_(old.scalar_subquery())))
+        return ids
+
+    def tombstone(self, task_id: str | None = None, *, evaluation_id: str | None = None) -> dict[str, Any] | None:
+        """What is left of a task pruned by retention (id, type, owner, completed_at, expired_at, retention),
+        found by the task's id or its evaluation's."""
+        x = expired_table
+        where = x.c.id == task_id if evaluation_id is None else x.c.evaluation_id == evaluation_id
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(x).where(where)).mappings().first()
+        return dict(row) if row is not None else None
+
     # -- helpers -------------------------------------------------------------------------------
 
     def _stages_for(self, conn: Connection, ids: list[str]) -> dict[str, list[Stage]]:
@@ -486,10 +586,22 @@ def visible_to(owner_column: Any, viewer: Any) -> Any:
 @functools.lru_cache(maxsize=256)
 def _list_query(n_statuses: int, n_types: int, since: bool, owner: bool, after: bool,
                 viewer: bool = False) -> sa.Select[Any]:
+    if n_statuses <= 1:
+        return _list_one(tuple(range(n_statuses)), n_types, since, owner, after, viewer)
+    # Several statuses: one ordered, limited read per status (each walks ix_tasks_status_created from its
+    # newest end), merged. A single `status IN (...)` read sorted every matching row: 53 ms at 100,000.
+    parts = [_list_one((i,), n_types, since, owner, after, viewer).subquery(f"by_status_{i}")
+             for i in range(n_statuses)]
+    merged = sa.union_all(*(sa.select(part) for part in parts)).subquery("merged")
+    return sa.select(merged).order_by(merged.c.created_at.desc(), merged.c.id.desc()).limit(sa.bindparam("limit"))
+
+
+def _list_one(statuses: tuple[int, ...], n_types: int, since: bool, owner: bool, after: bool,
+              viewer: bool) -> sa.Select[Any]:
     t = tasks_table
     query = sa.select(t).order_by(t.c.created_at.desc(), t.c.id.desc()).limit(sa.bindparam("limit"))
-    if n_statuses:
-        query = query.where(t.c.status.in_([sa.bindparam(f"status_{i}") for i in range(n_statuses)]))
+    if statuses:
+        query = query.where(t.c.status.in_([sa.bindparam(f"status_{i}") for i in statuses]))
     if n_types:
         query = query.where(t.c.type.in_([sa.bindparam(f"type_{i}") for i in range(n_types)]))
     if since:
@@ -505,6 +617,27 @@ def _list_query(n_statuses: int, n_types: int, since: bool, owner: bool, after: 
             sa.or_(t.c.created_at < created, sa.and_(t.c.created_at == created, t.c.id < task_id))
         )
     return query
+
+
+# The queue's shares (Store.queue_window): its (priority, owner) groups come from the ix_tasks_owner_queue
+# index alone, then each group's first tasks by an index seek; a window function ranking every queued row
+# measured 15 ms with 4,000 queued, this 1 ms.
+_t = tasks_table
+_QUEUE_GROUPS = (
+    sa.select(_t.c.priority, _t.c.owner, sa.func.count())
+    .where(_t.c.status == TaskStatus.QUEUED.value)
+    .group_by(_t.c.priority, _t.c.owner)
+    .order_by(_t.c.priority.desc())
+    .limit(sa.bindparam("limit"))
+)
+_QUEUE_GROUP_HEAD = {
+    owned: sa.select(_t)
+    .where(_t.c.status == TaskStatus.QUEUED.value, _t.c.priority == sa.bindparam("priority"),
+           _t.c.owner == sa.bindparam("owner") if owned else _t.c.owner.is_(None))
+    .order_by(_t.c.created_at, _t.c.id)
+    .limit(sa.bindparam("per_owner"))
+    for owned in (True, False)
+}
 
 
 @functools.lru_cache(maxsize=_PREBUILT_IN_MAX)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidArgument
+from .resources import DEFAULT_NEEDS, check_amount
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,8 @@ class TaskType:
     idempotent: bool = False
     # Created only by the service that owns it (which checked its parameters), never directly by a client.
     internal: bool = False
+    # What one task needs to run (core/resources.py): worker slots, memory_mb, named resources such as gpu.
+    resources: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_NEEDS))
 
 
 _REGISTRY: dict[str, TaskType] = {}
@@ -29,6 +32,8 @@ _REGISTRY: dict[str, TaskType] = {}
 
 def register_task_type(task_type: TaskType) -> TaskType | None:
     """Register (or replace) a task type; returns the one it replaced, if any."""
+    for name, amount in task_type.resources.items():
+        check_amount(name, amount, f"the resources of task type {task_type.name!r}")
     previous = _REGISTRY.get(task_type.name)
     _REGISTRY[task_type.name] = task_type
     return previous

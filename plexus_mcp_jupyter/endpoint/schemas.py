@@ -63,6 +63,15 @@ class ProgressPoint(BaseModel):
     message: str | None
 
 
+class QueuePlace(BaseModel):
+    position: int = Field(description="1 = the next to start, in the scheduler's order (priority, then owners sharing)")
+    reason: str = Field(description="Why it waits: no_slot | owner_cap | type_cap | resources | starting")
+    message: str = Field(description="The reason in words, with the numbers")
+    estimated_start_at: str | None = Field(
+        description="Expected start (ISO 8601 UTC) from the running tasks' expected ends; null when unknown")
+    exact: bool = Field(description="False beyond the scheduler's look-ahead: position by priority and age only")
+
+
 class TaskDetail(TaskSummary):
     params: dict[str, Any]
     error_details: dict[str, Any] | None
@@ -77,6 +86,9 @@ class TaskDetail(TaskSummary):
     )
     history_total: int | None = Field(default=None, description="How many samples exist in all")
     resource_uri: str
+    queue: QueuePlace | None = Field(default=None, description="Where a QUEUED task stands; null otherwise")
+    retention_seconds: float | None = Field(default=None, description="How long it is kept once finished")
+    expires_at: str | None = Field(default=None, description="When a finished task is pruned (ISO 8601 UTC)")
 
 
 class TaskPage(BaseModel):

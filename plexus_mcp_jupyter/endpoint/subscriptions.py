@@ -433,7 +433,8 @@ class PlexusListenHandler(ListenHandler):
 
         async def send_status(task_id: str) -> None:
             try:
-                params = {**detailed_task(self._outcome, self._watch.manager.get(task_id)), "_meta": meta}
+                params = {**detailed_task(self._outcome, self._watch.manager.get(task_id),
+                                                  self._watch.manager.retention), "_meta": meta}
             except NotFound:
                 return
             await ctx.session.send_notification(TaskStatusPush(params=params), related_request_id=subscription_id)

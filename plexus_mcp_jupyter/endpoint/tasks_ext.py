@@ -51,9 +51,10 @@ from mcp.types import (
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, Field
 
-from ..core.errors import InvalidArgument, NotFound
+from ..core.errors import Expired, InvalidArgument, NotFound
 from ..core.manager import TaskManager
 from ..core.models import Task, TaskStatus, iso
+from ..core.retention import RetentionPolicy
 from .principal import principal_of
 from .tools import describe
 
@@ -105,10 +106,11 @@ def last_updated(task: Task) -> float:
     return max(t for t in times if t is not None)
 
 
-def task_view(task: Task, *, modern: bool) -> dict[str, Any]:
+def task_view(task: Task, *, modern: bool, retention: RetentionPolicy) -> dict[str, Any]:
     """The MCP `Task` of a Plexus task, in the era's field names (ttl/pollInterval became ttlMs/pollIntervalMs).
 
-    Tasks are kept until the store is cleaned, so the time to live is unlimited (null).
+    The time to live is the task's retention (core/retention.py): the ttl the client asked for, bounded, or
+    its type's. It counts from the task's end, so the task is kept at least that long from its creation.
     """
     return {
         "taskId": task.id,
@@ -116,7 +118,7 @@ def task_view(task: Task, *, modern: bool) -> dict[str, Any]:
         "statusMessage": describe(task),
         "createdAt": iso(task.created_at),
         "lastUpdatedAt": iso(last_updated(task)),
-        "ttlMs" if modern else "ttl": None,
+        "ttlMs" if modern else "ttl": round(retention.for_task(task) * 1000),
         "pollIntervalMs" if modern else "pollInterval": POLL_INTERVAL_MS,
     }
 
@@ -129,9 +131,9 @@ def tool_result_dict(outcome: Outcome, task: Task) -> dict[str, Any]:
     return outcome(task).model_dump(by_alias=True, mode="json", exclude_none=True)
 
 
-def detailed_task(outcome: Outcome, task: Task) -> dict[str, Any]:
+def detailed_task(outcome: Outcome, task: Task, retention: RetentionPolicy) -> dict[str, Any]:
     """The 2026-07-28 `DetailedTask`: the task, with the final tool result inlined once it ended."""
-    view = task_view(task, modern=True)
+    view = task_view(task, modern=True, retention=retention)
     if task.status.is_final and task.status is not TaskStatus.CANCELLED:
         view["result"] = tool_result_dict(outcome, task)
     return view
@@ -170,6 +172,8 @@ class PlexusTasks(Extension):
         """The task, if the caller may see it (another API key's tasks are "not found", like missing ones)."""
         try:
             return self.manager.get(task_id, principal_of(ctx).viewer)
+        except Expired as exc:
+            raise MCPError(INVALID_PARAMS, f"Failed to retrieve task: {exc}") from None
         except NotFound:
             raise _not_found(task_id) from None
 
@@ -201,7 +205,7 @@ class PlexusTasks(Extension):
         task = await self._start(ctx, params.name, call_next)
         if not isinstance(task, Task):
             return task  # the tool's own error result, as a plain call would answer
-        return {"resultType": "task", **task_view(task, modern=True)}
+        return {"resultType": "task", **task_view(task, modern=True, retention=self.manager.retention)}
 
     @staticmethod
     def _declared(ctx: ServerRequestContext[Any, Any]) -> bool:
@@ -220,8 +224,8 @@ class PlexusTasks(Extension):
     async def get(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> dict[str, Any]:
         if is_modern(ctx.protocol_version):
             require_client_extension(ctx, TASKS_EXTENSION)
-            return detailed_task(self.outcome, self._task(ctx, params.task_id))
-        return task_view(self._task(ctx, params.task_id), modern=False)
+            return detailed_task(self.outcome, self._task(ctx, params.task_id), self.manager.retention)
+        return task_view(self._task(ctx, params.task_id), modern=False, retention=self.manager.retention)
 
     async def cancel(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> dict[str, Any]:
         modern = is_modern(ctx.protocol_version)
@@ -242,7 +246,7 @@ class PlexusTasks(Extension):
         self.manager.cancel([task.id])
         if self.audit is not None:
             self.audit.record(principal, "tasks/cancel", target=task.id)
-        return {} if modern else task_view(self.manager.get(task.id), modern=False)
+        return {} if modern else task_view(self.manager.get(task.id), modern=False, retention=self.manager.retention)
 
     async def update(self, ctx: ServerRequestContext[Any, Any], params: UpdateTaskParams) -> dict[str, Any]:
         # Plexus tasks never ask the client for input, so no response is outstanding: they are ignored.
@@ -269,7 +273,7 @@ class PlexusTasks(Extension):
             )
         except InvalidArgument as exc:
             raise MCPError(INVALID_PARAMS, str(exc)) from None
-        page: dict[str, Any] = {"tasks": [task_view(t, modern=False) for t in tasks]}
+        page: dict[str, Any] = {"tasks": [task_view(t, modern=False, retention=self.manager.retention) for t in tasks]}
         if next_cursor:
             page["nextCursor"] = next_cursor
         return page
@@ -296,9 +300,13 @@ class PlexusTasks(Extension):
             # A 2025-11-25 client expects CreateTaskResult: no task was made, so the tool error is a JSON-RPC one.
             text = " ".join(c.get("text", "") for c in _as_dict(task).get("content", []) if isinstance(c, dict))
             raise MCPError(INVALID_PARAMS, text or f"{name} failed")
+        ttl = task_meta.get("ttl")
+        if ttl is not None:  # honoured within [1 s, max_task_ttl_seconds]; task_view reports what was kept
+            task.retention_seconds = self.manager.retention.ttl_seconds(ttl)
+            self.manager.set_retention(task.id, task.retention_seconds)
         if self.follow_status is not None:
             self.follow_status(ctx.session._connection, task.id)
-        return {"task": task_view(task, modern=False)}
+        return {"task": task_view(task, modern=False, retention=self.manager.retention)}
 
 
 def _as_dict(outcome: Any) -> dict[str, Any]:
@@ -311,7 +319,7 @@ def _as_dict(outcome: Any) -> dict[str, Any]:
 def legacy_status_notification(manager: TaskManager, task_id: str) -> dict[str, Any] | None:
     """The params of `notifications/tasks/status` for a task (None when it is gone)."""
     try:
-        return task_view(manager.get(task_id), modern=False)
+        return task_view(manager.get(task_id), modern=False, retention=manager.retention)
     except NotFound:
         return None
 

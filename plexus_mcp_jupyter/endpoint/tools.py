@@ -83,6 +83,7 @@ def task_detail_data(manager: TaskManager, task: Task, *, history: bool, history
         data["history"] = None
         data["history_total"] = None
     data["resource_uri"] = task_uri(task.id)
+    data.update(manager.queue_fields(task))
     return data
 
 
@@ -205,7 +206,10 @@ def register_tools(server: MCPServer, manager: TaskManager) -> None:
     ) -> Annotated[CallToolResult, TaskDetail]:
         task = manager.get(task_id, current_principal().viewer)
         detail = task_detail_data(manager, task, history=history, history_limit=history_limit)
-        return result(describe(task), detail)
+        text = describe(task)
+        if detail["queue"] is not None:
+            text += f" Queue position {detail['queue']['position']}: {detail['queue']['message']}."
+        return result(text, detail)
 
     @server.tool(
         title="Cancel tasks",

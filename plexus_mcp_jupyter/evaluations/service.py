@@ -20,9 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from ..core.errors import InvalidArgument, NotFound
+from ..core.errors import Expired, InvalidArgument, NotFound
 from ..core.manager import TaskManager
 from ..core.models import Task, iso
+from ..core.retention import expired_message
 from ..core.store import owner_visible
 from .datasets import DatasetCatalog
 from .kernel_scorers import KernelScorerRegistry
@@ -310,6 +311,10 @@ class EvaluationService:
     def _record(self, evaluation_id: str, viewer: str | None = None) -> dict[str, Any]:
         """The record, if a caller with owner `viewer` (None: an admin) may see it; NotFound otherwise."""
         row = self.store.get(evaluation_id) if isinstance(evaluation_id, str) else None
+        if row is None and isinstance(evaluation_id, str):
+            tombstone = self.manager.store.tombstone(evaluation_id=evaluation_id)  # pruned by retention?
+            if tombstone is not None and owner_visible(tombstone["owner"], viewer):
+                raise Expired(expired_message(evaluation_id, tombstone, "evaluation"))
         if row is None or not owner_visible(row["owner"], viewer):
             raise NotFound(f"no evaluation {evaluation_id!r}; list_evaluations shows the ones that exist")
         return row

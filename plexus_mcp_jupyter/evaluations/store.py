@@ -19,7 +19,15 @@ from sqlalchemy.engine import Engine
 
 from ..core.errors import InvalidArgument
 from ..core.models import TaskStatus
-from ..core.store import add_missing_columns, decode_position, encode_position, metadata, tasks_table, visible_to
+from ..core.store import (
+    add_missing_columns,
+    add_missing_indexes,
+    decode_position,
+    encode_position,
+    metadata,
+    tasks_table,
+    visible_to,
+)
 from .metrics import LabelNormalization
 
 SETUP_STAGE = "Setup"
@@ -151,6 +159,7 @@ class EvaluationStore:
         self.engine = engine
         metadata.create_all(engine, tables=[evaluations_table, items_table])
         add_missing_columns(engine, [evaluations_table, items_table])
+        add_missing_indexes(engine, [evaluations_table, items_table])
 
     def create(self, row: dict[str, Any]) -> None:
         with self.engine.begin() as conn:

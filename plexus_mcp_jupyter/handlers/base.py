@@ -17,7 +17,7 @@ from jupyter_server.auth.identity import IdentityProvider, PasswordIdentityProvi
 from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
-from ..core.errors import InvalidArgument, NotFound, PlexusError
+from ..core.errors import Expired, InvalidArgument, NotFound, PlexusError
 from ..runtime import PlexusRuntime
 from ..security.http import (
     BadJSON,
@@ -228,6 +228,8 @@ class PlexusHandler(APIHandler):
 
 def http_error(exc: PlexusError) -> web.HTTPError:
     """Map a core error to the HTTP error of the same meaning."""
+    if isinstance(exc, Expired):
+        return web.HTTPError(410, str(exc))  # Gone: it existed, and retention removed it
     if isinstance(exc, NotFound):
         return web.HTTPError(404, str(exc))
     if isinstance(exc, InvalidArgument):

@@ -70,7 +70,7 @@ class TaskHandler(PlexusHandler):
         manager = self.runtime.manager
         try:
             task = manager.get(task_id, self.principal.viewer)
-            data = task.to_dict()
+            data = {**task.to_dict(), **manager.queue_fields(task)}
             if self.get_argument("history", "false").lower() in ("1", "true", "yes"):
                 raw = self.get_argument("history_limit", "100")
                 if not (raw.isascii() and raw.isdigit()):

@@ -7,6 +7,8 @@ import asyncio
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ..resources import Resources, machine_capacity
+
 MessageCallback = Callable[[tuple[Any, ...]], None]
 
 
@@ -53,3 +55,12 @@ class Executor(abc.ABC):
 
     @abc.abstractmethod
     def status(self) -> dict[str, Any]: ...
+
+    def capacity(self) -> Resources:
+        """What this executor can run at once (core/resources.py); the scheduler never commits more.
+
+        By default this machine's cores (as `slots`) and physical memory (`memory_mb`); an executor with
+        other resources (a cluster's GPUs) says so here. The server's `executor_resources` setting overrides
+        any of it, and `max_concurrency` bounds the slots.
+        """
+        return machine_capacity()
