@@ -114,6 +114,12 @@ class PlexusSettings(Configurable):
         "with an error naming this setting. Admins (keys and the notebook user) may use the full range, -1000 to "
         "1000; viewers cannot dispatch at all.",
     ).tag(config=True)
+    max_batch_size = Integer(
+        1000, min=1, max=100_000,
+        help="Most tasks one batch call may touch: tasks dispatched by dispatch_batch, and tasks cancelled, retried "
+        "or re-prioritised by ids or by a filter. A larger call is refused with the count and this bound (narrow the "
+        "filter or split the batch); a dry run still counts. Default 1000.",
+    ).tag(config=True)
 
     def apply_env(self, environ: Mapping[str, str] | None = None, protected: Iterable[str] = ()) -> None:
         """Set traits from PLEXUS_MCP_* variables, except those in `protected` (set on the command line)."""

@@ -73,6 +73,7 @@ class PlexusRuntime:
         self.audit = AuditLog(self.store.engine)
         self.limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
         self.manager.max_unfinished_per_key = settings.max_tasks_per_key
+        self.manager.max_batch_size = settings.max_batch_size
         self.manager.request_handlers["kernel_score"] = self._kernel_score
         self.evaluations = EvaluationService(self.manager, EvaluationStore(self.store.engine), self.catalog,
                                              self.kernel_scorers, settings.scorer_modules.split(","),

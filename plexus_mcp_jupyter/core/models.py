@@ -71,8 +71,8 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def parse_iso(value: str) -> float:
-    """An ISO 8601 date or date-time (naive means UTC) to epoch seconds."""
+def parse_iso(value: str, name: str = "since") -> float:
+    """An ISO 8601 date or date-time (naive means UTC) to epoch seconds; `name` is the argument's, for the error."""
     text = value.strip()
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
@@ -80,7 +80,7 @@ def parse_iso(value: str) -> float:
         parsed = datetime.fromisoformat(text)
     except ValueError:
         raise InvalidArgument(
-            f"'since' must be an ISO 8601 date or date-time such as 2026-01-31T12:00:00Z, not {value!r}"
+            f"{name!r} must be an ISO 8601 date or date-time such as 2026-01-31T12:00:00Z, not {value!r}"
         ) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=timezone.utc)
@@ -159,6 +159,8 @@ class Task:
     worker: str | None = None
     cancel_requested: bool = False
     stages: list[Stage] = field(default_factory=list)
+    batch_id: str | None = None  # the batch it was dispatched in (core/batches.py), if any
+    retry_of: str | None = None  # the task this one is a new attempt of (retry_tasks), if any
 
     @property
     def progress(self) -> dict[str, Any]:
@@ -194,6 +196,7 @@ class Task:
             "progress": self.progress,
             "error_message": self.error_message,
             "owner": self.owner,
+            "batch_id": self.batch_id,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -209,6 +212,7 @@ class Task:
                 "worker": self.worker,
                 "cancel_requested": self.cancel_requested,
                 "stages": [s.to_dict() for s in self.stages],
+                "retry_of": self.retry_of,
             }
         )
         return data
