@@ -11,6 +11,7 @@ import time
 
 import httpx2
 import pytest
+from mcp import MCPError
 
 from .conftest import open_client, poll
 
@@ -193,7 +194,7 @@ async def test_an_operators_filter_never_touches_another_keys_or_the_notebook_us
         assert "permission denied" in denied and "only your own" in denied
         by_id = await call(a, "cancel_tasks", {"task_ids": [*theirs["task_ids"], *other["task_ids"]]})
         assert {r["outcome"] for r in by_id["results"]} == {"forbidden", "not_found"}
-        with pytest.raises(Exception):  # another key's batch does not exist for it
+        with pytest.raises(MCPError, match="no batch with id"):  # another key's batch does not exist for it
             await batch_status(a, other["batch_id"])
         priority = await refused(a, "set_task_priority", {"status": ["QUEUED"], "priority": 500})
         assert "max_priority_operator" in priority

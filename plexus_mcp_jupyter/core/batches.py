@@ -64,9 +64,13 @@ class Selection:
 
     @property
     def filter_fields(self) -> dict[str, Any]:
-        """The filter as given (what the audit log records instead of ids)."""
+        """The filter as given."""
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if f.name != "task_ids" and getattr(self, f.name) not in (None, ())}
+
+    def audit_fields(self) -> dict[str, Any]:
+        """What the audit log records of a selection: the filter, or how many ids (never the ids)."""
+        return {"filter": self.filter_fields} if self.filter_fields else {"task_ids": len(self.task_ids)}
 
 
 SELECTION_FIELDS = tuple(f.name for f in fields(Selection))
@@ -102,6 +106,17 @@ class Preview:
 
     count: int
     sample: list[str] = field(default_factory=list)
+
+
+def operation_report(bound: int, outcomes: Sequence[CancelOutcome] = (), preview: Preview | None = None
+                     ) -> dict[str, Any]:
+    """The answer of a bulk operation on every face (MCP OperationResult, REST): per-task outcomes, or the
+    count and sample of a dry run."""
+    if preview is not None:
+        return {"dry_run": True, "matched": preview.count, "sample": preview.sample, "results": [],
+                "max_per_call": bound}
+    return {"dry_run": False, "matched": len(outcomes), "sample": [], "results": [o.to_dict() for o in outcomes],
+            "max_per_call": bound}
 
 
 class BatchOperations:

@@ -16,7 +16,7 @@ from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 from mcp.types import CallToolResult, ToolAnnotations
 from pydantic import Field
 
-from ..core.batches import SAMPLE_SIZE, Actor, BatchOperations, Selection, batch_uri
+from ..core.batches import SAMPLE_SIZE, Actor, BatchOperations, Selection, batch_uri, operation_report
 from ..core.errors import NotFound
 from ..core.manager import MAX_PRIORITY, MIN_PRIORITY, CancelOutcome, TaskManager
 from ..core.models import TaskStatus
@@ -54,8 +54,7 @@ def register_batch_tools(server: MCPServer, manager: TaskManager) -> None:
 
     def start(operation: str, selection: Selection, dry_run: bool, **extra: Any) -> Actor:
         """Note the call for the audit log (the filter, or how many ids) before anything can fail."""
-        by = {"filter": selection.filter_fields} if selection.filter_fields else {"task_ids": len(selection.task_ids)}
-        note_for_audit(operation=operation, dry_run=dry_run, **by, **extra)
+        note_for_audit(operation=operation, dry_run=dry_run, **selection.audit_fields(), **extra)
         return current_principal().actor
 
     def preview(operation: str, selection: Selection, actor: Actor) -> CallToolResult:
@@ -63,17 +62,14 @@ def register_batch_tools(server: MCPServer, manager: TaskManager) -> None:
         note_for_audit(count=found.count)
         over = (f"; more than the {batches.bound} one call may change (max_batch_size)"
                 if found.count > batches.bound else "")
-        out = OperationResult(dry_run=True, matched=found.count, sample=found.sample, results=[],
-                              max_per_call=batches.bound)
+        out = operation_report(batches.bound, preview=found)
         return result(f"Dry run: {found.count} task(s) would be affected{over}.", out)
 
     def outcome(outcomes: list[CancelOutcome]) -> CallToolResult:
         counts = Counter(o.outcome for o in outcomes)
         note_for_audit(count=len(outcomes), outcomes=dict(counts))
         text = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in counts.items()) or "no task matched"
-        out = {"dry_run": False, "matched": len(outcomes), "sample": [], "results": [o.to_dict() for o in outcomes],
-               "max_per_call": batches.bound}
-        return result(text[0].upper() + text[1:] + ".", out)
+        return result(text[0].upper() + text[1:] + ".", operation_report(batches.bound, outcomes))
 
     @server.tool(
         title="Dispatch a batch of tasks",
