@@ -16,7 +16,8 @@ from .conftest import open_client
 
 VIEWER_TOOLS = {"list_tasks", "get_task", "get_evaluation", "get_evaluation_results", "list_evaluations",
                 "list_datasets", "list_scorers"}
-ALL_TOOLS = VIEWER_TOOLS | {"run_demo_task", "cancel_tasks", "create_evaluation"}
+ALL_TOOLS = VIEWER_TOOLS | {"run_demo_task", "cancel_tasks", "create_evaluation", "dispatch_batch", "retry_tasks",
+                            "set_task_priority"}
 
 
 def credential_of(name: str, keys: dict, token: str) -> str | None:
