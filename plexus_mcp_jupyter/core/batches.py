@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -33,6 +34,7 @@ DEFAULT_STATUSES = {
     "set_priority": (TaskStatus.PENDING, TaskStatus.QUEUED),
 }
 _WAITING = frozenset({TaskStatus.PENDING, TaskStatus.QUEUED})
+_CANCELLED_WAITING = "cancelled before it started"
 
 
 @dataclass(frozen=True)
@@ -249,75 +251,88 @@ class BatchOperations:
 
     # -- operations ----------------------------------------------------------------------------------
 
-    def cancel(self, selection: Selection, actor: Actor) -> list[CancelOutcome]:
-        """Cancel: waiting tasks in one UPDATE, running ones cooperatively (TaskManager.cancel)."""
-        ids = self.select(selection, actor, "cancel")
-        tasks, outcomes = self._resolve(ids, actor, "cancel")
-        waiting = [t for t in tasks if t.status in _WAITING]
+    async def cancel(self, selection: Selection, actor: Actor) -> list[CancelOutcome]:
+        """Cancel: waiting tasks in one UPDATE, running ones cooperatively (TaskManager.cancel). The reads and
+        the UPDATE run off the event loop; events and running tasks are handled on it."""
         at = now()
-        done = set(self.manager.store.update_queued(
-            [t.id for t in waiting], status=TaskStatus.CANCELLED, completed_at=at, cancel_requested=True,
-            error_message="cancelled before it started"))
+
+        def work() -> tuple[list[str], list[Task], list[CancelOutcome], set[str]]:
+            ids = self.select(selection, actor, "cancel")
+            tasks, outcomes = self._resolve(ids, actor, "cancel")
+            done = set(self.manager.store.update_queued(
+                [t.id for t in tasks if t.status in _WAITING], status=TaskStatus.CANCELLED, completed_at=at,
+                cancel_requested=True, error_message=_CANCELLED_WAITING))
+            return ids, tasks, outcomes, done
+
+        ids, tasks, outcomes, done = await asyncio.to_thread(work)
         cancelled = []
-        for task in waiting:
-            if task.id in done:
-                task.status, task.completed_at, task.cancel_requested = TaskStatus.CANCELLED, at, True
-                task.error_message = "cancelled before it started"
-                cancelled.append(task)
-        self.manager.announce(cancelled, "task.cancelled")
-        outcomes += [CancelOutcome(t.id, "cancelled", t.status.value, "cancelled before it started")
-                     for t in cancelled]
         for task in tasks:
             if task.id in done:
-                continue
-            if task.status.is_final:
+                task.status, task.completed_at, task.cancel_requested = TaskStatus.CANCELLED, at, True
+                task.error_message = _CANCELLED_WAITING
+                cancelled.append(task)
+                outcomes.append(CancelOutcome(task.id, "cancelled", task.status.value, _CANCELLED_WAITING))
+            elif task.status.is_final:
                 outcomes.append(CancelOutcome(task.id, "already_finished", task.status.value,
                                               f"the task already ended as {task.status.value}; nothing to cancel"))
             else:  # running, or started since it was read
                 outcomes += self.manager.cancel([task.id])
+        self.manager.announce(cancelled, "task.cancelled")
         return _in_order(ids, outcomes)
 
     async def retry(self, selection: Selection, actor: Actor) -> list[CancelOutcome]:
         """Re-run FAILED or CANCELLED tasks as new attempts: a new task (new id, `retry_of` the old one, same
         type, parameters, priority, owner and batch) per task, all stored in one transaction. A task that has
-        not ended, or completed, is a per-task "not_retryable" outcome; caps and the priority ceiling apply to
-        the whole call."""
-        ids = self.select(selection, actor, "retry")
-        tasks, outcomes = self._resolve(ids, actor, "retry")
-        retryable = []
-        retried = self.manager.store.retries_of([t.id for t in tasks])
-        for task in tasks:
-            reason = f"already retried as task {retried[task.id]}" if task.id in retried else _not_retryable(task)
-            if reason:
-                outcomes.append(CancelOutcome(task.id, "not_retryable", task.status.value, f"not retryable: {reason}"))
-            else:
-                retryable.append(task)
-        owner_of = {t.owner for t in retryable}
-        for owner in owner_of:
-            self.manager.check_key_cap(owner, sum(1 for t in retryable if t.owner == owner))
-        attempts = []
-        for task in retryable:
-            try:
-                attempts.append(self.manager.new_task(
-                    task.type, task.params, priority=task.priority, owner=task.owner, description=task.description,
-                    role=actor.role, batch_id=task.batch_id, retry_of=task.id))
-            except InvalidArgument as exc:
-                raise InvalidArgument(f"task {task.id}: {exc}; nothing was retried") from None
-        await asyncio.to_thread(self.manager.store.create_tasks, attempts)
+        not ended, completed, or was retried already is a per-task "not_retryable" outcome; caps and the
+        priority ceiling apply to the whole call (nothing is retried if one attempt would break them)."""
+
+        def work() -> tuple[list[str], list[CancelOutcome], list[Task]]:
+            ids = self.select(selection, actor, "retry")
+            tasks, outcomes = self._resolve(ids, actor, "retry")
+            retried = self.manager.store.retries_of([t.id for t in tasks])
+            retryable = []
+            for task in tasks:
+                reason = (f"already retried as task {retried[task.id]}" if task.id in retried
+                          else _not_retryable(task))
+                if reason:
+                    outcomes.append(CancelOutcome(task.id, "not_retryable", task.status.value,
+                                                  f"not retryable: {reason}"))
+                else:
+                    retryable.append(task)
+            for owner, n in Counter(t.owner for t in retryable).items():
+                self.manager.check_key_cap(owner, n)
+            attempts = []
+            for task in retryable:
+                try:
+                    attempts.append(self.manager.new_task(
+                        task.type, task.params, priority=task.priority, owner=task.owner,
+                        description=task.description, role=actor.role, batch_id=task.batch_id, retry_of=task.id))
+                except InvalidArgument as exc:
+                    raise InvalidArgument(f"task {task.id}: {exc}; nothing was retried") from None
+            self.manager.store.create_tasks(attempts)
+            outcomes += [CancelOutcome(old.id, "retried", old.status.value, f"queued again as task {new.id}", new.id)
+                         for old, new in zip(retryable, attempts, strict=True)]
+            return ids, outcomes, attempts
+
+        ids, outcomes, attempts = await asyncio.to_thread(work)
         self.manager.announce(attempts)
-        outcomes += [CancelOutcome(old.id, "retried", old.status.value, f"queued again as task {new.id}", new.id)
-                     for old, new in zip(retryable, attempts, strict=True)]
         return _in_order(ids, outcomes)
 
-    def set_priority(self, selection: Selection, priority: int, actor: Actor) -> list[CancelOutcome]:
-        """Change the priority of waiting tasks (one UPDATE); the caller's priority ceiling applies."""
+    async def set_priority(self, selection: Selection, priority: int, actor: Actor) -> list[CancelOutcome]:
+        """Change the priority of waiting tasks (one UPDATE, off the loop); the caller's priority ceiling applies."""
         if isinstance(priority, bool) or not isinstance(priority, int) or not MIN_PRIORITY <= priority <= MAX_PRIORITY:
             raise InvalidArgument(f"priority must be a whole number from {MIN_PRIORITY} to {MAX_PRIORITY} (higher runs "
                                   f"first), not {priority!r:.40}")
         self.manager.check_priority(priority, actor.role)
-        ids = self.select(selection, actor, "set_priority")
-        tasks, outcomes = self._resolve(ids, actor, "set_priority")
-        done = set(self.manager.store.update_queued([t.id for t in tasks if t.status in _WAITING], priority=priority))
+
+        def work() -> tuple[list[str], list[Task], list[CancelOutcome], set[str]]:
+            ids = self.select(selection, actor, "set_priority")
+            tasks, outcomes = self._resolve(ids, actor, "set_priority")
+            done = set(self.manager.store.update_queued([t.id for t in tasks if t.status in _WAITING],
+                                                        priority=priority))
+            return ids, tasks, outcomes, done
+
+        ids, tasks, outcomes, done = await asyncio.to_thread(work)
         changed = []
         for task in tasks:
             if task.id in done:

@@ -7,6 +7,7 @@ they record in the audit log is the filter and the counts, never every id.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter
 from typing import Annotated, Any
@@ -57,8 +58,8 @@ def register_batch_tools(server: MCPServer, manager: TaskManager) -> None:
         note_for_audit(operation=operation, dry_run=dry_run, **selection.audit_fields(), **extra)
         return current_principal().actor
 
-    def preview(operation: str, selection: Selection, actor: Actor) -> CallToolResult:
-        found = batches.preview(selection, actor, operation)
+    async def preview(operation: str, selection: Selection, actor: Actor) -> CallToolResult:
+        found = await asyncio.to_thread(batches.preview, selection, actor, operation)
         note_for_audit(count=found.count)
         over = (f"; more than the {batches.bound} one call may change (max_batch_size)"
                 if found.count > batches.bound else "")
@@ -118,8 +119,8 @@ def register_batch_tools(server: MCPServer, manager: TaskManager) -> None:
         selection = selection_of(task_ids, status, type, owner, created_after, created_before, batch)
         actor = start("cancel", selection, dry_run)
         if dry_run:
-            return preview("cancel", selection, actor)
-        outcomes = batches.cancel(selection, actor)
+            return await preview("cancel", selection, actor)
+        outcomes = await batches.cancel(selection, actor)
         if wait_seconds:
             await manager.wait_final([o.task_id for o in outcomes if o.outcome == "cancelling"], wait_seconds)
             for o in outcomes:
@@ -153,7 +154,7 @@ def register_batch_tools(server: MCPServer, manager: TaskManager) -> None:
         selection = selection_of(task_ids, status, type, owner, created_after, created_before, batch)
         actor = start("retry", selection, dry_run)
         if dry_run:
-            return preview("retry", selection, actor)
+            return await preview("retry", selection, actor)
         return outcome(await batches.retry(selection, actor))
 
     @server.tool(
@@ -178,8 +179,8 @@ def register_batch_tools(server: MCPServer, manager: TaskManager) -> None:
         selection = selection_of(task_ids, status, type, owner, created_after, created_before, batch)
         actor = start("set_priority", selection, dry_run, priority=priority)
         if dry_run:
-            return preview("set_priority", selection, actor)
-        return outcome(batches.set_priority(selection, priority, actor))
+            return await preview("set_priority", selection, actor)
+        return outcome(await batches.set_priority(selection, priority, actor))
 
     @server.resource(
         "plexus://batches/{batch_id}",

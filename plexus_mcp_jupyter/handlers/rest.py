@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from typing import Any
 
@@ -141,7 +142,7 @@ class BulkTasksHandler(PlexusHandler):
                 raise InvalidArgument(f"dry_run must be true or false, not {dry_run!r:.40}")
             self.audit_details.update(operation=self.operation, dry_run=dry_run, **selection.audit_fields())
             if dry_run:
-                found = batches.preview(selection, actor, self.operation)
+                found = await asyncio.to_thread(batches.preview, selection, actor, self.operation)
                 self.audit_details.update(count=found.count)
                 self.reply(operation_report(batches.bound, preview=found))
                 return
@@ -153,7 +154,7 @@ class BulkTasksHandler(PlexusHandler):
 
     async def apply(self, batches: BatchOperations, selection: Selection, actor: Actor,
                     body: dict[str, Any]) -> list[CancelOutcome]:
-        return batches.cancel(selection, actor)
+        return await batches.cancel(selection, actor)
 
 
 class CancelTasksHandler(BulkTasksHandler):
@@ -175,7 +176,7 @@ class TaskPriorityHandler(BulkTasksHandler):
                     body: dict[str, Any]) -> list[CancelOutcome]:
         if "priority" not in body:
             raise InvalidArgument("priority is required: the new priority, a whole number from -1000 to 1000")
-        return batches.set_priority(selection, body["priority"], actor)
+        return await batches.set_priority(selection, body["priority"], actor)
 
 
 class BatchHandler(PlexusHandler):
