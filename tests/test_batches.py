@@ -9,11 +9,17 @@ import json
 import sys
 import time
 
+import anyio
 import httpx2
 import pytest
 from mcp import MCPError
+from mcp.server.subscriptions import ResourceUpdated
 
-from .conftest import open_client, poll
+from .conftest import MODERN, open_client, poll
+from .test_standalone import start_http, stop
+
+# Client.subscribe_resource is deprecated for the 2026 era; the 2025-11-25 era still uses it.
+pytestmark = pytest.mark.filterwarnings("ignore::mcp.shared.exceptions.MCPDeprecationWarning")
 
 QUICK = {"type": "demo", "params": {"items": 1, "item_delay_ms": 0}}
 SLOW = {"type": "demo", "params": {"items": 1000, "item_delay_ms": 10}}
@@ -261,6 +267,44 @@ async def test_a_subscription_to_a_batch_reaches_its_final_counts(mcp_client, ru
         status = await batch_status(client, batch["batch_id"])
     assert set(updates) == {uri}
     assert status["counts"]["COMPLETED"] == 5
+
+
+async def test_a_listen_stream_of_the_2026_era_follows_a_batch_to_its_end(mcp_client, runtime):
+    async with mcp_client(MODERN) as client:
+        batch = await call(client, "dispatch_batch", {"tasks": [QUICK] * 3})
+        uri = f"plexus://batches/{batch['batch_id']}"
+        with anyio.fail_after(60):
+            async with client.listen(resource_subscriptions=[uri]) as subscription:
+                async for event in subscription:
+                    assert event == ResourceUpdated(uri=uri)
+                    if (await batch_status(client, batch["batch_id"]))["done"]:
+                        break
+        assert (await batch_status(client, batch["batch_id"]))["counts"]["COMPLETED"] == 3
+
+
+@pytest.mark.parametrize(("uri", "message"), [
+    ("plexus://batches/no-such-batch", "no batch with id 'no-such-batch'"),
+    ("plexus://batches/", "subscribable resources"),
+    ("plexus://tasks?batch=x&colour=red", "unknown parameter(s) ['colour']"),
+])
+async def test_subscribing_to_a_bad_batch_uri_is_a_clear_error(mcp_client, uri, message):
+    async with mcp_client() as client:
+        with pytest.raises(MCPError) as err:
+            await client.subscribe_resource(uri)
+    assert message in err.value.message and err.value.code == -32602
+
+
+async def test_the_standalone_http_server_runs_batches_too(tmp_path):
+    proc, url, token = start_http(tmp_path)
+    try:
+        async with open_client(url, token) as client:
+            batch = await call(client, "dispatch_batch", {"tasks": [QUICK] * 3})
+            final = await poll(lambda: batch_status(client, batch["batch_id"]), lambda b: b["done"], timeout=60)
+            assert final["counts"]["COMPLETED"] == 3
+            retried = await call(client, "retry_tasks", {"batch": batch["batch_id"], "dry_run": True})
+            assert retried["matched"] == 0  # nothing failed: a clear zero
+    finally:
+        stop(proc)
 
 
 # -- REST and the CLI --------------------------------------------------------------------------------------------
