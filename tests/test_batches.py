@@ -15,6 +15,9 @@ import pytest
 from mcp import MCPError
 from mcp.server.subscriptions import ResourceUpdated
 
+from plexus_mcp_jupyter.core.batches import BatchOperations
+from plexus_mcp_jupyter.notebook.api import Plexus
+
 from .conftest import MODERN, open_client, poll
 from .test_standalone import start_http, stop
 
@@ -368,3 +371,27 @@ def _env() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if not k.startswith("PLEXUS_MCP_")}
+
+
+async def test_the_notebook_client_runs_the_same_batch_operations(server_url, token, runtime):
+    runtime.manager.max_concurrency = 0
+    nb = Plexus()
+
+    def session() -> tuple[dict, dict, dict, dict, dict]:
+        nb.connect(server_url, token)
+        try:
+            batch = nb.dispatch_batch([QUICK] * 3)
+            dry = nb.cancel(batch=batch["batch_id"], dry_run=True)
+            moved = nb.set_priority(2, batch=batch["batch_id"])
+            cancelled = nb.cancel(task_ids=batch["task_ids"][:2])
+            retried = nb.retry(batch=batch["batch_id"])
+            return batch, dry, moved, cancelled, retried
+        finally:
+            nb.close()
+
+    batch, dry, moved, cancelled, retried = await asyncio.to_thread(session)
+    assert len(batch["task_ids"]) == 3 and dry["matched"] == 3 and moved["matched"] == 3
+    assert [r["outcome"] for r in cancelled["results"]] == ["cancelled", "cancelled"]
+    assert {r["outcome"] for r in retried["results"]} == {"retried"} and retried["matched"] == 2
+    status = BatchOperations(runtime.manager).status(batch["batch_id"])
+    assert status["counts"]["QUEUED"] == 3 and status["superseded"] == 2
