@@ -273,11 +273,14 @@ async def test_a_subscription_to_a_batch_reaches_its_final_counts(mcp_client, ru
 
 
 async def test_a_listen_stream_of_the_2026_era_follows_a_batch_to_its_end(mcp_client, runtime):
+    runtime.manager.max_concurrency = 0  # held until the stream is open, or it could all end before
     async with mcp_client(MODERN) as client:
         batch = await call(client, "dispatch_batch", {"tasks": [QUICK] * 3})
         uri = f"plexus://batches/{batch['batch_id']}"
         with anyio.fail_after(60):
             async with client.listen(resource_subscriptions=[uri]) as subscription:
+                runtime.manager.max_concurrency = 4
+                runtime.manager._schedule_soon()
                 async for event in subscription:
                     assert event == ResourceUpdated(uri=uri)
                     if (await batch_status(client, batch["batch_id"]))["done"]:
