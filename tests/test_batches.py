@@ -342,6 +342,12 @@ async def test_rest_dispatches_a_batch_and_operates_on_it(server_url, token, run
         unknown = await http.post("tasks/cancel", json={"batch": batch_id, "colour": "red"})
         assert unknown.status_code == 400 and "colour" in unknown.json()["error"]["message"]
     assert runtime.manager.store.count_tasks(runtime.manager.build_filter(status="QUEUED")) == 4
+    runtime.audit.flush()
+    records, _ = runtime.audit.query(action="http.POST", limit=20)
+    details = [r["details"] for r in records if r["target"].endswith("tasks/cancel") and r["outcome"] == "ok"]
+    assert {"operation": "cancel", "dry_run": False, "filter": {"batch": batch_id}, "count": 4,
+            "outcomes": {"cancelled": 4}, "status": 200}.items() <= details[0].items()
+    assert not any(task_id in json.dumps(records) for task_id in ids)
 
 
 async def test_the_cli_dispatches_a_batch_and_cancels_it_by_filter(server_url, token, runtime, tmp_path):

@@ -71,6 +71,9 @@ CALLS = [
     ("create_evaluation", {"type": "accuracy", "dataset": "example:sentiment", "prediction_column": "prediction",
                            "label_column": "label"}, "operator"),
     ("cancel_tasks", {"status": ["QUEUED"]}, "operator"),
+    ("dispatch_batch", {"tasks": [{"type": "demo", "params": {"items": 1, "item_delay_ms": 0}}]}, "operator"),
+    ("retry_tasks", {"status": ["FAILED"]}, "operator"),
+    ("set_task_priority", {"status": ["QUEUED"], "priority": 1}, "operator"),
 ]
 RANK = {"viewer": 0, "operator": 1, "admin": 2, "jupyter": 2}
 
