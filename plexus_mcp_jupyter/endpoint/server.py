@@ -31,7 +31,9 @@ from .tools import TASK_TOOLS, outcome_result, register_tools, short
 INSTRUCTIONS = (
     "Plexus runs long tasks in the user's Jupyter server. Tools return at once: start work with "
     "run_demo_task, then follow it with get_task (or read plexus://tasks/{task_id}) and stop it with "
-    "cancel_tasks. Lists are paginated: pass next_cursor back as cursor."
+    "cancel_tasks. Many tasks at once: dispatch_batch, then plexus://batches/{batch_id}; cancel_tasks, "
+    "retry_tasks and set_task_priority take ids or a filter, with dry_run to count first. Lists are paginated: "
+    "pass next_cursor back as cursor."
 )
 
 
