@@ -404,3 +404,28 @@ async def test_the_notebook_client_runs_the_same_batch_operations(server_url, to
     assert {r["outcome"] for r in retried["results"]} == {"retried"} and retried["matched"] == 2
     status = BatchOperations(runtime.manager).status(batch["batch_id"])
     assert status["counts"]["QUEUED"] == 3 and status["superseded"] == 2
+
+
+@pytest.mark.parametrize(("path", "body", "says"), [
+    ("tasks", {"tasks": "demo"}, "tasks must be a non-empty list"),
+    ("tasks", {"tasks": []}, "tasks must be a non-empty list"),
+    ("tasks", {"tasks": [1]}, "tasks[0]: a task spec is an object"),
+    ("tasks", {"tasks": [{**QUICK, "colour": "red"}]}, "tasks[0]: unknown field(s) ['colour']"),
+    ("tasks", {"tasks": [QUICK], "priority": 3}, "put type, params, priority and description in each spec"),
+    ("tasks", {"tasks": [{"type": "evaluation"}]}, "tasks[0]: evaluation tasks are created by their own tools"),
+    ("tasks/cancel", {}, "give either task_ids"),
+    ("tasks/cancel", {"task_ids": ["a"], "status": "QUEUED"}, "not both"),
+    ("tasks/cancel", {"status": "DONE"}, "unknown status 'DONE'"),
+    ("tasks/cancel", {"batch": "b", "dry_run": "yes"}, "dry_run must be true or false"),
+    ("tasks/cancel", {"created_after": "yesterday"}, "'created_after' must be an ISO 8601 date"),
+    ("tasks/retry", {"created_before": "soon"}, "'created_before' must be an ISO 8601 date"),
+    ("tasks/priority", {"batch": "b"}, "priority is required"),
+    ("tasks/priority", {"batch": "b", "priority": "high"}, "priority must be a whole number from -1000 to 1000"),
+])
+async def test_bad_batch_requests_get_clear_errors_and_change_nothing(server_url, token, runtime, path, body, says):
+    runtime.manager.max_concurrency = 0
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx2.AsyncClient(base_url=f"{server_url}plexus/api/", headers=headers) as http:
+        response = await http.post(path, json=body)
+    assert response.status_code == 400 and says in response.json()["error"]["message"], response.text
+    assert runtime.manager.store.count_tasks(runtime.manager.build_filter()) == 0
