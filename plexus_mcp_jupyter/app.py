@@ -24,7 +24,15 @@ from .handlers.events import EventsHandler
 from .handlers.health import AUTH_DISABLED_WARNING, HealthHandler, UnavailableHandler
 from .handlers.keys import AuditHandler, KeyHandler, KeysHandler
 from .handlers.mcp import MCPHandler
-from .handlers.rest import CancelTasksHandler, TaskCancelHandler, TaskHandler, TasksHandler
+from .handlers.rest import (
+    BatchHandler,
+    CancelTasksHandler,
+    RetryTasksHandler,
+    TaskCancelHandler,
+    TaskHandler,
+    TaskPriorityHandler,
+    TasksHandler,
+)
 from .runtime import PlexusRuntime
 from .security.connections import ConnectionGuard
 
@@ -88,6 +96,9 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
             (r"/plexus/api/events/?", EventsHandler),
             (r"/plexus/api/tasks/?", TasksHandler),
             (r"/plexus/api/tasks/cancel/?", CancelTasksHandler),
+            (r"/plexus/api/tasks/retry/?", RetryTasksHandler),
+            (r"/plexus/api/tasks/priority/?", TaskPriorityHandler),
+            (r"/plexus/api/batches/(?P<batch_id>[^/]+)/?", BatchHandler),
             (rf"/plexus/api/tasks/{TASK_ID}/cancel/?", TaskCancelHandler),
             (rf"/plexus/api/tasks/{TASK_ID}/?", TaskHandler),
             (r"/plexus/api/evaluations/?", EvaluationsHandler),

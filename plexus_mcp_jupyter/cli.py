@@ -1,4 +1,4 @@
-"""The `plexus` command: `plexus mcp serve`, `plexus mcp config`."""
+"""The `plexus` command: `plexus mcp serve|config`, `plexus tasks ...` (batches), `plexus keys`, `plexus audit`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import logging
 import os
 import secrets
 import sys
+from pathlib import Path
 from typing import Any
 
 from jupyter_core.paths import jupyter_data_dir
@@ -178,6 +179,81 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tasks_client(args: argparse.Namespace) -> Any:
+    """A REST client of the server: --url/--token, else PLEXUS_MCP_URL/PLEXUS_MCP_TOKEN, else the running Jupyter
+    server. An API key (plx_...) works as the token: the server applies its role, caps and priority ceiling."""
+    from .notebook.client import PlexusClient, resolve_connection
+    from .notebook.errors import PlexusConnectionError
+
+    try:
+        url, token = resolve_connection(args.url, args.token)
+    except PlexusConnectionError:
+        server = _running_jupyter()
+        if server is None:
+            raise
+        url, token = server["url"], args.token or server.get("token") or None
+    return PlexusClient(url, token)
+
+
+def _selection(args: argparse.Namespace) -> dict[str, Any]:
+    return {"task_ids": args.ids or None, "status": args.status, "type": args.type, "owner": args.owner,
+            "created_after": args.created_after, "created_before": args.created_before, "batch": args.batch}
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    """`plexus tasks dispatch|cancel|retry|priority|batch`: batch operations over the server's REST API."""
+    from .notebook.errors import PlexusError
+
+    try:
+        client = _tasks_client(args)
+        if args.command == "dispatch":
+            text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
+            try:
+                specs = json.loads(text)
+            except ValueError as exc:
+                return _fail(ValueError(f"{args.file} is not JSON ({exc}): give a list of task specs "
+                                        '[{"type": "demo", "params": {...}, "priority": 0}, ...]'))
+            answer = client.dispatch_batch(specs)
+        elif args.command == "batch":
+            answer = client.batch(args.batch_id)
+        else:
+            answer = client.bulk(args.command, _selection(args), dry_run=args.dry_run,
+                                 priority=getattr(args, "priority", None))
+    except (PlexusError, OSError) as exc:
+        return _fail(exc)
+    print(json.dumps(answer, indent=2))
+    return 0
+
+
+def _add_tasks_parser(sub: Any) -> None:
+    tasks = sub.add_parser("tasks", help="batch operations on a running server's tasks (REST)").add_subparsers(
+        dest="command", required=True)
+    dispatch = tasks.add_parser("dispatch", help="dispatch a batch: a JSON file holding a list of task specs")
+    dispatch.add_argument("file", help='JSON list of {"type", "params", "priority", "description"}; - for stdin')
+    batch = tasks.add_parser("batch", help="a batch's counts by status and progress")
+    batch.add_argument("batch_id")
+    commands = [dispatch, batch]
+    for name, help_text in (("cancel", "cancel tasks by id or by filter"),
+                            ("retry", "run FAILED or CANCELLED tasks again as new attempts"),
+                            ("priority", "change the priority of queued tasks")):
+        command = tasks.add_parser(name, help=help_text)
+        if name == "priority":
+            command.add_argument("priority", type=int, help="the new priority, -1000 to 1000")
+        command.add_argument("--ids", nargs="+", help="task ids (instead of a filter)")
+        command.add_argument("--status", help="filter: comma-separated statuses")
+        command.add_argument("--type", help="filter: comma-separated task types")
+        command.add_argument("--owner", help="filter: the owner (admins only; others act on their own tasks)")
+        command.add_argument("--created-after", help="filter: created at or after this ISO 8601 time")
+        command.add_argument("--created-before", help="filter: created before this ISO 8601 time")
+        command.add_argument("--batch", help="filter: the tasks of this batch")
+        command.add_argument("--dry-run", action="store_true", help="only count what would be changed")
+        commands.append(command)
+    for command in commands:
+        command.add_argument("--url", help="the server (default $PLEXUS_MCP_URL, else the running Jupyter server)")
+        command.add_argument("--token", help="its token or an API key (default $PLEXUS_MCP_TOKEN)")
+        command.set_defaults(func=cmd_tasks)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plexus", description="Plexus MCP: long-running tasks for AI assistants.")
     parser.add_argument("--version", action="version", version=f"plexus-mcp-jupyter {__version__}")
@@ -230,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--action", help="only these actions (* wildcard, e.g. 'tool.*')")
     export.add_argument("--db-url", help="the store (default: the one Jupyter and `plexus mcp serve` use)")
     export.set_defaults(func=cmd_audit)
+    _add_tasks_parser(sub)
     return parser
 
 

@@ -219,6 +219,12 @@ class PlexusSettings(Configurable):
         500, min=1, max=10_000, help="Most tasks one pruning transaction removes (default 500); a pass runs batches "
         "until nothing expired is left, off the event loop.",
     ).tag(config=True)
+    max_batch_size = Integer(
+        1000, min=1, max=100_000,
+        help="Most tasks one batch call may touch: tasks dispatched by dispatch_batch, and tasks cancelled, retried "
+        "or re-prioritised by ids or by a filter. A larger call is refused with the count and this bound (narrow the "
+        "filter or split the batch); a dry run still counts. Default 1000.",
+    ).tag(config=True)
 
     def apply_env(self, environ: Mapping[str, str] | None = None, protected: Iterable[str] = ()) -> None:
         """Set traits from PLEXUS_MCP_* variables, except those in `protected` (set on the command line).

@@ -91,6 +91,7 @@ class PlexusRuntime:
                                           settings.max_task_ttl_seconds),
             interval=settings.retention_interval_seconds, batch=settings.retention_batch_size,
         )
+        self.manager.max_batch_size = settings.max_batch_size
         self.manager.request_handlers["kernel_score"] = self._kernel_score
         self.evaluations = EvaluationService(self.manager, EvaluationStore(self.store.engine), self.catalog,
                                              self.kernel_scorers, settings.scorer_modules.split(","),

@@ -210,7 +210,16 @@ def cap(tool: Any, arguments: Any) -> Any:
             arguments.pop("fail_at")
     if tool == "cancel_tasks" and isinstance(arguments, dict) and _coercible_number(arguments.get("wait_seconds")):
         arguments = {**arguments, "wait_seconds": 0}
+    if tool == "dispatch_batch" and isinstance(arguments, dict) and isinstance(arguments.get("tasks"), list):
+        arguments = {**arguments, "tasks": [cap_spec(spec) for spec in arguments["tasks"][:20]]}
     return arguments
+
+
+def cap_spec(spec: Any) -> Any:
+    """A fuzzed batch spec of the demo type gets the same light parameters as run_demo_task."""
+    if isinstance(spec, dict) and isinstance(spec.get("params"), dict):
+        return {**spec, "params": cap("run_demo_task", spec["params"])}
+    return spec
 
 
 # -- checks -----------------------------------------------------------------------------------------------
@@ -305,6 +314,8 @@ BASES = {  # a valid argument set of each tool
     "cancel_tasks": {"task_ids": [TASK_ID]}, "create_evaluation": EVALUATION,
     "get_evaluation": {"evaluation_id": EVALUATION_ID}, "get_evaluation_results": {"evaluation_id": EVALUATION_ID},
     "list_evaluations": {}, "list_datasets": {"include_files": False}, "list_scorers": {},
+    "dispatch_batch": {"tasks": [{"type": "demo", "params": {"items": 1, "item_delay_ms": 0}}]},
+    "retry_tasks": {"task_ids": [TASK_ID]}, "set_task_priority": {"task_ids": [TASK_ID], "priority": 1},
 }
 
 
@@ -342,7 +353,8 @@ async def tool_cases(client: Any, ids: dict[str, str], per_tool: int) -> list[tu
 # -- raw JSON-RPC bodies ----------------------------------------------------------------------------------
 
 TOOL_NAMES = ["run_demo_task", "list_tasks", "get_task", "cancel_tasks", "create_evaluation", "get_evaluation",
-              "get_evaluation_results", "list_evaluations", "list_datasets", "list_scorers"]
+              "get_evaluation_results", "list_evaluations", "list_datasets", "list_scorers", "dispatch_batch",
+              "retry_tasks", "set_task_priority"]
 URIS = st.one_of(
     st.sampled_from([
         "plexus://tasks", "plexus://tasks/", "plexus://tasks/..", "plexus://tasks/../../etc/passwd",
@@ -603,7 +615,8 @@ async def test_a_viewer_key_fuzzing_tools_and_bodies_creates_nothing(mcp_url, se
     async with open_client(mcp_url, viewer) as client:
         cases = await tool_cases(client, ids, VIEWER_TOOL_EXAMPLES)
         # the tools it may not see are fuzzed as well: they must be refused, whatever the arguments
-        cases += [(tool, cap(tool, arguments)) for tool in ("run_demo_task", "create_evaluation", "cancel_tasks")
+        cases += [(tool, cap(tool, arguments)) for tool in ("run_demo_task", "create_evaluation", "cancel_tasks",
+                                                             "dispatch_batch", "retry_tasks", "set_task_priority")
                   for arguments in generate(st.dictionaries(TEXT, JSON, max_size=3) | st.just({}), 5)]
         findings = Findings()
         for tool, arguments in cases:

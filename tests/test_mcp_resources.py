@@ -17,8 +17,9 @@ async def test_templates_and_the_static_listing_are_advertised(mcp_client, mode)
         templates = {t.uri_template for t in (await client.list_resource_templates()).resource_templates}
         resources = {str(r.uri) for r in (await client.list_resources()).resources}
     assert templates == {
-        "plexus://tasks{?status,type,limit,cursor}",
+        "plexus://tasks{?status,type,batch,limit,cursor}",
         "plexus://tasks/{task_id}",
+        "plexus://batches/{batch_id}",
         "plexus://evaluations{?status,type,limit,cursor}",
         "plexus://evaluations/{evaluation_id}",
         "plexus://evaluations/{evaluation_id}/results{?only_mismatches,label,score,limit,cursor}",

@@ -38,7 +38,7 @@ async def test_the_catalogue_is_small_and_every_tool_has_schemas_with_descriptio
 
 
 ALL_TOOLS = {
-    "run_demo_task", "list_tasks", "get_task", "cancel_tasks",
+    "run_demo_task", "list_tasks", "get_task", "cancel_tasks", "dispatch_batch", "retry_tasks", "set_task_priority",
     "create_evaluation", "get_evaluation", "get_evaluation_results", "list_evaluations",
     "list_datasets", "list_scorers",
 }
@@ -211,14 +211,15 @@ async def test_tasks_are_owned_by_the_jupyter_user_who_dispatched_them(mcp_clien
     assert os.path.exists(jp_serverapp.web_app.settings["plexus"].store.engine.url.database)
 
 
-async def test_cancelling_by_filter_works_in_bounded_batches(mcp_client, runtime):
+async def test_cancelling_by_filter_is_bounded_and_refused_whole_beyond_the_bound(mcp_client, runtime):
     runtime.manager.max_concurrency = 0
+    runtime.manager.max_batch_size = 100
     for _ in range(105):
         runtime.manager.dispatch("demo", {"items": 1})
     async with mcp_client() as client:
         first = await client.call_tool("cancel_tasks", {"status": ["QUEUED"], "type": ["demo"]})
+        runtime.manager.max_batch_size = 105
         second = await client.call_tool("cancel_tasks", {"status": ["QUEUED"]})
-    assert len(first.structured_content["results"]) == 100 and first.structured_content["more"] is True
-    assert "call again" in first.content[0].text
-    assert len(second.structured_content["results"]) == 5 and second.structured_content["more"] is False
+    assert first.is_error and "matches 105 tasks, more than the 100" in first.content[0].text
+    assert len(second.structured_content["results"]) == 105 and second.structured_content["matched"] == 105
     assert {r["outcome"] for r in second.structured_content["results"]} == {"cancelled"}

@@ -16,7 +16,8 @@ from .conftest import open_client
 
 VIEWER_TOOLS = {"list_tasks", "get_task", "get_evaluation", "get_evaluation_results", "list_evaluations",
                 "list_datasets", "list_scorers"}
-ALL_TOOLS = VIEWER_TOOLS | {"run_demo_task", "cancel_tasks", "create_evaluation"}
+ALL_TOOLS = VIEWER_TOOLS | {"run_demo_task", "cancel_tasks", "create_evaluation", "dispatch_batch", "retry_tasks",
+                            "set_task_priority"}
 
 
 def credential_of(name: str, keys: dict, token: str) -> str | None:
@@ -70,6 +71,9 @@ CALLS = [
     ("create_evaluation", {"type": "accuracy", "dataset": "example:sentiment", "prediction_column": "prediction",
                            "label_column": "label"}, "operator"),
     ("cancel_tasks", {"status": ["QUEUED"]}, "operator"),
+    ("dispatch_batch", {"tasks": [{"type": "demo", "params": {"items": 1, "item_delay_ms": 0}}]}, "operator"),
+    ("retry_tasks", {"status": ["FAILED"]}, "operator"),
+    ("set_task_priority", {"status": ["QUEUED"], "priority": 1}, "operator"),
 ]
 RANK = {"viewer": 0, "operator": 1, "admin": 2, "jupyter": 2}
 

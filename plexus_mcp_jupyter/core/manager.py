@@ -44,15 +44,17 @@ HOST = os.uname().nodename if hasattr(os, "uname") else "localhost"
 
 @dataclass
 class CancelOutcome:
-    """What cancelling one task did."""
+    """What an operation on one task did: cancelling it, or (core/batches.py) retrying or re-prioritising it."""
 
     task_id: str
-    outcome: str  # cancelled | cancelling | already_finished | not_found | forbidden
+    outcome: str  # cancelled | cancelling | already_finished | not_found | forbidden (and batches.py's own)
     status: str | None
     message: str
+    new_task_id: str | None = None  # a retry's new attempt
 
     def to_dict(self) -> dict[str, Any]:
-        return {"task_id": self.task_id, "outcome": self.outcome, "status": self.status, "message": self.message}
+        return {"task_id": self.task_id, "outcome": self.outcome, "status": self.status, "message": self.message,
+                "new_task_id": self.new_task_id}
 
 
 @dataclass
@@ -93,6 +95,7 @@ class TaskManager:
         # Handlers of requests tasks send to the server (TaskContext.request), by kind.
         self.request_handlers: dict[str, Callable[[Task, Any], Awaitable[Any]]] = {}
         self.max_unfinished_per_key = 0  # 0: no cap; API keys (owners key:<id>) may have at most this many
+        self.max_batch_size = 1000  # most tasks one batch call may touch (core/batches.py)
         self.bus = bus
         self.executor = executor
         self.max_concurrency = max_concurrency
@@ -289,6 +292,8 @@ class TaskManager:
         since: str | None = None,
         owner: str | None = None,
         viewer: str | None = None,
+        batch: str | None = None,
+        before: str | None = None,
     ) -> TaskFilter:
         """Validate raw filter values (from MCP, REST or a URI) into a TaskFilter."""
         statuses = tuple(TaskStatus.parse(s) for s in _as_list(status))
@@ -303,6 +308,8 @@ class TaskManager:
             since=parse_iso(since) if since else None,
             owner=owner,
             viewer=viewer,
+            batch_id=batch or None,
+            before=parse_iso(before, "created_before") if before else None,
         )
 
     def parse_limit(self, text: str | None) -> int | None:
@@ -360,17 +367,45 @@ class TaskManager:
         `role` is the dispatching caller's role: a priority above its ceiling (`max_priority_by_role`) is
         refused. None is the server's own work, with the full range.
         """
+        self.check_key_cap(owner, 1)
+        task = self.new_task(type, params, priority=priority, owner=owner, description=description,
+                             internal=internal, role=role)
+        self.store.create_task(task)
+        self.bus.publish("task.created", "task", task.id, task.summary())
+        self.queue_changed()
+        return task
+
+    def check_key_cap(self, owner: str | None, adding: int) -> None:
+        """InvalidArgument when an API key would have more than max_tasks_per_key unfinished tasks with
+        `adding` more (a batch counts whole: it is refused, never cut)."""
+        if self.max_unfinished_per_key and owner is not None and owner.startswith(KEY_OWNER_PREFIX):
+            unfinished = self.store.count_tasks(TaskFilter(
+                statuses=(TaskStatus.PENDING, TaskStatus.QUEUED, TaskStatus.RUNNING), owner=owner))
+            if unfinished + adding > self.max_unfinished_per_key:
+                asked = "" if adding == 1 else f" and asks for {adding} more"
+                raise InvalidArgument(
+                    f"this API key has {unfinished} unfinished tasks{asked}, more than the "
+                    f"{self.max_unfinished_per_key} allowed (max_tasks_per_key): wait for some to finish, or cancel "
+                    "some, before starting more")
+
+    def new_task(
+        self,
+        type: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        priority: int = 0,
+        owner: str | None = None,
+        description: str | None = None,
+        internal: bool = False,
+        role: str | None = None,
+        batch_id: str | None = None,
+        retry_of: str | None = None,
+    ) -> Task:
+        """A validated QUEUED task, not yet stored (dispatch stores one; core/batches.py many at once)."""
         task_type = get_task_type(type)
         if task_type.internal and not internal:
             raise InvalidArgument(f"{type} tasks are created by their own tools (create_evaluation, POST "
                                   "plexus/api/evaluations), not dispatched directly")
-        if self.max_unfinished_per_key and owner is not None and owner.startswith(KEY_OWNER_PREFIX):
-            unfinished = self.store.count_tasks(TaskFilter(
-                statuses=(TaskStatus.PENDING, TaskStatus.QUEUED, TaskStatus.RUNNING), owner=owner))
-            if unfinished >= self.max_unfinished_per_key:
-                raise InvalidArgument(
-                    f"this API key has {unfinished} unfinished tasks, the most allowed (max_tasks_per_key): wait for "
-                    "some to finish, or cancel some, before starting more")
         params = dict(params or {})
         if task_type.validate is not None:
             params = task_type.validate(params)
@@ -381,7 +416,7 @@ class TaskManager:
             )
         self.check_priority(priority, role)
         self.check_fits(task_type.name)
-        task = Task(
+        return Task(
             id=str(uuid.uuid4()),
             type=task_type.name,
             status=TaskStatus.QUEUED,
@@ -390,11 +425,15 @@ class TaskManager:
             params=params,
             description=description or task_type.description,
             owner_role=role,
+            batch_id=batch_id,
+            retry_of=retry_of,
         )
-        self.store.create_task(task)
-        self.bus.publish("task.created", "task", task.id, task.summary())
+
+    def announce(self, tasks: Iterable[Task], kind: str = "task.created") -> None:
+        """Publish one event per task changed by a bulk write, then let the scheduler look at the queue."""
+        for task in tasks:
+            self.bus.publish(kind, "task", task.id, task.summary())
         self.queue_changed()
-        return task
 
     def check_priority(self, priority: int, role: str | None) -> None:
         """InvalidArgument when `priority` is above the ceiling of `role` (refused, never clamped: the caller

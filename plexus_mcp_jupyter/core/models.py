@@ -71,8 +71,8 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def parse_iso(value: str) -> float:
-    """An ISO 8601 date or date-time (naive means UTC) to epoch seconds."""
+def parse_iso(value: str, name: str = "since") -> float:
+    """An ISO 8601 date or date-time (naive means UTC) to epoch seconds; `name` is the argument's, for the error."""
     text = value.strip()
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
@@ -80,7 +80,7 @@ def parse_iso(value: str) -> float:
         parsed = datetime.fromisoformat(text)
     except ValueError:
         raise InvalidArgument(
-            f"'since' must be an ISO 8601 date or date-time such as 2026-01-31T12:00:00Z, not {value!r}"
+            f"{name!r} must be an ISO 8601 date or date-time such as 2026-01-31T12:00:00Z, not {value!r}"
         ) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=timezone.utc)
@@ -161,6 +161,8 @@ class Task:
     stages: list[Stage] = field(default_factory=list)
     owner_role: str | None = None  # the role that dispatched it: its weight under weighted fair share
     retention_seconds: float | None = None  # kept this long once finished (a client's MCP ttl); None: by type
+    batch_id: str | None = None  # the batch it was dispatched in (core/batches.py), if any
+    retry_of: str | None = None  # the task this one is a new attempt of (retry_tasks), if any
 
     @property
     def progress(self) -> dict[str, Any]:
@@ -196,6 +198,7 @@ class Task:
             "progress": self.progress,
             "error_message": self.error_message,
             "owner": self.owner,
+            "batch_id": self.batch_id,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -211,6 +214,7 @@ class Task:
                 "worker": self.worker,
                 "cancel_requested": self.cancel_requested,
                 "stages": [s.to_dict() for s in self.stages],
+                "retry_of": self.retry_of,
             }
         )
         return data

@@ -57,6 +57,11 @@ tasks_table = sa.Table(
     sa.Index("ix_tasks_type_created", "type", "created_at", "id"),
     sa.Index("ix_tasks_completed", "completed_at"),  # retention finds the oldest finished tasks
     sa.Index("ix_tasks_owner_queue", "status", "priority", "owner", "created_at", "id"),  # the queue's shares
+    # Added by later releases (nullable: add_missing_columns brings older stores up to date).
+    sa.Column("batch_id", sa.String(36), nullable=True),  # the batch it was dispatched in (core/batches.py)
+    sa.Column("retry_of", sa.String(36), nullable=True),  # the task this one is a new attempt of
+    sa.Index("ix_tasks_batch", "batch_id", "status"),
+    sa.Index("ix_tasks_retry_of", "retry_of"),
 )
 
 stages_table = sa.Table(
@@ -134,11 +139,14 @@ class TaskFilter:
     # Only what a non-admin caller with this owner may see: its own work and anything not owned by
     # another API key (security/identity.py, Principal.sees_owner, is the same rule). None: everything.
     viewer: str | None = None
+    batch_id: str | None = None  # only the tasks of this batch
+    before: float | None = None  # only tasks created before this time (since: at or after)
 
     def fingerprint(self) -> str:
         """A short digest that ties a cursor to the filter it was issued for."""
         raw = json.dumps(
-            [sorted(s.value for s in self.statuses), sorted(self.types), self.since, self.owner, self.viewer]
+            [sorted(s.value for s in self.statuses), sorted(self.types), self.since, self.owner, self.viewer,
+             self.batch_id, self.before]
         ).encode()
         return hashlib.sha256(raw).hexdigest()[:12]
 
@@ -286,6 +294,82 @@ class Store:
             for stage in task.stages:
                 conn.execute(sa.insert(stages_table).values(**_stage_row(task.id, stage)))
 
+    def create_tasks(self, tasks: Sequence[Task]) -> None:
+        """Insert new tasks (without stages) in one transaction, through the driver's executemany: a
+        batch is all there or not at all, and a thousand rows cost one commit."""
+        if tasks:
+            with self.engine.begin() as conn:
+                conn.execute(sa.insert(tasks_table), [_task_row(task) for task in tasks])
+
+    def tasks_by_ids(self, ids: Sequence[str]) -> list[Task]:
+        """The tasks with these ids that exist (without their stages), in no particular order."""
+        t = tasks_table
+        out: list[Task] = []
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), _IN_CHUNK):
+                chunk = list(ids[start:start + _IN_CHUNK])
+                out += [_task_from_tuple(r) for r in conn.execute(sa.select(t).where(t.c.id.in_(chunk)))]
+        return out
+
+    def retries_of(self, ids: Sequence[str]) -> dict[str, str]:
+        """For those of `ids` that were retried: the id of a newer attempt of each."""
+        t = tasks_table
+        out: dict[str, str] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), _IN_CHUNK):
+                chunk = list(ids[start:start + _IN_CHUNK])
+                out.update((r[0], r[1]) for r in conn.execute(sa.select(t.c.retry_of, t.c.id)
+                                                               .where(t.c.retry_of.in_(chunk))))
+        return out
+
+    def update_queued(self, ids: Sequence[str], **values: Any) -> list[str]:
+        """Set columns of those of `ids` that are still QUEUED or PENDING, in one transaction; returns
+        their ids. The status condition is in the UPDATE itself, so a task the scheduler claimed meanwhile
+        is left alone (and reported as not updated)."""
+        t = tasks_table
+        values = {k: (v.value if isinstance(v, TaskStatus) else v) for k, v in values.items()}
+        waiting = [TaskStatus.QUEUED.value, TaskStatus.PENDING.value]
+        updated: list[str] = []
+        with self.engine.begin() as conn:
+            for start in range(0, len(ids), _IN_CHUNK):
+                chunk = list(ids[start:start + _IN_CHUNK])
+                query = (sa.update(t).where(t.c.id.in_(chunk), t.c.status.in_(waiting)).values(**values)
+                         .returning(t.c.id))
+                updated += [r[0] for r in conn.execute(query)]
+        return updated
+
+    def batch_counts(self, batch_id: str, viewer: str | None = None) -> tuple[dict[str, int], int]:
+        """Counts by status of the current attempts in a batch (a task that was retried counts through its
+        newest attempt), and how many attempts were superseded by a retry. With `viewer`, only what that
+        caller may see."""
+        t = tasks_table
+        retried = sa.select(t.c.retry_of).where(t.c.batch_id == batch_id, t.c.retry_of.is_not(None))
+        where = [t.c.batch_id == batch_id]
+        if viewer is not None:
+            where.append(visible_to(t.c.owner, viewer))
+        current = sa.select(t.c.status, sa.func.count()).where(*where, t.c.id.notin_(retried)).group_by(t.c.status)
+        superseded = sa.select(sa.func.count()).select_from(t).where(*where, t.c.id.in_(retried))
+        with self.engine.connect() as conn:
+            counts = {status: int(n) for status, n in conn.execute(current)}
+            return counts, int(conn.execute(superseded).scalar_one())
+
+    def batch_items(self, batch_id: str, viewer: str | None = None) -> tuple[int, int, float | None, float | None]:
+        """Items processed and known in all stages of a batch's current attempts, when its first task was
+        created and when its last task ended (None while one has not)."""
+        t, st = tasks_table, stages_table
+        retried = sa.select(t.c.retry_of).where(t.c.batch_id == batch_id, t.c.retry_of.is_not(None))
+        where = [t.c.batch_id == batch_id, t.c.id.notin_(retried)]
+        if viewer is not None:
+            where.append(visible_to(t.c.owner, viewer))
+        items = (sa.select(sa.func.coalesce(sa.func.sum(st.c.processed_items), 0),
+                           sa.func.coalesce(sa.func.sum(st.c.total_items), 0))
+                 .select_from(st.join(t, st.c.task_id == t.c.id)).where(*where))
+        times = sa.select(sa.func.min(t.c.created_at), sa.func.max(t.c.completed_at)).where(*where)
+        with self.engine.connect() as conn:
+            processed, total = conn.execute(items).one()
+            created, ended = conn.execute(times).one()
+        return int(processed), int(total), created, ended
+
     def get_task(self, task_id: str) -> Task | None:
         with self.engine.connect() as conn:
             row = conn.execute(_SELECT_TASK, {"task_id": task_id}).mappings().first()
@@ -301,7 +385,8 @@ class Store:
     ) -> tuple[list[Task], tuple[float, str] | None]:
         """One page of tasks, newest first, and the key to continue after (None on the last page)."""
         query = _list_query(len(flt.statuses), len(flt.types), flt.since is not None, flt.owner is not None,
-                            after is not None, flt.viewer is not None)
+                            after is not None, flt.viewer is not None, flt.batch_id is not None,
+                            flt.before is not None)
         params: dict[str, Any] = {"limit": limit + 1}
         for i, status in enumerate(flt.statuses):
             params[f"status_{i}"] = status.value
@@ -313,6 +398,10 @@ class Store:
             params["owner"] = flt.owner
         if flt.viewer is not None:
             params["viewer"] = flt.viewer
+        if flt.batch_id is not None:
+            params["batch_id"] = flt.batch_id
+        if flt.before is not None:
+            params["before"] = flt.before
         if after is not None:
             params["after_created"], params["after_id"] = after
         with self.engine.connect() as conn:
@@ -571,6 +660,7 @@ class Store:
 # bind parameters for every value: building and cache-keying a statement per call, and expanding an
 # IN list of ids at each execution, cost more than running the queries on SQLite.
 _PREBUILT_IN_MAX = 128
+_IN_CHUNK = 500  # ids per IN (...) list: SQLite allows at most 32,766 bound values, older builds 999
 
 
 def owner_visible(owner: str | None, viewer: str | None) -> bool:
@@ -585,19 +675,19 @@ def visible_to(owner_column: Any, viewer: Any) -> Any:
 
 @functools.lru_cache(maxsize=256)
 def _list_query(n_statuses: int, n_types: int, since: bool, owner: bool, after: bool,
-                viewer: bool = False) -> sa.Select[Any]:
+                viewer: bool = False, batch: bool = False, before: bool = False) -> sa.Select[Any]:
     if n_statuses <= 1:
-        return _list_one(tuple(range(n_statuses)), n_types, since, owner, after, viewer)
+        return _list_one(tuple(range(n_statuses)), n_types, since, owner, after, viewer, batch, before)
     # Several statuses: one ordered, limited read per status (each walks ix_tasks_status_created from its
     # newest end), merged. A single `status IN (...)` read sorted every matching row: 53 ms at 100,000.
-    parts = [_list_one((i,), n_types, since, owner, after, viewer).subquery(f"by_status_{i}")
+    parts = [_list_one((i,), n_types, since, owner, after, viewer, batch, before).subquery(f"by_status_{i}")
              for i in range(n_statuses)]
     merged = sa.union_all(*(sa.select(part) for part in parts)).subquery("merged")
     return sa.select(merged).order_by(merged.c.created_at.desc(), merged.c.id.desc()).limit(sa.bindparam("limit"))
 
 
 def _list_one(statuses: tuple[int, ...], n_types: int, since: bool, owner: bool, after: bool,
-              viewer: bool) -> sa.Select[Any]:
+              viewer: bool, batch: bool, before: bool) -> sa.Select[Any]:
     t = tasks_table
     query = sa.select(t).order_by(t.c.created_at.desc(), t.c.id.desc()).limit(sa.bindparam("limit"))
     if statuses:
@@ -610,6 +700,10 @@ def _list_one(statuses: tuple[int, ...], n_types: int, since: bool, owner: bool,
         query = query.where(t.c.owner == sa.bindparam("owner"))
     if viewer:
         query = query.where(visible_to(t.c.owner, sa.bindparam("viewer")))
+    if batch:
+        query = query.where(t.c.batch_id == sa.bindparam("batch_id"))
+    if before:
+        query = query.where(t.c.created_at < sa.bindparam("before"))
     if after:
         created: Any = sa.bindparam("after_created")
         task_id: Any = sa.bindparam("after_id")
@@ -663,6 +757,10 @@ def _filter_clauses(flt: TaskFilter) -> list[Any]:
         clauses.append(t.c.owner == flt.owner)
     if flt.viewer is not None:
         clauses.append(visible_to(t.c.owner, flt.viewer))
+    if flt.batch_id is not None:
+        clauses.append(t.c.batch_id == flt.batch_id)
+    if flt.before is not None:
+        clauses.append(t.c.created_at < flt.before)
     return clauses
 
 

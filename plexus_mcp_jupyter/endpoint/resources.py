@@ -23,27 +23,28 @@ def _dump(data: Any) -> str:
 
 
 def register_resources(server: MCPServer, manager: TaskManager) -> None:
-    def task_page(status: str | None, type: str | None, limit: str | None, cursor: str | None) -> str:
+    def task_page(status: str | None, type: str | None, limit: str | None, cursor: str | None,
+                  batch: str | None = None) -> str:
         try:
-            flt = manager.build_filter(status=status, type=type, viewer=current_principal().viewer)
+            flt = manager.build_filter(status=status, type=type, viewer=current_principal().viewer, batch=batch)
             tasks, next_cursor = manager.list_tasks(flt, limit=manager.parse_limit(limit), cursor=cursor or None)
         except InvalidArgument as exc:
             raise MCPError(INVALID_PARAMS, str(exc)) from None
         return _dump({"tasks": [t.summary() for t in tasks], "next_cursor": next_cursor})
 
     @server.resource(
-        "plexus://tasks{?status,type,limit,cursor}",
+        "plexus://tasks{?status,type,batch,limit,cursor}",
         name="tasks",
         title="Tasks",
         description=(
-            "Tasks, newest first. status and type take comma-separated names; limit 1-100; cursor is the "
-            "next_cursor of the previous page."
+            "Tasks, newest first. status and type take comma-separated names; batch a batch id; limit 1-100; "
+            "cursor is the next_cursor of the previous page."
         ),
         mime_type=JSON,
     )
-    def tasks_resource(status: str | None = None, type: str | None = None, limit: str | None = None,
-                       cursor: str | None = None) -> str:
-        return task_page(status, type, limit, cursor)
+    def tasks_resource(status: str | None = None, type: str | None = None, batch: str | None = None,
+                       limit: str | None = None, cursor: str | None = None) -> str:
+        return task_page(status, type, limit, cursor, batch)
 
     @server.resource("plexus://tasks", name="recent-tasks", title="Recent tasks",
                      description="The 20 most recent tasks (the first page of plexus://tasks{?...}).",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..core.models import StageStatus, TaskStatus
 
@@ -41,6 +41,7 @@ class TaskSummary(BaseModel):
     progress: Progress
     error_message: str | None
     owner: str | None = Field(description="Who created it: jupyter (the notebook user), key:<id> (an API key)")
+    batch_id: str | None = Field(default=None, description="The batch it was dispatched in (plexus://batches/{id})")
 
 
 class StageInfo(BaseModel):
@@ -81,6 +82,7 @@ class TaskDetail(TaskSummary):
     worker: str | None
     cancel_requested: bool
     stages: list[StageInfo]
+    retry_of: str | None = Field(default=None, description="The task this one is a new attempt of (retry_tasks)")
     history: list[ProgressPoint] | None = Field(
         default=None, description="Progress samples, oldest first (only when history=true)"
     )
@@ -107,16 +109,66 @@ class DispatchResult(BaseModel):
     error_message: str | None = Field(default=None, description="Why the task failed, once it has failed")
 
 
-class CancelItem(BaseModel):
+class TaskSpec(BaseModel):
+    """One task of a batch (dispatch_batch): the same fields as POST plexus/api/tasks."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: str = Field(min_length=1, max_length=64, description="A registered task type, e.g. demo")
+    params: dict[str, Any] = Field(default_factory=dict, description="The task type's parameters (for demo: items, "
+                                   "item_delay_ms, fail, fail_at, seed)")
+    priority: int = Field(default=0, description="Queue priority, -1000 to 1000 (higher starts first); operator keys "
+                          "at most max_priority_operator")
+    description: str | None = Field(default=None, max_length=1000, description="Shown in listings")
+
+
+class BatchDispatchResult(BaseModel):
+    batch_id: str = Field(description="Groups the tasks: list_tasks(batch=...), plexus://batches/{batch_id}")
+    task_ids: list[str] = Field(description="The new tasks' ids, in the order of the specs")
+    status: TaskStatus = Field(description="QUEUED: every task was stored, none has started yet")
+    resource_uri: str = Field(description="The batch's counts by status and aggregated progress (subscribable)")
+
+
+class OperationItem(BaseModel):
     task_id: str
-    outcome: str = Field(description="cancelled | cancelling | already_finished | not_found | forbidden")
-    status: str | None
+    outcome: str = Field(description="cancelled | cancelling | already_finished | retried | not_retryable | "
+                         "updated | not_queued | not_found | forbidden")
+    status: str | None = Field(description="The task's status when the call acted on it")
     message: str
+    new_task_id: str | None = Field(default=None, description="retried: the new attempt's id")
 
 
-class CancelResult(BaseModel):
-    results: list[CancelItem]
-    more: bool = Field(default=False, description="More tasks matched the filter than one call cancels: call again")
+class OperationResult(BaseModel):
+    """What cancel_tasks, retry_tasks and set_task_priority did (or, with dry_run, would act on)."""
+
+    dry_run: bool
+    matched: int = Field(description="Tasks the call acted on (with dry_run: would act on)")
+    sample: list[str] = Field(default_factory=list, description="dry_run: the first ids it would act on (at most 20)")
+    results: list[OperationItem] = Field(description="One outcome per task (empty for a dry run)")
+    max_per_call: int = Field(description="The most tasks one call may act on (setting max_batch_size)")
+
+
+class BatchProgress(BaseModel):
+    finished: int = Field(description="Tasks that ended (COMPLETED, FAILED or CANCELLED)")
+    total: int
+    percent: float | None
+    processed_items: int = Field(description="Items processed in the stages of the tasks that started")
+    total_items: int = Field(description="Items known in those stages (grows as tasks start)")
+
+
+class BatchStatus(BaseModel):
+    """plexus://batches/{batch_id} and GET plexus/api/batches/{batch_id}."""
+
+    batch_id: str
+    done: bool = Field(description="Every task ended")
+    total: int = Field(description="Tasks in the batch (a retried task counts once, through its newest attempt)")
+    counts: dict[str, int] = Field(description="Tasks by status (all six statuses)")
+    superseded: int = Field(description="Attempts that were retried (not in counts)")
+    progress: BatchProgress
+    created_at: str | None
+    completed_at: str | None = Field(description="When the last task ended, once done")
+    estimated_completion_at: str | None = Field(description="The batch's own pace extrapolated, once a task ended")
+    tasks_uri: str
+    resource_uri: str
 
 
 class EvaluationDetail(BaseModel):

@@ -18,8 +18,9 @@ from ..core.errors import PlexusError
 from ..core.manager import TaskManager
 from ..core.models import Task
 from ..evaluations.service import EvaluationService
-from ..security.audit import AuditLog
+from ..security.audit import AuditLog, audit_notes
 from ..security.identity import TOOL_ACTIONS
+from .batch_tools import register_batch_tools
 from .evaluation_tools import evaluation_outcome, register_evaluation_tools
 from .principal import acting_as, current_principal, principal_of
 from .resources import register_resources
@@ -30,7 +31,9 @@ from .tools import TASK_TOOLS, outcome_result, register_tools, short
 INSTRUCTIONS = (
     "Plexus runs long tasks in the user's Jupyter server. Tools return at once: start work with "
     "run_demo_task, then follow it with get_task (or read plexus://tasks/{task_id}) and stop it with "
-    "cancel_tasks. Lists are paginated: pass next_cursor back as cursor."
+    "cancel_tasks. Many tasks at once: dispatch_batch, then plexus://batches/{batch_id}; cancel_tasks, "
+    "retry_tasks and set_task_priority take ids or a filter, with dry_run to count first. Lists are paginated: "
+    "pass next_cursor back as cursor."
 )
 
 
@@ -76,26 +79,30 @@ class PlexusMCPServer(MCPServer):
     audit: AuditLog | None = None
 
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
-        """Check, run and audit one tool call (every call is recorded, with its outcome)."""
+        """Check, run and audit one tool call (every call is recorded, with its outcome). A tool may note what
+        to record instead of its arguments (note_for_audit): batch operations note their filter and count."""
         outcome = "error"
-        try:
-            result = await self._call_tool(name, arguments, context)
-            outcome = "error" if getattr(result, "is_error", False) else "ok"
-            return result
-        except ToolError as exc:
-            outcome = "denied" if str(exc).startswith("permission denied") else "error"
-            raise
-        finally:
-            if self.audit is not None:
-                try:
-                    scope = getattr(context.request_context.request, "scope", None) if context is not None else None
-                except ValueError:  # no request (stdio)
-                    scope = None
-                client = scope.get("client") if isinstance(scope, dict) else None
-                target = next((str(arguments[k]) for k in ("task_id", "evaluation_id", "dataset")
-                               if isinstance(arguments, dict) and k in arguments), None)
-                self.audit.record(current_principal(), f"tool.{name}", target=target, outcome=outcome,
-                                  client=client[0] if client else None, details={"arguments": arguments})
+        with audit_notes() as note:
+            try:
+                result = await self._call_tool(name, arguments, context)
+                outcome = "error" if getattr(result, "is_error", False) else "ok"
+                return result
+            except ToolError as exc:
+                outcome = "denied" if str(exc).startswith("permission denied") else "error"
+                raise
+            finally:
+                if self.audit is not None:
+                    try:
+                        scope = (getattr(context.request_context.request, "scope", None)
+                                 if context is not None else None)
+                    except ValueError:  # no request (stdio)
+                        scope = None
+                    client = scope.get("client") if isinstance(scope, dict) else None
+                    target = next((str(arguments[k]) for k in ("task_id", "evaluation_id", "dataset")
+                                   if isinstance(arguments, dict) and k in arguments), None)
+                    self.audit.record(current_principal(), f"tool.{name}", target=target, outcome=outcome,
+                                      client=client[0] if client else None,
+                                      details=dict(note) if note else {"arguments": arguments})
 
     async def _call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
         tool = self._tool_manager.get_tool(name)
@@ -201,6 +208,7 @@ def build_mcp_server(
     for name in ("mcp", "sse_starlette"):
         logging.getLogger(name).setLevel(logging.WARNING)
     register_tools(server, manager)
+    register_batch_tools(server, manager)
     register_resources(server, manager)
     if evaluations is not None:
         register_evaluation_tools(server, evaluations)

@@ -38,6 +38,7 @@ from mcp.types import (
 )
 from pydantic import BaseModel
 
+from ..core.batches import BatchOperations
 from ..core.errors import InvalidArgument, NotFound
 from ..core.events import Event
 from ..core.manager import TaskManager
@@ -50,8 +51,9 @@ from .tasks_ext import TASKS_EXTENSION, Outcome, detailed_task, legacy_status_no
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
-SUBSCRIBABLE = ("plexus://tasks, plexus://tasks?status=...&type=..., plexus://tasks/{task_id}, plexus://evaluations, "
-                "plexus://evaluations?status=...&type=..., plexus://evaluations/{id}, plexus://evaluations/{id}/results")
+SUBSCRIBABLE = ("plexus://tasks, plexus://tasks?status=...&type=...&batch=..., plexus://tasks/{task_id}, "
+                "plexus://batches/{batch_id}, plexus://evaluations, plexus://evaluations?status=...&type=..., "
+                "plexus://evaluations/{id}, plexus://evaluations/{id}/results")
 
 # matcher(event, previous status of the task or None) -> does the resource change?
 Matcher = Callable[[Event, "str | None"], bool]
@@ -81,6 +83,8 @@ def _parse(uri: str, manager: TaskManager, evaluations: EvaluationService | None
     parts = urlsplit(uri)
     if parts.scheme == "plexus" and parts.netloc == "evaluations" and evaluations is not None:
         return _parse_evaluation_uri(uri, parts, evaluations, viewer)
+    if parts.scheme == "plexus" and parts.netloc == "batches":
+        return _parse_batch_uri(uri, parts, manager, viewer)
     if parts.scheme != "plexus" or parts.netloc != "tasks" or parts.fragment:
         raise MCPError(INVALID_PARAMS, f"cannot subscribe to {uri!r}; subscribable resources: {SUBSCRIBABLE}")
     path = parts.path.strip("/")
@@ -92,10 +96,11 @@ def _parse(uri: str, manager: TaskManager, evaluations: EvaluationService | None
         except NotFound as exc:
             raise MCPError(INVALID_PARAMS, str(exc)) from None
         return Followed(path)
-    query = _query(uri, parts.query, ("status", "type", "limit", "cursor"))
+    query = _query(uri, parts.query, ("status", "type", "batch", "limit", "cursor"))
     try:
         flt = manager.build_filter(
-            status=",".join(query.get("status", [])) or None, type=",".join(query.get("type", [])) or None
+            status=",".join(query.get("status", [])) or None, type=",".join(query.get("type", [])) or None,
+            batch=",".join(query.get("batch", [])) or None,
         )
         manager.parse_limit(",".join(query.get("limit", [])) or None)
     except InvalidArgument as exc:
@@ -137,14 +142,29 @@ def _parse_evaluation_uri(uri: str, parts: Any, evaluations: EvaluationService, 
     return Followed(None, _list_matcher(TaskFilter(statuses=task_statuses, types=("evaluation",))))
 
 
+def _parse_batch_uri(uri: str, parts: Any, manager: TaskManager, viewer: str | None) -> Followed:
+    """`plexus://batches/{id}` changes with any event of one of its tasks (their summaries carry batch_id)."""
+    batch_id = parts.path.strip("/")
+    if not batch_id or "/" in batch_id or parts.query or parts.fragment:
+        raise MCPError(INVALID_PARAMS, f"cannot subscribe to {uri!r}; subscribable resources: {SUBSCRIBABLE}")
+    try:
+        BatchOperations(manager).status(batch_id, viewer)
+    except NotFound as exc:
+        raise MCPError(INVALID_PARAMS, str(exc)) from None
+    return Followed(None, _list_matcher(TaskFilter(batch_id=batch_id)))
+
+
 def _list_matcher(flt: TaskFilter) -> Matcher:
     statuses = {s.value for s in flt.statuses}
     types = set(flt.types)
+    batch_id = flt.batch_id
 
     def matches(event: Event, old_status: str | None) -> bool:
         if event.entity_type != "task":
             return False
         if types and event.data.get("type") not in types:
+            return False
+        if batch_id is not None and event.data.get("batch_id") != batch_id:
             return False
         # A task entering or leaving a status-filtered list changes it, and so does a change to one in it.
         # An unknown previous status (None) may have been in the list: tell, to be safe.

@@ -23,9 +23,7 @@ from ..core.manager import HISTORY_MAX, MAX_PRIORITY, MIN_PRIORITY, TaskManager
 from ..core.models import Task, TaskStatus
 from .principal import current_principal
 from .progress import final_summary, follow_to_end, progress_token
-from .schemas import CancelResult, DispatchResult, TaskDetail, TaskPage, task_uri
-
-MAX_CANCEL_IDS = 100
+from .schemas import DispatchResult, TaskDetail, TaskPage, task_uri
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -164,7 +162,7 @@ def register_tools(server: MCPServer, manager: TaskManager) -> None:
     @server.tool(
         title="List tasks",
         description=(
-            "List tasks, newest first, optionally filtered by status, type and creation time. Returns at most "
+            "List tasks, newest first, optionally filtered by status, type, creation time and batch. Returns at most "
             "`limit` tasks and a next_cursor to continue."
         ),
         annotations=read_only,
@@ -178,9 +176,11 @@ def register_tools(server: MCPServer, manager: TaskManager) -> None:
         = None,
         limit: Annotated[int, Field(ge=1, le=100, description="Page size, 1 to 100")] = 20,
         cursor: Annotated[str | None, Field(description="next_cursor of the previous page, unchanged")] = None,
+        batch: Annotated[str | None, Field(max_length=64, description="Only the tasks of this batch (dispatch_batch's "
+                                           "batch_id)")] = None,
     ) -> Annotated[CallToolResult, TaskPage]:
         flt = manager.build_filter(status=[s.value for s in status or []], type=type, since=since,
-                                   viewer=current_principal().viewer)
+                                   viewer=current_principal().viewer, batch=batch)
         tasks, next_cursor = manager.list_tasks(flt, limit=limit, cursor=cursor)
         # TaskPage's JSON form; the SDK validates it against TaskPage (see result()).
         page = {"tasks": [t.summary() for t in tasks], "next_cursor": next_cursor}
@@ -210,59 +210,3 @@ def register_tools(server: MCPServer, manager: TaskManager) -> None:
         if detail["queue"] is not None:
             text += f" Queue position {detail['queue']['position']}: {detail['queue']['message']}."
         return result(text, detail)
-
-    @server.tool(
-        title="Cancel tasks",
-        description=(
-            "Cancel tasks by id, or every task matching a status/type filter. Queued tasks are cancelled at "
-            "once; running ones stop at their next check or are stopped after a grace period. Cancelling a "
-            "finished task is a no-op that says so."
-        ),
-        annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True,
-                                    open_world_hint=False),
-    )
-    @client_errors
-    async def cancel_tasks(
-        task_ids: Annotated[list[str] | None, Field(max_length=MAX_CANCEL_IDS,
-                                                    description=f"Ids of tasks to cancel (at most {MAX_CANCEL_IDS})")]
-        = None,
-        status: Annotated[list[TaskStatus] | None,
-                          Field(description="Instead of ids: cancel tasks with these statuses (QUEUED, RUNNING)")]
-        = None,
-        type: Annotated[list[str] | None, Field(description="With status: only tasks of these types")] = None,
-        wait_seconds: Annotated[float, Field(ge=0, le=30, description="Wait up to this long (0 to 30 s) for "
-                                             "running tasks to end before answering")] = 0,
-    ) -> Annotated[CallToolResult, CancelResult]:
-        if bool(task_ids) == bool(status):
-            raise ToolError("give either task_ids (a list of ids) or status (with optional type), not both or neither")
-        more = 0
-        principal = current_principal()
-        others = principal.may("cancel_any")
-        if task_ids:
-            ids = list(task_ids)
-        else:
-            # A filter cancels what the caller may cancel: everything for an admin, its own tasks otherwise.
-            flt = manager.build_filter(status=[s.value for s in status or []], type=type, viewer=principal.viewer,
-                                       owner=None if others else principal.owner)
-            ids = manager.store.find_task_ids(flt, limit=MAX_CANCEL_IDS + 1)
-            more, ids = max(0, len(ids) - MAX_CANCEL_IDS), ids[:MAX_CANCEL_IDS]
-        outcomes = manager.cancel(ids, viewer=principal.viewer, others=others)
-        if wait_seconds:
-            await manager.wait_final([o.task_id for o in outcomes if o.outcome == "cancelling"], wait_seconds)
-            for o in outcomes:
-                if o.outcome != "cancelling":
-                    continue
-                task = manager.get(o.task_id)
-                if task.status is TaskStatus.CANCELLED:
-                    o.outcome, o.status, o.message = "cancelled", task.status.value, "stopped"
-                elif task.status.is_final:  # it ended on its own before it saw the request
-                    o.outcome, o.status = "already_finished", task.status.value
-                    o.message = f"the task ended as {task.status.value} before it could be cancelled"
-        counts: dict[str, int] = {}
-        for o in outcomes:
-            counts[o.outcome] = counts.get(o.outcome, 0) + 1
-        text = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in counts.items()) or "no task matched"
-        if more:
-            text += f"; more tasks match the filter (at most {MAX_CANCEL_IDS} per call): call again"
-        out = CancelResult.model_validate({"results": [o.to_dict() for o in outcomes], "more": bool(more)})
-        return result(text[0].upper() + text[1:] + ".", out)

@@ -50,6 +50,7 @@ class PlexusHandler(APIHandler):
         return self.settings["plexus"]  # type: ignore[no-any-return]
 
     _principal: Principal | None = None
+    _audit_details: dict[str, Any] | None = None
     audit_mutations = True  # POST/PUT/DELETE are recorded in the audit log (MCP records its tool calls itself)
 
     def require(self, action: str) -> Principal:
@@ -59,6 +60,13 @@ class PlexusHandler(APIHandler):
             raise web.HTTPError(403, principal.denial(action))
         return principal
 
+    @property
+    def audit_details(self) -> dict[str, Any]:
+        """What this request's audit record adds (a batch operation: its filter and counts, never every id)."""
+        if self._audit_details is None:
+            self._audit_details = {}
+        return self._audit_details
+
     def on_finish(self) -> None:
         status = self.get_status()
         method = self.request.method or "GET"
@@ -66,7 +74,7 @@ class PlexusHandler(APIHandler):
         runtime = self.settings.get("plexus")
         if runtime is not None and (denied or (self.audit_mutations and method in ("POST", "PUT", "PATCH", "DELETE"))):
             outcome = "denied" if denied else ("ok" if status < 400 else "error")
-            record_request(runtime, self._principal, self.request, status, outcome)
+            record_request(runtime, self._principal, self.request, status, outcome, self._audit_details)
         super().on_finish()
 
     @property

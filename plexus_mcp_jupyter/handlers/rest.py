@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
 from typing import Any
 
 from tornado import web
 
+from ..core.batches import Actor, BatchOperations, Selection, batch_uri, operation_report, parse_selection
 from ..core.errors import InvalidArgument, NotFound, PlexusError
+from ..core.manager import CancelOutcome
 from .base import PlexusHandler, http_error
 
 MAX_DESCRIPTION = 1000
@@ -23,6 +27,7 @@ class TasksHandler(PlexusHandler):
                 type=self.get_argument("type", None),
                 since=self.get_argument("since", None),
                 viewer=self.principal.viewer,
+                batch=self.get_argument("batch", None),
             )
             tasks, next_cursor = manager.list_tasks(
                 flt,
@@ -34,10 +39,17 @@ class TasksHandler(PlexusHandler):
         self.reply({"tasks": [t.summary() for t in tasks], "next_cursor": next_cursor})
 
     async def post(self) -> None:
-        """Dispatch a task: {"type": "demo", "params": {...}, "priority": 0}. 201 with the task."""
+        """Dispatch a task: {"type": "demo", "params": {...}, "priority": 0}. 201 with the task.
+
+        Or a batch: {"tasks": [spec, ...]}. 201 with {batch_id, task_ids}; nothing is stored if a spec is bad.
+        """
         self.require("dispatch")
+        body = await self.json_body()
+        if "tasks" in body:
+            await self._dispatch_batch(body)
+            return
         try:
-            body = _dispatch_body(await self.json_body())
+            body = _dispatch_body(body)
             task = self.runtime.manager.dispatch(
                 body["type"], body["params"], priority=body["priority"], owner=self.identity,
                 description=body["description"], role=self.principal.role.value,
@@ -46,6 +58,21 @@ class TasksHandler(PlexusHandler):
             raise http_error(exc) from None
         self.set_header("Location", self.request.path.rstrip("/") + "/" + task.id)
         self.reply(task.to_dict(), status=201)
+
+    async def _dispatch_batch(self, body: dict[str, Any]) -> None:
+        specs = body["tasks"]
+        self.audit_details.update(operation="dispatch", tasks=len(specs) if isinstance(specs, list) else None)
+        try:
+            if set(body) != {"tasks"}:
+                raise InvalidArgument("a batch is {\"tasks\": [spec, ...]} alone; put type, params, priority and "
+                                      "description in each spec")
+            tasks = await BatchOperations(self.runtime.manager).dispatch(specs, self.principal.actor)
+        except PlexusError as exc:
+            raise http_error(exc) from None
+        batch_id = tasks[0].batch_id or ""
+        self.audit_details.update(batch_id=batch_id, count=len(tasks))
+        self.reply({"batch_id": batch_id, "task_ids": [t.id for t in tasks], "status": "QUEUED",
+                    "resource_uri": batch_uri(batch_id)}, status=201)
 
 
 def _dispatch_body(body: dict[str, Any]) -> dict[str, Any]:
@@ -95,13 +122,67 @@ class TaskCancelHandler(PlexusHandler):
         self.reply(outcome.to_dict())
 
 
-class CancelTasksHandler(PlexusHandler):
+class BulkTasksHandler(PlexusHandler):
+    """POST plexus/api/tasks/{cancel,retry,priority}: {"task_ids": [...]} or a filter (status, type, owner,
+    created_after, created_before, batch), and "dry_run": true to count first. The answer is MCP's
+    OperationResult: {dry_run, matched, sample, results, max_per_call}."""
+
+    operation = "cancel"
+    action = "cancel_own"
+    extra: tuple[str, ...] = ("dry_run",)
+
     async def post(self) -> None:
-        """Cancel several tasks: {"task_ids": [...]}."""
+        actor = self.require(self.action).actor
         body = await self.json_body()
-        ids = body.get("task_ids")
-        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids) or len(ids) > 100:
-            raise http_error(InvalidArgument("task_ids must be a list of 1 to 100 task id strings"))
-        principal = self.require("cancel_own")
-        outcomes = self.runtime.manager.cancel(ids, viewer=principal.viewer, others=principal.may("cancel_any"))
-        self.reply({"results": [o.to_dict() for o in outcomes]})
+        batches = BatchOperations(self.runtime.manager)
+        try:
+            selection = parse_selection(body, self.extra)
+            dry_run = body.get("dry_run", False)
+            if not isinstance(dry_run, bool):
+                raise InvalidArgument(f"dry_run must be true or false, not {dry_run!r:.40}")
+            self.audit_details.update(operation=self.operation, dry_run=dry_run, **selection.audit_fields())
+            if dry_run:
+                found = await asyncio.to_thread(batches.preview, selection, actor, self.operation)
+                self.audit_details.update(count=found.count)
+                self.reply(operation_report(batches.bound, preview=found))
+                return
+            outcomes = await self.apply(batches, selection, actor, body)
+        except PlexusError as exc:
+            raise http_error(exc) from None
+        self.audit_details.update(count=len(outcomes), outcomes=dict(Counter(o.outcome for o in outcomes)))
+        self.reply(operation_report(batches.bound, outcomes))
+
+    async def apply(self, batches: BatchOperations, selection: Selection, actor: Actor,
+                    body: dict[str, Any]) -> list[CancelOutcome]:
+        return await batches.cancel(selection, actor)
+
+
+class CancelTasksHandler(BulkTasksHandler):
+    pass
+
+
+class RetryTasksHandler(BulkTasksHandler):
+    operation, action = "retry", "dispatch"
+
+    async def apply(self, batches: BatchOperations, selection: Selection, actor: Actor,
+                    body: dict[str, Any]) -> list[CancelOutcome]:
+        return await batches.retry(selection, actor)
+
+
+class TaskPriorityHandler(BulkTasksHandler):
+    operation, action, extra = "set_priority", "cancel_own", ("dry_run", "priority")
+
+    async def apply(self, batches: BatchOperations, selection: Selection, actor: Actor,
+                    body: dict[str, Any]) -> list[CancelOutcome]:
+        if "priority" not in body:
+            raise InvalidArgument("priority is required: the new priority, a whole number from -1000 to 1000")
+        return await batches.set_priority(selection, body["priority"], actor)
+
+
+class BatchHandler(PlexusHandler):
+    async def get(self, batch_id: str) -> None:
+        """A batch: counts by status, aggregated progress, estimated end (as plexus://batches/{batch_id})."""
+        try:
+            self.reply(BatchOperations(self.runtime.manager).status(batch_id, self.principal.viewer))
+        except PlexusError as exc:
+            raise http_error(exc) from None

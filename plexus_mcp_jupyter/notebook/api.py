@@ -71,11 +71,14 @@ class Plexus:
 
     # -- tables -----------------------------------------------------------------------------------------
 
-    def tasks(self, status: str | None = None, type: str | None = None, limit: int | None = 100) -> pd.DataFrame:
-        """Tasks, newest first, as a DataFrame (status/type: comma-separated filters; limit None: all)."""
+    def tasks(self, status: str | None = None, type: str | None = None, limit: int | None = 100,
+              batch: str | None = None) -> pd.DataFrame:
+        """Tasks, newest first, as a DataFrame (status/type: comma-separated filters; batch: a batch id;
+        limit None: all)."""
         from .tables import tasks_frame
 
-        return tasks_frame(self.client.pages("tasks", "tasks", {"status": status, "type": type}, limit))
+        return tasks_frame(self.client.pages("tasks", "tasks", {"status": status, "type": type, "batch": batch},
+                                             limit))
 
     def evaluations(self, status: str | None = None, type: str | None = None,
                     limit: int | None = 100) -> pd.DataFrame:
@@ -121,6 +124,31 @@ class Plexus:
         body = {"type": type, "params": params or {}, "priority": priority, "description": description}
         task = client.request("POST", "tasks", json=body)
         return TaskHandle(client, task["task_id"], task)
+
+    # -- batches ----------------------------------------------------------------------------------------
+
+    def dispatch_batch(self, specs: list[dict[str, Any]]) -> dict[str, Any]:
+        """Dispatch many tasks in one call; each spec is {type, params, priority, description}. Returns
+        {batch_id, task_ids}; if one spec is bad nothing is dispatched and the error names its index."""
+        return self.client.dispatch_batch(specs)
+
+    def batch(self, batch_id: str) -> dict[str, Any]:
+        """A batch's counts by status, aggregated progress and estimated end."""
+        return self.client.batch(batch_id)
+
+    def cancel(self, task_ids: list[str] | None = None, *, dry_run: bool = False, **filter: Any) -> dict[str, Any]:
+        """Cancel tasks by id or by filter (status, type, owner, created_after, created_before, batch); dry_run
+        only counts. Example: `plexus.cancel(batch=b["batch_id"], dry_run=True)`."""
+        return self.client.bulk("cancel", {"task_ids": task_ids, **filter}, dry_run=dry_run)
+
+    def retry(self, task_ids: list[str] | None = None, *, dry_run: bool = False, **filter: Any) -> dict[str, Any]:
+        """Run FAILED or CANCELLED tasks again as new attempts (by id or by filter, as for cancel)."""
+        return self.client.bulk("retry", {"task_ids": task_ids, **filter}, dry_run=dry_run)
+
+    def set_priority(self, priority: int, task_ids: list[str] | None = None, *, dry_run: bool = False,
+                     **filter: Any) -> dict[str, Any]:
+        """Change the priority of queued tasks (by id or by filter, as for cancel)."""
+        return self.client.bulk("priority", {"task_ids": task_ids, **filter}, dry_run=dry_run, priority=priority)
 
     # -- datasets and scorers ---------------------------------------------------------------------------
 

@@ -155,6 +155,29 @@ class PlexusClient:
         data: dict[str, Any] = self.request("GET", f"tasks/{task_id}")
         return data
 
+    # -- batches (REST plexus/api/tasks, tasks/{cancel,retry,priority}, batches/{id}) --------------------
+
+    def dispatch_batch(self, specs: list[dict[str, Any]]) -> dict[str, Any]:
+        """Dispatch many tasks in one call: {batch_id, task_ids}; nothing is dispatched if a spec is bad."""
+        data: dict[str, Any] = self.request("POST", "tasks", json={"tasks": specs})
+        return data
+
+    def bulk(self, operation: str, selection: dict[str, Any], *, dry_run: bool = False,
+             priority: int | None = None) -> dict[str, Any]:
+        """Cancel, retry or re-prioritise (`operation`: cancel | retry | priority) the tasks of a selection:
+        {"task_ids": [...]}, or filter fields (status, type, owner, created_after, created_before, batch)."""
+        body = {k: v for k, v in selection.items() if v is not None}
+        body["dry_run"] = dry_run
+        if priority is not None:
+            body["priority"] = priority
+        data: dict[str, Any] = self.request("POST", f"tasks/{operation}", json=body)
+        return data
+
+    def batch(self, batch_id: str) -> dict[str, Any]:
+        """A batch's counts by status, aggregated progress and estimated end."""
+        data: dict[str, Any] = self.request("GET", f"batches/{batch_id}")
+        return data
+
     def cancel(self, task_id: str) -> dict[str, Any]:
         """Cancel a task: the outcome (`cancelled`, `cancelling`, `already_finished`)."""
         data: dict[str, Any] = self.request("POST", f"tasks/{task_id}/cancel")

@@ -13,7 +13,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import sqlalchemy as sa
@@ -50,6 +52,28 @@ audit_table = sa.Table(
     sa.Index("ix_audit_at", "at"),
     sa.Index("ix_audit_action", "action", "id"),
 )
+
+
+_note: ContextVar[dict[str, Any] | None] = ContextVar("plexus_audit_note", default=None)
+
+
+@contextmanager
+def audit_notes() -> Iterator[dict[str, Any]]:
+    """Collect, around one operation, what it asks to be recorded instead of its raw arguments (note_for_audit)."""
+    note: dict[str, Any] = {}
+    token = _note.set(note)
+    try:
+        yield note
+    finally:
+        _note.reset(token)
+
+
+def note_for_audit(**details: Any) -> None:
+    """Record these details for the operation being served, instead of its arguments: a batch operation
+    notes its filter and counts, never its thousand ids. Outside audit_notes() it does nothing."""
+    note = _note.get()
+    if note is not None:
+        note.update(details)
 
 
 MAX_DETAIL_ENTRIES = 100  # entries of one list or mapping in a record's details

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from ..core.batches import Actor
 from ..core.store import KEY_OWNER_PREFIX, owner_visible
 
 
@@ -52,6 +53,9 @@ TOOL_ACTIONS: dict[str, str] = {
     "list_tasks": "read",
     "get_task": "read",
     "cancel_tasks": "cancel_own",
+    "dispatch_batch": "dispatch",
+    "retry_tasks": "dispatch",
+    "set_task_priority": "cancel_own",
     "create_evaluation": "evaluate",
     "get_evaluation": "read",
     "get_evaluation_results": "read",
@@ -79,6 +83,12 @@ class Principal:
 
     def may_call(self, tool: str) -> bool:
         return self.may(TOOL_ACTIONS.get(tool, "keys"))  # an unknown tool needs the most
+
+    @property
+    def actor(self) -> Actor:
+        """This caller as the batch operations see it (core/batches.py): owner, role, and whether it may act
+        on others' tasks."""
+        return Actor(self.owner, self.role.value, self.may("cancel_any"))
 
     @property
     def viewer(self) -> str | None:

@@ -1,0 +1,410 @@
+"""Operations on many tasks at once: dispatch a batch; cancel, retry or re-prioritise tasks chosen by ids or by
+a filter (with a dry run); a batch's counts and aggregated progress. The same for MCP, REST, the CLI and the
+notebook, which only parse their input into a `Selection` or task specs and call these.
+
+Every call is bounded by `max_batch_size` and is refused whole, naming the count and the bound, rather than
+done in part; a batch's specs are all valid or nothing is stored; a non-admin's filter only ever matches its
+own tasks. Writes are bulk: a batch is one INSERT transaction, a cancel or re-prioritisation one UPDATE of the
+tasks still waiting (the status condition is in the UPDATE, so a task started meanwhile is left to the
+per-task path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from .errors import InvalidArgument, NotFound
+from .manager import MAX_PRIORITY, MIN_PRIORITY, CancelOutcome, TaskManager
+from .models import FINAL_STATUSES, Task, TaskStatus, iso, now, parse_iso
+from .store import TaskFilter, owner_visible
+from .tasks import get_task_type
+
+SPEC_FIELDS = ("type", "params", "priority", "description")
+MAX_DESCRIPTION = 1000
+SAMPLE_SIZE = 20  # task ids a dry run shows
+# What a filter acts on when it names no status: what the operation can change.
+DEFAULT_STATUSES = {
+    "cancel": (TaskStatus.PENDING, TaskStatus.QUEUED, TaskStatus.RUNNING),
+    "retry": (TaskStatus.FAILED, TaskStatus.CANCELLED),
+    "set_priority": (TaskStatus.PENDING, TaskStatus.QUEUED),
+}
+_WAITING = frozenset({TaskStatus.PENDING, TaskStatus.QUEUED})
+_CANCELLED_WAITING = "cancelled before it started"
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who asks: the owner recorded on new tasks, the role whose priority ceiling applies, and whether it may
+    act on tasks of others (admins; security/identity.py decides, the faces pass it on)."""
+
+    owner: str | None
+    role: str | None
+    admin: bool
+
+    @property
+    def viewer(self) -> str | None:
+        """TaskFilter.viewer: None (everything) for an admin, else the caller's owner."""
+        return None if self.admin else (self.owner or "")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which tasks an operation acts on: explicit ids, or a filter (created_after/before are ISO 8601)."""
+
+    task_ids: tuple[str, ...] = ()
+    status: tuple[str, ...] = ()
+    type: tuple[str, ...] = ()
+    owner: str | None = None
+    created_after: str | None = None
+    created_before: str | None = None
+    batch: str | None = None
+
+    @property
+    def filter_fields(self) -> dict[str, Any]:
+        """The filter as given."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name != "task_ids" and getattr(self, f.name) not in (None, ())}
+
+    def audit_fields(self) -> dict[str, Any]:
+        """What the audit log records of a selection: the filter, or how many ids (never the ids)."""
+        return {"filter": self.filter_fields} if self.filter_fields else {"task_ids": len(self.task_ids)}
+
+
+SELECTION_FIELDS = tuple(f.name for f in fields(Selection))
+
+
+def parse_selection(body: Mapping[str, Any], extra: Sequence[str] = ()) -> Selection:
+    """A Selection from a JSON object (REST, the CLI, the notebook): lists or comma-separated strings for
+    status and type. Fields named in `extra` (dry_run, priority...) are the caller's to read."""
+    unknown = sorted(set(body) - set(SELECTION_FIELDS) - set(extra))
+    if unknown:
+        raise InvalidArgument(f"unknown field(s) {unknown}; allowed: {', '.join((*SELECTION_FIELDS, *extra))}")
+    values: dict[str, Any] = {}
+    for name in ("task_ids", "status", "type"):
+        raw = body.get(name)
+        if raw is None:
+            continue
+        if isinstance(raw, str) and name != "task_ids":
+            raw = [part.strip() for part in raw.split(",") if part.strip()]
+        if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
+            raise InvalidArgument(f"{name} must be a list of strings, not {raw!r:.80}")
+        values[name] = tuple(raw)
+    for name in ("owner", "created_after", "created_before", "batch"):
+        raw = body.get(name)
+        if raw is not None and not isinstance(raw, str):
+            raise InvalidArgument(f"{name} must be a string, not {raw!r:.80}")
+        values[name] = raw or None
+    return Selection(**values)
+
+
+@dataclass
+class Preview:
+    """What an operation would act on: how many tasks, and the first few ids."""
+
+    count: int
+    sample: list[str] = field(default_factory=list)
+
+
+def operation_report(bound: int, outcomes: Sequence[CancelOutcome] = (), preview: Preview | None = None
+                     ) -> dict[str, Any]:
+    """The answer of a bulk operation on every face (MCP OperationResult, REST): per-task outcomes, or the
+    count and sample of a dry run."""
+    if preview is not None:
+        return {"dry_run": True, "matched": preview.count, "sample": preview.sample, "results": [],
+                "max_per_call": bound}
+    return {"dry_run": False, "matched": len(outcomes), "sample": [], "results": [o.to_dict() for o in outcomes],
+            "max_per_call": bound}
+
+
+class BatchOperations:
+    """Batch dispatch and bulk operations over one TaskManager (stateless: build one where needed)."""
+
+    def __init__(self, manager: TaskManager) -> None:
+        self.manager = manager
+
+    @property
+    def bound(self) -> int:
+        return self.manager.max_batch_size
+
+    # -- dispatch ------------------------------------------------------------------------------------
+
+    def prepare(self, specs: Sequence[Mapping[str, Any]], actor: Actor) -> list[Task]:
+        """Validate every spec (all or nothing) into QUEUED tasks sharing a new batch id; nothing is stored.
+
+        An error names the index of the first bad spec and what was wrong with it.
+        """
+        if not isinstance(specs, Sequence) or isinstance(specs, str | bytes) or not specs:
+            raise InvalidArgument("tasks must be a non-empty list of task specs {type, params, priority, description}")
+        if len(specs) > self.bound:
+            raise InvalidArgument(f"the batch has {len(specs)} tasks, more than the {self.bound} one call may dispatch "
+                                  "(setting max_batch_size): split it into several batches")
+        self.manager.check_key_cap(actor.owner, len(specs))
+        batch_id = str(uuid.uuid4())
+        tasks = []
+        for index, spec in enumerate(specs):
+            try:
+                tasks.append(self._task(spec, actor, batch_id))
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"tasks[{index}]: {exc}; nothing was dispatched") from None
+        return tasks
+
+    def _task(self, spec: Mapping[str, Any], actor: Actor, batch_id: str) -> Task:
+        if not isinstance(spec, Mapping):
+            raise InvalidArgument(f"a task spec is an object {{type, params, priority, description}}, not {spec!r:.60}")
+        unknown = sorted(set(spec) - set(SPEC_FIELDS))
+        if unknown:
+            raise InvalidArgument(f"unknown field(s) {unknown}; allowed: {', '.join(SPEC_FIELDS)}")
+        task_type = spec.get("type")
+        if not isinstance(task_type, str):
+            raise InvalidArgument(f"type must be a task type name (a string), not {task_type!r:.60}")
+        params = spec.get("params") or {}
+        if not isinstance(params, Mapping):
+            raise InvalidArgument("params must be an object")
+        description = spec.get("description")
+        if description is not None and (not isinstance(description, str) or len(description) > MAX_DESCRIPTION):
+            raise InvalidArgument(f"description must be a string of at most {MAX_DESCRIPTION} characters")
+        return self.manager.new_task(task_type, params, priority=spec.get("priority", 0), owner=actor.owner,
+                                     description=description, role=actor.role, batch_id=batch_id)
+
+    async def dispatch(self, specs: Sequence[Mapping[str, Any]], actor: Actor) -> list[Task]:
+        """Validate, then store every task in one transaction (off the event loop), then announce them."""
+        tasks = self.prepare(specs, actor)
+        await asyncio.to_thread(self.manager.store.create_tasks, tasks)
+        self.manager.announce(tasks)
+        return tasks
+
+    # -- selection -----------------------------------------------------------------------------------
+
+    def task_filter(self, selection: Selection, actor: Actor, operation: str) -> TaskFilter:
+        """The filter of a selection as this caller may use it: a non-admin's reaches only its own tasks."""
+        owner = selection.owner
+        if not actor.admin:
+            if owner is not None and owner != actor.owner:
+                raise InvalidArgument(f"permission denied: you may {operation.replace('_', ' ')} only your own tasks "
+                                      f"(owner {actor.owner}); leave owner out, or ask an admin")
+            owner = actor.owner or ""
+        if selection.created_after:
+            parse_iso(selection.created_after, "created_after")  # the error names the argument given
+        flt = self.manager.build_filter(status=list(selection.status), type=list(selection.type),
+                                        since=selection.created_after, owner=owner, viewer=actor.viewer,
+                                        batch=selection.batch, before=selection.created_before)
+        if not flt.statuses:
+            flt = replace(flt, statuses=DEFAULT_STATUSES[operation])
+        return flt
+
+    def _check_shape(self, selection: Selection) -> None:
+        if bool(selection.task_ids) == bool(selection.filter_fields):
+            raise InvalidArgument("give either task_ids (a list of ids) or a filter (status, type, owner, "
+                                  "created_after, created_before, batch), not both or neither")
+
+    def preview(self, selection: Selection, actor: Actor, operation: str) -> Preview:
+        """How many tasks the operation would act on, and the first SAMPLE_SIZE ids (a dry run)."""
+        self._check_shape(selection)
+        if selection.task_ids:
+            ids = list(dict.fromkeys(selection.task_ids))
+            return Preview(len(ids), ids[:SAMPLE_SIZE])
+        flt = self.task_filter(selection, actor, operation)
+        store = self.manager.store
+        return Preview(store.count_tasks(flt), store.find_task_ids(flt, limit=SAMPLE_SIZE))
+
+    def select(self, selection: Selection, actor: Actor, operation: str) -> list[str]:
+        """The ids an operation acts on; refused whole when more than max_batch_size."""
+        self._check_shape(selection)
+        verb = operation.replace("_", " ").replace("set priority", "re-prioritise")
+        if selection.task_ids:
+            ids = list(dict.fromkeys(selection.task_ids))
+            if len(ids) > self.bound:
+                raise InvalidArgument(f"{len(ids)} task ids given, more than the {self.bound} one call may {verb} "
+                                      "(setting max_batch_size): split them into several calls")
+            return ids
+        flt = self.task_filter(selection, actor, operation)
+        ids = self.manager.store.find_task_ids(flt, limit=self.bound + 1)
+        if len(ids) > self.bound:
+            count = self.manager.store.count_tasks(flt)
+            raise InvalidArgument(f"the filter matches {count} tasks, more than the {self.bound} one call may {verb} "
+                                  "(setting max_batch_size): narrow it (type, created_before, batch) or call again "
+                                  "after this part is done; dry_run shows the count")
+        return ids
+
+    def _resolve(self, ids: Sequence[str], actor: Actor, operation: str) -> tuple[list[Task], list[CancelOutcome]]:
+        """The tasks of `ids` this caller may act on, and the outcomes of those it may not (not found, or
+        another's). One read for all of them."""
+        found = {t.id: t for t in self.manager.store.tasks_by_ids(ids)}
+        tasks, refused = [], []
+        for task_id in ids:
+            task = found.get(task_id)
+            if task is None or not owner_visible(task.owner, actor.viewer):
+                refused.append(CancelOutcome(task_id, "not_found", None, f"no task with id {task_id!r}"))
+            elif not actor.admin and task.owner != actor.owner:
+                refused.append(CancelOutcome(
+                    task_id, "forbidden", task.status.value,
+                    f"permission denied: you may {operation.replace('_', ' ')} only your own tasks (this one belongs "
+                    f"to {task.owner or 'the local user'}); an admin may"))
+            else:
+                tasks.append(task)
+        return tasks, refused
+
+    # -- operations ----------------------------------------------------------------------------------
+
+    async def cancel(self, selection: Selection, actor: Actor) -> list[CancelOutcome]:
+        """Cancel: waiting tasks in one UPDATE, running ones cooperatively (TaskManager.cancel). The reads and
+        the UPDATE run off the event loop; events and running tasks are handled on it."""
+        at = now()
+
+        def work() -> tuple[list[str], list[Task], list[CancelOutcome], set[str]]:
+            ids = self.select(selection, actor, "cancel")
+            tasks, outcomes = self._resolve(ids, actor, "cancel")
+            done = set(self.manager.store.update_queued(
+                [t.id for t in tasks if t.status in _WAITING], status=TaskStatus.CANCELLED, completed_at=at,
+                cancel_requested=True, error_message=_CANCELLED_WAITING))
+            return ids, tasks, outcomes, done
+
+        ids, tasks, outcomes, done = await asyncio.to_thread(work)
+        cancelled = []
+        for task in tasks:
+            if task.id in done:
+                task.status, task.completed_at, task.cancel_requested = TaskStatus.CANCELLED, at, True
+                task.error_message = _CANCELLED_WAITING
+                cancelled.append(task)
+                outcomes.append(CancelOutcome(task.id, "cancelled", task.status.value, _CANCELLED_WAITING))
+            elif task.status.is_final:
+                outcomes.append(CancelOutcome(task.id, "already_finished", task.status.value,
+                                              f"the task already ended as {task.status.value}; nothing to cancel"))
+            else:  # running, or started since it was read
+                outcomes += self.manager.cancel([task.id])
+        self.manager.announce(cancelled, "task.cancelled")
+        return _in_order(ids, outcomes)
+
+    async def retry(self, selection: Selection, actor: Actor) -> list[CancelOutcome]:
+        """Re-run FAILED or CANCELLED tasks as new attempts: a new task (new id, `retry_of` the old one, same
+        type, parameters, priority, owner and batch) per task, all stored in one transaction. A task that has
+        not ended, completed, or was retried already is a per-task "not_retryable" outcome; caps and the
+        priority ceiling apply to the whole call (nothing is retried if one attempt would break them)."""
+
+        def work() -> tuple[list[str], list[CancelOutcome], list[Task]]:
+            ids = self.select(selection, actor, "retry")
+            tasks, outcomes = self._resolve(ids, actor, "retry")
+            retried = self.manager.store.retries_of([t.id for t in tasks])
+            retryable = []
+            for task in tasks:
+                reason = (f"already retried as task {retried[task.id]}" if task.id in retried
+                          else _not_retryable(task))
+                if reason:
+                    outcomes.append(CancelOutcome(task.id, "not_retryable", task.status.value,
+                                                  f"not retryable: {reason}"))
+                else:
+                    retryable.append(task)
+            for owner, n in Counter(t.owner for t in retryable).items():
+                self.manager.check_key_cap(owner, n)
+            attempts = []
+            for task in retryable:
+                try:
+                    attempts.append(self.manager.new_task(
+                        task.type, task.params, priority=task.priority, owner=task.owner,
+                        description=task.description, role=actor.role, batch_id=task.batch_id, retry_of=task.id))
+                except InvalidArgument as exc:
+                    raise InvalidArgument(f"task {task.id}: {exc}; nothing was retried") from None
+            self.manager.store.create_tasks(attempts)
+            outcomes += [CancelOutcome(old.id, "retried", old.status.value, f"queued again as task {new.id}", new.id)
+                         for old, new in zip(retryable, attempts, strict=True)]
+            return ids, outcomes, attempts
+
+        ids, outcomes, attempts = await asyncio.to_thread(work)
+        self.manager.announce(attempts)
+        return _in_order(ids, outcomes)
+
+    async def set_priority(self, selection: Selection, priority: int, actor: Actor) -> list[CancelOutcome]:
+        """Change the priority of waiting tasks (one UPDATE, off the loop); the caller's priority ceiling applies."""
+        if isinstance(priority, bool) or not isinstance(priority, int) or not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+            raise InvalidArgument(f"priority must be a whole number from {MIN_PRIORITY} to {MAX_PRIORITY} (higher runs "
+                                  f"first), not {priority!r:.40}")
+        self.manager.check_priority(priority, actor.role)
+
+        def work() -> tuple[list[str], list[Task], list[CancelOutcome], set[str]]:
+            ids = self.select(selection, actor, "set_priority")
+            tasks, outcomes = self._resolve(ids, actor, "set_priority")
+            done = set(self.manager.store.update_queued([t.id for t in tasks if t.status in _WAITING],
+                                                        priority=priority))
+            return ids, tasks, outcomes, done
+
+        ids, tasks, outcomes, done = await asyncio.to_thread(work)
+        changed = []
+        for task in tasks:
+            if task.id in done:
+                task.priority = priority
+                changed.append(task)
+                outcomes.append(CancelOutcome(task.id, "updated", task.status.value, f"priority is now {priority}"))
+            else:
+                status = "RUNNING" if task.status in _WAITING else task.status.value  # started meanwhile
+                outcomes.append(CancelOutcome(task.id, "not_queued", status,
+                                              f"not queued: {status.lower()} (only waiting tasks can be "
+                                              "re-prioritised)"))
+        self.manager.announce(changed, "task.updated")
+        return _in_order(ids, outcomes)
+
+    # -- batches -------------------------------------------------------------------------------------
+
+    def status(self, batch_id: str, viewer: str | None = None) -> dict[str, Any]:
+        """A batch's counts by status (current attempts), aggregated progress and an estimated end.
+
+        Progress is finished tasks over all, plus items processed over items known in the stages of the
+        tasks that started. The ETA extrapolates the batch's own pace: time since it was created over the
+        tasks finished so far, times those left.
+        """
+        store = self.manager.store
+        found, superseded = store.batch_counts(batch_id, viewer)
+        if not found and not superseded:
+            raise NotFound(f"no batch with id {batch_id!r}; dispatch_batch returns batch ids, and each task's "
+                           "batch_id names its batch")
+        counts = {s.value: found.get(s.value, 0) for s in TaskStatus}
+        total = sum(counts.values())
+        finished = sum(counts[s.value] for s in FINAL_STATUSES)
+        processed, items, created, ended = store.batch_items(batch_id, viewer)
+        at = now()
+        eta = None
+        if 0 < finished < total and created is not None:
+            eta = at + (at - created) * (total - finished) / finished
+        return {
+            "batch_id": batch_id,
+            "done": finished == total,
+            "total": total,
+            "counts": counts,
+            "superseded": superseded,
+            "progress": {
+                "finished": finished,
+                "total": total,
+                "percent": round(100.0 * finished / total, 1) if total else None,
+                "processed_items": processed,
+                "total_items": items,
+            },
+            "created_at": iso(created),
+            "completed_at": iso(ended) if finished == total else None,
+            "estimated_completion_at": iso(eta),
+            "tasks_uri": f"plexus://tasks?batch={batch_id}",
+            "resource_uri": batch_uri(batch_id),
+        }
+
+
+def batch_uri(batch_id: str) -> str:
+    """The MCP resource of one batch."""
+    return f"plexus://batches/{batch_id}"
+
+
+def _not_retryable(task: Task) -> str | None:
+    if task.status in (TaskStatus.FAILED, TaskStatus.CANCELLED):
+        if get_task_type(task.type).internal:
+            return f"{task.type} tasks are re-run with their own tool (create_evaluation), which makes their record"
+        return None
+    if task.status is TaskStatus.COMPLETED:
+        return "completed (only FAILED or CANCELLED tasks are retried)"
+    return f"{task.status.value.lower()} (it has not ended; cancel it first to run it again)"
+
+
+def _in_order(ids: Sequence[str], outcomes: list[CancelOutcome]) -> list[CancelOutcome]:
+    position = {task_id: i for i, task_id in enumerate(ids)}
+    return sorted(outcomes, key=lambda o: position.get(o.task_id, len(position)))
