@@ -21,6 +21,7 @@ from typing import Any
 from .errors import InvalidArgument, NotFound
 from .manager import MAX_PRIORITY, MIN_PRIORITY, CancelOutcome, TaskManager
 from .models import FINAL_STATUSES, Task, TaskStatus, iso, now, parse_iso
+from .retention import expired_message
 from .store import TaskFilter, owner_visible
 from .tasks import get_task_type
 
@@ -231,6 +232,13 @@ class BatchOperations:
                                   "after this part is done; dry_run shows the count")
         return ids
 
+    def _missing(self, task_id: str, actor: Actor) -> str:
+        """Why a task is not there: it expired (when the caller could have seen it), or no such task."""
+        tombstone = self.manager.store.tombstone(task_id)
+        if tombstone is not None and owner_visible(tombstone["owner"], actor.viewer):
+            return expired_message(task_id, tombstone)
+        return f"no task with id {task_id!r}"
+
     def _resolve(self, ids: Sequence[str], actor: Actor, operation: str) -> tuple[list[Task], list[CancelOutcome]]:
         """The tasks of `ids` this caller may act on, and the outcomes of those it may not (not found, or
         another's). One read for all of them."""
@@ -239,7 +247,7 @@ class BatchOperations:
         for task_id in ids:
             task = found.get(task_id)
             if task is None or not owner_visible(task.owner, actor.viewer):
-                refused.append(CancelOutcome(task_id, "not_found", None, f"no task with id {task_id!r}"))
+                refused.append(CancelOutcome(task_id, "not_found", None, self._missing(task_id, actor)))
             elif not actor.admin and task.owner != actor.owner:
                 refused.append(CancelOutcome(
                     task_id, "forbidden", task.status.value,
