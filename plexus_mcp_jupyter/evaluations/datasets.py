@@ -54,6 +54,7 @@ from .file_reads import (
     MAX_TRACKED_LABELS,
     ReadBounds,
     check_columns,
+    check_header,
     check_name,
     clip,
     count_csv,
@@ -326,6 +327,7 @@ class DatasetCatalog:
                 names = [str(c) for c in parquet_file(handle, str(parsed)).schema_arrow.names]
             else:
                 data, _ = head(handle, self.bounds, str(parsed), sample=0)
+                check_header(data, fmt, self.bounds, str(parsed))
                 names = [str(c) for c in parse_head(data, fmt, 0 if fmt == "csv" else 1).columns]
         return check_columns(names, self.bounds, str(parsed))
 
@@ -440,6 +442,7 @@ class DatasetCatalog:
                 empty = parquet.schema_arrow.empty_table().to_pandas()
                 return parquet.metadata.num_rows, [(str(c), str(t)) for c, t in empty.dtypes.items()]
             data, whole = head(handle, self.bounds, ref)
+            check_header(data, fmt, self.bounds, ref)
             first = parse_head(data, fmt, HEAD_ROWS)
         columns = [(str(c), str(t)) for c, t in first.dtypes.items()]
         check_columns([name for name, _ in columns], self.bounds, ref)
@@ -550,7 +553,7 @@ class DatasetCatalog:
         with _reading(str(parsed), fmt):
             if fmt == "parquet":
                 with path.open("rb") as handle:
-                    return int(pq.ParquetFile(handle).metadata.num_rows)
+                    return int(parquet_file(handle, str(parsed)).metadata.num_rows)
             if parsed.source == "example":
                 return len(pd.read_csv(path))
         return None
