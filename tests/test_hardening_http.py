@@ -26,6 +26,7 @@ from traitlets.config import Config
 from plexus_mcp_jupyter.handlers.health import HealthHandler
 from plexus_mcp_jupyter.security.audit import audit_table
 from plexus_mcp_jupyter.security.http import same_origin
+from plexus_mcp_jupyter.security.redaction import SecretScrubber
 
 from .conftest import open_client, poll
 from .test_standalone import plexus_env, start_http, stop
@@ -103,6 +104,10 @@ async def test_a_token_or_key_in_the_query_string_never_reaches_the_log_or_the_a
             assert missing.status_code == 404
             denied = await http.delete(f"{server_url}plexus/api/keys/nope?token={token}&x={key}")
             assert denied.status_code == 404
+            # Names and values are read percent-decoded: this is the token too, and must not be logged.
+            encoded = await http.get(f"{server_url}plexus/api/tasks/nope?%74oken=%{ord(token[0]):02X}{token[1:]}"
+                                     f"&x=plx%5F{key[4:]}")
+            assert encoded.status_code == 404
         async with httpx2.AsyncClient(timeout=30) as http:  # no login cookie from the requests above
             refused = await http.get(f"{server_url}plexus/api/tasks?api_key={key}&other={key}")
             assert refused.status_code == 401
@@ -123,7 +128,7 @@ async def test_a_token_or_key_in_the_query_string_never_reaches_the_log_or_the_a
             logger.removeHandler(capture)
     logged = capture.text()
     assert "/plexus/api/tasks/no-such-task" in logged  # the lines are there, scrubbed
-    assert token not in logged and key not in logged, logged
+    assert token[1:] not in logged and key[4:] not in logged, logged
     audit = json.dumps(records, default=str)
     assert any(r["action"] == "key.create" for r in records) and any(r["action"] == "tool.get_task" for r in records)
     assert token not in audit and key not in audit, audit
@@ -144,6 +149,15 @@ async def test_the_standalone_server_keeps_its_token_and_keys_out_of_its_log(tmp
     logged = proc.stderr.read()
     assert "/mcp" in logged and "/nowhere" in logged  # tornado's access lines, scrubbed
     assert secret_token not in logged and "S" * 40 not in logged, logged
+
+
+def test_the_scrubber_reads_query_parameters_percent_decoded():
+    scrubber = SecretScrubber()
+    scrubber.add("0123456789abcdef")
+    line = ("GET /plexus/api/tasks?%74oken=%30123456789abcdef&next=%30%3123456789abcdef&a%75th=x&page=2"
+            "&k=plx%5Fabc123abc123_SECRETSECRET (127.0.0.1)")
+    assert scrubber.scrub(line) == ("GET /plexus/api/tasks?%74oken=[redacted]&next=[redacted]&a%75th=[redacted]"
+                                    "&page=2&k=[redacted] (127.0.0.1)")
 
 
 # -- the Origin check: scheme, host and port ------------------------------------------------------------

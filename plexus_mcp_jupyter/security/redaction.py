@@ -12,14 +12,15 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
+from urllib.parse import unquote_plus
 
 from .keys import without_secrets
 
 REDACTED = "[redacted]"
+# A query parameter as it appears in a URL (name and value still percent-encoded).
+QUERY_PARAM = re.compile(r"([?&;])([^=&;\s#]*)=([^&;\s#'\"]*)")
 # Query parameters whose value is a credential, by name (Jupyter's own log scrubs the same names).
-QUERY_SECRET = re.compile(
-    r"([?&;][^=&;\s#]*(?:token|auth|key|secret|password|xsrf|code|state)[^=&;\s#]*=)[^&;\s#'\"]*", re.IGNORECASE
-)
+SECRET_PARAM_NAME = re.compile(r"token|auth|key|secret|password|xsrf|code|state", re.IGNORECASE)
 MIN_SECRET_CHARS = 8  # shorter "secrets" (a test's "x") would scrub ordinary words
 # Loggers that write request lines and errors: tornado's (access, warnings, uncaught errors), the event
 # loop's (accept errors) and ours. Jupyter's own logger is added by the extension.
@@ -41,7 +42,17 @@ class SecretScrubber:
         for value in self._values:
             if value in text:
                 text = text.replace(value, REDACTED)
-        return without_secrets(QUERY_SECRET.sub(rf"\1{REDACTED}", text))
+        return without_secrets(QUERY_PARAM.sub(self._scrub_param, text))
+
+    def _scrub_param(self, match: re.Match[str]) -> str:
+        """A query parameter, its value redacted when its name or its value is a secret. Both are read
+        percent-decoded, as the server reads them: `?%74oken=%61bc...` is Jupyter's token too."""
+        separator, name, value = match.groups()
+        plain = unquote_plus(value)
+        if (SECRET_PARAM_NAME.search(unquote_plus(name)) or without_secrets(plain) != plain
+                or any(secret in plain for secret in self._values)):
+            return f"{separator}{name}={REDACTED}"
+        return match.group(0)
 
 
 class LogScrubber(logging.Filter):
