@@ -79,7 +79,9 @@ class PlexusSettings(Configurable):
     ).tag(config=True)
     max_sessions = Integer(1000, min=1, help="Most MCP sessions open at once.").tag(config=True)
     max_request_bytes = Integer(
-        4 * 1024 * 1024, min=1024, help="Largest MCP request body, in bytes (larger ones get HTTP 413)."
+        4 * 1024 * 1024, min=1024, help="Largest MCP request body, and REST JSON body (tasks, cancellations, "
+        "evaluations, keys), in bytes (larger ones get HTTP 413). Registering a dataset (POST plexus/api/datasets) "
+        "has Jupyter's ServerApp.max_body_size instead."
     ).tag(config=True)
     event_store_size = Integer(
         10_000, min=1, help="SSE events kept so a dropped MCP stream can resume with Last-Event-ID."

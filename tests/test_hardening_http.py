@@ -71,6 +71,18 @@ async def test_deep_nesting_and_huge_numbers_are_a_400_with_one_line_on_every_re
         assert (await http.get(f"{server_url}plexus/api/health")).status_code == 200
 
 
+async def test_a_json_body_above_max_request_bytes_is_a_413_before_it_is_parsed(server_url, token, keys, runtime):
+    # Even a viewer key may post to tasks/cancel: a body near Jupyter's 512 MiB parsed into gigabytes of objects.
+    body = "[" + "1," * (runtime.settings.max_request_bytes // 2) + "1]"
+    for credential, routes in ((token, ("tasks", "tasks/cancel", "evaluations", "keys")),
+                               (keys["viewer"], ("tasks/cancel",))):
+        async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {credential}"}, timeout=30) as http:
+            for route in routes:
+                answer = await http.post(f"{server_url}plexus/api/{route}", content=body)
+                assert answer.status_code == 413, (route, answer.status_code, answer.text[:300])
+                assert "(max_request_bytes)" in answer.json()["error"]["message"]
+
+
 async def test_a_deeply_nested_websocket_message_gets_an_error_and_the_socket_stays_open(server_url, token, runtime):
     url = server_url.replace("http://", "ws://") + "plexus/api/events"
     ws = await websocket_connect(HTTPRequest(url, headers={"Authorization": f"Bearer {token}"}))

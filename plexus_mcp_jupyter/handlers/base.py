@@ -198,9 +198,14 @@ class PlexusHandler(APIHandler):
     # -- JSON helpers --------------------------------------------------------------------------
 
     async def json_body(self) -> dict[str, Any]:
-        """The body as a JSON object; 400 with a one-line reason for anything else (see parse_json)."""
+        """The body as a JSON object; 400 with a one-line reason for anything else (see parse_json), 413 above
+        max_request_bytes (Jupyter lets a body reach 512 MiB, which parses into several GiB of objects)."""
         if not self.request.body:
             return {}
+        limit = self.runtime.settings.max_request_bytes
+        if len(self.request.body) > limit:
+            raise web.HTTPError(413, f"the request body is {len(self.request.body):,} bytes, more than the "
+                                     f"{limit:,} a JSON request may have (max_request_bytes)")
         try:
             body = await parse_json_off_loop(self.request.body)
         except BadJSON as exc:
