@@ -177,8 +177,9 @@ class PlexusSettings(Configurable):
     ).tag(config=True)
     dataset_threads = Integer(
         2, min=1,
-        help="Threads that list, describe and check data files at once (their own pool, so that slow reads never "
-        "hold the event loop or the default thread pool); more requests wait their turn. Default 2.",
+        help="Threads that list, describe and check data files, and check evaluation requests (scorecards, "
+        "headers), at once (their own pool, so that slow reads never hold the event loop or the default thread "
+        "pool); more requests wait their turn. Default 2.",
     ).tag(config=True)
 
     def apply_env(self, environ: Mapping[str, str] | None = None, protected: Iterable[str] = ()) -> None:

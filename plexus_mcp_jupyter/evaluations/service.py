@@ -8,8 +8,6 @@ milliseconds; loading, scoring and metrics happen in the worker (runner.py).
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 import secrets
 import threading
@@ -36,7 +34,6 @@ EVALUATION_TYPES = ("accuracy", "feedback", "consistency")
 MAX_RUNS = 10
 MAX_LABELS_SHOWN = 50  # per-class rows and confusion matrix beyond this many classes are left out
 DEFAULT_SCORE = "score"
-CHECK_THREADS = 2  # create requests checked at once (parsing, headers); more wait their turn
 PRUNE_BATCH = 5000  # items deleted per transaction when pruning: the SQLite write lock is released between
 
 log = logging.getLogger("plexus_mcp_jupyter")
@@ -83,7 +80,6 @@ class EvaluationService:
         self.catalog = catalog
         self.kernel_scorers = kernel_scorers or KernelScorerRegistry()
         self.limits = limits
-        self._checks = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="plexus-evaluation-check")
         self._pruner = ThreadPoolExecutor(1, thread_name_prefix="plexus-evaluation-prune")
         self._stopping = threading.Event()
         self._unlisten: Callable[[], None] | None = None
@@ -97,12 +93,11 @@ class EvaluationService:
             self._prune_soon()
 
     def close(self) -> None:
-        """Stop pruning (between two batches) and checking; the threads end on their own."""
+        """Stop pruning (between two batches); the thread ends on its own."""
         if self._unlisten is not None:
             self._unlisten()
             self._unlisten = None
         self._stopping.set()
-        self._checks.shutdown(wait=False, cancel_futures=True)
         self._pruner.shutdown(wait=True, cancel_futures=True)
 
     def _on_event(self, event: Any) -> None:
@@ -136,19 +131,19 @@ class EvaluationService:
 
     async def create(self, type: str, dataset: str | None = None, *, priority: int = 0, owner: str | None = None,
                      trusted: bool = True, role: str | None = None, **arguments: Any) -> tuple[dict[str, Any], Task]:
-        """Check a request (the arguments of :meth:`plan`) in a checking thread, then dispatch it.
+        """Check a request (the arguments of :meth:`plan`) in the catalog's threads, then dispatch it.
 
         `role` is the caller's, whose priority ceiling applies (TaskManager.check_priority): checked first, on
         the loop, since it is the cheapest refusal.
 
         Parsing a scorecard and reading a dataset's header take time that grows with what the client sent
-        or named, so they never run on the event loop; at most CHECK_THREADS requests are checked at once
-        (the rest wait their turn), so a flood of them cannot take the loop's default thread pool either.
+        or named, so they never run on the event loop; they share the catalog's `dataset_threads` with
+        listing and describing (the rest wait their turn), so a flood of them cannot take the loop's
+        default thread pool either.
         """
         if not isinstance(priority, bool) and isinstance(priority, int):
             self.manager.check_priority(priority, role)
-        check = functools.partial(self.plan, type, dataset, trusted=trusted, **arguments)
-        plan = await asyncio.get_running_loop().run_in_executor(self._checks, check)
+        plan = await self.catalog.run(self.plan, type, dataset, trusted=trusted, **arguments)
         return self.dispatch(plan, priority=priority, owner=owner, role=role)
 
     def plan(
