@@ -520,3 +520,24 @@ def test_stdio_writes_its_last_audit_records_when_terminated(tmp_path):
         actions = [r.action for r in conn.execute(sa.select(audit_table.c.action))]
     engine.dispose()
     assert actions == ["tool.list_tasks"], actions
+
+
+def test_log_scrubbing_covers_the_sdk_loggers_and_never_breaks_a_malformed_log_call():
+    from plexus_mcp_jupyter.security.redaction import LogScrubber, scrub_logs
+
+    scrubber = SecretScrubber()
+    scrubber.add("0123456789abcdef")
+    sdk = logging.getLogger("mcp.server.streamable_http")
+    capture = Capture()
+    sdk.addHandler(capture)
+    detach = scrub_logs(scrubber)
+    try:
+        sdk.error("Error handling POST request: %s", "bad argument 0123456789abcdef")
+        assert any(isinstance(f, LogScrubber) for f in logging.getLogger("tornado.general").filters)
+        # A malformed call is reported by logging's handlers, as without the filter, which must not raise.
+        bad = logging.LogRecord("tornado.general", logging.WARNING, __file__, 1, "%d requests", ("many",), None)
+        assert LogScrubber(scrubber).filter(bad)
+    finally:
+        detach()
+        sdk.removeHandler(capture)
+    assert "0123456789abcdef" not in capture.text() and "[redacted]" in capture.text()

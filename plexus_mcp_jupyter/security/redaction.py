@@ -25,6 +25,9 @@ MIN_SECRET_CHARS = 8  # shorter "secrets" (a test's "x") would scrub ordinary wo
 # Loggers that write request lines and errors: tornado's (access, warnings, uncaught errors), the event
 # loop's (accept errors) and ours. Jupyter's own logger is added by the extension.
 SERVER_LOGGERS = ("tornado.access", "tornado.application", "tornado.general", "asyncio", "plexus_mcp_jupyter")
+# Packages whose modules log with loggers of their own (getLogger(__name__)) while serving Plexus routes: the
+# MCP SDK's errors of a request. A logger's filter sees only its own records, so each is filtered.
+PACKAGE_LOGGERS = ("mcp",)
 
 
 class SecretScrubber:
@@ -63,7 +66,10 @@ class LogScrubber(logging.Filter):
         self.scrubber = scrubber
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed call ("%d" with a string): its handler reports it, as without us
+            return True
         clean = self.scrubber.scrub(message)
         if clean != message:
             record.msg, record.args = clean, ()
@@ -77,7 +83,8 @@ def scrub_logs(scrubber: SecretScrubber, extra_loggers: tuple[str, ...] = ()) ->
     """Attach a LogScrubber for `scrubber` to the server loggers (once per logger and scrubber); returns the
     function that detaches them again (a stopped server's secrets need no more scrubbing)."""
     attached: list[tuple[logging.Logger, LogScrubber]] = []
-    for name in (*SERVER_LOGGERS, *extra_loggers):
+    modules = sorted(name for name in logging.Logger.manager.loggerDict if name.split(".")[0] in PACKAGE_LOGGERS)
+    for name in (*SERVER_LOGGERS, *extra_loggers, *modules):
         logger = logging.getLogger(name)
         if not any(isinstance(f, LogScrubber) and f.scrubber is scrubber for f in logger.filters):
             scrub_filter = LogScrubber(scrubber)
