@@ -5,6 +5,15 @@ Each message says what was wrong and what is allowed, so it can go to a client a
 
 from __future__ import annotations
 
+MAX_QUOTED_CHARS = 300
+
+
+def one_line(text: object, limit: int = MAX_QUOTED_CHARS) -> str:
+    """`text` (an error, say) on one line, whitespace runs collapsed, cut to `limit` characters with "...":
+    how a message quotes what a client sent or a file holds, which may be megabytes."""
+    line = " ".join(str(text)[:16 * limit].split())
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
 
 class PlexusError(Exception):
     """Base class of errors that are safe to show to a client."""

@@ -49,7 +49,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..core.errors import InvalidArgument, NotFound
+from ..core.errors import InvalidArgument, NotFound, one_line
 from .file_reads import (
     MAX_TRACKED_LABELS,
     ReadBounds,
@@ -428,7 +428,7 @@ class DatasetCatalog:
                 rows, columns = self._peek(path, fmt, str(parsed))
                 info = self._remember(key, _info(parsed, rows, columns, size_bytes=size))
         except (InvalidArgument, NotFound, OSError) as error:
-            return _info(parsed, None, [], error=_one_line(error))
+            return _info(parsed, None, [], error=one_line(error))
         return info
 
     def _peek(self, path: Path, fmt: str, ref: str, *,
@@ -519,7 +519,7 @@ class DatasetCatalog:
         try:
             table = pa.Table.from_pandas(frame, preserve_index=False)
         except (pa.ArrowException, TypeError, ValueError) as error:
-            raise InvalidArgument(f"cannot store DataFrame {name!r} as Parquet: {_one_line(error)}") from None
+            raise InvalidArgument(f"cannot store DataFrame {name!r} as Parquet: {one_line(error)}") from None
         self.registered_dir.mkdir(parents=True, exist_ok=True)
         final = self.registered_dir / f"{name}.parquet"
         if final.exists() and not replace:
@@ -590,7 +590,7 @@ def _reading(ref: str, fmt: str) -> Iterator[None]:
         raise InvalidArgument(f"dataset {clip(ref)} is empty (no header and no rows)") from None
     except (ValueError, pd.errors.ParserError, pa.ArrowException, UnicodeDecodeError, OSError,
             RecursionError) as error:
-        raise InvalidArgument(f"cannot read dataset {clip(ref)} as {fmt.upper()}: {_one_line(error)}") from None
+        raise InvalidArgument(f"cannot read dataset {clip(ref)} as {fmt.upper()}: {one_line(error)}") from None
 
 
 def _read(path: Path, fmt: str, ref: str, columns: builtins.list[str] | None) -> pd.DataFrame:
@@ -643,11 +643,6 @@ def _info(parsed: DatasetRef, rows: int | None, columns: Sequence[tuple[str, str
         column_count=len(columns),
         **extra,
     )
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 __all__ = [
