@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -25,6 +28,8 @@ from plexus_mcp_jupyter.security.keys import KeyStore
 
 from .conftest import open_client, poll
 from .test_standalone import plexus_env, start_http, stop
+
+REPO = Path(__file__).resolve().parent.parent
 
 HEALTH_BOUND = 1.0  # seconds: health must answer within this throughout every flood
 HEADER = "name: flood\ndataset: example:sentiment\ninput_column: text\nlabel_column: label\nscores:\n"
@@ -256,7 +261,8 @@ async def test_the_standalone_server_refuses_the_same_scorecards_and_stays_respo
         stop(proc)
 
 
-async def test_a_server_prunes_at_start_what_a_stopped_one_left(tmp_path):
+@pytest.mark.parametrize("transport", ["http", "stdio"])
+async def test_a_server_prunes_at_start_what_a_stopped_one_left(tmp_path, transport):
     # A cancelled evaluation whose items were still there when its server stopped (12,000: three batches).
     store = Store(plexus_env(tmp_path)["PLEXUS_MCP_DB_URL"])
     evaluations = EvaluationStore(store.engine)
@@ -266,7 +272,12 @@ async def test_a_server_prunes_at_start_what_a_stopped_one_left(tmp_path):
                         "created_at": time.time()})
     evaluations.add_items("e-cancelled", "score", [(i, str(i), "x", "a", "a", "a", True, None, None)
                                                     for i in range(12_000)])
-    proc, _url, _token = start_http(tmp_path)
+    if transport == "http":
+        proc, _url, _token = start_http(tmp_path)
+    else:  # serving until its client closes stdin
+        proc = subprocess.Popen([sys.executable, "-m", "plexus_mcp_jupyter.cli", "mcp", "serve", "--transport",
+                                 "stdio"], env=plexus_env(tmp_path), cwd=str(REPO), stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         record = await poll(lambda: evaluations.get("e-cancelled"), lambda r: r["items_pruned_at"] is not None)
     finally:
