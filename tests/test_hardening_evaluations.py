@@ -284,3 +284,18 @@ async def test_a_server_prunes_at_start_what_a_stopped_one_left(tmp_path, transp
         stop(proc)
     assert evaluations.count_items("e-cancelled", "score") == 0 and record["definition"]["scores"]
     store.close()
+
+
+async def test_the_column_names_an_error_echoes_are_bounded(server_url, operator, jp_root_dir, caplog):
+    # A column name the client sent (a megabyte of it), and a file's columns as long as the bounds allow: the
+    # answer, and the warning tornado logs with it, quote a few hundred characters, not the lot.
+    (jp_root_dir / "long_names.csv").write_text(",".join(f"{i:02}" + "c" * 998 for i in range(30)) + "\n" +
+                                                ",".join("1" for _ in range(30)) + "\n")
+    for body in ({"type": "accuracy", "dataset": "example:sentiment", "prediction_column": "label",
+                  "label_column": "x" * 1_000_000},
+                 {"type": "accuracy", "dataset": "long_names.csv", "prediction_column": "p" + "c" * 999,
+                  "label_column": "label"}):
+        answer = await post_evaluation(server_url, operator, body)
+        assert answer.status_code == 400 and len(answer.content) < 2000, answer.content[:300]
+        assert "is not in dataset" in answer.json()["error"]["message"]
+    assert all(len(record.getMessage()) < 4000 for record in caplog.records)

@@ -207,12 +207,17 @@ def _require_names(existing: Sequence[str], names: Sequence[str], what: str) -> 
     missing = [name for name in names if name not in existing]
     if not missing:
         return
-    # Names as long as the bound allows, twenty of them, would make a long line of a message and the log.
-    shown = ", ".join(n if len(n) <= 60 else n[:57] + "..." for n in existing[:MAX_LISTED_IN_ERROR]) or "(none)"
-    if len(existing) > MAX_LISTED_IN_ERROR:
-        shown += f", ... ({len(existing) - MAX_LISTED_IN_ERROR} more)"
-    quoted = ", ".join(repr(name) for name in missing)
-    raise InvalidArgument(f"{what} {quoted} not found; the columns are: {shown}")
+    quoted = ", ".join(clip(name) for name in missing)
+    raise InvalidArgument(f"{what} {quoted} not found; the columns are: {column_listing(existing)}")
+
+
+def column_listing(names: Sequence[str]) -> str:
+    """Column names for an error message: the first MAX_LISTED_IN_ERROR, each cut to 60 characters (names
+    as long as the bound allows, twenty of them, would make a long line of a message and the log)."""
+    shown = ", ".join(n if len(n) <= 60 else n[:57] + "..." for n in names[:MAX_LISTED_IN_ERROR]) or "(none)"
+    if len(names) > MAX_LISTED_IN_ERROR:
+        shown += f", ... ({len(names) - MAX_LISTED_IN_ERROR} more)"
+    return shown
 
 
 class DatasetCatalog:

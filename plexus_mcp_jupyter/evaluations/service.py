@@ -18,11 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from ..core.errors import InvalidArgument, NotFound
+from ..core.errors import InvalidArgument, NotFound, one_line
 from ..core.manager import TaskManager
 from ..core.models import Task, iso
 from ..core.store import owner_visible
-from .datasets import DatasetCatalog
+from .datasets import DatasetCatalog, column_listing
+from .file_reads import clip
 from .kernel_scorers import KernelScorerRegistry
 from .limits import DEFAULT_LIMITS, EvaluationLimits, check_items
 from .sampling import check_sample, sampled_rows
@@ -223,7 +224,7 @@ class EvaluationService:
                 wanted[f"score {score['name']!r} input column"] = spec.get("input_column") or input_column
             elif "text" not in columns:
                 raise InvalidArgument(f"score {score['name']!r} reads the column 'text' by default, which dataset "
-                                      f"{dataset!r} lacks: give input_column; columns: {_listing(columns)}")
+                                      f"{dataset!r} lacks: give input_column; columns: {column_listing(columns)}")
             if score.get("label_column"):
                 wanted[f"score {score['name']!r} label column"] = score["label_column"]
         for what, column in wanted.items():
@@ -232,8 +233,8 @@ class EvaluationService:
                 raise InvalidArgument(f"{what.replace('_', ' ')} {column!r} is redacted (redact_columns): its values "
                                       "would appear in results and metrics; ask an admin, or use another column")
             if column is not None and column not in columns:
-                raise InvalidArgument(f"{what.replace('_', ' ')} {column!r} is not in dataset {dataset!r}; "
-                                      f"its columns: {_listing(columns)}")
+                raise InvalidArgument(f"{what.replace('_', ' ')} {_quoted(column)} is not in dataset {dataset!r}; "
+                                      f"its columns: {column_listing(columns)}")
         runs = runs if type == "consistency" else 1
         rows = self.catalog.known_rows(dataset)
         if rows is not None:  # otherwise the worker checks once it has loaded the rows, before scoring any
@@ -408,9 +409,9 @@ class EvaluationService:
         }
 
 
-def _listing(columns: Sequence[str], limit: int = 30) -> str:
-    shown = ", ".join(columns[:limit])
-    return shown + (f", ... ({len(columns)} in all)" if len(columns) > limit else "")
+def _quoted(value: Any) -> str:
+    """A value the client sent (a column name, mostly), as an error quotes it: at most about 100 characters."""
+    return clip(value) if isinstance(value, str) else one_line(repr(value), 100)
 
 
 def _bounded(metrics: dict[str, Any]) -> dict[str, Any]:
