@@ -17,7 +17,7 @@ from jupyter_server.auth.identity import IdentityProvider, PasswordIdentityProvi
 from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
-from ..core.errors import InvalidArgument, NotFound, PlexusError
+from ..core.errors import NotFound, PlexusError, bounded
 from ..runtime import PlexusRuntime
 from ..security.http import (
     BadJSON,
@@ -232,9 +232,9 @@ class PlexusHandler(APIHandler):
         return {"error": {"status": status_code, "message": message}}
 
 def http_error(exc: PlexusError) -> web.HTTPError:
-    """Map a core error to the HTTP error of the same meaning."""
+    """Map a core error to the HTTP error of the same meaning, its message bounded as for a tool error (it
+    quotes what the client sent, and tornado logs it with the URL)."""
+    message = bounded(str(exc))
     if isinstance(exc, NotFound):
-        return web.HTTPError(404, str(exc))
-    if isinstance(exc, InvalidArgument):
-        return web.HTTPError(400, str(exc))
-    return web.HTTPError(400, str(exc))
+        return web.HTTPError(404, message)
+    return web.HTTPError(400, message)
