@@ -543,6 +543,16 @@ def test_log_scrubbing_covers_the_sdk_loggers_and_never_breaks_a_malformed_log_c
     assert "0123456789abcdef" not in capture.text() and "[redacted]" in capture.text()
 
 
+async def test_a_url_full_of_question_marks_is_logged_without_stalling_the_server(server_url):
+    # Unauthenticated: the 401 is logged with its URL, and every logged line passes the scrubber.
+    async with httpx2.AsyncClient(timeout=120) as http:
+        started = time.monotonic()
+        refused = await http.get(f"{server_url}plexus/api/tasks?" + "?" * 30_000)
+        assert refused.status_code in (401, 403)
+        assert (await http.get(f"{server_url}plexus/api/health")).status_code == 200
+        assert time.monotonic() - started < 5.0
+
+
 @pytest.mark.parametrize("text", ["?" * 200_000, "?a" * 100_000, "&" * 200_000, "?=" * 100_000,
                                   "?token" * 30_000, "plx_" * 50_000])
 def test_scrubbing_is_linear_in_the_text(text):
