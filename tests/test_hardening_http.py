@@ -163,6 +163,24 @@ async def test_the_standalone_server_keeps_its_token_and_keys_out_of_its_log(tmp
     assert secret_token not in logged and "S" * 40 not in logged, logged
 
 
+async def test_jupyter_still_prints_the_login_url_with_its_token_while_requests_are_scrubbed(tmp_path):
+    # `jupyter lab` prints the URL with the token it made, for its user to copy: Jupyter's own startup lines
+    # are not a client's request, and must keep it.
+    proc, base, _, log_path = start_jupyter(tmp_path, token=None)
+    try:
+        match = re.search(r"\?token=([0-9a-f]{48})", log_path.read_text())
+        assert match, log_path.read_text()[-3000:]
+        token = match.group(1)
+        async with httpx2.AsyncClient(timeout=30) as http:
+            assert (await http.get(f"{base}plexus/api/tasks/nope?token={token}")).status_code == 404
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    logged = log_path.read_text()
+    assert "/plexus/api/tasks/nope?token=[redacted]" in logged
+    assert logged.count(token) == len(re.findall(r"\?token=[0-9a-f]{48}", logged)) >= 1  # the startup lines only
+
+
 def test_the_scrubber_reads_query_parameters_percent_decoded():
     scrubber = SecretScrubber()
     scrubber.add("0123456789abcdef")
@@ -317,16 +335,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_jupyter(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[bytes], str, str, Path]:
-    """A real `jupyter server` with the extension; its log goes to a file (a pipe would fill and block it)."""
-    port, token = free_port(), "jupyter-test-token-0123456789"
+def start_jupyter(tmp_path: Path, *args: str, token: str | None = "jupyter-test-token-0123456789",
+                  ) -> tuple[subprocess.Popen[bytes], str, str | None, Path]:
+    """A real `jupyter server` with the extension; its log goes to a file (a pipe would fill and block it).
+    With `token` None, Jupyter makes one (and prints it for its user)."""
+    port = free_port()
     log_path = tmp_path / "jupyter.log"
     env = plexus_env(tmp_path, JUPYTER_RUNTIME_DIR=str(tmp_path / "rt"), JUPYTER_CONFIG_DIR=str(tmp_path / "cfg"),
                      PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root", f"--port={port}",
-             "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}",
+             "--ServerApp.ip=127.0.0.1", *([f"--IdentityProvider.token={token}"] if token else []),
              "--ServerApp.jpserver_extensions=plexus_mcp_jupyter=True", *args],
             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp_path))
     base = f"http://127.0.0.1:{port}/"

@@ -61,13 +61,19 @@ class SecretScrubber:
 
 
 class LogScrubber(logging.Filter):
-    """A logger filter: the record's message and traceback with secrets scrubbed (it always passes)."""
+    """A logger filter: the record's message and traceback with secrets scrubbed (it always passes).
 
-    def __init__(self, scrubber: SecretScrubber) -> None:
+    Records logged from `exempt_files` pass unchanged: Jupyter's own startup lines print the URL with its
+    token for the user to copy (the server's own words, before any client could put anything in them)."""
+
+    def __init__(self, scrubber: SecretScrubber, exempt_files: frozenset[str] = frozenset()) -> None:
         super().__init__()
         self.scrubber = scrubber
+        self.exempt_files = exempt_files
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.pathname in self.exempt_files:
+            return True
         try:
             message = record.getMessage()
         except Exception:  # a malformed call ("%d" with a string): its handler reports it, as without us
@@ -81,15 +87,18 @@ class LogScrubber(logging.Filter):
         return True
 
 
-def scrub_logs(scrubber: SecretScrubber, extra_loggers: tuple[str, ...] = ()) -> Callable[[], None]:
-    """Attach a LogScrubber for `scrubber` to the server loggers (once per logger and scrubber); returns the
-    function that detaches them again (a stopped server's secrets need no more scrubbing)."""
+def scrub_logs(scrubber: SecretScrubber, extra_loggers: tuple[str, ...] = (),
+               exempt_files: tuple[str, ...] = ()) -> Callable[[], None]:
+    """Attach a LogScrubber for `scrubber` to the server loggers (once per logger and scrubber), leaving the
+    records logged from `exempt_files` alone; returns the function that detaches them again (a stopped
+    server's secrets need no more scrubbing)."""
+    exempt = frozenset(exempt_files)
     attached: list[tuple[logging.Logger, LogScrubber]] = []
     modules = sorted(name for name in logging.Logger.manager.loggerDict if name.split(".")[0] in PACKAGE_LOGGERS)
     for name in (*SERVER_LOGGERS, *extra_loggers, *modules):
         logger = logging.getLogger(name)
         if not any(isinstance(f, LogScrubber) and f.scrubber is scrubber for f in logger.filters):
-            scrub_filter = LogScrubber(scrubber)
+            scrub_filter = LogScrubber(scrubber, exempt)
             logger.addFilter(scrub_filter)
             attached.append((logger, scrub_filter))
 
