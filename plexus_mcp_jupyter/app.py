@@ -9,6 +9,7 @@ import os
 from typing import Any
 
 from jupyter_core.paths import jupyter_data_dir
+from jupyter_server import serverapp as serverapp_module
 from jupyter_server.extension.application import ExtensionApp
 
 from ._version import __version__
@@ -82,7 +83,9 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
         self.runtime = PlexusRuntime(self, data_dir=jupyter_data_dir(), root_dir=self.serverapp.root_dir)
         self.settings["plexus"] = self.runtime
         identity_provider = self.serverapp.identity_provider
-        self.runtime.protect_secret(identity_provider.token, loggers=(self.serverapp.log.name,))
+        # Jupyter's startup lines ("is running at: http://...?token=...") are the URL its user logs in with.
+        self.runtime.protect_secret(identity_provider.token, loggers=(self.serverapp.log.name,),
+                                    exempt_files=(serverapp_module.__file__,))
         if not identity_provider.auth_enabled:
             self.log.warning("Plexus MCP: %s", AUTH_DISABLED_WARNING)
         self.log.info("Plexus MCP endpoint at %splexus/mcp (store: %s)", self.serverapp.base_url,

@@ -79,7 +79,9 @@ class PlexusSettings(Configurable):
     ).tag(config=True)
     max_sessions = Integer(1000, min=1, help="Most MCP sessions open at once.").tag(config=True)
     max_request_bytes = Integer(
-        4 * 1024 * 1024, min=1024, help="Largest MCP request body, in bytes (larger ones get HTTP 413)."
+        4 * 1024 * 1024, min=1024, help="Largest MCP request body, and REST JSON body (tasks, cancellations, "
+        "evaluations, keys), in bytes (larger ones get HTTP 413). Registering a dataset (POST plexus/api/datasets) "
+        "has Jupyter's ServerApp.max_body_size instead."
     ).tag(config=True)
     event_store_size = Integer(
         10_000, min=1, help="SSE events kept so a dropped MCP stream can resume with Last-Event-ID."
@@ -175,8 +177,9 @@ class PlexusSettings(Configurable):
     ).tag(config=True)
     dataset_threads = Integer(
         2, min=1,
-        help="Threads that list, describe and check data files at once (their own pool, so that slow reads never "
-        "hold the event loop or the default thread pool); more requests wait their turn. Default 2.",
+        help="Threads that list, describe and check data files, and check evaluation requests (scorecards, "
+        "headers), at once (their own pool, so that slow reads never hold the event loop or the default thread "
+        "pool); more requests wait their turn. Default 2.",
     ).tag(config=True)
 
     # -- issue 12: the queue model, resources and retention (docs/tasks.md) -----------------------------

@@ -118,11 +118,13 @@ class PlexusRuntime:
             raise InvalidArgument("a kernel_score request is {scorer, inputs: [...]}")
         return await self.kernel_scorers.score(str(payload.get("scorer")), payload["inputs"], owner=task.owner)
 
-    def protect_secret(self, secret: str | None, loggers: tuple[str, ...] = ()) -> None:
+    def protect_secret(self, secret: str | None, loggers: tuple[str, ...] = (),
+                       exempt_files: tuple[str, ...] = ()) -> None:
         """A server credential (Jupyter's token, the standalone token) that must never reach the server log
-        or the audit log, wherever a client puts it (a query string, a tool argument, a key's name)."""
+        or the audit log, wherever a client puts it (a query string, a tool argument, a key's name); the
+        records logged from `exempt_files` (the server's own startup lines) are left as they are."""
         self.audit.scrubber.add(secret)
-        self._log_scrubbers.append(scrub_logs(self.audit.scrubber, loggers))
+        self._log_scrubbers.append(scrub_logs(self.audit.scrubber, loggers, exempt_files))
 
     # -- API keys ----------------------------------------------------------------------------------
 

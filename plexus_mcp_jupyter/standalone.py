@@ -150,6 +150,7 @@ async def serve_stdio(runtime: PlexusRuntime) -> None:
     stop = asyncio.Event()
     _on_stop_signals(stop.set)
     await runtime.manager.start()
+    runtime.evaluations.start()  # prunes the items of cancelled evaluations, as the HTTP servers do
     serving = asyncio.ensure_future(runtime.mcp.run_stdio_async())
     stopping = asyncio.ensure_future(stop.wait())
     try:
@@ -159,6 +160,8 @@ async def serve_stdio(runtime: PlexusRuntime) -> None:
         try:
             await runtime.manager.stop()
         finally:
+            runtime.evaluations.close()
+            runtime.catalog.close()
             runtime.audit.close()
             runtime.store.close()
     if not serving.done():

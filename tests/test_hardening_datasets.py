@@ -292,3 +292,34 @@ def test_a_row_longer_than_a_block_or_a_crafted_footer_is_an_error_not_a_read(ca
     (catalog.root_dir / "crafted.parquet").write_bytes(b"PAR1" + b"\0" * 64 + (1 << 30).to_bytes(4, "little") + b"PAR1")
     (listed,) = [info for info in catalog.list() if info.ref == "crafted.parquet"]
     assert "Parquet footer is 1,073,741,824 bytes" in (listed.error or "")
+
+
+def test_the_column_bound_is_checked_before_pandas_parses_the_header(tmp_path, monkeypatch):
+    # Half a million empty names in a 1 MiB header took pandas about a minute and a gigabyte to parse, per
+    # listing: the bound must refuse such a file from its first line alone.
+    from plexus_mcp_jupyter.evaluations import datasets
+
+    parse = datasets.parse_head
+
+    def parse_head(data: bytes, *args: Any) -> Any:
+        assert len(data.split(b"\n", 1)[0]) < 4096, "pandas parsed a header beyond the column bound"
+        return parse(data, *args)
+
+    monkeypatch.setattr(datasets, "parse_head", parse_head)
+    catalog = DatasetCatalog(tmp_path, tmp_path / "registered", bounds=ReadBounds(columns=100))
+    (tmp_path / "wide.csv").write_text("," * 100_000 + "\n" + "1," * 100_000 + "\n")
+    (tmp_path / "wide.jsonl").write_text(json.dumps({f"k{i}": 1 for i in range(1000)}) + "\n")
+    (tmp_path / "long.csv").write_text('"' + "n" * 5000 + '",label\n1,a\n')
+    listed = {info.ref: info.error for info in catalog.list()}
+    assert "has 100,001 columns, more than 100" in (listed["wide.csv"] or "")
+    assert "has 1,000 columns, more than 100" in (listed["wide.jsonl"] or "")
+    assert "column name of 5,000 characters" in (listed["long.csv"] or "")
+    for ref in ("wide.csv", "wide.jsonl"):
+        with pytest.raises(InvalidArgument, match="columns, more than 100 "):
+            catalog.columns(ref)
+
+
+def test_the_rows_an_evaluation_check_reads_from_a_parquet_footer_are_bounded_too(catalog):
+    (catalog.root_dir / "crafted.parquet").write_bytes(b"PAR1" + b"\0" * 64 + (1 << 30).to_bytes(4, "little") + b"PAR1")
+    with pytest.raises(InvalidArgument, match="Parquet footer is 1,073,741,824 bytes"):
+        catalog.known_rows("crafted.parquet")

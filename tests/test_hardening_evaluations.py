@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -25,6 +28,8 @@ from plexus_mcp_jupyter.security.keys import KeyStore
 
 from .conftest import open_client, poll
 from .test_standalone import plexus_env, start_http, stop
+
+REPO = Path(__file__).resolve().parent.parent
 
 HEALTH_BOUND = 1.0  # seconds: health must answer within this throughout every flood
 HEADER = "name: flood\ndataset: example:sentiment\ninput_column: text\nlabel_column: label\nscores:\n"
@@ -256,7 +261,8 @@ async def test_the_standalone_server_refuses_the_same_scorecards_and_stays_respo
         stop(proc)
 
 
-async def test_a_server_prunes_at_start_what_a_stopped_one_left(tmp_path):
+@pytest.mark.parametrize("transport", ["http", "stdio"])
+async def test_a_server_prunes_at_start_what_a_stopped_one_left(tmp_path, transport):
     # A cancelled evaluation whose items were still there when its server stopped (12,000: three batches).
     store = Store(plexus_env(tmp_path)["PLEXUS_MCP_DB_URL"])
     evaluations = EvaluationStore(store.engine)
@@ -266,10 +272,31 @@ async def test_a_server_prunes_at_start_what_a_stopped_one_left(tmp_path):
                         "created_at": time.time()})
     evaluations.add_items("e-cancelled", "score", [(i, str(i), "x", "a", "a", "a", True, None, None)
                                                     for i in range(12_000)])
-    proc, _url, _token = start_http(tmp_path)
+    if transport == "http":
+        proc, _url, _token = start_http(tmp_path)
+    else:  # serving until its client closes stdin
+        proc = subprocess.Popen([sys.executable, "-m", "plexus_mcp_jupyter.cli", "mcp", "serve", "--transport",
+                                 "stdio"], env=plexus_env(tmp_path), cwd=str(REPO), stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         record = await poll(lambda: evaluations.get("e-cancelled"), lambda r: r["items_pruned_at"] is not None)
     finally:
         stop(proc)
     assert evaluations.count_items("e-cancelled", "score") == 0 and record["definition"]["scores"]
     store.close()
+
+
+async def test_the_column_names_an_error_echoes_are_bounded(server_url, operator, jp_root_dir, caplog):
+    # A column name the client sent (a megabyte of it), and a file's columns as long as the bounds allow: the
+    # answer, and the warning tornado logs with it, quote a few hundred characters, not the lot.
+    (jp_root_dir / "long_names.csv").write_text(",".join(f"{i:02}" + "c" * 998 for i in range(30)) + "\n" +
+                                                ",".join("1" for _ in range(30)) + "\n")
+    for body in ({"type": "accuracy", "dataset": "example:sentiment", "prediction_column": "label",
+                  "label_column": "x" * 1_000_000},
+                 {"type": "accuracy", "dataset": "long_names.csv", "prediction_column": "p" + "c" * 999,
+                  "label_column": "label"},
+                 {"type": "t" * 1_000_000}):  # any message that quotes what was sent, as for a tool error
+        answer = await post_evaluation(server_url, operator, body)
+        assert answer.status_code == 400 and len(answer.content) < 2000, answer.content[:300]
+        assert "is not in dataset" in answer.json()["error"]["message"] or "unknown evaluation type" in answer.text
+    assert all(len(record.getMessage()) < 4000 for record in caplog.records)

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 
 import pytest
 
 from .conftest import open_client, poll
 from .test_evaluations import create, finished
 from .test_kernel_scorers import FakeKernel
-from .test_standalone import plexus_env, start_http, stop
+from .test_standalone import cli_key, plexus_env, start_http, stop
 
 LONG = {"items": 100_000, "item_delay_ms": 50}  # a demo task that would run for hours
 SMALL = {"items": 5, "item_delay_ms": 0}
@@ -127,11 +125,7 @@ async def test_a_priority_above_the_ceiling_of_a_role_is_refused_and_admins_keep
 
 
 async def test_the_standalone_http_server_is_fair_too(tmp_path):
-    env = plexus_env(tmp_path)
-    created = subprocess.run(
-        [sys.executable, "-m", "plexus_mcp_jupyter.cli", "keys", "create", "flooder", "--role", "operator"],
-        env=env, capture_output=True, text=True, check=True)
-    flooder = json.loads(created.stdout)["secret"]
+    flooder, _ = cli_key(plexus_env(tmp_path), "flooder", "operator")
     proc, url, token = start_http(tmp_path, "--max-concurrency", "2")
     try:
         async with open_client(url, flooder) as key, open_client(url, token) as notebook_user:

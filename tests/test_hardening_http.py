@@ -26,6 +26,7 @@ from traitlets.config import Config
 from plexus_mcp_jupyter.handlers.health import HealthHandler
 from plexus_mcp_jupyter.security.audit import audit_table
 from plexus_mcp_jupyter.security.http import same_origin
+from plexus_mcp_jupyter.security.redaction import SecretScrubber
 
 from .conftest import open_client, poll
 from .test_standalone import plexus_env, start_http, stop
@@ -70,6 +71,18 @@ async def test_deep_nesting_and_huge_numbers_are_a_400_with_one_line_on_every_re
         assert (await http.get(f"{server_url}plexus/api/health")).status_code == 200
 
 
+async def test_a_json_body_above_max_request_bytes_is_a_413_before_it_is_parsed(server_url, token, keys, runtime):
+    # Even a viewer key may post to tasks/cancel: a body near Jupyter's 512 MiB parsed into gigabytes of objects.
+    body = "[" + "1," * (runtime.settings.max_request_bytes // 2) + "1]"
+    for credential, routes in ((token, ("tasks", "tasks/cancel", "evaluations", "keys")),
+                               (keys["viewer"], ("tasks/cancel",))):
+        async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {credential}"}, timeout=30) as http:
+            for route in routes:
+                answer = await http.post(f"{server_url}plexus/api/{route}", content=body)
+                assert answer.status_code == 413, (route, answer.status_code, answer.text[:300])
+                assert "(max_request_bytes)" in answer.json()["error"]["message"]
+
+
 async def test_a_deeply_nested_websocket_message_gets_an_error_and_the_socket_stays_open(server_url, token, runtime):
     url = server_url.replace("http://", "ws://") + "plexus/api/events"
     ws = await websocket_connect(HTTPRequest(url, headers={"Authorization": f"Bearer {token}"}))
@@ -103,6 +116,10 @@ async def test_a_token_or_key_in_the_query_string_never_reaches_the_log_or_the_a
             assert missing.status_code == 404
             denied = await http.delete(f"{server_url}plexus/api/keys/nope?token={token}&x={key}")
             assert denied.status_code == 404
+            # Names and values are read percent-decoded: this is the token too, and must not be logged.
+            encoded = await http.get(f"{server_url}plexus/api/tasks/nope?%74oken=%{ord(token[0]):02X}{token[1:]}"
+                                     f"&x=plx%5F{key[4:]}")
+            assert encoded.status_code == 404
         async with httpx2.AsyncClient(timeout=30) as http:  # no login cookie from the requests above
             refused = await http.get(f"{server_url}plexus/api/tasks?api_key={key}&other={key}")
             assert refused.status_code == 401
@@ -123,7 +140,7 @@ async def test_a_token_or_key_in_the_query_string_never_reaches_the_log_or_the_a
             logger.removeHandler(capture)
     logged = capture.text()
     assert "/plexus/api/tasks/no-such-task" in logged  # the lines are there, scrubbed
-    assert token not in logged and key not in logged, logged
+    assert token[1:] not in logged and key[4:] not in logged, logged
     audit = json.dumps(records, default=str)
     assert any(r["action"] == "key.create" for r in records) and any(r["action"] == "tool.get_task" for r in records)
     assert token not in audit and key not in audit, audit
@@ -144,6 +161,33 @@ async def test_the_standalone_server_keeps_its_token_and_keys_out_of_its_log(tmp
     logged = proc.stderr.read()
     assert "/mcp" in logged and "/nowhere" in logged  # tornado's access lines, scrubbed
     assert secret_token not in logged and "S" * 40 not in logged, logged
+
+
+async def test_jupyter_still_prints_the_login_url_with_its_token_while_requests_are_scrubbed(tmp_path):
+    # `jupyter lab` prints the URL with the token it made, for its user to copy: Jupyter's own startup lines
+    # are not a client's request, and must keep it.
+    proc, base, _, log_path = start_jupyter(tmp_path, token=None)
+    try:
+        match = re.search(r"\?token=([0-9a-f]{48})", log_path.read_text())
+        assert match, log_path.read_text()[-3000:]
+        token = match.group(1)
+        async with httpx2.AsyncClient(timeout=30) as http:
+            assert (await http.get(f"{base}plexus/api/tasks/nope?token={token}")).status_code == 404
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    logged = log_path.read_text()
+    assert "/plexus/api/tasks/nope?token=[redacted]" in logged
+    assert logged.count(token) == len(re.findall(r"\?token=[0-9a-f]{48}", logged)) >= 1  # the startup lines only
+
+
+def test_the_scrubber_reads_query_parameters_percent_decoded():
+    scrubber = SecretScrubber()
+    scrubber.add("0123456789abcdef")
+    line = ("GET /plexus/api/tasks?%74oken=%30123456789abcdef&next=%30%3123456789abcdef&a%75th=x&page=2"
+            "&k=plx%5Fabc123abc123_SECRETSECRET (127.0.0.1)")
+    assert scrubber.scrub(line) == ("GET /plexus/api/tasks?%74oken=[redacted]&next=[redacted]&a%75th=[redacted]"
+                                    "&page=2&k=[redacted] (127.0.0.1)")
 
 
 # -- the Origin check: scheme, host and port ------------------------------------------------------------
@@ -291,16 +335,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_jupyter(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[bytes], str, str, Path]:
-    """A real `jupyter server` with the extension; its log goes to a file (a pipe would fill and block it)."""
-    port, token = free_port(), "jupyter-test-token-0123456789"
+def start_jupyter(tmp_path: Path, *args: str, token: str | None = "jupyter-test-token-0123456789",
+                  ) -> tuple[subprocess.Popen[bytes], str, str | None, Path]:
+    """A real `jupyter server` with the extension; its log goes to a file (a pipe would fill and block it).
+    With `token` None, Jupyter makes one (and prints it for its user)."""
+    port = free_port()
     log_path = tmp_path / "jupyter.log"
     env = plexus_env(tmp_path, JUPYTER_RUNTIME_DIR=str(tmp_path / "rt"), JUPYTER_CONFIG_DIR=str(tmp_path / "cfg"),
                      PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root", f"--port={port}",
-             "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}",
+             "--ServerApp.ip=127.0.0.1", *([f"--IdentityProvider.token={token}"] if token else []),
              "--ServerApp.jpserver_extensions=plexus_mcp_jupyter=True", *args],
             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp_path))
     base = f"http://127.0.0.1:{port}/"
@@ -494,3 +540,46 @@ def test_stdio_writes_its_last_audit_records_when_terminated(tmp_path):
         actions = [r.action for r in conn.execute(sa.select(audit_table.c.action))]
     engine.dispose()
     assert actions == ["tool.list_tasks"], actions
+
+
+def test_log_scrubbing_covers_the_sdk_loggers_and_never_breaks_a_malformed_log_call():
+    from plexus_mcp_jupyter.security.redaction import LogScrubber, scrub_logs
+
+    scrubber = SecretScrubber()
+    scrubber.add("0123456789abcdef")
+    sdk = logging.getLogger("mcp.server.streamable_http")
+    capture = Capture()
+    sdk.addHandler(capture)
+    detach = scrub_logs(scrubber)
+    try:
+        sdk.error("Error handling POST request: %s", "bad argument 0123456789abcdef")
+        assert any(isinstance(f, LogScrubber) for f in logging.getLogger("tornado.general").filters)
+        # A malformed call is reported by logging's handlers, as without the filter, which must not raise.
+        bad = logging.LogRecord("tornado.general", logging.WARNING, __file__, 1, "%d requests", ("many",), None)
+        assert LogScrubber(scrubber).filter(bad)
+    finally:
+        detach()
+        sdk.removeHandler(capture)
+    assert "0123456789abcdef" not in capture.text() and "[redacted]" in capture.text()
+
+
+async def test_a_url_full_of_question_marks_is_logged_without_stalling_the_server(server_url):
+    # Unauthenticated: the 401 is logged with its URL, and every logged line passes the scrubber.
+    async with httpx2.AsyncClient(timeout=120) as http:
+        started = time.monotonic()
+        refused = await http.get(f"{server_url}plexus/api/tasks?" + "?" * 30_000)
+        assert refused.status_code in (401, 403)
+        assert (await http.get(f"{server_url}plexus/api/health")).status_code == 200
+        assert time.monotonic() - started < 5.0
+
+
+@pytest.mark.parametrize("text", ["?" * 200_000, "?a" * 100_000, "&" * 200_000, "?=" * 100_000,
+                                  "?token" * 30_000, "plx_" * 50_000])
+def test_scrubbing_is_linear_in_the_text(text):
+    # Every log record and audit string passes the scrubber on the event loop, and a URL or a tool argument
+    # is the client's to choose: 40 KB of '?' once took 10 s (quadratic), 200 KB would take minutes.
+    scrubber = SecretScrubber()
+    scrubber.add("0123456789abcdef")
+    started = time.perf_counter()
+    scrubber.scrub(text)
+    assert time.perf_counter() - started < 1.0

@@ -214,12 +214,17 @@ async def test_http_refuses_foreign_hosts_and_origins_on_loopback(tmp_path):
     assert missing.status_code == 403
 
 
+def cli_key(env: dict[str, str], name: str, role: str) -> tuple[str, subprocess.CompletedProcess[str]]:
+    """A key made with `plexus keys create`, as an admin would: its secret, and what the command printed."""
+    created = subprocess.run(
+        [sys.executable, "-m", "plexus_mcp_jupyter.cli", "keys", "create", name, "--role", role],
+        env=env, capture_output=True, text=True, check=True)
+    return json.loads(created.stdout)["secret"], created
+
+
 async def test_http_accepts_api_keys_with_their_roles(tmp_path):
     env = plexus_env(tmp_path)
-    created = subprocess.run(
-        [sys.executable, "-m", "plexus_mcp_jupyter.cli", "keys", "create", "a viewer", "--role", "viewer"],
-        env=env, capture_output=True, text=True, check=True)
-    secret = json.loads(created.stdout)["secret"]
+    secret, created = cli_key(env, "a viewer", "viewer")
     assert secret not in created.stderr  # the secret goes to stdout once, nowhere else
     proc, url, _token = start_http(tmp_path)
     try:

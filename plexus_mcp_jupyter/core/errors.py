@@ -5,6 +5,26 @@ Each message says what was wrong and what is allowed, so it can go to a client a
 
 from __future__ import annotations
 
+import re
+
+MAX_QUOTED_CHARS = 300
+MAX_MESSAGE_CHARS = 500
+_LONG_QUOTED = re.compile(r"'([^'\n]{77})[^'\n]{4,}'")
+
+
+def one_line(text: object, limit: int = MAX_QUOTED_CHARS) -> str:
+    """`text` (an error, say) on one line, whitespace runs collapsed, cut to `limit` characters with "...":
+    how a message quotes what a client sent or a file holds, which may be megabytes."""
+    line = " ".join(str(text)[:16 * limit].split())
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """A core error's message as a face sends it (a tool error, a REST error body, the log line with it): one
+    line, long quoted values cut, at most `limit` characters. Core messages quote what was sent."""
+    text = _LONG_QUOTED.sub(lambda m: f"'{m.group(1)}...'", " ".join(message[:16 * limit].split()))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 class PlexusError(Exception):
     """Base class of errors that are safe to show to a client."""

@@ -7,7 +7,6 @@ ids) become tool errors whose message says what was wrong and what is allowed.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from functools import wraps
 from typing import Annotated, Any, TypeVar
@@ -18,7 +17,7 @@ from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
 
 from ..core import demo
-from ..core.errors import PlexusError
+from ..core.errors import PlexusError, bounded
 from ..core.manager import HISTORY_MAX, MAX_PRIORITY, MIN_PRIORITY, TaskManager
 from ..core.models import Task, TaskStatus
 from .principal import current_principal
@@ -31,15 +30,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 def short(value: Any, limit: int = 60, *, quote: bool = True) -> str:
     """A value as a client may see it in a message: one line, at most `limit` characters."""
     text = repr(value) if quote else str(value).encode("unicode_escape").decode("ascii", "replace")
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-_LONG_QUOTED = re.compile(r"'([^'\n]{77})[^'\n]{4,}'")
-
-
-def bounded(message: str, limit: int = 500) -> str:
-    """One line, long quoted values cut, at most `limit` characters: core messages quote what was sent."""
-    text = _LONG_QUOTED.sub(lambda m: f"'{m.group(1)}...'", " ".join(message.split()))
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -49,11 +49,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..core.errors import InvalidArgument, NotFound
+from ..core.errors import InvalidArgument, NotFound, one_line
 from .file_reads import (
     MAX_TRACKED_LABELS,
     ReadBounds,
     check_columns,
+    check_header,
     check_name,
     clip,
     count_csv,
@@ -206,12 +207,17 @@ def _require_names(existing: Sequence[str], names: Sequence[str], what: str) -> 
     missing = [name for name in names if name not in existing]
     if not missing:
         return
-    # Names as long as the bound allows, twenty of them, would make a long line of a message and the log.
-    shown = ", ".join(n if len(n) <= 60 else n[:57] + "..." for n in existing[:MAX_LISTED_IN_ERROR]) or "(none)"
-    if len(existing) > MAX_LISTED_IN_ERROR:
-        shown += f", ... ({len(existing) - MAX_LISTED_IN_ERROR} more)"
-    quoted = ", ".join(repr(name) for name in missing)
-    raise InvalidArgument(f"{what} {quoted} not found; the columns are: {shown}")
+    quoted = ", ".join(clip(name) for name in missing)
+    raise InvalidArgument(f"{what} {quoted} not found; the columns are: {column_listing(existing)}")
+
+
+def column_listing(names: Sequence[str]) -> str:
+    """Column names for an error message: the first MAX_LISTED_IN_ERROR, each cut to 60 characters (names
+    as long as the bound allows, twenty of them, would make a long line of a message and the log)."""
+    shown = ", ".join(n if len(n) <= 60 else n[:57] + "..." for n in names[:MAX_LISTED_IN_ERROR]) or "(none)"
+    if len(names) > MAX_LISTED_IN_ERROR:
+        shown += f", ... ({len(names) - MAX_LISTED_IN_ERROR} more)"
+    return shown
 
 
 class DatasetCatalog:
@@ -326,6 +332,7 @@ class DatasetCatalog:
                 names = [str(c) for c in parquet_file(handle, str(parsed)).schema_arrow.names]
             else:
                 data, _ = head(handle, self.bounds, str(parsed), sample=0)
+                check_header(data, fmt, self.bounds, str(parsed))
                 names = [str(c) for c in parse_head(data, fmt, 0 if fmt == "csv" else 1).columns]
         return check_columns(names, self.bounds, str(parsed))
 
@@ -426,7 +433,7 @@ class DatasetCatalog:
                 rows, columns = self._peek(path, fmt, str(parsed))
                 info = self._remember(key, _info(parsed, rows, columns, size_bytes=size))
         except (InvalidArgument, NotFound, OSError) as error:
-            return _info(parsed, None, [], error=_one_line(error))
+            return _info(parsed, None, [], error=one_line(error))
         return info
 
     def _peek(self, path: Path, fmt: str, ref: str, *,
@@ -440,6 +447,7 @@ class DatasetCatalog:
                 empty = parquet.schema_arrow.empty_table().to_pandas()
                 return parquet.metadata.num_rows, [(str(c), str(t)) for c, t in empty.dtypes.items()]
             data, whole = head(handle, self.bounds, ref)
+            check_header(data, fmt, self.bounds, ref)
             first = parse_head(data, fmt, HEAD_ROWS)
         columns = [(str(c), str(t)) for c, t in first.dtypes.items()]
         check_columns([name for name, _ in columns], self.bounds, ref)
@@ -516,7 +524,7 @@ class DatasetCatalog:
         try:
             table = pa.Table.from_pandas(frame, preserve_index=False)
         except (pa.ArrowException, TypeError, ValueError) as error:
-            raise InvalidArgument(f"cannot store DataFrame {name!r} as Parquet: {_one_line(error)}") from None
+            raise InvalidArgument(f"cannot store DataFrame {name!r} as Parquet: {one_line(error)}") from None
         self.registered_dir.mkdir(parents=True, exist_ok=True)
         final = self.registered_dir / f"{name}.parquet"
         if final.exists() and not replace:
@@ -550,7 +558,7 @@ class DatasetCatalog:
         with _reading(str(parsed), fmt):
             if fmt == "parquet":
                 with path.open("rb") as handle:
-                    return int(pq.ParquetFile(handle).metadata.num_rows)
+                    return int(parquet_file(handle, str(parsed)).metadata.num_rows)
             if parsed.source == "example":
                 return len(pd.read_csv(path))
         return None
@@ -587,7 +595,7 @@ def _reading(ref: str, fmt: str) -> Iterator[None]:
         raise InvalidArgument(f"dataset {clip(ref)} is empty (no header and no rows)") from None
     except (ValueError, pd.errors.ParserError, pa.ArrowException, UnicodeDecodeError, OSError,
             RecursionError) as error:
-        raise InvalidArgument(f"cannot read dataset {clip(ref)} as {fmt.upper()}: {_one_line(error)}") from None
+        raise InvalidArgument(f"cannot read dataset {clip(ref)} as {fmt.upper()}: {one_line(error)}") from None
 
 
 def _read(path: Path, fmt: str, ref: str, columns: builtins.list[str] | None) -> pd.DataFrame:
@@ -640,11 +648,6 @@ def _info(parsed: DatasetRef, rows: int | None, columns: Sequence[tuple[str, str
         column_count=len(columns),
         **extra,
     )
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 __all__ = [

@@ -40,7 +40,7 @@ from typing import Any, NoReturn
 
 import yaml
 
-from ..core.errors import InvalidArgument, NotFound, PlexusError
+from ..core.errors import InvalidArgument, NotFound, PlexusError, one_line
 from .datasets import REF_HELP, confine_path, parse_ref
 from .limits import DEFAULT_LIMITS, MAX_NESTING, MAX_NUMBER_CHARS, EvaluationLimits
 from .sampling import check_sample
@@ -218,12 +218,12 @@ def _yaml_errors(where: str) -> Iterator[None]:
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         line = f" line {mark.line + 1}" if mark is not None else ""
-        problem = " ".join(str(error.problem or error.context or "malformed YAML").split())
+        problem = one_line(error.problem or error.context or "malformed YAML")
         raise InvalidArgument(f"{where}{line}: malformed YAML: {problem}") from None
     except yaml.YAMLError as error:
-        raise InvalidArgument(f"{where}: malformed YAML: {' '.join(str(error).split())[:300]}") from None
+        raise InvalidArgument(f"{where}: malformed YAML: {one_line(error)}") from None
     except (ValueError, OverflowError) as error:  # a timestamp such as 2024-13-45, say
-        raise InvalidArgument(f"{where}: a value cannot be read: {' '.join(str(error).split())[:300]}") from None
+        raise InvalidArgument(f"{where}: a value cannot be read: {one_line(error)}") from None
 
 
 def _scan(data: bytes, where: str, max_scores: int) -> None:

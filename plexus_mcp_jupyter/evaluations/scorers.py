@@ -57,7 +57,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
-from ..core.errors import InvalidArgument
+from ..core.errors import InvalidArgument, one_line
 from .datasets import require_columns
 
 SCORER_KINDS = ("column", "rules", "python", "kernel")
@@ -101,15 +101,11 @@ SCORER_SPEC_SCHEMA: dict[str, Any] = {
 }
 
 
-MAX_SPEC_ERROR_CHARS = 300
-
-
 class SpecError(InvalidArgument):
     """A scorer spec is malformed; `field` is the path of the offending field inside the spec, if any."""
 
     def __init__(self, message: str, field: str | None = None) -> None:
-        if len(message) > MAX_SPEC_ERROR_CHARS:  # it quotes what the client sent, which may be megabytes
-            message = message[:MAX_SPEC_ERROR_CHARS - 3] + "..."
+        message = one_line(message)  # it quotes what the client sent, which may be megabytes
         super().__init__(f"{field}: {message}" if field else message)
         self.field = field
         self.detail = message

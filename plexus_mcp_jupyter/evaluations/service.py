@@ -8,8 +8,6 @@ milliseconds; loading, scoring and metrics happen in the worker (runner.py).
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 import secrets
 import threading
@@ -20,12 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from ..core.errors import Expired, InvalidArgument, NotFound
+from ..core.errors import Expired, InvalidArgument, NotFound, one_line
 from ..core.manager import TaskManager
 from ..core.models import Task, iso
 from ..core.retention import expired_message
 from ..core.store import owner_visible
-from .datasets import DatasetCatalog
+from .datasets import DatasetCatalog, column_listing
+from .file_reads import clip
 from .kernel_scorers import KernelScorerRegistry
 from .limits import DEFAULT_LIMITS, EvaluationLimits, check_items
 from .sampling import check_sample, sampled_rows
@@ -37,7 +36,6 @@ EVALUATION_TYPES = ("accuracy", "feedback", "consistency")
 MAX_RUNS = 10
 MAX_LABELS_SHOWN = 50  # per-class rows and confusion matrix beyond this many classes are left out
 DEFAULT_SCORE = "score"
-CHECK_THREADS = 2  # create requests checked at once (parsing, headers); more wait their turn
 PRUNE_BATCH = 5000  # items deleted per transaction when pruning: the SQLite write lock is released between
 
 log = logging.getLogger("plexus_mcp_jupyter")
@@ -84,7 +82,6 @@ class EvaluationService:
         self.catalog = catalog
         self.kernel_scorers = kernel_scorers or KernelScorerRegistry()
         self.limits = limits
-        self._checks = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="plexus-evaluation-check")
         self._pruner = ThreadPoolExecutor(1, thread_name_prefix="plexus-evaluation-prune")
         self._stopping = threading.Event()
         self._unlisten: Callable[[], None] | None = None
@@ -98,12 +95,11 @@ class EvaluationService:
             self._prune_soon()
 
     def close(self) -> None:
-        """Stop pruning (between two batches) and checking; the threads end on their own."""
+        """Stop pruning (between two batches); the thread ends on its own."""
         if self._unlisten is not None:
             self._unlisten()
             self._unlisten = None
         self._stopping.set()
-        self._checks.shutdown(wait=False, cancel_futures=True)
         self._pruner.shutdown(wait=True, cancel_futures=True)
 
     def _on_event(self, event: Any) -> None:
@@ -137,19 +133,19 @@ class EvaluationService:
 
     async def create(self, type: str, dataset: str | None = None, *, priority: int = 0, owner: str | None = None,
                      trusted: bool = True, role: str | None = None, **arguments: Any) -> tuple[dict[str, Any], Task]:
-        """Check a request (the arguments of :meth:`plan`) in a checking thread, then dispatch it.
+        """Check a request (the arguments of :meth:`plan`) in the catalog's threads, then dispatch it.
 
         `role` is the caller's, whose priority ceiling applies (TaskManager.check_priority): checked first, on
         the loop, since it is the cheapest refusal.
 
         Parsing a scorecard and reading a dataset's header take time that grows with what the client sent
-        or named, so they never run on the event loop; at most CHECK_THREADS requests are checked at once
-        (the rest wait their turn), so a flood of them cannot take the loop's default thread pool either.
+        or named, so they never run on the event loop; they share the catalog's `dataset_threads` with
+        listing and describing (the rest wait their turn), so a flood of them cannot take the loop's
+        default thread pool either.
         """
         if not isinstance(priority, bool) and isinstance(priority, int):
             self.manager.check_priority(priority, role)
-        check = functools.partial(self.plan, type, dataset, trusted=trusted, **arguments)
-        plan = await asyncio.get_running_loop().run_in_executor(self._checks, check)
+        plan = await self.catalog.run(self.plan, type, dataset, trusted=trusted, **arguments)
         return self.dispatch(plan, priority=priority, owner=owner, role=role)
 
     def plan(
@@ -229,7 +225,7 @@ class EvaluationService:
                 wanted[f"score {score['name']!r} input column"] = spec.get("input_column") or input_column
             elif "text" not in columns:
                 raise InvalidArgument(f"score {score['name']!r} reads the column 'text' by default, which dataset "
-                                      f"{dataset!r} lacks: give input_column; columns: {_listing(columns)}")
+                                      f"{dataset!r} lacks: give input_column; columns: {column_listing(columns)}")
             if score.get("label_column"):
                 wanted[f"score {score['name']!r} label column"] = score["label_column"]
         for what, column in wanted.items():
@@ -238,8 +234,8 @@ class EvaluationService:
                 raise InvalidArgument(f"{what.replace('_', ' ')} {column!r} is redacted (redact_columns): its values "
                                       "would appear in results and metrics; ask an admin, or use another column")
             if column is not None and column not in columns:
-                raise InvalidArgument(f"{what.replace('_', ' ')} {column!r} is not in dataset {dataset!r}; "
-                                      f"its columns: {_listing(columns)}")
+                raise InvalidArgument(f"{what.replace('_', ' ')} {_quoted(column)} is not in dataset {dataset!r}; "
+                                      f"its columns: {column_listing(columns)}")
         runs = runs if type == "consistency" else 1
         rows = self.catalog.known_rows(dataset)
         if rows is not None:  # otherwise the worker checks once it has loaded the rows, before scoring any
@@ -418,9 +414,9 @@ class EvaluationService:
         }
 
 
-def _listing(columns: Sequence[str], limit: int = 30) -> str:
-    shown = ", ".join(columns[:limit])
-    return shown + (f", ... ({len(columns)} in all)" if len(columns) > limit else "")
+def _quoted(value: Any) -> str:
+    """A value the client sent (a column name, mostly), as an error quotes it: at most about 100 characters."""
+    return clip(value) if isinstance(value, str) else one_line(repr(value), 100)
 
 
 def _bounded(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from jupyter_server.auth.identity import IdentityProvider, PasswordIdentityProvi
 from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
-from ..core.errors import Expired, InvalidArgument, NotFound, PlexusError
+from ..core.errors import Expired, NotFound, PlexusError, bounded
 from ..runtime import PlexusRuntime
 from ..security.http import (
     BadJSON,
@@ -206,9 +206,14 @@ class PlexusHandler(APIHandler):
     # -- JSON helpers --------------------------------------------------------------------------
 
     async def json_body(self) -> dict[str, Any]:
-        """The body as a JSON object; 400 with a one-line reason for anything else (see parse_json)."""
+        """The body as a JSON object; 400 with a one-line reason for anything else (see parse_json), 413 above
+        max_request_bytes (Jupyter lets a body reach 512 MiB, which parses into several GiB of objects)."""
         if not self.request.body:
             return {}
+        limit = self.runtime.settings.max_request_bytes
+        if len(self.request.body) > limit:
+            raise web.HTTPError(413, f"the request body is {len(self.request.body):,} bytes, more than the "
+                                     f"{limit:,} a JSON request may have (max_request_bytes)")
         try:
             body = await parse_json_off_loop(self.request.body)
         except BadJSON as exc:
@@ -235,11 +240,11 @@ class PlexusHandler(APIHandler):
         return {"error": {"status": status_code, "message": message}}
 
 def http_error(exc: PlexusError) -> web.HTTPError:
-    """Map a core error to the HTTP error of the same meaning."""
+    """Map a core error to the HTTP error of the same meaning, its message bounded as for a tool error (it
+    quotes what the client sent, and tornado logs it with the URL)."""
+    message = bounded(str(exc))
     if isinstance(exc, Expired):
-        return web.HTTPError(410, str(exc))  # Gone: it existed, and retention removed it
+        return web.HTTPError(410, message)  # Gone: it existed, and retention removed it
     if isinstance(exc, NotFound):
-        return web.HTTPError(404, str(exc))
-    if isinstance(exc, InvalidArgument):
-        return web.HTTPError(400, str(exc))
-    return web.HTTPError(400, str(exc))
+        return web.HTTPError(404, message)
+    return web.HTTPError(400, message)

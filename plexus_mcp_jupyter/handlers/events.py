@@ -23,7 +23,7 @@ from jupyter_server.base.websocket import WebSocketMixin
 from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
-from ..core.errors import InvalidArgument
+from ..core.errors import InvalidArgument, bounded
 from ..core.events import Event, Subscription, SubscriptionClosed
 from ..core.filters import EventFilter
 from ..security.http import BadJSON, parse_json_off_loop
@@ -146,7 +146,7 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
             else:
                 raise InvalidArgument(f"unknown message type {kind!r}; expected one of {', '.join(CLIENT_MESSAGES)}")
         except InvalidArgument as exc:
-            self.send_json({"type": "error", "message": str(exc), "in_reply_to": kind})
+            self.send_json({"type": "error", "message": bounded(str(exc)), "in_reply_to": kind})
 
     def send_json(self, message: dict[str, Any]) -> None:
         """Send a message now (score requests); a closed socket is the registry's to notice (on_close)."""
