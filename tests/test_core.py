@@ -359,3 +359,12 @@ def test_a_store_made_by_an_older_release_gets_the_columns_it_lacks(tmp_path):
         assert "owner" in {c["name"] for c in sa.inspect(store.engine).get_columns("tasks")}
     finally:
         store.close()
+
+
+def test_a_core_message_quoting_a_huge_value_is_bounded_with_its_quote_cut():
+    from plexus_mcp_jupyter.core.errors import MAX_MESSAGE_CHARS, bounded
+
+    message = bounded("unknown evaluation status '" + "X" * 100_000 + "'; expected one of COMPLETED, FAILED")
+    assert len(message) < 200 and message.endswith("XXX...'")
+    assert bounded("status 'abc' is bad") == "status 'abc' is bad"
+    assert len(bounded("y" * 100_000)) == MAX_MESSAGE_CHARS

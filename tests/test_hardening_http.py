@@ -72,10 +72,11 @@ async def test_deep_nesting_and_huge_numbers_are_a_400_with_one_line_on_every_re
 
 
 async def test_a_json_body_above_max_request_bytes_is_a_413_before_it_is_parsed(server_url, token, keys, runtime):
-    # Even a viewer key may post to tasks/cancel: a body near Jupyter's 512 MiB parsed into gigabytes of objects.
+    # An operator key may post to tasks/cancel: a body near Jupyter's 512 MiB parsed into gigabytes of objects.
     body = "[" + "1," * (runtime.settings.max_request_bytes // 2) + "1]"
-    for credential, routes in ((token, ("tasks", "tasks/cancel", "evaluations", "keys")),
-                               (keys["viewer"], ("tasks/cancel",))):
+    for credential, routes in ((token, ("tasks", "tasks/cancel", "tasks/retry", "tasks/priority", "evaluations",
+                                        "keys")),
+                               (keys["operator"], ("tasks/cancel", "tasks/retry"))):
         async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {credential}"}, timeout=30) as http:
             for route in routes:
                 answer = await http.post(f"{server_url}plexus/api/{route}", content=body)

@@ -9,7 +9,8 @@ import re
 
 MAX_QUOTED_CHARS = 300
 MAX_MESSAGE_CHARS = 500
-_LONG_QUOTED = re.compile(r"'([^'\n]{77})[^'\n]{4,}'")
+# A quoted value of over 80 characters; its closing quote may have gone with the cut of a huge message.
+_LONG_QUOTED = re.compile(r"'([^'\n]{77})[^'\n]{4,}(?:'|$)")
 
 
 def one_line(text: object, limit: int = MAX_QUOTED_CHARS) -> str:
