@@ -9,8 +9,7 @@ import re
 
 MAX_QUOTED_CHARS = 300
 MAX_MESSAGE_CHARS = 500
-# A quoted value of over 80 characters; its closing quote may have gone with the cut of a huge message.
-_LONG_QUOTED = re.compile(r"'([^'\n]{77})[^'\n]{4,}(?:'|$)")
+_LONG_QUOTED = re.compile(r"'([^'\n]{77})[^'\n]{4,}'")
 
 
 def one_line(text: object, limit: int = MAX_QUOTED_CHARS) -> str:
@@ -23,7 +22,10 @@ def one_line(text: object, limit: int = MAX_QUOTED_CHARS) -> str:
 def bounded(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
     """A core error's message as a face sends it (a tool error, a REST error body, the log line with it): one
     line, long quoted values cut, at most `limit` characters. Core messages quote what was sent."""
-    text = _LONG_QUOTED.sub(lambda m: f"'{m.group(1)}...'", " ".join(message[:16 * limit].split()))
+    cut = message[:16 * limit]
+    if len(cut) < len(message) and cut.count("'") % 2:
+        cut += "'"  # the cut took a quoted value's closing quote: close it, so the value is cut short below
+    text = _LONG_QUOTED.sub(lambda m: f"'{m.group(1)}...'", " ".join(cut.split()))
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
