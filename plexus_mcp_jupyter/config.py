@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from traitlets import CaselessStrEnum, Float, Integer, TraitError, Unicode
+from traitlets import Bool, CaselessStrEnum, Float, Integer, TraitError, Unicode
 from traitlets.config import Configurable
 
 ENV_PREFIX = "PLEXUS_MCP_"
@@ -32,7 +32,7 @@ class PlexusSettings(Configurable):
     ).tag(config=True)
     executor = CaselessStrEnum(
         ["local"], default_value="local",
-        help="Where task code runs: 'local' (a worker process per task).",
+        help="Where task code runs: 'local' (worker processes on this machine, see worker_reuse).",
     ).tag(config=True)
     max_concurrency = Integer(4, min=0, help="Tasks that may run at once; the rest wait QUEUED.").tag(config=True)
     max_concurrency_per_owner = Integer(
@@ -113,6 +113,21 @@ class PlexusSettings(Configurable):
         help="Highest task priority an operator key may set (dispatch and evaluations); a higher one is refused "
         "with an error naming this setting. Admins (keys and the notebook user) may use the full range, -1000 to "
         "1000; viewers cannot dispatch at all.",
+    ).tag(config=True)
+
+    worker_reuse = Bool(
+        True, help="Reuse warm worker processes across tasks (default true): max_concurrency workers are started "
+        "ahead and each runs one task at a time, so a small task costs milliseconds, not a process start. False: "
+        "every task gets a fresh process discarded after it (isolation for untrusted task code, at about 30 tasks/s). "
+        "Task types flagged isolated (evaluations) always get a fresh process.",
+    ).tag(config=True)
+    worker_max_tasks = Integer(
+        1000, min=1, help="Tasks one reused worker runs before it is replaced by a fresh one (bounds what leaks "
+        "across tasks; default 1000).",
+    ).tag(config=True)
+    worker_max_memory_mb = Integer(
+        1024, min=64, help="Resident memory, in MB, above which a reused worker is replaced after its task ends "
+        "(a process keeps memory it freed; default 1024).",
     ).tag(config=True)
 
     def apply_env(self, environ: Mapping[str, str] | None = None, protected: Iterable[str] = ()) -> None:

@@ -121,6 +121,7 @@ class TaskManager:
         self.instance = uuid.uuid4().hex[:12]  # per start: a restart of this object is a new claimant
         self.server_id = f"{self.executor.name}:{HOST}:{os.getpid()}:{self.instance}"
         self._loop = asyncio.get_running_loop()
+        self.executor.size_for(self.max_concurrency)
         self.executor.start(self._loop)
         self.recover()
         self._maintenance = self._loop.create_task(self._maintain(), name="plexus-task-maintenance")
@@ -459,10 +460,11 @@ class TaskManager:
         self._running[task.id] = state
         self.bus.publish("task.updated", "task", task.id, task.summary())
         try:
-            target = get_task_type(task.type).target
+            task_type = get_task_type(task.type)
             worker = self.executor.submit(
-                task.id, target, task.params, lambda msg: self._on_message(task.id, msg),
+                task.id, task_type.target, task.params, lambda msg: self._on_message(task.id, msg),
                 max_output_bytes=self.max_output_bytes, environment=self.worker_environment,
+                isolated=task_type.isolated,
             )
         except Exception as exc:
             state.final = ("error", f"the task could not be started: {exc}", None, {})

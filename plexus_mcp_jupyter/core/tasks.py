@@ -22,6 +22,8 @@ class TaskType:
     idempotent: bool = False
     # Created only by the service that owns it (which checked its parameters), never directly by a client.
     internal: bool = False
+    # Runs in a fresh worker process discarded after it, never in a reused one (untrusted or memory-hungry code).
+    isolated: bool = False
 
 
 _REGISTRY: dict[str, TaskType] = {}
@@ -74,6 +76,10 @@ def _register_builtin() -> None:
             validate=_evaluation_params,
             idempotent=True,  # its items are keyed by position: a re-run after a crash rewrites them
             internal=True,  # its parameters name code to import and records to write: only the service makes them
+            # Seconds long, so a fresh process costs nothing that matters; it loads whole datasets (memory a
+            # process keeps after freeing it) and runs scorer code named by the caller: none of that may
+            # outlive the evaluation in a worker that then serves another key's tasks.
+            isolated=True,
         )
     )
 
