@@ -206,3 +206,18 @@ async def test_progress_streams_over_mcp_from_a_reused_worker(mcp_client, runtim
 
 def worker_pid_text(worker: str) -> str:
     return worker.rsplit("pid=", 1)[1]
+
+
+async def test_many_tasks_ending_together_are_recorded_in_shared_writes(tmp_path):
+    async with manager_with(tmp_path, max_concurrency=4) as m:
+        writes: list[int] = []
+        save_many = m.store.save_progress_many
+        m.store.save_progress_many = lambda batch: (writes.append(len(batch)), save_many(batch))[1]
+        tasks = [m.dispatch("demo", TRIVIAL) for _ in range(40)]
+        await m.wait_final([t.id for t in tasks], 60)
+        stored = [m.store.get_task(t.id) for t in tasks]
+    assert all(t.status is TaskStatus.COMPLETED for t in stored), [t.status for t in stored]
+    assert all([s.name for s in t.stages] == ["Setup", "Processing", "Finalizing"] for t in stored)
+    assert all(t.worker and "pid=" in t.worker for t in stored)
+    # Each task's start, three stages and end would be five writes alone; batched, several tasks share one.
+    assert sum(writes) >= 40 and len(writes) < 40 * 5 and max(writes) > 1
