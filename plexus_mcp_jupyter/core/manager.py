@@ -123,6 +123,7 @@ class TaskManager:
         self._finished: OrderedDict[str, Task] = OrderedDict()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._schedule_pending = False
+        self._queue_empty = False  # the last read of the queue found nothing left to start
         # Writes of running tasks gathered during one turn of the loop, committed together (_flush).
         self._pending: dict[str, _PendingWrite] = {}
         self._flush_scheduled = False
@@ -430,7 +431,12 @@ class TaskManager:
 
     # -- scheduling ----------------------------------------------------------------------------
 
-    def _schedule_soon(self) -> None:
+    def _schedule_soon(self, *, slot_freed: bool = False) -> None:
+        """Run the scheduler once the current work is done. `slot_freed`: only a slot came free (a task ended),
+        nothing was queued, so a queue seen empty since is not read again (the maintenance tick still reads it,
+        for tasks other servers queue on a shared store)."""
+        if not slot_freed:
+            self._queue_empty = False
         if self._loop is None or self._schedule_pending:
             return
         self._schedule_pending = True
@@ -438,7 +444,7 @@ class TaskManager:
 
     def _schedule(self) -> None:
         self._schedule_pending = False
-        if self._stopping or self._loop is None:
+        if self._stopping or self._loop is None or self._queue_empty:
             return
         slots = self.max_concurrency - len(self._running)
         if slots <= 0:
@@ -475,6 +481,8 @@ class TaskManager:
                     capped.add(task.owner)
                     more = True
                     break
+        # Free slots left and nobody's tasks held back: every queued task was read and started.
+        self._queue_empty = slots > 0 and not capped
 
     def _start(self, task: Task) -> None:
         state = _RunState(task, ProgressTracker(task, write_interval=self.progress_write_interval))
@@ -491,9 +499,10 @@ class TaskManager:
             state.final = ("error", f"the task could not be started: {exc}", None, {})
             self._finish(task.id, exitcode=None)
             return
+        # Stored with the task's next batched write: the claim already recorded this server (what recovery
+        # needs); the worker's own id is for people, and a running task is read from memory meanwhile.
         task.worker = f"{self.server_id}/{worker}"
-        self._pending_for(task)  # the worker's id is stored with the task's first progress (_flush)
-        self._flush_soon()
+        self._pending_for(task)
 
     async def _maintain(self) -> None:
         """Periodic upkeep: cancellations and tasks from other servers on the store, retried final
@@ -512,6 +521,7 @@ class TaskManager:
                     self._request_stop(task_id)
                 if tick % RECOVERY_EVERY == 0:
                     self.recover()
+                self._queue_empty = False  # other servers sharing the store may have queued tasks
                 self._schedule()
             except Exception:
                 log.exception("Plexus: task maintenance failed; retrying")
@@ -614,7 +624,7 @@ class TaskManager:
             for kind, summary in pending.events:
                 self.bus.publish(kind, "task", task.id, summary)
         if ended:
-            self._schedule_soon()
+            self._schedule_soon(slot_freed=True)
 
     def _finish(self, task_id: str, exitcode: int | None) -> None:
         """Record how a task ended. The final write joins the next batched write (`_flush`); the run state

@@ -101,6 +101,19 @@ _SELECT_STAGES_OF_ONE = (
     .order_by(stages_table.c.stage_order)
 )
 
+_INSERT_TASK = sa.insert(tasks_table)
+_SELECT_QUEUED = (
+    sa.select(tasks_table)
+    .where(tasks_table.c.status == TaskStatus.QUEUED.value)
+    .order_by(tasks_table.c.priority.desc(), tasks_table.c.created_at, tasks_table.c.id)
+    .limit(sa.bindparam("limit"))
+)
+_CLAIM = (
+    sa.update(tasks_table)
+    .where(tasks_table.c.id == sa.bindparam("b_id"), tasks_table.c.status == TaskStatus.QUEUED.value)
+    .values(status=TaskStatus.RUNNING.value, worker=sa.bindparam("b_worker"), started_at=sa.bindparam("b_started_at"))
+)
+
 
 @dataclass(frozen=True)
 class TaskFilter:
@@ -245,9 +258,9 @@ class Store:
 
     def create_task(self, task: Task) -> None:
         with self.engine.begin() as conn:
-            conn.execute(sa.insert(tasks_table).values(**_task_row(task)))
-            for stage in task.stages:
-                conn.execute(sa.insert(stages_table).values(**_stage_row(task.id, stage)))
+            conn.execute(_INSERT_TASK, _task_row(task))  # a prebuilt statement: building one per call cost more
+            if task.stages:
+                conn.execute(sa.insert(stages_table), [_stage_row(task.id, stage) for stage in task.stages])
 
     def get_task(self, task_id: str) -> Task | None:
         with self.engine.connect() as conn:
@@ -307,13 +320,16 @@ class Store:
     def queued(self, *, limit: int, exclude_owners: Iterable[str | None] = ()) -> list[Task]:
         """The queue in scheduling order (highest priority, then oldest), without the given owners'."""
         t = tasks_table
+        excluded = set(exclude_owners)
+        if not excluded:  # the common case, read after every dispatch and every end: a prebuilt statement
+            with self.engine.connect() as conn:
+                return [_task_from_tuple(r) for r in conn.execute(_SELECT_QUEUED, {"limit": limit})]
         query = (
             sa.select(t)
             .where(t.c.status == TaskStatus.QUEUED.value)
             .order_by(t.c.priority.desc(), t.c.created_at, t.c.id)
             .limit(limit)
         )
-        excluded = set(exclude_owners)
         named = sorted(o for o in excluded if o is not None)
         if None in excluded:
             query = query.where(t.c.owner.is_not(None))
@@ -337,14 +353,8 @@ class Store:
 
     def claim(self, task_id: str, *, worker: str, started_at: float) -> bool:
         """Move a QUEUED task to RUNNING if nobody else did: safe with several servers on one store."""
-        t = tasks_table
         with self.engine.begin() as conn:
-            result = conn.execute(
-                sa.update(t)
-                .where(t.c.id == task_id, t.c.status == TaskStatus.QUEUED.value)
-                .values(status=TaskStatus.RUNNING.value, worker=worker, started_at=started_at)
-            )
-            return result.rowcount == 1
+            return conn.execute(_CLAIM, {"b_id": task_id, "b_worker": worker, "b_started_at": started_at}).rowcount == 1
 
     def requeue(self, task_id: str) -> None:
         """Put a task back in the queue as if it had never started (its stages and history go)."""
