@@ -6,7 +6,9 @@ In one run, on the same machine (nothing pinned: the server, its workers and the
    (items=1, item_delay_ms=0) N times in sequence, then waits until all N are COMPLETED (the health
    endpoint's counts); tasks/s end to end, and the server process's CPU per task (/proc/<pid>/stat: the
    server's own threads, not its workers);
-2. as a batch: the same N calls from --sessions concurrent sessions (the batch tool, when merged, replaces this);
+2. as a batch over MCP: the same N calls from --sessions concurrent sessions (the batch tool, once merged,
+   replaces this), and the core alone: `TaskManager.dispatch` N times in one turn of its loop, in this
+   process, with the same LocalExecutor (CPU per task: this process, i.e. the loop and the reader thread);
 3. `concurrent.futures.ProcessPoolExecutor(2)` and a Dask `LocalCluster` of 2 single-threaded worker
    processes (one `submit` each, if `distributed` is installed: the `bench` extra) running the demo task's
    own function with a context that sends nowhere;
@@ -89,6 +91,34 @@ async def mcp_round(url: str, pid: int, n: int, sessions: int) -> dict[str, floa
             "cpu_ms_per_task": 1000 * (cpu_seconds(pid) - cpu0) / n}
 
 
+async def core_batch(n: int, db_file: Path) -> dict[str, float]:
+    """N demo tasks dispatched at once to a TaskManager in this process: the core's own cost, without HTTP."""
+    import resource
+
+    from plexus_mcp_jupyter.core import EventBus, Store, TaskManager
+    from plexus_mcp_jupyter.core.executors import LocalExecutor
+
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    store = Store(f"sqlite:///{db_file}")
+    manager = TaskManager(store, EventBus(), LocalExecutor())
+    await manager.start()
+    try:
+        await manager.wait_final([manager.dispatch("demo", TRIVIAL["arguments"]).id for _ in range(50)], 60)
+        cpu0, t0 = cpu(), time.perf_counter()
+        ids = [manager.dispatch("demo", TRIVIAL["arguments"]).id for _ in range(n)]
+        await manager.wait_final(ids, 600)
+        elapsed = time.perf_counter() - t0
+        cpu_ms = 1000 * (cpu() - cpu0) / n
+        assert all(manager.get(i).status.value == "COMPLETED" for i in ids)
+    finally:
+        await manager.stop()
+        store.close()
+    return {"tasks_per_s": n / elapsed, "dispatch_per_s": float("nan"), "cpu_ms_per_task": cpu_ms}
+
+
 def pool_rate(n: int) -> float:
     with ProcessPoolExecutor(2) as pool:
         list(pool.map(trivial, range(20)))  # start the workers
@@ -160,6 +190,8 @@ async def main() -> None:
         await wait_completed(url, 50)
         one = await mcp_round(url, pid, n, 1)
         batch = await mcp_round(url, pid, n, args.sessions)
+    with tempdir() as tmp:
+        core = await core_batch(n, Path(tmp) / "core.db")
     pool = pool_rate(n)
     dask = dask_rate(n)
     with tempdir() as tmp:
@@ -168,14 +200,16 @@ async def main() -> None:
             listing = await list_latency(url, args.calls)
 
     print(f"{n} trivial tasks (run_demo_task items=1 item_delay_ms=0), end to end until all COMPLETED")
-    print(f"{'path':<34} {'tasks/s':>8} {'dispatch/s':>10} {'server CPU ms/task':>18}")
-    for label, r in ((f"MCP one by one", one), (f"MCP batch ({args.sessions} concurrent sessions)", batch)):
-        print(f"{label:<34} {r['tasks_per_s']:>8.0f} {r['dispatch_per_s']:>10.0f} {r['cpu_ms_per_task']:>18.2f}")
-    print(f"{'ProcessPoolExecutor(2), submit':<34} {pool:>8.0f}")
+    print(f"{'path':<38} {'tasks/s':>8} {'dispatch/s':>10} {'server CPU ms/task':>18}")
+    rounds = (("MCP one by one", one), (f"MCP, {args.sessions} concurrent sessions", batch),
+              ("core batch (TaskManager, in-process)", core))
+    for label, r in rounds:
+        print(f"{label:<38} {r['tasks_per_s']:>8.0f} {r['dispatch_per_s']:>10.0f} {r['cpu_ms_per_task']:>18.2f}")
+    print(f"{'ProcessPoolExecutor(2), submit':<38} {pool:>8.0f}")
     if dask is None:
         print("Dask LocalCluster: skipped (pip install 'distributed>=2024.1', the bench extra)")
     else:
-        print(f"{'Dask LocalCluster(2 procs), submit':<34} {dask:>8.0f}")
+        print(f"{'Dask LocalCluster(2 procs), submit':<38} {dask:>8.0f}")
     print(f"list_tasks status=FAILED limit=20 at {args.stored:,} stored tasks: p50 {listing['p50_ms']:.2f} ms, "
           f"p99 {listing['p99_ms']:.2f} ms")
 

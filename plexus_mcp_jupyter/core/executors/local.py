@@ -212,28 +212,37 @@ class LocalExecutor(Executor):
         if self._loop is None:
             raise RuntimeError("LocalExecutor.start(loop) must be called before submit()")
         single_use = isolated or not self.reuse
-        chosen: _Worker | None = None
-        if not single_use:
+        run = (target, params, max_output_bytes, dict(environment or {}))
+        while True:
+            chosen: _Worker | None = None
+            if not single_use:
+                with self._lock:
+                    while self._idle and chosen is None:
+                        candidate = self._idle.pop()  # last in, first out: the warmest worker
+                        chosen = None if candidate.retiring else candidate
+            if chosen is None:
+                # No warm worker free (still warming up, or replacing one): start one now, as before the pool.
+                chosen = self._spawn(single_use=single_use)
             with self._lock:
-                while self._idle and chosen is None:
-                    candidate = self._idle.pop()
-                    if candidate.process.is_alive() and not candidate.retiring:
-                        chosen = candidate
-        if chosen is None:
-            # No warm worker free (still warming up, or replacing one): start one now, as before the pool.
-            chosen = self._spawn(single_use=single_use)
-        with self._lock:
-            chosen.seq += 1
-            chosen.job = _Job(task_id, chosen.seq, on_message)
-            self._by_task[task_id] = chosen
-        try:
-            chosen.send(("run", chosen.seq, task_id, target, params, max_output_bytes, dict(environment or {})))
-        except Exception:
-            with self._lock:
-                chosen.job = None
-                self._by_task.pop(task_id, None)
-            self._retire(chosen)
-            raise
+                chosen.seq += 1
+                chosen.job = _Job(task_id, chosen.seq, on_message)
+                self._by_task[task_id] = chosen
+            try:
+                chosen.send(("run", chosen.seq, task_id, *run))
+                break
+            except (OSError, ValueError):
+                # It died while idle. If the reader has not seen that yet, take another worker; if it has, it
+                # reported the task's exit already (the manager records the failure).
+                with self._lock:
+                    chosen.retiring = True
+                    ours = chosen.job is not None and chosen.job.task_id == task_id
+                    if ours:
+                        chosen.job = None
+                        self._by_task.pop(task_id, None)
+                if not ours:
+                    break
+                if single_use:
+                    raise
         return f"pid={chosen.process.pid}"
 
     def reply(self, task_id: str, message: tuple[Any, ...]) -> None:
