@@ -33,9 +33,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from _common import TOKEN, LeanSession, cpu_seconds, jupyter_server, tempdir
-
 import httpx2
+from _common import TOKEN, LeanSession, cpu_seconds, jupyter_server, tempdir
 
 TRIVIAL = {"name": "run_demo_task", "arguments": {"items": 1, "item_delay_ms": 0}}
 

@@ -418,7 +418,7 @@ class Store:
         sample_rows: list[dict[str, Any]] = []
         for write in writes:
             task = write.task
-            row = {"b_id": task.id, "b_current_stage": task.current_stage,
+            row: dict[str, Any] = {"b_id": task.id, "b_current_stage": task.current_stage,
                    "b_estimated_completion_at": task.estimated_completion_at, "b_worker": task.worker}
             if write.final:
                 row.update(b_status=task.status.value, b_completed_at=task.completed_at,
@@ -519,11 +519,9 @@ _UPDATE_FINAL = _progress_update(final=True)
 
 @functools.lru_cache(maxsize=2)
 def _upsert_stages_statement(dialect: str) -> Any:
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    statement = insert(stages_table)
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    statement: Any = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(stages_table)
     keys = ("task_id", "stage_order")
     return statement.on_conflict_do_update(
         index_elements=list(keys),

@@ -21,7 +21,7 @@ class Executor(abc.ABC):
 
     name: str = "executor"
 
-    def size_for(self, max_concurrency: int) -> None:
+    def size_for(self, max_concurrency: int) -> None:  # noqa: B027 - optional: an executor without a pool ignores it
         """Told, before start(), how many tasks may run at once: a pool of workers sizes itself from it."""
 
     @abc.abstractmethod

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing as mp
-import os
 import sys
 import threading
 import types
@@ -282,7 +281,7 @@ class LocalExecutor(Executor):
             if self._closing and not channels:
                 return
             try:
-                ready = wait_for_pipes([self._wake_r, *channels], timeout=1.0)
+                ready: list[Any] = wait_for_pipes([self._wake_r, *channels], timeout=1.0)
             except OSError:  # a pipe closed while we waited: look again
                 ready = []
             batch: list[tuple[MessageCallback, tuple[Any, ...]]] = []
