@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import random
 import statistics
 import time
@@ -133,7 +134,8 @@ def dask_rate(n: int) -> float | None:
         from distributed import Client, LocalCluster
     except ImportError:
         return None
-    with (LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+    with (LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                       silence_logs=logging.CRITICAL) as cluster,
           Client(cluster) as c):
         c.gather([c.submit(trivial, i, pure=False) for i in range(20)])
         t0 = time.perf_counter()

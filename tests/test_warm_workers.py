@@ -32,6 +32,7 @@ def worker_task_types():
         TaskType("raise_error", "tests.worker_task_functions:raise_error", "raises"),
         TaskType("ask_twice", "tests.worker_task_functions:ask_twice", "requests"),
         TaskType("grow", "tests.worker_task_functions:grow", "holds memory"),
+        TaskType("niceness", "tests.worker_task_functions:niceness", "reports its nice value"),
         TaskType("untrusted", "tests.worker_task_functions:pid", "isolated by its type", isolated=True),
     ]
     for task_type in types:
@@ -161,6 +162,15 @@ async def test_a_worker_is_replaced_after_max_tasks_or_past_its_memory_bound(tmp
         grown = await run(m, "grow", {"mb": 96})
         after = await run(m, "demo", TRIVIAL)
     assert grown.output == 96 and worker_pid(after) != worker_pid(grown)
+
+
+async def test_reused_workers_run_below_the_server_priority_once_not_cumulatively(tmp_path, worker_task_types):
+    import os
+
+    async with manager_with(tmp_path, LocalExecutor(nice=3)) as m:
+        runs = [await run(m, "niceness") for _ in range(3)]
+    assert [t.output for t in runs] == [min(19, os.nice(0) + 3)] * 3
+    assert len({worker_pid(t) for t in runs}) == 1
 
 
 async def test_requests_reach_the_server_from_a_reused_worker(tmp_path, worker_task_types):

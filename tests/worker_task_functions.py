@@ -42,3 +42,7 @@ def grow(ctx, mb: int = 80) -> int:
 def pid(ctx) -> int:
     time.sleep(0.01)
     return os.getpid()
+
+
+def niceness(ctx) -> int:
+    return os.nice(0)
