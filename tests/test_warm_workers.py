@@ -231,3 +231,20 @@ async def test_many_tasks_ending_together_are_recorded_in_shared_writes(tmp_path
     assert all(t.worker and "pid=" in t.worker for t in stored)
     # Each task's start, three stages and end would be five writes alone; batched, several tasks share one.
     assert sum(writes) >= 40 and len(writes) < 40 * 5 and max(writes) > 1
+
+
+def test_a_stage_change_sends_no_count_the_server_completes_anyway():
+    from plexus_mcp_jupyter.core.context import TaskContext
+
+    sent: list[tuple] = []
+    never = type("Never", (), {"is_set": lambda self: False})()
+    ctx = TaskContext("t", sent.append, never, flush_interval=3600)
+    ctx.stage("Setup", 3)
+    ctx.advance(3)
+    ctx.stage("Open-ended")  # the server completes Setup at 3 of 3 itself
+    ctx.advance(2)
+    ctx.stage("Last", 5)  # no total before: the count is news
+    ctx.advance(1, "a message the server has not seen")
+    ctx.stage("After")
+    assert [m[0] for m in sent] == ["stage", "stage", "progress", "stage", "progress", "stage"]
+    assert sent[2] == ("progress", 2, None) and sent[4] == ("progress", 1, "a message the server has not seen")
