@@ -74,11 +74,11 @@ def serving(proc: subprocess.Popen, ready_url: str):
 
 
 @contextmanager
-def started(args: list[str], ready_url: str, env: dict[str, str] | None = None):
-    """`python <args>` pinned to the servers' core, its output discarded (and its stdin, so that a Ctrl-C
-    cannot make it ask the terminal anything); yields its pid once it answers at `ready_url`."""
+def started(args: list[str], ready_url: str, env: dict[str, str] | None = None, pin: bool = True):
+    """`python <args>` pinned to the servers' core (unless not `pin`), its output discarded (and its stdin, so
+    that a Ctrl-C cannot make it ask the terminal anything); yields its pid once it answers at `ready_url`."""
     proc = subprocess.Popen(
-        [*pinned(), sys.executable, *args],
+        [*(pinned() if pin else []), sys.executable, *args],
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -94,11 +94,13 @@ def jupyter_server(
     extra_env: dict[str, str] | None = None,
     python_args: list[str] | None = None,
     port: int | None = None,
+    pin: bool = True,
 ):
     """A real `jupyter server` with the extension; yields (MCP endpoint URL, server pid).
 
     `python_args` replaces `-m jupyter server` (e.g. `-c` code that registers a task type, then runs
-    jupyter_server.serverapp.main); `port` defaults to a free one."""
+    jupyter_server.serverapp.main); `port` defaults to a free one; `pin=False` leaves it (and its task
+    workers, which inherit the affinity) free to use every core."""
     port = port or free_port()
     env = dict(
         os.environ,
@@ -116,7 +118,7 @@ def jupyter_server(
         f"--ServerApp.root_dir={workdir}",
         "--ServerApp.log_level=WARN",
     ]
-    with started(args, f"http://127.0.0.1:{port}/plexus/api/health", env) as pid:
+    with started(args, f"http://127.0.0.1:{port}/plexus/api/health", env, pin) as pid:
         yield f"http://127.0.0.1:{port}/plexus/mcp", pid
 
 

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from traitlets import CaselessStrEnum, Float, Integer, TraitError, Unicode
+from traitlets import Bool, CaselessStrEnum, Float, Integer, TraitError, Unicode
 from traitlets.config import Configurable
 from traitlets.config.loader import DeferredConfig
 
@@ -53,7 +53,7 @@ class PlexusSettings(Configurable):
     ).tag(config=True)
     executor = CaselessStrEnum(
         ["local"], default_value="local",
-        help="Where task code runs: 'local' (a worker process per task).",
+        help="Where task code runs: 'local' (worker processes on this machine, see worker_reuse).",
     ).tag(config=True)
     max_concurrency = Integer(4, min=0, help="Tasks that may run at once; the rest wait QUEUED.").tag(config=True)
     max_concurrency_per_owner = Integer(
@@ -227,6 +227,21 @@ class PlexusSettings(Configurable):
         help="Most tasks one batch call may touch: tasks dispatched by dispatch_batch, and tasks cancelled, retried "
         "or re-prioritised by ids or by a filter. A larger call is refused with the count and this bound (narrow the "
         "filter or split the batch); a dry run still counts. Default 1000.",
+    ).tag(config=True)
+
+    worker_reuse = Bool(
+        True, help="Reuse warm worker processes across tasks (default true): max_concurrency workers are started "
+        "ahead and each runs one task at a time, so a small task costs milliseconds, not a process start. False: "
+        "every task gets a fresh process discarded after it (isolation for untrusted task code, at about 30 tasks/s). "
+        "Task types flagged isolated (evaluations) always get a fresh process.",
+    ).tag(config=True)
+    worker_max_tasks = Integer(
+        1000, min=1, help="Tasks one reused worker runs before it is replaced by a fresh one (bounds what leaks "
+        "across tasks; default 1000).",
+    ).tag(config=True)
+    worker_max_memory_mb = Integer(
+        1024, min=64, help="Resident memory, in MB, above which a reused worker is replaced after its task ends "
+        "(a process keeps memory it freed; default 1024).",
     ).tag(config=True)
 
     def apply_env(self, environ: Mapping[str, str] | None = None, protected: Iterable[str] = ()) -> None:

@@ -36,10 +36,12 @@ from .security.redaction import scrub_logs
 log = logging.getLogger("plexus_mcp_jupyter")
 
 
-def make_executor(name: str) -> Executor:
-    if name == "local":
-        return LocalExecutor()
-    raise ValueError(f"unknown executor {name!r}; expected 'local'")
+def make_executor(settings: PlexusSettings) -> Executor:
+    if settings.executor == "local":
+        # The pool's size is the manager's max_concurrency (Executor.size_for).
+        return LocalExecutor(reuse=settings.worker_reuse, max_tasks_per_worker=settings.worker_max_tasks,
+                             max_worker_memory_mb=settings.worker_max_memory_mb, nice=settings.worker_nice)
+    raise ValueError(f"unknown executor {settings.executor!r}; expected 'local'")
 
 
 class PlexusRuntime:
@@ -51,7 +53,7 @@ class PlexusRuntime:
         self.root_dir = Path(root_dir or os.getcwd()).resolve()
         registered_dir = Path(data_dir) / "plexus_mcp" / "datasets"
         self.bus = EventBus()
-        self.executor = make_executor(settings.executor)
+        self.executor = make_executor(settings)
         self.manager = TaskManager(
             self.store,
             self.bus,
@@ -68,7 +70,7 @@ class PlexusRuntime:
             # What every worker is told besides its task's parameters (never stored or shown to clients).
             worker_environment={"db_url": self.store.url, "root_dir": str(self.root_dir),
                                 "registered_dir": str(registered_dir), "redact_columns": settings.redact_columns,
-                                "nice": settings.worker_nice, "max_evaluation_items": settings.max_evaluation_items},
+                                "max_evaluation_items": settings.max_evaluation_items},
         )
         self.catalog = DatasetCatalog(
             self.root_dir, registered_dir, threads=settings.dataset_threads,

@@ -48,6 +48,7 @@ class TaskContext:
         self._message: str | None = None
         self._last_flush = 0.0
         self._dirty = False
+        self._message_changed = False  # a status message not sent yet
 
     @property
     def processed(self) -> int:
@@ -59,6 +60,10 @@ class TaskContext:
 
     def stage(self, name: str, total: int | None = None, message: str | None = None) -> None:
         """Start a new stage (the previous one is complete) with `total` items to process."""
+        if self._total is not None and not self._message_changed:
+            # The server completes a stage with a total at its full count on the next stage: a pending count
+            # would say nothing more, and a message fewer per stage is a good part of a small task's cost.
+            self._dirty = False
         self.flush()
         self.check_cancelled()
         self._stage, self._total, self._processed, self._message = name, total, 0, message
@@ -70,6 +75,7 @@ class TaskContext:
         self._processed += n
         if message is not None:
             self._message = message
+            self._message_changed = True
         self._dirty = True
         if time.monotonic() - self._last_flush >= self._flush_interval:
             self.flush()
@@ -84,6 +90,7 @@ class TaskContext:
         if self._dirty:
             self._send(("progress", self._processed, self._message))
             self._dirty = False
+            self._message_changed = False
             self._last_flush = time.monotonic()
 
     def check_cancelled(self) -> None:

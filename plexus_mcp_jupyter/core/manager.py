@@ -22,12 +22,12 @@ from . import resources as res
 from .errors import Expired, InvalidArgument, NotFound, PlexusError
 from .events import Event, EventBus
 from .executors.base import Executor
-from .models import FINAL_STATUSES, StageStatus, Task, TaskStatus, iso, now, parse_iso
+from .models import FINAL_STATUSES, ProgressSample, Stage, StageStatus, Task, TaskStatus, iso, now, parse_iso
 from .progress import ProgressDecision, ProgressTracker
 from .queue import FAIRNESS_MODES, FairClock, QueuedInfo, QueuePolicy, weight
 from .queue import plan as queue_plan
 from .retention import RetentionPolicy, RetentionPruner, expired_message
-from .store import KEY_OWNER_PREFIX, Store, TaskFilter, decode_cursor, encode_cursor, owner_visible
+from .store import KEY_OWNER_PREFIX, ProgressWrite, Store, TaskFilter, decode_cursor, encode_cursor, owner_visible
 from .tasks import get_task_type, task_type_names
 
 log = logging.getLogger("plexus_mcp_jupyter")
@@ -68,6 +68,23 @@ class _RunState:
     requests: set[asyncio.Future[Any]] = field(default_factory=set)  # the task's requests being served
     exited: int | None = None  # the worker's exit code, once it has ended
     closing: ProgressDecision | None = None  # the final stage change, computed once
+
+
+@dataclass
+class _PendingWrite:
+    """What the next batched write stores for one running task, and the events it publishes once committed."""
+
+    task: Task
+    stages: dict[int, Stage] = field(default_factory=dict)  # by order: the latest state of each changed stage
+    samples: list[ProgressSample] = field(default_factory=list)
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (kind, summary when it happened)
+    final: bool = False
+
+    def add(self, decision: ProgressDecision) -> None:
+        for stage in decision.changed_stages:
+            self.stages[stage.order] = stage
+        if decision.sample is not None:
+            self.samples.append(decision.sample)
 
 
 class TaskManager:
@@ -117,6 +134,10 @@ class TaskManager:
         self._finished: OrderedDict[str, Task] = OrderedDict()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._schedule_pending = False
+        self._queue_empty = False  # the last read of the queue found nothing left to start
+        # Writes of running tasks gathered during one turn of the loop, committed together (_flush).
+        self._pending: dict[str, _PendingWrite] = {}
+        self._flush_scheduled = False
         self._maintenance: asyncio.Task[None] | None = None
         self._stopping = False
         self.started = False
@@ -174,6 +195,7 @@ class TaskManager:
         self.instance = uuid.uuid4().hex[:12]  # per start: a restart of this object is a new claimant
         self.server_id = f"{self.executor.name}:{HOST}:{os.getpid()}:{self.instance}"
         self._loop = asyncio.get_running_loop()
+        self.executor.size_for(self.max_concurrency)
         self.executor.start(self._loop)
         self.recover()
         self._maintenance = self._loop.create_task(self._maintain(), name="plexus-task-maintenance")
@@ -207,6 +229,7 @@ class TaskManager:
             await asyncio.sleep(0.01)
         for task_id in list(self._running):
             self._finish(task_id, exitcode=None)
+        self._flush()
         self.started = False
 
     def recover(self) -> None:
@@ -620,7 +643,12 @@ class TaskManager:
         self._queue_info = None
         self._schedule_soon()
 
-    def _schedule_soon(self) -> None:
+    def _schedule_soon(self, *, slot_freed: bool = False) -> None:
+        """Run the scheduler once the current work is done. `slot_freed`: only a slot came free (a task ended),
+        nothing was queued, so a queue seen empty since is not read again (the maintenance tick still reads it,
+        for tasks other servers queue on a shared store)."""
+        if not slot_freed:
+            self._queue_empty = False
         if self._loop is None or self._schedule_pending:
             return
         self._schedule_pending = True
@@ -630,14 +658,16 @@ class TaskManager:
         """One scheduling pass: start what the queue model (core/queue.py) says may start now."""
         self._schedule_pending = False
         self._queue_info = None  # positions change with every pass
-        if self._stopping or self._loop is None or self.max_concurrency - len(self._running) <= 0:
+        if self._stopping or self._loop is None or self._queue_empty or self.max_concurrency - len(self._running) <= 0:
             return
         policy = self._policy()
         running = [state.task for state in self._running.values()]
         # At most slots+1 tasks per owner and priority: enough for any owner's share of one pass, so one
         # owner's flood never hides the next owner's work, and the read stays bounded.
-        window, _ = self.store.queue_window(per_owner=policy.capacity.get("slots", 0) + 1, limit=SCHEDULE_WINDOW)
-        for task in queue_plan(window, running, policy, clock=self._fair).starts:
+        window, cut = self.store.queue_window(per_owner=policy.capacity.get("slots", 0) + 1, limit=SCHEDULE_WINDOW)
+        starts = queue_plan(window, running, policy, clock=self._fair).starts
+        started = 0
+        for task in starts:
             started_at = now()
             if not self.store.claim(task.id, worker=self.server_id, started_at=started_at):
                 self._schedule_soon()  # another server on this store took it: plan again without it
@@ -645,23 +675,30 @@ class TaskManager:
             self._fair.commit(task.owner, weight(task, policy))
             task.status, task.started_at, task.worker = TaskStatus.RUNNING, started_at, self.server_id
             self._start(task)
+            started += 1
+        # Every queued task was read and started: until something is queued again, an ending task need not
+        # read the queue (see _schedule_soon).
+        self._queue_empty = not cut and started == len(window) < SCHEDULE_WINDOW
 
     def _start(self, task: Task) -> None:
         state = _RunState(task, ProgressTracker(task, write_interval=self.progress_write_interval))
         self._running[task.id] = state
         self.bus.publish("task.updated", "task", task.id, task.summary())
         try:
-            target = get_task_type(task.type).target
+            task_type = get_task_type(task.type)
             worker = self.executor.submit(
-                task.id, target, task.params, lambda msg: self._on_message(task.id, msg),
+                task.id, task_type.target, task.params, lambda msg: self._on_message(task.id, msg),
                 max_output_bytes=self.max_output_bytes, environment=self.worker_environment,
+                isolated=task_type.isolated,
             )
         except Exception as exc:
             state.final = ("error", f"the task could not be started: {exc}", None, {})
             self._finish(task.id, exitcode=None)
             return
+        # Stored with the task's next batched write: the claim already recorded this server (what recovery
+        # needs); the worker's own id is for people, and a running task is read from memory meanwhile.
         task.worker = f"{self.server_id}/{worker}"
-        self.store.update_task(task.id, worker=task.worker)
+        self._pending_for(task)
 
     async def _maintain(self) -> None:
         """Periodic upkeep: cancellations and tasks from other servers on the store, retried final
@@ -671,14 +708,16 @@ class TaskManager:
             await asyncio.sleep(self.poll_interval)
             tick += 1
             try:
+                self._flush()  # retries a batched write that failed
                 for task_id, state in list(self._running.items()):
-                    if state.exited is not None:
-                        self._finish(task_id, state.exited)  # its final write failed earlier
+                    if state.exited is not None and task_id not in self._pending:
+                        self._finish(task_id, state.exited)  # its end was not recorded
                 local = [tid for tid, s in self._running.items() if not s.cancel_requested]
                 for task_id in self.store.cancel_requested_ids(local):
                     self._request_stop(task_id)
                 if tick % RECOVERY_EVERY == 0:
                     self.recover()
+                self._queue_empty = False  # other servers sharing the store may have queued tasks
                 self._schedule()
             except Exception:
                 log.exception("Plexus: task maintenance failed; retrying")
@@ -730,19 +769,68 @@ class TaskManager:
         task.add_done_callback(state.requests.discard)
 
     def _apply(self, state: _RunState, decision: ProgressDecision, kind: str) -> None:
+        """Record a progress change: a write to persist joins the next batched write, and its event waits for
+        that commit (store, then bus); an event behind a pending write of the same task waits too (order)."""
         task = state.task
-        if decision.write:
-            self.store.save_progress(task, stages=decision.changed_stages, sample=decision.sample)
-        self.bus.publish(kind, "task", task.id, task.summary())
+        pending = self._pending_for(task) if decision.write else self._pending.get(task.id)
+        if pending is None:
+            self.bus.publish(kind, "task", task.id, task.summary())
+            return
+        pending.add(decision)
+        pending.events.append((kind, task.summary()))
+        self._flush_soon()
+
+    def _pending_for(self, task: Task) -> _PendingWrite:
+        pending = self._pending.get(task.id)
+        if pending is None:
+            pending = self._pending[task.id] = _PendingWrite(task)
+        return pending
+
+    def _flush_soon(self) -> None:
+        """Write what is pending once the loop has handled what is ready now (the messages the reader thread
+        handed over in one go, other tasks' starts): their writes share one transaction."""
+        if self._flush_scheduled or self._loop is None:
+            return
+        self._flush_scheduled = True
+        self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Commit every pending write in one transaction, then publish their events and release ended tasks.
+
+        If the store fails, everything stays pending (ended tasks keep their slots) and `_maintain` retries.
+        """
+        self._flush_scheduled = False
+        if not self._pending:
+            return
+        batch = list(self._pending.values())
+        try:
+            self.store.save_progress_many(
+                [ProgressWrite(p.task, list(p.stages.values()), p.samples, p.final) for p in batch])
+        except Exception:
+            log.exception("Plexus: could not record the progress of %d tasks; retrying", len(batch))
+            return
+        self._pending.clear()
+        ended = False
+        for pending in batch:
+            task = pending.task
+            if pending.final:
+                self._running.pop(task.id, None)
+                self._remember_finished(task)
+                ended = True
+            for kind, summary in pending.events:
+                self.bus.publish(kind, "task", task.id, summary)
+        if ended:
+            self._schedule_soon(slot_freed=True)
 
     def _finish(self, task_id: str, exitcode: int | None) -> None:
-        """Record how a task ended. The run state is dropped only once the final write committed:
-        if the store fails, the task keeps its slot and `_maintain` tries again."""
+        """Record how a task ended. The final write joins the next batched write (`_flush`); the run state
+        is dropped only once it committed: if the store fails, the task keeps its slot and `_flush` is retried."""
         state = self._running.get(task_id)
         if state is not None:
             for request in state.requests:
                 request.cancel()
-        if state is None:
+        pending = self._pending.get(task_id)
+        if state is None or (pending is not None and pending.final):
             return
         state.exited = exitcode if exitcode is not None else -1
         if state.kill_timer is not None:
@@ -754,6 +842,7 @@ class TaskManager:
             # Our own shutdown stopped it (its worker reports "cancelled" to the shutdown's request, or
             # nothing when killed). A result or an error it produced meanwhile is kept as reported.
             if self._idempotent(task.type):
+                self._pending.pop(task_id, None)  # its progress would write a worker and stages over the re-queued row
                 try:
                     self._requeue(task.id, "the server stopped while it was running")
                 except Exception:
@@ -799,16 +888,11 @@ class TaskManager:
         }.get(task.status, StageStatus.FAILED)
         if state.closing is None:
             state.closing = state.tracker.finish(stage_status, task.completed_at, task.error_message)
-        try:
-            self.store.save_progress(task, stages=state.closing.changed_stages, sample=state.closing.sample,
-                                     final=True)
-        except Exception:
-            log.exception("Plexus: could not record the end of task %s; retrying", task_id)
-            return
-        self._running.pop(task_id, None)
-        self._remember_finished(task)
-        self.bus.publish(_final_kind(task.status), "task", task.id, task.summary())
-        self._schedule_soon()
+        pending = self._pending_for(task)
+        pending.add(state.closing)
+        pending.final = True
+        pending.events.append((_final_kind(task.status), task.summary()))
+        self._flush_soon()
 
     @staticmethod
     def _idempotent(task_type: str) -> bool:

@@ -127,6 +127,13 @@ _SELECT_STAGES_OF_ONE = (
     .order_by(stages_table.c.stage_order)
 )
 
+_INSERT_TASK = sa.insert(tasks_table)
+_CLAIM = (
+    sa.update(tasks_table)
+    .where(tasks_table.c.id == sa.bindparam("b_id"), tasks_table.c.status == TaskStatus.QUEUED.value)
+    .values(status=TaskStatus.RUNNING.value, worker=sa.bindparam("b_worker"), started_at=sa.bindparam("b_started_at"))
+)
+
 
 @dataclass(frozen=True)
 class TaskFilter:
@@ -290,9 +297,9 @@ class Store:
 
     def create_task(self, task: Task) -> None:
         with self.engine.begin() as conn:
-            conn.execute(sa.insert(tasks_table).values(**_task_row(task)))
-            for stage in task.stages:
-                conn.execute(sa.insert(stages_table).values(**_stage_row(task.id, stage)))
+            conn.execute(_INSERT_TASK, _task_row(task))  # a prebuilt statement: building one per call cost more
+            if task.stages:
+                conn.execute(sa.insert(stages_table), [_stage_row(task.id, stage) for stage in task.stages])
 
     def create_tasks(self, tasks: Sequence[Task]) -> None:
         """Insert new tasks (without stages) in one transaction, through the driver's executemany: a
@@ -442,14 +449,8 @@ class Store:
 
     def claim(self, task_id: str, *, worker: str, started_at: float) -> bool:
         """Move a QUEUED task to RUNNING if nobody else did: safe with several servers on one store."""
-        t = tasks_table
         with self.engine.begin() as conn:
-            result = conn.execute(
-                sa.update(t)
-                .where(t.c.id == task_id, t.c.status == TaskStatus.QUEUED.value)
-                .values(status=TaskStatus.RUNNING.value, worker=worker, started_at=started_at)
-            )
-            return result.rowcount == 1
+            return conn.execute(_CLAIM, {"b_id": task_id, "b_worker": worker, "b_started_at": started_at}).rowcount == 1
 
     def requeue(self, task_id: str) -> None:
         """Put a task back in the queue as if it had never started (its stages and history go)."""
@@ -491,34 +492,48 @@ class Store:
         sample: ProgressSample | None = None,
         final: bool = False,
     ) -> None:
-        """Write a task's progress columns, the given stages and a sample, in one transaction.
+        """Write a task's progress columns, the given stages and a sample, in one transaction (see save_progress_many).
 
         A final write (completion, failure, cancellation) also stores status, output and errors,
         and never overwrites a task that is already final.
         """
-        t = tasks_table
-        values: dict[str, Any] = {
-            "current_stage": task.current_stage,
-            "estimated_completion_at": task.estimated_completion_at,
-        }
-        query = sa.update(t).where(t.c.id == task.id)
-        if final:
-            values.update(
-                status=task.status.value,
-                completed_at=task.completed_at,
-                error_message=task.error_message,
-                error_details=task.error_details,
-                output=task.output,
-                stdout_tail=task.stdout_tail,
-                stderr_tail=task.stderr_tail,
-            )
-            query = query.where(t.c.status.notin_([s.value for s in FINAL_STATUSES]))
+        self.save_progress_many([ProgressWrite(task, list(stages), [sample] if sample else [], final)])
+
+    def save_progress_many(self, writes: Sequence[ProgressWrite]) -> None:
+        """Write the progress (and, for final ones, the end) of many tasks in ONE transaction.
+
+        The manager gathers what its workers reported during one turn of the event loop (starts, stage
+        changes, ends of many tasks) and writes it here at once: a commit and a statement per kind of row,
+        instead of a transaction per message, which was most of a small task's cost on the server.
+        """
+        if not writes:
+            return
+        progress_rows: list[dict[str, Any]] = []
+        final_rows: list[dict[str, Any]] = []
+        stage_rows: list[dict[str, Any]] = []
+        sample_rows: list[dict[str, Any]] = []
+        for write in writes:
+            task = write.task
+            row: dict[str, Any] = {"b_id": task.id, "b_current_stage": task.current_stage,
+                   "b_estimated_completion_at": task.estimated_completion_at, "b_worker": task.worker}
+            if write.final:
+                row.update(b_status=task.status.value, b_completed_at=task.completed_at,
+                           b_error_message=task.error_message, b_error_details=task.error_details,
+                           b_output=task.output, b_stdout_tail=task.stdout_tail, b_stderr_tail=task.stderr_tail)
+                final_rows.append(row)
+            else:
+                progress_rows.append(row)
+            stage_rows += [_stage_row(task.id, stage) for stage in write.stages]
+            sample_rows += [{"task_id": task.id, **_sample_row(sample)} for sample in write.samples]
         with self.engine.begin() as conn:
-            conn.execute(query.values(**values))
-            for stage in stages:
-                self._upsert_stage(conn, task.id, stage)
-            if sample is not None:
-                conn.execute(sa.insert(samples_table).values(task_id=task.id, **_sample_row(sample)))
+            if progress_rows:
+                conn.execute(_UPDATE_PROGRESS, progress_rows)
+            if final_rows:
+                conn.execute(_UPDATE_FINAL, final_rows)
+            if stage_rows:
+                self._upsert_stages(conn, stage_rows)
+            if sample_rows:
+                conn.execute(sa.insert(samples_table), sample_rows)
 
     def history(self, task_id: str, *, limit: int) -> tuple[list[ProgressSample], int]:
         """The most recent `limit` progress samples of a task, oldest first, and how many exist."""
@@ -644,16 +659,59 @@ class Store:
             out.setdefault(r[0], []).append(_stage_from_tuple(r))
         return out
 
-    def _upsert_stage(self, conn: Connection, task_id: str, stage: Stage) -> None:
+    def _upsert_stages(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        """Insert or update stage rows (keyed by task and order): one statement where the database has upserts."""
+        dialect = self.engine.dialect.name
+        if dialect in ("sqlite", "postgresql"):
+            conn.execute(_upsert_stages_statement(dialect), rows)
+            return
         st = stages_table
-        row = _stage_row(task_id, stage)
-        updated = conn.execute(
-            sa.update(st)
-            .where(st.c.task_id == task_id, st.c.stage_order == stage.order)
-            .values(**{k: v for k, v in row.items() if k not in ("task_id", "stage_order")})
-        )
-        if updated.rowcount == 0:
-            conn.execute(sa.insert(st).values(**row))
+        for row in rows:
+            updated = conn.execute(
+                sa.update(st)
+                .where(st.c.task_id == row["task_id"], st.c.stage_order == row["stage_order"])
+                .values(**{k: v for k, v in row.items() if k not in ("task_id", "stage_order")})
+            )
+            if updated.rowcount == 0:
+                conn.execute(sa.insert(st).values(**row))
+
+
+@dataclass
+class ProgressWrite:
+    """What one batched write stores for one task (Store.save_progress_many)."""
+
+    task: Task
+    stages: list[Stage]
+    samples: list[ProgressSample]
+    final: bool = False
+
+
+def _progress_update(final: bool) -> Any:
+    t = tasks_table
+    columns = ["current_stage", "estimated_completion_at", "worker"]
+    query = sa.update(t).where(t.c.id == sa.bindparam("b_id"))
+    if final:
+        columns += ["status", "completed_at", "error_message", "error_details", "output", "stdout_tail", "stderr_tail"]
+        # A task already final (cancelled meanwhile by another server, recovered) is never overwritten. Plain
+        # comparisons, not NOT IN: an expanding IN parameter cannot be used in an executemany.
+        query = query.where(*(t.c.status != s.value for s in FINAL_STATUSES))
+    return query.values(**{name: sa.bindparam(f"b_{name}") for name in columns})
+
+
+_UPDATE_PROGRESS = _progress_update(final=False)
+_UPDATE_FINAL = _progress_update(final=True)
+
+
+@functools.lru_cache(maxsize=2)
+def _upsert_stages_statement(dialect: str) -> Any:
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    statement: Any = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(stages_table)
+    keys = ("task_id", "stage_order")
+    return statement.on_conflict_do_update(
+        index_elements=list(keys),
+        set_={c.name: statement.excluded[c.name] for c in stages_table.columns if c.name not in keys},
+    )
 
 
 # Listing statements, built once per shape (how many statuses and types, which optional filters) with

@@ -25,6 +25,8 @@ class TaskType:
     internal: bool = False
     # What one task needs to run (core/resources.py): worker slots, memory_mb, named resources such as gpu.
     resources: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_NEEDS))
+    # Runs in a fresh worker process discarded after it, never in a reused one (untrusted or memory-hungry code).
+    isolated: bool = False
 
 
 _REGISTRY: dict[str, TaskType] = {}
@@ -79,6 +81,10 @@ def _register_builtin() -> None:
             validate=_evaluation_params,
             idempotent=True,  # its items are keyed by position: a re-run after a crash rewrites them
             internal=True,  # its parameters name code to import and records to write: only the service makes them
+            # Seconds long, so a fresh process costs nothing that matters; it loads whole datasets (memory a
+            # process keeps after freeing it) and runs scorer code named by the caller: none of that may
+            # outlive the evaluation in a worker that then serves another key's tasks.
+            isolated=True,
         )
     )
 

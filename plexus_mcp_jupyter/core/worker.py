@@ -3,7 +3,8 @@
 Messages sent to the server (tuples, pickled over a pipe):
 ("stage", name, total, message), ("progress", processed, message), ("log", text),
 and exactly one final message: ("done", output, tails), ("error", message, details, tails) or
-("cancelled", tails). The executor adds ("exit", exitcode) when the process has ended.
+("cancelled", tails). The executor adds ("exit", exitcode) when the task has ended (0 once its final
+message arrived from a worker that lives on; the process's exit code when the worker died).
 """
 
 from __future__ import annotations
@@ -78,28 +79,75 @@ def run_task(
         sys.stdout, sys.stderr = saved
 
 
-def process_main(
-    task_id: str, target: str, params: dict[str, Any], conn: Any, cancel_flag: CancelFlag, max_output_bytes: int,
-    environment: dict[str, Any] | None = None,
-) -> None:
-    """Entry point of a local-executor worker process."""
+class _TaskCancelFlag:
+    """Cancellation of one task on a reused worker: set when the server writes that task's number.
+
+    A worker runs many tasks, so a flag that stays set would cancel the next one; a number names the task.
+    """
+
+    def __init__(self, cancel_seq: Any, seq: int) -> None:
+        self._cancel_seq = cancel_seq
+        self._seq = seq
+
+    def is_set(self) -> bool:
+        return bool(self._cancel_seq.value == self._seq)
+
+
+def _rss_mb() -> float:
+    """This process's resident memory now (Linux), else its peak (ru_maxrss, KiB on Linux and BSD)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def pool_main(conn: Any, cancel_seq: Any, nice: int = 0) -> None:
+    """Entry point of a local-executor worker process: run the tasks the server sends, one at a time.
+
+    Protocol (pickled tuples on the duplex pipe). Server -> worker: ("run", seq, task_id, target, params,
+    max_output_bytes, environment) and ("to", seq, message), an answer to a request of task `seq` (answers
+    for another task, which ended meanwhile, are dropped). Worker -> server: the task's messages (module
+    docstring), then ("end", final, rss_mb). The worker exits on ("stop",) or when the server's end closes.
+    """
     # The server may speak MCP over its stdout (stdio mode): a worker must never write there.
     os.dup2(2, 1)
     # Ctrl-C in the server's terminal is the server's to handle; it stops workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Below the server's priority, so that a busy worker never slows the server's answers much.
-    if environment and environment.get("nice"):
+    # Below the server's priority, so that a busy worker never slows the server's answers much. Once per
+    # process: os.nice adds to the current value.
+    if nice:
         with contextlib.suppress(OSError):
-            os.nice(int(environment["nice"]))
+            os.nice(int(nice))
     try:
-        def receive(timeout: float) -> Any:
-            return conn.recv() if conn.poll(timeout) else None
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                return
+            if msg[0] == "stop":
+                return
+            if msg[0] != "run":
+                continue  # a late answer to a task that already ended
+            _, seq, task_id, target, params, max_output_bytes, environment = msg
 
-        final = run_task(task_id, target, params, conn.send, cancel_flag, max_output_bytes, environment, receive)
-        try:
-            conn.send(final)
-        except Exception as exc:  # e.g. an output that cannot be pickled
-            conn.send(("error", f"the task's result could not be sent back: {exc}", None, final[-1]))
+            def receive(timeout: float, seq: int = seq) -> Any:
+                while conn.poll(timeout):
+                    incoming = conn.recv()
+                    if incoming[0] == "to" and incoming[1] == seq:
+                        return incoming[2]
+                    timeout = 0  # drained a stale message: look again without waiting
+                return None
+
+            final = run_task(task_id, target, params, conn.send, _TaskCancelFlag(cancel_seq, seq), max_output_bytes,
+                             environment, receive)
+            try:
+                conn.send(("end", final, _rss_mb()))
+            except Exception as exc:  # e.g. an output that cannot be pickled
+                conn.send(("end", ("error", f"the task's result could not be sent back: {exc}", None, final[-1]),
+                           _rss_mb()))
     finally:
         conn.close()
 

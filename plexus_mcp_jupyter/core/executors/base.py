@@ -23,15 +23,20 @@ class Executor(abc.ABC):
 
     name: str = "executor"
 
+    def size_for(self, max_concurrency: int) -> None:  # noqa: B027 - optional: an executor without a pool ignores it
+        """Told, before start(), how many tasks may run at once: a pool of workers sizes itself from it."""
+
     @abc.abstractmethod
     def start(self, loop: asyncio.AbstractEventLoop) -> None: ...
 
     @abc.abstractmethod
     def submit(
         self, task_id: str, target: str, params: dict[str, Any], on_message: MessageCallback, *,
-        max_output_bytes: int, environment: Mapping[str, Any] | None = None,
+        max_output_bytes: int, environment: Mapping[str, Any] | None = None, isolated: bool = False,
     ) -> str:
         """Start a task; return an identifier of the worker running it (e.g. "pid=1234").
+
+        `isolated`: the task must not share its worker with any other task (a fresh process, discarded after it).
 
         `environment` is what the server tells every task besides its parameters (`TaskContext.environment`:
         the store URL, the Jupyter root); unlike parameters it is never stored or shown to a client.

@@ -1,26 +1,42 @@
-"""The local executor: one worker process per running task.
+"""The local executor: a pool of warm worker processes, each running one task at a time.
 
-A process per task (bounded by the manager's max_concurrency) gives each task its own memory and
-lets a forced stop kill exactly one task without disturbing the others. Processes start from a
-forkserver that has pre-imported the worker module, so a start costs milliseconds and never forks
-the threaded server process itself. Messages come back over a pipe, read by one thread per task
-that hands them to the event loop.
+Starting a process per task capped throughput at a few dozen small tasks per second, so workers are
+started ahead (from a forkserver that pre-imported the worker and evaluation modules, never by forking
+the threaded server) and reused: a worker runs a task, reports its end, and takes the next one. What a
+process per task guaranteed still holds:
+
+- a forced stop (a cancelled task that ignores the request past the grace period) kills exactly the
+  worker running that task; a crash (exception aside: os._exit, a segfault, the OOM killer) ends only
+  its worker; either way the task alone fails and a fresh worker takes the dead one's place;
+- a worker whose task was cancelled is retired, since threads or state the task left behind must stop
+  with it; so is one that ran `max_tasks_per_worker` tasks or grew past `max_worker_memory_mb`;
+- a task may be isolated (`submit(isolated=True)`, a task type's `isolated` flag, or `reuse=False` for
+  every task): it gets a fresh process that ends with it.
+
+One reader thread waits on every worker's pipe at once and hands what arrived to the event loop in one
+callback per wake-up, instead of a thread and a loop wake-up per message.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import multiprocessing as mp
 import sys
 import threading
 import types
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from multiprocessing.connection import wait as wait_for_pipes
 from typing import Any
 
 from .. import worker
 from .base import Executor, MessageCallback
+
+log = logging.getLogger("plexus_mcp_jupyter")
+
+READ_BATCH = 256  # most messages taken from one pipe per wake-up, so a chatty worker cannot starve the others
 
 
 @contextlib.contextmanager
@@ -42,126 +58,334 @@ def _main_module_hidden() -> Iterator[None]:
 
 
 @dataclass
-class _Running:
+class _Job:
+    """The task a worker is running."""
+
+    task_id: str
+    seq: int  # the worker's number for this task: cancellation and request answers name it
+    on_message: MessageCallback
+    cancelled: bool = False
+
+
+@dataclass
+class _Worker:
     process: Any
-    cancel_flag: Any
-    reader: threading.Thread
-    channel: Any  # our end of the duplex pipe: the pump thread reads it, reply() writes it
+    channel: Any  # our end of the duplex pipe: the reader thread reads it, submit() and reply() write it
+    cancel_seq: Any  # shared memory: the number of the task to cancel (worker.pool_main)
+    single_use: bool  # isolated: ends with its task
+    send_lock: threading.Lock
+    job: _Job | None = None
+    seq: int = 0
+    tasks_run: int = 0
+    retiring: bool = False  # told to stop (or killed): never given another task
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        with self.send_lock:
+            self.channel.send(message)
 
 
 class LocalExecutor(Executor):
     name = "local"
 
-    def __init__(self, start_method: str | None = None) -> None:
+    def __init__(
+        self, start_method: str | None = None, *, pool_size: int | None = None, reuse: bool = True,
+        max_tasks_per_worker: int = 1000, max_worker_memory_mb: float = 1024.0, nice: int = 0,
+    ) -> None:
+        """`pool_size` workers are kept warm (None: the manager's max_concurrency, see size_for); more start on
+        demand and are retired once idle. `reuse=False` gives every task a fresh process, as before the pool."""
         methods = mp.get_all_start_methods()
         self.start_method = start_method or ("forkserver" if "forkserver" in methods else "spawn")
         self._mp: Any = mp.get_context(self.start_method)
         if self.start_method == "forkserver":
             # The evaluation runner too: pandas, pyarrow and SQLAlchemy cost 0.5-1.8 s to import in every worker.
             self._mp.set_forkserver_preload(["plexus_mcp_jupyter.core.worker", "plexus_mcp_jupyter.evaluations.runner"])
+        self._pool_size_given = pool_size is not None
+        self.pool_size = pool_size or 0
+        self.reuse = reuse
+        self.max_tasks_per_worker = max_tasks_per_worker
+        self.max_worker_memory_mb = max_worker_memory_mb
+        self.nice = nice
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._running: dict[str, _Running] = {}
-        self._lock = threading.Lock()
+        self._workers: dict[Any, _Worker] = {}  # by our end of its pipe
+        self._idle: list[_Worker] = []
+        self._by_task: dict[str, _Worker] = {}
+        self._lock = threading.Lock()  # the three maps above, and the workers' jobs
+        self._spawn_lock = threading.Lock()  # _main_module_hidden swaps a global
+        self._wake_r: Any = None
+        self._wake_w: Any = None
+        self._reader: threading.Thread | None = None
+        self._closing = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def size_for(self, max_concurrency: int) -> None:
+        if not self._pool_size_given:
+            self.pool_size = max_concurrency
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self._closing = False
+        self._wake_r, self._wake_w = self._mp.Pipe(duplex=False)
+        self._reader = threading.Thread(target=self._read, name="plexus-worker-reader", daemon=True)
+        self._reader.start()
+        # Starting the forkserver (a fresh interpreter importing the worker module) takes most of a second,
+        # and each worker some milliseconds: do it now, off the event loop, rather than in the first tasks.
+        threading.Thread(target=self._warm_up, name="plexus-pool-warmup", daemon=True).start()
+
+    def _warm_up(self) -> None:
         if self.start_method == "forkserver":
-            # Starting the forkserver (a fresh interpreter importing the worker module) takes most of a
-            # second: do it now, off the event loop, rather than inside the first task's start.
             from multiprocessing import forkserver
 
-            threading.Thread(target=forkserver.ensure_running, name="plexus-forkserver-warmup", daemon=True).start()
+            forkserver.ensure_running()
+        if self.reuse:
+            self._fill_pool()
 
-    def submit(
-        self, task_id: str, target: str, params: dict[str, Any], on_message: MessageCallback, *,
-        max_output_bytes: int = 65_536, environment: Mapping[str, Any] | None = None,
-    ) -> str:
-        if self._loop is None:
-            raise RuntimeError("LocalExecutor.start(loop) must be called before submit()")
-        # Duplex: the worker reports on it, and the server answers the worker's requests on it.
-        receiver, sender = self._mp.Pipe(duplex=True)
-        cancel_flag = self._mp.Event()
+    def _fill_pool(self) -> None:
+        """Start workers until the pool has `pool_size` reusable ones (off the event loop)."""
+        while not self._closing:
+            with self._lock:
+                if sum(not w.single_use and not w.retiring for w in self._workers.values()) >= self.pool_size:
+                    return
+            try:
+                new = self._spawn(single_use=False)
+            except Exception:
+                log.exception("Plexus: could not start a warm worker; tasks will start their own")
+                return
+            with self._lock:
+                self._idle.append(new)
+
+    def _spawn(self, *, single_use: bool) -> _Worker:
+        """Start a worker process and register it with the reader thread."""
+        receiver, sender = self._mp.Pipe(duplex=True)  # duplex: the server answers the worker's requests on it
+        cancel_seq = self._mp.RawValue("q", 0)
         process = self._mp.Process(
-            target=worker.process_main,
-            args=(task_id, target, params, sender, cancel_flag, max_output_bytes, dict(environment or {})),
-            name=f"plexus-task-{task_id[:8]}",
-            daemon=True,
+            target=worker.pool_main, args=(sender, cancel_seq, self.nice), name="plexus-worker", daemon=True,
         )
-        with _main_module_hidden():
+        with self._spawn_lock, _main_module_hidden():
             process.start()
         sender.close()  # the child holds the only writer: EOF on our side means it is gone
-        reader = threading.Thread(
-            target=self._pump, args=(task_id, process, receiver, on_message), daemon=True,
-            name=f"plexus-pump-{task_id[:8]}",
-        )
+        new = _Worker(process, receiver, cancel_seq, single_use, threading.Lock())
         with self._lock:
-            self._running[task_id] = _Running(process, cancel_flag, reader, receiver)
-        reader.start()
-        return f"pid={process.pid}"
+            self._workers[receiver] = new
+        self._wake()
+        return new
 
-    def _pump(self, task_id: str, process: Any, receiver: Any, on_message: MessageCallback) -> None:
-        loop = self._loop
-        assert loop is not None
-        try:
-            while True:
-                try:
-                    msg = receiver.recv()
-                except (EOFError, OSError):
-                    break
-                except Exception as exc:  # an unpicklable message: report it, keep reading
-                    msg = ("log", f"plexus: a message from the worker could not be read: {exc}")
-                try:
-                    loop.call_soon_threadsafe(on_message, msg)
-                except RuntimeError:  # the loop closed during shutdown
-                    break
-        finally:
-            receiver.close()
-            process.join()
-            with self._lock:
-                self._running.pop(task_id, None)
-            with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
-                loop.call_soon_threadsafe(on_message, ("exit", process.exitcode))
-
-    def reply(self, task_id: str, message: tuple[Any, ...]) -> None:
-        with self._lock:
-            running = self._running.get(task_id)
-        if running is not None:
-            with contextlib.suppress(OSError, ValueError):  # the worker is gone: nobody waits for the answer
-                running.channel.send(message)
-
-    def request_cancel(self, task_id: str) -> None:
-        with self._lock:
-            running = self._running.get(task_id)
-        if running is not None:
-            running.cancel_flag.set()
-
-    def kill(self, task_id: str) -> None:
-        with self._lock:
-            running = self._running.get(task_id)
-        if running is not None and running.process.is_alive():
-            running.process.kill()
-
-    def pid(self, task_id: str) -> int | None:
-        with self._lock:
-            running = self._running.get(task_id)
-        return running.process.pid if running else None
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            self._wake_w.send_bytes(b"w")
 
     async def shutdown(self, grace: float) -> None:
         with self._lock:
-            ids = list(self._running)
+            ids = list(self._by_task)
         for task_id in ids:
             self.request_cancel(task_id)
-        deadline = asyncio.get_running_loop().time() + grace
-        while self._running and asyncio.get_running_loop().time() < deadline:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self._by_task and loop.time() < deadline:
             await asyncio.sleep(0.02)
-        for task_id in list(self._running):
-            self.kill(task_id)
+        self._closing = True
         with self._lock:
-            readers = [r.reader for r in self._running.values()]
-        for reader in readers:
-            await asyncio.to_thread(reader.join, 5)
+            workers = list(self._workers.values())
+        for w in workers:
+            self._retire(w)
+        for w in workers:
+            await asyncio.to_thread(w.process.join, 5)
+            if w.process.is_alive():
+                w.process.kill()
+        self._wake()
+        if self._reader is not None:
+            await asyncio.to_thread(self._reader.join, 5)
 
     def status(self) -> dict[str, Any]:
         with self._lock:
-            running = len(self._running)
-        return {"name": self.name, "start_method": self.start_method, "running": running}
+            running, workers, idle = len(self._by_task), len(self._workers), len(self._idle)
+        return {"name": self.name, "start_method": self.start_method, "running": running, "workers": workers,
+                "idle_workers": idle, "pool_size": self.pool_size, "reuse": self.reuse}
+
+    # -- tasks ---------------------------------------------------------------------------------
+
+    def submit(
+        self, task_id: str, target: str, params: dict[str, Any], on_message: MessageCallback, *,
+        max_output_bytes: int = 65_536, environment: Mapping[str, Any] | None = None, isolated: bool = False,
+    ) -> str:
+        if self._loop is None:
+            raise RuntimeError("LocalExecutor.start(loop) must be called before submit()")
+        single_use = isolated or not self.reuse
+        run = (target, params, max_output_bytes, dict(environment or {}))
+        while True:
+            chosen: _Worker | None = None
+            if not single_use:
+                with self._lock:
+                    while self._idle and chosen is None:
+                        candidate = self._idle.pop()  # last in, first out: the warmest worker
+                        chosen = None if candidate.retiring else candidate
+            if chosen is None:
+                # No warm worker free (still warming up, or replacing one): start one now, as before the pool.
+                chosen = self._spawn(single_use=single_use)
+            with self._lock:
+                chosen.seq += 1
+                chosen.job = _Job(task_id, chosen.seq, on_message)
+                self._by_task[task_id] = chosen
+            try:
+                chosen.send(("run", chosen.seq, task_id, *run))
+                break
+            except (OSError, ValueError):
+                # It died while idle. If the reader has not seen that yet, take another worker; if it has, it
+                # reported the task's exit already (the manager records the failure).
+                with self._lock:
+                    chosen.retiring = True
+                    ours = chosen.job is not None and chosen.job.task_id == task_id
+                    if ours:
+                        chosen.job = None
+                        self._by_task.pop(task_id, None)
+                if not ours:
+                    break
+                if single_use:
+                    raise
+        return f"pid={chosen.process.pid}"
+
+    def reply(self, task_id: str, message: tuple[Any, ...]) -> None:
+        with self._lock:
+            w = self._by_task.get(task_id)
+            seq = w.job.seq if w is not None and w.job is not None else None
+        if w is not None and seq is not None:
+            with contextlib.suppress(OSError, ValueError):  # the worker is gone: nobody waits for the answer
+                w.send(("to", seq, message))
+
+    def request_cancel(self, task_id: str) -> None:
+        with self._lock:
+            w = self._by_task.get(task_id)
+            if w is not None and w.job is not None:
+                w.job.cancelled = True
+                w.cancel_seq.value = w.job.seq
+
+    def kill(self, task_id: str) -> None:
+        with self._lock:
+            w = self._by_task.get(task_id)
+            if w is not None and w.process.is_alive():
+                w.retiring = True
+                w.process.kill()  # under the lock: the worker cannot have moved on to another task
+
+    def pid(self, task_id: str) -> int | None:
+        with self._lock:
+            w = self._by_task.get(task_id)
+        return w.process.pid if w is not None else None
+
+    # -- the reader thread ---------------------------------------------------------------------
+
+    def _read(self) -> None:
+        """Wait on every worker's pipe; hand what arrived to the loop in one callback per wake-up."""
+        while True:
+            with self._lock:
+                channels = list(self._workers)
+            if self._closing and not channels:
+                return
+            try:
+                ready: list[Any] = wait_for_pipes([self._wake_r, *channels], timeout=1.0)
+            except OSError:  # a pipe closed while we waited: look again
+                ready = []
+            batch: list[tuple[MessageCallback, tuple[Any, ...]]] = []
+            for channel in ready:
+                if channel is self._wake_r:
+                    with contextlib.suppress(OSError, EOFError):
+                        while self._wake_r.poll():
+                            self._wake_r.recv_bytes()
+                    continue
+                with self._lock:
+                    w = self._workers.get(channel)
+                if w is not None:
+                    self._drain(w, batch)
+            if batch:
+                self._deliver(batch)
+
+    def _drain(self, w: _Worker, batch: list[tuple[MessageCallback, tuple[Any, ...]]]) -> None:
+        """Read what one worker sent (at most READ_BATCH messages); handle its end or its death."""
+        for _ in range(READ_BATCH):
+            try:
+                msg = w.channel.recv()
+            except (EOFError, OSError):
+                self._died(w, batch)
+                return
+            except Exception as exc:  # an unpicklable message: report it, keep reading
+                msg = ("log", f"plexus: a message from the worker could not be read: {exc}")
+            job = w.job
+            if msg[0] == "end":
+                self._ended(w, msg[1], float(msg[2]), batch)
+            elif job is not None:
+                batch.append((job.on_message, msg))
+            try:
+                if not w.channel.poll():
+                    return
+            except (EOFError, OSError):
+                self._died(w, batch)
+                return
+
+    def _ended(self, w: _Worker, final: tuple[Any, ...], rss_mb: float,
+               batch: list[tuple[MessageCallback, tuple[Any, ...]]]) -> None:
+        """A task ended in a worker that lives on: report it, then reuse or retire the worker."""
+        with self._lock:
+            job, w.job = w.job, None
+            if job is not None:
+                self._by_task.pop(job.task_id, None)
+            w.tasks_run += 1
+            retire = (w.single_use or w.retiring or self._closing or (job is not None and job.cancelled)
+                      or w.tasks_run >= self.max_tasks_per_worker or rss_mb > self.max_worker_memory_mb
+                      or sum(not o.single_use and not o.retiring for o in self._workers.values()) > self.pool_size)
+            if not retire:
+                self._idle.append(w)
+        if job is not None:
+            batch.append((job.on_message, final))
+            batch.append((job.on_message, ("exit", 0)))
+        if retire:
+            if rss_mb > self.max_worker_memory_mb:
+                log.info("Plexus: worker pid %s uses %.0f MB, above max_worker_memory_mb: replaced", w.process.pid,
+                         rss_mb)
+            self._retire(w)
+
+    def _retire(self, w: _Worker) -> None:
+        """Stop a worker: an idle one is told to exit, a busy one is killed. Its pipe then reaches EOF and the
+        reader thread reaps and replaces it (`_died`)."""
+        with self._lock:
+            w.retiring = True
+            if w in self._idle:
+                self._idle.remove(w)
+            busy = w.job is not None
+        try:
+            if busy:
+                w.process.kill()
+            else:
+                w.send(("stop",))
+        except (OSError, ValueError):
+            w.process.kill()
+
+    def _died(self, w: _Worker, batch: list[tuple[MessageCallback, tuple[Any, ...]]]) -> None:
+        """A worker's pipe reached EOF: it exited (retired) or died (killed, crashed). Replace it."""
+        with contextlib.suppress(OSError):
+            w.channel.close()
+        w.process.join(5)
+        with self._lock:
+            self._workers.pop(w.channel, None)
+            if w in self._idle:
+                self._idle.remove(w)
+            job, w.job = w.job, None
+            if job is not None:
+                self._by_task.pop(job.task_id, None)
+        if job is not None:
+            batch.append((job.on_message, ("exit", w.process.exitcode)))
+        if self.reuse and not self._closing:
+            self._fill_pool()
+
+    def _deliver(self, batch: list[tuple[MessageCallback, tuple[Any, ...]]]) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
+            loop.call_soon_threadsafe(_run_callbacks, batch)
+
+
+def _run_callbacks(batch: list[tuple[MessageCallback, tuple[Any, ...]]]) -> None:
+    for on_message, msg in batch:
+        try:
+            on_message(msg)
+        except Exception:
+            log.exception("Plexus: handling a worker message %r failed", msg[0])
