@@ -114,6 +114,7 @@ class LocalExecutor(Executor):
         self._wake_r: Any = None
         self._wake_w: Any = None
         self._reader: threading.Thread | None = None
+        self._warmer: threading.Thread | None = None
         self._closing = False
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -130,7 +131,8 @@ class LocalExecutor(Executor):
         self._reader.start()
         # Starting the forkserver (a fresh interpreter importing the worker module) takes most of a second,
         # and each worker some milliseconds: do it now, off the event loop, rather than in the first tasks.
-        threading.Thread(target=self._warm_up, name="plexus-pool-warmup", daemon=True).start()
+        self._warmer = threading.Thread(target=self._warm_up, name="plexus-pool-warmup", daemon=True)
+        self._warmer.start()
 
     def _warm_up(self) -> None:
         if self.start_method == "forkserver":
@@ -184,6 +186,10 @@ class LocalExecutor(Executor):
         while self._by_task and loop.time() < deadline:
             await asyncio.sleep(0.02)
         self._closing = True
+        if self._warmer is not None:
+            # A worker the warm-up is starting now would be registered after the snapshot below, never be
+            # retired, and keep the reader thread waiting for its pipe: let the warm-up end first.
+            await asyncio.to_thread(self._warmer.join, 30)
         with self._lock:
             workers = list(self._workers.values())
         for w in workers:
