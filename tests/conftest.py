@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import httpx2
@@ -15,6 +15,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from traitlets.config import Config
 
+from plexus_mcp_jupyter.core.tasks import TaskType, register_task_type, unregister_task_type
 from plexus_mcp_jupyter.security.keys import keys_table
 
 pytest_plugins = ("pytest_jupyter.jupyter_server",)
@@ -124,3 +125,15 @@ def keys(runtime):
     made["bad"] = made["admin"][:-4] + "AAAA"
     made["malformed"] = "plx_nonsense"
     return made
+
+
+@contextmanager
+def registered_task_types(*types: TaskType) -> Iterator[None]:
+    """Task types that only some tests use, registered for the block and removed again afterwards."""
+    for task_type in types:
+        register_task_type(task_type)
+    try:
+        yield
+    finally:
+        for task_type in types:
+            unregister_task_type(task_type.name)

@@ -16,7 +16,7 @@ from plexus_mcp_jupyter.core.models import StageStatus
 from plexus_mcp_jupyter.core.progress import ProgressTracker
 from plexus_mcp_jupyter.core.store import TaskFilter, decode_cursor, encode_cursor
 
-from .conftest import poll
+from .conftest import poll, registered_task_types
 
 
 def make_task(**kw) -> Task:
@@ -221,19 +221,15 @@ async def test_cancelling_a_queued_task_is_immediate_and_a_finished_one_is_a_no_
 @pytest.fixture
 def test_task_types():
     """Task types only these tests use, removed again afterwards."""
-    from plexus_mcp_jupyter.core.tasks import TaskType, register_task_type, unregister_task_type
+    from plexus_mcp_jupyter.core.tasks import TaskType
 
-    types = [
+    with registered_task_types(
         TaskType("stubborn", "tests.task_functions:stubborn", "ignores cancellation"),
         TaskType("big_output", "tests.task_functions:big_output", "large output"),
         TaskType("circular", "tests.task_functions:circular", "unserialisable output"),
         TaskType("resumable", "tests.task_functions:long_idempotent", "idempotent", idempotent=True),
-    ]
-    for task_type in types:
-        register_task_type(task_type)
-    yield
-    for task_type in types:
-        unregister_task_type(task_type.name)
+    ):
+        yield
 
 
 async def test_a_task_that_ignores_cancellation_is_killed_after_the_grace_period(tmp_path, test_task_types):

@@ -15,9 +15,9 @@ import pytest
 from plexus_mcp_jupyter.core import EventBus, Store, TaskManager, TaskStatus
 from plexus_mcp_jupyter.core.errors import InvalidArgument
 from plexus_mcp_jupyter.core.executors import LocalExecutor
-from plexus_mcp_jupyter.core.tasks import TaskType, register_task_type, unregister_task_type
+from plexus_mcp_jupyter.core.tasks import TaskType
 
-from .conftest import poll
+from .conftest import poll, registered_task_types
 from .test_core import _pid_alive
 
 TRIVIAL = {"items": 1, "item_delay_ms": 0}
@@ -25,7 +25,7 @@ TRIVIAL = {"items": 1, "item_delay_ms": 0}
 
 @pytest.fixture
 def worker_task_types():
-    types = [
+    with registered_task_types(
         TaskType("stubborn", "tests.task_functions:stubborn", "ignores cancellation"),
         TaskType("crash_exit", "tests.worker_task_functions:crash_exit", "os._exit"),
         TaskType("segfault", "tests.worker_task_functions:segfault", "SIGSEGV"),
@@ -34,12 +34,8 @@ def worker_task_types():
         TaskType("grow", "tests.worker_task_functions:grow", "holds memory"),
         TaskType("niceness", "tests.worker_task_functions:niceness", "reports its nice value"),
         TaskType("untrusted", "tests.worker_task_functions:pid", "isolated by its type", isolated=True),
-    ]
-    for task_type in types:
-        register_task_type(task_type)
-    yield
-    for task_type in types:
-        unregister_task_type(task_type.name)
+    ):
+        yield
 
 
 @asynccontextmanager
