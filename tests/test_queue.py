@@ -15,9 +15,9 @@ import pytest
 import sqlalchemy as sa
 
 from plexus_mcp_jupyter.core.store import Store, tasks_table
-from plexus_mcp_jupyter.core.tasks import TaskType, register_task_type, unregister_task_type
+from plexus_mcp_jupyter.core.tasks import TaskType
 
-from .conftest import open_client, poll
+from .conftest import open_client, poll, registered_task_types
 from .test_standalone import plexus_env, start_http, stop
 
 LONG = {"items": 100_000, "item_delay_ms": 50}  # runs until cancelled
@@ -34,13 +34,13 @@ def wide_type():
     """A task type whose tasks need two worker slots (the demo's code)."""
     from plexus_mcp_jupyter.core import demo
 
-    register_task_type(TaskType("wide", "plexus_mcp_jupyter.core.demo:run_demo", "two-slot demo",
-                                demo.validate_params, resources={"slots": 2}))
-    register_task_type(TaskType("gpu_demo", "plexus_mcp_jupyter.core.demo:run_demo", "needs a GPU",
-                                demo.validate_params, resources={"slots": 1, "gpu": 1}))
-    yield "wide"
-    unregister_task_type("wide")
-    unregister_task_type("gpu_demo")
+    with registered_task_types(
+        TaskType("wide", "plexus_mcp_jupyter.core.demo:run_demo", "two-slot demo", demo.validate_params,
+                 resources={"slots": 2}),
+        TaskType("gpu_demo", "plexus_mcp_jupyter.core.demo:run_demo", "needs a GPU", demo.validate_params,
+                 resources={"slots": 1, "gpu": 1}),
+    ):
+        yield "wide"
 
 
 async def run(client, params: dict, priority: int = 0) -> str:
