@@ -232,6 +232,10 @@ class LeanSession:
         if "mcp-session-id" in response.headers:
             self.http.headers["mcp-session-id"] = response.headers["mcp-session-id"]
             self.http.headers["mcp-protocol-version"] = "2025-11-25"
+        if response.headers.get("content-type", "").startswith("application/json"):
+            message = response.json()
+            if message.get("id") == self._id:
+                return message  # type: ignore[no-any-return]
         for line in response.text.splitlines():
             if line.startswith("data:") and line[5:].strip():
                 message = json.loads(line[5:])

@@ -6,9 +6,10 @@ In one run, on the same machine (nothing pinned: the server, its workers and the
    (items=1, item_delay_ms=0) N times in sequence, then waits until all N are COMPLETED (the health
    endpoint's counts); tasks/s end to end, and the server process's CPU per task (/proc/<pid>/stat: the
    server's own threads, not its workers);
-2. as a batch over MCP: the same N calls from --sessions concurrent sessions (the batch tool, once merged,
-   replaces this), and the core alone: `TaskManager.dispatch` N times in one turn of its loop, in this
-   process, with the same LocalExecutor (CPU per task: this process, i.e. the loop and the reader thread);
+2. as a batch over MCP: `dispatch_batch` calls of up to the server's `max_batch_size` specs (1,000), then the
+   same wait; and N calls from --sessions concurrent sessions; and the core alone: `TaskManager.dispatch`
+   N times in one turn of its loop, in this process, with the same LocalExecutor (CPU per task: this
+   process, i.e. the loop and the reader thread);
 3. `concurrent.futures.ProcessPoolExecutor(2)` and a Dask `LocalCluster` of 2 single-threaded worker
    processes (one `submit` each, if `distributed` is installed: the `bench` extra) running the demo task's
    own function with a context that sends nowhere;
@@ -80,10 +81,21 @@ async def dispatch(url: str, n: int, sessions: int) -> None:
     await asyncio.gather(*(one_session(k) for k in shares if k))
 
 
+async def dispatch_batches(url: str, n: int, per_call: int = 1000) -> None:
+    """n trivial tasks as `dispatch_batch` calls of at most `per_call` specs, from one session."""
+    spec = {"type": "demo", "params": TRIVIAL["arguments"]}
+    async with LeanSession(url, TOKEN) as s:
+        for start in range(0, n, per_call):
+            count = min(per_call, n - start)
+            reply = await s.request("tools/call", {"name": "dispatch_batch", "arguments": {"tasks": [spec] * count}})
+            assert not reply["result"].get("isError"), reply
+
+
 async def mcp_round(url: str, pid: int, n: int, sessions: int) -> dict[str, float]:
+    """sessions > 0: n run_demo_task calls over that many sessions; 0: dispatch_batch calls."""
     before = await completed(url)
     cpu0, t0 = cpu_seconds(pid), time.perf_counter()
-    await dispatch(url, n, sessions)
+    await (dispatch(url, n, sessions) if sessions else dispatch_batches(url, n))
     dispatched = time.perf_counter() - t0
     await wait_completed(url, before + n)
     elapsed = time.perf_counter() - t0
@@ -190,7 +202,8 @@ async def main() -> None:
         await dispatch(url, 50, 1)  # warm the server, its store and its workers
         await wait_completed(url, 50)
         one = await mcp_round(url, pid, n, 1)
-        batch = await mcp_round(url, pid, n, args.sessions)
+        batch = await mcp_round(url, pid, n, 0)
+        concurrent = await mcp_round(url, pid, n, args.sessions)
     with tempdir() as tmp:
         core = await core_batch(n, Path(tmp) / "core.db")
     pool = pool_rate(n)
@@ -202,7 +215,8 @@ async def main() -> None:
 
     print(f"{n} trivial tasks (run_demo_task items=1 item_delay_ms=0), end to end until all COMPLETED")
     print(f"{'path':<38} {'tasks/s':>8} {'dispatch/s':>10} {'server CPU ms/task':>18}")
-    rounds = (("MCP one by one", one), (f"MCP, {args.sessions} concurrent sessions", batch),
+    rounds = (("MCP one by one", one), ("MCP dispatch_batch", batch),
+              (f"MCP, {args.sessions} concurrent sessions", concurrent),
               ("core batch (TaskManager, in-process)", core))
     for label, r in rounds:
         print(f"{label:<38} {r['tasks_per_s']:>8.0f} {r['dispatch_per_s']:>10.0f} {r['cpu_ms_per_task']:>18.2f}")

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 import httpx2
 import pytest
+from mcp.server.mcpserver import Context
 
 from .test_auth import INIT, MCP_HEADERS
 
@@ -73,7 +74,9 @@ async def test_an_oversized_body_is_refused_with_413(mcp_url, session):
 
 async def test_a_dropped_sse_stream_resumes_with_last_event_id(mcp_url, session):
     async with session() as http:
-        call = {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "list_tasks", "arguments": {}}}
+        # A progress token asks for a stream (a plain call is answered as one JSON body, nothing to resume).
+        call = {"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+                "params": {"name": "list_tasks", "arguments": {}, "_meta": {"progressToken": "p7"}}}
         # Read only the priming event of the response stream, then drop the connection.
         async with http.stream("POST", mcp_url, json=call) as stream:
             assert stream.headers["content-type"].startswith("text/event-stream")
@@ -119,3 +122,76 @@ async def test_a_progress_token_of_the_wrong_type_is_refused_and_the_session_sur
         assert messages[-1]["error"]["code"] == -32602
         ok = await http.post(mcp_url, json={"jsonrpc": "2.0", "id": 10, "method": "tools/list"})
         assert ok.status_code == 200 and "run_demo_task" in ok.text
+
+
+def _messages(response: httpx2.Response) -> list[dict]:
+    """The JSON-RPC messages of a POST's answer, whichever shape the server chose."""
+    if response.headers["content-type"].startswith("application/json"):
+        return [response.json()]
+    return [json.loads(e["data"]) for e in sse_events(response.text) if e.get("data")]
+
+
+async def test_a_call_that_streams_nothing_is_one_json_body_and_one_with_a_progress_token_a_stream(mcp_url, session):
+    async with session() as http:
+        plain = await http.post(mcp_url, json={"jsonrpc": "2.0", "id": 11, "method": "tools/call",
+                                               "params": {"name": "list_tasks", "arguments": {"limit": 1}}})
+        assert plain.headers["content-type"].startswith("application/json")
+        assert plain.json()["id"] == 11 and "structuredContent" in plain.json()["result"]
+        streamed = await http.post(mcp_url, json={
+            "jsonrpc": "2.0", "id": 12, "method": "tools/call",
+            "params": {"name": "run_demo_task", "arguments": {"items": 3}, "_meta": {"progressToken": "t12"}}})
+        assert streamed.headers["content-type"].startswith("text/event-stream")
+        assert _messages(streamed)[-1]["id"] == 12
+        # initialize and anything with a task keep the stream too
+        tasked = await http.post(mcp_url, json={
+            "jsonrpc": "2.0", "id": 13, "method": "tools/call",
+            "params": {"name": "run_demo_task", "arguments": {"items": 1}, "task": {"ttl": 60000}}})
+        assert tasked.headers["content-type"].startswith("text/event-stream")
+
+
+async def test_streamed_and_one_body_calls_mixed_on_one_session_each_get_their_own_answer(mcp_url, session):
+    """The response mode is the request's, not the session's: concurrent calls of both kinds on one session
+    each get their own response, and the streamed ones all their progress notifications."""
+    async with session() as http:
+        async def streamed(i: int) -> list[dict]:
+            response = await http.post(mcp_url, json={
+                "jsonrpc": "2.0", "id": 100 + i, "method": "tools/call",
+                "params": {"name": "list_tasks", "arguments": {}, "_meta": {"progressToken": f"p{i}"}}})
+            assert response.headers["content-type"].startswith("text/event-stream")
+            return _messages(response)
+
+        async def plain(i: int) -> list[dict]:
+            response = await http.post(mcp_url, json={"jsonrpc": "2.0", "id": 200 + i, "method": "tools/call",
+                                                      "params": {"name": "list_tasks", "arguments": {"limit": 1}}})
+            assert response.headers["content-type"].startswith("application/json")
+            return _messages(response)
+
+        answers = await asyncio.gather(*(f(i) for i in range(8) for f in (streamed, plain)))
+    ids = sorted(messages[-1]["id"] for messages in answers)
+    assert ids == sorted([100 + i for i in range(8)] + [200 + i for i in range(8)])
+    assert all("result" in messages[-1] for messages in answers)
+
+
+async def test_a_notification_tied_to_a_one_body_call_is_dropped_not_taken_for_its_answer(mcp_url, session, runtime):
+    """The session's router asks the mode of the request that sent a message: a log tied to a call answered
+    as one JSON body is dropped (there is no wire for it), and the body is still the call's own result;
+    the same call with a progress token streams the log before its result."""
+    async def log_then_answer(ctx: Context) -> str:
+        await ctx.log("info", "on the way")
+        return "answered"
+
+    runtime.mcp.add_tool(log_then_answer, name="log_then_answer")
+    try:
+        async with session() as http:
+            plain = await http.post(mcp_url, json={"jsonrpc": "2.0", "id": 31, "method": "tools/call",
+                                                   "params": {"name": "log_then_answer", "arguments": {}}})
+            streamed = await http.post(mcp_url, json={
+                "jsonrpc": "2.0", "id": 32, "method": "tools/call",
+                "params": {"name": "log_then_answer", "arguments": {}, "_meta": {"progressToken": "t"}}})
+    finally:
+        runtime.mcp.remove_tool("log_then_answer")
+    assert plain.headers["content-type"].startswith("application/json")
+    assert plain.json()["id"] == 31 and plain.json()["result"]["content"][0]["text"] == "answered"
+    messages = _messages(streamed)
+    assert [m.get("method") for m in messages[:-1]] == ["notifications/message"]
+    assert messages[-1]["id"] == 32 and messages[-1]["result"]["content"][0]["text"] == "answered"

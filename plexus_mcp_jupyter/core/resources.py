@@ -9,6 +9,7 @@ and `memory_mb`, which every executor has.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -69,7 +70,13 @@ def check_amount(name: str, value: object, where: str) -> int:
 
 
 def machine_capacity() -> Resources:
-    """What this machine offers: its cores as slots and its physical memory (MB); best effort."""
+    """What this machine offers: its cores as slots and its physical memory (MB); best effort. Read once per
+    process (the scheduler asks at every dispatch and pass); a copy, so the caller may change it."""
+    return dict(_machine_capacity())
+
+
+@functools.cache
+def _machine_capacity() -> Resources:
     capacity: Resources = {"slots": os.cpu_count() or 1}
     try:
         pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")

@@ -29,6 +29,7 @@ from mcp.server.streamable_http import StreamableHTTPServerTransport
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 
 from ..security.identity import Principal, Role
+from .sdk_compat import per_request_transport
 
 _KEY_PREFIX = "key:"
 
@@ -126,6 +127,8 @@ class PlexusSessionManager(StreamableHTTPSessionManager):
         holder = _Holder.of(requestor)
         self._check(holder)
         transport = super()._admit_session(requestor)
+        if transport is not None:
+            per_request_transport(transport)
         if transport is not None and transport.mcp_session_id is not None:
             self._holders[transport.mcp_session_id] = holder
             self._held[holder.id] += 1

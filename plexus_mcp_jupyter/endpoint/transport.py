@@ -24,6 +24,7 @@ from tornado.web import RequestHandler
 from ..security.http import jsonrpc_error
 from ..security.identity import Principal
 from .event_store import MemoryEventStore
+from .sdk_compat import response_mode, wants_json
 from .sessions import PlexusSessionManager, SessionLimits, SessionRefused, session_user
 
 log = logging.getLogger("plexus_mcp_jupyter")
@@ -192,7 +193,8 @@ class MCPBridge:
                         self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_later)
 
         try:
-            await self.endpoint.session_manager.handle_request(self.scope(extra_scope), receive, send)
+            with response_mode(self.handler.request.method == "POST" and wants_json(body)):
+                await self.endpoint.session_manager.handle_request(self.scope(extra_scope), receive, send)
         except SessionRefused as refused:  # raised before anything was sent
             self.handler.set_status(refused.status)
             self.handler.set_header("Content-Type", "application/json")

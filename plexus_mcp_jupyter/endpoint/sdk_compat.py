@@ -1,0 +1,103 @@
+"""Where Plexus leans on the `mcp` SDK's internals, one adapter per need, each with a contract test.
+
+**A response shape per request.** Streamable HTTP lets a server answer each POST either as an SSE stream
+or as one JSON body. The SDK chooses once per server (`json_response`), and its JSON mode drops every
+notification tied to a request (progress above all). Yet most calls stream nothing: for them the SSE
+machinery (a priming event, a task group, two memory streams, chunked writes) costs about a millisecond
+of the server's CPU per call, a quarter of a plain tools/call. So the transport's mode is decided per
+request: `response_mode()` is entered by the tornado bridge around each POST, and
+`PerRequestTransport.is_json_response_enabled` answers from it, on both paths that read it:
+- the POST handler, running in the request's own context, reads the request's mode;
+- the session's message router, running in the session's context, reads the mode of the request that
+  sent the message it routes (the SDK's context streams hand over the sender's context with each message),
+  so a notification tied to a JSON-answered request is dropped (as in the SDK's JSON mode) instead of
+  being taken for that request's response.
+A request gets JSON only when nothing can stream for it (`wants_json`): a plain call of a method that
+answers at once, with no progress token, no task and no wait. Everything else (initialize,
+subscriptions/listen, calls with a progress token, a task or a `wait_seconds`) keeps SSE, and with it
+resumption with Last-Event-ID; a one-shot call whose connection drops is simply sent again.
+
+The smallest upstream change that would retire this: a per-request hook in
+`StreamableHTTPServerTransport` (e.g. `choose_response_mode(message) -> "json" | "sse"`), with the
+router consulting the mode recorded for the related request id.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from mcp.server.streamable_http import StreamableHTTPServerTransport
+
+_JSON_RESPONSE: contextvars.ContextVar[bool] = contextvars.ContextVar("plexus_json_response", default=False)
+
+# Methods answered by one response and nothing else tied to the request (without a progress token or task).
+ONE_SHOT_METHODS = frozenset({
+    "tools/call", "tools/list", "resources/list", "resources/read", "resources/templates/list",
+    "prompts/list", "prompts/get", "completion/complete", "ping",
+})
+# A body larger than this is left to the SDK's own parse (SSE): it is never parsed twice on the loop.
+MAX_INSPECTED_BYTES = 64 * 1024
+
+
+def wants_json(body: bytes) -> bool:
+    """True when the POSTed JSON-RPC request can be answered as one JSON body: a one-shot method, and
+    no progress token or task that would stream notifications on the request's response."""
+    if len(body) > MAX_INSPECTED_BYTES or b"progressToken" in body:
+        return False
+    try:
+        message = json.loads(body)
+    except ValueError:
+        return False
+    if not isinstance(message, dict) or message.get("method") not in ONE_SHOT_METHODS or "id" not in message:
+        return False
+    params = message.get("params")
+    if not isinstance(params, dict):
+        return True
+    arguments = params.get("arguments")
+    # A call that waits (cancel_tasks' wait_seconds) keeps a stream a dropped connection can resume.
+    waits = isinstance(arguments, dict) and bool(arguments.get("wait_seconds"))
+    return params.get("task") is None and not waits
+
+
+@contextmanager
+def response_mode(json_body: bool) -> Iterator[None]:
+    """Serve the POST handled inside this block as one JSON body (True) or as an SSE stream (False)."""
+    token = _JSON_RESPONSE.set(json_body)
+    try:
+        yield
+    finally:
+        _JSON_RESPONSE.reset(token)
+
+
+class _PerRequestMode:
+    """`is_json_response_enabled`, per request (see the module's docstring). Assignments (the SDK's
+    constructor sets the server-wide mode) are ignored: the mode is the request's."""
+
+    def __get__(self, transport: Any, owner: type | None = None) -> Any:
+        if transport is None:
+            return self
+        if sys._getframe(1).f_code.co_name == "message_router":
+            # Routing a message: the mode of the request whose handler sent it.
+            sender = getattr(getattr(transport, "_write_stream_reader", None), "last_context", None)
+            return bool(sender is not None and sender.get(_JSON_RESPONSE, False))
+        return _JSON_RESPONSE.get()
+
+    def __set__(self, transport: Any, value: Any) -> None:
+        pass
+
+
+class PerRequestTransport(StreamableHTTPServerTransport):
+    """The SDK's transport with the response mode chosen per request."""
+
+    is_json_response_enabled = _PerRequestMode()  # type: ignore[assignment]
+
+
+def per_request_transport(transport: StreamableHTTPServerTransport) -> StreamableHTTPServerTransport:
+    """Give a transport the SDK's session manager just made the per-request mode (same object, same state)."""
+    transport.__class__ = PerRequestTransport
+    return transport
