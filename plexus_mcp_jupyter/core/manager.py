@@ -393,10 +393,35 @@ class TaskManager:
         self.check_key_cap(owner, 1)
         task = self.new_task(type, params, priority=priority, owner=owner, description=description,
                              internal=internal, role=role)
+        if self._starts_at_once(task):
+            return self._create_started(task)
         self.store.create_task(task)
         self.bus.publish("task.created", "task", task.id, task.summary())
         self.queue_changed()
         return task
+
+    def _starts_at_once(self, task: Task) -> bool:
+        """True when a scheduling pass right now would start `task` and nothing else: nothing is queued (the
+        last pass started every queued task), a slot is free, and the queue model lets it run (its owner's and
+        its type's caps, its resources). The common case of a server that keeps up with its callers."""
+        if self._loop is None or self._stopping or not self._queue_empty:
+            return False
+        if len(self._running) >= self.max_concurrency:
+            return False
+        running = [state.task for state in self._running.values()]
+        return bool(queue_plan([task], running, self._policy(), clock=self._fair).starts)
+
+    def _create_started(self, task: Task) -> Task:
+        """Store `task` already claimed by this server (one insert, no queue read and no claim), announce it
+        as created and started, and return it as it was created (QUEUED: what the caller asked for)."""
+        created = dataclasses.replace(task)
+        task.status, task.started_at, task.worker = TaskStatus.RUNNING, now(), self.server_id
+        self.store.create_task(task)
+        self.bus.publish("task.created", "task", task.id, created.summary())
+        self._fair.commit(task.owner, weight(task, self._policy()))
+        self._queue_info = None
+        self._start(task)
+        return created
 
     def check_key_cap(self, owner: str | None, adding: int) -> None:
         """InvalidArgument when an API key would have more than max_tasks_per_key unfinished tasks with
