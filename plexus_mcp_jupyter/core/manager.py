@@ -692,9 +692,10 @@ class TaskManager:
         window, cut = self.store.queue_window(per_owner=policy.capacity.get("slots", 0) + 1, limit=SCHEDULE_WINDOW)
         starts = queue_plan(window, running, policy, clock=self._fair).starts
         started = 0
+        started_at = now()
+        won = self.store.claim_many([t.id for t in starts], worker=self.server_id, started_at=started_at) if starts else set()
         for task in starts:
-            started_at = now()
-            if not self.store.claim(task.id, worker=self.server_id, started_at=started_at):
+            if task.id not in won:
                 self._schedule_soon()  # another server on this store took it: plan again without it
                 continue
             self._fair.commit(task.owner, weight(task, policy))

@@ -449,8 +449,18 @@ class Store:
 
     def claim(self, task_id: str, *, worker: str, started_at: float) -> bool:
         """Move a QUEUED task to RUNNING if nobody else did: safe with several servers on one store."""
+        return bool(self.claim_many([task_id], worker=worker, started_at=started_at))
+
+    def claim_many(self, task_ids: Sequence[str], *, worker: str, started_at: float) -> set[str]:
+        """`claim` for the starts of one scheduling pass, in one transaction (a commit costs more than the
+        updates); returns the ids this call moved to RUNNING (another server may have taken the others)."""
+        won: set[str] = set()
         with self.engine.begin() as conn:
-            return conn.execute(_CLAIM, {"b_id": task_id, "b_worker": worker, "b_started_at": started_at}).rowcount == 1
+            for task_id in task_ids:
+                params = {"b_id": task_id, "b_worker": worker, "b_started_at": started_at}
+                if conn.execute(_CLAIM, params).rowcount == 1:
+                    won.add(task_id)
+        return won
 
     def requeue(self, task_id: str) -> None:
         """Put a task back in the queue as if it had never started (its stages and history go)."""
