@@ -412,7 +412,7 @@ async def test_the_notebook_client_runs_the_same_batch_operations(server_url, to
     ("tasks", {"tasks": [1]}, "tasks[0]: a task spec is an object"),
     ("tasks", {"tasks": [{**QUICK, "colour": "red"}]}, "tasks[0]: unknown field(s) ['colour']"),
     ("tasks", {"tasks": [QUICK], "priority": 3}, "put type, params, priority and description in each spec"),
-    ("tasks", {"tasks": [{"type": "evaluation"}]}, "tasks[0]: evaluation tasks are created by their own tools"),
+    ("tasks", {"tasks": [{"type": "evaluation"}]}, "tasks[0]: params.type must be the evaluation type"),
     ("tasks/cancel", {}, "give either task_ids"),
     ("tasks/cancel", {"task_ids": ["a"], "status": "QUEUED"}, "not both"),
     ("tasks/cancel", {"status": "DONE"}, "unknown status 'DONE'"),
@@ -429,3 +429,39 @@ async def test_bad_batch_requests_get_clear_errors_and_change_nothing(server_url
         response = await http.post(path, json=body)
     assert response.status_code == 400 and says in response.json()["error"]["message"], response.text
     assert runtime.manager.store.count_tasks(runtime.manager.build_filter()) == 0
+
+
+# -- evaluations as a batch ------------------------------------------------------------------------------
+
+
+def accuracy_of(dataset: str) -> dict:
+    return {"type": "evaluation", "params": {"type": "accuracy", "dataset": dataset, "label_column": "label",
+                                             "prediction_column": "prediction"}}
+
+
+async def test_an_evaluation_per_dataset_is_one_batch_and_each_gets_its_record_and_metrics(mcp_client, runtime):
+    async with mcp_client() as client:
+        out = await call(client, "dispatch_batch", {"tasks": [accuracy_of("example:sentiment"),
+                                                              accuracy_of("example:topics")]})
+        batch_id, ids = out["batch_id"], out["task_ids"]
+        final = await poll(lambda: batch_status(client, batch_id), lambda b: b["done"], timeout=120)
+        assert final["counts"]["COMPLETED"] == 2
+        evaluations = [runtime.evaluations.store.by_task(task_id) for task_id in ids]
+        assert [e["dataset"] for e in evaluations] == ["example:sentiment", "example:topics"]
+        for evaluation in evaluations:
+            got = await call(client, "get_evaluation", {"evaluation_id": evaluation["id"]})
+            assert got["status"] == "COMPLETED" and 0 < got["metrics"]["score"]["accuracy"] <= 1
+
+
+async def test_a_batch_with_one_bad_evaluation_spec_dispatches_nothing_and_names_its_index(mcp_client, runtime):
+    before = runtime.manager.store.count_tasks(runtime.manager.build_filter())
+    async with mcp_client() as client:
+        text = await refused(client, "dispatch_batch", {"tasks": [accuracy_of("example:sentiment"),
+                                                                  accuracy_of("example:nope"), QUICK]})
+        assert "tasks[1]: no example dataset 'nope'" in text and "nothing was dispatched" in text
+        wrong = {"type": "evaluation", "params": {"type": "accuracy", "dataset": "example:topics", "colour": "red"}}
+        text = await refused(client, "dispatch_batch", {"tasks": [wrong]})
+        assert "tasks[0]: unknown evaluation argument(s) ['colour']" in text and "prediction_column" in text
+        text = await refused(client, "dispatch_batch", {"tasks": [{"type": "evaluation", "params": {}}]})
+        assert "params.type must be the evaluation type" in text
+    assert runtime.manager.store.count_tasks(runtime.manager.build_filter()) == before

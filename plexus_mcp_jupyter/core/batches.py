@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from .errors import InvalidArgument, NotFound
+from sqlalchemy.engine import Connection
+
+from .errors import InvalidArgument, NotFound, PlexusError
 from .manager import MAX_PRIORITY, MIN_PRIORITY, CancelOutcome, TaskManager
 from .models import FINAL_STATUSES, Task, TaskStatus, iso, now, parse_iso
 from .retention import expired_message
@@ -103,6 +105,21 @@ def parse_selection(body: Mapping[str, Any], extra: Sequence[str] = ()) -> Selec
     return Selection(**values)
 
 
+@dataclass(frozen=True)
+class PlannedSpec:
+    """What the service of an internal task type (evaluations) made of one batch spec's params: the task's
+    real params and description, and the record it keeps beside the task (`record(task, conn)` writes it in
+    the transaction that stores the task: never a task without its record)."""
+
+    params: dict[str, Any]
+    description: str
+    record: Callable[[Task, Connection], None]
+
+
+# An internal type's checks of one spec's params, for a caller (off the loop where they read files).
+SpecPlanner = Callable[[Mapping[str, Any], "Actor"], Awaitable[PlannedSpec]]
+
+
 @dataclass
 class Preview:
     """What an operation would act on: how many tasks, and the first few ids."""
@@ -134,48 +151,73 @@ class BatchOperations:
 
     # -- dispatch ------------------------------------------------------------------------------------
 
-    def prepare(self, specs: Sequence[Mapping[str, Any]], actor: Actor) -> list[Task]:
+    def prepare(self, specs: Sequence[Mapping[str, Any]], actor: Actor,
+                planned: Mapping[int, PlannedSpec] | None = None) -> list[Task]:
         """Validate every spec (all or nothing) into QUEUED tasks sharing a new batch id; nothing is stored.
+        `planned`: the specs of internal types (evaluations), by index, as their services made them (`plan`).
 
         An error names the index of the first bad spec and what was wrong with it.
         """
-        if not isinstance(specs, Sequence) or isinstance(specs, str | bytes) or not specs:
-            raise InvalidArgument("tasks must be a non-empty list of task specs {type, params, priority, description}")
-        if len(specs) > self.bound:
-            raise InvalidArgument(f"the batch has {len(specs)} tasks, more than the {self.bound} one call may dispatch "
-                                  "(setting max_batch_size): split it into several batches")
+        self._check_specs(specs)
         self.manager.check_key_cap(actor.owner, len(specs))
         batch_id = str(uuid.uuid4())
         tasks = []
         for index, spec in enumerate(specs):
             try:
-                tasks.append(self._task(spec, actor, batch_id))
+                tasks.append(self._task(spec, actor, batch_id, (planned or {}).get(index)))
             except InvalidArgument as exc:
                 raise InvalidArgument(f"tasks[{index}]: {exc}; nothing was dispatched") from None
         return tasks
 
-    def _task(self, spec: Mapping[str, Any], actor: Actor, batch_id: str) -> Task:
-        if not isinstance(spec, Mapping):
-            raise InvalidArgument(f"a task spec is an object {{type, params, priority, description}}, not {spec!r:.60}")
-        unknown = sorted(set(spec) - set(SPEC_FIELDS))
-        if unknown:
-            raise InvalidArgument(f"unknown field(s) {unknown}; allowed: {', '.join(SPEC_FIELDS)}")
-        task_type = spec.get("type")
-        if not isinstance(task_type, str):
-            raise InvalidArgument(f"type must be a task type name (a string), not {task_type!r:.60}")
-        params = spec.get("params") or {}
-        if not isinstance(params, Mapping):
-            raise InvalidArgument("params must be an object")
+    def _check_specs(self, specs: Sequence[Mapping[str, Any]]) -> None:
+        if not isinstance(specs, Sequence) or isinstance(specs, str | bytes) or not specs:
+            raise InvalidArgument("tasks must be a non-empty list of task specs {type, params, priority, description}")
+        if len(specs) > self.bound:
+            raise InvalidArgument(f"the batch has {len(specs)} tasks, more than the {self.bound} one call may dispatch "
+                                  "(setting max_batch_size): split it into several batches")
+
+    def _task(self, spec: Mapping[str, Any], actor: Actor, batch_id: str, planned: PlannedSpec | None) -> Task:
+        task_type, params = _spec_type_and_params(spec)
         description = spec.get("description")
         if description is not None and (not isinstance(description, str) or len(description) > MAX_DESCRIPTION):
             raise InvalidArgument(f"description must be a string of at most {MAX_DESCRIPTION} characters")
+        if planned is not None:
+            return self.manager.new_task(task_type, planned.params, priority=spec.get("priority", 0),
+                                         owner=actor.owner, description=description or planned.description,
+                                         role=actor.role, batch_id=batch_id, internal=True)
         return self.manager.new_task(task_type, params, priority=spec.get("priority", 0), owner=actor.owner,
                                      description=description, role=actor.role, batch_id=batch_id)
 
+    async def plan(self, specs: Sequence[Mapping[str, Any]], actor: Actor) -> dict[int, PlannedSpec]:
+        """The specs of internal types whose service plans them (manager.spec_planners: an evaluation per
+        dataset or per scorer), checked by that service one after the other; the first bad one is refused
+        with its index, before anything is stored."""
+        self._check_specs(specs)
+        planners = self.manager.spec_planners
+        planned: dict[int, PlannedSpec] = {}
+        for index, spec in enumerate(specs):
+            try:
+                task_type, params = _spec_type_and_params(spec)
+                planner = planners.get(task_type)
+                if planner is not None:
+                    if spec.get("priority") is not None:
+                        self.manager.check_priority(spec["priority"], actor.role)
+                    planned[index] = await planner(params, actor)
+            except PlexusError as exc:  # an unknown dataset is NotFound for create_evaluation, a bad spec here
+                raise InvalidArgument(f"tasks[{index}]: {exc}; nothing was dispatched") from None
+        return planned
+
     async def dispatch(self, specs: Sequence[Mapping[str, Any]], actor: Actor) -> list[Task]:
-        """Validate, then store every task in one transaction (off the event loop), then announce them."""
-        tasks = self.prepare(specs, actor)
-        await asyncio.to_thread(self.manager.store.create_tasks, tasks)
+        """Validate (internal types by their services), then store every task and their services' records in
+        one transaction (off the event loop), then announce them."""
+        planned = await self.plan(specs, actor)
+        tasks = self.prepare(specs, actor, planned)
+
+        def records(conn: Connection) -> None:
+            for index, spec in planned.items():
+                spec.record(tasks[index], conn)
+
+        await asyncio.to_thread(self.manager.store.create_tasks, tasks, also=records if planned else None)
         self.manager.announce(tasks)
         return tasks
 
@@ -416,3 +458,19 @@ def _not_retryable(task: Task) -> str | None:
 def _in_order(ids: Sequence[str], outcomes: list[CancelOutcome]) -> list[CancelOutcome]:
     position = {task_id: i for i, task_id in enumerate(ids)}
     return sorted(outcomes, key=lambda o: position.get(o.task_id, len(position)))
+
+
+def _spec_type_and_params(spec: Any) -> tuple[str, Mapping[str, Any]]:
+    """A spec's type and params, its shape checked (the rest is the type's to check)."""
+    if not isinstance(spec, Mapping):
+        raise InvalidArgument(f"a task spec is an object {{type, params, priority, description}}, not {spec!r:.60}")
+    unknown = sorted(set(spec) - set(SPEC_FIELDS))
+    if unknown:
+        raise InvalidArgument(f"unknown field(s) {unknown}; allowed: {', '.join(SPEC_FIELDS)}")
+    task_type = spec.get("type")
+    if not isinstance(task_type, str):
+        raise InvalidArgument(f"type must be a task type name (a string), not {task_type!r:.60}")
+    params = spec.get("params") or {}
+    if not isinstance(params, Mapping):
+        raise InvalidArgument("params must be an object")
+    return task_type, params

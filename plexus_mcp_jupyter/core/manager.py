@@ -111,6 +111,9 @@ class TaskManager:
         self.worker_environment = dict(worker_environment or {})
         # Handlers of requests tasks send to the server (TaskContext.request), by kind.
         self.request_handlers: dict[str, Callable[[Task, Any], Awaitable[Any]]] = {}
+        # The services of internal task types that check a batch spec's params for a caller (core/batches.py
+        # SpecPlanner: the evaluation service registers "evaluation"), by task type.
+        self.spec_planners: dict[str, Callable[[Mapping[str, Any], Any], Awaitable[Any]]] = {}
         self.max_unfinished_per_key = 0  # 0: no cap; API keys (owners key:<id>) may have at most this many
         self.max_batch_size = 1000  # most tasks one batch call may touch (core/batches.py)
         self.bus = bus
@@ -693,7 +696,8 @@ class TaskManager:
         starts = queue_plan(window, running, policy, clock=self._fair).starts
         started = 0
         started_at = now()
-        won = self.store.claim_many([t.id for t in starts], worker=self.server_id, started_at=started_at) if starts else set()
+        won = (self.store.claim_many([t.id for t in starts], worker=self.server_id, started_at=started_at)
+               if starts else set())
         for task in starts:
             if task.id not in won:
                 self._schedule_soon()  # another server on this store took it: plan again without it

@@ -11,7 +11,7 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -301,12 +301,15 @@ class Store:
             if task.stages:
                 conn.execute(sa.insert(stages_table), [_stage_row(task.id, stage) for stage in task.stages])
 
-    def create_tasks(self, tasks: Sequence[Task]) -> None:
+    def create_tasks(self, tasks: Sequence[Task], *, also: Callable[[Connection], None] | None = None) -> None:
         """Insert new tasks (without stages) in one transaction, through the driver's executemany: a
-        batch is all there or not at all, and a thousand rows cost one commit."""
+        batch is all there or not at all, and a thousand rows cost one commit. `also` writes in the same
+        transaction what must exist with them (the records of internal types: an evaluation's)."""
         if tasks:
             with self.engine.begin() as conn:
                 conn.execute(sa.insert(tasks_table), [_task_row(task) for task in tasks])
+                if also is not None:
+                    also(conn)
 
     def tasks_by_ids(self, ids: Sequence[str]) -> list[Task]:
         """The tasks with these ids that exist (without their stages), in no particular order."""

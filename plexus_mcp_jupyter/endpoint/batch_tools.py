@@ -76,7 +76,9 @@ def register_batch_tools(server: MCPServer, manager: TaskManager) -> None:
         title="Dispatch a batch of tasks",
         description=(
             "Start many tasks in one call: a list of task specs {type, params, priority, description} of the "
-            "registered task types. All are validated first: one invalid spec and nothing is dispatched (the error "
+            "registered task types, or evaluations: {type: \"evaluation\", params: <create_evaluation's arguments>} "
+            "(an evaluation per dataset or per scorer). All are validated first: one invalid spec and nothing is "
+            "dispatched (the error "
             "names its index). They are stored QUEUED in one transaction, share a batch_id, and the answer gives the "
             "batch id and the task ids. Follow the batch with plexus://batches/{batch_id} (counts by status, "
             "progress; subscribable) or list_tasks(batch=...). At most max_batch_size tasks per call; an API key's "

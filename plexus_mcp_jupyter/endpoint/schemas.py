@@ -113,9 +113,10 @@ class TaskSpec(BaseModel):
     """One task of a batch (dispatch_batch): the same fields as POST plexus/api/tasks."""
 
     model_config = ConfigDict(extra="forbid")
-    type: str = Field(min_length=1, max_length=64, description="A registered task type, e.g. demo")
+    type: str = Field(min_length=1, max_length=64, description="A registered task type, e.g. demo, or evaluation")
     params: dict[str, Any] = Field(default_factory=dict, description="The task type's parameters (for demo: items, "
-                                   "item_delay_ms, fail, fail_at, seed)")
+                                   "item_delay_ms, fail, fail_at, seed; for evaluation: create_evaluation's "
+                                   "arguments, type being the evaluation type)")
     priority: int = Field(default=0, description="Queue priority, -1000 to 1000 (higher starts first); operator keys "
                           "at most max_priority_operator")
     description: str | None = Field(default=None, max_length=1000, description="Shown in listings")

@@ -8,6 +8,7 @@ milliseconds; loading, scoring and metrics happen in the worker (runner.py).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import secrets
 import threading
@@ -18,6 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy.engine import Connection
+
+from ..core.batches import Actor, PlannedSpec
 from ..core.errors import Expired, InvalidArgument, NotFound, one_line
 from ..core.manager import TaskManager
 from ..core.models import Task, iso
@@ -85,6 +89,7 @@ class EvaluationService:
         self._pruner = ThreadPoolExecutor(1, thread_name_prefix="plexus-evaluation-prune")
         self._stopping = threading.Event()
         self._unlisten: Callable[[], None] | None = None
+        manager.spec_planners["evaluation"] = self.batch_spec
 
     # -- life cycle: pruning the items of cancelled evaluations ------------------------------------------
 
@@ -248,6 +253,19 @@ class EvaluationService:
     def dispatch(self, plan: EvaluationPlan, *, priority: int = 0, owner: str | None = None,
                  role: str | None = None) -> tuple[dict[str, Any], Task]:
         """Dispatch a checked request and insert its record (milliseconds, on the event loop)."""
+        spec = self.planned_spec(plan, owner)
+        task = self.manager.dispatch("evaluation", spec.params, priority=priority, owner=owner,
+                                     description=spec.description, internal=True, role=role)
+        try:
+            with self.store.engine.begin() as conn:
+                spec.record(task, conn)
+        except Exception:
+            self.manager.cancel([task.id])  # never a task without its record
+            raise
+        return self.get(spec.params["evaluation_id"]), task
+
+    def planned_spec(self, plan: EvaluationPlan, owner: str | None) -> PlannedSpec:
+        """A checked request as the evaluation task's params, and the record stored beside its task."""
         for score in plan.scores:
             if score["scorer"].get("kind") == "kernel":  # the registry lives on the loop: checked here
                 self.kernel_scorers.check(score["scorer"]["function"], owner)
@@ -259,19 +277,31 @@ class EvaluationService:
         }
         if plan.restricted:  # the worker checks again, after importing, where the function really comes from
             params["scorer_modules"] = list(self.scorer_modules)
-        task = self.manager.dispatch("evaluation", params, priority=priority, owner=owner,
-                                     description=f"{plan.type} evaluation of {plan.dataset}", internal=True,
-                                     role=role)
         definition = {k: v for k, v in params.items() if k not in ("evaluation_id", "type", "dataset")}
         if plan.scorecard is not None:
             definition["scorecard"] = plan.scorecard
-        try:
+
+        def record(task: Task, conn: Connection) -> None:
             self.store.create({"id": evaluation_id, "task_id": task.id, "type": plan.type, "owner": owner,
-                               "dataset": plan.dataset, "definition": definition, "created_at": time.time()})
-        except Exception:
-            self.manager.cancel([task.id])  # never a task without its record
-            raise
-        return self.get(evaluation_id), task
+                               "dataset": plan.dataset, "definition": definition, "created_at": time.time()}, conn)
+
+        return PlannedSpec(params, f"{plan.type} evaluation of {plan.dataset}", record)
+
+    async def batch_spec(self, arguments: Mapping[str, Any], actor: Actor) -> PlannedSpec:
+        """One evaluation of a batch (`dispatch_batch` with type "evaluation"; params are create_evaluation's
+        arguments): checked as `create` checks it, for this caller."""
+        arguments = dict(arguments)
+        kind = arguments.pop("type", None)
+        if not isinstance(kind, str):
+            raise InvalidArgument(f"params.type must be the evaluation type, one of {', '.join(EVALUATION_TYPES)} "
+                                  "(the params of an evaluation spec are create_evaluation's arguments)")
+        allowed = set(inspect.signature(self.plan).parameters) - {"type", "trusted"}
+        unknown = sorted(set(arguments) - allowed)
+        if unknown:
+            raise InvalidArgument(f"unknown evaluation argument(s) {unknown}; allowed: type, "
+                                  f"{', '.join(sorted(allowed))}")
+        plan = await self.catalog.run(self.plan, kind, trusted=actor.admin, **arguments)
+        return self.planned_spec(plan, actor.owner)
 
     def _check_importable(self, path: str) -> None:
         module, _, attribute = path.partition(":")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from ..core.errors import InvalidArgument
 from ..core.models import TaskStatus
@@ -161,9 +161,13 @@ class EvaluationStore:
         add_missing_columns(engine, [evaluations_table, items_table])
         add_missing_indexes(engine, [evaluations_table, items_table])
 
-    def create(self, row: dict[str, Any]) -> None:
-        with self.engine.begin() as conn:
+    def create(self, row: dict[str, Any], conn: Connection | None = None) -> None:
+        """Insert an evaluation's record, in `conn`'s transaction when given (the one storing its task)."""
+        if conn is not None:
             conn.execute(sa.insert(evaluations_table).values(**row))
+            return
+        with self.engine.begin() as own:
+            own.execute(sa.insert(evaluations_table).values(**row))
 
     def get(self, evaluation_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
