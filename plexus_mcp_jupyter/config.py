@@ -244,6 +244,11 @@ class PlexusSettings(Configurable):
         "(a process keeps memory it freed; default 1024).",
     ).tag(config=True)
 
+    audit_retention_days = Float(
+        365.0, min=0.0, help="Days an audit record is kept; older ones are deleted in the background (bounded "
+        "batches, after a write, at most hourly). 0 keeps them forever. Default 365.",
+    ).tag(config=True)
+
     def apply_env(self, environ: Mapping[str, str] | None = None, protected: Iterable[str] = ()) -> None:
         """Set traits from PLEXUS_MCP_* variables, except those in `protected` (set on the command line).
 

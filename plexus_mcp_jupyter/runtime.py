@@ -80,6 +80,7 @@ class PlexusRuntime:
         self._streams: dict[str, set[Callable[[], None]]] = {}
         self._key_watch: asyncio.Task[None] | None = None
         self.audit = AuditLog(self.store.engine)
+        self.audit.configure_retention(settings.audit_retention_days * 86_400.0)
         self.limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
         self.manager.max_unfinished_per_key = settings.max_tasks_per_key
         self.manager.configure_queue(

@@ -153,3 +153,32 @@ async def test_an_expired_evaluation_goes_with_its_items(mcp_url, token, runtime
         assert "expired on" in text and "finished evaluation tasks are kept 0.5 seconds" in text
         evaluation = (await client.call_tool("get_evaluation", {"evaluation_id": made["evaluation_id"]}))
         assert evaluation.is_error and f"evaluation {made['evaluation_id']!r} expired on" in evaluation.content[0].text
+
+
+def test_audit_records_older_than_their_retention_are_pruned_in_batches_by_the_writer(tmp_path):
+    """The audit log stays bounded: after a write, the writer thread deletes what is older than
+    audit_retention_days, a batch per transaction; newer records and the new one stay."""
+    from plexus_mcp_jupyter.security.audit import AuditLog, audit_table
+
+    store = Store(f"sqlite:///{tmp_path / 'audit.db'}")
+    audit = AuditLog(store.engine)
+    audit.configure_retention(10 * 86_400, batch=7)
+    now = time.time()
+    old = [{"at": now - 11 * 86_400 - i, "action": "tool.old", "outcome": "ok", "details": {}} for i in range(30)]
+    recent = [{"at": now - 9 * 86_400, "action": "tool.recent", "outcome": "ok", "details": {}}]
+    with store.engine.begin() as conn:
+        conn.execute(sa.insert(audit_table), old + recent)
+    audit.record(None, "tool.new")
+    audit.flush()
+
+    def actions() -> list[str]:
+        with store.engine.connect() as conn:
+            return sorted(r[0] for r in conn.execute(sa.select(audit_table.c.action)))
+
+    deadline = time.monotonic() + 10
+    while actions() != ["tool.new", "tool.recent"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert actions() == ["tool.new", "tool.recent"]
+    assert audit.prune() == 0  # nothing left to prune
+    audit.close()
+    store.close()

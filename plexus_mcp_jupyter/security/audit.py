@@ -116,8 +116,30 @@ class AuditLog:
         metadata.create_all(engine, tables=[audit_table])
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(QUEUE_SIZE)
         self.dropped = 0
+        self.retention_seconds = 0.0  # 0: kept forever; see configure_retention
+        self._prune_interval, self._prune_batch, self._next_prune = 3600.0, 500, 0.0
         self._writer = threading.Thread(target=self._write_loop, name="plexus-audit", daemon=True)
         self._writer.start()
+
+    def configure_retention(self, seconds: float, *, interval: float = 3600.0, batch: int = 500) -> None:
+        """Keep records `seconds` (0: forever). Older ones are deleted by the writer thread, after a write, at
+        most every `interval` seconds, `batch` per transaction: the log stays bounded under any steady load."""
+        self.retention_seconds, self._prune_interval, self._prune_batch = float(seconds), interval, batch
+
+    def prune(self, at: float | None = None) -> int:
+        """Delete the records older than the retention, a batch per transaction; the number deleted."""
+        if not self.retention_seconds:
+            return 0
+        cutoff = (time.time() if at is None else at) - self.retention_seconds
+        a = audit_table
+        oldest = sa.select(a.c.id).where(a.c.at < cutoff).order_by(a.c.id).limit(self._prune_batch)
+        total = 0
+        while True:
+            with self.engine.begin() as conn:
+                deleted = conn.execute(sa.delete(a).where(a.c.id.in_(oldest.scalar_subquery()))).rowcount
+            total += deleted
+            if deleted < self._prune_batch:
+                return total
 
     def record(self, principal: Principal | None, action: str, *, target: str | None = None, outcome: str = "ok",
                client: str | None = None, details: Mapping[str, Any] | None = None) -> None:
@@ -174,8 +196,11 @@ class AuditLog:
             try:
                 with self.engine.begin() as conn:
                     conn.execute(sa.insert(audit_table), batch)
+                if self.retention_seconds and time.monotonic() >= self._next_prune:
+                    self._next_prune = time.monotonic() + self._prune_interval
+                    self.prune()
             except Exception:
-                log.exception("Plexus: %d audit record(s) could not be written", len(batch))
+                log.exception("Plexus: %d audit record(s) could not be written or old ones pruned", len(batch))
             finally:
                 for _ in batch:
                     self._queue.task_done()
