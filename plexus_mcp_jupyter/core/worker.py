@@ -14,6 +14,8 @@ import io
 import os
 import signal
 import sys
+import threading
+import time
 import traceback
 from typing import Any
 
@@ -79,6 +81,50 @@ def run_task(
         sys.stdout, sys.stderr = saved
 
 
+class Outbox:
+    """A worker's messages to the server, coalesced: the first message after a quiet spell waits `delay`
+    seconds for the ones that follow, then they all leave in one pipe write (a small task's stage changes
+    and its end are one write, not five: each costs a system call, a wake-up and an unpickle on the
+    server). A flusher thread sends what waits; `flush()` sends at once (a task's end, a request whose
+    answer the task waits for). One lock keeps the messages in order.
+    """
+
+    def __init__(self, conn: Any, delay: float = 0.002) -> None:
+        self._conn = conn
+        self._delay = delay
+        self._cond = threading.Condition()
+        self._pending: list[tuple[Any, ...]] = []
+        threading.Thread(target=self._run, name="plexus-outbox", daemon=True).start()
+
+    def send(self, msg: tuple[Any, ...]) -> None:
+        with self._cond:
+            self._pending.append(msg)
+            if len(self._pending) == 1:
+                self._cond.notify()
+
+    def flush(self, last: tuple[Any, ...] | None = None) -> None:
+        """Send what waits, and `last` after it, now."""
+        with self._cond:
+            batch, self._pending = self._pending, []
+            if last is not None:
+                batch.append(last)
+            if len(batch) == 1:
+                self._conn.send(batch[0])
+            elif batch:
+                self._conn.send(("batch", batch))
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending:
+                    self._cond.wait()
+            time.sleep(self._delay)
+            try:
+                self.flush()
+            except (OSError, ValueError):  # the server's end closed: the worker is going away
+                return
+
+
 class _TaskCancelFlag:
     """Cancellation of one task on a reused worker: set when the server writes that task's number.
 
@@ -110,7 +156,8 @@ def pool_main(conn: Any, cancel_seq: Any, nice: int = 0) -> None:
     Protocol (pickled tuples on the duplex pipe). Server -> worker: ("run", seq, task_id, target, params,
     max_output_bytes, environment) and ("to", seq, message), an answer to a request of task `seq` (answers
     for another task, which ended meanwhile, are dropped). Worker -> server: the task's messages (module
-    docstring), then ("end", final, rss_mb). The worker exits on ("stop",) or when the server's end closes.
+    docstring), then ("end", final, rss_mb); several of them may come as one ("batch", [messages]) (Outbox).
+    The worker exits on ("stop",) or when the server's end closes.
     """
     # The server may speak MCP over its stdout (stdio mode): a worker must never write there.
     os.dup2(2, 1)
@@ -121,6 +168,7 @@ def pool_main(conn: Any, cancel_seq: Any, nice: int = 0) -> None:
     if nice:
         with contextlib.suppress(OSError):
             os.nice(int(nice))
+    outbox = Outbox(conn)
     try:
         while True:
             try:
@@ -134,6 +182,7 @@ def pool_main(conn: Any, cancel_seq: Any, nice: int = 0) -> None:
             _, seq, task_id, target, params, max_output_bytes, environment = msg
 
             def receive(timeout: float, seq: int = seq) -> Any:
+                outbox.flush()  # the request this task waits on must have left
                 while conn.poll(timeout):
                     incoming = conn.recv()
                     if incoming[0] == "to" and incoming[1] == seq:
@@ -141,13 +190,13 @@ def pool_main(conn: Any, cancel_seq: Any, nice: int = 0) -> None:
                     timeout = 0  # drained a stale message: look again without waiting
                 return None
 
-            final = run_task(task_id, target, params, conn.send, _TaskCancelFlag(cancel_seq, seq), max_output_bytes,
+            final = run_task(task_id, target, params, outbox.send, _TaskCancelFlag(cancel_seq, seq), max_output_bytes,
                              environment, receive)
             try:
-                conn.send(("end", final, _rss_mb()))
+                outbox.flush(("end", final, _rss_mb()))
             except Exception as exc:  # e.g. an output that cannot be pickled
-                conn.send(("end", ("error", f"the task's result could not be sent back: {exc}", None, final[-1]),
-                           _rss_mb()))
+                outbox.flush(("end", ("error", f"the task's result could not be sent back: {exc}", None, final[-1]),
+                              _rss_mb()))
     finally:
         conn.close()
 

@@ -314,11 +314,12 @@ class LocalExecutor(Executor):
                 return
             except Exception as exc:  # an unpicklable message: report it, keep reading
                 msg = ("log", f"plexus: a message from the worker could not be read: {exc}")
-            job = w.job
-            if msg[0] == "end":
-                self._ended(w, msg[1], float(msg[2]), batch)
-            elif job is not None:
-                batch.append((job.on_message, msg))
+            for one in msg[1] if msg[0] == "batch" else (msg,):  # worker.Outbox coalesces messages
+                job = w.job
+                if one[0] == "end":
+                    self._ended(w, one[1], float(one[2]), batch)
+                elif job is not None:
+                    batch.append((job.on_message, one))
             try:
                 if not w.channel.poll():
                     return
