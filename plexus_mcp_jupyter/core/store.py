@@ -23,7 +23,6 @@ from .errors import InvalidArgument
 from .models import FINAL_STATUSES, ProgressSample, Stage, StageStatus, Task, TaskStatus
 from .retention import RetentionPolicy
 
-SCHEMA_VERSION = 1
 KEY_OWNER_PREFIX = "key:"  # owners of work created with an API key (security/identity.py)
 
 metadata = sa.MetaData()
@@ -57,7 +56,7 @@ tasks_table = sa.Table(
     sa.Index("ix_tasks_type_created", "type", "created_at", "id"),
     sa.Index("ix_tasks_completed", "completed_at"),  # retention finds the oldest finished tasks
     sa.Index("ix_tasks_owner_queue", "status", "priority", "owner", "created_at", "id"),  # the queue's shares
-    # Added by later releases (nullable: add_missing_columns brings older stores up to date).
+    # Added by later releases (nullable: an older store gets them from its migration, migrations/).
     sa.Column("batch_id", sa.String(36), nullable=True),  # the batch it was dispatched in (core/batches.py)
     sa.Column("retry_of", sa.String(36), nullable=True),  # the task this one is a new attempt of
     sa.Index("ix_tasks_batch", "batch_id", "status"),
@@ -115,7 +114,6 @@ meta_table = sa.Table(
     sa.Column("value", sa.Text, nullable=False),
 )
 
-_CORE_TABLES = (tasks_table, stages_table, samples_table, expired_table, meta_table)
 _TASK_COLUMNS = [c.name for c in tasks_table.columns]
 
 # The hottest reads, built once: constructing and cache-keying a statement per call cost more than
@@ -212,46 +210,40 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     return engine
 
 
-def add_missing_columns(engine: Engine, tables: Iterable[sa.Table]) -> list[str]:
-    """Bring a store made by an older release up to date: add the nullable columns its tables lack.
+def add_missing_columns(conn: Connection, tables: Iterable[sa.Table]) -> list[str]:
+    """Complete a store made by a release before migrations (migrations/__init__.py): add the nullable
+    columns its tables lack, as those releases did at start.
 
-    `create_all` creates missing tables but never alters existing ones, so a column added in a later
-    release (always nullable or with a server default) is added here with `ALTER TABLE ... ADD COLUMN`,
-    which SQLite and PostgreSQL both support, one transaction per column: another process sharing the store
-    may add the same column first. Returns "table.column" for each column this call added.
+    `create_all` creates missing tables but never alters existing ones, so a column those releases added
+    (always nullable or with a server default) is added here with `ALTER TABLE ... ADD COLUMN`, which SQLite
+    and PostgreSQL both support, committed one by one. Returns "table.column" for each column added.
     """
     added: list[str] = []
     for table in tables:
-        if not sa.inspect(engine).has_table(table.name):
+        if not sa.inspect(conn).has_table(table.name):
             continue
-        present = {column["name"] for column in sa.inspect(engine).get_columns(table.name)}
+        present = {column["name"] for column in sa.inspect(conn).get_columns(table.name)}
         for column in table.columns:
             if column.name in present:
                 continue
             if not column.nullable and column.server_default is None:
                 raise RuntimeError(f"cannot add the required column {table.name}.{column.name} to an existing store: "
                                    "give it a server_default")
-            ddl = sa.schema.CreateColumn(column).compile(dialect=engine.dialect)
-            name = engine.dialect.identifier_preparer.quote(table.name)
-            try:
-                with engine.begin() as conn:
-                    conn.execute(sa.text(f"ALTER TABLE {name} ADD COLUMN {ddl}"))
-            except sa.exc.DBAPIError:  # added meanwhile by another process sharing the store?
-                if column.name not in {c["name"] for c in sa.inspect(engine).get_columns(table.name)}:
-                    raise
-                continue
+            ddl = sa.schema.CreateColumn(column).compile(dialect=conn.dialect)
+            name = conn.dialect.identifier_preparer.quote(table.name)
+            conn.execute(sa.text(f"ALTER TABLE {name} ADD COLUMN {ddl}"))
+            conn.commit()
             added.append(f"{table.name}.{column.name}")
     return added
 
 
-def add_missing_indexes(engine: Engine, tables: Iterable[sa.Table]) -> None:
-    """Create the indexes a later release added to an existing table (`create_all` makes only new tables')."""
-    with engine.begin() as conn:
-        for table in tables:
-            for index in table.indexes:
-                index.create(conn, checkfirst=True)
-
-
+def add_missing_indexes(conn: Connection, tables: Iterable[sa.Table]) -> None:
+    """Create the indexes a release before migrations added to an existing table (`create_all` makes only
+    new tables')."""
+    for table in tables:
+        for index in table.indexes:
+            index.create(conn, checkfirst=True)
+    conn.commit()
 
 
 class Store:
@@ -260,25 +252,15 @@ class Store:
     def __init__(self, url: str, *, echo: bool = False) -> None:
         self.url = url
         self.engine: Engine = make_engine(url, echo=echo)
-        metadata.create_all(self.engine)
-        add_missing_columns(self.engine, _CORE_TABLES)
-        add_missing_indexes(self.engine, _CORE_TABLES)
-        self._check_schema_version()
+        from ..migrations import upgrade_store  # the migrations import every module that defines a table
+
+        try:
+            upgrade_store(self.engine, self.safe_url)
+        except BaseException:
+            self.engine.dispose()
+            raise
 
     # -- lifecycle -----------------------------------------------------------------------------
-
-    def _check_schema_version(self) -> None:
-        with self.engine.begin() as conn:
-            row = conn.execute(
-                sa.select(meta_table.c.value).where(meta_table.c.key == "schema_version")
-            ).first()
-            if row is None:
-                conn.execute(sa.insert(meta_table).values(key="schema_version", value=str(SCHEMA_VERSION)))
-            elif int(row[0]) > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"the database at {self.safe_url} has schema version {row[0]}, newer than this "
-                    f"plexus-mcp-jupyter supports ({SCHEMA_VERSION}): upgrade the package or use another db_url"
-                )
 
     @property
     def safe_url(self) -> str:

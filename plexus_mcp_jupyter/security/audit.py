@@ -113,7 +113,6 @@ class AuditLog:
         self.engine = engine
         self.sensitive = tuple(sensitive)
         self.scrubber = SecretScrubber()  # the server adds its token (see PlexusRuntime.protect_secret)
-        metadata.create_all(engine, tables=[audit_table])
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(QUEUE_SIZE)
         self.dropped = 0
         self._writer = threading.Thread(target=self._write_loop, name="plexus-audit", daemon=True)
