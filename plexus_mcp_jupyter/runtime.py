@@ -49,7 +49,9 @@ class PlexusRuntime:
 
     def __init__(self, settings: PlexusSettings, *, data_dir: str, root_dir: str | None = None) -> None:
         self.settings = settings
-        self.store = Store(settings.db_url or default_db_url(data_dir))
+        self.store = Store(settings.db_url or default_db_url(data_dir), pool_size=settings.db_pool_size,
+                           pool_timeout=settings.db_pool_timeout_seconds,
+                           statement_timeout=settings.db_statement_timeout_seconds)
         self.root_dir = Path(root_dir or os.getcwd()).resolve()
         registered_dir = Path(data_dir) / "plexus_mcp" / "datasets"
         self.bus = EventBus()

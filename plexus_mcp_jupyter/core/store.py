@@ -126,10 +126,18 @@ _SELECT_STAGES_OF_ONE = (
 )
 
 _INSERT_TASK = sa.insert(tasks_table)
-_CLAIM = (
+_QUEUED_ROW = sa.and_(tasks_table.c.id == sa.bindparam("b_id"), tasks_table.c.status == TaskStatus.QUEUED.value)
+_CLAIMED = {"status": TaskStatus.RUNNING.value, "worker": sa.bindparam("b_worker"),
+            "started_at": sa.bindparam("b_started_at")}
+_CLAIM = sa.update(tasks_table).where(_QUEUED_ROW).values(**_CLAIMED)
+# PostgreSQL: the row is locked with FOR UPDATE SKIP LOCKED, so a server whose claim races another's skips the
+# task at once (and plans again) instead of queueing behind the other's transaction; the status condition
+# then holds under the lock. SQLite serialises writers: the plain conditional UPDATE is one writer transaction.
+_CLAIM_SKIP_LOCKED = (
     sa.update(tasks_table)
-    .where(tasks_table.c.id == sa.bindparam("b_id"), tasks_table.c.status == TaskStatus.QUEUED.value)
-    .values(status=TaskStatus.RUNNING.value, worker=sa.bindparam("b_worker"), started_at=sa.bindparam("b_started_at"))
+    .where(tasks_table.c.id == sa.select(tasks_table.c.id).where(_QUEUED_ROW).with_for_update(skip_locked=True)
+           .scalar_subquery())
+    .values(**_CLAIMED)
 )
 
 
@@ -202,9 +210,32 @@ def default_db_url(data_dir: str | os.PathLike[str]) -> str:
     return f"sqlite:///{path / 'plexus.db'}"
 
 
-def make_engine(url: str, *, echo: bool = False) -> Engine:
-    """An engine on the store, with the SQLite settings every process using it needs (WAL, busy timeout)."""
-    engine = sa.create_engine(url, echo=echo, future=True)
+def make_engine(url: str, *, echo: bool = False, pool_size: int = 10, pool_timeout: float = 30.0,
+                statement_timeout: float = 30.0) -> Engine:
+    """An engine on the store, with what every process using it needs on its database.
+
+    SQLite: WAL, a busy timeout and foreign keys on every connection (_sqlite_pragmas). PostgreSQL (psycopg 3):
+    a statement timeout and a connect timeout, and a pre-ping so that the pool replaces connections a restart
+    of the database closed instead of failing the next call. The pool holds at most `pool_size` connections;
+    a call waits `pool_timeout` seconds for one.
+    """
+    parsed = sa.make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):  # no driver named: psycopg 3 (the postgres extra)
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    options: dict[str, Any] = {"echo": echo}
+    in_memory = parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
+    if not in_memory:  # an in-memory SQLite database is one connection, shared
+        options.update(pool_size=pool_size, max_overflow=0, pool_timeout=pool_timeout)
+    if parsed.get_backend_name() == "postgresql":
+        connect_args: dict[str, Any] = {"connect_timeout": max(1, round(pool_timeout))}
+        if statement_timeout > 0:
+            connect_args["options"] = f"-c statement_timeout={round(statement_timeout * 1000)}"
+        options.update(pool_pre_ping=True, connect_args=connect_args)
+    try:
+        engine = sa.create_engine(parsed, **options)
+    except ModuleNotFoundError as exc:
+        raise RuntimeError(f"the store {parsed.render_as_string(hide_password=True)} needs the database driver "
+                           f"{exc.name!r}: pip install 'plexus-mcp-jupyter[postgres]' (psycopg 3)") from None
     if engine.dialect.name == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_pragmas)
     return engine
@@ -249,9 +280,11 @@ def add_missing_indexes(conn: Connection, tables: Iterable[sa.Table]) -> None:
 class Store:
     """Tasks, stages and progress samples in a relational database."""
 
-    def __init__(self, url: str, *, echo: bool = False) -> None:
+    def __init__(self, url: str, *, echo: bool = False, pool_size: int = 10, pool_timeout: float = 30.0,
+                 statement_timeout: float = 30.0) -> None:
         self.url = url
-        self.engine: Engine = make_engine(url, echo=echo)
+        self.engine: Engine = make_engine(url, echo=echo, pool_size=pool_size, pool_timeout=pool_timeout,
+                                          statement_timeout=statement_timeout)
         from ..migrations import upgrade_store  # the migrations import every module that defines a table
 
         try:
@@ -431,8 +464,10 @@ class Store:
 
     def claim(self, task_id: str, *, worker: str, started_at: float) -> bool:
         """Move a QUEUED task to RUNNING if nobody else did: safe with several servers on one store."""
+        statement = _CLAIM_SKIP_LOCKED if self.engine.dialect.name == "postgresql" else _CLAIM
+        params = {"b_id": task_id, "b_worker": worker, "b_started_at": started_at}
         with self.engine.begin() as conn:
-            return conn.execute(_CLAIM, {"b_id": task_id, "b_worker": worker, "b_started_at": started_at}).rowcount == 1
+            return conn.execute(statement, params).rowcount == 1
 
     def requeue(self, task_id: str) -> None:
         """Put a task back in the queue as if it had never started (its stages and history go)."""
@@ -709,8 +744,12 @@ def owner_visible(owner: str | None, viewer: str | None) -> bool:
 
 
 def visible_to(owner_column: Any, viewer: Any) -> Any:
-    """SQL for Principal.sees_owner: unowned, not owned by an API key, or the viewer's own."""
-    return sa.or_(owner_column.is_(None), owner_column.notlike(f"{KEY_OWNER_PREFIX}%"), owner_column == viewer)
+    """SQL for Principal.sees_owner: unowned, not owned by an API key, or the viewer's own.
+
+    The prefix is compared exactly (not NOT LIKE, which ignores case on SQLite and not on PostgreSQL), as
+    owner_visible does."""
+    prefix = sa.func.substr(owner_column, 1, len(KEY_OWNER_PREFIX))
+    return sa.or_(owner_column.is_(None), prefix != KEY_OWNER_PREFIX, owner_column == viewer)
 
 
 @functools.lru_cache(maxsize=256)

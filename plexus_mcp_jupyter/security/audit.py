@@ -190,7 +190,8 @@ class AuditLog:
                 raise InvalidArgument(f"unknown outcome {outcome!r}; expected one of {', '.join(OUTCOMES)}")
             query = query.where(a.c.outcome == outcome)
         if action:
-            query = query.where(a.c.action.like(action.replace("*", "%")))
+            # Lower-cased: SQLite's LIKE ignores ASCII case, PostgreSQL's does not; action names are lower-case.
+            query = query.where(a.c.action.like(action.lower().replace("*", "%")))
         if owner:
             query = query.where(a.c.owner == owner)
         if since:
