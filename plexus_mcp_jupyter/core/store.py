@@ -118,10 +118,11 @@ _TASK_COLUMNS = [c.name for c in tasks_table.columns]
 
 # The hottest reads, built once: constructing and cache-keying a statement per call cost more than
 # running it on SQLite.
-_SELECT_TASK = sa.select(tasks_table).where(tasks_table.c.id == sa.bindparam("task_id"))
-_SELECT_STAGES_OF_ONE = (
-    sa.select(stages_table)
-    .where(stages_table.c.task_id == sa.bindparam("task_id"))
+_N_TASK_COLUMNS = len(_TASK_COLUMNS)
+_SELECT_TASK_WITH_STAGES = (  # a row per stage (one with NULL stage columns for a task without stages)
+    sa.select(tasks_table, stages_table)
+    .select_from(tasks_table.outerjoin(stages_table, stages_table.c.task_id == tasks_table.c.id))
+    .where(tasks_table.c.id == sa.bindparam("task_id"))
     .order_by(stages_table.c.stage_order)
 )
 
@@ -215,9 +216,10 @@ def make_engine(url: str, *, echo: bool = False, pool_size: int = 10, pool_timeo
     """An engine on the store, with what every process using it needs on its database.
 
     SQLite: WAL, a busy timeout and foreign keys on every connection (_sqlite_pragmas). PostgreSQL (psycopg 3):
-    a statement timeout and a connect timeout, and a pre-ping so that the pool replaces connections a restart
-    of the database closed instead of failing the next call. The pool holds at most `pool_size` connections;
-    a call waits `pool_timeout` seconds for one.
+    a statement timeout and a connect timeout. No pre-ping (a round trip before every call, a third of a read's
+    time): when the database restarts, the call that meets a closed connection fails and SQLAlchemy discards
+    every pooled connection opened before, so the next calls reconnect. The pool holds at most `pool_size`
+    connections; a call waits `pool_timeout` seconds for one.
     """
     parsed = sa.make_url(url)
     if parsed.drivername in ("postgresql", "postgres"):  # no driver named: psycopg 3 (the postgres extra)
@@ -230,7 +232,7 @@ def make_engine(url: str, *, echo: bool = False, pool_size: int = 10, pool_timeo
         connect_args: dict[str, Any] = {"connect_timeout": max(1, round(pool_timeout))}
         if statement_timeout > 0:
             connect_args["options"] = f"-c statement_timeout={round(statement_timeout * 1000)}"
-        options.update(pool_pre_ping=True, connect_args=connect_args)
+        options.update(connect_args=connect_args)
     try:
         engine = sa.create_engine(parsed, **options)
     except ModuleNotFoundError as exc:
@@ -287,6 +289,11 @@ class Store:
                                           statement_timeout=statement_timeout)
         from ..migrations import upgrade_store  # the migrations import every module that defines a table
 
+        # Reads need no transaction: on PostgreSQL, autocommit spares the BEGIN and ROLLBACK round trips around
+        # every read (under READ COMMITTED each statement has its own snapshot either way). SQLite's driver
+        # begins no transaction for a read.
+        self.reads: Engine = (self.engine.execution_options(isolation_level="AUTOCOMMIT")
+                              if self.engine.dialect.name == "postgresql" else self.engine)
         try:
             upgrade_store(self.engine, self.safe_url)
         except BaseException:
@@ -327,7 +334,7 @@ class Store:
         """The tasks with these ids that exist (without their stages), in no particular order."""
         t = tasks_table
         out: list[Task] = []
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             for start in range(0, len(ids), _IN_CHUNK):
                 chunk = list(ids[start:start + _IN_CHUNK])
                 out += [_task_from_tuple(r) for r in conn.execute(sa.select(t).where(t.c.id.in_(chunk)))]
@@ -337,7 +344,7 @@ class Store:
         """For those of `ids` that were retried: the id of a newer attempt of each."""
         t = tasks_table
         out: dict[str, str] = {}
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             for start in range(0, len(ids), _IN_CHUNK):
                 chunk = list(ids[start:start + _IN_CHUNK])
                 out.update((r[0], r[1]) for r in conn.execute(sa.select(t.c.retry_of, t.c.id)
@@ -371,7 +378,7 @@ class Store:
             where.append(visible_to(t.c.owner, viewer))
         current = sa.select(t.c.status, sa.func.count()).where(*where, t.c.id.notin_(retried)).group_by(t.c.status)
         superseded = sa.select(sa.func.count()).select_from(t).where(*where, t.c.id.in_(retried))
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             counts = {status: int(n) for status, n in conn.execute(current)}
             return counts, int(conn.execute(superseded).scalar_one())
 
@@ -387,20 +394,20 @@ class Store:
                            sa.func.coalesce(sa.func.sum(st.c.total_items), 0))
                  .select_from(st.join(t, st.c.task_id == t.c.id)).where(*where))
         times = sa.select(sa.func.min(t.c.created_at), sa.func.max(t.c.completed_at)).where(*where)
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             processed, total = conn.execute(items).one()
             created, ended = conn.execute(times).one()
         return int(processed), int(total), created, ended
 
     def get_task(self, task_id: str) -> Task | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(_SELECT_TASK, {"task_id": task_id}).mappings().first()
-            if row is None:
-                return None
-            task = _task_from_row(row)
-            task.stages = [_stage_from_row(r) for r in conn.execute(_SELECT_STAGES_OF_ONE, {"task_id": task_id})
-                           .mappings()]
-            return task
+        """One task with its stages, in one statement (one round trip to a networked database)."""
+        with self.reads.connect() as conn:
+            rows = conn.execute(_SELECT_TASK_WITH_STAGES, {"task_id": task_id}).all()
+        if not rows:
+            return None
+        task = _task_from_tuple(rows[0][:_N_TASK_COLUMNS])
+        task.stages = [_stage_from_tuple(r[_N_TASK_COLUMNS:]) for r in rows if r[_N_TASK_COLUMNS] is not None]
+        return task
 
     def list_tasks(
         self, flt: TaskFilter, *, limit: int, after: tuple[float, str] | None = None
@@ -426,7 +433,7 @@ class Store:
             params["before"] = flt.before
         if after is not None:
             params["after_created"], params["after_id"] = after
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             rows = conn.execute(query, params).all()
             page = [_task_from_tuple(r) for r in rows[:limit]]
             stages = self._stages_for(conn, [task.id for task in page])
@@ -437,24 +444,24 @@ class Store:
 
     def count_tasks(self, flt: TaskFilter) -> int:
         query = sa.select(sa.func.count()).select_from(tasks_table).where(*_filter_clauses(flt))
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             return int(conn.execute(query).scalar_one())
 
     def counts_by_status(self) -> dict[str, int]:
         t = tasks_table
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             rows = conn.execute(sa.select(t.c.status, sa.func.count()).group_by(t.c.status)).all()
         return {status: int(n) for status, n in rows}
 
     def find_task_ids(self, flt: TaskFilter, *, limit: int) -> list[str]:
         t = tasks_table
         query = sa.select(t.c.id).where(*_filter_clauses(flt)).order_by(t.c.created_at).limit(limit)
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             return [r[0] for r in conn.execute(query)]
 
     def tasks_with_status(self, status: TaskStatus) -> list[Task]:
         """Every task with this status, with its stages."""
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             rows = conn.execute(sa.select(tasks_table).where(tasks_table.c.status == status.value)).mappings()
             tasks = [_task_from_row(r) for r in rows]
             stages = self._stages_for(conn, [t.id for t in tasks])
@@ -497,7 +504,7 @@ class Store:
         if not ids:
             return set()
         t = tasks_table
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             rows = conn.execute(sa.select(t.c.id).where(t.c.id.in_(ids), t.c.cancel_requested.is_(True)))
             return {r[0] for r in rows}
 
@@ -555,7 +562,7 @@ class Store:
     def history(self, task_id: str, *, limit: int) -> tuple[list[ProgressSample], int]:
         """The most recent `limit` progress samples of a task, oldest first, and how many exist."""
         s = samples_table
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             total = conn.execute(
                 sa.select(sa.func.count()).select_from(s).where(s.c.task_id == task_id)
             ).scalar_one()
@@ -579,7 +586,7 @@ class Store:
         tasks than were read, how many were not."""
         rows: list[Any] = []
         cut: dict[tuple[int, str | None], int] = {}
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             groups = conn.execute(_QUEUE_GROUPS, {"limit": limit}).all()
             quota = min(per_owner, max(1, limit // max(len(groups), 1)))
             for priority, owner, queued in groups:
@@ -605,7 +612,7 @@ class Store:
                            sa.or_(t.c.created_at < task.created_at,
                                   sa.and_(t.c.created_at == task.created_at, t.c.id < task.id)))),
         )
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             return int(conn.execute(query).scalar_one())
 
     # -- retention (core/retention.py) ---------------------------------------------------------
@@ -655,7 +662,7 @@ class Store:
         found by the task's id or its evaluation's."""
         x = expired_table
         where = x.c.id == task_id if evaluation_id is None else x.c.evaluation_id == evaluation_id
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             row = conn.execute(sa.select(x).where(where)).mappings().first()
         return dict(row) if row is not None else None
 
@@ -874,20 +881,6 @@ def _task_from_dict(data: dict[str, Any]) -> Task:
     data["params"] = data["params"] or {}
     data["cancel_requested"] = bool(data["cancel_requested"])
     return Task(**data)
-
-
-def _stage_from_row(r: Any) -> Stage:
-    return Stage(
-        name=r["name"],
-        order=r["stage_order"],
-        status=StageStatus(r["status"]),
-        status_message=r["status_message"],
-        total_items=r["total_items"],
-        processed_items=r["processed_items"],
-        started_at=r["started_at"],
-        completed_at=r["completed_at"],
-        estimated_completion_at=r["estimated_completion_at"],
-    )
 
 
 _STAGE_COLUMNS = ("task_id", "stage_order", "name", "status", "status_message", "total_items",
