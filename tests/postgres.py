@@ -107,8 +107,9 @@ def start_cluster() -> Iterator[PostgresCluster]:
     try:
         _run([initdb, "-D", str(data_dir), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
         options = f"-p {port} -k {data_dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
-        _run([pg_ctl, "-D", str(data_dir), "-o", options, "-l", str(data_dir / "server.log"), "-w", "-t", "60",
-              "start"])
+        _run(
+            [pg_ctl, "-D", str(data_dir), "-o", options, "-l", str(data_dir / "server.log"), "-w", "-t", "60", "start"]
+        )
         started = True
         cluster = PostgresCluster(port, data_dir)
         deadline = time.monotonic() + 30

@@ -32,5 +32,7 @@ async def test_the_server_really_runs_on_postgresql(mcp_client, runtime):
     async with mcp_client() as client:
         started = (await client.call_tool("run_demo_task", {"items": 5, "item_delay_ms": 0})).structured_content
     with runtime.store.engine.connect() as conn:  # the row is in PostgreSQL, not in a SQLite file
-        assert conn.execute(sa.text("SELECT type FROM tasks WHERE id = :id"), {"id": started["task_id"]}).scalar() \
+        assert (
+            conn.execute(sa.text("SELECT type FROM tasks WHERE id = :id"), {"id": started["task_id"]}).scalar()
             == "demo"
+        )

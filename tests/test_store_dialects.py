@@ -28,8 +28,10 @@ def store(store_url):
 
 def queued(n: int, **kw) -> list[Task]:
     base = time.time()
-    return [Task(id=uuid.uuid4().hex, type="demo", status=TaskStatus.QUEUED, created_at=base + i * 1e-3, **kw)
-            for i in range(n)]
+    return [
+        Task(id=uuid.uuid4().hex, type="demo", status=TaskStatus.QUEUED, created_at=base + i * 1e-3, **kw)
+        for i in range(n)
+    ]
 
 
 def test_two_stores_claiming_the_same_queue_at_once_never_claim_a_task_twice(store_url):
@@ -110,7 +112,8 @@ def test_queue_reads_updates_with_returning_and_boolean_flags(store):
     assert sorted(updated) == sorted(t.id for t in tasks if t.id != tasks[1].id)
     assert store.update_task(tasks[1].id, cancel_requested=True, only_if_status=[TaskStatus.RUNNING])
     assert store.cancel_requested_ids([t.id for t in tasks]) == {tasks[1].id}
-    assert store.get_task(tasks[1].id).cancel_requested is True and store.get_task(tasks[2].id).cancel_requested is False
+    assert store.get_task(tasks[1].id).cancel_requested is True
+    assert store.get_task(tasks[2].id).cancel_requested is False
     assert store.counts_by_status() == {"QUEUED": 5, "RUNNING": 1}
 
 
@@ -118,8 +121,16 @@ def test_batch_counts_and_items_follow_retries(store):
     tasks = queued(3, batch_id="b1")
     store.create_tasks(tasks)
     store.update_task(tasks[0].id, status=TaskStatus.FAILED, completed_at=time.time())
-    store.create_task(Task(id="retry", type="demo", status=TaskStatus.QUEUED, batch_id="b1", retry_of=tasks[0].id,
-                           stages=[Stage("S", 0, total_items=4, processed_items=1)]))
+    store.create_task(
+        Task(
+            id="retry",
+            type="demo",
+            status=TaskStatus.QUEUED,
+            batch_id="b1",
+            retry_of=tasks[0].id,
+            stages=[Stage("S", 0, total_items=4, processed_items=1)],
+        )
+    )
     counts, superseded = store.batch_counts("b1")
     assert counts == {"QUEUED": 3} and superseded == 1
     processed, total, created, ended = store.batch_items("b1")
@@ -130,8 +141,7 @@ def test_batch_counts_and_items_follow_retries(store):
 def test_a_viewer_sees_exactly_what_owner_visible_says_whatever_the_case(store):
     # Prefixes compared exactly on both: SQLite's LIKE would ignore case where PostgreSQL's does not.
     owners = [None, "alice", "key:abc", "key:mine", "KEY:shouty"]
-    store.create_tasks([Task(id=f"t{i}", type="demo", status=TaskStatus.QUEUED, owner=o)
-                        for i, o in enumerate(owners)])
+    store.create_tasks([Task(id=f"t{i}", type="demo", status=TaskStatus.QUEUED, owner=o) for i, o in enumerate(owners)])
     seen, _ = store.list_tasks(TaskFilter(viewer="key:mine"), limit=10)
     assert sorted(t.owner or "" for t in seen) == ["", "KEY:shouty", "alice", "key:mine"]
     assert store.count_tasks(TaskFilter(viewer="key:mine")) == 4
@@ -141,10 +151,31 @@ def test_evaluation_items_with_the_partial_mismatch_index(store):
     evaluations = EvaluationStore(store.engine)
     task = queued(1)[0]
     store.create_task(task)
-    evaluations.create({"id": "e1", "task_id": task.id, "type": "accuracy", "owner": None, "dataset": "d.csv",
-                        "definition": {"scorer": {"kind": "column"}}, "created_at": time.time()})
-    rows = [(i, f"id{i}", "in", "yes" if i % 2 else "no", "yes" if i % 2 else "no", "yes",
-             [True, False, None][i % 3], None, None) for i in range(12)]
+    evaluations.create(
+        {
+            "id": "e1",
+            "task_id": task.id,
+            "type": "accuracy",
+            "owner": None,
+            "dataset": "d.csv",
+            "definition": {"scorer": {"kind": "column"}},
+            "created_at": time.time(),
+        }
+    )
+    rows = [
+        (
+            i,
+            f"id{i}",
+            "in",
+            "yes" if i % 2 else "no",
+            "yes" if i % 2 else "no",
+            "yes",
+            [True, False, None][i % 3],
+            None,
+            None,
+        )
+        for i in range(12)
+    ]
     evaluations.add_items("e1", "s", rows)  # the driver's executemany with its own placeholders
     wrong, cursor = evaluations.items("e1", ItemFilter("s", only_mismatches=True), limit=3)
     assert [r["seq"] for r in wrong] == [1, 2, 4] and cursor is not None

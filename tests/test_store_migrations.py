@@ -44,8 +44,16 @@ def _legacy_store(url: str) -> None:
         schema_metadata().create_all(engine)
         with engine.begin() as conn:
             conn.execute(sa.insert(meta_table).values(key="schema_version", value="1"))
-            conn.execute(sa.insert(tasks_table).values(id="old", type="demo", status="COMPLETED", priority=0,
-                                                       created_at=time.time(), cancel_requested=False))
+            conn.execute(
+                sa.insert(tasks_table).values(
+                    id="old",
+                    type="demo",
+                    status="COMPLETED",
+                    priority=0,
+                    created_at=time.time(),
+                    cancel_requested=False,
+                )
+            )
     finally:
         engine.dispose()
 
@@ -112,8 +120,13 @@ def test_the_baseline_is_the_first_revision_and_the_store_records_the_legacy_sch
 
 
 def plexus(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "plexus_mcp_jupyter.cli", *args], capture_output=True, text=True,
-                          timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "plexus_mcp_jupyter.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def test_plexus_db_upgrade_and_current_on_the_command_line(store_url):
