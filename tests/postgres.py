@@ -37,6 +37,27 @@ class PostgresCluster:
 
     port: int
     data_dir: Path
+    pg_ctl: str
+
+    def start(self) -> None:
+        """Start (or start again, on the same port) the cluster's server, waiting until it accepts connections."""
+        options = f"-p {self.port} -k {self.data_dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        log = str(self.data_dir / "server.log")
+        _run([self.pg_ctl, "-D", str(self.data_dir), "-o", options, "-l", log, "-w", "-t", "60", "start"])
+        deadline = time.monotonic() + 30
+        while True:  # pg_ctl -w waits for the socket; the first connection may still race the start-up
+            try:
+                with self._admin() as conn:
+                    conn.exec_driver_sql("SELECT 1")
+                return
+            except sa.exc.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        """Stop the server at once (connections are cut, as when a database host goes away)."""
+        _run([self.pg_ctl, "-D", str(self.data_dir), "-m", "immediate", "-w", "stop"], timeout=60)
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
@@ -102,31 +123,17 @@ def start_cluster() -> Iterator[PostgresCluster]:
     data_dir = Path(tempfile.mkdtemp(prefix="plexus-pg-"))
     if os.geteuid() == 0:
         shutil.chown(data_dir, "postgres", "postgres")
-    port = _free_port()
+    cluster = PostgresCluster(_free_port(), data_dir, pg_ctl)
     started = False
     try:
         _run([initdb, "-D", str(data_dir), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
-        options = f"-p {port} -k {data_dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
-        _run(
-            [pg_ctl, "-D", str(data_dir), "-o", options, "-l", str(data_dir / "server.log"), "-w", "-t", "60", "start"]
-        )
         started = True
-        cluster = PostgresCluster(port, data_dir)
-        deadline = time.monotonic() + 30
-        while True:  # pg_ctl -w waits for the socket; the first connection may still race the start-up
-            try:
-                with cluster._admin() as conn:
-                    conn.exec_driver_sql("SELECT 1")
-                break
-            except sa.exc.OperationalError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        cluster.start()
         yield cluster
     finally:
         if started:
             with contextlib.suppress(Exception):
-                _run([pg_ctl, "-D", str(data_dir), "-m", "immediate", "-w", "stop"], timeout=60)
+                cluster.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
