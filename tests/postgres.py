@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import sqlalchemy as sa
@@ -137,18 +138,30 @@ def start_cluster() -> Iterator[PostgresCluster]:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
+def postgres_unavailable(exc: Exception) -> NoReturn:
+    """Skip the test (locally) or fail it (CI=true): a CI run must not pass without its PostgreSQL half."""
+    reason = f"PostgreSQL could not be started for the tests: {exc}"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason} (CI=true: PostgreSQL tests must run on CI)", pytrace=False)
+    pytest.skip(reason)
+
+
+@contextlib.contextmanager
+def cluster_for_tests() -> Iterator[PostgresCluster]:
+    """A throwaway cluster for as long as the block runs, or the test skipped or failed (postgres_unavailable)."""
+    with contextlib.ExitStack() as stack:
+        try:
+            cluster = stack.enter_context(start_cluster())
+        except Exception as exc:
+            postgres_unavailable(exc)
+        yield cluster
+
+
 @pytest.fixture(scope="session")
 def postgres_cluster() -> Iterator[PostgresCluster]:
-    """The session's PostgreSQL cluster; skips (locally) or fails (CI=true) when it cannot be started."""
-    try:
-        with start_cluster() as cluster:
-            yield cluster
-            return
-    except Exception as exc:
-        reason = f"PostgreSQL could not be started for the tests: {exc}"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{reason} (CI=true: PostgreSQL tests must run on CI)", pytrace=False)
-        pytest.skip(reason)
+    """The session's PostgreSQL cluster, shared by every test that asks for a PostgreSQL database."""
+    with cluster_for_tests() as cluster:
+        yield cluster
 
 
 @pytest.fixture

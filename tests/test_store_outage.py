@@ -5,7 +5,6 @@ other test."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,19 +12,13 @@ import httpx2
 import pytest
 
 from .conftest import poll
-from .postgres import PostgresCluster, start_cluster
+from .postgres import PostgresCluster, cluster_for_tests
 
 
 @pytest.fixture(scope="module")
 def own_cluster() -> Iterator[PostgresCluster]:
-    try:
-        with start_cluster() as cluster:
-            yield cluster
-            return
-    except RuntimeError as exc:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"PostgreSQL could not be started: {exc}", pytrace=False)
-        pytest.skip(f"PostgreSQL could not be started: {exc}")
+    with cluster_for_tests() as cluster:
+        yield cluster
 
 
 @pytest.fixture
