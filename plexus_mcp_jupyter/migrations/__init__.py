@@ -17,6 +17,7 @@ the loser of a race finds the store at the newest revision and goes on.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ def _config(connection: Connection | None = None) -> Any:
     return config
 
 
+@functools.cache
 def _scripts() -> Any:
     from alembic.script import ScriptDirectory
 
