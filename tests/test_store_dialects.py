@@ -222,3 +222,29 @@ def test_a_postgresql_url_without_a_driver_uses_psycopg(postgres_url):
         assert store.engine.dialect.driver == "psycopg" and store.ping()
     finally:
         store.close()
+
+
+def test_a_stage_name_longer_than_its_column_is_cut_not_refused_by_postgresql(store):
+    # Task code chooses stage names; PostgreSQL refuses a value longer than its VARCHAR where SQLite keeps it,
+    # and a refused write would fail the batched progress of every task written with it.
+    from plexus_mcp_jupyter.core.models import STAGE_NAME_MAX
+    from plexus_mcp_jupyter.core.progress import ProgressTracker
+
+    task = queued(1)[0]
+    store.create_task(task)
+    store.claim(task.id, worker="w", started_at=time.time())
+    change = ProgressTracker(task).begin_stage("Loading " + "x" * 500, 10, at=time.time())
+    store.save_progress_many([ProgressWrite(task, change.changed_stages, [change.sample] if change.sample else [])])
+    got = store.get_task(task.id)
+    assert len(got.current_stage) == STAGE_NAME_MAX and got.current_stage.endswith("...")
+    assert got.stages[0].name == got.current_stage
+
+
+def test_a_score_name_longer_than_its_column_is_refused_by_name():
+    from plexus_mcp_jupyter.core.errors import InvalidArgument
+    from plexus_mcp_jupyter.evaluations.scorecards import load_scorecard
+
+    from .test_scorecards import CARD
+
+    with pytest.raises(InvalidArgument, match=r"scores\[0\]\.name': must be at most 128 characters, not 200"):
+        load_scorecard(CARD.replace("name: stored predictions", "name: " + "s" * 200, 1))

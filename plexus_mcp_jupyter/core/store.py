@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from .errors import InvalidArgument
-from .models import FINAL_STATUSES, ProgressSample, Stage, StageStatus, Task, TaskStatus
+from .models import FINAL_STATUSES, STAGE_NAME_MAX, ProgressSample, Stage, StageStatus, Task, TaskStatus
 from .retention import RetentionPolicy
 
 KEY_OWNER_PREFIX = "key:"  # owners of work created with an API key (security/identity.py)
@@ -41,7 +41,7 @@ tasks_table = sa.Table(
     sa.Column("started_at", sa.Float),
     sa.Column("completed_at", sa.Float),
     sa.Column("estimated_completion_at", sa.Float),
-    sa.Column("current_stage", sa.String(128)),
+    sa.Column("current_stage", sa.String(STAGE_NAME_MAX)),
     sa.Column("error_message", sa.Text),
     sa.Column("error_details", sa.JSON),
     sa.Column("output", sa.JSON),
@@ -68,7 +68,7 @@ stages_table = sa.Table(
     metadata,
     sa.Column("task_id", sa.String(36), sa.ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True),
     sa.Column("stage_order", sa.Integer, primary_key=True),
-    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("name", sa.String(STAGE_NAME_MAX), nullable=False),
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("status_message", sa.Text),
     sa.Column("total_items", sa.Integer),
@@ -84,7 +84,7 @@ samples_table = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("task_id", sa.String(36), sa.ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False),
     sa.Column("at", sa.Float, nullable=False),
-    sa.Column("stage", sa.String(128)),
+    sa.Column("stage", sa.String(STAGE_NAME_MAX)),
     sa.Column("processed", sa.Integer, nullable=False),
     sa.Column("total", sa.Integer),
     sa.Column("message", sa.Text),
