@@ -145,3 +145,28 @@ def test_plexus_db_upgrade_and_current_on_the_command_line(store_url):
     engine.dispose()
     refused = plexus("db", "upgrade", "--db-url", store_url)
     assert refused.returncode != 0 and "'f00dfeed'" in refused.stderr and "Traceback" not in refused.stderr
+
+
+class TestAServerOnAStoreNewerThanItsCode:
+    """A real Jupyter server started on a store migrated by a newer release: every Plexus route answers 503
+    naming both revisions (the extension neither vanishes nor misreads the store)."""
+
+    @pytest.fixture
+    def plexus_config(self, tmp_path):
+        url = f"sqlite:///{tmp_path / 'newer.db'}"
+        Store(url).close()
+        engine = make_engine(url)
+        with engine.begin() as conn:
+            conn.exec_driver_sql("UPDATE alembic_version SET version_num = 'f00dfeed'")
+        engine.dispose()
+        return {"db_url": url}
+
+    async def test_every_plexus_route_says_why(self, server_url, token):
+        import httpx2
+
+        async with httpx2.AsyncClient(timeout=30) as http:
+            for path in ("plexus/api/health", "plexus/api/tasks", "plexus/mcp"):
+                answer = await http.get(server_url + path, headers={"Authorization": f"token {token}"})
+                assert answer.status_code == 503, answer.text
+                message = answer.json()["error"]["message"]
+                assert "'f00dfeed'" in message and repr(head_revision()) in message
