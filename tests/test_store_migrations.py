@@ -170,3 +170,19 @@ class TestAServerOnAStoreNewerThanItsCode:
                 assert answer.status_code == 503, answer.text
                 message = answer.json()["error"]["message"]
                 assert "'f00dfeed'" in message and repr(head_revision()) in message
+
+
+def test_servers_starting_at_once_on_a_new_store_migrate_it_once(store_url):
+    # Three processes open a new store at the same moment: one migrates it, the others wait, then find it done.
+    code = "import sys; from plexus_mcp_jupyter.core.store import Store; Store(sys.argv[1]).close()"
+    starts = [
+        subprocess.Popen([sys.executable, "-c", code, store_url], stderr=subprocess.PIPE, text=True) for _ in range(3)
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in starts]
+    assert [p.returncode for p in starts] == [0, 0, 0], errors
+    engine = make_engine(store_url)
+    try:
+        assert current_revision(engine) == head_revision()
+    finally:
+        engine.dispose()
+    assert schema_diff(store_url) == []

@@ -11,16 +11,24 @@ At start (`Store(url)`) and on `plexus db upgrade`, `upgrade_store` brings any s
   completed the way that release did (missing tables, columns and indexes added), stamped with the baseline
   revision (its schema is exactly the baseline's), then migrated on;
 - a store at a revision this code does not know (migrated by a newer release) is refused, naming both.
-Several processes may start on one store at once: on PostgreSQL an advisory lock serialises them, on SQLite
-the loser of a race finds the store at the newest revision and goes on.
+Several processes may start on one store at once: a lock (an advisory lock on PostgreSQL, a lock file beside a
+SQLite file) lets one migrate while the others wait, then find the store at the newest revision.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no file lock; start one server at a time there on a new store
+    fcntl = None  # type: ignore[assignment]
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -33,6 +41,7 @@ BASELINE = "0001"  # the revision whose schema is that of the last release witho
 LEGACY_SCHEMA_VERSION = 1  # plexus_meta.schema_version written by those releases
 _LOCK_KEY = 0x706C6578  # "plex": the PostgreSQL advisory lock that serialises migrations of one database
 _DIRECTORY = Path(__file__).resolve().parent
+_IN_PROCESS = threading.Lock()
 
 
 class StoreTooNew(PlexusError):
@@ -84,26 +93,38 @@ def upgrade_store(engine: Engine, safe_url: str) -> tuple[str | None, str]:
     """Bring the store to the newest revision (see the module's doc); returns (revision before, after).
 
     Raises StoreTooNew when the store is at a revision this code does not know."""
-    with engine.connect() as conn:
+    with engine.connect() as conn, _one_at_a_time(conn):
+        return _upgrade(conn, safe_url)
+
+
+@contextlib.contextmanager
+def _one_at_a_time(conn: Connection) -> Iterator[None]:
+    """Hold the store's migration lock: one process (and one thread: Alembic's `context` is process-global)
+    migrates a store at a time, and the others then find it at the newest revision.
+
+    PostgreSQL: a session advisory lock. A SQLite file: an exclusive lock on `<file>.migration-lock` beside it
+    (SQLite's own locks cannot span a migration: its DDL commits statement by statement)."""
+    with _IN_PROCESS:
         if conn.dialect.name == "postgresql":
             conn.exec_driver_sql(f"SELECT pg_advisory_lock({_LOCK_KEY})")
             conn.commit()
-        try:
-            return _upgrade(conn, safe_url)
-        except sa.exc.DBAPIError:
-            if conn.dialect.name == "postgresql":
-                raise
-            # SQLite: another process migrated the same file at the same moment. Fine if it got to the end.
-            conn.rollback()
-            before = _revision_of(conn)
-            if before != head_revision():
-                raise
-            return before, before
-        finally:
-            if conn.dialect.name == "postgresql":
+            try:
+                yield
+            finally:
                 conn.rollback()
                 conn.exec_driver_sql(f"SELECT pg_advisory_unlock({_LOCK_KEY})")
                 conn.commit()
+            return
+        database = conn.engine.url.database
+        if conn.dialect.name != "sqlite" or not database or database == ":memory:" or fcntl is None:
+            yield
+            return
+        with open(f"{database}.migration-lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _revision_of(conn: Connection) -> str | None:
