@@ -8,12 +8,14 @@ import logging
 import os
 from typing import Any
 
+import sqlalchemy as sa
 from jupyter_core.paths import jupyter_data_dir
 from jupyter_server import serverapp as serverapp_module
 from jupyter_server.extension.application import ExtensionApp
 
 from ._version import __version__
 from .config import PlexusSettings, SettingsError
+from .core.store_calls import store_unavailable
 from .handlers.evaluations import (
     DatasetHandler,
     DatasetsHandler,
@@ -34,6 +36,7 @@ from .handlers.rest import (
     TaskPriorityHandler,
     TasksHandler,
 )
+from .migrations import StoreTooNew
 from .runtime import PlexusRuntime
 from .security.connections import ConnectionGuard
 
@@ -80,7 +83,15 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
                 "Plexus MCP is not served: %s. Fix the setting and restart the server.",
                 "; ".join(self.config_problems))
             return
-        self.runtime = PlexusRuntime(self, data_dir=jupyter_data_dir(), root_dir=self.serverapp.root_dir)
+        try:
+            self.runtime = PlexusRuntime(self, data_dir=jupyter_data_dir(), root_dir=self.serverapp.root_dir)
+        except (StoreTooNew, sa.exc.SQLAlchemyError) as exc:
+            # A store migrated by a newer release, or a database that cannot be reached or migrated: every
+            # Plexus route answers 503 with why (as for a bad setting) rather than the extension vanishing.
+            problem = str(store_unavailable(exc) or exc).splitlines()[0]
+            self.config_problems.append(problem)
+            logging.getLogger("plexus_mcp_jupyter").error("Plexus MCP is not served: %s", problem)
+            return
         self.settings["plexus"] = self.runtime
         identity_provider = self.serverapp.identity_provider
         # Jupyter's startup lines ("is running at: http://...?token=...") are the URL its user logs in with.

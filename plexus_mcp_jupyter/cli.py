@@ -1,4 +1,5 @@
-"""The `plexus` command: `plexus mcp serve|config`, `plexus tasks ...` (batches), `plexus keys`, `plexus audit`."""
+"""The `plexus` command: `plexus mcp serve|config`, `plexus tasks ...` (batches), `plexus keys`, `plexus audit`,
+`plexus db upgrade|current` (the store's schema migrations)."""
 
 from __future__ import annotations
 
@@ -109,14 +110,48 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _store_engine(args: argparse.Namespace) -> Any:
-    """The store's engine, as `plexus mcp serve` and Jupyter would open it (--db-url, env, or the default)."""
-    from .core.store import Store, default_db_url
+def _store_url(args: argparse.Namespace) -> str:
+    """The store's URL, as `plexus mcp serve` and Jupyter would open it (--db-url, env, or the default)."""
+    from .core.store import default_db_url
 
     settings = PlexusSettings()
     settings.apply_env(protected={"db_url"} if args.db_url else ())
-    url = args.db_url or settings.db_url or default_db_url(jupyter_data_dir())
-    return Store(url).engine
+    return args.db_url or settings.db_url or default_db_url(jupyter_data_dir())
+
+
+def _store_engine(args: argparse.Namespace) -> Any:
+    """The store's engine, its schema migrated to this release's (as at a server's start)."""
+    from .core.store import Store
+
+    return Store(_store_url(args)).engine
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    """`plexus db upgrade`: migrate the store to this release's schema; `plexus db current`: its revision."""
+    from .core.errors import PlexusError
+    from .core.store import make_engine
+    from .migrations import current_revision, head_revision, upgrade_store
+
+    engine = make_engine(_store_url(args))
+    safe_url = engine.url.render_as_string(hide_password=True)
+    try:
+        if args.command == "upgrade":
+            before, after = upgrade_store(engine, safe_url)
+            if before == after:
+                print(f"{safe_url}: already at revision {after} (head)")
+            else:
+                print(f"{safe_url}: migrated from revision {before or '(empty)'} to {after} (head)")
+        else:
+            revision, head = current_revision(engine), head_revision()
+            shown = "(none)" if revision is None else f"{revision} (head)" if revision == head else revision
+            print(f"{safe_url}: {shown}; this release's head is {head}")
+    except PlexusError as exc:
+        return _fail(exc)
+    except Exception as exc:  # the database is unreachable, the URL wrong: one line, no traceback
+        return _fail(RuntimeError(f"{safe_url}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
+    finally:
+        engine.dispose()
+    return 0
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -306,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--action", help="only these actions (* wildcard, e.g. 'tool.*')")
     export.add_argument("--db-url", help="the store (default: the one Jupyter and `plexus mcp serve` use)")
     export.set_defaults(func=cmd_audit)
+    db = sub.add_parser("db", help="the store's schema (migrations)").add_subparsers(dest="command", required=True)
+    upgrade = db.add_parser("upgrade", help="migrate the store to this release's schema (servers also do at start)")
+    current = db.add_parser("current", help="print the store's schema revision and this release's newest")
+    for command in (upgrade, current):
+        command.add_argument("--db-url", help="the store (default: the one Jupyter and `plexus mcp serve` use)")
+        command.set_defaults(func=cmd_db)
     _add_tasks_parser(sub)
     return parser
 

@@ -248,6 +248,22 @@ class PlexusSettings(Configurable):
         365.0, min=0.0, help="Days an audit record is kept; older ones are deleted in the background (bounded "
         "batches, after a write, at most hourly). 0 keeps them forever. Default 365.",
     ).tag(config=True)
+    db_pool_size = Integer(
+        10, min=1, max=1000,
+        help="Connections the server keeps open to the store (SQLAlchemy's pool), and the most it opens at once: a "
+        "store call waits for a free one up to db_pool_timeout_seconds. Several servers on one PostgreSQL each open "
+        "this many (keep the sum under the server's max_connections). Default 10.",
+    ).tag(config=True)
+    db_pool_timeout_seconds = Float(
+        30.0, min=0.1,
+        help="Seconds a store call waits for a free pooled connection (or for PostgreSQL to accept a new one) before "
+        "it fails with a clear error. Default 30.",
+    ).tag(config=True)
+    db_statement_timeout_seconds = Float(
+        30.0, min=0.0,
+        help="PostgreSQL: seconds one statement may run before the database cancels it (statement_timeout; 0: no "
+        "limit). SQLite waits at most 5 s for its write lock instead. Default 30.",
+    ).tag(config=True)
 
     def apply_env(self, environ: Mapping[str, str] | None = None, protected: Iterable[str] = ()) -> None:
         """Set traits from PLEXUS_MCP_* variables, except those in `protected` (set on the command line).

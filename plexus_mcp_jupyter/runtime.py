@@ -18,6 +18,7 @@ from .core.manager import TaskManager
 from .core.resources import parse_positive_numbers, parse_resources
 from .core.retention import RetentionPolicy
 from .core.store import Store, default_db_url
+from .core.store_calls import StoreCalls, StoreUnavailable
 from .endpoint.server import build_mcp_server
 from .endpoint.sessions import SessionLimits
 from .endpoint.transport import MCPEndpoint
@@ -34,6 +35,7 @@ from .security.ratelimit import RateLimited, RateLimiter
 from .security.redaction import scrub_logs
 
 log = logging.getLogger("plexus_mcp_jupyter")
+HEALTH_STORE_TIMEOUT = 5.0  # seconds health waits for the store before it reports it unavailable
 
 
 def make_executor(settings: PlexusSettings) -> Executor:
@@ -49,7 +51,11 @@ class PlexusRuntime:
 
     def __init__(self, settings: PlexusSettings, *, data_dir: str, root_dir: str | None = None) -> None:
         self.settings = settings
-        self.store = Store(settings.db_url or default_db_url(data_dir))
+        self.store = Store(settings.db_url or default_db_url(data_dir), pool_size=settings.db_pool_size,
+                           pool_timeout=settings.db_pool_timeout_seconds,
+                           statement_timeout=settings.db_statement_timeout_seconds)
+        # Store calls made from async code off the loop (core/store_calls.py): one thread per pooled connection.
+        self.store_calls = StoreCalls(settings.db_pool_size, settings.db_pool_timeout_seconds)
         self.root_dir = Path(root_dir or os.getcwd()).resolve()
         registered_dir = Path(data_dir) / "plexus_mcp" / "datasets"
         self.bus = EventBus()
@@ -221,12 +227,18 @@ class PlexusRuntime:
         self.evaluations.close()
         self.catalog.close()
         self.audit.close()
+        self.store_calls.close()
         self.store.close()
 
-    def health(self) -> dict[str, Any]:
+    async def health(self) -> dict[str, Any]:
+        """The server's state for admins; "degraded" (with why) while the store does not answer. The store is
+        read off the event loop, within HEALTH_STORE_TIMEOUT: health answers even when the database does not."""
+        counts: dict[str, int] | None = None
         try:
-            self.store.ping()
+            counts = await self.store_calls.run(self.manager.counts, timeout=HEALTH_STORE_TIMEOUT)
             store_status = "ok"
+        except StoreUnavailable as exc:
+            store_status = str(exc)
         except Exception as exc:  # reported, not raised: health must answer
             store_status = f"error: {type(exc).__name__}"
         return {
@@ -234,6 +246,6 @@ class PlexusRuntime:
             "version": __version__,
             "store": {"status": store_status, "url": self.store.safe_url},
             "executor": self.executor.status(),
-            "tasks": self.manager.counts(),
+            "tasks": counts,
             "mcp": {"sessions": self.endpoint.session_count},
         }

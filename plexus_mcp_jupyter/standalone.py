@@ -114,9 +114,9 @@ class StandaloneMCPHandler(_StandaloneHandler):
 class StandaloneHealthHandler(_StandaloneHandler):
     require_auth = False
 
-    def get(self) -> None:
+    async def get(self) -> None:
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(self.runtime.health() if self.authenticated() else {"status": "ok"}))
+        self.finish(json.dumps(await self.runtime.health() if self.authenticated() else {"status": "ok"}))
 
 
 def make_app(

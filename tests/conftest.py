@@ -18,7 +18,7 @@ from traitlets.config import Config
 from plexus_mcp_jupyter.core.tasks import TaskType, register_task_type, unregister_task_type
 from plexus_mcp_jupyter.security.keys import keys_table
 
-pytest_plugins = ("pytest_jupyter.jupyter_server",)
+pytest_plugins = ("pytest_jupyter.jupyter_server", "tests.postgres")
 
 LEGACY = "legacy"  # the 2025-11-25 initialize handshake
 MODERN = "2026-07-28"  # the per-request era, no handshake

@@ -70,15 +70,17 @@ def test_writes_are_throttled_but_stage_changes_and_the_end_are_always_written()
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = Store(f"sqlite:///{tmp_path / 'core.db'}")
+def store(store_url):
+    s = Store(store_url)
     yield s
     s.close()
 
 
-def test_store_uses_wal_mode_on_sqlite(store):
+def test_store_uses_wal_mode_on_sqlite(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'core.db'}")
     with store.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    store.close()
 
 
 def test_pagination_walks_every_task_once_newest_first(store):

@@ -81,11 +81,12 @@ def test_summaries_and_details_are_what_the_models_dump_key_for_key():
             assert json.dumps(data) == json.dumps(TaskDetail.model_validate(data).model_dump(mode="json"))
 
 
-def test_listing_with_prebuilt_statements_matches_filters_and_cursors(tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 'x.db'}")
+def test_listing_with_prebuilt_statements_matches_filters_and_cursors(store_url):
+    store = Store(store_url)
     tasks = _tasks()
     for task in tasks:
         store.create_task(task)
+    assert [store.get_task(t.id).to_dict() for t in tasks] == [t.to_dict() for t in tasks]  # one joined read each
     page, key = store.list_tasks(TaskFilter(), limit=2)
     assert [t.id for t in page] == ["c", "b"] and key == (tasks[1].created_at, "b")
     assert [s.to_dict() for s in page[1].stages] == [s.to_dict() for s in tasks[1].stages]
@@ -97,6 +98,7 @@ def test_listing_with_prebuilt_statements_matches_filters_and_cursors(tmp_path):
     assert [t.id for t in store.list_tasks(flt, limit=10)[0]] == ["c", "a"]
     assert [t.id for t in store.list_tasks(TaskFilter(owner="jupyter"), limit=10)[0]] == ["b"]
     assert store.list_tasks(TaskFilter(types=("other",)), limit=10)[0] == []
+    store.close()
 
 
 def test_debug_emitted_looks_at_handler_levels_not_only_the_logger():

@@ -96,8 +96,8 @@ async def test_the_mcp_task_ttl_is_honoured_within_bounds_and_reported(mcp_url, 
         assert listed.structured_content["retention_seconds"] == 3600
 
 
-def test_pruning_runs_in_bounded_batches_on_its_own_thread(tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+def test_pruning_runs_in_bounded_batches_on_its_own_thread(store_url):
+    store = Store(store_url)
     old = time.time() - 100
     with store.engine.begin() as conn:
         conn.execute(sa.insert(tasks_table), [

@@ -87,6 +87,11 @@ def parse_iso(value: str, name: str = "since") -> float:
     return parsed.timestamp()
 
 
+# The longest stage name stored (task_stages.name, tasks.current_stage, progress_samples.stage): PostgreSQL refuses
+# a longer VARCHAR where SQLite would keep it, so names are cut to this on both (core/progress.py).
+STAGE_NAME_MAX = 128
+
+
 @dataclass
 class Stage:
     """One named phase of a task, with its own item counts and ETA."""

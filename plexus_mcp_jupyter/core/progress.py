@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .models import ProgressSample, Stage, StageStatus, Task
+from .models import STAGE_NAME_MAX, ProgressSample, Stage, StageStatus, Task
 
 ETA_MIN_FRACTION = 0.10
 
@@ -40,7 +40,12 @@ class ProgressTracker:
         return self.task.stages[-1] if self.task.stages else None
 
     def begin_stage(self, name: str, total: int | None, at: float, message: str | None = None) -> ProgressDecision:
-        """Close the current stage as COMPLETED and open a new RUNNING one. Always persisted."""
+        """Close the current stage as COMPLETED and open a new RUNNING one. Always persisted.
+
+        A name longer than STAGE_NAME_MAX (task code chooses it) is cut, ending in "...": stored whole it would
+        fail the write on PostgreSQL, and with it the batched writes of every other task."""
+        if len(name) > STAGE_NAME_MAX:
+            name = name[: STAGE_NAME_MAX - 3] + "..."
         changed: list[Stage] = []
         previous = self.stage
         if previous is not None and previous.status == StageStatus.RUNNING:

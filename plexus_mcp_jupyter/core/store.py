@@ -20,10 +20,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from .errors import InvalidArgument
-from .models import FINAL_STATUSES, ProgressSample, Stage, StageStatus, Task, TaskStatus
+from .models import FINAL_STATUSES, STAGE_NAME_MAX, ProgressSample, Stage, StageStatus, Task, TaskStatus
 from .retention import RetentionPolicy
 
-SCHEMA_VERSION = 1
 KEY_OWNER_PREFIX = "key:"  # owners of work created with an API key (security/identity.py)
 
 metadata = sa.MetaData()
@@ -42,7 +41,7 @@ tasks_table = sa.Table(
     sa.Column("started_at", sa.Float),
     sa.Column("completed_at", sa.Float),
     sa.Column("estimated_completion_at", sa.Float),
-    sa.Column("current_stage", sa.String(128)),
+    sa.Column("current_stage", sa.String(STAGE_NAME_MAX)),
     sa.Column("error_message", sa.Text),
     sa.Column("error_details", sa.JSON),
     sa.Column("output", sa.JSON),
@@ -57,7 +56,7 @@ tasks_table = sa.Table(
     sa.Index("ix_tasks_type_created", "type", "created_at", "id"),
     sa.Index("ix_tasks_completed", "completed_at"),  # retention finds the oldest finished tasks
     sa.Index("ix_tasks_owner_queue", "status", "priority", "owner", "created_at", "id"),  # the queue's shares
-    # Added by later releases (nullable: add_missing_columns brings older stores up to date).
+    # Added by later releases (nullable: an older store gets them from its migration, migrations/).
     sa.Column("batch_id", sa.String(36), nullable=True),  # the batch it was dispatched in (core/batches.py)
     sa.Column("retry_of", sa.String(36), nullable=True),  # the task this one is a new attempt of
     sa.Index("ix_tasks_batch", "batch_id", "status"),
@@ -69,7 +68,7 @@ stages_table = sa.Table(
     metadata,
     sa.Column("task_id", sa.String(36), sa.ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True),
     sa.Column("stage_order", sa.Integer, primary_key=True),
-    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("name", sa.String(STAGE_NAME_MAX), nullable=False),
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("status_message", sa.Text),
     sa.Column("total_items", sa.Integer),
@@ -85,7 +84,7 @@ samples_table = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("task_id", sa.String(36), sa.ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False),
     sa.Column("at", sa.Float, nullable=False),
-    sa.Column("stage", sa.String(128)),
+    sa.Column("stage", sa.String(STAGE_NAME_MAX)),
     sa.Column("processed", sa.Integer, nullable=False),
     sa.Column("total", sa.Integer),
     sa.Column("message", sa.Text),
@@ -115,23 +114,31 @@ meta_table = sa.Table(
     sa.Column("value", sa.Text, nullable=False),
 )
 
-_CORE_TABLES = (tasks_table, stages_table, samples_table, expired_table, meta_table)
 _TASK_COLUMNS = [c.name for c in tasks_table.columns]
 
 # The hottest reads, built once: constructing and cache-keying a statement per call cost more than
 # running it on SQLite.
-_SELECT_TASK = sa.select(tasks_table).where(tasks_table.c.id == sa.bindparam("task_id"))
-_SELECT_STAGES_OF_ONE = (
-    sa.select(stages_table)
-    .where(stages_table.c.task_id == sa.bindparam("task_id"))
+_N_TASK_COLUMNS = len(_TASK_COLUMNS)
+_SELECT_TASK_WITH_STAGES = (  # a row per stage (one with NULL stage columns for a task without stages)
+    sa.select(tasks_table, stages_table)
+    .select_from(tasks_table.outerjoin(stages_table, stages_table.c.task_id == tasks_table.c.id))
+    .where(tasks_table.c.id == sa.bindparam("task_id"))
     .order_by(stages_table.c.stage_order)
 )
 
 _INSERT_TASK = sa.insert(tasks_table)
-_CLAIM = (
+_QUEUED_ROW = sa.and_(tasks_table.c.id == sa.bindparam("b_id"), tasks_table.c.status == TaskStatus.QUEUED.value)
+_CLAIMED = {"status": TaskStatus.RUNNING.value, "worker": sa.bindparam("b_worker"),
+            "started_at": sa.bindparam("b_started_at")}
+_CLAIM = sa.update(tasks_table).where(_QUEUED_ROW).values(**_CLAIMED)
+# PostgreSQL: the row is locked with FOR UPDATE SKIP LOCKED, so a server whose claim races another's skips the
+# task at once (and plans again) instead of queueing behind the other's transaction; the status condition
+# then holds under the lock. SQLite serialises writers: the plain conditional UPDATE is one writer transaction.
+_CLAIM_SKIP_LOCKED = (
     sa.update(tasks_table)
-    .where(tasks_table.c.id == sa.bindparam("b_id"), tasks_table.c.status == TaskStatus.QUEUED.value)
-    .values(status=TaskStatus.RUNNING.value, worker=sa.bindparam("b_worker"), started_at=sa.bindparam("b_started_at"))
+    .where(tasks_table.c.id == sa.select(tasks_table.c.id).where(_QUEUED_ROW).with_for_update(skip_locked=True)
+           .scalar_subquery())
+    .values(**_CLAIMED)
 )
 
 
@@ -204,81 +211,98 @@ def default_db_url(data_dir: str | os.PathLike[str]) -> str:
     return f"sqlite:///{path / 'plexus.db'}"
 
 
-def make_engine(url: str, *, echo: bool = False) -> Engine:
-    """An engine on the store, with the SQLite settings every process using it needs (WAL, busy timeout)."""
-    engine = sa.create_engine(url, echo=echo, future=True)
+def make_engine(url: str, *, echo: bool = False, pool_size: int = 10, pool_timeout: float = 30.0,
+                statement_timeout: float = 30.0) -> Engine:
+    """An engine on the store, with what every process using it needs on its database.
+
+    SQLite: WAL, a busy timeout and foreign keys on every connection (_sqlite_pragmas). PostgreSQL (psycopg 3):
+    a statement timeout and a connect timeout. No pre-ping (a round trip before every call, a third of a read's
+    time): when the database restarts, the call that meets a closed connection fails and SQLAlchemy discards
+    every pooled connection opened before, so the next calls reconnect. The pool holds at most `pool_size`
+    connections; a call waits `pool_timeout` seconds for one.
+    """
+    parsed = sa.make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):  # no driver named: psycopg 3 (the postgres extra)
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    options: dict[str, Any] = {"echo": echo}
+    in_memory = parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
+    if not in_memory:  # an in-memory SQLite database is one connection, shared
+        options.update(pool_size=pool_size, max_overflow=0, pool_timeout=pool_timeout)
+    if parsed.get_backend_name() == "postgresql":
+        # TCP keepalives: a connection to a host that vanished (no reset sent) is found dead in about 25 s.
+        connect_args: dict[str, Any] = {"connect_timeout": max(1, round(pool_timeout)), "keepalives": 1,
+                                        "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+        if statement_timeout > 0:
+            connect_args["options"] = f"-c statement_timeout={round(statement_timeout * 1000)}"
+        options.update(connect_args=connect_args)
+    try:
+        engine = sa.create_engine(parsed, **options)
+    except ModuleNotFoundError as exc:
+        raise RuntimeError(f"the store {parsed.render_as_string(hide_password=True)} needs the database driver "
+                           f"{exc.name!r}: pip install 'plexus-mcp-jupyter[postgres]' (psycopg 3)") from None
     if engine.dialect.name == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_pragmas)
     return engine
 
 
-def add_missing_columns(engine: Engine, tables: Iterable[sa.Table]) -> list[str]:
-    """Bring a store made by an older release up to date: add the nullable columns its tables lack.
+def add_missing_columns(conn: Connection, tables: Iterable[sa.Table]) -> list[str]:
+    """Complete a store made by a release before migrations (migrations/__init__.py): add the nullable
+    columns its tables lack, as those releases did at start.
 
-    `create_all` creates missing tables but never alters existing ones, so a column added in a later
-    release (always nullable or with a server default) is added here with `ALTER TABLE ... ADD COLUMN`,
-    which SQLite and PostgreSQL both support, one transaction per column: another process sharing the store
-    may add the same column first. Returns "table.column" for each column this call added.
+    `create_all` creates missing tables but never alters existing ones, so a column those releases added
+    (always nullable or with a server default) is added here with `ALTER TABLE ... ADD COLUMN`, which SQLite
+    and PostgreSQL both support, committed one by one. Returns "table.column" for each column added.
     """
     added: list[str] = []
     for table in tables:
-        if not sa.inspect(engine).has_table(table.name):
+        if not sa.inspect(conn).has_table(table.name):
             continue
-        present = {column["name"] for column in sa.inspect(engine).get_columns(table.name)}
+        present = {column["name"] for column in sa.inspect(conn).get_columns(table.name)}
         for column in table.columns:
             if column.name in present:
                 continue
             if not column.nullable and column.server_default is None:
                 raise RuntimeError(f"cannot add the required column {table.name}.{column.name} to an existing store: "
                                    "give it a server_default")
-            ddl = sa.schema.CreateColumn(column).compile(dialect=engine.dialect)
-            name = engine.dialect.identifier_preparer.quote(table.name)
-            try:
-                with engine.begin() as conn:
-                    conn.execute(sa.text(f"ALTER TABLE {name} ADD COLUMN {ddl}"))
-            except sa.exc.DBAPIError:  # added meanwhile by another process sharing the store?
-                if column.name not in {c["name"] for c in sa.inspect(engine).get_columns(table.name)}:
-                    raise
-                continue
+            ddl = sa.schema.CreateColumn(column).compile(dialect=conn.dialect)
+            name = conn.dialect.identifier_preparer.quote(table.name)
+            conn.execute(sa.text(f"ALTER TABLE {name} ADD COLUMN {ddl}"))
+            conn.commit()
             added.append(f"{table.name}.{column.name}")
     return added
 
 
-def add_missing_indexes(engine: Engine, tables: Iterable[sa.Table]) -> None:
-    """Create the indexes a later release added to an existing table (`create_all` makes only new tables')."""
-    with engine.begin() as conn:
-        for table in tables:
-            for index in table.indexes:
-                index.create(conn, checkfirst=True)
-
-
+def add_missing_indexes(conn: Connection, tables: Iterable[sa.Table]) -> None:
+    """Create the indexes a release before migrations added to an existing table (`create_all` makes only
+    new tables')."""
+    for table in tables:
+        for index in table.indexes:
+            index.create(conn, checkfirst=True)
+    conn.commit()
 
 
 class Store:
     """Tasks, stages and progress samples in a relational database."""
 
-    def __init__(self, url: str, *, echo: bool = False) -> None:
+    def __init__(self, url: str, *, echo: bool = False, pool_size: int = 10, pool_timeout: float = 30.0,
+                 statement_timeout: float = 30.0) -> None:
         self.url = url
-        self.engine: Engine = make_engine(url, echo=echo)
-        metadata.create_all(self.engine)
-        add_missing_columns(self.engine, _CORE_TABLES)
-        add_missing_indexes(self.engine, _CORE_TABLES)
-        self._check_schema_version()
+        self.engine: Engine = make_engine(url, echo=echo, pool_size=pool_size, pool_timeout=pool_timeout,
+                                          statement_timeout=statement_timeout)
+        from ..migrations import upgrade_store  # the migrations import every module that defines a table
+
+        # Reads need no transaction: on PostgreSQL, autocommit spares the BEGIN and ROLLBACK round trips around
+        # every read (under READ COMMITTED each statement has its own snapshot either way). SQLite's driver
+        # begins no transaction for a read.
+        self.reads: Engine = (self.engine.execution_options(isolation_level="AUTOCOMMIT")
+                              if self.engine.dialect.name == "postgresql" else self.engine)
+        try:
+            upgrade_store(self.engine, self.safe_url)
+        except BaseException:
+            self.engine.dispose()
+            raise
 
     # -- lifecycle -----------------------------------------------------------------------------
-
-    def _check_schema_version(self) -> None:
-        with self.engine.begin() as conn:
-            row = conn.execute(
-                sa.select(meta_table.c.value).where(meta_table.c.key == "schema_version")
-            ).first()
-            if row is None:
-                conn.execute(sa.insert(meta_table).values(key="schema_version", value=str(SCHEMA_VERSION)))
-            elif int(row[0]) > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"the database at {self.safe_url} has schema version {row[0]}, newer than this "
-                    f"plexus-mcp-jupyter supports ({SCHEMA_VERSION}): upgrade the package or use another db_url"
-                )
 
     @property
     def safe_url(self) -> str:
@@ -315,7 +339,7 @@ class Store:
         """The tasks with these ids that exist (without their stages), in no particular order."""
         t = tasks_table
         out: list[Task] = []
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             for start in range(0, len(ids), _IN_CHUNK):
                 chunk = list(ids[start:start + _IN_CHUNK])
                 out += [_task_from_tuple(r) for r in conn.execute(sa.select(t).where(t.c.id.in_(chunk)))]
@@ -325,7 +349,7 @@ class Store:
         """For those of `ids` that were retried: the id of a newer attempt of each."""
         t = tasks_table
         out: dict[str, str] = {}
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             for start in range(0, len(ids), _IN_CHUNK):
                 chunk = list(ids[start:start + _IN_CHUNK])
                 out.update((r[0], r[1]) for r in conn.execute(sa.select(t.c.retry_of, t.c.id)
@@ -359,7 +383,7 @@ class Store:
             where.append(visible_to(t.c.owner, viewer))
         current = sa.select(t.c.status, sa.func.count()).where(*where, t.c.id.notin_(retried)).group_by(t.c.status)
         superseded = sa.select(sa.func.count()).select_from(t).where(*where, t.c.id.in_(retried))
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             counts = {status: int(n) for status, n in conn.execute(current)}
             return counts, int(conn.execute(superseded).scalar_one())
 
@@ -375,20 +399,20 @@ class Store:
                            sa.func.coalesce(sa.func.sum(st.c.total_items), 0))
                  .select_from(st.join(t, st.c.task_id == t.c.id)).where(*where))
         times = sa.select(sa.func.min(t.c.created_at), sa.func.max(t.c.completed_at)).where(*where)
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             processed, total = conn.execute(items).one()
             created, ended = conn.execute(times).one()
         return int(processed), int(total), created, ended
 
     def get_task(self, task_id: str) -> Task | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(_SELECT_TASK, {"task_id": task_id}).mappings().first()
-            if row is None:
-                return None
-            task = _task_from_row(row)
-            task.stages = [_stage_from_row(r) for r in conn.execute(_SELECT_STAGES_OF_ONE, {"task_id": task_id})
-                           .mappings()]
-            return task
+        """One task with its stages, in one statement (one round trip to a networked database)."""
+        with self.reads.connect() as conn:
+            rows = conn.execute(_SELECT_TASK_WITH_STAGES, {"task_id": task_id}).all()
+        if not rows:
+            return None
+        task = _task_from_tuple(rows[0][:_N_TASK_COLUMNS])
+        task.stages = [_stage_from_tuple(r[_N_TASK_COLUMNS:]) for r in rows if r[_N_TASK_COLUMNS] is not None]
+        return task
 
     def list_tasks(
         self, flt: TaskFilter, *, limit: int, after: tuple[float, str] | None = None
@@ -414,7 +438,7 @@ class Store:
             params["before"] = flt.before
         if after is not None:
             params["after_created"], params["after_id"] = after
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             rows = conn.execute(query, params).all()
             page = [_task_from_tuple(r) for r in rows[:limit]]
             stages = self._stages_for(conn, [task.id for task in page])
@@ -425,24 +449,24 @@ class Store:
 
     def count_tasks(self, flt: TaskFilter) -> int:
         query = sa.select(sa.func.count()).select_from(tasks_table).where(*_filter_clauses(flt))
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             return int(conn.execute(query).scalar_one())
 
     def counts_by_status(self) -> dict[str, int]:
         t = tasks_table
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             rows = conn.execute(sa.select(t.c.status, sa.func.count()).group_by(t.c.status)).all()
         return {status: int(n) for status, n in rows}
 
     def find_task_ids(self, flt: TaskFilter, *, limit: int) -> list[str]:
         t = tasks_table
         query = sa.select(t.c.id).where(*_filter_clauses(flt)).order_by(t.c.created_at).limit(limit)
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             return [r[0] for r in conn.execute(query)]
 
     def tasks_with_status(self, status: TaskStatus) -> list[Task]:
         """Every task with this status, with its stages."""
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             rows = conn.execute(sa.select(tasks_table).where(tasks_table.c.status == status.value)).mappings()
             tasks = [_task_from_row(r) for r in rows]
             stages = self._stages_for(conn, [t.id for t in tasks])
@@ -457,11 +481,12 @@ class Store:
     def claim_many(self, task_ids: Sequence[str], *, worker: str, started_at: float) -> set[str]:
         """`claim` for the starts of one scheduling pass, in one transaction (a commit costs more than the
         updates); returns the ids this call moved to RUNNING (another server may have taken the others)."""
+        statement = _CLAIM_SKIP_LOCKED if self.engine.dialect.name == "postgresql" else _CLAIM
         won: set[str] = set()
         with self.engine.begin() as conn:
             for task_id in task_ids:
                 params = {"b_id": task_id, "b_worker": worker, "b_started_at": started_at}
-                if conn.execute(_CLAIM, params).rowcount == 1:
+                if conn.execute(statement, params).rowcount == 1:
                     won.add(task_id)
         return won
 
@@ -493,7 +518,7 @@ class Store:
         if not ids:
             return set()
         t = tasks_table
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             rows = conn.execute(sa.select(t.c.id).where(t.c.id.in_(ids), t.c.cancel_requested.is_(True)))
             return {r[0] for r in rows}
 
@@ -551,7 +576,7 @@ class Store:
     def history(self, task_id: str, *, limit: int) -> tuple[list[ProgressSample], int]:
         """The most recent `limit` progress samples of a task, oldest first, and how many exist."""
         s = samples_table
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             total = conn.execute(
                 sa.select(sa.func.count()).select_from(s).where(s.c.task_id == task_id)
             ).scalar_one()
@@ -575,7 +600,7 @@ class Store:
         tasks than were read, how many were not."""
         rows: list[Any] = []
         cut: dict[tuple[int, str | None], int] = {}
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             groups = conn.execute(_QUEUE_GROUPS, {"limit": limit}).all()
             quota = min(per_owner, max(1, limit // max(len(groups), 1)))
             for priority, owner, queued in groups:
@@ -601,7 +626,7 @@ class Store:
                            sa.or_(t.c.created_at < task.created_at,
                                   sa.and_(t.c.created_at == task.created_at, t.c.id < task.id)))),
         )
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             return int(conn.execute(query).scalar_one())
 
     # -- retention (core/retention.py) ---------------------------------------------------------
@@ -651,7 +676,7 @@ class Store:
         found by the task's id or its evaluation's."""
         x = expired_table
         where = x.c.id == task_id if evaluation_id is None else x.c.evaluation_id == evaluation_id
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             row = conn.execute(sa.select(x).where(where)).mappings().first()
         return dict(row) if row is not None else None
 
@@ -740,8 +765,12 @@ def owner_visible(owner: str | None, viewer: str | None) -> bool:
 
 
 def visible_to(owner_column: Any, viewer: Any) -> Any:
-    """SQL for Principal.sees_owner: unowned, not owned by an API key, or the viewer's own."""
-    return sa.or_(owner_column.is_(None), owner_column.notlike(f"{KEY_OWNER_PREFIX}%"), owner_column == viewer)
+    """SQL for Principal.sees_owner: unowned, not owned by an API key, or the viewer's own.
+
+    The prefix is compared exactly (not NOT LIKE, which ignores case on SQLite and not on PostgreSQL), as
+    owner_visible does."""
+    prefix = sa.func.substr(owner_column, 1, len(KEY_OWNER_PREFIX))
+    return sa.or_(owner_column.is_(None), prefix != KEY_OWNER_PREFIX, owner_column == viewer)
 
 
 @functools.lru_cache(maxsize=256)
@@ -866,20 +895,6 @@ def _task_from_dict(data: dict[str, Any]) -> Task:
     data["params"] = data["params"] or {}
     data["cancel_requested"] = bool(data["cancel_requested"])
     return Task(**data)
-
-
-def _stage_from_row(r: Any) -> Stage:
-    return Stage(
-        name=r["name"],
-        order=r["stage_order"],
-        status=StageStatus(r["status"]),
-        status_message=r["status_message"],
-        total_items=r["total_items"],
-        processed_items=r["processed_items"],
-        started_at=r["started_at"],
-        completed_at=r["completed_at"],
-        estimated_completion_at=r["estimated_completion_at"],
-    )
 
 
 _STAGE_COLUMNS = ("task_id", "stage_order", "name", "status", "status_message", "total_items",

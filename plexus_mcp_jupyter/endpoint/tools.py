@@ -11,6 +11,7 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Annotated, Any, TypeVar
 
+import sqlalchemy as sa
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
@@ -20,6 +21,7 @@ from ..core import demo
 from ..core.errors import PlexusError, bounded
 from ..core.manager import HISTORY_MAX, MAX_PRIORITY, MIN_PRIORITY, TaskManager
 from ..core.models import Task, TaskStatus
+from ..core.store_calls import store_unavailable
 from .principal import current_principal
 from .progress import final_summary, follow_to_end, progress_token
 from .schemas import DispatchResult, TaskDetail, TaskPage, task_uri
@@ -42,6 +44,11 @@ def client_errors(fn: F) -> F:
             return await fn(*args, **kwargs)
         except PlexusError as exc:
             raise ToolError(bounded(str(exc))) from None
+        except sa.exc.SQLAlchemyError as exc:  # the store's database is unreachable: say so, try again later
+            unavailable = store_unavailable(exc)
+            if unavailable is None:
+                raise
+            raise ToolError(str(unavailable)) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -48,7 +48,7 @@ from .scorers import SCORER_SPEC_SCHEMA, SpecError, normalize_spec
 
 SCORECARD_EXTENSIONS = (".yaml", ".yml")
 
-_NAME = {"type": "string", "minLength": 1}
+_NAME = {"type": "string", "minLength": 1, "maxLength": 128}  # score names are stored in VARCHAR(128)
 SCORECARD_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "Plexus scorecard",
@@ -357,6 +357,8 @@ class _Checker:
                 self.check(item, schema["items"], [*path, position])
         elif expected == "string" and len(value.strip()) < schema.get("minLength", 0):
             self.fail(path, "must not be empty")
+        elif expected == "string" and len(value) > schema.get("maxLength", len(value)):
+            self.fail(path, f"must be at most {schema['maxLength']} characters, not {len(value):,}")
         elif expected in {"integer", "number"}:
             if "minimum" in schema and value < schema["minimum"]:
                 self.fail(path, f"must be at least {schema['minimum']}, not {value!r}")

@@ -20,8 +20,6 @@ from sqlalchemy.engine import Connection, Engine
 from ..core.errors import InvalidArgument
 from ..core.models import TaskStatus
 from ..core.store import (
-    add_missing_columns,
-    add_missing_indexes,
     decode_position,
     encode_position,
     metadata,
@@ -156,10 +154,7 @@ class EvaluationStore:
     """Reads and writes evaluation records and items on an engine shared with the task Store."""
 
     def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        metadata.create_all(engine, tables=[evaluations_table, items_table])
-        add_missing_columns(engine, [evaluations_table, items_table])
-        add_missing_indexes(engine, [evaluations_table, items_table])
+        self.engine = engine  # its tables are made by the store's migrations (migrations/), as every table
 
     def create(self, row: dict[str, Any], conn: Connection | None = None) -> None:
         """Insert an evaluation's record, in `conn`'s transaction when given (the one storing its task)."""

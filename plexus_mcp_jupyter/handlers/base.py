@@ -18,6 +18,7 @@ from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
 from ..core.errors import Expired, NotFound, PlexusError, bounded
+from ..core.store_calls import RETRY_AFTER_SECONDS, store_unavailable
 from ..runtime import PlexusRuntime
 from ..security.http import (
     BadJSON,
@@ -227,8 +228,24 @@ class PlexusHandler(APIHandler):
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(data, default=str))
 
+    def log_exception(self, typ: Any, value: BaseException | None, tb: Any) -> None:
+        """An unreachable store is logged as one line (it is answered 503, see write_error), not a traceback."""
+        unavailable = store_unavailable(value) if value is not None else None
+        if unavailable is not None:
+            self.log.warning("%s %s: %s", self.request.method, self.request.path, unavailable)
+            return
+        super().log_exception(typ, value, tb)
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        message = error_message(kwargs.get("exc_info", (None, None, None))[1], self._reason)
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        unavailable = store_unavailable(exc) if exc is not None else None
+        if unavailable is not None:  # the database is down or too slow: the client may try again shortly
+            self.set_status(503)
+            self.set_header("Retry-After", str(RETRY_AFTER_SECONDS))
+            self.set_header("Content-Type", "application/json")
+            self.finish(json.dumps(self.error_body(503, str(unavailable))))
+            return
+        message = error_message(exc, self._reason)
         if status_code == 401:
             # send_error() cleared the headers set in prepare(): the challenge goes here.
             self.set_header("WWW-Authenticate", 'Bearer realm="jupyter"')
@@ -243,6 +260,8 @@ def http_error(exc: PlexusError) -> web.HTTPError:
     """Map a core error to the HTTP error of the same meaning, its message bounded as for a tool error (it
     quotes what the client sent, and tornado logs it with the URL)."""
     message = bounded(str(exc))
+    if store_unavailable(exc) is not None:
+        return web.HTTPError(503, message)
     if isinstance(exc, Expired):
         return web.HTTPError(410, message)  # Gone: it existed, and retention removed it
     if isinstance(exc, NotFound):

@@ -29,7 +29,7 @@ class HealthHandler(PlexusHandler):
             # Details (the store, counts of everyone's tasks) are for the notebook user and admin keys.
             self.reply({"status": "ok", "authenticated": True, "version": __version__})
             return
-        details = self.runtime.health()
+        details = await self.runtime.health()
         details["auth"] = {"enabled": bool(self.identity_provider.auth_enabled)}
         if not self.identity_provider.auth_enabled:
             details["auth"]["warning"] = AUTH_DISABLED_WARNING

@@ -113,7 +113,6 @@ class AuditLog:
         self.engine = engine
         self.sensitive = tuple(sensitive)
         self.scrubber = SecretScrubber()  # the server adds its token (see PlexusRuntime.protect_secret)
-        metadata.create_all(engine, tables=[audit_table])
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(QUEUE_SIZE)
         self.dropped = 0
         self.retention_seconds = 0.0  # 0: kept forever; see configure_retention
@@ -216,7 +215,8 @@ class AuditLog:
                 raise InvalidArgument(f"unknown outcome {outcome!r}; expected one of {', '.join(OUTCOMES)}")
             query = query.where(a.c.outcome == outcome)
         if action:
-            query = query.where(a.c.action.like(action.replace("*", "%")))
+            # Lower-cased: SQLite's LIKE ignores ASCII case, PostgreSQL's does not; action names are lower-case.
+            query = query.where(a.c.action.like(action.lower().replace("*", "%")))
         if owner:
             query = query.where(a.c.owner == owner)
         if since:

@@ -115,7 +115,6 @@ class KeyStore:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        metadata.create_all(engine, tables=[keys_table])
         self._cache: dict[str, tuple[float, ApiKey, str]] = {}  # id -> (read at, key, secret hash)
         self._last_written: dict[str, float] = {}
         self._lock = threading.Lock()

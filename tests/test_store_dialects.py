@@ -1,0 +1,250 @@
+"""The same store code on SQLite and PostgreSQL: every store method whose SQL differs between the two (upserts,
+RETURNING, booleans, JSON, float timestamps, LIKE and prefixes, partial indexes, row locks), each test run on a
+real SQLite file and a real PostgreSQL database (tests/postgres.py, the `store_url` fixture)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+import sqlalchemy as sa
+
+from plexus_mcp_jupyter.core.models import ProgressSample, Stage, StageStatus, Task, TaskStatus
+from plexus_mcp_jupyter.core.store import ProgressWrite, Store, TaskFilter
+from plexus_mcp_jupyter.evaluations.store import EvaluationStore, ItemFilter
+from plexus_mcp_jupyter.security.audit import AuditLog
+from plexus_mcp_jupyter.security.identity import LOCAL_ADMIN
+from plexus_mcp_jupyter.security.keys import KeyStore
+
+
+@pytest.fixture
+def store(store_url):
+    s = Store(store_url)
+    yield s
+    s.close()
+
+
+def queued(n: int, **kw) -> list[Task]:
+    base = time.time()
+    return [
+        Task(id=uuid.uuid4().hex, type="demo", status=TaskStatus.QUEUED, created_at=base + i * 1e-3, **kw)
+        for i in range(n)
+    ]
+
+
+def test_two_stores_claiming_the_same_queue_at_once_never_claim_a_task_twice(store_url):
+    # Two Store instances (two pools, as two servers have) drain one queue of 1,000 tasks concurrently: the
+    # claim is a conditional UPDATE (FOR UPDATE SKIP LOCKED on PostgreSQL, one writer transaction on SQLite).
+    first = Store(store_url)
+    second = Store(store_url)
+    first.create_tasks(queued(1000))
+    claimed: dict[str, list[str]] = {"a": [], "b": []}
+    failures: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def drain(name: str, store: Store) -> None:
+        try:
+            start.wait()
+            while True:
+                window, _ = store.queue_window(per_owner=50, limit=50)
+                if not window:
+                    return
+                for task in window:
+                    if store.claim(task.id, worker=name, started_at=time.time()):
+                        claimed[name].append(task.id)
+        except BaseException as exc:  # reported by the main thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=drain, args=(name, s)) for name, s in (("a", first), ("b", second))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    try:
+        assert not failures, failures
+        both = claimed["a"] + claimed["b"]
+        assert len(both) == 1000 and len(set(both)) == 1000  # every task claimed, none twice
+        assert claimed["a"] and claimed["b"]  # both really competed
+        with first.engine.connect() as conn:
+            rows = dict(conn.execute(sa.text("SELECT worker, COUNT(*) FROM tasks GROUP BY worker")).all())
+        assert rows == {"a": len(claimed["a"]), "b": len(claimed["b"])}  # the row says who won
+    finally:
+        first.close()
+        second.close()
+
+
+def test_progress_writes_upsert_stages_and_a_final_write_never_overwrites_a_final_task(store):
+    task = queued(1)[0]
+    store.create_task(task)
+    assert store.claim(task.id, worker="w", started_at=time.time())
+    assert not store.claim(task.id, worker="other", started_at=time.time())  # no longer QUEUED
+    stage = Stage("Processing", 0, StageStatus.RUNNING, total_items=10, processed_items=3, started_at=time.time())
+    task.current_stage = "Processing"
+    sample = ProgressSample(at=time.time(), stage="Processing", processed=3, total=10, message="three")
+    store.save_progress_many([ProgressWrite(task, [stage], [sample])])
+    stage.processed_items = 10  # the same (task, order): updated in place, not a second row
+    stage.status = StageStatus.COMPLETED
+    task.status, task.completed_at = TaskStatus.COMPLETED, time.time()
+    task.output = {"rows": [1, 2.5, None, "x"], "nested": {"ok": True}}
+    store.save_progress_many([ProgressWrite(task, [stage], [], final=True)])
+    late = Task(**{**task.__dict__, "status": TaskStatus.FAILED, "error_message": "late", "stages": []})
+    store.save_progress_many([ProgressWrite(late, [], [], final=True)])  # already final: left alone
+    got = store.get_task(task.id)
+    assert got is not None and got.status is TaskStatus.COMPLETED and got.error_message is None
+    assert got.output == {"rows": [1, 2.5, None, "x"], "nested": {"ok": True}}  # JSON round trip
+    assert [(s.name, s.processed_items, s.status) for s in got.stages] == [("Processing", 10, StageStatus.COMPLETED)]
+    assert got.completed_at == pytest.approx(task.completed_at, abs=1e-6)  # float timestamps keep sub-ms
+    samples, total = store.history(task.id, limit=10)
+    assert total == 1 and samples[0].message == "three"
+
+
+def test_queue_reads_updates_with_returning_and_boolean_flags(store):
+    tasks = queued(6, owner="alice")
+    tasks[0].priority = 5
+    store.create_tasks(tasks)
+    window, cut = store.queue_window(per_owner=2, limit=10)
+    assert [t.id for t in window] == [t.id for t in tasks[:3]] and cut == {(0, "alice"): 3}
+    assert store.queued_ahead(tasks[3]) == 3
+    assert store.claim(tasks[1].id, worker="w", started_at=time.time())
+    updated = store.update_queued([t.id for t in tasks], priority=2)  # RETURNING: the claimed one is left out
+    assert sorted(updated) == sorted(t.id for t in tasks if t.id != tasks[1].id)
+    assert store.update_task(tasks[1].id, cancel_requested=True, only_if_status=[TaskStatus.RUNNING])
+    assert store.cancel_requested_ids([t.id for t in tasks]) == {tasks[1].id}
+    assert store.get_task(tasks[1].id).cancel_requested is True
+    assert store.get_task(tasks[2].id).cancel_requested is False
+    assert store.counts_by_status() == {"QUEUED": 5, "RUNNING": 1}
+
+
+def test_batch_counts_and_items_follow_retries(store):
+    tasks = queued(3, batch_id="b1")
+    store.create_tasks(tasks)
+    store.update_task(tasks[0].id, status=TaskStatus.FAILED, completed_at=time.time())
+    store.create_task(
+        Task(
+            id="retry",
+            type="demo",
+            status=TaskStatus.QUEUED,
+            batch_id="b1",
+            retry_of=tasks[0].id,
+            stages=[Stage("S", 0, total_items=4, processed_items=1)],
+        )
+    )
+    counts, superseded = store.batch_counts("b1")
+    assert counts == {"QUEUED": 3} and superseded == 1
+    processed, total, created, ended = store.batch_items("b1")
+    assert (processed, total, ended) == (1, 4, None) and created == pytest.approx(tasks[1].created_at)
+    assert store.retries_of([tasks[0].id]) == {tasks[0].id: "retry"}
+
+
+def test_a_viewer_sees_exactly_what_owner_visible_says_whatever_the_case(store):
+    # Prefixes compared exactly on both: SQLite's LIKE would ignore case where PostgreSQL's does not.
+    owners = [None, "alice", "key:abc", "key:mine", "KEY:shouty"]
+    store.create_tasks([Task(id=f"t{i}", type="demo", status=TaskStatus.QUEUED, owner=o) for i, o in enumerate(owners)])
+    seen, _ = store.list_tasks(TaskFilter(viewer="key:mine"), limit=10)
+    assert sorted(t.owner or "" for t in seen) == ["", "KEY:shouty", "alice", "key:mine"]
+    assert store.count_tasks(TaskFilter(viewer="key:mine")) == 4
+
+
+def test_evaluation_items_with_the_partial_mismatch_index(store):
+    evaluations = EvaluationStore(store.engine)
+    task = queued(1)[0]
+    store.create_task(task)
+    evaluations.create(
+        {
+            "id": "e1",
+            "task_id": task.id,
+            "type": "accuracy",
+            "owner": None,
+            "dataset": "d.csv",
+            "definition": {"scorer": {"kind": "column"}},
+            "created_at": time.time(),
+        }
+    )
+    rows = [
+        (
+            i,
+            f"id{i}",
+            "in",
+            "yes" if i % 2 else "no",
+            "yes" if i % 2 else "no",
+            "yes",
+            [True, False, None][i % 3],
+            None,
+            None,
+        )
+        for i in range(12)
+    ]
+    evaluations.add_items("e1", "s", rows)  # the driver's executemany with its own placeholders
+    wrong, cursor = evaluations.items("e1", ItemFilter("s", only_mismatches=True), limit=3)
+    assert [r["seq"] for r in wrong] == [1, 2, 4] and cursor is not None
+    rest, _ = evaluations.items("e1", ItemFilter("s", only_mismatches=True), limit=10, cursor=cursor)
+    assert [r["seq"] for r in rest] == [5, 7, 8, 10, 11]
+    labelled, _ = evaluations.items("e1", ItemFilter("s", label="YES"), limit=20)
+    assert [r["seq"] for r in labelled] == [1, 3, 5, 7, 9, 11] and labelled[0]["correct"] is False
+    evaluations.set_results("e1", {"s": {"accuracy": 0.5}}, {"items": 12})
+    assert evaluations.get("e1")["metrics"] == {"s": {"accuracy": 0.5}}
+    assert evaluations.delete_items("e1", 5) == 5 and evaluations.count_items("e1", "s") == 7
+
+
+def test_keys_and_the_audit_log(store):
+    keys = KeyStore(store.engine)
+    key, secret = keys.create("a client", "operator")
+    assert keys.verify(secret).id == key.id
+    keys.revoke(key.id)
+    assert keys.list() == [] and len(keys.list(include_revoked=True)) == 1
+    audit = AuditLog(store.engine)
+    try:
+        audit.record(LOCAL_ADMIN, "tool.run_demo_task", details={"n": 1})
+        audit.record(LOCAL_ADMIN, "key.create", target=key.id)
+        audit.flush()
+        records, _ = audit.query(action="Tool.*", limit=10)  # the same on both: action names are lower-case
+        assert [r["action"] for r in records] == ["tool.run_demo_task"] and records[0]["details"] == {"n": 1}
+    finally:
+        audit.close()
+
+
+def test_a_statement_over_the_timeout_is_cancelled_by_postgresql(postgres_url):
+    store = Store(postgres_url, statement_timeout=0.3)
+    try:
+        started = time.monotonic()
+        with pytest.raises(sa.exc.OperationalError, match="statement timeout"), store.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT pg_sleep(5)")
+        assert time.monotonic() - started < 4
+    finally:
+        store.close()
+
+
+def test_a_postgresql_url_without_a_driver_uses_psycopg(postgres_url):
+    store = Store(postgres_url.replace("postgresql+psycopg://", "postgresql://"))
+    try:
+        assert store.engine.dialect.driver == "psycopg" and store.ping()
+    finally:
+        store.close()
+
+
+def test_a_stage_name_longer_than_its_column_is_cut_not_refused_by_postgresql(store):
+    # Task code chooses stage names; PostgreSQL refuses a value longer than its VARCHAR where SQLite keeps it,
+    # and a refused write would fail the batched progress of every task written with it.
+    from plexus_mcp_jupyter.core.models import STAGE_NAME_MAX
+    from plexus_mcp_jupyter.core.progress import ProgressTracker
+
+    task = queued(1)[0]
+    store.create_task(task)
+    store.claim(task.id, worker="w", started_at=time.time())
+    change = ProgressTracker(task).begin_stage("Loading " + "x" * 500, 10, at=time.time())
+    store.save_progress_many([ProgressWrite(task, change.changed_stages, [change.sample] if change.sample else [])])
+    got = store.get_task(task.id)
+    assert len(got.current_stage) == STAGE_NAME_MAX and got.current_stage.endswith("...")
+    assert got.stages[0].name == got.current_stage
+
+
+def test_a_score_name_longer_than_its_column_is_refused_by_name():
+    from plexus_mcp_jupyter.core.errors import InvalidArgument
+    from plexus_mcp_jupyter.evaluations.scorecards import load_scorecard
+
+    from .test_scorecards import CARD
+
+    with pytest.raises(InvalidArgument, match=r"scores\[0\]\.name': must be at most 128 characters, not 200"):
+        load_scorecard(CARD.replace("name: stored predictions", "name: " + "s" * 200, 1))

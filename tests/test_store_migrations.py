@@ -1,0 +1,188 @@
+"""Migrations (Alembic) of the store, on a real SQLite file and a real PostgreSQL database (tests/postgres.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from plexus_mcp_jupyter.core.models import Task, TaskStatus
+from plexus_mcp_jupyter.core.store import Store, make_engine, meta_table, tasks_table
+from plexus_mcp_jupyter.migrations import BASELINE, StoreTooNew, current_revision, head_revision, schema_metadata
+
+
+def schema_diff(url: str) -> list[object]:
+    """What Alembic's autogenerate would change to bring the database to the SQLAlchemy tables."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"compare_type": True})
+            return list(compare_metadata(context, schema_metadata()))
+    finally:
+        engine.dispose()
+
+
+def test_a_new_store_is_migrated_up_from_empty_to_exactly_the_tables_schema(store_url):
+    store = Store(store_url)
+    try:
+        assert current_revision(store.engine) == head_revision()
+        assert set(sa.inspect(store.engine).get_table_names()) == {*schema_metadata().tables, "alembic_version"}
+    finally:
+        store.close()
+    assert schema_diff(store_url) == []
+
+
+def _legacy_store(url: str) -> None:
+    """A store as the last release without migrations left it: create_all, a schema version, no revision."""
+    engine = make_engine(url)
+    try:
+        schema_metadata().create_all(engine)
+        with engine.begin() as conn:
+            conn.execute(sa.insert(meta_table).values(key="schema_version", value="1"))
+            conn.execute(
+                sa.insert(tasks_table).values(
+                    id="old",
+                    type="demo",
+                    status="COMPLETED",
+                    priority=0,
+                    created_at=time.time(),
+                    cancel_requested=False,
+                )
+            )
+    finally:
+        engine.dispose()
+
+
+def test_a_store_from_the_release_before_migrations_is_stamped_and_upgraded_in_place(store_url):
+    _legacy_store(store_url)
+    store = Store(store_url)
+    try:
+        assert current_revision(store.engine) == head_revision()
+        old = store.get_task("old")
+        assert old is not None and old.status is TaskStatus.COMPLETED  # its data kept
+        store.create_task(Task(id="new", type="demo", status=TaskStatus.QUEUED))
+    finally:
+        store.close()
+    assert schema_diff(store_url) == []
+
+
+def test_an_older_store_lacking_later_columns_gets_them(tmp_path):
+    # A store of an earlier release still: tasks without batch_id and retry_of (added by add_missing_columns then).
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    _legacy_store(url)
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP INDEX ix_tasks_batch")
+        conn.exec_driver_sql("DROP INDEX ix_tasks_retry_of")
+        conn.exec_driver_sql("ALTER TABLE tasks DROP COLUMN batch_id")
+        conn.exec_driver_sql("ALTER TABLE tasks DROP COLUMN retry_of")
+    engine.dispose()
+    Store(url).close()
+    assert schema_diff(url) == []
+
+
+def test_a_store_newer_than_the_code_is_refused_naming_both_revisions(store_url):
+    Store(store_url).close()
+    engine = make_engine(store_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = 'f00dfeed'")
+    engine.dispose()
+    with pytest.raises(StoreTooNew) as refused:
+        Store(store_url)
+    message = str(refused.value)
+    assert "'f00dfeed'" in message and repr(head_revision()) in message and "newer release" in message
+
+
+def test_a_pre_migration_store_with_a_newer_schema_version_is_refused(tmp_path):
+    url = f"sqlite:///{tmp_path / 'newer.db'}"
+    _legacy_store(url)
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.update(meta_table).values(value="7"))
+    engine.dispose()
+    with pytest.raises(StoreTooNew, match="schema version 7, newer than this plexus-mcp-jupyter supports"):
+        Store(url)
+
+
+def test_the_baseline_is_the_first_revision_and_the_store_records_the_legacy_schema_version(store_url):
+    store = Store(store_url)
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.select(meta_table.c.value)).scalar_one() == "1"  # old releases read it
+    store.close()
+    from plexus_mcp_jupyter.migrations import _scripts
+
+    assert [r.revision for r in _scripts().walk_revisions()][-1] == BASELINE
+
+
+def plexus(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "plexus_mcp_jupyter.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_plexus_db_upgrade_and_current_on_the_command_line(store_url):
+    before = plexus("db", "current", "--db-url", store_url)
+    assert before.returncode == 0, before.stderr
+    assert "(none)" in before.stdout
+    _legacy_store(store_url)
+    upgraded = plexus("db", "upgrade", "--db-url", store_url)
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert head_revision() in upgraded.stdout
+    now = plexus("db", "current", "--db-url", store_url)
+    assert now.returncode == 0 and f"{head_revision()} (head)" in now.stdout, now.stdout + now.stderr
+    engine = make_engine(store_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = 'f00dfeed'")
+    engine.dispose()
+    refused = plexus("db", "upgrade", "--db-url", store_url)
+    assert refused.returncode != 0 and "'f00dfeed'" in refused.stderr and "Traceback" not in refused.stderr
+
+
+class TestAServerOnAStoreNewerThanItsCode:
+    """A real Jupyter server started on a store migrated by a newer release: every Plexus route answers 503
+    naming both revisions (the extension neither vanishes nor misreads the store)."""
+
+    @pytest.fixture
+    def plexus_config(self, tmp_path):
+        url = f"sqlite:///{tmp_path / 'newer.db'}"
+        Store(url).close()
+        engine = make_engine(url)
+        with engine.begin() as conn:
+            conn.exec_driver_sql("UPDATE alembic_version SET version_num = 'f00dfeed'")
+        engine.dispose()
+        return {"db_url": url}
+
+    async def test_every_plexus_route_says_why(self, server_url, token):
+        import httpx2
+
+        async with httpx2.AsyncClient(timeout=30) as http:
+            for path in ("plexus/api/health", "plexus/api/tasks", "plexus/mcp"):
+                answer = await http.get(server_url + path, headers={"Authorization": f"token {token}"})
+                assert answer.status_code == 503, answer.text
+                message = answer.json()["error"]["message"]
+                assert "'f00dfeed'" in message and repr(head_revision()) in message
+
+
+def test_servers_starting_at_once_on_a_new_store_migrate_it_once(store_url):
+    # Three processes open a new store at the same moment: one migrates it, the others wait, then find it done.
+    code = "import sys; from plexus_mcp_jupyter.core.store import Store; Store(sys.argv[1]).close()"
+    starts = [
+        subprocess.Popen([sys.executable, "-c", code, store_url], stderr=subprocess.PIPE, text=True) for _ in range(3)
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in starts]
+    assert [p.returncode for p in starts] == [0, 0, 0], errors
+    engine = make_engine(store_url)
+    try:
+        assert current_revision(engine) == head_revision()
+    finally:
+        engine.dispose()
+    assert schema_diff(store_url) == []
