@@ -53,7 +53,10 @@ def wants_json(body: bytes) -> bool:
         message = json.loads(body)
     except ValueError:
         return False
-    if not isinstance(message, dict) or message.get("method") not in ONE_SHOT_METHODS or "id" not in message:
+    if not isinstance(message, dict) or "id" not in message:
+        return False
+    method = message.get("method")
+    if not isinstance(method, str) or method not in ONE_SHOT_METHODS:  # a bad one is the SDK's to refuse
         return False
     params = message.get("params")
     if not isinstance(params, dict):
