@@ -51,7 +51,7 @@ def wants_json(body: bytes) -> bool:
         return False
     try:
         message = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deep to read here: the SDK refuses it
         return False
     if not isinstance(message, dict) or "id" not in message:
         return False
