@@ -130,8 +130,10 @@ function parseRpc(text: string, contentType: string, method: string): any {
   let message: any = null;
   if (contentType.includes('text/event-stream')) {
     for (const line of text.split('\n')) {
-      if (line.startsWith('data:')) {
-        const data = JSON.parse(line.slice(5));
+      const payload = line.startsWith('data:') ? line.slice(5).trim() : '';
+      if (payload) {
+        // Priming events (for resumption) carry an empty data line: only JSON-RPC messages are parsed.
+        const data = JSON.parse(payload);
         if ('result' in data || 'error' in data) {
           message = data;
         }
