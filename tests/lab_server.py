@@ -35,12 +35,15 @@ def free_port() -> int:
 class LabServer:
     """`python -m jupyterlab` in a subprocess, on its own port, token, data dir and SQLite store."""
 
-    def __init__(self, workdir: Path, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, workdir: Path, extra_args: tuple[str, ...] = (), launcher: tuple[str, ...] = ("-m", "jupyterlab"),
+                 extra_env: dict[str, str] | None = None) -> None:
+        """`launcher` replaces `-m jupyterlab` (a benchmark's `-c` code that prepares, then runs jupyterlab)."""
         self.workdir = workdir
         self.port = free_port()
         self.token = secrets.token_hex(16)
         self.url = f"http://127.0.0.1:{self.port}/"
         self.extra_args = extra_args
+        self.launcher = launcher
         self.process: subprocess.Popen[bytes] | None = None
         self.log = workdir / "jupyter.log"
         jupyter_path = workdir / "jupyter_path"
@@ -57,11 +60,28 @@ class LabServer:
             json.dumps({"ServerApp": {"jpserver_extensions": {"plexus_mcp_jupyter": True}}}))
         self.env = {**os.environ, "JUPYTER_PATH": str(jupyter_path), "JUPYTER_DATA_DIR": str(workdir / "data"),
                     "JUPYTER_CONFIG_DIR": str(workdir / "config"), "JUPYTER_RUNTIME_DIR": str(workdir / "runtime"),
-                    "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+                    "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+                    **(extra_env or {})}
+
+    def prefill(self, count: int, *, age_seconds: float = 600.0) -> None:
+        """`count` finished demo tasks in the store, older than anything the tests start (before `start`)."""
+        from plexus_mcp_jupyter.core.models import Task, TaskStatus
+        from plexus_mcp_jupyter.core.store import Store
+
+        store = Store(f"sqlite:///{self.workdir / 'plexus.db'}")
+        base = time.time() - age_seconds
+        try:
+            store.create_tasks([
+                Task(id=f"old-{i:05d}", type="demo", status=TaskStatus.COMPLETED, owner="jupyter",
+                     created_at=base + i * 0.01, started_at=base + i * 0.01, completed_at=base + i * 0.01 + 0.005)
+                for i in range(count)
+            ])
+        finally:
+            store.close()
 
     def start(self, timeout: float = 90.0) -> None:
         args = [
-            sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={self.port}",
+            sys.executable, *self.launcher, "--no-browser", "--allow-root", f"--port={self.port}",
             "--ip=127.0.0.1", f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={self.workdir / 'root'}",
             f"--LabApp.user_settings_dir={self.workdir / 'settings'}",
             f"--LabApp.workspaces_dir={self.workdir / 'workspaces'}",

@@ -28,6 +28,7 @@ pytestmark = [
     pytest.mark.timeout(180),
 ]
 
+PREFILLED = 10_000
 ARTIFACTS = Path(os.environ.get("PLEXUS_LAB_ARTIFACTS", Path(__file__).parent / "artifacts" / "lab"))
 
 
@@ -47,6 +48,7 @@ def jp_server_cleanup() -> None:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory) -> Iterator[LabServer]:
     server = LabServer(tmp_path_factory.mktemp("lab"))
+    server.prefill(PREFILLED)  # every test runs with a big store: the fault "10,000 tasks" is the normal case here
     server.start()
     try:
         yield server
@@ -220,6 +222,49 @@ def test_an_evaluations_confusion_matrix_and_mismatches(browser, lab):
         finally:
             page.context.close()
     lab.set_theme("JupyterLab Light")
+
+
+def test_ten_thousand_tasks_are_paged_and_only_visible_rows_are_drawn(page, lab):
+    summary = page.locator(".plexus-summary")
+    wait_for(summary.inner_text, lambda text: text.startswith("1000 shown") or text.startswith("100"), timeout=30)
+    wait_for(lambda: page.locator(".plexus-load-more").count(), lambda n: n == 1, timeout=30)
+    loaded = int(summary.inner_text().split()[0])
+    assert loaded >= 1000
+    page.click(".plexus-load-more")
+    wait_for(lambda: int(summary.inner_text().split()[0]), lambda n: n >= loaded + 1000, timeout=30)
+    rows = page.locator(".plexus-rows .plexus-row").count()
+    assert 0 < rows < 80, f"{rows} rows in the DOM: the table is not virtualised"
+    page.locator(".plexus-viewport").evaluate("v => { v.scrollTop = v.scrollHeight; }")
+    shown = int(summary.inner_text().split()[0])
+    last = page.locator(".plexus-rows .plexus-row").last
+    wait_for(lambda: last.get_attribute("aria-rowindex"), lambda index: index == str(shown))  # the end, drawn
+    assert (last.get_attribute("data-task-id") or "").startswith("old-")
+    assert page.locator(".plexus-rows .plexus-row").count() < 80
+    page.select_option(".plexus-filter-status", "RUNNING")
+    wait_for(lambda: page.locator(".plexus-rows .plexus-row").count(), lambda n: n == 0)
+
+
+def test_open_in_notebook_inserts_the_plexus_call(page, lab):
+    evaluation = lab.request("POST", "plexus/api/evaluations", {
+        "type": "accuracy", "dataset": "example:sentiment", "prediction_column": "prediction",
+        "label_column": "label"})
+    notebook = {"cells": [{"cell_type": "code", "source": "", "metadata": {}, "outputs": [], "execution_count": None}],
+                "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+                "nbformat": 4, "nbformat_minor": 5}
+    lab.request("PUT", "api/contents/plexus.ipynb", {"type": "notebook", "format": "json", "content": notebook})
+    page.goto(f"{lab.url}lab/tree/plexus.ipynb")
+    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60000)
+    if page.locator(".jp-Dialog").count():  # a kernel chooser, should the kernel spec be missing
+        page.keyboard.press("Escape")
+    open_panel(page)
+    page.click(".plexus-tab-evaluations")
+    page.click(f".plexus-open-evaluation[aria-label='Open evaluation {evaluation['evaluation_id']}']", timeout=20000)
+    detail = page.locator(f"#plexus-evaluation-{evaluation['evaluation_id']}")
+    detail.locator("button:has-text('Mismatches as DataFrame')").click()
+    sources = page.locator(".jp-Notebook .jp-Cell .jp-InputArea-editor")
+    wait_for(lambda: " ".join(sources.all_inner_texts()), lambda text: "only_mismatches=True" in text)
+    text = " ".join(sources.all_inner_texts())
+    assert f'plexus.evaluation("{evaluation["evaluation_id"]}").results(only_mismatches=True)' in text
 
 
 def test_a_reload_mid_task_resumes_the_live_state(browser, lab):
