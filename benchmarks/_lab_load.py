@@ -19,10 +19,22 @@ from typing import Any
 
 def _summary(i: int, step: int, rounds: int, started: str) -> dict[str, Any]:
     percent = round(100.0 * step / rounds, 1)
-    return {"task_id": f"load-{i:04d}", "type": "demo", "status": "RUNNING", "priority": 0, "description": None,
-            "created_at": started, "started_at": started, "completed_at": None, "estimated_completion_at": None,
-            "current_stage": "Processing", "error_message": None, "owner": "jupyter", "batch_id": None,
-            "progress": {"stage": "Processing", "processed": step, "total": rounds, "percent": percent}}
+    return {
+        "task_id": f"load-{i:04d}",
+        "type": "demo",
+        "status": "RUNNING",
+        "priority": 0,
+        "description": None,
+        "created_at": started,
+        "started_at": started,
+        "completed_at": None,
+        "estimated_completion_at": None,
+        "current_stage": "Processing",
+        "error_message": None,
+        "owner": "jupyter",
+        "batch_id": None,
+        "progress": {"stage": "Processing", "processed": step, "total": rounds, "percent": percent},
+    }
 
 
 def _run(directory: Path) -> None:

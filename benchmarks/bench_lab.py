@@ -106,10 +106,13 @@ def load(page: Any, lab: LabServer, load_dir: Path, tasks: int, rounds: int, int
             raise RuntimeError("the synthetic load did not finish")
         time.sleep(0.2)
     page.wait_for_function(
-        f"() => document.querySelector('.plexus-summary')?.textContent.includes('{tasks} running')", timeout=60000)
+        f"() => document.querySelector('.plexus-summary')?.textContent.includes('{tasks} running')", timeout=60000
+    )
     time.sleep(1.0)
-    return page.evaluate("() => ({ long: window.__plexus.long, received: window.__plexus.received, "
-                         "mutations: window.__plexus.mutations })")
+    return page.evaluate(
+        "() => ({ long: window.__plexus.long, received: window.__plexus.received, "
+        "mutations: window.__plexus.mutations })"
+    )
 
 
 def main() -> int:
@@ -123,8 +126,11 @@ def main() -> int:
         workdir = Path(tmp)
         load_dir = workdir / "load"
         load_dir.mkdir()
-        launcher = ("-c", f"import sys; sys.path.insert(0, {str(HERE)!r}); import _lab_load; _lab_load.install(); "
-                          "from jupyterlab.labapp import main; sys.argv[0] = 'jupyter-lab'; sys.exit(main())")
+        launcher = (
+            "-c",
+            f"import sys; sys.path.insert(0, {str(HERE)!r}); import _lab_load; _lab_load.install(); "
+            "from jupyterlab.labapp import main; sys.argv[0] = 'jupyter-lab'; sys.exit(main())",
+        )
         lab = LabServer(workdir, launcher=launcher, extra_env={"PLEXUS_LAB_LOAD_DIR": str(load_dir)})
         lab.start()
         try:
@@ -140,17 +146,25 @@ def main() -> int:
                 print(f"1. progress event -> progress bar, {args.updates}+ updates of demo tasks:", flush=True)
                 latencies = progress_latency(page, lab, args.updates)
                 p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
-                print(f"   n={len(latencies)} p50={p50:.1f} ms p99={p99:.1f} ms max={max(latencies):.1f} ms "
-                      f"mean={statistics.fmean(latencies):.1f} ms; p99 / goal (100 ms) = {p99 / 100:.2f}")
-                print(f"2. {args.tasks} running tasks x {args.rounds} progress rounds every {args.interval}s:",
-                      flush=True)
+                print(
+                    f"   n={len(latencies)} p50={p50:.1f} ms p99={p99:.1f} ms max={max(latencies):.1f} ms "
+                    f"mean={statistics.fmean(latencies):.1f} ms; p99 / goal (100 ms) = {p99 / 100:.2f}"
+                )
+                print(
+                    f"2. {args.tasks} running tasks x {args.rounds} progress rounds every {args.interval}s:", flush=True
+                )
                 result = load(page, lab, load_dir, args.tasks, args.rounds, args.interval)
                 long_tasks = [d for d in result["long"] if d > 50]
                 published = args.tasks * args.rounds
-                print(f"   events published {published}, received by the page {result['received']} (the stream "
-                      f"coalesces per task for a slow reader), progress-bar changes drawn {result['mutations']}")
-                print(f"   long tasks > 50 ms: {len(long_tasks)}"
-                      + (f" (max {max(long_tasks):.0f} ms)" if long_tasks else "") + "; goal: 0")
+                print(
+                    f"   events published {published}, received by the page {result['received']} (the stream "
+                    f"coalesces per task for a slow reader), progress-bar changes drawn {result['mutations']}"
+                )
+                print(
+                    f"   long tasks > 50 ms: {len(long_tasks)}"
+                    + (f" (max {max(long_tasks):.0f} ms)" if long_tasks else "")
+                    + "; goal: 0"
+                )
                 browser.close()
         finally:
             lab.stop()

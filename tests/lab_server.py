@@ -22,8 +22,15 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILT = ROOT / "plexus_mcp_jupyter" / "labextension"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+]
 
 
 def free_port() -> int:
@@ -35,8 +42,13 @@ def free_port() -> int:
 class LabServer:
     """`python -m jupyterlab` in a subprocess, on its own port, token, data dir and SQLite store."""
 
-    def __init__(self, workdir: Path, extra_args: tuple[str, ...] = (), launcher: tuple[str, ...] = ("-m", "jupyterlab"),
-                 extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        extra_args: tuple[str, ...] = (),
+        launcher: tuple[str, ...] = ("-m", "jupyterlab"),
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         """`launcher` replaces `-m jupyterlab` (a benchmark's `-c` code that prepares, then runs jupyterlab)."""
         self.workdir = workdir
         self.port = free_port()
@@ -57,11 +69,17 @@ class LabServer:
         news.write_text(json.dumps({"fetchNews": "false"}))  # no "news?" prompt over the screenshots
         # The server extension is enabled here, whatever the environment's own config says.
         (workdir / "config" / "jupyter_server_config.json").write_text(
-            json.dumps({"ServerApp": {"jpserver_extensions": {"plexus_mcp_jupyter": True}}}))
-        self.env = {**os.environ, "JUPYTER_PATH": str(jupyter_path), "JUPYTER_DATA_DIR": str(workdir / "data"),
-                    "JUPYTER_CONFIG_DIR": str(workdir / "config"), "JUPYTER_RUNTIME_DIR": str(workdir / "runtime"),
-                    "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-                    **(extra_env or {})}
+            json.dumps({"ServerApp": {"jpserver_extensions": {"plexus_mcp_jupyter": True}}})
+        )
+        self.env = {
+            **os.environ,
+            "JUPYTER_PATH": str(jupyter_path),
+            "JUPYTER_DATA_DIR": str(workdir / "data"),
+            "JUPYTER_CONFIG_DIR": str(workdir / "config"),
+            "JUPYTER_RUNTIME_DIR": str(workdir / "runtime"),
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+            **(extra_env or {}),
+        }
 
     def prefill(self, count: int, *, age_seconds: float = 600.0) -> None:
         """`count` finished demo tasks in the store, older than anything the tests start (before `start`)."""
@@ -71,26 +89,41 @@ class LabServer:
         store = Store(f"sqlite:///{self.workdir / 'plexus.db'}")
         base = time.time() - age_seconds
         try:
-            store.create_tasks([
-                Task(id=f"old-{i:05d}", type="demo", status=TaskStatus.COMPLETED, owner="jupyter",
-                     created_at=base + i * 0.01, started_at=base + i * 0.01, completed_at=base + i * 0.01 + 0.005)
-                for i in range(count)
-            ])
+            store.create_tasks(
+                [
+                    Task(
+                        id=f"old-{i:05d}",
+                        type="demo",
+                        status=TaskStatus.COMPLETED,
+                        owner="jupyter",
+                        created_at=base + i * 0.01,
+                        started_at=base + i * 0.01,
+                        completed_at=base + i * 0.01 + 0.005,
+                    )
+                    for i in range(count)
+                ]
+            )
         finally:
             store.close()
 
     def start(self, timeout: float = 90.0) -> None:
         args = [
-            sys.executable, *self.launcher, "--no-browser", "--allow-root", f"--port={self.port}",
-            "--ip=127.0.0.1", f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={self.workdir / 'root'}",
+            sys.executable,
+            *self.launcher,
+            "--no-browser",
+            "--allow-root",
+            f"--port={self.port}",
+            "--ip=127.0.0.1",
+            f"--IdentityProvider.token={self.token}",
+            f"--ServerApp.root_dir={self.workdir / 'root'}",
             f"--LabApp.user_settings_dir={self.workdir / 'settings'}",
             f"--LabApp.workspaces_dir={self.workdir / 'workspaces'}",
             f"--PlexusMCPExtension.db_url=sqlite:///{self.workdir / 'plexus.db'}",
-            "--PlexusMCPExtension.progress_write_interval=0.1", *self.extra_args,
+            "--PlexusMCPExtension.progress_write_interval=0.1",
+            *self.extra_args,
         ]
         with self.log.open("ab") as log:
-            self.process = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                            cwd=self.workdir)
+            self.process = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -115,16 +148,21 @@ class LabServer:
 
     def request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method, headers={
-            "Authorization": f"token {self.token}", "Content-Type": "application/json", **(headers or {})})
+        req = urllib.request.Request(
+            self.url + path,
+            data=data,
+            method=method,
+            headers={"Authorization": f"token {self.token}", "Content-Type": "application/json", **(headers or {})},
+        )
         with urllib.request.urlopen(req, timeout=30) as response:
             text = response.read()
         return json.loads(text) if text else None
 
     def set_theme(self, theme: str) -> None:
         """JupyterLab's theme setting, through its settings API (the page must be reloaded to see it)."""
-        self.request("PUT", "lab/api/settings/@jupyterlab/apputils-extension:themes",
-                     {"raw": json.dumps({"theme": theme})})
+        self.request(
+            "PUT", "lab/api/settings/@jupyterlab/apputils-extension:themes", {"raw": json.dumps({"theme": theme})}
+        )
 
     @property
     def mcp_url(self) -> str:

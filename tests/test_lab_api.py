@@ -11,8 +11,7 @@ from plexus_mcp_jupyter.cli import CLIENT_CHOICES, client_text
 
 
 async def post_clients(jp_fetch, body, headers=None):
-    response = await jp_fetch("plexus", "api", "clients", method="POST", body=json.dumps(body),
-                              headers=headers or {})
+    response = await jp_fetch("plexus", "api", "clients", method="POST", body=json.dumps(body), headers=headers or {})
     return json.loads(response.body)
 
 
@@ -25,8 +24,9 @@ async def test_the_notebook_user_gets_every_client_with_the_jupyter_token(jp_fet
     # The same texts as `plexus mcp config` builds (one source): the command line and the panel agree.
     assert by_id["vscode"]["text"] == client_text("vscode", data["url"], token)
     assert by_id["claude-code"]["format"] == "shell"
-    assert by_id["claude-code"]["text"] == (f"claude mcp add --transport http plexus {data['url']} "
-                                            f'--header "Authorization: Bearer {token}"')
+    assert by_id["claude-code"]["text"] == (
+        f'claude mcp add --transport http plexus {data["url"]} --header "Authorization: Bearer {token}"'
+    )
     desktop = json.loads(by_id["claude-desktop"]["text"])["mcpServers"]["plexus"]
     assert desktop["command"] == "npx" and data["url"] in desktop["args"]
     generic = json.loads(by_id["generic"]["text"])["mcpServers"]["plexus"]

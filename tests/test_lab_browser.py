@@ -24,7 +24,9 @@ from .lab_server import LabServer, launch_chromium, open_lab, open_panel
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
 pytestmark = [
-    pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it)"),
+    pytest.mark.skipif(
+        shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it)"
+    ),
     pytest.mark.timeout(180),
 ]
 
@@ -135,7 +137,9 @@ def test_a_key_is_minted_for_a_client_and_revoked(page, lab):
     assert "shown only once" in page.inner_text(".plexus-pane-connect .plexus-secret")
     page.wait_for_selector(".plexus-note:has-text('the key you just minted')")
     page.click(".plexus-config-vscode summary")
-    assert secret in page.inner_text(".plexus-config-vscode pre") and lab.token not in page.inner_text(".plexus-configs")
+    assert secret in page.inner_text(".plexus-config-vscode pre") and lab.token not in page.inner_text(
+        ".plexus-configs"
+    )
     page.click(".plexus-test")
     page.wait_for_selector(".plexus-test-result:has-text('Connected to')", timeout=20000)  # the key works
     shot(page, "mint-key-light")
@@ -196,11 +200,17 @@ def test_the_task_detail_shows_stages_and_output(page, lab):
 
 
 def test_an_evaluations_confusion_matrix_and_mismatches(browser, lab):
-    created = lab.request("POST", "plexus/api/evaluations", {
-        "type": "accuracy", "dataset": "example:topics", "prediction_column": "prediction", "label_column": "label"})
+    created = lab.request(
+        "POST",
+        "plexus/api/evaluations",
+        {"type": "accuracy", "dataset": "example:topics", "prediction_column": "prediction", "label_column": "label"},
+    )
     evaluation_id = created["evaluation_id"]
-    wait_for(lambda: lab.request("GET", f"plexus/api/evaluations/{evaluation_id}")["status"],
-             lambda s: s == "COMPLETED", timeout=60)
+    wait_for(
+        lambda: lab.request("GET", f"plexus/api/evaluations/{evaluation_id}")["status"],
+        lambda s: s == "COMPLETED",
+        timeout=60,
+    )
     for theme, name in (("JupyterLab Light", "light"), ("JupyterLab Dark", "dark")):
         lab.set_theme(theme)
         page = open_lab(browser, lab)
@@ -245,12 +255,22 @@ def test_ten_thousand_tasks_are_paged_and_only_visible_rows_are_drawn(page, lab)
 
 
 def test_open_in_notebook_inserts_the_plexus_call(page, lab):
-    evaluation = lab.request("POST", "plexus/api/evaluations", {
-        "type": "accuracy", "dataset": "example:sentiment", "prediction_column": "prediction",
-        "label_column": "label"})
-    notebook = {"cells": [{"cell_type": "code", "source": "", "metadata": {}, "outputs": [], "execution_count": None}],
-                "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
-                "nbformat": 4, "nbformat_minor": 5}
+    evaluation = lab.request(
+        "POST",
+        "plexus/api/evaluations",
+        {
+            "type": "accuracy",
+            "dataset": "example:sentiment",
+            "prediction_column": "prediction",
+            "label_column": "label",
+        },
+    )
+    notebook = {
+        "cells": [{"cell_type": "code", "source": "", "metadata": {}, "outputs": [], "execution_count": None}],
+        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }
     lab.request("PUT", "api/contents/plexus.ipynb", {"type": "notebook", "format": "json", "content": notebook})
     page.goto(f"{lab.url}lab/tree/plexus.ipynb")
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60000)

@@ -68,16 +68,18 @@ def test_jupyter_labextension_list_shows_it(tmp_path):
     shutil.copytree(BUILT, installed)
     shutil.copy(SOURCE / "install.json", installed / "install.json")
     env = {**os.environ, "JUPYTER_PATH": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-m", "jupyter", "labextension", "list"], env=env, capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "jupyter", "labextension", "list"], env=env, capture_output=True, text=True, timeout=60
+    )
     listing = out.stdout + out.stderr
     line = next((ln for ln in listing.splitlines() if "plexus-mcp-jupyter" in ln), "")
     assert "enabled" in line and "OK" in line and "(python, plexus-mcp-jupyter)" in line, listing
 
 
-@pytest.mark.skipif(not (SOURCE / "node_modules").is_dir() or shutil.which("npx") is None,
-                    reason="labextension/node_modules is absent (run `cd labextension && npm ci` to include the "
-                           "TypeScript unit tests)")
+@pytest.mark.skipif(
+    not (SOURCE / "node_modules").is_dir() or shutil.which("npx") is None,
+    reason="labextension/node_modules is absent (run `cd labextension && npm ci` to include the TypeScript unit tests)",
+)
 def test_the_typescript_unit_tests_pass():
     out = subprocess.run(["npx", "vitest", "run"], cwd=SOURCE, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]

@@ -29,10 +29,15 @@ class ClientsHandler(PlexusHandler):
         body = await self.json_body()
         secret = body.get("secret")
         name = body.get("name", "plexus")
-        if secret is not None and (not isinstance(secret, str) or not 0 < len(secret) <= MAX_SECRET
-                                   or not secret.isprintable() or " " in secret):
-            raise web.HTTPError(400, f"secret must be an API key or token: printable, no spaces, 1 to {MAX_SECRET} "
-                                     "characters")
+        if secret is not None and (
+            not isinstance(secret, str)
+            or not 0 < len(secret) <= MAX_SECRET
+            or not secret.isprintable()
+            or " " in secret
+        ):
+            raise web.HTTPError(
+                400, f"secret must be an API key or token: printable, no spaces, 1 to {MAX_SECRET} characters"
+            )
         if not isinstance(name, str) or not (0 < len(name) <= 64 and name.replace("-", "").replace("_", "").isalnum()):
             raise web.HTTPError(400, "name must be 1 to 64 letters, digits, '-' or '_'")
         if secret:
@@ -45,8 +50,13 @@ class ClientsHandler(PlexusHandler):
             token, credential = PLACEHOLDER, "placeholder"
         url = f"{self.request.protocol}://{self.request.host}{self.base_url}plexus/mcp"
         clients: list[dict[str, Any]] = [
-            {"id": client, "label": label, "where": where, "format": "shell" if client == "claude-code" else "json",
-             "text": client_text(client, url, token, name)}
+            {
+                "id": client,
+                "label": label,
+                "where": where,
+                "format": "shell" if client == "claude-code" else "json",
+                "text": client_text(client, url, token, name),
+            }
             for client, label, where in CLIENT_CHOICES
         ]
         # `bearer`: what the configurations send, for the panel's "test connection" (the caller already holds it).

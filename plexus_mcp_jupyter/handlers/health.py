@@ -27,7 +27,8 @@ class HealthHandler(PlexusHandler):
             return
         if not self.principal.is_admin:
             # Details (the store, counts of everyone's tasks) are for the notebook user and admin keys.
-            self.reply({"status": "ok", "authenticated": True, "version": __version__, "role": self.principal.role.value})
+            self.reply({"status": "ok", "authenticated": True, "version": __version__,
+                        "role": self.principal.role.value})
             return
         details = self.runtime.health()
         details["role"] = self.principal.role.value  # the lab disables what the caller may not do
