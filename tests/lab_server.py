@@ -188,9 +188,16 @@ def open_lab(browser: Any, server: LabServer, **context_args: Any) -> Any:
 def open_panel(page: Any, width: int = 640) -> None:
     """Open the Plexus sidebar (once the lab has loaded) and drag it to `width` pixels, as a user would."""
     page.wait_for_selector('.jp-SideBar [data-id="plexus-panel"]', timeout=60000)
-    if not page.is_visible("#plexus-panel"):
-        page.click('.jp-SideBar [data-id="plexus-panel"]')
-    page.wait_for_selector("#plexus-panel[data-stream='open']", timeout=30000)
+    page.wait_for_selector("#plexus-panel[data-stream='open']", state="attached", timeout=30000)
+    page.wait_for_selector("#jp-main-dock-panel", timeout=30000)  # the lab has restored its layout by now
+    deadline = time.monotonic() + 30
+    while not page.is_visible("#plexus-panel"):
+        if time.monotonic() > deadline:
+            raise AssertionError("the Plexus panel did not open")
+        tab = page.locator('.jp-SideBar [data-id="plexus-panel"]')
+        if tab.get_attribute("aria-selected") != "true":
+            tab.click()
+        page.wait_for_timeout(200)
     handle = page.locator("#jp-main-split-panel > .lm-SplitPanel-handle").first
     box = handle.bounding_box()
     panel = page.locator("#plexus-panel").bounding_box()

@@ -124,6 +124,7 @@ def test_the_panel_copies_a_client_configuration_and_tests_the_connection(page, 
     page.click(".plexus-test")
     page.wait_for_selector(".plexus-test-result:has-text('Connected to')", timeout=20000)
     assert "run_demo_task" in page.inner_text(".plexus-test-result")
+    page.click(".plexus-config-claude-code summary")  # folded again: the screenshot shows no token
     shot(page, "connect-light")
 
 
@@ -152,6 +153,16 @@ def test_a_key_is_minted_for_a_client_and_revoked(page, lab):
     page.wait_for_selector(f'.plexus-keys tr[data-key="{key["id"]}"][data-status="revoked"]')
     assert key_row.locator(".plexus-revoke").is_disabled()
     shot(page, "keys-light")
+    # The audit log, filtered: the key's creation and revocation by the notebook user.
+    page.click(".plexus-tab-audit")
+    page.fill("input[aria-label='Filter by action']", "key.*")
+    page.click("form[aria-label='Audit filters'] button[type='submit']")
+    actions = page.locator(".plexus-audit tbody tr")
+    wait_for(
+        lambda: set(actions.evaluate_all("rows => rows.map(r => r.dataset.action)")),
+        lambda seen: seen == {"key.create", "key.revoke"},
+    )
+    shot(page, "audit-light")
     # The revoked key no longer passes: the panel's test connection says so.
     page.click(".plexus-tab-connect")
     page.click(".plexus-test")
@@ -177,6 +188,23 @@ def test_a_task_started_by_an_mcp_client_runs_to_completed_with_its_bar_moving(p
     assert len([v for v in processing if 0 < v < 100]) >= 2, f"the bar did not move while running: {seen}"
     status_bar = page.inner_text(".plexus-statusbar")
     assert "running" in status_bar and "queued" in status_bar
+
+
+def test_the_status_bar_and_the_keyboard_reach_the_panel(page, lab):
+    page.click(".plexus-tab-connect")
+    page.click(".plexus-statusbar")  # the status-bar item opens the Tasks tab
+    assert page.get_attribute(".plexus-tab-tasks", "aria-selected") == "true"
+    assert page.get_attribute(".plexus-statusbar", "aria-label").startswith("Plexus: ")
+    page.focus(".plexus-tab-tasks")
+    page.keyboard.press("ArrowRight")
+    assert page.get_attribute(".plexus-tab-evaluations", "aria-selected") == "true"
+    assert page.evaluate("document.activeElement.textContent") == "Evaluations"
+    unlabelled = page.evaluate(
+        "() => [...document.querySelectorAll('#plexus-panel :is(button, input, select)')]"
+        ".filter(e => e.offsetParent && !(e.getAttribute('aria-label') || e.textContent.trim()))"
+        ".map(e => e.outerHTML)"
+    )
+    assert unlabelled == []
 
 
 def test_a_running_task_is_cancelled_from_its_row(page, lab):

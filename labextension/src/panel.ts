@@ -339,7 +339,7 @@ export class PlexusPanel extends Widget {
             void this.api.request('DELETE', `keys/${encodeURIComponent(k.id)}`).then(() => this.loadKeys()).catch(e => window.alert((e as ApiError).message));
           }
         }, { reason: k.status !== 'active' ? `the key is ${k.status}` : null, aria: `Revoke key ${k.name}`, className: 'plexus-revoke' });
-        return h('tr', { 'data-key': k.id, 'data-status': k.status }, h('td', {}, k.name), h('td', {}, h('code', {}, k.prefix)), h('td', {}, k.role), h('td', {}, k.status), h('td', {}, expiryLabel(k.expires_at)), h('td', {}, k.last_used_at ?? 'never'), h('td', {}, revoke));
+        return h('tr', { 'data-key': k.id, 'data-status': k.status }, h('td', {}, k.name), h('td', {}, h('code', {}, k.prefix)), h('td', {}, k.role), h('td', {}, k.status), h('td', {}, expiryLabel(k.expires_at)), h('td', {}, k.last_used_at ? new Date(k.last_used_at).toLocaleString() : 'never'), h('td', {}, revoke));
       });
       clear(
         pane,
@@ -375,7 +375,7 @@ export class PlexusPanel extends Widget {
           clear(body);
         }
         for (const r of data.records ?? []) {
-          body.appendChild(h('tr', { 'data-outcome': r.outcome }, h('td', {}, r.at), h('td', {}, r.action), h('td', {}, r.outcome), h('td', {}, r.owner ?? ''), h('td', {}, r.target ?? '')));
+          body.appendChild(h('tr', { 'data-outcome': r.outcome, 'data-action': r.action }, h('td', {}, new Date(r.at).toLocaleString()), h('td', {}, r.action), h('td', {}, r.outcome), h('td', {}, r.owner ?? ''), h('td', {}, r.target ?? '')));
         }
         clear(more, data.next_cursor ? button('More', () => void load(data.next_cursor)) : null);
       } catch (error) {
