@@ -12,7 +12,7 @@ import { Widget } from '@lumino/widgets';
 import { PlexusApi } from './api';
 import { EvaluationDetail, TaskDetail } from './detail';
 import { h } from './dom';
-import { PlexusPanel } from './panel';
+import { PlexusPanel, Tab } from './panel';
 
 const PLUGIN_ID = 'plexus-mcp-jupyter:plugin';
 
@@ -96,29 +96,22 @@ const plugin: JupyterFrontEndPlugin<void> = {
     restorer?.add(panel, 'plexus-panel');
     void panel.start();
 
-    app.commands.addCommand(CommandIDs.open, {
-      label: 'Plexus: Show Tasks',
-      caption: 'Open the Plexus panel on its live tasks',
-      execute: () => {
-        shell.activateById(panel.id);
-        panel.select('Tasks');
-      }
-    });
-    app.commands.addCommand(CommandIDs.connect, {
-      label: 'Plexus: Connect an Assistant',
-      caption: 'Client configurations for Claude, Cursor, VS Code and other MCP clients',
-      execute: () => {
-        shell.activateById(panel.id);
-        panel.select('Connect');
-      }
-    });
-    app.commands.addCommand(CommandIDs.keys, {
-      label: 'Plexus: Manage API Keys',
-      execute: () => {
-        shell.activateById(panel.id);
-        panel.select('Keys');
-      }
-    });
+    // Commands that open one tab of the panel.
+    const tabCommands: [string, Tab, string, string][] = [
+      [CommandIDs.open, 'Tasks', 'Plexus: Show Tasks', 'Open the Plexus panel on its live tasks'],
+      [CommandIDs.connect, 'Connect', 'Plexus: Connect an Assistant', 'Client configurations for Claude, Cursor, VS Code and other MCP clients'],
+      [CommandIDs.keys, 'Keys', 'Plexus: Manage API Keys', 'Create, list and revoke API keys (admins)']
+    ];
+    for (const [id, tab, label, caption] of tabCommands) {
+      app.commands.addCommand(id, {
+        label,
+        caption,
+        execute: () => {
+          shell.activateById(panel.id);
+          panel.select(tab);
+        }
+      });
+    }
     app.commands.addCommand(CommandIDs.reconnect, {
       label: 'Plexus: Reconnect the Event Stream',
       execute: () => {

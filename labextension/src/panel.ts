@@ -11,7 +11,7 @@ import { denial, expiryLabel, Role, StreamMessage, TaskCache, TaskSummary } from
 import { TaskTable } from './tasks';
 
 const TABS = ['Connect', 'Tasks', 'Evaluations', 'Keys', 'Audit'] as const;
-type Tab = (typeof TABS)[number];
+export type Tab = (typeof TABS)[number];
 
 export interface PanelOptions {
   openTask(id: string): void;
