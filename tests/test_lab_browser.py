@@ -9,6 +9,7 @@ tests/artifacts/lab/, not committed); docs/images/lab-*.png are chosen from them
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import time
@@ -313,6 +314,59 @@ def test_open_in_notebook_inserts_the_plexus_call(page, lab):
     wait_for(lambda: " ".join(sources.all_inner_texts()), lambda text: "only_mismatches=True" in text)
     text = " ".join(sources.all_inner_texts())
     assert f'plexus.evaluation("{evaluation["evaluation_id"]}").results(only_mismatches=True)' in text
+
+
+def test_two_hundred_classes_are_summarised(browser, lab):
+    labels = [f"class{i:03d}" for i in range(200)]
+    rows = [f"{i},{labels[i % 200]},{labels[(i * 7) % 200] if i % 3 else labels[i % 200]}" for i in range(1000)]
+    (lab.workdir / "root" / "many_classes.csv").write_text("id,label,prediction\n" + "\n".join(rows) + "\n")
+    created = lab.request(
+        "POST",
+        "plexus/api/evaluations",
+        {
+            "type": "accuracy",
+            "dataset": "many_classes.csv",
+            "prediction_column": "prediction",
+            "label_column": "label",
+            "id_column": "id",
+        },
+    )
+    evaluation_id = created["evaluation_id"]
+    wait_for(
+        lambda: lab.request("GET", f"plexus/api/evaluations/{evaluation_id}")["status"],
+        lambda s: s == "COMPLETED",
+        timeout=60,
+    )
+    page = open_lab(browser, lab)
+    try:
+        page.click(".plexus-tab-evaluations")
+        page.click(f".plexus-open-evaluation[aria-label='Open evaluation {evaluation_id}']", timeout=20000)
+        detail = page.locator(f"#plexus-evaluation-{evaluation_id}")
+        detail.locator(".plexus-per-class").wait_for(timeout=15000)
+        assert "200 classes: the 50 largest are shown" in detail.locator(".plexus-note").first.inner_text()
+        assert detail.locator(".plexus-per-class tbody tr").count() == 50
+        assert detail.locator("table.plexus-matrix").count() == 0
+    finally:
+        page.context.close()
+
+
+def test_the_columns_setting_applies(browser, lab):
+    lab.request(
+        "PUT",
+        "lab/api/settings/plexus-mcp-jupyter:plugin",
+        {"raw": json.dumps({"columns": ["status", "progress", "owner"]})},
+    )
+    page = open_lab(browser, lab)
+    try:
+        wait_for(
+            lambda: page.locator(".plexus-head [role=columnheader]").all_inner_texts(),
+            lambda heads: (
+                [h for h in heads if h.strip() and h not in ("Select", "Actions")] == ["Status", "Progress", "Owner"]
+            ),
+        )
+    finally:
+        lab.request("PUT", "lab/api/settings/plexus-mcp-jupyter:plugin", {"raw": "{}"})
+        page.context.close()
 
 
 def test_a_reload_mid_task_resumes_the_live_state(browser, lab):
