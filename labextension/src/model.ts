@@ -233,6 +233,7 @@ export function reconnectDelay(attempt: number): number {
 export class StreamPosition {
   seq: number | null = null;
   epoch: string | null = null;
+  private helloSeq = 0;
 
   /** The query string for the next connection: `since` and `epoch` once something was seen. */
   query(): string {
@@ -248,6 +249,7 @@ export class StreamPosition {
     if (message.type === 'hello') {
       const first = this.seq === null;
       this.epoch = message.epoch ?? null;
+      this.helloSeq = message.seq ?? 0;
       if (first) {
         this.seq = message.seq ?? 0;
         return 'resync';
@@ -255,7 +257,9 @@ export class StreamPosition {
       return 'ok';
     }
     if (message.type === 'gap') {
+      // The server continues from its hello: numbers from before (another server start) no longer apply.
       this.epoch = message.epoch ?? this.epoch;
+      this.seq = this.helloSeq;
       return 'resync';
     }
     if (message.type === 'event' && typeof message.seq === 'number') {

@@ -95,8 +95,12 @@ describe('StreamPosition', () => {
     expect(position.note({ type: 'event', seq: 9 })).toBe('ok');
     expect(position.query()).toBe('?since=9&epoch=e1');
     expect(position.note({ type: 'hello', seq: 12, epoch: 'e1' })).toBe('ok');
+    // A server restart: a new epoch, its own numbering from its hello on.
+    expect(position.note({ type: 'hello', seq: 2, epoch: 'e2' })).toBe('ok');
     expect(position.note({ type: 'gap', epoch: 'e2' })).toBe('resync');
-    expect(position.query()).toBe('?since=9&epoch=e2');
+    expect(position.query()).toBe('?since=2&epoch=e2');
+    expect(position.note({ type: 'event', seq: 3 })).toBe('ok');
+    expect(position.query()).toBe('?since=3&epoch=e2');
   });
 });
 
