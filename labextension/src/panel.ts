@@ -189,6 +189,25 @@ export class PlexusPanel extends Widget {
   /** Re-read the state by REST (first connection, or the server cannot replay what was missed). */
   private async resync(): Promise<void> {
     await this.loadPage(null, true);
+    await this.loadActive();
+  }
+
+  /** Every running and queued task, however old (the status bar counts them; their rows stay live). */
+  private async loadActive(): Promise<void> {
+    try {
+      let cursor: string | null = null;
+      let loaded = 0;
+      do {
+        const data: any = await this.api.get('tasks', { status: 'PENDING,QUEUED,RUNNING', limit: 100, cursor: cursor ?? undefined });
+        data.tasks.forEach((t: TaskSummary) => this.cache.upsert(t));
+        loaded += data.tasks.length;
+        cursor = data.next_cursor;
+      } while (cursor && loaded < this.maxTasks);
+      this.table.schedule(true);
+      this.changed.emit();
+    } catch (error) {
+      this.showBanner(`Could not read the running tasks: ${(error as Error).message}`);
+    }
   }
 
   private async loadPage(cursor: string | null, replace = false): Promise<void> {
