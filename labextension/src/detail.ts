@@ -99,6 +99,9 @@ export class TaskDetail extends Widget {
 const MISMATCH_PAGE = 20;
 
 export class EvaluationDetail extends Widget {
+  /** The evaluation's task, once read: its events refresh this view (at most once a second, and at the end). */
+  taskId: string | null = null;
+  private lastRefresh = 0;
   private cursors: (string | null)[] = [null];
   private page = 0;
   private mismatches: HTMLElement = h('div', { className: 'plexus-mismatches' });
@@ -116,9 +119,18 @@ export class EvaluationDetail extends Widget {
     void this.refresh();
   }
 
+  onEvent(summary: TaskSummary): void {
+    const now = Date.now();
+    if (FINAL_STATUSES.has(summary.status) || now - this.lastRefresh > 1000) {
+      void this.refresh();
+    }
+  }
+
   async refresh(): Promise<void> {
+    this.lastRefresh = Date.now();
     try {
       const view = await this.api.get(`evaluations/${encodeURIComponent(this.evaluationId)}`);
+      this.taskId = view.task_id;
       this.render(view);
       await this.loadMismatches();
     } catch (error) {

@@ -48,6 +48,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
   ) => {
     const api = new PlexusApi();
     const details = new Map<string, TaskDetail>();
+    const evaluations = new Set<EvaluationDetail>();
 
     /** Insert `code` as a new cell below the active one of the current notebook, and run it. */
     const insert = (code: string): void => {
@@ -88,10 +89,20 @@ const plugin: JupyterFrontEndPlugin<void> = {
         detail.disposed.connect(() => details.delete(id));
         openMain(detail);
       },
-      openEvaluation: id => openMain(new EvaluationDetail(api, id, insert))
+      openEvaluation: id => {
+        const detail = new EvaluationDetail(api, id, insert);
+        evaluations.add(detail);
+        detail.disposed.connect(() => evaluations.delete(detail));
+        openMain(detail);
+      }
     });
     panel.title.icon = plexusIcon;
-    panel.taskEvent.connect((_, summary) => details.get(summary.task_id)?.onEvent(summary));
+    panel.taskEvent.connect((_, summary) => {
+      details.get(summary.task_id)?.onEvent(summary);
+      if (summary.type === 'evaluation') {
+        evaluations.forEach(e => e.taskId === summary.task_id && e.onEvent(summary));
+      }
+    });
     shell.add(panel, 'left', { rank: 600 });
     restorer?.add(panel, 'plexus-panel');
     void panel.start();
