@@ -192,11 +192,15 @@ def test_a_task_started_by_an_mcp_client_runs_to_completed_with_its_bar_moving(p
     assert "running" in status_bar and "queued" in status_bar
 
 
-def test_the_status_bar_and_the_keyboard_reach_the_panel(page, lab):
+def test_the_status_bar_the_palette_and_the_keyboard_reach_the_panel(page, lab):
     page.click(".plexus-tab-connect")
     page.click(".plexus-statusbar")  # the status-bar item opens the Tasks tab
     assert page.get_attribute(".plexus-tab-tasks", "aria-selected") == "true"
     assert page.get_attribute(".plexus-statusbar", "aria-label").startswith("Plexus: ")
+    page.keyboard.press("Control+Shift+C")  # the command palette
+    page.keyboard.type("Plexus: Connect an Assistant")
+    page.keyboard.press("Enter")
+    wait_for(lambda: page.get_attribute(".plexus-tab-connect", "aria-selected"), lambda selected: selected == "true")
     page.focus(".plexus-tab-tasks")
     page.keyboard.press("ArrowRight")
     assert page.get_attribute(".plexus-tab-evaluations", "aria-selected") == "true"
