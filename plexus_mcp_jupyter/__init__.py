@@ -15,6 +15,11 @@ def _jupyter_server_extension_points() -> list[dict[str, Any]]:
     return [{"module": "plexus_mcp_jupyter", "app": PlexusMCPExtension}]
 
 
+def _jupyter_labextension_paths() -> list[dict[str, str]]:
+    """The prebuilt lab extension (labextension/ built into the package), for `jupyter labextension develop`."""
+    return [{"src": "labextension", "dest": "plexus-mcp-jupyter"}]
+
+
 def load_ipython_extension(ipython: Any) -> None:
     """`%load_ext plexus_mcp_jupyter`: put `plexus` (the notebook client, connecting on first use) in the namespace."""
     from .notebook import plexus

@@ -16,6 +16,7 @@ from jupyter_server.extension.application import ExtensionApp
 from ._version import __version__
 from .config import PlexusSettings, SettingsError
 from .core.store_calls import store_unavailable
+from .handlers.clients import ClientsHandler
 from .handlers.evaluations import (
     DatasetHandler,
     DatasetsHandler,
@@ -123,6 +124,7 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
             (r"/plexus/api/keys/?", KeysHandler),
             (rf"/plexus/api/keys/{KEY_ID}/?", KeyHandler),
             (r"/plexus/api/audit/?", AuditHandler),
+            (r"/plexus/api/clients/?", ClientsHandler),
         ]
         if self.config_problems:
             message = f"Plexus MCP is not running: {'; '.join(self.config_problems)}. Fix the setting and restart."

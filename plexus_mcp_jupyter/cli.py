@@ -19,7 +19,16 @@ from traitlets import TraitError
 from ._version import __version__
 from .config import PlexusSettings, SettingsError, allowed_values, env_var
 
-CLIENTS = ("claude", "cursor", "vscode")
+CLIENTS = ("claude", "claude-desktop", "cursor", "vscode", "generic")
+# What the lab's "Connect an assistant" panel offers, in order: (client, label, where the text goes).
+CLIENT_CHOICES = (
+    ("claude-code", "Claude Code", "run in a terminal"),
+    ("claude", "Claude Code (.mcp.json)", ".mcp.json in the project"),
+    ("claude-desktop", "Claude Desktop", "claude_desktop_config.json (via the mcp-remote bridge)"),
+    ("cursor", "Cursor", "~/.cursor/mcp.json"),
+    ("vscode", "VS Code", ".vscode/mcp.json"),
+    ("generic", "Generic JSON", "any MCP client over Streamable HTTP"),
+)
 
 
 def _settings_from_args(args: argparse.Namespace) -> PlexusSettings:
@@ -76,11 +85,30 @@ def client_config(client: str, *, url: str | None, token: str | None, stdio_args
             return {"servers": {name: {"type": "stdio", **entry}}}
         return {"mcpServers": {name: entry}}
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if client == "claude-desktop":
+        # Claude Desktop's config file launches local commands only: the mcp-remote bridge speaks HTTP for it.
+        args = ["-y", "mcp-remote", str(url)] + (["--header", f"Authorization: Bearer {token}"] if token else [])
+        return {"mcpServers": {name: {"command": "npx", "args": args}}}
+    if client == "generic":
+        return {"mcpServers": {name: {"transport": "streamable-http", "url": url, "headers": headers}}}
     if client == "vscode":
         return {"servers": {name: {"type": "http", "url": url, "headers": headers}}}
     if client == "cursor":
         return {"mcpServers": {name: {"url": url, "headers": headers}}}
     return {"mcpServers": {name: {"type": "http", "url": url, "headers": headers}}}
+
+
+def claude_code_command(url: str, token: str | None, name: str = "plexus") -> str:
+    """Claude Code's one-line registration of the endpoint (`claude mcp add`)."""
+    header = f' --header "Authorization: Bearer {token}"' if token else ""
+    return f"claude mcp add --transport http {name} {url}{header}"
+
+
+def client_text(client: str, url: str, token: str | None, name: str = "plexus") -> str:
+    """What a user pastes for `client` (one of CLIENT_CHOICES): a shell command or a JSON document."""
+    if client == "claude-code":
+        return claude_code_command(url, token, name)
+    return json.dumps(client_config(client, url=url, token=token, stdio_args=None, name=name), indent=2)
 
 
 def _running_jupyter() -> dict[str, Any] | None:
