@@ -14,6 +14,7 @@ from jupyter_server.extension.application import ExtensionApp
 
 from ._version import __version__
 from .config import PlexusSettings, SettingsError
+from .core.executors import ExecutorUnavailable
 from .handlers.evaluations import (
     DatasetHandler,
     DatasetsHandler,
@@ -80,7 +81,12 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
                 "Plexus MCP is not served: %s. Fix the setting and restart the server.",
                 "; ".join(self.config_problems))
             return
-        self.runtime = PlexusRuntime(self, data_dir=jupyter_data_dir(), root_dir=self.serverapp.root_dir)
+        try:
+            self.runtime = PlexusRuntime(self, data_dir=jupyter_data_dir(), root_dir=self.serverapp.root_dir)
+        except ExecutorUnavailable as exc:  # dask_fallback=refuse: the endpoint does not run without its cluster
+            self.config_problems.append(str(exc))
+            logging.getLogger("plexus_mcp_jupyter").error("Plexus MCP is not served: %s", exc)
+            return
         self.settings["plexus"] = self.runtime
         identity_provider = self.serverapp.identity_provider
         # Jupyter's startup lines ("is running at: http://...?token=...") are the URL its user logs in with.
