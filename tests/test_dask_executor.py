@@ -22,7 +22,8 @@ FINAL = ("COMPLETED", "FAILED", "CANCELLED")
 STUBBORN = TaskType("stubborn", "tests.task_functions:stubborn", "ignores cancellation")
 LONG_IDEMPOTENT = TaskType("long_idempotent", "tests.task_functions:long_idempotent", "runs until stopped",
                            idempotent=True)
-GPU_TASK = TaskType("gpu_demo", "plexus_mcp_jupyter.core.demo:run_demo", "needs a gpu", resources={"slots": 1, "gpu": 1})
+GPU_TASK = TaskType("gpu_demo", "plexus_mcp_jupyter.core.demo:run_demo", "needs a gpu",
+                    resources={"slots": 1, "gpu": 1})
 
 
 @pytest.fixture

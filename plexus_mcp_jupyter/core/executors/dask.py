@@ -3,6 +3,8 @@
 Task code is sent by import path (the task type's `target`), never pickled: the workers must have the
 task's package installed, as they must for any Dask work. What travels back, and how:
 
+- (values put on a distributed Queue travel as msgpack, which turns lists into tuples: they are pickled first,
+  as Dask pickles task arguments and results)
 - a task's messages (stages, progress, logs, requests) are buffered in its worker process and put on one
   distributed `Queue` of this server at most once per `message_interval` (all the tasks of that worker in
   one put), so a chatty task never floods the scheduler; what is left at the task's end travels back in
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import pickle
 import queue as stdlib_queue
 import threading
 import time
@@ -82,7 +85,7 @@ class _Outbox:
                     self.puts[task_id] = self.puts.get(task_id, 0) + 1
             if items:
                 try:
-                    self.queue.put(items)
+                    self.queue.put(pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL))
                 except Exception:  # the scheduler is gone: the server sees the tasks' ends from their futures
                     log.debug("Plexus: could not put task messages on the Dask queue", exc_info=True)
 
@@ -125,21 +128,27 @@ class _EventFlag:
 
 
 class _Inbox:
-    """Answers to one task's requests, from its own queue (created on its first request)."""
+    """Answers to one task's requests, from its own queue (created on its first request), looked at once per
+    interval: a blocking `Queue.get(timeout=...)` that times out is logged as an error by the scheduler."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, interval: float) -> None:
         self.name = name
+        self.interval = interval
         self.queue: Any = None
+        self.held: list[Any] = []
 
     def __call__(self, timeout: float) -> Any:
         from distributed import Queue
 
         if self.queue is None:
             self.queue = Queue(self.name)
-        try:
-            return self.queue.get(timeout=max(timeout, 0.01))
-        except (TimeoutError, OSError):
-            return None
+        if not self.held:
+            with contextlib.suppress(Exception):  # the scheduler is unreachable: the request times out
+                self.held = [pickle.loads(item) for item in self.queue.get(batch=True)]
+        if self.held:
+            return self.held.pop(0)
+        time.sleep(max(timeout, self.interval))
+        return None
 
     def close(self) -> None:
         if self.queue is not None:
@@ -159,7 +168,7 @@ def run_on_dask(
     address = str(get_worker().address)
     box = _outbox(channel, interval)
     box.send(task_id, ("started", address))
-    inbox = _Inbox(f"{channel}-in-{task_id}")
+    inbox = _Inbox(f"{channel}-in-{task_id}", interval)
 
     def send(message: tuple[Any, ...]) -> None:
         box.send(task_id, message, urgent=message[0] == "request")
@@ -215,6 +224,8 @@ class DaskExecutor(Executor):
         self._losses: dict[str, int] = {}
         self._done: stdlib_queue.SimpleQueue[Any] = stdlib_queue.SimpleQueue()
         self._closing = False
+        self._stop = threading.Event()  # wakes the monitor and the reader at shutdown
+        self._submitted_event = threading.Event()  # wakes an idle reader
         self._threads: list[threading.Thread] = []
         self._control = ThreadPoolExecutor(max_workers=2, thread_name_prefix="plexus-dask-control")
         self._capacity: Resources = {}
@@ -274,6 +285,7 @@ class DaskExecutor(Executor):
 
         self._loop = loop
         self._closing = False
+        self._stop.clear()
         self._out = Queue(f"{self.channel}-out", client=self.client)
         for target, name in ((self._read, "reader"), (self._collect, "collector"), (self._monitor, "monitor")):
             thread = threading.Thread(target=target, name=f"plexus-dask-{name}", daemon=True)
@@ -297,6 +309,7 @@ class DaskExecutor(Executor):
         while self._runs and loop.time() < deadline:
             await asyncio.sleep(0.02)
         self._closing = True
+        self._stop.set()
         self._done.put(None)
         self._control.shutdown(wait=True)
         await asyncio.to_thread(self._close_client)
@@ -377,6 +390,7 @@ class DaskExecutor(Executor):
             self._runs[task_id] = run
             self._by_key[key] = run
         future.add_done_callback(self._done.put)
+        self._submitted_event.set()
         return f"dask:{key}"
 
     def reply(self, task_id: str, message: tuple[Any, ...]) -> None:
@@ -387,7 +401,7 @@ class DaskExecutor(Executor):
             return
         run.inbox_used = True
         with contextlib.suppress(Exception):  # the task is gone: nobody waits for the answer
-            Queue(f"{self.channel}-in-{task_id}", client=self.client).put(message, timeout=10)
+            Queue(f"{self.channel}-in-{task_id}", client=self.client).put(pickle.dumps(message), timeout=10)
 
     def request_cancel(self, task_id: str) -> None:
         run = self._runs.get(task_id)
@@ -435,21 +449,25 @@ class DaskExecutor(Executor):
     # -- threads -------------------------------------------------------------------------------
 
     def _read(self) -> None:
-        """Take message batches from the server's queue (block for one, then drain) and deliver them."""
+        """Take the message batches on the server's queue, all at once, once per interval while tasks run (a
+        blocking get that times out is logged as an error by the scheduler), and deliver them."""
         while not self._closing:
+            if not self._runs:
+                self._submitted_event.wait(1.0)
+            self._submitted_event.clear()
             try:
-                items = [self._out.get(timeout=1)]
-                items.extend(self._out.get(batch=True))
-            except (TimeoutError, OSError):
-                continue
+                items = list(self._out.get(batch=True))
             except Exception:
                 if not self._closing:
                     log.debug("Plexus: reading the Dask message queue failed", exc_info=True)
-                    time.sleep(0.5)
+                    self._stop.wait(0.5)
+                continue
+            if not items:
+                self._stop.wait(self.message_interval)
                 continue
             deliveries: list[tuple[MessageCallback, tuple[Any, ...]]] = []
             for batch in items:
-                for task_id, messages in batch:
+                for task_id, messages in pickle.loads(batch):
                     with self._lock:
                         run = self._runs.get(task_id)
                         if run is None:
@@ -599,8 +617,7 @@ class DaskExecutor(Executor):
 
     def _monitor(self) -> None:
         """Refresh the workers and capacity; deliver results that waited too long for their batches."""
-        while not self._closing:
-            time.sleep(MONITOR_INTERVAL if not self._runs else 0.5)
+        while not self._stop.wait(MONITOR_INTERVAL if not self._runs else 0.5):
             with contextlib.suppress(Exception):
                 self._refresh()
             deliveries: list[tuple[MessageCallback, tuple[Any, ...]]] = []
