@@ -25,13 +25,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import pickle
-import queue as stdlib_queue
 import threading
 import time
 import uuid
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .. import worker as worker_side
@@ -42,6 +41,7 @@ log = logging.getLogger("plexus_mcp_jupyter")
 
 MAX_LOSSES = 3  # an idempotent task whose workers died this many times fails instead of being re-queued again
 FINAL_WAIT = 10.0  # seconds a result waits for its earlier message batches before it is delivered anyway
+COLLECT_MIN, COLLECT_MAX = 0.002, 0.05  # seconds between looks at the running futures (see _collect)
 MONITOR_INTERVAL = 2.0  # seconds between refreshes of the cluster's workers and capacity
 
 
@@ -188,8 +188,11 @@ def run_on_dask(
 @dataclass
 class _Run:
     task_id: str
+    key: str  # the Dask key of its future
     on_message: MessageCallback
-    future: Any
+    call: tuple[Any, ...]  # run_on_dask's arguments, until submitted
+    needs: tuple[tuple[str, int], ...]  # its Dask resources
+    future: Any = None  # once submitted
     address: str | None = None  # the worker running it, once it said so
     received: int = 0  # message batches of this task taken from the queue
     result: tuple[Any, ...] | None = None  # the future's result, waiting for its earlier batches
@@ -198,7 +201,6 @@ class _Run:
     inbox_used: bool = False
     killed: bool = False
     ended: bool = False
-    early: list[tuple[Any, ...]] = field(default_factory=list)
 
 
 class DaskExecutor(Executor):
@@ -222,13 +224,17 @@ class DaskExecutor(Executor):
         self._by_key: dict[str, _Run] = {}
         self._lock = threading.Lock()
         self._losses: dict[str, int] = {}
-        self._done: stdlib_queue.SimpleQueue[Any] = stdlib_queue.SimpleQueue()
+        self._release: list[Any] = []  # futures of ended tasks, released by the collector in one go
+        self._collect_wake = threading.Event()  # tasks were handed to Dask: look for ends often again
         self._closing = False
         self._stop = threading.Event()  # wakes the monitor and the reader at shutdown
         self._submitted_event = threading.Event()  # wakes an idle reader
+        self._submit_wake = threading.Event()  # wakes the submitting thread
+        self._outgoing: list[_Run] = []  # started, not handed to Dask yet
         self._threads: list[threading.Thread] = []
         self._control = ThreadPoolExecutor(max_workers=2, thread_name_prefix="plexus-dask-control")
         self._capacity: Resources = {}
+        self._dashboard: str | None = None
         self._workers: dict[str, dict[str, Any]] = {}
         self._declared: set[str] = set()  # resource names some worker declares (Dask resources)
         self._submitted = 0
@@ -287,7 +293,8 @@ class DaskExecutor(Executor):
         self._closing = False
         self._stop.clear()
         self._out = Queue(f"{self.channel}-out", client=self.client)
-        for target, name in ((self._read, "reader"), (self._collect, "collector"), (self._monitor, "monitor")):
+        for target, name in ((self._submit, "submitter"), (self._read, "reader"), (self._collect, "collector"),
+                             (self._monitor, "monitor")):
             thread = threading.Thread(target=target, name=f"plexus-dask-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -310,7 +317,8 @@ class DaskExecutor(Executor):
             await asyncio.sleep(0.02)
         self._closing = True
         self._stop.set()
-        self._done.put(None)
+        self._submit_wake.set()
+        self._collect_wake.set()
         self._control.shutdown(wait=True)
         await asyncio.to_thread(self._close_client)
         for thread in self._threads:
@@ -331,14 +339,11 @@ class DaskExecutor(Executor):
         return None
 
     def dashboard_link(self, task_id: str | None = None) -> str | None:
-        """The Dask dashboard (its status page); None without bokeh. `task_id`: only while that task runs here."""
+        """The Dask dashboard (its status page); None without bokeh. `task_id`: only while that task runs here.
+        Read by the monitor thread: asking the client is a round trip to the scheduler, never for the event loop."""
         if task_id is not None and task_id not in self._runs:
             return None
-        try:
-            link = self.client.dashboard_link
-        except Exception:
-            return None
-        return str(link) if link else None
+        return self._dashboard
 
     def worker_of(self, task_id: str) -> str | None:
         run = self._runs.get(task_id)
@@ -362,10 +367,15 @@ class DaskExecutor(Executor):
                 resources.setdefault("memory_mb", int(w["memory_limit"]) // 2**20)
             for name, amount in resources.items():
                 capacity[name] = capacity.get(name, 0) + amount
+        try:
+            dashboard = self.client.dashboard_link
+        except Exception:  # no bokeh: no dashboard
+            dashboard = None
         with self._lock:
             self._workers = workers
             self._capacity = capacity
             self._declared = declared
+            self._dashboard = str(dashboard) if dashboard else None
 
     # -- tasks ---------------------------------------------------------------------------------
 
@@ -380,18 +390,49 @@ class DaskExecutor(Executor):
         key = f"plexus-{task_id}-{self._submitted}"
         # Only what the workers declare as Dask resources: Dask would wait forever for a resource nobody has
         # (the manager never starts a task whose needs exceed the capacity).
-        needs = {name: amount for name, amount in (resources or {}).items() if amount and name in self._declared}
-        future = self.client.submit(
-            run_on_dask, task_id, target, params, max_output_bytes, dict(environment or {}), self.channel,
-            self.message_interval, key=key, pure=False, resources=needs or None, retries=0,
-        )
-        run = _Run(task_id, on_message, future)
+        needs = tuple(sorted((name, amount) for name, amount in (resources or {}).items()
+                             if amount and name in self._declared))
+        call = (task_id, target, params, max_output_bytes, dict(environment or {}), self.channel,
+                self.message_interval)
+        run = _Run(task_id, key, on_message, call, needs)
         with self._lock:
             self._runs[task_id] = run
             self._by_key[key] = run
-        future.add_done_callback(self._done.put)
+            self._outgoing.append(run)
+        self._submit_wake.set()
         self._submitted_event.set()
         return f"dask:{key}"
+
+    def _submit(self) -> None:
+        """Hand the tasks started since the last pass to Dask in one `map` per set of resources: a `submit` per
+        task costs the client milliseconds, and this thread keeps that off the event loop."""
+        while not self._closing:
+            self._submit_wake.wait(1.0)
+            self._submit_wake.clear()
+            with self._lock:
+                runs, self._outgoing = self._outgoing, []
+            groups: dict[tuple[tuple[str, int], ...], list[_Run]] = {}
+            for run in runs:
+                groups.setdefault(run.needs, []).append(run)
+            for needs, group in groups.items():
+                try:
+                    futures = self.client.map(run_on_dask, *zip(*(r.call for r in group), strict=True),
+                                              key=[r.key for r in group], pure=False,
+                                              resources=dict(needs) or None, retries=0)
+                except Exception as exc:
+                    deliveries: list[tuple[MessageCallback, tuple[Any, ...]]] = []
+                    for run in group:
+                        deliveries.append((run.on_message, ("error", f"Dask refused the task: {exc}", None, {})))
+                        self._end(run, 0, deliveries)
+                    self._deliver(deliveries)
+                    continue
+                for run, future in zip(group, futures, strict=True):
+                    with self._lock:
+                        run.future, run.call = future, ()
+                        killed = run.killed
+                    if killed:  # stopped before it was handed over
+                        self._in_control(self._kill, run)
+                self._collect_wake.set()
 
     def reply(self, task_id: str, message: tuple[Any, ...]) -> None:
         from distributed import Queue
@@ -419,12 +460,15 @@ class DaskExecutor(Executor):
         run = self._runs.get(task_id)
         if run is None or run.killed:
             return
-        run.killed = True
+        with self._lock:
+            run.killed = True
         self._in_control(self._kill, run)
 
     def _kill(self, run: _Run) -> None:
         """Cancel the future; the worker running it (a thread cannot be stopped) is restarted by its nanny."""
-        address = run.address or self._processing_worker(run.future.key)
+        if run.future is None:
+            return  # not handed to Dask yet: the submitting thread calls this again once it is
+        address = run.address or self._processing_worker(run.key)
         with contextlib.suppress(Exception):
             self.client.cancel([run.future], force=True)
         if address is not None and not run.ended:
@@ -492,19 +536,20 @@ class DaskExecutor(Executor):
                 deliveries.append((run.on_message, message))
 
     def _collect(self) -> None:
-        """Handle finished futures: gather the results of those done together in one call."""
-        while True:
-            first = self._done.get()
-            if first is None:
-                return
-            futures = [first]
-            with contextlib.suppress(stdlib_queue.Empty):
-                while len(futures) < 500:
-                    nxt = self._done.get_nowait()
-                    if nxt is None:
-                        self._done.put(None)
-                        break
-                    futures.append(nxt)
+        """Find the futures that ended by a look at each one's state (a done-callback per future would cost two
+        thread wake-ups per task), and gather the results of the finished ones in one call. It looks every
+        COLLECT_MIN s while tasks end, backing off to COLLECT_MAX while none does."""
+        pause = COLLECT_MAX
+        while not self._closing:
+            if self._collect_wake.wait(pause if self._runs else 1.0):
+                self._collect_wake.clear()
+                pause = COLLECT_MIN
+            with self._lock:
+                futures = [r.future for r in self._runs.values()
+                           if r.future is not None and r.result is None and not r.ended and r.future.done()]
+            pause = COLLECT_MIN if futures else min(pause * 2, COLLECT_MAX)
+            if not futures:
+                continue
             deliveries: list[tuple[MessageCallback, tuple[Any, ...]]] = []
             finished = [f for f in futures if f.status == "finished"]
             by_key = self._gather(finished)
@@ -519,6 +564,7 @@ class DaskExecutor(Executor):
                 else:
                     self._failed(run, future, deliveries)
             self._deliver(deliveries)
+            self._release_ended()
 
     def _gather(self, futures: list[Any]) -> dict[str, Any]:
         """Results by key, in one call; one by one if that fails (a worker holding a result died before it was
@@ -594,15 +640,22 @@ class DaskExecutor(Executor):
                 return
             run.ended = True
             self._runs.pop(run.task_id, None)
-            self._by_key.pop(run.future.key, None)
+            self._by_key.pop(run.key, None)
         deliveries.append((run.on_message, ("exit", exitcode)))
         if run.cancel_set or run.inbox_used:
             self._in_control(self._forget, run)
         else:
-            with contextlib.suppress(Exception):
-                run.future.release()
+            self._release.append(run.future)
         if exitcode == 0 and run.result is not None:
             self._losses.pop(run.task_id, None)
+
+    def _release_ended(self) -> None:
+        """Let Dask drop the results of ended tasks: one wake-up of the client's thread for all of them (a
+        `release()` each from here costs a wake-up each)."""
+        futures, self._release = [r for r in self._release if r is not None], []
+        if futures:
+            with contextlib.suppress(Exception):
+                self.client.loop.add_callback(_release_all, futures)
 
     def _forget(self, run: _Run) -> None:
         """Remove what the scheduler keeps for an ended task: its cancel event, its answers queue."""
@@ -630,6 +683,12 @@ class DaskExecutor(Executor):
             return
         with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
             self._loop.call_soon_threadsafe(run_callbacks, deliveries)
+
+
+def _release_all(futures: list[Any]) -> None:
+    for future in futures:
+        with contextlib.suppress(Exception):
+            future.release()
 
 
 def _logged(fn: Any, *args: Any) -> None:
