@@ -3,6 +3,7 @@ the scheduler unreachable at start, and the dashboard link. The cluster is start
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -106,6 +107,19 @@ async def test_a_running_task_names_its_worker_and_the_dashboard_which_answers(m
         assert health["executor"]["workers"] == 2 and health["executor"]["capacity"]["slots"] == 2
         assert health["executor"]["scheduler"] == dask_cluster.scheduler_address
         await client.call_tool("cancel_tasks", {"task_ids": [task_id], "wait_seconds": 5})
+
+
+async def test_the_notebook_dashboard_shows_the_executor_and_links_the_dask_dashboard(server_url, token, runtime):
+    from plexus_mcp_jupyter.notebook.client import PlexusClient
+    from plexus_mcp_jupyter.notebook.widgets import Dashboard
+
+    client = await asyncio.to_thread(PlexusClient, server_url, token)  # blocking calls, to a server on this loop
+    try:
+        view = await asyncio.to_thread(Dashboard, client)
+        link = runtime.executor.dashboard_link()
+        assert link and "executor: dask" in view.header.value and f'<a href="{link}"' in view.header.value
+    finally:
+        await asyncio.to_thread(client.close)
 
 
 async def test_cooperative_cancellation_stops_the_task_at_its_next_check_and_keeps_the_worker(
