@@ -87,8 +87,12 @@ async def main() -> None:
     parser.add_argument("--tasks", type=int, default=1000)
     parser.add_argument("--sessions", type=int, default=8, help="concurrent MCP sessions dispatching")
     parser.add_argument("--workers", type=int, default=2, help="Dask LocalCluster worker processes (1 thread each)")
-    parser.add_argument("--concurrency", type=int, default=32,
-                        help="max_concurrency of the Dask part: tasks in flight on the cluster (Dask queues them)")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=32,
+        help="max_concurrency of the Dask part: tasks in flight on the cluster (Dask queues them)",
+    )
     parser.add_argument("--store-url", default=None, help="the store of every part (default: SQLite in a temp dir)")
     args = parser.parse_args()
     from distributed import Client, LocalCluster
@@ -101,22 +105,40 @@ async def main() -> None:
     mcp.append((local.label, await run_part(local, n, args.sessions)))
     with tempdir() as tmp:
         core_local = await core_batch(n, args.store_url or f"sqlite:///{Path(tmp) / 'core-local.db'}")
-    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                      resources={"slots": 1}, scheduler_kwargs={"allowed_failures": 0},
-                      silence_logs=logging.CRITICAL) as cluster:
-        dask_part = Part("(b) Dask executor (LocalCluster)", {
-            "PLEXUS_MCP_EXECUTOR": "dask", "PLEXUS_MCP_DASK_SCHEDULER_ADDRESS": cluster.scheduler_address,
-            "PLEXUS_MCP_MAX_CONCURRENCY": str(args.concurrency)}, args.store_url)
+    with LocalCluster(
+        n_workers=args.workers,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        resources={"slots": 1},
+        scheduler_kwargs={"allowed_failures": 0},
+        silence_logs=logging.CRITICAL,
+    ) as cluster:
+        dask_part = Part(
+            "(b) Dask executor (LocalCluster)",
+            {
+                "PLEXUS_MCP_EXECUTOR": "dask",
+                "PLEXUS_MCP_DASK_SCHEDULER_ADDRESS": cluster.scheduler_address,
+                "PLEXUS_MCP_MAX_CONCURRENCY": str(args.concurrency),
+            },
+            args.store_url,
+        )
         mcp.append((dask_part.label, await run_part(dask_part, n, args.sessions)))
         with tempdir() as tmp:
-            core_dask = await core_batch(n, args.store_url or f"sqlite:///{Path(tmp) / 'core-dask.db'}",
-                                         DaskExecutor(cluster.scheduler_address), args.concurrency)
+            core_dask = await core_batch(
+                n,
+                args.store_url or f"sqlite:///{Path(tmp) / 'core-dask.db'}",
+                DaskExecutor(cluster.scheduler_address),
+                args.concurrency,
+            )
         with Client(cluster) as client:
             own = submit_rate(client, n)
 
     store = args.store_url or "SQLite (a file in a temp dir)"
-    print(f"{n} trivial tasks (run_demo_task items=1 item_delay_ms=0) until all COMPLETED; store: {store}; "
-          f"Dask: LocalCluster of {args.workers} x 1 thread, max_concurrency {args.concurrency}")
+    print(
+        f"{n} trivial tasks (run_demo_task items=1 item_delay_ms=0) until all COMPLETED; store: {store}; "
+        f"Dask: LocalCluster of {args.workers} x 1 thread, max_concurrency {args.concurrency}"
+    )
     title = f"over MCP, {args.sessions} sessions, Jupyter server"
     print(f"{title:<44} {'tasks/s':>8} {'get_task p50 ms':>16}")
     for label, r in mcp:
@@ -125,8 +147,10 @@ async def main() -> None:
     for label, r in (("(a) local executor", core_local), ("(b) Dask executor", core_dask)):
         print(f"{label:<44} {r['tasks_per_s']:>8.0f} {r['cpu_ms_per_task']:>16.2f}")
     print(f"{'Dask own client.submit, same cluster':<44} {own:>8.0f}")
-    print(f"Dask executor / Dask's own submit rate: core {core_dask['tasks_per_s'] / own:.2f}x, "
-          f"over MCP {mcp[-1][1]['tasks_per_s'] / own:.2f}x (goal >= 0.8x)")
+    print(
+        f"Dask executor / Dask's own submit rate: core {core_dask['tasks_per_s'] / own:.2f}x, "
+        f"over MCP {mcp[-1][1]['tasks_per_s'] / own:.2f}x (goal >= 0.8x)"
+    )
 
 
 if __name__ == "__main__":

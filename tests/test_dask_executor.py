@@ -21,16 +21,22 @@ from .test_mcp_tools import wait_final
 
 FINAL = ("COMPLETED", "FAILED", "CANCELLED")
 STUBBORN = TaskType("stubborn", "tests.task_functions:stubborn", "ignores cancellation")
-LONG_IDEMPOTENT = TaskType("long_idempotent", "tests.task_functions:long_idempotent", "runs until stopped",
-                           idempotent=True)
-GPU_TASK = TaskType("gpu_demo", "plexus_mcp_jupyter.core.demo:run_demo", "needs a gpu",
-                    resources={"slots": 1, "gpu": 1})
+LONG_IDEMPOTENT = TaskType(
+    "long_idempotent", "tests.task_functions:long_idempotent", "runs until stopped", idempotent=True
+)
+GPU_TASK = TaskType(
+    "gpu_demo", "plexus_mcp_jupyter.core.demo:run_demo", "needs a gpu", resources={"slots": 1, "gpu": 1}
+)
 
 
 @pytest.fixture
 def plexus_config(plexus_config, dask_cluster):
-    return {**plexus_config, "executor": "dask", "dask_scheduler_address": dask_cluster.scheduler_address,
-            "dask_message_interval": 0.05}
+    return {
+        **plexus_config,
+        "executor": "dask",
+        "dask_scheduler_address": dask_cluster.scheduler_address,
+        "dask_message_interval": 0.05,
+    }
 
 
 @pytest.fixture
@@ -46,8 +52,11 @@ async def get_task(client, task_id: str) -> dict:
 
 async def running_on_a_worker(client, task_id: str) -> dict:
     """The task once it runs on a Dask worker and has reported progress (its worker known to the server)."""
-    return await poll(lambda: get_task(client, task_id),
-                      lambda t: "dask:tcp://" in (t["worker"] or "") and t["progress"]["processed"] > 0, timeout=30)
+    return await poll(
+        lambda: get_task(client, task_id),
+        lambda t: "dask:tcp://" in (t["worker"] or "") and t["progress"]["processed"] > 0,
+        timeout=30,
+    )
 
 
 def worker_address(task: dict) -> str:
@@ -74,13 +83,17 @@ async def test_the_demo_task_runs_to_completed_with_progress_over_mcp(mcp_client
         updates.append((progress, total, message))
 
     async with mcp_client() as client:
-        result = await client.call_tool("run_demo_task", {"items": 300, "item_delay_ms": 2},
-                                        progress_callback=on_progress)
+        result = await client.call_tool(
+            "run_demo_task", {"items": 300, "item_delay_ms": 2}, progress_callback=on_progress
+        )
         assert not result.is_error, result.content[0].text
         task = await wait_final(client, result.structured_content["task_id"])
     assert task["status"] == "COMPLETED", task
     assert [(s["name"], s["status"], s["processed_items"]) for s in task["stages"]] == [
-        ("Setup", "COMPLETED", 3), ("Processing", "COMPLETED", 300), ("Finalizing", "COMPLETED", 2)]
+        ("Setup", "COMPLETED", 3),
+        ("Processing", "COMPLETED", 300),
+        ("Finalizing", "COMPLETED", 2),
+    ]
     assert task["output"]["items_processed"] == 300
     assert "/dask:tcp://127.0.0.1:" in task["worker"]
     assert task["dashboard_url"] is None  # only while it runs
@@ -89,8 +102,9 @@ async def test_the_demo_task_runs_to_completed_with_progress_over_mcp(mcp_client
     assert any(m and m.startswith("Processing:") for _, _, m in updates)
 
 
-async def test_a_running_task_names_its_worker_and_the_dashboard_which_answers(mcp_client, runtime, jp_fetch,
-                                                                                dask_cluster):
+async def test_a_running_task_names_its_worker_and_the_dashboard_which_answers(
+    mcp_client, runtime, jp_fetch, dask_cluster
+):
     async with mcp_client() as client:
         started = await client.call_tool("run_demo_task", {"items": 100_000, "item_delay_ms": 5})
         task_id = started.structured_content["task_id"]
@@ -123,7 +137,8 @@ async def test_the_notebook_dashboard_shows_the_executor_and_links_the_dask_dash
 
 
 async def test_cooperative_cancellation_stops_the_task_at_its_next_check_and_keeps_the_worker(
-        mcp_client, runtime, cluster_client):
+    mcp_client, runtime, cluster_client
+):
     async with mcp_client() as client:
         started = await client.call_tool("run_demo_task", {"items": 100_000, "item_delay_ms": 5})
         task_id = started.structured_content["task_id"]
@@ -170,12 +185,17 @@ async def test_an_idempotent_task_whose_worker_died_is_queued_again_and_runs(mcp
     with registered_task_types(LONG_IDEMPOTENT):
         task = runtime.manager.dispatch("long_idempotent", {})
         async with mcp_client() as client:
-            first = await poll(lambda: get_task(client, task.id), lambda t: "dask:tcp://" in (t["worker"] or ""),
-                               timeout=30)
+            first = await poll(
+                lambda: get_task(client, task.id), lambda t: "dask:tcp://" in (t["worker"] or ""), timeout=30
+            )
             os.kill(worker_pid(cluster_client, worker_address(first)), signal.SIGKILL)
-            again = await poll(lambda: get_task(client, task.id),
-                               lambda t: t["status"] in FINAL or ("dask:tcp://" in (t["worker"] or "")
-                                                                  and t["worker"] != first["worker"]), timeout=60)
+            again = await poll(
+                lambda: get_task(client, task.id),
+                lambda t: (
+                    t["status"] in FINAL or ("dask:tcp://" in (t["worker"] or "") and t["worker"] != first["worker"])
+                ),
+                timeout=60,
+            )
             assert again["status"] == "RUNNING", again
             await client.call_tool("cancel_tasks", {"task_ids": [task.id], "wait_seconds": 5})
             ended = await wait_final(client, task.id)
@@ -195,8 +215,15 @@ async def test_an_evaluation_runs_on_dask(mcp_client, runtime):
     from .test_evaluations import create, finished
 
     async with mcp_client() as client:
-        started = await create(client, type="accuracy", dataset="example:sentiment", prediction_column="prediction",
-                               label_column="label", input_column="text", id_column="id")
+        started = await create(
+            client,
+            type="accuracy",
+            dataset="example:sentiment",
+            prediction_column="prediction",
+            label_column="label",
+            input_column="text",
+            id_column="id",
+        )
         done = await finished(client, started["evaluation_id"])
         task = await get_task(client, started["task_id"])
     assert done["status"] == "COMPLETED", done["error_message"]
@@ -213,8 +240,11 @@ def free_port() -> int:
 class TestSchedulerUnreachableFallsBackToLocal:
     @pytest.fixture
     def plexus_config(self, plexus_config):
-        return {**plexus_config, "dask_scheduler_address": f"tcp://127.0.0.1:{free_port()}",
-                "dask_connect_timeout": 1.0}
+        return {
+            **plexus_config,
+            "dask_scheduler_address": f"tcp://127.0.0.1:{free_port()}",
+            "dask_connect_timeout": 1.0,
+        }
 
     async def test_tasks_run_locally_and_health_says_why(self, mcp_client, runtime, jp_fetch, plexus_config):
         health = json.loads((await jp_fetch("plexus", "api", "health")).body)
@@ -230,8 +260,12 @@ class TestSchedulerUnreachableFallsBackToLocal:
 class TestSchedulerUnreachableRefused:
     @pytest.fixture
     def plexus_config(self, plexus_config):
-        return {**plexus_config, "dask_scheduler_address": f"tcp://127.0.0.1:{free_port()}",
-                "dask_connect_timeout": 1.0, "dask_fallback": "refuse"}
+        return {
+            **plexus_config,
+            "dask_scheduler_address": f"tcp://127.0.0.1:{free_port()}",
+            "dask_connect_timeout": 1.0,
+            "dask_fallback": "refuse",
+        }
 
     async def test_every_route_answers_503_naming_the_scheduler(self, jp_fetch, plexus_config):
         from tornado.httpclient import HTTPClientError
@@ -241,3 +275,28 @@ class TestSchedulerUnreachableRefused:
         assert refused.value.code == 503
         message = json.loads(refused.value.response.body)["error"]["message"]
         assert plexus_config["dask_scheduler_address"] in message and "dask_fallback=refuse" in message
+
+
+class TestALocalClusterOfItsOwn:
+    @pytest.fixture
+    def plexus_config(self, plexus_config):
+        config = {k: v for k, v in plexus_config.items() if k != "dask_scheduler_address"}
+        return {**config, "dask_local_workers": 1, "dask_local_memory_mb": 768, "dask_worker_resources": "gpu=1"}
+
+    async def test_it_runs_a_task_needing_its_declared_resources_and_stops_with_the_server(
+        self, runtime, mcp_client, jp_fetch
+    ):
+        executor = runtime.executor
+        assert executor.cluster is not None
+        assert executor.capacity() == {"slots": 1, "memory_mb": 768, "gpu": 1}
+        health = json.loads((await jp_fetch("plexus", "api", "health")).body)["executor"]
+        assert health["local_cluster"] is True and health["scheduler"].startswith("tcp://127.0.0.1:")
+        async with httpx2.AsyncClient(timeout=10) as http:
+            assert (await http.get(health["dashboard"])).status_code == 200
+        with registered_task_types(GPU_TASK):
+            task = runtime.manager.dispatch("gpu_demo", {"items": 5, "item_delay_ms": 0})
+            async with mcp_client() as client:
+                done = await wait_final(client, task.id)
+        assert done["status"] == "COMPLETED" and done["output"]["items_processed"] == 5
+        await runtime.stop()
+        assert executor.cluster.status.name == "closed"

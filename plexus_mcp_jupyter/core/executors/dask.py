@@ -3,8 +3,6 @@
 Task code is sent by import path (the task type's `target`), never pickled: the workers must have the
 task's package installed, as they must for any Dask work. What travels back, and how:
 
-- (values put on a distributed Queue travel as msgpack, which turns lists into tuples: they are pickled first,
-  as Dask pickles task arguments and results)
 - a task's messages (stages, progress, logs, requests) are buffered in its worker process and put on one
   distributed `Queue` of this server at most once per `message_interval` (all the tasks of that worker in
   one put), so a chatty task never floods the scheduler; what is left at the task's end travels back in
@@ -14,10 +12,12 @@ task's package installed, as they must for any Dask work. What travels back, and
   `message_interval`); the forced stop cancels the future and restarts the worker running it (a thread
   cannot be stopped), which is why a worker runs one task at a time by default (`dask_local_threads`);
 - a worker that dies mid-task ends the task FAILED naming the worker, or re-queued when its task type is
-  idempotent (a "lost" final message, see TaskManager._finish), at most MAX_LOSSES times.
+  idempotent (a "lost" final message, see TaskManager._finish), at most MAX_LOSSES - 1 times.
 
-Nothing here runs Dask calls on the server's event loop: submit() only hands a message to the client's
-own thread; the rest runs in this executor's threads (reader, collector, monitor, control).
+What goes on a distributed Queue is pickled first (the scheduler's msgpack would turn lists into tuples),
+as Dask pickles task arguments and results. Nothing here runs Dask calls on the server's event loop:
+submit() records the task for the submitting thread; the rest runs in this executor's threads (submitter,
+reader, collector, monitor, control).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ MAX_LOSSES = 3  # an idempotent task whose workers died this many times fails in
 FINAL_WAIT = 10.0  # seconds a result waits for its earlier message batches before it is delivered anyway
 COLLECT_MIN, COLLECT_MAX = 0.002, 0.05  # seconds between looks at the running futures (see _collect)
 MONITOR_INTERVAL = 2.0  # seconds between refreshes of the cluster's workers and capacity
+OUTBOX_IDLE_EXIT = 30.0  # seconds without a task after which a worker's outbox for a server ends
 
 
 # -- the worker side ---------------------------------------------------------------------------------
@@ -62,8 +63,16 @@ class _Outbox:
         self.pending: dict[str, list[tuple[Any, ...]]] = {}
         self.puts: dict[str, int] = {}  # batches of each task put on the queue, so the server keeps their order
         self.put_lock = threading.Lock()  # puts leave in the order their batches were taken
+        self.active = 0  # tasks of this server running in this process
+        self.idle_since = time.monotonic()
+        self.channel = channel
         self.wake = threading.Event()
         threading.Thread(target=self._run, name="plexus-dask-outbox", daemon=True).start()
+
+    def begin(self, task_id: str) -> None:
+        with self.lock:
+            self.active += 1
+            self.pending[task_id] = []
 
     def send(self, task_id: str, message: tuple[Any, ...], *, urgent: bool = False) -> None:
         with self.lock:
@@ -74,6 +83,8 @@ class _Outbox:
     def take(self, task_id: str) -> tuple[list[tuple[Any, ...]], int]:
         """A task ended: its messages not put yet (they travel in its result) and how many batches were put."""
         with self.lock:
+            self.active -= 1
+            self.idle_since = time.monotonic()
             return self.pending.pop(task_id, []), self.puts.pop(task_id, 0)
 
     def flush(self) -> None:
@@ -90,20 +101,31 @@ class _Outbox:
                     log.debug("Plexus: could not put task messages on the Dask queue", exc_info=True)
 
     def _run(self) -> None:
+        """Flush once per interval; end once no task of this server ran here for a while (its server may be
+        gone: a worker outlives the servers that used it)."""
         while True:
             self.wake.wait(self.interval)
             self.flush()
+            with _OUTBOXES_LOCK, self.lock:
+                if self.active or time.monotonic() - self.idle_since < OUTBOX_IDLE_EXIT:
+                    continue
+                _OUTBOXES.pop(self.channel, None)
+            with contextlib.suppress(Exception):
+                self.queue.close()
+            return
 
 
 _OUTBOXES: dict[str, _Outbox] = {}
-_OUTBOXES_LOCK = threading.Lock()
+_OUTBOXES_LOCK = threading.Lock()  # taken before an outbox's own lock
 
 
-def _outbox(channel: str, interval: float) -> _Outbox:
+def _outbox(channel: str, interval: float, task_id: str) -> _Outbox:
+    """This process's outbox for a server, with `task_id` counted as running in it."""
     with _OUTBOXES_LOCK:
         box = _OUTBOXES.get(channel)
         if box is None:
             box = _OUTBOXES[channel] = _Outbox(channel, interval)
+        box.begin(task_id)
         return box
 
 
@@ -157,8 +179,13 @@ class _Inbox:
 
 
 def run_on_dask(
-    task_id: str, target: str, params: dict[str, Any], max_output_bytes: int, environment: dict[str, Any],
-    channel: str, interval: float,
+    task_id: str,
+    target: str,
+    params: dict[str, Any],
+    max_output_bytes: int,
+    environment: dict[str, Any],
+    channel: str,
+    interval: float,
 ) -> tuple[str, list[tuple[Any, ...]], int, tuple[Any, ...]]:
     """What a Dask worker runs for one task: the task function by its import path, with a context whose
     messages go through this worker's outbox. Returns (worker address, messages not put yet, batches put,
@@ -166,7 +193,7 @@ def run_on_dask(
     from distributed import get_worker
 
     address = str(get_worker().address)
-    box = _outbox(channel, interval)
+    box = _outbox(channel, interval, task_id)
     box.send(task_id, ("started", address))
     inbox = _Inbox(f"{channel}-in-{task_id}", interval)
 
@@ -174,11 +201,19 @@ def run_on_dask(
         box.send(task_id, message, urgent=message[0] == "request")
 
     try:
-        final = worker_side.run_task(task_id, target, params, send, _EventFlag(f"{channel}-cancel-{task_id}", interval),
-                                     max_output_bytes, environment, inbox)
+        final = worker_side.run_task(
+            task_id,
+            target,
+            params,
+            send,
+            _EventFlag(f"{channel}-cancel-{task_id}", interval),
+            max_output_bytes,
+            environment,
+            inbox,
+        )
     finally:
         inbox.close()
-    rest, puts = box.take(task_id)
+        rest, puts = box.take(task_id)
     return address, rest, puts, final
 
 
@@ -207,9 +242,15 @@ class DaskExecutor(Executor):
     name = "dask"
 
     def __init__(
-        self, scheduler_address: str = "", *, local_workers: int = 2, local_threads: int = 1,
-        local_memory_mb: int = 0, worker_resources: Mapping[str, int] | None = None,
-        connect_timeout: float = 10.0, message_interval: float = 0.1,
+        self,
+        scheduler_address: str = "",
+        *,
+        local_workers: int = 2,
+        local_threads: int = 1,
+        local_memory_mb: int = 0,
+        worker_resources: Mapping[str, int] | None = None,
+        connect_timeout: float = 10.0,
+        message_interval: float = 0.1,
     ) -> None:
         """Connect now (a scheduler at `scheduler_address`, or a LocalCluster of `local_workers` processes of
         `local_threads` threads and `local_memory_mb` MB each, 0: Dask's share of this machine); raise
@@ -241,8 +282,9 @@ class DaskExecutor(Executor):
         try:
             import distributed  # noqa: F401 - only to say what is missing
         except ImportError:
-            raise ExecutorUnavailable("executor=dask needs Dask distributed: pip install 'plexus-mcp-jupyter[dask]'") \
-                from None
+            raise ExecutorUnavailable(
+                "executor=dask needs Dask distributed: pip install 'plexus-mcp-jupyter[dask]'"
+            ) from None
         try:
             self._connect(local_workers, local_threads, local_memory_mb, dict(worker_resources or {}), connect_timeout)
         except ExecutorUnavailable:
@@ -271,9 +313,14 @@ class DaskExecutor(Executor):
             # allowed_failures=0: Dask must not run a task again on another worker by itself; Plexus decides
             # (idempotent task types are re-queued, the others fail naming the worker).
             self.cluster = LocalCluster(
-                n_workers=workers, threads_per_worker=threads, processes=True,
-                memory_limit=f"{memory_mb}MB" if memory_mb else "auto", resources=declared,
-                dashboard_address="127.0.0.1:0", host="127.0.0.1", scheduler_kwargs={"allowed_failures": 0},
+                n_workers=workers,
+                threads_per_worker=threads,
+                processes=True,
+                memory_limit=f"{memory_mb}MB" if memory_mb else "auto",
+                resources=declared,
+                dashboard_address="127.0.0.1:0",
+                host="127.0.0.1",
+                scheduler_kwargs={"allowed_failures": 0},
             )
             self.client = Client(self.cluster, set_as_default=False)
         self._refresh()
@@ -293,8 +340,12 @@ class DaskExecutor(Executor):
         self._closing = False
         self._stop.clear()
         self._out = Queue(f"{self.channel}-out", client=self.client)
-        for target, name in ((self._submit, "submitter"), (self._read, "reader"), (self._collect, "collector"),
-                             (self._monitor, "monitor")):
+        for target, name in (
+            (self._submit, "submitter"),
+            (self._read, "reader"),
+            (self._collect, "collector"),
+            (self._monitor, "monitor"),
+        ):
             thread = threading.Thread(target=target, name=f"plexus-dask-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -329,9 +380,15 @@ class DaskExecutor(Executor):
         with self._lock:
             running = len(self._runs)
             workers = len(self._workers)
-        return {"name": self.name, "scheduler": self.scheduler_address or self._scheduler_address(),
-                "local_cluster": self.cluster is not None, "dashboard": self.dashboard_link(), "running": running,
-                "workers": workers, "capacity": dict(self._capacity)}
+        return {
+            "name": self.name,
+            "scheduler": self.scheduler_address or self._scheduler_address(),
+            "local_cluster": self.cluster is not None,
+            "dashboard": self.dashboard_link(),
+            "running": running,
+            "workers": workers,
+            "capacity": dict(self._capacity),
+        }
 
     def _scheduler_address(self) -> str | None:
         with contextlib.suppress(Exception):
@@ -380,8 +437,15 @@ class DaskExecutor(Executor):
     # -- tasks ---------------------------------------------------------------------------------
 
     def submit(
-        self, task_id: str, target: str, params: dict[str, Any], on_message: MessageCallback, *,
-        max_output_bytes: int = 65_536, environment: Mapping[str, Any] | None = None, isolated: bool = False,
+        self,
+        task_id: str,
+        target: str,
+        params: dict[str, Any],
+        on_message: MessageCallback,
+        *,
+        max_output_bytes: int = 65_536,
+        environment: Mapping[str, Any] | None = None,
+        isolated: bool = False,
         resources: Mapping[str, int] | None = None,
     ) -> str:
         if self._loop is None:
@@ -390,10 +454,10 @@ class DaskExecutor(Executor):
         key = f"plexus-{task_id}-{self._submitted}"
         # Only what the workers declare as Dask resources: Dask would wait forever for a resource nobody has
         # (the manager never starts a task whose needs exceed the capacity).
-        needs = tuple(sorted((name, amount) for name, amount in (resources or {}).items()
-                             if amount and name in self._declared))
-        call = (task_id, target, params, max_output_bytes, dict(environment or {}), self.channel,
-                self.message_interval)
+        needs = tuple(
+            sorted((name, amount) for name, amount in (resources or {}).items() if amount and name in self._declared)
+        )
+        call = (task_id, target, params, max_output_bytes, dict(environment or {}), self.channel, self.message_interval)
         run = _Run(task_id, key, on_message, call, needs)
         with self._lock:
             self._runs[task_id] = run
@@ -416,9 +480,14 @@ class DaskExecutor(Executor):
                 groups.setdefault(run.needs, []).append(run)
             for needs, group in groups.items():
                 try:
-                    futures = self.client.map(run_on_dask, *zip(*(r.call for r in group), strict=True),
-                                              key=[r.key for r in group], pure=False,
-                                              resources=dict(needs) or None, retries=0)
+                    futures = self.client.map(
+                        run_on_dask,
+                        *zip(*(r.call for r in group), strict=True),
+                        key=[r.key for r in group],
+                        pure=False,
+                        resources=dict(needs) or None,
+                        retries=0,
+                    )
                 except Exception as exc:
                     deliveries: list[tuple[MessageCallback, tuple[Any, ...]]] = []
                     for run in group:
@@ -521,8 +590,9 @@ class DaskExecutor(Executor):
                     self._maybe_end(run, deliveries)
             self._deliver(deliveries)
 
-    def _messages(self, run: _Run, messages: list[tuple[Any, ...]],
-                  deliveries: list[tuple[MessageCallback, tuple[Any, ...]]]) -> None:
+    def _messages(
+        self, run: _Run, messages: list[tuple[Any, ...]], deliveries: list[tuple[MessageCallback, tuple[Any, ...]]]
+    ) -> None:
         for message in messages:
             if message[0] == "started":
                 address = str(message[1])
@@ -545,8 +615,11 @@ class DaskExecutor(Executor):
                 self._collect_wake.clear()
                 pause = COLLECT_MIN
             with self._lock:
-                futures = [r.future for r in self._runs.values()
-                           if r.future is not None and r.result is None and not r.ended and r.future.done()]
+                futures = [
+                    r.future
+                    for r in self._runs.values()
+                    if r.future is not None and r.result is None and not r.ended and r.future.done()
+                ]
             pause = COLLECT_MIN if futures else min(pause * 2, COLLECT_MAX)
             if not futures:
                 continue
