@@ -84,6 +84,17 @@ class Executor(abc.ABC):
     async def shutdown(self, grace: float) -> None:
         """Cancel everything still running, wait up to `grace` seconds, then kill."""
 
+    async def stop_and_wait(self, task_ids: list[str], running: Callable[[], bool], grace: float, *,
+                            force: bool = False) -> None:
+        """Ask these tasks to stop (cooperatively, or with `force` by `kill`), then wait up to `grace` seconds
+        while `running()` holds: the steps of a shutdown."""
+        for task_id in task_ids:
+            (self.kill if force else self.request_cancel)(task_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while running() and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+
     @abc.abstractmethod
     def status(self) -> dict[str, Any]: ...
 

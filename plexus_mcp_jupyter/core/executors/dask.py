@@ -22,6 +22,7 @@ reader, collector, monitor, control).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import pickle
@@ -351,21 +352,8 @@ class DaskExecutor(Executor):
             self._threads.append(thread)
 
     async def shutdown(self, grace: float) -> None:
-        import asyncio
-
-        with self._lock:
-            ids = list(self._runs)
-        for task_id in ids:
-            self.request_cancel(task_id)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
-        while self._runs and loop.time() < deadline:
-            await asyncio.sleep(0.02)
-        for task_id in list(self._runs):
-            self.kill(task_id)
-        deadline = loop.time() + 5
-        while self._runs and loop.time() < deadline:
-            await asyncio.sleep(0.02)
+        await self.stop_and_wait(list(self._runs), lambda: bool(self._runs), grace)
+        await self.stop_and_wait(list(self._runs), lambda: bool(self._runs), 5.0, force=True)
         self._closing = True
         self._stop.set()
         self._submit_wake.set()

@@ -179,12 +179,7 @@ class LocalExecutor(Executor):
     async def shutdown(self, grace: float) -> None:
         with self._lock:
             ids = list(self._by_task)
-        for task_id in ids:
-            self.request_cancel(task_id)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
-        while self._by_task and loop.time() < deadline:
-            await asyncio.sleep(0.02)
+        await self.stop_and_wait(ids, lambda: bool(self._by_task), grace)
         self._closing = True
         if self._warmer is not None:
             # A worker the warm-up is starting now would be registered after the snapshot below, never be
