@@ -358,7 +358,7 @@ class DaskExecutor(Executor):
         self._stop.set()
         self._submit_wake.set()
         self._collect_wake.set()
-        self._control.shutdown(wait=True)
+        await asyncio.to_thread(self._control.shutdown, True)  # a worker restart may take seconds
         await asyncio.to_thread(self._close_client)
         for thread in self._threads:
             await asyncio.to_thread(thread.join, 5)
@@ -390,10 +390,6 @@ class DaskExecutor(Executor):
             return None
         return self._dashboard
 
-    def worker_of(self, task_id: str) -> str | None:
-        run = self._runs.get(task_id)
-        return run.address if run is not None else None
-
     def capacity(self) -> Resources:
         """The cluster's: each worker's declared Dask resources summed; `slots` are its threads unless declared,
         `memory_mb` its memory limit unless declared. Refreshed every few seconds (workers come and go)."""
@@ -418,7 +414,8 @@ class DaskExecutor(Executor):
             dashboard = None
         with self._lock:
             self._workers = workers
-            self._capacity = capacity
+            if capacity:  # none while every worker restarts: tasks are not refused for it meanwhile
+                self._capacity = capacity
             self._declared = declared
             self._dashboard = str(dashboard) if dashboard else None
 
@@ -525,10 +522,12 @@ class DaskExecutor(Executor):
         """Cancel the future; the worker running it (a thread cannot be stopped) is restarted by its nanny."""
         if run.future is None:
             return  # not handed to Dask yet: the submitting thread calls this again once it is
+        if run.ended:
+            return
         address = run.address or self._processing_worker(run.key)
         with contextlib.suppress(Exception):
-            self.client.cancel([run.future], force=True)
-        if address is not None and not run.ended:
+            self.client.cancel([run.future], force=True)  # the collector then ends the run: no test of ended after
+        if address is not None:
             log.warning("Plexus: restarting Dask worker %s to stop task %s", address, run.task_id)
             try:
                 self.client.restart_workers([address], raise_for_error=False)
@@ -543,7 +542,7 @@ class DaskExecutor(Executor):
         return None
 
     def _in_control(self, fn: Any, *args: Any) -> None:
-        """Run a blocking Dask call off the event loop, in order with the other control calls."""
+        """Run a blocking Dask call (an event to set, a worker to restart) off the event loop."""
         with contextlib.suppress(RuntimeError):  # shutting down
             self._control.submit(_logged, fn, *args)
 
