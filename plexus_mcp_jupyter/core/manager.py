@@ -561,10 +561,10 @@ class TaskManager:
         info = self.queue_info(task)
         return {
             "queue": info.to_dict() if info is not None else None,
-            # The executor's view of a running task (Dask's dashboard); None elsewhere.
-            "dashboard_url": self.executor.dashboard_link(task.id) if task.id in self._running else None,
             "retention_seconds": self.retention.for_task(task),
             "expires_at": iso(self.retention.expires_at(task)) if task.status.is_final else None,
+            # The executor's view of a running task (Dask's dashboard); None elsewhere. Last, as in TaskDetail.
+            "dashboard_url": self.executor.dashboard_link(task.id) if task.id in self._running else None,
         }
 
     def set_retention(self, task_id: str, seconds: float) -> None:
