@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -95,18 +96,20 @@ def jupyter_server(
     python_args: list[str] | None = None,
     port: int | None = None,
     pin: bool = True,
+    db_url: str | None = None,
 ):
     """A real `jupyter server` with the extension; yields (MCP endpoint URL, server pid).
 
     `python_args` replaces `-m jupyter server` (e.g. `-c` code that registers a task type, then runs
     jupyter_server.serverapp.main); `port` defaults to a free one; `pin=False` leaves it (and its task
-    workers, which inherit the affinity) free to use every core."""
+    workers, which inherit the affinity) free to use every core; `db_url` is its store (default: SQLite in
+    `workdir`)."""
     port = port or free_port()
     env = dict(
         os.environ,
         JUPYTER_DATA_DIR=str(workdir / "jdata"),
         JUPYTER_RUNTIME_DIR=str(workdir / "jrun"),
-        PLEXUS_MCP_DB_URL=f"sqlite:///{workdir / 'jupyter.db'}",
+        PLEXUS_MCP_DB_URL=db_url or f"sqlite:///{workdir / 'jupyter.db'}",
         **(extra_env or {}),
     )
     args = [
@@ -242,6 +245,89 @@ class LeanSession:
                 if message.get("id") == self._id:
                     return message  # type: ignore[no-any-return]
         raise RuntimeError(f"no response to {method}: {response.status_code} {response.text[:200]}")
+
+
+TRIVIAL = {"name": "run_demo_task", "arguments": {"items": 1, "item_delay_ms": 0}}
+
+
+class _NeverCancelled:
+    def is_set(self) -> bool:
+        return False
+
+
+def trivial(i: int) -> Any:
+    """The demo task's function with items=1 and no delay, as a worker runs it (messages go nowhere)."""
+    from plexus_mcp_jupyter.core.context import TaskContext
+    from plexus_mcp_jupyter.core.demo import run_demo
+
+    return run_demo(TaskContext(str(i), lambda msg: None, _NeverCancelled()), items=1, item_delay_ms=0)
+
+
+def submit_rate(dask_client: Any, n: int) -> float:
+    """Dask's own rate for `trivial`: n `submit` calls on `dask_client`, then one gather (tasks/s; warmed first)."""
+    dask_client.gather([dask_client.submit(trivial, i, pure=False) for i in range(20)])
+    t0 = time.perf_counter()
+    futures = [dask_client.submit(trivial, i, pure=False) for i in range(n)]
+    dask_client.gather(futures)
+    return n / (time.perf_counter() - t0)
+
+
+async def core_batch(n: int, db_url: str, executor: Any = None, max_concurrency: int = 4) -> dict[str, float]:
+    """N demo tasks dispatched at once to a TaskManager in this process: the core's own cost, without HTTP.
+
+    `executor`: the one to measure (default: a LocalExecutor); its CPU per task is this process's (the loop and
+    the executor's threads)."""
+    import resource
+
+    from plexus_mcp_jupyter.core import EventBus, Store, TaskManager
+    from plexus_mcp_jupyter.core.executors import LocalExecutor
+
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    store = Store(db_url)
+    manager = TaskManager(store, EventBus(), executor or LocalExecutor(), max_concurrency=max_concurrency)
+    await manager.start()
+    try:
+        await manager.wait_final([manager.dispatch("demo", TRIVIAL["arguments"]).id for _ in range(50)], 60)
+        cpu0, t0 = cpu(), time.perf_counter()
+        ids = [manager.dispatch("demo", TRIVIAL["arguments"]).id for _ in range(n)]
+        await manager.wait_final(ids, 600)
+        elapsed = time.perf_counter() - t0
+        cpu_ms = 1000 * (cpu() - cpu0) / n
+        assert all(manager.get(i).status.value == "COMPLETED" for i in ids)
+    finally:
+        await manager.stop()
+        store.close()
+    return {"tasks_per_s": n / elapsed, "dispatch_per_s": float("nan"), "cpu_ms_per_task": cpu_ms}
+
+
+async def completed(url: str) -> int:
+    """COMPLETED tasks on the server (its health details; the token is the server's own, an admin)."""
+    health = url.replace("/plexus/mcp", "/plexus/api/health")
+    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+        return int((await http.get(health)).json()["tasks"]["COMPLETED"])
+
+
+async def wait_completed(url: str, target: int, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while (done := await completed(url)) < target:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {done} of {target} tasks completed within {timeout:.0f} s")
+        await asyncio.sleep(0.05)
+
+
+async def dispatch(url: str, n: int, sessions: int) -> None:
+    """n trivial run_demo_task calls, spread over `sessions` concurrent keep-alive sessions (1: one by one)."""
+    async def one_session(count: int) -> None:
+        async with LeanSession(url, TOKEN) as s:
+            for _ in range(count):
+                reply = await s.request("tools/call", TRIVIAL)
+                assert not reply["result"].get("isError"), reply
+
+    shares = [n // sessions + (1 if i < n % sessions else 0) for i in range(sessions)]
+    await asyncio.gather(*(one_session(k) for k in shares if k))
 
 
 def tempdir() -> tempfile.TemporaryDirectory[str]:

@@ -33,52 +33,21 @@ import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
 
-import httpx2
-from _common import TOKEN, LeanSession, cpu_seconds, jupyter_server, tempdir
-
-TRIVIAL = {"name": "run_demo_task", "arguments": {"items": 1, "item_delay_ms": 0}}
-
-
-class _NeverCancelled:
-    def is_set(self) -> bool:
-        return False
-
-
-def trivial(i: int) -> Any:
-    """The demo task's function with items=1 and no delay, as a worker runs it (messages go nowhere)."""
-    from plexus_mcp_jupyter.core.context import TaskContext
-    from plexus_mcp_jupyter.core.demo import run_demo
-
-    return run_demo(TaskContext(str(i), lambda msg: None, _NeverCancelled()), items=1, item_delay_ms=0)
-
-
-async def completed(url: str) -> int:
-    """COMPLETED tasks on the server (its health details; the token is the server's own, an admin)."""
-    health = url.replace("/plexus/mcp", "/plexus/api/health")
-    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
-        return int((await http.get(health)).json()["tasks"]["COMPLETED"])
-
-
-async def wait_completed(url: str, target: int, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while (done := await completed(url)) < target:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"only {done} of {target} tasks completed within {timeout:.0f} s")
-        await asyncio.sleep(0.05)
-
-
-async def dispatch(url: str, n: int, sessions: int) -> None:
-    """n run_demo_task calls, spread over `sessions` concurrent keep-alive sessions (1: one by one)."""
-    async def one_session(count: int) -> None:
-        async with LeanSession(url, TOKEN) as s:
-            for _ in range(count):
-                reply = await s.request("tools/call", TRIVIAL)
-                assert not reply["result"].get("isError"), reply
-
-    shares = [n // sessions + (1 if i < n % sessions else 0) for i in range(sessions)]
-    await asyncio.gather(*(one_session(k) for k in shares if k))
+from _common import (
+    TOKEN,
+    TRIVIAL,
+    LeanSession,
+    completed,
+    core_batch,
+    cpu_seconds,
+    dispatch,
+    jupyter_server,
+    submit_rate,
+    tempdir,
+    trivial,
+    wait_completed,
+)
 
 
 async def dispatch_batches(url: str, n: int, per_call: int = 1000) -> None:
@@ -103,34 +72,6 @@ async def mcp_round(url: str, pid: int, n: int, sessions: int) -> dict[str, floa
             "cpu_ms_per_task": 1000 * (cpu_seconds(pid) - cpu0) / n}
 
 
-async def core_batch(n: int, db_file: Path) -> dict[str, float]:
-    """N demo tasks dispatched at once to a TaskManager in this process: the core's own cost, without HTTP."""
-    import resource
-
-    from plexus_mcp_jupyter.core import EventBus, Store, TaskManager
-    from plexus_mcp_jupyter.core.executors import LocalExecutor
-
-    def cpu() -> float:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return usage.ru_utime + usage.ru_stime
-
-    store = Store(f"sqlite:///{db_file}")
-    manager = TaskManager(store, EventBus(), LocalExecutor())
-    await manager.start()
-    try:
-        await manager.wait_final([manager.dispatch("demo", TRIVIAL["arguments"]).id for _ in range(50)], 60)
-        cpu0, t0 = cpu(), time.perf_counter()
-        ids = [manager.dispatch("demo", TRIVIAL["arguments"]).id for _ in range(n)]
-        await manager.wait_final(ids, 600)
-        elapsed = time.perf_counter() - t0
-        cpu_ms = 1000 * (cpu() - cpu0) / n
-        assert all(manager.get(i).status.value == "COMPLETED" for i in ids)
-    finally:
-        await manager.stop()
-        store.close()
-    return {"tasks_per_s": n / elapsed, "dispatch_per_s": float("nan"), "cpu_ms_per_task": cpu_ms}
-
-
 def pool_rate(n: int) -> float:
     with ProcessPoolExecutor(2) as pool:
         list(pool.map(trivial, range(20)))  # start the workers
@@ -149,11 +90,7 @@ def dask_rate(n: int) -> float | None:
     with (LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                        silence_logs=logging.CRITICAL) as cluster,
           Client(cluster) as c):
-        c.gather([c.submit(trivial, i, pure=False) for i in range(20)])
-        t0 = time.perf_counter()
-        futures = [c.submit(trivial, i, pure=False) for i in range(n)]
-        c.gather(futures)
-        return n / (time.perf_counter() - t0)
+        return submit_rate(c, n)
 
 
 def fill_store(db_file: Path, count: int) -> None:
@@ -205,7 +142,7 @@ async def main() -> None:
         batch = await mcp_round(url, pid, n, 0)
         concurrent = await mcp_round(url, pid, n, args.sessions)
     with tempdir() as tmp:
-        core = await core_batch(n, Path(tmp) / "core.db")
+        core = await core_batch(n, f"sqlite:///{Path(tmp) / 'core.db'}")
     pool = pool_rate(n)
     dask = dask_rate(n)
     with tempdir() as tmp:

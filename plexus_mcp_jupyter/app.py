@@ -15,6 +15,7 @@ from jupyter_server.extension.application import ExtensionApp
 
 from ._version import __version__
 from .config import PlexusSettings, SettingsError
+from .core.executors import ExecutorUnavailable
 from .core.store_calls import store_unavailable
 from .handlers.clients import ClientsHandler
 from .handlers.evaluations import (
@@ -86,6 +87,10 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
             return
         try:
             self.runtime = PlexusRuntime(self, data_dir=jupyter_data_dir(), root_dir=self.serverapp.root_dir)
+        except ExecutorUnavailable as exc:  # dask_fallback=refuse: the endpoint does not run without its cluster
+            self.config_problems.append(str(exc))
+            logging.getLogger("plexus_mcp_jupyter").error("Plexus MCP is not served: %s", exc)
+            return
         except (StoreTooNew, sa.exc.SQLAlchemyError) as exc:
             # A store migrated by a newer release, or a database that cannot be reached or migrated: every
             # Plexus route answers 503 with why (as for a bad setting) rather than the extension vanishing.

@@ -54,12 +54,17 @@ def _configure_logging(level: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .core.executors import ExecutorUnavailable
     from .runtime import PlexusRuntime
     from .standalone import serve_http, serve_stdio
 
     _configure_logging(args.log_level)
     settings = _settings_from_args(args)
-    runtime = PlexusRuntime(settings, data_dir=jupyter_data_dir(), root_dir=args.root_dir)
+    try:
+        runtime = PlexusRuntime(settings, data_dir=jupyter_data_dir(), root_dir=args.root_dir)
+    except ExecutorUnavailable as exc:  # dask_fallback=refuse
+        print(f"plexus: not started: {exc}", file=sys.stderr)
+        return 2
     if args.transport == "stdio":
         asyncio.run(serve_stdio(runtime))
         return 0

@@ -52,8 +52,9 @@ class PlexusSettings(Configurable):
         "{jupyter data dir}/plexus_mcp/plexus.db. Example: postgresql+psycopg://user@host/plexus",
     ).tag(config=True)
     executor = CaselessStrEnum(
-        ["local"], default_value="local",
-        help="Where task code runs: 'local' (worker processes on this machine, see worker_reuse).",
+        ["local", "dask"], default_value="local",
+        help="Where task code runs: 'local' (worker processes on this machine, see worker_reuse) or 'dask' (a Dask "
+        "cluster: dask_scheduler_address, or a LocalCluster; needs the dask extra). Default local.",
     ).tag(config=True)
     max_concurrency = Integer(4, min=0, help="Tasks that may run at once; the rest wait QUEUED.").tag(config=True)
     max_concurrency_per_owner = Integer(
@@ -242,6 +243,40 @@ class PlexusSettings(Configurable):
     worker_max_memory_mb = Integer(
         1024, min=64, help="Resident memory, in MB, above which a reused worker is replaced after its task ends "
         "(a process keeps memory it freed; default 1024).",
+    ).tag(config=True)
+    dask_scheduler_address = Unicode(
+        "", help="With executor=dask: the Dask scheduler to connect to (e.g. 'tcp://10.0.0.5:8786'). Empty (default): "
+        "start a LocalCluster on this machine, sized by dask_local_workers, dask_local_threads, dask_local_memory_mb.",
+    ).tag(config=True)
+    dask_local_workers = Integer(
+        2, min=1, help="Worker processes of the LocalCluster started when dask_scheduler_address is empty (default 2).",
+    ).tag(config=True)
+    dask_local_threads = Integer(
+        1, min=1, help="Threads per LocalCluster worker (default 1): tasks running at once per worker. Stopping a task "
+        "that ignores cancellation restarts its worker, which ends every task on it: keep 1 unless tasks are short.",
+    ).tag(config=True)
+    dask_local_memory_mb = Integer(
+        0, min=0, help="Memory limit of each LocalCluster worker in MB, also declared as its memory_mb resource "
+        "(default 0: Dask's share of this machine's memory, not declared).",
+    ).tag(config=True)
+    dask_worker_resources = Unicode(
+        "", help="Dask resources each LocalCluster worker declares besides slots (= its threads), as name=amount "
+        "(e.g. 'gpu=1'); a task type needing a resource runs only on workers that have it. Workers of a remote "
+        "scheduler declare theirs themselves (`dask worker --resources`). Default empty.",
+    ).tag(config=True)
+    dask_fallback = CaselessStrEnum(
+        ["local", "refuse"], default_value="local",
+        help="With executor=dask, when the scheduler cannot be reached at start: 'local' (default) runs tasks with the "
+        "local executor (logged, and shown in plexus/api/health); 'refuse' serves no Plexus route (503 naming the "
+        "scheduler) until the server is restarted with the scheduler up.",
+    ).tag(config=True)
+    dask_connect_timeout = Float(
+        10.0, min=0.1,
+        help="Seconds to wait for the Dask scheduler at start before dask_fallback applies (default 10).",
+    ).tag(config=True)
+    dask_message_interval = Float(
+        0.1, min=0.01, max=5.0, help="Seconds a Dask worker gathers its tasks' progress and log messages before it "
+        "sends them to the server in one queue put (default 0.1): bounds the load on the scheduler.",
     ).tag(config=True)
 
     audit_retention_days = Float(

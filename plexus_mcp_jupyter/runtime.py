@@ -13,7 +13,7 @@ from ._version import __version__
 from .config import PlexusSettings
 from .core.errors import InvalidArgument, NotFound
 from .core.events import EventBus
-from .core.executors import Executor, LocalExecutor
+from .core.executors import Executor, ExecutorUnavailable, LocalExecutor
 from .core.manager import TaskManager
 from .core.resources import parse_positive_numbers, parse_resources
 from .core.retention import RetentionPolicy
@@ -39,11 +39,38 @@ HEALTH_STORE_TIMEOUT = 5.0  # seconds health waits for the store before it repor
 
 
 def make_executor(settings: PlexusSettings) -> Executor:
+    """The executor the settings name. A Dask cluster is connected (or a LocalCluster started) here: raises
+    ExecutorUnavailable (a clear message) when that fails; `executor_with_fallback` applies dask_fallback."""
     if settings.executor == "local":
-        # The pool's size is the manager's max_concurrency (Executor.size_for).
-        return LocalExecutor(reuse=settings.worker_reuse, max_tasks_per_worker=settings.worker_max_tasks,
-                             max_worker_memory_mb=settings.worker_max_memory_mb, nice=settings.worker_nice)
-    raise ValueError(f"unknown executor {settings.executor!r}; expected 'local'")
+        return _local_executor(settings)
+    if settings.executor == "dask":
+        from .core.executors.dask import DaskExecutor
+
+        return DaskExecutor(
+            settings.dask_scheduler_address, local_workers=settings.dask_local_workers,
+            local_threads=settings.dask_local_threads, local_memory_mb=settings.dask_local_memory_mb,
+            worker_resources=parse_resources(settings.dask_worker_resources, "dask_worker_resources"),
+            connect_timeout=settings.dask_connect_timeout, message_interval=settings.dask_message_interval)
+    raise ValueError(f"unknown executor {settings.executor!r}; expected 'local' or 'dask'")
+
+
+def executor_with_fallback(settings: PlexusSettings) -> tuple[Executor, str | None]:
+    """The configured executor, or (dask_fallback=local) the local one and why: a Dask scheduler that does not
+    answer at start must not leave the server without tasks. With dask_fallback=refuse, ExecutorUnavailable."""
+    try:
+        return make_executor(settings), None
+    except ExecutorUnavailable as exc:
+        if settings.executor != "dask" or settings.dask_fallback == "refuse":
+            raise ExecutorUnavailable(f"executor=dask: {exc} (dask_fallback=refuse)") from None
+        problem = f"executor=dask: {exc}; tasks run on the local executor instead (dask_fallback=local)"
+        log.error("Plexus: %s", problem)
+        return _local_executor(settings), problem
+
+
+def _local_executor(settings: PlexusSettings) -> LocalExecutor:
+    # The pool's size is the manager's max_concurrency (Executor.size_for).
+    return LocalExecutor(reuse=settings.worker_reuse, max_tasks_per_worker=settings.worker_max_tasks,
+                         max_worker_memory_mb=settings.worker_max_memory_mb, nice=settings.worker_nice)
 
 
 class PlexusRuntime:
@@ -59,7 +86,8 @@ class PlexusRuntime:
         self.root_dir = Path(root_dir or os.getcwd()).resolve()
         registered_dir = Path(data_dir) / "plexus_mcp" / "datasets"
         self.bus = EventBus()
-        self.executor = make_executor(settings)
+        # Why the configured executor is not the one running tasks (dask_fallback=local), for health.
+        self.executor, self.executor_problem = executor_with_fallback(settings)
         self.manager = TaskManager(
             self.store,
             self.bus,
@@ -245,7 +273,8 @@ class PlexusRuntime:
             "status": "ok" if store_status == "ok" else "degraded",
             "version": __version__,
             "store": {"status": store_status, "url": self.store.safe_url},
-            "executor": self.executor.status(),
+            "executor": {**self.executor.status(), **({"problem": self.executor_problem}
+                                                        if self.executor_problem else {})},
             "tasks": counts,
             "mcp": {"sessions": self.endpoint.session_count},
         }

@@ -30,14 +30,43 @@ def db_path(tmp_path):
 
 
 @pytest.fixture
-def plexus_config(db_path) -> dict[str, Any]:
-    """Settings of the extension under test; tests may change them before the server starts."""
-    return {
+def plexus_config(db_path, request) -> dict[str, Any]:
+    """Settings of the extension under test; tests may change them before the server starts.
+
+    A test that uses the `executor_name` fixture runs once per executor (local, and dask on `dask_cluster`)."""
+    config: dict[str, Any] = {
         "db_url": f"sqlite:///{db_path}",
         "cancel_grace_seconds": 1.0,
         "poll_interval": 0.2,
         "progress_write_interval": 0.2,
     }
+    if "executor_name" in request.fixturenames and request.getfixturevalue("executor_name") == "dask":
+        config.update(executor="dask", dask_scheduler_address=request.getfixturevalue("dask_cluster").scheduler_address,
+                      dask_message_interval=0.05)
+    return config
+
+
+@pytest.fixture(params=["local", "dask"])
+def executor_name(request) -> str:
+    """Runs a test on both executors: `@pytest.mark.usefixtures("executor_name")` (see plexus_config)."""
+    return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def dask_cluster() -> Iterator[Any]:
+    """A real Dask LocalCluster (2 worker processes of 1 thread, with nannies), started once per test session.
+
+    allowed_failures=0, as docs/scale-out.md advises: Plexus, not Dask, decides what a worker's death means."""
+    from distributed import LocalCluster
+
+    cluster = LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, memory_limit="1GB", resources={"slots": 1},
+        dashboard_address="127.0.0.1:0", host="127.0.0.1", scheduler_kwargs={"allowed_failures": 0},
+    )
+    try:
+        yield cluster
+    finally:
+        cluster.close()
 
 
 @pytest.fixture

@@ -46,6 +46,7 @@ def normalised(series: pd.Series) -> pd.Series:
     return series.fillna("").astype(str).str.strip().str.lower().replace("", "na")
 
 
+@pytest.mark.usefixtures("executor_name")  # on the local and the Dask executor
 async def test_an_accuracy_evaluation_of_a_prediction_column_matches_scikit_learn(mcp_client, runtime):
     frame = pd.read_csv(EXAMPLES_DIR / "sentiment.csv")
     async with mcp_client() as client:
@@ -81,6 +82,7 @@ async def test_an_accuracy_evaluation_of_a_prediction_column_matches_scikit_lear
         assert [i["item_id"] for i in page["items"]] == [i["item_id"] for i in wrong[:5]]
 
 
+@pytest.mark.usefixtures("executor_name")  # on the local and the Dask executor
 async def test_a_scorer_failing_on_some_items_records_them_and_completes(mcp_client, runtime):
     frame = pd.read_csv(EXAMPLES_DIR / "sentiment.csv")
     failing = frame["text"].str.lower().str.contains("refund")
@@ -127,6 +129,7 @@ async def test_a_feedback_evaluation_and_listing_by_type_and_status(mcp_client, 
         assert none.structured_content["evaluations"] == []
 
 
+@pytest.mark.usefixtures("executor_name")  # on the local and the Dask executor
 async def test_cancelling_an_evaluation_mid_way_stops_it(mcp_client, runtime):
     async with mcp_client() as client:
         started = await create(client, type="accuracy", dataset="example:fraud", label_column="label",

@@ -258,10 +258,10 @@ async def assert_plexus_unavailable(server_url: str, token: str, capture: Captur
             answer = await http.request(method, f"{server_url}{route}", json={})
             assert answer.status_code == 503, (route, answer.status_code, answer.text[:300])
             message = answer.json()["error"]["message"]
-            assert setting in message and "'dask'" in message and "'local'" in message, message
+            assert setting in message and "'ray'" in message and "'local'" in message, message
         assert (await http.get(f"{server_url}api/status")).status_code == 200  # Jupyter itself is served
     errors = [line for line in capture.lines if line.startswith("ERROR") and setting in line]
-    assert len(errors) == 1 and "'dask'" in errors[0] and "'local'" in errors[0], capture.lines
+    assert len(errors) == 1 and "'ray'" in errors[0] and "'local'" in errors[0], capture.lines
     assert "Traceback" not in capture.text()
 
 
@@ -277,7 +277,7 @@ def capture_server_log():
 class TestBadEnvironmentSetting:
     @pytest.fixture
     def plexus_config(self, plexus_config, monkeypatch, capture_server_log):
-        monkeypatch.setenv("PLEXUS_MCP_EXECUTOR", "dask")
+        monkeypatch.setenv("PLEXUS_MCP_EXECUTOR", "ray")  # no such executor
         return plexus_config
 
     async def test_every_plexus_route_answers_503_naming_it(self, server_url, token, capture_server_log):
@@ -287,14 +287,14 @@ class TestBadEnvironmentSetting:
 class TestBadCommandLineSetting:
     @pytest.fixture
     def jp_argv(self, capture_server_log):
-        return ["--PlexusMCPExtension.executor=dask"]
+        return ["--PlexusMCPExtension.executor=ray"]
 
     async def test_every_plexus_route_answers_503_naming_it(self, server_url, token, capture_server_log):
         await assert_plexus_unavailable(server_url, token, capture_server_log, "PlexusMCPExtension.executor")
 
 
 @pytest.mark.parametrize(("args", "env", "named"), [
-    ((), {"PLEXUS_MCP_EXECUTOR": "dask"}, "PLEXUS_MCP_EXECUTOR='dask'"),
+    ((), {"PLEXUS_MCP_EXECUTOR": "ray"}, "PLEXUS_MCP_EXECUTOR='ray'"),
     (("--max-concurrency", "-1"), {}, "--max-concurrency -1"),
 ])
 def test_plexus_mcp_serve_with_a_bad_setting_exits_2_with_one_line(tmp_path, args, env, named):

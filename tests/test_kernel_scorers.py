@@ -64,6 +64,7 @@ def keyword(text: str) -> str:
     return "positive" if any(w in text.lower() for w in ("great", "love", "excellent", "good")) else "negative"
 
 
+@pytest.mark.usefixtures("executor_name")  # on the local and the Dask executor
 async def test_an_evaluation_with_a_kernel_scorer_is_scored_by_that_kernel(jp_ws_fetch, mcp_client, runtime):
     frame = pd.read_csv(EXAMPLES_DIR / "sentiment.csv")
     kernel = FakeKernel(await jp_ws_fetch("plexus", "api", "events", params={"ids": "none"}), keyword)

@@ -11,6 +11,7 @@ from .conftest import LEGACY, MODERN, poll
 from .test_core import _pid_alive
 
 
+@pytest.mark.usefixtures("executor_name")  # on the local and the Dask executor
 @pytest.mark.parametrize("mode", [LEGACY, MODERN])
 async def test_progress_notifications_arrive_in_order_monotonic_and_end_at_total(mcp_client, mode):
     updates: list[tuple[float, float | None, str | None]] = []
@@ -33,6 +34,7 @@ async def test_progress_notifications_arrive_in_order_monotonic_and_end_at_total
     assert any(m and m.startswith("Processing:") for _, _, m in updates)
 
 
+@pytest.mark.usefixtures("executor_name")  # on the local and the Dask executor
 async def test_a_failing_task_streams_to_a_clear_failure_result(mcp_client):
     async with mcp_client() as client:
         result = await client.call_tool(

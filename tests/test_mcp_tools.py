@@ -44,6 +44,7 @@ ALL_TOOLS = {
 }
 
 
+@pytest.mark.usefixtures("executor_name")  # on the local and the Dask executor
 @pytest.mark.parametrize("mode", ERAS)
 async def test_a_demo_task_runs_to_completed_with_stages_counts_and_monotonic_history(mcp_client, mode):
     async with mcp_client(mode) as client:
@@ -69,6 +70,7 @@ async def test_a_demo_task_runs_to_completed_with_stages_counts_and_monotonic_hi
     assert task["started_at"] >= task["created_at"] and task["completed_at"] >= task["started_at"]
 
 
+@pytest.mark.usefixtures("executor_name")  # on the local and the Dask executor
 async def test_fail_at_ends_failed_with_the_error_message_and_the_failing_stage(mcp_client):
     async with mcp_client() as client:
         started = await client.call_tool("run_demo_task", {"items": 100, "item_delay_ms": 1, "fail_at": 40})
@@ -82,6 +84,7 @@ async def test_fail_at_ends_failed_with_the_error_message_and_the_failing_stage(
     assert "FAILED" in summary and "Simulated failure" in summary
 
 
+@pytest.mark.usefixtures("executor_name")  # on the local and the Dask executor
 async def test_random_failure_is_between_30_and_70_percent_and_repeatable_with_a_seed(mcp_client):
     async with mcp_client() as client:
         ids = [

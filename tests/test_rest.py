@@ -24,6 +24,7 @@ async def error_of(jp_fetch, *path, **kwargs):
     return err.value.code, json.loads(err.value.response.body)["error"]["message"]
 
 
+@pytest.mark.usefixtures("executor_name")  # on the local and the Dask executor
 async def test_dispatch_follow_and_list_a_demo_task(jp_fetch):
     code, task = await call(
         jp_fetch, "tasks", method="POST", body={"type": "demo", "params": {"items": 20, "item_delay_ms": 1}}

@@ -585,12 +585,14 @@ class TaskManager:
 
     def queue_fields(self, task: Task) -> dict[str, Any]:
         """The queue and retention fields of a task's detail: `queue` (QUEUED only), `expires_at` (finished
-        only) and `retention_seconds` (how long it is kept once finished)."""
+        only), `retention_seconds` (how long it is kept once finished) and `dashboard_url` (running only)."""
         info = self.queue_info(task)
         return {
             "queue": info.to_dict() if info is not None else None,
             "retention_seconds": self.retention.for_task(task),
             "expires_at": iso(self.retention.expires_at(task)) if task.status.is_final else None,
+            # The executor's view of a running task (Dask's dashboard); None elsewhere. Last, as in TaskDetail.
+            "dashboard_url": self.executor.dashboard_link(task.id) if task.id in self._running else None,
         }
 
     def set_retention(self, task_id: str, seconds: float) -> None:
@@ -719,7 +721,7 @@ class TaskManager:
             worker = self.executor.submit(
                 task.id, task_type.target, task.params, lambda msg: self._on_message(task.id, msg),
                 max_output_bytes=self.max_output_bytes, environment=self.worker_environment,
-                isolated=task_type.isolated,
+                isolated=task_type.isolated, resources=task_type.resources,
             )
         except Exception as exc:
             state.final = ("error", f"the task could not be started: {exc}", None, {})
@@ -769,8 +771,10 @@ class TaskManager:
         elif kind == "log":
             state.log_tail.append(str(msg[1]))
             del state.log_tail[:-50]
-        elif kind in ("done", "error", "cancelled"):
+        elif kind in ("done", "error", "cancelled", "lost"):
             state.final = msg
+        elif kind == "worker":  # the executor placed it (a Dask worker's address): shown by get_task
+            state.task.worker = f"{self.server_id}/{msg[1]}"
         elif kind == "request":
             _, request_id, request_kind, payload = msg
             self._loop_task(self._serve_request(state.task, request_id, str(request_kind), payload), state)
@@ -881,8 +885,22 @@ class TaskManager:
                 self._running.pop(task_id, None)
                 return
             final = None
+        if (final is not None and final[0] == "lost" and final[2] and self._idempotent(task.type)
+                and not state.cancel_requested and not self._stopping):
+            # Its worker died (a Dask worker, executors/dask.py), and its type says a re-run is safe.
+            self._pending.pop(task_id, None)
+            try:
+                self._requeue(task.id, str(final[1]))
+            except Exception:
+                log.exception("Plexus: could not re-queue task %s", task_id)
+                return
+            self._running.pop(task_id, None)
+            return
         tails: Mapping[str, Any] = {}
-        if final is not None and final[0] == "done":
+        if final is not None and final[0] == "lost":
+            task.status = TaskStatus.FAILED
+            task.error_message = str(final[1])
+        elif final is not None and final[0] == "done":
             task.status = TaskStatus.COMPLETED
             task.output = final[1]  # bounded and made plain JSON by the worker (Executor contract)
             tails = final[2]

@@ -91,6 +91,9 @@ class TaskDetail(TaskSummary):
     queue: QueuePlace | None = Field(default=None, description="Where a QUEUED task stands; null otherwise")
     retention_seconds: float | None = Field(default=None, description="How long it is kept once finished")
     expires_at: str | None = Field(default=None, description="When a finished task is pruned (ISO 8601 UTC)")
+    dashboard_url: str | None = Field(
+        default=None,
+        description="While it runs on a Dask cluster: the Dask dashboard (`worker` names the Dask worker)")
 
 
 class TaskPage(BaseModel):

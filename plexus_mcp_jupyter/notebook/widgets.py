@@ -8,6 +8,7 @@ busy with another cell.
 
 from __future__ import annotations
 
+import html
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,21 @@ if TYPE_CHECKING:
 
 BAR_STYLES = {"COMPLETED": "success", "FAILED": "danger", "CANCELLED": "warning"}
 WATCHED = ["status", "stage", "processed", "total", "estimated_completion_at", "error_message", "description"]
+
+
+def executor_html(health: dict[str, Any]) -> str:
+    """Where the server runs tasks, from its health (`PlexusClient.server_info`): the executor's name, why it is not
+    the configured one (dask_fallback=local), and the Dask dashboard's link when there is one."""
+    executor = health.get("executor")
+    if not isinstance(executor, dict) or not executor.get("name"):
+        return ""
+    parts = [f"executor: {html.escape(str(executor['name']))}"]
+    link = executor.get("dashboard")
+    if isinstance(link, str) and link.startswith(("http://", "https://")):
+        parts.append(f'<a href="{html.escape(link)}" target="_blank" rel="noopener">Dask dashboard</a>')
+    if executor.get("problem"):
+        parts.append(f"<i>{html.escape(str(executor['problem']))}</i>")
+    return " · ".join(parts)
 
 
 def eta_text(state: TaskState) -> str:
@@ -133,7 +149,8 @@ class Dashboard(widgets.VBox):
         self.limit = limit
         self._lock = threading.RLock()
         self._rows: dict[str, TaskRow] = {}
-        self.header = widgets.HTML("<b>Plexus tasks</b> (live)")
+        where = executor_html(client.server_info)
+        self.header = widgets.HTML("<b>Plexus tasks</b> (live)" + (f" · {where}" if where else ""))
         self.table = widgets.VBox()
         super().__init__(children=[self.header, self.table])
         self._stop = client.on_event(self._on_event)

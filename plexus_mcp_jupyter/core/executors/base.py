@@ -4,12 +4,30 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ..errors import PlexusError
 from ..resources import Resources, machine_capacity
 
 MessageCallback = Callable[[tuple[Any, ...]], None]
+
+log = logging.getLogger("plexus_mcp_jupyter")
+
+
+class ExecutorUnavailable(PlexusError):
+    """The executor cannot start (a Dask scheduler that does not answer); the message says what to change."""
+
+
+def run_callbacks(batch: list[tuple[MessageCallback, tuple[Any, ...]]]) -> None:
+    """Hand the messages an executor's thread collected to their tasks, on the event loop (one loop wake-up per
+    batch rather than per message); a failing handler is logged and never stops the others."""
+    for on_message, msg in batch:
+        try:
+            on_message(msg)
+        except Exception:
+            log.exception("Plexus: handling a worker message %r failed", msg[0])
 
 
 class Executor(abc.ABC):
@@ -33,14 +51,22 @@ class Executor(abc.ABC):
     def submit(
         self, task_id: str, target: str, params: dict[str, Any], on_message: MessageCallback, *,
         max_output_bytes: int, environment: Mapping[str, Any] | None = None, isolated: bool = False,
+        resources: Mapping[str, int] | None = None,
     ) -> str:
         """Start a task; return an identifier of the worker running it (e.g. "pid=1234").
 
         `isolated`: the task must not share its worker with any other task (a fresh process, discarded after it).
+        `resources`: what the task needs (its type's, core/resources.py); an executor whose workers declare
+        resources (Dask) places it on one that has them; the local one has nothing to place.
 
         `environment` is what the server tells every task besides its parameters (`TaskContext.environment`:
         the store URL, the Jupyter root); unlike parameters it is never stored or shown to a client.
         """
+
+    def dashboard_link(self, task_id: str | None = None) -> str | None:
+        """A web page showing the cluster's work (Dask's dashboard), for `task_id` only while it runs here; None
+        when the executor has none."""
+        return None
 
     def reply(self, task_id: str, message: tuple[Any, ...]) -> None:
         """Send a task the answer to one of its requests (`TaskContext.request`)."""
@@ -57,6 +83,17 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     async def shutdown(self, grace: float) -> None:
         """Cancel everything still running, wait up to `grace` seconds, then kill."""
+
+    async def stop_and_wait(self, task_ids: list[str], running: Callable[[], bool], grace: float, *,
+                            force: bool = False) -> None:
+        """Ask these tasks to stop (cooperatively, or with `force` by `kill`), then wait up to `grace` seconds
+        while `running()` holds: the steps of a shutdown."""
+        for task_id in task_ids:
+            (self.kill if force else self.request_cancel)(task_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while running() and loop.time() < deadline:
+            await asyncio.sleep(0.02)
 
     @abc.abstractmethod
     def status(self) -> dict[str, Any]: ...

@@ -32,7 +32,7 @@ from multiprocessing.connection import wait as wait_for_pipes
 from typing import Any
 
 from .. import worker
-from .base import Executor, MessageCallback
+from .base import Executor, MessageCallback, run_callbacks
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
@@ -179,12 +179,7 @@ class LocalExecutor(Executor):
     async def shutdown(self, grace: float) -> None:
         with self._lock:
             ids = list(self._by_task)
-        for task_id in ids:
-            self.request_cancel(task_id)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
-        while self._by_task and loop.time() < deadline:
-            await asyncio.sleep(0.02)
+        await self.stop_and_wait(ids, lambda: bool(self._by_task), grace)
         self._closing = True
         if self._warmer is not None:
             # A worker the warm-up is starting now would be registered after the snapshot below, never be
@@ -213,6 +208,7 @@ class LocalExecutor(Executor):
     def submit(
         self, task_id: str, target: str, params: dict[str, Any], on_message: MessageCallback, *,
         max_output_bytes: int = 65_536, environment: Mapping[str, Any] | None = None, isolated: bool = False,
+        resources: Mapping[str, int] | None = None,
     ) -> str:
         if self._loop is None:
             raise RuntimeError("LocalExecutor.start(loop) must be called before submit()")
@@ -387,12 +383,5 @@ class LocalExecutor(Executor):
         if loop is None:
             return
         with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
-            loop.call_soon_threadsafe(_run_callbacks, batch)
+            loop.call_soon_threadsafe(run_callbacks, batch)
 
-
-def _run_callbacks(batch: list[tuple[MessageCallback, tuple[Any, ...]]]) -> None:
-    for on_message, msg in batch:
-        try:
-            on_message(msg)
-        except Exception:
-            log.exception("Plexus: handling a worker message %r failed", msg[0])

@@ -1,0 +1,157 @@
+"""Scale-out: trivial tasks through a real Jupyter server on the local executor and on a Dask LocalCluster.
+
+In one run, on the same machine (nothing pinned: the server, its workers and the cluster share every core):
+
+(a) local executor + the store: N trivial tasks (run_demo_task items=1 item_delay_ms=0, from --sessions
+    concurrent keep-alive MCP sessions) end to end until all are COMPLETED: tasks/s; meanwhile one more
+    session calls get_task on a running task's id in a loop: its p50 during the load;
+(b) Dask executor (a LocalCluster of --workers single-threaded worker processes, started here, that the
+    server connects to; max_concurrency --concurrency) + the same kind of store: the same figures;
+then the core alone, without HTTP (benchmarks/_common.py `core_batch`: N tasks dispatched at once to a
+TaskManager in this process) with each executor, the Dask one on the same cluster; and Dask's own rate on
+that very cluster: N `client.submit` of the same trivial function (`trivial`) and one gather. The ratios of
+the Dask executor (core, and end to end over MCP) to Dask's own rate are printed.
+
+Each part is one store URL and one executor (`Part`): a part on PostgreSQL is one more entry in PARTS with a
+`--store-url`-style URL (the store is created by the server; pass an empty database).
+
+    python benchmarks/bench_scale.py [--tasks 1000] [--sessions 8] [--workers 2] [--store-url URL]
+
+Goal (issue 13): the Dask executor >= 0.8x Dask's own submit rate for the same function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from _common import (
+    TOKEN,
+    LeanSession,
+    completed,
+    core_batch,
+    dispatch,
+    jupyter_server,
+    submit_rate,
+    tempdir,
+    wait_completed,
+)
+
+
+@dataclass
+class Part:
+    """One configuration measured: a label, the executor's settings, the store (None: SQLite in a temp dir)."""
+
+    label: str
+    env: dict[str, str]
+    store_url: str | None = None
+
+
+async def get_task_p50(url: str, stop: asyncio.Event) -> float:
+    """p50 (ms) of get_task calls in a loop until `stop`, on the newest task each time (a task of the load, queued,
+    running or just finished): the latency a client following its work sees under load."""
+    async with LeanSession(url, TOKEN) as s:
+        out: list[float] = []
+        while not stop.is_set():
+            listed = await s.request("tools/call", {"name": "list_tasks", "arguments": {"limit": 1}})
+            task_id = listed["result"]["structuredContent"]["tasks"][0]["task_id"]
+            t0 = time.perf_counter()
+            reply = await s.request("tools/call", {"name": "get_task", "arguments": {"task_id": task_id}})
+            out.append(time.perf_counter() - t0)
+            assert not reply["result"].get("isError"), reply
+    return 1000 * statistics.median(out) if out else float("nan")
+
+
+async def run_part(part: Part, n: int, sessions: int) -> dict[str, float]:
+    with tempdir() as tmp, jupyter_server(Path(tmp), extra_env=part.env, pin=False, db_url=part.store_url) as (url, _):
+        await dispatch(url, 50, sessions)  # warm the server, its store and its workers
+        await wait_completed(url, 50)
+        stop = asyncio.Event()
+        latency = asyncio.create_task(get_task_p50(url, stop))
+        before = await completed(url)
+        t0 = time.perf_counter()
+        await dispatch(url, n, sessions)
+        await wait_completed(url, before + n)
+        elapsed = time.perf_counter() - t0
+        stop.set()
+        return {"tasks_per_s": n / elapsed, "get_task_p50_ms": await latency}
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=1000)
+    parser.add_argument("--sessions", type=int, default=8, help="concurrent MCP sessions dispatching")
+    parser.add_argument("--workers", type=int, default=2, help="Dask LocalCluster worker processes (1 thread each)")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=32,
+        help="max_concurrency of the Dask part: tasks in flight on the cluster (Dask queues them)",
+    )
+    parser.add_argument("--store-url", default=None, help="the store of every part (default: SQLite in a temp dir)")
+    args = parser.parse_args()
+    from distributed import Client, LocalCluster
+
+    from plexus_mcp_jupyter.core.executors.dask import DaskExecutor
+
+    n = args.tasks
+    mcp: list[tuple[str, dict[str, float]]] = []
+    local = Part("(a) local executor", {"PLEXUS_MCP_EXECUTOR": "local"}, args.store_url)
+    mcp.append((local.label, await run_part(local, n, args.sessions)))
+    with tempdir() as tmp:
+        core_local = await core_batch(n, args.store_url or f"sqlite:///{Path(tmp) / 'core-local.db'}")
+    with LocalCluster(
+        n_workers=args.workers,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        resources={"slots": 1},
+        scheduler_kwargs={"allowed_failures": 0},
+        silence_logs=logging.CRITICAL,
+    ) as cluster:
+        dask_part = Part(
+            "(b) Dask executor (LocalCluster)",
+            {
+                "PLEXUS_MCP_EXECUTOR": "dask",
+                "PLEXUS_MCP_DASK_SCHEDULER_ADDRESS": cluster.scheduler_address,
+                "PLEXUS_MCP_MAX_CONCURRENCY": str(args.concurrency),
+            },
+            args.store_url,
+        )
+        mcp.append((dask_part.label, await run_part(dask_part, n, args.sessions)))
+        with tempdir() as tmp:
+            core_dask = await core_batch(
+                n,
+                args.store_url or f"sqlite:///{Path(tmp) / 'core-dask.db'}",
+                DaskExecutor(cluster.scheduler_address),
+                args.concurrency,
+            )
+        with Client(cluster) as client:
+            own = submit_rate(client, n)
+
+    store = args.store_url or "SQLite (a file in a temp dir)"
+    print(
+        f"{n} trivial tasks (run_demo_task items=1 item_delay_ms=0) until all COMPLETED; store: {store}; "
+        f"Dask: LocalCluster of {args.workers} x 1 thread, max_concurrency {args.concurrency}"
+    )
+    title = f"over MCP, {args.sessions} sessions, Jupyter server"
+    print(f"{title:<44} {'tasks/s':>8} {'get_task p50 ms':>16}")
+    for label, r in mcp:
+        print(f"{label:<44} {r['tasks_per_s']:>8.0f} {r['get_task_p50_ms']:>16.2f}")
+    print(f"{'the core alone (TaskManager, in-process)':<44} {'tasks/s':>8} {'CPU ms/task':>16}")
+    for label, r in (("(a) local executor", core_local), ("(b) Dask executor", core_dask)):
+        print(f"{label:<44} {r['tasks_per_s']:>8.0f} {r['cpu_ms_per_task']:>16.2f}")
+    print(f"{'Dask own client.submit, same cluster':<44} {own:>8.0f}")
+    print(
+        f"Dask executor / Dask's own submit rate: core {core_dask['tasks_per_s'] / own:.2f}x, "
+        f"over MCP {mcp[-1][1]['tasks_per_s'] / own:.2f}x (goal >= 0.8x)"
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
