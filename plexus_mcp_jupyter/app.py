@@ -74,13 +74,19 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
             self.apply_env(protected=self._cli_settings())
         except SettingsError as exc:
             self.config_problems.extend(exc.problems)
-        if self.config_problems:
+        runtime = None
+        if not self.config_problems:
+            try:
+                runtime = PlexusRuntime(self, data_dir=jupyter_data_dir(), root_dir=self.serverapp.root_dir)
+            except SettingsError as exc:  # settings valid one by one, not together
+                self.config_problems.extend(exc.problems)
+        if runtime is None:
             # The endpoint does not half-exist: every Plexus route answers 503 with this (docs/architecture.md).
             logging.getLogger("plexus_mcp_jupyter").error(
                 "Plexus MCP is not served: %s. Fix the setting and restart the server.",
                 "; ".join(self.config_problems))
             return
-        self.runtime = PlexusRuntime(self, data_dir=jupyter_data_dir(), root_dir=self.serverapp.root_dir)
+        self.runtime = runtime
         self.settings["plexus"] = self.runtime
         identity_provider = self.serverapp.identity_provider
         # Jupyter's startup lines ("is running at: http://...?token=...") are the URL its user logs in with.
