@@ -29,7 +29,6 @@ import requests
 from plexus_mcp_jupyter.core.errors import InvalidArgument
 from plexus_mcp_jupyter.core.tasks import TaskType, register_task_type
 
-
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -67,8 +66,10 @@ def register() -> None:
 
 # -- servers -------------------------------------------------------------------------------------------
 
-BOOT = ("import sys; from tests.multi_server import register; register(); "
-        "from jupyter_server.serverapp import main; sys.exit(main())")
+BOOT = (
+    "import sys; from tests.multi_server import register; register(); "
+    "from jupyter_server.serverapp import main; sys.exit(main())"
+)
 
 
 def free_port() -> int:
@@ -125,17 +126,35 @@ def start_server(workdir: Path, name: str, db_url: str, **settings: Any) -> Serv
     home = workdir / name
     home.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PLEXUS_MCP_")}
-    env.update(PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
-               JUPYTER_DATA_DIR=str(home / "data"), JUPYTER_RUNTIME_DIR=str(home / "rt"),
-               JUPYTER_CONFIG_DIR=str(home / "cfg"), PLEXUS_MCP_DB_URL=db_url)
+    env.update(
+        PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+        JUPYTER_DATA_DIR=str(home / "data"),
+        JUPYTER_RUNTIME_DIR=str(home / "rt"),
+        JUPYTER_CONFIG_DIR=str(home / "cfg"),
+        PLEXUS_MCP_DB_URL=db_url,
+    )
     env.update({f"PLEXUS_MCP_{key.upper()}": str(value) for key, value in settings.items()})
     log_path = home / "jupyter.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-c", BOOT, "--no-browser", "--allow-root", f"--port={port}", "--ServerApp.ip=127.0.0.1",
-             f"--IdentityProvider.token={token}", "--ServerApp.jpserver_extensions=plexus_mcp_jupyter=True",
-             f"--ServerApp.root_dir={workdir}", "--ServerApp.log_level=WARN"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO))
+            [
+                sys.executable,
+                "-c",
+                BOOT,
+                "--no-browser",
+                "--allow-root",
+                f"--port={port}",
+                "--ServerApp.ip=127.0.0.1",
+                f"--IdentityProvider.token={token}",
+                "--ServerApp.jpserver_extensions=plexus_mcp_jupyter=True",
+                f"--ServerApp.root_dir={workdir}",
+                "--ServerApp.log_level=WARN",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=str(REPO),
+        )
     server = Server(name, proc, f"http://127.0.0.1:{port}/", token, log_path)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -175,8 +194,9 @@ class PostgresCluster:
 
 
 def _program(name: str) -> str:
-    found = shutil.which(name) or next(iter(sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"),
-                                                   reverse=True)), None)
+    found = shutil.which(name) or next(
+        iter(sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True)), None
+    )
     if found is None:
         raise PostgresUnavailable(f"{name} not found (install Debian's postgresql package)")
     return str(found)
@@ -201,8 +221,19 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
 
     try:
         run(initdb, "-D", str(data_dir), "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8")
-        run(pg_ctl, "-D", str(data_dir), "-l", str(data_dir / "server.log"), "-w", "-t", "60", "-o",
-            f"-p {port} -k {data_dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200", "start")
+        run(
+            pg_ctl,
+            "-D",
+            str(data_dir),
+            "-l",
+            str(data_dir / "server.log"),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            f"-p {port} -k {data_dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            "start",
+        )
         yield PostgresCluster(port, data_dir)
     finally:
         with contextlib.suppress(Exception):

@@ -14,6 +14,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -58,18 +59,24 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Callable[..., Server]]:
-    """Factory: start a server on the shared store; every one started is stopped at the end."""
+def servers(tmp_path: Path) -> Iterator[Callable[..., list[Server]]]:
+    """Factory: start servers on the shared store, {name: settings}, at once (a start takes seconds); every one
+    started is stopped at the end."""
     started: list[Server] = []
 
-    def start(name: str, db_url: str, **settings: Any) -> Server:
-        server = start_server(tmp_path, name, db_url, **{**FAST, **settings})
-        started.append(server)
-        return server
+    def start(db_url: str, settings_by_name: dict[str, dict[str, Any]]) -> list[Server]:
+        with ThreadPoolExecutor(len(settings_by_name)) as pool:
+            futures = [
+                pool.submit(start_server, tmp_path, name, db_url, **{**FAST, **settings})
+                for name, settings in settings_by_name.items()
+            ]
+            new = [future.result() for future in futures]
+        started.extend(new)
+        return new
 
     yield start
-    for server in started:
-        server.stop()
+    with ThreadPoolExecutor(max(len(started), 1)) as pool:
+        list(pool.map(Server.stop, started))
 
 
 class Watcher:
@@ -78,8 +85,9 @@ class Watcher:
     def __init__(self, server: Server) -> None:
         self.statuses: dict[str, str] = {}
         self.finals: Counter[str] = Counter()
-        self.socket = websocket.create_connection(server.ws_url + "?entity_type=task", timeout=60,
-                                                  header=[f"Authorization: token {server.token}"])
+        self.socket = websocket.create_connection(
+            server.ws_url + "?entity_type=task", timeout=60, header=[f"Authorization: token {server.token}"]
+        )
         assert json.loads(self.socket.recv())["type"] == "hello"
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
@@ -135,8 +143,7 @@ def server_of(worker: str) -> str:
 
 @pytest.mark.timeout(300)
 def test_500_tasks_through_two_servers_run_once_and_each_end_reaches_the_other(servers, db_url, tmp_path):
-    a = servers("a", db_url)
-    b = servers("b", db_url)
+    a, b = servers(db_url, {"a": {}, "b": {}})
     ids_of = {a.health()["server"]["id"], b.health()["server"]["id"]}
     assert len(ids_of) == 2, "each process has a server id of its own"
     watchers = {"a": Watcher(a), "b": Watcher(b)}
@@ -176,14 +183,17 @@ def test_500_tasks_through_two_servers_run_once_and_each_end_reaches_the_other(s
 @pytest.mark.timeout(180)
 def test_kill_9_of_a_server_leaves_its_running_tasks_to_the_other_within_the_lease(servers, db_url, tmp_path):
     runs, hold = tmp_path / "runs.txt", tmp_path / "release"
-    a = servers("a", db_url, max_concurrency=4)
+    (a,) = servers(db_url, {"a": {"max_concurrency": 4}})
     retried = dispatch(a, [{"type": "recorded", "params": {"runs": str(runs), "hold": str(hold)}}] * 2)
     failed = dispatch(a, [{"type": "recorded_once", "params": {"runs": str(runs), "hold": str(hold)}}] * 2)
     ids = retried + failed
     a_id = a.health()["server"]["id"]
-    wait_until(lambda: all(status == "RUNNING" for status, _ in store_rows(db_url, ids).values()), 60,
-               "the four tasks RUNNING on server a")
-    b = servers("b", db_url, max_concurrency=4)
+    wait_until(
+        lambda: all(status == "RUNNING" for status, _ in store_rows(db_url, ids).values()),
+        60,
+        "the four tasks RUNNING on server a",
+    )
+    (b,) = servers(db_url, {"b": {"max_concurrency": 4}})
     watcher = Watcher(b)
     b_id = b.health()["server"]["id"]
     lease = FAST["server_lease_seconds"]
@@ -193,16 +203,24 @@ def test_kill_9_of_a_server_leaves_its_running_tasks_to_the_other_within_the_lea
     # process-id check that recovers the tasks of a dead server on the same host cannot: only the lease can,
     # as for a server on another machine.
     try:
-        wait_until(lambda: all(watcher.statuses.get(i) == "FAILED" for i in failed)
-                   and all(watcher.statuses.get(i) == "RUNNING" for i in retried), 30,
-                   "the never-retried tasks FAILED and the retried ones RUNNING again, on server b")
+        wait_until(
+            lambda: (
+                all(watcher.statuses.get(i) == "FAILED" for i in failed)
+                and all(watcher.statuses.get(i) == "RUNNING" for i in retried)
+            ),
+            30,
+            "the never-retried tasks FAILED and the retried ones RUNNING again, on server b",
+        )
         recovered_after = time.monotonic() - killed_at
         rows = store_rows(db_url, ids)
         assert all(server_of(rows[i][1]) == b_id for i in retried), "re-queued and claimed by the survivor"
         assert all(server_of(rows[i][1]) == a_id for i in failed)  # failed as they were: by a's claim
         hold.touch()
-        wait_until(lambda: all(watcher.statuses.get(i) == "COMPLETED" for i in retried), 30,
-                   "the retried tasks completed on server b")
+        wait_until(
+            lambda: all(watcher.statuses.get(i) == "COMPLETED" for i in retried),
+            30,
+            "the retried tasks completed on server b",
+        )
     finally:
         watcher.close()
         a.proc.wait(10)
@@ -218,8 +236,8 @@ def test_kill_9_of_a_server_leaves_its_running_tasks_to_the_other_within_the_lea
 @pytest.mark.timeout(120)
 def test_an_mcp_subscriber_on_one_server_follows_a_task_the_other_runs(servers, tmp_path):
     db_url = f"sqlite:///{tmp_path / 'shared.db'}"
-    runner = servers("runner", db_url, max_concurrency=2)
-    follower = servers("follower", db_url, max_concurrency=0)  # runs nothing: every task runs on the other
+    # The follower runs nothing (max_concurrency 0): every task runs on the runner.
+    runner, follower = servers(db_url, {"runner": {"max_concurrency": 2}, "follower": {"max_concurrency": 0}})
     runs, hold = tmp_path / "runs.txt", tmp_path / "release"
     task_id = dispatch(runner, [{"type": "recorded", "params": {"runs": str(runs), "hold": str(hold)}}])[0]
     uris: list[str] = []
@@ -250,8 +268,12 @@ def test_an_mcp_subscriber_on_one_server_follows_a_task_the_other_runs(servers, 
 
 
 def test_a_lease_shorter_than_two_heartbeats_is_refused_with_both_values(tmp_path):
-    settings = PlexusSettings(db_url=f"sqlite:///{tmp_path / 's.db'}", server_heartbeat_seconds=5,
-                              server_lease_seconds=8)
-    with pytest.raises(SettingsError, match=r"server_lease_seconds \(8\) must be at least twice "
-                                            r"server_heartbeat_seconds \(5"):
+    settings = PlexusSettings(
+        db_url=f"sqlite:///{tmp_path / 's.db'}", server_heartbeat_seconds=5, server_lease_seconds=8
+    )
+    with pytest.raises(
+        SettingsError,
+        match=r"server_lease_seconds \(8\) must be at least twice "
+        r"server_heartbeat_seconds \(5",
+    ):
         PlexusRuntime(settings, data_dir=str(tmp_path))

@@ -30,8 +30,10 @@ log = logging.getLogger("plexus_mcp_jupyter")
 def lease_problem(heartbeat: float, lease: float) -> str | None:
     """What is wrong with this heartbeat and lease together, if anything (each is checked by its setting)."""
     if not 0 < heartbeat * 2 <= lease:
-        return (f"server_lease_seconds ({lease:g}) must be at least twice server_heartbeat_seconds ({heartbeat:g}, "
-                "above 0): a lease must outlive a late heartbeat")
+        return (
+            f"server_lease_seconds ({lease:g}) must be at least twice server_heartbeat_seconds ({heartbeat:g}, "
+            "above 0): a lease must outlive a late heartbeat"
+        )
     return None
 
 
@@ -68,8 +70,12 @@ class LeaseKeeper:
             self._thread = None
 
     def status(self) -> dict[str, Any]:
-        return {"heartbeat_seconds": self.heartbeat, "lease_seconds": self.lease, "running_held": self.held,
-                "last_heartbeat_age_seconds": None if self.last_beat is None else round(now() - self.last_beat, 3)}
+        return {
+            "heartbeat_seconds": self.heartbeat,
+            "lease_seconds": self.lease,
+            "running_held": self.held,
+            "last_heartbeat_age_seconds": None if self.last_beat is None else round(now() - self.last_beat, 3),
+        }
 
     def beat(self) -> int:
         """One heartbeat: renew this server's leases; returns how many tasks of gone servers await recovery."""
@@ -91,7 +97,8 @@ class LeaseKeeper:
                 continue
             loop = self._loop
             if expired and loop is not None and not loop.is_closed():
-                log.warning("Plexus: %d running tasks of a server that stopped renewing its leases: recovering",
-                            expired)
+                log.warning(
+                    "Plexus: %d running tasks of a server that stopped renewing its leases: recovering", expired
+                )
                 with contextlib.suppress(RuntimeError):  # the loop closed: this server is stopping
                     loop.call_soon_threadsafe(self.on_expired)

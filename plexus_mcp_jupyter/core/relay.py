@@ -59,9 +59,17 @@ def is_final(event: Event) -> bool:
 class EventRelay:
     """Relays the events of the servers sharing one store (see the module docstring)."""
 
-    def __init__(self, store: Store, bus: EventBus, *, mode: str = "auto", interval: float = 0.25,
-                 progress_interval: float = 1.0, keep_seconds: float = 60.0,
-                 on_remote: Callable[[list[Event]], None] | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        bus: EventBus,
+        *,
+        mode: str = "auto",
+        interval: float = 0.25,
+        progress_interval: float = 1.0,
+        keep_seconds: float = 60.0,
+        on_remote: Callable[[list[Event]], None] | None = None,
+    ) -> None:
         if mode not in RELAY_MODES:
             raise ValueError(f"event_relay must be one of {', '.join(RELAY_MODES)}, not {mode!r}")
         self.store = store
@@ -118,8 +126,13 @@ class EventRelay:
 
     def status(self) -> dict[str, Any]:
         """For health: how events reach the other servers on the store, and how many went each way."""
-        return {"mode": self.mode, "interval_seconds": self.interval, "listening": self.listening,
-                "sent": self.sent, "received": self.received}
+        return {
+            "mode": self.mode,
+            "interval_seconds": self.interval,
+            "listening": self.listening,
+            "sent": self.sent,
+            "received": self.received,
+        }
 
     # -- out: this server's events -------------------------------------------------------------
 
@@ -157,8 +170,17 @@ class EventRelay:
         return due
 
     def _send(self, events: Sequence[Event]) -> None:
-        rows = [{"origin": self.server_id, "at": e.at, "kind": e.kind, "entity_type": e.entity_type,
-                 "entity_id": e.entity_id, "data": e.data} for e in events]
+        rows = [
+            {
+                "origin": self.server_id,
+                "at": e.at,
+                "kind": e.kind,
+                "entity_type": e.entity_type,
+                "entity_id": e.entity_id,
+                "data": e.data,
+            }
+            for e in events
+        ]
         insert = sa.insert(outbox_table)
         if self.postgres:
             insert = insert.values(txid=sa.literal_column(_TXID))
@@ -166,8 +188,9 @@ class EventRelay:
             with self.store.engine.begin() as conn:
                 conn.execute(insert, rows)
                 if self.postgres:  # delivered at commit, to every LISTENing server (ours ignores its own)
-                    conn.execute(sa.text("SELECT pg_notify(:channel, :origin)"),
-                                 {"channel": CHANNEL, "origin": self.server_id})
+                    conn.execute(
+                        sa.text("SELECT pg_notify(:channel, :origin)"), {"channel": CHANNEL, "origin": self.server_id}
+                    )
         except Exception:
             with self._lock:  # keep them for the next round, unless a newer state of the entity came meanwhile
                 for event in events:
@@ -194,8 +217,11 @@ class EventRelay:
                     # all of them are visible to it): a transaction that commits late cannot be skipped.
                     horizon = int(conn.execute(sa.text(_XMIN)).scalar_one())
                     after = sa.or_(o.c.txid > txid, sa.and_(o.c.txid == txid, o.c.id > row_id))
-                    query = (sa.select(o).where(after, o.c.txid < horizon, o.c.origin != self.server_id)
-                             .order_by(o.c.txid, o.c.id))
+                    query = (
+                        sa.select(o)
+                        .where(after, o.c.txid < horizon, o.c.origin != self.server_id)
+                        .order_by(o.c.txid, o.c.id)
+                    )
                 else:  # one writer at a time: ids are in commit order
                     query = sa.select(o).where(o.c.id > row_id, o.c.origin != self.server_id).order_by(o.c.id)
                 rows = conn.execute(query.limit(READ_BATCH)).mappings().all()
@@ -230,8 +256,9 @@ class EventRelay:
                 if known is not None and (known[1] or (not final and row["at"] < known[0])):
                     continue  # the entity already ended here, or this bus has a newer state of it
                 self._remember(key, row["at"], final)
-            published.append(self.bus.publish(row["kind"], row["entity_type"], row["entity_id"], row["data"],
-                                              origin=row["origin"]))
+            published.append(
+                self.bus.publish(row["kind"], row["entity_type"], row["entity_id"], row["data"], origin=row["origin"])
+            )
         self.received += len(published)
         if published and self.on_remote is not None:
             try:
@@ -297,8 +324,10 @@ class EventRelay:
                                 self._wake_to_read()
             except Exception as exc:
                 if self.listening or not self._stop.is_set():
-                    log.warning("Plexus: the event relay's LISTEN connection failed (%s); polling until it is back",
-                                type(exc).__name__)
+                    log.warning(
+                        "Plexus: the event relay's LISTEN connection failed (%s); polling until it is back",
+                        type(exc).__name__,
+                    )
                 self.listening = False
                 self._stop.wait(min(5.0, max(self.interval, 1.0)))
         self.listening = False
