@@ -27,7 +27,11 @@ from typing import Any
 import requests
 
 from plexus_mcp_jupyter.core.errors import InvalidArgument
+from plexus_mcp_jupyter.core.store import Store
 from plexus_mcp_jupyter.core.tasks import TaskType, register_task_type
+from plexus_mcp_jupyter.evaluations.store import EvaluationStore
+from plexus_mcp_jupyter.security.audit import AuditLog
+from plexus_mcp_jupyter.security.keys import KeyStore
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -72,10 +76,17 @@ BOOT = (
 )
 
 
+_GIVEN: set[int] = set()  # ports handed out by this process: servers started at once never share one
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 @dataclass
@@ -102,7 +113,8 @@ class Server:
         return answer.json()  # type: ignore[no-any-return]
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
+        text = self.log_path.read_text(errors="replace")
+        return text if len(text) <= 8000 else text[:4000] + "\n...\n" + text[-4000:]
 
     def kill(self) -> None:
         """kill -9, as a crash or a lost machine would. Not reaped here: see the kill test."""
@@ -119,9 +131,36 @@ class Server:
         self.proc.wait(10)
 
 
+def create_store(db_url: str) -> str:
+    """Create the store's tables before servers start at once on it (two first starts on an empty PostgreSQL
+    database race to create the same tables); returns the URL."""
+    store = Store(db_url)
+    try:
+        EvaluationStore(store.engine)
+        KeyStore(store.engine)
+        AuditLog(store.engine).close()
+    finally:
+        store.close()
+    return db_url
+
+
 def start_server(workdir: Path, name: str, db_url: str, **settings: Any) -> Server:
     """A real `jupyter server` with the extension on `db_url` (settings as PLEXUS_MCP_* variables), up and
-    answering health once this returns."""
+    answering health once this returns. A port taken meanwhile by another program: a new one, twice."""
+    for attempt in range(3):
+        try:
+            return _start_server(workdir, name, db_url, **settings)
+        except PortTaken:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+class PortTaken(AssertionError):
+    pass
+
+
+def _start_server(workdir: Path, name: str, db_url: str, **settings: Any) -> Server:
     port, token = free_port(), secrets.token_hex(16)
     home = workdir / name
     home.mkdir(parents=True, exist_ok=True)
@@ -149,6 +188,7 @@ def start_server(workdir: Path, name: str, db_url: str, **settings: Any) -> Serv
                 "--ServerApp.jpserver_extensions=plexus_mcp_jupyter=True",
                 f"--ServerApp.root_dir={workdir}",
                 "--ServerApp.log_level=WARN",
+                "--ServerApp.port_retries=0",  # never another port: the URL below must be this server's
             ],
             env=env,
             stdout=log,
@@ -159,9 +199,12 @@ def start_server(workdir: Path, name: str, db_url: str, **settings: Any) -> Serv
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            if "already in use" in server.log():
+                raise PortTaken(f"port {port} is taken")
             raise AssertionError(f"server {name} exited with {proc.returncode}:\n{server.log()}")
-        with contextlib.suppress(requests.RequestException):
-            if requests.get(server.url + "plexus/api/health", headers=server.headers, timeout=2).ok:
+        with contextlib.suppress(requests.RequestException, ValueError):
+            answer = requests.get(server.url + "plexus/api/health", headers=server.headers, timeout=2)
+            if answer.ok and "server" in answer.json():  # the details: this server, which knows our token
                 return server
         time.sleep(0.2)
     server.stop()

@@ -28,7 +28,14 @@ from plexus_mcp_jupyter.config import PlexusSettings, SettingsError
 from plexus_mcp_jupyter.runtime import PlexusRuntime
 
 from .conftest import open_client
-from .multi_server import PostgresCluster, PostgresUnavailable, Server, postgres_cluster, start_server
+from .multi_server import (
+    PostgresCluster,
+    PostgresUnavailable,
+    Server,
+    create_store,
+    postgres_cluster,
+    start_server,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::mcp.shared.exceptions.MCPDeprecationWarning")
 
@@ -51,11 +58,11 @@ def postgres() -> Iterator[PostgresCluster | None]:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'shared.db'}"
+        return create_store(f"sqlite:///{tmp_path / 'shared.db'}")
     cluster = request.getfixturevalue("postgres")
     if cluster is None:
         pytest.skip("PostgreSQL could not be started here (on CI this fails instead)")
-    return cluster.create_database()  # type: ignore[no-any-return]
+    return create_store(cluster.create_database())
 
 
 @pytest.fixture
@@ -235,7 +242,7 @@ def test_kill_9_of_a_server_leaves_its_running_tasks_to_the_other_within_the_lea
 
 @pytest.mark.timeout(120)
 def test_an_mcp_subscriber_on_one_server_follows_a_task_the_other_runs(servers, tmp_path):
-    db_url = f"sqlite:///{tmp_path / 'shared.db'}"
+    db_url = create_store(f"sqlite:///{tmp_path / 'shared.db'}")
     # The follower runs nothing (max_concurrency 0): every task runs on the runner.
     runner, follower = servers(db_url, {"runner": {"max_concurrency": 2}, "follower": {"max_concurrency": 0}})
     runs, hold = tmp_path / "runs.txt", tmp_path / "release"
