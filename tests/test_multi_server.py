@@ -8,6 +8,7 @@ start, its tests skip locally and FAIL on CI (CI=true): a CI run must not pass w
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import threading
@@ -25,9 +26,12 @@ import sqlalchemy as sa
 import websocket
 
 from plexus_mcp_jupyter.config import PlexusSettings, SettingsError
+from plexus_mcp_jupyter.core.events import EventBus
+from plexus_mcp_jupyter.core.relay import EventRelay
+from plexus_mcp_jupyter.core.store import Store, outbox_table
 from plexus_mcp_jupyter.runtime import PlexusRuntime
 
-from .conftest import open_client
+from .conftest import open_client, poll
 from .multi_server import (
     PostgresCluster,
     PostgresUnavailable,
@@ -284,3 +288,46 @@ def test_a_lease_shorter_than_two_heartbeats_is_refused_with_both_values(tmp_pat
         r"server_heartbeat_seconds \(5",
     ):
         PlexusRuntime(settings, data_dir=str(tmp_path))
+
+
+async def test_the_relay_never_skips_an_event_whose_transaction_commits_late(db_url):
+    """A writer whose transaction began first but commits after a later one: the reader must not move past
+    its rows before they are visible (PostgreSQL: the xmin horizon; SQLite: one writer at a time)."""
+    store = Store(db_url)
+    bus = EventBus()
+    received: list[str] = []
+    bus.add_listener(lambda event: received.append(event.entity_id))
+    relay = EventRelay(store, bus, mode="poll", interval=0.05)
+    relay.start(asyncio.get_running_loop(), "reader")
+
+    def row(entity_id: str) -> dict[str, Any]:
+        return {
+            "origin": "writer",
+            "at": time.time(),
+            "kind": "task.completed",
+            "entity_type": "task",
+            "entity_id": entity_id,
+            "data": {"status": "COMPLETED"},
+        }
+
+    insert = sa.insert(outbox_table)
+    if store.engine.dialect.name == "postgresql":
+        insert = insert.values(txid=sa.literal_column("pg_current_xact_id()::text::bigint"))
+    try:
+        early = store.engine.connect()
+        early.begin()
+        early.execute(insert, [row("early")])  # not committed yet (on SQLite: holds the write lock)
+        if store.engine.dialect.name == "postgresql":
+            with store.engine.begin() as conn:
+                conn.execute(insert, [row("late")])
+        await asyncio.sleep(0.5)  # ten polls of the reader
+        assert received == [], "nothing is read past a transaction still running"
+        early.commit()
+        early.close()
+        if store.engine.dialect.name != "postgresql":
+            with store.engine.begin() as conn:
+                conn.execute(insert, [row("late")])
+        await poll(lambda: sorted(received), lambda r: r == ["early", "late"], timeout=10)
+    finally:
+        await asyncio.to_thread(relay.stop)
+        store.close()
