@@ -13,6 +13,7 @@ import json
 import os
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,8 @@ import websocket
 
 from plexus_mcp_jupyter.config import PlexusSettings, SettingsError
 from plexus_mcp_jupyter.core.events import EventBus
+from plexus_mcp_jupyter.core.manager import _owner_gone
+from plexus_mcp_jupyter.core.models import Task, TaskStatus
 from plexus_mcp_jupyter.core.relay import EventRelay
 from plexus_mcp_jupyter.core.store import Store, outbox_table
 from plexus_mcp_jupyter.runtime import PlexusRuntime
@@ -331,3 +334,40 @@ async def test_the_relay_never_skips_an_event_whose_transaction_commits_late(db_
     finally:
         await asyncio.to_thread(relay.stop)
         store.close()
+
+
+def test_a_claim_and_a_take_over_are_each_won_by_one_server_only(db_url):
+    """The two conditional UPDATEs of the lease path, from two servers' stores on one database."""
+    first, second = Store(db_url), Store(db_url)
+    try:
+        task = Task(id=str(uuid.uuid4()), type="recorded", status=TaskStatus.QUEUED)
+        first.create_task(task)
+        at = time.time()
+        won = [
+            store.claim(task.id, worker=name, started_at=at, lease_expires_at=at + 1)
+            for store, name in ((first, "server-a"), (second, "server-b"))
+        ]
+        assert won == [True, False]
+        # Server a is gone: b and a third server notice at once; one takes the task over, and only from a.
+        taken = [
+            store.take_over(task.id, previous="server-a", worker=name, lease_expires_at=at + 30)
+            for store, name in ((second, "server-b"), (first, "server-c"))
+        ]
+        assert taken == [True, False]
+        assert first.get_task(task.id).worker == "server-b"
+        assert second.renew_leases("server-b", at + 60) == 1 and second.renew_leases("server-a", at + 60) == 0
+        assert (
+            first.expired_lease_count("server-c", at + 59) == 0 and first.expired_lease_count("server-c", at + 61) == 1
+        )
+        assert first.expired_lease_count("server-b", at + 61) == 0  # a server's own tasks are never "expired"
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_lease_that_ran_out_means_a_gone_server_on_any_host():
+    other_host = "local:another-host:1:someone/pid=1"
+    assert _owner_gone(other_host, "me", lease_expires_at=time.time() - 1)
+    assert not _owner_gone(other_host, "me", lease_expires_at=time.time() + 30)
+    assert not _owner_gone(other_host, "me")  # no lease (an older release): left to its own server
+    assert not _owner_gone("local:another-host:1:me", "me", lease_expires_at=time.time() - 1)  # our own
