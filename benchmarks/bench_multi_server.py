@@ -25,7 +25,6 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.multi_server import PostgresCluster, Server, create_store, postgres_cluster, start_server
+from tests.multi_server import PostgresCluster, Server, create_store, postgres_cluster, start_servers
 
 BATCH = 100
 
@@ -57,10 +56,7 @@ def run(
     url = create_store(cluster.create_database())
     home = Path(tempfile.mkdtemp(dir=workdir))
     settings = {"max_concurrency": concurrency, "event_relay_interval": 0.1, "event_relay": relay}
-    with ThreadPoolExecutor(n_servers) as pool:
-        servers: Sequence[Server] = list(
-            pool.map(lambda i: start_server(home, f"s{i}", url, **settings), range(n_servers))
-        )
+    servers = start_servers(home, url, {f"s{i}": settings for i in range(n_servers)})
     engine = sa.create_engine(url)
     runs = home / "runs.txt"
     spec = {"type": "recorded", "params": {"runs": str(runs), "seconds": task_ms / 1000}}

@@ -20,6 +20,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,23 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self.proc.wait(10)
+
+
+def start_servers(workdir: Path, db_url: str, settings_by_name: Mapping[str, Mapping[str, Any]]) -> list[Server]:
+    """Start servers on one store at once, {name: settings} (a start takes seconds). If one fails, those that
+    started are stopped before the error is raised."""
+    with ThreadPoolExecutor(len(settings_by_name)) as pool:
+        futures = [
+            pool.submit(start_server, workdir, name, db_url, **settings) for name, settings in settings_by_name.items()
+        ]
+        wait(futures)
+    up = [future.result() for future in futures if future.exception() is None]
+    failed = [future.exception() for future in futures if future.exception() is not None]
+    if failed:
+        for server in up:
+            server.stop()
+        raise failed[0]  # type: ignore[misc]
+    return up
 
 
 def create_store(db_url: str) -> str:

@@ -41,7 +41,7 @@ from .multi_server import (
     Server,
     create_store,
     postgres_cluster,
-    start_server,
+    start_servers,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::mcp.shared.exceptions.MCPDeprecationWarning")
@@ -79,12 +79,9 @@ def servers(tmp_path: Path) -> Iterator[Callable[..., list[Server]]]:
     started: list[Server] = []
 
     def start(db_url: str, settings_by_name: dict[str, dict[str, Any]]) -> list[Server]:
-        with ThreadPoolExecutor(len(settings_by_name)) as pool:
-            futures = [
-                pool.submit(start_server, tmp_path, name, db_url, **{**FAST, **settings})
-                for name, settings in settings_by_name.items()
-            ]
-            new = [future.result() for future in futures]
+        new = start_servers(
+            tmp_path, db_url, {name: {**FAST, **settings} for name, settings in settings_by_name.items()}
+        )
         started.extend(new)
         return new
 
