@@ -79,25 +79,24 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
             self.apply_env(protected=self._cli_settings())
         except SettingsError as exc:
             self.config_problems.extend(exc.problems)
-        if self.config_problems:
+        runtime = None
+        if not self.config_problems:
+            try:
+                runtime = PlexusRuntime(self, data_dir=jupyter_data_dir(), root_dir=self.serverapp.root_dir)
+            except SettingsError as exc:  # settings valid one by one, not together
+                self.config_problems.extend(exc.problems)
+            except ExecutorUnavailable as exc:  # dask_fallback=refuse: the endpoint does not run without its cluster
+                self.config_problems.append(str(exc))
+            except (StoreTooNew, sa.exc.SQLAlchemyError) as exc:
+                # A store migrated by a newer release, or a database that cannot be reached or migrated.
+                self.config_problems.append(str(store_unavailable(exc) or exc).splitlines()[0])
+        if runtime is None:
             # The endpoint does not half-exist: every Plexus route answers 503 with this (docs/architecture.md).
             logging.getLogger("plexus_mcp_jupyter").error(
                 "Plexus MCP is not served: %s. Fix the setting and restart the server.",
                 "; ".join(self.config_problems))
             return
-        try:
-            self.runtime = PlexusRuntime(self, data_dir=jupyter_data_dir(), root_dir=self.serverapp.root_dir)
-        except ExecutorUnavailable as exc:  # dask_fallback=refuse: the endpoint does not run without its cluster
-            self.config_problems.append(str(exc))
-            logging.getLogger("plexus_mcp_jupyter").error("Plexus MCP is not served: %s", exc)
-            return
-        except (StoreTooNew, sa.exc.SQLAlchemyError) as exc:
-            # A store migrated by a newer release, or a database that cannot be reached or migrated: every
-            # Plexus route answers 503 with why (as for a bad setting) rather than the extension vanishing.
-            problem = str(store_unavailable(exc) or exc).splitlines()[0]
-            self.config_problems.append(problem)
-            logging.getLogger("plexus_mcp_jupyter").error("Plexus MCP is not served: %s", problem)
-            return
+        self.runtime = runtime
         self.settings["plexus"] = self.runtime
         identity_provider = self.serverapp.identity_provider
         # Jupyter's startup lines ("is running at: http://...?token=...") are the URL its user logs in with.

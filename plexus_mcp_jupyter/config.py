@@ -229,6 +229,29 @@ class PlexusSettings(Configurable):
         "or re-prioritised by ids or by a filter. A larger call is refused with the count and this bound (narrow the "
         "filter or split the batch); a dry run still counts. Default 1000.",
     ).tag(config=True)
+    event_relay = CaselessStrEnum(
+        ["auto", "poll", "off"], default_value="auto",
+        help="How this server sees the events of tasks other servers sharing its store run (docs/scale-out.md): "
+        "'auto' (default) LISTEN/NOTIFY on PostgreSQL and polling on other databases (SQLite); 'poll' polling "
+        "everywhere (a PostgreSQL behind a pooler that drops LISTEN); 'off' (a server alone on its store).",
+    ).tag(config=True)
+    event_relay_interval = Float(
+        0.25, min=0.01, max=60.0, help="Seconds between two writes of this server's events for the other servers, "
+        "and between two polls for theirs (default 0.25): one small transaction each at most.",
+    ).tag(config=True)
+    event_relay_keep_seconds = Float(
+        60.0, min=1.0, help="Seconds relayed events are kept for the other servers before they are pruned "
+        "(default 60); a server that stalls longer misses what was pruned.",
+    ).tag(config=True)
+    server_heartbeat_seconds = Float(
+        5.0, min=0.05, help="Seconds between two heartbeats that renew the leases of the tasks this server runs "
+        "(default 5).",
+    ).tag(config=True)
+    server_lease_seconds = Float(
+        30.0, min=0.1, help="Seconds a running task's lease lasts without a heartbeat (default 30, at least twice "
+        "server_heartbeat_seconds): past it, another server on the store recovers the task as a restart would "
+        "(failed, or re-queued where its type is safe to retry).",
+    ).tag(config=True)
 
     worker_reuse = Bool(
         True, help="Reuse warm worker processes across tasks (default true): max_concurrency workers are started "

@@ -10,11 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .config import PlexusSettings
+from .config import PlexusSettings, SettingsError
 from .core.errors import InvalidArgument, NotFound
 from .core.events import EventBus
 from .core.executors import Executor, ExecutorUnavailable, LocalExecutor
+from .core.leases import LeaseKeeper, lease_problem
 from .core.manager import TaskManager
+from .core.models import TaskStatus
+from .core.relay import EventRelay
 from .core.resources import parse_positive_numbers, parse_resources
 from .core.retention import RetentionPolicy
 from .core.store import Store, default_db_url
@@ -77,6 +80,9 @@ class PlexusRuntime:
     """The store, event bus, task manager and MCP endpoint of one server process."""
 
     def __init__(self, settings: PlexusSettings, *, data_dir: str, root_dir: str | None = None) -> None:
+        problem = lease_problem(settings.server_heartbeat_seconds, settings.server_lease_seconds)
+        if problem:
+            raise SettingsError([problem])
         self.settings = settings
         self.store = Store(settings.db_url or default_db_url(data_dir), pool_size=settings.db_pool_size,
                            pool_timeout=settings.db_pool_timeout_seconds,
@@ -129,6 +135,13 @@ class PlexusRuntime:
             interval=settings.retention_interval_seconds, batch=settings.retention_batch_size,
         )
         self.manager.max_batch_size = settings.max_batch_size
+        # Several servers on one store (docs/scale-out.md): leases with a heartbeat, and the others' events.
+        self.manager.lease_seconds = settings.server_lease_seconds
+        self.leases = LeaseKeeper(self.store, heartbeat=settings.server_heartbeat_seconds,
+                                  lease=settings.server_lease_seconds, on_expired=self.manager.recover)
+        self.relay = EventRelay(self.store, self.bus, mode=settings.event_relay, interval=settings.event_relay_interval,
+                                progress_interval=settings.progress_write_interval,
+                                keep_seconds=settings.event_relay_keep_seconds, on_remote=self._on_remote_events)
         self.manager.request_handlers["kernel_score"] = self._kernel_score
         self.evaluations = EvaluationService(self.manager, EvaluationStore(self.store.engine), self.catalog,
                                              self.kernel_scorers, settings.scorer_modules.split(","),
@@ -148,6 +161,12 @@ class PlexusRuntime:
         )
         self._started = False
         self._log_scrubbers: list[Callable[[], None]] = []  # detach functions (see protect_secret)
+
+    def _on_remote_events(self, events: list[Any]) -> None:
+        """Tasks another server queued on the shared store: plan a start now, not at the next maintenance tick."""
+        if any(event.kind == "task.created" or event.data.get("status") == TaskStatus.QUEUED.value
+               for event in events):
+            self.manager.queue_changed()
 
     async def _kernel_score(self, task: Any, payload: Any) -> dict[str, Any]:
         """A worker's request to score a chunk with a notebook kernel's scorer."""
@@ -232,6 +251,9 @@ class PlexusRuntime:
             return
         self._started = True
         await self.manager.start()
+        loop = asyncio.get_running_loop()
+        self.relay.start(loop, self.manager.server_id)
+        self.leases.start(loop, self.manager.server_id)
         await self.endpoint.start()
         self.evaluations.start()
         self._key_watch = asyncio.get_running_loop().create_task(self._watch_keys(), name="plexus-key-watch")
@@ -252,6 +274,8 @@ class PlexusRuntime:
             watch.close()
         await self.endpoint.stop()
         await self.manager.stop()
+        await asyncio.to_thread(self.leases.stop)
+        await asyncio.to_thread(self.relay.stop)  # after the manager: the final states it recorded go out
         self.evaluations.close()
         self.catalog.close()
         self.audit.close()
@@ -277,4 +301,6 @@ class PlexusRuntime:
                                                         if self.executor_problem else {})},
             "tasks": counts,
             "mcp": {"sessions": self.endpoint.session_count},
+            # This process among the servers sharing the store (docs/scale-out.md).
+            "server": {"id": self.manager.server_id, "relay": self.relay.status(), "leases": self.leases.status()},
         }

@@ -32,6 +32,9 @@ class Event:
     entity_type: str
     entity_id: str
     data: dict[str, Any]
+    # The server id of the server whose task this is, when another server sharing the store published it
+    # (core/relay.py); None for this server's own events. A relay never sends such an event on again.
+    origin: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -115,10 +118,12 @@ class EventBus:
     def last_seq(self) -> int:
         return self._history[-1].seq if self._history else 0
 
-    def publish(self, kind: str, entity_type: str, entity_id: str, data: dict[str, Any]) -> Event:
+    def publish(self, kind: str, entity_type: str, entity_id: str, data: dict[str, Any], *,
+                origin: str | None = None) -> Event:
         """Record and fan out one event. A failing subscriber is logged and skipped: it must never
-        break the core that publishes (a task left half-started) or keep the event from the others."""
-        event = Event(next(self._seq), now(), kind, entity_type, entity_id, data)
+        break the core that publishes (a task left half-started) or keep the event from the others.
+        `origin`: the id of the server the event comes from, when it is not this one (core/relay.py)."""
+        event = Event(next(self._seq), now(), kind, entity_type, entity_id, data, origin)
         self._history.append(event)
         for receiver in [*(s.offer for s in self._subscriptions), *self._listeners]:
             try:

@@ -154,6 +154,9 @@ class TaskManager:
         self._durations: dict[str, deque[float]] = {}
         self._fair = FairClock()  # how owners have shared the starts so far
         self._queue_info: tuple[dict[str, QueuedInfo], dict[str, int]] | None = None  # per scheduling pass
+        # How long a claim holds a RUNNING task without a heartbeat (core/leases.py renews it); None: no lease,
+        # a task of a gone server is recovered by process id on its host only.
+        self.lease_seconds: float | None = None
 
     def configure_queue(
         self, *, type_caps: Mapping[str, int] | None = None, fairness: str = "round_robin",
@@ -238,7 +241,12 @@ class TaskManager:
     def recover(self) -> None:
         """Resolve tasks left RUNNING by a server that is gone: fail them, or re-queue idempotent ones."""
         for task in self.store.tasks_with_status(TaskStatus.RUNNING):
-            if task.id in self._running or not _owner_gone(task.worker, self.instance):
+            if task.id in self._running or not _owner_gone(task.worker, self.instance, task.lease_expires_at):
+                continue
+            # Several servers may notice the same gone server: only the one whose conditional take-over wins
+            # resolves the task (a task re-queued twice could run twice).
+            if not self.store.take_over(task.id, previous=task.worker, worker=self.server_id,
+                                        lease_expires_at=self._lease_end(now())):
                 continue
             stages = task.stages
             for stage in stages:
@@ -259,6 +267,10 @@ class TaskManager:
             self.store.save_progress(task, stages=stages, final=True)
             log.warning("Plexus: task %s left RUNNING by a stopped server is now %s", task.id, task.status.value)
             self.bus.publish(_final_kind(task.status), "task", task.id, task.summary())
+
+    def _lease_end(self, at: float) -> float | None:
+        """Until when a task this server claims at `at` is held before its heartbeat renews it (core/leases.py)."""
+        return at + self.lease_seconds if self.lease_seconds else None
 
     def _requeue(self, task_id: str, why: str) -> None:
         self.store.requeue(task_id)
@@ -419,6 +431,7 @@ class TaskManager:
         as created and started, and return it as it was created (QUEUED: what the caller asked for)."""
         created = dataclasses.replace(task)
         task.status, task.started_at, task.worker = TaskStatus.RUNNING, now(), self.server_id
+        task.lease_expires_at = self._lease_end(task.started_at)
         self.store.create_task(task)
         self.bus.publish("task.created", "task", task.id, created.summary())
         self._fair.commit(task.owner, weight(task, self._policy()))
@@ -698,7 +711,8 @@ class TaskManager:
         starts = queue_plan(window, running, policy, clock=self._fair).starts
         started = 0
         started_at = now()
-        won = (self.store.claim_many([t.id for t in starts], worker=self.server_id, started_at=started_at)
+        won = (self.store.claim_many([t.id for t in starts], worker=self.server_id, started_at=started_at,
+                                     lease_expires_at=self._lease_end(started_at))
                if starts else set())
         for task in starts:
             if task.id not in won:
@@ -1026,13 +1040,14 @@ def _as_list(value: str | Sequence[str] | None) -> list[str]:
     return [str(v) for v in value]
 
 
-def _owner_gone(worker: str | None, own_instance: str) -> bool:
+def _owner_gone(worker: str | None, own_instance: str, lease_expires_at: float | None = None) -> bool:
     """True when the server that claimed a task (recorded in `worker`) is no longer alive.
 
     `worker` is "executor:host:pid:instance[/worker-id]". A claim by this very server (same instance)
-    is alive; a claim by another instance with our process id is an earlier life of this process id
+    is alive; a claim whose lease ran out (its server's heartbeat stopped: core/leases.py) is gone, on any
+    host; a claim by another instance with our process id is an earlier life of this process id
     (a restart that got the same pid, as PID 1 in a container does); otherwise the process id decides.
-    Servers on other hosts resolve their own tasks.
+    A claim without a lease on another host is left to its own server.
     """
     if not worker:
         return True
@@ -1041,9 +1056,11 @@ def _owner_gone(worker: str | None, own_instance: str) -> bool:
         return True
     host, pid_text = parts[1], parts[2]
     instance = parts[3] if len(parts) > 3 else None
-    if host != HOST:
-        return False
     if instance == own_instance:
+        return False
+    if lease_expires_at is not None and lease_expires_at < now():
+        return True
+    if host != HOST:
         return False
     try:
         pid = int(pid_text)

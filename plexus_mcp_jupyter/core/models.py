@@ -168,6 +168,7 @@ class Task:
     retention_seconds: float | None = None  # kept this long once finished (a client's MCP ttl); None: by type
     batch_id: str | None = None  # the batch it was dispatched in (core/batches.py), if any
     retry_of: str | None = None  # the task this one is a new attempt of (retry_tasks), if any
+    lease_expires_at: float | None = None  # RUNNING: until when its server's heartbeat holds it (core/leases.py)
 
     @property
     def progress(self) -> dict[str, Any]:

@@ -61,6 +61,9 @@ tasks_table = sa.Table(
     sa.Column("retry_of", sa.String(36), nullable=True),  # the task this one is a new attempt of
     sa.Index("ix_tasks_batch", "batch_id", "status"),
     sa.Index("ix_tasks_retry_of", "retry_of"),
+    # Until when the claiming server's heartbeat holds a RUNNING task (core/leases.py); past it, any server on
+    # the store may recover the task. None: claimed by a release without leases (recovered by process id).
+    sa.Column("lease_expires_at", sa.Float, nullable=True),
 )
 
 stages_table = sa.Table(
@@ -114,6 +117,25 @@ meta_table = sa.Table(
     sa.Column("value", sa.Text, nullable=False),
 )
 
+# The events each server relays to the others sharing the store (core/relay.py): the entity's state when the
+# event happened, written by the relay of the server that published it, read by the others', pruned by age.
+outbox_table = sa.Table(
+    "plexus_event_outbox",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    # PostgreSQL: the writing transaction's id (readers take only rows of transactions older than every one
+    # still running, so a row that commits late is never skipped). NULL on SQLite, whose writers are serial.
+    sa.Column("txid", sa.BigInteger, nullable=True),
+    sa.Column("origin", sa.String(128), nullable=False),  # the server id of the publisher
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("kind", sa.String(64), nullable=False),
+    sa.Column("entity_type", sa.String(32), nullable=False),
+    sa.Column("entity_id", sa.String(64), nullable=False),
+    sa.Column("data", sa.JSON, nullable=False),
+    sa.Index("ix_outbox_txid", "txid", "id"),
+    sa.Index("ix_outbox_at", "at"),
+    sqlite_autoincrement=True,  # an id is never reused after pruning: readers continue after the last one seen
+)
 _TASK_COLUMNS = [c.name for c in tasks_table.columns]
 
 # The hottest reads, built once: constructing and cache-keying a statement per call cost more than
@@ -129,7 +151,7 @@ _SELECT_TASK_WITH_STAGES = (  # a row per stage (one with NULL stage columns for
 _INSERT_TASK = sa.insert(tasks_table)
 _QUEUED_ROW = sa.and_(tasks_table.c.id == sa.bindparam("b_id"), tasks_table.c.status == TaskStatus.QUEUED.value)
 _CLAIMED = {"status": TaskStatus.RUNNING.value, "worker": sa.bindparam("b_worker"),
-            "started_at": sa.bindparam("b_started_at")}
+            "started_at": sa.bindparam("b_started_at"), "lease_expires_at": sa.bindparam("b_lease")}
 _CLAIM = sa.update(tasks_table).where(_QUEUED_ROW).values(**_CLAIMED)
 # PostgreSQL: the row is locked with FOR UPDATE SKIP LOCKED, so a server whose claim races another's skips the
 # task at once (and plans again) instead of queueing behind the other's transaction; the status condition
@@ -474,21 +496,58 @@ class Store:
             task.stages = stages.get(task.id, [])
         return tasks
 
-    def claim(self, task_id: str, *, worker: str, started_at: float) -> bool:
-        """Move a QUEUED task to RUNNING if nobody else did: safe with several servers on one store."""
-        return bool(self.claim_many([task_id], worker=worker, started_at=started_at))
+    def claim(self, task_id: str, *, worker: str, started_at: float, lease_expires_at: float | None = None) -> bool:
+        """Move a QUEUED task to RUNNING if nobody else did: safe with several servers on one store. One
+        conditional UPDATE (status still QUEUED) sets the claimant and its lease (core/leases.py); exactly one
+        server gets rowcount 1."""
+        return bool(self.claim_many([task_id], worker=worker, started_at=started_at,
+                                    lease_expires_at=lease_expires_at))
 
-    def claim_many(self, task_ids: Sequence[str], *, worker: str, started_at: float) -> set[str]:
+    def claim_many(self, task_ids: Sequence[str], *, worker: str, started_at: float,
+                   lease_expires_at: float | None = None) -> set[str]:
         """`claim` for the starts of one scheduling pass, in one transaction (a commit costs more than the
         updates); returns the ids this call moved to RUNNING (another server may have taken the others)."""
         statement = _CLAIM_SKIP_LOCKED if self.engine.dialect.name == "postgresql" else _CLAIM
         won: set[str] = set()
         with self.engine.begin() as conn:
             for task_id in task_ids:
-                params = {"b_id": task_id, "b_worker": worker, "b_started_at": started_at}
+                params = {"b_id": task_id, "b_worker": worker, "b_started_at": started_at,
+                          "b_lease": lease_expires_at}
                 if conn.execute(statement, params).rowcount == 1:
                     won.add(task_id)
         return won
+
+    # -- leases (core/leases.py) ---------------------------------------------------------------
+
+    def renew_leases(self, server_id: str, until: float) -> int:
+        """Extend the lease of every RUNNING task this server claimed (its `worker` starts with the server id)
+        to `until`, in one statement; returns how many it holds."""
+        t = tasks_table
+        query = (sa.update(t)
+                 .where(t.c.status == TaskStatus.RUNNING.value, t.c.worker.startswith(server_id, autoescape=True))
+                 .values(lease_expires_at=until))
+        with self.engine.begin() as conn:
+            return int(conn.execute(query).rowcount)
+
+    def expired_lease_count(self, server_id: str, at: float) -> int:
+        """How many RUNNING tasks of other servers have a lease that ended before `at` (their server is gone)."""
+        t = tasks_table
+        query = sa.select(sa.func.count()).select_from(t).where(
+            t.c.status == TaskStatus.RUNNING.value, t.c.lease_expires_at < at,
+            sa.not_(t.c.worker.startswith(server_id, autoescape=True)))
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def take_over(self, task_id: str, *, previous: str | None, worker: str, lease_expires_at: float | None) -> bool:
+        """Make this server the holder of a RUNNING task another (gone) server held, if no other server did
+        first: one conditional UPDATE (still RUNNING, still held by `previous`) that only one server can win.
+        The winner then recovers the task (TaskManager.recover)."""
+        t = tasks_table
+        held_by = t.c.worker.is_(None) if previous is None else t.c.worker == previous
+        query = (sa.update(t).where(t.c.id == task_id, t.c.status == TaskStatus.RUNNING.value, held_by)
+                 .values(worker=worker, lease_expires_at=lease_expires_at))
+        with self.engine.begin() as conn:
+            return conn.execute(query).rowcount == 1
 
     def requeue(self, task_id: str) -> None:
         """Put a task back in the queue as if it had never started (its stages and history go)."""
@@ -498,7 +557,8 @@ class Store:
                 sa.update(t)
                 .where(t.c.id == task_id)
                 .values(status=TaskStatus.QUEUED.value, started_at=None, completed_at=None, worker=None,
-                        current_stage=None, estimated_completion_at=None, error_message=None, error_details=None)
+                        lease_expires_at=None, current_stage=None, estimated_completion_at=None, error_message=None,
+                        error_details=None)
             )
             conn.execute(sa.delete(stages_table).where(stages_table.c.task_id == task_id))
             conn.execute(sa.delete(samples_table).where(samples_table.c.task_id == task_id))

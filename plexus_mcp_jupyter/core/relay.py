@@ -1,0 +1,337 @@
+"""EventRelay: the events of every server sharing one store, on each server's EventBus.
+
+The EventBus is in-process: a task that another server runs (several Jupyter servers, or standalone ones,
+on one PostgreSQL or one SQLite file) would never reach this server's MCP subscriptions, WebSocket streams
+or notebook mirrors. The relay closes that gap with the store itself, nothing else to deploy:
+
+* Out: it listens to this server's bus and writes the events to a small outbox table
+  (`plexus_event_outbox`), one transaction per `interval` at most, coalesced per entity like a
+  subscription is: a final state always goes out, the progress of a running task at most once per
+  `progress_interval` (the rate its progress is written to the store anyway). Events from other servers
+  (those with an `origin`) are never sent on again.
+* In: it reads the rows other servers wrote since the last it read and publishes them on this bus with
+  their `origin`, dropping any that is older than what this bus already said about the entity (a remote
+  "created" arriving after this server ran the task to its end). On PostgreSQL a dedicated connection
+  LISTENs for the writers' NOTIFY (whose payload is only the writer's server id: payloads are bounded)
+  and reads at once, polling only as a fallback; elsewhere (SQLite) it polls every `interval`.
+* The outbox is pruned by age (`keep_seconds`): a server stalled for longer misses what was pruned, and
+  resumes with what is left.
+
+The relay works on a thread of its own, so that its store traffic never waits on the event loop, nor the
+event loop on it; events are handed to the loop with call_soon_threadsafe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from .events import Event, EventBus
+from .models import FINAL_STATUSES, now
+from .store import Store, outbox_table
+
+log = logging.getLogger("plexus_mcp_jupyter")
+
+RELAY_MODES = ("auto", "poll", "off")
+CHANNEL = "plexus_events"  # the PostgreSQL NOTIFY channel
+READ_BATCH = 2000  # most outbox rows one read takes (it reads again at once when it got that many)
+FALLBACK_POLLS = 20  # with LISTEN/NOTIFY, read anyway every this many intervals (a notification lost)
+PRUNE_EVERY = 10.0  # seconds between two prunings of the outbox
+SEEN_MAX = 20_000  # entities whose latest state this bus published, remembered to drop stale remote events
+_FINAL = frozenset(s.value for s in FINAL_STATUSES)
+_TXID = "pg_current_xact_id()::text::bigint"
+_XMIN = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+
+
+def is_final(event: Event) -> bool:
+    return event.data.get("status") in _FINAL
+
+
+class EventRelay:
+    """Relays the events of the servers sharing one store (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: Store,
+        bus: EventBus,
+        *,
+        mode: str = "auto",
+        interval: float = 0.25,
+        progress_interval: float = 1.0,
+        keep_seconds: float = 60.0,
+        on_remote: Callable[[list[Event]], None] | None = None,
+    ) -> None:
+        if mode not in RELAY_MODES:
+            raise ValueError(f"event_relay must be one of {', '.join(RELAY_MODES)}, not {mode!r}")
+        self.store = store
+        self.bus = bus
+        self.postgres = store.engine.dialect.name == "postgresql"
+        self.mode = "off" if mode == "off" else ("notify" if mode == "auto" and self.postgres else "poll")
+        self.interval = interval
+        self.progress_interval = progress_interval
+        self.keep_seconds = keep_seconds
+        self.on_remote = on_remote  # called on the loop with each batch of remote events it published
+        self.server_id = ""
+        self.sent = 0  # events written to the outbox
+        self.received = 0  # events of other servers published here
+        self.listening = False  # PostgreSQL: the LISTEN connection is up
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        self._pending: OrderedDict[tuple[str, str], Event] = OrderedDict()  # to send, latest per entity
+        self._last_sent: dict[tuple[str, str], float] = {}  # when an entity's progress last went out
+        self._seen: OrderedDict[tuple[str, str], tuple[float, bool]] = OrderedDict()  # (at, final) published
+        self._wake = threading.Event()
+        self._notified = False
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._remove_listener: Callable[[], None] | None = None
+        self._cursor: tuple[int, int] = (0, 0)  # the last outbox row read: (txid, id) on PostgreSQL, (0, id)
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop, server_id: str) -> None:
+        """Relay from now on, as `server_id` (events already in the outbox are not replayed)."""
+        if self.mode == "off" or self._threads:
+            return
+        self._loop, self.server_id = loop, server_id
+        self._stop.clear()
+        with self.store.engine.connect() as conn:
+            self._cursor = self._start_cursor(conn)
+        self._remove_listener = self.bus.add_listener(self._on_event)
+        self._threads = [threading.Thread(target=self._run, name="plexus-event-relay", daemon=True)]
+        if self.mode == "notify":
+            self._threads.append(threading.Thread(target=self._listen, name="plexus-event-listen", daemon=True))
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Send what is pending (the final states of tasks this server just stopped), then end the threads."""
+        if self._remove_listener is not None:
+            self._remove_listener()
+            self._remove_listener = None
+        self._stop.set()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(timeout)
+        self._threads = []
+
+    def status(self) -> dict[str, Any]:
+        """For health: how events reach the other servers on the store, and how many went each way."""
+        return {
+            "mode": self.mode,
+            "interval_seconds": self.interval,
+            "listening": self.listening,
+            "sent": self.sent,
+            "received": self.received,
+        }
+
+    # -- out: this server's events -------------------------------------------------------------
+
+    def _on_event(self, event: Event) -> None:
+        """Bus listener (on the loop): remember the entity's latest state; queue this server's own events."""
+        if event.origin is not None:
+            return  # another server's: remembered by _publish with its own time, never sent on
+        key = (event.entity_type, event.entity_id)
+        with self._lock:
+            self._remember(key, event.at, is_final(event))
+            self._pending.pop(key, None)
+            self._pending[key] = event
+
+    def _remember(self, key: tuple[str, str], at: float, final: bool) -> None:
+        known = self._seen.pop(key, None)
+        self._seen[key] = (at, final or (known is not None and known[1]))
+        while len(self._seen) > SEEN_MAX:
+            self._seen.popitem(last=False)
+
+    def _due(self, at: float) -> list[Event]:
+        """The pending events to send now: every final state, and progress not sent in progress_interval."""
+        due: list[Event] = []
+        with self._lock:
+            for key, event in list(self._pending.items()):
+                if is_final(event):
+                    self._last_sent.pop(key, None)
+                elif at - self._last_sent.get(key, float("-inf")) >= self.progress_interval:
+                    self._last_sent[key] = at
+                else:
+                    continue
+                del self._pending[key]
+                due.append(event)
+            if len(self._last_sent) > SEEN_MAX:  # entities that stopped without a final event here
+                self._last_sent = {k: t for k, t in self._last_sent.items() if at - t < self.progress_interval}
+        return due
+
+    def _send(self, events: Sequence[Event]) -> None:
+        rows = [
+            {
+                "origin": self.server_id,
+                "at": e.at,
+                "kind": e.kind,
+                "entity_type": e.entity_type,
+                "entity_id": e.entity_id,
+                "data": e.data,
+            }
+            for e in events
+        ]
+        insert = sa.insert(outbox_table)
+        if self.postgres:
+            insert = insert.values(txid=sa.literal_column(_TXID))
+        try:
+            with self.store.engine.begin() as conn:
+                conn.execute(insert, rows)
+                if self.postgres:  # delivered at commit, to every LISTENing server (ours ignores its own)
+                    conn.execute(
+                        sa.text("SELECT pg_notify(:channel, :origin)"), {"channel": CHANNEL, "origin": self.server_id}
+                    )
+        except Exception:
+            with self._lock:  # keep them for the next round, unless a newer state of the entity came meanwhile
+                for event in events:
+                    self._pending.setdefault((event.entity_type, event.entity_id), event)
+            raise
+        self.sent += len(rows)
+
+    # -- in: the other servers' events ---------------------------------------------------------
+
+    def _start_cursor(self, conn: Connection) -> tuple[int, int]:
+        if self.postgres:
+            return int(conn.execute(sa.text(_XMIN)).scalar_one()), -1
+        last = conn.execute(sa.select(sa.func.max(outbox_table.c.id))).scalar_one()
+        return 0, int(last or 0)
+
+    def _receive(self) -> None:
+        """Read what other servers wrote after the cursor, in order, and hand it to the loop."""
+        o = outbox_table
+        while not self._stop.is_set():
+            txid, row_id = self._cursor
+            with self.store.engine.connect() as conn:
+                if self.postgres:
+                    # Only rows of transactions older than every one still running (taken before the read, so
+                    # all of them are visible to it): a transaction that commits late cannot be skipped.
+                    horizon = int(conn.execute(sa.text(_XMIN)).scalar_one())
+                    after = sa.or_(o.c.txid > txid, sa.and_(o.c.txid == txid, o.c.id > row_id))
+                    query = (
+                        sa.select(o)
+                        .where(after, o.c.txid < horizon, o.c.origin != self.server_id)
+                        .order_by(o.c.txid, o.c.id)
+                    )
+                else:  # one writer at a time: ids are in commit order
+                    query = sa.select(o).where(o.c.id > row_id, o.c.origin != self.server_id).order_by(o.c.id)
+                rows = conn.execute(query.limit(READ_BATCH)).mappings().all()
+            if not rows:
+                return
+            self._cursor = (int(rows[-1]["txid"] or 0), int(rows[-1]["id"]))
+            self._hand_over(rows)
+            if len(rows) < READ_BATCH:
+                return
+
+    def _hand_over(self, rows: Sequence[Any]) -> None:
+        latest: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        for row in rows:  # the latest row per entity; a final one is never replaced (finals are terminal)
+            key = (row["entity_type"], row["entity_id"])
+            kept = latest.get(key)
+            if kept is None or kept["data"].get("status") not in _FINAL:
+                latest.pop(key, None)
+                latest[key] = row
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: the server is stopping
+                loop.call_soon_threadsafe(self._publish, list(latest.values()))
+
+    def _publish(self, rows: Sequence[Any]) -> None:
+        """On the loop: publish remote events that are newer than what this bus said about their entity."""
+        published: list[Event] = []
+        for row in rows:
+            key = (row["entity_type"], row["entity_id"])
+            final = row["data"].get("status") in _FINAL
+            with self._lock:
+                known = self._seen.get(key)
+                if known is not None and (known[1] or (not final and row["at"] < known[0])):
+                    continue  # the entity already ended here, or this bus has a newer state of it
+                self._remember(key, row["at"], final)
+            published.append(
+                self.bus.publish(row["kind"], row["entity_type"], row["entity_id"], row["data"], origin=row["origin"])
+            )
+        self.received += len(published)
+        if published and self.on_remote is not None:
+            try:
+                self.on_remote(published)
+            except Exception:
+                log.exception("Plexus: handling events of other servers failed")
+
+    # -- the threads ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        polls = 0
+        next_prune = time.monotonic() + PRUNE_EVERY
+        failing = False
+        while True:
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            stopping = self._stop.is_set()
+            try:
+                due = self._due(now())
+                if due:
+                    self._send(due)
+                polls += 1
+                if self.mode == "poll" or self._notified or polls >= FALLBACK_POLLS or not self.listening:
+                    self._notified = False
+                    polls = 0
+                    if not stopping:
+                        self._receive()
+                if time.monotonic() >= next_prune and not stopping:
+                    next_prune = time.monotonic() + PRUNE_EVERY
+                    self._prune()
+                if failing:
+                    log.warning("Plexus: the event relay reaches the store again")
+                failing = False
+            except Exception:
+                if not failing:  # once per outage, not once per interval
+                    log.exception("Plexus: the event relay could not reach the store; retrying")
+                failing = True
+            if stopping:
+                return
+
+    def _prune(self) -> None:
+        o = outbox_table
+        with self.store.engine.begin() as conn:
+            conn.execute(sa.delete(o).where(o.c.at < now() - self.keep_seconds))
+
+    def _listen(self) -> None:
+        """PostgreSQL: LISTEN on a dedicated connection; a notification from another server wakes the reader."""
+        try:
+            import psycopg
+        except ImportError:
+            log.warning("Plexus: psycopg is not installed: the event relay polls the store every %gs", self.interval)
+            return
+        dsn = self.store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    self.listening = True
+                    self._wake_to_read()  # what was written while this connection was down
+                    while not self._stop.is_set():
+                        for note in conn.notifies(timeout=1.0):
+                            if note.payload != self.server_id:
+                                self._wake_to_read()
+            except Exception as exc:
+                if self.listening or not self._stop.is_set():
+                    log.warning(
+                        "Plexus: the event relay's LISTEN connection failed (%s); polling until it is back",
+                        type(exc).__name__,
+                    )
+                self.listening = False
+                self._stop.wait(min(5.0, max(self.interval, 1.0)))
+        self.listening = False
+
+    def _wake_to_read(self) -> None:
+        self._notified = True
+        self._wake.set()

@@ -1,0 +1,370 @@
+"""Several servers on one store: two real `jupyter server` processes on one SQLite file and on one real
+PostgreSQL run every task exactly once, each sees the other's task events (WebSocket stream and MCP
+subscriptions), and a server killed with -9 has its running tasks recovered by the other within the lease.
+
+PostgreSQL: a throwaway cluster started by this file's own fixture (tests/multi_server.py). When it cannot
+start, its tests skip locally and FAIL on CI (CI=true): a CI run must not pass without them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import requests
+import sqlalchemy as sa
+import websocket
+
+from plexus_mcp_jupyter.config import PlexusSettings, SettingsError
+from plexus_mcp_jupyter.core.events import EventBus
+from plexus_mcp_jupyter.core.manager import _owner_gone
+from plexus_mcp_jupyter.core.models import Task, TaskStatus
+from plexus_mcp_jupyter.core.relay import EventRelay
+from plexus_mcp_jupyter.core.store import Store, outbox_table
+from plexus_mcp_jupyter.runtime import PlexusRuntime
+
+from .conftest import open_client, poll
+from .multi_server import (
+    PostgresCluster,
+    PostgresUnavailable,
+    Server,
+    create_store,
+    postgres_cluster,
+    start_servers,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::mcp.shared.exceptions.MCPDeprecationWarning")
+
+FINAL = {"COMPLETED", "FAILED", "CANCELLED"}
+# Short relay and lease times, so the tests take seconds; the defaults are 0.25 s, 5 s and 30 s.
+FAST = {"event_relay_interval": 0.1, "server_heartbeat_seconds": 0.5, "server_lease_seconds": 4}
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresCluster | None]:
+    try:
+        with postgres_cluster() as cluster:
+            yield cluster
+    except PostgresUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL is required on CI: {exc}")
+        yield None
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return create_store(f"sqlite:///{tmp_path / 'shared.db'}")
+    cluster = request.getfixturevalue("postgres")
+    if cluster is None:
+        pytest.skip("PostgreSQL could not be started here (on CI this fails instead)")
+    return create_store(cluster.create_database())
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[Callable[..., list[Server]]]:
+    """Factory: start servers on the shared store, {name: settings}, at once (a start takes seconds); every one
+    started is stopped at the end."""
+    started: list[Server] = []
+
+    def start(db_url: str, settings_by_name: dict[str, dict[str, Any]]) -> list[Server]:
+        new = start_servers(
+            tmp_path, db_url, {name: {**FAST, **settings} for name, settings in settings_by_name.items()}
+        )
+        started.extend(new)
+        return new
+
+    yield start
+    with ThreadPoolExecutor(max(len(started), 1)) as pool:
+        list(pool.map(Server.stop, started))
+
+
+class Watcher:
+    """A WebSocket subscriber to a server's task events, on a thread: the latest status of each task seen."""
+
+    def __init__(self, server: Server) -> None:
+        self.statuses: dict[str, str] = {}
+        self.finals: Counter[str] = Counter()
+        self.socket = websocket.create_connection(
+            server.ws_url + "?entity_type=task", timeout=60, header=[f"Authorization: token {server.token}"]
+        )
+        assert json.loads(self.socket.recv())["type"] == "hello"
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            while True:
+                message = json.loads(self.socket.recv())
+                if message.get("type") == "event":
+                    status = message["data"]["status"]
+                    self.statuses[message["entity_id"]] = status
+                    if status in FINAL:
+                        self.finals[message["entity_id"]] += 1
+        except Exception:
+            return  # closed
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.1)
+    raise AssertionError(f"not within {timeout:g} s: {what}")
+
+
+def dispatch(server: Server, specs: list[dict[str, Any]]) -> list[str]:
+    answer = requests.post(server.url + "plexus/api/tasks", json={"tasks": specs}, headers=server.headers, timeout=60)
+    assert answer.status_code == 201, answer.text
+    return answer.json()["task_ids"]  # type: ignore[no-any-return]
+
+
+def store_rows(db_url: str, ids: list[str]) -> dict[str, tuple[str, str]]:
+    """(status, worker) of each task, read from the shared store itself."""
+    engine = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT id, status, worker FROM tasks")).all()
+    finally:
+        engine.dispose()
+    wanted = set(ids)
+    return {r[0]: (r[1], r[2]) for r in rows if r[0] in wanted}
+
+
+def server_of(worker: str) -> str:
+    """The server id part of a task's worker column ("executor:host:pid:instance[/worker]")."""
+    return worker.split("/", 1)[0]
+
+
+@pytest.mark.timeout(300)
+def test_500_tasks_through_two_servers_run_once_and_each_end_reaches_the_other(servers, db_url, tmp_path):
+    a, b = servers(db_url, {"a": {}, "b": {}})
+    ids_of = {a.health()["server"]["id"], b.health()["server"]["id"]}
+    assert len(ids_of) == 2, "each process has a server id of its own"
+    watchers = {"a": Watcher(a), "b": Watcher(b)}
+    runs = tmp_path / "runs.txt"
+    spec = {"type": "recorded", "params": {"runs": str(runs), "seconds": 0.01}}
+    dispatched: dict[str, list[str]] = {"a": [], "b": []}
+    for round_ in range(10):  # 500 tasks, 50 per batch, through the two servers in turn
+        name, server = ("a", a) if round_ % 2 == 0 else ("b", b)
+        dispatched[name] += dispatch(server, [spec] * 50)
+    every = dispatched["a"] + dispatched["b"]
+    assert len(set(every)) == 500
+
+    def all_seen() -> bool:
+        return all(all(w.statuses.get(i) in FINAL for i in every) for w in watchers.values())
+
+    try:
+        wait_until(all_seen, 180, "every final state seen by the subscribers of both servers")
+    finally:
+        for watcher in watchers.values():
+            watcher.close()
+    rows = store_rows(db_url, every)
+    assert Counter(status for status, _ in rows.values()) == {"COMPLETED": 500}
+    recorded = Counter(runs.read_text().split())
+    assert set(recorded) == set(every) and set(recorded.values()) == {1}, "each task ran exactly once"
+    ran_on = Counter(server_of(worker) for _, worker in rows.values())
+    assert set(ran_on) == ids_of, f"both servers ran tasks: {ran_on}"
+    # Each final state seen once per subscriber, whether its task ran on this server or came by the relay.
+    for watcher in watchers.values():
+        assert set(watcher.finals.values()) == {1}
+    # The tasks one server dispatched and the other ran reached the dispatching server's stream: by the relay.
+    for server in (a, b):
+        relay = server.health()["server"]["relay"]
+        assert relay["received"] > 0 and relay["sent"] > 0, relay
+        assert relay["mode"] == ("notify" if db_url.startswith("postgresql") else "poll")
+
+
+@pytest.mark.timeout(180)
+def test_kill_9_of_a_server_leaves_its_running_tasks_to_the_other_within_the_lease(servers, db_url, tmp_path):
+    runs, hold = tmp_path / "runs.txt", tmp_path / "release"
+    (a,) = servers(db_url, {"a": {"max_concurrency": 4}})
+    retried = dispatch(a, [{"type": "recorded", "params": {"runs": str(runs), "hold": str(hold)}}] * 2)
+    failed = dispatch(a, [{"type": "recorded_once", "params": {"runs": str(runs), "hold": str(hold)}}] * 2)
+    ids = retried + failed
+    a_id = a.health()["server"]["id"]
+    wait_until(
+        lambda: all(status == "RUNNING" for status, _ in store_rows(db_url, ids).values()),
+        60,
+        "the four tasks RUNNING on server a",
+    )
+    (b,) = servers(db_url, {"b": {"max_concurrency": 4}})
+    watcher = Watcher(b)
+    b_id = b.health()["server"]["id"]
+    lease = FAST["server_lease_seconds"]
+    a.kill()
+    killed_at = time.monotonic()
+    # Server a is not reaped until the end: a zombie answers os.kill(pid, 0) as a live process does, so the
+    # process-id check that recovers the tasks of a dead server on the same host cannot: only the lease can,
+    # as for a server on another machine.
+    try:
+        wait_until(
+            lambda: (
+                all(watcher.statuses.get(i) == "FAILED" for i in failed)
+                and all(watcher.statuses.get(i) == "RUNNING" for i in retried)
+            ),
+            30,
+            "the never-retried tasks FAILED and the retried ones RUNNING again, on server b",
+        )
+        recovered_after = time.monotonic() - killed_at
+        rows = store_rows(db_url, ids)
+        assert all(server_of(rows[i][1]) == b_id for i in retried), "re-queued and claimed by the survivor"
+        assert all(server_of(rows[i][1]) == a_id for i in failed)  # failed as they were: by a's claim
+        hold.touch()
+        wait_until(
+            lambda: all(watcher.statuses.get(i) == "COMPLETED" for i in retried),
+            30,
+            "the retried tasks completed on server b",
+        )
+    finally:
+        watcher.close()
+        a.proc.wait(10)
+    answer = requests.get(f"{b.url}plexus/api/tasks/{failed[0]}", headers=b.headers, timeout=10).json()
+    assert answer["error_message"] == "server restarted while the task was running"
+    recorded = Counter(runs.read_text().split())
+    assert {recorded[i] for i in retried} == {2} and {recorded[i] for i in failed} == {1}
+    # Noticed within the lease (plus a heartbeat and the time to start the new runs): with no lease, a task
+    # on a server that died stays RUNNING until that server restarts.
+    assert recovered_after < lease + 10, recovered_after
+
+
+@pytest.mark.timeout(120)
+def test_an_mcp_subscriber_on_one_server_follows_a_task_the_other_runs(servers, tmp_path):
+    db_url = create_store(f"sqlite:///{tmp_path / 'shared.db'}")
+    # The follower runs nothing (max_concurrency 0): every task runs on the runner.
+    runner, follower = servers(db_url, {"runner": {"max_concurrency": 2}, "follower": {"max_concurrency": 0}})
+    runs, hold = tmp_path / "runs.txt", tmp_path / "release"
+    task_id = dispatch(runner, [{"type": "recorded", "params": {"runs": str(runs), "hold": str(hold)}}])[0]
+    uris: list[str] = []
+
+    async def on_message(message: Any) -> None:
+        root = getattr(message, "root", message)
+        params = getattr(root, "params", None)
+        if getattr(root, "method", "") == "notifications/resources/updated" and params is not None:
+            uris.append(str(params.uri))
+
+    async def follow() -> dict[str, Any]:
+        async with open_client(follower.url + "plexus/mcp", follower.token, message_handler=on_message) as client:
+            uri = f"plexus://tasks/{task_id}"
+            await client.subscribe_resource(uri)
+            hold.touch()
+            with anyio.fail_after(60):
+                while True:
+                    while uri not in uris:
+                        await anyio.sleep(0.05)
+                    uris.clear()
+                    task = json.loads((await client.read_resource(uri)).contents[0].text)
+                    if task["status"] in FINAL:
+                        return task  # type: ignore[no-any-return]
+
+    task = anyio.run(follow)
+    assert task["status"] == "COMPLETED"
+    assert follower.health()["server"]["relay"]["received"] > 0
+
+
+def test_a_lease_shorter_than_two_heartbeats_is_refused_with_both_values(tmp_path):
+    settings = PlexusSettings(
+        db_url=f"sqlite:///{tmp_path / 's.db'}", server_heartbeat_seconds=5, server_lease_seconds=8
+    )
+    with pytest.raises(
+        SettingsError,
+        match=r"server_lease_seconds \(8\) must be at least twice "
+        r"server_heartbeat_seconds \(5",
+    ):
+        PlexusRuntime(settings, data_dir=str(tmp_path))
+
+
+async def test_the_relay_never_skips_an_event_whose_transaction_commits_late(db_url):
+    """A writer whose transaction began first but commits after a later one: the reader must not move past
+    its rows before they are visible (PostgreSQL: the xmin horizon; SQLite: one writer at a time)."""
+    store = Store(db_url)
+    bus = EventBus()
+    received: list[str] = []
+    bus.add_listener(lambda event: received.append(event.entity_id))
+    relay = EventRelay(store, bus, mode="poll", interval=0.05)
+    relay.start(asyncio.get_running_loop(), "reader")
+
+    def row(entity_id: str) -> dict[str, Any]:
+        return {
+            "origin": "writer",
+            "at": time.time(),
+            "kind": "task.completed",
+            "entity_type": "task",
+            "entity_id": entity_id,
+            "data": {"status": "COMPLETED"},
+        }
+
+    insert = sa.insert(outbox_table)
+    if store.engine.dialect.name == "postgresql":
+        insert = insert.values(txid=sa.literal_column("pg_current_xact_id()::text::bigint"))
+    try:
+        early = store.engine.connect()
+        early.begin()
+        early.execute(insert, [row("early")])  # not committed yet (on SQLite: holds the write lock)
+        if store.engine.dialect.name == "postgresql":
+            with store.engine.begin() as conn:
+                conn.execute(insert, [row("late")])
+        await asyncio.sleep(0.5)  # ten polls of the reader
+        assert received == [], "nothing is read past a transaction still running"
+        early.commit()
+        early.close()
+        if store.engine.dialect.name != "postgresql":
+            with store.engine.begin() as conn:
+                conn.execute(insert, [row("late")])
+        await poll(lambda: sorted(received), lambda r: r == ["early", "late"], timeout=10)
+    finally:
+        await asyncio.to_thread(relay.stop)
+        store.close()
+
+
+def test_a_claim_and_a_take_over_are_each_won_by_one_server_only(db_url):
+    """The two conditional UPDATEs of the lease path, from two servers' stores on one database."""
+    first, second = Store(db_url), Store(db_url)
+    try:
+        task = Task(id=str(uuid.uuid4()), type="recorded", status=TaskStatus.QUEUED)
+        first.create_task(task)
+        at = time.time()
+        won = [
+            store.claim(task.id, worker=name, started_at=at, lease_expires_at=at + 1)
+            for store, name in ((first, "server-a"), (second, "server-b"))
+        ]
+        assert won == [True, False]
+        # Server a is gone: b and a third server notice at once; one takes the task over, and only from a.
+        taken = [
+            store.take_over(task.id, previous="server-a", worker=name, lease_expires_at=at + 30)
+            for store, name in ((second, "server-b"), (first, "server-c"))
+        ]
+        assert taken == [True, False]
+        assert first.get_task(task.id).worker == "server-b"
+        assert second.renew_leases("server-b", at + 60) == 1 and second.renew_leases("server-a", at + 60) == 0
+        assert (
+            first.expired_lease_count("server-c", at + 59) == 0 and first.expired_lease_count("server-c", at + 61) == 1
+        )
+        assert first.expired_lease_count("server-b", at + 61) == 0  # a server's own tasks are never "expired"
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_lease_that_ran_out_means_a_gone_server_on_any_host():
+    other_host = "local:another-host:1:someone/pid=1"
+    assert _owner_gone(other_host, "me", lease_expires_at=time.time() - 1)
+    assert not _owner_gone(other_host, "me", lease_expires_at=time.time() + 30)
+    assert not _owner_gone(other_host, "me")  # no lease (an older release): left to its own server
+    assert not _owner_gone("local:another-host:1:me", "me", lease_expires_at=time.time() - 1)  # our own
