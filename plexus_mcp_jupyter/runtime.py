@@ -111,6 +111,7 @@ class PlexusRuntime:
             worker_environment={"db_url": self.store.url, "root_dir": str(self.root_dir),
                                 "registered_dir": str(registered_dir), "redact_columns": settings.redact_columns,
                                 "max_evaluation_items": settings.max_evaluation_items},
+            calls=self.store_calls,
         )
         self.catalog = DatasetCatalog(
             self.root_dir, registered_dir, threads=settings.dataset_threads,

@@ -402,7 +402,7 @@ async def test_the_notebook_client_runs_the_same_batch_operations(server_url, to
     assert len(batch["task_ids"]) == 3 and dry["matched"] == 3 and moved["matched"] == 3
     assert [r["outcome"] for r in cancelled["results"]] == ["cancelled", "cancelled"]
     assert {r["outcome"] for r in retried["results"]} == {"retried"} and retried["matched"] == 2
-    status = BatchOperations(runtime.manager).status(batch["batch_id"])
+    status = await BatchOperations(runtime.manager).status(batch["batch_id"])
     assert status["counts"]["QUEUED"] == 3 and status["superseded"] == 2
 
 

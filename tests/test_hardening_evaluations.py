@@ -183,7 +183,7 @@ async def test_an_evaluation_of_more_items_than_allowed_is_refused_before_dispat
     sampled = await post_evaluation(server_url, operator, {"type": "accuracy", "scorecard": card(
         6, sample="{n: 150, seed: 1}")})
     assert sampled.status_code == 201, sampled.text  # 150 rows x 6 scores = 900 items
-    assert len(runtime.evaluations.list_evaluations()[0]) == 1  # nothing was dispatched for the refused ones
+    assert len((await runtime.evaluations.list_evaluations())[0]) == 1  # nothing was dispatched for the refused ones
 
 
 async def test_a_file_whose_rows_are_known_only_when_loaded_fails_at_setup_without_items(

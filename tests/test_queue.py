@@ -206,14 +206,15 @@ async def test_estimated_start_comes_from_recent_run_times(runtime):
     manager = runtime.manager
     manager.max_concurrency = 0  # paused: everything waits
     ids = [manager.dispatch("demo", SHORT).id for _ in range(3)]
-    assert all(manager.queue_info(manager.get(t)).estimated_start_at is None for t in ids)  # no slot, no history
+    infos = [await manager.queue_info(manager.get(t)) for t in ids]
+    assert all(info.estimated_start_at is None for info in infos)  # no slot, no history
     manager.max_concurrency = 1
     manager._durations["demo"] = deque([2.0, 4.0])
     running = manager.dispatch("demo", LONG, priority=9)
     manager._schedule()
     assert manager.get(running.id).status.value == "RUNNING"
     at = time.time()
-    starts = [manager.queue_info(manager.get(t)).estimated_start_at for t in ids]
+    starts = [(await manager.queue_info(manager.get(t))).estimated_start_at for t in ids]
     assert starts[0] == pytest.approx(manager.get(running.id).started_at + 3.0, abs=0.5)
     assert starts[1] - starts[0] == pytest.approx(3.0) and starts[2] - starts[1] == pytest.approx(3.0)
     assert all(s >= at for s in starts)
@@ -308,11 +309,12 @@ async def test_positions_past_the_look_ahead_count_what_was_not_read(runtime, mo
     b = manager.dispatch("demo", SHORT, owner="key:b").id
     low = manager.dispatch("demo", SHORT, owner="key:c", priority=-1).id
 
-    def place(task_id: str):
-        return manager.queue_info(manager.get(task_id))
+    async def place(task_id: str) -> tuple[int, bool]:
+        info = await manager.queue_info(manager.get(task_id))
+        return info.position, info.exact
 
-    assert (place(a[0]).position, place(a[0]).exact) == (1, True)
-    assert place(b).position == 2  # the owners share priority 0: b is second however long a's queue is
-    assert (place(low).position, place(low).exact) == (8, False)  # after all seven of priority 0
-    assert (place(a[5]).position, place(a[5]).exact) == (6, False)  # not read: by priority and age alone
+    assert await place(a[0]) == (1, True)
+    assert (await place(b))[0] == 2  # the owners share priority 0: b is second however long a's queue is
+    assert await place(low) == (8, False)  # after all seven of priority 0
+    assert await place(a[5]) == (6, False)  # not read: by priority and age alone
     manager.cancel([*a, b, low])

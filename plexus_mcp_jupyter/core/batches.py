@@ -245,8 +245,12 @@ class BatchOperations:
             raise InvalidArgument("give either task_ids (a list of ids) or a filter (status, type, owner, "
                                   "created_after, created_before, batch), not both or neither")
 
-    def preview(self, selection: Selection, actor: Actor, operation: str) -> Preview:
-        """How many tasks the operation would act on, and the first SAMPLE_SIZE ids (a dry run)."""
+    async def preview(self, selection: Selection, actor: Actor, operation: str) -> Preview:
+        """How many tasks the operation would act on, and the first SAMPLE_SIZE ids (a dry run), read off the
+        event loop."""
+        return await self.manager.calls.run(self._preview, selection, actor, operation)
+
+    def _preview(self, selection: Selection, actor: Actor, operation: str) -> Preview:
         self._check_shape(selection)
         if selection.task_ids:
             ids = list(dict.fromkeys(selection.task_ids))
@@ -399,7 +403,12 @@ class BatchOperations:
 
     # -- batches -------------------------------------------------------------------------------------
 
-    def status(self, batch_id: str, viewer: str | None = None) -> dict[str, Any]:
+    async def status(self, batch_id: str, viewer: str | None = None) -> dict[str, Any]:
+        """A batch's counts by status (current attempts), aggregated progress and an estimated end, read off the
+        event loop (see `_status`)."""
+        return await self.manager.calls.run(self._status, batch_id, viewer)
+
+    def _status(self, batch_id: str, viewer: str | None) -> dict[str, Any]:
         """A batch's counts by status (current attempts), aggregated progress and an estimated end.
 
         Progress is finished tasks over all, plus items processed over items known in the stages of the

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import uuid
@@ -28,6 +29,7 @@ from .queue import FAIRNESS_MODES, FairClock, QueuedInfo, QueuePolicy, weight
 from .queue import plan as queue_plan
 from .retention import RetentionPolicy, RetentionPruner, expired_message
 from .store import KEY_OWNER_PREFIX, ProgressWrite, Store, TaskFilter, decode_cursor, encode_cursor, owner_visible
+from .store_calls import StoreCalls
 from .tasks import get_task_type, task_type_names
 
 log = logging.getLogger("plexus_mcp_jupyter")
@@ -106,8 +108,12 @@ class TaskManager:
         max_output_bytes: int = 65_536,
         poll_interval: float = 1.0,
         worker_environment: Mapping[str, Any] | None = None,
+        calls: StoreCalls | None = None,
     ) -> None:
         self.store = store
+        # Store calls made from async code run here, off the event loop, each with a timeout (core/store_calls.py);
+        # the runtime gives the one sized by db_pool_size and db_pool_timeout_seconds.
+        self.calls = calls or StoreCalls(4, 30.0)
         self.worker_environment = dict(worker_environment or {})
         # Handlers of requests tasks send to the server (TaskContext.request), by kind.
         self.request_handlers: dict[str, Callable[[Task, Any], Awaitable[Any]]] = {}
@@ -288,31 +294,51 @@ class TaskManager:
 
         With `viewer` (a non-admin caller's owner), a task it may not see is NotFound, like a missing one.
         A task pruned by retention is Expired (a NotFound that says when), if the caller could see it.
+        This reads the store on the calling thread: the faces use `aget`, which reads it off the loop.
         """
-        try:
-            task = self._get(task_id)
-        except NotFound:
-            tombstone = self.store.tombstone(task_id)
-            if tombstone is not None and owner_visible(tombstone["owner"], viewer):
-                raise Expired(expired_message(task_id, tombstone)) from None
-            raise
-        if not owner_visible(task.owner, viewer):
-            raise NotFound(f"no task with id {task_id!r}; list_tasks shows the ids that exist")
-        return task
+        task = self._in_memory(task_id)
+        if task is None:
+            task = self._from_store(task_id, *self._read_stored(task_id), viewer)
+        return self._visible(task, viewer)
 
-    def _get(self, task_id: str) -> Task:
+    async def aget(self, task_id: str, viewer: str | None = None) -> Task:
+        """`get` for the faces: a task that is not in memory is read from the store off the event loop
+        (`calls`: StoreUnavailable when the database does not answer in time)."""
+        task = self._in_memory(task_id)
+        if task is None:
+            stored, tombstone = await self.calls.run(self._read_stored, task_id)
+            # It may have started (or ended) on this server while the store was read: memory is fresher.
+            task = self._in_memory(task_id) or self._from_store(task_id, stored, tombstone, viewer)
+        return self._visible(task, viewer)
+
+    def _in_memory(self, task_id: str) -> Task | None:
         state = self._running.get(task_id)
         if state is not None:
             return state.task
         task = self._finished.get(task_id)
         if task is not None:
             self._finished.move_to_end(task_id)
-            return task
+        return task
+
+    def _read_stored(self, task_id: str) -> tuple[Task | None, dict[str, Any] | None]:
+        """The stored task, or the tombstone retention left of it (store reads only: any thread)."""
         task = self.store.get_task(task_id)
+        return task, (self.store.tombstone(task_id) if task is None else None)
+
+    def _from_store(self, task_id: str, task: Task | None, tombstone: dict[str, Any] | None,
+                    viewer: str | None) -> Task:
         if task is None:
+            if tombstone is not None and owner_visible(tombstone["owner"], viewer):
+                raise Expired(expired_message(task_id, tombstone))
             raise NotFound(f"no task with id {task_id!r}; list_tasks shows the ids that exist")
         if task.status.is_final:
             self._remember_finished(task)
+        return task
+
+    @staticmethod
+    def _visible(task: Task, viewer: str | None) -> Task:
+        if not owner_visible(task.owner, viewer):
+            raise NotFound(f"no task with id {task.id!r}; list_tasks shows the ids that exist")
         return task
 
     def _remember_finished(self, task: Task) -> None:
@@ -374,12 +400,39 @@ class TaskManager:
     def list_tasks(
         self, flt: TaskFilter, *, limit: int | None = None, cursor: str | None = None
     ) -> tuple[list[Task], str | None]:
-        """One page of tasks, newest first, and the cursor of the next page (None on the last)."""
+        """One page of tasks, newest first, and the cursor of the next page (None on the last). Reads the store
+        on the calling thread: the faces use `alist_tasks`."""
         limit = self.check_limit(limit)
         after = decode_cursor(cursor, flt) if cursor else None
-        page, next_key = self.store.list_tasks(flt, limit=limit, after=after)
+        return self._merge_page(flt, *self.store.list_tasks(flt, limit=limit, after=after))
+
+    async def alist_tasks(
+        self, flt: TaskFilter, *, limit: int | None = None, cursor: str | None = None
+    ) -> tuple[list[Task], str | None]:
+        """`list_tasks` for the faces: the page is read off the event loop, then merged with the running tasks
+        (fresher in memory) on it."""
+        limit = self.check_limit(limit)
+        after = decode_cursor(cursor, flt) if cursor else None
+        read = functools.partial(self.store.list_tasks, flt, limit=limit, after=after)
+        return self._merge_page(flt, *await self.calls.run(read))
+
+    def current(self, task_id: str, stored: Task | None) -> Task:
+        """The task as it is now: its copy in memory (a running task's is fresher than the store), else `stored`
+        (read by the caller, off the loop); NotFound when neither exists."""
+        task = self._in_memory(task_id) or stored
+        if task is None:
+            raise NotFound(f"no task with id {task_id!r}; list_tasks shows the ids that exist")
+        return task
+
+    def _merge_page(self, flt: TaskFilter, page: list[Task], next_key: tuple[float, str] | None
+                    ) -> tuple[list[Task], str | None]:
         page = [self._running[t.id].task if t.id in self._running else t for t in page]
         return page, (encode_cursor(next_key, flt) if next_key else None)
+
+    async def ahistory(self, task_id: str, limit: int) -> tuple[list[ProgressSample], int]:
+        """A task's most recent progress samples (at most `limit`) and how many there are, read off the loop."""
+        read = functools.partial(self.store.history, task_id, limit=self.check_history_limit(limit))
+        return await self.calls.run(read)
 
     def counts(self) -> dict[str, int]:
         counts = {s.value: 0 for s in TaskStatus}
@@ -548,7 +601,7 @@ class TaskManager:
         return QueuePolicy(capacity=self.capacity(), needs=self.needs, slot_cap=self.slot_cap,
                            type_caps=self.type_caps, fairness=self.fairness, weights=self.role_weights)
 
-    def queue_info(self, task: Task) -> QueuedInfo | None:
+    async def queue_info(self, task: Task) -> QueuedInfo | None:
         """Where a QUEUED task stands: position, why it waits, estimated start (None for other statuses).
 
         Computed once per scheduling pass for the first QUEUE_LOOKAHEAD queued tasks (one bounded read
@@ -558,8 +611,9 @@ class TaskManager:
         if task.status is not TaskStatus.QUEUED:
             return None
         if self._queue_info is None:
-            running = [state.task for state in self._running.values()]
-            window, cut = self.store.queue_window(per_owner=QUEUE_LOOKAHEAD, limit=QUEUE_LOOKAHEAD)
+            read = functools.partial(self.store.queue_window, per_owner=QUEUE_LOOKAHEAD, limit=QUEUE_LOOKAHEAD)
+            window, cut = await self.calls.run(read)
+            running = [state.task for state in self._running.values()]  # after the read: the plan is of now
             durations = {t: sum(d) / len(d) for t, d in self._durations.items() if d}
             planned = queue_plan(window, running, self._policy(), clock=self._fair, durations=durations, at=now())
             # A group read only in part has unread tasks that start after its last one read: from there on,
@@ -591,15 +645,15 @@ class TaskManager:
         if task.id in starting:
             return QueuedInfo(starting[task.id], "starting", "capacity is free: it starts in the scheduler's next "
                               "pass", now())
-        ahead = self.store.queued_ahead(task)
+        ahead = await self.calls.run(self.store.queued_ahead, task)
         return QueuedInfo(ahead + 1, "no_slot", f"{ahead} queued tasks have a higher priority or are older; it "
                           f"starts when they have (position by priority and age: beyond the first {QUEUE_LOOKAHEAD} "
                           "tasks the scheduler plans)", None, exact=False)
 
-    def queue_fields(self, task: Task) -> dict[str, Any]:
+    async def queue_fields(self, task: Task) -> dict[str, Any]:
         """The queue and retention fields of a task's detail: `queue` (QUEUED only), `expires_at` (finished
         only), `retention_seconds` (how long it is kept once finished) and `dashboard_url` (running only)."""
-        info = self.queue_info(task)
+        info = await self.queue_info(task)
         return {
             "queue": info.to_dict() if info is not None else None,
             "retention_seconds": self.retention.for_task(task),
@@ -668,7 +722,7 @@ class TaskManager:
         try:
             for task_id in list(pending):
                 try:
-                    if self.get(task_id).status.is_final:
+                    if (await self.aget(task_id)).status.is_final:
                         pending.discard(task_id)
                 except NotFound:
                     pending.discard(task_id)

@@ -357,14 +357,19 @@ class Store:
                 if also is not None:
                     also(conn)
 
-    def tasks_by_ids(self, ids: Sequence[str]) -> list[Task]:
-        """The tasks with these ids that exist (without their stages), in no particular order."""
+    def tasks_by_ids(self, ids: Sequence[str], *, stages: bool = False) -> list[Task]:
+        """The tasks with these ids that exist (with their stages if `stages`), in no particular order."""
         t = tasks_table
         out: list[Task] = []
         with self.reads.connect() as conn:
             for start in range(0, len(ids), _IN_CHUNK):
                 chunk = list(ids[start:start + _IN_CHUNK])
-                out += [_task_from_tuple(r) for r in conn.execute(sa.select(t).where(t.c.id.in_(chunk)))]
+                found = [_task_from_tuple(r) for r in conn.execute(sa.select(t).where(t.c.id.in_(chunk)))]
+                if stages:
+                    by_task = self._stages_for(conn, [task.id for task in found])
+                    for task in found:
+                        task.stages = by_task.get(task.id, [])
+                out += found
         return out
 
     def retries_of(self, ids: Sequence[str]) -> dict[str, str]:

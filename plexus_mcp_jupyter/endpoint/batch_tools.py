@@ -7,7 +7,6 @@ they record in the audit log is the filter and the counts, never every id.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections import Counter
 from typing import Annotated, Any
@@ -59,7 +58,7 @@ def register_batch_tools(server: MCPServer, manager: TaskManager) -> None:
         return current_principal().actor
 
     async def preview(operation: str, selection: Selection, actor: Actor) -> CallToolResult:
-        found = await asyncio.to_thread(batches.preview, selection, actor, operation)
+        found = await batches.preview(selection, actor, operation)
         note_for_audit(count=found.count)
         over = (f"; more than the {batches.bound} one call may change (max_batch_size)"
                 if found.count > batches.bound else "")
@@ -128,7 +127,7 @@ def register_batch_tools(server: MCPServer, manager: TaskManager) -> None:
             for o in outcomes:
                 if o.outcome != "cancelling":
                     continue
-                task = manager.get(o.task_id)
+                task = await manager.aget(o.task_id)
                 if task.status is TaskStatus.CANCELLED:
                     o.outcome, o.status, o.message = "cancelled", task.status.value, "stopped"
                 elif task.status.is_final:  # it ended on its own before it saw the request
@@ -192,9 +191,9 @@ def register_batch_tools(server: MCPServer, manager: TaskManager) -> None:
         "processed) and an estimated end. Subscribable: any change to one of its tasks announces it.",
         mime_type="application/json",
     )
-    def batch_resource(batch_id: str) -> str:
+    async def batch_resource(batch_id: str) -> str:
         try:
-            status = batches.status(batch_id, current_principal().viewer)
+            status = await batches.status(batch_id, current_principal().viewer)
         except NotFound as exc:
             raise ResourceNotFoundError(str(exc)) from None
         return json.dumps(status, separators=(",", ":"))

@@ -54,7 +54,7 @@ def evaluation_outcome(service: EvaluationService, task: Task) -> CallToolResult
         missing = result(f"Task {task.id} has no evaluation record.", {})
         missing.is_error = True
         return missing
-    view = service.view(row)
+    view = service.view(row, {task.id: task})
     outcome = result(describe_evaluation(view), view)
     outcome.is_error = task.status is not TaskStatus.COMPLETED
     return outcome
@@ -132,7 +132,7 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService) -> 
     async def get_evaluation(
         evaluation_id: Annotated[str, Field(min_length=1, max_length=64, description="The evaluation's id")],
     ) -> Annotated[CallToolResult, EvaluationDetail]:
-        view = service.get(evaluation_id, current_principal().viewer)
+        view = await service.get(evaluation_id, current_principal().viewer)
         return result(describe_evaluation(view), view)
 
     @server.tool(
@@ -152,7 +152,7 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService) -> 
         limit: Annotated[int, Field(ge=1, le=100, description="Page size, 1 to 100")] = 20,
         cursor: Annotated[str | None, Field(description="next_cursor of the previous page, unchanged")] = None,
     ) -> Annotated[CallToolResult, EvaluationResults]:
-        items, next_cursor, asked = service.results(evaluation_id, only_mismatches=only_mismatches, label=label,
+        items, next_cursor, asked = await service.results(evaluation_id, only_mismatches=only_mismatches, label=label,
                                                     score=score, limit=limit, cursor=cursor,
                                                     viewer=current_principal().viewer)
         more = " (more: pass next_cursor)" if next_cursor else ""
@@ -170,7 +170,7 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService) -> 
         limit: Annotated[int, Field(ge=1, le=100, description="Page size, 1 to 100")] = 20,
         cursor: Annotated[str | None, Field(description="next_cursor of the previous page, unchanged")] = None,
     ) -> Annotated[CallToolResult, EvaluationPage]:
-        views, next_cursor = service.list_evaluations(status, type, limit=limit, cursor=cursor,
+        views, next_cursor = await service.list_evaluations(status, type, limit=limit, cursor=cursor,
                                                       viewer=current_principal().viewer)
         lines = "; ".join(f"{v['evaluation_id'][:8]} {v['type']} {v['status']}" for v in views[:10])
         more = " (more: pass next_cursor)" if next_cursor else ""
@@ -208,10 +208,11 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService) -> 
 
 
 def _register_resources(server: MCPServer, service: EvaluationService) -> None:
-    def page(status: str | None, type: str | None, limit: str | None, cursor: str | None) -> str:
+    async def page(status: str | None, type: str | None, limit: str | None, cursor: str | None) -> str:
         try:
-            views, next_cursor = service.list_evaluations(status, type, limit=service.manager.parse_limit(limit),
-                                                          cursor=cursor or None, viewer=current_principal().viewer)
+            views, next_cursor = await service.list_evaluations(
+                status, type, limit=service.manager.parse_limit(limit), cursor=cursor or None,
+                viewer=current_principal().viewer)
         except PlexusError as exc:
             raise MCPError(INVALID_PARAMS, str(exc)) from None
         return _dump({"evaluations": views, "next_cursor": next_cursor})
@@ -219,20 +220,20 @@ def _register_resources(server: MCPServer, service: EvaluationService) -> None:
     @server.resource("plexus://evaluations{?status,type,limit,cursor}", name="evaluations", title="Evaluations",
                      description="Evaluations, newest first; status and type take comma-separated names.",
                      mime_type=JSON)
-    def evaluations_resource(status: str | None = None, type: str | None = None, limit: str | None = None,
-                             cursor: str | None = None) -> str:
-        return page(status, type, limit, cursor)
+    async def evaluations_resource(status: str | None = None, type: str | None = None, limit: str | None = None,
+                                   cursor: str | None = None) -> str:
+        return await page(status, type, limit, cursor)
 
     @server.resource("plexus://evaluations", name="recent-evaluations", title="Recent evaluations",
                      description="The 20 most recent evaluations.", mime_type=JSON)
-    def recent_evaluations() -> str:
-        return page(None, None, None, None)
+    async def recent_evaluations() -> str:
+        return await page(None, None, None, None)
 
     @server.resource("plexus://evaluations/{evaluation_id}", name="evaluation", title="Evaluation",
                      description="One evaluation: status, progress, definition and metrics.", mime_type=JSON)
-    def evaluation_resource(evaluation_id: str) -> str:
+    async def evaluation_resource(evaluation_id: str) -> str:
         try:
-            return _dump(service.get(evaluation_id, current_principal().viewer))
+            return _dump(await service.get(evaluation_id, current_principal().viewer))
         except NotFound as exc:
             raise ResourceNotFoundError(str(exc)) from None
 
@@ -240,10 +241,11 @@ def _register_resources(server: MCPServer, service: EvaluationService) -> None:
                      name="evaluation-results", title="Evaluation results",
                      description="Per-item results, in dataset order; only_mismatches=true for the wrong ones.",
                      mime_type=JSON)
-    def results_resource(evaluation_id: str, only_mismatches: str | None = None, label: str | None = None,
-                         score: str | None = None, limit: str | None = None, cursor: str | None = None) -> str:
+    async def results_resource(evaluation_id: str, only_mismatches: str | None = None, label: str | None = None,
+                               score: str | None = None, limit: str | None = None, cursor: str | None = None
+                               ) -> str:
         try:
-            items, next_cursor, asked = service.results(
+            items, next_cursor, asked = await service.results(
                 evaluation_id, only_mismatches=parse_flag("only_mismatches", only_mismatches), label=label or None,
                 score=score or None, limit=service.manager.parse_limit(limit), cursor=cursor or None,
                 viewer=current_principal().viewer)

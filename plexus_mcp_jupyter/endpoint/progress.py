@@ -68,7 +68,7 @@ async def follow_to_end(ctx: Context, manager: TaskManager, task_id: str) -> Tas
     subscription = manager.bus.subscribe(lambda e: e.entity_type == "task" and e.entity_id == task_id)
     last = -math.inf
     try:
-        task = manager.get(task_id)
+        task = await manager.aget(task_id)
         while True:
             done, total, message = overall_progress(task)
             if done > last:  # the spec wants progress to increase with every notification
@@ -77,7 +77,7 @@ async def follow_to_end(ctx: Context, manager: TaskManager, task_id: str) -> Tas
             if task.status.is_final:
                 return task
             await subscription.next_batch()
-            task = manager.get(task_id)
+            task = await manager.aget(task_id)
     except anyio.get_cancelled_exc_class():
         # The client cancelled the call (notifications/cancelled) or went away: stop the work too,
         # unless it is the server shutting down, which records its tasks itself.

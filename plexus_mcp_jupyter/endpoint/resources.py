@@ -23,11 +23,12 @@ def _dump(data: Any) -> str:
 
 
 def register_resources(server: MCPServer, manager: TaskManager) -> None:
-    def task_page(status: str | None, type: str | None, limit: str | None, cursor: str | None,
-                  batch: str | None = None) -> str:
+    async def task_page(status: str | None, type: str | None, limit: str | None, cursor: str | None,
+                        batch: str | None = None) -> str:
         try:
             flt = manager.build_filter(status=status, type=type, viewer=current_principal().viewer, batch=batch)
-            tasks, next_cursor = manager.list_tasks(flt, limit=manager.parse_limit(limit), cursor=cursor or None)
+            tasks, next_cursor = await manager.alist_tasks(flt, limit=manager.parse_limit(limit),
+                                                           cursor=cursor or None)
         except InvalidArgument as exc:
             raise MCPError(INVALID_PARAMS, str(exc)) from None
         return _dump({"tasks": [t.summary() for t in tasks], "next_cursor": next_cursor})
@@ -42,15 +43,15 @@ def register_resources(server: MCPServer, manager: TaskManager) -> None:
         ),
         mime_type=JSON,
     )
-    def tasks_resource(status: str | None = None, type: str | None = None, batch: str | None = None,
-                       limit: str | None = None, cursor: str | None = None) -> str:
-        return task_page(status, type, limit, cursor, batch)
+    async def tasks_resource(status: str | None = None, type: str | None = None, batch: str | None = None,
+                             limit: str | None = None, cursor: str | None = None) -> str:
+        return await task_page(status, type, limit, cursor, batch)
 
     @server.resource("plexus://tasks", name="recent-tasks", title="Recent tasks",
                      description="The 20 most recent tasks (the first page of plexus://tasks{?...}).",
                      mime_type=JSON)
-    def recent_tasks() -> str:
-        return task_page(None, None, None, None)
+    async def recent_tasks() -> str:
+        return await task_page(None, None, None, None)
 
     @server.resource(
         "plexus://tasks/{task_id}",
@@ -59,10 +60,10 @@ def register_resources(server: MCPServer, manager: TaskManager) -> None:
         description="One task: status, stages, progress history (most recent 200 samples), output and metadata.",
         mime_type=JSON,
     )
-    def task_resource(task_id: str) -> str:
+    async def task_resource(task_id: str) -> str:
         try:
-            task = manager.get(task_id, current_principal().viewer)
+            task = await manager.aget(task_id, current_principal().viewer)
         except NotFound as exc:
             raise ResourceNotFoundError(str(exc)) from None
-        detail = task_detail(manager, task, history=True, history_limit=200)
+        detail = await task_detail(manager, task, history=True, history_limit=200)
         return detail.model_dump_json()

@@ -67,24 +67,25 @@ class Followed:
     matcher: Matcher | None = None
 
 
-def parse_subscription(
+async def parse_subscription(
     uri: str, manager: TaskManager, evaluations: EvaluationService | None = None, viewer: str | None = None
 ) -> Followed:
     """What a subscribable URI follows, for a caller with owner `viewer` (None: an admin); MCPError
     (invalid params) with the allowed forms otherwise. Lists follow only what that caller may see."""
-    followed = _parse(uri, manager, evaluations, viewer)
+    followed = await _parse(uri, manager, evaluations, viewer)
     if followed.matcher is not None and viewer is not None:
         matcher = followed.matcher
         return Followed(None, lambda event, old: owner_visible(event.data.get("owner"), viewer) and matcher(event, old))
     return followed
 
 
-def _parse(uri: str, manager: TaskManager, evaluations: EvaluationService | None, viewer: str | None) -> Followed:
+async def _parse(uri: str, manager: TaskManager, evaluations: EvaluationService | None, viewer: str | None
+                 ) -> Followed:
     parts = urlsplit(uri)
     if parts.scheme == "plexus" and parts.netloc == "evaluations" and evaluations is not None:
-        return _parse_evaluation_uri(uri, parts, evaluations, viewer)
+        return await _parse_evaluation_uri(uri, parts, evaluations, viewer)
     if parts.scheme == "plexus" and parts.netloc == "batches":
-        return _parse_batch_uri(uri, parts, manager, viewer)
+        return await _parse_batch_uri(uri, parts, manager, viewer)
     if parts.scheme != "plexus" or parts.netloc != "tasks" or parts.fragment:
         raise MCPError(INVALID_PARAMS, f"cannot subscribe to {uri!r}; subscribable resources: {SUBSCRIBABLE}")
     path = parts.path.strip("/")
@@ -92,7 +93,7 @@ def _parse(uri: str, manager: TaskManager, evaluations: EvaluationService | None
         if "/" in path or parts.query:
             raise MCPError(INVALID_PARAMS, f"cannot subscribe to {uri!r}; subscribable resources: {SUBSCRIBABLE}")
         try:
-            manager.get(path, viewer)
+            await manager.aget(path, viewer)
         except NotFound as exc:
             raise MCPError(INVALID_PARAMS, str(exc)) from None
         return Followed(path)
@@ -123,7 +124,8 @@ _TASK_STATUSES_OF = {
 }
 
 
-def _parse_evaluation_uri(uri: str, parts: Any, evaluations: EvaluationService, viewer: str | None) -> Followed:
+async def _parse_evaluation_uri(uri: str, parts: Any, evaluations: EvaluationService, viewer: str | None
+                                ) -> Followed:
     """`plexus://evaluations/{id}` and its results follow the evaluation's task; the list follows its type."""
     segments = [s for s in parts.path.split("/") if s]
     try:
@@ -132,23 +134,23 @@ def _parse_evaluation_uri(uri: str, parts: Any, evaluations: EvaluationService, 
                     parts.query and len(segments) == 1):
                 raise MCPError(INVALID_PARAMS, f"cannot subscribe to {uri!r}; subscribable resources: {SUBSCRIBABLE}")
             _query(uri, parts.query, ("only_mismatches", "label", "score", "limit", "cursor"))
-            return Followed(evaluations.task_of(segments[0], viewer))
+            return Followed(await evaluations.task_of(segments[0], viewer))
         query = _query(uri, parts.query, ("status", "type", "limit", "cursor"))
         statuses = parse_statuses(",".join(query.get("status", [])) or None)
-        evaluations.list_evaluations(None, ",".join(query.get("type", [])) or None, limit=1)  # checks the types
+        evaluations.check_types(",".join(query.get("type", [])) or None)
     except (InvalidArgument, NotFound) as exc:
         raise MCPError(INVALID_PARAMS, str(exc)) from None
     task_statuses = tuple(dict.fromkeys(t for s in statuses for t in _TASK_STATUSES_OF.get(s, (TaskStatus(s),))))
     return Followed(None, _list_matcher(TaskFilter(statuses=task_statuses, types=("evaluation",))))
 
 
-def _parse_batch_uri(uri: str, parts: Any, manager: TaskManager, viewer: str | None) -> Followed:
+async def _parse_batch_uri(uri: str, parts: Any, manager: TaskManager, viewer: str | None) -> Followed:
     """`plexus://batches/{id}` changes with any event of one of its tasks (their summaries carry batch_id)."""
     batch_id = parts.path.strip("/")
     if not batch_id or "/" in batch_id or parts.query or parts.fragment:
         raise MCPError(INVALID_PARAMS, f"cannot subscribe to {uri!r}; subscribable resources: {SUBSCRIBABLE}")
     try:
-        BatchOperations(manager).status(batch_id, viewer)
+        await BatchOperations(manager).status(batch_id, viewer)
     except NotFound as exc:
         raise MCPError(INVALID_PARAMS, str(exc)) from None
     return Followed(None, _list_matcher(TaskFilter(batch_id=batch_id)))
@@ -242,9 +244,9 @@ class ResourceWatch:
 
     # -- registration --------------------------------------------------------------------------
 
-    def subscribe(self, connection: Any, uri: str, viewer: str | None = None) -> None:
+    async def subscribe(self, connection: Any, uri: str, viewer: str | None = None) -> None:
         """`connection` is the SDK's connection-scoped object (one per MCP session)."""
-        matcher = parse_subscription(uri, self.manager, self.evaluations, viewer)
+        matcher = await parse_subscription(uri, self.manager, self.evaluations, viewer)
         self._session_follower(connection).follow(uri, matcher)
 
     def follow_status(self, connection: Any, task_id: str) -> None:
@@ -275,7 +277,7 @@ class ResourceWatch:
         if follower.idle:
             self._drop(connection)
 
-    def add_stream(
+    async def add_stream(
         self,
         uris: list[str],
         send: Callable[[str], Awaitable[None]],
@@ -286,7 +288,7 @@ class ResourceWatch:
         """A listen stream (2026 era): its own follower, so it is coalesced and paced by its own writes."""
         follower = _Follower(send=send, send_status=send_status, ready=False)
         for uri in uris:
-            follower.follow(uri, parse_subscription(uri, self.manager, self.evaluations, viewer))
+            follower.follow(uri, await parse_subscription(uri, self.manager, self.evaluations, viewer))
         follower.statuses.update(task_ids)
         self._streams.add(follower)
         return follower
@@ -395,7 +397,7 @@ async def _send_task_status(connection_ref: weakref.ref[Any], manager: TaskManag
     connection = connection_ref()
     if connection is None:
         raise ConnectionError("the session is gone")
-    params = legacy_status_notification(manager, task_id)
+    params = await legacy_status_notification(manager, task_id)
     if params is not None:
         await connection.outbound.notify("notifications/tasks/status", params)
 
@@ -415,7 +417,7 @@ class PlexusListenHandler(ListenHandler):
         self._watch = watch
         self._outcome = outcome
 
-    def _task_ids(self, ctx: Any, requested: SubscriptionFilter) -> list[str]:
+    async def _task_ids(self, ctx: Any, requested: SubscriptionFilter) -> list[str]:
         """The `taskIds` of the tasks extension: the ones that exist are honoured."""
         task_ids = (requested.model_extra or {}).get("taskIds")
         if task_ids is None:
@@ -427,7 +429,7 @@ class PlexusListenHandler(ListenHandler):
         viewer = principal_of(ctx).viewer
         for task_id in dict.fromkeys(task_ids):
             try:
-                self._watch.manager.get(task_id, viewer)
+                await self._watch.manager.aget(task_id, viewer)
             except NotFound:
                 continue
             honoured.append(task_id)
@@ -439,7 +441,7 @@ class PlexusListenHandler(ListenHandler):
             raise MCPError(INVALID_REQUEST, "subscriptions/listen requires a request id")
         requested = params.notifications
         uris = [str(u) for u in (requested.resource_subscriptions or [])]
-        task_ids = self._task_ids(ctx, requested)
+        task_ids = await self._task_ids(ctx, requested)
         meta: dict[str, Any] = {SUBSCRIPTION_ID_META_KEY: subscription_id}
         # List-changed events never happen here, so only these are honoured.
         honored = SubscriptionFilter(resource_subscriptions=uris or None)
@@ -453,14 +455,14 @@ class PlexusListenHandler(ListenHandler):
 
         async def send_status(task_id: str) -> None:
             try:
-                params = {**detailed_task(self._outcome, self._watch.manager.get(task_id),
+                params = {**detailed_task(self._outcome, await self._watch.manager.aget(task_id),
                                                   self._watch.manager.retention), "_meta": meta}
             except NotFound:
                 return
             await ctx.session.send_notification(TaskStatusPush(params=params), related_request_id=subscription_id)
 
         # add_stream parses (and refuses) the URIs first.
-        follower = self._watch.add_stream(uris, send, task_ids, send_status, principal_of(ctx).viewer)
+        follower = await self._watch.add_stream(uris, send, task_ids, send_status, principal_of(ctx).viewer)
         try:
             await ctx.session.send_notification(
                 SubscriptionsAcknowledgedNotification(
@@ -489,7 +491,7 @@ def install_subscriptions(server: MCPServer, watch: ResourceWatch, outcome: Outc
     # The per-request ServerSession does not outlive its request; subscriptions belong to the
     # connection behind it (the SDK has no public accessor for it on the low-level context yet).
     async def on_subscribe(ctx: Any, params: SubscribeRequestParams) -> EmptyResult:
-        watch.subscribe(ctx.session._connection, str(params.uri), principal_of(ctx).viewer)
+        await watch.subscribe(ctx.session._connection, str(params.uri), principal_of(ctx).viewer)
         return EmptyResult()
 
     async def on_unsubscribe(ctx: Any, params: UnsubscribeRequestParams) -> EmptyResult:

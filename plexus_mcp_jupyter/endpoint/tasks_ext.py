@@ -168,10 +168,10 @@ class PlexusTasks(Extension):
 
     # -- shared ---------------------------------------------------------------------------------
 
-    def _task(self, ctx: ServerRequestContext[Any, Any], task_id: str) -> Task:
+    async def _task(self, ctx: ServerRequestContext[Any, Any], task_id: str) -> Task:
         """The task, if the caller may see it (another API key's tasks are "not found", like missing ones)."""
         try:
-            return self.manager.get(task_id, principal_of(ctx).viewer)
+            return await self.manager.aget(task_id, principal_of(ctx).viewer)
         except Expired as exc:
             raise MCPError(INVALID_PARAMS, f"Failed to retrieve task: {exc}") from None
         except NotFound:
@@ -188,7 +188,7 @@ class PlexusTasks(Extension):
         if not isinstance(task_id, str):
             log.error("Plexus: task tool %s returned no task_id", name)
             raise MCPError(INTERNAL_ERROR, f"{name} did not start a task")
-        return self.manager.get(task_id)
+        return await self.manager.aget(task_id)
 
     # -- 2026-07-28: the extension --------------------------------------------------------------
 
@@ -224,14 +224,14 @@ class PlexusTasks(Extension):
     async def get(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> dict[str, Any]:
         if is_modern(ctx.protocol_version):
             require_client_extension(ctx, TASKS_EXTENSION)
-            return detailed_task(self.outcome, self._task(ctx, params.task_id), self.manager.retention)
-        return task_view(self._task(ctx, params.task_id), modern=False, retention=self.manager.retention)
+            return detailed_task(self.outcome, await self._task(ctx, params.task_id), self.manager.retention)
+        return task_view(await self._task(ctx, params.task_id), modern=False, retention=self.manager.retention)
 
     async def cancel(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> dict[str, Any]:
         modern = is_modern(ctx.protocol_version)
         if modern:
             require_client_extension(ctx, TASKS_EXTENSION)
-        task = self._task(ctx, params.task_id)
+        task = await self._task(ctx, params.task_id)
         principal = principal_of(ctx)
         if not principal.may("cancel_any") and not (principal.may("cancel_own") and task.owner == principal.owner):
             if self.audit is not None:
@@ -246,29 +246,31 @@ class PlexusTasks(Extension):
         self.manager.cancel([task.id])
         if self.audit is not None:
             self.audit.record(principal, "tasks/cancel", target=task.id)
-        return {} if modern else task_view(self.manager.get(task.id), modern=False, retention=self.manager.retention)
+        if modern:
+            return {}
+        return task_view(await self.manager.aget(task.id), modern=False, retention=self.manager.retention)
 
     async def update(self, ctx: ServerRequestContext[Any, Any], params: UpdateTaskParams) -> dict[str, Any]:
         # Plexus tasks never ask the client for input, so no response is outstanding: they are ignored.
         require_client_extension(ctx, TASKS_EXTENSION)
-        self._task(ctx, params.task_id)
+        await self._task(ctx, params.task_id)
         return {}
 
     # -- 2025-11-25 -----------------------------------------------------------------------------
 
     async def result(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> dict[str, Any]:
         """`tasks/result`: the tool's result once the task has ended (the request waits until then)."""
-        task = self._task(ctx, params.task_id)
+        task = await self._task(ctx, params.task_id)
         while not task.status.is_final:
             await self.manager.wait_final([task.id], timeout=3600)
-            task = self.manager.get(task.id)
+            task = await self.manager.aget(task.id)
         data = tool_result_dict(self.outcome, task)
         data["_meta"] = {**data.get("_meta", {}), RELATED_TASK_META: {"taskId": task.id}}
         return data
 
     async def list(self, ctx: ServerRequestContext[Any, Any], params: PaginatedRequestParams) -> dict[str, Any]:
         try:
-            tasks, next_cursor = self.manager.list_tasks(
+            tasks, next_cursor = await self.manager.alist_tasks(
                 self.manager.build_filter(viewer=principal_of(ctx).viewer), limit=LIST_PAGE_SIZE, cursor=params.cursor
             )
         except InvalidArgument as exc:
@@ -316,10 +318,10 @@ def _as_dict(outcome: Any) -> dict[str, Any]:
     return outcome.model_dump(by_alias=True, mode="json") if isinstance(outcome, BaseModel) else {}
 
 
-def legacy_status_notification(manager: TaskManager, task_id: str) -> dict[str, Any] | None:
+async def legacy_status_notification(manager: TaskManager, task_id: str) -> dict[str, Any] | None:
     """The params of `notifications/tasks/status` for a task (None when it is gone)."""
     try:
-        return task_view(manager.get(task_id), modern=False, retention=manager.retention)
+        return task_view(await manager.aget(task_id), modern=False, retention=manager.retention)
     except NotFound:
         return None
 

@@ -67,23 +67,26 @@ def result(summary: str, model: BaseModel | dict[str, Any]) -> CallToolResult:
     )
 
 
-def task_detail_data(manager: TaskManager, task: Task, *, history: bool, history_limit: int) -> dict[str, Any]:
-    """A task as TaskDetail's JSON form (same keys, same order), without building the model."""
+async def task_detail_data(manager: TaskManager, task: Task, *, history: bool, history_limit: int
+                           ) -> dict[str, Any]:
+    """A task as TaskDetail's JSON form (same keys, same order), without building the model; its store reads
+    (history, queue position) run off the event loop."""
     data = task.to_dict()
     if history:
-        samples, total = manager.store.history(task.id, limit=history_limit)
+        samples, total = await manager.ahistory(task.id, history_limit)
         data["history"] = [s.to_dict() for s in samples]
         data["history_total"] = total
     else:
         data["history"] = None
         data["history_total"] = None
     data["resource_uri"] = task_uri(task.id)
-    data.update(manager.queue_fields(task))
+    data.update(await manager.queue_fields(task))
     return data
 
 
-def task_detail(manager: TaskManager, task: Task, *, history: bool, history_limit: int) -> TaskDetail:
-    return TaskDetail.model_validate(task_detail_data(manager, task, history=history, history_limit=history_limit))
+async def task_detail(manager: TaskManager, task: Task, *, history: bool, history_limit: int) -> TaskDetail:
+    return TaskDetail.model_validate(await task_detail_data(manager, task, history=history,
+                                                            history_limit=history_limit))
 
 
 def describe(task: Task) -> str:
@@ -178,7 +181,7 @@ def register_tools(server: MCPServer, manager: TaskManager) -> None:
     ) -> Annotated[CallToolResult, TaskPage]:
         flt = manager.build_filter(status=[s.value for s in status or []], type=type, since=since,
                                    viewer=current_principal().viewer, batch=batch)
-        tasks, next_cursor = manager.list_tasks(flt, limit=limit, cursor=cursor)
+        tasks, next_cursor = await manager.alist_tasks(flt, limit=limit, cursor=cursor)
         # TaskPage's JSON form; the SDK validates it against TaskPage (see result()).
         page = {"tasks": [t.summary() for t in tasks], "next_cursor": next_cursor}
         lines = "; ".join(f"{t.id[:8]} {t.type} {t.status.value}" for t in tasks[:10])
@@ -201,8 +204,8 @@ def register_tools(server: MCPServer, manager: TaskManager) -> None:
                                             description=f"Most recent samples to include, 1 to {HISTORY_MAX}")]
         = 100,
     ) -> Annotated[CallToolResult, TaskDetail]:
-        task = manager.get(task_id, current_principal().viewer)
-        detail = task_detail_data(manager, task, history=history, history_limit=history_limit)
+        task = await manager.aget(task_id, current_principal().viewer)
+        detail = await task_detail_data(manager, task, history=history, history_limit=history_limit)
         text = describe(task)
         if detail["queue"] is not None:
             text += f" Queue position {detail['queue']['position']}: {detail['queue']['message']}."

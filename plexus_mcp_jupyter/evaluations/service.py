@@ -8,6 +8,7 @@ milliseconds; loading, scoring and metrics happen in the worker (runner.py).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import secrets
@@ -151,7 +152,8 @@ class EvaluationService:
         if not isinstance(priority, bool) and isinstance(priority, int):
             self.manager.check_priority(priority, role)
         plan = await self.catalog.run(self.plan, type, dataset, trusted=trusted, **arguments)
-        return self.dispatch(plan, priority=priority, owner=owner, role=role)
+        task, evaluation_id = self.dispatch(plan, priority=priority, owner=owner, role=role)
+        return await self.get(evaluation_id), task
 
     def plan(
         self,
@@ -251,8 +253,9 @@ class EvaluationService:
                               restricted=restricted, scorecard=scorecard)
 
     def dispatch(self, plan: EvaluationPlan, *, priority: int = 0, owner: str | None = None,
-                 role: str | None = None) -> tuple[dict[str, Any], Task]:
-        """Dispatch a checked request and insert its record (milliseconds, on the event loop)."""
+                 role: str | None = None) -> tuple[Task, str]:
+        """Dispatch a checked request and insert its record (milliseconds, on the event loop); the task and the
+        evaluation's id."""
         spec = self.planned_spec(plan, owner)
         task = self.manager.dispatch("evaluation", spec.params, priority=priority, owner=owner,
                                      description=spec.description, internal=True, role=role)
@@ -262,7 +265,7 @@ class EvaluationService:
         except Exception:
             self.manager.cancel([task.id])  # never a task without its record
             raise
-        return self.get(spec.params["evaluation_id"]), task
+        return task, spec.params["evaluation_id"]
 
     def planned_spec(self, plan: EvaluationPlan, owner: str | None) -> PlannedSpec:
         """A checked request as the evaluation task's params, and the record stored beside its task."""
@@ -345,15 +348,28 @@ class EvaluationService:
             raise NotFound(f"no evaluation {evaluation_id!r}; list_evaluations shows the ones that exist")
         return row
 
-    def task_of(self, evaluation_id: str, viewer: str | None = None) -> str:
-        return str(self._record(evaluation_id, viewer)["task_id"])
+    async def task_of(self, evaluation_id: str, viewer: str | None = None) -> str:
+        """The id of the evaluation's task, if `viewer` may see it (read off the event loop)."""
+        row = await self.manager.calls.run(self._record, evaluation_id, viewer)
+        return str(row["task_id"])
 
-    def get(self, evaluation_id: str, viewer: str | None = None) -> dict[str, Any]:
-        return self.view(self._record(evaluation_id, viewer))
+    async def get(self, evaluation_id: str, viewer: str | None = None) -> dict[str, Any]:
+        """The evaluation as clients see it; the store is read off the event loop (TaskManager.calls)."""
+        row, tasks = await self.manager.calls.run(self._read_one, evaluation_id, viewer)
+        return self.view(row, tasks)
 
-    def view(self, row: Mapping[str, Any], *, summary: bool = False) -> dict[str, Any]:
-        """An evaluation as clients see it: the record plus status and progress from its task."""
-        task = self.manager.get(row["task_id"])
+    def _read_one(self, evaluation_id: str, viewer: str | None) -> tuple[dict[str, Any], dict[str, Task]]:
+        row = self._record(evaluation_id, viewer)
+        return row, self._stored_tasks([row])
+
+    def _stored_tasks(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Task]:
+        """The stored tasks of these records, by id, in one read (any thread)."""
+        return {t.id: t for t in self.manager.store.tasks_by_ids([r["task_id"] for r in rows], stages=True)}
+
+    def view(self, row: Mapping[str, Any], tasks: Mapping[str, Task], *, summary: bool = False) -> dict[str, Any]:
+        """An evaluation as clients see it: the record plus status and progress from its task (`tasks`: the
+        stored ones, read with the record; a task running here is fresher in memory)."""
+        task = self.manager.current(row["task_id"], tasks.get(row["task_id"]))
         scoring = next((s for s in task.stages if s.name == "Scoring"), None)
         started, ended = task.started_at, task.completed_at
         elapsed = None if started is None else round((ended or time.time()) - started, 3)
@@ -385,23 +401,44 @@ class EvaluationService:
             data["metrics"] = _bounded(row["metrics"]) if row["metrics"] is not None else None
         return data
 
-    def list_evaluations(
-        self, status: str | Sequence[str] | None = None, type: str | Sequence[str] | None = None, *,
-        limit: int | None = None, cursor: str | None = None, owner: str | None = None, viewer: str | None = None,
-    ) -> tuple[list[dict[str, Any]], str | None]:
+    @staticmethod
+    def check_types(type: str | Sequence[str] | None) -> tuple[str, ...]:
+        """Evaluation type names (comma-separated or a list), checked: InvalidArgument names an unknown one."""
         types = tuple(t.strip() for t in (type.split(",") if isinstance(type, str) else type or ()) if t.strip())
         for t in types:
             if t not in EVALUATION_TYPES:
                 raise InvalidArgument(f"unknown evaluation type {t!r}; expected one of {', '.join(EVALUATION_TYPES)}")
-        flt = EvaluationFilter(statuses=parse_statuses(status), types=types, owner=owner, viewer=viewer)
-        rows, next_cursor = self.store.list_records(flt, limit=self.manager.check_limit(limit), cursor=cursor)
-        return [self.view(r, summary=True) for r in rows], next_cursor
+        return types
 
-    def results(
+    async def list_evaluations(
+        self, status: str | Sequence[str] | None = None, type: str | Sequence[str] | None = None, *,
+        limit: int | None = None, cursor: str | None = None, owner: str | None = None, viewer: str | None = None,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        flt = EvaluationFilter(statuses=parse_statuses(status), types=self.check_types(type), owner=owner,
+                               viewer=viewer)
+        limit = self.manager.check_limit(limit)
+
+        def read() -> tuple[list[dict[str, Any]], str | None, dict[str, Task]]:
+            rows, next_cursor = self.store.list_records(flt, limit=limit, cursor=cursor)
+            return rows, next_cursor, self._stored_tasks(rows)
+
+        rows, next_cursor, tasks = await self.manager.calls.run(read)
+        return [self.view(r, tasks, summary=True) for r in rows], next_cursor
+
+    async def results(
         self, evaluation_id: str, *, only_mismatches: bool = False, label: str | None = None,
         score: str | None = None, limit: int | None = None, cursor: str | None = None, viewer: str | None = None,
     ) -> tuple[list[dict[str, Any]], str | None, dict[str, Any]]:
-        """One page of per-item results, in dataset order, the next cursor, and what was asked."""
+        """One page of per-item results, in dataset order, the next cursor, and what was asked (read off the
+        event loop)."""
+        return await self.manager.calls.run(functools.partial(
+            self._results, evaluation_id, only_mismatches=only_mismatches, label=label, score=score, limit=limit,
+            cursor=cursor, viewer=viewer))
+
+    def _results(
+        self, evaluation_id: str, *, only_mismatches: bool, label: str | None, score: str | None,
+        limit: int | None, cursor: str | None, viewer: str | None,
+    ) -> tuple[list[dict[str, Any]], str | None, dict[str, Any]]:
         row = self._record(evaluation_id, viewer)
         if row["items_pruned_at"] is not None:
             raise InvalidArgument(f"evaluation {evaluation_id!r} was cancelled and its per-item results were pruned "

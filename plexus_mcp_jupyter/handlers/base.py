@@ -261,7 +261,9 @@ def http_error(exc: PlexusError) -> web.HTTPError:
     quotes what the client sent, and tornado logs it with the URL)."""
     message = bounded(str(exc))
     if store_unavailable(exc) is not None:
-        return web.HTTPError(503, message)
+        unavailable = web.HTTPError(503, message)
+        unavailable.retry_after = RETRY_AFTER_SECONDS  # type: ignore[attr-defined]  # set_retry_after reads it
+        return unavailable
     if isinstance(exc, Expired):
         return web.HTTPError(410, message)  # Gone: it existed, and retention removed it
     if isinstance(exc, NotFound):

@@ -42,7 +42,7 @@ class EvaluationsHandler(PlexusHandler):
         """List evaluations: ?status=COMPLETED,RUNNING&type=accuracy&limit=20&cursor=..."""
         service = self.runtime.evaluations
         try:
-            views, next_cursor = service.list_evaluations(
+            views, next_cursor = await service.list_evaluations(
                 self.get_argument("status", None), self.get_argument("type", None),
                 limit=self.runtime.manager.parse_limit(self.get_argument("limit", None)),
                 cursor=self.get_argument("cursor", None) or None, viewer=self.principal.viewer,
@@ -74,7 +74,7 @@ class EvaluationsHandler(PlexusHandler):
 class EvaluationHandler(PlexusHandler):
     async def get(self, evaluation_id: str) -> None:
         try:
-            self.reply(self.runtime.evaluations.get(evaluation_id, self.principal.viewer))
+            self.reply(await self.runtime.evaluations.get(evaluation_id, self.principal.viewer))
         except PlexusError as exc:
             raise http_error(exc) from None
 
@@ -84,7 +84,7 @@ class EvaluationResultsHandler(PlexusHandler):
         """Per-item results: ?only_mismatches=true&label=...&score=...&limit=20&cursor=..."""
         service = self.runtime.evaluations
         try:
-            items, next_cursor, asked = service.results(
+            items, next_cursor, asked = await service.results(
                 evaluation_id, only_mismatches=_flag(self, "only_mismatches"),
                 label=self.get_argument("label", None), score=self.get_argument("score", None),
                 limit=self.runtime.manager.parse_limit(self.get_argument("limit", None)),

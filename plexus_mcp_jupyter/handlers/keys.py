@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from ..core.errors import InvalidArgument, PlexusError
 from ..evaluations.service import parse_flag
 from .base import PlexusHandler, http_error
@@ -17,7 +19,9 @@ class KeysHandler(PlexusHandler):
             include_revoked = parse_flag("include_revoked", self.get_argument("include_revoked", None))
         except PlexusError as exc:
             raise http_error(exc) from None
-        self.reply({"keys": [k.to_dict() for k in self.runtime.keys.list(include_revoked=include_revoked)]})
+        keys = await self.runtime.store_calls.run(functools.partial(self.runtime.keys.list,
+                                                                    include_revoked=include_revoked))
+        self.reply({"keys": [k.to_dict() for k in keys]})
 
     async def post(self) -> None:
         """Create a key: {"name", "role": viewer|operator|admin, "expires_in_days"?, "rate_limit"?}.
@@ -46,7 +50,7 @@ class KeyHandler(PlexusHandler):
     async def get(self, key_id: str) -> None:
         self.require("keys")
         try:
-            self.reply(self.runtime.keys.get(key_id).to_dict())
+            self.reply((await self.runtime.store_calls.run(self.runtime.keys.get, key_id)).to_dict())
         except PlexusError as exc:
             raise http_error(exc) from None
 
@@ -65,11 +69,12 @@ class AuditHandler(PlexusHandler):
         self.require("audit")
         runtime = self.runtime
         try:
-            records, next_cursor = runtime.audit.query(
+            records, next_cursor = await runtime.store_calls.run(functools.partial(
+                runtime.audit.query,
                 action=self.get_argument("action", None), outcome=self.get_argument("outcome", None),
                 owner=self.get_argument("owner", None), since=self.get_argument("since", None),
                 limit=runtime.manager.parse_limit(self.get_argument("limit", None)) or 100,
-                cursor=self.get_argument("cursor", None) or None)
+                cursor=self.get_argument("cursor", None) or None))
         except PlexusError as exc:
             raise http_error(exc) from None
         self.reply({"records": records, "next_cursor": next_cursor})

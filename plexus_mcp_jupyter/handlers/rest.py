@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from typing import Any
 
@@ -29,7 +28,7 @@ class TasksHandler(PlexusHandler):
                 viewer=self.principal.viewer,
                 batch=self.get_argument("batch", None),
             )
-            tasks, next_cursor = manager.list_tasks(
+            tasks, next_cursor = await manager.alist_tasks(
                 flt,
                 limit=manager.parse_limit(self.get_argument("limit", None)),
                 cursor=self.get_argument("cursor", None) or None,
@@ -96,13 +95,13 @@ class TaskHandler(PlexusHandler):
         """One task; ?history=true&history_limit=100 adds its progress history."""
         manager = self.runtime.manager
         try:
-            task = manager.get(task_id, self.principal.viewer)
-            data = {**task.to_dict(), **manager.queue_fields(task)}
+            task = await manager.aget(task_id, self.principal.viewer)
+            data = {**task.to_dict(), **await manager.queue_fields(task)}
             if self.get_argument("history", "false").lower() in ("1", "true", "yes"):
                 raw = self.get_argument("history_limit", "100")
                 if not (raw.isascii() and raw.isdigit()):
                     raise InvalidArgument(f"history_limit must be a whole number, not {raw!r}")
-                samples, total = manager.store.history(task_id, limit=manager.check_history_limit(int(raw)))
+                samples, total = await manager.ahistory(task_id, int(raw))
                 data["history"] = [s.to_dict() for s in samples]
                 data["history_total"] = total
         except PlexusError as exc:
@@ -142,7 +141,7 @@ class BulkTasksHandler(PlexusHandler):
                 raise InvalidArgument(f"dry_run must be true or false, not {dry_run!r:.40}")
             self.audit_details.update(operation=self.operation, dry_run=dry_run, **selection.audit_fields())
             if dry_run:
-                found = await asyncio.to_thread(batches.preview, selection, actor, self.operation)
+                found = await batches.preview(selection, actor, self.operation)
                 self.audit_details.update(count=found.count)
                 self.reply(operation_report(batches.bound, preview=found))
                 return
@@ -183,6 +182,6 @@ class BatchHandler(PlexusHandler):
     async def get(self, batch_id: str) -> None:
         """A batch: counts by status, aggregated progress, estimated end (as plexus://batches/{batch_id})."""
         try:
-            self.reply(BatchOperations(self.runtime.manager).status(batch_id, self.principal.viewer))
+            self.reply(await BatchOperations(self.runtime.manager).status(batch_id, self.principal.viewer))
         except PlexusError as exc:
             raise http_error(exc) from None
