@@ -8,11 +8,13 @@ task functions run in an Executor.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
 import logging
 import os
+import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -29,7 +31,7 @@ from .queue import FAIRNESS_MODES, FairClock, QueuedInfo, QueuePolicy, weight
 from .queue import plan as queue_plan
 from .retention import RetentionPolicy, RetentionPruner, expired_message
 from .store import KEY_OWNER_PREFIX, ProgressWrite, Store, TaskFilter, decode_cursor, encode_cursor, owner_visible
-from .store_calls import StoreCalls
+from .store_calls import StoreCalls, store_unavailable
 from .tasks import get_task_type, task_type_names
 
 log = logging.getLogger("plexus_mcp_jupyter")
@@ -81,8 +83,10 @@ class _PendingWrite:
     samples: list[ProgressSample] = field(default_factory=list)
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (kind, summary when it happened)
     final: bool = False
+    changes: int = 0  # decisions added so far: a write that started after the last one wrote everything
 
     def add(self, decision: ProgressDecision) -> None:
+        self.changes += 1
         for stage in decision.changed_stages:
             self.stages[stage.order] = stage
         if decision.sample is not None:
@@ -163,6 +167,12 @@ class TaskManager:
         # How long a claim holds a RUNNING task without a heartbeat (core/leases.py renews it); None: no lease,
         # a task of a gone server is recovered by process id on its host only.
         self.lease_seconds: float | None = None
+        # A networked store (PostgreSQL): the scheduler's and the batched writes' store calls run on one writer
+        # thread, in order, off the event loop (SQLite, a local file, answers in microseconds: they stay on it).
+        self.offload = store.engine.dialect.name != "sqlite"
+        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._scheduling = False  # a scheduling pass is reading or claiming on the writer thread
+        self._flushing = False  # a batched write is being committed on the writer thread
 
     def configure_queue(
         self, *, type_caps: Mapping[str, int] | None = None, fairness: str = "round_robin",
@@ -242,11 +252,21 @@ class TaskManager:
         for task_id in list(self._running):
             self._finish(task_id, exitcode=None)
         self._flush()
+        if self.offload:  # the final writes commit on the writer thread: wait for them (bounded)
+            deadline = time.monotonic() + 10
+            while (self._pending or self._flushing) and time.monotonic() < deadline:
+                if not self._flushing:
+                    self._flush()
+                await asyncio.sleep(0.01)
+        if self._writer is not None:
+            self._writer.shutdown(wait=False)
+            self._writer = None
         self.started = False
 
-    def recover(self) -> None:
-        """Resolve tasks left RUNNING by a server that is gone: fail them, or re-queue idempotent ones."""
-        for task in self.store.tasks_with_status(TaskStatus.RUNNING):
+    def recover(self, running: Sequence[Task] | None = None) -> None:
+        """Resolve tasks left RUNNING by a server that is gone: fail them, or re-queue idempotent ones.
+        `running`: the RUNNING tasks, when the caller read them (off the loop); else they are read here."""
+        for task in self.store.tasks_with_status(TaskStatus.RUNNING) if running is None else running:
             if task.id in self._running or not _owner_gone(task.worker, self.instance, task.lease_expires_at):
                 continue
             # Several servers may notice the same gone server: only the one whose conditional take-over wins
@@ -472,7 +492,7 @@ class TaskManager:
         """True when a scheduling pass right now would start `task` and nothing else: nothing is queued (the
         last pass started every queued task), a slot is free, and the queue model lets it run (its owner's and
         its type's caps, its resources). The common case of a server that keeps up with its callers."""
-        if self._loop is None or self._stopping or not self._queue_empty:
+        if self._loop is None or self._stopping or not self._queue_empty or self._scheduling:
             return False
         if len(self._running) >= self.max_concurrency:
             return False
@@ -751,23 +771,81 @@ class TaskManager:
         self._schedule_pending = True
         self._loop.call_soon(self._schedule)
 
+    async def _write(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` on the writer thread (networked stores): one thread, so the scheduler's claims and the
+        batched progress writes commit in the order they were asked for, each on its own pooled connection."""
+        if self._writer is None:
+            self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="plexus-store-writer")
+        return await asyncio.wrap_future(self._writer.submit(fn, *args))
+
+    async def _store(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """A store call of the manager's own upkeep: on the writer thread for a networked store, else here."""
+        return await self._write(fn, *args) if self.offload else fn(*args)
+
     def _schedule(self) -> None:
-        """One scheduling pass: start what the queue model (core/queue.py) says may start now."""
+        """One scheduling pass: start what the queue model (core/queue.py) says may start now. On a networked
+        store the pass reads and claims on the writer thread (`_schedule_off_loop`); one pass at a time."""
         self._schedule_pending = False
         self._queue_info = None  # positions change with every pass
         if self._stopping or self._loop is None or self._queue_empty or self.max_concurrency - len(self._running) <= 0:
             return
+        if self.offload:
+            if self._scheduling:  # the pass under way ends with another one
+                self._schedule_pending = True
+                return
+            self._scheduling = True
+            self._loop.create_task(self._schedule_off_loop(), name="plexus-schedule")
+            return
         policy = self._policy()
-        running = [state.task for state in self._running.values()]
+        window, cut = self.store.queue_window(per_owner=self._window_per_owner(policy), limit=SCHEDULE_WINDOW)
+        starts = queue_plan(window, [s.task for s in self._running.values()], policy, clock=self._fair).starts
+        started_at = now()
+        won = self._claim(starts, started_at)
+        self._start_claimed(policy, window, cut, starts, won, started_at)
+
+    @staticmethod
+    def _window_per_owner(policy: QueuePolicy) -> int:
         # At most slots+1 tasks per owner and priority: enough for any owner's share of one pass, so one
         # owner's flood never hides the next owner's work, and the read stays bounded.
-        window, cut = self.store.queue_window(per_owner=policy.capacity.get("slots", 0) + 1, limit=SCHEDULE_WINDOW)
-        starts = queue_plan(window, running, policy, clock=self._fair).starts
-        started = 0
-        started_at = now()
-        won = (self.store.claim_many([t.id for t in starts], worker=self.server_id, started_at=started_at,
+        return policy.capacity.get("slots", 0) + 1
+
+    def _claim(self, starts: Sequence[Task], started_at: float) -> set[str]:
+        """Claim the tasks a pass starts (store call: any thread); the ids this server won."""
+        if not starts:
+            return set()
+        return self.store.claim_many([t.id for t in starts], worker=self.server_id, started_at=started_at,
                                      lease_expires_at=self._lease_end(started_at))
-               if starts else set())
+
+    async def _schedule_off_loop(self) -> None:
+        """`_schedule` on a networked store: read the queue and claim on the writer thread, plan and start on
+        the loop. A pass asked for meanwhile runs right after; a store that fails is retried by `_maintain`."""
+        try:
+            policy = self._policy()
+            window, cut = await self._write(functools.partial(
+                self.store.queue_window, per_owner=self._window_per_owner(policy), limit=SCHEDULE_WINDOW))
+            if self._stopping:
+                return
+            policy = self._policy()
+            starts = queue_plan(window, [s.task for s in self._running.values()], policy, clock=self._fair).starts
+            starts = starts[:max(0, self.max_concurrency - len(self._running))]
+            started_at = now()
+            won = await self._write(self._claim, starts, started_at)
+            self._start_claimed(policy, window, cut, starts, won, started_at)
+        except Exception as exc:
+            unavailable = store_unavailable(exc)
+            if unavailable is None:
+                log.exception("Plexus: a scheduling pass failed; the next maintenance tick retries")
+            else:
+                log.warning("Plexus: a scheduling pass could not read the queue: %s", unavailable)
+        finally:
+            self._scheduling = False
+            if self._schedule_pending:
+                self._schedule_pending = False
+                self._schedule()
+
+    def _start_claimed(self, policy: QueuePolicy, window: list[Task], cut: Mapping[Any, int], starts: list[Task],
+                       won: set[str], started_at: float) -> None:
+        started = 0
         for task in starts:
             if task.id not in won:
                 self._schedule_soon()  # another server on this store took it: plan again without it
@@ -776,6 +854,7 @@ class TaskManager:
             task.status, task.started_at, task.worker = TaskStatus.RUNNING, started_at, self.server_id
             self._start(task)
             started += 1
+        self._queue_info = None
         # Every queued task was read and started: until something is queued again, an ending task need not
         # read the queue (see _schedule_soon).
         self._queue_empty = not cut and started == len(window) < SCHEDULE_WINDOW
@@ -813,14 +892,18 @@ class TaskManager:
                     if state.exited is not None and task_id not in self._pending:
                         self._finish(task_id, state.exited)  # its end was not recorded
                 local = [tid for tid, s in self._running.items() if not s.cancel_requested]
-                for task_id in self.store.cancel_requested_ids(local):
+                for task_id in await self._store(self.store.cancel_requested_ids, local):
                     self._request_stop(task_id)
                 if tick % RECOVERY_EVERY == 0:
-                    self.recover()
+                    self.recover(await self._store(self.store.tasks_with_status, TaskStatus.RUNNING))
                 self._queue_empty = False  # other servers sharing the store may have queued tasks
                 self._schedule()
-            except Exception:
-                log.exception("Plexus: task maintenance failed; retrying")
+            except Exception as exc:
+                unavailable = store_unavailable(exc)
+                if unavailable is None:
+                    log.exception("Plexus: task maintenance failed; retrying")
+                else:  # one line per tick while the database is gone, not a traceback
+                    log.warning("Plexus: task maintenance: %s; retrying", unavailable)
 
     # -- worker messages -----------------------------------------------------------------------
 
@@ -900,26 +983,66 @@ class TaskManager:
         """Commit every pending write in one transaction, then publish their events and release ended tasks.
 
         If the store fails, everything stays pending (ended tasks keep their slots) and `_maintain` retries.
+        On a networked store the transaction commits on the writer thread (`_flush_off_loop`), one at a time;
+        what is added meanwhile stays pending for the next one.
         """
         self._flush_scheduled = False
         if not self._pending:
             return
-        batch = list(self._pending.values())
+        if self.offload:
+            if not self._flushing and self._loop is not None:
+                self._flushing = True
+                self._loop.create_task(self._flush_off_loop(), name="plexus-flush")
+            return
+        batch = [(p, p.changes, len(p.samples), len(p.events), p.final) for p in self._pending.values()]
         try:
-            self.store.save_progress_many(
-                [ProgressWrite(p.task, list(p.stages.values()), p.samples, p.final) for p in batch])
+            self.store.save_progress_many([self._write_of(p) for p, *_ in batch])
         except Exception:
             log.exception("Plexus: could not record the progress of %d tasks; retrying", len(batch))
             return
-        self._pending.clear()
+        self._committed(batch)
+
+    @staticmethod
+    def _write_of(pending: _PendingWrite) -> ProgressWrite:
+        return ProgressWrite(pending.task, list(pending.stages.values()), list(pending.samples), pending.final)
+
+    async def _flush_off_loop(self) -> None:
+        batch = [(p, p.changes, len(p.samples), len(p.events), p.final) for p in self._pending.values()]
+        try:
+            await self._write(self.store.save_progress_many, [self._write_of(p) for p, *_ in batch])
+        except Exception as exc:
+            unavailable = store_unavailable(exc)
+            if unavailable is None:
+                log.exception("Plexus: could not record the progress of %d tasks; retrying", len(batch))
+            else:
+                log.warning("Plexus: could not record the progress of %d tasks (%s); retrying", len(batch),
+                            unavailable)
+            return
+        finally:
+            self._flushing = False
+        self._committed(batch)
+        if self._pending:
+            self._flush_soon()
+
+    def _committed(self, batch: list[tuple[_PendingWrite, int, int, int, bool]]) -> None:
+        """After a batched write committed: drop what it wrote from the pending writes (what was added while it
+        was written stays, for the next one), publish its events in order, release the tasks that ended."""
         ended = False
-        for pending in batch:
+        for pending, changes, samples, events, final in batch:
             task = pending.task
-            if pending.final:
+            if final:  # nothing is written after the final write: what came meanwhile goes out with it
+                events = len(pending.events)
+            written, pending.events[:events] = pending.events[:events], []
+            if final or (pending.changes == changes and not pending.events):
+                if self._pending.get(task.id) is pending:
+                    del self._pending[task.id]
+            else:
+                del pending.samples[:samples]  # its stages are written again next time: an idempotent upsert
+            if final:
                 self._running.pop(task.id, None)
                 self._remember_finished(task)
                 ended = True
-            for kind, summary in pending.events:
+            for kind, summary in written:
                 self.bus.publish(kind, "task", task.id, summary)
         if ended:
             self._schedule_soon(slot_freed=True)
