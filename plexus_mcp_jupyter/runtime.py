@@ -38,7 +38,7 @@ from .security.ratelimit import RateLimited, RateLimiter
 from .security.redaction import scrub_logs
 
 log = logging.getLogger("plexus_mcp_jupyter")
-HEALTH_STORE_TIMEOUT = 5.0  # seconds health waits for the store before it reports it unavailable
+HEALTH_STORE_TIMEOUT = 5.0  # most seconds health waits for the store (db_pool_timeout_seconds if less)
 
 
 def make_executor(settings: PlexusSettings) -> Executor:
@@ -288,7 +288,8 @@ class PlexusRuntime:
         read off the event loop, within HEALTH_STORE_TIMEOUT: health answers even when the database does not."""
         counts: dict[str, int] | None = None
         try:
-            counts = await self.store_calls.run(self.manager.counts, timeout=HEALTH_STORE_TIMEOUT)
+            counts = await self.store_calls.run(self.manager.counts,
+                                                timeout=min(HEALTH_STORE_TIMEOUT, self.store_calls.timeout))
             store_status = "ok"
         except StoreUnavailable as exc:
             store_status = str(exc)

@@ -5,6 +5,7 @@ other test."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +14,8 @@ import pytest
 
 from .conftest import poll
 from .postgres import PostgresCluster, cluster_for_tests
+
+PROMPT = 3.0  # seconds within which the loop answers a request that needs no store (generous: a shared machine)
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +69,43 @@ async def test_a_stopped_database_gives_503_and_degraded_health_then_recovers(
         async with mcp_client() as client:
             started = await client.call_tool("run_demo_task", {"items": 3, "item_delay_ms": 0})
             assert not started.is_error, started.content[0].text
+
+
+async def test_a_task_running_while_the_database_is_down_ends_recorded_and_the_loop_keeps_answering(
+    server_url, token, runtime, mcp_client, own_cluster
+):
+    """The task's worker ends while nothing can be written: its slot is held and its end kept in memory (get_task
+    answers from there) until the database returns, then recorded: COMPLETED with all its items, none RUNNING.
+    Meanwhile Jupyter's own /api/status answers at once, and a store read says "unavailable" within the pool
+    timeout (plexus_config: 3 s)."""
+    headers = {"Authorization": f"token {token}"}
+    async with httpx2.AsyncClient(headers=headers, timeout=30) as http, mcp_client() as client:
+        started = await client.call_tool("run_demo_task", {"items": 10, "item_delay_ms": 100})
+        task_id = started.structured_content["task_id"]
+        await poll(lambda: runtime.manager.get(task_id).status.value, lambda s: s == "RUNNING")
+        own_cluster.stop()
+        try:
+            at = time.monotonic()
+            assert (await http.get(server_url + "api/status")).status_code == 200
+            assert time.monotonic() - at < PROMPT
+            at = time.monotonic()
+            missing = await client.call_tool("get_task", {"task_id": "not-in-memory"})
+            assert missing.is_error and "the store is unavailable" in missing.content[0].text
+            assert time.monotonic() - at < 3.0 + PROMPT
+
+            async def in_memory() -> str:
+                got = await client.call_tool("get_task", {"task_id": task_id})
+                assert not got.is_error, got.content[0].text
+                return str(got.structured_content["status"])
+
+            assert await poll(in_memory, lambda s: s == "COMPLETED", timeout=20) == "COMPLETED"
+        finally:
+            own_cluster.start()
+        await poll(
+            lambda: http.get(server_url + "plexus/api/health"),
+            lambda r: r.json()["status"] == "ok" and r.json()["tasks"]["RUNNING"] == 0,
+            timeout=30,
+        )
+        stored = runtime.store.get_task(task_id)
+        assert stored is not None and stored.status.value == "COMPLETED"
+        assert {s.name: s.processed_items for s in stored.stages}["Processing"] == 10
