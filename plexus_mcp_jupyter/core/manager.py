@@ -148,6 +148,7 @@ class TaskManager:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._schedule_pending = False
         self._queue_empty = False  # the last read of the queue found nothing left to start
+        self._queue_version = 0  # counts the changes that may have queued tasks (`_queue_changed`)
         # Writes of running tasks gathered during one turn of the loop, committed together (_flush).
         self._pending: dict[str, _PendingWrite] = {}
         self._flush_scheduled = False
@@ -760,12 +761,17 @@ class TaskManager:
         self._queue_info = None
         self._schedule_soon()
 
+    def _queue_changed(self) -> None:
+        """Tasks may have been queued: the queue is no longer known to be empty (see `_schedule_soon`)."""
+        self._queue_empty = False
+        self._queue_version += 1
+
     def _schedule_soon(self, *, slot_freed: bool = False) -> None:
         """Run the scheduler once the current work is done. `slot_freed`: only a slot came free (a task ended),
         nothing was queued, so a queue seen empty since is not read again (the maintenance tick still reads it,
         for tasks other servers queue on a shared store)."""
         if not slot_freed:
-            self._queue_empty = False
+            self._queue_changed()
         if self._loop is None or self._schedule_pending:
             return
         self._schedule_pending = True
@@ -797,40 +803,40 @@ class TaskManager:
             self._loop.create_task(self._schedule_off_loop(), name="plexus-schedule")
             return
         policy = self._policy()
-        window, cut = self.store.queue_window(per_owner=self._window_per_owner(policy), limit=SCHEDULE_WINDOW)
-        starts = queue_plan(window, [s.task for s in self._running.values()], policy, clock=self._fair).starts
-        started_at = now()
-        won = self._claim(starts, started_at)
-        self._start_claimed(policy, window, cut, starts, won, started_at)
+        running = [s.task for s in self._running.values()]
+        self._start_claimed(policy, *self._read_plan_claim(policy, running, self._fair), exhausted=True)
 
-    @staticmethod
-    def _window_per_owner(policy: QueuePolicy) -> int:
+    def _read_plan_claim(self, policy: QueuePolicy, running: list[Task], clock: FairClock
+                         ) -> tuple[list[Task], dict[tuple[int, str | None], int], list[Task], set[str], float]:
+        """A scheduling pass's store work and plan (any thread: it reads only its arguments and the store): the
+        queue's head, what starts, and which of those this server won the claim of (one transaction)."""
         # At most slots+1 tasks per owner and priority: enough for any owner's share of one pass, so one
         # owner's flood never hides the next owner's work, and the read stays bounded.
-        return policy.capacity.get("slots", 0) + 1
-
-    def _claim(self, starts: Sequence[Task], started_at: float) -> set[str]:
-        """Claim the tasks a pass starts (store call: any thread); the ids this server won."""
-        if not starts:
-            return set()
-        return self.store.claim_many([t.id for t in starts], worker=self.server_id, started_at=started_at,
+        window, cut = self.store.queue_window(per_owner=policy.capacity.get("slots", 0) + 1, limit=SCHEDULE_WINDOW)
+        starts = queue_plan(window, running, policy, clock=clock).starts
+        started_at = now()
+        won = (self.store.claim_many([t.id for t in starts], worker=self.server_id, started_at=started_at,
                                      lease_expires_at=self._lease_end(started_at))
+               if starts else set())
+        return window, cut, starts, won, started_at
 
     async def _schedule_off_loop(self) -> None:
-        """`_schedule` on a networked store: read the queue and claim on the writer thread, plan and start on
-        the loop. A pass asked for meanwhile runs right after; a store that fails is retried by `_maintain`."""
+        """`_schedule` on a networked store: read, plan and claim on the writer thread (one hop, with a copy of
+        the owners' fair clock and of the running tasks), start on the loop. A pass asked for meanwhile runs
+        right after; one that fails is retried by `_maintain`."""
+        version = self._queue_version
         try:
             policy = self._policy()
-            window, cut = await self._write(functools.partial(
-                self.store.queue_window, per_owner=self._window_per_owner(policy), limit=SCHEDULE_WINDOW))
-            if self._stopping:
+            running = [s.task for s in self._running.values()]
+            window, cut, starts, won, started_at = await self._write(
+                self._read_plan_claim, policy, running, self._fair.copy())
+            if self._stopping:  # claimed for nothing: back to the queue, for the next server
+                for task_id in won:
+                    await self._write(self.store.requeue, task_id)
                 return
-            policy = self._policy()
-            starts = queue_plan(window, [s.task for s in self._running.values()], policy, clock=self._fair).starts
-            starts = starts[:max(0, self.max_concurrency - len(self._running))]
-            started_at = now()
-            won = await self._write(self._claim, starts, started_at)
-            self._start_claimed(policy, window, cut, starts, won, started_at)
+            # Tasks queued while the pass ran were not in its window: the queue is not known to be empty.
+            self._start_claimed(policy, window, cut, starts, won, started_at,
+                                exhausted=self._queue_version == version)
         except Exception as exc:
             unavailable = store_unavailable(exc)
             if unavailable is None:
@@ -844,7 +850,7 @@ class TaskManager:
                 self._schedule()
 
     def _start_claimed(self, policy: QueuePolicy, window: list[Task], cut: Mapping[Any, int], starts: list[Task],
-                       won: set[str], started_at: float) -> None:
+                       won: set[str], started_at: float, *, exhausted: bool) -> None:
         started = 0
         for task in starts:
             if task.id not in won:
@@ -857,7 +863,7 @@ class TaskManager:
         self._queue_info = None
         # Every queued task was read and started: until something is queued again, an ending task need not
         # read the queue (see _schedule_soon).
-        self._queue_empty = not cut and started == len(window) < SCHEDULE_WINDOW
+        self._queue_empty = exhausted and not cut and started == len(window) < SCHEDULE_WINDOW
 
     def _start(self, task: Task) -> None:
         state = _RunState(task, ProgressTracker(task, write_interval=self.progress_write_interval))
@@ -896,7 +902,7 @@ class TaskManager:
                     self._request_stop(task_id)
                 if tick % RECOVERY_EVERY == 0:
                     self.recover(await self._store(self.store.tasks_with_status, TaskStatus.RUNNING))
-                self._queue_empty = False  # other servers sharing the store may have queued tasks
+                self._queue_changed()  # other servers sharing the store may have queued tasks
                 self._schedule()
             except Exception as exc:
                 unavailable = store_unavailable(exc)
