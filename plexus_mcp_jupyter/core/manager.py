@@ -173,6 +173,7 @@ class TaskManager:
         self.offload = store.engine.dialect.name != "sqlite"
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
         self._scheduling = False  # a scheduling pass is reading or claiming on the writer thread
+        self._starting: dict[str, Task] = {}  # started at once by adispatch, their insert under way
         self._flushing = False  # a batched write is being committed on the writer thread
 
     def configure_queue(
@@ -451,9 +452,20 @@ class TaskManager:
         return page, (encode_cursor(next_key, flt) if next_key else None)
 
     async def ahistory(self, task_id: str, limit: int) -> tuple[list[ProgressSample], int]:
-        """A task's most recent progress samples (at most `limit`) and how many there are, read off the loop."""
-        read = functools.partial(self.store.history, task_id, limit=self.check_history_limit(limit))
-        return await self.calls.run(read)
+        """A task's most recent progress samples (at most `limit`) and how many there are, read off the loop.
+
+        A task running here may have samples not written yet (a batched write waits, or is under way on the
+        writer thread) while `aget` already shows its state from memory: they are added, so that the history
+        agrees with the task. Taken before the read, and those the read already found are left out."""
+        limit = self.check_history_limit(limit)
+        pending = self._pending.get(task_id)
+        unwritten = list(pending.samples) if pending is not None else []
+        samples, total = await self.calls.run(functools.partial(self.store.history, task_id, limit=limit))
+        if unwritten:
+            stored = {(s.at, s.stage, s.processed) for s in samples}
+            extra = [s for s in unwritten if (s.at, s.stage, s.processed) not in stored]
+            samples, total = (samples + extra)[-limit:], total + len(extra)
+        return samples, total
 
     def counts(self) -> dict[str, int]:
         counts = {s.value: 0 for s in TaskStatus}
@@ -483,8 +495,46 @@ class TaskManager:
         task = self.new_task(type, params, priority=priority, owner=owner, description=description,
                              internal=internal, role=role)
         if self._starts_at_once(task):
-            return self._create_started(task)
+            created = self._claim_at_once(task)
+            self.store.create_task(task)
+            return self._started_at_once(task, created)
         self.store.create_task(task)
+        return self._queued(task)
+
+    async def adispatch(
+        self,
+        type: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        priority: int = 0,
+        owner: str | None = None,
+        description: str | None = None,
+        internal: bool = False,
+        role: str | None = None,
+    ) -> Task:
+        """`dispatch` for the faces: on a networked store its reads and its insert run on the writer thread (after
+        the writes asked before it), and it returns once the row exists (a `get_task` right after finds it).
+        A task started at once holds its slot meanwhile (`_starting`), so no other start takes it."""
+        if not self.offload:
+            return self.dispatch(type, params, priority=priority, owner=owner, description=description,
+                                 internal=internal, role=role)
+        if self._key_capped(owner):
+            await self._write(self.check_key_cap, owner, 1)
+        task = self.new_task(type, params, priority=priority, owner=owner, description=description,
+                             internal=internal, role=role)
+        if not self._starts_at_once(task):
+            await self._write(self.store.create_task, task)
+            return self._queued(task)
+        created = self._claim_at_once(task)
+        self._starting[task.id] = task
+        try:
+            await self._write(self.store.create_task, task)
+        finally:
+            del self._starting[task.id]
+        return self._started_at_once(task, created)
+
+    def _queued(self, task: Task) -> Task:
+        """Announce a task just stored QUEUED, and let the scheduler look at the queue."""
         self.bus.publish("task.created", "task", task.id, task.summary())
         self.queue_changed()
         return task
@@ -495,28 +545,38 @@ class TaskManager:
         its type's caps, its resources). The common case of a server that keeps up with its callers."""
         if self._loop is None or self._stopping or not self._queue_empty or self._scheduling:
             return False
-        if len(self._running) >= self.max_concurrency:
+        if len(self._running) + len(self._starting) >= self.max_concurrency:
             return False
-        running = [state.task for state in self._running.values()]
+        running = self._running_tasks()
         return bool(queue_plan([task], running, self._policy(), clock=self._fair).starts)
 
-    def _create_started(self, task: Task) -> Task:
-        """Store `task` already claimed by this server (one insert, no queue read and no claim), announce it
-        as created and started, and return it as it was created (QUEUED: what the caller asked for)."""
+    def _running_tasks(self) -> list[Task]:
+        """The tasks running here, and those being stored already started (`adispatch`): what a plan counts."""
+        return [state.task for state in self._running.values()] + list(self._starting.values())
+
+    def _claim_at_once(self, task: Task) -> Task:
+        """Make `task` claimed by this server, to be stored so (one insert, no queue read and no claim); returns
+        it as it was created (QUEUED: what the caller asked for)."""
         created = dataclasses.replace(task)
         task.status, task.started_at, task.worker = TaskStatus.RUNNING, now(), self.server_id
         task.lease_expires_at = self._lease_end(task.started_at)
-        self.store.create_task(task)
+        return created
+
+    def _started_at_once(self, task: Task, created: Task) -> Task:
+        """Once `task` is stored claimed: announce it as created and started, and start it."""
         self.bus.publish("task.created", "task", task.id, created.summary())
         self._fair.commit(task.owner, weight(task, self._policy()))
         self._queue_info = None
         self._start(task)
         return created
 
+    def _key_capped(self, owner: str | None) -> bool:
+        return bool(self.max_unfinished_per_key and owner is not None and owner.startswith(KEY_OWNER_PREFIX))
+
     def check_key_cap(self, owner: str | None, adding: int) -> None:
         """InvalidArgument when an API key would have more than max_tasks_per_key unfinished tasks with
         `adding` more (a batch counts whole: it is refused, never cut)."""
-        if self.max_unfinished_per_key and owner is not None and owner.startswith(KEY_OWNER_PREFIX):
+        if self._key_capped(owner):
             unfinished = self.store.count_tasks(TaskFilter(
                 statuses=(TaskStatus.PENDING, TaskStatus.QUEUED, TaskStatus.RUNNING), owner=owner))
             if unfinished + adding > self.max_unfinished_per_key:
@@ -793,7 +853,8 @@ class TaskManager:
         store the pass reads and claims on the writer thread (`_schedule_off_loop`); one pass at a time."""
         self._schedule_pending = False
         self._queue_info = None  # positions change with every pass
-        if self._stopping or self._loop is None or self._queue_empty or self.max_concurrency - len(self._running) <= 0:
+        if (self._stopping or self._loop is None or self._queue_empty
+                or self.max_concurrency - len(self._running) - len(self._starting) <= 0):
             return
         if self.offload:
             if self._scheduling:  # the pass under way ends with another one
@@ -803,7 +864,7 @@ class TaskManager:
             self._loop.create_task(self._schedule_off_loop(), name="plexus-schedule")
             return
         policy = self._policy()
-        running = [s.task for s in self._running.values()]
+        running = self._running_tasks()
         self._start_claimed(policy, *self._read_plan_claim(policy, running, self._fair), exhausted=True)
 
     def _read_plan_claim(self, policy: QueuePolicy, running: list[Task], clock: FairClock
@@ -827,7 +888,7 @@ class TaskManager:
         version = self._queue_version
         try:
             policy = self._policy()
-            running = [s.task for s in self._running.values()]
+            running = self._running_tasks()
             window, cut, starts, won, started_at = await self._write(
                 self._read_plan_claim, policy, running, self._fair.copy())
             if self._stopping:  # claimed for nothing: back to the queue, for the next server

@@ -151,7 +151,8 @@ def register_tools(server: MCPServer, manager: TaskManager) -> None:
     ) -> Annotated[CallToolResult, DispatchResult]:
         params = {"items": items, "item_delay_ms": item_delay_ms, "fail": fail, "fail_at": fail_at, "seed": seed}
         principal = current_principal()
-        task = manager.dispatch("demo", params, priority=priority, owner=principal.owner, role=principal.role.value)
+        task = await manager.adispatch("demo", params, priority=priority, owner=principal.owner,
+                                       role=principal.role.value)
         if progress_token(ctx) is not None:
             # The caller asked for progress: stream it until the task ends (cancelling the call
             # cancels the task), then answer with the outcome.

@@ -49,7 +49,7 @@ class TasksHandler(PlexusHandler):
             return
         try:
             body = _dispatch_body(body)
-            task = self.runtime.manager.dispatch(
+            task = await self.runtime.manager.adispatch(
                 body["type"], body["params"], priority=body["priority"], owner=self.identity,
                 description=body["description"], role=self.principal.role.value,
             )
