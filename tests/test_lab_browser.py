@@ -198,8 +198,12 @@ def test_the_status_bar_the_palette_and_the_keyboard_reach_the_panel(page, lab):
     assert page.get_attribute(".plexus-tab-tasks", "aria-selected") == "true"
     assert page.get_attribute(".plexus-statusbar", "aria-label").startswith("Plexus: ")
     page.keyboard.press("Control+Shift+C")  # the command palette
-    page.keyboard.type("Plexus: Connect an Assistant")
-    page.keyboard.press("Enter")
+    palette = page.locator(".jp-ModalCommandPalette .lm-CommandPalette-input")
+    palette.wait_for(state="visible", timeout=15000)  # under load the palette opens after the key press returns
+    palette.fill("Plexus: Connect an Assistant")
+    page.locator(".jp-ModalCommandPalette .lm-CommandPalette-item", has_text="Connect an Assistant").first.wait_for(
+        timeout=15000)
+    palette.press("Enter")
     wait_for(lambda: page.get_attribute(".plexus-tab-connect", "aria-selected"), lambda selected: selected == "true")
     page.focus(".plexus-tab-tasks")
     page.keyboard.press("ArrowRight")
