@@ -15,22 +15,25 @@ from typing import Annotated, Any
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 from mcp.types import CallToolResult, ToolAnnotations
-from pydantic import Field
+from pydantic import BeforeValidator, Field, WithJsonSchema
 
 from ..core.batches import SAMPLE_SIZE, Actor, BatchOperations, Selection, batch_uri, operation_report
 from ..core.errors import NotFound
 from ..core.manager import MAX_PRIORITY, MIN_PRIORITY, CancelOutcome, TaskManager
 from ..core.models import TaskStatus
 from ..security.audit import note_for_audit
+from .arguments import STATUS_NAMES, comma_list, names_schema
 from .principal import current_principal
 from .schemas import BatchDispatchResult, OperationResult, TaskSpec
 from .tools import client_errors, result
 
 # The selection every bulk tool takes.
-TaskIds = Annotated[list[str] | None, Field(description="Ids of the tasks to act on (at most max_batch_size)")]
-Statuses = Annotated[list[TaskStatus] | None, Field(description="Filter: only tasks with these statuses (default: "
-                                                    "those the operation can change)")]
-Types = Annotated[list[str] | None, Field(description="Filter: only tasks of these types")]
+TaskIds = Annotated[list[str] | None, BeforeValidator(comma_list), WithJsonSchema(names_schema(
+    "Ids of the tasks to act on (full ids, as list_tasks shows them; at most max_batch_size)"))]
+Statuses = Annotated[list[str] | None, BeforeValidator(comma_list), WithJsonSchema(names_schema(
+    "Filter: only tasks with these statuses (default: those the operation can change)", STATUS_NAMES))]
+Types = Annotated[list[str] | None, BeforeValidator(comma_list), WithJsonSchema(names_schema(
+    "Filter: only tasks of these types"))]
 Owner = Annotated[str | None, Field(max_length=128, description="Filter: only this owner's tasks (admins; others "
                                     "always act on their own tasks only)")]
 CreatedAfter = Annotated[str | None, Field(max_length=64, description="Filter: created at or after this ISO 8601 "
@@ -41,10 +44,10 @@ DryRun = Annotated[bool, Field(description=f"Only count what would be acted on (
                                "change nothing")]
 
 
-def selection_of(task_ids: list[str] | None, status: list[TaskStatus] | None, type: list[str] | None,
+def selection_of(task_ids: list[str] | None, status: list[str] | None, type: list[str] | None,
                  owner: str | None, created_after: str | None, created_before: str | None,
                  batch: str | None) -> Selection:
-    return Selection(task_ids=tuple(task_ids or ()), status=tuple(s.value for s in status or ()),
+    return Selection(task_ids=tuple(task_ids or ()), status=tuple(TaskStatus.parse(s).value for s in status or ()),
                      type=tuple(type or ()), owner=owner or None, created_after=created_after or None,
                      created_before=created_before or None, batch=batch or None)
 
