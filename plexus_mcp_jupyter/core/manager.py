@@ -151,6 +151,8 @@ class TaskManager:
         self._durations: dict[str, deque[float]] = {}
         self._fair = FairClock()  # how owners have shared the starts so far
         self._queue_info: tuple[dict[str, QueuedInfo], dict[str, int]] | None = None  # per scheduling pass
+        # Called with (task id, level, line) for each line a task logs (ctx.log, its warnings), on the loop.
+        self.log_listeners: list[Callable[[str, str, str], None]] = []
 
     def configure_queue(
         self, *, type_caps: Mapping[str, int] | None = None, fairness: str = "round_robin",
@@ -737,8 +739,14 @@ class TaskManager:
             _, processed, message = msg
             self._apply(state, state.tracker.advance_to(int(processed), at, message), "task.updated")
         elif kind == "log":
-            state.log_tail.append(str(msg[1]))
+            line = str(msg[1])
+            state.log_tail.append(line)
             del state.log_tail[:-50]
+            for listener in self.log_listeners:  # e.g. MCP log messages (endpoint/task_logs.py)
+                try:
+                    listener(task_id, str(msg[2]) if len(msg) > 2 else "info", line)
+                except Exception:
+                    log.exception("Plexus: a task log listener failed")
         elif kind in ("done", "error", "cancelled"):
             state.final = msg
         elif kind == "request":

@@ -914,3 +914,17 @@ def _sample_row(sample: ProgressSample) -> dict[str, Any]:
         "total": sample.total,
         "message": sample.message,
     }
+
+
+def values_with_prefix(engine: sa.Engine, column: Any, owner_column: Any, created_column: Any, prefix: str,
+                       viewer: str | None, limit: int) -> list[str]:
+    """Distinct values of `column` (an id) starting with `prefix`, newest first, at most `limit`, of the rows a
+    caller with owner `viewer` (None: an admin) may see: what completion offers for an id argument."""
+    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    query = (sa.select(column, sa.func.max(created_column).label("newest")).where(column.is_not(None))
+             .where(column.like(escaped + "%", escape="\\")).group_by(column)
+             .order_by(sa.desc("newest"), column).limit(limit))
+    if viewer is not None:
+        query = query.where(visible_to(owner_column, viewer))
+    with engine.connect() as conn:
+        return [str(row[0]) for row in conn.execute(query)]

@@ -12,7 +12,7 @@ import json
 from collections import Counter
 from typing import Annotated, Any
 
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 from mcp.types import CallToolResult, ToolAnnotations
 from pydantic import BeforeValidator, Field, WithJsonSchema
@@ -25,6 +25,7 @@ from ..security.audit import note_for_audit
 from .arguments import STATUS_NAMES, comma_list, names_schema
 from .principal import current_principal
 from .schemas import BatchDispatchResult, OperationResult, TaskSpec
+from .task_logs import TaskLogs
 from .tools import client_errors, result
 
 # The selection every bulk tool takes.
@@ -52,7 +53,7 @@ def selection_of(task_ids: list[str] | None, status: list[str] | None, type: lis
                      created_before=created_before or None, batch=batch or None)
 
 
-def register_batch_tools(server: MCPServer, manager: TaskManager) -> None:
+def register_batch_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs | None = None) -> None:
     batches = BatchOperations(manager)
     changes = ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False)
 
@@ -89,11 +90,14 @@ def register_batch_tools(server: MCPServer, manager: TaskManager) -> None:
     )
     @client_errors
     async def dispatch_batch(
+        ctx: Context,
         tasks: Annotated[list[TaskSpec], Field(min_length=1, description="The task specs, in order")],
     ) -> Annotated[CallToolResult, BatchDispatchResult]:
         note_for_audit(operation="dispatch", tasks=len(tasks), types=dict(Counter(t.type for t in tasks)))
         created = await batches.dispatch([t.model_dump() for t in tasks], current_principal().actor)
         batch_id = created[0].batch_id or ""
+        if logs is not None:
+            logs.started(ctx, [t.id for t in created])
         note_for_audit(batch_id=batch_id, count=len(created))
         out = {"batch_id": batch_id, "task_ids": [t.id for t in created], "status": TaskStatus.QUEUED.value,
                "resource_uri": batch_uri(batch_id)}

@@ -24,6 +24,7 @@ from .arguments import PageSize, annotated, comma_list, names_schema, page_size
 from .principal import current_principal
 from .progress import follow_to_end, progress_token
 from .schemas import DatasetList, EvaluationDetail, EvaluationPage, EvaluationResults, ScorerList
+from .task_logs import TaskLogs
 from .tools import client_errors, result
 
 JSON = "application/json"
@@ -76,7 +77,7 @@ EvaluationTypes = Annotated[list[str] | None, BeforeValidator(comma_list), WithJ
     "Only evaluations of these types", EVALUATION_TYPES))]
 
 
-def register_evaluation_tools(server: MCPServer, service: EvaluationService) -> None:
+def register_evaluation_tools(server: MCPServer, service: EvaluationService, logs: TaskLogs | None = None) -> None:
     max_page = service.manager.max_page_size
     read_only = ToolAnnotations(read_only_hint=True, open_world_hint=False)
 
@@ -128,8 +129,10 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService) -> 
             sample_n=sample_n, sample_fraction=sample_fraction, seed=seed, runs=runs, priority=priority,
             owner=principal.owner, trusted=principal.is_admin, role=principal.role.value,
         )
+        if logs is not None:
+            logs.started(ctx, [task.id])
         if progress_token(ctx) is not None:
-            return evaluation_outcome(service, await follow_to_end(ctx, service.manager, task.id))
+            return evaluation_outcome(service, await follow_to_end(ctx, service.manager, task.id, logs))
         return result(f"Started evaluation {view['evaluation_id']} ({type} on {view['dataset']}); follow it with "
                       "get_evaluation.", view)
 

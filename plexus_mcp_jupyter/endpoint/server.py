@@ -21,10 +21,13 @@ from ..evaluations.service import EvaluationService
 from ..security.audit import AuditLog, audit_notes
 from ..security.identity import TOOL_ACTIONS
 from .batch_tools import register_batch_tools
+from .completion import install_completion
 from .evaluation_tools import evaluation_outcome, register_evaluation_tools
 from .principal import acting_as, current_principal, principal_of
+from .prompts import register_prompts
 from .resources import register_resources
 from .subscriptions import ResourceWatch, install_subscriptions
+from .task_logs import TaskLogs, install_logging
 from .tasks_ext import PlexusTasks, install_task_capability
 from .tools import TASK_TOOLS, outcome_result, register_tools, short
 
@@ -207,15 +210,22 @@ def build_mcp_server(
     root.setLevel(level)
     for name in ("mcp", "sse_starlette"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    register_tools(server, manager)
-    register_batch_tools(server, manager)
+    logs = TaskLogs(audit.scrubber.scrub if audit is not None else None)
+    register_tools(server, manager, logs)
+    register_batch_tools(server, manager, logs)
     register_resources(server, manager)
     if evaluations is not None:
-        register_evaluation_tools(server, evaluations)
+        register_evaluation_tools(server, evaluations, logs)
+    register_prompts(server)
     install_task_capability(server._lowlevel_server)
-    if manager is not None:  # None when only the schemas are wanted (docs.py)
+    install_logging(server, logs)
+    if manager is not None:  # None when only the schemas are wanted
+        install_completion(server, manager, evaluations)
+        manager.log_listeners.append(logs.on_line)
         watch = ResourceWatch(manager, evaluations)
         tasks.follow_status = watch.follow_status
         install_subscriptions(server, watch, outcome)
         server.resource_watch = watch  # type: ignore[attr-defined]
+        logs.subscribers = watch.sessions_following
+    server.task_logs = logs  # type: ignore[attr-defined]
     return server

@@ -302,6 +302,10 @@ class ResourceWatch:
         self._streams.discard(follower)
         self._close(follower)
 
+    def sessions_following(self, task_id: str) -> list[Any]:
+        """The sessions (connections) subscribed to this task's own resource."""
+        return [connection for connection, follower in self._sessions.items() if task_id in follower.by_task]
+
     @property
     def session_count(self) -> int:
         return len(self._sessions)

@@ -24,6 +24,7 @@ from .arguments import PageSize, TaskStatuses, TaskTypes, annotated, page_size
 from .principal import current_principal
 from .progress import final_summary, follow_to_end, progress_token
 from .schemas import DispatchResult, TaskDetail, TaskPage, task_uri
+from .task_logs import TaskLogs
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -117,7 +118,7 @@ def outcome_result(task: Task) -> CallToolResult:
 TASK_TOOLS = ("run_demo_task",)  # tools whose result names the task they started: they can run as MCP tasks
 
 
-def register_tools(server: MCPServer, manager: TaskManager) -> None:
+def register_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs | None = None) -> None:
     max_page = manager.max_page_size if manager is not None else 100
     read_only = ToolAnnotations(read_only_hint=True, open_world_hint=False)
 
@@ -155,10 +156,12 @@ def register_tools(server: MCPServer, manager: TaskManager) -> None:
         params = {"items": items, "item_delay_ms": item_delay_ms, "fail": fail, "fail_at": fail_at, "seed": seed}
         principal = current_principal()
         task = manager.dispatch("demo", params, priority=priority, owner=principal.owner, role=principal.role.value)
+        if logs is not None:
+            logs.started(ctx, [task.id])
         if progress_token(ctx) is not None:
             # The caller asked for progress: stream it until the task ends (cancelling the call
             # cancels the task), then answer with the outcome.
-            return outcome_result(await follow_to_end(ctx, manager, task.id))
+            return outcome_result(await follow_to_end(ctx, manager, task.id, logs))
         out = DispatchResult.model_validate(final_summary(task))
         return result(f"Queued demo task {task.id} ({items} items); follow it with get_task.", out)
 
