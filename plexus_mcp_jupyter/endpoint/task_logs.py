@@ -32,8 +32,7 @@ from mcp.types import (
     LoggingMessageNotificationParams,
     SetLevelRequestParams,
 )
-
-from .tasks_ext import is_modern
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
@@ -99,7 +98,7 @@ class TaskLogs:
     def started(self, ctx: Any, task_ids: list[str]) -> None:
         """A tool call of this (legacy) session started these tasks: their lines go to it."""
         connection = _connection_of(ctx)
-        if connection is None or is_modern(connection.protocol_version):
+        if connection is None or connection.protocol_version in MODERN_PROTOCOL_VERSIONS:
             return
         ref = weakref.ref(connection)
         for task_id in task_ids:
@@ -116,7 +115,7 @@ class TaskLogs:
             return None
         session = request.session
         protocol = session._connection.protocol_version
-        if not is_modern(protocol):
+        if protocol not in MODERN_PROTOCOL_VERSIONS:
             return None
         allowed = allowed_log_levels(protocol, request.meta)
         if not allowed:
@@ -151,7 +150,7 @@ class TaskLogs:
     def on_line(self, task_id: str, level: str, line: str) -> None:
         """TaskManager's log listener (on the event loop): one line of a task."""
         receivers = list(self._calls.get(task_id, ()))
-        connections = [c for c in self.subscribers(task_id) if not is_modern(c.protocol_version)]
+        connections = [c for c in self.subscribers(task_id) if c.protocol_version not in MODERN_PROTOCOL_VERSIONS]
         ref = self._started.get(task_id)
         starter = ref() if ref is not None else None
         if starter is not None and starter not in connections:
