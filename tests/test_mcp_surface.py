@@ -8,10 +8,13 @@ End to end: the official SDK client over real HTTP against the real Jupyter serv
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from mcp.shared.exceptions import MCPError
 from mcp.types import PromptReference, ResourceTemplateReference
+
+from plexus_mcp_jupyter.docs import main as docs_main
 
 from .conftest import LEGACY, MODERN, open_client, poll, registered_task_types
 from .test_mcp_tools import ALL_TOOLS
@@ -326,3 +329,28 @@ async def test_a_task_warning_reaches_the_session_as_a_warning(mcp_client, runti
             await poll(lambda: received, bool)
     assert received[0].level == "warning" and received[0].data["task_id"] == task_id
     assert received[0].data["lines"][0].startswith("UserWarning: the data looks odd (task_functions.py:")
+
+
+# -- the generated docs ----------------------------------------------------------------------------------
+
+
+async def test_the_docs_list_every_tool_resource_and_prompt_the_server_serves(mcp_client, runtime):
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    tools_md, resources_md, prompts_md = ((docs / n).read_text() for n in ("tools.md", "resources.md", "prompts.md"))
+    async with mcp_client() as client:  # the notebook user: an admin, who is shown everything
+        for tool in (await client.list_tools()).tools:
+            assert f"## `{tool.name}`" in tools_md
+        for resource in (await client.list_resources()).resources:
+            assert f"`{resource.uri}`" in resources_md
+        for resource_template in (await client.list_resource_templates()).resource_templates:
+            assert f"`{resource_template.uri_template}`" in resources_md
+        for listed in (await client.list_prompts()).prompts:
+            assert f"## `{listed.name}`" in prompts_md
+
+
+def test_the_docs_check_fails_when_a_tool_is_missing(tmp_path):
+    assert docs_main(["--out", str(tmp_path)]) == 0
+    tools = (tmp_path / "tools.md").read_text()
+    start = tools.index("## `create_evaluation`")
+    (tmp_path / "tools.md").write_text(tools[:start] + tools[tools.index("## ", start + 3):])
+    assert docs_main(["--check", "--out", str(tmp_path)]) == 1

@@ -37,7 +37,7 @@ def register_resources(server: MCPServer, manager: TaskManager) -> None:
         name="tasks",
         title="Tasks",
         description=(
-            "Tasks, newest first. status and type take comma-separated names; batch a batch id; limit 1-100; "
+            "Tasks, newest first. status and type take comma-separated names; batch a batch id; limit 1 to max_page_size; "
             "cursor is the next_cursor of the previous page."
         ),
         mime_type=JSON,
