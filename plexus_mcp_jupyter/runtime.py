@@ -111,6 +111,9 @@ class PlexusRuntime:
             event_store_size=settings.event_store_size,
             event_store_bytes=settings.event_store_bytes,
         )
+        telemetry = getattr(self.mcp, "telemetry", None)
+        if telemetry is not None:
+            telemetry.sessions = lambda: self.endpoint.session_count
         self._started = False
         self._log_scrubbers: list[Callable[[], None]] = []  # detach functions (see protect_secret)
 

@@ -7,14 +7,18 @@ End to end: the official SDK client over real HTTP against the real Jupyter serv
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
+import httpx2
+import pandas as pd
 import pytest
 from mcp.shared.exceptions import MCPError
 from mcp.types import PromptReference, ResourceTemplateReference
 
 from plexus_mcp_jupyter.docs import main as docs_main
+from plexus_mcp_jupyter.evaluations.datasets import EXAMPLES_DIR
 
 from .conftest import LEGACY, MODERN, open_client, poll, registered_task_types
 from .test_mcp_tools import ALL_TOOLS
@@ -354,3 +358,65 @@ def test_the_docs_check_fails_when_a_tool_is_missing(tmp_path):
     start = tools.index("## `create_evaluation`")
     (tmp_path / "tools.md").write_text(tools[:start] + tools[tools.index("## ", start + 3):])
     assert docs_main(["--check", "--out", str(tmp_path)]) == 1
+
+
+# -- metrics ---------------------------------------------------------------------------------------------
+
+
+async def test_jupyter_metrics_carry_tool_calls_tasks_queue_and_sessions(mcp_client, runtime, server_url, token):
+    async with mcp_client() as client:
+        task_id = (await client.call_tool("run_demo_task", {"items": 1, "item_delay_ms": 0})).structured_content[
+            "task_id"]
+        await poll(lambda: client.call_tool("get_task", {"task_id": task_id}),
+                   lambda r: r.structured_content["status"] == "COMPLETED")
+        await client.call_tool("get_task", {"task_id": "no-such-task"})
+
+        async def scrape() -> str:
+            async with httpx2.AsyncClient(headers={"Authorization": f"token {token}"}) as http:
+                response = await http.get(f"{server_url}metrics")
+            assert response.status_code == 200
+            return response.text
+
+        text = await poll(scrape, lambda t: 'plexus_tasks{status="COMPLETED",type="demo"} 1.0' in t, timeout=30)
+        assert re.search(r'plexus_tool_calls_total\{outcome="ok",tool="get_task"\} [1-9]', text)
+        assert re.search(r'plexus_tool_calls_total\{outcome="error",tool="get_task"\} [1-9]', text)
+        assert 'plexus_tool_call_seconds_bucket{le="0.005",tool="run_demo_task"}' in text
+        assert "plexus_queue_depth 0.0" in text and "plexus_running_tasks" in text
+        assert re.search(r"plexus_mcp_sessions [1-9]", text)  # this client's session, while it is open
+    async with httpx2.AsyncClient() as http:  # Jupyter's own rule: /metrics needs its credentials
+        assert (await http.get(f"{server_url}metrics")).status_code == 403
+
+
+async def test_the_metrics_resource_shows_activity_to_admins_only(mcp_url, token, runtime, keys):
+    async with open_client(mcp_url, token) as client:
+        await client.call_tool("list_tasks", {"status": "DONE"})
+        await client.call_tool("list_tasks", {})
+        await client.subscribe_resource("plexus://tasks")
+        runtime.audit.flush()
+        metrics = json.loads((await client.read_resource("plexus://metrics")).contents[0].text)  # type: ignore[union-attr]
+        assert metrics["tools"]["list_tasks"]["calls"] == {"error": 1, "ok": 1}
+        assert metrics["tools"]["list_tasks"]["samples"] == 2 and metrics["tools"]["list_tasks"]["p50_ms"] > 0
+        assert metrics["tasks"]["by_status"]["QUEUED"] == 0 and metrics["queue_depth"] == 0
+        assert metrics["sessions"] >= 1 and metrics["subscriptions"] == 1
+        assert metrics["resources"]["rss_mb"] > 0
+    async with open_client(mcp_url, keys["operator"]) as client:
+        mine = json.loads((await client.read_resource("plexus://metrics")).contents[0].text)  # type: ignore[union-attr]
+    assert set(mine) == {"queue_depth", "running", "resources"}
+
+
+async def test_metrics_count_evaluation_items_and_update_latency(mcp_client, runtime):
+    async with mcp_client() as client:
+        created = await client.call_tool("create_evaluation", {"type": "accuracy", "dataset": "example:topics",
+                                                                "prediction_column": "prediction"})
+        evaluation_id = created.structured_content["evaluation_id"]
+        await client.subscribe_resource(f"plexus://evaluations/{evaluation_id}")
+        await poll(lambda: client.call_tool("get_evaluation", {"evaluation_id": evaluation_id}),
+                   lambda r: r.structured_content["status"] == "COMPLETED")
+
+        async def metrics():
+            return json.loads((await client.read_resource("plexus://metrics")).contents[0].text)  # type: ignore[union-attr]
+
+        figures = await poll(metrics, lambda m: m["update_latency_ms"]["samples"] > 0)
+        rows = created.structured_content["total_items"] or len(pd.read_csv(EXAMPLES_DIR / "topics.csv"))
+        assert figures["evaluations"]["items_scored"] == rows
+        assert figures["update_latency_ms"]["p50_ms"] >= 0

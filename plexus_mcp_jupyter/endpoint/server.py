@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 from mcp.server.mcpserver import MCPServer
@@ -20,12 +21,13 @@ from ..core.models import Task
 from ..evaluations.service import EvaluationService
 from ..security.audit import AuditLog, audit_notes
 from ..security.identity import TOOL_ACTIONS
+from ..telemetry import Telemetry
 from .batch_tools import register_batch_tools
 from .completion import install_completion
 from .evaluation_tools import evaluation_outcome, register_evaluation_tools
 from .principal import acting_as, current_principal, principal_of
 from .prompts import register_prompts
-from .resources import register_resources
+from .resources import register_metrics_resource, register_resources
 from .subscriptions import ResourceWatch, install_subscriptions
 from .task_logs import TaskLogs, install_logging
 from .tasks_ext import PlexusTasks, install_task_capability
@@ -85,6 +87,7 @@ class PlexusMCPServer(MCPServer):
         """Check, run and audit one tool call (every call is recorded, with its outcome). A tool may note what
         to record instead of its arguments (note_for_audit): batch operations note their filter and count."""
         outcome = "error"
+        started = time.perf_counter()
         with audit_notes() as note:
             try:
                 result = await self._call_tool(name, arguments, context)
@@ -105,7 +108,8 @@ class PlexusMCPServer(MCPServer):
                                    if isinstance(arguments, dict) and k in arguments), None)
                     self.audit.record(current_principal(), f"tool.{name}", target=target, outcome=outcome,
                                       client=client[0] if client else None,
-                                      details=dict(note) if note else {"arguments": arguments})
+                                      details=dict(note) if note else {"arguments": arguments},
+                                      seconds=time.perf_counter() - started)
 
     async def _call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
         tool = self._tool_manager.get_tool(name)
@@ -222,10 +226,18 @@ def build_mcp_server(
     if manager is not None:  # None when only the schemas are wanted
         install_completion(server, manager, evaluations)
         manager.log_listeners.append(logs.on_line)
+        telemetry = Telemetry(manager)
+        manager.bus.add_listener(telemetry.on_event)
+        if audit is not None:
+            audit.observers.append(telemetry.on_audit)
+        register_metrics_resource(server, telemetry)
+        server.telemetry = telemetry  # type: ignore[attr-defined]
         watch = ResourceWatch(manager, evaluations)
         tasks.follow_status = watch.follow_status
         install_subscriptions(server, watch, outcome)
         server.resource_watch = watch  # type: ignore[attr-defined]
         logs.subscribers = watch.sessions_following
+        watch.on_sent = telemetry.on_update_sent
+        telemetry.subscriptions = watch.followed
     server.task_logs = logs  # type: ignore[attr-defined]
     return server
