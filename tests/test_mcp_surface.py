@@ -8,15 +8,19 @@ End to end: the official SDK client over real HTTP against the real Jupyter serv
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 import httpx2
 import pandas as pd
 import pytest
+from mcp import Client, StdioServerParameters
 from mcp.shared.exceptions import MCPError
 from mcp.types import PromptReference, ResourceTemplateReference
 
+from plexus_mcp_jupyter.cli import client_config
+from plexus_mcp_jupyter.cli import main as cli_main
 from plexus_mcp_jupyter.docs import main as docs_main
 from plexus_mcp_jupyter.evaluations.datasets import EXAMPLES_DIR
 
@@ -420,3 +424,53 @@ async def test_metrics_count_evaluation_items_and_update_latency(mcp_client, run
         rows = created.structured_content["total_items"] or len(pd.read_csv(EXAMPLES_DIR / "topics.csv"))
         assert figures["evaluations"]["items_scored"] == rows
         assert figures["update_latency_ms"]["p50_ms"] >= 0
+
+
+# -- plexus mcp config and serve -------------------------------------------------------------------------
+
+
+def test_config_write_merges_into_the_clients_file_and_keeps_what_is_there(tmp_path, capsys):
+    target = tmp_path / "project" / ".mcp.json"
+    url = ["--url", "http://localhost:8888/plexus/mcp", "--token", "abc"]
+    assert cli_main(["mcp", "config", "--client", "claude", *url, "--write", str(target)]) == 0
+    assert "added the 'plexus' server" in capsys.readouterr().err
+    config = json.loads(target.read_text())
+    config["mcpServers"]["other"] = {"command": "other-server"}
+    config["theme"] = "dark"
+    target.write_text(json.dumps(config))
+    assert cli_main(["mcp", "config", "--client", "claude", "--url", "http://h:1/plexus/mcp", "--write",
+                     str(target)]) == 0
+    assert "updated the 'plexus' server" in capsys.readouterr().err
+    merged = json.loads(target.read_text())
+    assert merged["theme"] == "dark" and merged["mcpServers"]["other"] == {"command": "other-server"}
+    assert merged["mcpServers"]["plexus"]["url"] == "http://h:1/plexus/mcp"
+    target.write_text("{not json")
+    assert cli_main(["mcp", "config", "--client", "claude", *url, "--write", str(target)]) == 1
+    assert "is not valid JSON" in capsys.readouterr().err
+    assert target.read_text() == "{not json"  # left as it was
+
+
+def test_config_printed_says_where_it_goes(capsys):
+    assert cli_main(["mcp", "config", "--client", "cursor", "--url", "http://h:1/plexus/mcp"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["mcpServers"]["plexus"]["url"] == "http://h:1/plexus/mcp"
+    assert "~/.cursor/mcp.json" in err and "--write" in err
+
+
+async def test_the_stdio_config_launches_a_server_with_prompts_completion_and_logging(tmp_path):
+    entry = client_config("claude", url=None, token=None, stdio_args=[])["mcpServers"]["plexus"]
+    env = {**os.environ, "JUPYTER_DATA_DIR": str(tmp_path / "data"),
+           "PLEXUS_MCP_DB_URL": f"sqlite:///{tmp_path / 's.db'}"}
+    params = StdioServerParameters(command=entry["command"], args=entry["args"], cwd=str(tmp_path), env=env)
+    received: list = []
+
+    async def on_log(params):
+        received.append(params)
+
+    async with Client(params, mode=LEGACY, logging_callback=on_log) as client:
+        assert {p.name for p in (await client.list_prompts()).prompts} == PROMPTS
+        assert (await values(client, prompt("evaluate_dataset"), "dataset", "top")) == ["example:topics"]
+        await client.set_logging_level("info")
+        await client.call_tool("run_demo_task", {"items": 3, "item_delay_ms": 0})
+        await poll(lambda: received, bool)
+    assert received[0].data["lines"][0].startswith("Processed 3 items")
