@@ -84,7 +84,8 @@ def register_batch_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs
             "names its index). They are stored QUEUED in one transaction, share a batch_id, and the answer gives the "
             "batch id and the task ids. Follow the batch with plexus://batches/{batch_id} (counts by status, "
             "progress; subscribable) or list_tasks(batch=...). At most max_batch_size tasks per call; an API key's "
-            "max_tasks_per_key and priority ceiling apply to the whole batch."
+            "max_tasks_per_key and priority ceiling apply to the whole batch. Next: read "
+            "plexus://batches/{batch_id} until done, then list_tasks(batch=..., status=\"FAILED\") and retry_tasks."
         ),
         annotations=changes,
     )
@@ -110,7 +111,9 @@ def register_batch_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs
             "created_before, batch; without status: the unfinished ones). Queued tasks are cancelled at once; "
             "running ones stop at their next check or are stopped after a grace period; a finished task is a no-op "
             "that says so. dry_run counts first. A filter matching more than max_batch_size tasks is refused with "
-            "the count; one matching nothing is a zero. Non-admins act only on their own tasks."
+            "the count; one matching nothing is a zero. Non-admins act only on their own tasks. Returns one "
+            "outcome per task (cancelled, cancelling, already_finished, not_found). Next: get_task or list_tasks "
+            "to see them end."
         ),
         annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True,
                                     open_world_hint=False),
@@ -148,7 +151,7 @@ def register_batch_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs
             "ones). Each becomes a new QUEUED task (new_task_id; same type, parameters, priority, owner and batch; "
             "its retry_of names the old one, which is kept as it ended). A task still queued or running, or "
             "completed, is reported not_retryable, not an error. dry_run counts first; at most max_batch_size "
-            "per call."
+            "per call. Returns one outcome per task with new_task_id. Next: get_task(new_task_id)."
         ),
         annotations=changes,
     )
@@ -170,7 +173,7 @@ def register_batch_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs
             "Set the priority of tasks that have not started, by id or by filter (without status: the queued "
             "ones); the scheduler starts higher priorities first. A running or finished task is reported "
             "not_queued. Operator keys may set at most max_priority_operator. dry_run counts first; at most "
-            "max_batch_size per call."
+            "max_batch_size per call. Returns one outcome per task. Next: get_task shows the new queue position."
         ),
         annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True,
                                     open_world_hint=False),

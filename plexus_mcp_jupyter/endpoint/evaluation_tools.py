@@ -157,7 +157,8 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService, log
         description=(
             "Per-item results in dataset order (id, input excerpt, label, prediction, correct, explanation, "
             "error), optionally only the mismatches (wrong or unscored) or one label; paginated (pass next_cursor "
-            "back as cursor). Item ids come from the dataset's id column when it has one."
+            "back as cursor). Item ids come from the dataset's id column when it has one. Next: explain the "
+            "mismatches, or compare with another evaluation (the compare_evaluations prompt)."
         ),
         annotations=read_only,
     )

@@ -130,7 +130,8 @@ def register_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs | Non
             "Use fail or fail_at to rehearse failure handling. If the request carries a progress token "
             "(_meta.progressToken), the call instead stays open, sends notifications/progress (items done over "
             "all stages, the stage and ETA in the message) until the task ends, and returns its outcome; "
-            "cancelling the call cancels the task. It can also run as an MCP task (tasks/get, tasks/result)."
+            "cancelling the call cancels the task. It can also run as an MCP task (tasks/get, tasks/result). "
+            "Returns task_id, status and resource_uri. Next: get_task(task_id)."
         ),
         annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False),
     )
