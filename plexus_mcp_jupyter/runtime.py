@@ -206,6 +206,9 @@ class PlexusRuntime:
         log.info("Plexus MCP %s ready; store %s, executor %s", __version__, self.store.safe_url, self.executor.name)
 
     async def stop(self) -> None:
+        telemetry = getattr(self.mcp, "telemetry", None)
+        if telemetry is not None:
+            telemetry.close()
         for detach in self._log_scrubbers:
             detach()
         self._log_scrubbers.clear()

@@ -13,6 +13,7 @@ from memory (the executor's workers, the sessions, the subscriptions) or fed by 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import time
@@ -28,6 +29,8 @@ from prometheus_client.registry import Collector
 from .core.events import Event
 from .core.manager import TaskManager
 from .core.models import TaskStatus
+
+log = logging.getLogger("plexus_mcp_jupyter")
 
 SNAPSHOT_SECONDS = 5.0  # how stale the task counts may be
 RECENT = 1000  # recent samples kept per figure for the JSON percentiles
@@ -102,12 +105,20 @@ class Telemetry:
     # -- task counts: a snapshot refreshed off the loop -------------------------------------------------------
 
     def refresh(self) -> None:
-        """Read the task counts from the store (a thread's work: it scans an index)."""
+        """Read the task counts from the store (a thread's work: it scans an index). A store that cannot be
+        read leaves the previous counts (and is retried at the next scrape)."""
         try:
             counts = self.manager.store.counts_by_status_and_type()
+        except Exception:
+            log.warning("Plexus: the task counts for the metrics could not be read", exc_info=True)
+            return
         finally:
             self._refreshing = False
         self._counts, self._counts_at = counts, time.monotonic()
+
+    def close(self) -> None:
+        """This core stops: its figures leave /metrics."""
+        _LIVE.discard(self)
 
     async def fresh_counts(self) -> dict[tuple[str, str], int]:
         if time.monotonic() - self._counts_at > SNAPSHOT_SECONDS / 5:
