@@ -140,6 +140,8 @@ Unsubscribing, or the end of the session, releases everything the subscriber hel
 
 
 def _type_of(schema: dict[str, Any], root: dict[str, Any]) -> str:
+    if "enum" in schema:
+        return "one of " + ", ".join(f"`{v}`" for v in schema["enum"])
     if "anyOf" in schema:
         return " or ".join(_type_of(s, root) for s in schema["anyOf"])
     if "$ref" in schema:
