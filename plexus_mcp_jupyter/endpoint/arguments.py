@@ -17,7 +17,7 @@ from ..core.models import TaskStatus
 
 
 def comma_list(value: Any) -> Any:
-    """"A,B" and "A" become ["A", "B"] and ["A"]; a list (or anything else) is left to the type's own check."""
+    """ "A,B" and "A" become ["A", "B"] and ["A"]; a list (or anything else) is left to the type's own check."""
     if isinstance(value, str):
         return [part for part in (p.strip() for p in value.split(",")) if part]
     return value
@@ -62,7 +62,11 @@ PageSize = Annotated[int, Field(ge=1, description="Page size, 1 to max_page_size
 
 STATUS_NAMES = tuple(s.value for s in TaskStatus)
 
-TaskStatuses = Annotated[list[str] | None, BeforeValidator(comma_list),
-                         WithJsonSchema(names_schema("Only tasks with one of these statuses", STATUS_NAMES))]
-TaskTypes = Annotated[list[str] | None, BeforeValidator(comma_list),
-                      WithJsonSchema(names_schema("Only tasks of these types (e.g. demo)"))]
+TaskStatuses = Annotated[
+    list[str] | None,
+    BeforeValidator(comma_list),
+    WithJsonSchema(names_schema("Only tasks with one of these statuses", STATUS_NAMES)),
+]
+TaskTypes = Annotated[
+    list[str] | None, BeforeValidator(comma_list), WithJsonSchema(names_schema("Only tasks of these types (e.g. demo)"))
+]

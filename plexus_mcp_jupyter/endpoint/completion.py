@@ -33,13 +33,23 @@ ID_CANDIDATES = 100  # ids fetched per prefix, newest first: enough to rank, bou
 
 # Resource-template arguments, by name (the kinds of PROMPT_ARGUMENT_KINDS).
 TEMPLATE_ARGUMENT_KINDS = {
-    "task_id": "task_id", "evaluation_id": "evaluation_id", "batch_id": "batch_id", "batch": "batch_id",
-    "status": "status", "type": "type", "only_mismatches": "flag", "outcome": "audit_outcome",
+    "task_id": "task_id",
+    "evaluation_id": "evaluation_id",
+    "batch_id": "batch_id",
+    "batch": "batch_id",
+    "status": "status",
+    "type": "type",
+    "only_mismatches": "flag",
+    "outcome": "audit_outcome",
 }
 # Which tool a caller must be allowed to call to be offered values of a kind (what the values come from).
 KIND_TOOL = {
-    "dataset": "list_datasets", "column": "list_datasets", "scorer": "list_scorers", "task_id": "get_task",
-    "batch_id": "list_tasks", "evaluation_id": "get_evaluation",
+    "dataset": "list_datasets",
+    "column": "list_datasets",
+    "scorer": "list_scorers",
+    "task_id": "get_task",
+    "batch_id": "list_tasks",
+    "evaluation_id": "get_evaluation",
 }
 
 
@@ -84,8 +94,11 @@ class Completer:
         if kind == "batch_id":
             return await self._ids(tasks_table.c.batch_id, tasks_table, typed, viewer)
         if kind == "evaluation_id":
-            return [] if self.evaluations is None else await self._ids(evaluations_table.c.id, evaluations_table,
-                                                                         typed, viewer)
+            return (
+                []
+                if self.evaluations is None
+                else await self._ids(evaluations_table.c.id, evaluations_table, typed, viewer)
+            )
         if kind == "task_status":
             return [s.value for s in TaskStatus]
         if kind == "evaluation_status":
@@ -121,8 +134,16 @@ class Completer:
 
     async def _ids(self, column: Any, table: Any, typed: str, viewer: str | None) -> list[str]:
         engine = self.manager.store.engine
-        return await asyncio.to_thread(values_with_prefix, engine, column, table.c.owner, table.c.created_at,
-                                       typed.strip().lower(), viewer, ID_CANDIDATES)
+        return await asyncio.to_thread(
+            values_with_prefix,
+            engine,
+            column,
+            table.c.owner,
+            table.c.created_at,
+            typed.strip().lower(),
+            viewer,
+            ID_CANDIDATES,
+        )
 
 
 def _rank(values: Iterable[str], typed: str) -> Completion:

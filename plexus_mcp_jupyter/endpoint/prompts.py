@@ -18,8 +18,7 @@ from .tools import short
 
 # What each prompt argument is, for completion: the kind of value (see endpoint/completion.py).
 PROMPT_ARGUMENT_KINDS: dict[str, dict[str, str]] = {
-    "evaluate_dataset": {"dataset": "dataset", "scorer": "scorer", "label_column": "column",
-                         "type": "evaluation_type"},
+    "evaluate_dataset": {"dataset": "dataset", "scorer": "scorer", "label_column": "column", "type": "evaluation_type"},
     "watch_task": {"task_id": "task_id"},
     "compare_evaluations": {"baseline_id": "evaluation_id", "candidate_id": "evaluation_id"},
     "triage_failed_tasks": {"type": "task_type", "since": "none"},
@@ -38,10 +37,20 @@ def register_prompts(server: MCPServer) -> None:
         "got wrong and explain the patterns behind them.",
     )
     def evaluate_dataset(
-        dataset: Annotated[str, Field(description="Dataset ref (example:sentiment, registered:<name> or a file "
-                                      "path); list_datasets shows them")],
-        scorer: Annotated[str, Field(description="Scorer spec (column:<col>, python:<module>:<function>, "
-                                     "kernel:<name>); list_scorers shows them")],
+        dataset: Annotated[
+            str,
+            Field(
+                description="Dataset ref (example:sentiment, registered:<name> or a file "
+                "path); list_datasets shows them"
+            ),
+        ],
+        scorer: Annotated[
+            str,
+            Field(
+                description="Scorer spec (column:<col>, python:<module>:<function>, "
+                "kernel:<name>); list_scorers shows them"
+            ),
+        ],
         label_column: Annotated[str, Field(description="Column of correct labels (default: label)")] = "",
         type: Annotated[str, Field(description="accuracy (default) or consistency")] = "accuracy",
     ) -> str:
@@ -107,7 +116,7 @@ def register_prompts(server: MCPServer) -> None:
         type: Annotated[str, Field(description="Only tasks of this type (e.g. demo, evaluation)")] = "",
         since: Annotated[str, Field(description="Only tasks created at or after this ISO 8601 time")] = "",
     ) -> str:
-        filters = "status=\"FAILED\""
+        filters = 'status="FAILED"'
         if type.strip():
             filters += f", type={_value(type)}"
         if since.strip():

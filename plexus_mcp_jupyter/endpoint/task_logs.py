@@ -178,8 +178,11 @@ class TaskLogs:
 
             def minimum() -> int:
                 target = ref()
-                return LEVELS.index(DEFAULT_LEVEL) if target is None else target.state.get(
-                    _LEVEL_KEY, LEVELS.index(DEFAULT_LEVEL))
+                return (
+                    LEVELS.index(DEFAULT_LEVEL)
+                    if target is None
+                    else target.state.get(_LEVEL_KEY, LEVELS.index(DEFAULT_LEVEL))
+                )
 
             receiver = self._sessions[connection] = _Receiver(send, minimum)
         return receiver
