@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BeforeValidator, Field, WithJsonSchema
+from pydantic import AfterValidator, BeforeValidator, Field, WithJsonSchema
 
 from ..core.models import TaskStatus
 
@@ -62,8 +62,16 @@ PageSize = Annotated[int, Field(ge=1, description="Page size, 1 to max_page_size
 
 STATUS_NAMES = tuple(s.value for s in TaskStatus)
 
+
+def task_status(value: str) -> str:
+    """A status name, any case, as the core spells it; the core's error (a ValueError) names the allowed ones, and
+    pydantic reports it per element (`status.0`), so a long bad list gets a bounded message."""
+    return TaskStatus.parse(value).value
+
+
+StatusName = Annotated[str, AfterValidator(task_status)]
 TaskStatuses = Annotated[
-    list[str] | None,
+    list[StatusName] | None,
     BeforeValidator(comma_list),
     WithJsonSchema(names_schema("Only tasks with one of these statuses", STATUS_NAMES)),
 ]

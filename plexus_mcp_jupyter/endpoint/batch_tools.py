@@ -22,7 +22,7 @@ from ..core.errors import NotFound
 from ..core.manager import MAX_PRIORITY, MIN_PRIORITY, CancelOutcome, TaskManager
 from ..core.models import TaskStatus
 from ..security.audit import note_for_audit
-from .arguments import STATUS_NAMES, comma_list, names_schema
+from .arguments import STATUS_NAMES, StatusName, comma_list, names_schema
 from .principal import current_principal
 from .schemas import BatchDispatchResult, OperationResult, TaskSpec
 from .task_logs import TaskLogs
@@ -31,7 +31,7 @@ from .tools import client_errors, result
 # The selection every bulk tool takes.
 TaskIds = Annotated[list[str] | None, BeforeValidator(comma_list), WithJsonSchema(names_schema(
     "Ids of the tasks to act on (full ids, as list_tasks shows them; at most max_batch_size)"))]
-Statuses = Annotated[list[str] | None, BeforeValidator(comma_list), WithJsonSchema(names_schema(
+Statuses = Annotated[list[StatusName] | None, BeforeValidator(comma_list), WithJsonSchema(names_schema(
     "Filter: only tasks with these statuses (default: those the operation can change)", STATUS_NAMES))]
 Types = Annotated[list[str] | None, BeforeValidator(comma_list), WithJsonSchema(names_schema(
     "Filter: only tasks of these types"))]
