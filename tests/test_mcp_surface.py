@@ -270,7 +270,10 @@ async def test_list_filters_take_a_list_one_name_or_comma_separated_names(mcp_cl
             await client.call_tool("list_evaluations", {"status": "SETUP,RUNNING", "type": "accuracy"})
         ).is_error
         bad = await client.call_tool("list_tasks", {"status": "DONE"})
-        assert bad.is_error and "unknown status 'DONE'; expected one of PENDING" in bad.content[0].text
+        assert bad.is_error and bad.content[0].text == (
+            "invalid arguments for list_tasks: status.0: Value error, unknown status; expected one of PENDING, "
+            "QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED (got 'DONE')"
+        )
         dry = await client.call_tool("cancel_tasks", {"status": "QUEUED", "dry_run": True})
         assert dry.structured_content["matched"] == 1
 

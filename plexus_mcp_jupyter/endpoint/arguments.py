@@ -13,6 +13,7 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import AfterValidator, BeforeValidator, Field, WithJsonSchema
 
+from ..core.errors import InvalidArgument
 from ..core.models import TaskStatus
 
 
@@ -66,7 +67,10 @@ STATUS_NAMES = tuple(s.value for s in TaskStatus)
 def task_status(value: str) -> str:
     """A status name, any case, as the core spells it; the core's error (a ValueError) names the allowed ones, and
     pydantic reports it per element (`status.0`), so a long bad list gets a bounded message."""
-    return TaskStatus.parse(value).value
+    try:
+        return TaskStatus.parse(value).value
+    except InvalidArgument:  # not the core's message: pydantic's "(got ...)" quotes the value, bounded
+        raise ValueError(f"unknown status; expected one of {', '.join(STATUS_NAMES)}") from None
 
 
 StatusName = Annotated[str, AfterValidator(task_status)]
