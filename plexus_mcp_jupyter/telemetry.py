@@ -29,12 +29,14 @@ from prometheus_client.registry import Collector
 from .core.events import Event
 from .core.manager import TaskManager
 from .core.models import TaskStatus
+from .evaluations.store import SETUP_STAGE
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
 SNAPSHOT_SECONDS = 5.0  # how stale the task counts may be
 RECENT = 1000  # recent samples kept per figure for the JSON percentiles
 RATE_WINDOW = 60.0  # seconds over which evaluation items per second are computed
+SCORING_STAGE = "Scoring"  # the evaluation runner's stage whose items are the scored items
 
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TOOL_CALLS = Counter(
@@ -68,7 +70,7 @@ class Telemetry:
         self._updates: deque[float] = deque(maxlen=RECENT)
         self._scored: deque[tuple[float, int]] = deque(maxlen=RECENT)
         self._scored_total = 0
-        self._processed: dict[str, int] = {}  # evaluation task -> items scored so far
+        self._processed: dict[str, tuple[int, int | None]] = {}  # evaluation task -> items scored, stage total
         _LIVE.add(self)
 
     # -- fed by the audit thread, the bus and the subscription senders --------------------------------------
@@ -87,20 +89,26 @@ class Telemetry:
                 self._call_seconds[tool].append(seconds)
 
     def on_event(self, event: Event) -> None:
-        """Bus listener: items an evaluation scored since its last event."""
+        """Bus listener: items an evaluation scored since its last event. Progress events are coalesced, so the
+        end of the Scoring stage may only show as the next stage: the items it had left are counted then."""
         data = event.data
         if event.entity_type != "task" or data.get("type") != "evaluation":
             return
         progress = data.get("progress") or {}
-        if progress.get("stage") == "Scoring":
-            processed = int(progress.get("processed") or 0)
-            delta = processed - self._processed.get(event.entity_id, 0)
-            if delta > 0:
-                self._processed[event.entity_id] = processed
-                EVALUATION_ITEMS.inc(delta)
-                self._scored.append((event.at, delta))
-                self._scored_total += delta
-        if data.get("status") in _FINAL:
+        seen, total = self._processed.get(event.entity_id, (0, None))
+        if progress.get("stage") == SCORING_STAGE:
+            processed, total = int(progress.get("processed") or 0), progress.get("total")
+        elif total is not None and progress.get("stage") not in (None, SETUP_STAGE):
+            processed = int(total)  # Scoring ended: all its items were scored
+        else:
+            processed = seen
+        if processed > seen:
+            delta = processed - seen
+            EVALUATION_ITEMS.inc(delta)
+            self._scored.append((event.at, delta))
+            self._scored_total += delta
+        self._processed[event.entity_id] = (processed, total)
+        if data.get("status") in _FINAL or (progress.get("stage") not in (SCORING_STAGE, SETUP_STAGE, None)):
             self._processed.pop(event.entity_id, None)
 
     def on_update_sent(self, seconds: float) -> None:

@@ -407,6 +407,7 @@ async def test_jupyter_metrics_carry_tool_calls_tasks_queue_and_sessions(mcp_cli
             assert response.status_code == 200
             return response.text
 
+        runtime.audit.flush()  # tool calls are counted from their audit records, in the audit thread
         text = await poll(scrape, lambda t: 'plexus_tasks{status="COMPLETED",type="demo"} 1.0' in t, timeout=30)
         assert re.search(r'plexus_tool_calls_total\{outcome="ok",tool="get_task"\} [1-9]', text)
         assert re.search(r'plexus_tool_calls_total\{outcome="error",tool="get_task"\} [1-9]', text)

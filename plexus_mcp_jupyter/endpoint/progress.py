@@ -68,7 +68,7 @@ async def follow_to_end(ctx: Context, manager: TaskManager, task_id: str, logs: 
     """Report progress until the task ends and return it; cancelling the call cancels the task. With `logs`,
     a 2026-era call that opted in to log messages also gets the task's log lines on its stream."""
     subscription = manager.bus.subscribe(lambda e: e.entity_type == "task" and e.entity_id == task_id)
-    stop_logs = logs.follow_call(ctx, task_id) if logs is not None else None
+    call_log = logs.follow_call(ctx, task_id) if logs is not None else None
     last = -math.inf
     try:
         task = manager.get(task_id)
@@ -78,6 +78,8 @@ async def follow_to_end(ctx: Context, manager: TaskManager, task_id: str, logs: 
                 await ctx.report_progress(done, total, message)
                 last = done
             if task.status.is_final:
+                if call_log is not None:  # its last lines before the answer, which ends the call's stream
+                    await call_log.drain()
                 return task
             await subscription.next_batch()
             task = manager.get(task_id)
@@ -92,8 +94,8 @@ async def follow_to_end(ctx: Context, manager: TaskManager, task_id: str, logs: 
         raise
     finally:
         subscription.close()
-        if stop_logs is not None:
-            stop_logs()
+        if call_log is not None:
+            call_log.stop()
 
 
 def final_summary(task: Task) -> dict[str, Any]:

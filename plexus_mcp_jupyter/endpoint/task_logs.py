@@ -42,6 +42,7 @@ MAX_PENDING_LINES = 50  # lines owed per task per receiver; older ones are dropp
 MAX_LINE_CHARS = 1000
 MAX_TASKS_FOLLOWED = 1000  # tasks whose starting session is remembered (oldest forgotten first)
 LOGGER = "plexus.task"
+DRAIN_SECONDS = 1.0  # how long a streaming call's answer waits for its owed log lines to be sent
 _LEVEL_KEY = "plexus.log_level"
 
 
@@ -82,6 +83,22 @@ class _Receiver:
             self.sender = None
 
 
+@dataclass
+class CallLog:
+    """The log lines owed to one streaming call (2026): drained before the call answers, stopped after."""
+
+    receiver: _Receiver
+    stop: Callable[[], None]
+
+    async def drain(self, timeout: float = DRAIN_SECONDS) -> None:
+        """Send what is owed now (the call's stream closes with its answer), within `timeout`."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while (self.receiver.pending or self.receiver.sender is not None) and not self.receiver.closed:
+            if asyncio.get_running_loop().time() >= deadline:
+                return
+            await asyncio.sleep(0.005)
+
+
 class TaskLogs:
     """Routes task log lines (TaskManager.log_listeners) to the MCP sessions and calls that want them."""
 
@@ -106,9 +123,10 @@ class TaskLogs:
         while len(self._started) > MAX_TASKS_FOLLOWED:
             del self._started[next(iter(self._started))]
 
-    def follow_call(self, ctx: Any, task_id: str) -> Callable[[], None] | None:
+    def follow_call(self, ctx: Any, task_id: str) -> CallLog | None:
         """A 2026 call streaming `task_id` to its end: its lines ride that call's stream if it opted in (its
-        `_meta` log level). Returns the function that stops it, or None when nothing will be sent."""
+        `_meta` log level). Returns what to drain before the call answers and stop after, or None when nothing
+        will be sent."""
         try:
             request = ctx.request_context
         except ValueError:
@@ -137,7 +155,7 @@ class TaskLogs:
                 if not calls:
                     del self._calls[task_id]
 
-        return stop
+        return CallLog(receiver, stop)
 
     async def set_level(self, ctx: Any, params: SetLevelRequestParams) -> EmptyResult:
         """`logging/setLevel` (2025-11-25 and earlier): this session's minimum level from now on."""
