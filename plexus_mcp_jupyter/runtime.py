@@ -159,6 +159,9 @@ class PlexusRuntime:
             event_store_size=settings.event_store_size,
             event_store_bytes=settings.event_store_bytes,
         )
+        telemetry = getattr(self.mcp, "telemetry", None)
+        if telemetry is not None:
+            telemetry.sessions = lambda: self.endpoint.session_count
         self._started = False
         self._log_scrubbers: list[Callable[[], None]] = []  # detach functions (see protect_secret)
 
@@ -260,6 +263,9 @@ class PlexusRuntime:
         log.info("Plexus MCP %s ready; store %s, executor %s", __version__, self.store.safe_url, self.executor.name)
 
     async def stop(self) -> None:
+        telemetry = getattr(self.mcp, "telemetry", None)
+        if telemetry is not None:
+            telemetry.close()
         for detach in self._log_scrubbers:
             detach()
         self._log_scrubbers.clear()

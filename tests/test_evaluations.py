@@ -263,8 +263,10 @@ async def test_sampled_items_keep_their_dataset_rows_and_a_seed_is_kept_for_reru
         await finished(client, first["evaluation_id"])
         await finished(client, again["evaluation_id"])
         items = await all_results(client, first["evaluation_id"])
-        rows_again = [int(i["item_id"]) for i in await all_results(client, again["evaluation_id"])]
-    rows = [int(i["item_id"]) for i in items]
+        # Item ids come from the dataset's id column by default; its row of each.
+        row_of = {item_id: row for row, item_id in enumerate(frame["id"])}
+        rows_again = [row_of[i["item_id"]] for i in await all_results(client, again["evaluation_id"])]
+    rows = [row_of[i["item_id"]] for i in items]
     assert rows == rows_again and len(rows) == 40 and max(rows) >= 40  # dataset rows, not sample positions
     assert [i["label"] for i in items] == frame["label"][rows].tolist()
 

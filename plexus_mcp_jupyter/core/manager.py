@@ -157,6 +157,8 @@ class TaskManager:
         # How long a claim holds a RUNNING task without a heartbeat (core/leases.py renews it); None: no lease,
         # a task of a gone server is recovered by process id on its host only.
         self.lease_seconds: float | None = None
+        # Called with (task id, level, line) for each line a task logs (ctx.log, its warnings), on the loop.
+        self.log_listeners: list[Callable[[str, str, str], None]] = []
 
     def configure_queue(
         self, *, type_caps: Mapping[str, int] | None = None, fairness: str = "round_robin",
@@ -783,8 +785,14 @@ class TaskManager:
             _, processed, message = msg
             self._apply(state, state.tracker.advance_to(int(processed), at, message), "task.updated")
         elif kind == "log":
-            state.log_tail.append(str(msg[1]))
+            line = str(msg[1])
+            state.log_tail.append(line)
             del state.log_tail[:-50]
+            for listener in self.log_listeners:  # e.g. MCP log messages (endpoint/task_logs.py)
+                try:
+                    listener(task_id, str(msg[2]) if len(msg) > 2 else "info", line)
+                except Exception:
+                    log.exception("Plexus: a task log listener failed")
         elif kind in ("done", "error", "cancelled", "lost"):
             state.final = msg
         elif kind == "worker":  # the executor placed it (a Dask worker's address): shown by get_task

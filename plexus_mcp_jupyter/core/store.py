@@ -480,6 +480,14 @@ class Store:
             rows = conn.execute(sa.select(t.c.status, sa.func.count()).group_by(t.c.status)).all()
         return {status: int(n) for status, n in rows}
 
+    def counts_by_status_and_type(self) -> dict[tuple[str, str], int]:
+        """Tasks by (status, type): what the service metrics report. A scan of the tasks' status and type
+        index: call it off the event loop."""
+        t = tasks_table
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(t.c.status, t.c.type, sa.func.count()).group_by(t.c.status, t.c.type)).all()
+        return {(status, type_): int(n) for status, type_, n in rows}
+
     def find_task_ids(self, flt: TaskFilter, *, limit: int) -> list[str]:
         t = tasks_table
         query = sa.select(t.c.id).where(*_filter_clauses(flt)).order_by(t.c.created_at).limit(limit)
@@ -1002,3 +1010,17 @@ def _sample_row(sample: ProgressSample) -> dict[str, Any]:
         "total": sample.total,
         "message": sample.message,
     }
+
+
+def values_with_prefix(engine: sa.Engine, column: Any, owner_column: Any, created_column: Any, prefix: str,
+                       viewer: str | None, limit: int) -> list[str]:
+    """Distinct values of `column` (an id) starting with `prefix`, newest first, at most `limit`, of the rows a
+    caller with owner `viewer` (None: an admin) may see: what completion offers for an id argument."""
+    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    query = (sa.select(column, sa.func.max(created_column).label("newest")).where(column.is_not(None))
+             .where(column.like(escaped + "%", escape="\\")).group_by(column)
+             .order_by(sa.desc("newest"), column).limit(limit))
+    if viewer is not None:
+        query = query.where(visible_to(owner_column, viewer))
+    with engine.connect() as conn:
+        return [str(row[0]) for row in conn.execute(query)]

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from typing import Any
 
 from .context import CancelFlag, TaskCancelled, TaskContext
@@ -62,23 +63,30 @@ def run_task(
             stderr.write(msg[1].rstrip("\n") + "\n")
         send(msg)
 
+    def show_warning(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                     line: Any = None) -> None:
+        # The task's warnings go live to the clients following it (and into its stderr tail), not to the worker.
+        send_msg(("log", f"{category.__name__}: {message} ({os.path.basename(filename)}:{lineno})", "warning"))
+
     ctx = TaskContext(task_id, send_msg, cancel_flag, environment=environment, receive=receive)
-    try:
-        fn = load_target(target)
-        output = fn(ctx, **params)
-        ctx.flush()
-        return ("done", bounded_output(output, max_output_bytes), _tails(stdout, stderr))
-    except TaskCancelled:
-        ctx.flush()
-        return ("cancelled", _tails(stdout, stderr))
-    except BaseException as exc:  # the task's own failure, reported, never raised to the pool
-        ctx.flush()
-        details = {"exception_type": type(exc).__name__, "traceback": traceback.format_exc()[-TAIL_CHARS:]}
-        # Plexus's own errors already say what was wrong and what is allowed; others are named by their type.
-        message = str(exc) if isinstance(exc, PlexusError) else f"{type(exc).__name__}: {exc}"
-        return ("error", message, details, _tails(stdout, stderr))
-    finally:
-        sys.stdout, sys.stderr = saved
+    with warnings.catch_warnings():  # restored when the task ends: the worker runs many tasks
+        warnings.showwarning = show_warning
+        try:
+            fn = load_target(target)
+            output = fn(ctx, **params)
+            ctx.flush()
+            return ("done", bounded_output(output, max_output_bytes), _tails(stdout, stderr))
+        except TaskCancelled:
+            ctx.flush()
+            return ("cancelled", _tails(stdout, stderr))
+        except BaseException as exc:  # the task's own failure, reported, never raised to the pool
+            ctx.flush()
+            details = {"exception_type": type(exc).__name__, "traceback": traceback.format_exc()[-TAIL_CHARS:]}
+            # Plexus's own errors already say what was wrong and what is allowed; others are named by their type.
+            message = str(exc) if isinstance(exc, PlexusError) else f"{type(exc).__name__}: {exc}"
+            return ("error", message, details, _tails(stdout, stderr))
+        finally:
+            sys.stdout, sys.stderr = saved
 
 
 class Outbox:

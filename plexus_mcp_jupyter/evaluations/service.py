@@ -27,7 +27,7 @@ from ..core.manager import TaskManager
 from ..core.models import Task, iso
 from ..core.retention import expired_message
 from ..core.store import owner_visible
-from .datasets import DatasetCatalog, column_listing
+from .datasets import DEFAULT_ID_COLUMN, DEFAULT_LABEL_COLUMN, DatasetCatalog, column_listing
 from .file_reads import clip
 from .kernel_scorers import KernelScorerRegistry
 from .limits import DEFAULT_LIMITS, EvaluationLimits, check_items
@@ -207,9 +207,6 @@ class EvaluationService:
                                       or not 2 <= runs <= MAX_RUNS):
             raise InvalidArgument(f"runs must be a whole number from 2 to {MAX_RUNS} for a consistency evaluation, "
                                   f"not {runs!r}")
-        if type != "consistency" and label_column is None:
-            raise InvalidArgument(f"label_column is required for a {type} evaluation: the column holding the "
-                                  "correct labels" + (" (the human-corrected values)" if type == "feedback" else ""))
         if sample_n is not None or sample_fraction is not None:
             check_sample(sample_n, sample_fraction, seed)
             sample = {"n": sample_n, "fraction": sample_fraction, "seed": seed}
@@ -217,7 +214,18 @@ class EvaluationService:
             # Chosen now and kept in the definition: a re-run after a crash scores the same rows.
             sample["seed"] = secrets.randbelow(2**31)
         restricted = False
+        dataset = self.catalog.resolve(dataset)
         columns = self.catalog.columns(dataset)
+        if type != "consistency" and label_column is None:
+            if DEFAULT_LABEL_COLUMN not in columns:
+                raise InvalidArgument(
+                    f"label_column is required for a {type} evaluation: the column holding the correct labels"
+                    + (" (the human-corrected values)" if type == "feedback" else "")
+                    + f" (dataset {dataset!r} has no column {DEFAULT_LABEL_COLUMN!r}); its columns: "
+                    + column_listing(columns))
+            label_column = DEFAULT_LABEL_COLUMN
+        if id_column is None and DEFAULT_ID_COLUMN in columns:
+            id_column = DEFAULT_ID_COLUMN
         wanted = {"label_column": label_column, "input_column": input_column, "id_column": id_column}
         for score in scores:
             spec = score["scorer"]

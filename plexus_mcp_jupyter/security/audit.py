@@ -117,6 +117,8 @@ class AuditLog:
         self.dropped = 0
         self.retention_seconds = 0.0  # 0: kept forever; see configure_retention
         self._prune_interval, self._prune_batch, self._next_prune = 3600.0, 500, 0.0
+        # Called with each batch of records in the writer thread, before they are written (service metrics).
+        self.observers: list[Callable[[list[dict[str, Any]]], None]] = []
         self._writer = threading.Thread(target=self._write_loop, name="plexus-audit", daemon=True)
         self._writer.start()
 
@@ -141,8 +143,9 @@ class AuditLog:
                 return total
 
     def record(self, principal: Principal | None, action: str, *, target: str | None = None, outcome: str = "ok",
-               client: str | None = None, details: Mapping[str, Any] | None = None) -> None:
-        """Queue one record; never blocks."""
+               client: str | None = None, details: Mapping[str, Any] | None = None,
+               seconds: float | None = None) -> None:
+        """Queue one record; never blocks. `seconds`, how long the action took, goes to the observers only."""
         scrub = self.scrubber.scrub
         text = json.dumps(redact(dict(details or {}), self.sensitive, scrub), default=str)
         row = {
@@ -152,6 +155,8 @@ class AuditLog:
             "outcome": outcome,
             "client": client, "details": json.loads(text) if len(text) <= MAX_DETAIL_CHARS else {"truncated": True},
         }
+        if seconds is not None:
+            row["seconds"] = seconds
         try:
             self._queue.put_nowait(row)
         except queue.Full:
@@ -192,6 +197,13 @@ class AuditLog:
                     self._queue.task_done()
                     break
                 batch.append(item)
+            for observe in self.observers:
+                try:
+                    observe(batch)
+                except Exception:
+                    log.exception("Plexus: an audit observer failed")
+            for row in batch:
+                row.pop("seconds", None)
             try:
                 with self.engine.begin() as conn:
                     conn.execute(sa.insert(audit_table), batch)
