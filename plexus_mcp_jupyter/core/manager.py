@@ -400,19 +400,22 @@ class TaskManager:
         description: str | None = None,
         internal: bool = False,
         role: str | None = None,
+        record: Callable[[Task, Any], None] | None = None,
     ) -> Task:
         """Create a task, QUEUED, and return it at once; the scheduler starts it when a slot is free.
 
         Internal task types (evaluations) are refused unless `internal`: only their service creates them.
         `role` is the dispatching caller's role: a priority above its ceiling (`max_priority_by_role`) is
-        refused. None is the server's own work, with the full range.
+        refused. None is the server's own work, with the full range. `record(task, connection)` writes what
+        must exist before the task can start (an evaluation's record) in the transaction that stores it.
         """
         self.check_key_cap(owner, 1)
         task = self.new_task(type, params, priority=priority, owner=owner, description=description,
                              internal=internal, role=role)
+        also = (lambda conn: record(task, conn)) if record is not None else None
         if self._starts_at_once(task):
-            return self._create_started(task)
-        self.store.create_task(task)
+            return self._create_started(task, also)
+        self.store.create_task(task, also=also)
         self.bus.publish("task.created", "task", task.id, task.summary())
         self.queue_changed()
         return task
@@ -428,13 +431,13 @@ class TaskManager:
         running = [state.task for state in self._running.values()]
         return bool(queue_plan([task], running, self._policy(), clock=self._fair).starts)
 
-    def _create_started(self, task: Task) -> Task:
+    def _create_started(self, task: Task, also: Callable[[Any], None] | None = None) -> Task:
         """Store `task` already claimed by this server (one insert, no queue read and no claim), announce it
         as created and started, and return it as it was created (QUEUED: what the caller asked for)."""
         created = dataclasses.replace(task)
         task.status, task.started_at, task.worker = TaskStatus.RUNNING, now(), self.server_id
         task.lease_expires_at = self._lease_end(task.started_at)
-        self.store.create_task(task)
+        self.store.create_task(task, also=also)
         self.bus.publish("task.created", "task", task.id, created.summary())
         self._fair.commit(task.owner, weight(task, self._policy()))
         self._queue_info = None
@@ -778,6 +781,8 @@ class TaskManager:
             return
         kind = msg[0]
         at = now()
+        if kind in ("stage", "progress") and state.final is not None:
+            return  # after the task's end (an executor delivering late): its final state stands
         if kind == "stage":
             _, name, total, message = msg
             self._apply(state, state.tracker.begin_stage(str(name), total, at, message), "task.stage")

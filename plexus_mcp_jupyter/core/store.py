@@ -341,11 +341,14 @@ class Store:
 
     # -- tasks ---------------------------------------------------------------------------------
 
-    def create_task(self, task: Task) -> None:
+    def create_task(self, task: Task, *, also: Callable[[Connection], None] | None = None) -> None:
+        """Insert a new task; `also` writes in the same transaction what must exist with it (its record)."""
         with self.engine.begin() as conn:
             conn.execute(_INSERT_TASK, _task_row(task))  # a prebuilt statement: building one per call cost more
             if task.stages:
                 conn.execute(sa.insert(stages_table), [_stage_row(task.id, stage) for stage in task.stages])
+            if also is not None:
+                also(conn)
 
     def create_tasks(self, tasks: Sequence[Task], *, also: Callable[[Connection], None] | None = None) -> None:
         """Insert new tasks (without stages) in one transaction, through the driver's executemany: a

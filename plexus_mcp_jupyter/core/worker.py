@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -95,6 +96,9 @@ class Outbox:
     and its end are one write, not five: each costs a system call, a wake-up and an unpickle on the
     server). A flusher thread sends what waits; `flush()` sends at once (a task's end, a request whose
     answer the task waits for). One lock keeps the messages in order.
+
+    Each message is pickled on its own (`("batch", [bytes, ...])`), so one that cannot be pickled here, or
+    unpickled on the server, costs only itself (a log line), never the task's end beside it.
     """
 
     def __init__(self, conn: Any, delay: float = 0.002) -> None:
@@ -111,15 +115,12 @@ class Outbox:
                 self._cond.notify()
 
     def flush(self, last: tuple[Any, ...] | None = None) -> None:
-        """Send what waits, and `last` after it, now."""
+        """Send what waits, and `last` after it, now. `last` that cannot be pickled raises (nothing is sent)."""
         with self._cond:
+            tail = [pickle.dumps(last, pickle.HIGHEST_PROTOCOL)] if last is not None else []
             batch, self._pending = self._pending, []
-            if last is not None:
-                batch.append(last)
-            if len(batch) == 1:
-                self._conn.send(batch[0])
-            elif batch:
-                self._conn.send(("batch", batch))
+            if batch or tail:
+                self._conn.send(("batch", [_pickled(m) for m in batch] + tail))
 
     def _run(self) -> None:
         while True:
@@ -129,8 +130,17 @@ class Outbox:
             time.sleep(self._delay)
             try:
                 self.flush()
-            except (OSError, ValueError):  # the server's end closed: the worker is going away
+            except (OSError, EOFError, ValueError):  # the server's end closed: the worker is going away
                 return
+            except Exception:  # never let the flusher die: the next tasks on this worker would report nothing
+                traceback.print_exc()
+
+
+def _pickled(msg: tuple[Any, ...]) -> bytes:
+    try:
+        return pickle.dumps(msg, pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        return pickle.dumps(("log", f"plexus: a {msg[0]!r} message could not be sent: {type(exc).__name__}: {exc}"))
 
 
 class _TaskCancelFlag:

@@ -262,14 +262,9 @@ class EvaluationService:
                  role: str | None = None) -> tuple[dict[str, Any], Task]:
         """Dispatch a checked request and insert its record (milliseconds, on the event loop)."""
         spec = self.planned_spec(plan, owner)
+        # The record is stored with the task, in one transaction: a worker may start it at once.
         task = self.manager.dispatch("evaluation", spec.params, priority=priority, owner=owner,
-                                     description=spec.description, internal=True, role=role)
-        try:
-            with self.store.engine.begin() as conn:
-                spec.record(task, conn)
-        except Exception:
-            self.manager.cancel([task.id])  # never a task without its record
-            raise
+                                     description=spec.description, internal=True, role=role, record=spec.record)
         return self.get(spec.params["evaluation_id"]), task
 
     def planned_spec(self, plan: EvaluationPlan, owner: str | None) -> PlannedSpec:
