@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import secrets
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -120,8 +121,9 @@ def client_config(client: str, *, url: str | None, token: str | None, stdio_args
 
 def claude_code_command(url: str, token: str | None, name: str = "plexus") -> str:
     """Claude Code's one-line registration of the endpoint (`claude mcp add`)."""
-    header = f' --header "Authorization: Bearer {token}"' if token else ""
-    return f"claude mcp add --transport http {name} {url}{header}"
+    # Every part quoted for the shell: a name, URL or secret from a request body never runs as a command.
+    header = f" --header {shlex.quote(f'Authorization: Bearer {token}')}" if token else ""
+    return f"claude mcp add --transport http {shlex.quote(name)} {shlex.quote(url)}{header}"
 
 
 def client_text(client: str, url: str, token: str | None, name: str = "plexus") -> str:

@@ -8,7 +8,6 @@ Jupyter server through the official SDK client.
 from __future__ import annotations
 
 import asyncio
-
 from contextlib import asynccontextmanager
 from typing import Any
 
