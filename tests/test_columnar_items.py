@@ -25,12 +25,14 @@ LABELS = ("yes", "no", "maybe")
 
 def write_dataset(root: Path, rows: int, name: str = "items.csv") -> pd.DataFrame:
     """Labels of three classes, predictions wrong on every 7th row and missing on every 50th."""
-    frame = pd.DataFrame({
-        "id": [f"r{i}" for i in range(rows)],
-        "text": [f"review {i % 40}" for i in range(rows)],
-        "label": [LABELS[i % 3] for i in range(rows)],
-        "prediction": [None if i % 50 == 0 else LABELS[(i + (i % 7 == 0)) % 3] for i in range(rows)],
-    })
+    frame = pd.DataFrame(
+        {
+            "id": [f"r{i}" for i in range(rows)],
+            "text": [f"review {i % 40}" for i in range(rows)],
+            "label": [LABELS[i % 3] for i in range(rows)],
+            "prediction": [None if i % 50 == 0 else LABELS[(i + (i % 7 == 0)) % 3] for i in range(rows)],
+        }
+    )
     frame.to_csv(root / name, index=False)
     return frame
 
@@ -60,8 +62,14 @@ async def test_items_land_in_parquet_files_and_the_store_keeps_a_manifest(mcp_cl
     frame = write_dataset(jp_root_dir, 20_000)
     before = store_bytes(runtime)
     async with mcp_client() as client:
-        made = await create(client, type="accuracy", dataset="items.csv", label_column="label",
-                            prediction_column="prediction", id_column="id")
+        made = await create(
+            client,
+            type="accuracy",
+            dataset="items.csv",
+            label_column="label",
+            prediction_column="prediction",
+            id_column="id",
+        )
         done = await finished(client, made["evaluation_id"])
     assert done["status"] == "COMPLETED", done
     evaluation_id = made["evaluation_id"]
@@ -84,9 +92,11 @@ async def test_items_land_in_parquet_files_and_the_store_keeps_a_manifest(mcp_cl
 
 async def test_pages_and_filters_read_from_the_files_are_exact_across_pages(mcp_client, runtime, jp_root_dir):
     frame = write_dataset(jp_root_dir, 3000)
-    scorecard = ("name: two\ndataset: items.csv\ninput_column: text\nid_column: id\nlabel_column: label\nscores:\n"
-                 "  - {name: first, scorer: 'column:prediction'}\n"
-                 "  - {name: second, scorer: 'column:label'}\n")
+    scorecard = (
+        "name: two\ndataset: items.csv\ninput_column: text\nid_column: id\nlabel_column: label\nscores:\n"
+        "  - {name: first, scorer: 'column:prediction'}\n"
+        "  - {name: second, scorer: 'column:label'}\n"
+    )
     async with mcp_client() as client:
         made = await create(client, type="accuracy", scorecard=scorecard)
         assert (await finished(client, made["evaluation_id"]))["status"] == "COMPLETED"
@@ -111,14 +121,21 @@ async def test_pages_and_filters_read_from_the_files_are_exact_across_pages(mcp_
 async def test_a_cancelled_evaluation_s_files_are_removed(mcp_client, runtime):
     files = files_of(runtime)
     async with mcp_client() as client:
-        started = await create(client, type="accuracy", dataset="example:fraud", label_column="label",
-                               scorer="python:tests.scorer_functions:slow", input_column="text")
+        started = await create(
+            client,
+            type="accuracy",
+            dataset="example:fraud",
+            label_column="label",
+            scorer="python:tests.scorer_functions:slow",
+            input_column="text",
+        )
         evaluation_id = started["evaluation_id"]
         await poll(lambda: files.chunks(evaluation_id, "score"), lambda c: len(c) > 0, timeout=30)
         await client.call_tool("cancel_tasks", {"task_ids": [started["task_id"]]})
         done = await finished(client, evaluation_id)
-        pruned = await poll(lambda: runtime.evaluations.get(evaluation_id),
-                            lambda e: e["items_pruned_at"] is not None, timeout=30)
+        pruned = await poll(
+            lambda: runtime.evaluations.get(evaluation_id), lambda e: e["items_pruned_at"] is not None, timeout=30
+        )
     assert done["status"] == "CANCELLED" and pruned["status"] == "CANCELLED"
     assert not files.directory(evaluation_id).exists()
 
@@ -126,8 +143,14 @@ async def test_a_cancelled_evaluation_s_files_are_removed(mcp_client, runtime):
 async def test_a_worker_killed_mid_write_leaves_its_complete_chunks_readable(mcp_client, runtime):
     files = files_of(runtime)
     async with mcp_client() as client:
-        started = await create(client, type="accuracy", dataset="example:fraud", label_column="label",
-                               scorer="python:tests.scorer_functions:slow", input_column="text")
+        started = await create(
+            client,
+            type="accuracy",
+            dataset="example:fraud",
+            label_column="label",
+            scorer="python:tests.scorer_functions:slow",
+            input_column="text",
+        )
         evaluation_id, task_id = started["evaluation_id"], started["task_id"]
         await poll(lambda: files.chunks(evaluation_id, "score"), lambda c: len(c) >= 2, timeout=30)
         pid = runtime.executor.pid(task_id)
@@ -145,13 +168,25 @@ async def test_a_worker_killed_mid_write_leaves_its_complete_chunks_readable(mcp
 
 async def test_rows_of_an_evaluation_from_before_the_files_stay_readable(mcp_client, runtime):
     store = runtime.evaluations.store
-    runtime.store.create_task(Task(id="t-rows", type="evaluation", status=TaskStatus.COMPLETED,
-                                   completed_at=time.time()))
-    store.create({"id": "e-rows", "task_id": "t-rows", "type": "accuracy", "owner": None,
-                  "dataset": "example:sentiment", "definition": {"scores": [{"name": "score"}]},
-                  "created_at": time.time()})
-    store.add_items("e-rows", "score", [(i, str(i), "x", "A", "a", "a" if i % 3 else "b", i % 3 != 0, None, None)
-                                        for i in range(100)])
+    runtime.store.create_task(
+        Task(id="t-rows", type="evaluation", status=TaskStatus.COMPLETED, completed_at=time.time())
+    )
+    store.create(
+        {
+            "id": "e-rows",
+            "task_id": "t-rows",
+            "type": "accuracy",
+            "owner": None,
+            "dataset": "example:sentiment",
+            "definition": {"scores": [{"name": "score"}]},
+            "created_at": time.time(),
+        }
+    )
+    store.add_items(
+        "e-rows",
+        "score",
+        [(i, str(i), "x", "A", "a", "a" if i % 3 else "b", i % 3 != 0, None, None) for i in range(100)],
+    )
     async with mcp_client() as client:
         every = await all_results(client, "e-rows")
         wrong = await all_results(client, "e-rows", only_mismatches=True, label="a")
@@ -162,8 +197,9 @@ async def test_rows_of_an_evaluation_from_before_the_files_stay_readable(mcp_cli
 async def test_retention_removes_an_expired_evaluation_s_files(mcp_client, runtime):
     files = files_of(runtime)
     async with mcp_client() as client:
-        made = await create(client, type="accuracy", dataset="example:sentiment", label_column="label",
-                            prediction_column="prediction")
+        made = await create(
+            client, type="accuracy", dataset="example:sentiment", label_column="label", prediction_column="prediction"
+        )
         assert (await finished(client, made["evaluation_id"]))["status"] == "COMPLETED"
     folder = files.directory(made["evaluation_id"])
     assert files.chunks(made["evaluation_id"], "score")

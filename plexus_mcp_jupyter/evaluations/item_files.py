@@ -54,8 +54,9 @@ class ItemFiles:
         """The manifest stored with the evaluation: where its items are, and (once complete) chunks and rows."""
         out: dict[str, Any] = {"format": FORMAT, "path": str(self.directory(evaluation_id))}
         if rows is not None:
-            out["scores"] = {name: {"chunks": len(self.chunks(evaluation_id, name)), "rows": count}
-                             for name, count in rows.items()}
+            out["scores"] = {
+                name: {"chunks": len(self.chunks(evaluation_id, name)), "rows": count} for name, count in rows.items()
+            }
         return out
 
     # -- writing (the worker) ------------------------------------------------------------------------
@@ -130,8 +131,17 @@ class ItemFiles:
     def count(self, evaluation_id: str, score: str) -> int:
         return sum(end - first for first, end, _ in self.chunks(evaluation_id, score))
 
-    def page(self, evaluation_id: str, score: str, *, limit: int, after: int | None, only_mismatches: bool,
-             label: str | None, columns: Sequence[str]) -> list[dict[str, Any]]:
+    def page(
+        self,
+        evaluation_id: str,
+        score: str,
+        *,
+        limit: int,
+        after: int | None,
+        only_mismatches: bool,
+        label: str | None,
+        columns: Sequence[str],
+    ) -> list[dict[str, Any]]:
         """Up to `limit` items with seq > `after` matching the filters, in seq order."""
         out: list[dict[str, Any]] = []
         for table in self._filtered(evaluation_id, score, after, only_mismatches, label, columns):
@@ -141,8 +151,15 @@ class ItemFiles:
                 break
         return out
 
-    def _filtered(self, evaluation_id: str, score: str, after: int | None, only_mismatches: bool,
-                  label: str | None, columns: Sequence[str]) -> Iterator[pa.Table]:
+    def _filtered(
+        self,
+        evaluation_id: str,
+        score: str,
+        after: int | None,
+        only_mismatches: bool,
+        label: str | None,
+        columns: Sequence[str],
+    ) -> Iterator[pa.Table]:
         conditions = []
         if after is not None:
             conditions.append(pc.field("seq") > after)
@@ -170,8 +187,11 @@ def item_table(columns: Mapping[str, Sequence[Any]]) -> pa.Table:
     fields += [pa.field(name, pa.string()) for name in ("input", "label", "label_class", "prediction")]
     fields += [pa.field("correct", pa.bool_()), pa.field("explanation", pa.string()), pa.field("error", pa.string())]
     schema = pa.schema(fields)
-    return pa.table({f.name: pa.array(columns[f.name], type=f.type) if not isinstance(columns[f.name], pa.Array)
-                     else columns[f.name].cast(f.type) for f in schema}, schema=schema)
+    return pa.table({f.name: _array(columns[f.name], f.type) for f in schema}, schema=schema)
+
+
+def _array(values: Any, type: pa.DataType) -> pa.Array:
+    return values.cast(type) if isinstance(values, pa.Array) else pa.array(values, type=type)
 
 
 def _all(conditions: Iterable[pc.Expression]) -> pc.Expression | None:
