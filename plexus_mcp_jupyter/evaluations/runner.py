@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..core.context import TaskContext
 from ..core.errors import InvalidArgument
@@ -227,8 +228,9 @@ def _accuracy(
     keep = np.concatenate(scored)
     if not keep.any():
         raise InvalidArgument(f"score {name!r}: every item failed to score; see the items' errors")
-    predicted = pd.concat(predictions).to_numpy(dtype=object)
-    result = compute_metrics(frame[label_column].to_numpy()[keep], predicted[keep], norm).to_dict()
+    # As arrays (no index to align), and a text column's Arrow strings as they are: no Python object per value.
+    predicted = pd.concat(predictions).array
+    result = compute_metrics(frame[label_column].array[keep], predicted[keep], norm).to_dict()
     return result, {"items": len(frame), "scored": int(keep.sum()), "errors": int((~keep).sum())}
 
 
@@ -260,42 +262,57 @@ def _columns(
     (the redact_columns setting) are scored as they are but never stored.
     """
     n = len(chunk)
-    none: list[Any] = [None] * n
+    none = pa.nulls(n, pa.string())
     hidden: list[Any] = [REDACTED] * n
     ids: Any
     if id_column:
-        ids = _texts(chunk[id_column], EXCERPT_CHARS)
+        ids = _text_column(chunk[id_column], EXCERPT_CHARS)
     elif pd.api.types.is_integer_dtype(chunk.index.dtype):
         ids = pa.array(chunk.index.to_numpy(dtype=np.int64))
     else:
         ids = chunk.index.astype(str).tolist()
-    inputs = _texts(chunk[input_column], EXCERPT_CHARS) if input_column and input_column in chunk else none
+    inputs = _text_column(chunk[input_column], EXCERPT_CHARS) if input_column and input_column in chunk else none
     if id_column in redacted:
         ids = hidden
     if input_column in redacted:
         inputs = hidden
     if labels is not None and labels.name in redacted:
         labels, classes = pd.Series(hidden, index=chunk.index), np.asarray(hidden, dtype=object)
-    predictions = pd.Series(_texts(batch.predictions, EXCERPT_CHARS), dtype=object)
-    oks = pd.Series(correct.tolist() if correct is not None else none, dtype=object)
+    predictions = _text_column(batch.predictions, EXCERPT_CHARS)
+    oks = pa.array(correct, mask=failed, type=pa.bool_()) if correct is not None else pa.nulls(n, pa.bool_())
     if failed.any():
-        predictions[failed] = None
-        oks[failed] = None
+        predictions = pc.if_else(pa.array(failed), pa.scalar(None, predictions.type), predictions)
     return {
         "seq": pa.array(np.arange(start, start + n, dtype=np.int64)),
         "item_id": ids,
         "input": inputs,
-        "label": _texts(labels, EXCERPT_CHARS) if labels is not None else none,
-        "label_class": classes.tolist() if classes is not None else none,
-        "prediction": predictions.tolist(),
-        "correct": oks.tolist(),
-        "explanation": _texts(batch.explanations, EXPLANATION_CHARS) if batch.explanations is not None else none,
-        "error": _texts(batch.errors, EXPLANATION_CHARS) if batch.errors is not None else none,
+        "label": _text_column(labels, EXCERPT_CHARS) if labels is not None else none,
+        "label_class": pa.array(classes, type=pa.string()) if classes is not None else none,
+        "prediction": predictions,
+        "correct": oks,
+        "explanation": (_text_column(batch.explanations, EXPLANATION_CHARS) if batch.explanations is not None
+                        else none),
+        "error": _text_column(batch.errors, EXPLANATION_CHARS) if batch.errors is not None else none,
     }
 
 
 def _redacted(ctx: TaskContext) -> frozenset[str]:
     return frozenset(c.strip() for c in str(ctx.environment.get("redact_columns", "")).split(",") if c.strip())
+
+
+def _text_column(values: pd.Series, limit: int) -> pa.Array:
+    """Values as bounded strings (null for missing), as an Arrow array: a text column read from a file is
+    Arrow already (pandas' str dtype), so it is sliced in place, without a Python object per value."""
+    if not (isinstance(values.dtype, pd.StringDtype) and values.dtype.storage == "pyarrow"):
+        return pa.array(_texts(values, limit), type=pa.string())
+    text = pa.array(values)
+    if isinstance(text, pa.ChunkedArray):
+        text = text.combine_chunks()
+    long = pc.greater(pc.utf8_length(text), limit)
+    if pc.any(long).as_py():
+        cut = pc.binary_join_element_wise(pc.utf8_slice_codeunits(text, 0, limit - 1), pa.scalar("…"), "")
+        text = pc.if_else(long, cut, text)
+    return text
 
 
 def _texts(values: pd.Series, limit: int) -> list[str | None]:
