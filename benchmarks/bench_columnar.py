@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import statistics
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -89,13 +90,25 @@ async def evaluate(session: Any, dataset: str) -> tuple[dict[str, Any], float]:
         await asyncio.sleep(0.05)
 
 
+async def stage_times(session: Any, task_id: str) -> str:
+    """Where the evaluation's time went: from created to the worker starting, then each stage (get_task)."""
+    task = (await session.call_tool("get_task", {"task_id": task_id})).structured_content
+
+    def at(text: str | None) -> float:
+        return datetime.fromisoformat(text).timestamp() if text else float("nan")
+
+    parts = [f"start {at(task['started_at']) - at(task['created_at']):.2f} s"]
+    parts += [f"{s['name']} {at(s['completed_at']) - at(s['started_at']):.2f} s" for s in task["stages"]]
+    return ", ".join(parts)
+
+
 async def page_latencies(session: Any, evaluation_id: str, pages: int) -> list[float]:
     out, cursor = [], None
     for _ in range(pages):
         t0 = time.perf_counter()
-        page = (await session.call_tool("get_evaluation_results", {
-            "evaluation_id": evaluation_id, "only_mismatches": True, "limit": 50, **({"cursor": cursor} if cursor else {})
-        })).structured_content
+        arguments = {"evaluation_id": evaluation_id, "only_mismatches": True, "limit": 50}
+        page = (await session.call_tool("get_evaluation_results", arguments | ({"cursor": cursor} if cursor else {})
+                                        )).structured_content
         out.append(time.perf_counter() - t0)
         cursor = page["next_cursor"]
         if not cursor:
@@ -130,6 +143,7 @@ async def main() -> None:
                     ends.append(seconds)
                     grown.append(disk_bytes(*store) - before)
                 assert last is not None
+                stages = await stage_times(session, last["task_id"])
                 latencies = await page_latencies(session, last["evaluation_id"], args.pages)
         arrow = [raw_accuracy(work / "eval.csv") for _ in range(3)]
         metrics = [raw_metrics(work / "eval.csv") for _ in range(3)]
@@ -139,6 +153,7 @@ async def main() -> None:
     served = last["metrics"]["score"]["accuracy"]
     print(f"first (warm-up) evaluation, 1,000 rows:     {cold:8.3f} s")
     print(f"end to end (create -> COMPLETED seen):     {end:8.3f} s   median of {len(ends)}")
+    print(f"  of which (the last run): {stages}")
     print(f"raw: pyarrow.csv read + accuracy:          {raw_a:8.3f} s   ratio {end / raw_a:6.1f}x")
     print(f"raw: pyarrow.csv read + compute_metrics:   {raw_m:8.3f} s   ratio {end / raw_m:6.1f}x   (goal <= 5x)")
     print(f"accuracy: served {served:.6f}, pyarrow {arrow[0][0]:.6f}, compute_metrics {metrics[0][0]:.6f}")

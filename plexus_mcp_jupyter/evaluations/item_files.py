@@ -31,6 +31,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 FORMAT = "parquet"
+# Columns of few distinct values, dictionary-encoded; inputs and ids are mostly distinct, where a dictionary
+# costs time and bytes (zstd alone: 8 bytes per item instead of 9.4 on the benchmark's data, 20% faster).
+DICTIONARY_COLUMNS = ["label", "label_class", "prediction", "explanation", "error"]
 _CHUNK = re.compile(r"^chunk-(\d{12})-(\d{12})\.parquet$")
 
 
@@ -76,7 +79,9 @@ class ItemFiles:
         temporary = folder / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"
         try:
             with open(temporary, "wb") as out:
-                pq.write_table(table, out, compression="zstd", use_dictionary=True, write_statistics=["seq"])
+                pq.write_table(
+                    table, out, compression="zstd", use_dictionary=DICTIONARY_COLUMNS, write_statistics=["seq"]
+                )
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(temporary, final)

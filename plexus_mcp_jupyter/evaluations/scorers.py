@@ -115,8 +115,9 @@ class SpecError(InvalidArgument):
 class ScoreBatch:
     """The result of scoring one chunk; every Series is aligned to the chunk's index.
 
-    `predictions` holds str or None (or a text column's missing value, when it is pandas' str dtype). `explanations` is None when the scorer gives none. `errors` is None
-    when no item failed, else holds "<ExceptionType>: <message>" for failed items and None for the others.
+    `predictions` holds str or None (or a text column's missing value, when it is pandas' str dtype).
+    `explanations` is None when the scorer gives none. `errors` is None when no item failed, else holds
+    "<ExceptionType>: <message>" for failed items and None for the others.
     """
 
     predictions: pd.Series
