@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
+import pytest
 import sqlalchemy as sa
 
 from plexus_mcp_jupyter.core.models import Task, TaskStatus
 from plexus_mcp_jupyter.core.retention import RetentionPolicy
 from plexus_mcp_jupyter.evaluations.item_files import ItemFiles
-from plexus_mcp_jupyter.evaluations.store import items_table
+from plexus_mcp_jupyter.evaluations.store import ItemFilter, items_table
 
 from .conftest import poll
 from .test_evaluations import all_results, create, finished, normalised
@@ -206,3 +207,55 @@ async def test_retention_removes_an_expired_evaluation_s_files(mcp_client, runti
     runtime.manager.configure_retention(RetentionPolicy(by_type={"evaluation": 0.5}), interval=0.2)
     await poll(lambda: folder.exists(), lambda exists: not exists, timeout=15)
     assert runtime.store.tombstone(made["task_id"]) is not None
+
+
+def test_a_re_run_starts_from_no_files_and_a_late_chunk_after_clean_up_lands_nowhere(tmp_path):
+    from plexus_mcp_jupyter.core.store import Store
+    from plexus_mcp_jupyter.evaluations.store import EvaluationStore
+
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    try:
+        files = ItemFiles(tmp_path / "items")
+        evaluations = EvaluationStore(store.engine, files)
+        store.create_task(Task(id="t", type="evaluation", status=TaskStatus.RUNNING))
+        evaluations.create(
+            {
+                "id": "e",
+                "task_id": "t",
+                "type": "accuracy",
+                "owner": None,
+                "dataset": "x.csv",
+                "definition": {"scores": [{"name": "s"}]},
+                "created_at": time.time(),
+            }
+        )
+
+        def chunk(start: int, n: int) -> dict:
+            return {
+                "seq": list(range(start, start + n)),
+                "item_id": [str(i) for i in range(n)],
+                "input": [None] * n,
+                "label": ["a"] * n,
+                "label_class": ["a"] * n,
+                "prediction": ["b"] * n,
+                "correct": [False] * n,
+                "explanation": [None] * n,
+                "error": [None] * n,
+            }
+
+        evaluations.reset("e")  # a run begins
+        evaluations.add_chunk("e", "s", 0, chunk(0, 10))
+        evaluations.add_chunk("e", "s", 10, chunk(10, 5))
+        assert evaluations.count_items("e", "s") == 15
+        evaluations.reset("e")  # a re-run (a re-queued task after a crash): nothing of the first run is left
+        assert evaluations.count_items("e", "s") == 0 and files.directory("e").is_dir()
+        evaluations.add_chunk("e", "s", 0, chunk(0, 4))
+        manifest = evaluations.get("e")["items_manifest"]
+        page, _ = evaluations.items("e", ItemFilter(score="s"), limit=10, manifest=manifest)
+        assert [i["seq"] for i in page] == [0, 1, 2, 3]
+        assert evaluations.remove_files("e") and not files.directory("e").exists()  # a cancel's clean-up
+        with pytest.raises(FileNotFoundError):  # the worker's next chunk does not re-create the directory
+            evaluations.add_chunk("e", "s", 4, chunk(4, 4))
+        assert not files.directory("e").exists()
+    finally:
+        store.close()
