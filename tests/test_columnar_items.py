@@ -59,6 +59,20 @@ def files_of(runtime) -> ItemFiles:
     return files
 
 
+async def slow_evaluation(client, files: ItemFiles, chunks: int) -> dict:
+    """An evaluation of a slow per-item scorer, once it has written `chunks` chunk files."""
+    started = await create(
+        client,
+        type="accuracy",
+        dataset="example:fraud",
+        label_column="label",
+        scorer="python:tests.scorer_functions:slow",
+        input_column="text",
+    )
+    await poll(lambda: files.chunks(started["evaluation_id"], "score"), lambda c: len(c) >= chunks, timeout=30)
+    return started
+
+
 async def test_items_land_in_parquet_files_and_the_store_keeps_a_manifest(mcp_client, runtime, jp_root_dir):
     frame = write_dataset(jp_root_dir, 20_000)
     before = store_bytes(runtime)
@@ -122,16 +136,8 @@ async def test_pages_and_filters_read_from_the_files_are_exact_across_pages(mcp_
 async def test_a_cancelled_evaluation_s_files_are_removed(mcp_client, runtime):
     files = files_of(runtime)
     async with mcp_client() as client:
-        started = await create(
-            client,
-            type="accuracy",
-            dataset="example:fraud",
-            label_column="label",
-            scorer="python:tests.scorer_functions:slow",
-            input_column="text",
-        )
+        started = await slow_evaluation(client, files, chunks=1)
         evaluation_id = started["evaluation_id"]
-        await poll(lambda: files.chunks(evaluation_id, "score"), lambda c: len(c) > 0, timeout=30)
         await client.call_tool("cancel_tasks", {"task_ids": [started["task_id"]]})
         done = await finished(client, evaluation_id)
         pruned = await poll(
@@ -144,16 +150,8 @@ async def test_a_cancelled_evaluation_s_files_are_removed(mcp_client, runtime):
 async def test_a_worker_killed_mid_write_leaves_its_complete_chunks_readable(mcp_client, runtime):
     files = files_of(runtime)
     async with mcp_client() as client:
-        started = await create(
-            client,
-            type="accuracy",
-            dataset="example:fraud",
-            label_column="label",
-            scorer="python:tests.scorer_functions:slow",
-            input_column="text",
-        )
+        started = await slow_evaluation(client, files, chunks=2)
         evaluation_id, task_id = started["evaluation_id"], started["task_id"]
-        await poll(lambda: files.chunks(evaluation_id, "score"), lambda c: len(c) >= 2, timeout=30)
         pid = runtime.executor.pid(task_id)
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
