@@ -150,6 +150,9 @@ class TaskManager:
         self.role_weights: dict[str, float] = {}
         self.configured_resources: res.Resources = {}
         self.retention = RetentionPolicy()
+        # Told (on the retention thread, so quickly) the ids of tasks retention removed: what lives beside
+        # the store (an evaluation's item files) follows them.
+        self.pruned_listeners: list[Callable[[list[str]], None]] = []
         self.pruner: RetentionPruner | None = None
         self._durations: dict[str, deque[float]] = {}
         self._fair = FairClock()  # how owners have shared the starts so far
@@ -185,6 +188,8 @@ class TaskManager:
 
     def _forget_pruned(self, ids: list[str]) -> None:
         # Called on the pruning thread: the finished-task cache belongs to the loop.
+        for listener in list(self.pruned_listeners):
+            listener(ids)
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._drop_finished, ids)
 

@@ -172,9 +172,10 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService, log
         limit: PageSize = 20,
         cursor: Annotated[str | None, Field(description="next_cursor of the previous page, unchanged")] = None,
     ) -> Annotated[CallToolResult, EvaluationResults]:
-        items, next_cursor, asked = service.results(evaluation_id, only_mismatches=only_mismatches, label=label,
-                                                    score=score, limit=min(limit, max_page), cursor=cursor,
-                                                    viewer=current_principal().viewer)
+        # In the catalog's threads: a page may read several item files (evaluations/item_files.py).
+        items, next_cursor, asked = await service.catalog.run(
+            service.results, evaluation_id, only_mismatches=only_mismatches, label=label, score=score,
+            limit=min(limit, max_page), cursor=cursor, viewer=current_principal().viewer)
         more = " (more: pass next_cursor)" if next_cursor else ""
         return result(f"{len(items)} item(s){more}.", {**asked, "items": items, "next_cursor": next_cursor})
 
@@ -264,13 +265,13 @@ def _register_resources(server: MCPServer, service: EvaluationService) -> None:
                      name="evaluation-results", title="Evaluation results",
                      description="Per-item results, in dataset order; only_mismatches=true for the wrong ones.",
                      mime_type=JSON)
-    def results_resource(evaluation_id: str, only_mismatches: str | None = None, label: str | None = None,
-                         score: str | None = None, limit: str | None = None, cursor: str | None = None) -> str:
+    async def results_resource(evaluation_id: str, only_mismatches: str | None = None, label: str | None = None,
+                               score: str | None = None, limit: str | None = None, cursor: str | None = None) -> str:
         try:
-            items, next_cursor, asked = service.results(
-                evaluation_id, only_mismatches=parse_flag("only_mismatches", only_mismatches), label=label or None,
-                score=score or None, limit=service.manager.parse_limit(limit), cursor=cursor or None,
-                viewer=current_principal().viewer)
+            items, next_cursor, asked = await service.catalog.run(
+                service.results, evaluation_id, only_mismatches=parse_flag("only_mismatches", only_mismatches),
+                label=label or None, score=score or None, limit=service.manager.parse_limit(limit),
+                cursor=cursor or None, viewer=current_principal().viewer)
         except NotFound as exc:
             raise ResourceNotFoundError(str(exc)) from None
         except PlexusError as exc:

@@ -8,6 +8,7 @@ milliseconds; loading, scoring and metrics happen in the worker (runner.py).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import secrets
@@ -94,16 +95,33 @@ class EvaluationService:
     # -- life cycle: pruning the items of cancelled evaluations ------------------------------------------
 
     def start(self) -> None:
-        """Prune the items of cancelled evaluations from now on, and those an earlier server left."""
+        """Prune the items of cancelled evaluations from now on, and those an earlier server left; and the
+        item files of evaluations removed by retention, after each retention pass and at start."""
         if self._unlisten is None:
             self._unlisten = self.manager.bus.add_listener(self._on_event)
+            self.manager.pruned_listeners.append(self._on_tasks_pruned)
             self._prune_soon()
+            self._on_tasks_pruned([])
+
+    def _on_tasks_pruned(self, _task_ids: list[str]) -> None:
+        if not self._stopping.is_set():
+            self._pruner.submit(self.sweep_files)
+
+    def sweep_files(self) -> int:
+        """Delete the item files whose evaluation is gone (retention pruned its task); how many evaluations'."""
+        try:
+            return len(self.store.sweep_files())
+        except Exception:  # the store is unreachable, say: the next pass tries again
+            log.exception("Plexus: removing the item files of pruned evaluations failed")
+            return 0
 
     def close(self) -> None:
         """Stop pruning (between two batches); the thread ends on its own."""
         if self._unlisten is not None:
             self._unlisten()
             self._unlisten = None
+            with contextlib.suppress(ValueError):
+                self.manager.pruned_listeners.remove(self._on_tasks_pruned)
         self._stopping.set()
         self._pruner.shutdown(wait=True, cancel_futures=True)
 
@@ -116,11 +134,12 @@ class EvaluationService:
             self._pruner.submit(self.prune_cancelled)
 
     def prune_cancelled(self) -> int:
-        """Delete the items of cancelled evaluations, PRUNE_BATCH per transaction, and mark each record
-        pruned; returns how many items went. Runs in the pruning thread; blocks on the store."""
+        """Delete the items of cancelled evaluations (their files; rows PRUNE_BATCH per transaction), and mark
+        each record pruned; returns how many item rows went. Runs in the pruning thread; blocks on the store."""
         deleted = 0
         try:
             for evaluation_id in self.store.unpruned_cancelled():
+                self.store.remove_files(evaluation_id)  # one directory: gone at once
                 while not self._stopping.is_set():
                     batch = self.store.delete_items(evaluation_id, PRUNE_BATCH)
                     deleted += batch
@@ -417,7 +436,7 @@ class EvaluationService:
                                   f"its scores: {', '.join(names)}")
         flt = ItemFilter(score=score, only_mismatches=only_mismatches, label=label)
         items, next_cursor = self.store.items(evaluation_id, flt, limit=self.manager.check_limit(limit),
-                                              cursor=cursor)
+                                              cursor=cursor, manifest=row["items_manifest"])
         return items, next_cursor, {"evaluation_id": evaluation_id, "score": score,
                                     "only_mismatches": only_mismatches, "label": label}
 
