@@ -804,7 +804,8 @@ class TaskManager:
                 except Exception:
                     log.exception("Plexus: a task log listener failed")
         elif kind in ("done", "error", "cancelled", "lost"):
-            state.final = msg
+            if state.final is None:  # the first word on how it ended stands (an executor may repeat itself)
+                state.final = msg
         elif kind == "worker":  # the executor placed it (a Dask worker's address): shown by get_task
             state.task.worker = f"{self.server_id}/{msg[1]}"
         elif kind == "request":
