@@ -180,6 +180,11 @@ def test_audit_records_older_than_their_retention_are_pruned_in_batches_by_the_w
     while actions() != ["tool.new", "tool.recent"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert actions() == ["tool.new", "tool.recent"]
-    assert audit.prune() == 0  # nothing left to prune
+    assert audit.prune() == (0, False)  # nothing left to prune
+    # A backlog is pruned a bounded number of batches at a time, and says more is left.
+    with store.engine.begin() as conn:
+        conn.execute(sa.insert(audit_table), old)
+    assert audit.prune(max_batches=2) == (14, True)
+    assert audit.prune(max_batches=10) == (16, False)
     audit.close()
     store.close()
