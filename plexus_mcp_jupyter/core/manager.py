@@ -440,14 +440,18 @@ class TaskManager:
         """Store `task` already claimed by this server (one insert, no queue read and no claim), announce it
         as created and started, and return it as it was created (QUEUED: what the caller asked for)."""
         created = dataclasses.replace(task)
-        task.status, task.started_at, task.worker = TaskStatus.RUNNING, now(), self.server_id
-        task.lease_expires_at = self._lease_end(task.started_at)
+        self._mark_claimed(task, now())
         self.store.create_task(task, also=also)
         self.bus.publish("task.created", "task", task.id, created.summary())
         self._fair.commit(task.owner, weight(task, self._policy()))
         self._queue_info = None
         self._start(task)
         return created
+
+    def _mark_claimed(self, task: Task, at: float) -> None:
+        """The in-memory task as this server's claim stores it (Store.claim_many, or an insert already claimed)."""
+        task.status, task.started_at, task.worker = TaskStatus.RUNNING, at, self.server_id
+        task.lease_expires_at = self._lease_end(at)
 
     def check_key_cap(self, owner: str | None, adding: int) -> None:
         """InvalidArgument when an API key would have more than max_tasks_per_key unfinished tasks with
@@ -729,7 +733,7 @@ class TaskManager:
                 self._schedule_soon()  # another server on this store took it: plan again without it
                 continue
             self._fair.commit(task.owner, weight(task, policy))
-            task.status, task.started_at, task.worker = TaskStatus.RUNNING, started_at, self.server_id
+            self._mark_claimed(task, started_at)
             self._start(task)
             started += 1
         # Every queued task was read and started: until something is queued again, an ending task need not
