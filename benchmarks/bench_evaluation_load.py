@@ -353,9 +353,9 @@ WORKER_PIECES = (
     ("load Parquet (DatasetCatalog.load)", "DatasetCatalog.load ("),
     ("scorer (ColumnScorer.score: _labels)", "ColumnScorer.score ("),
     ("normalize_labels (correct)", "normalize_labels ("),
-    ("item rows: _rows()", "_rows ("),
+    ("item columns: _columns()", "_columns ("),
     ("  of which _texts()", "_texts ("),
-    ("add_items", "EvaluationStore.add_items ("),
+    ("add_chunk (Parquet)", "EvaluationStore.add_chunk ("),
     ("  SQLAlchemy parameters per row", "DefaultExecutionContext._init_compiled ("),
     ("  sqlite3 executemany", "DefaultDialect.do_executemany ("),
     ("  commit", "DefaultDialect.do_commit ("),
@@ -446,7 +446,8 @@ def breakdown(body: bytes, write_rows: int, write_rounds: int) -> None:
         registered = work / "registered"
         registered.mkdir()
         (registered / "big.parquet").write_bytes(body)
-        env = {"db_url": store.url, "root_dir": str(work), "registered_dir": str(registered)}
+        env = {"db_url": store.url, "root_dir": str(work), "registered_dir": str(registered),
+               "items_dir": str(work / "items")}
         marks: list[tuple[str, float]] = []
         ctx = TaskContext(
             "bench",
@@ -455,24 +456,24 @@ def breakdown(body: bytes, write_rows: int, write_rounds: int) -> None:
             environment=env,
         )
         timers = Timers()
-        saved = {name: getattr(runner, name) for name in ("_rows", "_score", "normalize_labels", "compute_metrics")}
+        saved = {name: getattr(runner, name) for name in ("_columns", "_score", "normalize_labels", "compute_metrics")}
         saved_load = DatasetCatalog.load
-        saved_add = evaluation_store.EvaluationStore.add_items
+        saved_add = evaluation_store.EvaluationStore.add_chunk
         saved_results = evaluation_store.EvaluationStore.set_results
 
-        calls: list[tuple[Any, ...]] = []  # the arguments of every _rows() call, to build the rows again
+        calls: list[tuple[Any, ...]] = []  # the arguments of every _columns() call (_rows' too), to build rows again
 
         def rows_of(*args: Any) -> list[dict[str, Any]]:
             calls.append(args)
-            return saved["_rows"](*args)  # type: ignore[no-any-return]
+            return saved["_columns"](*args)  # type: ignore[no-any-return]
 
         try:
-            runner._rows = timers.wrap("item rows: _rows() + _texts()", rows_of)
+            runner._columns = timers.wrap("item columns: _columns()", rows_of)
             runner._score = timers.wrap("scorer (column: _labels())", saved["_score"])
             runner.normalize_labels = timers.wrap("normalize_labels (correct)", saved["normalize_labels"])
             runner.compute_metrics = timers.wrap("compute_metrics", saved["compute_metrics"])
             DatasetCatalog.load = timers.wrap("load Parquet", saved_load)
-            evaluation_store.EvaluationStore.add_items = timers.wrap("add_items (SQLAlchemy + SQLite)", saved_add)
+            evaluation_store.EvaluationStore.add_chunk = timers.wrap("add_chunk (a Parquet file)", saved_add)
             evaluation_store.EvaluationStore.set_results = timers.wrap("set_results", saved_results)
             t0, c0 = time.perf_counter(), time.process_time()
             runner.run_evaluation(
@@ -490,7 +491,7 @@ def breakdown(body: bytes, write_rows: int, write_rounds: int) -> None:
             for name, fn in saved.items():
                 setattr(runner, name, fn)
             DatasetCatalog.load = saved_load  # type: ignore[method-assign]
-            evaluation_store.EvaluationStore.add_items = saved_add  # type: ignore[method-assign]
+            evaluation_store.EvaluationStore.add_chunk = saved_add  # type: ignore[method-assign]
             evaluation_store.EvaluationStore.set_results = saved_results  # type: ignore[method-assign]
 
         print(

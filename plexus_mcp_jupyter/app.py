@@ -61,6 +61,7 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
 
     def __init__(self, **kwargs: Any) -> None:
         self.config_problems = []
+        self.problem_details: list[str] = []  # the same, with what only the notebook user may read
         super().__init__(**kwargs)
 
     def update_config(self, config: Any) -> None:
@@ -69,6 +70,13 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
         clean, problems = self.invalid_settings(config)
         self.config_problems.extend(p for p in problems if p not in self.config_problems)
         super().update_config(type(config)(clean) if problems else config)
+
+    def _unavailable(self, public: str, detail: str) -> None:
+        """A problem that keeps the endpoint from running: the 503 every Plexus route answers says `public`
+        (it answers anyone: no host, port, user or database name), the server log says `detail`."""
+        self.config_problems.append(f"{public} (the server log has the details)")
+        self.problem_details.append(f"{public}: {detail}")
+        logging.getLogger("plexus_mcp_jupyter").error("Plexus MCP is not served: %s: %s", public, detail)
 
     def initialize_settings(self) -> None:
         assert self.serverapp is not None  # set by Jupyter before it initializes an extension
@@ -86,10 +94,11 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
             except SettingsError as exc:  # settings valid one by one, not together
                 self.config_problems.extend(exc.problems)
             except ExecutorUnavailable as exc:  # dask_fallback=refuse: the endpoint does not run without its cluster
-                self.config_problems.append(str(exc))
+                self._unavailable("the Dask scheduler could not be reached (dask_fallback=refuse)", str(exc))
             except (StoreTooNew, sa.exc.SQLAlchemyError) as exc:
                 # A store migrated by a newer release, or a database that cannot be reached or migrated.
-                self.config_problems.append(str(store_unavailable(exc) or exc).splitlines()[0])
+                self._unavailable("the store could not be opened or migrated",
+                                  str(store_unavailable(exc) or exc).splitlines()[0])
         if runtime is None:
             # The endpoint does not half-exist: every Plexus route answers 503 with this (docs/architecture.md).
             logging.getLogger("plexus_mcp_jupyter").error(
@@ -132,7 +141,9 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
         ]
         if self.config_problems:
             message = f"Plexus MCP is not running: {'; '.join(self.config_problems)}. Fix the setting and restart."
-            self.handlers.append((r"/plexus(?:/.*)?", UnavailableHandler, {"message": message}))
+            detail = (f"Plexus MCP is not running: {'; '.join(self.problem_details)}. Fix it and restart."
+                      if self.problem_details else message)
+            self.handlers.append((r"/plexus(?:/.*)?", UnavailableHandler, {"message": message, "detail": detail}))
             return
         self.handlers.extend(routes)
 

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import secrets
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -81,11 +82,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# Where each client reads its configuration (project scope where the client has one).
+CONFIG_FILES = {"claude": ".mcp.json", "cursor": "~/.cursor/mcp.json", "vscode": ".vscode/mcp.json"}
+
+
+def plexus_command() -> list[str]:
+    """How a client launches this very installation: the absolute path of its `plexus` script (a client does
+    not have this virtual environment on its PATH), else this Python running the CLI module."""
+    script = Path(sys.executable).with_name("plexus")
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script)]
+    return [sys.executable, "-m", "plexus_mcp_jupyter.cli"]
+
+
 def client_config(client: str, *, url: str | None, token: str | None, stdio_args: list[str] | None,
                   name: str = "plexus") -> dict[str, Any]:
     """A ready configuration for an MCP client, for HTTP (url + token) or stdio (a command)."""
     if stdio_args is not None:
-        entry: dict[str, Any] = {"command": "plexus", "args": ["mcp", "serve", "--transport", "stdio", *stdio_args]}
+        command, *prefix = plexus_command()
+        entry: dict[str, Any] = {"command": command,
+                                 "args": [*prefix, "mcp", "serve", "--transport", "stdio", *stdio_args]}
         if client == "vscode":
             return {"servers": {name: {"type": "stdio", **entry}}}
         return {"mcpServers": {name: entry}}
@@ -105,8 +121,9 @@ def client_config(client: str, *, url: str | None, token: str | None, stdio_args
 
 def claude_code_command(url: str, token: str | None, name: str = "plexus") -> str:
     """Claude Code's one-line registration of the endpoint (`claude mcp add`)."""
-    header = f' --header "Authorization: Bearer {token}"' if token else ""
-    return f"claude mcp add --transport http {name} {url}{header}"
+    # Every part quoted for the shell: a name, URL or secret from a request body never runs as a command.
+    header = f" --header {shlex.quote(f'Authorization: Bearer {token}')}" if token else ""
+    return f"claude mcp add --transport http {shlex.quote(name)} {shlex.quote(url)}{header}"
 
 
 def client_text(client: str, url: str, token: str | None, name: str = "plexus") -> str:
@@ -122,11 +139,50 @@ def _running_jupyter() -> dict[str, Any] | None:
     return next(iter(list_running_servers()), None)
 
 
+def write_config(path: Path, config: dict[str, Any]) -> str:
+    """Merge a client configuration into the file at `path`: its other servers and settings are kept, only the
+    entry of the same name is replaced. Refuses (ValueError) a file that is not a JSON object, unchanged."""
+    existing: dict[str, Any] = {}
+    if path.exists():
+        try:
+            existing = json.loads(path.read_text() or "{}")
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path} is not valid JSON ({exc}); fix or move it, then run this again") from None
+        if not isinstance(existing, dict):
+            raise ValueError(f"{path} does not hold a JSON object; fix or move it, then run this again")
+    (top, servers), = config.items()
+    current = existing.get(top, {})
+    if not isinstance(current, dict):
+        raise ValueError(f"{path}: {top!r} is not a JSON object; fix it, then run this again")
+    (name, entry), = servers.items()
+    action = "updated" if name in current else "added"
+    existing[top] = {**current, name: entry}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".plexus-tmp")
+    temporary.write_text(json.dumps(existing, indent=2) + "\n")
+    temporary.replace(path)  # all or nothing: never a half-written configuration
+    return f"plexus: {action} the {name!r} server in {path}"
+
+
+def _emit(args: argparse.Namespace, config: dict[str, Any]) -> int:
+    if args.write is None:
+        print(json.dumps(config, indent=2))
+        print(f"plexus: put this in {CONFIG_FILES[args.client]}, or run again with --write to merge it into that "
+              "file (other servers there are kept)", file=sys.stderr)
+        return 0
+    path = Path(CONFIG_FILES[args.client] if args.write == "" else args.write).expanduser()
+    try:
+        print(write_config(path, config), file=sys.stderr)
+    except ValueError as exc:
+        print(f"plexus: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.stdio:
         extra = ["--db-url", args.db_url] if args.db_url else []
-        print(json.dumps(client_config(args.client, url=None, token=None, stdio_args=extra, name=args.name), indent=2))
-        return 0
+        return _emit(args, client_config(args.client, url=None, token=None, stdio_args=extra, name=args.name))
     url, token = args.url, args.token
     if url is None:
         server = _running_jupyter()
@@ -139,8 +195,7 @@ def cmd_config(args: argparse.Namespace) -> int:
             return 1
         url = server["url"].rstrip("/") + "/plexus/mcp"
         token = token or server.get("token") or None
-    print(json.dumps(client_config(args.client, url=url, token=token, stdio_args=None, name=args.name), indent=2))
-    return 0
+    return _emit(args, client_config(args.client, url=url, token=token, stdio_args=None, name=args.name))
 
 
 def _store_url(args: argparse.Namespace) -> str:
@@ -351,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--stdio", action="store_true", help="configure the client to launch `plexus mcp serve`")
     config.add_argument("--db-url", help="with --stdio: the store the launched server uses")
     config.add_argument("--name", default="plexus", help="the server's name in the client (default plexus)")
+    config.add_argument("--write", nargs="?", const="", metavar="FILE",
+                        help="merge the configuration into FILE (default: the client's own, e.g. .mcp.json for "
+                        "claude), keeping the other servers there, instead of printing it")
     config.set_defaults(func=cmd_config)
 
     keys = sub.add_parser("keys", help="API keys for MCP clients, REST and the event stream").add_subparsers(

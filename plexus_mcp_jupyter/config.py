@@ -322,6 +322,12 @@ class PlexusSettings(Configurable):
         help="PostgreSQL: seconds one statement may run before the database cancels it (statement_timeout; 0: no "
         "limit). SQLite waits at most 5 s for its write lock instead. Default 30.",
     ).tag(config=True)
+    evaluation_items_dir = Unicode(
+        "", help="Directory of evaluations' per-item results, as Parquet files (one directory per evaluation, a file "
+        "per scored chunk; the store keeps only a manifest). Every worker and server must reach it: with Dask on "
+        "other machines or several servers on one PostgreSQL, a shared path. Default '' (empty): "
+        "{data_dir}/plexus_mcp/items.",
+    ).tag(config=True)
 
     def apply_env(self, environ: Mapping[str, str] | None = None, protected: Iterable[str] = ()) -> None:
         """Set traits from PLEXUS_MCP_* variables, except those in `protected` (set on the command line).

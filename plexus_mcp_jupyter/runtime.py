@@ -27,6 +27,7 @@ from .endpoint.sessions import SessionLimits
 from .endpoint.transport import MCPEndpoint
 from .evaluations.datasets import DatasetCatalog
 from .evaluations.file_reads import ReadBounds
+from .evaluations.item_files import ItemFiles
 from .evaluations.kernel_scorers import KernelScorerRegistry
 from .evaluations.limits import EvaluationLimits
 from .evaluations.service import EvaluationService
@@ -91,6 +92,7 @@ class PlexusRuntime:
         self.store_calls = StoreCalls(settings.db_pool_size, settings.db_pool_timeout_seconds)
         self.root_dir = Path(root_dir or os.getcwd()).resolve()
         registered_dir = Path(data_dir) / "plexus_mcp" / "datasets"
+        items_dir = Path(settings.evaluation_items_dir or Path(data_dir) / "plexus_mcp" / "items").resolve()
         self.bus = EventBus()
         # Why the configured executor is not the one running tasks (dask_fallback=local), for health.
         self.executor, self.executor_problem = executor_with_fallback(settings)
@@ -110,6 +112,7 @@ class PlexusRuntime:
             # What every worker is told besides its task's parameters (never stored or shown to clients).
             worker_environment={"db_url": self.store.url, "root_dir": str(self.root_dir),
                                 "registered_dir": str(registered_dir), "redact_columns": settings.redact_columns,
+                                "items_dir": str(items_dir),
                                 "max_evaluation_items": settings.max_evaluation_items},
             calls=self.store_calls,
         )
@@ -144,7 +147,8 @@ class PlexusRuntime:
                                 progress_interval=settings.progress_write_interval,
                                 keep_seconds=settings.event_relay_keep_seconds, on_remote=self._on_remote_events)
         self.manager.request_handlers["kernel_score"] = self._kernel_score
-        self.evaluations = EvaluationService(self.manager, EvaluationStore(self.store.engine), self.catalog,
+        self.evaluations = EvaluationService(self.manager, EvaluationStore(self.store.engine, ItemFiles(items_dir)),
+                                             self.catalog,
                                              self.kernel_scorers, settings.scorer_modules.split(","),
                                              settings.redact_columns.split(","), EvaluationLimits(
                                                  max_scorecard_bytes=settings.max_scorecard_bytes,
@@ -160,6 +164,9 @@ class PlexusRuntime:
             event_store_size=settings.event_store_size,
             event_store_bytes=settings.event_store_bytes,
         )
+        telemetry = getattr(self.mcp, "telemetry", None)
+        if telemetry is not None:
+            telemetry.sessions = lambda: self.endpoint.session_count
         self._started = False
         self._log_scrubbers: list[Callable[[], None]] = []  # detach functions (see protect_secret)
 
@@ -261,6 +268,9 @@ class PlexusRuntime:
         log.info("Plexus MCP %s ready; store %s, executor %s", __version__, self.store.safe_url, self.executor.name)
 
     async def stop(self) -> None:
+        telemetry = getattr(self.mcp, "telemetry", None)
+        if telemetry is not None:
+            telemetry.close()
         for detach in self._log_scrubbers:
             detach()
         self._log_scrubbers.clear()

@@ -55,3 +55,11 @@ def long_idempotent(ctx) -> None:
     while True:
         time.sleep(0.02)
         ctx.check_cancelled()
+
+
+def warns(ctx) -> str:
+    """Raises a Python warning (sent live to the MCP sessions following the task) and completes."""
+    import warnings
+
+    warnings.warn("the data looks odd", UserWarning, stacklevel=1)
+    return "done"

@@ -263,8 +263,10 @@ async def test_sampled_items_keep_their_dataset_rows_and_a_seed_is_kept_for_reru
         await finished(client, first["evaluation_id"])
         await finished(client, again["evaluation_id"])
         items = await all_results(client, first["evaluation_id"])
-        rows_again = [int(i["item_id"]) for i in await all_results(client, again["evaluation_id"])]
-    rows = [int(i["item_id"]) for i in items]
+        # Item ids come from the dataset's id column by default; its row of each.
+        row_of = {item_id: row for row, item_id in enumerate(frame["id"])}
+        rows_again = [row_of[i["item_id"]] for i in await all_results(client, again["evaluation_id"])]
+    rows = [row_of[i["item_id"]] for i in items]
     assert rows == rows_again and len(rows) == 40 and max(rows) >= 40  # dataset rows, not sample positions
     assert [i["label"] for i in items] == frame["label"][rows].tolist()
 
@@ -298,3 +300,39 @@ async def test_scorecards_with_aliases_are_refused(mcp_client, runtime):
     async with mcp_client() as client:
         result = await client.call_tool("create_evaluation", {"type": "accuracy", "scorecard": bomb})
     assert result.is_error and "aliases" in result.content[0].text
+
+
+async def test_an_evaluation_started_at_once_finds_its_record_while_another_writer_holds_the_store(runtime, db_path):
+    """On an idle server a new task starts at once (TaskManager._create_started): the evaluation's record is
+    stored in the transaction that stores its task, so a worker never looks for a record not yet written,
+    however long other writers (an evaluation's item batches, the pruner) hold SQLite's write lock."""
+    import sqlite3
+    import threading
+    import time as clock
+
+    stop = threading.Event()
+
+    def other_writer() -> None:
+        conn = sqlite3.connect(str(db_path), timeout=30, isolation_level=None)
+        conn.execute("CREATE TABLE IF NOT EXISTS other_writes (x)")
+        while not stop.is_set():
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO other_writes VALUES (1)")
+            clock.sleep(0.2)
+            conn.execute("COMMIT")
+            clock.sleep(0.03)
+        conn.close()
+
+    thread = threading.Thread(target=other_writer, daemon=True)
+    thread.start()
+    try:
+        tasks = []
+        for _ in range(5):
+            _, task = await runtime.evaluations.create("accuracy", "example:sentiment", prediction_column="prediction",
+                                                       label_column="label")
+            await runtime.manager.wait_final([task.id], 60)
+            tasks.append(runtime.manager.get(task.id))
+    finally:
+        stop.set()
+        thread.join()
+    assert [t.status.value for t in tasks] == ["COMPLETED"] * 5, [t.error_message for t in tasks]

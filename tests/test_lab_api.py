@@ -7,7 +7,7 @@ import json
 import pytest
 from tornado.httpclient import HTTPClientError
 
-from plexus_mcp_jupyter.cli import CLIENT_CHOICES, client_text
+from plexus_mcp_jupyter.cli import CLIENT_CHOICES, claude_code_command, client_text
 
 
 async def post_clients(jp_fetch, body, headers=None):
@@ -25,8 +25,14 @@ async def test_the_notebook_user_gets_every_client_with_the_jupyter_token(jp_fet
     assert by_id["vscode"]["text"] == client_text("vscode", data["url"], token)
     assert by_id["claude-code"]["format"] == "shell"
     assert by_id["claude-code"]["text"] == (
-        f'claude mcp add --transport http plexus {data["url"]} --header "Authorization: Bearer {token}"'
+        f"claude mcp add --transport http plexus {data['url']} --header 'Authorization: Bearer {token}'"
     )
+    # Whatever a request body names, the command only registers it: quoted for the shell, nothing runs.
+    import shlex
+
+    hostile = claude_code_command(data["url"], '$(touch /tmp/pwned)`id`"', name="x; rm -rf ~")
+    assert shlex.split(hostile)[5:] == ["x; rm -rf ~", data["url"], "--header",
+                                        'Authorization: Bearer $(touch /tmp/pwned)`id`"']
     desktop = json.loads(by_id["claude-desktop"]["text"])["mcpServers"]["plexus"]
     assert desktop["command"] == "npx" and data["url"] in desktop["args"]
     generic = json.loads(by_id["generic"]["text"])["mcpServers"]["plexus"]

@@ -176,11 +176,14 @@ def test_a_task_started_by_an_mcp_client_runs_to_completed_with_its_bar_moving(p
     seen: list[tuple[str, float]] = []  # (stage, percent): the bar shows the current stage's progress
 
     def sample() -> str:
-        value = percent(page, task_id)
-        stage = row(page, task_id).locator(".plexus-col-stage").inner_text()
-        if value is not None and (not seen or seen[-1] != (stage, value)):
-            seen.append((stage, value))
-        return str(row(page, task_id).get_attribute("data-status"))
+        # Stage, bar and status read in one go: read one by one, a redraw between them paired the new stage
+        # with the previous stage's percentage.
+        stage, value, status = row(page, task_id).evaluate(
+            "r => [r.querySelector('.plexus-col-stage').innerText,"
+            " r.querySelector('.plexus-progress').getAttribute('data-percent'), r.getAttribute('data-status')]")
+        if value and (not seen or seen[-1] != (stage, float(value))):
+            seen.append((stage, float(value)))
+        return str(status)
 
     wait_for(sample, lambda status: status == "COMPLETED", timeout=60)
     shot(page, "task-completed-light")
@@ -198,8 +201,12 @@ def test_the_status_bar_the_palette_and_the_keyboard_reach_the_panel(page, lab):
     assert page.get_attribute(".plexus-tab-tasks", "aria-selected") == "true"
     assert page.get_attribute(".plexus-statusbar", "aria-label").startswith("Plexus: ")
     page.keyboard.press("Control+Shift+C")  # the command palette
-    page.keyboard.type("Plexus: Connect an Assistant")
-    page.keyboard.press("Enter")
+    palette = page.locator(".jp-ModalCommandPalette .lm-CommandPalette-input")
+    palette.wait_for(state="visible", timeout=30000)  # under load the palette opens after the key press returns
+    palette.fill("Plexus: Connect an Assistant", timeout=60000)
+    page.locator(".jp-ModalCommandPalette .lm-CommandPalette-item", has_text="Connect an Assistant").first.wait_for(
+        timeout=15000)
+    palette.press("Enter")
     wait_for(lambda: page.get_attribute(".plexus-tab-connect", "aria-selected"), lambda selected: selected == "true")
     page.focus(".plexus-tab-tasks")
     page.keyboard.press("ArrowRight")

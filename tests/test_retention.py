@@ -141,14 +141,15 @@ async def test_an_expired_evaluation_goes_with_its_items(mcp_url, token, runtime
         made = await create(client, type="accuracy", dataset="example:sentiment", label_column="label",
                             prediction_column="prediction")
         assert (await finished(client, made["evaluation_id"]))["status"] == "COMPLETED"
-        with runtime.store.engine.connect() as conn:
-            assert conn.execute(sa.select(sa.func.count()).select_from(items_table)).scalar_one() > 0
+        files = runtime.evaluations.store.files  # items are Parquet files beside the store (item_files.py)
+        assert files.count(made["evaluation_id"], "score") > 0
         runtime.manager.configure_retention(RetentionPolicy(by_type={"evaluation": 0.5}), interval=0.2)
         await poll(lambda: runtime.store.tombstone(made["task_id"]), lambda t: t is not None, timeout=15)
         with runtime.store.engine.connect() as conn:
             left = [conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one()
                     for t in (evaluations_table, items_table)]
         assert left == [0, 0]
+        await poll(lambda: files.directory(made["evaluation_id"]).exists(), lambda exists: not exists, timeout=15)
         text = (await client.call_tool("get_task", {"task_id": made["task_id"]})).content[0].text
         assert "expired on" in text and "finished evaluation tasks are kept 0.5 seconds" in text
         evaluation = (await client.call_tool("get_evaluation", {"evaluation_id": made["evaluation_id"]}))
@@ -179,6 +180,11 @@ def test_audit_records_older_than_their_retention_are_pruned_in_batches_by_the_w
     while actions() != ["tool.new", "tool.recent"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert actions() == ["tool.new", "tool.recent"]
-    assert audit.prune() == 0  # nothing left to prune
+    assert audit.prune() == (0, False)  # nothing left to prune
+    # A backlog is pruned a bounded number of batches at a time, and says more is left.
+    with store.engine.begin() as conn:
+        conn.execute(sa.insert(audit_table), old)
+    assert audit.prune(max_batches=2) == (14, True)
+    assert audit.prune(max_batches=10) == (16, False)
     audit.close()
     store.close()

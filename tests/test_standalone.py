@@ -185,10 +185,11 @@ def test_config_prints_a_ready_client_configuration(capsys, client, top, extra):
         assert entry[key] == value
 
 
-def test_config_for_stdio_launches_plexus(capsys):
+def test_config_for_stdio_launches_this_installation_by_its_absolute_path(capsys):
     assert cli_main(["mcp", "config", "--client", "vscode", "--stdio"]) == 0
     entry = json.loads(capsys.readouterr().out)["servers"]["plexus"]
-    assert entry == {"type": "stdio", "command": "plexus", "args": ["mcp", "serve", "--transport", "stdio"]}
+    assert entry["type"] == "stdio" and Path(entry["command"]).is_absolute() and Path(entry["command"]).exists()
+    assert entry["args"][-4:] == ["mcp", "serve", "--transport", "stdio"]
 
 
 def test_config_finds_the_running_jupyter_server(capsys, jp_serverapp, jp_runtime_dir):

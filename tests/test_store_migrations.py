@@ -109,10 +109,11 @@ def test_a_pre_migration_store_with_a_newer_schema_version_is_refused(tmp_path):
         Store(url)
 
 
-def test_the_baseline_is_the_first_revision_and_the_store_records_the_legacy_schema_version(store_url):
+def test_the_baseline_is_the_first_revision_and_the_store_records_a_schema_version_old_releases_refuse(store_url):
     store = Store(store_url)
     with store.engine.connect() as conn:
-        assert conn.execute(sa.select(meta_table.c.value)).scalar_one() == "1"  # old releases read it
+        # Old releases read it, and refuse a store newer than 1: migration 0002 (leases) made it 2.
+        assert conn.execute(sa.select(meta_table.c.value)).scalar_one() == "2"
     store.close()
     from plexus_mcp_jupyter.migrations import _scripts
 
@@ -170,6 +171,13 @@ class TestAServerOnAStoreNewerThanItsCode:
                 assert answer.status_code == 503, answer.text
                 message = answer.json()["error"]["message"]
                 assert "'f00dfeed'" in message and repr(head_revision()) in message
+            # Without credentials: why, but not where the store is or what is in it.
+        async with httpx2.AsyncClient(timeout=30) as fresh:  # no cookie from the authenticated calls above
+            anonymous = await fresh.get(server_url + "plexus/api/tasks")
+        assert anonymous.status_code == 503
+        message = anonymous.json()["error"]["message"]
+        assert "the store could not be opened or migrated" in message and "f00dfeed" not in message
+        assert "newer.db" not in message
 
 
 def test_servers_starting_at_once_on_a_new_store_migrate_it_once(store_url):

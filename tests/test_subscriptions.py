@@ -97,11 +97,16 @@ async def test_list_subscriptions_honour_their_filters(mcp_client, runtime):
 
 
 async def test_listen_streams_of_the_2026_era_get_the_same_updates(mcp_client, runtime):
+    # The task waits QUEUED until the stream is open: started at once, it could end before the listen began
+    # and leave the stream nothing to say.
+    slots, runtime.manager.max_concurrency = runtime.manager.max_concurrency, 0
     async with mcp_client(MODERN) as client:
         task = runtime.manager.dispatch("demo", {"items": 50, "item_delay_ms": 1})
         uri = f"plexus://tasks/{task.id}"
         with anyio.fail_after(30):
             async with client.listen(resource_subscriptions=[uri]) as subscription:
+                runtime.manager.max_concurrency = slots
+                runtime.manager.queue_changed()
                 async for event in subscription:
                     assert event == ResourceUpdated(uri=uri)
                     if (await read_json(client, uri))["status"] == "COMPLETED":

@@ -7,6 +7,7 @@ Jupyter server through the official SDK client.
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -34,6 +35,7 @@ def worker_task_types():
         TaskType("grow", "tests.worker_task_functions:grow", "holds memory"),
         TaskType("niceness", "tests.worker_task_functions:niceness", "reports its nice value"),
         TaskType("untrusted", "tests.worker_task_functions:pid", "isolated by its type", isolated=True),
+        TaskType("odd_messages", "tests.worker_task_functions:odd_messages", "unsendable messages"),
     ):
         yield
 
@@ -127,6 +129,25 @@ async def test_an_exception_fails_its_task_and_the_worker_serves_the_next(tmp_pa
         after = await run(m, "demo", TRIVIAL)
     assert failed.status is TaskStatus.FAILED and "ValueError: this task fails on purpose" in failed.error_message
     assert after.status is TaskStatus.COMPLETED and worker_pid(after) == worker_pid(failed)
+
+
+async def test_a_message_that_cannot_cross_costs_only_itself_never_the_end_or_the_next_tasks_progress(
+        tmp_path, worker_task_types):
+    """The worker's outbox pickles each message on its own: one it cannot pickle, and one the server cannot
+    unpickle, each become a log line; the task still ends, and the next task on the same worker still
+    reports its progress live (the outbox's flusher survived)."""
+    async with manager_with(tmp_path) as m:
+        odd = await run(m, "odd_messages")
+        seen: list[str] = []
+        sub = m.bus.subscribe(lambda e: e.kind == "task.stage")
+        after = m.dispatch("demo", {"items": 3, "item_delay_ms": 300})
+        first = await asyncio.wait_for(sub.next_batch(), 10)  # a stage arrives while the task runs, not at its end
+        seen.extend(e.data["current_stage"] for e in first)
+        assert m.get(after.id).status is TaskStatus.RUNNING
+        await m.wait_final([after.id], 30)
+    assert odd.status is TaskStatus.COMPLETED and odd.output == "ended", odd
+    assert "could not be sent" in (odd.stderr_tail or "") and "could not be read" in (odd.stderr_tail or "")
+    assert worker_pid(m.get(after.id)) == worker_pid(odd) and seen == ["Setup"]
 
 
 async def test_without_reuse_every_task_gets_a_fresh_process(tmp_path):

@@ -46,3 +46,18 @@ def pid(ctx) -> int:
 
 def niceness(ctx) -> int:
     return os.nice(0)
+
+
+class Unreadable(Exception):
+    """Pickles in the worker, cannot be unpickled on the server (its __init__ wants two arguments)."""
+
+    def __init__(self, a, b) -> None:
+        super().__init__(a)
+
+
+def odd_messages(ctx) -> str:
+    """Sends one stage message the worker cannot pickle and one the server cannot unpickle, then ends."""
+    ctx.stage("Unpicklable", 1, message=lambda: None)
+    ctx.stage("Unreadable", 1, message=Unreadable(1, 2))
+    ctx.stage("Fine", 1)
+    return "ended"

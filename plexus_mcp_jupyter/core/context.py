@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from .errors import PlexusError
 
+LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")  # MCP's (RFC 5424)
 
 class TaskCancelled(Exception):
     """Raised inside task code at its next check once cancellation was requested."""
@@ -98,9 +99,10 @@ class TaskContext:
         if self._cancel.is_set():
             raise TaskCancelled()
 
-    def log(self, message: str) -> None:
-        """A line for the task's stderr tail."""
-        self._send(("log", str(message)))
+    def log(self, message: str, level: str = "info") -> None:
+        """A line for the task's stderr tail, also sent live to the MCP clients following the task (as a log
+        message of `level`: debug, info, notice, warning, error, critical, alert or emergency)."""
+        self._send(("log", str(message), level if level in LOG_LEVELS else "info"))
 
     def request(self, kind: str, payload: Any, timeout: float = 660.0) -> Any:
         """Ask the server for something only it can do (e.g. score a chunk in a notebook kernel) and wait.

@@ -73,10 +73,12 @@ def run_demo(
     for i in range(1, items + 1):
         _sleep(ctx, delay)
         if failure_item is not None and i == failure_item:
+            ctx.log(f"Simulated failure at item {i} of {items}", "error")
             ctx.flush()
             raise RuntimeError(f"Simulated failure at item {i} of {items}")
         ctx.advance()
     elapsed = time.monotonic() - started
+    ctx.log(f"Processed {items} items in {elapsed:.2f} s")
 
     ctx.stage("Finalizing", FINALIZE_STEPS, "Writing the summary")
     for _ in range(FINALIZE_STEPS):

@@ -161,6 +161,9 @@ class TaskManager:
         self.role_weights: dict[str, float] = {}
         self.configured_resources: res.Resources = {}
         self.retention = RetentionPolicy()
+        # Told (on the retention thread, so quickly) the ids of tasks retention removed: what lives beside
+        # the store (an evaluation's item files) follows them.
+        self.pruned_listeners: list[Callable[[list[str]], None]] = []
         self.pruner: RetentionPruner | None = None
         self._durations: dict[str, deque[float]] = {}
         self._fair = FairClock()  # how owners have shared the starts so far
@@ -175,6 +178,8 @@ class TaskManager:
         self._scheduling = False  # a scheduling pass is reading or claiming on the writer thread
         self._starting: dict[str, Task] = {}  # started at once by adispatch, their insert under way
         self._flushing = False  # a batched write is being committed on the writer thread
+        # Called with (task id, level, line) for each line a task logs (ctx.log, its warnings), on the loop.
+        self.log_listeners: list[Callable[[str, str, str], None]] = []
 
     def configure_queue(
         self, *, type_caps: Mapping[str, int] | None = None, fairness: str = "round_robin",
@@ -201,6 +206,8 @@ class TaskManager:
 
     def _forget_pruned(self, ids: list[str]) -> None:
         # Called on the pruning thread: the finished-task cache belongs to the loop.
+        for listener in list(self.pruned_listeners):
+            listener(ids)
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._drop_finished, ids)
 
@@ -484,54 +491,54 @@ class TaskManager:
         description: str | None = None,
         internal: bool = False,
         role: str | None = None,
+        record: Callable[[Task, Any], None] | None = None,
     ) -> Task:
         """Create a task, QUEUED, and return it at once; the scheduler starts it when a slot is free.
 
         Internal task types (evaluations) are refused unless `internal`: only their service creates them.
         `role` is the dispatching caller's role: a priority above its ceiling (`max_priority_by_role`) is
-        refused. None is the server's own work, with the full range.
+        refused. None is the server's own work, with the full range. `record(task, connection)` writes what
+        must exist before the task can start (an evaluation's record) in the transaction that stores it.
         """
         self.check_key_cap(owner, 1)
         task = self.new_task(type, params, priority=priority, owner=owner, description=description,
                              internal=internal, role=role)
+        also = self._also(task, record)
         if self._starts_at_once(task):
             created = self._claim_at_once(task)
-            self.store.create_task(task)
+            self.store.create_task(task, also=also)
             return self._started_at_once(task, created)
-        self.store.create_task(task)
+        self.store.create_task(task, also=also)
         return self._queued(task)
 
-    async def adispatch(
-        self,
-        type: str,
-        params: Mapping[str, Any] | None = None,
-        *,
-        priority: int = 0,
-        owner: str | None = None,
-        description: str | None = None,
-        internal: bool = False,
-        role: str | None = None,
-    ) -> Task:
-        """`dispatch` for the faces: on a networked store its reads and its insert run on the writer thread (after
-        the writes asked before it), and it returns once the row exists (a `get_task` right after finds it).
-        A task started at once holds its slot meanwhile (`_starting`), so no other start takes it."""
+    async def adispatch(self, type: str, params: Mapping[str, Any] | None = None, **options: Any) -> Task:
+        """`dispatch` (same arguments) for the faces: on a networked store its reads and its insert, with the
+        `record` written in its transaction, run on the writer thread (after the writes asked before it), and it
+        returns once the row exists (a `get_task` right after finds it). A task started at once holds its slot
+        meanwhile (`_starting`), so no other start takes it, and starts only once its row and record exist."""
         if not self.offload:
-            return self.dispatch(type, params, priority=priority, owner=owner, description=description,
-                                 internal=internal, role=role)
+            return self.dispatch(type, params, **options)
+        record = options.pop("record", None)
+        owner = options.get("owner")
         if self._key_capped(owner):
             await self._write(self.check_key_cap, owner, 1)
-        task = self.new_task(type, params, priority=priority, owner=owner, description=description,
-                             internal=internal, role=role)
+        task = self.new_task(type, params, **options)
+        also = self._also(task, record)
         if not self._starts_at_once(task):
-            await self._write(self.store.create_task, task)
+            await self._write(functools.partial(self.store.create_task, task, also=also))
             return self._queued(task)
         created = self._claim_at_once(task)
         self._starting[task.id] = task
         try:
-            await self._write(self.store.create_task, task)
+            await self._write(functools.partial(self.store.create_task, task, also=also))
         finally:
             del self._starting[task.id]
         return self._started_at_once(task, created)
+
+    @staticmethod
+    def _also(task: Task, record: Callable[[Task, Any], None] | None) -> Callable[[Any], None] | None:
+        """What `create_task` writes in the task's own transaction: `record(task, connection)`, if any."""
+        return (lambda conn: record(task, conn)) if record is not None else None
 
     def _queued(self, task: Task) -> Task:
         """Announce a task just stored QUEUED, and let the scheduler look at the queue."""
@@ -558,17 +565,22 @@ class TaskManager:
         """Make `task` claimed by this server, to be stored so (one insert, no queue read and no claim); returns
         it as it was created (QUEUED: what the caller asked for)."""
         created = dataclasses.replace(task)
-        task.status, task.started_at, task.worker = TaskStatus.RUNNING, now(), self.server_id
-        task.lease_expires_at = self._lease_end(task.started_at)
+        self._mark_claimed(task, now())
         return created
 
     def _started_at_once(self, task: Task, created: Task) -> Task:
-        """Once `task` is stored claimed: announce it as created and started, and start it."""
+        """Once `task` is stored claimed (with its record, if any): announce it as created and started, and
+        start it."""
         self.bus.publish("task.created", "task", task.id, created.summary())
         self._fair.commit(task.owner, weight(task, self._policy()))
         self._queue_info = None
         self._start(task)
         return created
+
+    def _mark_claimed(self, task: Task, at: float) -> None:
+        """The in-memory task as this server's claim stores it (Store.claim_many, or an insert already claimed)."""
+        task.status, task.started_at, task.worker = TaskStatus.RUNNING, at, self.server_id
+        task.lease_expires_at = self._lease_end(at)
 
     def _key_capped(self, owner: str | None) -> bool:
         return bool(self.max_unfinished_per_key and owner is not None and owner.startswith(KEY_OWNER_PREFIX))
@@ -918,7 +930,7 @@ class TaskManager:
                 self._schedule_soon()  # another server on this store took it: plan again without it
                 continue
             self._fair.commit(task.owner, weight(task, policy))
-            task.status, task.started_at, task.worker = TaskStatus.RUNNING, started_at, self.server_id
+            self._mark_claimed(task, started_at)
             self._start(task)
             started += 1
         self._queue_info = None
@@ -980,6 +992,8 @@ class TaskManager:
             return
         kind = msg[0]
         at = now()
+        if kind in ("stage", "progress") and state.final is not None:
+            return  # after the task's end (an executor delivering late): its final state stands
         if kind == "stage":
             _, name, total, message = msg
             self._apply(state, state.tracker.begin_stage(str(name), total, at, message), "task.stage")
@@ -987,10 +1001,17 @@ class TaskManager:
             _, processed, message = msg
             self._apply(state, state.tracker.advance_to(int(processed), at, message), "task.updated")
         elif kind == "log":
-            state.log_tail.append(str(msg[1]))
+            line = str(msg[1])
+            state.log_tail.append(line)
             del state.log_tail[:-50]
+            for listener in self.log_listeners:  # e.g. MCP log messages (endpoint/task_logs.py)
+                try:
+                    listener(task_id, str(msg[2]) if len(msg) > 2 else "info", line)
+                except Exception:
+                    log.exception("Plexus: a task log listener failed")
         elif kind in ("done", "error", "cancelled", "lost"):
-            state.final = msg
+            if state.final is None:  # the first word on how it ended stands (an executor may repeat itself)
+                state.final = msg
         elif kind == "worker":  # the executor placed it (a Dask worker's address): shown by get_task
             state.task.worker = f"{self.server_id}/{msg[1]}"
         elif kind == "request":

@@ -341,11 +341,14 @@ class Store:
 
     # -- tasks ---------------------------------------------------------------------------------
 
-    def create_task(self, task: Task) -> None:
+    def create_task(self, task: Task, *, also: Callable[[Connection], None] | None = None) -> None:
+        """Insert a new task; `also` writes in the same transaction what must exist with it (its record)."""
         with self.engine.begin() as conn:
             conn.execute(_INSERT_TASK, _task_row(task))  # a prebuilt statement: building one per call cost more
             if task.stages:
                 conn.execute(sa.insert(stages_table), [_stage_row(task.id, stage) for stage in task.stages])
+            if also is not None:
+                also(conn)
 
     def create_tasks(self, tasks: Sequence[Task], *, also: Callable[[Connection], None] | None = None) -> None:
         """Insert new tasks (without stages) in one transaction, through the driver's executemany: a
@@ -485,6 +488,14 @@ class Store:
             rows = conn.execute(sa.select(t.c.status, sa.func.count()).group_by(t.c.status)).all()
         return {status: int(n) for status, n in rows}
 
+    def counts_by_status_and_type(self) -> dict[tuple[str, str], int]:
+        """Tasks by (status, type): what the service metrics report. A scan of the tasks' status and type
+        index: call it off the event loop."""
+        t = tasks_table
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(t.c.status, t.c.type, sa.func.count()).group_by(t.c.status, t.c.type)).all()
+        return {(status, type_): int(n) for status, type_, n in rows}
+
     def find_task_ids(self, flt: TaskFilter, *, limit: int) -> list[str]:
         t = tasks_table
         query = sa.select(t.c.id).where(*_filter_clauses(flt)).order_by(t.c.created_at).limit(limit)
@@ -528,9 +539,13 @@ class Store:
         """Extend the lease of every RUNNING task this server claimed (its `worker` starts with the server id)
         to `until`, in one statement; returns how many it holds."""
         t = tasks_table
-        query = (sa.update(t)
-                 .where(t.c.status == TaskStatus.RUNNING.value, t.c.worker.startswith(server_id, autoescape=True))
-                 .values(lease_expires_at=until))
+        # Rows locked in id order, skipping those another transaction holds (the manager's batched write of the
+        # same tasks): a lease skipped once is renewed at the next heartbeat, long before it runs out, and the
+        # two never deadlock on PostgreSQL (SQLite has no row locks: FOR UPDATE is left out there).
+        mine = (sa.select(t.c.id)
+                .where(t.c.status == TaskStatus.RUNNING.value, t.c.worker.startswith(server_id, autoescape=True))
+                .order_by(t.c.id).with_for_update(skip_locked=True))
+        query = sa.update(t).where(t.c.id.in_(mine.scalar_subquery())).values(lease_expires_at=until)
         with self.engine.begin() as conn:
             return int(conn.execute(query).rowcount)
 
@@ -615,7 +630,7 @@ class Store:
         final_rows: list[dict[str, Any]] = []
         stage_rows: list[dict[str, Any]] = []
         sample_rows: list[dict[str, Any]] = []
-        for write in writes:
+        for write in sorted(writes, key=lambda w: w.task.id):  # rows locked in one order (core/leases.py)
             task = write.task
             row: dict[str, Any] = {"b_id": task.id, "b_current_stage": task.current_stage,
                    "b_estimated_completion_at": task.estimated_completion_at, "b_worker": task.worker}
@@ -1007,3 +1022,17 @@ def _sample_row(sample: ProgressSample) -> dict[str, Any]:
         "total": sample.total,
         "message": sample.message,
     }
+
+
+def values_with_prefix(engine: sa.Engine, column: Any, owner_column: Any, created_column: Any, prefix: str,
+                       viewer: str | None, limit: int) -> list[str]:
+    """Distinct values of `column` (an id) starting with `prefix`, newest first, at most `limit`, of the rows a
+    caller with owner `viewer` (None: an admin) may see: what completion offers for an id argument."""
+    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    query = (sa.select(column, sa.func.max(created_column).label("newest")).where(column.is_not(None))
+             .where(column.like(escaped + "%", escape="\\")).group_by(column)
+             .order_by(sa.desc("newest"), column).limit(limit))
+    if viewer is not None:
+        query = query.where(visible_to(owner_column, viewer))
+    with engine.connect() as conn:
+        return [str(row[0]) for row in conn.execute(query)]

@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import pickle
 import signal
 import sys
 import threading
 import time
 import traceback
+import warnings
 from typing import Any
 
 from .context import CancelFlag, TaskCancelled, TaskContext
@@ -62,23 +64,30 @@ def run_task(
             stderr.write(msg[1].rstrip("\n") + "\n")
         send(msg)
 
+    def show_warning(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                     line: Any = None) -> None:
+        # The task's warnings go live to the clients following it (and into its stderr tail), not to the worker.
+        send_msg(("log", f"{category.__name__}: {message} ({os.path.basename(filename)}:{lineno})", "warning"))
+
     ctx = TaskContext(task_id, send_msg, cancel_flag, environment=environment, receive=receive)
-    try:
-        fn = load_target(target)
-        output = fn(ctx, **params)
-        ctx.flush()
-        return ("done", bounded_output(output, max_output_bytes), _tails(stdout, stderr))
-    except TaskCancelled:
-        ctx.flush()
-        return ("cancelled", _tails(stdout, stderr))
-    except BaseException as exc:  # the task's own failure, reported, never raised to the pool
-        ctx.flush()
-        details = {"exception_type": type(exc).__name__, "traceback": traceback.format_exc()[-TAIL_CHARS:]}
-        # Plexus's own errors already say what was wrong and what is allowed; others are named by their type.
-        message = str(exc) if isinstance(exc, PlexusError) else f"{type(exc).__name__}: {exc}"
-        return ("error", message, details, _tails(stdout, stderr))
-    finally:
-        sys.stdout, sys.stderr = saved
+    with warnings.catch_warnings():  # restored when the task ends: the worker runs many tasks
+        warnings.showwarning = show_warning
+        try:
+            fn = load_target(target)
+            output = fn(ctx, **params)
+            ctx.flush()
+            return ("done", bounded_output(output, max_output_bytes), _tails(stdout, stderr))
+        except TaskCancelled:
+            ctx.flush()
+            return ("cancelled", _tails(stdout, stderr))
+        except BaseException as exc:  # the task's own failure, reported, never raised to the pool
+            ctx.flush()
+            details = {"exception_type": type(exc).__name__, "traceback": traceback.format_exc()[-TAIL_CHARS:]}
+            # Plexus's own errors already say what was wrong and what is allowed; others are named by their type.
+            message = str(exc) if isinstance(exc, PlexusError) else f"{type(exc).__name__}: {exc}"
+            return ("error", message, details, _tails(stdout, stderr))
+        finally:
+            sys.stdout, sys.stderr = saved
 
 
 class Outbox:
@@ -87,6 +96,9 @@ class Outbox:
     and its end are one write, not five: each costs a system call, a wake-up and an unpickle on the
     server). A flusher thread sends what waits; `flush()` sends at once (a task's end, a request whose
     answer the task waits for). One lock keeps the messages in order.
+
+    Each message is pickled on its own (`("batch", [bytes, ...])`), so one that cannot be pickled here, or
+    unpickled on the server, costs only itself (a log line), never the task's end beside it.
     """
 
     def __init__(self, conn: Any, delay: float = 0.002) -> None:
@@ -103,15 +115,12 @@ class Outbox:
                 self._cond.notify()
 
     def flush(self, last: tuple[Any, ...] | None = None) -> None:
-        """Send what waits, and `last` after it, now."""
+        """Send what waits, and `last` after it, now. `last` that cannot be pickled raises (nothing is sent)."""
         with self._cond:
+            tail = [pickle.dumps(last, pickle.HIGHEST_PROTOCOL)] if last is not None else []
             batch, self._pending = self._pending, []
-            if last is not None:
-                batch.append(last)
-            if len(batch) == 1:
-                self._conn.send(batch[0])
-            elif batch:
-                self._conn.send(("batch", batch))
+            if batch or tail:
+                self._conn.send(("batch", [_pickled(m) for m in batch] + tail))
 
     def _run(self) -> None:
         while True:
@@ -121,8 +130,17 @@ class Outbox:
             time.sleep(self._delay)
             try:
                 self.flush()
-            except (OSError, ValueError):  # the server's end closed: the worker is going away
+            except (OSError, EOFError, ValueError):  # the server's end closed: the worker is going away
                 return
+            except Exception:  # never let the flusher die: the next tasks on this worker would report nothing
+                traceback.print_exc()
+
+
+def _pickled(msg: tuple[Any, ...]) -> bytes:
+    try:
+        return pickle.dumps(msg, pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        return pickle.dumps(("log", f"plexus: a {msg[0]!r} message could not be sent: {type(exc).__name__}: {exc}"))
 
 
 class _TaskCancelFlag:

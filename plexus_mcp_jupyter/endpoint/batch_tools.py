@@ -11,25 +11,29 @@ import json
 from collections import Counter
 from typing import Annotated, Any
 
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 from mcp.types import CallToolResult, ToolAnnotations
-from pydantic import Field
+from pydantic import BeforeValidator, Field, WithJsonSchema
 
 from ..core.batches import SAMPLE_SIZE, Actor, BatchOperations, Selection, batch_uri, operation_report
 from ..core.errors import NotFound
 from ..core.manager import MAX_PRIORITY, MIN_PRIORITY, CancelOutcome, TaskManager
 from ..core.models import TaskStatus
 from ..security.audit import note_for_audit
+from .arguments import STATUS_NAMES, StatusName, comma_list, names_schema
 from .principal import current_principal
 from .schemas import BatchDispatchResult, OperationResult, TaskSpec
+from .task_logs import TaskLogs
 from .tools import client_errors, result
 
 # The selection every bulk tool takes.
-TaskIds = Annotated[list[str] | None, Field(description="Ids of the tasks to act on (at most max_batch_size)")]
-Statuses = Annotated[list[TaskStatus] | None, Field(description="Filter: only tasks with these statuses (default: "
-                                                    "those the operation can change)")]
-Types = Annotated[list[str] | None, Field(description="Filter: only tasks of these types")]
+TaskIds = Annotated[list[str] | None, BeforeValidator(comma_list), WithJsonSchema(names_schema(
+    "Ids of the tasks to act on (full ids, as list_tasks shows them; at most max_batch_size)"))]
+Statuses = Annotated[list[StatusName] | None, BeforeValidator(comma_list), WithJsonSchema(names_schema(
+    "Filter: only tasks with these statuses (default: those the operation can change)", STATUS_NAMES))]
+Types = Annotated[list[str] | None, BeforeValidator(comma_list), WithJsonSchema(names_schema(
+    "Filter: only tasks of these types"))]
 Owner = Annotated[str | None, Field(max_length=128, description="Filter: only this owner's tasks (admins; others "
                                     "always act on their own tasks only)")]
 CreatedAfter = Annotated[str | None, Field(max_length=64, description="Filter: created at or after this ISO 8601 "
@@ -40,15 +44,15 @@ DryRun = Annotated[bool, Field(description=f"Only count what would be acted on (
                                "change nothing")]
 
 
-def selection_of(task_ids: list[str] | None, status: list[TaskStatus] | None, type: list[str] | None,
+def selection_of(task_ids: list[str] | None, status: list[str] | None, type: list[str] | None,
                  owner: str | None, created_after: str | None, created_before: str | None,
                  batch: str | None) -> Selection:
-    return Selection(task_ids=tuple(task_ids or ()), status=tuple(s.value for s in status or ()),
+    return Selection(task_ids=tuple(task_ids or ()), status=tuple(TaskStatus.parse(s).value for s in status or ()),
                      type=tuple(type or ()), owner=owner or None, created_after=created_after or None,
                      created_before=created_before or None, batch=batch or None)
 
 
-def register_batch_tools(server: MCPServer, manager: TaskManager) -> None:
+def register_batch_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs | None = None) -> None:
     batches = BatchOperations(manager)
     changes = ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False)
 
@@ -81,17 +85,21 @@ def register_batch_tools(server: MCPServer, manager: TaskManager) -> None:
             "names its index). They are stored QUEUED in one transaction, share a batch_id, and the answer gives the "
             "batch id and the task ids. Follow the batch with plexus://batches/{batch_id} (counts by status, "
             "progress; subscribable) or list_tasks(batch=...). At most max_batch_size tasks per call; an API key's "
-            "max_tasks_per_key and priority ceiling apply to the whole batch."
+            "max_tasks_per_key and priority ceiling apply to the whole batch. Next: read "
+            "plexus://batches/{batch_id} until done, then list_tasks(batch=..., status=\"FAILED\") and retry_tasks."
         ),
         annotations=changes,
     )
     @client_errors
     async def dispatch_batch(
+        ctx: Context,
         tasks: Annotated[list[TaskSpec], Field(min_length=1, description="The task specs, in order")],
     ) -> Annotated[CallToolResult, BatchDispatchResult]:
         note_for_audit(operation="dispatch", tasks=len(tasks), types=dict(Counter(t.type for t in tasks)))
         created = await batches.dispatch([t.model_dump() for t in tasks], current_principal().actor)
         batch_id = created[0].batch_id or ""
+        if logs is not None:
+            logs.started(ctx, [t.id for t in created])
         note_for_audit(batch_id=batch_id, count=len(created))
         out = {"batch_id": batch_id, "task_ids": [t.id for t in created], "status": TaskStatus.QUEUED.value,
                "resource_uri": batch_uri(batch_id)}
@@ -104,7 +112,9 @@ def register_batch_tools(server: MCPServer, manager: TaskManager) -> None:
             "created_before, batch; without status: the unfinished ones). Queued tasks are cancelled at once; "
             "running ones stop at their next check or are stopped after a grace period; a finished task is a no-op "
             "that says so. dry_run counts first. A filter matching more than max_batch_size tasks is refused with "
-            "the count; one matching nothing is a zero. Non-admins act only on their own tasks."
+            "the count; one matching nothing is a zero. Non-admins act only on their own tasks. Returns one "
+            "outcome per task (cancelled, cancelling, already_finished, not_found). Next: get_task or list_tasks "
+            "to see them end."
         ),
         annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True,
                                     open_world_hint=False),
@@ -142,7 +152,7 @@ def register_batch_tools(server: MCPServer, manager: TaskManager) -> None:
             "ones). Each becomes a new QUEUED task (new_task_id; same type, parameters, priority, owner and batch; "
             "its retry_of names the old one, which is kept as it ended). A task still queued or running, or "
             "completed, is reported not_retryable, not an error. dry_run counts first; at most max_batch_size "
-            "per call."
+            "per call. Returns one outcome per task with new_task_id. Next: get_task(new_task_id)."
         ),
         annotations=changes,
     )
@@ -164,7 +174,7 @@ def register_batch_tools(server: MCPServer, manager: TaskManager) -> None:
             "Set the priority of tasks that have not started, by id or by filter (without status: the queued "
             "ones); the scheduler starts higher priorities first. A running or finished task is reported "
             "not_queued. Operator keys may set at most max_priority_operator. dry_run counts first; at most "
-            "max_batch_size per call."
+            "max_batch_size per call. Returns one outcome per task. Next: get_task shows the new queue position."
         ),
         annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True,
                                     open_world_hint=False),

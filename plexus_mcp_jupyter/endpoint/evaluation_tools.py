@@ -13,16 +13,18 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 from mcp.shared.exceptions import MCPError
 from mcp.types import INVALID_PARAMS, CallToolResult, ToolAnnotations
-from pydantic import Field
+from pydantic import BeforeValidator, Field, WithJsonSchema
 
 from ..core.errors import NotFound, PlexusError
 from ..core.manager import MAX_PRIORITY, MIN_PRIORITY
 from ..core.models import Task, TaskStatus
 from ..evaluations.service import EVALUATION_TYPES, MAX_RUNS, EvaluationService, parse_flag
 from ..evaluations.store import EvaluationStatus
+from .arguments import PageSize, annotated, comma_list, names_schema, page_size
 from .principal import current_principal
 from .progress import follow_to_end, progress_token
 from .schemas import DatasetList, EvaluationDetail, EvaluationPage, EvaluationResults, ScorerList
+from .task_logs import TaskLogs
 from .tools import client_errors, result
 
 JSON = "application/json"
@@ -32,6 +34,8 @@ def describe_evaluation(view: dict[str, Any]) -> str:
     text = f"Evaluation {view['evaluation_id']} ({view['type']} on {view['dataset']}) is {view['status']}"
     if view["total_items"]:
         text += f", {view['processed_items']}/{view['total_items']} items scored"
+    if view.get("remaining_seconds") is not None and view["status"] in ("SETUP", "RUNNING"):
+        text += f", about {round(view['remaining_seconds'])} s left"
     for name, m in (view.get("metrics") or {}).items():
         if m.get("accuracy") is not None:
             text += f"; {name}: accuracy {m['accuracy']:.3f}, macro F1 {m['macro_f1']:.3f}"
@@ -64,7 +68,17 @@ def _dump(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"), default=str)
 
 
-def register_evaluation_tools(server: MCPServer, service: EvaluationService) -> None:
+# An enum in the schema; the service checks the value (its error lists the allowed types).
+EvaluationType = Annotated[str, Field(description=f"One of {', '.join(EVALUATION_TYPES)}",
+                                      json_schema_extra={"enum": list(EVALUATION_TYPES)})]
+EvaluationStatuses = Annotated[list[str] | None, BeforeValidator(comma_list), WithJsonSchema(names_schema(
+    "Only evaluations with these statuses", EvaluationStatus.ALL))]
+EvaluationTypes = Annotated[list[str] | None, BeforeValidator(comma_list), WithJsonSchema(names_schema(
+    "Only evaluations of these types", EVALUATION_TYPES))]
+
+
+def register_evaluation_tools(server: MCPServer, service: EvaluationService, logs: TaskLogs | None = None) -> None:
+    max_page = service.manager.max_page_size
     read_only = ToolAnnotations(read_only_hint=True, open_world_hint=False)
 
     @server.tool(
@@ -79,14 +93,14 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService) -> 
             "(.csv, .parquet, .jsonl). scorer: 'column:<col>', 'python:<module>:<function>', or a rules object "
             "(see list_scorers). Or give scorecard: a YAML file naming the dataset and several scores. With a "
             "progress token the call streams progress until the evaluation ends and returns it; it can also run "
-            "as an MCP task."
+            "as an MCP task. Next: get_evaluation(evaluation_id) until COMPLETED, then get_evaluation_results."
         ),
         annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False),
     )
     @client_errors
     async def create_evaluation(
         ctx: Context,
-        type: Annotated[str, Field(description=f"One of {', '.join(EVALUATION_TYPES)}")],
+        type: EvaluationType,
         dataset: Annotated[str | None, Field(description="Dataset ref (not with scorecard)")] = None,
         scorer: Annotated[str | dict[str, Any] | None, Field(
             description="Scorer spec: 'column:<col>', 'python:<module>:<function>', or {kind: rules, rules: "
@@ -115,8 +129,10 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService) -> 
             sample_n=sample_n, sample_fraction=sample_fraction, seed=seed, runs=runs, priority=priority,
             owner=principal.owner, trusted=principal.is_admin, role=principal.role.value,
         )
+        if logs is not None:
+            logs.started(ctx, [task.id])
         if progress_token(ctx) is not None:
-            return evaluation_outcome(service, await follow_to_end(ctx, service.manager, task.id))
+            return evaluation_outcome(service, await follow_to_end(ctx, service.manager, task.id, logs))
         return result(f"Started evaluation {view['evaluation_id']} ({type} on {view['dataset']}); follow it with "
                       "get_evaluation.", view)
 
@@ -124,7 +140,8 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService) -> 
         title="Get an evaluation",
         description=(
             "Status, progress (processed/total items, elapsed and remaining seconds), definition and, once "
-            "completed, metrics per score."
+            "completed, metrics per score; the text sums them up. Next: call again until it ends, then "
+            "get_evaluation_results(only_mismatches=true) for the items it got wrong."
         ),
         annotations=read_only,
     )
@@ -139,40 +156,46 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService) -> 
         title="Get evaluation results",
         description=(
             "Per-item results in dataset order (id, input excerpt, label, prediction, correct, explanation, "
-            "error), optionally only the mismatches (wrong or unscored) or one label; paginated."
+            "error), optionally only the mismatches (wrong or unscored) or one label; paginated (pass next_cursor "
+            "back as cursor). Item ids come from the dataset's id column when it has one. Next: explain the "
+            "mismatches, or compare with another evaluation (the compare_evaluations prompt)."
         ),
         annotations=read_only,
     )
+    @annotated(limit=page_size(max_page))
     @client_errors
     async def get_evaluation_results(
         evaluation_id: Annotated[str, Field(min_length=1, max_length=64, description="The evaluation's id")],
         only_mismatches: Annotated[bool, Field(description="Only items scored wrong or not scored")] = False,
         label: Annotated[str | None, Field(description="Only items with this label (as in the dataset)")] = None,
         score: Annotated[str | None, Field(description="Which score of a scorecard (default: the first)")] = None,
-        limit: Annotated[int, Field(ge=1, le=100, description="Page size, 1 to 100")] = 20,
+        limit: PageSize = 20,
         cursor: Annotated[str | None, Field(description="next_cursor of the previous page, unchanged")] = None,
     ) -> Annotated[CallToolResult, EvaluationResults]:
-        items, next_cursor, asked = await service.results(evaluation_id, only_mismatches=only_mismatches, label=label,
-                                                    score=score, limit=limit, cursor=cursor,
-                                                    viewer=current_principal().viewer)
+        # In the catalog's threads: a page may read several item files (evaluations/item_files.py).
+        items, next_cursor, asked = await service.catalog.run(
+            service.results, evaluation_id, only_mismatches=only_mismatches, label=label, score=score,
+            limit=min(limit, max_page), cursor=cursor, viewer=current_principal().viewer)
         more = " (more: pass next_cursor)" if next_cursor else ""
         return result(f"{len(items)} item(s){more}.", {**asked, "items": items, "next_cursor": next_cursor})
 
     @server.tool(
         title="List evaluations",
-        description="Evaluations, newest first, optionally by status and type; paginated.",
+        description="Evaluations, newest first, optionally by status and type; paginated. The text lists the full "
+        "evaluation ids. Next: get_evaluation(evaluation_id).",
         annotations=read_only,
     )
+    @annotated(limit=page_size(max_page))
     @client_errors
     async def list_evaluations(
-        status: Annotated[list[str] | None, Field(description=f"Any of {', '.join(EvaluationStatus.ALL)}")] = None,
-        type: Annotated[list[str] | None, Field(description=f"Any of {', '.join(EVALUATION_TYPES)}")] = None,
-        limit: Annotated[int, Field(ge=1, le=100, description="Page size, 1 to 100")] = 20,
+        status: EvaluationStatuses = None,
+        type: EvaluationTypes = None,
+        limit: PageSize = 20,
         cursor: Annotated[str | None, Field(description="next_cursor of the previous page, unchanged")] = None,
     ) -> Annotated[CallToolResult, EvaluationPage]:
-        views, next_cursor = await service.list_evaluations(status, type, limit=limit, cursor=cursor,
+        views, next_cursor = await service.list_evaluations(status, type, limit=min(limit, max_page), cursor=cursor,
                                                       viewer=current_principal().viewer)
-        lines = "; ".join(f"{v['evaluation_id'][:8]} {v['type']} {v['status']}" for v in views[:10])
+        lines = "; ".join(f"{v['evaluation_id']} {v['type']} {v['status']}" for v in views[:10])
         more = " (more: pass next_cursor)" if next_cursor else ""
         return result(f"{len(views)} evaluation(s){more}" + (f": {lines}" if lines else ""),
                       {"evaluations": views, "next_cursor": next_cursor})
@@ -181,7 +204,8 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService) -> 
         title="List datasets",
         description=(
             "Datasets an evaluation can use: shipped examples, DataFrames registered from notebooks, and data "
-            "files under the Jupyter root, with rows and columns."
+            "files under the Jupyter root, with rows, columns and label_column (the default label column: 'label' "
+            "when the dataset has one). Next: create_evaluation(dataset=<ref>, ...)."
         ),
         annotations=read_only,
     )
@@ -196,7 +220,8 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService) -> 
 
     @server.tool(
         title="List scorers",
-        description="The kinds of scorer an evaluation can use, their spec forms, and example scorers.",
+        description="The kinds of scorer an evaluation can use, their spec forms, example scorers and the kernel "
+        "scorers registered from notebooks. Next: create_evaluation(scorer=<spec>, ...).",
         annotations=read_only,
     )
     @client_errors
@@ -242,13 +267,12 @@ def _register_resources(server: MCPServer, service: EvaluationService) -> None:
                      description="Per-item results, in dataset order; only_mismatches=true for the wrong ones.",
                      mime_type=JSON)
     async def results_resource(evaluation_id: str, only_mismatches: str | None = None, label: str | None = None,
-                               score: str | None = None, limit: str | None = None, cursor: str | None = None
-                               ) -> str:
+                               score: str | None = None, limit: str | None = None, cursor: str | None = None) -> str:
         try:
-            items, next_cursor, asked = await service.results(
-                evaluation_id, only_mismatches=parse_flag("only_mismatches", only_mismatches), label=label or None,
-                score=score or None, limit=service.manager.parse_limit(limit), cursor=cursor or None,
-                viewer=current_principal().viewer)
+            items, next_cursor, asked = await service.catalog.run(
+                service.results, evaluation_id, only_mismatches=parse_flag("only_mismatches", only_mismatches),
+                label=label or None, score=score or None, limit=service.manager.parse_limit(limit),
+                cursor=cursor or None, viewer=current_principal().viewer)
         except NotFound as exc:
             raise ResourceNotFoundError(str(exc)) from None
         except PlexusError as exc:

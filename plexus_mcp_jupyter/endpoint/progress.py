@@ -17,6 +17,7 @@ from mcp.server.mcpserver import Context
 from ..core.manager import TaskManager
 from ..core.models import Task, TaskStatus, iso
 from .schemas import task_uri
+from .task_logs import TaskLogs
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
@@ -63,9 +64,11 @@ def overall_progress(task: Task) -> tuple[float, float | None, str]:
     return done, known, message
 
 
-async def follow_to_end(ctx: Context, manager: TaskManager, task_id: str) -> Task:
-    """Report progress until the task ends and return it; cancelling the call cancels the task."""
+async def follow_to_end(ctx: Context, manager: TaskManager, task_id: str, logs: TaskLogs | None = None) -> Task:
+    """Report progress until the task ends and return it; cancelling the call cancels the task. With `logs`,
+    a 2026-era call that opted in to log messages also gets the task's log lines on its stream."""
     subscription = manager.bus.subscribe(lambda e: e.entity_type == "task" and e.entity_id == task_id)
+    call_log = logs.follow_call(ctx, task_id) if logs is not None else None
     last = -math.inf
     try:
         task = await manager.aget(task_id)
@@ -75,6 +78,8 @@ async def follow_to_end(ctx: Context, manager: TaskManager, task_id: str) -> Tas
                 await ctx.report_progress(done, total, message)
                 last = done
             if task.status.is_final:
+                if call_log is not None:  # its last lines before the answer, which ends the call's stream
+                    await call_log.drain()
                 return task
             await subscription.next_batch()
             task = await manager.aget(task_id)
@@ -89,6 +94,8 @@ async def follow_to_end(ctx: Context, manager: TaskManager, task_id: str) -> Tas
         raise
     finally:
         subscription.close()
+        if call_log is not None:
+            call_log.stop()
 
 
 def final_summary(task: Task) -> dict[str, Any]:

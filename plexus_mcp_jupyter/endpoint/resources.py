@@ -12,6 +12,7 @@ from mcp.types import INVALID_PARAMS
 
 from ..core.errors import InvalidArgument, NotFound
 from ..core.manager import TaskManager
+from ..telemetry import Telemetry
 from .principal import current_principal
 from .tools import task_detail
 
@@ -38,8 +39,8 @@ def register_resources(server: MCPServer, manager: TaskManager) -> None:
         name="tasks",
         title="Tasks",
         description=(
-            "Tasks, newest first. status and type take comma-separated names; batch a batch id; limit 1-100; "
-            "cursor is the next_cursor of the previous page."
+            "Tasks, newest first. status and type take comma-separated names; batch a batch id; limit 1 to "
+            "max_page_size; cursor is the next_cursor of the previous page."
         ),
         mime_type=JSON,
     )
@@ -67,3 +68,15 @@ def register_resources(server: MCPServer, manager: TaskManager) -> None:
             raise ResourceNotFoundError(str(exc)) from None
         detail = await task_detail(manager, task, history=True, history_limit=200)
         return detail.model_dump_json()
+
+
+def register_metrics_resource(server: MCPServer, telemetry: Telemetry) -> None:
+    @server.resource("plexus://metrics", name="metrics", title="Service metrics",
+                     description="The server's figures (as on Jupyter's /metrics): tool calls by tool and outcome "
+                     "with latency percentiles, tasks by status and type, queue depth, running tasks, evaluation "
+                     "items per second, open sessions and subscriptions, update latency (event to notification), "
+                     "memory and CPU. Callers that are not admins get only queue depth, running tasks and resource "
+                     "use (the rest shows other users' activity).", mime_type=JSON)
+    async def metrics_resource() -> str:
+        principal = current_principal()
+        return _dump(telemetry.snapshot(await telemetry.fresh_counts(), activity=principal.is_admin))

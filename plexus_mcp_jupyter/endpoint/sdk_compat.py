@@ -61,6 +61,9 @@ def wants_json(body: bytes) -> bool:
     params = message.get("params")
     if not isinstance(params, dict):
         return True
+    meta = params.get("_meta")
+    if isinstance(meta, dict) and "progressToken" in meta:  # spelt with JSON escapes: the bytes test missed it
+        return False
     arguments = params.get("arguments")
     # A call that waits (cancel_tasks' wait_seconds) keeps a stream a dropped connection can resume.
     waits = isinstance(arguments, dict) and bool(arguments.get("wait_seconds"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 from mcp.server.mcpserver import MCPServer
@@ -20,11 +21,15 @@ from ..core.models import Task
 from ..evaluations.service import EvaluationService
 from ..security.audit import AuditLog, audit_notes
 from ..security.identity import TOOL_ACTIONS
+from ..telemetry import Telemetry
 from .batch_tools import register_batch_tools
+from .completion import install_completion
 from .evaluation_tools import evaluation_outcome, register_evaluation_tools
 from .principal import acting_as, current_principal, principal_of
-from .resources import register_resources
+from .prompts import register_prompts
+from .resources import register_metrics_resource, register_resources
 from .subscriptions import ResourceWatch, install_subscriptions
+from .task_logs import TaskLogs, install_logging
 from .tasks_ext import PlexusTasks, install_task_capability
 from .tools import TASK_TOOLS, outcome_result, register_tools, short
 
@@ -82,6 +87,7 @@ class PlexusMCPServer(MCPServer):
         """Check, run and audit one tool call (every call is recorded, with its outcome). A tool may note what
         to record instead of its arguments (note_for_audit): batch operations note their filter and count."""
         outcome = "error"
+        started = time.perf_counter()
         with audit_notes() as note:
             try:
                 result = await self._call_tool(name, arguments, context)
@@ -102,7 +108,8 @@ class PlexusMCPServer(MCPServer):
                                    if isinstance(arguments, dict) and k in arguments), None)
                     self.audit.record(current_principal(), f"tool.{name}", target=target, outcome=outcome,
                                       client=client[0] if client else None,
-                                      details=dict(note) if note else {"arguments": arguments})
+                                      details=dict(note) if note else {"arguments": arguments},
+                                      seconds=time.perf_counter() - started)
 
     async def _call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
         tool = self._tool_manager.get_tool(name)
@@ -207,15 +214,30 @@ def build_mcp_server(
     root.setLevel(level)
     for name in ("mcp", "sse_starlette"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    register_tools(server, manager)
-    register_batch_tools(server, manager)
+    logs = TaskLogs(audit.scrubber.scrub if audit is not None else None)
+    register_tools(server, manager, logs)
+    register_batch_tools(server, manager, logs)
     register_resources(server, manager)
     if evaluations is not None:
-        register_evaluation_tools(server, evaluations)
+        register_evaluation_tools(server, evaluations, logs)
+    register_prompts(server)
     install_task_capability(server._lowlevel_server)
-    if manager is not None:  # None when only the schemas are wanted (docs.py)
+    install_logging(server, logs)
+    if manager is not None:  # None when only the schemas are wanted
+        install_completion(server, manager, evaluations)
+        manager.log_listeners.append(logs.on_line)
+        telemetry = Telemetry(manager)
+        manager.bus.add_listener(telemetry.on_event)
+        if audit is not None:
+            audit.observers.append(telemetry.on_audit)
+        register_metrics_resource(server, telemetry)
+        server.telemetry = telemetry  # type: ignore[attr-defined]
         watch = ResourceWatch(manager, evaluations)
         tasks.follow_status = watch.follow_status
         install_subscriptions(server, watch, outcome)
         server.resource_watch = watch  # type: ignore[attr-defined]
+        logs.subscribers = watch.sessions_following
+        watch.on_sent = telemetry.on_update_sent
+        telemetry.subscriptions = watch.followed
+    server.task_logs = logs  # type: ignore[attr-defined]
     return server

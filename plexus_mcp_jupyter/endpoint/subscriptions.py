@@ -42,7 +42,7 @@ from ..core.batches import BatchOperations
 from ..core.errors import InvalidArgument, NotFound
 from ..core.events import Event
 from ..core.manager import TaskManager
-from ..core.models import TaskStatus
+from ..core.models import TaskStatus, now
 from ..core.store import TaskFilter, owner_visible
 from ..evaluations.service import EvaluationService
 from ..evaluations.store import EvaluationStatus, parse_statuses
@@ -188,7 +188,7 @@ class _Follower:
     task_of: dict[str, str] = field(default_factory=dict)  # URI -> the task it follows
     lists: dict[str, Matcher] = field(default_factory=dict)  # list URI -> matcher
     statuses: set[str] = field(default_factory=set)  # task ids whose status changes are owed (MCP tasks)
-    pending: dict[str, None] = field(default_factory=dict)  # an ordered set
+    pending: dict[str, float] = field(default_factory=dict)  # an ordered set, with when each was first owed
     sender: asyncio.Task[None] | None = None
     ready: bool = True  # a listen stream is ready once its acknowledgement went out
     closed: bool = False
@@ -221,14 +221,14 @@ class _Follower:
 
     def owed(self, event: Event, old_status: str | None) -> None:
         for uri in self.by_task.get(event.entity_id, ()):
-            self.pending[uri] = None
+            self.pending.setdefault(uri, event.at)
         if event.entity_id in self.statuses and event.data.get("status") != old_status:
-            self.pending[_STATUS_KEY + event.entity_id] = None
+            self.pending.setdefault(_STATUS_KEY + event.entity_id, event.at)
             if event.data.get("status") in _FINAL:
                 self.statuses.discard(event.entity_id)  # nothing follows a final status
         for uri, matcher in self.lists.items():
             if matcher(event, old_status):
-                self.pending[uri] = None
+                self.pending.setdefault(uri, event.at)
 
 
 class ResourceWatch:
@@ -241,6 +241,7 @@ class ResourceWatch:
         self._streams: set[_Follower] = set()
         self._last_status: dict[str, str] = {}
         self._remove_listener = manager.bus.add_listener(self._on_event)
+        self.on_sent: Callable[[float], None] | None = None  # seconds from a change to its notification
 
     # -- registration --------------------------------------------------------------------------
 
@@ -296,13 +297,17 @@ class ResourceWatch:
     def stream_ready(self, follower: _Follower) -> None:
         # Each followed task's current status first: one that ended before the stream opened is told too.
         for task_id in follower.statuses:
-            follower.pending[_STATUS_KEY + task_id] = None
+            follower.pending.setdefault(_STATUS_KEY + task_id, now())
         follower.ready = True
         self._kick(follower)
 
     def remove_stream(self, follower: _Follower) -> None:
         self._streams.discard(follower)
         self._close(follower)
+
+    def sessions_following(self, task_id: str) -> list[Any]:
+        """The sessions (connections) subscribed to this task's own resource."""
+        return [connection for connection, follower in self._sessions.items() if task_id in follower.by_task]
 
     @property
     def session_count(self) -> int:
@@ -360,7 +365,7 @@ class ResourceWatch:
     async def _drain(self, follower: _Follower) -> None:
         try:
             while follower.pending and not follower.closed:
-                key = next(iter(follower.pending))
+                key, owed_at = next(iter(follower.pending.items()))
                 del follower.pending[key]
                 # Awaited: a slow reader slows this loop, and updates coalesce meanwhile.
                 if key.startswith(_STATUS_KEY) and follower.send_status is not None:
@@ -368,6 +373,8 @@ class ResourceWatch:
                 else:
                     await follower.send(key)
                 follower.sent += 1
+                if self.on_sent is not None:
+                    self.on_sent(now() - owed_at)
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -20,11 +20,13 @@ from pydantic import BaseModel, Field
 from ..core import demo
 from ..core.errors import PlexusError, bounded
 from ..core.manager import HISTORY_MAX, MAX_PRIORITY, MIN_PRIORITY, TaskManager
-from ..core.models import Task, TaskStatus
+from ..core.models import Task, TaskStatus, iso, now
 from ..core.store_calls import store_unavailable
+from .arguments import PageSize, TaskStatuses, TaskTypes, annotated, page_size
 from .principal import current_principal
 from .progress import final_summary, follow_to_end, progress_token
 from .schemas import DispatchResult, TaskDetail, TaskPage, task_uri
+from .task_logs import TaskLogs
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -90,16 +92,27 @@ async def task_detail(manager: TaskManager, task: Task, *, history: bool, histor
 
 
 def describe(task: Task) -> str:
-    """One line a person can read: what, where it is, how far."""
+    """One line a person can read: what, where it is, how far, and when it should end."""
     p = task.progress
     text = f"Task {task.id} ({task.type}) is {task.status.value}"
     if p["stage"]:
         text += f", stage {p['stage']} {p['processed']}/{p['total'] if p['total'] is not None else '?'}"
         if p["percent"] is not None:
             text += f" ({p['percent']}%)"
+    if task.estimated_completion_at is not None and not task.status.is_final:
+        left = max(0.0, task.estimated_completion_at - now())
+        text += f", ETA {iso(task.estimated_completion_at)} (in about {_duration(left)})"
     if task.error_message:
         text += f": {task.error_message}"
     return text + "."
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{round(seconds)} s"
+    if seconds < 5400:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def outcome_result(task: Task) -> CallToolResult:
@@ -115,7 +128,8 @@ def outcome_result(task: Task) -> CallToolResult:
 TASK_TOOLS = ("run_demo_task",)  # tools whose result names the task they started: they can run as MCP tasks
 
 
-def register_tools(server: MCPServer, manager: TaskManager) -> None:
+def register_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs | None = None) -> None:
+    max_page = manager.max_page_size if manager is not None else 100
     read_only = ToolAnnotations(read_only_hint=True, open_world_hint=False)
 
     @server.tool(
@@ -126,7 +140,8 @@ def register_tools(server: MCPServer, manager: TaskManager) -> None:
             "Use fail or fail_at to rehearse failure handling. If the request carries a progress token "
             "(_meta.progressToken), the call instead stays open, sends notifications/progress (items done over "
             "all stages, the stage and ETA in the message) until the task ends, and returns its outcome; "
-            "cancelling the call cancels the task. It can also run as an MCP task (tasks/get, tasks/result)."
+            "cancelling the call cancels the task. It can also run as an MCP task (tasks/get, tasks/result). "
+            "Returns task_id, status and resource_uri. Next: get_task(task_id)."
         ),
         annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False),
     )
@@ -153,10 +168,12 @@ def register_tools(server: MCPServer, manager: TaskManager) -> None:
         principal = current_principal()
         task = await manager.adispatch("demo", params, priority=priority, owner=principal.owner,
                                        role=principal.role.value)
+        if logs is not None:
+            logs.started(ctx, [task.id])
         if progress_token(ctx) is not None:
             # The caller asked for progress: stream it until the task ends (cancelling the call
             # cancels the task), then answer with the outcome.
-            return outcome_result(await follow_to_end(ctx, manager, task.id))
+            return outcome_result(await follow_to_end(ctx, manager, task.id, logs))
         out = DispatchResult.model_validate(final_summary(task))
         return result(f"Queued demo task {task.id} ({items} items); follow it with get_task.", out)
 
@@ -164,36 +181,39 @@ def register_tools(server: MCPServer, manager: TaskManager) -> None:
         title="List tasks",
         description=(
             "List tasks, newest first, optionally filtered by status, type, creation time and batch. Returns at most "
-            "`limit` tasks and a next_cursor to continue."
+            "`limit` task summaries (full task_id, type, status, progress) and a next_cursor to continue; the text "
+            "lists the full ids. Next: get_task(task_id) for one task, cancel_tasks or retry_tasks to act on them."
         ),
         annotations=read_only,
     )
+    @annotated(limit=page_size(max_page))
     @client_errors
     async def list_tasks(
-        status: Annotated[list[TaskStatus] | None, Field(description="Only tasks with one of these statuses")]
-        = None,
-        type: Annotated[list[str] | None, Field(description="Only tasks of these types (e.g. demo)")] = None,
+        status: TaskStatuses = None,
+        type: TaskTypes = None,
         since: Annotated[str | None, Field(description="Only tasks created at or after this ISO 8601 time")]
         = None,
-        limit: Annotated[int, Field(ge=1, le=100, description="Page size, 1 to 100")] = 20,
+        limit: PageSize = 20,
         cursor: Annotated[str | None, Field(description="next_cursor of the previous page, unchanged")] = None,
         batch: Annotated[str | None, Field(max_length=64, description="Only the tasks of this batch (dispatch_batch's "
                                            "batch_id)")] = None,
     ) -> Annotated[CallToolResult, TaskPage]:
-        flt = manager.build_filter(status=[s.value for s in status or []], type=type, since=since,
+        flt = manager.build_filter(status=status or None, type=type, since=since,
                                    viewer=current_principal().viewer, batch=batch)
-        tasks, next_cursor = await manager.alist_tasks(flt, limit=limit, cursor=cursor)
+        tasks, next_cursor = await manager.alist_tasks(flt, limit=min(limit, max_page), cursor=cursor)
         # TaskPage's JSON form; the SDK validates it against TaskPage (see result()).
         page = {"tasks": [t.summary() for t in tasks], "next_cursor": next_cursor}
-        lines = "; ".join(f"{t.id[:8]} {t.type} {t.status.value}" for t in tasks[:10])
+        lines = "; ".join(f"{t.id} {t.type} {t.status.value}" for t in tasks[:10])
         more = " (more: pass next_cursor)" if next_cursor else ""
         return result(f"{len(tasks)} task(s){more}" + (f": {lines}" if lines else ""), page)
 
     @server.tool(
         title="Get a task",
         description=(
-            "Everything about one task: status, stages with item counts and ETA, output, error, log tails; "
-            "with history=true also its progress history."
+            "Everything about one task: status, stages with item counts and ETA, queue position, output, error, log "
+            "tails; with history=true also its progress history. The text says the status, progress and ETA. Next: "
+            "call again (or subscribe to plexus://tasks/{task_id}) until it ends; cancel_tasks to stop it, "
+            "retry_tasks once it failed."
         ),
         annotations=read_only,
     )

@@ -151,6 +151,10 @@ class DatasetRef:
         return f"{self.source}:{self.name}"
 
 
+DEFAULT_LABEL_COLUMN = "label"  # an evaluation's label column when none is given and the dataset has it
+DEFAULT_ID_COLUMN = "id"  # its item ids likewise (otherwise row numbers)
+
+
 def parse_ref(ref: object) -> DatasetRef:
     """Split a dataset ref into source and name; checks the syntax only, not that the dataset exists."""
     if not isinstance(ref, str) or not ref.strip():
@@ -299,6 +303,28 @@ class DatasetCatalog:
             raise NotFound(f"no dataset file {ref.name!r} under the Jupyter root")
         return path, FILE_FORMATS[suffix]
 
+    def resolve(self, ref: str) -> str:
+        """The full ref of `ref`: itself, unless it is a bare name (no source, no extension, no folder), which
+        resolves to the one example, registered frame or data file of that name; InvalidArgument lists the
+        candidates (or the examples) otherwise. Walks the root for files (bounded): call it from a thread."""
+        parsed = parse_ref(ref)
+        if parsed.source != "file" or "/" in parsed.name or PurePosixPath(parsed.name).suffix or ref.startswith(
+                "file:"):
+            return ref
+        name = parsed.name
+        candidates = [f"example:{name}"] if name in self.example_names() else []
+        if name in self.registered_names():
+            candidates.append(f"registered:{name}")
+        candidates += [str(f) for f in self._data_files() if PurePosixPath(f.name).stem == name]
+        if len(candidates) == 1:
+            return candidates[0]
+        if candidates:
+            raise InvalidArgument(f"dataset {clip(name)} is ambiguous: it could be {', '.join(candidates[:10])}; "
+                                  "give one of these refs")
+        examples = ", ".join("example:" + n for n in self.example_names())
+        raise InvalidArgument(f"no dataset named {clip(name)}: give a ref such as {examples}, registered:<name> or "
+                              f"a file path under the Jupyter root ({ALLOWED_EXTENSIONS}); list_datasets shows them")
+
     # --- loading ---------------------------------------------------------------------------------------
 
     def load(self, ref: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
@@ -382,8 +408,8 @@ class DatasetCatalog:
         names = [name for name, _ in columns]
         if label_column is not None:
             _require_names(names, [label_column], "label column")
-        elif "label" in names:
-            label_column = "label"
+        elif DEFAULT_LABEL_COLUMN in names:
+            label_column = DEFAULT_LABEL_COLUMN
         with _reading(ref, fmt):
             if fmt == "parquet":
                 counted = count_parquet(path, label_column)
@@ -639,6 +665,8 @@ def _count_lines(path: Path) -> int:
 
 
 def _info(parsed: DatasetRef, rows: int | None, columns: Sequence[tuple[str, str]], **extra: Any) -> DatasetInfo:
+    if "label_column" not in extra and any(name == DEFAULT_LABEL_COLUMN for name, _ in columns):
+        extra["label_column"] = DEFAULT_LABEL_COLUMN  # what an evaluation of it uses unless told otherwise
     return DatasetInfo(
         ref=str(parsed),
         name=parsed.name,

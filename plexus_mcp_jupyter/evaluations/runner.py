@@ -1,8 +1,8 @@
 """The evaluation task: runs in a worker process, like any Plexus task.
 
 Stages: Setup (load and sample the dataset, check columns, build the scorers), Scoring (chunk by chunk:
-score, write the chunk's items in one transaction, report progress; cancellation is checked between
-chunks), Metrics (vectorised, from the scored items; written with the evaluation once). The worker writes
+score, write the chunk's items as one Parquet file (item_files.py), report progress; cancellation is checked
+between chunks), Metrics (vectorised, from the scored items; written with the evaluation once). The worker writes
 to the store itself (its URL comes from `ctx.environment`, never from the task's parameters), so a
 million items never cross the pipe to the server.
 """
@@ -16,11 +16,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..core.context import TaskContext
 from ..core.errors import InvalidArgument
 from ..core.store import make_engine
 from .datasets import DatasetCatalog, require_columns
+from .item_files import ItemFiles
 from .limits import DEFAULT_MAX_ITEMS, check_items
 from .metrics import LabelNormalization, compute_metrics, consistency_metrics, normalize_labels
 from .sampling import sample_frame
@@ -34,7 +37,7 @@ from .scorers import (
     module_allowed,
     scorer_from_spec,
 )
-from .store import SETUP_STAGE, EvaluationStore
+from .store import SETUP_STAGE, EvaluationStore, item_rows
 
 EXCERPT_CHARS = 200
 REDACTED = "[redacted]"
@@ -62,7 +65,7 @@ def run_evaluation(
     `scorer_modules`, set for an API key's evaluation, restricts python: scorers to functions defined there.
     """
     env = ctx.environment
-    store = EvaluationStore(make_engine(env["db_url"]))
+    store = EvaluationStore(make_engine(env["db_url"]), ItemFiles(env["items_dir"]) if env.get("items_dir") else None)
     try:
         record = store.get(evaluation_id)
         if record is None or record["task_id"] != ctx.task_id:
@@ -215,8 +218,8 @@ def _accuracy(
         classes = normalize_labels(labels, norm)
         correct = classes == normalize_labels(batch.predictions, norm)
         failed = _failed_mask(batch)
-        store.add_items(evaluation_id, name, _rows(start, chunk, labels, classes, batch, correct, failed,
-                                                   input_column, id_column, _redacted(ctx)))
+        store.add_chunk(evaluation_id, name, start, _columns(start, chunk, labels, classes, batch, correct, failed,
+                                                             input_column, id_column, _redacted(ctx)))
         predictions.append(batch.predictions)
         scored.append(~failed)
         ctx.advance(len(chunk))
@@ -225,8 +228,9 @@ def _accuracy(
     keep = np.concatenate(scored)
     if not keep.any():
         raise InvalidArgument(f"score {name!r}: every item failed to score; see the items' errors")
-    predicted = pd.concat(predictions).to_numpy(dtype=object)
-    result = compute_metrics(frame[label_column].to_numpy()[keep], predicted[keep], norm).to_dict()
+    # As arrays (no index to align), and a text column's Arrow strings as they are: no Python object per value.
+    predicted = pd.concat(predictions).array
+    result = compute_metrics(frame[label_column].array[keep], predicted[keep], norm).to_dict()
     return result, {"items": len(frame), "scored": int(keep.sum()), "errors": int((~keep).sum())}
 
 
@@ -241,40 +245,74 @@ def _rows(
     correct: np.ndarray | None, failed: np.ndarray, input_column: str | None, id_column: str | None,
     redacted: frozenset[str] = frozenset(),
 ) -> list[tuple[Any, ...]]:
-    """The chunk's items as rows of ITEM_COLUMNS, built column by column (no Python work per field).
+    """The chunk's items as rows of INSERT_COLUMNS (the row store of an items-less store; benchmarks)."""
+    return item_rows(_columns(start, chunk, labels, classes, batch, correct, failed, input_column, id_column,
+                              redacted))
 
-    Columns named in `redacted` (the redact_columns setting) are scored as they are but never stored.
+
+def _columns(
+    start: int, chunk: pd.DataFrame, labels: pd.Series | None, classes: np.ndarray | None, batch: ScoreBatch,
+    correct: np.ndarray | None, failed: np.ndarray, input_column: str | None, id_column: str | None,
+    redacted: frozenset[str] = frozenset(),
+) -> dict[str, Any]:
+    """The chunk's items as columns of INSERT_COLUMNS (no Python work per field).
+
+    The default id is the row's position in the dataset (the index survives sampling), kept as numbers
+    (an int64 column costs a byte or two per item in Parquet; shown as text). Columns named in `redacted`
+    (the redact_columns setting) are scored as they are but never stored.
     """
     n = len(chunk)
-    none: list[Any] = [None] * n
+    none = pa.nulls(n, pa.string())
     hidden: list[Any] = [REDACTED] * n
-    # The default id is the row's position in the dataset (the index survives sampling).
-    ids = _texts(chunk[id_column], EXCERPT_CHARS) if id_column else chunk.index.astype(str).tolist()
-    inputs = _texts(chunk[input_column], EXCERPT_CHARS) if input_column and input_column in chunk else none
+    ids: Any
+    if id_column:
+        ids = _text_column(chunk[id_column], EXCERPT_CHARS)
+    elif pd.api.types.is_integer_dtype(chunk.index.dtype):
+        ids = pa.array(chunk.index.to_numpy(dtype=np.int64))
+    else:
+        ids = chunk.index.astype(str).tolist()
+    inputs = _text_column(chunk[input_column], EXCERPT_CHARS) if input_column and input_column in chunk else none
     if id_column in redacted:
         ids = hidden
     if input_column in redacted:
         inputs = hidden
     if labels is not None and labels.name in redacted:
         labels, classes = pd.Series(hidden, index=chunk.index), np.asarray(hidden, dtype=object)
-    predictions = pd.Series(_texts(batch.predictions, EXCERPT_CHARS), dtype=object)
-    oks = pd.Series(correct.tolist() if correct is not None else none, dtype=object)
+    predictions = _text_column(batch.predictions, EXCERPT_CHARS)
+    oks = pa.array(correct, mask=failed, type=pa.bool_()) if correct is not None else pa.nulls(n, pa.bool_())
     if failed.any():
-        predictions[failed] = None
-        oks[failed] = None
-    return list(zip(
-        range(start, start + n), ids, inputs,
-        _texts(labels, EXCERPT_CHARS) if labels is not None else none,
-        classes.tolist() if classes is not None else none,
-        predictions.tolist(), oks.tolist(),
-        _texts(batch.explanations, EXPLANATION_CHARS) if batch.explanations is not None else none,
-        _texts(batch.errors, EXPLANATION_CHARS) if batch.errors is not None else none,
-        strict=True,
-    ))
+        predictions = pc.if_else(pa.array(failed), pa.scalar(None, predictions.type), predictions)
+    return {
+        "seq": pa.array(np.arange(start, start + n, dtype=np.int64)),
+        "item_id": ids,
+        "input": inputs,
+        "label": _text_column(labels, EXCERPT_CHARS) if labels is not None else none,
+        "label_class": pa.array(classes, type=pa.string()) if classes is not None else none,
+        "prediction": predictions,
+        "correct": oks,
+        "explanation": (_text_column(batch.explanations, EXPLANATION_CHARS) if batch.explanations is not None
+                        else none),
+        "error": _text_column(batch.errors, EXPLANATION_CHARS) if batch.errors is not None else none,
+    }
 
 
 def _redacted(ctx: TaskContext) -> frozenset[str]:
     return frozenset(c.strip() for c in str(ctx.environment.get("redact_columns", "")).split(",") if c.strip())
+
+
+def _text_column(values: pd.Series, limit: int) -> pa.Array:
+    """Values as bounded strings (null for missing), as an Arrow array: a text column read from a file is
+    Arrow already (pandas' str dtype), so it is sliced in place, without a Python object per value."""
+    if not (isinstance(values.dtype, pd.StringDtype) and values.dtype.storage == "pyarrow"):
+        return pa.array(_texts(values, limit), type=pa.string())
+    text = pa.array(values)
+    if isinstance(text, pa.ChunkedArray):
+        text = text.combine_chunks()
+    long = pc.greater(pc.utf8_length(text), limit)
+    if pc.any(long).as_py():
+        cut = pc.binary_join_element_wise(pc.utf8_slice_codeunits(text, 0, limit - 1), pa.scalar("…"), "")
+        text = pc.if_else(long, cut, text)
+    return text
 
 
 def _texts(values: pd.Series, limit: int) -> list[str | None]:
@@ -317,8 +355,8 @@ def _consistency(
                            errors_seen if errors_seen.notna().any() else None)
         labels = chunk[label_column] if label_column else None
         classes = normalize_labels(labels, norm) if labels is not None else None
-        store.add_items(evaluation_id, name, _rows(start, chunk, labels, classes, batch, unanimous, failed,
-                                                   input_column, id_column, _redacted(ctx)))
+        store.add_chunk(evaluation_id, name, start, _columns(start, chunk, labels, classes, batch, unanimous, failed,
+                                                             input_column, id_column, _redacted(ctx)))
         grids.append(np.asarray(grid[~failed], dtype=object))
         modal_or_none = np.asarray(modal, dtype=object).copy()
         modal_or_none[failed] = None

@@ -115,8 +115,9 @@ class SpecError(InvalidArgument):
 class ScoreBatch:
     """The result of scoring one chunk; every Series is aligned to the chunk's index.
 
-    `predictions` holds str or None. `explanations` is None when the scorer gives none. `errors` is None
-    when no item failed, else holds "<ExceptionType>: <message>" for failed items and None for the others.
+    `predictions` holds str or None (or a text column's missing value, when it is pandas' str dtype).
+    `explanations` is None when the scorer gives none. `errors` is None when no item failed, else holds
+    "<ExceptionType>: <message>" for failed items and None for the others.
     """
 
     predictions: pd.Series
@@ -512,6 +513,10 @@ def _label(value: object) -> str | None:
 
 
 def _labels(values: pd.Series) -> pd.Series:
+    """Values as labels: str, or missing. A text column (pandas' str dtype) is that already: kept as it is,
+    Arrow strings with no Python object per value; anything else becomes str or None, value by value."""
+    if isinstance(values.dtype, pd.StringDtype):
+        return values
     return pd.Series([_label(v) for v in values.to_numpy(dtype=object)], index=values.index, dtype=object)
 
 

@@ -8,7 +8,7 @@ milliseconds; loading, scoring and metrics happen in the worker (runner.py).
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import inspect
 import logging
 import secrets
@@ -28,7 +28,7 @@ from ..core.manager import TaskManager
 from ..core.models import Task, iso
 from ..core.retention import expired_message
 from ..core.store import owner_visible
-from .datasets import DatasetCatalog, column_listing
+from .datasets import DEFAULT_ID_COLUMN, DEFAULT_LABEL_COLUMN, DatasetCatalog, column_listing
 from .file_reads import clip
 from .kernel_scorers import KernelScorerRegistry
 from .limits import DEFAULT_LIMITS, EvaluationLimits, check_items
@@ -95,16 +95,33 @@ class EvaluationService:
     # -- life cycle: pruning the items of cancelled evaluations ------------------------------------------
 
     def start(self) -> None:
-        """Prune the items of cancelled evaluations from now on, and those an earlier server left."""
+        """Prune the items of cancelled evaluations from now on, and those an earlier server left; and the
+        item files of evaluations removed by retention, after each retention pass and at start."""
         if self._unlisten is None:
             self._unlisten = self.manager.bus.add_listener(self._on_event)
+            self.manager.pruned_listeners.append(self._on_tasks_pruned)
             self._prune_soon()
+            self._on_tasks_pruned([])
+
+    def _on_tasks_pruned(self, _task_ids: list[str]) -> None:
+        if not self._stopping.is_set():
+            self._pruner.submit(self.sweep_files)
+
+    def sweep_files(self) -> int:
+        """Delete the item files whose evaluation is gone (retention pruned its task); how many evaluations'."""
+        try:
+            return len(self.store.sweep_files())
+        except Exception:  # the store is unreachable, say: the next pass tries again
+            log.exception("Plexus: removing the item files of pruned evaluations failed")
+            return 0
 
     def close(self) -> None:
         """Stop pruning (between two batches); the thread ends on its own."""
         if self._unlisten is not None:
             self._unlisten()
             self._unlisten = None
+            with contextlib.suppress(ValueError):
+                self.manager.pruned_listeners.remove(self._on_tasks_pruned)
         self._stopping.set()
         self._pruner.shutdown(wait=True, cancel_futures=True)
 
@@ -117,11 +134,12 @@ class EvaluationService:
             self._pruner.submit(self.prune_cancelled)
 
     def prune_cancelled(self) -> int:
-        """Delete the items of cancelled evaluations, PRUNE_BATCH per transaction, and mark each record
-        pruned; returns how many items went. Runs in the pruning thread; blocks on the store."""
+        """Delete the items of cancelled evaluations (their files; rows PRUNE_BATCH per transaction), and mark
+        each record pruned; returns how many item rows went. Runs in the pruning thread; blocks on the store."""
         deleted = 0
         try:
             for evaluation_id in self.store.unpruned_cancelled():
+                self.store.remove_files(evaluation_id)  # one directory: gone at once
                 while not self._stopping.is_set():
                     batch = self.store.delete_items(evaluation_id, PRUNE_BATCH)
                     deleted += batch
@@ -152,8 +170,7 @@ class EvaluationService:
         if not isinstance(priority, bool) and isinstance(priority, int):
             self.manager.check_priority(priority, role)
         plan = await self.catalog.run(self.plan, type, dataset, trusted=trusted, **arguments)
-        task, evaluation_id = self.dispatch(plan, priority=priority, owner=owner, role=role)
-        return await self.get(evaluation_id), task
+        return await self.dispatch(plan, priority=priority, owner=owner, role=role)
 
     def plan(
         self,
@@ -209,9 +226,6 @@ class EvaluationService:
                                       or not 2 <= runs <= MAX_RUNS):
             raise InvalidArgument(f"runs must be a whole number from 2 to {MAX_RUNS} for a consistency evaluation, "
                                   f"not {runs!r}")
-        if type != "consistency" and label_column is None:
-            raise InvalidArgument(f"label_column is required for a {type} evaluation: the column holding the "
-                                  "correct labels" + (" (the human-corrected values)" if type == "feedback" else ""))
         if sample_n is not None or sample_fraction is not None:
             check_sample(sample_n, sample_fraction, seed)
             sample = {"n": sample_n, "fraction": sample_fraction, "seed": seed}
@@ -219,7 +233,18 @@ class EvaluationService:
             # Chosen now and kept in the definition: a re-run after a crash scores the same rows.
             sample["seed"] = secrets.randbelow(2**31)
         restricted = False
+        dataset = self.catalog.resolve(dataset)
         columns = self.catalog.columns(dataset)
+        if type != "consistency" and label_column is None:
+            if DEFAULT_LABEL_COLUMN not in columns:
+                raise InvalidArgument(
+                    f"label_column is required for a {type} evaluation: the column holding the correct labels"
+                    + (" (the human-corrected values)" if type == "feedback" else "")
+                    + f" (dataset {dataset!r} has no column {DEFAULT_LABEL_COLUMN!r}); its columns: "
+                    + column_listing(columns))
+            label_column = DEFAULT_LABEL_COLUMN
+        if id_column is None and DEFAULT_ID_COLUMN in columns:
+            id_column = DEFAULT_ID_COLUMN
         wanted = {"label_column": label_column, "input_column": input_column, "id_column": id_column}
         for score in scores:
             spec = score["scorer"]
@@ -252,20 +277,16 @@ class EvaluationService:
                               input_column=input_column, id_column=id_column, sample=sample, runs=runs,
                               restricted=restricted, scorecard=scorecard)
 
-    def dispatch(self, plan: EvaluationPlan, *, priority: int = 0, owner: str | None = None,
-                 role: str | None = None) -> tuple[Task, str]:
-        """Dispatch a checked request and insert its record (milliseconds, on the event loop); the task and the
-        evaluation's id."""
+    async def dispatch(self, plan: EvaluationPlan, *, priority: int = 0, owner: str | None = None,
+                       role: str | None = None) -> tuple[dict[str, Any], Task]:
+        """Dispatch a checked request and insert its record (TaskManager.adispatch: on a networked store, on its
+        writer thread)."""
         spec = self.planned_spec(plan, owner)
-        task = self.manager.dispatch("evaluation", spec.params, priority=priority, owner=owner,
-                                     description=spec.description, internal=True, role=role)
-        try:
-            with self.store.engine.begin() as conn:
-                spec.record(task, conn)
-        except Exception:
-            self.manager.cancel([task.id])  # never a task without its record
-            raise
-        return task, spec.params["evaluation_id"]
+        # The record is stored with the task, in one transaction: a worker may start it at once.
+        task = await self.manager.adispatch("evaluation", spec.params, priority=priority, owner=owner,
+                                            description=spec.description, internal=True, role=role,
+                                            record=spec.record)
+        return await self.get(spec.params["evaluation_id"]), task
 
     def planned_spec(self, plan: EvaluationPlan, owner: str | None) -> PlannedSpec:
         """A checked request as the evaluation task's params, and the record stored beside its task."""
@@ -425,20 +446,11 @@ class EvaluationService:
         rows, next_cursor, tasks = await self.manager.calls.run(read)
         return [self.view(r, tasks, summary=True) for r in rows], next_cursor
 
-    async def results(
+    def results(
         self, evaluation_id: str, *, only_mismatches: bool = False, label: str | None = None,
         score: str | None = None, limit: int | None = None, cursor: str | None = None, viewer: str | None = None,
     ) -> tuple[list[dict[str, Any]], str | None, dict[str, Any]]:
-        """One page of per-item results, in dataset order, the next cursor, and what was asked (read off the
-        event loop)."""
-        return await self.manager.calls.run(functools.partial(
-            self._results, evaluation_id, only_mismatches=only_mismatches, label=label, score=score, limit=limit,
-            cursor=cursor, viewer=viewer))
-
-    def _results(
-        self, evaluation_id: str, *, only_mismatches: bool, label: str | None, score: str | None,
-        limit: int | None, cursor: str | None, viewer: str | None,
-    ) -> tuple[list[dict[str, Any]], str | None, dict[str, Any]]:
+        """One page of per-item results, in dataset order, the next cursor, and what was asked."""
         row = self._record(evaluation_id, viewer)
         if row["items_pruned_at"] is not None:
             raise InvalidArgument(f"evaluation {evaluation_id!r} was cancelled and its per-item results were pruned "
@@ -451,7 +463,7 @@ class EvaluationService:
                                   f"its scores: {', '.join(names)}")
         flt = ItemFilter(score=score, only_mismatches=only_mismatches, label=label)
         items, next_cursor = self.store.items(evaluation_id, flt, limit=self.manager.check_limit(limit),
-                                              cursor=cursor)
+                                              cursor=cursor, manifest=row["items_manifest"])
         return items, next_cursor, {"evaluation_id": evaluation_id, "score": score,
                                     "only_mismatches": only_mismatches, "label": label}
 

@@ -2,7 +2,9 @@
 
 An evaluation is a task of type `evaluation` plus this record. Its status, progress and times are the
 task's (one source of truth); the record holds what only an evaluation has: its definition, its
-metrics and its items. Items are written by the worker, a chunk per transaction, so every row is whole.
+metrics and a manifest of its items. Items are written by the worker as Parquet files beside the store
+(item_files.py), a file per scored chunk; an evaluation made before those files (its manifest is null) keeps
+its items as rows of evaluation_items, which stay readable, paged and pruned as before.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
@@ -26,6 +30,7 @@ from ..core.store import (
     tasks_table,
     visible_to,
 )
+from .item_files import ItemFiles
 from .metrics import LabelNormalization
 
 SETUP_STAGE = "Setup"
@@ -44,6 +49,8 @@ evaluations_table = sa.Table(
     sa.Column("metrics", sa.JSON),  # {score name: metrics}, set once when the evaluation completes
     sa.Column("counts", sa.JSON),  # items, scored, errors (per score), set with the metrics
     sa.Column("items_pruned_at", sa.Float),  # set when the items of a cancelled evaluation have been deleted
+    # Where the items are (item_files.py: format, path; chunks and rows per score once complete); null: rows.
+    sa.Column("items_manifest", sa.JSON),
     sa.Index("ix_evaluations_created", "created_at", "id"),
     sa.Index("ix_evaluations_type_created", "type", "created_at", "id"),
 )
@@ -153,8 +160,9 @@ class ItemFilter:
 class EvaluationStore:
     """Reads and writes evaluation records and items on an engine shared with the task Store."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, files: ItemFiles | None = None) -> None:
         self.engine = engine  # its tables are made by the store's migrations (migrations/), as every table
+        self.files = files  # where new evaluations' items go; None: as rows (a store used without a data dir)
 
     def create(self, row: dict[str, Any], conn: Connection | None = None) -> None:
         """Insert an evaluation's record, in `conn`'s transaction when given (the one storing its task)."""
@@ -221,12 +229,47 @@ class EvaluationStore:
             with self.engine.begin() as conn:
                 conn.exec_driver_sql(sql, batch)
 
+    def add_chunk(self, evaluation_id: str, score: str, start: int, columns: dict[str, Any]) -> None:
+        """Record one scored chunk's items (columns of INSERT_COLUMNS, seq from `start` on): a Parquet file
+        when the store has an items directory, rows otherwise."""
+        if self.files is not None:
+            self.files.write_chunk(evaluation_id, score, start, columns)
+            return
+        self.add_items(evaluation_id, score, item_rows(columns))
+
     def reset(self, evaluation_id: str) -> None:
-        """Forget the items, metrics and counts of an earlier run, in one transaction."""
+        """Forget the items, metrics and counts of an earlier run (rows in one transaction, files before it),
+        and record where this run's items go."""
+        manifest = None
+        if self.files is not None:
+            self.files.start(evaluation_id)
+            manifest = self.files.manifest(evaluation_id)
         with self.engine.begin() as conn:
             conn.execute(sa.delete(items_table).where(items_table.c.evaluation_id == evaluation_id))
             conn.execute(sa.update(evaluations_table).where(evaluations_table.c.id == evaluation_id)
-                         .values(metrics=None, counts=None, items_pruned_at=None))
+                         .values(metrics=None, counts=None, items_pruned_at=None, items_manifest=manifest))
+
+    def remove_files(self, evaluation_id: str) -> bool:
+        """Delete an evaluation's item files, if it has any here; True if some went."""
+        return self.files.remove(evaluation_id) if self.files is not None else False
+
+    def sweep_files(self) -> list[str]:
+        """Delete the item files of evaluations whose record is gone (retention, a deleted task); their ids.
+
+        A directory is made only by a worker that found the evaluation's record, so no record means no owner."""
+        if self.files is None:
+            return []
+        present = self.files.evaluation_ids()
+        gone = []
+        e = evaluations_table
+        for start in range(0, len(present), 500):
+            batch = present[start:start + 500]
+            with self.engine.connect() as conn:
+                known = set(conn.execute(sa.select(e.c.id).where(e.c.id.in_(batch))).scalars())
+            gone += [evaluation_id for evaluation_id in batch if evaluation_id not in known]
+        for evaluation_id in gone:
+            self.files.remove(evaluation_id)
+        return gone
 
     def unpruned_cancelled(self) -> list[str]:
         """Ids of cancelled evaluations whose items have not been pruned yet, oldest first."""
@@ -259,25 +302,38 @@ class EvaluationStore:
             conn.execute(sa.update(e).where(e.c.id == evaluation_id).values(items_pruned_at=at))
 
     def set_results(self, evaluation_id: str, metrics: dict[str, Any], counts: dict[str, Any]) -> None:
+        """Record the metrics and counts, and (items in files) the manifest's chunks and rows per score."""
         e = evaluations_table
+        values: dict[str, Any] = {"metrics": metrics, "counts": counts}
+        if self.files is not None:
+            values["items_manifest"] = self.files.manifest(
+                evaluation_id, {name: self.files.count(evaluation_id, name) for name in counts})
         with self.engine.begin() as conn:
-            conn.execute(sa.update(e).where(e.c.id == evaluation_id).values(metrics=metrics, counts=counts))
+            conn.execute(sa.update(e).where(e.c.id == evaluation_id).values(**values))
 
     def items(
-        self, evaluation_id: str, flt: ItemFilter, *, limit: int, cursor: str | None = None
+        self, evaluation_id: str, flt: ItemFilter, *, limit: int, cursor: str | None = None,
+        manifest: dict[str, Any] | None = None,
     ) -> tuple[list[dict[str, Any]], str | None]:
-        """One page of items in dataset order, and the cursor of the next page."""
-        params: dict[str, Any] = {"evaluation_id": evaluation_id, "score": flt.score, "limit": limit + 1}
-        if flt.label is not None:
-            params["label"] = LabelNormalization().normalize(flt.label)
+        """One page of items in dataset order, and the cursor of the next page.
+
+        `manifest` is the record's items_manifest: the items are read from its files, or (null) from rows."""
+        label = LabelNormalization().normalize(flt.label) if flt.label is not None else None
+        after = None
         if cursor:
             (after,) = decode_position(cursor, flt.fingerprint(), 1)
             if not isinstance(after, int):
                 raise InvalidArgument("invalid cursor: pass back the next_cursor of a previous page unchanged")
-            params["after"] = after
-        query = _items_query(flt.only_mismatches, flt.label is not None, cursor is not None)
-        with self.engine.connect() as conn:
-            rows = [dict(r) for r in conn.execute(query, params).mappings()]
+        if manifest is not None:
+            rows = ItemFiles(Path(manifest["path"]).parent).page(
+                evaluation_id, flt.score, limit=limit + 1, after=after, only_mismatches=flt.only_mismatches,
+                label=label, columns=ITEM_COLUMNS)
+        else:
+            params: dict[str, Any] = {"evaluation_id": evaluation_id, "score": flt.score, "limit": limit + 1}
+            params.update({k: v for k, v in (("label", label), ("after", after)) if v is not None})
+            query = _items_query(flt.only_mismatches, label is not None, after is not None)
+            with self.engine.connect() as conn:
+                rows = [dict(r) for r in conn.execute(query, params).mappings()]
         next_cursor = None
         if len(rows) > limit:
             rows = rows[:limit]
@@ -285,10 +341,20 @@ class EvaluationStore:
         return rows, next_cursor
 
     def count_items(self, evaluation_id: str, score: str) -> int:
+        """Items recorded so far, rows and files alike."""
         i = items_table
         query = sa.select(sa.func.count()).where(i.c.evaluation_id == evaluation_id, i.c.score == score)
         with self.engine.connect() as conn:
-            return int(conn.execute(query).scalar_one())
+            rows = int(conn.execute(query).scalar_one())
+        return rows + (self.files.count(evaluation_id, score) if self.files is not None else 0)
+
+
+def item_rows(columns: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """A chunk's item columns (runner._columns) as rows in INSERT_COLUMNS order; ids as text, as rows hold them."""
+    lists = {name: values.to_pylist() if isinstance(values, pa.Array) else values for name, values in columns.items()}
+    if isinstance(columns["item_id"], pa.Array):
+        lists["item_id"] = [None if i is None else str(i) for i in lists["item_id"]]
+    return list(zip(*(lists[c] for c in INSERT_COLUMNS), strict=True))
 
 
 def _placeholders(engine: Engine, columns: Sequence[str]) -> str:

@@ -84,8 +84,8 @@ class EvaluationResultsHandler(PlexusHandler):
         """Per-item results: ?only_mismatches=true&label=...&score=...&limit=20&cursor=..."""
         service = self.runtime.evaluations
         try:
-            items, next_cursor, asked = await service.results(
-                evaluation_id, only_mismatches=_flag(self, "only_mismatches"),
+            items, next_cursor, asked = await service.catalog.run(  # item files are read off the loop
+                service.results, evaluation_id, only_mismatches=_flag(self, "only_mismatches"),
                 label=self.get_argument("label", None), score=self.get_argument("score", None),
                 limit=self.runtime.manager.parse_limit(self.get_argument("limit", None)),
                 cursor=self.get_argument("cursor", None) or None, viewer=self.principal.viewer,

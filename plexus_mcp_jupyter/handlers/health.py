@@ -40,14 +40,24 @@ class HealthHandler(PlexusHandler):
 
 
 class UnavailableHandler(APIHandler):
-    """Every Plexus route while the extension's settings are invalid: 503 naming the setting, for anyone.
+    """Every Plexus route while the extension cannot run: 503 naming the setting, for anyone.
 
-    The message holds only setting names, values and what is allowed, which say nothing about the data."""
+    `message` holds only setting names, values and what is allowed, which say nothing about the data; `detail`
+    adds what only the notebook user may read (a database's or a scheduler's address, a store's revisions):
+    it is shown to a caller Jupyter authenticates."""
 
-    def initialize(self, message: str) -> None:  # type: ignore[override]
+    def initialize(self, message: str, detail: str | None = None) -> None:  # type: ignore[override]
         self.message = message
+        self.detail = detail or message
 
     async def prepare(self) -> None:  # type: ignore[override]
+        try:
+            await super().prepare()  # Jupyter resolves who is asking (or refuses, e.g. a bad XSRF token)
+            authenticated = bool(self.current_user)
+        except Exception:
+            authenticated = False
+        self.clear()
         self.set_status(503)
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"error": {"status": 503, "message": self.message}}))
+        message = self.detail if authenticated else self.message
+        self.finish(json.dumps({"error": {"status": 503, "message": message}}))

@@ -117,6 +117,8 @@ class AuditLog:
         self.dropped = 0
         self.retention_seconds = 0.0  # 0: kept forever; see configure_retention
         self._prune_interval, self._prune_batch, self._next_prune = 3600.0, 500, 0.0
+        # Called with each batch of records in the writer thread, before they are written (service metrics).
+        self.observers: list[Callable[[list[dict[str, Any]]], None]] = []
         self._writer = threading.Thread(target=self._write_loop, name="plexus-audit", daemon=True)
         self._writer.start()
 
@@ -125,24 +127,28 @@ class AuditLog:
         most every `interval` seconds, `batch` per transaction: the log stays bounded under any steady load."""
         self.retention_seconds, self._prune_interval, self._prune_batch = float(seconds), interval, batch
 
-    def prune(self, at: float | None = None) -> int:
-        """Delete the records older than the retention, a batch per transaction; the number deleted."""
+    def prune(self, at: float | None = None, max_batches: int = 20) -> tuple[int, bool]:
+        """Delete records older than the retention, a batch per transaction, at most `max_batches` batches (the
+        writer thread prunes between writes: a year's backlog after an upgrade must not hold records back);
+        the number deleted, and whether older ones are left."""
         if not self.retention_seconds:
-            return 0
+            return 0, False
         cutoff = (time.time() if at is None else at) - self.retention_seconds
         a = audit_table
         oldest = sa.select(a.c.id).where(a.c.at < cutoff).order_by(a.c.id).limit(self._prune_batch)
         total = 0
-        while True:
+        for _ in range(max_batches):
             with self.engine.begin() as conn:
                 deleted = conn.execute(sa.delete(a).where(a.c.id.in_(oldest.scalar_subquery()))).rowcount
             total += deleted
             if deleted < self._prune_batch:
-                return total
+                return total, False
+        return total, True
 
     def record(self, principal: Principal | None, action: str, *, target: str | None = None, outcome: str = "ok",
-               client: str | None = None, details: Mapping[str, Any] | None = None) -> None:
-        """Queue one record; never blocks."""
+               client: str | None = None, details: Mapping[str, Any] | None = None,
+               seconds: float | None = None) -> None:
+        """Queue one record; never blocks. `seconds`, how long the action took, goes to the observers only."""
         scrub = self.scrubber.scrub
         text = json.dumps(redact(dict(details or {}), self.sensitive, scrub), default=str)
         row = {
@@ -152,6 +158,8 @@ class AuditLog:
             "outcome": outcome,
             "client": client, "details": json.loads(text) if len(text) <= MAX_DETAIL_CHARS else {"truncated": True},
         }
+        if seconds is not None:
+            row["seconds"] = seconds
         try:
             self._queue.put_nowait(row)
         except queue.Full:
@@ -192,12 +200,20 @@ class AuditLog:
                     self._queue.task_done()
                     break
                 batch.append(item)
+            for observe in self.observers:
+                try:
+                    observe(batch)
+                except Exception:
+                    log.exception("Plexus: an audit observer failed")
+            for row in batch:
+                row.pop("seconds", None)
             try:
                 with self.engine.begin() as conn:
                     conn.execute(sa.insert(audit_table), batch)
                 if self.retention_seconds and time.monotonic() >= self._next_prune:
-                    self._next_prune = time.monotonic() + self._prune_interval
-                    self.prune()
+                    _, more = self.prune()
+                    # A backlog is worked off after the next writes; otherwise the next look is an interval away.
+                    self._next_prune = time.monotonic() + (0.0 if more else self._prune_interval)
             except Exception:
                 log.exception("Plexus: %d audit record(s) could not be written or old ones pruned", len(batch))
             finally:

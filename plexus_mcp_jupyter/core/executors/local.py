@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing as mp
+import pickle
 import sys
 import threading
 import types
@@ -310,7 +311,7 @@ class LocalExecutor(Executor):
                 return
             except Exception as exc:  # an unpicklable message: report it, keep reading
                 msg = ("log", f"plexus: a message from the worker could not be read: {exc}")
-            for one in msg[1] if msg[0] == "batch" else (msg,):  # worker.Outbox coalesces messages
+            for one in _unbatched(msg):  # worker.Outbox coalesces messages
                 job = w.job
                 if one[0] == "end":
                     self._ended(w, one[1], float(one[2]), batch)
@@ -385,3 +386,17 @@ class LocalExecutor(Executor):
         with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
             loop.call_soon_threadsafe(run_callbacks, batch)
 
+
+
+def _unbatched(msg: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """The messages of one read: a worker.Outbox batch is a list of messages pickled one by one, so one that
+    cannot be read costs only itself (a log line), never the task's end beside it."""
+    if msg[0] != "batch":
+        return [msg]
+    out: list[tuple[Any, ...]] = []
+    for data in msg[1]:
+        try:
+            out.append(pickle.loads(data))
+        except Exception as exc:
+            out.append(("log", f"plexus: a message from the worker could not be read: {type(exc).__name__}: {exc}"))
+    return out

@@ -1,6 +1,7 @@
 """Several servers on one store: a RUNNING task's lease, and the outbox of events relayed between servers.
 
-`tasks.lease_expires_at` (core/leases.py) and `plexus_event_outbox` (core/relay.py). Idempotent: a store made
+`tasks.lease_expires_at` (core/leases.py) and `plexus_event_outbox` (core/relay.py); `plexus_meta.schema_version`
+becomes 2, which releases from before migrations refuse. Idempotent: a store made
 before migrations is completed from the current tables when it is adopted (migrations/__init__.py), so it
 may have both already when it reaches this revision.
 
@@ -43,7 +44,19 @@ def upgrade() -> None:
         op.create_index("ix_outbox_at", "plexus_event_outbox", ["at"], unique=False)
 
 
+    # Releases from before migrations read plexus_meta.schema_version and refuse a store newer than 1: this one
+    # claims without leases and relays nothing, so such a release must not run on it beside newer servers.
+    _set_schema_version("2")
+
+
+def _set_schema_version(value: str) -> None:
+    meta = sa.table("plexus_meta", sa.column("key"), sa.column("value"))
+    op.execute(sa.delete(meta).where(meta.c.key == "schema_version"))
+    op.bulk_insert(meta, [{"key": "schema_version", "value": value}])
+
+
 def downgrade() -> None:
+    _set_schema_version("1")
     op.drop_index("ix_outbox_at", table_name="plexus_event_outbox")
     op.drop_index("ix_outbox_txid", table_name="plexus_event_outbox")
     op.drop_table("plexus_event_outbox")

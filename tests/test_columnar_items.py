@@ -1,0 +1,259 @@
+"""Evaluation items as Parquet files beside the store (evaluations/item_files.py), end to end: a real server,
+the SDK client, real worker processes, the SQLite store and the files on disk."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import sqlalchemy as sa
+
+from plexus_mcp_jupyter.core.models import Task, TaskStatus
+from plexus_mcp_jupyter.core.retention import RetentionPolicy
+from plexus_mcp_jupyter.evaluations.item_files import ItemFiles
+from plexus_mcp_jupyter.evaluations.store import ItemFilter, items_table
+
+from .conftest import poll
+from .test_evaluations import all_results, create, finished, normalised
+
+LABELS = ("yes", "no", "maybe")
+
+
+def write_dataset(root: Path, rows: int, name: str = "items.csv") -> pd.DataFrame:
+    """Labels of three classes, predictions wrong on every 7th row and missing on every 50th."""
+    frame = pd.DataFrame(
+        {
+            "id": [f"r{i}" for i in range(rows)],
+            "text": [f"review {i % 40}" for i in range(rows)],
+            "label": [LABELS[i % 3] for i in range(rows)],
+            "prediction": [None if i % 50 == 0 else LABELS[(i + (i % 7 == 0)) % 3] for i in range(rows)],
+        }
+    )
+    frame.to_csv(root / name, index=False)
+    return frame
+
+
+def store_bytes(runtime) -> int:
+    """The SQLite store's logical size (pages in use, the WAL's included)."""
+    with runtime.store.engine.connect() as conn:
+        pages = conn.exec_driver_sql("PRAGMA page_count").scalar_one()
+        free = conn.exec_driver_sql("PRAGMA freelist_count").scalar_one()
+        size = conn.exec_driver_sql("PRAGMA page_size").scalar_one()
+    return int((pages - free) * size)
+
+
+def item_rows(runtime, evaluation_id: str) -> int:
+    with runtime.store.engine.connect() as conn:
+        query = sa.select(sa.func.count()).where(items_table.c.evaluation_id == evaluation_id)
+        return int(conn.execute(query).scalar_one())
+
+
+def files_of(runtime) -> ItemFiles:
+    files = runtime.evaluations.store.files
+    assert files is not None
+    return files
+
+
+async def slow_evaluation(client, files: ItemFiles, chunks: int) -> dict:
+    """An evaluation of a slow per-item scorer, once it has written `chunks` chunk files."""
+    started = await create(
+        client,
+        type="accuracy",
+        dataset="example:fraud",
+        label_column="label",
+        scorer="python:tests.scorer_functions:slow",
+        input_column="text",
+    )
+    await poll(lambda: files.chunks(started["evaluation_id"], "score"), lambda c: len(c) >= chunks, timeout=30)
+    return started
+
+
+async def test_items_land_in_parquet_files_and_the_store_keeps_a_manifest(mcp_client, runtime, jp_root_dir):
+    frame = write_dataset(jp_root_dir, 20_000)
+    before = store_bytes(runtime)
+    async with mcp_client() as client:
+        made = await create(
+            client,
+            type="accuracy",
+            dataset="items.csv",
+            label_column="label",
+            prediction_column="prediction",
+            id_column="id",
+        )
+        done = await finished(client, made["evaluation_id"])
+    assert done["status"] == "COMPLETED", done
+    evaluation_id = made["evaluation_id"]
+    files = files_of(runtime)
+    assert item_rows(runtime, evaluation_id) == 0  # no row per item in the database
+    manifest = runtime.evaluations.store.get(evaluation_id)["items_manifest"]
+    chunks = files.chunks(evaluation_id, "score")
+    assert manifest["format"] == "parquet" and manifest["path"] == str(files.directory(evaluation_id))
+    assert manifest["scores"] == {"score": {"chunks": len(chunks), "rows": 20_000}} and len(chunks) > 1
+    # Chunks cover the items once, in order, and hold what the results show.
+    assert [c[0] for c in chunks] == [0] + [c[1] for c in chunks[:-1]] and chunks[-1][1] == 20_000
+    table = pq.read_table(chunks[0][2])
+    assert table.column("item_id").to_pylist()[:3] == ["r0", "r1", "r2"]
+    # Store growth per item: the manifest and metrics only; the files a few bytes per item.
+    grown = store_bytes(runtime) - before
+    on_disk = files.size(evaluation_id)
+    assert grown / len(frame) < 4, grown
+    assert on_disk / len(frame) < 16, on_disk
+
+
+async def test_pages_and_filters_read_from_the_files_are_exact_across_pages(mcp_client, runtime, jp_root_dir):
+    frame = write_dataset(jp_root_dir, 3000)
+    scorecard = (
+        "name: two\ndataset: items.csv\ninput_column: text\nid_column: id\nlabel_column: label\nscores:\n"
+        "  - {name: first, scorer: 'column:prediction'}\n"
+        "  - {name: second, scorer: 'column:label'}\n"
+    )
+    async with mcp_client() as client:
+        made = await create(client, type="accuracy", scorecard=scorecard)
+        assert (await finished(client, made["evaluation_id"]))["status"] == "COMPLETED"
+        evaluation_id = made["evaluation_id"]
+        assert len(files_of(runtime).chunks(evaluation_id, "first")) > 1
+        every = await all_results(client, evaluation_id, score="first")
+        wrong = await all_results(client, evaluation_id, score="first", only_mismatches=True)
+        maybe = await all_results(client, evaluation_id, score="first", label=" MAYBE ")
+        maybe_wrong = await all_results(client, evaluation_id, score="first", label="maybe", only_mismatches=True)
+        second_wrong = await all_results(client, evaluation_id, score="second", only_mismatches=True)
+    expected_wrong = frame.index[normalised(frame["label"]) != normalised(frame["prediction"])].tolist()
+    assert [i["seq"] for i in every] == list(range(3000))  # each item exactly once, in dataset order
+    assert [i["item_id"] for i in every[:2]] == ["r0", "r1"] and every[1]["input"] == "review 1"
+    assert [i["seq"] for i in wrong] == expected_wrong and len(wrong) > 37
+    assert all(i["correct"] is not True for i in wrong)
+    assert every[0]["prediction"] is None and every[0]["correct"] is False  # a missing prediction: the "na" class
+    assert [i["seq"] for i in maybe] == frame.index[frame["label"] == "maybe"].tolist()
+    assert [i["seq"] for i in maybe_wrong] == [s for s in expected_wrong if frame["label"][s] == "maybe"]
+    assert second_wrong == []
+
+
+async def test_a_cancelled_evaluation_s_files_are_removed(mcp_client, runtime):
+    files = files_of(runtime)
+    async with mcp_client() as client:
+        started = await slow_evaluation(client, files, chunks=1)
+        evaluation_id = started["evaluation_id"]
+        await client.call_tool("cancel_tasks", {"task_ids": [started["task_id"]]})
+        done = await finished(client, evaluation_id)
+        pruned = await poll(
+            lambda: runtime.evaluations.get(evaluation_id), lambda e: e["items_pruned_at"] is not None, timeout=30
+        )
+    assert done["status"] == "CANCELLED" and pruned["status"] == "CANCELLED"
+    assert not files.directory(evaluation_id).exists()
+
+
+async def test_a_worker_killed_mid_write_leaves_its_complete_chunks_readable(mcp_client, runtime):
+    files = files_of(runtime)
+    async with mcp_client() as client:
+        started = await slow_evaluation(client, files, chunks=2)
+        evaluation_id, task_id = started["evaluation_id"], started["task_id"]
+        pid = runtime.executor.pid(task_id)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        done = await finished(client, evaluation_id)
+        assert done["status"] == "FAILED", done
+        # A chunk being written when the worker died is a hidden temporary file: never read.
+        folder = files.chunks(evaluation_id, "score")[0][2].parent
+        (folder / ".chunk-000000999999-000001000000.parquet.dead.tmp").write_bytes(b"PAR1 half a chunk")
+        written = files.count(evaluation_id, "score")
+        items = await all_results(client, evaluation_id)
+    assert written > 0 and [i["seq"] for i in items] == list(range(written))
+
+
+async def test_rows_of_an_evaluation_from_before_the_files_stay_readable(mcp_client, runtime):
+    store = runtime.evaluations.store
+    runtime.store.create_task(
+        Task(id="t-rows", type="evaluation", status=TaskStatus.COMPLETED, completed_at=time.time())
+    )
+    store.create(
+        {
+            "id": "e-rows",
+            "task_id": "t-rows",
+            "type": "accuracy",
+            "owner": None,
+            "dataset": "example:sentiment",
+            "definition": {"scores": [{"name": "score"}]},
+            "created_at": time.time(),
+        }
+    )
+    store.add_items(
+        "e-rows",
+        "score",
+        [(i, str(i), "x", "A", "a", "a" if i % 3 else "b", i % 3 != 0, None, None) for i in range(100)],
+    )
+    async with mcp_client() as client:
+        every = await all_results(client, "e-rows")
+        wrong = await all_results(client, "e-rows", only_mismatches=True, label="a")
+    assert [i["seq"] for i in every] == list(range(100)) and every[0]["label"] == "A"
+    assert [i["seq"] for i in wrong] == list(range(0, 100, 3))
+
+
+async def test_retention_removes_an_expired_evaluation_s_files(mcp_client, runtime):
+    files = files_of(runtime)
+    async with mcp_client() as client:
+        made = await create(
+            client, type="accuracy", dataset="example:sentiment", label_column="label", prediction_column="prediction"
+        )
+        assert (await finished(client, made["evaluation_id"]))["status"] == "COMPLETED"
+    folder = files.directory(made["evaluation_id"])
+    assert files.chunks(made["evaluation_id"], "score")
+    runtime.manager.configure_retention(RetentionPolicy(by_type={"evaluation": 0.5}), interval=0.2)
+    await poll(lambda: folder.exists(), lambda exists: not exists, timeout=15)
+    assert runtime.store.tombstone(made["task_id"]) is not None
+
+
+def test_a_re_run_starts_from_no_files_and_a_late_chunk_after_clean_up_lands_nowhere(tmp_path):
+    from plexus_mcp_jupyter.core.store import Store
+    from plexus_mcp_jupyter.evaluations.store import EvaluationStore
+
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    try:
+        files = ItemFiles(tmp_path / "items")
+        evaluations = EvaluationStore(store.engine, files)
+        store.create_task(Task(id="t", type="evaluation", status=TaskStatus.RUNNING))
+        evaluations.create(
+            {
+                "id": "e",
+                "task_id": "t",
+                "type": "accuracy",
+                "owner": None,
+                "dataset": "x.csv",
+                "definition": {"scores": [{"name": "s"}]},
+                "created_at": time.time(),
+            }
+        )
+
+        def chunk(start: int, n: int) -> dict:
+            return {
+                "seq": list(range(start, start + n)),
+                "item_id": [str(i) for i in range(n)],
+                "input": [None] * n,
+                "label": ["a"] * n,
+                "label_class": ["a"] * n,
+                "prediction": ["b"] * n,
+                "correct": [False] * n,
+                "explanation": [None] * n,
+                "error": [None] * n,
+            }
+
+        evaluations.reset("e")  # a run begins
+        evaluations.add_chunk("e", "s", 0, chunk(0, 10))
+        evaluations.add_chunk("e", "s", 10, chunk(10, 5))
+        assert evaluations.count_items("e", "s") == 15
+        evaluations.reset("e")  # a re-run (a re-queued task after a crash): nothing of the first run is left
+        assert evaluations.count_items("e", "s") == 0 and files.directory("e").is_dir()
+        evaluations.add_chunk("e", "s", 0, chunk(0, 4))
+        manifest = evaluations.get("e")["items_manifest"]
+        page, _ = evaluations.items("e", ItemFilter(score="s"), limit=10, manifest=manifest)
+        assert [i["seq"] for i in page] == [0, 1, 2, 3]
+        assert evaluations.remove_files("e") and not files.directory("e").exists()  # a cancel's clean-up
+        with pytest.raises(FileNotFoundError):  # the worker's next chunk does not re-create the directory
+            evaluations.add_chunk("e", "s", 4, chunk(4, 4))
+        assert not files.directory("e").exists()
+    finally:
+        store.close()
