@@ -27,7 +27,7 @@ from .events import Event, EventBus
 from .executors.base import Executor
 from .models import FINAL_STATUSES, ProgressSample, Stage, StageStatus, Task, TaskStatus, iso, now, parse_iso
 from .progress import ProgressDecision, ProgressTracker
-from .queue import FAIRNESS_MODES, FairClock, QueuedInfo, QueuePolicy, weight
+from .queue import FAIRNESS_MODES, FairClock, Group, QueuedInfo, QueuePolicy, QueueWindow, weight
 from .queue import plan as queue_plan
 from .retention import RetentionPolicy, RetentionPruner, expired_message
 from .store import KEY_OWNER_PREFIX, ProgressWrite, Store, TaskFilter, decode_cursor, encode_cursor, owner_visible
@@ -41,6 +41,7 @@ FINISHED_CACHE_SIZE = 1024
 HISTORY_MAX = 1000  # most progress samples one read returns
 RECOVERY_EVERY = 10  # maintenance ticks between checks for tasks of servers that died
 SCHEDULE_WINDOW = 200  # most queued tasks one scheduling pass reads
+WINDOW_SPARE = 32  # tasks per group a read takes beyond a pass's need, for the next passes (QueueWindow)
 QUEUE_LOOKAHEAD = 200  # most queued tasks whose exact position get_task computes (beyond: by priority and age)
 DURATIONS_KEPT = 20  # recent run times per task type behind estimated starts
 HOST = os.uname().nodename if hasattr(os, "uname") else "localhost"
@@ -149,6 +150,7 @@ class TaskManager:
         self._schedule_pending = False
         self._queue_empty = False  # the last read of the queue found nothing left to start
         self._queue_version = 0  # counts the changes that may have queued tasks (`_queue_changed`)
+        self._window: QueueWindow | None = None  # the queue's head as the last read saw it, less what started
         # Writes of running tasks gathered during one turn of the loop, committed together (_flush).
         self._pending: dict[str, _PendingWrite] = {}
         self._flush_scheduled = False
@@ -837,6 +839,7 @@ class TaskManager:
         """Tasks may have been queued: the queue is no longer known to be empty (see `_schedule_soon`)."""
         self._queue_empty = False
         self._queue_version += 1
+        self._window = None
 
     def _schedule_soon(self, *, slot_freed: bool = False) -> None:
         """Run the scheduler once the current work is done. `slot_freed`: only a slot came free (a task ended),
@@ -877,21 +880,34 @@ class TaskManager:
             return
         policy = self._policy()
         running = self._running_tasks()
-        self._start_claimed(policy, *self._read_plan_claim(policy, running, self._fair), exhausted=True)
+        self._start_claimed(policy, *self._read_plan_claim(policy, running, self._fair, self._window_view(policy),
+                                                           self._queue_version), exhausted=True)
 
-    def _read_plan_claim(self, policy: QueuePolicy, running: list[Task], clock: FairClock
-                         ) -> tuple[list[Task], dict[tuple[int, str | None], int], list[Task], set[str], float]:
+    def _window_view(self, policy: QueuePolicy) -> tuple[list[Task], dict[Group, int]] | None:
+        """What the last read of the queue still shows, if it is still the queue's head (QueueWindow)."""
+        window = self._window
+        if window is None or window.version != self._queue_version:
+            return None
+        return window.view(_pass_head(policy))
+
+    def _read_plan_claim(self, policy: QueuePolicy, running: list[Task], clock: FairClock,
+                         view: tuple[list[Task], dict[Group, int]] | None, version: int
+                         ) -> tuple[QueueWindow | None, list[Task], dict[Group, int], list[Task], set[str], float]:
         """A scheduling pass's store work and plan (any thread: it reads only its arguments and the store): the
-        queue's head, what starts, and which of those this server won the claim of (one transaction)."""
-        # At most slots+1 tasks per owner and priority: enough for any owner's share of one pass, so one
-        # owner's flood never hides the next owner's work, and the read stays bounded.
-        window, cut = self.store.queue_window(per_owner=policy.capacity.get("slots", 0) + 1, limit=SCHEDULE_WINDOW)
+        queue's head (`view`, else a read of the store, returned to be kept), what starts, and which of those
+        this server won the claim of (one transaction)."""
+        read = None
+        if view is None:
+            tasks, cut = self.store.queue_window(per_owner=_pass_head(policy) + WINDOW_SPARE, limit=SCHEDULE_WINDOW)
+            read = QueueWindow(version, tasks, cut)
+            view = read.view(_pass_head(policy)) or (tasks, cut)
+        window, cut = view
         starts = queue_plan(window, running, policy, clock=clock).starts
         started_at = now()
         won = (self.store.claim_many([t.id for t in starts], worker=self.server_id, started_at=started_at,
                                      lease_expires_at=self._lease_end(started_at))
                if starts else set())
-        return window, cut, starts, won, started_at
+        return read, window, cut, starts, won, started_at
 
     async def _schedule_off_loop(self) -> None:
         """`_schedule` on a networked store: read, plan and claim on the writer thread (one hop, with a copy of
@@ -901,14 +917,14 @@ class TaskManager:
         try:
             policy = self._policy()
             running = self._running_tasks()
-            window, cut, starts, won, started_at = await self._write(
-                self._read_plan_claim, policy, running, self._fair.copy())
+            read, window, cut, starts, won, started_at = await self._write(
+                self._read_plan_claim, policy, running, self._fair.copy(), self._window_view(policy), version)
             if self._stopping:  # claimed for nothing: back to the queue, for the next server
                 for task_id in won:
                     await self._write(self.store.requeue, task_id)
                 return
             # Tasks queued while the pass ran were not in its window: the queue is not known to be empty.
-            self._start_claimed(policy, window, cut, starts, won, started_at,
+            self._start_claimed(policy, read, window, cut, starts, won, started_at,
                                 exhausted=self._queue_version == version)
         except Exception as exc:
             unavailable = store_unavailable(exc)
@@ -922,8 +938,12 @@ class TaskManager:
                 self._schedule_pending = False
                 self._schedule()
 
-    def _start_claimed(self, policy: QueuePolicy, window: list[Task], cut: Mapping[Any, int], starts: list[Task],
-                       won: set[str], started_at: float, *, exhausted: bool) -> None:
+    def _start_claimed(self, policy: QueuePolicy, read: QueueWindow | None, window: list[Task], cut: Mapping[Any, int],
+                       starts: list[Task], won: set[str], started_at: float, *, exhausted: bool) -> None:
+        if read is not None:
+            self._window = read
+        if self._window is not None:
+            self._window.taken({task.id for task in starts})  # a task not won makes the window stale (below)
         started = 0
         for task in starts:
             if task.id not in won:
@@ -1340,3 +1360,9 @@ def _owner_gone(worker: str | None, own_instance: str, lease_expires_at: float |
     except PermissionError:
         return False
     return False
+
+
+def _pass_head(policy: QueuePolicy) -> int:
+    """Tasks per (priority, owner) group a scheduling pass looks at: slots+1, enough for any owner's share of one
+    pass, so one owner's flood never hides the next owner's work, and the plan stays small."""
+    return policy.capacity.get("slots", 0) + 1

@@ -264,3 +264,49 @@ def _estimated_starts(
             counter += 1
             heapq.heappush(releases, (clock + duration, counter, needs))
     return out
+
+
+Group = tuple[int, str | None]  # (priority, owner): the unit the queue's read takes heads of
+
+
+class QueueWindow:
+    """The head of the queue as one read of the store saw it, kept between scheduling passes.
+
+    A pass needs the first `head` tasks of each (priority, owner) group (see `TaskManager._read_plan_claim`).
+    Reading them costs a query per group plus one, and a busy server passes once per task that ends, so the
+    manager reads deeper than a pass needs and serves later passes from what is left (`view`), until the
+    queue may have changed (`version`: the manager counts what can queue a task, and its maintenance tick
+    counts tasks other servers may have queued) or a group whose tail was not read shows fewer than `head`
+    tasks. What a view holds is exactly what a fresh read would return then; a task in it that was taken
+    meanwhile (cancelled, claimed by another server) fails its conditional claim, which counts as a change.
+    """
+
+    __slots__ = ("_cut", "_tasks", "version")
+
+    def __init__(self, version: int, tasks: list[Task], cut: Mapping[Group, int]) -> None:
+        self.version = version
+        self._tasks = tasks  # by priority, then age (Store.queue_window's order)
+        self._cut = dict(cut)  # group -> queued tasks the read did not return
+
+    def view(self, head: int) -> tuple[list[Task], dict[Group, int]] | None:
+        """The first `head` tasks of each group and, per group, how many more are queued; None when a group
+        with unread tasks shows fewer than `head` (read again)."""
+        shown: dict[Group, int] = {}
+        left: dict[Group, int] = {}
+        tasks: list[Task] = []
+        for task in self._tasks:
+            group = (task.priority, task.owner)
+            if shown.get(group, 0) < head:
+                shown[group] = shown.get(group, 0) + 1
+                tasks.append(task)
+            else:
+                left[group] = left.get(group, 0) + 1
+        if any(shown.get(group, 0) < head for group, unread in self._cut.items() if unread):
+            return None
+        cut = {group: left.get(group, 0) + self._cut.get(group, 0) for group in left.keys() | self._cut.keys()}
+        return tasks, {group: n for group, n in cut.items() if n}
+
+    def taken(self, ids: set[str]) -> None:
+        """Drop the tasks a pass started."""
+        if ids:
+            self._tasks = [task for task in self._tasks if task.id not in ids]

@@ -523,15 +523,20 @@ class Store:
                    lease_expires_at: float | None = None) -> set[str]:
         """`claim` for the starts of one scheduling pass, in one transaction (a commit costs more than the
         updates); returns the ids this call moved to RUNNING (another server may have taken the others)."""
-        statement = _CLAIM_SKIP_LOCKED if self.engine.dialect.name == "postgresql" else _CLAIM
-        won: set[str] = set()
+        if not task_ids:
+            return set()
+        rows = [{"b_id": task_id, "b_worker": worker, "b_started_at": started_at, "b_lease": lease_expires_at}
+                for task_id in task_ids]
         with self.engine.begin() as conn:
-            for task_id in task_ids:
-                params = {"b_id": task_id, "b_worker": worker, "b_started_at": started_at,
-                          "b_lease": lease_expires_at}
-                if conn.execute(statement, params).rowcount == 1:
-                    won.add(task_id)
-        return won
+            if self.engine.dialect.name == "postgresql":
+                return {row["b_id"] for row in rows if conn.execute(_CLAIM_SKIP_LOCKED, row).rowcount == 1}
+            # SQLite: one statement for all (its rowcount is the sum); when some were taken meanwhile, the rows
+            # this transaction claimed are the ones that now carry its worker and start time.
+            if conn.execute(_CLAIM, rows).rowcount == len(rows):
+                return set(task_ids)
+            t = tasks_table
+            return set(conn.execute(sa.select(t.c.id).where(t.c.id.in_(task_ids), t.c.worker == worker,
+                                                            t.c.started_at == started_at)).scalars())
 
     # -- leases (core/leases.py) ---------------------------------------------------------------
 

@@ -1,0 +1,87 @@
+"""The scheduler's kept window of the queue (core/queue.py QueueWindow) and the claim of one pass's starts in one
+statement (Store.claim_many): what a view shows is what a fresh read would, and a claim never wins a task that
+another claimed or cancelled meanwhile."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from plexus_mcp_jupyter.core.models import Task, TaskStatus
+from plexus_mcp_jupyter.core.queue import QueueWindow
+from plexus_mcp_jupyter.core.store import Store
+
+
+def queued(n: int, owner: str | None = None, priority: int = 0, base: float | None = None) -> list[Task]:
+    base = time.time() if base is None else base
+    return [Task(id=uuid.uuid4().hex, type="demo", status=TaskStatus.QUEUED, owner=owner, priority=priority,
+                 created_at=base + i * 1e-3) for i in range(n)]
+
+
+def read(store: Store, head: int, spare: int) -> QueueWindow:
+    tasks, cut = store.queue_window(per_owner=head + spare, limit=200)
+    return QueueWindow(0, tasks, cut)
+
+
+def test_a_view_is_what_a_fresh_read_would_return_until_a_group_with_unread_tasks_runs_short(tmp_path):
+    store = Store(f"sqlite:///{tmp_path}/s.db")
+    try:
+        store.create_tasks(queued(40, owner="a") + queued(3, owner="b") + queued(2, owner="c", priority=5))
+        window = read(store, head=3, spare=6)  # 9 of a's 40, all of b's and c's
+        taken: list[Task] = []
+        while (view := window.view(3)) is not None:
+            fresh = store.queue_window(per_owner=3, limit=200)
+            assert [t.id for t in view[0]] == [t.id for t in fresh[0]]
+            assert view[1] == fresh[1]  # how many each group has beyond what is shown
+            first = view[0][0]
+            assert store.claim_many([first.id], worker="w", started_at=time.time()) == {first.id}
+            window.taken({first.id})
+            taken.append(first)
+        # c's tasks went first (priority), then a's and b's by age, until 2 of the 9 of a's read were left: fewer
+        # than a pass looks at while 31 more were never read, so the window asks for a new read
+        assert [t.owner for t in taken[:2]] == ["c", "c"] and sum(t.owner == "a" for t in taken) == 7
+        left = store.queue_window(per_owner=100, limit=200)[0]
+        assert len(left) == 45 - len(taken) and "c" not in {t.owner for t in left}
+    finally:
+        store.close()
+
+
+def test_a_window_of_a_whole_queue_serves_every_task(tmp_path):
+    store = Store(f"sqlite:///{tmp_path}/s.db")
+    try:
+        store.create_tasks(queued(5, owner="a"))
+        window = read(store, head=2, spare=8)
+        seen = []
+        while (view := window.view(2)) is not None and view[0]:
+            seen.append(view[0][0].id)
+            window.taken({view[0][0].id})
+        assert len(seen) == 5 and window.view(2) == ([], {})
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("taken", ["claimed", "cancelled"])
+def test_a_claim_of_many_wins_only_the_tasks_still_queued(tmp_path, taken):
+    store = Store(f"sqlite:///{tmp_path}/s.db")
+    other = Store(f"sqlite:///{tmp_path}/s.db")
+    try:
+        tasks = queued(6)
+        store.create_tasks(tasks)
+        gone = {tasks[1].id, tasks[4].id}
+        for task_id in gone:
+            if taken == "claimed":  # by another server, through its own pool
+                assert other.claim_many([task_id], worker="other", started_at=time.time()) == {task_id}
+            else:
+                assert other.update_queued([task_id], status=TaskStatus.CANCELLED.value) == [task_id]
+        ids = [t.id for t in tasks]
+        won = store.claim_many(ids, worker="me", started_at=time.time())
+        assert won == set(ids) - gone
+        assert store.claim_many(ids, worker="me", started_at=time.time()) == set()  # nothing left to win
+        for task_id in ids:
+            row = store.get_task(task_id)
+            assert (row.worker == "me") == (task_id in won)
+    finally:
+        store.close()
+        other.close()
