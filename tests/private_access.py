@@ -15,6 +15,7 @@ made once, in review.
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import inspect
 import re
@@ -67,10 +68,8 @@ def foreign_private_names() -> frozenset[str]:
 def _foreign_attributes(cls: type) -> frozenset[str]:
     """The private names a foreign class defines or sets on its instances."""
     names = {name for name in vars(cls) if _private(name)}
-    try:
+    with contextlib.suppress(OSError, TypeError):  # no source (a builtin): its __dict__ is all there is
         names.update(_SELF_NAME.findall(inspect.getsource(cls)))
-    except (OSError, TypeError):
-        pass
     return frozenset(names)
 
 
@@ -109,7 +108,7 @@ class _Checker(ast.NodeVisitor):
         bases = []
         for base in node.bases:
             try:
-                value = eval(compile(ast.Expression(base), self.path, "eval"), self.namespace)  # noqa: S307
+                value = eval(compile(ast.Expression(base), self.path, "eval"), self.namespace)
             except Exception:  # a base that cannot be evaluated here (a generic alias...) is not a class we know
                 continue
             if isinstance(value, type):
