@@ -29,15 +29,21 @@ ADAPTERS = ("endpoint/sdk_compat.py", "handlers/jupyter_compat.py")
 
 # Private names of our own that foreign code happens to use too, on objects of ours. Each is checked by hand:
 # the object it is read on (or the class it is set in) is ours, not a foreign one.
-OWN_SHARED_NAMES: frozenset[str] = frozenset({
-    "_subscriptions",  # core/events.py: EventBus's own subscription table
-    "_send",  # handlers/events.py: EventsSocket's own sender (tornado's WebSocketHandler has none)
-})
+OWN_SHARED_NAMES: frozenset[str] = frozenset(
+    {
+        "_subscriptions",  # core/events.py: EventBus's own subscription table
+        "_send",  # handlers/events.py: EventsSocket's own sender (tornado's WebSocketHandler has none)
+    }
+)
 # Names foreign packages document as hooks for extensions to define, underscore and all.
-DOCUMENTED_HOOKS = frozenset({
-    "_start_jupyter_server_extension",  # ExtensionApp: "Override this method (no need to call super())"
-    "_load_jupyter_server_extension", "_jupyter_server_extension_points", "_jupyter_labextension_paths",
-})
+DOCUMENTED_HOOKS = frozenset(
+    {
+        "_start_jupyter_server_extension",  # ExtensionApp: "Override this method (no need to call super())"
+        "_load_jupyter_server_extension",
+        "_jupyter_server_extension_points",
+        "_jupyter_labextension_paths",
+    }
+)
 
 _FOREIGN_NAME = re.compile(r"\.(_[A-Za-z]\w*)|def (_[A-Za-z]\w*)|^\s+(_[A-Za-z]\w*)\s*[:=]", re.M)
 _SELF_NAME = re.compile(r"\bself\.(_[A-Za-z]\w*)")
@@ -136,7 +142,8 @@ class _Checker(ast.NodeVisitor):
         name = node.attr
         receiver = node.value
         on_self = (isinstance(receiver, ast.Name) and receiver.id in ("self", "cls")) or (
-            isinstance(receiver, ast.Call) and isinstance(receiver.func, ast.Name) and receiver.func.id == "super")
+            isinstance(receiver, ast.Call) and isinstance(receiver.func, ast.Name) and receiver.func.id == "super"
+        )
         if not _private(name) or name in DOCUMENTED_HOOKS:
             pass
         elif on_self and self.classes:
@@ -161,10 +168,16 @@ class _Checker(ast.NodeVisitor):
 
     def visit_Call(self, node: ast.Call) -> None:
         func = node.func
-        if (isinstance(func, ast.Name) and func.id in ("getattr", "setattr", "hasattr", "delattr")
-                and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)
-                and isinstance(node.args[1].value, str) and _private(node.args[1].value)
-                and node.args[1].value in self.foreign and node.args[1].value not in OWN_SHARED_NAMES):
+        if (
+            isinstance(func, ast.Name)
+            and func.id in ("getattr", "setattr", "hasattr", "delattr")
+            and len(node.args) >= 2
+            and isinstance(node.args[1], ast.Constant)
+            and isinstance(node.args[1].value, str)
+            and _private(node.args[1].value)
+            and node.args[1].value in self.foreign
+            and node.args[1].value not in OWN_SHARED_NAMES
+        ):
             self.report(node, f"{func.id}(..., {node.args[1].value!r}): private to mcp/jupyter_server/tornado")
         self.generic_visit(node)
 
