@@ -16,6 +16,7 @@ from typing import Any
 
 from tornado import web
 from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
 
 from .endpoint.transport import MCPBridge
 from .runtime import PlexusRuntime
@@ -28,6 +29,7 @@ from .security.http import (
     host_name,
     jsonrpc_error,
     origin_allowed,
+    reason_phrase,
     record_request,
     set_retry_after,
 )
@@ -80,7 +82,7 @@ class _StandaloneHandler(web.RequestHandler):
             record_request(self.runtime, self.principal, self.request, status, "denied")
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        message = error_message(kwargs.get("exc_info", (None, None, None))[1], self._reason)
+        message = error_message(kwargs.get("exc_info", (None, None, None))[1], reason_phrase(status_code, kwargs))
         if status_code == 401:
             self.set_header("WWW-Authenticate", 'Bearer realm="plexus"')
         set_retry_after(self, kwargs.get("exc_info", (None, None, None))[1])
@@ -192,9 +194,10 @@ async def serve_http(
     app = make_app(runtime, token, allowed_origins, loopback=host in LOOPBACK_HOSTS)
     server = HTTPServer(app, ssl_options=ssl_ctx, xheaders=False)
     ConnectionGuard.from_settings(runtime.settings).install(server)
-    server.listen(port, host)
+    sockets = bind_sockets(port, host)
+    server.add_sockets(sockets)
     scheme = "https" if ssl_ctx else "http"
-    actual_port = next(iter(server._sockets.values())).getsockname()[1]
+    actual_port = sockets[0].getsockname()[1]
     url = f"{scheme}://{'localhost' if host in ('127.0.0.1', 'localhost') else host}:{actual_port}/mcp"
     print(f"Plexus MCP endpoint: {url}", file=sys.stderr)
     if token_generated:

@@ -8,15 +8,12 @@ Jupyter extension and `plexus mcp serve --transport http`) share the endpoint, s
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 from typing import Any
 
 import httpx2
 import pytest
 from mcp import MCPError
-from mcp.server.lowlevel import Server
-from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 
 from plexus_mcp_jupyter.core import Store
 from plexus_mcp_jupyter.security.keys import KeyStore
@@ -241,24 +238,3 @@ async def test_the_standalone_server_caps_and_binds_sessions_too(tmp_path):
             assert listed.status_code == 200
     finally:
         stop(proc)
-
-
-# -- the adapter's hold on the SDK ---------------------------------------------------------------------------
-
-
-def test_the_sdk_still_has_the_session_hooks_the_adapter_overrides():
-    """plexus_mcp_jupyter/endpoint/sessions.py overrides two private methods of the SDK's session manager and
-    reads its session table.
-
-    If this fails, the SDK renamed or changed them: the per-key session cap, the room kept for admins, ending
-    a revoked key's sessions and the session count of health no longer work (sessions are still bound to their
-    opener, which uses the SDK's public `scope["user"]`).
-    """
-    manager = StreamableHTTPSessionManager(app=Server("probe"))
-    assert manager._server_instances == {}
-    admit = inspect.signature(StreamableHTTPSessionManager._admit_session)
-    discard = inspect.signature(StreamableHTTPSessionManager._discard_session)
-    assert list(admit.parameters) == ["self", "requestor"]
-    assert list(discard.parameters) == ["self", "session_id", "transport"]
-    assert inspect.iscoroutinefunction(StreamableHTTPSessionManager._discard_session)
-    assert not inspect.iscoroutinefunction(StreamableHTTPSessionManager._admit_session)

@@ -27,6 +27,7 @@ from ..evaluations.store import EvaluationStatus, evaluations_table
 from ..security.identity import Principal
 from .principal import principal_of
 from .prompts import PROMPT_ARGUMENT_KINDS
+from .sdk_compat import lowlevel_server
 
 MAX_VALUES = 20  # values one answer carries (the protocol allows 100; a menu shows far fewer)
 ID_CANDIDATES = 100  # ids fetched per prefix, newest first: enough to rank, bounded whatever the store holds
@@ -170,5 +171,5 @@ def install_completion(server: MCPServer, manager: TaskManager, evaluations: Eva
     async def on_complete(ctx: Any, params: CompleteRequestParams) -> CompleteResult:
         return CompleteResult(completion=await completer.complete(principal_of(ctx), params))
 
-    server._lowlevel_server.add_request_handler("completion/complete", CompleteRequestParams, on_complete)
+    lowlevel_server(server).add_request_handler("completion/complete", CompleteRequestParams, on_complete)
     return completer

@@ -1,7 +1,7 @@
 """The caller of the MCP request being served, for tools, resources and task methods alike.
 
-The HTTP handler authenticates and puts the Principal on the ASGI scope; PlexusMCPServer sets it as the
-current principal around each tool call, resource read and listing. Over stdio there is no scope: the
+The HTTP handler authenticates and puts the Principal on the ASGI scope; a server middleware (server.py,
+`as_the_caller`) makes it the current principal for every request. Over stdio there is no scope: the
 caller is whoever started the process (an admin).
 """
 

@@ -1,4 +1,17 @@
-"""Where Plexus leans on the `mcp` SDK's internals, one adapter per need, each with a contract test.
+"""Where Plexus leans on the `mcp` SDK's internals: the only module that may, one named adapter per need.
+
+Everything else in the package uses the SDK's public surface (tests/test_compat_contracts.py checks it, and
+checks each adapter's assumption against the installed SDK, so a release that changes one fails there with
+the adapter's name rather than somewhere in auth or tool listing). docs/architecture.md lists the adapters
+with the upstream change that would retire each.
+
+- `lowlevel_server(server)`: `MCPServer._lowlevel_server`, the low-level `Server` behind MCPServer, for the
+  request handlers MCPServer has no decorator for (`logging/setLevel`, `resources/subscribe`,
+  `subscriptions/listen` of our own) and for the session manager we build ourselves.
+- `connection_of(session)`: `ServerSession._connection`, the connection-scoped object behind the per-request
+  session (what resource subscriptions and log levels belong to).
+- `AdmittingSessionManager`: the session manager's admission and discard points and its session table.
+- `PerRequestTransport`: the transport's response mode chosen per request (below).
 
 **A response shape per request.** Streamable HTTP lets a server answer each POST either as an SSE stream
 or as one JSON body. The SDK chooses once per server (`json_response`), and its JSON mode drops every
@@ -27,11 +40,16 @@ from __future__ import annotations
 import contextvars
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from mcp.server.auth.middleware.bearer_auth import AuthorizationContext
+from mcp.server.lowlevel import Server
+from mcp.server.mcpserver import MCPServer
+from mcp.server.session import ServerSession
 from mcp.server.streamable_http import StreamableHTTPServerTransport
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 
 _JSON_RESPONSE: contextvars.ContextVar[bool] = contextvars.ContextVar("plexus_json_response", default=False)
 
@@ -107,3 +125,66 @@ def per_request_transport(transport: StreamableHTTPServerTransport) -> Streamabl
     """Give a transport the SDK's session manager just made the per-request mode (same object, same state)."""
     transport.__class__ = PerRequestTransport
     return transport
+
+
+def lowlevel_server(server: MCPServer) -> Server[Any]:
+    """The low-level `Server` an MCPServer serves through (`MCPServer._lowlevel_server`, set in its constructor).
+
+    Relies on: the attribute, holding the `mcp.server.lowlevel.Server` whose `add_request_handler`,
+    `get_request_handler` and `get_tool_input_schema` are public.
+    """
+    return server._lowlevel_server  # type: ignore[no-any-return]
+
+
+def connection_of(session: ServerSession) -> Any:
+    """The connection behind a per-request `ServerSession` (`ServerSession._connection`): one per MCP session,
+    living as long as it, with `state` (a dict), `exit_stack`, `notify()` and `protocol_version`.
+
+    The per-request session does not outlive its request, so what belongs to the MCP session (resource
+    subscriptions, the logging level, task status notifications) is keyed on this object.
+    """
+    return session._connection
+
+
+class AdmittingSessionManager(StreamableHTTPSessionManager):
+    """The SDK's session manager with public-named admission hooks over its private admission points.
+
+    Relies on: `_admit_session(requestor)` registering a new session synchronously (under the manager's
+    creation lock) and returning its transport, or None at `max_sessions`; `_discard_session(session_id,
+    transport)` called whichever way a session ends (DELETE, idle timeout, crash, a refused opening
+    request), possibly twice; and `_server_instances`, the table of open sessions by id.
+    Subclasses override `check_admission`, `session_opened` and `session_closed`.
+    """
+
+    def check_admission(self, requestor: AuthorizationContext | None) -> None:
+        """Raise to refuse a new session to `requestor` (nothing has been sent yet)."""
+
+    def session_opened(self, session_id: str, requestor: AuthorizationContext | None) -> None:
+        """A session was admitted (called under the creation lock, right after `check_admission`)."""
+
+    def session_closed(self, session_id: str) -> None:
+        """A session ended (called once or twice per session: make it idempotent)."""
+
+    @property
+    def session_count(self) -> int:
+        """Sessions open now."""
+        return len(self._server_instances)
+
+    def end_session(self, session_id: str) -> Coroutine[Any, Any, None] | None:
+        """End a session now: the coroutine to run (None when it is already gone). Its id answers 404 at once
+        when the coroutine starts; its streams close."""
+        transport = self._server_instances.get(session_id)
+        return None if transport is None else self._discard_session(session_id, transport)
+
+    def _admit_session(self, requestor: AuthorizationContext | None) -> StreamableHTTPServerTransport | None:
+        self.check_admission(requestor)
+        transport = super()._admit_session(requestor)
+        if transport is not None:
+            per_request_transport(transport)
+            if transport.mcp_session_id is not None:
+                self.session_opened(transport.mcp_session_id, requestor)
+        return transport
+
+    async def _discard_session(self, session_id: str, transport: StreamableHTTPServerTransport) -> None:
+        self.session_closed(session_id)
+        await super()._discard_session(session_id, transport)

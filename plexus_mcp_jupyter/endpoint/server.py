@@ -7,6 +7,7 @@ import logging
 import time
 from typing import Any
 
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 from mcp.shared.exceptions import MCPError
@@ -28,9 +29,10 @@ from .evaluation_tools import evaluation_outcome, register_evaluation_tools
 from .principal import acting_as, current_principal, principal_of
 from .prompts import register_prompts
 from .resources import register_metrics_resource, register_resources
+from .sdk_compat import lowlevel_server
 from .subscriptions import ResourceWatch, install_subscriptions
 from .task_logs import TaskLogs, install_logging
-from .tasks_ext import PlexusTasks, install_task_capability
+from .tasks_ext import PlexusTasks
 from .tools import TASK_TOOLS, outcome_result, register_tools, short
 
 INSTRUCTIONS = (
@@ -40,6 +42,26 @@ INSTRUCTIONS = (
     "retry_tasks and set_task_priority take ids or a filter, with dry_run to count first. Lists are paginated: "
     "pass next_cursor back as cursor."
 )
+
+
+async def as_the_caller(ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
+    """Server middleware: each request runs as its caller, and a listing shows only what the caller may use.
+
+    Tools, resources and task methods read the caller with current_principal(). A key sees only the tools its
+    role may call, and the audit log's template only when it may read the log. The results filtered here
+    are the wire form the SDK's handlers produced (`tools`, `resourceTemplates`).
+    """
+    principal = principal_of(ctx)
+    with acting_as(principal):
+        result = await call_next(ctx)
+    if not isinstance(result, dict):
+        return result
+    if ctx.method == "tools/list" and not principal.is_admin:
+        result["tools"] = [t for t in result.get("tools", ()) if principal.may_call(t.get("name"))]
+    elif ctx.method == "resources/templates/list" and not principal.may("audit"):
+        result["resourceTemplates"] = [t for t in result.get("resourceTemplates", ())
+                                       if not str(t.get("uriTemplate", "")).startswith("plexus://audit")]
+    return result
 
 
 class PlexusMCPServer(MCPServer):
@@ -58,28 +80,6 @@ class PlexusMCPServer(MCPServer):
             if tool.name in self.task_tools:  # 2025-11-25: these may be called as tasks (the 2026 era drops it)
                 tool.execution = ToolExecution(task_support="optional")
         return tools
-
-    async def _handle_list_tools(self, ctx: Any, params: Any) -> Any:
-        result = await super()._handle_list_tools(ctx, params)
-        principal = principal_of(ctx)
-        if not principal.is_admin:  # a key sees only the tools its role may call
-            result.tools = [t for t in result.tools if principal.may_call(t.name)]
-        return result
-
-    async def _handle_call_tool(self, ctx: Any, params: Any) -> Any:
-        with acting_as(principal_of(ctx)):
-            return await super()._handle_call_tool(ctx, params)
-
-    async def _handle_list_resource_templates(self, ctx: Any, params: Any) -> Any:
-        result = await super()._handle_list_resource_templates(ctx, params)
-        if not principal_of(ctx).may("audit"):  # what a caller may not read is not advertised to it
-            result.resource_templates = [t for t in result.resource_templates
-                                         if not t.uri_template.startswith("plexus://audit")]
-        return result
-
-    async def _handle_read_resource(self, ctx: Any, params: Any) -> Any:
-        with acting_as(principal_of(ctx)):
-            return await super()._handle_read_resource(ctx, params)
 
     audit: AuditLog | None = None
 
@@ -112,14 +112,15 @@ class PlexusMCPServer(MCPServer):
                                       seconds=time.perf_counter() - started)
 
     async def _call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
-        tool = self._tool_manager.get_tool(name)
-        if tool is None:
-            available = ", ".join(sorted(t.name for t in self._tool_manager.list_tools()))
+        schema_of = lowlevel_server(self).get_tool_input_schema  # MCPServer sets it: the tool's input schema
+        schema = schema_of(name) if schema_of is not None else None
+        if schema is None:
+            available = ", ".join(sorted(t.name for t in await self.list_tools()))
             raise ToolError(f"unknown tool {name!r}; available tools: {available}")
         principal = current_principal()
         if not principal.may_call(name):
             raise ToolError(principal.denial(TOOL_ACTIONS.get(name, "keys")))
-        allowed = set(tool.parameters.get("properties", {}))
+        allowed = set(schema.get("properties", {}))
         unknown = sorted(set(arguments) - allowed)
         if unknown:
             # pydantic would drop them silently: a misspelt argument must not run with its default.
@@ -202,7 +203,7 @@ def build_mcp_server(
         instructions=INSTRUCTIONS,
         log_level="WARNING",
         extensions=[tasks],
-        middleware=[tasks.legacy_middleware],
+        middleware=[as_the_caller, tasks.legacy_middleware],
     )
     server.task_tools = tasks.task_tools
     server.audit = tasks.audit = audit
@@ -221,7 +222,6 @@ def build_mcp_server(
     if evaluations is not None:
         register_evaluation_tools(server, evaluations, logs)
     register_prompts(server)
-    install_task_capability(server._lowlevel_server)
     install_logging(server, logs)
     if manager is not None:  # None when only the schemas are wanted
         install_completion(server, manager, evaluations)

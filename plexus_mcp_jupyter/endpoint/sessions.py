@@ -2,13 +2,11 @@
 
 A 2025-11-25 session is opened by a request without `Mcp-Session-Id` that the SDK answers below 400 (an
 `initialize`, even one refused by a JSON-RPC error) and lives until DELETE, the idle timeout or a crash. The SDK's
-StreamableHTTPSessionManager registers a session in `_admit_session` (synchronously, under its creation
-lock) and forgets it in `_discard_session`, whichever way it ends, including an opening request it refused.
-`PlexusSessionManager` counts sessions per holder at exactly those two points, so admission is exact under
-concurrent requests and a slot can never leak. Those two methods, and the session table
-`_server_instances` read for the count and to end a revoked key's sessions, are private to the SDK: they
-are used here and nowhere else, and tests/test_hardening_sessions.py says what broke if the SDK changes
-them. The 2026-07-28 era serves each request on its own and opens no session: it is not counted.
+StreamableHTTPSessionManager registers a session synchronously, under its creation lock, and forgets it whichever
+way it ends, including an opening request it refused; sdk_compat.AdmittingSessionManager turns those two private
+points into hooks. `PlexusSessionManager` counts sessions per holder at exactly those two points, so admission is
+exact under concurrent requests and a slot can never leak (tests/test_hardening_sessions.py). The 2026-07-28 era
+serves each request on its own and opens no session: it is not counted.
 
 Binding uses the SDK's public mechanism: the handler puts an `AuthenticatedUser` naming the principal on
 the request's scope (`session_user`), and the SDK answers a request for a session opened by another
@@ -25,11 +23,9 @@ from typing import Any
 
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser, AuthorizationContext
 from mcp.server.auth.provider import AccessToken
-from mcp.server.streamable_http import StreamableHTTPServerTransport
-from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 
 from ..security.identity import Principal, Role
-from .sdk_compat import per_request_transport
+from .sdk_compat import AdmittingSessionManager
 
 _KEY_PREFIX = "key:"
 
@@ -93,7 +89,7 @@ class _Holder:
         return self.is_key and not self.is_admin
 
 
-class PlexusSessionManager(StreamableHTTPSessionManager):
+class PlexusSessionManager(AdmittingSessionManager):
     """The SDK's session manager, admitting a new session only within the per-key cap and the keys' share."""
 
     def __init__(self, app: Any, *, limits: SessionLimits, **kwargs: Any) -> None:
@@ -104,10 +100,6 @@ class PlexusSessionManager(StreamableHTTPSessionManager):
         self._key_share_used = 0
         self._ending: set[asyncio.Task[None]] = set()
 
-    @property
-    def session_count(self) -> int:
-        return len(self._server_instances)
-
     def key_ids(self) -> set[str]:
         """The API keys that hold sessions (the key watcher checks them for revocation)."""
         return {holder.id.removeprefix(_KEY_PREFIX) for holder in self._holders.values() if holder.is_key}
@@ -116,30 +108,23 @@ class PlexusSessionManager(StreamableHTTPSessionManager):
         """End every session of a key now (it was revoked): nobody can use them, and their slots are free at once."""
         holder_id = f"{_KEY_PREFIX}{key_id}"
         for session_id in [s for s, holder in self._holders.items() if holder.id == holder_id]:
-            transport = self._server_instances.get(session_id)
-            self._forget(session_id)
-            if transport is not None:
-                task = asyncio.get_running_loop().create_task(self._discard_session(session_id, transport))
+            ending = self.end_session(session_id)
+            self.session_closed(session_id)
+            if ending is not None:
+                task = asyncio.get_running_loop().create_task(ending)
                 self._ending.add(task)
                 task.add_done_callback(self._ending.discard)
 
-    def _admit_session(self, requestor: AuthorizationContext | None) -> StreamableHTTPServerTransport | None:
+    def check_admission(self, requestor: AuthorizationContext | None) -> None:
+        self._check(_Holder.of(requestor))
+
+    def session_opened(self, session_id: str, requestor: AuthorizationContext | None) -> None:
         holder = _Holder.of(requestor)
-        self._check(holder)
-        transport = super()._admit_session(requestor)
-        if transport is not None:
-            per_request_transport(transport)
-        if transport is not None and transport.mcp_session_id is not None:
-            self._holders[transport.mcp_session_id] = holder
-            self._held[holder.id] += 1
-            self._key_share_used += holder.in_key_share
-        return transport
+        self._holders[session_id] = holder
+        self._held[holder.id] += 1
+        self._key_share_used += holder.in_key_share
 
-    async def _discard_session(self, session_id: str, transport: StreamableHTTPServerTransport) -> None:
-        self._forget(session_id)
-        await super()._discard_session(session_id, transport)
-
-    def _forget(self, session_id: str) -> None:
+    def session_closed(self, session_id: str) -> None:
         # Called once or twice per session (DELETE, then its server task's end): counted down only once.
         holder = self._holders.pop(session_id, None)
         if holder is not None:

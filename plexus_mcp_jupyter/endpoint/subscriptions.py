@@ -47,6 +47,7 @@ from ..core.store import TaskFilter, owner_visible
 from ..evaluations.service import EvaluationService
 from ..evaluations.store import EvaluationStatus, parse_statuses
 from .principal import principal_of
+from .sdk_compat import connection_of, lowlevel_server
 from .tasks_ext import TASKS_EXTENSION, Outcome, detailed_task, legacy_status_notification
 
 log = logging.getLogger("plexus_mcp_jupyter")
@@ -493,16 +494,16 @@ class TaskStatusPush(BaseModel):
 
 def install_subscriptions(server: MCPServer, watch: ResourceWatch, outcome: Outcome) -> None:
     """Serve resources/subscribe, resources/unsubscribe and subscriptions/listen from the EventBus."""
-    lowlevel = server._lowlevel_server
+    lowlevel = lowlevel_server(server)
 
     # The per-request ServerSession does not outlive its request; subscriptions belong to the
     # connection behind it (the SDK has no public accessor for it on the low-level context yet).
     async def on_subscribe(ctx: Any, params: SubscribeRequestParams) -> EmptyResult:
-        await watch.subscribe(ctx.session._connection, str(params.uri), principal_of(ctx).viewer)
+        await watch.subscribe(connection_of(ctx.session), str(params.uri), principal_of(ctx).viewer)
         return EmptyResult()
 
     async def on_unsubscribe(ctx: Any, params: UnsubscribeRequestParams) -> EmptyResult:
-        watch.unsubscribe(ctx.session._connection, str(params.uri))
+        watch.unsubscribe(connection_of(ctx.session), str(params.uri))
         return EmptyResult()
 
     lowlevel.add_request_handler("resources/subscribe", SubscribeRequestParams, on_subscribe)

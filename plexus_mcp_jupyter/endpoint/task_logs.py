@@ -34,6 +34,8 @@ from mcp.types import (
 )
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
+from .sdk_compat import connection_of, lowlevel_server
+
 log = logging.getLogger("plexus_mcp_jupyter")
 
 LEVELS: tuple[str, ...] = get_args(LoggingLevel)  # least severe first (RFC 5424 order, as the SDK declares it)
@@ -132,7 +134,7 @@ class TaskLogs:
         except ValueError:
             return None
         session = request.session
-        protocol = session._connection.protocol_version
+        protocol = session.protocol_version
         if protocol not in MODERN_PROTOCOL_VERSIONS:
             return None
         allowed = allowed_log_levels(protocol, request.meta)
@@ -159,7 +161,7 @@ class TaskLogs:
 
     async def set_level(self, ctx: Any, params: SetLevelRequestParams) -> EmptyResult:
         """`logging/setLevel` (2025-11-25 and earlier): this session's minimum level from now on."""
-        connection = ctx.session._connection
+        connection = connection_of(ctx.session)
         connection.state[_LEVEL_KEY] = LEVELS.index(params.level)
         return EmptyResult()
 
@@ -213,11 +215,11 @@ def _message(level: str, data: dict[str, Any]) -> LoggingMessageNotification:
 
 def _connection_of(ctx: Any) -> Any:
     try:
-        return ctx.request_context.session._connection
+        return connection_of(ctx.request_context.session)
     except (ValueError, AttributeError):
         return None
 
 
 def install_logging(server: Any, logs: TaskLogs) -> None:
     """Serve `logging/setLevel` (so the logging capability is advertised) with this TaskLogs."""
-    server._lowlevel_server.add_request_handler("logging/setLevel", SetLevelRequestParams, logs.set_level)
+    lowlevel_server(server).add_request_handler("logging/setLevel", SetLevelRequestParams, logs.set_level)

@@ -56,6 +56,7 @@ from ..core.manager import TaskManager
 from ..core.models import Task, TaskStatus, iso
 from ..core.retention import RetentionPolicy
 from .principal import principal_of
+from .sdk_compat import connection_of
 from .tools import describe
 
 log = logging.getLogger("plexus_mcp_jupyter")
@@ -283,7 +284,14 @@ class PlexusTasks(Extension):
     async def legacy_middleware(
         self, ctx: ServerRequestContext[Any, Any], call_next: Callable[[Any], Awaitable[HandlerResult]]
     ) -> HandlerResult:
-        """A 2025-11-25 `tools/call` with `params.task`: answer `CreateTaskResult` (this middleware owns it)."""
+        """The 2025-11-25 lane: `capabilities.tasks` in the `initialize` result (the 2026 era advertises the
+        extension), and a `tools/call` with `params.task` answered `CreateTaskResult` (this middleware owns it)."""
+        if ctx.method == "initialize":
+            result = await call_next(ctx)
+            if isinstance(result, dict):  # the wire form, already sieved for the era: the capability is added to it
+                capabilities = result.setdefault("capabilities", {})
+                capabilities["tasks"] = LEGACY_CAPABILITY.model_dump(by_alias=True, mode="json", exclude_none=True)
+            return result
         params = ctx.params
         if ctx.method != "tools/call" or is_modern(ctx.protocol_version) or not params or "task" not in params:
             return await call_next(ctx)
@@ -307,7 +315,7 @@ class PlexusTasks(Extension):
             task.retention_seconds = self.manager.retention.ttl_seconds(ttl)
             self.manager.set_retention(task.id, task.retention_seconds)
         if self.follow_status is not None:
-            self.follow_status(ctx.session._connection, task.id)
+            self.follow_status(connection_of(ctx.session), task.id)
         return {"task": task_view(task, modern=False, retention=self.manager.retention)}
 
 
@@ -324,17 +332,3 @@ async def legacy_status_notification(manager: TaskManager, task_id: str) -> dict
         return task_view(await manager.aget(task_id), modern=False, retention=manager.retention)
     except NotFound:
         return None
-
-
-def install_task_capability(lowlevel: Any) -> None:
-    """Advertise `capabilities.tasks` to 2025-11-25 clients (the 2026 era advertises the extension)."""
-    original = lowlevel.get_capabilities
-
-    def get_capabilities(*args: Any, **kwargs: Any) -> Any:
-        capabilities = original(*args, **kwargs)
-        if not is_modern(kwargs.get("protocol_version")):
-            capabilities.tasks = LEGACY_CAPABILITY
-        return capabilities
-
-    lowlevel.get_capabilities = get_capabilities
-

@@ -21,10 +21,11 @@ from mcp.server.transport_security import TransportSecuritySettings
 from tornado.iostream import StreamClosedError
 from tornado.web import RequestHandler
 
+from ..handlers.jupyter_compat import response_finished
 from ..security.http import jsonrpc_error
 from ..security.identity import Principal
 from .event_store import MemoryEventStore
-from .sdk_compat import response_mode, wants_json
+from .sdk_compat import lowlevel_server, response_mode, wants_json
 from .sessions import PlexusSessionManager, SessionLimits, SessionRefused, session_user
 
 log = logging.getLogger("plexus_mcp_jupyter")
@@ -48,7 +49,7 @@ class MCPEndpoint:
         self.server = server
         self.event_store = MemoryEventStore(event_store_size, event_store_bytes)
         self.session_manager = PlexusSessionManager(
-            server._lowlevel_server,
+            lowlevel_server(server),
             limits=limits or SessionLimits(),
             event_store=self.event_store,
             json_response=False,
@@ -203,7 +204,7 @@ class MCPBridge:
             if self._flush_handle is not None:
                 self._flush_handle.cancel()
                 self._flush_handle = None
-        if not self.handler._finished and not self.disconnected.is_set():
+        if not response_finished(self.handler) and not self.disconnected.is_set():
             self.handler.finish()
 
     def end(self) -> None:
@@ -222,7 +223,7 @@ class MCPBridge:
 
     def _flush_later(self) -> None:
         self._flush_handle = None
-        if self.handler._finished or self.disconnected.is_set():
+        if response_finished(self.handler) or self.disconnected.is_set():
             return
         self._unflushed = 0
         future = self.handler.flush()

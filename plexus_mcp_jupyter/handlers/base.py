@@ -8,12 +8,11 @@ to the login page; a foreign Origin or Host is 403.
 
 from __future__ import annotations
 
-import hmac
 import inspect
 import json
 from typing import Any
 
-from jupyter_server.auth.identity import IdentityProvider, PasswordIdentityProvider, User
+from jupyter_server.auth.identity import User
 from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
@@ -27,17 +26,19 @@ from ..security.http import (
     error_message,
     origin_allowed,
     parse_json_off_loop,
+    reason_phrase,
     record_request,
     set_retry_after,
 )
 from ..security.identity import Principal, Role
 from ..security.keys import looks_like_key
-
-NOTEBOOK_USER = "jupyter"
-# Jupyter's own providers: one notebook user, authenticated by the server's token or password.
-_SINGLE_USER_PROVIDERS = (IdentityProvider, PasswordIdentityProvider)
-_TOKEN_USER = User(username=NOTEBOOK_USER, name="Jupyter token", display_name="Jupyter token")
-_ANONYMOUS_USER = User(username=NOTEBOOK_USER, name="Anonymous (auth disabled)", display_name="Anonymous")
+from .jupyter_compat import (
+    NOTEBOOK_USER,
+    SINGLE_USER_PROVIDERS,
+    mark_token_authenticated,
+    server_token_user,
+    set_request_user,
+)
 
 
 class PlexusHandler(APIHandler):
@@ -100,32 +101,9 @@ class PlexusHandler(APIHandler):
         user = self.current_user
         if user is None:
             return None
-        if type(self.identity_provider) in _SINGLE_USER_PROVIDERS:
+        if type(self.identity_provider) in SINGLE_USER_PROVIDERS:
             return NOTEBOOK_USER
         return f"jupyter:{user.username}"
-
-    def _user_from_server_token(self) -> User | None:
-        """Fast path for Jupyter's own identity providers: the server's token in the header, or no auth.
-
-        The token check is the one the provider makes (constant-time here), without what the provider
-        adds for browsers: a fresh anonymous user and a signed login cookie on every response, which API
-        clients never use, which cost a sizeable share of each MCP call, and which would make a
-        cookie-keeping client look like a browser (and so need an XSRF token) from its second request.
-        With auth disabled, the same applies to the anonymous user. Any other provider, or a request
-        without that header, goes through `identity_provider.get_user()` unchanged.
-        """
-        provider = self.identity_provider
-        if type(provider) not in _SINGLE_USER_PROVIDERS:
-            return None
-        if not provider.auth_enabled:
-            return None if "Cookie" in self.request.headers else _ANONYMOUS_USER
-        if not provider.token:
-            return None
-        match = provider.auth_header_pat.match(self.request.headers.get("Authorization", ""))
-        if match is None or not hmac.compare_digest(match.group(2).encode(), provider.token.encode()):
-            return None
-        self._token_authenticated = True
-        return _TOKEN_USER
 
     def set_default_headers(self) -> None:
         # Jupyter's headers (nosniff, configured headers, its Content-Security-Policy), computed once
@@ -139,9 +117,13 @@ class PlexusHandler(APIHandler):
             self.set_header(name, value)
 
     async def prepare(self) -> None:  # type: ignore[override]
+        """Jupyter's prepare, replaced (not extended): a missing credential is a 401, never a redirect to the
+        login page; API keys are admitted; Jupyter's token skips the identity provider's browser work. What
+        Jupyter's own prepare does is mirrored here (host, origin, user, XSRF, authorization, CORS), and
+        tests/test_compat_contracts.py fails when a Jupyter Server release adds a step to it."""
         if self.request.method == "OPTIONS":
             # A CORS preflight carries no credentials; APIHandler.options() answers it.
-            self.current_user = self._jupyter_current_user = None
+            set_request_user(self, None)
             self.set_cors_headers()
             return
         if not self.check_host():
@@ -154,11 +136,11 @@ class PlexusHandler(APIHandler):
         if credential is not None and looks_like_key(credential):
             await self._authenticate_key(credential)
             return
-        user = self._user_from_server_token()
+        user = server_token_user(self)
         if user is None:
             found = self.identity_provider.get_user(self)
             user = await found if inspect.isawaitable(found) else found
-        self.current_user = self._jupyter_current_user = user
+        set_request_user(self, user)
         if self.require_auth:
             if user is None:
                 raise web.HTTPError(
@@ -176,8 +158,8 @@ class PlexusHandler(APIHandler):
         """An API key in the Authorization header: its principal, checked on every request (revocation),
         then its rate limit (HTTP 429 with Retry-After)."""
         self._principal = admit_key(self.runtime, credential, "the Jupyter token")
-        self.current_user = self._jupyter_current_user = User(username=self._principal.owner or "key")
-        self._token_authenticated = True  # a header credential: no XSRF check
+        set_request_user(self, User(username=self._principal.owner or "key"))
+        mark_token_authenticated(self)  # a header credential: no XSRF check
         if "Origin" in self.request.headers:
             self.set_cors_headers()
         await self.runtime.start()
@@ -245,7 +227,7 @@ class PlexusHandler(APIHandler):
             self.set_header("Content-Type", "application/json")
             self.finish(json.dumps(self.error_body(503, str(unavailable))))
             return
-        message = error_message(exc, self._reason)
+        message = error_message(exc, reason_phrase(status_code, kwargs))
         if status_code == 401:
             # send_error() cleared the headers set in prepare(): the challenge goes here.
             self.set_header("WWW-Authenticate", 'Bearer realm="jupyter"')

@@ -12,6 +12,7 @@ from jupyter_server.prometheus.log_functions import prometheus_log_method
 from ..endpoint.transport import MCPBridge
 from ..security.http import jsonrpc_error
 from .base import PlexusHandler
+from .jupyter_compat import SkippableRequestLog
 
 
 def debug_emitted(logger: logging.Logger) -> bool:
@@ -32,7 +33,7 @@ def debug_emitted(logger: logging.Logger) -> bool:
     return logging.lastResort is not None and logging.lastResort.level <= logging.DEBUG
 
 
-class MCPHandler(PlexusHandler):
+class MCPHandler(SkippableRequestLog, PlexusHandler):
     """`{base_url}plexus/mcp`: Streamable HTTP (POST messages, GET the SSE stream, DELETE the session)."""
 
     _bridge: MCPBridge | None = None
@@ -61,7 +62,7 @@ class MCPHandler(PlexusHandler):
     async def delete(self) -> None:
         await self._serve()
 
-    def _log(self) -> None:
+    def skip_request_log(self) -> bool:
         # Jupyter's log_request logs successful requests at debug level only; formatting that line for
         # every MCP message (a measurable share of a call) is skipped when no handler would print it.
         # Its request metrics (prometheus) are still recorded, as log_request would.
@@ -72,8 +73,8 @@ class MCPHandler(PlexusHandler):
             ):
                 if log_function.keywords.get("record_prometheus_metrics", True):
                     prometheus_log_method(self)
-                return
-        super()._log()
+                return True
+        return False
 
     def on_connection_close(self) -> None:
         if self._bridge is not None:

@@ -9,7 +9,7 @@ import sys
 from typing import Any
 from urllib.parse import urlsplit
 
-from tornado import web
+from tornado import httputil, web
 
 from .identity import Principal
 from .keys import KeyRejected
@@ -108,6 +108,15 @@ async def parse_json_off_loop(text: str | bytes) -> Any:
     if len(text) <= JSON_ON_LOOP_BYTES:
         return parse_json(text)
     return await asyncio.to_thread(parse_json, text)
+
+
+def reason_phrase(status_code: int, error: dict[str, Any]) -> str:
+    """The reason phrase tornado's `send_error` gave a response, from the keyword arguments it passes to
+    `write_error`: an HTTPError's own reason, else a `reason` given to send_error, else the standard phrase."""
+    exc = error.get("exc_info", (None, None, None))[1]
+    if isinstance(exc, web.HTTPError) and exc.reason:
+        return str(exc.reason)
+    return str(error.get("reason") or httputil.responses.get(status_code, "Unknown"))
 
 
 def error_message(exc: BaseException | None, reason: str) -> str:

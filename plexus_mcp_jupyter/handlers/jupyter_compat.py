@@ -1,0 +1,100 @@
+"""Where Plexus leans on Jupyter Server's internals (and those of the tornado under it): the only module that may.
+
+Everything else uses public surfaces (tests/test_compat_contracts.py checks it, and checks each adapter's
+assumption against the installed Jupyter Server and tornado, so a release that changes one fails there with
+the adapter's name). docs/architecture.md lists the adapters with the upstream change that would retire each.
+
+- `set_request_user` and `mark_token_authenticated`: the two markers Jupyter's own `prepare()` and identity
+  provider leave on a handler, which `PlexusHandler.prepare` (it replaces Jupyter's, to answer 401 instead of
+  redirecting and to admit API keys) must leave the same way for Jupyter's XSRF check and `token_authenticated`.
+- `server_token_user`: the Jupyter token checked the way Jupyter's identity provider checks it, without its
+  browser work (see the function).
+- `response_finished`: whether tornado's `finish()` has run.
+- `SkippableRequestLog`: a handler may skip the access log line tornado writes when it finishes.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from jupyter_server.auth.identity import IdentityProvider, PasswordIdentityProvider, User
+from jupyter_server.base.handlers import JupyterHandler
+from tornado.web import RequestHandler
+
+NOTEBOOK_USER = "jupyter"
+# Jupyter's own providers: one notebook user, authenticated by the server's token or password.
+SINGLE_USER_PROVIDERS = (IdentityProvider, PasswordIdentityProvider)
+_TOKEN_USER = User(username=NOTEBOOK_USER, name="Jupyter token", display_name="Jupyter token")
+_ANONYMOUS_USER = User(username=NOTEBOOK_USER, name="Anonymous (auth disabled)", display_name="Anonymous")
+
+
+def set_request_user(handler: JupyterHandler, user: User | None) -> None:
+    """Make `user` the request's user, as `JupyterHandler.prepare` does.
+
+    Relies on: `JupyterHandler._jupyter_current_user`, which Jupyter's `check_xsrf_cookie` and
+    `IdentityProvider.get_user` read to know that authentication already ran, beside tornado's public
+    `current_user`.
+    """
+    handler.current_user = handler._jupyter_current_user = user
+
+
+def mark_token_authenticated(handler: RequestHandler) -> None:
+    """Record that the request came with a header credential, as `IdentityProvider.get_user` does for the token.
+
+    Relies on: `handler._token_authenticated`, which `IdentityProvider.is_token_authenticated` (and so the
+    handler's `token_authenticated`) reads: such a request needs no XSRF token.
+    """
+    handler._token_authenticated = True  # type: ignore[attr-defined]
+
+
+def server_token_user(handler: JupyterHandler) -> User | None:
+    """Fast path for Jupyter's own identity providers: the server's token in the header, or no auth.
+
+    The token check is the one the provider makes (its `auth_header_pat`, its `token`; constant-time here),
+    without what the provider adds for browsers: a fresh anonymous user and a signed login cookie on every
+    response, which API clients never use, which cost a sizeable share of each MCP call, and which would make a
+    cookie-keeping client look like a browser (and so need an XSRF token) from its second request. With auth
+    disabled, the same applies to the anonymous user. Any other provider, or a request without that header,
+    returns None: the caller goes through `identity_provider.get_user()` unchanged.
+
+    Relies on: `IdentityProvider.get_user_token` accepting exactly the server's `token` as group 2 of
+    `auth_header_pat` in the Authorization header, and `auth_enabled` meaning "no authentication at all" when
+    false; a token-authenticated request is marked as the provider marks it (`mark_token_authenticated`).
+    """
+    provider = handler.identity_provider
+    if type(provider) not in SINGLE_USER_PROVIDERS:
+        return None
+    if not provider.auth_enabled:
+        return None if "Cookie" in handler.request.headers else _ANONYMOUS_USER
+    if not provider.token:
+        return None
+    match = provider.auth_header_pat.match(handler.request.headers.get("Authorization", ""))
+    if match is None or not hmac.compare_digest(match.group(2).encode(), provider.token.encode()):
+        return None
+    mark_token_authenticated(handler)
+    return _TOKEN_USER
+
+
+def response_finished(handler: RequestHandler) -> bool:
+    """Whether the handler's response is finished (`finish()` ran), so nothing more may be written or flushed.
+
+    Relies on: tornado's `RequestHandler._finished`, set by `finish()` (tornado has no public reading of it).
+    """
+    return bool(handler._finished)
+
+
+class SkippableRequestLog(RequestHandler):
+    """A handler that may skip the access log line tornado writes when the response finishes.
+
+    Relies on: tornado's `RequestHandler._log()`, which `finish()` calls to hand the request to the
+    application's `log_request` (Jupyter's `log_function` setting). Override `skip_request_log`.
+    """
+
+    def skip_request_log(self) -> bool:
+        """True to write no access log line for this request (whatever must still be recorded is the
+        handler's to record)."""
+        return False
+
+    def _log(self) -> None:
+        if not self.skip_request_log():
+            super()._log()

@@ -1,0 +1,472 @@
+"""The adapters' hold on the `mcp` SDK and on Jupyter Server: one contract per private access, and none elsewhere.
+
+endpoint/sdk_compat.py and handlers/jupyter_compat.py are the only modules that touch private names of `mcp`,
+`jupyter_server` or the tornado under it. Each test here checks one assumption an adapter makes against the
+installed release and, when a release broke it, says which release, what changed and which adapter to update.
+CI runs this file against the newest `mcp` and `jupyter_server` as well as the pinned ones (.ci/run).
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import importlib
+import inspect
+import textwrap
+from importlib.metadata import version
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from jupyter_server.auth.identity import IdentityProvider
+from jupyter_server.base.handlers import APIHandler, JupyterHandler
+from mcp import Client
+from mcp.server.connection import Connection
+from mcp.server.lowlevel import Server
+from mcp.server.mcpserver import MCPServer
+from mcp.server.session import ServerSession
+from mcp.server.streamable_http import StreamableHTTPServerTransport
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from mcp.shared._context_streams import ContextReceiveStream
+from tornado.web import RequestHandler
+
+from plexus_mcp_jupyter.endpoint import sdk_compat
+from plexus_mcp_jupyter.endpoint.server import build_mcp_server
+from plexus_mcp_jupyter.handlers import jupyter_compat
+from tests import private_access
+
+PACKAGE = Path(__file__).resolve().parent.parent / "plexus_mcp_jupyter"
+MCP = f"mcp {version('mcp')}"
+JUPYTER = f"jupyter_server {version('jupyter_server')}"
+TORNADO = f"tornado {version('tornado')}"
+
+
+def holds(condition: object, release: str, change: str, adapter: str) -> None:
+    """Assert one contract: on failure, name the release, what it changed and the adapter to update."""
+    assert condition, f"{release} {change}; update {adapter}"
+
+
+def source(obj: Any) -> str:
+    return textwrap.dedent(inspect.getsource(obj))
+
+
+def readers(cls: type, attribute: str) -> set[str]:
+    """The methods (and nested functions, by their own name) of `cls` that read `self.<attribute>`."""
+    found: set[str] = set()
+
+    def walk(node: ast.AST, function: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            name = child.name if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef) else function
+            if isinstance(child, ast.Attribute) and child.attr == attribute and isinstance(child.ctx, ast.Load):
+                found.add(function)
+            walk(child, name)
+
+    walk(ast.parse(source(cls)), "")
+    return found
+
+
+# -- mcp: endpoint/sdk_compat.py ------------------------------------------------------------------------------
+
+
+def test_lowlevel_server_is_the_mcpserver_s_lowlevel_server_with_its_public_registration():
+    server = MCPServer("probe")
+
+    @server.tool()
+    def probe(count: int) -> int:
+        return count
+
+    holds(hasattr(server, "_lowlevel_server"), MCP, "renamed MCPServer._lowlevel_server", "sdk_compat.lowlevel_server")
+    lowlevel = sdk_compat.lowlevel_server(server)
+    holds(
+        isinstance(lowlevel, Server),
+        MCP,
+        "made MCPServer._lowlevel_server something other than a lowlevel Server",
+        "sdk_compat.lowlevel_server",
+    )
+    holds(
+        all(callable(getattr(lowlevel, name, None)) for name in ("add_request_handler", "get_request_handler")),
+        MCP,
+        "removed Server.add_request_handler/get_request_handler",
+        "sdk_compat.lowlevel_server's callers",
+    )
+    schema_of = lowlevel.get_tool_input_schema
+    holds(
+        schema_of is not None and "count" in schema_of("probe")["properties"] and schema_of("nothing") is None,
+        MCP,
+        "changed Server.get_tool_input_schema (MCPServer's tool input schema by name, None when unknown)",
+        "PlexusMCPServer._call_tool",
+    )
+
+
+def test_connection_of_is_the_connection_behind_the_per_request_session():
+    connection = Connection(SimpleNamespace(), protocol_version="2025-11-25")
+    holds(
+        "connection" in inspect.signature(ServerSession).parameters,
+        MCP,
+        "no longer builds ServerSession from a Connection",
+        "sdk_compat.connection_of",
+    )
+    session = ServerSession(SimpleNamespace(), connection)
+    holds(
+        getattr(session, "_connection", None) is connection,
+        MCP,
+        "renamed ServerSession._connection",
+        "sdk_compat.connection_of",
+    )
+    holds(
+        sdk_compat.connection_of(session) is connection,
+        MCP,
+        "changed ServerSession._connection",
+        "sdk_compat.connection_of",
+    )
+    shape = (
+        isinstance(connection.state, dict)
+        and hasattr(connection.exit_stack, "callback")
+        and callable(connection.notify)
+        and connection.protocol_version == "2025-11-25"
+    )
+    holds(
+        shape,
+        MCP,
+        "changed Connection (state dict, exit_stack, notify, protocol_version), which subscriptions "
+        "and task logs keep per MCP session",
+        "sdk_compat.connection_of's callers",
+    )
+
+
+def test_the_session_manager_still_has_the_admission_points_the_adapter_hooks():
+    """If this fails: the per-key session cap, the admins' reserve, ending a revoked key's sessions and the
+    session count of health no longer work (sessions stay bound to their opener: that is the public scope user)."""
+    adapter = "sdk_compat.AdmittingSessionManager"
+    admit = getattr(StreamableHTTPSessionManager, "_admit_session", None)
+    discard = getattr(StreamableHTTPSessionManager, "_discard_session", None)
+    holds(
+        admit is not None
+        and list(inspect.signature(admit).parameters) == ["self", "requestor"]
+        and not inspect.iscoroutinefunction(admit),
+        MCP,
+        "renamed or changed StreamableHTTPSessionManager._admit_session(requestor) (synchronous)",
+        adapter,
+    )
+    holds(
+        discard is not None
+        and list(inspect.signature(discard).parameters) == ["self", "session_id", "transport"]
+        and inspect.iscoroutinefunction(discard),
+        MCP,
+        "renamed or changed StreamableHTTPSessionManager._discard_session(session_id, transport) (async)",
+        adapter,
+    )
+    holds(
+        "self._admit_session(" in source(StreamableHTTPSessionManager),
+        MCP,
+        "no longer admits new sessions through _admit_session",
+        adapter,
+    )
+
+    events: list[tuple[str, str | None]] = []
+
+    class Probe(sdk_compat.AdmittingSessionManager):
+        def check_admission(self, requestor: Any) -> None:
+            events.append(("check", None))
+
+        def session_opened(self, session_id: str, requestor: Any) -> None:
+            events.append(("opened", session_id))
+
+        def session_closed(self, session_id: str) -> None:
+            events.append(("closed", session_id))
+
+    manager = Probe(app=Server("probe"), max_sessions=1)
+    holds(
+        getattr(manager, "_server_instances", None) == {},
+        MCP,
+        "renamed StreamableHTTPSessionManager._server_instances (the open sessions by id)",
+        adapter,
+    )
+    transport = manager._admit_session(None)
+    holds(
+        isinstance(transport, sdk_compat.PerRequestTransport) and manager.session_count == 1,
+        MCP,
+        "changed what _admit_session returns or where it registers the session",
+        adapter,
+    )
+    holds(
+        manager._admit_session(None) is None, MCP, "no longer answers None from _admit_session at max_sessions", adapter
+    )
+    session_id = transport.mcp_session_id
+    ending = manager.end_session(session_id)
+    assert ending is not None
+    asyncio.run(ending)
+    holds(
+        manager.session_count == 0 and transport.is_terminated,
+        MCP,
+        "changed _discard_session (forget the session, terminate its transport)",
+        adapter,
+    )
+    assert events == [("check", None), ("opened", session_id), ("check", None), ("closed", session_id)]
+
+
+def test_the_transport_reads_its_response_mode_where_the_per_request_mode_expects():
+    """PerRequestTransport answers `is_json_response_enabled` from the request's context, except in the session's
+    message router (named by its frame), where it reads the routed message's sender context."""
+    adapter = "sdk_compat.PerRequestTransport"
+    holds(
+        "is_json_response_enabled" in inspect.signature(StreamableHTTPServerTransport).parameters,
+        MCP,
+        "removed the transport's is_json_response_enabled",
+        adapter,
+    )
+    reviewed = {"_message_metadata", "_validate_accept_header", "_handle_post_request", "message_router"}
+    found = readers(StreamableHTTPServerTransport, "is_json_response_enabled")
+    holds(
+        found <= reviewed and "message_router" in found,
+        MCP,
+        f"reads is_json_response_enabled in {sorted(found - reviewed) or 'no message_router'} (reviewed: "
+        f"{sorted(reviewed)}): check which context each new reader runs in",
+        adapter,
+    )
+    holds(
+        "self._write_stream_reader = " in source(StreamableHTTPServerTransport),
+        MCP,
+        "renamed StreamableHTTPServerTransport._write_stream_reader (the routed messages' stream)",
+        adapter,
+    )
+    holds(
+        "last_context" in ContextReceiveStream.__slots__,
+        MCP,
+        "removed ContextReceiveStream.last_context (the sender's context of the last message)",
+        adapter,
+    )
+
+
+def test_server_middleware_sees_the_wire_form_of_initialize_and_listings():
+    """Public but provisional in the SDK: the middleware (as_the_caller, PlexusTasks.legacy_middleware) edits the
+    `initialize` and list results as dicts, after the SDK sieved them for the era."""
+    seen: dict[str, Any] = {}
+    server = build_mcp_server(None)  # type: ignore[arg-type]
+
+    async def record(ctx: Any, call_next: Any) -> Any:
+        result = await call_next(ctx)
+        seen[ctx.method] = result
+        return result
+
+    server.middleware.append(record)
+
+    async def talk() -> Any:
+        async with Client(server, mode="legacy") as client:
+            await client.list_tools()
+            return client.server_capabilities
+
+    capabilities = asyncio.run(talk())
+    holds(
+        isinstance(seen.get("initialize"), dict) and isinstance(seen.get("tools/list"), dict),
+        MCP,
+        "no longer hands middleware the wire form (a dict) of results",
+        "server.as_the_caller and tasks_ext.PlexusTasks.legacy_middleware",
+    )
+    holds(
+        capabilities.tasks is not None and capabilities.tasks.requests is not None,
+        MCP,
+        "drops what middleware adds to the initialize result",
+        "tasks_ext.PlexusTasks.legacy_middleware",
+    )
+
+
+# -- Jupyter Server and tornado: handlers/jupyter_compat.py ---------------------------------------------------
+
+
+def test_jupyter_still_reads_the_user_marker_set_request_user_sets():
+    adapter = "jupyter_compat.set_request_user"
+    holds(
+        "_jupyter_current_user" in source(JupyterHandler.check_xsrf_cookie),
+        JUPYTER,
+        "no longer reads JupyterHandler._jupyter_current_user in check_xsrf_cookie",
+        adapter,
+    )
+    holds(
+        "handler._jupyter_current_user" in source(IdentityProvider),
+        JUPYTER,
+        "no longer reads handler._jupyter_current_user in IdentityProvider.get_user",
+        adapter,
+    )
+    holds(
+        "self._jupyter_current_user = user" in source(JupyterHandler.prepare),
+        JUPYTER,
+        "no longer sets _jupyter_current_user in JupyterHandler.prepare",
+        adapter,
+    )
+
+
+def test_jupyter_still_reads_the_token_marker_mark_token_authenticated_sets():
+    provider = IdentityProvider()
+    handler = SimpleNamespace(current_user=None)
+    holds(
+        provider.is_token_authenticated(handler) is False,
+        JUPYTER,
+        "changed IdentityProvider.is_token_authenticated for an unmarked handler",
+        "jupyter_compat.mark_token_authenticated",
+    )
+    jupyter_compat.mark_token_authenticated(handler)  # type: ignore[arg-type]
+    holds(
+        provider.is_token_authenticated(handler) is True,
+        JUPYTER,
+        "no longer reads handler._token_authenticated in IdentityProvider.is_token_authenticated",
+        "jupyter_compat.mark_token_authenticated",
+    )
+
+
+def test_the_server_token_fast_path_checks_the_token_as_the_identity_provider_does():
+    adapter = "jupyter_compat.server_token_user"
+    provider = IdentityProvider(token="secret-token")
+    holds(
+        provider.auth_enabled and provider.token == "secret-token",
+        JUPYTER,
+        "changed IdentityProvider.token/auth_enabled",
+        adapter,
+    )
+    for header in ("token secret-token", "Bearer secret-token"):
+        match = provider.auth_header_pat.match(header)
+        holds(
+            match is not None and match.group(2) == "secret-token",
+            JUPYTER,
+            f"changed IdentityProvider.auth_header_pat (group 2 of {header.split()[0]!r} is the token)",
+            adapter,
+        )
+    holds(
+        "auth_header_pat" in source(IdentityProvider.get_token),
+        JUPYTER,
+        "no longer reads the header token with auth_header_pat",
+        adapter,
+    )
+
+
+def test_tornado_still_marks_a_finished_response_and_logs_through_log():
+    holds(
+        "self._finished = True" in source(RequestHandler.finish),
+        TORNADO,
+        "no longer sets RequestHandler._finished in finish()",
+        "jupyter_compat.response_finished",
+    )
+    holds(
+        "self._log()" in source(RequestHandler.finish) and callable(getattr(RequestHandler, "_log", None)),
+        TORNADO,
+        "no longer writes the access log through RequestHandler._log() in finish()",
+        "jupyter_compat.SkippableRequestLog",
+    )
+
+
+# What Jupyter's own prepare does, reviewed: PlexusHandler.prepare replaces it and mirrors these steps (host and
+# origin checks, the user from the identity provider, CORS headers, the XSRF check, authentication).
+REVIEWED_PREPARE_CALLS = frozenset(
+    {
+        "set",
+        "check_host",
+        "getmodule",
+        "warn",
+        "get_current_user",
+        "get_user",
+        "set_cors_headers",
+        "check_xsrf_cookie",
+        "get",
+        "getattr",
+        "lower",
+        "authenticated",
+        "prepare",
+        "super",
+        "warning",
+        "HTTPError",
+        "User",
+        "isinstance",
+        "check_origin",
+        "cast",
+        "type",
+    }
+)
+
+
+def test_jupyter_s_prepare_does_only_what_plexus_handler_prepare_mirrors():
+    called: set[str] = set()
+    for method in (JupyterHandler.prepare, APIHandler.prepare):
+        for node in ast.walk(ast.parse(source(method))):
+            if isinstance(node, ast.Call):
+                func = node.func
+                called.add(func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", ""))
+    new = called - REVIEWED_PREPARE_CALLS - {""}  # "": the call of a call's result (web.authenticated(...)(self))
+    holds(
+        not new,
+        JUPYTER,
+        f"added steps to JupyterHandler/APIHandler.prepare (calls {sorted(new)})",
+        "PlexusHandler.prepare (handlers/base.py), which replaces it, and REVIEWED_PREPARE_CALLS here",
+    )
+
+
+# -- nowhere else ---------------------------------------------------------------------------------------------
+
+
+def package_violations() -> list[private_access.Violation]:
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE).as_posix()
+        if relative in private_access.ADAPTERS or relative.startswith("migrations/"):
+            continue
+        module = "plexus_mcp_jupyter." + relative.removesuffix(".py").replace("/", ".")
+        namespace = vars(importlib.import_module(module.removesuffix(".__init__")))
+        found += private_access.check_source(path.read_text(encoding="utf-8"), relative, namespace)
+    return found
+
+
+def test_no_module_but_the_adapters_touches_a_private_name_of_mcp_or_jupyter():
+    found = package_violations()
+    assert not found, (
+        "private names of mcp/jupyter_server/tornado used outside endpoint/sdk_compat.py and "
+        "handlers/jupyter_compat.py (move each behind a named adapter there, with a contract test "
+        "here):\n" + "\n".join(map(str, found))
+    )
+
+
+PLANTED = """
+from mcp.server.mcpserver import MCPServer
+from mcp.server._otel import OpenTelemetryMiddleware
+from jupyter_server.base.handlers import APIHandler
+import os
+
+
+class Server(MCPServer):
+    async def _handle_list_tools(self, ctx, params):
+        return await super()._handle_list_tools(ctx, params)
+
+    def tools(self):
+        return self._tool_manager.list_tools()
+
+
+class Handler(APIHandler):
+    def prepare(self):
+        self._token_authenticated = True
+        self._own = 1
+
+
+def connection(ctx, handler):
+    os._exit(0)  # not mcp's: fine
+    getattr(handler, "_finished")
+    return ctx.session._connection
+"""
+
+
+@pytest.mark.parametrize(
+    "needle",
+    [
+        "redefines _handle_list_tools",
+        "super()._handle_list_tools",
+        "self._tool_manager",
+        "private module mcp.server._otel",
+        "self._token_authenticated",
+        "'_finished'",
+        "ctx.session._connection",
+    ],
+)
+def test_the_check_finds_planted_violations(needle):
+    namespace: dict[str, Any] = {}
+    exec(compile(PLANTED, "planted.py", "exec"), namespace)
+    found = "\n".join(map(str, private_access.check_source(PLANTED, "planted.py", namespace)))
+    assert needle in found, found
+    assert "_own" not in found and "_exit" not in found
