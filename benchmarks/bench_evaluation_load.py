@@ -434,6 +434,7 @@ def breakdown(body: bytes, write_rows: int, write_rounds: int) -> None:
     """run_evaluation in this process, timed by piece; then the items' write beside plain sqlite3."""
 
     from plexus_mcp_jupyter.core.context import TaskContext
+    from plexus_mcp_jupyter.core.messages import Stage
     from plexus_mcp_jupyter.core.store import Store
     from plexus_mcp_jupyter.evaluations import runner
     from plexus_mcp_jupyter.evaluations import store as evaluation_store
@@ -451,7 +452,7 @@ def breakdown(body: bytes, write_rows: int, write_rounds: int) -> None:
         marks: list[tuple[str, float]] = []
         ctx = TaskContext(
             "bench",
-            lambda m: marks.append((m[1], time.perf_counter())) if m[0] == "stage" else None,
+            lambda m: marks.append((m.name, time.perf_counter())) if isinstance(m, Stage) else None,
             _Flag(),
             environment=env,
         )

@@ -22,6 +22,8 @@ from . import resources as res
 from .errors import Expired, InvalidArgument, NotFound, PlexusError
 from .events import Event, EventBus
 from .executors.base import Executor
+from .messages import Cancelled, Done, Ending, Exit, Failed, Log, Lost, Placed, Progress, Reply, Request, ToManager
+from .messages import Stage as StageBegun
 from .models import FINAL_STATUSES, ProgressSample, Stage, StageStatus, Task, TaskStatus, iso, now, parse_iso
 from .progress import ProgressDecision, ProgressTracker
 from .queue import FAIRNESS_MODES, FairClock, QueuedInfo, QueuePolicy, weight
@@ -61,7 +63,7 @@ class CancelOutcome:
 class _RunState:
     task: Task
     tracker: ProgressTracker
-    final: tuple[Any, ...] | None = None
+    final: Ending | None = None
     cancel_requested: bool = False
     kill_timer: asyncio.TimerHandle | None = None
     log_tail: list[str] = field(default_factory=list)
@@ -752,7 +754,7 @@ class TaskManager:
                 isolated=task_type.isolated, resources=task_type.resources,
             )
         except Exception as exc:
-            state.final = ("error", f"the task could not be started: {exc}", None, {})
+            state.final = Failed(f"the task could not be started: {exc}")
             self._finish(task.id, exitcode=None)
             return
         # Stored with the task's next batched write: the claim already recorded this server (what recovery
@@ -784,52 +786,51 @@ class TaskManager:
 
     # -- worker messages -----------------------------------------------------------------------
 
-    def _on_message(self, task_id: str, msg: tuple[Any, ...]) -> None:
+    def _on_message(self, task_id: str, msg: ToManager) -> None:
+        """One message of a running task (core/messages.py), on the loop."""
         state = self._running.get(task_id)
         if state is None:
             return
-        kind = msg[0]
-        at = now()
-        if kind in ("stage", "progress") and state.final is not None:
-            return  # after the task's end (an executor delivering late): its final state stands
-        if kind == "stage":
-            _, name, total, message = msg
-            self._apply(state, state.tracker.begin_stage(str(name), total, at, message), "task.stage")
-        elif kind == "progress":
-            _, processed, message = msg
-            self._apply(state, state.tracker.advance_to(int(processed), at, message), "task.updated")
-        elif kind == "log":
-            line = str(msg[1])
-            state.log_tail.append(line)
-            del state.log_tail[:-50]
-            for listener in self.log_listeners:  # e.g. MCP log messages (endpoint/task_logs.py)
-                try:
-                    listener(task_id, str(msg[2]) if len(msg) > 2 else "info", line)
-                except Exception:
-                    log.exception("Plexus: a task log listener failed")
-        elif kind in ("done", "error", "cancelled", "lost"):
-            if state.final is None:  # the first word on how it ended stands (an executor may repeat itself)
-                state.final = msg
-        elif kind == "worker":  # the executor placed it (a Dask worker's address): shown by get_task
-            state.task.worker = f"{self.server_id}/{msg[1]}"
-        elif kind == "request":
-            _, request_id, request_kind, payload = msg
-            self._loop_task(self._serve_request(state.task, request_id, str(request_kind), payload), state)
-        elif kind == "exit":
-            self._finish(task_id, exitcode=msg[1])
+        match msg:
+            case StageBegun() | Progress() if state.final is not None:
+                return  # after the task's end (an executor delivering late): its final state stands
+            case StageBegun(name, total, message):
+                self._apply(state, state.tracker.begin_stage(str(name), total, now(), message), "task.stage")
+            case Progress(processed, message):
+                self._apply(state, state.tracker.advance_to(int(processed), now(), message), "task.updated")
+            case Log(text, level):
+                line = str(text)
+                state.log_tail.append(line)
+                del state.log_tail[:-50]
+                for listener in self.log_listeners:  # e.g. MCP log messages (endpoint/task_logs.py)
+                    try:
+                        listener(task_id, str(level), line)
+                    except Exception:
+                        log.exception("Plexus: a task log listener failed")
+            case Done() | Failed() | Cancelled() | Lost():
+                if state.final is None:  # the first word on how it ended stands (an executor may repeat itself)
+                    state.final = msg
+            case Placed(worker):  # the executor placed it (a Dask worker's address): shown by get_task
+                state.task.worker = f"{self.server_id}/{worker}"
+            case Request(request_id, kind, payload):
+                self._loop_task(self._serve_request(state.task, request_id, str(kind), payload), state)
+            case Exit(exitcode):
+                self._finish(task_id, exitcode=exitcode)
+            case _:
+                log.warning("Plexus: task %s sent an unknown message %s; ignored", task_id, type(msg).__name__)
 
-    async def _serve_request(self, task: Task, request_id: Any, kind: str, payload: Any) -> None:
+    async def _serve_request(self, task: Task, request_id: int, kind: str, payload: Any) -> None:
         """Answer a task's request (TaskContext.request) with the handler registered for its kind."""
         handler = self.request_handlers.get(kind)
         try:
             if handler is None:
                 raise InvalidArgument(f"this server does not serve {kind!r} requests from tasks")
-            reply: tuple[Any, ...] = ("reply", request_id, True, await handler(task, payload))
+            reply = Reply(request_id, True, await handler(task, payload))
         except PlexusError as exc:
-            reply = ("reply", request_id, False, str(exc))
+            reply = Reply(request_id, False, str(exc))
         except Exception as exc:
             log.exception("Plexus: the %r request of task %s failed", kind, task.id)
-            reply = ("reply", request_id, False, f"the server could not serve {kind!r}: {type(exc).__name__}: {exc}")
+            reply = Reply(request_id, False, f"the server could not serve {kind!r}: {type(exc).__name__}: {exc}")
         # A large answer to a worker that stopped reading would block a plain send: off the event loop.
         await asyncio.get_running_loop().run_in_executor(None, self.executor.reply, task.id, reply)
 
@@ -909,7 +910,7 @@ class TaskManager:
             state.kill_timer = None
         task = state.task
         final = state.final
-        if self._stopping and not state.cancel_requested and (final is None or final[0] == "cancelled"):
+        if self._stopping and not state.cancel_requested and (final is None or isinstance(final, Cancelled)):
             # Our own shutdown stopped it (its worker reports "cancelled" to the shutdown's request, or
             # nothing when killed). A result or an error it produced meanwhile is kept as reported.
             if self._idempotent(task.type):
@@ -922,45 +923,46 @@ class TaskManager:
                 self._running.pop(task_id, None)
                 return
             final = None
-        if (final is not None and final[0] == "lost" and final[2] and self._idempotent(task.type)
+        if (isinstance(final, Lost) and final.requeue and self._idempotent(task.type)
                 and not state.cancel_requested and not self._stopping):
             # Its worker died (a Dask worker, executors/dask.py), and its type says a re-run is safe.
             self._pending.pop(task_id, None)
             try:
-                self._requeue(task.id, str(final[1]))
+                self._requeue(task.id, str(final.message))
             except Exception:
                 log.exception("Plexus: could not re-queue task %s", task_id)
                 return
             self._running.pop(task_id, None)
             return
         tails: Mapping[str, Any] = {}
-        if final is not None and final[0] == "lost":
-            task.status = TaskStatus.FAILED
-            task.error_message = str(final[1])
-        elif final is not None and final[0] == "done":
-            task.status = TaskStatus.COMPLETED
-            task.output = final[1]  # bounded and made plain JSON by the worker (Executor contract)
-            tails = final[2]
-        elif final is not None and final[0] == "cancelled":
-            task.status = TaskStatus.CANCELLED
-            task.error_message = "cancelled at the task's request check"
-            tails = final[1]
-        elif final is not None and final[0] == "error":
-            task.status = TaskStatus.FAILED
-            task.error_message = str(final[1])[:2000]
-            task.error_details = final[2]
-            tails = final[3] or {}
-        elif state.cancel_requested:
-            task.status = TaskStatus.CANCELLED
-            task.error_message = (
-                f"cancelled: the worker was stopped after the {self.cancel_grace_seconds:g}s grace period"
-            )
-        elif self._stopping:
-            task.status = TaskStatus.FAILED
-            task.error_message = "the server stopped while the task was running"
-        else:
-            task.status = TaskStatus.FAILED
-            task.error_message = f"the worker process exited unexpectedly (exit code {exitcode})"
+        match final:
+            case Lost(message):
+                task.status = TaskStatus.FAILED
+                task.error_message = str(message)
+            case Done(output, done_tails):
+                task.status = TaskStatus.COMPLETED
+                task.output = output  # bounded and made plain JSON by the worker (Executor contract)
+                tails = done_tails or {}
+            case Cancelled(cancelled_tails):
+                task.status = TaskStatus.CANCELLED
+                task.error_message = "cancelled at the task's request check"
+                tails = cancelled_tails or {}
+            case Failed(message, details, failed_tails):
+                task.status = TaskStatus.FAILED
+                task.error_message = str(message)[:2000]
+                task.error_details = dict(details) if details is not None else None
+                tails = failed_tails or {}
+            case None if state.cancel_requested:
+                task.status = TaskStatus.CANCELLED
+                task.error_message = (
+                    f"cancelled: the worker was stopped after the {self.cancel_grace_seconds:g}s grace period"
+                )
+            case None if self._stopping:
+                task.status = TaskStatus.FAILED
+                task.error_message = "the server stopped while the task was running"
+            case _:
+                task.status = TaskStatus.FAILED
+                task.error_message = f"the worker process exited unexpectedly (exit code {exitcode})"
         task.completed_at = task.completed_at or now()
         if task.status is TaskStatus.COMPLETED and task.started_at is not None:
             self._durations.setdefault(task.type, deque(maxlen=DURATIONS_KEPT)).append(

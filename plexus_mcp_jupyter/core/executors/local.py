@@ -33,7 +33,8 @@ from multiprocessing.connection import wait as wait_for_pipes
 from typing import Any
 
 from .. import worker
-from .base import Executor, MessageCallback, run_callbacks
+from ..messages import Batch, End, Exit, Log, Message, Reply, Run, Stop, ToManager, ToTask
+from .base import Deliveries, Executor, MessageCallback, run_callbacks
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
@@ -80,7 +81,7 @@ class _Worker:
     tasks_run: int = 0
     retiring: bool = False  # told to stop (or killed): never given another task
 
-    def send(self, message: tuple[Any, ...]) -> None:
+    def send(self, message: Message) -> None:
         with self.send_lock:
             self.channel.send(message)
 
@@ -214,7 +215,7 @@ class LocalExecutor(Executor):
         if self._loop is None:
             raise RuntimeError("LocalExecutor.start(loop) must be called before submit()")
         single_use = isolated or not self.reuse
-        run = (target, params, max_output_bytes, dict(environment or {}))
+        environment = dict(environment or {})
         while True:
             chosen: _Worker | None = None
             if not single_use:
@@ -230,7 +231,7 @@ class LocalExecutor(Executor):
                 chosen.job = _Job(task_id, chosen.seq, on_message)
                 self._by_task[task_id] = chosen
             try:
-                chosen.send(("run", chosen.seq, task_id, *run))
+                chosen.send(Run(chosen.seq, task_id, target, params, max_output_bytes, environment))
                 break
             except (OSError, ValueError):
                 # It died while idle. If the reader has not seen that yet, take another worker; if it has, it
@@ -247,13 +248,13 @@ class LocalExecutor(Executor):
                     raise
         return f"pid={chosen.process.pid}"
 
-    def reply(self, task_id: str, message: tuple[Any, ...]) -> None:
+    def reply(self, task_id: str, message: Reply) -> None:
         with self._lock:
             w = self._by_task.get(task_id)
             seq = w.job.seq if w is not None and w.job is not None else None
         if w is not None and seq is not None:
             with contextlib.suppress(OSError, ValueError):  # the worker is gone: nobody waits for the answer
-                w.send(("to", seq, message))
+                w.send(ToTask(seq, message))
 
     def request_cancel(self, task_id: str) -> None:
         with self._lock:
@@ -287,7 +288,7 @@ class LocalExecutor(Executor):
                 ready: list[Any] = wait_for_pipes([self._wake_r, *channels], timeout=1.0)
             except OSError:  # a pipe closed while we waited: look again
                 ready = []
-            batch: list[tuple[MessageCallback, tuple[Any, ...]]] = []
+            batch: Deliveries = []
             for channel in ready:
                 if channel is self._wake_r:
                     with contextlib.suppress(OSError, EOFError):
@@ -301,7 +302,7 @@ class LocalExecutor(Executor):
             if batch:
                 self._deliver(batch)
 
-    def _drain(self, w: _Worker, batch: list[tuple[MessageCallback, tuple[Any, ...]]]) -> None:
+    def _drain(self, w: _Worker, batch: Deliveries) -> None:
         """Read what one worker sent (at most READ_BATCH messages); handle its end or its death."""
         for _ in range(READ_BATCH):
             try:
@@ -310,11 +311,11 @@ class LocalExecutor(Executor):
                 self._died(w, batch)
                 return
             except Exception as exc:  # an unpicklable message: report it, keep reading
-                msg = ("log", f"plexus: a message from the worker could not be read: {exc}")
+                msg = Log(f"plexus: a message from the worker could not be read: {exc}")
             for one in _unbatched(msg):  # worker.Outbox coalesces messages
                 job = w.job
-                if one[0] == "end":
-                    self._ended(w, one[1], float(one[2]), batch)
+                if isinstance(one, End):
+                    self._ended(w, one, batch)
                 elif job is not None:
                     batch.append((job.on_message, one))
             try:
@@ -324,9 +325,9 @@ class LocalExecutor(Executor):
                 self._died(w, batch)
                 return
 
-    def _ended(self, w: _Worker, final: tuple[Any, ...], rss_mb: float,
-               batch: list[tuple[MessageCallback, tuple[Any, ...]]]) -> None:
+    def _ended(self, w: _Worker, end: End, batch: Deliveries) -> None:
         """A task ended in a worker that lives on: report it, then reuse or retire the worker."""
+        rss_mb = float(end.rss_mb)
         with self._lock:
             job, w.job = w.job, None
             if job is not None:
@@ -338,8 +339,8 @@ class LocalExecutor(Executor):
             if not retire:
                 self._idle.append(w)
         if job is not None:
-            batch.append((job.on_message, final))
-            batch.append((job.on_message, ("exit", 0)))
+            batch.append((job.on_message, end.final))
+            batch.append((job.on_message, Exit(0)))
         if retire:
             if rss_mb > self.max_worker_memory_mb:
                 log.info("Plexus: worker pid %s uses %.0f MB, above max_worker_memory_mb: replaced", w.process.pid,
@@ -358,11 +359,11 @@ class LocalExecutor(Executor):
             if busy:
                 w.process.kill()
             else:
-                w.send(("stop",))
+                w.send(Stop())
         except (OSError, ValueError):
             w.process.kill()
 
-    def _died(self, w: _Worker, batch: list[tuple[MessageCallback, tuple[Any, ...]]]) -> None:
+    def _died(self, w: _Worker, batch: Deliveries) -> None:
         """A worker's pipe reached EOF: it exited (retired) or died (killed, crashed). Replace it."""
         with contextlib.suppress(OSError):
             w.channel.close()
@@ -375,11 +376,11 @@ class LocalExecutor(Executor):
             if job is not None:
                 self._by_task.pop(job.task_id, None)
         if job is not None:
-            batch.append((job.on_message, ("exit", w.process.exitcode)))
+            batch.append((job.on_message, Exit(w.process.exitcode)))
         if self.reuse and not self._closing:
             self._fill_pool()
 
-    def _deliver(self, batch: list[tuple[MessageCallback, tuple[Any, ...]]]) -> None:
+    def _deliver(self, batch: Deliveries) -> None:
         loop = self._loop
         if loop is None:
             return
@@ -387,16 +388,15 @@ class LocalExecutor(Executor):
             loop.call_soon_threadsafe(run_callbacks, batch)
 
 
-
-def _unbatched(msg: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+def _unbatched(msg: Any) -> list[ToManager | End]:
     """The messages of one read: a worker.Outbox batch is a list of messages pickled one by one, so one that
     cannot be read costs only itself (a log line), never the task's end beside it."""
-    if msg[0] != "batch":
+    if not isinstance(msg, Batch):
         return [msg]
-    out: list[tuple[Any, ...]] = []
-    for data in msg[1]:
+    out: list[ToManager | End] = []
+    for data in msg.items:
         try:
             out.append(pickle.loads(data))
         except Exception as exc:
-            out.append(("log", f"plexus: a message from the worker could not be read: {type(exc).__name__}: {exc}"))
+            out.append(Log(f"plexus: a message from the worker could not be read: {type(exc).__name__}: {exc}"))
     return out
