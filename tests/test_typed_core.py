@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+import subprocess
+import sys
 import threading
 from typing import Any
 
 import pytest
 
 from plexus_mcp_jupyter.core import messages as m
+from plexus_mcp_jupyter.core.errors import InvalidArgument
 from plexus_mcp_jupyter.core.executors.dask import DaskExecutor, _Run
+from plexus_mcp_jupyter.core.tasks import TaskType
+
+from .conftest import registered_task_types
 
 EVERY_MESSAGE = [
     m.Stage("Scoring", 10, "chunk 1"),
@@ -101,3 +107,44 @@ def test_a_lost_worker_counts_once_when_its_task_already_ended():
     executor._lost(run, "tcp://127.0.0.1:1", deliveries)  # a late look that saw the worker gone
     assert [type(x).__name__ for _, x in deliveries] == ["Placed", "Progress", "Done", "Exit"]
     assert executor._losses == {}
+
+
+def test_the_core_imports_no_evaluation_module_and_knows_the_evaluation_type_only_once_registered():
+    """The core names no module of the evaluations package: that package registers its task type when the
+    runtime is built (a fresh interpreter, so no other test's imports count)."""
+    code = (
+        "import sys\n"
+        "from plexus_mcp_jupyter.core import TaskManager, tasks\n"
+        "from plexus_mcp_jupyter.core.executors import LocalExecutor\n"
+        "from plexus_mcp_jupyter.core.executors import dask\n"
+        "assert not [n for n in sys.modules if n.startswith('plexus_mcp_jupyter.evaluations')], sys.modules\n"
+        "assert tasks.task_type_names() == ['demo'] and tasks.preload_modules() == []\n"
+        "from plexus_mcp_jupyter.evaluations.task_type import register_evaluation_task_type\n"
+        "register_evaluation_task_type()\n"
+        "t = tasks.get_task_type('evaluation')\n"
+        "assert t.internal and t.isolated and t.idempotent and t.preload\n"
+        "assert tasks.preload_modules() == ['plexus_mcp_jupyter.evaluations.runner']\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("target", ["no_colon", "module:", ":function", ""])
+def test_a_task_type_with_a_target_a_worker_cannot_import_is_refused_at_once(target):
+    with pytest.raises(InvalidArgument, match=r"target must be 'package.module:function', not"):
+        TaskType("broken", target, "never runs")
+
+
+def test_an_internal_task_type_names_the_tools_that_create_it_when_dispatched_directly(tmp_path):
+    from plexus_mcp_jupyter.core import EventBus, Store, TaskManager
+    from plexus_mcp_jupyter.core.executors import LocalExecutor
+
+    store = Store(f"sqlite:///{tmp_path / 'internal.db'}")
+    manager = TaskManager(store, EventBus(), LocalExecutor())
+    internal = TaskType("made_elsewhere", "tests.task_functions:stubborn", "x", internal=True, created_by="make_it")
+    try:
+        with registered_task_types(internal), pytest.raises(InvalidArgument) as refused:
+            manager.dispatch("made_elsewhere", {})
+    finally:
+        store.close()
+    assert str(refused.value) == "made_elsewhere tasks are created by make_it, not dispatched directly"

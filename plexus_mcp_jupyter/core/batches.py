@@ -447,8 +447,10 @@ def batch_uri(batch_id: str) -> str:
 
 def _not_retryable(task: Task) -> str | None:
     if task.status in (TaskStatus.FAILED, TaskStatus.CANCELLED):
-        if get_task_type(task.type).internal:
-            return f"{task.type} tasks are re-run with their own tool (create_evaluation), which makes their record"
+        task_type = get_task_type(task.type)
+        if task_type.internal:
+            by = task_type.created_by or "their own service"
+            return f"{task.type} tasks are re-run by {by}, which makes their record"
         return None
     if task.status is TaskStatus.COMPLETED:
         return "completed (only FAILED or CANCELLED tasks are retried)"

@@ -58,6 +58,8 @@ class CancelOutcome:
         return {"task_id": self.task_id, "outcome": self.outcome, "status": self.status, "message": self.message,
                 "new_task_id": self.new_task_id}
 
+RequestHandler = Callable[[Task, Any], Awaitable[Any]]  # answers a task's TaskContext.request of one kind
+
 
 @dataclass
 class _RunState:
@@ -108,16 +110,21 @@ class TaskManager:
         max_output_bytes: int = 65_536,
         poll_interval: float = 1.0,
         worker_environment: Mapping[str, Any] | None = None,
+        request_handlers: Mapping[str, RequestHandler] | None = None,
+        max_unfinished_per_key: int = 0,
+        max_batch_size: int = 1000,
+        lease_seconds: float | None = None,
     ) -> None:
         self.store = store
         self.worker_environment = dict(worker_environment or {})
         # Handlers of requests tasks send to the server (TaskContext.request), by kind.
-        self.request_handlers: dict[str, Callable[[Task, Any], Awaitable[Any]]] = {}
+        self.request_handlers: dict[str, RequestHandler] = dict(request_handlers or {})
         # The services of internal task types that check a batch spec's params for a caller (core/batches.py
         # SpecPlanner: the evaluation service registers "evaluation"), by task type.
         self.spec_planners: dict[str, Callable[[Mapping[str, Any], Any], Awaitable[Any]]] = {}
-        self.max_unfinished_per_key = 0  # 0: no cap; API keys (owners key:<id>) may have at most this many
-        self.max_batch_size = 1000  # most tasks one batch call may touch (core/batches.py)
+        # 0: no cap; API keys (owners key:<id>) may have at most this many unfinished tasks.
+        self.max_unfinished_per_key = max_unfinished_per_key
+        self.max_batch_size = max_batch_size  # most tasks one batch call may touch (core/batches.py)
         self.bus = bus
         self.executor = executor
         self.max_concurrency = max_concurrency
@@ -161,7 +168,7 @@ class TaskManager:
         self._queue_info: tuple[dict[str, QueuedInfo], dict[str, int]] | None = None  # per scheduling pass
         # How long a claim holds a RUNNING task without a heartbeat (core/leases.py renews it); None: no lease,
         # a task of a gone server is recovered by process id on its host only.
-        self.lease_seconds: float | None = None
+        self.lease_seconds = lease_seconds
         # Called with (task id, level, line) for each line a task logs (ctx.log, its warnings), on the loop.
         self.log_listeners: list[Callable[[str, str, str], None]] = []
 
@@ -484,8 +491,8 @@ class TaskManager:
         """A validated QUEUED task, not yet stored (dispatch stores one; core/batches.py many at once)."""
         task_type = get_task_type(type)
         if task_type.internal and not internal:
-            raise InvalidArgument(f"{type} tasks are created by their own tools (create_evaluation, POST "
-                                  "plexus/api/evaluations), not dispatched directly")
+            raise InvalidArgument(f"{type} tasks are created by {task_type.created_by or 'their own service'}, "
+                                  "not dispatched directly")
         params = dict(params or {})
         if task_type.validate is not None:
             params = task_type.validate(params)

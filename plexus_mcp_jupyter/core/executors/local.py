@@ -1,7 +1,7 @@
 """The local executor: a pool of warm worker processes, each running one task at a time.
 
 Starting a process per task capped throughput at a few dozen small tasks per second, so workers are
-started ahead (from a forkserver that pre-imported the worker and evaluation modules, never by forking
+started ahead (from a forkserver that pre-imported the worker and heavy task modules, never by forking
 the threaded server) and reused: a worker runs a task, reports its end, and takes the next one. What a
 process per task guaranteed still holds:
 
@@ -27,12 +27,12 @@ import pickle
 import sys
 import threading
 import types
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_for_pipes
 from typing import Any
 
-from .. import worker
+from .. import tasks, worker
 from ..messages import Batch, End, Exit, Log, Message, Reply, Run, Stop, ToManager, ToTask
 from .base import Deliveries, Executor, MessageCallback, run_callbacks
 
@@ -92,15 +92,16 @@ class LocalExecutor(Executor):
     def __init__(
         self, start_method: str | None = None, *, pool_size: int | None = None, reuse: bool = True,
         max_tasks_per_worker: int = 1000, max_worker_memory_mb: float = 1024.0, nice: int = 0,
+        preload: Sequence[str] | None = None,
     ) -> None:
         """`pool_size` workers are kept warm (None: the manager's max_concurrency, see size_for); more start on
-        demand and are retired once idle. `reuse=False` gives every task a fresh process, as before the pool."""
+        demand and are retired once idle. `reuse=False` gives every task a fresh process, as before the pool.
+        `preload`: modules the forkserver imports once for every worker (None: those of the task types registered
+        when the executor starts that ask for it, core/tasks.py `preload_modules`)."""
         methods = mp.get_all_start_methods()
         self.start_method = start_method or ("forkserver" if "forkserver" in methods else "spawn")
         self._mp: Any = mp.get_context(self.start_method)
-        if self.start_method == "forkserver":
-            # The evaluation runner too: pandas, pyarrow and SQLAlchemy cost 0.5-1.8 s to import in every worker.
-            self._mp.set_forkserver_preload(["plexus_mcp_jupyter.core.worker", "plexus_mcp_jupyter.evaluations.runner"])
+        self.preload = list(preload) if preload is not None else None
         self._pool_size_given = pool_size is not None
         self.pool_size = pool_size or 0
         self.reuse = reuse
@@ -127,6 +128,10 @@ class LocalExecutor(Executor):
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        if self.start_method == "forkserver":
+            # Before the forkserver starts (_warm_up): it imports these once, and every worker forks from it.
+            extra = self.preload if self.preload is not None else tasks.preload_modules()
+            self._mp.set_forkserver_preload(["plexus_mcp_jupyter.core.worker", *extra])
         self._closing = False
         self._wake_r, self._wake_w = self._mp.Pipe(duplex=False)
         self._reader = threading.Thread(target=self._read, name="plexus-worker-reader", daemon=True)
