@@ -4,7 +4,7 @@ Starts a real `jupyter server` with the extension (benchmarks/_common.py), regis
 --rows rows (id, text, label, prediction; 5 classes with stray case/whitespace and a few missing values,
 as in bench_evaluation.py) over REST as Parquet, and then:
 
-1. Responsiveness (DESIGN.md 10: "tools/call p50 within 2x of idle"): a lean keep-alive MCP client
+1. Responsiveness (goal: "tools/call p50 within 2x of idle"): a lean keep-alive MCP client
    (_common.LeanSession) calls `get_task` on a finished task once every --interval-ms, while the server is
    idle, then while an `accuracy` evaluation of the whole frame runs (created with `create_evaluation`,
    followed with `get_evaluation` by a second session until it ends), then idle again: idle, (busy, idle)
@@ -28,7 +28,7 @@ forkserver, so it shares that core with the server (--no-pin lets the server and
         [--interval-ms 10] [--breakdown [--write-rows 300000] [--write-rounds 3]] [--py-spy DIR]
         [--no-pin] [--worker-nice N]
 
-Goal (DESIGN.md section 10): busy get_task p50 <= 2.0 x idle p50.
+Goal: busy get_task p50 <= 2.0 x idle p50.
 """
 
 from __future__ import annotations

@@ -233,7 +233,7 @@ class BatchOperations:
             owner = actor.owner or ""
         if selection.created_after:
             parse_iso(selection.created_after, "created_after")  # the error names the argument given
-        flt = self.manager.build_filter(status=list(selection.status), type=list(selection.type),
+        flt = self.manager.build_filter(status=list(selection.status), type_names=list(selection.type),
                                         since=selection.created_after, owner=owner, viewer=actor.viewer,
                                         batch=selection.batch, before=selection.created_before)
         if not flt.statuses:

@@ -1,4 +1,4 @@
-"""TaskManager: dispatch, scheduling, progress, cancellation and restart recovery (DESIGN section 3).
+"""TaskManager: dispatch, scheduling, progress, cancellation and restart recovery (docs/architecture.md).
 
 It is the only writer of task state. Every change goes: TaskManager -> Store (persisted) ->
 EventBus (published once). It runs on the server's event loop and never runs task code there:
@@ -140,8 +140,7 @@ class TaskManager:
         self.poll_interval = poll_interval
         # Who claims a task: executor, host, process id and a per-start instance id, so a restarted
         # server that got the same process id (PID 1 in a container) still sees its old claims as gone.
-        self.instance = uuid.uuid4().hex[:12]
-        self.server_id = f"{executor.name}:{HOST}:{os.getpid()}:{self.instance}"
+        self.instance, self.server_id = self._new_claimant()
         self._running: dict[str, _RunState] = {}
         self._finished: OrderedDict[str, Task] = OrderedDict()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -171,6 +170,11 @@ class TaskManager:
         self.lease_seconds = lease_seconds
         # Called with (task id, level, line) for each line a task logs (ctx.log, its warnings), on the loop.
         self.log_listeners: list[Callable[[str, str, str], None]] = []
+
+    def _new_claimant(self) -> tuple[str, str]:
+        """A fresh instance id and the server id that claims tasks with it (executor, host, process, instance)."""
+        instance = uuid.uuid4().hex[:12]
+        return instance, f"{self.executor.name}:{HOST}:{os.getpid()}:{instance}"
 
     def configure_queue(
         self, *, type_caps: Mapping[str, int] | None = None, fairness: str = "round_robin",
@@ -214,8 +218,7 @@ class TaskManager:
             return
         self.started = True
         self._stopping = False
-        self.instance = uuid.uuid4().hex[:12]  # per start: a restart of this object is a new claimant
-        self.server_id = f"{self.executor.name}:{HOST}:{os.getpid()}:{self.instance}"
+        self.instance, self.server_id = self._new_claimant()  # per start: a restart of this object is a new claimant
         self._loop = asyncio.get_running_loop()
         self.executor.size_for(self.max_concurrency)
         self.executor.start(self._loop)
@@ -342,7 +345,7 @@ class TaskManager:
     def build_filter(
         self,
         status: str | Sequence[str] | None = None,
-        type: str | Sequence[str] | None = None,
+        type_names: str | Sequence[str] | None = None,
         since: str | None = None,
         owner: str | None = None,
         viewer: str | None = None,
@@ -352,7 +355,7 @@ class TaskManager:
         """Validate raw filter values (from MCP, REST or a URI) into a TaskFilter."""
         statuses = tuple(TaskStatus.parse(s) for s in _as_list(status))
         known = task_type_names()
-        types = tuple(_as_list(type))
+        types = tuple(_as_list(type_names))
         for t in types:
             if t not in known:
                 raise InvalidArgument(f"unknown task type {t!r}; expected one of {', '.join(known)}")
@@ -406,7 +409,7 @@ class TaskManager:
 
     def dispatch(
         self,
-        type: str,
+        type_name: str,
         params: Mapping[str, Any] | None = None,
         *,
         priority: int = 0,
@@ -424,7 +427,7 @@ class TaskManager:
         must exist before the task can start (an evaluation's record) in the transaction that stores it.
         """
         self.check_key_cap(owner, 1)
-        task = self.new_task(type, params, priority=priority, owner=owner, description=description,
+        task = self.new_task(type_name, params, priority=priority, owner=owner, description=description,
                              internal=internal, role=role)
         also = (lambda conn: record(task, conn)) if record is not None else None
         if self._starts_at_once(task):
@@ -477,7 +480,7 @@ class TaskManager:
 
     def new_task(
         self,
-        type: str,
+        type_name: str,
         params: Mapping[str, Any] | None = None,
         *,
         priority: int = 0,
@@ -489,9 +492,9 @@ class TaskManager:
         retry_of: str | None = None,
     ) -> Task:
         """A validated QUEUED task, not yet stored (dispatch stores one; core/batches.py many at once)."""
-        task_type = get_task_type(type)
+        task_type = get_task_type(type_name)
         if task_type.internal and not internal:
-            raise InvalidArgument(f"{type} tasks are created by {task_type.created_by or 'their own service'}, "
+            raise InvalidArgument(f"{type_name} tasks are created by {task_type.created_by or 'their own service'}, "
                                   "not dispatched directly")
         params = dict(params or {})
         if task_type.validate is not None:
