@@ -42,8 +42,9 @@ class TaskType:
     def __post_init__(self) -> None:
         module, colon, function = self.target.partition(":")
         if not self.name or not module or not colon or not function:
-            raise InvalidArgument(f"task type {self.name!r}: target must be 'package.module:function', "
-                                  f"not {self.target!r}")
+            raise InvalidArgument(
+                f"task type {self.name!r}: target must be 'package.module:function', not {self.target!r}"
+            )
 
     @property
     def module(self) -> str:
