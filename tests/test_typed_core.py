@@ -7,6 +7,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -148,3 +149,24 @@ def test_an_internal_task_type_names_the_tools_that_create_it_when_dispatched_di
     finally:
         store.close()
     assert str(refused.value) == "made_elsewhere tasks are created by make_it, not dispatched directly"
+
+
+def test_a_dask_task_end_never_overtakes_the_messages_it_sent_before_it():
+    """The reader hands a batch's messages to the loop before it counts the batch as received: the collector,
+    looking at that moment (simulated here), waits, and the end follows the messages."""
+    executor, run, _ = _executor_with_a_finished_run()
+    run.result = ("tcp://127.0.0.1:1", [], 1, m.Done("out"))  # one batch put before the end: not received yet
+    run.result_at = time.monotonic()  # just now: the end waits for that batch (FINAL_WAIT)
+    handed: list[Any] = []  # what reached the loop, in order
+    executor._deliver = lambda deliveries: handed.extend(message for _, message in deliveries)
+    reader_messages = executor._messages
+
+    def collector_looks_meanwhile(run_: _Run, messages: list[Any], deliveries: list[Any]) -> None:
+        collected: list[Any] = []
+        executor._maybe_end(run_, collected)  # the collector thread, between the reader's steps
+        executor._deliver(collected)
+        reader_messages(run_, messages, deliveries)
+
+    executor._messages = collector_looks_meanwhile
+    executor._take([pickle.dumps([(run.task_id, [m.Started("tcp://127.0.0.1:1"), m.Progress(1)])])])
+    assert [type(x).__name__ for x in handed] == ["Placed", "Progress", "Done", "Exit"], handed

@@ -565,17 +565,29 @@ class DaskExecutor(Executor):
             if not items:
                 self._stop.wait(self.message_interval)
                 continue
-            deliveries: Deliveries = []
-            for batch in items:
-                for task_id, messages in pickle.loads(batch):
-                    with self._lock:
-                        run = self._runs.get(task_id)
-                        if run is None:
-                            continue
-                        run.received += 1
+            self._take(items)
+
+    def _take(self, items: list[bytes]) -> None:
+        """Deliver the message batches of one read, then count them as received and deliver the ends they
+        completed. In that order: the collector delivers a task's end once its batches are counted, so an end
+        never overtakes the messages the task sent before it (the loop runs deliveries in the order given)."""
+        deliveries: Deliveries = []
+        arrived: list[_Run] = []
+        for batch in items:
+            for task_id, messages in pickle.loads(batch):
+                with self._lock:
+                    run = self._runs.get(task_id)
+                if run is not None:
                     self._messages(run, messages, deliveries)
-                    self._maybe_end(run, deliveries)
-            self._deliver(deliveries)
+                    arrived.append(run)
+        self._deliver(deliveries)
+        with self._lock:
+            for run in arrived:
+                run.received += 1
+        ends: Deliveries = []
+        for run in arrived:
+            self._maybe_end(run, ends)
+        self._deliver(ends)
 
     def _messages(self, run: _Run, messages: list[FromTask | Started], deliveries: Deliveries) -> None:
         for message in messages:
