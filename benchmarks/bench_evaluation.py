@@ -17,7 +17,7 @@ tracemalloc's peak in a separate, untimed call: Python objects and numpy buffers
 
     python benchmarks/bench_evaluation.py [--rows 1000000] [--rounds 7] [--sklearn-rounds 3] [--dtypes str,object]
 
-Goal (DESIGN.md section 10): within 1.3x of raw pandas/numpy, faster than scikit-learn.
+Goal: within 1.3x of raw pandas/numpy, faster than scikit-learn.
 """
 
 from __future__ import annotations

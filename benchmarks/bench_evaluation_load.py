@@ -4,7 +4,7 @@ Starts a real `jupyter server` with the extension (benchmarks/_common.py), regis
 --rows rows (id, text, label, prediction; 5 classes with stray case/whitespace and a few missing values,
 as in bench_evaluation.py) over REST as Parquet, and then:
 
-1. Responsiveness (DESIGN.md 10: "tools/call p50 within 2x of idle"): a lean keep-alive MCP client
+1. Responsiveness (goal: "tools/call p50 within 2x of idle"): a lean keep-alive MCP client
    (_common.LeanSession) calls `get_task` on a finished task once every --interval-ms, while the server is
    idle, then while an `accuracy` evaluation of the whole frame runs (created with `create_evaluation`,
    followed with `get_evaluation` by a second session until it ends), then idle again: idle, (busy, idle)
@@ -28,7 +28,7 @@ forkserver, so it shares that core with the server (--no-pin lets the server and
         [--interval-ms 10] [--breakdown [--write-rows 300000] [--write-rounds 3]] [--py-spy DIR]
         [--no-pin] [--worker-nice N]
 
-Goal (DESIGN.md section 10): busy get_task p50 <= 2.0 x idle p50.
+Goal: busy get_task p50 <= 2.0 x idle p50.
 """
 
 from __future__ import annotations
@@ -434,6 +434,7 @@ def breakdown(body: bytes, write_rows: int, write_rounds: int) -> None:
     """run_evaluation in this process, timed by piece; then the items' write beside plain sqlite3."""
 
     from plexus_mcp_jupyter.core.context import TaskContext
+    from plexus_mcp_jupyter.core.messages import Stage
     from plexus_mcp_jupyter.core.store import Store
     from plexus_mcp_jupyter.evaluations import runner
     from plexus_mcp_jupyter.evaluations import store as evaluation_store
@@ -451,7 +452,7 @@ def breakdown(body: bytes, write_rows: int, write_rounds: int) -> None:
         marks: list[tuple[str, float]] = []
         ctx = TaskContext(
             "bench",
-            lambda m: marks.append((m[1], time.perf_counter())) if m[0] == "stage" else None,
+            lambda m: marks.append((m.name, time.perf_counter())) if isinstance(m, Stage) else None,
             _Flag(),
             environment=env,
         )

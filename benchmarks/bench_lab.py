@@ -3,7 +3,7 @@
 1. Progress latency: a demo task runs on the server; for every progress event of its Processing stage,
    the time from the event's publication on the server (its `at`, same machine and clock) to the change
    of the task's progress bar in the page (a MutationObserver on the bar's `data-percent`). p50/p99/max
-   over at least `--updates` updates. Goal: p99 < 100 ms (DESIGN.md section 10).
+   over at least `--updates` updates. Goal: p99 < 100 ms.
 2. Load: `--tasks` RUNNING tasks whose progress advances `--rounds` times (benchmarks/_lab_load.py publishes
    their events on the server's bus: the real stream, without a thousand worker processes); the browser's
    long tasks (> 50 ms, PerformanceObserver 'longtask') while the panel draws them. Goal: none.

@@ -32,6 +32,7 @@ from .evaluations.kernel_scorers import KernelScorerRegistry
 from .evaluations.limits import EvaluationLimits
 from .evaluations.service import EvaluationService
 from .evaluations.store import EvaluationStore
+from .evaluations.task_type import register_evaluation_task_type
 from .security.audit import AuditLog
 from .security.identity import Principal, Role
 from .security.keys import CACHE_SECONDS, ApiKey, KeyStore
@@ -94,8 +95,11 @@ class PlexusRuntime:
         registered_dir = Path(data_dir) / "plexus_mcp" / "datasets"
         items_dir = Path(settings.evaluation_items_dir or Path(data_dir) / "plexus_mcp" / "items").resolve()
         self.bus = EventBus()
+        # The evaluations package's task type, known to the core before its executor starts (which preloads it).
+        register_evaluation_task_type()
         # Why the configured executor is not the one running tasks (dask_fallback=local), for health.
         self.executor, self.executor_problem = executor_with_fallback(settings)
+        self.kernel_scorers = KernelScorerRegistry()
         self.manager = TaskManager(
             self.store,
             self.bus,
@@ -115,18 +119,20 @@ class PlexusRuntime:
                                 "items_dir": str(items_dir),
                                 "max_evaluation_items": settings.max_evaluation_items},
             calls=self.store_calls,
+            request_handlers={"kernel_score": self._kernel_score},
+            max_unfinished_per_key=settings.max_tasks_per_key,
+            max_batch_size=settings.max_batch_size,
+            # Several servers on one store (docs/scale-out.md): leases with a heartbeat, and the others' events.
+            lease_seconds=settings.server_lease_seconds,
         )
         self.catalog = DatasetCatalog(
             self.root_dir, registered_dir, threads=settings.dataset_threads,
             bounds=ReadBounds(header_bytes=settings.max_dataset_header_bytes, columns=settings.max_dataset_columns))
-        self.kernel_scorers = KernelScorerRegistry()
         self.keys = KeyStore(self.store.engine)
         self._streams: dict[str, set[Callable[[], None]]] = {}
         self._key_watch: asyncio.Task[None] | None = None
-        self.audit = AuditLog(self.store.engine)
-        self.audit.configure_retention(settings.audit_retention_days * 86_400.0)
+        self.audit = AuditLog(self.store.engine, retention_seconds=settings.audit_retention_days * 86_400.0)
         self.limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
-        self.manager.max_unfinished_per_key = settings.max_tasks_per_key
         self.manager.configure_queue(
             type_caps=parse_resources(settings.max_concurrency_by_type, "max_concurrency_by_type"),
             fairness=settings.queue_fairness,
@@ -138,15 +144,11 @@ class PlexusRuntime:
                                           settings.max_task_ttl_seconds),
             interval=settings.retention_interval_seconds, batch=settings.retention_batch_size,
         )
-        self.manager.max_batch_size = settings.max_batch_size
-        # Several servers on one store (docs/scale-out.md): leases with a heartbeat, and the others' events.
-        self.manager.lease_seconds = settings.server_lease_seconds
         self.leases = LeaseKeeper(self.store, heartbeat=settings.server_heartbeat_seconds,
                                   lease=settings.server_lease_seconds, on_expired=self.manager.recover)
         self.relay = EventRelay(self.store, self.bus, mode=settings.event_relay, interval=settings.event_relay_interval,
                                 progress_interval=settings.progress_write_interval,
                                 keep_seconds=settings.event_relay_keep_seconds, on_remote=self._on_remote_events)
-        self.manager.request_handlers["kernel_score"] = self._kernel_score
         self.evaluations = EvaluationService(self.manager, EvaluationStore(self.store.engine, ItemFiles(items_dir)),
                                              self.catalog,
                                              self.kernel_scorers, settings.scorer_modules.split(","),
@@ -154,7 +156,8 @@ class PlexusRuntime:
                                                  max_scorecard_bytes=settings.max_scorecard_bytes,
                                                  max_scorecard_scores=settings.max_scorecard_scores,
                                                  max_evaluation_items=settings.max_evaluation_items))
-        self.mcp = build_mcp_server(self.manager, self.evaluations, self.audit)
+        self.mcp = build_mcp_server(self.manager, self.evaluations, self.audit,
+                                    session_count=lambda: self.endpoint.session_count)
         self.endpoint = MCPEndpoint(
             self.mcp,
             limits=SessionLimits(max_sessions=settings.max_sessions, per_key=settings.max_sessions_per_key,
@@ -164,9 +167,6 @@ class PlexusRuntime:
             event_store_size=settings.event_store_size,
             event_store_bytes=settings.event_store_bytes,
         )
-        telemetry = getattr(self.mcp, "telemetry", None)
-        if telemetry is not None:
-            telemetry.sessions = lambda: self.endpoint.session_count
         self._started = False
         self._log_scrubbers: list[Callable[[], None]] = []  # detach functions (see protect_secret)
 
@@ -268,9 +268,8 @@ class PlexusRuntime:
         log.info("Plexus MCP %s ready; store %s, executor %s", __version__, self.store.safe_url, self.executor.name)
 
     async def stop(self) -> None:
-        telemetry = getattr(self.mcp, "telemetry", None)
-        if telemetry is not None:
-            telemetry.close()
+        if self.mcp.telemetry is not None:
+            self.mcp.telemetry.close()
         for detach in self._log_scrubbers:
             detach()
         self._log_scrubbers.clear()
@@ -280,9 +279,8 @@ class PlexusRuntime:
         self.manager.begin_stop()  # first: MCP calls the endpoint cuts short must not cancel their tasks
         if self._key_watch is not None:
             self._key_watch.cancel()
-        watch = getattr(self.mcp, "resource_watch", None)
-        if watch is not None:
-            watch.close()
+        if self.mcp.resource_watch is not None:
+            self.mcp.resource_watch.close()
         await self.endpoint.stop()
         await self.manager.stop()
         await asyncio.to_thread(self.leases.stop)

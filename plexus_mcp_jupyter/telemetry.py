@@ -57,9 +57,9 @@ EVALUATION_ITEMS = Counter("plexus_evaluation_items", "Items scored by evaluatio
 class Telemetry:
     """The figures of one server's core, for /metrics and plexus://metrics."""
 
-    def __init__(self, manager: TaskManager) -> None:
+    def __init__(self, manager: TaskManager, sessions: Callable[[], int] | None = None) -> None:
         self.manager = manager
-        self.sessions: Callable[[], int] = lambda: 0  # set by the runtime once its endpoint exists
+        self.sessions: Callable[[], int] = sessions or (lambda: 0)  # open MCP sessions (the runtime's endpoint)
         self.subscriptions: Callable[[], int] = lambda: 0  # URIs followed (ResourceWatch.followed)
         self._lock = threading.Lock()
         self._counts: dict[tuple[str, str], int] = {}

@@ -176,7 +176,7 @@ async def test_a_task_bigger_than_the_whole_capacity_is_refused_with_both_number
     accepted = await jp_fetch("plexus", "api", "tasks", method="POST", body=json.dumps({"type": "gpu_demo",
                                                                                        "params": SHORT}))
     assert accepted.code == 201
-    assert runtime.manager.store.count_tasks(runtime.manager.build_filter(type="wide")) == 0
+    assert runtime.manager.store.count_tasks(runtime.manager.build_filter(type_names="wide")) == 0
 
 
 async def test_a_type_cap_and_an_owner_cap_are_reasons_to_wait(mcp_url, token, runtime):

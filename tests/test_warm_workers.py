@@ -252,6 +252,7 @@ async def test_many_tasks_ending_together_are_recorded_in_shared_writes(tmp_path
 
 def test_a_stage_change_sends_no_count_the_server_completes_anyway():
     from plexus_mcp_jupyter.core.context import TaskContext
+    from plexus_mcp_jupyter.core.messages import Progress
 
     sent: list[tuple] = []
     never = type("Never", (), {"is_set": lambda self: False})()
@@ -263,5 +264,5 @@ def test_a_stage_change_sends_no_count_the_server_completes_anyway():
     ctx.stage("Last", 5)  # no total before: the count is news
     ctx.advance(1, "a message the server has not seen")
     ctx.stage("After")
-    assert [m[0] for m in sent] == ["stage", "stage", "progress", "stage", "progress", "stage"]
-    assert sent[2] == ("progress", 2, None) and sent[4] == ("progress", 1, "a message the server has not seen")
+    assert [type(m).__name__ for m in sent] == ["Stage", "Stage", "Progress", "Stage", "Progress", "Stage"]
+    assert sent[2] == Progress(2, None) and sent[4] == Progress(1, "a message the server has not seen")

@@ -233,7 +233,7 @@ class BatchOperations:
             owner = actor.owner or ""
         if selection.created_after:
             parse_iso(selection.created_after, "created_after")  # the error names the argument given
-        flt = self.manager.build_filter(status=list(selection.status), type=list(selection.type),
+        flt = self.manager.build_filter(status=list(selection.status), type_names=list(selection.type),
                                         since=selection.created_after, owner=owner, viewer=actor.viewer,
                                         batch=selection.batch, before=selection.created_before)
         if not flt.statuses:
@@ -456,8 +456,10 @@ def batch_uri(batch_id: str) -> str:
 
 def _not_retryable(task: Task) -> str | None:
     if task.status in (TaskStatus.FAILED, TaskStatus.CANCELLED):
-        if get_task_type(task.type).internal:
-            return f"{task.type} tasks are re-run with their own tool (create_evaluation), which makes their record"
+        task_type = get_task_type(task.type)
+        if task_type.internal:
+            by = task_type.created_by or "their own service"
+            return f"{task.type} tasks are re-run by {by}, which makes their record"
         return None
     if task.status is TaskStatus.COMPLETED:
         return "completed (only FAILED or CANCELLED tasks are retried)"

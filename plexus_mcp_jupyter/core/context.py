@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from .errors import PlexusError
+from .messages import FromTask, Log, Progress, Reply, Request, Stage
 
 LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")  # MCP's (RFC 5424)
 
@@ -24,8 +25,8 @@ class CancelFlag(Protocol):
     def is_set(self) -> bool: ...
 
 
-Send = Callable[[tuple[Any, ...]], None]
-Receive = Callable[[float], "tuple[Any, ...] | None"]  # a message from the server within the timeout, or None
+Send = Callable[[FromTask], None]
+Receive = Callable[[float], "Reply | None"]  # the server's answer to a request within the timeout, or None
 
 
 class TaskContext:
@@ -68,7 +69,7 @@ class TaskContext:
         self.flush()
         self.check_cancelled()
         self._stage, self._total, self._processed, self._message = name, total, 0, message
-        self._send(("stage", name, total, message))
+        self._send(Stage(name, total, message))
         self._last_flush = time.monotonic()
 
     def advance(self, n: int = 1, message: str | None = None) -> None:
@@ -82,14 +83,10 @@ class TaskContext:
             self.flush()
         self.check_cancelled()
 
-    def set_progress(self, processed: int, message: str | None = None) -> None:
-        """Set the processed count of the current stage (it never goes backwards on the server)."""
-        self.advance(processed - self._processed, message)
-
     def flush(self) -> None:
         """Send pending progress now."""
         if self._dirty:
-            self._send(("progress", self._processed, self._message))
+            self._send(Progress(self._processed, self._message))
             self._dirty = False
             self._message_changed = False
             self._last_flush = time.monotonic()
@@ -102,7 +99,7 @@ class TaskContext:
     def log(self, message: str, level: str = "info") -> None:
         """A line for the task's stderr tail, also sent live to the MCP clients following the task (as a log
         message of `level`: debug, info, notice, warning, error, critical, alert or emergency)."""
-        self._send(("log", str(message), level if level in LOG_LEVELS else "info"))
+        self._send(Log(str(message), level if level in LOG_LEVELS else "info"))
 
     def request(self, kind: str, payload: Any, timeout: float = 660.0) -> Any:
         """Ask the server for something only it can do (e.g. score a chunk in a notebook kernel) and wait.
@@ -115,15 +112,14 @@ class TaskContext:
         self.flush()
         self._requests += 1
         request_id = self._requests
-        self._send(("request", request_id, kind, payload))
+        self._send(Request(request_id, kind, payload))
         deadline = time.monotonic() + timeout
         while True:
             self.check_cancelled()
             reply = self._receive(0.05)
-            if reply is not None and reply[0] == "reply" and reply[1] == request_id:
-                _, _, ok, result = reply
-                if not ok:
-                    raise PlexusError(str(result))
-                return result
+            if isinstance(reply, Reply) and reply.request_id == request_id:
+                if not reply.ok:
+                    raise PlexusError(str(reply.result))
+                return reply.result
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no answer to {kind!r} within {timeout:.0f} s")

@@ -1,4 +1,4 @@
-"""EventBus: in-process publish/subscribe of state changes (DESIGN section 3).
+"""EventBus: in-process publish/subscribe of state changes (docs/architecture.md).
 
 Every change is persisted first, then published once here. Each event has a monotonically
 increasing sequence number. A subscriber never holds an unbounded queue: pending events are

@@ -26,7 +26,7 @@ class EventFilter:
         entity_type: str | None = None,
         ids: str | None = None,
         status: str | None = None,
-        type: str | None = None,
+        type_names: str | None = None,
     ) -> EventFilter:
         """From comma-separated query values; unknown names are refused with the allowed ones."""
         entity_types = _split(entity_type)
@@ -34,7 +34,7 @@ class EventFilter:
             if name not in ENTITY_TYPES:
                 raise InvalidArgument(f"unknown entity_type {name!r}; expected one of {', '.join(ENTITY_TYPES)}")
         statuses = frozenset(TaskStatus.parse(s).value for s in _split(status))
-        return cls(frozenset(entity_types), frozenset(_split(ids)), statuses, frozenset(_split(type)))
+        return cls(frozenset(entity_types), frozenset(_split(ids)), statuses, frozenset(_split(type_names)))
 
     def __call__(self, event: Event) -> bool:
         if self.entity_types and event.entity_type not in self.entity_types:

@@ -1,4 +1,4 @@
-"""TaskManager: dispatch, scheduling, progress, cancellation and restart recovery (DESIGN section 3).
+"""TaskManager: dispatch, scheduling, progress, cancellation and restart recovery (docs/architecture.md).
 
 It is the only writer of task state. Every change goes: TaskManager -> Store (persisted) ->
 EventBus (published once). It runs on the server's event loop and never runs task code there:
@@ -25,6 +25,8 @@ from . import resources as res
 from .errors import Expired, InvalidArgument, NotFound, PlexusError
 from .events import Event, EventBus
 from .executors.base import Executor
+from .messages import Cancelled, Done, Ending, Exit, Failed, Log, Lost, Placed, Progress, Reply, Request, ToManager
+from .messages import Stage as StageBegun
 from .models import FINAL_STATUSES, ProgressSample, Stage, StageStatus, Task, TaskStatus, iso, now, parse_iso
 from .progress import ProgressDecision, ProgressTracker
 from .queue import FAIRNESS_MODES, FairClock, Group, QueuedInfo, QueuePolicy, QueueWindow, weight
@@ -61,12 +63,14 @@ class CancelOutcome:
         return {"task_id": self.task_id, "outcome": self.outcome, "status": self.status, "message": self.message,
                 "new_task_id": self.new_task_id}
 
+RequestHandler = Callable[[Task, Any], Awaitable[Any]]  # answers a task's TaskContext.request of one kind
+
 
 @dataclass
 class _RunState:
     task: Task
     tracker: ProgressTracker
-    final: tuple[Any, ...] | None = None
+    final: Ending | None = None
     cancel_requested: bool = False
     kill_timer: asyncio.TimerHandle | None = None
     log_tail: list[str] = field(default_factory=list)
@@ -114,6 +118,10 @@ class TaskManager:
         poll_interval: float = 1.0,
         worker_environment: Mapping[str, Any] | None = None,
         calls: StoreCalls | None = None,
+        request_handlers: Mapping[str, RequestHandler] | None = None,
+        max_unfinished_per_key: int = 0,
+        max_batch_size: int = 1000,
+        lease_seconds: float | None = None,
     ) -> None:
         self.store = store
         # Store calls made from async code run here, off the event loop, each with a timeout (core/store_calls.py);
@@ -121,12 +129,13 @@ class TaskManager:
         self.calls = calls or StoreCalls(4, 30.0)
         self.worker_environment = dict(worker_environment or {})
         # Handlers of requests tasks send to the server (TaskContext.request), by kind.
-        self.request_handlers: dict[str, Callable[[Task, Any], Awaitable[Any]]] = {}
+        self.request_handlers: dict[str, RequestHandler] = dict(request_handlers or {})
         # The services of internal task types that check a batch spec's params for a caller (core/batches.py
         # SpecPlanner: the evaluation service registers "evaluation"), by task type.
         self.spec_planners: dict[str, Callable[[Mapping[str, Any], Any], Awaitable[Any]]] = {}
-        self.max_unfinished_per_key = 0  # 0: no cap; API keys (owners key:<id>) may have at most this many
-        self.max_batch_size = 1000  # most tasks one batch call may touch (core/batches.py)
+        # 0: no cap; API keys (owners key:<id>) may have at most this many unfinished tasks.
+        self.max_unfinished_per_key = max_unfinished_per_key
+        self.max_batch_size = max_batch_size  # most tasks one batch call may touch (core/batches.py)
         self.bus = bus
         self.executor = executor
         self.max_concurrency = max_concurrency
@@ -142,8 +151,7 @@ class TaskManager:
         self.poll_interval = poll_interval
         # Who claims a task: executor, host, process id and a per-start instance id, so a restarted
         # server that got the same process id (PID 1 in a container) still sees its old claims as gone.
-        self.instance = uuid.uuid4().hex[:12]
-        self.server_id = f"{executor.name}:{HOST}:{os.getpid()}:{self.instance}"
+        self.instance, self.server_id = self._new_claimant()
         self._running: dict[str, _RunState] = {}
         self._finished: OrderedDict[str, Task] = OrderedDict()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -172,7 +180,7 @@ class TaskManager:
         self._queue_info: tuple[dict[str, QueuedInfo], dict[str, int]] | None = None  # per scheduling pass
         # How long a claim holds a RUNNING task without a heartbeat (core/leases.py renews it); None: no lease,
         # a task of a gone server is recovered by process id on its host only.
-        self.lease_seconds: float | None = None
+        self.lease_seconds = lease_seconds
         # A networked store (PostgreSQL): the scheduler's and the batched writes' store calls run on one writer
         # thread, in order, off the event loop (SQLite, a local file, answers in microseconds: they stay on it).
         self.offload = store.engine.dialect.name != "sqlite"
@@ -182,6 +190,11 @@ class TaskManager:
         self._flushing = False  # a batched write is being committed on the writer thread
         # Called with (task id, level, line) for each line a task logs (ctx.log, its warnings), on the loop.
         self.log_listeners: list[Callable[[str, str, str], None]] = []
+
+    def _new_claimant(self) -> tuple[str, str]:
+        """A fresh instance id and the server id that claims tasks with it (executor, host, process, instance)."""
+        instance = uuid.uuid4().hex[:12]
+        return instance, f"{self.executor.name}:{HOST}:{os.getpid()}:{instance}"
 
     def configure_queue(
         self, *, type_caps: Mapping[str, int] | None = None, fairness: str = "round_robin",
@@ -225,8 +238,7 @@ class TaskManager:
             return
         self.started = True
         self._stopping = False
-        self.instance = uuid.uuid4().hex[:12]  # per start: a restart of this object is a new claimant
-        self.server_id = f"{self.executor.name}:{HOST}:{os.getpid()}:{self.instance}"
+        self.instance, self.server_id = self._new_claimant()  # per start: a restart of this object is a new claimant
         self._loop = asyncio.get_running_loop()
         self.executor.size_for(self.max_concurrency)
         self.executor.start(self._loop)
@@ -383,7 +395,7 @@ class TaskManager:
     def build_filter(
         self,
         status: str | Sequence[str] | None = None,
-        type: str | Sequence[str] | None = None,
+        type_names: str | Sequence[str] | None = None,
         since: str | None = None,
         owner: str | None = None,
         viewer: str | None = None,
@@ -393,7 +405,7 @@ class TaskManager:
         """Validate raw filter values (from MCP, REST or a URI) into a TaskFilter."""
         statuses = tuple(TaskStatus.parse(s) for s in _as_list(status))
         known = task_type_names()
-        types = tuple(_as_list(type))
+        types = tuple(_as_list(type_names))
         for t in types:
             if t not in known:
                 raise InvalidArgument(f"unknown task type {t!r}; expected one of {', '.join(known)}")
@@ -485,7 +497,7 @@ class TaskManager:
 
     def dispatch(
         self,
-        type: str,
+        type_name: str,
         params: Mapping[str, Any] | None = None,
         *,
         priority: int = 0,
@@ -503,7 +515,7 @@ class TaskManager:
         must exist before the task can start (an evaluation's record) in the transaction that stores it.
         """
         self.check_key_cap(owner, 1)
-        task = self.new_task(type, params, priority=priority, owner=owner, description=description,
+        task = self.new_task(type_name, params, priority=priority, owner=owner, description=description,
                              internal=internal, role=role)
         also = self._also(task, record)
         if self._starts_at_once(task):
@@ -513,18 +525,18 @@ class TaskManager:
         self.store.create_task(task, also=also)
         return self._queued(task)
 
-    async def adispatch(self, type: str, params: Mapping[str, Any] | None = None, **options: Any) -> Task:
+    async def adispatch(self, type_name: str, params: Mapping[str, Any] | None = None, **options: Any) -> Task:
         """`dispatch` (same arguments) for the faces: on a networked store its reads and its insert, with the
         `record` written in its transaction, run on the writer thread (after the writes asked before it), and it
         returns once the row exists (a `get_task` right after finds it). A task started at once holds its slot
         meanwhile (`_starting`), so no other start takes it, and starts only once its row and record exist."""
         if not self.offload:
-            return self.dispatch(type, params, **options)
+            return self.dispatch(type_name, params, **options)
         record = options.pop("record", None)
         owner = options.get("owner")
         if self._key_capped(owner):
             await self._write(self.check_key_cap, owner, 1)
-        task = self.new_task(type, params, **options)
+        task = self.new_task(type_name, params, **options)
         also = self._also(task, record)
         if not self._starts_at_once(task):
             await self._write(functools.partial(self.store.create_task, task, also=also))
@@ -602,7 +614,7 @@ class TaskManager:
 
     def new_task(
         self,
-        type: str,
+        type_name: str,
         params: Mapping[str, Any] | None = None,
         *,
         priority: int = 0,
@@ -614,10 +626,10 @@ class TaskManager:
         retry_of: str | None = None,
     ) -> Task:
         """A validated QUEUED task, not yet stored (dispatch stores one; core/batches.py many at once)."""
-        task_type = get_task_type(type)
+        task_type = get_task_type(type_name)
         if task_type.internal and not internal:
-            raise InvalidArgument(f"{type} tasks are created by their own tools (create_evaluation, POST "
-                                  "plexus/api/evaluations), not dispatched directly")
+            raise InvalidArgument(f"{type_name} tasks are created by {task_type.created_by or 'their own service'}, "
+                                  "not dispatched directly")
         params = dict(params or {})
         if task_type.validate is not None:
             params = task_type.validate(params)
@@ -970,7 +982,7 @@ class TaskManager:
                 isolated=task_type.isolated, resources=task_type.resources,
             )
         except Exception as exc:
-            state.final = ("error", f"the task could not be started: {exc}", None, {})
+            state.final = Failed(f"the task could not be started: {exc}")
             self._finish(task.id, exitcode=None)
             return
         # Stored with the task's next batched write: the claim already recorded this server (what recovery
@@ -1006,52 +1018,51 @@ class TaskManager:
 
     # -- worker messages -----------------------------------------------------------------------
 
-    def _on_message(self, task_id: str, msg: tuple[Any, ...]) -> None:
+    def _on_message(self, task_id: str, msg: ToManager) -> None:
+        """One message of a running task (core/messages.py), on the loop."""
         state = self._running.get(task_id)
         if state is None:
             return
-        kind = msg[0]
-        at = now()
-        if kind in ("stage", "progress") and state.final is not None:
-            return  # after the task's end (an executor delivering late): its final state stands
-        if kind == "stage":
-            _, name, total, message = msg
-            self._apply(state, state.tracker.begin_stage(str(name), total, at, message), "task.stage")
-        elif kind == "progress":
-            _, processed, message = msg
-            self._apply(state, state.tracker.advance_to(int(processed), at, message), "task.updated")
-        elif kind == "log":
-            line = str(msg[1])
-            state.log_tail.append(line)
-            del state.log_tail[:-50]
-            for listener in self.log_listeners:  # e.g. MCP log messages (endpoint/task_logs.py)
-                try:
-                    listener(task_id, str(msg[2]) if len(msg) > 2 else "info", line)
-                except Exception:
-                    log.exception("Plexus: a task log listener failed")
-        elif kind in ("done", "error", "cancelled", "lost"):
-            if state.final is None:  # the first word on how it ended stands (an executor may repeat itself)
-                state.final = msg
-        elif kind == "worker":  # the executor placed it (a Dask worker's address): shown by get_task
-            state.task.worker = f"{self.server_id}/{msg[1]}"
-        elif kind == "request":
-            _, request_id, request_kind, payload = msg
-            self._loop_task(self._serve_request(state.task, request_id, str(request_kind), payload), state)
-        elif kind == "exit":
-            self._finish(task_id, exitcode=msg[1])
+        match msg:
+            case StageBegun() | Progress() if state.final is not None:
+                return  # after the task's end (an executor delivering late): its final state stands
+            case StageBegun(name, total, message):
+                self._apply(state, state.tracker.begin_stage(str(name), total, now(), message), "task.stage")
+            case Progress(processed, message):
+                self._apply(state, state.tracker.advance_to(int(processed), now(), message), "task.updated")
+            case Log(text, level):
+                line = str(text)
+                state.log_tail.append(line)
+                del state.log_tail[:-50]
+                for listener in self.log_listeners:  # e.g. MCP log messages (endpoint/task_logs.py)
+                    try:
+                        listener(task_id, str(level), line)
+                    except Exception:
+                        log.exception("Plexus: a task log listener failed")
+            case Done() | Failed() | Cancelled() | Lost():
+                if state.final is None:  # the first word on how it ended stands (an executor may repeat itself)
+                    state.final = msg
+            case Placed(worker):  # the executor placed it (a Dask worker's address): shown by get_task
+                state.task.worker = f"{self.server_id}/{worker}"
+            case Request(request_id, kind, payload):
+                self._loop_task(self._serve_request(state.task, request_id, str(kind), payload), state)
+            case Exit(exitcode):
+                self._finish(task_id, exitcode=exitcode)
+            case _:
+                log.warning("Plexus: task %s sent an unknown message %s; ignored", task_id, type(msg).__name__)
 
-    async def _serve_request(self, task: Task, request_id: Any, kind: str, payload: Any) -> None:
+    async def _serve_request(self, task: Task, request_id: int, kind: str, payload: Any) -> None:
         """Answer a task's request (TaskContext.request) with the handler registered for its kind."""
         handler = self.request_handlers.get(kind)
         try:
             if handler is None:
                 raise InvalidArgument(f"this server does not serve {kind!r} requests from tasks")
-            reply: tuple[Any, ...] = ("reply", request_id, True, await handler(task, payload))
+            reply = Reply(request_id, True, await handler(task, payload))
         except PlexusError as exc:
-            reply = ("reply", request_id, False, str(exc))
+            reply = Reply(request_id, False, str(exc))
         except Exception as exc:
             log.exception("Plexus: the %r request of task %s failed", kind, task.id)
-            reply = ("reply", request_id, False, f"the server could not serve {kind!r}: {type(exc).__name__}: {exc}")
+            reply = Reply(request_id, False, f"the server could not serve {kind!r}: {type(exc).__name__}: {exc}")
         # A large answer to a worker that stopped reading would block a plain send: off the event loop.
         await asyncio.get_running_loop().run_in_executor(None, self.executor.reply, task.id, reply)
 
@@ -1171,7 +1182,7 @@ class TaskManager:
             state.kill_timer = None
         task = state.task
         final = state.final
-        if self._stopping and not state.cancel_requested and (final is None or final[0] == "cancelled"):
+        if self._stopping and not state.cancel_requested and (final is None or isinstance(final, Cancelled)):
             # Our own shutdown stopped it (its worker reports "cancelled" to the shutdown's request, or
             # nothing when killed). A result or an error it produced meanwhile is kept as reported.
             if self._idempotent(task.type):
@@ -1184,45 +1195,46 @@ class TaskManager:
                 self._running.pop(task_id, None)
                 return
             final = None
-        if (final is not None and final[0] == "lost" and final[2] and self._idempotent(task.type)
+        if (isinstance(final, Lost) and final.requeue and self._idempotent(task.type)
                 and not state.cancel_requested and not self._stopping):
             # Its worker died (a Dask worker, executors/dask.py), and its type says a re-run is safe.
             self._pending.pop(task_id, None)
             try:
-                self._requeue(task.id, str(final[1]))
+                self._requeue(task.id, str(final.message))
             except Exception:
                 log.exception("Plexus: could not re-queue task %s", task_id)
                 return
             self._running.pop(task_id, None)
             return
         tails: Mapping[str, Any] = {}
-        if final is not None and final[0] == "lost":
-            task.status = TaskStatus.FAILED
-            task.error_message = str(final[1])
-        elif final is not None and final[0] == "done":
-            task.status = TaskStatus.COMPLETED
-            task.output = final[1]  # bounded and made plain JSON by the worker (Executor contract)
-            tails = final[2]
-        elif final is not None and final[0] == "cancelled":
-            task.status = TaskStatus.CANCELLED
-            task.error_message = "cancelled at the task's request check"
-            tails = final[1]
-        elif final is not None and final[0] == "error":
-            task.status = TaskStatus.FAILED
-            task.error_message = str(final[1])[:2000]
-            task.error_details = final[2]
-            tails = final[3] or {}
-        elif state.cancel_requested:
-            task.status = TaskStatus.CANCELLED
-            task.error_message = (
-                f"cancelled: the worker was stopped after the {self.cancel_grace_seconds:g}s grace period"
-            )
-        elif self._stopping:
-            task.status = TaskStatus.FAILED
-            task.error_message = "the server stopped while the task was running"
-        else:
-            task.status = TaskStatus.FAILED
-            task.error_message = f"the worker process exited unexpectedly (exit code {exitcode})"
+        match final:
+            case Lost(message):
+                task.status = TaskStatus.FAILED
+                task.error_message = str(message)
+            case Done(output, done_tails):
+                task.status = TaskStatus.COMPLETED
+                task.output = output  # bounded and made plain JSON by the worker (Executor contract)
+                tails = done_tails or {}
+            case Cancelled(cancelled_tails):
+                task.status = TaskStatus.CANCELLED
+                task.error_message = "cancelled at the task's request check"
+                tails = cancelled_tails or {}
+            case Failed(message, details, failed_tails):
+                task.status = TaskStatus.FAILED
+                task.error_message = str(message)[:2000]
+                task.error_details = dict(details) if details is not None else None
+                tails = failed_tails or {}
+            case None if state.cancel_requested:
+                task.status = TaskStatus.CANCELLED
+                task.error_message = (
+                    f"cancelled: the worker was stopped after the {self.cancel_grace_seconds:g}s grace period"
+                )
+            case None if self._stopping:
+                task.status = TaskStatus.FAILED
+                task.error_message = "the server stopped while the task was running"
+            case _:
+                task.status = TaskStatus.FAILED
+                task.error_message = f"the worker process exited unexpectedly (exit code {exitcode})"
         task.completed_at = task.completed_at or now()
         if task.status is TaskStatus.COMPLETED and task.started_at is not None:
             self._durations.setdefault(task.type, deque(maxlen=DURATIONS_KEPT)).append(

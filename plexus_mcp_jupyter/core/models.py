@@ -1,4 +1,4 @@
-"""The task model: statuses, tasks, stages and progress samples (DESIGN section 3).
+"""The task model: statuses, tasks, stages and progress samples (docs/architecture.md).
 
 These are plain dataclasses with no I/O; the Store persists them and every face serialises them
 with `to_dict()`, so the JSON shape of a task is defined once, here.

@@ -1,4 +1,4 @@
-"""Resources: what one task needs and what an executor can give (DESIGN section 3, "resources").
+"""Resources: what one task needs and what an executor can give (docs/tasks.md, "Resources").
 
 A resource set is a plain mapping of names to whole amounts: `slots` (worker slots), `memory_mb`, and any
 named resource a deployment declares (`gpu`, `license`...). A task type declares the needs of one task,

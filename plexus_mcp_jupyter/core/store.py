@@ -529,7 +529,8 @@ class Store:
                 for task_id in task_ids]
         with self.engine.begin() as conn:
             if self.engine.dialect.name == "postgresql":
-                return {row["b_id"] for row in rows if conn.execute(_CLAIM_SKIP_LOCKED, row).rowcount == 1}
+                return {task_id for task_id, row in zip(task_ids, rows, strict=True)
+                        if conn.execute(_CLAIM_SKIP_LOCKED, row).rowcount == 1}
             # SQLite: one statement for all (its rowcount is the sum); when some were taken meanwhile, the rows
             # this transaction claimed are the ones that now carry its worker and start time.
             if conn.execute(_CLAIM, rows).rowcount == len(rows):

@@ -1,4 +1,8 @@
-"""The registry of task types: name -> task function, by import path so workers can load it."""
+"""The registry of task types: name -> TaskType, whose function is named by import path so workers can load it.
+
+The core registers its own type (`demo`); a package with task types of its own registers them when the
+runtime is built (the evaluations package: evaluations/task_type.py), so the core names no module of theirs.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +14,18 @@ from typing import Any
 from .errors import InvalidArgument
 from .resources import DEFAULT_NEEDS, check_amount
 
+ParamsCheck = Callable[[Mapping[str, Any]], dict[str, Any]]
+
 
 @dataclass(frozen=True)
 class TaskType:
-    """A kind of task: where its function lives and how its parameters are checked."""
+    """A kind of task: where its function lives, how its parameters are checked and how its tasks run."""
 
     name: str
     target: str  # "package.module:function", imported by the worker
     description: str
-    validate: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
-    # An idempotent task may be re-queued after a server crash instead of failed.
+    validate: ParamsCheck | None = None
+    # An idempotent task may be re-queued after a server crash (or a lost Dask worker) instead of failed.
     idempotent: bool = False
     # Created only by the service that owns it (which checked its parameters), never directly by a client.
     internal: bool = False
@@ -27,6 +33,23 @@ class TaskType:
     resources: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_NEEDS))
     # Runs in a fresh worker process discarded after it, never in a reused one (untrusted or memory-hungry code).
     isolated: bool = False
+    # Its module is imported once in the local executor's forkserver, so that no worker pays for its imports
+    # (worth it for heavy ones: pandas, pyarrow).
+    preload: bool = False
+    # For an internal type: the tools that create its tasks, named when a client tries another way.
+    created_by: str = ""
+
+    def __post_init__(self) -> None:
+        module, colon, function = self.target.partition(":")
+        if not self.name or not module or not colon or not function:
+            raise InvalidArgument(
+                f"task type {self.name!r}: target must be 'package.module:function', not {self.target!r}"
+            )
+
+    @property
+    def module(self) -> str:
+        """The module of its function (what a worker imports)."""
+        return self.target.partition(":")[0]
 
 
 _REGISTRY: dict[str, TaskType] = {}
@@ -56,6 +79,11 @@ def task_type_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def preload_modules() -> list[str]:
+    """The modules of the registered task types that ask to be imported ahead of their tasks (`preload`)."""
+    return sorted({t.module for t in _REGISTRY.values() if t.preload})
+
+
 def load_target(target: str) -> Callable[..., Any]:
     module_name, _, attr = target.partition(":")
     module = importlib.import_module(module_name)
@@ -73,27 +101,6 @@ def _register_builtin() -> None:
             validate=demo.validate_params,
         )
     )
-    register_task_type(
-        TaskType(
-            name="evaluation",
-            target="plexus_mcp_jupyter.evaluations.runner:run_evaluation",
-            description="An evaluation of a scorer on a dataset (created by create_evaluation).",
-            validate=_evaluation_params,
-            idempotent=True,  # its items are keyed by position: a re-run after a crash rewrites them
-            internal=True,  # its parameters name code to import and records to write: only the service makes them
-            # Seconds long, so a fresh process costs nothing that matters; it loads whole datasets (memory a
-            # process keeps after freeing it) and runs scorer code named by the caller: none of that may
-            # outlive the evaluation in a worker that then serves another key's tasks.
-            isolated=True,
-        )
-    )
-
-
-def _evaluation_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    if not isinstance(params.get("evaluation_id"), str) or not isinstance(params.get("scores"), list):
-        raise InvalidArgument("evaluation tasks are created by create_evaluation (MCP) or POST "
-                              "plexus/api/evaluations, which check their parameters")
-    return dict(params)
 
 
 _register_builtin()

@@ -1,10 +1,9 @@
 """What runs inside a worker process: load the task function, run it, report back.
 
-Messages sent to the server (tuples, pickled over a pipe):
-("stage", name, total, message), ("progress", processed, message), ("log", text),
-and exactly one final message: ("done", output, tails), ("error", message, details, tails) or
-("cancelled", tails). The executor adds ("exit", exitcode) when the task has ended (0 once its final
-message arrived from a worker that lives on; the process's exit code when the worker died).
+Messages sent to the server (core/messages.py, pickled over a pipe): Stage, Progress, Log and Request from
+the task's context, and exactly one final message: Done, Failed or Cancelled. The executor adds Exit when the
+task has ended (0 once its final message arrived from a worker that lives on; the process's exit code when the
+worker died).
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from typing import Any
 
 from .context import CancelFlag, TaskCancelled, TaskContext
 from .errors import PlexusError
+from .messages import Batch, Cancelled, Done, End, Failed, Final, FromTask, Log, Message, Run, Stop, ToTask
 from .output import bounded_output
 from .tasks import load_target
 
@@ -50,7 +50,7 @@ class Tail(io.TextIOBase):
 def run_task(
     task_id: str, target: str, params: dict[str, Any], send: Any, cancel_flag: CancelFlag,
     max_output_bytes: int = 65_536, environment: dict[str, Any] | None = None, receive: Any = None,
-) -> tuple[Any, ...]:
+) -> Final:
     """Run one task function with a context; return its final message (not sent).
 
     The output is bounded here, in the worker, so a huge result never crosses to the server.
@@ -59,15 +59,15 @@ def run_task(
     saved = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = stdout, stderr
 
-    def send_msg(msg: tuple[Any, ...]) -> None:
-        if msg[0] == "log":
-            stderr.write(msg[1].rstrip("\n") + "\n")
+    def send_msg(msg: FromTask) -> None:
+        if isinstance(msg, Log):
+            stderr.write(msg.text.rstrip("\n") + "\n")
         send(msg)
 
     def show_warning(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
                      line: Any = None) -> None:
         # The task's warnings go live to the clients following it (and into its stderr tail), not to the worker.
-        send_msg(("log", f"{category.__name__}: {message} ({os.path.basename(filename)}:{lineno})", "warning"))
+        send_msg(Log(f"{category.__name__}: {message} ({os.path.basename(filename)}:{lineno})", "warning"))
 
     ctx = TaskContext(task_id, send_msg, cancel_flag, environment=environment, receive=receive)
     with warnings.catch_warnings():  # restored when the task ends: the worker runs many tasks
@@ -76,16 +76,16 @@ def run_task(
             fn = load_target(target)
             output = fn(ctx, **params)
             ctx.flush()
-            return ("done", bounded_output(output, max_output_bytes), _tails(stdout, stderr))
+            return Done(bounded_output(output, max_output_bytes), _tails(stdout, stderr))
         except TaskCancelled:
             ctx.flush()
-            return ("cancelled", _tails(stdout, stderr))
+            return Cancelled(_tails(stdout, stderr))
         except BaseException as exc:  # the task's own failure, reported, never raised to the pool
             ctx.flush()
             details = {"exception_type": type(exc).__name__, "traceback": traceback.format_exc()[-TAIL_CHARS:]}
             # Plexus's own errors already say what was wrong and what is allowed; others are named by their type.
             message = str(exc) if isinstance(exc, PlexusError) else f"{type(exc).__name__}: {exc}"
-            return ("error", message, details, _tails(stdout, stderr))
+            return Failed(message, details, _tails(stdout, stderr))
         finally:
             sys.stdout, sys.stderr = saved
 
@@ -97,7 +97,7 @@ class Outbox:
     server). A flusher thread sends what waits; `flush()` sends at once (a task's end, a request whose
     answer the task waits for). One lock keeps the messages in order.
 
-    Each message is pickled on its own (`("batch", [bytes, ...])`), so one that cannot be pickled here, or
+    Each message is pickled on its own (a messages.Batch of bytes), so one that cannot be pickled here, or
     unpickled on the server, costs only itself (a log line), never the task's end beside it.
     """
 
@@ -105,22 +105,22 @@ class Outbox:
         self._conn = conn
         self._delay = delay
         self._cond = threading.Condition()
-        self._pending: list[tuple[Any, ...]] = []
+        self._pending: list[Message] = []
         threading.Thread(target=self._run, name="plexus-outbox", daemon=True).start()
 
-    def send(self, msg: tuple[Any, ...]) -> None:
+    def send(self, msg: Message) -> None:
         with self._cond:
             self._pending.append(msg)
             if len(self._pending) == 1:
                 self._cond.notify()
 
-    def flush(self, last: tuple[Any, ...] | None = None) -> None:
+    def flush(self, last: Message | None = None) -> None:
         """Send what waits, and `last` after it, now. `last` that cannot be pickled raises (nothing is sent)."""
         with self._cond:
             tail = [pickle.dumps(last, pickle.HIGHEST_PROTOCOL)] if last is not None else []
             batch, self._pending = self._pending, []
             if batch or tail:
-                self._conn.send(("batch", [_pickled(m) for m in batch] + tail))
+                self._conn.send(Batch([_pickled(m) for m in batch] + tail))
 
     def _run(self) -> None:
         while True:
@@ -136,11 +136,12 @@ class Outbox:
                 traceback.print_exc()
 
 
-def _pickled(msg: tuple[Any, ...]) -> bytes:
+def _pickled(msg: Message) -> bytes:
     try:
         return pickle.dumps(msg, pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
-        return pickle.dumps(("log", f"plexus: a {msg[0]!r} message could not be sent: {type(exc).__name__}: {exc}"))
+        text = f"plexus: a {type(msg).__name__} message could not be sent: {type(exc).__name__}: {exc}"
+        return pickle.dumps(Log(text), pickle.HIGHEST_PROTOCOL)
 
 
 class _TaskCancelFlag:
@@ -171,11 +172,10 @@ def _rss_mb() -> float:
 def pool_main(conn: Any, cancel_seq: Any, nice: int = 0) -> None:
     """Entry point of a local-executor worker process: run the tasks the server sends, one at a time.
 
-    Protocol (pickled tuples on the duplex pipe). Server -> worker: ("run", seq, task_id, target, params,
-    max_output_bytes, environment) and ("to", seq, message), an answer to a request of task `seq` (answers
-    for another task, which ended meanwhile, are dropped). Worker -> server: the task's messages (module
-    docstring), then ("end", final, rss_mb); several of them may come as one ("batch", [messages]) (Outbox).
-    The worker exits on ("stop",) or when the server's end closes.
+    Protocol (core/messages.py, pickled on the duplex pipe). Server -> worker: Run, and ToTask, an answer to a
+    request of task `seq` (answers for another task, which ended meanwhile, are dropped). Worker -> server:
+    the task's messages (module docstring), then End; they come as Batch of messages pickled one by one
+    (Outbox). The worker exits on Stop or when the server's end closes.
     """
     # The server may speak MCP over its stdout (stdio mode): a worker must never write there.
     os.dup2(2, 1)
@@ -193,28 +193,28 @@ def pool_main(conn: Any, cancel_seq: Any, nice: int = 0) -> None:
                 msg = conn.recv()
             except (EOFError, OSError):
                 return
-            if msg[0] == "stop":
+            if isinstance(msg, Stop):
                 return
-            if msg[0] != "run":
+            if not isinstance(msg, Run):
                 continue  # a late answer to a task that already ended
-            _, seq, task_id, target, params, max_output_bytes, environment = msg
+            seq = msg.seq
 
             def receive(timeout: float, seq: int = seq) -> Any:
                 outbox.flush()  # the request this task waits on must have left
                 while conn.poll(timeout):
                     incoming = conn.recv()
-                    if incoming[0] == "to" and incoming[1] == seq:
-                        return incoming[2]
+                    if isinstance(incoming, ToTask) and incoming.seq == seq:
+                        return incoming.message
                     timeout = 0  # drained a stale message: look again without waiting
                 return None
 
-            final = run_task(task_id, target, params, outbox.send, _TaskCancelFlag(cancel_seq, seq), max_output_bytes,
-                             environment, receive)
+            final = run_task(msg.task_id, msg.target, msg.params, outbox.send, _TaskCancelFlag(cancel_seq, seq),
+                             msg.max_output_bytes, msg.environment, receive)
             try:
-                outbox.flush(("end", final, _rss_mb()))
+                outbox.flush(End(final, _rss_mb()))
             except Exception as exc:  # e.g. an output that cannot be pickled
-                outbox.flush(("end", ("error", f"the task's result could not be sent back: {exc}", None, final[-1]),
-                              _rss_mb()))
+                failed = Failed(f"the task's result could not be sent back: {exc}", None, final.tails)
+                outbox.flush(End(failed, _rss_mb()))
     finally:
         conn.close()
 

@@ -27,7 +27,7 @@ def register_resources(server: MCPServer, manager: TaskManager) -> None:
     async def task_page(status: str | None, type: str | None, limit: str | None, cursor: str | None,
                         batch: str | None = None) -> str:
         try:
-            flt = manager.build_filter(status=status, type=type, viewer=current_principal().viewer, batch=batch)
+            flt = manager.build_filter(status=status, type_names=type, viewer=current_principal().viewer, batch=batch)
             tasks, next_cursor = await manager.alist_tasks(flt, limit=manager.parse_limit(limit),
                                                            cursor=cursor or None)
         except InvalidArgument as exc:

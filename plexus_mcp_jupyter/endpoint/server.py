@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
@@ -73,6 +74,18 @@ class PlexusMCPServer(MCPServer):
     """
 
     task_tools: frozenset[str] = frozenset()
+
+    def __init__(self, *, task_tools: frozenset[str] = frozenset(), audit: AuditLog | None = None,
+                 task_logs: TaskLogs | None = None, telemetry: Telemetry | None = None,
+                 resource_watch: ResourceWatch | None = None, **sdk_options: Any) -> None:
+        """The SDK's options, and Plexus's collaborators the runtime reaches through the server (None: built for
+        its schemas only, without a manager)."""
+        super().__init__(**sdk_options)
+        self.task_tools = task_tools
+        self.audit = audit
+        self.task_logs = task_logs
+        self.telemetry = telemetry
+        self.resource_watch = resource_watch
 
     async def list_tools(self) -> list[MCPTool]:
         tools = await super().list_tools()
@@ -181,8 +194,11 @@ MAX_PROBLEMS = 3
 
 
 def build_mcp_server(
-    manager: TaskManager, evaluations: EvaluationService | None = None, audit: AuditLog | None = None
-) -> MCPServer:
+    manager: TaskManager, evaluations: EvaluationService | None = None, audit: AuditLog | None = None,
+    session_count: Callable[[], int] | None = None,
+) -> PlexusMCPServer:
+    """The MCP server over `manager`; `session_count` tells the service metrics how many MCP sessions are open
+    (the endpoint, built after this server)."""
     # MCPServer() calls logging.basicConfig() with a Rich handler on the root logger. Inside Jupyter that
     # would re-route the whole server's logging (and Rich formatting halves throughput), so whatever it
     # adds to the root logger is taken away again; the SDK's loggers stay at WARNING.
@@ -196,7 +212,16 @@ def build_mcp_server(
 
     task_tools = (*TASK_TOOLS, "create_evaluation") if evaluations is not None else TASK_TOOLS
     tasks = PlexusTasks(manager, task_tools, outcome)
+    tasks.audit = audit
+    logs = TaskLogs(audit.scrubber.scrub if audit is not None else None)
+    telemetry = Telemetry(manager, sessions=session_count) if manager is not None else None
+    watch = ResourceWatch(manager, evaluations) if manager is not None else None
     server = PlexusMCPServer(
+        task_tools=tasks.task_tools,
+        audit=audit,
+        task_logs=logs,
+        telemetry=telemetry,
+        resource_watch=watch,
         name="plexus",
         title="Plexus tasks and evaluations",
         version=__version__,
@@ -205,8 +230,6 @@ def build_mcp_server(
         extensions=[tasks],
         middleware=[as_the_caller, tasks.legacy_middleware],
     )
-    server.task_tools = tasks.task_tools
-    server.audit = tasks.audit = audit
     if audit is not None:
         register_audit_resource(server, audit)
     for handler in root.handlers[:]:
@@ -215,7 +238,6 @@ def build_mcp_server(
     root.setLevel(level)
     for name in ("mcp", "sse_starlette"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    logs = TaskLogs(audit.scrubber.scrub if audit is not None else None)
     register_tools(server, manager, logs)
     register_batch_tools(server, manager, logs)
     register_resources(server, manager)
@@ -223,21 +245,16 @@ def build_mcp_server(
         register_evaluation_tools(server, evaluations, logs)
     register_prompts(server)
     install_logging(server, logs)
-    if manager is not None:  # None when only the schemas are wanted
+    if manager is not None and telemetry is not None and watch is not None:  # None when only the schemas are wanted
         install_completion(server, manager, evaluations)
         manager.log_listeners.append(logs.on_line)
-        telemetry = Telemetry(manager)
         manager.bus.add_listener(telemetry.on_event)
         if audit is not None:
             audit.observers.append(telemetry.on_audit)
         register_metrics_resource(server, telemetry)
-        server.telemetry = telemetry  # type: ignore[attr-defined]
-        watch = ResourceWatch(manager, evaluations)
         tasks.follow_status = watch.follow_status
         install_subscriptions(server, watch, outcome)
-        server.resource_watch = watch  # type: ignore[attr-defined]
         logs.subscribers = watch.sessions_following
         watch.on_sent = telemetry.on_update_sent
         telemetry.subscriptions = watch.followed
-    server.task_logs = logs  # type: ignore[attr-defined]
     return server

@@ -101,7 +101,7 @@ async def _parse(uri: str, manager: TaskManager, evaluations: EvaluationService 
     query = _query(uri, parts.query, ("status", "type", "batch", "limit", "cursor"))
     try:
         flt = manager.build_filter(
-            status=",".join(query.get("status", [])) or None, type=",".join(query.get("type", [])) or None,
+            status=",".join(query.get("status", [])) or None, type_names=",".join(query.get("type", [])) or None,
             batch=",".join(query.get("batch", [])) or None,
         )
         manager.parse_limit(",".join(query.get("limit", [])) or None)

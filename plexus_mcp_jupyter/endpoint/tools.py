@@ -198,7 +198,7 @@ def register_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs | Non
         batch: Annotated[str | None, Field(max_length=64, description="Only the tasks of this batch (dispatch_batch's "
                                            "batch_id)")] = None,
     ) -> Annotated[CallToolResult, TaskPage]:
-        flt = manager.build_filter(status=status or None, type=type, since=since,
+        flt = manager.build_filter(status=status or None, type_names=type, since=since,
                                    viewer=current_principal().viewer, batch=batch)
         tasks, next_cursor = await manager.alist_tasks(flt, limit=min(limit, max_page), cursor=cursor)
         # TaskPage's JSON form; the SDK validates it against TaskPage (see result()).

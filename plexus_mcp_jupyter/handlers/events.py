@@ -54,7 +54,7 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
                 entity_type=self.get_argument("entity_type", None),
                 ids=self.get_argument("ids", None),
                 status=self.get_argument("status", None),
-                type=self.get_argument("type", None),
+                type_names=self.get_argument("type", None),
             )
             since_text = self.get_argument("since", None)
             since = int(since_text) if since_text not in (None, "") else None

@@ -23,7 +23,7 @@ class TasksHandler(PlexusHandler):
         try:
             flt = manager.build_filter(
                 status=self.get_argument("status", None),
-                type=self.get_argument("type", None),
+                type_names=self.get_argument("type", None),
                 since=self.get_argument("since", None),
                 viewer=self.principal.viewer,
                 batch=self.get_argument("batch", None),

@@ -109,13 +109,14 @@ def redact(value: Any, sensitive: Iterable[str] = DEFAULT_SENSITIVE,
 class AuditLog:
     """Appends audit records in the background; reads them for admins."""
 
-    def __init__(self, engine: Engine, sensitive: Iterable[str] = DEFAULT_SENSITIVE) -> None:
+    def __init__(self, engine: Engine, sensitive: Iterable[str] = DEFAULT_SENSITIVE, *,
+                 retention_seconds: float = 0.0) -> None:
         self.engine = engine
         self.sensitive = tuple(sensitive)
         self.scrubber = SecretScrubber()  # the server adds its token (see PlexusRuntime.protect_secret)
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(QUEUE_SIZE)
         self.dropped = 0
-        self.retention_seconds = 0.0  # 0: kept forever; see configure_retention
+        self.retention_seconds = float(retention_seconds)  # 0: kept forever; see configure_retention
         self._prune_interval, self._prune_batch, self._next_prune = 3600.0, 500, 0.0
         # Called with each batch of records in the writer thread, before they are written (service metrics).
         self.observers: list[Callable[[list[dict[str, Any]]], None]] = []

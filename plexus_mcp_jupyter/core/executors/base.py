@@ -9,9 +9,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import PlexusError
+from ..messages import Reply, ToManager
 from ..resources import Resources, machine_capacity
 
-MessageCallback = Callable[[tuple[Any, ...]], None]
+MessageCallback = Callable[[ToManager], None]
+Deliveries = list[tuple[MessageCallback, ToManager]]  # what an executor's thread hands the event loop at once
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
@@ -20,23 +22,23 @@ class ExecutorUnavailable(PlexusError):
     """The executor cannot start (a Dask scheduler that does not answer); the message says what to change."""
 
 
-def run_callbacks(batch: list[tuple[MessageCallback, tuple[Any, ...]]]) -> None:
+def run_callbacks(batch: Deliveries) -> None:
     """Hand the messages an executor's thread collected to their tasks, on the event loop (one loop wake-up per
     batch rather than per message); a failing handler is logged and never stops the others."""
     for on_message, msg in batch:
         try:
             on_message(msg)
         except Exception:
-            log.exception("Plexus: handling a worker message %r failed", msg[0])
+            log.exception("Plexus: handling a worker message %s failed", type(msg).__name__)
 
 
 class Executor(abc.ABC):
     """Runs task functions elsewhere and reports their messages on the server's event loop.
 
-    `on_message` is always called on the loop given to `start()`; the last message of every
-    submitted task is ("exit", exitcode), after its final result message if it sent one. A ("done",
-    output, tails) message carries output already passed through `core.output.bounded_output` with
-    the given `max_output_bytes`, in the worker, so a huge result never reaches the server.
+    `on_message` is always called on the loop given to `start()` with core/messages.py messages; the last
+    message of every submitted task is Exit, after its final message (Done, Failed, Cancelled or Lost) if it
+    sent one. A Done message carries output already passed through `core.output.bounded_output` with the
+    given `max_output_bytes`, in the worker, so a huge result never reaches the server.
     """
 
     name: str = "executor"
@@ -68,7 +70,7 @@ class Executor(abc.ABC):
         when the executor has none."""
         return None
 
-    def reply(self, task_id: str, message: tuple[Any, ...]) -> None:
+    def reply(self, task_id: str, message: Reply) -> None:
         """Send a task the answer to one of its requests (`TaskContext.request`)."""
         raise NotImplementedError(f"the {self.name} executor cannot answer requests from tasks")
 

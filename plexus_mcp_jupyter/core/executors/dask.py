@@ -29,14 +29,15 @@ import pickle
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from .. import worker as worker_side
+from ..messages import Exit, Failed, Final, FromTask, Lost, Placed, Reply, Request, Started, ToManager
 from ..resources import Resources
-from .base import Executor, ExecutorUnavailable, MessageCallback, run_callbacks
+from .base import Deliveries, Executor, ExecutorUnavailable, MessageCallback, run_callbacks
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
@@ -61,7 +62,7 @@ class _Outbox:
         self.queue = Queue(f"{channel}-out", client=get_client())
         self.interval = interval
         self.lock = threading.Lock()
-        self.pending: dict[str, list[tuple[Any, ...]]] = {}
+        self.pending: dict[str, list[FromTask | Started]] = {}
         self.puts: dict[str, int] = {}  # batches of each task put on the queue, so the server keeps their order
         self.put_lock = threading.Lock()  # puts leave in the order their batches were taken
         self.active = 0  # tasks of this server running in this process
@@ -75,13 +76,13 @@ class _Outbox:
             self.active += 1
             self.pending[task_id] = []
 
-    def send(self, task_id: str, message: tuple[Any, ...], *, urgent: bool = False) -> None:
+    def send(self, task_id: str, message: FromTask | Started, *, urgent: bool = False) -> None:
         with self.lock:
             self.pending.setdefault(task_id, []).append(message)
         if urgent:
             self.flush()
 
-    def take(self, task_id: str) -> tuple[list[tuple[Any, ...]], int]:
+    def take(self, task_id: str) -> tuple[list[FromTask | Started], int]:
         """A task ended: its messages not put yet (they travel in its result) and how many batches were put."""
         with self.lock:
             self.active -= 1
@@ -187,7 +188,7 @@ def run_on_dask(
     environment: dict[str, Any],
     channel: str,
     interval: float,
-) -> tuple[str, list[tuple[Any, ...]], int, tuple[Any, ...]]:
+) -> tuple[str, list[FromTask | Started], int, Final]:
     """What a Dask worker runs for one task: the task function by its import path, with a context whose
     messages go through this worker's outbox. Returns (worker address, messages not put yet, batches put,
     final message)."""
@@ -195,11 +196,11 @@ def run_on_dask(
 
     address = str(get_worker().address)
     box = _outbox(channel, interval, task_id)
-    box.send(task_id, ("started", address))
+    box.send(task_id, Started(address))
     inbox = _Inbox(f"{channel}-in-{task_id}", interval)
 
-    def send(message: tuple[Any, ...]) -> None:
-        box.send(task_id, message, urgent=message[0] == "request")
+    def send(message: FromTask) -> None:
+        box.send(task_id, message, urgent=isinstance(message, Request))
 
     try:
         final = worker_side.run_task(
@@ -231,7 +232,7 @@ class _Run:
     future: Any = None  # once submitted
     address: str | None = None  # the worker running it, once it said so
     received: int = 0  # message batches of this task taken from the queue
-    result: tuple[Any, ...] | None = None  # the future's result, waiting for its earlier batches
+    result: tuple[str, list[FromTask | Started], int, Final] | None = None  # run_on_dask's, waiting for earlier batches
     result_at: float = 0.0
     cancel_set: bool = False
     inbox_used: bool = False
@@ -474,10 +475,9 @@ class DaskExecutor(Executor):
                         retries=0,
                     )
                 except Exception as exc:
-                    deliveries: list[tuple[MessageCallback, tuple[Any, ...]]] = []
+                    deliveries: Deliveries = []
                     for run in group:
-                        deliveries.append((run.on_message, ("error", f"Dask refused the task: {exc}", None, {})))
-                        self._end(run, 0, deliveries)
+                        self._end(run, 0, deliveries, Failed(f"Dask refused the task: {exc}"))
                     self._deliver(deliveries)
                     continue
                 for run, future in zip(group, futures, strict=True):
@@ -488,7 +488,7 @@ class DaskExecutor(Executor):
                         self._in_control(self._kill, run)
                 self._collect_wake.set()
 
-    def reply(self, task_id: str, message: tuple[Any, ...]) -> None:
+    def reply(self, task_id: str, message: Reply) -> None:
         from distributed import Queue
 
         run = self._runs.get(task_id)
@@ -565,30 +565,40 @@ class DaskExecutor(Executor):
             if not items:
                 self._stop.wait(self.message_interval)
                 continue
-            deliveries: list[tuple[MessageCallback, tuple[Any, ...]]] = []
-            for batch in items:
-                for task_id, messages in pickle.loads(batch):
-                    with self._lock:
-                        run = self._runs.get(task_id)
-                        if run is None:
-                            continue
-                        run.received += 1
-                    self._messages(run, messages, deliveries)
-                    self._maybe_end(run, deliveries)
-            self._deliver(deliveries)
+            self._take(items)
 
-    def _messages(
-        self, run: _Run, messages: list[tuple[Any, ...]], deliveries: list[tuple[MessageCallback, tuple[Any, ...]]]
-    ) -> None:
+    def _take(self, items: list[bytes]) -> None:
+        """Deliver the message batches of one read, then count them as received and deliver the ends they
+        completed. In that order: the collector delivers a task's end once its batches are counted, so an end
+        never overtakes the messages the task sent before it (the loop runs deliveries in the order given)."""
+        deliveries: Deliveries = []
+        arrived: list[_Run] = []
+        for batch in items:
+            for task_id, messages in pickle.loads(batch):
+                with self._lock:
+                    run = self._runs.get(task_id)
+                if run is not None:
+                    self._messages(run, messages, deliveries)
+                    arrived.append(run)
+        self._deliver(deliveries)
+        with self._lock:
+            for run in arrived:
+                run.received += 1
+        ends: Deliveries = []
+        for run in arrived:
+            self._maybe_end(run, ends)
+        self._deliver(ends)
+
+    def _messages(self, run: _Run, messages: list[FromTask | Started], deliveries: Deliveries) -> None:
         for message in messages:
-            if message[0] == "started":
-                address = str(message[1])
+            if isinstance(message, Started):
+                address = message.address
                 if run.address is not None and run.address != address:
                     # Dask ran it again on another worker (a scheduler allowing failures): the first died.
                     self._lost(run, run.address, deliveries)
                     return
                 run.address = address
-                deliveries.append((run.on_message, ("worker", f"dask:{address}")))
+                deliveries.append((run.on_message, Placed(f"dask:{address}")))
             elif not run.ended:
                 deliveries.append((run.on_message, message))
 
@@ -610,7 +620,7 @@ class DaskExecutor(Executor):
             pause = COLLECT_MIN if futures else min(pause * 2, COLLECT_MAX)
             if not futures:
                 continue
-            deliveries: list[tuple[MessageCallback, tuple[Any, ...]]] = []
+            deliveries: Deliveries = []
             finished = [f for f in futures if f.status == "finished"]
             by_key = self._gather(finished)
             for future in futures:
@@ -640,23 +650,27 @@ class DaskExecutor(Executor):
                     out[future.key] = future.result(timeout=5)
             return out
 
-    def _maybe_end(self, run: _Run, deliveries: list[tuple[MessageCallback, tuple[Any, ...]]]) -> None:
-        """Deliver a task's result once every batch it put on the queue before it has arrived (or waited long)."""
-        if run.result is None or run.ended:
-            return
-        address, rest, puts, final = run.result
-        if run.received < puts and time.monotonic() - run.result_at < FINAL_WAIT:
-            return
+    def _maybe_end(self, run: _Run, deliveries: Deliveries) -> None:
+        """Deliver a task's result once every batch it put on the queue before it has arrived (or waited long).
+
+        The reader, the collector and the monitor all call this: the look and the claim are one step under
+        the lock, so exactly one of them delivers the task's end."""
+        with self._lock:
+            if run.result is None or run.ended:
+                return
+            address, rest, puts, final = run.result
+            if run.received < puts and time.monotonic() - run.result_at < FINAL_WAIT:
+                return
+            self._claim(run)
+        last: list[ToManager] = []
         if run.address is None:
             run.address = address
-            deliveries.append((run.on_message, ("worker", f"dask:{address}")))
-        for message in rest:
-            if message[0] != "started":
-                deliveries.append((run.on_message, message))
-        deliveries.append((run.on_message, final))
-        self._end(run, 0, deliveries)
+            last.append(Placed(f"dask:{address}"))
+        last.extend(message for message in rest if not isinstance(message, Started))
+        last.append(final)
+        self._ended(run, 0, deliveries, last)
 
-    def _failed(self, run: _Run, future: Any, deliveries: list[tuple[MessageCallback, tuple[Any, ...]]]) -> None:
+    def _failed(self, run: _Run, future: Any, deliveries: Deliveries) -> None:
         """The future ended without a result: cancelled (our forced stop), its worker died, or Dask failed it."""
         from distributed.scheduler import KilledWorker
 
@@ -677,31 +691,43 @@ class DaskExecutor(Executor):
             self._lost(run, address, deliveries)
             return
         message = f"the Dask executor could not run the task: {type(exc).__name__}: {exc}"
-        deliveries.append((run.on_message, ("error", message, {"exception_type": type(exc).__name__}, {})))
-        self._end(run, 0, deliveries)
+        self._end(run, 0, deliveries, Failed(message, {"exception_type": type(exc).__name__}))
 
-    def _lost(self, run: _Run, address: str | None, deliveries: list[tuple[MessageCallback, tuple[Any, ...]]]) -> None:
-        """Its worker died mid-task: a "lost" final (the manager re-queues an idempotent task, fails the others)."""
+    def _lost(self, run: _Run, address: str | None, deliveries: Deliveries) -> None:
+        """Its worker died mid-task: a Lost final (the manager re-queues an idempotent task, fails the others)."""
+        with self._lock:
+            if run.ended:
+                return  # another thread ended it already: one loss, one end
+            self._claim(run)
         losses = self._losses[run.task_id] = self._losses.get(run.task_id, 0) + 1
         where = address or "unknown address"
         message = f"the Dask worker {where} died while running the task"
         if losses >= MAX_LOSSES:
             message += f" ({losses} workers died running it: not re-queued again)"
-        deliveries.append((run.on_message, ("lost", message, losses < MAX_LOSSES)))
         if not run.killed:
             run.killed = True
             with contextlib.suppress(Exception):
                 self.client.cancel([run.future], force=True)
-        self._end(run, 0, deliveries)
+        self._ended(run, 0, deliveries, [Lost(message, losses < MAX_LOSSES)])
 
-    def _end(self, run: _Run, exitcode: int, deliveries: list[tuple[MessageCallback, tuple[Any, ...]]]) -> None:
+    def _end(self, run: _Run, exitcode: int, deliveries: Deliveries, *last: ToManager) -> None:
+        """End a run with `last` (its final message, if any) and Exit, unless another thread ended it first."""
         with self._lock:
             if run.ended:
                 return
-            run.ended = True
-            self._runs.pop(run.task_id, None)
-            self._by_key.pop(run.key, None)
-        deliveries.append((run.on_message, ("exit", exitcode)))
+            self._claim(run)
+        self._ended(run, exitcode, deliveries, last)
+
+    def _claim(self, run: _Run) -> None:
+        """Mark a run ended; the caller holds the lock and saw it not ended, so it alone delivers the end."""
+        run.ended = True
+        self._runs.pop(run.task_id, None)
+        self._by_key.pop(run.key, None)
+
+    def _ended(self, run: _Run, exitcode: int, deliveries: Deliveries, last: Iterable[ToManager]) -> None:
+        """Deliver the end of a run this thread claimed: `last`, then Exit; let Dask drop what it kept."""
+        deliveries.extend((run.on_message, message) for message in last)
+        deliveries.append((run.on_message, Exit(exitcode)))
         if run.cancel_set or run.inbox_used:
             self._in_control(self._forget, run)
         else:
@@ -733,12 +759,12 @@ class DaskExecutor(Executor):
         while not self._stop.wait(MONITOR_INTERVAL if not self._runs else 0.5):
             with contextlib.suppress(Exception):
                 self._refresh()
-            deliveries: list[tuple[MessageCallback, tuple[Any, ...]]] = []
+            deliveries: Deliveries = []
             for run in list(self._runs.values()):
                 self._maybe_end(run, deliveries)
             self._deliver(deliveries)
 
-    def _deliver(self, deliveries: list[tuple[MessageCallback, tuple[Any, ...]]]) -> None:
+    def _deliver(self, deliveries: Deliveries) -> None:
         if not deliveries or self._loop is None:
             return
         with contextlib.suppress(RuntimeError):  # the loop closed during shutdown

@@ -1,7 +1,7 @@
 """The local executor: a pool of warm worker processes, each running one task at a time.
 
 Starting a process per task capped throughput at a few dozen small tasks per second, so workers are
-started ahead (from a forkserver that pre-imported the worker and evaluation modules, never by forking
+started ahead (from a forkserver that pre-imported the worker and heavy task modules, never by forking
 the threaded server) and reused: a worker runs a task, reports its end, and takes the next one. What a
 process per task guaranteed still holds:
 
@@ -27,13 +27,14 @@ import pickle
 import sys
 import threading
 import types
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_for_pipes
 from typing import Any
 
-from .. import worker
-from .base import Executor, MessageCallback, run_callbacks
+from .. import tasks, worker
+from ..messages import Batch, End, Exit, Log, Message, Reply, Run, Stop, ToManager, ToTask
+from .base import Deliveries, Executor, MessageCallback, run_callbacks
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
@@ -80,7 +81,7 @@ class _Worker:
     tasks_run: int = 0
     retiring: bool = False  # told to stop (or killed): never given another task
 
-    def send(self, message: tuple[Any, ...]) -> None:
+    def send(self, message: Message) -> None:
         with self.send_lock:
             self.channel.send(message)
 
@@ -91,15 +92,16 @@ class LocalExecutor(Executor):
     def __init__(
         self, start_method: str | None = None, *, pool_size: int | None = None, reuse: bool = True,
         max_tasks_per_worker: int = 1000, max_worker_memory_mb: float = 1024.0, nice: int = 0,
+        preload: Sequence[str] | None = None,
     ) -> None:
         """`pool_size` workers are kept warm (None: the manager's max_concurrency, see size_for); more start on
-        demand and are retired once idle. `reuse=False` gives every task a fresh process, as before the pool."""
+        demand and are retired once idle. `reuse=False` gives every task a fresh process, as before the pool.
+        `preload`: modules the forkserver imports once for every worker (None: those of the task types registered
+        when the executor starts that ask for it, core/tasks.py `preload_modules`)."""
         methods = mp.get_all_start_methods()
         self.start_method = start_method or ("forkserver" if "forkserver" in methods else "spawn")
         self._mp: Any = mp.get_context(self.start_method)
-        if self.start_method == "forkserver":
-            # The evaluation runner too: pandas, pyarrow and SQLAlchemy cost 0.5-1.8 s to import in every worker.
-            self._mp.set_forkserver_preload(["plexus_mcp_jupyter.core.worker", "plexus_mcp_jupyter.evaluations.runner"])
+        self.preload = list(preload) if preload is not None else None
         self._pool_size_given = pool_size is not None
         self.pool_size = pool_size or 0
         self.reuse = reuse
@@ -126,6 +128,10 @@ class LocalExecutor(Executor):
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        if self.start_method == "forkserver":
+            # Before the forkserver starts (_warm_up): it imports these once, and every worker forks from it.
+            extra = self.preload if self.preload is not None else tasks.preload_modules()
+            self._mp.set_forkserver_preload(["plexus_mcp_jupyter.core.worker", *extra])
         self._closing = False
         self._wake_r, self._wake_w = self._mp.Pipe(duplex=False)
         self._reader = threading.Thread(target=self._read, name="plexus-worker-reader", daemon=True)
@@ -214,7 +220,7 @@ class LocalExecutor(Executor):
         if self._loop is None:
             raise RuntimeError("LocalExecutor.start(loop) must be called before submit()")
         single_use = isolated or not self.reuse
-        run = (target, params, max_output_bytes, dict(environment or {}))
+        environment = dict(environment or {})
         while True:
             chosen: _Worker | None = None
             if not single_use:
@@ -230,7 +236,7 @@ class LocalExecutor(Executor):
                 chosen.job = _Job(task_id, chosen.seq, on_message)
                 self._by_task[task_id] = chosen
             try:
-                chosen.send(("run", chosen.seq, task_id, *run))
+                chosen.send(Run(chosen.seq, task_id, target, params, max_output_bytes, environment))
                 break
             except (OSError, ValueError):
                 # It died while idle. If the reader has not seen that yet, take another worker; if it has, it
@@ -247,13 +253,13 @@ class LocalExecutor(Executor):
                     raise
         return f"pid={chosen.process.pid}"
 
-    def reply(self, task_id: str, message: tuple[Any, ...]) -> None:
+    def reply(self, task_id: str, message: Reply) -> None:
         with self._lock:
             w = self._by_task.get(task_id)
             seq = w.job.seq if w is not None and w.job is not None else None
         if w is not None and seq is not None:
             with contextlib.suppress(OSError, ValueError):  # the worker is gone: nobody waits for the answer
-                w.send(("to", seq, message))
+                w.send(ToTask(seq, message))
 
     def request_cancel(self, task_id: str) -> None:
         with self._lock:
@@ -287,7 +293,7 @@ class LocalExecutor(Executor):
                 ready: list[Any] = wait_for_pipes([self._wake_r, *channels], timeout=1.0)
             except OSError:  # a pipe closed while we waited: look again
                 ready = []
-            batch: list[tuple[MessageCallback, tuple[Any, ...]]] = []
+            batch: Deliveries = []
             for channel in ready:
                 if channel is self._wake_r:
                     with contextlib.suppress(OSError, EOFError):
@@ -301,7 +307,7 @@ class LocalExecutor(Executor):
             if batch:
                 self._deliver(batch)
 
-    def _drain(self, w: _Worker, batch: list[tuple[MessageCallback, tuple[Any, ...]]]) -> None:
+    def _drain(self, w: _Worker, batch: Deliveries) -> None:
         """Read what one worker sent (at most READ_BATCH messages); handle its end or its death."""
         for _ in range(READ_BATCH):
             try:
@@ -310,11 +316,11 @@ class LocalExecutor(Executor):
                 self._died(w, batch)
                 return
             except Exception as exc:  # an unpicklable message: report it, keep reading
-                msg = ("log", f"plexus: a message from the worker could not be read: {exc}")
+                msg = Log(f"plexus: a message from the worker could not be read: {exc}")
             for one in _unbatched(msg):  # worker.Outbox coalesces messages
                 job = w.job
-                if one[0] == "end":
-                    self._ended(w, one[1], float(one[2]), batch)
+                if isinstance(one, End):
+                    self._ended(w, one, batch)
                 elif job is not None:
                     batch.append((job.on_message, one))
             try:
@@ -324,9 +330,9 @@ class LocalExecutor(Executor):
                 self._died(w, batch)
                 return
 
-    def _ended(self, w: _Worker, final: tuple[Any, ...], rss_mb: float,
-               batch: list[tuple[MessageCallback, tuple[Any, ...]]]) -> None:
+    def _ended(self, w: _Worker, end: End, batch: Deliveries) -> None:
         """A task ended in a worker that lives on: report it, then reuse or retire the worker."""
+        rss_mb = float(end.rss_mb)
         with self._lock:
             job, w.job = w.job, None
             if job is not None:
@@ -338,8 +344,8 @@ class LocalExecutor(Executor):
             if not retire:
                 self._idle.append(w)
         if job is not None:
-            batch.append((job.on_message, final))
-            batch.append((job.on_message, ("exit", 0)))
+            batch.append((job.on_message, end.final))
+            batch.append((job.on_message, Exit(0)))
         if retire:
             if rss_mb > self.max_worker_memory_mb:
                 log.info("Plexus: worker pid %s uses %.0f MB, above max_worker_memory_mb: replaced", w.process.pid,
@@ -358,11 +364,11 @@ class LocalExecutor(Executor):
             if busy:
                 w.process.kill()
             else:
-                w.send(("stop",))
+                w.send(Stop())
         except (OSError, ValueError):
             w.process.kill()
 
-    def _died(self, w: _Worker, batch: list[tuple[MessageCallback, tuple[Any, ...]]]) -> None:
+    def _died(self, w: _Worker, batch: Deliveries) -> None:
         """A worker's pipe reached EOF: it exited (retired) or died (killed, crashed). Replace it."""
         with contextlib.suppress(OSError):
             w.channel.close()
@@ -375,11 +381,11 @@ class LocalExecutor(Executor):
             if job is not None:
                 self._by_task.pop(job.task_id, None)
         if job is not None:
-            batch.append((job.on_message, ("exit", w.process.exitcode)))
+            batch.append((job.on_message, Exit(w.process.exitcode)))
         if self.reuse and not self._closing:
             self._fill_pool()
 
-    def _deliver(self, batch: list[tuple[MessageCallback, tuple[Any, ...]]]) -> None:
+    def _deliver(self, batch: Deliveries) -> None:
         loop = self._loop
         if loop is None:
             return
@@ -387,16 +393,15 @@ class LocalExecutor(Executor):
             loop.call_soon_threadsafe(run_callbacks, batch)
 
 
-
-def _unbatched(msg: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+def _unbatched(msg: Any) -> list[ToManager | End]:
     """The messages of one read: a worker.Outbox batch is a list of messages pickled one by one, so one that
     cannot be read costs only itself (a log line), never the task's end beside it."""
-    if msg[0] != "batch":
+    if not isinstance(msg, Batch):
         return [msg]
-    out: list[tuple[Any, ...]] = []
-    for data in msg[1]:
+    out: list[ToManager | End] = []
+    for data in msg.items:
         try:
             out.append(pickle.loads(data))
         except Exception as exc:
-            out.append(("log", f"plexus: a message from the worker could not be read: {type(exc).__name__}: {exc}"))
+            out.append(Log(f"plexus: a message from the worker could not be read: {type(exc).__name__}: {exc}"))
     return out
