@@ -8,8 +8,9 @@ before it reads, so a worker holds the selected columns of one batch (a few MiB)
 - Columns compared as text (labels, a prediction column, ids) are read from a CSV file as strings: a label
   column of "1", "2" and "yes" is three classes, not a conversion error in the 900th block. Any other column
   whose values change type after the first block (pyarrow infers types from it) fails with the column's name.
-- The file must not change while it is read: its size and mtime are checked before the first batch, after
-  each one and at the end, and a change fails the evaluation saying so (its items would mix two versions).
+- The file must not change while it is read: its size and mtime, taken when the stream is made, are checked
+  after each batch and at the end of every pass, and a change fails the evaluation saying so (its items
+  would mix two versions).
 - Each batch becomes a DataFrame (text columns stay Arrow-backed) whose index is the rows' positions in the
   file, so an item's default id is its row number whatever the batch.
 """
@@ -45,11 +46,14 @@ class DatasetStream:
     """
 
     def __init__(self, path: Path, fmt: str, ref: str, names: Sequence[str], columns: Sequence[str],
-                 text_columns: Sequence[str] = (), bounds: ReadBounds | None = None) -> None:
+                 text_columns: Sequence[str] = (), bounds: ReadBounds | None = None,
+                 batch_bytes: int = BATCH_BYTES) -> None:
         self.path, self.fmt, self.ref = path, fmt, ref
         self.names, self.columns = list(names), list(dict.fromkeys(columns))
         self.text_columns = [c for c in dict.fromkeys(text_columns) if c in self.columns]
         self.bounds = bounds or ReadBounds()
+        self.batch_bytes = batch_bytes  # a block read at once (at least a line's bound, for CSV and JSON Lines)
+        self.version = _version(path)
         self.rows: int | None = None
         if fmt == "parquet":
             self.rows = pq.ParquetFile(path).metadata.num_rows
@@ -71,7 +75,7 @@ class DatasetStream:
         return count_jsonl(self.path, None, self.bounds).rows
 
     def __iter__(self) -> Iterator[pd.DataFrame]:
-        version = _version(self.path)
+        version = self.version  # every pass reads the version the first one read
         start = 0
         batches = {"csv": self._csv, "parquet": self._parquet, "jsonl": self._jsonl}[self.fmt]()
         while True:
@@ -107,7 +111,7 @@ class DatasetStream:
         reader = pa_csv.open_csv(
             self.path,
             read_options=pa_csv.ReadOptions(column_names=self.names, skip_rows=1,
-                                            block_size=max(BATCH_BYTES, self.bounds.block_bytes)),
+                                            block_size=max(self.batch_bytes, self.bounds.block_bytes)),
             parse_options=pa_csv.ParseOptions(newlines_in_values=True),
             convert_options=pa_csv.ConvertOptions(include_columns=self.columns,
                                                   column_types={c: pa.string() for c in self.text_columns},
@@ -138,13 +142,14 @@ class DatasetStream:
     def _parquet(self) -> Iterator[pd.DataFrame]:
         with self.path.open("rb") as handle:
             parquet = pq.ParquetFile(handle)
-            for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=self.columns):
+            rows = max(1, PARQUET_BATCH_ROWS * self.batch_bytes // BATCH_BYTES)
+            for batch in parquet.iter_batches(batch_size=rows, columns=self.columns):
                 yield batch.to_pandas()
 
     def _jsonl(self) -> Iterator[pd.DataFrame]:
         """Blocks of whole lines, each parsed by pyarrow; a block pyarrow refuses (a field that changes type
         between records) is parsed by pandas instead, its values kept as they are, as before."""
-        for block in _line_blocks(self.path, max(BATCH_BYTES, self.bounds.block_bytes), self.bounds.block_bytes):
+        for block in _line_blocks(self.path, max(self.batch_bytes, self.bounds.block_bytes), self.bounds.block_bytes):
             try:
                 frame = pa_json.read_json(io.BytesIO(block)).to_pandas()
             except pa.ArrowInvalid:

@@ -1,7 +1,7 @@
 """The evaluation task: runs in a worker process, like any Plexus task.
 
-Stages: Setup (check columns, build the scorers, open the dataset), Scoring (the dataset read with pyarrow in
-batches of only the columns needed (dataset_stream.py), cut into chunks; each chunk scored by every score, its
+Stages: Setup (check columns, build the scorers, open the dataset), Scoring (score by score, the dataset read
+with pyarrow in batches of only the columns needed (dataset_stream.py), cut into chunks; each chunk scored, its
 items written as one Parquet file (item_files.py), its label/prediction pairs counted into a confusion matrix
 (metrics.ConfusionCounter); progress reported and cancellation checked between chunks), Metrics (from the
 counts; written with the evaluation once). Memory is one batch plus the counts, whatever the dataset's size
@@ -132,11 +132,13 @@ def _run(
     total = rows if rows is not None else estimate
     ctx.stage("Scoring", total * len(scorers) * passes, f"{total:,} items")
     seen = 0
-    for start, chunk in Chunks(frames, largest=chunk_size):
-        seen = start + len(chunk)
-        if rows is None:  # a CSV or JSON Lines file's rows are known only as they are read
-            check_items(seen, len(scores), passes, limit, at_least=True)
-        for state in states:
+    # Score by score, each a pass over the file (its reader re-opened): a slow scorer does not hold back the
+    # items of a fast one, and chunks are sized for the scorer at work.
+    for state in states:
+        for start, chunk in Chunks(frames, largest=chunk_size):
+            seen = start + len(chunk)
+            if rows is None:  # a CSV or JSON Lines file's rows are known only as they are read
+                check_items(seen, len(scores), passes, limit, at_least=True)
             state.add(start, chunk)
     if seen == 0:
         raise InvalidArgument(f"dataset {dataset!r} has no rows")
@@ -193,7 +195,10 @@ def _build_scorer(ctx: TaskContext, spec: dict[str, Any], input_column: str | No
     return scorer_from_spec(spec, input_column=input_column)
 
 
-def _require_two_classes(classes: set[str], column: str) -> None:
+def _require_two_classes(classes: set[str], column: str, na_label: str) -> None:
+    if classes <= {na_label}:
+        raise InvalidArgument(f"label column {column!r} has no labels: every value is missing or blank; pick the "
+                              "column that holds the correct labels")
     if len(classes) < 2:
         raise InvalidArgument(
             f"label column {column!r} has a single class ({next(iter(classes), 'na')!r} in every row) after "
@@ -273,7 +278,8 @@ class _Accuracy:
         self.ctx.advance(len(chunk))
 
     def result(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        _require_two_classes({self.counter.names[c] for c in self.label_classes}, self.label_column)
+        _require_two_classes({self.counter.names[c] for c in self.label_classes}, self.label_column,
+                             self.counter.normalization.na_label)
         if self.scored == 0:
             raise InvalidArgument(f"score {self.name!r}: every item failed to score; see the items' errors")
         counts = {"items": self.items, "scored": self.scored, "errors": self.items - self.scored}
