@@ -240,6 +240,9 @@ async def main() -> None:
     parser.add_argument("--formats", default="csv,parquet")
     parser.add_argument("--pages", type=int, default=20)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/plexus-bench-e2e"))
+    parser.add_argument("--nice", type=int, default=0, help="the workers' nice (worker_nice; the server's default "
+                        "is 10, which on a shared, loaded machine measures the other load, not the pipeline)")
+    parser.add_argument("--pin", action="store_true", help="pin the server (and so its workers) to one core")
     args = parser.parse_args()
     sizes = [int(r) for r in args.rows.split(",")]
     formats = args.formats.split(",")
@@ -247,15 +250,17 @@ async def main() -> None:
     # The SDK client validates a tool's result with jsonschema, imported on its first call_tool: ~4 s here
     # (rfc3987_syntax builds its grammars). A client's cost, not the server's: paid before the clock starts.
     import jsonschema  # noqa: F401
-    print(f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} on {os.cpu_count()} cores at start")
+    print(f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} on {os.cpu_count()} cores at start; "
+          f"workers at nice {args.nice}; client on cores {sorted(os.sched_getaffinity(0))}, server "
+          f"{'pinned to core ' + str(_common.SERVER_CPU) if args.pin else 'on any core'}")
     files = {(rows, fmt): dataset(args.cache, rows, fmt) for rows in sizes for fmt in formats}
     with tempdir() as tmp:
         work = Path(tmp)
         pcsv.write_csv(piece(0, 1000), work / "warm.csv")
         for (_rows, _fmt), path in files.items():
             os.link(path, work / path.name)
-        env = {"PLEXUS_MCP_MAX_EVALUATION_ITEMS": str(max(sizes) + 1)}
-        with jupyter_server(work, extra_env=env) as (url, pid):
+        env = {"PLEXUS_MCP_MAX_EVALUATION_ITEMS": str(max(sizes) + 1), "PLEXUS_MCP_WORKER_NICE": str(args.nice)}
+        with jupyter_server(work, extra_env=env, pin=args.pin) as (url, pid):
             first, later, first_end, later_end, task_id = await warm_start(url)
             print(f"warm start: first create_evaluation {first * 1000:.0f} ms, later p50 {later * 1000:.0f} ms; "
                   f"first 1,000-row evaluation end to end {first_end:.2f} s, later p50 {later_end:.2f} s")
