@@ -33,7 +33,6 @@ import os
 import statistics
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 from _common import client, jupyter_server, tempdir
+from bench_columnar import disk_bytes, page_latencies, stage_times
 
 from plexus_mcp_jupyter.evaluations.metrics import compute_metrics
 
@@ -65,8 +65,14 @@ def piece(start: int, rows: int) -> pa.Table:
     predicted = np.where(wrong, (truth + rng.integers(1, len(CLASSES), rows)) % len(CLASSES), truth)
     ids = np.arange(start + 1, start + rows + 1, dtype=np.int64)
     text = np.char.add("a support ticket about ", CLASSES[truth].astype(str))
-    return pa.table({"id": ids, "text": pa.array(text, pa.string()), "label": pa.array(label, pa.string()),
-                     "prediction": pa.array(CLASSES[predicted], pa.string())})
+    return pa.table(
+        {
+            "id": ids,
+            "text": pa.array(text, pa.string()),
+            "label": pa.array(label, pa.string()),
+            "prediction": pa.array(CLASSES[predicted], pa.string()),
+        }
+    )
 
 
 def dataset(cache: Path, rows: int, fmt: str) -> Path:
@@ -93,19 +99,10 @@ def raw(path: Path) -> tuple[float, float]:
         table = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(include_columns=columns))
     else:
         table = pq.read_table(path, columns=columns)
-    metrics = compute_metrics(table["label"].to_numpy(zero_copy_only=False),
-                              table["prediction"].to_numpy(zero_copy_only=False))
+    metrics = compute_metrics(
+        table["label"].to_numpy(zero_copy_only=False), table["prediction"].to_numpy(zero_copy_only=False)
+    )
     return metrics.accuracy, time.perf_counter() - t0
-
-
-def disk_bytes(*paths: Path) -> int:
-    total = 0
-    for path in paths:
-        if path.is_file():
-            total += path.stat().st_size
-        elif path.is_dir():
-            total += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    return total
 
 
 class TreeRss:
@@ -141,8 +138,10 @@ class TreeRss:
 async def create(session: Any, dataset: str) -> tuple[str, float]:
     """(evaluation id, seconds the create_evaluation call took)."""
     t0 = time.perf_counter()
-    made = await session.call_tool("create_evaluation", {"type": "accuracy", "dataset": dataset,
-                                                         "label_column": "label", "prediction_column": "prediction"})
+    made = await session.call_tool(
+        "create_evaluation",
+        {"type": "accuracy", "dataset": dataset, "label_column": "label", "prediction_column": "prediction"},
+    )
     if made.is_error:
         raise RuntimeError(made.content[0].text)
     return made.structured_content["evaluation_id"], time.perf_counter() - t0
@@ -164,32 +163,6 @@ async def get_task_latencies(session: Any, task_id: str, until: asyncio.Event | 
         await session.call_tool("get_task", {"task_id": task_id})
         out.append(time.perf_counter() - t0)
         await asyncio.sleep(max(0.0, 0.1 - (time.perf_counter() - t0)))
-    return out
-
-
-async def stage_times(session: Any, task_id: str) -> str:
-    """Where the evaluation's time went: created to started, then each stage (get_task)."""
-    task = (await session.call_tool("get_task", {"task_id": task_id})).structured_content
-
-    def at(text: str | None) -> float:
-        return datetime.fromisoformat(text).timestamp() if text else float("nan")
-
-    parts = [f"start {at(task['started_at']) - at(task['created_at']):.2f} s"]
-    parts += [f"{s['name']} {at(s['completed_at']) - at(s['started_at']):.2f} s" for s in task["stages"]]
-    return ", ".join(parts)
-
-
-async def page_latencies(session: Any, evaluation_id: str, pages: int) -> list[float]:
-    out, cursor = [], None
-    for _ in range(pages):
-        t0 = time.perf_counter()
-        arguments = {"evaluation_id": evaluation_id, "only_mismatches": True, "limit": 50}
-        page = (await session.call_tool("get_evaluation_results", arguments | ({"cursor": cursor} if cursor else {})
-                                        )).structured_content
-        out.append(time.perf_counter() - t0)
-        cursor = page["next_cursor"]
-        if not cursor:
-            break
     return out
 
 
@@ -230,8 +203,16 @@ async def one(url: str, pid: int, work: Path, name: str, rows: int, task_id: str
         grown = disk_bytes(*store) - before
         latencies = await page_latencies(session, evaluation_id, pages)
         stages = await stage_times(session, final["task_id"])
-    return {"end": end, "per_item": grown / rows, "rss": rss.peak, "pages": latencies, "idle": idle,
-            "during": during, "accuracy": final["metrics"]["score"]["accuracy"], "stages": stages}
+    return {
+        "end": end,
+        "per_item": grown / rows,
+        "rss": rss.peak,
+        "pages": latencies,
+        "idle": idle,
+        "during": during,
+        "accuracy": final["metrics"]["score"]["accuracy"],
+        "stages": stages,
+    }
 
 
 async def main() -> None:
@@ -240,8 +221,13 @@ async def main() -> None:
     parser.add_argument("--formats", default="csv,parquet")
     parser.add_argument("--pages", type=int, default=20)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/plexus-bench-e2e"))
-    parser.add_argument("--nice", type=int, default=0, help="the workers' nice (worker_nice; the server's default "
-                        "is 10, which on a shared, loaded machine measures the other load, not the pipeline)")
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="the workers' nice (worker_nice; the server's default "
+        "is 10, which on a shared, loaded machine measures the other load, not the pipeline)",
+    )
     parser.add_argument("--pin", action="store_true", help="pin the server (and so its workers) to one core")
     args = parser.parse_args()
     sizes = [int(r) for r in args.rows.split(",")]
@@ -250,9 +236,12 @@ async def main() -> None:
     # The SDK client validates a tool's result with jsonschema, imported on its first call_tool: ~4 s here
     # (rfc3987_syntax builds its grammars). A client's cost, not the server's: paid before the clock starts.
     import jsonschema  # noqa: F401
-    print(f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} on {os.cpu_count()} cores at start; "
-          f"workers at nice {args.nice}; client on cores {sorted(os.sched_getaffinity(0))}, server "
-          f"{'pinned to core ' + str(_common.SERVER_CPU) if args.pin else 'on any core'}")
+
+    print(
+        f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} on {os.cpu_count()} cores at start; "
+        f"workers at nice {args.nice}; client on cores {sorted(os.sched_getaffinity(0))}, server "
+        f"{'pinned to core ' + str(_common.SERVER_CPU) if args.pin else 'on any core'}"
+    )
     files = {(rows, fmt): dataset(args.cache, rows, fmt) for rows in sizes for fmt in formats}
     with tempdir() as tmp:
         work = Path(tmp)
@@ -262,22 +251,30 @@ async def main() -> None:
         env = {"PLEXUS_MCP_MAX_EVALUATION_ITEMS": str(max(sizes) + 1), "PLEXUS_MCP_WORKER_NICE": str(args.nice)}
         with jupyter_server(work, extra_env=env, pin=args.pin) as (url, pid):
             first, later, first_end, later_end, task_id = await warm_start(url)
-            print(f"warm start: first create_evaluation {first * 1000:.0f} ms, later p50 {later * 1000:.0f} ms; "
-                  f"first 1,000-row evaluation end to end {first_end:.2f} s, later p50 {later_end:.2f} s")
+            print(
+                f"warm start: first create_evaluation {first * 1000:.0f} ms, later p50 {later * 1000:.0f} ms; "
+                f"first 1,000-row evaluation end to end {first_end:.2f} s, later p50 {later_end:.2f} s"
+            )
             for (rows, fmt), path in files.items():
                 served = await one(url, pid, work, path.name, rows, task_id, args.pages)
                 peer = [raw(path) for _ in range(2)]
                 raw_s = min(s for _, s in peer)
                 idle, during = statistics.median(served["idle"]), statistics.median(served["during"])
                 pages = statistics.median(served["pages"]) * 1000 if served["pages"] else float("nan")
-                print(f"{rows:>11,} rows {fmt:8} end to end {served['end']:7.2f} s | raw pyarrow + compute_metrics "
-                      f"{raw_s:6.2f} s | ratio {served['end'] / raw_s:5.1f}x (goal <= 5x)")
-                print(f"{'':29}{served['per_item']:.1f} bytes/item (<= 16) | peak RSS server+workers "
-                      f"{served['rss'] / 2**30:.2f} GiB (<= 2 at 10M) | only_mismatches p50 {pages:.1f} ms (< 20)")
+                print(
+                    f"{rows:>11,} rows {fmt:8} end to end {served['end']:7.2f} s | raw pyarrow + compute_metrics "
+                    f"{raw_s:6.2f} s | ratio {served['end'] / raw_s:5.1f}x (goal <= 5x)"
+                )
+                print(
+                    f"{'':29}{served['per_item']:.1f} bytes/item (<= 16) | peak RSS server+workers "
+                    f"{served['rss'] / 2**30:.2f} GiB (<= 2 at 10M) | only_mismatches p50 {pages:.1f} ms (< 20)"
+                )
                 print(f"{'':29}stages: {served['stages']}")
-                print(f"{'':29}get_task p50 idle {idle * 1000:.1f} ms, during {during * 1000:.1f} ms "
-                      f"({during / idle:.1f}x, <= 2x; {len(served['during'])} calls) | accuracy served "
-                      f"{served['accuracy']:.6f}, raw {peer[0][0]:.6f}")
+                print(
+                    f"{'':29}get_task p50 idle {idle * 1000:.1f} ms, during {during * 1000:.1f} ms "
+                    f"({during / idle:.1f}x, <= 2x; {len(served['during'])} calls) | accuracy served "
+                    f"{served['accuracy']:.6f}, raw {peer[0][0]:.6f}"
+                )
     print(f"load average {os.getloadavg()[0]:.2f} at end")
 
 

@@ -31,13 +31,20 @@ async def finished_evaluation(mcp_client, jp_root_dir):
     all and only the mismatches."""
     rng = np.random.default_rng(2)
     labels = rng.choice(np.array(["yes", "no", "maybe"], dtype=object), 5000)
-    frame = pd.DataFrame({"id": [f"item-{i}" for i in range(5000)], "text": [f"t {i}" for i in range(5000)],
-                          "label": labels, "prediction": np.where(rng.random(5000) < 0.7, labels, "no")})
+    frame = pd.DataFrame(
+        {
+            "id": [f"item-{i}" for i in range(5000)],
+            "text": [f"t {i}" for i in range(5000)],
+            "label": labels,
+            "prediction": np.where(rng.random(5000) < 0.7, labels, "no"),
+        }
+    )
     frame.loc[::101, "label"] = None
     frame.to_csv(jp_root_dir / "items.csv", index=False)
     async with mcp_client() as client:
-        started = await create(client, type="accuracy", dataset="items.csv", label_column="label",
-                               prediction_column="prediction")
+        started = await create(
+            client, type="accuracy", dataset="items.csv", label_column="label", prediction_column="prediction"
+        )
         done = await finished(client, started["evaluation_id"])
         assert done["status"] == "COMPLETED", done["error_message"]
         pages = await all_results(client, started["evaluation_id"])
@@ -50,8 +57,12 @@ def as_rows(table: pa.Table) -> list[dict]:
 
 
 def arrow_get(server_url, token, evaluation_id, **params) -> requests.Response:
-    return requests.get(f"{server_url}plexus/api/evaluations/{evaluation_id}/results", params=params,
-                        headers={"Authorization": f"token {token}", "Accept": ARROW}, timeout=30)
+    return requests.get(
+        f"{server_url}plexus/api/evaluations/{evaluation_id}/results",
+        params=params,
+        headers={"Authorization": f"token {token}", "Accept": ARROW},
+        timeout=30,
+    )
 
 
 async def test_rest_results_as_arrow_equal_the_mcp_pages(server_url, token, mcp_client, runtime, jp_root_dir):
@@ -95,26 +106,42 @@ async def test_notebook_results_equal_the_mcp_pages(server_url, token, mcp_clien
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "csv"])
-async def test_the_cli_exports_the_items_as_parquet_or_csv(server_url, token, mcp_client, runtime, jp_root_dir,
-                                                           tmp_path, fmt):
+async def test_the_cli_exports_the_items_as_parquet_or_csv(
+    server_url, token, mcp_client, runtime, jp_root_dir, tmp_path, fmt
+):
     evaluation_id, pages, _ = await finished_evaluation(mcp_client, jp_root_dir)
     output = tmp_path / f"out.{fmt}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PLEXUS_MCP_")}
     env |= {"PLEXUS_MCP_URL": server_url, "PLEXUS_MCP_TOKEN": token}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "plexus_mcp_jupyter.cli", "evaluations", "export", evaluation_id, "--format", fmt,
-        "--output", str(output), env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "plexus_mcp_jupyter.cli",
+        "evaluations",
+        "export",
+        evaluation_id,
+        "--format",
+        fmt,
+        "--output",
+        str(output),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
     assert f"5,000 items of evaluation {evaluation_id} written to {output}" in out.decode()
     if fmt == "parquet":
         table = pq.read_table(output)
     else:
-        types = {"seq": pa.int64(), "correct": pa.bool_(), **{c: pa.string() for c in
-                                                               ("item_id", "input", "label", "prediction",
-                                                                "explanation", "error")}}
-        table = pa_csv.read_csv(output, convert_options=pa_csv.ConvertOptions(column_types=types,
-                                                                            strings_can_be_null=True))
+        types = {
+            "seq": pa.int64(),
+            "correct": pa.bool_(),
+            **{c: pa.string() for c in ("item_id", "input", "label", "prediction", "explanation", "error")},
+        }
+        table = pa_csv.read_csv(
+            output, convert_options=pa_csv.ConvertOptions(column_types=types, strings_can_be_null=True)
+        )
     rows = as_rows(table)
     if fmt == "csv":  # CSV has no null string: an empty field reads back as missing
         pages = [{k: (None if v == "" else v) for k, v in p.items()} for p in pages]
@@ -122,9 +149,20 @@ async def test_the_cli_exports_the_items_as_parquet_or_csv(server_url, token, mc
     assert not list(tmp_path.glob(".*.part"))  # written under a temporary name, renamed once complete
 
     bad = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "plexus_mcp_jupyter.cli", "evaluations", "export", evaluation_id, "--score", "nope",
-        "--output", str(tmp_path / "bad.parquet"), env=env, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "plexus_mcp_jupyter.cli",
+        "evaluations",
+        "export",
+        evaluation_id,
+        "--score",
+        "nope",
+        "--output",
+        str(tmp_path / "bad.parquet"),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     _out, err = await bad.communicate()
     assert bad.returncode != 0 and "has no score 'nope'" in err.decode() and "Traceback" not in err.decode()
     assert not (tmp_path / "bad.parquet").exists() and not list(tmp_path.glob(".*.part"))

@@ -31,8 +31,15 @@ def frame(rows: int, classes: int = 5, seed: int = 0) -> pd.DataFrame:
     names = np.array([f"class {i}" for i in range(classes)], dtype=object)
     label = names[rng.integers(0, classes, rows)]
     prediction = np.where(rng.random(rows) < 0.7, label, names[rng.integers(0, classes, rows)])
-    return pd.DataFrame({"id": np.arange(rows), "text": [f"row {i} of a test file" for i in range(rows)],
-                         "label": label, "prediction": prediction, "unused": rng.random(rows)})
+    return pd.DataFrame(
+        {
+            "id": np.arange(rows),
+            "text": [f"row {i} of a test file" for i in range(rows)],
+            "label": label,
+            "prediction": prediction,
+            "unused": rng.random(rows),
+        }
+    )
 
 
 # --- the counter -------------------------------------------------------------------------------------------
@@ -47,7 +54,7 @@ def test_a_confusion_counted_chunk_by_chunk_gives_the_metrics_of_the_whole(kind)
         labels, predictions = labels.astype("str"), predictions.astype("str")
     counter = ConfusionCounter()
     for start in range(0, 5000, 777):
-        counter.add(counter.classes(labels[start:start + 777]), counter.classes(predictions[start:start + 777]))
+        counter.add(counter.classes(labels[start : start + 777]), counter.classes(predictions[start : start + 777]))
     assert counter.metrics().to_dict() == compute_metrics(labels, predictions).to_dict()
 
 
@@ -70,7 +77,7 @@ def test_a_thousand_classes_are_counted_as_compute_metrics_counts_them():
     data = frame(20_000, classes=1000, seed=5)
     counter = ConfusionCounter()
     for start in range(0, len(data), 3000):
-        part = data.iloc[start:start + 3000]
+        part = data.iloc[start : start + 3000]
         counter.add(counter.classes(part["label"]), counter.classes(part["prediction"]))
     metrics = counter.metrics()
     assert len(metrics.labels) == 1000
@@ -147,8 +154,9 @@ async def test_an_evaluation_of_each_format_matches_scikit_learn(mcp_client, run
     else:
         data.to_json(path, orient="records", lines=True)
     async with mcp_client() as client:
-        started = await create(client, type="accuracy", dataset=f"data.{fmt}", label_column="label",
-                               prediction_column="prediction")
+        started = await create(
+            client, type="accuracy", dataset=f"data.{fmt}", label_column="label", prediction_column="prediction"
+        )
         done = await finished(client, started["evaluation_id"])
         assert done["status"] == "COMPLETED", done["error_message"]
         assert done["processed_items"] == done["total_items"] == len(data)
@@ -160,12 +168,17 @@ async def test_an_evaluation_of_each_format_matches_scikit_learn(mcp_client, run
 
 async def test_a_label_column_of_mixed_types_is_text(mcp_client, runtime, jp_root_dir):
     labels = ["1", "2", "yes"] * 30_000  # numbers for more than a block, then words
-    (jp_root_dir / "mixed.csv").write_text("label,prediction\n" + "".join(
-        f"{label},{label if i % 4 else '2'}\n" for i, label in enumerate(sorted(labels, key=lambda v: v == "yes"))))
+    (jp_root_dir / "mixed.csv").write_text(
+        "label,prediction\n"
+        + "".join(
+            f"{label},{label if i % 4 else '2'}\n" for i, label in enumerate(sorted(labels, key=lambda v: v == "yes"))
+        )
+    )
     data = pd.read_csv(jp_root_dir / "mixed.csv", dtype=str)
     async with mcp_client() as client:
-        started = await create(client, type="accuracy", dataset="mixed.csv", label_column="label",
-                               prediction_column="prediction")
+        started = await create(
+            client, type="accuracy", dataset="mixed.csv", label_column="label", prediction_column="prediction"
+        )
         done = await finished(client, started["evaluation_id"])
     assert done["status"] == "COMPLETED", done["error_message"]
     assert done["metrics"]["score"]["labels"] == ["1", "2", "yes"]
@@ -176,8 +189,9 @@ async def test_a_thousand_classes_through_the_server(mcp_client, runtime, jp_roo
     data = frame(20_000, classes=1000, seed=7)
     data.to_parquet(jp_root_dir / "many.parquet", index=False)
     async with mcp_client() as client:
-        started = await create(client, type="accuracy", dataset="many.parquet", label_column="label",
-                               prediction_column="prediction")
+        started = await create(
+            client, type="accuracy", dataset="many.parquet", label_column="label", prediction_column="prediction"
+        )
         done = await finished(client, started["evaluation_id"])
     assert done["status"] == "COMPLETED", done["error_message"]
     assert len(done["metrics"]["score"]["labels"]) == 1000
@@ -187,12 +201,15 @@ async def test_a_thousand_classes_through_the_server(mcp_client, runtime, jp_roo
 async def test_all_labels_missing_fails_clearly(mcp_client, runtime, jp_root_dir):
     (jp_root_dir / "nolabels.csv").write_text("text,label\n" + "".join(f"t{i},\n" for i in range(50)))
     async with mcp_client() as client:
-        started = await create(client, type="accuracy", dataset="nolabels.csv", label_column="label",
-                               prediction_column="text")
+        started = await create(
+            client, type="accuracy", dataset="nolabels.csv", label_column="label", prediction_column="text"
+        )
         done = await finished(client, started["evaluation_id"])
     assert done["status"] == "FAILED"
-    assert done["error_message"] == ("label column 'label' has no labels: every value is missing or blank; pick "
-                                     "the column that holds the correct labels")
+    assert done["error_message"] == (
+        "label column 'label' has no labels: every value is missing or blank; pick "
+        "the column that holds the correct labels"
+    )
 
 
 async def test_a_dataset_changed_while_evaluated_fails_and_says_so(mcp_client, runtime, jp_root_dir):
@@ -210,16 +227,27 @@ async def test_a_dataset_changed_while_evaluated_fails_and_says_so(mcp_client, r
 async def test_a_scorer_annotated_with_arrow_gets_arrow(mcp_client, runtime, jp_root_dir):
     frame(500).to_csv(jp_root_dir / "texts.csv", index=False)
     async with mcp_client() as client:
-        kind = await create(client, type="accuracy", dataset="texts.csv", label_column="label",
-                            scorer="python:tests.arrow_scorer_functions:arrow_kind")
-        words = await create(client, type="accuracy", dataset="texts.csv", label_column="label",
-                             scorer="python:tests.arrow_scorer_functions:arrow_first_word")
+        kind = await create(
+            client,
+            type="accuracy",
+            dataset="texts.csv",
+            label_column="label",
+            scorer="python:tests.arrow_scorer_functions:arrow_kind",
+        )
+        words = await create(
+            client,
+            type="accuracy",
+            dataset="texts.csv",
+            label_column="label",
+            scorer="python:tests.arrow_scorer_functions:arrow_first_word",
+        )
         kind_done = await finished(client, kind["evaluation_id"])
         words_done = await finished(client, words["evaluation_id"])
         assert kind_done["status"] == words_done["status"] == "COMPLETED", (kind_done, words_done)
         assert kind_done["metrics"]["score"]["prediction_distribution"]["arrow"] == 500
         assert words_done["metrics"]["score"]["prediction_distribution"]["row"] == 500
-        first = (await client.call_tool("get_evaluation_results", {"evaluation_id": kind["evaluation_id"],
-                                                                   "limit": 1})).structured_content
+        first = (
+            await client.call_tool("get_evaluation_results", {"evaluation_id": kind["evaluation_id"], "limit": 1})
+        ).structured_content
         assert first["items"][0]["prediction"] == "arrow"
         assert json.dumps(first)  # results stay JSON

@@ -45,9 +45,17 @@ class DatasetStream:
     known in advance for Parquet only (its metadata); None otherwise.
     """
 
-    def __init__(self, path: Path, fmt: str, ref: str, names: Sequence[str], columns: Sequence[str],
-                 text_columns: Sequence[str] = (), bounds: ReadBounds | None = None,
-                 batch_bytes: int = BATCH_BYTES) -> None:
+    def __init__(
+        self,
+        path: Path,
+        fmt: str,
+        ref: str,
+        names: Sequence[str],
+        columns: Sequence[str],
+        text_columns: Sequence[str] = (),
+        bounds: ReadBounds | None = None,
+        batch_bytes: int = BATCH_BYTES,
+    ) -> None:
         self.path, self.fmt, self.ref = path, fmt, ref
         self.names, self.columns = list(names), list(dict.fromkeys(columns))
         self.text_columns = [c for c in dict.fromkeys(text_columns) if c in self.columns]
@@ -86,8 +94,9 @@ class DatasetStream:
                 raise
             except (pa.ArrowException, ValueError, OSError, UnicodeDecodeError) as error:
                 self._check_unchanged(version)  # a file cut short mid-read says "changed", not "malformed"
-                raise InvalidArgument(f"cannot read dataset {clip(self.ref)} as {self.fmt.upper()}: "
-                                      f"{one_line(error)}") from None
+                raise InvalidArgument(
+                    f"cannot read dataset {clip(self.ref)} as {self.fmt.upper()}: {one_line(error)}"
+                ) from None
             self._check_unchanged(version)
             if frame is None:
                 return
@@ -105,19 +114,26 @@ class DatasetStream:
             raise InvalidArgument(
                 f"dataset {clip(self.ref)} changed while it was being read (size {version[0]:,} -> {now[0]:,} bytes, "
                 "modified time changed): its items would mix two versions of the file; evaluate it again once it "
-                "is no longer being written, or evaluate a copy")
+                "is no longer being written, or evaluate a copy"
+            )
 
     def _csv(self) -> Iterator[pd.DataFrame]:
         reader = pa_csv.open_csv(
             self.path,
             # One thread: a worker is one of several, and a quoted-newline-aware parse on threads is five times
             # slower on one core (2.1 s against 0.4 s for a 1M-row, 57 MiB file, measured).
-            read_options=pa_csv.ReadOptions(column_names=self.names, skip_rows=1, use_threads=False,
-                                            block_size=max(self.batch_bytes, self.bounds.block_bytes)),
+            read_options=pa_csv.ReadOptions(
+                column_names=self.names,
+                skip_rows=1,
+                use_threads=False,
+                block_size=max(self.batch_bytes, self.bounds.block_bytes),
+            ),
             parse_options=pa_csv.ParseOptions(newlines_in_values=True),
-            convert_options=pa_csv.ConvertOptions(include_columns=self.columns,
-                                                  column_types={c: pa.string() for c in self.text_columns},
-                                                  strings_can_be_null=True),
+            convert_options=pa_csv.ConvertOptions(
+                include_columns=self.columns,
+                column_types={c: pa.string() for c in self.text_columns},
+                strings_can_be_null=True,
+            ),
         )
         with reader:
             while True:
@@ -133,12 +149,16 @@ class DatasetStream:
         match = _CSV_COLUMN.search(message)
         if "conversion error" in message and match and int(match[1]) < len(self.names):
             column = self.names[int(match[1])]
-            return (f"dataset {clip(self.ref)}: column {clip(column)} holds values of more than one type "
-                    f"({one_line(message.split(': ', 1)[-1])}); its type is inferred from the first rows, so make "
-                    "the column one type (or save the file as Parquet with the column as text)")
+            return (
+                f"dataset {clip(self.ref)}: column {clip(column)} holds values of more than one type "
+                f"({one_line(message.split(': ', 1)[-1])}); its type is inferred from the first rows, so make "
+                "the column one type (or save the file as Parquet with the column as text)"
+            )
         if "straddl" in message:
-            return (f"dataset {clip(self.ref)}: a row is longer than {self.bounds.block_bytes:,} bytes (the "
-                    "max_dataset_header_bytes setting)")
+            return (
+                f"dataset {clip(self.ref)}: a row is longer than {self.bounds.block_bytes:,} bytes (the "
+                "max_dataset_header_bytes setting)"
+            )
         return f"cannot read dataset {clip(self.ref)} as CSV: {one_line(message)}"
 
     def _parquet(self) -> Iterator[pd.DataFrame]:
