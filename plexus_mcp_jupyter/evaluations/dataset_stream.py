@@ -27,10 +27,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
-import pyarrow.parquet as pq
 
 from ..core.errors import InvalidArgument, one_line
-from .file_reads import ReadBounds, clip, count_csv, count_jsonl
+from .file_reads import ReadBounds, clip, count_csv, count_jsonl, parquet_file
 
 BATCH_BYTES = 8 << 20  # a CSV or JSON Lines block read at once (and a Parquet batch of about this many rows)
 PARQUET_BATCH_ROWS = 131_072
@@ -64,7 +63,8 @@ class DatasetStream:
         self.version = _version(path)
         self.rows: int | None = None
         if fmt == "parquet":
-            self.rows = pq.ParquetFile(path).metadata.num_rows
+            with path.open("rb") as handle:
+                self.rows = parquet_file(handle, ref).metadata.num_rows
 
     def estimated_rows(self) -> int:
         """The rows, exact for Parquet; for CSV and JSON Lines the lines counted (more than the rows when a
@@ -163,7 +163,7 @@ class DatasetStream:
 
     def _parquet(self) -> Iterator[pd.DataFrame]:
         with self.path.open("rb") as handle:
-            parquet = pq.ParquetFile(handle)
+            parquet = parquet_file(handle, self.ref)  # its footer bounded, as for a listing
             rows = max(1, PARQUET_BATCH_ROWS * self.batch_bytes // BATCH_BYTES)
             for batch in parquet.iter_batches(batch_size=rows, columns=self.columns):
                 yield batch.to_pandas()
@@ -207,7 +207,7 @@ def _line_blocks(path: Path, size: int, longest: int) -> Iterator[bytes]:
             end = data.rfind(b"\n") + 1
             rest = data[end:]
             if len(rest) > longest:
-                raise InvalidArgument(f"a line is longer than {longest:,} bytes (the max_dataset_header_bytes setting)")
+                raise ValueError(f"a line is longer than {longest:,} bytes (the max_dataset_header_bytes setting)")
             if data[:end].strip():
                 yield data[:end]
         if rest.strip():
