@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 from tornado import web
+from tornado.iostream import StreamClosedError
 
 from ..core.errors import InvalidArgument, PlexusError
 from ..evaluations.item_files import ARROW_STREAM_TYPE as ARROW_STREAM
@@ -113,7 +114,10 @@ class EvaluationResultsHandler(PlexusHandler):
         self.set_header("Content-Type", ARROW_STREAM)
         while (piece := await service.catalog.run(stream.next)) is not None:
             self.write(piece)
-            await self.flush()
+            try:
+                await self.flush()
+            except StreamClosedError:  # the client went away: stop reading for it
+                return
 
 
 class DatasetHandler(PlexusHandler):
