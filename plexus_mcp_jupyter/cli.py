@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -377,6 +378,51 @@ def _add_tasks_parser(sub: Any) -> None:
         command.set_defaults(func=cmd_tasks)
 
 
+def cmd_evaluations(args: argparse.Namespace) -> int:
+    """`plexus evaluations export ID`: an evaluation's items, streamed from the server as Arrow (REST) and written
+    batch by batch as Parquet or CSV: bounded memory whatever the evaluation's size. The file is written under a
+    temporary name and renamed once complete, so a failed export leaves nothing half-written."""
+    import pyarrow.csv as pa_csv
+    import pyarrow.parquet as pq
+
+    from .notebook.errors import PlexusError
+
+    output = Path(args.output or f"{args.evaluation_id}.{args.format}")
+    temporary = output.with_name(f".{output.name}.part")
+    params = {"only_mismatches": "true" if args.only_mismatches else None, "label": args.label, "score": args.score}
+    try:
+        reader = _tasks_client(args).arrow_stream(f"evaluations/{args.evaluation_id}/results", params)
+        rows = 0
+        writer: Any = (pq.ParquetWriter(temporary, reader.schema, compression="zstd") if args.format == "parquet"
+                       else pa_csv.CSVWriter(temporary, reader.schema))
+        with writer:
+            for batch in reader:
+                writer.write_batch(batch)
+                rows += batch.num_rows
+        os.replace(temporary, output)
+    except (PlexusError, OSError, ValueError) as exc:  # pyarrow's errors are ValueErrors or OSErrors
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        return _fail(exc)
+    print(f"{rows:,} items of evaluation {args.evaluation_id} written to {output}")
+    return 0
+
+
+def _add_evaluations_parser(sub: Any) -> None:
+    evaluations = sub.add_parser("evaluations", help="a running server's evaluations (REST)").add_subparsers(
+        dest="command", required=True)
+    export = evaluations.add_parser("export", help="write an evaluation's per-item results as Parquet or CSV")
+    export.add_argument("evaluation_id")
+    export.add_argument("--format", choices=("parquet", "csv"), default="parquet")
+    export.add_argument("--output", "-o", help="the file to write (default: <evaluation id>.<format>)")
+    export.add_argument("--score", help="the score whose items to export (default: the first)")
+    export.add_argument("--only-mismatches", action="store_true", help="only the items that are wrong or failed")
+    export.add_argument("--label", help="only the items of this label class")
+    export.add_argument("--url", help="the server (default $PLEXUS_MCP_URL, else the running Jupyter server)")
+    export.add_argument("--token", help="its token or an API key (default $PLEXUS_MCP_TOKEN)")
+    export.set_defaults(func=cmd_evaluations)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plexus", description="Plexus MCP: long-running tasks for AI assistants.")
     parser.add_argument("--version", action="version", version=f"plexus-mcp-jupyter {__version__}")
@@ -439,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--db-url", help="the store (default: the one Jupyter and `plexus mcp serve` use)")
         command.set_defaults(func=cmd_db)
     _add_tasks_parser(sub)
+    _add_evaluations_parser(sub)
     return parser
 
 

@@ -50,6 +50,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..core.errors import InvalidArgument, NotFound, one_line
+from .dataset_stream import DatasetStream, count_lines
 from .file_reads import (
     MAX_TRACKED_LABELS,
     ReadBounds,
@@ -204,10 +205,11 @@ def _refuse_hidden(parts: Sequence[str], relative: str, what: str) -> None:
 
 def require_columns(df: pd.DataFrame, *names: str, what: str = "label column") -> None:
     """Raise InvalidArgument naming each of `names` missing from `df` and the columns it does have."""
-    _require_names([str(column) for column in df.columns], names, what)
+    require_names([str(column) for column in df.columns], names, what)
 
 
-def _require_names(existing: Sequence[str], names: Sequence[str], what: str) -> None:
+def require_names(existing: Sequence[str], names: Sequence[str], what: str) -> None:
+    """Raise InvalidArgument naming each of `names` missing from `existing` (column names) and those there are."""
     missing = [name for name in names if name not in existing]
     if not missing:
         return
@@ -344,6 +346,16 @@ class DatasetCatalog:
             raise InvalidArgument(f"dataset {str(parsed)!r} has no rows")
         return df
 
+    def stream(self, ref: str, columns: Sequence[str], text_columns: Sequence[str] = ()) -> DatasetStream:
+        """The dataset's `columns`, batch by batch, for an evaluation worker (dataset_stream.py): bounded
+        memory whatever the file's size. Raises like :meth:`load`, and InvalidArgument for a missing column."""
+        parsed = parse_ref(ref)
+        path, fmt = self._locate(parsed)
+        names = self.columns(ref)
+        require_names(names, builtins.list(columns), f"column(s) of dataset {str(parsed)!r}:")
+        with _reading(str(parsed), fmt):
+            return DatasetStream(path, fmt, str(parsed), names, columns, text_columns, self.bounds)
+
     def columns(self, ref: str) -> builtins.list[str]:
         """The dataset's column names, read from its first line or its Parquet footer only, within the
         catalog's bounds (so at most `bounds.header_bytes` of a text file, whatever its size).
@@ -407,7 +419,7 @@ class DatasetCatalog:
         _, columns = self._peek(path, fmt, ref, count_rows=False)
         names = [name for name, _ in columns]
         if label_column is not None:
-            _require_names(names, [label_column], "label column")
+            require_names(names, [label_column], "label column")
         elif DEFAULT_LABEL_COLUMN in names:
             label_column = DEFAULT_LABEL_COLUMN
         with _reading(ref, fmt):
@@ -482,7 +494,7 @@ class DatasetCatalog:
         if not count_rows or path.stat().st_size > COUNT_LINES_MAX_BYTES:
             return None, columns
         # Counts lines, so a CSV value with an embedded newline makes this an over-estimate.
-        lines = _count_lines(path)
+        lines = count_lines(path)
         return (lines - 1 if fmt == "csv" else lines), columns
 
     def _data_files(self) -> Iterator[DatasetRef]:
@@ -654,16 +666,6 @@ def _version(path: Path) -> tuple[str, int, int, int]:
     return str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino
 
 
-def _count_lines(path: Path) -> int:
-    count = 0
-    last = b"\n"
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 20):
-            count += block.count(b"\n")
-            last = block[-1:]
-    return count + (last != b"\n")
-
-
 def _info(parsed: DatasetRef, rows: int | None, columns: Sequence[tuple[str, str]], **extra: Any) -> DatasetInfo:
     if "label_column" not in extra and any(name == DEFAULT_LABEL_COLUMN for name, _ in columns):
         extra["label_column"] = DEFAULT_LABEL_COLUMN  # what an evaluation of it uses unless told otherwise
@@ -687,4 +689,5 @@ __all__ = [
     "confine_path",
     "parse_ref",
     "require_columns",
+    "require_names",
 ]

@@ -32,12 +32,15 @@ class EvaluationLimits:
     max_evaluation_items: int = DEFAULT_MAX_ITEMS
 
 
-def check_items(rows: int, scores: int, runs: int, limit: int) -> None:
-    """Refuse an evaluation of more than `limit` items (rows x scores x runs), saying by how much and what to do."""
+def check_items(rows: int, scores: int, runs: int, limit: int, *, at_least: bool = False) -> None:
+    """Refuse an evaluation of more than `limit` items (rows x scores x runs), saying by how much and what to do.
+    `at_least`: the rows are those read so far of a file whose rows are not known in advance."""
     total = rows * scores * runs
     if total > limit:
+        more = "at least " if at_least else ""
         raise InvalidArgument(
-            f"this evaluation would score {total:,} items ({rows:,} rows x {scores:,} score(s) x {runs} run(s)), "
+            f"this evaluation would score {more}{total:,} items ({more}{rows:,} rows x {scores:,} score(s) x {runs} "
+            "run(s)), "
             f"more than the {limit:,} one evaluation may have (max_evaluation_items): sample fewer rows "
             "(sample_n or a scorecard's sample), use fewer scores or runs, or ask an admin to raise the bound")
 

@@ -19,12 +19,15 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..core.errors import InvalidArgument
 
 __all__ = [
     "BALANCE_TOLERANCE",
     "Z_95",
+    "ConfusionCounter",
     "ConsistencyMetrics",
     "LabelNormalization",
     "Metrics",
@@ -324,6 +327,82 @@ def compute_metrics(
         confusion = confusion[np.ix_(seen, seen)]
         classes = classes[seen]
     return Metrics.from_confusion(confusion, classes.tolist())
+
+
+class ConfusionCounter:
+    """A confusion matrix counted batch by batch, so an evaluation keeps its counts, never its rows.
+
+    :meth:`classes` turns a batch of raw values into class numbers: an Arrow-backed column is
+    dictionary-encoded by pyarrow and only its distinct values are normalised (a batch of a million labels
+    of five classes costs five `normalize` calls); anything else is factorised by pandas, as in
+    :func:`compute_metrics`. Class numbers are stable for the counter's life, so items' classes can be
+    compared as integers. :meth:`metrics` gives what :func:`compute_metrics` would give for the same pairs.
+    """
+
+    def __init__(self, normalization: LabelNormalization = LabelNormalization()) -> None:
+        self.normalization = normalization
+        self.names: list[str] = []
+        self._numbers: dict[str, int] = {}
+        self._counts = np.zeros((0, 0), dtype=np.int64)
+
+    def number(self, name: str) -> int:
+        """The class number of a class name (a new one for a name not seen before)."""
+        found = self._numbers.get(name)
+        if found is None:
+            found = self._numbers[name] = len(self.names)
+            self.names.append(name)
+        return found
+
+    def classes(self, values: Any) -> np.ndarray:
+        """The class number of every value (normalised first), as an intp array."""
+        arrow = _arrow_column(values)
+        if arrow is not None:
+            encoded = pc.dictionary_encode(arrow)
+            distinct, codes = encoded.dictionary.to_pylist(), encoded.indices
+            if codes.null_count:
+                codes = codes.fill_null(len(distinct))
+            raw = codes.to_numpy(zero_copy_only=False)
+        else:
+            raw, uniques = pd.factorize(_column(values, "values"), use_na_sentinel=True)
+            distinct = list(np.asarray(uniques, dtype=object))
+        lookup = [self.number(self.normalization.normalize(value)) for value in distinct]
+        lookup.append(self.number(self.normalization.na_label))  # numpy's -1 and the filled nulls
+        return np.asarray(lookup, dtype=np.intp)[raw]
+
+    def add(self, labels: np.ndarray, predictions: np.ndarray) -> None:
+        """Count pairs of class numbers (from :meth:`classes`), item by item."""
+        k = len(self.names)
+        if self._counts.shape[0] < k:
+            grown = np.zeros((k, k), dtype=np.int64)
+            grown[: self._counts.shape[0], : self._counts.shape[1]] = self._counts
+            self._counts = grown
+        self._counts += np.bincount(labels * k + predictions, minlength=k * k).reshape(k, k)
+
+    def label_classes(self, labels: np.ndarray) -> set[int]:
+        """The distinct class numbers among `labels` (for checking that a label column has two classes)."""
+        return set(np.unique(labels).tolist())
+
+    def metrics(self) -> Metrics:
+        """The metrics of every pair counted so far (classes sorted by name, unseen ones left out)."""
+        k = len(self.names)
+        counts = np.zeros((k, k), dtype=np.int64)
+        counts[: self._counts.shape[0], : self._counts.shape[1]] = self._counts
+        seen = (counts.sum(axis=0) + counts.sum(axis=1)) > 0
+        order = [i for i in np.argsort(np.asarray(self.names, dtype=object)) if seen[i]]
+        return Metrics.from_confusion(counts[np.ix_(order, order)], [self.names[i] for i in order])
+
+
+def _arrow_column(values: Any) -> pa.Array | None:
+    """`values` as one Arrow array when they are Arrow already (pandas' Arrow-backed dtypes), else None."""
+    if isinstance(values, pa.ChunkedArray):
+        return values.combine_chunks()
+    if isinstance(values, pa.Array):
+        return values
+    dtype = getattr(values, "dtype", None)
+    if isinstance(dtype, pd.ArrowDtype) or (isinstance(dtype, pd.StringDtype) and dtype.storage == "pyarrow"):
+        array = pa.array(values)
+        return array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
+    return None
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,16 +1,19 @@
 """The evaluation task: runs in a worker process, like any Plexus task.
 
-Stages: Setup (load and sample the dataset, check columns, build the scorers), Scoring (chunk by chunk:
-score, write the chunk's items as one Parquet file (item_files.py), report progress; cancellation is checked
-between chunks), Metrics (vectorised, from the scored items; written with the evaluation once). The worker writes
-to the store itself (its URL comes from `ctx.environment`, never from the task's parameters), so a
-million items never cross the pipe to the server.
+Stages: Setup (check columns, build the scorers, open the dataset), Scoring (score by score, the dataset read
+with pyarrow in batches of only the columns needed (dataset_stream.py), cut into chunks; each chunk scored, its
+items written as one Parquet file (item_files.py), its label/prediction pairs counted into a confusion matrix
+(metrics.ConfusionCounter); progress reported and cancellation checked between chunks), Metrics (from the
+counts; written with the evaluation once). Memory is one batch plus the counts, whatever the dataset's size
+(a consistency evaluation also keeps every item's class per run; a sample reads the selected columns whole).
+The worker writes to the store itself (its URL comes from `ctx.environment`, never from the task's
+parameters), so a million items never cross the pipe to the server.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +25,14 @@ import pyarrow.compute as pc
 from ..core.context import TaskContext
 from ..core.errors import InvalidArgument
 from ..core.store import make_engine
-from .datasets import DatasetCatalog, require_columns
+from .datasets import DatasetCatalog, require_names
 from .item_files import ItemFiles
 from .limits import DEFAULT_MAX_ITEMS, check_items
-from .metrics import LabelNormalization, compute_metrics, consistency_metrics, normalize_labels
+from .metrics import ConfusionCounter, LabelNormalization, consistency_metrics, normalize_labels
 from .sampling import sample_frame
 from .scorers import (
     DEFAULT_INPUT_COLUMN,
+    ColumnScorer,
     KernelScorerSpec,
     ScoreBatch,
     Scorer,
@@ -88,38 +92,63 @@ def _run(
     env = ctx.environment
     ctx.stage(SETUP_STAGE, 1, f"loading {dataset}")  # one step, so that progress always has a total
     catalog = DatasetCatalog(Path(env["root_dir"]), Path(env["registered_dir"]))
-    frame = catalog.load(dataset)
-    if sample:
-        frame = sample_frame(frame, **sample)
+    names = catalog.columns(dataset)
     passes = runs if type == "consistency" else 1
-    # A CSV or JSON Lines file's rows are known only now: the bound the service checked for the others.
-    check_items(len(frame), len(scores), passes, int(env.get("max_evaluation_items", DEFAULT_MAX_ITEMS)))
+    limit = int(env.get("max_evaluation_items", DEFAULT_MAX_ITEMS))
     needed = [c for c in (label_column, input_column, id_column) if c]
-    require_columns(frame, *needed, what="column")
+    require_names(names, needed, "column")
     scorers = [(score["name"], _build_scorer(ctx, score["scorer"], input_column),
                 score.get("label_column") or label_column) for score in scores]
     for _name, scorer, score_label in scorers:
-        require_columns(frame, *scorer.columns, what="scorer input column")
+        require_names(names, scorer.columns, "scorer input column")
         if score_label:
-            require_columns(frame, score_label, what="label column")
-            _require_two_classes(frame[score_label], score_label, norm)
-    ctx.advance(1)
-    if input_column is None and DEFAULT_INPUT_COLUMN in frame.columns:
+            require_names(names, [score_label], "label column")
+    if input_column is None and DEFAULT_INPUT_COLUMN in names:
         input_column = DEFAULT_INPUT_COLUMN  # what scorers read by default is what results show as input
-    ctx.stage("Scoring", len(frame) * len(scorers) * passes, f"{len(frame):,} items")
-    metrics: dict[str, Any] = {}
-    counts: dict[str, Any] = {}
-    for name, scorer, score_label in scorers:
-        if type == "consistency":
-            metrics[name], counts[name] = _consistency(ctx, store, evaluation_id, name, scorer, frame, runs,
-                                                       score_label, input_column, id_column, chunk_size, norm)
-        else:
-            metrics[name], counts[name] = _accuracy(ctx, store, evaluation_id, name, scorer, frame, score_label,
-                                                    input_column, id_column, chunk_size, norm)
+    # Only these columns are read; those compared as text are read as text (dataset_stream.py).
+    text = [c for _n, _s, c in scorers if c] + ([id_column] if id_column else []) + [
+        s.column for _n, s, _c in scorers if isinstance(s, ColumnScorer)]
+    columns = list(dict.fromkeys(needed + text + [c for _n, s, _c in scorers for c in s.columns]
+                                 + ([input_column] if input_column else [])))
+    stream = catalog.stream(dataset, columns, text)
+    frames: Iterable[pd.DataFrame] = stream
+    rows = stream.rows
+    if sample:  # a sample is drawn from the whole set of rows: the selected columns are read first
+        read = list(stream)
+        if not read:
+            raise InvalidArgument(f"dataset {dataset!r} has no rows")
+        frames = [sample_frame(pd.concat(read), **sample)]
+        rows = len(frames[0])
+    estimate = rows if rows is not None else stream.estimated_rows()  # CSV, JSON Lines: lines (the rows, mostly)
+    if rows is None and estimate * len(scores) * passes > limit:
+        rows = stream.exact_rows()  # lines are at least the rows: only near the bound is an exact count needed
+    if rows is not None:
+        check_items(rows, len(scores), passes, limit)
+    states = [_Consistency(ctx, store, evaluation_id, name, scorer, runs, score_label, input_column, id_column, norm)
+              if type == "consistency" else
+              _Accuracy(ctx, store, evaluation_id, name, scorer, score_label, input_column, id_column, norm)
+              for name, scorer, score_label in scorers]
+    ctx.advance(1)
+    total = rows if rows is not None else estimate
+    ctx.stage("Scoring", total * len(scorers) * passes, f"{total:,} items")
+    seen = 0
+    # Score by score, each a pass over the file (its reader re-opened): a slow scorer does not hold back the
+    # items of a fast one, and chunks are sized for the scorer at work.
+    for state in states:
+        for start, chunk in Chunks(frames, largest=chunk_size):
+            seen = start + len(chunk)
+            if rows is None:  # a CSV or JSON Lines file's rows are known only as they are read
+                check_items(seen, len(scores), passes, limit, at_least=True)
+            state.add(start, chunk)
+    if seen == 0:
+        raise InvalidArgument(f"dataset {dataset!r} has no rows")
     ctx.stage("Metrics", 1)
+    metrics, counts = {}, {}
+    for state in states:
+        metrics[state.name], counts[state.name] = state.result()
     store.set_results(evaluation_id, metrics, counts)
     ctx.advance(1)
-    return {"evaluation_id": evaluation_id, "items": len(frame), "scores": _summary(metrics, counts)}
+    return {"evaluation_id": evaluation_id, "items": seen, "scores": _summary(metrics, counts)}
 
 
 class KernelRelay(Scorer):
@@ -166,36 +195,42 @@ def _build_scorer(ctx: TaskContext, spec: dict[str, Any], input_column: str | No
     return scorer_from_spec(spec, input_column=input_column)
 
 
-def _require_two_classes(labels: pd.Series, column: str, norm: LabelNormalization) -> None:
-    classes = pd.unique(normalize_labels(labels, norm))
+def _require_two_classes(classes: set[str], column: str, na_label: str) -> None:
+    if classes <= {na_label}:
+        raise InvalidArgument(f"label column {column!r} has no labels: every value is missing or blank; pick the "
+                              "column that holds the correct labels")
     if len(classes) < 2:
         raise InvalidArgument(
-            f"label column {column!r} has a single class ({classes[0]!r} in every row) after normalisation: "
-            "agreement metrics need at least two classes; pick another label column or dataset"
+            f"label column {column!r} has a single class ({next(iter(classes), 'na')!r} in every row) after "
+            "normalisation: agreement metrics need at least two classes; pick another label column or dataset"
         )
 
 
 class Chunks:
-    """Chunks of a frame sized to take about `target` seconds each to score.
+    """Chunks of a stream of frames sized to take about `target` seconds each to score, as (seq of the first
+    item, chunk): the batches a file is read in are cut (or kept) to the size that suits the scorer.
 
     Cancellation is checked and progress reported between chunks, so a slow per-item scorer gets small
-    chunks (a prompt cancel, smooth progress) and a fast vectorised one large chunks (few transactions).
+    chunks (a prompt cancel, smooth progress) and a fast vectorised one large chunks (few files).
     """
 
-    def __init__(self, frame: pd.DataFrame, first: int = 4, target: float = 0.25, largest: int = 50_000) -> None:
-        self.frame, self.size, self.target, self.largest = frame, first, target, largest
-        self._started = 0.0
+    def __init__(self, frames: Iterable[pd.DataFrame], first: int = 4, target: float = 0.25,
+                 largest: int = 50_000) -> None:
+        self.frames, self.size, self.target, self.largest = frames, first, target, largest
 
     def __iter__(self) -> Iterator[tuple[int, pd.DataFrame]]:
-        start = 0
-        while start < len(self.frame):
-            chunk = self.frame.iloc[start:start + self.size]
-            self._started = time.perf_counter()
-            yield start, chunk
-            elapsed = time.perf_counter() - self._started
-            start += len(chunk)
-            rate = len(chunk) / max(elapsed, 1e-6)
-            self.size = int(min(self.largest, max(1, min(rate * self.target, self.size * 4))))
+        seq = 0
+        for frame in self.frames:
+            offset = 0
+            while offset < len(frame):
+                chunk = frame.iloc[offset:offset + self.size]
+                started = time.perf_counter()
+                yield seq, chunk
+                elapsed = time.perf_counter() - started
+                offset += len(chunk)
+                seq += len(chunk)
+                rate = len(chunk) / max(elapsed, 1e-6)
+                self.size = int(min(self.largest, max(1, min(rate * self.target, self.size * 4))))
 
 
 def _score(ctx: TaskContext, scorer: Scorer, chunk: pd.DataFrame) -> ScoreBatch:
@@ -203,35 +238,52 @@ def _score(ctx: TaskContext, scorer: Scorer, chunk: pd.DataFrame) -> ScoreBatch:
     return scorer.score(chunk)
 
 
-def _accuracy(
-    ctx: TaskContext, store: EvaluationStore, evaluation_id: str, name: str, scorer: Scorer, frame: pd.DataFrame,
-    label_column: str | None, input_column: str | None, id_column: str | None, chunk_size: int,
-    norm: LabelNormalization,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    if label_column is None:
-        raise InvalidArgument(f"score {name!r} needs a label column to compare its predictions with")
-    predictions: list[pd.Series] = []
-    scored: list[np.ndarray] = []
-    for start, chunk in Chunks(frame, largest=chunk_size):
-        batch = _score(ctx, scorer, chunk)
-        labels = chunk[label_column]
-        classes = normalize_labels(labels, norm)
-        correct = classes == normalize_labels(batch.predictions, norm)
+class _Accuracy:
+    """One score of an accuracy evaluation, chunk by chunk: items written, a confusion matrix counted.
+
+    What it keeps between chunks is the counts (ConfusionCounter), never the chunks: an evaluation of ten
+    million rows holds one chunk and a K x K matrix.
+    """
+
+    def __init__(self, ctx: TaskContext, store: EvaluationStore, evaluation_id: str, name: str, scorer: Scorer,
+                 label_column: str | None, input_column: str | None, id_column: str | None,
+                 norm: LabelNormalization) -> None:
+        if label_column is None:
+            raise InvalidArgument(f"score {name!r} needs a label column to compare its predictions with")
+        self.ctx, self.store, self.evaluation_id, self.name, self.scorer = ctx, store, evaluation_id, name, scorer
+        self.label_column, self.input_column, self.id_column = label_column, input_column, id_column
+        self.counter = ConfusionCounter(norm)
+        self.label_classes: set[int] = set()
+        self.items = self.scored = 0
+        self.redacted = _redacted(ctx)
+
+    def add(self, start: int, chunk: pd.DataFrame) -> None:
+        batch = _score(self.ctx, self.scorer, chunk)
+        labels = chunk[self.label_column]
+        ref = self.counter.classes(labels)
+        predicted = self.counter.classes(batch.predictions)
         failed = _failed_mask(batch)
-        store.add_chunk(evaluation_id, name, start, _columns(start, chunk, labels, classes, batch, correct, failed,
-                                                             input_column, id_column, _redacted(ctx)))
-        predictions.append(batch.predictions)
-        scored.append(~failed)
-        ctx.advance(len(chunk))
-    # Items whose scoring failed are left out of the metrics (and counted); a missing prediction without
-    # an error is the "na" class like any other.
-    keep = np.concatenate(scored)
-    if not keep.any():
-        raise InvalidArgument(f"score {name!r}: every item failed to score; see the items' errors")
-    # As arrays (no index to align), and a text column's Arrow strings as they are: no Python object per value.
-    predicted = pd.concat(predictions).array
-    result = compute_metrics(frame[label_column].array[keep], predicted[keep], norm).to_dict()
-    return result, {"items": len(frame), "scored": int(keep.sum()), "errors": int((~keep).sum())}
+        # Classes are numbers here: the label_class column is the class names taken by number (no per-row str).
+        classes = pa.array(self.counter.names, pa.string()).take(pa.array(ref))
+        self.store.add_chunk(self.evaluation_id, self.name, start, _columns(
+            start, chunk, labels, classes, batch, ref == predicted, failed, self.input_column, self.id_column,
+            self.redacted))
+        # Items whose scoring failed are left out of the metrics (and counted); a missing prediction without
+        # an error is the "na" class like any other.
+        keep = ~failed
+        self.counter.add(ref[keep], predicted[keep])
+        self.label_classes.update(np.unique(ref).tolist())
+        self.items += len(chunk)
+        self.scored += int(keep.sum())
+        self.ctx.advance(len(chunk))
+
+    def result(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        _require_two_classes({self.counter.names[c] for c in self.label_classes}, self.label_column,
+                             self.counter.normalization.na_label)
+        if self.scored == 0:
+            raise InvalidArgument(f"score {self.name!r}: every item failed to score; see the items' errors")
+        counts = {"items": self.items, "scored": self.scored, "errors": self.items - self.scored}
+        return self.counter.metrics().to_dict(), counts
 
 
 def _failed_mask(batch: ScoreBatch) -> np.ndarray:
@@ -241,7 +293,7 @@ def _failed_mask(batch: ScoreBatch) -> np.ndarray:
 
 
 def _rows(
-    start: int, chunk: pd.DataFrame, labels: pd.Series | None, classes: np.ndarray | None, batch: ScoreBatch,
+    start: int, chunk: pd.DataFrame, labels: pd.Series | None, classes: np.ndarray | pa.Array | None, batch: ScoreBatch,
     correct: np.ndarray | None, failed: np.ndarray, input_column: str | None, id_column: str | None,
     redacted: frozenset[str] = frozenset(),
 ) -> list[tuple[Any, ...]]:
@@ -251,7 +303,7 @@ def _rows(
 
 
 def _columns(
-    start: int, chunk: pd.DataFrame, labels: pd.Series | None, classes: np.ndarray | None, batch: ScoreBatch,
+    start: int, chunk: pd.DataFrame, labels: pd.Series | None, classes: np.ndarray | pa.Array | None, batch: ScoreBatch,
     correct: np.ndarray | None, failed: np.ndarray, input_column: str | None, id_column: str | None,
     redacted: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
@@ -287,7 +339,8 @@ def _columns(
         "item_id": ids,
         "input": inputs,
         "label": _text_column(labels, EXCERPT_CHARS) if labels is not None else none,
-        "label_class": pa.array(classes, type=pa.string()) if classes is not None else none,
+        "label_class": (classes if isinstance(classes, pa.Array) else pa.array(classes, type=pa.string())
+                        if classes is not None else none),
         "prediction": predictions,
         "correct": oks,
         "explanation": (_text_column(batch.explanations, EXPLANATION_CHARS) if batch.explanations is not None
@@ -328,50 +381,58 @@ def _texts(values: pd.Series, limit: int) -> list[str | None]:
     return out.tolist()  # type: ignore[no-any-return]
 
 
-def _consistency(
-    ctx: TaskContext, store: EvaluationStore, evaluation_id: str, name: str, scorer: Scorer, frame: pd.DataFrame,
-    runs: int, label_column: str | None, input_column: str | None, id_column: str | None, chunk_size: int,
-    norm: LabelNormalization,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    errors = 0
-    all_modal: list[np.ndarray] = []
-    grids: list[np.ndarray] = []
-    for start, chunk in Chunks(frame, largest=chunk_size):
+class _Consistency:
+    """One score of a consistency evaluation, chunk by chunk. The runs' predictions of every item are kept
+    (the agreement metrics need them all: items x runs class names); the modal accuracy is counted."""
+
+    def __init__(self, ctx: TaskContext, store: EvaluationStore, evaluation_id: str, name: str, scorer: Scorer,
+                 runs: int, label_column: str | None, input_column: str | None, id_column: str | None,
+                 norm: LabelNormalization) -> None:
+        self.ctx, self.store, self.evaluation_id, self.name, self.scorer = ctx, store, evaluation_id, name, scorer
+        self.runs, self.label_column, self.input_column, self.id_column = runs, label_column, input_column, id_column
+        self.norm = norm
+        self.modal_counter = ConfusionCounter(norm)
+        self.grids: list[np.ndarray] = []
+        self.items = self.errors = 0
+        self.redacted = _redacted(ctx)
+
+    def add(self, start: int, chunk: pd.DataFrame) -> None:
         columns, failed = [], np.zeros(len(chunk), dtype=bool)
         errors_seen = pd.Series([None] * len(chunk), index=chunk.index, dtype=object)
-        for _ in range(runs):
-            batch = _score(ctx, scorer, chunk)
+        for _ in range(self.runs):
+            batch = _score(self.ctx, self.scorer, chunk)
             failed |= _failed_mask(batch)
             if batch.errors is not None:  # keep each item's first error message
                 errors_seen = errors_seen.where(errors_seen.notna(), batch.errors)
-            columns.append(normalize_labels(batch.predictions, norm))
-            ctx.advance(len(chunk))
+            columns.append(normalize_labels(batch.predictions, self.norm))
+            self.ctx.advance(len(chunk))
         grid = np.stack(columns, axis=1)
         unanimous = (grid == grid[:, :1]).all(axis=1)
-        modal = consistency_metrics(grid, norm).modal_prediction
-        errors += int(failed.sum())
+        modal = consistency_metrics(grid, self.norm).modal_prediction
+        self.errors += int(failed.sum())
+        self.items += len(chunk)
         explanation = pd.Series([", ".join(row) for row in grid.tolist()], index=chunk.index)
         batch = ScoreBatch(pd.Series(modal, index=chunk.index), explanation,
                            errors_seen if errors_seen.notna().any() else None)
-        labels = chunk[label_column] if label_column else None
-        classes = normalize_labels(labels, norm) if labels is not None else None
-        store.add_chunk(evaluation_id, name, start, _columns(start, chunk, labels, classes, batch, unanimous, failed,
-                                                             input_column, id_column, _redacted(ctx)))
-        grids.append(np.asarray(grid[~failed], dtype=object))
-        modal_or_none = np.asarray(modal, dtype=object).copy()
-        modal_or_none[failed] = None
-        all_modal.append(modal_or_none)
-    grid = np.concatenate(grids) if grids else np.zeros((0, runs), dtype=object)
-    if len(grid) == 0:
-        raise InvalidArgument(f"score {name!r}: every item failed to score; see the items' errors")
-    result = consistency_metrics(grid, norm).to_dict()
-    if label_column:
-        modal_all = np.concatenate(all_modal)
-        keep = np.array([m is not None for m in modal_all], dtype=bool)
-        result["accuracy_of_modal"] = compute_metrics(
-            frame[label_column].to_numpy()[keep], modal_all[keep], norm
-        ).to_dict()
-    return result, {"items": len(frame), "scored": len(grid), "errors": errors}
+        labels = chunk[self.label_column] if self.label_column else None
+        classes = normalize_labels(labels, self.norm) if labels is not None else None
+        self.store.add_chunk(self.evaluation_id, self.name, start, _columns(
+            start, chunk, labels, classes, batch, unanimous, failed, self.input_column, self.id_column,
+            self.redacted))
+        self.grids.append(np.asarray(grid[~failed], dtype=object))
+        if labels is not None:
+            keep = ~failed
+            self.modal_counter.add(self.modal_counter.classes(labels)[keep],
+                                   self.modal_counter.classes(np.asarray(modal, dtype=object))[keep])
+
+    def result(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        grid = np.concatenate(self.grids) if self.grids else np.zeros((0, self.runs), dtype=object)
+        if len(grid) == 0:
+            raise InvalidArgument(f"score {self.name!r}: every item failed to score; see the items' errors")
+        result = consistency_metrics(grid, self.norm).to_dict()
+        if self.label_column:
+            result["accuracy_of_modal"] = self.modal_counter.metrics().to_dict()
+        return result, {"items": self.items, "scored": len(grid), "errors": self.errors}
 
 
 def _summary(metrics: dict[str, Any], counts: dict[str, Any]) -> dict[str, Any]:

@@ -22,8 +22,9 @@ case-insensitive unless ``case_sensitive``; keywords are literal (escaped) alter
 
 A **python** function is *vectorised* when the spec says ``vectorized: true``, when it carries
 ``plexus_vectorized = True`` (the :func:`vectorized` decorator sets it), or when its first parameter is
-annotated ``pd.Series``; it is then called once per chunk with the input column (a Series) and returns a
-Series / list / array of the chunk's length, or a DataFrame with a ``prediction`` column and an optional
+annotated ``pd.Series`` or ``pa.Array`` / ``pa.ChunkedArray``; it is then called once per chunk with the
+input column (a Series, or one Arrow array when the annotation is Arrow's) and returns a Series / list /
+array / Arrow array of the chunk's length, or a DataFrame with a ``prediction`` column and an optional
 ``explanation`` column. Otherwise it is called once per item with the input value (None when missing).
 Either way an element may be a label or a ``(label, explanation)`` pair. Calling a function with a Series
 just to see whether it copes was rejected: a per-item function such as ``str(x).lower()`` "works" on a
@@ -56,6 +57,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..core.errors import InvalidArgument, one_line
 from .datasets import require_columns
@@ -223,6 +226,7 @@ class PythonScorer(Scorer):
                  input_column: str = DEFAULT_INPUT_COLUMN, name: str | None = None) -> None:
         self.function = function
         self.vectorized = vectorized
+        self.arrow = vectorized and _input_kind(function) == "arrow"  # called with Arrow, not pandas
         self.path = path
         self.input_column = input_column
         self.name = name or f"python:{path}"
@@ -242,7 +246,7 @@ class PythonScorer(Scorer):
 
     def _score_chunk(self, inputs: pd.Series) -> ScoreBatch:
         try:
-            result = self.function(inputs)
+            result = self.function(_arrow_input(inputs) if self.arrow else inputs)
             predictions, explanations = _split_vectorised(result, inputs.index)
         except Exception as error:
             return _failed(inputs.index, _error_text(error))
@@ -459,16 +463,37 @@ def _declares_vectorised(function: Callable[..., Any]) -> bool:
     declared = getattr(function, "plexus_vectorized", None)
     if declared is not None:
         return bool(declared)
+    return _input_kind(function) is not None
+
+
+_SERIES_NAMES = {"pd.Series", "pandas.Series", "Series"}
+_ARROW_NAMES = {"pa.Array", "pyarrow.Array", "Array", "pa.ChunkedArray", "pyarrow.ChunkedArray", "ChunkedArray"}
+
+
+def _input_kind(function: Callable[..., Any]) -> str | None:
+    """What the first parameter's annotation asks for: "series" (pd.Series), "arrow" (pa.Array or
+    pa.ChunkedArray: the column as Arrow, no pandas step) or None (no such annotation)."""
     try:
         parameters = list(inspect.signature(function).parameters.values())
     except (TypeError, ValueError):  # builtins without a signature
-        return False
+        return None
     if not parameters:
-        return False
+        return None
     annotation = parameters[0].annotation
     if isinstance(annotation, str):  # postponed annotations (from __future__ import annotations)
-        return annotation.split("[")[0] in {"pd.Series", "pandas.Series", "Series"}
-    return annotation is pd.Series or getattr(annotation, "__origin__", None) is pd.Series
+        name = annotation.split("[")[0].strip()
+        return "series" if name in _SERIES_NAMES else "arrow" if name in _ARROW_NAMES else None
+    if annotation is pd.Series or getattr(annotation, "__origin__", None) is pd.Series:
+        return "series"
+    if isinstance(annotation, type) and issubclass(annotation, pa.Array | pa.ChunkedArray):
+        return "arrow"
+    return None
+
+
+def _arrow_input(inputs: pd.Series) -> pa.Array:
+    """A chunk's input column as one Arrow array (zero-copy for a text column read from a file)."""
+    array = pa.array(inputs, from_pandas=True)
+    return array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
 
 
 def _split_vectorised(result: object, index: pd.Index) -> tuple[pd.Series, pd.Series | None]:
@@ -479,11 +504,14 @@ def _split_vectorised(result: object, index: pd.Index) -> tuple[pd.Series, pd.Se
         explanation = result["explanation"] if "explanation" in result.columns else None
         predictions = _aligned(result["prediction"], index)
         return _labels(predictions), None if explanation is None else _labels(_aligned(explanation, index))
+    if isinstance(result, pa.Array | pa.ChunkedArray):  # an Arrow scorer's answer: labels as text, no per-row step
+        text = result if pa.types.is_string(result.type) else pc.cast(result, pa.string())
+        return _labels(_aligned(text.to_pandas(), index)), None
     if isinstance(result, str) or not isinstance(result, pd.Series | list | tuple | np.ndarray):
         raise TypeError(f"a vectorised scorer must return a Series, list or array of {len(index)} labels, "
                         f"not {type(result).__name__}")
     values = _aligned(result if isinstance(result, pd.Series) else pd.Series(list(result), dtype=object), index)
-    if values.map(lambda v: isinstance(v, tuple)).any():
+    if values.dtype == object and values.map(lambda v: isinstance(v, tuple)).any():  # a text column holds no pair
         pairs = values.map(_split_item)
         return (pd.Series([p[0] for p in pairs], index=index, dtype=object),
                 pd.Series([p[1] for p in pairs], index=index, dtype=object))
@@ -495,7 +523,7 @@ def _aligned(values: pd.Series, index: pd.Index) -> pd.Series:
         raise ValueError(f"scorer returned {len(values)} predictions for {len(index)} items")
     if values.index.equals(index):
         return values
-    return pd.Series(values.to_numpy(dtype=object), index=index, dtype=object)
+    return values.set_axis(index)  # the values as they are (a text column stays Arrow)
 
 
 def _split_item(result: object) -> tuple[str | None, str | None]:

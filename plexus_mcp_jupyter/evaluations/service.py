@@ -30,12 +30,20 @@ from ..core.retention import expired_message
 from ..core.store import owner_visible
 from .datasets import DEFAULT_ID_COLUMN, DEFAULT_LABEL_COLUMN, DatasetCatalog, column_listing
 from .file_reads import clip
+from .item_files import ArrowStream
 from .kernel_scorers import KernelScorerRegistry
 from .limits import DEFAULT_LIMITS, EvaluationLimits, check_items
 from .sampling import check_sample, sampled_rows
 from .scorecards import load_scorecard
 from .scorers import SCORER_KINDS, module_allowed, normalize_spec
-from .store import EvaluationFilter, EvaluationStatus, EvaluationStore, ItemFilter, parse_statuses
+from .store import (
+    ITEM_SCHEMA,
+    EvaluationFilter,
+    EvaluationStatus,
+    EvaluationStore,
+    ItemFilter,
+    parse_statuses,
+)
 
 EVALUATION_TYPES = ("accuracy", "feedback", "consistency")
 MAX_RUNS = 10
@@ -451,6 +459,23 @@ class EvaluationService:
         score: str | None = None, limit: int | None = None, cursor: str | None = None, viewer: str | None = None,
     ) -> tuple[list[dict[str, Any]], str | None, dict[str, Any]]:
         """One page of per-item results, in dataset order, the next cursor, and what was asked."""
+        row, flt = self._item_filter(evaluation_id, only_mismatches, label, score, viewer)
+        items, next_cursor = self.store.items(evaluation_id, flt, limit=self.manager.check_limit(limit),
+                                              cursor=cursor, manifest=row["items_manifest"])
+        return items, next_cursor, {"evaluation_id": evaluation_id, "score": flt.score,
+                                    "only_mismatches": only_mismatches, "label": label}
+
+    def item_stream(
+        self, evaluation_id: str, *, only_mismatches: bool = False, label: str | None = None,
+        score: str | None = None, viewer: str | None = None,
+    ) -> ArrowStream:
+        """Every item the pages would give (same filters, same order), as an Arrow IPC stream made piece by piece
+        (ArrowStream.next, in a thread): REST's results as Arrow, exports, a notebook's `.results()`."""
+        row, flt = self._item_filter(evaluation_id, only_mismatches, label, score, viewer)
+        return ArrowStream(self.store.item_tables(evaluation_id, flt, row["items_manifest"]), ITEM_SCHEMA)
+
+    def _item_filter(self, evaluation_id: str, only_mismatches: bool, label: str | None, score: str | None,
+                     viewer: str | None) -> tuple[dict[str, Any], ItemFilter]:
         row = self._record(evaluation_id, viewer)
         if row["items_pruned_at"] is not None:
             raise InvalidArgument(f"evaluation {evaluation_id!r} was cancelled and its per-item results were pruned "
@@ -461,11 +486,7 @@ class EvaluationService:
         elif score not in names:
             raise InvalidArgument(f"evaluation {evaluation_id!r} has no score {score!r}; "
                                   f"its scores: {', '.join(names)}")
-        flt = ItemFilter(score=score, only_mismatches=only_mismatches, label=label)
-        items, next_cursor = self.store.items(evaluation_id, flt, limit=self.manager.check_limit(limit),
-                                              cursor=cursor, manifest=row["items_manifest"])
-        return items, next_cursor, {"evaluation_id": evaluation_id, "score": score,
-                                    "only_mismatches": only_mismatches, "label": label}
+        return row, ItemFilter(score=score, only_mismatches=only_mismatches, label=label)
 
     # -- datasets and scorers ---------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,10 @@ ITEM_COLUMNS = ("seq", "item_id", "input", "label", "prediction", "correct", "ex
 # The order of the rows the runner writes (after evaluation_id and score).
 INSERT_COLUMNS = ("seq", "item_id", "input", "label", "label_class", "prediction", "correct", "explanation", "error")
 INSERT_BATCH = 5000  # rows per transaction: the SQLite write lock is released between batches
+# The items as Arrow (REST's Arrow IPC stream, exports): ids as text, as pages show them.
+ITEM_SCHEMA = pa.schema([("seq", pa.int64()), ("item_id", pa.string()), ("input", pa.string()),
+                         ("label", pa.string()), ("prediction", pa.string()), ("correct", pa.bool_()),
+                         ("explanation", pa.string()), ("error", pa.string())])
 
 
 class EvaluationStatus:
@@ -339,6 +343,24 @@ class EvaluationStore:
             rows = rows[:limit]
             next_cursor = encode_position([rows[-1]["seq"]], flt.fingerprint())
         return rows, next_cursor
+
+    def item_tables(self, evaluation_id: str, flt: ItemFilter,
+                    manifest: dict[str, Any] | None = None) -> Iterator[pa.Table]:
+        """Every item matching `flt`, in dataset order, as Arrow tables of ITEM_SCHEMA, a row group (or a page of
+        rows) at a time: the items of an evaluation of any size, in bounded memory."""
+        label = LabelNormalization().normalize(flt.label) if flt.label is not None else None
+        if manifest is not None:
+            for table in ItemFiles(Path(manifest["path"]).parent).tables(
+                    evaluation_id, flt.score, None, flt.only_mismatches, label, ITEM_COLUMNS):
+                yield table.cast(ITEM_SCHEMA)
+            return
+        cursor = None
+        while True:
+            rows, cursor = self.items(evaluation_id, flt, limit=INSERT_BATCH, cursor=cursor)
+            if rows:
+                yield pa.Table.from_pylist(rows, schema=ITEM_SCHEMA)
+            if cursor is None:
+                return
 
     def count_items(self, evaluation_id: str, score: str) -> int:
         """Items recorded so far, rows and files alike."""

@@ -12,8 +12,10 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 from tornado import web
+from tornado.iostream import StreamClosedError
 
 from ..core.errors import InvalidArgument, PlexusError
+from ..evaluations.item_files import ARROW_STREAM_TYPE as ARROW_STREAM
 from ..evaluations.service import parse_flag
 from ..security.http import BadJSON, parse_json
 from .base import PlexusHandler, http_error
@@ -81,7 +83,11 @@ class EvaluationHandler(PlexusHandler):
 
 class EvaluationResultsHandler(PlexusHandler):
     async def get(self, evaluation_id: str) -> None:
-        """Per-item results: ?only_mismatches=true&label=...&score=...&limit=20&cursor=..."""
+        """Per-item results: ?only_mismatches=true&label=...&score=...&limit=20&cursor=...; with
+        `Accept: application/vnd.apache.arrow.stream`, every item (no limit, no cursor) as an Arrow IPC stream."""
+        if ARROW_STREAM in (self.request.headers.get("Accept") or ""):
+            await self._arrow(evaluation_id)
+            return
         service = self.runtime.evaluations
         try:
             items, next_cursor, asked = await service.catalog.run(  # item files are read off the loop
@@ -93,6 +99,25 @@ class EvaluationResultsHandler(PlexusHandler):
         except PlexusError as exc:
             raise http_error(exc) from None
         self.reply({**asked, "items": items, "next_cursor": next_cursor})
+
+    async def _arrow(self, evaluation_id: str) -> None:
+        """The items as Arrow IPC, a row group at a time, each piece read and encoded in the catalog's threads and
+        flushed before the next: bounded memory, the loop free, whatever the evaluation's size."""
+        service = self.runtime.evaluations
+        try:
+            stream = await service.catalog.run(
+                service.item_stream, evaluation_id, only_mismatches=_flag(self, "only_mismatches"),
+                label=self.get_argument("label", None), score=self.get_argument("score", None),
+                viewer=self.principal.viewer)
+        except PlexusError as exc:
+            raise http_error(exc) from None
+        self.set_header("Content-Type", ARROW_STREAM)
+        while (piece := await service.catalog.run(stream.next)) is not None:
+            self.write(piece)
+            try:
+                await self.flush()
+            except StreamClosedError:  # the client went away: stop reading for it
+                return
 
 
 class DatasetHandler(PlexusHandler):

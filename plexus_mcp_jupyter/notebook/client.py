@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NoReturn
 
 import requests
 
@@ -127,6 +127,10 @@ class PlexusClient:
                                         f"{timeout or self.timeout:g} s") from None
         if response.status_code < 400:
             return response.json() if response.content else None
+        self._fail(response)
+
+    def _fail(self, response: requests.Response) -> NoReturn:
+        """Raise the PlexusError of an error answer (what it says, by status)."""
         message = _message(response)
         status = response.status_code
         if status == 401:
@@ -136,6 +140,29 @@ class PlexusClient:
         if status == 409:
             raise PlexusConflict(message, status)
         raise PlexusAPIError(f"{message} (HTTP {status})", status)
+
+    def arrow_stream(self, path: str, params: dict[str, Any]) -> Any:
+        """GET `plexus/api/{path}` as an Arrow IPC stream: a pyarrow RecordBatchStreamReader reading the answer
+        as it arrives (batch by batch, so an export of millions of items holds one batch)."""
+        import pyarrow as pa
+
+        from ..evaluations.item_files import ARROW_STREAM_TYPE
+
+        url = self.url + "plexus/api/" + path
+        query = {k: v for k, v in params.items() if v is not None}
+        try:
+            response = self.session.get(url, params=query, headers={"Accept": ARROW_STREAM_TYPE}, stream=True,
+                                        timeout=self.timeout)
+        except requests.RequestException as exc:
+            raise PlexusConnectionError(f"cannot read {path} from the Plexus server at {self.url} "
+                                        f"({exc.__class__.__name__}): is Jupyter running there?") from None
+        if response.status_code >= 400:
+            self._fail(response)
+        if not response.headers.get("Content-Type", "").startswith(ARROW_STREAM_TYPE):
+            raise PlexusAPIError(f"the server answered {path} with {response.headers.get('Content-Type')!r}, not "
+                                 "Arrow: is it an older Plexus?", response.status_code)
+        response.raw.decode_content = True
+        return pa.ipc.open_stream(response.raw)
 
     def check(self) -> dict[str, Any]:
         """Check that the server is reachable, runs the Plexus extension and accepts the token."""

@@ -79,11 +79,12 @@ def evaluations_frame(views: Iterable[dict[str, Any]]) -> pd.DataFrame:
     return frame
 
 
-def items_frame(items: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """Per-item results as a typed DataFrame indexed by the item's position in the dataset (`seq`)."""
-    frame = _frame(items, ITEM_COLUMNS)
+def items_frame(items: Iterable[dict[str, Any]] | Any) -> pd.DataFrame:
+    """Per-item results (dicts, or an Arrow table of them) as a typed DataFrame indexed by the item's position in
+    the dataset (`seq`). Vectorised: an Arrow table of millions of items costs no Python step per item."""
+    frame = items.to_pandas() if hasattr(items, "to_pandas") else _frame(items, ITEM_COLUMNS)
     frame["seq"] = frame["seq"].astype("Int64")
-    labels = sorted({v for c in ("label", "prediction") for v in frame[c].dropna()})
+    labels = sorted({str(v) for c in ("label", "prediction") for v in pd.unique(frame[c].dropna())})
     frame["label"] = pd.Categorical(frame["label"], categories=labels)
     frame["prediction"] = pd.Categorical(frame["prediction"], categories=labels)
     frame["correct"] = frame["correct"].astype("boolean")

@@ -1,0 +1,282 @@
+"""Evaluations end to end at 1M and 10M rows, CSV and Parquet, beside the raw pyarrow read + compute_metrics.
+
+For each size and format, in one run against one real `jupyter server` with the extension (SQLite store):
+
+1. the raw peer, in this process: read the label and prediction columns with pyarrow (`pyarrow.csv.read_csv`
+   or `pyarrow.parquet.read_table`), then `compute_metrics` (every metric the evaluation reports);
+2. the evaluation as a user sees it: `create_evaluation` (accuracy, prediction_column) over MCP with the SDK
+   client, then `get_evaluation` every 50 ms until final; meanwhile a second session calls `get_task` (of
+   an earlier task) back to back, and a thread samples the RSS of the server's whole process tree (psutil:
+   the server, its warm workers, the forkserver);
+3. bytes per item (the SQLite file, its WAL and the items directory, before and after), and
+   `get_evaluation_results(only_mismatches=True)` page latency (p50 over --pages pages, following cursors);
+4. warm start: the first `create_evaluation` after the server is ready (and its small evaluation end to end)
+   beside the median of the next ones. The SDK client's own first-call cost (it imports jsonschema to check
+   tool results: ~4 s under load, rfc3987_syntax building grammars) is paid before, so it is not counted.
+
+Goals (issue 15): end to end <= 5x raw, <= 16 bytes/item, peak RSS <= 2 GiB at 10M, only_mismatches p50
+< 20 ms, get_task p50 during the evaluation <= 2x idle; the first create_evaluation as fast as later ones.
+
+Data (id, text, label, prediction; 5 classes, labels with stray case/blanks and 1% missing, 80% right) is
+generated once per size into --cache (default /tmp/plexus-bench-e2e) in pieces of a million rows, and
+hard-linked into the server's root.
+
+    python benchmarks/bench_evaluation_e2e.py [--rows 1000000,10000000] [--formats csv,parquet] [--pages 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import _common
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+from _common import client, jupyter_server, tempdir
+from bench_columnar import disk_bytes, page_latencies, stage_times
+
+from plexus_mcp_jupyter.evaluations.metrics import compute_metrics
+
+FINAL = {"COMPLETED", "FAILED", "CANCELLED"}
+CLASSES = np.array(["billing", "technical", "account", "shipping", "other"])
+PIECE = 1_000_000
+
+
+def piece(start: int, rows: int) -> pa.Table:
+    """Rows start..start+rows of the benchmark's data (seeded by start, so a file is the same every time)."""
+    rng = np.random.default_rng(start)
+    truth = rng.integers(0, len(CLASSES), rows)
+    label = CLASSES[truth].astype(object)
+    odd = rng.random(rows)
+    label[odd < 0.02] = np.char.upper(CLASSES[truth[odd < 0.02]].astype(str))
+    label[(odd >= 0.02) & (odd < 0.03)] = np.char.add(" ", CLASSES[truth[(odd >= 0.02) & (odd < 0.03)]].astype(str))
+    label[odd > 0.99] = None
+    wrong = rng.random(rows) < 0.2
+    predicted = np.where(wrong, (truth + rng.integers(1, len(CLASSES), rows)) % len(CLASSES), truth)
+    ids = np.arange(start + 1, start + rows + 1, dtype=np.int64)
+    text = np.char.add("a support ticket about ", CLASSES[truth].astype(str))
+    return pa.table(
+        {
+            "id": ids,
+            "text": pa.array(text, pa.string()),
+            "label": pa.array(label, pa.string()),
+            "prediction": pa.array(CLASSES[predicted], pa.string()),
+        }
+    )
+
+
+def dataset(cache: Path, rows: int, fmt: str) -> Path:
+    """The cached file of `rows` rows in `fmt` ("csv" or "parquet"), written once (to a temporary name first)."""
+    path = cache / f"eval-{rows}.{fmt}"
+    if path.exists():
+        return path
+    cache.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    schema = piece(0, 1).schema
+    writer: Any = pcsv.CSVWriter(temporary, schema) if fmt == "csv" else pq.ParquetWriter(temporary, schema)
+    with writer:
+        for start in range(0, rows, PIECE):
+            writer.write_table(piece(start, min(PIECE, rows - start)))
+    temporary.rename(path)
+    return path
+
+
+def raw(path: Path) -> tuple[float, float]:
+    """(accuracy, seconds): the two columns read with pyarrow, then compute_metrics."""
+    t0 = time.perf_counter()
+    columns = ["label", "prediction"]
+    if path.suffix == ".csv":
+        table = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(include_columns=columns))
+    else:
+        table = pq.read_table(path, columns=columns)
+    metrics = compute_metrics(
+        table["label"].to_numpy(zero_copy_only=False), table["prediction"].to_numpy(zero_copy_only=False)
+    )
+    return metrics.accuracy, time.perf_counter() - t0
+
+
+class TreeRss:
+    """The peak RSS of a process and all its descendants, sampled every 50 ms in a thread."""
+
+    def __init__(self, pid: int) -> None:
+        self.root = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def now(self) -> int:
+        total = 0
+        for process in [self.root, *self.root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):  # a worker that ended meanwhile
+                total += process.memory_info().rss
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self.now())
+
+    def __enter__(self) -> TreeRss:
+        self.peak = self.now()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+async def create(session: Any, dataset: str) -> tuple[str, float]:
+    """(evaluation id, seconds the create_evaluation call took)."""
+    t0 = time.perf_counter()
+    made = await session.call_tool(
+        "create_evaluation",
+        {"type": "accuracy", "dataset": dataset, "label_column": "label", "prediction_column": "prediction"},
+    )
+    if made.is_error:
+        raise RuntimeError(made.content[0].text)
+    return made.structured_content["evaluation_id"], time.perf_counter() - t0
+
+
+async def finished(session: Any, evaluation_id: str) -> dict[str, Any]:
+    while True:
+        got = (await session.call_tool("get_evaluation", {"evaluation_id": evaluation_id})).structured_content
+        if got["status"] in FINAL:
+            return got  # type: ignore[no-any-return]
+        await asyncio.sleep(0.05)
+
+
+async def get_task_latencies(session: Any, task_id: str, until: asyncio.Event | None, n: int = 100) -> list[float]:
+    """get_task ten times a second (a client watching, not a load test): `n` calls, or until `until` is set."""
+    out: list[float] = []
+    while (until is None and len(out) < n) or (until is not None and not until.is_set()):
+        t0 = time.perf_counter()
+        await session.call_tool("get_task", {"task_id": task_id})
+        out.append(time.perf_counter() - t0)
+        await asyncio.sleep(max(0.0, 0.1 - (time.perf_counter() - t0)))
+    return out
+
+
+async def warm_start(url: str) -> tuple[float, float, float, float, str]:
+    """(first create_evaluation call s, later p50 s, first small evaluation end to end s, later p50 s, task id),
+    on a server that has just become ready."""
+    async with client(url) as session:
+        calls, ends = [], []
+        task_id = ""
+        for _ in range(4):
+            t0 = time.perf_counter()
+            evaluation_id, call = await create(session, "warm.csv")
+            done = await finished(session, evaluation_id)
+            if done["status"] != "COMPLETED":
+                raise RuntimeError(f"warm-up evaluation {done['status']}: {done['error_message']}")
+            calls.append(call)
+            ends.append(time.perf_counter() - t0)
+            task_id = done["task_id"]
+    return calls[0], statistics.median(calls[1:]), ends[0], statistics.median(ends[1:]), task_id
+
+
+async def one(url: str, pid: int, work: Path, name: str, rows: int, task_id: str, pages: int) -> dict[str, Any]:
+    store = [work / "jupyter.db", work / "jupyter.db-wal", work / "jdata"]
+    async with client(url) as session, client(url) as watcher:
+        idle = await get_task_latencies(watcher, task_id, None, 100)
+        before = disk_bytes(*store)
+        done_event = asyncio.Event()
+        with TreeRss(pid) as rss:
+            t0 = time.perf_counter()
+            evaluation_id, _ = await create(session, name)
+            during_task = asyncio.create_task(get_task_latencies(watcher, task_id, done_event))
+            final = await finished(session, evaluation_id)
+            end = time.perf_counter() - t0
+            done_event.set()
+            during = await during_task
+        if final["status"] != "COMPLETED":
+            raise RuntimeError(f"evaluation of {name} {final['status']}: {final['error_message']}")
+        grown = disk_bytes(*store) - before
+        latencies = await page_latencies(session, evaluation_id, pages)
+        stages = await stage_times(session, final["task_id"])
+    return {
+        "end": end,
+        "per_item": grown / rows,
+        "rss": rss.peak,
+        "pages": latencies,
+        "idle": idle,
+        "during": during,
+        "accuracy": final["metrics"]["score"]["accuracy"],
+        "stages": stages,
+    }
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", default="1000000,10000000", help="comma-separated sizes")
+    parser.add_argument("--formats", default="csv,parquet")
+    parser.add_argument("--pages", type=int, default=20)
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/plexus-bench-e2e"))
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="the workers' nice (worker_nice; the server's default "
+        "is 10, which on a shared, loaded machine measures the other load, not the pipeline)",
+    )
+    parser.add_argument("--pin", action="store_true", help="pin the server (and so its workers) to one core")
+    args = parser.parse_args()
+    sizes = [int(r) for r in args.rows.split(",")]
+    formats = args.formats.split(",")
+    _common.pin_client()
+    # The SDK client validates a tool's result with jsonschema, imported on its first call_tool: ~4 s here
+    # (rfc3987_syntax builds its grammars). A client's cost, not the server's: paid before the clock starts.
+    import jsonschema  # noqa: F401
+
+    print(
+        f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} on {os.cpu_count()} cores at start; "
+        f"workers at nice {args.nice}; client on cores {sorted(os.sched_getaffinity(0))}, server "
+        f"{'pinned to core ' + str(_common.SERVER_CPU) if args.pin else 'on any core'}"
+    )
+    files = {(rows, fmt): dataset(args.cache, rows, fmt) for rows in sizes for fmt in formats}
+    with tempdir() as tmp:
+        work = Path(tmp)
+        pcsv.write_csv(piece(0, 1000), work / "warm.csv")
+        for (_rows, _fmt), path in files.items():
+            os.link(path, work / path.name)
+        env = {"PLEXUS_MCP_MAX_EVALUATION_ITEMS": str(max(sizes) + 1), "PLEXUS_MCP_WORKER_NICE": str(args.nice)}
+        with jupyter_server(work, extra_env=env, pin=args.pin) as (url, pid):
+            first, later, first_end, later_end, task_id = await warm_start(url)
+            print(
+                f"warm start: first create_evaluation {first * 1000:.0f} ms, later p50 {later * 1000:.0f} ms; "
+                f"first 1,000-row evaluation end to end {first_end:.2f} s, later p50 {later_end:.2f} s"
+            )
+            for (rows, fmt), path in files.items():
+                served = await one(url, pid, work, path.name, rows, task_id, args.pages)
+                peer = [raw(path) for _ in range(2)]
+                raw_s = min(s for _, s in peer)
+                idle, during = statistics.median(served["idle"]), statistics.median(served["during"])
+                pages = statistics.median(served["pages"]) * 1000 if served["pages"] else float("nan")
+                print(
+                    f"{rows:>11,} rows {fmt:8} end to end {served['end']:7.2f} s | raw pyarrow + compute_metrics "
+                    f"{raw_s:6.2f} s | ratio {served['end'] / raw_s:5.1f}x (goal <= 5x)"
+                )
+                print(
+                    f"{'':29}{served['per_item']:.1f} bytes/item (<= 16) | peak RSS server+workers "
+                    f"{served['rss'] / 2**30:.2f} GiB (<= 2 at 10M) | only_mismatches p50 {pages:.1f} ms (< 20)"
+                )
+                print(f"{'':29}stages: {served['stages']}")
+                print(
+                    f"{'':29}get_task p50 idle {idle * 1000:.1f} ms, during {during * 1000:.1f} ms "
+                    f"({during / idle:.1f}x, <= 2x; {len(served['during'])} calls) | accuracy served "
+                    f"{served['accuracy']:.6f}, raw {peer[0][0]:.6f}"
+                )
+    print(f"load average {os.getloadavg()[0]:.2f} at end")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
