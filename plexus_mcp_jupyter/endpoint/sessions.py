@@ -26,10 +26,9 @@ from typing import Any
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser, AuthorizationContext
 from mcp.server.auth.provider import AccessToken
 from mcp.server.streamable_http import StreamableHTTPServerTransport
-from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 
 from ..security.identity import Principal, Role
-from .sdk_compat import per_request_transport
+from .sdk_compat import PerRequestSessionManager, per_request_transport
 
 _KEY_PREFIX = "key:"
 
@@ -93,7 +92,7 @@ class _Holder:
         return self.is_key and not self.is_admin
 
 
-class PlexusSessionManager(StreamableHTTPSessionManager):
+class PlexusSessionManager(PerRequestSessionManager):
     """The SDK's session manager, admitting a new session only within the per-key cap and the keys' share."""
 
     def __init__(self, app: Any, *, limits: SessionLimits, **kwargs: Any) -> None:
