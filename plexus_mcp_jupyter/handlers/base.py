@@ -37,6 +37,7 @@ NOTEBOOK_USER = "jupyter"
 # Jupyter's own providers: one notebook user, authenticated by the server's token or password.
 _SINGLE_USER_PROVIDERS = (IdentityProvider, PasswordIdentityProvider)
 _TOKEN_USER = User(username=NOTEBOOK_USER, name="Jupyter token", display_name="Jupyter token")
+MAX_HOSTS_REMEMBERED = 64  # Host values whose check passed (see PlexusHandler.check_host)
 _ANONYMOUS_USER = User(username=NOTEBOOK_USER, name="Anonymous (auth disabled)", display_name="Anonymous")
 
 
@@ -126,6 +127,20 @@ class PlexusHandler(APIHandler):
             return None
         self._token_authenticated = True
         return _TOKEN_USER
+
+    def check_host(self) -> bool:
+        """Jupyter's Host check, its "allowed" answers remembered per Host value (at most MAX_HOSTS_REMEMBERED):
+        the check parses the host as an IP address on every request, a measurable share of an MCP call, and its
+        answer depends only on the Host and the server's settings. Refusals are not remembered: each is still
+        checked, and logged, as Jupyter does."""
+        host = self.request.host
+        allowed_hosts = self.settings.setdefault("plexus_allowed_hosts", set())
+        if host in allowed_hosts:
+            return True
+        allowed = super().check_host()
+        if allowed and len(allowed_hosts) < MAX_HOSTS_REMEMBERED:
+            allowed_hosts.add(host)
+        return allowed
 
     def set_default_headers(self) -> None:
         # Jupyter's headers (nosniff, configured headers, its Content-Security-Policy), computed once
