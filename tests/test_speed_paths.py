@@ -56,3 +56,32 @@ def test_a_log_level_or_progress_token_in_any_spelling_keeps_the_stream():
         assert not wants_json(json.dumps(with_meta).encode())
         escaped = json.dumps(with_meta).replace(key[-5:], "".join(f"\\u{ord(c):04x}" for c in key[-5:]))
         assert key.encode() not in escaped.encode() and not wants_json(escaped.encode())
+
+
+async def test_a_foreign_host_stays_refused_after_local_ones_were_let_in(server_url, token):
+    """Allowed Host values are remembered, refused ones are checked (and refused) every time."""
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
+        for host in ("evil.example", None, "evil.example", None, "evil.example:80"):
+            extra = {"Host": host} if host else {}
+            response = await http.get(server_url + "plexus/api/health", headers=extra)
+            assert response.status_code == (403 if host else 200), (host, response.text)
+
+
+class Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("no string for this one")
+
+
+def test_audit_details_are_made_json_by_the_writer_and_one_that_cannot_be_costs_only_its_details(runtime):
+    audit = runtime.audit
+    audit.record(None, "speed.unwritable", details={"value": Unprintable()})
+    audit.record(None, "speed.long", details={"text": "x" * 1500, "more": "y" * 1500})
+    audit.record(None, "speed.plain", details={"n": 1, "token": "secret-value", "nested": {"a": [1, "b"]}})
+    audit.flush()
+    records, _ = audit.query(action="speed.*", limit=10)
+    details = {r["action"]: r["details"] for r in records}
+    assert details["speed.unwritable"] == {"unwritable": True}
+    assert details["speed.long"] == {"truncated": True}
+    assert details["speed.plain"]["n"] == 1 and details["speed.plain"]["nested"] == {"a": [1, "b"]}
+    assert "secret-value" not in json.dumps(details["speed.plain"])
