@@ -1,34 +1,56 @@
-"""tools/call: our tornado endpoint inside Jupyter vs the same SDK server on uvicorn, in one run.
+"""tools/call: our endpoint inside Jupyter against a bare SDK server and datalayer's extension, in one run.
 
-Both serve the same Plexus MCPServer over Streamable HTTP (stateful, SSE, with an event store), each
-in its own process with its own SQLite store. Three measures, each in alternating rounds so that
-machine noise hits both servers alike:
+Servers (each its own process, pinned to one core, the client on the other; `--peers` picks the peers):
+- ours: a real `jupyter server` with the Plexus extension (SQLite store, audit, API-key auth, sessions);
+- bare: the `mcp` SDK's own MCPServer on uvicorn (benchmarks/_bare_sdk_peer.py), serving `get_task` and
+  `list_tasks` with our argument lists and, as a constant, the very results our server answered: the floor
+  of any server built on the SDK;
+- datalayer: datalayer's jupyter-mcp-server extension in its own `jupyter server`, installed in a separate
+  venv (never in ours): `python3 -m venv /tmp/venv-datalayer && /tmp/venv-datalayer/bin/pip install
+  jupyter-mcp-server`. Its cheapest read tool is called for both rows: `list_kernels` (no kernel runs, so it
+  reads the kernel manager and answers one line). It speaks only the handshake era (it announces 2024-11-05
+  and its results lack the 2026 `resultType`), so it has no 2026-07-28 figures;
+- sdk-app: the Plexus MCPServer itself on the SDK's Starlette app and uvicorn (benchmarks/_uvicorn_peer.py):
+  our tools without tornado, Jupyter's auth or our bridge.
 
-Servers are pinned to one core and the client to the other (taskset), rounds alternate in order.
-
-1. the official SDK client (one session, sequential calls): calls/s, p50, p99 -- what an assistant sees;
+Measures, per protocol era (2025-11-25: initialize handshake and a session; 2026-07-28: one self-contained
+POST per call), in rounds that rotate the servers' order so machine noise hits them alike:
+1. the official SDK client (one client, sequential calls): calls/s, p50, p99 -- what an assistant sees;
 2. server CPU per call during (1), read from /proc: the cost of the serving stack itself;
-3. a lean keep-alive client (benchmarks/_common.py LeanSession): latency that is mostly the server's.
+3. (2025-11-25 only) a lean keep-alive client (benchmarks/_common.py LeanSession): latency that is mostly the
+   server's.
+The load average is printed before and after: the machine is shared, and the ratios are what to compare.
 
-    python benchmarks/bench_tools_call.py [--calls 300] [--rounds 8]
+    python benchmarks/bench_tools_call.py [--calls 300] [--rounds 6] [--peers bare,datalayer,sdk-app]
 
-Goal (DESIGN 10, issue #3): throughput ratio tornado/uvicorn >= 1.0; get_task p50 < 2 ms.
+Goal (issue 16): ours / bare >= 1.0 on get_task and list_tasks in both eras; ours / datalayer >= 2.0.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
+import subprocess
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from _common import (
+    HERE,
     TOKEN,
     LeanSession,
     client,
     cpu_seconds,
+    free_port,
     jupyter_server,
     med,
     pin_client,
+    pinned,
+    serving,
+    started,
     summarize,
     tempdir,
     time_calls,
@@ -36,11 +58,39 @@ from _common import (
 )
 
 TOOLS = ("get_task", "list_tasks")
-SERVERS = ("tornado (Jupyter)", "uvicorn (SDK app)")
+ERAS = {"2025-11-25": "legacy", "2026-07-28": "2026-07-28"}  # era -> the SDK client's `mode`
+PEERS = ("bare", "datalayer", "sdk-app")
+DATALAYER_TOOL = "list_kernels"
+OURS = "ours"
+
+Plan = dict[str, tuple[str, dict[str, Any]]]  # row (our tool) -> (tool called on this server, its arguments)
 
 
 def tool_args(tool: str, task_id: str) -> dict:
     return {"task_id": task_id} if tool == "get_task" else {"limit": 20}
+
+
+def plan_for(task_id: str) -> Plan:
+    return {tool: (tool, tool_args(tool, task_id)) for tool in TOOLS}
+
+
+@dataclass
+class Target:
+    """A server under test: where it is, how to call it, which eras it speaks."""
+
+    name: str
+    url: str
+    token: str | None
+    pid: int
+    plan: Plan
+    eras: tuple[str, ...] = tuple(ERAS)
+    sdk: dict[str, list[dict]] = field(default_factory=dict)  # era -> one dict per round
+    lean: list[dict] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        called = {tool for tool, _ in self.plan.values()}
+        return self.name if called == set(TOOLS) else f"{self.name} ({', '.join(sorted(called))})"
 
 
 async def seed(url: str, token: str | None) -> str:
@@ -54,11 +104,23 @@ async def seed(url: str, token: str | None) -> str:
     return str(task_id)
 
 
-async def sdk_round(url: str, token: str | None, pid: int, task_id: str, calls: int, warmup: int) -> dict:
-    out = {}
+async def our_results(url: str, token: str | None, task_id: str) -> dict[str, Any]:
+    """What our server answers to each timed call (the bare peer serves these as constants)."""
     async with client(url, token) as c:
-        for tool in TOOLS:
-            args = tool_args(tool, task_id)
+        out = {}
+        for tool, (name, args) in plan_for(task_id).items():
+            result = await c.call_tool(name, args)
+            out[tool] = result.model_dump(by_alias=True, mode="json", exclude_none=True, exclude={"result_type"})
+        return out
+
+
+async def timed_calls(url: str, token: str | None, pid: int, plan: Plan, calls: int, warmup: int,
+                      mode: str = "legacy") -> dict:
+    """Each row of `plan` called `calls` times by one SDK client (after `warmup` calls): latency figures and the
+    server's CPU per call."""
+    out = {}
+    async with client(url, token, mode=mode) as c:
+        for row, (tool, args) in plan.items():
 
             async def call(tool=tool, args=args):
                 result = await c.call_tool(tool, args)
@@ -68,63 +130,148 @@ async def sdk_round(url: str, token: str | None, pid: int, task_id: str, calls: 
             cpu0 = cpu_seconds(pid)
             stats = summarize(await time_calls(call, calls))
             stats["server_cpu_us"] = 1e6 * (cpu_seconds(pid) - cpu0) / calls
-            out[tool] = stats
+            out[row] = stats
     return out
 
 
-async def lean_round(url: str, token: str | None, task_id: str, calls: int, warmup: int) -> dict:
+async def sdk_round(url: str, token: str | None, pid: int, task_id: str, calls: int, warmup: int) -> dict:
+    """Our two tools through the SDK client in the 2025-11-25 era (bench_auth.py uses it too)."""
+    return await timed_calls(url, token, pid, plan_for(task_id), calls, warmup)
+
+
+async def lean_calls(url: str, token: str | None, plan: Plan, calls: int, warmup: int) -> dict:
     out = {}
     async with LeanSession(url, token) as s:
-        for tool in TOOLS:
-            params = {"name": tool, "arguments": tool_args(tool, task_id)}
+        for row, (tool, args) in plan.items():
+            params = {"name": tool, "arguments": args}
 
             async def call(params=params):
                 reply = await s.request("tools/call", params)
                 assert not reply["result"].get("isError"), reply
 
             await time_calls(call, warmup)
-            out[tool] = summarize(await time_calls(call, calls))
+            out[row] = summarize(await time_calls(call, calls))
     return out
+
+
+async def lean_round(url: str, token: str | None, task_id: str, calls: int, warmup: int) -> dict:
+    return await lean_calls(url, token, plan_for(task_id), calls, warmup)
+
+
+@contextmanager
+def bare_peer(results_file: Path):
+    """The bare SDK server (benchmarks/_bare_sdk_peer.py); yields (URL, pid)."""
+    port = free_port()
+    with started([str(HERE / "_bare_sdk_peer.py"), str(port), str(results_file)],
+                 f"http://127.0.0.1:{port}/mcp") as pid:
+        yield f"http://127.0.0.1:{port}/mcp", pid
+
+
+@contextmanager
+def datalayer_peer(workdir: Path, python: str):
+    """datalayer's jupyter-mcp-server extension in a `jupyter server` of its own venv; yields (URL, pid)."""
+    port = free_port()
+    root = workdir / "datalayer"
+    root.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing of ours on its path
+    env.update(JUPYTER_DATA_DIR=str(workdir / "dl-data"), JUPYTER_RUNTIME_DIR=str(workdir / "dl-run"))
+    proc = subprocess.Popen(
+        [*pinned(), python, "-m", "jupyter", "server", f"--port={port}", "--no-browser", "--allow-root",
+         f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={root}", "--ServerApp.log_level=WARN"],
+        env=env, cwd=root, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    with serving(proc, f"http://127.0.0.1:{port}/mcp/healthz"):
+        yield f"http://127.0.0.1:{port}/mcp", proc.pid
+
+
+async def measure(target: Target, calls: int, warmup: int) -> None:
+    for era in target.eras:
+        target.sdk.setdefault(era, []).append(
+            await timed_calls(target.url, target.token, target.pid, target.plan, calls, warmup, ERAS[era]))
+    target.lean.append(await lean_calls(target.url, target.token, target.plan, calls, warmup))
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def report(targets: list[Target], args: argparse.Namespace, load_before: str) -> None:
+    print(f"tools/call: {args.calls} sequential calls per tool, median of {args.rounds} rounds in rotating order; "
+          f"load average (1, 5, 15 min) before {load_before}, after {load()}")
+    width = max(len(t.label) for t in targets)
+    print(f"{'client':<6} {'era':<10} {'tool':<11} {'server':<{width}} {'calls/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
+          f"{'srv CPU us':>10}")
+    for era in ERAS:
+        for tool in TOOLS:
+            for t in targets:
+                if era in t.eras:
+                    runs = t.sdk[era]
+                    print(f"{'sdk':<6} {era:<10} {tool:<11} {t.label:<{width}} {med(runs, tool, 'calls_per_s'):>8.0f} "
+                          f"{med(runs, tool, 'p50_ms'):>7.2f} {med(runs, tool, 'p99_ms'):>7.2f} "
+                          f"{med(runs, tool, 'server_cpu_us'):>10.0f}")
+    for tool in TOOLS:
+        for t in targets:
+            print(f"{'lean':<6} {'2025-11-25':<10} {tool:<11} {t.label:<{width}} "
+                  f"{med(t.lean, tool, 'calls_per_s'):>8.0f} {med(t.lean, tool, 'p50_ms'):>7.2f} "
+                  f"{med(t.lean, tool, 'p99_ms'):>7.2f}")
+    ours, peers = targets[0], targets[1:]
+    print("ratios ours / peer (throughput: higher is better; server CPU per call: lower is better)")
+    for peer in peers:
+        for era in ERAS:
+            if era not in peer.eras:
+                print(f"  {peer.label:<{width}} {era}: not served by this peer")
+                continue
+            for tool in TOOLS:
+                throughput = med(ours.sdk[era], tool, "calls_per_s") / med(peer.sdk[era], tool, "calls_per_s")
+                cpu = med(ours.sdk[era], tool, "server_cpu_us") / med(peer.sdk[era], tool, "server_cpu_us")
+                lean_ratio = med(ours.lean, tool, "calls_per_s") / med(peer.lean, tool, "calls_per_s")
+                lean = f"  lean throughput {lean_ratio:.2f}" if era == "2025-11-25" else ""
+                print(f"  {peer.label:<{width}} {era} {tool:<11} sdk throughput {throughput:.2f}  "
+                      f"server CPU/call {cpu:.2f}{lean}")
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=300)
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--peers", default="bare,datalayer",
+                        help=f"comma-separated, from {', '.join(PEERS)} (default: bare,datalayer)")
+    parser.add_argument("--datalayer-python", default="/tmp/venv-datalayer/bin/python",
+                        help="the python of the venv jupyter-mcp-server is installed in")
     args = parser.parse_args()
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    if unknown := set(peers) - set(PEERS):
+        parser.error(f"unknown peer(s) {', '.join(sorted(unknown))}; choose from {', '.join(PEERS)}")
+    if "datalayer" in peers and not Path(args.datalayer_python).exists():
+        parser.error(f"no {args.datalayer_python}: install datalayer's extension in a venv of its own "
+                     "(python3 -m venv /tmp/venv-datalayer && /tmp/venv-datalayer/bin/pip install jupyter-mcp-server) "
+                     "or leave 'datalayer' out of --peers")
     pin_client()
-    with tempdir() as tmp, jupyter_server(Path(tmp)) as (j_url, j_pid), uvicorn_peer(Path(tmp)) as (u_url, u_pid):
-        targets = {SERVERS[0]: (j_url, TOKEN, j_pid), SERVERS[1]: (u_url, None, u_pid)}
-        task_ids = {name: await seed(url, token) for name, (url, token, _) in targets.items()}
-        sdk: dict[str, list[dict]] = {name: [] for name in SERVERS}
-        lean: dict[str, list[dict]] = {name: [] for name in SERVERS}
+    load_before = load()
+    with tempdir() as tmp, ExitStack() as stack:
+        workdir = Path(tmp)
+        url, pid = stack.enter_context(jupyter_server(workdir))
+        task_id = await seed(url, TOKEN)
+        targets = [Target(OURS, url, TOKEN, pid, plan_for(task_id))]
+        for peer in peers:
+            if peer == "bare":
+                results_file = workdir / "results.json"
+                results_file.write_text(json.dumps(await our_results(url, TOKEN, task_id)))
+                p_url, p_pid = stack.enter_context(bare_peer(results_file))
+                targets.append(Target(peer, p_url, None, p_pid, plan_for("constant")))
+            elif peer == "sdk-app":
+                p_url, p_pid = stack.enter_context(uvicorn_peer(workdir))
+                targets.append(Target(peer, p_url, None, p_pid, plan_for(await seed(p_url, None))))
+            else:
+                p_url, p_pid = stack.enter_context(datalayer_peer(workdir, args.datalayer_python))
+                targets.append(Target(peer, p_url, TOKEN, p_pid, {tool: (DATALAYER_TOOL, {}) for tool in TOOLS},
+                                      eras=("2025-11-25",)))
         for round_no in range(args.rounds):
-            order = list(targets.items()) if round_no % 2 == 0 else list(reversed(targets.items()))
-            for name, (url, token, pid) in order:
-                sdk[name].append(await sdk_round(url, token, pid, task_ids[name], args.calls, args.warmup))
-                lean[name].append(await lean_round(url, token, task_ids[name], args.calls, args.warmup))
-
-    print(f"tools/call: {args.calls} sequential calls per tool, median of {args.rounds} alternating rounds")
-    print(f"{'client':<6} {'tool':<11} {'server':<18} {'calls/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'srv CPU us':>10}")
-    for label, runs in (("sdk", sdk), ("lean", lean)):
-        for tool in TOOLS:
-            for name in SERVERS:
-                cpu = f"{med(runs[name], tool, 'server_cpu_us'):>10.0f}" if label == "sdk" else f"{'':>10}"
-                print(
-                    f"{label:<6} {tool:<11} {name:<18} {med(runs[name], tool, 'calls_per_s'):>8.0f} "
-                    f"{med(runs[name], tool, 'p50_ms'):>7.2f} {med(runs[name], tool, 'p99_ms'):>7.2f} {cpu}"
-                )
-    print("ratios tornado / uvicorn (throughput: higher is better; server CPU: lower is better)")
-    ours, peer = SERVERS
-    for tool in TOOLS:
-        sdk_ratio = med(sdk[ours], tool, "calls_per_s") / med(sdk[peer], tool, "calls_per_s")
-        lean_ratio = med(lean[ours], tool, "calls_per_s") / med(lean[peer], tool, "calls_per_s")
-        cpu_ratio = med(sdk[ours], tool, "server_cpu_us") / med(sdk[peer], tool, "server_cpu_us")
-        print(
-            f"  {tool:<11} sdk throughput {sdk_ratio:.2f}  lean throughput {lean_ratio:.2f}  "
-            f"server CPU/call {cpu_ratio:.2f}"
-        )
+            shift = round_no % len(targets)
+            for target in targets[shift:] + targets[:shift]:
+                await measure(target, args.calls, args.warmup)
+    report(targets, args, load_before)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,13 @@ request: `response_mode()` is entered by the tornado bridge around each POST, an
   sent the message it routes (the SDK's context streams hand over the sender's context with each message),
   so a notification tied to a JSON-answered request is dropped (as in the SDK's JSON mode) instead of
   being taken for that request's response.
+- the 2026-07-28 entry (`handle_modern_request`) is given the session manager's `json_response` for each
+  request: `PerRequestSessionManager` answers it from the request's mode too, so a plain call is served
+  directly, without the task group, memory stream and disconnect watcher the SDK's SSE mode runs to defer its
+  choice (the deferral ends in the same JSON body for a call that emits nothing).
 A request gets JSON only when nothing can stream for it (`wants_json`): a plain call of a method that
-answers at once, with no progress token, no task and no wait. Everything else (initialize,
+answers at once, with no progress token, no log level asked for (the 2026 per-request opt-in), no task
+and no wait. Everything else (initialize,
 subscriptions/listen, calls with a progress token, a task or a `wait_seconds`) keeps SSE, and with it
 resumption with Last-Event-ID; a one-shot call whose connection drops is simply sent again.
 
@@ -50,6 +55,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.session import ServerSession
 from mcp.server.streamable_http import StreamableHTTPServerTransport
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from mcp_types import LOG_LEVEL_META_KEY
 
 _JSON_RESPONSE: contextvars.ContextVar[bool] = contextvars.ContextVar("plexus_json_response", default=False)
 
@@ -58,6 +64,8 @@ ONE_SHOT_METHODS = frozenset({
     "tools/call", "tools/list", "resources/list", "resources/read", "resources/templates/list",
     "prompts/list", "prompts/get", "completion/complete", "ping",
 })
+# A 2026-07-28 call asks for its log lines on its own stream with this `_meta` key (SEP-2577).
+LOG_LEVEL_BYTES = LOG_LEVEL_META_KEY.encode()
 # A body larger than this is left to the SDK's own parse (SSE): it is never parsed twice on the loop.
 MAX_INSPECTED_BYTES = 64 * 1024
 
@@ -65,7 +73,7 @@ MAX_INSPECTED_BYTES = 64 * 1024
 def wants_json(body: bytes) -> bool:
     """True when the POSTed JSON-RPC request can be answered as one JSON body: a one-shot method, and
     no progress token or task that would stream notifications on the request's response."""
-    if len(body) > MAX_INSPECTED_BYTES or b"progressToken" in body:
+    if len(body) > MAX_INSPECTED_BYTES or b"progressToken" in body or LOG_LEVEL_BYTES in body:
         return False
     try:
         message = json.loads(body)
@@ -80,7 +88,7 @@ def wants_json(body: bytes) -> bool:
     if not isinstance(params, dict):
         return True
     meta = params.get("_meta")
-    if isinstance(meta, dict) and "progressToken" in meta:  # spelt with JSON escapes: the bytes test missed it
+    if isinstance(meta, dict) and ("progressToken" in meta or LOG_LEVEL_META_KEY in meta):  # spelt with JSON escapes
         return False
     arguments = params.get("arguments")
     # A call that waits (cancel_tasks' wait_seconds) keeps a stream a dropped connection can resume.
@@ -127,6 +135,26 @@ def per_request_transport(transport: StreamableHTTPServerTransport) -> Streamabl
     return transport
 
 
+class _PerRequestManagerMode:
+    """`StreamableHTTPSessionManager.json_response`, per request: the request's mode (the 2026-07-28 entry reads
+    it for each request). Assignments (the SDK's constructor) are ignored."""
+
+    def __get__(self, manager: Any, owner: type | None = None) -> Any:
+        if manager is None:
+            return self
+        return _JSON_RESPONSE.get()
+
+    def __set__(self, manager: Any, value: Any) -> None:
+        pass
+
+
+class PerRequestSessionManager(StreamableHTTPSessionManager):
+    """The SDK's session manager with the response mode of a 2026-07-28 request chosen per request (a session's
+    transport gets its per-request mode from `per_request_transport`)."""
+
+    json_response = _PerRequestManagerMode()  # type: ignore[assignment]
+
+
 def lowlevel_server(server: MCPServer) -> Server[Any]:
     """The low-level `Server` an MCPServer serves through (`MCPServer._lowlevel_server`, set in its constructor).
 
@@ -146,7 +174,7 @@ def connection_of(session: ServerSession) -> Any:
     return session._connection
 
 
-class AdmittingSessionManager(StreamableHTTPSessionManager):
+class AdmittingSessionManager(PerRequestSessionManager):
     """The SDK's session manager with public-named admission hooks over its private admission points.
 
     Relies on: `_admit_session(requestor)` registering a new session synchronously (under the manager's

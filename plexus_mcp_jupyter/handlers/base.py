@@ -40,6 +40,8 @@ from .jupyter_compat import (
     set_request_user,
 )
 
+MAX_HOSTS_REMEMBERED = 64  # Host values whose check passed (see PlexusHandler.check_host)
+
 
 class PlexusHandler(APIHandler):
     """Base of the Plexus handlers: JSON in and out, 401/403 rules, the runtime at hand."""
@@ -104,6 +106,20 @@ class PlexusHandler(APIHandler):
         if type(self.identity_provider) in SINGLE_USER_PROVIDERS:
             return NOTEBOOK_USER
         return f"jupyter:{user.username}"
+
+    def check_host(self) -> bool:
+        """Jupyter's Host check, its "allowed" answers remembered per Host value (at most MAX_HOSTS_REMEMBERED):
+        the check parses the host as an IP address on every request, a measurable share of an MCP call, and its
+        answer depends only on the Host and the server's settings. Refusals are not remembered: each is still
+        checked, and logged, as Jupyter does."""
+        host = self.request.host
+        allowed_hosts = self.settings.setdefault("plexus_allowed_hosts", set())
+        if host in allowed_hosts:
+            return True
+        allowed = super().check_host()
+        if allowed and len(allowed_hosts) < MAX_HOSTS_REMEMBERED:
+            allowed_hosts.add(host)
+        return allowed
 
     def set_default_headers(self) -> None:
         # Jupyter's headers (nosniff, configured headers, its Content-Security-Policy), computed once

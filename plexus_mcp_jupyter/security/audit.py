@@ -80,6 +80,17 @@ MAX_DETAIL_ENTRIES = 100  # entries of one list or mapping in a record's details
 MAX_DETAIL_DEPTH = 8
 
 
+def _json_details(details: Any) -> Any:
+    """A record's redacted details as stored: their JSON form (anything else as its string), or a note when that
+    is longer than MAX_DETAIL_CHARS. It runs on the writer thread: a value that cannot be written at all (its
+    `str` raises) costs its details, never the thread or the rest of the batch."""
+    try:
+        text = json.dumps(details, default=str)
+    except Exception:
+        return {"unwritable": True}
+    return json.loads(text) if len(text) <= MAX_DETAIL_CHARS else {"truncated": True}
+
+
 def redact(value: Any, sensitive: Iterable[str] = DEFAULT_SENSITIVE,
            scrub: Callable[[str], str] = without_secrets, depth: int = 0) -> Any:
     """A copy of `value` with the values of sensitive-looking keys replaced, at any depth, and every string
@@ -149,15 +160,17 @@ class AuditLog:
     def record(self, principal: Principal | None, action: str, *, target: str | None = None, outcome: str = "ok",
                client: str | None = None, details: Mapping[str, Any] | None = None,
                seconds: float | None = None) -> None:
-        """Queue one record; never blocks. `seconds`, how long the action took, goes to the observers only."""
+        """Queue one record; never blocks. `seconds`, how long the action took, goes to the observers only.
+
+        The details are redacted here (a bounded copy of their mappings and lists, see `redact`); their JSON
+        form, and the size check on it, are made by the writer thread (`_json_details`), off the event loop."""
         scrub = self.scrubber.scrub
-        text = json.dumps(redact(dict(details or {}), self.sensitive, scrub), default=str)
         row = {
             "at": time.time(), "owner": principal.owner if principal else None,
             "key_id": principal.key_id if principal else None, "role": principal.role.value if principal else None,
             "action": action[:128], "target": scrub(str(target))[:500] if target else None,
             "outcome": outcome,
-            "client": client, "details": json.loads(text) if len(text) <= MAX_DETAIL_CHARS else {"truncated": True},
+            "client": client, "details": redact(dict(details or {}), self.sensitive, scrub),
         }
         if seconds is not None:
             row["seconds"] = seconds
@@ -208,6 +221,7 @@ class AuditLog:
                     log.exception("Plexus: an audit observer failed")
             for row in batch:
                 row.pop("seconds", None)
+                row["details"] = _json_details(row["details"])
             try:
                 with self.engine.begin() as conn:
                     conn.execute(sa.insert(audit_table), batch)

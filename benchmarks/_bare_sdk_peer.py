@@ -1,0 +1,58 @@
+"""The bare SDK peer of bench_tools_call.py: the `mcp` SDK's own MCPServer on uvicorn, nothing of Plexus.
+
+It serves `get_task` and `list_tasks` with the same input and output schemas as Plexus's tools (their
+argument annotations and output models are imported, so the SDK validates the same arguments and the same
+structured content, and a client validates the same result), each returning a constant: the CallToolResult
+our server answered for the same call (read from a JSON file the benchmark writes). No store, no auth, no
+audit, no Jupyter; the SDK's defaults for its Streamable HTTP app (stateful sessions, SSE responses in the
+2025-11-25 era). So it is the floor of the serving stack: what any MCP server built on the SDK pays per call.
+
+    python _bare_sdk_peer.py PORT RESULTS_JSON
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import uvicorn
+from mcp.server.mcpserver import MCPServer
+from mcp.types import CallToolResult
+from pydantic import Field
+
+from plexus_mcp_jupyter.core.manager import HISTORY_MAX
+from plexus_mcp_jupyter.endpoint.arguments import PageSize, TaskStatuses, TaskTypes
+from plexus_mcp_jupyter.endpoint.schemas import TaskDetail, TaskPage
+
+
+def main() -> None:
+    port, results_file = int(sys.argv[1]), Path(sys.argv[2])
+    results = {name: CallToolResult.model_validate(data) for name, data in json.loads(results_file.read_text()).items()}
+    server = MCPServer(name="bare", log_level="WARNING")
+
+    @server.tool(description="A constant task detail (same shape as Plexus's get_task).")
+    async def get_task(
+        task_id: Annotated[str, Field(min_length=1, max_length=64)],
+        history: bool = False,
+        history_limit: Annotated[int, Field(ge=1, le=HISTORY_MAX)] = 100,
+    ) -> Annotated[CallToolResult, TaskDetail]:
+        return results["get_task"]
+
+    @server.tool(description="A constant page of tasks (same shape as Plexus's list_tasks).")
+    async def list_tasks(
+        status: TaskStatuses = None,
+        type: TaskTypes = None,
+        since: str | None = None,
+        limit: Annotated[PageSize, Field(le=100)] = 20,
+        cursor: str | None = None,
+        batch: Annotated[str | None, Field(max_length=64)] = None,
+    ) -> Annotated[CallToolResult, TaskPage]:
+        return results["list_tasks"]
+
+    uvicorn.run(server.streamable_http_app(), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()

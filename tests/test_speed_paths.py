@@ -1,0 +1,87 @@
+"""The request path's fast answers keep the protocol's behaviour: what may stream still streams."""
+
+from __future__ import annotations
+
+import json
+
+import httpx2
+from mcp.server.mcpserver import Context
+
+from plexus_mcp_jupyter.endpoint.sdk_compat import wants_json
+
+from .conftest import MODERN
+from .test_transport import _messages
+
+MODERN_META = {"io.modelcontextprotocol/protocolVersion": MODERN,
+               "io.modelcontextprotocol/clientInfo": {"name": "t", "version": "1"},
+               "io.modelcontextprotocol/clientCapabilities": {}}
+
+
+async def modern_call(mcp_url: str, token: str, name: str, meta: dict | None = None) -> httpx2.Response:
+    """One self-contained 2026-07-28 tools/call."""
+    body = {"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+            "params": {"name": name, "arguments": {}, "_meta": {**MODERN_META, **(meta or {})}}}
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json",
+               "MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": name,
+               "Authorization": f"Bearer {token}"}
+    async with httpx2.AsyncClient(timeout=30) as http:
+        return await http.post(mcp_url, content=json.dumps(body), headers=headers)
+
+
+async def test_a_2026_call_that_asks_for_its_log_lines_streams_them_and_a_plain_one_is_one_body(
+        mcp_url, token, runtime):
+    async def log_then_answer(ctx: Context) -> str:
+        await ctx.log("warning", "on the way")
+        return "answered"
+
+    runtime.mcp.add_tool(log_then_answer, name="log_then_answer")
+    try:
+        plain = await modern_call(mcp_url, token, "log_then_answer")
+        logged = await modern_call(mcp_url, token, "log_then_answer", {"io.modelcontextprotocol/logLevel": "info"})
+    finally:
+        runtime.mcp.remove_tool("log_then_answer")
+    assert plain.status_code == 200 and plain.headers["content-type"].startswith("application/json")
+    assert plain.json()["result"]["content"][0]["text"] == "answered"
+    assert logged.headers["content-type"].startswith("text/event-stream")
+    messages = _messages(logged)
+    assert [m.get("method") for m in messages[:-1]] == ["notifications/message"]
+    assert messages[-1]["id"] == 7 and messages[-1]["result"]["content"][0]["text"] == "answered"
+
+
+def test_a_log_level_or_progress_token_in_any_spelling_keeps_the_stream():
+    call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "get_task", "arguments": {}}}
+    assert wants_json(json.dumps(call).encode())
+    for key in ("io.modelcontextprotocol/logLevel", "progressToken"):
+        with_meta = {**call, "params": {**call["params"], "_meta": {key: "info"}}}
+        assert not wants_json(json.dumps(with_meta).encode())
+        escaped = json.dumps(with_meta).replace(key[-5:], "".join(f"\\u{ord(c):04x}" for c in key[-5:]))
+        assert key.encode() not in escaped.encode() and not wants_json(escaped.encode())
+
+
+async def test_a_foreign_host_stays_refused_after_local_ones_were_let_in(server_url, token):
+    """Allowed Host values are remembered, refused ones are checked (and refused) every time."""
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
+        for host in ("evil.example", None, "evil.example", None, "evil.example:80"):
+            extra = {"Host": host} if host else {}
+            response = await http.get(server_url + "plexus/api/health", headers=extra)
+            assert response.status_code == (403 if host else 200), (host, response.text)
+
+
+class Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("no string for this one")
+
+
+def test_audit_details_are_made_json_by_the_writer_and_one_that_cannot_be_costs_only_its_details(runtime):
+    audit = runtime.audit
+    audit.record(None, "speed.unwritable", details={"value": Unprintable()})
+    audit.record(None, "speed.long", details={"text": "x" * 1500, "more": "y" * 1500})
+    audit.record(None, "speed.plain", details={"n": 1, "token": "secret-value", "nested": {"a": [1, "b"]}})
+    audit.flush()
+    records, _ = audit.query(action="speed.*", limit=10)
+    details = {r["action"]: r["details"] for r in records}
+    assert details["speed.unwritable"] == {"unwritable": True}
+    assert details["speed.long"] == {"truncated": True}
+    assert details["speed.plain"]["n"] == 1 and details["speed.plain"]["nested"] == {"a": [1, "b"]}
+    assert "secret-value" not in json.dumps(details["speed.plain"])
