@@ -119,3 +119,22 @@ def test_the_notebook_client_builds_the_same_model_and_refuses_before_sending():
     # the body it would send is the model's arguments: what REST validates with the same model
     request = CreateEvaluation.parse(GOOD)
     assert CreateEvaluation.parse(request.arguments()) == request
+
+
+@pytest.fixture
+def plexus_config(plexus_config):
+    """A server whose pages go up to 1000 (max_page_size's upper bound): no schema may say 100."""
+    return {**plexus_config, "max_page_size": 1000}
+
+
+async def test_every_page_bound_comes_from_max_page_size(jp_fetch, mcp_client):
+    async with mcp_client() as client:
+        tools = (await client.list_tools()).tools
+    paged = {t.name: t.input_schema["properties"]["limit"] for t in tools if "limit" in t.input_schema["properties"]}
+    assert {"list_tasks", "list_evaluations", "get_evaluation_results"} <= set(paged)
+    assert {name: schema.get("maximum") for name, schema in paged.items()} == dict.fromkeys(paged, 1000)
+    code, page = await call(jp_fetch, "tasks", params={"limit": "1000"})
+    assert code == 200 and page["next_cursor"] is None
+    with pytest.raises(HTTPClientError) as err:
+        await call(jp_fetch, "evaluations", params={"limit": "1001"})
+    assert "from 1 to 1000" in json.loads(err.value.response.body)["error"]["message"]
