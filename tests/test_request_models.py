@@ -10,6 +10,7 @@ from tornado.httpclient import HTTPClientError
 
 from plexus_mcp_jupyter.core.requests import DispatchTask
 from plexus_mcp_jupyter.evaluations.requests import CreateEvaluation
+from plexus_mcp_jupyter.evaluations.scorers import SCORER_KINDS, SpecError, normalize_spec
 from plexus_mcp_jupyter.notebook import Plexus
 from plexus_mcp_jupyter.notebook.errors import PlexusInputError
 
@@ -138,3 +139,21 @@ async def test_every_page_bound_comes_from_max_page_size(jp_fetch, mcp_client):
     with pytest.raises(HTTPClientError) as err:
         await call(jp_fetch, "evaluations", params={"limit": "1001"})
     assert "from 1 to 1000" in json.loads(err.value.response.body)["error"]["message"]
+
+
+async def test_the_published_scorer_spec_shows_each_kind_and_the_fields_it_accepts(mcp_client):
+    async with mcp_client() as client:
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+    published = tools["create_evaluation"].input_schema["properties"]["scorer"]["anyOf"][0]["oneOf"]
+    kinds = {shape["properties"]["kind"]["const"]: shape for shape in published if shape["type"] == "object"}
+    assert tuple(kinds) == SCORER_KINDS
+    samples = {"column": "prediction", "rules": [{"pattern": "good", "label": "positive"}], "default": None,
+               "case_sensitive": False, "function": "pkg.mod:fn", "vectorized": True}
+    for kind, shape in kinds.items():
+        spec = {"kind": kind, **{f: samples.get(f, "x") for f in shape["properties"] if f != "kind"}}
+        assert normalize_spec(spec)["kind"] == kind  # every published field is accepted...
+        with pytest.raises(SpecError, match="unknown field 'colour'"):
+            normalize_spec({**spec, "colour": "red"})  # ...and only those
+        for required in set(shape["required"]) - {"kind"}:
+            with pytest.raises(SpecError, match=f"needs '{required}'"):
+                normalize_spec({k: v for k, v in spec.items() if k != required})

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, WithJsonSchema
 
 from ..core.errors import one_line
 from ..core.requests import MAX_PRIORITY, MIN_PRIORITY, RequestModel
+from .scorers import SCORER_SPEC_SCHEMA
 
 EVALUATION_TYPES = ("accuracy", "feedback", "consistency")
 MAX_RUNS = 10
@@ -33,9 +34,12 @@ class CreateEvaluation(RequestModel):
     type: Annotated[str, AfterValidator(evaluation_type), Field(
         description=f"One of {', '.join(EVALUATION_TYPES)}", json_schema_extra={"enum": list(EVALUATION_TYPES)})]
     dataset: str | None = Field(None, description="Dataset ref (not with scorecard)")
-    scorer: str | dict[str, Any] | None = Field(
-        None, description="Scorer spec: 'column:<col>', 'python:<module>:<function>', or {kind: rules, rules: "
-        "[{pattern|keywords, label}], default, input_column}")
+    # The published schema shows each kind's fields (SCORER_SPEC_SCHEMA); normalize_spec checks a spec, with
+    # messages that name the field inside it, in EvaluationService.plan as in a scorecard.
+    scorer: Annotated[str | dict[str, Any] | None, WithJsonSchema({
+        "anyOf": [SCORER_SPEC_SCHEMA, {"type": "null"}], "default": None,
+        "description": "Scorer spec: 'column:<col>', 'python:<module>:<function>', 'kernel:<name>', or a mapping "
+        "with kind (column, rules, python, kernel) and that kind's fields"})] = None
     scorecard: str | None = Field(None, description="Path of a scorecard YAML under the Jupyter root")
     label_column: str | None = Field(None, description="Column of correct labels")
     prediction_column: str | None = Field(None, description="Column of predictions (instead of scorer)")
