@@ -16,8 +16,7 @@ from plexus_mcp_jupyter.notebook.errors import PlexusInputError
 
 from .test_rest import call
 
-GOOD = {"type": "accuracy", "dataset": "example:sentiment", "prediction_column": "prediction",
-        "label_column": "label"}
+GOOD = {"type": "accuracy", "dataset": "example:sentiment", "prediction_column": "prediction", "label_column": "label"}
 
 # (what is wrong, the arguments, the field the error must name)
 BAD_EVALUATIONS = [
@@ -68,8 +67,9 @@ async def test_create_evaluation_publishes_the_model_fields_as_its_input_schema(
 
 
 @pytest.mark.parametrize(("what", "arguments", "field"), BAD_EVALUATIONS, ids=[b[0] for b in BAD_EVALUATIONS])
-async def test_mcp_and_rest_refuse_a_bad_evaluation_naming_the_same_field(jp_fetch, mcp_client, runtime, what,
-                                                                          arguments, field):
+async def test_mcp_and_rest_refuse_a_bad_evaluation_naming_the_same_field(
+    jp_fetch, mcp_client, runtime, what, arguments, field
+):
     before = runtime.manager.counts()
     async with mcp_client() as client:
         over_mcp = await mcp_refusal(client, "create_evaluation", arguments)
@@ -79,8 +79,9 @@ async def test_mcp_and_rest_refuse_a_bad_evaluation_naming_the_same_field(jp_fet
 
 
 @pytest.mark.parametrize(("what", "spec", "field"), BAD_DISPATCHES, ids=[b[0] for b in BAD_DISPATCHES])
-async def test_rest_and_a_batch_spec_refuse_a_bad_dispatch_naming_the_same_field(jp_fetch, mcp_client, runtime,
-                                                                                 what, spec, field):
+async def test_rest_and_a_batch_spec_refuse_a_bad_dispatch_naming_the_same_field(
+    jp_fetch, mcp_client, runtime, what, spec, field
+):
     before = runtime.manager.counts()
     over_rest = await rest_refusal(jp_fetch, "tasks", body=spec)
     over_batch = await rest_refusal(jp_fetch, "tasks", body={"tasks": [spec]})
@@ -106,8 +107,13 @@ def test_the_notebook_client_builds_the_same_model_and_refuses_before_sending():
     for _what, arguments, field in BAD_EVALUATIONS:
         if field in ("colour", "type"):  # not expressible through evaluate's keyword arguments
             continue
-        keywords = {"sample_n": "sample_n", "sample_fraction": "sample_fraction", "runs": "runs",
-                    "priority": "priority", "label_column": "label"}
+        keywords = {
+            "sample_n": "sample_n",
+            "sample_fraction": "sample_fraction",
+            "runs": "runs",
+            "priority": "priority",
+            "label_column": "label",
+        }
         kwargs = {keywords[field]: arguments[field]}
         if field == "runs":
             kwargs["type"] = "consistency"
@@ -147,8 +153,14 @@ async def test_the_published_scorer_spec_shows_each_kind_and_the_fields_it_accep
     published = tools["create_evaluation"].input_schema["properties"]["scorer"]["anyOf"][0]["oneOf"]
     kinds = {shape["properties"]["kind"]["const"]: shape for shape in published if shape["type"] == "object"}
     assert tuple(kinds) == SCORER_KINDS
-    samples = {"column": "prediction", "rules": [{"pattern": "good", "label": "positive"}], "default": None,
-               "case_sensitive": False, "function": "pkg.mod:fn", "vectorized": True}
+    samples = {
+        "column": "prediction",
+        "rules": [{"pattern": "good", "label": "positive"}],
+        "default": None,
+        "case_sensitive": False,
+        "function": "pkg.mod:fn",
+        "vectorized": True,
+    }
     for kind, shape in kinds.items():
         spec = {"kind": kind, **{f: samples.get(f, "x") for f in shape["properties"] if f != "kind"}}
         assert normalize_spec(spec)["kind"] == kind  # every published field is accepted...

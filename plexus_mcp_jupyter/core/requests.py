@@ -36,8 +36,10 @@ class RequestModel(BaseModel):
 
         `where` prefixes field names (`params.` for a spec's params, say)."""
         if not isinstance(body, Mapping):
-            raise InvalidArgument(f"{where.rstrip('.') or 'the request'} must be a JSON object with the fields "
-                                  f"{', '.join(cls.model_fields)}, not {type(body).__name__}")
+            raise InvalidArgument(
+                f"{where.rstrip('.') or 'the request'} must be a JSON object with the fields "
+                f"{', '.join(cls.model_fields)}, not {type(body).__name__}"
+            )
         try:
             return cls.model_validate(body)
         except ValidationError as exc:
@@ -86,8 +88,11 @@ def takes(model: type[BaseModel]) -> Callable[[F], F]:
         leading = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
         for name, field in model.model_fields.items():
             default = inspect.Parameter.empty if field.is_required() else field.default
-            leading.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                                             annotation=Annotated[field.annotation, field]))
+            leading.append(
+                inspect.Parameter(
+                    name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[field.annotation, field]
+                )
+            )
         fn.__signature__ = signature.replace(parameters=leading)  # type: ignore[attr-defined]
         return fn
 
@@ -101,9 +106,15 @@ class DispatchTask(RequestModel):
 
     type: str = Field(min_length=1, max_length=64, description="A registered task type, e.g. demo, or evaluation")
     params: Annotated[dict[str, Any], BeforeValidator(lambda value: {} if value is None else value)] = Field(
-        default_factory=dict, description="The task type's parameters (for demo: items, "
-                                   "item_delay_ms, fail, fail_at, seed; for evaluation: create_evaluation's "
-                                   "arguments, type being the evaluation type)")
-    priority: int = Field(default=0, ge=MIN_PRIORITY, le=MAX_PRIORITY, description="Queue priority, -1000 to 1000 "
-                          "(higher starts first); operator keys at most max_priority_operator")
+        default_factory=dict,
+        description="The task type's parameters (for demo: items, "
+        "item_delay_ms, fail, fail_at, seed; for evaluation: create_evaluation's "
+        "arguments, type being the evaluation type)",
+    )
+    priority: int = Field(
+        default=0,
+        ge=MIN_PRIORITY,
+        le=MAX_PRIORITY,
+        description="Queue priority, -1000 to 1000 (higher starts first); operator keys at most max_priority_operator",
+    )
     description: str | None = Field(default=None, max_length=MAX_DESCRIPTION, description="Shown in listings")
