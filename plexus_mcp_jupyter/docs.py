@@ -142,8 +142,8 @@ Unsubscribing, or the end of the session, releases everything the subscriber hel
 def _type_of(schema: dict[str, Any], root: dict[str, Any]) -> str:
     if "enum" in schema:
         return "one of " + ", ".join(f"`{v}`" for v in schema["enum"])
-    if "anyOf" in schema:
-        return " or ".join(_type_of(s, root) for s in schema["anyOf"])
+    if "anyOf" in schema or "oneOf" in schema:  # a scorer spec: a string, or one of several objects
+        return " or ".join(dict.fromkeys(_type_of(s, root) for s in schema.get("anyOf") or schema["oneOf"]))
     if "$ref" in schema:
         ref = root.get("$defs", {}).get(schema["$ref"].split("/")[-1], {})
         if "enum" in ref:

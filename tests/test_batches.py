@@ -412,7 +412,7 @@ async def test_the_notebook_client_runs_the_same_batch_operations(server_url, to
     ("tasks", {"tasks": [1]}, "tasks[0]: a task spec is an object"),
     ("tasks", {"tasks": [{**QUICK, "colour": "red"}]}, "tasks[0]: unknown field(s) ['colour']"),
     ("tasks", {"tasks": [QUICK], "priority": 3}, "put type, params, priority and description in each spec"),
-    ("tasks", {"tasks": [{"type": "evaluation"}]}, "tasks[0]: params.type must be the evaluation type"),
+    ("tasks", {"tasks": [{"type": "evaluation"}]}, "tasks[0]: params.type is required: One of accuracy"),
     ("tasks/cancel", {}, "give either task_ids"),
     ("tasks/cancel", {"task_ids": ["a"], "status": "QUEUED"}, "not both"),
     ("tasks/cancel", {"status": "DONE"}, "unknown status 'DONE'"),
@@ -461,7 +461,7 @@ async def test_a_batch_with_one_bad_evaluation_spec_dispatches_nothing_and_names
         assert "tasks[1]: no example dataset 'nope'" in text and "nothing was dispatched" in text
         wrong = {"type": "evaluation", "params": {"type": "accuracy", "dataset": "example:topics", "colour": "red"}}
         text = await refused(client, "dispatch_batch", {"tasks": [wrong]})
-        assert "tasks[0]: unknown evaluation argument(s) ['colour']" in text and "prediction_column" in text
+        assert "tasks[0]: unknown field(s) ['params.colour']" in text and "prediction_column" in text
         text = await refused(client, "dispatch_batch", {"tasks": [{"type": "evaluation", "params": {}}]})
-        assert "params.type must be the evaluation type" in text
+        assert "params.type is required: One of accuracy" in text
     assert runtime.manager.store.count_tasks(runtime.manager.build_filter()) == before

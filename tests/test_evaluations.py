@@ -10,9 +10,13 @@ from mcp import MCPError
 from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score
 
 from plexus_mcp_jupyter.evaluations.datasets import EXAMPLES_DIR
+from plexus_mcp_jupyter.evaluations.requests import CreateEvaluation
 
 from .conftest import poll
 from .test_subscriptions import updates_collector
+
+BY_COLUMN = CreateEvaluation(type="accuracy", dataset="example:sentiment", prediction_column="prediction",
+                             label_column="label")
 
 FINAL = {"COMPLETED", "FAILED", "CANCELLED"}
 
@@ -328,8 +332,7 @@ async def test_an_evaluation_started_at_once_finds_its_record_while_another_writ
     try:
         tasks = []
         for _ in range(5):
-            _, task = await runtime.evaluations.create("accuracy", "example:sentiment", prediction_column="prediction",
-                                                       label_column="label")
+            _, task = await runtime.evaluations.create(BY_COLUMN)
             await runtime.manager.wait_final([task.id], 60)
             tasks.append(runtime.manager.get(task.id))
     finally:

@@ -23,12 +23,11 @@ from sqlalchemy.engine import Connection
 from .errors import InvalidArgument, NotFound, PlexusError
 from .manager import MAX_PRIORITY, MIN_PRIORITY, CancelOutcome, TaskManager
 from .models import FINAL_STATUSES, Task, TaskStatus, iso, now, parse_iso
+from .requests import DispatchTask
 from .retention import expired_message
 from .store import TaskFilter, owner_visible
 from .tasks import get_task_type
 
-SPEC_FIELDS = ("type", "params", "priority", "description")
-MAX_DESCRIPTION = 1000
 SAMPLE_SIZE = 20  # task ids a dry run shows
 # What a filter acts on when it names no status: what the operation can change.
 DEFAULT_STATUSES = {
@@ -177,16 +176,13 @@ class BatchOperations:
                                   "(setting max_batch_size): split it into several batches")
 
     def _task(self, spec: Mapping[str, Any], actor: Actor, batch_id: str, planned: PlannedSpec | None) -> Task:
-        task_type, params = _spec_type_and_params(spec)
-        description = spec.get("description")
-        if description is not None and (not isinstance(description, str) or len(description) > MAX_DESCRIPTION):
-            raise InvalidArgument(f"description must be a string of at most {MAX_DESCRIPTION} characters")
+        request = parse_spec(spec)
         if planned is not None:
-            return self.manager.new_task(task_type, planned.params, priority=spec.get("priority", 0),
-                                         owner=actor.owner, description=description or planned.description,
+            return self.manager.new_task(request.type, planned.params, priority=request.priority,
+                                         owner=actor.owner, description=request.description or planned.description,
                                          role=actor.role, batch_id=batch_id, internal=True)
-        return self.manager.new_task(task_type, params, priority=spec.get("priority", 0), owner=actor.owner,
-                                     description=description, role=actor.role, batch_id=batch_id)
+        return self.manager.new_task(request.type, request.params, priority=request.priority, owner=actor.owner,
+                                     description=request.description, role=actor.role, batch_id=batch_id)
 
     async def plan(self, specs: Sequence[Mapping[str, Any]], actor: Actor) -> dict[int, PlannedSpec]:
         """The specs of internal types whose service plans them (manager.spec_planners: an evaluation per
@@ -197,12 +193,11 @@ class BatchOperations:
         planned: dict[int, PlannedSpec] = {}
         for index, spec in enumerate(specs):
             try:
-                task_type, params = _spec_type_and_params(spec)
-                planner = planners.get(task_type)
+                request = parse_spec(spec)
+                planner = planners.get(request.type)
                 if planner is not None:
-                    if spec.get("priority") is not None:
-                        self.manager.check_priority(spec["priority"], actor.role)
-                    planned[index] = await planner(params, actor)
+                    self.manager.check_priority(request.priority, actor.role)
+                    planned[index] = await planner(request.params, actor)
             except PlexusError as exc:  # an unknown dataset is NotFound for create_evaluation, a bad spec here
                 raise InvalidArgument(f"tasks[{index}]: {exc}; nothing was dispatched") from None
         return planned
@@ -471,17 +466,8 @@ def _in_order(ids: Sequence[str], outcomes: list[CancelOutcome]) -> list[CancelO
     return sorted(outcomes, key=lambda o: position.get(o.task_id, len(position)))
 
 
-def _spec_type_and_params(spec: Any) -> tuple[str, Mapping[str, Any]]:
-    """A spec's type and params, its shape checked (the rest is the type's to check)."""
+def parse_spec(spec: Any) -> DispatchTask:
+    """A batch's task spec as the dispatch request it is (the type's params are the type's to check)."""
     if not isinstance(spec, Mapping):
         raise InvalidArgument(f"a task spec is an object {{type, params, priority, description}}, not {spec!r:.60}")
-    unknown = sorted(set(spec) - set(SPEC_FIELDS))
-    if unknown:
-        raise InvalidArgument(f"unknown field(s) {unknown}; allowed: {', '.join(SPEC_FIELDS)}")
-    task_type = spec.get("type")
-    if not isinstance(task_type, str):
-        raise InvalidArgument(f"type must be a task type name (a string), not {task_type!r:.60}")
-    params = spec.get("params") or {}
-    if not isinstance(params, Mapping):
-        raise InvalidArgument("params must be an object")
-    return task_type, params
+    return DispatchTask.parse(spec)

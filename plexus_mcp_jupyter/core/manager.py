@@ -31,6 +31,7 @@ from .models import FINAL_STATUSES, ProgressSample, Stage, StageStatus, Task, Ta
 from .progress import ProgressDecision, ProgressTracker
 from .queue import FAIRNESS_MODES, FairClock, Group, QueuedInfo, QueuePolicy, QueueWindow, weight
 from .queue import plan as queue_plan
+from .requests import MAX_PRIORITY, MIN_PRIORITY
 from .retention import RetentionPolicy, RetentionPruner, expired_message
 from .store import KEY_OWNER_PREFIX, ProgressWrite, Store, TaskFilter, decode_cursor, encode_cursor, owner_visible
 from .store_calls import StoreCalls, store_unavailable
@@ -38,7 +39,6 @@ from .tasks import get_task_type, task_type_names
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
-MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
 FINISHED_CACHE_SIZE = 1024
 HISTORY_MAX = 1000  # most progress samples one read returns
 RECOVERY_EVERY = 10  # maintenance ticks between checks for tasks of servers that died

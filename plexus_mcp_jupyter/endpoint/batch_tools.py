@@ -20,10 +20,11 @@ from ..core.batches import SAMPLE_SIZE, Actor, BatchOperations, Selection, batch
 from ..core.errors import NotFound
 from ..core.manager import MAX_PRIORITY, MIN_PRIORITY, CancelOutcome, TaskManager
 from ..core.models import TaskStatus
+from ..core.requests import DispatchTask
 from ..security.audit import note_for_audit
 from .arguments import STATUS_NAMES, StatusName, comma_list, names_schema
 from .principal import current_principal
-from .schemas import BatchDispatchResult, OperationResult, TaskSpec
+from .schemas import BatchDispatchResult, OperationResult
 from .task_logs import TaskLogs
 from .tools import client_errors, result
 
@@ -93,7 +94,7 @@ def register_batch_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs
     @client_errors
     async def dispatch_batch(
         ctx: Context,
-        tasks: Annotated[list[TaskSpec], Field(min_length=1, description="The task specs, in order")],
+        tasks: Annotated[list[DispatchTask], Field(min_length=1, description="The task specs, in order")],
     ) -> Annotated[CallToolResult, BatchDispatchResult]:
         note_for_audit(operation="dispatch", tasks=len(tasks), types=dict(Counter(t.type for t in tasks)))
         created = await batches.dispatch([t.model_dump() for t in tasks], current_principal().actor)

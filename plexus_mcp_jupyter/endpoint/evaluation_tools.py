@@ -16,9 +16,10 @@ from mcp.types import INVALID_PARAMS, CallToolResult, ToolAnnotations
 from pydantic import BeforeValidator, Field, WithJsonSchema
 
 from ..core.errors import NotFound, PlexusError
-from ..core.manager import MAX_PRIORITY, MIN_PRIORITY
 from ..core.models import Task, TaskStatus
-from ..evaluations.service import EVALUATION_TYPES, MAX_RUNS, EvaluationService, parse_flag
+from ..core.requests import takes
+from ..evaluations.requests import EVALUATION_TYPES, CreateEvaluation
+from ..evaluations.service import EvaluationService, parse_flag
 from ..evaluations.store import EvaluationStatus
 from .arguments import PageSize, annotated, comma_list, names_schema, page_size
 from .principal import current_principal
@@ -68,9 +69,6 @@ def _dump(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"), default=str)
 
 
-# An enum in the schema; the service checks the value (its error lists the allowed types).
-EvaluationType = Annotated[str, Field(description=f"One of {', '.join(EVALUATION_TYPES)}",
-                                      json_schema_extra={"enum": list(EVALUATION_TYPES)})]
 EvaluationStatuses = Annotated[list[str] | None, BeforeValidator(comma_list), WithJsonSchema(names_schema(
     "Only evaluations with these statuses", EvaluationStatus.ALL))]
 EvaluationTypes = Annotated[list[str] | None, BeforeValidator(comma_list), WithJsonSchema(names_schema(
@@ -97,44 +95,19 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService, log
         ),
         annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False),
     )
+    @takes(CreateEvaluation)  # the tool's arguments are the request model's fields
     @client_errors
-    async def create_evaluation(
-        ctx: Context,
-        type: EvaluationType,
-        dataset: Annotated[str | None, Field(description="Dataset ref (not with scorecard)")] = None,
-        scorer: Annotated[str | dict[str, Any] | None, Field(
-            description="Scorer spec: 'column:<col>', 'python:<module>:<function>', or {kind: rules, rules: "
-            "[{pattern|keywords, label}], default, input_column}")] = None,
-        scorecard: Annotated[str | None, Field(description="Path of a scorecard YAML under the Jupyter root")]
-        = None,
-        label_column: Annotated[str | None, Field(description="Column of correct labels")] = None,
-        prediction_column: Annotated[str | None, Field(description="Column of predictions (instead of scorer)")]
-        = None,
-        input_column: Annotated[str | None, Field(description="Column the scorer reads (default 'text')")] = None,
-        id_column: Annotated[str | None, Field(description="Column of item ids for results (default row number)")]
-        = None,
-        sample_n: Annotated[int | None, Field(ge=1, description="Evaluate a random sample of this many rows")]
-        = None,
-        sample_fraction: Annotated[float | None, Field(gt=0, le=1, description="Or of this share of rows")] = None,
-        seed: Annotated[int | None, Field(description="Seed of the sample, for repeatable runs")] = None,
-        runs: Annotated[int, Field(ge=2, le=MAX_RUNS, description=f"consistency: runs of the scorer, 2 to {MAX_RUNS}")]
-        = 3,
-        priority: Annotated[int, Field(ge=MIN_PRIORITY, le=MAX_PRIORITY, description="Queue priority (operator keys: "
-                                       "at most max_priority_operator, default 10)")] = 0,
-    ) -> Annotated[CallToolResult, EvaluationDetail]:
+    async def create_evaluation(ctx: Context, **fields: Any) -> Annotated[CallToolResult, EvaluationDetail]:
         principal = current_principal()
-        view, task = await service.create(
-            type, dataset, scorer=scorer, scorecard=scorecard, label_column=label_column,
-            prediction_column=prediction_column, input_column=input_column, id_column=id_column,
-            sample_n=sample_n, sample_fraction=sample_fraction, seed=seed, runs=runs, priority=priority,
-            owner=principal.owner, trusted=principal.is_admin, role=principal.role.value,
-        )
+        request = CreateEvaluation.parse(fields)
+        view, task = await service.create(request, owner=principal.owner, trusted=principal.is_admin,
+                                          role=principal.role.value)
         if logs is not None:
             logs.started(ctx, [task.id])
         if progress_token(ctx) is not None:
             return evaluation_outcome(service, await follow_to_end(ctx, service.manager, task.id, logs))
-        return result(f"Started evaluation {view['evaluation_id']} ({type} on {view['dataset']}); follow it with "
-                      "get_evaluation.", view)
+        return result(f"Started evaluation {view['evaluation_id']} ({request.type} on {view['dataset']}); follow "
+                      "it with get_evaluation.", view)
 
     @server.tool(
         title="Get an evaluation",

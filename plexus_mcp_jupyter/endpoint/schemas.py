@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from ..core.models import StageStatus, TaskStatus
 
@@ -110,19 +110,6 @@ class DispatchResult(BaseModel):
     resource_uri: str = Field(description="Read this resource for stages and progress history")
     output: Any = Field(default=None, description="The task's result once it has completed (bounded in size)")
     error_message: str | None = Field(default=None, description="Why the task failed, once it has failed")
-
-
-class TaskSpec(BaseModel):
-    """One task of a batch (dispatch_batch): the same fields as POST plexus/api/tasks."""
-
-    model_config = ConfigDict(extra="forbid")
-    type: str = Field(min_length=1, max_length=64, description="A registered task type, e.g. demo, or evaluation")
-    params: dict[str, Any] = Field(default_factory=dict, description="The task type's parameters (for demo: items, "
-                                   "item_delay_ms, fail, fail_at, seed; for evaluation: create_evaluation's "
-                                   "arguments, type being the evaluation type)")
-    priority: int = Field(default=0, description="Queue priority, -1000 to 1000 (higher starts first); operator keys "
-                          "at most max_priority_operator")
-    description: str | None = Field(default=None, max_length=1000, description="Shown in listings")
 
 
 class BatchDispatchResult(BaseModel):

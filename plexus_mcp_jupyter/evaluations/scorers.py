@@ -67,23 +67,17 @@ SCORER_KINDS = ("column", "rules", "python", "kernel")
 DEFAULT_INPUT_COLUMN = "text"
 SPEC_HELP = ("a scorer spec is 'column:<column>', 'python:<module>:<function>', 'kernel:<name>' or a mapping "
              f"with 'kind' ({', '.join(SCORER_KINDS)})")
-_FIELDS: dict[str, tuple[set[str], set[str]]] = {  # kind -> (required, optional) fields besides kind
-    "column": ({"column"}, {"name"}),
-    "rules": ({"rules"}, {"name", "default", "case_sensitive", "input_column"}),
-    "python": ({"function"}, {"name", "vectorized", "input_column"}),
-    "kernel": ({"function"}, {"name", "kernel_id", "vectorized", "input_column"}),
-}
 _IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 _STRING = {"type": "string", "minLength": 1}
-_COMMON = {"kind": {"enum": list(SCORER_KINDS)}, "name": _STRING, "input_column": _STRING}
+_COMMON = {"name": _STRING, "input_column": _STRING}
 SCORER_SPEC_SCHEMA: dict[str, Any] = {
     "description": "A scorer: a string shorthand or a mapping with 'kind'.",
     "oneOf": [
         {"type": "string", "pattern": r"^(column:.+|python:[\w.]+:[\w.]+|kernel:.+)$",
          "examples": ["column:prediction", "python:plexus_mcp_jupyter.evaluations.examples.scorers:keyword_sentiment"]},
         {"type": "object", "additionalProperties": False, "required": ["kind", "column"],
-         "properties": {**_COMMON, "kind": {"const": "column"}, "column": _STRING}},
+         "properties": {"kind": {"const": "column"}, "name": _STRING, "column": _STRING}},
         {"type": "object", "additionalProperties": False, "required": ["kind", "rules"],
          "properties": {**_COMMON, "kind": {"const": "rules"},
                         "rules": {"type": "array", "minItems": 1, "items": {
@@ -103,6 +97,12 @@ SCORER_SPEC_SCHEMA: dict[str, Any] = {
     ],
 }
 
+# Each kind's fields, read from the published schema (one declaration): kind -> (required, optional) besides kind.
+_FIELDS: dict[str, tuple[set[str], set[str]]] = {
+    shape["properties"]["kind"]["const"]: (set(shape["required"]) - {"kind"},
+                                            set(shape["properties"]) - set(shape["required"]))
+    for shape in SCORER_SPEC_SCHEMA["oneOf"][1:]
+}
 
 class SpecError(InvalidArgument):
     """A scorer spec is malformed; `field` is the path of the offending field inside the spec, if any."""

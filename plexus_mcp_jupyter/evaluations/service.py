@@ -9,7 +9,6 @@ milliseconds; loading, scoring and metrics happen in the worker (runner.py).
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import secrets
 import threading
@@ -33,6 +32,7 @@ from .file_reads import clip
 from .item_files import ArrowStream
 from .kernel_scorers import KernelScorerRegistry
 from .limits import DEFAULT_LIMITS, EvaluationLimits, check_items
+from .requests import EVALUATION_TYPES, CreateEvaluation
 from .sampling import check_sample, sampled_rows
 from .scorecards import load_scorecard
 from .scorers import SCORER_KINDS, module_allowed, normalize_spec
@@ -45,8 +45,6 @@ from .store import (
     parse_statuses,
 )
 
-EVALUATION_TYPES = ("accuracy", "feedback", "consistency")
-MAX_RUNS = 10
 MAX_LABELS_SHOWN = 50  # per-class rows and confusion matrix beyond this many classes are left out
 DEFAULT_SCORE = "score"
 PRUNE_BATCH = 5000  # items deleted per transaction when pruning: the SQLite write lock is released between
@@ -163,9 +161,9 @@ class EvaluationService:
 
     # -- creating ---------------------------------------------------------------------------------------
 
-    async def create(self, type: str, dataset: str | None = None, *, priority: int = 0, owner: str | None = None,
-                     trusted: bool = True, role: str | None = None, **arguments: Any) -> tuple[dict[str, Any], Task]:
-        """Check a request (the arguments of :meth:`plan`) in the catalog's threads, then dispatch it.
+    async def create(self, request: CreateEvaluation, *, owner: str | None = None, trusted: bool = True,
+                     role: str | None = None) -> tuple[dict[str, Any], Task]:
+        """Check a request (:meth:`plan`) in the catalog's threads, then dispatch it.
 
         `role` is the caller's, whose priority ceiling applies (TaskManager.check_priority): checked first, on
         the loop, since it is the cheapest refusal.
@@ -175,36 +173,22 @@ class EvaluationService:
         listing and describing (the rest wait their turn), so a flood of them cannot take the loop's
         default thread pool either.
         """
-        if not isinstance(priority, bool) and isinstance(priority, int):
-            self.manager.check_priority(priority, role)
-        plan = await self.catalog.run(self.plan, type, dataset, trusted=trusted, **arguments)
-        return await self.dispatch(plan, priority=priority, owner=owner, role=role)
+        self.manager.check_priority(request.priority, role)
+        plan = await self.catalog.run(self.plan, request, trusted=trusted)
+        return await self.dispatch(plan, priority=request.priority, owner=owner, role=role)
 
-    def plan(
-        self,
-        type: str,
-        dataset: str | None = None,
-        *,
-        scorer: str | Mapping[str, Any] | None = None,
-        scorecard: str | None = None,
-        label_column: str | None = None,
-        prediction_column: str | None = None,
-        input_column: str | None = None,
-        id_column: str | None = None,
-        sample_n: int | None = None,
-        sample_fraction: float | None = None,
-        seed: int | None = None,
-        runs: int = 3,
-        trusted: bool = True,
-    ) -> EvaluationPlan:
-        """Check a request without dispatching it: the type and its arguments, the scorecard, the dataset's
-        columns (its header only) and rows where known cheaply, the scorer specs' shape, the item bound.
+    def plan(self, request: CreateEvaluation, trusted: bool = True) -> EvaluationPlan:
+        """Check a request without dispatching it: what depends on several fields (the model checked each on
+        its own), the scorecard, the dataset's columns (its header only) and rows where known cheaply, the
+        scorer specs' shape, the item bound.
 
         An untrusted caller (an API key, not an admin) may name python: scorers only in `scorer_modules`.
         Blocks on the file system and the YAML parser: call it from a thread (as :meth:`create` does).
         """
-        if type not in EVALUATION_TYPES:
-            raise InvalidArgument(f"unknown evaluation type {type!r}; expected one of {', '.join(EVALUATION_TYPES)}")
+        type, dataset, scorer, scorecard = request.type, request.dataset, request.scorer, request.scorecard
+        label_column, prediction_column = request.label_column, request.prediction_column
+        input_column, id_column, runs = request.input_column, request.id_column, request.runs
+        sample_n, sample_fraction, seed = request.sample_n, request.sample_fraction, request.seed
         sample = None
         if scorecard is not None:
             if dataset is not None or scorer is not None or prediction_column is not None:
@@ -216,9 +200,6 @@ class EvaluationService:
             if overridden:
                 raise InvalidArgument(f"a scorecard sets its own columns and sample: do not also give "
                                       f"{', '.join(overridden)} (edit the scorecard instead)")
-            if not isinstance(scorecard, str):
-                raise InvalidArgument("scorecard must be a string: the path of a scorecard YAML file under the "
-                                      "Jupyter root, or the YAML text itself")
             card = load_scorecard(scorecard, root_dir=self.catalog.root_dir, limits=self.limits)
             dataset, input_column, id_column = card.dataset, card.input_column, card.id_column
             label_column = label_column or card.label_column
@@ -230,10 +211,6 @@ class EvaluationService:
                 raise InvalidArgument("dataset is required (or a scorecard): e.g. 'example:sentiment', "
                                       "'registered:<name>' or a file path under the Jupyter root")
             scores = [{"name": DEFAULT_SCORE, "scorer": self._scorer(type, scorer, prediction_column)}]
-        if type == "consistency" and (isinstance(runs, bool) or not isinstance(runs, int)
-                                      or not 2 <= runs <= MAX_RUNS):
-            raise InvalidArgument(f"runs must be a whole number from 2 to {MAX_RUNS} for a consistency evaluation, "
-                                  f"not {runs!r}")
         if sample_n is not None or sample_fraction is not None:
             check_sample(sample_n, sample_fraction, seed)
             sample = {"n": sample_n, "fraction": sample_fraction, "seed": seed}
@@ -321,18 +298,12 @@ class EvaluationService:
 
     async def batch_spec(self, arguments: Mapping[str, Any], actor: Actor) -> PlannedSpec:
         """One evaluation of a batch (`dispatch_batch` with type "evaluation"; params are create_evaluation's
-        arguments): checked as `create` checks it, for this caller."""
-        arguments = dict(arguments)
-        kind = arguments.pop("type", None)
-        if not isinstance(kind, str):
-            raise InvalidArgument(f"params.type must be the evaluation type, one of {', '.join(EVALUATION_TYPES)} "
-                                  "(the params of an evaluation spec are create_evaluation's arguments)")
-        allowed = set(inspect.signature(self.plan).parameters) - {"type", "trusted"}
-        unknown = sorted(set(arguments) - allowed)
-        if unknown:
-            raise InvalidArgument(f"unknown evaluation argument(s) {unknown}; allowed: type, "
-                                  f"{', '.join(sorted(allowed))}")
-        plan = await self.catalog.run(self.plan, kind, trusted=actor.admin, **arguments)
+        arguments but priority, which is the spec's): checked as `create` checks it, for this caller."""
+        request = CreateEvaluation.parse(arguments, "params.")
+        if "priority" in request.model_fields_set:
+            raise InvalidArgument("params.priority: an evaluation spec's priority is the spec's own field "
+                                  "(tasks[i].priority), not one of its params")
+        plan = await self.catalog.run(self.plan, request, trusted=actor.admin)
         return self.planned_spec(plan, actor.owner)
 
     def _check_importable(self, path: str) -> None:

@@ -16,12 +16,11 @@ from tornado.iostream import StreamClosedError
 
 from ..core.errors import InvalidArgument, PlexusError
 from ..evaluations.item_files import ARROW_STREAM_TYPE as ARROW_STREAM
+from ..evaluations.requests import CreateEvaluation
 from ..evaluations.service import parse_flag
 from ..security.http import BadJSON, parse_json
 from .base import PlexusHandler, http_error
 
-CREATE_FIELDS = ("type", "dataset", "scorer", "scorecard", "label_column", "prediction_column", "input_column",
-                 "id_column", "sample_n", "sample_fraction", "seed", "runs", "priority")
 PARQUET_TYPES = ("application/vnd.apache.parquet", "application/x-parquet", "application/octet-stream")
 
 
@@ -58,17 +57,11 @@ class EvaluationsHandler(PlexusHandler):
         self.require("evaluate")
         body = await self.json_body()
         try:
-            unknown = sorted(set(body) - set(CREATE_FIELDS))
-            if unknown:
-                raise InvalidArgument(f"unknown field(s) {unknown}; allowed: {', '.join(CREATE_FIELDS)}")
-            if not isinstance(body.get("type"), str):
-                raise InvalidArgument("type is required: accuracy, feedback or consistency")
-            arguments = {k: v for k, v in body.items() if k not in ("type", "dataset")}
+            request = CreateEvaluation.parse(body)  # a refused body: 400 naming each bad field
             view, _task = await self.runtime.evaluations.create(
-                body["type"], body.get("dataset"), owner=self.identity, trusted=self.principal.is_admin,
-                role=self.principal.role.value, **arguments)
-        except (PlexusError, TypeError) as exc:
-            raise http_error(exc if isinstance(exc, PlexusError) else InvalidArgument(str(exc))) from None
+                request, owner=self.identity, trusted=self.principal.is_admin, role=self.principal.role.value)
+        except PlexusError as exc:
+            raise http_error(exc) from None
         self.set_header("Location", self.request.path.rstrip("/") + "/" + view["evaluation_id"])
         self.reply(view, status=201)
 

@@ -10,10 +10,8 @@ from tornado import web
 from ..core.batches import Actor, BatchOperations, Selection, batch_uri, operation_report, parse_selection
 from ..core.errors import InvalidArgument, NotFound, PlexusError
 from ..core.manager import CancelOutcome
+from ..core.requests import DispatchTask
 from .base import PlexusHandler, http_error
-
-MAX_DESCRIPTION = 1000
-DISPATCH_FIELDS = ("type", "params", "priority", "description")
 
 
 class TasksHandler(PlexusHandler):
@@ -48,10 +46,10 @@ class TasksHandler(PlexusHandler):
             await self._dispatch_batch(body)
             return
         try:
-            body = _dispatch_body(body)
+            request = DispatchTask.parse({"type": "demo", **body})  # REST's type defaults to demo
             task = await self.runtime.manager.adispatch(
-                body["type"], body["params"], priority=body["priority"], owner=self.identity,
-                description=body["description"], role=self.principal.role.value,
+                request.type, request.params, priority=request.priority, owner=self.identity,
+                description=request.description, role=self.principal.role.value,
             )
         except PlexusError as exc:
             raise http_error(exc) from None
@@ -72,22 +70,6 @@ class TasksHandler(PlexusHandler):
         self.audit_details.update(batch_id=batch_id, count=len(tasks))
         self.reply({"batch_id": batch_id, "task_ids": [t.id for t in tasks], "status": "QUEUED",
                     "resource_uri": batch_uri(batch_id)}, status=201)
-
-
-def _dispatch_body(body: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(body) - set(DISPATCH_FIELDS))
-    if unknown:
-        raise InvalidArgument(f"unknown field(s) {unknown}; allowed: {', '.join(DISPATCH_FIELDS)}")
-    task_type = body.get("type", "demo")
-    if not isinstance(task_type, str):
-        raise InvalidArgument(f"type must be a task type name (a string), not {task_type!r}")
-    params = body.get("params", {})
-    if not isinstance(params, dict):
-        raise InvalidArgument("params must be a JSON object")
-    description = body.get("description")
-    if description is not None and (not isinstance(description, str) or len(description) > MAX_DESCRIPTION):
-        raise InvalidArgument(f"description must be a string of at most {MAX_DESCRIPTION} characters")
-    return {"type": task_type, "params": params, "priority": body.get("priority", 0), "description": description}
 
 
 class TaskHandler(PlexusHandler):

@@ -14,8 +14,11 @@ import hashlib
 import io
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from ..core.errors import InvalidArgument
+from ..core.requests import DispatchTask, RequestModel
+from ..evaluations.requests import CreateEvaluation
 from .client import EventListener, PlexusClient, resolve_connection
 from .errors import PlexusConflict, PlexusInputError
 from .handles import EvaluationHandle, TaskHandle
@@ -119,10 +122,11 @@ class Plexus:
     def dispatch(self, type: str, params: dict[str, Any] | None = None, *, priority: int = 0,
                  description: str | None = None) -> TaskHandle:
         """Dispatch a task of any registered type and return its handle."""
+        request = _request(DispatchTask, {"type": type, "params": params or {}, "priority": priority,
+                                          "description": description})
         client = self.client
         client.stream.start()  # so its first events are not missed
-        body = {"type": type, "params": params or {}, "priority": priority, "description": description}
-        task = client.request("POST", "tasks", json=body)
+        task = client.request("POST", "tasks", json=request.arguments() | {"type": request.type})
         return TaskHandle(client, task["task_id"], task)
 
     # -- batches ----------------------------------------------------------------------------------------
@@ -245,17 +249,18 @@ class Plexus:
         if callable(scorer) and not isinstance(scorer, str | dict):
             fn_name = NAME_UNSAFE.sub("-", getattr(scorer, "__name__", "scorer"))[:50]
             scorer = self.register_scorer(f"nb-{fn_name}", scorer, batch)
-        request: dict[str, Any] = {
+        fields: dict[str, Any] = {
             "type": type, "dataset": dataset, "scorer": scorer,
             "label_column": label if type != "consistency" else None,
             "prediction_column": prediction, "input_column": input_column, "id_column": id_column,
             "sample_n": sample_n, "sample_fraction": sample_fraction, "seed": seed, "priority": priority,
         }
         if type == "consistency":
-            request["runs"] = runs
+            fields["runs"] = runs
+        request = _request(CreateEvaluation, {k: v for k, v in fields.items() if v is not None})
         client = self.client
         client.stream.start()
-        view = client.request("POST", "evaluations", json={k: v for k, v in request.items() if v is not None})
+        view = client.request("POST", "evaluations", json=request.arguments())
         return EvaluationHandle(client, view)
 
     def _upload(self, name: str, body: bytes, replace: bool) -> dict[str, Any]:
@@ -290,3 +295,14 @@ def builtin_type(value: Any) -> str:
 
 
 plexus = Plexus()
+
+
+R = TypeVar("R", bound=RequestModel)
+
+
+def _request(model: type[R], fields: dict[str, Any]) -> R:
+    """The server's request model, built here: a bad argument is refused at once, in the server's words."""
+    try:
+        return model.parse(fields)
+    except InvalidArgument as exc:
+        raise PlexusInputError(str(exc)) from None

@@ -1,0 +1,120 @@
+"""The base of the request models: one pydantic model per operation, shared by every face.
+
+A model declares an operation's arguments once (names, types, bounds, descriptions). MCP publishes it as the
+tool's input schema (`tool_signature`), REST validates its JSON body with it, the notebook client and the CLI
+build it, and the service takes it. A body the model refuses becomes one InvalidArgument (`request_error`)
+that names each bad field, what was wrong and what is allowed, the same words on every face.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, TypeVar
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from .errors import InvalidArgument, one_line
+
+MAX_PROBLEMS = 3  # per message: a body with a thousand bad fields gets a bounded answer
+MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
+MAX_DESCRIPTION = 1000
+
+M = TypeVar("M", bound="RequestModel")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class RequestModel(BaseModel):
+    """An operation's arguments. Unknown fields are refused: a misspelt argument must not run with its
+    default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def parse(cls: type[M], body: Any, where: str = "") -> M:
+        """The request in `body` (a JSON object), or InvalidArgument saying what is wrong with it.
+
+        `where` prefixes field names (`params.` for a spec's params, say)."""
+        if not isinstance(body, Mapping):
+            raise InvalidArgument(
+                f"{where.rstrip('.') or 'the request'} must be a JSON object with the fields "
+                f"{', '.join(cls.model_fields)}, not {type(body).__name__}"
+            )
+        try:
+            return cls.model_validate(body)
+        except ValidationError as exc:
+            raise request_error(cls, exc, where) from None
+
+    def arguments(self) -> dict[str, Any]:
+        """The fields that were given or differ from their default: what a client sends (JSON-ready)."""
+        return self.model_dump(mode="json", exclude_defaults=True)
+
+
+def request_error(model: type[BaseModel], error: ValidationError, where: str = "") -> InvalidArgument:
+    """One message for a body `model` refused: unknown fields with the allowed ones, then each bad field
+    with pydantic's reason and the value sent (quoted, bounded), then each missing one with its description."""
+    problems: list[str] = []
+    errors = error.errors(include_url=False)
+    unknown = [where + ".".join(str(p) for p in e["loc"]) for e in errors if e["type"] == "extra_forbidden"]
+    if unknown:
+        shown = [one_line(u, 40) for u in unknown[:5]]
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        problems.append(f"unknown field(s) {shown}{more}; allowed: {', '.join(model.model_fields)}")
+    for item in [e for e in errors if e["type"] != "extra_forbidden"][:MAX_PROBLEMS]:
+        field = ".".join(str(part) for part in item["loc"]) or "the request"
+        name = where + one_line(field, 60)
+        info = model.model_fields.get(str(item["loc"][0])) if item["loc"] else None
+        if item["type"] == "missing":
+            problems.append(f"{name} is required" + (f": {info.description}" if info and info.description else ""))
+            continue
+        reason = str(item["msg"]).removeprefix("Value error, ")
+        problems.append(f"{name}: {reason} (got {one_line(repr(item.get('input')), 60)})")
+    rest = len(errors) - len(unknown) - MAX_PROBLEMS
+    if rest > 0:
+        problems.append(f"and {rest} more problem(s)")
+    return InvalidArgument("; ".join(problems))
+
+
+def takes(model: type[BaseModel]) -> Callable[[F], F]:
+    """Give a tool function `fn(leading..., **fields)` the model's fields as keyword parameters.
+
+    The SDK builds a tool's input schema from its function's signature (`inspect.signature`, which reads
+    `__signature__`): the published schema is then the model's fields, flat, each with its type, bounds,
+    default and description, declared once, here in the model. The function builds the model from them.
+    """
+
+    def decorate(fn: F) -> F:
+        signature = inspect.signature(fn, eval_str=True)
+        leading = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        for name, field in model.model_fields.items():
+            default = inspect.Parameter.empty if field.is_required() else field.default
+            leading.append(
+                inspect.Parameter(
+                    name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[field.annotation, field]
+                )
+            )
+        fn.__signature__ = signature.replace(parameters=leading)  # type: ignore[attr-defined]
+        return fn
+
+    return decorate
+
+
+# Also each spec of a batch: dispatch_batch's, POST tasks with {"tasks": [...]}, the CLI's `plexus tasks dispatch`
+# file; the notebook's `dispatch` builds one. The docstring is published (the schema's description).
+class DispatchTask(RequestModel):
+    """One task to dispatch: the body of POST plexus/api/tasks, or one spec of a batch (dispatch_batch)."""
+
+    type: str = Field(min_length=1, max_length=64, description="A registered task type, e.g. demo, or evaluation")
+    params: Annotated[dict[str, Any], BeforeValidator(lambda value: {} if value is None else value)] = Field(
+        default_factory=dict,
+        description="The task type's parameters (for demo: items, "
+        "item_delay_ms, fail, fail_at, seed; for evaluation: create_evaluation's "
+        "arguments, type being the evaluation type)",
+    )
+    priority: int = Field(
+        default=0,
+        ge=MIN_PRIORITY,
+        le=MAX_PRIORITY,
+        description="Queue priority, -1000 to 1000 (higher starts first); operator keys at most max_priority_operator",
+    )
+    description: str | None = Field(default=None, max_length=MAX_DESCRIPTION, description="Shown in listings")
