@@ -279,29 +279,35 @@ class TaskManager:
             if task.id in self._running or not _owner_gone(task.worker, self.instance, task.lease_expires_at):
                 continue
             # Several servers may notice the same gone server: only the one whose conditional take-over wins
-            # resolves the task (a task re-queued twice could run twice).
-            if not self.store.take_over(task.id, previous=task.worker, worker=self.server_id,
-                                        lease_expires_at=self._lease_end(now())):
+            # resolves the task (a task re-queued twice could run twice), in the take-over's own transaction.
+            previous, at = task.worker, now()
+            requeue = self._idempotent(task.type) and not task.cancel_requested
+            final = None if requeue else self._ended_elsewhere(task, at)
+            if not self.store.take_over(task.id, previous=previous, worker=self.server_id,
+                                        lease_expires_at=self._lease_end(at), requeue=requeue, final=final):
                 continue
-            stages = task.stages
-            for stage in stages:
-                if stage.status == StageStatus.RUNNING:
-                    stage.status = StageStatus.FAILED
-                    stage.completed_at = now()
-            if self._idempotent(task.type) and not task.cancel_requested:
-                self._requeue(task.id, "left running by a stopped server")
+            if requeue:
+                self._requeued(task.id, "left running by a stopped server")
                 continue
-            task.status = TaskStatus.CANCELLED if task.cancel_requested else TaskStatus.FAILED
-            task.completed_at = now()
-            task.estimated_completion_at = None
-            task.error_message = (
-                "cancelled: the server stopped before the task ended"
-                if task.cancel_requested
-                else "server restarted while the task was running"
-            )
-            self.store.save_progress(task, stages=stages, final=True)
             log.warning("Plexus: task %s left RUNNING by a stopped server is now %s", task.id, task.status.value)
             self.bus.publish(_final_kind(task.status), "task", task.id, task.summary())
+
+    def _ended_elsewhere(self, task: Task, at: float) -> ProgressWrite:
+        """The final write of a task whose server is gone, as this server (taking it over) records it."""
+        for stage in task.stages:
+            if stage.status == StageStatus.RUNNING:
+                stage.status = StageStatus.FAILED
+                stage.completed_at = at
+        task.status = TaskStatus.CANCELLED if task.cancel_requested else TaskStatus.FAILED
+        task.completed_at = at
+        task.estimated_completion_at = None
+        task.worker = self.server_id
+        task.error_message = (
+            "cancelled: the server stopped before the task ended"
+            if task.cancel_requested
+            else "server restarted while the task was running"
+        )
+        return ProgressWrite(task, task.stages, [], final=True)
 
     def _lease_end(self, at: float) -> float | None:
         """Until when a task this server claims at `at` is held before its heartbeat renews it (core/leases.py)."""
@@ -309,6 +315,10 @@ class TaskManager:
 
     def _requeue(self, task_id: str, why: str) -> None:
         self.store.requeue(task_id)
+        self._requeued(task_id, why)
+
+    def _requeued(self, task_id: str, why: str) -> None:
+        """Announce a task just put back in the queue, and let the scheduler look at the queue."""
         self._finished.pop(task_id, None)
         log.warning("Plexus: re-queued task %s (%s)", task_id, why)
         task = self.store.get_task(task_id)

@@ -558,30 +558,30 @@ class Store:
         with self.engine.connect() as conn:
             return int(conn.execute(query).scalar_one())
 
-    def take_over(self, task_id: str, *, previous: str | None, worker: str, lease_expires_at: float | None) -> bool:
+    def take_over(self, task_id: str, *, previous: str | None, worker: str, lease_expires_at: float | None,
+                  requeue: bool = False, final: ProgressWrite | None = None) -> bool:
         """Make this server the holder of a RUNNING task another (gone) server held, if no other server did
         first: one conditional UPDATE (still RUNNING, still held by `previous`) that only one server can win.
-        The winner then recovers the task (TaskManager.recover)."""
+        The winner resolves the task (TaskManager.recover) in the same transaction: `requeue` it, or write its
+        end (`final`). When the resolution fails, the take-over is undone with it: the task is never left
+        RUNNING held by a live server, whose heartbeat would keep it so for ever."""
         t = tasks_table
         held_by = t.c.worker.is_(None) if previous is None else t.c.worker == previous
         query = (sa.update(t).where(t.c.id == task_id, t.c.status == TaskStatus.RUNNING.value, held_by)
                  .values(worker=worker, lease_expires_at=lease_expires_at))
         with self.engine.begin() as conn:
-            return conn.execute(query).rowcount == 1
+            if conn.execute(query).rowcount != 1:
+                return False
+            if requeue:
+                _requeue(conn, task_id)
+            elif final is not None:
+                self._write_progress(conn, [final])
+        return True
 
     def requeue(self, task_id: str) -> None:
         """Put a task back in the queue as if it had never started (its stages and history go)."""
-        t = tasks_table
         with self.engine.begin() as conn:
-            conn.execute(
-                sa.update(t)
-                .where(t.c.id == task_id)
-                .values(status=TaskStatus.QUEUED.value, started_at=None, completed_at=None, worker=None,
-                        lease_expires_at=None, current_stage=None, estimated_completion_at=None, error_message=None,
-                        error_details=None)
-            )
-            conn.execute(sa.delete(stages_table).where(stages_table.c.task_id == task_id))
-            conn.execute(sa.delete(samples_table).where(samples_table.c.task_id == task_id))
+            _requeue(conn, task_id)
 
     def update_task(self, task_id: str, *, only_if_status: Sequence[TaskStatus] = (), **values: Any) -> bool:
         """Set columns of one task; with only_if_status, only while it has one of those statuses."""
@@ -626,6 +626,10 @@ class Store:
         """
         if not writes:
             return
+        with self.engine.begin() as conn:
+            self._write_progress(conn, writes)
+
+    def _write_progress(self, conn: Connection, writes: Sequence[ProgressWrite]) -> None:
         progress_rows: list[dict[str, Any]] = []
         final_rows: list[dict[str, Any]] = []
         stage_rows: list[dict[str, Any]] = []
@@ -643,15 +647,14 @@ class Store:
                 progress_rows.append(row)
             stage_rows += [_stage_row(task.id, stage) for stage in write.stages]
             sample_rows += [{"task_id": task.id, **_sample_row(sample)} for sample in write.samples]
-        with self.engine.begin() as conn:
-            if progress_rows:
-                conn.execute(_UPDATE_PROGRESS, progress_rows)
-            if final_rows:
-                conn.execute(_UPDATE_FINAL, final_rows)
-            if stage_rows:
-                self._upsert_stages(conn, stage_rows)
-            if sample_rows:
-                conn.execute(sa.insert(samples_table), sample_rows)
+        if progress_rows:
+            conn.execute(_UPDATE_PROGRESS, progress_rows)
+        if final_rows:
+            conn.execute(_UPDATE_FINAL, final_rows)
+        if stage_rows:
+            self._upsert_stages(conn, stage_rows)
+        if sample_rows:
+            conn.execute(sa.insert(samples_table), sample_rows)
 
     def history(self, task_id: str, *, limit: int) -> tuple[list[ProgressSample], int]:
         """The most recent `limit` progress samples of a task, oldest first, and how many exist."""
@@ -818,6 +821,20 @@ def _progress_update(final: bool) -> Any:
 
 _UPDATE_PROGRESS = _progress_update(final=False)
 _UPDATE_FINAL = _progress_update(final=True)
+
+
+def _requeue(conn: Connection, task_id: str) -> None:
+    """Store.requeue in an open transaction."""
+    t = tasks_table
+    conn.execute(
+        sa.update(t)
+        .where(t.c.id == task_id)
+        .values(status=TaskStatus.QUEUED.value, started_at=None, completed_at=None, worker=None,
+                lease_expires_at=None, current_stage=None, estimated_completion_at=None, error_message=None,
+                error_details=None)
+    )
+    conn.execute(sa.delete(stages_table).where(stages_table.c.task_id == task_id))
+    conn.execute(sa.delete(samples_table).where(samples_table.c.task_id == task_id))
 
 
 @functools.lru_cache(maxsize=2)

@@ -1,0 +1,89 @@
+"""Faults of several servers on one store, on a real SQLite file and a real PostgreSQL (tests/postgres.py):
+a take-over and its resolution commit together or not at all."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+import sqlalchemy as sa
+
+from plexus_mcp_jupyter.core.events import EventBus
+from plexus_mcp_jupyter.core.executors.local import LocalExecutor
+from plexus_mcp_jupyter.core.manager import TaskManager
+from plexus_mcp_jupyter.core.models import Stage, StageStatus, Task, TaskStatus
+from plexus_mcp_jupyter.core.store import Store
+
+GONE = "local:another-host:1:gone"  # a server that stopped renewing its leases
+
+
+def refuse_updates_to(store: Store, status: str) -> None:
+    """A trigger that makes the database refuse any UPDATE of a task to `status`: a resolution that fails."""
+    with store.engine.begin() as conn:
+        if store.engine.dialect.name == "postgresql":
+            conn.exec_driver_sql("CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION "
+                                 "'refused by the test'; END $$ LANGUAGE plpgsql")
+            conn.exec_driver_sql(f"CREATE TRIGGER refuse BEFORE UPDATE ON tasks FOR EACH ROW WHEN "
+                                 f"(NEW.status = '{status}') EXECUTE FUNCTION refuse()")
+        else:
+            conn.exec_driver_sql(f"CREATE TRIGGER refuse BEFORE UPDATE ON tasks WHEN NEW.status = '{status}' "
+                                 "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
+
+
+def drop_refusal(store: Store) -> None:
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("DROP TRIGGER refuse ON tasks" if store.engine.dialect.name == "postgresql"
+                             else "DROP TRIGGER refuse")
+
+
+def left_running(store: Store, task_type: str = "demo") -> Task:
+    """A task a gone server left RUNNING, its lease run out, with a stage under way."""
+    at = time.time() - 60
+    task = Task(id=str(uuid.uuid4()), type=task_type, status=TaskStatus.RUNNING, started_at=at, worker=GONE,
+                lease_expires_at=at + 1)
+    store.create_task(task)
+    stage = Stage(name="Processing", order=0, status=StageStatus.RUNNING, started_at=at)
+    store.save_progress(task, stages=[stage])
+    return task
+
+
+async def test_a_take_over_whose_resolution_fails_is_undone(store_url):
+    """The take-over and the task's end commit in one transaction: when the end cannot be written, the task is
+    still the gone server's (the next recovery tries again), not RUNNING held by the survivor for ever (its
+    heartbeat would renew that lease)."""
+    store = Store(store_url)
+    manager = TaskManager(store, EventBus(), LocalExecutor())
+    manager.lease_seconds = 30
+    try:
+        task = left_running(store)
+        refuse_updates_to(store, "FAILED")
+        with pytest.raises(sa.exc.DBAPIError, match="refused by the test"):
+            manager.recover()
+        after = store.get_task(task.id)
+        assert (after.status, after.worker) == (TaskStatus.RUNNING, GONE)
+        assert store.renew_leases(manager.server_id, time.time() + 60) == 0
+        drop_refusal(store)
+        manager.recover()
+        after = store.get_task(task.id)
+        assert (after.status, after.error_message) == (TaskStatus.FAILED, "server restarted while the task was running")
+        assert after.worker == manager.server_id and after.stages[0].status is StageStatus.FAILED
+    finally:
+        store.close()
+
+
+def test_a_take_over_and_its_requeue_commit_together(store_url):
+    store = Store(store_url)
+    try:
+        task = left_running(store)
+        refuse_updates_to(store, "QUEUED")
+        with pytest.raises(sa.exc.DBAPIError, match="refused by the test"):
+            store.take_over(task.id, previous=GONE, worker="survivor", lease_expires_at=time.time() + 30,
+                            requeue=True)
+        assert store.get_task(task.id).worker == GONE
+        drop_refusal(store)
+        assert store.take_over(task.id, previous=GONE, worker="survivor", lease_expires_at=None, requeue=True)
+        after = store.get_task(task.id)
+        assert (after.status, after.worker, after.stages) == (TaskStatus.QUEUED, None, [])
+    finally:
+        store.close()
