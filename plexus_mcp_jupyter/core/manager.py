@@ -293,7 +293,8 @@ class TaskManager:
             self.bus.publish(_final_kind(task.status), "task", task.id, task.summary())
 
     def _ended_elsewhere(self, task: Task, at: float) -> ProgressWrite:
-        """The final write of a task whose server is gone, as this server (taking it over) records it."""
+        """The final write of a task whose server is gone, as this server (taking it over) records it; its
+        `worker` stays the gone server's claim, which ran it."""
         for stage in task.stages:
             if stage.status == StageStatus.RUNNING:
                 stage.status = StageStatus.FAILED
@@ -301,7 +302,6 @@ class TaskManager:
         task.status = TaskStatus.CANCELLED if task.cancel_requested else TaskStatus.FAILED
         task.completed_at = at
         task.estimated_completion_at = None
-        task.worker = self.server_id
         task.error_message = (
             "cancelled: the server stopped before the task ended"
             if task.cancel_requested
