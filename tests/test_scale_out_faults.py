@@ -1,8 +1,10 @@
 """Faults of several servers on one store, on a real SQLite file and a real PostgreSQL (tests/postgres.py):
-a take-over and its resolution commit together or not at all."""
+a take-over and its resolution commit together or not at all; a server whose tasks were taken over (it stalled
+longer than its lease) writes nothing more of them and stops its copies."""
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 
@@ -13,7 +15,9 @@ from plexus_mcp_jupyter.core.events import EventBus
 from plexus_mcp_jupyter.core.executors.local import LocalExecutor
 from plexus_mcp_jupyter.core.manager import TaskManager
 from plexus_mcp_jupyter.core.models import Stage, StageStatus, Task, TaskStatus
-from plexus_mcp_jupyter.core.store import Store
+from plexus_mcp_jupyter.core.store import ProgressWrite, Store
+
+from .conftest import poll
 
 GONE = "local:another-host:1:gone"  # a server that stopped renewing its leases
 
@@ -86,4 +90,60 @@ def test_a_take_over_and_its_requeue_commit_together(store_url):
         after = store.get_task(task.id)
         assert (after.status, after.worker, after.stages) == (TaskStatus.QUEUED, None, [])
     finally:
+        store.close()
+
+
+def test_progress_and_final_writes_need_the_lease(store_url):
+    """A server's batched write skips the tasks another server holds now, and says which."""
+    store = Store(store_url)
+    try:
+        mine, taken = (Task(id=str(uuid.uuid4()), type="demo", status=TaskStatus.QUEUED) for _ in range(2))
+        for task in (mine, taken):
+            store.create_task(task)
+            store.claim(task.id, worker="stale", started_at=time.time(), lease_expires_at=time.time() + 1)
+        assert store.take_over(taken.id, previous="stale", worker="survivor", lease_expires_at=time.time() + 30)
+        for task in (mine, taken):
+            task.status, task.worker, task.current_stage = TaskStatus.COMPLETED, "stale/pid=1", "Finalizing"
+        stage = Stage(name="Finalizing", order=0, status=StageStatus.COMPLETED)
+        lost = store.save_progress_many([ProgressWrite(t, [stage], [], final=True) for t in (mine, taken)],
+                                        holder="stale")
+        assert lost == {taken.id}
+        kept = store.get_task(taken.id)
+        assert (kept.status, kept.worker, kept.current_stage, kept.stages) == (TaskStatus.RUNNING, "survivor", None, [])
+        assert store.get_task(mine.id).status is TaskStatus.COMPLETED
+        assert not store.requeue(taken.id, holder="stale") and store.get_task(taken.id).status is TaskStatus.RUNNING
+    finally:
+        store.close()
+
+
+async def test_a_server_whose_task_was_taken_over_stops_its_copy_and_writes_nothing(store_url, caplog):
+    """A server stalled longer than its lease: another server took its task over meanwhile. Its next write of
+    that task finds the row held by the other: it writes nothing, stops its run, says so in one log line."""
+    store = Store(store_url)
+    manager = TaskManager(store, EventBus(), LocalExecutor(), cancel_grace_seconds=1.0, poll_interval=0.1,
+                          progress_write_interval=0.1)
+    manager.lease_seconds = 30
+    await manager.start()
+    try:
+        task = manager.dispatch("demo", {"items": 400, "item_delay_ms": 25})
+        stored = await poll(lambda: store.get_task(task.id),
+                            lambda t: t.status is TaskStatus.RUNNING and t.current_stage == "Processing")
+        other = Store(store_url)
+        try:
+            taken = other.take_over(task.id, previous=stored.worker, worker="survivor",
+                                    lease_expires_at=time.time() + 30)
+        finally:
+            other.close()
+        assert taken
+        with caplog.at_level(logging.WARNING, logger="plexus_mcp_jupyter"):
+            await poll(lambda: task.id in manager._running, lambda running: not running, timeout=15)
+        assert f"task {task.id} was taken over by another server" in caplog.text
+        await poll(lambda: manager.executor.status()["running"], lambda n: n == 0, timeout=15)  # its run stopped
+        after = store.get_task(task.id)
+        assert (after.status, after.worker) == (TaskStatus.RUNNING, "survivor")
+        assert manager.store.renew_leases(manager.server_id, time.time() + 60) == 0
+        await manager.stop()
+        assert store.get_task(task.id).worker == "survivor"  # its stop wrote nothing either
+    finally:
+        await manager.stop()
         store.close()

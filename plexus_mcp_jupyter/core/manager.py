@@ -314,8 +314,32 @@ class TaskManager:
         return at + self.lease_seconds if self.lease_seconds else None
 
     def _requeue(self, task_id: str, why: str) -> None:
-        self.store.requeue(task_id)
+        """Put back in the queue a task whose run here ended (its worker died, this server stops), while this
+        server holds it (another server may have taken it over meanwhile: `_taken_over`)."""
+        if not self.store.requeue(task_id, holder=self.server_id):
+            self._taken_over(task_id)
+            return
         self._requeued(task_id, why)
+
+    def _taken_over(self, task_id: str) -> None:
+        """Another server took this task over: this server's lease on it ran out (it stalled, or lost the store,
+        for longer than server_lease_seconds), so the row is that server's now. The run here is stopped, and
+        nothing more of it is written (writes are conditional on the holder) or announced."""
+        self._pending.pop(task_id, None)
+        state = self._running.pop(task_id, None)
+        log.warning("Plexus: task %s was taken over by another server (this server's lease on it ran out): its "
+                    "run here is stopped and not recorded", task_id)
+        if state is None:
+            return
+        for request in state.requests:
+            request.cancel()
+        if state.kill_timer is not None:
+            state.kill_timer.cancel()
+        if state.exited is None:
+            self.executor.request_cancel(task_id)
+            if self._loop is not None:
+                self._loop.call_later(self.cancel_grace_seconds, self.executor.kill, task_id)
+        self._schedule_soon(slot_freed=True)
 
     def _requeued(self, task_id: str, why: str) -> None:
         """Announce a task just put back in the queue, and let the scheduler look at the queue."""
@@ -1094,11 +1118,11 @@ class TaskManager:
             return
         batch = [(p, p.changes, len(p.samples), len(p.events), p.final) for p in self._pending.values()]
         try:
-            self.store.save_progress_many([self._write_of(p) for p, *_ in batch])
+            lost = self.store.save_progress_many([self._write_of(p) for p, *_ in batch], holder=self.server_id)
         except Exception:
             log.exception("Plexus: could not record the progress of %d tasks; retrying", len(batch))
             return
-        self._committed(batch)
+        self._committed(batch, lost)
 
     @staticmethod
     def _write_of(pending: _PendingWrite) -> ProgressWrite:
@@ -1107,7 +1131,9 @@ class TaskManager:
     async def _flush_off_loop(self) -> None:
         batch = [(p, p.changes, len(p.samples), len(p.events), p.final) for p in self._pending.values()]
         try:
-            await self._write(self.store.save_progress_many, [self._write_of(p) for p, *_ in batch])
+            write = functools.partial(self.store.save_progress_many, [self._write_of(p) for p, *_ in batch],
+                                      holder=self.server_id)
+            lost = await self._write(write)
         except Exception as exc:
             unavailable = store_unavailable(exc)
             if unavailable is None:
@@ -1118,16 +1144,20 @@ class TaskManager:
             return
         finally:
             self._flushing = False
-        self._committed(batch)
+        self._committed(batch, lost)
         if self._pending:
             self._flush_soon()
 
-    def _committed(self, batch: list[tuple[_PendingWrite, int, int, int, bool]]) -> None:
+    def _committed(self, batch: list[tuple[_PendingWrite, int, int, int, bool]], lost: set[str]) -> None:
         """After a batched write committed: drop what it wrote from the pending writes (what was added while it
-        was written stays, for the next one), publish its events in order, release the tasks that ended."""
+        was written stays, for the next one), publish its events in order, release the tasks that ended. The
+        `lost` tasks were not written: another server holds them now (`_taken_over`)."""
         ended = False
         for pending, changes, samples, events, final in batch:
             task = pending.task
+            if task.id in lost:
+                self._taken_over(task.id)
+                continue
             if final:  # nothing is written after the final write: what came meanwhile goes out with it
                 events = len(pending.events)
             written, pending.events[:events] = pending.events[:events], []
