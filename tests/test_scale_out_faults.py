@@ -1,10 +1,13 @@
 """Faults of several servers on one store, on a real SQLite file and a real PostgreSQL (tests/postgres.py):
 a take-over and its resolution commit together or not at all; a server whose tasks were taken over (it stalled
-longer than its lease) writes nothing more of them and stops its copies."""
+longer than its lease) writes nothing more of them and stops its copies; a valid lease means a live server
+whatever its host name says."""
 
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import time
 import uuid
 
@@ -13,7 +16,7 @@ import sqlalchemy as sa
 
 from plexus_mcp_jupyter.core.events import EventBus
 from plexus_mcp_jupyter.core.executors.local import LocalExecutor
-from plexus_mcp_jupyter.core.manager import TaskManager
+from plexus_mcp_jupyter.core.manager import HOST, TaskManager, _owner_gone
 from plexus_mcp_jupyter.core.models import Stage, StageStatus, Task, TaskStatus
 from plexus_mcp_jupyter.core.store import ProgressWrite, Store
 
@@ -147,3 +150,14 @@ async def test_a_server_whose_task_was_taken_over_stops_its_copy_and_writes_noth
     finally:
         await manager.stop()
         store.close()
+
+
+def test_a_valid_lease_means_a_live_server_whatever_its_host_name():
+    """Two machines with one host name: a claim whose process id is not alive here, but whose lease is valid,
+    belongs to a live server on the other machine."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    dead = f"local:{HOST}:{process.pid}:elsewhere/pid=1"
+    assert not _owner_gone(dead, "me", lease_expires_at=time.time() + 30)
+    assert _owner_gone(dead, "me", lease_expires_at=time.time() - 1)
+    assert _owner_gone(dead, "me")  # no lease (an older release): the process id decides, as before

@@ -1349,10 +1349,11 @@ def _owner_gone(worker: str | None, own_instance: str, lease_expires_at: float |
     """True when the server that claimed a task (recorded in `worker`) is no longer alive.
 
     `worker` is "executor:host:pid:instance[/worker-id]". A claim by this very server (same instance)
-    is alive; a claim whose lease ran out (its server's heartbeat stopped: core/leases.py) is gone, on any
-    host; a claim by another instance with our process id is an earlier life of this process id
-    (a restart that got the same pid, as PID 1 in a container does); otherwise the process id decides.
-    A claim without a lease on another host is left to its own server.
+    is alive; a claim with a lease is alive until the lease runs out (its server's heartbeat renews it:
+    core/leases.py), then gone, on any host: two machines may share a host name (containers, PID 1 in each),
+    so the process id says nothing while a lease is valid. Without a lease (an older release): a claim by
+    another instance with our process id is an earlier life of this process id (a restart that got the
+    same pid, as PID 1 in a container does); otherwise the process id decides, on this host only.
     """
     if not worker:
         return True
@@ -1363,8 +1364,8 @@ def _owner_gone(worker: str | None, own_instance: str, lease_expires_at: float |
     instance = parts[3] if len(parts) > 3 else None
     if instance == own_instance:
         return False
-    if lease_expires_at is not None and lease_expires_at < now():
-        return True
+    if lease_expires_at is not None:
+        return lease_expires_at < now()
     if host != HOST:
         return False
     try:
