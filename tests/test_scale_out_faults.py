@@ -153,11 +153,13 @@ async def test_a_server_whose_task_was_taken_over_stops_its_copy_and_writes_noth
 
 
 def test_a_valid_lease_means_a_live_server_whatever_its_host_name():
-    """Two machines with one host name: a claim whose process id is not alive here, but whose lease is valid,
-    belongs to a live server on the other machine."""
+    """Two machines with one host name on a networked store: a claim whose process id is not alive here, but
+    whose lease is valid, belongs to a live server on the other machine."""
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
     dead = f"local:{HOST}:{process.pid}:elsewhere/pid=1"
     assert not _owner_gone(dead, "me", lease_expires_at=time.time() + 30)
     assert _owner_gone(dead, "me", lease_expires_at=time.time() - 1)
     assert _owner_gone(dead, "me")  # no lease (an older release): the process id decides, as before
+    # A SQLite file is on this machine: a claim naming this host is from here, and a crash is seen at once.
+    assert _owner_gone(dead, "me", lease_expires_at=time.time() + 30, local_store=True)

@@ -276,7 +276,8 @@ class TaskManager:
         """Resolve tasks left RUNNING by a server that is gone: fail them, or re-queue idempotent ones.
         `running`: the RUNNING tasks, when the caller read them (off the loop); else they are read here."""
         for task in self.store.tasks_with_status(TaskStatus.RUNNING) if running is None else running:
-            if task.id in self._running or not _owner_gone(task.worker, self.instance, task.lease_expires_at):
+            if task.id in self._running or not _owner_gone(task.worker, self.instance, task.lease_expires_at,
+                                                           local_store=not self.offload):
                 continue
             # Several servers may notice the same gone server: only the one whose conditional take-over wins
             # resolves the task (a task re-queued twice could run twice), in the take-over's own transaction.
@@ -1345,15 +1346,18 @@ def _as_list(value: str | Sequence[str] | None) -> list[str]:
     return [str(v) for v in value]
 
 
-def _owner_gone(worker: str | None, own_instance: str, lease_expires_at: float | None = None) -> bool:
+def _owner_gone(worker: str | None, own_instance: str, lease_expires_at: float | None = None, *,
+                local_store: bool = False) -> bool:
     """True when the server that claimed a task (recorded in `worker`) is no longer alive.
 
     `worker` is "executor:host:pid:instance[/worker-id]". A claim by this very server (same instance)
-    is alive; a claim with a lease is alive until the lease runs out (its server's heartbeat renews it:
-    core/leases.py), then gone, on any host: two machines may share a host name (containers, PID 1 in each),
-    so the process id says nothing while a lease is valid. Without a lease (an older release): a claim by
-    another instance with our process id is an earlier life of this process id (a restart that got the
-    same pid, as PID 1 in a container does); otherwise the process id decides, on this host only.
+    is alive; a claim whose lease ran out (its server's heartbeat stopped: core/leases.py) is gone, on any
+    host. On a networked store (PostgreSQL) a valid lease means a live server: two machines may share a
+    host name (containers, PID 1 in each), so the process id says nothing then. On a `local_store` (a SQLite
+    file: every server on it runs on this machine), and for a claim without a lease (an older release),
+    the process id of a claim on this host decides: another instance with our process id is an earlier life
+    of this process id (a restart that got the same pid, as PID 1 in a container does), a process id that no
+    longer exists a crashed server (recovered at the next start, not a lease later).
     """
     if not worker:
         return True
@@ -1365,7 +1369,10 @@ def _owner_gone(worker: str | None, own_instance: str, lease_expires_at: float |
     if instance == own_instance:
         return False
     if lease_expires_at is not None:
-        return lease_expires_at < now()
+        if lease_expires_at < now():
+            return True
+        if not local_store:
+            return False  # a valid lease on a networked store: a live server, whatever its host name says
     if host != HOST:
         return False
     try:
