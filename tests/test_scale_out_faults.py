@@ -1,15 +1,17 @@
 """Faults of several servers on one store, on a real SQLite file and a real PostgreSQL (tests/postgres.py):
 a take-over and its resolution commit together or not at all; a server whose tasks were taken over (it stalled
 longer than its lease) writes nothing more of them and stops its copies; a valid lease means a live server
-whatever its host name says."""
+whatever its host name says; a migration waits for another beyond the statement timeout, and gives up clearly."""
 
 from __future__ import annotations
 
 import logging
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -18,7 +20,8 @@ from plexus_mcp_jupyter.core.events import EventBus
 from plexus_mcp_jupyter.core.executors.local import LocalExecutor
 from plexus_mcp_jupyter.core.manager import HOST, TaskManager, _owner_gone
 from plexus_mcp_jupyter.core.models import Stage, StageStatus, Task, TaskStatus
-from plexus_mcp_jupyter.core.store import ProgressWrite, Store
+from plexus_mcp_jupyter.core.store import ProgressWrite, Store, make_engine
+from plexus_mcp_jupyter.migrations import _LOCK_KEY, StoreBusy, head_revision, upgrade_store
 
 from .conftest import poll
 
@@ -163,3 +166,44 @@ def test_a_valid_lease_means_a_live_server_whatever_its_host_name():
     assert _owner_gone(dead, "me")  # no lease (an older release): the process id decides, as before
     # A SQLite file is on this machine: a claim naming this host is from here, and a crash is seen at once.
     assert _owner_gone(dead, "me", lease_expires_at=time.time() + 30, local_store=True)
+
+
+def test_a_migration_waits_for_another_beyond_the_statement_timeout(postgres_url):
+    """The migration lock is taken without the store's statement_timeout (it bounds the server's calls, not a
+    wait for another process's migration), and the pooled connection gets that timeout back afterwards."""
+    holder = sa.create_engine(postgres_url, poolclass=sa.pool.NullPool)
+    engine = make_engine(postgres_url, statement_timeout=0.3)
+    outcome: list[Any] = []
+    try:
+        with holder.connect() as other:
+            other.exec_driver_sql(f"SELECT pg_advisory_lock({_LOCK_KEY})")
+            waiting = threading.Thread(target=lambda: outcome.append(upgrade_store(engine, "the test store")))
+            waiting.start()
+            time.sleep(1.0)  # the other process migrates for longer than statement_timeout
+            assert waiting.is_alive() and not outcome
+            other.exec_driver_sql(f"SELECT pg_advisory_unlock({_LOCK_KEY})")
+            other.commit()
+        waiting.join(30)
+        assert outcome and outcome[0][1] == head_revision()
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SHOW statement_timeout").scalar_one() == "300ms"
+    finally:
+        engine.dispose()
+        holder.dispose()
+
+
+def test_a_migration_lock_held_too_long_fails_clearly(postgres_url):
+    holder = sa.create_engine(postgres_url, poolclass=sa.pool.NullPool)
+    engine = make_engine(postgres_url)
+    try:
+        with holder.connect() as other:
+            other.exec_driver_sql(f"SELECT pg_advisory_lock({_LOCK_KEY})")
+            with pytest.raises(StoreBusy, match=r"held its migration lock for more than 0\.5 s") as refused:
+                upgrade_store(engine, "the test store", lock_wait=0.5)
+            other.exec_driver_sql(f"SELECT pg_advisory_unlock({_LOCK_KEY})")
+            other.commit()
+        assert str(refused.value).startswith("the store at the test store is being migrated by another process")
+        assert upgrade_store(engine, "the test store")[1] == head_revision()  # the lock is free: it migrates
+    finally:
+        engine.dispose()
+        holder.dispose()
