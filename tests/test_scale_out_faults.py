@@ -1,11 +1,13 @@
 """Faults of several servers on one store, on a real SQLite file and a real PostgreSQL (tests/postgres.py):
 a take-over and its resolution commit together or not at all; a server whose tasks were taken over (it stalled
 longer than its lease) writes nothing more of them and stops its copies; a valid lease means a live server
-whatever its host name says; a migration waits for another beyond the statement timeout, and gives up clearly."""
+whatever its host name says; a migration waits for another beyond the statement timeout, and gives up clearly;
+`plexus mcp serve` on a store newer than the code says so in one line."""
 
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -207,3 +209,19 @@ def test_a_migration_lock_held_too_long_fails_clearly(postgres_url):
     finally:
         engine.dispose()
         holder.dispose()
+
+
+def test_serve_on_a_store_newer_than_the_code_says_so_in_one_line(tmp_path):
+    url = f"sqlite:///{tmp_path / 'newer.db'}"
+    Store(url).close()
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '9999_from_the_future'")
+    engine.dispose()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-m", "plexus_mcp_jupyter.cli", "mcp", "serve", "--db-url", url],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("plexus: not started: the store at ") and "'9999_from_the_future'" in last
