@@ -2,10 +2,12 @@
 a take-over and its resolution commit together or not at all; a server whose tasks were taken over (it stalled
 longer than its lease) writes nothing more of them and stops its copies; a valid lease means a live server
 whatever its host name says; a migration waits for another beyond the statement timeout, and gives up clearly;
-`plexus mcp serve` on a store newer than the code says so in one line."""
+`plexus mcp serve` on a store newer than the code says so in one line; a runtime that cannot be built closes
+the LocalCluster it started."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -18,12 +20,15 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from plexus_mcp_jupyter.config import PlexusSettings
+from plexus_mcp_jupyter.core.errors import InvalidArgument
 from plexus_mcp_jupyter.core.events import EventBus
 from plexus_mcp_jupyter.core.executors.local import LocalExecutor
 from plexus_mcp_jupyter.core.manager import HOST, TaskManager, _owner_gone
 from plexus_mcp_jupyter.core.models import Stage, StageStatus, Task, TaskStatus
 from plexus_mcp_jupyter.core.store import ProgressWrite, Store, make_engine
 from plexus_mcp_jupyter.migrations import _LOCK_KEY, StoreBusy, head_revision, upgrade_store
+from plexus_mcp_jupyter.runtime import PlexusRuntime
 
 from .conftest import poll
 
@@ -225,3 +230,31 @@ def test_serve_on_a_store_newer_than_the_code_says_so_in_one_line(tmp_path):
     assert "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("plexus: not started: the store at ") and "'9999_from_the_future'" in last
+
+
+def test_a_local_cluster_is_closed_when_the_runtime_cannot_be_built(tmp_path):
+    """executor=dask without a scheduler starts a LocalCluster (worker processes) before the rest of the runtime
+    is built: a setting refused after that must not leave those processes behind."""
+    pytest.importorskip("distributed")
+    import psutil  # installed with distributed
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    settings = PlexusSettings(executor="dask", dask_local_workers=1, max_concurrency_by_type="evaluation=many",
+                              db_url=f"sqlite:///{tmp_path / 'store.db'}")
+    with pytest.raises(InvalidArgument, match="max_concurrency_by_type") as refused:
+        PlexusRuntime(settings, data_dir=str(tmp_path))
+
+    def left() -> list[str]:  # multiprocessing's resource tracker stays for the life of this interpreter
+        commands = []
+        for process in me.children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):  # gone meanwhile (or a zombie): not left
+                if process.pid not in before and "resource_tracker" not in (command := " ".join(process.cmdline())):
+                    commands.append(command)
+        return commands
+
+    deadline = time.monotonic() + 30
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left()
+    assert refused.value is not None  # the error, and what its traceback refers to, is still held here
