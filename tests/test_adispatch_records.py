@@ -44,8 +44,9 @@ async def test_an_evaluation_started_at_once_runs_only_once_its_record_exists(ru
     wrap_records(runtime, monkeypatch, lambda: time.sleep(RECORD_DELAY))
     tasks = []
     for _ in range(3):
-        _, task = await runtime.evaluations.create("accuracy", "example:sentiment", prediction_column="prediction",
-                                                   label_column="label")
+        _, task = await runtime.evaluations.create(
+            "accuracy", "example:sentiment", prediction_column="prediction", label_column="label"
+        )
         await manager.wait_final([task.id], 60)
         tasks.append(manager.get(task.id))
     assert [t.status.value for t in tasks] == ["COMPLETED"] * 3, [t.error_message for t in tasks]
@@ -61,8 +62,9 @@ async def test_a_record_that_cannot_be_written_leaves_no_task_and_no_held_slot(r
 
     wrap_records(runtime, monkeypatch, refuse)
     with pytest.raises(RuntimeError, match="cannot be written"):
-        await runtime.evaluations.create("accuracy", "example:sentiment", prediction_column="prediction",
-                                         label_column="label")
+        await runtime.evaluations.create(
+            "accuracy", "example:sentiment", prediction_column="prediction", label_column="label"
+        )
     with manager.store.engine.connect() as conn:
         stored = conn.execute(sa.select(sa.func.count()).select_from(tasks_table)).scalar_one()
     assert stored == 0  # the task's insert rolled back with its record

@@ -39,26 +39,39 @@ def refuse_updates_to(store: Store, status: str) -> None:
     """A trigger that makes the database refuse any UPDATE of a task to `status`: a resolution that fails."""
     with store.engine.begin() as conn:
         if store.engine.dialect.name == "postgresql":
-            conn.exec_driver_sql("CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION "
-                                 "'refused by the test'; END $$ LANGUAGE plpgsql")
-            conn.exec_driver_sql(f"CREATE TRIGGER refuse BEFORE UPDATE ON tasks FOR EACH ROW WHEN "
-                                 f"(NEW.status = '{status}') EXECUTE FUNCTION refuse()")
+            conn.exec_driver_sql(
+                "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION "
+                "'refused by the test'; END $$ LANGUAGE plpgsql"
+            )
+            conn.exec_driver_sql(
+                f"CREATE TRIGGER refuse BEFORE UPDATE ON tasks FOR EACH ROW WHEN "
+                f"(NEW.status = '{status}') EXECUTE FUNCTION refuse()"
+            )
         else:
-            conn.exec_driver_sql(f"CREATE TRIGGER refuse BEFORE UPDATE ON tasks WHEN NEW.status = '{status}' "
-                                 "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
+            conn.exec_driver_sql(
+                f"CREATE TRIGGER refuse BEFORE UPDATE ON tasks WHEN NEW.status = '{status}' "
+                "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+            )
 
 
 def drop_refusal(store: Store) -> None:
     with store.engine.begin() as conn:
-        conn.exec_driver_sql("DROP TRIGGER refuse ON tasks" if store.engine.dialect.name == "postgresql"
-                             else "DROP TRIGGER refuse")
+        conn.exec_driver_sql(
+            "DROP TRIGGER refuse ON tasks" if store.engine.dialect.name == "postgresql" else "DROP TRIGGER refuse"
+        )
 
 
 def left_running(store: Store, task_type: str = "demo") -> Task:
     """A task a gone server left RUNNING, its lease run out, with a stage under way."""
     at = time.time() - 60
-    task = Task(id=str(uuid.uuid4()), type=task_type, status=TaskStatus.RUNNING, started_at=at, worker=GONE,
-                lease_expires_at=at + 1)
+    task = Task(
+        id=str(uuid.uuid4()),
+        type=task_type,
+        status=TaskStatus.RUNNING,
+        started_at=at,
+        worker=GONE,
+        lease_expires_at=at + 1,
+    )
     store.create_task(task)
     stage = Stage(name="Processing", order=0, status=StageStatus.RUNNING, started_at=at)
     store.save_progress(task, stages=[stage])
@@ -95,8 +108,7 @@ def test_a_take_over_and_its_requeue_commit_together(store_url):
         task = left_running(store)
         refuse_updates_to(store, "QUEUED")
         with pytest.raises(sa.exc.DBAPIError, match="refused by the test"):
-            store.take_over(task.id, previous=GONE, worker="survivor", lease_expires_at=time.time() + 30,
-                            requeue=True)
+            store.take_over(task.id, previous=GONE, worker="survivor", lease_expires_at=time.time() + 30, requeue=True)
         assert store.get_task(task.id).worker == GONE
         drop_refusal(store)
         assert store.take_over(task.id, previous=GONE, worker="survivor", lease_expires_at=None, requeue=True)
@@ -118,8 +130,9 @@ def test_progress_and_final_writes_need_the_lease(store_url):
         for task in (mine, taken):
             task.status, task.worker, task.current_stage = TaskStatus.COMPLETED, "stale/pid=1", "Finalizing"
         stage = Stage(name="Finalizing", order=0, status=StageStatus.COMPLETED)
-        lost = store.save_progress_many([ProgressWrite(t, [stage], [], final=True) for t in (mine, taken)],
-                                        holder="stale")
+        lost = store.save_progress_many(
+            [ProgressWrite(t, [stage], [], final=True) for t in (mine, taken)], holder="stale"
+        )
         assert lost == {taken.id}
         kept = store.get_task(taken.id)
         assert (kept.status, kept.worker, kept.current_stage, kept.stages) == (TaskStatus.RUNNING, "survivor", None, [])
@@ -133,18 +146,22 @@ async def test_a_server_whose_task_was_taken_over_stops_its_copy_and_writes_noth
     """A server stalled longer than its lease: another server took its task over meanwhile. Its next write of
     that task finds the row held by the other: it writes nothing, stops its run, says so in one log line."""
     store = Store(store_url)
-    manager = TaskManager(store, EventBus(), LocalExecutor(), cancel_grace_seconds=1.0, poll_interval=0.1,
-                          progress_write_interval=0.1)
+    manager = TaskManager(
+        store, EventBus(), LocalExecutor(), cancel_grace_seconds=1.0, poll_interval=0.1, progress_write_interval=0.1
+    )
     manager.lease_seconds = 30
     await manager.start()
     try:
         task = manager.dispatch("demo", {"items": 400, "item_delay_ms": 25})
-        stored = await poll(lambda: store.get_task(task.id),
-                            lambda t: t.status is TaskStatus.RUNNING and t.current_stage == "Processing")
+        stored = await poll(
+            lambda: store.get_task(task.id),
+            lambda t: t.status is TaskStatus.RUNNING and t.current_stage == "Processing",
+        )
         other = Store(store_url)
         try:
-            taken = other.take_over(task.id, previous=stored.worker, worker="survivor",
-                                    lease_expires_at=time.time() + 30)
+            taken = other.take_over(
+                task.id, previous=stored.worker, worker="survivor", lease_expires_at=time.time() + 30
+            )
         finally:
             other.close()
         assert taken
@@ -224,8 +241,14 @@ def test_serve_on_a_store_newer_than_the_code_says_so_in_one_line(tmp_path):
         conn.exec_driver_sql("UPDATE alembic_version SET version_num = '9999_from_the_future'")
     engine.dispose()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run([sys.executable, "-m", "plexus_mcp_jupyter.cli", "mcp", "serve", "--db-url", url],
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, env=env)
+    done = subprocess.run(
+        [sys.executable, "-m", "plexus_mcp_jupyter.cli", "mcp", "serve", "--db-url", url],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
@@ -240,8 +263,12 @@ def test_a_local_cluster_is_closed_when_the_runtime_cannot_be_built(tmp_path):
 
     me = psutil.Process()
     before = {p.pid for p in me.children(recursive=True)}
-    settings = PlexusSettings(executor="dask", dask_local_workers=1, max_concurrency_by_type="evaluation=many",
-                              db_url=f"sqlite:///{tmp_path / 'store.db'}")
+    settings = PlexusSettings(
+        executor="dask",
+        dask_local_workers=1,
+        max_concurrency_by_type="evaluation=many",
+        db_url=f"sqlite:///{tmp_path / 'store.db'}",
+    )
     with pytest.raises(InvalidArgument, match="max_concurrency_by_type") as refused:
         PlexusRuntime(settings, data_dir=str(tmp_path))
 
