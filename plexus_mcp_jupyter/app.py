@@ -38,7 +38,7 @@ from .handlers.rest import (
     TaskPriorityHandler,
     TasksHandler,
 )
-from .migrations import StoreTooNew
+from .migrations import StoreRefused
 from .runtime import PlexusRuntime
 from .security.connections import ConnectionGuard
 
@@ -95,8 +95,8 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
                 self.config_problems.extend(exc.problems)
             except ExecutorUnavailable as exc:  # dask_fallback=refuse: the endpoint does not run without its cluster
                 self._unavailable("the Dask scheduler could not be reached (dask_fallback=refuse)", str(exc))
-            except (StoreTooNew, sa.exc.SQLAlchemyError) as exc:
-                # A store migrated by a newer release, or a database that cannot be reached or migrated.
+            except (StoreRefused, sa.exc.SQLAlchemyError) as exc:
+                # A store migrated by a newer release or being migrated, or a database that cannot be reached.
                 self._unavailable("the store could not be opened or migrated",
                                   str(store_unavailable(exc) or exc).splitlines()[0])
         if runtime is None:

@@ -57,6 +57,7 @@ def _configure_logging(level: str) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .core.executors import ExecutorUnavailable
+    from .migrations import StoreRefused
     from .runtime import PlexusRuntime
     from .standalone import serve_http, serve_stdio
 
@@ -64,7 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings_from_args(args)
     try:
         runtime = PlexusRuntime(settings, data_dir=jupyter_data_dir(), root_dir=args.root_dir)
-    except ExecutorUnavailable as exc:  # dask_fallback=refuse
+    except (ExecutorUnavailable, StoreRefused) as exc:  # dask_fallback=refuse; a store newer than this code
         print(f"plexus: not started: {exc}", file=sys.stderr)
         return 2
     if args.transport == "stdio":

@@ -97,8 +97,24 @@ class PlexusRuntime:
         self.bus = EventBus()
         # The evaluations package's task type, known to the core before its executor starts (which preloads it).
         register_evaluation_task_type()
-        # Why the configured executor is not the one running tasks (dask_fallback=local), for health.
-        self.executor, self.executor_problem = executor_with_fallback(settings)
+        try:
+            # Why the configured executor is not the one running tasks (dask_fallback=local), for health.
+            self.executor, self.executor_problem = executor_with_fallback(settings)
+            self._assemble(settings, registered_dir, items_dir)
+        except BaseException:
+            self._release_unstarted()
+            raise
+
+    def _release_unstarted(self) -> None:
+        """What __init__ built before a step failed: a LocalCluster's processes, the store's connections."""
+        executor = getattr(self, "executor", None)
+        if executor is not None:
+            executor.close()
+        self.store_calls.close()
+        self.store.close()
+
+    def _assemble(self, settings: PlexusSettings, registered_dir: Path, items_dir: Path) -> None:
+        """The rest of __init__, once the store and the executor exist (`_release_unstarted` if it fails)."""
         self.kernel_scorers = KernelScorerRegistry()
         self.manager = TaskManager(
             self.store,

@@ -239,7 +239,7 @@ async def test_many_tasks_ending_together_are_recorded_in_shared_writes(tmp_path
     async with manager_with(tmp_path, max_concurrency=4) as m:
         writes: list[int] = []
         save_many = m.store.save_progress_many
-        m.store.save_progress_many = lambda batch: (writes.append(len(batch)), save_many(batch))[1]
+        m.store.save_progress_many = lambda batch, **kw: (writes.append(len(batch)), save_many(batch, **kw))[1]
         tasks = [m.dispatch("demo", TRIVIAL) for _ in range(40)]
         await m.wait_final([t.id for t in tasks], 60)
         stored = [m.store.get_task(t.id) for t in tasks]

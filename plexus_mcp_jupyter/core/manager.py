@@ -290,39 +290,74 @@ class TaskManager:
         """Resolve tasks left RUNNING by a server that is gone: fail them, or re-queue idempotent ones.
         `running`: the RUNNING tasks, when the caller read them (off the loop); else they are read here."""
         for task in self.store.tasks_with_status(TaskStatus.RUNNING) if running is None else running:
-            if task.id in self._running or not _owner_gone(task.worker, self.instance, task.lease_expires_at):
+            if task.id in self._running or not _owner_gone(task.worker, self.instance, task.lease_expires_at,
+                                                           local_store=not self.offload):
                 continue
             # Several servers may notice the same gone server: only the one whose conditional take-over wins
-            # resolves the task (a task re-queued twice could run twice).
-            if not self.store.take_over(task.id, previous=task.worker, worker=self.server_id,
-                                        lease_expires_at=self._lease_end(now())):
+            # resolves the task (a task re-queued twice could run twice), in the take-over's own transaction.
+            previous, at = task.worker, now()
+            requeue = self._idempotent(task.type) and not task.cancel_requested
+            final = None if requeue else self._ended_elsewhere(task, at)
+            if not self.store.take_over(task.id, previous=previous, worker=self.server_id,
+                                        lease_expires_at=self._lease_end(at), requeue=requeue, final=final):
                 continue
-            stages = task.stages
-            for stage in stages:
-                if stage.status == StageStatus.RUNNING:
-                    stage.status = StageStatus.FAILED
-                    stage.completed_at = now()
-            if self._idempotent(task.type) and not task.cancel_requested:
-                self._requeue(task.id, "left running by a stopped server")
+            if requeue:
+                self._requeued(task.id, "left running by a stopped server")
                 continue
-            task.status = TaskStatus.CANCELLED if task.cancel_requested else TaskStatus.FAILED
-            task.completed_at = now()
-            task.estimated_completion_at = None
-            task.error_message = (
-                "cancelled: the server stopped before the task ended"
-                if task.cancel_requested
-                else "server restarted while the task was running"
-            )
-            self.store.save_progress(task, stages=stages, final=True)
             log.warning("Plexus: task %s left RUNNING by a stopped server is now %s", task.id, task.status.value)
             self.bus.publish(_final_kind(task.status), "task", task.id, task.summary())
+
+    def _ended_elsewhere(self, task: Task, at: float) -> ProgressWrite:
+        """The final write of a task whose server is gone, as this server (taking it over) records it; its
+        `worker` stays the gone server's claim, which ran it."""
+        for stage in task.stages:
+            if stage.status == StageStatus.RUNNING:
+                stage.status = StageStatus.FAILED
+                stage.completed_at = at
+        task.status = TaskStatus.CANCELLED if task.cancel_requested else TaskStatus.FAILED
+        task.completed_at = at
+        task.estimated_completion_at = None
+        task.error_message = (
+            "cancelled: the server stopped before the task ended"
+            if task.cancel_requested
+            else "server restarted while the task was running"
+        )
+        return ProgressWrite(task, task.stages, [], final=True)
 
     def _lease_end(self, at: float) -> float | None:
         """Until when a task this server claims at `at` is held before its heartbeat renews it (core/leases.py)."""
         return at + self.lease_seconds if self.lease_seconds else None
 
     def _requeue(self, task_id: str, why: str) -> None:
-        self.store.requeue(task_id)
+        """Put back in the queue a task whose run here ended (its worker died, this server stops), while this
+        server holds it (another server may have taken it over meanwhile: `_taken_over`)."""
+        if not self.store.requeue(task_id, holder=self.server_id):
+            self._taken_over(task_id)
+            return
+        self._requeued(task_id, why)
+
+    def _taken_over(self, task_id: str) -> None:
+        """Another server took this task over: this server's lease on it ran out (it stalled, or lost the store,
+        for longer than server_lease_seconds), so the row is that server's now. The run here is stopped, and
+        nothing more of it is written (writes are conditional on the holder) or announced."""
+        self._pending.pop(task_id, None)
+        state = self._running.pop(task_id, None)
+        log.warning("Plexus: task %s was taken over by another server (this server's lease on it ran out): its "
+                    "run here is stopped and not recorded", task_id)
+        if state is None:
+            return
+        for request in state.requests:
+            request.cancel()
+        if state.kill_timer is not None:
+            state.kill_timer.cancel()
+        if state.exited is None:
+            self.executor.request_cancel(task_id)
+            if self._loop is not None:
+                self._loop.call_later(self.cancel_grace_seconds, self.executor.kill, task_id)
+        self._schedule_soon(slot_freed=True)
+
+    def _requeued(self, task_id: str, why: str) -> None:
+        """Announce a task just put back in the queue, and let the scheduler look at the queue."""
         self._finished.pop(task_id, None)
         log.warning("Plexus: re-queued task %s (%s)", task_id, why)
         task = self.store.get_task(task_id)
@@ -1115,11 +1150,11 @@ class TaskManager:
             return
         batch = [(p, p.changes, len(p.samples), len(p.events), p.final) for p in self._pending.values()]
         try:
-            self.store.save_progress_many([self._write_of(p) for p, *_ in batch])
+            lost = self.store.save_progress_many([self._write_of(p) for p, *_ in batch], holder=self.server_id)
         except Exception:
             log.exception("Plexus: could not record the progress of %d tasks; retrying", len(batch))
             return
-        self._committed(batch)
+        self._committed(batch, lost)
 
     @staticmethod
     def _write_of(pending: _PendingWrite) -> ProgressWrite:
@@ -1128,7 +1163,9 @@ class TaskManager:
     async def _flush_off_loop(self) -> None:
         batch = [(p, p.changes, len(p.samples), len(p.events), p.final) for p in self._pending.values()]
         try:
-            await self._write(self.store.save_progress_many, [self._write_of(p) for p, *_ in batch])
+            write = functools.partial(self.store.save_progress_many, [self._write_of(p) for p, *_ in batch],
+                                      holder=self.server_id)
+            lost = await self._write(write)
         except Exception as exc:
             unavailable = store_unavailable(exc)
             if unavailable is None:
@@ -1139,16 +1176,20 @@ class TaskManager:
             return
         finally:
             self._flushing = False
-        self._committed(batch)
+        self._committed(batch, lost)
         if self._pending:
             self._flush_soon()
 
-    def _committed(self, batch: list[tuple[_PendingWrite, int, int, int, bool]]) -> None:
+    def _committed(self, batch: list[tuple[_PendingWrite, int, int, int, bool]], lost: set[str]) -> None:
         """After a batched write committed: drop what it wrote from the pending writes (what was added while it
-        was written stays, for the next one), publish its events in order, release the tasks that ended."""
+        was written stays, for the next one), publish its events in order, release the tasks that ended. The
+        `lost` tasks were not written: another server holds them now (`_taken_over`)."""
         ended = False
         for pending, changes, samples, events, final in batch:
             task = pending.task
+            if task.id in lost:
+                self._taken_over(task.id)
+                continue
             if final:  # nothing is written after the final write: what came meanwhile goes out with it
                 events = len(pending.events)
             written, pending.events[:events] = pending.events[:events], []
@@ -1337,14 +1378,18 @@ def _as_list(value: str | Sequence[str] | None) -> list[str]:
     return [str(v) for v in value]
 
 
-def _owner_gone(worker: str | None, own_instance: str, lease_expires_at: float | None = None) -> bool:
+def _owner_gone(worker: str | None, own_instance: str, lease_expires_at: float | None = None, *,
+                local_store: bool = False) -> bool:
     """True when the server that claimed a task (recorded in `worker`) is no longer alive.
 
     `worker` is "executor:host:pid:instance[/worker-id]". A claim by this very server (same instance)
     is alive; a claim whose lease ran out (its server's heartbeat stopped: core/leases.py) is gone, on any
-    host; a claim by another instance with our process id is an earlier life of this process id
-    (a restart that got the same pid, as PID 1 in a container does); otherwise the process id decides.
-    A claim without a lease on another host is left to its own server.
+    host. On a networked store (PostgreSQL) a valid lease means a live server: two machines may share a
+    host name (containers, PID 1 in each), so the process id says nothing then. On a `local_store` (a SQLite
+    file: every server on it runs on this machine), and for a claim without a lease (an older release),
+    the process id of a claim on this host decides: another instance with our process id is an earlier life
+    of this process id (a restart that got the same pid, as PID 1 in a container does), a process id that no
+    longer exists a crashed server (recovered at the next start, not a lease later).
     """
     if not worker:
         return True
@@ -1355,8 +1400,11 @@ def _owner_gone(worker: str | None, own_instance: str, lease_expires_at: float |
     instance = parts[3] if len(parts) > 3 else None
     if instance == own_instance:
         return False
-    if lease_expires_at is not None and lease_expires_at < now():
-        return True
+    if lease_expires_at is not None:
+        if lease_expires_at < now():
+            return True
+        if not local_store:
+            return False  # a valid lease on a networked store: a live server, whatever its host name says
     if host != HOST:
         return False
     try:

@@ -564,30 +564,31 @@ class Store:
         with self.engine.connect() as conn:
             return int(conn.execute(query).scalar_one())
 
-    def take_over(self, task_id: str, *, previous: str | None, worker: str, lease_expires_at: float | None) -> bool:
+    def take_over(self, task_id: str, *, previous: str | None, worker: str, lease_expires_at: float | None,
+                  requeue: bool = False, final: ProgressWrite | None = None) -> bool:
         """Make this server the holder of a RUNNING task another (gone) server held, if no other server did
         first: one conditional UPDATE (still RUNNING, still held by `previous`) that only one server can win.
-        The winner then recovers the task (TaskManager.recover)."""
+        The winner resolves the task (TaskManager.recover) in the same transaction: `requeue` it, or write its
+        end (`final`). When the resolution fails, the take-over is undone with it: the task is never left
+        RUNNING held by a live server, whose heartbeat would keep it so for ever."""
         t = tasks_table
         held_by = t.c.worker.is_(None) if previous is None else t.c.worker == previous
         query = (sa.update(t).where(t.c.id == task_id, t.c.status == TaskStatus.RUNNING.value, held_by)
                  .values(worker=worker, lease_expires_at=lease_expires_at))
         with self.engine.begin() as conn:
-            return conn.execute(query).rowcount == 1
+            if conn.execute(query).rowcount != 1:
+                return False
+            if requeue:
+                _requeue(conn, task_id, holder=None)
+            elif final is not None:
+                self._write_progress(conn, [final], holder=worker)
+        return True
 
-    def requeue(self, task_id: str) -> None:
-        """Put a task back in the queue as if it had never started (its stages and history go)."""
-        t = tasks_table
+    def requeue(self, task_id: str, *, holder: str | None = None) -> bool:
+        """Put a task back in the queue as if it had never started (its stages and history go); with `holder`
+        (a server id), only while that server holds it. True when it was re-queued."""
         with self.engine.begin() as conn:
-            conn.execute(
-                sa.update(t)
-                .where(t.c.id == task_id)
-                .values(status=TaskStatus.QUEUED.value, started_at=None, completed_at=None, worker=None,
-                        lease_expires_at=None, current_stage=None, estimated_completion_at=None, error_message=None,
-                        error_details=None)
-            )
-            conn.execute(sa.delete(stages_table).where(stages_table.c.task_id == task_id))
-            conn.execute(sa.delete(samples_table).where(samples_table.c.task_id == task_id))
+            return _requeue(conn, task_id, holder=holder)
 
     def update_task(self, task_id: str, *, only_if_status: Sequence[TaskStatus] = (), **values: Any) -> bool:
         """Set columns of one task; with only_if_status, only while it has one of those statuses."""
@@ -623,23 +624,31 @@ class Store:
         """
         self.save_progress_many([ProgressWrite(task, list(stages), [sample] if sample else [], final)])
 
-    def save_progress_many(self, writes: Sequence[ProgressWrite]) -> None:
+    def save_progress_many(self, writes: Sequence[ProgressWrite], *, holder: str | None = None) -> set[str]:
         """Write the progress (and, for final ones, the end) of many tasks in ONE transaction.
 
         The manager gathers what its workers reported during one turn of the event loop (starts, stage
         changes, ends of many tasks) and writes it here at once: a commit and a statement per kind of row,
         instead of a transaction per message, which was most of a small task's cost on the server.
+
+        With `holder` (a server id), a task is written only while that server holds it (its `worker` starts
+        with the id): another server that took it over (this one's lease ran out, core/leases.py) owns the row
+        now. Returns the ids of the tasks left unwritten for that reason.
         """
         if not writes:
-            return
+            return set()
+        with self.engine.begin() as conn:
+            return self._write_progress(conn, writes, holder=holder)
+
+    def _write_progress(self, conn: Connection, writes: Sequence[ProgressWrite], *, holder: str | None) -> set[str]:
         progress_rows: list[dict[str, Any]] = []
         final_rows: list[dict[str, Any]] = []
-        stage_rows: list[dict[str, Any]] = []
-        sample_rows: list[dict[str, Any]] = []
         for write in sorted(writes, key=lambda w: w.task.id):  # rows locked in one order (core/leases.py)
             task = write.task
             row: dict[str, Any] = {"b_id": task.id, "b_current_stage": task.current_stage,
                    "b_estimated_completion_at": task.estimated_completion_at, "b_worker": task.worker}
+            if holder is not None:
+                row["b_holder_like"] = _holder_pattern(holder)
             if write.final:
                 row.update(b_status=task.status.value, b_completed_at=task.completed_at,
                            b_error_message=task.error_message, b_error_details=task.error_details,
@@ -647,17 +656,26 @@ class Store:
                 final_rows.append(row)
             else:
                 progress_rows.append(row)
-            stage_rows += [_stage_row(task.id, stage) for stage in write.stages]
-            sample_rows += [{"task_id": task.id, **_sample_row(sample)} for sample in write.samples]
-        with self.engine.begin() as conn:
-            if progress_rows:
-                conn.execute(_UPDATE_PROGRESS, progress_rows)
-            if final_rows:
-                conn.execute(_UPDATE_FINAL, final_rows)
-            if stage_rows:
-                self._upsert_stages(conn, stage_rows)
-            if sample_rows:
-                conn.execute(sa.insert(samples_table), sample_rows)
+        held = holder is not None
+        updated = 0
+        if progress_rows:
+            updated += conn.execute(_progress_update(final=False, held=held), progress_rows).rowcount
+        if final_rows:
+            updated += conn.execute(_progress_update(final=True, held=held), final_rows).rowcount
+        lost: set[str] = set()
+        if holder is not None and updated < len(progress_rows) + len(final_rows):  # rare: which, in this transaction
+            t = tasks_table
+            elsewhere = sa.or_(t.c.worker.is_(None), sa.not_(_held_by(holder)))
+            ids = [w.task.id for w in writes]
+            lost = set(conn.execute(sa.select(t.c.id).where(t.c.id.in_(ids), elsewhere)).scalars())
+        stage_rows = [_stage_row(w.task.id, stage) for w in writes if w.task.id not in lost for stage in w.stages]
+        sample_rows = [{"task_id": w.task.id, **_sample_row(sample)} for w in writes if w.task.id not in lost
+                       for sample in w.samples]
+        if stage_rows:
+            self._upsert_stages(conn, stage_rows)
+        if sample_rows:
+            conn.execute(sa.insert(samples_table), sample_rows)
+        return lost
 
     def history(self, task_id: str, *, limit: int) -> tuple[list[ProgressSample], int]:
         """The most recent `limit` progress samples of a task, oldest first, and how many exist."""
@@ -810,10 +828,28 @@ class ProgressWrite:
     final: bool = False
 
 
-def _progress_update(final: bool) -> Any:
+def _held_by(holder: str | None = None) -> Any:
+    """The tasks a server holds: their `worker` starts with its id (as Store.renew_leases reads it). Without
+    `holder`, the server is the bound parameter b_holder_like of an executemany (`_holder_pattern`)."""
+    t = tasks_table
+    if holder is not None:
+        return t.c.worker.startswith(holder, autoescape=True)
+    return t.c.worker.like(sa.bindparam("b_holder_like"), escape="/")
+
+
+def _holder_pattern(holder: str) -> str:
+    """The LIKE pattern of the ids starting with `holder`, escaped as `startswith(autoescape=True)` does."""
+    return holder.replace("/", "//").replace("%", "/%").replace("_", "/_") + "%"
+
+
+@functools.lru_cache(maxsize=4)
+def _progress_update(*, final: bool, held: bool) -> Any:
+    """The UPDATE of Store.save_progress_many; `held`: only of a task the writing server holds (b_holder_like)."""
     t = tasks_table
     columns = ["current_stage", "estimated_completion_at", "worker"]
     query = sa.update(t).where(t.c.id == sa.bindparam("b_id"))
+    if held:
+        query = query.where(_held_by())
     if final:
         columns += ["status", "completed_at", "error_message", "error_details", "output", "stdout_tail", "stderr_tail"]
         # A task already final (cancelled meanwhile by another server, recovered) is never overwritten. Plain
@@ -822,8 +858,21 @@ def _progress_update(final: bool) -> Any:
     return query.values(**{name: sa.bindparam(f"b_{name}") for name in columns})
 
 
-_UPDATE_PROGRESS = _progress_update(final=False)
-_UPDATE_FINAL = _progress_update(final=True)
+def _requeue(conn: Connection, task_id: str, *, holder: str | None) -> bool:
+    """Store.requeue in an open transaction."""
+    t = tasks_table
+    query = sa.update(t).where(t.c.id == task_id)
+    if holder is not None:
+        query = query.where(_held_by(holder))
+    done = conn.execute(
+        query.values(status=TaskStatus.QUEUED.value, started_at=None, completed_at=None, worker=None,
+                     lease_expires_at=None, current_stage=None, estimated_completion_at=None, error_message=None,
+                     error_details=None)
+    ).rowcount == 1
+    if done:
+        conn.execute(sa.delete(stages_table).where(stages_table.c.task_id == task_id))
+        conn.execute(sa.delete(samples_table).where(samples_table.c.task_id == task_id))
+    return done
 
 
 @functools.lru_cache(maxsize=2)

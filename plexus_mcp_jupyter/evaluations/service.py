@@ -354,8 +354,17 @@ class EvaluationService:
         return str(row["task_id"])
 
     async def get(self, evaluation_id: str, viewer: str | None = None) -> dict[str, Any]:
-        """The evaluation as clients see it; the store is read off the event loop (TaskManager.calls)."""
+        """The evaluation as clients see it; the store is read off the event loop (TaskManager.calls).
+
+        A task running here may end while the record is read (the loop goes on meanwhile): its view would pair
+        the final status in memory with a record read before the worker wrote its metrics. The record is then
+        read again: the worker writes it before it reports the end."""
         row, tasks = await self.manager.calls.run(self._read_one, evaluation_id, viewer)
+        stored = tasks.get(row["task_id"])
+        ended_meanwhile = (stored is None or not stored.status.is_final) and self.manager.current(
+            row["task_id"], stored).status.is_final
+        if ended_meanwhile:
+            row, tasks = await self.manager.calls.run(self._read_one, evaluation_id, viewer)
         return self.view(row, tasks)
 
     def _read_one(self, evaluation_id: str, viewer: str | None) -> tuple[dict[str, Any], dict[str, Task]]:

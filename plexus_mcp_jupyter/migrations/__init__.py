@@ -42,10 +42,21 @@ LEGACY_SCHEMA_VERSION = 1  # plexus_meta.schema_version written by those release
 _LOCK_KEY = 0x706C6578  # "plex": the PostgreSQL advisory lock that serialises migrations of one database
 _DIRECTORY = Path(__file__).resolve().parent
 _IN_PROCESS = threading.Lock()
+# How long a process waits for another's migration of the same store (PostgreSQL) before it gives up, saying so.
+MIGRATION_LOCK_WAIT = 600.0
+_LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's SQLSTATE when lock_timeout ran out
 
 
-class StoreTooNew(PlexusError):
+class StoreRefused(PlexusError):
+    """The store cannot be used as it is; the message says why and what to do."""
+
+
+class StoreTooNew(StoreRefused):
     """The store was migrated by a newer release than this code: refuse it rather than misread it."""
+
+
+class StoreBusy(StoreRefused):
+    """Another process held the store's migration lock for longer than MIGRATION_LOCK_WAIT."""
 
 
 def schema_metadata() -> sa.MetaData:
@@ -89,30 +100,50 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
-def upgrade_store(engine: Engine, safe_url: str) -> tuple[str | None, str]:
+def upgrade_store(engine: Engine, safe_url: str, *, lock_wait: float = MIGRATION_LOCK_WAIT
+                  ) -> tuple[str | None, str]:
     """Bring the store to the newest revision (see the module's doc); returns (revision before, after).
 
-    Raises StoreTooNew when the store is at a revision this code does not know."""
-    with engine.connect() as conn, _one_at_a_time(conn):
+    Raises StoreTooNew when the store is at a revision this code does not know, StoreBusy when another
+    process held the migration lock for more than `lock_wait` seconds (PostgreSQL)."""
+    with engine.connect() as conn, _one_at_a_time(conn, safe_url, lock_wait):
         return _upgrade(conn, safe_url)
 
 
 @contextlib.contextmanager
-def _one_at_a_time(conn: Connection) -> Iterator[None]:
+def _one_at_a_time(conn: Connection, safe_url: str, lock_wait: float) -> Iterator[None]:
     """Hold the store's migration lock: one process (and one thread: Alembic's `context` is process-global)
     migrates a store at a time, and the others then find it at the newest revision.
 
-    PostgreSQL: a session advisory lock. A SQLite file: an exclusive lock on `<file>.migration-lock` beside it
-    (SQLite's own locks cannot span a migration: its DDL commits statement by statement)."""
+    PostgreSQL: a session advisory lock. The store's statement_timeout (db_statement_timeout_seconds) bounds
+    the server's own calls, not this session: waiting for another process's migration, and a migration's DDL
+    on a large table, may take longer. The wait for the lock is bounded by lock_timeout instead (StoreBusy),
+    and the connection gets the store's settings back before it returns to the pool.
+    A SQLite file: an exclusive lock on `<file>.migration-lock` beside it (SQLite's own locks cannot span a
+    migration: its DDL commits statement by statement)."""
     with _IN_PROCESS:
         if conn.dialect.name == "postgresql":
-            conn.exec_driver_sql(f"SELECT pg_advisory_lock({_LOCK_KEY})")
+            conn.exec_driver_sql("SET statement_timeout = 0")
+            conn.exec_driver_sql(f"SET lock_timeout = {max(1, round(lock_wait * 1000))}")
+            try:
+                conn.exec_driver_sql(f"SELECT pg_advisory_lock({_LOCK_KEY})")
+            except sa.exc.OperationalError as exc:
+                conn.rollback()  # the SETs go with it
+                if getattr(exc.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
+                    raise
+                raise StoreBusy(
+                    f"the store at {safe_url} is being migrated by another process, which has held its migration "
+                    f"lock for more than {lock_wait:g} s: start again once it is done, or look for a stuck "
+                    "`plexus db upgrade` or server start (pg_locks, locktype advisory)"
+                ) from None
+            conn.exec_driver_sql("RESET lock_timeout")
             conn.commit()
             try:
                 yield
             finally:
                 conn.rollback()
                 conn.exec_driver_sql(f"SELECT pg_advisory_unlock({_LOCK_KEY})")
+                conn.exec_driver_sql("RESET statement_timeout")
                 conn.commit()
             return
         database = conn.engine.url.database

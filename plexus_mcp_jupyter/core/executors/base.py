@@ -86,6 +86,10 @@ class Executor(abc.ABC):
     async def shutdown(self, grace: float) -> None:
         """Cancel everything still running, wait up to `grace` seconds, then kill."""
 
+    def close(self) -> None:  # noqa: B027 - optional: an executor that holds nothing before start() ignores it
+        """Release what the constructor took (a Dask LocalCluster and its processes) when the server never
+        starts; once started, `shutdown` does."""
+
     async def stop_and_wait(self, task_ids: list[str], running: Callable[[], bool], grace: float, *,
                             force: bool = False) -> None:
         """Ask these tasks to stop (cooperatively, or with `force` by `kill`), then wait up to `grace` seconds

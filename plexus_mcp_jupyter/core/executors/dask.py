@@ -327,6 +327,10 @@ class DaskExecutor(Executor):
             self.client = Client(self.cluster, set_as_default=False)
         self._refresh()
 
+    def close(self) -> None:
+        self._control.shutdown(wait=False)
+        self._close_client()
+
     def _close_client(self) -> None:
         for closing in (self.client, self.cluster):
             if closing is not None:
