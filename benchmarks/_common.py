@@ -131,8 +131,18 @@ def standalone_server(workdir: Path, extra_env: dict[str, str] | None = None, po
     yields (MCP endpoint URL, server pid)."""
     port = port or free_port()
     env = dict(os.environ, JUPYTER_DATA_DIR=str(workdir / "jdata"), **(extra_env or {}))
-    args = ["-m", "plexus_mcp_jupyter.cli", "mcp", "serve", "--transport=http", f"--port={port}", f"--token={TOKEN}",
-            f"--root-dir={workdir}", f"--db-url=sqlite:///{workdir / 'standalone.db'}", "--log-level=WARNING"]
+    args = [
+        "-m",
+        "plexus_mcp_jupyter.cli",
+        "mcp",
+        "serve",
+        "--transport=http",
+        f"--port={port}",
+        f"--token={TOKEN}",
+        f"--root-dir={workdir}",
+        f"--db-url=sqlite:///{workdir / 'standalone.db'}",
+        "--log-level=WARNING",
+    ]
     with started(args, f"http://127.0.0.1:{port}/health", env) as pid:
         yield f"http://127.0.0.1:{port}/mcp", pid
 
@@ -320,6 +330,7 @@ async def wait_completed(url: str, target: int, timeout: float = 600) -> None:
 
 async def dispatch(url: str, n: int, sessions: int) -> None:
     """n trivial run_demo_task calls, spread over `sessions` concurrent keep-alive sessions (1: one by one)."""
+
     async def one_session(count: int) -> None:
         async with LeanSession(url, TOKEN) as s:
             for _ in range(count):

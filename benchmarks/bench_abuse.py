@@ -130,9 +130,22 @@ class Target:
 def create_key(db_url: str, role: str, rate: float) -> str:
     """A key made with the `plexus keys create` CLI on the server's store; returns its secret."""
     done = subprocess.run(
-        [sys.executable, "-m", "plexus_mcp_jupyter.cli", "keys", "create", f"abuse-{role}", f"--role={role}",
-         f"--rate-limit={rate:g}", f"--db-url={db_url}"],
-        capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False,
+        [
+            sys.executable,
+            "-m",
+            "plexus_mcp_jupyter.cli",
+            "keys",
+            "create",
+            f"abuse-{role}",
+            f"--role={role}",
+            f"--rate-limit={rate:g}",
+            f"--db-url={db_url}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        check=False,
     )
     if done.returncode != 0:
         raise RuntimeError(f"plexus keys create failed: {done.stderr.strip()}")
@@ -186,8 +199,9 @@ def server_memory_mib(pid: int, peak: bool = False) -> float:
 # -- the health probes (a separate process) -------------------------------------------------------------
 
 
-def probe_once(conn: http.client.HTTPConnection | None, port: int, path: str, timeout: float,
-               keep_alive: bool) -> tuple[http.client.HTTPConnection | None, str]:
+def probe_once(
+    conn: http.client.HTTPConnection | None, port: int, path: str, timeout: float, keep_alive: bool
+) -> tuple[http.client.HTTPConnection | None, str]:
     """One GET; returns the connection to reuse (None after a failure or without keep-alive) and the outcome.
 
     A kept-alive connection the server has closed since the last probe is reopened and the GET sent
@@ -220,8 +234,9 @@ def probe_once(conn: http.client.HTTPConnection | None, port: int, path: str, ti
     return None, "error"
 
 
-def probe_loop(port: int, path: str, interval: float, timeout: float, keep_alive: bool,
-               stop: Any, out: list[Sample]) -> None:
+def probe_loop(
+    port: int, path: str, interval: float, timeout: float, keep_alive: bool, stop: Any, out: list[Sample]
+) -> None:
     """GET `path` every `interval` until `stop` (a multiprocessing Event) is set; a failed probe is recorded at
     `timeout`."""
     conn: http.client.HTTPConnection | None = None
@@ -240,8 +255,9 @@ def probe_loop(port: int, path: str, interval: float, timeout: float, keep_alive
         conn.close()
 
 
-def prober_main(port: int, path: str, probe_s: float, fresh_s: float, timeout: float, stop: Any,
-                results: Connection) -> None:
+def prober_main(
+    port: int, path: str, probe_s: float, fresh_s: float, timeout: float, stop: Any, results: Connection
+) -> None:
     """The prober process: both probes in threads until `stop` is set, then the samples back to the parent."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops this process
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # how the parent stops it (the parent's handler is inherited)
@@ -266,9 +282,17 @@ def probing(target: Target, args: argparse.Namespace) -> Iterator[Callable[[], t
     stop = context.Event()
     receiving, sending = context.Pipe(duplex=False)
     process = context.Process(
-        target=prober_main, daemon=True,
-        args=(target.port, target.health_path, args.probe_ms / 1000, args.fresh_ms / 1000, args.probe_timeout,
-              stop, sending),
+        target=prober_main,
+        daemon=True,
+        args=(
+            target.port,
+            target.health_path,
+            args.probe_ms / 1000,
+            args.fresh_ms / 1000,
+            args.probe_timeout,
+            stop,
+            sending,
+        ),
     )
     process.start()
     sending.close()
@@ -348,8 +372,9 @@ async def flood_sessions(target: Target, args: argparse.Namespace, phase: Phase)
     min_end = time.monotonic() + min(args.min_flood_s, args.flood_s)
     sent = itertools.count()
     limits = httpx2.Limits(max_connections=args.session_concurrency)
-    async with httpx2.AsyncClient(headers={**MCP_HEADERS, **target.auth("viewer")}, timeout=args.flood_s,
-                                  limits=limits) as http:
+    async with httpx2.AsyncClient(
+        headers={**MCP_HEADERS, **target.auth("viewer")}, timeout=args.flood_s, limits=limits
+    ) as http:
 
         async def worker() -> None:
             while flooding(sent, args.sessions, deadline, min_end):
@@ -362,13 +387,18 @@ async def flood_sessions(target: Target, args: argparse.Namespace, phase: Phase)
         await asyncio.gather(*(worker() for _ in range(args.session_concurrency)))
         elapsed = time.monotonic() - t0
         # The harm the issue saw beyond latency: the notebook user locked out of new sessions.
-        label, response = await answer(http.post(target.mcp_url, content=body, headers={
-            "Authorization": f"Bearer {TOKEN}"}))
+        label, response = await answer(
+            http.post(target.mcp_url, content=body, headers={"Authorization": f"Bearer {TOKEN}"})
+        )
         if response is not None and "mcp-session-id" in response.headers:
-            await http.delete(target.mcp_url, headers={"Authorization": f"Bearer {TOKEN}",
-                                                       "Mcp-Session-Id": response.headers["mcp-session-id"]})
-    phase.notes.append(f"{sum(phase.answers.values())} initialize POSTs in {elapsed:.1f} s, "
-                       f"{args.session_concurrency} at once; then the token's own initialize: {label}")
+            await http.delete(
+                target.mcp_url,
+                headers={"Authorization": f"Bearer {TOKEN}", "Mcp-Session-Id": response.headers["mcp-session-id"]},
+            )
+    phase.notes.append(
+        f"{sum(phase.answers.values())} initialize POSTs in {elapsed:.1f} s, "
+        f"{args.session_concurrency} at once; then the token's own initialize: {label}"
+    )
 
 
 def flooding(sent: Iterator[int], count: int, deadline: float, min_end: float) -> bool:
@@ -401,8 +431,9 @@ async def flood_scorecards(target: Target, args: argparse.Namespace, phase: Phas
             body = json.dumps({"type": "accuracy", "scorecard": card}).encode()
 
             async def post() -> str:
-                label, response = await answer(http.post(url, content=body,
-                                                          headers={"Content-Type": "application/json"}))
+                label, response = await answer(
+                    http.post(url, content=body, headers={"Content-Type": "application/json"})
+                )
                 if response is not None:
                     first_refusal(phase, label, response.text)
                 return label
@@ -410,8 +441,12 @@ async def flood_scorecards(target: Target, args: argparse.Namespace, phase: Phas
         else:
             for _ in range(2):
                 sessions.append(await LeanSession(target.mcp_url, target.keys["operator"]).__aenter__())
-            call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
-                    "params": {"name": "create_evaluation", "arguments": {"type": "accuracy", "scorecard": card}}}
+            call = {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "tools/call",
+                "params": {"name": "create_evaluation", "arguments": {"type": "accuracy", "scorecard": card}},
+            }
             body = json.dumps(call).encode()
             turn = itertools.cycle(sessions)
 
@@ -435,9 +470,11 @@ async def flood_scorecards(target: Target, args: argparse.Namespace, phase: Phas
             for session in sessions:
                 await session.__aexit__(None, None, None)
     if seconds:
-        phase.notes.append(f"{len(seconds)} requests with a {len(card.encode()) / 1024:.0f} KiB card "
-                           f"({card.count('- {name')} scores), answered in {min(seconds):.1f} to "
-                           f"{max(seconds):.1f} s each")
+        phase.notes.append(
+            f"{len(seconds)} requests with a {len(card.encode()) / 1024:.0f} KiB card "
+            f"({card.count('- {name')} scores), answered in {min(seconds):.1f} to "
+            f"{max(seconds):.1f} s each"
+        )
 
 
 async def flood_slow(target: Target, args: argparse.Namespace, phase: Phase) -> None:
@@ -526,8 +563,10 @@ async def flood_bigfiles(target: Target, args: argparse.Namespace, phase: Phase)
         await asyncio.gather(*(worker() for _ in range(4)))
     shown = ", ".join(f"{kind} {max(s) / 2**20:.1f} MiB (x{len(s)})" for kind, s in sizes.items() if s)
     phase.notes.append(f"file {name}: {args.big_mb} MB, one line; answers: {shown or 'none'}")
-    phase.notes.append(f"server RSS {rss_before:.0f} MiB before, {server_memory_mib(target.pid):.0f} MiB after, "
-                       f"peak so far {server_memory_mib(target.pid, peak=True):.0f} MiB")
+    phase.notes.append(
+        f"server RSS {rss_before:.0f} MiB before, {server_memory_mib(target.pid):.0f} MiB after, "
+        f"peak so far {server_memory_mib(target.pid, peak=True):.0f} MiB"
+    )
 
 
 def write_big_file(path: Path, megabytes: int) -> None:
@@ -621,30 +660,46 @@ class Figures:
         ms = [1000 * s[1] for s in inside]
         outcomes = Counter(s[2] for s in inside)
         other = Counter({k: v for k, v in outcomes.items() if k not in ("200", "timeout", "error")})
-        answered = [phase.start, *sorted(t + seconds for t, seconds, outcome in inside
-                                         if outcome not in ("timeout", "error")), phase.end]
+        answered = [
+            phase.start,
+            *sorted(t + seconds for t, seconds, outcome in inside if outcome not in ("timeout", "error")),
+            phase.end,
+        ]
         median = statistics.median(ms) if ms else float("nan")
-        return cls(len(ms), median, quantile(ms, 0.99), max(ms, default=float("nan")), outcomes["timeout"],
-                   outcomes["error"], other, max(b - a for a, b in itertools.pairwise(answered)))
+        return cls(
+            len(ms),
+            median,
+            quantile(ms, 0.99),
+            max(ms, default=float("nan")),
+            outcomes["timeout"],
+            outcomes["error"],
+            other,
+            max(b - a for a, b in itertools.pairwise(answered)),
+        )
 
 
 def counts(counter: Counter[str]) -> str:
     return ", ".join(f"{label} x{n}" for label, n in counter.most_common()) or "-"
 
 
-def report(target: Target, args: argparse.Namespace, phases: list[Phase], kept: list[Sample],
-           fresh: list[Sample]) -> bool:
+def report(
+    target: Target, args: argparse.Namespace, phases: list[Phase], kept: list[Sample], fresh: list[Sample]
+) -> bool:
     """Print the table and the verdicts; returns whether every flood met the goal."""
     pin = f"pinned to CPU {_common.SERVER_CPU}" if _common.pinned() else "not pinned"
     server = "jupyter server" if target.kind == "jupyter" else "plexus mcp serve --transport http"
     fds = args.server_fds or "inherited"
-    print(f"\n{server} (extension on SQLite, {pin}, soft limit on open files {fds}); keys at {args.key_rate:g} "
-          f"req/s; GET {target.health_path} every {args.probe_ms:g} ms kept alive and every {args.fresh_ms:g} ms "
-          f"on a new connection, timeout {args.probe_timeout:g} s; load average {args.load:.1f} at the start "
-          f"({os.cpu_count()} CPUs)")
-    print(f"{'phase':<11} {'secs':>5} | {'probes':>6} {'p50 ms':>7} {'p99 ms':>8} {'max ms':>8} {'t/o':>4} "
-          f"{'err':>4} {'stall s':>7} {'p99/idle':>8} | {'new-conn p99':>12} {'fails':>5} {'x idle':>6} | "
-          f"{'srv CPU':>7} {'RSS MiB':>7} {'peak':>6} | answers")
+    print(
+        f"\n{server} (extension on SQLite, {pin}, soft limit on open files {fds}); keys at {args.key_rate:g} "
+        f"req/s; GET {target.health_path} every {args.probe_ms:g} ms kept alive and every {args.fresh_ms:g} ms "
+        f"on a new connection, timeout {args.probe_timeout:g} s; load average {args.load:.1f} at the start "
+        f"({os.cpu_count()} CPUs)"
+    )
+    print(
+        f"{'phase':<11} {'secs':>5} | {'probes':>6} {'p50 ms':>7} {'p99 ms':>8} {'max ms':>8} {'t/o':>4} "
+        f"{'err':>4} {'stall s':>7} {'p99/idle':>8} | {'new-conn p99':>12} {'fails':>5} {'x idle':>6} | "
+        f"{'srv CPU':>7} {'RSS MiB':>7} {'peak':>6} | answers"
+    )
     idle = phases[0]
     idle_kept, idle_fresh = Figures.of(kept, idle), Figures.of(fresh, idle)
     verdicts: list[tuple[str, float, float]] = []
@@ -653,23 +708,29 @@ def report(target: Target, args: argparse.Namespace, phases: list[Phase], kept: 
         ratio, fresh_ratio = k.p99 / idle_kept.p99, f.p99 / idle_fresh.p99
         if phase.name in FLOODS:
             verdicts.append((phase.name, ratio, fresh_ratio))
-        print(f"{phase.name:<11} {phase.end - phase.start:>5.1f} | {k.count:>6} {k.p50:>7.2f} {k.p99:>8.2f} "
-              f"{k.max:>8.1f} {k.timeouts:>4} {k.errors:>4} {k.stall:>7.2f} {ratio:>8.1f} | {f.p99:>12.2f} "
-              f"{f.timeouts + f.errors:>5} {fresh_ratio:>6.1f} | {phase.cpu_s:>6.1f}s {phase.rss_mib:>7.0f} "
-              f"{phase.peak_mib:>6.0f} | {counts(phase.answers)}")
+        print(
+            f"{phase.name:<11} {phase.end - phase.start:>5.1f} | {k.count:>6} {k.p50:>7.2f} {k.p99:>8.2f} "
+            f"{k.max:>8.1f} {k.timeouts:>4} {k.errors:>4} {k.stall:>7.2f} {ratio:>8.1f} | {f.p99:>12.2f} "
+            f"{f.timeouts + f.errors:>5} {fresh_ratio:>6.1f} | {phase.cpu_s:>6.1f}s {phase.rss_mib:>7.0f} "
+            f"{phase.peak_mib:>6.0f} | {counts(phase.answers)}"
+        )
         for probe, figures in (("kept-alive", k), ("new-connection", f)):
             if figures.other:
                 print(f"{'':<11}   health itself answered ({probe}): {counts(figures.other)}")
         for note in phase.notes:
             print(f"{'':<11}   {note}")
     met = True
-    print(f"goal: health p99 during a flood <= {GOAL:g} x idle p99 (idle: kept-alive {idle_kept.p99:.2f} ms, "
-          f"new connection {idle_fresh.p99:.2f} ms)")
+    print(
+        f"goal: health p99 during a flood <= {GOAL:g} x idle p99 (idle: kept-alive {idle_kept.p99:.2f} ms, "
+        f"new connection {idle_fresh.p99:.2f} ms)"
+    )
     for name, ratio, fresh_ratio in verdicts:
         ok = ratio <= GOAL and fresh_ratio <= GOAL
         met &= ok
-        print(f"  {name:<11} {'PASS' if ok else 'FAIL'}  kept-alive p99 {ratio:.1f}x idle, new connection p99 "
-              f"{fresh_ratio:.1f}x idle")
+        print(
+            f"  {name:<11} {'PASS' if ok else 'FAIL'}  kept-alive p99 {ratio:.1f}x idle, new connection p99 "
+            f"{fresh_ratio:.1f}x idle"
+        )
     return met
 
 
@@ -680,25 +741,39 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help=f"comma-separated floods to run, of {', '.join(FLOODS)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="smaller counts and shorter phases (about a minute)")
-    parser.add_argument("--standalone", action="store_true",
-                        help="run against `plexus mcp serve --transport http` (floods: sessions, scorecards, slow)")
+    parser.add_argument(
+        "--standalone",
+        action="store_true",
+        help="run against `plexus mcp serve --transport http` (floods: sessions, scorecards, slow)",
+    )
     parser.add_argument("--port", type=int, help="the server's port (default: a free one)")
     parser.add_argument("--idle-s", type=float, default=10.0, help="seconds of the idle phase")
     parser.add_argument("--flood-s", type=float, default=30.0, help="most seconds a flood sends for")
-    parser.add_argument("--min-flood-s", type=float, default=5.0,
-                        help="least seconds the sessions, scorecards and bigfiles floods go on for: they repeat their "
-                        "requests until then, so that a flood the server refuses quickly still meets enough probes")
+    parser.add_argument(
+        "--min-flood-s",
+        type=float,
+        default=5.0,
+        help="least seconds the sessions, scorecards and bigfiles floods go on for: they repeat their "
+        "requests until then, so that a flood the server refuses quickly still meets enough probes",
+    )
     parser.add_argument("--sessions", type=int, default=800, help="MCP sessions the viewer key opens")
     parser.add_argument("--session-concurrency", type=int, default=8)
     parser.add_argument("--scorecards", type=int, default=6, help="create_evaluation requests, two at a time")
     parser.add_argument("--card-kib", type=int, default=1024, help="size of the inline scorecard (just under it)")
     parser.add_argument("--slow", type=int, default=3000, help="slow connections (capped below the fd limit)")
     parser.add_argument("--slow-hold-s", type=float, default=15.0, help="seconds the slow connections are held")
-    parser.add_argument("--slow-from", default="127.0.0.2",
-                        help="loopback address the slow connections come from: not the probes' 127.0.0.1, so that a "
-                        "cap per address tells the flood from everyone else, as on a network")
-    parser.add_argument("--server-fds", type=int, default=1024,
-                        help="soft limit on the server's open files, set once it is up (0: keep the inherited one)")
+    parser.add_argument(
+        "--slow-from",
+        default="127.0.0.2",
+        help="loopback address the slow connections come from: not the probes' 127.0.0.1, so that a "
+        "cap per address tells the flood from everyone else, as on a network",
+    )
+    parser.add_argument(
+        "--server-fds",
+        type=int,
+        default=1024,
+        help="soft limit on the server's open files, set once it is up (0: keep the inherited one)",
+    )
     parser.add_argument("--big-mb", type=int, default=50, help="size of the one-line file (the issue used 200)")
     parser.add_argument("--big-requests", type=int, default=8, help="dataset GETs (listing and describe), 4 at once")
     parser.add_argument("--key-rate", type=float, default=10_000, help="requests/s of the keys (the key's limit)")

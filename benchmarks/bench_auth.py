@@ -82,16 +82,20 @@ async def main() -> None:
                 sdk[name].append(await sdk_round(url, credentials[name], pid, task_id, args.calls, args.warmup))
                 lean[name].append(await lean_round(url, credentials[name], task_id, args.calls, args.warmup))
 
-    print(f"tools/call on one Jupyter server: {args.calls} sequential calls per tool, median of {args.rounds} "
-          "alternating rounds")
+    print(
+        f"tools/call on one Jupyter server: {args.calls} sequential calls per tool, median of {args.rounds} "
+        "alternating rounds"
+    )
     header = ("client", "tool", "credential", "calls/s", "p50 ms", "p99 ms", "srv CPU us")
     print("{:<6} {:<11} {:<14} {:>8} {:>7} {:>7} {:>10}".format(*header))
     for label, runs in (("sdk", sdk), ("lean", lean)):
         for tool in TOOLS:
             for name in names:
                 cpu = f"{med(runs[name], tool, 'server_cpu_us'):>10.0f}" if label == "sdk" else f"{'':>10}"
-                print(f"{label:<6} {tool:<11} {name:<14} {med(runs[name], tool, 'calls_per_s'):>8.0f} "
-                      f"{med(runs[name], tool, 'p50_ms'):>7.2f} {med(runs[name], tool, 'p99_ms'):>7.2f} {cpu}")
+                print(
+                    f"{label:<6} {tool:<11} {name:<14} {med(runs[name], tool, 'calls_per_s'):>8.0f} "
+                    f"{med(runs[name], tool, 'p50_ms'):>7.2f} {med(runs[name], tool, 'p99_ms'):>7.2f} {cpu}"
+                )
     print("ratios key / token (throughput: goal >= 0.90; p50 and server CPU/call: lower is better)")
     failed = False
     for name in names[1:]:
@@ -101,10 +105,15 @@ async def main() -> None:
             p50_ratio = med(sdk[name], tool, "p50_ms") / med(sdk[names[0]], tool, "p50_ms")
             cpu_ratio = med(sdk[name], tool, "server_cpu_us") / med(sdk[names[0]], tool, "server_cpu_us")
             failed |= name == "admin key" and min(sdk_ratio, lean_ratio) < 0.9
-            print(f"  {name:<13} {tool:<11} sdk throughput {sdk_ratio:.2f}  lean throughput {lean_ratio:.2f}  "
-                  f"sdk p50 {p50_ratio:.2f}  server CPU/call {cpu_ratio:.2f}")
-    print("in-process cost of a key per request (us): " + ", ".join(f"{k} {v:.1f}" for k, v in micro.items())
-          + f", total {sum(micro.values()):.1f}")
+            print(
+                f"  {name:<13} {tool:<11} sdk throughput {sdk_ratio:.2f}  lean throughput {lean_ratio:.2f}  "
+                f"sdk p50 {p50_ratio:.2f}  server CPU/call {cpu_ratio:.2f}"
+            )
+    print(
+        "in-process cost of a key per request (us): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in micro.items())
+        + f", total {sum(micro.values()):.1f}"
+    )
     print("goal (admin key >= 0.90 x token):", "NOT MET" if failed else "met")
 
 

@@ -60,8 +60,9 @@ def raw_metrics(path: Path) -> tuple[float, float]:
     """(accuracy, seconds): read the two columns with pyarrow.csv, then compute_metrics (every metric)."""
     t0 = time.perf_counter()
     table = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(include_columns=["label", "prediction"]))
-    metrics = compute_metrics(table["label"].to_numpy(zero_copy_only=False),
-                              table["prediction"].to_numpy(zero_copy_only=False))
+    metrics = compute_metrics(
+        table["label"].to_numpy(zero_copy_only=False), table["prediction"].to_numpy(zero_copy_only=False)
+    )
     return metrics.accuracy, time.perf_counter() - t0
 
 
@@ -78,8 +79,10 @@ def disk_bytes(*paths: Path) -> int:
 async def evaluate(session: Any, dataset: str) -> tuple[dict[str, Any], float]:
     """(the final evaluation, seconds from create_evaluation to seeing it final)."""
     t0 = time.perf_counter()
-    made = await session.call_tool("create_evaluation", {"type": "accuracy", "dataset": dataset,
-                                                         "label_column": "label", "prediction_column": "prediction"})
+    made = await session.call_tool(
+        "create_evaluation",
+        {"type": "accuracy", "dataset": dataset, "label_column": "label", "prediction_column": "prediction"},
+    )
     if made.is_error:
         raise RuntimeError(made.content[0].text)
     evaluation_id = made.structured_content["evaluation_id"]
@@ -107,8 +110,9 @@ async def page_latencies(session: Any, evaluation_id: str, pages: int) -> list[f
     for _ in range(pages):
         t0 = time.perf_counter()
         arguments = {"evaluation_id": evaluation_id, "only_mismatches": True, "limit": 50}
-        page = (await session.call_tool("get_evaluation_results", arguments | ({"cursor": cursor} if cursor else {})
-                                        )).structured_content
+        page = (
+            await session.call_tool("get_evaluation_results", arguments | ({"cursor": cursor} if cursor else {}))
+        ).structured_content
         out.append(time.perf_counter() - t0)
         cursor = page["next_cursor"]
         if not cursor:
@@ -160,8 +164,10 @@ async def main() -> None:
     per_item = statistics.median(grown) / rows
     print(f"store growth: {statistics.median(grown) / 2**20:.1f} MiB, {per_item:.1f} bytes/item   (goal <= 16)")
     if latencies:
-        print(f"get_evaluation_results(only_mismatches) p50 {statistics.median(latencies) * 1000:.1f} ms over "
-              f"{len(latencies)} pages")
+        print(
+            f"get_evaluation_results(only_mismatches) p50 {statistics.median(latencies) * 1000:.1f} ms over "
+            f"{len(latencies)} pages"
+        )
 
 
 if __name__ == "__main__":

@@ -68,8 +68,11 @@ async def mcp_round(url: str, pid: int, n: int, sessions: int) -> dict[str, floa
     dispatched = time.perf_counter() - t0
     await wait_completed(url, before + n)
     elapsed = time.perf_counter() - t0
-    return {"tasks_per_s": n / elapsed, "dispatch_per_s": n / dispatched,
-            "cpu_ms_per_task": 1000 * (cpu_seconds(pid) - cpu0) / n}
+    return {
+        "tasks_per_s": n / elapsed,
+        "dispatch_per_s": n / dispatched,
+        "cpu_ms_per_task": 1000 * (cpu_seconds(pid) - cpu0) / n,
+    }
 
 
 def pool_rate(n: int) -> float:
@@ -87,9 +90,12 @@ def dask_rate(n: int) -> float | None:
         from distributed import Client, LocalCluster
     except ImportError:
         return None
-    with (LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                       silence_logs=logging.CRITICAL) as cluster,
-          Client(cluster) as c):
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.CRITICAL
+        ) as cluster,
+        Client(cluster) as c,
+    ):
         return submit_rate(c, n)
 
 
@@ -103,12 +109,23 @@ def fill_store(db_file: Path, count: int) -> None:
     rng = random.Random(12)
     start = time.time() - count
     statuses = ["COMPLETED"] * 90 + ["FAILED"] * 7 + ["CANCELLED"] * 3
-    rows = [{"id": str(uuid.UUID(int=rng.getrandbits(128))), "type": "demo", "status": rng.choice(statuses),
-             "priority": 0, "owner": None, "params": {"items": 1}, "description": "stored", "created_at": start + i,
-             "cancel_requested": False} for i in range(count)]
+    rows = [
+        {
+            "id": str(uuid.UUID(int=rng.getrandbits(128))),
+            "type": "demo",
+            "status": rng.choice(statuses),
+            "priority": 0,
+            "owner": None,
+            "params": {"items": 1},
+            "description": "stored",
+            "created_at": start + i,
+            "cancel_requested": False,
+        }
+        for i in range(count)
+    ]
     with store.engine.begin() as conn:
         for i in range(0, count, 10_000):
-            conn.execute(sa.insert(tasks_table), rows[i:i + 10_000])
+            conn.execute(sa.insert(tasks_table), rows[i : i + 10_000])
     store.close()
 
 
@@ -152,9 +169,12 @@ async def main() -> None:
 
     print(f"{n} trivial tasks (run_demo_task items=1 item_delay_ms=0), end to end until all COMPLETED")
     print(f"{'path':<38} {'tasks/s':>8} {'dispatch/s':>10} {'server CPU ms/task':>18}")
-    rounds = (("MCP one by one", one), ("MCP dispatch_batch", batch),
-              (f"MCP, {args.sessions} concurrent sessions", concurrent),
-              ("core batch (TaskManager, in-process)", core))
+    rounds = (
+        ("MCP one by one", one),
+        ("MCP dispatch_batch", batch),
+        (f"MCP, {args.sessions} concurrent sessions", concurrent),
+        ("core batch (TaskManager, in-process)", core),
+    )
     for label, r in rounds:
         print(f"{label:<38} {r['tasks_per_s']:>8.0f} {r['dispatch_per_s']:>10.0f} {r['cpu_ms_per_task']:>18.2f}")
     print(f"{'ProcessPoolExecutor(2), submit':<38} {pool:>8.0f}")
@@ -162,8 +182,10 @@ async def main() -> None:
         print("Dask LocalCluster: skipped (pip install 'distributed>=2024.1', the bench extra)")
     else:
         print(f"{'Dask LocalCluster(2 procs), submit':<38} {dask:>8.0f}")
-    print(f"list_tasks status=FAILED limit=20 at {args.stored:,} stored tasks: p50 {listing['p50_ms']:.2f} ms, "
-          f"p99 {listing['p99_ms']:.2f} ms")
+    print(
+        f"list_tasks status=FAILED limit=20 at {args.stored:,} stored tasks: p50 {listing['p50_ms']:.2f} ms, "
+        f"p99 {listing['p99_ms']:.2f} ms"
+    )
 
 
 if __name__ == "__main__":

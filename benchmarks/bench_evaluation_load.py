@@ -447,8 +447,12 @@ def breakdown(body: bytes, write_rows: int, write_rounds: int) -> None:
         registered = work / "registered"
         registered.mkdir()
         (registered / "big.parquet").write_bytes(body)
-        env = {"db_url": store.url, "root_dir": str(work), "registered_dir": str(registered),
-               "items_dir": str(work / "items")}
+        env = {
+            "db_url": store.url,
+            "root_dir": str(work),
+            "registered_dir": str(registered),
+            "items_dir": str(work / "items"),
+        }
         marks: list[tuple[str, float]] = []
         ctx = TaskContext(
             "bench",

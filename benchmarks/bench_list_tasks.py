@@ -48,14 +48,32 @@ def fill(store: Store, n: int) -> None:
             task_id = f"{i:08d}-task"
             status = statuses[i]
             done = status not in ("QUEUED", "RUNNING")
-            tasks.append({"id": task_id, "type": "demo", "status": status, "priority": rng.choice((0, 0, 0, 5)),
-                          "owner": rng.choice(("jupyter", "key:a", "key:b")), "params": {"items": 10},
-                          "created_at": start + i, "started_at": start + i + 0.1 if status != "QUEUED" else None,
-                          "completed_at": start + i + 1 if done else None, "cancel_requested": False})
+            tasks.append(
+                {
+                    "id": task_id,
+                    "type": "demo",
+                    "status": status,
+                    "priority": rng.choice((0, 0, 0, 5)),
+                    "owner": rng.choice(("jupyter", "key:a", "key:b")),
+                    "params": {"items": 10},
+                    "created_at": start + i,
+                    "started_at": start + i + 0.1 if status != "QUEUED" else None,
+                    "completed_at": start + i + 1 if done else None,
+                    "cancel_requested": False,
+                }
+            )
             if status != "QUEUED":
                 for order, name in enumerate(("Setup", "Processing", "Finalizing")):
-                    stages.append({"task_id": task_id, "stage_order": order, "name": name, "status": "COMPLETED",
-                                   "total_items": 10, "processed_items": 10})
+                    stages.append(
+                        {
+                            "task_id": task_id,
+                            "stage_order": order,
+                            "name": name,
+                            "status": "COMPLETED",
+                            "total_items": 10,
+                            "processed_items": 10,
+                        }
+                    )
         with store.engine.begin() as conn:
             conn.execute(sa.insert(tasks_table), tasks)
             conn.execute(sa.insert(stages_table), stages)

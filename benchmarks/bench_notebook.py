@@ -77,8 +77,11 @@ async def main() -> None:
     with tempdir() as tmp, jupyter_server(Path(tmp)) as (mcp_url, _pid):
         base = mcp_url.removesuffix("plexus/mcp")
         env = {k: v for k, v in os.environ.items() if not k.startswith("PLEXUS_MCP_")}
-        env.update(PLEXUS_MCP_URL=base, PLEXUS_MCP_TOKEN=TOKEN,
-                   PYTHONPATH=os.pathsep.join(p for p in (CHECKOUT, os.environ.get("PYTHONPATH")) if p))
+        env.update(
+            PLEXUS_MCP_URL=base,
+            PLEXUS_MCP_TOKEN=TOKEN,
+            PYTHONPATH=os.pathsep.join(p for p in (CHECKOUT, os.environ.get("PYTHONPATH")) if p),
+        )
         km = AsyncKernelManager(kernel_name="python3")
         await km.start_kernel(env=env)
         kc = km.client()
@@ -88,16 +91,23 @@ async def main() -> None:
             await run_cell(kc, "from plexus_mcp_jupyter import plexus; plexus.tasks(limit=1)")  # connect, warm up
             every: list[float] = []
             for i in range(args.runs):
-                out = json.loads((await run_cell(kc, CELL.format(items=args.items, delay=args.item_delay_ms)))
-                                 .strip().splitlines()[-1])
+                out = json.loads(
+                    (await run_cell(kc, CELL.format(items=args.items, delay=args.item_delay_ms)))
+                    .strip()
+                    .splitlines()[-1]
+                )
                 lat = [x * 1000 for x in out["latencies"]]
                 every += lat
-                print(f"run {i + 1}: {out['status']}, {len(lat)} widget updates in {out['wall']:.1f} s, "
-                      f"latency p50 {statistics.median(lat):.1f} ms, p99 {pct(lat, 0.99):.1f} ms, "
-                      f"max {max(lat):.1f} ms; kernel CPU {out['cpu']:.2f} s = {100 * out['cpu'] / out['wall']:.1f}% "
-                      "of one core")
-            print(f"all: {len(every)} updates, p50 {statistics.median(every):.1f} ms, "
-                  f"p99 {pct(every, 0.99):.1f} ms (goal < 100 ms)")
+                print(
+                    f"run {i + 1}: {out['status']}, {len(lat)} widget updates in {out['wall']:.1f} s, "
+                    f"latency p50 {statistics.median(lat):.1f} ms, p99 {pct(lat, 0.99):.1f} ms, "
+                    f"max {max(lat):.1f} ms; kernel CPU {out['cpu']:.2f} s = {100 * out['cpu'] / out['wall']:.1f}% "
+                    "of one core"
+                )
+            print(
+                f"all: {len(every)} updates, p50 {statistics.median(every):.1f} ms, "
+                f"p99 {pct(every, 0.99):.1f} ms (goal < 100 ms)"
+            )
         finally:
             kc.stop_channels()
             await km.shutdown_kernel(now=True)

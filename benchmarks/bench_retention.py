@@ -51,13 +51,20 @@ async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "plexus.db"
         store = Store(f"sqlite:///{path}")
-        manager = TaskManager(store, EventBus(), LocalExecutor(), max_concurrency=os.cpu_count() or 2,
-                              progress_write_interval=0.05, poll_interval=0.2)
-        manager.configure_retention(RetentionPolicy(default_seconds=args.retention), interval=args.interval,
-                                    batch=500)
+        manager = TaskManager(
+            store,
+            EventBus(),
+            LocalExecutor(),
+            max_concurrency=os.cpu_count() or 2,
+            progress_write_interval=0.05,
+            poll_interval=0.2,
+        )
+        manager.configure_retention(RetentionPolicy(default_seconds=args.retention), interval=args.interval, batch=500)
         await manager.start()
-        print(f"{'t (s)':>6} {'dispatched':>10} {'finished':>8} {'unfinished':>10} {'samples':>8} "
-              f"{'tombstones':>10} {'db KB':>7} {'wal KB':>7}")
+        print(
+            f"{'t (s)':>6} {'dispatched':>10} {'finished':>8} {'unfinished':>10} {'samples':>8} "
+            f"{'tombstones':>10} {'db KB':>7} {'wal KB':>7}"
+        )
         begin = time.monotonic()
         dispatched = 0
         next_print = 0.0

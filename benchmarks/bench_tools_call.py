@@ -114,8 +114,9 @@ async def our_results(url: str, token: str | None, task_id: str) -> dict[str, An
         return out
 
 
-async def timed_calls(url: str, token: str | None, pid: int, plan: Plan, calls: int, warmup: int,
-                      mode: str = "legacy") -> dict:
+async def timed_calls(
+    url: str, token: str | None, pid: int, plan: Plan, calls: int, warmup: int, mode: str = "legacy"
+) -> dict:
     """Each row of `plan` called `calls` times by one SDK client (after `warmup` calls): latency figures and the
     server's CPU per call."""
     out = {}
@@ -162,8 +163,9 @@ async def lean_round(url: str, token: str | None, task_id: str, calls: int, warm
 def bare_peer(results_file: Path):
     """The bare SDK server (benchmarks/_bare_sdk_peer.py); yields (URL, pid)."""
     port = free_port()
-    with started([str(HERE / "_bare_sdk_peer.py"), str(port), str(results_file)],
-                 f"http://127.0.0.1:{port}/mcp") as pid:
+    with started(
+        [str(HERE / "_bare_sdk_peer.py"), str(port), str(results_file)], f"http://127.0.0.1:{port}/mcp"
+    ) as pid:
         yield f"http://127.0.0.1:{port}/mcp", pid
 
 
@@ -176,9 +178,24 @@ def datalayer_peer(workdir: Path, python: str):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing of ours on its path
     env.update(JUPYTER_DATA_DIR=str(workdir / "dl-data"), JUPYTER_RUNTIME_DIR=str(workdir / "dl-run"))
     proc = subprocess.Popen(
-        [*pinned(), python, "-m", "jupyter", "server", f"--port={port}", "--no-browser", "--allow-root",
-         f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={root}", "--ServerApp.log_level=WARN"],
-        env=env, cwd=root, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            *pinned(),
+            python,
+            "-m",
+            "jupyter",
+            "server",
+            f"--port={port}",
+            "--no-browser",
+            "--allow-root",
+            f"--IdentityProvider.token={TOKEN}",
+            f"--ServerApp.root_dir={root}",
+            "--ServerApp.log_level=WARN",
+        ],
+        env=env,
+        cwd=root,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     with serving(proc, f"http://127.0.0.1:{port}/mcp/healthz"):
         yield f"http://127.0.0.1:{port}/mcp", proc.pid
@@ -187,7 +204,8 @@ def datalayer_peer(workdir: Path, python: str):
 async def measure(target: Target, calls: int, warmup: int) -> None:
     for era in target.eras:
         target.sdk.setdefault(era, []).append(
-            await timed_calls(target.url, target.token, target.pid, target.plan, calls, warmup, ERAS[era]))
+            await timed_calls(target.url, target.token, target.pid, target.plan, calls, warmup, ERAS[era])
+        )
     target.lean.append(await lean_calls(target.url, target.token, target.plan, calls, warmup))
 
 
@@ -196,24 +214,32 @@ def load() -> str:
 
 
 def report(targets: list[Target], args: argparse.Namespace, load_before: str) -> None:
-    print(f"tools/call: {args.calls} sequential calls per tool, median of {args.rounds} rounds in rotating order; "
-          f"load average (1, 5, 15 min) before {load_before}, after {load()}")
+    print(
+        f"tools/call: {args.calls} sequential calls per tool, median of {args.rounds} rounds in rotating order; "
+        f"load average (1, 5, 15 min) before {load_before}, after {load()}"
+    )
     width = max(len(t.label) for t in targets)
-    print(f"{'client':<6} {'era':<10} {'tool':<11} {'server':<{width}} {'calls/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
-          f"{'srv CPU us':>10}")
+    print(
+        f"{'client':<6} {'era':<10} {'tool':<11} {'server':<{width}} {'calls/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'srv CPU us':>10}"
+    )
     for era in ERAS:
         for tool in TOOLS:
             for t in targets:
                 if era in t.eras:
                     runs = t.sdk[era]
-                    print(f"{'sdk':<6} {era:<10} {tool:<11} {t.label:<{width}} {med(runs, tool, 'calls_per_s'):>8.0f} "
-                          f"{med(runs, tool, 'p50_ms'):>7.2f} {med(runs, tool, 'p99_ms'):>7.2f} "
-                          f"{med(runs, tool, 'server_cpu_us'):>10.0f}")
+                    print(
+                        f"{'sdk':<6} {era:<10} {tool:<11} {t.label:<{width}} {med(runs, tool, 'calls_per_s'):>8.0f} "
+                        f"{med(runs, tool, 'p50_ms'):>7.2f} {med(runs, tool, 'p99_ms'):>7.2f} "
+                        f"{med(runs, tool, 'server_cpu_us'):>10.0f}"
+                    )
     for tool in TOOLS:
         for t in targets:
-            print(f"{'lean':<6} {'2025-11-25':<10} {tool:<11} {t.label:<{width}} "
-                  f"{med(t.lean, tool, 'calls_per_s'):>8.0f} {med(t.lean, tool, 'p50_ms'):>7.2f} "
-                  f"{med(t.lean, tool, 'p99_ms'):>7.2f}")
+            print(
+                f"{'lean':<6} {'2025-11-25':<10} {tool:<11} {t.label:<{width}} "
+                f"{med(t.lean, tool, 'calls_per_s'):>8.0f} {med(t.lean, tool, 'p50_ms'):>7.2f} "
+                f"{med(t.lean, tool, 'p99_ms'):>7.2f}"
+            )
     ours, peers = targets[0], targets[1:]
     print("ratios ours / peer (throughput: higher is better; server CPU per call: lower is better)")
     for peer in peers:
@@ -226,8 +252,10 @@ def report(targets: list[Target], args: argparse.Namespace, load_before: str) ->
                 cpu = med(ours.sdk[era], tool, "server_cpu_us") / med(peer.sdk[era], tool, "server_cpu_us")
                 lean_ratio = med(ours.lean, tool, "calls_per_s") / med(peer.lean, tool, "calls_per_s")
                 lean = f"  lean throughput {lean_ratio:.2f}" if era == "2025-11-25" else ""
-                print(f"  {peer.label:<{width}} {era} {tool:<11} sdk throughput {throughput:.2f}  "
-                      f"server CPU/call {cpu:.2f}{lean}")
+                print(
+                    f"  {peer.label:<{width}} {era} {tool:<11} sdk throughput {throughput:.2f}  "
+                    f"server CPU/call {cpu:.2f}{lean}"
+                )
 
 
 async def main() -> None:
@@ -235,18 +263,24 @@ async def main() -> None:
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--peers", default="bare,datalayer",
-                        help=f"comma-separated, from {', '.join(PEERS)} (default: bare,datalayer)")
-    parser.add_argument("--datalayer-python", default="/tmp/venv-datalayer/bin/python",
-                        help="the python of the venv jupyter-mcp-server is installed in")
+    parser.add_argument(
+        "--peers", default="bare,datalayer", help=f"comma-separated, from {', '.join(PEERS)} (default: bare,datalayer)"
+    )
+    parser.add_argument(
+        "--datalayer-python",
+        default="/tmp/venv-datalayer/bin/python",
+        help="the python of the venv jupyter-mcp-server is installed in",
+    )
     args = parser.parse_args()
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     if unknown := set(peers) - set(PEERS):
         parser.error(f"unknown peer(s) {', '.join(sorted(unknown))}; choose from {', '.join(PEERS)}")
     if "datalayer" in peers and not Path(args.datalayer_python).exists():
-        parser.error(f"no {args.datalayer_python}: install datalayer's extension in a venv of its own "
-                     "(python3 -m venv /tmp/venv-datalayer && /tmp/venv-datalayer/bin/pip install jupyter-mcp-server) "
-                     "or leave 'datalayer' out of --peers")
+        parser.error(
+            f"no {args.datalayer_python}: install datalayer's extension in a venv of its own "
+            "(python3 -m venv /tmp/venv-datalayer && /tmp/venv-datalayer/bin/pip install jupyter-mcp-server) "
+            "or leave 'datalayer' out of --peers"
+        )
     pin_client()
     load_before = load()
     with tempdir() as tmp, ExitStack() as stack:
@@ -265,8 +299,11 @@ async def main() -> None:
                 targets.append(Target(peer, p_url, None, p_pid, plan_for(await seed(p_url, None))))
             else:
                 p_url, p_pid = stack.enter_context(datalayer_peer(workdir, args.datalayer_python))
-                targets.append(Target(peer, p_url, TOKEN, p_pid, {tool: (DATALAYER_TOOL, {}) for tool in TOOLS},
-                                      eras=("2025-11-25",)))
+                targets.append(
+                    Target(
+                        peer, p_url, TOKEN, p_pid, {tool: (DATALAYER_TOOL, {}) for tool in TOOLS}, eras=("2025-11-25",)
+                    )
+                )
         for round_no in range(args.rounds):
             shift = round_no % len(targets)
             for target in targets[shift:] + targets[:shift]:

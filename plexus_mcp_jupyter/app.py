@@ -97,24 +97,27 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
                 self._unavailable("the Dask scheduler could not be reached (dask_fallback=refuse)", str(exc))
             except (StoreRefused, sa.exc.SQLAlchemyError) as exc:
                 # A store migrated by a newer release or being migrated, or a database that cannot be reached.
-                self._unavailable("the store could not be opened or migrated",
-                                  str(store_unavailable(exc) or exc).splitlines()[0])
+                self._unavailable(
+                    "the store could not be opened or migrated", str(store_unavailable(exc) or exc).splitlines()[0]
+                )
         if runtime is None:
             # The endpoint does not half-exist: every Plexus route answers 503 with this (docs/architecture.md).
             logging.getLogger("plexus_mcp_jupyter").error(
-                "Plexus MCP is not served: %s. Fix the setting and restart the server.",
-                "; ".join(self.config_problems))
+                "Plexus MCP is not served: %s. Fix the setting and restart the server.", "; ".join(self.config_problems)
+            )
             return
         self.runtime = runtime
         self.settings["plexus"] = self.runtime
         identity_provider = self.serverapp.identity_provider
         # Jupyter's startup lines ("is running at: http://...?token=...") are the URL its user logs in with.
-        self.runtime.protect_secret(identity_provider.token, loggers=(self.serverapp.log.name,),
-                                    exempt_files=(serverapp_module.__file__,))
+        self.runtime.protect_secret(
+            identity_provider.token, loggers=(self.serverapp.log.name,), exempt_files=(serverapp_module.__file__,)
+        )
         if not identity_provider.auth_enabled:
             self.log.warning("Plexus MCP: %s", AUTH_DISABLED_WARNING)
-        self.log.info("Plexus MCP endpoint at %splexus/mcp (store: %s)", self.serverapp.base_url,
-                      self.runtime.store.safe_url)
+        self.log.info(
+            "Plexus MCP endpoint at %splexus/mcp (store: %s)", self.serverapp.base_url, self.runtime.store.safe_url
+        )
         self.connection_file = write_connection_file(self.serverapp)
 
     def initialize_handlers(self) -> None:
@@ -141,8 +144,11 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
         ]
         if self.config_problems:
             message = f"Plexus MCP is not running: {'; '.join(self.config_problems)}. Fix the setting and restart."
-            detail = (f"Plexus MCP is not running: {'; '.join(self.problem_details)}. Fix it and restart."
-                      if self.problem_details else message)
+            detail = (
+                f"Plexus MCP is not running: {'; '.join(self.problem_details)}. Fix it and restart."
+                if self.problem_details
+                else message
+            )
             self.handlers.append((r"/plexus(?:/.*)?", UnavailableHandler, {"message": message, "detail": detail}))
             return
         self.handlers.extend(routes)
@@ -191,11 +197,14 @@ def write_connection_file(serverapp: Any) -> str | None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w") as handle:
-            json.dump({"url": serverapp.connection_url, "token": serverapp.identity_provider.token,
-                       "pid": os.getpid()}, handle)
+            json.dump(
+                {"url": serverapp.connection_url, "token": serverapp.identity_provider.token, "pid": os.getpid()},
+                handle,
+            )
     except OSError as exc:
-        serverapp.log.warning("Plexus MCP: could not write %s (%s); notebooks must call plexus.connect(url, token)",
-                              path, exc)
+        serverapp.log.warning(
+            "Plexus MCP: could not write %s (%s); notebooks must call plexus.connect(url, token)", path, exc
+        )
         return None
     os.environ[CONNECTION_FILE_ENV] = path
     return path

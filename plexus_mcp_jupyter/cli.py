@@ -36,8 +36,11 @@ CLIENT_CHOICES = (
 def _settings_from_args(args: argparse.Namespace) -> PlexusSettings:
     """CLI flags over PLEXUS_MCP_* environment variables over defaults."""
     settings = PlexusSettings()
-    given = {name: value for name, value in (("db_url", args.db_url), ("max_concurrency", args.max_concurrency))
-             if value is not None}
+    given = {
+        name: value
+        for name, value in (("db_url", args.db_url), ("max_concurrency", args.max_concurrency))
+        if value is not None
+    }
     settings.apply_env(protected=given)
     for name, value in given.items():
         try:
@@ -49,8 +52,11 @@ def _settings_from_args(args: argparse.Namespace) -> PlexusSettings:
 
 def _configure_logging(level: str) -> None:
     # Logs go to stderr: in stdio mode stdout belongs to the protocol.
-    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper(), logging.INFO),
-                        format="[%(levelname)1.1s %(asctime)s %(name)s] %(message)s")
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="[%(levelname)1.1s %(asctime)s %(name)s] %(message)s",
+    )
     for name in ("mcp", "sse_starlette", "httpx", "httpx2"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -77,8 +83,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         token = secrets.token_urlsafe(32)
     asyncio.run(
         serve_http(
-            runtime, host=args.host, port=args.port, token=token, token_generated=generated,
-            certfile=args.certfile, keyfile=args.keyfile, allowed_origins=tuple(args.allow_origin or ()),
+            runtime,
+            host=args.host,
+            port=args.port,
+            token=token,
+            token_generated=generated,
+            certfile=args.certfile,
+            keyfile=args.keyfile,
+            allowed_origins=tuple(args.allow_origin or ()),
         )
     )
     return 0
@@ -97,13 +109,16 @@ def plexus_command() -> list[str]:
     return [sys.executable, "-m", "plexus_mcp_jupyter.cli"]
 
 
-def client_config(client: str, *, url: str | None, token: str | None, stdio_args: list[str] | None,
-                  name: str = "plexus") -> dict[str, Any]:
+def client_config(
+    client: str, *, url: str | None, token: str | None, stdio_args: list[str] | None, name: str = "plexus"
+) -> dict[str, Any]:
     """A ready configuration for an MCP client, for HTTP (url + token) or stdio (a command)."""
     if stdio_args is not None:
         command, *prefix = plexus_command()
-        entry: dict[str, Any] = {"command": command,
-                                 "args": [*prefix, "mcp", "serve", "--transport", "stdio", *stdio_args]}
+        entry: dict[str, Any] = {
+            "command": command,
+            "args": [*prefix, "mcp", "serve", "--transport", "stdio", *stdio_args],
+        }
         if client == "vscode":
             return {"servers": {name: {"type": "stdio", **entry}}}
         return {"mcpServers": {name: entry}}
@@ -152,11 +167,11 @@ def write_config(path: Path, config: dict[str, Any]) -> str:
             raise ValueError(f"{path} is not valid JSON ({exc}); fix or move it, then run this again") from None
         if not isinstance(existing, dict):
             raise ValueError(f"{path} does not hold a JSON object; fix or move it, then run this again")
-    (top, servers), = config.items()
+    ((top, servers),) = config.items()
     current = existing.get(top, {})
     if not isinstance(current, dict):
         raise ValueError(f"{path}: {top!r} is not a JSON object; fix it, then run this again")
-    (name, entry), = servers.items()
+    ((name, entry),) = servers.items()
     action = "updated" if name in current else "added"
     existing[top] = {**current, name: entry}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -169,8 +184,11 @@ def write_config(path: Path, config: dict[str, Any]) -> str:
 def _emit(args: argparse.Namespace, config: dict[str, Any]) -> int:
     if args.write is None:
         print(json.dumps(config, indent=2))
-        print(f"plexus: put this in {CONFIG_FILES[args.client]}, or run again with --write to merge it into that "
-              "file (other servers there are kept)", file=sys.stderr)
+        print(
+            f"plexus: put this in {CONFIG_FILES[args.client]}, or run again with --write to merge it into that "
+            "file (other servers there are kept)",
+            file=sys.stderr,
+        )
         return 0
     path = Path(CONFIG_FILES[args.client] if args.write == "" else args.write).expanduser()
     try:
@@ -255,13 +273,21 @@ def cmd_keys(args: argparse.Namespace) -> int:
     keys, audit = KeyStore(engine), AuditLog(engine)
     try:
         if args.command == "create":
-            key, secret = keys.create(args.name, args.role, expires_in_days=args.expires_in_days,
-                                      created_by="cli", rate_limit=args.rate_limit)
-            audit.record(LOCAL_ADMIN, "key.create", target=key.id, client="cli",
-                         details={"name": key.name, "role": key.role.value})
+            key, secret = keys.create(
+                args.name, args.role, expires_in_days=args.expires_in_days, created_by="cli", rate_limit=args.rate_limit
+            )
+            audit.record(
+                LOCAL_ADMIN,
+                "key.create",
+                target=key.id,
+                client="cli",
+                details={"name": key.name, "role": key.role.value},
+            )
             print(json.dumps({**key.to_dict(), "secret": secret}, indent=2))
-            print("The secret is shown only now: store it. Clients send 'Authorization: Bearer <secret>'.",
-                  file=sys.stderr)
+            print(
+                "The secret is shown only now: store it. Clients send 'Authorization: Bearer <secret>'.",
+                file=sys.stderr,
+            )
         elif args.command == "list":
             for key in keys.list(include_revoked=args.all):
                 print(json.dumps(key.to_dict()))
@@ -321,8 +347,15 @@ def _tasks_client(args: argparse.Namespace) -> Any:
 
 
 def _selection(args: argparse.Namespace) -> dict[str, Any]:
-    return {"task_ids": args.ids or None, "status": args.status, "type": args.type, "owner": args.owner,
-            "created_after": args.created_after, "created_before": args.created_before, "batch": args.batch}
+    return {
+        "task_ids": args.ids or None,
+        "status": args.status,
+        "type": args.type,
+        "owner": args.owner,
+        "created_after": args.created_after,
+        "created_before": args.created_before,
+        "batch": args.batch,
+    }
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
@@ -336,14 +369,19 @@ def cmd_tasks(args: argparse.Namespace) -> int:
             try:
                 specs = json.loads(text)
             except ValueError as exc:
-                return _fail(ValueError(f"{args.file} is not JSON ({exc}): give a list of task specs "
-                                        '[{"type": "demo", "params": {...}, "priority": 0}, ...]'))
+                return _fail(
+                    ValueError(
+                        f"{args.file} is not JSON ({exc}): give a list of task specs "
+                        '[{"type": "demo", "params": {...}, "priority": 0}, ...]'
+                    )
+                )
             answer = client.dispatch_batch(specs)
         elif args.command == "batch":
             answer = client.batch(args.batch_id)
         else:
-            answer = client.bulk(args.command, _selection(args), dry_run=args.dry_run,
-                                 priority=getattr(args, "priority", None))
+            answer = client.bulk(
+                args.command, _selection(args), dry_run=args.dry_run, priority=getattr(args, "priority", None)
+            )
     except (PlexusError, OSError) as exc:
         return _fail(exc)
     print(json.dumps(answer, indent=2))
@@ -352,15 +390,18 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 def _add_tasks_parser(sub: Any) -> None:
     tasks = sub.add_parser("tasks", help="batch operations on a running server's tasks (REST)").add_subparsers(
-        dest="command", required=True)
+        dest="command", required=True
+    )
     dispatch = tasks.add_parser("dispatch", help="dispatch a batch: a JSON file holding a list of task specs")
     dispatch.add_argument("file", help='JSON list of {"type", "params", "priority", "description"}; - for stdin')
     batch = tasks.add_parser("batch", help="a batch's counts by status and progress")
     batch.add_argument("batch_id")
     commands = [dispatch, batch]
-    for name, help_text in (("cancel", "cancel tasks by id or by filter"),
-                            ("retry", "run FAILED or CANCELLED tasks again as new attempts"),
-                            ("priority", "change the priority of queued tasks")):
+    for name, help_text in (
+        ("cancel", "cancel tasks by id or by filter"),
+        ("retry", "run FAILED or CANCELLED tasks again as new attempts"),
+        ("priority", "change the priority of queued tasks"),
+    ):
         command = tasks.add_parser(name, help=help_text)
         if name == "priority":
             command.add_argument("priority", type=int, help="the new priority, -1000 to 1000")
@@ -394,8 +435,11 @@ def cmd_evaluations(args: argparse.Namespace) -> int:
     try:
         reader = _tasks_client(args).arrow_stream(f"evaluations/{args.evaluation_id}/results", params)
         rows = 0
-        writer: Any = (pq.ParquetWriter(temporary, reader.schema, compression="zstd") if args.format == "parquet"
-                       else pa_csv.CSVWriter(temporary, reader.schema))
+        writer: Any = (
+            pq.ParquetWriter(temporary, reader.schema, compression="zstd")
+            if args.format == "parquet"
+            else pa_csv.CSVWriter(temporary, reader.schema)
+        )
         with writer:
             for batch in reader:
                 writer.write_batch(batch)
@@ -411,7 +455,8 @@ def cmd_evaluations(args: argparse.Namespace) -> int:
 
 def _add_evaluations_parser(sub: Any) -> None:
     evaluations = sub.add_parser("evaluations", help="a running server's evaluations (REST)").add_subparsers(
-        dest="command", required=True)
+        dest="command", required=True
+    )
     export = evaluations.add_parser("export", help="write an evaluation's per-item results as Parquet or CSV")
     export.add_argument("evaluation_id")
     export.add_argument("--format", choices=("parquet", "csv"), default="parquet")
@@ -438,10 +483,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--certfile", help="HTTP: TLS certificate file")
     serve.add_argument("--keyfile", help="HTTP: TLS private key file")
     serve.add_argument("--allow-origin", action="append", help="HTTP: a browser Origin to allow (repeatable)")
-    serve.add_argument("--root-dir", help="folder that dataset and scorecard paths are relative to (default: the "
-                       "current folder); nothing outside it can be read")
-    serve.add_argument("--db-url", help=f"SQLAlchemy URL of the store (default ${env_var('db_url')}, else the "
-                       "SQLite file Jupyter uses)")
+    serve.add_argument(
+        "--root-dir",
+        help="folder that dataset and scorecard paths are relative to (default: the "
+        "current folder); nothing outside it can be read",
+    )
+    serve.add_argument(
+        "--db-url",
+        help=f"SQLAlchemy URL of the store (default ${env_var('db_url')}, else the SQLite file Jupyter uses)",
+    )
     serve.add_argument("--max-concurrency", type=int, help="tasks that may run at once")
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (logs go to stderr)")
     serve.set_defaults(func=cmd_serve)
@@ -453,13 +503,19 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--stdio", action="store_true", help="configure the client to launch `plexus mcp serve`")
     config.add_argument("--db-url", help="with --stdio: the store the launched server uses")
     config.add_argument("--name", default="plexus", help="the server's name in the client (default plexus)")
-    config.add_argument("--write", nargs="?", const="", metavar="FILE",
-                        help="merge the configuration into FILE (default: the client's own, e.g. .mcp.json for "
-                        "claude), keeping the other servers there, instead of printing it")
+    config.add_argument(
+        "--write",
+        nargs="?",
+        const="",
+        metavar="FILE",
+        help="merge the configuration into FILE (default: the client's own, e.g. .mcp.json for "
+        "claude), keeping the other servers there, instead of printing it",
+    )
     config.set_defaults(func=cmd_config)
 
     keys = sub.add_parser("keys", help="API keys for MCP clients, REST and the event stream").add_subparsers(
-        dest="command", required=True)
+        dest="command", required=True
+    )
     create = keys.add_parser("create", help="create a key and print its secret (shown only once)")
     create.add_argument("name", help="who or what uses it, e.g. 'claude-desktop on my laptop'")
     create.add_argument("--role", choices=("viewer", "operator", "admin"), default="viewer")

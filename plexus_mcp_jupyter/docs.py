@@ -80,11 +80,17 @@ def full_server() -> Iterator[Any]:
 
 def tools_md(server: Any) -> str:
     tools = asyncio.run(server.list_tools())
-    lines = ["# MCP tools", "", GENERATED, "",
-             "Every tool returns at once (milliseconds), with `structuredContent` matching its output schema and a",
-             "one-line text summary. A bad argument is a tool error (`isError: true`) whose text says what was",
-             "wrong and what is allowed. Long work starts a task and answers with its id; how to follow it",
-             "(progress tokens, MCP tasks, subscriptions, reconnecting) is in long-running-work.md.", ""]
+    lines = [
+        "# MCP tools",
+        "",
+        GENERATED,
+        "",
+        "Every tool returns at once (milliseconds), with `structuredContent` matching its output schema and a",
+        "one-line text summary. A bad argument is a tool error (`isError: true`) whose text says what was",
+        "wrong and what is allowed. Long work starts a task and answers with its id; how to follow it",
+        "(progress tokens, MCP tasks, subscriptions, reconnecting) is in long-running-work.md.",
+        "",
+    ]
     for tool in tools:
         lines += [f"## `{tool.name}`", "", tool.description or "", ""]
         if tool.execution is not None and tool.execution.task_support:
@@ -95,21 +101,38 @@ def tools_md(server: Any) -> str:
             lines += ["| argument | type | default | description |", "| --- | --- | --- | --- |"]
             for arg, schema in props.items():
                 default = "required" if arg in required else f"`{json.dumps(schema.get('default'))}`"
-                lines.append(f"| `{arg}` | {_type_of(schema, tool.input_schema)} | {default} | "
-                             f"{schema.get('description', '')}{_bounds(schema)} |")
+                lines.append(
+                    f"| `{arg}` | {_type_of(schema, tool.input_schema)} | {default} | "
+                    f"{schema.get('description', '')}{_bounds(schema)} |"
+                )
             lines.append("")
-        lines += ["<details><summary>Output schema</summary>", "", "```json",
-                  json.dumps(tool.output_schema, indent=2), "```", "", "</details>", ""]
+        lines += [
+            "<details><summary>Output schema</summary>",
+            "",
+            "```json",
+            json.dumps(tool.output_schema, indent=2),
+            "```",
+            "",
+            "</details>",
+            "",
+        ]
     return "\n".join(lines)
 
 
 def resources_md(server: Any) -> str:
     templates = asyncio.run(server.list_resource_templates())
     resources = asyncio.run(server.list_resources())
-    lines = ["# MCP resources", "", GENERATED, "",
-             "All resources are JSON (`application/json`). Lists are newest first and paginated: pass the",
-             "`next_cursor` of a page back as `cursor`, with the same filters.", "",
-             "| URI | name | description |", "| --- | --- | --- |"]
+    lines = [
+        "# MCP resources",
+        "",
+        GENERATED,
+        "",
+        "All resources are JSON (`application/json`). Lists are newest first and paginated: pass the",
+        "`next_cursor` of a page back as `cursor`, with the same filters.",
+        "",
+        "| URI | name | description |",
+        "| --- | --- | --- |",
+    ]
     for r in resources:
         lines.append(f"| `{r.uri}` | {r.name} | {r.description} |")
     for t in templates:
@@ -155,9 +178,11 @@ def _type_of(schema: dict[str, Any], root: dict[str, Any]) -> str:
 
 
 def _bounds(schema: dict[str, Any]) -> str:
-    parts = [f"{label} {schema[key]}" for key, label in (("minimum", "min"), ("maximum", "max"),
-                                                          ("maxItems", "at most"), ("maxLength", "max length"))
-             if key in schema]
+    parts = [
+        f"{label} {schema[key]}"
+        for key, label in (("minimum", "min"), ("maximum", "max"), ("maxItems", "at most"), ("maxLength", "max length"))
+        if key in schema
+    ]
     return f" ({', '.join(parts)})" if parts else ""
 
 
@@ -166,26 +191,45 @@ def prompts_md(server: Any) -> str:
     from .endpoint.prompts import PROMPT_ARGUMENT_KINDS
 
     prompts = asyncio.run(server.list_prompts())
-    lines = ["# MCP prompts and completion", "", GENERATED, "",
-             "Prompts are guided workflows (`prompts/list`, `prompts/get`): one user message naming the tools and",
-             "resources to use, in order, with the arguments filled in. Rendering one reads and changes nothing.", ""]
+    lines = [
+        "# MCP prompts and completion",
+        "",
+        GENERATED,
+        "",
+        "Prompts are guided workflows (`prompts/list`, `prompts/get`): one user message naming the tools and",
+        "resources to use, in order, with the arguments filled in. Rendering one reads and changes nothing.",
+        "",
+    ]
     for prompt in prompts:
-        lines += [f"## `{prompt.name}`", "", f"**{prompt.title}.** {prompt.description}", "",
-                  "| argument | required | completes to | description |", "| --- | --- | --- | --- |"]
+        lines += [
+            f"## `{prompt.name}`",
+            "",
+            f"**{prompt.title}.** {prompt.description}",
+            "",
+            "| argument | required | completes to | description |",
+            "| --- | --- | --- | --- |",
+        ]
         kinds = PROMPT_ARGUMENT_KINDS.get(prompt.name, {})
         for arg in prompt.arguments or []:
-            lines.append(f"| `{arg.name}` | {'yes' if arg.required else 'no'} | "
-                         f"{COMPLETES.get(kinds.get(arg.name, 'none'), '-')} | {arg.description or ''} |")
+            lines.append(
+                f"| `{arg.name}` | {'yes' if arg.required else 'no'} | "
+                f"{COMPLETES.get(kinds.get(arg.name, 'none'), '-')} | {arg.description or ''} |"
+            )
         lines.append("")
-    lines += ["## Completion", "",
-              f"`completion/complete` answers for the prompt arguments above and for these resource-template "
-              f"arguments, with at most {MAX_VALUES} values (`total` and `hasMore` say how many matched), best first:",
-              "values that start with what was typed, then those where a part after `:` or `/` does, then those "
-              "containing it.",
-              "Ids are matched by prefix in the store, newest first, among what the caller may see (a non-admin "
-              "key: its own work and the notebook user's, never another key's). A caller whose role may not call "
-              "the tool a value is for gets no values; an unknown prompt, template or argument gets an empty list.",
-              "", "| template argument | completes to |", "| --- | --- |"]
+    lines += [
+        "## Completion",
+        "",
+        f"`completion/complete` answers for the prompt arguments above and for these resource-template "
+        f"arguments, with at most {MAX_VALUES} values (`total` and `hasMore` say how many matched), best first:",
+        "values that start with what was typed, then those where a part after `:` or `/` does, then those "
+        "containing it.",
+        "Ids are matched by prefix in the store, newest first, among what the caller may see (a non-admin "
+        "key: its own work and the notebook user's, never another key's). A caller whose role may not call "
+        "the tool a value is for gets no values; an unknown prompt, template or argument gets an empty list.",
+        "",
+        "| template argument | completes to |",
+        "| --- | --- |",
+    ]
     for name, kind in TEMPLATE_ARGUMENT_KINDS.items():
         lines.append(f"| `{name}` | {COMPLETES.get(kind, kind)} |")
     lines.append("")
@@ -196,15 +240,24 @@ COMPLETES = {
     "dataset": "dataset refs (examples, registered, files under the root)",
     "scorer": "scorer specs: your kernel scorers, the shipped examples, the kinds",
     "column": "the columns of the `dataset` argument given in the context",
-    "task_id": "task ids by prefix", "evaluation_id": "evaluation ids by prefix", "batch_id": "batch ids by prefix",
-    "evaluation_type": "accuracy, feedback, consistency", "task_type": "registered task types",
+    "task_id": "task ids by prefix",
+    "evaluation_id": "evaluation ids by prefix",
+    "batch_id": "batch ids by prefix",
+    "evaluation_type": "accuracy, feedback, consistency",
+    "task_type": "registered task types",
     "status": "task or evaluation statuses (after the last comma)",
-    "type": "task or evaluation types (after the last comma)", "flag": "true, false",
-    "audit_outcome": "ok, error, denied", "none": "-",
+    "type": "task or evaluation types (after the last comma)",
+    "flag": "true, false",
+    "audit_outcome": "ok, error, denied",
+    "none": "-",
 }
 
-PAGES = {"configuration.md": configuration_md, "tools.md": tools_md, "resources.md": resources_md,
-         "prompts.md": prompts_md}
+PAGES = {
+    "configuration.md": configuration_md,
+    "tools.md": tools_md,
+    "resources.md": resources_md,
+    "prompts.md": prompts_md,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

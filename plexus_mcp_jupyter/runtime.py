@@ -52,10 +52,14 @@ def make_executor(settings: PlexusSettings) -> Executor:
         from .core.executors.dask import DaskExecutor
 
         return DaskExecutor(
-            settings.dask_scheduler_address, local_workers=settings.dask_local_workers,
-            local_threads=settings.dask_local_threads, local_memory_mb=settings.dask_local_memory_mb,
+            settings.dask_scheduler_address,
+            local_workers=settings.dask_local_workers,
+            local_threads=settings.dask_local_threads,
+            local_memory_mb=settings.dask_local_memory_mb,
             worker_resources=parse_resources(settings.dask_worker_resources, "dask_worker_resources"),
-            connect_timeout=settings.dask_connect_timeout, message_interval=settings.dask_message_interval)
+            connect_timeout=settings.dask_connect_timeout,
+            message_interval=settings.dask_message_interval,
+        )
     raise ValueError(f"unknown executor {settings.executor!r}; expected 'local' or 'dask'")
 
 
@@ -74,8 +78,12 @@ def executor_with_fallback(settings: PlexusSettings) -> tuple[Executor, str | No
 
 def _local_executor(settings: PlexusSettings) -> LocalExecutor:
     # The pool's size is the manager's max_concurrency (Executor.size_for).
-    return LocalExecutor(reuse=settings.worker_reuse, max_tasks_per_worker=settings.worker_max_tasks,
-                         max_worker_memory_mb=settings.worker_max_memory_mb, nice=settings.worker_nice)
+    return LocalExecutor(
+        reuse=settings.worker_reuse,
+        max_tasks_per_worker=settings.worker_max_tasks,
+        max_worker_memory_mb=settings.worker_max_memory_mb,
+        nice=settings.worker_nice,
+    )
 
 
 class PlexusRuntime:
@@ -86,9 +94,12 @@ class PlexusRuntime:
         if problem:
             raise SettingsError([problem])
         self.settings = settings
-        self.store = Store(settings.db_url or default_db_url(data_dir), pool_size=settings.db_pool_size,
-                           pool_timeout=settings.db_pool_timeout_seconds,
-                           statement_timeout=settings.db_statement_timeout_seconds)
+        self.store = Store(
+            settings.db_url or default_db_url(data_dir),
+            pool_size=settings.db_pool_size,
+            pool_timeout=settings.db_pool_timeout_seconds,
+            statement_timeout=settings.db_statement_timeout_seconds,
+        )
         # Store calls made from async code off the loop (core/store_calls.py): one thread per pooled connection.
         self.store_calls = StoreCalls(settings.db_pool_size, settings.db_pool_timeout_seconds)
         self.root_dir = Path(root_dir or os.getcwd()).resolve()
@@ -130,10 +141,14 @@ class PlexusRuntime:
             max_output_bytes=settings.max_output_bytes,
             poll_interval=settings.poll_interval,
             # What every worker is told besides its task's parameters (never stored or shown to clients).
-            worker_environment={"db_url": self.store.url, "root_dir": str(self.root_dir),
-                                "registered_dir": str(registered_dir), "redact_columns": settings.redact_columns,
-                                "items_dir": str(items_dir),
-                                "max_evaluation_items": settings.max_evaluation_items},
+            worker_environment={
+                "db_url": self.store.url,
+                "root_dir": str(self.root_dir),
+                "registered_dir": str(registered_dir),
+                "redact_columns": settings.redact_columns,
+                "items_dir": str(items_dir),
+                "max_evaluation_items": settings.max_evaluation_items,
+            },
             calls=self.store_calls,
             request_handlers={"kernel_score": self._kernel_score},
             max_unfinished_per_key=settings.max_tasks_per_key,
@@ -142,8 +157,11 @@ class PlexusRuntime:
             lease_seconds=settings.server_lease_seconds,
         )
         self.catalog = DatasetCatalog(
-            self.root_dir, registered_dir, threads=settings.dataset_threads,
-            bounds=ReadBounds(header_bytes=settings.max_dataset_header_bytes, columns=settings.max_dataset_columns))
+            self.root_dir,
+            registered_dir,
+            threads=settings.dataset_threads,
+            bounds=ReadBounds(header_bytes=settings.max_dataset_header_bytes, columns=settings.max_dataset_columns),
+        )
         self.keys = KeyStore(self.store.engine)
         self._streams: dict[str, set[Callable[[], None]]] = {}
         self._key_watch: asyncio.Task[None] | None = None
@@ -156,29 +174,51 @@ class PlexusRuntime:
             resources=parse_resources(settings.executor_resources),
         )
         self.manager.configure_retention(
-            RetentionPolicy.from_settings(settings.task_retention_seconds, settings.task_retention_by_type,
-                                          settings.max_task_ttl_seconds),
-            interval=settings.retention_interval_seconds, batch=settings.retention_batch_size,
+            RetentionPolicy.from_settings(
+                settings.task_retention_seconds, settings.task_retention_by_type, settings.max_task_ttl_seconds
+            ),
+            interval=settings.retention_interval_seconds,
+            batch=settings.retention_batch_size,
         )
-        self.leases = LeaseKeeper(self.store, heartbeat=settings.server_heartbeat_seconds,
-                                  lease=settings.server_lease_seconds, on_expired=self.manager.recover)
-        self.relay = EventRelay(self.store, self.bus, mode=settings.event_relay, interval=settings.event_relay_interval,
-                                progress_interval=settings.progress_write_interval,
-                                keep_seconds=settings.event_relay_keep_seconds, on_remote=self._on_remote_events)
-        self.evaluations = EvaluationService(self.manager, EvaluationStore(self.store.engine, ItemFiles(items_dir)),
-                                             self.catalog,
-                                             self.kernel_scorers, settings.scorer_modules.split(","),
-                                             settings.redact_columns.split(","), EvaluationLimits(
-                                                 max_scorecard_bytes=settings.max_scorecard_bytes,
-                                                 max_scorecard_scores=settings.max_scorecard_scores,
-                                                 max_evaluation_items=settings.max_evaluation_items))
-        self.mcp = build_mcp_server(self.manager, self.evaluations, self.audit,
-                                    session_count=lambda: self.endpoint.session_count)
+        self.leases = LeaseKeeper(
+            self.store,
+            heartbeat=settings.server_heartbeat_seconds,
+            lease=settings.server_lease_seconds,
+            on_expired=self.manager.recover,
+        )
+        self.relay = EventRelay(
+            self.store,
+            self.bus,
+            mode=settings.event_relay,
+            interval=settings.event_relay_interval,
+            progress_interval=settings.progress_write_interval,
+            keep_seconds=settings.event_relay_keep_seconds,
+            on_remote=self._on_remote_events,
+        )
+        self.evaluations = EvaluationService(
+            self.manager,
+            EvaluationStore(self.store.engine, ItemFiles(items_dir)),
+            self.catalog,
+            self.kernel_scorers,
+            settings.scorer_modules.split(","),
+            settings.redact_columns.split(","),
+            EvaluationLimits(
+                max_scorecard_bytes=settings.max_scorecard_bytes,
+                max_scorecard_scores=settings.max_scorecard_scores,
+                max_evaluation_items=settings.max_evaluation_items,
+            ),
+        )
+        self.mcp = build_mcp_server(
+            self.manager, self.evaluations, self.audit, session_count=lambda: self.endpoint.session_count
+        )
         self.endpoint = MCPEndpoint(
             self.mcp,
-            limits=SessionLimits(max_sessions=settings.max_sessions, per_key=settings.max_sessions_per_key,
-                                 reserved_share=settings.reserved_session_share,
-                                 idle_timeout=settings.session_idle_timeout),
+            limits=SessionLimits(
+                max_sessions=settings.max_sessions,
+                per_key=settings.max_sessions_per_key,
+                reserved_share=settings.reserved_session_share,
+                idle_timeout=settings.session_idle_timeout,
+            ),
             max_request_body_size=settings.max_request_bytes,
             event_store_size=settings.event_store_size,
             event_store_bytes=settings.event_store_bytes,
@@ -188,8 +228,7 @@ class PlexusRuntime:
 
     def _on_remote_events(self, events: list[Any]) -> None:
         """Tasks another server queued on the shared store: plan a start now, not at the next maintenance tick."""
-        if any(event.kind == "task.created" or event.data.get("status") == TaskStatus.QUEUED.value
-               for event in events):
+        if any(event.kind == "task.created" or event.data.get("status") == TaskStatus.QUEUED.value for event in events):
             self.manager.queue_changed()
 
     async def _kernel_score(self, task: Any, payload: Any) -> dict[str, Any]:
@@ -198,8 +237,9 @@ class PlexusRuntime:
             raise InvalidArgument("a kernel_score request is {scorer, inputs: [...]}")
         return await self.kernel_scorers.score(str(payload.get("scorer")), payload["inputs"], owner=task.owner)
 
-    def protect_secret(self, secret: str | None, loggers: tuple[str, ...] = (),
-                       exempt_files: tuple[str, ...] = ()) -> None:
+    def protect_secret(
+        self, secret: str | None, loggers: tuple[str, ...] = (), exempt_files: tuple[str, ...] = ()
+    ) -> None:
         """A server credential (Jupyter's token, the standalone token) that must never reach the server log
         or the audit log, wherever a client puts it (a query string, a tool argument, a key's name); the
         records logged from `exempt_files` (the server's own startup lines) are left as they are."""
@@ -312,8 +352,9 @@ class PlexusRuntime:
         read off the event loop, within HEALTH_STORE_TIMEOUT: health answers even when the database does not."""
         counts: dict[str, int] | None = None
         try:
-            counts = await self.store_calls.run(self.manager.counts,
-                                                timeout=min(HEALTH_STORE_TIMEOUT, self.store_calls.timeout))
+            counts = await self.store_calls.run(
+                self.manager.counts, timeout=min(HEALTH_STORE_TIMEOUT, self.store_calls.timeout)
+            )
             store_status = "ok"
         except StoreUnavailable as exc:
             store_status = str(exc)
@@ -323,8 +364,10 @@ class PlexusRuntime:
             "status": "ok" if store_status == "ok" else "degraded",
             "version": __version__,
             "store": {"status": store_status, "url": self.store.safe_url},
-            "executor": {**self.executor.status(), **({"problem": self.executor_problem}
-                                                        if self.executor_problem else {})},
+            "executor": {
+                **self.executor.status(),
+                **({"problem": self.executor_problem} if self.executor_problem else {}),
+            },
             "tasks": counts,
             "mcp": {"sessions": self.endpoint.session_count},
             # This process among the servers sharing the store (docs/scale-out.md).

@@ -202,8 +202,7 @@ async def serve_http(
     print(f"Plexus MCP endpoint: {url}", file=sys.stderr)
     if token_generated:
         print(f"    Authorization: Bearer {token}", file=sys.stderr)
-        print(f"    or connect with: {url}  (token printed above; set PLEXUS_MCP_TOKEN to choose one)",
-              file=sys.stderr)
+        print(f"    or connect with: {url}  (token printed above; set PLEXUS_MCP_TOKEN to choose one)", file=sys.stderr)
     sys.stderr.flush()
     stop = asyncio.Event()
     _on_stop_signals(stop.set)

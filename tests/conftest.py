@@ -41,8 +41,11 @@ def plexus_config(db_path, request) -> dict[str, Any]:
         "progress_write_interval": 0.2,
     }
     if "executor_name" in request.fixturenames and request.getfixturevalue("executor_name") == "dask":
-        config.update(executor="dask", dask_scheduler_address=request.getfixturevalue("dask_cluster").scheduler_address,
-                      dask_message_interval=0.05)
+        config.update(
+            executor="dask",
+            dask_scheduler_address=request.getfixturevalue("dask_cluster").scheduler_address,
+            dask_message_interval=0.05,
+        )
     return config
 
 
@@ -60,8 +63,14 @@ def dask_cluster() -> Iterator[Any]:
     from distributed import LocalCluster
 
     cluster = LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, memory_limit="1GB", resources={"slots": 1},
-        dashboard_address="127.0.0.1:0", host="127.0.0.1", scheduler_kwargs={"allowed_failures": 0},
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        memory_limit="1GB",
+        resources={"slots": 1},
+        dashboard_address="127.0.0.1:0",
+        host="127.0.0.1",
+        scheduler_kwargs={"allowed_failures": 0},
     )
     try:
         yield cluster

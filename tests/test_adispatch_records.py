@@ -14,8 +14,9 @@ from plexus_mcp_jupyter.core.batches import PlannedSpec
 from plexus_mcp_jupyter.core.store import tasks_table
 from plexus_mcp_jupyter.evaluations.requests import CreateEvaluation
 
-BY_COLUMN = CreateEvaluation(type="accuracy", dataset="example:sentiment", prediction_column="prediction",
-                             label_column="label")
+BY_COLUMN = CreateEvaluation(
+    type="accuracy", dataset="example:sentiment", prediction_column="prediction", label_column="label"
+)
 
 RECORD_DELAY = 0.5  # seconds the record's transaction stays open before the record is written
 

@@ -179,9 +179,12 @@ async def test_viewers_see_batches_but_cannot_change_them(mcp_url, token, keys, 
         batch = await call(admin, "dispatch_batch", {"tasks": [QUICK] * 2})
     async with open_client(mcp_url, keys["viewer"]) as viewer:
         assert (await batch_status(viewer, batch["batch_id"]))["total"] == 2
-        for tool, arguments in (("dispatch_batch", {"tasks": [QUICK]}), ("retry_tasks", {"batch": batch["batch_id"]}),
-                                ("set_task_priority", {"batch": batch["batch_id"], "priority": 1}),
-                                ("cancel_tasks", {"batch": batch["batch_id"]})):
+        for tool, arguments in (
+            ("dispatch_batch", {"tasks": [QUICK]}),
+            ("retry_tasks", {"batch": batch["batch_id"]}),
+            ("set_task_priority", {"batch": batch["batch_id"], "priority": 1}),
+            ("cancel_tasks", {"batch": batch["batch_id"]}),
+        ):
             text = await refused(viewer, tool, arguments)
             assert "permission denied" in text, (tool, text)
     assert runtime.manager.store.count_tasks(runtime.manager.build_filter(status="QUEUED")) == 2
@@ -191,8 +194,11 @@ async def test_an_operators_filter_never_touches_another_keys_or_the_notebook_us
     mcp_url, token, keys, runtime
 ):
     runtime.manager.max_concurrency = 0
-    async with (open_client(mcp_url, token) as notebook, open_client(mcp_url, keys["operator"]) as a,
-                open_client(mcp_url, keys["operator2"]) as b):
+    async with (
+        open_client(mcp_url, token) as notebook,
+        open_client(mcp_url, keys["operator"]) as a,
+        open_client(mcp_url, keys["operator2"]) as b,
+    ):
         theirs = await call(notebook, "dispatch_batch", {"tasks": [QUICK] * 2})
         other = await call(b, "dispatch_batch", {"tasks": [QUICK] * 2})
         mine = await call(a, "dispatch_batch", {"tasks": [QUICK] * 3})
@@ -288,11 +294,14 @@ async def test_a_listen_stream_of_the_2026_era_follows_a_batch_to_its_end(mcp_cl
         assert (await batch_status(client, batch["batch_id"]))["counts"]["COMPLETED"] == 3
 
 
-@pytest.mark.parametrize(("uri", "message"), [
-    ("plexus://batches/no-such-batch", "no batch with id 'no-such-batch'"),
-    ("plexus://batches/", "subscribable resources"),
-    ("plexus://tasks?batch=x&colour=red", "unknown parameter(s) ['colour']"),
-])
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("plexus://batches/no-such-batch", "no batch with id 'no-such-batch'"),
+        ("plexus://batches/", "subscribable resources"),
+        ("plexus://tasks?batch=x&colour=red", "unknown parameter(s) ['colour']"),
+    ],
+)
 async def test_subscribing_to_a_bad_batch_uri_is_a_clear_error(mcp_client, uri, message):
     async with mcp_client() as client:
         with pytest.raises(MCPError) as err:
@@ -345,8 +354,14 @@ async def test_rest_dispatches_a_batch_and_operates_on_it(server_url, token, run
     runtime.audit.flush()
     records, _ = runtime.audit.query(action="http.POST", limit=20)
     details = [r["details"] for r in records if r["target"].endswith("tasks/cancel") and r["outcome"] == "ok"]
-    assert {"operation": "cancel", "dry_run": False, "filter": {"batch": batch_id}, "count": 4,
-            "outcomes": {"cancelled": 4}, "status": 200}.items() <= details[0].items()
+    assert {
+        "operation": "cancel",
+        "dry_run": False,
+        "filter": {"batch": batch_id},
+        "count": 4,
+        "outcomes": {"cancelled": 4},
+        "status": 200,
+    }.items() <= details[0].items()
     assert not any(task_id in json.dumps(records) for task_id in ids)
 
 
@@ -358,8 +373,14 @@ async def test_the_cli_dispatches_a_batch_and_cancels_it_by_filter(server_url, t
 
     async def plexus(*args: str) -> tuple[int, str, str]:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "plexus_mcp_jupyter.cli", *args, env={**_env(), **env},
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            sys.executable,
+            "-m",
+            "plexus_mcp_jupyter.cli",
+            *args,
+            env={**_env(), **env},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         out, err = await proc.communicate()
         return proc.returncode or 0, out.decode(), err.decode()
 
@@ -406,22 +427,25 @@ async def test_the_notebook_client_runs_the_same_batch_operations(server_url, to
     assert status["counts"]["QUEUED"] == 3 and status["superseded"] == 2
 
 
-@pytest.mark.parametrize(("path", "body", "says"), [
-    ("tasks", {"tasks": "demo"}, "tasks must be a non-empty list"),
-    ("tasks", {"tasks": []}, "tasks must be a non-empty list"),
-    ("tasks", {"tasks": [1]}, "tasks[0]: a task spec is an object"),
-    ("tasks", {"tasks": [{**QUICK, "colour": "red"}]}, "tasks[0]: unknown field(s) ['colour']"),
-    ("tasks", {"tasks": [QUICK], "priority": 3}, "put type, params, priority and description in each spec"),
-    ("tasks", {"tasks": [{"type": "evaluation"}]}, "tasks[0]: params.type is required: One of accuracy"),
-    ("tasks/cancel", {}, "give either task_ids"),
-    ("tasks/cancel", {"task_ids": ["a"], "status": "QUEUED"}, "not both"),
-    ("tasks/cancel", {"status": "DONE"}, "unknown status 'DONE'"),
-    ("tasks/cancel", {"batch": "b", "dry_run": "yes"}, "dry_run must be true or false"),
-    ("tasks/cancel", {"created_after": "yesterday"}, "'created_after' must be an ISO 8601 date"),
-    ("tasks/retry", {"created_before": "soon"}, "'created_before' must be an ISO 8601 date"),
-    ("tasks/priority", {"batch": "b"}, "priority is required"),
-    ("tasks/priority", {"batch": "b", "priority": "high"}, "priority must be a whole number from -1000 to 1000"),
-])
+@pytest.mark.parametrize(
+    ("path", "body", "says"),
+    [
+        ("tasks", {"tasks": "demo"}, "tasks must be a non-empty list"),
+        ("tasks", {"tasks": []}, "tasks must be a non-empty list"),
+        ("tasks", {"tasks": [1]}, "tasks[0]: a task spec is an object"),
+        ("tasks", {"tasks": [{**QUICK, "colour": "red"}]}, "tasks[0]: unknown field(s) ['colour']"),
+        ("tasks", {"tasks": [QUICK], "priority": 3}, "put type, params, priority and description in each spec"),
+        ("tasks", {"tasks": [{"type": "evaluation"}]}, "tasks[0]: params.type is required: One of accuracy"),
+        ("tasks/cancel", {}, "give either task_ids"),
+        ("tasks/cancel", {"task_ids": ["a"], "status": "QUEUED"}, "not both"),
+        ("tasks/cancel", {"status": "DONE"}, "unknown status 'DONE'"),
+        ("tasks/cancel", {"batch": "b", "dry_run": "yes"}, "dry_run must be true or false"),
+        ("tasks/cancel", {"created_after": "yesterday"}, "'created_after' must be an ISO 8601 date"),
+        ("tasks/retry", {"created_before": "soon"}, "'created_before' must be an ISO 8601 date"),
+        ("tasks/priority", {"batch": "b"}, "priority is required"),
+        ("tasks/priority", {"batch": "b", "priority": "high"}, "priority must be a whole number from -1000 to 1000"),
+    ],
+)
 async def test_bad_batch_requests_get_clear_errors_and_change_nothing(server_url, token, runtime, path, body, says):
     runtime.manager.max_concurrency = 0
     headers = {"Authorization": f"Bearer {token}"}
@@ -435,14 +459,17 @@ async def test_bad_batch_requests_get_clear_errors_and_change_nothing(server_url
 
 
 def accuracy_of(dataset: str) -> dict:
-    return {"type": "evaluation", "params": {"type": "accuracy", "dataset": dataset, "label_column": "label",
-                                             "prediction_column": "prediction"}}
+    return {
+        "type": "evaluation",
+        "params": {"type": "accuracy", "dataset": dataset, "label_column": "label", "prediction_column": "prediction"},
+    }
 
 
 async def test_an_evaluation_per_dataset_is_one_batch_and_each_gets_its_record_and_metrics(mcp_client, runtime):
     async with mcp_client() as client:
-        out = await call(client, "dispatch_batch", {"tasks": [accuracy_of("example:sentiment"),
-                                                              accuracy_of("example:topics")]})
+        out = await call(
+            client, "dispatch_batch", {"tasks": [accuracy_of("example:sentiment"), accuracy_of("example:topics")]}
+        )
         batch_id, ids = out["batch_id"], out["task_ids"]
         final = await poll(lambda: batch_status(client, batch_id), lambda b: b["done"], timeout=120)
         assert final["counts"]["COMPLETED"] == 2
@@ -456,8 +483,9 @@ async def test_an_evaluation_per_dataset_is_one_batch_and_each_gets_its_record_a
 async def test_a_batch_with_one_bad_evaluation_spec_dispatches_nothing_and_names_its_index(mcp_client, runtime):
     before = runtime.manager.store.count_tasks(runtime.manager.build_filter())
     async with mcp_client() as client:
-        text = await refused(client, "dispatch_batch", {"tasks": [accuracy_of("example:sentiment"),
-                                                                  accuracy_of("example:nope"), QUICK]})
+        text = await refused(
+            client, "dispatch_batch", {"tasks": [accuracy_of("example:sentiment"), accuracy_of("example:nope"), QUICK]}
+        )
         assert "tasks[1]: no example dataset 'nope'" in text and "nothing was dispatched" in text
         wrong = {"type": "evaluation", "params": {"type": "accuracy", "dataset": "example:topics", "colour": "red"}}
         text = await refused(client, "dispatch_batch", {"tasks": [wrong]})

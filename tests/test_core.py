@@ -341,14 +341,25 @@ def test_a_store_made_by_an_older_release_gets_the_columns_it_lacks(tmp_path):
 
     url = f"sqlite:///{tmp_path / 'old.db'}"
     old = sa.MetaData()
-    sa.Table("tasks", old, sa.Column("id", sa.String(36), primary_key=True), sa.Column("type", sa.String(64)),
-             sa.Column("status", sa.String(16)), sa.Column("priority", sa.Integer), sa.Column("created_at", sa.Float),
-             sa.Column("cancel_requested", sa.Boolean, nullable=False))
+    sa.Table(
+        "tasks",
+        old,
+        sa.Column("id", sa.String(36), primary_key=True),
+        sa.Column("type", sa.String(64)),
+        sa.Column("status", sa.String(16)),
+        sa.Column("priority", sa.Integer),
+        sa.Column("created_at", sa.Float),
+        sa.Column("cancel_requested", sa.Boolean, nullable=False),
+    )
     engine = sa.create_engine(url)
     old.create_all(engine)
     with engine.begin() as conn:
-        conn.execute(sa.text("INSERT INTO tasks (id, type, status, priority, created_at, cancel_requested) "
-                             "VALUES ('t1', 'demo', 'COMPLETED', 0, 1.0, 0)"))
+        conn.execute(
+            sa.text(
+                "INSERT INTO tasks (id, type, status, priority, created_at, cancel_requested) "
+                "VALUES ('t1', 'demo', 'COMPLETED', 0, 1.0, 0)"
+            )
+        )
     engine.dispose()
     store = Store(url)
     try:

@@ -45,14 +45,17 @@ def test_an_empty_ref_or_name_is_refused_with_the_allowed_forms(ref):
         parse_ref(ref)
 
 
-@pytest.mark.parametrize(("path", "why"), [
-    ("../outside.csv", "contains '..'"),
-    ("data/../../outside.csv", "contains '..'"),
-    ("/etc/passwd.csv", "is absolute"),
-    ("~/x.csv", "is absolute"),
-    (".git/config.csv", "hidden part '.git'"),
-    ("data/.secret.csv", "hidden part '.secret.csv'"),
-])
+@pytest.mark.parametrize(
+    ("path", "why"),
+    [
+        ("../outside.csv", "contains '..'"),
+        ("data/../../outside.csv", "contains '..'"),
+        ("/etc/passwd.csv", "is absolute"),
+        ("~/x.csv", "is absolute"),
+        (".git/config.csv", "hidden part '.git'"),
+        ("data/.secret.csv", "hidden part '.secret.csv'"),
+    ],
+)
 def test_paths_that_leave_the_root_or_are_hidden_are_refused(catalog, path, why):
     with pytest.raises(InvalidArgument, match=why):
         catalog.load(path)
@@ -123,14 +126,17 @@ def test_a_folder_is_not_a_dataset(catalog, root):
         catalog.load("dir.csv")
 
 
-@pytest.mark.parametrize(("name", "content", "message"), [
-    ("empty.csv", "", "is empty"),
-    ("header.csv", "id,text,label\n", "has no rows"),
-    ("bad.jsonl", '{"a": 1}\n{oops\n', "cannot read dataset 'bad.jsonl' as JSONL: "),
-    ("bad.parquet", "not parquet at all", "cannot read dataset 'bad.parquet' as PARQUET: "),
-    ("ragged.csv", 'a,b\n1,2\n3,4,5,6\n"unterminated\n', "cannot read dataset 'ragged.csv' as CSV: "),
-    ("latin.csv", b"a\n\xff\xfe\n", "cannot read dataset 'latin.csv' as CSV: "),
-])
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("empty.csv", "", "is empty"),
+        ("header.csv", "id,text,label\n", "has no rows"),
+        ("bad.jsonl", '{"a": 1}\n{oops\n', "cannot read dataset 'bad.jsonl' as JSONL: "),
+        ("bad.parquet", "not parquet at all", "cannot read dataset 'bad.parquet' as PARQUET: "),
+        ("ragged.csv", 'a,b\n1,2\n3,4,5,6\n"unterminated\n', "cannot read dataset 'ragged.csv' as CSV: "),
+        ("latin.csv", b"a\n\xff\xfe\n", "cannot read dataset 'latin.csv' as CSV: "),
+    ],
+)
 def test_unreadable_or_empty_files_say_why_in_one_line(catalog, root, name, content, message):
     path = root / name
     if isinstance(content, bytes):
@@ -303,8 +309,16 @@ def test_list_gives_examples_registered_and_files(catalog, root):
     (root / "notes.txt").write_text("not data")
     (root / "broken.csv").write_text("")
     listed = {info.ref: info for info in catalog.list()}
-    assert set(listed) == {"example:fraud", "example:sentiment", "example:topics", "registered:mine",
-                           "a/b/deep.parquet", "big.csv", "big.jsonl", "broken.csv"}
+    assert set(listed) == {
+        "example:fraud",
+        "example:sentiment",
+        "example:topics",
+        "registered:mine",
+        "a/b/deep.parquet",
+        "big.csv",
+        "big.jsonl",
+        "broken.csv",
+    }
     assert listed["a/b/deep.parquet"].rows == 3
     assert listed["big.csv"].rows == 250 and listed["big.jsonl"].rows == 250
     assert listed["broken.csv"].error and "empty" in listed["broken.csv"].error
@@ -336,8 +350,11 @@ def test_list_stops_at_the_depth_bound(catalog, root, monkeypatch):
 
 def test_require_columns_names_the_missing_and_the_existing_columns():
     wide = pd.DataFrame({f"col{i}": [1] for i in range(30)})
-    with pytest.raises(InvalidArgument, match=r"input column 'text' not found; the columns are: col0, col1, .*"
-                                              r"col19, \.\.\. \(10 more\)"):
+    with pytest.raises(
+        InvalidArgument,
+        match=r"input column 'text' not found; the columns are: col0, col1, .*"
+        r"col19, \.\.\. \(10 more\)",
+    ):
         require_columns(wide, "col0", "text", what="input column")
     require_columns(wide, "col0", "col29")
 
@@ -359,16 +376,19 @@ def test_n_above_the_row_count_takes_every_row():
     assert sample_frame(NUMBERS, n=1000).equals(NUMBERS)
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({}, "exactly one of n"),
-    ({"n": 5, "fraction": 0.5}, "exactly one of n"),
-    ({"n": 0}, "at least 1"),
-    ({"n": True}, "whole number"),
-    ({"fraction": 0}, "above 0 and at most 1"),
-    ({"fraction": 1.5}, "above 0 and at most 1"),
-    ({"n": 3, "seed": -1}, "seed must be"),
-    ({"fraction": 0.001}, "selects no rows"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "exactly one of n"),
+        ({"n": 5, "fraction": 0.5}, "exactly one of n"),
+        ({"n": 0}, "at least 1"),
+        ({"n": True}, "whole number"),
+        ({"fraction": 0}, "above 0 and at most 1"),
+        ({"fraction": 1.5}, "above 0 and at most 1"),
+        ({"n": 3, "seed": -1}, "seed must be"),
+        ({"fraction": 0.001}, "selects no rows"),
+    ],
+)
 def test_bad_sample_settings_are_refused(kwargs, message):
     with pytest.raises(InvalidArgument, match=message):
         sample_frame(NUMBERS, **kwargs)

@@ -77,8 +77,12 @@ def test_summaries_and_details_are_what_the_models_dump_key_for_key():
             data["history"] = [s.to_dict() for s in history] if history else None
             data["history_total"] = len(history) if history else None
             data["resource_uri"] = f"plexus://tasks/{task.id}"
-            data.update(queue=None, retention_seconds=2_592_000.0, expires_at=None,  # TaskManager.queue_fields
-                        dashboard_url=None)
+            data.update(
+                queue=None,
+                retention_seconds=2_592_000.0,
+                expires_at=None,  # TaskManager.queue_fields
+                dashboard_url=None,
+            )
             assert json.dumps(data) == json.dumps(TaskDetail.model_validate(data).model_dump(mode="json"))
 
 

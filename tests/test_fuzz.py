@@ -35,13 +35,17 @@ VIEWER_RAW_EXAMPLES = 80
 MAX_MESSAGE = 500  # characters of an error message
 
 INTERNAL_ERROR = -32603
-LEAKS = re.compile(r"Traceback|File \"|pydantic_core|errors\.pydantic\.dev|validation errors? for|sqlalchemy|sqlite3\.|"
-                   r"tornado\.|anyio\.|starlette\.|object has no attribute|unexpected keyword argument|NoneType")
+LEAKS = re.compile(
+    r"Traceback|File \"|pydantic_core|errors\.pydantic\.dev|validation errors? for|sqlalchemy|sqlite3\.|"
+    r"tornado\.|anyio\.|starlette\.|object has no attribute|unexpected keyword argument|NoneType"
+)
 MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 LEGACY_VERSION = "2025-11-25"
-MODERN_META = {"io.modelcontextprotocol/protocolVersion": MODERN,
-               "io.modelcontextprotocol/clientInfo": {"name": "fuzz", "version": "1"},
-               "io.modelcontextprotocol/clientCapabilities": {}}
+MODERN_META = {
+    "io.modelcontextprotocol/protocolVersion": MODERN,
+    "io.modelcontextprotocol/clientInfo": {"name": "fuzz", "version": "1"},
+    "io.modelcontextprotocol/clientCapabilities": {},
+}
 
 
 @pytest.fixture
@@ -54,8 +58,14 @@ def generate(strategy: st.SearchStrategy[Any], n: int) -> list[Any]:
     """`n` examples of `strategy`, the same ones on every run."""
     examples: list[Any] = []
 
-    @settings(max_examples=n, deadline=None, database=None, derandomize=True, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=n,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(strategy)
     def collect(example: Any) -> None:
         examples.append(example)
@@ -96,21 +106,84 @@ def large(make: Callable[[], Any]) -> st.SearchStrategy[Any]:
     return st.just(None).map(lambda _: make())
 
 
-NASTY_STRINGS = large(lambda: HUGE) | large(lambda: "é" * 3000) | st.sampled_from([
-    "", " ", "\x00", "\n", "..", "../../../../etc/passwd", "/etc/passwd", "%00", "a%00b", "%2e%2e%2f", "\\..\\",
-    "' OR 1=1 --", "\"; DROP TABLE tasks; --", "${jndi:x}", "{{7*7}}", "\u202e\u200b", "😀" * 50, "null",
-    "NaN", "-1", "1e999", "0x10", "QUEUED", "queued", "example:sentiment", "example:../../x", "file:///etc/passwd",
-    "python:os:system", "python:plexus_mcp_jupyter.evaluations.examples.scorers:nope", "column:", "column:label",
-    "a" * 65, "\ud7ff\ue000", "*", "%", "_",
-])
+NASTY_STRINGS = (
+    large(lambda: HUGE)
+    | large(lambda: "é" * 3000)
+    | st.sampled_from(
+        [
+            "",
+            " ",
+            "\x00",
+            "\n",
+            "..",
+            "../../../../etc/passwd",
+            "/etc/passwd",
+            "%00",
+            "a%00b",
+            "%2e%2e%2f",
+            "\\..\\",
+            "' OR 1=1 --",
+            '"; DROP TABLE tasks; --',
+            "${jndi:x}",
+            "{{7*7}}",
+            "\u202e\u200b",
+            "😀" * 50,
+            "null",
+            "NaN",
+            "-1",
+            "1e999",
+            "0x10",
+            "QUEUED",
+            "queued",
+            "example:sentiment",
+            "example:../../x",
+            "file:///etc/passwd",
+            "python:os:system",
+            "python:plexus_mcp_jupyter.evaluations.examples.scorers:nope",
+            "column:",
+            "column:label",
+            "a" * 65,
+            "\ud7ff\ue000",
+            "*",
+            "%",
+            "_",
+        ]
+    )
+)
 TEXT = st.text(max_size=30) | NASTY_STRINGS
-SCALARS = (st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
-           | st.floats(allow_nan=False, allow_infinity=False) | TEXT)
-JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4),
-                    max_leaves=8)
-ODD_VALUES = large(lambda: HUGE) | st.sampled_from([
-    None, True, False, 0, -1, 1, 0.5, -0.0, 1e308, -1e308, 2**63, -(2**63) - 1, 2**70, [], {}, [None],
-    {"a": {"b": [1, {"c": None}]}}, [[[]]], ""])
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | TEXT
+)
+JSON = st.recursive(
+    SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4), max_leaves=8
+)
+ODD_VALUES = large(lambda: HUGE) | st.sampled_from(
+    [
+        None,
+        True,
+        False,
+        0,
+        -1,
+        1,
+        0.5,
+        -0.0,
+        1e308,
+        -1e308,
+        2**63,
+        -(2**63) - 1,
+        2**70,
+        [],
+        {},
+        [None],
+        {"a": {"b": [1, {"c": None}]}},
+        [[[]]],
+        "",
+    ]
+)
 
 
 def schema_types(schema: dict[str, Any]) -> set[str]:
@@ -136,22 +209,32 @@ def plausible(name: str, schema: dict[str, Any], defs: dict[str, Any]) -> st.Sea
         edges = [v for v in (low, high) if v is not None]
         edges += [v + d for v in edges for d in (-1, 1)]
         options.append(st.sampled_from(edges or [0, 1, -1]))
-        options.append(st.integers(min_value=int(low) if low is not None else None,
-                                   max_value=min(int(high), 50) if high is not None else 50))
+        options.append(
+            st.integers(
+                min_value=int(low) if low is not None else None,
+                max_value=min(int(high), 50) if high is not None else 50,
+            )
+        )
         if "number" in types:
             options.append(st.floats(min_value=low, max_value=high, allow_nan=False, allow_infinity=False))
     if "string" in types:
         options.append(TEXT)
-        options.append(st.sampled_from({
-            "type": ["accuracy", "feedback", "consistency", "ACCURACY", "nope"],
-            "dataset": ["example:sentiment", "example:fraud", "example:nope", "sentiment.csv", "../x.csv"],
-            "label_column": ["label", "nope"], "prediction_column": ["prediction", "label", "nope"],
-            "input_column": ["text", "nope"], "id_column": ["id", "nope"],
-            "scorer": ["column:prediction", "column:nope", "python:os:system", "rules", "python:"],
-            "scorecard": ["card.yaml", "../../etc/passwd", "/etc/passwd"],
-            "since": ["2024-01-01", "2024-01-01T00:00:00Z", "yesterday", "9999-99-99", "-1"],
-            "cursor": ["eyJ4IjogMX0=", "!!!", "e30", "Zm9v"],
-        }.get(name, ["x"])))
+        options.append(
+            st.sampled_from(
+                {
+                    "type": ["accuracy", "feedback", "consistency", "ACCURACY", "nope"],
+                    "dataset": ["example:sentiment", "example:fraud", "example:nope", "sentiment.csv", "../x.csv"],
+                    "label_column": ["label", "nope"],
+                    "prediction_column": ["prediction", "label", "nope"],
+                    "input_column": ["text", "nope"],
+                    "id_column": ["id", "nope"],
+                    "scorer": ["column:prediction", "column:nope", "python:os:system", "rules", "python:"],
+                    "scorecard": ["card.yaml", "../../etc/passwd", "/etc/passwd"],
+                    "since": ["2024-01-01", "2024-01-01T00:00:00Z", "yesterday", "9999-99-99", "-1"],
+                    "cursor": ["eyJ4IjogMX0=", "!!!", "e30", "Zm9v"],
+                }.get(name, ["x"])
+            )
+        )
         if bound(schema, "maxLength"):
             options.append(st.just("t" * (bound(schema, "maxLength") + 1)))
     if "array" in types:
@@ -164,9 +247,12 @@ def plausible(name: str, schema: dict[str, Any], defs: dict[str, Any]) -> st.Sea
     if "boolean" in types:
         options.append(st.booleans() | st.sampled_from(["true", "yes", 1, 0, "0"]))
     if "object" in types:
-        options.append(st.fixed_dictionaries({"kind": st.sampled_from(["rules", "nope"]) | TEXT},
-                                             optional={"rules": st.lists(JSON, max_size=3), "default": TEXT,
-                                                       "input_column": TEXT}))
+        options.append(
+            st.fixed_dictionaries(
+                {"kind": st.sampled_from(["rules", "nope"]) | TEXT},
+                optional={"rules": st.lists(JSON, max_size=3), "default": TEXT, "input_column": TEXT},
+            )
+        )
     if "null" in types:
         options.append(st.none())
     return st.one_of(*options) if options else JSON
@@ -224,6 +310,7 @@ def cap_spec(spec: Any) -> Any:
 
 # -- checks -----------------------------------------------------------------------------------------------
 
+
 def problems_of(message: Any) -> list[str]:
     """What is wrong with an error message: it must say something, on one line, briefly, without internals."""
     if not isinstance(message, str) or not message.strip():
@@ -262,8 +349,12 @@ class Findings:
             if "_shutdown_watcher" in record.getMessage():  # sse_starlette's per-loop task, left by an earlier test
                 continue
             if record.levelno >= logging.ERROR or record.exc_info:
-                self.fail("the server logged", record.name, record.getMessage()[:MAX_MESSAGE],
-                          repr(record.exc_info[1])[:MAX_MESSAGE] if record.exc_info else None)
+                self.fail(
+                    "the server logged",
+                    record.name,
+                    record.getMessage()[:MAX_MESSAGE],
+                    repr(record.exc_info[1])[:MAX_MESSAGE] if record.exc_info else None,
+                )
 
     def assert_clean(self) -> None:
         assert not self.new, "\n".join(repr(item) for item in self.new[:20])
@@ -307,15 +398,26 @@ def near_valid(schema: dict[str, Any], base: dict[str, Any]) -> st.SearchStrateg
 
 
 TASK_ID, EVALUATION_ID = "<task>", "<evaluation>"  # placeholders: the examples never depend on a run's ids
-EVALUATION = {"type": "accuracy", "dataset": "example:sentiment", "prediction_column": "prediction",
-              "label_column": "label"}
+EVALUATION = {
+    "type": "accuracy",
+    "dataset": "example:sentiment",
+    "prediction_column": "prediction",
+    "label_column": "label",
+}
 BASES = {  # a valid argument set of each tool
-    "run_demo_task": {"items": 2, "item_delay_ms": 0}, "list_tasks": {}, "get_task": {"task_id": TASK_ID},
-    "cancel_tasks": {"task_ids": [TASK_ID]}, "create_evaluation": EVALUATION,
-    "get_evaluation": {"evaluation_id": EVALUATION_ID}, "get_evaluation_results": {"evaluation_id": EVALUATION_ID},
-    "list_evaluations": {}, "list_datasets": {"include_files": False}, "list_scorers": {},
+    "run_demo_task": {"items": 2, "item_delay_ms": 0},
+    "list_tasks": {},
+    "get_task": {"task_id": TASK_ID},
+    "cancel_tasks": {"task_ids": [TASK_ID]},
+    "create_evaluation": EVALUATION,
+    "get_evaluation": {"evaluation_id": EVALUATION_ID},
+    "get_evaluation_results": {"evaluation_id": EVALUATION_ID},
+    "list_evaluations": {},
+    "list_datasets": {"include_files": False},
+    "list_scorers": {},
     "dispatch_batch": {"tasks": [{"type": "demo", "params": {"items": 1, "item_delay_ms": 0}}]},
-    "retry_tasks": {"task_ids": [TASK_ID]}, "set_task_priority": {"task_ids": [TASK_ID], "priority": 1},
+    "retry_tasks": {"task_ids": [TASK_ID]},
+    "set_task_priority": {"task_ids": [TASK_ID], "priority": 1},
 }
 
 
@@ -352,20 +454,54 @@ async def tool_cases(client: Any, ids: dict[str, str], per_tool: int) -> list[tu
 
 # -- raw JSON-RPC bodies ----------------------------------------------------------------------------------
 
-TOOL_NAMES = ["run_demo_task", "list_tasks", "get_task", "cancel_tasks", "create_evaluation", "get_evaluation",
-              "get_evaluation_results", "list_evaluations", "list_datasets", "list_scorers", "dispatch_batch",
-              "retry_tasks", "set_task_priority"]
+TOOL_NAMES = [
+    "run_demo_task",
+    "list_tasks",
+    "get_task",
+    "cancel_tasks",
+    "create_evaluation",
+    "get_evaluation",
+    "get_evaluation_results",
+    "list_evaluations",
+    "list_datasets",
+    "list_scorers",
+    "dispatch_batch",
+    "retry_tasks",
+    "set_task_priority",
+]
 URIS = st.one_of(
-    st.sampled_from([
-        "plexus://tasks", "plexus://tasks/", "plexus://tasks/..", "plexus://tasks/../../etc/passwd",
-        "plexus://tasks/%00", "plexus://tasks/a%00b", "plexus://tasks/..%2F..%2Fetc%2Fpasswd", "plexus://tasks?limit=-1",
-        "plexus://tasks?limit=99999999999999999999999", "plexus://tasks?status=NOPE&type=", "plexus://tasks?cursor=!!",
-        "plexus://evaluations", "plexus://evaluations/../tasks", "plexus://evaluations/x/results?limit=0",
-        "plexus://evaluations/x/results?only_mismatches=maybe", "plexus://datasets", "plexus://datasets/../../",
-        "plexus://audit", "plexus://audit?limit=0", "plexus://audit?limit=1e9&outcome=x&cursor=%00",
-        "plexus://", "plexus:", "plexus:///", "file:///etc/passwd", "http://localhost/", "",
-        "plexus://tasks/\u202e", "plexus://tasks/😀",
-    ]),
+    st.sampled_from(
+        [
+            "plexus://tasks",
+            "plexus://tasks/",
+            "plexus://tasks/..",
+            "plexus://tasks/../../etc/passwd",
+            "plexus://tasks/%00",
+            "plexus://tasks/a%00b",
+            "plexus://tasks/..%2F..%2Fetc%2Fpasswd",
+            "plexus://tasks?limit=-1",
+            "plexus://tasks?limit=99999999999999999999999",
+            "plexus://tasks?status=NOPE&type=",
+            "plexus://tasks?cursor=!!",
+            "plexus://evaluations",
+            "plexus://evaluations/../tasks",
+            "plexus://evaluations/x/results?limit=0",
+            "plexus://evaluations/x/results?only_mismatches=maybe",
+            "plexus://datasets",
+            "plexus://datasets/../../",
+            "plexus://audit",
+            "plexus://audit?limit=0",
+            "plexus://audit?limit=1e9&outcome=x&cursor=%00",
+            "plexus://",
+            "plexus:",
+            "plexus:///",
+            "file:///etc/passwd",
+            "http://localhost/",
+            "",
+            "plexus://tasks/\u202e",
+            "plexus://tasks/😀",
+        ]
+    ),
     large(lambda: "x" * 10_000),
     large(lambda: "plexus://tasks/" + "a" * 10_000),
     st.builds(lambda path: "plexus://" + path, TEXT),
@@ -373,25 +509,64 @@ URIS = st.one_of(
     TEXT,
     JSON,
 )
-METHODS = ["initialize", "ping", "tools/list", "tools/call", "resources/list", "resources/templates/list",
-           "resources/read", "resources/subscribe", "resources/unsubscribe", "prompts/list", "prompts/get",
-           "completion/complete", "logging/setLevel", "tasks/get", "tasks/result", "tasks/cancel", "tasks/list",
-           "subscriptions/listen", "notifications/initialized", "notifications/cancelled", "notifications/progress",
-           "server/discover", "sampling/createMessage"]
+METHODS = [
+    "initialize",
+    "ping",
+    "tools/list",
+    "tools/call",
+    "resources/list",
+    "resources/templates/list",
+    "resources/read",
+    "resources/subscribe",
+    "resources/unsubscribe",
+    "prompts/list",
+    "prompts/get",
+    "completion/complete",
+    "logging/setLevel",
+    "tasks/get",
+    "tasks/result",
+    "tasks/cancel",
+    "tasks/list",
+    "subscriptions/listen",
+    "notifications/initialized",
+    "notifications/cancelled",
+    "notifications/progress",
+    "server/discover",
+    "sampling/createMessage",
+]
 PARAMS = {
-    "tools/call": st.fixed_dictionaries({"name": st.sampled_from(TOOL_NAMES) | TEXT | JSON},
-                                        optional={"arguments": st.dictionaries(TEXT, JSON, max_size=4) | JSON}),
+    "tools/call": st.fixed_dictionaries(
+        {"name": st.sampled_from(TOOL_NAMES) | TEXT | JSON},
+        optional={"arguments": st.dictionaries(TEXT, JSON, max_size=4) | JSON},
+    ),
     "resources/read": st.fixed_dictionaries({"uri": URIS}),
     "resources/subscribe": st.fixed_dictionaries({"uri": URIS}),
     "resources/unsubscribe": st.fixed_dictionaries({"uri": URIS}),
     "tasks/get": st.fixed_dictionaries({"taskId": TEXT | JSON}),
     "tasks/result": st.fixed_dictionaries({"taskId": TEXT | JSON}),
     "tasks/cancel": st.fixed_dictionaries({"taskId": TEXT | JSON}),
-    "subscriptions/listen": st.fixed_dictionaries({"notifications": st.fixed_dictionaries({}, optional={
-        "resourceSubscriptions": st.lists(URIS, max_size=3) | JSON, "taskIds": st.lists(TEXT, max_size=3) | JSON,
-        "toolsListChanged": JSON, "resourcesListChanged": JSON}) | JSON}),
-    "initialize": st.fixed_dictionaries({}, optional={"protocolVersion": st.sampled_from([LEGACY_VERSION, MODERN])
-                                                      | TEXT, "capabilities": JSON, "clientInfo": JSON}),
+    "subscriptions/listen": st.fixed_dictionaries(
+        {
+            "notifications": st.fixed_dictionaries(
+                {},
+                optional={
+                    "resourceSubscriptions": st.lists(URIS, max_size=3) | JSON,
+                    "taskIds": st.lists(TEXT, max_size=3) | JSON,
+                    "toolsListChanged": JSON,
+                    "resourcesListChanged": JSON,
+                },
+            )
+            | JSON
+        }
+    ),
+    "initialize": st.fixed_dictionaries(
+        {},
+        optional={
+            "protocolVersion": st.sampled_from([LEGACY_VERSION, MODERN]) | TEXT,
+            "capabilities": JSON,
+            "clientInfo": JSON,
+        },
+    ),
     "logging/setLevel": st.fixed_dictionaries({"level": st.sampled_from(["debug", "error"]) | TEXT | JSON}),
     "completion/complete": st.fixed_dictionaries({"ref": JSON, "argument": JSON}),
 }
@@ -434,10 +609,23 @@ RAW_BODIES = st.one_of(
     st.lists(jsonrpc_message(), max_size=4).map(encode),  # batches (not part of MCP since 2025-06-18)
     st.binary(max_size=64),
     jsonrpc_message().map(encode).flatmap(lambda b: st.integers(0, max(len(b) - 1, 0)).map(lambda n: b[:n])),
-    st.sampled_from([b"", b"{", b"[", b"null", b"{}", b"[]", b'{"jsonrpc":"2.0"', b"\xff\xfe{}", b"\x00" * 16,
-                     b'{"jsonrpc":"2.0","id":1,"method":"ping"}' + b" " * 10, "{\"a\": \"\ud800\"}".encode(
-                         "utf-8", "surrogatepass"), b'{"id": 1e999, "method": "ping", "jsonrpc": "2.0"}',
-                     b'{"jsonrpc":"2.0","id":1,"method":"ping","method":"tools/list"}']),
+    st.sampled_from(
+        [
+            b"",
+            b"{",
+            b"[",
+            b"null",
+            b"{}",
+            b"[]",
+            b'{"jsonrpc":"2.0"',
+            b"\xff\xfe{}",
+            b"\x00" * 16,
+            b'{"jsonrpc":"2.0","id":1,"method":"ping"}' + b" " * 10,
+            '{"a": "\ud800"}'.encode("utf-8", "surrogatepass"),
+            b'{"id": 1e999, "method": "ping", "jsonrpc": "2.0"}',
+            b'{"jsonrpc":"2.0","id":1,"method":"ping","method":"tools/list"}',
+        ]
+    ),
     large(lambda: b"[" * 5000 + b"]" * 5000),  # deep nesting
     large(lambda: b'{"a":' * 3000 + b"1" + b"}" * 3000),
 )
@@ -452,14 +640,25 @@ class Era:
         self.session_id: str | None = None
 
     async def open_session(self) -> None:
-        body = {"jsonrpc": "2.0", "id": 0, "method": "initialize",
-                "params": {"protocolVersion": LEGACY_VERSION, "capabilities": {},
-                           "clientInfo": {"name": "fuzz", "version": "1"}}}
+        body = {
+            "jsonrpc": "2.0",
+            "id": 0,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": LEGACY_VERSION,
+                "capabilities": {},
+                "clientInfo": {"name": "fuzz", "version": "1"},
+            },
+        }
         status, headers, text, _ = await exchange(self.http, self.url, encode(body), MCP_HEADERS)
         assert status == 200, text
         self.session_id = headers["mcp-session-id"]
-        status, _, text, _ = await exchange(self.http, self.url, encode(
-            {"jsonrpc": "2.0", "method": "notifications/initialized"}), self.legacy_headers())
+        status, _, text, _ = await exchange(
+            self.http,
+            self.url,
+            encode({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+            self.legacy_headers(),
+        )
         assert status == 202, text
 
     def legacy_headers(self) -> dict[str, str]:
@@ -478,8 +677,9 @@ class Era:
         return headers
 
 
-async def exchange(http: httpx2.AsyncClient, url: str, body: bytes, headers: dict[str, str],
-                   wait: float = 8.0) -> tuple[int, dict[str, str], str, bool]:
+async def exchange(
+    http: httpx2.AsyncClient, url: str, body: bytes, headers: dict[str, str], wait: float = 8.0
+) -> tuple[int, dict[str, str], str, bool]:
     """POST `body`; the status, headers, what came back within `wait` seconds and whether the answer ended."""
     async with http.stream("POST", url, content=body, headers=headers) as response:
         chunks: list[bytes] = []
@@ -539,8 +739,9 @@ def check_raw(findings: Findings, status: int, headers: dict[str, str], text: st
 
 async def fuzz_raw(url: str, credential: str, n: int, findings: Findings) -> None:
     bodies = generate(st.tuples(RAW_BODIES, st.booleans()), n)
-    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {credential}"},
-                                  timeout=httpx2.Timeout(30.0)) as http:
+    async with httpx2.AsyncClient(
+        headers={"Authorization": f"Bearer {credential}"}, timeout=httpx2.Timeout(30.0)
+    ) as http:
         era = Era(http, url)
         await era.open_session()
         for body, legacy in bodies:
@@ -550,8 +751,9 @@ async def fuzz_raw(url: str, credential: str, n: int, findings: Findings) -> Non
         big = encode({"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {"pad": "x" * MAX_BODY}})
         status, _, text, _ = await exchange(http, url, big, era.legacy_headers())
         assert status == 413 and "Traceback" not in text, (status, text[:MAX_MESSAGE])
-        status, _, text, _ = await exchange(http, url, encode({"jsonrpc": "2.0", "id": 2, "method": "ping"}),
-                                            era.legacy_headers())
+        status, _, text, _ = await exchange(
+            http, url, encode({"jsonrpc": "2.0", "id": 2, "method": "ping"}), era.legacy_headers()
+        )
         assert status == 200 and '"result"' in text, text[:MAX_MESSAGE]
 
 
@@ -580,6 +782,7 @@ def tasks_owned_by(runtime: Any, owner: str) -> list[Any]:
 
 
 # -- the tests --------------------------------------------------------------------------------------------
+
 
 async def test_every_tool_answers_fuzzed_arguments_with_clear_errors(mcp_url, server_url, token, runtime, caplog):
     async with open_client(mcp_url, token) as client:
@@ -615,9 +818,18 @@ async def test_a_viewer_key_fuzzing_tools_and_bodies_creates_nothing(mcp_url, se
     async with open_client(mcp_url, viewer) as client:
         cases = await tool_cases(client, ids, VIEWER_TOOL_EXAMPLES)
         # the tools it may not see are fuzzed as well: they must be refused, whatever the arguments
-        cases += [(tool, cap(tool, arguments)) for tool in ("run_demo_task", "create_evaluation", "cancel_tasks",
-                                                             "dispatch_batch", "retry_tasks", "set_task_priority")
-                  for arguments in generate(st.dictionaries(TEXT, JSON, max_size=3) | st.just({}), 5)]
+        cases += [
+            (tool, cap(tool, arguments))
+            for tool in (
+                "run_demo_task",
+                "create_evaluation",
+                "cancel_tasks",
+                "dispatch_batch",
+                "retry_tasks",
+                "set_task_priority",
+            )
+            for arguments in generate(st.dictionaries(TEXT, JSON, max_size=3) | st.just({}), 5)
+        ]
         findings = Findings()
         for tool, arguments in cases:
             await call_and_check(client, tool, arguments, findings)

@@ -33,8 +33,14 @@ ENDLESS = 4 * 1024 * 1024  # a first line without a newline, 64 times the bound
 
 @pytest.fixture
 def plexus_config(plexus_config):
-    return {**plexus_config, "max_dataset_header_bytes": HEADER_BYTES, "max_dataset_columns": MAX_COLUMNS,
-            "dataset_threads": 2, "rate_limit": 10_000.0, "rate_burst": 10_000}
+    return {
+        **plexus_config,
+        "max_dataset_header_bytes": HEADER_BYTES,
+        "max_dataset_columns": MAX_COLUMNS,
+        "dataset_threads": 2,
+        "rate_limit": 10_000.0,
+        "rate_burst": 10_000,
+    }
 
 
 @pytest.fixture
@@ -42,8 +48,11 @@ def api(server_url, token):
     """An HTTP client for the REST API, as the notebook user."""
 
     def factory(credential: str | None = None) -> httpx2.AsyncClient:
-        return httpx2.AsyncClient(base_url=f"{server_url}plexus/api/", timeout=60.0,
-                                  headers={"Authorization": f"Bearer {credential or token}"})
+        return httpx2.AsyncClient(
+            base_url=f"{server_url}plexus/api/",
+            timeout=60.0,
+            headers={"Authorization": f"Bearer {credential or token}"},
+        )
 
     return factory
 
@@ -51,8 +60,9 @@ def api(server_url, token):
 def write_pathological_files(root: Any) -> None:
     (root / "endless.csv").write_bytes(b"x" * ENDLESS)  # one column whose name is 4 MB long
     (root / "endless.jsonl").write_bytes(b'{"' + b"k" * ENDLESS + b'": 1}\n')
-    (root / "wide.csv").write_text(",".join(f"c{i}" for i in range(MAX_COLUMNS * 5)) + "\n" +
-                                   ",".join("1" for _ in range(MAX_COLUMNS * 5)) + "\n")
+    (root / "wide.csv").write_text(
+        ",".join(f"c{i}" for i in range(MAX_COLUMNS * 5)) + "\n" + ",".join("1" for _ in range(MAX_COLUMNS * 5)) + "\n"
+    )
     (root / "long_name.csv").write_text("n" * 5000 + ",label\n1,a\n")
     (root / "fine.csv").write_text("text,label\ngood,pos\nbad,neg\n")
 
@@ -78,8 +88,10 @@ async def test_files_outside_the_bounds_are_listed_as_unreadable_with_a_bounded_
     assert response.status_code == 200
     assert len(response.content) < 64 * 1024, f"the listing is {len(response.content):,} bytes"
     listed = {d["ref"]: d for d in response.json()["datasets"]}
-    assert "first line is longer than 65,536 bytes (the max_dataset_header_bytes setting)" in listed["endless.csv"][
-        "error"]
+    assert (
+        "first line is longer than 65,536 bytes (the max_dataset_header_bytes setting)"
+        in listed["endless.csv"]["error"]
+    )
     assert "first line is longer than 65,536 bytes" in listed["endless.jsonl"]["error"]
     assert "500 columns, more than 100 (the max_dataset_columns setting)" in listed["wide.csv"]["error"]
     assert "column name of 5,000 characters" in listed["long_name.csv"]["error"]
@@ -92,15 +104,19 @@ async def test_an_evaluation_or_describe_of_such_a_file_is_a_short_400(api, keys
     write_pathological_files(jp_root_dir)
     async with api(keys["operator"]) as operator:
         for dataset in ("endless.csv", "endless.jsonl", "long_name.csv"):
-            created = await operator.post("evaluations", json={
-                "type": "accuracy", "dataset": dataset, "prediction_column": "p", "label_column": "label"})
+            created = await operator.post(
+                "evaluations",
+                json={"type": "accuracy", "dataset": dataset, "prediction_column": "p", "label_column": "label"},
+            )
             assert created.status_code == 400 and len(created.content) < 2000, created.content[:200]
             assert "\n" not in created.json()["error"]["message"]
             described = await operator.get(f"datasets/{dataset}")
             assert described.status_code == 400 and len(described.content) < 2000, described.content[:200]
         message = (await operator.get("datasets/endless.csv")).json()["error"]["message"]
-    assert message == ("dataset 'endless.csv' cannot be read: its first line is longer than 65,536 bytes "
-                       "(the max_dataset_header_bytes setting)")
+    assert message == (
+        "dataset 'endless.csv' cannot be read: its first line is longer than 65,536 bytes "
+        "(the max_dataset_header_bytes setting)"
+    )
     # What the server logs about these requests is bounded too (tornado logs an HTTPError's message).
     assert all(len(record.getMessage()) < 4000 for record in caplog.records)
 
@@ -113,8 +129,13 @@ def _rss() -> int:
 async def test_describing_a_big_csv_streams_it_once_with_bounded_memory(api, keys, jp_root_dir):
     rows = 600_000
     rng = np.random.default_rng(3)
-    frame = pd.DataFrame({"id": np.arange(rows), "text": rng.choice(["good film", "bad plot", "fine"], rows),
-                          "label": rng.choice(["pos", "neg", "neutral"], rows, p=[0.5, 0.3, 0.2])})
+    frame = pd.DataFrame(
+        {
+            "id": np.arange(rows),
+            "text": rng.choice(["good film", "bad plot", "fine"], rows),
+            "label": rng.choice(["pos", "neg", "neutral"], rows, p=[0.5, 0.3, 0.2]),
+        }
+    )
     frame.to_csv(jp_root_dir / "big.csv", index=False)
     expected = frame["label"].value_counts().to_dict()
     del frame
@@ -131,8 +152,9 @@ async def test_describing_a_big_csv_streams_it_once_with_bounded_memory(api, key
     sampler.start()
     try:
         async with api(keys["viewer"]) as viewer:
-            answers, slowest = await with_health(viewer, asyncio.gather(*(viewer.get("datasets/big.csv")
-                                                                          for _ in range(4))))
+            answers, slowest = await with_health(
+                viewer, asyncio.gather(*(viewer.get("datasets/big.csv") for _ in range(4)))
+            )
     finally:
         sampling = False
         sampler.join()
@@ -143,8 +165,10 @@ async def test_describing_a_big_csv_streams_it_once_with_bounded_memory(api, key
     assert {d["label"]: d["count"] for d in info["label_distribution"]} == expected
     assert [c["name"] for c in info["columns"]] == ["id", "text", "label"]
     grown = (peak - baseline) / 2**20
-    assert grown < 60, f"four describes of a {os.path.getsize(jp_root_dir / 'big.csv') / 2**20:.0f} MB CSV " \
-                       f"grew the server by {grown:.0f} MB"
+    assert grown < 60, (
+        f"four describes of a {os.path.getsize(jp_root_dir / 'big.csv') / 2**20:.0f} MB CSV "
+        f"grew the server by {grown:.0f} MB"
+    )
     assert slowest < 1.0, f"health took {slowest:.2f}s during the describes"
     # The cached description is of that version of the file: a changed file is described again.
     with open(jp_root_dir / "big.csv", "a") as handle:
@@ -197,33 +221,43 @@ async def test_names_with_control_characters_are_refused_not_changed(api, keys, 
     pd.DataFrame({"text": ["a"], "label": ["b"]}).to_parquet(buffer)
     (jp_root_dir / "fine.csv").write_text("text,label\ngood,pos\n")
     async with api() as notebook:
-        registered = await notebook.post("datasets?name=evil%00", content=buffer.getvalue(),
-                                         headers={"Content-Type": "application/vnd.apache.parquet"})
+        registered = await notebook.post(
+            "datasets?name=evil%00",
+            content=buffer.getvalue(),
+            headers={"Content-Type": "application/vnd.apache.parquet"},
+        )
         assert registered.status_code == 400
-        assert "invalid registered dataset name 'evil\\x00'; use 1 to 64 letters" in registered.json()["error"][
-            "message"]
+        assert (
+            "invalid registered dataset name 'evil\\x00'; use 1 to 64 letters" in registered.json()["error"]["message"]
+        )
         listed = (await notebook.get("datasets", params={"include_files": "false"})).json()["datasets"]
         assert "registered:evil" not in [d["ref"] for d in listed]
-        for path, params in (("datasets/fine.csv", {"label_column": "label\x00"}),
-                             ("datasets/fine.csv", {"label_column": "label\n"}),
-                             ("datasets/fine%01.csv", {})):
+        for path, params in (
+            ("datasets/fine.csv", {"label_column": "label\x00"}),
+            ("datasets/fine.csv", {"label_column": "label\n"}),
+            ("datasets/fine%01.csv", {}),
+        ):
             described = await notebook.get(path, params=params)
             assert described.status_code == 400, (path, params, described.text)
             assert "control character" in described.json()["error"]["message"]
-        created = await notebook.post("evaluations", json={
-            "type": "accuracy", "dataset": "fine.csv\n", "prediction_column": "text", "label_column": "label"})
+        created = await notebook.post(
+            "evaluations",
+            json={"type": "accuracy", "dataset": "fine.csv\n", "prediction_column": "text", "label_column": "label"},
+        )
         assert created.status_code == 400 and "control character" in created.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("body", [
-    '{"a":' * 100_000 + "1" + "}" * 100_000,
-    '{"records": [{"a": 1' + "0" * 100_000 + "}]}",
-    '{"records": [{"a": ' + "[" * 100_000 + "]" * 100_000 + "}]}",
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"a":' * 100_000 + "1" + "}" * 100_000,
+        '{"records": [{"a": 1' + "0" * 100_000 + "}]}",
+        '{"records": [{"a": ' + "[" * 100_000 + "]" * 100_000 + "}]}",
+    ],
+)
 async def test_deep_or_huge_json_records_are_a_one_line_400(api, keys, body):
     async with api(keys["operator"]) as operator:
-        response = await operator.post("datasets?name=deep", content=body,
-                                       headers={"Content-Type": "application/json"})
+        response = await operator.post("datasets?name=deep", content=body, headers={"Content-Type": "application/json"})
         assert response.status_code == 400, response.text[:300]
         message = response.json()["error"]["message"]
         assert "\n" not in message and len(message) < 500
@@ -234,9 +268,13 @@ async def test_the_standalone_server_lists_pathological_files_within_bounds(tmp_
     root = tmp_path / "root"
     root.mkdir()
     write_pathological_files(root)
-    proc, url, token = start_http(tmp_path, "--root-dir", str(root),
-                                  PLEXUS_MCP_MAX_DATASET_HEADER_BYTES=str(HEADER_BYTES),
-                                  PLEXUS_MCP_MAX_DATASET_COLUMNS=str(MAX_COLUMNS))
+    proc, url, token = start_http(
+        tmp_path,
+        "--root-dir",
+        str(root),
+        PLEXUS_MCP_MAX_DATASET_HEADER_BYTES=str(HEADER_BYTES),
+        PLEXUS_MCP_MAX_DATASET_COLUMNS=str(MAX_COLUMNS),
+    )
     try:
         async with open_client(url, token) as client:
             # Before the bounds, this answer carried the 4 MB column name (and took minutes to build).
@@ -261,8 +299,7 @@ def catalog(tmp_path):
 
 
 def test_describe_streams_json_lines_and_parquet_as_pandas_would_count_them(catalog):
-    frame = pd.DataFrame({"text": [f"t{i}" for i in range(1000)],
-                          "label": (["a", "b", None, "a"] * 250)})
+    frame = pd.DataFrame({"text": [f"t{i}" for i in range(1000)], "label": (["a", "b", None, "a"] * 250)})
     frame.to_json(catalog.root_dir / "d.jsonl", orient="records", lines=True)
     frame.to_parquet(catalog.root_dir / "d.parquet")
     expected = {"a": 500, "b": 250, None: 250}

@@ -99,15 +99,19 @@ def operator(runtime) -> str:
 
 async def post_evaluation(server_url: str, key: str, body: dict[str, Any]) -> httpx2.Response:
     async with httpx2.AsyncClient(timeout=60) as http:
-        return await http.post(f"{server_url}plexus/api/evaluations", json=body,
-                               headers={"Authorization": f"Bearer {key}"})
+        return await http.post(
+            f"{server_url}plexus/api/evaluations", json=body, headers={"Authorization": f"Bearer {key}"}
+        )
 
 
 async def test_mebibyte_scorecards_are_refused_unparsed_while_health_answers(server_url, operator):
     async with health_watch(f"{server_url}plexus/api/health"):
-        answers = await two_at_a_time([
-            lambda: post_evaluation(server_url, operator, {"type": "accuracy", "scorecard": MEBIBYTE_CARD})
-            for _ in range(6)])
+        answers = await two_at_a_time(
+            [
+                lambda: post_evaluation(server_url, operator, {"type": "accuracy", "scorecard": MEBIBYTE_CARD})
+                for _ in range(6)
+            ]
+        )
     for answer in answers:
         assert answer.status_code == 400
         message = one_line(answer.json()["error"]["message"])
@@ -134,17 +138,22 @@ async def test_a_big_scorecard_an_admin_allows_is_parsed_off_the_event_loop(gene
         assert "no dataset file 'missing.csv'" in answer.json()["error"]["message"]
 
 
-@pytest.mark.parametrize(("scorecard", "reason"), [
-    (DEEP, "scorecard text is 200,006 bytes, more than the 65,536"),
-    (HUGE_NUMBER, "scorecard text is 100,"),
-    ("name: " + "[" * 30_000 + "]" * 30_000, "scorecard line 1: malformed YAML: exceeded maximum nesting depth"),
-    ("name: " + "[" * 100 + "]" * 100, f"scorecard line 1: nested more than {MAX_NESTING} levels deep"),
-    ("name:\n" + "- " * 30_000 + "x\n", f"scorecard line 2: nested more than {MAX_NESTING} levels deep"),
-    (HEADER + "sample: {n: " + "9" * 60_000 + "}\n",
-     f"line 6: a number of 60,000 characters; numbers in a scorecard have at most {MAX_NUMBER_CHARS}"),
-    ("name: 2024-13-45\n", "scorecard: a value cannot be read: month must be in 1..12"),
-    ("name: x\nb: &b [1, 2]\nc: [*b, *b]\n", "scorecard line 3: anchors and aliases (*name) are not allowed"),
-])
+@pytest.mark.parametrize(
+    ("scorecard", "reason"),
+    [
+        (DEEP, "scorecard text is 200,006 bytes, more than the 65,536"),
+        (HUGE_NUMBER, "scorecard text is 100,"),
+        ("name: " + "[" * 30_000 + "]" * 30_000, "scorecard line 1: malformed YAML: exceeded maximum nesting depth"),
+        ("name: " + "[" * 100 + "]" * 100, f"scorecard line 1: nested more than {MAX_NESTING} levels deep"),
+        ("name:\n" + "- " * 30_000 + "x\n", f"scorecard line 2: nested more than {MAX_NESTING} levels deep"),
+        (
+            HEADER + "sample: {n: " + "9" * 60_000 + "}\n",
+            f"line 6: a number of 60,000 characters; numbers in a scorecard have at most {MAX_NUMBER_CHARS}",
+        ),
+        ("name: 2024-13-45\n", "scorecard: a value cannot be read: month must be in 1..12"),
+        ("name: x\nb: &b [1, 2]\nc: [*b, *b]\n", "scorecard line 3: anchors and aliases (*name) are not allowed"),
+    ],
+)
 async def test_pathological_scorecards_get_a_400_with_one_line(server_url, operator, scorecard, reason):
     answer = await post_evaluation(server_url, operator, {"type": "accuracy", "scorecard": scorecard})
     assert answer.status_code == 400, answer.text
@@ -153,8 +162,11 @@ async def test_pathological_scorecards_get_a_400_with_one_line(server_url, opera
 
 async def test_a_scorer_spec_error_quotes_a_bounded_excerpt_of_what_was_sent(server_url, operator):
     scorer = {"kind": "rules", "rules": [{"pattern": "a", "label": ["x" * 1_000_000]}]}
-    answer = await post_evaluation(server_url, operator, {
-        "type": "accuracy", "dataset": "example:sentiment", "label_column": "label", "scorer": scorer})
+    answer = await post_evaluation(
+        server_url,
+        operator,
+        {"type": "accuracy", "dataset": "example:sentiment", "label_column": "label", "scorer": scorer},
+    )
     assert answer.status_code == 400
     assert one_line(answer.json()["error"]["message"]).startswith("rules[0].label: must be a non-empty string")
 
@@ -165,8 +177,9 @@ def small_item_bound(plexus_config) -> None:
     plexus_config.update(max_evaluation_items=1000, max_scorecard_bytes=2 * 1024 * 1024)
 
 
-async def test_an_evaluation_of_more_items_than_allowed_is_refused_before_dispatch(small_item_bound, server_url,
-                                                                                   operator, runtime):
+async def test_an_evaluation_of_more_items_than_allowed_is_refused_before_dispatch(
+    small_item_bound, server_url, operator, runtime
+):
     # The attack: 22,000 scores on the 200-row example made 4.4 million items. Refused by the number of scores:
     attack = await post_evaluation(server_url, operator, {"type": "accuracy", "scorecard": card(22_000)})
     assert attack.status_code == 400
@@ -176,28 +189,36 @@ async def test_an_evaluation_of_more_items_than_allowed_is_refused_before_dispat
     assert many.status_code == 400
     assert one_line(many.json()["error"]["message"]).startswith(
         "this evaluation would score 1,200 items (200 rows x 6 score(s) x 1 run(s)), more than the 1,000 one "
-        "evaluation may have (max_evaluation_items)")
-    runs = await post_evaluation(server_url, operator, {
-        "type": "consistency", "dataset": "example:sentiment", "scorer": "column:prediction", "runs": 6})
+        "evaluation may have (max_evaluation_items)"
+    )
+    runs = await post_evaluation(
+        server_url,
+        operator,
+        {"type": "consistency", "dataset": "example:sentiment", "scorer": "column:prediction", "runs": 6},
+    )
     assert runs.status_code == 400 and "200 rows x 1 score(s) x 6 run(s)" in runs.text
-    sampled = await post_evaluation(server_url, operator, {"type": "accuracy", "scorecard": card(
-        6, sample="{n: 150, seed: 1}")})
+    sampled = await post_evaluation(
+        server_url, operator, {"type": "accuracy", "scorecard": card(6, sample="{n: 150, seed: 1}")}
+    )
     assert sampled.status_code == 201, sampled.text  # 150 rows x 6 scores = 900 items
     assert len((await runtime.evaluations.list_evaluations())[0]) == 1  # nothing was dispatched for the refused ones
 
 
 async def test_a_file_whose_rows_are_known_only_when_loaded_fails_at_setup_without_items(
-        small_item_bound, server_url, operator, runtime, jp_root_dir):
+    small_item_bound, server_url, operator, runtime, jp_root_dir
+):
     rows = "".join(f"{i},text {i},{'yes' if i % 2 else 'no'}\n" for i in range(300))
     (jp_root_dir / "big.csv").write_text("id,text,label\n" + rows)
-    created = await post_evaluation(server_url, operator, {"type": "accuracy", "scorecard": card(
-        4, dataset="big.csv", scorer="column:label")})
+    created = await post_evaluation(
+        server_url, operator, {"type": "accuracy", "scorecard": card(4, dataset="big.csv", scorer="column:label")}
+    )
     assert created.status_code == 201, created.text
     evaluation_id = created.json()["evaluation_id"]
     done = await poll(lambda: runtime.evaluations.get(evaluation_id), lambda e: e["status"] in ("COMPLETED", "FAILED"))
     assert done["status"] == "FAILED"
     assert done["error_message"].startswith(
-        "this evaluation would score 1,200 items (300 rows x 4 score(s) x 1 run(s)), more than the 1,000")
+        "this evaluation would score 1,200 items (300 rows x 4 score(s) x 1 run(s)), more than the 1,000"
+    )
     assert sum(runtime.evaluations.store.count_items(evaluation_id, f"s{i}") for i in range(4)) == 0
 
 
@@ -207,8 +228,9 @@ async def test_the_items_of_a_cancelled_evaluation_are_pruned_and_its_record_sta
     # Three fast scores (9,000 items, more than one pruning batch), then a slow one to cancel during.
     scorecard = card(3, dataset="many.csv", scorer="column:label")
     scorecard += "  - {name: slow, scorer: 'python:tests.scorer_functions:slow'}\n"
-    response = await jp_fetch("plexus", "api", "evaluations", method="POST",
-                              body=json.dumps({"type": "accuracy", "scorecard": scorecard}))
+    response = await jp_fetch(
+        "plexus", "api", "evaluations", method="POST", body=json.dumps({"type": "accuracy", "scorecard": scorecard})
+    )
     created = json.loads(response.body)
     evaluation_id, task_id = created["evaluation_id"], created["task_id"]
     store = runtime.evaluations.store
@@ -218,8 +240,9 @@ async def test_the_items_of_a_cancelled_evaluation_are_pruned_and_its_record_sta
 
     await poll(written, lambda n: n > 9000, timeout=60)
     await jp_fetch("plexus", "api", "tasks", "cancel", method="POST", body=json.dumps({"task_ids": [task_id]}))
-    pruned = await poll(lambda: runtime.evaluations.get(evaluation_id),
-                        lambda e: e["items_pruned_at"] is not None, timeout=30)
+    pruned = await poll(
+        lambda: runtime.evaluations.get(evaluation_id), lambda e: e["items_pruned_at"] is not None, timeout=30
+    )
     assert pruned["status"] == "CANCELLED" and written() == 0
     assert pruned["definition"]["scores"][0]["name"] == "s0"  # the record is whole
     with pytest.raises(Exception) as refused:
@@ -267,17 +290,32 @@ async def test_a_server_prunes_at_start_what_a_stopped_one_left(tmp_path, transp
     store = Store(plexus_env(tmp_path)["PLEXUS_MCP_DB_URL"])
     evaluations = EvaluationStore(store.engine)
     store.create_task(Task(id="t-cancelled", type="evaluation", status=TaskStatus.CANCELLED))
-    evaluations.create({"id": "e-cancelled", "task_id": "t-cancelled", "type": "accuracy", "owner": None,
-                        "dataset": "example:sentiment", "definition": {"scores": [{"name": "score"}]},
-                        "created_at": time.time()})
-    evaluations.add_items("e-cancelled", "score", [(i, str(i), "x", "a", "a", "a", True, None, None)
-                                                    for i in range(12_000)])
+    evaluations.create(
+        {
+            "id": "e-cancelled",
+            "task_id": "t-cancelled",
+            "type": "accuracy",
+            "owner": None,
+            "dataset": "example:sentiment",
+            "definition": {"scores": [{"name": "score"}]},
+            "created_at": time.time(),
+        }
+    )
+    evaluations.add_items(
+        "e-cancelled", "score", [(i, str(i), "x", "a", "a", "a", True, None, None) for i in range(12_000)]
+    )
     if transport == "http":
         proc, _url, _token = start_http(tmp_path)
     else:  # serving until its client closes stdin
-        proc = subprocess.Popen([sys.executable, "-m", "plexus_mcp_jupyter.cli", "mcp", "serve", "--transport",
-                                 "stdio"], env=plexus_env(tmp_path), cwd=str(REPO), stdin=subprocess.PIPE,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "plexus_mcp_jupyter.cli", "mcp", "serve", "--transport", "stdio"],
+            env=plexus_env(tmp_path),
+            cwd=str(REPO),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     try:
         record = await poll(lambda: evaluations.get("e-cancelled"), lambda r: r["items_pruned_at"] is not None)
     finally:
@@ -289,13 +327,24 @@ async def test_a_server_prunes_at_start_what_a_stopped_one_left(tmp_path, transp
 async def test_the_column_names_an_error_echoes_are_bounded(server_url, operator, jp_root_dir, caplog):
     # A column name the client sent (a megabyte of it), and a file's columns as long as the bounds allow: the
     # answer, and the warning tornado logs with it, quote a few hundred characters, not the lot.
-    (jp_root_dir / "long_names.csv").write_text(",".join(f"{i:02}" + "c" * 998 for i in range(30)) + "\n" +
-                                                ",".join("1" for _ in range(30)) + "\n")
-    for body in ({"type": "accuracy", "dataset": "example:sentiment", "prediction_column": "label",
-                  "label_column": "x" * 1_000_000},
-                 {"type": "accuracy", "dataset": "long_names.csv", "prediction_column": "p" + "c" * 999,
-                  "label_column": "label"},
-                 {"type": "t" * 1_000_000}):  # any message that quotes what was sent, as for a tool error
+    (jp_root_dir / "long_names.csv").write_text(
+        ",".join(f"{i:02}" + "c" * 998 for i in range(30)) + "\n" + ",".join("1" for _ in range(30)) + "\n"
+    )
+    for body in (
+        {
+            "type": "accuracy",
+            "dataset": "example:sentiment",
+            "prediction_column": "label",
+            "label_column": "x" * 1_000_000,
+        },
+        {
+            "type": "accuracy",
+            "dataset": "long_names.csv",
+            "prediction_column": "p" + "c" * 999,
+            "label_column": "label",
+        },
+        {"type": "t" * 1_000_000},
+    ):  # any message that quotes what was sent, as for a tool error
         answer = await post_evaluation(server_url, operator, body)
         assert answer.status_code == 400 and len(answer.content) < 2000, answer.content[:300]
         assert "is not in dataset" in answer.json()["error"]["message"] or "unknown evaluation type" in answer.text

@@ -75,45 +75,81 @@ async def test_a_capped_keys_queue_does_not_block_the_next_owner_in_line(runtime
     manager.cancel([first.id, *(t.id for t in queued)])
 
 
-@pytest.mark.parametrize(("max_concurrency", "share", "per_owner", "key_cap", "notebook_cap"), [
-    (4, 0.5, 0, 2, 0),  # the defaults: half the slots for a key, none for the notebook user
-    (2, 0.5, 0, 1, 0),
-    (5, 0.5, 0, 2, 0),  # rounded down
-    (1, 0.5, 0, 1, 0),  # at least one: with a single slot a key can still hold it
-    (8, 1.0, 0, 0, 0),  # 1 turns the share off
-    (8, 0.5, 3, 3, 3),  # max_concurrency_per_owner caps everyone; a key gets the smaller cap
-])
+@pytest.mark.parametrize(
+    ("max_concurrency", "share", "per_owner", "key_cap", "notebook_cap"),
+    [
+        (4, 0.5, 0, 2, 0),  # the defaults: half the slots for a key, none for the notebook user
+        (2, 0.5, 0, 1, 0),
+        (5, 0.5, 0, 2, 0),  # rounded down
+        (1, 0.5, 0, 1, 0),  # at least one: with a single slot a key can still hold it
+        (8, 1.0, 0, 0, 0),  # 1 turns the share off
+        (8, 0.5, 3, 3, 3),  # max_concurrency_per_owner caps everyone; a key gets the smaller cap
+    ],
+)
 def test_the_slot_share_of_a_key(tmp_path, max_concurrency, share, per_owner, key_cap, notebook_cap):
     from plexus_mcp_jupyter.core import Store
     from plexus_mcp_jupyter.core.events import EventBus
     from plexus_mcp_jupyter.core.executors import LocalExecutor
     from plexus_mcp_jupyter.core.manager import TaskManager
 
-    manager = TaskManager(Store(f"sqlite:///{tmp_path / 'caps.db'}"), EventBus(), LocalExecutor(),
-                          max_concurrency=max_concurrency, max_concurrency_per_owner=per_owner, key_slot_share=share)
+    manager = TaskManager(
+        Store(f"sqlite:///{tmp_path / 'caps.db'}"),
+        EventBus(),
+        LocalExecutor(),
+        max_concurrency=max_concurrency,
+        max_concurrency_per_owner=per_owner,
+        key_slot_share=share,
+    )
     assert (manager.slot_cap("key:k1"), manager.slot_cap("jupyter"), manager.slot_cap(None)) == (
-        key_cap, notebook_cap, notebook_cap)
+        key_cap,
+        notebook_cap,
+        notebook_cap,
+    )
     manager.store.close()
 
 
 async def test_a_priority_above_the_ceiling_of_a_role_is_refused_and_admins_keep_the_full_range(
-        jp_fetch, mcp_url, token, keys, runtime):
+    jp_fetch, mcp_url, token, keys, runtime
+):
     async with open_client(mcp_url, keys["operator"]) as operator:
         refused = await operator.call_tool("run_demo_task", {**SMALL, "priority": 1000})
         assert refused.is_error
         text = refused.content[0].text
         assert "priority 1000" in text and "10" in text and "max_priority_operator" in text, text
         assert not (await operator.call_tool("run_demo_task", {**SMALL, "priority": 10})).is_error
-        evaluation = await operator.call_tool("create_evaluation", {
-            "type": "accuracy", "dataset": "example:sentiment", "label_column": "label",
-            "prediction_column": "prediction", "priority": 11})
+        evaluation = await operator.call_tool(
+            "create_evaluation",
+            {
+                "type": "accuracy",
+                "dataset": "example:sentiment",
+                "label_column": "label",
+                "prediction_column": "prediction",
+                "priority": 11,
+            },
+        )
         assert evaluation.is_error and "max_priority_operator" in evaluation.content[0].text
-    for body, path in (({"type": "demo", "params": SMALL, "priority": 500}, "tasks"),
-                       ({"type": "accuracy", "dataset": "example:sentiment", "label_column": "label",
-                         "prediction_column": "prediction", "priority": 500}, "evaluations")):
+    for body, path in (
+        ({"type": "demo", "params": SMALL, "priority": 500}, "tasks"),
+        (
+            {
+                "type": "accuracy",
+                "dataset": "example:sentiment",
+                "label_column": "label",
+                "prediction_column": "prediction",
+                "priority": 500,
+            },
+            "evaluations",
+        ),
+    ):
         with pytest.raises(Exception) as rest:
-            await jp_fetch("plexus", "api", path, method="POST", body=json.dumps(body),
-                           headers={"Authorization": f"Bearer {keys['operator']}"})
+            await jp_fetch(
+                "plexus",
+                "api",
+                path,
+                method="POST",
+                body=json.dumps(body),
+                headers={"Authorization": f"Bearer {keys['operator']}"},
+            )
         assert rest.value.code == 400 and "max_priority_operator" in rest.value.response.body.decode()
     for credential in (keys["admin"], token):
         async with open_client(mcp_url, credential) as admin:
@@ -140,8 +176,9 @@ async def test_the_standalone_http_server_is_fair_too(tmp_path):
 
 
 async def kernel(jp_ws_fetch, credential: str, fn) -> FakeKernel:
-    ws = await jp_ws_fetch("plexus", "api", "events", params={"ids": "none"},
-                           headers={"Authorization": f"Bearer {credential}"})
+    ws = await jp_ws_fetch(
+        "plexus", "api", "events", params={"ids": "none"}, headers={"Authorization": f"Bearer {credential}"}
+    )
     return FakeKernel(ws, fn)
 
 
@@ -150,7 +187,8 @@ async def kernel_scorers(client) -> list[dict]:
 
 
 async def test_a_keys_scorer_name_never_blocks_the_notebook_users_and_each_evaluation_gets_its_own(
-        jp_ws_fetch, mcp_url, token, keys, runtime):
+    jp_ws_fetch, mcp_url, token, keys, runtime
+):
     squatter = await kernel(jp_ws_fetch, keys["operator"], lambda text: "key")
     assert (await squatter.register("my_scorer"))[0]["type"] == "scorer_registered"
     notebook = await kernel(jp_ws_fetch, token, lambda text: "notebook")
@@ -160,19 +198,32 @@ async def test_a_keys_scorer_name_never_blocks_the_notebook_users_and_each_evalu
     again = await kernel(jp_ws_fetch, token, lambda text: "again")
     taken = await again.register("my_scorer")
     assert taken[0]["type"] == "error" and "already registered by another kernel" in taken[0]["message"]
-    arguments = {"type": "accuracy", "dataset": "example:sentiment", "label_column": "label",
-                 "scorer": "kernel:my_scorer", "input_column": "text"}
-    async with (open_client(mcp_url, token) as notebook_user, open_client(mcp_url, keys["operator"]) as key,
-                open_client(mcp_url, keys["operator2"]) as other_key):
+    arguments = {
+        "type": "accuracy",
+        "dataset": "example:sentiment",
+        "label_column": "label",
+        "scorer": "kernel:my_scorer",
+        "input_column": "text",
+    }
+    async with (
+        open_client(mcp_url, token) as notebook_user,
+        open_client(mcp_url, keys["operator"]) as key,
+        open_client(mcp_url, keys["operator2"]) as other_key,
+    ):
         for client in (notebook_user, key, other_key):
             assert await kernel_scorers(client) == [{"spec": "kernel:my_scorer", "batch": True}]
         answered_by = {}
         for name, client in (("notebook user", notebook_user), ("key", key), ("other key", other_key)):
             done = await finished(client, (await create(client, **arguments))["evaluation_id"])
             assert done["status"] == "COMPLETED", done["error_message"]
-            answered_by[name] = set(item["prediction"] for item in (await client.call_tool(
-                "get_evaluation_results", {"evaluation_id": done["evaluation_id"], "limit": 100}
-            )).structured_content["items"])
+            answered_by[name] = set(
+                item["prediction"]
+                for item in (
+                    await client.call_tool(
+                        "get_evaluation_results", {"evaluation_id": done["evaluation_id"], "limit": 100}
+                    )
+                ).structured_content["items"]
+            )
     # The caller's own scorer first; a key without one of that name gets the notebook user's, never
     # another key's.
     assert answered_by == {"notebook user": {"notebook"}, "key": {"key"}, "other key": {"notebook"}}

@@ -58,8 +58,9 @@ class Capture(logging.Handler):
 
 
 @pytest.mark.parametrize("body", [NESTED, HUGE_NUMBER], ids=["nested", "huge-number"])
-async def test_deep_nesting_and_huge_numbers_are_a_400_with_one_line_on_every_rest_route(server_url, token, runtime,
-                                                                                          body):
+async def test_deep_nesting_and_huge_numbers_are_a_400_with_one_line_on_every_rest_route(
+    server_url, token, runtime, body
+):
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
         for route in ("tasks", "tasks/cancel", "evaluations", "keys"):
@@ -74,9 +75,10 @@ async def test_deep_nesting_and_huge_numbers_are_a_400_with_one_line_on_every_re
 async def test_a_json_body_above_max_request_bytes_is_a_413_before_it_is_parsed(server_url, token, keys, runtime):
     # An operator key may post to tasks/cancel: a body near Jupyter's 512 MiB parsed into gigabytes of objects.
     body = "[" + "1," * (runtime.settings.max_request_bytes // 2) + "1]"
-    for credential, routes in ((token, ("tasks", "tasks/cancel", "tasks/retry", "tasks/priority", "evaluations",
-                                        "keys")),
-                               (keys["operator"], ("tasks/cancel", "tasks/retry"))):
+    for credential, routes in (
+        (token, ("tasks", "tasks/cancel", "tasks/retry", "tasks/priority", "evaluations", "keys")),
+        (keys["operator"], ("tasks/cancel", "tasks/retry")),
+    ):
         async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {credential}"}, timeout=30) as http:
             for route in routes:
                 answer = await http.post(f"{server_url}plexus/api/{route}", content=body)
@@ -118,18 +120,23 @@ async def test_a_token_or_key_in_the_query_string_never_reaches_the_log_or_the_a
             denied = await http.delete(f"{server_url}plexus/api/keys/nope?token={token}&x={key}")
             assert denied.status_code == 404
             # Names and values are read percent-decoded: this is the token too, and must not be logged.
-            encoded = await http.get(f"{server_url}plexus/api/tasks/nope?%74oken=%{ord(token[0]):02X}{token[1:]}"
-                                     f"&x=plx%5F{key[4:]}")
+            encoded = await http.get(
+                f"{server_url}plexus/api/tasks/nope?%74oken=%{ord(token[0]):02X}{token[1:]}&x=plx%5F{key[4:]}"
+            )
             assert encoded.status_code == 404
         async with httpx2.AsyncClient(timeout=30) as http:  # no login cookie from the requests above
             refused = await http.get(f"{server_url}plexus/api/tasks?api_key={key}&other={key}")
             assert refused.status_code == 401
-            as_key = await http.get(f"{server_url}plexus/api/tasks/nope?next={key}",
-                                    headers={"Authorization": f"Bearer {key}"})
+            as_key = await http.get(
+                f"{server_url}plexus/api/tasks/nope?next={key}", headers={"Authorization": f"Bearer {key}"}
+            )
             assert as_key.status_code == 404
             # The token's value where a client put it: a key's name, a tool argument.
-            made = await http.post(f"{server_url}plexus/api/keys", json={"name": f"copy of {token}"},
-                                   headers={"Authorization": f"Bearer {token}"})
+            made = await http.post(
+                f"{server_url}plexus/api/keys",
+                json={"name": f"copy of {token}"},
+                headers={"Authorization": f"Bearer {token}"},
+            )
             assert made.status_code == 201
         async with open_client(mcp_url, token) as client:
             await client.call_tool("get_task", {"task_id": f"id-{token}"})
@@ -185,10 +192,13 @@ async def test_jupyter_still_prints_the_login_url_with_its_token_while_requests_
 def test_the_scrubber_reads_query_parameters_percent_decoded():
     scrubber = SecretScrubber()
     scrubber.add("0123456789abcdef")
-    line = ("GET /plexus/api/tasks?%74oken=%30123456789abcdef&next=%30%3123456789abcdef&a%75th=x&page=2"
-            "&k=plx%5Fabc123abc123_SECRETSECRET (127.0.0.1)")
-    assert scrubber.scrub(line) == ("GET /plexus/api/tasks?%74oken=[redacted]&next=[redacted]&a%75th=[redacted]"
-                                    "&page=2&k=[redacted] (127.0.0.1)")
+    line = (
+        "GET /plexus/api/tasks?%74oken=%30123456789abcdef&next=%30%3123456789abcdef&a%75th=x&page=2"
+        "&k=plx%5Fabc123abc123_SECRETSECRET (127.0.0.1)"
+    )
+    assert scrubber.scrub(line) == (
+        "GET /plexus/api/tasks?%74oken=[redacted]&next=[redacted]&a%75th=[redacted]&page=2&k=[redacted] (127.0.0.1)"
+    )
 
 
 # -- the Origin check: scheme, host and port ------------------------------------------------------------
@@ -205,6 +215,7 @@ def test_same_origin_normalises_default_ports_and_compares_the_scheme():
 async def test_an_origin_with_another_scheme_or_port_is_refused_on_jupyter(server_url, token, jp_http_port, runtime):
     headers = {"Authorization": f"Bearer {token}"}
     async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
+
         async def status(origin: str) -> int:
             return (await http.get(f"{server_url}plexus/api/tasks", headers={"Origin": origin})).status_code
 
@@ -219,10 +230,12 @@ async def test_an_origin_with_another_scheme_is_refused_by_the_standalone_server
     try:
         async with httpx2.AsyncClient(timeout=30) as http:
             headers = {"Authorization": f"Bearer {token}"}
-            own = await http.get(url.replace("/mcp", "/health"), headers={**headers,
-                                                                           "Origin": f"http://localhost:{port}"})
-            other = await http.get(url.replace("/mcp", "/health"), headers={**headers,
-                                                                             "Origin": f"https://localhost:{port}"})
+            own = await http.get(
+                url.replace("/mcp", "/health"), headers={**headers, "Origin": f"http://localhost:{port}"}
+            )
+            other = await http.get(
+                url.replace("/mcp", "/health"), headers={**headers, "Origin": f"https://localhost:{port}"}
+            )
     finally:
         stop(proc)
     assert own.status_code == 200 and other.status_code == 403
@@ -234,9 +247,15 @@ async def test_an_origin_with_another_scheme_is_refused_by_the_standalone_server
 class TestHealthWithUnauthenticatedAccessDisallowed:
     @pytest.fixture
     def jp_server_config(self, plexus_config):
-        return Config({"ServerApp": {"jpserver_extensions": {"plexus_mcp_jupyter": True},
-                                     "allow_unauthenticated_access": False},
-                       "PlexusMCPExtension": plexus_config})
+        return Config(
+            {
+                "ServerApp": {
+                    "jpserver_extensions": {"plexus_mcp_jupyter": True},
+                    "allow_unauthenticated_access": False,
+                },
+                "PlexusMCPExtension": plexus_config,
+            }
+        )
 
     async def test_health_answers_without_credentials(self, server_url, runtime):
         # The marker Jupyter reads (jupyter_server.auth.decorator.allow_unauthenticated), not a mangled name.
@@ -253,8 +272,12 @@ class TestHealthWithUnauthenticatedAccessDisallowed:
 
 async def assert_plexus_unavailable(server_url: str, token: str, capture: Capture, setting: str) -> None:
     async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30) as http:
-        for method, route in (("GET", "plexus/api/health"), ("POST", "plexus/mcp"), ("GET", "plexus/api/tasks"),
-                              ("POST", "plexus/api/keys")):
+        for method, route in (
+            ("GET", "plexus/api/health"),
+            ("POST", "plexus/mcp"),
+            ("GET", "plexus/api/tasks"),
+            ("POST", "plexus/api/keys"),
+        ):
             answer = await http.request(method, f"{server_url}{route}", json={})
             assert answer.status_code == 503, (route, answer.status_code, answer.text[:300])
             message = answer.json()["error"]["message"]
@@ -293,14 +316,21 @@ class TestBadCommandLineSetting:
         await assert_plexus_unavailable(server_url, token, capture_server_log, "PlexusMCPExtension.executor")
 
 
-@pytest.mark.parametrize(("args", "env", "named"), [
-    ((), {"PLEXUS_MCP_EXECUTOR": "ray"}, "PLEXUS_MCP_EXECUTOR='ray'"),
-    (("--max-concurrency", "-1"), {}, "--max-concurrency -1"),
-])
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        ((), {"PLEXUS_MCP_EXECUTOR": "ray"}, "PLEXUS_MCP_EXECUTOR='ray'"),
+        (("--max-concurrency", "-1"), {}, "--max-concurrency -1"),
+    ],
+)
 def test_plexus_mcp_serve_with_a_bad_setting_exits_2_with_one_line(tmp_path, args, env, named):
     done = subprocess.run(
         [sys.executable, "-m", "plexus_mcp_jupyter.cli", "mcp", "serve", "--transport", "http", "--port", "0", *args],
-        env=plexus_env(tmp_path, **env), capture_output=True, text=True, timeout=60)
+        env=plexus_env(tmp_path, **env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and named in lines[0] and "Traceback" not in done.stderr, done.stderr
@@ -311,8 +341,11 @@ def test_plexus_mcp_serve_with_a_bad_setting_exits_2_with_one_line(tmp_path, arg
 
 async def test_stdio_writes_the_audit_records_of_its_last_calls_when_the_client_closes_it(tmp_path):
     params = StdioServerParameters(
-        command=sys.executable, args=["-m", "plexus_mcp_jupyter.cli", "mcp", "serve", "--transport", "stdio"],
-        env=plexus_env(tmp_path), cwd=str(REPO))
+        command=sys.executable,
+        args=["-m", "plexus_mcp_jupyter.cli", "mcp", "serve", "--transport", "stdio"],
+        env=plexus_env(tmp_path),
+        cwd=str(REPO),
+    )
     async with Client(params) as client:
         for _ in range(3):
             await client.call_tool("list_tasks", {})
@@ -336,20 +369,40 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_jupyter(tmp_path: Path, *args: str, token: str | None = "jupyter-test-token-0123456789",
-                  ) -> tuple[subprocess.Popen[bytes], str, str | None, Path]:
+def start_jupyter(
+    tmp_path: Path,
+    *args: str,
+    token: str | None = "jupyter-test-token-0123456789",
+) -> tuple[subprocess.Popen[bytes], str, str | None, Path]:
     """A real `jupyter server` with the extension; its log goes to a file (a pipe would fill and block it).
     With `token` None, Jupyter makes one (and prints it for its user)."""
     port = free_port()
     log_path = tmp_path / "jupyter.log"
-    env = plexus_env(tmp_path, JUPYTER_RUNTIME_DIR=str(tmp_path / "rt"), JUPYTER_CONFIG_DIR=str(tmp_path / "cfg"),
-                     PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env = plexus_env(
+        tmp_path,
+        JUPYTER_RUNTIME_DIR=str(tmp_path / "rt"),
+        JUPYTER_CONFIG_DIR=str(tmp_path / "cfg"),
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    )
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root", f"--port={port}",
-             "--ServerApp.ip=127.0.0.1", *([f"--IdentityProvider.token={token}"] if token else []),
-             "--ServerApp.jpserver_extensions=plexus_mcp_jupyter=True", *args],
-            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp_path))
+            [
+                sys.executable,
+                "-m",
+                "jupyter_server",
+                "--no-browser",
+                "--allow-root",
+                f"--port={port}",
+                "--ServerApp.ip=127.0.0.1",
+                *([f"--IdentityProvider.token={token}"] if token else []),
+                "--ServerApp.jpserver_extensions=plexus_mcp_jupyter=True",
+                *args,
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=str(tmp_path),
+        )
     base = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -365,8 +418,10 @@ def slow_connection(port: int, host_header: str, path: str, *, idle: bool = Fals
     """A connection from 127.0.0.1 that sends nothing (idle) or headers and a sliver of a long body."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
     if not idle:
-        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host_header}\r\nContent-Type: application/json\r\n"
-                     "Content-Length: 100000\r\n\r\n{\"a\":".encode())
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: {host_header}\r\nContent-Type: application/json\r\n"
+            'Content-Length: 100000\r\n\r\n{"a":'.encode()
+        )
     return sock
 
 
@@ -392,6 +447,7 @@ async def check_slow_clients(base: str, health_path: str, post_path: str) -> Non
     latencies: list[float] = []
     other_address = httpx2.AsyncHTTPTransport(local_address="127.0.0.2")
     async with httpx2.AsyncClient(transport=other_address, timeout=5, headers={"Host": host_header}) as http:
+
         async def health() -> None:
             started = time.monotonic()
             answer = await http.get(f"{base}{health_path}")
@@ -411,8 +467,13 @@ async def check_slow_clients(base: str, health_path: str, post_path: str) -> Non
         for sock in held + extra:
             sock.close()
     async with httpx2.AsyncClient(timeout=5) as http:  # 127.0.0.1 is welcome again
-        assert (await poll(lambda: http.get(f"{base}{health_path}", headers={"Host": host_header}),
-                           lambda r: r.status_code == 200, timeout=10)).status_code == 200
+        assert (
+            await poll(
+                lambda: http.get(f"{base}{health_path}", headers={"Host": host_header}),
+                lambda r: r.status_code == 200,
+                timeout=10,
+            )
+        ).status_code == 200
     assert max(latencies) < 1.0, latencies
 
 
@@ -423,9 +484,11 @@ def assert_refusals_logged_once(log: str) -> None:
 
 async def test_jupyter_closes_slow_and_idle_connections_and_caps_them_per_address(tmp_path):
     proc, base, _token, log_path = start_jupyter(
-        tmp_path, f"--PlexusMCPExtension.http_header_timeout={SLOW['header']}",
+        tmp_path,
+        f"--PlexusMCPExtension.http_header_timeout={SLOW['header']}",
         f"--PlexusMCPExtension.http_body_timeout={SLOW['body']}",
-        f"--PlexusMCPExtension.max_connections_per_address={SLOW['cap']}")
+        f"--PlexusMCPExtension.max_connections_per_address={SLOW['cap']}",
+    )
     try:
         await check_slow_clients(base, "plexus/api/health", "/plexus/api/tasks")
     finally:
@@ -435,9 +498,12 @@ async def test_jupyter_closes_slow_and_idle_connections_and_caps_them_per_addres
 
 
 async def test_the_standalone_server_closes_slow_and_idle_connections_and_caps_them_per_address(tmp_path):
-    proc, url, _token = start_http(tmp_path, PLEXUS_MCP_HTTP_HEADER_TIMEOUT=str(SLOW["header"]),
-                                   PLEXUS_MCP_HTTP_BODY_TIMEOUT=str(SLOW["body"]),
-                                   PLEXUS_MCP_MAX_CONNECTIONS_PER_ADDRESS=str(SLOW["cap"]))
+    proc, url, _token = start_http(
+        tmp_path,
+        PLEXUS_MCP_HTTP_HEADER_TIMEOUT=str(SLOW["header"]),
+        PLEXUS_MCP_HTTP_BODY_TIMEOUT=str(SLOW["body"]),
+        PLEXUS_MCP_MAX_CONNECTIONS_PER_ADDRESS=str(SLOW["cap"]),
+    )
     base = url.replace("/mcp", "/").replace("localhost", "127.0.0.1")
     try:
         await check_slow_clients(base, "health", "/mcp")
@@ -460,8 +526,10 @@ async def test_a_connection_flood_never_exhausts_file_descriptors_or_floods_the_
     latencies: list[float] = []
     try:
         other_address = httpx2.AsyncHTTPTransport(local_address="127.0.0.2")
-        async with httpx2.AsyncClient(transport=other_address, timeout=5,
-                                      headers={"Host": f"localhost:{port}"}) as http:
+        async with httpx2.AsyncClient(
+            transport=other_address, timeout=5, headers={"Host": f"localhost:{port}"}
+        ) as http:
+
             async def health() -> None:
                 started = time.monotonic()
                 assert (await http.get(f"{base}health")).status_code == 200
@@ -515,12 +583,25 @@ def test_stdio_writes_its_last_audit_records_when_terminated(tmp_path):
     """SIGTERM with stdin still open (a client or service manager ending the server): the shutdown path runs."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "plexus_mcp_jupyter.cli", "mcp", "serve", "--transport", "stdio"],
-        env=plexus_env(tmp_path), cwd=str(REPO), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
+        env=plexus_env(tmp_path),
+        cwd=str(REPO),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     messages = [
-        {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-            "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "test", "version": "1"}}},
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {},
+                "clientInfo": {"name": "test", "version": "1"},
+            },
+        },
         {"jsonrpc": "2.0", "method": "notifications/initialized"},
         {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "list_tasks", "arguments": {}}},
     ]
@@ -574,8 +655,9 @@ async def test_a_url_full_of_question_marks_is_logged_without_stalling_the_serve
         assert time.monotonic() - started < 5.0
 
 
-@pytest.mark.parametrize("text", ["?" * 200_000, "?a" * 100_000, "&" * 200_000, "?=" * 100_000,
-                                  "?token" * 30_000, "plx_" * 50_000])
+@pytest.mark.parametrize(
+    "text", ["?" * 200_000, "?a" * 100_000, "&" * 200_000, "?=" * 100_000, "?token" * 30_000, "plx_" * 50_000]
+)
 def test_scrubbing_is_linear_in_the_text(text):
     # Every log record and audit string passes the scrubber on the event loop, and a URL or a tool argument
     # is the client's to choose: 40 KB of '?' once took 10 s (quadratic), 200 KB would take minutes.

@@ -29,15 +29,22 @@ INIT = {
     "params": {"protocolVersion": LEGACY_VERSION, "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
 }
 LIST_TOOLS = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
-MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json",
-               "MCP-Protocol-Version": LEGACY_VERSION}
+MCP_HEADERS = {
+    "Accept": "application/json, text/event-stream",
+    "Content-Type": "application/json",
+    "MCP-Protocol-Version": LEGACY_VERSION,
+}
 PER_KEY, MAX_SESSIONS, RESERVED_SHARE = 3, 12, 0.25  # viewer and operator keys together: 9 sessions
 
 
 @pytest.fixture
 def plexus_config(plexus_config: dict[str, Any]) -> dict[str, Any]:
-    return {**plexus_config, "max_sessions": MAX_SESSIONS, "max_sessions_per_key": PER_KEY,
-            "reserved_session_share": RESERVED_SHARE}
+    return {
+        **plexus_config,
+        "max_sessions": MAX_SESSIONS,
+        "max_sessions_per_key": PER_KEY,
+        "reserved_session_share": RESERVED_SHARE,
+    }
 
 
 def headers_of(credential: str, session_id: str | None = None) -> dict[str, str]:
@@ -202,8 +209,12 @@ async def test_another_principal_gets_404_for_a_session_it_did_not_open(mcp_url,
         unknown = await http.post(mcp_url, json=LIST_TOOLS, headers=headers_of(keys[intruder], "0" * 32))
         assert unknown.status_code == 404
         for method in ("POST", "GET", "DELETE"):
-            request = http.build_request(method, mcp_url, headers=headers_of(keys[intruder], session_id),
-                                         json=LIST_TOOLS if method == "POST" else None)
+            request = http.build_request(
+                method,
+                mcp_url,
+                headers=headers_of(keys[intruder], session_id),
+                json=LIST_TOOLS if method == "POST" else None,
+            )
             response = await http.send(request, stream=True)  # a hijacked GET would stream forever
             try:
                 assert response.status_code == 404, method

@@ -109,16 +109,29 @@ async def test_a_kernel_runs_a_task_and_its_widget_moves_while_the_kernel_is_idl
         bar = out.split("bar ")[1].strip()
         # The cell has ended: the kernel's main thread is idle. The event thread alone moves the bar
         # (comm messages sent from a background thread) to its end.
-        await kernel.until(lambda m: m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == bar
-                           and state_of(m).get("bar_style") == "success")
-        values = [state_of(m)["value"] for m in kernel.iopub
-                  if m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == bar and "value" in state_of(m)]
-        maxima = [state_of(m)["max"] for m in kernel.iopub
-                  if m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == bar and "max" in state_of(m)]
+        await kernel.until(
+            lambda m: (
+                m["msg_type"] == "comm_msg"
+                and m["content"]["comm_id"] == bar
+                and state_of(m).get("bar_style") == "success"
+            )
+        )
+        values = [
+            state_of(m)["value"]
+            for m in kernel.iopub
+            if m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == bar and "value" in state_of(m)
+        ]
+        maxima = [
+            state_of(m)["max"]
+            for m in kernel.iopub
+            if m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == bar and "max" in state_of(m)
+        ]
         assert 400 in maxima and max(values) > 100 and values[-1] == maxima[-1]  # through the stages, to the end
         assert len(values) < 100  # coalesced: not one message per item
-        out = await kernel.run("print(h.status, w.bar.value == w.bar.max, h.result()['items_processed'])\n"
-                               "print(plexus.tasks().loc[lambda f: f.task_id == h.id, 'status'].iloc[0])")
+        out = await kernel.run(
+            "print(h.status, w.bar.value == w.bar.max, h.result()['items_processed'])\n"
+            "print(plexus.tasks().loc[lambda f: f.task_id == h.id, 'status'].iloc[0])"
+        )
         assert out.split() == ["COMPLETED", "True", "400", "COMPLETED"]
         assert time.monotonic() - started < 30
     finally:
@@ -168,13 +181,23 @@ async def test_an_assistant_evaluates_a_kernels_dataframe_with_its_scorer_and_th
         )
         assert out.strip() == "kernel:keywords"
         async with mcp_client() as client:
-            started = (await client.call_tool("create_evaluation", {
-                "type": "accuracy", "dataset": "registered:reviews", "scorer": "kernel:keywords",
-                "label_column": "label", "input_column": "text"})).structured_content
+            started = (
+                await client.call_tool(
+                    "create_evaluation",
+                    {
+                        "type": "accuracy",
+                        "dataset": "registered:reviews",
+                        "scorer": "kernel:keywords",
+                        "label_column": "label",
+                        "input_column": "text",
+                    },
+                )
+            ).structured_content
             deadline = time.monotonic() + 60
             while True:
-                view = (await client.call_tool("get_evaluation",
-                                               {"evaluation_id": started["evaluation_id"]})).structured_content
+                view = (
+                    await client.call_tool("get_evaluation", {"evaluation_id": started["evaluation_id"]})
+                ).structured_content
                 if view["status"] in ("COMPLETED", "FAILED", "CANCELLED") or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.1)

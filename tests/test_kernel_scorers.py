@@ -49,13 +49,21 @@ class FakeKernel:
                 except Exception as exc:
                     predictions.append(None)
                     errors.append(f"{type(exc).__name__}: {exc}")
-            self.ws.write_message(json.dumps({"type": "score_result", "request_id": message["request_id"],
-                                              "predictions": predictions, "explanations": None, "errors": errors}))
+            self.ws.write_message(
+                json.dumps(
+                    {
+                        "type": "score_result",
+                        "request_id": message["request_id"],
+                        "predictions": predictions,
+                        "explanations": None,
+                        "errors": errors,
+                    }
+                )
+            )
 
     async def register(self, name: str) -> dict:
         self.ws.write_message(json.dumps({"type": "register_scorer", "name": name, "batch": True}))
-        return await poll(lambda: [m for m in self.messages if m["type"] in ("scorer_registered", "error")],
-                          bool)
+        return await poll(lambda: [m for m in self.messages if m["type"] in ("scorer_registered", "error")], bool)
 
 
 def keyword(text: str) -> str:
@@ -72,8 +80,14 @@ async def test_an_evaluation_with_a_kernel_scorer_is_scored_by_that_kernel(jp_ws
     async with mcp_client() as client:
         scorers = (await client.call_tool("list_scorers", {})).structured_content
         assert {"spec": "kernel:keywords", "batch": True} in scorers["kernel_scorers"]
-        started = await create(client, type="accuracy", dataset="example:sentiment", label_column="label",
-                               scorer="kernel:keywords", input_column="text")
+        started = await create(
+            client,
+            type="accuracy",
+            dataset="example:sentiment",
+            label_column="label",
+            scorer="kernel:keywords",
+            input_column="text",
+        )
         done = await finished(client, started["evaluation_id"])
     assert done["status"] == "COMPLETED", done["error_message"]
     assert kernel.requests >= 1
@@ -88,12 +102,20 @@ async def test_a_kernel_that_goes_away_fails_its_evaluation_clearly(jp_ws_fetch,
     kernel = FakeKernel(await jp_ws_fetch("plexus", "api", "events", params={"ids": "none"}), keyword, stop_after=1)
     await kernel.register("leaving")
     async with mcp_client() as client:
-        started = await create(client, type="accuracy", dataset="example:fraud", label_column="label",
-                               scorer="kernel:leaving", input_column="text")
+        started = await create(
+            client,
+            type="accuracy",
+            dataset="example:fraud",
+            label_column="label",
+            scorer="kernel:leaving",
+            input_column="text",
+        )
         done = await finished(client, started["evaluation_id"])
         assert done["status"] == "FAILED" and "disconnected" in done["error_message"]
-        gone = await client.call_tool("create_evaluation", {"type": "accuracy", "dataset": "example:sentiment",
-                                                            "label_column": "label", "scorer": "kernel:leaving"})
+        gone = await client.call_tool(
+            "create_evaluation",
+            {"type": "accuracy", "dataset": "example:sentiment", "label_column": "label", "scorer": "kernel:leaving"},
+        )
         assert gone.is_error and "no kernel scorer 'leaving' is registered" in gone.content[0].text
 
 

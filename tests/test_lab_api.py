@@ -31,8 +31,12 @@ async def test_the_notebook_user_gets_every_client_with_the_jupyter_token(jp_fet
     import shlex
 
     hostile = claude_code_command(data["url"], '$(touch /tmp/pwned)`id`"', name="x; rm -rf ~")
-    assert shlex.split(hostile)[5:] == ["x; rm -rf ~", data["url"], "--header",
-                                        'Authorization: Bearer $(touch /tmp/pwned)`id`"']
+    assert shlex.split(hostile)[5:] == [
+        "x; rm -rf ~",
+        data["url"],
+        "--header",
+        'Authorization: Bearer $(touch /tmp/pwned)`id`"',
+    ]
     desktop = json.loads(by_id["claude-desktop"]["text"])["mcpServers"]["plexus"]
     assert desktop["command"] == "npx" and data["url"] in desktop["args"]
     generic = json.loads(by_id["generic"]["text"])["mcpServers"]["plexus"]

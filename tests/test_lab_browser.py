@@ -180,7 +180,8 @@ def test_a_task_started_by_an_mcp_client_runs_to_completed_with_its_bar_moving(p
         # with the previous stage's percentage.
         stage, value, status = row(page, task_id).evaluate(
             "r => [r.querySelector('.plexus-col-stage').innerText,"
-            " r.querySelector('.plexus-progress').getAttribute('data-percent'), r.getAttribute('data-status')]")
+            " r.querySelector('.plexus-progress').getAttribute('data-percent'), r.getAttribute('data-status')]"
+        )
         if value and (not seen or seen[-1] != (stage, float(value))):
             seen.append((stage, float(value)))
         return str(status)
@@ -205,7 +206,8 @@ def test_the_status_bar_the_palette_and_the_keyboard_reach_the_panel(page, lab):
     palette.wait_for(state="visible", timeout=30000)  # under load the palette opens after the key press returns
     palette.fill("Plexus: Connect an Assistant", timeout=60000)
     page.locator(".jp-ModalCommandPalette .lm-CommandPalette-item", has_text="Connect an Assistant").first.wait_for(
-        timeout=15000)
+        timeout=15000
+    )
     palette.press("Enter")
     wait_for(lambda: page.get_attribute(".plexus-tab-connect", "aria-selected"), lambda selected: selected == "true")
     page.focus(".plexus-tab-tasks")

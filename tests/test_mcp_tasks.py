@@ -304,7 +304,6 @@ async def test_listen_with_task_ids_pushes_each_status_and_the_final_result(mcp_
         assert final["result"]["structuredContent"]["output"]["items_processed"] == 30
 
 
-
 async def test_bad_arguments_with_the_extension_are_a_tool_error_and_no_task(mcp_client, runtime):
     tasks = TasksClient()
     async with mcp_client(MODERN, extensions=[tasks]) as client:
@@ -315,11 +314,19 @@ async def test_bad_arguments_with_the_extension_are_a_tool_error_and_no_task(mcp
 
 async def test_an_evaluation_runs_as_an_mcp_task_and_its_result_is_the_evaluation(mcp_client, runtime):
     async with mcp_client() as client:
-        created = await task_call(client, {"type": "accuracy", "dataset": "example:sentiment",
-                                           "prediction_column": "prediction", "label_column": "label"},
-                                  name="create_evaluation")
+        created = await task_call(
+            client,
+            {
+                "type": "accuracy",
+                "dataset": "example:sentiment",
+                "prediction_column": "prediction",
+                "label_column": "label",
+            },
+            name="create_evaluation",
+        )
         payload = await client.session.send_request(
-            GetTaskPayloadRequest(params=GetTaskPayloadRequestParams(task_id=created["task"]["taskId"])), RAW)
+            GetTaskPayloadRequest(params=GetTaskPayloadRequestParams(task_id=created["task"]["taskId"])), RAW
+        )
     result = CallToolResult.model_validate(payload)
     assert result.is_error is False and result.structured_content["status"] == "COMPLETED"
     assert result.structured_content["metrics"]["score"]["n"] == 200

@@ -38,9 +38,19 @@ async def test_the_catalogue_is_small_and_every_tool_has_schemas_with_descriptio
 
 
 ALL_TOOLS = {
-    "run_demo_task", "list_tasks", "get_task", "cancel_tasks", "dispatch_batch", "retry_tasks", "set_task_priority",
-    "create_evaluation", "get_evaluation", "get_evaluation_results", "list_evaluations",
-    "list_datasets", "list_scorers",
+    "run_demo_task",
+    "list_tasks",
+    "get_task",
+    "cancel_tasks",
+    "dispatch_batch",
+    "retry_tasks",
+    "set_task_priority",
+    "create_evaluation",
+    "get_evaluation",
+    "get_evaluation_results",
+    "list_evaluations",
+    "list_datasets",
+    "list_scorers",
 }
 
 

@@ -53,8 +53,15 @@ def clean_env(workdir: Path) -> dict[str, str]:
 
 
 @contextmanager
-def jupyter(workdir: Path, *, app: str = "server", root_dir: Path | None = None, port: int | None = None,
-            token: str = TOKEN, timeout: float = 60.0) -> Iterator[tuple[str, dict[str, str]]]:
+def jupyter(
+    workdir: Path,
+    *,
+    app: str = "server",
+    root_dir: Path | None = None,
+    port: int | None = None,
+    token: str = TOKEN,
+    timeout: float = 60.0,
+) -> Iterator[tuple[str, dict[str, str]]]:
     """A real `jupyter server` (or `jupyter lab`) with the extension enabled.
 
     Yields (server URL, environment for kernels): the environment names the connection file the server
@@ -63,10 +70,23 @@ def jupyter(workdir: Path, *, app: str = "server", root_dir: Path | None = None,
     env = clean_env(workdir)
     log = (workdir / f"jupyter-{app}.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyter", app, f"--port={port}", "--ip=127.0.0.1", "--no-browser", "--allow-root",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root_dir or workdir}",
-         "--ServerApp.jpserver_extensions=plexus_mcp_jupyter=True", "--ServerApp.log_level=WARN"],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "jupyter",
+            app,
+            f"--port={port}",
+            "--ip=127.0.0.1",
+            "--no-browser",
+            "--allow-root",
+            f"--IdentityProvider.token={token}",
+            f"--ServerApp.root_dir={root_dir or workdir}",
+            "--ServerApp.jpserver_extensions=plexus_mcp_jupyter=True",
+            "--ServerApp.log_level=WARN",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}/"
     runtime = workdir / "jrun"
@@ -74,12 +94,18 @@ def jupyter(workdir: Path, *, app: str = "server", root_dir: Path | None = None,
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"jupyter {app} exited with {proc.returncode}:\n"
-                                   + (workdir / f"jupyter-{app}.log").read_text(errors="replace"))
+                raise RuntimeError(
+                    f"jupyter {app} exited with {proc.returncode}:\n"
+                    + (workdir / f"jupyter-{app}.log").read_text(errors="replace")
+                )
             files = sorted(runtime.glob("plexus-*.json"))
             try:
-                healthy = files and requests.get(url + "plexus/api/health", timeout=1,
-                                                 headers={"Authorization": f"token {token}"}).ok
+                healthy = (
+                    files
+                    and requests.get(
+                        url + "plexus/api/health", timeout=1, headers={"Authorization": f"token {token}"}
+                    ).ok
+                )
             except requests.RequestException:
                 healthy = False
             if healthy:
@@ -105,9 +131,24 @@ def test_the_notebooks_outputs_match(tmp_path: Path) -> None:
     assert NOTEBOOKS, "no notebooks found in notebooks/"
     with jupyter(tmp_path) as (_url, env):
         run = subprocess.run(
-            [sys.executable, "-m", "pytest", "--nbval", "--nbval-current-env", "--nbval-sanitize-with", str(SANITIZE),
-             "-p", "no:cacheprovider", "-v", *(str(nb.relative_to(CHECKOUT)) for nb in NOTEBOOKS)],
-            cwd=CHECKOUT, env=env, capture_output=True, text=True, timeout=280,
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "--nbval",
+                "--nbval-current-env",
+                "--nbval-sanitize-with",
+                str(SANITIZE),
+                "-p",
+                "no:cacheprovider",
+                "-v",
+                *(str(nb.relative_to(CHECKOUT)) for nb in NOTEBOOKS),
+            ],
+            cwd=CHECKOUT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=280,
         )
     output = run.stdout + run.stderr
     # exit 5 (no test collected) is a failure too
@@ -125,8 +166,22 @@ def execute_in_place(notebook: Path) -> None:
     """Run a notebook against a fresh server and store its outputs (what nbval compares with)."""
     with tempfile.TemporaryDirectory() as tmp, jupyter(Path(tmp)) as (_url, env):
         started = time.monotonic()
-        subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute", "--inplace",
-                        "--ExecutePreprocessor.timeout=120", str(notebook)], env=env, check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "jupyter",
+                "nbconvert",
+                "--to",
+                "notebook",
+                "--execute",
+                "--inplace",
+                "--ExecutePreprocessor.timeout=120",
+                str(notebook),
+            ],
+            env=env,
+            check=True,
+        )
         print(f"{notebook.name}: {time.monotonic() - started:.1f} s")
 
 

@@ -1,4 +1,4 @@
-"""The code stays lint- and type-clean (ruff, mypy), as CI checks on every run."""
+"""The code stays lint- and type-clean and formatted (ruff, mypy), as CI checks on every run."""
 
 from __future__ import annotations
 
@@ -20,4 +20,10 @@ def test_ruff_finds_nothing():
 
 def test_mypy_finds_nothing():
     result = run("mypy", "plexus_mcp_jupyter")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_tree_is_formatted():
+    # `ruff format` is the one layout (line length 120, pyproject.toml); CI fails on a file it would change.
+    result = run("ruff", "format", "--check", "plexus_mcp_jupyter", "tests", "benchmarks", "notebooks", "docs")
     assert result.returncode == 0, result.stdout + result.stderr

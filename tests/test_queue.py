@@ -35,10 +35,20 @@ def wide_type():
     from plexus_mcp_jupyter.core import demo
 
     with registered_task_types(
-        TaskType("wide", "plexus_mcp_jupyter.core.demo:run_demo", "two-slot demo", demo.validate_params,
-                 resources={"slots": 2}),
-        TaskType("gpu_demo", "plexus_mcp_jupyter.core.demo:run_demo", "needs a GPU", demo.validate_params,
-                 resources={"slots": 1, "gpu": 1}),
+        TaskType(
+            "wide",
+            "plexus_mcp_jupyter.core.demo:run_demo",
+            "two-slot demo",
+            demo.validate_params,
+            resources={"slots": 2},
+        ),
+        TaskType(
+            "gpu_demo",
+            "plexus_mcp_jupyter.core.demo:run_demo",
+            "needs a GPU",
+            demo.validate_params,
+            resources={"slots": 1, "gpu": 1},
+        ),
     ):
         yield "wide"
 
@@ -109,9 +119,18 @@ async def test_two_keys_flooding_the_queue_share_it(mcp_url, runtime):
 
 async def test_the_standalone_server_shares_the_queue_too(tmp_path):
     env = plexus_env(tmp_path)
-    a, b = (json.loads(subprocess.run(
-        [sys.executable, "-m", "plexus_mcp_jupyter.cli", "keys", "create", name, "--role", "operator"],
-        env=env, capture_output=True, text=True, check=True).stdout)["secret"] for name in ("a", "b"))
+    a, b = (
+        json.loads(
+            subprocess.run(
+                [sys.executable, "-m", "plexus_mcp_jupyter.cli", "keys", "create", name, "--role", "operator"],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )["secret"]
+        for name in ("a", "b")
+    )
     proc, url, _ = start_http(tmp_path, "--max-concurrency", "1", PLEXUS_MCP_KEY_SLOT_SHARE="1")
     try:
         async with open_client(url, a) as flooder, open_client(url, b) as other:
@@ -126,16 +145,28 @@ async def test_weighted_sharing_and_fifo_are_settings(runtime):
     from plexus_mcp_jupyter.core.queue import QueuePolicy, start_order
 
     def task(n: int, owner: str, role: str) -> Task:
-        return Task(id=f"{owner}-{n}", type="demo", status=TaskStatus.QUEUED, owner=owner, owner_role=role,
-                    created_at=1000.0 + n)
+        return Task(
+            id=f"{owner}-{n}",
+            type="demo",
+            status=TaskStatus.QUEUED,
+            owner=owner,
+            owner_role=role,
+            created_at=1000.0 + n,
+        )
 
-    queued = sorted([*(task(i, "key:op", "operator") for i in range(4)), *(task(10 + i, "jupyter", "admin")
-                                                                            for i in range(4))],
-                    key=lambda t: t.created_at)
+    queued = sorted(
+        [*(task(i, "key:op", "operator") for i in range(4)), *(task(10 + i, "jupyter", "admin") for i in range(4))],
+        key=lambda t: t.created_at,
+    )
 
     def order(fairness: str) -> list[str]:
-        policy = QueuePolicy(capacity={"slots": 1}, needs=lambda _: {"slots": 1}, slot_cap=lambda _: 0,
-                             fairness=fairness, weights={"admin": 2.0, "operator": 1.0})
+        policy = QueuePolicy(
+            capacity={"slots": 1},
+            needs=lambda _: {"slots": 1},
+            slot_cap=lambda _: 0,
+            fairness=fairness,
+            weights={"admin": 2.0, "operator": 1.0},
+        )
         return [t.id for t in start_order(queued, policy)]
 
     assert order("fifo") == [t.id for t in queued]
@@ -165,16 +196,20 @@ async def test_a_two_slot_task_is_not_jumped_by_smaller_lower_priority_ones(mcp_
 
 async def test_a_task_bigger_than_the_whole_capacity_is_refused_with_both_numbers(jp_fetch, runtime, wide_type):
     runtime.manager.max_concurrency = 1
-    for task_type, words in (("wide", "slots: needs 2, the executor has 1 in all"),
-                             ("gpu_demo", "gpu: needs 1, the executor has 0 in all")):
+    for task_type, words in (
+        ("wide", "slots: needs 2, the executor has 1 in all"),
+        ("gpu_demo", "gpu: needs 1, the executor has 0 in all"),
+    ):
         with pytest.raises(Exception) as refused:
-            await jp_fetch("plexus", "api", "tasks", method="POST",
-                           body=json.dumps({"type": task_type, "params": SHORT}))
+            await jp_fetch(
+                "plexus", "api", "tasks", method="POST", body=json.dumps({"type": task_type, "params": SHORT})
+            )
         assert refused.value.code == 400
         assert words in refused.value.response.body.decode()
     runtime.manager.configure_queue(resources={"gpu": 1})
-    accepted = await jp_fetch("plexus", "api", "tasks", method="POST", body=json.dumps({"type": "gpu_demo",
-                                                                                       "params": SHORT}))
+    accepted = await jp_fetch(
+        "plexus", "api", "tasks", method="POST", body=json.dumps({"type": "gpu_demo", "params": SHORT})
+    )
     assert accepted.code == 201
     assert runtime.manager.store.count_tasks(runtime.manager.build_filter(type_names="wide")) == 0
 
@@ -253,13 +288,16 @@ async def test_a_server_killed_with_a_full_queue_keeps_it_in_order(tmp_path):
         stop(proc)
 
 
-@pytest.mark.parametrize(("setting", "value", "words"), [
-    ("executor_resources", "slots=four", "executor_resources: slots must be a whole number >= 0, not 'four'"),
-    ("executor_resources", "gpu", "executor_resources: 'gpu' is not name=value"),
-    ("max_concurrency_by_type", "Demo=1", "the name 'Demo' must be lower-case"),
-    ("queue_role_weights", "admin=0", "queue_role_weights: admin='0' must be a number > 0"),
-    ("task_retention_by_type", "demo=soon", "task_retention_by_type: demo='soon' must be a number > 0"),
-])
+@pytest.mark.parametrize(
+    ("setting", "value", "words"),
+    [
+        ("executor_resources", "slots=four", "executor_resources: slots must be a whole number >= 0, not 'four'"),
+        ("executor_resources", "gpu", "executor_resources: 'gpu' is not name=value"),
+        ("max_concurrency_by_type", "Demo=1", "the name 'Demo' must be lower-case"),
+        ("queue_role_weights", "admin=0", "queue_role_weights: admin='0' must be a number > 0"),
+        ("task_retention_by_type", "demo=soon", "task_retention_by_type: demo='soon' must be a number > 0"),
+    ],
+)
 def test_a_bad_queue_or_retention_setting_is_refused_with_its_name(tmp_path, setting, value, words):
     from plexus_mcp_jupyter.config import PlexusSettings
     from plexus_mcp_jupyter.core.errors import InvalidArgument
@@ -283,13 +321,16 @@ def test_listing_by_status_and_reading_the_queue_walk_indexes_without_sorting(tm
         compiled = query.compile(store.engine)
         with store.engine.connect() as conn:
             values = compiled.construct_params(params)
-            rows = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}",
-                                        tuple(values[name] for name in compiled.positiontup)).all()
+            rows = conn.exec_driver_sql(
+                f"EXPLAIN QUERY PLAN {compiled}", tuple(values[name] for name in compiled.positiontup)
+            ).all()
         return " | ".join(str(r[-1]) for r in rows)
 
     one = plan_of(_list_query(1, 0, False, False, False), {"status_0": "COMPLETED", "limit": 21})
-    two = plan_of(_list_query(2, 0, False, False, True),
-                  {"status_0": "FAILED", "status_1": "CANCELLED", "limit": 21, "after_created": 1.0, "after_id": "x"})
+    two = plan_of(
+        _list_query(2, 0, False, False, True),
+        {"status_0": "FAILED", "status_1": "CANCELLED", "limit": 21, "after_created": 1.0, "after_id": "x"},
+    )
     assert "ix_tasks_status_created" in one and "TEMP B-TREE" not in one, one
     assert two.count("ix_tasks_status_created") == 2, two  # one ordered walk per status, merged
     groups = plan_of(_QUEUE_GROUPS, {"limit": 200})

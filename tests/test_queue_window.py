@@ -16,8 +16,17 @@ from plexus_mcp_jupyter.core.store import Store
 
 def queued(n: int, owner: str | None = None, priority: int = 0, base: float | None = None) -> list[Task]:
     base = time.time() if base is None else base
-    return [Task(id=uuid.uuid4().hex, type="demo", status=TaskStatus.QUEUED, owner=owner, priority=priority,
-                 created_at=base + i * 1e-3) for i in range(n)]
+    return [
+        Task(
+            id=uuid.uuid4().hex,
+            type="demo",
+            status=TaskStatus.QUEUED,
+            owner=owner,
+            priority=priority,
+            created_at=base + i * 1e-3,
+        )
+        for i in range(n)
+    ]
 
 
 def read(store: Store, head: int, spare: int) -> QueueWindow:

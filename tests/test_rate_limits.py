@@ -36,5 +36,3 @@ async def test_a_key_may_have_only_so_many_unfinished_tasks(mcp_url, runtime):
         fourth = await client.call_tool("run_demo_task", {"items": 1})
         assert fourth.is_error and "max_tasks_per_key" in fourth.content[0].text
         await client.call_tool("cancel_tasks", {"status": ["QUEUED", "RUNNING"]})
-
-

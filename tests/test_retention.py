@@ -25,15 +25,24 @@ SHORT = {"items": 2, "item_delay_ms": 0}
 
 @pytest.fixture
 def plexus_config(plexus_config):
-    return {**plexus_config, "task_retention_by_type": "demo=1", "retention_interval_seconds": 0.2,
-            "max_task_ttl_seconds": 3600}
+    return {
+        **plexus_config,
+        "task_retention_by_type": "demo=1",
+        "retention_interval_seconds": 0.2,
+        "max_task_ttl_seconds": 3600,
+    }
 
 
 def rows_of(store: Store, task_id: str) -> dict[str, int]:
     with store.engine.connect() as conn:
-        return {table.name: conn.execute(sa.select(sa.func.count()).select_from(table).where(
-            (table.c.id if table.name in ("tasks", "expired_tasks") else table.c.task_id) == task_id)).scalar_one()
-            for table in (tasks_table, stages_table, samples_table, expired_table)}
+        return {
+            table.name: conn.execute(
+                sa.select(sa.func.count())
+                .select_from(table)
+                .where((table.c.id if table.name in ("tasks", "expired_tasks") else table.c.task_id) == task_id)
+            ).scalar_one()
+            for table in (tasks_table, stages_table, samples_table, expired_table)
+        }
 
 
 async def test_a_finished_task_is_pruned_after_its_retention_and_answers_expired(mcp_url, token, jp_fetch, runtime):
@@ -57,8 +66,7 @@ async def test_a_finished_task_is_pruned_after_its_retention_and_answers_expired
         assert "expired on" in str(resource.value)
         never = (await client.call_tool("get_task", {"task_id": "no-such-task"})).content[0].text
         assert "no task with id" in never  # an id that never existed is still "not found"
-    assert rows_of(runtime.store, task_id) == {"tasks": 0, "task_stages": 0, "progress_samples": 0,
-                                               "expired_tasks": 1}
+    assert rows_of(runtime.store, task_id) == {"tasks": 0, "task_stages": 0, "progress_samples": 0, "expired_tasks": 1}
     with pytest.raises(Exception) as gone:
         await jp_fetch("plexus", "api", "tasks", task_id)
     assert gone.value.code == 410 and "expired on" in json.loads(gone.value.response.body)["error"]["message"]
@@ -76,9 +84,11 @@ async def test_another_keys_expired_task_stays_not_found(mcp_url, token, runtime
 async def test_the_mcp_task_ttl_is_honoured_within_bounds_and_reported(mcp_url, token, runtime):
     runtime.manager.configure_retention(RetentionPolicy(default_seconds=3600, max_ttl_seconds=3600), interval=0.2)
     async with open_client(mcp_url, token) as client:
+
         async def task_call(ttl: int) -> dict:
-            request = CallToolRequest(params=CallToolRequestParams(
-                name="run_demo_task", arguments=SHORT, task=TaskMetadata(ttl=ttl)))
+            request = CallToolRequest(
+                params=CallToolRequestParams(name="run_demo_task", arguments=SHORT, task=TaskMetadata(ttl=ttl))
+            )
             params = request.model_dump(by_alias=True, mode="json")["params"]
             return (await raw_request(client, "tools/call", params))["task"]
 
@@ -100,9 +110,21 @@ def test_pruning_runs_in_bounded_batches_on_its_own_thread(store_url):
     store = Store(store_url)
     old = time.time() - 100
     with store.engine.begin() as conn:
-        conn.execute(sa.insert(tasks_table), [
-            {"id": f"t{i}", "type": "demo", "status": "COMPLETED", "priority": 0, "created_at": old,
-             "completed_at": old + i * 1e-3, "cancel_requested": False} for i in range(1200)])
+        conn.execute(
+            sa.insert(tasks_table),
+            [
+                {
+                    "id": f"t{i}",
+                    "type": "demo",
+                    "status": "COMPLETED",
+                    "priority": 0,
+                    "created_at": old,
+                    "completed_at": old + i * 1e-3,
+                    "cancel_requested": False,
+                }
+                for i in range(1200)
+            ],
+        )
     keep = Task(id="recent", type="demo", status=TaskStatus.COMPLETED, completed_at=time.time())
     queued = Task(id="queued", type="demo", status=TaskStatus.QUEUED, created_at=old)
     store.create_task(keep)
@@ -115,8 +137,9 @@ def test_pruning_runs_in_bounded_batches_on_its_own_thread(store_url):
         return removed
 
     pruned: list[str] = []
-    pruner = RetentionPruner(prune, RetentionPolicy(default_seconds=50), interval=0.05, batch=500,
-                             on_pruned=pruned.extend)
+    pruner = RetentionPruner(
+        prune, RetentionPolicy(default_seconds=50), interval=0.05, batch=500, on_pruned=pruned.extend
+    )
     pruner.start()
     deadline = time.monotonic() + 15
     while len(pruned) < 1200 and time.monotonic() < deadline:
@@ -138,21 +161,24 @@ async def test_an_expired_evaluation_goes_with_its_items(mcp_url, token, runtime
     from .test_evaluations import create, finished
 
     async with open_client(mcp_url, token) as client:
-        made = await create(client, type="accuracy", dataset="example:sentiment", label_column="label",
-                            prediction_column="prediction")
+        made = await create(
+            client, type="accuracy", dataset="example:sentiment", label_column="label", prediction_column="prediction"
+        )
         assert (await finished(client, made["evaluation_id"]))["status"] == "COMPLETED"
         files = runtime.evaluations.store.files  # items are Parquet files beside the store (item_files.py)
         assert files.count(made["evaluation_id"], "score") > 0
         runtime.manager.configure_retention(RetentionPolicy(by_type={"evaluation": 0.5}), interval=0.2)
         await poll(lambda: runtime.store.tombstone(made["task_id"]), lambda t: t is not None, timeout=15)
         with runtime.store.engine.connect() as conn:
-            left = [conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one()
-                    for t in (evaluations_table, items_table)]
+            left = [
+                conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one()
+                for t in (evaluations_table, items_table)
+            ]
         assert left == [0, 0]
         await poll(lambda: files.directory(made["evaluation_id"]).exists(), lambda exists: not exists, timeout=15)
         text = (await client.call_tool("get_task", {"task_id": made["task_id"]})).content[0].text
         assert "expired on" in text and "finished evaluation tasks are kept 0.5 seconds" in text
-        evaluation = (await client.call_tool("get_evaluation", {"evaluation_id": made["evaluation_id"]}))
+        evaluation = await client.call_tool("get_evaluation", {"evaluation_id": made["evaluation_id"]})
         assert evaluation.is_error and f"evaluation {made['evaluation_id']!r} expired on" in evaluation.content[0].text
 
 

@@ -33,7 +33,12 @@ scores:
 def test_a_scorecard_reads_into_a_scorecard():
     card = load_scorecard(CARD)
     assert (card.name, card.dataset, card.input_column, card.label_column, card.id_column) == (
-        "support-triage", "example:topics", "text", "label", "id")
+        "support-triage",
+        "example:topics",
+        "text",
+        "label",
+        "id",
+    )
     assert card.sample == SampleSpec(n=100, seed=7)
     assert [score.name for score in card.scores] == ["stored predictions", "keyword rules"]
     assert card.scores[0].scorer == {"kind": "column", "column": "prediction"}
@@ -48,25 +53,39 @@ def _yaml(data: dict) -> str:
     return yaml.safe_dump(data)
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    (("dataset: example:topics", "dataset: [a, b]"), "line 3: field 'dataset': must be a string, not a list"),
-    (("dataset: example:topics", "dataset: 'registered:'"), "line 3: field 'dataset': dataset 'registered:' has no"),
-    (("name: support-triage\n", ""), "line 1: missing required field 'name'"),
-    (("id_column: id", "id_colum: id"), "line 6: field 'id_colum': unknown field; allowed: name, description"),
-    (("{n: 100, seed: 7}", "{n: 0}"), "line 7: field 'sample.n': must be at least 1, not 0"),
-    (("{n: 100, seed: 7}", "{fraction: 2}"), "line 7: field 'sample.fraction': must be at most 1"),
-    (("{n: 100, seed: 7}", "{seed: 7}"), "line 7: field 'sample': a sample needs exactly one of n"),
-    (("{n: 100, seed: 7}", "{n: true}"), "line 7: field 'sample.n': must be a whole number, not True"),
-    (("name: keyword rules", "name: stored predictions"),
-     "line 11: field 'scores[1].name': duplicate score name 'stored predictions' (also scores[0])"),
-    (("scorer: column:prediction", "scorer: colum:prediction"),
-     "line 10: field 'scores[0].scorer': unknown scorer kind 'colum'"),
-    (("{keywords: [parcel, tracking], label: shipping}", "{pattern: 'parcel(', label: shipping}"),
-     "line 17: field 'scores[1].scorer.rules[1].pattern': invalid regular expression 'parcel('"),
-    (("      default: other", "      default: other\n      colour: red"),
-     "line 19: field 'scores[1].scorer.colour': unknown field 'colour' for a rules scorer"),
-    (("    scorer: column:prediction\n", ""), "line 9: field 'scores[0]': missing required field 'scorer'"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("dataset: example:topics", "dataset: [a, b]"), "line 3: field 'dataset': must be a string, not a list"),
+        (
+            ("dataset: example:topics", "dataset: 'registered:'"),
+            "line 3: field 'dataset': dataset 'registered:' has no",
+        ),
+        (("name: support-triage\n", ""), "line 1: missing required field 'name'"),
+        (("id_column: id", "id_colum: id"), "line 6: field 'id_colum': unknown field; allowed: name, description"),
+        (("{n: 100, seed: 7}", "{n: 0}"), "line 7: field 'sample.n': must be at least 1, not 0"),
+        (("{n: 100, seed: 7}", "{fraction: 2}"), "line 7: field 'sample.fraction': must be at most 1"),
+        (("{n: 100, seed: 7}", "{seed: 7}"), "line 7: field 'sample': a sample needs exactly one of n"),
+        (("{n: 100, seed: 7}", "{n: true}"), "line 7: field 'sample.n': must be a whole number, not True"),
+        (
+            ("name: keyword rules", "name: stored predictions"),
+            "line 11: field 'scores[1].name': duplicate score name 'stored predictions' (also scores[0])",
+        ),
+        (
+            ("scorer: column:prediction", "scorer: colum:prediction"),
+            "line 10: field 'scores[0].scorer': unknown scorer kind 'colum'",
+        ),
+        (
+            ("{keywords: [parcel, tracking], label: shipping}", "{pattern: 'parcel(', label: shipping}"),
+            "line 17: field 'scores[1].scorer.rules[1].pattern': invalid regular expression 'parcel('",
+        ),
+        (
+            ("      default: other", "      default: other\n      colour: red"),
+            "line 19: field 'scores[1].scorer.colour': unknown field 'colour' for a rules scorer",
+        ),
+        (("    scorer: column:prediction\n", ""), "line 9: field 'scores[0]': missing required field 'scorer'"),
+    ],
+)
 def test_errors_name_the_line_and_the_field(change, message):
     old, new = change
     assert old in CARD
@@ -76,15 +95,20 @@ def test_errors_name_the_line_and_the_field(change, message):
     assert str(caught.value).startswith("scorecard line ")
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("name: [unclosed\n", "scorecard line 2: malformed YAML"),
-    ("name: a\n\tdataset: b\n", "scorecard line 2: malformed YAML"),
-    ("name: a\nname: b\n", "scorecard line 2: duplicate key 'name'"),
-    ("- a list\n", "scorecard line 1: must be a mapping, not a list"),
-    ("", "scorecard is empty; it needs name, dataset, input_column, label_column, scores"),
-    ("name: x\ndataset: d.csv\ninput_column: t\nlabel_column: l\nscores: []\n",
-     "line 5: field 'scores': needs at least 1 item(s)"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("name: [unclosed\n", "scorecard line 2: malformed YAML"),
+        ("name: a\n\tdataset: b\n", "scorecard line 2: malformed YAML"),
+        ("name: a\nname: b\n", "scorecard line 2: duplicate key 'name'"),
+        ("- a list\n", "scorecard line 1: must be a mapping, not a list"),
+        ("", "scorecard is empty; it needs name, dataset, input_column, label_column, scores"),
+        (
+            "name: x\ndataset: d.csv\ninput_column: t\nlabel_column: l\nscores: []\n",
+            "line 5: field 'scores': needs at least 1 item(s)",
+        ),
+    ],
+)
 def test_malformed_yaml_says_where(text, message):
     with pytest.raises(InvalidArgument) as caught:
         load_scorecard(text)

@@ -18,8 +18,10 @@ from plexus_mcp_jupyter.evaluations.scorers import (
 )
 
 CHUNK = pd.DataFrame(
-    {"text": ["Please REFUND me", "where is my parcel", "boom goes the app", "hi", None],
-     "prediction": ["billing", "shipping", None, "other", "other"]},
+    {
+        "text": ["Please REFUND me", "where is my parcel", "boom goes the app", "hi", None],
+        "prediction": ["billing", "shipping", None, "other", "other"],
+    },
     index=[10, 11, 12, 13, 14],  # not 0..n-1: results must follow the chunk's own index
 )
 TEXTS = CHUNK.dropna(subset=["text"])
@@ -64,8 +66,7 @@ RULES = {
 
 def test_rules_first_match_wins_case_insensitively_with_a_default():
     batch = scorer_from_spec(RULES).score(CHUNK)
-    assert batch.predictions.to_dict() == {10: "billing", 11: "shipping", 12: "technical", 13: "other",
-                                           14: "other"}
+    assert batch.predictions.to_dict() == {10: "billing", 11: "shipping", 12: "technical", 13: "other", 14: "other"}
     assert batch.explanations is not None
     assert batch.explanations[10] == "rule 1 (pattern 'refund|money back') matched"
     assert batch.explanations[11] == "rule 2 (keywords 'parcel', 'tracking') matched"
@@ -74,8 +75,7 @@ def test_rules_first_match_wins_case_insensitively_with_a_default():
 
 def test_rules_can_be_case_sensitive_and_have_no_default():
     scorer = scorer_from_spec({**RULES, "case_sensitive": True, "default": None})
-    assert scorer.score(CHUNK).predictions.to_dict() == {10: None, 11: "shipping", 12: "technical", 13: None,
-                                                          14: None}
+    assert scorer.score(CHUNK).predictions.to_dict() == {10: None, 11: "shipping", 12: "technical", 13: None, 14: None}
 
 
 def test_keywords_are_literal_not_regexes():
@@ -106,11 +106,21 @@ def test_a_per_item_function_records_each_failure_and_scores_the_rest():
     scorer = scorer_from_spec(f"python:{FUNCTIONS}:shout")
     assert isinstance(scorer, PythonScorer) and not scorer.vectorized
     batch = scorer.score(CHUNK)
-    assert batch.predictions.to_dict() == {10: "PLEASE REFUND ME", 11: "WHERE IS MY PARCEL", 12: None, 13: "HI",
-                                           14: None}
+    assert batch.predictions.to_dict() == {
+        10: "PLEASE REFUND ME",
+        11: "WHERE IS MY PARCEL",
+        12: None,
+        13: "HI",
+        14: None,
+    }
     assert batch.errors is not None
-    assert batch.errors.to_dict() == {10: None, 11: None, 12: "RuntimeError: cannot score 'boom goes the app'",
-                                      13: None, 14: "ValueError: no text"}
+    assert batch.errors.to_dict() == {
+        10: None,
+        11: None,
+        12: "RuntimeError: cannot score 'boom goes the app'",
+        13: None,
+        14: "ValueError: no text",
+    }
 
 
 def test_a_per_item_function_may_return_label_and_explanation():
@@ -141,8 +151,9 @@ def test_a_vectorised_function_is_called_once_per_chunk(function, monkeypatch):
 
 
 def test_the_spec_can_force_vectorised_or_per_item():
-    assert scorer_from_spec({"kind": "python", "function": f"{FUNCTIONS}:untyped", "vectorized": True}) \
-        .score(TEXTS).predictions.tolist() == ["16", "18", "17", "2"]
+    assert scorer_from_spec({"kind": "python", "function": f"{FUNCTIONS}:untyped", "vectorized": True}).score(
+        TEXTS
+    ).predictions.tolist() == ["16", "18", "17", "2"]
     per_item = scorer_from_spec({"kind": "python", "function": f"{FUNCTIONS}:lengths", "vectorized": False})
     assert not per_item.vectorized  # type: ignore[attr-defined]
 
@@ -156,13 +167,15 @@ def test_a_vectorised_function_may_return_a_frame_or_pairs():
     assert paired.explanations is not None and paired.explanations[13] == "first letter of hi"
 
 
-@pytest.mark.parametrize(("function", "error"), [
-    ("explodes", "KeyError: 'model offline'"),
-    ("wrong_length", "ValueError: scorer returned 1 predictions for 4 items"),
-])
+@pytest.mark.parametrize(
+    ("function", "error"),
+    [
+        ("explodes", "KeyError: 'model offline'"),
+        ("wrong_length", "ValueError: scorer returned 1 predictions for 4 items"),
+    ],
+)
 def test_a_failing_vectorised_call_marks_every_item_of_the_chunk(function, error):
-    batch = scorer_from_spec({"kind": "python", "function": f"{FUNCTIONS}:{function}", "vectorized": True}) \
-        .score(TEXTS)
+    batch = scorer_from_spec({"kind": "python", "function": f"{FUNCTIONS}:{function}", "vectorized": True}).score(TEXTS)
     assert batch.predictions.tolist() == [None] * 4
     assert batch.errors is not None and set(batch.errors) == {error} and batch.errors.index.equals(TEXTS.index)
 
@@ -172,8 +185,9 @@ def test_the_shipped_example_scorers_work_on_the_examples(tmp_path):
 
     catalog = DatasetCatalog(tmp_path, tmp_path / "registered")
     sentiment = catalog.load("example:sentiment")
-    batch = scorer_from_spec("python:plexus_mcp_jupyter.evaluations.examples.scorers:keyword_sentiment") \
-        .score(sentiment)
+    batch = scorer_from_spec("python:plexus_mcp_jupyter.evaluations.examples.scorers:keyword_sentiment").score(
+        sentiment
+    )
     assert 0.8 < (batch.predictions == sentiment["label"]).mean() < 1
     topics = catalog.load("example:topics").head(20)
     per_item = scorer_from_spec("python:plexus_mcp_jupyter.evaluations.examples.scorers:ticket_topic")
@@ -184,15 +198,24 @@ def test_the_shipped_example_scorers_work_on_the_examples(tmp_path):
 # --- import failures and bad specs ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("spec", "message"), [
-    ("python:no_such_module_xyz:fn", "cannot import module 'no_such_module_xyz' for 'no_such_module_xyz:fn': "
-                                     "No module named 'no_such_module_xyz'"),
-    (f"python:{FUNCTIONS}:missing", f"module '{FUNCTIONS}' has no attribute 'missing'"),
-    (f"python:{FUNCTIONS}:NOT_A_FUNCTION", "is a int, not a function"),
-    ("python:broken_scorer_module:fn", "importing module 'broken_scorer_module' for 'broken_scorer_module:fn' "
-                                       "failed: ZeroDivisionError: division by zero"),
-    ("python:just_a_name", "'just_a_name' is not an import path; expected 'package.module:function'"),
-])
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (
+            "python:no_such_module_xyz:fn",
+            "cannot import module 'no_such_module_xyz' for 'no_such_module_xyz:fn': "
+            "No module named 'no_such_module_xyz'",
+        ),
+        (f"python:{FUNCTIONS}:missing", f"module '{FUNCTIONS}' has no attribute 'missing'"),
+        (f"python:{FUNCTIONS}:NOT_A_FUNCTION", "is a int, not a function"),
+        (
+            "python:broken_scorer_module:fn",
+            "importing module 'broken_scorer_module' for 'broken_scorer_module:fn' "
+            "failed: ZeroDivisionError: division by zero",
+        ),
+        ("python:just_a_name", "'just_a_name' is not an import path; expected 'package.module:function'"),
+    ],
+)
 def test_import_failures_say_what_failed(spec, message, tmp_path, monkeypatch):
     (tmp_path / "broken_scorer_module.py").write_text("x = 1 / 0\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -202,29 +225,47 @@ def test_import_failures_say_what_failed(spec, message, tmp_path, monkeypatch):
     assert "\n" not in str(caught.value)
 
 
-@pytest.mark.parametrize(("spec", "message", "field"), [
-    ("magic:x", "unknown scorer kind 'magic' in 'magic:x'; a scorer spec is 'column:<column>'", "kind"),
-    ({"kind": "magic"}, "unknown scorer kind 'magic'; expected one of column, rules, python, kernel", "kind"),
-    ("prediction", "cannot read scorer spec 'prediction'", None),
-    ("rules:x", "a rules scorer needs a mapping with 'rules'", None),
-    (42, "got int", None),
-    ({"kind": "column"}, "a column scorer needs 'column'", "column"),
-    ({"kind": "python"}, "a python scorer needs 'function'", "function"),
-    ({"kind": "column", "column": "p", "colour": 1},
-     "unknown field 'colour' for a column scorer; allowed: column, name", "colour"),
-    ({"kind": "column", "column": ""}, "must be a non-empty string", "column"),
-    ({"kind": "rules", "rules": []}, "must be a non-empty list", "rules"),
-    ({"kind": "rules", "rules": [{"pattern": "(", "label": "x"}]}, "invalid regular expression '(': missing )",
-     "rules[0].pattern"),
-    ({"kind": "rules", "rules": [{"pattern": "a", "label": "x"}, {"label": "y"}]}, "exactly one of 'pattern'",
-     "rules[1]"),
-    ({"kind": "rules", "rules": [{"pattern": "a"}]}, "must be a non-empty string, not None", "rules[0].label"),
-    ({"kind": "rules", "rules": [{"keywords": "refund", "label": "b"}]}, "non-empty list of non-empty strings",
-     "rules[0].keywords"),
-    ({"kind": "rules", "rules": [{"pattern": "a", "label": "x"}], "default": 3}, "a label (a string) or null",
-     "default"),
-    ({"kind": "python", "function": "m:f", "vectorized": "yes"}, "must be true or false", "vectorized"),
-])
+@pytest.mark.parametrize(
+    ("spec", "message", "field"),
+    [
+        ("magic:x", "unknown scorer kind 'magic' in 'magic:x'; a scorer spec is 'column:<column>'", "kind"),
+        ({"kind": "magic"}, "unknown scorer kind 'magic'; expected one of column, rules, python, kernel", "kind"),
+        ("prediction", "cannot read scorer spec 'prediction'", None),
+        ("rules:x", "a rules scorer needs a mapping with 'rules'", None),
+        (42, "got int", None),
+        ({"kind": "column"}, "a column scorer needs 'column'", "column"),
+        ({"kind": "python"}, "a python scorer needs 'function'", "function"),
+        (
+            {"kind": "column", "column": "p", "colour": 1},
+            "unknown field 'colour' for a column scorer; allowed: column, name",
+            "colour",
+        ),
+        ({"kind": "column", "column": ""}, "must be a non-empty string", "column"),
+        ({"kind": "rules", "rules": []}, "must be a non-empty list", "rules"),
+        (
+            {"kind": "rules", "rules": [{"pattern": "(", "label": "x"}]},
+            "invalid regular expression '(': missing )",
+            "rules[0].pattern",
+        ),
+        (
+            {"kind": "rules", "rules": [{"pattern": "a", "label": "x"}, {"label": "y"}]},
+            "exactly one of 'pattern'",
+            "rules[1]",
+        ),
+        ({"kind": "rules", "rules": [{"pattern": "a"}]}, "must be a non-empty string, not None", "rules[0].label"),
+        (
+            {"kind": "rules", "rules": [{"keywords": "refund", "label": "b"}]},
+            "non-empty list of non-empty strings",
+            "rules[0].keywords",
+        ),
+        (
+            {"kind": "rules", "rules": [{"pattern": "a", "label": "x"}], "default": 3},
+            "a label (a string) or null",
+            "default",
+        ),
+        ({"kind": "python", "function": "m:f", "vectorized": "yes"}, "must be true or false", "vectorized"),
+    ],
+)
 def test_bad_specs_are_refused_naming_the_field(spec, message, field):
     with pytest.raises(SpecError) as caught:
         normalize_spec(spec)

@@ -14,10 +14,23 @@ from plexus_mcp_jupyter.security.keys import keys_table
 
 from .conftest import open_client
 
-VIEWER_TOOLS = {"list_tasks", "get_task", "get_evaluation", "get_evaluation_results", "list_evaluations",
-                "list_datasets", "list_scorers"}
-ALL_TOOLS = VIEWER_TOOLS | {"run_demo_task", "cancel_tasks", "create_evaluation", "dispatch_batch", "retry_tasks",
-                            "set_task_priority"}
+VIEWER_TOOLS = {
+    "list_tasks",
+    "get_task",
+    "get_evaluation",
+    "get_evaluation_results",
+    "list_evaluations",
+    "list_datasets",
+    "list_scorers",
+}
+ALL_TOOLS = VIEWER_TOOLS | {
+    "run_demo_task",
+    "cancel_tasks",
+    "create_evaluation",
+    "dispatch_batch",
+    "retry_tasks",
+    "set_task_priority",
+}
 
 
 def credential_of(name: str, keys: dict, token: str) -> str | None:
@@ -25,13 +38,19 @@ def credential_of(name: str, keys: dict, token: str) -> str | None:
 
 
 async def post_mcp(url: str, credential: str | None) -> httpx2.Response:
-    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json",
-               "MCP-Protocol-Version": "2025-11-25"}
+    headers = {
+        "Accept": "application/json, text/event-stream",
+        "Content-Type": "application/json",
+        "MCP-Protocol-Version": "2025-11-25",
+    }
     if credential:
         headers["Authorization"] = f"Bearer {credential}"
-    body = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
-            "params": {"protocolVersion": "2025-11-25", "capabilities": {},
-                       "clientInfo": {"name": "t", "version": "1"}}}
+    body = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
+    }
     async with httpx2.AsyncClient() as http:
         return await http.post(url, json=body, headers=headers)
 
@@ -68,8 +87,16 @@ CALLS = [
     ("list_datasets", {"include_files": False}, "viewer"),
     ("list_scorers", {}, "viewer"),
     ("run_demo_task", {"items": 1, "item_delay_ms": 0}, "operator"),
-    ("create_evaluation", {"type": "accuracy", "dataset": "example:sentiment", "prediction_column": "prediction",
-                           "label_column": "label"}, "operator"),
+    (
+        "create_evaluation",
+        {
+            "type": "accuracy",
+            "dataset": "example:sentiment",
+            "prediction_column": "prediction",
+            "label_column": "label",
+        },
+        "operator",
+    ),
     ("cancel_tasks", {"status": ["QUEUED"]}, "operator"),
     ("dispatch_batch", {"tasks": [{"type": "demo", "params": {"items": 1, "item_delay_ms": 0}}]}, "operator"),
     ("retry_tasks", {"status": ["FAILED"]}, "operator"),
@@ -101,9 +128,17 @@ async def test_operator_keys_are_isolated_from_each_other_but_see_the_notebook_u
     notebook_task = runtime.manager.dispatch("demo", {"items": 1, "item_delay_ms": 0}, owner="jupyter")
     async with open_client(mcp_url, keys["operator"]) as a, open_client(mcp_url, keys["operator2"]) as b:
         mine = (await a.call_tool("run_demo_task", {"items": 1, "item_delay_ms": 0})).structured_content["task_id"]
-        evaluation = (await a.call_tool("create_evaluation", {
-            "type": "accuracy", "dataset": "example:sentiment", "prediction_column": "prediction",
-            "label_column": "label"})).structured_content["evaluation_id"]
+        evaluation = (
+            await a.call_tool(
+                "create_evaluation",
+                {
+                    "type": "accuracy",
+                    "dataset": "example:sentiment",
+                    "prediction_column": "prediction",
+                    "label_column": "label",
+                },
+            )
+        ).structured_content["evaluation_id"]
         assert not (await a.call_tool("get_task", {"task_id": mine})).is_error
         other = await b.call_tool("get_task", {"task_id": mine})
         assert other.is_error and "no task with id" in other.content[0].text  # as if it did not exist
@@ -123,13 +158,20 @@ async def test_operator_keys_are_isolated_from_each_other_but_see_the_notebook_u
 
 async def test_api_keys_may_use_only_allowed_python_scorers(mcp_url, keys, runtime):
     async with open_client(mcp_url, keys["operator"]) as client:
-        refused = await client.call_tool("create_evaluation", {
-            "type": "accuracy", "dataset": "example:sentiment", "label_column": "label",
-            "scorer": "python:os:system"})
+        refused = await client.call_tool(
+            "create_evaluation",
+            {"type": "accuracy", "dataset": "example:sentiment", "label_column": "label", "scorer": "python:os:system"},
+        )
         assert refused.is_error and "scorer_modules" in refused.content[0].text
-        allowed = await client.call_tool("create_evaluation", {
-            "type": "accuracy", "dataset": "example:sentiment", "label_column": "label",
-            "scorer": "python:plexus_mcp_jupyter.evaluations.examples.scorers:keyword_sentiment"})
+        allowed = await client.call_tool(
+            "create_evaluation",
+            {
+                "type": "accuracy",
+                "dataset": "example:sentiment",
+                "label_column": "label",
+                "scorer": "python:plexus_mcp_jupyter.evaluations.examples.scorers:keyword_sentiment",
+            },
+        )
         assert not allowed.is_error
 
 
@@ -157,14 +199,18 @@ async def test_the_audit_log_records_allowed_and_denied_calls_without_secrets(mc
 async def test_keys_are_managed_over_rest_by_admins_and_revocation_ends_open_streams(
     jp_fetch, jp_ws_fetch, keys, runtime
 ):
-    response = await jp_fetch("plexus", "api", "keys", method="POST",
-                              body=json.dumps({"name": "assistant", "role": "operator"}))
+    response = await jp_fetch(
+        "plexus", "api", "keys", method="POST", body=json.dumps({"name": "assistant", "role": "operator"})
+    )
     created = json.loads(response.body)
     assert response.code == 201 and created["secret"].startswith(created["prefix"] + "_")
     listed = json.loads((await jp_fetch("plexus", "api", "keys")).body)["keys"]
     assert created["id"] in [k["id"] for k in listed] and all("secret" not in k for k in listed)
-    stored = runtime.store.engine.connect().execute(sa.select(keys_table.c.secret_hash)
-                                                    .where(keys_table.c.id == created["id"])).scalar_one()
+    stored = (
+        runtime.store.engine.connect()
+        .execute(sa.select(keys_table.c.secret_hash).where(keys_table.c.id == created["id"]))
+        .scalar_one()
+    )
     assert created["secret"] not in stored and len(stored) == 64  # only a hash is kept
 
     ws = await jp_ws_fetch("plexus", "api", "events", headers={"Authorization": f"Bearer {created['secret']}"})
@@ -184,8 +230,18 @@ async def test_keys_are_managed_over_rest_by_admins_and_revocation_ends_open_str
         ("viewer", "GET", ("tasks",), None, 200),
         ("viewer", "POST", ("tasks",), {"type": "demo", "params": {"items": 1}}, 403),
         ("operator", "POST", ("tasks",), {"type": "demo", "params": {"items": 1}}, 201),
-        ("viewer", "POST", ("evaluations",), {"type": "accuracy", "dataset": "example:sentiment",
-                                              "prediction_column": "prediction", "label_column": "label"}, 403),
+        (
+            "viewer",
+            "POST",
+            ("evaluations",),
+            {
+                "type": "accuracy",
+                "dataset": "example:sentiment",
+                "prediction_column": "prediction",
+                "label_column": "label",
+            },
+            403,
+        ),
         ("viewer", "GET", ("evaluations",), None, 200),
         ("viewer", "GET", ("audit",), None, 403),
         ("operator", "GET", ("keys",), None, 403),
@@ -214,8 +270,9 @@ async def test_the_permission_matrix_of_rest(jp_fetch, keys, runtime, who, metho
 
 
 async def test_a_viewer_key_cannot_serve_scorers_on_the_event_stream(jp_ws_fetch, keys, runtime):
-    ws = await jp_ws_fetch("plexus", "api", "events", headers={"Authorization": f"Bearer {keys['viewer']}"},
-                           params={"ids": "none"})
+    ws = await jp_ws_fetch(
+        "plexus", "api", "events", headers={"Authorization": f"Bearer {keys['viewer']}"}, params={"ids": "none"}
+    )
     assert json.loads(await ws.read_message())["type"] == "hello"
     ws.write_message(json.dumps({"type": "register_scorer", "name": "sneaky"}))
     answer = json.loads(await asyncio.wait_for(ws.read_message(), 5))
@@ -225,35 +282,60 @@ async def test_a_viewer_key_cannot_serve_scorers_on_the_event_stream(jp_ws_fetch
 
 
 async def test_evaluation_tasks_cannot_be_dispatched_directly(jp_fetch, keys, runtime):
-    body = {"type": "evaluation", "params": {"evaluation_id": "x", "type": "accuracy", "dataset": "example:fraud",
-                                             "scores": [{"name": "s", "scorer": {"kind": "python",
-                                                                                 "function": "os:system"}}]}}
+    body = {
+        "type": "evaluation",
+        "params": {
+            "evaluation_id": "x",
+            "type": "accuracy",
+            "dataset": "example:fraud",
+            "scores": [{"name": "s", "scorer": {"kind": "python", "function": "os:system"}}],
+        },
+    }
     for credential in (keys["operator"], keys["admin"]):
         with pytest.raises(Exception) as refused:
-            await jp_fetch("plexus", "api", "tasks", method="POST", body=json.dumps(body),
-                           headers={"Authorization": f"Bearer {credential}"})
+            await jp_fetch(
+                "plexus",
+                "api",
+                "tasks",
+                method="POST",
+                body=json.dumps(body),
+                headers={"Authorization": f"Bearer {credential}"},
+            )
         assert refused.value.code == 400 and "create_evaluation" in refused.value.response.body.decode()
 
 
 async def test_api_keys_cannot_walk_out_of_an_allowed_module(mcp_url, keys, runtime):
     async with open_client(mcp_url, keys["operator"]) as client:
-        escape = await client.call_tool("create_evaluation", {
-            "type": "accuracy", "dataset": "example:sentiment", "label_column": "label",
-            "scorer": "python:plexus_mcp_jupyter.evaluations.examples.scorers:pd.io.common.os.system"})
+        escape = await client.call_tool(
+            "create_evaluation",
+            {
+                "type": "accuracy",
+                "dataset": "example:sentiment",
+                "label_column": "label",
+                "scorer": "python:plexus_mcp_jupyter.evaluations.examples.scorers:pd.io.common.os.system",
+            },
+        )
     assert escape.is_error and "no dotted or private attribute" in escape.content[0].text
 
 
 async def test_a_keys_kernel_scorer_never_scores_someone_elses_evaluation(jp_ws_fetch, mcp_url, token, keys, runtime):
-    ws = await jp_ws_fetch("plexus", "api", "events", params={"ids": "none"},
-                           headers={"Authorization": f"Bearer {keys['operator']}"})
+    ws = await jp_ws_fetch(
+        "plexus", "api", "events", params={"ids": "none"}, headers={"Authorization": f"Bearer {keys['operator']}"}
+    )
     assert json.loads(await ws.read_message())["type"] == "hello"
     ws.write_message(json.dumps({"type": "register_scorer", "name": "my_model"}))
     assert json.loads(await asyncio.wait_for(ws.read_message(), 5))["type"] == "scorer_registered"
     async with open_client(mcp_url, token) as notebook_user, open_client(mcp_url, keys["operator2"]) as other:
         for client in (notebook_user, other):
-            refused = await client.call_tool("create_evaluation", {
-                "type": "accuracy", "dataset": "example:sentiment", "label_column": "label",
-                "scorer": "kernel:my_model"})
+            refused = await client.call_tool(
+                "create_evaluation",
+                {
+                    "type": "accuracy",
+                    "dataset": "example:sentiment",
+                    "label_column": "label",
+                    "scorer": "kernel:my_model",
+                },
+            )
             assert refused.is_error and "no kernel scorer 'my_model'" in refused.content[0].text
     ws.close()
 
@@ -275,20 +357,34 @@ async def test_a_key_cannot_replace_someone_elses_dataset(jp_fetch, keys, runtim
     buffer = io.BytesIO()
     pd.DataFrame({"text": ["a", "b"], "label": ["x", "y"]}).to_parquet(buffer)
     parquet = {"Content-Type": "application/vnd.apache.parquet"}
-    await jp_fetch("plexus", "api", "datasets", method="POST", body=buffer.getvalue(), headers=dict(parquet),
-                   params={"name": "shared"})
+    await jp_fetch(
+        "plexus",
+        "api",
+        "datasets",
+        method="POST",
+        body=buffer.getvalue(),
+        headers=dict(parquet),
+        params={"name": "shared"},
+    )
     with pytest.raises(Exception) as refused:
-        await jp_fetch("plexus", "api", "datasets", method="POST", body=buffer.getvalue(),
-                       headers={**parquet, "Authorization": f"Bearer {keys['operator']}"},
-                       params={"name": "shared", "replace": "true"})
+        await jp_fetch(
+            "plexus",
+            "api",
+            "datasets",
+            method="POST",
+            body=buffer.getvalue(),
+            headers={**parquet, "Authorization": f"Bearer {keys['operator']}"},
+            params={"name": "shared", "replace": "true"},
+        )
     assert refused.value.code == 403 and "only they or an admin" in refused.value.response.body.decode()
 
 
 async def test_a_huge_argument_is_audited_as_its_size_and_the_record_keeps_the_rest(mcp_url, token, keys, runtime):
     card = "name: big\n# " + "x" * 300_000 + f"\n# {token}\n"  # refused for its size; the token must not leak either
     async with open_client(mcp_url, keys["operator"]) as client:
-        refused = await client.call_tool("create_evaluation", {"type": "accuracy", "scorecard": card,
-                                                               "runs": 3, "label_column": "label"})
+        refused = await client.call_tool(
+            "create_evaluation", {"type": "accuracy", "scorecard": card, "runs": 3, "label_column": "label"}
+        )
         assert refused.is_error and "max_scorecard_bytes" in refused.content[0].text
         await client.call_tool("list_tasks", {"status": ["QUEUED"] * 150})
     runtime.audit.flush()

@@ -12,24 +12,36 @@ from plexus_mcp_jupyter.endpoint.sdk_compat import wants_json
 from .conftest import MODERN
 from .test_transport import _messages
 
-MODERN_META = {"io.modelcontextprotocol/protocolVersion": MODERN,
-               "io.modelcontextprotocol/clientInfo": {"name": "t", "version": "1"},
-               "io.modelcontextprotocol/clientCapabilities": {}}
+MODERN_META = {
+    "io.modelcontextprotocol/protocolVersion": MODERN,
+    "io.modelcontextprotocol/clientInfo": {"name": "t", "version": "1"},
+    "io.modelcontextprotocol/clientCapabilities": {},
+}
 
 
 async def modern_call(mcp_url: str, token: str, name: str, meta: dict | None = None) -> httpx2.Response:
     """One self-contained 2026-07-28 tools/call."""
-    body = {"jsonrpc": "2.0", "id": 7, "method": "tools/call",
-            "params": {"name": name, "arguments": {}, "_meta": {**MODERN_META, **(meta or {})}}}
-    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json",
-               "MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": name,
-               "Authorization": f"Bearer {token}"}
+    body = {
+        "jsonrpc": "2.0",
+        "id": 7,
+        "method": "tools/call",
+        "params": {"name": name, "arguments": {}, "_meta": {**MODERN_META, **(meta or {})}},
+    }
+    headers = {
+        "Accept": "application/json, text/event-stream",
+        "Content-Type": "application/json",
+        "MCP-Protocol-Version": MODERN,
+        "Mcp-Method": "tools/call",
+        "Mcp-Name": name,
+        "Authorization": f"Bearer {token}",
+    }
     async with httpx2.AsyncClient(timeout=30) as http:
         return await http.post(mcp_url, content=json.dumps(body), headers=headers)
 
 
 async def test_a_2026_call_that_asks_for_its_log_lines_streams_them_and_a_plain_one_is_one_body(
-        mcp_url, token, runtime):
+    mcp_url, token, runtime
+):
     async def log_then_answer(ctx: Context) -> str:
         await ctx.log("warning", "on the way")
         return "answered"

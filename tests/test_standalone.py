@@ -219,7 +219,11 @@ def cli_key(env: dict[str, str], name: str, role: str) -> tuple[str, subprocess.
     """A key made with `plexus keys create`, as an admin would: its secret, and what the command printed."""
     created = subprocess.run(
         [sys.executable, "-m", "plexus_mcp_jupyter.cli", "keys", "create", name, "--role", role],
-        env=env, capture_output=True, text=True, check=True)
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(created.stdout)["secret"], created
 
 
@@ -234,11 +238,20 @@ async def test_http_accepts_api_keys_with_their_roles(tmp_path):
             assert "list_tasks" in names and "run_demo_task" not in names
             refused = await client.call_tool("run_demo_task", {"items": 1})
             assert refused.is_error and "permission denied" in refused.content[0].text
-        subprocess.run([sys.executable, "-m", "plexus_mcp_jupyter.cli", "keys", "revoke", secret.split("_")[1]],
-                       env=env, capture_output=True, text=True, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "plexus_mcp_jupyter.cli", "keys", "revoke", secret.split("_")[1]],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         async with httpx2.AsyncClient() as http:
-            gone = await poll(lambda: http.post(url, json={}, headers={"Authorization": f"Bearer {secret}"}),
-                              lambda r: r.status_code == 401, timeout=10, interval=0.5)
+            gone = await poll(
+                lambda: http.post(url, json={}, headers={"Authorization": f"Bearer {secret}"}),
+                lambda r: r.status_code == 401,
+                timeout=10,
+                interval=0.5,
+            )
         assert "revoked" in gone.text and secret not in gone.text
     finally:
         stop(proc)

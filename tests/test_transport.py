@@ -75,8 +75,12 @@ async def test_an_oversized_body_is_refused_with_413(mcp_url, session):
 async def test_a_dropped_sse_stream_resumes_with_last_event_id(mcp_url, session):
     async with session() as http:
         # A progress token asks for a stream (a plain call is answered as one JSON body, nothing to resume).
-        call = {"jsonrpc": "2.0", "id": 7, "method": "tools/call",
-                "params": {"name": "list_tasks", "arguments": {}, "_meta": {"progressToken": "p7"}}}
+        call = {
+            "jsonrpc": "2.0",
+            "id": 7,
+            "method": "tools/call",
+            "params": {"name": "list_tasks", "arguments": {}, "_meta": {"progressToken": "p7"}},
+        }
         # Read only the priming event of the response stream, then drop the connection.
         async with http.stream("POST", mcp_url, json=call) as stream:
             assert stream.headers["content-type"].startswith("text/event-stream")
@@ -133,19 +137,38 @@ def _messages(response: httpx2.Response) -> list[dict]:
 
 async def test_a_call_that_streams_nothing_is_one_json_body_and_one_with_a_progress_token_a_stream(mcp_url, session):
     async with session() as http:
-        plain = await http.post(mcp_url, json={"jsonrpc": "2.0", "id": 11, "method": "tools/call",
-                                               "params": {"name": "list_tasks", "arguments": {"limit": 1}}})
+        plain = await http.post(
+            mcp_url,
+            json={
+                "jsonrpc": "2.0",
+                "id": 11,
+                "method": "tools/call",
+                "params": {"name": "list_tasks", "arguments": {"limit": 1}},
+            },
+        )
         assert plain.headers["content-type"].startswith("application/json")
         assert plain.json()["id"] == 11 and "structuredContent" in plain.json()["result"]
-        streamed = await http.post(mcp_url, json={
-            "jsonrpc": "2.0", "id": 12, "method": "tools/call",
-            "params": {"name": "run_demo_task", "arguments": {"items": 3}, "_meta": {"progressToken": "t12"}}})
+        streamed = await http.post(
+            mcp_url,
+            json={
+                "jsonrpc": "2.0",
+                "id": 12,
+                "method": "tools/call",
+                "params": {"name": "run_demo_task", "arguments": {"items": 3}, "_meta": {"progressToken": "t12"}},
+            },
+        )
         assert streamed.headers["content-type"].startswith("text/event-stream")
         assert _messages(streamed)[-1]["id"] == 12
         # initialize and anything with a task keep the stream too
-        tasked = await http.post(mcp_url, json={
-            "jsonrpc": "2.0", "id": 13, "method": "tools/call",
-            "params": {"name": "run_demo_task", "arguments": {"items": 1}, "task": {"ttl": 60000}}})
+        tasked = await http.post(
+            mcp_url,
+            json={
+                "jsonrpc": "2.0",
+                "id": 13,
+                "method": "tools/call",
+                "params": {"name": "run_demo_task", "arguments": {"items": 1}, "task": {"ttl": 60000}},
+            },
+        )
         assert tasked.headers["content-type"].startswith("text/event-stream")
 
 
@@ -153,16 +176,30 @@ async def test_streamed_and_one_body_calls_mixed_on_one_session_each_get_their_o
     """The response mode is the request's, not the session's: concurrent calls of both kinds on one session
     each get their own response, and the streamed ones all their progress notifications."""
     async with session() as http:
+
         async def streamed(i: int) -> list[dict]:
-            response = await http.post(mcp_url, json={
-                "jsonrpc": "2.0", "id": 100 + i, "method": "tools/call",
-                "params": {"name": "list_tasks", "arguments": {}, "_meta": {"progressToken": f"p{i}"}}})
+            response = await http.post(
+                mcp_url,
+                json={
+                    "jsonrpc": "2.0",
+                    "id": 100 + i,
+                    "method": "tools/call",
+                    "params": {"name": "list_tasks", "arguments": {}, "_meta": {"progressToken": f"p{i}"}},
+                },
+            )
             assert response.headers["content-type"].startswith("text/event-stream")
             return _messages(response)
 
         async def plain(i: int) -> list[dict]:
-            response = await http.post(mcp_url, json={"jsonrpc": "2.0", "id": 200 + i, "method": "tools/call",
-                                                      "params": {"name": "list_tasks", "arguments": {"limit": 1}}})
+            response = await http.post(
+                mcp_url,
+                json={
+                    "jsonrpc": "2.0",
+                    "id": 200 + i,
+                    "method": "tools/call",
+                    "params": {"name": "list_tasks", "arguments": {"limit": 1}},
+                },
+            )
             assert response.headers["content-type"].startswith("application/json")
             return _messages(response)
 
@@ -176,6 +213,7 @@ async def test_a_notification_tied_to_a_one_body_call_is_dropped_not_taken_for_i
     """The session's router asks the mode of the request that sent a message: a log tied to a call answered
     as one JSON body is dropped (there is no wire for it), and the body is still the call's own result;
     the same call with a progress token streams the log before its result."""
+
     async def log_then_answer(ctx: Context) -> str:
         await ctx.log("info", "on the way")
         return "answered"
@@ -183,11 +221,24 @@ async def test_a_notification_tied_to_a_one_body_call_is_dropped_not_taken_for_i
     runtime.mcp.add_tool(log_then_answer, name="log_then_answer")
     try:
         async with session() as http:
-            plain = await http.post(mcp_url, json={"jsonrpc": "2.0", "id": 31, "method": "tools/call",
-                                                   "params": {"name": "log_then_answer", "arguments": {}}})
-            streamed = await http.post(mcp_url, json={
-                "jsonrpc": "2.0", "id": 32, "method": "tools/call",
-                "params": {"name": "log_then_answer", "arguments": {}, "_meta": {"progressToken": "t"}}})
+            plain = await http.post(
+                mcp_url,
+                json={
+                    "jsonrpc": "2.0",
+                    "id": 31,
+                    "method": "tools/call",
+                    "params": {"name": "log_then_answer", "arguments": {}},
+                },
+            )
+            streamed = await http.post(
+                mcp_url,
+                json={
+                    "jsonrpc": "2.0",
+                    "id": 32,
+                    "method": "tools/call",
+                    "params": {"name": "log_then_answer", "arguments": {}, "_meta": {"progressToken": "t"}},
+                },
+            )
     finally:
         runtime.mcp.remove_tool("log_then_answer")
     assert plain.headers["content-type"].startswith("application/json")

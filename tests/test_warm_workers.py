@@ -44,8 +44,7 @@ def worker_task_types():
 async def manager_with(path, executor: LocalExecutor | None = None, **kw: Any):
     store = Store(f"sqlite:///{path / 'warm.db'}")
     kw.setdefault("max_concurrency", 1)
-    m = TaskManager(store, EventBus(), executor or LocalExecutor(), cancel_grace_seconds=1.0, poll_interval=0.1,
-                    **kw)
+    m = TaskManager(store, EventBus(), executor or LocalExecutor(), cancel_grace_seconds=1.0, poll_interval=0.1, **kw)
     await m.start()
     if m.executor.reuse:  # the pool warms up off the loop: a task dispatched before it did starts its own worker
         await poll(lambda: m.executor.status()["idle_workers"], lambda n: n >= m.max_concurrency)
@@ -132,7 +131,8 @@ async def test_an_exception_fails_its_task_and_the_worker_serves_the_next(tmp_pa
 
 
 async def test_a_message_that_cannot_cross_costs_only_itself_never_the_end_or_the_next_tasks_progress(
-        tmp_path, worker_task_types):
+    tmp_path, worker_task_types
+):
     """The worker's outbox pickles each message on its own: one it cannot pickle, and one the server cannot
     unpickle, each become a log line; the task still ends, and the next task on the same worker still
     reports its progress live (the outbox's flusher survived)."""

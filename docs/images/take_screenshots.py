@@ -35,7 +35,7 @@ CELLS = [
     # 2: some history, then the dashboard
     'plexus.run_demo(items=200, item_delay_ms=2, description="nightly import").wait(30)\n'
     'flaky = plexus.run_demo(items=300, item_delay_ms=2, fail_at=120, description="flaky job")\n'
-    'flaky.wait(30)\n'
+    "flaky.wait(30)\n"
     'reindex = plexus.run_demo(items=5000, item_delay_ms=5, description="reindex")\n'
     "time.sleep(1.5)\nreindex.cancel()\nreindex.wait(30)\n"
     "plexus.dashboard()",
@@ -49,14 +49,14 @@ CELLS = [
 
 def write_notebook(root: Path) -> str:
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(src) for src in CELLS])
-    notebook.metadata["kernelspec"] = {"display_name": "Python 3 (ipykernel)", "language": "python",
-                                       "name": "python3"}
+    notebook.metadata["kernelspec"] = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
     nbformat.write(notebook, root / "plexus.ipynb")
     # No news or update toasts over the notebook.
     settings = root.parent / "lab-settings" / "@jupyterlab" / "apputils-extension"
     settings.mkdir(parents=True)
-    (settings / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false",
-                                                                            "checkForUpdates": False}))
+    (settings / "notification.jupyterlab-settings").write_text(
+        json.dumps({"fetchNews": "false", "checkForUpdates": False})
+    )
     return "plexus.ipynb"
 
 
@@ -120,8 +120,11 @@ def take(chromium: str | None, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--chromium", default="/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None,
-                        help="a Chromium executable (default: /usr/bin/chromium if present, else Playwright's)")
+    parser.add_argument(
+        "--chromium",
+        default="/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None,
+        help="a Chromium executable (default: /usr/bin/chromium if present, else Playwright's)",
+    )
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args()
     take(args.chromium, args.out)

@@ -69,8 +69,11 @@ class Selection:
     @property
     def filter_fields(self) -> dict[str, Any]:
         """The filter as given."""
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name != "task_ids" and getattr(self, f.name) not in (None, ())}
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name != "task_ids" and getattr(self, f.name) not in (None, ())
+        }
 
     def audit_fields(self) -> dict[str, Any]:
         """What the audit log records of a selection: the filter, or how many ids (never the ids)."""
@@ -127,15 +130,26 @@ class Preview:
     sample: list[str] = field(default_factory=list)
 
 
-def operation_report(bound: int, outcomes: Sequence[CancelOutcome] = (), preview: Preview | None = None
-                     ) -> dict[str, Any]:
+def operation_report(
+    bound: int, outcomes: Sequence[CancelOutcome] = (), preview: Preview | None = None
+) -> dict[str, Any]:
     """The answer of a bulk operation on every face (MCP OperationResult, REST): per-task outcomes, or the
     count and sample of a dry run."""
     if preview is not None:
-        return {"dry_run": True, "matched": preview.count, "sample": preview.sample, "results": [],
-                "max_per_call": bound}
-    return {"dry_run": False, "matched": len(outcomes), "sample": [], "results": [o.to_dict() for o in outcomes],
-            "max_per_call": bound}
+        return {
+            "dry_run": True,
+            "matched": preview.count,
+            "sample": preview.sample,
+            "results": [],
+            "max_per_call": bound,
+        }
+    return {
+        "dry_run": False,
+        "matched": len(outcomes),
+        "sample": [],
+        "results": [o.to_dict() for o in outcomes],
+        "max_per_call": bound,
+    }
 
 
 class BatchOperations:
@@ -150,8 +164,9 @@ class BatchOperations:
 
     # -- dispatch ------------------------------------------------------------------------------------
 
-    def prepare(self, specs: Sequence[Mapping[str, Any]], actor: Actor,
-                planned: Mapping[int, PlannedSpec] | None = None) -> list[Task]:
+    def prepare(
+        self, specs: Sequence[Mapping[str, Any]], actor: Actor, planned: Mapping[int, PlannedSpec] | None = None
+    ) -> list[Task]:
         """Validate every spec (all or nothing) into QUEUED tasks sharing a new batch id; nothing is stored.
         `planned`: the specs of internal types (evaluations), by index, as their services made them (`plan`).
 
@@ -172,17 +187,33 @@ class BatchOperations:
         if not isinstance(specs, Sequence) or isinstance(specs, str | bytes) or not specs:
             raise InvalidArgument("tasks must be a non-empty list of task specs {type, params, priority, description}")
         if len(specs) > self.bound:
-            raise InvalidArgument(f"the batch has {len(specs)} tasks, more than the {self.bound} one call may dispatch "
-                                  "(setting max_batch_size): split it into several batches")
+            raise InvalidArgument(
+                f"the batch has {len(specs)} tasks, more than the {self.bound} one call may dispatch "
+                "(setting max_batch_size): split it into several batches"
+            )
 
     def _task(self, spec: Mapping[str, Any], actor: Actor, batch_id: str, planned: PlannedSpec | None) -> Task:
         request = parse_spec(spec)
         if planned is not None:
-            return self.manager.new_task(request.type, planned.params, priority=request.priority,
-                                         owner=actor.owner, description=request.description or planned.description,
-                                         role=actor.role, batch_id=batch_id, internal=True)
-        return self.manager.new_task(request.type, request.params, priority=request.priority, owner=actor.owner,
-                                     description=request.description, role=actor.role, batch_id=batch_id)
+            return self.manager.new_task(
+                request.type,
+                planned.params,
+                priority=request.priority,
+                owner=actor.owner,
+                description=request.description or planned.description,
+                role=actor.role,
+                batch_id=batch_id,
+                internal=True,
+            )
+        return self.manager.new_task(
+            request.type,
+            request.params,
+            priority=request.priority,
+            owner=actor.owner,
+            description=request.description,
+            role=actor.role,
+            batch_id=batch_id,
+        )
 
     async def plan(self, specs: Sequence[Mapping[str, Any]], actor: Actor) -> dict[int, PlannedSpec]:
         """The specs of internal types whose service plans them (manager.spec_planners: an evaluation per
@@ -223,22 +254,32 @@ class BatchOperations:
         owner = selection.owner
         if not actor.admin:
             if owner is not None and owner != actor.owner:
-                raise InvalidArgument(f"permission denied: you may {operation.replace('_', ' ')} only your own tasks "
-                                      f"(owner {actor.owner}); leave owner out, or ask an admin")
+                raise InvalidArgument(
+                    f"permission denied: you may {operation.replace('_', ' ')} only your own tasks "
+                    f"(owner {actor.owner}); leave owner out, or ask an admin"
+                )
             owner = actor.owner or ""
         if selection.created_after:
             parse_iso(selection.created_after, "created_after")  # the error names the argument given
-        flt = self.manager.build_filter(status=list(selection.status), type_names=list(selection.type),
-                                        since=selection.created_after, owner=owner, viewer=actor.viewer,
-                                        batch=selection.batch, before=selection.created_before)
+        flt = self.manager.build_filter(
+            status=list(selection.status),
+            type_names=list(selection.type),
+            since=selection.created_after,
+            owner=owner,
+            viewer=actor.viewer,
+            batch=selection.batch,
+            before=selection.created_before,
+        )
         if not flt.statuses:
             flt = replace(flt, statuses=DEFAULT_STATUSES[operation])
         return flt
 
     def _check_shape(self, selection: Selection) -> None:
         if bool(selection.task_ids) == bool(selection.filter_fields):
-            raise InvalidArgument("give either task_ids (a list of ids) or a filter (status, type, owner, "
-                                  "created_after, created_before, batch), not both or neither")
+            raise InvalidArgument(
+                "give either task_ids (a list of ids) or a filter (status, type, owner, "
+                "created_after, created_before, batch), not both or neither"
+            )
 
     async def preview(self, selection: Selection, actor: Actor, operation: str) -> Preview:
         """How many tasks the operation would act on, and the first SAMPLE_SIZE ids (a dry run), read off the
@@ -261,16 +302,20 @@ class BatchOperations:
         if selection.task_ids:
             ids = list(dict.fromkeys(selection.task_ids))
             if len(ids) > self.bound:
-                raise InvalidArgument(f"{len(ids)} task ids given, more than the {self.bound} one call may {verb} "
-                                      "(setting max_batch_size): split them into several calls")
+                raise InvalidArgument(
+                    f"{len(ids)} task ids given, more than the {self.bound} one call may {verb} "
+                    "(setting max_batch_size): split them into several calls"
+                )
             return ids
         flt = self.task_filter(selection, actor, operation)
         ids = self.manager.store.find_task_ids(flt, limit=self.bound + 1)
         if len(ids) > self.bound:
             count = self.manager.store.count_tasks(flt)
-            raise InvalidArgument(f"the filter matches {count} tasks, more than the {self.bound} one call may {verb} "
-                                  "(setting max_batch_size): narrow it (type, created_before, batch) or call again "
-                                  "after this part is done; dry_run shows the count")
+            raise InvalidArgument(
+                f"the filter matches {count} tasks, more than the {self.bound} one call may {verb} "
+                "(setting max_batch_size): narrow it (type, created_before, batch) or call again "
+                "after this part is done; dry_run shows the count"
+            )
         return ids
 
     def _missing(self, task_id: str, actor: Actor) -> str:
@@ -290,10 +335,15 @@ class BatchOperations:
             if task is None or not owner_visible(task.owner, actor.viewer):
                 refused.append(CancelOutcome(task_id, "not_found", None, self._missing(task_id, actor)))
             elif not actor.admin and task.owner != actor.owner:
-                refused.append(CancelOutcome(
-                    task_id, "forbidden", task.status.value,
-                    f"permission denied: you may {operation.replace('_', ' ')} only your own tasks (this one belongs "
-                    f"to {task.owner or 'the local user'}); an admin may"))
+                refused.append(
+                    CancelOutcome(
+                        task_id,
+                        "forbidden",
+                        task.status.value,
+                        f"permission denied: you may {operation.replace('_', ' ')} only your own tasks "
+                        f"(this one belongs to {task.owner or 'the local user'}); an admin may",
+                    )
+                )
             else:
                 tasks.append(task)
         return tasks, refused
@@ -308,9 +358,15 @@ class BatchOperations:
         def work() -> tuple[list[str], list[Task], list[CancelOutcome], set[str]]:
             ids = self.select(selection, actor, "cancel")
             tasks, outcomes = self._resolve(ids, actor, "cancel")
-            done = set(self.manager.store.update_queued(
-                [t.id for t in tasks if t.status in _WAITING], status=TaskStatus.CANCELLED, completed_at=at,
-                cancel_requested=True, error_message=_CANCELLED_WAITING))
+            done = set(
+                self.manager.store.update_queued(
+                    [t.id for t in tasks if t.status in _WAITING],
+                    status=TaskStatus.CANCELLED,
+                    completed_at=at,
+                    cancel_requested=True,
+                    error_message=_CANCELLED_WAITING,
+                )
+            )
             return ids, tasks, outcomes, done
 
         ids, tasks, outcomes, done = await asyncio.to_thread(work)
@@ -322,8 +378,14 @@ class BatchOperations:
                 cancelled.append(task)
                 outcomes.append(CancelOutcome(task.id, "cancelled", task.status.value, _CANCELLED_WAITING))
             elif task.status.is_final:
-                outcomes.append(CancelOutcome(task.id, "already_finished", task.status.value,
-                                              f"the task already ended as {task.status.value}; nothing to cancel"))
+                outcomes.append(
+                    CancelOutcome(
+                        task.id,
+                        "already_finished",
+                        task.status.value,
+                        f"the task already ended as {task.status.value}; nothing to cancel",
+                    )
+                )
             else:  # running, or started since it was read
                 outcomes += self.manager.cancel([task.id])
         self.manager.announce(cancelled, "task.cancelled")
@@ -341,11 +403,11 @@ class BatchOperations:
             retried = self.manager.store.retries_of([t.id for t in tasks])
             retryable = []
             for task in tasks:
-                reason = (f"already retried as task {retried[task.id]}" if task.id in retried
-                          else _not_retryable(task))
+                reason = f"already retried as task {retried[task.id]}" if task.id in retried else _not_retryable(task)
                 if reason:
-                    outcomes.append(CancelOutcome(task.id, "not_retryable", task.status.value,
-                                                  f"not retryable: {reason}"))
+                    outcomes.append(
+                        CancelOutcome(task.id, "not_retryable", task.status.value, f"not retryable: {reason}")
+                    )
                 else:
                     retryable.append(task)
             for owner, n in Counter(t.owner for t in retryable).items():
@@ -353,14 +415,25 @@ class BatchOperations:
             attempts = []
             for task in retryable:
                 try:
-                    attempts.append(self.manager.new_task(
-                        task.type, task.params, priority=task.priority, owner=task.owner,
-                        description=task.description, role=actor.role, batch_id=task.batch_id, retry_of=task.id))
+                    attempts.append(
+                        self.manager.new_task(
+                            task.type,
+                            task.params,
+                            priority=task.priority,
+                            owner=task.owner,
+                            description=task.description,
+                            role=actor.role,
+                            batch_id=task.batch_id,
+                            retry_of=task.id,
+                        )
+                    )
                 except InvalidArgument as exc:
                     raise InvalidArgument(f"task {task.id}: {exc}; nothing was retried") from None
             self.manager.store.create_tasks(attempts)
-            outcomes += [CancelOutcome(old.id, "retried", old.status.value, f"queued again as task {new.id}", new.id)
-                         for old, new in zip(retryable, attempts, strict=True)]
+            outcomes += [
+                CancelOutcome(old.id, "retried", old.status.value, f"queued again as task {new.id}", new.id)
+                for old, new in zip(retryable, attempts, strict=True)
+            ]
             return ids, outcomes, attempts
 
         ids, outcomes, attempts = await asyncio.to_thread(work)
@@ -370,15 +443,18 @@ class BatchOperations:
     async def set_priority(self, selection: Selection, priority: int, actor: Actor) -> list[CancelOutcome]:
         """Change the priority of waiting tasks (one UPDATE, off the loop); the caller's priority ceiling applies."""
         if isinstance(priority, bool) or not isinstance(priority, int) or not MIN_PRIORITY <= priority <= MAX_PRIORITY:
-            raise InvalidArgument(f"priority must be a whole number from {MIN_PRIORITY} to {MAX_PRIORITY} (higher runs "
-                                  f"first), not {priority!r:.40}")
+            raise InvalidArgument(
+                f"priority must be a whole number from {MIN_PRIORITY} to {MAX_PRIORITY} (higher runs "
+                f"first), not {priority!r:.40}"
+            )
         self.manager.check_priority(priority, actor.role)
 
         def work() -> tuple[list[str], list[Task], list[CancelOutcome], set[str]]:
             ids = self.select(selection, actor, "set_priority")
             tasks, outcomes = self._resolve(ids, actor, "set_priority")
-            done = set(self.manager.store.update_queued([t.id for t in tasks if t.status in _WAITING],
-                                                        priority=priority))
+            done = set(
+                self.manager.store.update_queued([t.id for t in tasks if t.status in _WAITING], priority=priority)
+            )
             return ids, tasks, outcomes, done
 
         ids, tasks, outcomes, done = await asyncio.to_thread(work)
@@ -390,9 +466,14 @@ class BatchOperations:
                 outcomes.append(CancelOutcome(task.id, "updated", task.status.value, f"priority is now {priority}"))
             else:
                 status = "RUNNING" if task.status in _WAITING else task.status.value  # started meanwhile
-                outcomes.append(CancelOutcome(task.id, "not_queued", status,
-                                              f"not queued: {status.lower()} (only waiting tasks can be "
-                                              "re-prioritised)"))
+                outcomes.append(
+                    CancelOutcome(
+                        task.id,
+                        "not_queued",
+                        status,
+                        f"not queued: {status.lower()} (only waiting tasks can be re-prioritised)",
+                    )
+                )
         self.manager.announce(changed, "task.updated")
         return _in_order(ids, outcomes)
 
@@ -413,8 +494,10 @@ class BatchOperations:
         store = self.manager.store
         found, superseded = store.batch_counts(batch_id, viewer)
         if not found and not superseded:
-            raise NotFound(f"no batch with id {batch_id!r}; dispatch_batch returns batch ids, and each task's "
-                           "batch_id names its batch")
+            raise NotFound(
+                f"no batch with id {batch_id!r}; dispatch_batch returns batch ids, and each task's "
+                "batch_id names its batch"
+            )
         counts = {s.value: found.get(s.value, 0) for s in TaskStatus}
         total = sum(counts.values())
         finished = sum(counts[s.value] for s in FINAL_STATUSES)

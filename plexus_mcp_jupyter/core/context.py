@@ -17,6 +17,7 @@ from .messages import FromTask, Log, Progress, Reply, Request, Stage
 
 LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")  # MCP's (RFC 5424)
 
+
 class TaskCancelled(Exception):
     """Raised inside task code at its next check once cancellation was requested."""
 
@@ -33,8 +34,14 @@ class TaskContext:
     """Progress, cancellation and logging for one running task."""
 
     def __init__(
-        self, task_id: str, send: Send, cancel_flag: CancelFlag, *, flush_interval: float = 0.02,
-        environment: Mapping[str, Any] | None = None, receive: Receive | None = None,
+        self,
+        task_id: str,
+        send: Send,
+        cancel_flag: CancelFlag,
+        *,
+        flush_interval: float = 0.02,
+        environment: Mapping[str, Any] | None = None,
+        receive: Receive | None = None,
     ) -> None:
         self.task_id = task_id
         # What the server tells every task (store URL, Jupyter root, data directory): never stored or shown.

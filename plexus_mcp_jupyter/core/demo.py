@@ -33,14 +33,14 @@ def validate_params(params: Mapping[str, Any]) -> dict[str, Any]:
         raise InvalidArgument(f"items must be a whole number from 1 to {MAX_ITEMS:,}, not {items!r}")
     delay = params.get("item_delay_ms", DEFAULT_ITEM_DELAY_MS)
     if isinstance(delay, bool) or not isinstance(delay, int | float) or not 0 <= delay <= MAX_ITEM_DELAY_MS:
-        raise InvalidArgument(f"item_delay_ms must be a number of milliseconds from 0 to {MAX_ITEM_DELAY_MS:g}, "
-                              f"not {delay!r}")
+        raise InvalidArgument(
+            f"item_delay_ms must be a number of milliseconds from 0 to {MAX_ITEM_DELAY_MS:g}, not {delay!r}"
+        )
     fail = params.get("fail", False)
     if not isinstance(fail, bool):
         raise InvalidArgument(f"fail must be true or false, not {fail!r}")
     fail_at = params.get("fail_at")
-    if fail_at is not None and (isinstance(fail_at, bool) or not isinstance(fail_at, int)
-                                or not 1 <= fail_at <= items):
+    if fail_at is not None and (isinstance(fail_at, bool) or not isinstance(fail_at, int) or not 1 <= fail_at <= items):
         raise InvalidArgument(f"fail_at must be an item number from 1 to items ({items}), not {fail_at!r}")
     seed = params.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):

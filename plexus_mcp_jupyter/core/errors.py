@@ -15,14 +15,14 @@ _LONG_QUOTED = re.compile(r"'([^'\n]{77})[^'\n]{4,}'")
 def one_line(text: object, limit: int = MAX_QUOTED_CHARS) -> str:
     """`text` (an error, say) on one line, whitespace runs collapsed, cut to `limit` characters with "...":
     how a message quotes what a client sent or a file holds, which may be megabytes."""
-    line = " ".join(str(text)[:16 * limit].split())
-    return line if len(line) <= limit else line[:limit - 3] + "..."
+    line = " ".join(str(text)[: 16 * limit].split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def bounded(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
     """A core error's message as a face sends it (a tool error, a REST error body, the log line with it): one
     line, long quoted values cut, at most `limit` characters. Core messages quote what was sent."""
-    cut = message[:16 * limit]
+    cut = message[: 16 * limit]
     if len(cut) < len(message) and cut.count("'") % 2:
         cut += "'"  # the cut took a quoted value's closing quote: close it, so the value is cut short below
     text = _LONG_QUOTED.sub(lambda m: f"'{m.group(1)}...'", " ".join(cut.split()))

@@ -118,8 +118,9 @@ class EventBus:
     def last_seq(self) -> int:
         return self._history[-1].seq if self._history else 0
 
-    def publish(self, kind: str, entity_type: str, entity_id: str, data: dict[str, Any], *,
-                origin: str | None = None) -> Event:
+    def publish(
+        self, kind: str, entity_type: str, entity_id: str, data: dict[str, Any], *, origin: str | None = None
+    ) -> Event:
         """Record and fan out one event. A failing subscriber is logged and skipped: it must never
         break the core that publishes (a task left half-started) or keep the event from the others.
         `origin`: the id of the server the event comes from, when it is not this one (core/relay.py)."""

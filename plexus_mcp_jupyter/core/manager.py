@@ -60,8 +60,14 @@ class CancelOutcome:
     new_task_id: str | None = None  # a retry's new attempt
 
     def to_dict(self) -> dict[str, Any]:
-        return {"task_id": self.task_id, "outcome": self.outcome, "status": self.status, "message": self.message,
-                "new_task_id": self.new_task_id}
+        return {
+            "task_id": self.task_id,
+            "outcome": self.outcome,
+            "status": self.status,
+            "message": self.message,
+            "new_task_id": self.new_task_id,
+        }
+
 
 RequestHandler = Callable[[Task, Any], Awaitable[Any]]  # answers a task's TaskContext.request of one kind
 
@@ -197,8 +203,12 @@ class TaskManager:
         return instance, f"{self.executor.name}:{HOST}:{os.getpid()}:{instance}"
 
     def configure_queue(
-        self, *, type_caps: Mapping[str, int] | None = None, fairness: str = "round_robin",
-        role_weights: Mapping[str, float] | None = None, resources: Mapping[str, int] | None = None,
+        self,
+        *,
+        type_caps: Mapping[str, int] | None = None,
+        fairness: str = "round_robin",
+        role_weights: Mapping[str, float] | None = None,
+        resources: Mapping[str, int] | None = None,
     ) -> None:
         """Set the queue model: per-type caps, how owners share a priority, and the executor's capacity
         overrides (`executor_resources`). See core/queue.py."""
@@ -214,8 +224,9 @@ class TaskManager:
         if self.pruner is not None:
             self.pruner.stop()
         self.retention = policy
-        self.pruner = RetentionPruner(self.store.prune_expired, policy, interval=interval, batch=batch,
-                                      on_pruned=self._forget_pruned)
+        self.pruner = RetentionPruner(
+            self.store.prune_expired, policy, interval=interval, batch=batch, on_pruned=self._forget_pruned
+        )
         if self.started:
             self.pruner.start()
 
@@ -290,16 +301,23 @@ class TaskManager:
         """Resolve tasks left RUNNING by a server that is gone: fail them, or re-queue idempotent ones.
         `running`: the RUNNING tasks, when the caller read them (off the loop); else they are read here."""
         for task in self.store.tasks_with_status(TaskStatus.RUNNING) if running is None else running:
-            if task.id in self._running or not _owner_gone(task.worker, self.instance, task.lease_expires_at,
-                                                           local_store=not self.offload):
+            if task.id in self._running or not _owner_gone(
+                task.worker, self.instance, task.lease_expires_at, local_store=not self.offload
+            ):
                 continue
             # Several servers may notice the same gone server: only the one whose conditional take-over wins
             # resolves the task (a task re-queued twice could run twice), in the take-over's own transaction.
             previous, at = task.worker, now()
             requeue = self._idempotent(task.type) and not task.cancel_requested
             final = None if requeue else self._ended_elsewhere(task, at)
-            if not self.store.take_over(task.id, previous=previous, worker=self.server_id,
-                                        lease_expires_at=self._lease_end(at), requeue=requeue, final=final):
+            if not self.store.take_over(
+                task.id,
+                previous=previous,
+                worker=self.server_id,
+                lease_expires_at=self._lease_end(at),
+                requeue=requeue,
+                final=final,
+            ):
                 continue
             if requeue:
                 self._requeued(task.id, "left running by a stopped server")
@@ -342,8 +360,11 @@ class TaskManager:
         nothing more of it is written (writes are conditional on the holder) or announced."""
         self._pending.pop(task_id, None)
         state = self._running.pop(task_id, None)
-        log.warning("Plexus: task %s was taken over by another server (this server's lease on it ran out): its "
-                    "run here is stopped and not recorded", task_id)
+        log.warning(
+            "Plexus: task %s was taken over by another server (this server's lease on it ran out): its "
+            "run here is stopped and not recorded",
+            task_id,
+        )
         if state is None:
             return
         for request in state.requests:
@@ -403,8 +424,9 @@ class TaskManager:
         task = self.store.get_task(task_id)
         return task, (self.store.tombstone(task_id) if task is None else None)
 
-    def _from_store(self, task_id: str, task: Task | None, tombstone: dict[str, Any] | None,
-                    viewer: str | None) -> Task:
+    def _from_store(
+        self, task_id: str, task: Task | None, tombstone: dict[str, Any] | None, viewer: str | None
+    ) -> Task:
         if task is None:
             if tombstone is not None and owner_visible(tombstone["owner"], viewer):
                 raise Expired(expired_message(task_id, tombstone))
@@ -502,8 +524,9 @@ class TaskManager:
             raise NotFound(f"no task with id {task_id!r}; list_tasks shows the ids that exist")
         return task
 
-    def _merge_page(self, flt: TaskFilter, page: list[Task], next_key: tuple[float, str] | None
-                    ) -> tuple[list[Task], str | None]:
+    def _merge_page(
+        self, flt: TaskFilter, page: list[Task], next_key: tuple[float, str] | None
+    ) -> tuple[list[Task], str | None]:
         page = [self._running[t.id].task if t.id in self._running else t for t in page]
         return page, (encode_cursor(next_key, flt) if next_key else None)
 
@@ -550,8 +573,9 @@ class TaskManager:
         must exist before the task can start (an evaluation's record) in the transaction that stores it.
         """
         self.check_key_cap(owner, 1)
-        task = self.new_task(type_name, params, priority=priority, owner=owner, description=description,
-                             internal=internal, role=role)
+        task = self.new_task(
+            type_name, params, priority=priority, owner=owner, description=description, internal=internal, role=role
+        )
         also = self._also(task, record)
         if self._starts_at_once(task):
             created = self._claim_at_once(task)
@@ -638,14 +662,16 @@ class TaskManager:
         """InvalidArgument when an API key would have more than max_tasks_per_key unfinished tasks with
         `adding` more (a batch counts whole: it is refused, never cut)."""
         if self._key_capped(owner):
-            unfinished = self.store.count_tasks(TaskFilter(
-                statuses=(TaskStatus.PENDING, TaskStatus.QUEUED, TaskStatus.RUNNING), owner=owner))
+            unfinished = self.store.count_tasks(
+                TaskFilter(statuses=(TaskStatus.PENDING, TaskStatus.QUEUED, TaskStatus.RUNNING), owner=owner)
+            )
             if unfinished + adding > self.max_unfinished_per_key:
                 asked = "" if adding == 1 else f" and asks for {adding} more"
                 raise InvalidArgument(
                     f"this API key has {unfinished} unfinished tasks{asked}, more than the "
                     f"{self.max_unfinished_per_key} allowed (max_tasks_per_key): wait for some to finish, or cancel "
-                    "some, before starting more")
+                    "some, before starting more"
+                )
 
     def new_task(
         self,
@@ -663,8 +689,10 @@ class TaskManager:
         """A validated QUEUED task, not yet stored (dispatch stores one; core/batches.py many at once)."""
         task_type = get_task_type(type_name)
         if task_type.internal and not internal:
-            raise InvalidArgument(f"{type_name} tasks are created by {task_type.created_by or 'their own service'}, "
-                                  "not dispatched directly")
+            raise InvalidArgument(
+                f"{type_name} tasks are created by {task_type.created_by or 'their own service'}, "
+                "not dispatched directly"
+            )
         params = dict(params or {})
         if task_type.validate is not None:
             params = task_type.validate(params)
@@ -732,16 +760,24 @@ class TaskManager:
             capacity["slots"] = max(capacity["slots"], self.configured_resources.get("slots", 1) or 1)
         short = res.shortfall(self.needs(task_type), capacity)
         if short:
-            detail = "; ".join(f"{name}: needs {need}, the executor has {have} in all"
-                               for name, (need, have) in sorted(short.items()))
+            detail = "; ".join(
+                f"{name}: needs {need}, the executor has {have} in all" for name, (need, have) in sorted(short.items())
+            )
             raise InvalidArgument(
                 f"a {task_type} task needs more than this server can ever give it ({detail}): it would wait "
                 "forever, so it is refused; raise the capacity (executor_resources, max_concurrency) or run it "
-                "where there is more")
+                "where there is more"
+            )
 
     def _policy(self) -> QueuePolicy:
-        return QueuePolicy(capacity=self.capacity(), needs=self.needs, slot_cap=self.slot_cap,
-                           type_caps=self.type_caps, fairness=self.fairness, weights=self.role_weights)
+        return QueuePolicy(
+            capacity=self.capacity(),
+            needs=self.needs,
+            slot_cap=self.slot_cap,
+            type_caps=self.type_caps,
+            fairness=self.fairness,
+            weights=self.role_weights,
+        )
 
     async def queue_info(self, task: Task) -> QueuedInfo | None:
         """Where a QUEUED task stands: position, why it waits, estimated start (None for other statuses).
@@ -766,17 +802,17 @@ class TaskManager:
                 if group in last:
                     return last[group]
                 # Not read at all: it comes after everything of a higher priority.
-                return next((i - 1 for i, t in enumerate(planned.order) if t.priority <= group[0]),
-                            len(planned.order))
+                return next((i - 1 for i, t in enumerate(planned.order) if t.priority <= group[0]), len(planned.order))
 
             exact = min((exact_until(group) for group in cut), default=len(planned.order))
             waiting = dict(planned.waiting)
-            for i, task_ahead in enumerate(planned.order[exact + 1:], exact + 2):
+            for i, task_ahead in enumerate(planned.order[exact + 1 :], exact + 2):
                 info = waiting.get(task_ahead.id)
                 if info is not None:
                     unread = sum(n for (priority, _), n in cut.items() if priority > task_ahead.priority)
-                    waiting[task_ahead.id] = dataclasses.replace(info, position=i + unread, estimated_start_at=None,
-                                                                  exact=False)
+                    waiting[task_ahead.id] = dataclasses.replace(
+                        info, position=i + unread, estimated_start_at=None, exact=False
+                    )
             started = {t.id for t in planned.starts}
             starting = {t.id: i for i, t in enumerate(planned.order, 1) if t.id in started}
             self._queue_info = (waiting, starting)
@@ -785,12 +821,19 @@ class TaskManager:
         if info is not None:
             return info
         if task.id in starting:
-            return QueuedInfo(starting[task.id], "starting", "capacity is free: it starts in the scheduler's next "
-                              "pass", now())
+            return QueuedInfo(
+                starting[task.id], "starting", "capacity is free: it starts in the scheduler's next pass", now()
+            )
         ahead = await self.calls.run(self.store.queued_ahead, task)
-        return QueuedInfo(ahead + 1, "no_slot", f"{ahead} queued tasks have a higher priority or are older; it "
-                          f"starts when they have (position by priority and age: beyond the first {QUEUE_LOOKAHEAD} "
-                          "tasks the scheduler plans)", None, exact=False)
+        return QueuedInfo(
+            ahead + 1,
+            "no_slot",
+            f"{ahead} queued tasks have a higher priority or are older; it "
+            f"starts when they have (position by priority and age: beyond the first {QUEUE_LOOKAHEAD} "
+            "tasks the scheduler plans)",
+            None,
+            exact=False,
+        )
 
     async def queue_fields(self, task: Task) -> dict[str, Any]:
         """The queue and retention fields of a task's detail: `queue` (QUEUED only), `expires_at` (finished
@@ -807,8 +850,7 @@ class TaskManager:
     def set_retention(self, task_id: str, seconds: float) -> None:
         """Keep this task `seconds` once it has finished (a client's MCP ttl, already bounded)."""
         self.store.update_task(task_id, retention_seconds=seconds)
-        for copy in (self._running[task_id].task if task_id in self._running else None,
-                     self._finished.get(task_id)):
+        for copy in (self._running[task_id].task if task_id in self._running else None, self._finished.get(task_id)):
             if copy is not None:
                 copy.retention_seconds = seconds
 
@@ -824,9 +866,7 @@ class TaskManager:
             caps.append(max(1, int(self.key_slot_share * self.max_concurrency)))
         return min(caps, default=0)
 
-    def cancel(
-        self, task_ids: Iterable[str], *, viewer: str | None = None, others: bool = True
-    ) -> list[CancelOutcome]:
+    def cancel(self, task_ids: Iterable[str], *, viewer: str | None = None, others: bool = True) -> list[CancelOutcome]:
         """Cancel tasks: queued ones at once, running ones cooperatively then forcibly after the grace.
 
         With `viewer` (a non-admin caller's owner), tasks it may not see are not_found; without `others`,
@@ -841,10 +881,15 @@ class TaskManager:
                     outcomes.append(CancelOutcome(task_id, "not_found", None, str(exc)))
                     continue
                 if not others and task.owner != viewer:
-                    outcomes.append(CancelOutcome(
-                        task_id, "forbidden", task.status.value,
-                        f"permission denied: you may cancel only your own tasks (this one belongs to "
-                        f"{task.owner or 'the local user'}); an admin may cancel it"))
+                    outcomes.append(
+                        CancelOutcome(
+                            task_id,
+                            "forbidden",
+                            task.status.value,
+                            f"permission denied: you may cancel only your own tasks (this one belongs to "
+                            f"{task.owner or 'the local user'}); an admin may cancel it",
+                        )
+                    )
                     continue
             outcomes.append(self._cancel_one(task_id))
         return outcomes
@@ -915,8 +960,12 @@ class TaskManager:
         store the pass reads and claims on the writer thread (`_schedule_off_loop`); one pass at a time."""
         self._schedule_pending = False
         self._queue_info = None  # positions change with every pass
-        if (self._stopping or self._loop is None or self._queue_empty
-                or self.max_concurrency - len(self._running) - len(self._starting) <= 0):
+        if (
+            self._stopping
+            or self._loop is None
+            or self._queue_empty
+            or self.max_concurrency - len(self._running) - len(self._starting) <= 0
+        ):
             return
         if self.offload:
             if self._scheduling:  # the pass under way ends with another one
@@ -927,8 +976,11 @@ class TaskManager:
             return
         policy = self._policy()
         running = self._running_tasks()
-        self._start_claimed(policy, *self._read_plan_claim(policy, running, self._fair, self._window_view(policy),
-                                                           self._queue_version), exhausted=True)
+        self._start_claimed(
+            policy,
+            *self._read_plan_claim(policy, running, self._fair, self._window_view(policy), self._queue_version),
+            exhausted=True,
+        )
 
     def _window_view(self, policy: QueuePolicy) -> tuple[list[Task], dict[Group, int]] | None:
         """What the last read of the queue still shows, if it is still the queue's head (QueueWindow)."""
@@ -937,9 +989,14 @@ class TaskManager:
             return None
         return window.view(_pass_head(policy))
 
-    def _read_plan_claim(self, policy: QueuePolicy, running: list[Task], clock: FairClock,
-                         view: tuple[list[Task], dict[Group, int]] | None, version: int
-                         ) -> tuple[QueueWindow | None, list[Task], dict[Group, int], list[Task], set[str], float]:
+    def _read_plan_claim(
+        self,
+        policy: QueuePolicy,
+        running: list[Task],
+        clock: FairClock,
+        view: tuple[list[Task], dict[Group, int]] | None,
+        version: int,
+    ) -> tuple[QueueWindow | None, list[Task], dict[Group, int], list[Task], set[str], float]:
         """A scheduling pass's store work and plan (any thread: it reads only its arguments and the store): the
         queue's head (`view`, else a read of the store, returned to be kept), what starts, and which of those
         this server won the claim of (one transaction)."""
@@ -951,9 +1008,16 @@ class TaskManager:
         window, cut = view
         starts = queue_plan(window, running, policy, clock=clock).starts
         started_at = now()
-        won = (self.store.claim_many([t.id for t in starts], worker=self.server_id, started_at=started_at,
-                                     lease_expires_at=self._lease_end(started_at))
-               if starts else set())
+        won = (
+            self.store.claim_many(
+                [t.id for t in starts],
+                worker=self.server_id,
+                started_at=started_at,
+                lease_expires_at=self._lease_end(started_at),
+            )
+            if starts
+            else set()
+        )
         return read, window, cut, starts, won, started_at
 
     async def _schedule_off_loop(self) -> None:
@@ -965,14 +1029,16 @@ class TaskManager:
             policy = self._policy()
             running = self._running_tasks()
             read, window, cut, starts, won, started_at = await self._write(
-                self._read_plan_claim, policy, running, self._fair.copy(), self._window_view(policy), version)
+                self._read_plan_claim, policy, running, self._fair.copy(), self._window_view(policy), version
+            )
             if self._stopping:  # claimed for nothing: back to the queue, for the next server
                 for task_id in won:
                     await self._write(self.store.requeue, task_id)
                 return
             # Tasks queued while the pass ran were not in its window: the queue is not known to be empty.
-            self._start_claimed(policy, read, window, cut, starts, won, started_at,
-                                exhausted=self._queue_version == version)
+            self._start_claimed(
+                policy, read, window, cut, starts, won, started_at, exhausted=self._queue_version == version
+            )
         except Exception as exc:
             unavailable = store_unavailable(exc)
             if unavailable is None:
@@ -985,8 +1051,18 @@ class TaskManager:
                 self._schedule_pending = False
                 self._schedule()
 
-    def _start_claimed(self, policy: QueuePolicy, read: QueueWindow | None, window: list[Task], cut: Mapping[Any, int],
-                       starts: list[Task], won: set[str], started_at: float, *, exhausted: bool) -> None:
+    def _start_claimed(
+        self,
+        policy: QueuePolicy,
+        read: QueueWindow | None,
+        window: list[Task],
+        cut: Mapping[Any, int],
+        starts: list[Task],
+        won: set[str],
+        started_at: float,
+        *,
+        exhausted: bool,
+    ) -> None:
         if read is not None:
             self._window = read
         if self._window is not None:
@@ -1012,9 +1088,14 @@ class TaskManager:
         try:
             task_type = get_task_type(task.type)
             worker = self.executor.submit(
-                task.id, task_type.target, task.params, lambda msg: self._on_message(task.id, msg),
-                max_output_bytes=self.max_output_bytes, environment=self.worker_environment,
-                isolated=task_type.isolated, resources=task_type.resources,
+                task.id,
+                task_type.target,
+                task.params,
+                lambda msg: self._on_message(task.id, msg),
+                max_output_bytes=self.max_output_bytes,
+                environment=self.worker_environment,
+                isolated=task_type.isolated,
+                resources=task_type.resources,
             )
         except Exception as exc:
             state.final = Failed(f"the task could not be started: {exc}")
@@ -1163,16 +1244,16 @@ class TaskManager:
     async def _flush_off_loop(self) -> None:
         batch = [(p, p.changes, len(p.samples), len(p.events), p.final) for p in self._pending.values()]
         try:
-            write = functools.partial(self.store.save_progress_many, [self._write_of(p) for p, *_ in batch],
-                                      holder=self.server_id)
+            write = functools.partial(
+                self.store.save_progress_many, [self._write_of(p) for p, *_ in batch], holder=self.server_id
+            )
             lost = await self._write(write)
         except Exception as exc:
             unavailable = store_unavailable(exc)
             if unavailable is None:
                 log.exception("Plexus: could not record the progress of %d tasks; retrying", len(batch))
             else:
-                log.warning("Plexus: could not record the progress of %d tasks (%s); retrying", len(batch),
-                            unavailable)
+                log.warning("Plexus: could not record the progress of %d tasks (%s); retrying", len(batch), unavailable)
             return
         finally:
             self._flushing = False
@@ -1236,8 +1317,13 @@ class TaskManager:
                 self._running.pop(task_id, None)
                 return
             final = None
-        if (isinstance(final, Lost) and final.requeue and self._idempotent(task.type)
-                and not state.cancel_requested and not self._stopping):
+        if (
+            isinstance(final, Lost)
+            and final.requeue
+            and self._idempotent(task.type)
+            and not state.cancel_requested
+            and not self._stopping
+        ):
             # Its worker died (a Dask worker, executors/dask.py), and its type says a re-run is safe.
             self._pending.pop(task_id, None)
             try:
@@ -1279,7 +1365,8 @@ class TaskManager:
         task.completed_at = task.completed_at or now()
         if task.status is TaskStatus.COMPLETED and task.started_at is not None:
             self._durations.setdefault(task.type, deque(maxlen=DURATIONS_KEPT)).append(
-                task.completed_at - task.started_at)
+                task.completed_at - task.started_at
+            )
         task.stdout_tail = tails.get("stdout")
         task.stderr_tail = tails.get("stderr") or ("\n".join(state.log_tail) or None)
         stage_status = {
@@ -1308,19 +1395,28 @@ class TaskManager:
             already = self._running[task_id].cancel_requested
             self._request_stop(task_id)
             return CancelOutcome(
-                task_id, "cancelling", TaskStatus.RUNNING.value,
-                "cancellation was already requested; the task is stopping" if already else
-                f"cancellation requested; the task stops at its next check, or is stopped within "
+                task_id,
+                "cancelling",
+                TaskStatus.RUNNING.value,
+                "cancellation was already requested; the task is stopping"
+                if already
+                else f"cancellation requested; the task stops at its next check, or is stopped within "
                 f"{self.cancel_grace_seconds:g}s",
             )
         task = self.store.get_task(task_id)
         if task is None:
             tombstone = self.store.tombstone(task_id)
-            return CancelOutcome(task_id, "not_found", None, expired_message(task_id, tombstone) if tombstone
-                                 else f"no task with id {task_id!r}")
+            return CancelOutcome(
+                task_id,
+                "not_found",
+                None,
+                expired_message(task_id, tombstone) if tombstone else f"no task with id {task_id!r}",
+            )
         if task.status.is_final:
             return CancelOutcome(
-                task_id, "already_finished", task.status.value,
+                task_id,
+                "already_finished",
+                task.status.value,
                 f"the task already ended as {task.status.value}; nothing to cancel",
             )
         if task.status in (TaskStatus.QUEUED, TaskStatus.PENDING):
@@ -1342,7 +1438,9 @@ class TaskManager:
         # RUNNING on another server sharing this store: it applies the request at its next poll.
         self.store.update_task(task_id, cancel_requested=True)
         return CancelOutcome(
-            task_id, "cancelling", task.status.value,
+            task_id,
+            "cancelling",
+            task.status.value,
             "cancellation requested from the server running this task",
         )
 
@@ -1378,8 +1476,9 @@ def _as_list(value: str | Sequence[str] | None) -> list[str]:
     return [str(v) for v in value]
 
 
-def _owner_gone(worker: str | None, own_instance: str, lease_expires_at: float | None = None, *,
-                local_store: bool = False) -> bool:
+def _owner_gone(
+    worker: str | None, own_instance: str, lease_expires_at: float | None = None, *, local_store: bool = False
+) -> bool:
     """True when the server that claimed a task (recorded in `worker`) is no longer alive.
 
     `worker` is "executor:host:pid:instance[/worker-id]". A claim by this very server (same instance)

@@ -56,8 +56,13 @@ class QueuedInfo:
     exact: bool = True  # False: past the look-ahead (TaskManager.queue_info), a lower bound or by age only
 
     def to_dict(self) -> dict[str, Any]:
-        return {"position": self.position, "reason": self.reason, "message": self.message,
-                "estimated_start_at": iso(self.estimated_start_at), "exact": self.exact}
+        return {
+            "position": self.position,
+            "reason": self.reason,
+            "message": self.message,
+            "estimated_start_at": iso(self.estimated_start_at),
+            "exact": self.exact,
+        }
 
 
 @dataclass
@@ -147,8 +152,13 @@ def weight(task: Task, policy: QueuePolicy) -> float:
 
 
 def plan(
-    queued: Sequence[Task], running: Sequence[Task], policy: QueuePolicy, *, clock: FairClock | None = None,
-    durations: Mapping[str, float] | None = None, at: float | None = None,
+    queued: Sequence[Task],
+    running: Sequence[Task],
+    policy: QueuePolicy,
+    *,
+    clock: FairClock | None = None,
+    durations: Mapping[str, float] | None = None,
+    at: float | None = None,
 ) -> Plan:
     """Which of `queued` start now, and for the others their position, reason and estimated start.
 
@@ -175,11 +185,19 @@ def plan(
         owner_cap = policy.slot_cap(task.owner)
         type_cap = policy.type_caps.get(task.type, 0)
         if owner_cap and by_owner.get(task.owner, 0) >= owner_cap:
-            waiting[task.id] = (position, "owner_cap", f"its owner already runs {owner_cap} tasks, the most it may "
-                                "run at once; it starts when one of them ends")
+            waiting[task.id] = (
+                position,
+                "owner_cap",
+                f"its owner already runs {owner_cap} tasks, the most it may "
+                "run at once; it starts when one of them ends",
+            )
         elif type_cap and by_type.get(task.type, 0) >= type_cap:
-            waiting[task.id] = (position, "type_cap", f"{type_cap} {task.type} tasks are running, the most allowed "
-                                f"at once (max_concurrency_by_type); it starts when one of them ends")
+            waiting[task.id] = (
+                position,
+                "type_cap",
+                f"{type_cap} {task.type} tasks are running, the most allowed "
+                f"at once (max_concurrency_by_type); it starts when one of them ends",
+            )
         elif not res.fits(needs, free):
             waiting[task.id] = (position, *_shortage(needs, free, actual, capacity, holder))
             res.take(free, needs)  # reserve: later tasks may not use what this one waits for
@@ -198,29 +216,44 @@ def plan(
     return Plan(order=order, starts=starts, waiting=infos)
 
 
-def _shortage(needs: Mapping[str, int], free: Mapping[str, int], actual: Mapping[str, int],
-              capacity: Mapping[str, int], holder: Task | None) -> tuple[str, str]:
+def _shortage(
+    needs: Mapping[str, int],
+    free: Mapping[str, int],
+    actual: Mapping[str, int],
+    capacity: Mapping[str, int],
+    holder: Task | None,
+) -> tuple[str, str]:
     short = {name for name, amount in needs.items() if amount > free.get(name, 0)}
     held = holder is not None and res.fits(needs, actual)
     reason = "no_slot" if short == {"slots"} else "resources"
     if held:
         assert holder is not None
-        text = (f"what it needs ({res.describe(needs)}) is held for task {holder.id}, ahead of it in the queue, "
-                "which waits for more to be free")
+        text = (
+            f"what it needs ({res.describe(needs)}) is held for task {holder.id}, ahead of it in the queue, "
+            "which waits for more to be free"
+        )
     elif reason == "no_slot":
         used = capacity.get("slots", 0) - max(actual.get("slots", 0), 0)
-        text = f"waiting for a free worker slot ({used} of {capacity.get('slots', 0)} in use, it needs " \
-               f"{needs.get('slots', 0)})"
+        text = (
+            f"waiting for a free worker slot ({used} of {capacity.get('slots', 0)} in use, it needs "
+            f"{needs.get('slots', 0)})"
+        )
     else:
-        lacking = ", ".join(f"{name}: needs {needs[name]}, {max(actual.get(name, 0), 0)} free of "
-                            f"{capacity.get(name, 0)}" for name in sorted(short))
+        lacking = ", ".join(
+            f"{name}: needs {needs[name]}, {max(actual.get(name, 0), 0)} free of {capacity.get(name, 0)}"
+            for name in sorted(short)
+        )
         text = f"waiting for resources ({lacking})"
     return reason, text
 
 
 def _estimated_starts(
-    order: Sequence[Task], starts: Sequence[Task], running: Sequence[Task], policy: QueuePolicy,
-    durations: Mapping[str, float] | None, at: float,
+    order: Sequence[Task],
+    starts: Sequence[Task],
+    running: Sequence[Task],
+    policy: QueuePolicy,
+    durations: Mapping[str, float] | None,
+    at: float,
 ) -> dict[str, float | None]:
     """Replay the start order against expected ends: each task starts once enough has been released."""
     durations = durations or {}
@@ -233,8 +266,11 @@ def _estimated_starts(
         duration = durations.get(task.type)
         begun = task.started_at if task.started_at is not None else at
         # Its type's mean run time, and its own ETA (the end of its current stage, so a lower bound).
-        known = [end for end in (begun + duration if duration is not None else None, task.estimated_completion_at)
-                 if end is not None]
+        known = [
+            end
+            for end in (begun + duration if duration is not None else None, task.estimated_completion_at)
+            if end is not None
+        ]
         if known:
             end = max(known)
             counter += 1

@@ -31,7 +31,7 @@ def parse_assignments(text: str, setting: str) -> dict[str, str]:
         name, sep, value = part.partition("=")
         name, value = name.strip(), value.strip()
         if not sep or not name or not value:
-            raise InvalidArgument(f"{setting}: {part!r} is not name=value (example: {setting}=\"a=1,b=2\")")
+            raise InvalidArgument(f'{setting}: {part!r} is not name=value (example: {setting}="a=1,b=2")')
         out[name] = value
     return out
 
@@ -60,8 +60,10 @@ def parse_resources(text: str, setting: str = "executor_resources") -> Resources
 def check_amount(name: str, value: object, where: str) -> int:
     """One resource amount: a lower-case name and a whole number >= 0."""
     if not _NAME.match(name):
-        raise InvalidArgument(f"{where}: the name {name!r} must be lower-case letters, digits and _ "
-                              "(such as slots, memory_mb, gpu, or a task type)")
+        raise InvalidArgument(
+            f"{where}: the name {name!r} must be lower-case letters, digits and _ "
+            "(such as slots, memory_mb, gpu, or a task type)"
+        )
     if isinstance(value, str) and value.isascii() and value.isdigit():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -93,8 +95,7 @@ def fits(needs: Mapping[str, int], free: Mapping[str, int]) -> bool:
 
 def shortfall(needs: Mapping[str, int], available: Mapping[str, int]) -> dict[str, tuple[int, int]]:
     """The resources `needs` exceed: name -> (needed, available)."""
-    return {name: (amount, available.get(name, 0)) for name, amount in needs.items()
-            if amount > available.get(name, 0)}
+    return {name: (amount, available.get(name, 0)) for name, amount in needs.items() if amount > available.get(name, 0)}
 
 
 def take(free: Resources, needs: Mapping[str, int]) -> None:

@@ -59,9 +59,11 @@ def expired_message(entity_id: str, tombstone: Mapping[str, object], kind: str =
     """`task '…' expired on <date> UTC: ...`: what an id pruned by retention answers."""
     at = datetime.fromtimestamp(float(tombstone["expired_at"]), tz=timezone.utc)  # type: ignore[arg-type]
     seconds = float(tombstone["retention_seconds"])  # type: ignore[arg-type]
-    return (f"{kind} {entity_id!r} expired on {at.strftime('%Y-%m-%d %H:%M:%S')} UTC: finished {tombstone['type']} "
-            f"tasks are kept {_span(seconds)} (task_retention_seconds, task_retention_by_type, or the ttl asked "
-            "for the task), then pruned with their history")
+    return (
+        f"{kind} {entity_id!r} expired on {at.strftime('%Y-%m-%d %H:%M:%S')} UTC: finished {tombstone['type']} "
+        f"tasks are kept {_span(seconds)} (task_retention_seconds, task_retention_by_type, or the ttl asked "
+        "for the task), then pruned with their history"
+    )
 
 
 def _span(seconds: float) -> str:
@@ -78,8 +80,15 @@ class RetentionPruner:
     (the manager drops them from its memory, on its own loop).
     """
 
-    def __init__(self, prune: Callable[[RetentionPolicy, float, int], list[str]], policy: RetentionPolicy, *,
-                 interval: float, batch: int, on_pruned: Callable[[list[str]], None]) -> None:
+    def __init__(
+        self,
+        prune: Callable[[RetentionPolicy, float, int], list[str]],
+        policy: RetentionPolicy,
+        *,
+        interval: float,
+        batch: int,
+        on_pruned: Callable[[list[str]], None],
+    ) -> None:
         self.prune = prune
         self.policy = policy
         self.interval = interval

@@ -150,16 +150,22 @@ _SELECT_TASK_WITH_STAGES = (  # a row per stage (one with NULL stage columns for
 
 _INSERT_TASK = sa.insert(tasks_table)
 _QUEUED_ROW = sa.and_(tasks_table.c.id == sa.bindparam("b_id"), tasks_table.c.status == TaskStatus.QUEUED.value)
-_CLAIMED = {"status": TaskStatus.RUNNING.value, "worker": sa.bindparam("b_worker"),
-            "started_at": sa.bindparam("b_started_at"), "lease_expires_at": sa.bindparam("b_lease")}
+_CLAIMED = {
+    "status": TaskStatus.RUNNING.value,
+    "worker": sa.bindparam("b_worker"),
+    "started_at": sa.bindparam("b_started_at"),
+    "lease_expires_at": sa.bindparam("b_lease"),
+}
 _CLAIM = sa.update(tasks_table).where(_QUEUED_ROW).values(**_CLAIMED)
 # PostgreSQL: the row is locked with FOR UPDATE SKIP LOCKED, so a server whose claim races another's skips the
 # task at once (and plans again) instead of queueing behind the other's transaction; the status condition
 # then holds under the lock. SQLite serialises writers: the plain conditional UPDATE is one writer transaction.
 _CLAIM_SKIP_LOCKED = (
     sa.update(tasks_table)
-    .where(tasks_table.c.id == sa.select(tasks_table.c.id).where(_QUEUED_ROW).with_for_update(skip_locked=True)
-           .scalar_subquery())
+    .where(
+        tasks_table.c.id
+        == sa.select(tasks_table.c.id).where(_QUEUED_ROW).with_for_update(skip_locked=True).scalar_subquery()
+    )
     .values(**_CLAIMED)
 )
 
@@ -181,8 +187,15 @@ class TaskFilter:
     def fingerprint(self) -> str:
         """A short digest that ties a cursor to the filter it was issued for."""
         raw = json.dumps(
-            [sorted(s.value for s in self.statuses), sorted(self.types), self.since, self.owner, self.viewer,
-             self.batch_id, self.before]
+            [
+                sorted(s.value for s in self.statuses),
+                sorted(self.types),
+                self.since,
+                self.owner,
+                self.viewer,
+                self.batch_id,
+                self.before,
+            ]
         ).encode()
         return hashlib.sha256(raw).hexdigest()[:12]
 
@@ -233,8 +246,9 @@ def default_db_url(data_dir: str | os.PathLike[str]) -> str:
     return f"sqlite:///{path / 'plexus.db'}"
 
 
-def make_engine(url: str, *, echo: bool = False, pool_size: int = 10, pool_timeout: float = 30.0,
-                statement_timeout: float = 30.0) -> Engine:
+def make_engine(
+    url: str, *, echo: bool = False, pool_size: int = 10, pool_timeout: float = 30.0, statement_timeout: float = 30.0
+) -> Engine:
     """An engine on the store, with what every process using it needs on its database.
 
     SQLite: WAL, a busy timeout and foreign keys on every connection (_sqlite_pragmas). PostgreSQL (psycopg 3):
@@ -252,16 +266,23 @@ def make_engine(url: str, *, echo: bool = False, pool_size: int = 10, pool_timeo
         options.update(pool_size=pool_size, max_overflow=0, pool_timeout=pool_timeout)
     if parsed.get_backend_name() == "postgresql":
         # TCP keepalives: a connection to a host that vanished (no reset sent) is found dead in about 25 s.
-        connect_args: dict[str, Any] = {"connect_timeout": max(1, round(pool_timeout)), "keepalives": 1,
-                                        "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+        connect_args: dict[str, Any] = {
+            "connect_timeout": max(1, round(pool_timeout)),
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+        }
         if statement_timeout > 0:
             connect_args["options"] = f"-c statement_timeout={round(statement_timeout * 1000)}"
         options.update(connect_args=connect_args)
     try:
         engine = sa.create_engine(parsed, **options)
     except ModuleNotFoundError as exc:
-        raise RuntimeError(f"the store {parsed.render_as_string(hide_password=True)} needs the database driver "
-                           f"{exc.name!r}: pip install 'plexus-mcp-jupyter[postgres]' (psycopg 3)") from None
+        raise RuntimeError(
+            f"the store {parsed.render_as_string(hide_password=True)} needs the database driver "
+            f"{exc.name!r}: pip install 'plexus-mcp-jupyter[postgres]' (psycopg 3)"
+        ) from None
     if engine.dialect.name == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_pragmas)
     return engine
@@ -284,8 +305,10 @@ def add_missing_columns(conn: Connection, tables: Iterable[sa.Table]) -> list[st
             if column.name in present:
                 continue
             if not column.nullable and column.server_default is None:
-                raise RuntimeError(f"cannot add the required column {table.name}.{column.name} to an existing store: "
-                                   "give it a server_default")
+                raise RuntimeError(
+                    f"cannot add the required column {table.name}.{column.name} to an existing store: "
+                    "give it a server_default"
+                )
             ddl = sa.schema.CreateColumn(column).compile(dialect=conn.dialect)
             name = conn.dialect.identifier_preparer.quote(table.name)
             conn.execute(sa.text(f"ALTER TABLE {name} ADD COLUMN {ddl}"))
@@ -306,18 +329,29 @@ def add_missing_indexes(conn: Connection, tables: Iterable[sa.Table]) -> None:
 class Store:
     """Tasks, stages and progress samples in a relational database."""
 
-    def __init__(self, url: str, *, echo: bool = False, pool_size: int = 10, pool_timeout: float = 30.0,
-                 statement_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        echo: bool = False,
+        pool_size: int = 10,
+        pool_timeout: float = 30.0,
+        statement_timeout: float = 30.0,
+    ) -> None:
         self.url = url
-        self.engine: Engine = make_engine(url, echo=echo, pool_size=pool_size, pool_timeout=pool_timeout,
-                                          statement_timeout=statement_timeout)
+        self.engine: Engine = make_engine(
+            url, echo=echo, pool_size=pool_size, pool_timeout=pool_timeout, statement_timeout=statement_timeout
+        )
         from ..migrations import upgrade_store  # the migrations import every module that defines a table
 
         # Reads need no transaction: on PostgreSQL, autocommit spares the BEGIN and ROLLBACK round trips around
         # every read (under READ COMMITTED each statement has its own snapshot either way). SQLite's driver
         # begins no transaction for a read.
-        self.reads: Engine = (self.engine.execution_options(isolation_level="AUTOCOMMIT")
-                              if self.engine.dialect.name == "postgresql" else self.engine)
+        self.reads: Engine = (
+            self.engine.execution_options(isolation_level="AUTOCOMMIT")
+            if self.engine.dialect.name == "postgresql"
+            else self.engine
+        )
         try:
             upgrade_store(self.engine, self.safe_url)
         except BaseException:
@@ -366,7 +400,7 @@ class Store:
         out: list[Task] = []
         with self.reads.connect() as conn:
             for start in range(0, len(ids), _IN_CHUNK):
-                chunk = list(ids[start:start + _IN_CHUNK])
+                chunk = list(ids[start : start + _IN_CHUNK])
                 found = [_task_from_tuple(r) for r in conn.execute(sa.select(t).where(t.c.id.in_(chunk)))]
                 if stages:
                     by_task = self._stages_for(conn, [task.id for task in found])
@@ -381,9 +415,10 @@ class Store:
         out: dict[str, str] = {}
         with self.reads.connect() as conn:
             for start in range(0, len(ids), _IN_CHUNK):
-                chunk = list(ids[start:start + _IN_CHUNK])
-                out.update((r[0], r[1]) for r in conn.execute(sa.select(t.c.retry_of, t.c.id)
-                                                               .where(t.c.retry_of.in_(chunk))))
+                chunk = list(ids[start : start + _IN_CHUNK])
+                out.update(
+                    (r[0], r[1]) for r in conn.execute(sa.select(t.c.retry_of, t.c.id).where(t.c.retry_of.in_(chunk)))
+                )
         return out
 
     def update_queued(self, ids: Sequence[str], **values: Any) -> list[str]:
@@ -396,9 +431,10 @@ class Store:
         updated: list[str] = []
         with self.engine.begin() as conn:
             for start in range(0, len(ids), _IN_CHUNK):
-                chunk = list(ids[start:start + _IN_CHUNK])
-                query = (sa.update(t).where(t.c.id.in_(chunk), t.c.status.in_(waiting)).values(**values)
-                         .returning(t.c.id))
+                chunk = list(ids[start : start + _IN_CHUNK])
+                query = (
+                    sa.update(t).where(t.c.id.in_(chunk), t.c.status.in_(waiting)).values(**values).returning(t.c.id)
+                )
                 updated += [r[0] for r in conn.execute(query)]
         return updated
 
@@ -425,9 +461,14 @@ class Store:
         where = [t.c.batch_id == batch_id, t.c.id.notin_(retried)]
         if viewer is not None:
             where.append(visible_to(t.c.owner, viewer))
-        items = (sa.select(sa.func.coalesce(sa.func.sum(st.c.processed_items), 0),
-                           sa.func.coalesce(sa.func.sum(st.c.total_items), 0))
-                 .select_from(st.join(t, st.c.task_id == t.c.id)).where(*where))
+        items = (
+            sa.select(
+                sa.func.coalesce(sa.func.sum(st.c.processed_items), 0),
+                sa.func.coalesce(sa.func.sum(st.c.total_items), 0),
+            )
+            .select_from(st.join(t, st.c.task_id == t.c.id))
+            .where(*where)
+        )
         times = sa.select(sa.func.min(t.c.created_at), sa.func.max(t.c.completed_at)).where(*where)
         with self.reads.connect() as conn:
             processed, total = conn.execute(items).one()
@@ -448,9 +489,16 @@ class Store:
         self, flt: TaskFilter, *, limit: int, after: tuple[float, str] | None = None
     ) -> tuple[list[Task], tuple[float, str] | None]:
         """One page of tasks, newest first, and the key to continue after (None on the last page)."""
-        query = _list_query(len(flt.statuses), len(flt.types), flt.since is not None, flt.owner is not None,
-                            after is not None, flt.viewer is not None, flt.batch_id is not None,
-                            flt.before is not None)
+        query = _list_query(
+            len(flt.statuses),
+            len(flt.types),
+            flt.since is not None,
+            flt.owner is not None,
+            after is not None,
+            flt.viewer is not None,
+            flt.batch_id is not None,
+            flt.before is not None,
+        )
         params: dict[str, Any] = {"limit": limit + 1}
         for i, status in enumerate(flt.statuses):
             params[f"status_{i}"] = status.value
@@ -516,28 +564,36 @@ class Store:
         """Move a QUEUED task to RUNNING if nobody else did: safe with several servers on one store. One
         conditional UPDATE (status still QUEUED) sets the claimant and its lease (core/leases.py); exactly one
         server gets rowcount 1."""
-        return bool(self.claim_many([task_id], worker=worker, started_at=started_at,
-                                    lease_expires_at=lease_expires_at))
+        return bool(self.claim_many([task_id], worker=worker, started_at=started_at, lease_expires_at=lease_expires_at))
 
-    def claim_many(self, task_ids: Sequence[str], *, worker: str, started_at: float,
-                   lease_expires_at: float | None = None) -> set[str]:
+    def claim_many(
+        self, task_ids: Sequence[str], *, worker: str, started_at: float, lease_expires_at: float | None = None
+    ) -> set[str]:
         """`claim` for the starts of one scheduling pass, in one transaction (a commit costs more than the
         updates); returns the ids this call moved to RUNNING (another server may have taken the others)."""
         if not task_ids:
             return set()
-        rows = [{"b_id": task_id, "b_worker": worker, "b_started_at": started_at, "b_lease": lease_expires_at}
-                for task_id in task_ids]
+        rows = [
+            {"b_id": task_id, "b_worker": worker, "b_started_at": started_at, "b_lease": lease_expires_at}
+            for task_id in task_ids
+        ]
         with self.engine.begin() as conn:
             if self.engine.dialect.name == "postgresql":
-                return {task_id for task_id, row in zip(task_ids, rows, strict=True)
-                        if conn.execute(_CLAIM_SKIP_LOCKED, row).rowcount == 1}
+                return {
+                    task_id
+                    for task_id, row in zip(task_ids, rows, strict=True)
+                    if conn.execute(_CLAIM_SKIP_LOCKED, row).rowcount == 1
+                }
             # SQLite: one statement for all (its rowcount is the sum); when some were taken meanwhile, the rows
             # this transaction claimed are the ones that now carry its worker and start time.
             if conn.execute(_CLAIM, rows).rowcount == len(rows):
                 return set(task_ids)
             t = tasks_table
-            return set(conn.execute(sa.select(t.c.id).where(t.c.id.in_(task_ids), t.c.worker == worker,
-                                                            t.c.started_at == started_at)).scalars())
+            return set(
+                conn.execute(
+                    sa.select(t.c.id).where(t.c.id.in_(task_ids), t.c.worker == worker, t.c.started_at == started_at)
+                ).scalars()
+            )
 
     # -- leases (core/leases.py) ---------------------------------------------------------------
 
@@ -548,9 +604,12 @@ class Store:
         # Rows locked in id order, skipping those another transaction holds (the manager's batched write of the
         # same tasks): a lease skipped once is renewed at the next heartbeat, long before it runs out, and the
         # two never deadlock on PostgreSQL (SQLite has no row locks: FOR UPDATE is left out there).
-        mine = (sa.select(t.c.id)
-                .where(t.c.status == TaskStatus.RUNNING.value, t.c.worker.startswith(server_id, autoescape=True))
-                .order_by(t.c.id).with_for_update(skip_locked=True))
+        mine = (
+            sa.select(t.c.id)
+            .where(t.c.status == TaskStatus.RUNNING.value, t.c.worker.startswith(server_id, autoescape=True))
+            .order_by(t.c.id)
+            .with_for_update(skip_locked=True)
+        )
         query = sa.update(t).where(t.c.id.in_(mine.scalar_subquery())).values(lease_expires_at=until)
         with self.engine.begin() as conn:
             return int(conn.execute(query).rowcount)
@@ -558,14 +617,28 @@ class Store:
     def expired_lease_count(self, server_id: str, at: float) -> int:
         """How many RUNNING tasks of other servers have a lease that ended before `at` (their server is gone)."""
         t = tasks_table
-        query = sa.select(sa.func.count()).select_from(t).where(
-            t.c.status == TaskStatus.RUNNING.value, t.c.lease_expires_at < at,
-            sa.not_(t.c.worker.startswith(server_id, autoescape=True)))
+        query = (
+            sa.select(sa.func.count())
+            .select_from(t)
+            .where(
+                t.c.status == TaskStatus.RUNNING.value,
+                t.c.lease_expires_at < at,
+                sa.not_(t.c.worker.startswith(server_id, autoescape=True)),
+            )
+        )
         with self.engine.connect() as conn:
             return int(conn.execute(query).scalar_one())
 
-    def take_over(self, task_id: str, *, previous: str | None, worker: str, lease_expires_at: float | None,
-                  requeue: bool = False, final: ProgressWrite | None = None) -> bool:
+    def take_over(
+        self,
+        task_id: str,
+        *,
+        previous: str | None,
+        worker: str,
+        lease_expires_at: float | None,
+        requeue: bool = False,
+        final: ProgressWrite | None = None,
+    ) -> bool:
         """Make this server the holder of a RUNNING task another (gone) server held, if no other server did
         first: one conditional UPDATE (still RUNNING, still held by `previous`) that only one server can win.
         The winner resolves the task (TaskManager.recover) in the same transaction: `requeue` it, or write its
@@ -573,8 +646,11 @@ class Store:
         RUNNING held by a live server, whose heartbeat would keep it so for ever."""
         t = tasks_table
         held_by = t.c.worker.is_(None) if previous is None else t.c.worker == previous
-        query = (sa.update(t).where(t.c.id == task_id, t.c.status == TaskStatus.RUNNING.value, held_by)
-                 .values(worker=worker, lease_expires_at=lease_expires_at))
+        query = (
+            sa.update(t)
+            .where(t.c.id == task_id, t.c.status == TaskStatus.RUNNING.value, held_by)
+            .values(worker=worker, lease_expires_at=lease_expires_at)
+        )
         with self.engine.begin() as conn:
             if conn.execute(query).rowcount != 1:
                 return False
@@ -645,14 +721,24 @@ class Store:
         final_rows: list[dict[str, Any]] = []
         for write in sorted(writes, key=lambda w: w.task.id):  # rows locked in one order (core/leases.py)
             task = write.task
-            row: dict[str, Any] = {"b_id": task.id, "b_current_stage": task.current_stage,
-                   "b_estimated_completion_at": task.estimated_completion_at, "b_worker": task.worker}
+            row: dict[str, Any] = {
+                "b_id": task.id,
+                "b_current_stage": task.current_stage,
+                "b_estimated_completion_at": task.estimated_completion_at,
+                "b_worker": task.worker,
+            }
             if holder is not None:
                 row["b_holder_like"] = _holder_pattern(holder)
             if write.final:
-                row.update(b_status=task.status.value, b_completed_at=task.completed_at,
-                           b_error_message=task.error_message, b_error_details=task.error_details,
-                           b_output=task.output, b_stdout_tail=task.stdout_tail, b_stderr_tail=task.stderr_tail)
+                row.update(
+                    b_status=task.status.value,
+                    b_completed_at=task.completed_at,
+                    b_error_message=task.error_message,
+                    b_error_details=task.error_details,
+                    b_output=task.output,
+                    b_stdout_tail=task.stdout_tail,
+                    b_stderr_tail=task.stderr_tail,
+                )
                 final_rows.append(row)
             else:
                 progress_rows.append(row)
@@ -669,8 +755,12 @@ class Store:
             ids = [w.task.id for w in writes]
             lost = set(conn.execute(sa.select(t.c.id).where(t.c.id.in_(ids), elsewhere)).scalars())
         stage_rows = [_stage_row(w.task.id, stage) for w in writes if w.task.id not in lost for stage in w.stages]
-        sample_rows = [{"task_id": w.task.id, **_sample_row(sample)} for w in writes if w.task.id not in lost
-                       for sample in w.samples]
+        sample_rows = [
+            {"task_id": w.task.id, **_sample_row(sample)}
+            for w in writes
+            if w.task.id not in lost
+            for sample in w.samples
+        ]
         if stage_rows:
             self._upsert_stages(conn, stage_rows)
         if sample_rows:
@@ -681,15 +771,14 @@ class Store:
         """The most recent `limit` progress samples of a task, oldest first, and how many exist."""
         s = samples_table
         with self.reads.connect() as conn:
-            total = conn.execute(
-                sa.select(sa.func.count()).select_from(s).where(s.c.task_id == task_id)
-            ).scalar_one()
+            total = conn.execute(sa.select(sa.func.count()).select_from(s).where(s.c.task_id == task_id)).scalar_one()
             rows = conn.execute(
                 sa.select(s).where(s.c.task_id == task_id).order_by(s.c.id.desc()).limit(limit)
             ).mappings()
             samples = [
-                ProgressSample(at=r["at"], stage=r["stage"], processed=r["processed"], total=r["total"],
-                               message=r["message"])
+                ProgressSample(
+                    at=r["at"], stage=r["stage"], processed=r["processed"], total=r["total"], message=r["message"]
+                )
                 for r in rows
             ]
         samples.reverse()
@@ -712,8 +801,9 @@ class Store:
                     cut[(priority, owner)] = queued
                     continue
                 take = min(quota, limit - len(rows))
-                rows += conn.execute(_QUEUE_GROUP_HEAD[owner is not None],
-                                     {"priority": priority, "owner": owner, "per_owner": take}).all()
+                rows += conn.execute(
+                    _QUEUE_GROUP_HEAD[owner is not None], {"priority": priority, "owner": owner, "per_owner": take}
+                ).all()
                 if queued > take:
                     cut[(priority, owner)] = queued - take
         tasks = [_task_from_tuple(r) for r in rows]
@@ -723,12 +813,22 @@ class Store:
     def queued_ahead(self, task: Task) -> int:
         """How many queued tasks come before `task` by priority and age alone (sharing aside)."""
         t = tasks_table
-        query = sa.select(sa.func.count()).select_from(t).where(
-            t.c.status == TaskStatus.QUEUED.value,
-            sa.or_(t.c.priority > task.priority,
-                   sa.and_(t.c.priority == task.priority,
-                           sa.or_(t.c.created_at < task.created_at,
-                                  sa.and_(t.c.created_at == task.created_at, t.c.id < task.id)))),
+        query = (
+            sa.select(sa.func.count())
+            .select_from(t)
+            .where(
+                t.c.status == TaskStatus.QUEUED.value,
+                sa.or_(
+                    t.c.priority > task.priority,
+                    sa.and_(
+                        t.c.priority == task.priority,
+                        sa.or_(
+                            t.c.created_at < task.created_at,
+                            sa.and_(t.c.created_at == task.created_at, t.c.id < task.id),
+                        ),
+                    ),
+                ),
+            )
         )
         with self.reads.connect() as conn:
             return int(conn.execute(query).scalar_one())
@@ -744,15 +844,24 @@ class Store:
         cols = (t.c.id, t.c.type, t.c.owner, t.c.completed_at, t.c.retention_seconds, t.c.params)
         finished = sa.and_(t.c.status.in_(final), t.c.completed_at.is_not(None))
         queries = [
-            sa.select(*cols).where(finished, t.c.retention_seconds.is_(None), t.c.type == type_,
-                                   t.c.completed_at < at - seconds)
+            sa.select(*cols).where(
+                finished, t.c.retention_seconds.is_(None), t.c.type == type_, t.c.completed_at < at - seconds
+            )
             for type_, seconds in policy.by_type.items()
         ]
-        queries.append(sa.select(*cols).where(finished, t.c.retention_seconds.is_(None),
-                                              t.c.type.notin_(list(policy.by_type)),
-                                              t.c.completed_at < at - policy.default_seconds))
-        queries.append(sa.select(*cols).where(finished, t.c.retention_seconds.is_not(None),
-                                              t.c.completed_at + t.c.retention_seconds < at))
+        queries.append(
+            sa.select(*cols).where(
+                finished,
+                t.c.retention_seconds.is_(None),
+                t.c.type.notin_(list(policy.by_type)),
+                t.c.completed_at < at - policy.default_seconds,
+            )
+        )
+        queries.append(
+            sa.select(*cols).where(
+                finished, t.c.retention_seconds.is_not(None), t.c.completed_at + t.c.retention_seconds < at
+            )
+        )
         rows: list[Any] = []
         with self.engine.begin() as conn:
             for query in queries:
@@ -761,12 +870,21 @@ class Store:
                 rows += conn.execute(query.order_by(t.c.completed_at).limit(batch - len(rows))).all()
             ids = [r[0] for r in rows]
             if rows:
-                conn.execute(sa.insert(expired_table), [
-                    {"id": task_id, "type": type_, "owner": owner, "completed_at": completed, "expired_at": at,
-                     "retention_seconds": own if own is not None else policy.for_type(type_),
-                     "evaluation_id": (params or {}).get("evaluation_id") if type_ == "evaluation" else None}
-                    for task_id, type_, owner, completed, own, params in rows
-                ])
+                conn.execute(
+                    sa.insert(expired_table),
+                    [
+                        {
+                            "id": task_id,
+                            "type": type_,
+                            "owner": owner,
+                            "completed_at": completed,
+                            "expired_at": at,
+                            "retention_seconds": own if own is not None else policy.for_type(type_),
+                            "evaluation_id": (params or {}).get("evaluation_id") if type_ == "evaluation" else None,
+                        }
+                        for task_id, type_, owner, completed, own, params in rows
+                    ],
+                )
                 conn.execute(sa.delete(samples_table).where(samples_table.c.task_id.in_(ids)))
                 conn.execute(sa.delete(stages_table).where(stages_table.c.task_id.in_(ids)))
                 conn.execute(sa.delete(t).where(t.c.id.in_(ids)))
@@ -864,11 +982,22 @@ def _requeue(conn: Connection, task_id: str, *, holder: str | None) -> bool:
     query = sa.update(t).where(t.c.id == task_id)
     if holder is not None:
         query = query.where(_held_by(holder))
-    done = conn.execute(
-        query.values(status=TaskStatus.QUEUED.value, started_at=None, completed_at=None, worker=None,
-                     lease_expires_at=None, current_stage=None, estimated_completion_at=None, error_message=None,
-                     error_details=None)
-    ).rowcount == 1
+    done = (
+        conn.execute(
+            query.values(
+                status=TaskStatus.QUEUED.value,
+                started_at=None,
+                completed_at=None,
+                worker=None,
+                lease_expires_at=None,
+                current_stage=None,
+                estimated_completion_at=None,
+                error_message=None,
+                error_details=None,
+            )
+        ).rowcount
+        == 1
+    )
     if done:
         conn.execute(sa.delete(stages_table).where(stages_table.c.task_id == task_id))
         conn.execute(sa.delete(samples_table).where(samples_table.c.task_id == task_id))
@@ -909,20 +1038,38 @@ def visible_to(owner_column: Any, viewer: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=256)
-def _list_query(n_statuses: int, n_types: int, since: bool, owner: bool, after: bool,
-                viewer: bool = False, batch: bool = False, before: bool = False) -> sa.Select[Any]:
+def _list_query(
+    n_statuses: int,
+    n_types: int,
+    since: bool,
+    owner: bool,
+    after: bool,
+    viewer: bool = False,
+    batch: bool = False,
+    before: bool = False,
+) -> sa.Select[Any]:
     if n_statuses <= 1:
         return _list_one(tuple(range(n_statuses)), n_types, since, owner, after, viewer, batch, before)
     # Several statuses: one ordered, limited read per status (each walks ix_tasks_status_created from its
     # newest end), merged. A single `status IN (...)` read sorted every matching row: 53 ms at 100,000.
-    parts = [_list_one((i,), n_types, since, owner, after, viewer, batch, before).subquery(f"by_status_{i}")
-             for i in range(n_statuses)]
+    parts = [
+        _list_one((i,), n_types, since, owner, after, viewer, batch, before).subquery(f"by_status_{i}")
+        for i in range(n_statuses)
+    ]
     merged = sa.union_all(*(sa.select(part) for part in parts)).subquery("merged")
     return sa.select(merged).order_by(merged.c.created_at.desc(), merged.c.id.desc()).limit(sa.bindparam("limit"))
 
 
-def _list_one(statuses: tuple[int, ...], n_types: int, since: bool, owner: bool, after: bool,
-              viewer: bool, batch: bool, before: bool) -> sa.Select[Any]:
+def _list_one(
+    statuses: tuple[int, ...],
+    n_types: int,
+    since: bool,
+    owner: bool,
+    after: bool,
+    viewer: bool,
+    batch: bool,
+    before: bool,
+) -> sa.Select[Any]:
     t = tasks_table
     query = sa.select(t).order_by(t.c.created_at.desc(), t.c.id.desc()).limit(sa.bindparam("limit"))
     if statuses:
@@ -942,9 +1089,7 @@ def _list_one(statuses: tuple[int, ...], n_types: int, since: bool, owner: bool,
     if after:
         created: Any = sa.bindparam("after_created")
         task_id: Any = sa.bindparam("after_id")
-        query = query.where(
-            sa.or_(t.c.created_at < created, sa.and_(t.c.created_at == created, t.c.id < task_id))
-        )
+        query = query.where(sa.or_(t.c.created_at < created, sa.and_(t.c.created_at == created, t.c.id < task_id)))
     return query
 
 
@@ -961,8 +1106,11 @@ _QUEUE_GROUPS = (
 )
 _QUEUE_GROUP_HEAD = {
     owned: sa.select(_t)
-    .where(_t.c.status == TaskStatus.QUEUED.value, _t.c.priority == sa.bindparam("priority"),
-           _t.c.owner == sa.bindparam("owner") if owned else _t.c.owner.is_(None))
+    .where(
+        _t.c.status == TaskStatus.QUEUED.value,
+        _t.c.priority == sa.bindparam("priority"),
+        _t.c.owner == sa.bindparam("owner") if owned else _t.c.owner.is_(None),
+    )
     .order_by(_t.c.created_at, _t.c.id)
     .limit(sa.bindparam("per_owner"))
     for owned in (True, False)
@@ -1032,15 +1180,24 @@ def _task_from_dict(data: dict[str, Any]) -> Task:
     return Task(**data)
 
 
-_STAGE_COLUMNS = ("task_id", "stage_order", "name", "status", "status_message", "total_items",
-                  "processed_items", "started_at", "completed_at", "estimated_completion_at")
+_STAGE_COLUMNS = (
+    "task_id",
+    "stage_order",
+    "name",
+    "status",
+    "status_message",
+    "total_items",
+    "processed_items",
+    "started_at",
+    "completed_at",
+    "estimated_completion_at",
+)
 assert tuple(c.name for c in stages_table.columns) == _STAGE_COLUMNS
 
 
 def _stage_from_tuple(r: Any) -> Stage:
     """A plain row of task_stages (in _STAGE_COLUMNS order) to a Stage: cheaper than by-name access."""
-    (_task_id, order, name, status, status_message, total_items, processed_items,
-     started_at, completed_at, eta) = r
+    (_task_id, order, name, status, status_message, total_items, processed_items, started_at, completed_at, eta) = r
     return Stage(
         name=name,
         order=order,
@@ -1079,14 +1236,20 @@ def _sample_row(sample: ProgressSample) -> dict[str, Any]:
     }
 
 
-def values_with_prefix(engine: sa.Engine, column: Any, owner_column: Any, created_column: Any, prefix: str,
-                       viewer: str | None, limit: int) -> list[str]:
+def values_with_prefix(
+    engine: sa.Engine, column: Any, owner_column: Any, created_column: Any, prefix: str, viewer: str | None, limit: int
+) -> list[str]:
     """Distinct values of `column` (an id) starting with `prefix`, newest first, at most `limit`, of the rows a
     caller with owner `viewer` (None: an admin) may see: what completion offers for an id argument."""
     escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    query = (sa.select(column, sa.func.max(created_column).label("newest")).where(column.is_not(None))
-             .where(column.like(escaped + "%", escape="\\")).group_by(column)
-             .order_by(sa.desc("newest"), column).limit(limit))
+    query = (
+        sa.select(column, sa.func.max(created_column).label("newest"))
+        .where(column.is_not(None))
+        .where(column.like(escaped + "%", escape="\\"))
+        .group_by(column)
+        .order_by(sa.desc("newest"), column)
+        .limit(limit)
+    )
     if viewer is not None:
         query = query.where(visible_to(owner_column, viewer))
     with engine.connect() as conn:

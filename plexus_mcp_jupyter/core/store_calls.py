@@ -34,8 +34,9 @@ def store_unavailable(exc: BaseException) -> StoreUnavailable | None:
         return exc
     if isinstance(exc, sa.exc.TimeoutError):  # no pooled connection came free in time
         return StoreUnavailable(f"the store is unavailable: every connection is busy ({_first_line(exc)})")
-    if isinstance(exc, sa.exc.DBAPIError) and (exc.connection_invalidated or isinstance(
-            exc, sa.exc.OperationalError | sa.exc.InterfaceError)):
+    if isinstance(exc, sa.exc.DBAPIError) and (
+        exc.connection_invalidated or isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError)
+    ):
         # The driver's message says what failed (refused, timed out, terminated) and where, never a password.
         return StoreUnavailable(f"the store is unavailable: {_first_line(exc.orig or exc)}")
     return None

@@ -48,8 +48,14 @@ class Tail(io.TextIOBase):
 
 
 def run_task(
-    task_id: str, target: str, params: dict[str, Any], send: Any, cancel_flag: CancelFlag,
-    max_output_bytes: int = 65_536, environment: dict[str, Any] | None = None, receive: Any = None,
+    task_id: str,
+    target: str,
+    params: dict[str, Any],
+    send: Any,
+    cancel_flag: CancelFlag,
+    max_output_bytes: int = 65_536,
+    environment: dict[str, Any] | None = None,
+    receive: Any = None,
 ) -> Final:
     """Run one task function with a context; return its final message (not sent).
 
@@ -64,8 +70,9 @@ def run_task(
             stderr.write(msg.text.rstrip("\n") + "\n")
         send(msg)
 
-    def show_warning(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
-                     line: Any = None) -> None:
+    def show_warning(
+        message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None
+    ) -> None:
         # The task's warnings go live to the clients following it (and into its stderr tail), not to the worker.
         send_msg(Log(f"{category.__name__}: {message} ({os.path.basename(filename)}:{lineno})", "warning"))
 
@@ -208,8 +215,16 @@ def pool_main(conn: Any, cancel_seq: Any, nice: int = 0) -> None:
                     timeout = 0  # drained a stale message: look again without waiting
                 return None
 
-            final = run_task(msg.task_id, msg.target, msg.params, outbox.send, _TaskCancelFlag(cancel_seq, seq),
-                             msg.max_output_bytes, msg.environment, receive)
+            final = run_task(
+                msg.task_id,
+                msg.target,
+                msg.params,
+                outbox.send,
+                _TaskCancelFlag(cancel_seq, seq),
+                msg.max_output_bytes,
+                msg.environment,
+                receive,
+            )
             try:
                 outbox.flush(End(final, _rss_mb()))
             except Exception as exc:  # e.g. an output that cannot be pickled

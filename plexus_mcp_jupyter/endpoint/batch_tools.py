@@ -29,28 +29,56 @@ from .task_logs import TaskLogs
 from .tools import client_errors, result
 
 # The selection every bulk tool takes.
-TaskIds = Annotated[list[str] | None, BeforeValidator(comma_list), WithJsonSchema(names_schema(
-    "Ids of the tasks to act on (full ids, as list_tasks shows them; at most max_batch_size)"))]
-Statuses = Annotated[list[StatusName] | None, BeforeValidator(comma_list), WithJsonSchema(names_schema(
-    "Filter: only tasks with these statuses (default: those the operation can change)", STATUS_NAMES))]
-Types = Annotated[list[str] | None, BeforeValidator(comma_list), WithJsonSchema(names_schema(
-    "Filter: only tasks of these types"))]
-Owner = Annotated[str | None, Field(max_length=128, description="Filter: only this owner's tasks (admins; others "
-                                    "always act on their own tasks only)")]
-CreatedAfter = Annotated[str | None, Field(max_length=64, description="Filter: created at or after this ISO 8601 "
-                                           "time")]
+TaskIds = Annotated[
+    list[str] | None,
+    BeforeValidator(comma_list),
+    WithJsonSchema(
+        names_schema("Ids of the tasks to act on (full ids, as list_tasks shows them; at most max_batch_size)")
+    ),
+]
+Statuses = Annotated[
+    list[StatusName] | None,
+    BeforeValidator(comma_list),
+    WithJsonSchema(
+        names_schema("Filter: only tasks with these statuses (default: those the operation can change)", STATUS_NAMES)
+    ),
+]
+Types = Annotated[
+    list[str] | None, BeforeValidator(comma_list), WithJsonSchema(names_schema("Filter: only tasks of these types"))
+]
+Owner = Annotated[
+    str | None,
+    Field(
+        max_length=128,
+        description="Filter: only this owner's tasks (admins; others always act on their own tasks only)",
+    ),
+]
+CreatedAfter = Annotated[str | None, Field(max_length=64, description="Filter: created at or after this ISO 8601 time")]
 CreatedBefore = Annotated[str | None, Field(max_length=64, description="Filter: created before this ISO 8601 time")]
 Batch = Annotated[str | None, Field(max_length=64, description="Filter: only the tasks of this batch")]
-DryRun = Annotated[bool, Field(description=f"Only count what would be acted on (and show up to {SAMPLE_SIZE} ids); "
-                               "change nothing")]
+DryRun = Annotated[
+    bool, Field(description=f"Only count what would be acted on (and show up to {SAMPLE_SIZE} ids); change nothing")
+]
 
 
-def selection_of(task_ids: list[str] | None, status: list[str] | None, type: list[str] | None,
-                 owner: str | None, created_after: str | None, created_before: str | None,
-                 batch: str | None) -> Selection:
-    return Selection(task_ids=tuple(task_ids or ()), status=tuple(TaskStatus.parse(s).value for s in status or ()),
-                     type=tuple(type or ()), owner=owner or None, created_after=created_after or None,
-                     created_before=created_before or None, batch=batch or None)
+def selection_of(
+    task_ids: list[str] | None,
+    status: list[str] | None,
+    type: list[str] | None,
+    owner: str | None,
+    created_after: str | None,
+    created_before: str | None,
+    batch: str | None,
+) -> Selection:
+    return Selection(
+        task_ids=tuple(task_ids or ()),
+        status=tuple(TaskStatus.parse(s).value for s in status or ()),
+        type=tuple(type or ()),
+        owner=owner or None,
+        created_after=created_after or None,
+        created_before=created_before or None,
+        batch=batch or None,
+    )
 
 
 def register_batch_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs | None = None) -> None:
@@ -65,8 +93,11 @@ def register_batch_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs
     async def preview(operation: str, selection: Selection, actor: Actor) -> CallToolResult:
         found = await batches.preview(selection, actor, operation)
         note_for_audit(count=found.count)
-        over = (f"; more than the {batches.bound} one call may change (max_batch_size)"
-                if found.count > batches.bound else "")
+        over = (
+            f"; more than the {batches.bound} one call may change (max_batch_size)"
+            if found.count > batches.bound
+            else ""
+        )
         out = operation_report(batches.bound, preview=found)
         return result(f"Dry run: {found.count} task(s) would be affected{over}.", out)
 
@@ -80,14 +111,14 @@ def register_batch_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs
         title="Dispatch a batch of tasks",
         description=(
             "Start many tasks in one call: a list of task specs {type, params, priority, description} of the "
-            "registered task types, or evaluations: {type: \"evaluation\", params: <create_evaluation's arguments>} "
+            'registered task types, or evaluations: {type: "evaluation", params: <create_evaluation\'s arguments>} '
             "(an evaluation per dataset or per scorer). All are validated first: one invalid spec and nothing is "
             "dispatched (the error "
             "names its index). They are stored QUEUED in one transaction, share a batch_id, and the answer gives the "
             "batch id and the task ids. Follow the batch with plexus://batches/{batch_id} (counts by status, "
             "progress; subscribable) or list_tasks(batch=...). At most max_batch_size tasks per call; an API key's "
             "max_tasks_per_key and priority ceiling apply to the whole batch. Next: read "
-            "plexus://batches/{batch_id} until done, then list_tasks(batch=..., status=\"FAILED\") and retry_tasks."
+            'plexus://batches/{batch_id} until done, then list_tasks(batch=..., status="FAILED") and retry_tasks.'
         ),
         annotations=changes,
     )
@@ -102,8 +133,12 @@ def register_batch_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs
         if logs is not None:
             logs.started(ctx, [t.id for t in created])
         note_for_audit(batch_id=batch_id, count=len(created))
-        out = {"batch_id": batch_id, "task_ids": [t.id for t in created], "status": TaskStatus.QUEUED.value,
-               "resource_uri": batch_uri(batch_id)}
+        out = {
+            "batch_id": batch_id,
+            "task_ids": [t.id for t in created],
+            "status": TaskStatus.QUEUED.value,
+            "resource_uri": batch_uri(batch_id),
+        }
         return result(f"Queued {len(created)} task(s) as batch {batch_id}; follow it at {batch_uri(batch_id)}.", out)
 
     @server.tool(
@@ -117,16 +152,26 @@ def register_batch_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs
             "outcome per task (cancelled, cancelling, already_finished, not_found). Next: get_task or list_tasks "
             "to see them end."
         ),
-        annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True,
-                                    open_world_hint=False),
+        annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False
+        ),
     )
     @client_errors
     async def cancel_tasks(
-        task_ids: TaskIds = None, status: Statuses = None, type: Types = None, owner: Owner = None,
-        created_after: CreatedAfter = None, created_before: CreatedBefore = None, batch: Batch = None,
+        task_ids: TaskIds = None,
+        status: Statuses = None,
+        type: Types = None,
+        owner: Owner = None,
+        created_after: CreatedAfter = None,
+        created_before: CreatedBefore = None,
+        batch: Batch = None,
         dry_run: DryRun = False,
-        wait_seconds: Annotated[float, Field(ge=0, le=30, description="Wait up to this long (0 to 30 s) for "
-                                             "running tasks to end before answering")] = 0,
+        wait_seconds: Annotated[
+            float,
+            Field(
+                ge=0, le=30, description="Wait up to this long (0 to 30 s) for running tasks to end before answering"
+            ),
+        ] = 0,
     ) -> Annotated[CallToolResult, OperationResult]:
         selection = selection_of(task_ids, status, type, owner, created_after, created_before, batch)
         actor = start("cancel", selection, dry_run)
@@ -159,8 +204,13 @@ def register_batch_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs
     )
     @client_errors
     async def retry_tasks(
-        task_ids: TaskIds = None, status: Statuses = None, type: Types = None, owner: Owner = None,
-        created_after: CreatedAfter = None, created_before: CreatedBefore = None, batch: Batch = None,
+        task_ids: TaskIds = None,
+        status: Statuses = None,
+        type: Types = None,
+        owner: Owner = None,
+        created_after: CreatedAfter = None,
+        created_before: CreatedBefore = None,
+        batch: Batch = None,
         dry_run: DryRun = False,
     ) -> Annotated[CallToolResult, OperationResult]:
         selection = selection_of(task_ids, status, type, owner, created_after, created_before, batch)
@@ -177,15 +227,23 @@ def register_batch_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs
             "not_queued. Operator keys may set at most max_priority_operator. dry_run counts first; at most "
             "max_batch_size per call. Returns one outcome per task. Next: get_task shows the new queue position."
         ),
-        annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True,
-                                    open_world_hint=False),
+        annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=False
+        ),
     )
     @client_errors
     async def set_task_priority(
-        priority: Annotated[int, Field(ge=MIN_PRIORITY, le=MAX_PRIORITY,
-                                       description=f"The new priority, {MIN_PRIORITY} to {MAX_PRIORITY}")],
-        task_ids: TaskIds = None, status: Statuses = None, type: Types = None, owner: Owner = None,
-        created_after: CreatedAfter = None, created_before: CreatedBefore = None, batch: Batch = None,
+        priority: Annotated[
+            int,
+            Field(ge=MIN_PRIORITY, le=MAX_PRIORITY, description=f"The new priority, {MIN_PRIORITY} to {MAX_PRIORITY}"),
+        ],
+        task_ids: TaskIds = None,
+        status: Statuses = None,
+        type: Types = None,
+        owner: Owner = None,
+        created_after: CreatedAfter = None,
+        created_before: CreatedBefore = None,
+        batch: Batch = None,
         dry_run: DryRun = False,
     ) -> Annotated[CallToolResult, OperationResult]:
         selection = selection_of(task_ids, status, type, owner, created_after, created_before, batch)

@@ -69,10 +69,16 @@ def _dump(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"), default=str)
 
 
-EvaluationStatuses = Annotated[list[str] | None, BeforeValidator(comma_list), WithJsonSchema(names_schema(
-    "Only evaluations with these statuses", EvaluationStatus.ALL))]
-EvaluationTypes = Annotated[list[str] | None, BeforeValidator(comma_list), WithJsonSchema(names_schema(
-    "Only evaluations of these types", EVALUATION_TYPES))]
+EvaluationStatuses = Annotated[
+    list[str] | None,
+    BeforeValidator(comma_list),
+    WithJsonSchema(names_schema("Only evaluations with these statuses", EvaluationStatus.ALL)),
+]
+EvaluationTypes = Annotated[
+    list[str] | None,
+    BeforeValidator(comma_list),
+    WithJsonSchema(names_schema("Only evaluations of these types", EVALUATION_TYPES)),
+]
 
 
 def register_evaluation_tools(server: MCPServer, service: EvaluationService, logs: TaskLogs | None = None) -> None:
@@ -100,14 +106,18 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService, log
     async def create_evaluation(ctx: Context, **fields: Any) -> Annotated[CallToolResult, EvaluationDetail]:
         principal = current_principal()
         request = CreateEvaluation.parse(fields)
-        view, task = await service.create(request, owner=principal.owner, trusted=principal.is_admin,
-                                          role=principal.role.value)
+        view, task = await service.create(
+            request, owner=principal.owner, trusted=principal.is_admin, role=principal.role.value
+        )
         if logs is not None:
             logs.started(ctx, [task.id])
         if progress_token(ctx) is not None:
             return evaluation_outcome(service, await follow_to_end(ctx, service.manager, task.id, logs))
-        return result(f"Started evaluation {view['evaluation_id']} ({request.type} on {view['dataset']}); follow "
-                      "it with get_evaluation.", view)
+        return result(
+            f"Started evaluation {view['evaluation_id']} ({request.type} on {view['dataset']}); follow "
+            "it with get_evaluation.",
+            view,
+        )
 
     @server.tool(
         title="Get an evaluation",
@@ -147,8 +157,15 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService, log
     ) -> Annotated[CallToolResult, EvaluationResults]:
         # In the catalog's threads: a page may read several item files (evaluations/item_files.py).
         items, next_cursor, asked = await service.catalog.run(
-            service.results, evaluation_id, only_mismatches=only_mismatches, label=label, score=score,
-            limit=min(limit, max_page), cursor=cursor, viewer=current_principal().viewer)
+            service.results,
+            evaluation_id,
+            only_mismatches=only_mismatches,
+            label=label,
+            score=score,
+            limit=min(limit, max_page),
+            cursor=cursor,
+            viewer=current_principal().viewer,
+        )
         more = " (more: pass next_cursor)" if next_cursor else ""
         return result(f"{len(items)} item(s){more}.", {**asked, "items": items, "next_cursor": next_cursor})
 
@@ -166,12 +183,15 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService, log
         limit: PageSize = 20,
         cursor: Annotated[str | None, Field(description="next_cursor of the previous page, unchanged")] = None,
     ) -> Annotated[CallToolResult, EvaluationPage]:
-        views, next_cursor = await service.list_evaluations(status, type, limit=min(limit, max_page), cursor=cursor,
-                                                      viewer=current_principal().viewer)
+        views, next_cursor = await service.list_evaluations(
+            status, type, limit=min(limit, max_page), cursor=cursor, viewer=current_principal().viewer
+        )
         lines = "; ".join(f"{v['evaluation_id']} {v['type']} {v['status']}" for v in views[:10])
         more = " (more: pass next_cursor)" if next_cursor else ""
-        return result(f"{len(views)} evaluation(s){more}" + (f": {lines}" if lines else ""),
-                      {"evaluations": views, "next_cursor": next_cursor})
+        return result(
+            f"{len(views)} evaluation(s){more}" + (f": {lines}" if lines else ""),
+            {"evaluations": views, "next_cursor": next_cursor},
+        )
 
     @server.tool(
         title="List datasets",
@@ -188,8 +208,9 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService, log
     ) -> Annotated[CallToolResult, DatasetList]:
         # Walking the root and peeking at files is I/O: off the event loop, in the catalog's few threads.
         datasets = await service.catalog.run(service.datasets, include_files=include_files)
-        return result(f"{len(datasets)} dataset(s): " + ", ".join(d["ref"] for d in datasets[:20]),
-                      {"datasets": datasets})
+        return result(
+            f"{len(datasets)} dataset(s): " + ", ".join(d["ref"] for d in datasets[:20]), {"datasets": datasets}
+        )
 
     @server.tool(
         title="List scorers",
@@ -209,51 +230,89 @@ def _register_resources(server: MCPServer, service: EvaluationService) -> None:
     async def page(status: str | None, type: str | None, limit: str | None, cursor: str | None) -> str:
         try:
             views, next_cursor = await service.list_evaluations(
-                status, type, limit=service.manager.parse_limit(limit), cursor=cursor or None,
-                viewer=current_principal().viewer)
+                status,
+                type,
+                limit=service.manager.parse_limit(limit),
+                cursor=cursor or None,
+                viewer=current_principal().viewer,
+            )
         except PlexusError as exc:
             raise MCPError(INVALID_PARAMS, str(exc)) from None
         return _dump({"evaluations": views, "next_cursor": next_cursor})
 
-    @server.resource("plexus://evaluations{?status,type,limit,cursor}", name="evaluations", title="Evaluations",
-                     description="Evaluations, newest first; status and type take comma-separated names.",
-                     mime_type=JSON)
-    async def evaluations_resource(status: str | None = None, type: str | None = None, limit: str | None = None,
-                                   cursor: str | None = None) -> str:
+    @server.resource(
+        "plexus://evaluations{?status,type,limit,cursor}",
+        name="evaluations",
+        title="Evaluations",
+        description="Evaluations, newest first; status and type take comma-separated names.",
+        mime_type=JSON,
+    )
+    async def evaluations_resource(
+        status: str | None = None, type: str | None = None, limit: str | None = None, cursor: str | None = None
+    ) -> str:
         return await page(status, type, limit, cursor)
 
-    @server.resource("plexus://evaluations", name="recent-evaluations", title="Recent evaluations",
-                     description="The 20 most recent evaluations.", mime_type=JSON)
+    @server.resource(
+        "plexus://evaluations",
+        name="recent-evaluations",
+        title="Recent evaluations",
+        description="The 20 most recent evaluations.",
+        mime_type=JSON,
+    )
     async def recent_evaluations() -> str:
         return await page(None, None, None, None)
 
-    @server.resource("plexus://evaluations/{evaluation_id}", name="evaluation", title="Evaluation",
-                     description="One evaluation: status, progress, definition and metrics.", mime_type=JSON)
+    @server.resource(
+        "plexus://evaluations/{evaluation_id}",
+        name="evaluation",
+        title="Evaluation",
+        description="One evaluation: status, progress, definition and metrics.",
+        mime_type=JSON,
+    )
     async def evaluation_resource(evaluation_id: str) -> str:
         try:
             return _dump(await service.get(evaluation_id, current_principal().viewer))
         except NotFound as exc:
             raise ResourceNotFoundError(str(exc)) from None
 
-    @server.resource("plexus://evaluations/{evaluation_id}/results{?only_mismatches,label,score,limit,cursor}",
-                     name="evaluation-results", title="Evaluation results",
-                     description="Per-item results, in dataset order; only_mismatches=true for the wrong ones.",
-                     mime_type=JSON)
-    async def results_resource(evaluation_id: str, only_mismatches: str | None = None, label: str | None = None,
-                               score: str | None = None, limit: str | None = None, cursor: str | None = None) -> str:
+    @server.resource(
+        "plexus://evaluations/{evaluation_id}/results{?only_mismatches,label,score,limit,cursor}",
+        name="evaluation-results",
+        title="Evaluation results",
+        description="Per-item results, in dataset order; only_mismatches=true for the wrong ones.",
+        mime_type=JSON,
+    )
+    async def results_resource(
+        evaluation_id: str,
+        only_mismatches: str | None = None,
+        label: str | None = None,
+        score: str | None = None,
+        limit: str | None = None,
+        cursor: str | None = None,
+    ) -> str:
         try:
             items, next_cursor, asked = await service.catalog.run(
-                service.results, evaluation_id, only_mismatches=parse_flag("only_mismatches", only_mismatches),
-                label=label or None, score=score or None, limit=service.manager.parse_limit(limit),
-                cursor=cursor or None, viewer=current_principal().viewer)
+                service.results,
+                evaluation_id,
+                only_mismatches=parse_flag("only_mismatches", only_mismatches),
+                label=label or None,
+                score=score or None,
+                limit=service.manager.parse_limit(limit),
+                cursor=cursor or None,
+                viewer=current_principal().viewer,
+            )
         except NotFound as exc:
             raise ResourceNotFoundError(str(exc)) from None
         except PlexusError as exc:
             raise MCPError(INVALID_PARAMS, str(exc)) from None
         return _dump({**asked, "items": items, "next_cursor": next_cursor})
 
-    @server.resource("plexus://datasets", name="datasets", title="Datasets",
-                     description="Datasets an evaluation can use (examples, registered, files under the root).",
-                     mime_type=JSON)
+    @server.resource(
+        "plexus://datasets",
+        name="datasets",
+        title="Datasets",
+        description="Datasets an evaluation can use (examples, registered, files under the root).",
+        mime_type=JSON,
+    )
     async def datasets_resource() -> str:
         return _dump({"datasets": await service.catalog.run(service.datasets)})

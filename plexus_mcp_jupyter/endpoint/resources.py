@@ -24,12 +24,12 @@ def _dump(data: Any) -> str:
 
 
 def register_resources(server: MCPServer, manager: TaskManager) -> None:
-    async def task_page(status: str | None, type: str | None, limit: str | None, cursor: str | None,
-                        batch: str | None = None) -> str:
+    async def task_page(
+        status: str | None, type: str | None, limit: str | None, cursor: str | None, batch: str | None = None
+    ) -> str:
         try:
             flt = manager.build_filter(status=status, type_names=type, viewer=current_principal().viewer, batch=batch)
-            tasks, next_cursor = await manager.alist_tasks(flt, limit=manager.parse_limit(limit),
-                                                           cursor=cursor or None)
+            tasks, next_cursor = await manager.alist_tasks(flt, limit=manager.parse_limit(limit), cursor=cursor or None)
         except InvalidArgument as exc:
             raise MCPError(INVALID_PARAMS, str(exc)) from None
         return _dump({"tasks": [t.summary() for t in tasks], "next_cursor": next_cursor})
@@ -44,13 +44,22 @@ def register_resources(server: MCPServer, manager: TaskManager) -> None:
         ),
         mime_type=JSON,
     )
-    async def tasks_resource(status: str | None = None, type: str | None = None, batch: str | None = None,
-                             limit: str | None = None, cursor: str | None = None) -> str:
+    async def tasks_resource(
+        status: str | None = None,
+        type: str | None = None,
+        batch: str | None = None,
+        limit: str | None = None,
+        cursor: str | None = None,
+    ) -> str:
         return await task_page(status, type, limit, cursor, batch)
 
-    @server.resource("plexus://tasks", name="recent-tasks", title="Recent tasks",
-                     description="The 20 most recent tasks (the first page of plexus://tasks{?...}).",
-                     mime_type=JSON)
+    @server.resource(
+        "plexus://tasks",
+        name="recent-tasks",
+        title="Recent tasks",
+        description="The 20 most recent tasks (the first page of plexus://tasks{?...}).",
+        mime_type=JSON,
+    )
     async def recent_tasks() -> str:
         return await task_page(None, None, None, None)
 
@@ -71,12 +80,17 @@ def register_resources(server: MCPServer, manager: TaskManager) -> None:
 
 
 def register_metrics_resource(server: MCPServer, telemetry: Telemetry) -> None:
-    @server.resource("plexus://metrics", name="metrics", title="Service metrics",
-                     description="The server's figures (as on Jupyter's /metrics): tool calls by tool and outcome "
-                     "with latency percentiles, tasks by status and type, queue depth, running tasks, evaluation "
-                     "items per second, open sessions and subscriptions, update latency (event to notification), "
-                     "memory and CPU. Callers that are not admins get only queue depth, running tasks and resource "
-                     "use (the rest shows other users' activity).", mime_type=JSON)
+    @server.resource(
+        "plexus://metrics",
+        name="metrics",
+        title="Service metrics",
+        description="The server's figures (as on Jupyter's /metrics): tool calls by tool and outcome "
+        "with latency percentiles, tasks by status and type, queue depth, running tasks, evaluation "
+        "items per second, open sessions and subscriptions, update latency (event to notification), "
+        "memory and CPU. Callers that are not admins get only queue depth, running tasks and resource "
+        "use (the rest shows other users' activity).",
+        mime_type=JSON,
+    )
     async def metrics_resource() -> str:
         principal = current_principal()
         return _dump(telemetry.snapshot(await telemetry.fresh_counts(), activity=principal.is_admin))

@@ -69,7 +69,8 @@ class QueuePlace(BaseModel):
     reason: str = Field(description="Why it waits: no_slot | owner_cap | type_cap | resources | starting")
     message: str = Field(description="The reason in words, with the numbers")
     estimated_start_at: str | None = Field(
-        description="Expected start (ISO 8601 UTC) from the running tasks' expected ends; null when unknown")
+        description="Expected start (ISO 8601 UTC) from the running tasks' expected ends; null when unknown"
+    )
     exact: bool = Field(description="False beyond the scheduler's look-ahead: position by priority and age only")
 
 
@@ -92,8 +93,8 @@ class TaskDetail(TaskSummary):
     retention_seconds: float | None = Field(default=None, description="How long it is kept once finished")
     expires_at: str | None = Field(default=None, description="When a finished task is pruned (ISO 8601 UTC)")
     dashboard_url: str | None = Field(
-        default=None,
-        description="While it runs on a Dask cluster: the Dask dashboard (`worker` names the Dask worker)")
+        default=None, description="While it runs on a Dask cluster: the Dask dashboard (`worker` names the Dask worker)"
+    )
 
 
 class TaskPage(BaseModel):
@@ -121,8 +122,10 @@ class BatchDispatchResult(BaseModel):
 
 class OperationItem(BaseModel):
     task_id: str
-    outcome: str = Field(description="cancelled | cancelling | already_finished | retried | not_retryable | "
-                         "updated | not_queued | not_found | forbidden")
+    outcome: str = Field(
+        description="cancelled | cancelling | already_finished | retried | not_retryable | "
+        "updated | not_queued | not_found | forbidden"
+    )
     status: str | None = Field(description="The task's status when the call acted on it")
     message: str
     new_task_id: str | None = Field(default=None, description="retried: the new attempt's id")
@@ -181,12 +184,15 @@ class EvaluationDetail(BaseModel):
     counts: dict[str, Any] | None = Field(description="Per score: items, scored, errors (once completed)")
     error_message: str | None
     items_pruned_at: str | None = Field(
-        default=None, description="When the per-item results of this cancelled evaluation were deleted (null: kept)")
+        default=None, description="When the per-item results of this cancelled evaluation were deleted (null: kept)"
+    )
     resource_uri: str
     definition: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = Field(
-        default=None, description="Per score: accuracy (95% Wilson interval), per-class precision/recall/F1, "
-        "macro/weighted F1, Cohen's kappa, Gwet's AC1, confusion matrix, class distributions (once completed)")
+        default=None,
+        description="Per score: accuracy (95% Wilson interval), per-class precision/recall/F1, "
+        "macro/weighted F1, Cohen's kappa, Gwet's AC1, confusion matrix, class distributions (once completed)",
+    )
 
 
 class EvaluationPage(BaseModel):
@@ -224,4 +230,5 @@ class ScorerList(BaseModel):
     kernel_scorers: list[dict[str, Any]] = Field(
         default_factory=list,
         description="Kernel scorers your evaluations can name now (your own, and the notebook user's where you have "
-        "none of that name): use their spec")
+        "none of that name): use their spec",
+    )

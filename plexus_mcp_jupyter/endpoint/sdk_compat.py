@@ -60,10 +60,19 @@ from mcp_types import LOG_LEVEL_META_KEY
 _JSON_RESPONSE: contextvars.ContextVar[bool] = contextvars.ContextVar("plexus_json_response", default=False)
 
 # Methods answered by one response and nothing else tied to the request (without a progress token or task).
-ONE_SHOT_METHODS = frozenset({
-    "tools/call", "tools/list", "resources/list", "resources/read", "resources/templates/list",
-    "prompts/list", "prompts/get", "completion/complete", "ping",
-})
+ONE_SHOT_METHODS = frozenset(
+    {
+        "tools/call",
+        "tools/list",
+        "resources/list",
+        "resources/read",
+        "resources/templates/list",
+        "prompts/list",
+        "prompts/get",
+        "completion/complete",
+        "ping",
+    }
+)
 # A 2026-07-28 call asks for its log lines on its own stream with this `_meta` key (SEP-2577).
 LOG_LEVEL_BYTES = LOG_LEVEL_META_KEY.encode()
 # A body larger than this is left to the SDK's own parse (SSE): it is never parsed twice on the loop.

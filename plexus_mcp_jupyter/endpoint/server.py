@@ -60,8 +60,11 @@ async def as_the_caller(ctx: ServerRequestContext[Any, Any], call_next: CallNext
     if ctx.method == "tools/list" and not principal.is_admin:
         result["tools"] = [t for t in result.get("tools", ()) if principal.may_call(t.get("name"))]
     elif ctx.method == "resources/templates/list" and not principal.may("audit"):
-        result["resourceTemplates"] = [t for t in result.get("resourceTemplates", ())
-                                       if not str(t.get("uriTemplate", "")).startswith("plexus://audit")]
+        result["resourceTemplates"] = [
+            t
+            for t in result.get("resourceTemplates", ())
+            if not str(t.get("uriTemplate", "")).startswith("plexus://audit")
+        ]
     return result
 
 
@@ -75,9 +78,16 @@ class PlexusMCPServer(MCPServer):
 
     task_tools: frozenset[str] = frozenset()
 
-    def __init__(self, *, task_tools: frozenset[str] = frozenset(), audit: AuditLog | None = None,
-                 task_logs: TaskLogs | None = None, telemetry: Telemetry | None = None,
-                 resource_watch: ResourceWatch | None = None, **sdk_options: Any) -> None:
+    def __init__(
+        self,
+        *,
+        task_tools: frozenset[str] = frozenset(),
+        audit: AuditLog | None = None,
+        task_logs: TaskLogs | None = None,
+        telemetry: Telemetry | None = None,
+        resource_watch: ResourceWatch | None = None,
+        **sdk_options: Any,
+    ) -> None:
         """The SDK's options, and Plexus's collaborators the runtime reaches through the server (None: built for
         its schemas only, without a manager)."""
         super().__init__(**sdk_options)
@@ -112,17 +122,27 @@ class PlexusMCPServer(MCPServer):
             finally:
                 if self.audit is not None:
                     try:
-                        scope = (getattr(context.request_context.request, "scope", None)
-                                 if context is not None else None)
+                        scope = getattr(context.request_context.request, "scope", None) if context is not None else None
                     except ValueError:  # no request (stdio)
                         scope = None
                     client = scope.get("client") if isinstance(scope, dict) else None
-                    target = next((str(arguments[k]) for k in ("task_id", "evaluation_id", "dataset")
-                                   if isinstance(arguments, dict) and k in arguments), None)
-                    self.audit.record(current_principal(), f"tool.{name}", target=target, outcome=outcome,
-                                      client=client[0] if client else None,
-                                      details=dict(note) if note else {"arguments": arguments},
-                                      seconds=time.perf_counter() - started)
+                    target = next(
+                        (
+                            str(arguments[k])
+                            for k in ("task_id", "evaluation_id", "dataset")
+                            if isinstance(arguments, dict) and k in arguments
+                        ),
+                        None,
+                    )
+                    self.audit.record(
+                        current_principal(),
+                        f"tool.{name}",
+                        target=target,
+                        outcome=outcome,
+                        client=client[0] if client else None,
+                        details=dict(note) if note else {"arguments": arguments},
+                        seconds=time.perf_counter() - started,
+                    )
 
     async def _call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
         schema_of = lowlevel_server(self).get_tool_input_schema  # MCPServer sets it: the tool's input schema
@@ -152,11 +172,17 @@ class PlexusMCPServer(MCPServer):
 
 
 def register_audit_resource(server: MCPServer, audit: AuditLog) -> None:
-    @server.resource("plexus://audit{?action,outcome,limit,cursor}", name="audit", title="Audit log",
-                     description="Audit records, newest first (admins only); action takes a * wildcard "
-                     "(tool.*), outcome is ok, error or denied.", mime_type="application/json")
-    def audit_resource(action: str | None = None, outcome: str | None = None, limit: str | None = None,
-                       cursor: str | None = None) -> str:
+    @server.resource(
+        "plexus://audit{?action,outcome,limit,cursor}",
+        name="audit",
+        title="Audit log",
+        description="Audit records, newest first (admins only); action takes a * wildcard "
+        "(tool.*), outcome is ok, error or denied.",
+        mime_type="application/json",
+    )
+    def audit_resource(
+        action: str | None = None, outcome: str | None = None, limit: str | None = None, cursor: str | None = None
+    ) -> str:
         principal = current_principal()
         if not principal.may("audit"):
             audit.record(principal, "resource.read", target="plexus://audit", outcome="denied")
@@ -168,8 +194,9 @@ def register_audit_resource(server: MCPServer, audit: AuditLog) -> None:
         except ValueError:
             raise MCPError(INVALID_PARAMS, f"limit must be a whole number from 1 to 1000, not {limit!r}") from None
         try:
-            records, next_cursor = audit.query(action=action or None, outcome=outcome or None, limit=count,
-                                               cursor=cursor or None)
+            records, next_cursor = audit.query(
+                action=action or None, outcome=outcome or None, limit=count, cursor=cursor or None
+            )
         except PlexusError as exc:
             raise MCPError(INVALID_PARAMS, str(exc)) from None
         return json.dumps({"records": records, "next_cursor": next_cursor}, default=str)
@@ -194,7 +221,9 @@ MAX_PROBLEMS = 3
 
 
 def build_mcp_server(
-    manager: TaskManager, evaluations: EvaluationService | None = None, audit: AuditLog | None = None,
+    manager: TaskManager,
+    evaluations: EvaluationService | None = None,
+    audit: AuditLog | None = None,
     session_count: Callable[[], int] | None = None,
 ) -> PlexusMCPServer:
     """The MCP server over `manager`; `session_count` tells the service metrics how many MCP sessions are open
@@ -204,6 +233,7 @@ def build_mcp_server(
     # adds to the root logger is taken away again; the SDK's loggers stay at WARNING.
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+
     def outcome(task: Task) -> CallToolResult:
         """The final tool result of a task, by the tool that starts tasks of its type."""
         if task.type == "evaluation" and evaluations is not None:

@@ -45,8 +45,11 @@ class SessionLimits:
         return self.max_sessions - math.ceil(self.max_sessions * self.reserved_share)
 
     def how_to_free(self) -> str:
-        idle = f", or wait until one has been idle for session_idle_timeout={self.idle_timeout:g} s" if (
-            self.idle_timeout is not None) else ""
+        idle = (
+            f", or wait until one has been idle for session_idle_timeout={self.idle_timeout:g} s"
+            if (self.idle_timeout is not None)
+            else ""
+        )
         return f"end one with DELETE and its Mcp-Session-Id header{idle}"
 
 
@@ -136,16 +139,25 @@ class PlexusSessionManager(AdmittingSessionManager):
     def _check(self, holder: _Holder) -> None:
         limits = self.limits
         if self.session_count >= limits.max_sessions:
-            raise SessionRefused(503, f"too many MCP sessions: the server has max_sessions={limits.max_sessions} "
-                                      f"open; try again when one ends (a client may {limits.how_to_free()})")
+            raise SessionRefused(
+                503,
+                f"too many MCP sessions: the server has max_sessions={limits.max_sessions} "
+                f"open; try again when one ends (a client may {limits.how_to_free()})",
+            )
         held = self._held[holder.id]
         if holder.is_key and held >= limits.per_key:
             key_id = holder.id.removeprefix(_KEY_PREFIX)
-            raise SessionRefused(429, f"too many MCP sessions: key {key_id} has {held} MCP sessions open, the most "
-                                      f"one key may have (max_sessions_per_key={limits.per_key}); "
-                                      f"{limits.how_to_free()}")
+            raise SessionRefused(
+                429,
+                f"too many MCP sessions: key {key_id} has {held} MCP sessions open, the most "
+                f"one key may have (max_sessions_per_key={limits.per_key}); "
+                f"{limits.how_to_free()}",
+            )
         if holder.in_key_share and self._key_share_used >= limits.key_sessions:
-            raise SessionRefused(503, f"too many MCP sessions: viewer and operator keys hold {self._key_share_used}, "
-                                      f"all that max_sessions={limits.max_sessions} leaves them beside "
-                                      f"reserved_session_share={limits.reserved_share:g} for admins; try again "
-                                      f"when one ends (a client may {limits.how_to_free()})")
+            raise SessionRefused(
+                503,
+                f"too many MCP sessions: viewer and operator keys hold {self._key_share_used}, "
+                f"all that max_sessions={limits.max_sessions} leaves them beside "
+                f"reserved_session_share={limits.reserved_share:g} for admins; try again "
+                f"when one ends (a client may {limits.how_to_free()})",
+            )

@@ -52,9 +52,11 @@ from .tasks_ext import TASKS_EXTENSION, Outcome, detailed_task, legacy_status_no
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
-SUBSCRIBABLE = ("plexus://tasks, plexus://tasks?status=...&type=...&batch=..., plexus://tasks/{task_id}, "
-                "plexus://batches/{batch_id}, plexus://evaluations, plexus://evaluations?status=...&type=..., "
-                "plexus://evaluations/{id}, plexus://evaluations/{id}/results")
+SUBSCRIBABLE = (
+    "plexus://tasks, plexus://tasks?status=...&type=...&batch=..., plexus://tasks/{task_id}, "
+    "plexus://batches/{batch_id}, plexus://evaluations, plexus://evaluations?status=...&type=..., "
+    "plexus://evaluations/{id}, plexus://evaluations/{id}/results"
+)
 
 # matcher(event, previous status of the task or None) -> does the resource change?
 Matcher = Callable[[Event, "str | None"], bool]
@@ -80,8 +82,7 @@ async def parse_subscription(
     return followed
 
 
-async def _parse(uri: str, manager: TaskManager, evaluations: EvaluationService | None, viewer: str | None
-                 ) -> Followed:
+async def _parse(uri: str, manager: TaskManager, evaluations: EvaluationService | None, viewer: str | None) -> Followed:
     parts = urlsplit(uri)
     if parts.scheme == "plexus" and parts.netloc == "evaluations" and evaluations is not None:
         return await _parse_evaluation_uri(uri, parts, evaluations, viewer)
@@ -101,7 +102,8 @@ async def _parse(uri: str, manager: TaskManager, evaluations: EvaluationService 
     query = _query(uri, parts.query, ("status", "type", "batch", "limit", "cursor"))
     try:
         flt = manager.build_filter(
-            status=",".join(query.get("status", [])) or None, type_names=",".join(query.get("type", [])) or None,
+            status=",".join(query.get("status", [])) or None,
+            type_names=",".join(query.get("type", [])) or None,
             batch=",".join(query.get("batch", [])) or None,
         )
         manager.parse_limit(",".join(query.get("limit", [])) or None)
@@ -125,14 +127,16 @@ _TASK_STATUSES_OF = {
 }
 
 
-async def _parse_evaluation_uri(uri: str, parts: Any, evaluations: EvaluationService, viewer: str | None
-                                ) -> Followed:
+async def _parse_evaluation_uri(uri: str, parts: Any, evaluations: EvaluationService, viewer: str | None) -> Followed:
     """`plexus://evaluations/{id}` and its results follow the evaluation's task; the list follows its type."""
     segments = [s for s in parts.path.split("/") if s]
     try:
         if segments:
-            if len(segments) > 2 or (len(segments) == 2 and segments[1] != "results") or (
-                    parts.query and len(segments) == 1):
+            if (
+                len(segments) > 2
+                or (len(segments) == 2 and segments[1] != "results")
+                or (parts.query and len(segments) == 1)
+            ):
                 raise MCPError(INVALID_PARAMS, f"cannot subscribe to {uri!r}; subscribable resources: {SUBSCRIBABLE}")
             _query(uri, parts.query, ("only_mismatches", "label", "score", "limit", "cursor"))
             return Followed(await evaluations.task_of(segments[0], viewer))
@@ -171,8 +175,7 @@ def _list_matcher(flt: TaskFilter) -> Matcher:
             return False
         # A task entering or leaving a status-filtered list changes it, and so does a change to one in it.
         # An unknown previous status (None) may have been in the list: tell, to be safe.
-        return (not statuses or old_status is None or event.data.get("status") in statuses
-                or old_status in statuses)
+        return not statuses or old_status is None or event.data.get("status") in statuses or old_status in statuses
 
     return matches
 
@@ -370,7 +373,7 @@ class ResourceWatch:
                 del follower.pending[key]
                 # Awaited: a slow reader slows this loop, and updates coalesce meanwhile.
                 if key.startswith(_STATUS_KEY) and follower.send_status is not None:
-                    await follower.send_status(key[len(_STATUS_KEY):])
+                    await follower.send_status(key[len(_STATUS_KEY) :])
                 else:
                     await follower.send(key)
                 follower.sent += 1
@@ -463,8 +466,12 @@ class PlexusListenHandler(ListenHandler):
 
         async def send_status(task_id: str) -> None:
             try:
-                params = {**detailed_task(self._outcome, await self._watch.manager.aget(task_id),
-                                                  self._watch.manager.retention), "_meta": meta}
+                params = {
+                    **detailed_task(
+                        self._outcome, await self._watch.manager.aget(task_id), self._watch.manager.retention
+                    ),
+                    "_meta": meta,
+                }
             except NotFound:
                 return
             await ctx.session.send_notification(TaskStatusPush(params=params), related_request_id=subscription_id)

@@ -141,8 +141,11 @@ def detailed_task(outcome: Outcome, task: Task, retention: RetentionPolicy) -> d
 
 
 def _not_found(task_id: str) -> MCPError:
-    return MCPError(INVALID_PARAMS, f"Failed to retrieve task: task {task_id!r} not found; task ids come from "
-                                    "a task-augmented tools/call, list_tasks or tasks/list")
+    return MCPError(
+        INVALID_PARAMS,
+        f"Failed to retrieve task: task {task_id!r} not found; task ids come from "
+        "a task-augmented tools/call, list_tasks or tasks/list",
+    )
 
 
 def _progress_free(ctx: ServerRequestContext[Any, Any]) -> ServerRequestContext[Any, Any]:
@@ -237,13 +240,16 @@ class PlexusTasks(Extension):
         if not principal.may("cancel_any") and not (principal.may("cancel_own") and task.owner == principal.owner):
             if self.audit is not None:
                 self.audit.record(principal, "tasks/cancel", target=task.id, outcome="denied")
-            raise MCPError(INVALID_REQUEST, principal.denial("cancel_any" if principal.may("cancel_own") else
-                                                              "cancel_own"))
+            raise MCPError(
+                INVALID_REQUEST, principal.denial("cancel_any" if principal.may("cancel_own") else "cancel_own")
+            )
         if modern and task.status.is_final:  # cancellation is cooperative: an ended task is acknowledged as it is
             return {}
         if not modern and mcp_status(task, modern=False) in TERMINAL:
-            raise MCPError(INVALID_PARAMS, f"Cannot cancel task {task.id!r}: already in terminal status "
-                                           f"{mcp_status(task, modern=False)!r}")
+            raise MCPError(
+                INVALID_PARAMS,
+                f"Cannot cancel task {task.id!r}: already in terminal status {mcp_status(task, modern=False)!r}",
+            )
         self.manager.cancel([task.id])
         if self.audit is not None:
             self.audit.record(principal, "tasks/cancel", target=task.id)

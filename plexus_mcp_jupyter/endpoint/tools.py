@@ -69,8 +69,7 @@ def result(summary: str, model: BaseModel | dict[str, Any]) -> CallToolResult:
     )
 
 
-async def task_detail_data(manager: TaskManager, task: Task, *, history: bool, history_limit: int
-                           ) -> dict[str, Any]:
+async def task_detail_data(manager: TaskManager, task: Task, *, history: bool, history_limit: int) -> dict[str, Any]:
     """A task as TaskDetail's JSON form (same keys, same order), without building the model; its store reads
     (history, queue position) run off the event loop."""
     data = task.to_dict()
@@ -87,8 +86,9 @@ async def task_detail_data(manager: TaskManager, task: Task, *, history: bool, h
 
 
 async def task_detail(manager: TaskManager, task: Task, *, history: bool, history_limit: int) -> TaskDetail:
-    return TaskDetail.model_validate(await task_detail_data(manager, task, history=history,
-                                                            history_limit=history_limit))
+    return TaskDetail.model_validate(
+        await task_detail_data(manager, task, history=history, history_limit=history_limit)
+    )
 
 
 def describe(task: Task) -> str:
@@ -148,26 +148,37 @@ def register_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs | Non
     @client_errors
     async def run_demo_task(
         ctx: Context,
-        items: Annotated[int, Field(ge=1, le=demo.MAX_ITEMS,
-                                    description=f"Items to process in the Processing stage, 1 to {demo.MAX_ITEMS:,}")]
-        = demo.DEFAULT_ITEMS,
-        item_delay_ms: Annotated[float, Field(ge=0, le=demo.MAX_ITEM_DELAY_MS,
-                                              description="Simulated work per item, in milliseconds (0 to 10000)")]
-        = demo.DEFAULT_ITEM_DELAY_MS,
+        items: Annotated[
+            int,
+            Field(
+                ge=1,
+                le=demo.MAX_ITEMS,
+                description=f"Items to process in the Processing stage, 1 to {demo.MAX_ITEMS:,}",
+            ),
+        ] = demo.DEFAULT_ITEMS,
+        item_delay_ms: Annotated[
+            float,
+            Field(ge=0, le=demo.MAX_ITEM_DELAY_MS, description="Simulated work per item, in milliseconds (0 to 10000)"),
+        ] = demo.DEFAULT_ITEM_DELAY_MS,
         fail: Annotated[bool, Field(description="Fail at a random item between 30% and 70% of the way")] = False,
-        fail_at: Annotated[int | None, Field(ge=1, description="Fail exactly at this item number (1 to items)")]
-        = None,
-        seed: Annotated[int | None, Field(description="Seed of the random failure point, for repeatable runs")]
-        = None,
-        priority: Annotated[int, Field(ge=MIN_PRIORITY, le=MAX_PRIORITY,
-                                       description=f"Queue priority, {MIN_PRIORITY} to {MAX_PRIORITY}; "
-                                       "higher starts first. Operator keys may set at most the server's "
-                                       "max_priority_operator (default 10)")] = 0,
+        fail_at: Annotated[int | None, Field(ge=1, description="Fail exactly at this item number (1 to items)")] = None,
+        seed: Annotated[int | None, Field(description="Seed of the random failure point, for repeatable runs")] = None,
+        priority: Annotated[
+            int,
+            Field(
+                ge=MIN_PRIORITY,
+                le=MAX_PRIORITY,
+                description=f"Queue priority, {MIN_PRIORITY} to {MAX_PRIORITY}; "
+                "higher starts first. Operator keys may set at most the server's "
+                "max_priority_operator (default 10)",
+            ),
+        ] = 0,
     ) -> Annotated[CallToolResult, DispatchResult]:
         params = {"items": items, "item_delay_ms": item_delay_ms, "fail": fail, "fail_at": fail_at, "seed": seed}
         principal = current_principal()
-        task = await manager.adispatch("demo", params, priority=priority, owner=principal.owner,
-                                       role=principal.role.value)
+        task = await manager.adispatch(
+            "demo", params, priority=priority, owner=principal.owner, role=principal.role.value
+        )
         if logs is not None:
             logs.started(ctx, [task.id])
         if progress_token(ctx) is not None:
@@ -191,15 +202,16 @@ def register_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs | Non
     async def list_tasks(
         status: TaskStatuses = None,
         type: TaskTypes = None,
-        since: Annotated[str | None, Field(description="Only tasks created at or after this ISO 8601 time")]
-        = None,
+        since: Annotated[str | None, Field(description="Only tasks created at or after this ISO 8601 time")] = None,
         limit: PageSize = 20,
         cursor: Annotated[str | None, Field(description="next_cursor of the previous page, unchanged")] = None,
-        batch: Annotated[str | None, Field(max_length=64, description="Only the tasks of this batch (dispatch_batch's "
-                                           "batch_id)")] = None,
+        batch: Annotated[
+            str | None, Field(max_length=64, description="Only the tasks of this batch (dispatch_batch's batch_id)")
+        ] = None,
     ) -> Annotated[CallToolResult, TaskPage]:
-        flt = manager.build_filter(status=status or None, type_names=type, since=since,
-                                   viewer=current_principal().viewer, batch=batch)
+        flt = manager.build_filter(
+            status=status or None, type_names=type, since=since, viewer=current_principal().viewer, batch=batch
+        )
         tasks, next_cursor = await manager.alist_tasks(flt, limit=min(limit, max_page), cursor=cursor)
         # TaskPage's JSON form; the SDK validates it against TaskPage (see result()).
         page = {"tasks": [t.summary() for t in tasks], "next_cursor": next_cursor}
@@ -221,9 +233,9 @@ def register_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs | Non
     async def get_task(
         task_id: Annotated[str, Field(min_length=1, max_length=64, description="The task's id")],
         history: Annotated[bool, Field(description="Include progress samples (about one per second)")] = False,
-        history_limit: Annotated[int, Field(ge=1, le=HISTORY_MAX,
-                                            description=f"Most recent samples to include, 1 to {HISTORY_MAX}")]
-        = 100,
+        history_limit: Annotated[
+            int, Field(ge=1, le=HISTORY_MAX, description=f"Most recent samples to include, 1 to {HISTORY_MAX}")
+        ] = 100,
     ) -> Annotated[CallToolResult, TaskDetail]:
         task = await manager.aget(task_id, current_principal().viewer)
         detail = await task_detail_data(manager, task, history=history, history_limit=history_limit)

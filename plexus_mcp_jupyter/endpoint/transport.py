@@ -168,8 +168,9 @@ class MCPBridge:
                 event_stream = False
                 for name, value in message.get("headers", []):
                     handler.add_header(name.decode("latin-1"), value.decode("latin-1"))
-                    event_stream = event_stream or (name.lower() == b"content-type"
-                                                    and value.startswith(b"text/event-stream"))
+                    event_stream = event_stream or (
+                        name.lower() == b"content-type" and value.startswith(b"text/event-stream")
+                    )
                 if event_stream and self._flush_handle is None:
                     # An SSE stream (the standalone GET stream above all) may stay silent for a long
                     # time: its headers must go now, as uvicorn sends them, not with the first event.
@@ -234,8 +235,10 @@ class MCPBridge:
             self.disconnected.set()
 
 
-ENVELOPE = ('expected a JSON-RPC 2.0 message: {"jsonrpc": "2.0", "method": <string>, "id": <string or integer>, '
-            '"params": <object, optional>} (or a response or notification of that form)')
+ENVELOPE = (
+    'expected a JSON-RPC 2.0 message: {"jsonrpc": "2.0", "method": <string>, "id": <string or integer>, '
+    '"params": <object, optional>} (or a response or notification of that form)'
+)
 
 
 def _short_envelope_error(body: bytes) -> bytes:

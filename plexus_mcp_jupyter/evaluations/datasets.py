@@ -73,8 +73,10 @@ EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 REF_PREFIXES = ("example:", "registered:", "file:")
 FILE_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 ALLOWED_EXTENSIONS = ", ".join(FILE_FORMATS)
-REF_HELP = ("expected 'example:<name>', 'registered:<name>' or a path relative to the Jupyter root "
-            f"(optionally 'file:<path>') ending in {ALLOWED_EXTENSIONS}")
+REF_HELP = (
+    "expected 'example:<name>', 'registered:<name>' or a path relative to the Jupyter root "
+    f"(optionally 'file:<path>') ending in {ALLOWED_EXTENSIONS}"
+)
 
 REGISTERED_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 REGISTERED_NAME_HELP = "1 to 64 letters, digits, '_', '.' or '-', not starting with '.'"
@@ -126,8 +128,9 @@ class DatasetInfo:
             "columns": [{"name": c.name, "dtype": c.dtype} for c in self.columns],
             "column_count": self.column_count,
             "label_column": self.label_column,
-            "label_distribution": None if self.label_distribution is None else [
-                {"label": label, "count": count} for label, count in self.label_distribution],
+            "label_distribution": None
+            if self.label_distribution is None
+            else [{"label": label, "count": count} for label, count in self.label_distribution],
             "label_classes": self.label_classes,
         }
         if self.size_bytes is not None:
@@ -163,7 +166,7 @@ def parse_ref(ref: object) -> DatasetRef:
     ref = check_name(ref, "dataset", MAX_REF_CHARS).strip()
     for source in ("example", "registered"):
         if ref.startswith(source + ":"):
-            name = ref[len(source) + 1:]
+            name = ref[len(source) + 1 :]
             if not name:
                 raise InvalidArgument(f"dataset {ref!r} has no name after '{source}:'; {REF_HELP}")
             return DatasetRef(source, name)  # type: ignore[arg-type]
@@ -199,8 +202,9 @@ def confine_path(root_dir: Path | str, relative: str, *, what: str = "dataset") 
 def _refuse_hidden(parts: Sequence[str], relative: str, what: str) -> None:
     hidden = [part for part in parts if part.startswith(".") and part != "."]
     if hidden:
-        raise InvalidArgument(f"{what} path {relative!r} has a hidden part {hidden[0]!r}; "
-                              "hidden files and folders are not served")
+        raise InvalidArgument(
+            f"{what} path {relative!r} has a hidden part {hidden[0]!r}; hidden files and folders are not served"
+        )
 
 
 def require_columns(df: pd.DataFrame, *names: str, what: str = "label column") -> None:
@@ -235,8 +239,9 @@ class DatasetCatalog:
     column checks read of a file; `threads` is how many of them run at once through :meth:`run`.
     """
 
-    def __init__(self, root_dir: Path | str, registered_dir: Path | str, *, bounds: ReadBounds | None = None,
-                 threads: int = 2) -> None:
+    def __init__(
+        self, root_dir: Path | str, registered_dir: Path | str, *, bounds: ReadBounds | None = None, threads: int = 2
+    ) -> None:
         self.root_dir = Path(root_dir)
         self.registered_dir = Path(registered_dir)
         self.bounds = bounds or ReadBounds()
@@ -283,8 +288,10 @@ class DatasetCatalog:
         if ref.source == "example":
             path = EXAMPLES_DIR / f"{ref.name}.csv"
             if "/" in ref.name or not path.is_file():
-                raise NotFound(f"no example dataset {ref.name!r}; the examples are: "
-                               f"{', '.join('example:' + n for n in self.example_names())}")
+                raise NotFound(
+                    f"no example dataset {ref.name!r}; the examples are: "
+                    f"{', '.join('example:' + n for n in self.example_names())}"
+                )
             return path, "csv"
         if ref.source == "registered":
             _check_registered_name(ref.name)
@@ -296,8 +303,10 @@ class DatasetCatalog:
             return path, "parquet"
         suffix = PurePosixPath(ref.name).suffix.lower()
         if suffix not in FILE_FORMATS:
-            raise InvalidArgument(f"dataset file {ref.name!r} has an unsupported extension {suffix or '(none)'!r}; "
-                                  f"supported: {ALLOWED_EXTENSIONS}")
+            raise InvalidArgument(
+                f"dataset file {ref.name!r} has an unsupported extension {suffix or '(none)'!r}; "
+                f"supported: {ALLOWED_EXTENSIONS}"
+            )
         path = self.resolve_path(ref.name)
         if path.is_dir():
             raise InvalidArgument(f"dataset path {ref.name!r} is a folder; give a data file ({ALLOWED_EXTENSIONS})")
@@ -310,8 +319,12 @@ class DatasetCatalog:
         resolves to the one example, registered frame or data file of that name; InvalidArgument lists the
         candidates (or the examples) otherwise. Walks the root for files (bounded): call it from a thread."""
         parsed = parse_ref(ref)
-        if parsed.source != "file" or "/" in parsed.name or PurePosixPath(parsed.name).suffix or ref.startswith(
-                "file:"):
+        if (
+            parsed.source != "file"
+            or "/" in parsed.name
+            or PurePosixPath(parsed.name).suffix
+            or ref.startswith("file:")
+        ):
             return ref
         name = parsed.name
         candidates = [f"example:{name}"] if name in self.example_names() else []
@@ -321,11 +334,14 @@ class DatasetCatalog:
         if len(candidates) == 1:
             return candidates[0]
         if candidates:
-            raise InvalidArgument(f"dataset {clip(name)} is ambiguous: it could be {', '.join(candidates[:10])}; "
-                                  "give one of these refs")
+            raise InvalidArgument(
+                f"dataset {clip(name)} is ambiguous: it could be {', '.join(candidates[:10])}; give one of these refs"
+            )
         examples = ", ".join("example:" + n for n in self.example_names())
-        raise InvalidArgument(f"no dataset named {clip(name)}: give a ref such as {examples}, registered:<name> or "
-                              f"a file path under the Jupyter root ({ALLOWED_EXTENSIONS}); list_datasets shows them")
+        raise InvalidArgument(
+            f"no dataset named {clip(name)}: give a ref such as {examples}, registered:<name> or "
+            f"a file path under the Jupyter root ({ALLOWED_EXTENSIONS}); list_datasets shows them"
+        )
 
     # --- loading ---------------------------------------------------------------------------------------
 
@@ -413,8 +429,7 @@ class DatasetCatalog:
                 self._described.popitem(last=False)
         return info
 
-    def _describe(self, parsed: DatasetRef, path: Path, fmt: str, label_column: str | None,
-                  size: int) -> DatasetInfo:
+    def _describe(self, parsed: DatasetRef, path: Path, fmt: str, label_column: str | None, size: int) -> DatasetInfo:
         ref = str(parsed)
         _, columns = self._peek(path, fmt, ref, count_rows=False)
         names = [name for name, _ in columns]
@@ -433,8 +448,9 @@ class DatasetCatalog:
             raise InvalidArgument(f"dataset {clip(ref)} has no rows")
         extra: dict[str, Any] = {"label_column": label_column}
         if label_column is not None and counted.too_many:
-            extra["label_note"] = (f"more than {MAX_TRACKED_LABELS:,} distinct values: not counted "
-                                   "(is this a label column?)")
+            extra["label_note"] = (
+                f"more than {MAX_TRACKED_LABELS:,} distinct values: not counted (is this a label column?)"
+            )
         elif label_column is not None:
             extra["label_distribution"] = counted.top(MAX_LABEL_CLASSES)
             extra["label_classes"] = len(counted.counts or {})
@@ -474,8 +490,9 @@ class DatasetCatalog:
             return _info(parsed, None, [], error=one_line(error))
         return info
 
-    def _peek(self, path: Path, fmt: str, ref: str, *,
-              count_rows: bool = True) -> tuple[int | None, builtins.list[tuple[str, str]]]:
+    def _peek(
+        self, path: Path, fmt: str, ref: str, *, count_rows: bool = True
+    ) -> tuple[int | None, builtins.list[tuple[str, str]]]:
         """Rows (None if too costly, or not `count_rows`) and column dtypes, from bounded reads only."""
         with _reading(ref, fmt), path.open("rb") as handle:
             if fmt == "parquet":
@@ -504,9 +521,15 @@ class DatasetCatalog:
         visited = 0
         for directory, dirnames, filenames in os.walk(real_root):
             depth = 0 if directory == real_root else os.path.relpath(directory, real_root).count(os.sep) + 1
-            dirnames[:] = [] if depth >= WALK_MAX_DEPTH else [
-                d for d in dirnames
-                if not d.startswith(".") and d not in WALK_SKIPPED_DIRS and os.path.join(directory, d) not in skip]
+            dirnames[:] = (
+                []
+                if depth >= WALK_MAX_DEPTH
+                else [
+                    d
+                    for d in dirnames
+                    if not d.startswith(".") and d not in WALK_SKIPPED_DIRS and os.path.join(directory, d) not in skip
+                ]
+            )
             for filename in filenames:
                 visited += 1
                 if filename.startswith(".") or os.path.splitext(filename)[1].lower() not in FILE_FORMATS:
@@ -607,12 +630,14 @@ def _rename_new(temporary: str, final: Path, name: str) -> None:
     try:
         os.link(temporary, final)
     except FileExistsError:
-        raise InvalidArgument(f"a dataset is already registered as {name!r}; "
-                              "pass replace=True to overwrite it") from None
+        raise InvalidArgument(
+            f"a dataset is already registered as {name!r}; pass replace=True to overwrite it"
+        ) from None
     except OSError:  # a file system without hard links: check, then rename
         if final.exists():
-            raise InvalidArgument(f"a dataset is already registered as {name!r}; "
-                                  "pass replace=True to overwrite it") from None
+            raise InvalidArgument(
+                f"a dataset is already registered as {name!r}; pass replace=True to overwrite it"
+            ) from None
         os.replace(temporary, final)
 
 
@@ -631,8 +656,7 @@ def _reading(ref: str, fmt: str) -> Iterator[None]:
         raise
     except pd.errors.EmptyDataError:
         raise InvalidArgument(f"dataset {clip(ref)} is empty (no header and no rows)") from None
-    except (ValueError, pd.errors.ParserError, pa.ArrowException, UnicodeDecodeError, OSError,
-            RecursionError) as error:
+    except (ValueError, pd.errors.ParserError, pa.ArrowException, UnicodeDecodeError, OSError, RecursionError) as error:
         raise InvalidArgument(f"cannot read dataset {clip(ref)} as {fmt.upper()}: {one_line(error)}") from None
 
 

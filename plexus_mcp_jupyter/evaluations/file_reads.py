@@ -77,8 +77,10 @@ def check_name(value: object, what: str, limit: int) -> str:
         raise InvalidArgument(f"{what} {clip(value)} is longer than {limit:,} characters")
     bad = next((c for c in value if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
     if bad is not None:
-        raise InvalidArgument(f"{what} {clip(value)} contains the control character {bad!r}; "
-                              "use printable characters only (no NUL, tab, newline or other control characters)")
+        raise InvalidArgument(
+            f"{what} {clip(value)} contains the control character {bad!r}; "
+            "use printable characters only (no NUL, tab, newline or other control characters)"
+        )
     return value
 
 
@@ -94,22 +96,28 @@ def head(handle: IO[bytes], bounds: ReadBounds, ref: str, sample: int = HEAD_SAM
     first_end = data.find(b"\n", 0, bounds.header_bytes + 1)
     whole = len(data) <= bounds.header_bytes + sample
     if first_end < 0 and not (whole and len(data) <= bounds.header_bytes):
-        raise InvalidArgument(f"dataset {clip(ref)} cannot be read: its first line is longer than "
-                              f"{bounds.header_bytes:,} bytes (the max_dataset_header_bytes setting)")
+        raise InvalidArgument(
+            f"dataset {clip(ref)} cannot be read: its first line is longer than "
+            f"{bounds.header_bytes:,} bytes (the max_dataset_header_bytes setting)"
+        )
     if whole:
         return data, True
-    return data[:data.rindex(b"\n") + 1], False
+    return data[: data.rindex(b"\n") + 1], False
 
 
 def check_columns(names: list[str], bounds: ReadBounds, ref: str) -> list[str]:
     """`names` if there are at most `bounds.columns` of them, none longer than `bounds.name_chars`."""
     if len(names) > bounds.columns:
-        raise InvalidArgument(f"dataset {clip(ref)} has {len(names):,} columns, more than {bounds.columns:,} "
-                              "(the max_dataset_columns setting)")
+        raise InvalidArgument(
+            f"dataset {clip(ref)} has {len(names):,} columns, more than {bounds.columns:,} "
+            "(the max_dataset_columns setting)"
+        )
     long = next((name for name in names if len(name) > bounds.name_chars), None)
     if long is not None:
-        raise InvalidArgument(f"dataset {clip(ref)} has a column name of {len(long):,} characters "
-                              f"({clip(long, 40)}), more than {bounds.name_chars:,}")
+        raise InvalidArgument(
+            f"dataset {clip(ref)} has a column name of {len(long):,} characters "
+            f"({clip(long, 40)}), more than {bounds.name_chars:,}"
+        )
     return names
 
 
@@ -159,8 +167,10 @@ def parquet_file(handle: IO[bytes], ref: str) -> pq.ParquetFile:
         tail = handle.read(8)
         footer = int.from_bytes(tail[:4], "little")
         if tail[4:] == b"PAR1" and footer > PARQUET_FOOTER_BYTES:
-            raise InvalidArgument(f"dataset {clip(ref)} cannot be read: its Parquet footer is {footer:,} bytes, "
-                                  f"more than {PARQUET_FOOTER_BYTES:,}")
+            raise InvalidArgument(
+                f"dataset {clip(ref)} cannot be read: its Parquet footer is {footer:,} bytes, "
+                f"more than {PARQUET_FOOTER_BYTES:,}"
+            )
     handle.seek(0)
     return pq.ParquetFile(handle)
 
@@ -194,7 +204,7 @@ class LabelCounts:
                 value = None
             elif isinstance(value, (str, bytes)) and len(value) > MAX_LABEL_CHARS:
                 whole = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
-                value = LongLabel(str(value[:MAX_LABEL_CHARS - 3]), hashlib.blake2b(whole, digest_size=16).digest())
+                value = LongLabel(str(value[: MAX_LABEL_CHARS - 3]), hashlib.blake2b(whole, digest_size=16).digest())
             counts[value] = counts.get(value, 0) + count
         if len(counts) > MAX_TRACKED_LABELS:
             self.counts, self.too_many = None, True
@@ -208,7 +218,7 @@ class LabelCounts:
 
 def _shown_label(value: Any) -> str:
     text = value.start + "..." if isinstance(value, LongLabel) else str(value)
-    return text if len(text) <= MAX_LABEL_CHARS else text[:MAX_LABEL_CHARS - 3] + "..."
+    return text if len(text) <= MAX_LABEL_CHARS else text[: MAX_LABEL_CHARS - 3] + "..."
 
 
 def count_parquet(path: Path, label: str | None) -> LabelCounts:
@@ -233,11 +243,13 @@ def count_csv(path: Path, names: list[str], label: str | None, bounds: ReadBound
     column = label if label is not None else names[0]
     reader = pa_csv.open_csv(
         path,
-        read_options=pa_csv.ReadOptions(column_names=names, skip_rows=1, block_size=bounds.block_bytes,
-                                        use_threads=False),
+        read_options=pa_csv.ReadOptions(
+            column_names=names, skip_rows=1, block_size=bounds.block_bytes, use_threads=False
+        ),
         parse_options=pa_csv.ParseOptions(newlines_in_values=True),
-        convert_options=pa_csv.ConvertOptions(include_columns=[column], column_types={column: pa.string()},
-                                              strings_can_be_null=True),
+        convert_options=pa_csv.ConvertOptions(
+            include_columns=[column], column_types={column: pa.string()}, strings_can_be_null=True
+        ),
     )
     result = LabelCounts()
     try:
@@ -246,8 +258,9 @@ def count_csv(path: Path, names: list[str], label: str | None, bounds: ReadBound
     except pa.ArrowInvalid as error:
         if "straddl" not in str(error):
             raise
-        raise ValueError(f"a row is longer than {bounds.block_bytes:,} bytes (the max_dataset_header_bytes "
-                         "setting)") from None
+        raise ValueError(
+            f"a row is longer than {bounds.block_bytes:,} bytes (the max_dataset_header_bytes setting)"
+        ) from None
     return result
 
 

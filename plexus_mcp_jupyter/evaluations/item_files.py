@@ -85,7 +85,11 @@ class ItemFiles:
         try:
             with open(temporary, "wb") as out:
                 pq.write_table(
-                    table, out, compression="zstd", use_dictionary=DICTIONARY_COLUMNS, write_statistics=["seq"],
+                    table,
+                    out,
+                    compression="zstd",
+                    use_dictionary=DICTIONARY_COLUMNS,
+                    write_statistics=["seq"],
                     row_group_size=ROW_GROUP_ROWS,
                 )
                 out.flush()

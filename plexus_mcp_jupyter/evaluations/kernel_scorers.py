@@ -85,8 +85,10 @@ class KernelScorerRegistry:
             raise InvalidArgument(f"a scorer name is 1 to 64 letters, digits, '_', '.' or '-', not {name!r}")
         current = self._scorers.get((namespace(owner), name))
         if current is not None and current.channel is not channel:
-            raise InvalidArgument(f"a scorer named {name!r} is already registered by another kernel of yours: "
-                                  "choose another name, or unregister it there")
+            raise InvalidArgument(
+                f"a scorer named {name!r} is already registered by another kernel of yours: "
+                "choose another name, or unregister it there"
+            )
         if current is not None:  # the same kernel again (a re-run cell): requests waiting for it keep waiting
             current.batch = bool(batch)
             return
@@ -100,28 +102,35 @@ class KernelScorerRegistry:
     def channel_closed(self, channel: ScorerChannel) -> None:
         """The kernel's socket closed: its scorers go, and whatever waits for them fails."""
         for scorer in [s for s in self._scorers.values() if s.channel is channel]:
-            self._drop(scorer, f"the kernel that registered scorer {scorer.name!r} disconnected (restarted, shut "
-                               "down or lost its connection): register the scorer again and restart the evaluation")
+            self._drop(
+                scorer,
+                f"the kernel that registered scorer {scorer.name!r} disconnected (restarted, shut "
+                "down or lost its connection): register the scorer again and restart the evaluation",
+            )
 
     def check(self, name: str, owner: str | None = None) -> None:
         """InvalidArgument unless a kernel serves `name` now for `owner`'s evaluation (checked before dispatch)."""
         if self.find(name, owner) is None:
             known = ", ".join(s.name for s in self.usable(owner)) or "none"
-            raise InvalidArgument(f"no kernel scorer {name!r} is registered (registered: {known}); register one in a "
-                                  "notebook with plexus.register_scorer(name, fn)")
+            raise InvalidArgument(
+                f"no kernel scorer {name!r} is registered (registered: {known}); register one in a "
+                "notebook with plexus.register_scorer(name, fn)"
+            )
 
     async def score(self, name: str, inputs: list[Any], owner: str | None = None) -> dict[str, Any]:
         """Predictions for `inputs` from the kernel's scorer, for `owner`'s evaluation."""
         scorer = self.find(name, owner)
         if scorer is None:
-            raise NotFound(f"kernel scorer {name!r} is not registered any more: its kernel went away or "
-                           "unregistered it")
+            raise NotFound(
+                f"kernel scorer {name!r} is not registered any more: its kernel went away or unregistered it"
+            )
         request_id = f"s{next(self._ids)}"
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         scorer.pending[request_id] = future
         try:
-            scorer.channel.send_json({"type": "score_request", "request_id": request_id, "scorer": name,
-                                      "inputs": inputs})
+            scorer.channel.send_json(
+                {"type": "score_request", "request_id": request_id, "scorer": name, "inputs": inputs}
+            )
             answer = await asyncio.wait_for(future, self.timeout)
         except TimeoutError:
             raise PlexusError(f"kernel scorer {name!r} did not answer within {self.timeout:.0f} s") from None
@@ -136,8 +145,9 @@ class KernelScorerRegistry:
             future = scorer.pending.get(request_id) if scorer.channel is channel else None
             if future is not None and not future.done():
                 if message.get("type") == "score_error":
-                    future.set_exception(PlexusError(f"kernel scorer {scorer.name!r} failed: "
-                                                     f"{message.get('message') or 'no message'}"))
+                    future.set_exception(
+                        PlexusError(f"kernel scorer {scorer.name!r} failed: {message.get('message') or 'no message'}")
+                    )
                 else:
                     future.set_result(message)
                 return

@@ -42,7 +42,8 @@ def check_items(rows: int, scores: int, runs: int, limit: int, *, at_least: bool
             f"this evaluation would score {more}{total:,} items ({more}{rows:,} rows x {scores:,} score(s) x {runs} "
             "run(s)), "
             f"more than the {limit:,} one evaluation may have (max_evaluation_items): sample fewer rows "
-            "(sample_n or a scorecard's sample), use fewer scores or runs, or ask an admin to raise the bound")
+            "(sample_n or a scorecard's sample), use fewer scores or runs, or ask an admin to raise the bound"
+        )
 
 
 DEFAULT_LIMITS = EvaluationLimits()

@@ -78,16 +78,39 @@ def run_evaluation(
             _check_functions(scores, scorer_modules)
         # A re-run (a re-queued task after a crash) starts from nothing: no items or metrics of an earlier run.
         store.reset(evaluation_id)
-        return _run(ctx, store, evaluation_id, type, dataset, scores, label_column, input_column, id_column, sample,
-                    runs, chunk_size, LabelNormalization(**(normalization or {})))
+        return _run(
+            ctx,
+            store,
+            evaluation_id,
+            type,
+            dataset,
+            scores,
+            label_column,
+            input_column,
+            id_column,
+            sample,
+            runs,
+            chunk_size,
+            LabelNormalization(**(normalization or {})),
+        )
     finally:
         store.engine.dispose()
 
 
 def _run(
-    ctx: TaskContext, store: EvaluationStore, evaluation_id: str, type: str, dataset: str,
-    scores: list[dict[str, Any]], label_column: str | None, input_column: str | None, id_column: str | None,
-    sample: dict[str, Any] | None, runs: int, chunk_size: int, norm: LabelNormalization,
+    ctx: TaskContext,
+    store: EvaluationStore,
+    evaluation_id: str,
+    type: str,
+    dataset: str,
+    scores: list[dict[str, Any]],
+    label_column: str | None,
+    input_column: str | None,
+    id_column: str | None,
+    sample: dict[str, Any] | None,
+    runs: int,
+    chunk_size: int,
+    norm: LabelNormalization,
 ) -> dict[str, Any]:
     env = ctx.environment
     ctx.stage(SETUP_STAGE, 1, f"loading {dataset}")  # one step, so that progress always has a total
@@ -97,8 +120,10 @@ def _run(
     limit = int(env.get("max_evaluation_items", DEFAULT_MAX_ITEMS))
     needed = [c for c in (label_column, input_column, id_column) if c]
     require_names(names, needed, "column")
-    scorers = [(score["name"], _build_scorer(ctx, score["scorer"], input_column),
-                score.get("label_column") or label_column) for score in scores]
+    scorers = [
+        (score["name"], _build_scorer(ctx, score["scorer"], input_column), score.get("label_column") or label_column)
+        for score in scores
+    ]
     for _name, scorer, score_label in scorers:
         require_names(names, scorer.columns, "scorer input column")
         if score_label:
@@ -106,10 +131,16 @@ def _run(
     if input_column is None and DEFAULT_INPUT_COLUMN in names:
         input_column = DEFAULT_INPUT_COLUMN  # what scorers read by default is what results show as input
     # Only these columns are read; those compared as text are read as text (dataset_stream.py).
-    text = [c for _n, _s, c in scorers if c] + ([id_column] if id_column else []) + [
-        s.column for _n, s, _c in scorers if isinstance(s, ColumnScorer)]
-    columns = list(dict.fromkeys(needed + text + [c for _n, s, _c in scorers for c in s.columns]
-                                 + ([input_column] if input_column else [])))
+    text = (
+        [c for _n, _s, c in scorers if c]
+        + ([id_column] if id_column else [])
+        + [s.column for _n, s, _c in scorers if isinstance(s, ColumnScorer)]
+    )
+    columns = list(
+        dict.fromkeys(
+            needed + text + [c for _n, s, _c in scorers for c in s.columns] + ([input_column] if input_column else [])
+        )
+    )
     stream = catalog.stream(dataset, columns, text)
     frames: Iterable[pd.DataFrame] = stream
     rows = stream.rows
@@ -124,10 +155,12 @@ def _run(
         rows = stream.exact_rows()  # lines are at least the rows: only near the bound is an exact count needed
     if rows is not None:
         check_items(rows, len(scores), passes, limit)
-    states = [_Consistency(ctx, store, evaluation_id, name, scorer, runs, score_label, input_column, id_column, norm)
-              if type == "consistency" else
-              _Accuracy(ctx, store, evaluation_id, name, scorer, score_label, input_column, id_column, norm)
-              for name, scorer, score_label in scorers]
+    states = [
+        _Consistency(ctx, store, evaluation_id, name, scorer, runs, score_label, input_column, id_column, norm)
+        if type == "consistency"
+        else _Accuracy(ctx, store, evaluation_id, name, scorer, score_label, input_column, id_column, norm)
+        for name, scorer, score_label in scorers
+    ]
     ctx.advance(1)
     total = rows if rows is not None else estimate
     ctx.stage("Scoring", total * len(scorers) * passes, f"{total:,} items")
@@ -174,8 +207,11 @@ class KernelRelay(Scorer):
             return None if values is None else pd.Series(values, index=chunk.index, dtype=object)
 
         errors = series(answer["errors"])
-        return ScoreBatch(series(answer["predictions"]), series(answer["explanations"]),  # type: ignore[arg-type]
-                          errors if errors is not None and errors.notna().any() else None)
+        return ScoreBatch(
+            series(answer["predictions"]),
+            series(answer["explanations"]),  # type: ignore[arg-type]
+            errors if errors is not None and errors.notna().any() else None,
+        )
 
 
 def _check_functions(scores: list[dict[str, Any]], prefixes: list[str]) -> None:
@@ -185,8 +221,10 @@ def _check_functions(scores: list[dict[str, Any]], prefixes: list[str]) -> None:
         if isinstance(spec, dict) and spec.get("kind") == "python":
             module = getattr(import_function(spec["function"]), "__module__", "") or ""
             if not module_allowed(module, prefixes):
-                raise InvalidArgument(f"python scorer {spec['function']!r} is defined in {module!r}, not in an "
-                                      f"allowed module ({', '.join(prefixes)})")
+                raise InvalidArgument(
+                    f"python scorer {spec['function']!r} is defined in {module!r}, not in an "
+                    f"allowed module ({', '.join(prefixes)})"
+                )
 
 
 def _build_scorer(ctx: TaskContext, spec: dict[str, Any], input_column: str | None) -> Scorer:
@@ -197,8 +235,10 @@ def _build_scorer(ctx: TaskContext, spec: dict[str, Any], input_column: str | No
 
 def _require_two_classes(classes: set[str], column: str, na_label: str) -> None:
     if classes <= {na_label}:
-        raise InvalidArgument(f"label column {column!r} has no labels: every value is missing or blank; pick the "
-                              "column that holds the correct labels")
+        raise InvalidArgument(
+            f"label column {column!r} has no labels: every value is missing or blank; pick the "
+            "column that holds the correct labels"
+        )
     if len(classes) < 2:
         raise InvalidArgument(
             f"label column {column!r} has a single class ({next(iter(classes), 'na')!r} in every row) after "
@@ -214,8 +254,9 @@ class Chunks:
     chunks (a prompt cancel, smooth progress) and a fast vectorised one large chunks (few files).
     """
 
-    def __init__(self, frames: Iterable[pd.DataFrame], first: int = 4, target: float = 0.25,
-                 largest: int = 50_000) -> None:
+    def __init__(
+        self, frames: Iterable[pd.DataFrame], first: int = 4, target: float = 0.25, largest: int = 50_000
+    ) -> None:
         self.frames, self.size, self.target, self.largest = frames, first, target, largest
 
     def __iter__(self) -> Iterator[tuple[int, pd.DataFrame]]:
@@ -223,7 +264,7 @@ class Chunks:
         for frame in self.frames:
             offset = 0
             while offset < len(frame):
-                chunk = frame.iloc[offset:offset + self.size]
+                chunk = frame.iloc[offset : offset + self.size]
                 started = time.perf_counter()
                 yield seq, chunk
                 elapsed = time.perf_counter() - started
@@ -245,9 +286,18 @@ class _Accuracy:
     million rows holds one chunk and a K x K matrix.
     """
 
-    def __init__(self, ctx: TaskContext, store: EvaluationStore, evaluation_id: str, name: str, scorer: Scorer,
-                 label_column: str | None, input_column: str | None, id_column: str | None,
-                 norm: LabelNormalization) -> None:
+    def __init__(
+        self,
+        ctx: TaskContext,
+        store: EvaluationStore,
+        evaluation_id: str,
+        name: str,
+        scorer: Scorer,
+        label_column: str | None,
+        input_column: str | None,
+        id_column: str | None,
+        norm: LabelNormalization,
+    ) -> None:
         if label_column is None:
             raise InvalidArgument(f"score {name!r} needs a label column to compare its predictions with")
         self.ctx, self.store, self.evaluation_id, self.name, self.scorer = ctx, store, evaluation_id, name, scorer
@@ -265,9 +315,23 @@ class _Accuracy:
         failed = _failed_mask(batch)
         # Classes are numbers here: the label_class column is the class names taken by number (no per-row str).
         classes = pa.array(self.counter.names, pa.string()).take(pa.array(ref))
-        self.store.add_chunk(self.evaluation_id, self.name, start, _columns(
-            start, chunk, labels, classes, batch, ref == predicted, failed, self.input_column, self.id_column,
-            self.redacted))
+        self.store.add_chunk(
+            self.evaluation_id,
+            self.name,
+            start,
+            _columns(
+                start,
+                chunk,
+                labels,
+                classes,
+                batch,
+                ref == predicted,
+                failed,
+                self.input_column,
+                self.id_column,
+                self.redacted,
+            ),
+        )
         # Items whose scoring failed are left out of the metrics (and counted); a missing prediction without
         # an error is the "na" class like any other.
         keep = ~failed
@@ -278,8 +342,9 @@ class _Accuracy:
         self.ctx.advance(len(chunk))
 
     def result(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        _require_two_classes({self.counter.names[c] for c in self.label_classes}, self.label_column,
-                             self.counter.normalization.na_label)
+        _require_two_classes(
+            {self.counter.names[c] for c in self.label_classes}, self.label_column, self.counter.normalization.na_label
+        )
         if self.scored == 0:
             raise InvalidArgument(f"score {self.name!r}: every item failed to score; see the items' errors")
         counts = {"items": self.items, "scored": self.scored, "errors": self.items - self.scored}
@@ -293,18 +358,31 @@ def _failed_mask(batch: ScoreBatch) -> np.ndarray:
 
 
 def _rows(
-    start: int, chunk: pd.DataFrame, labels: pd.Series | None, classes: np.ndarray | pa.Array | None, batch: ScoreBatch,
-    correct: np.ndarray | None, failed: np.ndarray, input_column: str | None, id_column: str | None,
+    start: int,
+    chunk: pd.DataFrame,
+    labels: pd.Series | None,
+    classes: np.ndarray | pa.Array | None,
+    batch: ScoreBatch,
+    correct: np.ndarray | None,
+    failed: np.ndarray,
+    input_column: str | None,
+    id_column: str | None,
     redacted: frozenset[str] = frozenset(),
 ) -> list[tuple[Any, ...]]:
     """The chunk's items as rows of INSERT_COLUMNS (the row store of an items-less store; benchmarks)."""
-    return item_rows(_columns(start, chunk, labels, classes, batch, correct, failed, input_column, id_column,
-                              redacted))
+    return item_rows(_columns(start, chunk, labels, classes, batch, correct, failed, input_column, id_column, redacted))
 
 
 def _columns(
-    start: int, chunk: pd.DataFrame, labels: pd.Series | None, classes: np.ndarray | pa.Array | None, batch: ScoreBatch,
-    correct: np.ndarray | None, failed: np.ndarray, input_column: str | None, id_column: str | None,
+    start: int,
+    chunk: pd.DataFrame,
+    labels: pd.Series | None,
+    classes: np.ndarray | pa.Array | None,
+    batch: ScoreBatch,
+    correct: np.ndarray | None,
+    failed: np.ndarray,
+    input_column: str | None,
+    id_column: str | None,
     redacted: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """The chunk's items as columns of INSERT_COLUMNS (no Python work per field).
@@ -339,12 +417,18 @@ def _columns(
         "item_id": ids,
         "input": inputs,
         "label": _text_column(labels, EXCERPT_CHARS) if labels is not None else none,
-        "label_class": (classes if isinstance(classes, pa.Array) else pa.array(classes, type=pa.string())
-                        if classes is not None else none),
+        "label_class": (
+            classes
+            if isinstance(classes, pa.Array)
+            else pa.array(classes, type=pa.string())
+            if classes is not None
+            else none
+        ),
         "prediction": predictions,
         "correct": oks,
-        "explanation": (_text_column(batch.explanations, EXPLANATION_CHARS) if batch.explanations is not None
-                        else none),
+        "explanation": (
+            _text_column(batch.explanations, EXPLANATION_CHARS) if batch.explanations is not None else none
+        ),
         "error": _text_column(batch.errors, EXPLANATION_CHARS) if batch.errors is not None else none,
     }
 
@@ -385,9 +469,19 @@ class _Consistency:
     """One score of a consistency evaluation, chunk by chunk. The runs' predictions of every item are kept
     (the agreement metrics need them all: items x runs class names); the modal accuracy is counted."""
 
-    def __init__(self, ctx: TaskContext, store: EvaluationStore, evaluation_id: str, name: str, scorer: Scorer,
-                 runs: int, label_column: str | None, input_column: str | None, id_column: str | None,
-                 norm: LabelNormalization) -> None:
+    def __init__(
+        self,
+        ctx: TaskContext,
+        store: EvaluationStore,
+        evaluation_id: str,
+        name: str,
+        scorer: Scorer,
+        runs: int,
+        label_column: str | None,
+        input_column: str | None,
+        id_column: str | None,
+        norm: LabelNormalization,
+    ) -> None:
         self.ctx, self.store, self.evaluation_id, self.name, self.scorer = ctx, store, evaluation_id, name, scorer
         self.runs, self.label_column, self.input_column, self.id_column = runs, label_column, input_column, id_column
         self.norm = norm
@@ -412,18 +506,35 @@ class _Consistency:
         self.errors += int(failed.sum())
         self.items += len(chunk)
         explanation = pd.Series([", ".join(row) for row in grid.tolist()], index=chunk.index)
-        batch = ScoreBatch(pd.Series(modal, index=chunk.index), explanation,
-                           errors_seen if errors_seen.notna().any() else None)
+        batch = ScoreBatch(
+            pd.Series(modal, index=chunk.index), explanation, errors_seen if errors_seen.notna().any() else None
+        )
         labels = chunk[self.label_column] if self.label_column else None
         classes = normalize_labels(labels, self.norm) if labels is not None else None
-        self.store.add_chunk(self.evaluation_id, self.name, start, _columns(
-            start, chunk, labels, classes, batch, unanimous, failed, self.input_column, self.id_column,
-            self.redacted))
+        self.store.add_chunk(
+            self.evaluation_id,
+            self.name,
+            start,
+            _columns(
+                start,
+                chunk,
+                labels,
+                classes,
+                batch,
+                unanimous,
+                failed,
+                self.input_column,
+                self.id_column,
+                self.redacted,
+            ),
+        )
         self.grids.append(np.asarray(grid[~failed], dtype=object))
         if labels is not None:
             keep = ~failed
-            self.modal_counter.add(self.modal_counter.classes(labels)[keep],
-                                   self.modal_counter.classes(np.asarray(modal, dtype=object))[keep])
+            self.modal_counter.add(
+                self.modal_counter.classes(labels)[keep],
+                self.modal_counter.classes(np.asarray(modal, dtype=object))[keep],
+            )
 
     def result(self) -> tuple[dict[str, Any], dict[str, Any]]:
         grid = np.concatenate(self.grids) if self.grids else np.zeros((0, self.runs), dtype=object)

@@ -17,8 +17,9 @@ def check_sample(n: Any = None, fraction: Any = None, seed: Any = None) -> None:
         raise InvalidArgument("a sample needs exactly one of n (a number of rows) and fraction (0 < fraction <= 1)")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise InvalidArgument(f"sample n must be a whole number of at least 1, not {n!r}")
-    if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, int | float)
-                                 or not 0 < fraction <= 1):
+    if fraction is not None and (
+        isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1
+    ):
         raise InvalidArgument(f"sample fraction must be a number above 0 and at most 1, not {fraction!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise InvalidArgument(f"sample seed must be a whole number of at least 0, not {seed!r}")
@@ -33,8 +34,9 @@ def sampled_rows(rows: int, n: int | None = None, fraction: float | None = None)
     return rows
 
 
-def sample_frame(df: pd.DataFrame, n: int | None = None, fraction: float | None = None,
-                 seed: int | None = None) -> pd.DataFrame:
+def sample_frame(
+    df: pd.DataFrame, n: int | None = None, fraction: float | None = None, seed: int | None = None
+) -> pd.DataFrame:
     """A random subset of `df`'s rows, kept in their original order and with their original index.
 
     `n` larger than the frame takes every row (a sample cannot be bigger than its population, and a
@@ -46,8 +48,9 @@ def sample_frame(df: pd.DataFrame, n: int | None = None, fraction: float | None 
     size = sampled_rows(rows, n, fraction)
     if size == 0:
         what = f"fraction {fraction}" if fraction is not None else f"n={n}"
-        raise InvalidArgument(f"sampling {what} of {rows} row(s) selects no rows; "
-                              "use a larger fraction or a number of rows n")
+        raise InvalidArgument(
+            f"sampling {what} of {rows} row(s) selects no rows; use a larger fraction or a number of rows n"
+        )
     if size == rows:
         return df
     positions = np.sort(np.random.default_rng(seed).choice(rows, size=size, replace=False))

@@ -98,8 +98,11 @@ class SampleSpec:
     seed: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {key: value for key, value in
-                (("n", self.n), ("fraction", self.fraction), ("seed", self.seed)) if value is not None}
+        return {
+            key: value
+            for key, value in (("n", self.n), ("fraction", self.fraction), ("seed", self.seed))
+            if value is not None
+        }
 
 
 @dataclass(frozen=True)
@@ -145,8 +148,9 @@ class Scorecard:
         return result
 
 
-def load_scorecard(source: str | Path, *, root_dir: Path | str | None = None,
-                   limits: EvaluationLimits = DEFAULT_LIMITS) -> Scorecard:
+def load_scorecard(
+    source: str | Path, *, root_dir: Path | str | None = None, limits: EvaluationLimits = DEFAULT_LIMITS
+) -> Scorecard:
     """Read a scorecard from YAML text, or from a file when `source` is a Path or a one-line string ending
     in .yaml / .yml.
 
@@ -168,8 +172,10 @@ def load_scorecard(source: str | Path, *, root_dir: Path | str | None = None,
 
 
 def _too_big(what: str, size: int, bound: int) -> InvalidArgument:
-    return InvalidArgument(f"{what} is {size:,} bytes, more than the {bound:,} a scorecard may have "
-                           "(max_scorecard_bytes); split it, or ask an admin to raise the bound")
+    return InvalidArgument(
+        f"{what} is {size:,} bytes, more than the {bound:,} a scorecard may have "
+        "(max_scorecard_bytes); split it, or ask an admin to raise the bound"
+    )
 
 
 def _encoded(text: str, bound: int) -> bytes:
@@ -179,8 +185,9 @@ def _encoded(text: str, bound: int) -> bytes:
     try:
         data = text.encode("utf-8")
     except UnicodeEncodeError as error:
-        raise InvalidArgument(f"scorecard text is not valid Unicode: {error.reason} at character {error.start}") \
-            from None
+        raise InvalidArgument(
+            f"scorecard text is not valid Unicode: {error.reason} at character {error.start}"
+        ) from None
     if len(data) > bound:
         raise _too_big("scorecard text", len(data), bound)
     return data
@@ -240,8 +247,10 @@ def _scan(data: bytes, where: str, max_scores: int) -> None:
             event = loader.get_event()
             line = event.start_mark.line + 1
             if isinstance(event, yaml.AliasEvent):
-                raise InvalidArgument(f"{where} line {line}: anchors and aliases (*name) are not allowed in a "
-                                      "scorecard: write the value out")
+                raise InvalidArgument(
+                    f"{where} line {line}: anchors and aliases (*name) are not allowed in a "
+                    "scorecard: write the value out"
+                )
             if isinstance(event, yaml.CollectionEndEvent):
                 depth -= 1
                 if depth == 1:
@@ -262,17 +271,26 @@ def _scan(data: bytes, where: str, max_scores: int) -> None:
             if isinstance(event, yaml.CollectionStartEvent):
                 depth += 1
                 if depth > MAX_NESTING:
-                    raise InvalidArgument(f"{where} line {line}: nested more than {MAX_NESTING} levels deep; a "
-                                          "scorecard needs 7 at most")
-            elif (isinstance(event, yaml.ScalarEvent) and event.implicit[0] and len(event.value) > MAX_NUMBER_CHARS
-                  and loader.resolve(yaml.ScalarNode, event.value, (True, False)) == _INT_TAG):
-                raise InvalidArgument(f"{where} line {line}: a number of {len(event.value):,} characters; numbers "
-                                      f"in a scorecard have at most {MAX_NUMBER_CHARS}")
+                    raise InvalidArgument(
+                        f"{where} line {line}: nested more than {MAX_NESTING} levels deep; a scorecard needs 7 at most"
+                    )
+            elif (
+                isinstance(event, yaml.ScalarEvent)
+                and event.implicit[0]
+                and len(event.value) > MAX_NUMBER_CHARS
+                and loader.resolve(yaml.ScalarNode, event.value, (True, False)) == _INT_TAG
+            ):
+                raise InvalidArgument(
+                    f"{where} line {line}: a number of {len(event.value):,} characters; numbers "
+                    f"in a scorecard have at most {MAX_NUMBER_CHARS}"
+                )
     finally:
         loader.dispose()
     if beyond is not None:
-        raise InvalidArgument(f"{where} line {beyond}: field 'scores': {scores:,} scores, more than the "
-                              f"{max_scores:,} a scorecard may have (max_scorecard_scores); split it into several")
+        raise InvalidArgument(
+            f"{where} line {beyond}: field 'scores': {scores:,} scores, more than the "
+            f"{max_scores:,} a scorecard may have (max_scorecard_scores); split it into several"
+        )
 
 
 def _parse(data: bytes, where: str, label: str | None, max_scores: int) -> Scorecard:
@@ -308,8 +326,11 @@ def _build(data: dict[str, Any], checker: _Checker, label: str | None) -> Scorec
     seen: dict[str, int] = {}
     for position, item in enumerate(data["scores"]):
         if item["name"] in seen:
-            checker.fail(["scores", position, "name"], f"duplicate score name {item['name']!r} (also "
-                         f"scores[{seen[item['name']]}]); score names must be unique")
+            checker.fail(
+                ["scores", position, "name"],
+                f"duplicate score name {item['name']!r} (also "
+                f"scores[{seen[item['name']]}]); score names must be unique",
+            )
         seen[item["name"]] = position
         try:
             spec = normalize_spec(item["scorer"])
@@ -319,19 +340,37 @@ def _build(data: dict[str, Any], checker: _Checker, label: str | None) -> Scorec
             checker.fail(["scores", position, "scorer", *inner], error.detail)
         scores.append(ScoreSpec(item["name"], spec, item.get("label_column")))
     return Scorecard(
-        name=data["name"], dataset=data["dataset"], input_column=data["input_column"],
-        label_column=data["label_column"], scores=tuple(scores), description=data.get("description"),
-        id_column=data.get("id_column"), sample=sample, source=label,
+        name=data["name"],
+        dataset=data["dataset"],
+        input_column=data["input_column"],
+        label_column=data["label_column"],
+        scores=tuple(scores),
+        description=data.get("description"),
+        id_column=data.get("id_column"),
+        sample=sample,
+        source=label,
     )
 
 
 class _Checker:
     """Checks plain data against the subset of JSON Schema SCORECARD_SCHEMA uses; errors carry YAML lines."""
 
-    _TYPES: dict[str, tuple[type, ...]] = {"object": (dict,), "array": (list,), "string": (str,), "integer": (int,),
-                                           "number": (int, float), "boolean": (bool,)}
-    _NOUNS = {"object": "a mapping", "array": "a list", "string": "a string", "integer": "a whole number",
-              "number": "a number", "boolean": "true or false"}
+    _TYPES: dict[str, tuple[type, ...]] = {
+        "object": (dict,),
+        "array": (list,),
+        "string": (str,),
+        "integer": (int,),
+        "number": (int, float),
+        "boolean": (bool,),
+    }
+    _NOUNS = {
+        "object": "a mapping",
+        "array": "a list",
+        "string": "a string",
+        "integer": "a whole number",
+        "number": "a number",
+        "boolean": "true or false",
+    }
 
     def __init__(self, root: yaml.Node, where: str) -> None:
         self.root = root
@@ -345,8 +384,9 @@ class _Checker:
         if schema is SCORER_SPEC_SCHEMA:
             return  # scorer specs are checked by scorers.normalize_spec, with their own messages
         expected = schema.get("type")
-        if expected is not None and ((isinstance(value, bool) and expected != "boolean")
-                                     or not isinstance(value, self._TYPES[expected])):
+        if expected is not None and (
+            (isinstance(value, bool) and expected != "boolean") or not isinstance(value, self._TYPES[expected])
+        ):
             self.fail(path, f"must be {self._NOUNS[expected]}, not {_show(value)}")
         if expected == "object":
             self._check_object(value, schema, path)

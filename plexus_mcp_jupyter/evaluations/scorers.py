@@ -65,8 +65,10 @@ from .datasets import require_columns
 
 SCORER_KINDS = ("column", "rules", "python", "kernel")
 DEFAULT_INPUT_COLUMN = "text"
-SPEC_HELP = ("a scorer spec is 'column:<column>', 'python:<module>:<function>', 'kernel:<name>' or a mapping "
-             f"with 'kind' ({', '.join(SCORER_KINDS)})")
+SPEC_HELP = (
+    "a scorer spec is 'column:<column>', 'python:<module>:<function>', 'kernel:<name>' or a mapping "
+    f"with 'kind' ({', '.join(SCORER_KINDS)})"
+)
 _IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 _STRING = {"type": "string", "minLength": 1}
@@ -74,35 +76,80 @@ _COMMON = {"name": _STRING, "input_column": _STRING}
 SCORER_SPEC_SCHEMA: dict[str, Any] = {
     "description": "A scorer: a string shorthand or a mapping with 'kind'.",
     "oneOf": [
-        {"type": "string", "pattern": r"^(column:.+|python:[\w.]+:[\w.]+|kernel:.+)$",
-         "examples": ["column:prediction", "python:plexus_mcp_jupyter.evaluations.examples.scorers:keyword_sentiment"]},
-        {"type": "object", "additionalProperties": False, "required": ["kind", "column"],
-         "properties": {"kind": {"const": "column"}, "name": _STRING, "column": _STRING}},
-        {"type": "object", "additionalProperties": False, "required": ["kind", "rules"],
-         "properties": {**_COMMON, "kind": {"const": "rules"},
-                        "rules": {"type": "array", "minItems": 1, "items": {
-                            "type": "object", "additionalProperties": False, "required": ["label"],
-                            "properties": {"pattern": {**_STRING, "description": "a regular expression"},
-                                           "keywords": {"type": "array", "minItems": 1, "items": _STRING},
-                                           "label": _STRING}}},
-                        "default": {"type": ["string", "null"]},
-                        "case_sensitive": {"type": "boolean", "default": False}}},
-        {"type": "object", "additionalProperties": False, "required": ["kind", "function"],
-         "properties": {**_COMMON, "kind": {"const": "python"},
-                        "function": {"type": "string", "pattern": r"^[\w.]+:[\w.]+$"},
-                        "vectorized": {"type": "boolean"}}},
-        {"type": "object", "additionalProperties": False, "required": ["kind", "function"],
-         "properties": {**_COMMON, "kind": {"const": "kernel"}, "function": _STRING,
-                        "kernel_id": _STRING, "vectorized": {"type": "boolean"}}},
+        {
+            "type": "string",
+            "pattern": r"^(column:.+|python:[\w.]+:[\w.]+|kernel:.+)$",
+            "examples": [
+                "column:prediction",
+                "python:plexus_mcp_jupyter.evaluations.examples.scorers:keyword_sentiment",
+            ],
+        },
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["kind", "column"],
+            "properties": {"kind": {"const": "column"}, "name": _STRING, "column": _STRING},
+        },
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["kind", "rules"],
+            "properties": {
+                **_COMMON,
+                "kind": {"const": "rules"},
+                "rules": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["label"],
+                        "properties": {
+                            "pattern": {**_STRING, "description": "a regular expression"},
+                            "keywords": {"type": "array", "minItems": 1, "items": _STRING},
+                            "label": _STRING,
+                        },
+                    },
+                },
+                "default": {"type": ["string", "null"]},
+                "case_sensitive": {"type": "boolean", "default": False},
+            },
+        },
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["kind", "function"],
+            "properties": {
+                **_COMMON,
+                "kind": {"const": "python"},
+                "function": {"type": "string", "pattern": r"^[\w.]+:[\w.]+$"},
+                "vectorized": {"type": "boolean"},
+            },
+        },
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["kind", "function"],
+            "properties": {
+                **_COMMON,
+                "kind": {"const": "kernel"},
+                "function": _STRING,
+                "kernel_id": _STRING,
+                "vectorized": {"type": "boolean"},
+            },
+        },
     ],
 }
 
 # Each kind's fields, read from the published schema (one declaration): kind -> (required, optional) besides kind.
 _FIELDS: dict[str, tuple[set[str], set[str]]] = {
-    shape["properties"]["kind"]["const"]: (set(shape["required"]) - {"kind"},
-                                            set(shape["properties"]) - set(shape["required"]))
+    shape["properties"]["kind"]["const"]: (
+        set(shape["required"]) - {"kind"},
+        set(shape["properties"]) - set(shape["required"]),
+    )
     for shape in SCORER_SPEC_SCHEMA["oneOf"][1:]
 }
+
 
 class SpecError(InvalidArgument):
     """A scorer spec is malformed; `field` is the path of the offending field inside the spec, if any."""
@@ -183,8 +230,15 @@ class RulesScorer(Scorer):
 
     kind = "rules"
 
-    def __init__(self, rules: Sequence[Rule], *, default: str | None = None, case_sensitive: bool = False,
-                 input_column: str = DEFAULT_INPUT_COLUMN, name: str | None = None) -> None:
+    def __init__(
+        self,
+        rules: Sequence[Rule],
+        *,
+        default: str | None = None,
+        case_sensitive: bool = False,
+        input_column: str = DEFAULT_INPUT_COLUMN,
+        name: str | None = None,
+    ) -> None:
         self.rules = tuple(rules)
         self.default = default
         self.case_sensitive = case_sensitive
@@ -196,9 +250,14 @@ class RulesScorer(Scorer):
         return (self.input_column,)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "name": self.name, "input_column": self.input_column,
-                "rules": [dict(rule.source) for rule in self.rules], "default": self.default,
-                "case_sensitive": self.case_sensitive}
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "input_column": self.input_column,
+            "rules": [dict(rule.source) for rule in self.rules],
+            "default": self.default,
+            "case_sensitive": self.case_sensitive,
+        }
 
     def score(self, chunk: pd.DataFrame) -> ScoreBatch:
         require_columns(chunk, self.input_column, what="input column")
@@ -222,8 +281,15 @@ class PythonScorer(Scorer):
 
     kind = "python"
 
-    def __init__(self, function: Callable[..., Any], *, vectorized: bool, path: str,
-                 input_column: str = DEFAULT_INPUT_COLUMN, name: str | None = None) -> None:
+    def __init__(
+        self,
+        function: Callable[..., Any],
+        *,
+        vectorized: bool,
+        path: str,
+        input_column: str = DEFAULT_INPUT_COLUMN,
+        name: str | None = None,
+    ) -> None:
         self.function = function
         self.vectorized = vectorized
         self.arrow = vectorized and _input_kind(function) == "arrow"  # called with Arrow, not pandas
@@ -236,8 +302,13 @@ class PythonScorer(Scorer):
         return (self.input_column,)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "name": self.name, "function": self.path, "vectorized": self.vectorized,
-                "input_column": self.input_column}
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "function": self.path,
+            "vectorized": self.vectorized,
+            "input_column": self.input_column,
+        }
 
     def score(self, chunk: pd.DataFrame) -> ScoreBatch:
         require_columns(chunk, self.input_column, what="input column")
@@ -284,8 +355,14 @@ class KernelScorerSpec:
     name: str | None = None
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "kernel", "name": self.name or f"kernel:{self.function}", "function": self.function,
-                "kernel_id": self.kernel_id, "vectorized": self.vectorized, "input_column": self.input_column}
+        return {
+            "kind": "kernel",
+            "name": self.name or f"kernel:{self.function}",
+            "function": self.function,
+            "kernel_id": self.kernel_id,
+            "vectorized": self.vectorized,
+            "input_column": self.input_column,
+        }
 
 
 def vectorized(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -312,8 +389,10 @@ def normalize_spec(spec: object) -> dict[str, Any]:
     required, optional = _FIELDS[kind]
     unknown = sorted(set(spec) - required - optional - {"kind"}, key=str)
     if unknown:
-        raise SpecError(f"unknown field {unknown[0]!r} for a {kind} scorer; allowed: "
-                        f"{', '.join(sorted(required | optional))}", str(unknown[0]))
+        raise SpecError(
+            f"unknown field {unknown[0]!r} for a {kind} scorer; allowed: {', '.join(sorted(required | optional))}",
+            str(unknown[0]),
+        )
     for key in sorted(required):
         if key not in spec:
             raise SpecError(f"a {kind} scorer needs {key!r}", key)
@@ -332,8 +411,7 @@ def normalize_spec(spec: object) -> dict[str, Any]:
             raise SpecError(f"must be a non-empty string, not {value!r}", key)
         result[key] = value
     if kind == "python" and not _IMPORT_PATH.fullmatch(result["function"]):
-        raise SpecError(f"{result['function']!r} is not an import path; expected 'package.module:function'",
-                        "function")
+        raise SpecError(f"{result['function']!r} is not an import path; expected 'package.module:function'", "function")
     return result
 
 
@@ -350,17 +428,26 @@ def scorer_from_spec(spec: object, *, input_column: str | None = None) -> Scorer
         return ColumnScorer(checked["column"], name=checked.get("name"))
     if kind == "rules":
         rules = [Rule(_rule_pattern(rule), rule["label"], rule) for rule in checked["rules"]]
-        return RulesScorer(rules, default=checked.get("default"), case_sensitive=checked.get("case_sensitive", False),
-                           input_column=column, name=checked.get("name"))
+        return RulesScorer(
+            rules,
+            default=checked.get("default"),
+            case_sensitive=checked.get("case_sensitive", False),
+            input_column=column,
+            name=checked.get("name"),
+        )
     if kind == "python":
         function = import_function(checked["function"])
         vectorised = checked.get("vectorized")
         if vectorised is None:
             vectorised = _declares_vectorised(function)
-        return PythonScorer(function, vectorized=vectorised, path=checked["function"], input_column=column,
-                            name=checked.get("name"))
-    raise SpecError(f"kernel scorer {checked['function']!r} runs in its Jupyter kernel and is executed by the "
-                    "evaluation service, not here; use kernel_scorer_spec() to check it", "kind")
+        return PythonScorer(
+            function, vectorized=vectorised, path=checked["function"], input_column=column, name=checked.get("name")
+        )
+    raise SpecError(
+        f"kernel scorer {checked['function']!r} runs in its Jupyter kernel and is executed by the "
+        "evaluation service, not here; use kernel_scorer_spec() to check it",
+        "kind",
+    )
 
 
 def kernel_scorer_spec(spec: object, *, input_column: str | None = None) -> KernelScorerSpec:
@@ -368,10 +455,13 @@ def kernel_scorer_spec(spec: object, *, input_column: str | None = None) -> Kern
     checked = normalize_spec(spec)
     if checked["kind"] != "kernel":
         raise SpecError(f"expected a kernel scorer, not a {checked['kind']} scorer", "kind")
-    return KernelScorerSpec(function=checked["function"],
-                            input_column=checked.get("input_column") or input_column or DEFAULT_INPUT_COLUMN,
-                            kernel_id=checked.get("kernel_id"), vectorized=checked.get("vectorized", False),
-                            name=checked.get("name"))
+    return KernelScorerSpec(
+        function=checked["function"],
+        input_column=checked.get("input_column") or input_column or DEFAULT_INPUT_COLUMN,
+        kernel_id=checked.get("kernel_id"),
+        vectorized=checked.get("vectorized", False),
+        name=checked.get("name"),
+    )
 
 
 def module_allowed(module: str, prefixes: Sequence[str]) -> bool:
@@ -387,12 +477,12 @@ def import_function(path: str) -> Callable[..., Any]:
     except ImportError as error:
         raise SpecError(f"cannot import module {module_name!r} for {path!r}: {error}", "function") from None
     except Exception as error:  # the module itself is broken (SyntaxError, an exception at import time)
-        raise SpecError(f"importing module {module_name!r} for {path!r} failed: {_error_text(error)}",
-                        "function") from None
+        raise SpecError(
+            f"importing module {module_name!r} for {path!r} failed: {_error_text(error)}", "function"
+        ) from None
     for part in attribute.split("."):
         if not hasattr(target, part):
-            raise SpecError(f"module {module_name!r} has no attribute {attribute!r} (looked for {part!r})",
-                            "function")
+            raise SpecError(f"module {module_name!r} has no attribute {attribute!r} (looked for {part!r})", "function")
         target = getattr(target, part)
     if not callable(target):
         raise SpecError(f"{path!r} is a {type(target).__name__}, not a function", "function")
@@ -439,10 +529,8 @@ def _check_rules(rules: object, case_sensitive: bool) -> list[dict[str, Any]]:
             checked.append({"pattern": pattern, "label": label})
         else:
             keywords = rule["keywords"]
-            if (not isinstance(keywords, list) or not keywords
-                    or not all(isinstance(k, str) and k for k in keywords)):
-                raise SpecError(f"must be a non-empty list of non-empty strings, not {keywords!r}",
-                                f"{where}.keywords")
+            if not isinstance(keywords, list) or not keywords or not all(isinstance(k, str) and k for k in keywords):
+                raise SpecError(f"must be a non-empty list of non-empty strings, not {keywords!r}", f"{where}.keywords")
             checked.append({"keywords": list(keywords), "label": label})
     return checked
 
@@ -499,8 +587,10 @@ def _arrow_input(inputs: pd.Series) -> pa.Array:
 def _split_vectorised(result: object, index: pd.Index) -> tuple[pd.Series, pd.Series | None]:
     if isinstance(result, pd.DataFrame):
         if "prediction" not in result.columns:
-            raise ValueError(f"a vectorised scorer's DataFrame needs a 'prediction' column; it has "
-                             f"{', '.join(map(str, result.columns))}")
+            raise ValueError(
+                f"a vectorised scorer's DataFrame needs a 'prediction' column; it has "
+                f"{', '.join(map(str, result.columns))}"
+            )
         explanation = result["explanation"] if "explanation" in result.columns else None
         predictions = _aligned(result["prediction"], index)
         return _labels(predictions), None if explanation is None else _labels(_aligned(explanation, index))
@@ -508,13 +598,17 @@ def _split_vectorised(result: object, index: pd.Index) -> tuple[pd.Series, pd.Se
         text = result if pa.types.is_string(result.type) else pc.cast(result, pa.string())
         return _labels(_aligned(text.to_pandas(), index)), None
     if isinstance(result, str) or not isinstance(result, pd.Series | list | tuple | np.ndarray):
-        raise TypeError(f"a vectorised scorer must return a Series, list or array of {len(index)} labels, "
-                        f"not {type(result).__name__}")
+        raise TypeError(
+            f"a vectorised scorer must return a Series, list or array of {len(index)} labels, "
+            f"not {type(result).__name__}"
+        )
     values = _aligned(result if isinstance(result, pd.Series) else pd.Series(list(result), dtype=object), index)
     if values.dtype == object and values.map(lambda v: isinstance(v, tuple)).any():  # a text column holds no pair
         pairs = values.map(_split_item)
-        return (pd.Series([p[0] for p in pairs], index=index, dtype=object),
-                pd.Series([p[1] for p in pairs], index=index, dtype=object))
+        return (
+            pd.Series([p[0] for p in pairs], index=index, dtype=object),
+            pd.Series([p[1] for p in pairs], index=index, dtype=object),
+        )
     return _labels(values), None
 
 
@@ -546,7 +640,6 @@ def _labels(values: pd.Series) -> pd.Series:
     if isinstance(values.dtype, pd.StringDtype):
         return values
     return pd.Series([_label(v) for v in values.to_numpy(dtype=object)], index=values.index, dtype=object)
-
 
 
 def _failed(index: pd.Index, message: str) -> ScoreBatch:

@@ -83,9 +83,16 @@ class EvaluationPlan:
 class EvaluationService:
     """Evaluations over one TaskManager, EvaluationStore and DatasetCatalog."""
 
-    def __init__(self, manager: TaskManager, store: EvaluationStore, catalog: DatasetCatalog,
-                 kernel_scorers: KernelScorerRegistry | None = None, scorer_modules: Sequence[str] = (),
-                 redact_columns: Sequence[str] = (), limits: EvaluationLimits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self,
+        manager: TaskManager,
+        store: EvaluationStore,
+        catalog: DatasetCatalog,
+        kernel_scorers: KernelScorerRegistry | None = None,
+        scorer_modules: Sequence[str] = (),
+        redact_columns: Sequence[str] = (),
+        limits: EvaluationLimits = DEFAULT_LIMITS,
+    ) -> None:
         self.redacted = frozenset(c.strip() for c in redact_columns if c.strip())
         self.scorer_modules = tuple(m.strip() for m in scorer_modules if m.strip())
         self.manager = manager
@@ -161,8 +168,9 @@ class EvaluationService:
 
     # -- creating ---------------------------------------------------------------------------------------
 
-    async def create(self, request: CreateEvaluation, *, owner: str | None = None, trusted: bool = True,
-                     role: str | None = None) -> tuple[dict[str, Any], Task]:
+    async def create(
+        self, request: CreateEvaluation, *, owner: str | None = None, trusted: bool = True, role: str | None = None
+    ) -> tuple[dict[str, Any], Task]:
         """Check a request (:meth:`plan`) in the catalog's threads, then dispatch it.
 
         `role` is the caller's, whose priority ceiling applies (TaskManager.check_priority): checked first, on
@@ -192,14 +200,24 @@ class EvaluationService:
         sample = None
         if scorecard is not None:
             if dataset is not None or scorer is not None or prediction_column is not None:
-                raise InvalidArgument("a scorecard names its dataset and scores: do not also give dataset, scorer "
-                                      "or prediction_column")
-            overridden = [name for name, value in (("input_column", input_column), ("id_column", id_column),
-                                                   ("sample_n", sample_n), ("sample_fraction", sample_fraction))
-                          if value is not None]
+                raise InvalidArgument(
+                    "a scorecard names its dataset and scores: do not also give dataset, scorer or prediction_column"
+                )
+            overridden = [
+                name
+                for name, value in (
+                    ("input_column", input_column),
+                    ("id_column", id_column),
+                    ("sample_n", sample_n),
+                    ("sample_fraction", sample_fraction),
+                )
+                if value is not None
+            ]
             if overridden:
-                raise InvalidArgument(f"a scorecard sets its own columns and sample: do not also give "
-                                      f"{', '.join(overridden)} (edit the scorecard instead)")
+                raise InvalidArgument(
+                    f"a scorecard sets its own columns and sample: do not also give "
+                    f"{', '.join(overridden)} (edit the scorecard instead)"
+                )
             card = load_scorecard(scorecard, root_dir=self.catalog.root_dir, limits=self.limits)
             dataset, input_column, id_column = card.dataset, card.input_column, card.id_column
             label_column = label_column or card.label_column
@@ -208,8 +226,10 @@ class EvaluationService:
                 sample = card.sample.to_dict()
         else:
             if dataset is None:
-                raise InvalidArgument("dataset is required (or a scorecard): e.g. 'example:sentiment', "
-                                      "'registered:<name>' or a file path under the Jupyter root")
+                raise InvalidArgument(
+                    "dataset is required (or a scorecard): e.g. 'example:sentiment', "
+                    "'registered:<name>' or a file path under the Jupyter root"
+                )
             scores = [{"name": DEFAULT_SCORE, "scorer": self._scorer(type, scorer, prediction_column)}]
         if sample_n is not None or sample_fraction is not None:
             check_sample(sample_n, sample_fraction, seed)
@@ -226,7 +246,8 @@ class EvaluationService:
                     f"label_column is required for a {type} evaluation: the column holding the correct labels"
                     + (" (the human-corrected values)" if type == "feedback" else "")
                     + f" (dataset {dataset!r} has no column {DEFAULT_LABEL_COLUMN!r}); its columns: "
-                    + column_listing(columns))
+                    + column_listing(columns)
+                )
             label_column = DEFAULT_LABEL_COLUMN
         if id_column is None and DEFAULT_ID_COLUMN in columns:
             id_column = DEFAULT_ID_COLUMN
@@ -241,36 +262,63 @@ class EvaluationService:
             elif spec.get("input_column") or input_column:
                 wanted[f"score {score['name']!r} input column"] = spec.get("input_column") or input_column
             elif "text" not in columns:
-                raise InvalidArgument(f"score {score['name']!r} reads the column 'text' by default, which dataset "
-                                      f"{dataset!r} lacks: give input_column; columns: {column_listing(columns)}")
+                raise InvalidArgument(
+                    f"score {score['name']!r} reads the column 'text' by default, which dataset "
+                    f"{dataset!r} lacks: give input_column; columns: {column_listing(columns)}"
+                )
             if score.get("label_column"):
                 wanted[f"score {score['name']!r} label column"] = score["label_column"]
         for what, column in wanted.items():
             if column in self.redacted and what != "id_column" and "input" not in what:
                 # Predictions and labels appear in results and metrics: a redacted column cannot be either.
-                raise InvalidArgument(f"{what.replace('_', ' ')} {column!r} is redacted (redact_columns): its values "
-                                      "would appear in results and metrics; ask an admin, or use another column")
+                raise InvalidArgument(
+                    f"{what.replace('_', ' ')} {column!r} is redacted (redact_columns): its values "
+                    "would appear in results and metrics; ask an admin, or use another column"
+                )
             if column is not None and column not in columns:
-                raise InvalidArgument(f"{what.replace('_', ' ')} {_quoted(column)} is not in dataset {dataset!r}; "
-                                      f"its columns: {column_listing(columns)}")
+                raise InvalidArgument(
+                    f"{what.replace('_', ' ')} {_quoted(column)} is not in dataset {dataset!r}; "
+                    f"its columns: {column_listing(columns)}"
+                )
         runs = runs if type == "consistency" else 1
         rows = self.catalog.known_rows(dataset)
         if rows is not None:  # otherwise the worker checks once it has loaded the rows, before scoring any
-            check_items(sampled_rows(rows, **{k: v for k, v in (sample or {}).items() if k != "seed"}),
-                        len(scores), runs, self.limits.max_evaluation_items)
-        return EvaluationPlan(type=type, dataset=dataset, scores=scores, label_column=label_column,
-                              input_column=input_column, id_column=id_column, sample=sample, runs=runs,
-                              restricted=restricted, scorecard=scorecard)
+            check_items(
+                sampled_rows(rows, **{k: v for k, v in (sample or {}).items() if k != "seed"}),
+                len(scores),
+                runs,
+                self.limits.max_evaluation_items,
+            )
+        return EvaluationPlan(
+            type=type,
+            dataset=dataset,
+            scores=scores,
+            label_column=label_column,
+            input_column=input_column,
+            id_column=id_column,
+            sample=sample,
+            runs=runs,
+            restricted=restricted,
+            scorecard=scorecard,
+        )
 
-    async def dispatch(self, plan: EvaluationPlan, *, priority: int = 0, owner: str | None = None,
-                       role: str | None = None) -> tuple[dict[str, Any], Task]:
+    async def dispatch(
+        self, plan: EvaluationPlan, *, priority: int = 0, owner: str | None = None, role: str | None = None
+    ) -> tuple[dict[str, Any], Task]:
         """Dispatch a checked request and insert its record (TaskManager.adispatch: on a networked store, on its
         writer thread)."""
         spec = self.planned_spec(plan, owner)
         # The record is stored with the task, in one transaction: a worker may start it at once.
-        task = await self.manager.adispatch("evaluation", spec.params, priority=priority, owner=owner,
-                                            description=spec.description, internal=True, role=role,
-                                            record=spec.record)
+        task = await self.manager.adispatch(
+            "evaluation",
+            spec.params,
+            priority=priority,
+            owner=owner,
+            description=spec.description,
+            internal=True,
+            role=role,
+            record=spec.record,
+        )
         return await self.get(spec.params["evaluation_id"]), task
 
     def planned_spec(self, plan: EvaluationPlan, owner: str | None) -> PlannedSpec:
@@ -280,9 +328,15 @@ class EvaluationService:
                 self.kernel_scorers.check(score["scorer"]["function"], owner)
         evaluation_id = str(uuid.uuid4())
         params: dict[str, Any] = {
-            "evaluation_id": evaluation_id, "type": plan.type, "dataset": plan.dataset, "scores": plan.scores,
-            "label_column": plan.label_column, "input_column": plan.input_column, "id_column": plan.id_column,
-            "sample": plan.sample, "runs": plan.runs,
+            "evaluation_id": evaluation_id,
+            "type": plan.type,
+            "dataset": plan.dataset,
+            "scores": plan.scores,
+            "label_column": plan.label_column,
+            "input_column": plan.input_column,
+            "id_column": plan.id_column,
+            "sample": plan.sample,
+            "runs": plan.runs,
         }
         if plan.restricted:  # the worker checks again, after importing, where the function really comes from
             params["scorer_modules"] = list(self.scorer_modules)
@@ -291,8 +345,18 @@ class EvaluationService:
             definition["scorecard"] = plan.scorecard
 
         def record(task: Task, conn: Connection) -> None:
-            self.store.create({"id": evaluation_id, "task_id": task.id, "type": plan.type, "owner": owner,
-                               "dataset": plan.dataset, "definition": definition, "created_at": time.time()}, conn)
+            self.store.create(
+                {
+                    "id": evaluation_id,
+                    "task_id": task.id,
+                    "type": plan.type,
+                    "owner": owner,
+                    "dataset": plan.dataset,
+                    "definition": definition,
+                    "created_at": time.time(),
+                },
+                conn,
+            )
 
         return PlannedSpec(params, f"{plan.type} evaluation of {plan.dataset}", record)
 
@@ -301,8 +365,10 @@ class EvaluationService:
         arguments but priority, which is the spec's): checked as `create` checks it, for this caller."""
         request = CreateEvaluation.parse(arguments, "params.")
         if "priority" in request.model_fields_set:
-            raise InvalidArgument("params.priority: an evaluation spec's priority is the spec's own field "
-                                  "(tasks[i].priority), not one of its params")
+            raise InvalidArgument(
+                "params.priority: an evaluation spec's priority is the spec's own field "
+                "(tasks[i].priority), not one of its params"
+            )
         plan = await self.catalog.run(self.plan, request, trusted=actor.admin)
         return self.planned_spec(plan, actor.owner)
 
@@ -310,20 +376,25 @@ class EvaluationService:
         module, _, attribute = path.partition(":")
         if "." in attribute or attribute.startswith("_"):
             # module:a.b walks attributes, which reaches other modules (pd.io.common.os.system): not for keys.
-            raise InvalidArgument(f"python scorer {path!r}: API keys may name a function defined in an allowed "
-                                  "module as module:function (no dotted or private attribute)")
+            raise InvalidArgument(
+                f"python scorer {path!r}: API keys may name a function defined in an allowed "
+                "module as module:function (no dotted or private attribute)"
+            )
         if not module_allowed(module, self.scorer_modules):
             raise InvalidArgument(
                 f"python scorer {path!r} is not in a module API keys may use (scorer_modules: "
                 f"{', '.join(self.scorer_modules) or 'none'}); an admin can add its module to scorer_modules, or "
-                "use a column or rules scorer")
+                "use a column or rules scorer"
+            )
 
     @staticmethod
     def _scorer(type: str, scorer: Any, prediction_column: str | None) -> dict[str, Any]:
         if type == "feedback":
             if scorer is not None or prediction_column is None:
-                raise InvalidArgument("a feedback evaluation compares earlier predictions with corrected labels: "
-                                      "give prediction_column (and label_column), not a scorer")
+                raise InvalidArgument(
+                    "a feedback evaluation compares earlier predictions with corrected labels: "
+                    "give prediction_column (and label_column), not a scorer"
+                )
             return {"kind": "column", "column": prediction_column}
         if (scorer is None) == (prediction_column is None):
             raise InvalidArgument(
@@ -331,8 +402,9 @@ class EvaluationService:
                 "or neither"
             )
         if type == "consistency" and scorer is None:
-            raise InvalidArgument("a consistency evaluation runs a scorer several times: give scorer, not "
-                                  "prediction_column")
+            raise InvalidArgument(
+                "a consistency evaluation runs a scorer several times: give scorer, not prediction_column"
+            )
         return normalize_spec(scorer if scorer is not None else f"column:{prediction_column}")
 
     # -- reading ----------------------------------------------------------------------------------------
@@ -362,7 +434,8 @@ class EvaluationService:
         row, tasks = await self.manager.calls.run(self._read_one, evaluation_id, viewer)
         stored = tasks.get(row["task_id"])
         ended_meanwhile = (stored is None or not stored.status.is_final) and self.manager.current(
-            row["task_id"], stored).status.is_final
+            row["task_id"], stored
+        ).status.is_final
         if ended_meanwhile:
             row, tasks = await self.manager.calls.run(self._read_one, evaluation_id, viewer)
         return self.view(row, tasks)
@@ -420,11 +493,18 @@ class EvaluationService:
         return types
 
     async def list_evaluations(
-        self, status: str | Sequence[str] | None = None, type: str | Sequence[str] | None = None, *,
-        limit: int | None = None, cursor: str | None = None, owner: str | None = None, viewer: str | None = None,
+        self,
+        status: str | Sequence[str] | None = None,
+        type: str | Sequence[str] | None = None,
+        *,
+        limit: int | None = None,
+        cursor: str | None = None,
+        owner: str | None = None,
+        viewer: str | None = None,
     ) -> tuple[list[dict[str, Any]], str | None]:
-        flt = EvaluationFilter(statuses=parse_statuses(status), types=self.check_types(type), owner=owner,
-                               viewer=viewer)
+        flt = EvaluationFilter(
+            statuses=parse_statuses(status), types=self.check_types(type), owner=owner, viewer=viewer
+        )
         limit = self.manager.check_limit(limit)
 
         def read() -> tuple[list[dict[str, Any]], str | None, dict[str, Task]]:
@@ -435,37 +515,57 @@ class EvaluationService:
         return [self.view(r, tasks, summary=True) for r in rows], next_cursor
 
     def results(
-        self, evaluation_id: str, *, only_mismatches: bool = False, label: str | None = None,
-        score: str | None = None, limit: int | None = None, cursor: str | None = None, viewer: str | None = None,
+        self,
+        evaluation_id: str,
+        *,
+        only_mismatches: bool = False,
+        label: str | None = None,
+        score: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+        viewer: str | None = None,
     ) -> tuple[list[dict[str, Any]], str | None, dict[str, Any]]:
         """One page of per-item results, in dataset order, the next cursor, and what was asked."""
         row, flt = self._item_filter(evaluation_id, only_mismatches, label, score, viewer)
-        items, next_cursor = self.store.items(evaluation_id, flt, limit=self.manager.check_limit(limit),
-                                              cursor=cursor, manifest=row["items_manifest"])
-        return items, next_cursor, {"evaluation_id": evaluation_id, "score": flt.score,
-                                    "only_mismatches": only_mismatches, "label": label}
+        items, next_cursor = self.store.items(
+            evaluation_id, flt, limit=self.manager.check_limit(limit), cursor=cursor, manifest=row["items_manifest"]
+        )
+        return (
+            items,
+            next_cursor,
+            {"evaluation_id": evaluation_id, "score": flt.score, "only_mismatches": only_mismatches, "label": label},
+        )
 
     def item_stream(
-        self, evaluation_id: str, *, only_mismatches: bool = False, label: str | None = None,
-        score: str | None = None, viewer: str | None = None,
+        self,
+        evaluation_id: str,
+        *,
+        only_mismatches: bool = False,
+        label: str | None = None,
+        score: str | None = None,
+        viewer: str | None = None,
     ) -> ArrowStream:
         """Every item the pages would give (same filters, same order), as an Arrow IPC stream made piece by piece
         (ArrowStream.next, in a thread): REST's results as Arrow, exports, a notebook's `.results()`."""
         row, flt = self._item_filter(evaluation_id, only_mismatches, label, score, viewer)
         return ArrowStream(self.store.item_tables(evaluation_id, flt, row["items_manifest"]), ITEM_SCHEMA)
 
-    def _item_filter(self, evaluation_id: str, only_mismatches: bool, label: str | None, score: str | None,
-                     viewer: str | None) -> tuple[dict[str, Any], ItemFilter]:
+    def _item_filter(
+        self, evaluation_id: str, only_mismatches: bool, label: str | None, score: str | None, viewer: str | None
+    ) -> tuple[dict[str, Any], ItemFilter]:
         row = self._record(evaluation_id, viewer)
         if row["items_pruned_at"] is not None:
-            raise InvalidArgument(f"evaluation {evaluation_id!r} was cancelled and its per-item results were pruned "
-                                  "(items of cancelled evaluations are not kept); its record remains")
+            raise InvalidArgument(
+                f"evaluation {evaluation_id!r} was cancelled and its per-item results were pruned "
+                "(items of cancelled evaluations are not kept); its record remains"
+            )
         names = [s["name"] for s in row["definition"]["scores"]]
         if score is None:
             score = names[0]
         elif score not in names:
-            raise InvalidArgument(f"evaluation {evaluation_id!r} has no score {score!r}; "
-                                  f"its scores: {', '.join(names)}")
+            raise InvalidArgument(
+                f"evaluation {evaluation_id!r} has no score {score!r}; its scores: {', '.join(names)}"
+            )
         return row, ItemFilter(score=score, only_mismatches=only_mismatches, label=label)
 
     # -- datasets and scorers ---------------------------------------------------------------------------
@@ -484,10 +584,14 @@ class EvaluationService:
                 "kernel": "kernel:<name>: a callable registered from a notebook kernel",
             },
             "examples": [
-                {"spec": "python:plexus_mcp_jupyter.evaluations.examples.scorers:keyword_sentiment",
-                 "for": "example:sentiment"},
-                {"spec": "python:plexus_mcp_jupyter.evaluations.examples.scorers:ticket_topic",
-                 "for": "example:topics"},
+                {
+                    "spec": "python:plexus_mcp_jupyter.evaluations.examples.scorers:keyword_sentiment",
+                    "for": "example:sentiment",
+                },
+                {
+                    "spec": "python:plexus_mcp_jupyter.evaluations.examples.scorers:ticket_topic",
+                    "for": "example:topics",
+                },
                 {"spec": "column:prediction", "for": "example:sentiment, example:topics, example:fraud"},
             ],
             "kernel_scorers": self.kernel_scorers.describe(owner),
@@ -508,7 +612,8 @@ def _bounded(metrics: dict[str, Any]) -> dict[str, Any]:
             m = dict(m)
             m["per_class"] = sorted(m.get("per_class", []), key=lambda r: -r["support"])[:MAX_LABELS_SHOWN]
             m.pop("confusion_matrix", None)
-            m["truncated"] = (f"{len(labels)} classes: the {MAX_LABELS_SHOWN} largest are shown, without the "
-                              "confusion matrix")
+            m["truncated"] = (
+                f"{len(labels)} classes: the {MAX_LABELS_SHOWN} largest are shown, without the confusion matrix"
+            )
         out[name] = m
     return out

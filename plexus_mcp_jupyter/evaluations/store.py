@@ -39,8 +39,7 @@ evaluations_table = sa.Table(
     "evaluations",
     metadata,
     sa.Column("id", sa.String(36), primary_key=True),
-    sa.Column("task_id", sa.String(36), sa.ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False,
-              unique=True),
+    sa.Column("task_id", sa.String(36), sa.ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False, unique=True),
     sa.Column("type", sa.String(16), nullable=False),
     sa.Column("owner", sa.String(128)),
     sa.Column("dataset", sa.Text, nullable=False),
@@ -58,8 +57,7 @@ evaluations_table = sa.Table(
 items_table = sa.Table(
     "evaluation_items",
     metadata,
-    sa.Column("evaluation_id", sa.String(36), sa.ForeignKey("evaluations.id", ondelete="CASCADE"),
-              primary_key=True),
+    sa.Column("evaluation_id", sa.String(36), sa.ForeignKey("evaluations.id", ondelete="CASCADE"), primary_key=True),
     sa.Column("score", sa.String(128), primary_key=True),
     sa.Column("seq", sa.Integer, primary_key=True),  # the item's position in the (sampled) dataset
     sa.Column("item_id", sa.Text),
@@ -77,17 +75,32 @@ items_table = sa.Table(
 # which costs a fraction of a full index on every insert. The query's condition is the index's, word for word,
 # so that the database can use it.
 MISMATCH = items_table.c.correct.is_not(True)
-sa.Index("ix_items_mismatches", items_table.c.evaluation_id, items_table.c.score, items_table.c.seq,
-         sqlite_where=MISMATCH, postgresql_where=MISMATCH)
+sa.Index(
+    "ix_items_mismatches",
+    items_table.c.evaluation_id,
+    items_table.c.score,
+    items_table.c.seq,
+    sqlite_where=MISMATCH,
+    postgresql_where=MISMATCH,
+)
 
 ITEM_COLUMNS = ("seq", "item_id", "input", "label", "prediction", "correct", "explanation", "error")
 # The order of the rows the runner writes (after evaluation_id and score).
 INSERT_COLUMNS = ("seq", "item_id", "input", "label", "label_class", "prediction", "correct", "explanation", "error")
 INSERT_BATCH = 5000  # rows per transaction: the SQLite write lock is released between batches
 # The items as Arrow (REST's Arrow IPC stream, exports): ids as text, as pages show them.
-ITEM_SCHEMA = pa.schema([("seq", pa.int64()), ("item_id", pa.string()), ("input", pa.string()),
-                         ("label", pa.string()), ("prediction", pa.string()), ("correct", pa.bool_()),
-                         ("explanation", pa.string()), ("error", pa.string())])
+ITEM_SCHEMA = pa.schema(
+    [
+        ("seq", pa.int64()),
+        ("item_id", pa.string()),
+        ("input", pa.string()),
+        ("label", pa.string()),
+        ("prediction", pa.string()),
+        ("correct", pa.bool_()),
+        ("explanation", pa.string()),
+        ("error", pa.string()),
+    ]
+)
 
 
 class EvaluationStatus:
@@ -132,8 +145,9 @@ def parse_statuses(value: str | Sequence[str] | None) -> tuple[str, ...]:
         if not part:
             continue
         if part not in EvaluationStatus.ALL:
-            raise InvalidArgument(f"unknown evaluation status {part!r}; "
-                                  f"expected one of {', '.join(EvaluationStatus.ALL)}")
+            raise InvalidArgument(
+                f"unknown evaluation status {part!r}; expected one of {', '.join(EvaluationStatus.ALL)}"
+            )
         out.append(part)
     return tuple(dict.fromkeys(out))
 
@@ -193,8 +207,7 @@ class EvaluationStore:
         """One page of evaluation records, newest first, and the cursor of the next page."""
         e, t = evaluations_table, tasks_table
         query = (
-            sa.select(e).join(t, t.c.id == e.c.task_id)
-            .order_by(e.c.created_at.desc(), e.c.id.desc()).limit(limit + 1)
+            sa.select(e).join(t, t.c.id == e.c.task_id).order_by(e.c.created_at.desc(), e.c.id.desc()).limit(limit + 1)
         )
         if flt.statuses:
             query = query.where(sa.or_(*(EvaluationStatus.clause(s) for s in flt.statuses)))
@@ -208,8 +221,9 @@ class EvaluationStore:
             created, evaluation_id = decode_position(cursor, flt.fingerprint(), 2)
             if not isinstance(created, int | float) or not isinstance(evaluation_id, str):
                 raise InvalidArgument("invalid cursor: pass back the next_cursor of a previous page unchanged")
-            query = query.where(sa.or_(e.c.created_at < created,
-                                       sa.and_(e.c.created_at == created, e.c.id < evaluation_id)))
+            query = query.where(
+                sa.or_(e.c.created_at < created, sa.and_(e.c.created_at == created, e.c.id < evaluation_id))
+            )
         with self.engine.connect() as conn:
             rows = [dict(r) for r in conn.execute(query).mappings()]
         next_cursor = None
@@ -229,7 +243,7 @@ class EvaluationStore:
         columns = ("evaluation_id", "score", *INSERT_COLUMNS)
         sql = f"INSERT INTO {items_table.name} ({', '.join(columns)}) VALUES ({_placeholders(self.engine, columns)})"
         for start in range(0, len(rows), INSERT_BATCH):
-            batch = [(evaluation_id, score, *row) for row in rows[start:start + INSERT_BATCH]]
+            batch = [(evaluation_id, score, *row) for row in rows[start : start + INSERT_BATCH]]
             with self.engine.begin() as conn:
                 conn.exec_driver_sql(sql, batch)
 
@@ -250,8 +264,11 @@ class EvaluationStore:
             manifest = self.files.manifest(evaluation_id)
         with self.engine.begin() as conn:
             conn.execute(sa.delete(items_table).where(items_table.c.evaluation_id == evaluation_id))
-            conn.execute(sa.update(evaluations_table).where(evaluations_table.c.id == evaluation_id)
-                         .values(metrics=None, counts=None, items_pruned_at=None, items_manifest=manifest))
+            conn.execute(
+                sa.update(evaluations_table)
+                .where(evaluations_table.c.id == evaluation_id)
+                .values(metrics=None, counts=None, items_pruned_at=None, items_manifest=manifest)
+            )
 
     def remove_files(self, evaluation_id: str) -> bool:
         """Delete an evaluation's item files, if it has any here; True if some went."""
@@ -267,7 +284,7 @@ class EvaluationStore:
         gone = []
         e = evaluations_table
         for start in range(0, len(present), 500):
-            batch = present[start:start + 500]
+            batch = present[start : start + 500]
             with self.engine.connect() as conn:
                 known = set(conn.execute(sa.select(e.c.id).where(e.c.id.in_(batch))).scalars())
             gone += [evaluation_id for evaluation_id in batch if evaluation_id not in known]
@@ -278,9 +295,12 @@ class EvaluationStore:
     def unpruned_cancelled(self) -> list[str]:
         """Ids of cancelled evaluations whose items have not been pruned yet, oldest first."""
         e, t = evaluations_table, tasks_table
-        query = (sa.select(e.c.id).join(t, t.c.id == e.c.task_id)
-                 .where(t.c.status == TaskStatus.CANCELLED.value, e.c.items_pruned_at.is_(None))
-                 .order_by(e.c.created_at))
+        query = (
+            sa.select(e.c.id)
+            .join(t, t.c.id == e.c.task_id)
+            .where(t.c.status == TaskStatus.CANCELLED.value, e.c.items_pruned_at.is_(None))
+            .order_by(e.c.created_at)
+        )
         with self.engine.connect() as conn:
             return [str(r) for r in conn.execute(query).scalars()]
 
@@ -292,12 +312,22 @@ class EvaluationStore:
         """
         i = items_table
         with self.engine.begin() as conn:
-            first = conn.execute(sa.select(i.c.score, i.c.seq).where(i.c.evaluation_id == evaluation_id)
-                                 .order_by(i.c.score, i.c.seq).limit(1)).first()
+            first = conn.execute(
+                sa.select(i.c.score, i.c.seq)
+                .where(i.c.evaluation_id == evaluation_id)
+                .order_by(i.c.score, i.c.seq)
+                .limit(1)
+            ).first()
             if first is None:
                 return 0
-            gone = conn.execute(sa.delete(i).where(i.c.evaluation_id == evaluation_id, i.c.score == first.score,
-                                                   i.c.seq >= first.seq, i.c.seq < first.seq + batch))
+            gone = conn.execute(
+                sa.delete(i).where(
+                    i.c.evaluation_id == evaluation_id,
+                    i.c.score == first.score,
+                    i.c.seq >= first.seq,
+                    i.c.seq < first.seq + batch,
+                )
+            )
             return int(gone.rowcount)
 
     def mark_pruned(self, evaluation_id: str, at: float) -> None:
@@ -311,12 +341,18 @@ class EvaluationStore:
         values: dict[str, Any] = {"metrics": metrics, "counts": counts}
         if self.files is not None:
             values["items_manifest"] = self.files.manifest(
-                evaluation_id, {name: self.files.count(evaluation_id, name) for name in counts})
+                evaluation_id, {name: self.files.count(evaluation_id, name) for name in counts}
+            )
         with self.engine.begin() as conn:
             conn.execute(sa.update(e).where(e.c.id == evaluation_id).values(**values))
 
     def items(
-        self, evaluation_id: str, flt: ItemFilter, *, limit: int, cursor: str | None = None,
+        self,
+        evaluation_id: str,
+        flt: ItemFilter,
+        *,
+        limit: int,
+        cursor: str | None = None,
         manifest: dict[str, Any] | None = None,
     ) -> tuple[list[dict[str, Any]], str | None]:
         """One page of items in dataset order, and the cursor of the next page.
@@ -330,8 +366,14 @@ class EvaluationStore:
                 raise InvalidArgument("invalid cursor: pass back the next_cursor of a previous page unchanged")
         if manifest is not None:
             rows = ItemFiles(Path(manifest["path"]).parent).page(
-                evaluation_id, flt.score, limit=limit + 1, after=after, only_mismatches=flt.only_mismatches,
-                label=label, columns=ITEM_COLUMNS)
+                evaluation_id,
+                flt.score,
+                limit=limit + 1,
+                after=after,
+                only_mismatches=flt.only_mismatches,
+                label=label,
+                columns=ITEM_COLUMNS,
+            )
         else:
             params: dict[str, Any] = {"evaluation_id": evaluation_id, "score": flt.score, "limit": limit + 1}
             params.update({k: v for k, v in (("label", label), ("after", after)) if v is not None})
@@ -344,14 +386,16 @@ class EvaluationStore:
             next_cursor = encode_position([rows[-1]["seq"]], flt.fingerprint())
         return rows, next_cursor
 
-    def item_tables(self, evaluation_id: str, flt: ItemFilter,
-                    manifest: dict[str, Any] | None = None) -> Iterator[pa.Table]:
+    def item_tables(
+        self, evaluation_id: str, flt: ItemFilter, manifest: dict[str, Any] | None = None
+    ) -> Iterator[pa.Table]:
         """Every item matching `flt`, in dataset order, as Arrow tables of ITEM_SCHEMA, a row group (or a page of
         rows) at a time: the items of an evaluation of any size, in bounded memory."""
         label = LabelNormalization().normalize(flt.label) if flt.label is not None else None
         if manifest is not None:
             for table in ItemFiles(Path(manifest["path"]).parent).tables(
-                    evaluation_id, flt.score, None, flt.only_mismatches, label, ITEM_COLUMNS):
+                evaluation_id, flt.score, None, flt.only_mismatches, label, ITEM_COLUMNS
+            ):
                 yield table.cast(ITEM_SCHEMA)
             return
         cursor = None

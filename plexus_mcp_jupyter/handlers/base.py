@@ -126,8 +126,11 @@ class PlexusHandler(APIHandler):
         # per application: rebuilding the policy string was a measurable share of every MCP call.
         headers = self.settings.get("plexus_default_headers")
         if headers is None:
-            headers = {"X-Content-Type-Options": "nosniff", **self.settings.get("headers", {}),
-                       "Content-Security-Policy": self.content_security_policy}
+            headers = {
+                "X-Content-Type-Options": "nosniff",
+                **self.settings.get("headers", {}),
+                "Content-Security-Policy": self.content_security_policy,
+            }
             self.settings["plexus_default_headers"] = headers
         for name, value in headers.items():
             self.set_header(name, value)
@@ -199,8 +202,9 @@ class PlexusHandler(APIHandler):
     def origin_allowed(self) -> bool:
         """See security.http.origin_allowed: Jupyter's allow_origin settings, checked for every request."""
         headers = self.request.headers
-        return origin_allowed(headers.get("Origin"), headers.get("Host"), self.request.protocol, self.allow_origin,
-                              self.allow_origin_pat)
+        return origin_allowed(
+            headers.get("Origin"), headers.get("Host"), self.request.protocol, self.allow_origin, self.allow_origin_pat
+        )
 
     # -- JSON helpers --------------------------------------------------------------------------
 
@@ -211,8 +215,11 @@ class PlexusHandler(APIHandler):
             return {}
         limit = self.runtime.settings.max_request_bytes
         if len(self.request.body) > limit:
-            raise web.HTTPError(413, f"the request body is {len(self.request.body):,} bytes, more than the "
-                                     f"{limit:,} a JSON request may have (max_request_bytes)")
+            raise web.HTTPError(
+                413,
+                f"the request body is {len(self.request.body):,} bytes, more than the "
+                f"{limit:,} a JSON request may have (max_request_bytes)",
+            )
         try:
             body = await parse_json_off_loop(self.request.body)
         except BadJSON as exc:
@@ -253,6 +260,7 @@ class PlexusHandler(APIHandler):
 
     def error_body(self, status_code: int, message: str) -> dict[str, Any]:
         return {"error": {"status": status_code, "message": message}}
+
 
 def http_error(exc: PlexusError) -> web.HTTPError:
     """Map a core error to the HTTP error of the same meaning, its message bounded as for a tool error (it

@@ -44,9 +44,11 @@ class EvaluationsHandler(PlexusHandler):
         service = self.runtime.evaluations
         try:
             views, next_cursor = await service.list_evaluations(
-                self.get_argument("status", None), self.get_argument("type", None),
+                self.get_argument("status", None),
+                self.get_argument("type", None),
                 limit=self.runtime.manager.parse_limit(self.get_argument("limit", None)),
-                cursor=self.get_argument("cursor", None) or None, viewer=self.principal.viewer,
+                cursor=self.get_argument("cursor", None) or None,
+                viewer=self.principal.viewer,
             )
         except PlexusError as exc:
             raise http_error(exc) from None
@@ -59,7 +61,8 @@ class EvaluationsHandler(PlexusHandler):
         try:
             request = CreateEvaluation.parse(body)  # a refused body: 400 naming each bad field
             view, _task = await self.runtime.evaluations.create(
-                request, owner=self.identity, trusted=self.principal.is_admin, role=self.principal.role.value)
+                request, owner=self.identity, trusted=self.principal.is_admin, role=self.principal.role.value
+            )
         except PlexusError as exc:
             raise http_error(exc) from None
         self.set_header("Location", self.request.path.rstrip("/") + "/" + view["evaluation_id"])
@@ -84,10 +87,14 @@ class EvaluationResultsHandler(PlexusHandler):
         service = self.runtime.evaluations
         try:
             items, next_cursor, asked = await service.catalog.run(  # item files are read off the loop
-                service.results, evaluation_id, only_mismatches=_flag(self, "only_mismatches"),
-                label=self.get_argument("label", None), score=self.get_argument("score", None),
+                service.results,
+                evaluation_id,
+                only_mismatches=_flag(self, "only_mismatches"),
+                label=self.get_argument("label", None),
+                score=self.get_argument("score", None),
                 limit=self.runtime.manager.parse_limit(self.get_argument("limit", None)),
-                cursor=self.get_argument("cursor", None) or None, viewer=self.principal.viewer,
+                cursor=self.get_argument("cursor", None) or None,
+                viewer=self.principal.viewer,
             )
         except PlexusError as exc:
             raise http_error(exc) from None
@@ -99,9 +106,13 @@ class EvaluationResultsHandler(PlexusHandler):
         service = self.runtime.evaluations
         try:
             stream = await service.catalog.run(
-                service.item_stream, evaluation_id, only_mismatches=_flag(self, "only_mismatches"),
-                label=self.get_argument("label", None), score=self.get_argument("score", None),
-                viewer=self.principal.viewer)
+                service.item_stream,
+                evaluation_id,
+                only_mismatches=_flag(self, "only_mismatches"),
+                label=self.get_argument("label", None),
+                score=self.get_argument("score", None),
+                viewer=self.principal.viewer,
+            )
         except PlexusError as exc:
             raise http_error(exc) from None
         self.set_header("Content-Type", ARROW_STREAM)
@@ -156,14 +167,22 @@ class DatasetsHandler(PlexusHandler):
             frame = await catalog.run(self._frame)
             taken = name in catalog.registered_names()
             if not replace and taken:
-                self.reply({"message": f"a dataset named {name!r} is already registered: pass replace=true to "
-                                       "replace it, or choose another name"}, status=409)
+                self.reply(
+                    {
+                        "message": f"a dataset named {name!r} is already registered: pass replace=true to "
+                        "replace it, or choose another name"
+                    },
+                    status=409,
+                )
                 return
             owner = catalog.owner_of(name) if taken else None
             if taken and not self.principal.is_admin and owner != self.principal.owner:
                 # Another caller's data: replacing it would change what their evaluations score.
-                raise web.HTTPError(403, f"permission denied: dataset {name!r} was registered by "
-                                         f"{owner or 'the notebook user'}; only they or an admin may replace it")
+                raise web.HTTPError(
+                    403,
+                    f"permission denied: dataset {name!r} was registered by "
+                    f"{owner or 'the notebook user'}; only they or an admin may replace it",
+                )
             info = await catalog.run(catalog.register, name, frame, replace=replace)
             catalog.set_owner(name, self.principal.owner)
         except PlexusError as exc:
@@ -191,5 +210,7 @@ class DatasetsHandler(PlexusHandler):
             if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records):
                 raise InvalidArgument('JSON bodies are {"records": [{column: value, ...}, ...]} with at least one row')
             return pd.DataFrame.from_records(records)
-        raise InvalidArgument(f"unsupported Content-Type {content_type or '(none)'!r}; send "
-                              "application/vnd.apache.parquet or application/json")
+        raise InvalidArgument(
+            f"unsupported Content-Type {content_type or '(none)'!r}; send "
+            "application/vnd.apache.parquet or application/json"
+        )

@@ -83,8 +83,15 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
             if other_bus or oldest > since + 1:
                 # Numbers from another server start (or dropped from the history): say so, and
                 # continue from now rather than filtering everything out against a foreign number.
-                await self._send({"type": "gap", "since": since, "oldest": oldest, "epoch": bus.epoch,
-                                  "message": "events after 'since' are not available; re-read the current state"})
+                await self._send(
+                    {
+                        "type": "gap",
+                        "since": since,
+                        "oldest": oldest,
+                        "epoch": bus.epoch,
+                        "message": "events after 'since' are not available; re-read the current state",
+                    }
+                )
             if not other_bus:
                 for event in history:
                     if accepts(event):
@@ -136,8 +143,9 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
                 raise InvalidArgument(self.principal.denial("register"))
             if kind == "register_scorer":
                 registry.register(self, data.get("name"), data.get("batch", True), owner=self.principal.owner)
-                self.runtime.audit.record(self.principal, "scorer.register", target=str(data.get("name")),
-                                          client=self.request.remote_ip)
+                self.runtime.audit.record(
+                    self.principal, "scorer.register", target=str(data.get("name")), client=self.request.remote_ip
+                )
                 self.send_json({"type": "scorer_registered", "name": data["name"]})
             elif kind == "unregister_scorer":
                 registry.unregister(self, str(data.get("name")))

@@ -27,8 +27,9 @@ class HealthHandler(PlexusHandler):
             return
         if not self.principal.is_admin:
             # Details (the store, counts of everyone's tasks) are for the notebook user and admin keys.
-            self.reply({"status": "ok", "authenticated": True, "version": __version__,
-                        "role": self.principal.role.value})
+            self.reply(
+                {"status": "ok", "authenticated": True, "version": __version__, "role": self.principal.role.value}
+            )
             return
         details = await self.runtime.health()
         details["role"] = self.principal.role.value  # the lab disables what the caller may not do
@@ -36,7 +37,6 @@ class HealthHandler(PlexusHandler):
         if not self.identity_provider.auth_enabled:
             details["auth"]["warning"] = AUTH_DISABLED_WARNING
         self.reply(details)
-
 
 
 class UnavailableHandler(APIHandler):

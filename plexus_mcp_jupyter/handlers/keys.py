@@ -19,8 +19,9 @@ class KeysHandler(PlexusHandler):
             include_revoked = parse_flag("include_revoked", self.get_argument("include_revoked", None))
         except PlexusError as exc:
             raise http_error(exc) from None
-        keys = await self.runtime.store_calls.run(functools.partial(self.runtime.keys.list,
-                                                                    include_revoked=include_revoked))
+        keys = await self.runtime.store_calls.run(
+            functools.partial(self.runtime.keys.list, include_revoked=include_revoked)
+        )
         self.reply({"keys": [k.to_dict() for k in keys]})
 
     async def post(self) -> None:
@@ -35,15 +36,25 @@ class KeysHandler(PlexusHandler):
             if unknown:
                 raise InvalidArgument(f"unknown field(s) {unknown}; allowed: {', '.join(KEY_FIELDS)}")
             key, secret = self.runtime.keys.create(
-                body.get("name", ""), body.get("role", "viewer"), expires_in_days=body.get("expires_in_days"),
-                created_by=principal.owner, rate_limit=body.get("rate_limit"))
+                body.get("name", ""),
+                body.get("role", "viewer"),
+                expires_in_days=body.get("expires_in_days"),
+                created_by=principal.owner,
+                rate_limit=body.get("rate_limit"),
+            )
         except PlexusError as exc:
             raise http_error(exc) from None
-        self.runtime.audit.record(principal, "key.create", target=key.id, details={"name": key.name,
-                                                                                   "role": key.role.value})
-        self.reply({**key.to_dict(), "secret": secret,
-                    "note": "the secret is shown only now: store it; send it as 'Authorization: Bearer <secret>'"},
-                   status=201)
+        self.runtime.audit.record(
+            principal, "key.create", target=key.id, details={"name": key.name, "role": key.role.value}
+        )
+        self.reply(
+            {
+                **key.to_dict(),
+                "secret": secret,
+                "note": "the secret is shown only now: store it; send it as 'Authorization: Bearer <secret>'",
+            },
+            status=201,
+        )
 
 
 class KeyHandler(PlexusHandler):
@@ -69,12 +80,17 @@ class AuditHandler(PlexusHandler):
         self.require("audit")
         runtime = self.runtime
         try:
-            records, next_cursor = await runtime.store_calls.run(functools.partial(
-                runtime.audit.query,
-                action=self.get_argument("action", None), outcome=self.get_argument("outcome", None),
-                owner=self.get_argument("owner", None), since=self.get_argument("since", None),
-                limit=runtime.manager.parse_limit(self.get_argument("limit", None)) or 100,
-                cursor=self.get_argument("cursor", None) or None))
+            records, next_cursor = await runtime.store_calls.run(
+                functools.partial(
+                    runtime.audit.query,
+                    action=self.get_argument("action", None),
+                    outcome=self.get_argument("outcome", None),
+                    owner=self.get_argument("owner", None),
+                    since=self.get_argument("since", None),
+                    limit=runtime.manager.parse_limit(self.get_argument("limit", None)) or 100,
+                    cursor=self.get_argument("cursor", None) or None,
+                )
+            )
         except PlexusError as exc:
             raise http_error(exc) from None
         self.reply({"records": records, "next_cursor": next_cursor})

@@ -68,9 +68,7 @@ class MCPHandler(SkippableRequestLog, PlexusHandler):
         # Its request metrics (prometheus) are still recorded, as log_request would.
         if self.get_status() < 300:
             log_function = self.settings.get("log_function")
-            if isinstance(log_function, partial) and log_function.func is log_request and not debug_emitted(
-                self.log
-            ):
+            if isinstance(log_function, partial) and log_function.func is log_request and not debug_emitted(self.log):
                 if log_function.keywords.get("record_prometheus_metrics", True):
                     prometheus_log_method(self)
                 return True

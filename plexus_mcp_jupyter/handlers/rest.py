@@ -48,8 +48,12 @@ class TasksHandler(PlexusHandler):
         try:
             request = DispatchTask.parse({"type": "demo", **body})  # REST's type defaults to demo
             task = await self.runtime.manager.adispatch(
-                request.type, request.params, priority=request.priority, owner=self.identity,
-                description=request.description, role=self.principal.role.value,
+                request.type,
+                request.params,
+                priority=request.priority,
+                owner=self.identity,
+                description=request.description,
+                role=self.principal.role.value,
             )
         except PlexusError as exc:
             raise http_error(exc) from None
@@ -61,15 +65,23 @@ class TasksHandler(PlexusHandler):
         self.audit_details.update(operation="dispatch", tasks=len(specs) if isinstance(specs, list) else None)
         try:
             if set(body) != {"tasks"}:
-                raise InvalidArgument("a batch is {\"tasks\": [spec, ...]} alone; put type, params, priority and "
-                                      "description in each spec")
+                raise InvalidArgument(
+                    'a batch is {"tasks": [spec, ...]} alone; put type, params, priority and description in each spec'
+                )
             tasks = await BatchOperations(self.runtime.manager).dispatch(specs, self.principal.actor)
         except PlexusError as exc:
             raise http_error(exc) from None
         batch_id = tasks[0].batch_id or ""
         self.audit_details.update(batch_id=batch_id, count=len(tasks))
-        self.reply({"batch_id": batch_id, "task_ids": [t.id for t in tasks], "status": "QUEUED",
-                    "resource_uri": batch_uri(batch_id)}, status=201)
+        self.reply(
+            {
+                "batch_id": batch_id,
+                "task_ids": [t.id for t in tasks],
+                "status": "QUEUED",
+                "resource_uri": batch_uri(batch_id),
+            },
+            status=201,
+        )
 
 
 class TaskHandler(PlexusHandler):
@@ -133,8 +145,9 @@ class BulkTasksHandler(PlexusHandler):
         self.audit_details.update(count=len(outcomes), outcomes=dict(Counter(o.outcome for o in outcomes)))
         self.reply(operation_report(batches.bound, outcomes))
 
-    async def apply(self, batches: BatchOperations, selection: Selection, actor: Actor,
-                    body: dict[str, Any]) -> list[CancelOutcome]:
+    async def apply(
+        self, batches: BatchOperations, selection: Selection, actor: Actor, body: dict[str, Any]
+    ) -> list[CancelOutcome]:
         return await batches.cancel(selection, actor)
 
 
@@ -145,16 +158,18 @@ class CancelTasksHandler(BulkTasksHandler):
 class RetryTasksHandler(BulkTasksHandler):
     operation, action = "retry", "dispatch"
 
-    async def apply(self, batches: BatchOperations, selection: Selection, actor: Actor,
-                    body: dict[str, Any]) -> list[CancelOutcome]:
+    async def apply(
+        self, batches: BatchOperations, selection: Selection, actor: Actor, body: dict[str, Any]
+    ) -> list[CancelOutcome]:
         return await batches.retry(selection, actor)
 
 
 class TaskPriorityHandler(BulkTasksHandler):
     operation, action, extra = "set_priority", "cancel_own", ("dry_run", "priority")
 
-    async def apply(self, batches: BatchOperations, selection: Selection, actor: Actor,
-                    body: dict[str, Any]) -> list[CancelOutcome]:
+    async def apply(
+        self, batches: BatchOperations, selection: Selection, actor: Actor, body: dict[str, Any]
+    ) -> list[CancelOutcome]:
         if "priority" not in body:
             raise InvalidArgument("priority is required: the new priority, a whole number from -1000 to 1000")
         return await batches.set_priority(selection, body["priority"], actor)

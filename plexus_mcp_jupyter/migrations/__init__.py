@@ -100,8 +100,7 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
-def upgrade_store(engine: Engine, safe_url: str, *, lock_wait: float = MIGRATION_LOCK_WAIT
-                  ) -> tuple[str | None, str]:
+def upgrade_store(engine: Engine, safe_url: str, *, lock_wait: float = MIGRATION_LOCK_WAIT) -> tuple[str | None, str]:
     """Bring the store to the newest revision (see the module's doc); returns (revision before, after).
 
     Raises StoreTooNew when the store is at a revision this code does not know, StoreBusy when another

@@ -1,11 +1,11 @@
 """`plexus`: the notebook's entry point, connecting on first use.
 
-    from plexus_mcp_jupyter import plexus      # or: %load_ext plexus_mcp_jupyter
-    plexus.tasks()                             # DataFrame of recent tasks
-    h = plexus.run_demo(items=500); h          # a live progress bar
-    ev = plexus.evaluate(df, prediction="pred", label="label").wait()
-    ev.metrics, ev.confusion_matrix(), ev.results(only_mismatches=True)
-    plexus.dashboard()                         # everything running, live, with Cancel buttons
+from plexus_mcp_jupyter import plexus      # or: %load_ext plexus_mcp_jupyter
+plexus.tasks()                             # DataFrame of recent tasks
+h = plexus.run_demo(items=500); h          # a live progress bar
+ev = plexus.evaluate(df, prediction="pred", label="label").wait()
+ev.metrics, ev.confusion_matrix(), ev.results(only_mismatches=True)
+plexus.dashboard()                         # everything running, live, with Cancel buttons
 """
 
 from __future__ import annotations
@@ -74,22 +74,22 @@ class Plexus:
 
     # -- tables -----------------------------------------------------------------------------------------
 
-    def tasks(self, status: str | None = None, type: str | None = None, limit: int | None = 100,
-              batch: str | None = None) -> pd.DataFrame:
+    def tasks(
+        self, status: str | None = None, type: str | None = None, limit: int | None = 100, batch: str | None = None
+    ) -> pd.DataFrame:
         """Tasks, newest first, as a DataFrame (status/type: comma-separated filters; batch: a batch id;
         limit None: all)."""
         from .tables import tasks_frame
 
-        return tasks_frame(self.client.pages("tasks", "tasks", {"status": status, "type": type, "batch": batch},
-                                             limit))
+        return tasks_frame(self.client.pages("tasks", "tasks", {"status": status, "type": type, "batch": batch}, limit))
 
-    def evaluations(self, status: str | None = None, type: str | None = None,
-                    limit: int | None = 100) -> pd.DataFrame:
+    def evaluations(self, status: str | None = None, type: str | None = None, limit: int | None = 100) -> pd.DataFrame:
         """Evaluations, newest first, as a DataFrame (status: SETUP, RUNNING, COMPLETED, FAILED, CANCELLED)."""
         from .tables import evaluations_frame
 
-        return evaluations_frame(self.client.pages("evaluations", "evaluations", {"status": status, "type": type},
-                                                   limit))
+        return evaluations_frame(
+            self.client.pages("evaluations", "evaluations", {"status": status, "type": type}, limit)
+        )
 
     def datasets(self, include_files: bool = False) -> pd.DataFrame:
         """Datasets the server knows: shipped examples, registered DataFrames (and files under the root)."""
@@ -109,8 +109,17 @@ class Plexus:
         view = self.client.request("GET", f"evaluations/{evaluation_id}")
         return EvaluationHandle(self.client, view, self.client.get_task(view["task_id"]))
 
-    def run_demo(self, items: int = 2000, item_delay_ms: float = 5.0, fail: bool = False, fail_at: int | None = None,
-                 seed: int | None = None, *, priority: int = 0, description: str | None = None) -> TaskHandle:
+    def run_demo(
+        self,
+        items: int = 2000,
+        item_delay_ms: float = 5.0,
+        fail: bool = False,
+        fail_at: int | None = None,
+        seed: int | None = None,
+        *,
+        priority: int = 0,
+        description: str | None = None,
+    ) -> TaskHandle:
         """Dispatch the demo task (Setup, Processing `items` items, Finalizing) and return its handle."""
         params: dict[str, Any] = {"items": items, "item_delay_ms": item_delay_ms, "fail": fail}
         if fail_at is not None:
@@ -119,11 +128,13 @@ class Plexus:
             params["seed"] = seed
         return self.dispatch("demo", params, priority=priority, description=description)
 
-    def dispatch(self, type: str, params: dict[str, Any] | None = None, *, priority: int = 0,
-                 description: str | None = None) -> TaskHandle:
+    def dispatch(
+        self, type: str, params: dict[str, Any] | None = None, *, priority: int = 0, description: str | None = None
+    ) -> TaskHandle:
         """Dispatch a task of any registered type and return its handle."""
-        request = _request(DispatchTask, {"type": type, "params": params or {}, "priority": priority,
-                                          "description": description})
+        request = _request(
+            DispatchTask, {"type": type, "params": params or {}, "priority": priority, "description": description}
+        )
         client = self.client
         client.stream.start()  # so its first events are not missed
         task = client.request("POST", "tasks", json=request.arguments() | {"type": request.type})
@@ -149,8 +160,9 @@ class Plexus:
         """Run FAILED or CANCELLED tasks again as new attempts (by id or by filter, as for cancel)."""
         return self.client.bulk("retry", {"task_ids": task_ids, **filter}, dry_run=dry_run)
 
-    def set_priority(self, priority: int, task_ids: list[str] | None = None, *, dry_run: bool = False,
-                     **filter: Any) -> dict[str, Any]:
+    def set_priority(
+        self, priority: int, task_ids: list[str] | None = None, *, dry_run: bool = False, **filter: Any
+    ) -> dict[str, Any]:
         """Change the priority of queued tasks (by id or by filter, as for cancel)."""
         return self.client.bulk("priority", {"task_ids": task_ids, **filter}, dry_run=dry_run, priority=priority)
 
@@ -166,8 +178,11 @@ class Plexus:
         try:
             return self._upload(name, self._parquet(df), replace)
         except PlexusConflict as exc:
-            raise PlexusConflict(f"a dataset named {name!r} is already registered: pass replace=True to replace it, "
-                                 "or choose another name", exc.status) from None
+            raise PlexusConflict(
+                f"a dataset named {name!r} is already registered: pass replace=True to replace it, "
+                "or choose another name",
+                exc.status,
+            ) from None
 
     def _parquet(self, df: Any) -> bytes:
         import pandas as pd
@@ -189,10 +204,12 @@ class Plexus:
         return buffer.getvalue()
 
     def _too_big(self, how_big: str) -> str:
-        return (f"the DataFrame is too large to send ({how_big}; the server accepts requests up to "
-                f"{self.max_upload_bytes / 2**20:,.0f} MiB, ServerApp.max_body_size): keep only the columns the "
-                "evaluation needs, pass sample_n / evaluate df.sample(n), or write it as Parquet under the Jupyter "
-                "root (df.to_parquet('data.parquet')) and evaluate that path")
+        return (
+            f"the DataFrame is too large to send ({how_big}; the server accepts requests up to "
+            f"{self.max_upload_bytes / 2**20:,.0f} MiB, ServerApp.max_body_size): keep only the columns the "
+            "evaluation needs, pass sample_n / evaluate df.sample(n), or write it as Parquet under the Jupyter "
+            "root (df.to_parquet('data.parquet')) and evaluate that path"
+        )
 
     def register_scorer(self, name: str, fn: Callable[..., Any], batch: bool = True) -> str:
         """Serve `fn` from this kernel as the scorer `kernel:<name>`, which assistants can name in
@@ -231,11 +248,13 @@ class Plexus:
         import pandas as pd
 
         if scorer is not None and not isinstance(scorer, str | dict) and not callable(scorer):
-            raise PlexusInputError(f"scorer must be a spec string, a rules mapping or a callable, not "
-                                   f"{builtin_type(scorer)} {scorer!r}")
+            raise PlexusInputError(
+                f"scorer must be a spec string, a rules mapping or a callable, not {builtin_type(scorer)} {scorer!r}"
+            )
         if isinstance(data, pd.DataFrame):
-            self._check_columns(data, scorer, label if type != "consistency" else None, prediction, input_column,
-                                id_column)
+            self._check_columns(
+                data, scorer, label if type != "consistency" else None, prediction, input_column, id_column
+            )
             body = self._parquet(data)
             name = name or "nb-" + hashlib.sha1(body).hexdigest()[:12]
             self._upload(name, body, replace=True)
@@ -243,17 +262,26 @@ class Plexus:
         elif isinstance(data, str):
             dataset = data
         else:
-            raise PlexusInputError("data must be a pandas DataFrame or a dataset name ('example:sentiment', "
-                                   "'registered:<name>', a file path under the Jupyter root), not "
-                                   f"{builtin_type(data)}")
+            raise PlexusInputError(
+                "data must be a pandas DataFrame or a dataset name ('example:sentiment', "
+                "'registered:<name>', a file path under the Jupyter root), not "
+                f"{builtin_type(data)}"
+            )
         if callable(scorer) and not isinstance(scorer, str | dict):
             fn_name = NAME_UNSAFE.sub("-", getattr(scorer, "__name__", "scorer"))[:50]
             scorer = self.register_scorer(f"nb-{fn_name}", scorer, batch)
         fields: dict[str, Any] = {
-            "type": type, "dataset": dataset, "scorer": scorer,
+            "type": type,
+            "dataset": dataset,
+            "scorer": scorer,
             "label_column": label if type != "consistency" else None,
-            "prediction_column": prediction, "input_column": input_column, "id_column": id_column,
-            "sample_n": sample_n, "sample_fraction": sample_fraction, "seed": seed, "priority": priority,
+            "prediction_column": prediction,
+            "input_column": input_column,
+            "id_column": id_column,
+            "sample_n": sample_n,
+            "sample_fraction": sample_fraction,
+            "seed": seed,
+            "priority": priority,
         }
         if type == "consistency":
             fields["runs"] = runs
@@ -265,13 +293,24 @@ class Plexus:
 
     def _upload(self, name: str, body: bytes, replace: bool) -> dict[str, Any]:
         info: dict[str, Any] = self.client.request(
-            "POST", "datasets", params={"name": name, "replace": str(bool(replace)).lower()}, data=body,
-            headers={"Content-Type": "application/vnd.apache.parquet"}, timeout=max(self.client.timeout, 300.0))
+            "POST",
+            "datasets",
+            params={"name": name, "replace": str(bool(replace)).lower()},
+            data=body,
+            headers={"Content-Type": "application/vnd.apache.parquet"},
+            timeout=max(self.client.timeout, 300.0),
+        )
         return info
 
     @staticmethod
-    def _check_columns(df: pd.DataFrame, scorer: Any, label: str | None, prediction: str | None,
-                       input_column: str | None, id_column: str | None) -> None:
+    def _check_columns(
+        df: pd.DataFrame,
+        scorer: Any,
+        label: str | None,
+        prediction: str | None,
+        input_column: str | None,
+        id_column: str | None,
+    ) -> None:
         wanted = {"label": label, "prediction": prediction, "input_column": input_column, "id_column": id_column}
         if scorer is not None and input_column is None:
             wanted["input_column (default 'text')"] = "text"

@@ -43,8 +43,10 @@ ENV_CONNECTION_FILE = "PLEXUS_MCP_CONNECTION_FILE"
 DEFAULT_TIMEOUT = 30.0
 STREAM_WAIT = 10.0  # seconds to wait for the event stream when something needs it
 RECENT = 1000  # tasks whose latest event is kept, so a mirror made late starts from it
-HOW_TO_CONNECT = ("call plexus.connect(url, token) with the Jupyter server's URL (e.g. http://localhost:8888/) "
-                  "and token (`jupyter server list` shows both), or set PLEXUS_MCP_URL and PLEXUS_MCP_TOKEN")
+HOW_TO_CONNECT = (
+    "call plexus.connect(url, token) with the Jupyter server's URL (e.g. http://localhost:8888/) "
+    "and token (`jupyter server list` shows both), or set PLEXUS_MCP_URL and PLEXUS_MCP_TOKEN"
+)
 
 EventListener = Callable[[dict[str, Any]], None]
 
@@ -62,13 +64,15 @@ def resolve_connection(url: str | None = None, token: str | None = None) -> tupl
                 info = json.load(f)
             url, token = info["url"], token or info.get("token")
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise PlexusConnectionError(f"cannot read the Plexus connection file {path!r} "
-                                        f"({ENV_CONNECTION_FILE}): {exc}; {HOW_TO_CONNECT}") from None
+            raise PlexusConnectionError(
+                f"cannot read the Plexus connection file {path!r} ({ENV_CONNECTION_FILE}): {exc}; {HOW_TO_CONNECT}"
+            ) from None
     if url is None:
         raise PlexusConnectionError(f"no Plexus server is known to this kernel: {HOW_TO_CONNECT}")
     if not url.startswith(("http://", "https://")):
-        raise PlexusConnectionError(f"the server URL must start with http:// or https://, not {url!r}; "
-                                    f"{HOW_TO_CONNECT}")
+        raise PlexusConnectionError(
+            f"the server URL must start with http:// or https://, not {url!r}; {HOW_TO_CONNECT}"
+        )
     return (url if url.endswith("/") else url + "/"), token
 
 
@@ -120,11 +124,14 @@ class PlexusClient:
         try:
             response = self.session.request(method, url, timeout=timeout or self.timeout, **kwargs)
         except requests.ConnectionError as exc:
-            raise PlexusConnectionError(f"cannot reach the Plexus server at {self.url} ({exc.__class__.__name__}): "
-                                        f"is Jupyter running there? {HOW_TO_CONNECT}") from None
+            raise PlexusConnectionError(
+                f"cannot reach the Plexus server at {self.url} ({exc.__class__.__name__}): "
+                f"is Jupyter running there? {HOW_TO_CONNECT}"
+            ) from None
         except requests.Timeout:
-            raise PlexusConnectionError(f"the Plexus server at {self.url} did not answer {method} {path} within "
-                                        f"{timeout or self.timeout:g} s") from None
+            raise PlexusConnectionError(
+                f"the Plexus server at {self.url} did not answer {method} {path} within {timeout or self.timeout:g} s"
+            ) from None
         if response.status_code < 400:
             return response.json() if response.content else None
         self._fail(response)
@@ -151,16 +158,22 @@ class PlexusClient:
         url = self.url + "plexus/api/" + path
         query = {k: v for k, v in params.items() if v is not None}
         try:
-            response = self.session.get(url, params=query, headers={"Accept": ARROW_STREAM_TYPE}, stream=True,
-                                        timeout=self.timeout)
+            response = self.session.get(
+                url, params=query, headers={"Accept": ARROW_STREAM_TYPE}, stream=True, timeout=self.timeout
+            )
         except requests.RequestException as exc:
-            raise PlexusConnectionError(f"cannot read {path} from the Plexus server at {self.url} "
-                                        f"({exc.__class__.__name__}): is Jupyter running there?") from None
+            raise PlexusConnectionError(
+                f"cannot read {path} from the Plexus server at {self.url} "
+                f"({exc.__class__.__name__}): is Jupyter running there?"
+            ) from None
         if response.status_code >= 400:
             self._fail(response)
         if not response.headers.get("Content-Type", "").startswith(ARROW_STREAM_TYPE):
-            raise PlexusAPIError(f"the server answered {path} with {response.headers.get('Content-Type')!r}, not "
-                                 "Arrow: is it an older Plexus?", response.status_code)
+            raise PlexusAPIError(
+                f"the server answered {path} with {response.headers.get('Content-Type')!r}, not "
+                "Arrow: is it an older Plexus?",
+                response.status_code,
+            )
         response.raw.decode_content = True
         return pa.ipc.open_stream(response.raw)
 
@@ -169,12 +182,16 @@ class PlexusClient:
         try:
             info = self.request("GET", "health", timeout=min(self.timeout, 10.0))
         except PlexusNotFound:
-            raise PlexusConnectionError(f"{self.url} answers, but has no Plexus API (plexus/api/health is 404): "
-                                        "is the plexus_mcp_jupyter server extension enabled there? "
-                                        "(`jupyter server extension list`)") from None
+            raise PlexusConnectionError(
+                f"{self.url} answers, but has no Plexus API (plexus/api/health is 404): "
+                "is the plexus_mcp_jupyter server extension enabled there? "
+                "(`jupyter server extension list`)"
+            ) from None
         if not isinstance(info, dict) or "version" not in info:
-            raise PlexusAuthError(f"the server at {self.url} did not accept the token "
-                                  f"({'none given' if not self.token else 'wrong token'}); {HOW_TO_CONNECT}")
+            raise PlexusAuthError(
+                f"the server at {self.url} did not accept the token "
+                f"({'none given' if not self.token else 'wrong token'}); {HOW_TO_CONNECT}"
+            )
         self.server_info = info
         return info
 
@@ -189,8 +206,9 @@ class PlexusClient:
         data: dict[str, Any] = self.request("POST", "tasks", json={"tasks": specs})
         return data
 
-    def bulk(self, operation: str, selection: dict[str, Any], *, dry_run: bool = False,
-             priority: int | None = None) -> dict[str, Any]:
+    def bulk(
+        self, operation: str, selection: dict[str, Any], *, dry_run: bool = False, priority: int | None = None
+    ) -> dict[str, Any]:
         """Cancel, retry or re-prioritise (`operation`: cancel | retry | priority) the tasks of a selection:
         {"task_ids": [...]}, or filter fields (status, type, owner, created_after, created_before, batch)."""
         body = {k: v for k, v in selection.items() if v is not None}
@@ -210,8 +228,9 @@ class PlexusClient:
         data: dict[str, Any] = self.request("POST", f"tasks/{task_id}/cancel")
         return data
 
-    def pages(self, path: str, key: str, params: dict[str, Any], limit: int | None,
-              page_size: int = 100) -> list[dict[str, Any]]:
+    def pages(
+        self, path: str, key: str, params: dict[str, Any], limit: int | None, page_size: int = 100
+    ) -> list[dict[str, Any]]:
         """Follow `next_cursor` until `limit` rows (None: all) are read."""
         rows: list[dict[str, Any]] = []
         cursor = None
@@ -243,8 +262,10 @@ class PlexusClient:
         """The event stream, connected; PlexusConnectionError if it cannot connect within `timeout`."""
         stream = self.stream
         if not stream.wait_connected(timeout):
-            raise PlexusConnectionError(f"the event stream did not connect within {timeout:g} s "
-                                        f"({stream.last_error or 'no answer'}); it keeps retrying")
+            raise PlexusConnectionError(
+                f"the event stream did not connect within {timeout:g} s "
+                f"({stream.last_error or 'no answer'}); it keeps retrying"
+            )
         return stream
 
     def on_event(self, callback: EventListener) -> Callable[[], None]:
@@ -339,8 +360,9 @@ class PlexusClient:
 
     # -- kernel scorers ---------------------------------------------------------------------------------
 
-    def register_scorer(self, name: str, fn: Callable[..., Any], batch: bool = True,
-                        timeout: float = STREAM_WAIT) -> str:
+    def register_scorer(
+        self, name: str, fn: Callable[..., Any], batch: bool = True, timeout: float = STREAM_WAIT
+    ) -> str:
         """Serve `fn` as the scorer `kernel:<name>` from this kernel (see scoring.py); returns the spec."""
         scorer = check_scorer(name, fn, batch)
         self.ensure_stream(timeout)
@@ -367,8 +389,10 @@ class PlexusClient:
     def unregister_scorer(self, name: str) -> None:
         with self._lock:
             if self._scorers.pop(name, None) is None:
-                raise PlexusInputError(f"no scorer {name!r} is registered in this kernel; registered: "
-                                       f"{', '.join(sorted(self._scorers)) or 'none'}")
+                raise PlexusInputError(
+                    f"no scorer {name!r} is registered in this kernel; registered: "
+                    f"{', '.join(sorted(self._scorers)) or 'none'}"
+                )
         self.stream.send({"type": "unregister_scorer", "name": name})
 
     @property
@@ -382,11 +406,14 @@ class PlexusClient:
             self._replies.append(entry)
         try:
             if not self.stream.send(message):
-                raise PlexusConnectionError(f"the event stream is not connected ({self.stream.last_error}); "
-                                            "try again in a moment")
+                raise PlexusConnectionError(
+                    f"the event stream is not connected ({self.stream.last_error}); try again in a moment"
+                )
             if not done.wait(timeout):
-                raise PlexusConnectionError(f"the server did not answer {message['type']} {name!r} within "
-                                            f"{timeout:g} s: is its Plexus extension recent enough?")
+                raise PlexusConnectionError(
+                    f"the server did not answer {message['type']} {name!r} within "
+                    f"{timeout:g} s: is its Plexus extension recent enough?"
+                )
             return box[0]
         finally:
             with self._lock:
@@ -416,8 +443,11 @@ class PlexusClient:
             delay = 0.5
             for _ in range(8):
                 try:
-                    reply = self._ask({"type": "register_scorer", "name": scorer.name, "batch": scorer.batch},
-                                      scorer.name, STREAM_WAIT)
+                    reply = self._ask(
+                        {"type": "register_scorer", "name": scorer.name, "batch": scorer.batch},
+                        scorer.name,
+                        STREAM_WAIT,
+                    )
                 except PlexusConnectionError as exc:
                     log.warning("Plexus: cannot re-register scorer %r: %s", scorer.name, exc)
                     return

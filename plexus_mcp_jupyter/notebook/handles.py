@@ -52,8 +52,10 @@ class TaskHandle:
         if not self.state.done.wait(timeout):
             s = self.state
             where = f" ({s.stage} {s.processed}/{s.total})" if s.total else ""
-            raise TimeoutError(f"{self.kind} {self.id} is still {self.status}{where} after {timeout:g} s: call "
-                               ".wait() again to keep waiting, or .cancel() to stop it")
+            raise TimeoutError(
+                f"{self.kind} {self.id} is still {self.status}{where} after {timeout:g} s: call "
+                ".wait() again to keep waiting, or .cancel() to stop it"
+            )
         return self
 
     def cancel(self) -> dict[str, Any]:
@@ -71,8 +73,9 @@ class TaskHandle:
         self.wait(timeout)
         data = self.client.get_task(self.task_id)
         if data["status"] != "COMPLETED":
-            raise PlexusTaskFailed(f"{self.kind} {self.id} ended {data['status']}: "
-                                   f"{data.get('error_message') or 'no message'}")
+            raise PlexusTaskFailed(
+                f"{self.kind} {self.id} ended {data['status']}: {data.get('error_message') or 'no message'}"
+            )
         return data.get("output")
 
     def progress(self) -> TaskProgress:
@@ -116,20 +119,24 @@ class EvaluationHandle(TaskHandle):
         self.wait(timeout)
         view = self.refresh()
         if view["status"] != "COMPLETED":
-            raise PlexusTaskFailed(f"evaluation {self.id} ended {view['status']}: "
-                                   f"{view.get('error_message') or 'no message'}")
+            raise PlexusTaskFailed(
+                f"evaluation {self.id} ended {view['status']}: {view.get('error_message') or 'no message'}"
+            )
         return view
 
     def _metrics(self, score: str | None) -> dict[str, Any]:
         if not self.done:
-            raise PlexusError(f"evaluation {self.id} is {self.status}: metrics come when it completes; call "
-                              ".wait() first")
+            raise PlexusError(
+                f"evaluation {self.id} is {self.status}: metrics come when it completes; call .wait() first"
+            )
         metrics = self.view.get("metrics")
         if metrics is None:
             metrics = self.refresh().get("metrics")
         if not metrics:
-            raise PlexusTaskFailed(f"evaluation {self.id} ended {self.status} without metrics: "
-                                   f"{self.view.get('error_message') or 'no message'}")
+            raise PlexusTaskFailed(
+                f"evaluation {self.id} ended {self.status} without metrics: "
+                f"{self.view.get('error_message') or 'no message'}"
+            )
         name = score or next(iter(metrics))
         if name not in metrics:
             raise PlexusError(f"evaluation {self.id} has no score {name!r}; its scores: {', '.join(metrics)}")
@@ -162,8 +169,13 @@ class EvaluationHandle(TaskHandle):
         frame = confusion_frame(self._metrics(score))
         return heatmap(frame) if styled else frame
 
-    def results(self, only_mismatches: bool = False, label: str | None = None, limit: int | None = None,
-                score: str | None = None) -> pd.DataFrame:
+    def results(
+        self,
+        only_mismatches: bool = False,
+        label: str | None = None,
+        limit: int | None = None,
+        score: str | None = None,
+    ) -> pd.DataFrame:
         """Per-item results (input, label, prediction, correct, explanation, error), all or the first `limit`.
 
         All of them come as one Arrow IPC stream (REST, `Accept: application/vnd.apache.arrow.stream`): millions

@@ -79,8 +79,13 @@ class TaskState(HasTraits):
                 self._seq = seq
             status = summary.get("status", self.status)
             stage = (summary.get("progress") or {}).get("stage", summary.get("current_stage"))
-            urgent = (status != self.status or stage != self.stage or status in FINAL_STATUSES
-                      or self.applied_at is None or time.time() - self.applied_at >= self.min_interval)
+            urgent = (
+                status != self.status
+                or stage != self.stage
+                or status in FINAL_STATUSES
+                or self.applied_at is None
+                or time.time() - self.applied_at >= self.min_interval
+            )
             if not urgent:
                 self._pending = (summary, at)
                 if self._timer is None:

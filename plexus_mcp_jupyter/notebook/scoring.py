@@ -33,8 +33,10 @@ def check_scorer(name: str, fn: Any, batch: bool) -> KernelScorer:
         raise PlexusInputError(f"a scorer name is 1 to 64 letters, digits, '_', '.' or '-', not {name!r}")
     if not callable(fn):
         takes = "a pandas Series of inputs" if batch else "one input"
-        raise PlexusInputError(f"the scorer must be callable (a function taking {takes} and returning labels), "
-                               f"not {type(fn).__name__} {fn!r}")
+        raise PlexusInputError(
+            f"the scorer must be callable (a function taking {takes} and returning labels), "
+            f"not {type(fn).__name__} {fn!r}"
+        )
     return KernelScorer(name, fn, bool(batch))
 
 
@@ -79,8 +81,10 @@ def score(scorer: KernelScorer, inputs: Sequence[str | None]) -> dict[str, Any]:
         out = scorer.fn(pd.Series(list(inputs), dtype=object))
         values = list(out.tolist() if hasattr(out, "tolist") else out)
         if len(values) != n:
-            raise ValueError(f"scorer {scorer.name!r} returned {len(values)} values for {n} inputs: return one label "
-                             "(or (label, explanation) pair) per input")
+            raise ValueError(
+                f"scorer {scorer.name!r} returned {len(values)} values for {n} inputs: return one label "
+                "(or (label, explanation) pair) per input"
+            )
         for i, value in enumerate(values):
             label, why = _split(value)
             predictions[i], explanations[i] = _label(label), _label(why)
@@ -102,8 +106,11 @@ def answer(scorer: KernelScorer | None, request: dict[str, Any]) -> dict[str, An
     """The message answering one `score_request`."""
     request_id = request.get("request_id")
     if scorer is None:
-        return {"type": "score_error", "request_id": request_id,
-                "message": f"no scorer {request.get('scorer')!r} is registered in this kernel any more"}
+        return {
+            "type": "score_error",
+            "request_id": request_id,
+            "message": f"no scorer {request.get('scorer')!r} is registered in this kernel any more",
+        }
     try:
         return {"type": "score_result", "request_id": request_id, **score(scorer, request.get("inputs") or [])}
     except Exception as exc:

@@ -103,8 +103,9 @@ class EventStream:
         while not self._stopped.is_set():
             reconnected = self.last_seq is not None
             try:
-                ws = websocket.create_connection(self.url + self._query(), header=self._header,
-                                                 timeout=CONNECT_TIMEOUT, enable_multithread=True)
+                ws = websocket.create_connection(
+                    self.url + self._query(), header=self._header, timeout=CONNECT_TIMEOUT, enable_multithread=True
+                )
             except Exception as exc:
                 self.last_error = f"cannot open the event stream at {self.url}: {exc}"
                 log.debug("Plexus: %s; retrying in %.2fs", self.last_error, backoff)
@@ -142,9 +143,11 @@ class EventStream:
                         code = int.from_bytes(frame.data[:2], "big") if len(frame.data) >= 2 else None
                         if code in FINAL_CLOSE_CODES:
                             # The key was revoked, or the request is wrong: reconnecting cannot help.
-                            self.last_error = (f"the server ended the event stream ({code}: "
-                                               f"{frame.data[2:].decode(errors='replace')}); reconnect with "
-                                               "plexus.connect(url, token) and a valid credential")
+                            self.last_error = (
+                                f"the server ended the event stream ({code}: "
+                                f"{frame.data[2:].decode(errors='replace')}); reconnect with "
+                                "plexus.connect(url, token) and a valid credential"
+                            )
                             log.warning("Plexus: %s", self.last_error)
                             self._stopped.set()
                         break

@@ -20,11 +20,35 @@ from .mirror import EVALUATION_STATUSES, TASK_STATUSES
 
 EVALUATION_TYPES = ("accuracy", "feedback", "consistency")
 TASK_TIMES = ("created_at", "started_at", "completed_at", "estimated_completion_at")
-TASK_COLUMNS = ("task_id", "type", "status", "description", "priority", "current_stage", "processed", "total",
-                "percent", *TASK_TIMES, "error_message")
-EVALUATION_COLUMNS = ("evaluation_id", "task_id", "type", "status", "dataset", "scores", "processed_items",
-                      "total_items", "elapsed_seconds", "remaining_seconds", "created_at", "started_at",
-                      "completed_at", "error_message")
+TASK_COLUMNS = (
+    "task_id",
+    "type",
+    "status",
+    "description",
+    "priority",
+    "current_stage",
+    "processed",
+    "total",
+    "percent",
+    *TASK_TIMES,
+    "error_message",
+)
+EVALUATION_COLUMNS = (
+    "evaluation_id",
+    "task_id",
+    "type",
+    "status",
+    "dataset",
+    "scores",
+    "processed_items",
+    "total_items",
+    "elapsed_seconds",
+    "remaining_seconds",
+    "created_at",
+    "started_at",
+    "completed_at",
+    "error_message",
+)
 ITEM_COLUMNS = ("seq", "item_id", "input", "label", "prediction", "correct", "explanation", "error")
 
 
@@ -49,8 +73,14 @@ def tasks_frame(summaries: Iterable[dict[str, Any]]) -> pd.DataFrame:
     rows = []
     for s in summaries:
         progress = s.get("progress") or {}
-        rows.append({**s, "processed": progress.get("processed"), "total": progress.get("total"),
-                     "percent": progress.get("percent")})
+        rows.append(
+            {
+                **s,
+                "processed": progress.get("processed"),
+                "total": progress.get("total"),
+                "percent": progress.get("percent"),
+            }
+        )
     frame = _frame(rows, TASK_COLUMNS)
     frame["type"] = _category(frame["type"])
     frame["status"] = _category(frame["status"], TASK_STATUSES)

@@ -78,8 +78,9 @@ class TaskProgress(widgets.HBox):
     state = Instance(TaskState)
 
     def __init__(self, state: TaskState, **kwargs: Any) -> None:
-        self.bar = widgets.IntProgress(min=0, max=1, value=0, description=title(state)[:20],
-                                       style={"description_width": "initial"})
+        self.bar = widgets.IntProgress(
+            min=0, max=1, value=0, description=title(state)[:20], style={"description_width": "initial"}
+        )
         self.label = widgets.Label()
         super().__init__(children=[self.bar, self.label], state=state, **kwargs)
         state.observe(self._update, names=WATCHED)
@@ -105,8 +106,13 @@ class TaskRow(widgets.HBox):
         self.bar = widgets.IntProgress(min=0, max=1, value=0, layout=widgets.Layout(width="220px"))
         self.stage = widgets.Label(layout=widgets.Layout(width="200px"))
         self.eta = widgets.Label(layout=widgets.Layout(width="90px"))
-        self.cancel = widgets.Button(description="Cancel", button_style="warning", icon="stop",
-                                     layout=widgets.Layout(width="90px"), tooltip=f"cancel task {state.task_id}")
+        self.cancel = widgets.Button(
+            description="Cancel",
+            button_style="warning",
+            icon="stop",
+            layout=widgets.Layout(width="90px"),
+            tooltip=f"cancel task {state.task_id}",
+        )
         self.cancel.on_click(self._cancel)
         super().__init__(children=[self.name, self.status, self.bar, self.stage, self.eta, self.cancel], state=state)
         state.observe(self._update, names=WATCHED)
@@ -117,8 +123,11 @@ class TaskRow(widgets.HBox):
         self.name.value = title(state)
         self.status.value = state.status
         show_state(state, self.bar)
-        self.stage.value = "" if state.final else (
-            f"{state.stage} {state.processed}/{state.total}" if state.total else (state.stage or ""))
+        self.stage.value = (
+            ""
+            if state.final
+            else (f"{state.stage} {state.processed}/{state.total}" if state.total else (state.stage or ""))
+        )
         if state.status == "FAILED" and state.error_message:
             self.stage.value = state.error_message[:60]
         self.eta.value = eta_text(state)
@@ -163,8 +172,11 @@ class Dashboard(widgets.VBox):
     def _on_event(self, message: dict[str, Any]) -> None:
         if message.get("type") == "refresh":
             self._load()
-        elif (message.get("type") == "event" and message.get("entity_type") == "task"
-              and message["entity_id"] not in self._rows):
+        elif (
+            message.get("type") == "event"
+            and message.get("entity_type") == "task"
+            and message["entity_id"] not in self._rows
+        ):
             self._add(message["data"])
 
     def _add(self, summary: dict[str, Any]) -> None:

@@ -91,8 +91,12 @@ def _json_details(details: Any) -> Any:
     return json.loads(text) if len(text) <= MAX_DETAIL_CHARS else {"truncated": True}
 
 
-def redact(value: Any, sensitive: Iterable[str] = DEFAULT_SENSITIVE,
-           scrub: Callable[[str], str] = without_secrets, depth: int = 0) -> Any:
+def redact(
+    value: Any,
+    sensitive: Iterable[str] = DEFAULT_SENSITIVE,
+    scrub: Callable[[str], str] = without_secrets,
+    depth: int = 0,
+) -> Any:
     """A copy of `value` with the values of sensitive-looking keys replaced, at any depth, and every string
     passed through `scrub` (API keys by default; an AuditLog's scrubber also knows the server's token).
 
@@ -120,8 +124,9 @@ def redact(value: Any, sensitive: Iterable[str] = DEFAULT_SENSITIVE,
 class AuditLog:
     """Appends audit records in the background; reads them for admins."""
 
-    def __init__(self, engine: Engine, sensitive: Iterable[str] = DEFAULT_SENSITIVE, *,
-                 retention_seconds: float = 0.0) -> None:
+    def __init__(
+        self, engine: Engine, sensitive: Iterable[str] = DEFAULT_SENSITIVE, *, retention_seconds: float = 0.0
+    ) -> None:
         self.engine = engine
         self.sensitive = tuple(sensitive)
         self.scrubber = SecretScrubber()  # the server adds its token (see PlexusRuntime.protect_secret)
@@ -157,20 +162,32 @@ class AuditLog:
                 return total, False
         return total, True
 
-    def record(self, principal: Principal | None, action: str, *, target: str | None = None, outcome: str = "ok",
-               client: str | None = None, details: Mapping[str, Any] | None = None,
-               seconds: float | None = None) -> None:
+    def record(
+        self,
+        principal: Principal | None,
+        action: str,
+        *,
+        target: str | None = None,
+        outcome: str = "ok",
+        client: str | None = None,
+        details: Mapping[str, Any] | None = None,
+        seconds: float | None = None,
+    ) -> None:
         """Queue one record; never blocks. `seconds`, how long the action took, goes to the observers only.
 
         The details are redacted here (a bounded copy of their mappings and lists, see `redact`); their JSON
         form, and the size check on it, are made by the writer thread (`_json_details`), off the event loop."""
         scrub = self.scrubber.scrub
         row = {
-            "at": time.time(), "owner": principal.owner if principal else None,
-            "key_id": principal.key_id if principal else None, "role": principal.role.value if principal else None,
-            "action": action[:128], "target": scrub(str(target))[:500] if target else None,
+            "at": time.time(),
+            "owner": principal.owner if principal else None,
+            "key_id": principal.key_id if principal else None,
+            "role": principal.role.value if principal else None,
+            "action": action[:128],
+            "target": scrub(str(target))[:500] if target else None,
             "outcome": outcome,
-            "client": client, "details": redact(dict(details or {}), self.sensitive, scrub),
+            "client": client,
+            "details": redact(dict(details or {}), self.sensitive, scrub),
         }
         if seconds is not None:
             row["seconds"] = seconds
@@ -191,8 +208,9 @@ class AuditLog:
         try:
             self._queue.put_nowait(None)
         except queue.Full:  # the writer is stuck: it is a daemon thread, and what is queued is lost
-            log.warning("Plexus: the audit log could not be closed cleanly; %d record(s) unwritten",
-                        self._queue.qsize())
+            log.warning(
+                "Plexus: the audit log could not be closed cleanly; %d record(s) unwritten", self._queue.qsize()
+            )
 
     def _write_loop(self) -> None:
         stopping = False
@@ -235,9 +253,16 @@ class AuditLog:
                 for _ in batch:
                     self._queue.task_done()
 
-    def query(self, *, action: str | None = None, outcome: str | None = None, owner: str | None = None,
-              since: str | None = None, limit: int = 100, cursor: str | None = None) -> tuple[list[dict[str, Any]],
-                                                                                            str | None]:
+    def query(
+        self,
+        *,
+        action: str | None = None,
+        outcome: str | None = None,
+        owner: str | None = None,
+        since: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> tuple[list[dict[str, Any]], str | None]:
         """Records, newest first, filtered; with a cursor for the next page."""
         a = audit_table
         query = sa.select(a).order_by(a.c.id.desc()).limit(limit + 1)

@@ -78,10 +78,15 @@ class AcceptErrorLog(logging.Filter):
         if not self.limit.due():
             return False
         more = self.limit.take_suppressed()
-        record.msg = ("Plexus: the server could not accept a connection: %s (errno %s)%s; raise the open-files "
-                      "limit (ulimit -n) or lower max_connections_per_address")
-        record.args = (error.strerror, errno.errorcode.get(error.errno or 0, error.errno),
-                       f"; {more} more since the last such line" if more else "")
+        record.msg = (
+            "Plexus: the server could not accept a connection: %s (errno %s)%s; raise the open-files "
+            "limit (ulimit -n) or lower max_connections_per_address"
+        )
+        record.args = (
+            error.strerror,
+            errno.errorcode.get(error.errno or 0, error.errno),
+            f"; {more} more since the last such line" if more else "",
+        )
         record.exc_info = record.exc_text = None
         record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
@@ -126,8 +131,11 @@ class ConnectionGuard:
     def from_settings(cls, settings: Any) -> ConnectionGuard:
         """The guard that PlexusSettings describe (http_header_timeout, http_body_timeout,
         max_connections_per_address)."""
-        return cls(settings.max_connections_per_address, header_timeout=settings.http_header_timeout,
-                   body_timeout=settings.http_body_timeout)
+        return cls(
+            settings.max_connections_per_address,
+            header_timeout=settings.http_header_timeout,
+            body_timeout=settings.http_body_timeout,
+        )
 
     def install(self, server: HTTPServer) -> None:
         """Apply the timeouts to `server` and start counting its connections (call before it serves)."""
@@ -152,8 +160,13 @@ class ConnectionGuard:
         server.handle_stream = guarded_handle_stream  # type: ignore[method-assign]
         server.on_close = counted_on_close  # type: ignore[method-assign]
         limit_accept_error_logs()
-        log.info("Plexus: HTTP connections time out after %gs without headers (or idle) and %gs for a body; at "
-                 "most %d per client address", self.header_timeout, self.body_timeout, self.max_per_address)
+        log.info(
+            "Plexus: HTTP connections time out after %gs without headers (or idle) and %gs for a body; at "
+            "most %d per client address",
+            self.header_timeout,
+            self.body_timeout,
+            self.max_per_address,
+        )
 
     def admit(self, key: str) -> bool:
         """Count a new connection from `key`, or refuse it (and log that, once per interval) past a cap."""
@@ -169,8 +182,12 @@ class ConnectionGuard:
         self.refused += 1
         if self._refusals.due():
             more = self._refusals.take_suppressed()
-            log.warning("Plexus: refused a connection from %s: %s%s", key, reason,
-                        f"; {more} more refused since the last such line" if more else "")
+            log.warning(
+                "Plexus: refused a connection from %s: %s%s",
+                key,
+                reason,
+                f"; {more} more refused since the last such line" if more else "",
+            )
         return False
 
     def release(self, key: str) -> None:

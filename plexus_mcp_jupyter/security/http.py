@@ -163,11 +163,23 @@ def set_retry_after(handler: web.RequestHandler, error: BaseException | None) ->
         handler.set_header("Retry-After", str(seconds))
 
 
-def record_request(runtime: Any, principal: Principal | None, request: Any, status: int, outcome: str,
-                   details: dict[str, Any] | None = None) -> None:
+def record_request(
+    runtime: Any,
+    principal: Principal | None,
+    request: Any,
+    status: int,
+    outcome: str,
+    details: dict[str, Any] | None = None,
+) -> None:
     """An audit record of an HTTP request. Anonymous ones are recorded at most at the key rate per address:
     a flood of bad requests must not grow the audit log without bound."""
     if principal is None and runtime.limiter.take(f"ip:{request.remote_ip}"):
         return
-    runtime.audit.record(principal, f"http.{request.method}", target=request.path, outcome=outcome,
-                         client=request.remote_ip, details={"status": status, **(details or {})})
+    runtime.audit.record(
+        principal,
+        f"http.{request.method}",
+        target=request.path,
+        outcome=outcome,
+        client=request.remote_ip,
+        details={"status": status, **(details or {})},
+    )

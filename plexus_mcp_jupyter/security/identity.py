@@ -101,8 +101,10 @@ class Principal:
 
     def denial(self, action: str) -> str:
         needed = ACTIONS[action]
-        return (f"permission denied: {self.describe()} may not {action.replace('_', ' ')} (needs the {needed.value} "
-                "role or higher); ask an admin for a key with that role")
+        return (
+            f"permission denied: {self.describe()} may not {action.replace('_', ' ')} (needs the {needed.value} "
+            "role or higher); ask an admin for a key with that role"
+        )
 
     def describe(self) -> str:
         if self.key_id is not None:

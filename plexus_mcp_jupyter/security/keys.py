@@ -77,10 +77,17 @@ class ApiKey:
     def to_dict(self) -> dict[str, Any]:
         """Everything about the key but its secret (which is never stored)."""
         return {
-            "id": self.id, "prefix": self.prefix, "name": self.name, "role": self.role.value,
-            "status": self.status(), "created_at": iso(self.created_at), "created_by": self.created_by,
-            "expires_at": iso(self.expires_at), "last_used_at": iso(self.last_used_at),
-            "revoked_at": iso(self.revoked_at), "rate_limit": self.rate_limit,
+            "id": self.id,
+            "prefix": self.prefix,
+            "name": self.name,
+            "role": self.role.value,
+            "status": self.status(),
+            "created_at": iso(self.created_at),
+            "created_by": self.created_by,
+            "expires_at": iso(self.expires_at),
+            "last_used_at": iso(self.last_used_at),
+            "revoked_at": iso(self.revoked_at),
+            "rate_limit": self.rate_limit,
         }
 
 
@@ -119,8 +126,15 @@ class KeyStore:
         self._last_written: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def create(self, name: str, role: str | Role, *, expires_in_days: float | None = None,
-               created_by: str | None = None, rate_limit: float | None = None) -> tuple[ApiKey, str]:
+    def create(
+        self,
+        name: str,
+        role: str | Role,
+        *,
+        expires_in_days: float | None = None,
+        created_by: str | None = None,
+        rate_limit: float | None = None,
+    ) -> tuple[ApiKey, str]:
         """A new key and its secret (the only time the secret exists outside the caller)."""
         if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME:
             raise InvalidArgument(f"a key needs a name of 1 to {MAX_NAME} characters (say who or what uses it)")
@@ -128,9 +142,11 @@ class KeyStore:
             role = Role.parse(role)
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
-        if expires_in_days is not None and (isinstance(expires_in_days, bool)
-                                            or not isinstance(expires_in_days, int | float)
-                                            or not 0 < expires_in_days <= 3650):
+        if expires_in_days is not None and (
+            isinstance(expires_in_days, bool)
+            or not isinstance(expires_in_days, int | float)
+            or not 0 < expires_in_days <= 3650
+        ):
             raise InvalidArgument(f"expires_in_days must be a number of days from 0 to 3650, not {expires_in_days!r}")
         if rate_limit is not None and (not isinstance(rate_limit, int | float) or not 0 < rate_limit <= 10_000):
             raise InvalidArgument(f"rate_limit must be requests per second from 0 to 10000, not {rate_limit!r}")
@@ -139,9 +155,18 @@ class KeyStore:
         now = time.time()
         expires_at = now + expires_in_days * 86400 if expires_in_days is not None else None
         with self.engine.begin() as conn:
-            conn.execute(sa.insert(keys_table).values(
-                id=key_id, name=name.strip(), role=role.value, secret_hash=_hash(secret), created_at=now,
-                created_by=created_by, expires_at=expires_at, rate_limit=rate_limit))
+            conn.execute(
+                sa.insert(keys_table).values(
+                    id=key_id,
+                    name=name.strip(),
+                    role=role.value,
+                    secret_hash=_hash(secret),
+                    created_at=now,
+                    created_by=created_by,
+                    expires_at=expires_at,
+                    rate_limit=rate_limit,
+                )
+            )
         return self.get(key_id), f"{PREFIX}{key_id}_{secret}"
 
     def get(self, key_id: str) -> ApiKey:
@@ -207,6 +232,14 @@ class KeyStore:
 
 
 def _key(row: Any) -> ApiKey:
-    return ApiKey(id=row["id"], name=row["name"], role=Role(row["role"]), created_at=row["created_at"],
-                  created_by=row["created_by"], expires_at=row["expires_at"], last_used_at=row["last_used_at"],
-                  revoked_at=row["revoked_at"], rate_limit=row["rate_limit"])
+    return ApiKey(
+        id=row["id"],
+        name=row["name"],
+        role=Role(row["role"]),
+        created_at=row["created_at"],
+        created_by=row["created_by"],
+        expires_at=row["expires_at"],
+        last_used_at=row["last_used_at"],
+        revoked_at=row["revoked_at"],
+        rate_limit=row["rate_limit"],
+    )

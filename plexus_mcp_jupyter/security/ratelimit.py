@@ -12,8 +12,10 @@ class RateLimited(Exception):
 
     def __init__(self, wait: float, rate: float, burst: int) -> None:
         self.retry_after = max(1, math.ceil(wait))
-        super().__init__(f"rate limit: this key may make {rate:g} requests per second (bursts of {burst}); retry "
-                         f"after {self.retry_after} s")
+        super().__init__(
+            f"rate limit: this key may make {rate:g} requests per second (bursts of {burst}); retry "
+            f"after {self.retry_after} s"
+        )
 
 
 class RateLimiter:

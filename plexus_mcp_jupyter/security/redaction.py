@@ -54,8 +54,11 @@ class SecretScrubber:
         percent-decoded, as the server reads them: `?%74oken=%61bc...` is Jupyter's token too."""
         separator, name, value = match.groups()
         plain = unquote_plus(value)
-        if (SECRET_PARAM_NAME.search(unquote_plus(name)) or without_secrets(plain) != plain
-                or any(secret in plain for secret in self._values)):
+        if (
+            SECRET_PARAM_NAME.search(unquote_plus(name))
+            or without_secrets(plain) != plain
+            or any(secret in plain for secret in self._values)
+        ):
             return f"{separator}{name}={REDACTED}"
         return match.group(0)
 
@@ -87,8 +90,9 @@ class LogScrubber(logging.Filter):
         return True
 
 
-def scrub_logs(scrubber: SecretScrubber, extra_loggers: tuple[str, ...] = (),
-               exempt_files: tuple[str, ...] = ()) -> Callable[[], None]:
+def scrub_logs(
+    scrubber: SecretScrubber, extra_loggers: tuple[str, ...] = (), exempt_files: tuple[str, ...] = ()
+) -> Callable[[], None]:
     """Attach a LogScrubber for `scrubber` to the server loggers (once per logger and scrubber), leaving the
     records logged from `exempt_files` alone; returns the function that detaches them again (a stopped
     server's secrets need no more scrubbing)."""

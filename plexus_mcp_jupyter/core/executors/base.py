@@ -51,8 +51,15 @@ class Executor(abc.ABC):
 
     @abc.abstractmethod
     def submit(
-        self, task_id: str, target: str, params: dict[str, Any], on_message: MessageCallback, *,
-        max_output_bytes: int, environment: Mapping[str, Any] | None = None, isolated: bool = False,
+        self,
+        task_id: str,
+        target: str,
+        params: dict[str, Any],
+        on_message: MessageCallback,
+        *,
+        max_output_bytes: int,
+        environment: Mapping[str, Any] | None = None,
+        isolated: bool = False,
         resources: Mapping[str, int] | None = None,
     ) -> str:
         """Start a task; return an identifier of the worker running it (e.g. "pid=1234").
@@ -90,8 +97,9 @@ class Executor(abc.ABC):
         """Release what the constructor took (a Dask LocalCluster and its processes) when the server never
         starts; once started, `shutdown` does."""
 
-    async def stop_and_wait(self, task_ids: list[str], running: Callable[[], bool], grace: float, *,
-                            force: bool = False) -> None:
+    async def stop_and_wait(
+        self, task_ids: list[str], running: Callable[[], bool], grace: float, *, force: bool = False
+    ) -> None:
         """Ask these tasks to stop (cooperatively, or with `force` by `kill`), then wait up to `grace` seconds
         while `running()` holds: the steps of a shutdown."""
         for task_id in task_ids:

@@ -90,8 +90,14 @@ class LocalExecutor(Executor):
     name = "local"
 
     def __init__(
-        self, start_method: str | None = None, *, pool_size: int | None = None, reuse: bool = True,
-        max_tasks_per_worker: int = 1000, max_worker_memory_mb: float = 1024.0, nice: int = 0,
+        self,
+        start_method: str | None = None,
+        *,
+        pool_size: int | None = None,
+        reuse: bool = True,
+        max_tasks_per_worker: int = 1000,
+        max_worker_memory_mb: float = 1024.0,
+        nice: int = 0,
         preload: Sequence[str] | None = None,
     ) -> None:
         """`pool_size` workers are kept warm (None: the manager's max_concurrency, see size_for); more start on
@@ -168,7 +174,10 @@ class LocalExecutor(Executor):
         receiver, sender = self._mp.Pipe(duplex=True)  # duplex: the server answers the worker's requests on it
         cancel_seq = self._mp.RawValue("q", 0)
         process = self._mp.Process(
-            target=worker.pool_main, args=(sender, cancel_seq, self.nice), name="plexus-worker", daemon=True,
+            target=worker.pool_main,
+            args=(sender, cancel_seq, self.nice),
+            name="plexus-worker",
+            daemon=True,
         )
         with self._spawn_lock, _main_module_hidden():
             process.start()
@@ -207,14 +216,28 @@ class LocalExecutor(Executor):
     def status(self) -> dict[str, Any]:
         with self._lock:
             running, workers, idle = len(self._by_task), len(self._workers), len(self._idle)
-        return {"name": self.name, "start_method": self.start_method, "running": running, "workers": workers,
-                "idle_workers": idle, "pool_size": self.pool_size, "reuse": self.reuse}
+        return {
+            "name": self.name,
+            "start_method": self.start_method,
+            "running": running,
+            "workers": workers,
+            "idle_workers": idle,
+            "pool_size": self.pool_size,
+            "reuse": self.reuse,
+        }
 
     # -- tasks ---------------------------------------------------------------------------------
 
     def submit(
-        self, task_id: str, target: str, params: dict[str, Any], on_message: MessageCallback, *,
-        max_output_bytes: int = 65_536, environment: Mapping[str, Any] | None = None, isolated: bool = False,
+        self,
+        task_id: str,
+        target: str,
+        params: dict[str, Any],
+        on_message: MessageCallback,
+        *,
+        max_output_bytes: int = 65_536,
+        environment: Mapping[str, Any] | None = None,
+        isolated: bool = False,
         resources: Mapping[str, int] | None = None,
     ) -> str:
         if self._loop is None:
@@ -338,9 +361,15 @@ class LocalExecutor(Executor):
             if job is not None:
                 self._by_task.pop(job.task_id, None)
             w.tasks_run += 1
-            retire = (w.single_use or w.retiring or self._closing or (job is not None and job.cancelled)
-                      or w.tasks_run >= self.max_tasks_per_worker or rss_mb > self.max_worker_memory_mb
-                      or sum(not o.single_use and not o.retiring for o in self._workers.values()) > self.pool_size)
+            retire = (
+                w.single_use
+                or w.retiring
+                or self._closing
+                or (job is not None and job.cancelled)
+                or w.tasks_run >= self.max_tasks_per_worker
+                or rss_mb > self.max_worker_memory_mb
+                or sum(not o.single_use and not o.retiring for o in self._workers.values()) > self.pool_size
+            )
             if not retire:
                 self._idle.append(w)
         if job is not None:
@@ -348,8 +377,9 @@ class LocalExecutor(Executor):
             batch.append((job.on_message, Exit(0)))
         if retire:
             if rss_mb > self.max_worker_memory_mb:
-                log.info("Plexus: worker pid %s uses %.0f MB, above max_worker_memory_mb: replaced", w.process.pid,
-                         rss_mb)
+                log.info(
+                    "Plexus: worker pid %s uses %.0f MB, above max_worker_memory_mb: replaced", w.process.pid, rss_mb
+                )
             self._retire(w)
 
     def _retire(self, w: _Worker) -> None:

@@ -18,23 +18,65 @@ SEED = 20240611
 
 # --- sentiment: 200 product reviews, positive / negative ---------------------------------------------
 
-_PRODUCTS = ["headphones", "kettle", "backpack", "phone case", "desk lamp", "blender", "keyboard", "jacket",
-             "water bottle", "coffee grinder"]
-_POSITIVE = ["I love this {p}, it works great", "Excellent {p}, would buy again", "The {p} is fantastic value",
-             "Really happy with the {p}", "Great quality {p}, arrived quickly", "This {p} is perfect for me",
-             "Wonderful {p}, my family loves it", "Best {p} I have owned"]
-_NEGATIVE = ["The {p} broke after a week, terrible", "Awful {p}, asked for a refund",
-             "Very disappointed with this {p}", "The {p} is poor quality and cheap",
-             "Worst {p} ever, do not buy", "The {p} stopped working, useless",
-             "Horrible {p}, returned it", "The {p} arrived damaged and support was bad"]
+_PRODUCTS = [
+    "headphones",
+    "kettle",
+    "backpack",
+    "phone case",
+    "desk lamp",
+    "blender",
+    "keyboard",
+    "jacket",
+    "water bottle",
+    "coffee grinder",
+]
+_POSITIVE = [
+    "I love this {p}, it works great",
+    "Excellent {p}, would buy again",
+    "The {p} is fantastic value",
+    "Really happy with the {p}",
+    "Great quality {p}, arrived quickly",
+    "This {p} is perfect for me",
+    "Wonderful {p}, my family loves it",
+    "Best {p} I have owned",
+]
+_NEGATIVE = [
+    "The {p} broke after a week, terrible",
+    "Awful {p}, asked for a refund",
+    "Very disappointed with this {p}",
+    "The {p} is poor quality and cheap",
+    "Worst {p} ever, do not buy",
+    "The {p} stopped working, useless",
+    "Horrible {p}, returned it",
+    "The {p} arrived damaged and support was bad",
+]
 # Reviews a keyword classifier gets wrong: the sentiment is carried by negation or sarcasm.
-_TRICKY_POSITIVE = ["Not bad at all, the {p} does the job", "I was worried it would be awful but the {p} is fine",
-                    "No complaints about the {p}"]
-_TRICKY_NEGATIVE = ["Great, another {p} that fails on day two", "I wanted to love this {p} but it is not good",
-                    "Not great, the {p} feels flimsy"]
+_TRICKY_POSITIVE = [
+    "Not bad at all, the {p} does the job",
+    "I was worried it would be awful but the {p} is fine",
+    "No complaints about the {p}",
+]
+_TRICKY_NEGATIVE = [
+    "Great, another {p} that fails on day two",
+    "I wanted to love this {p} but it is not good",
+    "Not great, the {p} feels flimsy",
+]
 _POSITIVE_WORDS = ("love", "excellent", "fantastic", "happy", "great", "perfect", "wonderful", "best", "fine")
-_NEGATIVE_WORDS = ("broke", "terrible", "awful", "refund", "disappointed", "poor", "worst", "useless", "horrible",
-                   "damaged", "bad", "fails", "flimsy")
+_NEGATIVE_WORDS = (
+    "broke",
+    "terrible",
+    "awful",
+    "refund",
+    "disappointed",
+    "poor",
+    "worst",
+    "useless",
+    "horrible",
+    "damaged",
+    "bad",
+    "fails",
+    "flimsy",
+)
 
 
 def keyword_sentiment(text: str) -> str:
@@ -65,26 +107,51 @@ def sentiment_rows(rng: random.Random, count: int = 200) -> list[dict[str, str]]
 # --- topics: 300 support tickets in 5 classes ---------------------------------------------------------
 
 _TOPICS: dict[str, Sequence[str]] = {
-    "billing": ["I was charged twice for my {m} subscription", "Please refund the payment from {m}",
-                "My invoice for {m} shows the wrong amount", "How do I update the card used for billing?",
-                "Why did my bill go up this month?"],
-    "technical": ["The app crashes when I open {m}", "I get an error 500 when uploading files",
-                  "Sync stopped working after the update", "The page is very slow to load since {m}",
-                  "Login button does nothing on my phone"],
-    "account": ["How do I change the email on my account?", "I want to delete my account",
-                "Please reset my password, the link expired", "Can I add a second user to my account?",
-                "My account was locked after too many attempts"],
-    "shipping": ["My parcel has not arrived since {m}", "The tracking number does not work",
-                 "Can you ship to a different address?", "The delivery came with a missing item",
-                 "How long does shipping take to Canada?"],
-    "feedback": ["Just wanted to say the new design is lovely", "It would be nice to have a dark mode",
-                 "Your support team was very helpful in {m}", "Please add an export to spreadsheet feature",
-                 "I like the product but the onboarding is confusing"],
+    "billing": [
+        "I was charged twice for my {m} subscription",
+        "Please refund the payment from {m}",
+        "My invoice for {m} shows the wrong amount",
+        "How do I update the card used for billing?",
+        "Why did my bill go up this month?",
+    ],
+    "technical": [
+        "The app crashes when I open {m}",
+        "I get an error 500 when uploading files",
+        "Sync stopped working after the update",
+        "The page is very slow to load since {m}",
+        "Login button does nothing on my phone",
+    ],
+    "account": [
+        "How do I change the email on my account?",
+        "I want to delete my account",
+        "Please reset my password, the link expired",
+        "Can I add a second user to my account?",
+        "My account was locked after too many attempts",
+    ],
+    "shipping": [
+        "My parcel has not arrived since {m}",
+        "The tracking number does not work",
+        "Can you ship to a different address?",
+        "The delivery came with a missing item",
+        "How long does shipping take to Canada?",
+    ],
+    "feedback": [
+        "Just wanted to say the new design is lovely",
+        "It would be nice to have a dark mode",
+        "Your support team was very helpful in {m}",
+        "Please add an export to spreadsheet feature",
+        "I like the product but the onboarding is confusing",
+    ],
 }
 _MONTHS = ["January", "February", "March", "April", "May", "June"]
 # Plausible confusions of a weak classifier: which topic a ticket is mistaken for.
-_TOPIC_CONFUSIONS = {"billing": "account", "technical": "account", "account": "technical",
-                     "shipping": "billing", "feedback": "technical"}
+_TOPIC_CONFUSIONS = {
+    "billing": "account",
+    "technical": "account",
+    "account": "technical",
+    "shipping": "billing",
+    "feedback": "technical",
+}
 
 
 def topic_rows(rng: random.Random, count: int = 300) -> list[dict[str, str]]:
@@ -132,16 +199,18 @@ def fraud_rows(rng: random.Random, count: int = 500) -> list[dict[str, str]]:
         predicted_fraud = score >= 2
         if rng.random() < 0.02:
             predicted_fraud = not predicted_fraud
-        rows.append({
-            "id": f"f{i:03d}",
-            "text": text,
-            "amount": f"{amount:.2f}",
-            "merchant_category": merchant,
-            "hour": str(hour),
-            "country": country,
-            "label": "fraud" if fraud else "legit",
-            "prediction": "fraud" if predicted_fraud else "legit",
-        })
+        rows.append(
+            {
+                "id": f"f{i:03d}",
+                "text": text,
+                "amount": f"{amount:.2f}",
+                "merchant_category": merchant,
+                "hour": str(hour),
+                "country": country,
+                "label": "fraud" if fraud else "legit",
+                "prediction": "fraud" if predicted_fraud else "legit",
+            }
+        )
     return rows
 
 

@@ -28,8 +28,7 @@ def upgrade() -> None:
     if not inspector.has_table("plexus_event_outbox"):
         op.create_table(
             "plexus_event_outbox",
-            sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True,
-                      nullable=False),
+            sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False),
             sa.Column("txid", sa.BigInteger(), nullable=True),
             sa.Column("origin", sa.String(length=128), nullable=False),
             sa.Column("at", sa.Float(), nullable=False),
@@ -42,7 +41,6 @@ def upgrade() -> None:
         )
         op.create_index("ix_outbox_txid", "plexus_event_outbox", ["txid", "id"], unique=False)
         op.create_index("ix_outbox_at", "plexus_event_outbox", ["at"], unique=False)
-
 
     # Releases from before migrations read plexus_meta.schema_version and refuse a store newer than 1: this one
     # claims without leases and relays nothing, so such a release must not run on it beside newer servers.
