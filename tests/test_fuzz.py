@@ -23,7 +23,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from mcp import MCPError
 
-from plexus_mcp_jupyter.core.store import KEY_OWNER_PREFIX, TaskFilter
+from plexus_mcp_jupyter.core.ownership import KEY_OWNER_PREFIX
+from plexus_mcp_jupyter.core.store import TaskFilter
 
 from .conftest import MODERN, open_client
 

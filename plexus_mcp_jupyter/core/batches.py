@@ -23,9 +23,10 @@ from sqlalchemy.engine import Connection
 from .errors import InvalidArgument, NotFound, PlexusError
 from .manager import MAX_PRIORITY, MIN_PRIORITY, CancelOutcome, TaskManager
 from .models import FINAL_STATUSES, Task, TaskStatus, iso, now, parse_iso
+from .ownership import owner_visible
 from .requests import DispatchTask
 from .retention import expired_message
-from .store import TaskFilter, owner_visible
+from .store import TaskFilter
 from .tasks import get_task_type
 
 SAMPLE_SIZE = 20  # task ids a dry run shows

@@ -28,12 +28,13 @@ from .executors.base import Executor
 from .messages import Cancelled, Done, Ending, Exit, Failed, Log, Lost, Placed, Progress, Reply, Request, ToManager
 from .messages import Stage as StageBegun
 from .models import FINAL_STATUSES, ProgressSample, Stage, StageStatus, Task, TaskStatus, iso, now, parse_iso
+from .ownership import is_key_owner, owner_visible
 from .progress import ProgressDecision, ProgressTracker
 from .queue import FAIRNESS_MODES, FairClock, Group, QueuedInfo, QueuePolicy, QueueWindow, weight
 from .queue import plan as queue_plan
 from .requests import MAX_PRIORITY, MIN_PRIORITY
 from .retention import RetentionPolicy, RetentionPruner, expired_message
-from .store import KEY_OWNER_PREFIX, ProgressWrite, Store, TaskFilter, decode_cursor, encode_cursor, owner_visible
+from .store import ProgressWrite, Store, TaskFilter, decode_cursor, encode_cursor
 from .store_calls import StoreCalls, store_unavailable
 from .tasks import get_task_type, task_type_names
 
@@ -656,7 +657,7 @@ class TaskManager:
         task.lease_expires_at = self._lease_end(at)
 
     def _key_capped(self, owner: str | None) -> bool:
-        return bool(self.max_unfinished_per_key and owner is not None and owner.startswith(KEY_OWNER_PREFIX))
+        return bool(self.max_unfinished_per_key and is_key_owner(owner))
 
     def check_key_cap(self, owner: str | None, adding: int) -> None:
         """InvalidArgument when an API key would have more than max_tasks_per_key unfinished tasks with
@@ -862,7 +863,7 @@ class TaskManager:
         with each task: it holds across restarts and for every face.
         """
         caps = [self.max_concurrency_per_owner] if self.max_concurrency_per_owner else []
-        if owner is not None and owner.startswith(KEY_OWNER_PREFIX) and self.key_slot_share < 1:
+        if is_key_owner(owner) and self.key_slot_share < 1:
             caps.append(max(1, int(self.key_slot_share * self.max_concurrency)))
         return min(caps, default=0)
 

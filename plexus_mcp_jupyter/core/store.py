@@ -21,9 +21,8 @@ from sqlalchemy.engine import Connection, Engine
 
 from .errors import InvalidArgument
 from .models import FINAL_STATUSES, STAGE_NAME_MAX, ProgressSample, Stage, StageStatus, Task, TaskStatus
+from .ownership import visible_to
 from .retention import RetentionPolicy
-
-KEY_OWNER_PREFIX = "key:"  # owners of work created with an API key (security/identity.py)
 
 metadata = sa.MetaData()
 
@@ -1021,20 +1020,6 @@ def _upsert_stages_statement(dialect: str) -> Any:
 # IN list of ids at each execution, cost more than running the queries on SQLite.
 _PREBUILT_IN_MAX = 128
 _IN_CHUNK = 500  # ids per IN (...) list: SQLite allows at most 32,766 bound values, older builds 999
-
-
-def owner_visible(owner: str | None, viewer: str | None) -> bool:
-    """Whether a caller with owner `viewer` (None: an admin) may see work owned by `owner`; see visible_to."""
-    return viewer is None or owner is None or owner == viewer or not owner.startswith(KEY_OWNER_PREFIX)
-
-
-def visible_to(owner_column: Any, viewer: Any) -> Any:
-    """SQL for Principal.sees_owner: unowned, not owned by an API key, or the viewer's own.
-
-    The prefix is compared exactly (not NOT LIKE, which ignores case on SQLite and not on PostgreSQL), as
-    owner_visible does."""
-    prefix = sa.func.substr(owner_column, 1, len(KEY_OWNER_PREFIX))
-    return sa.or_(owner_column.is_(None), prefix != KEY_OWNER_PREFIX, owner_column == viewer)
 
 
 @functools.lru_cache(maxsize=256)

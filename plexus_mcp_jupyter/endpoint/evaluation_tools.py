@@ -54,12 +54,11 @@ def describe_evaluation(view: dict[str, Any]) -> str:
 
 def evaluation_outcome(service: EvaluationService, task: Task) -> CallToolResult:
     """What create_evaluation answers once its task has ended (a streamed call, or an MCP task's result)."""
-    row = service.store.by_task(task.id)
-    if row is None:  # its record could not be written when it was created: say so, as a tool error
+    view = service.view_of_task(task)
+    if view is None:  # its record could not be written when it was created: say so, as a tool error
         missing = result(f"Task {task.id} has no evaluation record.", {})
         missing.is_error = True
         return missing
-    view = service.view(row, {task.id: task})
     outcome = result(describe_evaluation(view), view)
     outcome.is_error = task.status is not TaskStatus.COMPLETED
     return outcome

@@ -24,10 +24,9 @@ from typing import Any
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser, AuthorizationContext
 from mcp.server.auth.provider import AccessToken
 
+from ..core.ownership import KEY_OWNER_PREFIX, is_key_owner, key_owner
 from ..security.identity import Principal, Role
 from .sdk_compat import AdmittingSessionManager
-
-_KEY_PREFIX = "key:"
 
 
 @dataclass(frozen=True)
@@ -67,7 +66,7 @@ def session_user(principal: Principal) -> AuthenticatedUser:
     A key is itself (its id); anyone else is its owner and role (the notebook user, the server's token, a
     JupyterHub user). The role rides in `subject` so admission knows it; no credential is put here.
     """
-    client_id = f"{_KEY_PREFIX}{principal.key_id}" if principal.key_id is not None else f"user:{principal.owner}"
+    client_id = key_owner(principal.key_id) if principal.key_id is not None else f"user:{principal.owner}"
     return AuthenticatedUser(AccessToken(token="", client_id=client_id, scopes=[], subject=principal.role.value))
 
 
@@ -84,7 +83,7 @@ class _Holder:
         if requestor is None:  # no user on the scope: only stdio-like local callers, who are admins
             return cls("user:None", is_key=False, is_admin=True)
         client_id = requestor["client_id"]
-        return cls(client_id, client_id.startswith(_KEY_PREFIX), requestor["subject"] == Role.ADMIN.value)
+        return cls(client_id, is_key_owner(client_id), requestor["subject"] == Role.ADMIN.value)
 
     @property
     def in_key_share(self) -> bool:
@@ -105,11 +104,11 @@ class PlexusSessionManager(AdmittingSessionManager):
 
     def key_ids(self) -> set[str]:
         """The API keys that hold sessions (the key watcher checks them for revocation)."""
-        return {holder.id.removeprefix(_KEY_PREFIX) for holder in self._holders.values() if holder.is_key}
+        return {holder.id.removeprefix(KEY_OWNER_PREFIX) for holder in self._holders.values() if holder.is_key}
 
     def end_sessions_of_key(self, key_id: str) -> None:
         """End every session of a key now (it was revoked): nobody can use them, and their slots are free at once."""
-        holder_id = f"{_KEY_PREFIX}{key_id}"
+        holder_id = key_owner(key_id)
         for session_id in [s for s, holder in self._holders.items() if holder.id == holder_id]:
             ending = self.end_session(session_id)
             self.session_closed(session_id)
@@ -146,7 +145,7 @@ class PlexusSessionManager(AdmittingSessionManager):
             )
         held = self._held[holder.id]
         if holder.is_key and held >= limits.per_key:
-            key_id = holder.id.removeprefix(_KEY_PREFIX)
+            key_id = holder.id.removeprefix(KEY_OWNER_PREFIX)
             raise SessionRefused(
                 429,
                 f"too many MCP sessions: key {key_id} has {held} MCP sessions open, the most "

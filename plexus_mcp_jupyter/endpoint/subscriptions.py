@@ -43,7 +43,8 @@ from ..core.errors import InvalidArgument, NotFound
 from ..core.events import Event
 from ..core.manager import TaskManager
 from ..core.models import TaskStatus, now
-from ..core.store import TaskFilter, owner_visible
+from ..core.ownership import owner_visible
+from ..core.store import TaskFilter
 from ..evaluations.service import EvaluationService
 from ..evaluations.store import EvaluationStatus, parse_statuses
 from .principal import principal_of

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..core.errors import InvalidArgument, NotFound, PlexusError
-from ..core.store import KEY_OWNER_PREFIX
+from ..core.ownership import namespace
 
 NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 DEFAULT_TIMEOUT = 600.0
@@ -47,11 +47,6 @@ class KernelScorer:
     @property
     def key(self) -> tuple[str | None, str]:
         return namespace(self.owner), self.name
-
-
-def namespace(owner: str | None) -> str | None:
-    """Whose names a scorer of `owner` shares: an API key's own, or (None) the notebook user's."""
-    return owner if owner is not None and owner.startswith(KEY_OWNER_PREFIX) else None
 
 
 class KernelScorerRegistry:

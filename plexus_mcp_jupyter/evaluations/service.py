@@ -25,8 +25,8 @@ from ..core.batches import Actor, PlannedSpec
 from ..core.errors import Expired, InvalidArgument, NotFound, one_line
 from ..core.manager import TaskManager
 from ..core.models import Task, iso
+from ..core.ownership import owner_visible
 from ..core.retention import expired_message
-from ..core.store import owner_visible
 from .datasets import DEFAULT_ID_COLUMN, DEFAULT_LABEL_COLUMN, DatasetCatalog, column_listing
 from .file_reads import clip
 from .item_files import ArrowStream
@@ -419,6 +419,12 @@ class EvaluationService:
         if row is None or not owner_visible(row["owner"], viewer):
             raise NotFound(f"no evaluation {evaluation_id!r}; list_evaluations shows the ones that exist")
         return row
+
+    def view_of_task(self, task: Task) -> dict[str, Any] | None:
+        """The evaluation view of an ended evaluation task (None: its record was never written). One indexed row,
+        read where the caller is (the MCP task lane's result callback is synchronous)."""
+        row = self.store.by_task(task.id)
+        return None if row is None else self.view(row, {task.id: task})
 
     async def task_of(self, evaluation_id: str, viewer: str | None = None) -> str:
         """The id of the evaluation's task, if `viewer` may see it (read off the event loop)."""

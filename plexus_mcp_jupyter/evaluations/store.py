@@ -23,12 +23,12 @@ from sqlalchemy.engine import Connection, Engine
 
 from ..core.errors import InvalidArgument
 from ..core.models import TaskStatus
+from ..core.ownership import visible_to
 from ..core.store import (
     decode_position,
     encode_position,
     metadata,
     tasks_table,
-    visible_to,
 )
 from .item_files import ItemFiles
 from .metrics import LabelNormalization

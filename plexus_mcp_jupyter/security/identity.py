@@ -12,7 +12,7 @@ import enum
 from dataclasses import dataclass
 
 from ..core.batches import Actor
-from ..core.store import KEY_OWNER_PREFIX, owner_visible
+from ..core.ownership import owner_visible
 
 
 class Role(str, enum.Enum):
@@ -110,10 +110,6 @@ class Principal:
         if self.key_id is not None:
             return f"key {self.key_id} ({self.role.value})"
         return f"{self.owner or 'the local user'} ({self.role.value})"
-
-
-def key_owner(key_id: str) -> str:
-    return f"{KEY_OWNER_PREFIX}{key_id}"
 
 
 NOTEBOOK_ADMIN = Principal(owner="jupyter", role=Role.ADMIN)

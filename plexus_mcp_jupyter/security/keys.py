@@ -23,8 +23,9 @@ from sqlalchemy.engine import Engine
 
 from ..core.errors import InvalidArgument, NotFound
 from ..core.models import iso
+from ..core.ownership import key_owner
 from ..core.store import metadata
-from .identity import Principal, Role, key_owner
+from .identity import Principal, Role
 
 PREFIX = "plx_"
 KEY_PATTERN = re.compile(r"^plx_([a-z0-9]{12})_([A-Za-z0-9_-]{43})$")
