@@ -28,6 +28,8 @@ BAD_EVALUATIONS = [
     ("a priority beyond the bounds", {**GOOD, "priority": 5000}, "priority"),
     ("a column that is not a string", {**GOOD, "label_column": ["label"]}, "label_column"),
     ("a misspelt field", {**GOOD, "colour": "red"}, "colour"),
+    ("a share given as true", {**GOOD, "sample_fraction": True}, "sample_fraction"),
+    ("a priority given as false", {**GOOD, "priority": False}, "priority"),
 ]
 
 BAD_DISPATCHES = [
@@ -36,6 +38,7 @@ BAD_DISPATCHES = [
     ("a priority beyond the bounds", {"type": "demo", "priority": 10**6}, "priority"),
     ("a description too long", {"type": "demo", "description": "x" * 1001}, "description"),
     ("a misspelt field", {"type": "demo", "colour": 1}, "colour"),
+    ("a priority given as true", {"type": "demo", "priority": True}, "priority"),
 ]
 
 

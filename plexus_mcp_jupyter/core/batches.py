@@ -244,6 +244,7 @@ class BatchOperations:
             for index, spec in planned.items():
                 spec.record(tasks[index], conn)
 
+        self.manager.queue_changing()
         await asyncio.to_thread(self.manager.store.create_tasks, tasks, also=records if planned else None)
         self.manager.announce(tasks)
         return tasks
@@ -437,6 +438,7 @@ class BatchOperations:
             ]
             return ids, outcomes, attempts
 
+        self.manager.queue_changing()
         ids, outcomes, attempts = await asyncio.to_thread(work)
         self.manager.announce(attempts)
         return _in_order(ids, outcomes)
@@ -458,6 +460,7 @@ class BatchOperations:
             )
             return ids, tasks, outcomes, done
 
+        self.manager.queue_changing()
         ids, tasks, outcomes, done = await asyncio.to_thread(work)
         changed = []
         for task in tasks:

@@ -599,6 +599,7 @@ class TaskManager:
         task = self.new_task(type_name, params, **options)
         also = self._also(task, record)
         if not self._starts_at_once(task):
+            self.queue_changing()  # a pass planned while the insert waits must read it, not a kept window
             await self._write(functools.partial(self.store.create_task, task, also=also))
             return self._queued(task)
         created = self._claim_at_once(task)
@@ -927,6 +928,12 @@ class TaskManager:
         positions are planned afresh and a scheduling pass follows on the loop."""
         self._queue_info = None
         self._schedule_soon()
+
+    def queue_changing(self) -> None:
+        """Call before queueing or re-prioritising tasks from another thread: until the change is announced
+        (`announce`, `queue_changed`), scheduling passes read the queue instead of planning on the window they
+        kept (QueueWindow), so a pass that runs after the write commits sees it."""
+        self._queue_changed()
 
     def _queue_changed(self) -> None:
         """Tasks may have been queued: the queue is no longer known to be empty (see `_schedule_soon`)."""

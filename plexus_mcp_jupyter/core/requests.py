@@ -20,6 +20,16 @@ MAX_PROBLEMS = 3  # per message: a body with a thousand bad fields gets a bounde
 MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
 MAX_DESCRIPTION = 1000
 
+
+def _not_a_bool(value: Any) -> Any:
+    # pydantic takes true as 1; a number argument given true or false is a mistake to refuse, not to run with
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true or false")
+    return value
+
+
+Number = BeforeValidator(_not_a_bool)  # Annotated[int | float, Number]: a number, never a boolean
+
 M = TypeVar("M", bound="RequestModel")
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -111,7 +121,7 @@ class DispatchTask(RequestModel):
         "item_delay_ms, fail, fail_at, seed; for evaluation: create_evaluation's "
         "arguments, type being the evaluation type)",
     )
-    priority: int = Field(
+    priority: Annotated[int, Number] = Field(
         default=0,
         ge=MIN_PRIORITY,
         le=MAX_PRIORITY,

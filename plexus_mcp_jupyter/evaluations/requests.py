@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, Field, WithJsonSchema
 
 from ..core.errors import one_line
-from ..core.requests import MAX_PRIORITY, MIN_PRIORITY, RequestModel
+from ..core.requests import MAX_PRIORITY, MIN_PRIORITY, Number, RequestModel
 from .scorers import SCORER_SPEC_SCHEMA
 
 EVALUATION_TYPES = ("accuracy", "feedback", "consistency")
@@ -56,11 +56,15 @@ class CreateEvaluation(RequestModel):
     prediction_column: str | None = Field(None, description="Column of predictions (instead of scorer)")
     input_column: str | None = Field(None, description="Column the scorer reads (default 'text')")
     id_column: str | None = Field(None, description="Column of item ids for results (default row number)")
-    sample_n: int | None = Field(None, ge=1, description="Evaluate a random sample of this many rows")
-    sample_fraction: float | None = Field(None, gt=0, le=1, description="Or of this share of rows")
-    seed: int | None = Field(None, description="Seed of the sample, for repeatable runs")
-    runs: int = Field(3, ge=2, le=MAX_RUNS, description=f"consistency: runs of the scorer, 2 to {MAX_RUNS}")
-    priority: int = Field(
+    sample_n: Annotated[int | None, Number] = Field(
+        None, ge=1, description="Evaluate a random sample of this many rows"
+    )
+    sample_fraction: Annotated[float | None, Number] = Field(None, gt=0, le=1, description="Or of this share of rows")
+    seed: Annotated[int | None, Number] = Field(None, description="Seed of the sample, for repeatable runs")
+    runs: Annotated[int, Number] = Field(
+        3, ge=2, le=MAX_RUNS, description=f"consistency: runs of the scorer, 2 to {MAX_RUNS}"
+    )
+    priority: Annotated[int, Number] = Field(
         0,
         ge=MIN_PRIORITY,
         le=MAX_PRIORITY,
