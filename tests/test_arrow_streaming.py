@@ -19,6 +19,7 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from plexus_mcp_jupyter.core.errors import InvalidArgument
 from plexus_mcp_jupyter.evaluations.dataset_stream import DatasetStream
+from plexus_mcp_jupyter.evaluations.file_reads import ReadBounds
 from plexus_mcp_jupyter.evaluations.metrics import ConfusionCounter, LabelNormalization, compute_metrics
 
 from .test_evaluations import all_results, create, finished, normalised
@@ -109,6 +110,36 @@ def test_a_file_is_read_in_batches_of_only_the_selected_columns(tmp_path, fmt):
     assert whole.index.tolist() == list(range(len(data)))  # an item's default id is its row in the file
     assert whole["label"].tolist() == data["label"].tolist()
     assert whole["prediction"].tolist() == data["prediction"].tolist()
+
+
+def test_json_lines_labels_keep_their_text_in_every_block(tmp_path):
+    # pyarrow types a JSON block by its values: a date-like label would be a timestamp, integers in a block with a
+    # null floats ('1.0' beside '1' elsewhere); a text column's block is then read as it is written.
+    block = ReadBounds(header_bytes=1).block_bytes  # the smallest block a stream reads
+    per_block = block // len('{"label":"2024-01-01","prediction":"2024-01-01"}\n') + 1
+    lines = [{"label": "2024-01-01", "prediction": "2024-01-01"}] * per_block
+    lines += [{"label": 1, "prediction": 1}] * per_block + [{"label": None, "prediction": 1}]
+    lines += [{"label": 1, "prediction": 1}] * 4 * per_block
+    path = tmp_path / "labels.jsonl"
+    with path.open("w") as out:
+        out.writelines(json.dumps(line, separators=(",", ":")) + "\n" for line in lines)
+    read = DatasetStream(
+        path,
+        "jsonl",
+        path.name,
+        [],
+        ["label", "prediction"],
+        ["label", "prediction"],
+        bounds=ReadBounds(header_bytes=1),
+        batch_bytes=1,
+    )
+    batches = list(read)
+    assert len(batches) > 2
+    counter = ConfusionCounter()
+    for batch in batches:
+        counter.add(counter.classes(batch["label"]), counter.classes(batch["prediction"]))
+    names = set(counter.names)  # one class each, whichever block it was read in (and the missing label's)
+    assert {"1", "2024-01-01"} <= names and not names & {"1.0", "2024-01-01 00:00:00"}, names
 
 
 def test_a_csv_column_whose_type_changes_after_the_first_block_fails_naming_it(tmp_path):

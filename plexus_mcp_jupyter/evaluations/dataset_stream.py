@@ -170,16 +170,30 @@ class DatasetStream:
 
     def _jsonl(self) -> Iterator[pd.DataFrame]:
         """Blocks of whole lines, each parsed by pyarrow; a block pyarrow refuses (a field that changes type
-        between records) is parsed by pandas instead, its values kept as they are, as before."""
+        between records), or whose text columns it typed otherwise (a date-like label as a timestamp, integers
+        with a null as floats: the same label would read differently from block to block), is parsed by pandas
+        instead, its values kept as they are, as before."""
         for block in _line_blocks(self.path, max(self.batch_bytes, self.bounds.block_bytes), self.bounds.block_bytes):
             try:
-                frame = pa_json.read_json(io.BytesIO(block)).to_pandas()
+                table = pa_json.read_json(io.BytesIO(block))
             except pa.ArrowInvalid:
-                frame = pd.read_json(io.BytesIO(block), lines=True, dtype=False)
+                table = None
+            if table is not None and all(_as_text(table, column) for column in self.text_columns):
+                frame = table.to_pandas()
+            else:
+                frame = pd.read_json(io.BytesIO(block), lines=True, dtype=False, convert_dates=False)
             for column in self.columns:  # a field no record of this block has
                 if column not in frame.columns:
                     frame[column] = None
             yield frame[self.columns]
+
+
+def _as_text(table: pa.Table, column: str) -> bool:
+    """Whether pyarrow read `column` as text (or found it absent or all null), as a text column must be."""
+    if column not in table.column_names:
+        return True
+    kind = table.schema.field(column).type
+    return bool(pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind))
 
 
 def count_lines(path: Path) -> int:
