@@ -34,7 +34,7 @@ from .queue import FAIRNESS_MODES, FairClock, Group, QueuedInfo, QueuePolicy, Qu
 from .queue import plan as queue_plan
 from .requests import MAX_PRIORITY, MIN_PRIORITY
 from .retention import RetentionPolicy, RetentionPruner, expired_message
-from .store import ProgressWrite, Store, TaskFilter, decode_cursor, encode_cursor
+from .store import ProgressWrite, Store, TaskFilter, decode_cursor, encode_cursor, tasks_table, values_with_prefix
 from .store_calls import StoreCalls, store_unavailable
 from .tasks import get_task_type, task_type_names
 
@@ -400,6 +400,15 @@ class TaskManager:
         if task is None:
             task = self._from_store(task_id, *self._read_stored(task_id), viewer)
         return self._visible(task, viewer)
+
+    async def ids_with_prefix(self, prefix: str, viewer: str | None, limit: int, *, batch: bool = False) -> list[str]:
+        """Task ids (or batch ids) starting with `prefix` that `viewer` may see, newest first (completion), read off
+        the event loop."""
+        t = tasks_table
+        column = t.c.batch_id if batch else t.c.id
+        return await self.calls.run(
+            values_with_prefix, self.store.engine, column, t.c.owner, t.c.created_at, prefix, viewer, limit
+        )
 
     async def aget(self, task_id: str, viewer: str | None = None) -> Task:
         """`get` for the faces: a task that is not in memory is read from the store off the event loop

@@ -11,7 +11,6 @@ may not use the matching tool gets no values, and an unknown prompt or argument 
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,10 +19,9 @@ from mcp.types import CompleteRequestParams, CompleteResult, Completion, PromptR
 
 from ..core.manager import TaskManager
 from ..core.models import TaskStatus
-from ..core.store import tasks_table, values_with_prefix
 from ..core.tasks import task_type_names
 from ..evaluations.service import EVALUATION_TYPES, EvaluationService
-from ..evaluations.store import EvaluationStatus, evaluations_table
+from ..evaluations.store import EvaluationStatus
 from ..security.identity import Principal
 from .principal import principal_of
 from .prompts import PROMPT_ARGUMENT_KINDS
@@ -91,14 +89,14 @@ class Completer:
     async def _values(self, kind: str, typed: str, principal: Principal, context: dict[str, str]) -> list[str]:
         viewer = principal.viewer
         if kind == "task_id":
-            return await self._ids(tasks_table.c.id, tasks_table, typed, viewer)
+            return await self.manager.ids_with_prefix(typed.strip().lower(), viewer, ID_CANDIDATES)
         if kind == "batch_id":
-            return await self._ids(tasks_table.c.batch_id, tasks_table, typed, viewer)
+            return await self.manager.ids_with_prefix(typed.strip().lower(), viewer, ID_CANDIDATES, batch=True)
         if kind == "evaluation_id":
             return (
                 []
                 if self.evaluations is None
-                else await self._ids(evaluations_table.c.id, evaluations_table, typed, viewer)
+                else await self.evaluations.ids_with_prefix(typed.strip().lower(), viewer, ID_CANDIDATES)
             )
         if kind == "task_status":
             return [s.value for s in TaskStatus]
@@ -132,19 +130,6 @@ class Completer:
             except Exception:  # a dataset that cannot be read has no columns to offer, and says why elsewhere
                 return []
         return []
-
-    async def _ids(self, column: Any, table: Any, typed: str, viewer: str | None) -> list[str]:
-        engine = self.manager.store.engine
-        return await asyncio.to_thread(
-            values_with_prefix,
-            engine,
-            column,
-            table.c.owner,
-            table.c.created_at,
-            typed.strip().lower(),
-            viewer,
-            ID_CANDIDATES,
-        )
 
 
 def _rank(values: Iterable[str], typed: str) -> Completion:

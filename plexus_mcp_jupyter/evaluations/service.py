@@ -27,6 +27,7 @@ from ..core.manager import TaskManager
 from ..core.models import Task, iso
 from ..core.ownership import owner_visible
 from ..core.retention import expired_message
+from ..core.store import values_with_prefix
 from .datasets import DEFAULT_ID_COLUMN, DEFAULT_LABEL_COLUMN, DatasetCatalog, column_listing
 from .file_reads import clip
 from .item_files import ArrowStream
@@ -42,6 +43,7 @@ from .store import (
     EvaluationStatus,
     EvaluationStore,
     ItemFilter,
+    evaluations_table,
     parse_statuses,
 )
 
@@ -425,6 +427,13 @@ class EvaluationService:
         read where the caller is (the MCP task lane's result callback is synchronous)."""
         row = self.store.by_task(task.id)
         return None if row is None else self.view(row, {task.id: task})
+
+    async def ids_with_prefix(self, prefix: str, viewer: str | None, limit: int) -> list[str]:
+        """Evaluation ids starting with `prefix` that `viewer` may see, newest first (completion), off the loop."""
+        e = evaluations_table
+        return await self.manager.calls.run(
+            values_with_prefix, self.store.engine, e.c.id, e.c.owner, e.c.created_at, prefix, viewer, limit
+        )
 
     async def task_of(self, evaluation_id: str, viewer: str | None = None) -> str:
         """The id of the evaluation's task, if `viewer` may see it (read off the event loop)."""
