@@ -279,7 +279,33 @@ def _score(ctx: TaskContext, scorer: Scorer, chunk: pd.DataFrame) -> ScoreBatch:
     return scorer.score(chunk)
 
 
-class _Accuracy:
+class _ScoreWriter:
+    """What the scores of an evaluation share: where a chunk's items go (one file chunk per score and start)."""
+
+    store: EvaluationStore
+    evaluation_id: str
+    name: str
+    input_column: str | None
+    id_column: str | None
+    redacted: frozenset[str]
+
+    def _write(
+        self,
+        start: int,
+        chunk: pd.DataFrame,
+        labels: Any,
+        classes: Any,
+        batch: ScoreBatch,
+        correct: Any,
+        failed: np.ndarray,
+    ) -> None:
+        columns = _columns(
+            start, chunk, labels, classes, batch, correct, failed, self.input_column, self.id_column, self.redacted
+        )
+        self.store.add_chunk(self.evaluation_id, self.name, start, columns)
+
+
+class _Accuracy(_ScoreWriter):
     """One score of an accuracy evaluation, chunk by chunk: items written, a confusion matrix counted.
 
     What it keeps between chunks is the counts (ConfusionCounter), never the chunks: an evaluation of ten
@@ -315,23 +341,7 @@ class _Accuracy:
         failed = _failed_mask(batch)
         # Classes are numbers here: the label_class column is the class names taken by number (no per-row str).
         classes = pa.array(self.counter.names, pa.string()).take(pa.array(ref))
-        self.store.add_chunk(
-            self.evaluation_id,
-            self.name,
-            start,
-            _columns(
-                start,
-                chunk,
-                labels,
-                classes,
-                batch,
-                ref == predicted,
-                failed,
-                self.input_column,
-                self.id_column,
-                self.redacted,
-            ),
-        )
+        self._write(start, chunk, labels, classes, batch, ref == predicted, failed)
         # Items whose scoring failed are left out of the metrics (and counted); a missing prediction without
         # an error is the "na" class like any other.
         keep = ~failed
@@ -465,7 +475,7 @@ def _texts(values: pd.Series, limit: int) -> list[str | None]:
     return out.tolist()  # type: ignore[no-any-return]
 
 
-class _Consistency:
+class _Consistency(_ScoreWriter):
     """One score of a consistency evaluation, chunk by chunk. The runs' predictions of every item are kept
     (the agreement metrics need them all: items x runs class names); the modal accuracy is counted."""
 
@@ -511,23 +521,7 @@ class _Consistency:
         )
         labels = chunk[self.label_column] if self.label_column else None
         classes = normalize_labels(labels, self.norm) if labels is not None else None
-        self.store.add_chunk(
-            self.evaluation_id,
-            self.name,
-            start,
-            _columns(
-                start,
-                chunk,
-                labels,
-                classes,
-                batch,
-                unanimous,
-                failed,
-                self.input_column,
-                self.id_column,
-                self.redacted,
-            ),
-        )
+        self._write(start, chunk, labels, classes, batch, unanimous, failed)
         self.grids.append(np.asarray(grid[~failed], dtype=object))
         if labels is not None:
             keep = ~failed
