@@ -38,8 +38,8 @@ class CreateEvaluation(RequestModel):
         Field(description=f"One of {', '.join(EVALUATION_TYPES)}", json_schema_extra={"enum": list(EVALUATION_TYPES)}),
     ]
     dataset: str | None = Field(None, description="Dataset ref (not with scorecard)")
-    # The published schema shows each kind's fields (SCORER_SPEC_SCHEMA); normalize_spec checks a spec, with
-    # messages that name the field inside it, in EvaluationService.plan as in a scorecard.
+    # The published schema is the scorer spec union's (SCORER_SPEC_SCHEMA: one model per kind); normalize_spec
+    # checks a spec with it, in messages that name the field inside it, in EvaluationService.plan as in a scorecard.
     scorer: Annotated[
         str | dict[str, Any] | None,
         WithJsonSchema(

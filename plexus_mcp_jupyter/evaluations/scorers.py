@@ -53,102 +53,33 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+from annotated_types import MinLen
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    model_validator,
+)
+from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import PydanticCustomError
 
 from ..core.errors import InvalidArgument, one_line
 from .datasets import require_columns
 
-SCORER_KINDS = ("column", "rules", "python", "kernel")
 DEFAULT_INPUT_COLUMN = "text"
-SPEC_HELP = (
-    "a scorer spec is 'column:<column>', 'python:<module>:<function>', 'kernel:<name>' or a mapping "
-    f"with 'kind' ({', '.join(SCORER_KINDS)})"
-)
 _IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
-
-_STRING = {"type": "string", "minLength": 1}
-_COMMON = {"name": _STRING, "input_column": _STRING}
-SCORER_SPEC_SCHEMA: dict[str, Any] = {
-    "description": "A scorer: a string shorthand or a mapping with 'kind'.",
-    "oneOf": [
-        {
-            "type": "string",
-            "pattern": r"^(column:.+|python:[\w.]+:[\w.]+|kernel:.+)$",
-            "examples": [
-                "column:prediction",
-                "python:plexus_mcp_jupyter.evaluations.examples.scorers:keyword_sentiment",
-            ],
-        },
-        {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["kind", "column"],
-            "properties": {"kind": {"const": "column"}, "name": _STRING, "column": _STRING},
-        },
-        {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["kind", "rules"],
-            "properties": {
-                **_COMMON,
-                "kind": {"const": "rules"},
-                "rules": {
-                    "type": "array",
-                    "minItems": 1,
-                    "items": {
-                        "type": "object",
-                        "additionalProperties": False,
-                        "required": ["label"],
-                        "properties": {
-                            "pattern": {**_STRING, "description": "a regular expression"},
-                            "keywords": {"type": "array", "minItems": 1, "items": _STRING},
-                            "label": _STRING,
-                        },
-                    },
-                },
-                "default": {"type": ["string", "null"]},
-                "case_sensitive": {"type": "boolean", "default": False},
-            },
-        },
-        {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["kind", "function"],
-            "properties": {
-                **_COMMON,
-                "kind": {"const": "python"},
-                "function": {"type": "string", "pattern": r"^[\w.]+:[\w.]+$"},
-                "vectorized": {"type": "boolean"},
-            },
-        },
-        {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["kind", "function"],
-            "properties": {
-                **_COMMON,
-                "kind": {"const": "kernel"},
-                "function": _STRING,
-                "kernel_id": _STRING,
-                "vectorized": {"type": "boolean"},
-            },
-        },
-    ],
-}
-
-# Each kind's fields, read from the published schema (one declaration): kind -> (required, optional) besides kind.
-_FIELDS: dict[str, tuple[set[str], set[str]]] = {
-    shape["properties"]["kind"]["const"]: (
-        set(shape["required"]) - {"kind"},
-        set(shape["properties"]) - set(shape["required"]),
-    )
-    for shape in SCORER_SPEC_SCHEMA["oneOf"][1:]
-}
 
 
 class SpecError(InvalidArgument):
@@ -159,6 +90,196 @@ class SpecError(InvalidArgument):
         super().__init__(f"{field}: {message}" if field else message)
         self.field = field
         self.detail = message
+
+
+# --- the spec models: one per kind, discriminated on `kind` --------------------------------------------------
+# They are the one declaration of a spec's shape: SCORER_SPEC_SCHEMA is their JSON schema, and normalize_spec
+# validates with them, turning pydantic's errors into SpecErrors that name the field inside the spec and say
+# what it must be ("rules[0].pattern: invalid regular expression ...").
+
+_SPEC_ERROR = "scorer_spec"  # the pydantic error type of the messages below, passed on as they are
+
+
+def _refuse(message: str) -> PydanticCustomError:
+    return PydanticCustomError(_SPEC_ERROR, "{message}", {"message": message})
+
+
+def _expect(what: str, *, null: bool = False) -> WrapValidator:
+    """A field's check in the spec's own words: any value the inner type refuses (or null, unless `null`) is
+    'must be <what>, not <value>'; absent fields are not validated (their default)."""
+
+    def check(value: Any, inner: ValidatorFunctionWrapHandler) -> Any:
+        if value is None and not null:
+            raise _refuse(f"must be {what}, not None")
+        try:
+            return inner(value)
+        except ValidationError:
+            raise _refuse(f"must be {what}, not {value!r}") from None
+
+    return WrapValidator(check)
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("blank")
+    return value
+
+
+def _compiles(pattern: str | None) -> str | None:
+    try:
+        re.compile(pattern or "", re.IGNORECASE)  # a flag changes no pattern's validity
+    except re.error as error:
+        raise _refuse(f"invalid regular expression {pattern!r}: {error}") from None
+    return pattern
+
+
+def _import_path(path: str) -> str:
+    if not _IMPORT_PATH.fullmatch(path):
+        raise _refuse(f"{path!r} is not an import path; expected 'package.module:function'")
+    return path
+
+
+_Absent = SkipJsonSchema[None]  # an optional field is given or left out; null is not published (nor taken)
+_Text = Annotated[str, StringConstraints(min_length=1), AfterValidator(_not_blank)]
+Text = Annotated[_Text, _expect("a non-empty string")]
+OptionalText = Annotated[_Text | _Absent, _expect("a non-empty string")]
+OptionalFlag = Annotated[bool | _Absent, _expect("true or false")]
+OptionalRegex = Annotated[  # the checks outside the union, so that an error is at the field, not at a branch
+    Annotated[str, StringConstraints(min_length=1)] | _Absent,
+    _expect("a non-empty regular expression"),
+    AfterValidator(_compiles),
+]
+Keywords = Annotated[list[Annotated[str, StringConstraints(min_length=1)]], MinLen(1)]
+ImportPath = Annotated[
+    Text,
+    AfterValidator(_import_path),
+    Field(json_schema_extra={"pattern": f"^{_IMPORT_PATH.pattern}$"}),
+]
+
+
+class _SpecModel(BaseModel):
+    """A part of a scorer spec: strict (a string is not a number, "yes" is not true) and closed."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class RuleSpec(_SpecModel):
+    """One rule of a rules scorer: inputs matching `pattern` (or containing one of `keywords`) get `label`."""
+
+    pattern: Annotated[OptionalRegex, Field(description="a regular expression")] = None
+    keywords: Annotated[Keywords | _Absent, _expect("a non-empty list of non-empty strings")] = None
+    label: Text
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_mapping(cls, rule: Any) -> Any:
+        if not isinstance(rule, Mapping):
+            raise _refuse(f"must be a mapping with 'pattern' or 'keywords' and 'label', not {rule!r}")
+        return {"label": None, **rule}  # no label is a missing label: "label: must be a non-empty string"
+
+    @model_validator(mode="after")
+    def _one_matcher(self) -> RuleSpec:
+        if ("pattern" in self.model_fields_set) == ("keywords" in self.model_fields_set):
+            raise _refuse("give exactly one of 'pattern' (a regex) and 'keywords' (a list of words)")
+        return self
+
+    def regex(self) -> str:
+        """The rule as one regular expression: keywords are literal (escaped) alternatives."""
+        return self.pattern if self.pattern is not None else "|".join(re.escape(k) for k in self.keywords or ())
+
+
+def _rules_list(value: Any, inner: ValidatorFunctionWrapHandler) -> Any:
+    if not isinstance(value, list) or not value:
+        raise _refuse("must be a non-empty list of {pattern, label} or {keywords, label}")
+    return inner(value)  # each rule's own errors, at rules[i]
+
+
+class ColumnSpec(_SpecModel):
+    """Predictions already in the dataset."""
+
+    kind: Literal["column"]
+    name: OptionalText = None
+    column: Annotated[Text, Field(description="an existing column holding the predictions")]
+
+
+class RulesSpec(_SpecModel):
+    """Ordered rules; the first that matches gives the label."""
+
+    kind: Literal["rules"]
+    name: OptionalText = None
+    input_column: OptionalText = None
+    rules: Annotated[list[RuleSpec], MinLen(1), WrapValidator(_rules_list)]
+    default: Annotated[
+        str | None, _expect("a label (a string) or null", null=True), Field(description="label when no rule matches")
+    ] = None
+    case_sensitive: Annotated[bool, _expect("true or false")] = False
+
+
+class PythonSpec(_SpecModel):
+    """A Python function found by import path."""
+
+    kind: Literal["python"]
+    name: OptionalText = None
+    input_column: OptionalText = None
+    function: Annotated[ImportPath, Field(description="package.module:function")]
+    vectorized: Annotated[
+        OptionalFlag, Field(description="called once per chunk; omitted: decided by the function")
+    ] = None
+
+
+class KernelSpec(_SpecModel):
+    """A callable a notebook kernel registered (plexus.register_scorer), run in that kernel."""
+
+    kind: Literal["kernel"]
+    name: OptionalText = None
+    input_column: OptionalText = None
+    function: Annotated[Text, Field(description="the name the kernel registered it under")]
+    kernel_id: OptionalText = None
+    vectorized: OptionalFlag = None
+
+
+ScorerSpec = Annotated[ColumnSpec | RulesSpec | PythonSpec | KernelSpec, Field(discriminator="kind")]
+_SPEC = TypeAdapter(ScorerSpec)
+_KINDS: dict[str, type[_SpecModel]] = {
+    model.model_fields["kind"].annotation.__args__[0]: model  # type: ignore[union-attr]
+    for model in (ColumnSpec, RulesSpec, PythonSpec, KernelSpec)
+}
+SCORER_KINDS = tuple(_KINDS)  # column, rules, python, kernel
+SPEC_HELP = (
+    "a scorer spec is 'column:<column>', 'python:<module>:<function>', 'kernel:<name>' or a mapping "
+    f"with 'kind' ({', '.join(SCORER_KINDS)})"
+)
+
+
+def _inline(node: Any, defs: dict[str, Any], *, properties: bool = False) -> Any:
+    """A pydantic JSON schema with its $refs replaced by their definitions and without titles: published
+    inside other schemas (a tool's inputSchema, the scorecard's), where no $defs travel along."""
+    if isinstance(node, list):
+        return [_inline(item, defs) for item in node]
+    if not isinstance(node, dict):
+        return node
+    if "$ref" in node and not properties:
+        return _inline(defs[node["$ref"].rsplit("/", 1)[1]], defs)
+    return {
+        key: _inline(value, defs, properties=key == "properties" and not properties)
+        for key, value in node.items()
+        if properties
+        or (key not in ("title", "discriminator") and not (key == "default" and value is None and "type" in node))
+    }  # an optional field's default None means "left out": null is published only where it is taken
+
+
+def _published() -> dict[str, Any]:
+    generated = _SPEC.json_schema()
+    kinds = _inline(generated["oneOf"], generated.get("$defs", {}))
+    shorthand = {
+        "type": "string",
+        "pattern": r"^(column:.+|python:[\w.]+:[\w.]+|kernel:.+)$",
+        "examples": ["column:prediction", "python:plexus_mcp_jupyter.evaluations.examples.scorers:keyword_sentiment"],
+    }
+    return {"description": "A scorer: a string shorthand or a mapping with 'kind'.", "oneOf": [shorthand, *kinds]}
+
+
+SCORER_SPEC_SCHEMA: dict[str, Any] = _published()  # what create_evaluation, REST, batches and scorecards publish
 
 
 @dataclass(frozen=True)
@@ -374,45 +495,48 @@ def vectorized(function: Callable[..., Any]) -> Callable[..., Any]:
 # --- specs -------------------------------------------------------------------------------------------------
 
 
-def normalize_spec(spec: object) -> dict[str, Any]:
-    """Check a spec's shape (kinds, fields, types, regexes) without importing anything; return it as a mapping.
+def parse_spec(spec: object) -> ColumnSpec | RulesSpec | PythonSpec | KernelSpec:
+    """A spec (a string shorthand or a mapping) as its kind's model, checked without importing anything.
 
-    Raises SpecError (an InvalidArgument) whose `field` names the offending field.
-    """
+    Raises SpecError (an InvalidArgument) whose `field` names the offending field (`rules[0].pattern`)."""
     if isinstance(spec, str):
         spec = _expand_shorthand(spec)
     if not isinstance(spec, Mapping):
         raise SpecError(f"{SPEC_HELP}; got {type(spec).__name__}")
-    kind = spec.get("kind")
-    if kind not in _FIELDS:
-        raise SpecError(f"unknown scorer kind {kind!r}; expected one of {', '.join(SCORER_KINDS)}", "kind")
-    required, optional = _FIELDS[kind]
-    unknown = sorted(set(spec) - required - optional - {"kind"}, key=str)
-    if unknown:
-        raise SpecError(
-            f"unknown field {unknown[0]!r} for a {kind} scorer; allowed: {', '.join(sorted(required | optional))}",
-            str(unknown[0]),
-        )
-    for key in sorted(required):
-        if key not in spec:
-            raise SpecError(f"a {kind} scorer needs {key!r}", key)
-    result: dict[str, Any] = {"kind": kind}
-    for key in sorted(set(spec) - {"kind"}):
-        value = spec[key]
-        if key in {"vectorized", "case_sensitive"}:
-            if not isinstance(value, bool):
-                raise SpecError(f"must be true or false, not {value!r}", key)
-        elif key == "default":
-            if value is not None and not isinstance(value, str):
-                raise SpecError(f"must be a label (a string) or null, not {value!r}", key)
-        elif key == "rules":
-            value = _check_rules(value, bool(spec.get("case_sensitive", False)))
-        elif not isinstance(value, str) or not value.strip():
-            raise SpecError(f"must be a non-empty string, not {value!r}", key)
-        result[key] = value
-    if kind == "python" and not _IMPORT_PATH.fullmatch(result["function"]):
-        raise SpecError(f"{result['function']!r} is not an import path; expected 'package.module:function'", "function")
-    return result
+    try:
+        return _SPEC.validate_python(dict(spec))
+    except ValidationError as error:
+        raise _spec_error(spec.get("kind"), error) from None
+
+
+def normalize_spec(spec: object) -> dict[str, Any]:
+    """A checked spec as a JSON-ready mapping: `kind`, then the fields it gave, by name (what is stored as an
+    evaluation's definition). Raises SpecError as `parse_spec` does."""
+    given = parse_spec(spec).model_dump(exclude_unset=True)
+    return {"kind": given.pop("kind"), **dict(sorted(given.items()))}
+
+
+def _spec_error(kind: object, error: ValidationError) -> SpecError:
+    """The first of pydantic's errors in the spec's words: unknown fields first, then missing ones, then the
+    others in field order; `field` is where it is (`rules[1]`, `rules[0].label`)."""
+    order = {"extra_forbidden": 0, "missing": 1}
+    problem = min(  # stable: among the others, the first pydantic met; unknown fields by name
+        error.errors(include_url=False),
+        key=lambda e: (order.get(e["type"], 2), str(e["loc"]) if e["type"] == "extra_forbidden" else ""),
+    )
+    if problem["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        return SpecError(f"unknown scorer kind {kind!r}; expected one of {', '.join(SCORER_KINDS)}", "kind")
+    location = problem["loc"][1:]  # after the kind's tag
+    field = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in location).lstrip(".")
+    name = location[-1]
+    if problem["type"] == "extra_forbidden":
+        if len(location) == 1:
+            allowed = sorted(set(_KINDS[str(kind)].model_fields) - {"kind"})
+            return SpecError(f"unknown field {name!r} for a {kind} scorer; allowed: {', '.join(allowed)}", field)
+        return SpecError(f"unknown field {name!r}; allowed: {', '.join(sorted(RuleSpec.model_fields))}", field)
+    if problem["type"] == "missing":
+        return SpecError(f"a {kind} scorer needs {name!r}", field)
+    return SpecError(str(problem["msg"]), field or None)
 
 
 def scorer_from_spec(spec: object, *, input_column: str | None = None) -> Scorer:
@@ -421,30 +545,29 @@ def scorer_from_spec(spec: object, *, input_column: str | None = None) -> Scorer
     Raises InvalidArgument (SpecError) for a malformed spec, an unknown kind, a bad regex, an import path
     that does not import or does not name a callable, and for kernel scorers, which the service runs.
     """
-    checked = normalize_spec(spec)
-    kind = checked["kind"]
-    column = checked.get("input_column") or input_column or DEFAULT_INPUT_COLUMN
-    if kind == "column":
-        return ColumnScorer(checked["column"], name=checked.get("name"))
-    if kind == "rules":
-        rules = [Rule(_rule_pattern(rule), rule["label"], rule) for rule in checked["rules"]]
+    checked = parse_spec(spec)
+    if isinstance(checked, ColumnSpec):
+        return ColumnScorer(checked.column, name=checked.name)
+    column = checked.input_column or input_column or DEFAULT_INPUT_COLUMN
+    if isinstance(checked, RulesSpec):
+        rules = [Rule(rule.regex(), rule.label, rule.model_dump(exclude_unset=True)) for rule in checked.rules]
         return RulesScorer(
             rules,
-            default=checked.get("default"),
-            case_sensitive=checked.get("case_sensitive", False),
+            default=checked.default,
+            case_sensitive=checked.case_sensitive,
             input_column=column,
-            name=checked.get("name"),
+            name=checked.name,
         )
-    if kind == "python":
-        function = import_function(checked["function"])
-        vectorised = checked.get("vectorized")
+    if isinstance(checked, PythonSpec):
+        function = import_function(checked.function)
+        vectorised = checked.vectorized
         if vectorised is None:
             vectorised = _declares_vectorised(function)
         return PythonScorer(
-            function, vectorized=vectorised, path=checked["function"], input_column=column, name=checked.get("name")
+            function, vectorized=vectorised, path=checked.function, input_column=column, name=checked.name
         )
     raise SpecError(
-        f"kernel scorer {checked['function']!r} runs in its Jupyter kernel and is executed by the "
+        f"kernel scorer {checked.function!r} runs in its Jupyter kernel and is executed by the "
         "evaluation service, not here; use kernel_scorer_spec() to check it",
         "kind",
     )
@@ -452,15 +575,15 @@ def scorer_from_spec(spec: object, *, input_column: str | None = None) -> Scorer
 
 def kernel_scorer_spec(spec: object, *, input_column: str | None = None) -> KernelScorerSpec:
     """Check a kernel scorer spec and return it for the service that runs it in the kernel."""
-    checked = normalize_spec(spec)
-    if checked["kind"] != "kernel":
-        raise SpecError(f"expected a kernel scorer, not a {checked['kind']} scorer", "kind")
+    checked = parse_spec(spec)
+    if not isinstance(checked, KernelSpec):
+        raise SpecError(f"expected a kernel scorer, not a {checked.kind} scorer", "kind")
     return KernelScorerSpec(
-        function=checked["function"],
-        input_column=checked.get("input_column") or input_column or DEFAULT_INPUT_COLUMN,
-        kernel_id=checked.get("kernel_id"),
-        vectorized=checked.get("vectorized", False),
-        name=checked.get("name"),
+        function=checked.function,
+        input_column=checked.input_column or input_column or DEFAULT_INPUT_COLUMN,
+        kernel_id=checked.kernel_id,
+        vectorized=bool(checked.vectorized),
+        name=checked.name,
     )
 
 
@@ -500,45 +623,6 @@ def _expand_shorthand(text: str) -> dict[str, Any]:
     if kind == "rules":
         raise SpecError("a rules scorer needs a mapping with 'rules' (a list of {pattern, label}), not a string")
     raise SpecError(f"unknown scorer kind {kind!r} in {text!r}; {SPEC_HELP}", "kind")
-
-
-def _check_rules(rules: object, case_sensitive: bool) -> list[dict[str, Any]]:
-    if not isinstance(rules, list) or not rules:
-        raise SpecError("must be a non-empty list of {pattern, label} or {keywords, label}", "rules")
-    checked: list[dict[str, Any]] = []
-    for position, rule in enumerate(rules):
-        where = f"rules[{position}]"
-        if not isinstance(rule, Mapping):
-            raise SpecError(f"must be a mapping with 'pattern' or 'keywords' and 'label', not {rule!r}", where)
-        unknown = sorted(set(rule) - {"pattern", "keywords", "label"}, key=str)
-        if unknown:
-            raise SpecError(f"unknown field {unknown[0]!r}; allowed: keywords, label, pattern", f"{where}.{unknown[0]}")
-        label = rule.get("label")
-        if not isinstance(label, str) or not label.strip():
-            raise SpecError(f"must be a non-empty string, not {label!r}", f"{where}.label")
-        if ("pattern" in rule) == ("keywords" in rule):
-            raise SpecError("give exactly one of 'pattern' (a regex) and 'keywords' (a list of words)", where)
-        if "pattern" in rule:
-            pattern = rule["pattern"]
-            if not isinstance(pattern, str) or not pattern:
-                raise SpecError(f"must be a non-empty regular expression, not {pattern!r}", f"{where}.pattern")
-            try:
-                re.compile(pattern, 0 if case_sensitive else re.IGNORECASE)
-            except re.error as error:
-                raise SpecError(f"invalid regular expression {pattern!r}: {error}", f"{where}.pattern") from None
-            checked.append({"pattern": pattern, "label": label})
-        else:
-            keywords = rule["keywords"]
-            if not isinstance(keywords, list) or not keywords or not all(isinstance(k, str) and k for k in keywords):
-                raise SpecError(f"must be a non-empty list of non-empty strings, not {keywords!r}", f"{where}.keywords")
-            checked.append({"keywords": list(keywords), "label": label})
-    return checked
-
-
-def _rule_pattern(rule: Mapping[str, Any]) -> str:
-    if "pattern" in rule:
-        return str(rule["pattern"])
-    return "|".join(re.escape(keyword) for keyword in rule["keywords"])
 
 
 def _describe_rule(rule: Mapping[str, Any]) -> str:
