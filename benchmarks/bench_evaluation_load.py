@@ -483,10 +483,10 @@ def breakdown(body: bytes, write_rows: int, write_rounds: int) -> None:
             t0, c0 = time.perf_counter(), time.process_time()
             runner.run_evaluation(
                 ctx,
-                "bench-evaluation",
-                "accuracy",
-                "registered:big",
-                [{"name": "score", "scorer": {"kind": "column", "column": "prediction"}}],
+                evaluation_id="bench-evaluation",
+                type="accuracy",
+                dataset="registered:big",
+                scores=[{"name": "score", "scorer": {"kind": "column", "column": "prediction"}}],
                 label_column="label",
                 input_column="text",
                 id_column="id",

@@ -346,43 +346,63 @@ def _tasks_client(args: argparse.Namespace) -> Any:
     return PlexusClient(url, token)
 
 
-def _selection(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "task_ids": args.ids or None,
+def _bulk_request(args: argparse.Namespace) -> Any:
+    """The operation's request model (core/requests.py), built here: a bad filter is refused before sending."""
+    from .core.requests import BULK_REQUESTS
+
+    fields = {
+        "task_ids": args.ids,
         "status": args.status,
         "type": args.type,
         "owner": args.owner,
         "created_after": args.created_after,
         "created_before": args.created_before,
         "batch": args.batch,
+        "dry_run": args.dry_run,
     }
+    if args.command == "priority":
+        fields["priority"] = args.priority
+    return BULK_REQUESTS[args.command].parse(fields)
+
+
+def _task_specs(path: str) -> list[dict[str, Any]]:
+    """The specs of `plexus tasks dispatch`, each checked with the server's DispatchTask model before sending;
+    ValueError in one line (which spec, which field) when one is wrong."""
+    from .core.errors import InvalidArgument
+    from .core.requests import DispatchTask
+
+    text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    example = '[{"type": "demo", "params": {...}, "priority": 0}, ...]'
+    try:
+        specs = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{path} is not JSON ({exc}): give a list of task specs {example}") from None
+    if not isinstance(specs, list) or not specs:
+        raise ValueError(f"{path} must hold a non-empty list of task specs {example}, not {type(specs).__name__}")
+    for index, spec in enumerate(specs):
+        try:
+            DispatchTask.parse(spec, where=f"tasks[{index}].")
+        except InvalidArgument as exc:
+            raise ValueError(f"{path}: {exc}; nothing was sent") from None
+    return specs
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
-    """`plexus tasks dispatch|cancel|retry|priority|batch`: batch operations over the server's REST API."""
+    """`plexus tasks dispatch|cancel|retry|priority|batch`: batch operations over the server's REST API. Specs and
+    filters are checked here with the server's request models, so a mistake is one line and exit status 2."""
+    from .core.errors import InvalidArgument
     from .notebook.errors import PlexusError
 
     try:
-        client = _tasks_client(args)
         if args.command == "dispatch":
-            text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
-            try:
-                specs = json.loads(text)
-            except ValueError as exc:
-                return _fail(
-                    ValueError(
-                        f"{args.file} is not JSON ({exc}): give a list of task specs "
-                        '[{"type": "demo", "params": {...}, "priority": 0}, ...]'
-                    )
-                )
-            answer = client.dispatch_batch(specs)
+            specs = _task_specs(args.file)
+            answer = _tasks_client(args).dispatch_batch(specs)
         elif args.command == "batch":
-            answer = client.batch(args.batch_id)
+            answer = _tasks_client(args).batch(args.batch_id)
         else:
-            answer = client.bulk(
-                args.command, _selection(args), dry_run=args.dry_run, priority=getattr(args, "priority", None)
-            )
-    except (PlexusError, OSError) as exc:
+            request = _bulk_request(args)
+            answer = _tasks_client(args).bulk(request)
+    except (PlexusError, InvalidArgument, OSError, ValueError) as exc:
         return _fail(exc)
     print(json.dumps(answer, indent=2))
     return 0

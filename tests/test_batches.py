@@ -438,12 +438,12 @@ async def test_the_notebook_client_runs_the_same_batch_operations(server_url, to
         ("tasks", {"tasks": [{"type": "evaluation"}]}, "tasks[0]: params.type is required: One of accuracy"),
         ("tasks/cancel", {}, "give either task_ids"),
         ("tasks/cancel", {"task_ids": ["a"], "status": "QUEUED"}, "not both"),
-        ("tasks/cancel", {"status": "DONE"}, "unknown status 'DONE'"),
-        ("tasks/cancel", {"batch": "b", "dry_run": "yes"}, "dry_run must be true or false"),
+        ("tasks/cancel", {"status": "DONE"}, "status.0: unknown status; expected one of QUEUED"),
+        ("tasks/cancel", {"batch": "b", "dry_run": "yes"}, "dry_run: Input should be a valid boolean (got 'yes')"),
         ("tasks/cancel", {"created_after": "yesterday"}, "'created_after' must be an ISO 8601 date"),
         ("tasks/retry", {"created_before": "soon"}, "'created_before' must be an ISO 8601 date"),
         ("tasks/priority", {"batch": "b"}, "priority is required"),
-        ("tasks/priority", {"batch": "b", "priority": "high"}, "priority must be a whole number from -1000 to 1000"),
+        ("tasks/priority", {"batch": "b", "priority": "high"}, "priority: Input should be a valid integer"),
     ],
 )
 async def test_bad_batch_requests_get_clear_errors_and_change_nothing(server_url, token, runtime, path, body, says):

@@ -1,6 +1,7 @@
 """Operations on many tasks at once: dispatch a batch; cancel, retry or re-prioritise tasks chosen by ids or by
 a filter (with a dry run); a batch's counts and aggregated progress. The same for MCP, REST, the CLI and the
-notebook, which only parse their input into a `Selection` or task specs and call these.
+notebook, which only parse their input into a request model (core/requests.py: `CancelTasks`, `RetryTasks`,
+`SetTaskPriority`, each a `Selection`; `DispatchTask`) and call these.
 
 Every call is bounded by `max_batch_size` and is refused whole, naming the count and the bound, rather than
 done in part; a batch's specs are all valid or nothing is stored; a non-admin's filter only ever matches its
@@ -15,7 +16,7 @@ import asyncio
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy.engine import Connection
@@ -24,19 +25,18 @@ from .errors import InvalidArgument, NotFound, PlexusError
 from .manager import MAX_PRIORITY, MIN_PRIORITY, CancelOutcome, TaskManager
 from .models import FINAL_STATUSES, Task, TaskStatus, iso, now, parse_iso
 from .ownership import owner_visible
-from .requests import DispatchTask
+from .requests import SAMPLE_SIZE, BulkRequest, CancelTasks, DispatchTask, Selection, SetTaskPriority
 from .retention import expired_message
 from .store import TaskFilter
 from .tasks import get_task_type
 
-SAMPLE_SIZE = 20  # task ids a dry run shows
 # What a filter acts on when it names no status: what the operation can change.
 DEFAULT_STATUSES = {
-    "cancel": (TaskStatus.PENDING, TaskStatus.QUEUED, TaskStatus.RUNNING),
+    "cancel": (TaskStatus.QUEUED, TaskStatus.RUNNING),
     "retry": (TaskStatus.FAILED, TaskStatus.CANCELLED),
-    "set_priority": (TaskStatus.PENDING, TaskStatus.QUEUED),
+    "set_priority": (TaskStatus.QUEUED,),
 }
-_WAITING = frozenset({TaskStatus.PENDING, TaskStatus.QUEUED})
+_WAITING = frozenset({TaskStatus.QUEUED})
 _CANCELLED_WAITING = "cancelled before it started"
 
 
@@ -53,59 +53,6 @@ class Actor:
     def viewer(self) -> str | None:
         """TaskFilter.viewer: None (everything) for an admin, else the caller's owner."""
         return None if self.admin else (self.owner or "")
-
-
-@dataclass(frozen=True)
-class Selection:
-    """Which tasks an operation acts on: explicit ids, or a filter (created_after/before are ISO 8601)."""
-
-    task_ids: tuple[str, ...] = ()
-    status: tuple[str, ...] = ()
-    type: tuple[str, ...] = ()
-    owner: str | None = None
-    created_after: str | None = None
-    created_before: str | None = None
-    batch: str | None = None
-
-    @property
-    def filter_fields(self) -> dict[str, Any]:
-        """The filter as given."""
-        return {
-            f.name: getattr(self, f.name)
-            for f in fields(self)
-            if f.name != "task_ids" and getattr(self, f.name) not in (None, ())
-        }
-
-    def audit_fields(self) -> dict[str, Any]:
-        """What the audit log records of a selection: the filter, or how many ids (never the ids)."""
-        return {"filter": self.filter_fields} if self.filter_fields else {"task_ids": len(self.task_ids)}
-
-
-SELECTION_FIELDS = tuple(f.name for f in fields(Selection))
-
-
-def parse_selection(body: Mapping[str, Any], extra: Sequence[str] = ()) -> Selection:
-    """A Selection from a JSON object (REST, the CLI, the notebook): lists or comma-separated strings for
-    status and type. Fields named in `extra` (dry_run, priority...) are the caller's to read."""
-    unknown = sorted(set(body) - set(SELECTION_FIELDS) - set(extra))
-    if unknown:
-        raise InvalidArgument(f"unknown field(s) {unknown}; allowed: {', '.join((*SELECTION_FIELDS, *extra))}")
-    values: dict[str, Any] = {}
-    for name in ("task_ids", "status", "type"):
-        raw = body.get(name)
-        if raw is None:
-            continue
-        if isinstance(raw, str) and name != "task_ids":
-            raw = [part.strip() for part in raw.split(",") if part.strip()]
-        if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
-            raise InvalidArgument(f"{name} must be a list of strings, not {raw!r:.80}")
-        values[name] = tuple(raw)
-    for name in ("owner", "created_after", "created_before", "batch"):
-        raw = body.get(name)
-        if raw is not None and not isinstance(raw, str):
-            raise InvalidArgument(f"{name} must be a string, not {raw!r:.80}")
-        values[name] = raw or None
-    return Selection(**values)
 
 
 @dataclass(frozen=True)
@@ -352,9 +299,18 @@ class BatchOperations:
 
     # -- operations ----------------------------------------------------------------------------------
 
-    async def cancel(self, selection: Selection, actor: Actor) -> list[CancelOutcome]:
+    async def apply(self, request: BulkRequest, actor: Actor) -> list[CancelOutcome]:
+        """Carry out a bulk request on the tasks it selects (a dry run is `preview`)."""
+        if isinstance(request, SetTaskPriority):
+            return await self.set_priority(request, request.priority, actor)
+        if isinstance(request, CancelTasks):
+            return await self.cancel(request, actor, request.wait_seconds)
+        return await self.retry(request, actor)
+
+    async def cancel(self, selection: Selection, actor: Actor, wait_seconds: float = 0) -> list[CancelOutcome]:
         """Cancel: waiting tasks in one UPDATE, running ones cooperatively (TaskManager.cancel). The reads and
-        the UPDATE run off the event loop; events and running tasks are handled on it."""
+        the UPDATE run off the event loop; events and running tasks are handled on it. With `wait_seconds`, the
+        answer waits up to that long for the running ones to end, and says how they did."""
         at = now()
 
         def work() -> tuple[list[str], list[Task], list[CancelOutcome], set[str]]:
@@ -391,7 +347,19 @@ class BatchOperations:
             else:  # running, or started since it was read
                 outcomes += self.manager.cancel([task.id])
         self.manager.announce(cancelled, "task.cancelled")
+        if wait_seconds:
+            await self._wait_cancelled([o for o in outcomes if o.outcome == "cancelling"], wait_seconds)
         return _in_order(ids, outcomes)
+
+    async def _wait_cancelled(self, stopping: list[CancelOutcome], wait_seconds: float) -> None:
+        await self.manager.wait_final([o.task_id for o in stopping], wait_seconds)
+        for o in stopping:
+            task = await self.manager.aget(o.task_id)
+            if task.status is TaskStatus.CANCELLED:
+                o.outcome, o.status, o.message = "cancelled", task.status.value, "stopped"
+            elif task.status.is_final:  # it ended on its own before it saw the request
+                o.outcome, o.status = "already_finished", task.status.value
+                o.message = f"the task ended as {task.status.value} before it could be cancelled"
 
     async def retry(self, selection: Selection, actor: Actor) -> list[CancelOutcome]:
         """Re-run FAILED or CANCELLED tasks as new attempts: a new task (new id, `retry_of` the old one, same

@@ -10,15 +10,26 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    WithJsonSchema,
+)
 
 from .errors import InvalidArgument, one_line
+from .models import TaskStatus
 
 MAX_PROBLEMS = 3  # per message: a body with a thousand bad fields gets a bounded answer
 MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
 MAX_DESCRIPTION = 1000
+SAMPLE_SIZE = 20  # task ids a dry run shows
 
 
 def _not_a_bool(value: Any) -> Any:
@@ -128,3 +139,151 @@ class DispatchTask(RequestModel):
         description="Queue priority, -1000 to 1000 (higher starts first); operator keys at most max_priority_operator",
     )
     description: str | None = Field(default=None, max_length=MAX_DESCRIPTION, description="Shown in listings")
+
+
+# -- selections: which tasks a bulk operation acts on ----------------------------------------------------------
+
+
+def comma_list(value: Any) -> Any:
+    """ "A,B" and "A" become ["A", "B"] and ["A"]; a list (or anything else) is left to the type's own check.
+
+    An assistant that reads `status: RUNNING,QUEUED` in a resource template writes the same in a tool call, and
+    one that wants one status writes `"RUNNING"`, not `["RUNNING"]`: both are accepted (and advertised in the
+    schema) as well as a JSON list; so are the CLI's `--status RUNNING,QUEUED` and a REST body's string."""
+    if isinstance(value, str):
+        return [part for part in (p.strip() for p in value.split(",")) if part]
+    return value
+
+
+def names_schema(description: str, allowed: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The JSON schema of a list-valued filter: a list of names, one name, or comma-separated names."""
+    item: dict[str, Any] = {"type": "string"}
+    if allowed:
+        item["enum"] = list(allowed)
+    return {
+        "anyOf": [{"type": "array", "items": item}, {"type": "string"}, {"type": "null"}],
+        "default": None,
+        "description": f"{description}: a list, one name, or comma-separated names",
+    }
+
+
+STATUS_NAMES = tuple(s.value for s in TaskStatus)
+
+
+def task_status(value: str) -> str:
+    """A status name, any case, as the core spells it; the error lists the allowed ones, and pydantic reports it
+    per element (`status.0`), so a long bad list gets a bounded message."""
+    try:
+        return TaskStatus.parse(value).value
+    except InvalidArgument:  # not the core's message: pydantic's "(got ...)" quotes the value, bounded
+        raise ValueError(f"unknown status; {TaskStatus.expected(value)}") from None
+
+
+StatusName = Annotated[str, AfterValidator(task_status)]
+
+
+_LISTED = BeforeValidator(lambda value: () if value is None else comma_list(value))  # null or left out: none
+
+
+def _blank_is_none(value: Any) -> Any:
+    return None if value == "" else value
+
+
+OptionalText = Annotated[str | None, BeforeValidator(_blank_is_none)]
+
+
+class Selection(RequestModel):
+    """Which tasks a bulk operation acts on: explicit ids, or a filter (a non-admin's reaches only its own tasks).
+
+    The one declaration of the selection: MCP's cancel_tasks, retry_tasks and set_task_priority publish it (with
+    their operation's fields, below), REST's POST tasks/{cancel,retry,priority} parse their body with it, and the
+    CLI and the notebook client build it before sending."""
+
+    task_ids: Annotated[
+        tuple[str, ...],
+        _LISTED,
+        WithJsonSchema(
+            names_schema("Ids of the tasks to act on (full ids, as list_tasks shows them; at most max_batch_size)")
+        ),
+    ] = ()
+    status: Annotated[
+        tuple[StatusName, ...],
+        _LISTED,
+        WithJsonSchema(
+            names_schema(
+                "Filter: only tasks with these statuses (default: those the operation can change)", STATUS_NAMES
+            )
+        ),
+    ] = ()
+    type: Annotated[tuple[str, ...], _LISTED, WithJsonSchema(names_schema("Filter: only tasks of these types"))] = ()
+    owner: OptionalText = Field(
+        None,
+        max_length=128,
+        description="Filter: only this owner's tasks (admins; others always act on their own tasks only)",
+    )
+    created_after: OptionalText = Field(
+        None, max_length=64, description="Filter: created at or after this ISO 8601 time"
+    )
+    created_before: OptionalText = Field(None, max_length=64, description="Filter: created before this ISO 8601 time")
+    batch: OptionalText = Field(None, max_length=64, description="Filter: only the tasks of this batch")
+
+    FILTER: ClassVar[tuple[str, ...]] = ("status", "type", "owner", "created_after", "created_before", "batch")
+
+    @property
+    def filter_fields(self) -> dict[str, Any]:
+        """The filter as given."""
+        return {name: getattr(self, name) for name in self.FILTER if getattr(self, name) not in (None, ())}
+
+    def audit_fields(self) -> dict[str, Any]:
+        """What the audit log records of a selection: the filter, or how many ids (never the ids)."""
+        return {"filter": self.filter_fields} if self.filter_fields else {"task_ids": len(self.task_ids)}
+
+
+class BulkRequest(Selection):
+    """A bulk operation's arguments: the selection, and whether only to count (a dry run)."""
+
+    operation: ClassVar[str]  # what BatchOperations and the audit log call it
+    route: ClassVar[str]  # REST: POST plexus/api/tasks/{route}
+
+    dry_run: Annotated[bool, Strict()] = Field(
+        False, description=f"Only count what would be acted on (and show up to {SAMPLE_SIZE} ids); change nothing"
+    )
+
+    def audit_fields(self) -> dict[str, Any]:
+        """What the audit log records of the call: the operation, dry_run, the filter or how many ids."""
+        return {"operation": self.operation, "dry_run": self.dry_run, **super().audit_fields()}
+
+
+class CancelTasks(BulkRequest):
+    """Cancel tasks by id or by filter (without status: the unfinished ones)."""
+
+    operation: ClassVar[str] = "cancel"
+    route: ClassVar[str] = "cancel"
+
+    wait_seconds: Annotated[float, Number] = Field(
+        0, ge=0, le=30, description="Wait up to this long (0 to 30 s) for running tasks to end before answering"
+    )
+
+
+class RetryTasks(BulkRequest):
+    """Run FAILED or CANCELLED tasks again as new attempts, by id or by filter."""
+
+    operation: ClassVar[str] = "retry"
+    route: ClassVar[str] = "retry"
+
+
+class SetTaskPriority(BulkRequest):
+    """Change the priority of tasks that have not started, by id or by filter."""
+
+    operation: ClassVar[str] = "set_priority"
+    route: ClassVar[str] = "priority"
+
+    priority: Annotated[int, Number] = Field(
+        ge=MIN_PRIORITY, le=MAX_PRIORITY, description=f"The new priority, {MIN_PRIORITY} to {MAX_PRIORITY}"
+    )
+
+    def audit_fields(self) -> dict[str, Any]:
+        return {**super().audit_fields(), "priority": self.priority}
+
+
+BULK_REQUESTS: dict[str, type[BulkRequest]] = {m.route: m for m in (CancelTasks, RetryTasks, SetTaskPriority)}

@@ -1,8 +1,9 @@
 """The MCP face of batch operations (core/batches.py): dispatch_batch, cancel_tasks, retry_tasks,
 set_task_priority and the resource plexus://batches/{batch_id}.
 
-The three bulk tools take the same selection (task_ids, or a filter) and dry_run, spelled once here; what
-they record in the audit log is the filter and the counts, never every id.
+The three bulk tools' arguments are their request models (core/requests.py: `CancelTasks`, `RetryTasks`,
+`SetTaskPriority`, each a `Selection` with dry_run), the ones REST, the CLI and the notebook use; what they record
+in the audit log is the filter and the counts, never every id.
 """
 
 from __future__ import annotations
@@ -14,84 +15,35 @@ from typing import Annotated, Any
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 from mcp.types import CallToolResult, ToolAnnotations
-from pydantic import BeforeValidator, Field, WithJsonSchema
+from pydantic import Field
 
-from ..core.batches import SAMPLE_SIZE, Actor, BatchOperations, Selection, batch_uri, operation_report
+from ..core.batches import Actor, BatchOperations, batch_uri, operation_report
 from ..core.errors import NotFound
-from ..core.manager import MAX_PRIORITY, MIN_PRIORITY, CancelOutcome, TaskManager
+from ..core.manager import CancelOutcome, TaskManager
 from ..core.models import TaskStatus
-from ..core.requests import DispatchTask
+from ..core.requests import BulkRequest, CancelTasks, DispatchTask, RetryTasks, SetTaskPriority, takes
 from ..security.audit import note_for_audit
-from .arguments import STATUS_NAMES, StatusName, comma_list, names_schema
 from .principal import current_principal
 from .schemas import BatchDispatchResult, OperationResult
 from .task_logs import TaskLogs
 from .tools import client_errors, result
-
-# The selection every bulk tool takes.
-TaskIds = Annotated[
-    list[str] | None,
-    BeforeValidator(comma_list),
-    WithJsonSchema(
-        names_schema("Ids of the tasks to act on (full ids, as list_tasks shows them; at most max_batch_size)")
-    ),
-]
-Statuses = Annotated[
-    list[StatusName] | None,
-    BeforeValidator(comma_list),
-    WithJsonSchema(
-        names_schema("Filter: only tasks with these statuses (default: those the operation can change)", STATUS_NAMES)
-    ),
-]
-Types = Annotated[
-    list[str] | None, BeforeValidator(comma_list), WithJsonSchema(names_schema("Filter: only tasks of these types"))
-]
-Owner = Annotated[
-    str | None,
-    Field(
-        max_length=128,
-        description="Filter: only this owner's tasks (admins; others always act on their own tasks only)",
-    ),
-]
-CreatedAfter = Annotated[str | None, Field(max_length=64, description="Filter: created at or after this ISO 8601 time")]
-CreatedBefore = Annotated[str | None, Field(max_length=64, description="Filter: created before this ISO 8601 time")]
-Batch = Annotated[str | None, Field(max_length=64, description="Filter: only the tasks of this batch")]
-DryRun = Annotated[
-    bool, Field(description=f"Only count what would be acted on (and show up to {SAMPLE_SIZE} ids); change nothing")
-]
-
-
-def selection_of(
-    task_ids: list[str] | None,
-    status: list[str] | None,
-    type: list[str] | None,
-    owner: str | None,
-    created_after: str | None,
-    created_before: str | None,
-    batch: str | None,
-) -> Selection:
-    return Selection(
-        task_ids=tuple(task_ids or ()),
-        status=tuple(TaskStatus.parse(s).value for s in status or ()),
-        type=tuple(type or ()),
-        owner=owner or None,
-        created_after=created_after or None,
-        created_before=created_before or None,
-        batch=batch or None,
-    )
 
 
 def register_batch_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs | None = None) -> None:
     batches = BatchOperations(manager)
     changes = ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False)
 
-    def start(operation: str, selection: Selection, dry_run: bool, **extra: Any) -> Actor:
-        """Note the call for the audit log (the filter, or how many ids) before anything can fail."""
-        note_for_audit(operation=operation, dry_run=dry_run, **selection.audit_fields(), **extra)
-        return current_principal().actor
+    async def bulk(request: BulkRequest) -> CallToolResult:
+        """The three bulk tools: note the call for the audit log (the filter, or how many ids) before anything
+        can fail, then count (a dry run) or act."""
+        note_for_audit(**request.audit_fields())
+        actor = current_principal().actor
+        if request.dry_run:
+            return await preview(request, actor)
+        return outcome(await batches.apply(request, actor))
 
-    async def preview(operation: str, selection: Selection, actor: Actor) -> CallToolResult:
-        found = await batches.preview(selection, actor, operation)
+    async def preview(request: BulkRequest, actor: Actor) -> CallToolResult:
+        found = await batches.preview(request, actor, request.operation)
         note_for_audit(count=found.count)
         over = (
             f"; more than the {batches.bound} one call may change (max_batch_size)"
@@ -156,40 +108,10 @@ def register_batch_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs
             read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False
         ),
     )
+    @takes(CancelTasks)  # the tool's arguments are the request model's fields
     @client_errors
-    async def cancel_tasks(
-        task_ids: TaskIds = None,
-        status: Statuses = None,
-        type: Types = None,
-        owner: Owner = None,
-        created_after: CreatedAfter = None,
-        created_before: CreatedBefore = None,
-        batch: Batch = None,
-        dry_run: DryRun = False,
-        wait_seconds: Annotated[
-            float,
-            Field(
-                ge=0, le=30, description="Wait up to this long (0 to 30 s) for running tasks to end before answering"
-            ),
-        ] = 0,
-    ) -> Annotated[CallToolResult, OperationResult]:
-        selection = selection_of(task_ids, status, type, owner, created_after, created_before, batch)
-        actor = start("cancel", selection, dry_run)
-        if dry_run:
-            return await preview("cancel", selection, actor)
-        outcomes = await batches.cancel(selection, actor)
-        if wait_seconds:
-            await manager.wait_final([o.task_id for o in outcomes if o.outcome == "cancelling"], wait_seconds)
-            for o in outcomes:
-                if o.outcome != "cancelling":
-                    continue
-                task = await manager.aget(o.task_id)
-                if task.status is TaskStatus.CANCELLED:
-                    o.outcome, o.status, o.message = "cancelled", task.status.value, "stopped"
-                elif task.status.is_final:  # it ended on its own before it saw the request
-                    o.outcome, o.status = "already_finished", task.status.value
-                    o.message = f"the task ended as {task.status.value} before it could be cancelled"
-        return outcome(outcomes)
+    async def cancel_tasks(**fields: Any) -> Annotated[CallToolResult, OperationResult]:
+        return await bulk(CancelTasks.parse(fields))
 
     @server.tool(
         title="Retry tasks",
@@ -202,22 +124,10 @@ def register_batch_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs
         ),
         annotations=changes,
     )
+    @takes(RetryTasks)
     @client_errors
-    async def retry_tasks(
-        task_ids: TaskIds = None,
-        status: Statuses = None,
-        type: Types = None,
-        owner: Owner = None,
-        created_after: CreatedAfter = None,
-        created_before: CreatedBefore = None,
-        batch: Batch = None,
-        dry_run: DryRun = False,
-    ) -> Annotated[CallToolResult, OperationResult]:
-        selection = selection_of(task_ids, status, type, owner, created_after, created_before, batch)
-        actor = start("retry", selection, dry_run)
-        if dry_run:
-            return await preview("retry", selection, actor)
-        return outcome(await batches.retry(selection, actor))
+    async def retry_tasks(**fields: Any) -> Annotated[CallToolResult, OperationResult]:
+        return await bulk(RetryTasks.parse(fields))
 
     @server.tool(
         title="Change the priority of queued tasks",
@@ -231,26 +141,10 @@ def register_batch_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs
             read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=False
         ),
     )
+    @takes(SetTaskPriority)
     @client_errors
-    async def set_task_priority(
-        priority: Annotated[
-            int,
-            Field(ge=MIN_PRIORITY, le=MAX_PRIORITY, description=f"The new priority, {MIN_PRIORITY} to {MAX_PRIORITY}"),
-        ],
-        task_ids: TaskIds = None,
-        status: Statuses = None,
-        type: Types = None,
-        owner: Owner = None,
-        created_after: CreatedAfter = None,
-        created_before: CreatedBefore = None,
-        batch: Batch = None,
-        dry_run: DryRun = False,
-    ) -> Annotated[CallToolResult, OperationResult]:
-        selection = selection_of(task_ids, status, type, owner, created_after, created_before, batch)
-        actor = start("set_priority", selection, dry_run, priority=priority)
-        if dry_run:
-            return await preview("set_priority", selection, actor)
-        return outcome(await batches.set_priority(selection, priority, actor))
+    async def set_task_priority(**fields: Any) -> Annotated[CallToolResult, OperationResult]:
+        return await bulk(SetTaskPriority.parse(fields))
 
     @server.resource(
         "plexus://batches/{batch_id}",

@@ -70,3 +70,39 @@ class CreateEvaluation(RequestModel):
         le=MAX_PRIORITY,
         description="Queue priority (operator keys: at most max_priority_operator, default 10)",
     )
+
+
+DEFAULT_CHUNK_SIZE = 50_000  # the largest chunk the runner scores at once; chunks are sized by time
+
+
+class EvaluationScore(RequestModel):
+    """One score of an evaluation task: its name, its checked scorer spec, and its own label column if any."""
+
+    name: str
+    scorer: dict[str, Any] = Field(description="A normalised scorer spec (scorers.normalize_spec)")
+    label_column: str | None = None
+
+
+class EvaluationParams(RequestModel):
+    """The `evaluation` task's parameters, declared once: `EvaluationService.planned_spec` builds them from a
+    checked CreateEvaluation (stored as the task's params), the task type checks them (evaluations/task_type.py),
+    and the runner reads them (`run_evaluation(ctx, **params)`) as this model, not as a dict."""
+
+    evaluation_id: str
+    type: str
+    dataset: str
+    scores: list[EvaluationScore] = Field(min_length=1)
+    label_column: str | None = None
+    input_column: str | None = None
+    id_column: str | None = None
+    sample: dict[str, Any] | None = Field(None, description="sampling.sample_frame's arguments (n, fraction, seed)")
+    runs: int = Field(1, ge=1, le=MAX_RUNS)
+    chunk_size: int = Field(DEFAULT_CHUNK_SIZE, ge=1)
+    normalization: dict[str, Any] | None = Field(None, description="metrics.LabelNormalization's arguments")
+    scorer_modules: list[str] | None = Field(
+        None, description="Set for an API key's evaluation: python scorers must be defined in these modules"
+    )
+
+    def stored(self) -> dict[str, Any]:
+        """The params as stored with the task: the fields given (JSON-ready)."""
+        return self.model_dump(mode="json", exclude_unset=True)

@@ -29,6 +29,7 @@ from .datasets import DatasetCatalog, require_names
 from .item_files import ItemFiles
 from .limits import DEFAULT_MAX_ITEMS, check_items
 from .metrics import ConfusionCounter, LabelNormalization, consistency_metrics, normalize_labels
+from .requests import EvaluationParams, EvaluationScore
 from .sampling import sample_frame
 from .scorers import (
     DEFAULT_INPUT_COLUMN,
@@ -46,82 +47,43 @@ from .store import SETUP_STAGE, EvaluationStore, item_rows
 EXCERPT_CHARS = 200
 REDACTED = "[redacted]"
 EXPLANATION_CHARS = 500
-DEFAULT_CHUNK_SIZE = 50_000  # the largest chunk; chunks are sized by time (Chunks)
 
 
-def run_evaluation(
-    ctx: TaskContext,
-    evaluation_id: str,
-    type: str,
-    dataset: str,
-    scores: list[dict[str, Any]],
-    label_column: str | None = None,
-    input_column: str | None = None,
-    id_column: str | None = None,
-    sample: dict[str, Any] | None = None,
-    runs: int = 1,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    normalization: dict[str, Any] | None = None,
-    scorer_modules: list[str] | None = None,
-) -> dict[str, Any]:
+def run_evaluation(ctx: TaskContext, **params: Any) -> dict[str, Any]:
     """Score a dataset, record its items and metrics; return a short summary (the task's output).
 
-    `scorer_modules`, set for an API key's evaluation, restricts python: scorers to functions defined there.
+    `params` are the task's EvaluationParams (evaluations/requests.py), as the service stored them; an API key's
+    evaluation has `scorer_modules`, which restricts python: scorers to functions defined there.
     """
+    task = EvaluationParams.parse(params)
     env = ctx.environment
     store = EvaluationStore(make_engine(env["db_url"]), ItemFiles(env["items_dir"]) if env.get("items_dir") else None)
     try:
-        record = store.get(evaluation_id)
+        record = store.get(task.evaluation_id)
         if record is None or record["task_id"] != ctx.task_id:
-            raise InvalidArgument(f"evaluation {evaluation_id!r} does not belong to this task")
-        if scorer_modules is not None:
-            _check_functions(scores, scorer_modules)
+            raise InvalidArgument(f"evaluation {task.evaluation_id!r} does not belong to this task")
+        if task.scorer_modules is not None:
+            _check_functions(task.scores, task.scorer_modules)
         # A re-run (a re-queued task after a crash) starts from nothing: no items or metrics of an earlier run.
-        store.reset(evaluation_id)
-        return _run(
-            ctx,
-            store,
-            evaluation_id,
-            type,
-            dataset,
-            scores,
-            label_column,
-            input_column,
-            id_column,
-            sample,
-            runs,
-            chunk_size,
-            LabelNormalization(**(normalization or {})),
-        )
+        store.reset(task.evaluation_id)
+        return _run(ctx, store, task, LabelNormalization(**(task.normalization or {})))
     finally:
         store.engine.dispose()
 
 
-def _run(
-    ctx: TaskContext,
-    store: EvaluationStore,
-    evaluation_id: str,
-    type: str,
-    dataset: str,
-    scores: list[dict[str, Any]],
-    label_column: str | None,
-    input_column: str | None,
-    id_column: str | None,
-    sample: dict[str, Any] | None,
-    runs: int,
-    chunk_size: int,
-    norm: LabelNormalization,
-) -> dict[str, Any]:
+def _run(ctx: TaskContext, store: EvaluationStore, task: EvaluationParams, norm: LabelNormalization) -> dict[str, Any]:
+    evaluation_id, dataset, scores, runs = task.evaluation_id, task.dataset, task.scores, task.runs
+    label_column, input_column, id_column = task.label_column, task.input_column, task.id_column
     env = ctx.environment
     ctx.stage(SETUP_STAGE, 1, f"loading {dataset}")  # one step, so that progress always has a total
     catalog = DatasetCatalog(Path(env["root_dir"]), Path(env["registered_dir"]))
     names = catalog.columns(dataset)
-    passes = runs if type == "consistency" else 1
+    passes = runs if task.type == "consistency" else 1
     limit = int(env.get("max_evaluation_items", DEFAULT_MAX_ITEMS))
     needed = [c for c in (label_column, input_column, id_column) if c]
     require_names(names, needed, "column")
     scorers = [
-        (score["name"], _build_scorer(ctx, score["scorer"], input_column), score.get("label_column") or label_column)
+        (score.name, _build_scorer(ctx, score.scorer, input_column), score.label_column or label_column)
         for score in scores
     ]
     for _name, scorer, score_label in scorers:
@@ -144,11 +106,11 @@ def _run(
     stream = catalog.stream(dataset, columns, text)
     frames: Iterable[pd.DataFrame] = stream
     rows = stream.rows
-    if sample:  # a sample is drawn from the whole set of rows: the selected columns are read first
+    if task.sample:  # a sample is drawn from the whole set of rows: the selected columns are read first
         read = list(stream)
         if not read:
             raise InvalidArgument(f"dataset {dataset!r} has no rows")
-        frames = [sample_frame(pd.concat(read), **sample)]
+        frames = [sample_frame(pd.concat(read), **task.sample)]
         rows = len(frames[0])
     estimate = rows if rows is not None else stream.estimated_rows()  # CSV, JSON Lines: lines (the rows, mostly)
     if rows is None and estimate * len(scores) * passes > limit:
@@ -157,7 +119,7 @@ def _run(
         check_items(rows, len(scores), passes, limit)
     states = [
         _Consistency(ctx, store, evaluation_id, name, scorer, runs, score_label, input_column, id_column, norm)
-        if type == "consistency"
+        if task.type == "consistency"
         else _Accuracy(ctx, store, evaluation_id, name, scorer, score_label, input_column, id_column, norm)
         for name, scorer, score_label in scorers
     ]
@@ -168,7 +130,7 @@ def _run(
     # Score by score, each a pass over the file (its reader re-opened): a slow scorer does not hold back the
     # items of a fast one, and chunks are sized for the scorer at work.
     for state in states:
-        for start, chunk in Chunks(frames, largest=chunk_size):
+        for start, chunk in Chunks(frames, largest=task.chunk_size):
             seen = start + len(chunk)
             if rows is None:  # a CSV or JSON Lines file's rows are known only as they are read
                 check_items(seen, len(scores), passes, limit, at_least=True)
@@ -214,11 +176,11 @@ class KernelRelay(Scorer):
         )
 
 
-def _check_functions(scores: list[dict[str, Any]], prefixes: list[str]) -> None:
+def _check_functions(scores: list[EvaluationScore], prefixes: list[str]) -> None:
     """An API key's python: scorers must be functions defined in an allowed module (checked after import)."""
     for score in scores:
-        spec = score["scorer"]
-        if isinstance(spec, dict) and spec.get("kind") == "python":
+        spec = score.scorer
+        if spec.get("kind") == "python":
             module = getattr(import_function(spec["function"]), "__module__", "") or ""
             if not module_allowed(module, prefixes):
                 raise InvalidArgument(

@@ -33,7 +33,7 @@ from .file_reads import clip
 from .item_files import ArrowStream
 from .kernel_scorers import KernelScorerRegistry
 from .limits import DEFAULT_LIMITS, EvaluationLimits, check_items
-from .requests import EVALUATION_TYPES, CreateEvaluation
+from .requests import EVALUATION_TYPES, CreateEvaluation, EvaluationParams
 from .sampling import check_sample, sampled_rows
 from .scorecards import load_scorecard
 from .scorers import SCORER_KINDS, module_allowed, normalize_spec
@@ -329,7 +329,7 @@ class EvaluationService:
             if score["scorer"].get("kind") == "kernel":  # the registry lives on the loop: checked here
                 self.kernel_scorers.check(score["scorer"]["function"], owner)
         evaluation_id = str(uuid.uuid4())
-        params: dict[str, Any] = {
+        fields: dict[str, Any] = {
             "evaluation_id": evaluation_id,
             "type": plan.type,
             "dataset": plan.dataset,
@@ -341,7 +341,8 @@ class EvaluationService:
             "runs": plan.runs,
         }
         if plan.restricted:  # the worker checks again, after importing, where the function really comes from
-            params["scorer_modules"] = list(self.scorer_modules)
+            fields["scorer_modules"] = list(self.scorer_modules)
+        params = EvaluationParams.model_validate(fields).stored()
         definition = {k: v for k, v in params.items() if k not in ("evaluation_id", "type", "dataset")}
         if plan.scorecard is not None:
             definition["scorecard"] = plan.scorecard

@@ -7,13 +7,18 @@ from typing import Any
 
 from ..core.errors import InvalidArgument
 from ..core.tasks import TaskType, register_task_type
+from .requests import EvaluationParams
 
 CREATED_BY = "create_evaluation (MCP) or POST plexus/api/evaluations"
 
 
 def _evaluation_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    if not isinstance(params.get("evaluation_id"), str) or not isinstance(params.get("scores"), list):
-        raise InvalidArgument(f"evaluation tasks are created by {CREATED_BY}, which check their parameters")
+    try:
+        EvaluationParams.parse(params)
+    except InvalidArgument as exc:
+        raise InvalidArgument(
+            f"evaluation tasks are created by {CREATED_BY}, which check their parameters ({exc})"
+        ) from None
     return dict(params)
 
 

@@ -7,10 +7,9 @@ from typing import Any
 
 from tornado import web
 
-from ..core.batches import Actor, BatchOperations, Selection, batch_uri, operation_report, parse_selection
+from ..core.batches import BatchOperations, batch_uri, operation_report
 from ..core.errors import InvalidArgument, NotFound, PlexusError
-from ..core.manager import CancelOutcome
-from ..core.requests import DispatchTask
+from ..core.requests import BulkRequest, CancelTasks, DispatchTask, RetryTasks, SetTaskPriority
 from .base import PlexusHandler, http_error
 
 
@@ -116,39 +115,31 @@ class TaskCancelHandler(PlexusHandler):
 
 
 class BulkTasksHandler(PlexusHandler):
-    """POST plexus/api/tasks/{cancel,retry,priority}: {"task_ids": [...]} or a filter (status, type, owner,
-    created_after, created_before, batch), and "dry_run": true to count first. The answer is MCP's
-    OperationResult: {dry_run, matched, sample, results, max_per_call}."""
+    """POST plexus/api/tasks/{cancel,retry,priority}: the body is the operation's request model (core/requests.py,
+    as MCP's tools take it): {"task_ids": [...]} or a filter (status, type, owner, created_after, created_before,
+    batch), and "dry_run": true to count first. The answer is MCP's OperationResult: {dry_run, matched, sample,
+    results, max_per_call}."""
 
-    operation = "cancel"
+    request_model: type[BulkRequest] = CancelTasks
     action = "cancel_own"
-    extra: tuple[str, ...] = ("dry_run",)
 
     async def post(self) -> None:
         actor = self.require(self.action).actor
         body = await self.json_body()
         batches = BatchOperations(self.runtime.manager)
         try:
-            selection = parse_selection(body, self.extra)
-            dry_run = body.get("dry_run", False)
-            if not isinstance(dry_run, bool):
-                raise InvalidArgument(f"dry_run must be true or false, not {dry_run!r:.40}")
-            self.audit_details.update(operation=self.operation, dry_run=dry_run, **selection.audit_fields())
-            if dry_run:
-                found = await batches.preview(selection, actor, self.operation)
+            request = self.request_model.parse(body)
+            self.audit_details.update(request.audit_fields())
+            if request.dry_run:
+                found = await batches.preview(request, actor, request.operation)
                 self.audit_details.update(count=found.count)
                 self.reply(operation_report(batches.bound, preview=found))
                 return
-            outcomes = await self.apply(batches, selection, actor, body)
+            outcomes = await batches.apply(request, actor)
         except PlexusError as exc:
             raise http_error(exc) from None
         self.audit_details.update(count=len(outcomes), outcomes=dict(Counter(o.outcome for o in outcomes)))
         self.reply(operation_report(batches.bound, outcomes))
-
-    async def apply(
-        self, batches: BatchOperations, selection: Selection, actor: Actor, body: dict[str, Any]
-    ) -> list[CancelOutcome]:
-        return await batches.cancel(selection, actor)
 
 
 class CancelTasksHandler(BulkTasksHandler):
@@ -156,23 +147,11 @@ class CancelTasksHandler(BulkTasksHandler):
 
 
 class RetryTasksHandler(BulkTasksHandler):
-    operation, action = "retry", "dispatch"
-
-    async def apply(
-        self, batches: BatchOperations, selection: Selection, actor: Actor, body: dict[str, Any]
-    ) -> list[CancelOutcome]:
-        return await batches.retry(selection, actor)
+    request_model, action = RetryTasks, "dispatch"
 
 
 class TaskPriorityHandler(BulkTasksHandler):
-    operation, action, extra = "set_priority", "cancel_own", ("dry_run", "priority")
-
-    async def apply(
-        self, batches: BatchOperations, selection: Selection, actor: Actor, body: dict[str, Any]
-    ) -> list[CancelOutcome]:
-        if "priority" not in body:
-            raise InvalidArgument("priority is required: the new priority, a whole number from -1000 to 1000")
-        return await batches.set_priority(selection, body["priority"], actor)
+    request_model = SetTaskPriority
 
 
 class BatchHandler(PlexusHandler):

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..core.errors import InvalidArgument
-from ..core.requests import DispatchTask, RequestModel
+from ..core.requests import BulkRequest, CancelTasks, DispatchTask, RequestModel, RetryTasks, SetTaskPriority
 from ..evaluations.requests import CreateEvaluation
 from .client import EventListener, PlexusClient, resolve_connection
 from .errors import PlexusConflict, PlexusInputError
@@ -152,19 +152,25 @@ class Plexus:
         return self.client.batch(batch_id)
 
     def cancel(self, task_ids: list[str] | None = None, *, dry_run: bool = False, **filter: Any) -> dict[str, Any]:
-        """Cancel tasks by id or by filter (status, type, owner, created_after, created_before, batch); dry_run
-        only counts. Example: `plexus.cancel(batch=b["batch_id"], dry_run=True)`."""
-        return self.client.bulk("cancel", {"task_ids": task_ids, **filter}, dry_run=dry_run)
+        """Cancel tasks by id or by filter (status, type, owner, created_after, created_before, batch; and
+        wait_seconds); dry_run only counts. Example: `plexus.cancel(batch=b["batch_id"], dry_run=True)`."""
+        return self._bulk(CancelTasks, task_ids, dry_run, filter)
 
     def retry(self, task_ids: list[str] | None = None, *, dry_run: bool = False, **filter: Any) -> dict[str, Any]:
         """Run FAILED or CANCELLED tasks again as new attempts (by id or by filter, as for cancel)."""
-        return self.client.bulk("retry", {"task_ids": task_ids, **filter}, dry_run=dry_run)
+        return self._bulk(RetryTasks, task_ids, dry_run, filter)
 
     def set_priority(
         self, priority: int, task_ids: list[str] | None = None, *, dry_run: bool = False, **filter: Any
     ) -> dict[str, Any]:
         """Change the priority of queued tasks (by id or by filter, as for cancel)."""
-        return self.client.bulk("priority", {"task_ids": task_ids, **filter}, dry_run=dry_run, priority=priority)
+        return self._bulk(SetTaskPriority, task_ids, dry_run, {**filter, "priority": priority})
+
+    def _bulk(
+        self, model: type[BulkRequest], task_ids: list[str] | None, dry_run: bool, fields: dict[str, Any]
+    ) -> dict[str, Any]:
+        # the server's request model, built here: a misspelt filter or a bad status is refused before sending
+        return self.client.bulk(_request(model, {"task_ids": task_ids, "dry_run": dry_run, **fields}))
 
     # -- datasets and scorers ---------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 
 import requests
 
+from ..core.requests import BulkRequest
 from .errors import (
     PlexusAPIError,
     PlexusAuthError,
@@ -206,16 +207,10 @@ class PlexusClient:
         data: dict[str, Any] = self.request("POST", "tasks", json={"tasks": specs})
         return data
 
-    def bulk(
-        self, operation: str, selection: dict[str, Any], *, dry_run: bool = False, priority: int | None = None
-    ) -> dict[str, Any]:
-        """Cancel, retry or re-prioritise (`operation`: cancel | retry | priority) the tasks of a selection:
-        {"task_ids": [...]}, or filter fields (status, type, owner, created_after, created_before, batch)."""
-        body = {k: v for k, v in selection.items() if v is not None}
-        body["dry_run"] = dry_run
-        if priority is not None:
-            body["priority"] = priority
-        data: dict[str, Any] = self.request("POST", f"tasks/{operation}", json=body)
+    def bulk(self, request: BulkRequest) -> dict[str, Any]:
+        """Cancel, retry or re-prioritise the tasks a request selects (core/requests.py: CancelTasks, RetryTasks,
+        SetTaskPriority, the models the server parses the body with): POST tasks/{cancel,retry,priority}."""
+        data: dict[str, Any] = self.request("POST", f"tasks/{request.route}", json=request.arguments())
         return data
 
     def batch(self, batch_id: str) -> dict[str, Any]:
