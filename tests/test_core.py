@@ -142,7 +142,7 @@ def test_demo_parameters_are_checked_with_the_allowed_range_in_the_message(param
 
 
 def test_unknown_status_names_the_allowed_ones():
-    with pytest.raises(InvalidArgument, match="unknown status 'DONE'; expected one of PENDING, QUEUED, RUNNING"):
+    with pytest.raises(InvalidArgument, match="unknown status 'DONE'; expected one of QUEUED, RUNNING"):
         TaskStatus.parse("DONE")
     assert TaskStatus.parse("running") is TaskStatus.RUNNING
 

@@ -271,8 +271,8 @@ async def test_list_filters_take_a_list_one_name_or_comma_separated_names(mcp_cl
         ).is_error
         bad = await client.call_tool("list_tasks", {"status": "DONE"})
         assert bad.is_error and bad.content[0].text == (
-            "invalid arguments for list_tasks: status.0: Value error, unknown status; expected one of PENDING, "
-            "QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED (got 'DONE')"
+            "invalid arguments for list_tasks: status.0: Value error, unknown status; expected one of QUEUED, "
+            "RUNNING, COMPLETED, FAILED, CANCELLED (got 'DONE')"
         )
         dry = await client.call_tool("cancel_tasks", {"status": "QUEUED", "dry_run": True})
         assert dry.structured_content["matched"] == 1
@@ -283,7 +283,7 @@ async def test_schemas_publish_enums_and_the_configured_page_size(mcp_client, ru
         tools = {t.name: t.input_schema["properties"] for t in (await client.list_tools()).tools}
     assert tools["create_evaluation"]["type"]["enum"] == ["accuracy", "feedback", "consistency"]
     status_items = tools["list_tasks"]["status"]["anyOf"][0]["items"]
-    assert status_items["enum"] == ["PENDING", "QUEUED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED"]
+    assert status_items["enum"] == ["QUEUED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED"]
     assert tools["list_evaluations"]["status"]["anyOf"][0]["items"]["enum"][0] == "SETUP"
     for tool in ("list_tasks", "list_evaluations", "get_evaluation_results"):
         assert tools[tool]["limit"]["maximum"] == 50  # max_page_size of this server

@@ -139,7 +139,7 @@ export class TaskCache {
     for (const t of this.byId.values()) {
       if (t.status === 'RUNNING') {
         running++;
-      } else if (t.status === 'QUEUED' || t.status === 'PENDING') {
+      } else if (t.status === 'QUEUED') {
         queued++;
       }
     }

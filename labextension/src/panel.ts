@@ -198,7 +198,7 @@ export class PlexusPanel extends Widget {
       let cursor: string | null = null;
       let loaded = 0;
       do {
-        const data: any = await this.api.get('tasks', { status: 'PENDING,QUEUED,RUNNING', limit: 100, cursor: cursor ?? undefined });
+        const data: any = await this.api.get('tasks', { status: 'QUEUED,RUNNING', limit: 100, cursor: cursor ?? undefined });
         data.tasks.forEach((t: TaskSummary) => this.cache.upsert(t));
         loaded += data.tasks.length;
         cursor = data.next_cursor;

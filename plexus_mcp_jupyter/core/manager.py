@@ -674,7 +674,7 @@ class TaskManager:
         `adding` more (a batch counts whole: it is refused, never cut)."""
         if self._key_capped(owner):
             unfinished = self.store.count_tasks(
-                TaskFilter(statuses=(TaskStatus.PENDING, TaskStatus.QUEUED, TaskStatus.RUNNING), owner=owner)
+                TaskFilter(statuses=(TaskStatus.QUEUED, TaskStatus.RUNNING), owner=owner)
             )
             if unfinished + adding > self.max_unfinished_per_key:
                 asked = "" if adding == 1 else f" and asks for {adding} more"
@@ -1436,11 +1436,11 @@ class TaskManager:
                 task.status.value,
                 f"the task already ended as {task.status.value}; nothing to cancel",
             )
-        if task.status in (TaskStatus.QUEUED, TaskStatus.PENDING):
+        if task.status is TaskStatus.QUEUED:
             at = now()
             if self.store.update_task(
                 task_id,
-                only_if_status=(TaskStatus.QUEUED, TaskStatus.PENDING),
+                only_if_status=(TaskStatus.QUEUED,),
                 status=TaskStatus.CANCELLED,
                 completed_at=at,
                 cancel_requested=True,

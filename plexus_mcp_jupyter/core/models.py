@@ -17,9 +17,8 @@ from .errors import InvalidArgument
 
 
 class TaskStatus(str, enum.Enum):
-    """Lifecycle of a task. QUEUED -> RUNNING -> one of the final states."""
+    """Lifecycle of a task. QUEUED (from its creation) -> RUNNING -> one of the final states."""
 
-    PENDING = "PENDING"
     QUEUED = "QUEUED"
     RUNNING = "RUNNING"
     COMPLETED = "COMPLETED"
@@ -38,8 +37,14 @@ class TaskStatus(str, enum.Enum):
         try:
             return cls(str(value).strip().upper())
         except ValueError:
-            allowed = ", ".join(s.value for s in cls)
-            raise InvalidArgument(f"unknown status {value!r}; expected one of {allowed}") from None
+            raise InvalidArgument(f"unknown status {value!r}; {cls.expected(value)}") from None
+
+    @classmethod
+    def expected(cls, value: object) -> str:
+        """What a bad status name should have been: the allowed names, and QUEUED for "pending" (a task waiting
+        to start, which some task systems call pending)."""
+        hint = "; a task waiting to start is QUEUED" if str(value).strip().upper() == "PENDING" else ""
+        return f"expected one of {', '.join(s.value for s in cls)}{hint}"
 
 
 FINAL_STATUSES = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})

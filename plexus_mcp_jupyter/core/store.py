@@ -421,12 +421,12 @@ class Store:
         return out
 
     def update_queued(self, ids: Sequence[str], **values: Any) -> list[str]:
-        """Set columns of those of `ids` that are still QUEUED or PENDING, in one transaction; returns
+        """Set columns of those of `ids` that are still QUEUED, in one transaction; returns
         their ids. The status condition is in the UPDATE itself, so a task the scheduler claimed meanwhile
         is left alone (and reported as not updated)."""
         t = tasks_table
         values = {k: (v.value if isinstance(v, TaskStatus) else v) for k, v in values.items()}
-        waiting = [TaskStatus.QUEUED.value, TaskStatus.PENDING.value]
+        waiting = [TaskStatus.QUEUED.value]
         updated: list[str] = []
         with self.engine.begin() as conn:
             for start in range(0, len(ids), _IN_CHUNK):

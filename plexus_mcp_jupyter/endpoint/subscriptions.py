@@ -123,7 +123,7 @@ def _query(uri: str, query: str, allowed: tuple[str, ...]) -> dict[str, list[str
 
 # The task statuses an evaluation of each status can have (SETUP spans queued and the Setup stage).
 _TASK_STATUSES_OF = {
-    EvaluationStatus.SETUP: (TaskStatus.PENDING, TaskStatus.QUEUED, TaskStatus.RUNNING),
+    EvaluationStatus.SETUP: (TaskStatus.QUEUED, TaskStatus.RUNNING),
     EvaluationStatus.RUNNING: (TaskStatus.RUNNING,),
 }
 

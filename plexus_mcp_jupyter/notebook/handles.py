@@ -35,7 +35,7 @@ class TaskHandle:
 
     @property
     def status(self) -> str:
-        """The task's status as of the latest event: PENDING, QUEUED, RUNNING, COMPLETED, FAILED or CANCELLED."""
+        """The task's status as of the latest event: QUEUED, RUNNING, COMPLETED, FAILED or CANCELLED."""
         return self.state.status
 
     @property

@@ -18,7 +18,7 @@ from traitlets import Bool, Float, HasTraits, Int, Unicode
 
 # The task statuses, as the server's core.models.TaskStatus defines them (checked by a test; the core is
 # not imported here because it brings the server's store with it).
-TASK_STATUSES = ("PENDING", "QUEUED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED")
+TASK_STATUSES = ("QUEUED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED")
 FINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
 EVALUATION_STATUSES = ("SETUP", "RUNNING", "COMPLETED", "FAILED", "CANCELLED")
 SETUP_STAGE = "Setup"
@@ -34,7 +34,7 @@ def parse_time(value: str | None) -> float | None:
 
 def evaluation_status(task_status: str, stage: str | None) -> str:
     """An evaluation's status from its task's (the rule of the server's EvaluationStatus.of)."""
-    if task_status in ("PENDING", "QUEUED") or (task_status == "RUNNING" and stage in (None, SETUP_STAGE)):
+    if task_status == "QUEUED" or (task_status == "RUNNING" and stage in (None, SETUP_STAGE)):
         return "SETUP"
     return task_status
 
@@ -45,7 +45,7 @@ class TaskState(HasTraits):
     task_id = Unicode()
     type = Unicode("")
     description = Unicode(None, allow_none=True)
-    status = Unicode("PENDING")
+    status = Unicode("QUEUED")  # a task exists QUEUED first
     stage = Unicode(None, allow_none=True)
     processed = Int(0)
     total = Int(None, allow_none=True)
