@@ -169,8 +169,9 @@ class Plexus:
     def _bulk(
         self, model: type[BulkRequest], task_ids: list[str] | None, dry_run: bool, fields: dict[str, Any]
     ) -> dict[str, Any]:
-        # the server's request model, built here: a misspelt filter or a bad status is refused before sending
-        return self.client.bulk(_request(model, {"task_ids": task_ids, "dry_run": dry_run, **fields}))
+        # the server's request model, built here: a misspelt filter or a bad status is refused before connecting
+        request = _request(model, {"task_ids": task_ids, "dry_run": dry_run, **fields})
+        return self.client.bulk(request)
 
     # -- datasets and scorers ---------------------------------------------------------------------------
 
