@@ -128,12 +128,13 @@ def test_a_failed_write_leaves_no_half_written_task(store):
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"items": 0}, "items must be a whole number from 1 to 1,000,000"),
-        ({"items": 10**9}, "items must be"),
-        ({"items": "ten"}, "items must be"),
-        ({"item_delay_ms": -1}, "item_delay_ms must be"),
+        ({"items": 0}, "items: Input should be greater than or equal to 1 .*; Items to process .*1 to 1,000,000"),
+        ({"items": 10**9}, "items: .*1 to 1,000,000"),
+        ({"items": "ten"}, "items: Input should be a valid integer"),
+        ({"item_delay_ms": -1}, r"item_delay_ms: .*\(0 to 10000\)"),
         ({"items": 10, "fail_at": 11}, r"fail_at must be an item number from 1 to items \(10\)"),
-        ({"colour": "red"}, "unknown demo parameter"),
+        ({"colour": "red"}, r"unknown field\(s\) \['colour'\]; allowed: items, item_delay_ms, fail, fail_at, seed"),
+        ({"fail": "yes"}, "fail: Input should be a valid boolean"),
     ],
 )
 def test_demo_parameters_are_checked_with_the_allowed_range_in_the_message(params, message):

@@ -13,6 +13,7 @@ import pytest
 from tornado.httpclient import HTTPClientError
 
 from plexus_mcp_jupyter import cli
+from plexus_mcp_jupyter.core.demo import RunDemo
 from plexus_mcp_jupyter.core.errors import InvalidArgument
 from plexus_mcp_jupyter.core.models import TaskStatus
 from plexus_mcp_jupyter.core.requests import STATUS_NAMES, CancelTasks, RetryTasks, SetTaskPriority
@@ -218,6 +219,21 @@ def test_the_notebook_builds_the_selection_before_sending():
         nb.set_priority(10**6, batch="b")
     request = CancelTasks.parse({"status": "queued,running", "batch": "b", "dry_run": True})
     assert request.arguments() == {"status": ["QUEUED", "RUNNING"], "batch": "b", "dry_run": True}  # what is sent
+
+
+async def test_the_demo_tasks_arguments_are_one_model_on_every_face(jp_fetch, mcp_client, runtime):
+    before = runtime.manager.counts()
+    async with mcp_client() as client:
+        tools = {t.name: t.input_schema for t in (await client.list_tools()).tools}
+        over_mcp = await mcp_refusal(client, "run_demo_task", {"item_delay_ms": -1})
+    assert list(tools["run_demo_task"]["properties"]) == list(RunDemo.model_fields)
+    assert tools["run_demo_task"]["properties"]["items"]["maximum"] == 1_000_000
+    over_rest = await rest_refusal(jp_fetch, "tasks", body={"type": "demo", "params": {"item_delay_ms": -1}})
+    with pytest.raises(PlexusInputError) as over_notebook:
+        Plexus().run_demo(item_delay_ms=-1)  # not connected: refused before anything is sent
+    assert all("item_delay_ms" in m for m in (over_mcp, over_rest, str(over_notebook.value)))
+    assert "(0 to 10000)" in over_rest and "(0 to 10000)" in str(over_notebook.value)  # what is allowed
+    assert runtime.manager.counts() == before
 
 
 # -- no PENDING --------------------------------------------------------------------------------------------------

@@ -9,10 +9,13 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field, Strict
 
 from .context import TaskContext
 from .errors import InvalidArgument
+from .requests import Number, Priority, RequestModel
 
 DEFAULT_ITEMS = 2000
 MAX_ITEMS = 1_000_000
@@ -22,30 +25,43 @@ SETUP_STEPS = 3
 FINALIZE_STEPS = 2
 
 
+class DemoParams(RequestModel):
+    """The demo task's parameters, declared once: MCP's run_demo_task publishes them (with priority), a demo spec's
+    params are checked with them (REST, batches, the CLI's file), and the notebook's run_demo builds them."""
+
+    items: Annotated[int, Number] = Field(
+        DEFAULT_ITEMS, ge=1, le=MAX_ITEMS, description=f"Items to process in the Processing stage, 1 to {MAX_ITEMS:,}"
+    )
+    item_delay_ms: Annotated[float, Number] = Field(
+        DEFAULT_ITEM_DELAY_MS,
+        ge=0,
+        le=MAX_ITEM_DELAY_MS,
+        description=f"Simulated work per item, in milliseconds (0 to {MAX_ITEM_DELAY_MS:g})",
+    )
+    fail: Annotated[bool, Strict()] = Field(False, description="Fail at a random item between 30% and 70% of the way")
+    fail_at: Annotated[int | None, Number] = Field(
+        None, ge=1, description="Fail exactly at this item number (1 to items)"
+    )
+    seed: Annotated[int | None, Number] = Field(
+        None, description="Seed of the random failure point, for repeatable runs"
+    )
+
+
+class RunDemo(DemoParams):
+    """Start the demo task: its parameters and its priority (MCP's run_demo_task)."""
+
+    priority: Priority = 0
+
+
 def validate_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Check demo parameters and fill defaults; the error names the value and the allowed range."""
-    allowed = {"items", "item_delay_ms", "fail", "fail_at", "seed"}
-    unknown = sorted(set(params) - allowed)
-    if unknown:
-        raise InvalidArgument(f"unknown demo parameter(s) {unknown}; allowed: {sorted(allowed)}")
-    items = params.get("items", DEFAULT_ITEMS)
-    if isinstance(items, bool) or not isinstance(items, int) or not 1 <= items <= MAX_ITEMS:
-        raise InvalidArgument(f"items must be a whole number from 1 to {MAX_ITEMS:,}, not {items!r}")
-    delay = params.get("item_delay_ms", DEFAULT_ITEM_DELAY_MS)
-    if isinstance(delay, bool) or not isinstance(delay, int | float) or not 0 <= delay <= MAX_ITEM_DELAY_MS:
+    """Check demo parameters and fill defaults (the task type's validator); the error names the field, the value
+    and the allowed range."""
+    checked = DemoParams.parse(params)
+    if checked.fail_at is not None and checked.fail_at > checked.items:  # depends on two fields: checked here
         raise InvalidArgument(
-            f"item_delay_ms must be a number of milliseconds from 0 to {MAX_ITEM_DELAY_MS:g}, not {delay!r}"
+            f"fail_at must be an item number from 1 to items ({checked.items}), not {checked.fail_at!r}"
         )
-    fail = params.get("fail", False)
-    if not isinstance(fail, bool):
-        raise InvalidArgument(f"fail must be true or false, not {fail!r}")
-    fail_at = params.get("fail_at")
-    if fail_at is not None and (isinstance(fail_at, bool) or not isinstance(fail_at, int) or not 1 <= fail_at <= items):
-        raise InvalidArgument(f"fail_at must be an item number from 1 to items ({items}), not {fail_at!r}")
-    seed = params.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise InvalidArgument(f"seed must be a whole number, not {seed!r}")
-    return {"items": items, "item_delay_ms": float(delay), "fail": fail, "fail_at": fail_at, "seed": seed}
+    return checked.model_dump()
 
 
 def run_demo(

@@ -41,6 +41,17 @@ def _not_a_bool(value: Any) -> Any:
 
 Number = BeforeValidator(_not_a_bool)  # Annotated[int | float, Number]: a number, never a boolean
 
+Priority = Annotated[  # a task's queue priority, as every operation that sets one takes it
+    int,
+    Field(  # before Number: constraints after a validator are not published as minimum/maximum
+        ge=MIN_PRIORITY,
+        le=MAX_PRIORITY,
+        description=f"Queue priority, {MIN_PRIORITY} to {MAX_PRIORITY} (higher starts first); operator keys at most "
+        "max_priority_operator (default 10)",
+    ),
+    Number,
+]
+
 M = TypeVar("M", bound="RequestModel")
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -73,7 +84,8 @@ class RequestModel(BaseModel):
 
 def request_error(model: type[BaseModel], error: ValidationError, where: str = "") -> InvalidArgument:
     """One message for a body `model` refused: unknown fields with the allowed ones, then each bad field
-    with pydantic's reason and the value sent (quoted, bounded), then each missing one with its description."""
+    with pydantic's reason, the value sent (quoted, bounded) and its description, then each missing one with its
+    description."""
     problems: list[str] = []
     errors = error.errors(include_url=False)
     unknown = [where + ".".join(str(p) for p in e["loc"]) for e in errors if e["type"] == "extra_forbidden"]
@@ -89,7 +101,10 @@ def request_error(model: type[BaseModel], error: ValidationError, where: str = "
             problems.append(f"{name} is required" + (f": {info.description}" if info and info.description else ""))
             continue
         reason = str(item["msg"]).removeprefix("Value error, ")
-        problems.append(f"{name}: {reason} (got {one_line(repr(item.get('input')), 60)})")
+        # pydantic says one bound or the type; the field's description says what is allowed (our own validators'
+        # messages, value errors, say it already)
+        allowed = f"; {info.description}" if info and info.description and item["type"] != "value_error" else ""
+        problems.append(f"{name}: {reason} (got {one_line(repr(item.get('input')), 60)}){allowed}")
     rest = len(errors) - len(unknown) - MAX_PROBLEMS
     if rest > 0:
         problems.append(f"and {rest} more problem(s)")
@@ -132,12 +147,7 @@ class DispatchTask(RequestModel):
         "item_delay_ms, fail, fail_at, seed; for evaluation: create_evaluation's "
         "arguments, type being the evaluation type)",
     )
-    priority: Annotated[int, Number] = Field(
-        default=0,
-        ge=MIN_PRIORITY,
-        le=MAX_PRIORITY,
-        description="Queue priority, -1000 to 1000 (higher starts first); operator keys at most max_priority_operator",
-    )
+    priority: Priority = 0
     description: str | None = Field(default=None, max_length=MAX_DESCRIPTION, description="Shown in listings")
 
 
@@ -278,9 +288,7 @@ class SetTaskPriority(BulkRequest):
     operation: ClassVar[str] = "set_priority"
     route: ClassVar[str] = "priority"
 
-    priority: Annotated[int, Number] = Field(
-        ge=MIN_PRIORITY, le=MAX_PRIORITY, description=f"The new priority, {MIN_PRIORITY} to {MAX_PRIORITY}"
-    )
+    priority: Annotated[Priority, Field(description=f"The new priority, {MIN_PRIORITY} to {MAX_PRIORITY}")]
 
     def audit_fields(self) -> dict[str, Any]:
         return {**super().audit_fields(), "priority": self.priority}

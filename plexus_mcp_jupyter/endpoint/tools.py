@@ -19,8 +19,9 @@ from pydantic import BaseModel, Field
 
 from ..core import demo
 from ..core.errors import PlexusError, bounded
-from ..core.manager import HISTORY_MAX, MAX_PRIORITY, MIN_PRIORITY, TaskManager
+from ..core.manager import HISTORY_MAX, TaskManager
 from ..core.models import Task, TaskStatus, iso, now
+from ..core.requests import takes
 from ..core.store_calls import store_unavailable
 from .arguments import PageSize, TaskStatuses, TaskTypes, annotated, page_size
 from .principal import current_principal
@@ -145,39 +146,14 @@ def register_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs | Non
         ),
         annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False),
     )
+    @takes(demo.RunDemo)  # the tool's arguments are the request model's fields
     @client_errors
-    async def run_demo_task(
-        ctx: Context,
-        items: Annotated[
-            int,
-            Field(
-                ge=1,
-                le=demo.MAX_ITEMS,
-                description=f"Items to process in the Processing stage, 1 to {demo.MAX_ITEMS:,}",
-            ),
-        ] = demo.DEFAULT_ITEMS,
-        item_delay_ms: Annotated[
-            float,
-            Field(ge=0, le=demo.MAX_ITEM_DELAY_MS, description="Simulated work per item, in milliseconds (0 to 10000)"),
-        ] = demo.DEFAULT_ITEM_DELAY_MS,
-        fail: Annotated[bool, Field(description="Fail at a random item between 30% and 70% of the way")] = False,
-        fail_at: Annotated[int | None, Field(ge=1, description="Fail exactly at this item number (1 to items)")] = None,
-        seed: Annotated[int | None, Field(description="Seed of the random failure point, for repeatable runs")] = None,
-        priority: Annotated[
-            int,
-            Field(
-                ge=MIN_PRIORITY,
-                le=MAX_PRIORITY,
-                description=f"Queue priority, {MIN_PRIORITY} to {MAX_PRIORITY}; "
-                "higher starts first. Operator keys may set at most the server's "
-                "max_priority_operator (default 10)",
-            ),
-        ] = 0,
-    ) -> Annotated[CallToolResult, DispatchResult]:
-        params = {"items": items, "item_delay_ms": item_delay_ms, "fail": fail, "fail_at": fail_at, "seed": seed}
+    async def run_demo_task(ctx: Context, **fields: Any) -> Annotated[CallToolResult, DispatchResult]:
+        request = demo.RunDemo.parse(fields)
+        params = request.model_dump(exclude={"priority"})
         principal = current_principal()
         task = await manager.adispatch(
-            "demo", params, priority=priority, owner=principal.owner, role=principal.role.value
+            "demo", params, priority=request.priority, owner=principal.owner, role=principal.role.value
         )
         if logs is not None:
             logs.started(ctx, [task.id])
@@ -186,7 +162,7 @@ def register_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs | Non
             # cancels the task), then answer with the outcome.
             return outcome_result(await follow_to_end(ctx, manager, task.id, logs))
         out = DispatchResult.model_validate(final_summary(task))
-        return result(f"Queued demo task {task.id} ({items} items); follow it with get_task.", out)
+        return result(f"Queued demo task {task.id} ({request.items} items); follow it with get_task.", out)
 
     @server.tool(
         title="List tasks",

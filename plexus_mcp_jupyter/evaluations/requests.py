@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, Field, WithJsonSchema
 
 from ..core.errors import one_line
-from ..core.requests import MAX_PRIORITY, MIN_PRIORITY, Number, RequestModel
+from ..core.requests import Number, Priority, RequestModel
 from .scorers import SCORER_SPEC_SCHEMA
 
 EVALUATION_TYPES = ("accuracy", "feedback", "consistency")
@@ -64,12 +64,7 @@ class CreateEvaluation(RequestModel):
     runs: Annotated[int, Number] = Field(
         3, ge=2, le=MAX_RUNS, description=f"consistency: runs of the scorer, 2 to {MAX_RUNS}"
     )
-    priority: Annotated[int, Number] = Field(
-        0,
-        ge=MIN_PRIORITY,
-        le=MAX_PRIORITY,
-        description="Queue priority (operator keys: at most max_priority_operator, default 10)",
-    )
+    priority: Priority = 0
 
 
 DEFAULT_CHUNK_SIZE = 50_000  # the largest chunk the runner scores at once; chunks are sized by time

@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ..core.demo import DemoParams
 from ..core.errors import InvalidArgument
 from ..core.requests import BulkRequest, CancelTasks, DispatchTask, RequestModel, RetryTasks, SetTaskPriority
 from ..evaluations.requests import CreateEvaluation
@@ -121,12 +122,10 @@ class Plexus:
         description: str | None = None,
     ) -> TaskHandle:
         """Dispatch the demo task (Setup, Processing `items` items, Finalizing) and return its handle."""
-        params: dict[str, Any] = {"items": items, "item_delay_ms": item_delay_ms, "fail": fail}
-        if fail_at is not None:
-            params["fail_at"] = fail_at
-        if seed is not None:
-            params["seed"] = seed
-        return self.dispatch("demo", params, priority=priority, description=description)
+        params = _request(
+            DemoParams, {"items": items, "item_delay_ms": item_delay_ms, "fail": fail, "fail_at": fail_at, "seed": seed}
+        )  # the server's model: a bad argument is refused here, in its words
+        return self.dispatch("demo", params.arguments(), priority=priority, description=description)
 
     def dispatch(
         self, type: str, params: dict[str, Any] | None = None, *, priority: int = 0, description: str | None = None
