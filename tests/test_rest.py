@@ -64,7 +64,12 @@ async def test_cancel_one_and_many(jp_fetch, jp_serverapp):
         (("tasks",), {"method": "POST", "body": "{not json"}, 400, "not valid JSON"),
         (("tasks",), {"method": "POST", "body": "[1, 2]"}, 400, "must be a JSON object"),
         (("tasks",), {"method": "POST", "body": {"type": "mining"}}, 400, "unknown task type 'mining'"),
-        (("tasks",), {"method": "POST", "body": {"params": {"items": -1}}}, 400, "items must be a whole number"),
+        (
+            ("tasks",),
+            {"method": "POST", "body": {"params": {"items": -1}}},
+            400,
+            "items: Input should be greater than or equal to 1 (got -1); Items to process in the Processing stage",
+        ),
         (
             ("tasks",),
             {"method": "POST", "body": {"priority": 10**6}},
