@@ -11,8 +11,8 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +148,7 @@ _SELECT_TASK_WITH_STAGES = (  # a row per stage (one with NULL stage columns for
 )
 
 _INSERT_TASK = sa.insert(tasks_table)
+_INSERT_SAMPLES = sa.insert(samples_table)
 _QUEUED_ROW = sa.and_(tasks_table.c.id == sa.bindparam("b_id"), tasks_table.c.status == TaskStatus.QUEUED.value)
 _CLAIMED = {
     "status": TaskStatus.RUNNING.value,
@@ -351,6 +352,9 @@ class Store:
             if self.engine.dialect.name == "postgresql"
             else self.engine
         )
+        # SQLite's per-task writes run on its driver (_OnDriver); echoed statements (debugging) all go through
+        # SQLAlchemy, which logs them.
+        self._on_driver: dict[Any, _OnDriver] | None = {} if self.engine.dialect.name == "sqlite" and not echo else None
         try:
             upgrade_store(self.engine, self.safe_url)
         except BaseException:
@@ -377,7 +381,7 @@ class Store:
     def create_task(self, task: Task, *, also: Callable[[Connection], None] | None = None) -> None:
         """Insert a new task; `also` writes in the same transaction what must exist with it (its record)."""
         with self.engine.begin() as conn:
-            conn.execute(_INSERT_TASK, _task_row(task))  # a prebuilt statement: building one per call cost more
+            self._many(conn, _INSERT_TASK, [_task_row(task)])  # prebuilt: building one per call cost more
             if task.stages:
                 conn.execute(sa.insert(stages_table), [_stage_row(task.id, stage) for stage in task.stages])
             if also is not None:
@@ -572,27 +576,28 @@ class Store:
         updates); returns the ids this call moved to RUNNING (another server may have taken the others)."""
         if not task_ids:
             return set()
+        with self.engine.begin() as conn:
+            return self._claim_many(conn, Claim(task_ids, worker, started_at, lease_expires_at))
+
+    def _claim_many(self, conn: Connection, claim: Claim) -> set[str]:
+        task_ids = claim.task_ids
         rows = [
-            {"b_id": task_id, "b_worker": worker, "b_started_at": started_at, "b_lease": lease_expires_at}
+            {"b_id": task_id, "b_worker": claim.worker, "b_started_at": claim.started_at, "b_lease": claim.lease}
             for task_id in task_ids
         ]
-        with self.engine.begin() as conn:
-            if self.engine.dialect.name == "postgresql":
-                return {
-                    task_id
-                    for task_id, row in zip(task_ids, rows, strict=True)
-                    if conn.execute(_CLAIM_SKIP_LOCKED, row).rowcount == 1
-                }
-            # SQLite: one statement for all (its rowcount is the sum); when some were taken meanwhile, the rows
-            # this transaction claimed are the ones that now carry its worker and start time.
-            if conn.execute(_CLAIM, rows).rowcount == len(rows):
-                return set(task_ids)
-            t = tasks_table
-            return set(
-                conn.execute(
-                    sa.select(t.c.id).where(t.c.id.in_(task_ids), t.c.worker == worker, t.c.started_at == started_at)
-                ).scalars()
-            )
+        if self.engine.dialect.name == "postgresql":
+            return {
+                task_id
+                for task_id, row in zip(task_ids, rows, strict=True)
+                if conn.execute(_CLAIM_SKIP_LOCKED, row).rowcount == 1
+            }
+        # SQLite: one statement for all (its rowcount is the sum); when some were taken meanwhile, the rows this
+        # transaction claimed are the ones that now carry its worker and start time.
+        if self._many(conn, _CLAIM, rows) == len(rows):
+            return set(task_ids)
+        t = tasks_table
+        won = t.c.id.in_(task_ids), t.c.worker == claim.worker, t.c.started_at == claim.started_at
+        return set(conn.execute(sa.select(t.c.id).where(*won)).scalars())
 
     # -- leases (core/leases.py) ---------------------------------------------------------------
 
@@ -699,7 +704,9 @@ class Store:
         """
         self.save_progress_many([ProgressWrite(task, list(stages), [sample] if sample else [], final)])
 
-    def save_progress_many(self, writes: Sequence[ProgressWrite], *, holder: str | None = None) -> set[str]:
+    def save_progress_many(
+        self, writes: Sequence[ProgressWrite], *, holder: str | None = None, claim: Claim | None = None
+    ) -> set[str]:
         """Write the progress (and, for final ones, the end) of many tasks in ONE transaction.
 
         The manager gathers what its workers reported during one turn of the event loop (starts, stage
@@ -709,11 +716,18 @@ class Store:
         With `holder` (a server id), a task is written only while that server holds it (its `worker` starts
         with the id): another server that took it over (this one's lease ran out, core/leases.py) owns the row
         now. Returns the ids of the tasks left unwritten for that reason.
+
+        `claim`: the next scheduling pass's claims (`claim_many`), in the same transaction: the tasks ending in
+        this write free the slots those take, so a small task's end and its successor's start cost one commit.
+        What it won is in `claim.won` once this returns.
         """
-        if not writes:
+        if not writes and claim is None:
             return set()
         with self.engine.begin() as conn:
-            return self._write_progress(conn, writes, holder=holder)
+            lost = self._write_progress(conn, writes, holder=holder) if writes else set()
+            if claim is not None:
+                claim.won = self._claim_many(conn, claim) if claim.task_ids else set()
+            return lost
 
     def _write_progress(self, conn: Connection, writes: Sequence[ProgressWrite], *, holder: str | None) -> set[str]:
         progress_rows: list[dict[str, Any]] = []
@@ -744,9 +758,9 @@ class Store:
         held = holder is not None
         updated = 0
         if progress_rows:
-            updated += conn.execute(_progress_update(final=False, held=held), progress_rows).rowcount
+            updated += self._many(conn, _progress_update(final=False, held=held), progress_rows)
         if final_rows:
-            updated += conn.execute(_progress_update(final=True, held=held), final_rows).rowcount
+            updated += self._many(conn, _progress_update(final=True, held=held), final_rows)
         lost: set[str] = set()
         if holder is not None and updated < len(progress_rows) + len(final_rows):  # rare: which, in this transaction
             t = tasks_table
@@ -763,8 +777,18 @@ class Store:
         if stage_rows:
             self._upsert_stages(conn, stage_rows)
         if sample_rows:
-            conn.execute(sa.insert(samples_table), sample_rows)
+            self._many(conn, _INSERT_SAMPLES, sample_rows)
         return lost
+
+    def _many(self, conn: Connection, statement: Any, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Run a prebuilt write for each of `rows` in `conn`'s transaction; the rows changed. SQLite: on the
+        driver (`_OnDriver`, compiled once per statement); elsewhere through SQLAlchemy."""
+        if self._on_driver is None:
+            return int(conn.execute(statement, rows).rowcount)
+        prepared = self._on_driver.get(statement)
+        if prepared is None:
+            prepared = self._on_driver[statement] = _OnDriver(statement, self.engine.dialect)
+        return prepared.executemany(conn, rows)
 
     def history(self, task_id: str, *, limit: int) -> tuple[list[ProgressSample], int]:
         """The most recent `limit` progress samples of a task, oldest first, and how many exist."""
@@ -922,7 +946,7 @@ class Store:
         """Insert or update stage rows (keyed by task and order): one statement where the database has upserts."""
         dialect = self.engine.dialect.name
         if dialect in ("sqlite", "postgresql"):
-            conn.execute(_upsert_stages_statement(dialect), rows)
+            self._many(conn, _upsert_stages_statement(dialect), rows)
             return
         st = stages_table
         for row in rows:
@@ -933,6 +957,19 @@ class Store:
             )
             if updated.rowcount == 0:
                 conn.execute(sa.insert(st).values(**row))
+
+
+@dataclass
+class Claim:
+    """The claims of one scheduling pass (Store.claim_many, or with a batched write: Store.save_progress_many):
+    the tasks to move from QUEUED to RUNNING for `worker` (a server id) at `started_at`; `won`, once written:
+    those it moved (another server may have taken the others)."""
+
+    task_ids: Sequence[str]
+    worker: str
+    started_at: float
+    lease: float | None = None
+    won: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -1001,6 +1038,40 @@ def _requeue(conn: Connection, task_id: str, *, holder: str | None) -> bool:
         conn.execute(sa.delete(stages_table).where(stages_table.c.task_id == task_id))
         conn.execute(sa.delete(samples_table).where(samples_table.c.task_id == task_id))
     return done
+
+
+class _OnDriver:
+    """A write run straight on the SQLite driver's cursor: the statements every small task runs (its insert,
+    its claim, its progress and final writes, its stages and samples). SQLAlchemy's own work per execution
+    (an execution context, parameters processed row by row: about 60 us) cost more than SQLite's for the few
+    rows of a small task. Compiled once; each parameter passes through its column type's bind processor (JSON
+    as SQLAlchemy serialises it), so the rows stored are the ones `conn.execute` would store. The statement
+    runs in the connection's open transaction (SQLAlchemy's, committed by it)."""
+
+    def __init__(self, statement: Any, dialect: sa.Dialect) -> None:
+        compiled = statement.compile(dialect=dialect)
+        self.sql = str(compiled)
+        keys = list(compiled.positiontup or ())
+        constants = compiled.params  # values written into the statement (e.g. the statuses it compares with)
+        self._columns = [(key, constants.get(key), compiled.binds[key].type.bind_processor(dialect)) for key in keys]
+
+    def executemany(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Run it for every row (a mapping of its parameters); the number of rows it changed."""
+        params = [
+            tuple(
+                row.get(key, constant) if convert is None else convert(row.get(key, constant))
+                for key, constant, convert in self._columns
+            )
+            for row in rows
+        ]
+        cursor = conn.connection.cursor()
+        try:
+            cursor.executemany(self.sql, params)
+            return int(cursor.rowcount)
+        except conn.dialect.loaded_dbapi.Error as exc:  # raised as SQLAlchemy raises it: callers handle those
+            raise sa.exc.DBAPIError.instance(self.sql, params, exc, conn.dialect.loaded_dbapi.Error) from exc
+        finally:
+            cursor.close()
 
 
 @functools.lru_cache(maxsize=2)
