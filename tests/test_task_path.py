@@ -134,3 +134,24 @@ def test_a_driver_write_that_fails_rolls_back_its_transaction_and_raises_sqlalch
         assert store.get_task(task.id).status is TaskStatus.RUNNING  # the UPDATE before it was rolled back
     finally:
         store.close()
+
+
+async def test_the_wal_is_checkpointed_by_the_stores_thread_not_by_a_commit(tmp_path):
+    """A commit never copies the WAL back (that fsync stalled the loop up to 50 ms): the store's checkpointer
+    thread does, within its interval, although the WAL is far below SQLite's own threshold."""
+    path = tmp_path / "wal.db"
+    store = Store(f"sqlite:///{path}")
+    try:
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() > 10_000
+        checkpointer = store._checkpointer._thread
+        assert checkpointer.is_alive() and checkpointer.name == "plexus-sqlite-checkpoint"
+        before = path.stat().st_size
+        tasks = [Task(id=str(uuid.uuid4()), type="demo", status=TaskStatus.QUEUED, params={}) for _ in range(300)]
+        for task in tasks:
+            store.create_task(task)  # a few hundred KB of WAL: SQLite alone would not checkpoint before 1,000 pages
+        await poll(lambda: path.stat().st_size, lambda size: size > before + 100_000)
+        assert len(store.tasks_by_ids([t.id for t in tasks])) == 300
+    finally:
+        store.close()
+    assert not checkpointer.is_alive()
