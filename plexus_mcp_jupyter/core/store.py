@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import logging
+import operator
 import os
 import sqlite3
 import threading
@@ -1102,18 +1103,30 @@ class _OnDriver:
         compiled = statement.compile(dialect=dialect)
         self.sql = str(compiled)
         keys = list(compiled.positiontup or ())
-        constants = compiled.params  # values written into the statement (e.g. the statuses it compares with)
-        self._columns = [(key, constants.get(key), compiled.binds[key].type.bind_processor(dialect)) for key in keys]
+        # Every parameter's value when a row does not name it: a constant of the statement (e.g. the statuses it
+        # compares with), else None (as conn.execute binds a missing one).
+        self._defaults = {key: compiled.params.get(key) for key in keys}
+        getter = operator.itemgetter(*keys) if keys else (lambda _row: ())
+        self._values: Callable[[Mapping[str, Any]], Sequence[Any]] = (
+            (lambda row: (getter(row),)) if len(keys) == 1 else getter
+        )
+        self._convert = [
+            (i, convert)
+            for i, key in enumerate(keys)
+            if (convert := compiled.binds[key].type.bind_processor(dialect)) is not None
+        ]
 
     def executemany(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> int:
         """Run it for every row (a mapping of its parameters); the number of rows it changed."""
-        params = [
-            tuple(
-                row.get(key, constant) if convert is None else convert(row.get(key, constant))
-                for key, constant, convert in self._columns
-            )
-            for row in rows
-        ]
+        defaults, values, convert = self._defaults, self._values, self._convert
+        params: list[Sequence[Any]] = []
+        for row in rows:
+            row_values = values({**defaults, **row})
+            if convert:
+                row_values = list(row_values)
+                for i, fn in convert:
+                    row_values[i] = fn(row_values[i])
+            params.append(row_values)
         cursor = conn.connection.cursor()
         try:
             cursor.executemany(self.sql, params)
