@@ -34,7 +34,16 @@ from .queue import FAIRNESS_MODES, FairClock, Group, QueuedInfo, QueuePolicy, Qu
 from .queue import plan as queue_plan
 from .requests import MAX_PRIORITY, MIN_PRIORITY
 from .retention import RetentionPolicy, RetentionPruner, expired_message
-from .store import ProgressWrite, Store, TaskFilter, decode_cursor, encode_cursor, tasks_table, values_with_prefix
+from .store import (
+    Claim,
+    ProgressWrite,
+    Store,
+    TaskFilter,
+    decode_cursor,
+    encode_cursor,
+    tasks_table,
+    values_with_prefix,
+)
 from .store_calls import StoreCalls, store_unavailable
 from .tasks import get_task_type, task_type_names
 
@@ -1017,25 +1026,37 @@ class TaskManager:
         """A scheduling pass's store work and plan (any thread: it reads only its arguments and the store): the
         queue's head (`view`, else a read of the store, returned to be kept), what starts, and which of those
         this server won the claim of (one transaction)."""
+        read, window, cut, starts = self._read_plan(policy, running, clock, view, version)
+        claim = self._claim_of(starts)
+        won = (
+            self.store.claim_many(
+                claim.task_ids, worker=claim.worker, started_at=claim.started_at, lease_expires_at=claim.lease
+            )
+            if starts
+            else set()
+        )
+        return read, window, cut, starts, won, claim.started_at
+
+    def _read_plan(
+        self,
+        policy: QueuePolicy,
+        running: list[Task],
+        clock: FairClock,
+        view: tuple[list[Task], dict[Group, int]] | None,
+        version: int,
+    ) -> tuple[QueueWindow | None, list[Task], dict[Group, int], list[Task]]:
+        """The queue's head (`view`, else a read of the store, returned to be kept) and what starts from it."""
         read = None
         if view is None:
             tasks, cut = self.store.queue_window(per_owner=_pass_head(policy) + WINDOW_SPARE, limit=SCHEDULE_WINDOW)
             read = QueueWindow(version, tasks, cut)
             view = read.view(_pass_head(policy)) or (tasks, cut)
         window, cut = view
-        starts = queue_plan(window, running, policy, clock=clock).starts
+        return read, window, cut, queue_plan(window, running, policy, clock=clock).starts
+
+    def _claim_of(self, starts: list[Task]) -> Claim:
         started_at = now()
-        won = (
-            self.store.claim_many(
-                [t.id for t in starts],
-                worker=self.server_id,
-                started_at=started_at,
-                lease_expires_at=self._lease_end(started_at),
-            )
-            if starts
-            else set()
-        )
-        return read, window, cut, starts, won, started_at
+        return Claim([t.id for t in starts], self.server_id, started_at, self._lease_end(started_at))
 
     async def _schedule_off_loop(self) -> None:
         """`_schedule` on a networked store: read, plan and claim on the writer thread (one hop, with a copy of
@@ -1118,10 +1139,10 @@ class TaskManager:
             state.final = Failed(f"the task could not be started: {exc}")
             self._finish(task.id, exitcode=None)
             return
-        # Stored with the task's next batched write: the claim already recorded this server (what recovery
-        # needs); the worker's own id is for people, and a running task is read from memory meanwhile.
+        # Stored with the task's first progress write (a small task's is its final one): the claim already
+        # recorded this server (what recovery needs); the worker's own id is for people, and a running task is
+        # read from memory meanwhile. A write of its own would cost a row and often a transaction per task.
         task.worker = f"{self.server_id}/{worker}"
-        self._pending_for(task)
 
     async def _maintain(self) -> None:
         """Periodic upkeep: cancellations and tasks from other servers on the store, retried final
@@ -1248,11 +1269,35 @@ class TaskManager:
             return
         batch = [(p, p.changes, len(p.samples), len(p.events), p.final) for p in self._pending.values()]
         try:
-            lost = self.store.save_progress_many([self._write_of(p) for p, *_ in batch], holder=self.server_id)
+            then = self._pass_after({p.task.id for p, *_, final in batch if final})
+            claim = then[-1] if then is not None else None
+            writes = [self._write_of(p) for p, *_ in batch]
+            lost = self.store.save_progress_many(writes, holder=self.server_id, claim=claim)
         except Exception:
             log.exception("Plexus: could not record the progress of %d tasks; retrying", len(batch))
             return
         self._committed(batch, lost)
+        if then is not None and claim is not None:
+            policy, read, window, cut, starts, _ = then
+            self._start_claimed(policy, read, window, cut, starts, claim.won, claim.started_at, exhausted=True)
+
+    def _pass_after(
+        self, ending: set[str]
+    ) -> tuple[QueuePolicy, QueueWindow | None, list[Task], dict[Group, int], list[Task], Claim] | None:
+        """The scheduling pass that the end of the `ending` tasks calls for, planned now so that its claims
+        commit with their final writes (one transaction: `_flush`); None when there is nothing to plan (no
+        task ends, the queue is known to be empty, no slot would be free). Local store only: on a networked
+        one the pass runs on the writer thread after the write (`_schedule_off_loop`)."""
+        if not ending or self._stopping or self._loop is None or self._queue_empty:
+            return None
+        running = [task for task in self._running_tasks() if task.id not in ending]
+        if len(running) >= self.max_concurrency:
+            return None
+        policy = self._policy()
+        read, window, cut, starts = self._read_plan(
+            policy, running, self._fair, self._window_view(policy), self._queue_version
+        )
+        return policy, read, window, cut, starts, self._claim_of(starts)
 
     @staticmethod
     def _write_of(pending: _PendingWrite) -> ProgressWrite:

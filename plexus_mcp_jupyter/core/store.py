@@ -10,9 +10,13 @@ import base64
 import functools
 import hashlib
 import json
+import logging
+import operator
 import os
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,11 @@ from .errors import InvalidArgument
 from .models import FINAL_STATUSES, STAGE_NAME_MAX, ProgressSample, Stage, StageStatus, Task, TaskStatus
 from .ownership import visible_to
 from .retention import RetentionPolicy
+
+log = logging.getLogger("plexus_mcp_jupyter")
+
+CHECKPOINT_INTERVAL = 0.5  # seconds between WAL checkpoints of a SQLite store (_Checkpointer)
+CHECKPOINT_FALLBACK_PAGES = 20_000  # SQLite checkpoints on commit past this many WAL pages (80 MB)
 
 metadata = sa.MetaData()
 
@@ -53,13 +62,41 @@ tasks_table = sa.Table(
     sa.Index("ix_tasks_created", "created_at", "id"),
     sa.Index("ix_tasks_status_created", "status", "created_at", "id"),
     sa.Index("ix_tasks_type_created", "type", "created_at", "id"),
-    sa.Index("ix_tasks_completed", "completed_at"),  # retention finds the oldest finished tasks
-    sa.Index("ix_tasks_owner_queue", "status", "priority", "owner", "created_at", "id"),  # the queue's shares
+    # Partial indexes (revision 0004): a status change touches only the indexes a task is in, and most tasks are
+    # in none of these (a final write took twice as long with them whole). A query uses one only when its WHERE
+    # implies the index's: a queue query says status = 'QUEUED' as a literal (_IS_QUEUED), not a parameter.
+    sa.Index(  # retention finds the oldest finished tasks
+        "ix_tasks_completed",
+        "completed_at",
+        sqlite_where=sa.text("completed_at IS NOT NULL"),
+        postgresql_where=sa.text("completed_at IS NOT NULL"),
+    ),
+    sa.Index(  # the queue's shares: the queued tasks only (status first all the same: SQLite plans with it)
+        "ix_tasks_owner_queue",
+        "status",
+        "priority",
+        "owner",
+        "created_at",
+        "id",
+        sqlite_where=sa.text("status = 'QUEUED'"),
+        postgresql_where=sa.text("status = 'QUEUED'"),
+    ),
     # Added by later releases (nullable: an older store gets them from its migration, migrations/).
     sa.Column("batch_id", sa.String(36), nullable=True),  # the batch it was dispatched in (core/batches.py)
     sa.Column("retry_of", sa.String(36), nullable=True),  # the task this one is a new attempt of
-    sa.Index("ix_tasks_batch", "batch_id", "status"),
-    sa.Index("ix_tasks_retry_of", "retry_of"),
+    sa.Index(
+        "ix_tasks_batch",
+        "batch_id",
+        "status",
+        sqlite_where=sa.text("batch_id IS NOT NULL"),
+        postgresql_where=sa.text("batch_id IS NOT NULL"),
+    ),
+    sa.Index(
+        "ix_tasks_retry_of",
+        "retry_of",
+        sqlite_where=sa.text("retry_of IS NOT NULL"),
+        postgresql_where=sa.text("retry_of IS NOT NULL"),
+    ),
     # Until when the claiming server's heartbeat holds a RUNNING task (core/leases.py); past it, any server on
     # the store may recover the task. None: claimed by a release without leases (recovered by process id).
     sa.Column("lease_expires_at", sa.Float, nullable=True),
@@ -148,6 +185,9 @@ _SELECT_TASK_WITH_STAGES = (  # a row per stage (one with NULL stage columns for
 )
 
 _INSERT_TASK = sa.insert(tasks_table)
+_INSERT_SAMPLES = sa.insert(samples_table)
+# A queued task, as the partial index ix_tasks_owner_queue is defined: a literal, so the planner can use it.
+_IS_QUEUED = tasks_table.c.status == sa.literal_column("'QUEUED'")
 _QUEUED_ROW = sa.and_(tasks_table.c.id == sa.bindparam("b_id"), tasks_table.c.status == TaskStatus.QUEUED.value)
 _CLAIMED = {
     "status": TaskStatus.RUNNING.value,
@@ -262,7 +302,10 @@ def make_engine(
     options: dict[str, Any] = {"echo": echo}
     in_memory = parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
     if not in_memory:  # an in-memory SQLite database is one connection, shared
-        options.update(pool_size=pool_size, max_overflow=0, pool_timeout=pool_timeout)
+        # Last in, first out: the loop's writes, one after another, reuse the connection whose page cache is warm
+        # (first in, first out rotated through every pooled connection, each finding its cache stale after the
+        # others' writes: the final UPDATE of a task took twice as long).
+        options.update(pool_size=pool_size, max_overflow=0, pool_timeout=pool_timeout, pool_use_lifo=True)
     if parsed.get_backend_name() == "postgresql":
         # TCP keepalives: a connection to a host that vanished (no reset sent) is found dead in about 25 s.
         connect_args: dict[str, Any] = {
@@ -351,11 +394,20 @@ class Store:
             if self.engine.dialect.name == "postgresql"
             else self.engine
         )
+        # SQLite's per-task writes run on its driver (_OnDriver); echoed statements (debugging) all go through
+        # SQLAlchemy, which logs them.
+        self._on_driver: dict[Any, _OnDriver] | None = {} if self.engine.dialect.name == "sqlite" and not echo else None
         try:
             upgrade_store(self.engine, self.safe_url)
         except BaseException:
             self.engine.dispose()
             raise
+        database = self.engine.url.database
+        self._checkpointer = (
+            _Checkpointer(database)
+            if self.engine.dialect.name == "sqlite" and database not in (None, "", ":memory:")
+            else None
+        )
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -365,6 +417,9 @@ class Store:
         return self.engine.url.render_as_string(hide_password=True)
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
         self.engine.dispose()
 
     def ping(self) -> bool:
@@ -377,7 +432,7 @@ class Store:
     def create_task(self, task: Task, *, also: Callable[[Connection], None] | None = None) -> None:
         """Insert a new task; `also` writes in the same transaction what must exist with it (its record)."""
         with self.engine.begin() as conn:
-            conn.execute(_INSERT_TASK, _task_row(task))  # a prebuilt statement: building one per call cost more
+            self._many(conn, _INSERT_TASK, [_task_row(task)])  # prebuilt: building one per call cost more
             if task.stages:
                 conn.execute(sa.insert(stages_table), [_stage_row(task.id, stage) for stage in task.stages])
             if also is not None:
@@ -572,27 +627,28 @@ class Store:
         updates); returns the ids this call moved to RUNNING (another server may have taken the others)."""
         if not task_ids:
             return set()
+        with self.engine.begin() as conn:
+            return self._claim_many(conn, Claim(task_ids, worker, started_at, lease_expires_at))
+
+    def _claim_many(self, conn: Connection, claim: Claim) -> set[str]:
+        task_ids = claim.task_ids
         rows = [
-            {"b_id": task_id, "b_worker": worker, "b_started_at": started_at, "b_lease": lease_expires_at}
+            {"b_id": task_id, "b_worker": claim.worker, "b_started_at": claim.started_at, "b_lease": claim.lease}
             for task_id in task_ids
         ]
-        with self.engine.begin() as conn:
-            if self.engine.dialect.name == "postgresql":
-                return {
-                    task_id
-                    for task_id, row in zip(task_ids, rows, strict=True)
-                    if conn.execute(_CLAIM_SKIP_LOCKED, row).rowcount == 1
-                }
-            # SQLite: one statement for all (its rowcount is the sum); when some were taken meanwhile, the rows
-            # this transaction claimed are the ones that now carry its worker and start time.
-            if conn.execute(_CLAIM, rows).rowcount == len(rows):
-                return set(task_ids)
-            t = tasks_table
-            return set(
-                conn.execute(
-                    sa.select(t.c.id).where(t.c.id.in_(task_ids), t.c.worker == worker, t.c.started_at == started_at)
-                ).scalars()
-            )
+        if self.engine.dialect.name == "postgresql":
+            return {
+                task_id
+                for task_id, row in zip(task_ids, rows, strict=True)
+                if conn.execute(_CLAIM_SKIP_LOCKED, row).rowcount == 1
+            }
+        # SQLite: one statement for all (its rowcount is the sum); when some were taken meanwhile, the rows this
+        # transaction claimed are the ones that now carry its worker and start time.
+        if self._many(conn, _CLAIM, rows) == len(rows):
+            return set(task_ids)
+        t = tasks_table
+        won = t.c.id.in_(task_ids), t.c.worker == claim.worker, t.c.started_at == claim.started_at
+        return set(conn.execute(sa.select(t.c.id).where(*won)).scalars())
 
     # -- leases (core/leases.py) ---------------------------------------------------------------
 
@@ -699,7 +755,9 @@ class Store:
         """
         self.save_progress_many([ProgressWrite(task, list(stages), [sample] if sample else [], final)])
 
-    def save_progress_many(self, writes: Sequence[ProgressWrite], *, holder: str | None = None) -> set[str]:
+    def save_progress_many(
+        self, writes: Sequence[ProgressWrite], *, holder: str | None = None, claim: Claim | None = None
+    ) -> set[str]:
         """Write the progress (and, for final ones, the end) of many tasks in ONE transaction.
 
         The manager gathers what its workers reported during one turn of the event loop (starts, stage
@@ -709,11 +767,18 @@ class Store:
         With `holder` (a server id), a task is written only while that server holds it (its `worker` starts
         with the id): another server that took it over (this one's lease ran out, core/leases.py) owns the row
         now. Returns the ids of the tasks left unwritten for that reason.
+
+        `claim`: the next scheduling pass's claims (`claim_many`), in the same transaction: the tasks ending in
+        this write free the slots those take, so a small task's end and its successor's start cost one commit.
+        What it won is in `claim.won` once this returns.
         """
-        if not writes:
+        if not writes and claim is None:
             return set()
         with self.engine.begin() as conn:
-            return self._write_progress(conn, writes, holder=holder)
+            lost = self._write_progress(conn, writes, holder=holder) if writes else set()
+            if claim is not None:
+                claim.won = self._claim_many(conn, claim) if claim.task_ids else set()
+            return lost
 
     def _write_progress(self, conn: Connection, writes: Sequence[ProgressWrite], *, holder: str | None) -> set[str]:
         progress_rows: list[dict[str, Any]] = []
@@ -744,9 +809,9 @@ class Store:
         held = holder is not None
         updated = 0
         if progress_rows:
-            updated += conn.execute(_progress_update(final=False, held=held), progress_rows).rowcount
+            updated += self._many(conn, _progress_update(final=False, held=held), progress_rows)
         if final_rows:
-            updated += conn.execute(_progress_update(final=True, held=held), final_rows).rowcount
+            updated += self._many(conn, _progress_update(final=True, held=held), final_rows)
         lost: set[str] = set()
         if holder is not None and updated < len(progress_rows) + len(final_rows):  # rare: which, in this transaction
             t = tasks_table
@@ -763,8 +828,18 @@ class Store:
         if stage_rows:
             self._upsert_stages(conn, stage_rows)
         if sample_rows:
-            conn.execute(sa.insert(samples_table), sample_rows)
+            self._many(conn, _INSERT_SAMPLES, sample_rows)
         return lost
+
+    def _many(self, conn: Connection, statement: Any, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Run a prebuilt write for each of `rows` in `conn`'s transaction; the rows changed. SQLite: on the
+        driver (`_OnDriver`, compiled once per statement); elsewhere through SQLAlchemy."""
+        if self._on_driver is None:
+            return int(conn.execute(statement, rows).rowcount)
+        prepared = self._on_driver.get(statement)
+        if prepared is None:
+            prepared = self._on_driver[statement] = _OnDriver(statement, self.engine.dialect)
+        return prepared.executemany(conn, rows)
 
     def history(self, task_id: str, *, limit: int) -> tuple[list[ProgressSample], int]:
         """The most recent `limit` progress samples of a task, oldest first, and how many exist."""
@@ -816,7 +891,7 @@ class Store:
             sa.select(sa.func.count())
             .select_from(t)
             .where(
-                t.c.status == TaskStatus.QUEUED.value,
+                _IS_QUEUED,
                 sa.or_(
                     t.c.priority > task.priority,
                     sa.and_(
@@ -922,7 +997,7 @@ class Store:
         """Insert or update stage rows (keyed by task and order): one statement where the database has upserts."""
         dialect = self.engine.dialect.name
         if dialect in ("sqlite", "postgresql"):
-            conn.execute(_upsert_stages_statement(dialect), rows)
+            self._many(conn, _upsert_stages_statement(dialect), rows)
             return
         st = stages_table
         for row in rows:
@@ -933,6 +1008,19 @@ class Store:
             )
             if updated.rowcount == 0:
                 conn.execute(sa.insert(st).values(**row))
+
+
+@dataclass
+class Claim:
+    """The claims of one scheduling pass (Store.claim_many, or with a batched write: Store.save_progress_many):
+    the tasks to move from QUEUED to RUNNING for `worker` (a server id) at `started_at`; `won`, once written:
+    those it moved (another server may have taken the others)."""
+
+    task_ids: Sequence[str]
+    worker: str
+    started_at: float
+    lease: float | None = None
+    won: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -1001,6 +1089,52 @@ def _requeue(conn: Connection, task_id: str, *, holder: str | None) -> bool:
         conn.execute(sa.delete(stages_table).where(stages_table.c.task_id == task_id))
         conn.execute(sa.delete(samples_table).where(samples_table.c.task_id == task_id))
     return done
+
+
+class _OnDriver:
+    """A write run straight on the SQLite driver's cursor: the statements every small task runs (its insert,
+    its claim, its progress and final writes, its stages and samples). SQLAlchemy's own work per execution
+    (an execution context, parameters processed row by row: about 60 us) cost more than SQLite's for the few
+    rows of a small task. Compiled once; each parameter passes through its column type's bind processor (JSON
+    as SQLAlchemy serialises it), so the rows stored are the ones `conn.execute` would store. The statement
+    runs in the connection's open transaction (SQLAlchemy's, committed by it)."""
+
+    def __init__(self, statement: Any, dialect: sa.Dialect) -> None:
+        compiled = statement.compile(dialect=dialect)
+        self.sql = str(compiled)
+        keys = list(compiled.positiontup or ())
+        # Every parameter's value when a row does not name it: a constant of the statement (e.g. the statuses it
+        # compares with), else None (as conn.execute binds a missing one).
+        self._defaults = {key: compiled.params.get(key) for key in keys}
+        getter = operator.itemgetter(*keys) if keys else (lambda _row: ())
+        self._values: Callable[[Mapping[str, Any]], Sequence[Any]] = (
+            (lambda row: (getter(row),)) if len(keys) == 1 else getter
+        )
+        self._convert = [
+            (i, convert)
+            for i, key in enumerate(keys)
+            if (convert := compiled.binds[key].type.bind_processor(dialect)) is not None
+        ]
+
+    def executemany(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Run it for every row (a mapping of its parameters); the number of rows it changed."""
+        defaults, values, convert = self._defaults, self._values, self._convert
+        params: list[Sequence[Any]] = []
+        for row in rows:
+            row_values = values({**defaults, **row})
+            if convert:
+                row_values = list(row_values)
+                for i, fn in convert:
+                    row_values[i] = fn(row_values[i])
+            params.append(row_values)
+        cursor = conn.connection.cursor()
+        try:
+            cursor.executemany(self.sql, params)
+            return int(cursor.rowcount)
+        except conn.dialect.loaded_dbapi.Error as exc:  # raised as SQLAlchemy raises it: callers handle those
+            raise sa.exc.DBAPIError.instance(self.sql, params, exc, conn.dialect.loaded_dbapi.Error) from exc
+        finally:
+            cursor.close()
 
 
 @functools.lru_cache(maxsize=2)
@@ -1084,7 +1218,7 @@ def _list_one(
 _t = tasks_table
 _QUEUE_GROUPS = (
     sa.select(_t.c.priority, _t.c.owner, sa.func.count())
-    .where(_t.c.status == TaskStatus.QUEUED.value)
+    .where(_IS_QUEUED)
     .group_by(_t.c.priority, _t.c.owner)
     .order_by(_t.c.priority.desc())
     .limit(sa.bindparam("limit"))
@@ -1092,7 +1226,7 @@ _QUEUE_GROUPS = (
 _QUEUE_GROUP_HEAD = {
     owned: sa.select(_t)
     .where(
-        _t.c.status == TaskStatus.QUEUED.value,
+        _IS_QUEUED,
         _t.c.priority == sa.bindparam("priority"),
         _t.c.owner == sa.bindparam("owner") if owned else _t.c.owner.is_(None),
     )
@@ -1140,7 +1274,44 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=5000")
     cursor.execute("PRAGMA foreign_keys=ON")
+    # The WAL is copied back into the database by the store's checkpointer thread (_Checkpointer): left to
+    # SQLite, the commit that fills the WAL to its 1,000 pages does it, with an fsync, on whatever thread
+    # committed, most often the event loop's (measured: 1% of the commits held 45% of their time, up to 50 ms).
+    # This bound only matters if that thread falls behind.
+    cursor.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_FALLBACK_PAGES}")
     cursor.close()
+
+
+class _Checkpointer:
+    """Copies a SQLite store's WAL back into its database file every `interval` seconds (a PASSIVE checkpoint:
+    it never waits for, nor blocks, readers and writers), on a thread of its own, so the fsync it costs is
+    never on the event loop (see _sqlite_pragmas)."""
+
+    def __init__(self, path: str, interval: float = CHECKPOINT_INTERVAL) -> None:
+        self._path = path
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="plexus-sqlite-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        conn = None
+        try:
+            conn = sqlite3.connect(self._path, timeout=5.0, check_same_thread=False)
+            while not self._stop.wait(self._interval):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:  # e.g. the file went away in a test's cleanup: try again later
+                    log.debug("Plexus: a WAL checkpoint failed: %s", exc)
+        except sqlite3.Error:
+            log.warning("Plexus: no WAL checkpointer for %s: SQLite checkpoints on commit instead", self._path)
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
 
 
 def _task_row(task: Task) -> dict[str, Any]:

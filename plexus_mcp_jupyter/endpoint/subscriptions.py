@@ -327,6 +327,8 @@ class ResourceWatch:
             self._close(follower)
 
     def _followers(self) -> list[_Follower]:
+        if not self._sessions:  # the common case, and iterating a WeakKeyDictionary is not free (every event)
+            return list(self._streams)
         return [*self._sessions.values(), *self._streams]
 
     def _drop(self, connection: Any) -> None:

@@ -1,0 +1,157 @@
+"""A small task's fixed cost on the server (issue 12): its end and its successor's claim commit together
+(Store.save_progress_many with a Claim), and SQLite's per-task writes run on the driver (store._OnDriver),
+storing exactly the rows SQLAlchemy would."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+import uuid
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from plexus_mcp_jupyter.core import EventBus, Store, TaskManager, TaskStatus
+from plexus_mcp_jupyter.core.executors import LocalExecutor
+from plexus_mcp_jupyter.core.models import ProgressSample, Stage, StageStatus, Task
+from plexus_mcp_jupyter.core.store import Claim, ProgressWrite
+
+from .conftest import poll
+
+TRIVIAL = {"items": 1, "item_delay_ms": 0}
+
+
+async def test_an_end_and_the_next_claim_commit_in_one_transaction(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'path.db'}")
+    manager = TaskManager(store, EventBus(), LocalExecutor(), max_concurrency=1, poll_interval=30)
+    alone: list[list[str]] = []  # claims committed on their own
+    riding: list[tuple[list[str], set[str]]] = []  # (tasks ending, tasks claimed) in one transaction
+    claim_many, save_many = store.claim_many, store.save_progress_many
+
+    def counted_claim(ids: Any, **kw: Any) -> set[str]:
+        alone.append(list(ids))
+        return claim_many(ids, **kw)
+
+    def counted_save(writes: Any, *, claim: Claim | None = None, **kw: Any) -> set[str]:
+        lost = save_many(writes, claim=claim, **kw)
+        if claim is not None:
+            riding.append(([w.task.id for w in writes if w.final], set(claim.won)))
+        return lost
+
+    store.claim_many, store.save_progress_many = counted_claim, counted_save
+    await manager.start()
+    try:
+        await poll(lambda: manager.executor.status()["idle_workers"], bool)
+        tasks = [manager.new_task("demo", TRIVIAL) for _ in range(10)]
+        manager.queue_changing()
+        store.create_tasks(tasks)
+        manager.announce(tasks)
+        await manager.wait_final([t.id for t in tasks], 60)
+        assert [store.get_task(t.id).status for t in tasks] == [TaskStatus.COMPLETED] * 10
+    finally:
+        await manager.stop()
+        store.close()
+    # One slot: the first task is claimed by a pass of its own; each end after that carries the next claim.
+    assert alone == [[tasks[0].id]]
+    ended_then_claimed = [(ended, won) for ended, won in riding if won]
+    assert [won for _, won in ended_then_claimed] == [{t.id} for t in tasks[1:]]
+    assert [ended for ended, _ in ended_then_claimed] == [[t.id] for t in tasks[:-1]]
+
+
+def _rows(path: Any) -> dict[str, list[tuple[Any, ...]]]:
+    with sqlite3.connect(path) as conn:
+        return {
+            table: conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall()
+            for table in ("tasks", "task_stages", "progress_samples")
+        }
+
+
+def test_driver_writes_store_what_sqlalchemy_stores(tmp_path):
+    """The same claim, progress and final writes through the driver and through SQLAlchemy leave equal rows:
+    JSON (a None output is JSON null, text with quotes and non-ASCII), booleans, floats, NULLs."""
+    at = time.time()
+    ids = [str(uuid.UUID(int=i)) for i in range(3)]
+    paths = []
+    for on_driver in (True, False):
+        path = tmp_path / f"{on_driver}.db"
+        store = Store(f"sqlite:///{path}")
+        if not on_driver:
+            store._on_driver = None  # every statement through SQLAlchemy, as with echo or another database
+        tasks = [
+            Task(
+                id=task_id,
+                type="demo",
+                status=TaskStatus.QUEUED,
+                params={"items": i, "text": 'a "quoted" é'},
+                description="d",
+                created_at=at + i,
+            )
+            for i, task_id in enumerate(ids)
+        ]
+        store.create_task(tasks[0])
+        store.create_tasks(tasks[1:])
+        assert store.claim_many(ids, worker="srv", started_at=at, lease_expires_at=at + 30) == set(ids)
+        writes = []
+        for i, task in enumerate(tasks):
+            task.worker, task.current_stage = "srv/pid=1", "Work"
+            task.stages = [Stage("Work", 0, StageStatus.RUNNING, "m é", 3, i, at, None, None)]
+            samples = [ProgressSample(at, "Work", i, 3, None)]
+            final = i > 0
+            if final:
+                task.status, task.completed_at = (TaskStatus.COMPLETED, TaskStatus.FAILED)[i - 1], at + 1
+                task.output = None if i == 1 else {"ok": True, "text": "ü"}
+                task.error_details = {"exception_type": "E"} if i == 2 else None
+            writes.append(ProgressWrite(task, task.stages, samples, final))
+        second = Claim([], "srv", at)
+        assert store.save_progress_many(writes, holder="srv", claim=second) == set()
+        assert second.won == set()
+        back = store.get_task(ids[2])
+        assert (back.status, back.error_details, back.output) == (
+            TaskStatus.FAILED,
+            {"exception_type": "E"},
+            {"ok": True, "text": "ü"},
+        )
+        store.close()
+        paths.append(path)
+    assert _rows(paths[0]) == _rows(paths[1])
+
+
+def test_a_driver_write_that_fails_rolls_back_its_transaction_and_raises_sqlalchemys_error(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'f.db'}")
+    try:
+        task = Task(id=str(uuid.uuid4()), type="demo", status=TaskStatus.QUEUED, params={})
+        store.create_task(task)
+        with pytest.raises(sa.exc.IntegrityError):
+            store.create_task(task)  # the same id twice
+        assert [t.id for t in store.tasks_by_ids([task.id])] == [task.id]
+        store.claim_many([task.id], worker="srv", started_at=time.time())
+        task.status, task.completed_at, task.worker = TaskStatus.COMPLETED, time.time(), "srv/pid=1"
+        bad_stage = Stage("S", 0, StageStatus.COMPLETED, None, None, 0, None, None, None)
+        bad_stage.name = None  # NOT NULL: the stage upsert fails after the task's final UPDATE ran
+        with pytest.raises(sa.exc.IntegrityError):
+            store.save_progress_many([ProgressWrite(task, [bad_stage], [], True)], holder="srv")
+        assert store.get_task(task.id).status is TaskStatus.RUNNING  # the UPDATE before it was rolled back
+    finally:
+        store.close()
+
+
+async def test_the_wal_is_checkpointed_by_the_stores_thread_not_by_a_commit(tmp_path):
+    """A commit never copies the WAL back (that fsync stalled the loop up to 50 ms): the store's checkpointer
+    thread does, within its interval, although the WAL is far below SQLite's own threshold."""
+    path = tmp_path / "wal.db"
+    store = Store(f"sqlite:///{path}")
+    try:
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() > 10_000
+        checkpointer = store._checkpointer._thread
+        assert checkpointer.is_alive() and checkpointer.name == "plexus-sqlite-checkpoint"
+        before = path.stat().st_size
+        tasks = [Task(id=str(uuid.uuid4()), type="demo", status=TaskStatus.QUEUED, params={}) for _ in range(300)]
+        for task in tasks:
+            store.create_task(task)  # a few hundred KB of WAL: SQLite alone would not checkpoint before 1,000 pages
+        await poll(lambda: path.stat().st_size, lambda size: size > before + 100_000)
+        assert len(store.tasks_by_ids([t.id for t in tasks])) == 300
+    finally:
+        store.close()
+    assert not checkpointer.is_alive()
