@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Any, TypeVar
 
 import httpx2
@@ -112,6 +112,32 @@ class LoopWatch:
         self._task.cancel()
 
 
+@contextlib.contextmanager
+def held_elsewhere(db_url: str, statement: str, **params: Any) -> Iterator[None]:
+    """Another connection holds a lock on `tasks` (taken by `statement`) for the block, then lets it go."""
+    locker = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
+    try:
+        with locker.connect() as conn:
+            lock = conn.begin()
+            conn.execute(sa.text(statement), params)
+            try:
+                yield
+            finally:
+                lock.rollback()
+    finally:
+        locker.dispose()
+
+
+ROW_LOCK = "SELECT id FROM tasks WHERE id = :id FOR UPDATE"
+
+
+async def failed_by_recovery(store: Store, task_id: str) -> Task:
+    """The task once recovery resolved it as a gone server's: FAILED, saying why."""
+    failed = await poll(lambda: store.get_task(task_id), lambda t: t.status is TaskStatus.FAILED, timeout=30)
+    assert failed.error_message == "server restarted while the task was running"
+    return failed
+
+
 def call_like_the_lease_keeper(runtime) -> None:
     """What LeaseKeeper does when a heartbeat finds expired leases: call `on_expired` on the loop."""
     asyncio.get_running_loop().call_soon_threadsafe(runtime.leases.on_expired)
@@ -139,36 +165,28 @@ async def test_lease_recovery_under_a_table_lock_never_stalls_the_loop_and_resol
     ended: list[str] = []
     runtime.bus.add_listener(lambda e: ended.append(e.entity_id) if e.kind == "task.failed" else None)
     headers = {"Authorization": f"token {token}"}
-    locker = sa.create_engine(plexus_config["db_url"], poolclass=sa.pool.NullPool)
     async with httpx2.AsyncClient(headers=headers, timeout=60) as http, mcp_client() as client:
-        with locker.connect() as conn:
-            lock = conn.begin()
-            conn.exec_driver_sql("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
-            try:
-                await until_past(lease_ends)
-                async with LoopWatch() as watch:
-                    call_like_the_lease_keeper(runtime)
-                    status, took = await timed(http.get(server_url + "api/status"))  # Jupyter's own: no store
-                    assert status.status_code == 200 and took < PROMPT, took
+        with held_elsewhere(plexus_config["db_url"], "LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE"):
+            await until_past(lease_ends)
+            async with LoopWatch() as watch:
+                call_like_the_lease_keeper(runtime)
+                status, took = await timed(http.get(server_url + "api/status"))  # Jupyter's own: no store
+                assert status.status_code == 200 and took < PROMPT, took
 
-                    health, took = await timed(http.get(server_url + "plexus/api/health"))
-                    assert took < POOL_TIMEOUT + PROMPT, took
-                    assert health.json()["status"] == "degraded", health.json()
+                health, took = await timed(http.get(server_url + "plexus/api/health"))
+                assert took < POOL_TIMEOUT + PROMPT, took
+                assert health.json()["status"] == "degraded", health.json()
 
-                    listing, took = await timed(http.get(server_url + "plexus/api/tasks"))
-                    assert took < POOL_TIMEOUT + PROMPT, took
-                    assert listing.status_code == 503, listing.text
+                listing, took = await timed(http.get(server_url + "plexus/api/tasks"))
+                assert took < POOL_TIMEOUT + PROMPT, took
+                assert listing.status_code == 503, listing.text
 
-                    got, took = await timed(client.call_tool("get_task", {"task_id": plain.id}))
-                    assert took < POOL_TIMEOUT + PROMPT, took
-                    assert got.is_error and "the store is unavailable" in got.content[0].text
-                assert watch.longest < PROMPT, watch.longest
-            finally:
-                lock.rollback()
-    locker.dispose()
+                got, took = await timed(client.call_tool("get_task", {"task_id": plain.id}))
+                assert took < POOL_TIMEOUT + PROMPT, took
+                assert got.is_error and "the store is unavailable" in got.content[0].text
+            assert watch.longest < PROMPT, watch.longest
 
-    failed = await poll(lambda: store.get_task(plain.id), lambda t: t.status is TaskStatus.FAILED, timeout=30)
-    assert failed.error_message == "server restarted while the task was running"
+    failed = await failed_by_recovery(store, plain.id)
     assert failed.stages[0].status is StageStatus.FAILED
     await poll(lambda: ended, lambda ids: plain.id in ids)  # announced on this server's bus
     again = await poll(lambda: store.get_task(redo.id), lambda t: t.status is TaskStatus.COMPLETED, timeout=30)
@@ -184,25 +202,17 @@ async def test_lease_recovery_whose_take_over_waits_on_a_row_lock_leaves_the_rea
     store = runtime.store
     task = left_running(store, lease_ends=time.time() - 1)
     headers = {"Authorization": f"token {token}"}
-    locker = sa.create_engine(plexus_config["db_url"], poolclass=sa.pool.NullPool)
     async with httpx2.AsyncClient(headers=headers, timeout=60) as http:
-        with locker.connect() as conn:
-            lock = conn.begin()
-            conn.execute(sa.text("SELECT id FROM tasks WHERE id = :id FOR UPDATE"), {"id": task.id})
-            try:
-                async with LoopWatch() as watch:
-                    call_like_the_lease_keeper(runtime)
-                    got, took = await timed(http.get(server_url + f"plexus/api/tasks/{task.id}"))
-                    assert took < PROMPT and got.status_code == 200, (took, got.text)
-                    assert got.json()["status"] == "RUNNING"  # not taken over: the row is held
-                    health, took = await timed(http.get(server_url + "plexus/api/health"))
-                    assert took < PROMPT and health.json()["status"] == "ok", (took, health.json())
-                assert watch.longest < PROMPT, watch.longest
-            finally:
-                lock.rollback()
-    locker.dispose()
-    failed = await poll(lambda: store.get_task(task.id), lambda t: t.status is TaskStatus.FAILED, timeout=30)
-    assert failed.error_message == "server restarted while the task was running"
+        with held_elsewhere(plexus_config["db_url"], ROW_LOCK, id=task.id):
+            async with LoopWatch() as watch:
+                call_like_the_lease_keeper(runtime)
+                got, took = await timed(http.get(server_url + f"plexus/api/tasks/{task.id}"))
+                assert took < PROMPT and got.status_code == 200, (took, got.text)
+                assert got.json()["status"] == "RUNNING"  # not taken over: the row is held
+                health, took = await timed(http.get(server_url + "plexus/api/health"))
+                assert took < PROMPT and health.json()["status"] == "ok", (took, health.json())
+            assert watch.longest < PROMPT, watch.longest
+    await failed_by_recovery(store, task.id)
 
 
 @contextlib.asynccontextmanager
@@ -232,20 +242,13 @@ async def requeue_at_shutdown_under_a_row_lock(manager: TaskManager, postgres_ur
     store = manager.store
     task = await manager.adispatch("resumable", {})
     await poll(lambda: store.get_task(task.id).stages, lambda stages: len(stages) == 1, timeout=30)
-    locker = sa.create_engine(postgres_url, poolclass=sa.pool.NullPool)
-    with locker.connect() as conn:
-        lock = conn.begin()
-        conn.execute(sa.text("SELECT id FROM tasks WHERE id = :id FOR UPDATE"), {"id": task.id})
-        try:
-            async with LoopWatch() as watch:
-                stopping = asyncio.ensure_future(manager.stop())
-                await poll(lambda: task.id in manager._requeueing, lambda asked: asked, timeout=30)
-                assert not stopping.done()  # it waits for the re-queue (bounded)
-                assert store.get_task(task.id).status is TaskStatus.RUNNING
-            assert watch.longest < PROMPT, watch.longest
-        finally:
-            lock.rollback()
-    locker.dispose()
+    with held_elsewhere(postgres_url, ROW_LOCK, id=task.id):
+        async with LoopWatch() as watch:
+            stopping = asyncio.ensure_future(manager.stop())
+            await poll(lambda: task.id in manager._requeueing, lambda asked: asked, timeout=30)
+            assert not stopping.done()  # it waits for the re-queue (bounded)
+            assert store.get_task(task.id).status is TaskStatus.RUNNING
+        assert watch.longest < PROMPT, watch.longest
     await asyncio.wait_for(stopping, 30)
     after = store.get_task(task.id)
     assert (after.status, after.worker, after.stages) == (TaskStatus.QUEUED, None, [])
