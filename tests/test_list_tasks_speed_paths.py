@@ -204,3 +204,22 @@ async def test_list_tasks_over_mcp_shows_a_new_task_and_its_end_at_once(mcp_url,
         done = await client.call_tool("list_tasks", {"status": "COMPLETED", "limit": 5})
         assert done.structured_content["tasks"][0]["task_id"] == started
         assert done.structured_content["tasks"][0]["status"] == "COMPLETED"
+
+
+async def test_answers_served_as_one_json_body_are_not_kept_for_replay_and_streamed_ones_are(mcp_url, token, runtime):
+    store = runtime.endpoint.event_store
+    async with open_client(mcp_url, token) as client:
+        await client.call_tool("list_tasks", {"limit": 5})
+        before = store.size
+        for _ in range(5):
+            assert not (await client.call_tool("list_tasks", {"limit": 5})).is_error
+            assert (await client.call_tool("get_task", {"task_id": "nope"})).is_error  # an error answer too
+        assert store.size == before, "a JSON body carries no event id: nothing could resume from it"
+        updates: list[float] = []
+
+        async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+            updates.append(progress)
+
+        streamed = await client.call_tool("run_demo_task", QUICK, progress_callback=on_progress)
+        assert not streamed.is_error and updates
+        assert store.size > before, "a streamed answer stays resumable"
