@@ -5,6 +5,8 @@ a status change, another server's change relayed as an event."""
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import inspect
 import threading
 import time
 import uuid
@@ -13,7 +15,11 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import sqlalchemy as sa
+import tornado
+from tornado import httputil
+from tornado.web import RequestHandler
 
 from plexus_mcp_jupyter.core import EventBus, Store, Task, TaskManager, TaskStatus
 from plexus_mcp_jupyter.core.executors import LocalExecutor
@@ -223,3 +229,38 @@ async def test_answers_served_as_one_json_body_are_not_kept_for_replay_and_strea
         streamed = await client.call_tool("run_demo_task", QUICK, progress_callback=on_progress)
         assert not streamed.is_error and updates
         assert store.size > before, "a streamed answer stays resumable"
+
+
+def test_tornado_clear_still_does_what_the_cached_date_header_does():
+    """CachedDateHeader.clear replaces tornado's: it must do the same, with the Date of the current second."""
+    source = inspect.getsource(RequestHandler.clear)
+    body = [line.strip() for line in source.splitlines()[2:] if line.strip()]  # past the def and docstring
+    assert body == [
+        "self._headers = httputil.HTTPHeaders(",
+        "{",
+        '"Server": "TornadoServer/%s" % tornado.version,',
+        '"Content-Type": "text/html; charset=UTF-8",',
+        '"Date": httputil.format_timestamp(time.time()),',
+        "}",
+        ")",
+        "self.set_default_headers()",
+        "self._write_buffer: list[bytes] = []",
+        "self._status_code = 200",
+        "self._reason = httputil.responses[200]",
+    ], "tornado changed RequestHandler.clear: update jupyter_compat.CachedDateHeader"
+
+
+async def test_mcp_responses_carry_tornados_headers_with_the_current_date(mcp_url, token):
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+    ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+    async with httpx2.AsyncClient(timeout=30) as http:
+        for auth in ({"Authorization": f"Bearer {token}"}, {}):  # an answer, and an error page (401)
+            before = time.time()
+            reply = await http.post(mcp_url, json=ping, headers={**headers, **auth})
+            after = time.time()
+            assert reply.status_code in (200, 400, 401)
+            assert reply.headers["Server"] == f"TornadoServer/{tornado.version}"
+            sent = email.utils.parsedate_to_datetime(reply.headers["Date"]).timestamp()
+            assert int(before) <= sent <= after, reply.headers["Date"]
+            assert reply.headers["Date"] == httputil.format_timestamp(sent)
+            assert reply.headers["X-Content-Type-Options"] == "nosniff"
