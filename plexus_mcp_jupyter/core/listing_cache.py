@@ -10,6 +10,8 @@ could have changed it. A page is current while neither of these moved since it w
   write naming a table a listing reads (tasks, stages), in any thread of this process, goes back to the pool, that
   is after its commit. A read that began before that moment may have seen the rows from before the commit, and is
   not kept; one that begins after it sees them;
+  Any failed call on the engine (the database unreachable) moves it too, so an outage is reported by the next
+  listing, not hidden behind a page read before it;
 * the EventBus's last sequence number: a change another server makes to a shared store reaches this server as an
   event (core/relay.py), which moves it; with `event_relay=off` a server is alone on its store.
 
@@ -46,6 +48,9 @@ class WriteGeneration:
         self._value = 0
         sa.event.listen(engine, "before_cursor_execute", self._before_execute)
         sa.event.listen(engine.pool, "checkin", self._checked_in)
+        # A failed call (above all: the database is unreachable) drops the pages too: while the store is out, a
+        # listing reads it, and answers that it is unavailable, instead of a page nobody can vouch for.
+        sa.event.listen(engine, "handle_error", self._failed)
 
     @property
     def value(self) -> int:
@@ -60,6 +65,9 @@ class WriteGeneration:
             return
         if any(table in statement for table in self.tables):
             conn.info[_WROTE] = True
+
+    def _failed(self, _context: Any) -> None:
+        self.bump()
 
     def _checked_in(self, _dbapi_connection: Any, record: Any) -> None:
         # After the commit (or rollback) of whatever the connection wrote: what it wrote is visible now.
