@@ -26,6 +26,7 @@ from .errors import Expired, InvalidArgument, NotFound, PlexusError
 from .events import Event, EventBus
 from .executors.base import Executor
 from .leases import MACHINE
+from .listing_cache import PageCache
 from .messages import Cancelled, Done, Ending, Exit, Failed, Log, Lost, Placed, Progress, Reply, Request, ToManager
 from .messages import Stage as StageBegun
 from .models import FINAL_STATUSES, ProgressSample, Stage, StageStatus, Task, TaskStatus, iso, now, parse_iso
@@ -154,6 +155,9 @@ class TaskManager:
         self.max_unfinished_per_key = max_unfinished_per_key
         self.max_batch_size = max_batch_size  # most tasks one batch call may touch (core/batches.py)
         self.bus = bus
+        # Listing pages read from the store, served again while no write and no event could have changed them
+        # (core/listing_cache.py): (the stored page, its next cursor) by (filter, limit, position).
+        self._pages: PageCache[tuple[tuple[Task, ...], str | None]] = PageCache(self._listing_generation)
         self.executor = executor
         self.max_concurrency = max_concurrency
         self.max_concurrency_per_owner = max_concurrency_per_owner
@@ -622,12 +626,24 @@ class TaskManager:
     async def alist_tasks(
         self, flt: TaskFilter, *, limit: int | None = None, cursor: str | None = None
     ) -> tuple[list[Task], str | None]:
-        """`list_tasks` for the faces: the page is read off the event loop, then merged with the running tasks
-        (fresher in memory) on it."""
+        """`list_tasks` for the faces: the page is read off the event loop (or served again while nothing could
+        have changed it: core/listing_cache.py), then merged with the running tasks (fresher in memory) on it."""
         limit = self.check_limit(limit)
         after = decode_cursor(cursor, flt) if cursor else None
-        read = functools.partial(self.store.list_tasks, flt, limit=limit, after=after)
-        return self._merge_page(flt, *await self.calls.run(read))
+        key = (flt, limit, after)
+        page = self._pages.get(key)
+        if page is None:
+            read_at = self._pages.generation()
+            read = functools.partial(self.store.list_tasks, flt, limit=limit, after=after)
+            stored, next_key = await self.calls.run(read)
+            page = (tuple(stored), encode_cursor(next_key, flt) if next_key else None)
+            self._pages.put(key, read_at, page)
+        return self._with_running(page[0]), page[1]
+
+    def _listing_generation(self) -> tuple[int, int]:
+        """What moves whenever a listing may have changed: a write to the store from this process, an event
+        (which is how other servers' changes arrive)."""
+        return self.store.writes.value, self.bus.last_seq
 
     def current(self, task_id: str, stored: Task | None) -> Task:
         """The task as it is now: its copy in memory (a running task's is fresher than the store), else `stored`
@@ -640,8 +656,11 @@ class TaskManager:
     def _merge_page(
         self, flt: TaskFilter, page: list[Task], next_key: tuple[float, str] | None
     ) -> tuple[list[Task], str | None]:
-        page = [self._running[t.id].task if t.id in self._running else t for t in page]
-        return page, (encode_cursor(next_key, flt) if next_key else None)
+        return self._with_running(page), (encode_cursor(next_key, flt) if next_key else None)
+
+    def _with_running(self, page: Sequence[Task]) -> list[Task]:
+        running = self._running
+        return [running[t.id].task if t.id in running else t for t in page]
 
     async def ahistory(self, task_id: str, limit: int) -> tuple[list[ProgressSample], int]:
         """A task's most recent progress samples (at most `limit`) and how many there are, read off the loop.

@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from .errors import InvalidArgument
+from .listing_cache import WriteGeneration
 from .models import FINAL_STATUSES, STAGE_NAME_MAX, ProgressSample, Stage, StageStatus, Task, TaskStatus
 from .ownership import visible_to
 from .retention import RetentionPolicy
@@ -225,18 +226,24 @@ class TaskFilter:
 
     def fingerprint(self) -> str:
         """A short digest that ties a cursor to the filter it was issued for."""
-        raw = json.dumps(
-            [
-                sorted(s.value for s in self.statuses),
-                sorted(self.types),
-                self.since,
-                self.owner,
-                self.viewer,
-                self.batch_id,
-                self.before,
-            ]
-        ).encode()
-        return hashlib.sha256(raw).hexdigest()[:12]
+        return _fingerprint(self)
+
+
+@functools.lru_cache(maxsize=256)
+def _fingerprint(flt: TaskFilter) -> str:
+    # Kept per filter: a page's cursor is checked and made on every call that pages.
+    raw = json.dumps(
+        [
+            sorted(s.value for s in flt.statuses),
+            sorted(flt.types),
+            flt.since,
+            flt.owner,
+            flt.viewer,
+            flt.batch_id,
+            flt.before,
+        ]
+    ).encode()
+    return hashlib.sha256(raw).hexdigest()[:12]
 
 
 def encode_position(values: Sequence[Any], fingerprint: str) -> str:
@@ -384,6 +391,8 @@ class Store:
         self.engine: Engine = make_engine(
             url, echo=echo, pool_size=pool_size, pool_timeout=pool_timeout, statement_timeout=statement_timeout
         )
+        # Moves with every write this process makes to the store: what tells a kept listing page it may be stale.
+        self.writes = WriteGeneration(self.engine, (tasks_table.name, stages_table.name))
         from ..migrations import upgrade_store  # the migrations import every module that defines a table
 
         # Reads need no transaction: on PostgreSQL, autocommit spares the BEGIN and ROLLBACK round trips around

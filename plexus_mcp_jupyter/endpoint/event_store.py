@@ -8,10 +8,13 @@ from collections import OrderedDict
 from mcp.server.streamable_http import EventCallback, EventId, EventMessage, EventStore, StreamId
 from mcp.types import JSONRPCMessage
 
+from .sdk_compat import routing_a_json_answer
+
 
 class MemoryEventStore(EventStore):
     """Keeps the newest SSE events of all streams, at most `max_events` of them and `max_bytes` of JSON;
-    older ones can no longer be replayed (the client then starts a new request)."""
+    older ones can no longer be replayed (the client then starts a new request). The answers of requests served as
+    one JSON body are not kept: no client can resume from them."""
 
     def __init__(self, max_events: int = 10_000, max_bytes: int = 32 * 1024 * 1024) -> None:
         self.max_events = max_events
@@ -22,6 +25,8 @@ class MemoryEventStore(EventStore):
 
     async def store_event(self, stream_id: StreamId, message: JSONRPCMessage | None) -> EventId:
         event_id = next(self._ids)
+        if message is not None and routing_a_json_answer():
+            return str(event_id)  # the answer of a request served as one JSON body: nothing can replay it
         size = len(message.model_dump_json(by_alias=True, exclude_unset=True)) if message is not None else 0
         self._events[event_id] = (stream_id, message, size)
         self.bytes += size

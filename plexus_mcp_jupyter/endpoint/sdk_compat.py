@@ -11,7 +11,8 @@ with the upstream change that would retire each.
 - `connection_of(session)`: `ServerSession._connection`, the connection-scoped object behind the per-request
   session (what resource subscriptions and log levels belong to).
 - `AdmittingSessionManager`: the session manager's admission and discard points and its session table.
-- `PerRequestTransport`: the transport's response mode chosen per request (below).
+- `PerRequestTransport`: the transport's response mode chosen per request (below); `routing_a_json_answer()`: the
+  event store leaves out the answers of requests served as JSON bodies (nothing can replay them).
 
 **A response shape per request.** Streamable HTTP lets a server answer each POST either as an SSE stream
 or as one JSON body. The SDK chooses once per server (`json_response`), and its JSON mode drops every
@@ -130,6 +131,22 @@ class _PerRequestMode:
 
     def __set__(self, transport: Any, value: Any) -> None:
         pass
+
+
+def routing_a_json_answer() -> bool:
+    """Whether the caller (an `EventStore.store_event`) was called by a session's message router for the answer of a
+    request served as one JSON body. Nothing can replay such an event (a JSON body carries no event id to resume
+    from), so storing it only costs a serialisation and pushes resumable SSE events out of the bounded store.
+
+    Relies on: the router (`message_router`, a closure over its transport `self`) awaiting `store_event` itself, and
+    the routed message's sender context (`_write_stream_reader.last_context`), as `_PerRequestMode` does.
+    """
+    router = sys._getframe(2)
+    if router.f_code.co_name != "message_router":
+        return False
+    transport = router.f_locals.get("self")
+    sender = getattr(getattr(transport, "_write_stream_reader", None), "last_context", None)
+    return bool(sender is not None and sender.get(_JSON_RESPONSE, False))
 
 
 class PerRequestTransport(StreamableHTTPServerTransport):

@@ -12,7 +12,7 @@ from jupyter_server.prometheus.log_functions import prometheus_log_method
 from ..endpoint.transport import MCPBridge
 from ..security.http import jsonrpc_error
 from .base import PlexusHandler
-from .jupyter_compat import SkippableRequestLog
+from .jupyter_compat import CachedDateHeader, SkippableRequestLog
 
 
 def debug_emitted(logger: logging.Logger) -> bool:
@@ -33,7 +33,7 @@ def debug_emitted(logger: logging.Logger) -> bool:
     return logging.lastResort is not None and logging.lastResort.level <= logging.DEBUG
 
 
-class MCPHandler(SkippableRequestLog, PlexusHandler):
+class MCPHandler(SkippableRequestLog, CachedDateHeader, PlexusHandler):
     """`{base_url}plexus/mcp`: Streamable HTTP (POST messages, GET the SSE stream, DELETE the session)."""
 
     _bridge: MCPBridge | None = None
