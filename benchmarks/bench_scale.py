@@ -12,21 +12,26 @@ TaskManager in this process) with each executor, the Dask one on the same cluste
 that very cluster: N `client.submit` of the same trivial function (`trivial`) and one gather. The ratios of
 the Dask executor (core, and end to end over MCP) to Dask's own rate are printed.
 
-Each part is one store URL and one executor (`Part`): a part on PostgreSQL is one more entry in PARTS with a
-`--store-url`-style URL (the store is created by the server; pass an empty database).
+Each part is one store URL and one executor (`Part`). `--postgres` adds (c): the Dask executor on the same
+cluster with its store on a throwaway PostgreSQL started here (tests/multi_server.py: initdb in the temp dir, a
+free port, removed at the end), and prints its get_task p50 against (b)'s on SQLite, in the same run.
 
-    python benchmarks/bench_scale.py [--tasks 1000] [--sessions 8] [--workers 2] [--store-url URL]
+    python benchmarks/bench_scale.py [--tasks 1000] [--sessions 8] [--workers 2] [--store-url URL] [--postgres]
 
-Goal (issue 13): the Dask executor >= 0.8x Dask's own submit rate for the same function.
+Goals (issue 13): the Dask executor >= 0.8x Dask's own submit rate for the same function; get_task p50 on
+PostgreSQL within 1.5x of SQLite.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import statistics
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +87,19 @@ async def run_part(part: Part, n: int, sessions: int) -> dict[str, float]:
         return {"tasks_per_s": n / elapsed, "get_task_p50_ms": await latency}
 
 
+@contextlib.contextmanager
+def throwaway_postgres(wanted: bool) -> Iterator[str | None]:
+    """An empty database on a PostgreSQL cluster started for this run (None when not `wanted`)."""
+    if not wanted:
+        yield None
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.multi_server import postgres_cluster
+
+    with postgres_cluster() as cluster:
+        yield cluster.create_database()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=1000)
@@ -94,6 +112,9 @@ async def main() -> None:
         help="max_concurrency of the Dask part: tasks in flight on the cluster (Dask queues them)",
     )
     parser.add_argument("--store-url", default=None, help="the store of every part (default: SQLite in a temp dir)")
+    parser.add_argument(
+        "--postgres", action="store_true", help="add (c): the Dask executor on a throwaway PostgreSQL started here"
+    )
     args = parser.parse_args()
     from distributed import Client, LocalCluster
 
@@ -105,15 +126,18 @@ async def main() -> None:
     mcp.append((local.label, await run_part(local, n, args.sessions)))
     with tempdir() as tmp:
         core_local = await core_batch(n, args.store_url or f"sqlite:///{Path(tmp) / 'core-local.db'}")
-    with LocalCluster(
-        n_workers=args.workers,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=None,
-        resources={"slots": 1},
-        scheduler_kwargs={"allowed_failures": 0},
-        silence_logs=logging.CRITICAL,
-    ) as cluster:
+    with (
+        throwaway_postgres(args.postgres) as postgres_url,
+        LocalCluster(
+            n_workers=args.workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            resources={"slots": 1},
+            scheduler_kwargs={"allowed_failures": 0},
+            silence_logs=logging.CRITICAL,
+        ) as cluster,
+    ):
         dask_part = Part(
             "(b) Dask executor (LocalCluster)",
             {
@@ -124,6 +148,9 @@ async def main() -> None:
             args.store_url,
         )
         mcp.append((dask_part.label, await run_part(dask_part, n, args.sessions)))
+        if postgres_url is not None:
+            on_postgres = Part("(c) Dask executor + PostgreSQL", dask_part.env, postgres_url)
+            mcp.append((on_postgres.label, await run_part(on_postgres, n, args.sessions)))
         with tempdir() as tmp:
             core_dask = await core_batch(
                 n,
@@ -149,8 +176,14 @@ async def main() -> None:
     print(f"{'Dask own client.submit, same cluster':<44} {own:>8.0f}")
     print(
         f"Dask executor / Dask's own submit rate: core {core_dask['tasks_per_s'] / own:.2f}x, "
-        f"over MCP {mcp[-1][1]['tasks_per_s'] / own:.2f}x (goal >= 0.8x)"
+        f"over MCP {mcp[1][1]['tasks_per_s'] / own:.2f}x (goal >= 0.8x)"
     )
+    if postgres_url is not None:
+        (_, sqlite), (_, postgres) = mcp[1], mcp[2]
+        print(
+            f"get_task p50 PostgreSQL (c) / SQLite (b): {postgres['get_task_p50_ms'] / sqlite['get_task_p50_ms']:.2f}x "
+            f"(goal <= 1.5x); tasks/s (c) / (b): {postgres['tasks_per_s'] / sqlite['tasks_per_s']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

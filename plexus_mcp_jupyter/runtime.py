@@ -184,7 +184,7 @@ class PlexusRuntime:
             self.store,
             heartbeat=settings.server_heartbeat_seconds,
             lease=settings.server_lease_seconds,
-            on_expired=self.manager.recover,
+            on_expired=self.manager.recover_soon,
         )
         self.relay = EventRelay(
             self.store,

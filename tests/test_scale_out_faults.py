@@ -24,6 +24,7 @@ from plexus_mcp_jupyter.config import PlexusSettings
 from plexus_mcp_jupyter.core.errors import InvalidArgument
 from plexus_mcp_jupyter.core.events import EventBus
 from plexus_mcp_jupyter.core.executors.local import LocalExecutor
+from plexus_mcp_jupyter.core.leases import MACHINE
 from plexus_mcp_jupyter.core.manager import HOST, TaskManager, _owner_gone
 from plexus_mcp_jupyter.core.models import Stage, StageStatus, Task, TaskStatus
 from plexus_mcp_jupyter.core.store import ProgressWrite, Store, make_engine
@@ -188,8 +189,9 @@ def test_a_valid_lease_means_a_live_server_whatever_its_host_name():
     assert not _owner_gone(dead, "me", lease_expires_at=time.time() + 30)
     assert _owner_gone(dead, "me", lease_expires_at=time.time() - 1)
     assert _owner_gone(dead, "me")  # no lease (an older release): the process id decides, as before
-    # A SQLite file is on this machine: a claim naming this host is from here, and a crash is seen at once.
-    assert _owner_gone(dead, "me", lease_expires_at=time.time() + 30, local_store=True)
+    # A claim provably from this machine and process-id namespace (core/leases.py MACHINE): a crash is seen at once.
+    here = f"local:{HOST}:{process.pid}:elsewhere:{MACHINE}/pid=1"
+    assert _owner_gone(here, "me", lease_expires_at=time.time() + 30)
 
 
 def test_a_migration_waits_for_another_beyond_the_statement_timeout(postgres_url):

@@ -10,13 +10,19 @@ the task type is idempotent), each task taken over by exactly one server (Store.
 It runs on a thread of its own: a busy event loop must not let this server's leases run out while its
 workers are still running their tasks. Clocks: leases compare wall-clock times written by different
 servers, so their clocks must agree to well within `lease` (NTP does).
+
+A lease can be overridden by a process-id check only where the holder is provably on this machine, in this
+process-id namespace (`MACHINE`, recorded in every claim): two containers sharing a store with one host name
+and PID 1 each would otherwise each take the other's live tasks over.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +31,28 @@ from .models import now
 from .store import Store
 
 log = logging.getLogger("plexus_mcp_jupyter")
+
+
+def machine_identity(
+    boot_id_path: str = "/proc/sys/kernel/random/boot_id", pid_namespace_path: str = "/proc/self/ns/pid"
+) -> str:
+    """Who can check this process's process ids: the running kernel (its boot id: another machine, a VM or a
+    reboot has another) and the process-id namespace (its inode: each container has its own, sharing the host's
+    kernel), as a short hash. Empty where either cannot be read (not Linux, a restricted /proc): then no claim is
+    provably from here, and leases alone decide whether a server is gone."""
+    try:
+        with open(boot_id_path, encoding="ascii") as file:
+            boot_id = file.read().strip()
+        namespace = os.readlink(pid_namespace_path)
+    except (OSError, ValueError):
+        return ""
+    if not boot_id or not namespace:
+        return ""
+    return hashlib.sha256(f"{boot_id}|{namespace}".encode()).hexdigest()[:12]
+
+
+# This process's machine and process-id namespace, as recorded in its claims (TaskManager's server id).
+MACHINE = machine_identity()
 
 
 def lease_problem(heartbeat: float, lease: float) -> str | None:

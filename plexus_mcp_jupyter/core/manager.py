@@ -25,6 +25,7 @@ from . import resources as res
 from .errors import Expired, InvalidArgument, NotFound, PlexusError
 from .events import Event, EventBus
 from .executors.base import Executor
+from .leases import MACHINE
 from .messages import Cancelled, Done, Ending, Exit, Failed, Log, Lost, Placed, Progress, Reply, Request, ToManager
 from .messages import Stage as StageBegun
 from .models import FINAL_STATUSES, ProgressSample, Stage, StageStatus, Task, TaskStatus, iso, now, parse_iso
@@ -204,13 +205,17 @@ class TaskManager:
         self._scheduling = False  # a scheduling pass is reading or claiming on the writer thread
         self._starting: dict[str, Task] = {}  # started at once by adispatch, their insert under way
         self._flushing = False  # a batched write is being committed on the writer thread
+        self._requeueing: set[str] = set()  # ended tasks whose re-queue is under way on the writer thread
+        self._recovering: asyncio.Task[None] | None = None  # a lease keeper's recovery under way (recover_soon)
+        self._recover_again = False  # asked for again while it ran
         # Called with (task id, level, line) for each line a task logs (ctx.log, its warnings), on the loop.
         self.log_listeners: list[Callable[[str, str, str], None]] = []
 
     def _new_claimant(self) -> tuple[str, str]:
         """A fresh instance id and the server id that claims tasks with it (executor, host, process, instance)."""
         instance = uuid.uuid4().hex[:12]
-        return instance, f"{self.executor.name}:{HOST}:{os.getpid()}:{instance}"
+        claimant = f"{self.executor.name}:{HOST}:{os.getpid()}:{instance}"
+        return instance, f"{claimant}:{MACHINE}" if MACHINE else claimant
 
     def configure_queue(
         self,
@@ -263,7 +268,7 @@ class TaskManager:
         self._loop = asyncio.get_running_loop()
         self.executor.size_for(self.max_concurrency)
         self.executor.start(self._loop)
-        self.recover()
+        await self.arecover()
         self._maintenance = self._loop.create_task(self._maintain(), name="plexus-task-maintenance")
         if self.pruner is not None:
             self.pruner.start()
@@ -298,7 +303,9 @@ class TaskManager:
         self._flush()
         if self.offload:  # the final writes commit on the writer thread: wait for them (bounded)
             deadline = time.monotonic() + 10
-            while (self._pending or self._flushing) and time.monotonic() < deadline:
+            while (
+                self._pending or self._flushing or self._requeueing or self._recovering
+            ) and time.monotonic() < deadline:
                 if not self._flushing:
                     self._flush()
                 await asyncio.sleep(0.01)
@@ -308,19 +315,61 @@ class TaskManager:
         self.started = False
 
     def recover(self, running: Sequence[Task] | None = None) -> None:
-        """Resolve tasks left RUNNING by a server that is gone: fail them, or re-queue idempotent ones.
-        `running`: the RUNNING tasks, when the caller read them (off the loop); else they are read here."""
+        """Resolve tasks left RUNNING by a server that is gone: fail them, or re-queue idempotent ones, here on
+        the calling thread. `running`: the RUNNING tasks, when the caller read them; else they are read here.
+        The server itself calls `arecover` (off the loop on a networked store)."""
+        self._recovered(self._take_over_gone(running, set(self._running)))
+
+    async def arecover(self) -> None:
+        """`recover`, with its store calls (the RUNNING read and the take-overs) on the writer thread on a
+        networked store, so the loop never waits for PostgreSQL (a lock, a slow disk); announced on the loop."""
+        if not self.offload:
+            self.recover()
+            return
+        self._recovered(await self._write(self._take_over_gone, None, set(self._running)))
+
+    def recover_soon(self) -> None:
+        """Run `arecover` once the current work is done (the lease keeper's call, on the loop); one at a time,
+        and one more after it when asked for meanwhile (the servers it found gone may have left more)."""
+        if self._recovering is not None:
+            self._recover_again = True
+            return
+        if self._loop is None or self._stopping:
+            return
+        self._recovering = self._loop.create_task(self._recover_in_turn(), name="plexus-recover")
+
+    async def _recover_in_turn(self) -> None:
+        try:
+            await self.arecover()
+        except Exception as exc:
+            unavailable = store_unavailable(exc)
+            if unavailable is None:
+                log.exception("Plexus: recovering the tasks of a gone server failed; the next heartbeat retries")
+            else:
+                log.warning(
+                    "Plexus: recovering the tasks of a gone server: %s; the next heartbeat retries", unavailable
+                )
+        finally:
+            self._recovering = None
+        if self._recover_again:
+            self._recover_again = False
+            self.recover_soon()
+
+    def _take_over_gone(self, running: Sequence[Task] | None, here: set[str]) -> list[tuple[Task, bool, Task | None]]:
+        """The store side of recovery (any thread: it reads only its arguments, the store and this server's
+        ids): take over each RUNNING task whose server is gone and resolve it in the same transaction. `here`:
+        the ids running on this server. Returns each task taken over, whether it was re-queued, and (re-queued)
+        the row as it is now, to announce."""
+        outcomes: list[tuple[Task, bool, Task | None]] = []
         for task in self.store.tasks_with_status(TaskStatus.RUNNING) if running is None else running:
-            if task.id in self._running or not _owner_gone(
-                task.worker, self.instance, task.lease_expires_at, local_store=not self.offload
-            ):
+            if task.id in here or not _owner_gone(task.worker, self.instance, task.lease_expires_at):
                 continue
             # Several servers may notice the same gone server: only the one whose conditional take-over wins
             # resolves the task (a task re-queued twice could run twice), in the take-over's own transaction.
             previous, at = task.worker, now()
             requeue = self._idempotent(task.type) and not task.cancel_requested
             final = None if requeue else self._ended_elsewhere(task, at)
-            if not self.store.take_over(
+            if self.store.take_over(
                 task.id,
                 previous=previous,
                 worker=self.server_id,
@@ -328,9 +377,14 @@ class TaskManager:
                 requeue=requeue,
                 final=final,
             ):
-                continue
-            if requeue:
-                self._requeued(task.id, "left running by a stopped server")
+                outcomes.append((task, requeue, self.store.get_task(task.id) if requeue else None))
+        return outcomes
+
+    def _recovered(self, outcomes: list[tuple[Task, bool, Task | None]]) -> None:
+        """Announce the tasks recovery took over (`_take_over_gone`), on the loop."""
+        for task, requeued, now_queued in outcomes:
+            if requeued:
+                self._requeued(task.id, "left running by a stopped server", now_queued)
                 continue
             log.warning("Plexus: task %s left RUNNING by a stopped server is now %s", task.id, task.status.value)
             self.bus.publish(_final_kind(task.status), "task", task.id, task.summary())
@@ -356,13 +410,53 @@ class TaskManager:
         """Until when a task this server claims at `at` is held before its heartbeat renews it (core/leases.py)."""
         return at + self.lease_seconds if self.lease_seconds else None
 
-    def _requeue(self, task_id: str, why: str) -> None:
-        """Put back in the queue a task whose run here ended (its worker died, this server stops), while this
-        server holds it (another server may have taken it over meanwhile: `_taken_over`)."""
+    def _requeue_ended(self, task_id: str, why: str) -> None:
+        """Re-queue a task whose run here ended (`_finish`: this server stops, or its Dask worker died) and drop
+        its run state once that committed. On a networked store the re-queue runs on the writer thread, after
+        the writes asked before it (`_requeue_off_loop`); until it commits the task keeps its slot. If the
+        store fails, the task keeps its slot and `_maintain` retries (at shutdown its lease runs out instead)."""
+        self._pending.pop(task_id, None)  # its progress would write a worker and stages over the re-queued row
+        if self.offload:
+            if task_id not in self._requeueing and self._loop is not None:
+                self._requeueing.add(task_id)
+                self._loop.create_task(self._requeue_off_loop(task_id, why), name="plexus-requeue")
+            return
+        try:
+            held, task = self._requeue_and_read(task_id)
+        except Exception:
+            log.exception("Plexus: could not re-queue task %s", task_id)
+            return
+        self._requeue_done(task_id, why, held, task)
+
+    async def _requeue_off_loop(self, task_id: str, why: str) -> None:
+        try:
+            held, task = await self._write(self._requeue_and_read, task_id)
+        except Exception as exc:
+            unavailable = store_unavailable(exc)
+            if unavailable is None:
+                log.exception("Plexus: could not re-queue task %s", task_id)
+            else:
+                log.warning("Plexus: could not re-queue task %s (%s)", task_id, unavailable)
+            return
+        finally:
+            self._requeueing.discard(task_id)
+        self._requeue_done(task_id, why, held, task)
+
+    def _requeue_and_read(self, task_id: str) -> tuple[bool, Task | None]:
+        """The store side of `_requeue_ended` (any thread): re-queue the task while this server holds it (another
+        server may have taken it over meanwhile: `_taken_over`), and read the re-queued row to announce."""
         if not self.store.requeue(task_id, holder=self.server_id):
+            return False, None
+        return True, self.store.get_task(task_id)
+
+    def _requeue_done(self, task_id: str, why: str, held: bool, task: Task | None) -> None:
+        """After `_requeue_and_read`, on the loop: release the task's slot and announce it, or stop it here if
+        another server holds it now."""
+        if not held:
             self._taken_over(task_id)
             return
-        self._requeued(task_id, why)
+        self._running.pop(task_id, None)
+        self._requeued(task_id, why, task)
 
     def _taken_over(self, task_id: str) -> None:
         """Another server took this task over: this server's lease on it ran out (it stalled, or lost the store,
@@ -387,11 +481,11 @@ class TaskManager:
                 self._loop.call_later(self.cancel_grace_seconds, self.executor.kill, task_id)
         self._schedule_soon(slot_freed=True)
 
-    def _requeued(self, task_id: str, why: str) -> None:
-        """Announce a task just put back in the queue, and let the scheduler look at the queue."""
+    def _requeued(self, task_id: str, why: str, task: Task | None) -> None:
+        """Announce a task just put back in the queue (`task`: its row as re-queued, None if it is gone
+        meanwhile), and let the scheduler look at the queue."""
         self._finished.pop(task_id, None)
         log.warning("Plexus: re-queued task %s (%s)", task_id, why)
-        task = self.store.get_task(task_id)
         if task is not None:
             self.bus.publish("task.updated", "task", task.id, task.summary())
         self._schedule_soon()
@@ -1162,7 +1256,7 @@ class TaskManager:
                 for task_id in await self._store(self.store.cancel_requested_ids, local):
                     self._request_stop(task_id)
                 if tick % RECOVERY_EVERY == 0:
-                    self.recover(await self._store(self.store.tasks_with_status, TaskStatus.RUNNING))
+                    await self.arecover()
                 self._queue_changed()  # other servers sharing the store may have queued tasks
                 self._schedule()
             except Exception as exc:
@@ -1372,13 +1466,7 @@ class TaskManager:
             # Our own shutdown stopped it (its worker reports "cancelled" to the shutdown's request, or
             # nothing when killed). A result or an error it produced meanwhile is kept as reported.
             if self._idempotent(task.type):
-                self._pending.pop(task_id, None)  # its progress would write a worker and stages over the re-queued row
-                try:
-                    self._requeue(task.id, "the server stopped while it was running")
-                except Exception:
-                    log.exception("Plexus: could not re-queue task %s at shutdown", task_id)
-                    return
-                self._running.pop(task_id, None)
+                self._requeue_ended(task_id, "the server stopped while it was running")
                 return
             final = None
         if (
@@ -1389,13 +1477,7 @@ class TaskManager:
             and not self._stopping
         ):
             # Its worker died (a Dask worker, executors/dask.py), and its type says a re-run is safe.
-            self._pending.pop(task_id, None)
-            try:
-                self._requeue(task.id, str(final.message))
-            except Exception:
-                log.exception("Plexus: could not re-queue task %s", task_id)
-                return
-            self._running.pop(task_id, None)
+            self._requeue_ended(task_id, str(final.message))
             return
         tails: Mapping[str, Any] = {}
         match final:
@@ -1540,19 +1622,18 @@ def _as_list(value: str | Sequence[str] | None) -> list[str]:
     return [str(v) for v in value]
 
 
-def _owner_gone(
-    worker: str | None, own_instance: str, lease_expires_at: float | None = None, *, local_store: bool = False
-) -> bool:
+def _owner_gone(worker: str | None, own_instance: str, lease_expires_at: float | None = None) -> bool:
     """True when the server that claimed a task (recorded in `worker`) is no longer alive.
 
-    `worker` is "executor:host:pid:instance[/worker-id]". A claim by this very server (same instance)
+    `worker` is "executor:host:pid:instance[:machine][/worker-id]". A claim by this very server (same instance)
     is alive; a claim whose lease ran out (its server's heartbeat stopped: core/leases.py) is gone, on any
-    host. On a networked store (PostgreSQL) a valid lease means a live server: two machines may share a
-    host name (containers, PID 1 in each), so the process id says nothing then. On a `local_store` (a SQLite
-    file: every server on it runs on this machine), and for a claim without a lease (an older release),
-    the process id of a claim on this host decides: another instance with our process id is an earlier life
-    of this process id (a restart that got the same pid, as PID 1 in a container does), a process id that no
-    longer exists a crashed server (recovered at the next start, not a lease later).
+    host. A valid lease means a live server, unless the claim is provably from this machine and process-id
+    namespace (`machine` is ours: core/leases.py MACHINE) and its process id says otherwise: two containers
+    may share a store, a host name and PID 1, so a host name alone proves nothing. For a claim without a lease
+    (an older release, or a manager without leases) the process id of a claim on this host decides, unless the
+    claim names another machine. The process id: another instance with our process id is an earlier life of
+    this process id (a restart that got the same pid, as PID 1 in a container does), a process id that no
+    longer exists a crashed server (recovered at once, not a lease later).
     """
     if not worker:
         return True
@@ -1561,13 +1642,17 @@ def _owner_gone(
         return True
     host, pid_text = parts[1], parts[2]
     instance = parts[3] if len(parts) > 3 else None
+    machine = parts[4] if len(parts) > 4 else None
     if instance == own_instance:
         return False
+    here = bool(MACHINE) and machine == MACHINE  # its process ids are ours to check
     if lease_expires_at is not None:
         if lease_expires_at < now():
             return True
-        if not local_store:
-            return False  # a valid lease on a networked store: a live server, whatever its host name says
+        if not here:
+            return False  # a valid lease of a server not provably here: a live server, whatever its host says
+    elif machine is not None and not here:
+        return False  # no lease, and another machine or namespace: left to its own server
     if host != HOST:
         return False
     try:
