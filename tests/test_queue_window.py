@@ -94,3 +94,48 @@ def test_a_claim_of_many_wins_only_the_tasks_still_queued(tmp_path, taken):
     finally:
         store.close()
         other.close()
+
+
+@pytest.mark.parametrize("per_owner, limit", [(3, 200), (50, 200), (2, 5)])
+def test_the_schedulers_read_finds_the_groups_by_seeks_and_returns_what_the_counting_read_does(
+    tmp_path, per_owner, limit
+):
+    """queue_window(exact=False): the same tasks and the same groups with unread tasks as the counting read (its
+    counts become 1, "at least one"), with owner-less groups, several priorities and a limit that cuts groups
+    off; and its group seeks walk the queue index without scanning the table."""
+    from plexus_mcp_jupyter.core.store import _QUEUE_NEXT_OWNER, _QUEUE_PRIORITY, _QUEUE_UNOWNED
+
+    store = Store(f"sqlite:///{tmp_path}/seek.db")
+    try:
+        store.create_tasks(
+            queued(40, owner="a")
+            + queued(3, owner="b")
+            + queued(5, owner=None)
+            + queued(2, owner="c", priority=5)
+            + queued(4, owner=None, priority=-3)
+        )
+        counted, cut = store.queue_window(per_owner=per_owner, limit=limit)
+        sought, flags = store.queue_window(per_owner=per_owner, limit=limit, exact=False)
+        assert [t.id for t in sought] == [t.id for t in counted]
+        assert flags == {group: 1 for group in cut}
+        assert bool(cut) == (per_owner < 40)  # owner "a" has 40 queued
+
+        with store.engine.connect() as conn:
+            for query, params in (
+                (_QUEUE_PRIORITY[False], {}),
+                (_QUEUE_PRIORITY[True], {"priority": 5}),
+                (_QUEUE_UNOWNED, {"priority": 0}),
+                (_QUEUE_NEXT_OWNER[False], {"priority": 0}),
+                (_QUEUE_NEXT_OWNER[True], {"priority": 0, "owner": "a"}),
+            ):
+                compiled = query.compile(store.engine)
+                values = compiled.construct_params(params)
+                plan = " | ".join(
+                    str(row[-1])
+                    for row in conn.exec_driver_sql(
+                        f"EXPLAIN QUERY PLAN {compiled}", tuple(values[name] for name in compiled.positiontup)
+                    )
+                )
+                assert "ix_tasks_owner_queue" in plan and "SCAN" not in plan and "TEMP B-TREE" not in plan, plan
+    finally:
+        store.close()

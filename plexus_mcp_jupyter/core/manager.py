@@ -1161,7 +1161,9 @@ class TaskManager:
         """The queue's head (`view`, else a read of the store, returned to be kept) and what starts from it."""
         read = None
         if view is None:
-            tasks, cut = self.store.queue_window(per_owner=_pass_head(policy) + WINDOW_SPARE, limit=SCHEDULE_WINDOW)
+            tasks, cut = self.store.queue_window(
+                per_owner=_pass_head(policy) + WINDOW_SPARE, limit=SCHEDULE_WINDOW, exact=False
+            )
             read = QueueWindow(version, tasks, cut)
             view = read.view(_pass_head(policy)) or (tasks, cut)
         window, cut = view
