@@ -60,11 +60,17 @@ class WriteGeneration:
         with self._lock:
             self._value += 1
 
-    def _before_execute(self, conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+    def saw(self, conn: Any, statement: str) -> None:
+        """`conn` runs `statement`: if it writes to a listed table, the generation moves once `conn` is checked in.
+        Called by SQLAlchemy's event for what it executes, and by the store for what it runs on the driver
+        itself (store._OnDriver)."""
         if statement[:32].lstrip()[:7].upper().startswith(_READ_PREFIXES):
             return
         if any(table in statement for table in self.tables):
             conn.info[_WROTE] = True
+
+    def _before_execute(self, conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        self.saw(conn, statement)
 
     def _failed(self, _context: Any) -> None:
         self.bump()

@@ -848,7 +848,13 @@ class Store:
         prepared = self._on_driver.get(statement)
         if prepared is None:
             prepared = self._on_driver[statement] = _OnDriver(statement, self.engine.dialect)
-        return prepared.executemany(conn, rows)
+        # What SQLAlchemy's events would have told the listing cache (core/listing_cache.py) about this write.
+        self.writes.saw(conn, prepared.sql)
+        try:
+            return prepared.executemany(conn, rows)
+        except sa.exc.DBAPIError:
+            self.writes.bump()
+            raise
 
     def history(self, task_id: str, *, limit: int) -> tuple[list[ProgressSample], int]:
         """The most recent `limit` progress samples of a task, oldest first, and how many exist."""
@@ -881,8 +887,9 @@ class Store:
         rows: list[Any] = []
         cut: dict[tuple[int, str | None], int] = {}
         with self.reads.connect() as conn:
+            groups: list[tuple[int, str | None, int | None]]
             if exact:
-                groups = conn.execute(_QUEUE_GROUPS, {"limit": limit}).all()
+                groups = [(p, o, n) for p, o, n in conn.execute(_QUEUE_GROUPS, {"limit": limit})]
             else:
                 groups = [(priority, owner, None) for priority, owner in self._queue_groups(conn, limit)]
             quota = min(per_owner, max(1, limit // max(len(groups), 1)))
