@@ -47,6 +47,7 @@ async def test_a_numeric_id_column_is_stored_as_numbers_and_shown_as_text(mcp_cl
     assert schema.field("item_id").type == pa.int64()
     codecs = {metadata.schema.column(i).name: metadata.row_group(0).column(i).compression for i in range(len(schema))}
     assert codecs["input"] == "ZSTD" and codecs["label_class"] == codecs["seq"] == "UNCOMPRESSED", codecs
+    assert codecs["explanation"] == "UNCOMPRESSED", codecs  # no value at all (a prediction column explains nothing)
 
 
 def test_chunk_writes_run_one_at_a_time_off_the_calling_thread_and_finish_before_the_block_ends():

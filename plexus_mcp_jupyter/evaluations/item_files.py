@@ -40,7 +40,7 @@ DICTIONARY_COLUMNS = ["label", "label_class", "prediction", "explanation", "erro
 # (inputs, ids, explanations, errors) is compressed (zstd), and numbers (seq, a numeric id) are delta-coded. A
 # chunk's small row groups are many pages, and compressing every page of every column was most of a worker's
 # time (1M items, 1,024 a group: 0.84 s with zstd everywhere, 0.38 s so, 6.8 -> 4.8 bytes per item; measured
-# on the e2e benchmark's items).
+# on the e2e benchmark's items). A column with no value at all is not compressed either.
 CLASS_COLUMNS = ("label", "label_class", "prediction")
 # Items per row group: what a page of results reads at least (a chunk holds up to 50,000 items). Measured on 1M
 # items: 8192 -> 8.2 ms a page of mismatches, 4.9 bytes/item; 1024 -> 2.9 ms, 6.4 bytes/item.
@@ -85,7 +85,12 @@ class ItemFiles:
         """Write one chunk's items (columns as ITEM_COLUMNS + label_class) atomically; its size in bytes."""
         table = item_table(columns)
         numbers = [f.name for f in table.schema if pa.types.is_integer(f.type)]  # seq, and a numeric item id
-        text = [f.name for f in table.schema if pa.types.is_string(f.type) and f.name not in CLASS_COLUMNS]
+        # Free text that holds values (an all-null column, no explanations say, costs a zstd context per page).
+        text = [
+            f.name
+            for f in table.schema
+            if pa.types.is_string(f.type) and f.name not in CLASS_COLUMNS and table[f.name].null_count < len(table)
+        ]
         folder = self.directory(evaluation_id) / score_key(score)
         folder.mkdir(exist_ok=True)  # the evaluation's directory itself is never re-created (see start)
         final = folder / f"chunk-{start:012d}-{start + table.num_rows:012d}.parquet"
