@@ -5,6 +5,7 @@ write thread's error handling directly."""
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import pandas as pd
@@ -65,7 +66,7 @@ def test_chunk_writes_run_one_at_a_time_off_the_calling_thread_and_finish_before
 
     with ChunkWrites() as writes:
         for n in range(5):
-            writes.submit(write, n)
+            writes.submit(functools.partial(write, n))
     assert [c.split(":")[1] for c in callers] == ["0", "1", "2", "3", "4"]  # all written, in order
     assert all(c.startswith("plexus-item-writes") for c in callers) and most[0] == 1
 
@@ -75,10 +76,10 @@ def test_a_failed_chunk_write_fails_the_next_chunk_or_the_end_with_its_own_error
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError, match="No space left"), ChunkWrites() as writes:
-        writes.submit(full, 0)
-        writes.submit(full, 1)  # the first one's error, here
+        writes.submit(functools.partial(full, 0))
+        writes.submit(functools.partial(full, 1))  # the first one's error, here
     with pytest.raises(OSError, match="No space left"), ChunkWrites() as writes:
-        writes.submit(full, 0)  # the last one's error, at the end of the block
+        writes.submit(functools.partial(full, 0))  # the last one's error, at the end of the block
 
     written = threading.Event()
 
@@ -88,7 +89,7 @@ def test_a_failed_chunk_write_fails_the_next_chunk_or_the_end_with_its_own_error
     # The task fails (or is cancelled) while a chunk is being written: the write ends before the task does, and
     # the task's own error is the one raised.
     with pytest.raises(RuntimeError, match="scorer"), ChunkWrites() as writes:
-        writes.submit(slow, 0)
+        writes.submit(functools.partial(slow, 0))
         threading.Timer(0.05, written.set).start()
         raise RuntimeError("the scorer failed")
     assert written.is_set()

@@ -12,18 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from plexus_mcp_jupyter.notebook import Plexus, PlexusInputError
-from plexus_mcp_jupyter.notebook.client import PlexusClient
+from plexus_mcp_jupyter.notebook import PlexusInputError
+
+from . import test_notebook_client
+
+plexus = test_notebook_client.plexus  # the fixture: a Plexus connected to the test server
 
 run = asyncio.to_thread
-
-
-@pytest.fixture
-def plexus(server_url, token, runtime):
-    p = Plexus()
-    p._client = PlexusClient(server_url, token, check=False)
-    yield p
-    p.close()
 
 
 def frame_of(rows: int) -> pd.DataFrame:

@@ -10,7 +10,8 @@ the server answers while no worker can start, and the task runs on the first wor
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx2
@@ -90,63 +91,58 @@ async def test_the_first_evaluation_after_start_never_holds_the_event_loop(
         assert int(ran["worker"].rsplit("pid=", 1)[1]) > 0  # Placed: the worker that took it
 
 
-async def _started_blocked(tmp_path, **executor: Any) -> tuple[TaskManager, Store, SpawnsBlocked]:
+@asynccontextmanager
+async def started_blocked(tmp_path, **executor: Any) -> AsyncIterator[tuple[TaskManager, SpawnsBlocked]]:
     """A manager whose executor cannot start a worker yet (its warm-up blocked, as right after start)."""
     store = Store(f"sqlite:///{tmp_path / 'warm-start.db'}")
     ex = LocalExecutor(**executor)
     blocked = SpawnsBlocked(ex)
     m = TaskManager(store, EventBus(), ex, max_concurrency=1, cancel_grace_seconds=1.0, poll_interval=0.1)
     await m.start()
-    return m, store, blocked
+    try:
+        yield m, blocked
+    finally:
+        blocked.release()
+        await m.stop()
+        store.close()
+
+
+async def waiting_task(m: TaskManager, params: dict[str, Any]) -> str:
+    """A demo task dispatched, once it waits in the executor for a worker."""
+    task = m.dispatch("demo", params)
+    await poll(lambda: m.executor.status()["waiting"], lambda n: n == 1)
+    return task.id
 
 
 @pytest.mark.parametrize("reuse", [True, False])
 async def test_a_task_submitted_before_any_worker_is_up_runs_on_the_first_one_ready(tmp_path, reuse):
-    m, store, blocked = await _started_blocked(tmp_path, reuse=reuse)
-    try:
-        task = m.dispatch("demo", {"items": 2, "item_delay_ms": 0})
-        await poll(lambda: m.executor.status()["waiting"], lambda n: n == 1)
-        assert m.get(task.id).status is TaskStatus.RUNNING and blocked.held
+    async with started_blocked(tmp_path, reuse=reuse) as (m, blocked):
+        task_id = await waiting_task(m, {"items": 2, "item_delay_ms": 0})
+        assert m.get(task_id).status is TaskStatus.RUNNING and blocked.held
         blocked.release()
-        await m.wait_final([task.id], 30)
-        done = m.get(task.id)
+        await m.wait_final([task_id], 30)
+        done = m.get(task_id)
         assert done.status is TaskStatus.COMPLETED, done
         assert m.executor.status()["waiting"] == 0
         assert int(done.worker.rsplit("pid=", 1)[1]) > 0
-    finally:
-        blocked.release()
-        await m.stop()
-        store.close()
 
 
 async def test_a_task_cancelled_while_it_waits_for_a_worker_ends_cancelled_and_the_next_runs(tmp_path):
-    m, store, blocked = await _started_blocked(tmp_path)
-    try:
-        task = m.dispatch("demo", {"items": 100_000, "item_delay_ms": 5})
-        await poll(lambda: m.executor.status()["waiting"], lambda n: n == 1)
-        m.cancel([task.id])
+    async with started_blocked(tmp_path) as (m, blocked):
+        task_id = await waiting_task(m, {"items": 100_000, "item_delay_ms": 5})
+        m.cancel([task_id])
         blocked.release()
-        await m.wait_final([task.id], 30)
-        assert m.get(task.id).status is TaskStatus.CANCELLED
+        await m.wait_final([task_id], 30)
+        assert m.get(task_id).status is TaskStatus.CANCELLED
         after = m.dispatch("demo", {"items": 1, "item_delay_ms": 0})
         await m.wait_final([after.id], 30)
         assert m.get(after.id).status is TaskStatus.COMPLETED
-    finally:
-        blocked.release()
-        await m.stop()
-        store.close()
 
 
 async def test_a_task_still_waiting_past_the_grace_period_is_killed_without_a_worker(tmp_path):
-    m, store, blocked = await _started_blocked(tmp_path)
-    try:
-        task = m.dispatch("demo", {"items": 100_000, "item_delay_ms": 5})
-        await poll(lambda: m.executor.status()["waiting"], lambda n: n == 1)
-        m.cancel([task.id])  # no worker to ask: after the grace period the manager kills it
-        await m.wait_final([task.id], 30)
-        assert blocked.held and m.get(task.id).status is TaskStatus.CANCELLED
+    async with started_blocked(tmp_path) as (m, blocked):
+        task_id = await waiting_task(m, {"items": 100_000, "item_delay_ms": 5})
+        m.cancel([task_id])  # no worker to ask: after the grace period the manager kills it
+        await m.wait_final([task_id], 30)
+        assert blocked.held and m.get(task_id).status is TaskStatus.CANCELLED
         assert m.executor.status()["waiting"] == 0
-    finally:
-        blocked.release()
-        await m.stop()
-        store.close()

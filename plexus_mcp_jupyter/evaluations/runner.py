@@ -296,9 +296,9 @@ class ChunkWrites:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="plexus-item-writes")
         self._pending: Future[None] | None = None
 
-    def submit(self, write: Callable[..., None], *args: Any) -> None:
+    def submit(self, write: Callable[[], None]) -> None:
         self.wait()
-        self._pending = self._thread.submit(write, *args)
+        self._pending = self._thread.submit(write)
 
     def wait(self) -> None:
         """Until the last chunk submitted is written; its error, if it failed."""
@@ -341,22 +341,14 @@ class _ScoreWriter:
         failed: np.ndarray,
     ) -> None:
         """Write a chunk's items, on the writes' thread (none of these arguments is changed afterwards)."""
-        self.writes.submit(self._write_now, start, chunk, labels, classes, batch, correct, failed)
 
-    def _write_now(
-        self,
-        start: int,
-        chunk: pd.DataFrame,
-        labels: Any,
-        classes: Any,
-        batch: ScoreBatch,
-        correct: Any,
-        failed: np.ndarray,
-    ) -> None:
-        columns = _columns(
-            start, chunk, labels, classes, batch, correct, failed, self.input_column, self.id_column, self.redacted
-        )
-        self.store.add_chunk(self.evaluation_id, self.name, start, columns)
+        def write() -> None:
+            columns = _columns(
+                start, chunk, labels, classes, batch, correct, failed, self.input_column, self.id_column, self.redacted
+            )
+            self.store.add_chunk(self.evaluation_id, self.name, start, columns)
+
+        self.writes.submit(write)
 
 
 class _Accuracy(_ScoreWriter):
