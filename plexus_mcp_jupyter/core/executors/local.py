@@ -373,19 +373,17 @@ class LocalExecutor(Executor):
 
     def _became_idle(self, w: _Worker) -> None:
         """A reusable worker is free (warmed up, or its task ended): it takes the oldest waiting task, if any."""
-        while True:
-            with self._lock:
-                waiting = next((t for t in self._waiting.values() if not t.single_use), None)
-                if waiting is None or w.retiring:
-                    if not w.retiring:
-                        self._idle.append(w)
-                    return
-                self._assign(w, waiting)
-            if self._run_on(w, waiting):
-                self._placed(w, waiting)
+        with self._lock:
+            waiting = next((t for t in self._waiting.values() if not t.single_use), None)
+            if waiting is None or w.retiring:
+                if not w.retiring:
+                    self._idle.append(w)
                 return
-            self._starter_submit(waiting)  # the worker died before it got the task
-            return
+            self._assign(w, waiting)
+        if self._run_on(w, waiting):
+            self._placed(w, waiting)
+        else:
+            self._starter_submit(waiting)  # the worker died before it got the task: another start for it
 
     def _placed(self, w: _Worker, waiting: _Waiting) -> None:
         self._deliver([(waiting.on_message, Placed(f"pid={w.process.pid}"))])
