@@ -21,6 +21,8 @@ from .handlers.clients import ClientsHandler
 from .handlers.evaluations import (
     DatasetHandler,
     DatasetsHandler,
+    DatasetUploadHandler,
+    DatasetUploadsHandler,
     EvaluationHandler,
     EvaluationResultsHandler,
     EvaluationsHandler,
@@ -136,6 +138,8 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
             (rf"/plexus/api/evaluations/{EVALUATION_ID}/results/?", EvaluationResultsHandler),
             (rf"/plexus/api/evaluations/{EVALUATION_ID}/?", EvaluationHandler),
             (r"/plexus/api/datasets/?", DatasetsHandler),
+            (r"/plexus/api/datasets/uploads/?", DatasetUploadsHandler),
+            (r"/plexus/api/datasets/uploads/(?P<upload_id>[0-9a-f]{32})/?", DatasetUploadHandler),
             (r"/plexus/api/datasets/(?P<ref>.+)", DatasetHandler),
             (r"/plexus/api/keys/?", KeysHandler),
             (rf"/plexus/api/keys/{KEY_ID}/?", KeyHandler),

@@ -413,6 +413,13 @@ class PlexusSettings(Configurable):
         "other machines or several servers on one PostgreSQL, a shared path. Default '' (empty): "
         "{data_dir}/plexus_mcp/items.",
     ).tag(config=True)
+    max_dataset_upload_bytes = Integer(
+        8 * 2**30,
+        min=1,
+        help="Most bytes of Arrow data one dataset registered in parts may total (the notebook sends a large "
+        "DataFrame in parts, each a request below Jupyter's ServerApp.max_body_size); past it the upload is "
+        "discarded with an error saying so. Default 8 GiB.",
+    ).tag(config=True)
 
     def apply_env(self, environ: Mapping[str, str] | None = None, protected: Iterable[str] = ()) -> None:
         """Set traits from PLEXUS_MCP_* variables, except those in `protected` (set on the command line).

@@ -33,6 +33,7 @@ from .evaluations.limits import EvaluationLimits
 from .evaluations.service import EvaluationService
 from .evaluations.store import EvaluationStore
 from .evaluations.task_type import register_evaluation_task_type
+from .evaluations.uploads import DatasetUploads
 from .security.audit import AuditLog
 from .security.identity import Principal, Role
 from .security.keys import CACHE_SECONDS, ApiKey, KeyStore
@@ -162,6 +163,7 @@ class PlexusRuntime:
             threads=settings.dataset_threads,
             bounds=ReadBounds(header_bytes=settings.max_dataset_header_bytes, columns=settings.max_dataset_columns),
         )
+        self.uploads = DatasetUploads(self.catalog, max_bytes=settings.max_dataset_upload_bytes)
         self.keys = KeyStore(self.store.engine)
         self._streams: dict[str, set[Callable[[], None]]] = {}
         self._key_watch: asyncio.Task[None] | None = None
@@ -342,6 +344,7 @@ class PlexusRuntime:
         await asyncio.to_thread(self.leases.stop)
         await asyncio.to_thread(self.relay.stop)  # after the manager: the final states it recorded go out
         self.evaluations.close()
+        self.uploads.close()
         self.catalog.close()
         self.audit.close()
         self.store_calls.close()

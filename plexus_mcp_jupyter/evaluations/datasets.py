@@ -594,14 +594,24 @@ class DatasetCatalog:
         os.close(descriptor)
         try:
             pq.write_table(table, temporary)
-            if replace:
-                os.replace(temporary, final)
-            else:
-                _rename_new(temporary, final, name)
+            self.place(temporary, name, replace=replace)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
         return _info(DatasetRef("registered", name), len(frame), [(str(c), str(t)) for c, t in frame.dtypes.items()])
+
+    def place(self, temporary: str | Path, name: str, *, replace: bool) -> DatasetInfo:
+        """Make a complete Parquet file written under the registered directory the dataset `name`, atomically
+        (a rename; without `replace`, a hard link that fails if the name was taken meanwhile)."""
+        _check_registered_name(name)
+        final = self.registered_dir / f"{name}.parquet"
+        if replace:
+            os.replace(temporary, final)
+        else:
+            _rename_new(str(temporary), final, name)
+        dtypes = pq.read_schema(final).empty_table().to_pandas().dtypes
+        rows = pq.ParquetFile(final).metadata.num_rows
+        return _info(DatasetRef("registered", name), rows, [(str(c), str(t)) for c, t in dtypes.items()])
 
     def unregister(self, name: str) -> None:
         """Remove a registered dataset; NotFound if there is none by that name."""

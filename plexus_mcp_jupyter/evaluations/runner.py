@@ -13,7 +13,8 @@ parameters), so a million items never cross the pipe to the server.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -117,10 +118,11 @@ def _run(ctx: TaskContext, store: EvaluationStore, task: EvaluationParams, norm:
         rows = stream.exact_rows()  # lines are at least the rows: only near the bound is an exact count needed
     if rows is not None:
         check_items(rows, len(scores), passes, limit)
+    writes = ChunkWrites()
     states = [
-        _Consistency(ctx, store, evaluation_id, name, scorer, runs, score_label, input_column, id_column, norm)
+        _Consistency(ctx, store, evaluation_id, name, scorer, runs, score_label, input_column, id_column, norm, writes)
         if task.type == "consistency"
-        else _Accuracy(ctx, store, evaluation_id, name, scorer, score_label, input_column, id_column, norm)
+        else _Accuracy(ctx, store, evaluation_id, name, scorer, score_label, input_column, id_column, norm, writes)
         for name, scorer, score_label in scorers
     ]
     ctx.advance(1)
@@ -129,12 +131,13 @@ def _run(ctx: TaskContext, store: EvaluationStore, task: EvaluationParams, norm:
     seen = 0
     # Score by score, each a pass over the file (its reader re-opened): a slow scorer does not hold back the
     # items of a fast one, and chunks are sized for the scorer at work.
-    for state in states:
-        for start, chunk in Chunks(frames, largest=task.chunk_size):
-            seen = start + len(chunk)
-            if rows is None:  # a CSV or JSON Lines file's rows are known only as they are read
-                check_items(seen, len(scores), passes, limit, at_least=True)
-            state.add(start, chunk)
+    with writes:
+        for state in states:
+            for start, chunk in Chunks(frames, largest=task.chunk_size):
+                seen = start + len(chunk)
+                if rows is None:  # a CSV or JSON Lines file's rows are known only as they are read
+                    check_items(seen, len(scores), passes, limit, at_least=True)
+                state.add(start, chunk)
     if seen == 0:
         raise InvalidArgument(f"dataset {dataset!r} has no rows")
     ctx.stage("Metrics", 1)
@@ -241,6 +244,43 @@ def _score(ctx: TaskContext, scorer: Scorer, chunk: pd.DataFrame) -> ScoreBatch:
     return scorer.score(chunk)
 
 
+class ChunkWrites:
+    """Item chunks written on a thread of their own while the next chunk is read and scored.
+
+    Writing a chunk's items (Arrow columns, then Parquet) was half a fast evaluation's time in the worker, and
+    pyarrow does it without the GIL: on a thread it overlaps the reading and scoring of the next chunk. One
+    write at a time: `submit` waits for the previous one first, so memory is two chunks at most, chunks are
+    complete files in the order written, and a failed write (a full disk) fails the evaluation at the next
+    chunk, or at the end (leaving the block), with its own error.
+    """
+
+    def __init__(self) -> None:
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="plexus-item-writes")
+        self._pending: Future[None] | None = None
+
+    def submit(self, write: Callable[[], None]) -> None:
+        self.wait()
+        self._pending = self._thread.submit(write)
+
+    def wait(self) -> None:
+        """Until the last chunk submitted is written; its error, if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> ChunkWrites:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                self.wait()  # the metrics are written only once every item is
+            elif self._pending is not None:
+                self._pending.exception()  # ended (its error is the lesser news): no write outlives the task
+        finally:
+            self._thread.shutdown(wait=True)
+
+
 class _ScoreWriter:
     """What the scores of an evaluation share: where a chunk's items go (one file chunk per score and start)."""
 
@@ -250,6 +290,7 @@ class _ScoreWriter:
     input_column: str | None
     id_column: str | None
     redacted: frozenset[str]
+    writes: ChunkWrites
 
     def _write(
         self,
@@ -261,10 +302,15 @@ class _ScoreWriter:
         correct: Any,
         failed: np.ndarray,
     ) -> None:
-        columns = _columns(
-            start, chunk, labels, classes, batch, correct, failed, self.input_column, self.id_column, self.redacted
-        )
-        self.store.add_chunk(self.evaluation_id, self.name, start, columns)
+        """Write a chunk's items, on the writes' thread (none of these arguments is changed afterwards)."""
+
+        def write() -> None:
+            columns = _columns(
+                start, chunk, labels, classes, batch, correct, failed, self.input_column, self.id_column, self.redacted
+            )
+            self.store.add_chunk(self.evaluation_id, self.name, start, columns)
+
+        self.writes.submit(write)
 
 
 class _Accuracy(_ScoreWriter):
@@ -285,6 +331,7 @@ class _Accuracy(_ScoreWriter):
         input_column: str | None,
         id_column: str | None,
         norm: LabelNormalization,
+        writes: ChunkWrites,
     ) -> None:
         if label_column is None:
             raise InvalidArgument(f"score {name!r} needs a label column to compare its predictions with")
@@ -294,6 +341,7 @@ class _Accuracy(_ScoreWriter):
         self.label_classes: set[int] = set()
         self.items = self.scored = 0
         self.redacted = _redacted(ctx)
+        self.writes = writes
 
     def add(self, start: int, chunk: pd.DataFrame) -> None:
         batch = _score(self.ctx, self.scorer, chunk)
@@ -367,7 +415,9 @@ def _columns(
     none = pa.nulls(n, pa.string())
     hidden: list[Any] = [REDACTED] * n
     ids: Any
-    if id_column:
+    if id_column and _whole_numbers(chunk[id_column]):
+        ids = pa.array(chunk[id_column].to_numpy(dtype=np.int64))  # kept as numbers, as the default id is
+    elif id_column:
         ids = _text_column(chunk[id_column], EXCERPT_CHARS)
     elif pd.api.types.is_integer_dtype(chunk.index.dtype):
         ids = pa.array(chunk.index.to_numpy(dtype=np.int64))
@@ -424,6 +474,12 @@ def _text_column(values: pd.Series, limit: int) -> pa.Array:
     return text
 
 
+def _whole_numbers(values: pd.Series) -> bool:
+    """An integer column without a missing value (a Parquet file's numeric id): stored as numbers, shown as
+    text, rather than turned into a string per row (most of a 1M-row evaluation's time, measured)."""
+    return pd.api.types.is_integer_dtype(values.dtype) and not values.hasnans
+
+
 def _texts(values: pd.Series, limit: int) -> list[str | None]:
     """Values as bounded strings (None for missing), so no item floods a client; vectorised."""
     missing = values.isna().to_numpy()
@@ -453,6 +509,7 @@ class _Consistency(_ScoreWriter):
         input_column: str | None,
         id_column: str | None,
         norm: LabelNormalization,
+        writes: ChunkWrites,
     ) -> None:
         self.ctx, self.store, self.evaluation_id, self.name, self.scorer = ctx, store, evaluation_id, name, scorer
         self.runs, self.label_column, self.input_column, self.id_column = runs, label_column, input_column, id_column
@@ -461,6 +518,7 @@ class _Consistency(_ScoreWriter):
         self.grids: list[np.ndarray] = []
         self.items = self.errors = 0
         self.redacted = _redacted(ctx)
+        self.writes = writes
 
     def add(self, start: int, chunk: pd.DataFrame) -> None:
         columns, failed = [], np.zeros(len(chunk), dtype=bool)

@@ -38,6 +38,30 @@ def _name_argument(handler: PlexusHandler, name: str) -> str | None:
     return handler.decode_argument(values[-1], name=name) if values else None
 
 
+def _may_register(handler: PlexusHandler, name: str, replace: bool) -> bool:
+    """Whether the caller may register `name` now: False once a 409 is answered (taken, and not `replace`);
+    403 when it is another caller's dataset (replacing it would change what their evaluations score)."""
+    catalog = handler.runtime.catalog
+    taken = name in catalog.registered_names()
+    if not replace and taken:
+        handler.reply(
+            {
+                "message": f"a dataset named {name!r} is already registered: pass replace=true to replace it, "
+                "or choose another name"
+            },
+            status=409,
+        )
+        return False
+    owner = catalog.owner_of(name) if taken else None
+    if taken and not handler.principal.is_admin and owner != handler.principal.owner:
+        raise web.HTTPError(
+            403,
+            f"permission denied: dataset {name!r} was registered by "
+            f"{owner or 'the notebook user'}; only they or an admin may replace it",
+        )
+    return True
+
+
 class EvaluationsHandler(PlexusHandler):
     async def get(self) -> None:
         """List evaluations: ?status=COMPLETED,RUNNING&type=accuracy&limit=20&cursor=..."""
@@ -165,24 +189,8 @@ class DatasetsHandler(PlexusHandler):
             replace = _flag(self, "replace")
             # Parsing and writing Parquet take a while for a big frame: off the event loop, in the catalog's threads.
             frame = await catalog.run(self._frame)
-            taken = name in catalog.registered_names()
-            if not replace and taken:
-                self.reply(
-                    {
-                        "message": f"a dataset named {name!r} is already registered: pass replace=true to "
-                        "replace it, or choose another name"
-                    },
-                    status=409,
-                )
+            if not _may_register(self, name, replace):
                 return
-            owner = catalog.owner_of(name) if taken else None
-            if taken and not self.principal.is_admin and owner != self.principal.owner:
-                # Another caller's data: replacing it would change what their evaluations score.
-                raise web.HTTPError(
-                    403,
-                    f"permission denied: dataset {name!r} was registered by "
-                    f"{owner or 'the notebook user'}; only they or an admin may replace it",
-                )
             info = await catalog.run(catalog.register, name, frame, replace=replace)
             catalog.set_owner(name, self.principal.owner)
         except PlexusError as exc:
@@ -214,3 +222,62 @@ class DatasetsHandler(PlexusHandler):
             f"unsupported Content-Type {content_type or '(none)'!r}; send "
             "application/vnd.apache.parquet or application/json"
         )
+
+
+class DatasetUploadsHandler(PlexusHandler):
+    async def post(self) -> None:
+        """Begin registering a DataFrame in parts: ?name=<name>[&replace=true]; 201 {"upload_id", "max_bytes"}.
+
+        Then PUT each part (an Arrow IPC stream) to `datasets/uploads/{upload_id}?part=N` (N from 0, in order),
+        and POST to `datasets/uploads/{upload_id}` to register the whole (DELETE to abandon it)."""
+        self.require("register")
+        try:
+            name = _name_argument(self, "name")
+            if not name:
+                raise InvalidArgument("name is required (?name=...): letters, digits, '_', '.', '-', up to 64")
+            self.runtime.catalog.check_registered_name(name)
+            replace = _flag(self, "replace")
+            if not _may_register(self, name, replace):
+                return
+            uploads = self.runtime.uploads
+            upload_id = await self.runtime.catalog.run(uploads.begin, name, replace=replace, owner=self.principal.owner)
+        except PlexusError as exc:
+            raise http_error(exc) from None
+        self.reply({"upload_id": upload_id, "max_bytes": uploads.max_bytes}, status=201)
+
+
+class DatasetUploadHandler(PlexusHandler):
+    async def put(self, upload_id: str) -> None:
+        """One part: ?part=N, the body an Arrow IPC stream of record batches (parsed in the catalog's threads)."""
+        self.require("register")
+        try:
+            part = self.get_argument("part", None)
+            if part is None or not part.isdigit():
+                raise InvalidArgument("part is required (?part=N, a whole number from 0, one more for each part)")
+            uploads = self.runtime.uploads
+            progress = await self.runtime.catalog.run(
+                uploads.append, upload_id, self.principal.owner, int(part), self.request.body
+            )
+        except PlexusError as exc:
+            raise http_error(exc) from None
+        self.reply(progress)
+
+    async def post(self, upload_id: str) -> None:
+        """Register the parts sent as one dataset (renamed into place whole): 201 with its description."""
+        self.require("register")
+        try:
+            uploads = self.runtime.uploads
+            info = await self.runtime.catalog.run(uploads.commit, upload_id, self.principal.owner)
+        except PlexusError as exc:
+            raise http_error(exc) from None
+        self.reply(info.to_dict(), status=201)
+
+    async def delete(self, upload_id: str) -> None:
+        """Abandon an upload (its parts are deleted)."""
+        self.require("register")
+        try:
+            await self.runtime.catalog.run(self.runtime.uploads.abort, upload_id, self.principal.owner)
+        except PlexusError as exc:
+            raise http_error(exc) from None
+        self.set_status(204)
+        self.finish()

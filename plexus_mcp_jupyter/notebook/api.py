@@ -10,6 +10,7 @@ plexus.dashboard()                         # everything running, live, with Canc
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import re
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 
 # Jupyter's default ServerApp.max_body_size (512 MiB): a larger request is refused by the server.
 MAX_UPLOAD_BYTES = 512 * 1024 * 1024
+# A frame larger than this in memory is sent in parts of about this size (Arrow IPC, one request each).
+UPLOAD_PART_BYTES = 64 * 1024 * 1024
 NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -40,6 +43,7 @@ class Plexus:
     def __init__(self) -> None:
         self._client: PlexusClient | None = None
         self.max_upload_bytes = MAX_UPLOAD_BYTES
+        self.upload_part_bytes = UPLOAD_PART_BYTES
 
     def __repr__(self) -> str:
         where = self._client.url if self._client else "not connected yet (connects on first use)"
@@ -177,12 +181,13 @@ class Plexus:
     def register_dataset(self, name: str, df: pd.DataFrame, replace: bool = False) -> dict[str, Any]:
         """Make `df` a dataset (`registered:<name>`) for evaluations and for assistants (list_datasets).
 
-        Sent as Parquet. A frame whose Parquet form exceeds `plexus.max_upload_bytes` (Jupyter's request
-        limit, 512 MiB by default) is refused before sending. PlexusConflict if the name is taken and
-        replace is False.
+        Sent as one Parquet body, or, for a frame larger than `plexus.upload_part_bytes` in memory (64 MiB) or
+        whose Parquet form exceeds `plexus.max_upload_bytes` (Jupyter's request limit, 512 MiB by default), as
+        Arrow record batches in parts of about that size, registered once all arrived. PlexusConflict if the
+        name is taken and replace is False.
         """
         try:
-            return self._upload(name, self._parquet(df), replace)
+            return self._send(name, df, replace)[0]
         except PlexusConflict as exc:
             raise PlexusConflict(
                 f"a dataset named {name!r} is already registered: pass replace=True to replace it, "
@@ -190,32 +195,72 @@ class Plexus:
                 exc.status,
             ) from None
 
-    def _parquet(self, df: Any) -> bytes:
+    def _send(self, name: str | None, df: Any, replace: bool) -> tuple[dict[str, Any], str]:
+        """Register `df` (as `name`, or `nb-<hash of its content>`): one Parquet body when it is small, else in
+        parts; (the dataset's description, its name)."""
         import pandas as pd
 
         if not isinstance(df, pd.DataFrame):
             raise PlexusInputError(f"expected a pandas DataFrame, not {type(df).__name__}")
         if df.empty:
             raise PlexusInputError("the DataFrame has no rows: there is nothing to evaluate")
-        in_memory = int(df.memory_usage(deep=True).sum())
-        if in_memory > 8 * self.max_upload_bytes:
-            raise PlexusInputError(self._too_big(f"{in_memory / 2**20:,.0f} MiB in memory"))
-        buffer = io.BytesIO()
         frame = df.copy(deep=False)
         frame.columns = [str(c) for c in frame.columns]
-        frame.to_parquet(buffer, index=False)
-        size = buffer.tell()
-        if size > self.max_upload_bytes:
-            raise PlexusInputError(self._too_big(f"{size / 2**20:,.0f} MiB as Parquet"))
-        return buffer.getvalue()
+        in_memory = int(frame.memory_usage(deep=True).sum())
+        if in_memory <= self.upload_part_bytes:
+            buffer = io.BytesIO()
+            frame.to_parquet(buffer, index=False)
+            if buffer.tell() <= self.max_upload_bytes:
+                body = buffer.getvalue()
+                name = name or "nb-" + hashlib.sha1(body).hexdigest()[:12]
+                return self._upload(name, body, replace), name
+        if name is None:
+            content = pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes()
+            name = "nb-" + hashlib.sha1(content + ",".join(frame.columns).encode()).hexdigest()[:12]
+        return self._upload_in_parts(name, frame, replace, in_memory), name
 
-    def _too_big(self, how_big: str) -> str:
-        return (
-            f"the DataFrame is too large to send ({how_big}; the server accepts requests up to "
-            f"{self.max_upload_bytes / 2**20:,.0f} MiB, ServerApp.max_body_size): keep only the columns the "
-            "evaluation needs, pass sample_n / evaluate df.sample(n), or write it as Parquet under the Jupyter "
-            "root (df.to_parquet('data.parquet')) and evaluate that path"
-        )
+    def _upload_in_parts(self, name: str, frame: pd.DataFrame, replace: bool, in_memory: int) -> dict[str, Any]:
+        """Send `frame` as Arrow IPC parts of about `upload_part_bytes` (below `max_upload_bytes`) each, one
+        request per part, holding one part's bytes at a time; the server registers it once all arrived."""
+        import pyarrow as pa
+
+        try:  # every part with the whole frame's types (an object column all None in one part is still text)
+            schema = pa.Schema.from_pandas(frame, preserve_index=False)
+        except (pa.ArrowException, TypeError, ValueError) as exc:
+            raise PlexusInputError(f"cannot send the DataFrame as Arrow: {exc}") from None
+        part_bytes = max(1, min(self.upload_part_bytes, self.max_upload_bytes // 2))
+        rows = max(1, int(len(frame) * part_bytes / max(in_memory, 1)))
+        client = self.client
+        began = client.request("POST", "datasets/uploads", params={"name": name, "replace": str(bool(replace)).lower()})
+        upload = "datasets/uploads/" + str(began["upload_id"])
+        if in_memory > int(began["max_bytes"]):
+            client.request("DELETE", upload)
+            raise PlexusInputError(
+                f"the DataFrame is too large to register ({in_memory / 2**20:,.0f} MiB in memory; the server takes "
+                f"up to {int(began['max_bytes']) / 2**20:,.0f} MiB, the max_dataset_upload_bytes setting): keep "
+                "only the columns the evaluation needs, evaluate df.sample(n), or write it as Parquet under the "
+                "Jupyter root (df.to_parquet('data.parquet')) and evaluate that path"
+            )
+        try:
+            for part, start in enumerate(range(0, len(frame), rows)):
+                table = pa.Table.from_pandas(frame.iloc[start : start + rows], schema=schema, preserve_index=False)
+                sink = pa.BufferOutputStream()
+                with pa.ipc.new_stream(sink, schema) as writer:
+                    writer.write_table(table)
+                client.request(
+                    "PUT",
+                    upload,
+                    params={"part": str(part)},
+                    data=sink.getvalue().to_pybytes(),
+                    headers={"Content-Type": "application/vnd.apache.arrow.stream"},
+                    timeout=max(client.timeout, 300.0),
+                )
+            info: dict[str, Any] = client.request("POST", upload, timeout=max(client.timeout, 300.0))
+            return info
+        except BaseException:
+            with contextlib.suppress(Exception):  # the server expires it anyway
+                client.request("DELETE", upload)
+            raise
 
     def register_scorer(self, name: str, fn: Callable[..., Any], batch: bool = True) -> str:
         """Serve `fn` from this kernel as the scorer `kernel:<name>`, which assistants can name in
@@ -261,9 +306,7 @@ class Plexus:
             self._check_columns(
                 data, scorer, label if type != "consistency" else None, prediction, input_column, id_column
             )
-            body = self._parquet(data)
-            name = name or "nb-" + hashlib.sha1(body).hexdigest()[:12]
-            self._upload(name, body, replace=True)
+            name = self._send(name, data, replace=True)[1]
             dataset = f"registered:{name}"
         elif isinstance(data, str):
             dataset = data

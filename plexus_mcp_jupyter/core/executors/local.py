@@ -13,6 +13,11 @@ process per task guaranteed still holds:
 - a task may be isolated (`submit(isolated=True)`, a task type's `isolated` flag, or `reuse=False` for
   every task): it gets a fresh process that ends with it.
 
+The event loop never starts a process: starting one waits for the forkserver (most of a second while it
+preloads, right after the server starts) and for the warm-up thread's start in progress. A task submitted
+while no warm worker is free waits in `_waiting`; the first worker that becomes free takes it (the warm-up's,
+one a start thread brings up for it, or one that ended its task), and `Placed` tells the manager its pid.
+
 One reader thread waits on every worker's pipe at once and hands what arrived to the event loop in one
 callback per wake-up, instead of a thread and a loop wake-up per message.
 """
@@ -28,17 +33,19 @@ import sys
 import threading
 import types
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_for_pipes
 from typing import Any
 
 from .. import tasks, worker
-from ..messages import Batch, End, Exit, Log, Message, Reply, Run, Stop, ToManager, ToTask
+from ..messages import Batch, Cancelled, End, Exit, Failed, Log, Message, Placed, Reply, Run, Stop, ToManager, ToTask
 from .base import Deliveries, Executor, MessageCallback, run_callbacks
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
 READ_BATCH = 256  # most messages taken from one pipe per wake-up, so a chatty worker cannot starve the others
+STARTERS = 2  # threads starting workers for waiting tasks: a start mostly waits on the forkserver
 
 
 @contextlib.contextmanager
@@ -66,6 +73,20 @@ class _Job:
     task_id: str
     seq: int  # the worker's number for this task: cancellation and request answers name it
     on_message: MessageCallback
+    cancelled: bool = False
+
+
+@dataclass
+class _Waiting:
+    """A task submitted while no warm worker was free: what its worker will be sent, once one is."""
+
+    task_id: str
+    target: str
+    params: dict[str, Any]
+    max_output_bytes: int
+    environment: dict[str, Any]
+    on_message: MessageCallback
+    single_use: bool
     cancelled: bool = False
 
 
@@ -118,7 +139,9 @@ class LocalExecutor(Executor):
         self._workers: dict[Any, _Worker] = {}  # by our end of its pipe
         self._idle: list[_Worker] = []
         self._by_task: dict[str, _Worker] = {}
-        self._lock = threading.Lock()  # the three maps above, and the workers' jobs
+        self._waiting: dict[str, _Waiting] = {}  # by task id, in submission order: no worker free yet
+        self._lock = threading.Lock()  # the four maps above, and the workers' jobs
+        self._starter: ThreadPoolExecutor | None = None  # starts workers for waiting tasks, off the loop
         self._spawn_lock = threading.Lock()  # _main_module_hidden swaps a global
         self._wake_r: Any = None
         self._wake_w: Any = None
@@ -142,6 +165,7 @@ class LocalExecutor(Executor):
         self._wake_r, self._wake_w = self._mp.Pipe(duplex=False)
         self._reader = threading.Thread(target=self._read, name="plexus-worker-reader", daemon=True)
         self._reader.start()
+        self._starter = ThreadPoolExecutor(STARTERS, thread_name_prefix="plexus-worker-start")
         # Starting the forkserver (a fresh interpreter importing the worker module) takes most of a second,
         # and each worker some milliseconds: do it now, off the event loop, rather than in the first tasks.
         self._warmer = threading.Thread(target=self._warm_up, name="plexus-pool-warmup", daemon=True)
@@ -166,8 +190,7 @@ class LocalExecutor(Executor):
             except Exception:
                 log.exception("Plexus: could not start a warm worker; tasks will start their own")
                 return
-            with self._lock:
-                self._idle.append(new)
+            self._became_idle(new)
 
     def _spawn(self, *, single_use: bool) -> _Worker:
         """Start a worker process and register it with the reader thread."""
@@ -195,8 +218,13 @@ class LocalExecutor(Executor):
     async def shutdown(self, grace: float) -> None:
         with self._lock:
             ids = list(self._by_task)
+            never_started, self._waiting = list(self._waiting.values()), {}
+        # Stopped by the shutdown before any worker took them, as a running task is (the manager re-queues them).
+        self._deliver([(w.on_message, msg) for w in never_started for msg in (Cancelled(), Exit(0))])
         await self.stop_and_wait(ids, lambda: bool(self._by_task), grace)
         self._closing = True
+        if self._starter is not None:
+            await asyncio.to_thread(self._starter.shutdown, True)
         if self._warmer is not None:
             # A worker the warm-up is starting now would be registered after the snapshot below, never be
             # retired, and keep the reader thread waiting for its pipe: let the warm-up end first.
@@ -216,10 +244,12 @@ class LocalExecutor(Executor):
     def status(self) -> dict[str, Any]:
         with self._lock:
             running, workers, idle = len(self._by_task), len(self._workers), len(self._idle)
+            waiting = len(self._waiting)
         return {
             "name": self.name,
             "start_method": self.start_method,
             "running": running,
+            "waiting": waiting,
             "workers": workers,
             "idle_workers": idle,
             "pool_size": self.pool_size,
@@ -240,41 +270,123 @@ class LocalExecutor(Executor):
         isolated: bool = False,
         resources: Mapping[str, int] | None = None,
     ) -> str:
-        if self._loop is None:
+        if self._loop is None or self._starter is None:
             raise RuntimeError("LocalExecutor.start(loop) must be called before submit()")
-        single_use = isolated or not self.reuse
-        environment = dict(environment or {})
-        while True:
-            chosen: _Worker | None = None
-            if not single_use:
-                with self._lock:
-                    while self._idle and chosen is None:
-                        candidate = self._idle.pop()  # last in, first out: the warmest worker
-                        chosen = None if candidate.retiring else candidate
-            if chosen is None:
-                # No warm worker free (still warming up, or replacing one): start one now, as before the pool.
-                chosen = self._spawn(single_use=single_use)
+        waiting = _Waiting(
+            task_id, target, params, max_output_bytes, dict(environment or {}), on_message, isolated or not self.reuse
+        )
+        with self._lock:
+            self._waiting[task_id] = waiting
+            chosen = None if waiting.single_use else self._take_idle()
+            if chosen is not None:
+                self._assign(chosen, waiting)
+        if chosen is not None and self._run_on(chosen, waiting):
+            return f"pid={chosen.process.pid}"
+        # No warm worker free (still warming up, all busy, or isolated): a start thread brings one up; the
+        # first worker free takes the task (_became_idle), and Placed names it.
+        self._starter.submit(self._start_for, waiting)
+        return "pid=starting"
+
+    def _take_idle(self) -> _Worker | None:
+        """The warmest idle worker not retiring (under the lock)."""
+        while self._idle:
+            candidate = self._idle.pop()  # last in, first out: the warmest worker
+            if not candidate.retiring:
+                return candidate
+        return None
+
+    def _assign(self, w: _Worker, waiting: _Waiting) -> None:
+        """Give a waiting task to a worker (under the lock; `_run_on` then sends it)."""
+        del self._waiting[waiting.task_id]
+        w.seq += 1
+        w.job = _Job(waiting.task_id, w.seq, waiting.on_message, cancelled=waiting.cancelled)
+        self._by_task[waiting.task_id] = w
+        if waiting.cancelled:  # cancelled while it waited: it stops at its first check
+            w.cancel_seq.value = w.seq
+
+    def _run_on(self, w: _Worker, waiting: _Waiting) -> bool:
+        """Send an assigned task to its worker. False when the worker died meanwhile and the task is waiting
+        again (the caller finds it another); True when it runs, or when the reader already reported its end."""
+        job = w.job
+        try:
+            assert job is not None
+            w.send(
+                Run(
+                    job.seq,
+                    waiting.task_id,
+                    waiting.target,
+                    waiting.params,
+                    waiting.max_output_bytes,
+                    waiting.environment,
+                )
+            )
+            return True
+        except (OSError, ValueError):
+            # It died while idle. If the reader has not seen that yet, the task waits for another worker; if
+            # it has, it reported the task's exit already (the manager records the failure).
             with self._lock:
-                chosen.seq += 1
-                chosen.job = _Job(task_id, chosen.seq, on_message)
-                self._by_task[task_id] = chosen
-            try:
-                chosen.send(Run(chosen.seq, task_id, target, params, max_output_bytes, environment))
-                break
-            except (OSError, ValueError):
-                # It died while idle. If the reader has not seen that yet, take another worker; if it has, it
-                # reported the task's exit already (the manager records the failure).
-                with self._lock:
-                    chosen.retiring = True
-                    ours = chosen.job is not None and chosen.job.task_id == task_id
-                    if ours:
-                        chosen.job = None
-                        self._by_task.pop(task_id, None)
-                if not ours:
-                    break
-                if single_use:
-                    raise
-        return f"pid={chosen.process.pid}"
+                w.retiring = True
+                ours = w.job is not None and w.job.task_id == waiting.task_id
+                if ours:
+                    w.job = None
+                    self._by_task.pop(waiting.task_id, None)
+                    self._waiting[waiting.task_id] = waiting
+            return not ours
+
+    def _start_for(self, waiting: _Waiting) -> None:
+        """On a start thread: bring up a worker for a waiting task, unless a free one took it meanwhile."""
+        with self._lock:
+            if self._closing or waiting.task_id not in self._waiting:
+                return
+        try:
+            new = self._spawn(single_use=waiting.single_use)
+        except Exception as exc:
+            with self._lock:
+                mine = self._waiting.pop(waiting.task_id, None) is waiting
+            if mine:
+                log.exception("Plexus: could not start a worker for task %s", waiting.task_id)
+                self._deliver(
+                    [
+                        (waiting.on_message, Failed(f"the task could not be started: {exc}")),
+                        (waiting.on_message, Exit(None)),
+                    ]
+                )
+            return
+        if not waiting.single_use:
+            self._became_idle(new)  # it takes the oldest waiting task, perhaps not this one: then this one's
+            return  # worker is still coming (each waiting task has its own start), or another took it
+        with self._lock:
+            mine = not self._closing and self._waiting.get(waiting.task_id) is waiting
+            if mine:
+                self._assign(new, waiting)
+        if not mine:  # killed or shut down while its worker started
+            self._retire(new)
+        elif self._run_on(new, waiting):
+            self._placed(new, waiting)
+        else:
+            self._starter_submit(waiting)
+
+    def _starter_submit(self, waiting: _Waiting) -> None:
+        with contextlib.suppress(RuntimeError):  # shut down meanwhile
+            if self._starter is not None:
+                self._starter.submit(self._start_for, waiting)
+
+    def _became_idle(self, w: _Worker) -> None:
+        """A reusable worker is free (warmed up, or its task ended): it takes the oldest waiting task, if any."""
+        with self._lock:
+            waiting = next((t for t in self._waiting.values() if not t.single_use), None)
+            if waiting is None or w.retiring:
+                if not w.retiring:
+                    self._idle.append(w)
+                return
+            self._assign(w, waiting)
+        if self._run_on(w, waiting):
+            self._placed(w, waiting)
+        else:
+            self._starter_submit(waiting)  # the worker died before it got the task: another start for it
+
+    def _placed(self, w: _Worker, waiting: _Waiting) -> None:
+        self._deliver([(waiting.on_message, Placed(f"pid={w.process.pid}"))])
 
     def reply(self, task_id: str, message: Reply) -> None:
         with self._lock:
@@ -286,6 +398,9 @@ class LocalExecutor(Executor):
 
     def request_cancel(self, task_id: str) -> None:
         with self._lock:
+            waiting = self._waiting.get(task_id)
+            if waiting is not None:
+                waiting.cancelled = True  # its worker is told as it gets the task (_assign)
             w = self._by_task.get(task_id)
             if w is not None and w.job is not None:
                 w.job.cancelled = True
@@ -293,10 +408,13 @@ class LocalExecutor(Executor):
 
     def kill(self, task_id: str) -> None:
         with self._lock:
+            waiting = self._waiting.pop(task_id, None)
             w = self._by_task.get(task_id)
             if w is not None and w.process.is_alive():
                 w.retiring = True
                 w.process.kill()  # under the lock: the worker cannot have moved on to another task
+        if waiting is not None:  # no worker took it yet: it ends as a killed one would
+            self._deliver([(waiting.on_message, Exit(-9))])
 
     def pid(self, task_id: str) -> int | None:
         with self._lock:
@@ -370,11 +488,11 @@ class LocalExecutor(Executor):
                 or rss_mb > self.max_worker_memory_mb
                 or sum(not o.single_use and not o.retiring for o in self._workers.values()) > self.pool_size
             )
-            if not retire:
-                self._idle.append(w)
         if job is not None:
             batch.append((job.on_message, end.final))
             batch.append((job.on_message, Exit(0)))
+        if not retire:
+            self._became_idle(w)
         if retire:
             if rss_mb > self.max_worker_memory_mb:
                 log.info(

@@ -1,0 +1,148 @@
+"""Warm start: the event loop never waits for a worker process to start (issue 15, item 5).
+
+Right after the server starts, the forkserver is still preloading and the pool's warm-up thread is starting
+workers under the executor's spawn lock; a task submitted then used to start its own worker on the event loop
+and freeze the whole server (health, get_task, every request) for a second or more. These tests hold that
+lock from another thread, which makes the old behaviour a hang rather than a delay: what they assert is that
+the server answers while no worker can start, and the task runs on the first worker that can.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx2
+import pandas as pd
+import pytest
+
+from plexus_mcp_jupyter.core import EventBus, Store, TaskManager, TaskStatus
+from plexus_mcp_jupyter.core.executors import LocalExecutor
+
+from .conftest import poll
+from .test_evaluations import create, finished
+
+
+class SpawnsBlocked:
+    """Holds a LocalExecutor's spawn lock from a thread of its own (as the warm-up does while the forkserver
+    preloads) until `release()`, or 60 s at most so that a failing test cannot hang the run."""
+
+    def __init__(self, executor: LocalExecutor) -> None:
+        self._go = threading.Event()
+        self._taken = threading.Event()
+        self.released = threading.Event()
+        self._thread = threading.Thread(target=self._hold, args=(executor,), daemon=True)
+        self._thread.start()
+        assert self._taken.wait(10)
+
+    def _hold(self, executor: LocalExecutor) -> None:
+        with executor._spawn_lock:
+            self._taken.set()
+            self._go.wait(60)
+            self.released.set()
+
+    @property
+    def held(self) -> bool:
+        return not self.released.is_set()
+
+    def release(self) -> None:
+        self._go.set()
+        self._thread.join(10)
+
+
+@pytest.fixture
+def spawns_blocked(jp_serverapp) -> Iterator[SpawnsBlocked]:
+    """Before the runtime starts (request it before `runtime`): no worker can start until released."""
+    blocked = SpawnsBlocked(jp_serverapp.web_app.settings["plexus"].manager.executor)
+    yield blocked
+    blocked.release()
+
+
+async def test_the_first_evaluation_after_start_never_holds_the_event_loop(
+    spawns_blocked, runtime, mcp_client, server_url, token, jp_root_dir
+):
+    rows = 2_000
+    pd.DataFrame(
+        {
+            "id": range(rows),
+            "label": ["yes" if i % 3 else "no" for i in range(rows)],
+            "prediction": ["yes" if i % 5 else "no" for i in range(rows)],
+        }
+    ).to_csv(jp_root_dir / "first.csv", index=False)
+    executor = runtime.manager.executor
+    async with mcp_client() as client, httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as http:
+        made = await create(
+            client, type="accuracy", dataset="first.csv", label_column="label", prediction_column="prediction"
+        )
+        # The evaluation's task was handed to the executor, and waits for a worker that cannot start yet...
+        await poll(lambda: executor.status()["waiting"], lambda n: n == 1)
+        # ...while the server answers: health, and get_task on the very task (running, its worker still coming).
+        health = await http.get(f"{server_url}plexus/api/health")
+        task = (await client.call_tool("get_task", {"task_id": made["task_id"]})).structured_content
+        assert spawns_blocked.held, "the answers came only once workers could start"
+        assert health.status_code == 200
+        assert task["status"] == "RUNNING" and task["worker"].endswith("/pid=starting"), task
+        spawns_blocked.release()
+        done = await finished(client, made["evaluation_id"])
+        assert done["status"] == "COMPLETED", done
+        ran = (await client.call_tool("get_task", {"task_id": made["task_id"]})).structured_content
+        assert int(ran["worker"].rsplit("pid=", 1)[1]) > 0  # Placed: the worker that took it
+
+
+@asynccontextmanager
+async def started_blocked(tmp_path, **executor: Any) -> AsyncIterator[tuple[TaskManager, SpawnsBlocked]]:
+    """A manager whose executor cannot start a worker yet (its warm-up blocked, as right after start)."""
+    store = Store(f"sqlite:///{tmp_path / 'warm-start.db'}")
+    ex = LocalExecutor(**executor)
+    blocked = SpawnsBlocked(ex)
+    m = TaskManager(store, EventBus(), ex, max_concurrency=1, cancel_grace_seconds=1.0, poll_interval=0.1)
+    await m.start()
+    try:
+        yield m, blocked
+    finally:
+        blocked.release()
+        await m.stop()
+        store.close()
+
+
+async def waiting_task(m: TaskManager, params: dict[str, Any]) -> str:
+    """A demo task dispatched, once it waits in the executor for a worker."""
+    task = m.dispatch("demo", params)
+    await poll(lambda: m.executor.status()["waiting"], lambda n: n == 1)
+    return task.id
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+async def test_a_task_submitted_before_any_worker_is_up_runs_on_the_first_one_ready(tmp_path, reuse):
+    async with started_blocked(tmp_path, reuse=reuse) as (m, blocked):
+        task_id = await waiting_task(m, {"items": 2, "item_delay_ms": 0})
+        assert m.get(task_id).status is TaskStatus.RUNNING and blocked.held
+        blocked.release()
+        await m.wait_final([task_id], 30)
+        done = m.get(task_id)
+        assert done.status is TaskStatus.COMPLETED, done
+        assert m.executor.status()["waiting"] == 0
+        assert int(done.worker.rsplit("pid=", 1)[1]) > 0
+
+
+async def test_a_task_cancelled_while_it_waits_for_a_worker_ends_cancelled_and_the_next_runs(tmp_path):
+    async with started_blocked(tmp_path) as (m, blocked):
+        task_id = await waiting_task(m, {"items": 100_000, "item_delay_ms": 5})
+        m.cancel([task_id])
+        blocked.release()
+        await m.wait_final([task_id], 30)
+        assert m.get(task_id).status is TaskStatus.CANCELLED
+        after = m.dispatch("demo", {"items": 1, "item_delay_ms": 0})
+        await m.wait_final([after.id], 30)
+        assert m.get(after.id).status is TaskStatus.COMPLETED
+
+
+async def test_a_task_still_waiting_past_the_grace_period_is_killed_without_a_worker(tmp_path):
+    async with started_blocked(tmp_path) as (m, blocked):
+        task_id = await waiting_task(m, {"items": 100_000, "item_delay_ms": 5})
+        m.cancel([task_id])  # no worker to ask: after the grace period the manager kills it
+        await m.wait_final([task_id], 30)
+        assert blocked.held and m.get(task_id).status is TaskStatus.CANCELLED
+        assert m.executor.status()["waiting"] == 0
