@@ -321,11 +321,13 @@ async def completed(url: str) -> int:
 
 
 async def wait_completed(url: str, target: int, timeout: float = 600) -> None:
+    """Until `target` tasks have completed: polled every 50 ms, then every 5 ms for the last 100 (a round of
+    1,000 trivial tasks takes about a second, which 50 ms polling alone overstated by up to 5%)."""
     deadline = time.monotonic() + timeout
     while (done := await completed(url)) < target:
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {done} of {target} tasks completed within {timeout:.0f} s")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.005 if target - done <= 100 else 0.05)
 
 
 async def dispatch(url: str, n: int, sessions: int) -> None:

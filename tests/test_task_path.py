@@ -155,3 +155,33 @@ async def test_the_wal_is_checkpointed_by_the_stores_thread_not_by_a_commit(tmp_
     finally:
         store.close()
     assert not checkpointer.is_alive()
+
+
+async def test_a_task_that_ends_in_the_write_of_its_progress_publishes_its_end_not_its_past_moments(tmp_path):
+    """Events wait for the write that stores them; when that write is a task's end, the moments it reported
+    before (its stages, its progress) are superseded: subscribers get the start and the end, whose summary has
+    the final stage and counts. A task whose progress is written before its end still reports it live."""
+    store = Store(f"sqlite:///{tmp_path / 'events.db'}")
+    manager = TaskManager(store, EventBus(), LocalExecutor(), max_concurrency=2, poll_interval=30)
+    await manager.start()
+    try:
+        await poll(lambda: manager.executor.status()["idle_workers"], lambda n: n >= 2)
+        await poll(lambda: manager._queue_empty, bool)  # a dispatch starts its task at once
+        seen: list[tuple[str, str, str | None]] = []
+        manager.bus.add_listener(lambda e: seen.append((e.entity_id, e.kind, e.data["current_stage"])))
+        quick = manager.dispatch("demo", TRIVIAL)
+        time.sleep(1.5)  # the loop is busy while the task runs and ends: its messages arrive together
+        slow = manager.dispatch("demo", {"items": 2, "item_delay_ms": 200})
+        await manager.wait_final([quick.id, slow.id], 60)
+        final = store.get_task(quick.id)
+    finally:
+        await manager.stop()
+        store.close()
+    assert [(kind, stage) for task_id, kind, stage in seen if task_id == quick.id] == [
+        ("task.created", None),
+        ("task.updated", None),
+        ("task.completed", "Finalizing"),
+    ]
+    assert [s.name for s in final.stages] == ["Setup", "Processing", "Finalizing"]
+    slow_stages = [stage for task_id, kind, stage in seen if task_id == slow.id and kind == "task.stage"]
+    assert slow_stages == ["Setup", "Processing", "Finalizing"]  # written one by one: each published

@@ -29,7 +29,7 @@ from .leases import MACHINE
 from .listing_cache import PageCache
 from .messages import Cancelled, Done, Ending, Exit, Failed, Log, Lost, Placed, Progress, Reply, Request, ToManager
 from .messages import Stage as StageBegun
-from .models import FINAL_STATUSES, ProgressSample, Stage, StageStatus, Task, TaskStatus, iso, now, parse_iso
+from .models import FINAL_STATUSES, Moment, ProgressSample, Stage, StageStatus, Task, TaskStatus, iso, now, parse_iso
 from .ownership import is_key_owner, owner_visible
 from .progress import ProgressDecision, ProgressTracker
 from .queue import FAIRNESS_MODES, FairClock, Group, QueuedInfo, QueuePolicy, QueueWindow, weight
@@ -104,7 +104,7 @@ class _PendingWrite:
     task: Task
     stages: dict[int, Stage] = field(default_factory=dict)  # by order: the latest state of each changed stage
     samples: list[ProgressSample] = field(default_factory=list)
-    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (kind, summary when it happened)
+    events: list[tuple[str, Moment]] = field(default_factory=list)  # (kind, the task when it happened)
     final: bool = False
     changes: int = 0  # decisions added so far: a write that started after the last one wrote everything
 
@@ -1350,7 +1350,7 @@ class TaskManager:
             self.bus.publish(kind, "task", task.id, task.summary())
             return
         pending.add(decision)
-        pending.events.append((kind, task.summary()))
+        pending.events.append((kind, task.moment()))  # made a summary when published (`_committed`)
         self._flush_soon()
 
     def _pending_for(self, task: Task) -> _PendingWrite:
@@ -1460,8 +1460,11 @@ class TaskManager:
                 self._running.pop(task.id, None)
                 self._remember_finished(task)
                 ended = True
-            for kind, summary in written:
-                self.bus.publish(kind, "task", task.id, summary)
+                # Its end supersedes what it reported since the last write (a small task: all of its run): those
+                # moments are past by now, and the end event carries the final state, stages and all.
+                written = written[-1:]
+            for kind, moment in written:
+                self.bus.publish(kind, "task", task.id, task.summary_at(moment))
         if ended:
             self._schedule_soon(slot_freed=True)
 
@@ -1543,7 +1546,7 @@ class TaskManager:
         pending = self._pending_for(task)
         pending.add(state.closing)
         pending.final = True
-        pending.events.append((_final_kind(task.status), task.summary()))
+        pending.events.append((_final_kind(task.status), task.moment()))
         self._flush_soon()
 
     @staticmethod

@@ -145,6 +145,18 @@ class ProgressSample:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Moment:
+    """The fields of a task's summary that change once it is claimed, at one moment (Task.moment, summary_at)."""
+
+    status: TaskStatus
+    current_stage: str | None
+    estimated_completion_at: float | None
+    progress: dict[str, Any]
+    completed_at: float | None
+    error_message: str | None
+
+
 @dataclass
 class Task:
     """A unit of long-running work and everything known about it."""
@@ -195,19 +207,35 @@ class Task:
 
     def summary(self) -> dict[str, Any]:
         """The compact form used in lists: enough to decide whether to look closer."""
+        return self.summary_at(self.moment())
+
+    def moment(self) -> Moment:
+        """What of the summary changes while the task runs, as it is now (cheaper than the summary: an event of
+        a running task keeps this, and becomes a summary only if it is published)."""
+        return Moment(
+            self.status,
+            self.current_stage,
+            self.estimated_completion_at,
+            self.progress,
+            self.completed_at,
+            self.error_message,
+        )
+
+    def summary_at(self, moment: Moment) -> dict[str, Any]:
+        """The summary as it was at `moment` (its other fields do not change while the task runs)."""
         return {
             "task_id": self.id,
             "type": self.type,
-            "status": self.status.value,
+            "status": moment.status.value,
             "priority": self.priority,
             "description": self.description,
             "created_at": iso(self.created_at),
             "started_at": iso(self.started_at),
-            "completed_at": iso(self.completed_at),
-            "estimated_completion_at": iso(self.estimated_completion_at),
-            "current_stage": self.current_stage,
-            "progress": self.progress,
-            "error_message": self.error_message,
+            "completed_at": iso(moment.completed_at),
+            "estimated_completion_at": iso(moment.estimated_completion_at),
+            "current_stage": moment.current_stage,
+            "progress": moment.progress,
+            "error_message": moment.error_message,
             "owner": self.owner,
             "batch_id": self.batch_id,
         }
