@@ -185,3 +185,31 @@ async def test_a_task_that_ends_in_the_write_of_its_progress_publishes_its_end_n
     assert [s.name for s in final.stages] == ["Setup", "Processing", "Finalizing"]
     slow_stages = [stage for task_id, kind, stage in seen if task_id == slow.id and kind == "task.stage"]
     assert slow_stages == ["Setup", "Processing", "Finalizing"]  # written one by one: each published
+
+
+async def test_a_pass_that_cannot_be_planned_with_a_write_leaves_the_write_and_runs_after_it(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'plan.db'}")
+    manager = TaskManager(store, EventBus(), LocalExecutor(), max_concurrency=1, poll_interval=30)
+    failures: list[str] = []
+    plan = manager._pass_after
+
+    def failing_once(ending: set[str]) -> Any:
+        if not failures:
+            failures.append(next(iter(ending)))
+            raise RuntimeError("the queue could not be read")
+        return plan(ending)
+
+    manager._pass_after = failing_once
+    await manager.start()
+    try:
+        await poll(lambda: manager.executor.status()["idle_workers"], bool)
+        tasks = [manager.new_task("demo", TRIVIAL) for _ in range(3)]
+        manager.queue_changing()
+        store.create_tasks(tasks)
+        manager.announce(tasks)
+        await manager.wait_final([t.id for t in tasks], 60)
+        assert [store.get_task(t.id).status for t in tasks] == [TaskStatus.COMPLETED] * 3
+    finally:
+        await manager.stop()
+        store.close()
+    assert failures == [tasks[0].id]  # the first end's write went ahead; the next start came from a pass after it

@@ -13,7 +13,6 @@ import json
 import logging
 import operator
 import os
-import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -413,7 +412,7 @@ class Store:
             raise
         database = self.engine.url.database
         self._checkpointer = (
-            _Checkpointer(database)
+            _Checkpointer(self.engine)
             if self.engine.dialect.name == "sqlite" and database not in (None, "", ":memory:")
             else None
         )
@@ -1351,29 +1350,26 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 class _Checkpointer:
     """Copies a SQLite store's WAL back into its database file every `interval` seconds (a PASSIVE checkpoint:
     it never waits for, nor blocks, readers and writers), on a thread of its own, so the fsync it costs is
-    never on the event loop (see _sqlite_pragmas)."""
+    never on the event loop (see _sqlite_pragmas). It borrows one of the engine's connections each time (the
+    same file, URI and options as every other)."""
 
-    def __init__(self, path: str, interval: float = CHECKPOINT_INTERVAL) -> None:
-        self._path = path
+    def __init__(self, engine: Engine, interval: float = CHECKPOINT_INTERVAL) -> None:
+        self._engine = engine
         self._interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="plexus-sqlite-checkpoint", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        conn = None
-        try:
-            conn = sqlite3.connect(self._path, timeout=5.0, check_same_thread=False)
-            while not self._stop.wait(self._interval):
+        while not self._stop.wait(self._interval):
+            try:
+                conn = self._engine.raw_connection()
                 try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                except sqlite3.Error as exc:  # e.g. the file went away in a test's cleanup: try again later
-                    log.debug("Plexus: a WAL checkpoint failed: %s", exc)
-        except sqlite3.Error:
-            log.warning("Plexus: no WAL checkpointer for %s: SQLite checkpoints on commit instead", self._path)
-        finally:
-            if conn is not None:
-                conn.close()
+                    conn.cursor().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                finally:
+                    conn.close()  # back to the pool
+            except Exception as exc:  # e.g. the file went away in a test's cleanup: try again later
+                log.debug("Plexus: a WAL checkpoint failed: %s", exc)
 
     def stop(self) -> None:
         self._stop.set()
