@@ -22,6 +22,23 @@ from .conftest import poll
 TRIVIAL = {"items": 1, "item_delay_ms": 0}
 
 
+async def queue_and_run(manager: TaskManager, store: Store, n: int) -> list[Task]:
+    """Start `manager`, queue `n` trivial tasks at once (as a batch does), wait for them, stop; the tasks."""
+    await manager.start()
+    try:
+        await poll(lambda: manager.executor.status()["idle_workers"], bool)
+        tasks = [manager.new_task("demo", TRIVIAL) for _ in range(n)]
+        manager.queue_changing()
+        store.create_tasks(tasks)
+        manager.announce(tasks)
+        await manager.wait_final([t.id for t in tasks], 60)
+        assert [store.get_task(t.id).status for t in tasks] == [TaskStatus.COMPLETED] * n
+    finally:
+        await manager.stop()
+        store.close()
+    return tasks
+
+
 async def test_an_end_and_the_next_claim_commit_in_one_transaction(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'path.db'}")
     manager = TaskManager(store, EventBus(), LocalExecutor(), max_concurrency=1, poll_interval=30)
@@ -40,18 +57,7 @@ async def test_an_end_and_the_next_claim_commit_in_one_transaction(tmp_path):
         return lost
 
     store.claim_many, store.save_progress_many = counted_claim, counted_save
-    await manager.start()
-    try:
-        await poll(lambda: manager.executor.status()["idle_workers"], bool)
-        tasks = [manager.new_task("demo", TRIVIAL) for _ in range(10)]
-        manager.queue_changing()
-        store.create_tasks(tasks)
-        manager.announce(tasks)
-        await manager.wait_final([t.id for t in tasks], 60)
-        assert [store.get_task(t.id).status for t in tasks] == [TaskStatus.COMPLETED] * 10
-    finally:
-        await manager.stop()
-        store.close()
+    tasks = await queue_and_run(manager, store, 10)
     # One slot: the first task is claimed by a pass of its own; each end after that carries the next claim.
     assert alone == [[tasks[0].id]]
     ended_then_claimed = [(ended, won) for ended, won in riding if won]
@@ -200,16 +206,5 @@ async def test_a_pass_that_cannot_be_planned_with_a_write_leaves_the_write_and_r
         return plan(ending)
 
     manager._pass_after = failing_once
-    await manager.start()
-    try:
-        await poll(lambda: manager.executor.status()["idle_workers"], bool)
-        tasks = [manager.new_task("demo", TRIVIAL) for _ in range(3)]
-        manager.queue_changing()
-        store.create_tasks(tasks)
-        manager.announce(tasks)
-        await manager.wait_final([t.id for t in tasks], 60)
-        assert [store.get_task(t.id).status for t in tasks] == [TaskStatus.COMPLETED] * 3
-    finally:
-        await manager.stop()
-        store.close()
+    tasks = await queue_and_run(manager, store, 3)
     assert failures == [tasks[0].id]  # the first end's write went ahead; the next start came from a pass after it
