@@ -22,6 +22,7 @@ to polls; on any change the whole cache is dropped, so it never holds more than 
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -34,6 +35,15 @@ V = TypeVar("V")
 # What a statement that only reads starts with; anything else counts as a write (DDL, text SQL, an upsert).
 _READ_PREFIXES = ("SELECT", "PRAGMA", "SHOW", "EXPLAIN")
 _WROTE = "plexus_wrote"  # set on a pooled connection's info when it ran a write, cleared when it is checked in
+
+
+@functools.lru_cache(maxsize=512)
+def _writes_to(statement: str, tables: tuple[str, ...]) -> bool:
+    """Whether `statement` writes and names one of `tables`: decided once per statement text (the store runs a
+    few hundred distinct statements, each again on every call; a task's own writes several times per task)."""
+    if statement[:32].lstrip()[:7].upper().startswith(_READ_PREFIXES):
+        return False
+    return any(table in statement for table in tables)
 
 
 class WriteGeneration:
@@ -64,9 +74,7 @@ class WriteGeneration:
         """`conn` runs `statement`: if it writes to a listed table, the generation moves once `conn` is checked in.
         Called by SQLAlchemy's event for what it executes, and by the store for what it runs on the driver
         itself (store._OnDriver)."""
-        if statement[:32].lstrip()[:7].upper().startswith(_READ_PREFIXES):
-            return
-        if any(table in statement for table in self.tables):
+        if _writes_to(statement, self.tables):
             conn.info[_WROTE] = True
 
     def _before_execute(self, conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:

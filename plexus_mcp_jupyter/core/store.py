@@ -768,9 +768,9 @@ class Store:
     ) -> set[str]:
         """Write the progress (and, for final ones, the end) of many tasks in ONE transaction.
 
-        The manager gathers what its workers reported during one turn of the event loop (starts, stage
-        changes, ends of many tasks) and writes it here at once: a commit and a statement per kind of row,
-        instead of a transaction per message, which was most of a small task's cost on the server.
+        The manager gathers what its workers reported during one turn of the event loop (stage changes with
+        the worker ids, progress, ends of many tasks) and writes it here at once: a commit and a statement per
+        kind of row, instead of a transaction per message, which was most of a small task's cost on the server.
 
         With `holder` (a server id), a task is written only while that server holds it (its `worker` starts
         with the id): another server that took it over (this one's lease ran out, core/leases.py) owns the row
