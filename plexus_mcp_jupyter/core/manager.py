@@ -1042,7 +1042,9 @@ class TaskManager:
         try:
             for task_id in list(pending):
                 try:
-                    if (await self.aget(task_id)).status.is_final:
+                    # A running task's status turns final in memory before its end is stored: it counts once
+                    # its final write committed (it left `_running`; the event listener hears that commit).
+                    if (await self.aget(task_id)).status.is_final and task_id not in self._running:
                         pending.discard(task_id)
                 except NotFound:
                     pending.discard(task_id)
