@@ -1,8 +1,8 @@
 """The bare SDK peer of bench_tools_call.py: the `mcp` SDK's own MCPServer on uvicorn, nothing of Plexus.
 
 It serves `get_task` and `list_tasks` with the same input and output schemas as Plexus's tools (their
-argument annotations and output models are imported, so the SDK validates the same arguments and the same
-structured content, and a client validates the same result), each returning a constant: the CallToolResult
+request models, published by `@takes`, and output models are imported, so the SDK validates the same arguments
+and the same structured content, and a client validates the same result), each returning a constant: the CallToolResult
 our server answered for the same call (read from a JSON file the benchmark writes). No store, no auth, no
 audit, no Jupyter; the SDK's defaults for its Streamable HTTP app (stateful sessions, SSE responses in the
 2025-11-25 era). So it is the floor of the serving stack: what any MCP server built on the SDK pays per call.
@@ -15,15 +15,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import uvicorn
 from mcp.server.mcpserver import MCPServer
 from mcp.types import CallToolResult
-from pydantic import Field
 
-from plexus_mcp_jupyter.core.manager import HISTORY_MAX
-from plexus_mcp_jupyter.endpoint.arguments import PageSize, TaskStatuses, TaskTypes
+from plexus_mcp_jupyter.core.requests import GetTask, ListTasks, paged, takes
 from plexus_mcp_jupyter.endpoint.schemas import TaskDetail, TaskPage
 
 
@@ -33,22 +31,13 @@ def main() -> None:
     server = MCPServer(name="bare", log_level="WARNING")
 
     @server.tool(description="A constant task detail (same shape as Plexus's get_task).")
-    async def get_task(
-        task_id: Annotated[str, Field(min_length=1, max_length=64)],
-        history: bool = False,
-        history_limit: Annotated[int, Field(ge=1, le=HISTORY_MAX)] = 100,
-    ) -> Annotated[CallToolResult, TaskDetail]:
+    @takes(GetTask)
+    async def get_task(**fields: Any) -> Annotated[CallToolResult, TaskDetail]:
         return results["get_task"]
 
     @server.tool(description="A constant page of tasks (same shape as Plexus's list_tasks).")
-    async def list_tasks(
-        status: TaskStatuses = None,
-        type: TaskTypes = None,
-        since: str | None = None,
-        limit: Annotated[PageSize, Field(le=100)] = 20,
-        cursor: str | None = None,
-        batch: Annotated[str | None, Field(max_length=64)] = None,
-    ) -> Annotated[CallToolResult, TaskPage]:
+    @takes(paged(ListTasks, 100))
+    async def list_tasks(**fields: Any) -> Annotated[CallToolResult, TaskPage]:
         return results["list_tasks"]
 
     uvicorn.run(server.streamable_http_app(), host="127.0.0.1", port=port, log_level="warning", access_log=False)

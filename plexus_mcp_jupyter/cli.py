@@ -267,15 +267,21 @@ def cmd_keys(args: argparse.Namespace) -> int:
     from .core.errors import PlexusError
     from .security.audit import AuditLog
     from .security.identity import LOCAL_ADMIN
-    from .security.keys import KeyStore
+    from .security.keys import CreateKey, KeyStore
 
     engine = _store_engine(args)
     keys, audit = KeyStore(engine), AuditLog(engine)
     try:
         if args.command == "create":
-            key, secret = keys.create(
-                args.name, args.role, expires_in_days=args.expires_in_days, created_by="cli", rate_limit=args.rate_limit
+            request = CreateKey.parse(  # REST's body model: the same checks and words
+                {
+                    "name": args.name,
+                    "role": args.role,
+                    "expires_in_days": args.expires_in_days,
+                    "rate_limit": args.rate_limit,
+                }
             )
+            key, secret = keys.add(request, created_by="cli")
             audit.record(
                 LOCAL_ADMIN,
                 "key.create",
@@ -447,13 +453,27 @@ def cmd_evaluations(args: argparse.Namespace) -> int:
     import pyarrow.csv as pa_csv
     import pyarrow.parquet as pq
 
+    from .core.errors import InvalidArgument
+    from .evaluations.requests import GetEvaluationResults
     from .notebook.errors import PlexusError
 
+    try:  # the server's request model: a bad argument is one line (exit 2), nothing sent
+        request = GetEvaluationResults.parse(
+            {
+                "evaluation_id": args.evaluation_id,
+                "only_mismatches": args.only_mismatches,
+                "label": args.label,
+                "score": args.score,
+            }
+        )
+    except InvalidArgument as exc:
+        return _fail(exc)
     output = Path(args.output or f"{args.evaluation_id}.{args.format}")
     temporary = output.with_name(f".{output.name}.part")
-    params = {"only_mismatches": "true" if args.only_mismatches else None, "label": args.label, "score": args.score}
     try:
-        reader = _tasks_client(args).arrow_stream(f"evaluations/{args.evaluation_id}/results", params)
+        reader = _tasks_client(args).arrow_stream(
+            f"evaluations/{request.evaluation_id}/results", request.query(exclude={"evaluation_id"})
+        )
         rows = 0
         writer: Any = (
             pq.ParquetWriter(temporary, reader.schema, compression="zstd")

@@ -283,7 +283,7 @@ async def test_evaluation_resources_are_subscribable_to_their_final_state(mcp_cl
         )
         for bad, message in [
             ("plexus://evaluations/nope", "no evaluation 'nope'"),
-            ("plexus://evaluations?status=DONE", "unknown evaluation status 'DONE'"),
+            ("plexus://evaluations?status=DONE", "status.0: unknown evaluation status; expected one of SETUP"),
             (uri + "/items", "cannot subscribe"),
         ]:
             with pytest.raises(MCPError, match=message):

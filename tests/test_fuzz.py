@@ -863,9 +863,13 @@ async def test_validation_messages_stay_bounded_with_many_bad_elements(mcp_clien
 
 async def test_core_errors_quote_a_rejected_value_bounded(mcp_client, runtime):
     async with mcp_client() as client:
-        result = await client.call_tool("list_tasks", {"since": "x" * 5000})
+        result = await client.call_tool("list_tasks", {"since": "x" * 64})  # the longest the model takes
+        too_long = await client.call_tool("list_tasks", {"since": "x" * 5000})
     text = result.content[0].text
     assert result.is_error and "'since' must be an ISO 8601 date" in text
+    assert problems_of(text) == [], (problems_of(text), len(text))
+    text = too_long.content[0].text
+    assert too_long.is_error and "since: String should have at most 64 characters" in text
     assert problems_of(text) == [], (problems_of(text), len(text))
 
 

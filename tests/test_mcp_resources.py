@@ -17,7 +17,7 @@ async def test_templates_and_the_static_listing_are_advertised(mcp_client, mode)
         templates = {t.uri_template for t in (await client.list_resource_templates()).resource_templates}
         resources = {str(r.uri) for r in (await client.list_resources()).resources}
     assert templates == {
-        "plexus://tasks{?status,type,batch,limit,cursor}",
+        "plexus://tasks{?status,type,since,batch,limit,cursor}",
         "plexus://tasks/{task_id}",
         "plexus://batches/{batch_id}",
         "plexus://evaluations{?status,type,limit,cursor}",
@@ -68,10 +68,11 @@ async def test_list_resource_honours_filters_and_cursors(mcp_client, runtime):
     ("uri", "message"),
     [
         ("plexus://tasks/does-not-exist", "no task with id 'does-not-exist'"),
-        ("plexus://tasks?status=DONE", "unknown status 'DONE'"),
-        ("plexus://tasks?limit=lots", "limit must be a whole number from 1 to 100"),
-        ("plexus://tasks?limit=0", "limit must be a whole number from 1 to 100"),
-        ("plexus://tasks?limit=%C2%B2", "limit must be a whole number from 1 to 100"),
+        ("plexus://tasks?status=DONE", "status.0: unknown status; expected one of QUEUED, RUNNING"),
+        ("plexus://tasks?limit=lots", "limit: Input should be a valid integer"),
+        ("plexus://tasks?limit=0", "limit: Input should be greater than or equal to 1 (got '0'); Page size, 1 to 100"),
+        ("plexus://tasks?limit=%C2%B2", "limit: Input should be a valid integer"),
+        ("plexus://tasks?since=yesterday", "'since' must be an ISO 8601"),
         ("plexus://tasks?cursor=xyz", "invalid cursor"),
         ("plexus://nothing-here", "Unknown resource"),
     ],

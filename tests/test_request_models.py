@@ -147,7 +147,10 @@ async def test_every_page_bound_comes_from_max_page_size(jp_fetch, mcp_client):
     assert code == 200 and page["next_cursor"] is None
     with pytest.raises(HTTPClientError) as err:
         await call(jp_fetch, "evaluations", params={"limit": "1001"})
-    assert "from 1 to 1000" in json.loads(err.value.response.body)["error"]["message"]
+    assert (
+        "less than or equal to 1000 (got '1001'); Page size, 1 to 1000"
+        in json.loads(err.value.response.body)["error"]["message"]
+    )
 
 
 async def test_the_published_scorer_spec_shows_each_kind_and_the_fields_it_accepts(mcp_client):

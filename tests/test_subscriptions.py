@@ -118,8 +118,11 @@ async def test_listen_streams_of_the_2026_era_get_the_same_updates(mcp_client, r
     [
         ("plexus://nothing", "subscribable resources"),
         ("plexus://tasks/no-such-task", "no task with id 'no-such-task'"),
-        ("plexus://tasks?status=DONE", "unknown status 'DONE'"),
-        ("plexus://tasks?colour=red", "unknown parameter(s) ['colour']"),
+        ("plexus://tasks?status=DONE", "status.0: unknown status; expected one of QUEUED"),
+        (
+            "plexus://tasks?colour=red",
+            "unknown field(s) ['colour']; allowed: status, type, since, limit, cursor, batch",
+        ),
     ],
 )
 async def test_subscribing_to_a_bad_uri_is_a_clear_error(mcp_client, uri, message):

@@ -34,7 +34,7 @@ from .ownership import is_key_owner, owner_visible
 from .progress import ProgressDecision, ProgressTracker
 from .queue import FAIRNESS_MODES, FairClock, Group, QueuedInfo, QueuePolicy, QueueWindow, weight
 from .queue import plan as queue_plan
-from .requests import MAX_PRIORITY, MIN_PRIORITY
+from .requests import HISTORY_MAX, MAX_PRIORITY, MIN_PRIORITY, ListTasks
 from .retention import RetentionPolicy, RetentionPruner, expired_message
 from .store import (
     Claim,
@@ -52,7 +52,6 @@ from .tasks import get_task_type, task_type_names
 log = logging.getLogger("plexus_mcp_jupyter")
 
 FINISHED_CACHE_SIZE = 1024
-HISTORY_MAX = 1000  # most progress samples one read returns
 RECOVERY_EVERY = 10  # maintenance ticks between checks for tasks of servers that died
 SCHEDULE_WINDOW = 200  # most queued tasks one scheduling pass reads
 WINDOW_SPARE = 32  # tasks per group a read takes beyond a pass's need, for the next passes (QueueWindow)
@@ -592,6 +591,21 @@ class TaskManager:
             batch_id=batch or None,
             before=parse_iso(before, "created_before") if before else None,
         )
+
+    def task_filter(self, request: ListTasks, viewer: str | None) -> TaskFilter:
+        """The filter of a ListTasks request as `viewer` may see it; its task types checked against the registered
+        ones, its time parsed (InvalidArgument names what is wrong)."""
+        return self.build_filter(
+            status=list(request.status),
+            type_names=list(request.type),
+            since=request.since,
+            viewer=viewer,
+            batch=request.batch,
+        )
+
+    async def alist(self, request: ListTasks, viewer: str | None) -> tuple[list[Task], str | None]:
+        """One page of a ListTasks request (every face's list_tasks): `alist_tasks` with its filter and page."""
+        return await self.alist_tasks(self.task_filter(request, viewer), limit=request.limit, cursor=request.cursor)
 
     def parse_limit(self, text: str | None) -> int | None:
         """A page size given as text (URI and query parameters); None when absent."""

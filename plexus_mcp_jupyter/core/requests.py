@@ -8,8 +8,10 @@ that names each bad field, what was wrong and what is allowed, the same words on
 
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import Callable, Mapping
+import typing
+from collections.abc import Callable, Iterable, Mapping
 from typing import Annotated, Any, ClassVar, TypeVar
 
 from pydantic import (
@@ -21,6 +23,7 @@ from pydantic import (
     Strict,
     ValidationError,
     WithJsonSchema,
+    create_model,
 )
 
 from .errors import InvalidArgument, one_line
@@ -30,6 +33,11 @@ MAX_PROBLEMS = 3  # per message: a body with a thousand bad fields gets a bounde
 MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
 MAX_DESCRIPTION = 1000
 SAMPLE_SIZE = 20  # task ids a dry run shows
+MAX_PAGE_SIZE = 1000  # the largest max_page_size may be (config.py); a server's own bound is `paged(model, n)`
+DEFAULT_PAGE_SIZE = 20
+HISTORY_MAX = 1000  # most progress samples one read returns
+# Query parameters that are Jupyter's own (its token, its XSRF value), not an operation's arguments
+QUERY_CREDENTIALS = frozenset({"token", "_xsrf"})
 
 
 def _not_a_bool(value: Any) -> Any:
@@ -77,9 +85,48 @@ class RequestModel(BaseModel):
         except ValidationError as exc:
             raise request_error(cls, exc, where) from None
 
+    @classmethod
+    def from_query(cls: type[M], query: Mapping[str, Iterable[str]], **given: Any) -> M:
+        """The request in a query string (REST, a resource URI): each name's values as decoded text, `given` the
+        arguments taken from the path.
+
+        A list-valued field takes every value of its name, each one name or comma-separated names
+        (`?status=RUNNING&status=QUEUED` or `?status=RUNNING,QUEUED`); any other field the last value, an empty
+        one counting as left out; numbers and true/false are read from their text by the model. A name the model
+        does not have is refused with the allowed ones (Jupyter's `token` and `_xsrf` are not arguments)."""
+        fields: dict[str, Any] = {}
+        for name, raw in query.items():
+            values = list(raw)
+            if name in QUERY_CREDENTIALS or not values:
+                continue
+            if _is_listed(cls, name):
+                fields[name] = [part for value in values for part in comma_list(value)]
+            elif values[-1] != "":
+                fields[name] = values[-1]
+        return cls.parse({**fields, **given})
+
     def arguments(self) -> dict[str, Any]:
         """The fields that were given or differ from their default: what a client sends (JSON-ready)."""
         return self.model_dump(mode="json", exclude_defaults=True)
+
+    def query(self, exclude: Iterable[str] = ()) -> dict[str, Any]:
+        """The arguments as query parameters (what `from_query` reads back): a list as repeated values, a flag
+        as true/false; `exclude` those that travel in the path."""
+        return {
+            name: ("true" if value else "false") if isinstance(value, bool) else value
+            for name, value in self.arguments().items()
+            if name not in exclude
+        }
+
+
+def query_of(**values: str | None) -> dict[str, list[str]]:
+    """A resource template's variables as a query for `RequestModel.from_query`: those that were given."""
+    return {name: [value] for name, value in values.items() if value is not None}
+
+
+def _is_listed(model: type[BaseModel], name: str) -> bool:
+    info = model.model_fields.get(name)
+    return info is not None and typing.get_origin(info.annotation) in (tuple, list)
 
 
 def request_error(model: type[BaseModel], error: ValidationError, where: str = "") -> InvalidArgument:
@@ -93,22 +140,34 @@ def request_error(model: type[BaseModel], error: ValidationError, where: str = "
         shown = [one_line(u, 40) for u in unknown[:5]]
         more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
         problems.append(f"unknown field(s) {shown}{more}; allowed: {', '.join(model.model_fields)}")
-    for item in [e for e in errors if e["type"] != "extra_forbidden"][:MAX_PROBLEMS]:
+    descriptions = {name: info.description for name, info in model.model_fields.items()}
+    problems.extend(field_problems([e for e in errors if e["type"] != "extra_forbidden"], descriptions, where))
+    return InvalidArgument("; ".join(problems))
+
+
+def field_problems(errors: list[Any], descriptions: Mapping[str, str | None], where: str = "") -> list[str]:
+    """Each bad field of a refused request in words, at most MAX_PROBLEMS: `field: reason (got value)`, then what
+    is allowed (the field's description, once per field) when pydantic's reason names only one bound or the type;
+    a missing one with its description. The words of every face: REST and a request model (`request_error`), and
+    MCP's tool arguments (endpoint/server.py), which the SDK checks against the same fields before a tool runs."""
+    problems: list[str] = []
+    described: set[str] = set()  # a field's description is said once (a list's elements share it)
+    for item in errors[:MAX_PROBLEMS]:
         field = ".".join(str(part) for part in item["loc"]) or "the request"
         name = where + one_line(field, 60)
-        info = model.model_fields.get(str(item["loc"][0])) if item["loc"] else None
+        top = str(item["loc"][0]) if item["loc"] else ""
+        description = descriptions.get(top) if top not in described else None
+        described.add(top)
         if item["type"] == "missing":
-            problems.append(f"{name} is required" + (f": {info.description}" if info and info.description else ""))
+            problems.append(f"{name} is required" + (f": {description}" if description else ""))
             continue
         reason = str(item["msg"]).removeprefix("Value error, ")
-        # pydantic says one bound or the type; the field's description says what is allowed (our own validators'
-        # messages, value errors, say it already)
-        allowed = f"; {info.description}" if info and info.description and item["type"] != "value_error" else ""
+        # our own validators' messages (value errors) say what is allowed already
+        allowed = f"; {description}" if description and item["type"] != "value_error" else ""
         problems.append(f"{name}: {reason} (got {one_line(repr(item.get('input')), 60)}){allowed}")
-    rest = len(errors) - len(unknown) - MAX_PROBLEMS
-    if rest > 0:
-        problems.append(f"and {rest} more problem(s)")
-    return InvalidArgument("; ".join(problems))
+    if len(errors) > MAX_PROBLEMS:
+        problems.append(f"and {len(errors) - MAX_PROBLEMS} more problem(s)")
+    return problems
 
 
 def takes(model: type[BaseModel]) -> Callable[[F], F]:
@@ -192,7 +251,7 @@ def task_status(value: str) -> str:
 StatusName = Annotated[str, AfterValidator(task_status)]
 
 
-_LISTED = BeforeValidator(lambda value: () if value is None else comma_list(value))  # null or left out: none
+LISTED = BeforeValidator(lambda value: () if value is None else comma_list(value))  # null or left out: none
 
 
 def _blank_is_none(value: Any) -> Any:
@@ -211,21 +270,21 @@ class Selection(RequestModel):
 
     task_ids: Annotated[
         tuple[str, ...],
-        _LISTED,
+        LISTED,
         WithJsonSchema(
             names_schema("Ids of the tasks to act on (full ids, as list_tasks shows them; at most max_batch_size)")
         ),
     ] = ()
     status: Annotated[
         tuple[StatusName, ...],
-        _LISTED,
+        LISTED,
         WithJsonSchema(
             names_schema(
                 "Filter: only tasks with these statuses (default: those the operation can change)", STATUS_NAMES
             )
         ),
     ] = ()
-    type: Annotated[tuple[str, ...], _LISTED, WithJsonSchema(names_schema("Filter: only tasks of these types"))] = ()
+    type: Annotated[tuple[str, ...], LISTED, WithJsonSchema(names_schema("Filter: only tasks of these types"))] = ()
     owner: OptionalText = Field(
         None,
         max_length=128,
@@ -295,3 +354,72 @@ class SetTaskPriority(BulkRequest):
 
 
 BULK_REQUESTS: dict[str, type[BulkRequest]] = {m.route: m for m in (CancelTasks, RetryTasks, SetTaskPriority)}
+
+
+# -- reads: listings and one task ---------------------------------------------------------------------------------
+
+
+def page_description(maximum: int | str) -> str:
+    return f"Page size, 1 to {maximum} (max_page_size)"
+
+
+Limit = Annotated[int, Number]  # a page size: bounded per server by `paged`
+Cursor = Annotated[
+    str | None, BeforeValidator(_blank_is_none), Field(description="next_cursor of the previous page, unchanged")
+]
+
+
+def page_field(maximum: int) -> Any:
+    """The `limit` field of a listing whose pages go up to `maximum` (a server's max_page_size)."""
+    return Field(min(DEFAULT_PAGE_SIZE, maximum), ge=1, le=maximum, description=page_description(maximum))
+
+
+@functools.cache
+def paged(model: type[M], max_page_size: int) -> type[M]:
+    """`model` (a listing's request) with its `limit` bounded by a server's max_page_size: what that server's MCP
+    tool publishes (`maximum`) and what its REST handler and resources parse with, so a limit above it is refused
+    on every face in the same words, naming the bound. One class per (model, bound)."""
+    if not 1 <= max_page_size <= MAX_PAGE_SIZE:
+        raise ValueError(f"max_page_size must be 1 to {MAX_PAGE_SIZE}, not {max_page_size}")
+    bounded: type[M] = create_model(  # type: ignore[call-overload]
+        model.__name__,
+        __base__=model,
+        __module__=model.__module__,
+        __doc__=model.__doc__,
+        limit=(Limit, page_field(max_page_size)),
+    )
+    return bounded
+
+
+class ListTasks(RequestModel):
+    """List tasks, newest first: list_tasks (MCP), GET plexus/api/tasks, plexus://tasks{?...}, plexus.tasks().
+
+    Task types are checked against the registered ones by the manager (the notebook's process does not know the
+    server's types)."""
+
+    status: Annotated[
+        tuple[StatusName, ...],
+        LISTED,
+        WithJsonSchema(names_schema("Only tasks with one of these statuses", STATUS_NAMES)),
+    ] = ()
+    type: Annotated[
+        tuple[Annotated[str, Field(max_length=64)], ...],
+        LISTED,
+        WithJsonSchema(names_schema("Only tasks of these types (e.g. demo)")),
+    ] = ()
+    since: OptionalText = Field(None, max_length=64, description="Only tasks created at or after this ISO 8601 time")
+    limit: Limit = page_field(MAX_PAGE_SIZE)
+    cursor: Cursor = None
+    batch: OptionalText = Field(
+        None, max_length=64, description="Only the tasks of this batch (dispatch_batch's batch_id)"
+    )
+
+
+class GetTask(RequestModel):
+    """One task, with its progress history if asked: get_task (MCP), GET plexus/api/tasks/{task_id}."""
+
+    task_id: str = Field(min_length=1, max_length=64, description="The task's id")
+    history: bool = Field(False, description="Include progress samples (about one per second)")
+    history_limit: Annotated[int, Number] = Field(
+        100, ge=1, le=HISTORY_MAX, description=f"Most recent samples to include, 1 to {HISTORY_MAX}"
+    )

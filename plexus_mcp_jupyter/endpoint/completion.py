@@ -20,7 +20,8 @@ from mcp.types import CompleteRequestParams, CompleteResult, Completion, PromptR
 from ..core.manager import TaskManager
 from ..core.models import TaskStatus
 from ..core.tasks import task_type_names
-from ..evaluations.service import EVALUATION_TYPES, EvaluationService
+from ..evaluations.requests import EVALUATION_TYPES
+from ..evaluations.service import EvaluationService
 from ..evaluations.store import EvaluationStatus
 from ..security.identity import Principal
 from .principal import principal_of

@@ -13,15 +13,13 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 from mcp.shared.exceptions import MCPError
 from mcp.types import INVALID_PARAMS, CallToolResult, ToolAnnotations
-from pydantic import BeforeValidator, Field, WithJsonSchema
+from pydantic import Field
 
 from ..core.errors import NotFound, PlexusError
 from ..core.models import Task, TaskStatus
-from ..core.requests import takes
-from ..evaluations.requests import EVALUATION_TYPES, CreateEvaluation
-from ..evaluations.service import EvaluationService, parse_flag
-from ..evaluations.store import EvaluationStatus
-from .arguments import PageSize, annotated, comma_list, names_schema, page_size
+from ..core.requests import paged, query_of, takes
+from ..evaluations.requests import CreateEvaluation, GetEvaluationResults, ListEvaluations
+from ..evaluations.service import EvaluationService
 from .principal import current_principal
 from .progress import follow_to_end, progress_token
 from .schemas import DatasetList, EvaluationDetail, EvaluationPage, EvaluationResults, ScorerList
@@ -66,18 +64,6 @@ def evaluation_outcome(service: EvaluationService, task: Task) -> CallToolResult
 
 def _dump(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"), default=str)
-
-
-EvaluationStatuses = Annotated[
-    list[str] | None,
-    BeforeValidator(comma_list),
-    WithJsonSchema(names_schema("Only evaluations with these statuses", EvaluationStatus.ALL)),
-]
-EvaluationTypes = Annotated[
-    list[str] | None,
-    BeforeValidator(comma_list),
-    WithJsonSchema(names_schema("Only evaluations of these types", EVALUATION_TYPES)),
-]
 
 
 def register_evaluation_tools(server: MCPServer, service: EvaluationService, logs: TaskLogs | None = None) -> None:
@@ -144,27 +130,12 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService, log
         ),
         annotations=read_only,
     )
-    @annotated(limit=page_size(max_page))
+    @takes(paged(GetEvaluationResults, max_page))  # its limit bounded by this server's max_page_size
     @client_errors
-    async def get_evaluation_results(
-        evaluation_id: Annotated[str, Field(min_length=1, max_length=64, description="The evaluation's id")],
-        only_mismatches: Annotated[bool, Field(description="Only items scored wrong or not scored")] = False,
-        label: Annotated[str | None, Field(description="Only items with this label (as in the dataset)")] = None,
-        score: Annotated[str | None, Field(description="Which score of a scorecard (default: the first)")] = None,
-        limit: PageSize = 20,
-        cursor: Annotated[str | None, Field(description="next_cursor of the previous page, unchanged")] = None,
-    ) -> Annotated[CallToolResult, EvaluationResults]:
+    async def get_evaluation_results(**fields: Any) -> Annotated[CallToolResult, EvaluationResults]:
+        request = paged(GetEvaluationResults, max_page).parse(fields)
         # In the catalog's threads: a page may read several item files (evaluations/item_files.py).
-        items, next_cursor, asked = await service.catalog.run(
-            service.results,
-            evaluation_id,
-            only_mismatches=only_mismatches,
-            label=label,
-            score=score,
-            limit=min(limit, max_page),
-            cursor=cursor,
-            viewer=current_principal().viewer,
-        )
+        items, next_cursor, asked = await service.catalog.run(service.results, request, current_principal().viewer)
         more = " (more: pass next_cursor)" if next_cursor else ""
         return result(f"{len(items)} item(s){more}.", {**asked, "items": items, "next_cursor": next_cursor})
 
@@ -174,17 +145,11 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService, log
         "evaluation ids. Next: get_evaluation(evaluation_id).",
         annotations=read_only,
     )
-    @annotated(limit=page_size(max_page))
+    @takes(paged(ListEvaluations, max_page))
     @client_errors
-    async def list_evaluations(
-        status: EvaluationStatuses = None,
-        type: EvaluationTypes = None,
-        limit: PageSize = 20,
-        cursor: Annotated[str | None, Field(description="next_cursor of the previous page, unchanged")] = None,
-    ) -> Annotated[CallToolResult, EvaluationPage]:
-        views, next_cursor = await service.list_evaluations(
-            status, type, limit=min(limit, max_page), cursor=cursor, viewer=current_principal().viewer
-        )
+    async def list_evaluations(**fields: Any) -> Annotated[CallToolResult, EvaluationPage]:
+        request = paged(ListEvaluations, max_page).parse(fields)
+        views, next_cursor = await service.list_evaluations(request, viewer=current_principal().viewer)
         lines = "; ".join(f"{v['evaluation_id']} {v['type']} {v['status']}" for v in views[:10])
         more = " (more: pass next_cursor)" if next_cursor else ""
         return result(
@@ -226,15 +191,13 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService, log
 
 
 def _register_resources(server: MCPServer, service: EvaluationService) -> None:
-    async def page(status: str | None, type: str | None, limit: str | None, cursor: str | None) -> str:
+    listing = paged(ListEvaluations, service.manager.max_page_size)
+    results = paged(GetEvaluationResults, service.manager.max_page_size)
+
+    async def page(query: dict[str, list[str]]) -> str:
         try:
-            views, next_cursor = await service.list_evaluations(
-                status,
-                type,
-                limit=service.manager.parse_limit(limit),
-                cursor=cursor or None,
-                viewer=current_principal().viewer,
-            )
+            request = listing.from_query(query)
+            views, next_cursor = await service.list_evaluations(request, viewer=current_principal().viewer)
         except PlexusError as exc:
             raise MCPError(INVALID_PARAMS, str(exc)) from None
         return _dump({"evaluations": views, "next_cursor": next_cursor})
@@ -249,7 +212,8 @@ def _register_resources(server: MCPServer, service: EvaluationService) -> None:
     async def evaluations_resource(
         status: str | None = None, type: str | None = None, limit: str | None = None, cursor: str | None = None
     ) -> str:
-        return await page(status, type, limit, cursor)
+        # `type` is the URI's variable (the SDK passes variables by name)
+        return await page(query_of(status=status, type=type, limit=limit, cursor=cursor))
 
     @server.resource(
         "plexus://evaluations",
@@ -259,7 +223,7 @@ def _register_resources(server: MCPServer, service: EvaluationService) -> None:
         mime_type=JSON,
     )
     async def recent_evaluations() -> str:
-        return await page(None, None, None, None)
+        return await page({})
 
     @server.resource(
         "plexus://evaluations/{evaluation_id}",
@@ -289,17 +253,10 @@ def _register_resources(server: MCPServer, service: EvaluationService) -> None:
         limit: str | None = None,
         cursor: str | None = None,
     ) -> str:
+        query = query_of(only_mismatches=only_mismatches, label=label, score=score, limit=limit, cursor=cursor)
         try:
-            items, next_cursor, asked = await service.catalog.run(
-                service.results,
-                evaluation_id,
-                only_mismatches=parse_flag("only_mismatches", only_mismatches),
-                label=label or None,
-                score=score or None,
-                limit=service.manager.parse_limit(limit),
-                cursor=cursor or None,
-                viewer=current_principal().viewer,
-            )
+            request = results.from_query(query, evaluation_id=evaluation_id)
+            items, next_cursor, asked = await service.catalog.run(service.results, request, current_principal().viewer)
         except NotFound as exc:
             raise ResourceNotFoundError(str(exc)) from None
         except PlexusError as exc:

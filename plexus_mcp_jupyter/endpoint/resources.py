@@ -12,6 +12,7 @@ from mcp.types import INVALID_PARAMS
 
 from ..core.errors import InvalidArgument, NotFound
 from ..core.manager import TaskManager
+from ..core.requests import ListTasks, paged, query_of
 from ..telemetry import Telemetry
 from .principal import current_principal
 from .tools import task_detail
@@ -24,34 +25,35 @@ def _dump(data: Any) -> str:
 
 
 def register_resources(server: MCPServer, manager: TaskManager) -> None:
-    async def task_page(
-        status: str | None, type: str | None, limit: str | None, cursor: str | None, batch: str | None = None
-    ) -> str:
+    listing = paged(ListTasks, manager.max_page_size)
+
+    async def task_page(query: dict[str, list[str]]) -> str:
         try:
-            flt = manager.build_filter(status=status, type_names=type, viewer=current_principal().viewer, batch=batch)
-            tasks, next_cursor = await manager.alist_tasks(flt, limit=manager.parse_limit(limit), cursor=cursor or None)
+            request = listing.from_query(query)
+            tasks, next_cursor = await manager.alist(request, current_principal().viewer)
         except InvalidArgument as exc:
             raise MCPError(INVALID_PARAMS, str(exc)) from None
         return _dump({"tasks": [t.summary() for t in tasks], "next_cursor": next_cursor})
 
     @server.resource(
-        "plexus://tasks{?status,type,batch,limit,cursor}",
+        "plexus://tasks{?status,type,since,batch,limit,cursor}",
         name="tasks",
         title="Tasks",
         description=(
-            "Tasks, newest first. status and type take comma-separated names; batch a batch id; limit 1 to "
-            "max_page_size; cursor is the next_cursor of the previous page."
+            "Tasks, newest first. status and type take comma-separated names; since an ISO 8601 time; batch a "
+            "batch id; limit 1 to max_page_size; cursor is the next_cursor of the previous page."
         ),
         mime_type=JSON,
     )
     async def tasks_resource(
         status: str | None = None,
-        type: str | None = None,
+        type: str | None = None,  # the URI's variable (the SDK passes variables by name)
+        since: str | None = None,
         batch: str | None = None,
         limit: str | None = None,
         cursor: str | None = None,
     ) -> str:
-        return await task_page(status, type, limit, cursor, batch)
+        return await task_page(query_of(status=status, type=type, since=since, batch=batch, limit=limit, cursor=cursor))
 
     @server.resource(
         "plexus://tasks",
@@ -61,7 +63,7 @@ def register_resources(server: MCPServer, manager: TaskManager) -> None:
         mime_type=JSON,
     )
     async def recent_tasks() -> str:
-        return await task_page(None, None, None, None)
+        return await task_page({})
 
     @server.resource(
         "plexus://tasks/{task_id}",

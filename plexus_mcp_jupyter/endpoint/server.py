@@ -17,9 +17,10 @@ from mcp.types import Tool as MCPTool
 from pydantic import ValidationError
 
 from .._version import __version__
-from ..core.errors import PlexusError
+from ..core.errors import PlexusError, bounded
 from ..core.manager import TaskManager
 from ..core.models import Task
+from ..core.requests import field_problems
 from ..evaluations.service import EvaluationService
 from ..security.audit import AuditLog, audit_notes
 from ..security.identity import TOOL_ACTIONS
@@ -167,7 +168,7 @@ class PlexusMCPServer(MCPServer):
             return await super().call_tool(name, arguments, context)
         except ToolError as exc:
             if isinstance(exc.__cause__, ValidationError):
-                raise ToolError(describe_validation_error(name, exc.__cause__)) from exc.__cause__
+                raise ToolError(describe_validation_error(name, exc.__cause__, schema)) from exc.__cause__
             raise
 
 
@@ -202,22 +203,14 @@ def register_audit_resource(server: MCPServer, audit: AuditLog) -> None:
         return json.dumps({"records": records, "next_cursor": next_cursor}, default=str)
 
 
-def describe_validation_error(tool: str, error: ValidationError) -> str:
-    """'invalid arguments for run_demo_task: items: Input should be greater than or equal to 1 (got 0)'."""
-    problems = []
-    errors = error.errors(include_url=False)
-    for item in errors[:MAX_PROBLEMS]:
-        where = short(".".join(str(part) for part in item["loc"]) or "arguments", 60, quote=False)
-        text = f"{where}: {item['msg']}"
-        if item["type"] != "missing":
-            text += f" (got {short(item.get('input'), 60)})"
-        problems.append(text)
-    if len(errors) > MAX_PROBLEMS:
-        problems.append(f"and {len(errors) - MAX_PROBLEMS} more problem(s) of the same kind")
-    return f"invalid arguments for {tool}: " + "; ".join(problems)
-
-
-MAX_PROBLEMS = 3
+def describe_validation_error(tool: str, error: ValidationError, schema: dict[str, Any] | None = None) -> str:
+    """'invalid arguments for run_demo_task: items: Input should be greater than or equal to 1 (got 0); Items to
+    process ...': each bad argument in the words REST uses for the same request model (`field_problems`), with
+    its description from the tool's input schema."""
+    properties = (schema or {}).get("properties", {})
+    descriptions = {name: spec.get("description") for name, spec in properties.items() if isinstance(spec, dict)}
+    problems = field_problems(error.errors(include_url=False), descriptions)
+    return bounded(f"invalid arguments for {tool}: " + "; ".join(problems))  # as REST bounds the same words
 
 
 def build_mcp_server(

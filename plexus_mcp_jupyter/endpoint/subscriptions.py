@@ -44,9 +44,11 @@ from ..core.events import Event
 from ..core.manager import TaskManager
 from ..core.models import TaskStatus, now
 from ..core.ownership import owner_visible
+from ..core.requests import ListTasks, paged
 from ..core.store import TaskFilter
+from ..evaluations.requests import GetEvaluationResults, ListEvaluations
 from ..evaluations.service import EvaluationService
-from ..evaluations.store import EvaluationStatus, parse_statuses
+from ..evaluations.store import EvaluationStatus
 from .principal import principal_of
 from .sdk_compat import connection_of, lowlevel_server
 from .tasks_ext import TASKS_EXTENSION, Outcome, detailed_task, legacy_status_notification
@@ -100,25 +102,16 @@ async def _parse(uri: str, manager: TaskManager, evaluations: EvaluationService 
         except NotFound as exc:
             raise MCPError(INVALID_PARAMS, str(exc)) from None
         return Followed(path)
-    query = _query(uri, parts.query, ("status", "type", "batch", "limit", "cursor"))
-    try:
-        flt = manager.build_filter(
-            status=",".join(query.get("status", [])) or None,
-            type_names=",".join(query.get("type", [])) or None,
-            batch=",".join(query.get("batch", [])) or None,
-        )
-        manager.parse_limit(",".join(query.get("limit", [])) or None)
+    try:  # the query of plexus://tasks{?...}, read as list_tasks reads its arguments
+        request = paged(ListTasks, manager.max_page_size).from_query(_query(parts.query))
+        flt = manager.task_filter(request, None)
     except InvalidArgument as exc:
         raise MCPError(INVALID_PARAMS, str(exc)) from None
     return Followed(None, _list_matcher(flt))
 
 
-def _query(uri: str, query: str, allowed: tuple[str, ...]) -> dict[str, list[str]]:
-    parsed = parse_qs(query, keep_blank_values=True)
-    unknown = sorted(set(parsed) - set(allowed))
-    if unknown:
-        raise MCPError(INVALID_PARAMS, f"unknown parameter(s) {unknown} in {uri!r}; allowed: {', '.join(allowed)}")
-    return parsed
+def _query(query: str) -> dict[str, list[str]]:
+    return parse_qs(query, keep_blank_values=True)
 
 
 # The task statuses an evaluation of each status can have (SETUP spans queued and the Setup stage).
@@ -139,11 +132,10 @@ async def _parse_evaluation_uri(uri: str, parts: Any, evaluations: EvaluationSer
                 or (parts.query and len(segments) == 1)
             ):
                 raise MCPError(INVALID_PARAMS, f"cannot subscribe to {uri!r}; subscribable resources: {SUBSCRIBABLE}")
-            _query(uri, parts.query, ("only_mismatches", "label", "score", "limit", "cursor"))
+            page_size = evaluations.manager.max_page_size
+            paged(GetEvaluationResults, page_size).from_query(_query(parts.query), evaluation_id=segments[0])
             return Followed(await evaluations.task_of(segments[0], viewer))
-        query = _query(uri, parts.query, ("status", "type", "limit", "cursor"))
-        statuses = parse_statuses(",".join(query.get("status", [])) or None)
-        evaluations.check_types(",".join(query.get("type", [])) or None)
+        statuses = paged(ListEvaluations, evaluations.manager.max_page_size).from_query(_query(parts.query)).status
     except (InvalidArgument, NotFound) as exc:
         raise MCPError(INVALID_PARAMS, str(exc)) from None
     task_statuses = tuple(dict.fromkeys(t for s in statuses for t in _TASK_STATUSES_OF.get(s, (TaskStatus(s),))))

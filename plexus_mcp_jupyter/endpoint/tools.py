@@ -15,15 +15,14 @@ import sqlalchemy as sa
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from ..core import demo
 from ..core.errors import PlexusError, bounded
-from ..core.manager import HISTORY_MAX, TaskManager
+from ..core.manager import TaskManager
 from ..core.models import Task, TaskStatus, iso, now
-from ..core.requests import takes
+from ..core.requests import GetTask, ListTasks, paged, takes
 from ..core.store_calls import store_unavailable
-from .arguments import PageSize, TaskStatuses, TaskTypes, annotated, page_size
 from .principal import current_principal
 from .progress import final_summary, follow_to_end, progress_token
 from .schemas import DispatchResult, TaskDetail, TaskPage, task_uri
@@ -173,22 +172,11 @@ def register_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs | Non
         ),
         annotations=read_only,
     )
-    @annotated(limit=page_size(max_page))
+    @takes(paged(ListTasks, max_page))  # the request model, its limit bounded by this server's max_page_size
     @client_errors
-    async def list_tasks(
-        status: TaskStatuses = None,
-        type: TaskTypes = None,
-        since: Annotated[str | None, Field(description="Only tasks created at or after this ISO 8601 time")] = None,
-        limit: PageSize = 20,
-        cursor: Annotated[str | None, Field(description="next_cursor of the previous page, unchanged")] = None,
-        batch: Annotated[
-            str | None, Field(max_length=64, description="Only the tasks of this batch (dispatch_batch's batch_id)")
-        ] = None,
-    ) -> Annotated[CallToolResult, TaskPage]:
-        flt = manager.build_filter(
-            status=status or None, type_names=type, since=since, viewer=current_principal().viewer, batch=batch
-        )
-        tasks, next_cursor = await manager.alist_tasks(flt, limit=min(limit, max_page), cursor=cursor)
+    async def list_tasks(**fields: Any) -> Annotated[CallToolResult, TaskPage]:
+        request = paged(ListTasks, max_page).parse(fields)
+        tasks, next_cursor = await manager.alist(request, current_principal().viewer)
         # TaskPage's JSON form; the SDK validates it against TaskPage (see result()).
         page = {"tasks": [t.summary() for t in tasks], "next_cursor": next_cursor}
         lines = "; ".join(f"{t.id} {t.type} {t.status.value}" for t in tasks[:10])
@@ -205,16 +193,12 @@ def register_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs | Non
         ),
         annotations=read_only,
     )
+    @takes(GetTask)
     @client_errors
-    async def get_task(
-        task_id: Annotated[str, Field(min_length=1, max_length=64, description="The task's id")],
-        history: Annotated[bool, Field(description="Include progress samples (about one per second)")] = False,
-        history_limit: Annotated[
-            int, Field(ge=1, le=HISTORY_MAX, description=f"Most recent samples to include, 1 to {HISTORY_MAX}")
-        ] = 100,
-    ) -> Annotated[CallToolResult, TaskDetail]:
-        task = await manager.aget(task_id, current_principal().viewer)
-        detail = await task_detail_data(manager, task, history=history, history_limit=history_limit)
+    async def get_task(**fields: Any) -> Annotated[CallToolResult, TaskDetail]:
+        request = GetTask.parse(fields)
+        task = await manager.aget(request.task_id, current_principal().viewer)
+        detail = await task_detail_data(manager, task, history=request.history, history_limit=request.history_limit)
         text = describe(task)
         if detail["queue"] is not None:
             text += f" Queue position {detail['queue']['position']}: {detail['queue']['message']}."

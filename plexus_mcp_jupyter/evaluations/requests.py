@@ -14,8 +14,20 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, Field, WithJsonSchema
 
 from ..core.errors import one_line
-from ..core.requests import Number, Priority, RequestModel
+from ..core.requests import (
+    LISTED,
+    MAX_PAGE_SIZE,
+    Cursor,
+    Limit,
+    Number,
+    OptionalText,
+    Priority,
+    RequestModel,
+    names_schema,
+    page_field,
+)
 from .scorers import SCORER_SPEC_SCHEMA
+from .store import EvaluationStatus
 
 EVALUATION_TYPES = ("accuracy", "feedback", "consistency")
 MAX_RUNS = 10
@@ -65,6 +77,44 @@ class CreateEvaluation(RequestModel):
         3, ge=2, le=MAX_RUNS, description=f"consistency: runs of the scorer, 2 to {MAX_RUNS}"
     )
     priority: Priority = 0
+
+
+def evaluation_status(value: str) -> str:
+    """An evaluation status, any case, as the store spells it (pydantic reports it per element: `status.0`)."""
+    if value.strip().upper() not in EvaluationStatus.ALL:
+        raise ValueError(f"unknown evaluation status; expected one of {', '.join(EvaluationStatus.ALL)}")
+    return value.strip().upper()
+
+
+class ListEvaluations(RequestModel):
+    """List evaluations, newest first: list_evaluations (MCP), GET plexus/api/evaluations, plexus://evaluations{?...},
+    plexus.evaluations()."""
+
+    status: Annotated[
+        tuple[Annotated[str, AfterValidator(evaluation_status)], ...],
+        LISTED,
+        WithJsonSchema(names_schema("Only evaluations with these statuses", EvaluationStatus.ALL)),
+    ] = ()
+    type: Annotated[
+        tuple[Annotated[str, AfterValidator(evaluation_type)], ...],
+        LISTED,
+        WithJsonSchema(names_schema("Only evaluations of these types", EVALUATION_TYPES)),
+    ] = ()
+    limit: Limit = page_field(MAX_PAGE_SIZE)
+    cursor: Cursor = None
+
+
+class GetEvaluationResults(RequestModel):
+    """One page of an evaluation's per-item results: get_evaluation_results (MCP), GET
+    plexus/api/evaluations/{id}/results (all of them as Arrow when asked: limit and cursor then unused), the
+    results resource, the notebook's `.results()` and `plexus evaluations export`."""
+
+    evaluation_id: str = Field(min_length=1, max_length=64, description="The evaluation's id")
+    only_mismatches: bool = Field(False, description="Only items scored wrong or not scored")
+    label: OptionalText = Field(None, description="Only items with this label (as in the dataset)")
+    score: OptionalText = Field(None, description="Which score of a scorecard (default: the first)")
+    limit: Limit = page_field(MAX_PAGE_SIZE)
+    cursor: Cursor = None
 
 
 DEFAULT_CHUNK_SIZE = 50_000  # the largest chunk the runner scores at once; chunks are sized by time

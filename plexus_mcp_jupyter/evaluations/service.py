@@ -33,7 +33,7 @@ from .file_reads import clip
 from .item_files import ArrowStream
 from .kernel_scorers import KernelScorerRegistry
 from .limits import DEFAULT_LIMITS, EvaluationLimits, check_items
-from .requests import EVALUATION_TYPES, CreateEvaluation, EvaluationParams
+from .requests import CreateEvaluation, EvaluationParams, GetEvaluationResults, ListEvaluations
 from .sampling import check_sample, sampled_rows
 from .scorecards import load_scorecard
 from .scorers import SCORER_KINDS, module_allowed, normalize_spec
@@ -44,7 +44,6 @@ from .store import (
     EvaluationStore,
     ItemFilter,
     evaluations_table,
-    parse_statuses,
 )
 
 MAX_LABELS_SHOWN = 50  # per-class rows and confusion matrix beyond this many classes are left out
@@ -499,29 +498,13 @@ class EvaluationService:
             data["metrics"] = _bounded(row["metrics"]) if row["metrics"] is not None else None
         return data
 
-    @staticmethod
-    def check_types(type: str | Sequence[str] | None) -> tuple[str, ...]:
-        """Evaluation type names (comma-separated or a list), checked: InvalidArgument names an unknown one."""
-        types = tuple(t.strip() for t in (type.split(",") if isinstance(type, str) else type or ()) if t.strip())
-        for t in types:
-            if t not in EVALUATION_TYPES:
-                raise InvalidArgument(f"unknown evaluation type {t!r}; expected one of {', '.join(EVALUATION_TYPES)}")
-        return types
-
     async def list_evaluations(
-        self,
-        status: str | Sequence[str] | None = None,
-        type: str | Sequence[str] | None = None,
-        *,
-        limit: int | None = None,
-        cursor: str | None = None,
-        owner: str | None = None,
-        viewer: str | None = None,
+        self, request: ListEvaluations | None = None, *, owner: str | None = None, viewer: str | None = None
     ) -> tuple[list[dict[str, Any]], str | None]:
-        flt = EvaluationFilter(
-            statuses=parse_statuses(status), types=self.check_types(type), owner=owner, viewer=viewer
-        )
-        limit = self.manager.check_limit(limit)
+        """One page of evaluations, newest first (every face's list_evaluations), and the next cursor."""
+        request = request or ListEvaluations()
+        flt = EvaluationFilter(statuses=request.status, types=request.type, owner=owner, viewer=viewer)
+        limit, cursor = self.manager.check_limit(request.limit), request.cursor
 
         def read() -> tuple[list[dict[str, Any]], str | None, dict[str, Task]]:
             rows, next_cursor = self.store.list_records(flt, limit=limit, cursor=cursor)
@@ -531,44 +514,34 @@ class EvaluationService:
         return [self.view(r, tasks, summary=True) for r in rows], next_cursor
 
     def results(
-        self,
-        evaluation_id: str,
-        *,
-        only_mismatches: bool = False,
-        label: str | None = None,
-        score: str | None = None,
-        limit: int | None = None,
-        cursor: str | None = None,
-        viewer: str | None = None,
+        self, request: GetEvaluationResults, viewer: str | None = None
     ) -> tuple[list[dict[str, Any]], str | None, dict[str, Any]]:
         """One page of per-item results, in dataset order, the next cursor, and what was asked."""
-        row, flt = self._item_filter(evaluation_id, only_mismatches, label, score, viewer)
+        row, flt = self._item_filter(request, viewer)
         items, next_cursor = self.store.items(
-            evaluation_id, flt, limit=self.manager.check_limit(limit), cursor=cursor, manifest=row["items_manifest"]
+            request.evaluation_id,
+            flt,
+            limit=self.manager.check_limit(request.limit),
+            cursor=request.cursor,
+            manifest=row["items_manifest"],
         )
-        return (
-            items,
-            next_cursor,
-            {"evaluation_id": evaluation_id, "score": flt.score, "only_mismatches": only_mismatches, "label": label},
-        )
+        asked = {
+            "evaluation_id": request.evaluation_id,
+            "score": flt.score,
+            "only_mismatches": request.only_mismatches,
+            "label": request.label,
+        }
+        return items, next_cursor, asked
 
-    def item_stream(
-        self,
-        evaluation_id: str,
-        *,
-        only_mismatches: bool = False,
-        label: str | None = None,
-        score: str | None = None,
-        viewer: str | None = None,
-    ) -> ArrowStream:
-        """Every item the pages would give (same filters, same order), as an Arrow IPC stream made piece by piece
-        (ArrowStream.next, in a thread): REST's results as Arrow, exports, a notebook's `.results()`."""
-        row, flt = self._item_filter(evaluation_id, only_mismatches, label, score, viewer)
-        return ArrowStream(self.store.item_tables(evaluation_id, flt, row["items_manifest"]), ITEM_SCHEMA)
+    def item_stream(self, request: GetEvaluationResults, viewer: str | None = None) -> ArrowStream:
+        """Every item the pages would give (same filters, same order; the page aside), as an Arrow IPC stream made
+        piece by piece (ArrowStream.next, in a thread): REST's results as Arrow, exports, a notebook's
+        `.results()`."""
+        row, flt = self._item_filter(request, viewer)
+        return ArrowStream(self.store.item_tables(request.evaluation_id, flt, row["items_manifest"]), ITEM_SCHEMA)
 
-    def _item_filter(
-        self, evaluation_id: str, only_mismatches: bool, label: str | None, score: str | None, viewer: str | None
-    ) -> tuple[dict[str, Any], ItemFilter]:
+    def _item_filter(self, request: GetEvaluationResults, viewer: str | None) -> tuple[dict[str, Any], ItemFilter]:
+        evaluation_id, score = request.evaluation_id, request.score
         row = self._record(evaluation_id, viewer)
         if row["items_pruned_at"] is not None:
             raise InvalidArgument(
@@ -582,7 +555,7 @@ class EvaluationService:
             raise InvalidArgument(
                 f"evaluation {evaluation_id!r} has no score {score!r}; its scores: {', '.join(names)}"
             )
-        return row, ItemFilter(score=score, only_mismatches=only_mismatches, label=label)
+        return row, ItemFilter(score=score, only_mismatches=request.only_mismatches, label=request.label)
 
     # -- datasets and scorers ---------------------------------------------------------------------------
 

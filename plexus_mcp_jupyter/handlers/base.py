@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import inspect
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 from jupyter_server.auth.identity import User
 from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
 from ..core.errors import Expired, NotFound, PlexusError, bounded
+from ..core.requests import RequestModel
 from ..core.store_calls import RETRY_AFTER_SECONDS, store_unavailable
 from ..runtime import PlexusRuntime
 from ..security.http import (
@@ -40,6 +41,7 @@ from .jupyter_compat import (
     set_request_user,
 )
 
+M = TypeVar("M", bound=RequestModel)
 MAX_HOSTS_REMEMBERED = 64  # Host values whose check passed (see PlexusHandler.check_host)
 
 
@@ -227,6 +229,18 @@ class PlexusHandler(APIHandler):
         if not isinstance(body, dict):
             raise web.HTTPError(400, "the request body must be a JSON object")
         return body
+
+    def query_request(self, model: type[M], **given: Any) -> M:
+        """The operation's request model read from the query string (`RequestModel.from_query`: repeated or
+        comma-separated values for a list, numbers and flags from their text), `given` taken from the path;
+        InvalidArgument (400 through `http_error`) naming each bad argument and what is allowed.
+
+        Values are decoded as sent: tornado's `get_argument` would turn control characters into spaces and strip
+        the ends, so a name sent with them would silently name another."""
+        query = self.request.query_arguments
+        return model.from_query(
+            {name: [self.decode_argument(v, name=name) for v in query[name]] for name in query}, **given
+        )
 
     def reply(self, data: Any, status: int = 200) -> None:
         self.set_status(status)

@@ -15,8 +15,10 @@ from tornado import web
 from tornado.iostream import StreamClosedError
 
 from ..core.errors import InvalidArgument, PlexusError
+from ..core.requests import paged
 from ..evaluations.item_files import ARROW_STREAM_TYPE as ARROW_STREAM
-from ..evaluations.requests import CreateEvaluation
+from ..evaluations.item_files import ArrowStream
+from ..evaluations.requests import CreateEvaluation, GetEvaluationResults, ListEvaluations
 from ..evaluations.service import parse_flag
 from ..security.http import BadJSON, parse_json
 from .base import PlexusHandler, http_error
@@ -64,16 +66,11 @@ def _may_register(handler: PlexusHandler, name: str, replace: bool) -> bool:
 
 class EvaluationsHandler(PlexusHandler):
     async def get(self) -> None:
-        """List evaluations: ?status=COMPLETED,RUNNING&type=accuracy&limit=20&cursor=..."""
+        """List evaluations: ?status=COMPLETED,RUNNING&type=accuracy&limit=20&cursor=... (ListEvaluations)."""
         service = self.runtime.evaluations
         try:
-            views, next_cursor = await service.list_evaluations(
-                self.get_argument("status", None),
-                self.get_argument("type", None),
-                limit=self.runtime.manager.parse_limit(self.get_argument("limit", None)),
-                cursor=self.get_argument("cursor", None) or None,
-                viewer=self.principal.viewer,
-            )
+            request = self.query_request(paged(ListEvaluations, self.runtime.manager.max_page_size))
+            views, next_cursor = await service.list_evaluations(request, viewer=self.principal.viewer)
         except PlexusError as exc:
             raise http_error(exc) from None
         self.reply({"evaluations": views, "next_cursor": next_cursor})
@@ -105,40 +102,28 @@ class EvaluationResultsHandler(PlexusHandler):
     async def get(self, evaluation_id: str) -> None:
         """Per-item results: ?only_mismatches=true&label=...&score=...&limit=20&cursor=...; with
         `Accept: application/vnd.apache.arrow.stream`, every item (no limit, no cursor) as an Arrow IPC stream."""
-        if ARROW_STREAM in (self.request.headers.get("Accept") or ""):
-            await self._arrow(evaluation_id)
-            return
         service = self.runtime.evaluations
+        as_arrow = ARROW_STREAM in (self.request.headers.get("Accept") or "")
         try:
-            items, next_cursor, asked = await service.catalog.run(  # item files are read off the loop
-                service.results,
-                evaluation_id,
-                only_mismatches=_flag(self, "only_mismatches"),
-                label=self.get_argument("label", None),
-                score=self.get_argument("score", None),
-                limit=self.runtime.manager.parse_limit(self.get_argument("limit", None)),
-                cursor=self.get_argument("cursor", None) or None,
-                viewer=self.principal.viewer,
+            request = self.query_request(
+                paged(GetEvaluationResults, self.runtime.manager.max_page_size), evaluation_id=evaluation_id
             )
+            # item files are read off the loop, in the catalog's threads
+            if as_arrow:
+                stream = await service.catalog.run(service.item_stream, request, self.principal.viewer)
+            else:
+                items, next_cursor, asked = await service.catalog.run(service.results, request, self.principal.viewer)
         except PlexusError as exc:
             raise http_error(exc) from None
+        if as_arrow:
+            await self._arrow(stream)
+            return
         self.reply({**asked, "items": items, "next_cursor": next_cursor})
 
-    async def _arrow(self, evaluation_id: str) -> None:
+    async def _arrow(self, stream: ArrowStream) -> None:
         """The items as Arrow IPC, a row group at a time, each piece read and encoded in the catalog's threads and
         flushed before the next: bounded memory, the loop free, whatever the evaluation's size."""
         service = self.runtime.evaluations
-        try:
-            stream = await service.catalog.run(
-                service.item_stream,
-                evaluation_id,
-                only_mismatches=_flag(self, "only_mismatches"),
-                label=self.get_argument("label", None),
-                score=self.get_argument("score", None),
-                viewer=self.principal.viewer,
-            )
-        except PlexusError as exc:
-            raise http_error(exc) from None
         self.set_header("Content-Type", ARROW_STREAM)
         while (piece := await service.catalog.run(stream.next)) is not None:
             self.write(piece)

@@ -4,43 +4,36 @@ from __future__ import annotations
 
 import functools
 
-from ..core.errors import InvalidArgument, PlexusError
-from ..evaluations.service import parse_flag
+from ..core.errors import PlexusError
+from ..security.keys import CreateKey, ListKeys
 from .base import PlexusHandler, http_error
-
-KEY_FIELDS = ("name", "role", "expires_in_days", "rate_limit")
 
 
 class KeysHandler(PlexusHandler):
     async def get(self) -> None:
-        """The keys (never their secrets); ?include_revoked=true lists revoked ones too."""
+        """The keys (never their secrets); ?include_revoked=true lists revoked ones too (ListKeys)."""
         self.require("keys")
         try:
-            include_revoked = parse_flag("include_revoked", self.get_argument("include_revoked", None))
+            request = self.query_request(ListKeys)
         except PlexusError as exc:
             raise http_error(exc) from None
         keys = await self.runtime.store_calls.run(
-            functools.partial(self.runtime.keys.list, include_revoked=include_revoked)
+            functools.partial(self.runtime.keys.list, include_revoked=request.include_revoked)
         )
         self.reply({"keys": [k.to_dict() for k in keys]})
 
     async def post(self) -> None:
-        """Create a key: {"name", "role": viewer|operator|admin, "expires_in_days"?, "rate_limit"?}.
+        """Create a key: the body is a CreateKey {"name", "role": viewer|operator|admin, "expires_in_days"?,
+        "rate_limit"?}, as `plexus keys create` builds it.
 
         201 with the key and its secret, which is shown this once and stored only as a hash.
         """
         principal = self.require("keys")
         body = await self.json_body()
         try:
-            unknown = sorted(set(body) - set(KEY_FIELDS))
-            if unknown:
-                raise InvalidArgument(f"unknown field(s) {unknown}; allowed: {', '.join(KEY_FIELDS)}")
-            key, secret = self.runtime.keys.create(
-                body.get("name", ""),
-                body.get("role", "viewer"),
-                expires_in_days=body.get("expires_in_days"),
-                created_by=principal.owner,
-                rate_limit=body.get("rate_limit"),
+            request = CreateKey.parse(body)  # a refused body: 400 naming each bad field and what is allowed
+            key, secret = await self.runtime.store_calls.run(
+                functools.partial(self.runtime.keys.add, request, created_by=principal.owner)
             )
         except PlexusError as exc:
             raise http_error(exc) from None

@@ -9,27 +9,27 @@ from tornado import web
 
 from ..core.batches import BatchOperations, batch_uri, operation_report
 from ..core.errors import InvalidArgument, NotFound, PlexusError
-from ..core.requests import BulkRequest, CancelTasks, DispatchTask, RetryTasks, SetTaskPriority
+from ..core.requests import (
+    BulkRequest,
+    CancelTasks,
+    DispatchTask,
+    GetTask,
+    ListTasks,
+    RetryTasks,
+    SetTaskPriority,
+    paged,
+)
 from .base import PlexusHandler, http_error
 
 
 class TasksHandler(PlexusHandler):
     async def get(self) -> None:
-        """List tasks: ?status=RUNNING,QUEUED&type=demo&since=ISO&limit=20&cursor=..."""
+        """List tasks: ?status=RUNNING,QUEUED&type=demo&since=ISO&batch=...&limit=20&cursor=... (ListTasks, as MCP's
+        list_tasks takes them; a list also as repeated parameters)."""
         manager = self.runtime.manager
         try:
-            flt = manager.build_filter(
-                status=self.get_argument("status", None),
-                type_names=self.get_argument("type", None),
-                since=self.get_argument("since", None),
-                viewer=self.principal.viewer,
-                batch=self.get_argument("batch", None),
-            )
-            tasks, next_cursor = await manager.alist_tasks(
-                flt,
-                limit=manager.parse_limit(self.get_argument("limit", None)),
-                cursor=self.get_argument("cursor", None) or None,
-            )
+            request = self.query_request(paged(ListTasks, manager.max_page_size))
+            tasks, next_cursor = await manager.alist(request, self.principal.viewer)
         except PlexusError as exc:
             raise http_error(exc) from None
         self.reply({"tasks": [t.summary() for t in tasks], "next_cursor": next_cursor})
@@ -85,16 +85,14 @@ class TasksHandler(PlexusHandler):
 
 class TaskHandler(PlexusHandler):
     async def get(self, task_id: str) -> None:
-        """One task; ?history=true&history_limit=100 adds its progress history."""
+        """One task; ?history=true&history_limit=100 adds its progress history (GetTask, as MCP's get_task)."""
         manager = self.runtime.manager
         try:
+            request = self.query_request(GetTask, task_id=task_id)
             task = await manager.aget(task_id, self.principal.viewer)
             data = {**task.to_dict(), **await manager.queue_fields(task)}
-            if self.get_argument("history", "false").lower() in ("1", "true", "yes"):
-                raw = self.get_argument("history_limit", "100")
-                if not (raw.isascii() and raw.isdigit()):
-                    raise InvalidArgument(f"history_limit must be a whole number, not {raw!r}")
-                samples, total = await manager.ahistory(task_id, int(raw))
+            if request.history:
+                samples, total = await manager.ahistory(task_id, request.history_limit)
                 data["history"] = [s.to_dict() for s in samples]
                 data["history_total"] = total
         except PlexusError as exc:

@@ -15,13 +15,12 @@ import hashlib
 import io
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from ..core.demo import DemoParams
-from ..core.errors import InvalidArgument
-from ..core.requests import BulkRequest, CancelTasks, DispatchTask, RequestModel, RetryTasks, SetTaskPriority
-from ..evaluations.requests import CreateEvaluation
-from .client import EventListener, PlexusClient, resolve_connection
+from ..core.requests import BulkRequest, CancelTasks, DispatchTask, ListTasks, RetryTasks, SetTaskPriority
+from ..evaluations.requests import CreateEvaluation, ListEvaluations
+from .client import EventListener, PlexusClient, request_of, resolve_connection
 from .errors import PlexusConflict, PlexusInputError
 from .handles import EvaluationHandle, TaskHandle
 
@@ -82,19 +81,20 @@ class Plexus:
     def tasks(
         self, status: str | None = None, type: str | None = None, limit: int | None = 100, batch: str | None = None
     ) -> pd.DataFrame:
-        """Tasks, newest first, as a DataFrame (status/type: comma-separated filters; batch: a batch id;
-        limit None: all)."""
+        """Tasks, newest first, as a DataFrame (status/type: comma-separated filters or lists; batch: a batch id;
+        limit None: all). The filter is the server's ListTasks, checked here before anything is sent."""
         from .tables import tasks_frame
 
-        return tasks_frame(self.client.pages("tasks", "tasks", {"status": status, "type": type, "batch": batch}, limit))
+        request = request_of(ListTasks, {"status": status, "type": type, "batch": batch})
+        return tasks_frame(self.client.pages("tasks", "tasks", request.query(), limit))
 
     def evaluations(self, status: str | None = None, type: str | None = None, limit: int | None = 100) -> pd.DataFrame:
-        """Evaluations, newest first, as a DataFrame (status: SETUP, RUNNING, COMPLETED, FAILED, CANCELLED)."""
+        """Evaluations, newest first, as a DataFrame (status: SETUP, RUNNING, COMPLETED, FAILED, CANCELLED; type:
+        accuracy, feedback, consistency; comma-separated or lists). The server's ListEvaluations, checked here."""
         from .tables import evaluations_frame
 
-        return evaluations_frame(
-            self.client.pages("evaluations", "evaluations", {"status": status, "type": type}, limit)
-        )
+        request = request_of(ListEvaluations, {"status": status, "type": type})
+        return evaluations_frame(self.client.pages("evaluations", "evaluations", request.query(), limit))
 
     def datasets(self, include_files: bool = False) -> pd.DataFrame:
         """Datasets the server knows: shipped examples, registered DataFrames (and files under the root)."""
@@ -126,7 +126,7 @@ class Plexus:
         description: str | None = None,
     ) -> TaskHandle:
         """Dispatch the demo task (Setup, Processing `items` items, Finalizing) and return its handle."""
-        params = _request(
+        params = request_of(
             DemoParams, {"items": items, "item_delay_ms": item_delay_ms, "fail": fail, "fail_at": fail_at, "seed": seed}
         )  # the server's model: a bad argument is refused here, in its words
         return self.dispatch("demo", params.arguments(), priority=priority, description=description)
@@ -135,7 +135,7 @@ class Plexus:
         self, type: str, params: dict[str, Any] | None = None, *, priority: int = 0, description: str | None = None
     ) -> TaskHandle:
         """Dispatch a task of any registered type and return its handle."""
-        request = _request(
+        request = request_of(
             DispatchTask, {"type": type, "params": params or {}, "priority": priority, "description": description}
         )
         client = self.client
@@ -173,7 +173,7 @@ class Plexus:
         self, model: type[BulkRequest], task_ids: list[str] | None, dry_run: bool, fields: dict[str, Any]
     ) -> dict[str, Any]:
         # the server's request model, built here: a misspelt filter or a bad status is refused before connecting
-        request = _request(model, {"task_ids": task_ids, "dry_run": dry_run, **fields})
+        request = request_of(model, {"task_ids": task_ids, "dry_run": dry_run, **fields})
         return self.client.bulk(request)
 
     # -- datasets and scorers ---------------------------------------------------------------------------
@@ -334,7 +334,7 @@ class Plexus:
         }
         if type == "consistency":
             fields["runs"] = runs
-        request = _request(CreateEvaluation, {k: v for k, v in fields.items() if v is not None})
+        request = request_of(CreateEvaluation, {k: v for k, v in fields.items() if v is not None})
         client = self.client
         client.stream.start()
         view = client.request("POST", "evaluations", json=request.arguments())
@@ -383,14 +383,3 @@ def builtin_type(value: Any) -> str:
 
 
 plexus = Plexus()
-
-
-R = TypeVar("R", bound=RequestModel)
-
-
-def _request(model: type[R], fields: dict[str, Any]) -> R:
-    """The server's request model, built here: a bad argument is refused at once, in the server's words."""
-    try:
-        return model.parse(fields)
-    except InvalidArgument as exc:
-        raise PlexusInputError(str(exc)) from None

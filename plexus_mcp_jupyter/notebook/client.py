@@ -18,11 +18,12 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import requests
 
-from ..core.requests import BulkRequest
+from ..core.errors import InvalidArgument
+from ..core.requests import BulkRequest, RequestModel
 from .errors import (
     PlexusAPIError,
     PlexusAuthError,
@@ -50,6 +51,18 @@ HOW_TO_CONNECT = (
 )
 
 EventListener = Callable[[dict[str, Any]], None]
+
+
+R = TypeVar("R", bound=RequestModel)
+
+
+def request_of(model: type[R], fields: dict[str, Any]) -> R:
+    """The server's request model, built in the kernel: a bad argument is refused at once (PlexusInputError), in
+    the server's words, before anything is sent."""
+    try:
+        return model.parse(fields)
+    except InvalidArgument as exc:
+        raise PlexusInputError(str(exc)) from None
 
 
 def resolve_connection(url: str | None = None, token: str | None = None) -> tuple[str, str | None]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..evaluations.requests import GetEvaluationResults
+from .client import request_of
 from .errors import PlexusError, PlexusTaskFailed
 from .mirror import TaskState
 
@@ -182,7 +184,11 @@ class EvaluationHandle(TaskHandle):
         of items in seconds, not a JSON page per hundred; the first `limit` come as pages."""
         from .tables import items_frame
 
-        params = {"only_mismatches": "true" if only_mismatches else "false", "label": label, "score": score}
+        request = request_of(
+            GetEvaluationResults,
+            {"evaluation_id": self.evaluation_id, "only_mismatches": only_mismatches, "label": label, "score": score},
+        )  # the server's model: a bad argument is refused here
+        params = request.query(exclude={"evaluation_id"})
         path = f"evaluations/{self.evaluation_id}/results"
         if limit is None:
             return items_frame(self.client.arrow_stream(path, params).read_all())

@@ -16,14 +16,16 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import sqlalchemy as sa
+from pydantic import BeforeValidator, Field, StringConstraints, WithJsonSchema
 from sqlalchemy.engine import Engine
 
-from ..core.errors import InvalidArgument, NotFound
+from ..core.errors import NotFound
 from ..core.models import iso
 from ..core.ownership import key_owner
+from ..core.requests import Number, RequestModel
 from ..core.store import metadata
 from .identity import Principal, Role
 
@@ -32,6 +34,8 @@ KEY_PATTERN = re.compile(r"^plx_([a-z0-9]{12})_([A-Za-z0-9_-]{43})$")
 CACHE_SECONDS = 5.0
 LAST_USED_EVERY = 60.0  # write last_used_at at most this often per key
 MAX_NAME = 100
+MAX_DAYS = 3650
+MAX_RATE = 10_000
 
 keys_table = sa.Table(
     "api_keys",
@@ -118,6 +122,42 @@ def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def _role(value: Any) -> Role:
+    try:
+        return Role.parse(value)
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
+
+
+class CreateKey(RequestModel):
+    """Create an API key: the body of POST plexus/api/keys, and what `plexus keys create` builds from its flags."""
+
+    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_NAME)] = Field(
+        description=f"Who or what uses it, e.g. 'claude-desktop on my laptop' (1 to {MAX_NAME} characters)"
+    )
+    role: Annotated[Role, BeforeValidator(_role), WithJsonSchema({"enum": [r.value for r in Role]})] = Field(
+        Role.VIEWER, description="viewer (read), operator (also run and cancel its own tasks) or admin"
+    )
+    expires_in_days: Annotated[float | None, Number] = Field(
+        None,
+        gt=0,
+        le=MAX_DAYS,
+        description=f"Days until it expires, more than 0 and at most {MAX_DAYS} (default: never)",
+    )
+    rate_limit: Annotated[float | None, Number] = Field(
+        None,
+        gt=0,
+        le=MAX_RATE,
+        description=f"Requests per second for this key, more than 0 and at most {MAX_RATE} (default: the setting)",
+    )
+
+
+class ListKeys(RequestModel):
+    """List the API keys: GET plexus/api/keys, `plexus keys list`."""
+
+    include_revoked: bool = Field(False, description="Also the revoked keys")
+
+
 class KeyStore:
     """Creates, lists, revokes and verifies API keys on the shared engine."""
 
@@ -128,44 +168,30 @@ class KeyStore:
         self._lock = threading.Lock()
 
     def create(
-        self,
-        name: str,
-        role: str | Role,
-        *,
-        expires_in_days: float | None = None,
-        created_by: str | None = None,
-        rate_limit: float | None = None,
+        self, name: str, role: str | Role = "viewer", *, created_by: str | None = None, **options: Any
     ) -> tuple[ApiKey, str]:
+        """A new key and its secret: `add` with the CreateKey of these fields (`options`: expires_in_days,
+        rate_limit); InvalidArgument names a bad one."""
+        return self.add(CreateKey.parse({"name": name, "role": role, **options}), created_by=created_by)
+
+    def add(self, request: CreateKey, *, created_by: str | None = None) -> tuple[ApiKey, str]:
         """A new key and its secret (the only time the secret exists outside the caller)."""
-        if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME:
-            raise InvalidArgument(f"a key needs a name of 1 to {MAX_NAME} characters (say who or what uses it)")
-        try:
-            role = Role.parse(role)
-        except ValueError as exc:
-            raise InvalidArgument(str(exc)) from None
-        if expires_in_days is not None and (
-            isinstance(expires_in_days, bool)
-            or not isinstance(expires_in_days, int | float)
-            or not 0 < expires_in_days <= 3650
-        ):
-            raise InvalidArgument(f"expires_in_days must be a number of days from 0 to 3650, not {expires_in_days!r}")
-        if rate_limit is not None and (not isinstance(rate_limit, int | float) or not 0 < rate_limit <= 10_000):
-            raise InvalidArgument(f"rate_limit must be requests per second from 0 to 10000, not {rate_limit!r}")
         key_id = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(12))
         secret = secrets.token_urlsafe(32)
         now = time.time()
-        expires_at = now + expires_in_days * 86400 if expires_in_days is not None else None
+        days = request.expires_in_days
+        expires_at = now + days * 86400 if days is not None else None
         with self.engine.begin() as conn:
             conn.execute(
                 sa.insert(keys_table).values(
                     id=key_id,
-                    name=name.strip(),
-                    role=role.value,
+                    name=request.name,
+                    role=request.role.value,
                     secret_hash=_hash(secret),
                     created_at=now,
                     created_by=created_by,
                     expires_at=expires_at,
-                    rate_limit=rate_limit,
+                    rate_limit=request.rate_limit,
                 )
             )
         return self.get(key_id), f"{PREFIX}{key_id}_{secret}"
