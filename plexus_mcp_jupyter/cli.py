@@ -269,11 +269,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
     from .security.identity import LOCAL_ADMIN
     from .security.keys import CreateKey, KeyStore
 
-    engine = _store_engine(args)
-    keys, audit = KeyStore(engine), AuditLog(engine)
-    try:
-        if args.command == "create":
-            request = CreateKey.parse(  # REST's body model: the same checks and words
+    request = None
+    if args.command == "create":
+        try:  # REST's body model, checked before the store is opened: the same words, nothing written
+            request = CreateKey.parse(
                 {
                     "name": args.name,
                     "role": args.role,
@@ -281,6 +280,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
                     "rate_limit": args.rate_limit,
                 }
             )
+        except PlexusError as exc:
+            return _fail(exc)
+    engine = _store_engine(args)
+    keys, audit = KeyStore(engine), AuditLog(engine)
+    try:
+        if request is not None:
             key, secret = keys.add(request, created_by="cli")
             audit.record(
                 LOCAL_ADMIN,

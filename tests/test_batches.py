@@ -299,7 +299,7 @@ async def test_a_listen_stream_of_the_2026_era_follows_a_batch_to_its_end(mcp_cl
     [
         ("plexus://batches/no-such-batch", "no batch with id 'no-such-batch'"),
         ("plexus://batches/", "subscribable resources"),
-        ("plexus://tasks?batch=x&colour=red", "unknown parameter(s) ['colour']"),
+        ("plexus://tasks?batch=x&colour=red", "unknown field(s) ['colour']; allowed: status, type, since"),
     ],
 )
 async def test_subscribing_to_a_bad_batch_uri_is_a_clear_error(mcp_client, uri, message):

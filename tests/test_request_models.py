@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from mcp.shared.exceptions import MCPError
 from tornado.httpclient import HTTPClientError
 
 from plexus_mcp_jupyter.core.requests import DispatchTask
@@ -175,3 +176,28 @@ async def test_the_published_scorer_spec_shows_each_kind_and_the_fields_it_accep
         for required in set(shape["required"]) - {"kind"}:
             with pytest.raises(SpecError, match=f"needs '{required}'"):
                 normalize_spec({k: v for k, v in spec.items() if k != required})
+
+
+@pytest.mark.parametrize(
+    ("tool", "path", "arguments"),
+    [
+        ("list_tasks", ("tasks",), {}),
+        ("list_evaluations", ("evaluations",), {}),
+        ("get_evaluation_results", ("evaluations", "e1", "results"), {"evaluation_id": "e1"}),
+    ],
+)
+async def test_a_limit_above_the_configured_max_is_refused_with_the_bound_on_every_face(
+    jp_fetch, mcp_client, tool, path, arguments
+):
+    says = "limit: Input should be less than or equal to 1000 (got '1001'); Page size, 1 to 1000 (max_page_size)"
+    with pytest.raises(HTTPClientError) as err:
+        await call(jp_fetch, *path, params={"limit": "1001"})
+    over_rest = json.loads(err.value.response.body)["error"]["message"]
+    async with mcp_client() as client:
+        over_mcp = await mcp_refusal(client, tool, {**arguments, "limit": "1001"})
+        uri = "plexus://" + "/".join(path) + "?limit=1001"
+        with pytest.raises(MCPError) as over_resource:
+            await client.read_resource(uri)
+    assert err.value.code == 400 and over_rest == says
+    assert over_mcp == f"invalid arguments for {tool}: {says}"
+    assert over_resource.value.message == says and over_resource.value.code == -32602

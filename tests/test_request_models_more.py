@@ -16,8 +16,8 @@ from plexus_mcp_jupyter import cli
 from plexus_mcp_jupyter.core.demo import RunDemo
 from plexus_mcp_jupyter.core.errors import InvalidArgument
 from plexus_mcp_jupyter.core.models import TaskStatus
-from plexus_mcp_jupyter.core.requests import STATUS_NAMES, CancelTasks, RetryTasks, SetTaskPriority
-from plexus_mcp_jupyter.evaluations.requests import EvaluationParams
+from plexus_mcp_jupyter.core.requests import STATUS_NAMES, CancelTasks, ListTasks, RetryTasks, SetTaskPriority, paged
+from plexus_mcp_jupyter.evaluations.requests import EvaluationParams, GetEvaluationResults
 from plexus_mcp_jupyter.evaluations.scorers import (
     SCORER_KINDS,
     SCORER_SPEC_SCHEMA,
@@ -32,6 +32,7 @@ from plexus_mcp_jupyter.evaluations.scorers import (
 from plexus_mcp_jupyter.notebook import Plexus
 from plexus_mcp_jupyter.notebook.errors import PlexusInputError
 from plexus_mcp_jupyter.notebook.mirror import TASK_STATUSES
+from plexus_mcp_jupyter.security.keys import CreateKey
 
 from .conftest import poll
 from .test_request_models import GOOD, mcp_refusal, rest_refusal
@@ -290,3 +291,173 @@ async def test_an_evaluation_tasks_params_are_its_model(jp_fetch, runtime):
     assert "scorer_modules" not in params  # given only for an API key's evaluation
     with pytest.raises(InvalidArgument, match=r"evaluation tasks are created by create_evaluation .*scores"):
         runtime.manager.new_task("evaluation", {k: v for k, v in params.items() if k != "scores"}, internal=True)
+
+
+# -- the reads: list_tasks, get_task, list_evaluations, get_evaluation_results --------------------------------------
+
+MCP_PREFIX = "invalid arguments for {tool}: "
+
+# (what is wrong, the MCP tool, the REST path, the arguments as a query sends them, what both must say)
+BAD_READS = [
+    ("an unknown task status", "list_tasks", ("tasks",), {"status": "DONE"}, "status.0: unknown status; expected"),
+    ("one bad status of two", "list_tasks", ("tasks",), {"status": "QUEUED,DONE"}, "status.1: unknown status"),
+    ("a page of none", "list_tasks", ("tasks",), {"limit": "0"}, "limit: Input should be greater than or equal to 1"),
+    ("a page size in words", "list_tasks", ("tasks",), {"limit": "ten"}, "limit: Input should be a valid integer"),
+    ("a misspelt filter", "list_tasks", ("tasks",), {"colour": "red"}, "colour"),
+    (
+        "an unknown evaluation type",
+        "list_evaluations",
+        ("evaluations",),
+        {"type": "speed"},
+        "type.0: unknown evaluation",
+    ),
+    (
+        "an unknown evaluation status",
+        "list_evaluations",
+        ("evaluations",),
+        {"status": "accuracy"},
+        "status.0: unknown evaluation status; expected one of SETUP, RUNNING, COMPLETED, FAILED, CANCELLED",
+    ),
+    (
+        "a flag that is neither true nor false",
+        "get_evaluation_results",
+        ("evaluations", "e1", "results"),
+        {"evaluation_id": "e1", "only_mismatches": "maybe"},
+        "only_mismatches: Input should be a valid boolean",
+    ),
+    (
+        "history samples beyond the bound",
+        "get_task",
+        ("tasks", "t1"),
+        {"task_id": "t1", "history": "true", "history_limit": "5000"},
+        "history_limit: Input should be less than or equal to 1000 (got '5000'); Most recent samples to include",
+    ),
+]
+
+
+@pytest.mark.parametrize(("what", "tool", "path", "arguments", "says"), BAD_READS, ids=[b[0] for b in BAD_READS])
+async def test_a_bad_query_argument_gets_the_same_words_over_rest_and_mcp(
+    jp_fetch, mcp_client, what, tool, path, arguments, says
+):
+    query = {k: v for k, v in arguments.items() if k not in ("task_id", "evaluation_id")}  # those are in the path
+    with pytest.raises(HTTPClientError) as err:
+        await call(jp_fetch, *path, params=query)
+    assert err.value.code == 400, err.value.response.body
+    over_rest = json.loads(err.value.response.body)["error"]["message"]
+    async with mcp_client() as client:
+        over_mcp = await mcp_refusal(client, tool, arguments)  # the values as text, as a query string has them
+    assert says in over_rest, over_rest
+    if what == "a misspelt filter":  # MCP refuses an unknown argument before the model sees it, in its own words
+        assert "unknown argument(s) colour" in over_mcp and "unknown field(s) ['colour']" in over_rest
+        return
+    assert over_mcp == MCP_PREFIX.format(tool=tool) + over_rest
+
+
+async def test_one_status_a_comma_separated_list_or_repeated_ones_are_accepted_alike(jp_fetch, mcp_client, runtime):
+    slow = {"type": "demo", "params": {"items": 2000, "item_delay_ms": 50}}  # unfinished for the whole test
+    cancelled = (await call(jp_fetch, "tasks", method="POST", body=slow))[1]["task_id"]
+    await call(jp_fetch, "tasks", "cancel", method="POST", body={"task_ids": [cancelled]})
+    await poll(lambda: runtime.manager.get(cancelled).status, lambda s: s is TaskStatus.CANCELLED, timeout=60)
+    unfinished = (await call(jp_fetch, "tasks", method="POST", body=slow))[1]["task_id"]
+
+    async def over_rest(query):
+        return [t["task_id"] for t in (await call(jp_fetch, "tasks", params=query))[1]["tasks"]]
+
+    async with mcp_client() as client:
+
+        async def over_mcp(arguments):
+            result = await client.call_tool("list_tasks", arguments)
+            assert not result.is_error, result.content[0].text
+            return [t["task_id"] for t in result.structured_content["tasks"]]
+
+        assert await over_mcp({"status": "cancelled"}) == await over_rest({"status": "cancelled"}) == [cancelled]
+        both = [unfinished, cancelled]  # newest first
+        assert await over_mcp({"status": "QUEUED,RUNNING,CANCELLED"}) == both
+        assert await over_mcp({"status": ["QUEUED", "RUNNING", "CANCELLED"]}) == both
+        assert await over_rest({"status": "QUEUED,RUNNING,CANCELLED"}) == both
+        assert await over_rest([("status", "QUEUED,RUNNING"), ("status", "CANCELLED")]) == both  # repeated
+        assert await over_rest([("status", "CANCELLED"), ("type", "demo"), ("limit", "1")]) == [cancelled]
+    await call(jp_fetch, "tasks", "cancel", method="POST", body={"task_ids": [unfinished]})
+
+
+def test_the_notebook_and_the_cli_build_the_read_requests_before_sending(capsys):
+    nb = Plexus()  # not connected: a refusal here never reached a server
+    with pytest.raises(PlexusInputError, match=r"status\.0: unknown status; expected one of QUEUED"):
+        nb.tasks(status="DONE")
+    with pytest.raises(PlexusInputError, match=r"type\.0: unknown evaluation type 'speed'"):
+        nb.evaluations(type="speed")
+    request = ListTasks.parse({"status": "queued, running", "type": "demo"})
+    assert request.query() == {"status": ["QUEUED", "RUNNING"], "type": ["demo"]}  # sent as repeated parameters
+    assert ListTasks.from_query({"status": ["QUEUED", "RUNNING"], "type": ["demo"]}) == request  # read back alike
+    results = GetEvaluationResults.parse({"evaluation_id": "e", "only_mismatches": True, "label": "pos"})
+    assert results.query(exclude={"evaluation_id"}) == {"only_mismatches": "true", "label": "pos"}
+    code = run_cli("evaluations", "export", "e" * 65, "--url", DEAD_URL, "--token", "t")
+    err = capsys.readouterr().err
+    assert code == 2 and "evaluation_id: String should have at most 64 characters" in err and "Connection" not in err
+
+
+def test_a_listings_page_bound_is_its_servers_and_one_class_per_bound():
+    assert paged(ListTasks, 50) is paged(ListTasks, 50)
+    bounded = paged(ListTasks, 7)
+    assert list(bounded.model_fields) == list(ListTasks.model_fields)  # the same fields, in the same order
+    assert bounded.model_json_schema()["properties"]["limit"]["maximum"] == 7
+    assert bounded().limit == 7  # the default page (20) within the bound
+    with pytest.raises(InvalidArgument, match=r"limit: Input should be less than or equal to 7 \(got '8'\)"):
+        bounded.from_query({"limit": ["8"]})
+    with pytest.raises(ValueError, match="1 to 1000"):
+        paged(ListTasks, 5000)
+
+
+# -- the keys body: CreateKey, on REST and in `plexus keys create` --------------------------------------------------
+
+# (what is wrong, the body, the CLI's arguments, what both must say)
+BAD_KEYS = [
+    ("no name", {"role": "viewer"}, None, "name is required: Who or what uses it"),
+    ("a blank name", {"name": "  "}, ["  "], "name: String should have at least 1 character"),
+    ("a name too long", {"name": "n" * 101}, ["n" * 101], "name: String should have at most 100 characters"),
+    ("an unknown role", {"name": "a", "role": "boss"}, None, "role: unknown role 'boss'; expected one of viewer"),
+    ("a misspelt field", {"name": "a", "scope": "all"}, None, "unknown field(s) ['scope']; allowed: name, role"),
+    (
+        "an expiry of no days",
+        {"name": "a", "expires_in_days": 0},
+        ["a", "--expires-in-days", "0"],
+        "expires_in_days: Input should be greater than 0",
+    ),
+    ("an expiry given as true", {"name": "a", "expires_in_days": True}, None, "expires_in_days: must be a number"),
+    (
+        "a rate beyond the bound",
+        {"name": "a", "rate_limit": 20000},
+        ["a", "--rate-limit", "20000"],
+        "rate_limit: Input should be less than or equal to 10000",
+    ),
+]
+
+
+@pytest.mark.parametrize(("what", "body", "argv", "says"), BAD_KEYS, ids=[b[0] for b in BAD_KEYS])
+async def test_a_bad_key_body_is_refused_naming_the_field_on_rest_and_in_the_cli(
+    jp_fetch, runtime, tmp_path, capsys, what, body, argv, says
+):
+    before = len(runtime.keys.list(include_revoked=True))
+    over_rest = await rest_refusal(jp_fetch, "keys", body=body)
+    assert says in over_rest, over_rest
+    assert len(runtime.keys.list(include_revoked=True)) == before  # nothing was created
+    if argv is not None:
+        store = tmp_path / "cli-store.db"
+        code = await asyncio.to_thread(run_cli, "keys", "create", *argv, "--db-url", f"sqlite:///{store}")
+        over_cli = capsys.readouterr().err
+        assert code == 2 and says in over_cli and over_cli.count("\n") == 1, over_cli
+        assert not store.exists()  # refused before the store was opened
+
+
+async def test_a_good_key_body_is_the_model_on_both_faces(jp_fetch, runtime, tmp_path, capsys):
+    body = {"name": "  assistant  ", "role": "OPERATOR", "expires_in_days": 30, "rate_limit": 5}
+    code, key = await call(jp_fetch, "keys", method="POST", body=body)
+    assert code == 201 and key["name"] == "assistant" and key["role"] == "operator" and key["rate_limit"] == 5
+    assert key["secret"].startswith("plx_") and CreateKey.parse(body).name == "assistant"
+    store = tmp_path / "cli-store.db"
+    argv = ["keys", "create", "assistant", "--role", "operator", "--expires-in-days", "30", "--rate-limit", "5"]
+    assert await asyncio.to_thread(run_cli, *argv, "--db-url", f"sqlite:///{store}") == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert {k: printed[k] for k in ("name", "role", "rate_limit")} == {
+        k: key[k] for k in ("name", "role", "rate_limit")
+    }

@@ -25,7 +25,7 @@ def _dump(data: Any) -> str:
 
 
 def register_resources(server: MCPServer, manager: TaskManager) -> None:
-    listing = paged(ListTasks, manager.max_page_size)
+    listing = paged(ListTasks, manager.max_page_size if manager is not None else 100)
 
     async def task_page(query: dict[str, list[str]]) -> str:
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
@@ -203,7 +203,7 @@ def register_audit_resource(server: MCPServer, audit: AuditLog) -> None:
         return json.dumps({"records": records, "next_cursor": next_cursor}, default=str)
 
 
-def describe_validation_error(tool: str, error: ValidationError, schema: dict[str, Any] | None = None) -> str:
+def describe_validation_error(tool: str, error: ValidationError, schema: Mapping[str, Any] | None = None) -> str:
     """'invalid arguments for run_demo_task: items: Input should be greater than or equal to 1 (got 0); Items to
     process ...': each bad argument in the words REST uses for the same request model (`field_problems`), with
     its description from the tool's input schema."""
