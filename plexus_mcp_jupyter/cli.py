@@ -322,14 +322,18 @@ def _fail(exc: Exception) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     """`plexus audit export`: the audit log as JSON lines, oldest first."""
     from .core.errors import PlexusError
-    from .security.audit import AuditLog
+    from .security.audit import MAX_AUDIT_PAGE, AuditLog, QueryAudit
 
+    try:  # the REST query's model, checked before the store is opened
+        request = QueryAudit.parse({"since": args.since, "action": args.action, "limit": MAX_AUDIT_PAGE})
+    except PlexusError as exc:
+        return _fail(exc)
     audit = AuditLog(_store_engine(args))
     try:
-        records, cursor = audit.query(since=args.since, action=args.action, limit=1000)
+        records, cursor = audit.query(request)
         pages = [records]
         while cursor:
-            records, cursor = audit.query(since=args.since, action=args.action, limit=1000, cursor=cursor)
+            records, cursor = audit.query(request.model_copy(update={"cursor": cursor}))
             pages.append(records)
         for page in reversed(pages):
             for record in reversed(page):

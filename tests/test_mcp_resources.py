@@ -23,7 +23,7 @@ async def test_templates_and_the_static_listing_are_advertised(mcp_client, mode)
         "plexus://evaluations{?status,type,limit,cursor}",
         "plexus://evaluations/{evaluation_id}",
         "plexus://evaluations/{evaluation_id}/results{?only_mismatches,label,score,limit,cursor}",
-        "plexus://audit{?action,outcome,limit,cursor}",
+        "plexus://audit{?action,outcome,owner,since,limit,cursor}",
     }
     assert {"plexus://tasks", "plexus://evaluations", "plexus://datasets"} <= resources
 

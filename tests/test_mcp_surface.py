@@ -107,7 +107,7 @@ async def test_completion_offers_datasets_scorers_columns_statuses_and_types(mcp
             "label"
         ]
         assert await values(client, prompt("evaluate_dataset"), "type", "c") == ["consistency", "accuracy", "feedback"]
-        tasks = "plexus://tasks{?status,type,batch,limit,cursor}"
+        tasks = "plexus://tasks{?status,type,since,batch,limit,cursor}"
         assert await values(client, template(tasks), "status", "run") == ["RUNNING"]
         assert await values(client, template(tasks), "status", "RUNNING,QU") == ["RUNNING,QUEUED"]
         assert await values(client, template(tasks), "type", "de") == ["demo"]

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+from mcp.shared.exceptions import MCPError
 from tornado.httpclient import HTTPClientError
 
 from plexus_mcp_jupyter import cli
@@ -461,3 +462,31 @@ async def test_a_good_key_body_is_the_model_on_both_faces(jp_fetch, runtime, tmp
     assert {k: printed[k] for k in ("name", "role", "rate_limit")} == {
         k: key[k] for k in ("name", "role", "rate_limit")
     }
+
+
+# -- the audit log's query: QueryAudit, on REST, the resource and `plexus audit export` -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("query", "says"),
+    [
+        ({"outcome": "maybe"}, "outcome: unknown outcome; expected one of ok, error, denied (got 'maybe')"),
+        (
+            {"limit": "1001"},
+            "limit: Input should be less than or equal to 1000 (got '1001'); Records per page, 1 to 1000",
+        ),
+        ({"actor": "me"}, "unknown field(s) ['actor']; allowed: action, outcome, owner, since, limit, cursor"),
+    ],
+)
+async def test_the_audit_query_is_one_model_on_rest_and_its_resource(jp_fetch, mcp_client, query, says):
+    with pytest.raises(HTTPClientError) as err:
+        await call(jp_fetch, "audit", params=query)
+    assert err.value.code == 400
+    assert json.loads(err.value.response.body)["error"]["message"] == says
+    if "actor" not in query:  # the SDK reads a template's variables only (it leaves an unknown one out)
+        async with mcp_client() as client:
+            with pytest.raises(MCPError) as over_resource:
+                await client.read_resource("plexus://audit?" + "&".join(f"{k}={v}" for k, v in query.items()))
+        assert over_resource.value.message == says
+    code, page = await call(jp_fetch, "audit", params={"outcome": "ok", "limit": "2"})
+    assert code == 200 and len(page["records"]) <= 2 and {r["outcome"] for r in page["records"]} <= {"ok"}

@@ -20,9 +20,9 @@ from .._version import __version__
 from ..core.errors import PlexusError, bounded
 from ..core.manager import TaskManager
 from ..core.models import Task
-from ..core.requests import field_problems
+from ..core.requests import field_problems, query_of
 from ..evaluations.service import EvaluationService
-from ..security.audit import AuditLog, audit_notes
+from ..security.audit import AuditLog, QueryAudit, audit_notes
 from ..security.identity import TOOL_ACTIONS
 from ..telemetry import Telemetry
 from .batch_tools import register_batch_tools
@@ -174,30 +174,29 @@ class PlexusMCPServer(MCPServer):
 
 def register_audit_resource(server: MCPServer, audit: AuditLog) -> None:
     @server.resource(
-        "plexus://audit{?action,outcome,limit,cursor}",
+        "plexus://audit{?action,outcome,owner,since,limit,cursor}",
         name="audit",
         title="Audit log",
         description="Audit records, newest first (admins only); action takes a * wildcard "
-        "(tool.*), outcome is ok, error or denied.",
+        "(tool.*), outcome is ok, error or denied, owner a caller (key:<id>), since an ISO 8601 time.",
         mime_type="application/json",
     )
     def audit_resource(
-        action: str | None = None, outcome: str | None = None, limit: str | None = None, cursor: str | None = None
+        action: str | None = None,
+        outcome: str | None = None,
+        owner: str | None = None,
+        since: str | None = None,
+        limit: str | None = None,
+        cursor: str | None = None,
     ) -> str:
         principal = current_principal()
         if not principal.may("audit"):
             audit.record(principal, "resource.read", target="plexus://audit", outcome="denied")
             raise ResourceError(principal.denial("audit"))
         try:
-            count = int(limit) if limit else 100
-            if not 1 <= count <= 1000:
-                raise ValueError
-        except ValueError:
-            raise MCPError(INVALID_PARAMS, f"limit must be a whole number from 1 to 1000, not {limit!r}") from None
-        try:
-            records, next_cursor = audit.query(
-                action=action or None, outcome=outcome or None, limit=count, cursor=cursor or None
-            )
+            query = query_of(action=action, outcome=outcome, owner=owner, since=since, limit=limit, cursor=cursor)
+            request = QueryAudit.from_query(query)
+            records, next_cursor = audit.query(request)
         except PlexusError as exc:
             raise MCPError(INVALID_PARAMS, str(exc)) from None
         return json.dumps({"records": records, "next_cursor": next_cursor}, default=str)

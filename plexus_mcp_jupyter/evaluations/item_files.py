@@ -229,8 +229,8 @@ def item_table(columns: Mapping[str, Sequence[Any]]) -> pa.Table:
     return pa.table({f.name: _array(columns[f.name], f.type) for f in schema}, schema=schema)
 
 
-def _array(values: Any, type: pa.DataType) -> pa.Array:
-    return values.cast(type) if isinstance(values, pa.Array) else pa.array(values, type=type)
+def _array(values: Any, arrow_type: pa.DataType) -> pa.Array:
+    return values.cast(arrow_type) if isinstance(values, pa.Array) else pa.array(values, type=arrow_type)
 
 
 class _Matching:

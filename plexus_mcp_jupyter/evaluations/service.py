@@ -194,7 +194,7 @@ class EvaluationService:
         An untrusted caller (an API key, not an admin) may name python: scorers only in `scorer_modules`.
         Blocks on the file system and the YAML parser: call it from a thread (as :meth:`create` does).
         """
-        type, dataset, scorer, scorecard = request.type, request.dataset, request.scorer, request.scorecard
+        kind, dataset, scorer, scorecard = request.type, request.dataset, request.scorer, request.scorecard
         label_column, prediction_column = request.label_column, request.prediction_column
         input_column, id_column, runs = request.input_column, request.id_column, request.runs
         sample_n, sample_fraction, seed = request.sample_n, request.sample_fraction, request.seed
@@ -231,7 +231,7 @@ class EvaluationService:
                     "dataset is required (or a scorecard): e.g. 'example:sentiment', "
                     "'registered:<name>' or a file path under the Jupyter root"
                 )
-            scores = [{"name": DEFAULT_SCORE, "scorer": self._scorer(type, scorer, prediction_column)}]
+            scores = [{"name": DEFAULT_SCORE, "scorer": self._scorer(kind, scorer, prediction_column)}]
         if sample_n is not None or sample_fraction is not None:
             check_sample(sample_n, sample_fraction, seed)
             sample = {"n": sample_n, "fraction": sample_fraction, "seed": seed}
@@ -241,11 +241,11 @@ class EvaluationService:
         restricted = False
         dataset = self.catalog.resolve(dataset)
         columns = self.catalog.columns(dataset)
-        if type != "consistency" and label_column is None:
+        if kind != "consistency" and label_column is None:
             if DEFAULT_LABEL_COLUMN not in columns:
                 raise InvalidArgument(
-                    f"label_column is required for a {type} evaluation: the column holding the correct labels"
-                    + (" (the human-corrected values)" if type == "feedback" else "")
+                    f"label_column is required for a {kind} evaluation: the column holding the correct labels"
+                    + (" (the human-corrected values)" if kind == "feedback" else "")
                     + f" (dataset {dataset!r} has no column {DEFAULT_LABEL_COLUMN!r}); its columns: "
                     + column_listing(columns)
                 )
@@ -281,7 +281,7 @@ class EvaluationService:
                     f"{what.replace('_', ' ')} {_quoted(column)} is not in dataset {dataset!r}; "
                     f"its columns: {column_listing(columns)}"
                 )
-        runs = runs if type == "consistency" else 1
+        runs = runs if kind == "consistency" else 1
         rows = self.catalog.known_rows(dataset)
         if rows is not None:  # otherwise the worker checks once it has loaded the rows, before scoring any
             check_items(
@@ -291,7 +291,7 @@ class EvaluationService:
                 self.limits.max_evaluation_items,
             )
         return EvaluationPlan(
-            type=type,
+            type=kind,
             dataset=dataset,
             scores=scores,
             label_column=label_column,
@@ -390,8 +390,8 @@ class EvaluationService:
             )
 
     @staticmethod
-    def _scorer(type: str, scorer: Any, prediction_column: str | None) -> dict[str, Any]:
-        if type == "feedback":
+    def _scorer(kind: str, scorer: Any, prediction_column: str | None) -> dict[str, Any]:
+        if kind == "feedback":
             if scorer is not None or prediction_column is None:
                 raise InvalidArgument(
                     "a feedback evaluation compares earlier predictions with corrected labels: "
@@ -403,7 +403,7 @@ class EvaluationService:
                 f"give either scorer (a spec; kinds: {', '.join(SCORER_KINDS)}) or prediction_column, not both "
                 "or neither"
             )
-        if type == "consistency" and scorer is None:
+        if kind == "consistency" and scorer is None:
             raise InvalidArgument(
                 "a consistency evaluation runs a scorer several times: give scorer, not prediction_column"
             )

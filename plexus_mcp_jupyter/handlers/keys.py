@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 from ..core.errors import PlexusError
+from ..security.audit import QueryAudit
 from ..security.keys import CreateKey, ListKeys
 from .base import PlexusHandler, http_error
 
@@ -69,21 +70,13 @@ class KeyHandler(PlexusHandler):
 
 class AuditHandler(PlexusHandler):
     async def get(self) -> None:
-        """Audit records, newest first: ?action=tool.*&outcome=denied&owner=key:<id>&since=ISO&limit=&cursor="""
+        """Audit records, newest first: ?action=tool.*&outcome=denied&owner=key:<id>&since=ISO&limit=&cursor=
+        (QueryAudit, as plexus://audit and `plexus audit export` take them)."""
         self.require("audit")
         runtime = self.runtime
         try:
-            records, next_cursor = await runtime.store_calls.run(
-                functools.partial(
-                    runtime.audit.query,
-                    action=self.get_argument("action", None),
-                    outcome=self.get_argument("outcome", None),
-                    owner=self.get_argument("owner", None),
-                    since=self.get_argument("since", None),
-                    limit=runtime.manager.parse_limit(self.get_argument("limit", None)) or 100,
-                    cursor=self.get_argument("cursor", None) or None,
-                )
-            )
+            request = self.query_request(QueryAudit)
+            records, next_cursor = await runtime.store_calls.run(runtime.audit.query, request)
         except PlexusError as exc:
             raise http_error(exc) from None
         self.reply({"records": records, "next_cursor": next_cursor})

@@ -16,13 +16,15 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import Annotated, Any
 
 import sqlalchemy as sa
+from pydantic import AfterValidator, Field
 from sqlalchemy.engine import Engine
 
 from ..core.errors import InvalidArgument
 from ..core.models import iso, parse_iso
+from ..core.requests import Cursor, Number, OptionalText, RequestModel
 from ..core.store import decode_position, encode_position, metadata
 from .identity import Principal
 from .keys import without_secrets
@@ -35,6 +37,7 @@ MAX_DETAIL_CHARS = 2000
 QUEUE_SIZE = 10_000
 BATCH_WAIT = 0.2  # seconds the writer lets records gather before it writes them in one transaction
 OUTCOMES = ("ok", "error", "denied")
+DEFAULT_AUDIT_PAGE, MAX_AUDIT_PAGE = 100, 1000
 
 audit_table = sa.Table(
     "audit_log",
@@ -119,6 +122,27 @@ def redact(
     if isinstance(value, str):
         return scrub(value) if len(value) <= MAX_DETAIL_CHARS else f"[{len(value):,} characters]"
     return value
+
+
+def _outcome(value: str) -> str:
+    if value not in OUTCOMES:
+        raise ValueError(f"unknown outcome; expected one of {', '.join(OUTCOMES)}")
+    return value
+
+
+class QueryAudit(RequestModel):
+    """Read the audit log: GET plexus/api/audit, plexus://audit{?...}, `plexus audit export` (admins)."""
+
+    action: OptionalText = Field(None, max_length=128, description="Only these actions; * is a wildcard (tool.*)")
+    outcome: Annotated[OptionalText, AfterValidator(lambda v: v if v is None else _outcome(v))] = Field(
+        None, description=f"Only this outcome: {', '.join(OUTCOMES)}"
+    )
+    owner: OptionalText = Field(None, max_length=128, description="Only this caller's records (key:<id>, jupyter)")
+    since: OptionalText = Field(None, max_length=64, description="Only records at or after this ISO 8601 time")
+    limit: Annotated[int, Number] = Field(
+        DEFAULT_AUDIT_PAGE, ge=1, le=MAX_AUDIT_PAGE, description=f"Records per page, 1 to {MAX_AUDIT_PAGE}"
+    )
+    cursor: Cursor = None
 
 
 class AuditLog:
@@ -253,22 +277,15 @@ class AuditLog:
                 for _ in batch:
                     self._queue.task_done()
 
-    def query(
-        self,
-        *,
-        action: str | None = None,
-        outcome: str | None = None,
-        owner: str | None = None,
-        since: str | None = None,
-        limit: int = 100,
-        cursor: str | None = None,
-    ) -> tuple[list[dict[str, Any]], str | None]:
-        """Records, newest first, filtered; with a cursor for the next page."""
+    def query(self, request: QueryAudit | None = None, **fields: Any) -> tuple[list[dict[str, Any]], str | None]:
+        """Records, newest first, filtered; with a cursor for the next page. `request`, or a QueryAudit of
+        `fields` (InvalidArgument names a bad one)."""
+        request = request or QueryAudit.parse(fields)
+        action, outcome, owner, since = request.action, request.outcome, request.owner, request.since
+        limit, cursor = request.limit, request.cursor
         a = audit_table
         query = sa.select(a).order_by(a.c.id.desc()).limit(limit + 1)
         if outcome is not None:
-            if outcome not in OUTCOMES:
-                raise InvalidArgument(f"unknown outcome {outcome!r}; expected one of {', '.join(OUTCOMES)}")
             query = query.where(a.c.outcome == outcome)
         if action:
             # Lower-cased: SQLite's LIKE ignores ASCII case, PostgreSQL's does not; action names are lower-case.
