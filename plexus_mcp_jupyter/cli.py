@@ -13,13 +13,18 @@ import secrets
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from jupyter_core.paths import jupyter_data_dir
 from traitlets import TraitError
 
 from ._version import __version__
 from .config import PlexusSettings, SettingsError, allowed_values, env_var
+
+if TYPE_CHECKING:
+    from .core.requests import RequestModel
+
+M = TypeVar("M", bound="RequestModel")
 
 CLIENTS = ("claude", "claude-desktop", "cursor", "vscode", "generic")
 # What the lab's "Connect an assistant" panel offers, in order: (client, label, where the text goes).
@@ -262,6 +267,14 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+def request_from(args: argparse.Namespace, model: type[M], **given: Any) -> M:
+    """A command's request model from its flags, each named as the model's field (`--expires-in-days` is
+    `expires_in_days`), and `given`; InvalidArgument in the server's words. The fields are declared once, in the
+    model: a flag left out is the model's default."""
+    fields = {name: getattr(args, name) for name in model.model_fields if getattr(args, name, None) is not None}
+    return model.parse({**fields, **{k: v for k, v in given.items() if v is not None}})
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     """`plexus keys create|list|revoke`: manage API keys directly in the store (as its owner, an admin)."""
     from .core.errors import PlexusError
@@ -272,14 +285,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     request = None
     if args.command == "create":
         try:  # REST's body model, checked before the store is opened: the same words, nothing written
-            request = CreateKey.parse(
-                {
-                    "name": args.name,
-                    "role": args.role,
-                    "expires_in_days": args.expires_in_days,
-                    "rate_limit": args.rate_limit,
-                }
-            )
+            request = request_from(args, CreateKey)
         except PlexusError as exc:
             return _fail(exc)
     engine = _store_engine(args)
@@ -325,7 +331,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from .security.audit import MAX_AUDIT_PAGE, AuditLog, QueryAudit
 
     try:  # the REST query's model, checked before the store is opened
-        request = QueryAudit.parse({"since": args.since, "action": args.action, "limit": MAX_AUDIT_PAGE})
+        request = request_from(args, QueryAudit, limit=MAX_AUDIT_PAGE)
     except PlexusError as exc:
         return _fail(exc)
     audit = AuditLog(_store_engine(args))
@@ -365,19 +371,7 @@ def _bulk_request(args: argparse.Namespace) -> Any:
     """The operation's request model (core/requests.py), built here: a bad filter is refused before sending."""
     from .core.requests import BULK_REQUESTS
 
-    fields = {
-        "task_ids": args.ids,
-        "status": args.status,
-        "type": args.type,
-        "owner": args.owner,
-        "created_after": args.created_after,
-        "created_before": args.created_before,
-        "batch": args.batch,
-        "dry_run": args.dry_run,
-    }
-    if args.command == "priority":
-        fields["priority"] = args.priority
-    return BULK_REQUESTS[args.command].parse(fields)
+    return request_from(args, BULK_REQUESTS[args.command], task_ids=args.ids)
 
 
 def _task_specs(path: str) -> list[dict[str, Any]]:
@@ -467,14 +461,7 @@ def cmd_evaluations(args: argparse.Namespace) -> int:
     from .notebook.errors import PlexusError
 
     try:  # the server's request model: a bad argument is one line (exit 2), nothing sent
-        request = GetEvaluationResults.parse(
-            {
-                "evaluation_id": args.evaluation_id,
-                "only_mismatches": args.only_mismatches,
-                "label": args.label,
-                "score": args.score,
-            }
-        )
+        request = request_from(args, GetEvaluationResults)
     except InvalidArgument as exc:
         return _fail(exc)
     output = Path(args.output or f"{args.evaluation_id}.{args.format}")
