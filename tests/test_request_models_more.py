@@ -14,10 +14,19 @@ from mcp.shared.exceptions import MCPError
 from tornado.httpclient import HTTPClientError
 
 from plexus_mcp_jupyter import cli
+from plexus_mcp_jupyter.config import PlexusSettings
 from plexus_mcp_jupyter.core.demo import RunDemo
 from plexus_mcp_jupyter.core.errors import InvalidArgument
 from plexus_mcp_jupyter.core.models import TaskStatus
-from plexus_mcp_jupyter.core.requests import STATUS_NAMES, CancelTasks, ListTasks, RetryTasks, SetTaskPriority, paged
+from plexus_mcp_jupyter.core.requests import (
+    MAX_PAGE_SIZE,
+    STATUS_NAMES,
+    CancelTasks,
+    ListTasks,
+    RetryTasks,
+    SetTaskPriority,
+    paged,
+)
 from plexus_mcp_jupyter.evaluations.requests import EvaluationParams, GetEvaluationResults
 from plexus_mcp_jupyter.evaluations.scorers import (
     SCORER_KINDS,
@@ -407,6 +416,8 @@ def test_a_listings_page_bound_is_its_servers_and_one_class_per_bound():
         bounded.from_query({"limit": ["8"]})
     with pytest.raises(ValueError, match="1 to 1000"):
         paged(ListTasks, 5000)
+    assert PlexusSettings.class_traits()["max_page_size"].max == MAX_PAGE_SIZE  # the setting's bound is the models'
+    assert ListTasks.model_json_schema()["properties"]["limit"]["maximum"] == MAX_PAGE_SIZE
 
 
 # -- the keys body: CreateKey, on REST and in `plexus keys create` --------------------------------------------------

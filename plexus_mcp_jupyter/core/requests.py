@@ -33,7 +33,9 @@ MAX_PROBLEMS = 3  # per message: a body with a thousand bad fields gets a bounde
 MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
 MAX_DESCRIPTION = 1000
 SAMPLE_SIZE = 20  # task ids a dry run shows
-MAX_PAGE_SIZE = 1000  # the largest max_page_size may be (config.py); a server's own bound is `paged(model, n)`
+# The largest max_page_size (config.py: the core does not import the settings; a test holds the two equal, and
+# `paged` refuses a larger bound at start). A server's own bound is `paged(model, its max_page_size)`.
+MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 20
 HISTORY_MAX = 1000  # most progress samples one read returns
 # Query parameters that are Jupyter's own (its token, its XSRF value), not an operation's arguments
@@ -359,10 +361,6 @@ BULK_REQUESTS: dict[str, type[BulkRequest]] = {m.route: m for m in (CancelTasks,
 # -- reads: listings and one task ---------------------------------------------------------------------------------
 
 
-def page_description(maximum: int | str) -> str:
-    return f"Page size, 1 to {maximum} (max_page_size)"
-
-
 Limit = Annotated[int, Number]  # a page size: bounded per server by `paged`
 Cursor = Annotated[
     str | None, BeforeValidator(_blank_is_none), Field(description="next_cursor of the previous page, unchanged")
@@ -371,7 +369,9 @@ Cursor = Annotated[
 
 def page_field(maximum: int) -> Any:
     """The `limit` field of a listing whose pages go up to `maximum` (a server's max_page_size)."""
-    return Field(min(DEFAULT_PAGE_SIZE, maximum), ge=1, le=maximum, description=page_description(maximum))
+    return Field(
+        min(DEFAULT_PAGE_SIZE, maximum), ge=1, le=maximum, description=f"Page size, 1 to {maximum} (max_page_size)"
+    )
 
 
 @functools.cache
