@@ -8,6 +8,7 @@ milliseconds; loading, scoring and metrics happen in the worker (runner.py).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import secrets
@@ -17,12 +18,13 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import Connection
 
 from ..core.batches import Actor, PlannedSpec
-from ..core.errors import Expired, InvalidArgument, NotFound, one_line
+from ..core.errors import Expired, Forbidden, InvalidArgument, NotFound, one_line
 from ..core.manager import TaskManager
 from ..core.models import Task, iso
 from ..core.ownership import owner_visible
@@ -30,9 +32,10 @@ from ..core.retention import expired_message
 from ..core.store import values_with_prefix
 from .datasets import DEFAULT_ID_COLUMN, DEFAULT_LABEL_COLUMN, DatasetCatalog, column_listing
 from .file_reads import clip
-from .item_files import ArrowStream
+from .item_files import ArrowStream, ItemFiles
 from .kernel_scorers import KernelScorerRegistry
 from .limits import DEFAULT_LIMITS, EvaluationLimits, check_items
+from .metrics import LabelNormalization
 from .requests import EVALUATION_TYPES, CreateEvaluation, EvaluationParams
 from .sampling import check_sample, sampled_rows
 from .scorecards import load_scorecard
@@ -565,6 +568,43 @@ class EvaluationService:
         (ArrowStream.next, in a thread): REST's results as Arrow, exports, a notebook's `.results()`."""
         row, flt = self._item_filter(evaluation_id, only_mismatches, label, score, viewer)
         return ArrowStream(self.store.item_tables(evaluation_id, flt, row["items_manifest"]), ITEM_SCHEMA)
+
+    def item_files(
+        self,
+        evaluation_id: str,
+        *,
+        only_mismatches: bool = False,
+        label: str | None = None,
+        score: str | None = None,
+        viewer: str | None = None,
+        owner: str | None = None,
+    ) -> dict[str, Any]:
+        """Where the items are, for a reader on the same disk (the notebook's `.results()` reads them itself):
+        the chunk files of the score with size and mtime, the filter resolved as the pages apply it, and the
+        items' Arrow schema. Only for the evaluation's owner, or an admin (`viewer` None): the paths of one
+        caller's work are not another's to see (Forbidden), even where the results are."""
+        row, flt = self._item_filter(evaluation_id, only_mismatches, label, score, viewer)
+        if viewer is not None and row["owner"] != owner:
+            raise Forbidden(
+                f"the item files of evaluation {evaluation_id!r} are listed only to its owner or an admin; "
+                "read its items as results (GET .../results, Arrow or JSON pages)"
+            )
+        manifest = row["items_manifest"]
+        if manifest is None:
+            raise NotFound(
+                f"evaluation {evaluation_id!r} keeps its items as rows in the store (it was made before item "
+                "files): read them as results"
+            )
+        files = ItemFiles(Path(manifest["path"]).parent).listing(evaluation_id, flt.score)
+        normalized = LabelNormalization().normalize(label) if label is not None else None
+        return {
+            "evaluation_id": evaluation_id,
+            "score": flt.score,
+            "format": manifest["format"],
+            "files": files,
+            "filter": {"only_mismatches": only_mismatches, "label_class": normalized},
+            "schema": base64.b64encode(ITEM_SCHEMA.serialize().to_pybytes()).decode(),
+        }
 
     def _item_filter(
         self, evaluation_id: str, only_mismatches: bool, label: str | None, score: str | None, viewer: str | None

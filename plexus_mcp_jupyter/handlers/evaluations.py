@@ -148,6 +148,27 @@ class EvaluationResultsHandler(PlexusHandler):
                 return
 
 
+class EvaluationItemFilesHandler(PlexusHandler):
+    async def get(self, evaluation_id: str) -> None:
+        """Where the items are (?only_mismatches=...&label=...&score=..., as results): the chunk files' absolute
+        paths, sizes and mtimes, the filter as applied, the Arrow schema; for a kernel on the same disk, which
+        reads them itself. Only the evaluation's owner or an admin (403 otherwise; 404 if it cannot see it)."""
+        service = self.runtime.evaluations
+        try:
+            manifest = await service.catalog.run(  # lists and stats the chunk files: off the loop
+                service.item_files,
+                evaluation_id,
+                only_mismatches=_flag(self, "only_mismatches"),
+                label=self.get_argument("label", None),
+                score=self.get_argument("score", None),
+                viewer=self.principal.viewer,
+                owner=self.principal.owner,
+            )
+        except PlexusError as exc:
+            raise http_error(exc) from None
+        self.reply(manifest)
+
+
 class DatasetHandler(PlexusHandler):
     async def get(self, ref: str) -> None:
         """One dataset: rows, columns, and the label distribution (?label_column=...; default 'label')."""
