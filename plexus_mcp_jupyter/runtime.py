@@ -163,6 +163,7 @@ class PlexusRuntime:
             threads=settings.dataset_threads,
             bounds=ReadBounds(header_bytes=settings.max_dataset_header_bytes, columns=settings.max_dataset_columns),
         )
+        self.catalog.max_registered_bytes = settings.max_registered_bytes_per_principal
         self.uploads = DatasetUploads(self.catalog, max_bytes=settings.max_dataset_upload_bytes)
         self.keys = KeyStore(self.store.engine)
         self._streams: dict[str, set[Callable[[], None]]] = {}

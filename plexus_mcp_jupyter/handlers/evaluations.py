@@ -14,7 +14,7 @@ import pyarrow as pa
 from tornado import web
 from tornado.iostream import StreamClosedError
 
-from ..core.errors import InvalidArgument, PlexusError
+from ..core.errors import InvalidArgument, NotFound, PlexusError
 from ..evaluations.item_files import ARROW_STREAM_TYPE as ARROW_STREAM
 from ..evaluations.requests import CreateEvaluation
 from ..evaluations.service import parse_flag
@@ -184,6 +184,33 @@ class DatasetHandler(PlexusHandler):
             data["label_distribution"] = None
         self.reply(data)
 
+    async def delete(self, ref: str) -> None:
+        """Delete a registered dataset (`registered:<name>`): its owner or an admin; 204. Frees its bytes from
+        its owner's quota (max_registered_bytes_per_principal)."""
+        self.require("register")
+        catalog = self.runtime.catalog
+        try:
+            if not ref.startswith("registered:"):
+                raise InvalidArgument(
+                    f"only registered datasets can be deleted (registered:<name>), not {ref[:100]!r}: files under "
+                    "the Jupyter root are the user's, and examples ship with the package"
+                )
+            name = catalog.check_registered_name(ref.removeprefix("registered:"))
+            owner = await catalog.run(catalog.owner_of, name)
+            if name not in await catalog.run(catalog.registered_names) or not self.principal.sees_owner(owner):
+                raise NotFound(f"no registered dataset {name!r}")  # another key's is as good as unknown
+            if not self.principal.is_admin and owner != self.principal.owner:
+                raise web.HTTPError(
+                    403,
+                    f"permission denied: dataset {name!r} was registered by {owner or 'the notebook user'}; only "
+                    "they or an admin may delete it",
+                )
+            await catalog.run(catalog.unregister, name)
+        except PlexusError as exc:
+            raise http_error(exc) from None
+        self.set_status(204)
+        self.finish()
+
 
 class DatasetsHandler(PlexusHandler):
     async def get(self) -> None:
@@ -208,12 +235,14 @@ class DatasetsHandler(PlexusHandler):
             catalog = self.runtime.catalog
             catalog.check_registered_name(name)
             replace = _flag(self, "replace")
+            owner = self.principal.owner
+            await catalog.run(catalog.check_quota, owner, name, 1)  # already at the quota: refused before parsing
             # Parsing and writing Parquet take a while for a big frame: off the event loop, in the catalog's threads.
             frame = await catalog.run(self._frame)
             if not _may_register(self, name, replace):
                 return
-            info = await catalog.run(catalog.register, name, frame, replace=replace)
-            catalog.set_owner(name, self.principal.owner)
+            info = await catalog.run(catalog.register, name, frame, replace=replace, owner=owner)
+            catalog.set_owner(name, owner)
         except PlexusError as exc:
             raise http_error(exc) from None
         self.reply(info.to_dict(), status=201)
@@ -260,8 +289,17 @@ class DatasetUploadsHandler(PlexusHandler):
             replace = _flag(self, "replace")
             if not _may_register(self, name, replace):
                 return
+            declared = self.get_argument("bytes", None)  # the frame's size, if the client says: checked now
+            if declared is not None and not declared.isdigit():
+                raise InvalidArgument("bytes is the frame's size in bytes (?bytes=N, a whole number), when known")
             uploads = self.runtime.uploads
-            upload_id = await self.runtime.catalog.run(uploads.begin, name, replace=replace, owner=self.principal.owner)
+            upload_id = await self.runtime.catalog.run(
+                uploads.begin,
+                name,
+                replace=replace,
+                owner=self.principal.owner,
+                declared=int(declared) if declared is not None else None,
+            )
         except PlexusError as exc:
             raise http_error(exc) from None
         self.reply({"upload_id": upload_id, "max_bytes": uploads.max_bytes}, status=201)
