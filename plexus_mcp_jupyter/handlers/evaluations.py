@@ -28,6 +28,15 @@ def _flag(handler: PlexusHandler, name: str, default: str = "false") -> bool:
     return parse_flag(name, handler.get_argument(name, default))
 
 
+def _item_filters(handler: PlexusHandler) -> dict[str, Any]:
+    """A results request's filters (?only_mismatches=&label=&score=), as EvaluationService takes them."""
+    return {
+        "only_mismatches": _flag(handler, "only_mismatches"),
+        "label": handler.get_argument("label", None),
+        "score": handler.get_argument("score", None),
+    }
+
+
 def _name_argument(handler: PlexusHandler, name: str) -> str | None:
     """A query argument that names something, exactly as sent (None if absent).
 
@@ -113,9 +122,7 @@ class EvaluationResultsHandler(PlexusHandler):
             items, next_cursor, asked = await service.catalog.run(  # item files are read off the loop
                 service.results,
                 evaluation_id,
-                only_mismatches=_flag(self, "only_mismatches"),
-                label=self.get_argument("label", None),
-                score=self.get_argument("score", None),
+                **_item_filters(self),
                 limit=self.runtime.manager.parse_limit(self.get_argument("limit", None)),
                 cursor=self.get_argument("cursor", None) or None,
                 viewer=self.principal.viewer,
@@ -132,9 +139,7 @@ class EvaluationResultsHandler(PlexusHandler):
             stream = await service.catalog.run(
                 service.item_stream,
                 evaluation_id,
-                only_mismatches=_flag(self, "only_mismatches"),
-                label=self.get_argument("label", None),
-                score=self.get_argument("score", None),
+                **_item_filters(self),
                 viewer=self.principal.viewer,
             )
         except PlexusError as exc:
@@ -158,9 +163,7 @@ class EvaluationItemFilesHandler(PlexusHandler):
             manifest = await service.catalog.run(  # lists and stats the chunk files: off the loop
                 service.item_files,
                 evaluation_id,
-                only_mismatches=_flag(self, "only_mismatches"),
-                label=self.get_argument("label", None),
-                score=self.get_argument("score", None),
+                **_item_filters(self),
                 viewer=self.principal.viewer,
                 owner=self.principal.owner,
             )
