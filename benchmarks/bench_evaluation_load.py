@@ -12,20 +12,15 @@ as in bench_evaluation.py) over REST as Parquet, and then:
 2. The evaluation's end-to-end time (task created -> COMPLETED, and per stage from get_task's stages)
    beside the raw time of the same metrics (`compute_metrics` in this process on the same frame, as read
    back from the same Parquet), with the CPU used by the server process and by the worker (psutil).
-3. With --breakdown: the evaluation task run in this process (runner.run_evaluation, a stand-in
-   TaskContext, its own SQLite file), its time split by piece with wall-clock timers (no profiler); then
-   the items of the first --write-rows rows built and written again, now (runner._rows + add_items) beside
-   its peer (the same rows as tuples through plain sqlite3 `executemany`) and variants of the peer (sync
-   mode, fewer or narrower secondary indexes), in alternating rounds: what each change would save, per row.
-4. With --py-spy DIR: py-spy recordings of the worker and of the server during the busy phase, and the
-   share of samples in the pieces above (worker) and in the event loop's callbacks (server).
+3. With --py-spy DIR: py-spy recordings of the worker and of the server during the busy phase, and the
+   share of samples in the worker's pieces and in the event loop's callbacks (server).
 
 Servers are pinned to one core as _common.py does; the evaluation's worker is forked by the server's
 forkserver, so it shares that core with the server (--no-pin lets the server and the worker use every core;
 --worker-nice N renices the forkserver, so the workers, as an experiment).
 
     python benchmarks/bench_evaluation_load.py [--rows 1000000 | --quick] [--rounds 1] [--idle-calls 1000]
-        [--interval-ms 10] [--breakdown [--write-rows 300000] [--write-rounds 3]] [--py-spy DIR]
+        [--interval-ms 10] [--py-spy DIR]
         [--no-pin] [--worker-nice N]
 
 Goal: busy get_task p50 <= 2.0 x idle p50.
@@ -36,14 +31,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import itertools
 import shutil
 import signal
-import sqlite3
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -398,266 +390,6 @@ def print_profiles(files: dict[str, Path]) -> None:
             print(f"    {'busy (not waiting), all callbacks':<48} {100 * (1 - shares[0][1]):5.1f}%")
 
 
-# -- the in-process breakdown (--breakdown) -----------------------------------------------------------------
-
-
-class _Flag:
-    def is_set(self) -> bool:
-        return False
-
-
-class Timers:
-    """Wall-clock and CPU time spent in wrapped functions (outermost call only, so nesting is not counted twice)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self.cpu: dict[str, float] = {}
-        self._depth = 0
-
-    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def timed(*a: Any, **k: Any) -> Any:
-            if self._depth:
-                return fn(*a, **k)
-            self._depth += 1
-            t0, c0 = time.perf_counter(), time.process_time()
-            try:
-                return fn(*a, **k)
-            finally:
-                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
-                self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c0
-                self._depth -= 1
-
-        return timed
-
-
-def breakdown(body: bytes, write_rows: int, write_rounds: int) -> None:
-    """run_evaluation in this process, timed by piece; then the items' write beside plain sqlite3."""
-
-    from plexus_mcp_jupyter.core.context import TaskContext
-    from plexus_mcp_jupyter.core.messages import Stage
-    from plexus_mcp_jupyter.core.store import Store
-    from plexus_mcp_jupyter.evaluations import runner
-    from plexus_mcp_jupyter.evaluations import store as evaluation_store
-    from plexus_mcp_jupyter.evaluations.datasets import DatasetCatalog
-
-    with tempfile.TemporaryDirectory(prefix="plexus-bench-") as tmp:
-        work = Path(tmp)
-        store = Store(f"sqlite:///{work / 'breakdown.db'}")  # the server's schema and pragmas (WAL)
-        store.engine.dispose()
-        registered = work / "registered"
-        registered.mkdir()
-        (registered / "big.parquet").write_bytes(body)
-        env = {
-            "db_url": store.url,
-            "root_dir": str(work),
-            "registered_dir": str(registered),
-            "items_dir": str(work / "items"),
-        }
-        marks: list[tuple[str, float]] = []
-        ctx = TaskContext(
-            "bench",
-            lambda m: marks.append((m.name, time.perf_counter())) if isinstance(m, Stage) else None,
-            _Flag(),
-            environment=env,
-        )
-        timers = Timers()
-        saved = {name: getattr(runner, name) for name in ("_columns", "_score", "normalize_labels", "compute_metrics")}
-        saved_load = DatasetCatalog.load
-        saved_add = evaluation_store.EvaluationStore.add_chunk
-        saved_results = evaluation_store.EvaluationStore.set_results
-
-        calls: list[tuple[Any, ...]] = []  # the arguments of every _columns() call (_rows' too), to build rows again
-
-        def rows_of(*args: Any) -> list[dict[str, Any]]:
-            calls.append(args)
-            return saved["_columns"](*args)  # type: ignore[no-any-return]
-
-        try:
-            runner._columns = timers.wrap("item columns: _columns()", rows_of)
-            runner._score = timers.wrap("scorer (column: _labels())", saved["_score"])
-            runner.normalize_labels = timers.wrap("normalize_labels (correct)", saved["normalize_labels"])
-            runner.compute_metrics = timers.wrap("compute_metrics", saved["compute_metrics"])
-            DatasetCatalog.load = timers.wrap("load Parquet", saved_load)
-            evaluation_store.EvaluationStore.add_chunk = timers.wrap("add_chunk (a Parquet file)", saved_add)
-            evaluation_store.EvaluationStore.set_results = timers.wrap("set_results", saved_results)
-            t0, c0 = time.perf_counter(), time.process_time()
-            runner.run_evaluation(
-                ctx,
-                evaluation_id="bench-evaluation",
-                type="accuracy",
-                dataset="registered:big",
-                scores=[{"name": "score", "scorer": {"kind": "column", "column": "prediction"}}],
-                label_column="label",
-                input_column="text",
-                id_column="id",
-            )
-            total, total_cpu = time.perf_counter() - t0, time.process_time() - c0
-        finally:
-            for name, fn in saved.items():
-                setattr(runner, name, fn)
-            DatasetCatalog.load = saved_load  # type: ignore[method-assign]
-            evaluation_store.EvaluationStore.add_chunk = saved_add  # type: ignore[method-assign]
-            evaluation_store.EvaluationStore.set_results = saved_results  # type: ignore[method-assign]
-
-        print(
-            f"\nin-process run_evaluation (no server, no worker process): {total:.2f} s, {len(calls)} chunks of items"
-        )
-        bounds = [*marks, ("end", t0 + total)]
-        print("  stages: " + ", ".join(f"{name} {b - a:.2f} s" for (name, a), (_, b) in itertools.pairwise(bounds)))
-        timers.seconds["everything else"] = total - sum(timers.seconds.values())
-        timers.cpu["everything else"] = total_cpu - sum(timers.cpu.values())
-        print(f"  {'piece':<34} {'wall':>9} {'share':>6} {'CPU':>9} {'share':>6}")
-        for name, seconds in sorted(timers.seconds.items(), key=lambda kv: -kv[1]):
-            cpu = timers.cpu[name]
-            print(
-                f"  {name:<34} {seconds:7.2f} s {100 * seconds / total:5.1f}% "
-                f"{cpu:7.2f} s {100 * cpu / total_cpu:5.1f}%"
-            )
-        print(f"  {'all':<34} {total:7.2f} s {'':>6} {total_cpu:7.2f} s")
-
-        write_ways(work, calls, write_rows, write_rounds)
-
-
-def write_ways(work: Path, calls: list[tuple[Any, ...]], limit: int, rounds: int) -> None:
-    """The items of the first `limit` rows, built and written now (runner._rows + add_items) and in ways that
-    would be faster, in alternating rounds, each round into fresh databases made like the server's (WAL) and
-    opened like the worker opens them (no pragmas: synchronous=FULL) unless the way says otherwise."""
-    import sqlalchemy as sa
-
-    from plexus_mcp_jupyter.core.store import Store
-    from plexus_mcp_jupyter.evaluations import runner
-    from plexus_mcp_jupyter.evaluations import store as evaluation_store
-
-    chunks, rows = [], 0
-    for args in calls:
-        if rows >= limit:
-            break
-        chunks.append(args)
-        rows += len(args[1])
-    expected = [("e", "score", *r.values()) for r in runner._rows(*chunks[0])]
-    assert tuple_rows("e", "score", *chunks[0]) == expected, "tuple_rows must build the rows _rows builds"
-
-    def now(conn: Any, items: Any, args: tuple[Any, ...]) -> tuple[float, float]:
-        t0 = time.process_time()
-        rows = runner._rows(*args)
-        t1 = time.process_time()
-        items.add_items("e", "score", rows)
-        return t1 - t0, time.process_time() - t1
-
-    def driver_sql(conn: Any, items: Any, args: tuple[Any, ...]) -> tuple[float, float]:
-        t0 = time.process_time()
-        rows = runner._rows(*args)
-        t1 = time.process_time()
-        with items.engine.begin() as c:
-            c.exec_driver_sql(INSERT_SQL, [("e", "score", *r.values()) for r in rows])
-        return t1 - t0, time.process_time() - t1
-
-    def tuples(conn: Any, items: Any, args: tuple[Any, ...]) -> tuple[float, float]:
-        t0 = time.process_time()
-        rows = tuple_rows("e", "score", *args)
-        t1 = time.process_time()
-        with conn:
-            conn.executemany(INSERT_SQL, rows)
-        return t1 - t0, time.process_time() - t1
-
-    normal = ["PRAGMA synchronous=NORMAL"]
-    no_indexes = ["DROP INDEX ix_items_correct", "DROP INDEX ix_items_label"]
-    mismatches = "CREATE INDEX ix_items_mismatch ON evaluation_items (evaluation_id, score, seq) WHERE correct IS NOT 1"
-    ways: list[tuple[str, Callable[..., tuple[float, float]], list[str]]] = [
-        ("now: _rows() dicts, SQLAlchemy insert()", now, []),
-        ("_rows() dicts, exec_driver_sql tuples", driver_sql, []),
-        ("tuples, sqlite3 executemany", tuples, []),
-        ("  + synchronous=NORMAL", tuples, normal),
-        ("  + no label index, mismatch index partial", tuples, [*normal, *no_indexes, mismatches]),
-        ("  + no secondary index (a lower bound)", tuples, normal + no_indexes),
-    ]
-    seconds: dict[str, list[tuple[float, float, float]]] = {name: [] for name, *_ in ways}
-    for r in range(rounds):
-        for n, (name, way, setup) in enumerate(ways if r % 2 == 0 else ways[::-1]):
-            path = work / f"write-{r}-{n}.db"
-            Store(f"sqlite:///{path}").engine.dispose()
-            items = evaluation_store.EvaluationStore(sa.create_engine(f"sqlite:///{path}"))  # as the worker does
-            conn = sqlite3.connect(path)
-            for sql in setup:
-                conn.execute(sql)
-            build = write = 0.0
-            wall = time.perf_counter()
-            for args in chunks:
-                b, w = way(conn, items, args)
-                build, write = build + b, write + w
-            wall = time.perf_counter() - wall
-            conn.close()
-            items.engine.dispose()
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{path}{suffix}").unlink(missing_ok=True)
-            seconds[name].append((build, write, wall))
-    print(
-        f"  building and writing the items of the first {rows:,} rows again ({len(chunks)} chunks, a transaction "
-        f"each; medians of {rounds} alternating rounds, fresh WAL databases; CPU time of this process, steadier "
-        "than wall time on a busy machine, and wall time):"
-    )
-    print(f"    {'way':<46} {'build CPU':>9} {'write CPU':>9} {'vs now':>7} {'wall':>8}")
-    first = None
-    for name, *_ in ways:
-        build, write, wall = (statistics.median(x[i] for x in seconds[name]) for i in range(3))
-        first = first or build + write
-        print(
-            f"    {name:<46} {1e6 * build / rows:6.2f} us {1e6 * write / rows:6.2f} us "
-            f"{(build + write) / first:6.2f}x {1e6 * wall / rows:5.1f} us  (per row)"
-        )
-
-
-INSERT_SQL = (
-    "INSERT INTO evaluation_items (evaluation_id, score, seq, item_id, input, label, prediction, correct, "
-    "explanation, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-
-
-def tuple_rows(
-    evaluation_id: Any,
-    score: str,
-    start: int,
-    chunk: pd.DataFrame,
-    labels: pd.Series | None,
-    batch: Any,
-    correct: np.ndarray | None,
-    failed: np.ndarray,
-    input_column: str | None,
-    id_column: str | None,
-) -> list[tuple[Any, ...]]:
-    """The rows runner._rows builds, from the same per-column lists, zipped into tuples for executemany instead
-    of a dict per row (whole-column string operations instead of _texts() measured no faster)."""
-    from plexus_mcp_jupyter.evaluations.runner import EXCERPT_CHARS, EXPLANATION_CHARS, _texts
-
-    n = len(chunk)
-    none = [None] * n
-    ids = chunk[id_column].astype(str).tolist() if id_column else [str(i) for i in range(start, start + n)]
-    inputs = _texts(chunk[input_column], EXCERPT_CHARS) if input_column and input_column in chunk else none
-    label_texts = _texts(labels, EXCERPT_CHARS) if labels is not None else none
-    predictions = _texts(batch.predictions, EXCERPT_CHARS)
-    oks = correct.tolist() if correct is not None else none
-    if failed.any():
-        predictions = [None if f else v for f, v in zip(failed.tolist(), predictions, strict=True)]
-        oks = [None if f else v for f, v in zip(failed.tolist(), oks, strict=True)]
-    explanations = _texts(batch.explanations, EXPLANATION_CHARS) if batch.explanations is not None else none
-    errors = _texts(batch.errors, EXPLANATION_CHARS) if batch.errors is not None else none
-    return list(
-        zip(
-            itertools.repeat(evaluation_id, n),
-            itertools.repeat(score, n),
-            range(start, start + n),
-            ids,
-            inputs,
-            label_texts,
-            predictions,
-            oks,
-            explanations,
-            errors,
-            strict=True,
-        )
-    )
-
-
 # -- the report --------------------------------------------------------------------------------------------
 
 
@@ -779,9 +511,6 @@ async def main() -> None:
     parser.add_argument("--interval-ms", type=float, default=10.0, help="one get_task call every this often")
     parser.add_argument("--follow-s", type=float, default=0.5, help="get_evaluation every this often")
     parser.add_argument("--raw-rounds", type=int, default=5)
-    parser.add_argument("--breakdown", action="store_true", help="also run the task in-process, timed by piece")
-    parser.add_argument("--write-rows", type=int, default=300_000, help="--breakdown: rows written again per way")
-    parser.add_argument("--write-rounds", type=int, default=3, help="--breakdown: alternating rounds of the ways")
     parser.add_argument("--no-pin", action="store_true", help="let the server and its workers use every core")
     parser.add_argument("--py-spy", metavar="DIR", help="record the server and the worker with py-spy into DIR")
     parser.add_argument("--worker-nice", type=int, default=0, help="renice the forkserver (so workers) to this")
@@ -823,8 +552,6 @@ async def main() -> None:
                 runs.append(run)
                 idle.append(await idle_phase(session, params, args, cpu, f"idle {n + 2}"))
     report(args, idle, busy, runs, raw, read_parquet, upload)
-    if args.breakdown:
-        breakdown(body, args.write_rows, args.write_rounds)
 
 
 if __name__ == "__main__":

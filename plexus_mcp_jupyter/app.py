@@ -24,6 +24,7 @@ from .handlers.evaluations import (
     DatasetUploadHandler,
     DatasetUploadsHandler,
     EvaluationHandler,
+    EvaluationItemFilesHandler,
     EvaluationResultsHandler,
     EvaluationsHandler,
 )
@@ -136,6 +137,7 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
             (rf"/plexus/api/tasks/{TASK_ID}/?", TaskHandler),
             (r"/plexus/api/evaluations/?", EvaluationsHandler),
             (rf"/plexus/api/evaluations/{EVALUATION_ID}/results/?", EvaluationResultsHandler),
+            (rf"/plexus/api/evaluations/{EVALUATION_ID}/items/manifest/?", EvaluationItemFilesHandler),
             (rf"/plexus/api/evaluations/{EVALUATION_ID}/?", EvaluationHandler),
             (r"/plexus/api/datasets/?", DatasetsHandler),
             (r"/plexus/api/datasets/uploads/?", DatasetUploadsHandler),

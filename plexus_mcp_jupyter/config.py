@@ -420,6 +420,13 @@ class PlexusSettings(Configurable):
         "DataFrame in parts, each a request below Jupyter's ServerApp.max_body_size); past it the upload is "
         "discarded with an error saying so. Default 8 GiB.",
     ).tag(config=True)
+    max_registered_bytes_per_principal = Integer(
+        2 * 2**30,
+        min=0,
+        help="Most bytes of registered datasets (their Parquet files) one API key may keep; registering past it "
+        "is refused with an error saying the quota, the use and how to free it (delete datasets). The notebook "
+        "user (Jupyter's token) is not limited. 0: no limit. Default 2 GiB.",
+    ).tag(config=True)
 
     def apply_env(self, environ: Mapping[str, str] | None = None, protected: Iterable[str] = ()) -> None:
         """Set traits from PLEXUS_MCP_* variables, except those in `protected` (set on the command line).

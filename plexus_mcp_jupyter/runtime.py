@@ -28,6 +28,7 @@ from .endpoint.transport import MCPEndpoint
 from .evaluations.datasets import DatasetCatalog
 from .evaluations.file_reads import ReadBounds
 from .evaluations.item_files import ItemFiles
+from .evaluations.items_check import SharedItemsCheck
 from .evaluations.kernel_scorers import KernelScorerRegistry
 from .evaluations.limits import EvaluationLimits
 from .evaluations.service import EvaluationService
@@ -127,6 +128,9 @@ class PlexusRuntime:
 
     def _assemble(self, settings: PlexusSettings, registered_dir: Path, items_dir: Path) -> None:
         """The rest of __init__, once the store and the executor exist (`_release_unstarted` if it fails)."""
+        self.items_dir = items_dir
+        # Several servers on one networked store must share the item files (items_check.py); SQLite is one machine.
+        self.items_check: SharedItemsCheck | None = None
         self.kernel_scorers = KernelScorerRegistry()
         self.manager = TaskManager(
             self.store,
@@ -163,6 +167,7 @@ class PlexusRuntime:
             threads=settings.dataset_threads,
             bounds=ReadBounds(header_bytes=settings.max_dataset_header_bytes, columns=settings.max_dataset_columns),
         )
+        self.catalog.max_registered_bytes = settings.max_registered_bytes_per_principal
         self.uploads = DatasetUploads(self.catalog, max_bytes=settings.max_dataset_upload_bytes)
         self.keys = KeyStore(self.store.engine)
         self._streams: dict[str, set[Callable[[], None]]] = {}
@@ -322,6 +327,9 @@ class PlexusRuntime:
         self.leases.start(loop, self.manager.server_id)
         await self.endpoint.start()
         self.evaluations.start()
+        if self.store.engine.dialect.name != "sqlite":
+            self.items_check = SharedItemsCheck(self.store.engine, self.items_dir, self.manager.server_id)
+            self.items_check.start()
         self._key_watch = asyncio.get_running_loop().create_task(self._watch_keys(), name="plexus-key-watch")
         log.info("Plexus MCP %s ready; store %s, executor %s", __version__, self.store.safe_url, self.executor.name)
 
@@ -343,6 +351,9 @@ class PlexusRuntime:
         await self.manager.stop()
         await asyncio.to_thread(self.leases.stop)
         await asyncio.to_thread(self.relay.stop)  # after the manager: the final states it recorded go out
+        if self.items_check is not None:
+            await asyncio.to_thread(self.items_check.stop)
+            self.items_check = None
         self.evaluations.close()
         self.uploads.close()
         self.catalog.close()
@@ -363,8 +374,9 @@ class PlexusRuntime:
             store_status = str(exc)
         except Exception as exc:  # reported, not raised: health must answer
             store_status = f"error: {type(exc).__name__}"
+        items_problem = self.items_check.problem if self.items_check is not None else None
         return {
-            "status": "ok" if store_status == "ok" else "degraded",
+            "status": "ok" if store_status == "ok" and items_problem is None else "degraded",
             "version": __version__,
             "store": {"status": store_status, "url": self.store.safe_url},
             "executor": {
@@ -375,4 +387,5 @@ class PlexusRuntime:
             "mcp": {"sessions": self.endpoint.session_count},
             # This process among the servers sharing the store (docs/scale-out.md).
             "server": {"id": self.manager.server_id, "relay": self.relay.status(), "leases": self.leases.status()},
+            "evaluation_items": {"dir": str(self.items_dir), **({"problem": items_problem} if items_problem else {})},
         }

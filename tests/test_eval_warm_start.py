@@ -146,3 +146,24 @@ async def test_a_task_still_waiting_past_the_grace_period_is_killed_without_a_wo
         await m.wait_final([task_id], 30)
         assert blocked.held and m.get(task_id).status is TaskStatus.CANCELLED
         assert m.executor.status()["waiting"] == 0
+
+
+async def test_the_warm_up_after_start_rehearses_the_first_evaluation_and_stores_nothing(
+    runtime, mcp_client, jp_root_dir
+):
+    """The evaluation service's warm-up (planned, inserted and rolled back, read) runs off the loop after start:
+    the first create_evaluation then finds its statements compiled; no task or record is left by it."""
+    service = runtime.evaluations
+    await poll(service.warmed.is_set, bool)
+    engine = runtime.store.engine
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM tasks").scalar_one() == 0
+        assert conn.exec_driver_sql("SELECT count(*) FROM evaluations").scalar_one() == 0
+    compiled = [c.string for c in engine._compiled_cache.values()]  # SQLAlchemy's compiled statements
+    assert any(sql.startswith("INSERT INTO evaluations") for sql in compiled), compiled
+    pd.DataFrame({"label": ["yes", "no"] * 50, "prediction": ["yes"] * 100}).to_csv(jp_root_dir / "w.csv", index=False)
+    async with mcp_client() as client:
+        made = await create(
+            client, type="accuracy", dataset="w.csv", label_column="label", prediction_column="prediction"
+        )
+        assert (await finished(client, made["evaluation_id"]))["status"] == "COMPLETED"

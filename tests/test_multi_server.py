@@ -368,3 +368,26 @@ def test_a_lease_that_ran_out_means_a_gone_server_on_any_host():
     assert not _owner_gone(other_host, "me", lease_expires_at=time.time() + 30)
     assert not _owner_gone(other_host, "me")  # no lease (an older release): left to its own server
     assert not _owner_gone("local:another-host:1:me", "me", lease_expires_at=time.time() - 1)  # our own
+
+
+def test_a_server_whose_item_directory_the_others_do_not_share_says_so_in_health(servers, postgres, tmp_path):
+    """Two servers on one PostgreSQL sharing evaluation_items_dir see each other's markers: health ok. A third with
+    a directory of its own cannot see theirs: its health is degraded saying why, and it warns once (the first two
+    notice it at their next check, a minute later)."""
+    if postgres is None:
+        pytest.skip("PostgreSQL could not be started here (on CI this fails instead)")
+    db_url = create_store(postgres.create_database())
+    shared = tmp_path / "shared-items"
+    a, b = servers(db_url, {"a": {"evaluation_items_dir": shared}, "b": {"evaluation_items_dir": shared}})
+    assert len(list((shared / ".plexus-servers").iterdir())) == 2
+    for server in (a, b):
+        assert server.health()["status"] == "ok", server.health()
+    (c,) = servers(db_url, {"c": {"evaluation_items_dir": tmp_path / "own-items"}})
+    health = wait_until(lambda: c.health()["evaluation_items"].get("problem") and c.health(), 30, "c's check")
+    assert (
+        health["status"] == "degraded" and "evaluation_items_dir is not shared" in health["evaluation_items"]["problem"]
+    )
+    assert str(shared) in health["evaluation_items"]["problem"]
+    assert c.log().count("evaluation_items_dir is not shared") == 1
+    b.stop()  # a server that stops withdraws its marker and record
+    assert len(list((shared / ".plexus-servers").iterdir())) == 1

@@ -41,5 +41,9 @@ class NotFound(PlexusError, LookupError):
     """The named entity does not exist (or is not visible to the caller)."""
 
 
+class Forbidden(PlexusError, PermissionError):
+    """The caller may see the entity but not this about it (REST: 403); the message says who may."""
+
+
 class Expired(NotFound):
     """The entity existed but was pruned by retention (core/retention.py): the message says when and why."""

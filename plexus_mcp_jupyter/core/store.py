@@ -440,11 +440,24 @@ class Store:
     def create_task(self, task: Task, *, also: Callable[[Connection], None] | None = None) -> None:
         """Insert a new task; `also` writes in the same transaction what must exist with it (its record)."""
         with self.engine.begin() as conn:
-            self._many(conn, _INSERT_TASK, [_task_row(task)])  # prebuilt: building one per call cost more
-            if task.stages:
-                conn.execute(sa.insert(stages_table), [_stage_row(task.id, stage) for stage in task.stages])
-            if also is not None:
-                also(conn)
+            self._insert_task(conn, task, also)
+
+    def rehearse_create_task(self, task: Task, *, also: Callable[[Connection], None] | None = None) -> None:
+        """`create_task`'s statements, executed and rolled back: nothing is stored, and they are compiled and in
+        the engine's cache (and a connection opened) before the first real one (the warm-up after start)."""
+        with self.engine.connect() as conn:
+            transaction = conn.begin()
+            try:
+                self._insert_task(conn, task, also)
+            finally:
+                transaction.rollback()
+
+    def _insert_task(self, conn: Connection, task: Task, also: Callable[[Connection], None] | None) -> None:
+        self._many(conn, _INSERT_TASK, [_task_row(task)])  # prebuilt: building one per call cost more
+        if task.stages:
+            conn.execute(sa.insert(stages_table), [_stage_row(task.id, stage) for stage in task.stages])
+        if also is not None:
+            also(conn)
 
     def create_tasks(self, tasks: Sequence[Task], *, also: Callable[[Connection], None] | None = None) -> None:
         """Insert new tasks (without stages) in one transaction, through the driver's executemany: a

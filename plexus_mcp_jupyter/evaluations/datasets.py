@@ -49,7 +49,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..core.errors import InvalidArgument, NotFound, one_line
+from ..core.errors import Forbidden, InvalidArgument, NotFound, one_line
+from ..core.ownership import is_key_owner
 from .dataset_stream import DatasetStream, count_lines
 from .file_reads import (
     MAX_TRACKED_LABELS,
@@ -246,6 +247,9 @@ class DatasetCatalog:
         self.registered_dir = Path(registered_dir)
         self.bounds = bounds or ReadBounds()
         self.threads = threads
+        # Most bytes of registered datasets one API key's owner may keep (0: no limit); the
+        # max_registered_bytes_per_principal setting, set by the runtime.
+        self.max_registered_bytes = 0
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._described: OrderedDict[tuple[Any, ...], DatasetInfo] = OrderedDict()
@@ -563,7 +567,33 @@ class DatasetCatalog:
         self.registered_dir.mkdir(parents=True, exist_ok=True)
         (self.registered_dir / f".{name}.owner").write_text(owner or "", encoding="utf-8")
 
-    def register(self, name: str, df: pd.DataFrame, *, replace: bool = False) -> DatasetInfo:
+    def registered_bytes(self, owner: str | None, *, besides: str | None = None) -> tuple[int, int]:
+        """Bytes and number of the registered datasets `owner` registered (besides `besides`, one being replaced)."""
+        used = count = 0
+        for name in self.registered_names():
+            if name != besides and self.owner_of(name) == owner:
+                with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
+                    used += (self.registered_dir / f"{name}.parquet").stat().st_size
+                    count += 1
+        return used, count
+
+    def check_quota(self, owner: str | None, name: str, adding: int) -> None:
+        """Forbidden when registering `adding` bytes as `name` would put an API key's registered datasets past
+        `max_registered_bytes` (the one `name` replaces, if theirs, is not counted: it goes)."""
+        quota = self.max_registered_bytes
+        if not quota or not is_key_owner(owner):
+            return
+        used, count = self.registered_bytes(owner, besides=name)
+        if used + adding > quota:
+            raise Forbidden(
+                f"registering {name!r} ({_size(adding)}) would pass your quota of registered data, {_size(quota)} "
+                f"(the max_registered_bytes_per_principal setting): your {count} registered dataset(s) use "
+                f"{_size(used)}. Delete those you no longer need (plexus.delete_dataset(name), or DELETE "
+                "plexus/api/datasets/registered:<name>), keep only the columns the evaluation needs, or ask an "
+                "admin for a larger quota"
+            )
+
+    def register(self, name: str, df: pd.DataFrame, *, replace: bool = False, owner: str | None = None) -> DatasetInfo:
         """Store `df` as the registered dataset `name` (ref ``registered:<name>``).
 
         The file is written to a temporary name and renamed into place, so a reader never sees half a
@@ -594,6 +624,7 @@ class DatasetCatalog:
         os.close(descriptor)
         try:
             pq.write_table(table, temporary)
+            self.check_quota(owner, name, os.path.getsize(temporary))  # on the bytes it takes on disk
             self.place(temporary, name, replace=replace)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -620,6 +651,8 @@ class DatasetCatalog:
             (self.registered_dir / f"{name}.parquet").unlink()
         except FileNotFoundError:
             raise NotFound(f"no registered dataset {name!r}") from None
+        with contextlib.suppress(FileNotFoundError):
+            (self.registered_dir / f".{name}.owner").unlink()
 
     def known_rows(self, ref: str) -> int | None:
         """The dataset's rows when they are known without a scan: Parquet metadata (registered frames and
@@ -725,3 +758,11 @@ __all__ = [
     "require_columns",
     "require_names",
 ]
+
+
+def _size(count: int) -> str:
+    """Bytes as a person reads them (a quota's error)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= scale:
+            return f"{count / scale:,.1f} {unit}"
+    return f"{count:,} bytes"

@@ -157,6 +157,19 @@ class ItemFiles:
                 found.append((int(match[1]), int(match[2]), folder / name))
         return sorted(found)
 
+    def listing(self, evaluation_id: str, score: str) -> list[dict[str, Any]]:
+        """The complete chunks of a score as a reader elsewhere checks them before reading them itself (the
+        notebook's `.results()`): absolute path, size and mtime (ns), seqs, in seq order."""
+        out = []
+        for first, end, path in self.chunks(evaluation_id, score):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # removed meanwhile (a re-run): not listed
+                continue
+            entry = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+            out.append(entry | {"first_seq": first, "end_seq": end})
+        return out
+
     def count(self, evaluation_id: str, score: str) -> int:
         return sum(end - first for first, end, _ in self.chunks(evaluation_id, score))
 
@@ -254,6 +267,46 @@ class _Matching:
         for more in masks[1:]:
             mask = pc.and_(mask, more)
         return table.filter(mask)  # null (no class): dropped
+
+    def expression(self) -> pc.Expression | None:
+        """The same filters as a dataset expression (reading files whole, where Acero's start is paid once)."""
+        terms = []
+        if self.after is not None:
+            terms.append(pc.field("seq") > self.after)
+        if self.only_mismatches:
+            terms.append(~pc.coalesce(pc.field("correct"), pa.scalar(False)))
+        if self.label is not None:
+            terms.append(pc.field("label_class") == self.label)
+        out = None
+        for term in terms:
+            out = term if out is None else out & term
+        return out
+
+
+def read_listed(
+    files: Sequence[Mapping[str, Any]], *, only_mismatches: bool, label: str | None, schema: pa.Schema
+) -> pa.Table | None:
+    """The items of listed chunk files (ItemFiles.listing, paths as this process sees them) matching the filters,
+    in seq order, as one table of `schema`; None when a file is not here as listed (missing, or another size or
+    mtime: another machine's disk, or a re-run since), so the caller reads over the server instead.
+
+    Each file is read whole with the filter pushed down (pyarrow's threads, no Python step per item)."""
+    for entry in files:
+        try:
+            stat = os.stat(entry["path"])
+        except OSError:
+            return None
+        if stat.st_size != entry["size"] or stat.st_mtime_ns != entry["mtime_ns"]:
+            return None
+    matching = _Matching(None, only_mismatches, label).expression()
+    tables = []
+    try:
+        for entry in files:
+            table = pq.read_table(entry["path"], columns=schema.names, filters=matching)
+            tables.append(table.cast(schema))
+    except (OSError, pa.ArrowException):  # gone or changed since the check: the server's read then
+        return None
+    return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
 def _rows(table: pa.Table) -> list[dict[str, Any]]:

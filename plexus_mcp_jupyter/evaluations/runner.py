@@ -43,7 +43,7 @@ from .scorers import (
     module_allowed,
     scorer_from_spec,
 )
-from .store import SETUP_STAGE, EvaluationStore, item_rows
+from .store import SETUP_STAGE, EvaluationStore
 
 EXCERPT_CHARS = 200
 REDACTED = "[redacted]"
@@ -375,22 +375,6 @@ def _failed_mask(batch: ScoreBatch) -> np.ndarray:
     if batch.errors is None:
         return np.zeros(len(batch.predictions), dtype=bool)
     return batch.errors.notna().to_numpy()
-
-
-def _rows(
-    start: int,
-    chunk: pd.DataFrame,
-    labels: pd.Series | None,
-    classes: np.ndarray | pa.Array | None,
-    batch: ScoreBatch,
-    correct: np.ndarray | None,
-    failed: np.ndarray,
-    input_column: str | None,
-    id_column: str | None,
-    redacted: frozenset[str] = frozenset(),
-) -> list[tuple[Any, ...]]:
-    """The chunk's items as rows of INSERT_COLUMNS (the row store of an items-less store; benchmarks)."""
-    return item_rows(_columns(start, chunk, labels, classes, batch, correct, failed, input_column, id_column, redacted))
 
 
 def _columns(

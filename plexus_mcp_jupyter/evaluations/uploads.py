@@ -61,10 +61,12 @@ class DatasetUploads:
     def directory(self) -> Path:
         return self.catalog.registered_dir / ".uploads"
 
-    def begin(self, name: str, *, replace: bool, owner: str | None) -> str:
+    def begin(self, name: str, *, replace: bool, owner: str | None, declared: int | None = None) -> str:
         """A new upload's id (the caller checked the name is theirs to use; without `replace`, its being free is
-        checked again at commit)."""
+        checked again at commit). `declared`: the frame's size as the client knows it, checked against the
+        caller's quota of registered bytes now (the file's own size is checked at commit)."""
         self.catalog.check_registered_name(name)
+        self.catalog.check_quota(owner, name, declared or 1)
         self.expire()
         self.directory.mkdir(parents=True, exist_ok=True)
         upload_id = secrets.token_hex(16)
@@ -129,6 +131,7 @@ class DatasetUploads:
                     raise InvalidArgument(f"upload {upload_id!r} has no rows: send at least one part with rows")
                 upload.writer.close()
                 upload.writer = None
+                self.catalog.check_quota(upload.owner, upload.name, upload.path.stat().st_size)
                 info = self.catalog.place(upload.path, upload.name, replace=upload.replace)
                 self.catalog.set_owner(upload.name, upload.owner)
                 return info

@@ -16,7 +16,7 @@ from jupyter_server.auth.identity import User
 from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
-from ..core.errors import Expired, NotFound, PlexusError, bounded
+from ..core.errors import Expired, Forbidden, NotFound, PlexusError, bounded
 from ..core.requests import RequestModel
 from ..core.store_calls import RETRY_AFTER_SECONDS, store_unavailable
 from ..runtime import PlexusRuntime
@@ -288,4 +288,6 @@ def http_error(exc: PlexusError) -> web.HTTPError:
         return web.HTTPError(410, message)  # Gone: it existed, and retention removed it
     if isinstance(exc, NotFound):
         return web.HTTPError(404, message)
+    if isinstance(exc, Forbidden):
+        return web.HTTPError(403, message)
     return web.HTTPError(400, message)

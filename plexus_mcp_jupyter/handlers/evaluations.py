@@ -14,7 +14,7 @@ import pyarrow as pa
 from tornado import web
 from tornado.iostream import StreamClosedError
 
-from ..core.errors import InvalidArgument, PlexusError
+from ..core.errors import InvalidArgument, NotFound, PlexusError
 from ..core.requests import paged
 from ..evaluations.item_files import ARROW_STREAM_TYPE as ARROW_STREAM
 from ..evaluations.item_files import ArrowStream
@@ -28,6 +28,14 @@ PARQUET_TYPES = ("application/vnd.apache.parquet", "application/x-parquet", "app
 
 def _flag(handler: PlexusHandler, name: str, default: str = "false") -> bool:
     return parse_flag(name, handler.get_argument(name, default))
+
+
+def _results_request(handler: PlexusHandler, evaluation_id: str) -> GetEvaluationResults:
+    """A results request from the query string (?only_mismatches=&label=&score=&limit=&cursor=), pages bounded
+    by the server's max_page_size: the pages, the Arrow stream and the item files' manifest read it alike."""
+    return handler.query_request(
+        paged(GetEvaluationResults, handler.runtime.manager.max_page_size), evaluation_id=evaluation_id
+    )
 
 
 def _name_argument(handler: PlexusHandler, name: str) -> str | None:
@@ -105,9 +113,7 @@ class EvaluationResultsHandler(PlexusHandler):
         service = self.runtime.evaluations
         as_arrow = ARROW_STREAM in (self.request.headers.get("Accept") or "")
         try:
-            request = self.query_request(
-                paged(GetEvaluationResults, self.runtime.manager.max_page_size), evaluation_id=evaluation_id
-            )
+            request = _results_request(self, evaluation_id)
             # item files are read off the loop, in the catalog's threads
             if as_arrow:
                 stream = await service.catalog.run(service.item_stream, request, self.principal.viewer)
@@ -133,6 +139,22 @@ class EvaluationResultsHandler(PlexusHandler):
                 return
 
 
+class EvaluationItemFilesHandler(PlexusHandler):
+    async def get(self, evaluation_id: str) -> None:
+        """Where the items are (?only_mismatches=...&label=...&score=..., as results): the chunk files' absolute
+        paths, sizes and mtimes, the filter as applied, the Arrow schema; for a kernel on the same disk, which
+        reads them itself. Only the evaluation's owner or an admin (403 otherwise; 404 if it cannot see it)."""
+        service = self.runtime.evaluations
+        try:
+            request = _results_request(self, evaluation_id)
+            manifest = await service.catalog.run(  # lists and stats the chunk files: off the loop
+                service.item_files, request, self.principal.viewer, self.principal.owner
+            )
+        except PlexusError as exc:
+            raise http_error(exc) from None
+        self.reply(manifest)
+
+
 class DatasetHandler(PlexusHandler):
     async def get(self, ref: str) -> None:
         """One dataset: rows, columns, and the label distribution (?label_column=...; default 'label')."""
@@ -147,6 +169,33 @@ class DatasetHandler(PlexusHandler):
         if data.get("label_column") in self.runtime.evaluations.redacted:  # the default `label` column
             data["label_distribution"] = None
         self.reply(data)
+
+    async def delete(self, ref: str) -> None:
+        """Delete a registered dataset (`registered:<name>`): its owner or an admin; 204. Frees its bytes from
+        its owner's quota (max_registered_bytes_per_principal)."""
+        self.require("register")
+        catalog = self.runtime.catalog
+        try:
+            if not ref.startswith("registered:"):
+                raise InvalidArgument(
+                    f"only registered datasets can be deleted (registered:<name>), not {ref[:100]!r}: files under "
+                    "the Jupyter root are the user's, and examples ship with the package"
+                )
+            name = catalog.check_registered_name(ref.removeprefix("registered:"))
+            owner = await catalog.run(catalog.owner_of, name)
+            if name not in await catalog.run(catalog.registered_names) or not self.principal.sees_owner(owner):
+                raise NotFound(f"no registered dataset {name!r}")  # another key's is as good as unknown
+            if not self.principal.is_admin and owner != self.principal.owner:
+                raise web.HTTPError(
+                    403,
+                    f"permission denied: dataset {name!r} was registered by {owner or 'the notebook user'}; only "
+                    "they or an admin may delete it",
+                )
+            await catalog.run(catalog.unregister, name)
+        except PlexusError as exc:
+            raise http_error(exc) from None
+        self.set_status(204)
+        self.finish()
 
 
 class DatasetsHandler(PlexusHandler):
@@ -172,12 +221,14 @@ class DatasetsHandler(PlexusHandler):
             catalog = self.runtime.catalog
             catalog.check_registered_name(name)
             replace = _flag(self, "replace")
+            owner = self.principal.owner
+            await catalog.run(catalog.check_quota, owner, name, 1)  # already at the quota: refused before parsing
             # Parsing and writing Parquet take a while for a big frame: off the event loop, in the catalog's threads.
             frame = await catalog.run(self._frame)
             if not _may_register(self, name, replace):
                 return
-            info = await catalog.run(catalog.register, name, frame, replace=replace)
-            catalog.set_owner(name, self.principal.owner)
+            info = await catalog.run(catalog.register, name, frame, replace=replace, owner=owner)
+            catalog.set_owner(name, owner)
         except PlexusError as exc:
             raise http_error(exc) from None
         self.reply(info.to_dict(), status=201)
@@ -224,8 +275,17 @@ class DatasetUploadsHandler(PlexusHandler):
             replace = _flag(self, "replace")
             if not _may_register(self, name, replace):
                 return
+            declared = self.get_argument("bytes", None)  # the frame's size, if the client says: checked now
+            if declared is not None and not declared.isdigit():
+                raise InvalidArgument("bytes is the frame's size in bytes (?bytes=N, a whole number), when known")
             uploads = self.runtime.uploads
-            upload_id = await self.runtime.catalog.run(uploads.begin, name, replace=replace, owner=self.principal.owner)
+            upload_id = await self.runtime.catalog.run(
+                uploads.begin,
+                name,
+                replace=replace,
+                owner=self.principal.owner,
+                declared=int(declared) if declared is not None else None,
+            )
         except PlexusError as exc:
             raise http_error(exc) from None
         self.reply({"upload_id": upload_id, "max_bytes": uploads.max_bytes}, status=201)

@@ -262,6 +262,11 @@ class Plexus:
                 client.request("DELETE", upload)
             raise
 
+    def delete_dataset(self, name: str) -> None:
+        """Delete the registered dataset `name` (yours, or any as an admin): its bytes no longer count against your
+        quota of registered data. Evaluations made from it keep their results."""
+        self.client.request("DELETE", "datasets/registered:" + name)
+
     def register_scorer(self, name: str, fn: Callable[..., Any], batch: bool = True) -> str:
         """Serve `fn` from this kernel as the scorer `kernel:<name>`, which assistants can name in
         create_evaluation. batch=True: `fn(pd.Series of inputs)` returns labels (or (label, explanation) pairs);

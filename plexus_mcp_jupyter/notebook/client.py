@@ -10,6 +10,7 @@ except the REST call it asked for.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -42,6 +43,9 @@ log = logging.getLogger("plexus_mcp_jupyter.notebook")
 ENV_URL = "PLEXUS_MCP_URL"
 ENV_TOKEN = "PLEXUS_MCP_TOKEN"
 ENV_CONNECTION_FILE = "PLEXUS_MCP_CONNECTION_FILE"
+# Where the kernel sees the server's item files when not at the server's own paths (a container mounting the
+# same volume elsewhere): "server prefix=kernel prefix".
+ENV_ITEMS_PATH_MAP = "PLEXUS_MCP_ITEMS_PATH_MAP"
 DEFAULT_TIMEOUT = 30.0
 STREAM_WAIT = 10.0  # seconds to wait for the event stream when something needs it
 RECENT = 1000  # tasks whose latest event is kept, so a mirror made late starts from it
@@ -104,6 +108,16 @@ def _message(response: requests.Response) -> str:
     return response.text[:500]
 
 
+def _path_map(value: str | None) -> tuple[str, str] | None:
+    """ENV_ITEMS_PATH_MAP's value as (server prefix, kernel prefix); None when unset or not of that form."""
+    server, sep, kernel = (value or "").partition("=")
+    if not sep or not server.strip() or not kernel.strip():
+        if value:
+            log.warning("%s=%r is not 'server prefix=kernel prefix': ignored", ENV_ITEMS_PATH_MAP, value)
+        return None
+    return server.strip(), kernel.strip()
+
+
 class PlexusClient:
     """REST calls and the event stream of one Jupyter server. Create it with `connect()`."""
 
@@ -123,6 +137,8 @@ class PlexusClient:
         self._replies: deque[tuple[str, threading.Event, list[dict[str, Any]]]] = deque()
         self._pool: ThreadPoolExecutor | None = None
         self._stream: EventStream | None = None
+        # (server prefix, kernel prefix) of the item files' paths; see ENV_ITEMS_PATH_MAP and local_items.
+        self.items_path_map: tuple[str, str] | None = _path_map(os.environ.get(ENV_ITEMS_PATH_MAP))
         if check:
             self.check()
 
@@ -190,6 +206,35 @@ class PlexusClient:
             )
         response.raw.decode_content = True
         return pa.ipc.open_stream(response.raw)
+
+    def local_items(self, evaluation_id: str, params: dict[str, Any]) -> Any:
+        """An evaluation's items (results' filters in `params`) read from its Parquet files straight from this
+        kernel's disk, when it sees them as the server listed them (path, size, mtime); None otherwise (another
+        machine, another caller's evaluation, an older server), and the caller reads them over REST."""
+        from ..evaluations.item_files import read_listed
+
+        query = {k: v for k, v in params.items() if v is not None}
+        try:
+            manifest = self.request("GET", f"evaluations/{evaluation_id}/items/manifest", params=query)
+        except PlexusAPIError as exc:
+            if exc.status not in (403, 404, 405):  # not listed to this caller, or not here: the Arrow stream then
+                raise
+            return None
+        if not isinstance(manifest, dict) or manifest.get("format") != "parquet":
+            return None
+        import pyarrow as pa
+
+        schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(manifest["schema"])))
+        files = [entry | {"path": self._local_path(entry["path"])} for entry in manifest["files"]]
+        flt = manifest["filter"]
+        return read_listed(files, only_mismatches=flt["only_mismatches"], label=flt["label_class"], schema=schema)
+
+    def _local_path(self, path: str) -> str:
+        if self.items_path_map is not None:
+            server, kernel = self.items_path_map
+            if path == server or path.startswith(server.rstrip("/") + "/"):
+                return kernel.rstrip("/") + path[len(server.rstrip("/")) :]
+        return path
 
     def check(self) -> dict[str, Any]:
         """Check that the server is reachable, runs the Plexus extension and accepts the token."""

@@ -180,8 +180,10 @@ class EvaluationHandle(TaskHandle):
     ) -> pd.DataFrame:
         """Per-item results (input, label, prediction, correct, explanation, error), all or the first `limit`.
 
-        All of them come as one Arrow IPC stream (REST, `Accept: application/vnd.apache.arrow.stream`): millions
-        of items in seconds, not a JSON page per hundred; the first `limit` come as pages."""
+        All of them are read from the evaluation's Parquet files when this kernel sees them as the server listed
+        them (the owner's or an admin's, on the same disk: `attrs["read_from"]` is "files"), else as one Arrow
+        IPC stream over REST ("server"): millions of items in seconds, not a JSON page per hundred. The first
+        `limit` come as pages."""
         from .tables import items_frame
 
         request = request_of(
@@ -191,5 +193,11 @@ class EvaluationHandle(TaskHandle):
         params = request.query(exclude={"evaluation_id"})
         path = f"evaluations/{self.evaluation_id}/results"
         if limit is None:
-            return items_frame(self.client.arrow_stream(path, params).read_all())
+            table = self.client.local_items(self.evaluation_id, params)
+            read_from = "files" if table is not None else "server"
+            if table is None:
+                table = self.client.arrow_stream(path, params).read_all()
+            frame = items_frame(table)
+            frame.attrs["read_from"] = read_from
+            return frame
         return items_frame(self.client.pages(path, "items", params, limit))

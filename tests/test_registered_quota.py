@@ -1,0 +1,89 @@
+"""The per-principal quota on registered bytes (issue 15, item 4): an API key's registered datasets may not
+pass max_registered_bytes_per_principal, whether sent as one body or in parts (checked at begin when the size
+is declared, and on the file's bytes before it is placed); the error says the quota, the use and how to free
+it; deleting a dataset frees it; another key is not affected. A real server, REST, real API keys."""
+
+from __future__ import annotations
+
+import io
+import uuid
+from typing import Any
+
+import httpx2
+import pandas as pd
+import pytest
+
+from .test_eval_uploads import arrow_part, said
+
+QUOTA = 100_000
+
+
+@pytest.fixture
+def plexus_config(plexus_config) -> dict[str, Any]:
+    return {**plexus_config, "max_registered_bytes_per_principal": QUOTA}
+
+
+def frame(rows: int = 1000) -> pd.DataFrame:
+    """About 36 KB as Parquet: random text does not compress."""
+    return pd.DataFrame({"text": [uuid.uuid4().hex for _ in range(rows)], "label": ["yes", "no"] * (rows // 2)})
+
+
+def parquet(df: pd.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    df.to_parquet(buffer, index=False)
+    return buffer.getvalue()
+
+
+async def test_a_key_past_its_quota_is_refused_clearly_and_another_is_not(server_url, keys, runtime):
+    registered = runtime.catalog.registered_dir
+    api = f"{server_url}plexus/api/datasets"
+
+    def as_key(name: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {keys[name]}", "Content-Type": "application/vnd.apache.parquet"}
+
+    async with httpx2.AsyncClient(timeout=60) as http:
+
+        async def register(key: str, name: str, body: bytes, replace: bool = False) -> httpx2.Response:
+            params = {"name": name, **({"replace": "true"} if replace else {})}
+            return await http.post(api, params=params, content=body, headers=as_key(key))
+
+        for name in ("a1", "a2"):
+            assert (await register("operator", name, parquet(frame()))).status_code == 201
+        size = (registered / "a1.parquet").stat().st_size
+        assert 2 * size <= QUOTA < 3 * size  # two fit, a third does not
+
+        refused = await register("operator", "a3", parquet(frame()))
+        assert refused.status_code == 403
+        message = said(refused)
+        for part in ("quota of registered data", "97.7 KiB", "max_registered_bytes_per_principal", "2 registered"):
+            assert part in message, message
+        assert "delete_dataset" in message and "Traceback" not in refused.text
+        assert not (registered / "a3.parquet").exists() and not list(registered.glob(".a3.*"))
+
+        # Another key is not affected; replacing one's own dataset does not count the one it replaces.
+        assert (await register("operator2", "b1", parquet(frame()))).status_code == 201
+        assert (await register("operator", "a2", parquet(frame()), replace=True)).status_code == 201
+
+        # In parts: refused at begin when the declared size does not fit, else at commit on the file's bytes.
+        uploads = f"{api}/uploads"
+        declared = await http.post(uploads, params={"name": "a4", "bytes": str(size)}, headers=as_key("operator"))
+        assert declared.status_code == 403 and "quota of registered data" in said(declared)
+        began = await http.post(uploads, params={"name": "a4"}, headers=as_key("operator"))
+        assert began.status_code == 201, began.text
+        upload = f"{uploads}/{began.json()['upload_id']}"
+        sent = await http.put(upload, params={"part": "0"}, content=arrow_part(frame()), headers=as_key("operator"))
+        assert sent.status_code == 200, sent.text
+        committed = await http.post(upload, headers=as_key("operator"))
+        assert committed.status_code == 403 and "quota of registered data" in said(committed)
+        assert not (registered / "a4.parquet").exists() and not list((registered / ".uploads").iterdir())
+
+        # Deleting frees it: another key cannot (not even see it), its owner can.
+        other = await http.delete(f"{api}/registered:a1", headers=as_key("operator2"))
+        assert other.status_code == 404 and (registered / "a1.parquet").exists()
+        assert (await http.delete(f"{api}/registered:a1", headers=as_key("operator"))).status_code == 204
+        assert not (registered / "a1.parquet").exists() and not (registered / ".a1.owner").exists()
+        assert (await register("operator", "a3", parquet(frame()))).status_code == 201
+        missing = await http.delete(f"{api}/registered:a1", headers=as_key("operator"))
+        assert missing.status_code == 404
+        wrong = await http.delete(f"{api}/example:sentiment", headers=as_key("admin"))
+        assert wrong.status_code == 400 and "only registered datasets can be deleted" in said(wrong)
