@@ -42,6 +42,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +134,19 @@ async def evaluate(url: str, dataset: str, rows: int) -> dict[str, Any]:
         "get_task_p50_ms": await latency,
         "accuracy": got["metrics"]["score"]["accuracy"],
         "worker": task["worker"],
+        "stages": stage_times(task),
     }
+
+
+def stage_times(task: dict[str, Any]) -> str:
+    """Where an evaluation's time went (get_task): from created to its worker starting, then each stage."""
+
+    def at(text: str | None) -> float:
+        return datetime.fromisoformat(text).timestamp() if text else float("nan")
+
+    parts = [f"start {at(task['started_at']) - at(task['created_at']):.2f} s"]
+    parts += [f"{s['name']} {at(s['completed_at']) - at(s['started_at']):.2f} s" for s in task["stages"]]
+    return ", ".join(parts)
 
 
 async def run_part(part: Part, n: int, sessions: int, data: Path, rows: int) -> dict[str, Any]:
@@ -279,6 +292,7 @@ async def main() -> None:
             f"{label:<44} {e['rows_per_s']:>10,.0f} {e['seconds']:>6.2f} {r['raw_s']:>6.2f} "
             f"{e['seconds'] / r['raw_s']:>5.1f}x {e['get_task_p50_ms']:>16.2f}  {e['worker']}"
         )
+        print(f"{'':<44} stages: {e['stages']}")
     if postgres_url is not None:
         (_, sqlite), (_, postgres) = mcp[1], mcp[2]
         print(
