@@ -256,6 +256,13 @@ class LeanSession:
                     return message  # type: ignore[no-any-return]
         raise RuntimeError(f"no response to {method}: {response.status_code} {response.text[:200]}")
 
+    async def call(self, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        """A tools/call's structured content; RuntimeError with the tool's message when it answers an error."""
+        result = (await self.request("tools/call", {"name": tool, "arguments": arguments}))["result"]
+        if result.get("isError"):
+            raise RuntimeError(f"{tool}: {result['content'][0]['text']}")
+        return result["structuredContent"]  # type: ignore[no-any-return]
+
 
 TRIVIAL = {"name": "run_demo_task", "arguments": {"items": 1, "item_delay_ms": 0}}
 
@@ -350,3 +357,77 @@ def tempdir() -> tempfile.TemporaryDirectory[str]:
 def med(runs: list[dict], tool: str, key: str) -> float:
     """The median of one figure over rounds (runs: one dict per round, by tool then figure)."""
     return statistics.median(r[tool][key] for r in runs)
+
+
+# -- evaluation data and its raw peer (bench_evaluation_e2e, bench_scale) -----------------------------------
+
+EVALUATION_CLASSES = ("billing", "technical", "account", "shipping", "other")
+EVALUATION_PIECE = 1_000_000  # rows generated (and written) at a time
+
+
+def evaluation_rows(start: int, rows: int) -> Any:
+    """Rows start..start+rows of the evaluation benchmarks' data, a pyarrow Table (id, text, label, prediction; 5
+    classes, labels with stray case/blanks and 1% missing, 80% of predictions right), seeded by `start`, so a file
+    is the same every time."""
+    import numpy as np
+    import pyarrow as pa
+
+    classes = np.array(EVALUATION_CLASSES)
+    rng = np.random.default_rng(start)
+    truth = rng.integers(0, len(classes), rows)
+    label = classes[truth].astype(object)
+    odd = rng.random(rows)
+    label[odd < 0.02] = np.char.upper(classes[truth[odd < 0.02]].astype(str))
+    label[(odd >= 0.02) & (odd < 0.03)] = np.char.add(" ", classes[truth[(odd >= 0.02) & (odd < 0.03)]].astype(str))
+    label[odd > 0.99] = None
+    wrong = rng.random(rows) < 0.2
+    predicted = np.where(wrong, (truth + rng.integers(1, len(classes), rows)) % len(classes), truth)
+    ids = np.arange(start + 1, start + rows + 1, dtype=np.int64)
+    text = np.char.add("a support ticket about ", classes[truth].astype(str))
+    return pa.table(
+        {
+            "id": ids,
+            "text": pa.array(text, pa.string()),
+            "label": pa.array(label, pa.string()),
+            "prediction": pa.array(classes[predicted], pa.string()),
+        }
+    )
+
+
+def evaluation_data(cache: Path, rows: int, fmt: str) -> Path:
+    """The file of `rows` rows in `fmt` ("csv" or "parquet") in `cache`, written once (to a temporary name first)."""
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    path = cache / f"eval-{rows}.{fmt}"
+    if path.exists():
+        return path
+    cache.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    schema = evaluation_rows(0, 1).schema
+    writer: Any = pcsv.CSVWriter(temporary, schema) if fmt == "csv" else pq.ParquetWriter(temporary, schema)
+    with writer:
+        for start in range(0, rows, EVALUATION_PIECE):
+            writer.write_table(evaluation_rows(start, min(EVALUATION_PIECE, rows - start)))
+    temporary.rename(path)
+    return path
+
+
+def raw_evaluation(path: Path) -> tuple[float, float]:
+    """The raw peer of an accuracy evaluation of `path`: (accuracy, seconds) to read the label and prediction
+    columns with pyarrow, then `compute_metrics` (every metric the evaluation reports)."""
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    from plexus_mcp_jupyter.evaluations.metrics import compute_metrics
+
+    t0 = time.perf_counter()
+    columns = ["label", "prediction"]
+    if path.suffix == ".csv":
+        table = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(include_columns=columns))
+    else:
+        table = pq.read_table(path, columns=columns)
+    metrics = compute_metrics(
+        table["label"].to_numpy(zero_copy_only=False), table["prediction"].to_numpy(zero_copy_only=False)
+    )
+    return metrics.accuracy, time.perf_counter() - t0

@@ -37,72 +37,12 @@ from pathlib import Path
 from typing import Any
 
 import _common
-import numpy as np
 import psutil
-import pyarrow as pa
 import pyarrow.csv as pcsv
-import pyarrow.parquet as pq
-from _common import client, jupyter_server, tempdir
+from _common import client, evaluation_data, evaluation_rows, jupyter_server, raw_evaluation, tempdir
 from bench_columnar import disk_bytes, page_latencies, stage_times
 
-from plexus_mcp_jupyter.evaluations.metrics import compute_metrics
-
 FINAL = {"COMPLETED", "FAILED", "CANCELLED"}
-CLASSES = np.array(["billing", "technical", "account", "shipping", "other"])
-PIECE = 1_000_000
-
-
-def piece(start: int, rows: int) -> pa.Table:
-    """Rows start..start+rows of the benchmark's data (seeded by start, so a file is the same every time)."""
-    rng = np.random.default_rng(start)
-    truth = rng.integers(0, len(CLASSES), rows)
-    label = CLASSES[truth].astype(object)
-    odd = rng.random(rows)
-    label[odd < 0.02] = np.char.upper(CLASSES[truth[odd < 0.02]].astype(str))
-    label[(odd >= 0.02) & (odd < 0.03)] = np.char.add(" ", CLASSES[truth[(odd >= 0.02) & (odd < 0.03)]].astype(str))
-    label[odd > 0.99] = None
-    wrong = rng.random(rows) < 0.2
-    predicted = np.where(wrong, (truth + rng.integers(1, len(CLASSES), rows)) % len(CLASSES), truth)
-    ids = np.arange(start + 1, start + rows + 1, dtype=np.int64)
-    text = np.char.add("a support ticket about ", CLASSES[truth].astype(str))
-    return pa.table(
-        {
-            "id": ids,
-            "text": pa.array(text, pa.string()),
-            "label": pa.array(label, pa.string()),
-            "prediction": pa.array(CLASSES[predicted], pa.string()),
-        }
-    )
-
-
-def dataset(cache: Path, rows: int, fmt: str) -> Path:
-    """The cached file of `rows` rows in `fmt` ("csv" or "parquet"), written once (to a temporary name first)."""
-    path = cache / f"eval-{rows}.{fmt}"
-    if path.exists():
-        return path
-    cache.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    schema = piece(0, 1).schema
-    writer: Any = pcsv.CSVWriter(temporary, schema) if fmt == "csv" else pq.ParquetWriter(temporary, schema)
-    with writer:
-        for start in range(0, rows, PIECE):
-            writer.write_table(piece(start, min(PIECE, rows - start)))
-    temporary.rename(path)
-    return path
-
-
-def raw(path: Path) -> tuple[float, float]:
-    """(accuracy, seconds): the two columns read with pyarrow, then compute_metrics."""
-    t0 = time.perf_counter()
-    columns = ["label", "prediction"]
-    if path.suffix == ".csv":
-        table = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(include_columns=columns))
-    else:
-        table = pq.read_table(path, columns=columns)
-    metrics = compute_metrics(
-        table["label"].to_numpy(zero_copy_only=False), table["prediction"].to_numpy(zero_copy_only=False)
-    )
-    return metrics.accuracy, time.perf_counter() - t0
 
 
 class TreeRss:
@@ -242,10 +182,10 @@ async def main() -> None:
         f"workers at nice {args.nice}; client on cores {sorted(os.sched_getaffinity(0))}, server "
         f"{'pinned to core ' + str(_common.SERVER_CPU) if args.pin else 'on any core'}"
     )
-    files = {(rows, fmt): dataset(args.cache, rows, fmt) for rows in sizes for fmt in formats}
+    files = {(rows, fmt): evaluation_data(args.cache, rows, fmt) for rows in sizes for fmt in formats}
     with tempdir() as tmp:
         work = Path(tmp)
-        pcsv.write_csv(piece(0, 1000), work / "warm.csv")
+        pcsv.write_csv(evaluation_rows(0, 1000), work / "warm.csv")
         for (_rows, _fmt), path in files.items():
             os.link(path, work / path.name)
         env = {"PLEXUS_MCP_MAX_EVALUATION_ITEMS": str(max(sizes) + 1), "PLEXUS_MCP_WORKER_NICE": str(args.nice)}
@@ -257,7 +197,7 @@ async def main() -> None:
             )
             for (rows, fmt), path in files.items():
                 served = await one(url, pid, work, path.name, rows, task_id, args.pages)
-                peer = [raw(path) for _ in range(2)]
+                peer = [raw_evaluation(path) for _ in range(2)]
                 raw_s = min(s for _, s in peer)
                 idle, during = statistics.median(served["idle"]), statistics.median(served["during"])
                 pages = statistics.median(served["pages"]) * 1000 if served["pages"] else float("nan")

@@ -11,9 +11,13 @@ each configuration on a fresh database of it, every server with the same --concu
 For each workload: tasks that sleep --task-ms (work that holds a worker slot, as real tasks do: capacity is
 what a second server adds) and trivial tasks (0 ms: the servers' own dispatch cost, bound by the machine's
 cores). Beside them, two servers with the event relay off (`event_relay = off`): what relaying costs. Every
-task records its run in a file: the run also checks that each ran exactly once.
+task records its run in a file: the run also checks that each ran exactly once. Each server first runs WARM
+tasks, untimed. For each configuration, the CPU spent per task (psutil, user + system, over the timed part):
+the server processes with their workers, PostgreSQL (the postmaster and its backends), this client: on a
+machine with few cores, whether two servers can be faster depends on the CPU a task costs them in all.
 
     python benchmarks/bench_multi_server.py [--tasks 1000] [--task-ms 200] [--concurrency 4]
+        [--workloads slot,trivial]
 
 Goal (issue 13): two servers dispatch >= 1.6x the tasks/s of one.
 """
@@ -21,13 +25,18 @@ Goal (issue 13): two servers dispatch >= 1.6x the tasks/s of one.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import resource
 import sys
 import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import requests
 import sqlalchemy as sa
 
@@ -36,6 +45,40 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.multi_server import PostgresCluster, Server, create_store, postgres_cluster, start_servers
 
 BATCH = 100
+WARM = 50  # tasks each server runs before the clock starts
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by a process, its live descendants and the children it reaped."""
+    try:
+        root = psutil.Process(pid)
+        times = root.cpu_times()
+        total = times.user + times.system + times.children_user + times.children_system
+        for child in root.children(recursive=True):
+            with contextlib.suppress(psutil.Error):  # ended meanwhile: counted by its parent once reaped
+                times = child.cpu_times()
+                total += times.user + times.system
+        return total
+    except psutil.Error:
+        return 0.0
+
+
+def client_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass
+class Round:
+    """One configuration's figures: tasks/s, runs beyond one per task, CPU ms per task by whose."""
+
+    tasks_per_s: float
+    duplicates: int
+    cpu_ms: dict[str, float]
+
+    def cpu_line(self) -> str:
+        parts = ", ".join(f"{who} {ms:.2f}" for who, ms in self.cpu_ms.items())
+        return f"CPU ms/task {sum(self.cpu_ms.values()):.2f} ({parts})"
 
 
 def completed(engine: sa.Engine) -> int:
@@ -51,8 +94,9 @@ def run(
     task_ms: float,
     concurrency: int,
     relay: str = "auto",
-) -> tuple[float, int]:
-    """Tasks/s of `n_servers` servers on a fresh database, and how many runs were duplicates."""
+) -> Round:
+    """Tasks/s of `n_servers` servers on a fresh database, how many runs were duplicates, and the CPU each side
+    spent per task: the servers (with their workers), PostgreSQL (all its processes), this client."""
     url = create_store(cluster.create_database())
     home = Path(tempfile.mkdtemp(dir=workdir))
     settings = {"max_concurrency": concurrency, "event_relay_interval": 0.1, "event_relay": relay}
@@ -60,7 +104,25 @@ def run(
     engine = sa.create_engine(url)
     runs = home / "runs.txt"
     spec = {"type": "recorded", "params": {"runs": str(runs), "seconds": task_ms / 1000}}
+    postmaster = int((cluster.data_dir / "postmaster.pid").read_text().split()[0])
+
+    def cpu() -> dict[str, float]:
+        return {
+            "servers": sum(tree_cpu(server.proc.pid) for server in servers),
+            "postgres": tree_cpu(postmaster),
+            "client": client_cpu(),
+        }
+
     try:
+        # Warm each server first (its workers, the first store calls, its imports): a server's first seconds cost
+        # CPU that would be counted once per server, and so against two servers twice.
+        for server in servers:
+            requests.post(
+                server.url + "plexus/api/tasks", json={"tasks": [spec] * WARM}, headers=server.headers, timeout=60
+            ).raise_for_status()
+        while completed(engine) < WARM * n_servers:
+            time.sleep(0.02)
+        before = cpu()
         started = time.perf_counter()
         for i in range(0, tasks, BATCH):
             server = servers[(i // BATCH) % n_servers]
@@ -71,15 +133,17 @@ def run(
                 timeout=60,
             )
             answer.raise_for_status()
-        while completed(engine) < tasks:
+        while completed(engine) < tasks + WARM * n_servers:
             time.sleep(0.02)
         elapsed = time.perf_counter() - started
+        after = cpu()
     finally:
         engine.dispose()
         with ThreadPoolExecutor(n_servers) as pool:
             list(pool.map(Server.stop, servers))
-    counts = Counter(runs.read_text().split())
-    return tasks / elapsed, sum(n - 1 for n in counts.values())
+    counts = Counter(runs.read_text().split())  # the warm-up's runs too
+    spent = {who: 1000 * (after[who] - before[who]) / tasks for who in before}
+    return Round(tasks / elapsed, sum(n - 1 for n in counts.values()), spent)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,16 +151,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=1000)
     parser.add_argument("--task-ms", type=float, default=200.0)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument(
+        "--workloads", default="slot,trivial", help="comma-separated: slot (tasks of --task-ms), trivial (0 ms)"
+    )
     args = parser.parse_args(argv)
+    workloads = {"slot": (f"{args.task_ms:g} ms tasks", args.task_ms), "trivial": ("trivial tasks", 0.0)}
+    print(f"load average {os.getloadavg()[0]:.2f} at start, {os.cpu_count()} cores", flush=True)
     with tempfile.TemporaryDirectory() as workdir, postgres_cluster() as cluster:
-        for label, task_ms in ((f"{args.task_ms:g} ms tasks", args.task_ms), ("trivial tasks", 0.0)):
-            one, dup1 = run(cluster, Path(workdir), 1, args.tasks, task_ms, args.concurrency)
-            two, dup2 = run(cluster, Path(workdir), 2, args.tasks, task_ms, args.concurrency)
-            quiet, dup3 = run(cluster, Path(workdir), 2, args.tasks, task_ms, args.concurrency, relay="off")
+        for label, task_ms in (workloads[w] for w in args.workloads.split(",")):
+            one = run(cluster, Path(workdir), 1, args.tasks, task_ms, args.concurrency)
+            two = run(cluster, Path(workdir), 2, args.tasks, task_ms, args.concurrency)
+            quiet = run(cluster, Path(workdir), 2, args.tasks, task_ms, args.concurrency, relay="off")
+            relay_cost = 100 * (1 - two.tasks_per_s / quiet.tasks_per_s)
             print(
-                f"{label}: one server {one:.1f} tasks/s, two servers {two:.1f} tasks/s, ratio {two / one:.2f}x "
-                f"(goal >= 1.6x); two servers without the event relay {quiet:.1f} tasks/s (the relay costs "
-                f"{100 * (1 - two / quiet):.0f}%); runs beyond one per task: {dup1 + dup2 + dup3}",
+                f"{label}: one server {one.tasks_per_s:.1f} tasks/s, two servers {two.tasks_per_s:.1f} tasks/s, "
+                f"ratio {two.tasks_per_s / one.tasks_per_s:.2f}x (goal >= 1.6x); two servers without the event "
+                f"relay {quiet.tasks_per_s:.1f} tasks/s (the relay costs {relay_cost:.0f}%); "
+                f"runs beyond one per task: {one.duplicates + two.duplicates + quiet.duplicates}\n"
+                f"  one server {one.cpu_line()}\n  two servers {two.cpu_line()}\n"
+                f"  two without the relay {quiet.cpu_line()}\n  load average {os.getloadavg()[0]:.2f}",
                 flush=True,
             )
     return 0

@@ -1,22 +1,30 @@
-"""Scale-out: trivial tasks through a real Jupyter server on the local executor and on a Dask LocalCluster.
+"""Scale-out: trivial tasks and one large evaluation through a real Jupyter server, local executor and Dask.
 
 In one run, on the same machine (nothing pinned: the server, its workers and the cluster share every core):
 
-(a) local executor + the store: N trivial tasks (run_demo_task items=1 item_delay_ms=0, from --sessions
-    concurrent keep-alive MCP sessions) end to end until all are COMPLETED: tasks/s; meanwhile one more
-    session calls get_task on a running task's id in a loop: its p50 during the load;
+(a) local executor + the store (workers at nice 0, as Dask's are): N trivial tasks (run_demo_task items=1
+    item_delay_ms=0, from --sessions concurrent keep-alive MCP sessions) end to end until all are COMPLETED:
+    tasks/s and the server process's CPU per task; meanwhile one more session calls get_task on the newest
+    task in a loop: its p50 during the load. Then one --rows-row accuracy evaluation of a prediction column
+    (a --format file generated once for the run, hard-linked into the server's root; after two 1,000-row
+    warm-up evaluations, so each worker has imported what an evaluation needs): create_evaluation over MCP,
+    get_evaluation every 50 ms until final: rows/s, get_task p50 during it (ten calls a second, a client
+    watching), and where its task ran (get_task's worker: "dask:tcp://..." on the Dask executor). Right
+    after, the raw peer in this process: pyarrow read of the two columns + compute_metrics (_common);
 (b) Dask executor (a LocalCluster of --workers single-threaded worker processes, started here, that the
     server connects to; max_concurrency --concurrency) + the same kind of store: the same figures;
 then the core alone, without HTTP (benchmarks/_common.py `core_batch`: N tasks dispatched at once to a
 TaskManager in this process) with each executor, the Dask one on the same cluster; and Dask's own rate on
 that very cluster: N `client.submit` of the same trivial function (`trivial`) and one gather. The ratios of
-the Dask executor (core, and end to end over MCP) to Dask's own rate are printed.
+the Dask executor (core, and end to end over MCP) to Dask's own rate are printed, beside the MCP path's own
+ceiling: the local executor over MCP against Dask's own rate.
 
 Each part is one store URL and one executor (`Part`). `--postgres` adds (c): the Dask executor on the same
 cluster with its store on a throwaway PostgreSQL started here (tests/multi_server.py: initdb in the temp dir, a
 free port, removed at the end), and prints its get_task p50 against (b)'s on SQLite, in the same run.
 
     python benchmarks/bench_scale.py [--tasks 1000] [--sessions 8] [--workers 2] [--store-url URL] [--postgres]
+        [--rows 1000000] [--format csv|parquet]
 
 Goals (issue 13): the Dask executor >= 0.8x Dask's own submit rate for the same function; get_task p50 on
 PostgreSQL within 1.5x of SQLite.
@@ -28,24 +36,34 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import statistics
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from _common import (
     TOKEN,
     LeanSession,
     completed,
     core_batch,
+    cpu_seconds,
     dispatch,
+    evaluation_data,
+    evaluation_rows,
     jupyter_server,
+    raw_evaluation,
     submit_rate,
     tempdir,
     wait_completed,
 )
+from pyarrow.csv import write_csv
+
+FINAL = {"COMPLETED", "FAILED", "CANCELLED"}
 
 
 @dataclass
@@ -57,34 +75,106 @@ class Part:
     store_url: str | None = None
 
 
-async def get_task_p50(url: str, stop: asyncio.Event) -> float:
+async def get_task_p50(url: str, stop: asyncio.Event, pace: float = 0.0) -> float:
     """p50 (ms) of get_task calls in a loop until `stop`, on the newest task each time (a task of the load, queued,
-    running or just finished): the latency a client following its work sees under load."""
+    running or just finished, or the evaluation's): the latency a client following its work sees under load.
+    `pace`: seconds from one call's start to the next (0: back to back)."""
     async with LeanSession(url, TOKEN) as s:
         out: list[float] = []
         while not stop.is_set():
-            listed = await s.request("tools/call", {"name": "list_tasks", "arguments": {"limit": 1}})
-            task_id = listed["result"]["structuredContent"]["tasks"][0]["task_id"]
+            listed = await s.call("list_tasks", {"limit": 1})
+            task_id = listed["tasks"][0]["task_id"]
             t0 = time.perf_counter()
-            reply = await s.request("tools/call", {"name": "get_task", "arguments": {"task_id": task_id}})
+            await s.call("get_task", {"task_id": task_id})
             out.append(time.perf_counter() - t0)
-            assert not reply["result"].get("isError"), reply
+            await asyncio.sleep(max(0.0, pace - (time.perf_counter() - t0)))
     return 1000 * statistics.median(out) if out else float("nan")
 
 
-async def run_part(part: Part, n: int, sessions: int) -> dict[str, float]:
-    with tempdir() as tmp, jupyter_server(Path(tmp), extra_env=part.env, pin=False, db_url=part.store_url) as (url, _):
+async def create_evaluation(session: LeanSession, dataset: str) -> dict[str, Any]:
+    arguments = {"type": "accuracy", "dataset": dataset, "label_column": "label", "prediction_column": "prediction"}
+    return await session.call("create_evaluation", arguments)
+
+
+async def evaluation_done(session: LeanSession, evaluation_id: str) -> dict[str, Any]:
+    """The evaluation once COMPLETED (get_evaluation every 50 ms); RuntimeError if it ends otherwise."""
+    while (got := await session.call("get_evaluation", {"evaluation_id": evaluation_id}))["status"] not in FINAL:
+        await asyncio.sleep(0.05)
+    if got["status"] != "COMPLETED":
+        raise RuntimeError(f"evaluation {evaluation_id} ended {got['status']}: {got['error_message']}")
+    return got
+
+
+async def warm_evaluations(url: str, dataset: str, n: int) -> None:
+    """`n` small evaluations at once, so that each worker has imported what an evaluation needs (a Dask worker
+    imports pyarrow, pandas and SQLAlchemy on its first one; the local executor preloads them in its forkserver)."""
+    async with LeanSession(url, TOKEN) as s:
+        made = [await create_evaluation(s, dataset) for _ in range(n)]
+        for m in made:
+            await evaluation_done(s, m["evaluation_id"])
+
+
+async def evaluate(url: str, dataset: str, rows: int) -> dict[str, Any]:
+    """One accuracy evaluation of `dataset` over MCP: create_evaluation, then get_evaluation every 50 ms until
+    final, while another session follows it with get_task ten times a second (a client watching). Its rows/s
+    (from the call to seeing it final), that get_task p50, its accuracy and where its task ran (get_task's worker:
+    "dask:tcp://..." on the Dask executor)."""
+    stop = asyncio.Event()
+    async with LeanSession(url, TOKEN) as s:
+        t0 = time.perf_counter()
+        made = await create_evaluation(s, dataset)
+        latency = asyncio.create_task(get_task_p50(url, stop, pace=0.1))
+        got = await evaluation_done(s, made["evaluation_id"])
+        elapsed = time.perf_counter() - t0
+        stop.set()
+        task = await s.call("get_task", {"task_id": made["task_id"]})
+    return {
+        "seconds": elapsed,
+        "rows_per_s": rows / elapsed,
+        "get_task_p50_ms": await latency,
+        "accuracy": got["metrics"]["score"]["accuracy"],
+        "worker": task["worker"],
+        "stages": stage_times(task),
+    }
+
+
+def stage_times(task: dict[str, Any]) -> str:
+    """Where an evaluation's time went (get_task): from created to its worker starting, then each stage."""
+
+    def at(text: str | None) -> float:
+        return datetime.fromisoformat(text).timestamp() if text else float("nan")
+
+    parts = [f"start {at(task['started_at']) - at(task['created_at']):.2f} s"]
+    parts += [f"{s['name']} {at(s['completed_at']) - at(s['started_at']):.2f} s" for s in task["stages"]]
+    return ", ".join(parts)
+
+
+async def run_part(part: Part, n: int, sessions: int, data: Path, rows: int) -> dict[str, Any]:
+    """The trivial tasks, then the evaluation of `data` (hard-linked into the server's root), on one fresh server;
+    then the raw peer of that evaluation in this process, right after it."""
+    env = {**part.env, "PLEXUS_MCP_MAX_EVALUATION_ITEMS": str(max(rows + 1, 5_000_000))}
+    with tempdir() as tmp, jupyter_server(Path(tmp), extra_env=env, pin=False, db_url=part.store_url) as (url, pid):
+        os.link(data, Path(tmp) / data.name)
+        write_csv(evaluation_rows(0, 1000), Path(tmp) / "warm.csv")
         await dispatch(url, 50, sessions)  # warm the server, its store and its workers
         await wait_completed(url, 50)
         stop = asyncio.Event()
         latency = asyncio.create_task(get_task_p50(url, stop))
         before = await completed(url)
-        t0 = time.perf_counter()
+        cpu0, t0 = cpu_seconds(pid), time.perf_counter()
         await dispatch(url, n, sessions)
         await wait_completed(url, before + n)
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
         stop.set()
-        return {"tasks_per_s": n / elapsed, "get_task_p50_ms": await latency}
+        out: dict[str, Any] = {
+            "tasks_per_s": n / elapsed,
+            "get_task_p50_ms": await latency,
+            "server_cpu_ms_per_task": 1000 * cpu / n,
+        }
+        await warm_evaluations(url, "warm.csv", 2)
+        out["evaluation"] = await evaluate(url, data.name, rows)
+    out["raw_accuracy"], out["raw_s"] = raw_evaluation(data)
+    return out
 
 
 @contextlib.contextmanager
@@ -115,74 +205,103 @@ async def main() -> None:
     parser.add_argument(
         "--postgres", action="store_true", help="add (c): the Dask executor on a throwaway PostgreSQL started here"
     )
+    parser.add_argument("--rows", type=int, default=1_000_000, help="rows of the evaluation's dataset")
+    parser.add_argument("--format", choices=("csv", "parquet"), default="csv", help="the evaluation's dataset format")
     args = parser.parse_args()
     from distributed import Client, LocalCluster
 
     from plexus_mcp_jupyter.core.executors.dask import DaskExecutor
 
     n = args.tasks
-    mcp: list[tuple[str, dict[str, float]]] = []
-    local = Part("(a) local executor", {"PLEXUS_MCP_EXECUTOR": "local"}, args.store_url)
-    mcp.append((local.label, await run_part(local, n, args.sessions)))
-    with tempdir() as tmp:
-        core_local = await core_batch(n, args.store_url or f"sqlite:///{Path(tmp) / 'core-local.db'}")
-    with (
-        throwaway_postgres(args.postgres) as postgres_url,
-        LocalCluster(
-            n_workers=args.workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            resources={"slots": 1},
-            scheduler_kwargs={"allowed_failures": 0},
-            silence_logs=logging.CRITICAL,
-        ) as cluster,
-    ):
-        dask_part = Part(
-            "(b) Dask executor (LocalCluster)",
-            {
-                "PLEXUS_MCP_EXECUTOR": "dask",
-                "PLEXUS_MCP_DASK_SCHEDULER_ADDRESS": cluster.scheduler_address,
-                "PLEXUS_MCP_MAX_CONCURRENCY": str(args.concurrency),
-            },
-            args.store_url,
+    load = os.getloadavg()
+    mcp: list[tuple[str, dict[str, Any]]] = []
+    with tempdir() as cache:
+        data = evaluation_data(Path(cache), args.rows, args.format)
+        local = Part(
+            "(a) local executor", {"PLEXUS_MCP_EXECUTOR": "local", "PLEXUS_MCP_WORKER_NICE": "0"}, args.store_url
         )
-        mcp.append((dask_part.label, await run_part(dask_part, n, args.sessions)))
-        if postgres_url is not None:
-            on_postgres = Part("(c) Dask executor + PostgreSQL", dask_part.env, postgres_url)
-            mcp.append((on_postgres.label, await run_part(on_postgres, n, args.sessions)))
+        mcp.append((local.label, await run_part(local, n, args.sessions, data, args.rows)))
         with tempdir() as tmp:
-            core_dask = await core_batch(
-                n,
-                args.store_url or f"sqlite:///{Path(tmp) / 'core-dask.db'}",
-                DaskExecutor(cluster.scheduler_address),
-                args.concurrency,
+            core_local = await core_batch(n, args.store_url or f"sqlite:///{Path(tmp) / 'core-local.db'}")
+        with (
+            throwaway_postgres(args.postgres) as postgres_url,
+            LocalCluster(
+                n_workers=args.workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                resources={"slots": 1},
+                scheduler_kwargs={"allowed_failures": 0},
+                silence_logs=logging.CRITICAL,
+            ) as cluster,
+        ):
+            dask_part = Part(
+                "(b) Dask executor (LocalCluster)",
+                {
+                    "PLEXUS_MCP_EXECUTOR": "dask",
+                    "PLEXUS_MCP_DASK_SCHEDULER_ADDRESS": cluster.scheduler_address,
+                    "PLEXUS_MCP_MAX_CONCURRENCY": str(args.concurrency),
+                },
+                args.store_url,
             )
-        with Client(cluster) as client:
-            own = submit_rate(client, n)
+            mcp.append((dask_part.label, await run_part(dask_part, n, args.sessions, data, args.rows)))
+            if postgres_url is not None:
+                on_postgres = Part("(c) Dask executor + PostgreSQL", dask_part.env, postgres_url)
+                mcp.append((on_postgres.label, await run_part(on_postgres, n, args.sessions, data, args.rows)))
+            with tempdir() as tmp:
+                core_dask = await core_batch(
+                    n,
+                    args.store_url or f"sqlite:///{Path(tmp) / 'core-dask.db'}",
+                    DaskExecutor(cluster.scheduler_address),
+                    args.concurrency,
+                )
+            with Client(cluster) as client:
+                own = submit_rate(client, n)
 
     store = args.store_url or "SQLite (a file in a temp dir)"
+    print(f"load average {load[0]:.2f} {load[1]:.2f} at start, {os.getloadavg()[0]:.2f} at end, {os.cpu_count()} cores")
     print(
         f"{n} trivial tasks (run_demo_task items=1 item_delay_ms=0) until all COMPLETED; store: {store}; "
         f"Dask: LocalCluster of {args.workers} x 1 thread, max_concurrency {args.concurrency}"
     )
     title = f"over MCP, {args.sessions} sessions, Jupyter server"
-    print(f"{title:<44} {'tasks/s':>8} {'get_task p50 ms':>16}")
+    print(f"{title:<44} {'tasks/s':>8} {'get_task p50 ms':>16} {'server CPU ms/task':>19}")
     for label, r in mcp:
-        print(f"{label:<44} {r['tasks_per_s']:>8.0f} {r['get_task_p50_ms']:>16.2f}")
+        print(
+            f"{label:<44} {r['tasks_per_s']:>8.0f} {r['get_task_p50_ms']:>16.2f} {r['server_cpu_ms_per_task']:>19.2f}"
+        )
     print(f"{'the core alone (TaskManager, in-process)':<44} {'tasks/s':>8} {'CPU ms/task':>16}")
     for label, r in (("(a) local executor", core_local), ("(b) Dask executor", core_dask)):
         print(f"{label:<44} {r['tasks_per_s']:>8.0f} {r['cpu_ms_per_task']:>16.2f}")
     print(f"{'Dask own client.submit, same cluster':<44} {own:>8.0f}")
     print(
         f"Dask executor / Dask's own submit rate: core {core_dask['tasks_per_s'] / own:.2f}x, "
-        f"over MCP {mcp[1][1]['tasks_per_s'] / own:.2f}x (goal >= 0.8x)"
+        f"over MCP {mcp[1][1]['tasks_per_s'] / own:.2f}x (goal >= 0.8x); the MCP path's own ceiling, (a) the local "
+        f"executor over MCP / Dask's own rate: {mcp[0][1]['tasks_per_s'] / own:.2f}x"
     )
+    print(
+        f"one {args.rows:,}-row accuracy evaluation ({args.format}) over MCP, then the raw peer (pyarrow read + "
+        "compute_metrics) in this process"
+    )
+    print(f"{'':<44} {'rows/s':>10} {'s':>6} {'raw s':>6} {'ratio':>6} {'get_task p50 ms':>16}  ran on")
+    for label, r in mcp:
+        e = r["evaluation"]
+        if abs(e["accuracy"] - r["raw_accuracy"]) > 1e-9:
+            raise RuntimeError(f"{label}: accuracy {e['accuracy']} served, {r['raw_accuracy']} raw")
+        print(
+            f"{label:<44} {e['rows_per_s']:>10,.0f} {e['seconds']:>6.2f} {r['raw_s']:>6.2f} "
+            f"{e['seconds'] / r['raw_s']:>5.1f}x {e['get_task_p50_ms']:>16.2f}  {e['worker']}"
+        )
+        print(f"{'':<44} stages: {e['stages']}")
     if postgres_url is not None:
         (_, sqlite), (_, postgres) = mcp[1], mcp[2]
         print(
             f"get_task p50 PostgreSQL (c) / SQLite (b): {postgres['get_task_p50_ms'] / sqlite['get_task_p50_ms']:.2f}x "
-            f"(goal <= 1.5x); tasks/s (c) / (b): {postgres['tasks_per_s'] / sqlite['tasks_per_s']:.2f}x"
+            f"under the trivial tasks, "
+            f"{postgres['evaluation']['get_task_p50_ms'] / sqlite['evaluation']['get_task_p50_ms']:.2f}x during the "
+            f"evaluation (goal <= 1.5x); tasks/s (c) / (b): {postgres['tasks_per_s'] / sqlite['tasks_per_s']:.2f}x; "
+            f"evaluation rows/s (c) / (b): "
+            f"{postgres['evaluation']['rows_per_s'] / sqlite['evaluation']['rows_per_s']:.2f}x"
         )
 
 

@@ -233,9 +233,10 @@ class PlexusRuntime:
         self._started = False
         self._log_scrubbers: list[Callable[[], None]] = []  # detach functions (see protect_secret)
 
-    def _on_remote_events(self, events: list[Any]) -> None:
-        """Tasks another server queued on the shared store: plan a start now, not at the next maintenance tick."""
-        if any(event.kind == "task.created" or event.data.get("status") == TaskStatus.QUEUED.value for event in events):
+    def _on_remote_events(self, events: list[tuple[str, str | None]]) -> None:
+        """Tasks another server queued on the shared store ((kind, status) of its events): plan a start now, not at
+        the next maintenance tick."""
+        if any(kind == "task.created" or status == TaskStatus.QUEUED.value for kind, status in events):
             self.manager.queue_changed()
 
     async def _kernel_score(self, task: Any, payload: Any) -> dict[str, Any]:

@@ -90,9 +90,11 @@ class Telemetry:
 
     def on_event(self, event: Event) -> None:
         """Bus listener: items an evaluation scored since its last event. Progress events are coalesced, so the
-        end of the Scoring stage may only show as the next stage: the items it had left are counted then."""
+        end of the Scoring stage may only show as the next stage: the items it had left are counted then.
+        Only this server's evaluations: another server on a shared store counts its own (summed across servers,
+        each item counts once)."""
         data = event.data
-        if event.entity_type != "task" or data.get("type") != "evaluation":
+        if event.origin is not None or event.entity_type != "task" or data.get("type") != "evaluation":
             return
         progress = data.get("progress") or {}
         seen, total = self._processed.get(event.entity_id, (0, None))

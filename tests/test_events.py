@@ -127,6 +127,26 @@ async def test_resuming_with_a_number_from_another_server_start_gets_a_gap_then_
     assert seen[-1]["entity_id"] == task.id
 
 
+async def test_resuming_from_before_other_servers_events_that_were_not_kept_gets_a_gap(jp_ws_fetch, runtime):
+    # Other servers' events are not kept while nobody here follows them (core/relay.py: EventBus.skip_remote).
+    task = runtime.manager.dispatch("demo", {"items": 1, "item_delay_ms": 0})
+    await runtime.manager.wait_final([task.id], 30)
+    before = runtime.bus.last_seq
+    runtime.bus.skip_remote()
+    ws = await jp_ws_fetch("plexus", "api", "events", params={"since": str(before), "epoch": runtime.bus.epoch})
+    hello = await next_message(ws)
+    gap = await next_message(ws)
+    ws.close()
+    assert gap["type"] == "gap" and gap["since"] == before and hello["seq"] > before
+    # From a number after them, nothing is missing: no gap, live events.
+    ws = await jp_ws_fetch("plexus", "api", "events", params={"since": str(hello["seq"]), "epoch": hello["epoch"]})
+    await next_message(ws)
+    task = runtime.manager.dispatch("demo", {"items": 1, "item_delay_ms": 0})
+    seen = await events_until(ws, lambda m: m.get("data", {}).get("status") == "COMPLETED")
+    ws.close()
+    assert all(m["type"] == "event" for m in seen) and seen[-1]["entity_id"] == task.id
+
+
 def test_a_failing_subscriber_does_not_break_the_core_or_the_others():
     from plexus_mcp_jupyter.core.events import EventBus
 

@@ -333,6 +333,61 @@ async def test_the_relay_never_skips_an_event_whose_transaction_commits_late(db_
         store.close()
 
 
+async def test_other_servers_events_are_only_noted_while_nobody_here_follows_them(db_url):
+    """A server with no subscriber reads another server's events without their data and publishes none of them,
+    yet its listings see the change, a task queued there is planned here, and a client resuming from before is
+    told of the gap; once something follows, every event (each final state) is published again."""
+    stores = [Store(db_url), Store(db_url)]
+    writer_bus, reader_bus = EventBus(), EventBus()
+    told: list[tuple[str, str | None]] = []
+    writer = EventRelay(stores[0], writer_bus, mode="auto", interval=0.05)
+    reader = EventRelay(stores[1], reader_bus, mode="auto", interval=0.05, on_remote=told.extend)
+    loop = asyncio.get_running_loop()
+    writer.start(loop, "writer")
+    reader.start(loop, "reader")
+
+    def publish(task_id: str, kind: str, status: str) -> None:
+        writer_bus.publish(kind, "task", task_id, {"id": task_id, "status": status, "type": "demo"})
+
+    def run(task_id: str) -> None:
+        for kind, status in (("task.created", "QUEUED"), ("task.updated", "RUNNING"), ("task.completed", "COMPLETED")):
+            publish(task_id, kind, status)
+
+    try:
+        seq_before = reader_bus.last_seq
+        publish("unwatched", "task.created", "QUEUED")
+        # A task queued there is planned here at once (a writer sends each entity's latest state per interval).
+        await poll(lambda: told, lambda t: ("task.created", "QUEUED") in t, timeout=20)
+        publish("unwatched", "task.completed", "COMPLETED")
+        await poll(lambda: told, lambda t: ("task.completed", "COMPLETED") in t, timeout=20)
+        assert reader.noted > 0 and reader.received == 0
+        assert list(reader_bus.since(0)) == [], "nothing published while nobody follows"
+        assert reader_bus.last_seq > seq_before, "listings read again"
+        assert reader_bus.skipped_seq > seq_before, "a client resuming from before is told of a gap"
+
+        subscription = reader_bus.subscribe(lambda e: e.entity_type == "task")
+        finals: list[str] = []
+
+        async def collect() -> None:
+            while len(finals) < 20:
+                finals.extend(e.entity_id for e in await subscription.next_batch() if e.data["status"] == "COMPLETED")
+
+        collecting = asyncio.create_task(collect())
+        for i in range(20):
+            run(f"watched-{i}")
+        await asyncio.wait_for(collecting, 20)
+        assert sorted(finals) == sorted(f"watched-{i}" for i in range(20))
+        assert "unwatched" not in finals and reader.received >= 20
+        remote = [e for e in reader_bus.since(0) if e.entity_id.startswith("watched-")]
+        assert remote and all(e.origin == "writer" and e.data["type"] == "demo" for e in remote), "with their data"
+        subscription.close()
+    finally:
+        await asyncio.to_thread(writer.stop)
+        await asyncio.to_thread(reader.stop)
+        for store in stores:
+            store.close()
+
+
 def test_a_claim_and_a_take_over_are_each_won_by_one_server_only(db_url):
     """The two conditional UPDATEs of the lease path, from two servers' stores on one database."""
     first, second = Store(db_url), Store(db_url)

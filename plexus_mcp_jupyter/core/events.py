@@ -113,10 +113,17 @@ class EventBus:
         self._subscriptions: set[Subscription] = set()
         self._history: deque[Event] = deque(maxlen=history_size)
         self._listeners: list[Callable[[Event], None]] = []
+        self._remote_interest: dict[Callable[[Event], None], Callable[[], bool]] = {}
+        self._last_seq = 0
+        # The last number taken for other servers' events that were not published (`skip_remote`): a client
+        # resuming from before it has missed them (a gap), though the history has no hole.
+        self.skipped_seq = 0
 
     @property
     def last_seq(self) -> int:
-        return self._history[-1].seq if self._history else 0
+        """The newest sequence number given out (an event's, or `skip_remote`'s): it moves with every change this
+        server heard of."""
+        return self._last_seq
 
     def publish(
         self, kind: str, entity_type: str, entity_id: str, data: dict[str, Any], *, origin: str | None = None
@@ -125,6 +132,7 @@ class EventBus:
         break the core that publishes (a task left half-started) or keep the event from the others.
         `origin`: the id of the server the event comes from, when it is not this one (core/relay.py)."""
         event = Event(next(self._seq), now(), kind, entity_type, entity_id, data, origin)
+        self._last_seq = event.seq
         self._history.append(event)
         for receiver in [*(s.offer for s in self._subscriptions), *self._listeners]:
             try:
@@ -138,10 +146,37 @@ class EventBus:
         self._subscriptions.add(sub)
         return sub
 
-    def add_listener(self, listener: Callable[[Event], None]) -> Callable[[], None]:
-        """Call `listener` synchronously for every event; returns a function that removes it."""
+    def add_listener(
+        self, listener: Callable[[Event], None], *, remote: bool | Callable[[], bool] = True
+    ) -> Callable[[], None]:
+        """Call `listener` synchronously for every event; returns a function that removes it.
+
+        `remote`: whether the listener needs the events of tasks other servers run (core/relay.py) — False for
+        one that ignores them, or a function saying whether it needs them now (a watcher with nobody to tell).
+        While neither a listener nor a subscription needs them, the relay does not decode and publish them
+        (`wants_remote`, `skip_remote`)."""
         self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+        self._remote_interest[listener] = remote if callable(remote) else (lambda: remote)
+
+        def remove() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+            self._remote_interest.pop(listener, None)
+
+        return remove
+
+    def wants_remote(self) -> bool:
+        """Whether anything here needs other servers' events now: a subscription (WebSocket streams, progress
+        relays), or a listener that says so. Any thread may ask (the relay's does)."""
+        if self._subscriptions:
+            return True
+        return any(wanted() for wanted in list(self._remote_interest.values()))
+
+    def skip_remote(self) -> None:
+        """Other servers' events arrived that nobody here needed, and were not published: take a sequence
+        number for them, so that what watches `last_seq` (the listing cache) sees a change, and a client
+        resuming from an earlier number is told it missed events (`skipped_seq`)."""
+        self._last_seq = self.skipped_seq = next(self._seq)
 
     def since(self, seq: int) -> Iterator[Event]:
         """Events after `seq` still held in the history (oldest first)."""

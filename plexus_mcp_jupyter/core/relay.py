@@ -14,6 +14,12 @@ or notebook mirrors. The relay closes that gap with the store itself, nothing el
   "created" arriving after this server ran the task to its end). On PostgreSQL a dedicated connection
   LISTENs for the writers' NOTIFY (whose payload is only the writer's server id: payloads are bounded)
   and reads at once, polling only as a fallback; elsewhere (SQLite) it polls every `interval`.
+* Lazily: while nothing on this server needs other servers' events (no WebSocket stream, MCP subscription,
+  progress relay or waiting call: `EventBus.wants_remote`), a read takes only each row's kind, entity and status,
+  not its data (the entity's whole state, most of a read's cost), and publishes nothing: it moves the bus's
+  sequence number (`EventBus.skip_remote`: listings are read again, a resuming client is told of the gap) and
+  tells `on_remote` (a task another server queued is planned here at once). Whether anything needs them is
+  asked after the read, so an event committed after a subscriber arrived is always published to it.
 * The outbox is pruned by age (`keep_seconds`): a server stalled for longer misses what was pruned, and
   resumes with what is left.
 
@@ -56,6 +62,18 @@ def is_final(event: Event) -> bool:
     return event.data.get("status") in _FINAL
 
 
+def _latest_per_entity(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The latest row per entity, in order; a final one is never replaced (finals are terminal)."""
+    latest: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
+    for row in rows:
+        key = (row["entity_type"], row["entity_id"])
+        kept = latest.get(key)
+        if kept is None or kept["status"] not in _FINAL:
+            latest.pop(key, None)
+            latest[key] = row
+    return list(latest.values())
+
+
 class EventRelay:
     """Relays the events of the servers sharing one store (see the module docstring)."""
 
@@ -68,7 +86,7 @@ class EventRelay:
         interval: float = 0.25,
         progress_interval: float = 1.0,
         keep_seconds: float = 60.0,
-        on_remote: Callable[[list[Event]], None] | None = None,
+        on_remote: Callable[[list[tuple[str, str | None]]], None] | None = None,
     ) -> None:
         if mode not in RELAY_MODES:
             raise ValueError(f"event_relay must be one of {', '.join(RELAY_MODES)}, not {mode!r}")
@@ -79,10 +97,13 @@ class EventRelay:
         self.interval = interval
         self.progress_interval = progress_interval
         self.keep_seconds = keep_seconds
-        self.on_remote = on_remote  # called on the loop with each batch of remote events it published
+        # Called on the loop with (kind, status) of each batch of remote events, published or not.
+        self.on_remote = on_remote
         self.server_id = ""
         self.sent = 0  # events written to the outbox
         self.received = 0  # events of other servers published here
+        self.noted = 0  # events of other servers read while nothing here needed them: counted, not published
+        self._full = True  # the next read takes the rows' data (the last read found them needed)
         self.listening = False  # PostgreSQL: the LISTEN connection is up
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
@@ -106,7 +127,7 @@ class EventRelay:
         self._stop.clear()
         with self.store.engine.connect() as conn:
             self._cursor = self._start_cursor(conn)
-        self._remove_listener = self.bus.add_listener(self._on_event)
+        self._remove_listener = self.bus.add_listener(self._on_event, remote=False)
         self._threads = [threading.Thread(target=self._run, name="plexus-event-relay", daemon=True)]
         if self.mode == "notify":
             self._threads.append(threading.Thread(target=self._listen, name="plexus-event-listen", daemon=True))
@@ -132,6 +153,7 @@ class EventRelay:
             "listening": self.listening,
             "sent": self.sent,
             "received": self.received,
+            "noted": self.noted,
         }
 
     # -- out: this server's events -------------------------------------------------------------
@@ -209,8 +231,11 @@ class EventRelay:
     def _receive(self) -> None:
         """Read what other servers wrote after the cursor, in order, and hand it to the loop."""
         o = outbox_table
+        status = o.c.data["status"].as_string().label("status")
         while not self._stop.is_set():
             txid, row_id = self._cursor
+            full = self._full
+            columns = [o.c.id, o.c.txid, o.c.origin, o.c.at, o.c.kind, o.c.entity_type, o.c.entity_id, status]
             with self.store.engine.connect() as conn:
                 if self.postgres:
                     # Only rows of transactions older than every one still running (taken before the read, so
@@ -218,51 +243,72 @@ class EventRelay:
                     horizon = int(conn.execute(sa.text(_XMIN)).scalar_one())
                     after = sa.or_(o.c.txid > txid, sa.and_(o.c.txid == txid, o.c.id > row_id))
                     query = (
-                        sa.select(o)
+                        sa.select(*columns, *([o.c.data] if full else []))
                         .where(after, o.c.txid < horizon, o.c.origin != self.server_id)
                         .order_by(o.c.txid, o.c.id)
                     )
                 else:  # one writer at a time: ids are in commit order
-                    query = sa.select(o).where(o.c.id > row_id, o.c.origin != self.server_id).order_by(o.c.id)
-                rows = conn.execute(query.limit(READ_BATCH)).mappings().all()
-            if not rows:
-                return
+                    query = (
+                        sa.select(*columns, *([o.c.data] if full else []))
+                        .where(o.c.id > row_id, o.c.origin != self.server_id)
+                        .order_by(o.c.id)
+                    )
+                rows = [dict(row) for row in conn.execute(query.limit(READ_BATCH)).mappings()]
+                if not rows:
+                    return
+                latest = _latest_per_entity(rows)
+                # Asked after the read: a subscriber that came before it is owed these rows' events, one that
+                # comes after it is not (they were committed before it came).
+                self._full = self.bus.wants_remote()
+                if self._full and not full:  # needed after all: the data of the rows kept
+                    ids = [row["id"] for row in latest]
+                    data = dict(conn.execute(sa.select(o.c.id, o.c.data).where(o.c.id.in_(ids))).tuples().all())
+                    for row in latest:
+                        row["data"] = data[row["id"]]
             self._cursor = (int(rows[-1]["txid"] or 0), int(rows[-1]["id"]))
-            self._hand_over(rows)
+            self._hand_over(latest, publish=self._full)
             if len(rows) < READ_BATCH:
                 return
 
-    def _hand_over(self, rows: Sequence[Any]) -> None:
-        latest: OrderedDict[tuple[str, str], Any] = OrderedDict()
-        for row in rows:  # the latest row per entity; a final one is never replaced (finals are terminal)
-            key = (row["entity_type"], row["entity_id"])
-            kept = latest.get(key)
-            if kept is None or kept["data"].get("status") not in _FINAL:
-                latest.pop(key, None)
-                latest[key] = row
+    def _hand_over(self, rows: list[dict[str, Any]], *, publish: bool) -> None:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: the server is stopping
-                loop.call_soon_threadsafe(self._publish, list(latest.values()))
+                loop.call_soon_threadsafe(self._publish if publish else self._note, rows)
 
-    def _publish(self, rows: Sequence[Any]) -> None:
+    def _fresh(self, row: dict[str, Any]) -> bool:
+        """Whether a remote row is newer than what this bus said about its entity (remembered if it is)."""
+        key = (row["entity_type"], row["entity_id"])
+        final = row["status"] in _FINAL
+        with self._lock:
+            known = self._seen.get(key)
+            if known is not None and (known[1] or (not final and row["at"] < known[0])):
+                return False  # the entity already ended here, or this bus has a newer state of it
+            self._remember(key, row["at"], final)
+        return True
+
+    def _publish(self, rows: Sequence[dict[str, Any]]) -> None:
         """On the loop: publish remote events that are newer than what this bus said about their entity."""
-        published: list[Event] = []
-        for row in rows:
-            key = (row["entity_type"], row["entity_id"])
-            final = row["data"].get("status") in _FINAL
-            with self._lock:
-                known = self._seen.get(key)
-                if known is not None and (known[1] or (not final and row["at"] < known[0])):
-                    continue  # the entity already ended here, or this bus has a newer state of it
-                self._remember(key, row["at"], final)
-            published.append(
-                self.bus.publish(row["kind"], row["entity_type"], row["entity_id"], row["data"], origin=row["origin"])
-            )
+        published = [
+            self.bus.publish(row["kind"], row["entity_type"], row["entity_id"], row["data"], origin=row["origin"])
+            for row in rows
+            if self._fresh(row)
+        ]
         self.received += len(published)
-        if published and self.on_remote is not None:
+        self._tell([(event.kind, event.data.get("status")) for event in published])
+
+    def _note(self, rows: Sequence[dict[str, Any]]) -> None:
+        """On the loop: remote events nobody here needed: counted and told to `on_remote`, not published."""
+        fresh = [(row["kind"], row["status"]) for row in rows if self._fresh(row)]
+        if fresh:
+            self.bus.skip_remote()
+            self.noted += len(fresh)
+        self._tell(fresh)
+
+    def _tell(self, events: list[tuple[str, str | None]]) -> None:
+        if events and self.on_remote is not None:
             try:
-                self.on_remote(published)
+                self.on_remote(events)
             except Exception:
                 log.exception("Plexus: handling events of other servers failed")
 

@@ -270,7 +270,7 @@ def build_mcp_server(
     if manager is not None and telemetry is not None and watch is not None:  # None when only the schemas are wanted
         install_completion(server, manager, evaluations)
         manager.log_listeners.append(logs.on_line)
-        manager.bus.add_listener(telemetry.on_event)
+        manager.bus.add_listener(telemetry.on_event, remote=False)  # this server's own evaluations only
         if audit is not None:
             audit.observers.append(telemetry.on_audit)
         register_metrics_resource(server, telemetry)

@@ -237,7 +237,10 @@ class ResourceWatch:
         self._sessions: weakref.WeakKeyDictionary[Any, _Follower] = weakref.WeakKeyDictionary()
         self._streams: set[_Follower] = set()
         self._last_status: dict[str, str] = {}
-        self._remove_listener = manager.bus.add_listener(self._on_event)
+        # Other servers' events only while someone follows something here (core/relay.py decodes them lazily).
+        self._remove_listener = manager.bus.add_listener(
+            self._on_event, remote=lambda: bool(self._sessions or self._streams)
+        )
         self.on_sent: Callable[[float], None] | None = None  # seconds from a change to its notification
 
     # -- registration --------------------------------------------------------------------------

@@ -116,7 +116,7 @@ class EvaluationService:
         """Prune the items of cancelled evaluations from now on, and those an earlier server left; and the
         item files of evaluations removed by retention, after each retention pass and at start."""
         if self._unlisten is None:
-            self._unlisten = self.manager.bus.add_listener(self._on_event)
+            self._unlisten = self.manager.bus.add_listener(self._on_event, remote=False)
             self.manager.pruned_listeners.append(self._on_tasks_pruned)
             self._prune_soon()
             self._on_tasks_pruned([])
@@ -166,7 +166,8 @@ class EvaluationService:
         self._pruner.shutdown(wait=True, cancel_futures=True)
 
     def _on_event(self, event: Any) -> None:
-        if event.kind == "task.cancelled" and event.data.get("type") == "evaluation":
+        # Another server's cancelled evaluation (event.origin) is pruned by that server, which ended it.
+        if event.origin is None and event.kind == "task.cancelled" and event.data.get("type") == "evaluation":
             self._prune_soon()
 
     def _prune_soon(self) -> None:

@@ -5,8 +5,9 @@ sequence number: events after it that are still in the bus's history are replaye
 (the `epoch` of the hello that `since` came from). Messages are JSON: `{"type": "hello", "seq": N,
 "epoch": E}` once, then `{"type": "event", "seq", "at", "kind",
 "entity_type", "entity_id", "data"}`; `{"type": "gap", ...}` when events after `since` are not available
-(dropped from the history, or numbered by an earlier server start: a different epoch, or a `since`
-beyond the last event). A client that reads slowly gets the latest state per entity (never an
+(dropped from the history, numbered by an earlier server start: a different epoch, or a `since`
+beyond the last event; or other servers' events on a shared store that were not kept while no client
+of this server followed them). A client that reads slowly gets the latest state per entity (never an
 unbounded backlog) and always the final state. Bad filters close the socket with code 4400 and the
 reason; the full message is sent first as `{"type": "error", "message": ...}`.
 """
@@ -80,8 +81,9 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
         if since is not None:
             oldest = history[0].seq if history else snapshot + 1
             other_bus = (epoch is not None and epoch != bus.epoch) or since > snapshot
-            if other_bus or oldest > since + 1:
-                # Numbers from another server start (or dropped from the history): say so, and
+            if other_bus or oldest > since + 1 or bus.skipped_seq > since:
+                # Numbers from another server start (or dropped from the history, or other servers' events
+                # not kept while nobody here followed them: EventBus.skip_remote): say so, and
                 # continue from now rather than filtering everything out against a foreign number.
                 await self._send(
                     {
