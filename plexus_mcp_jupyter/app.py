@@ -29,6 +29,7 @@ from .handlers.evaluations import (
 )
 from .handlers.events import EventsHandler
 from .handlers.health import AUTH_DISABLED_WARNING, HealthHandler, UnavailableHandler
+from .handlers.jupyter_compat import route_first
 from .handlers.keys import AuditHandler, KeyHandler, KeysHandler
 from .handlers.mcp import MCPHandler
 from .handlers.rest import (
@@ -175,6 +176,9 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
             http_server = None
         if http_server is not None:
             ConnectionGuard.from_settings(self).install(http_server)
+        web_app = getattr(serverapp, "web_app", None)
+        if web_app is not None:
+            route_first(web_app, MCPHandler)  # every extension's handlers are in by now
         await self.runtime.start()
 
     async def stop_extension(self) -> None:
