@@ -123,6 +123,12 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
         )
         self.connection_file = write_connection_file(self.serverapp)
 
+    def initialize(self) -> None:
+        super().initialize()  # adds the handlers below to the web application, after those of earlier extensions
+        if not self.config_problems:
+            # An MCP call is matched first, not after every pattern of the extensions loaded before this one.
+            route_first(self.serverapp.web_app, MCPHandler)
+
     def initialize_handlers(self) -> None:
         routes: list[tuple[str, type[Any]]] = [
             (r"/plexus/mcp/?", MCPHandler),
@@ -176,9 +182,6 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
             http_server = None
         if http_server is not None:
             ConnectionGuard.from_settings(self).install(http_server)
-        web_app = getattr(serverapp, "web_app", None)
-        if web_app is not None:
-            route_first(web_app, MCPHandler)  # every extension's handlers are in by now
         await self.runtime.start()
 
     async def stop_extension(self) -> None:
