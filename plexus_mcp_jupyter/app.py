@@ -123,9 +123,9 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
         )
         self.connection_file = write_connection_file(self.serverapp)
 
-    def initialize(self) -> None:
+    def initialize(self) -> None:  # type: ignore[override]  # ExtensionApp's own signature
         super().initialize()  # adds the handlers below to the web application, after those of earlier extensions
-        if not self.config_problems:
+        if self.serverapp is not None and not self.config_problems:
             # An MCP call is matched first, not after every pattern of the extensions loaded before this one.
             route_first(self.serverapp.web_app, MCPHandler)
 
