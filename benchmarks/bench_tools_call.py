@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import subprocess
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -128,9 +129,10 @@ async def timed_calls(
                 assert not result.is_error, result
 
             await time_calls(call, warmup)
-            cpu0 = cpu_seconds(pid)
+            cpu0, client0 = cpu_seconds(pid), own_cpu_seconds()
             stats = summarize(await time_calls(call, calls))
             stats["server_cpu_us"] = 1e6 * (cpu_seconds(pid) - cpu0) / calls
+            stats["client_cpu_us"] = 1e6 * (own_cpu_seconds() - client0) / calls
             out[row] = stats
     return out
 
@@ -157,6 +159,12 @@ async def lean_calls(url: str, token: str | None, plan: Plan, calls: int, warmup
 
 async def lean_round(url: str, token: str | None, task_id: str, calls: int, warmup: int) -> dict:
     return await lean_calls(url, token, plan_for(task_id), calls, warmup)
+
+
+def own_cpu_seconds() -> float:
+    """User + system CPU time of this process (the SDK client's work: parsing, validating, its HTTP stack)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 @contextmanager
@@ -221,7 +229,7 @@ def report(targets: list[Target], args: argparse.Namespace, load_before: str) ->
     width = max(len(t.label) for t in targets)
     print(
         f"{'client':<6} {'era':<10} {'tool':<11} {'server':<{width}} {'calls/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
-        f"{'srv CPU us':>10}"
+        f"{'srv CPU us':>10} {'cli CPU us':>10}"
     )
     for era in ERAS:
         for tool in TOOLS:
@@ -231,7 +239,7 @@ def report(targets: list[Target], args: argparse.Namespace, load_before: str) ->
                     print(
                         f"{'sdk':<6} {era:<10} {tool:<11} {t.label:<{width}} {med(runs, tool, 'calls_per_s'):>8.0f} "
                         f"{med(runs, tool, 'p50_ms'):>7.2f} {med(runs, tool, 'p99_ms'):>7.2f} "
-                        f"{med(runs, tool, 'server_cpu_us'):>10.0f}"
+                        f"{med(runs, tool, 'server_cpu_us'):>10.0f} {med(runs, tool, 'client_cpu_us'):>10.0f}"
                     )
     for tool in TOOLS:
         for t in targets:
@@ -256,6 +264,29 @@ def report(targets: list[Target], args: argparse.Namespace, load_before: str) ->
                     f"  {peer.label:<{width}} {era} {tool:<11} sdk throughput {throughput:.2f}  "
                     f"server CPU/call {cpu:.2f}{lean}"
                 )
+    goals(ours, peers)
+
+
+GOALS = {"bare": 1.0, "datalayer": 2.0}  # issue 16: ours / peer throughput with the SDK client, in every era served
+
+
+def goals(ours: Target, peers: list[Target]) -> None:
+    """One line per goal of issue 16: the SDK client's throughput ratio, met or not (the lean client's beside it)."""
+    print("goals (issue 16; SDK client throughput ours / peer, lean client in brackets):")
+    for peer in peers:
+        goal = GOALS.get(peer.name)
+        if goal is None:
+            continue
+        for era in ERAS:
+            if era not in peer.eras:
+                continue
+            for tool in TOOLS:
+                ratio = med(ours.sdk[era], tool, "calls_per_s") / med(peer.sdk[era], tool, "calls_per_s")
+                lean = ""
+                if era == "2025-11-25":
+                    lean = f" (lean {med(ours.lean, tool, 'calls_per_s') / med(peer.lean, tool, 'calls_per_s'):.2f})"
+                verdict = "met" if ratio >= goal else "NOT met"
+                print(f"  {tool:<10} {era} vs {peer.label}: {ratio:.2f}{lean} >= {goal:.1f}? {verdict}")
 
 
 async def main() -> None:

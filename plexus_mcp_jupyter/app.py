@@ -30,6 +30,7 @@ from .handlers.evaluations import (
 )
 from .handlers.events import EventsHandler
 from .handlers.health import AUTH_DISABLED_WARNING, HealthHandler, UnavailableHandler
+from .handlers.jupyter_compat import route_first
 from .handlers.keys import AuditHandler, KeyHandler, KeysHandler
 from .handlers.mcp import MCPHandler
 from .handlers.rest import (
@@ -122,6 +123,12 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
             "Plexus MCP endpoint at %splexus/mcp (store: %s)", self.serverapp.base_url, self.runtime.store.safe_url
         )
         self.connection_file = write_connection_file(self.serverapp)
+
+    def initialize(self) -> None:  # type: ignore[override]  # ExtensionApp's own signature
+        super().initialize()  # adds the handlers below to the web application, after those of earlier extensions
+        if self.serverapp is not None and not self.config_problems:
+            # An MCP call is matched first, not after every pattern of the extensions loaded before this one.
+            route_first(self.serverapp.web_app, MCPHandler)
 
     def initialize_handlers(self) -> None:
         routes: list[tuple[str, type[Any]]] = [

@@ -12,11 +12,12 @@ import ast
 import asyncio
 import importlib
 import inspect
+import json
 import textwrap
 from importlib.metadata import version
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
 from jupyter_server.auth.identity import IdentityProvider
@@ -28,8 +29,13 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.session import ServerSession
 from mcp.server.streamable_http import StreamableHTTPServerTransport
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared._context_streams import ContextReceiveStream
-from tornado.web import RequestHandler
+from pydantic import Field
+from starlette.requests import Request
+from tornado.httputil import HTTPHeaders, HTTPServerRequest, RequestStartLine
+from tornado.routing import RuleRouter
+from tornado.web import Application, RequestHandler
 
 from plexus_mcp_jupyter.endpoint import sdk_compat
 from plexus_mcp_jupyter.endpoint.server import build_mcp_server
@@ -239,6 +245,199 @@ def test_the_transport_reads_its_response_mode_where_the_per_request_mode_expect
     )
 
 
+# What the SDK's 2026-07-28 entry calls, reviewed: ModernJSONEntry.answer runs the same steps for a call answered as
+# one JSON body (the SSE branch's task group, memory stream and disconnect watcher are not needed there).
+REVIEWED_MODERN_ENTRY_CALLS = frozenset(
+    {
+        "Request",
+        "TransportSecurityMiddleware",
+        "validate_request",
+        "err",
+        "Response",
+        "check_accept_headers",
+        "body",
+        "loads",
+        "JSONRPCError",
+        "ErrorData",
+        "_write",
+        "_is_notification_shaped",
+        "_acknowledge_notification",
+        "model_validate",
+        "find_duplicated_routing_header",
+        "items",
+        "InboundLadderRejection",
+        "_write_rejection",
+        "classify_inbound_request",
+        "dict",
+        "isinstance",
+        "_mcp_param_rejection",
+        "from_envelope",
+        "_SingleExchangeDispatchContext",
+        "TransportContext",
+        "ServerMessageMetadata",
+        "progress_token_from_params",
+        "_to_jsonrpc_response",
+        "serve_one",
+        "create_memory_object_stream",
+        "append",
+        "receive",
+        "get",
+        "cancel",
+        "create_task_group",
+        "start_soon",
+        "move_on_after",
+        "send",
+        "_sse_event",
+    }
+)
+NO_DNS_CHECKS = TransportSecuritySettings(enable_dns_rebinding_protection=False)
+ENVELOPE = {
+    "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+    "io.modelcontextprotocol/clientInfo": {"name": "probe", "version": "1"},
+    "io.modelcontextprotocol/clientCapabilities": {},
+}
+
+
+def modern_scope(method: str, params: dict[str, Any], **overrides: str | None) -> dict[str, Any]:
+    """An ASGI scope of a 2026-07-28 POST as the SDK client sends it (`overrides`: a header's value, None drops
+    it)."""
+    headers = {
+        "accept": "application/json, text/event-stream",
+        "content-type": "application/json",
+        "mcp-protocol-version": "2026-07-28",
+        "mcp-method": method,
+    }
+    name_key = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}.get(method)
+    if name_key:
+        headers["mcp-name"] = str(params.get(name_key))
+    for name, value in overrides.items():
+        headers.pop(name.replace("_", "-"), None)
+        if value is not None:
+            headers[name.replace("_", "-")] = value
+    return {
+        "type": "http",
+        "method": "POST",
+        "path": "/mcp",
+        "query_string": b"",
+        "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()],
+    }
+
+
+def test_the_modern_json_entry_answers_a_plain_2026_call_as_the_sdk_s_entry_does():
+    """ModernJSONEntry answers byte for byte what the SDK's `handle_modern_request` answers in JSON mode, and leaves
+    to it every request it would refuse."""
+    adapter = "sdk_compat.ModernJSONEntry"
+    from mcp.server import _streamable_http_modern as modern
+
+    called: set[str] = set()
+    for node in ast.walk(ast.parse(source(modern.handle_modern_request))):
+        if isinstance(node, ast.Call):
+            func = node.func
+            called.add(func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", ""))
+    new = called - REVIEWED_MODERN_ENTRY_CALLS - {""}
+    holds(not new, MCP, f"added steps to handle_modern_request (calls {sorted(new)})", adapter)
+    holds(
+        list(inspect.signature(modern._mcp_param_rejection).parameters)
+        == ["app", "request", "req", "verdict", "lifespan_state"],
+        MCP,
+        "changed _mcp_param_rejection(app, request, req, verdict, lifespan_state)",
+        adapter,
+    )
+    fields = set(getattr(modern._SingleExchangeDispatchContext, "__dataclass_fields__", {}))
+    holds(
+        {"transport", "request_id", "message_metadata", "progress_token", "sink"} <= fields,
+        MCP,
+        "changed _SingleExchangeDispatchContext's fields",
+        adapter,
+    )
+
+    server = MCPServer("probe")
+
+    @server.tool()
+    def echo(text: str) -> str:
+        return text
+
+    @server.tool()
+    def regional(region: Annotated[str, Field(json_schema_extra={"x-mcp-header": "Region"})]) -> str:
+        return region
+
+    @server.tool()
+    def broken() -> str:
+        raise RuntimeError("inside")
+
+    lowlevel = sdk_compat.lowlevel_server(server)
+    manager = StreamableHTTPSessionManager(app=lowlevel, json_response=True, security_settings=NO_DNS_CHECKS)
+    entry = sdk_compat.ModernJSONEntry(manager, NO_DNS_CHECKS)
+
+    def call(name: str, arguments: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        return "tools/call", {"name": name, "arguments": arguments, "_meta": ENVELOPE}
+
+    answered = [
+        call("echo", {"text": "hi"}),
+        call("regional", {"region": "eu"}),
+        call("broken", {}),
+        call("nope", {}),
+        ("tools/list", {"_meta": ENVELOPE}),
+        ("ping", {"_meta": ENVELOPE}),
+        ("prompts/get", {"name": "nope", "_meta": ENVELOPE}),
+    ]
+    left = [  # (method, params, header overrides): refused by the SDK's entry, so not answered here
+        (*call("echo", {"text": "hi"}), {"mcp_name": "other"}),
+        (*call("regional", {"region": "eu"}), {"mcp_param_region": "us"}),
+        (*call("echo", {"text": "hi"}), {"accept": "text/event-stream"}),
+        (*call("echo", {"text": "hi"}), {"content_type": "text/plain"}),
+        ("tools/call", {"name": "echo", "arguments": {"text": "hi"}}, {}),  # no envelope
+        (*call("echo", {"text": "hi"}), {"mcp_protocol_version": "2099-01-01"}),
+    ]
+
+    async def through_sdk(scope: dict[str, Any], body: bytes) -> tuple[int, bytes]:
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await manager.handle_request(scope, receive, send)
+        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+    async def through_entry(scope: dict[str, Any], message: dict[str, Any]) -> tuple[int, bytes] | None:
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": json.dumps(message).encode(), "more_body": False}
+
+        return await entry.answer(Request(scope, receive), message)
+
+    async def compare() -> None:
+        async with manager.run():
+            holds(
+                hasattr(manager, "_lifespan_state"),
+                MCP,
+                "renamed StreamableHTTPSessionManager._lifespan_state",
+                adapter,
+            )
+            for number, (method, params) in enumerate(answered):
+                message = {"jsonrpc": "2.0", "id": number, "method": method, "params": params}
+                extra = {"mcp_param_region": "eu"} if params.get("name") == "regional" else {}
+                scope = modern_scope(method, params, **extra)
+                expected = await through_sdk(scope, json.dumps(message).encode())
+                got = await through_entry(scope, message)
+                holds(
+                    got == expected,
+                    MCP,
+                    f"answers {method} {params.get('name', '')} otherwise: SDK {expected}, adapter {got}",
+                    adapter,
+                )
+            for number, (method, params, overrides) in enumerate(left):
+                message = {"jsonrpc": "2.0", "id": number, "method": method, "params": params}
+                scope = modern_scope(method, params, **overrides)
+                status, _ = await through_sdk(scope, json.dumps(message).encode())
+                assert status >= 400, (overrides, status)
+                assert await through_entry(scope, message) is None, overrides
+
+    asyncio.run(compare())
+
+
 def test_server_middleware_sees_the_wire_form_of_initialize_and_listings():
     """Public but provisional in the SDK: the middleware (as_the_caller, PlexusTasks.legacy_middleware) edits the
     `initialize` and list results as dicts, after the SDK sieved them for the era."""
@@ -398,6 +597,42 @@ def test_jupyter_s_prepare_does_only_what_plexus_handler_prepare_mirrors():
         f"added steps to JupyterHandler/APIHandler.prepare (calls {sorted(new)})",
         "PlexusHandler.prepare (handlers/base.py), which replaces it, and REVIEWED_PREPARE_CALLS here",
     )
+
+
+def test_route_first_finds_an_extension_s_rule_where_add_handlers_puts_it():
+    adapter = "jupyter_compat.route_first"
+
+    class Other(RequestHandler):
+        pass
+
+    class Mine(RequestHandler):
+        pass
+
+    app = Application([(r"/jupyter", RequestHandler)])
+    app.add_handlers(".*$", [(r"/other/.*", Other), (r"/other", Other)])
+    app.add_handlers(".*$", [(r"/plexus/mcp/?", Mine), (r"/plexus/api/x", Other)])
+    holds(
+        isinstance(getattr(app, "default_router", None), RuleRouter) and len(app.default_router.rules) == 3,
+        TORNADO,
+        "no longer adds each add_handlers call as one rule of Application.default_router.rules",
+        adapter,
+    )
+    assert jupyter_compat.route_first(app, Mine) and not jupyter_compat.route_first(app, type("Absent", (), {}))
+    first = app.default_router.rules[0].target
+    holds(
+        any(rule.target is Mine for rule in first.rules),
+        TORNADO,
+        "changed the rule's target (a router whose rules target handler classes)",
+        adapter,
+    )
+    for path, handler in (("/plexus/mcp", Mine), ("/other/a", Other), ("/jupyter", RequestHandler)):
+        request = HTTPServerRequest(
+            start_line=RequestStartLine("POST", path, "HTTP/1.1"),
+            headers=HTTPHeaders({"Host": "localhost"}),
+            connection=SimpleNamespace(context=None),
+        )
+        delegate = app.find_handler(request)
+        assert delegate.handler_class is handler, (path, delegate.handler_class)
 
 
 # -- nowhere else ---------------------------------------------------------------------------------------------

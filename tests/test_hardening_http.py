@@ -201,6 +201,17 @@ def test_the_scrubber_reads_query_parameters_percent_decoded():
     )
 
 
+def test_the_scrubber_s_quick_answer_is_only_for_text_neither_pattern_can_match():
+    """Text without `=` or `plx_` is returned as it is (the audited ids and names of most calls), once the server's
+    own secrets were replaced in it; anything else goes through both patterns as before."""
+    scrubber = SecretScrubber()
+    scrubber.add("0123456789abcdef")
+    assert scrubber.scrub("a0326a60-884f-4f28-9a24-04616e24128d") == "a0326a60-884f-4f28-9a24-04616e24128d"
+    assert scrubber.scrub("task 0123456789abcdef") == "task [redacted]"
+    assert scrubber.scrub("key plx_abc123abc123_SECRETSECRET here") == "key plx_abc123abc123_[redacted] here"
+    assert scrubber.scrub("see /x?token=abc&page=2") == "see /x?token=[redacted]&page=2"
+
+
 # -- the Origin check: scheme, host and port ------------------------------------------------------------
 
 

@@ -9,7 +9,7 @@ from mcp.server.mcpserver import Context
 
 from plexus_mcp_jupyter.endpoint.sdk_compat import wants_json
 
-from .conftest import MODERN
+from .conftest import MODERN, poll
 from .test_transport import _messages
 
 MODERN_META = {
@@ -19,13 +19,20 @@ MODERN_META = {
 }
 
 
-async def modern_call(mcp_url: str, token: str, name: str, meta: dict | None = None) -> httpx2.Response:
-    """One self-contained 2026-07-28 tools/call."""
+async def modern_call(
+    mcp_url: str,
+    token: str,
+    name: str,
+    meta: dict | None = None,
+    arguments: dict | None = None,
+    headers: dict | None = None,
+) -> httpx2.Response:
+    """One self-contained 2026-07-28 tools/call (`headers`: added to, or replacing, the SDK client's)."""
     body = {
         "jsonrpc": "2.0",
         "id": 7,
         "method": "tools/call",
-        "params": {"name": name, "arguments": {}, "_meta": {**MODERN_META, **(meta or {})}},
+        "params": {"name": name, "arguments": arguments or {}, "_meta": {**MODERN_META, **(meta or {})}},
     }
     headers = {
         "Accept": "application/json, text/event-stream",
@@ -34,6 +41,7 @@ async def modern_call(mcp_url: str, token: str, name: str, meta: dict | None = N
         "Mcp-Method": "tools/call",
         "Mcp-Name": name,
         "Authorization": f"Bearer {token}",
+        **(headers or {}),
     }
     async with httpx2.AsyncClient(timeout=30) as http:
         return await http.post(mcp_url, content=json.dumps(body), headers=headers)
@@ -97,3 +105,71 @@ def test_audit_details_are_made_json_by_the_writer_and_one_that_cannot_be_costs_
     assert details["speed.long"] == {"truncated": True}
     assert details["speed.plain"]["n"] == 1 and details["speed.plain"]["nested"] == {"a": [1, "b"]}
     assert "secret-value" not in json.dumps(details["speed.plain"])
+
+
+async def test_a_plain_2026_call_is_answered_past_the_sdk_s_http_entry_with_the_same_bytes(
+    mcp_url, token, runtime, mcp_client, monkeypatch
+):
+    """Plain 2026-07-28 calls are answered by `ModernJSONEntry` (sdk_compat): the official client reads the same
+    results as in the handshake era, a raw call gets the status, type and body the SDK's own entry gives (checked by
+    turning the entry off), calls are audited with their client, and what the entry must not answer (a mismatched
+    `Mcp-Name`) still gets the SDK's refusal."""
+    async with mcp_client() as client:
+        started = await client.call_tool("run_demo_task", {"items": 2, "item_delay_ms": 0})
+        task_id = started.structured_content["task_id"]
+
+        await poll(
+            lambda: client.call_tool("get_task", {"task_id": task_id}),
+            lambda result: result.structured_content["status"] == "COMPLETED",
+            timeout=30,
+        )
+        legacy = (await client.call_tool("get_task", {"task_id": task_id})).structured_content
+        legacy_page = (await client.call_tool("list_tasks", {"limit": 5})).structured_content
+
+    entry = runtime.endpoint.modern_json
+    answer = entry.answer
+    answered: list[bool] = []
+
+    async def counted(request, message):
+        reply = await answer(request, message)
+        answered.append(reply is not None)
+        return reply
+
+    monkeypatch.setattr(entry, "answer", counted)
+    async with mcp_client(MODERN) as client:
+        modern = await client.call_tool("get_task", {"task_id": task_id})
+        modern_page = await client.call_tool("list_tasks", {"limit": 5})
+    assert modern.structured_content == legacy and modern_page.structured_content == legacy_page
+    assert len(answered) >= 2 and all(answered)  # the two calls (and the client's own listing of the tools)
+
+    calls = [("get_task", {"task_id": task_id}), ("get_task", {"task_id": "no-such-task"}), ("no_such_tool", {})]
+    fast = [await modern_call(mcp_url, token, name, arguments=arguments) for name, arguments in calls]
+
+    async def declined(request, message):
+        return None
+
+    monkeypatch.setattr(entry, "answer", declined)
+    through_sdk = [await modern_call(mcp_url, token, name, arguments=arguments) for name, arguments in calls]
+    for mine, theirs in zip(fast, through_sdk, strict=True):
+        assert mine.headers["content-type"] == theirs.headers["content-type"] == "application/json"
+        assert (mine.status_code, mine.content) == (theirs.status_code, theirs.content)
+    assert fast[1].json()["result"]["isError"] and fast[2].json()["result"]["isError"]
+
+    monkeypatch.setattr(entry, "answer", counted)
+    answered.clear()
+    mismatched = await modern_call(
+        mcp_url, token, "get_task", arguments={"task_id": task_id}, headers={"Mcp-Name": "x"}
+    )
+    assert answered == [False]
+    assert mismatched.status_code == 400 and "mcp-name" in mismatched.json()["error"]["message"].lower()
+
+    runtime.audit.flush()
+    records, _ = runtime.audit.query(action="tool.get_task", limit=20)
+    assert any(r["target"] == task_id and r["client"] == "127.0.0.1" for r in records)
+
+
+def test_the_mcp_routes_are_matched_before_the_other_extensions(jp_serverapp, runtime):
+    from plexus_mcp_jupyter.handlers.mcp import MCPHandler
+
+    first = jp_serverapp.web_app.default_router.rules[0].target
+    assert any(rule.target is MCPHandler for rule in first.rules)

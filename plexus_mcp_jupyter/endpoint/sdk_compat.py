@@ -13,6 +13,24 @@ with the upstream change that would retire each.
 - `AdmittingSessionManager`: the session manager's admission and discard points and its session table.
 - `PerRequestTransport`: the transport's response mode chosen per request (below); `routing_a_json_answer()`: the
   event store leaves out the answers of requests served as JSON bodies (nothing can replay them).
+- `ModernJSONEntry`: a plain 2026-07-28 call answered by the SDK's own per-request kernel (`serve_one`) without
+  its HTTP entry around it (below).
+
+**A plain 2026-07-28 call, without the SDK's HTTP entry.** The SDK serves a 2026-07-28 POST through
+`handle_modern_request` behind its session manager's ASGI wrappers: a body-size middleware that replays the body,
+a Starlette `Request` whose body is read through `receive`, the body parsed a second time, a transport-security
+object built per request, and a Starlette `Response` sent as two ASGI messages the tornado bridge turns back into
+headers and a body. For a call answered as one JSON body (`json_message`: the bridge has already parsed it), those
+wrappers cost about a fifth of the server's time per call. `ModernJSONEntry.answer` runs the same checks in the
+same order with the SDK's own functions (Content-Type, Accept, the JSON-RPC envelope, duplicated routing headers,
+the envelope ladder `classify_inbound_request`, the tool's `Mcp-Param-*` headers), builds the same `Connection`
+and dispatch context, and calls the same `serve_one`; its answer is the SDK's JSON body byte for byte (a
+JSON-RPC response or error, with the error's table-mapped HTTP status). Whatever it would have to refuse (a bad
+header, envelope or version) it leaves to the SDK's entry, which answers it as before (None).
+Relies on: `mcp.server._streamable_http_modern._SingleExchangeDispatchContext` (the per-request dispatch context,
+sink-less in JSON mode) and `_mcp_param_rejection(app, request, req, verdict, lifespan_state)`, and the session
+manager's `_lifespan_state` (what its `run()` entered, passed to every request). The upstream change that would
+retire it: a public `serve_modern_json(app, request, body)` in the SDK.
 
 **A response shape per request.** Streamable HTTP lets a server answer each POST either as an SSE stream
 or as one JSON body. The SDK chooses once per server (`json_response`), and its JSON mode drops every
@@ -50,13 +68,31 @@ from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from mcp.server._streamable_http_modern import _mcp_param_rejection, _SingleExchangeDispatchContext
 from mcp.server.auth.middleware.bearer_auth import AuthorizationContext
+from mcp.server.connection import Connection
 from mcp.server.lowlevel import Server
 from mcp.server.mcpserver import MCPServer
+from mcp.server.runner import modern_error_data, serve_one
 from mcp.server.session import ServerSession
-from mcp.server.streamable_http import StreamableHTTPServerTransport
+from mcp.server.streamable_http import StreamableHTTPServerTransport, check_accept_headers
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
-from mcp_types import LOG_LEVEL_META_KEY
+from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
+from mcp.shared.inbound import (
+    ERROR_CODE_HTTP_STATUS,
+    MCP_PROTOCOL_VERSION_HEADER,
+    X_MCP_HEADER_KEY,
+    InboundLadderRejection,
+    classify_inbound_request,
+    find_duplicated_routing_header,
+)
+from mcp.shared.jsonrpc_dispatcher import progress_token_from_params
+from mcp.shared.message import ServerMessageMetadata
+from mcp.shared.transport_context import TransportContext
+from mcp_types import LOG_LEVEL_META_KEY, JSONRPCRequest
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
+from pydantic import ValidationError
+from starlette.requests import Request
 
 _JSON_RESPONSE: contextvars.ContextVar[bool] = contextvars.ContextVar("plexus_json_response", default=False)
 
@@ -80,30 +116,35 @@ LOG_LEVEL_BYTES = LOG_LEVEL_META_KEY.encode()
 MAX_INSPECTED_BYTES = 64 * 1024
 
 
-def wants_json(body: bytes) -> bool:
-    """True when the POSTed JSON-RPC request can be answered as one JSON body: a one-shot method, and
-    no progress token or task that would stream notifications on the request's response."""
+def json_message(body: bytes) -> dict[str, Any] | None:
+    """The POSTed JSON-RPC request, parsed, when it can be answered as one JSON body (a one-shot method, and no
+    progress token or task that would stream notifications on the request's response); None otherwise."""
     if len(body) > MAX_INSPECTED_BYTES or b"progressToken" in body or LOG_LEVEL_BYTES in body:
-        return False
+        return None
     try:
         message = json.loads(body)
     except (ValueError, RecursionError):  # not JSON, or nested too deep to read here: the SDK refuses it
-        return False
+        return None
     if not isinstance(message, dict) or "id" not in message:
-        return False
+        return None
     method = message.get("method")
     if not isinstance(method, str) or method not in ONE_SHOT_METHODS:  # a bad one is the SDK's to refuse
-        return False
+        return None
     params = message.get("params")
     if not isinstance(params, dict):
-        return True
+        return message
     meta = params.get("_meta")
     if isinstance(meta, dict) and ("progressToken" in meta or LOG_LEVEL_META_KEY in meta):  # spelt with JSON escapes
-        return False
+        return None
     arguments = params.get("arguments")
     # A call that waits (cancel_tasks' wait_seconds) keeps a stream a dropped connection can resume.
     waits = isinstance(arguments, dict) and bool(arguments.get("wait_seconds"))
-    return params.get("task") is None and not waits
+    return message if params.get("task") is None and not waits else None
+
+
+def wants_json(body: bytes) -> bool:
+    """True when the POSTed JSON-RPC request can be answered as one JSON body (see `json_message`)."""
+    return json_message(body) is not None
 
 
 @contextmanager
@@ -242,3 +283,91 @@ class AdmittingSessionManager(PerRequestSessionManager):
     async def _discard_session(self, session_id: str, transport: StreamableHTTPServerTransport) -> None:
         self.session_closed(session_id)
         await super()._discard_session(session_id, transport)
+
+
+_PROTOCOL_VERSION_HEADER = MCP_PROTOCOL_VERSION_HEADER.lower()
+
+
+def modern_request(headers: Any) -> bool:
+    """Whether the SDK's session manager routes a request with these headers (a Starlette `Headers`) to its
+    2026-07-28 entry: an `MCP-Protocol-Version` header that names no handshake-era version."""
+    version = headers.get(_PROTOCOL_VERSION_HEADER)
+    return version is not None and version not in HANDSHAKE_PROTOCOL_VERSIONS
+
+
+class ModernJSONEntry:
+    """A plain 2026-07-28 call answered as one JSON body by the SDK's `serve_one`, without its HTTP entry (see
+    the module's docstring)."""
+
+    def __init__(self, manager: StreamableHTTPSessionManager, security_settings: TransportSecuritySettings) -> None:
+        self.manager = manager
+        self.security = TransportSecurityMiddleware(security_settings)
+        self._header_params: dict[int, tuple[Any, bool]] = {}  # id(input schema) -> (schema, declares a header)
+
+    def _declares_header_params(self, name: Any) -> bool:
+        """Whether the tool's input schema may declare `x-mcp-header` parameters (True when unsure): without
+        one, `Mcp-Param-*` headers are never checked, so the SDK's walk of the schema is skipped."""
+        lookup = self.manager.app.get_tool_input_schema
+        if lookup is None or not isinstance(name, str):
+            return True
+        try:
+            schema = lookup(name)
+        except Exception:
+            return True
+        if schema is None:
+            return False
+        kept = self._header_params.get(id(schema))
+        if kept is None or kept[0] is not schema:
+            kept = (schema, X_MCP_HEADER_KEY in json.dumps(schema))
+            if len(self._header_params) > 1024:
+                self._header_params.clear()
+            self._header_params[id(schema)] = kept
+        return kept[1]
+
+    async def answer(self, request: Request, message: dict[str, Any]) -> tuple[int, bytes] | None:
+        """The HTTP status and JSON body answering `message` (a parsed `json_message` POSTed to the 2026-07-28
+        entry, see `modern_request`), or None when the SDK's entry must answer it (it would refuse it)."""
+        if await self.security.validate_request(request, is_post=True) is not None:
+            return None
+        has_json, _ = check_accept_headers(request)
+        if not has_json:
+            return None
+        try:
+            req = JSONRPCRequest.model_validate(message)
+        except ValidationError:
+            return None
+        headers = request.headers
+        if find_duplicated_routing_header(headers.items()) is not None:
+            return None
+        verdict = classify_inbound_request(message, headers=dict(headers))
+        if isinstance(verdict, InboundLadderRejection):
+            return None
+        app = self.manager.app
+        lifespan_state = self.manager._lifespan_state
+        params = req.params or {}
+        if (
+            req.method == "tools/call"
+            and self._declares_header_params(params.get("name"))
+            and await _mcp_param_rejection(app, request, req, verdict, lifespan_state) is not None
+        ):
+            return None
+        connection = Connection.from_envelope(
+            verdict.protocol_version, verdict.client_info, verdict.client_capabilities
+        )
+        dctx = _SingleExchangeDispatchContext(
+            transport=TransportContext(kind="streamable-http", can_send_request=False, headers=headers),
+            request_id=req.id,
+            message_metadata=ServerMessageMetadata(request_context=request),
+            progress_token=progress_token_from_params(req.params),
+        )
+        try:
+            result = await serve_one(
+                app, dctx, req.method, req.params, connection=connection, lifespan_state=lifespan_state
+            )
+        except Exception as exc:
+            error = modern_error_data(exc)
+            status = ERROR_CODE_HTTP_STATUS.get(error.code, 200)
+            data = error.model_dump(mode="json", by_alias=True, exclude_none=True)
+            reply = {"jsonrpc": "2.0", "id": req.id, "error": data}
+            return status, json.dumps(reply, separators=(",", ":")).encode()
+        return 200, json.dumps({"jsonrpc": "2.0", "id": req.id, "result": result}, separators=(",", ":")).encode()

@@ -18,6 +18,7 @@ from typing import Any
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
+from starlette.requests import Request
 from tornado.iostream import StreamClosedError
 from tornado.web import RequestHandler
 
@@ -25,7 +26,7 @@ from ..handlers.jupyter_compat import response_finished
 from ..security.http import jsonrpc_error
 from ..security.identity import Principal
 from .event_store import MemoryEventStore
-from .sdk_compat import lowlevel_server, response_mode, wants_json
+from .sdk_compat import ModernJSONEntry, json_message, lowlevel_server, modern_request, response_mode
 from .sessions import PlexusSessionManager, SessionLimits, SessionRefused, session_user
 
 log = logging.getLogger("plexus_mcp_jupyter")
@@ -58,6 +59,8 @@ class MCPEndpoint:
             security_settings=_NO_DNS_CHECKS,
             max_request_body_size=max_request_body_size,
         )
+        # A plain 2026-07-28 call: answered by the SDK's kernel without its HTTP entry (sdk_compat).
+        self.modern_json = ModernJSONEntry(self.session_manager, _NO_DNS_CHECKS)
         self._runner: asyncio.Task[None] | None = None
         self._failure: Exception | None = None
         self._started = asyncio.Event()
@@ -150,6 +153,20 @@ class MCPBridge:
             await self.disconnected.wait()
             return {"type": "http.disconnect"}
 
+        scope = self.scope(extra_scope)
+        message = json_message(body) if self.handler.request.method == "POST" else None
+        if message is not None:
+            request = Request(scope, receive)
+            if modern_request(request.headers):
+                answer = await self.endpoint.modern_json.answer(request, message)
+                if answer is not None:
+                    if self.disconnected.is_set():
+                        return
+                    self.handler.set_status(answer[0])
+                    self.handler.set_header("Content-Type", "application/json")
+                    self.handler.finish(answer[1])
+                    return
+
         status = 0
 
         async def send(message: MutableMapping[str, Any]) -> None:
@@ -195,8 +212,8 @@ class MCPBridge:
                         self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_later)
 
         try:
-            with response_mode(self.handler.request.method == "POST" and wants_json(body)):
-                await self.endpoint.session_manager.handle_request(self.scope(extra_scope), receive, send)
+            with response_mode(message is not None):
+                await self.endpoint.session_manager.handle_request(scope, receive, send)
         except SessionRefused as refused:  # raised before anything was sent
             self.handler.set_status(refused.status)
             self.handler.set_header("Content-Type", "application/json")

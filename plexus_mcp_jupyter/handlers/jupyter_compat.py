@@ -12,6 +12,7 @@ the adapter's name). docs/architecture.md lists the adapters with the upstream c
 - `response_finished`: whether tornado's `finish()` has run.
 - `SkippableRequestLog`: a handler may skip the access log line tornado writes when it finishes.
 - `CachedDateHeader`: a handler whose `Date` header is formatted once per second, not once per request.
+- `route_first`: an extension's routes matched before those of the extensions loaded before it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import tornado
 from jupyter_server.auth.identity import IdentityProvider, PasswordIdentityProvider, User
 from jupyter_server.base.handlers import JupyterHandler
 from tornado import httputil
-from tornado.web import RequestHandler
+from tornado.web import Application, RequestHandler
 
 NOTEBOOK_USER = "jupyter"
 # Jupyter's own providers: one notebook user, authenticated by the server's token or password.
@@ -131,3 +132,24 @@ _SERVER_HEADER = f"TornadoServer/{tornado.version}"
 @functools.lru_cache(maxsize=4)
 def _http_date(second: int) -> str:
     return httputil.format_timestamp(second)
+
+
+def route_first(app: Application, handler_class: type[RequestHandler]) -> bool:
+    """Match the routes of the extension that serves `handler_class` before any other extension's.
+
+    Each Jupyter extension's handlers are one rule of the application's router, in the order the extensions were
+    loaded, and tornado tries every pattern of every rule before until one matches: under jupyterlab, jupyter_lsp,
+    the terminals and notebook_shim, that was ~20 regular expressions per MCP call (~3% of it). Only paths no other
+    extension serves are affected (the extension's own prefix). True when the rule was found.
+
+    Relies on: tornado's `Application.default_router.rules`, the list `add_handlers` inserts each extension's
+    `Rule` into (before the last rule, Jupyter's own handlers), each rule's `target` a router whose `rules` hold
+    `Rule`s targeting handler classes.
+    """
+    rules = app.default_router.rules
+    for index, rule in enumerate(rules):
+        if any(getattr(inner, "target", None) is handler_class for inner in getattr(rule.target, "rules", ())):
+            if index:
+                rules.insert(0, rules.pop(index))
+            return True
+    return False
