@@ -425,6 +425,7 @@ def test_a_lease_that_ran_out_means_a_gone_server_on_any_host():
     assert not _owner_gone("local:another-host:1:me", "me", lease_expires_at=time.time() - 1)  # our own
 
 
+@pytest.mark.timeout(300)  # three server starts and a PostgreSQL database
 def test_a_server_whose_item_directory_the_others_do_not_share_says_so_in_health(servers, postgres, tmp_path):
     """Two servers on one PostgreSQL sharing evaluation_items_dir see each other's markers: health ok. A third with
     a directory of its own cannot see theirs: its health is degraded saying why, and it warns once (the first two
