@@ -104,14 +104,23 @@ class Telemetry:
             processed = int(total)  # Scoring ended: all its items were scored
         else:
             processed = seen
+        if data.get("status") in _FINAL:
+            processed = max(processed, self._scored_at_end(event.entity_id))
         if processed > seen:
             delta = processed - seen
             EVALUATION_ITEMS.inc(delta)
             self._scored.append((event.at, delta))
             self._scored_total += delta
         self._processed[event.entity_id] = (processed, total)
-        if data.get("status") in _FINAL or (progress.get("stage") not in (SCORING_STAGE, SETUP_STAGE, None)):
+        if data.get("status") in _FINAL:  # kept until then: the end reads what Scoring did (_scored_at_end)
             self._processed.pop(event.entity_id, None)
+
+    def _scored_at_end(self, task_id: str) -> int:
+        """The items the evaluation's Scoring stage processed, from the task as this server holds it: a quick
+        evaluation's coalesced events may never show that stage (it went from Setup to its end between two)."""
+        task = self.manager.task_in_memory(task_id)
+        stage = next((s for s in task.stages if s.name == SCORING_STAGE), None) if task is not None else None
+        return stage.processed_items if stage is not None else 0
 
     def on_update_sent(self, seconds: float) -> None:
         UPDATE_SECONDS.observe(seconds)

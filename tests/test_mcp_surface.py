@@ -437,11 +437,12 @@ async def test_the_metrics_resource_shows_activity_to_admins_only(mcp_url, token
 
 async def test_metrics_count_evaluation_items_and_update_latency(mcp_client, runtime):
     async with mcp_client() as client:
+        # subscribed before the evaluation exists: a quick one may end before a subscription made after it
+        await client.subscribe_resource("plexus://tasks")
         created = await client.call_tool(
             "create_evaluation", {"type": "accuracy", "dataset": "example:topics", "prediction_column": "prediction"}
         )
         evaluation_id = created.structured_content["evaluation_id"]
-        await client.subscribe_resource(f"plexus://evaluations/{evaluation_id}")
         await poll(
             lambda: client.call_tool("get_evaluation", {"evaluation_id": evaluation_id}),
             lambda r: r.structured_content["status"] == "COMPLETED",

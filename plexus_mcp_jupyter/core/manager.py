@@ -526,6 +526,11 @@ class TaskManager:
             task = self._in_memory(task_id) or self._from_store(task_id, stored, tombstone, viewer)
         return self._visible(task, viewer)
 
+    def task_in_memory(self, task_id: str) -> Task | None:
+        """The task as this server holds it (running, or recently finished here), without a store read; None
+        otherwise. For listeners of the bus that need more than an event carries (telemetry)."""
+        return self._in_memory(task_id)
+
     def _in_memory(self, task_id: str) -> Task | None:
         state = self._running.get(task_id)
         if state is not None:
