@@ -204,7 +204,7 @@ def test_the_status_bar_the_palette_and_the_keyboard_reach_the_panel(page, lab):
     page.keyboard.press("Control+Shift+C")  # the command palette
     palette = page.locator(".jp-ModalCommandPalette .lm-CommandPalette-input")
     palette.wait_for(state="visible", timeout=30000)  # under load the palette opens after the key press returns
-    palette.fill("Plexus: Connect an Assistant", timeout=60000)
+    palette.fill("Connect an Assistant", timeout=60000)  # the label alone: the category is not matched by every release
     page.locator(".jp-ModalCommandPalette .lm-CommandPalette-item", has_text="Connect an Assistant").first.wait_for(
         timeout=15000
     )
