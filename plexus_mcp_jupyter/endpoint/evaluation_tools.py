@@ -13,12 +13,11 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 from mcp.shared.exceptions import MCPError
 from mcp.types import INVALID_PARAMS, CallToolResult, ToolAnnotations
-from pydantic import Field
 
 from ..core.errors import NotFound, PlexusError
 from ..core.models import Task, TaskStatus
 from ..core.requests import paged, query_of, takes
-from ..evaluations.requests import CreateEvaluation, GetEvaluationResults, ListEvaluations
+from ..evaluations.requests import CreateEvaluation, GetEvaluation, GetEvaluationResults, ListDatasets, ListEvaluations
 from ..evaluations.service import EvaluationService
 from .principal import current_principal
 from .progress import follow_to_end, progress_token
@@ -113,11 +112,10 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService, log
         ),
         annotations=read_only,
     )
+    @takes(GetEvaluation)
     @client_errors
-    async def get_evaluation(
-        evaluation_id: Annotated[str, Field(min_length=1, max_length=64, description="The evaluation's id")],
-    ) -> Annotated[CallToolResult, EvaluationDetail]:
-        view = await service.get(evaluation_id, current_principal().viewer)
+    async def get_evaluation(**fields: Any) -> Annotated[CallToolResult, EvaluationDetail]:
+        view = await service.get(GetEvaluation.parse(fields).evaluation_id, current_principal().viewer)
         return result(describe_evaluation(view), view)
 
     @server.tool(
@@ -166,12 +164,12 @@ def register_evaluation_tools(server: MCPServer, service: EvaluationService, log
         ),
         annotations=read_only,
     )
+    @takes(ListDatasets)
     @client_errors
-    async def list_datasets(
-        include_files: Annotated[bool, Field(description="Also look for data files under the root")] = True,
-    ) -> Annotated[CallToolResult, DatasetList]:
+    async def list_datasets(**fields: Any) -> Annotated[CallToolResult, DatasetList]:
+        request = ListDatasets.parse(fields)
         # Walking the root and peeking at files is I/O: off the event loop, in the catalog's few threads.
-        datasets = await service.catalog.run(service.datasets, include_files=include_files)
+        datasets = await service.catalog.run(service.datasets, include_files=request.include_files)
         return result(
             f"{len(datasets)} dataset(s): " + ", ".join(d["ref"] for d in datasets[:20]), {"datasets": datasets}
         )

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field, WithJsonSchema
 
-from ..core.errors import one_line
+from ..core.errors import InvalidArgument, one_line
 from ..core.requests import (
     LISTED,
     MAX_PAGE_SIZE,
@@ -26,6 +26,7 @@ from ..core.requests import (
     names_schema,
     page_field,
 )
+from .datasets import REGISTERED_NAME_HELP, DatasetCatalog
 from .scorers import SCORER_SPEC_SCHEMA
 from .store import EvaluationStatus
 
@@ -104,12 +105,21 @@ class ListEvaluations(RequestModel):
     cursor: Cursor = None
 
 
+EvaluationId = Annotated[str, Field(min_length=1, max_length=64, description="The evaluation's id")]
+
+
+class GetEvaluation(RequestModel):
+    """One evaluation: get_evaluation (MCP), GET plexus/api/evaluations/{evaluation_id}."""
+
+    evaluation_id: EvaluationId
+
+
 class GetEvaluationResults(RequestModel):
     """One page of an evaluation's per-item results: get_evaluation_results (MCP), GET
     plexus/api/evaluations/{id}/results (all of them as Arrow when asked: limit and cursor then unused), the
     results resource, the notebook's `.results()` and `plexus evaluations export`."""
 
-    evaluation_id: str = Field(min_length=1, max_length=64, description="The evaluation's id")
+    evaluation_id: EvaluationId
     only_mismatches: bool = Field(False, description="Only items scored wrong or not scored")
     label: OptionalText = Field(None, description="Only items with this label (as in the dataset)")
     score: OptionalText = Field(None, description="Which score of a scorecard (default: the first)")
@@ -151,3 +161,59 @@ class EvaluationParams(RequestModel):
     def stored(self) -> dict[str, Any]:
         """The params as stored with the task: the fields given (JSON-ready)."""
         return self.model_dump(mode="json", exclude_unset=True)
+
+
+# -- datasets: the catalog's reads and registration -----------------------------------------------------------
+
+
+def registered_name(value: str) -> str:
+    """A name a registered dataset may have (the catalog's rule), as sent: a name with a control character in it
+    is refused, never cleaned into another name."""
+    try:
+        return DatasetCatalog.check_registered_name(value)
+    except InvalidArgument as exc:
+        raise ValueError(str(exc)) from None
+
+
+class ListDatasets(RequestModel):
+    """Datasets an evaluation can use: list_datasets (MCP), GET plexus/api/datasets, plexus.datasets()."""
+
+    include_files: bool = Field(True, description="Also look for data files under the root")
+
+
+class DescribeDataset(RequestModel):
+    """One dataset, with the label distribution of a column: GET plexus/api/datasets/{ref}."""
+
+    ref: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="Dataset ref (example:<name>, registered:<name> or a file path under the Jupyter root)",
+    )
+    label_column: OptionalText = Field(
+        None, max_length=1024, description="Column whose label distribution is shown (default 'label')"
+    )
+
+
+class RegisterDataset(RequestModel):
+    """Register a DataFrame as `registered:<name>`: POST plexus/api/datasets (the frame in the body) and, with
+    `bytes`, POST plexus/api/datasets/uploads (the frame in parts); the notebook's `register_dataset` builds it."""
+
+    name: Annotated[
+        str, AfterValidator(registered_name), Field(description=f"The dataset's name: {REGISTERED_NAME_HELP}")
+    ]
+    replace: bool = Field(False, description="Replace a dataset of that name (its owner's or, for an admin, any)")
+
+
+class BeginUpload(RegisterDataset):
+    """Begin registering a DataFrame in parts: POST plexus/api/datasets/uploads."""
+
+    bytes: Annotated[int | None, Number] = Field(
+        None, ge=0, description="The frame's size in bytes, when the client knows it: checked against the quota now"
+    )
+
+
+class UploadPart(RequestModel):
+    """One part of an upload: PUT plexus/api/datasets/uploads/{upload_id}?part=N (the body an Arrow IPC stream)."""
+
+    upload_id: str = Field(min_length=1, max_length=64, description="The upload's id (POST datasets/uploads gave it)")
+    part: Annotated[int, Number] = Field(ge=0, description="The part's number: 0 first, then one more for each part")

@@ -56,14 +56,6 @@ PRUNE_BATCH = 5000  # items deleted per transaction when pruning: the SQLite wri
 log = logging.getLogger("plexus_mcp_jupyter")
 
 
-def parse_flag(name: str, raw: str | None) -> bool:
-    """A true/false query parameter, the same way on every face (REST, resource URIs)."""
-    value = (raw or "false").strip().lower()
-    if value not in ("true", "false", "1", "0", "yes", "no"):
-        raise InvalidArgument(f"{name} must be true or false, not {raw!r}")
-    return value in ("true", "1", "yes")
-
-
 def evaluation_uri(evaluation_id: str) -> str:
     return f"plexus://evaluations/{evaluation_id}"
 

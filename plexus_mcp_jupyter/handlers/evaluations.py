@@ -18,16 +18,21 @@ from ..core.errors import InvalidArgument, NotFound, PlexusError
 from ..core.requests import paged
 from ..evaluations.item_files import ARROW_STREAM_TYPE as ARROW_STREAM
 from ..evaluations.item_files import ArrowStream
-from ..evaluations.requests import CreateEvaluation, GetEvaluationResults, ListEvaluations
-from ..evaluations.service import parse_flag
+from ..evaluations.requests import (
+    BeginUpload,
+    CreateEvaluation,
+    DescribeDataset,
+    GetEvaluation,
+    GetEvaluationResults,
+    ListDatasets,
+    ListEvaluations,
+    RegisterDataset,
+    UploadPart,
+)
 from ..security.http import BadJSON, parse_json
 from .base import PlexusHandler, http_error
 
 PARQUET_TYPES = ("application/vnd.apache.parquet", "application/x-parquet", "application/octet-stream")
-
-
-def _flag(handler: PlexusHandler, name: str, default: str = "false") -> bool:
-    return parse_flag(name, handler.get_argument(name, default))
 
 
 def _results_request(handler: PlexusHandler, evaluation_id: str) -> GetEvaluationResults:
@@ -36,16 +41,6 @@ def _results_request(handler: PlexusHandler, evaluation_id: str) -> GetEvaluatio
     return handler.query_request(
         paged(GetEvaluationResults, handler.runtime.manager.max_page_size), evaluation_id=evaluation_id
     )
-
-
-def _name_argument(handler: PlexusHandler, name: str) -> str | None:
-    """A query argument that names something, exactly as sent (None if absent).
-
-    Tornado's get_argument turns control characters into spaces and strips the ends, so `?name=evil%00`
-    would silently name `evil`; the catalog refuses such names instead, saying what is allowed.
-    """
-    values = handler.request.query_arguments.get(name)
-    return handler.decode_argument(values[-1], name=name) if values else None
 
 
 def _may_register(handler: PlexusHandler, name: str, replace: bool) -> bool:
@@ -101,7 +96,8 @@ class EvaluationsHandler(PlexusHandler):
 class EvaluationHandler(PlexusHandler):
     async def get(self, evaluation_id: str) -> None:
         try:
-            self.reply(await self.runtime.evaluations.get(evaluation_id, self.principal.viewer))
+            request = self.query_request(GetEvaluation, evaluation_id=evaluation_id)
+            self.reply(await self.runtime.evaluations.get(request.evaluation_id, self.principal.viewer))
         except PlexusError as exc:
             raise http_error(exc) from None
 
@@ -158,8 +154,8 @@ class EvaluationItemFilesHandler(PlexusHandler):
 class DatasetHandler(PlexusHandler):
     async def get(self, ref: str) -> None:
         """One dataset: rows, columns, and the label distribution (?label_column=...; default 'label')."""
-        label_column = _name_argument(self, "label_column") or None
         try:
+            label_column = self.query_request(DescribeDataset, ref=ref).label_column
             if label_column in self.runtime.evaluations.redacted:
                 raise InvalidArgument(f"column {label_column!r} is redacted (redact_columns): its values are not shown")
             info = await self.runtime.catalog.run(self.runtime.catalog.describe, ref, label_column)
@@ -202,8 +198,10 @@ class DatasetsHandler(PlexusHandler):
     async def get(self) -> None:
         """Datasets: examples, registered and files under the root (?include_files=false to skip files)."""
         try:
-            include_files = _flag(self, "include_files", "true")
-            datasets = await self.runtime.catalog.run(self.runtime.evaluations.datasets, include_files=include_files)
+            request = self.query_request(ListDatasets)
+            datasets = await self.runtime.catalog.run(
+                self.runtime.evaluations.datasets, include_files=request.include_files
+            )
         except PlexusError as exc:
             raise http_error(exc) from None
         self.reply({"datasets": datasets})
@@ -215,12 +213,9 @@ class DatasetsHandler(PlexusHandler):
         """
         self.require("register")
         try:
-            name = _name_argument(self, "name")
-            if not name:
-                raise InvalidArgument("name is required (?name=...): letters, digits, '_', '.', '-', up to 64")
+            request = self.query_request(RegisterDataset)  # the name as sent: one with a control character is refused
+            name, replace = request.name, request.replace
             catalog = self.runtime.catalog
-            catalog.check_registered_name(name)
-            replace = _flag(self, "replace")
             owner = self.principal.owner
             await catalog.run(catalog.check_quota, owner, name, 1)  # already at the quota: refused before parsing
             # Parsing and writing Parquet take a while for a big frame: off the event loop, in the catalog's threads.
@@ -268,23 +263,16 @@ class DatasetUploadsHandler(PlexusHandler):
         and POST to `datasets/uploads/{upload_id}` to register the whole (DELETE to abandon it)."""
         self.require("register")
         try:
-            name = _name_argument(self, "name")
-            if not name:
-                raise InvalidArgument("name is required (?name=...): letters, digits, '_', '.', '-', up to 64")
-            self.runtime.catalog.check_registered_name(name)
-            replace = _flag(self, "replace")
-            if not _may_register(self, name, replace):
+            request = self.query_request(BeginUpload)
+            if not _may_register(self, request.name, request.replace):
                 return
-            declared = self.get_argument("bytes", None)  # the frame's size, if the client says: checked now
-            if declared is not None and not declared.isdigit():
-                raise InvalidArgument("bytes is the frame's size in bytes (?bytes=N, a whole number), when known")
             uploads = self.runtime.uploads
             upload_id = await self.runtime.catalog.run(
                 uploads.begin,
-                name,
-                replace=replace,
+                request.name,
+                replace=request.replace,
                 owner=self.principal.owner,
-                declared=int(declared) if declared is not None else None,
+                declared=request.bytes,  # the frame's size, if the client says: checked now
             )
         except PlexusError as exc:
             raise http_error(exc) from None
@@ -296,12 +284,10 @@ class DatasetUploadHandler(PlexusHandler):
         """One part: ?part=N, the body an Arrow IPC stream of record batches (parsed in the catalog's threads)."""
         self.require("register")
         try:
-            part = self.get_argument("part", None)
-            if part is None or not part.isdigit():
-                raise InvalidArgument("part is required (?part=N, a whole number from 0, one more for each part)")
+            request = self.query_request(UploadPart, upload_id=upload_id)
             uploads = self.runtime.uploads
             progress = await self.runtime.catalog.run(
-                uploads.append, upload_id, self.principal.owner, int(part), self.request.body
+                uploads.append, request.upload_id, self.principal.owner, request.part, self.request.body
             )
         except PlexusError as exc:
             raise http_error(exc) from None

@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.demo import DemoParams
 from ..core.requests import BulkRequest, CancelTasks, DispatchTask, ListTasks, RetryTasks, SetTaskPriority
-from ..evaluations.requests import CreateEvaluation, ListEvaluations
+from ..evaluations.requests import (
+    BeginUpload,
+    CreateEvaluation,
+    ListDatasets,
+    ListEvaluations,
+    RegisterDataset,
+    UploadPart,
+)
 from .client import EventListener, PlexusClient, request_of, resolve_connection
 from .errors import PlexusConflict, PlexusInputError
 from .handles import EvaluationHandle, TaskHandle
@@ -100,7 +107,8 @@ class Plexus:
         """Datasets the server knows: shipped examples, registered DataFrames (and files under the root)."""
         import pandas as pd
 
-        rows = self.client.request("GET", "datasets", params={"include_files": str(include_files).lower()})
+        request = request_of(ListDatasets, {"include_files": include_files})
+        rows = self.client.request("GET", "datasets", params=request.query())
         return pd.DataFrame(rows["datasets"])
 
     # -- handles ----------------------------------------------------------------------------------------
@@ -200,6 +208,8 @@ class Plexus:
         parts; (the dataset's description, its name)."""
         import pandas as pd
 
+        if name is not None:  # a bad name is refused in the server's words before the frame is converted
+            request_of(RegisterDataset, {"name": name, "replace": replace})
         if not isinstance(df, pd.DataFrame):
             raise PlexusInputError(f"expected a pandas DataFrame, not {type(df).__name__}")
         if df.empty:
@@ -213,13 +223,14 @@ class Plexus:
             if buffer.tell() <= self.max_upload_bytes:
                 body = buffer.getvalue()
                 name = name or "nb-" + hashlib.sha1(body).hexdigest()[:12]
-                return self._upload(name, body, replace), name
+                return self._upload(request_of(RegisterDataset, {"name": name, "replace": replace}), body), name
         if name is None:
             content = pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes()
             name = "nb-" + hashlib.sha1(content + ",".join(frame.columns).encode()).hexdigest()[:12]
-        return self._upload_in_parts(name, frame, replace, in_memory), name
+        begin = request_of(BeginUpload, {"name": name, "replace": replace})
+        return self._upload_in_parts(begin, frame, in_memory), name
 
-    def _upload_in_parts(self, name: str, frame: pd.DataFrame, replace: bool, in_memory: int) -> dict[str, Any]:
+    def _upload_in_parts(self, begin: BeginUpload, frame: pd.DataFrame, in_memory: int) -> dict[str, Any]:
         """Send `frame` as Arrow IPC parts of about `upload_part_bytes` (below `max_upload_bytes`) each, one
         request per part, holding one part's bytes at a time; the server registers it once all arrived."""
         import pyarrow as pa
@@ -231,7 +242,7 @@ class Plexus:
         part_bytes = max(1, min(self.upload_part_bytes, self.max_upload_bytes // 2))
         rows = max(1, int(len(frame) * part_bytes / max(in_memory, 1)))
         client = self.client
-        began = client.request("POST", "datasets/uploads", params={"name": name, "replace": str(bool(replace)).lower()})
+        began = client.request("POST", "datasets/uploads", params=begin.query())
         upload = "datasets/uploads/" + str(began["upload_id"])
         if in_memory > int(began["max_bytes"]):
             client.request("DELETE", upload)
@@ -250,7 +261,7 @@ class Plexus:
                 client.request(
                     "PUT",
                     upload,
-                    params={"part": str(part)},
+                    params=UploadPart(upload_id=began["upload_id"], part=part).query(exclude={"upload_id"}),
                     data=sink.getvalue().to_pybytes(),
                     headers={"Content-Type": "application/vnd.apache.arrow.stream"},
                     timeout=max(client.timeout, 300.0),
@@ -345,11 +356,11 @@ class Plexus:
         view = client.request("POST", "evaluations", json=request.arguments())
         return EvaluationHandle(client, view)
 
-    def _upload(self, name: str, body: bytes, replace: bool) -> dict[str, Any]:
+    def _upload(self, request: RegisterDataset, body: bytes) -> dict[str, Any]:
         info: dict[str, Any] = self.client.request(
             "POST",
             "datasets",
-            params={"name": name, "replace": str(bool(replace)).lower()},
+            params=request.query(),
             data=body,
             headers={"Content-Type": "application/vnd.apache.parquet"},
             timeout=max(self.client.timeout, 300.0),
