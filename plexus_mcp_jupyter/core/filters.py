@@ -1,14 +1,52 @@
-"""Event filters: which bus events a subscriber (WebSocket, MCP subscription) wants to see."""
+"""Event filters: which bus events a subscriber (the event stream's WebSocket) wants to see, and the stream's
+query (`FollowEvents`), declared once: the WebSocket handler reads it, the notebook's stream builds it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
-from .errors import InvalidArgument
+from pydantic import AfterValidator, Field, WithJsonSchema
+
 from .events import Event
-from .models import TaskStatus
+from .requests import LISTED, Number, OptionalText, RequestModel, StatusName, names_schema
 
 ENTITY_TYPES = ("task",)
+
+
+def known_entity_type(value: str) -> str:
+    if value not in ENTITY_TYPES:
+        raise ValueError(f"unknown entity_type; expected one of {', '.join(ENTITY_TYPES)}")
+    return value
+
+
+Name = Annotated[str, Field(max_length=64)]
+
+
+class FollowEvents(RequestModel):
+    """The event stream's query: GET plexus/api/events (a WebSocket); the notebook's stream builds it. The
+    filters are lists (repeated or comma-separated); an empty one matches everything."""
+
+    entity_type: Annotated[
+        tuple[Annotated[str, AfterValidator(known_entity_type)], ...],
+        LISTED,
+        WithJsonSchema(names_schema("Only events of these entity types", ENTITY_TYPES)),
+    ] = ()
+    ids: Annotated[tuple[Name, ...], LISTED, WithJsonSchema(names_schema("Only events of these entities (ids)"))] = ()
+    status: Annotated[tuple[StatusName, ...], LISTED, WithJsonSchema(names_schema("Only tasks in these statuses"))] = ()
+    type: Annotated[tuple[Name, ...], LISTED, WithJsonSchema(names_schema("Only tasks of these types"))] = ()
+    since: Annotated[int | None, Number] = Field(
+        None,
+        ge=0,
+        description="A sequence number from an earlier event: the events after it still in the history are "
+        "replayed first",
+    )
+    epoch: OptionalText = Field(None, max_length=64, description="The epoch of the hello that since came from")
+
+    def event_filter(self) -> EventFilter:
+        return EventFilter(
+            frozenset(self.entity_type), frozenset(self.ids), frozenset(self.status), frozenset(self.type)
+        )
 
 
 @dataclass(frozen=True)
@@ -20,22 +58,6 @@ class EventFilter:
     statuses: frozenset[str] = frozenset()
     task_types: frozenset[str] = frozenset()
 
-    @classmethod
-    def parse(
-        cls,
-        entity_type: str | None = None,
-        ids: str | None = None,
-        status: str | None = None,
-        type_names: str | None = None,
-    ) -> EventFilter:
-        """From comma-separated query values; unknown names are refused with the allowed ones."""
-        entity_types = _split(entity_type)
-        for name in entity_types:
-            if name not in ENTITY_TYPES:
-                raise InvalidArgument(f"unknown entity_type {name!r}; expected one of {', '.join(ENTITY_TYPES)}")
-        statuses = frozenset(TaskStatus.parse(s).value for s in _split(status))
-        return cls(frozenset(entity_types), frozenset(_split(ids)), statuses, frozenset(_split(type_names)))
-
     def __call__(self, event: Event) -> bool:
         if self.entity_types and event.entity_type not in self.entity_types:
             return False
@@ -44,9 +66,3 @@ class EventFilter:
         if self.statuses and event.data.get("status") not in self.statuses:
             return False
         return not (self.task_types and event.data.get("type") not in self.task_types)
-
-
-def _split(value: str | None) -> list[str]:
-    if not value:
-        return []
-    return [part for part in (p.strip() for p in value.split(",")) if part]

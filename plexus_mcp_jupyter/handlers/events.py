@@ -26,7 +26,7 @@ from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from ..core.errors import InvalidArgument, bounded
 from ..core.events import Event, Subscription, SubscriptionClosed
-from ..core.filters import EventFilter
+from ..core.filters import FollowEvents
 from ..security.http import BadJSON, parse_json_off_loop
 from ..security.identity import Principal
 from .base import PlexusHandler
@@ -51,22 +51,11 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
         super().open(*args, **kwargs)  # Jupyter's keep-alive pings
         bus = self.runtime.bus
         try:
-            flt = EventFilter.parse(
-                entity_type=self.get_argument("entity_type", None),
-                ids=self.get_argument("ids", None),
-                status=self.get_argument("status", None),
-                type_names=self.get_argument("type", None),
-            )
-            since_text = self.get_argument("since", None)
-            since = int(since_text) if since_text not in (None, "") else None
-            if since is not None and since < 0:
-                raise ValueError
+            request = self.query_request(FollowEvents)
         except InvalidArgument as exc:
-            self._refuse(str(exc))
+            self._refuse(bounded(str(exc)))
             return
-        except ValueError:
-            self._refuse("since must be a sequence number (a whole number >= 0) from an earlier event")
-            return
+        flt, since, epoch = request.event_filter(), request.since, request.epoch
         # Subscribe, then take the history in the same step: every event is then either in the
         # snapshot (seq <= snapshot) or in the subscription (seq > snapshot), none in both or neither.
         accepts: Callable[[Event], bool] = flt
@@ -76,7 +65,6 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
         self._forget_stream = self.runtime.track_stream(self.principal, lambda: self.close(4401, "API key revoked"))
         snapshot = bus.last_seq
         history = list(bus.since(since)) if since is not None else []
-        epoch = self.get_argument("epoch", None)
         await self._send({"type": "hello", "seq": snapshot, "epoch": bus.epoch})
         if since is not None:
             oldest = history[0].seq if history else snapshot + 1

@@ -21,6 +21,8 @@ from urllib.parse import urlencode
 
 import websocket
 
+from ..core.filters import FollowEvents
+
 log = logging.getLogger("plexus_mcp_jupyter.notebook")
 
 BACKOFF_START = 0.25
@@ -93,10 +95,7 @@ class EventStream:
     def _query(self) -> str:
         if self.last_seq is None:
             return ""
-        params = {"since": str(self.last_seq)}
-        if self.epoch is not None:
-            params["epoch"] = self.epoch
-        return "?" + urlencode(params)
+        return "?" + urlencode(FollowEvents(since=self.last_seq, epoch=self.epoch).query())
 
     def _run(self) -> None:
         backoff = BACKOFF_START
