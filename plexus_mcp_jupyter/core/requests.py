@@ -362,6 +362,11 @@ BULK_REQUESTS: dict[str, type[BulkRequest]] = {m.route: m for m in (CancelTasks,
 
 
 Limit = Annotated[int, Number]  # a page size: bounded per server by `paged`
+TaskId = Annotated[str, Field(min_length=1, max_length=64, description="The task's id")]
+TaskTypeName = Annotated[str, Field(max_length=64)]
+CreatedSince = Annotated[
+    OptionalText, Field(max_length=64, description="Only tasks created at or after this ISO 8601 time")
+]
 Cursor = Annotated[
     str | None, BeforeValidator(_blank_is_none), Field(description="next_cursor of the previous page, unchanged")
 ]
@@ -403,11 +408,9 @@ class ListTasks(RequestModel):
         WithJsonSchema(names_schema("Only tasks with one of these statuses", STATUS_NAMES)),
     ] = ()
     type: Annotated[
-        tuple[Annotated[str, Field(max_length=64)], ...],
-        LISTED,
-        WithJsonSchema(names_schema("Only tasks of these types (e.g. demo)")),
+        tuple[TaskTypeName, ...], LISTED, WithJsonSchema(names_schema("Only tasks of these types (e.g. demo)"))
     ] = ()
-    since: OptionalText = Field(None, max_length=64, description="Only tasks created at or after this ISO 8601 time")
+    since: CreatedSince = None
     limit: Limit = page_field(MAX_PAGE_SIZE)
     cursor: Cursor = None
     batch: OptionalText = Field(
@@ -418,7 +421,7 @@ class ListTasks(RequestModel):
 class GetTask(RequestModel):
     """One task, with its progress history if asked: get_task (MCP), GET plexus/api/tasks/{task_id}."""
 
-    task_id: str = Field(min_length=1, max_length=64, description="The task's id")
+    task_id: TaskId
     history: bool = Field(False, description="Include progress samples (about one per second)")
     history_limit: Annotated[int, Number] = Field(
         100, ge=1, le=HISTORY_MAX, description=f"Most recent samples to include, 1 to {HISTORY_MAX}"

@@ -35,7 +35,7 @@ from .sdk_compat import lowlevel_server
 from .subscriptions import ResourceWatch, install_subscriptions
 from .task_logs import TaskLogs, install_logging
 from .tasks_ext import PlexusTasks
-from .tools import TASK_TOOLS, outcome_result, register_tools, short
+from .tools import TASK_TOOLS, outcome_result, register_tools, unknown_arguments
 
 INSTRUCTIONS = (
     "Plexus runs long tasks in the user's Jupyter server. Tools return at once: start work with "
@@ -154,16 +154,9 @@ class PlexusMCPServer(MCPServer):
         principal = current_principal()
         if not principal.may_call(name):
             raise ToolError(principal.denial(TOOL_ACTIONS.get(name, "keys")))
-        allowed = set(schema.get("properties", {}))
-        unknown = sorted(set(arguments) - allowed)
-        if unknown:
-            # pydantic would drop them silently: a misspelt argument must not run with its default.
-            shown = ", ".join(short(u, 40, quote=False) for u in unknown[:5])
-            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
-            raise ToolError(
-                f"invalid arguments for {name}: unknown argument(s) {shown}{more}; "
-                f"allowed: {', '.join(sorted(allowed)) or 'none'}"
-            )
+        unknown = unknown_arguments(name, arguments, schema.get("properties", {}))
+        if unknown is not None:
+            raise ToolError(unknown)
         try:
             return await super().call_tool(name, arguments, context)
         except ToolError as exc:

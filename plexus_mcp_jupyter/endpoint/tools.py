@@ -37,6 +37,19 @@ def short(value: Any, limit: int = 60, *, quote: bool = True) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def unknown_arguments(name: str, given: Any, allowed: Any) -> str | None:
+    """What to say of arguments a tool or prompt does not have (pydantic would drop them silently: a misspelt
+    argument must not run with its default); None when there are none."""
+    allowed = set(allowed)
+    unknown = sorted(set(given) - allowed)
+    if not unknown:
+        return None
+    shown = ", ".join(short(u, 40, quote=False) for u in unknown[:5])
+    more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+    listed = ", ".join(sorted(allowed)) or "none"
+    return f"invalid arguments for {name}: unknown argument(s) {shown}{more}; allowed: {listed}"
+
+
 def client_errors(fn: F) -> F:
     """Turn core errors into tool errors, whose messages reach the client (bounded: they quote input)."""
 

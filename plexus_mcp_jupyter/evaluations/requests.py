@@ -42,14 +42,17 @@ def evaluation_type(value: str) -> str:
     return value
 
 
+EvaluationType = Annotated[
+    str,
+    AfterValidator(evaluation_type),
+    Field(description=f"One of {', '.join(EVALUATION_TYPES)}", json_schema_extra={"enum": list(EVALUATION_TYPES)}),
+]
+
+
 class CreateEvaluation(RequestModel):
     """Evaluate predictions against labels on a dataset (one `evaluation` task)."""
 
-    type: Annotated[
-        str,
-        AfterValidator(evaluation_type),
-        Field(description=f"One of {', '.join(EVALUATION_TYPES)}", json_schema_extra={"enum": list(EVALUATION_TYPES)}),
-    ]
+    type: EvaluationType
     dataset: str | None = Field(None, description="Dataset ref (not with scorecard)")
     # The published schema is the scorer spec union's (SCORER_SPEC_SCHEMA: one model per kind); normalize_spec
     # checks a spec with it, in messages that name the field inside it, in EvaluationService.plan as in a scorecard.
