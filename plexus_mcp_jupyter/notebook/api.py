@@ -17,8 +17,8 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..core.demo import DemoParams
-from ..core.requests import BulkRequest, CancelTasks, DispatchTask, ListTasks, RetryTasks, SetTaskPriority
+from ..core.demo import RunDemo
+from ..core.requests import BulkRequest, CancelTasks, DispatchTask, ListTasks, RetryTasks, SetTaskPriority, takes
 from ..evaluations.requests import (
     BeginUpload,
     CreateEvaluation,
@@ -122,22 +122,13 @@ class Plexus:
         view = self.client.request("GET", f"evaluations/{evaluation_id}")
         return EvaluationHandle(self.client, view, self.client.get_task(view["task_id"]))
 
-    def run_demo(
-        self,
-        items: int = 2000,
-        item_delay_ms: float = 5.0,
-        fail: bool = False,
-        fail_at: int | None = None,
-        seed: int | None = None,
-        *,
-        priority: int = 0,
-        description: str | None = None,
-    ) -> TaskHandle:
-        """Dispatch the demo task (Setup, Processing `items` items, Finalizing) and return its handle."""
-        params = request_of(
-            DemoParams, {"items": items, "item_delay_ms": item_delay_ms, "fail": fail, "fail_at": fail_at, "seed": seed}
-        )  # the server's model: a bad argument is refused here, in its words
-        return self.dispatch("demo", params.arguments(), priority=priority, description=description)
+    @takes(RunDemo)  # its keyword arguments are the model's fields, with its defaults: declared once, in core/demo.py
+    def run_demo(self, *, description: str | None = None, **fields: Any) -> TaskHandle:
+        """Dispatch the demo task (Setup, Processing `items` items, Finalizing) and return its handle: the
+        arguments of MCP's run_demo_task (items, item_delay_ms, fail, fail_at, seed, priority), and a description."""
+        request = request_of(RunDemo, fields)  # the server's model: a bad argument is refused here, in its words
+        params = {name: value for name, value in request.arguments().items() if name != "priority"}
+        return self.dispatch("demo", params, priority=request.priority, description=description)
 
     def dispatch(
         self, type: str, params: dict[str, Any] | None = None, *, priority: int = 0, description: str | None = None
