@@ -56,7 +56,7 @@ class EvaluateDataset(RequestModel):
 
 
 class WatchTask(RequestModel):
-    task_id: TaskId = Field(description="The task's full id (list_tasks shows them)")
+    task_id: TaskId  # get_task's: the same bounds and words
 
 
 class CompareEvaluations(RequestModel):
