@@ -198,6 +198,8 @@ def prompts_md(server: Any) -> str:
         "",
         "Prompts are guided workflows (`prompts/list`, `prompts/get`): one user message naming the tools and",
         "resources to use, in order, with the arguments filled in. Rendering one reads and changes nothing.",
+        "A prompt's arguments are checked as the same tool arguments are (a task id, an evaluation type, ...): a bad",
+        "one is an `invalid params` error in the tools' words; an empty string counts as left out.",
         "",
     ]
     for prompt in prompts:
