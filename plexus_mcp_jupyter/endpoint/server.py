@@ -226,8 +226,7 @@ def build_mcp_server(
         return outcome_result(task)
 
     task_tools = (*TASK_TOOLS, "create_evaluation") if evaluations is not None else TASK_TOOLS
-    tasks = PlexusTasks(manager, task_tools, outcome)
-    tasks.audit = audit
+    tasks = PlexusTasks(manager, task_tools, outcome, audit)
     logs = TaskLogs(audit.scrubber.scrub if audit is not None else None)
     telemetry = Telemetry(manager, sessions=session_count) if manager is not None else None
     watch = ResourceWatch(manager, evaluations) if manager is not None else None

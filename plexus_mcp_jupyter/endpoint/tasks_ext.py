@@ -55,6 +55,7 @@ from ..core.errors import Expired, InvalidArgument, NotFound
 from ..core.manager import TaskManager
 from ..core.models import Task, TaskStatus, iso
 from ..core.retention import RetentionPolicy
+from ..security.audit import AuditLog
 from .principal import principal_of
 from .sdk_compat import connection_of
 from .tools import describe
@@ -162,13 +163,15 @@ class PlexusTasks(Extension):
 
     identifier = TASKS_EXTENSION
 
-    def __init__(self, manager: TaskManager, task_tools: Sequence[str], outcome: Outcome) -> None:
+    def __init__(
+        self, manager: TaskManager, task_tools: Sequence[str], outcome: Outcome, audit: AuditLog | None = None
+    ) -> None:
         self.manager = manager
         self.outcome = outcome
         self.task_tools = frozenset(task_tools)  # tools whose result names a Plexus task (task_id)
         # Set by install_subscriptions: follow a task's status for a session (legacy notifications).
         self.follow_status: Callable[[Any, str], None] | None = None
-        self.audit: Any = None  # the AuditLog, set by build_mcp_server
+        self.audit = audit
 
     # -- shared ---------------------------------------------------------------------------------
 
