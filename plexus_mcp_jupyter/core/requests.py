@@ -364,8 +364,10 @@ BULK_REQUESTS: dict[str, type[BulkRequest]] = {m.route: m for m in (CancelTasks,
 Limit = Annotated[int, Number]  # a page size: bounded per server by `paged`
 TaskId = Annotated[str, Field(min_length=1, max_length=64, description="The task's id")]
 TaskTypeName = Annotated[str, Field(max_length=64)]
-CreatedSince = Annotated[
-    OptionalText, Field(max_length=64, description="Only tasks created at or after this ISO 8601 time")
+CreatedSince = Annotated[  # the bound on the text, not on the union (None has no length)
+    Annotated[str, Field(max_length=64)] | None,
+    BeforeValidator(_blank_is_none),
+    Field(description="Only tasks created at or after this ISO 8601 time"),
 ]
 Cursor = Annotated[
     str | None, BeforeValidator(_blank_is_none), Field(description="next_cursor of the previous page, unchanged")

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..core.demo import RunDemo
-from ..core.requests import BulkRequest, CancelTasks, DispatchTask, ListTasks, RetryTasks, SetTaskPriority, takes
+from ..core.requests import BulkRequest, CancelTasks, DispatchTask, ListTasks, RetryTasks, SetTaskPriority
 from ..evaluations.requests import (
     BeginUpload,
     CreateEvaluation,
@@ -41,6 +41,7 @@ MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 # A frame larger than this in memory is sent in parts of about this size (Arrow IPC, one request each).
 UPLOAD_PART_BYTES = 64 * 1024 * 1024
 NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+DEMO_FIELDS = RunDemo.model_fields  # run_demo's defaults
 
 
 class Plexus:
@@ -122,11 +123,21 @@ class Plexus:
         view = self.client.request("GET", f"evaluations/{evaluation_id}")
         return EvaluationHandle(self.client, view, self.client.get_task(view["task_id"]))
 
-    @takes(RunDemo)  # its keyword arguments are the model's fields, with its defaults: declared once, in core/demo.py
-    def run_demo(self, *, description: str | None = None, **fields: Any) -> TaskHandle:
+    def run_demo(
+        self,
+        items: int = DEMO_FIELDS["items"].default,  # the defaults are the model's (core/demo.py), never copies
+        item_delay_ms: float = DEMO_FIELDS["item_delay_ms"].default,
+        fail: bool = DEMO_FIELDS["fail"].default,
+        fail_at: int | None = DEMO_FIELDS["fail_at"].default,
+        seed: int | None = DEMO_FIELDS["seed"].default,
+        *,
+        priority: int = DEMO_FIELDS["priority"].default,
+        description: str | None = None,
+    ) -> TaskHandle:
         """Dispatch the demo task (Setup, Processing `items` items, Finalizing) and return its handle: the
-        arguments of MCP's run_demo_task (items, item_delay_ms, fail, fail_at, seed, priority), and a description."""
-        request = request_of(RunDemo, fields)  # the server's model: a bad argument is refused here, in its words
+        arguments of MCP's run_demo_task (RunDemo), and a description."""
+        fields = {"items": items, "item_delay_ms": item_delay_ms, "fail": fail, "fail_at": fail_at, "seed": seed}
+        request = request_of(RunDemo, {**fields, "priority": priority})  # refused here, in the server's words
         params = {name: value for name, value in request.arguments().items() if name != "priority"}
         return self.dispatch("demo", params, priority=request.priority, description=description)
 
