@@ -86,7 +86,15 @@ class ModelPrompt(Prompt):
         def fn(**given: str) -> str:
             return render(_request(model, name, given))
 
-        return cls(name=name, title=title, description=description, arguments=arguments, fn=fn, request_model=model)
+        return cls(
+            name=name,
+            title=title,
+            description=description,
+            arguments=arguments,
+            fn=fn,
+            context_kwarg=None,
+            request_model=model,
+        )
 
     async def render(self, arguments: dict[str, Any] | None, context: Any) -> Any:
         _request(self.request_model, self.name, arguments or {})  # the tools' words, before the SDK's own checks
