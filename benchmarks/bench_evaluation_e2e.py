@@ -124,6 +124,31 @@ async def warm_start(url: str) -> tuple[float, float, float, float, str]:
     return calls[0], statistics.median(calls[1:]), ends[0], statistics.median(ends[1:]), task_id
 
 
+async def fresh_starts(n: int, nice: int, pin: bool) -> None:
+    """Item 5 of issue 15 over several fresh servers: each one's first create_evaluation call (and its 1,000-row
+    evaluation end to end) against the median of its next three, and the median ratio over the starts."""
+    calls, ends = [], []
+    for i in range(n):
+        with tempdir() as tmp:
+            work = Path(tmp)
+            pcsv.write_csv(evaluation_rows(0, 1000), work / "warm.csv")
+            env = {"PLEXUS_MCP_WORKER_NICE": str(nice)}
+            load = os.getloadavg()[0]
+            with jupyter_server(work, extra_env=env, pin=pin) as (url, _pid):
+                first, later, first_end, later_end, _ = await warm_start(url)
+        calls.append(first / later)
+        ends.append(first_end / later_end)
+        print(
+            f"start {i + 1}: first create_evaluation {first * 1000:.0f} ms, later p50 {later * 1000:.0f} ms "
+            f"({first / later:.2f}x); end to end {first_end:.2f} s against {later_end:.2f} s "
+            f"({first_end / later_end:.2f}x); load {load:.2f}"
+        )
+    print(
+        f"fresh starts: {n}, first / later create_evaluation median {statistics.median(calls):.2f}x "
+        f"(goal <= 1.3x), end to end median {statistics.median(ends):.2f}x"
+    )
+
+
 async def one(url: str, pid: int, work: Path, name: str, rows: int, task_id: str, pages: int) -> dict[str, Any]:
     store = [work / "jupyter.db", work / "jupyter.db-wal", work / "jdata"]
     async with client(url) as session, client(url) as watcher:
@@ -169,8 +194,14 @@ async def main() -> None:
         "is 10, which on a shared, loaded machine measures the other load, not the pipeline)",
     )
     parser.add_argument("--pin", action="store_true", help="pin the server (and so its workers) to one core")
+    parser.add_argument(
+        "--starts",
+        type=int,
+        default=0,
+        help="first, N fresh servers: the first create_evaluation of each against the median of its later ones",
+    )
     args = parser.parse_args()
-    sizes = [int(r) for r in args.rows.split(",")]
+    sizes = [int(r) for r in args.rows.split(",") if int(r)]
     formats = args.formats.split(",")
     _common.pin_client()
     # The SDK client validates a tool's result with jsonschema, imported on its first call_tool: ~4 s here
@@ -182,6 +213,11 @@ async def main() -> None:
         f"workers at nice {args.nice}; client on cores {sorted(os.sched_getaffinity(0))}, server "
         f"{'pinned to core ' + str(_common.SERVER_CPU) if args.pin else 'on any core'}"
     )
+    if args.starts:
+        await fresh_starts(args.starts, args.nice, args.pin)
+    if not sizes:
+        print(f"load average {os.getloadavg()[0]:.2f} at end")
+        return
     files = {(rows, fmt): evaluation_data(args.cache, rows, fmt) for rows in sizes for fmt in formats}
     with tempdir() as tmp:
         work = Path(tmp)
