@@ -30,7 +30,7 @@ from typing import Any
 import httpx2
 
 LOOP_CPU_BOUND = 0.5  # CPU seconds the loop thread may spend between two health answers during the work
-STALL_BOUND = 2.0  # seconds the loop may be away (not waiting for a core) between two answers during the work
+STALL_BOUND = 5.0  # seconds the loop may be away (not waiting for a core) between two answers during the work
 RATIO = 10.0  # ... or this many times the most of the same server idle, if that is more
 IDLE_ROUNDS = 10
 PAUSE = 0.05  # seconds between two health requests
@@ -63,6 +63,7 @@ class HealthWatch:
         self.client = thread_clock() if pid is not None else None  # in-process: the same thread
         self.idle: list[tuple[float, float]] = []
         self.during: list[tuple[float, float]] = []
+        self._last: tuple[float, float, float] | None = None
 
     def _now(self) -> tuple[float, float, float]:
         cpu, waited = self.server()
@@ -70,13 +71,18 @@ class HealthWatch:
             waited += self.client()[1]
         return time.monotonic(), cpu, waited
 
+    async def once(self, into: list[tuple[float, float]], pause: float = PAUSE) -> None:
+        """Ask once; the stretch since the previous answer (or the start), `pause` of it left out, into `into`."""
+        last = self._last or self._now()
+        await self.ask()
+        now = self._now()
+        into.append((now[1] - last[1], max(0.0, now[0] - last[0] - (now[2] - last[2]) - pause)))
+        self._last = now
+
     async def stretches(self, into: list[tuple[float, float]], until: Callable[[], bool]) -> None:
-        last = self._now()
+        self._last = self._now()
         while not until():
-            await self.ask()
-            now = self._now()
-            into.append((now[1] - last[1], max(0.0, now[0] - last[0] - (now[2] - last[2]) - PAUSE)))
-            last = now
+            await self.once(into)
             await asyncio.sleep(PAUSE)
 
     async def measure_idle(self) -> None:
@@ -94,14 +100,15 @@ class HealthWatch:
         idle_away = max((a for _, a in self.idle), default=0.0)
         return max(LOOP_CPU_BOUND, RATIO * idle_cpu), max(STALL_BOUND, RATIO * idle_away)
 
-    def check(self) -> None:
+    def check(self, away: bool = True) -> None:
+        """Assert the bounds (`away=False`: the CPU one alone, for asks at irregular times)."""
         cpu_bound, away_bound = self.bounds()
         cpu = max((c for c, _ in self.during), default=0.0)
-        away = max((a for _, a in self.during), default=0.0)
+        worst_away = max((a for _, a in self.during), default=0.0)
         idle = [round(max(x[i] for x in self.idle) * 1000, 1) for i in (0, 1)] if self.idle else []
         print(  # shown with -s, and in a failure's captured output
             f"between two health answers: idle max (loop CPU, away) {idle} ms; during the work max loop CPU "
-            f"{cpu * 1000:.1f} ms (bound {cpu_bound * 1000:.0f}), away {away * 1000:.1f} ms (bound "
+            f"{cpu * 1000:.1f} ms (bound {cpu_bound * 1000:.0f}), away {worst_away * 1000:.1f} ms (bound "
             f"{away_bound * 1000:.0f}) over {len(self.during)} answers"
         )
         assert self.during, "health was not asked while the work ran"
@@ -110,8 +117,8 @@ class HealthWatch:
             f"the event loop ran {cpu:.2f} s of CPU between two health answers during the work (bound "
             f"{cpu_bound:.2f} s): heavy work ran on the loop; (CPU, away) stretches {stretches}"
         )
-        assert away < away_bound, (
-            f"the event loop was away {away:.2f} s between two health answers during the work, not waiting for a "
+        assert not away or worst_away < away_bound, (
+            f"the event loop was away {worst_away:.2f} s between two health answers during the work, not waiting for a "
             f"core (bound {away_bound:.2f} s): it waited on the work; (CPU, away) stretches {stretches}"
         )
 
