@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from distributed import Client, LocalCluster
 
-from .conftest import poll
+from .conftest import local_cluster, poll
 from .test_evaluations import create, finished
 
 pytestmark = pytest.mark.filterwarnings("ignore:Mismatched versions found")  # the read-only worker's python
@@ -64,16 +64,7 @@ def outsider_prefix(kind: str, items_dir: Path, scratch: Path) -> list[str] | No
 @pytest.fixture(scope="module")
 def own_cluster() -> Iterator[LocalCluster]:
     """A cluster of its own (one worker that sees everything): the session's is not joined by strangers."""
-    cluster = LocalCluster(
-        n_workers=1,
-        threads_per_worker=1,
-        processes=True,
-        memory_limit="1GB",
-        resources={"slots": 1},
-        dashboard_address=None,
-        host="127.0.0.1",
-        scheduler_kwargs={"allowed_failures": 0},
-    )
+    cluster = local_cluster(1)
     try:
         yield cluster
     finally:
@@ -146,7 +137,7 @@ class Outsider:
         return None
 
     def stop(self) -> None:
-        """Ends the worker process this fixture started (by its pid), and waits until the scheduler knows."""
+        """End the worker process this fixture started (by its pid)."""
         if self.process.poll() is None:
             self.process.terminate()
             try:

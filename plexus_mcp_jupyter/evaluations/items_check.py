@@ -74,27 +74,43 @@ def worker_sees(root: str, key: str, server_id: str) -> str | None:
     return None
 
 
-class SharedItemsCheck:
-    def __init__(self, engine: Engine, root: Path, server_id: str, *, interval: float = CHECK_SECONDS) -> None:
-        self.engine, self.root, self.server_id, self.interval = engine, Path(root), server_id, interval
+class _Checking:
+    """A check of this server's items directory run on a thread of its own (`_run`), its problem in `problem`."""
+
+    thread_name = "plexus-items-check"
+
+    def __init__(self, root: Path, server_id: str) -> None:
+        self.root, self.server_id = Path(root), server_id
         self.key = hashlib.sha256(server_id.encode()).hexdigest()[:16]
         self.problem: str | None = None
-        self._warned: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         if self._thread is None:
             self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="plexus-items-check", daemon=True)
+            self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
             self._thread.start()
 
     def stop(self) -> None:
-        """Stop checking, and withdraw this server's marker and record (others no longer look for it)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
             self._thread = None
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class SharedItemsCheck(_Checking):
+    def __init__(self, engine: Engine, root: Path, server_id: str, *, interval: float = CHECK_SECONDS) -> None:
+        super().__init__(root, server_id)
+        self.engine, self.interval = engine, interval
+        self._warned: set[str] = set()
+
+    def stop(self) -> None:
+        """Stop checking, and withdraw this server's marker and record (others no longer look for it)."""
+        super().stop()
         with contextlib.suppress(Exception):  # the store or the directory is gone: the record ages out
             (self.root / MARKERS / self.key).unlink(missing_ok=True)
             with self.engine.begin() as conn:
@@ -147,7 +163,7 @@ class SharedItemsCheck:
         return self.problem
 
 
-class WorkerItemsCheck:
+class WorkerItemsCheck(_Checking):
     """Whether every Dask worker sees this server's items directory (see the module's docstring).
 
     `workers()` is the executor's set of worker addresses as last refreshed (no scheduler call); `run(fn, *args)`
@@ -163,26 +179,10 @@ class WorkerItemsCheck:
         interval: float = CHECK_SECONDS,
         poll: float = WORKER_POLL_SECONDS,
     ) -> None:
-        self.run, self.workers, self.root, self.server_id = run, workers, Path(root), server_id
-        self.interval, self.poll = interval, poll
-        self.key = hashlib.sha256(server_id.encode()).hexdigest()[:16]
-        self.problem: str | None = None
-        self.checks = 0  # completed checks (tests wait for one)
+        super().__init__(root, server_id)
+        self.run, self.workers, self.interval, self.poll = run, workers, interval, poll
+        self.checks = 0  # completed checks
         self._warned: set[tuple[str, str]] = set()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="plexus-items-workers", daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
 
     def _run(self) -> None:
         checked: frozenset[str] | None = None
