@@ -39,7 +39,16 @@ from typing import Any
 import _common
 import psutil
 import pyarrow.csv as pcsv
-from _common import client, evaluation_data, evaluation_rows, jupyter_server, raw_evaluation, tempdir
+from _common import (
+    TOKEN,
+    LeanSession,
+    client,
+    evaluation_data,
+    evaluation_rows,
+    jupyter_server,
+    raw_evaluation,
+    tempdir,
+)
 from bench_columnar import disk_bytes, page_latencies, stage_times
 
 FINAL = {"COMPLETED", "FAILED", "CANCELLED"}
@@ -124,6 +133,55 @@ async def warm_start(url: str) -> tuple[float, float, float, float, str]:
     return calls[0], statistics.median(calls[1:]), ends[0], statistics.median(ends[1:]), task_id
 
 
+async def lean_warm_start(url: str, idle: float) -> tuple[float, float, float, float]:
+    """warm_start's figures through the lean client (the SDK client validates each tool's first result against its
+    output schema, a first-call cost of the client's own), `idle` seconds after the server became ready."""
+    await asyncio.sleep(idle)
+    arguments = {"type": "accuracy", "dataset": "warm.csv", "label_column": "label", "prediction_column": "prediction"}
+    calls, ends = [], []
+    async with LeanSession(url, TOKEN) as session:
+        for _ in range(4):
+            t0 = time.perf_counter()
+            made = await session.call("create_evaluation", arguments)
+            calls.append(time.perf_counter() - t0)
+            while True:
+                got = await session.call("get_evaluation", {"evaluation_id": made["evaluation_id"]})
+                if got["status"] in FINAL:
+                    break
+                await asyncio.sleep(0.05)
+            if got["status"] != "COMPLETED":
+                raise RuntimeError(f"warm-up evaluation {got['status']}: {got['error_message']}")
+            ends.append(time.perf_counter() - t0)
+    return calls[0], statistics.median(calls[1:]), ends[0], statistics.median(ends[1:])
+
+
+async def fresh_starts(n: int, nice: int, pin: bool, idle: float) -> None:
+    """Item 5 of issue 15 over several fresh servers, through the lean client: each one's first create_evaluation
+    call (and its 1,000-row evaluation end to end) against the median of its next three, `idle` seconds after
+    the server answered health, and the median ratios over the starts."""
+    calls, ends = [], []
+    for i in range(n):
+        with tempdir() as tmp:
+            work = Path(tmp)
+            pcsv.write_csv(evaluation_rows(0, 1000), work / "warm.csv")
+            env = {"PLEXUS_MCP_WORKER_NICE": str(nice)}
+            load = os.getloadavg()[0]
+            with jupyter_server(work, extra_env=env, pin=pin) as (url, _pid):
+                first, later, first_end, later_end = await lean_warm_start(url, idle)
+        calls.append(first / later)
+        ends.append(first_end / later_end)
+        print(
+            f"start {i + 1} (first call {idle:g} s after ready): first create_evaluation {first * 1000:.0f} ms, "
+            f"later p50 {later * 1000:.0f} ms ({first / later:.2f}x); end to end {first_end:.2f} s against "
+            f"{later_end:.2f} s ({first_end / later_end:.2f}x); load {load:.2f}",
+            flush=True,
+        )
+    print(
+        f"fresh starts: {n}, first / later create_evaluation median {statistics.median(calls):.2f}x "
+        f"(goal <= 1.3x), end to end median {statistics.median(ends):.2f}x; load {os.getloadavg()[0]:.2f}"
+    )
+
+
 async def one(url: str, pid: int, work: Path, name: str, rows: int, task_id: str, pages: int) -> dict[str, Any]:
     store = [work / "jupyter.db", work / "jupyter.db-wal", work / "jdata"]
     async with client(url) as session, client(url) as watcher:
@@ -169,8 +227,15 @@ async def main() -> None:
         "is 10, which on a shared, loaded machine measures the other load, not the pipeline)",
     )
     parser.add_argument("--pin", action="store_true", help="pin the server (and so its workers) to one core")
+    parser.add_argument("--idle", type=float, default=0.0, help="--starts: seconds between ready and the first call")
+    parser.add_argument(
+        "--starts",
+        type=int,
+        default=0,
+        help="first, N fresh servers: the first create_evaluation of each against the median of its later ones",
+    )
     args = parser.parse_args()
-    sizes = [int(r) for r in args.rows.split(",")]
+    sizes = [int(r) for r in args.rows.split(",") if int(r)]
     formats = args.formats.split(",")
     _common.pin_client()
     # The SDK client validates a tool's result with jsonschema, imported on its first call_tool: ~4 s here
@@ -182,6 +247,11 @@ async def main() -> None:
         f"workers at nice {args.nice}; client on cores {sorted(os.sched_getaffinity(0))}, server "
         f"{'pinned to core ' + str(_common.SERVER_CPU) if args.pin else 'on any core'}"
     )
+    if args.starts:
+        await fresh_starts(args.starts, args.nice, args.pin, args.idle)
+    if not sizes:
+        print(f"load average {os.getloadavg()[0]:.2f} at end")
+        return
     files = {(rows, fmt): evaluation_data(args.cache, rows, fmt) for rows in sizes for fmt in formats}
     with tempdir() as tmp:
         work = Path(tmp)

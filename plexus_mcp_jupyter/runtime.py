@@ -28,7 +28,7 @@ from .endpoint.transport import MCPEndpoint
 from .evaluations.datasets import DatasetCatalog
 from .evaluations.file_reads import ReadBounds
 from .evaluations.item_files import ItemFiles
-from .evaluations.items_check import SharedItemsCheck
+from .evaluations.items_check import SharedItemsCheck, WorkerItemsCheck
 from .evaluations.kernel_scorers import KernelScorerRegistry
 from .evaluations.limits import EvaluationLimits
 from .evaluations.service import EvaluationService
@@ -131,6 +131,8 @@ class PlexusRuntime:
         self.items_dir = items_dir
         # Several servers on one networked store must share the item files (items_check.py); SQLite is one machine.
         self.items_check: SharedItemsCheck | None = None
+        # And the Dask workers, which write an evaluation's item files, must see it too (WorkerItemsCheck).
+        self.worker_items_check: WorkerItemsCheck | None = None
         self.kernel_scorers = KernelScorerRegistry()
         self.manager = TaskManager(
             self.store,
@@ -233,6 +235,9 @@ class PlexusRuntime:
         self._started = False
         self._log_scrubbers: list[Callable[[], None]] = []  # detach functions (see protect_secret)
 
+    def _workers_items_problem(self) -> str | None:
+        return self.worker_items_check.problem if self.worker_items_check is not None else None
+
     def _on_remote_events(self, events: list[tuple[str, str | None]]) -> None:
         """Tasks another server queued on the shared store ((kind, status) of its events): plan a start now, not at
         the next maintenance tick."""
@@ -331,6 +336,16 @@ class PlexusRuntime:
         if self.store.engine.dialect.name != "sqlite":
             self.items_check = SharedItemsCheck(self.store.engine, self.items_dir, self.manager.server_id)
             self.items_check.start()
+        run_on_workers = getattr(self.executor, "run_on_workers", None)
+        if run_on_workers is not None:
+            self.worker_items_check = WorkerItemsCheck(
+                run_on_workers,
+                self.executor.worker_addresses,  # type: ignore[attr-defined]  # the Dask executor's, with run_on_workers
+                self.items_dir,
+                self.manager.server_id,
+            )
+            self.evaluations.items_problem = self._workers_items_problem
+            self.worker_items_check.start()
         self._key_watch = asyncio.get_running_loop().create_task(self._watch_keys(), name="plexus-key-watch")
         log.info("Plexus MCP %s ready; store %s, executor %s", __version__, self.store.safe_url, self.executor.name)
 
@@ -355,6 +370,9 @@ class PlexusRuntime:
         if self.items_check is not None:
             await asyncio.to_thread(self.items_check.stop)
             self.items_check = None
+        if self.worker_items_check is not None:
+            await asyncio.to_thread(self.worker_items_check.stop)
+            self.worker_items_check = None
         self.evaluations.close()
         self.uploads.close()
         self.catalog.close()
@@ -376,8 +394,16 @@ class PlexusRuntime:
         except Exception as exc:  # reported, not raised: health must answer
             store_status = f"error: {type(exc).__name__}"
         items_problem = self.items_check.problem if self.items_check is not None else None
+        workers_problem = self.worker_items_check.problem if self.worker_items_check is not None else None
+        items = {
+            "dir": str(self.items_dir),
+            **({"problem": items_problem} if items_problem else {}),
+            **({"workers_problem": workers_problem} if workers_problem else {}),
+        }
         return {
-            "status": "ok" if store_status == "ok" and items_problem is None else "degraded",
+            "status": "ok"
+            if store_status == "ok" and items_problem is None and workers_problem is None
+            else "degraded",
             "version": __version__,
             "store": {"status": store_status, "url": self.store.safe_url},
             "executor": {
@@ -388,5 +414,5 @@ class PlexusRuntime:
             "mcp": {"sessions": self.endpoint.session_count},
             # This process among the servers sharing the store (docs/scale-out.md).
             "server": {"id": self.manager.server_id, "relay": self.relay.status(), "leases": self.leases.status()},
-            "evaluation_items": {"dir": str(self.items_dir), **({"problem": items_problem} if items_problem else {})},
+            "evaluation_items": items,
         }

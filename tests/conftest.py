@@ -55,15 +55,12 @@ def executor_name(request) -> str:
     return str(request.param)
 
 
-@pytest.fixture(scope="session")
-def dask_cluster() -> Iterator[Any]:
-    """A real Dask LocalCluster (2 worker processes of 1 thread, with nannies), started once per test session.
-
-    allowed_failures=0, as docs/scale-out.md advises: Plexus, not Dask, decides what a worker's death means."""
+def local_cluster(workers: int) -> Any:
+    """A real Dask LocalCluster of `workers` processes of 1 thread (slots=1), with nannies and a dashboard."""
     from distributed import LocalCluster
 
-    cluster = LocalCluster(
-        n_workers=2,
+    return LocalCluster(
+        n_workers=workers,
         threads_per_worker=1,
         processes=True,
         memory_limit="1GB",
@@ -72,6 +69,14 @@ def dask_cluster() -> Iterator[Any]:
         host="127.0.0.1",
         scheduler_kwargs={"allowed_failures": 0},
     )
+
+
+@pytest.fixture(scope="session")
+def dask_cluster() -> Iterator[Any]:
+    """A real Dask LocalCluster (2 worker processes of 1 thread, with nannies), started once per test session.
+
+    allowed_failures=0, as docs/scale-out.md advises: Plexus, not Dask, decides what a worker's death means."""
+    cluster = local_cluster(2)
     try:
         yield cluster
     finally:

@@ -11,7 +11,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx2
@@ -24,6 +24,7 @@ from plexus_mcp_jupyter.evaluations.datasets import DatasetCatalog
 from plexus_mcp_jupyter.evaluations.file_reads import MAX_TRACKED_LABELS, ReadBounds
 
 from .conftest import open_client
+from .loop_watch import watched
 from .test_standalone import start_http, stop
 
 HEADER_BYTES = 64 * 1024
@@ -67,24 +68,20 @@ def write_pathological_files(root: Any) -> None:
     (root / "fine.csv").write_text("text,label\ngood,pos\nbad,neg\n")
 
 
-async def with_health(api_client: httpx2.AsyncClient, work: Awaitable[Any]) -> tuple[Any, float]:
-    """Run `work` while asking for health again and again; its result and the slowest health answer."""
-    task = asyncio.ensure_future(work)
-    slowest = 0.0
-    while True:
-        started = time.monotonic()
-        health = await api_client.get("health")
-        assert health.status_code == 200
-        slowest = max(slowest, time.monotonic() - started)
-        if task.done():
-            return task.result(), slowest
-        await asyncio.sleep(0.02)
+async def with_health(api_client: httpx2.AsyncClient, work: Callable[[], Awaitable[Any]]) -> Any:
+    """The result of `work()`, run while health is asked again and again; checked that the server's event loop did
+    not run the work (loop_watch.py: its CPU between two answers, against the same server idle first)."""
+
+    async def ask() -> None:
+        assert (await api_client.get("health")).status_code == 200
+
+    return await watched(ask, work)
 
 
 async def test_files_outside_the_bounds_are_listed_as_unreadable_with_a_bounded_reason(api, keys, jp_root_dir):
     write_pathological_files(jp_root_dir)
     async with api(keys["viewer"]) as viewer:
-        response, slowest = await with_health(viewer, viewer.get("datasets"))
+        response = await with_health(viewer, lambda: viewer.get("datasets"))
     assert response.status_code == 200
     assert len(response.content) < 64 * 1024, f"the listing is {len(response.content):,} bytes"
     listed = {d["ref"]: d for d in response.json()["datasets"]}
@@ -97,7 +94,6 @@ async def test_files_outside_the_bounds_are_listed_as_unreadable_with_a_bounded_
     assert "column name of 5,000 characters" in listed["long_name.csv"]["error"]
     assert listed["fine.csv"]["rows"] == 2 and "error" not in listed["fine.csv"]
     assert all(d["rows"] is None and d["columns"] == [] for ref, d in listed.items() if "error" in d)
-    assert slowest < 1.0, f"health took {slowest:.2f}s during the listing"
 
 
 async def test_an_evaluation_or_describe_of_such_a_file_is_a_short_400(api, keys, jp_root_dir, caplog):
@@ -152,8 +148,8 @@ async def test_describing_a_big_csv_streams_it_once_with_bounded_memory(api, key
     sampler.start()
     try:
         async with api(keys["viewer"]) as viewer:
-            answers, slowest = await with_health(
-                viewer, asyncio.gather(*(viewer.get("datasets/big.csv") for _ in range(4)))
+            answers = await with_health(
+                viewer, lambda: asyncio.gather(*(viewer.get("datasets/big.csv") for _ in range(4)))
             )
     finally:
         sampling = False
@@ -169,7 +165,6 @@ async def test_describing_a_big_csv_streams_it_once_with_bounded_memory(api, key
         f"four describes of a {os.path.getsize(jp_root_dir / 'big.csv') / 2**20:.0f} MB CSV "
         f"grew the server by {grown:.0f} MB"
     )
-    assert slowest < 1.0, f"health took {slowest:.2f}s during the describes"
     # The cached description is of that version of the file: a changed file is described again.
     with open(jp_root_dir / "big.csv", "a") as handle:
         handle.write("x,y,pos\n")

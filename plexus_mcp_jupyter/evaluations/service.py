@@ -25,6 +25,7 @@ from sqlalchemy.engine import Connection
 
 from ..core.batches import Actor, PlannedSpec
 from ..core.errors import Expired, Forbidden, InvalidArgument, NotFound, one_line
+from ..core.executors import ExecutorUnavailable
 from ..core.manager import TaskManager
 from ..core.models import Task, iso
 from ..core.ownership import owner_visible
@@ -99,6 +100,9 @@ class EvaluationService:
         self._pruner = ThreadPoolExecutor(1, thread_name_prefix="plexus-evaluation-prune")
         self._stopping = threading.Event()
         self.warmed = threading.Event()  # set once warm_up has run (after start)
+        # Why evaluations cannot run now (Dask workers that do not see the items directory), or None: set by the
+        # runtime (items_check.WorkerItemsCheck).
+        self.items_problem: Callable[[], str | None] = lambda: None
         self._unlisten: Callable[[], None] | None = None
         manager.spec_planners["evaluation"] = self.batch_spec
 
@@ -202,6 +206,7 @@ class EvaluationService:
         default thread pool either.
         """
         self.manager.check_priority(request.priority, role)
+        self.check_runnable()
         plan = await self.catalog.run(self.plan, request, trusted=trusted)
         return await self.dispatch(plan, priority=request.priority, owner=owner, role=role)
 
@@ -390,8 +395,16 @@ class EvaluationService:
                 "params.priority: an evaluation spec's priority is the spec's own field "
                 "(tasks[i].priority), not one of its params"
             )
+        self.check_runnable()
         plan = await self.catalog.run(self.plan, request, trusted=actor.admin)
         return self.planned_spec(plan, actor.owner)
+
+    def check_runnable(self) -> None:
+        """Refuse an evaluation at once (ExecutorUnavailable: 503) while its workers could not write its items
+        where this server reads them, rather than let it fail on a worker, or succeed out of reach."""
+        problem = self.items_problem()
+        if problem:
+            raise ExecutorUnavailable(f"evaluations cannot run now: {problem}")
 
     def _check_importable(self, path: str) -> None:
         module, _, attribute = path.partition(":")

@@ -17,6 +17,7 @@ from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
 from ..core.errors import Expired, Forbidden, NotFound, PlexusError, bounded
+from ..core.executors import ExecutorUnavailable
 from ..core.requests import RequestModel
 from ..core.store_calls import RETRY_AFTER_SECONDS, store_unavailable
 from ..runtime import PlexusRuntime
@@ -284,6 +285,8 @@ def http_error(exc: PlexusError) -> web.HTTPError:
         unavailable = web.HTTPError(503, message)
         unavailable.retry_after = RETRY_AFTER_SECONDS  # type: ignore[attr-defined]  # set_retry_after reads it
         return unavailable
+    if isinstance(exc, ExecutorUnavailable):
+        return web.HTTPError(503, message)  # the server cannot run it now (its executor or workers): not the request
     if isinstance(exc, Expired):
         return web.HTTPError(410, message)  # Gone: it existed, and retention removed it
     if isinstance(exc, NotFound):

@@ -400,6 +400,16 @@ class DaskExecutor(Executor):
         `memory_mb` its memory limit unless declared. Refreshed every few seconds (workers come and go)."""
         return dict(self._capacity)
 
+    def worker_addresses(self) -> frozenset[str]:
+        """The cluster's workers as the monitor last saw them (no scheduler call)."""
+        with self._lock:
+            return frozenset(self._workers)
+
+    def run_on_workers(self, fn: Any, *args: Any) -> dict[str, Any]:
+        """`fn(*args)` on every worker (Dask's `client.run`): {address: result, or the exception it raised}. A
+        round trip to every worker: for threads, never the event loop."""
+        return dict(self.client.run(fn, *args, on_error="return"))
+
     def _refresh(self) -> None:
         info = self.client.scheduler_info(n_workers=-1)
         workers = dict(info.get("workers", {}))
