@@ -22,13 +22,25 @@ from mcp.server.mcpserver import MCPServer
 from mcp.types import CallToolResult
 
 from plexus_mcp_jupyter.core.requests import GetTask, ListTasks, paged, takes
-from plexus_mcp_jupyter.endpoint.schemas import TaskDetail, TaskPage
+from plexus_mcp_jupyter.endpoint.schemas import TaskDetail, TaskPage, lean_output_schema
+
+
+class LeanSchemaServer(MCPServer):
+    """Publishes its output schemas as Plexus does (schemas.lean_output_schema), so that a client validating each
+    result does the same work against both servers."""
+
+    async def list_tools(self) -> list[Any]:
+        tools = await super().list_tools()
+        for tool in tools:
+            if tool.output_schema is not None:
+                tool.output_schema = lean_output_schema(tool.output_schema)
+        return tools
 
 
 def main() -> None:
     port, results_file = int(sys.argv[1]), Path(sys.argv[2])
     results = {name: CallToolResult.model_validate(data) for name, data in json.loads(results_file.read_text()).items()}
-    server = MCPServer(name="bare", log_level="WARNING")
+    server = LeanSchemaServer(name="bare", log_level="WARNING")
 
     @server.tool(description="A constant task detail (same shape as Plexus's get_task).")
     @takes(GetTask)

@@ -22,6 +22,10 @@ POST per call), in rounds that rotate the servers' order so machine noise hits t
 The load average is printed before and after: the machine is shared, and the ratios are what to compare.
 
     python benchmarks/bench_tools_call.py [--calls 300] [--rounds 6] [--peers bare,datalayer,sdk-app]
+        [--baseline /path/to/another/checkout]
+
+`--baseline` adds, as a peer, the same Jupyter server with another checkout of this project first on its
+PYTHONPATH (e.g. main's worktree): an A/B of a change in the same run, rounds alternating like the others.
 
 Goal (issue 16): ours / bare >= 1.0 on get_task and list_tasks in both eras; ours / datalayer >= 2.0.
 """
@@ -298,6 +302,9 @@ async def main() -> None:
         "--peers", default="bare,datalayer", help=f"comma-separated, from {', '.join(PEERS)} (default: bare,datalayer)"
     )
     parser.add_argument(
+        "--baseline", help="another checkout of this project, served as the peer 'baseline' (an A/B of a change)"
+    )
+    parser.add_argument(
         "--datalayer-python",
         default="/tmp/venv-datalayer/bin/python",
         help="the python of the venv jupyter-mcp-server is installed in",
@@ -319,6 +326,12 @@ async def main() -> None:
         url, pid = stack.enter_context(jupyter_server(workdir))
         task_id = await seed(url, TOKEN)
         targets = [Target(OURS, url, TOKEN, pid, plan_for(task_id))]
+        if args.baseline:
+            (workdir / "baseline").mkdir()
+            b_url, b_pid = stack.enter_context(
+                jupyter_server(workdir / "baseline", extra_env={"PYTHONPATH": str(Path(args.baseline).resolve())})
+            )
+            targets.append(Target("baseline", b_url, TOKEN, b_pid, plan_for(await seed(b_url, TOKEN))))
         for peer in peers:
             if peer == "bare":
                 results_file = workdir / "results.json"

@@ -25,6 +25,7 @@ from plexus_mcp_jupyter.core import EventBus, Store, Task, TaskManager, TaskStat
 from plexus_mcp_jupyter.core.executors import LocalExecutor
 from plexus_mcp_jupyter.core.listing_cache import PageCache
 from plexus_mcp_jupyter.core.relay import EventRelay
+from plexus_mcp_jupyter.core.requests import ListTasks
 from plexus_mcp_jupyter.core.retention import RetentionPolicy
 from plexus_mcp_jupyter.core.store import tasks_table
 
@@ -93,6 +94,37 @@ async def test_an_unchanged_listing_is_served_again_and_any_write_makes_it_read_
         # Another filter, another viewer: another page.
         assert await page(manager, status="COMPLETED") == [listed[1]]
         assert await page(manager, viewer="key:someone-else") == [listed[1]]
+
+
+async def test_a_kept_pages_summaries_are_made_once_and_a_running_tasks_on_every_call(tmp_path):
+    """The summaries of a page served again are those made for it (the same objects), equal to the tasks' own; a
+    running task's comes from memory on each call, so its progress shows while the page is kept; a write makes
+    them again."""
+    async with manager_on(tmp_path / "s.db", max_concurrency=1) as manager:
+        request = ListTasks.parse({"limit": 10})
+
+        async def listed() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+            tasks, summaries, _ = await manager.alist_summaries(request, None)
+            return summaries, [t.summary() for t in tasks]
+
+        done = manager.dispatch("demo", QUICK)
+        await manager.wait_final([done.id], 30)
+        first, fresh = await listed()
+        again, _ = await listed()
+        assert first == fresh and [s["task_id"] for s in first] == [done.id]
+        assert again[0] is first[0], "a kept page's summaries are made once"
+        running = manager.dispatch("demo", {"items": 200, "item_delay_ms": 20})
+        await poll(lambda: manager.get(running.id).progress["processed"], lambda processed: processed > 0)
+        second, fresh = await listed()
+        assert second == fresh and [s["task_id"] for s in second] == [running.id, done.id]
+        item = second[0]["progress"]["processed"]
+        await poll(lambda: manager.get(running.id).progress["processed"], lambda processed: processed > item)
+        third, fresh = await listed()
+        assert third == fresh and third[0]["progress"]["processed"] > item  # from memory, page kept or not
+        manager.cancel([running.id])
+        await manager.wait_final([running.id], 30)
+        last, fresh = await listed()
+        assert last == fresh and last[0]["status"] == "CANCELLED"
 
 
 async def test_a_write_that_lands_while_a_page_is_read_is_in_the_next_answer(tmp_path):

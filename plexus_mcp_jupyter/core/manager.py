@@ -60,6 +60,21 @@ DURATIONS_KEPT = 20  # recent run times per task type behind estimated starts
 HOST = os.uname().nodename if hasattr(os, "uname") else "localhost"
 
 
+@dataclass(slots=True)
+class ListedPage:
+    """A page of a listing as the store answered it (kept by the listing cache while it holds), with its stored
+    tasks' summaries once asked for."""
+
+    tasks: tuple[Task, ...]
+    next_cursor: str | None
+    _summaries: list[dict[str, Any]] | None = None
+
+    def summaries(self) -> list[dict[str, Any]]:
+        if self._summaries is None:
+            self._summaries = [task.summary() for task in self.tasks]
+        return self._summaries
+
+
 @dataclass
 class CancelOutcome:
     """What an operation on one task did: cancelling it, or (core/batches.py) retrying or re-prioritising it."""
@@ -155,8 +170,8 @@ class TaskManager:
         self.max_batch_size = max_batch_size  # most tasks one batch call may touch (core/batches.py)
         self.bus = bus
         # Listing pages read from the store, served again while no write and no event could have changed them
-        # (core/listing_cache.py): (the stored page, its next cursor) by (filter, limit, position).
-        self._pages: PageCache[tuple[tuple[Task, ...], str | None]] = PageCache(self._listing_generation)
+        # (core/listing_cache.py), by (filter, limit, position).
+        self._pages: PageCache[ListedPage] = PageCache(self._listing_generation)
         self.executor = executor
         self.max_concurrency = max_concurrency
         self.max_concurrency_per_owner = max_concurrency_per_owner
@@ -608,10 +623,6 @@ class TaskManager:
             batch=request.batch,
         )
 
-    async def alist(self, request: ListTasks, viewer: str | None) -> tuple[list[Task], str | None]:
-        """One page of a ListTasks request (every face's list_tasks): `alist_tasks` with its filter and page."""
-        return await self.alist_tasks(self.task_filter(request, viewer), limit=request.limit, cursor=request.cursor)
-
     def parse_limit(self, text: str | None) -> int | None:
         """A page size given as text (URI and query parameters); None when absent."""
         if text is None or text == "":
@@ -647,6 +658,25 @@ class TaskManager:
     ) -> tuple[list[Task], str | None]:
         """`list_tasks` for the faces: the page is read off the event loop (or served again while nothing could
         have changed it: core/listing_cache.py), then merged with the running tasks (fresher in memory) on it."""
+        page = await self._listed(flt, limit, cursor)
+        return self._with_running(page.tasks), page.next_cursor
+
+    async def alist_summaries(
+        self, request: ListTasks, viewer: str | None
+    ) -> tuple[list[Task], list[dict[str, Any]], str | None]:
+        """One page of a ListTasks request (the list_tasks tool, the tasks resource, the REST list): its tasks and
+        each one's summary. A stored task's summary is made once per kept page (about 70% of the tool's own time
+        when it was made on every call); a running task's, from memory, on every call. The summaries are shared
+        between calls: not to be changed."""
+        page = await self._listed(self.task_filter(request, viewer), request.limit, request.cursor)
+        tasks = self._with_running(page.tasks)
+        summaries = [
+            kept if task is stored else task.summary()
+            for task, stored, kept in zip(tasks, page.tasks, page.summaries(), strict=True)
+        ]
+        return tasks, summaries, page.next_cursor
+
+    async def _listed(self, flt: TaskFilter, limit: int | None, cursor: str | None) -> ListedPage:
         limit = self.check_limit(limit)
         after = decode_cursor(cursor, flt) if cursor else None
         key = (flt, limit, after)
@@ -655,9 +685,9 @@ class TaskManager:
             read_at = self._pages.generation()
             read = functools.partial(self.store.list_tasks, flt, limit=limit, after=after)
             stored, next_key = await self.calls.run(read)
-            page = (tuple(stored), encode_cursor(next_key, flt) if next_key else None)
+            page = ListedPage(tuple(stored), encode_cursor(next_key, flt) if next_key else None)
             self._pages.put(key, read_at, page)
-        return self._with_running(page[0]), page[1]
+        return page
 
     def _listing_generation(self) -> tuple[int, int]:
         """What moves whenever a listing may have changed: a write to the store from this process, an event

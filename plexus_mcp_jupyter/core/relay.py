@@ -56,6 +56,7 @@ SEEN_MAX = 20_000  # entities whose latest state this bus published, remembered 
 _FINAL = frozenset(s.value for s in FINAL_STATUSES)
 _TXID = "pg_current_xact_id()::text::bigint"
 _XMIN = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+_NEWEST_ID = f"SELECT max(id) FROM {outbox_table.name}"
 
 
 def is_final(event: Event) -> bool:
@@ -116,6 +117,7 @@ class EventRelay:
         self._threads: list[threading.Thread] = []
         self._remove_listener: Callable[[], None] | None = None
         self._cursor: tuple[int, int] = (0, 0)  # the last outbox row read: (txid, id) on PostgreSQL, (0, id)
+        self._read_to = -1  # SQLite: the outbox's newest id (0: empty) when the last complete read began
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -228,8 +230,30 @@ class EventRelay:
         last = conn.execute(sa.select(sa.func.max(outbox_table.c.id))).scalar_one()
         return 0, int(last or 0)
 
+    def _newest_id(self) -> int:
+        """SQLite: the outbox's newest row id, asked on the driver (~40 µs of CPU, against ~0.5 ms for a read
+        through SQLAlchemy's statement and result machinery, four times a second even when nothing changed)."""
+        conn = self.store.engine.raw_connection()
+        try:
+            row = conn.cursor().execute(_NEWEST_ID).fetchone()
+        finally:
+            conn.close()
+        return int(row[0] or 0) if row is not None else 0
+
     def _receive(self) -> None:
-        """Read what other servers wrote after the cursor, in order, and hand it to the loop."""
+        """Read what other servers wrote after the cursor, in order, and hand it to the loop. On SQLite, not at all
+        when the outbox's newest row is the one it was when the last complete read began: every row up to it was
+        committed before that read (one writer at a time, ids in commit order), so that read saw it."""
+        if self.postgres:
+            self._read()
+            return
+        newest = self._newest_id()
+        if newest == self._read_to:
+            return
+        self._read()
+        self._read_to = newest
+
+    def _read(self) -> None:
         o = outbox_table
         status = o.c.data["status"].as_string().label("status")
         while not self._stop.is_set():

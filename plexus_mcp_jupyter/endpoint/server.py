@@ -31,6 +31,7 @@ from .evaluation_tools import evaluation_outcome, register_evaluation_tools
 from .principal import acting_as, current_principal, principal_of
 from .prompts import register_prompts
 from .resources import register_metrics_resource, register_resources
+from .schemas import lean_output_schema
 from .sdk_compat import lowlevel_server
 from .subscriptions import ResourceWatch, install_subscriptions
 from .task_logs import TaskLogs, install_logging
@@ -97,13 +98,24 @@ class PlexusMCPServer(MCPServer):
         self.task_logs = task_logs
         self.telemetry = telemetry
         self.resource_watch = resource_watch
+        self._lean_schemas: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
 
     async def list_tools(self) -> list[MCPTool]:
         tools = await super().list_tools()
         for tool in tools:
             if tool.name in self.task_tools:  # 2025-11-25: these may be called as tasks (the 2026 era drops it)
                 tool.execution = ToolExecution(task_support="optional")
+            if tool.output_schema is not None:
+                tool.output_schema = self._lean_output_schema(tool.output_schema)
         return tools
+
+    def _lean_output_schema(self, schema: dict[str, Any]) -> dict[str, Any]:
+        """The published output schema in the form clients validate fastest (schemas.lean_output_schema), made once
+        per tool: the SDK hands out its tool's same schema object on every listing."""
+        kept = self._lean_schemas.get(id(schema))
+        if kept is None or kept[0] is not schema:
+            kept = self._lean_schemas[id(schema)] = (schema, lean_output_schema(schema))
+        return kept[1]
 
     audit: AuditLog | None = None
 

@@ -29,10 +29,10 @@ class TasksHandler(PlexusHandler):
         manager = self.runtime.manager
         try:
             request = self.query_request(paged(ListTasks, manager.max_page_size))
-            tasks, next_cursor = await manager.alist(request, self.principal.viewer)
+            _, summaries, next_cursor = await manager.alist_summaries(request, self.principal.viewer)
         except PlexusError as exc:
             raise http_error(exc) from None
-        self.reply({"tasks": [t.summary() for t in tasks], "next_cursor": next_cursor})
+        self.reply({"tasks": summaries, "next_cursor": next_cursor})
 
     async def post(self) -> None:
         """Dispatch a task: {"type": "demo", "params": {...}, "priority": 0}. 201 with the task.
