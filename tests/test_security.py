@@ -196,6 +196,16 @@ async def test_the_audit_log_records_allowed_and_denied_calls_without_secrets(mc
         assert page["records"] and all(r["outcome"] == "denied" for r in page["records"])
 
 
+async def test_an_admin_reads_in_the_audit_the_call_just_made(mcp_url, token, keys, runtime):
+    # The writer batches a second of records; a read writes what is queued first (read your writes).
+    async with open_client(mcp_url, keys["viewer"]) as client, open_client(mcp_url, token) as admin:
+        with pytest.raises(MCPError, match="permission denied"):
+            await client.read_resource("plexus://audit?limit=1")
+        page = json.loads((await admin.read_resource("plexus://audit?action=resource.read&limit=1")).contents[0].text)
+    newest = page["records"][0]
+    assert (newest["outcome"], newest["role"], newest["target"]) == ("denied", "viewer", "plexus://audit")
+
+
 async def test_keys_are_managed_over_rest_by_admins_and_revocation_ends_open_streams(
     jp_fetch, jp_ws_fetch, keys, runtime
 ):

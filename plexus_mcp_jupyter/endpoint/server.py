@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import anyio
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ToolError
@@ -186,7 +187,7 @@ def register_audit_resource(server: MCPServer, audit: AuditLog) -> None:
         "(tool.*), outcome is ok, error or denied, owner a caller (key:<id>), since an ISO 8601 time.",
         mime_type="application/json",
     )
-    def audit_resource(
+    async def audit_resource(
         action: str | None = None,
         outcome: str | None = None,
         owner: str | None = None,
@@ -201,7 +202,7 @@ def register_audit_resource(server: MCPServer, audit: AuditLog) -> None:
         try:
             query = query_of(action=action, outcome=outcome, owner=owner, since=since, limit=limit, cursor=cursor)
             request = QueryAudit.from_query(query)
-            records, next_cursor = audit.query(request)
+            records, next_cursor = await anyio.to_thread.run_sync(audit.query, request)  # the store, off the loop
         except PlexusError as exc:
             raise MCPError(INVALID_PARAMS, str(exc)) from None
         return json.dumps({"records": records, "next_cursor": next_cursor}, default=str)

@@ -289,8 +289,11 @@ class AuditLog:
 
     def query(self, request: QueryAudit | None = None, **fields: Any) -> tuple[list[dict[str, Any]], str | None]:
         """Records, newest first, filtered; with a cursor for the next page. `request`, or a QueryAudit of
-        `fields` (InvalidArgument names a bad one)."""
+        `fields` (InvalidArgument names a bad one). Records still queued here are written first (up to 0.5 s):
+        the writer batches a second of them. A thread's call, never the loop's."""
         request = request or QueryAudit.parse(fields)
+        if self._queue.unfinished_tasks:  # read your writes: what this server queued is written first
+            self.flush(timeout=0.5)
         action, outcome, owner, since = request.action, request.outcome, request.owner, request.since
         limit, cursor = request.limit, request.cursor
         a = audit_table
