@@ -209,6 +209,22 @@ _CLAIM_SKIP_LOCKED = (
 )
 
 
+# PostgreSQL, Store.claim_planned: the planned tasks still QUEUED, locked (a row being claimed by another server's
+# transaction is skipped, never waited for); then one UPDATE claims those locked (the status holds under the lock).
+_LOCK_QUEUED = (
+    sa.select(tasks_table.c.id)
+    .where(tasks_table.c.id.in_(sa.bindparam("ids", expanding=True)), _IS_QUEUED)
+    .with_for_update(skip_locked=True)
+)
+_CLAIM_LOCKED = (
+    sa.update(tasks_table)
+    .where(tasks_table.c.id.in_(sa.bindparam("ids", expanding=True)), _IS_QUEUED)
+    .values(**_CLAIMED)
+    .returning(tasks_table.c.id)
+)
+CLAIM_ROUNDS = 4  # most plans one claim_planned locks for (each a statement); the third is rare
+
+
 @dataclass(frozen=True)
 class TaskFilter:
     """The filters every task listing accepts (MCP tool, resource, REST): one definition for all."""
@@ -650,6 +666,54 @@ class Store:
             return set()
         with self.engine.begin() as conn:
             return self._claim_many(conn, Claim(task_ids, worker, started_at, lease_expires_at))
+
+    def claim_planned(
+        self,
+        plan: Callable[[set[str]], Sequence[str]],
+        *,
+        worker: str,
+        started_at: float,
+        lease_expires_at: float | None = None,
+    ) -> tuple[list[str], set[str], set[str]]:
+        """Claim the starts of one scheduling pass, planned against what is really still claimable: several
+        servers planning from the same head of a shared queue then claim DIFFERENT tasks, with no claim lost
+        and no read of the queue again.
+
+        `plan(gone)` returns the ids to start when the tasks in `gone` are left out (the manager's plan of the
+        queue's head it read, core/queue.py: fair shares, caps and resources stay its rules). On PostgreSQL, in
+        one transaction: the planned ids still QUEUED are locked (`SELECT ... FOR UPDATE SKIP LOCKED`: a row
+        another server is claiming right now is skipped at once, not waited for); those missing are `gone`
+        (claimed, cancelled, or being claimed by another server), and the pass is planned again without them,
+        locking only what the new plan adds, until every planned start is locked (at most CLAIM_ROUNDS rounds;
+        then the last plan's locked starts, a subset of a plan, which caps and resources allow). One UPDATE
+        claims them. Elsewhere (SQLite, whose writers are serialised): the first plan's claims, `claim_many`.
+
+        Returns (the ids planned to start, those this call moved to RUNNING, those found gone)."""
+        ids = list(plan(set()))
+        if not ids:
+            return [], set(), set()
+        if self.engine.dialect.name != "postgresql":
+            won = self.claim_many(ids, worker=worker, started_at=started_at, lease_expires_at=lease_expires_at)
+            return ids, won, set(ids) - won
+        locked: set[str] = set()
+        gone: set[str] = set()
+        with self.engine.begin() as conn:
+            for _ in range(CLAIM_ROUNDS):
+                todo = [task_id for task_id in ids if task_id not in locked]
+                if not todo:
+                    break
+                got = set(conn.execute(_LOCK_QUEUED, {"ids": todo}).scalars())
+                locked |= got
+                if len(got) == len(todo):
+                    break
+                gone.update(task_id for task_id in todo if task_id not in got)
+                ids = list(plan(gone))
+            ids = [task_id for task_id in ids if task_id in locked]
+            won: set[str] = set()
+            if ids:
+                values = {"b_worker": worker, "b_started_at": started_at, "b_lease": lease_expires_at, "ids": ids}
+                won = set(conn.execute(_CLAIM_LOCKED, values).scalars())
+        return ids, won, gone
 
     def _claim_many(self, conn: Connection, claim: Claim) -> set[str]:
         task_ids = claim.task_ids
