@@ -75,6 +75,55 @@ def test_two_stores_claiming_the_same_queue_at_once_never_claim_a_task_twice(sto
         second.close()
 
 
+def test_two_stores_planning_from_the_same_head_claim_different_tasks_and_lose_no_claim(store_url):
+    # Two servers' stores read the same head of one queue and plan its first four each time (Store.claim_planned):
+    # what the other took or is taking is planned around in the claim's transaction, so every claim made is won,
+    # no task is claimed twice, and neither reads the queue again for a claim it lost.
+    first, second = Store(store_url), Store(store_url)
+    first.create_tasks(queued(600))
+    claimed: dict[str, list[str]] = {"a": [], "b": []}
+    found_gone: dict[str, int] = {"a": 0, "b": 0}
+    failures: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def drain(name: str, store: Store) -> None:
+        try:
+            start.wait()
+            while True:
+                window, _ = store.queue_window(per_owner=40, limit=40)
+                if not window:
+                    return
+                while window:
+                    ids, won, gone = store.claim_planned(
+                        lambda gone, head=window: [t.id for t in head if t.id not in gone][:4],
+                        worker=name,
+                        started_at=time.time(),
+                    )
+                    assert won == set(ids) and not won & gone, (ids, won, gone)
+                    claimed[name] += ids
+                    found_gone[name] += len(gone)
+                    window = [t for t in window if t.id not in won | gone]
+        except BaseException as exc:  # reported by the main thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=drain, args=(name, s)) for name, s in (("a", first), ("b", second))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    try:
+        assert not failures, failures
+        both = claimed["a"] + claimed["b"]
+        assert len(both) == 600 and len(set(both)) == 600  # every task claimed, none twice
+        assert claimed["a"] and claimed["b"]  # both made progress
+        with first.engine.connect() as conn:
+            rows = dict(conn.execute(sa.text("SELECT worker, COUNT(*) FROM tasks GROUP BY worker")).all())
+        assert rows == {"a": len(claimed["a"]), "b": len(claimed["b"])}  # the row says who won
+    finally:
+        first.close()
+        second.close()
+
+
 def test_progress_writes_upsert_stages_and_a_final_write_never_overwrites_a_final_task(store):
     task = queued(1)[0]
     store.create_task(task)

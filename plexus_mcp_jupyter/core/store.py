@@ -680,39 +680,45 @@ class Store:
         and no read of the queue again.
 
         `plan(gone)` returns the ids to start when the tasks in `gone` are left out (the manager's plan of the
-        queue's head it read, core/queue.py: fair shares, caps and resources stay its rules). On PostgreSQL, in
-        one transaction: the planned ids still QUEUED are locked (`SELECT ... FOR UPDATE SKIP LOCKED`: a row
-        another server is claiming right now is skipped at once, not waited for); those missing are `gone`
-        (claimed, cancelled, or being claimed by another server), and the pass is planned again without them,
-        locking only what the new plan adds, until every planned start is locked (at most CLAIM_ROUNDS rounds;
-        then the last plan's locked starts, a subset of a plan, which caps and resources allow). One UPDATE
-        claims them. Elsewhere (SQLite, whose writers are serialised): the first plan's claims, `claim_many`.
+        queue's head it read, core/queue.py: fair shares, caps and resources stay its rules). In one transaction,
+        the planned starts are taken: on PostgreSQL locked if still QUEUED (`SELECT ... FOR UPDATE SKIP LOCKED`:
+        a row another server is claiming right now is skipped at once, never waited for), on SQLite claimed at
+        once (a conditional UPDATE: the transaction then holds SQLite's one write lock, so no other server claims
+        until it commits). The planned tasks not taken are `gone` (claimed or cancelled, or being claimed by
+        another server) and the pass is planned again without them, taking only what the new plan adds, until
+        every planned start is taken, at most CLAIM_ROUNDS rounds. What it claims is always a subset of one plan,
+        which caps and resources allow: on PostgreSQL the last plan's locked starts (one UPDATE claims them); on
+        SQLite, where a round's claims are already made, a new plan is followed only if it keeps them all.
 
         Returns (the ids planned to start, those this call moved to RUNNING, those found gone)."""
         ids = list(plan(set()))
         if not ids:
             return [], set(), set()
-        if self.engine.dialect.name != "postgresql":
-            won = self.claim_many(ids, worker=worker, started_at=started_at, lease_expires_at=lease_expires_at)
-            return ids, won, set(ids) - won
-        locked: set[str] = set()
+        postgres = self.engine.dialect.name == "postgresql"
+        taken: set[str] = set()
         gone: set[str] = set()
         with self.engine.begin() as conn:
             for _ in range(CLAIM_ROUNDS):
-                todo = [task_id for task_id in ids if task_id not in locked]
+                todo = [task_id for task_id in ids if task_id not in taken]
                 if not todo:
                     break
-                got = set(conn.execute(_LOCK_QUEUED, {"ids": todo}).scalars())
-                locked |= got
+                if postgres:
+                    got = set(conn.execute(_LOCK_QUEUED, {"ids": todo}).scalars())
+                else:
+                    got = self._claim_many(conn, Claim(todo, worker, started_at, lease_expires_at))
+                taken |= got
                 if len(got) == len(todo):
                     break
                 gone.update(task_id for task_id in todo if task_id not in got)
-                ids = list(plan(gone))
-            ids = [task_id for task_id in ids if task_id in locked]
-            won: set[str] = set()
-            if ids:
-                values = {"b_worker": worker, "b_started_at": started_at, "b_lease": lease_expires_at, "ids": ids}
-                won = set(conn.execute(_CLAIM_LOCKED, values).scalars())
+                again = list(plan(gone))
+                if not postgres and not taken <= set(again):
+                    break  # SQLite: what this transaction claimed is kept (a subset of the previous plan)
+                ids = again
+            ids = [task_id for task_id in ids if task_id in taken]
+            if not postgres or not ids:
+                return ids, set(ids), gone
+            values = {"b_worker": worker, "b_started_at": started_at, "b_lease": lease_expires_at, "ids": ids}
+            won = set(conn.execute(_CLAIM_LOCKED, values).scalars())
         return ids, won, gone
 
     def _claim_many(self, conn: Connection, claim: Claim) -> set[str]:
