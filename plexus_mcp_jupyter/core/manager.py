@@ -1168,7 +1168,8 @@ class TaskManager:
         task another server took or is taking is left out and the pass planned again without it, in the claim's
         transaction, so servers planning from the same head claim different tasks and none reads the queue again
         for a lost claim."""
-        read, window, cut, starts = self._read_plan(policy, running, clock, view, version)
+        read, window, cut, planned = self._read_plan(policy, running, clock, view, version, whole=True)
+        starts = planned.starts
         started_at = now()
         if not starts:
             return read, window, cut, starts, set(), started_at, set()
@@ -1181,7 +1182,11 @@ class TaskManager:
             return [task.id for task in queue_plan(left, running, policy, clock=clock).starts]
 
         ids, won, gone = self.store.claim_planned(
-            replan, worker=self.server_id, started_at=started_at, lease_expires_at=self._lease_end(started_at)
+            replan,
+            worker=self.server_id,
+            started_at=started_at,
+            lease_expires_at=self._lease_end(started_at),
+            order=[task.id for task in planned.order],
         )
         return read, window, cut, [by_id[task_id] for task_id in ids], won, started_at, gone
 
@@ -1192,8 +1197,11 @@ class TaskManager:
         clock: FairClock,
         view: tuple[list[Task], dict[Group, int]] | None,
         version: int,
-    ) -> tuple[QueueWindow | None, list[Task], dict[Group, int], list[Task]]:
-        """The queue's head (`view`, else a read of the store, returned to be kept) and what starts from it."""
+        *,
+        whole: bool = False,
+    ) -> tuple[QueueWindow | None, list[Task], dict[Group, int], Any]:
+        """The queue's head (`view`, else a read of the store, returned to be kept) and what starts from it (with
+        `whole`: the plan, its start order too)."""
         read = None
         if view is None:
             tasks, cut = self.store.queue_window(
@@ -1202,7 +1210,8 @@ class TaskManager:
             read = QueueWindow(version, tasks, cut)
             view = read.view(_pass_head(policy)) or (tasks, cut)
         window, cut = view
-        return read, window, cut, queue_plan(window, running, policy, clock=clock).starts
+        planned = queue_plan(window, running, policy, clock=clock)
+        return read, window, cut, planned if whole else planned.starts
 
     def _claim_of(self, starts: list[Task]) -> Claim:
         started_at = now()
