@@ -223,7 +223,7 @@ _CLAIM_LOCKED = (
     .values(**_CLAIMED)
     .returning(tasks_table.c.id)
 )
-# The same, for the first round: the first `n` of the plan's order that are still QUEUED and not locked, in order.
+# The first `n` of the plan's order (`order`) still QUEUED and not locked by another transaction, locked, in order.
 _LOCK_FIRST_QUEUED = (
     sa.select(tasks_table.c.id)
     .where(tasks_table.c.id == sa.any_(sa.bindparam("order", type_=postgresql.ARRAY(sa.String))), _IS_QUEUED)
@@ -247,7 +247,7 @@ class _PlanChanged(Exception):
     """claim_planned: the first round claimed tasks the plan, made again without those gone, would not start."""
 
 
-CLAIM_ROUNDS = 4  # most plans one claim_planned locks for (each a statement); the third is rare
+CLAIM_ROUNDS = 4  # most rounds (a statement each) claim_planned follows a changing plan for; the third is rare
 
 
 @dataclass(frozen=True)
@@ -717,10 +717,12 @@ class Store:
         SQLite, where a round's claims are already made, a new plan is followed only if it keeps them all.
 
         `order`: the plan's start order (the queue's head the plan read, as it would start them). On PostgreSQL the
-        first round then locks, in one statement, the first as many of them as the plan starts that are still
-        QUEUED and not being claimed (`ORDER BY` their place, `LIMIT`, `SKIP LOCKED`: the job-queue idiom), and
-        every task of the order before the last one locked is known gone: servers planning from one head take
-        its successive free tasks in one round trip each, not a round per task the others took.
+        first round then CLAIMS, in one statement, the first as many of them as the plan starts that are still
+        QUEUED and not being claimed (`_CLAIM_FIRST_QUEUED`: `ORDER BY` their place, `LIMIT`, `SKIP LOCKED`, the
+        job-queue idiom), and every task of the order before the last one claimed is known gone: servers planning
+        from one head take its successive free tasks in one statement each. If the plan made without those gone
+        would not start all it claimed (an owner cap, a resource), that transaction is undone and the rounds above
+        follow the plan instead.
 
         Returns (the ids planned to start, those this call moved to RUNNING, those found gone)."""
         first = list(plan(set()))
