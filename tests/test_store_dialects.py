@@ -124,6 +124,35 @@ def test_two_stores_planning_from_the_same_head_claim_different_tasks_and_lose_n
         second.close()
 
 
+def test_a_planned_claim_passes_over_a_task_being_claimed_and_never_claims_beyond_the_plan(store):
+    # PostgreSQL: another transaction holds b's row (a server claiming it right now). The first round claims the
+    # first two free tasks of the order (a, c) in one statement and finds b gone. When the plan made without b
+    # would start neither, that claim is undone and nothing beyond the plan is claimed.
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("row locks held by another transaction: PostgreSQL (SQLite serialises whole writers)")
+    a, b, c, d = tasks = queued(4)
+    store.create_tasks(tasks)
+    order = [t.id for t in tasks]
+    with store.engine.connect() as other:
+        other.begin()
+        other.execute(sa.text("SELECT id FROM tasks WHERE id = :id FOR UPDATE"), {"id": b.id})
+        ids, won, gone = store.claim_planned(
+            lambda gone: [i for i in order if i not in gone][:2], worker="w", started_at=time.time(), order=order
+        )
+        assert (ids, won, gone) == ([a.id, c.id], {a.id, c.id}, {b.id})
+        ids, won, gone = store.claim_planned(
+            lambda gone: [] if gone else [d.id, b.id], worker="w", started_at=time.time(), order=[d.id, b.id]
+        )
+        assert (ids, won, gone) == ([], set(), {b.id})  # d was claimed by the first statement, then undone
+        other.rollback()
+    assert [store.get_task(t.id).status for t in tasks] == [
+        TaskStatus.RUNNING,
+        TaskStatus.QUEUED,
+        TaskStatus.RUNNING,
+        TaskStatus.QUEUED,
+    ]
+
+
 def test_progress_writes_upsert_stages_and_a_final_write_never_overwrites_a_final_task(store):
     task = queued(1)[0]
     store.create_task(task)
