@@ -179,8 +179,9 @@ class TaskManager:
         self._queue_empty = False  # the last read of the queue found nothing left to start
         self._queue_version = 0  # counts the changes that may have queued tasks (`_queue_changed`)
         self._window: QueueWindow | None = None  # the queue's head as the last read saw it, less what started
-        # Planned starts another server claimed first (a pass planned again for each; SQLite only: on PostgreSQL
-        # the claim plans around them, Store.claim_planned); and tasks of the head such claims found gone.
+        # Planned starts another server claimed first, a pass planned again for each (only the claims a SQLite
+        # store commits with a batched write, `_pass_after`: a pass's own claims plan around what others took,
+        # Store.claim_planned); and the tasks of the head those claims found gone.
         self.claims_lost = 0
         self.claims_gone = 0
         # Writes of running tasks gathered during one turn of the loop, committed together (_flush).
