@@ -28,7 +28,8 @@ import websocket
 
 from plexus_mcp_jupyter.config import PlexusSettings, SettingsError
 from plexus_mcp_jupyter.core.events import EventBus
-from plexus_mcp_jupyter.core.manager import _owner_gone
+from plexus_mcp_jupyter.core.executors import LocalExecutor
+from plexus_mcp_jupyter.core.manager import TaskManager, _owner_gone
 from plexus_mcp_jupyter.core.models import Task, TaskStatus
 from plexus_mcp_jupyter.core.relay import EventRelay
 from plexus_mcp_jupyter.core.store import Store, outbox_table
@@ -447,3 +448,66 @@ def test_a_server_whose_item_directory_the_others_do_not_share_says_so_in_health
     assert c.log().count("evaluation_items_dir is not shared") == 1
     b.stop()  # a server that stops withdraws its marker and record
     assert len(list((shared / ".plexus-servers").iterdir())) == 1
+
+
+async def test_two_managers_claiming_one_queue_at_once_run_different_tasks_and_both_progress(db_url):
+    """Two task managers (two servers' schedulers, each with its own store pool) drain one shared queue at once,
+    both planning from its head: every task runs once, on one of them, both run a share, and on PostgreSQL no
+    planned claim is ever lost to the other (the claim plans around what the other is taking, in one transaction:
+    Store.claim_planned), so neither reads the queue again for a lost claim."""
+    stores = [Store(db_url), Store(db_url)]
+    managers = [
+        # No maintenance tick during the test (poll_interval): its recovery would take the other manager of this
+        # process, same process id, for an earlier life of this server (one manager per process is the rule).
+        TaskManager(store, EventBus(), LocalExecutor(), max_concurrency=4, poll_interval=600, lease_seconds=120)
+        for store in stores
+    ]
+    starts: dict[str, set[str]] = {}  # task -> the managers that ran it (a running task's updates say RUNNING too)
+    for manager in managers:
+        manager.bus.add_listener(
+            lambda e, m=manager: (
+                starts.setdefault(e.entity_id, set()).add(m.server_id) if e.data.get("status") == "RUNNING" else None
+            )
+        )
+    n = 120
+    base = time.time()
+    tasks = [
+        Task(
+            id=uuid.uuid4().hex,
+            type="demo",
+            status=TaskStatus.QUEUED,
+            params={"items": 1, "item_delay_ms": 0},
+            owner=f"key:{i % 3}",  # three owners sharing the slots
+            created_at=base + i * 1e-4,
+        )
+        for i in range(n)
+    ]
+    try:
+        for manager in managers:
+            await manager.start()
+        await asyncio.to_thread(stores[0].create_tasks, tasks)  # queued by a third party: both learn of it at once
+        for manager in managers:
+            manager.queue_changed()
+
+        def statuses() -> Counter[str]:
+            with stores[0].engine.connect() as conn:
+                return Counter(dict(conn.execute(sa.text("SELECT status, count(*) FROM tasks GROUP BY status")).all()))
+
+        final = await poll(
+            lambda: asyncio.to_thread(statuses), lambda c: sum(c[s] for s in FINAL) == n, timeout=90, interval=0.2
+        )
+        assert final == {"COMPLETED": n}
+        assert sorted(starts) == sorted(task.id for task in tasks)
+        assert all(len(by) == 1 for by in starts.values()), "a task ran on both"
+        shares = Counter(next(iter(by)) for by in starts.values())
+        assert set(shares) == {m.server_id for m in managers}, f"both make progress: {shares}"
+        with stores[0].engine.connect() as conn:
+            workers = dict(conn.execute(sa.text("SELECT id, worker FROM tasks")).all())
+        assert all(workers[task_id].startswith(next(iter(by))) for task_id, by in starts.items()), "the row says who"
+        if stores[0].engine.dialect.name == "postgresql":
+            assert [m.claims_lost for m in managers] == [0, 0]
+    finally:
+        for manager in managers:
+            await manager.stop()
+        for store in stores:
+            store.close()

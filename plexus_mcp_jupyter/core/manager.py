@@ -194,6 +194,11 @@ class TaskManager:
         self._queue_empty = False  # the last read of the queue found nothing left to start
         self._queue_version = 0  # counts the changes that may have queued tasks (`_queue_changed`)
         self._window: QueueWindow | None = None  # the queue's head as the last read saw it, less what started
+        # Planned starts another server claimed first, a pass planned again for each (only the claims a SQLite
+        # store commits with a batched write, `_pass_after`: a pass's own claims plan around what others took,
+        # Store.claim_planned); and the tasks of the head those claims found gone.
+        self.claims_lost = 0
+        self.claims_gone = 0
         # Writes of running tasks gathered during one turn of the loop, committed together (_flush).
         self._pending: dict[str, _PendingWrite] = {}
         self._flush_scheduled = False
@@ -1166,11 +1171,10 @@ class TaskManager:
             return
         policy = self._policy()
         running = self._running_tasks()
-        self._start_claimed(
-            policy,
-            *self._read_plan_claim(policy, running, self._fair, self._window_view(policy), self._queue_version),
-            exhausted=True,
+        read, window, cut, starts, won, started_at, gone = self._read_plan_claim(
+            policy, running, self._fair, self._window_view(policy), self._queue_version
         )
+        self._start_claimed(policy, read, window, cut, starts, won, started_at, exhausted=True, gone=gone)
 
     def _window_view(self, policy: QueuePolicy) -> tuple[list[Task], dict[Group, int]] | None:
         """What the last read of the queue still shows, if it is still the queue's head (QueueWindow)."""
@@ -1186,20 +1190,36 @@ class TaskManager:
         clock: FairClock,
         view: tuple[list[Task], dict[Group, int]] | None,
         version: int,
-    ) -> tuple[QueueWindow | None, list[Task], dict[Group, int], list[Task], set[str], float]:
+    ) -> tuple[QueueWindow | None, list[Task], dict[Group, int], list[Task], set[str], float, set[str]]:
         """A scheduling pass's store work and plan (any thread: it reads only its arguments and the store): the
-        queue's head (`view`, else a read of the store, returned to be kept), what starts, and which of those
-        this server won the claim of (one transaction)."""
-        read, window, cut, starts = self._read_plan(policy, running, clock, view, version)
-        claim = self._claim_of(starts)
-        won = (
-            self.store.claim_many(
-                claim.task_ids, worker=claim.worker, started_at=claim.started_at, lease_expires_at=claim.lease
-            )
-            if starts
-            else set()
+        queue's head (`view`, else a read of the store, returned to be kept), what starts, which of those this
+        server won the claim of (one transaction), and which tasks of the head were found gone meanwhile.
+
+        The claim is planned against what is still claimable (`Store.claim_planned`): on a shared PostgreSQL a
+        task another server took or is taking is left out and the pass planned again without it, in the claim's
+        transaction, so servers planning from the same head claim different tasks and none reads the queue again
+        for a lost claim."""
+        read, window, cut, planned = self._read_plan(policy, running, clock, view, version, whole=True)
+        starts = planned.starts
+        started_at = now()
+        if not starts:
+            return read, window, cut, starts, set(), started_at, set()
+        by_id = {task.id: task for task in window}
+
+        def replan(gone: set[str]) -> list[str]:
+            if not gone:
+                return [task.id for task in starts]
+            left = [task for task in window if task.id not in gone]
+            return [task.id for task in queue_plan(left, running, policy, clock=clock).starts]
+
+        ids, won, gone = self.store.claim_planned(
+            replan,
+            worker=self.server_id,
+            started_at=started_at,
+            lease_expires_at=self._lease_end(started_at),
+            order=[task.id for task in planned.order],
         )
-        return read, window, cut, starts, won, claim.started_at
+        return read, window, cut, [by_id[task_id] for task_id in ids], won, started_at, gone
 
     def _read_plan(
         self,
@@ -1208,8 +1228,11 @@ class TaskManager:
         clock: FairClock,
         view: tuple[list[Task], dict[Group, int]] | None,
         version: int,
-    ) -> tuple[QueueWindow | None, list[Task], dict[Group, int], list[Task]]:
-        """The queue's head (`view`, else a read of the store, returned to be kept) and what starts from it."""
+        *,
+        whole: bool = False,
+    ) -> tuple[QueueWindow | None, list[Task], dict[Group, int], Any]:
+        """The queue's head (`view`, else a read of the store, returned to be kept) and what starts from it (with
+        `whole`: the plan, its start order too)."""
         read = None
         if view is None:
             tasks, cut = self.store.queue_window(
@@ -1218,7 +1241,8 @@ class TaskManager:
             read = QueueWindow(version, tasks, cut)
             view = read.view(_pass_head(policy)) or (tasks, cut)
         window, cut = view
-        return read, window, cut, queue_plan(window, running, policy, clock=clock).starts
+        planned = queue_plan(window, running, policy, clock=clock)
+        return read, window, cut, planned if whole else planned.starts
 
     def _claim_of(self, starts: list[Task]) -> Claim:
         started_at = now()
@@ -1232,7 +1256,7 @@ class TaskManager:
         try:
             policy = self._policy()
             running = self._running_tasks()
-            read, window, cut, starts, won, started_at = await self._write(
+            read, window, cut, starts, won, started_at, gone = await self._write(
                 self._read_plan_claim, policy, running, self._fair.copy(), self._window_view(policy), version
             )
             if self._stopping:  # claimed for nothing: back to the queue, for the next server
@@ -1241,7 +1265,7 @@ class TaskManager:
                 return
             # Tasks queued while the pass ran were not in its window: the queue is not known to be empty.
             self._start_claimed(
-                policy, read, window, cut, starts, won, started_at, exhausted=self._queue_version == version
+                policy, read, window, cut, starts, won, started_at, exhausted=self._queue_version == version, gone=gone
             )
         except Exception as exc:
             unavailable = store_unavailable(exc)
@@ -1266,20 +1290,29 @@ class TaskManager:
         started_at: float,
         *,
         exhausted: bool,
+        gone: set[str] | None = None,
     ) -> None:
+        """Start the tasks of a pass this server won. `gone`: tasks of the head the claim found taken (by another
+        server, or cancelled) and planned without: they leave the kept window, which stays the queue's head."""
         if read is not None:
             self._window = read
         if self._window is not None:
-            self._window.taken({task.id for task in starts})  # a task not won makes the window stale (below)
+            self._window.taken({task.id for task in starts} | (gone or set()))  # one not won makes it stale (below)
         started = 0
         for task in starts:
             if task.id not in won:
+                self.claims_lost += 1
                 self._schedule_soon()  # another server on this store took it: plan again without it
                 continue
             self._fair.commit(task.owner, weight(task, policy))
             self._mark_claimed(task, started_at)
             self._start(task)
             started += 1
+        self.claims_gone += len(gone or ())
+        if gone and not self._schedule_pending:
+            # The pass was planned without what others took: slots may be left that the queue's unread tail (or
+            # a read of it) fills. Another pass on the kept window, which reads again if it ran short.
+            self._schedule_soon(slot_freed=True)
         self._queue_info = None
         # Every queued task was read and started: until something is queued again, an ending task need not
         # read the queue (see _schedule_soon).

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 
 from .errors import InvalidArgument
@@ -207,6 +208,46 @@ _CLAIM_SKIP_LOCKED = (
     )
     .values(**_CLAIMED)
 )
+
+
+# PostgreSQL, Store.claim_planned: the planned tasks still QUEUED, locked (a row being claimed by another server's
+# transaction is skipped, never waited for); then one UPDATE claims those locked (the status holds under the lock).
+_LOCK_QUEUED = (
+    sa.select(tasks_table.c.id)
+    .where(tasks_table.c.id.in_(sa.bindparam("ids", expanding=True)), _IS_QUEUED)
+    .with_for_update(skip_locked=True)
+)
+_CLAIM_LOCKED = (
+    sa.update(tasks_table)
+    .where(tasks_table.c.id.in_(sa.bindparam("ids", expanding=True)), _IS_QUEUED)
+    .values(**_CLAIMED)
+    .returning(tasks_table.c.id)
+)
+# The first `n` of the plan's order (`order`) still QUEUED and not locked by another transaction, locked, in order.
+_LOCK_FIRST_QUEUED = (
+    sa.select(tasks_table.c.id)
+    .where(tasks_table.c.id == sa.any_(sa.bindparam("order", type_=postgresql.ARRAY(sa.String))), _IS_QUEUED)
+    .order_by(sa.func.array_position(sa.bindparam("order", type_=postgresql.ARRAY(sa.String)), tasks_table.c.id))
+    .limit(sa.bindparam("n"))
+    .with_for_update(skip_locked=True)
+)
+# The first round in one statement (the job-queue idiom): claim the first `n` of the plan's order still QUEUED and
+# not being claimed by another server. The pick is a MATERIALIZED CTE: as a subquery of the UPDATE, PostgreSQL may
+# evaluate it again for each row, and each evaluation would then pick the next `n` (those claimed no longer QUEUED).
+_PICKED = _LOCK_FIRST_QUEUED.cte("picked").prefix_with("MATERIALIZED")
+_CLAIM_FIRST_QUEUED = (
+    sa.update(tasks_table)
+    .where(tasks_table.c.id == _PICKED.c.id, _IS_QUEUED)
+    .values(**_CLAIMED)
+    .returning(tasks_table.c.id)
+)
+
+
+class _PlanChanged(Exception):
+    """claim_planned: the first round claimed tasks the plan, made again without those gone, would not start."""
+
+
+CLAIM_ROUNDS = 4  # most rounds (a statement each) claim_planned follows a changing plan for; the third is rare
 
 
 @dataclass(frozen=True)
@@ -650,6 +691,98 @@ class Store:
             return set()
         with self.engine.begin() as conn:
             return self._claim_many(conn, Claim(task_ids, worker, started_at, lease_expires_at))
+
+    def claim_planned(
+        self,
+        plan: Callable[[set[str]], Sequence[str]],
+        *,
+        worker: str,
+        started_at: float,
+        lease_expires_at: float | None = None,
+        order: Sequence[str] = (),
+    ) -> tuple[list[str], set[str], set[str]]:
+        """Claim the starts of one scheduling pass, planned against what is really still claimable: several
+        servers planning from the same head of a shared queue then claim DIFFERENT tasks, with no claim lost
+        and no read of the queue again.
+
+        `plan(gone)` returns the ids to start when the tasks in `gone` are left out (the manager's plan of the
+        queue's head it read, core/queue.py: fair shares, caps and resources stay its rules). In one transaction,
+        the planned starts are taken: on PostgreSQL locked if still QUEUED (`SELECT ... FOR UPDATE SKIP LOCKED`:
+        a row another server is claiming right now is skipped at once, never waited for), on SQLite claimed at
+        once (a conditional UPDATE: the transaction then holds SQLite's one write lock, so no other server claims
+        until it commits). The planned tasks not taken are `gone` (claimed or cancelled, or being claimed by
+        another server) and the pass is planned again without them, taking only what the new plan adds, until
+        every planned start is taken, at most CLAIM_ROUNDS rounds. What it claims is always a subset of one plan,
+        which caps and resources allow: on PostgreSQL the last plan's locked starts (one UPDATE claims them); on
+        SQLite, where a round's claims are already made, a new plan is followed only if it keeps them all.
+
+        `order`: the plan's start order (the queue's head the plan read, as it would start them). On PostgreSQL the
+        first round then CLAIMS, in one statement, the first as many of them as the plan starts that are still
+        QUEUED and not being claimed (`_CLAIM_FIRST_QUEUED`: `ORDER BY` their place, `LIMIT`, `SKIP LOCKED`, the
+        job-queue idiom), and every task of the order before the last one claimed is known gone: servers planning
+        from one head take its successive free tasks in one statement each. If the plan made without those gone
+        would not start all it claimed (an owner cap, a resource), that transaction is undone and the rounds above
+        follow the plan instead.
+
+        Returns (the ids planned to start, those this call moved to RUNNING, those found gone)."""
+        first = list(plan(set()))
+        if not first:
+            return [], set(), set()
+        postgres = self.engine.dialect.name == "postgresql"
+        values = {"b_worker": worker, "b_started_at": started_at, "b_lease": lease_expires_at}
+        if postgres and order:
+            try:
+                with self.engine.begin() as conn:
+                    got = list(conn.execute(_CLAIM_FIRST_QUEUED, {**values, "order": list(order), "n": len(first)}))
+                    claimed = {task_id for (task_id,) in got}
+                    last = max((order.index(task_id) for task_id in claimed), default=len(order) - 1)
+                    examined = order if len(claimed) < len(first) else order[: last + 1]
+                    gone = {task_id for task_id in examined if task_id not in claimed}
+                    ids = list(plan(gone)) if gone else first
+                    if not claimed <= set(ids):
+                        raise _PlanChanged  # undone: the claims below follow the plan round by round
+                    return self._claim_rounds(conn, plan, ids, claimed, gone, values)
+            except _PlanChanged:
+                pass
+        with self.engine.begin() as conn:
+            return self._claim_rounds(conn, plan, first, set(), set(), values)
+
+    def _claim_rounds(
+        self,
+        conn: Connection,
+        plan: Callable[[set[str]], Sequence[str]],
+        ids: list[str],
+        claimed: set[str],
+        gone: set[str],
+        values: dict[str, Any],
+    ) -> tuple[list[str], set[str], set[str]]:
+        """`claim_planned`'s rounds in `conn`'s transaction: take (PostgreSQL: lock; SQLite: claim) the planned
+        `ids` not taken yet, plan again without those gone, until all are taken; then claim what is only locked.
+        `claimed`: what this transaction already claimed (kept: a new plan is followed only if it keeps them)."""
+        postgres = self.engine.dialect.name == "postgresql"
+        taken = set(claimed)
+        for _ in range(CLAIM_ROUNDS):
+            todo = [task_id for task_id in ids if task_id not in taken]
+            if not todo:
+                break
+            if postgres:
+                got = set(conn.execute(_LOCK_QUEUED, {"ids": todo}).scalars())
+            else:
+                got = self._claim_many(conn, Claim(todo, values["b_worker"], values["b_started_at"], values["b_lease"]))
+                claimed |= got
+            taken |= got
+            if len(got) == len(todo):
+                break
+            gone |= {task_id for task_id in todo if task_id not in got}
+            again = list(plan(gone))
+            if not claimed <= set(again):
+                break  # what this transaction claimed is kept: a subset of the previous plan
+            ids = again
+        ids = [task_id for task_id in ids if task_id in taken]
+        rest = [task_id for task_id in ids if task_id not in claimed]
+        if rest:
+            claimed |= set(conn.execute(_CLAIM_LOCKED, {**values, "ids": rest}).scalars())
+        return ids, claimed, gone
 
     def _claim_many(self, conn: Connection, claim: Claim) -> set[str]:
         task_ids = claim.task_ids
