@@ -375,10 +375,10 @@ def _bulk_request(args: argparse.Namespace) -> Any:
 
 
 def _task_specs(path: str) -> list[dict[str, Any]]:
-    """The specs of `plexus tasks dispatch`, each checked with the server's DispatchTask model before sending;
-    ValueError in one line (which spec, which field) when one is wrong."""
+    """The specs of `plexus tasks dispatch`, checked with the server's DispatchBatch model before sending;
+    ValueError in one line (which spec, which field: the server's words) when one is wrong."""
     from .core.errors import InvalidArgument
-    from .core.requests import DispatchTask
+    from .core.requests import DispatchBatch
 
     text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
     example = '[{"type": "demo", "params": {...}, "priority": 0}, ...]'
@@ -388,11 +388,10 @@ def _task_specs(path: str) -> list[dict[str, Any]]:
         raise ValueError(f"{path} is not JSON ({exc}): give a list of task specs {example}") from None
     if not isinstance(specs, list) or not specs:
         raise ValueError(f"{path} must hold a non-empty list of task specs {example}, not {type(specs).__name__}")
-    for index, spec in enumerate(specs):
-        try:
-            DispatchTask.parse(spec, where=f"tasks[{index}].")
-        except InvalidArgument as exc:
-            raise ValueError(f"{path}: {exc}; nothing was sent") from None
+    try:
+        DispatchBatch.parse({"tasks": specs})
+    except InvalidArgument as exc:
+        raise ValueError(f"{path}: {exc}; nothing was sent") from None
     return specs
 
 

@@ -430,11 +430,11 @@ async def test_the_notebook_client_runs_the_same_batch_operations(server_url, to
 @pytest.mark.parametrize(
     ("path", "body", "says"),
     [
-        ("tasks", {"tasks": "demo"}, "tasks must be a non-empty list"),
-        ("tasks", {"tasks": []}, "tasks must be a non-empty list"),
-        ("tasks", {"tasks": [1]}, "tasks[0]: a task spec is an object"),
-        ("tasks", {"tasks": [{**QUICK, "colour": "red"}]}, "tasks[0]: unknown field(s) ['colour']"),
-        ("tasks", {"tasks": [QUICK], "priority": 3}, "put type, params, priority and description in each spec"),
+        ("tasks", {"tasks": "demo"}, "tasks: Input should be a valid list (got 'demo'); The task specs, in order"),
+        ("tasks", {"tasks": []}, "tasks: List should have at least 1 item after validation, not 0"),
+        ("tasks", {"tasks": [1]}, "tasks.0: Input should be a valid dictionary or instance of DispatchTask"),
+        ("tasks", {"tasks": [{**QUICK, "colour": "red"}]}, "unknown field(s) ['tasks.0.colour']; allowed: type,"),
+        ("tasks", {"tasks": [QUICK], "priority": 3}, "unknown field(s) ['priority']; allowed: tasks"),
         ("tasks", {"tasks": [{"type": "evaluation"}]}, "tasks[0]: params.type is required: One of accuracy"),
         ("tasks/cancel", {}, "give either task_ids"),
         ("tasks/cancel", {"task_ids": ["a"], "status": "QUEUED"}, "not both"),

@@ -13,7 +13,11 @@ import pandas as pd
 import pytest
 from sklearn.metrics import accuracy_score
 
+from plexus_mcp_jupyter.core.errors import InvalidArgument, PlexusError
 from plexus_mcp_jupyter.evaluations.datasets import EXAMPLES_DIR
+from plexus_mcp_jupyter.evaluations.kernel_scorers import SCORER_MESSAGES, parse_message
+from plexus_mcp_jupyter.notebook.errors import PlexusInputError
+from plexus_mcp_jupyter.notebook.scoring import check_scorer
 
 from .conftest import poll
 from .test_evaluations import create, finished
@@ -133,6 +137,64 @@ async def test_scorer_names_belong_to_one_kernel_and_bad_messages_are_answered(j
     first.ws.close()
     await poll(runtime.kernel_scorers.names, lambda names: names == [])
     second.ws.close()
+
+
+# (what is wrong, the message, how the answer starts: the model's words, as a refused REST body says them)
+BAD_MESSAGES = [
+    ("a name with a space", {"type": "register_scorer", "name": "my scorer"}, "name: a scorer name is 1 to 64"),
+    ("no name", {"type": "register_scorer"}, "name is required: The scorer's name"),
+    ("a batch in words", {"type": "register_scorer", "name": "s", "batch": "yes"}, "batch: Input should be a valid"),
+    ("a misspelt field", {"type": "register_scorer", "name": "s", "bach": 1}, "unknown field(s) ['bach']; allowed"),
+    ("a result without its request", {"type": "score_result", "predictions": []}, "request_id is required"),
+    ("an unknown type", {"type": "dance"}, "unknown message type 'dance'; expected one of register_scorer"),
+]
+
+
+async def reply(ws) -> dict:
+    """The next message the server sends the kernel, its greeting (hello) aside."""
+    while True:
+        message = json.loads(await asyncio.wait_for(ws.read_message(), 30))
+        if message["type"] != "hello":
+            return message
+
+
+@pytest.mark.parametrize(("what", "message", "says"), BAD_MESSAGES, ids=[b[0] for b in BAD_MESSAGES])
+async def test_a_bad_scorer_message_is_answered_in_its_models_words(jp_ws_fetch, runtime, what, message, says):
+    ws = await jp_ws_fetch("plexus", "api", "events", params={"ids": "none"})
+    ws.write_message(json.dumps(message))
+    answer = await reply(ws)
+    with pytest.raises(InvalidArgument) as expected:
+        parse_message(message)
+    assert answer == {"type": "error", "message": str(expected.value), "in_reply_to": message["type"]}
+    assert answer["message"].startswith(says), answer
+    assert runtime.kernel_scorers.names() == []
+    ws.close()
+
+
+def test_the_notebook_refuses_a_bad_scorer_name_in_the_servers_words():
+    with pytest.raises(PlexusInputError) as refused:
+        check_scorer("my scorer", len, True)
+    with pytest.raises(InvalidArgument) as server:
+        parse_message({"type": "register_scorer", "name": "my scorer"})
+    assert str(refused.value) == str(server.value)
+    assert list(SCORER_MESSAGES) == ["register_scorer", "unregister_scorer", "score_result", "score_error"]
+
+
+async def test_a_malformed_score_result_fails_its_request_at_once_in_the_same_words(jp_ws_fetch, runtime):
+    ws = await jp_ws_fetch("plexus", "api", "events", params={"ids": "none"})
+    ws.write_message(json.dumps({"type": "register_scorer", "name": "sloppy"}))
+    assert (await reply(ws))["type"] == "scorer_registered"
+    scoring = asyncio.ensure_future(runtime.kernel_scorers.score("sloppy", ["a", "b"]))
+    request = await reply(ws)
+    assert request["type"] == "score_request" and request["inputs"] == ["a", "b"]
+    bad = {"type": "score_result", "request_id": request["request_id"], "predictions": "positive"}
+    ws.write_message(json.dumps(bad))
+    answer = await reply(ws)
+    assert answer["type"] == "error" and answer["message"].startswith("predictions: Input should be a valid list")
+    with pytest.raises(PlexusError) as failed:
+        await asyncio.wait_for(scoring, 30)  # not the scorer's 600 s timeout
+    assert str(failed.value) == f"kernel scorer 'sloppy' answered a malformed message: {answer['message']}"
+    ws.close()
 
 
 def test_kernels_started_by_the_server_can_find_it(jp_serverapp, server_url, token):

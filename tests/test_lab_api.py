@@ -63,15 +63,31 @@ async def test_a_key_caller_never_sees_the_server_token(jp_fetch, runtime, token
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ({"secret": "has space"}, "secret must be an API key or token"),
-        ({"secret": 5}, "secret must be an API key or token"),
-        ({"name": "bad name!"}, "name must be 1 to 64 letters"),
+        ({"secret": "has space"}, "secret: must be an API key or token"),
+        ({"secret": 5}, "secret: must be an API key or token"),
+        ({"name": "bad name!"}, "name: must be 1 to 64 letters"),
+        ({"name": "plexus", "colour": "red"}, "unknown field(s) ['colour']; allowed: secret, name"),
     ],
 )
 async def test_bad_client_requests_say_what_is_allowed(jp_fetch, body, message):
     with pytest.raises(HTTPClientError) as err:
         await post_clients(jp_fetch, body)
     assert err.value.code == 400 and message in json.loads(err.value.response.body)["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "secret",
+    ["pmk_" + "s3cr3t" * 5 + " with a space", "pmk_" + "s3cr3t" * 40, "pmk_s3cr3t\x07bell"],
+    ids=["a space", "too long", "a control character"],
+)
+async def test_a_refused_secret_is_never_quoted_back_nor_logged(jp_fetch, caplog, secret):
+    with pytest.raises(HTTPClientError) as err:
+        await post_clients(jp_fetch, {"secret": secret, "name": "plexus-lab"})
+    body = err.value.response.body.decode()
+    message = json.loads(body)["error"]["message"]
+    assert err.value.code == 400
+    assert message == "secret: must be an API key or token: printable, no spaces, 1 to 200 characters"
+    assert "s3cr3t" not in body and "s3cr3t" not in caplog.text  # neither the answer nor the 400's log line
 
 
 async def test_health_states_the_callers_role(jp_fetch, runtime):

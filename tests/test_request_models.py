@@ -93,8 +93,43 @@ async def test_rest_and_a_batch_spec_refuse_a_bad_dispatch_naming_the_same_field
         over_mcp = await mcp_refusal(client, "dispatch_batch", {"tasks": [spec]})
     for message in (over_rest, over_batch, over_mcp):
         assert field in message, (over_rest, over_batch, over_mcp)
-    assert "tasks[0]" in over_batch
+    # the batch is one model (DispatchBatch) on both faces: the same words, whole
+    assert over_batch.startswith("unknown field(s) ['tasks.0." if what == "a misspelt field" else "tasks.0.")
+    assert over_mcp == "invalid arguments for dispatch_batch: " + over_batch
     assert runtime.manager.counts() == before
+
+
+BAD_BATCHES = [
+    ("no spec", {"tasks": []}, "tasks: List should have at least 1 item after validation, not 0 (got [])"),
+    ("a spec that is a number", {"tasks": [{"type": "demo"}, 1]}, "tasks.1: Input should be a valid dictionary"),
+    ("specs that are not a list", {"tasks": {"type": "demo"}}, "tasks: Input should be a valid list"),
+    (
+        "a misspelt field in the second spec",
+        {"tasks": [{"type": "demo"}, {"type": "demo", "colour": 1}]},
+        "unknown field(s) ['tasks.1.colour']; allowed: type, params, priority, description",
+    ),
+]
+
+
+@pytest.mark.parametrize(("what", "body", "says"), BAD_BATCHES, ids=[b[0] for b in BAD_BATCHES])
+async def test_a_bad_batch_is_refused_in_the_same_words_over_rest_mcp_and_the_notebook(
+    jp_fetch, mcp_client, runtime, what, body, says
+):
+    before = runtime.manager.counts()
+    over_rest = await rest_refusal(jp_fetch, "tasks", body=body)
+    async with mcp_client() as client:
+        over_mcp = await mcp_refusal(client, "dispatch_batch", body)
+    with pytest.raises(PlexusInputError) as over_notebook:
+        Plexus().dispatch_batch(body["tasks"])  # not connected: refused before anything is sent
+    assert over_rest.startswith(says), over_rest
+    assert over_mcp == "invalid arguments for dispatch_batch: " + over_rest
+    assert str(over_notebook.value) == over_rest
+    assert runtime.manager.counts() == before
+
+
+async def test_a_batch_takes_nothing_beside_its_specs(jp_fetch, runtime):
+    message = await rest_refusal(jp_fetch, "tasks", body={"tasks": [{"type": "demo"}], "priority": 5})
+    assert message == "unknown field(s) ['priority']; allowed: tasks"
 
 
 async def test_a_good_evaluation_is_accepted_alike_over_mcp_and_rest(jp_fetch, mcp_client, runtime):

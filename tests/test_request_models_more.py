@@ -273,9 +273,9 @@ async def test_pending_is_no_status_and_a_client_sending_it_is_told_the_allowed_
 @pytest.mark.parametrize(
     ("content", "says"),
     [
-        ([{"type": "demo", "priority": 5000}], "tasks[0].priority: Input should be less than or equal to 1000"),
-        ([{"type": "demo"}, {"type": "demo", "colour": 1}], "unknown field(s) ['tasks[1].colour']"),
-        ([{"type": "demo"}, 1], "tasks[1] must be a JSON object with the fields type, params, priority, description"),
+        ([{"type": "demo", "priority": 5000}], "tasks.0.priority: Input should be less than or equal to 1000"),
+        ([{"type": "demo"}, {"type": "demo", "colour": 1}], "unknown field(s) ['tasks.1.colour']; allowed: type,"),
+        ([{"type": "demo"}, 1], "tasks.1: Input should be a valid dictionary or instance of DispatchTask (got 1)"),
         ({"type": "demo"}, "must hold a non-empty list of task specs"),
         ([], "must hold a non-empty list of task specs"),
     ],

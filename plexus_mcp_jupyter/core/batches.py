@@ -113,7 +113,10 @@ class BatchOperations:
     # -- dispatch ------------------------------------------------------------------------------------
 
     def prepare(
-        self, specs: Sequence[Mapping[str, Any]], actor: Actor, planned: Mapping[int, PlannedSpec] | None = None
+        self,
+        specs: Sequence[Mapping[str, Any] | DispatchTask],
+        actor: Actor,
+        planned: Mapping[int, PlannedSpec] | None = None,
     ) -> list[Task]:
         """Validate every spec (all or nothing) into QUEUED tasks sharing a new batch id; nothing is stored.
         `planned`: the specs of internal types (evaluations), by index, as their services made them (`plan`).
@@ -131,16 +134,22 @@ class BatchOperations:
                 raise InvalidArgument(f"tasks[{index}]: {exc}; nothing was dispatched") from None
         return tasks
 
-    def _check_specs(self, specs: Sequence[Mapping[str, Any]]) -> None:
+    def _check_specs(self, specs: Sequence[Mapping[str, Any] | DispatchTask]) -> None:
         if not isinstance(specs, Sequence) or isinstance(specs, str | bytes) or not specs:
             raise InvalidArgument("tasks must be a non-empty list of task specs {type, params, priority, description}")
-        if len(specs) > self.bound:
+        self.check_count(len(specs))
+
+    def check_count(self, count: int) -> None:
+        """Refuse a batch of more than max_batch_size tasks, naming the count and the bound."""
+        if count > self.bound:
             raise InvalidArgument(
-                f"the batch has {len(specs)} tasks, more than the {self.bound} one call may dispatch "
+                f"the batch has {count} tasks, more than the {self.bound} one call may dispatch "
                 "(setting max_batch_size): split it into several batches"
             )
 
-    def _task(self, spec: Mapping[str, Any], actor: Actor, batch_id: str, planned: PlannedSpec | None) -> Task:
+    def _task(
+        self, spec: Mapping[str, Any] | DispatchTask, actor: Actor, batch_id: str, planned: PlannedSpec | None
+    ) -> Task:
         request = parse_spec(spec)
         if planned is not None:
             return self.manager.new_task(
@@ -163,7 +172,7 @@ class BatchOperations:
             batch_id=batch_id,
         )
 
-    async def plan(self, specs: Sequence[Mapping[str, Any]], actor: Actor) -> dict[int, PlannedSpec]:
+    async def plan(self, specs: Sequence[Mapping[str, Any] | DispatchTask], actor: Actor) -> dict[int, PlannedSpec]:
         """The specs of internal types whose service plans them (manager.spec_planners: an evaluation per
         dataset or per scorer), checked by that service one after the other; the first bad one is refused
         with its index, before anything is stored."""
@@ -181,7 +190,7 @@ class BatchOperations:
                 raise InvalidArgument(f"tasks[{index}]: {exc}; nothing was dispatched") from None
         return planned
 
-    async def dispatch(self, specs: Sequence[Mapping[str, Any]], actor: Actor) -> list[Task]:
+    async def dispatch(self, specs: Sequence[Mapping[str, Any] | DispatchTask], actor: Actor) -> list[Task]:
         """Validate (internal types by their services), then store every task and their services' records in
         one transaction (off the event loop), then announce them."""
         planned = await self.plan(specs, actor)
@@ -522,7 +531,10 @@ def _in_order(ids: Sequence[str], outcomes: list[CancelOutcome]) -> list[CancelO
 
 
 def parse_spec(spec: Any) -> DispatchTask:
-    """A batch's task spec as the dispatch request it is (the type's params are the type's to check)."""
+    """A batch's task spec as the dispatch request it is (the type's params are the type's to check); the faces
+    hand over the specs their `DispatchBatch` parsed."""
+    if isinstance(spec, DispatchTask):
+        return spec
     if not isinstance(spec, Mapping):
         raise InvalidArgument(f"a task spec is an object {{type, params, priority, description}}, not {spec!r:.60}")
     return DispatchTask.parse(spec)

@@ -20,6 +20,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SecretStr,
     Strict,
     ValidationError,
     WithJsonSchema,
@@ -133,18 +134,59 @@ def _is_listed(model: type[BaseModel], name: str) -> bool:
 
 def request_error(model: type[BaseModel], error: ValidationError, where: str = "") -> InvalidArgument:
     """One message for a body `model` refused: unknown fields with the allowed ones, then each bad field
-    with pydantic's reason, the value sent (quoted, bounded) and its description, then each missing one with its
-    description."""
+    with pydantic's reason, the value sent (quoted, bounded; a secret's never) and its description, then each
+    missing one with its description."""
+    descriptions = {name: info.description for name, info in model.model_fields.items()}
+    secrets = {name for name, info in model.model_fields.items() if is_secret(info.annotation)}
+    errors = [  # a secret's text is never quoted back (nor logged with the 400's reason)
+        {**e, "input": HIDDEN} if e["loc"] and e["loc"][0] in secrets else e for e in error.errors(include_url=False)
+    ]
+    problems = refusal_problems(errors, descriptions, lambda loc: _fields_at(model, loc), where)
+    return InvalidArgument("; ".join(problems))
+
+
+HIDDEN = object()  # an error's input that must not be quoted: a secret's text
+
+
+def is_secret(annotation: Any) -> bool:
+    """Whether a field holds a secret (`SecretStr`, or optionally one): a refusal names it, never quotes it."""
+    return annotation is SecretStr or SecretStr in typing.get_args(annotation)
+
+
+def refusal_problems(
+    errors: list[Any],
+    descriptions: Mapping[str, str | None],
+    allowed_at: Callable[[tuple[Any, ...]], Iterable[str]],
+    where: str = "",
+) -> list[str]:
+    """A refused request's problems in words: unknown fields first, with the fields allowed where the first one
+    was found (`allowed_at(loc)`: the top level, or a nested object such as a batch's spec), then `field_problems`.
+    REST's `request_error` reads the allowed fields from the model, MCP from the tool's input schema."""
     problems: list[str] = []
-    errors = error.errors(include_url=False)
-    unknown = [where + ".".join(str(p) for p in e["loc"]) for e in errors if e["type"] == "extra_forbidden"]
-    if unknown:
+    extra = [e for e in errors if e["type"] == "extra_forbidden"]
+    if extra:
+        unknown = [where + ".".join(str(p) for p in e["loc"]) for e in extra]
         shown = [one_line(u, 40) for u in unknown[:5]]
         more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
-        problems.append(f"unknown field(s) {shown}{more}; allowed: {', '.join(model.model_fields)}")
-    descriptions = {name: info.description for name, info in model.model_fields.items()}
+        problems.append(
+            f"unknown field(s) {shown}{more}; allowed: {', '.join(allowed_at(tuple(extra[0]['loc'][:-1])))}"
+        )
     problems.extend(field_problems([e for e in errors if e["type"] != "extra_forbidden"], descriptions, where))
-    return InvalidArgument("; ".join(problems))
+    return problems
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the object at `loc` inside `model` (a list's element by its index); none if not a model."""
+    node: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            args = typing.get_args(node)
+            node = args[0] if args else None
+        elif isinstance(node, type) and issubclass(node, BaseModel) and part in node.model_fields:
+            node = node.model_fields[part].annotation
+        else:
+            return []
+    return list(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
 
 
 def field_problems(errors: list[Any], descriptions: Mapping[str, str | None], where: str = "") -> list[str]:
@@ -166,7 +208,8 @@ def field_problems(errors: list[Any], descriptions: Mapping[str, str | None], wh
         reason = str(item["msg"]).removeprefix("Value error, ")
         # our own validators' messages (value errors) say what is allowed already
         allowed = f"; {description}" if description and item["type"] != "value_error" else ""
-        problems.append(f"{name}: {reason} (got {one_line(repr(item.get('input')), 60)}){allowed}")
+        got = "" if item.get("input") is HIDDEN else f" (got {one_line(repr(item.get('input')), 60)})"
+        problems.append(f"{name}: {reason}{got}{allowed}")
     if len(errors) > MAX_PROBLEMS:
         problems.append(f"and {len(errors) - MAX_PROBLEMS} more problem(s)")
     return problems
@@ -210,6 +253,15 @@ class DispatchTask(RequestModel):
     )
     priority: Priority = 0
     description: str | None = Field(default=None, max_length=MAX_DESCRIPTION, description="Shown in listings")
+
+
+class DispatchBatch(RequestModel):
+    """Many tasks in one call: dispatch_batch (MCP), POST plexus/api/tasks with {"tasks": [...]}, `plexus tasks
+    dispatch`, the notebook's dispatch_batch. A server's own bound (max_batch_size) is checked by its
+    BatchOperations, naming the count and the bound (REST before the specs are parsed; a body is bounded by
+    max_request_bytes)."""
+
+    tasks: list[DispatchTask] = Field(min_length=1, description="The task specs, in order")
 
 
 # -- selections: which tasks a bulk operation acts on ----------------------------------------------------------

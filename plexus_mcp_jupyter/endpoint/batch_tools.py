@@ -15,13 +15,12 @@ from typing import Annotated, Any
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 from mcp.types import CallToolResult, ToolAnnotations
-from pydantic import Field
 
 from ..core.batches import Actor, BatchOperations, batch_uri, operation_report
 from ..core.errors import NotFound
 from ..core.manager import CancelOutcome, TaskManager
 from ..core.models import TaskStatus
-from ..core.requests import BulkRequest, CancelTasks, DispatchTask, RetryTasks, SetTaskPriority, takes
+from ..core.requests import BulkRequest, CancelTasks, DispatchBatch, RetryTasks, SetTaskPriority, takes
 from ..security.audit import note_for_audit
 from .principal import current_principal
 from .schemas import BatchDispatchResult, OperationResult
@@ -74,13 +73,12 @@ def register_batch_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs
         ),
         annotations=changes,
     )
+    @takes(DispatchBatch)
     @client_errors
-    async def dispatch_batch(
-        ctx: Context,
-        tasks: Annotated[list[DispatchTask], Field(min_length=1, description="The task specs, in order")],
-    ) -> Annotated[CallToolResult, BatchDispatchResult]:
+    async def dispatch_batch(ctx: Context, **fields: Any) -> Annotated[CallToolResult, BatchDispatchResult]:
+        tasks = DispatchBatch(**fields).tasks
         note_for_audit(operation="dispatch", tasks=len(tasks), types=dict(Counter(t.type for t in tasks)))
-        created = await batches.dispatch([t.model_dump() for t in tasks], current_principal().actor)
+        created = await batches.dispatch(tasks, current_principal().actor)
         batch_id = created[0].batch_id or ""
         if logs is not None:
             logs.started(ctx, [t.id for t in created])

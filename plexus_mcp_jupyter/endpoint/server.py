@@ -21,7 +21,7 @@ from .._version import __version__
 from ..core.errors import PlexusError, bounded
 from ..core.manager import TaskManager
 from ..core.models import Task
-from ..core.requests import field_problems, query_of
+from ..core.requests import query_of, refusal_problems
 from ..evaluations.service import EvaluationService
 from ..security.audit import AuditLog, QueryAudit, audit_notes
 from ..security.identity import TOOL_ACTIONS
@@ -214,8 +214,29 @@ def describe_validation_error(tool: str, error: ValidationError, schema: Mapping
     its description from the tool's input schema."""
     properties = (schema or {}).get("properties", {})
     descriptions = {name: spec.get("description") for name, spec in properties.items() if isinstance(spec, dict)}
-    problems = field_problems(error.errors(include_url=False), descriptions)
+    problems = refusal_problems(
+        error.errors(include_url=False), descriptions, lambda loc: schema_fields_at(schema, loc)
+    )
     return bounded(f"invalid arguments for {tool}: " + "; ".join(problems))  # as REST bounds the same words
+
+
+def schema_fields_at(schema: Mapping[str, Any] | None, loc: tuple[Any, ...]) -> list[str]:
+    """The property names of the object at `loc` in a tool's input schema (a list's element by its index, `$ref`s
+    to its `$defs` followed): what an unknown nested field is told is allowed, as REST reads it from the model."""
+    defs = (schema or {}).get("$defs", {})
+
+    def resolved(node: Any) -> Any:
+        ref = node.get("$ref", "") if isinstance(node, dict) else ""
+        return defs.get(ref.rsplit("/", 1)[-1]) if ref.startswith("#/$defs/") else node
+
+    node: Any = schema or {}
+    for part in loc:
+        node = resolved(node)
+        if not isinstance(node, dict):
+            return []
+        node = node.get("items") if isinstance(part, int) else node.get("properties", {}).get(part)
+    node = resolved(node)
+    return list(node.get("properties", {})) if isinstance(node, dict) else []
 
 
 def build_mcp_server(

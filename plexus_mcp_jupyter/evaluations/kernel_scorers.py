@@ -21,13 +21,82 @@ import asyncio
 import itertools
 import re
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Annotated, Any, Literal, Protocol, get_args
 
-from ..core.errors import InvalidArgument, NotFound, PlexusError
+from pydantic import AfterValidator, Field, Strict
+
+from ..core.errors import InvalidArgument, NotFound, PlexusError, one_line
 from ..core.ownership import namespace
+from ..core.requests import RequestModel
 
 NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 DEFAULT_TIMEOUT = 600.0
+MAX_ERROR_TEXT = 2000  # of a kernel's score_error message, in the evaluation's error
+
+
+# -- the messages a kernel sends on its event-stream socket: one model per type, discriminated on `type` ----------
+
+
+def _scorer_name(value: str) -> str:
+    if not NAME.match(value):
+        raise ValueError("a scorer name is 1 to 64 letters, digits, '_', '.' or '-'")
+    return value
+
+
+ScorerName = Annotated[str, Field(max_length=64), AfterValidator(_scorer_name)]
+RequestId = Annotated[str, Field(min_length=1, max_length=64, description="The score_request's request_id")]
+
+
+class RegisterScorer(RequestModel):
+    """Serve a scorer from this kernel: `kernel:<name>` in an evaluation of its owner."""
+
+    type: Literal["register_scorer"]
+    name: ScorerName = Field(description="The scorer's name, 1 to 64 letters, digits, '_', '.' or '-'")
+    batch: Annotated[bool, Strict()] = Field(True, description="Whether it takes a list of inputs at once")
+
+
+class UnregisterScorer(RequestModel):
+    """Stop serving a scorer (its waiting requests fail, saying so)."""
+
+    type: Literal["unregister_scorer"]
+    name: Annotated[str, Field(max_length=64)] = Field(description="The scorer's name")
+
+
+class ScoreResult(RequestModel):
+    """The kernel's answer to a score_request: lists as long as its inputs (checked against the request)."""
+
+    type: Literal["score_result"]
+    request_id: RequestId
+    predictions: list[Any] = Field(description="One prediction (a label, or null) per input")
+    explanations: list[Any] | None = Field(None, description="One explanation per input, or null")
+    errors: list[Any] | None = Field(None, description="One error text (or null) per input, or null")
+
+
+class ScoreError(RequestModel):
+    """The kernel could not score a request at all."""
+
+    type: Literal["score_error"]
+    request_id: RequestId
+    message: str | None = Field(None, description="What went wrong (cut to 2,000 characters)")
+
+
+ScorerMessage = Annotated[RegisterScorer | UnregisterScorer | ScoreResult | ScoreError, Field(discriminator="type")]
+# by type, read from the union: the one list of what a kernel may send (the event stream names it in errors)
+SCORER_MESSAGES: dict[str, type[RequestModel]] = {
+    get_args(m.model_fields["type"].annotation)[0]: m for m in get_args(get_args(ScorerMessage)[0])
+}
+
+
+def parse_message(data: dict[str, Any]) -> RegisterScorer | UnregisterScorer | ScoreResult | ScoreError:
+    """A kernel's message as its model (`ScorerMessage`, chosen by its type); InvalidArgument in the words of a
+    refused REST body (`request_error`): which field, what was wrong, what is allowed."""
+    kind = data.get("type")
+    model = SCORER_MESSAGES.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        raise InvalidArgument(
+            f"unknown message type {one_line(repr(kind), 60)}; expected one of {', '.join(SCORER_MESSAGES)}"
+        )
+    return model.parse(data)  # type: ignore[return-value]
 
 
 class ScorerChannel(Protocol):
@@ -75,9 +144,8 @@ class KernelScorerRegistry:
         would not serve it)."""
         return [{"spec": f"kernel:{s.name}", "batch": s.batch} for s in self.usable(owner)]
 
-    def register(self, channel: ScorerChannel, name: Any, batch: Any = True, owner: str | None = None) -> None:
-        if not isinstance(name, str) or not NAME.match(name):
-            raise InvalidArgument(f"a scorer name is 1 to 64 letters, digits, '_', '.' or '-', not {name!r}")
+    def register(self, channel: ScorerChannel, request: RegisterScorer, owner: str | None = None) -> None:
+        name, batch = request.name, request.batch
         current = self._scorers.get((namespace(owner), name))
         if current is not None and current.channel is not channel:
             raise InvalidArgument(
@@ -85,9 +153,9 @@ class KernelScorerRegistry:
                 "choose another name, or unregister it there"
             )
         if current is not None:  # the same kernel again (a re-run cell): requests waiting for it keep waiting
-            current.batch = bool(batch)
+            current.batch = batch
             return
-        scorer = KernelScorer(name, bool(batch), channel, owner)
+        scorer = KernelScorer(name, batch, channel, owner)
         self._scorers[scorer.key] = scorer
 
     def unregister(self, channel: ScorerChannel, name: str) -> None:
@@ -133,19 +201,35 @@ class KernelScorerRegistry:
             scorer.pending.pop(request_id, None)
         return _checked(answer, name, len(inputs))
 
-    def resolve(self, channel: ScorerChannel, message: dict[str, Any]) -> None:
+    def resolve(self, channel: ScorerChannel, message: ScoreResult | ScoreError) -> None:
         """A `score_result` or `score_error` from a kernel."""
-        request_id = str(message.get("request_id"))
+        waiting = self._waiting(channel, message.request_id)
+        if waiting is None:
+            return
+        scorer, future = waiting
+        if isinstance(message, ScoreError):
+            text = one_line(message.message or "no message", MAX_ERROR_TEXT)
+            future.set_exception(PlexusError(f"kernel scorer {scorer.name!r} failed: {text}"))
+        else:
+            future.set_result(message.model_dump())
+
+    def refuse(self, channel: ScorerChannel, request_id: Any, reason: str) -> None:
+        """A kernel's answer that its model refused (`reason`, the words the kernel is sent): the request it
+        answers fails with them at once, rather than waiting out the timeout."""
+        waiting = self._waiting(channel, request_id) if isinstance(request_id, str) else None
+        if waiting is not None:
+            scorer, future = waiting
+            future.set_exception(PlexusError(f"kernel scorer {scorer.name!r} answered a malformed message: {reason}"))
+
+    def _waiting(
+        self, channel: ScorerChannel, request_id: str
+    ) -> tuple[KernelScorer, asyncio.Future[dict[str, Any]]] | None:
+        """The scorer of `channel` and its future waiting for `request_id`, if one still waits."""
         for scorer in self._scorers.values():
             future = scorer.pending.get(request_id) if scorer.channel is channel else None
             if future is not None and not future.done():
-                if message.get("type") == "score_error":
-                    future.set_exception(
-                        PlexusError(f"kernel scorer {scorer.name!r} failed: {message.get('message') or 'no message'}")
-                    )
-                else:
-                    future.set_result(message)
-                return
+                return scorer, future
+        return None
 
     def _drop(self, scorer: KernelScorer, reason: str) -> None:
         if self._scorers.get(scorer.key) is scorer:

@@ -7,39 +7,60 @@ minted by the panel), which must not appear in a URL or a log line.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from tornado import web
+from pydantic import AfterValidator, BeforeValidator, Field, SecretStr
 
 from ..cli import CLIENT_CHOICES, client_text
-from .base import PlexusHandler
+from ..core.errors import PlexusError
+from ..core.requests import RequestModel
+from .base import PlexusHandler, http_error
 
 PLACEHOLDER = "<your API key>"
 MAX_SECRET = 200
+
+
+def _credential_text(value: Any) -> Any:
+    if value is not None and not (
+        isinstance(value, str) and 0 < len(value) <= MAX_SECRET and value.isprintable() and " " not in value
+    ):
+        raise ValueError(f"must be an API key or token: printable, no spaces, 1 to {MAX_SECRET} characters")
+    return value
+
+
+def _client_name(value: str) -> str:
+    if not (0 < len(value) <= 64 and value.replace("-", "").replace("_", "").isalnum()):
+        raise ValueError("must be 1 to 64 letters, digits, '-' or '_'")
+    return value
+
+
+class ClientConfigs(RequestModel):
+    """POST plexus/api/clients: the configurations to make. The secret is a `SecretStr`: a refusal names the field
+    and what it must be, never its text (core/requests.py: `request_error` quotes no secret)."""
+
+    secret: Annotated[SecretStr | None, BeforeValidator(_credential_text)] = Field(
+        None, description="An API key to put in the configurations (the caller's own credential otherwise)"
+    )
+    name: Annotated[str, Field(max_length=64), AfterValidator(_client_name)] = Field(
+        "plexus", description="The server's name in the client's configuration"
+    )
 
 
 class ClientsHandler(PlexusHandler):
     audit_mutations = False  # it changes nothing; a minted key is audited where it is created
 
     async def post(self) -> None:
-        """{"secret"?: an API key to put in the configurations, "name"?: the server's name in the client}.
+        """{"secret"?: an API key to put in the configurations, "name"?: the server's name in the client}
+        (ClientConfigs).
 
         Without a secret, the notebook user gets Jupyter's token in them; a key-authenticated caller gets a
         placeholder (it never sees the server's token)."""
-        body = await self.json_body()
-        secret = body.get("secret")
-        name = body.get("name", "plexus")
-        if secret is not None and (
-            not isinstance(secret, str)
-            or not 0 < len(secret) <= MAX_SECRET
-            or not secret.isprintable()
-            or " " in secret
-        ):
-            raise web.HTTPError(
-                400, f"secret must be an API key or token: printable, no spaces, 1 to {MAX_SECRET} characters"
-            )
-        if not isinstance(name, str) or not (0 < len(name) <= 64 and name.replace("-", "").replace("_", "").isalnum()):
-            raise web.HTTPError(400, "name must be 1 to 64 letters, digits, '-' or '_'")
+        try:
+            request = ClientConfigs.parse(await self.json_body())
+        except PlexusError as exc:
+            raise http_error(exc) from None
+        secret = request.secret.get_secret_value() if request.secret is not None else None
+        name = request.name
         if secret:
             token, credential = secret, "api_key"
         elif self.principal.key_id is None and self.identity_provider.token:

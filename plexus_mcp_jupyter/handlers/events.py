@@ -27,12 +27,19 @@ from tornado.websocket import WebSocketClosedError, WebSocketHandler
 from ..core.errors import InvalidArgument, bounded
 from ..core.events import Event, Subscription, SubscriptionClosed
 from ..core.filters import FollowEvents
+from ..evaluations.kernel_scorers import (
+    SCORER_MESSAGES,
+    RegisterScorer,
+    ScoreError,
+    ScoreResult,
+    UnregisterScorer,
+    parse_message,
+)
 from ..security.http import BadJSON, parse_json_off_loop
 from ..security.identity import Principal
 from .base import PlexusHandler
 
 BAD_FILTER = 4400
-CLIENT_MESSAGES = ("register_scorer", "unregister_scorer", "score_result", "score_error")
 
 
 class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: ignore[misc]
@@ -118,7 +125,7 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
 
         A message that is not a JSON object gets an error message saying why; the socket stays open."""
         registry = self.runtime.kernel_scorers
-        expected = f"messages to the event stream are JSON objects with a type: one of {', '.join(CLIENT_MESSAGES)}"
+        expected = f"messages to the event stream are JSON objects with a type: one of {', '.join(SCORER_MESSAGES)}"
         try:
             data = await parse_json_off_loop(message)
         except BadJSON as exc:
@@ -129,20 +136,28 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
             return
         kind = data.get("type")
         try:
-            if kind in ("register_scorer", "score_result", "score_error") and not self.principal.may("register"):
+            answering = kind in ("register_scorer", "score_result", "score_error")  # (a tuple: kind may be a list)
+            if answering and not self.principal.may("register"):
                 raise InvalidArgument(self.principal.denial("register"))
-            if kind == "register_scorer":
-                registry.register(self, data.get("name"), data.get("batch", True), owner=self.principal.owner)
-                self.runtime.audit.record(
-                    self.principal, "scorer.register", target=str(data.get("name")), client=self.request.remote_ip
-                )
-                self.send_json({"type": "scorer_registered", "name": data["name"]})
-            elif kind == "unregister_scorer":
-                registry.unregister(self, str(data.get("name")))
-            elif kind in ("score_result", "score_error"):
-                registry.resolve(self, data)
-            else:
-                raise InvalidArgument(f"unknown message type {kind!r}; expected one of {', '.join(CLIENT_MESSAGES)}")
+            request = parse_message(data)  # the message's model, by its type: a bad one is told which field
+        except InvalidArgument as exc:
+            reason = bounded(str(exc))
+            if kind in ("score_result", "score_error"):
+                registry.refuse(self, data.get("request_id"), reason)  # the request it answers fails now
+            self.send_json({"type": "error", "message": reason, "in_reply_to": kind})
+            return
+        try:
+            match request:
+                case RegisterScorer():
+                    registry.register(self, request, owner=self.principal.owner)
+                    self.runtime.audit.record(
+                        self.principal, "scorer.register", target=request.name, client=self.request.remote_ip
+                    )
+                    self.send_json({"type": "scorer_registered", "name": request.name})
+                case UnregisterScorer():
+                    registry.unregister(self, request.name)
+                case ScoreResult() | ScoreError():
+                    registry.resolve(self, request)
         except InvalidArgument as exc:
             self.send_json({"type": "error", "message": bounded(str(exc)), "in_reply_to": kind})
 

@@ -18,7 +18,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..core.demo import RunDemo
-from ..core.requests import BulkRequest, CancelTasks, DispatchTask, ListTasks, RetryTasks, SetTaskPriority
+from ..core.requests import (
+    BulkRequest,
+    CancelTasks,
+    DispatchBatch,
+    DispatchTask,
+    ListTasks,
+    RetryTasks,
+    SetTaskPriority,
+)
 from ..evaluations.requests import (
     BeginUpload,
     CreateEvaluation,
@@ -157,8 +165,10 @@ class Plexus:
 
     def dispatch_batch(self, specs: list[dict[str, Any]]) -> dict[str, Any]:
         """Dispatch many tasks in one call; each spec is {type, params, priority, description}. Returns
-        {batch_id, task_ids}; if one spec is bad nothing is dispatched and the error names its index."""
-        return self.client.dispatch_batch(specs)
+        {batch_id, task_ids}; a bad spec is refused here (PlexusInputError, the server's words: `tasks.0.priority:
+        ...`) before anything is sent, and by the server if only it can tell (a task type's params)."""
+        request = request_of(DispatchBatch, {"tasks": specs})
+        return self.client.dispatch_batch(request.arguments()["tasks"])
 
     def batch(self, batch_id: str) -> dict[str, Any]:
         """A batch's counts by status, aggregated progress and estimated end."""

@@ -11,14 +11,12 @@ the socket's reader thread, so events keep flowing while a model works.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..evaluations.kernel_scorers import RegisterScorer
 from .errors import PlexusInputError
-
-NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 @dataclass(frozen=True)
@@ -29,8 +27,11 @@ class KernelScorer:
 
 
 def check_scorer(name: str, fn: Any, batch: bool) -> KernelScorer:
-    if not isinstance(name, str) or not NAME.match(name):
-        raise PlexusInputError(f"a scorer name is 1 to 64 letters, digits, '_', '.' or '-', not {name!r}")
+    """The scorer to serve; its registration is the server's model (`RegisterScorer`), so a bad name is refused
+    here in the words the server would answer, before anything is sent."""
+    from .client import request_of
+
+    request_of(RegisterScorer, {"type": "register_scorer", "name": name, "batch": bool(batch)})
     if not callable(fn):
         takes = "a pandas Series of inputs" if batch else "one input"
         raise PlexusInputError(
