@@ -57,10 +57,15 @@ EVALUATION_ITEMS = Counter("plexus_evaluation_items", "Items scored by evaluatio
 class Telemetry:
     """The figures of one server's core, for /metrics and plexus://metrics."""
 
-    def __init__(self, manager: TaskManager, sessions: Callable[[], int] | None = None) -> None:
+    def __init__(
+        self,
+        manager: TaskManager,
+        sessions: Callable[[], int] | None = None,
+        subscriptions: Callable[[], int] | None = None,
+    ) -> None:
         self.manager = manager
         self.sessions: Callable[[], int] = sessions or (lambda: 0)  # open MCP sessions (the runtime's endpoint)
-        self.subscriptions: Callable[[], int] = lambda: 0  # URIs followed (ResourceWatch.followed)
+        self.subscriptions: Callable[[], int] = subscriptions or (lambda: 0)  # URIs followed (ResourceWatch.followed)
         self._lock = threading.Lock()
         self._counts: dict[tuple[str, str], int] = {}
         self._counts_at = 0.0

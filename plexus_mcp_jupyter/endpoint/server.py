@@ -260,10 +260,20 @@ def build_mcp_server(
         return outcome_result(task)
 
     task_tools = (*TASK_TOOLS, "create_evaluation") if evaluations is not None else TASK_TOOLS
-    tasks = PlexusTasks(manager, task_tools, outcome, audit)
-    logs = TaskLogs(audit.scrubber.scrub if audit is not None else None)
-    telemetry = Telemetry(manager, sessions=session_count) if manager is not None else None
-    watch = ResourceWatch(manager, evaluations) if manager is not None else None
+    # Each part is built with its collaborators. The metrics and the watch know each other: the metrics count
+    # what the watch follows (read when scraped, so the watch built next is there by then), the watch reports
+    # its update latency to the metrics.
+    telemetry = watch = None
+    if manager is not None:  # None when only the schemas are wanted
+        telemetry = Telemetry(
+            manager, sessions=session_count, subscriptions=lambda: watch.followed() if watch is not None else 0
+        )
+        watch = ResourceWatch(manager, evaluations, on_sent=telemetry.on_update_sent)
+    scrub = audit.scrubber.scrub if audit is not None else None
+    logs = TaskLogs(scrub, subscribers=watch.sessions_following if watch is not None else None)
+    tasks = PlexusTasks(
+        manager, task_tools, outcome, audit, follow_status=watch.follow_status if watch is not None else None
+    )
     server = PlexusMCPServer(
         task_tools=tasks.task_tools,
         audit=audit,
@@ -293,16 +303,12 @@ def build_mcp_server(
         register_evaluation_tools(server, evaluations, logs)
     register_prompts(server)
     install_logging(server, logs)
-    if manager is not None and telemetry is not None and watch is not None:  # None when only the schemas are wanted
+    if manager is not None and telemetry is not None and watch is not None:
         install_completion(server, manager, evaluations)
         manager.log_listeners.append(logs.on_line)
         manager.bus.add_listener(telemetry.on_event, remote=False)  # this server's own evaluations only
         if audit is not None:
             audit.observers.append(telemetry.on_audit)
         register_metrics_resource(server, telemetry)
-        tasks.follow_status = watch.follow_status
         install_subscriptions(server, watch, outcome)
-        logs.subscribers = watch.sessions_following
-        watch.on_sent = telemetry.on_update_sent
-        telemetry.subscriptions = watch.followed
     return server

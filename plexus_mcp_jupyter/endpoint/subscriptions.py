@@ -231,7 +231,12 @@ class _Follower:
 class ResourceWatch:
     """Who follows which resource, fed by the core's EventBus."""
 
-    def __init__(self, manager: TaskManager, evaluations: EvaluationService | None = None) -> None:
+    def __init__(
+        self,
+        manager: TaskManager,
+        evaluations: EvaluationService | None = None,
+        on_sent: Callable[[float], None] | None = None,
+    ) -> None:
         self.manager = manager
         self.evaluations = evaluations
         self._sessions: weakref.WeakKeyDictionary[Any, _Follower] = weakref.WeakKeyDictionary()
@@ -241,7 +246,7 @@ class ResourceWatch:
         self._remove_listener = manager.bus.add_listener(
             self._on_event, remote=lambda: bool(self._sessions or self._streams)
         )
-        self.on_sent: Callable[[float], None] | None = None  # seconds from a change to its notification
+        self.on_sent = on_sent  # seconds from a change to its notification (the service metrics)
 
     # -- registration --------------------------------------------------------------------------
 

@@ -104,12 +104,15 @@ class CallLog:
 class TaskLogs:
     """Routes task log lines (TaskManager.log_listeners) to the MCP sessions and calls that want them."""
 
-    def __init__(self, scrub: Callable[[str], str] | None = None) -> None:
+    def __init__(
+        self, scrub: Callable[[str], str] | None = None, subscribers: Callable[[str], list[Any]] | None = None
+    ) -> None:
         self._scrub = scrub or (lambda text: text)
         self._sessions: weakref.WeakKeyDictionary[Any, _Receiver] = weakref.WeakKeyDictionary()
         self._started: dict[str, weakref.ref[Any]] = {}  # task id -> the connection that started it
         self._calls: dict[str, set[_Receiver]] = {}  # task id -> streaming calls (2026) that opted in
-        self.subscribers: Callable[[str], list[Any]] = lambda task_id: []  # set by ResourceWatch's owner
+        # The connections following a task's resource (ResourceWatch.sessions_following)
+        self.subscribers: Callable[[str], list[Any]] = subscribers or (lambda task_id: [])
         self.sent = 0
 
     # -- who wants what ------------------------------------------------------------------------------

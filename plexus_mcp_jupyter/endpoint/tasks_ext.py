@@ -164,13 +164,18 @@ class PlexusTasks(Extension):
     identifier = TASKS_EXTENSION
 
     def __init__(
-        self, manager: TaskManager, task_tools: Sequence[str], outcome: Outcome, audit: AuditLog | None = None
+        self,
+        manager: TaskManager,
+        task_tools: Sequence[str],
+        outcome: Outcome,
+        audit: AuditLog | None = None,
+        follow_status: Callable[[Any, str], None] | None = None,
     ) -> None:
         self.manager = manager
         self.outcome = outcome
         self.task_tools = frozenset(task_tools)  # tools whose result names a Plexus task (task_id)
-        # Set by install_subscriptions: follow a task's status for a session (legacy notifications).
-        self.follow_status: Callable[[Any, str], None] | None = None
+        # Follow a task's status for a session (legacy notifications; ResourceWatch.follow_status).
+        self.follow_status = follow_status
         self.audit = audit
 
     # -- shared ---------------------------------------------------------------------------------
