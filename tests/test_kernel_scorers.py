@@ -147,6 +147,7 @@ BAD_MESSAGES = [
     ("a misspelt field", {"type": "register_scorer", "name": "s", "bach": 1}, "unknown field(s) ['bach']; allowed"),
     ("a result without its request", {"type": "score_result", "predictions": []}, "request_id is required"),
     ("an unknown type", {"type": "dance"}, "unknown message type 'dance'; expected one of register_scorer"),
+    ("a type that is a list", {"type": ["x"] * 10_000}, "unknown message type"),
 ]
 
 
@@ -165,7 +166,8 @@ async def test_a_bad_scorer_message_is_answered_in_its_models_words(jp_ws_fetch,
     answer = await reply(ws)
     with pytest.raises(InvalidArgument) as expected:
         parse_message(message)
-    assert answer == {"type": "error", "message": str(expected.value), "in_reply_to": message["type"]}
+    echoed = message["type"] if isinstance(message["type"], str) else None  # a client's value, echoed only short
+    assert answer == {"type": "error", "message": str(expected.value), "in_reply_to": echoed}
     assert answer["message"].startswith(says), answer
     assert runtime.kernel_scorers.names() == []
     ws.close()

@@ -135,6 +135,8 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
             self.send_json({"type": "error", "message": expected})
             return
         kind = data.get("type")
+        # echoed in an error only when it is a short name: a client's value is never sent back unbounded
+        reply_to = kind if isinstance(kind, str) and len(kind) <= 64 else None
         try:
             answering = kind in ("register_scorer", "score_result", "score_error")  # (a tuple: kind may be a list)
             if answering and not self.principal.may("register"):
@@ -144,7 +146,7 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
             reason = bounded(str(exc))
             if kind in ("score_result", "score_error"):
                 registry.refuse(self, data.get("request_id"), reason)  # the request it answers fails now
-            self.send_json({"type": "error", "message": reason, "in_reply_to": kind})
+            self.send_json({"type": "error", "message": reason, "in_reply_to": reply_to})
             return
         try:
             match request:
@@ -159,7 +161,7 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
                 case ScoreResult() | ScoreError():
                     registry.resolve(self, request)
         except InvalidArgument as exc:
-            self.send_json({"type": "error", "message": bounded(str(exc)), "in_reply_to": kind})
+            self.send_json({"type": "error", "message": bounded(str(exc)), "in_reply_to": reply_to})
 
     def send_json(self, message: dict[str, Any]) -> None:
         """Send a message now (score requests); a closed socket is the registry's to notice (on_close)."""
