@@ -44,11 +44,17 @@ async def test_an_end_and_the_next_claim_commit_in_one_transaction(tmp_path):
     manager = TaskManager(store, EventBus(), LocalExecutor(), max_concurrency=1, poll_interval=30)
     alone: list[list[str]] = []  # claims committed on their own
     riding: list[tuple[list[str], set[str]]] = []  # (tasks ending, tasks claimed) in one transaction
-    claim_many, save_many = store.claim_many, store.save_progress_many
+    claim_many, claim_planned, save_many = store.claim_many, store.claim_planned, store.save_progress_many
 
     def counted_claim(ids: Any, **kw: Any) -> set[str]:
         alone.append(list(ids))
         return claim_many(ids, **kw)
+
+    def counted_planned(plan: Any, **kw: Any) -> Any:  # a pass's own claim, planned against what is claimable
+        result = claim_planned(plan, **kw)
+        if result[1]:  # (planned, claimed by this call, found gone)
+            alone.append(sorted(result[1]))
+        return result
 
     def counted_save(writes: Any, *, claim: Claim | None = None, **kw: Any) -> set[str]:
         lost = save_many(writes, claim=claim, **kw)
@@ -56,7 +62,7 @@ async def test_an_end_and_the_next_claim_commit_in_one_transaction(tmp_path):
             riding.append(([w.task.id for w in writes if w.final], set(claim.won)))
         return lost
 
-    store.claim_many, store.save_progress_many = counted_claim, counted_save
+    store.claim_many, store.claim_planned, store.save_progress_many = counted_claim, counted_planned, counted_save
     tasks = await queue_and_run(manager, store, 10)
     # One slot: the first task is claimed by a pass of its own; each end after that carries the next claim.
     assert alone == [[tasks[0].id]]
