@@ -24,6 +24,7 @@ from distributed import Client, LocalCluster
 
 from .conftest import local_cluster, poll
 from .test_evaluations import create, finished
+from .test_multi_server import wait_until
 
 pytestmark = pytest.mark.filterwarnings("ignore:Mismatched versions found")  # the read-only worker's python
 
@@ -125,7 +126,7 @@ class Outsider:
         )
         self.client = Client(cluster.scheduler_address, set_as_default=False)
         try:
-            self.address = poll_sync(lambda: self._joined(kind), timeout=60)
+            self.address = wait_until(lambda: self._joined(kind), 60, "the outsider worker joined")
         except BaseException:
             self.stop()
             raise
@@ -147,18 +148,6 @@ class Outsider:
                 self.process.wait(10)
         self.client.close()
         shutil.rmtree(self.work, ignore_errors=True)
-
-
-def poll_sync(fn, timeout: float) -> str:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = fn()
-        if found:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"the outsider worker did not join within {timeout} s")
 
 
 @pytest.fixture(params=["blind", "read-only"])
