@@ -20,6 +20,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from .processes import stop_process
+
 ROOT = Path(__file__).resolve().parent.parent
 BUILT = ROOT / "plexus_mcp_jupyter" / "labextension"
 CHROMIUM_FLAGS = [
@@ -137,13 +139,8 @@ class LabServer:
         raise RuntimeError(f"jupyter lab did not answer within {timeout}s: {self.log.read_text()[-3000:]}")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        if self.process is not None:
+            stop_process(self.process)
         self.process = None
 
     def request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:

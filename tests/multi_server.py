@@ -34,6 +34,8 @@ from plexus_mcp_jupyter.evaluations.store import EvaluationStore
 from plexus_mcp_jupyter.security.audit import AuditLog
 from plexus_mcp_jupyter.security.keys import KeyStore
 
+from .processes import stop_process
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -123,13 +125,7 @@ class Server:
             os.kill(self.proc.pid, signal.SIGKILL)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc.wait(10)
+        stop_process(self.proc)
 
 
 def start_servers(workdir: Path, db_url: str, settings_by_name: Mapping[str, Mapping[str, Any]]) -> list[Server]:

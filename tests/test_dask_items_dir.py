@@ -23,6 +23,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 from .conftest import local_cluster, poll
+from .processes import stop_process
 from .test_evaluations import create, finished
 from .test_multi_server import wait_until
 
@@ -139,13 +140,7 @@ class Outsider:
 
     def stop(self) -> None:
         """End the worker process this fixture started (by its pid)."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process)
         self.client.close()
         shutil.rmtree(self.work, ignore_errors=True)
 
