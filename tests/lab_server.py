@@ -7,6 +7,7 @@ the tests exercise the build in this checkout even where an older version of the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -187,6 +188,12 @@ def open_panel(page: Any, width: int = 640) -> None:
     page.wait_for_selector('.jp-SideBar [data-id="plexus-panel"]', timeout=60000)
     page.wait_for_selector("#plexus-panel[data-stream='open']", state="attached", timeout=30000)
     page.wait_for_selector("#jp-main-dock-panel", timeout=30000)  # the lab has restored its layout by now
+    # ...and then activates its launcher, which takes the focus (closing a palette, leaving a tab): wait for that
+    # before the panel is used; a layout that activates nothing never moves the focus, hence the bound.
+    from playwright.sync_api import TimeoutError as PageTimeout
+
+    with contextlib.suppress(PageTimeout):
+        page.wait_for_function("() => !!document.activeElement?.closest('#jp-main-dock-panel')", timeout=15000)
     deadline = time.monotonic() + 30
     while not page.is_visible("#plexus-panel"):
         if time.monotonic() > deadline:
