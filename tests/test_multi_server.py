@@ -436,7 +436,8 @@ def test_a_server_whose_item_directory_the_others_do_not_share_says_so_in_health
     db_url = create_store(postgres.create_database())
     shared = tmp_path / "shared-items"
     a, b = servers(db_url, {"a": {"evaluation_items_dir": shared}, "b": {"evaluation_items_dir": shared}})
-    assert len(list((shared / ".plexus-servers").iterdir())) == 2
+    markers = shared / ".plexus-servers"  # each server writes its marker off the loop, once started
+    wait_until(lambda: markers.is_dir() and len(list(markers.iterdir())) == 2, 30, "both servers' markers")
     for server in (a, b):
         assert server.health()["status"] == "ok", server.health()
     (c,) = servers(db_url, {"c": {"evaluation_items_dir": tmp_path / "own-items"}})
