@@ -193,7 +193,8 @@ def test_frames_that_cannot_be_stored_are_refused_and_leave_nothing(catalog, tmp
         catalog.register("dups", pd.DataFrame([[1, 2]], columns=["a", "a"]))
     with pytest.raises(InvalidArgument, match="cannot store DataFrame 'mixed' as Parquet"):
         catalog.register("mixed", pd.DataFrame({"a": [1, "x", object()]}))
-    assert os.listdir(tmp_path / "registered") == ["good.parquet"]  # no half-written or temporary file
+    # No half-written or temporary file: the dataset, its owner (none: "") and the registrations' lock.
+    assert sorted(os.listdir(tmp_path / "registered")) == [".admit.lock", ".good.owner", "good.parquet"]
 
 
 def test_registration_is_atomic_for_readers(catalog, monkeypatch):

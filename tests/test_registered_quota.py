@@ -6,12 +6,17 @@ it; deleting a dataset frees it; another key is not affected. A real server, RES
 from __future__ import annotations
 
 import io
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx2
 import pandas as pd
 import pytest
+
+from plexus_mcp_jupyter.core.errors import Forbidden
+from plexus_mcp_jupyter.evaluations.datasets import DatasetCatalog
 
 from .test_eval_uploads import arrow_part, said
 
@@ -87,3 +92,37 @@ async def test_a_key_past_its_quota_is_refused_clearly_and_another_is_not(server
         assert missing.status_code == 404
         wrong = await http.delete(f"{api}/example:sentiment", headers=as_key("admin"))
         assert wrong.status_code == 400 and "only registered datasets can be deleted" in said(wrong)
+
+
+def test_registrations_by_one_key_at_once_never_pass_its_quota_together(tmp_path):
+    """Eight registrations by one key, released at once from eight threads (as eight requests in this server and
+    another on the same directory would be): the quota admits as many as fit, never more, and each admitted
+    file is owned; the refused ones leave their temporary file for the caller to remove, nothing placed."""
+    catalog = DatasetCatalog(tmp_path / "root", tmp_path / "registered")
+    catalog.registered_dir.mkdir(parents=True)
+    files = []
+    for index in range(8):
+        path = catalog.registered_dir / f".n{index}.tmp"
+        frame().to_parquet(path, index=False)
+        files.append(path)
+    size = max(path.stat().st_size for path in files)
+    catalog.max_registered_bytes = 3 * size  # three fit, a fourth does not
+    owner = "key:k1"
+    start = threading.Barrier(len(files))
+
+    def admit(index: int) -> str:
+        start.wait(10)
+        try:
+            catalog.admit(files[index], f"n{index}", owner=owner, replace=False)
+        except Forbidden:
+            return "refused"
+        return "placed"
+
+    with ThreadPoolExecutor(len(files)) as pool:
+        outcomes = list(pool.map(admit, range(len(files))))
+    assert outcomes.count("placed") == 3 and outcomes.count("refused") == 5, outcomes
+    used, count = catalog.registered_bytes(owner)
+    assert count == 3 and used <= catalog.max_registered_bytes
+    placed = [f"n{index}" for index, outcome in enumerate(outcomes) if outcome == "placed"]
+    assert sorted(catalog.registered_names()) == sorted(placed)
+    assert all(catalog.owner_of(name) == owner for name in placed)

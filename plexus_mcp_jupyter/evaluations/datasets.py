@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import fcntl
 import functools
 import itertools
 import os
@@ -252,6 +253,7 @@ class DatasetCatalog:
         self.max_registered_bytes = 0
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._admitting = threading.Lock()  # one quota check and placement at a time (admit)
         self._described: OrderedDict[tuple[Any, ...], DatasetInfo] = OrderedDict()
         self._describing: dict[str, threading.Lock] = {}
 
@@ -624,12 +626,21 @@ class DatasetCatalog:
         os.close(descriptor)
         try:
             pq.write_table(table, temporary)
-            self.check_quota(owner, name, os.path.getsize(temporary))  # on the bytes it takes on disk
-            self.place(temporary, name, replace=replace)
+            self.admit(temporary, name, owner=owner, replace=replace)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
         return _info(DatasetRef("registered", name), len(frame), [(str(c), str(t)) for c, t in frame.dtypes.items()])
+
+    def admit(self, temporary: str | Path, name: str, *, owner: str | None, replace: bool) -> DatasetInfo:
+        """Check `owner`'s quota on the complete file `temporary` (the bytes it takes on disk), place it as
+        `name` and record its owner, as one step: two registrations by one key at once (in this server or
+        another on the same directory) cannot both pass the quota on the same free bytes."""
+        with self._admitting, _file_lock(self.registered_dir / ".admit.lock"):
+            self.check_quota(owner, name, os.path.getsize(temporary))
+            info = self.place(temporary, name, replace=replace)
+            self.set_owner(name, owner)
+            return info
 
     def place(self, temporary: str | Path, name: str, *, replace: bool) -> DatasetInfo:
         """Make a complete Parquet file written under the registered directory the dataset `name`, atomically
@@ -666,6 +677,23 @@ class DatasetCatalog:
             if parsed.source == "example":
                 return len(pd.read_csv(path))
         return None
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (created if missing) between processes sharing the directory; held until
+    the block ends. Where the file system has no locks, the process-wide lock the caller holds is all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:
+            yield
+            return
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _rename_new(temporary: str, final: Path, name: str) -> None:

@@ -131,10 +131,7 @@ class DatasetUploads:
                     raise InvalidArgument(f"upload {upload_id!r} has no rows: send at least one part with rows")
                 upload.writer.close()
                 upload.writer = None
-                self.catalog.check_quota(upload.owner, upload.name, upload.path.stat().st_size)
-                info = self.catalog.place(upload.path, upload.name, replace=upload.replace)
-                self.catalog.set_owner(upload.name, upload.owner)
-                return info
+                return self.catalog.admit(upload.path, upload.name, owner=upload.owner, replace=upload.replace)
             finally:
                 self._drop(upload)
 

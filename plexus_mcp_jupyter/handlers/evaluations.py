@@ -223,7 +223,6 @@ class DatasetsHandler(PlexusHandler):
             if not _may_register(self, name, replace):
                 return
             info = await catalog.run(catalog.register, name, frame, replace=replace, owner=owner)
-            catalog.set_owner(name, owner)
         except PlexusError as exc:
             raise http_error(exc) from None
         self.reply(info.to_dict(), status=201)
