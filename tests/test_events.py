@@ -70,8 +70,8 @@ async def test_status_filter_and_resume_from_a_sequence_number(jp_ws_fetch, runt
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"status": "DONE"}, "status.0: unknown status; expected one of QUEUED"),
-        ({"entity_type": "kettle"}, "entity_type.0: unknown entity_type; expected one of task (got 'kettle')"),
+        ({"status": "DONE"}, "status[0]: unknown status; expected one of QUEUED"),
+        ({"entity_type": "kettle"}, "entity_type[0]: unknown entity_type; expected one of task (got 'kettle')"),
         ({"since": "yesterday"}, "since: Input should be a valid integer"),
         ({"since": "-1"}, "since: Input should be greater than or equal to 0 (got '-1')"),
         ({"colour": "red"}, "unknown field(s) ['colour']; allowed: entity_type, ids, status, type, since, epoch"),

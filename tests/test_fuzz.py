@@ -857,7 +857,7 @@ async def test_validation_messages_stay_bounded_with_many_bad_elements(mcp_clien
     async with mcp_client() as client:
         result = await client.call_tool("list_tasks", {"status": ["nope"] * 100})
     text = result.content[0].text
-    assert result.is_error and text.startswith("invalid arguments for list_tasks: status.0:")
+    assert result.is_error and text.startswith("invalid arguments for list_tasks: status[0]:")
     assert problems_of(text) == [], (problems_of(text), len(text))
 
 

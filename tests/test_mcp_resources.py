@@ -68,7 +68,7 @@ async def test_list_resource_honours_filters_and_cursors(mcp_client, runtime):
     ("uri", "message"),
     [
         ("plexus://tasks/does-not-exist", "no task with id 'does-not-exist'"),
-        ("plexus://tasks?status=DONE", "status.0: unknown status; expected one of QUEUED, RUNNING"),
+        ("plexus://tasks?status=DONE", "status[0]: unknown status; expected one of QUEUED, RUNNING"),
         ("plexus://tasks?limit=lots", "limit: Input should be a valid integer"),
         ("plexus://tasks?limit=0", "limit: Input should be greater than or equal to 1 (got '0'); Page size, 1 to 100"),
         ("plexus://tasks?limit=%C2%B2", "limit: Input should be a valid integer"),

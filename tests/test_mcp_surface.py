@@ -273,7 +273,7 @@ async def test_list_filters_take_a_list_one_name_or_comma_separated_names(mcp_cl
         ).is_error
         bad = await client.call_tool("list_tasks", {"status": "DONE"})
         assert bad.is_error and bad.content[0].text == (
-            "invalid arguments for list_tasks: status.0: unknown status; expected one of QUEUED, "
+            "invalid arguments for list_tasks: status[0]: unknown status; expected one of QUEUED, "
             "RUNNING, COMPLETED, FAILED, CANCELLED (got 'DONE')"
         )
         dry = await client.call_tool("cancel_tasks", {"status": "QUEUED", "dry_run": True})

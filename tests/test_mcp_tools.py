@@ -175,7 +175,7 @@ BAD_CALLS = [
     ("run_demo_task", {"items": 10**9}, "less than or equal to 1000000"),
     ("run_demo_task", {"items": "many"}, "valid integer"),
     ("run_demo_task", {"items": 10, "fail_at": 11}, "fail_at must be an item number from 1 to items (10)"),
-    ("list_tasks", {"status": ["DONE"]}, "status.0: unknown status; expected one of QUEUED, RUNNING"),
+    ("list_tasks", {"status": ["DONE"]}, "status[0]: unknown status; expected one of QUEUED, RUNNING"),
     ("list_tasks", {"type": ["mining"]}, "unknown task type 'mining'; expected one of demo"),
     ("list_tasks", {"cursor": "bogus"}, "invalid cursor"),
     ("list_tasks", {"since": "yesterday"}, "'since' must be an ISO 8601"),

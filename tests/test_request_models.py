@@ -94,19 +94,19 @@ async def test_rest_and_a_batch_spec_refuse_a_bad_dispatch_naming_the_same_field
     for message in (over_rest, over_batch, over_mcp):
         assert field in message, (over_rest, over_batch, over_mcp)
     # the batch is one model (DispatchBatch) on both faces: the same words, whole
-    assert over_batch.startswith("unknown field(s) ['tasks.0." if what == "a misspelt field" else "tasks.0.")
+    assert over_batch.startswith("unknown field(s) ['tasks[0]." if what == "a misspelt field" else "tasks[0].")
     assert over_mcp == "invalid arguments for dispatch_batch: " + over_batch
     assert runtime.manager.counts() == before
 
 
 BAD_BATCHES = [
     ("no spec", {"tasks": []}, "tasks: List should have at least 1 item after validation, not 0 (got [])"),
-    ("a spec that is a number", {"tasks": [{"type": "demo"}, 1]}, "tasks.1: Input should be a valid dictionary"),
+    ("a spec that is a number", {"tasks": [{"type": "demo"}, 1]}, "tasks[1]: Input should be a valid dictionary"),
     ("specs that are not a list", {"tasks": {"type": "demo"}}, "tasks: Input should be a valid list"),
     (
         "a misspelt field in the second spec",
         {"tasks": [{"type": "demo"}, {"type": "demo", "colour": 1}]},
-        "unknown field(s) ['tasks.1.colour']; allowed: type, params, priority, description",
+        "unknown field(s) ['tasks[1].colour']; allowed: type, params, priority, description",
     ),
 ]
 
@@ -125,6 +125,20 @@ async def test_a_bad_batch_is_refused_in_the_same_words_over_rest_mcp_and_the_no
     assert over_mcp == "invalid arguments for dispatch_batch: " + over_rest
     assert str(over_notebook.value) == over_rest
     assert runtime.manager.counts() == before
+
+
+async def test_a_nested_fields_refusal_ends_with_its_own_description_on_both_faces(jp_fetch, mcp_client, runtime):
+    """A bad spec's priority is told the priority's range (DispatchTask's field), not what the list of specs is."""
+    body = {"tasks": [{"type": "demo"}, {"type": "demo", "priority": 5000}]}
+    over_rest = await rest_refusal(jp_fetch, "tasks", body=body)
+    async with mcp_client() as client:
+        over_mcp = await mcp_refusal(client, "dispatch_batch", body)
+    described = DispatchTask.model_fields["priority"].description
+    assert described and over_rest.startswith(
+        "tasks[1].priority: Input should be less than or equal to 1000 (got 5000)"
+    )
+    assert over_rest.endswith(described) and "The task specs" not in over_rest, over_rest
+    assert over_mcp == "invalid arguments for dispatch_batch: " + over_rest
 
 
 async def test_a_batch_takes_nothing_beside_its_specs(jp_fetch, runtime):

@@ -182,7 +182,7 @@ def run_cli(*args: str) -> int:
 
 # (what is wrong, the request body, the CLI's arguments, what every face must say)
 BAD_SELECTIONS = [
-    ("a status of old", {"status": "pending"}, ["cancel", "--status", "pending"], "status.0"),
+    ("a status of old", {"status": "pending"}, ["cancel", "--status", "pending"], "status[0]"),
     ("an owner too long", {"owner": "o" * 200}, ["retry", "--owner", "o" * 200], "owner"),
     ("a priority out of bounds", {"batch": "b", "priority": 5000}, ["priority", "5000", "--batch", "b"], "priority"),
 ]
@@ -202,7 +202,7 @@ async def test_mcp_rest_and_the_cli_refuse_a_bad_selection_naming_the_same_field
     assert code == 2 and over_cli.count("\n") == 1 and "Traceback" not in over_cli
     for message in (over_mcp, over_rest, over_cli):
         assert field in message, (over_mcp, over_rest, over_cli)
-    if field == "status.0":
+    if field == "status[0]":
         assert all(PENDING_HINT in m for m in (over_mcp, over_rest, over_cli)), (over_mcp, over_rest, over_cli)
     assert "Connection" not in over_cli  # refused before anything was sent
 
@@ -222,7 +222,7 @@ async def test_rest_cancel_takes_wait_seconds_as_mcp_does(jp_fetch, runtime):
 
 def test_the_notebook_builds_the_selection_before_sending():
     nb = Plexus()  # not connected: a refusal here never reached a server
-    with pytest.raises(PlexusInputError, match=r"status\.0: unknown status"):
+    with pytest.raises(PlexusInputError, match=r"status\[0\]: unknown status"):
         nb.cancel(status="pending")
     with pytest.raises(PlexusInputError, match=r"unknown field\(s\) \['colour'\]"):
         nb.retry(colour="red")
@@ -273,9 +273,9 @@ async def test_pending_is_no_status_and_a_client_sending_it_is_told_the_allowed_
 @pytest.mark.parametrize(
     ("content", "says"),
     [
-        ([{"type": "demo", "priority": 5000}], "tasks.0.priority: Input should be less than or equal to 1000"),
-        ([{"type": "demo"}, {"type": "demo", "colour": 1}], "unknown field(s) ['tasks.1.colour']; allowed: type,"),
-        ([{"type": "demo"}, 1], "tasks.1: Input should be a valid dictionary or instance of DispatchTask (got 1)"),
+        ([{"type": "demo", "priority": 5000}], "tasks[0].priority: Input should be less than or equal to 1000"),
+        ([{"type": "demo"}, {"type": "demo", "colour": 1}], "unknown field(s) ['tasks[1].colour']; allowed: type,"),
+        ([{"type": "demo"}, 1], "tasks[1]: Input should be a valid dictionary or instance of DispatchTask (got 1)"),
         ({"type": "demo"}, "must hold a non-empty list of task specs"),
         ([], "must hold a non-empty list of task specs"),
     ],
@@ -309,8 +309,8 @@ MCP_PREFIX = "invalid arguments for {tool}: "
 
 # (what is wrong, the MCP tool, the REST path, the arguments as a query sends them, what both must say)
 BAD_READS = [
-    ("an unknown task status", "list_tasks", ("tasks",), {"status": "DONE"}, "status.0: unknown status; expected"),
-    ("one bad status of two", "list_tasks", ("tasks",), {"status": "QUEUED,DONE"}, "status.1: unknown status"),
+    ("an unknown task status", "list_tasks", ("tasks",), {"status": "DONE"}, "status[0]: unknown status; expected"),
+    ("one bad status of two", "list_tasks", ("tasks",), {"status": "QUEUED,DONE"}, "status[1]: unknown status"),
     ("a page of none", "list_tasks", ("tasks",), {"limit": "0"}, "limit: Input should be greater than or equal to 1"),
     ("a page size in words", "list_tasks", ("tasks",), {"limit": "ten"}, "limit: Input should be a valid integer"),
     ("a misspelt filter", "list_tasks", ("tasks",), {"colour": "red"}, "colour"),
@@ -319,14 +319,14 @@ BAD_READS = [
         "list_evaluations",
         ("evaluations",),
         {"type": "speed"},
-        "type.0: unknown evaluation",
+        "type[0]: unknown evaluation",
     ),
     (
         "an unknown evaluation status",
         "list_evaluations",
         ("evaluations",),
         {"status": "accuracy"},
-        "status.0: unknown evaluation status; expected one of SETUP, RUNNING, COMPLETED, FAILED, CANCELLED",
+        "status[0]: unknown evaluation status; expected one of SETUP, RUNNING, COMPLETED, FAILED, CANCELLED",
     ),
     (
         "a flag that is neither true nor false",
@@ -392,9 +392,9 @@ async def test_one_status_a_comma_separated_list_or_repeated_ones_are_accepted_a
 
 def test_the_notebook_and_the_cli_build_the_read_requests_before_sending(capsys):
     nb = Plexus()  # not connected: a refusal here never reached a server
-    with pytest.raises(PlexusInputError, match=r"status\.0: unknown status; expected one of QUEUED"):
+    with pytest.raises(PlexusInputError, match=r"status\[0\]: unknown status; expected one of QUEUED"):
         nb.tasks(status="DONE")
-    with pytest.raises(PlexusInputError, match=r"type\.0: unknown evaluation type 'speed'"):
+    with pytest.raises(PlexusInputError, match=r"type\[0\]: unknown evaluation type 'speed'"):
         nb.evaluations(type="speed")
     request = ListTasks.parse({"status": "queued, running", "type": "demo"})
     assert request.query() == {"status": ["QUEUED", "RUNNING"], "type": ["demo"]}  # sent as repeated parameters

@@ -56,7 +56,7 @@ async def test_cancel_one_and_many(jp_fetch, jp_serverapp):
     [
         (("tasks", "nope"), {}, 404, "no task with id 'nope'"),
         (("tasks", "nope", "cancel"), {"method": "POST", "body": {}}, 404, "no task with id 'nope'"),
-        (("tasks",), {"params": {"status": "DONE"}}, 400, "status.0: unknown status; expected one of"),
+        (("tasks",), {"params": {"status": "DONE"}}, 400, "status[0]: unknown status; expected one of"),
         (("tasks",), {"params": {"type": "mining"}}, 400, "unknown task type 'mining'"),
         (
             ("tasks",),
@@ -87,7 +87,7 @@ async def test_cancel_one_and_many(jp_fetch, jp_serverapp):
             ("tasks", "cancel"),
             {"method": "POST", "body": {"task_ids": [1]}},
             400,
-            "task_ids.0: Input should be a valid string",
+            "task_ids[0]: Input should be a valid string",
         ),
         (
             ("tasks",),

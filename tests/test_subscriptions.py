@@ -118,7 +118,7 @@ async def test_listen_streams_of_the_2026_era_get_the_same_updates(mcp_client, r
     [
         ("plexus://nothing", "subscribable resources"),
         ("plexus://tasks/no-such-task", "no task with id 'no-such-task'"),
-        ("plexus://tasks?status=DONE", "status.0: unknown status; expected one of QUEUED"),
+        ("plexus://tasks?status=DONE", "status[0]: unknown status; expected one of QUEUED"),
         (
             "plexus://tasks?colour=red",
             "unknown field(s) ['colour']; allowed: status, type, since, limit, cursor, batch",

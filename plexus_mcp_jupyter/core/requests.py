@@ -136,12 +136,13 @@ def request_error(model: type[BaseModel], error: ValidationError, where: str = "
     """One message for a body `model` refused: unknown fields with the allowed ones, then each bad field
     with pydantic's reason, the value sent (quoted, bounded; a secret's never) and its description, then each
     missing one with its description."""
-    descriptions = {name: info.description for name, info in model.model_fields.items()}
     secrets = {name for name, info in model.model_fields.items() if is_secret(info.annotation)}
     errors = [  # a secret's text is never quoted back (nor logged with the 400's reason)
         {**e, "input": HIDDEN} if e["loc"] and e["loc"][0] in secrets else e for e in error.errors(include_url=False)
     ]
-    problems = refusal_problems(errors, descriptions, lambda loc: _fields_at(model, loc), where)
+    problems = refusal_problems(
+        errors, lambda loc: _description_at(model, loc), lambda loc: _fields_at(model, loc), where
+    )
     return InvalidArgument("; ".join(problems))
 
 
@@ -155,28 +156,29 @@ def is_secret(annotation: Any) -> bool:
 
 def refusal_problems(
     errors: list[Any],
-    descriptions: Mapping[str, str | None],
+    described: Callable[[tuple[Any, ...]], str | None],
     allowed_at: Callable[[tuple[Any, ...]], Iterable[str]],
     where: str = "",
 ) -> list[str]:
     """A refused request's problems in words: unknown fields first, with the fields allowed where the first one
-    was found (`allowed_at(loc)`: the top level, or a nested object such as a batch's spec), then `field_problems`.
-    REST's `request_error` reads the allowed fields from the model, MCP from the tool's input schema."""
+    was found (`allowed_at(loc)`: the top level, or a nested object such as a batch's spec), then `field_problems`
+    (`described(loc)`: the description of the field at `loc`). REST's `request_error` reads both from the model,
+    MCP from the tool's input schema."""
     problems: list[str] = []
     extra = [e for e in errors if e["type"] == "extra_forbidden"]
     if extra:
-        unknown = [where + ".".join(str(p) for p in e["loc"]) for e in extra]
+        unknown = [where + field_path(e["loc"]) for e in extra]
         shown = [one_line(u, 40) for u in unknown[:5]]
         more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
         problems.append(
             f"unknown field(s) {shown}{more}; allowed: {', '.join(allowed_at(tuple(extra[0]['loc'][:-1])))}"
         )
-    problems.extend(field_problems([e for e in errors if e["type"] != "extra_forbidden"], descriptions, where))
+    problems.extend(field_problems([e for e in errors if e["type"] != "extra_forbidden"], described, where))
     return problems
 
 
-def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """The field names of the object at `loc` inside `model` (a list's element by its index); none if not a model."""
+def _node_at(model: type[BaseModel], loc: tuple[Any, ...]) -> Any:
+    """The annotation of the value at `loc` inside `model` (a list's element by its index); None if not found."""
     node: Any = model
     for part in loc:
         if isinstance(part, int):
@@ -185,23 +187,54 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
         elif isinstance(node, type) and issubclass(node, BaseModel) and part in node.model_fields:
             node = node.model_fields[part].annotation
         else:
-            return []
+            return None
+    return node
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the object at `loc` inside `model`; none if not a model."""
+    node = _node_at(model, loc)
     return list(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
 
 
-def field_problems(errors: list[Any], descriptions: Mapping[str, str | None], where: str = "") -> list[str]:
+def _description_at(model: type[BaseModel], loc: tuple[Any, ...]) -> str | None:
+    """The description of the field at `loc` inside `model` (a list's elements share their field's)."""
+    while loc and isinstance(loc[-1], int):
+        loc = loc[:-1]
+    parent = _node_at(model, loc[:-1]) if loc else None
+    if isinstance(parent, type) and issubclass(parent, BaseModel) and loc[-1] in parent.model_fields:
+        return parent.model_fields[loc[-1]].description
+    return None
+
+
+def field_names(loc: Iterable[Any]) -> tuple[str, ...]:
+    """The names along `loc` without the lists' indexes: a field's identity, its elements' alike."""
+    return tuple(str(part) for part in loc if not isinstance(part, int))
+
+
+def field_path(loc: Iterable[Any]) -> str:
+    """A field's place in a request as a client writes it: names joined by dots, a list's element by its index
+    in brackets (`tasks[1].priority`, `status[0]`), as the batch's own checks name a spec (`tasks[1]: ...`)."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def field_problems(errors: list[Any], described: Callable[[tuple[Any, ...]], str | None], where: str = "") -> list[str]:
     """Each bad field of a refused request in words, at most MAX_PROBLEMS: `field: reason (got value)`, then what
     is allowed (the field's description, once per field) when pydantic's reason names only one bound or the type;
     a missing one with its description. The words of every face: REST and a request model (`request_error`), and
     MCP's tool arguments (endpoint/server.py), which the SDK checks against the same fields before a tool runs."""
     problems: list[str] = []
-    described: set[str] = set()  # a field's description is said once (a list's elements share it)
+    said: set[tuple[str, ...]] = set()  # a field's description is said once (a list's elements share it)
     for item in errors[:MAX_PROBLEMS]:
-        field = ".".join(str(part) for part in item["loc"]) or "the request"
+        field = field_path(item["loc"]) or "the request"
         name = where + one_line(field, 60)
-        top = str(item["loc"][0]) if item["loc"] else ""
-        description = descriptions.get(top) if top not in described else None
-        described.add(top)
+        # The field's own description (a batch spec's priority says its range, not what the list of specs is).
+        names = field_names(item["loc"])
+        description = described(tuple(item["loc"])) if names not in said else None
+        said.add(names)
         if item["type"] == "missing":
             problems.append(f"{name} is required" + (f": {description}" if description else ""))
             continue
@@ -295,7 +328,7 @@ STATUS_NAMES = tuple(s.value for s in TaskStatus)
 
 def task_status(value: str) -> str:
     """A status name, any case, as the core spells it; the error lists the allowed ones, and pydantic reports it
-    per element (`status.0`), so a long bad list gets a bounded message."""
+    per element (`status[0]`), so a long bad list gets a bounded message."""
     try:
         return TaskStatus.parse(value).value
     except InvalidArgument:  # not the core's message: pydantic's "(got ...)" quotes the value, bounded

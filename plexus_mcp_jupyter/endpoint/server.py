@@ -212,31 +212,48 @@ def describe_validation_error(tool: str, error: ValidationError, schema: Mapping
     """'invalid arguments for run_demo_task: items: Input should be greater than or equal to 1 (got 0); Items to
     process ...': each bad argument in the words REST uses for the same request model (`field_problems`), with
     its description from the tool's input schema."""
-    properties = (schema or {}).get("properties", {})
-    descriptions = {name: spec.get("description") for name, spec in properties.items() if isinstance(spec, dict)}
     problems = refusal_problems(
-        error.errors(include_url=False), descriptions, lambda loc: schema_fields_at(schema, loc)
+        error.errors(include_url=False),
+        lambda loc: schema_description_at(schema, loc),
+        lambda loc: schema_fields_at(schema, loc),
     )
     return bounded(f"invalid arguments for {tool}: " + "; ".join(problems))  # as REST bounds the same words
 
 
-def schema_fields_at(schema: Mapping[str, Any] | None, loc: tuple[Any, ...]) -> list[str]:
-    """The property names of the object at `loc` in a tool's input schema (a list's element by its index, `$ref`s
-    to its `$defs` followed): what an unknown nested field is told is allowed, as REST reads it from the model."""
-    defs = (schema or {}).get("$defs", {})
-
-    def resolved(node: Any) -> Any:
-        ref = node.get("$ref", "") if isinstance(node, dict) else ""
-        return defs.get(ref.rsplit("/", 1)[-1]) if ref.startswith("#/$defs/") else node
-
+def _schema_node_at(schema: Mapping[str, Any] | None, loc: tuple[Any, ...]) -> Any:
+    """The node at `loc` in a tool's input schema (a list's element by its index), as written: maybe a `$ref`."""
     node: Any = schema or {}
     for part in loc:
-        node = resolved(node)
+        node = _resolved(schema, node)
         if not isinstance(node, dict):
-            return []
+            return None
         node = node.get("items") if isinstance(part, int) else node.get("properties", {}).get(part)
-    node = resolved(node)
+    return node
+
+
+def _resolved(schema: Mapping[str, Any] | None, node: Any) -> Any:
+    """`node`, or the `$defs` entry its `$ref` points to."""
+    ref = node.get("$ref", "") if isinstance(node, dict) else ""
+    return (schema or {}).get("$defs", {}).get(ref.rsplit("/", 1)[-1]) if ref.startswith("#/$defs/") else node
+
+
+def schema_fields_at(schema: Mapping[str, Any] | None, loc: tuple[Any, ...]) -> list[str]:
+    """The property names of the object at `loc` in a tool's input schema (`$ref`s to its `$defs` followed): what
+    an unknown nested field is told is allowed, as REST reads it from the model."""
+    node = _resolved(schema, _schema_node_at(schema, loc))
     return list(node.get("properties", {})) if isinstance(node, dict) else []
+
+
+def schema_description_at(schema: Mapping[str, Any] | None, loc: tuple[Any, ...]) -> str | None:
+    """The description of the property at `loc` (a list's elements share their property's), as REST reads it
+    from the model."""
+    while loc and isinstance(loc[-1], int):
+        loc = loc[:-1]
+    node = _schema_node_at(schema, loc) if loc else None
+    for candidate in (node, _resolved(schema, node)):
+        if isinstance(candidate, dict) and isinstance(candidate.get("description"), str):
+            return candidate["description"]
+    return None
 
 
 def build_mcp_server(

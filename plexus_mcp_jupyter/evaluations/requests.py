@@ -84,7 +84,7 @@ class CreateEvaluation(RequestModel):
 
 
 def evaluation_status(value: str) -> str:
-    """An evaluation status, any case, as the store spells it (pydantic reports it per element: `status.0`)."""
+    """An evaluation status, any case, as the store spells it (pydantic reports it per element: `status[0]`)."""
     if value.strip().upper() not in EvaluationStatus.ALL:
         raise ValueError(f"unknown evaluation status; expected one of {', '.join(EvaluationStatus.ALL)}")
     return value.strip().upper()

@@ -165,7 +165,7 @@ class Plexus:
 
     def dispatch_batch(self, specs: list[dict[str, Any]]) -> dict[str, Any]:
         """Dispatch many tasks in one call; each spec is {type, params, priority, description}. Returns
-        {batch_id, task_ids}; a bad spec is refused here (PlexusInputError, the server's words: `tasks.0.priority:
+        {batch_id, task_ids}; a bad spec is refused here (PlexusInputError, the server's words: `tasks[0].priority:
         ...`) before anything is sent, and by the server if only it can tell (a task type's params)."""
         request = request_of(DispatchBatch, {"tasks": specs})
         return self.client.dispatch_batch(request.arguments()["tasks"])
