@@ -44,6 +44,8 @@ log = logging.getLogger("plexus_mcp_jupyter")
 MAX_LOSSES = 3  # an idempotent task whose workers died this many times fails instead of being re-queued again
 FINAL_WAIT = 10.0  # seconds a result waits for its earlier message batches before it is delivered anyway
 COLLECT_MIN, COLLECT_MAX = 0.002, 0.05  # seconds between looks at the running futures (see _collect)
+COLLECT_BUSY = 0.02  # seconds at least between those looks while Dask holds a backlog of this server's tasks
+SUBMIT_SPACING = 0.01  # seconds at least between two hand-overs to Dask (see _submit)
 MONITOR_INTERVAL = 2.0  # seconds between refreshes of the cluster's workers and capacity
 OUTBOX_IDLE_EXIT = 30.0  # seconds without a task after which a worker's outbox for a server ends
 
@@ -463,15 +465,24 @@ class DaskExecutor(Executor):
             self._runs[task_id] = run
             self._by_key[key] = run
             self._outgoing.append(run)
-        self._submit_wake.set()
-        self._submitted_event.set()
+        if not self._submit_wake.is_set():
+            self._submit_wake.set()
+        if not self._submitted_event.is_set():
+            self._submitted_event.set()
         return f"dask:{key}"
 
     def _submit(self) -> None:
         """Hand the tasks started since the last pass to Dask in one `map` per set of resources: a `submit` per
-        task costs the client milliseconds, and this thread keeps that off the event loop."""
+        task costs the client milliseconds, and this thread keeps that off the event loop. A pass comes at least
+        SUBMIT_SPACING s after the previous one: a task alone is handed over at once, but tasks dispatched one by
+        one in a stream (an MCP call each) go in maps of several, not one each (a map, its graph update on the
+        scheduler and its messages cost about the same for one task as for ten)."""
+        last = 0.0
         while not self._closing:
             self._submit_wake.wait(1.0)
+            wait = last + SUBMIT_SPACING - time.monotonic()
+            if wait > 0:
+                self._stop.wait(wait)
             self._submit_wake.clear()
             with self._lock:
                 runs, self._outgoing = self._outgoing, []
@@ -501,6 +512,8 @@ class DaskExecutor(Executor):
                     if killed:  # stopped before it was handed over
                         self._in_control(self._kill, run)
                 self._collect_wake.set()
+            if runs:
+                last = time.monotonic()
 
     def reply(self, task_id: str, message: Reply) -> None:
         from distributed import Queue
@@ -619,12 +632,18 @@ class DaskExecutor(Executor):
     def _collect(self) -> None:
         """Find the futures that ended by a look at each one's state (a done-callback per future would cost two
         thread wake-ups per task), and gather the results of the finished ones in one call. It looks every
-        COLLECT_MIN s while tasks end, backing off to COLLECT_MAX while none does."""
+        COLLECT_MIN s while tasks end, backing off to COLLECT_MAX while none does; but while this server has at
+        least twice the cluster's slots of tasks on Dask (the workers have a backlog: an end noticed later frees
+        a slot later without idling a worker) at most every COLLECT_BUSY s, so that the gathers, the releases and
+        the next starts they free go in batches, not one task each."""
         pause = COLLECT_MAX
         while not self._closing:
             if self._collect_wake.wait(pause if self._runs else 1.0):
                 self._collect_wake.clear()
                 pause = COLLECT_MIN
+            busy = len(self._runs) >= 2 * max(1, self._capacity.get("slots", 1))
+            if busy and pause < COLLECT_BUSY:
+                self._stop.wait(COLLECT_BUSY - pause)
             with self._lock:
                 futures = [
                     r.future
