@@ -45,7 +45,8 @@ MAX_LOSSES = 3  # an idempotent task whose workers died this many times fails in
 FINAL_WAIT = 10.0  # seconds a result waits for its earlier message batches before it is delivered anyway
 COLLECT_MIN, COLLECT_MAX = 0.002, 0.05  # seconds between looks at the running futures (see _collect)
 COLLECT_BUSY = 0.02  # seconds at least between those looks while Dask holds a backlog of this server's tasks
-SUBMIT_SPACING = 0.01  # seconds at least between two hand-overs to Dask (see _submit)
+SUBMIT_SPACING = 0.01  # seconds between the submitting thread's looks while tasks are being started (see _submit)
+SUBMIT_IDLE_PASSES = 5  # looks finding nothing after which it sleeps until a submit wakes it
 MONITOR_INTERVAL = 2.0  # seconds between refreshes of the cluster's workers and capacity
 OUTBOX_IDLE_EXIT = 30.0  # seconds without a task after which a worker's outbox for a server ends
 
@@ -473,19 +474,29 @@ class DaskExecutor(Executor):
 
     def _submit(self) -> None:
         """Hand the tasks started since the last pass to Dask in one `map` per set of resources: a `submit` per
-        task costs the client milliseconds, and this thread keeps that off the event loop. A pass comes at least
-        SUBMIT_SPACING s after the previous one: a task alone is handed over at once, but tasks dispatched one by
-        one in a stream (an MCP call each) go in maps of several, not one each (a map, its graph update on the
-        scheduler and its messages cost about the same for one task as for ten)."""
-        last = 0.0
+        task costs the client milliseconds, and this thread keeps that off the event loop.
+
+        Idle, it sleeps until a submit wakes it, and hands that task over at once. Then it stays awake, looking
+        every SUBMIT_SPACING s, until SUBMIT_IDLE_PASSES looks found nothing: tasks dispatched one by one in a
+        stream (an MCP call each) go in maps of several, not one each (a map, its graph update on the scheduler
+        and its messages cost about the same for one task as for ten), and the loop's submits wake nobody
+        meanwhile (a wake-up from the loop's thread costs it a thread switch; `submit` sets the event only
+        while it is clear, which this thread does under the lock, when nothing is outgoing)."""
+        quiet = SUBMIT_IDLE_PASSES
         while not self._closing:
-            self._submit_wake.wait(1.0)
-            wait = last + SUBMIT_SPACING - time.monotonic()
-            if wait > 0:
-                self._stop.wait(wait)
-            self._submit_wake.clear()
+            if quiet >= SUBMIT_IDLE_PASSES:
+                if self._submit_wake.wait(1.0):
+                    quiet = 0
+            else:
+                self._stop.wait(SUBMIT_SPACING)
             with self._lock:
                 runs, self._outgoing = self._outgoing, []
+                if not runs:
+                    quiet += 1
+                    if quiet >= SUBMIT_IDLE_PASSES:
+                        self._submit_wake.clear()
+                    continue
+            quiet = 0
             groups: dict[tuple[tuple[str, int], ...], list[_Run]] = {}
             for run in runs:
                 groups.setdefault(run.needs, []).append(run)
@@ -512,8 +523,6 @@ class DaskExecutor(Executor):
                     if killed:  # stopped before it was handed over
                         self._in_control(self._kill, run)
                 self._collect_wake.set()
-            if runs:
-                last = time.monotonic()
 
     def reply(self, task_id: str, message: Reply) -> None:
         from distributed import Queue
