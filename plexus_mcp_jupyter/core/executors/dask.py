@@ -45,7 +45,7 @@ MAX_LOSSES = 3  # an idempotent task whose workers died this many times fails in
 FINAL_WAIT = 10.0  # seconds a result waits for its earlier message batches before it is delivered anyway
 COLLECT_MIN, COLLECT_MAX = 0.002, 0.05  # seconds between looks at the running futures (see _collect)
 COLLECT_BUSY = 0.02  # seconds at least between those looks while Dask holds a backlog of this server's tasks
-SUBMIT_SPACING = 0.01  # seconds between the submitting thread's looks while tasks are being started (see _submit)
+SUBMIT_SPACING = 0.01  # seconds between the submitting thread's looks after a hand-over (see _submit)
 SUBMIT_IDLE_PASSES = 5  # looks finding nothing after which it sleeps until a submit wakes it
 MONITOR_INTERVAL = 2.0  # seconds between refreshes of the cluster's workers and capacity
 OUTBOX_IDLE_EXIT = 30.0  # seconds without a task after which a worker's outbox for a server ends
@@ -276,6 +276,7 @@ class DaskExecutor(Executor):
         self._stop = threading.Event()  # wakes the monitor and the reader at shutdown
         self._submitted_event = threading.Event()  # wakes an idle reader
         self._submit_wake = threading.Event()  # wakes the submitting thread
+        self._handed_at = 0.0  # when the submitting thread last took tasks to hand over (monotonic)
         self._outgoing: list[_Run] = []  # started, not handed to Dask yet
         self._threads: list[threading.Thread] = []
         self._control = ThreadPoolExecutor(max_workers=2, thread_name_prefix="plexus-dask-control")
@@ -466,7 +467,10 @@ class DaskExecutor(Executor):
             self._runs[task_id] = run
             self._by_key[key] = run
             self._outgoing.append(run)
-        if not self._submit_wake.is_set():
+            # The submitting thread is asleep, or looks again within SUBMIT_SPACING s (it handed tasks over
+            # that recently): wake it only in the first case, and only for the first task waiting.
+            wake = len(self._outgoing) == 1 and time.monotonic() - self._handed_at >= SUBMIT_SPACING
+        if wake:
             self._submit_wake.set()
         if not self._submitted_event.is_set():
             self._submitted_event.set()
@@ -476,27 +480,23 @@ class DaskExecutor(Executor):
         """Hand the tasks started since the last pass to Dask in one `map` per set of resources: a `submit` per
         task costs the client milliseconds, and this thread keeps that off the event loop.
 
-        Idle, it sleeps until a submit wakes it, and hands that task over at once. Then it stays awake, looking
-        every SUBMIT_SPACING s, until SUBMIT_IDLE_PASSES looks found nothing: tasks dispatched one by one in a
-        stream (an MCP call each) go in maps of several, not one each (a map, its graph update on the scheduler
-        and its messages cost about the same for one task as for ten), and the loop's submits wake nobody
-        meanwhile (a wake-up from the loop's thread costs it a thread switch; `submit` sets the event only
-        while it is clear, which this thread does under the lock, when nothing is outgoing)."""
+        Idle, it sleeps until a submit wakes it, and hands that task over at once. After a hand-over it looks
+        again every SUBMIT_SPACING s, until SUBMIT_IDLE_PASSES looks found nothing, and a submit meanwhile wakes
+        nobody (`submit` wakes it only when its last hand-over is older than that): tasks dispatched one by one
+        in a stream (an MCP call each) go in maps of several, not one each (a map, its graph update on the
+        scheduler and its messages cost about the same for one task as for ten), and the event loop's thread
+        is spared a thread switch per task; a task dispatched alone still goes at once."""
         quiet = SUBMIT_IDLE_PASSES
         while not self._closing:
-            if quiet >= SUBMIT_IDLE_PASSES:
-                if self._submit_wake.wait(1.0):
-                    quiet = 0
-            else:
-                self._stop.wait(SUBMIT_SPACING)
+            self._submit_wake.wait(1.0 if quiet >= SUBMIT_IDLE_PASSES else SUBMIT_SPACING)
             with self._lock:
+                self._submit_wake.clear()  # with the take, under the lock: a submit after it sets it again
                 runs, self._outgoing = self._outgoing, []
                 if not runs:
                     quiet += 1
-                    if quiet >= SUBMIT_IDLE_PASSES:
-                        self._submit_wake.clear()
                     continue
-            quiet = 0
+                quiet = 0
+                self._handed_at = time.monotonic()
             groups: dict[tuple[tuple[str, int], ...], list[_Run]] = {}
             for run in runs:
                 groups.setdefault(run.needs, []).append(run)
