@@ -44,6 +44,9 @@ log = logging.getLogger("plexus_mcp_jupyter")
 MAX_LOSSES = 3  # an idempotent task whose workers died this many times fails instead of being re-queued again
 FINAL_WAIT = 10.0  # seconds a result waits for its earlier message batches before it is delivered anyway
 COLLECT_MIN, COLLECT_MAX = 0.002, 0.05  # seconds between looks at the running futures (see _collect)
+COLLECT_BUSY = 0.02  # seconds at least between those looks while Dask holds a backlog of this server's tasks
+SUBMIT_SPACING = 0.01  # seconds between the submitting thread's looks after a hand-over (see _submit)
+SUBMIT_IDLE_PASSES = 5  # looks finding nothing after which it sleeps until a submit wakes it
 MONITOR_INTERVAL = 2.0  # seconds between refreshes of the cluster's workers and capacity
 OUTBOX_IDLE_EXIT = 30.0  # seconds without a task after which a worker's outbox for a server ends
 
@@ -273,6 +276,7 @@ class DaskExecutor(Executor):
         self._stop = threading.Event()  # wakes the monitor and the reader at shutdown
         self._submitted_event = threading.Event()  # wakes an idle reader
         self._submit_wake = threading.Event()  # wakes the submitting thread
+        self._handed_at = 0.0  # when the submitting thread last took tasks to hand over (monotonic)
         self._outgoing: list[_Run] = []  # started, not handed to Dask yet
         self._threads: list[threading.Thread] = []
         self._control = ThreadPoolExecutor(max_workers=2, thread_name_prefix="plexus-dask-control")
@@ -463,18 +467,36 @@ class DaskExecutor(Executor):
             self._runs[task_id] = run
             self._by_key[key] = run
             self._outgoing.append(run)
-        self._submit_wake.set()
-        self._submitted_event.set()
+            # The submitting thread is asleep, or looks again within SUBMIT_SPACING s (it handed tasks over
+            # that recently): wake it only in the first case, and only for the first task waiting.
+            wake = len(self._outgoing) == 1 and time.monotonic() - self._handed_at >= SUBMIT_SPACING
+        if wake:
+            self._submit_wake.set()
+        if not self._submitted_event.is_set():
+            self._submitted_event.set()
         return f"dask:{key}"
 
     def _submit(self) -> None:
         """Hand the tasks started since the last pass to Dask in one `map` per set of resources: a `submit` per
-        task costs the client milliseconds, and this thread keeps that off the event loop."""
+        task costs the client milliseconds, and this thread keeps that off the event loop.
+
+        Idle, it sleeps until a submit wakes it, and hands that task over at once. After a hand-over it looks
+        again every SUBMIT_SPACING s, until SUBMIT_IDLE_PASSES looks found nothing, and a submit meanwhile wakes
+        nobody (`submit` wakes it only when its last hand-over is older than that): tasks dispatched one by one
+        in a stream (an MCP call each) go in maps of several, not one each (a map, its graph update on the
+        scheduler and its messages cost about the same for one task as for ten), and the event loop's thread
+        is spared a thread switch per task; a task dispatched alone still goes at once."""
+        quiet = SUBMIT_IDLE_PASSES
         while not self._closing:
-            self._submit_wake.wait(1.0)
-            self._submit_wake.clear()
+            self._submit_wake.wait(1.0 if quiet >= SUBMIT_IDLE_PASSES else SUBMIT_SPACING)
             with self._lock:
+                self._submit_wake.clear()  # with the take, under the lock: a submit after it sets it again
                 runs, self._outgoing = self._outgoing, []
+                if not runs:
+                    quiet += 1
+                    continue
+                quiet = 0
+                self._handed_at = time.monotonic()
             groups: dict[tuple[tuple[str, int], ...], list[_Run]] = {}
             for run in runs:
                 groups.setdefault(run.needs, []).append(run)
@@ -619,12 +641,18 @@ class DaskExecutor(Executor):
     def _collect(self) -> None:
         """Find the futures that ended by a look at each one's state (a done-callback per future would cost two
         thread wake-ups per task), and gather the results of the finished ones in one call. It looks every
-        COLLECT_MIN s while tasks end, backing off to COLLECT_MAX while none does."""
+        COLLECT_MIN s while tasks end, backing off to COLLECT_MAX while none does; but while this server has at
+        least twice the cluster's slots of tasks on Dask (the workers have a backlog: an end noticed later frees
+        a slot later without idling a worker) at most every COLLECT_BUSY s, so that the gathers, the releases and
+        the next starts they free go in batches, not one task each."""
         pause = COLLECT_MAX
         while not self._closing:
             if self._collect_wake.wait(pause if self._runs else 1.0):
                 self._collect_wake.clear()
                 pause = COLLECT_MIN
+            busy = len(self._runs) >= 2 * max(1, self._capacity.get("slots", 1))
+            if busy and pause < COLLECT_BUSY:
+                self._stop.wait(COLLECT_BUSY - pause)
             with self._lock:
                 futures = [
                     r.future
