@@ -13,6 +13,8 @@ the adapter's name). docs/architecture.md lists the adapters with the upstream c
 - `SkippableRequestLog`: a handler may skip the access log line tornado writes when it finishes.
 - `CachedDateHeader`: a handler whose `Date` header is formatted once per second, not once per request.
 - `route_first`: an extension's routes matched before those of the extensions loaded before it.
+- `pending_read`: which read a tornado stream is waiting on (a request's headers, its body, or none), for the
+  connection timeouts' sweep (security/connections.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import functools
 import hmac
 import time
+from typing import Any
 
 import tornado
 from jupyter_server.auth.identity import IdentityProvider, PasswordIdentityProvider, User
@@ -32,6 +35,25 @@ NOTEBOOK_USER = "jupyter"
 SINGLE_USER_PROVIDERS = (IdentityProvider, PasswordIdentityProvider)
 _TOKEN_USER = User(username=NOTEBOOK_USER, name="Jupyter token", display_name="Jupyter token")
 _ANONYMOUS_USER = User(username=NOTEBOOK_USER, name="Anonymous (auth disabled)", display_name="Anonymous")
+
+
+PENDING_HEADERS = "headers"
+PENDING_BODY = "body"
+
+
+def pending_read(stream: Any) -> tuple[Any, str] | None:
+    """The read a tornado `IOStream` is waiting on: (the read's future, PENDING_HEADERS or PENDING_BODY), or None
+    when it is not reading (between a request's body and the next request, or while a response is written).
+
+    Relies on: `IOStream._read_future` (the pending read's future, None when there is none) and
+    `IOStream._read_regex` (set only while the pending read is `read_until_regex`, which `HTTP1Connection` uses
+    for a request's headers and for nothing else; a body is read with `read_bytes` or `read_until`). Checked on a
+    real tornado server in tests/test_connection_sweep.py.
+    """
+    future = stream._read_future
+    if future is None or future.done():
+        return None
+    return future, PENDING_HEADERS if stream._read_regex is not None else PENDING_BODY
 
 
 def set_request_user(handler: JupyterHandler, user: User | None) -> None:
