@@ -9,8 +9,8 @@ could accept nothing (health timed out) and tornado logged a traceback per refus
   reading, so neither applies to it. They are kept by a sweep over the open connections (`ReadSweep`), not
   by tornado's own `header_timeout`/`body_timeout`: tornado wraps every request's header read and body read in
   `gen.with_timeout` (a timer, a future chained to another, for the body a task), about 9% of the server's main
-  thread per MCP call; the sweep looks at each connection four times per timeout, and sets a timer only for a
-  read about to expire.
+  thread per MCP call; the sweep looks at each connection every quarter of the shorter timeout (at most every
+  5 s), and sets a timer only for a read about to expire.
 - at most `max_per_address` connections being read per client address, and in all at most three
   quarters of the process's open-files limit (the rest stays for the store, workers, kernels and
   files); one more is closed at once, so accepting never runs out of descriptors because of clients.
@@ -178,8 +178,10 @@ class ReadSweep:
     def _deadline(self, stream: IOStream, now: float) -> tuple[Any, bool, float] | None:
         """(request, reading its headers?, when that read times out) for a connection that is reading."""
         current = self.requests.get(stream)
-        pending = None if current is None or stream.closed() else pending_read(stream)
-        if current is None or pending is None:
+        # A detached request (a WebSocket took the stream over: HTTP1Connection.detach) is no longer HTTP's to time.
+        detached = current is None or getattr(current[0], "stream", stream) is None
+        pending = None if detached or stream.closed() else pending_read(stream)
+        if pending is None:
             self._body_seen.pop(stream, None)
             return None
         request, headers_started = current
@@ -200,8 +202,7 @@ class ReadSweep:
                 continue
             request, headers, deadline = reading
             if now >= deadline:
-                self.forget(stream)
-                stream.close()
+                self._close(stream, request, headers)
                 closed += 1
             elif deadline < now + self.interval:
                 kept = self._timers.get(stream)
@@ -218,8 +219,14 @@ class ReadSweep:
         kept = self._timers.pop(stream, None)
         reading = self._deadline(stream, time.monotonic()) if kept is not None else None
         if reading is not None and reading[0] is kept[0] and reading[1] is kept[1] and time.monotonic() >= reading[2]:
-            self.forget(stream)
-            stream.close()
+            self._close(stream, reading[0], reading[1])
+
+    def _close(self, stream: IOStream, request: Any, headers: bool) -> None:
+        """Close a connection whose read timed out; a body's timeout is logged at INFO, as tornado logs it."""
+        self.forget(stream)
+        if not headers:
+            log.info("Timeout reading body from %s", getattr(request, "context", "a client"))
+        stream.close()
 
 
 def _address_key(address: Any) -> str:
