@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -191,6 +192,18 @@ def memory_kib(pid: int, field: str = "VmRSS") -> int:
         if line.startswith(f"{field}:"):
             return int(line.split()[1])
     return 0
+
+
+def thread_cpu_seconds(pid: int) -> float:
+    """CPU time used so far by a process's live threads, to the nanosecond (the sum of /proc/<pid>/task/*/schedstat):
+    `cpu_seconds` counts clock ticks (10 ms), too coarse for a few hundred calls of ~1 ms. Threads that ended
+    are not counted (`cpu_seconds` counts them)."""
+    total = 0
+    task_dir = Path(f"/proc/{pid}/task")
+    for tid in os.listdir(task_dir):
+        with contextlib.suppress(OSError, ValueError, IndexError):  # the thread ended meanwhile
+            total += int((task_dir / tid / "schedstat").read_text().split()[0])
+    return total / 1e9
 
 
 def cpu_seconds(pid: int) -> float:

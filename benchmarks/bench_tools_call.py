@@ -16,7 +16,8 @@ Servers (each its own process, pinned to one core, the client on the other; `--p
 Measures, per protocol era (2025-11-25: initialize handshake and a session; 2026-07-28: one self-contained
 POST per call), in rounds that rotate the servers' order so machine noise hits them alike:
 1. the official SDK client (one client, sequential calls): calls/s, p50, p99 -- what an assistant sees;
-2. server CPU per call during (1), read from /proc: the cost of the serving stack itself;
+2. server CPU per call during (1), read from /proc (its threads' schedstat, to the nanosecond): the cost of the
+   serving stack itself;
 3. (2025-11-25 only) a lean keep-alive client (benchmarks/_common.py LeanSession): latency that is mostly the
    server's.
 The load average is printed before and after: the machine is shared, and the ratios are what to compare.
@@ -48,7 +49,6 @@ from _common import (
     TOKEN,
     LeanSession,
     client,
-    cpu_seconds,
     free_port,
     jupyter_server,
     med,
@@ -58,6 +58,7 @@ from _common import (
     started,
     summarize,
     tempdir,
+    thread_cpu_seconds,
     time_calls,
     uvicorn_peer,
 )
@@ -133,9 +134,9 @@ async def timed_calls(
                 assert not result.is_error, result
 
             await time_calls(call, warmup)
-            cpu0, client0 = cpu_seconds(pid), own_cpu_seconds()
+            cpu0, client0 = thread_cpu_seconds(pid), own_cpu_seconds()
             stats = summarize(await time_calls(call, calls))
-            stats["server_cpu_us"] = 1e6 * (cpu_seconds(pid) - cpu0) / calls
+            stats["server_cpu_us"] = 1e6 * (thread_cpu_seconds(pid) - cpu0) / calls
             stats["client_cpu_us"] = 1e6 * (own_cpu_seconds() - client0) / calls
             out[row] = stats
     return out

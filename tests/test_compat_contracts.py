@@ -554,6 +554,48 @@ def test_tornado_still_marks_a_finished_response_and_logs_through_log():
     )
 
 
+def test_jupyter_s_request_metrics_are_still_the_one_histogram_record_request_metrics_feeds():
+    from jupyter_server.prometheus import log_functions
+
+    body = ast.parse(textwrap.dedent(source(log_functions.prometheus_log_method))).body[0].body
+    calls = [node for node in body if not isinstance(node, ast.Expr) or not isinstance(node.value, ast.Constant)]
+    text = ast.unparse(calls[0]) if len(calls) == 1 else ""
+    holds(
+        text.startswith("HTTP_REQUEST_DURATION_SECONDS.labels(method=handler.request.method, handler=f'")
+        and "status_code=handler.get_status()" in text
+        and text.endswith(".observe(handler.request.request_time())"),
+        JUPYTER,
+        "prometheus_log_method records something else than the request's duration by method, handler, status",
+        "jupyter_compat.record_request_metrics",
+    )
+
+
+def test_record_request_metrics_records_what_prometheus_log_method_records():
+    from jupyter_server.prometheus.log_functions import prometheus_log_method
+    from prometheus_client import REGISTRY
+
+    class Probe:  # a handler, as both read it
+        request = SimpleNamespace(method="POST", request_time=lambda: 0.25)
+
+        def get_status(self) -> int:
+            return 200
+
+    labels = {"method": "POST", "handler": f"{Probe.__module__}.{Probe.__name__}", "status_code": "200"}
+
+    def recorded() -> tuple[float, float]:
+        count = REGISTRY.get_sample_value("http_request_duration_seconds_count", labels) or 0.0
+        return count, REGISTRY.get_sample_value("http_request_duration_seconds_sum", labels) or 0.0
+
+    before = recorded()
+    prometheus_log_method(Probe())
+    jupyter_s = recorded()
+    jupyter_compat.record_request_metrics(Probe())
+    jupyter_compat.record_request_metrics(Probe())  # the second from the kept series
+    ours = recorded()
+    assert (jupyter_s[0] - before[0], jupyter_s[1] - before[1]) == (1.0, 0.25)
+    assert (ours[0] - jupyter_s[0], ours[1] - jupyter_s[1]) == (2.0, 0.5)
+
+
 # What Jupyter's own prepare does, reviewed: PlexusHandler.prepare replaces it and mirrors these steps (host and
 # origin checks, the user from the identity provider, CORS headers, the XSRF check, authentication).
 REVIEWED_PREPARE_CALLS = frozenset(

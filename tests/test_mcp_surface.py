@@ -416,6 +416,16 @@ async def test_jupyter_metrics_carry_tool_calls_tasks_queue_and_sessions(mcp_cli
         assert 'plexus_tool_call_seconds_bucket{le="0.005",tool="run_demo_task"}' in text
         assert "plexus_queue_depth 0.0" in text and "plexus_running_tasks" in text
         assert re.search(r"plexus_mcp_sessions [1-9]", text)  # this client's session, while it is open
+        # Jupyter's own request metrics count MCP calls too (MCPHandler records them without its access log).
+        mcp_requests = [
+            line
+            for line in text.splitlines()
+            if line.startswith("http_request_duration_seconds_count{")
+            and 'handler="plexus_mcp_jupyter.handlers.mcp.MCPHandler"' in line
+            and 'method="POST"' in line
+            and 'status_code="200"' in line
+        ]
+        assert mcp_requests and float(mcp_requests[0].rsplit(" ", 1)[1]) >= 3, mcp_requests
     async with httpx2.AsyncClient() as http:  # Jupyter's own rule: /metrics needs its credentials
         assert (await http.get(f"{server_url}metrics")).status_code == 403
 

@@ -303,6 +303,7 @@ class ModernJSONEntry:
         self.manager = manager
         self.security = TransportSecurityMiddleware(security_settings)
         self._header_params: dict[int, tuple[Any, bool]] = {}  # id(input schema) -> (schema, declares a header)
+        self._accepts_json: dict[str, bool] = {}  # Accept header -> whether check_accept_headers finds JSON in it
 
     def _declares_header_params(self, name: Any) -> bool:
         """Whether the tool's input schema may declare `x-mcp-header` parameters (True when unsure): without
@@ -329,7 +330,13 @@ class ModernJSONEntry:
         entry, see `modern_request`), or None when the SDK's entry must answer it (it would refuse it)."""
         if await self.security.validate_request(request, is_post=True) is not None:
             return None
-        has_json, _ = check_accept_headers(request)
+        # The SDK's check depends on the Accept header alone: its answer is kept per header value (clients send one).
+        accept = request.headers.get("accept", "")
+        has_json = self._accepts_json.get(accept)
+        if has_json is None:
+            has_json = check_accept_headers(request)[0]
+            if len(self._accepts_json) < 64:
+                self._accepts_json[accept] = has_json
         if not has_json:
             return None
         try:

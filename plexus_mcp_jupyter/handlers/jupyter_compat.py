@@ -13,6 +13,10 @@ the adapter's name). docs/architecture.md lists the adapters with the upstream c
 - `SkippableRequestLog`: a handler may skip the access log line tornado writes when it finishes.
 - `CachedDateHeader`: a handler whose `Date` header is formatted once per second, not once per request.
 - `route_first`: an extension's routes matched before those of the extensions loaded before it.
+- `record_request_metrics`: what Jupyter's `prometheus_log_method` records for a request, its labelled series
+  looked up once per (method, handler class, status).
+- `pending_read`: which read a tornado stream is waiting on (a request's headers, its body, or none), for the
+  connection timeouts' sweep (security/connections.py).
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ from __future__ import annotations
 import functools
 import hmac
 import time
+from typing import Any
 
 import tornado
 from jupyter_server.auth.identity import IdentityProvider, PasswordIdentityProvider, User
 from jupyter_server.base.handlers import JupyterHandler
+from jupyter_server.prometheus.log_functions import HTTP_REQUEST_DURATION_SECONDS
 from tornado import httputil
 from tornado.web import Application, RequestHandler
 
@@ -32,6 +38,25 @@ NOTEBOOK_USER = "jupyter"
 SINGLE_USER_PROVIDERS = (IdentityProvider, PasswordIdentityProvider)
 _TOKEN_USER = User(username=NOTEBOOK_USER, name="Jupyter token", display_name="Jupyter token")
 _ANONYMOUS_USER = User(username=NOTEBOOK_USER, name="Anonymous (auth disabled)", display_name="Anonymous")
+
+
+PENDING_HEADERS = "headers"
+PENDING_BODY = "body"
+
+
+def pending_read(stream: Any) -> tuple[Any, str] | None:
+    """The read a tornado `IOStream` is waiting on: (the read's future, PENDING_HEADERS or PENDING_BODY), or None
+    when it is not reading (between a request's body and the next request, or while a response is written).
+
+    Relies on: `IOStream._read_future` (the pending read's future, None when there is none) and
+    `IOStream._read_regex` (set only while the pending read is `read_until_regex`, which `HTTP1Connection` uses
+    for a request's headers and for nothing else; a body is read with `read_bytes` or `read_until`). Checked on a
+    real tornado server in tests/test_connection_sweep.py.
+    """
+    future = stream._read_future
+    if future is None or future.done():
+        return None
+    return future, PENDING_HEADERS if stream._read_regex is not None else PENDING_BODY
 
 
 def set_request_user(handler: JupyterHandler, user: User | None) -> None:
@@ -104,6 +129,32 @@ class SkippableRequestLog(RequestHandler):
     def _log(self) -> None:
         if not self.skip_request_log():
             super()._log()
+
+
+_REQUEST_SERIES: dict[tuple[Any, type, int], Any] = {}
+MAX_REQUEST_SERIES = 256
+
+
+def record_request_metrics(handler: RequestHandler) -> None:
+    """Record the request's duration in Jupyter's `http_request_duration_seconds`, as `prometheus_log_method` does
+    (same histogram, same labels, same value), with the labelled series kept per (method, handler class, status):
+    `labels()` builds and checks the label values and takes the metric's lock on every call.
+
+    Relies on: `jupyter_server.prometheus.log_functions.prometheus_log_method` being only
+    `HTTP_REQUEST_DURATION_SECONDS.labels(method=..., handler="<module>.<class>", status_code=...)
+    .observe(request.request_time())`, and prometheus_client returning the same child for the same label values
+    while it is not removed (Jupyter never removes one).
+    """
+    key = (handler.request.method, type(handler), handler.get_status())
+    series = _REQUEST_SERIES.get(key)
+    if series is None:
+        cls = key[1]
+        series = HTTP_REQUEST_DURATION_SECONDS.labels(
+            method=key[0], handler=f"{cls.__module__}.{cls.__name__}", status_code=key[2]
+        )
+        if len(_REQUEST_SERIES) < MAX_REQUEST_SERIES:
+            _REQUEST_SERIES[key] = series
+    series.observe(handler.request.request_time())
 
 
 class CachedDateHeader(RequestHandler):

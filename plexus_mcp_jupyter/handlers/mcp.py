@@ -7,12 +7,11 @@ from functools import partial
 from typing import Any
 
 from jupyter_server.log import log_request
-from jupyter_server.prometheus.log_functions import prometheus_log_method
 
 from ..endpoint.transport import MCPBridge
 from ..security.http import jsonrpc_error
 from .base import PlexusHandler
-from .jupyter_compat import CachedDateHeader, SkippableRequestLog
+from .jupyter_compat import CachedDateHeader, SkippableRequestLog, record_request_metrics
 
 
 def debug_emitted(logger: logging.Logger) -> bool:
@@ -70,7 +69,7 @@ class MCPHandler(SkippableRequestLog, CachedDateHeader, PlexusHandler):
             log_function = self.settings.get("log_function")
             if isinstance(log_function, partial) and log_function.func is log_request and not debug_emitted(self.log):
                 if log_function.keywords.get("record_prometheus_metrics", True):
-                    prometheus_log_method(self)
+                    record_request_metrics(self)  # what prometheus_log_method records
                 return True
         return False
 
