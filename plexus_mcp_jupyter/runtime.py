@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from .config import PlexusSettings, SettingsError
 from .core.errors import InvalidArgument, NotFound
 from .core.events import EventBus
 from .core.executors import Executor, ExecutorUnavailable, LocalExecutor
+from .core.executors.local import stop_early_forkserver
 from .core.leases import LeaseKeeper, lease_problem
 from .core.manager import TaskManager
 from .core.models import TaskStatus
@@ -113,6 +115,10 @@ class PlexusRuntime:
         try:
             # Why the configured executor is not the one running tasks (dask_fallback=local), for health.
             self.executor, self.executor_problem = executor_with_fallback(settings)
+            if not (isinstance(self.executor, LocalExecutor) and self.executor.start_method == "forkserver"):
+                # A forkserver started ahead for a local executor (plexus_mcp_jupyter._start_workers_early) that
+                # will not use it: ended off the loop (it finishes its imports first).
+                threading.Thread(target=stop_early_forkserver, name="plexus-forkserver-stop", daemon=True).start()
             self._assemble(settings, registered_dir, items_dir)
         except BaseException:
             self._release_unstarted()

@@ -176,14 +176,18 @@ def _rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def pool_main(conn: Any, cancel_seq: Any, nice: int = 0) -> None:
+def pool_main(conn: Any, cancel_seq: Any, nice: int = 0, environ: dict[str, str] | None = None) -> None:
     """Entry point of a local-executor worker process: run the tasks the server sends, one at a time.
 
     Protocol (core/messages.py, pickled on the duplex pipe). Server -> worker: Run, and ToTask, an answer to a
     request of task `seq` (answers for another task, which ended meanwhile, are dropped). Worker -> server:
     the task's messages (module docstring), then End; they come as Batch of messages pickled one by one
-    (Outbox). The worker exits on Stop or when the server's end closes.
+    (Outbox). The worker exits on Stop or when the server's end closes. `environ`: the server's environment
+    when it started this worker, which its tasks see.
     """
+    if environ is not None:
+        os.environ.clear()
+        os.environ.update(environ)
     # The server may speak MCP over its stdout (stdio mode): a worker must never write there.
     os.dup2(2, 1)
     # Ctrl-C in the server's terminal is the server's to handle; it stops workers itself.
