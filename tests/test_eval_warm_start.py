@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 
 from plexus_mcp_jupyter.core import EventBus, Store, TaskManager, TaskStatus
+from plexus_mcp_jupyter.core import store as store_module
 from plexus_mcp_jupyter.core.executors import LocalExecutor
 
 from .conftest import poll
@@ -164,6 +165,17 @@ async def test_the_warm_up_after_start_rehearses_the_first_evaluation_and_stores
         assert conn.exec_driver_sql("SELECT count(*) FROM evaluations").scalar_one() == 0
     compiled = [c.string for c in engine._compiled_cache.values()]  # SQLAlchemy's compiled statements
     assert any(sql.startswith("INSERT INTO evaluations") for sql in compiled), compiled
+    # The task's own writes on SQLite's driver (compiled on first use, on the event loop): its claim, progress
+    # with a stage and a sample, and its end.
+    prepared = runtime.store._on_driver
+    for statement in (
+        store_module._CLAIM,
+        store_module._progress_update(final=False, held=True),
+        store_module._progress_update(final=True, held=True),
+        store_module._upsert_stages_statement("sqlite"),
+        store_module._INSERT_SAMPLES,
+    ):
+        assert statement in prepared, statement
     pd.DataFrame({"label": ["yes", "no"] * 50, "prediction": ["yes"] * 100}).to_csv(jp_root_dir / "w.csv", index=False)
     async with mcp_client() as client:
         made = await create(

@@ -122,7 +122,8 @@ class EvaluationService:
         """Once after start, in the pruning thread: what the first create_evaluation would otherwise do for the
         first time, on the event loop (SQLite: the task's insert) or in the threads it waits for. A request is
         planned (an example dataset: its header read, the scorer spec checked), its task and record inserted in
-        a transaction rolled back (SQLAlchemy compiles and caches the statements), and the record and task read
+        a transaction rolled back with its claim, progress, stage, sample and final writes (SQLAlchemy, and on
+        SQLite the store's driver-level writes, compile and cache the statements), and the record and task read
         (none found). 130-330 ms of the first call's, measured; nothing is stored."""
         try:
             request = CreateEvaluation.parse(
@@ -131,7 +132,9 @@ class EvaluationService:
             spec = self.planned_spec(self.plan(request), None)
             task = self.manager.new_task("evaluation", spec.params, description=spec.description, internal=True)
             record = spec.record
-            self.manager.store.rehearse_create_task(task, also=lambda conn: record(task, conn))
+            self.manager.store.rehearse_create_task(
+                task, also=lambda conn: record(task, conn), holder=self.manager.server_id
+            )
             self.store.get(task.params["evaluation_id"])
             self._stored_tasks([{"task_id": task.id}])
         except Exception:  # the store is unreachable, say: the first evaluation then pays it, as before

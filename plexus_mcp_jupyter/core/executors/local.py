@@ -65,7 +65,8 @@ def start_forkserver_early(extra: Sequence[str]) -> bool:
     Its imports (pandas, pyarrow, SQLAlchemy for the evaluations: ~0.7 s of CPU, several seconds on a loaded
     machine) then overlap the server's own start, instead of delaying the first task after it. A LocalExecutor
     started later uses it when it wants the same preload, and restarts it otherwise; `stop_early_forkserver`
-    ends it when no LocalExecutor will. False (nothing started) where forkserver is not available.
+    ends it when no LocalExecutor will. False (nothing started) where forkserver is not available, or when this
+    process runs one already (an executor's, whose preload is left as it is).
     """
     global _early_preload
     if "forkserver" not in mp.get_all_start_methods():
@@ -74,6 +75,8 @@ def start_forkserver_early(extra: Sequence[str]) -> bool:
 
     preload = forkserver_preload(extra)
     with _early_lock:
+        if forkserver._forkserver._forkserver_pid is not None:  # type: ignore[attr-defined]
+            return False
         mp.get_context("forkserver").set_forkserver_preload(preload)
         forkserver.ensure_running()
         _early_preload = preload
