@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -117,8 +116,8 @@ class PlexusRuntime:
             self.executor, self.executor_problem = executor_with_fallback(settings)
             if not (isinstance(self.executor, LocalExecutor) and self.executor.start_method == "forkserver"):
                 # A forkserver started ahead for a local executor (plexus_mcp_jupyter._start_workers_early) that
-                # will not use it: ended off the loop (it finishes its imports first).
-                threading.Thread(target=stop_early_forkserver, name="plexus-forkserver-stop", daemon=True).start()
+                # will not use it: ended.
+                stop_early_forkserver()
             self._assemble(settings, registered_dir, items_dir)
         except BaseException:
             self._release_unstarted()

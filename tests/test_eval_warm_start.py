@@ -211,13 +211,14 @@ def test_the_forkserver_started_early_is_the_one_the_executor_uses_and_workers_s
     """plexus_mcp_jupyter._start_workers_early starts the forkserver while Jupyter imports the extension, with the
     preload the local executor computes once the evaluation type is registered (EARLY_PRELOAD): the executor then
     forks from it rather than start another, and its workers see the environment the server set after it started.
-    An executor wanting another preload restarts it."""
+    An executor wanting another preload replaces it; a runtime without a local executor ends it."""
     run_python(
-        "import asyncio, os, tempfile\n"
+        "import asyncio, os, tempfile, time\n"
         "from multiprocessing import forkserver\n"
         "import plexus_mcp_jupyter\n"
         "from plexus_mcp_jupyter.core import EventBus, Store, TaskManager, TaskStatus\n"
         "from plexus_mcp_jupyter.core.executors.local import LocalExecutor, start_forkserver_early\n"
+        "from plexus_mcp_jupyter.core.executors.local import stop_early_forkserver\n"
         "from plexus_mcp_jupyter.core.tasks import TaskType, register_task_type\n"
         "from plexus_mcp_jupyter.evaluations.task_type import register_evaluation_task_type\n"
         "assert start_forkserver_early(plexus_mcp_jupyter.EARLY_PRELOAD)\n"
@@ -241,8 +242,18 @@ def test_the_forkserver_started_early_is_the_one_the_executor_uses_and_workers_s
         "tmp = tempfile.mkdtemp()\n"
         "same = asyncio.run(facts(f'{tmp}/a.db'))\n"
         "assert same == {'late': 'set after the forkserver started', 'parent': early, 'runner_loaded': True}, same\n"
+        "forkserver._forkserver._stop()  # its workers are gone: it exits\n"
+        "assert start_forkserver_early(plexus_mcp_jupyter.EARLY_PRELOAD)\n"
+        "early = forkserver._forkserver._forkserver_pid\n"
         "other = asyncio.run(facts(f'{tmp}/b.db', preload=[]))\n"
         "assert other['parent'] != early and not other['runner_loaded'], other\n"
         "assert other['late'] == 'set after the forkserver started', other\n"
         "forkserver._forkserver._stop()\n"
+        "assert start_forkserver_early(plexus_mcp_jupyter.EARLY_PRELOAD)\n"
+        "early = forkserver._forkserver._forkserver_pid\n"
+        "stop_early_forkserver()  # what the runtime does when its executor is not a local one\n"
+        "deadline = time.monotonic() + 60\n"
+        "while os.path.exists(f'/proc/{early}') and time.monotonic() < deadline:\n"
+        "    time.sleep(0.05)\n"
+        "assert not os.path.exists(f'/proc/{early}'), 'the early forkserver did not end'\n"
     )

@@ -84,17 +84,33 @@ def start_forkserver_early(extra: Sequence[str]) -> bool:
 
 
 def stop_early_forkserver(wanted: Sequence[str] | None = None) -> None:
-    """Stop the forkserver `start_forkserver_early` started, unless its preload is `wanted` (blocks until it has
-    finished its imports: call it off the event loop). Nothing when none was started early."""
+    """Settle the forkserver `start_forkserver_early` started (nothing when there is none, or once settled): the
+    first LocalExecutor to start adopts it when its preload is `wanted`, and it is ended otherwise (no executor:
+    `wanted` None), before any worker came from it. Never blocks: the stdlib's `_stop` waits for the forkserver's
+    exit, i.e. for the end of its imports."""
     global _early_preload
     with _early_lock:
-        if _early_preload is None or (wanted is not None and list(wanted) == _early_preload):
-            return
-        from multiprocessing import forkserver
+        early, _early_preload = _early_preload, None
+    if early is None or (wanted is not None and list(wanted) == early):
+        return
+    from multiprocessing import forkserver, util
 
-        _early_preload = None
-        with contextlib.suppress(OSError, ChildProcessError):
-            forkserver._forkserver._stop()  # type: ignore[attr-defined]  # the stdlib's own way to end it
+    server = forkserver._forkserver  # type: ignore[attr-defined]
+    with server._lock:  # as ForkServer._stop, without its wait: the next process start starts a new one
+        pid, alive, address = server._forkserver_pid, server._forkserver_alive_fd, server._forkserver_address
+        server._forkserver_pid = server._forkserver_alive_fd = server._forkserver_address = None
+    if pid is None:
+        return
+    os.close(alive)  # its lifeline: it exits once its imports are done (no worker holds another copy)
+    if address and not util.is_abstract_socket_namespace(address):
+        with contextlib.suppress(OSError):
+            os.unlink(address)
+    threading.Thread(target=_reap, args=(pid,), name="plexus-forkserver-reap", daemon=True).start()
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
 
 
 @contextlib.contextmanager
@@ -211,6 +227,9 @@ class LocalExecutor(Executor):
             # Before the forkserver starts (_warm_up): it imports these once, and every worker forks from it.
             extra = self.preload if self.preload is not None else tasks.preload_modules()
             self._forkserver_preload = forkserver_preload(extra)
+            # One started early (start_forkserver_early) serves if it imports what this executor wants; this
+            # executor adopts it, or it is ended (at once, before any worker comes from it) and replaced.
+            stop_early_forkserver(self._forkserver_preload)
             self._mp.set_forkserver_preload(self._forkserver_preload)
         self._closing = False
         self._wake_r, self._wake_w = self._mp.Pipe(duplex=False)
@@ -226,9 +245,6 @@ class LocalExecutor(Executor):
         if self._forkserver_preload is not None:
             from multiprocessing import forkserver
 
-            # One started early (start_forkserver_early) serves if it imports what this executor wants.
-            stop_early_forkserver(self._forkserver_preload)
-            self._mp.set_forkserver_preload(self._forkserver_preload)
             forkserver.ensure_running()
         if self.reuse:
             self._fill_pool()
