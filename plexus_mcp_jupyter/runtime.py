@@ -122,6 +122,9 @@ class PlexusRuntime:
         except BaseException:
             self._release_unstarted()
             raise
+        # While Jupyter finishes starting (its other extensions, its web application): not after it is ready,
+        # where the rehearsal competed with the first create_evaluation for the CPU and the GIL.
+        self.evaluations.warm_up_soon()
 
     def _release_unstarted(self) -> None:
         """What __init__ built before a step failed: a LocalCluster's processes, the store's connections."""
