@@ -95,7 +95,7 @@ def stop_early_forkserver(wanted: Sequence[str] | None = None) -> None:
         return
     from multiprocessing import forkserver, util
 
-    server = forkserver._forkserver  # type: ignore[attr-defined]
+    server: Any = forkserver._forkserver  # the stdlib ForkServer: its private state, as its _stop uses it
     with server._lock:  # as ForkServer._stop, without its wait: the next process start starts a new one
         pid, alive, address = server._forkserver_pid, server._forkserver_alive_fd, server._forkserver_address
         server._forkserver_pid = server._forkserver_alive_fd = server._forkserver_address = None
