@@ -95,10 +95,11 @@ def stop_early_forkserver(wanted: Sequence[str] | None = None) -> None:
         return
     from multiprocessing import forkserver, util
 
-    server: Any = forkserver._forkserver  # the stdlib ForkServer: its private state, as its _stop uses it
-    with server._lock:  # as ForkServer._stop, without its wait: the next process start starts a new one
-        pid, alive, address = server._forkserver_pid, server._forkserver_alive_fd, server._forkserver_address
-        server._forkserver_pid = server._forkserver_alive_fd = server._forkserver_address = None
+    # As ForkServer._stop, without its wait: the next process start starts a new one. Without its lock too: no
+    # executor has used this forkserver (the first to start settles it, before it starts any process).
+    server: Any = forkserver._forkserver
+    pid, alive, address = server._forkserver_pid, server._forkserver_alive_fd, server._forkserver_address
+    server._forkserver_pid = server._forkserver_alive_fd = server._forkserver_address = None
     if pid is None:
         return
     os.close(alive)  # its lifeline: it exits once its imports are done (no worker holds another copy)
