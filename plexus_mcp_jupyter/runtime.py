@@ -14,6 +14,7 @@ from .config import PlexusSettings, SettingsError
 from .core.errors import InvalidArgument, NotFound
 from .core.events import EventBus
 from .core.executors import Executor, ExecutorUnavailable, LocalExecutor
+from .core.executors.local import stop_early_forkserver
 from .core.leases import LeaseKeeper, lease_problem
 from .core.manager import TaskManager
 from .core.models import TaskStatus
@@ -113,10 +114,17 @@ class PlexusRuntime:
         try:
             # Why the configured executor is not the one running tasks (dask_fallback=local), for health.
             self.executor, self.executor_problem = executor_with_fallback(settings)
+            if not (isinstance(self.executor, LocalExecutor) and self.executor.start_method == "forkserver"):
+                # A forkserver started ahead for a local executor (plexus_mcp_jupyter._start_workers_early) that
+                # will not use it: ended.
+                stop_early_forkserver()
             self._assemble(settings, registered_dir, items_dir)
         except BaseException:
             self._release_unstarted()
             raise
+        # While Jupyter finishes starting (its other extensions, its web application): not after it is ready,
+        # where the rehearsal competed with the first create_evaluation for the CPU and the GIL.
+        self.evaluations.warm_up_soon()
 
     def _release_unstarted(self) -> None:
         """What __init__ built before a step failed: a LocalCluster's processes, the store's connections."""

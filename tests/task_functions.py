@@ -63,3 +63,16 @@ def warns(ctx) -> str:
 
     warnings.warn("the data looks odd", UserWarning, stacklevel=1)
     return "done"
+
+
+def worker_facts(ctx) -> dict:
+    """What the worker running it sees: an environment variable the tests set, its parent (the forkserver) and
+    whether the evaluation runner was imported before the task (by the forkserver's preload)."""
+    import os
+    import sys
+
+    return {
+        "late": os.environ.get("PLEXUS_TEST_LATE"),
+        "parent": os.getppid(),
+        "runner_loaded": "plexus_mcp_jupyter.evaluations.runner" in sys.modules,
+    }

@@ -9,9 +9,12 @@ the server answers while no worker can start, and the task runs on the first wor
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -19,6 +22,7 @@ import pandas as pd
 import pytest
 
 from plexus_mcp_jupyter.core import EventBus, Store, TaskManager, TaskStatus
+from plexus_mcp_jupyter.core import store as store_module
 from plexus_mcp_jupyter.core.executors import LocalExecutor
 
 from .conftest import poll
@@ -161,9 +165,95 @@ async def test_the_warm_up_after_start_rehearses_the_first_evaluation_and_stores
         assert conn.exec_driver_sql("SELECT count(*) FROM evaluations").scalar_one() == 0
     compiled = [c.string for c in engine._compiled_cache.values()]  # SQLAlchemy's compiled statements
     assert any(sql.startswith("INSERT INTO evaluations") for sql in compiled), compiled
+    # The task's own writes on SQLite's driver (compiled on first use, on the event loop): its claim, progress
+    # with a stage and a sample, and its end.
+    prepared = runtime.store._on_driver
+    for statement in (
+        store_module._CLAIM,
+        store_module._progress_update(final=False, held=True),
+        store_module._progress_update(final=True, held=True),
+        store_module._upsert_stages_statement("sqlite"),
+        store_module._INSERT_SAMPLES,
+    ):
+        assert statement in prepared, statement
     pd.DataFrame({"label": ["yes", "no"] * 50, "prediction": ["yes"] * 100}).to_csv(jp_root_dir / "w.csv", index=False)
     async with mcp_client() as client:
         made = await create(
             client, type="accuracy", dataset="w.csv", label_column="label", prediction_column="prediction"
         )
         assert (await finished(client, made["evaluation_id"]))["status"] == "COMPLETED"
+
+
+def run_python(code: str) -> None:
+    """`code` in a fresh interpreter (its imports and its forkserver are its own), from the repository's root."""
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=root)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_worker_imports_neither_the_manager_nor_the_store_nor_pydantic():
+    """The forkserver imports `core.worker` before any worker exists: through the core package's lazy names it
+    costs ~50 ms, not the ~300 ms of the manager, the store (SQLAlchemy) and the executors it once pulled."""
+    run_python(
+        "import sys\n"
+        "import plexus_mcp_jupyter.core.worker\n"
+        "heavy = [n for n in sys.modules if n.split('.')[0] in ('sqlalchemy', 'pydantic', 'asyncio', 'pandas')\n"
+        "         or n in ('plexus_mcp_jupyter.core.manager', 'plexus_mcp_jupyter.core.store')]\n"
+        "assert not heavy, heavy\n"
+        "from plexus_mcp_jupyter.core import Store, TaskManager, InvalidArgument, __all__\n"
+        "import plexus_mcp_jupyter.core as core\n"
+        "assert sorted(__all__) == sorted(core._MODULES) and all(getattr(core, n) for n in __all__)\n"
+        "assert TaskManager.__module__ == 'plexus_mcp_jupyter.core.manager'\n"
+    )
+
+
+def test_the_forkserver_started_early_is_the_one_the_executor_uses_and_workers_see_the_servers_environment():
+    """plexus_mcp_jupyter._start_workers_early starts the forkserver while Jupyter imports the extension, with the
+    preload the local executor computes once the evaluation type is registered (EARLY_PRELOAD): the executor then
+    forks from it rather than start another, and its workers see the environment the server set after it started.
+    An executor wanting another preload replaces it; a runtime without a local executor ends it."""
+    run_python(
+        "import asyncio, os, tempfile, time\n"
+        "from multiprocessing import forkserver\n"
+        "import plexus_mcp_jupyter\n"
+        "from plexus_mcp_jupyter.core import EventBus, Store, TaskManager, TaskStatus\n"
+        "from plexus_mcp_jupyter.core.executors.local import LocalExecutor, start_forkserver_early\n"
+        "from plexus_mcp_jupyter.core.executors.local import stop_early_forkserver\n"
+        "from plexus_mcp_jupyter.core.tasks import TaskType, register_task_type\n"
+        "from plexus_mcp_jupyter.evaluations.task_type import register_evaluation_task_type\n"
+        "assert start_forkserver_early(plexus_mcp_jupyter.EARLY_PRELOAD)\n"
+        "early = forkserver._forkserver._forkserver_pid\n"
+        "os.environ['PLEXUS_TEST_LATE'] = 'set after the forkserver started'\n"
+        "register_evaluation_task_type()\n"
+        "register_task_type(TaskType('facts', 'tests.task_functions:worker_facts', 'facts'))\n"
+        "async def facts(db, **executor):\n"
+        "    store = Store(f'sqlite:///{db}')\n"
+        "    m = TaskManager(store, EventBus(), LocalExecutor(**executor), max_concurrency=1, poll_interval=0.1)\n"
+        "    await m.start()\n"
+        "    try:\n"
+        "        task = m.dispatch('facts', {})\n"
+        "        await m.wait_final([task.id], 60)\n"
+        "        done = m.get(task.id)\n"
+        "        assert done.status is TaskStatus.COMPLETED, done\n"
+        "        return done.output\n"
+        "    finally:\n"
+        "        await m.stop()\n"
+        "        store.close()\n"
+        "tmp = tempfile.mkdtemp()\n"
+        "same = asyncio.run(facts(f'{tmp}/a.db'))\n"
+        "assert same == {'late': 'set after the forkserver started', 'parent': early, 'runner_loaded': True}, same\n"
+        "forkserver._forkserver._stop()  # its workers are gone: it exits\n"
+        "assert start_forkserver_early(plexus_mcp_jupyter.EARLY_PRELOAD)\n"
+        "early = forkserver._forkserver._forkserver_pid\n"
+        "other = asyncio.run(facts(f'{tmp}/b.db', preload=[]))\n"
+        "assert other['parent'] != early and not other['runner_loaded'], other\n"
+        "assert other['late'] == 'set after the forkserver started', other\n"
+        "forkserver._forkserver._stop()\n"
+        "assert start_forkserver_early(plexus_mcp_jupyter.EARLY_PRELOAD)\n"
+        "early = forkserver._forkserver._forkserver_pid\n"
+        "stop_early_forkserver()  # what the runtime does when its executor is not a local one\n"
+        "deadline = time.monotonic() + 60\n"
+        "while os.path.exists(f'/proc/{early}') and time.monotonic() < deadline:\n"
+        "    time.sleep(0.05)\n"
+        "assert not os.path.exists(f'/proc/{early}'), 'the early forkserver did not end'\n"
+    )

@@ -8,8 +8,14 @@ Jupyter server through the official SDK client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -276,3 +282,56 @@ def test_a_stage_change_sends_no_count_the_server_completes_anyway():
     ctx.stage("After")
     assert [type(m).__name__ for m in sent] == ["Stage", "Stage", "Progress", "Stage", "Progress", "Stage"]
     assert sent[2] == Progress(2, None) and sent[4] == Progress(1, "a message the server has not seen")
+
+
+ORPHANED = """
+import asyncio, os, sys
+from multiprocessing import forkserver
+from plexus_mcp_jupyter.core import EventBus, Store, TaskManager
+from plexus_mcp_jupyter.core.executors import LocalExecutor
+from plexus_mcp_jupyter.core.tasks import TaskType, register_task_type
+
+register_task_type(TaskType("stubborn", "tests.task_functions:stubborn", "ignores cancellation"))
+
+
+async def main():
+    m = TaskManager(Store(f"sqlite:///{sys.argv[1]}"), EventBus(), LocalExecutor(), max_concurrency=1)
+    await m.start()
+    task = m.dispatch("stubborn", {})
+    while m.executor.pid(task.id) is None or m.get(task.id).current_stage != "Stubborn":
+        await asyncio.sleep(0.05)
+    with open(sys.argv[2], "w") as f:
+        f.write(f"{m.executor.pid(task.id)} {forkserver._forkserver._forkserver_pid}")
+    os._exit(0)  # as SIGKILL would: no shutdown, no atexit
+
+
+asyncio.run(main())
+"""
+
+
+def test_a_worker_whose_server_died_mid_task_ends_and_so_does_the_forkserver(tmp_path):
+    """A server killed while a task runs (one that never looks at its pipe) leaves neither the worker running it
+    nor the forkserver behind (the worker holds a copy of the forkserver's lifeline): a worker ends when the
+    server's end of its pipe closes (worker._exit_with_the_server)."""
+    root = Path(__file__).resolve().parent.parent
+    pids, output = tmp_path / "pids", tmp_path / "output"
+    with output.open("w") as out:  # a file, not a pipe: the processes left behind would hold a pipe open
+        code = subprocess.run(
+            [sys.executable, "-c", ORPHANED, str(tmp_path / "orphan.db"), str(pids)],
+            stdout=out,
+            stderr=out,
+            timeout=120,
+            cwd=root,
+        ).returncode
+    assert code == 0, output.read_text()
+    worker, server = (int(pid) for pid in pids.read_text().split())
+    try:
+        deadline = time.monotonic() + 30
+        while (_pid_alive(worker) or _pid_alive(server)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _pid_alive(worker), "the orphaned worker still runs its task"
+        assert not _pid_alive(server), "the forkserver outlived its server"
+    finally:
+        for pid in (worker, server):  # only when the test failed: what it started must not outlive it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

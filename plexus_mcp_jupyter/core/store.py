@@ -7,6 +7,7 @@ transaction, so a failure leaves no half-written row. The Store knows nothing of
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import hashlib
 import json
@@ -14,6 +15,7 @@ import logging
 import operator
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -483,13 +485,25 @@ class Store:
         with self.engine.begin() as conn:
             self._insert_task(conn, task, also)
 
-    def rehearse_create_task(self, task: Task, *, also: Callable[[Connection], None] | None = None) -> None:
+    def rehearse_create_task(
+        self, task: Task, *, also: Callable[[Connection], None] | None = None, holder: str | None = None
+    ) -> None:
         """`create_task`'s statements, executed and rolled back: nothing is stored, and they are compiled and in
-        the engine's cache (and a connection opened) before the first real one (the warm-up after start)."""
+        the engine's cache (and a connection opened) before the first real one (the warm-up after start). With
+        `holder` (the manager's server id), also the task's claim, a progress write with a stage and a sample,
+        and its final write: on SQLite each statement is compiled on first use, on the event loop."""
         with self.engine.connect() as conn:
             transaction = conn.begin()
             try:
                 self._insert_task(conn, task, also)
+                if holder is not None:
+                    now, worker = time.time(), f"{holder}/pid=0"
+                    self._claim_many(conn, Claim([task.id], worker, now, now + 60))
+                    running = dataclasses.replace(task, worker=worker)
+                    stage = Stage("Warm-up", 0, StageStatus.RUNNING, started_at=now)
+                    sample = ProgressSample(now, stage.name, 0, None)
+                    writes = [ProgressWrite(running, [stage], [sample]), ProgressWrite(running, [], [], final=True)]
+                    self._write_progress(conn, writes, holder=holder)
             finally:
                 transaction.rollback()
 

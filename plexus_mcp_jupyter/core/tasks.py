@@ -90,15 +90,21 @@ def load_target(target: str) -> Callable[..., Any]:
     return getattr(module, attr)  # type: ignore[no-any-return]
 
 
-def _register_builtin() -> None:
-    from . import demo
+def _validate_demo(params: Mapping[str, Any]) -> dict[str, Any]:
+    # demo's checks are a pydantic model: imported where a task is created (the server), never in a worker,
+    # which imports this module to load task functions.
+    from .demo import validate_params
 
+    return validate_params(params)
+
+
+def _register_builtin() -> None:
     register_task_type(
         TaskType(
             name="demo",
             target="plexus_mcp_jupyter.core.demo:run_demo",
             description="Simulated work in three stages, with optional failure.",
-            validate=demo.validate_params,
+            validate=_validate_demo,
         )
     )
 

@@ -12,6 +12,7 @@ import contextlib
 import io
 import os
 import pickle
+import select
 import signal
 import sys
 import threading
@@ -176,14 +177,18 @@ def _rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def pool_main(conn: Any, cancel_seq: Any, nice: int = 0) -> None:
+def pool_main(conn: Any, cancel_seq: Any, nice: int = 0, environ: dict[str, str] | None = None) -> None:
     """Entry point of a local-executor worker process: run the tasks the server sends, one at a time.
 
     Protocol (core/messages.py, pickled on the duplex pipe). Server -> worker: Run, and ToTask, an answer to a
     request of task `seq` (answers for another task, which ended meanwhile, are dropped). Worker -> server:
     the task's messages (module docstring), then End; they come as Batch of messages pickled one by one
-    (Outbox). The worker exits on Stop or when the server's end closes.
+    (Outbox). The worker exits on Stop or when the server's end closes. `environ`: the server's environment
+    when it started this worker, which its tasks see.
     """
+    if environ is not None:
+        os.environ.clear()
+        os.environ.update(environ)
     # The server may speak MCP over its stdout (stdio mode): a worker must never write there.
     os.dup2(2, 1)
     # Ctrl-C in the server's terminal is the server's to handle; it stops workers itself.
@@ -194,6 +199,7 @@ def pool_main(conn: Any, cancel_seq: Any, nice: int = 0) -> None:
         with contextlib.suppress(OSError):
             os.nice(int(nice))
     outbox = Outbox(conn)
+    _exit_with_the_server(conn)
     try:
         while True:
             try:
@@ -232,6 +238,31 @@ def pool_main(conn: Any, cancel_seq: Any, nice: int = 0) -> None:
                 outbox.flush(End(failed, _rss_mb()))
     finally:
         conn.close()
+
+
+def _exit_with_the_server(conn: Any) -> None:
+    """End this worker when the server's end of its pipe closes, even in the middle of a task.
+
+    Idle, the worker sees that end at once (EOF on recv); running a task it did not look, so a task that outlived a
+    server killed with SIGKILL ran on, its reports going nowhere (a long one for minutes; an evaluation writing to
+    the store beside its re-run), and kept the forkserver alive too (every worker holds a copy of its lifeline).
+    A thread waits for the hang-up (Linux's POLLRDHUP: no data is read, the pipe stays the main thread's).
+    """
+    rdhup = getattr(select, "POLLRDHUP", None)
+    if rdhup is None:
+        return
+    watch = select.poll()
+    watch.register(conn.fileno(), rdhup)
+
+    def wait() -> None:
+        while True:
+            try:
+                if watch.poll():  # the server hung up, or the worker closed the pipe on its way out
+                    os._exit(0)
+            except InterruptedError:
+                continue
+
+    threading.Thread(target=wait, name="plexus-server-watch", daemon=True).start()
 
 
 def _tails(stdout: Tail, stderr: Tail) -> dict[str, str | None]:

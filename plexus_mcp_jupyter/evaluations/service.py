@@ -99,7 +99,9 @@ class EvaluationService:
         self.limits = limits
         self._pruner = ThreadPoolExecutor(1, thread_name_prefix="plexus-evaluation-prune")
         self._stopping = threading.Event()
-        self.warmed = threading.Event()  # set once warm_up has run (after start)
+        self.warmed = threading.Event()  # set once warm_up has run (warm_up_soon)
+        self._warm_lock = threading.Lock()
+        self._warm_asked = False
         # Why evaluations cannot run now (Dask workers that do not see the items directory), or None: set by the
         # runtime (items_check.WorkerItemsCheck).
         self.items_problem: Callable[[], str | None] = lambda: None
@@ -116,14 +118,24 @@ class EvaluationService:
             self.manager.pruned_listeners.append(self._on_tasks_pruned)
             self._prune_soon()
             self._on_tasks_pruned([])
-            self._pruner.submit(self.warm_up)
+            self.warm_up_soon()
+
+    def warm_up_soon(self) -> None:
+        """Run `warm_up` once, in the pruning thread (the runtime asks as soon as it is built, before the server
+        answers; start() asks again, which does nothing more)."""
+        with self._warm_lock:
+            if self._warm_asked:
+                return
+            self._warm_asked = True
+        self._pruner.submit(self.warm_up)
 
     def warm_up(self) -> None:
-        """Once after start, in the pruning thread: what the first create_evaluation would otherwise do for the
-        first time, on the event loop (SQLite: the task's insert) or in the threads it waits for. A request is
-        planned (an example dataset: its header read, the scorer spec checked), its task and record inserted in
-        a transaction rolled back (SQLAlchemy compiles and caches the statements), and the record and task read
-        (none found). 130-330 ms of the first call's, measured; nothing is stored."""
+        """Once, in the pruning thread, before the server is ready: what the first create_evaluation would
+        otherwise do for the first time, on the event loop (SQLite: the task's insert) or in the threads it waits
+        for. A request is planned (an example dataset: its header read, the scorer spec checked), its task and
+        record inserted in a transaction rolled back with its claim, progress, stage, sample and final writes
+        (SQLAlchemy, and on SQLite the store's driver-level writes, compile and cache the statements), and the
+        record and task read (none found). 130-330 ms of the first call's, measured; nothing is stored."""
         try:
             request = CreateEvaluation.parse(
                 {"type": "accuracy", "dataset": "example:sentiment", "prediction_column": "prediction"}
@@ -131,7 +143,9 @@ class EvaluationService:
             spec = self.planned_spec(self.plan(request), None)
             task = self.manager.new_task("evaluation", spec.params, description=spec.description, internal=True)
             record = spec.record
-            self.manager.store.rehearse_create_task(task, also=lambda conn: record(task, conn))
+            self.manager.store.rehearse_create_task(
+                task, also=lambda conn: record(task, conn), holder=self.manager.server_id
+            )
             self.store.get(task.params["evaluation_id"])
             self._stored_tasks([{"task_id": task.id}])
         except Exception:  # the store is unreachable, say: the first evaluation then pays it, as before

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing as mp
+import os
 import pickle
 import sys
 import threading
@@ -46,6 +47,71 @@ log = logging.getLogger("plexus_mcp_jupyter")
 
 READ_BATCH = 256  # most messages taken from one pipe per wake-up, so a chatty worker cannot starve the others
 STARTERS = 2  # threads starting workers for waiting tasks: a start mostly waits on the forkserver
+WORKER_MODULE = "plexus_mcp_jupyter.core.worker"
+
+# The preload of a forkserver started ahead of any executor (start_forkserver_early), while it runs.
+_early_preload: list[str] | None = None
+_early_lock = threading.Lock()
+
+
+def forkserver_preload(extra: Sequence[str]) -> list[str]:
+    """What the forkserver imports before it forks a worker: the worker module, then the task modules `extra`."""
+    return [WORKER_MODULE, *extra]
+
+
+def start_forkserver_early(extra: Sequence[str]) -> bool:
+    """Start the forkserver now, importing `forkserver_preload(extra)`, before any LocalExecutor exists.
+
+    Its imports (pandas, pyarrow, SQLAlchemy for the evaluations: ~0.7 s of CPU, several seconds on a loaded
+    machine) then overlap the server's own start, instead of delaying the first task after it. A LocalExecutor
+    started later uses it when it wants the same preload, and restarts it otherwise; `stop_early_forkserver`
+    ends it when no LocalExecutor will. False (nothing started) where forkserver is not available, or when this
+    process runs one already (an executor's, whose preload is left as it is).
+    """
+    global _early_preload
+    if "forkserver" not in mp.get_all_start_methods():
+        return False
+    from multiprocessing import forkserver
+
+    preload = forkserver_preload(extra)
+    with _early_lock:
+        if forkserver._forkserver._forkserver_pid is not None:  # type: ignore[attr-defined]
+            return False
+        mp.get_context("forkserver").set_forkserver_preload(preload)
+        forkserver.ensure_running()
+        _early_preload = preload
+    return True
+
+
+def stop_early_forkserver(wanted: Sequence[str] | None = None) -> None:
+    """Settle the forkserver `start_forkserver_early` started (nothing when there is none, or once settled): the
+    first LocalExecutor to start adopts it when its preload is `wanted`, and it is ended otherwise (no executor:
+    `wanted` None), before any worker came from it. Never blocks: the stdlib's `_stop` waits for the forkserver's
+    exit, i.e. for the end of its imports."""
+    global _early_preload
+    with _early_lock:
+        early, _early_preload = _early_preload, None
+    if early is None or (wanted is not None and list(wanted) == early):
+        return
+    from multiprocessing import forkserver, util
+
+    # As ForkServer._stop, without its wait: the next process start starts a new one. Without its lock too: no
+    # executor has used this forkserver (the first to start settles it, before it starts any process).
+    server: Any = forkserver._forkserver
+    pid, alive, address = server._forkserver_pid, server._forkserver_alive_fd, server._forkserver_address
+    server._forkserver_pid = server._forkserver_alive_fd = server._forkserver_address = None
+    if pid is None:
+        return
+    os.close(alive)  # its lifeline: it exits once its imports are done (no worker holds another copy)
+    if address and not util.is_abstract_socket_namespace(address):
+        with contextlib.suppress(OSError):
+            os.unlink(address)
+    threading.Thread(target=_reap, args=(pid,), name="plexus-forkserver-reap", daemon=True).start()
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
 
 
 @contextlib.contextmanager
@@ -129,6 +195,7 @@ class LocalExecutor(Executor):
         self.start_method = start_method or ("forkserver" if "forkserver" in methods else "spawn")
         self._mp: Any = mp.get_context(self.start_method)
         self.preload = list(preload) if preload is not None else None
+        self._forkserver_preload: list[str] | None = None  # what the forkserver imports (start())
         self._pool_size_given = pool_size is not None
         self.pool_size = pool_size or 0
         self.reuse = reuse
@@ -160,7 +227,11 @@ class LocalExecutor(Executor):
         if self.start_method == "forkserver":
             # Before the forkserver starts (_warm_up): it imports these once, and every worker forks from it.
             extra = self.preload if self.preload is not None else tasks.preload_modules()
-            self._mp.set_forkserver_preload(["plexus_mcp_jupyter.core.worker", *extra])
+            self._forkserver_preload = forkserver_preload(extra)
+            # One started early (start_forkserver_early) serves if it imports what this executor wants; this
+            # executor adopts it, or it is ended (at once, before any worker comes from it) and replaced.
+            stop_early_forkserver(self._forkserver_preload)
+            self._mp.set_forkserver_preload(self._forkserver_preload)
         self._closing = False
         self._wake_r, self._wake_w = self._mp.Pipe(duplex=False)
         self._reader = threading.Thread(target=self._read, name="plexus-worker-reader", daemon=True)
@@ -172,7 +243,7 @@ class LocalExecutor(Executor):
         self._warmer.start()
 
     def _warm_up(self) -> None:
-        if self.start_method == "forkserver":
+        if self._forkserver_preload is not None:
             from multiprocessing import forkserver
 
             forkserver.ensure_running()
@@ -198,7 +269,9 @@ class LocalExecutor(Executor):
         cancel_seq = self._mp.RawValue("q", 0)
         process = self._mp.Process(
             target=worker.pool_main,
-            args=(sender, cancel_seq, self.nice),
+            # The server's environment now, not the forkserver's (which may have started before the server set
+            # its own variables: start_forkserver_early).
+            args=(sender, cancel_seq, self.nice, dict(os.environ)),
             name="plexus-worker",
             daemon=True,
         )
