@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import compileall
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -15,8 +16,18 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from traitlets.config import Config
 
+import plexus_mcp_jupyter
 from plexus_mcp_jupyter.core.tasks import TaskType, register_task_type, unregister_task_type
 from plexus_mcp_jupyter.security.keys import keys_table
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Byte-compile the package once, here, before any server starts. On a fresh clone nothing is compiled, and
+    the servers' background threads (warm-ups, the datasets' threads) import modules lazily: compiling in a
+    thread while the main thread parses too trips CPython 3.11's AST recursion-depth bookkeeping
+    ("SystemError: AST constructor recursion depth mismatch", python/cpython#106905; pytest-dev/pytest#10874)."""
+    compileall.compile_dir(plexus_mcp_jupyter.__path__[0], quiet=2)
+
 
 pytest_plugins = ("pytest_jupyter.jupyter_server", "tests.postgres")
 
