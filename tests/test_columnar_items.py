@@ -257,3 +257,12 @@ def test_a_re_run_starts_from_no_files_and_a_late_chunk_after_clean_up_lands_now
         assert not files.directory("e").exists()
     finally:
         store.close()
+
+
+def test_the_sweep_takes_only_evaluations_folders_not_the_servers_markers(tmp_path):
+    """The items directory also holds the shared-directory check's markers (.plexus-servers): the sweep lists
+    evaluations' folders only, so it neither logs that folder as a bad id nor deletes it."""
+    files = ItemFiles(tmp_path / "items")
+    for name in (".plexus-servers", "0b8f3c1e-5d2a-4f7e-9c61-2a4b6d8e0f13"):
+        (files.root / name).mkdir(parents=True)
+    assert files.evaluation_ids() == ["0b8f3c1e-5d2a-4f7e-9c61-2a4b6d8e0f13"]

@@ -132,7 +132,8 @@ class ItemFiles:
     def evaluation_ids(self) -> list[str]:
         """The evaluations that have a directory here (for sweeping those whose record is gone)."""
         try:
-            return sorted(entry.name for entry in os.scandir(self.root) if entry.is_dir())
+            # Hidden folders are not evaluations' (the items-directory check's markers, .plexus-servers).
+            return sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
         except FileNotFoundError:
             return []
 
