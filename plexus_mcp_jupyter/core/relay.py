@@ -217,10 +217,11 @@ class EventRelay:
 
     def _send(self, events: Sequence[Event]) -> None:
         try:
-            with self.store.engine.begin() as conn:
-                if self.postgres:  # delivered at commit, to every LISTENing server (ours ignores its own)
+            if self.postgres:  # one statement, in autocommit: NOTIFY delivered at its commit to every LISTENing server
+                with self.store.reads.connect() as conn:  # (ours ignores its own)
                     conn.exec_driver_sql(_PG_SEND, self._pg_rows(events))
-                else:
+            else:
+                with self.store.engine.begin() as conn:
                     conn.execute(sa.insert(outbox_table), [self._row(e) for e in events])
         except Exception:
             with self._lock:  # keep them for the next round, unless a newer state of the entity came meanwhile
@@ -282,7 +283,7 @@ class EventRelay:
     def _read(self) -> None:
         while not self._stop.is_set():
             full = self._full
-            with self.store.engine.connect() as conn:
+            with self.store.reads.connect() as conn:  # PostgreSQL: autocommit, no BEGIN and ROLLBACK round trips
                 rows = self._fetch(conn, full)
                 if not rows:
                     return
