@@ -5,7 +5,8 @@ on one PostgreSQL or one SQLite file) would never reach this server's MCP subscr
 or notebook mirrors. The relay closes that gap with the store itself, nothing else to deploy:
 
 * Out: it listens to this server's bus and writes the events to a small outbox table
-  (`plexus_event_outbox`), one transaction per `interval` at most, coalesced per entity like a
+  (`plexus_event_outbox`), one transaction per `interval` at most (on PostgreSQL one statement, its NOTIFY
+  with it), coalesced per entity like a
   subscription is: a final state always goes out, the progress of a running task at most once per
   `progress_interval` (the rate its progress is written to the store anyway). Events from other servers
   (those with an `origin`) are never sent on again.
