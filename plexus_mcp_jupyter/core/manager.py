@@ -1256,28 +1256,32 @@ class TaskManager:
         try:
             policy = self._policy()
             running = self._running_tasks()
-            read, window, cut, starts, won, started_at, gone = await self._write(
+            planned = await self._write(
                 self._read_plan_claim, policy, running, self._fair.copy(), self._window_view(policy), version
             )
-            if self._stopping:  # claimed for nothing: back to the queue, for the next server
-                for task_id in won:
-                    await self._write(self.store.requeue, task_id)
-                return
-            # Tasks queued while the pass ran were not in its window: the queue is not known to be empty.
-            self._start_claimed(
-                policy, read, window, cut, starts, won, started_at, exhausted=self._queue_version == version, gone=gone
-            )
+            await self._start_planned(policy, planned, version)
         except Exception as exc:
-            unavailable = store_unavailable(exc)
-            if unavailable is None:
-                log.exception("Plexus: a scheduling pass failed; the next maintenance tick retries")
-            else:
-                log.warning("Plexus: a scheduling pass could not read the queue: %s", unavailable)
+            _log_failed_pass(exc)
         finally:
-            self._scheduling = False
-            if self._schedule_pending:
-                self._schedule_pending = False
-                self._schedule()
+            self._pass_done()
+
+    async def _start_planned(self, policy: QueuePolicy, planned: tuple[Any, ...], version: int) -> None:
+        """On the loop: start what a pass of the writer thread (`_read_plan_claim`) claimed."""
+        read, window, cut, starts, won, started_at, gone = planned
+        if self._stopping:  # claimed for nothing: back to the queue, for the next server
+            for task_id in won:
+                await self._write(self.store.requeue, task_id)
+            return
+        # Tasks queued while the pass ran were not in its window: the queue is not known to be empty.
+        self._start_claimed(
+            policy, read, window, cut, starts, won, started_at, exhausted=self._queue_version == version, gone=gone
+        )
+
+    def _pass_done(self) -> None:
+        self._scheduling = False
+        if self._schedule_pending:
+            self._schedule_pending = False
+            self._schedule()
 
     def _start_claimed(
         self,
@@ -1490,7 +1494,7 @@ class TaskManager:
         """The scheduling pass that the end of the `ending` tasks calls for, planned now so that its claims
         commit with their final writes (one transaction: `_flush`); None when there is nothing to plan (no
         task ends, the queue is known to be empty, no slot would be free). Local store only: on a networked
-        one the pass runs on the writer thread after the write (`_schedule_off_loop`)."""
+        one it runs in the write's writer-thread hop, right after it commits (`_flush_off_loop`)."""
         if not ending or self._stopping or self._loop is None or self._queue_empty:
             return None
         running = [task for task in self._running_tasks() if task.id not in ending]
@@ -1507,13 +1511,29 @@ class TaskManager:
         return ProgressWrite(pending.task, list(pending.stages.values()), list(pending.samples), pending.final)
 
     async def _flush_off_loop(self) -> None:
+        """`_flush` on a networked store. When the write ends tasks, the scheduling pass their slots call for runs in
+        the same writer-thread hop, right after the write commits (a transaction of its own: its claim may be
+        undone and planned again, `Store.claim_planned`): one hop and one loop turn per small task's end and its
+        successor's start, not two."""
         batch = [(p, p.changes, len(p.samples), len(p.events), p.final) for p in self._pending.values()]
+        writes = [self._write_of(p) for p, *_ in batch]
+        version = self._queue_version
+        then = self._pass_with_write({p.task.id for p, *_, final in batch if final})
+
+        def write_then_pass() -> tuple[set[str], Any]:
+            lost = self.store.save_progress_many(writes, holder=self.server_id)
+            if then is None:
+                return lost, None
+            try:
+                return lost, self._read_plan_claim(*then, version)
+            except Exception as exc:  # the write committed: its tasks are released all the same
+                return lost, exc
+
         try:
-            write = functools.partial(
-                self.store.save_progress_many, [self._write_of(p) for p, *_ in batch], holder=self.server_id
-            )
-            lost = await self._write(write)
+            lost, planned = await self._write(write_then_pass)
         except Exception as exc:
+            if then is not None:
+                self._pass_done()
             unavailable = store_unavailable(exc)
             if unavailable is None:
                 log.exception("Plexus: could not record the progress of %d tasks; retrying", len(batch))
@@ -1523,8 +1543,31 @@ class TaskManager:
         finally:
             self._flushing = False
         self._committed(batch, lost)
+        if then is not None:
+            try:
+                if isinstance(planned, Exception):
+                    raise planned
+                await self._start_planned(then[0], planned, version)
+            except Exception as exc:
+                _log_failed_pass(exc)
+            finally:
+                self._pass_done()
         if self._pending:
             self._flush_soon()
+
+    def _pass_with_write(
+        self, ending: set[str]
+    ) -> tuple[QueuePolicy, list[Task], FairClock, tuple[list[Task], dict[Group, int]] | None] | None:
+        """What `_read_plan_claim` needs for the pass that the end of the `ending` tasks calls for, taken now on the
+        loop (the pass is then under way: `_scheduling`); None when no pass is called for or one is under way."""
+        if not ending or self._scheduling or self._stopping or self._loop is None or self._queue_empty:
+            return None
+        running = [task for task in self._running_tasks() if task.id not in ending]
+        if len(running) >= self.max_concurrency:
+            return None
+        self._scheduling = True
+        policy = self._policy()
+        return policy, running, self._fair.copy(), self._window_view(policy)
 
     def _committed(self, batch: list[tuple[_PendingWrite, int, int, int, bool]], lost: set[str]) -> None:
         """After a batched write committed: drop what it wrote from the pending writes (what was added while it
@@ -1778,6 +1821,14 @@ def _owner_gone(worker: str | None, own_instance: str, lease_expires_at: float |
     except PermissionError:
         return False
     return False
+
+
+def _log_failed_pass(exc: Exception) -> None:
+    unavailable = store_unavailable(exc)
+    if unavailable is None:
+        log.error("Plexus: a scheduling pass failed; the next maintenance tick retries", exc_info=exc)
+    else:
+        log.warning("Plexus: a scheduling pass could not read the queue: %s", unavailable)
 
 
 def _pass_head(policy: QueuePolicy) -> int:
