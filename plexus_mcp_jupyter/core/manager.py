@@ -1530,27 +1530,29 @@ class TaskManager:
                 return lost, exc
 
         try:
-            lost, planned = await self._write(write_then_pass)
-        except Exception as exc:
-            if then is not None:
-                self._pass_done()
-            unavailable = store_unavailable(exc)
-            if unavailable is None:
-                log.exception("Plexus: could not record the progress of %d tasks; retrying", len(batch))
-            else:
-                log.warning("Plexus: could not record the progress of %d tasks (%s); retrying", len(batch), unavailable)
-            return
-        finally:
-            self._flushing = False
-        self._committed(batch, lost)
-        if then is not None:
             try:
-                if isinstance(planned, Exception):
-                    raise planned
-                await self._start_planned(then[0], planned, version)
+                lost, planned = await self._write(write_then_pass)
             except Exception as exc:
-                _log_failed_pass(exc)
+                unavailable = store_unavailable(exc)
+                if unavailable is None:
+                    log.exception("Plexus: could not record the progress of %d tasks; retrying", len(batch))
+                else:
+                    log.warning(
+                        "Plexus: could not record the progress of %d tasks (%s); retrying", len(batch), unavailable
+                    )
+                return
             finally:
+                self._flushing = False
+            self._committed(batch, lost, schedule=then is None)  # else the pass for the freed slots ran with it
+            if then is not None:
+                try:
+                    if isinstance(planned, Exception):
+                        raise planned
+                    await self._start_planned(then[0], planned, version)
+                except Exception as exc:
+                    _log_failed_pass(exc)
+        finally:
+            if then is not None:
                 self._pass_done()
         if self._pending:
             self._flush_soon()
@@ -1569,10 +1571,13 @@ class TaskManager:
         policy = self._policy()
         return policy, running, self._fair.copy(), self._window_view(policy)
 
-    def _committed(self, batch: list[tuple[_PendingWrite, int, int, int, bool]], lost: set[str]) -> None:
+    def _committed(
+        self, batch: list[tuple[_PendingWrite, int, int, int, bool]], lost: set[str], *, schedule: bool = True
+    ) -> None:
         """After a batched write committed: drop what it wrote from the pending writes (what was added while it
-        was written stays, for the next one), publish its events in order, release the tasks that ended. The
-        `lost` tasks were not written: another server holds them now (`_taken_over`)."""
+        was written stays, for the next one), publish its events in order, release the tasks that ended (and with
+        `schedule`, pass for their slots). The `lost` tasks were not written: another server holds them now
+        (`_taken_over`)."""
         ended = False
         for pending, changes, samples, events, final in batch:
             task = pending.task
@@ -1596,7 +1601,7 @@ class TaskManager:
                 written = written[-1:]
             for kind, moment in written:
                 self.bus.publish(kind, "task", task.id, task.summary_at(moment))
-        if ended:
+        if ended and schedule:
             self._schedule_soon(slot_freed=True)
 
     def _finish(self, task_id: str, exitcode: int | None) -> None:
