@@ -228,6 +228,7 @@ class TaskManager:
         self._scheduling = False  # a scheduling pass is reading or claiming on the writer thread
         self._starting: dict[str, Task] = {}  # started at once by adispatch, their insert under way
         self._flushing = False  # a batched write is being committed on the writer thread
+        self._flush_held = False  # a write that ends tasks waits for the pass under way, to carry the next one
         self._requeueing: set[str] = set()  # ended tasks whose re-queue is under way on the writer thread
         self._recovering: asyncio.Task[None] | None = None  # a lease keeper's recovery under way (recover_soon)
         self._recover_again = False  # asked for again while it ran
@@ -1279,6 +1280,12 @@ class TaskManager:
 
     def _pass_done(self) -> None:
         self._scheduling = False
+        if self._flush_held:  # the write held for this pass goes now, and plans the next pass with it
+            self._flush_held = False
+            self._flush()
+            if self._scheduling:  # the pass it carries is planned after any asked for meanwhile: it is that one
+                self._schedule_pending = False
+                return
         if self._schedule_pending:
             self._schedule_pending = False
             self._schedule()
@@ -1466,9 +1473,18 @@ class TaskManager:
         if not self._pending:
             return
         if self.offload:
-            if not self._flushing and self._loop is not None:
-                self._flushing = True
-                self._loop.create_task(self._flush_off_loop(), name="plexus-flush")
+            if self._flushing or self._loop is None:
+                return
+            if self._scheduling and not self._stopping and any(p.final for p in self._pending.values()):
+                # A pass is under way: its claims are not known here yet, so this write could not plan the pass
+                # its ends call for, which would then make a hop of its own, and keep the next write from riding
+                # too. It goes when that pass lands (`_pass_done`), carrying the next pass.
+                self._flush_held = True
+                return
+            self._flushing = True
+            batch = [(p, p.changes, len(p.samples), len(p.events), p.final) for p in self._pending.values()]
+            then = self._pass_with_write({p.task.id for p, *_, final in batch if final})
+            self._loop.create_task(self._flush_off_loop(batch, then), name="plexus-flush")
             return
         batch = [(p, p.changes, len(p.samples), len(p.events), p.final) for p in self._pending.values()]
         try:
@@ -1510,15 +1526,17 @@ class TaskManager:
     def _write_of(pending: _PendingWrite) -> ProgressWrite:
         return ProgressWrite(pending.task, list(pending.stages.values()), list(pending.samples), pending.final)
 
-    async def _flush_off_loop(self) -> None:
+    async def _flush_off_loop(
+        self,
+        batch: list[tuple[_PendingWrite, int, int, int, bool]],
+        then: tuple[QueuePolicy, list[Task], FairClock, tuple[list[Task], dict[Group, int]] | None] | None,
+    ) -> None:
         """`_flush` on a networked store. When the write ends tasks, the scheduling pass their slots call for runs in
         the same writer-thread hop, right after the write commits (a transaction of its own: its claim may be
         undone and planned again, `Store.claim_planned`): one hop and one loop turn per small task's end and its
         successor's start, not two."""
-        batch = [(p, p.changes, len(p.samples), len(p.events), p.final) for p in self._pending.values()]
         writes = [self._write_of(p) for p, *_ in batch]
         version = self._queue_version
-        then = self._pass_with_write({p.task.id for p, *_, final in batch if final})
 
         def write_then_pass() -> tuple[set[str], Any]:
             lost = self.store.save_progress_many(writes, holder=self.server_id)
