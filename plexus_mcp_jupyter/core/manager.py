@@ -228,6 +228,7 @@ class TaskManager:
         self._scheduling = False  # a scheduling pass is reading or claiming on the writer thread
         self._starting: dict[str, Task] = {}  # started at once by adispatch, their insert under way
         self._flushing = False  # a batched write is being committed on the writer thread
+        self._flush_held = False  # a write that ends tasks waits for the pass under way, to carry the next one
         self._requeueing: set[str] = set()  # ended tasks whose re-queue is under way on the writer thread
         self._recovering: asyncio.Task[None] | None = None  # a lease keeper's recovery under way (recover_soon)
         self._recover_again = False  # asked for again while it ran
@@ -1256,28 +1257,38 @@ class TaskManager:
         try:
             policy = self._policy()
             running = self._running_tasks()
-            read, window, cut, starts, won, started_at, gone = await self._write(
+            planned = await self._write(
                 self._read_plan_claim, policy, running, self._fair.copy(), self._window_view(policy), version
             )
-            if self._stopping:  # claimed for nothing: back to the queue, for the next server
-                for task_id in won:
-                    await self._write(self.store.requeue, task_id)
-                return
-            # Tasks queued while the pass ran were not in its window: the queue is not known to be empty.
-            self._start_claimed(
-                policy, read, window, cut, starts, won, started_at, exhausted=self._queue_version == version, gone=gone
-            )
+            await self._start_planned(policy, planned, version)
         except Exception as exc:
-            unavailable = store_unavailable(exc)
-            if unavailable is None:
-                log.exception("Plexus: a scheduling pass failed; the next maintenance tick retries")
-            else:
-                log.warning("Plexus: a scheduling pass could not read the queue: %s", unavailable)
+            _log_failed_pass(exc)
         finally:
-            self._scheduling = False
-            if self._schedule_pending:
+            self._pass_done()
+
+    async def _start_planned(self, policy: QueuePolicy, planned: tuple[Any, ...], version: int) -> None:
+        """On the loop: start what a pass of the writer thread (`_read_plan_claim`) claimed."""
+        read, window, cut, starts, won, started_at, gone = planned
+        if self._stopping:  # claimed for nothing: back to the queue, for the next server
+            for task_id in won:
+                await self._write(self.store.requeue, task_id)
+            return
+        # Tasks queued while the pass ran were not in its window: the queue is not known to be empty.
+        self._start_claimed(
+            policy, read, window, cut, starts, won, started_at, exhausted=self._queue_version == version, gone=gone
+        )
+
+    def _pass_done(self) -> None:
+        self._scheduling = False
+        if self._flush_held:  # the write held for this pass goes now, and plans the next pass with it
+            self._flush_held = False
+            self._flush()
+            if self._scheduling:  # the pass it carries is planned after any asked for meanwhile: it is that one
                 self._schedule_pending = False
-                self._schedule()
+                return
+        if self._schedule_pending:
+            self._schedule_pending = False
+            self._schedule()
 
     def _start_claimed(
         self,
@@ -1462,9 +1473,18 @@ class TaskManager:
         if not self._pending:
             return
         if self.offload:
-            if not self._flushing and self._loop is not None:
-                self._flushing = True
-                self._loop.create_task(self._flush_off_loop(), name="plexus-flush")
+            if self._flushing or self._loop is None:
+                return
+            if self._scheduling and not self._stopping and any(p.final for p in self._pending.values()):
+                # A pass is under way: its claims are not known here yet, so this write could not plan the pass
+                # its ends call for, which would then make a hop of its own, and keep the next write from riding
+                # too. It goes when that pass lands (`_pass_done`), carrying the next pass.
+                self._flush_held = True
+                return
+            self._flushing = True
+            batch = [(p, p.changes, len(p.samples), len(p.events), p.final) for p in self._pending.values()]
+            then = self._pass_with_write({p.task.id for p, *_, final in batch if final})
+            self._loop.create_task(self._flush_off_loop(batch, then), name="plexus-flush")
             return
         batch = [(p, p.changes, len(p.samples), len(p.events), p.final) for p in self._pending.values()]
         try:
@@ -1490,7 +1510,7 @@ class TaskManager:
         """The scheduling pass that the end of the `ending` tasks calls for, planned now so that its claims
         commit with their final writes (one transaction: `_flush`); None when there is nothing to plan (no
         task ends, the queue is known to be empty, no slot would be free). Local store only: on a networked
-        one the pass runs on the writer thread after the write (`_schedule_off_loop`)."""
+        one it runs in the write's writer-thread hop, right after it commits (`_flush_off_loop`)."""
         if not ending or self._stopping or self._loop is None or self._queue_empty:
             return None
         running = [task for task in self._running_tasks() if task.id not in ending]
@@ -1506,30 +1526,76 @@ class TaskManager:
     def _write_of(pending: _PendingWrite) -> ProgressWrite:
         return ProgressWrite(pending.task, list(pending.stages.values()), list(pending.samples), pending.final)
 
-    async def _flush_off_loop(self) -> None:
-        batch = [(p, p.changes, len(p.samples), len(p.events), p.final) for p in self._pending.values()]
+    async def _flush_off_loop(
+        self,
+        batch: list[tuple[_PendingWrite, int, int, int, bool]],
+        then: tuple[QueuePolicy, list[Task], FairClock, tuple[list[Task], dict[Group, int]] | None] | None,
+    ) -> None:
+        """`_flush` on a networked store. When the write ends tasks, the scheduling pass their slots call for runs in
+        the same writer-thread hop, right after the write commits (a transaction of its own: its claim may be
+        undone and planned again, `Store.claim_planned`): one hop and one loop turn per small task's end and its
+        successor's start, not two."""
+        writes = [self._write_of(p) for p, *_ in batch]
+        version = self._queue_version
+
+        def write_then_pass() -> tuple[set[str], Any]:
+            lost = self.store.save_progress_many(writes, holder=self.server_id)
+            if then is None:
+                return lost, None
+            try:
+                return lost, self._read_plan_claim(*then, version)
+            except Exception as exc:  # the write committed: its tasks are released all the same
+                return lost, exc
+
         try:
-            write = functools.partial(
-                self.store.save_progress_many, [self._write_of(p) for p, *_ in batch], holder=self.server_id
-            )
-            lost = await self._write(write)
-        except Exception as exc:
-            unavailable = store_unavailable(exc)
-            if unavailable is None:
-                log.exception("Plexus: could not record the progress of %d tasks; retrying", len(batch))
-            else:
-                log.warning("Plexus: could not record the progress of %d tasks (%s); retrying", len(batch), unavailable)
-            return
+            try:
+                lost, planned = await self._write(write_then_pass)
+            except Exception as exc:
+                unavailable = store_unavailable(exc)
+                if unavailable is None:
+                    log.exception("Plexus: could not record the progress of %d tasks; retrying", len(batch))
+                else:
+                    log.warning(
+                        "Plexus: could not record the progress of %d tasks (%s); retrying", len(batch), unavailable
+                    )
+                return
+            finally:
+                self._flushing = False
+            self._committed(batch, lost, schedule=then is None)  # else the pass for the freed slots ran with it
+            if then is not None:
+                try:
+                    if isinstance(planned, Exception):
+                        raise planned
+                    await self._start_planned(then[0], planned, version)
+                except Exception as exc:
+                    _log_failed_pass(exc)
         finally:
-            self._flushing = False
-        self._committed(batch, lost)
+            if then is not None:
+                self._pass_done()
         if self._pending:
             self._flush_soon()
 
-    def _committed(self, batch: list[tuple[_PendingWrite, int, int, int, bool]], lost: set[str]) -> None:
+    def _pass_with_write(
+        self, ending: set[str]
+    ) -> tuple[QueuePolicy, list[Task], FairClock, tuple[list[Task], dict[Group, int]] | None] | None:
+        """What `_read_plan_claim` needs for the pass that the end of the `ending` tasks calls for, taken now on the
+        loop (the pass is then under way: `_scheduling`); None when no pass is called for or one is under way."""
+        if not ending or self._scheduling or self._stopping or self._loop is None or self._queue_empty:
+            return None
+        running = [task for task in self._running_tasks() if task.id not in ending]
+        if len(running) >= self.max_concurrency:
+            return None
+        self._scheduling = True
+        policy = self._policy()
+        return policy, running, self._fair.copy(), self._window_view(policy)
+
+    def _committed(
+        self, batch: list[tuple[_PendingWrite, int, int, int, bool]], lost: set[str], *, schedule: bool = True
+    ) -> None:
         """After a batched write committed: drop what it wrote from the pending writes (what was added while it
-        was written stays, for the next one), publish its events in order, release the tasks that ended. The
-        `lost` tasks were not written: another server holds them now (`_taken_over`)."""
+        was written stays, for the next one), publish its events in order, release the tasks that ended (and with
+        `schedule`, pass for their slots). The `lost` tasks were not written: another server holds them now
+        (`_taken_over`)."""
         ended = False
         for pending, changes, samples, events, final in batch:
             task = pending.task
@@ -1553,7 +1619,7 @@ class TaskManager:
                 written = written[-1:]
             for kind, moment in written:
                 self.bus.publish(kind, "task", task.id, task.summary_at(moment))
-        if ended:
+        if ended and schedule:
             self._schedule_soon(slot_freed=True)
 
     def _finish(self, task_id: str, exitcode: int | None) -> None:
@@ -1778,6 +1844,14 @@ def _owner_gone(worker: str | None, own_instance: str, lease_expires_at: float |
     except PermissionError:
         return False
     return False
+
+
+def _log_failed_pass(exc: Exception) -> None:
+    unavailable = store_unavailable(exc)
+    if unavailable is None:
+        log.error("Plexus: a scheduling pass failed; the next maintenance tick retries", exc_info=exc)
+    else:
+        log.warning("Plexus: a scheduling pass could not read the queue: %s", unavailable)
 
 
 def _pass_head(policy: QueuePolicy) -> int:

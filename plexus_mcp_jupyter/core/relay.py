@@ -5,7 +5,8 @@ on one PostgreSQL or one SQLite file) would never reach this server's MCP subscr
 or notebook mirrors. The relay closes that gap with the store itself, nothing else to deploy:
 
 * Out: it listens to this server's bus and writes the events to a small outbox table
-  (`plexus_event_outbox`), one transaction per `interval` at most, coalesced per entity like a
+  (`plexus_event_outbox`), one transaction per `interval` at most (on PostgreSQL one statement, its NOTIFY
+  with it), coalesced per entity like a
   subscription is: a final state always goes out, the progress of a running task at most once per
   `progress_interval` (the rate its progress is written to the store anyway). Events from other servers
   (those with an `origin`) are never sent on again.
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -54,9 +56,26 @@ FALLBACK_POLLS = 20  # with LISTEN/NOTIFY, read anyway every this many intervals
 PRUNE_EVERY = 10.0  # seconds between two prunings of the outbox
 SEEN_MAX = 20_000  # entities whose latest state this bus published, remembered to drop stale remote events
 _FINAL = frozenset(s.value for s in FINAL_STATUSES)
-_TXID = "pg_current_xact_id()::text::bigint"
 _XMIN = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
 _NEWEST_ID = f"SELECT max(id) FROM {outbox_table.name}"
+# PostgreSQL: a send is one statement, the rows passed as one JSON document (as arrays, psycopg escapes each JSON
+# text element by regular expression, most of a send's CPU) and the NOTIFY with them (a data-modifying WITH runs to
+# completion whatever the outer query reads), against a statement per row and one for the NOTIFY.
+_PG_SEND = f"""WITH sent AS (
+  INSERT INTO {outbox_table.name} (txid, origin, at, kind, entity_type, entity_id, data)
+  SELECT pg_current_xact_id()::text::bigint, %(origin)s, e.at, e.kind, e.entity_type, e.entity_id, e.data
+  FROM json_to_recordset(%(rows)s::json) AS e(at float8, kind text, entity_type text, entity_id text, data json)
+  RETURNING 1)
+SELECT pg_notify(%(channel)s, %(origin)s)"""
+# PostgreSQL: a read is one statement: the rows after the cursor, of transactions older than every one still running
+# when the statement's snapshot was taken (all of them visible to it: one that commits late cannot be skipped).
+_PG_COLUMNS = "id, txid, origin, at, kind, entity_type, entity_id, data->>'status' AS status"
+_PG_READ = (
+    f"SELECT {_PG_COLUMNS}{{data}} FROM {outbox_table.name} WHERE (txid, id) > (%(txid)s, %(id)s) "
+    f"AND txid < ({_XMIN}) AND origin <> %(origin)s ORDER BY txid, id LIMIT %(limit)s"
+)
+_PG_READ_LEAN, _PG_READ_FULL = _PG_READ.format(data=""), _PG_READ.format(data=", data")
+_PG_DATA = f"SELECT id, data FROM {outbox_table.name} WHERE id = ANY(%(ids)s)"
 
 
 def is_final(event: Event) -> bool:
@@ -104,6 +123,8 @@ class EventRelay:
         self.sent = 0  # events written to the outbox
         self.received = 0  # events of other servers published here
         self.noted = 0  # events of other servers read while nothing here needed them: counted, not published
+        self.sends = 0  # outbox transactions written
+        self.reads = 0  # outbox reads that found rows
         self._full = True  # the next read takes the rows' data (the last read found them needed)
         self.listening = False  # PostgreSQL: the LISTEN connection is up
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -156,6 +177,8 @@ class EventRelay:
             "sent": self.sent,
             "received": self.received,
             "noted": self.noted,
+            "sends": self.sends,
+            "reads": self.reads,
         }
 
     # -- out: this server's events -------------------------------------------------------------
@@ -194,33 +217,38 @@ class EventRelay:
         return due
 
     def _send(self, events: Sequence[Event]) -> None:
-        rows = [
-            {
-                "origin": self.server_id,
-                "at": e.at,
-                "kind": e.kind,
-                "entity_type": e.entity_type,
-                "entity_id": e.entity_id,
-                "data": e.data,
-            }
-            for e in events
-        ]
-        insert = sa.insert(outbox_table)
-        if self.postgres:
-            insert = insert.values(txid=sa.literal_column(_TXID))
         try:
-            with self.store.engine.begin() as conn:
-                conn.execute(insert, rows)
-                if self.postgres:  # delivered at commit, to every LISTENing server (ours ignores its own)
-                    conn.execute(
-                        sa.text("SELECT pg_notify(:channel, :origin)"), {"channel": CHANNEL, "origin": self.server_id}
-                    )
+            if self.postgres:  # one statement, in autocommit: NOTIFY delivered at its commit to every LISTENing server
+                with self.store.reads.connect() as conn:  # (ours ignores its own)
+                    conn.exec_driver_sql(_PG_SEND, self._pg_rows(events))
+            else:
+                with self.store.engine.begin() as conn:
+                    conn.execute(sa.insert(outbox_table), [self._row(e) for e in events])
         except Exception:
             with self._lock:  # keep them for the next round, unless a newer state of the entity came meanwhile
                 for event in events:
                     self._pending.setdefault((event.entity_type, event.entity_id), event)
             raise
-        self.sent += len(rows)
+        self.sent += len(events)
+        self.sends += 1
+
+    def _row(self, e: Event) -> dict[str, Any]:
+        return {
+            "origin": self.server_id,
+            "at": e.at,
+            "kind": e.kind,
+            "entity_type": e.entity_type,
+            "entity_id": e.entity_id,
+            "data": e.data,
+        }
+
+    def _pg_rows(self, events: Sequence[Event]) -> dict[str, Any]:
+        """_PG_SEND's parameters."""
+        rows = [
+            {"at": e.at, "kind": e.kind, "entity_type": e.entity_type, "entity_id": e.entity_id, "data": e.data}
+            for e in events
+        ]
+        return {"origin": self.server_id, "channel": CHANNEL, "rows": json.dumps(rows)}
 
     # -- in: the other servers' events ---------------------------------------------------------
 
@@ -254,45 +282,49 @@ class EventRelay:
         self._read_to = newest
 
     def _read(self) -> None:
-        o = outbox_table
-        status = o.c.data["status"].as_string().label("status")
         while not self._stop.is_set():
-            txid, row_id = self._cursor
             full = self._full
-            columns = [o.c.id, o.c.txid, o.c.origin, o.c.at, o.c.kind, o.c.entity_type, o.c.entity_id, status]
-            with self.store.engine.connect() as conn:
-                if self.postgres:
-                    # Only rows of transactions older than every one still running (taken before the read, so
-                    # all of them are visible to it): a transaction that commits late cannot be skipped.
-                    horizon = int(conn.execute(sa.text(_XMIN)).scalar_one())
-                    after = sa.or_(o.c.txid > txid, sa.and_(o.c.txid == txid, o.c.id > row_id))
-                    query = (
-                        sa.select(*columns, *([o.c.data] if full else []))
-                        .where(after, o.c.txid < horizon, o.c.origin != self.server_id)
-                        .order_by(o.c.txid, o.c.id)
-                    )
-                else:  # one writer at a time: ids are in commit order
-                    query = (
-                        sa.select(*columns, *([o.c.data] if full else []))
-                        .where(o.c.id > row_id, o.c.origin != self.server_id)
-                        .order_by(o.c.id)
-                    )
-                rows = [dict(row) for row in conn.execute(query.limit(READ_BATCH)).mappings()]
+            with self.store.reads.connect() as conn:  # PostgreSQL: autocommit, no BEGIN and ROLLBACK round trips
+                rows = self._fetch(conn, full)
                 if not rows:
                     return
+                self.reads += 1
                 latest = _latest_per_entity(rows)
                 # Asked after the read: a subscriber that came before it is owed these rows' events, one that
                 # comes after it is not (they were committed before it came).
                 self._full = self.bus.wants_remote()
                 if self._full and not full:  # needed after all: the data of the rows kept
-                    ids = [row["id"] for row in latest]
-                    data = dict(conn.execute(sa.select(o.c.id, o.c.data).where(o.c.id.in_(ids))).tuples().all())
+                    data = self._data(conn, [row["id"] for row in latest])
                     for row in latest:
                         row["data"] = data[row["id"]]
             self._cursor = (int(rows[-1]["txid"] or 0), int(rows[-1]["id"]))
             self._hand_over(latest, publish=self._full)
             if len(rows) < READ_BATCH:
                 return
+
+    def _fetch(self, conn: Connection, full: bool) -> list[dict[str, Any]]:
+        """The next outbox rows of other servers after the cursor, in order (with `full`, their data too)."""
+        txid, row_id = self._cursor
+        if self.postgres:
+            params = {"txid": txid, "id": row_id, "origin": self.server_id, "limit": READ_BATCH}
+            result = conn.exec_driver_sql(_PG_READ_FULL if full else _PG_READ_LEAN, params)
+            return [dict(row) for row in result.mappings()]
+        o = outbox_table
+        status = o.c.data["status"].as_string().label("status")
+        columns = [o.c.id, o.c.txid, o.c.origin, o.c.at, o.c.kind, o.c.entity_type, o.c.entity_id, status]
+        query = (  # one writer at a time: ids are in commit order
+            sa.select(*columns, *([o.c.data] if full else []))
+            .where(o.c.id > row_id, o.c.origin != self.server_id)
+            .order_by(o.c.id)
+            .limit(READ_BATCH)
+        )
+        return [dict(row) for row in conn.execute(query).mappings()]
+
+    def _data(self, conn: Connection, ids: list[int]) -> dict[int, Any]:
+        if self.postgres:
+            return dict(conn.exec_driver_sql(_PG_DATA, {"ids": ids}).all())
+        o = outbox_table
+        return dict(conn.execute(sa.select(o.c.id, o.c.data).where(o.c.id.in_(ids))).all())
 
     def _hand_over(self, rows: list[dict[str, Any]], *, publish: bool) -> None:
         loop = self._loop
