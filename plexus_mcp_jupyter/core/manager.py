@@ -1483,8 +1483,8 @@ class TaskManager:
                 return
             self._flushing = True
             batch = [(p, p.changes, len(p.samples), len(p.events), p.final) for p in self._pending.values()]
-            then = self._pass_with_write({p.task.id for p, *_, final in batch if final})
-            self._loop.create_task(self._flush_off_loop(batch, then), name="plexus-flush")
+            riding = self._pass_with_write({p.task.id for p, *_, final in batch if final})
+            self._loop.create_task(self._flush_off_loop(batch, riding), name="plexus-flush")
             return
         batch = [(p, p.changes, len(p.samples), len(p.events), p.final) for p in self._pending.values()]
         try:
