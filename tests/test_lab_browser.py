@@ -424,6 +424,13 @@ def test_a_server_restart_shows_the_banner_and_resumes(browser, lab):
         page.wait_for_selector("#plexus-panel[data-stream='open']", timeout=30000)
         assert page.is_hidden(".plexus-banner")
         task_id = start_with_mcp(lab, items=10, item_delay_ms=1)  # a new server start: events still arrive
-        wait_for(lambda: row(page, task_id).get_attribute("data-status", timeout=15000), lambda s: s == "COMPLETED")
+        try:
+            wait_for(lambda: row(page, task_id).get_attribute("data-status", timeout=15000), lambda s: s == "COMPLETED")
+        except Exception as error:  # what the server and the panel knew, for a failure seen once under load
+            task = lab.request("GET", f"plexus/api/tasks/{task_id}").get("status")
+            stream = page.get_attribute("#plexus-panel", "data-stream")
+            rows = page.locator(".plexus-row").count()
+            tail = lab.log.read_text(errors="replace")[-4000:]
+            raise AssertionError(f"{error}; task {task}, stream {stream}, {rows} rows; server log:\n{tail}") from None
     finally:
         page.context.close()
