@@ -78,6 +78,11 @@ _PG_READ_LEAN, _PG_READ_FULL = _PG_READ.format(data=""), _PG_READ.format(data=",
 _PG_DATA = f"SELECT id, data FROM {outbox_table.name} WHERE id = ANY(%(ids)s)"
 
 
+def _outbox_fields(e: Event) -> dict[str, Any]:
+    """An event's columns in the outbox, but its origin (the sending server's)."""
+    return {"at": e.at, "kind": e.kind, "entity_type": e.entity_type, "entity_id": e.entity_id, "data": e.data}
+
+
 def is_final(event: Event) -> bool:
     return event.data.get("status") in _FINAL
 
@@ -233,22 +238,12 @@ class EventRelay:
         self.sends += 1
 
     def _row(self, e: Event) -> dict[str, Any]:
-        return {
-            "origin": self.server_id,
-            "at": e.at,
-            "kind": e.kind,
-            "entity_type": e.entity_type,
-            "entity_id": e.entity_id,
-            "data": e.data,
-        }
+        return {"origin": self.server_id, **_outbox_fields(e)}
 
     def _pg_rows(self, events: Sequence[Event]) -> dict[str, Any]:
-        """_PG_SEND's parameters."""
-        rows = [
-            {"at": e.at, "kind": e.kind, "entity_type": e.entity_type, "entity_id": e.entity_id, "data": e.data}
-            for e in events
-        ]
-        return {"origin": self.server_id, "channel": CHANNEL, "rows": json.dumps(rows)}
+        """_PG_SEND's parameters: the origin once, beside the rows."""
+        rows = json.dumps([_outbox_fields(e) for e in events])
+        return {"origin": self.server_id, "channel": CHANNEL, "rows": rows}
 
     # -- in: the other servers' events ---------------------------------------------------------
 

@@ -180,7 +180,7 @@ class ReadSweep:
         current = self.requests.get(stream)
         # A detached request (a WebSocket took the stream over: HTTP1Connection.detach) is no longer HTTP's to time.
         detached = current is None or getattr(current[0], "stream", stream) is None
-        pending = None if current is None or detached or stream.closed() else pending_read(stream)
+        pending = None if detached or stream.closed() else pending_read(stream)
         if current is None or pending is None:
             self._body_seen.pop(stream, None)
             return None
@@ -217,14 +217,10 @@ class ReadSweep:
         """A timer set by a sweep: close the connection if the read it was set for is still pending, past its
         deadline."""
         kept = self._timers.pop(stream, None)
-        reading = self._deadline(stream, time.monotonic()) if kept is not None else None
-        if (
-            kept is not None
-            and reading is not None
-            and reading[0] is kept[0]
-            and reading[1] is kept[1]
-            and time.monotonic() >= reading[2]
-        ):
+        if kept is None:
+            return
+        reading = self._deadline(stream, time.monotonic())
+        if reading is not None and reading[0] is kept[0] and reading[1] is kept[1] and time.monotonic() >= reading[2]:
             self._close(stream, reading[0], reading[1])
 
     def _close(self, stream: IOStream, request: Any, headers: bool) -> None:
