@@ -96,6 +96,8 @@ class CancelOutcome:
 
 
 RequestHandler = Callable[[Task, Any], Awaitable[Any]]  # answers a task's TaskContext.request of one kind
+# What `_read_plan_claim` reads besides the queue: the policy, the running tasks, the fair clock, the window's view.
+PassInputs = tuple[QueuePolicy, list[Task], FairClock, tuple[list[Task], dict[Group, int]] | None]
 
 
 @dataclass
@@ -1529,7 +1531,7 @@ class TaskManager:
     async def _flush_off_loop(
         self,
         batch: list[tuple[_PendingWrite, int, int, int, bool]],
-        then: tuple[QueuePolicy, list[Task], FairClock, tuple[list[Task], dict[Group, int]] | None] | None,
+        riding: PassInputs | None,
     ) -> None:
         """`_flush` on a networked store. When the write ends tasks, the scheduling pass their slots call for runs in
         the same writer-thread hop, right after the write commits (a transaction of its own: its claim may be
@@ -1540,10 +1542,10 @@ class TaskManager:
 
         def write_then_pass() -> tuple[set[str], Any]:
             lost = self.store.save_progress_many(writes, holder=self.server_id)
-            if then is None:
+            if riding is None:
                 return lost, None
             try:
-                return lost, self._read_plan_claim(*then, version)
+                return lost, self._read_plan_claim(*riding, version)
             except Exception as exc:  # the write committed: its tasks are released all the same
                 return lost, exc
 
@@ -1561,23 +1563,21 @@ class TaskManager:
                 return
             finally:
                 self._flushing = False
-            self._committed(batch, lost, schedule=then is None)  # else the pass for the freed slots ran with it
-            if then is not None:
+            self._committed(batch, lost, schedule=riding is None)  # else the pass for the freed slots ran with it
+            if riding is not None:
                 try:
                     if isinstance(planned, Exception):
                         raise planned
-                    await self._start_planned(then[0], planned, version)
+                    await self._start_planned(riding[0], planned, version)
                 except Exception as exc:
                     _log_failed_pass(exc)
         finally:
-            if then is not None:
+            if riding is not None:
                 self._pass_done()
         if self._pending:
             self._flush_soon()
 
-    def _pass_with_write(
-        self, ending: set[str]
-    ) -> tuple[QueuePolicy, list[Task], FairClock, tuple[list[Task], dict[Group, int]] | None] | None:
+    def _pass_with_write(self, ending: set[str]) -> PassInputs | None:
         """What `_read_plan_claim` needs for the pass that the end of the `ending` tasks calls for, taken now on the
         loop (the pass is then under way: `_scheduling`); None when no pass is called for or one is under way."""
         if not ending or self._scheduling or self._stopping or self._loop is None or self._queue_empty:
