@@ -17,6 +17,7 @@ from plexus_mcp_jupyter.core.progress import ProgressTracker
 from plexus_mcp_jupyter.core.store import TaskFilter, decode_cursor, encode_cursor
 
 from .conftest import poll, registered_task_types
+from .processes import pid_alive
 
 
 def make_task(**kw) -> Task:
@@ -246,26 +247,13 @@ async def test_a_task_that_ignores_cancellation_is_killed_after_the_grace_period
         done = manager.get(task.id)
         assert done.status is TaskStatus.CANCELLED
         assert "grace period" in done.error_message
-        await poll(lambda: _pid_alive(pid), lambda alive: not alive, timeout=5)
+        await poll(lambda: pid_alive(pid), lambda alive: not alive, timeout=5)
 
 
 async def test_get_unknown_task_raises_not_found(tmp_path):
     async with running_manager(tmp_path) as manager:
         with pytest.raises(NotFound, match="no task with id 'nope'"):
             manager.get("nope")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie has exited: it is waiting only to be reaped.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 async def test_large_outputs_are_truncated_and_log_tails_are_kept(tmp_path, test_task_types):

@@ -17,6 +17,7 @@ from distributed import Client
 from plexus_mcp_jupyter.core.tasks import TaskType
 
 from .conftest import poll, registered_task_types
+from .processes import pid_alive
 from .test_mcp_tools import wait_final
 
 FINAL = ("COMPLETED", "FAILED", "CANCELLED")
@@ -65,14 +66,6 @@ def worker_address(task: dict) -> str:
 
 def worker_pid(cluster_client: Client, address: str) -> int:
     return int(cluster_client.run(os.getpid, workers=[address])[address])
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 async def test_the_demo_task_runs_to_completed_with_progress_over_mcp(mcp_client, runtime):

@@ -8,7 +8,7 @@ import anyio
 import pytest
 
 from .conftest import LEGACY, MODERN, poll
-from .test_core import _pid_alive
+from .processes import pid_alive
 
 
 @pytest.mark.usefixtures("executor_name")  # on the local and the Dask executor
@@ -72,4 +72,4 @@ async def test_cancelling_the_call_cancels_the_task_and_stops_its_worker(mcp_cli
         await manager.wait_final([task_id], 10)
         task = (await client.call_tool("get_task", {"task_id": task_id})).structured_content
     assert task["status"] == "CANCELLED"
-    await poll(lambda: _pid_alive(pid), lambda alive: not alive, timeout=5)
+    await poll(lambda: pid_alive(pid), lambda alive: not alive, timeout=5)

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from .conftest import LEGACY, MODERN, poll
-from .test_core import _pid_alive
+from .processes import pid_alive
 
 ERAS = [pytest.param(LEGACY, id="2025-11-25"), pytest.param(MODERN, id="2026-07-28")]
 
@@ -122,7 +122,7 @@ async def test_cancelling_a_running_task_ends_cancelled_within_the_grace_period_
 
         await poll(processing, lambda t: t["current_stage"] == "Processing" and t["progress"]["processed"] > 0)
         pid = runtime.executor.pid(task_id)
-        assert pid is not None and _pid_alive(pid)
+        assert pid is not None and pid_alive(pid)
         started_cancel = time.monotonic()
         cancelled = await client.call_tool("cancel_tasks", {"task_ids": [task_id], "wait_seconds": 5})
         elapsed = time.monotonic() - started_cancel
@@ -132,7 +132,7 @@ async def test_cancelling_a_running_task_ends_cancelled_within_the_grace_period_
         again = await client.call_tool("cancel_tasks", {"task_ids": [task_id]})
     assert task["status"] == "CANCELLED" and task["stages"][-1]["status"] == "CANCELLED"
     assert task["cancel_requested"] is True
-    await poll(lambda: _pid_alive(pid), lambda alive: not alive, timeout=5)
+    await poll(lambda: pid_alive(pid), lambda alive: not alive, timeout=5)
     result = again.structured_content["results"][0]
     assert result["outcome"] == "already_finished" and "nothing to cancel" in result["message"]
 

@@ -26,7 +26,7 @@ from plexus_mcp_jupyter.core.executors import LocalExecutor
 from plexus_mcp_jupyter.core.tasks import TaskType
 
 from .conftest import poll, registered_task_types
-from .test_core import _pid_alive
+from .processes import pid_alive
 
 TRIVIAL = {"items": 1, "item_delay_ms": 0}
 
@@ -94,7 +94,7 @@ async def test_an_ignored_cancel_kills_the_worker_and_a_fresh_one_takes_its_plac
         await m.wait_final([task.id], 10)
         done = m.get(task.id)
         assert done.status is TaskStatus.CANCELLED and "grace period" in done.error_message
-        await poll(lambda: _pid_alive(pid), lambda alive: not alive, timeout=5)
+        await poll(lambda: pid_alive(pid), lambda alive: not alive, timeout=5)
         after = await run(m, "demo", TRIVIAL)
         assert after.status is TaskStatus.COMPLETED and worker_pid(after) != pid
 
@@ -108,7 +108,7 @@ async def test_a_cooperative_cancel_retires_the_worker_too(tmp_path):
         done = m.get(task.id)
         assert done.status is TaskStatus.CANCELLED and "request check" in done.error_message
         # Threads or state the cancelled task left behind must stop with it.
-        await poll(lambda: _pid_alive(worker_pid(done)), lambda alive: not alive, timeout=5)
+        await poll(lambda: pid_alive(worker_pid(done)), lambda alive: not alive, timeout=5)
         after = await run(m, "demo", TRIVIAL)
         assert after.status is TaskStatus.COMPLETED and worker_pid(after) != worker_pid(done)
 
@@ -163,7 +163,7 @@ async def test_without_reuse_every_task_gets_a_fresh_process(tmp_path):
         assert m.executor.status()["idle_workers"] == 0
     pids = [worker_pid(t) for t in tasks]
     assert len(set(pids)) == 3 and all(t.status is TaskStatus.COMPLETED for t in tasks)
-    await poll(lambda: [_pid_alive(p) for p in pids], lambda alive: not any(alive), timeout=5)
+    await poll(lambda: [pid_alive(p) for p in pids], lambda alive: not any(alive), timeout=5)
 
 
 async def test_a_task_type_flagged_isolated_never_shares_a_worker(tmp_path, worker_task_types):
@@ -175,7 +175,7 @@ async def test_a_task_type_flagged_isolated_never_shares_a_worker(tmp_path, work
     assert [t.output for t in isolated] == pids  # the task itself ran in the process the field names
     assert len({worker_pid(warm), *pids}) == 3
     assert worker_pid(again) == worker_pid(warm)
-    await poll(lambda: [_pid_alive(p) for p in pids], lambda alive: not any(alive), timeout=5)
+    await poll(lambda: [pid_alive(p) for p in pids], lambda alive: not any(alive), timeout=5)
 
 
 async def test_a_worker_is_replaced_after_max_tasks_or_past_its_memory_bound(tmp_path, worker_task_types):
@@ -327,10 +327,10 @@ def test_a_worker_whose_server_died_mid_task_ends_and_so_does_the_forkserver(tmp
     worker, server = (int(pid) for pid in pids.read_text().split())
     try:
         deadline = time.monotonic() + 30
-        while (_pid_alive(worker) or _pid_alive(server)) and time.monotonic() < deadline:
+        while (pid_alive(worker) or pid_alive(server)) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _pid_alive(worker), "the orphaned worker still runs its task"
-        assert not _pid_alive(server), "the forkserver outlived its server"
+        assert not pid_alive(worker), "the orphaned worker still runs its task"
+        assert not pid_alive(server), "the forkserver outlived its server"
     finally:
         for pid in (worker, server):  # only when the test failed: what it started must not outlive it
             with contextlib.suppress(ProcessLookupError):
