@@ -40,7 +40,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -48,6 +48,7 @@ from typing import Any
 
 from _common import (
     TOKEN,
+    TRIVIAL,
     LeanSession,
     completed,
     core_batch,
@@ -149,31 +150,49 @@ def stage_times(task: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-async def run_part(part: Part, n: int, sessions: int, data: Path, rows: int) -> dict[str, Any]:
-    """The trivial tasks, then the evaluation of `data` (hard-linked into the server's root), on one fresh server;
-    then the raw peer of that evaluation in this process, right after it."""
+async def dispatch_batches(url: str, n: int, size: int) -> None:
+    """n trivial tasks as `dispatch_batch` calls of at most `size` specs, one after the other from one session
+    (a client dispatching its N tasks)."""
+    spec = {"type": "demo", "params": TRIVIAL["arguments"]}
+    async with LeanSession(url, TOKEN) as s:
+        for start in range(0, n, size):
+            await s.call("dispatch_batch", {"tasks": [spec] * min(size, n - start)})
+
+
+async def trivial_round(url: str, pid: int, n: int, send: Callable[[], Awaitable[None]]) -> dict[str, Any]:
+    """n trivial tasks sent by `send`, until all are COMPLETED: tasks/s end to end, the server's CPU per task and
+    get_task p50 meanwhile (another session, back to back on the newest task)."""
+    stop = asyncio.Event()
+    latency = asyncio.create_task(get_task_p50(url, stop))
+    before = await completed(url)
+    cpu0, t0 = cpu_seconds(pid), time.perf_counter()
+    await send()
+    await wait_completed(url, before + n)
+    elapsed, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
+    stop.set()
+    return {"tasks_per_s": n / elapsed, "get_task_p50_ms": await latency, "server_cpu_ms_per_task": 1000 * cpu / n}
+
+
+async def run_part(part: Part, n: int, sessions: int, batch: int, data: Path | None, rows: int) -> dict[str, Any]:
+    """The trivial tasks (one run_demo_task call each from `sessions` sessions, when `sessions`; as dispatch_batch
+    calls of `batch` specs, when `batch`), then the evaluation of `data` (hard-linked into the server's root; None:
+    none), on one fresh server; then the raw peer of that evaluation in this process, right after it."""
     env = {**part.env, "PLEXUS_MCP_MAX_EVALUATION_ITEMS": str(max(rows + 1, 5_000_000))}
+    out: dict[str, Any] = {}
     with tempdir() as tmp, jupyter_server(Path(tmp), extra_env=env, pin=False, db_url=part.store_url) as (url, pid):
-        os.link(data, Path(tmp) / data.name)
-        write_csv(evaluation_rows(0, 1000), Path(tmp) / "warm.csv")
-        await dispatch(url, 50, sessions)  # warm the server, its store and its workers
+        await dispatch(url, 50, 8)  # warm the server, its store and its workers
         await wait_completed(url, 50)
-        stop = asyncio.Event()
-        latency = asyncio.create_task(get_task_p50(url, stop))
-        before = await completed(url)
-        cpu0, t0 = cpu_seconds(pid), time.perf_counter()
-        await dispatch(url, n, sessions)
-        await wait_completed(url, before + n)
-        elapsed, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
-        stop.set()
-        out: dict[str, Any] = {
-            "tasks_per_s": n / elapsed,
-            "get_task_p50_ms": await latency,
-            "server_cpu_ms_per_task": 1000 * cpu / n,
-        }
-        await warm_evaluations(url, "warm.csv", 2)
-        out["evaluation"] = await evaluate(url, data.name, rows)
-    out["raw_accuracy"], out["raw_s"] = raw_evaluation(data)
+        if batch:
+            out["batch"] = await trivial_round(url, pid, n, lambda: dispatch_batches(url, n, batch))
+        if sessions:
+            out["calls"] = await trivial_round(url, pid, n, lambda: dispatch(url, n, sessions))
+        if data is not None:
+            os.link(data, Path(tmp) / data.name)
+            write_csv(evaluation_rows(0, 1000), Path(tmp) / "warm.csv")
+            await warm_evaluations(url, "warm.csv", 2)
+            out["evaluation"] = await evaluate(url, data.name, rows)
+    if data is not None:
+        out["raw_accuracy"], out["raw_s"] = raw_evaluation(data)
     return out
 
 
@@ -193,7 +212,15 @@ def throwaway_postgres(wanted: bool) -> Iterator[str | None]:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=1000)
-    parser.add_argument("--sessions", type=int, default=8, help="concurrent MCP sessions dispatching")
+    parser.add_argument(
+        "--sessions", type=int, default=8, help="concurrent MCP sessions calling run_demo_task (0: no such round)"
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=0,
+        help="also send the N tasks as dispatch_batch calls of this many specs from one session (0: not)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="Dask LocalCluster worker processes (1 thread each)")
     parser.add_argument(
         "--concurrency",
@@ -205,9 +232,13 @@ async def main() -> None:
     parser.add_argument(
         "--postgres", action="store_true", help="add (c): the Dask executor on a throwaway PostgreSQL started here"
     )
-    parser.add_argument("--rows", type=int, default=1_000_000, help="rows of the evaluation's dataset")
+    parser.add_argument(
+        "--rows", type=int, default=1_000_000, help="rows of the evaluation's dataset (0: no evaluation)"
+    )
     parser.add_argument("--format", choices=("csv", "parquet"), default="csv", help="the evaluation's dataset format")
     args = parser.parse_args()
+    if not (args.sessions or args.batch):
+        parser.error("nothing to measure: --sessions 0 and no --batch")
     from distributed import Client, LocalCluster
 
     from plexus_mcp_jupyter.core.executors.dask import DaskExecutor
@@ -216,11 +247,14 @@ async def main() -> None:
     load = os.getloadavg()
     mcp: list[tuple[str, dict[str, Any]]] = []
     with tempdir() as cache:
-        data = evaluation_data(Path(cache), args.rows, args.format)
-        local = Part(
-            "(a) local executor", {"PLEXUS_MCP_EXECUTOR": "local", "PLEXUS_MCP_WORKER_NICE": "0"}, args.store_url
+        data = evaluation_data(Path(cache), args.rows, args.format) if args.rows else None
+
+        async def measure(part: Part) -> None:
+            mcp.append((part.label, await run_part(part, n, args.sessions, args.batch, data, args.rows)))
+
+        await measure(
+            Part("(a) local executor", {"PLEXUS_MCP_EXECUTOR": "local", "PLEXUS_MCP_WORKER_NICE": "0"}, args.store_url)
         )
-        mcp.append((local.label, await run_part(local, n, args.sessions, data, args.rows)))
         with tempdir() as tmp:
             core_local = await core_batch(n, args.store_url or f"sqlite:///{Path(tmp) / 'core-local.db'}")
         with (
@@ -235,19 +269,14 @@ async def main() -> None:
                 silence_logs=logging.CRITICAL,
             ) as cluster,
         ):
-            dask_part = Part(
-                "(b) Dask executor (LocalCluster)",
-                {
-                    "PLEXUS_MCP_EXECUTOR": "dask",
-                    "PLEXUS_MCP_DASK_SCHEDULER_ADDRESS": cluster.scheduler_address,
-                    "PLEXUS_MCP_MAX_CONCURRENCY": str(args.concurrency),
-                },
-                args.store_url,
-            )
-            mcp.append((dask_part.label, await run_part(dask_part, n, args.sessions, data, args.rows)))
+            dask_env = {
+                "PLEXUS_MCP_EXECUTOR": "dask",
+                "PLEXUS_MCP_DASK_SCHEDULER_ADDRESS": cluster.scheduler_address,
+                "PLEXUS_MCP_MAX_CONCURRENCY": str(args.concurrency),
+            }
+            await measure(Part("(b) Dask executor (LocalCluster)", dask_env, args.store_url))
             if postgres_url is not None:
-                on_postgres = Part("(c) Dask executor + PostgreSQL", dask_part.env, postgres_url)
-                mcp.append((on_postgres.label, await run_part(on_postgres, n, args.sessions, data, args.rows)))
+                await measure(Part("(c) Dask executor + PostgreSQL", dask_env, postgres_url))
             with tempdir() as tmp:
                 core_dask = await core_batch(
                     n,
@@ -264,25 +293,41 @@ async def main() -> None:
         f"{n} trivial tasks (run_demo_task items=1 item_delay_ms=0) until all COMPLETED; store: {store}; "
         f"Dask: LocalCluster of {args.workers} x 1 thread, max_concurrency {args.concurrency}"
     )
-    title = f"over MCP, {args.sessions} sessions, Jupyter server"
-    print(f"{title:<44} {'tasks/s':>8} {'get_task p50 ms':>16} {'server CPU ms/task':>19}")
-    for label, r in mcp:
-        print(
-            f"{label:<44} {r['tasks_per_s']:>8.0f} {r['get_task_p50_ms']:>16.2f} {r['server_cpu_ms_per_task']:>19.2f}"
-        )
-    print(f"{'the core alone (TaskManager, in-process)':<44} {'tasks/s':>8} {'CPU ms/task':>16}")
+    rounds = {
+        "batch": f"dispatch_batch x {args.batch} specs, 1 session",
+        "calls": f"run_demo_task per task, {args.sessions} sessions",
+    }
+    for mode, how in rounds.items():
+        if mode not in mcp[0][1]:
+            continue
+        title = f"over MCP, {how}"
+        print(f"{title:<52} {'tasks/s':>8} {'get_task p50 ms':>16} {'server CPU ms/task':>19}")
+        for label, r in mcp:
+            m = r[mode]
+            print(
+                f"  {label:<50} {m['tasks_per_s']:>8.0f} {m['get_task_p50_ms']:>16.2f} "
+                f"{m['server_cpu_ms_per_task']:>19.2f}"
+            )
+    print(f"{'the core alone (TaskManager, in-process)':<52} {'tasks/s':>8} {'CPU ms/task':>16}")
     for label, r in (("(a) local executor", core_local), ("(b) Dask executor", core_dask)):
-        print(f"{label:<44} {r['tasks_per_s']:>8.0f} {r['cpu_ms_per_task']:>16.2f}")
-    print(f"{'Dask own client.submit, same cluster':<44} {own:>8.0f}")
-    print(
-        f"Dask executor / Dask's own submit rate: core {core_dask['tasks_per_s'] / own:.2f}x, "
-        f"over MCP {mcp[1][1]['tasks_per_s'] / own:.2f}x (goal >= 0.8x); the MCP path's own ceiling, (a) the local "
-        f"executor over MCP / Dask's own rate: {mcp[0][1]['tasks_per_s'] / own:.2f}x"
+        print(f"  {label:<50} {r['tasks_per_s']:>8.0f} {r['cpu_ms_per_task']:>16.2f}")
+    print(f"{'Dask own client.submit, same cluster':<52} {own:>8.0f}")
+    over_mcp = ", ".join(
+        f"over MCP ({mode}) {mcp[1][1][mode]['tasks_per_s'] / own:.2f}x" for mode in rounds if mode in mcp[1][1]
     )
+    ceiling = ", ".join(f"({mode}) {mcp[0][1][mode]['tasks_per_s'] / own:.2f}x" for mode in rounds if mode in mcp[0][1])
     print(
-        f"one {args.rows:,}-row accuracy evaluation ({args.format}) over MCP, then the raw peer (pyarrow read + "
-        "compute_metrics) in this process"
+        f"Dask executor / Dask's own submit rate: core {core_dask['tasks_per_s'] / own:.2f}x, {over_mcp} "
+        f"(goal >= 0.8x); the MCP path's own ceiling, (a) the local executor over MCP / Dask's own rate: {ceiling}"
     )
+    if data is not None:
+        print_evaluations(mcp, args.rows, args.format)
+    if postgres_url is not None:
+        print_postgres(mcp, data is not None)
+
+
+def print_evaluations(mcp: list[tuple[str, dict[str, Any]]], rows: int, fmt: str) -> None:
+    print(f"one {rows:,}-row accuracy evaluation ({fmt}) over MCP, then the raw peer (pyarrow read + compute_metrics)")
     print(f"{'':<44} {'rows/s':>10} {'s':>6} {'raw s':>6} {'ratio':>6} {'get_task p50 ms':>16}  ran on")
     for label, r in mcp:
         e = r["evaluation"]
@@ -293,16 +338,27 @@ async def main() -> None:
             f"{e['seconds'] / r['raw_s']:>5.1f}x {e['get_task_p50_ms']:>16.2f}  {e['worker']}"
         )
         print(f"{'':<44} stages: {e['stages']}")
-    if postgres_url is not None:
-        (_, sqlite), (_, postgres) = mcp[1], mcp[2]
-        print(
-            f"get_task p50 PostgreSQL (c) / SQLite (b): {postgres['get_task_p50_ms'] / sqlite['get_task_p50_ms']:.2f}x "
-            f"under the trivial tasks, "
-            f"{postgres['evaluation']['get_task_p50_ms'] / sqlite['evaluation']['get_task_p50_ms']:.2f}x during the "
-            f"evaluation (goal <= 1.5x); tasks/s (c) / (b): {postgres['tasks_per_s'] / sqlite['tasks_per_s']:.2f}x; "
-            f"evaluation rows/s (c) / (b): "
+
+
+def print_postgres(mcp: list[tuple[str, dict[str, Any]]], evaluated: bool) -> None:
+    (_, sqlite), (_, postgres) = mcp[1], mcp[2]
+    mode = "calls" if "calls" in sqlite else "batch"
+    line = (
+        f"get_task p50 PostgreSQL (c) / SQLite (b): "
+        f"{postgres[mode]['get_task_p50_ms'] / sqlite[mode]['get_task_p50_ms']:.2f}x under the trivial tasks ({mode})"
+    )
+    if evaluated:
+        line += (
+            f", {postgres['evaluation']['get_task_p50_ms'] / sqlite['evaluation']['get_task_p50_ms']:.2f}x during "
+            "the evaluation"
+        )
+    line += f" (goal <= 1.5x); tasks/s (c) / (b): {postgres[mode]['tasks_per_s'] / sqlite[mode]['tasks_per_s']:.2f}x"
+    if evaluated:
+        line += (
+            f"; evaluation rows/s (c) / (b): "
             f"{postgres['evaluation']['rows_per_s'] / sqlite['evaluation']['rows_per_s']:.2f}x"
         )
+    print(line)
 
 
 if __name__ == "__main__":
