@@ -196,6 +196,30 @@ async def test_an_idempotent_task_whose_worker_died_is_queued_again_and_runs(mcp
     await poll(lambda: len(cluster_client.scheduler_info()["workers"]), lambda n: n == 2, timeout=60)
 
 
+async def test_a_batchs_ended_tasks_leave_no_key_on_the_scheduler_nor_reference_in_the_client(
+    mcp_client, runtime, cluster_client
+):
+    """The collector releases ended tasks' futures in one go on the client's loop (`_release_all`: reference
+    counts dropped, one message with every key): the scheduler forgets each task's key, the server's client keeps
+    no reference, and every task COMPLETED once."""
+    client_of_server = runtime.executor.client
+    # The fast path's internals exist in this distributed (else `_release_all` falls back to release() each).
+    assert all(hasattr(client_of_server, name) for name in ("_refcount_lock", "refcount", "futures", "generation"))
+    spec = {"type": "demo", "params": {"items": 1, "item_delay_ms": 0}}
+    async with mcp_client() as client:
+        batch = (await client.call_tool("dispatch_batch", {"tasks": [spec] * 40})).structured_content
+        ended = [await wait_final(client, task_id) for task_id in batch["task_ids"]]
+    assert [t["status"] for t in ended] == ["COMPLETED"] * 40
+    prefixes = tuple(f"plexus-{task_id}-" for task_id in batch["task_ids"])
+
+    def kept() -> list[str]:
+        on_scheduler = cluster_client.run_on_scheduler(lambda dask_scheduler: [str(k) for k in dask_scheduler.tasks])
+        in_client = [str(k) for k in [*client_of_server.refcount, *client_of_server.futures]]
+        return [key for key in on_scheduler + in_client if key.startswith(prefixes)]
+
+    await poll(kept, lambda keys: keys == [], timeout=20)
+
+
 def test_resources_the_cluster_lacks_are_refused_and_its_capacity_is_its_workers(runtime):
     from plexus_mcp_jupyter.core.errors import InvalidArgument
 
