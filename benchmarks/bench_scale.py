@@ -159,9 +159,13 @@ async def dispatch_batches(url: str, n: int, size: int) -> None:
             await s.call("dispatch_batch", {"tasks": [spec] * min(size, n - start)})
 
 
-async def trivial_round(url: str, pid: int, n: int, send: Callable[[], Awaitable[None]]) -> dict[str, Any]:
+async def trivial_round(
+    url: str, pid: int, n: int, send: Callable[[], Awaitable[None]], own: Callable[[], float]
+) -> dict[str, Any]:
     """n trivial tasks sent by `send`, until all are COMPLETED: tasks/s end to end, the server's CPU per task and
-    get_task p50 meanwhile (another session, back to back on the newest task)."""
+    get_task p50 meanwhile (another session, back to back on the newest task); and Dask's own rate (`own`) right
+    before and right after, their mean the round's peer (the machine is shared: its load moves within a minute)."""
+    before_own = own()
     stop = asyncio.Event()
     latency = asyncio.create_task(get_task_p50(url, stop))
     before = await completed(url)
@@ -170,10 +174,19 @@ async def trivial_round(url: str, pid: int, n: int, send: Callable[[], Awaitable
     await wait_completed(url, before + n)
     elapsed, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
     stop.set()
-    return {"tasks_per_s": n / elapsed, "get_task_p50_ms": await latency, "server_cpu_ms_per_task": 1000 * cpu / n}
+    p50 = await latency
+    rate = n / elapsed
+    return {
+        "tasks_per_s": rate,
+        "get_task_p50_ms": p50,
+        "server_cpu_ms_per_task": 1000 * cpu / n,
+        "own": (before_own + own()) / 2,
+    }
 
 
-async def run_part(part: Part, n: int, sessions: int, batch: int, data: Path | None, rows: int) -> dict[str, Any]:
+async def run_part(
+    part: Part, n: int, sessions: int, batch: int, data: Path | None, rows: int, own: Callable[[], float]
+) -> dict[str, Any]:
     """The trivial tasks (one run_demo_task call each from `sessions` sessions, when `sessions`; as dispatch_batch
     calls of `batch` specs, when `batch`), then the evaluation of `data` (hard-linked into the server's root; None:
     none), on one fresh server; then the raw peer of that evaluation in this process, right after it."""
@@ -183,9 +196,9 @@ async def run_part(part: Part, n: int, sessions: int, batch: int, data: Path | N
         await dispatch(url, 50, 8)  # warm the server, its store and its workers
         await wait_completed(url, 50)
         if batch:
-            out["batch"] = await trivial_round(url, pid, n, lambda: dispatch_batches(url, n, batch))
+            out["batch"] = await trivial_round(url, pid, n, lambda: dispatch_batches(url, n, batch), own)
         if sessions:
-            out["calls"] = await trivial_round(url, pid, n, lambda: dispatch(url, n, sessions))
+            out["calls"] = await trivial_round(url, pid, n, lambda: dispatch(url, n, sessions), own)
         if data is not None:
             os.link(data, Path(tmp) / data.name)
             write_csv(evaluation_rows(0, 1000), Path(tmp) / "warm.csv")
@@ -246,52 +259,57 @@ async def main() -> None:
     n = args.tasks
     load = os.getloadavg()
     mcp: list[tuple[str, dict[str, Any]]] = []
-    with tempdir() as cache:
+    with (
+        tempdir() as cache,
+        throwaway_postgres(args.postgres) as postgres_url,
+        LocalCluster(
+            n_workers=args.workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            resources={"slots": 1},
+            scheduler_kwargs={"allowed_failures": 0},
+            silence_logs=logging.CRITICAL,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         data = evaluation_data(Path(cache), args.rows, args.format) if args.rows else None
 
+        def own() -> float:
+            return submit_rate(client, n)
+
         async def measure(part: Part) -> None:
-            mcp.append((part.label, await run_part(part, n, args.sessions, args.batch, data, args.rows)))
+            mcp.append((part.label, await run_part(part, n, args.sessions, args.batch, data, args.rows, own)))
 
         await measure(
             Part("(a) local executor", {"PLEXUS_MCP_EXECUTOR": "local", "PLEXUS_MCP_WORKER_NICE": "0"}, args.store_url)
         )
         with tempdir() as tmp:
             core_local = await core_batch(n, args.store_url or f"sqlite:///{Path(tmp) / 'core-local.db'}")
-        with (
-            throwaway_postgres(args.postgres) as postgres_url,
-            LocalCluster(
-                n_workers=args.workers,
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=None,
-                resources={"slots": 1},
-                scheduler_kwargs={"allowed_failures": 0},
-                silence_logs=logging.CRITICAL,
-            ) as cluster,
-        ):
-            dask_env = {
-                "PLEXUS_MCP_EXECUTOR": "dask",
-                "PLEXUS_MCP_DASK_SCHEDULER_ADDRESS": cluster.scheduler_address,
-                "PLEXUS_MCP_MAX_CONCURRENCY": str(args.concurrency),
-            }
-            await measure(Part("(b) Dask executor (LocalCluster)", dask_env, args.store_url))
-            if postgres_url is not None:
-                await measure(Part("(c) Dask executor + PostgreSQL", dask_env, postgres_url))
-            with tempdir() as tmp:
-                core_dask = await core_batch(
-                    n,
-                    args.store_url or f"sqlite:///{Path(tmp) / 'core-dask.db'}",
-                    DaskExecutor(cluster.scheduler_address),
-                    args.concurrency,
-                )
-            with Client(cluster) as client:
-                own = submit_rate(client, n)
+        dask_env = {
+            "PLEXUS_MCP_EXECUTOR": "dask",
+            "PLEXUS_MCP_DASK_SCHEDULER_ADDRESS": cluster.scheduler_address,
+            "PLEXUS_MCP_MAX_CONCURRENCY": str(args.concurrency),
+        }
+        await measure(Part("(b) Dask executor (LocalCluster)", dask_env, args.store_url))
+        if postgres_url is not None:
+            await measure(Part("(c) Dask executor + PostgreSQL", dask_env, postgres_url))
+        core_own = own()
+        with tempdir() as tmp:
+            core_dask = await core_batch(
+                n,
+                args.store_url or f"sqlite:///{Path(tmp) / 'core-dask.db'}",
+                DaskExecutor(cluster.scheduler_address),
+                args.concurrency,
+            )
+        core_own = (core_own + own()) / 2
 
     store = args.store_url or "SQLite (a file in a temp dir)"
     print(f"load average {load[0]:.2f} {load[1]:.2f} at start, {os.getloadavg()[0]:.2f} at end, {os.cpu_count()} cores")
     print(
         f"{n} trivial tasks (run_demo_task items=1 item_delay_ms=0) until all COMPLETED; store: {store}; "
-        f"Dask: LocalCluster of {args.workers} x 1 thread, max_concurrency {args.concurrency}"
+        f"Dask: LocalCluster of {args.workers} x 1 thread, max_concurrency {args.concurrency}; Dask own: n "
+        "client.submit of the same function on that cluster, right before and after each round (mean)"
     )
     rounds = {
         "batch": f"dispatch_batch x {args.batch} specs, 1 session",
@@ -301,23 +319,40 @@ async def main() -> None:
         if mode not in mcp[0][1]:
             continue
         title = f"over MCP, {how}"
-        print(f"{title:<52} {'tasks/s':>8} {'get_task p50 ms':>16} {'server CPU ms/task':>19}")
+        print(
+            f"{title:<52} {'tasks/s':>8} {'Dask own':>9} {'ratio':>6} {'get_task p50 ms':>16} "
+            f"{'server CPU ms/task':>19}"
+        )
         for label, r in mcp:
             m = r[mode]
             print(
-                f"  {label:<50} {m['tasks_per_s']:>8.0f} {m['get_task_p50_ms']:>16.2f} "
-                f"{m['server_cpu_ms_per_task']:>19.2f}"
+                f"  {label:<50} {m['tasks_per_s']:>8.0f} {m['own']:>9.0f} {m['tasks_per_s'] / m['own']:>5.2f}x "
+                f"{m['get_task_p50_ms']:>16.2f} {m['server_cpu_ms_per_task']:>19.2f}"
             )
-    print(f"{'the core alone (TaskManager, in-process)':<52} {'tasks/s':>8} {'CPU ms/task':>16}")
-    for label, r in (("(a) local executor", core_local), ("(b) Dask executor", core_dask)):
-        print(f"  {label:<50} {r['tasks_per_s']:>8.0f} {r['cpu_ms_per_task']:>16.2f}")
-    print(f"{'Dask own client.submit, same cluster':<52} {own:>8.0f}")
-    over_mcp = ", ".join(
-        f"over MCP ({mode}) {mcp[1][1][mode]['tasks_per_s'] / own:.2f}x" for mode in rounds if mode in mcp[1][1]
-    )
-    ceiling = ", ".join(f"({mode}) {mcp[0][1][mode]['tasks_per_s'] / own:.2f}x" for mode in rounds if mode in mcp[0][1])
     print(
-        f"Dask executor / Dask's own submit rate: core {core_dask['tasks_per_s'] / own:.2f}x, {over_mcp} "
+        f"{'the core alone (TaskManager, in-process)':<52} {'tasks/s':>8} {'Dask own':>9} {'ratio':>6} "
+        f"{'CPU ms/task':>16}"
+    )
+    print(
+        f"  {'(a) local executor':<50} {core_local['tasks_per_s']:>8.0f} {'':>16} "
+        f"{core_local['cpu_ms_per_task']:>16.2f}"
+    )
+    print(
+        f"  {'(b) Dask executor':<50} {core_dask['tasks_per_s']:>8.0f} {core_own:>9.0f} "
+        f"{core_dask['tasks_per_s'] / core_own:>5.2f}x {core_dask['cpu_ms_per_task']:>16.2f}"
+    )
+    over_mcp = ", ".join(
+        f"over MCP ({mode}) {mcp[1][1][mode]['tasks_per_s'] / mcp[1][1][mode]['own']:.2f}x"
+        for mode in rounds
+        if mode in mcp[1][1]
+    )
+    ceiling = ", ".join(
+        f"({mode}) {mcp[0][1][mode]['tasks_per_s'] / mcp[0][1][mode]['own']:.2f}x"
+        for mode in rounds
+        if mode in mcp[0][1]
+    )
+    print(
+        f"Dask executor / Dask's own submit rate: core {core_dask['tasks_per_s'] / core_own:.2f}x, {over_mcp} "
         f"(goal >= 0.8x); the MCP path's own ceiling, (a) the local executor over MCP / Dask's own rate: {ceiling}"
     )
     if data is not None:
