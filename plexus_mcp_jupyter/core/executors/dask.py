@@ -778,12 +778,12 @@ class DaskExecutor(Executor):
             self._losses.pop(run.task_id, None)
 
     def _release_ended(self) -> None:
-        """Let Dask drop the results of ended tasks: one wake-up of the client's thread and one message to the
-        scheduler for all of them (`_release_all`)."""
+        """Let Dask drop the results of ended tasks: one wake-up of the client's thread for all of them (a
+        `release()` each from here costs a wake-up each)."""
         futures, self._release = [r for r in self._release if r is not None], []
         if futures:
             with contextlib.suppress(Exception):
-                self.client.loop.add_callback(_release_all, self.client, futures)
+                self.client.loop.add_callback(_release_all, futures)
 
     def _forget(self, run: _Run) -> None:
         """Remove what the scheduler keeps for an ended task: its cancel event, its answers queue."""
@@ -813,37 +813,10 @@ class DaskExecutor(Executor):
             self._loop.call_soon_threadsafe(run_callbacks, deliveries)
 
 
-def _release_all(client: Any, futures: list[Any]) -> None:
-    """Release `futures` on the client's loop (where this runs) as `Future.release` does, but in one go: a
-    `release()` each costs two hops onto that loop (its own, then the message's: a self-pipe write each) and one
-    `client-releases-keys` message per key, each a round of transitions on the scheduler, the busiest process of
-    a small task's run. Here: the reference counts dropped under the client's lock, and the keys no longer
-    referenced sent in one message. Falls back to `release()` each where the client lacks those internals
-    (another distributed release)."""
-    try:
-        lock, counts, states = client._refcount_lock, client.refcount, client.futures
-        generation, send = client.generation, client._send_to_scheduler_safe
-        current = [f for f in futures if not f._cleared and f._generation == generation]
-    except AttributeError:
-        for future in futures:
-            with contextlib.suppress(Exception):
-                future.release()
-        return
-    released = []
-    with lock:
-        for future in current:
-            future._cleared = True
-            counts[future.key] -= 1
-            if counts[future.key] == 0:
-                del counts[future.key]
-                released.append(future.key)
-    for key in released:
-        state = states.pop(key, None)
-        if state is not None:
-            state.cancel()
-    if released:
-        with contextlib.suppress(Exception):  # the client is closing: the scheduler drops its keys with it
-            send({"op": "client-releases-keys", "keys": released, "client": client.id})
+def _release_all(futures: list[Any]) -> None:
+    for future in futures:
+        with contextlib.suppress(Exception):
+            future.release()
 
 
 def _logged(fn: Any, *args: Any) -> None:
