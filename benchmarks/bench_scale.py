@@ -1,30 +1,38 @@
 """Scale-out: trivial tasks and one large evaluation through a real Jupyter server, local executor and Dask.
 
-In one run, on the same machine (nothing pinned: the server, its workers and the cluster share every core):
+In one run, on the same machine (nothing pinned: the server, its workers and the cluster share every core). A
+LocalCluster of --workers single-threaded worker processes is started first; Dask's own rate on it (N
+`client.submit` of the same trivial function, `trivial`, and one gather) is measured right before and right
+after each round below, and each round's ratio is against the mean of the two (the machine is shared: its load
+moves within a minute, and an own rate taken once at the end made ratios of 0.6-1.0x for the same code).
 
 (a) local executor + the store (workers at nice 0, as Dask's are): N trivial tasks (run_demo_task items=1
-    item_delay_ms=0, from --sessions concurrent keep-alive MCP sessions) end to end until all are COMPLETED:
-    tasks/s and the server process's CPU per task; meanwhile one more session calls get_task on the newest
-    task in a loop: its p50 during the load. Then one --rows-row accuracy evaluation of a prediction column
+    item_delay_ms=0) end to end until all are COMPLETED, sent two ways, each a round of its own: with --batch K,
+    as `dispatch_batch` calls of K specs one after the other from one session (a client dispatching its N
+    tasks); with --sessions S (0: not), as one run_demo_task call per task from S concurrent keep-alive
+    sessions. Each round: tasks/s and the server process's CPU per task; meanwhile one more session calls
+    get_task on the newest task back to back: its p50 during the load (its calls count in the server's CPU).
+    Then, unless --rows 0, one --rows-row accuracy evaluation of a prediction column
     (a --format file generated once for the run, hard-linked into the server's root; after two 1,000-row
     warm-up evaluations, so each worker has imported what an evaluation needs): create_evaluation over MCP,
     get_evaluation every 50 ms until final: rows/s, get_task p50 during it (ten calls a second, a client
     watching), and where its task ran (get_task's worker: "dask:tcp://..." on the Dask executor). Right
     after, the raw peer in this process: pyarrow read of the two columns + compute_metrics (_common);
-(b) Dask executor (a LocalCluster of --workers single-threaded worker processes, started here, that the
-    server connects to; max_concurrency --concurrency) + the same kind of store: the same figures;
+(b) Dask executor (a server connected to that cluster; max_concurrency --concurrency) + the same kind of
+    store: the same figures;
 then the core alone, without HTTP (benchmarks/_common.py `core_batch`: N tasks dispatched at once to a
-TaskManager in this process) with each executor, the Dask one on the same cluster; and Dask's own rate on
-that very cluster: N `client.submit` of the same trivial function (`trivial`) and one gather. The ratios of
-the Dask executor (core, and end to end over MCP) to Dask's own rate are printed, beside the MCP path's own
-ceiling: the local executor over MCP against Dask's own rate.
+TaskManager in this process) with each executor, the Dask one on the same cluster (its own rate taken around
+it too). The ratios of the Dask executor (core, and end to end over MCP per round) to Dask's own rate are
+printed, beside the MCP path's own ceiling: the local executor over MCP against Dask's own rate.
 
 Each part is one store URL and one executor (`Part`). `--postgres` adds (c): the Dask executor on the same
 cluster with its store on a throwaway PostgreSQL started here (tests/multi_server.py: initdb in the temp dir, a
 free port, removed at the end), and prints its get_task p50 against (b)'s on SQLite, in the same run.
 
-    python benchmarks/bench_scale.py [--tasks 1000] [--sessions 8] [--workers 2] [--store-url URL] [--postgres]
-        [--rows 1000000] [--format csv|parquet]
+    python benchmarks/bench_scale.py [--tasks 1000] [--sessions 8] [--batch 100] [--workers 2] [--concurrency 32]
+        [--store-url URL] [--postgres] [--rows 1000000] [--format csv|parquet]
+
+    small and quick: python benchmarks/bench_scale.py --tasks 300 --rows 0 --batch 100
 
 Goals (issue 13): the Dask executor >= 0.8x Dask's own submit rate for the same function; get_task p50 on
 PostgreSQL within 1.5x of SQLite.
