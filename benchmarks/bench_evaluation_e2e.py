@@ -155,10 +155,14 @@ async def lean_warm_start(url: str, idle: float) -> tuple[float, float, float, f
     return calls[0], statistics.median(calls[1:]), ends[0], statistics.median(ends[1:])
 
 
-async def fresh_starts(n: int, nice: int, pin: bool, idle: float) -> None:
+async def fresh_starts(n: int, nice: int, pin: bool, idle: float, without: list[str]) -> None:
     """Item 5 of issue 15 over several fresh servers, through the lean client: each one's first create_evaluation
     call (and its 1,000-row evaluation end to end) against the median of its next three, `idle` seconds after
-    the server answered health, and the median ratios over the starts."""
+    the server answered health, and the median ratios over the starts. `without`: server extensions disabled
+    (e.g. jupyter_lsp, whose language-server discovery runs in a thread and an `npm prefix -g` at ready)."""
+    args = ["-m", "jupyter", "server"]
+    if without:
+        args.append("--ServerApp.jpserver_extensions=" + repr(dict.fromkeys(without, False)))
     calls, ends = [], []
     for i in range(n):
         with tempdir() as tmp:
@@ -166,7 +170,7 @@ async def fresh_starts(n: int, nice: int, pin: bool, idle: float) -> None:
             pcsv.write_csv(evaluation_rows(0, 1000), work / "warm.csv")
             env = {"PLEXUS_MCP_WORKER_NICE": str(nice)}
             load = os.getloadavg()[0]
-            with jupyter_server(work, extra_env=env, pin=pin) as (url, _pid):
+            with jupyter_server(work, extra_env=env, pin=pin, python_args=args) as (url, _pid):
                 first, later, first_end, later_end = await lean_warm_start(url, idle)
         calls.append(first / later)
         ends.append(first_end / later_end)
@@ -177,7 +181,8 @@ async def fresh_starts(n: int, nice: int, pin: bool, idle: float) -> None:
             flush=True,
         )
     print(
-        f"fresh starts: {n}, first / later create_evaluation median {statistics.median(calls):.2f}x "
+        f"fresh starts: {n}{' without ' + ','.join(without) if without else ''}, first / later "
+        f"create_evaluation median {statistics.median(calls):.2f}x "
         f"(goal <= 1.3x), end to end median {statistics.median(ends):.2f}x; load {os.getloadavg()[0]:.2f}"
     )
 
@@ -234,6 +239,11 @@ async def main() -> None:
         default=0,
         help="first, N fresh servers: the first create_evaluation of each against the median of its later ones",
     )
+    parser.add_argument(
+        "--without",
+        default="",
+        help="--starts: comma-separated server extensions to disable (jupyter_lsp: its start-up work runs at ready)",
+    )
     args = parser.parse_args()
     sizes = [int(r) for r in args.rows.split(",") if int(r)]
     formats = args.formats.split(",")
@@ -248,7 +258,7 @@ async def main() -> None:
         f"{'pinned to core ' + str(_common.SERVER_CPU) if args.pin else 'on any core'}"
     )
     if args.starts:
-        await fresh_starts(args.starts, args.nice, args.pin, args.idle)
+        await fresh_starts(args.starts, args.nice, args.pin, args.idle, [e for e in args.without.split(",") if e])
     if not sizes:
         print(f"load average {os.getloadavg()[0]:.2f} at end")
         return

@@ -125,6 +125,7 @@ class PlexusRuntime:
         # While Jupyter finishes starting (its other extensions, its web application): not after it is ready,
         # where the rehearsal competed with the first create_evaluation for the CPU and the GIL.
         self.evaluations.warm_up_soon()
+        self.catalog.start_threads()
 
     def _release_unstarted(self) -> None:
         """What __init__ built before a step failed: a LocalCluster's processes, the store's connections."""

@@ -184,6 +184,26 @@ async def test_the_warm_up_after_start_rehearses_the_first_evaluation_and_stores
         assert (await finished(client, made["evaluation_id"]))["status"] == "COMPLETED"
 
 
+async def test_the_threads_the_first_evaluation_uses_are_started_before_it(runtime, mcp_client, jp_root_dir):
+    """A thread pool starts a thread on its first submit and waits there until it runs: 5-10 ms each on a server
+    just ready, on the event loop, for each of the three pools the first create_evaluation uses. They are started
+    with the server instead, and that call starts none."""
+    pools = ("plexus-datasets_", "plexus-store_", "plexus-worker-start_")
+
+    def started() -> list[str]:
+        return sorted(t.name for t in threading.enumerate() if t.name.startswith(pools))
+
+    await poll(lambda: {name.rsplit("_", 1)[0] + "_" for name in started()}, lambda found: found == set(pools))
+    before = started()
+    pd.DataFrame({"label": ["yes", "no"] * 50, "prediction": ["yes"] * 100}).to_csv(jp_root_dir / "t.csv", index=False)
+    async with mcp_client() as client:
+        made = await create(
+            client, type="accuracy", dataset="t.csv", label_column="label", prediction_column="prediction"
+        )
+        assert started() == before, "the first create_evaluation started a thread"
+        assert (await finished(client, made["evaluation_id"]))["status"] == "COMPLETED"
+
+
 def run_python(code: str) -> None:
     """`code` in a fresh interpreter (its imports and its forkserver are its own), from the repository's root."""
     root = Path(__file__).resolve().parent.parent

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 
 from .errors import PlexusError
+from .pools import start_one_thread
 
 T = TypeVar("T")
 RETRY_AFTER_SECONDS = 5  # what a 503 for an unavailable store suggests to the client
@@ -53,6 +54,7 @@ class StoreCalls:
     def __init__(self, size: int, timeout: float) -> None:
         self.timeout = timeout
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=size, thread_name_prefix="plexus-store")
+        start_one_thread(self._pool)  # not in the first call
 
     async def run(self, fn: Callable[..., T], *args: Any, timeout: float | None = None) -> T:
         """`fn(*args)` on a pool thread; StoreUnavailable when the database is unreachable or slower than

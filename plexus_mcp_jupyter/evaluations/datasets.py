@@ -52,6 +52,7 @@ import pyarrow.parquet as pq
 
 from ..core.errors import Forbidden, InvalidArgument, NotFound, one_line
 from ..core.ownership import is_key_owner
+from ..core.pools import start_one_thread
 from .dataset_stream import DatasetStream, count_lines
 from .file_reads import (
     MAX_TRACKED_LABELS,
@@ -263,10 +264,17 @@ class DatasetCatalog:
         Reading files takes time that grows with the files, so it never runs on the event loop; and in
         a pool of its own, so that many slow listings cannot take every thread of the default pool.
         """
+        return await asyncio.get_running_loop().run_in_executor(self._threads(), functools.partial(fn, *args, **kwargs))
+
+    def _threads(self) -> ThreadPoolExecutor:
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="plexus-datasets")
-        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+            return self._pool
+
+    def start_threads(self) -> None:
+        """Start a thread of the pool now (a server, before it is ready), not in the first request's `run`."""
+        start_one_thread(self._threads())
 
     def close(self) -> None:
         """Stop the threads (those at work finish first)."""

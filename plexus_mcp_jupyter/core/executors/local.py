@@ -41,6 +41,7 @@ from typing import Any
 
 from .. import tasks, worker
 from ..messages import Batch, Cancelled, End, Exit, Failed, Log, Message, Placed, Reply, Run, Stop, ToManager, ToTask
+from ..pools import start_one_thread
 from .base import Deliveries, Executor, MessageCallback, run_callbacks
 
 log = logging.getLogger("plexus_mcp_jupyter")
@@ -243,6 +244,8 @@ class LocalExecutor(Executor):
         self._warmer.start()
 
     def _warm_up(self) -> None:
+        if self._starter is not None:  # an isolated task (an evaluation) is given a worker by a start thread
+            start_one_thread(self._starter)
         if self._forkserver_preload is not None:
             from multiprocessing import forkserver
 
