@@ -189,9 +189,9 @@ def register_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs | Non
     @client_errors
     async def list_tasks(**fields: Any) -> Annotated[CallToolResult, TaskPage]:
         request = paged(ListTasks, max_page).parse(fields)
-        tasks, summaries, next_cursor = await manager.alist_summaries(request, current_principal().viewer)
+        tasks, rows, next_cursor = await manager.alist_rows(request, current_principal().viewer)
         # TaskPage's JSON form; the SDK validates it against TaskPage (see result()).
-        page = {"tasks": summaries, "next_cursor": next_cursor}
+        page = {"tasks": rows, "next_cursor": next_cursor}
         lines = "; ".join(f"{t.id} {t.type} {t.status.value}" for t in tasks[:10])
         more = " (more: pass next_cursor)" if next_cursor else ""
         return result(f"{len(tasks)} task(s){more}" + (f": {lines}" if lines else ""), page)
