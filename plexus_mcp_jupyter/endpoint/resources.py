@@ -40,8 +40,8 @@ def register_resources(server: MCPServer, manager: TaskManager) -> None:
         name="tasks",
         title="Tasks",
         description=(
-            "Tasks, newest first. status and type take comma-separated names; since an ISO 8601 time; batch a "
-            "batch id; limit 1 to max_page_size; cursor is the next_cursor of the previous page."
+            "Tasks, newest first, as list_tasks' compact rows. status and type take comma-separated names; since an "
+            "ISO 8601 time; batch a batch id; limit 1 to max_page_size; cursor is the next_cursor of the previous page."
         ),
         mime_type=JSON,
     )

@@ -180,8 +180,9 @@ def register_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs | Non
         title="List tasks",
         description=(
             "List tasks, newest first, optionally filtered by status, type, creation time and batch. Returns at most "
-            "`limit` task summaries (full task_id, type, status, progress) and a next_cursor to continue; the text "
-            "lists the full ids. Next: get_task(task_id) for one task, cancel_tasks or retry_tasks to act on them."
+            "`limit` compact task rows (full task_id, type, status, progress; null fields and a description that is "
+            "the type's own text left out) and a next_cursor to continue; the text lists the full ids. Next: "
+            "get_task(task_id) for every field of one task, cancel_tasks or retry_tasks to act on them."
         ),
         annotations=read_only,
     )
