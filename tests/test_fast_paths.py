@@ -8,7 +8,7 @@ import time
 
 from plexus_mcp_jupyter.core.models import ProgressSample, Stage, StageStatus, Task, TaskStatus
 from plexus_mcp_jupyter.core.store import Store, TaskFilter
-from plexus_mcp_jupyter.endpoint.schemas import TaskDetail, TaskRow, TaskSummary
+from plexus_mcp_jupyter.endpoint.schemas import TaskDetail, TaskListRow, TaskSummary
 from plexus_mcp_jupyter.handlers.mcp import debug_emitted
 
 
@@ -87,13 +87,13 @@ def test_summaries_and_details_are_what_the_models_dump_key_for_key():
 
 
 def test_a_listing_row_is_the_summary_without_what_says_nothing_about_the_task():
-    """Task.list_row: TaskRow's JSON form key for key (nulls left out); every field it keeps is the summary's; it
+    """Task.list_row: TaskListRow's JSON form key for key (nulls left out); every field it keeps is the summary's; it
     leaves out the nulls, a description that is the type's own text and a current stage that progress names."""
     for task in _tasks():
         summary = task.summary()
         for type_text in (None, "a demo", "other"):
             row = task.list_row(type_text)
-            dumped = TaskRow.model_validate(row).model_dump(mode="json", exclude_none=True)
+            dumped = TaskListRow.model_validate(row).model_dump(mode="json", exclude_none=True)
             assert json.dumps(row) == json.dumps(dumped)
             assert {k: v for k, v in row.items() if k != "progress"} == {k: summary[k] for k in row if k != "progress"}
             assert row["progress"] == {k: v for k, v in summary["progress"].items() if v is not None}

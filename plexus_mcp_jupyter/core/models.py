@@ -244,7 +244,7 @@ class Task:
         """A listing's row (list_tasks, the tasks resource, the REST list): the summary without what says nothing
         about this task. Left out: null fields (progress's too), `description` when it is `type_text` (the type's
         own text, every task of the type has it), `current_stage` when `progress.stage` names it (one source).
-        In TaskRow's field order; get_task and the events keep the full summary."""
+        In TaskListRow's field order; get_task and the events keep the full summary."""
         moment = self.moment()
         progress = {key: value for key, value in moment.progress.items() if value is not None}
         row: dict[str, Any] = {"task_id": self.id, "type": self.type, "status": moment.status.value}

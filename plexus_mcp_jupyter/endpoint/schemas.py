@@ -107,7 +107,7 @@ class RowProgress(BaseModel):
     percent: float | None = Field(default=None, description="processed / total as a percentage; absent while unknown")
 
 
-class TaskRow(BaseModel):
+class TaskListRow(BaseModel):
     """A task in a listing (`Task.list_row`): TaskSummary without what says nothing about this task, so that a page
     fits an assistant's context. get_task has every field."""
 
@@ -132,7 +132,7 @@ class TaskRow(BaseModel):
 
 
 class TaskPage(BaseModel):
-    tasks: list[TaskRow]
+    tasks: list[TaskListRow]
     next_cursor: str | None = Field(description="Pass as `cursor` to get the next page; null on the last page")
 
 
