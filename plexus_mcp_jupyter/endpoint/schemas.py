@@ -99,7 +99,7 @@ class TaskDetail(TaskSummary):
 
 
 class RowProgress(BaseModel):
-    """Progress in a listing's row: as TaskSummary's, without its null fields."""
+    """Progress of the current (or last) stage; a field without a value is left out."""
 
     stage: str | None = Field(default=None, description="Name of the current (or last) stage; absent before one")
     processed: int = Field(description="Items processed in that stage")
@@ -107,9 +107,9 @@ class RowProgress(BaseModel):
     percent: float | None = Field(default=None, description="processed / total as a percentage; absent while unknown")
 
 
-class TaskListRow(BaseModel):
-    """A task in a listing (`Task.list_row`): TaskSummary without what says nothing about this task, so that a page
-    fits an assistant's context. get_task has every field."""
+class TaskListRow(BaseModel):  # Task.list_row produces it (its docstring is published: kept for assistants)
+    """A task in a listing, compact: fields without a value are left out, and so are a description that is the
+    type's own text and current_stage when progress.stage names it. get_task has every field."""
 
     task_id: str
     type: str
