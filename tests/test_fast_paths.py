@@ -8,7 +8,7 @@ import time
 
 from plexus_mcp_jupyter.core.models import ProgressSample, Stage, StageStatus, Task, TaskStatus
 from plexus_mcp_jupyter.core.store import Store, TaskFilter
-from plexus_mcp_jupyter.endpoint.schemas import TaskDetail, TaskSummary
+from plexus_mcp_jupyter.endpoint.schemas import TaskDetail, TaskListRow, TaskSummary
 from plexus_mcp_jupyter.handlers.mcp import debug_emitted
 
 
@@ -84,6 +84,27 @@ def test_summaries_and_details_are_what_the_models_dump_key_for_key():
                 dashboard_url=None,
             )
             assert json.dumps(data) == json.dumps(TaskDetail.model_validate(data).model_dump(mode="json"))
+
+
+def test_a_listing_row_is_the_summary_without_what_says_nothing_about_the_task():
+    """Task.list_row: TaskListRow's JSON form key for key (nulls left out); every field it keeps is the summary's; it
+    leaves out the nulls, a description that is the type's own text and a current stage that progress names."""
+    for task in _tasks():
+        summary = task.summary()
+        for type_text in (None, "a demo", "other"):
+            row = task.list_row(type_text)
+            dumped = TaskListRow.model_validate(row).model_dump(mode="json", exclude_none=True)
+            assert json.dumps(row) == json.dumps(dumped)
+            assert {k: v for k, v in row.items() if k != "progress"} == {k: summary[k] for k in row if k != "progress"}
+            assert row["progress"] == {k: v for k, v in summary["progress"].items() if v is not None}
+            left_out = set(summary) - set(row)
+            assert all(summary[k] is None for k in left_out - {"description", "current_stage"})
+            assert ("description" in row) == (summary["description"] not in (None, type_text))
+            assert "current_stage" not in row
+    running = _tasks()[1]
+    running.current_stage = "Cleanup"  # not among its stages: progress names the last one
+    assert running.list_row(None)["current_stage"] == "Cleanup"
+    assert running.list_row(None)["progress"]["stage"] == "Finalizing"
 
 
 def test_listing_with_prebuilt_statements_matches_filters_and_cursors(store_url):

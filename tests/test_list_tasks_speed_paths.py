@@ -24,6 +24,7 @@ from tornado.web import RequestHandler
 from plexus_mcp_jupyter.core import EventBus, Store, Task, TaskManager, TaskStatus
 from plexus_mcp_jupyter.core.executors import LocalExecutor
 from plexus_mcp_jupyter.core.listing_cache import PageCache
+from plexus_mcp_jupyter.core.manager import list_row
 from plexus_mcp_jupyter.core.relay import EventRelay
 from plexus_mcp_jupyter.core.requests import ListTasks
 from plexus_mcp_jupyter.core.retention import RetentionPolicy
@@ -96,23 +97,23 @@ async def test_an_unchanged_listing_is_served_again_and_any_write_makes_it_read_
         assert await page(manager, viewer="key:someone-else") == [listed[1]]
 
 
-async def test_a_kept_pages_summaries_are_made_once_and_a_running_tasks_on_every_call(tmp_path):
-    """The summaries of a page served again are those made for it (the same objects), equal to the tasks' own; a
+async def test_a_kept_pages_rows_are_made_once_and_a_running_tasks_on_every_call(tmp_path):
+    """The rows of a page served again are those made for it (the same objects), equal to the tasks' own; a
     running task's comes from memory on each call, so its progress shows while the page is kept; a write makes
     them again."""
     async with manager_on(tmp_path / "s.db", max_concurrency=1) as manager:
         request = ListTasks.parse({"limit": 10})
 
         async def listed() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-            tasks, summaries, _ = await manager.alist_summaries(request, None)
-            return summaries, [t.summary() for t in tasks]
+            tasks, rows, _ = await manager.alist_rows(request, None)
+            return rows, [list_row(t) for t in tasks]
 
         done = manager.dispatch("demo", QUICK)
         await manager.wait_final([done.id], 30)
         first, fresh = await listed()
         again, _ = await listed()
         assert first == fresh and [s["task_id"] for s in first] == [done.id]
-        assert again[0] is first[0], "a kept page's summaries are made once"
+        assert again[0] is first[0], "a kept page's rows are made once"
         running = manager.dispatch("demo", {"items": 200, "item_delay_ms": 20})
         await poll(lambda: manager.get(running.id).progress["processed"], lambda processed: processed > 0)
         second, fresh = await listed()

@@ -76,7 +76,7 @@ async def test_published_schemas_are_lean_and_real_results_and_their_mutations_g
         assert published == lean_output_schema(model.model_json_schema())
         assert "anyOf" not in str(published["properties"]) or name == "get_task"
         instances = list(mutations(copy.deepcopy(value)))
-        assert len(instances) > 200
+        assert len(instances) > 100  # a listing row leaves its null fields out: fewer to mutate
         assert same_verdicts(model, instances) >= 1  # the real result is valid, and so are some mutations
 
 

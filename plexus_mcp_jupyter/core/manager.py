@@ -47,7 +47,7 @@ from .store import (
     values_with_prefix,
 )
 from .store_calls import StoreCalls, store_unavailable
-from .tasks import get_task_type, task_type_names
+from .tasks import get_task_type, task_type_names, type_text
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
@@ -63,16 +63,20 @@ HOST = os.uname().nodename if hasattr(os, "uname") else "localhost"
 @dataclass(slots=True)
 class ListedPage:
     """A page of a listing as the store answered it (kept by the listing cache while it holds), with its stored
-    tasks' summaries once asked for."""
+    tasks' listing rows (`Task.list_row`) once asked for."""
 
     tasks: tuple[Task, ...]
     next_cursor: str | None
-    _summaries: list[dict[str, Any]] | None = None
+    _rows: list[dict[str, Any]] | None = None
 
-    def summaries(self) -> list[dict[str, Any]]:
-        if self._summaries is None:
-            self._summaries = [task.summary() for task in self.tasks]
-        return self._summaries
+    def rows(self) -> list[dict[str, Any]]:
+        if self._rows is None:
+            self._rows = [list_row(task) for task in self.tasks]
+        return self._rows
+
+
+def list_row(task: Task) -> dict[str, Any]:
+    return task.list_row(type_text(task.type))
 
 
 @dataclass
@@ -669,20 +673,20 @@ class TaskManager:
         page = await self._listed(flt, limit, cursor)
         return self._with_running(page.tasks), page.next_cursor
 
-    async def alist_summaries(
+    async def alist_rows(
         self, request: ListTasks, viewer: str | None
     ) -> tuple[list[Task], list[dict[str, Any]], str | None]:
         """One page of a ListTasks request (the list_tasks tool, the tasks resource, the REST list): its tasks and
-        each one's summary. A stored task's summary is made once per kept page (about 70% of the tool's own time
-        when it was made on every call); a running task's, from memory, on every call. The summaries are shared
-        between calls: not to be changed."""
+        each one's listing row (`Task.list_row`). A stored task's row is made once per kept page (the summaries were
+        about 70% of the tool's own time when made on every call); a running task's, from memory, on every call.
+        The rows are shared between calls: not to be changed."""
         page = await self._listed(self.task_filter(request, viewer), request.limit, request.cursor)
         tasks = self._with_running(page.tasks)
-        summaries = [
-            kept if task is stored else task.summary()
-            for task, stored, kept in zip(tasks, page.tasks, page.summaries(), strict=True)
+        rows = [
+            kept if task is stored else list_row(task)
+            for task, stored, kept in zip(tasks, page.tasks, page.rows(), strict=True)
         ]
-        return tasks, summaries, page.next_cursor
+        return tasks, rows, page.next_cursor
 
     async def _listed(self, flt: TaskFilter, limit: int | None, cursor: str | None) -> ListedPage:
         limit = self.check_limit(limit)

@@ -240,6 +240,30 @@ class Task:
             "batch_id": self.batch_id,
         }
 
+    def list_row(self, type_text: str | None) -> dict[str, Any]:
+        """A listing's row (list_tasks, the tasks resource, the REST list): the summary without what says nothing
+        about this task. Left out: null fields (progress's too), `description` when it is `type_text` (the type's
+        own text, every task of the type has it), `current_stage` when `progress.stage` names it (one source).
+        In TaskListRow's field order; get_task and the events keep the full summary."""
+        moment = self.moment()
+        progress = {key: value for key, value in moment.progress.items() if value is not None}
+        row: dict[str, Any] = {"task_id": self.id, "type": self.type, "status": moment.status.value}
+        row["priority"] = self.priority
+        optional = (
+            ("description", self.description if self.description != type_text else None),
+            ("created_at", iso(self.created_at)),
+            ("started_at", iso(self.started_at)),
+            ("completed_at", iso(moment.completed_at)),
+            ("estimated_completion_at", iso(moment.estimated_completion_at)),
+            ("current_stage", moment.current_stage if moment.current_stage != progress.get("stage") else None),
+        )
+        row.update((key, value) for key, value in optional if value is not None)
+        row["progress"] = progress
+        for key, value in (("error_message", moment.error_message), ("owner", self.owner), ("batch_id", self.batch_id)):
+            if value is not None:
+                row[key] = value
+        return row
+
     def to_dict(self) -> dict[str, Any]:
         """The full form: summary plus parameters, stages, output and log tails."""
         data = self.summary()

@@ -75,6 +75,12 @@ def get_task_type(name: str) -> TaskType:
         raise InvalidArgument(f"unknown task type {name!r}; expected one of {', '.join(sorted(_REGISTRY))}") from None
 
 
+def type_text(name: str) -> str | None:
+    """The description every task of this type gets unless given its own (None for a type no longer registered)."""
+    task_type = _REGISTRY.get(name)
+    return task_type.description if task_type is not None else None
+
+
 def task_type_names() -> list[str]:
     return sorted(_REGISTRY)
 

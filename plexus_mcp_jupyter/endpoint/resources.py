@@ -30,18 +30,18 @@ def register_resources(server: MCPServer, manager: TaskManager) -> None:
     async def task_page(query: dict[str, list[str]]) -> str:
         try:
             request = listing.from_query(query)
-            _, summaries, next_cursor = await manager.alist_summaries(request, current_principal().viewer)
+            _, rows, next_cursor = await manager.alist_rows(request, current_principal().viewer)
         except InvalidArgument as exc:
             raise MCPError(INVALID_PARAMS, str(exc)) from None
-        return _dump({"tasks": summaries, "next_cursor": next_cursor})
+        return _dump({"tasks": rows, "next_cursor": next_cursor})
 
     @server.resource(
         "plexus://tasks{?status,type,since,batch,limit,cursor}",
         name="tasks",
         title="Tasks",
         description=(
-            "Tasks, newest first. status and type take comma-separated names; since an ISO 8601 time; batch a "
-            "batch id; limit 1 to max_page_size; cursor is the next_cursor of the previous page."
+            "Tasks, newest first, as list_tasks' compact rows. status and type take comma-separated names; since an "
+            "ISO 8601 time; batch a batch id; limit 1 to max_page_size; cursor is the next_cursor of the previous page."
         ),
         mime_type=JSON,
     )

@@ -98,8 +98,41 @@ class TaskDetail(TaskSummary):
     )
 
 
+class RowProgress(BaseModel):
+    """Progress of the current (or last) stage; a field without a value is left out."""
+
+    stage: str | None = Field(default=None, description="Name of the current (or last) stage; absent before one")
+    processed: int = Field(description="Items processed in that stage")
+    total: int | None = Field(default=None, description="Items in that stage; absent while unknown")
+    percent: float | None = Field(default=None, description="processed / total as a percentage; absent while unknown")
+
+
+class TaskListRow(BaseModel):  # Task.list_row produces it (its docstring is published: kept for assistants)
+    """A task in a listing, compact: fields without a value are left out, and so are a description that is the
+    type's own text and current_stage when progress.stage names it. get_task has every field."""
+
+    task_id: str
+    type: str
+    status: TaskStatus
+    priority: int
+    description: str | None = Field(default=None, description="Absent when it is the type's own text")
+    created_at: str | None = Field(default=None, description="ISO 8601 UTC")
+    started_at: str | None = Field(default=None, description="Absent until it starts")
+    completed_at: str | None = Field(default=None, description="Absent until it ends")
+    estimated_completion_at: str | None = Field(
+        default=None, description="Expected end of the current stage (ISO 8601 UTC), once it is 10% done"
+    )
+    current_stage: str | None = Field(
+        default=None, description="Only when it is not progress.stage (which names the current stage)"
+    )
+    progress: RowProgress
+    error_message: str | None = Field(default=None, description="Why it failed or was cancelled")
+    owner: str | None = Field(default=None, description="Who created it: jupyter (the notebook user), key:<id>")
+    batch_id: str | None = Field(default=None, description="The batch it was dispatched in (plexus://batches/{id})")
+
+
 class TaskPage(BaseModel):
-    tasks: list[TaskSummary]
+    tasks: list[TaskListRow]
     next_cursor: str | None = Field(description="Pass as `cursor` to get the next page; null on the last page")
 
 

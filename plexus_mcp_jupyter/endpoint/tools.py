@@ -180,8 +180,9 @@ def register_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs | Non
         title="List tasks",
         description=(
             "List tasks, newest first, optionally filtered by status, type, creation time and batch. Returns at most "
-            "`limit` task summaries (full task_id, type, status, progress) and a next_cursor to continue; the text "
-            "lists the full ids. Next: get_task(task_id) for one task, cancel_tasks or retry_tasks to act on them."
+            "`limit` compact task rows (full task_id, type, status, progress; null fields and a description that is "
+            "the type's own text left out) and a next_cursor to continue; the text lists the full ids. Next: "
+            "get_task(task_id) for every field of one task, cancel_tasks or retry_tasks to act on them."
         ),
         annotations=read_only,
     )
@@ -189,9 +190,9 @@ def register_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs | Non
     @client_errors
     async def list_tasks(**fields: Any) -> Annotated[CallToolResult, TaskPage]:
         request = paged(ListTasks, max_page).parse(fields)
-        tasks, summaries, next_cursor = await manager.alist_summaries(request, current_principal().viewer)
+        tasks, rows, next_cursor = await manager.alist_rows(request, current_principal().viewer)
         # TaskPage's JSON form; the SDK validates it against TaskPage (see result()).
-        page = {"tasks": summaries, "next_cursor": next_cursor}
+        page = {"tasks": rows, "next_cursor": next_cursor}
         lines = "; ".join(f"{t.id} {t.type} {t.status.value}" for t in tasks[:10])
         more = " (more: pass next_cursor)" if next_cursor else ""
         return result(f"{len(tasks)} task(s){more}" + (f": {lines}" if lines else ""), page)

@@ -30,10 +30,10 @@ class TasksHandler(PlexusHandler):
         manager = self.runtime.manager
         try:
             request = self.query_request(paged(ListTasks, manager.max_page_size))
-            _, summaries, next_cursor = await manager.alist_summaries(request, self.principal.viewer)
+            _, rows, next_cursor = await manager.alist_rows(request, self.principal.viewer)
         except PlexusError as exc:
             raise http_error(exc) from None
-        self.reply({"tasks": summaries, "next_cursor": next_cursor})
+        self.reply({"tasks": rows, "next_cursor": next_cursor})
 
     async def post(self) -> None:
         """Dispatch a task: {"type": "demo", "params": {...}, "priority": 0}. 201 with the task.

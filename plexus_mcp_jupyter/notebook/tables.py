@@ -69,13 +69,15 @@ def _category(values: pd.Series, categories: Sequence[str] | None = None) -> pd.
 
 
 def tasks_frame(summaries: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """Task summaries (REST `tasks`) as a typed DataFrame, newest first."""
+    """Task rows (REST `tasks`, `Task.list_row`) as a typed DataFrame, newest first. A row leaves out its null
+    fields, a description that is the type's own text (NA here) and a current stage that progress names."""
     rows = []
     for s in summaries:
         progress = s.get("progress") or {}
         rows.append(
             {
                 **s,
+                "current_stage": s.get("current_stage", progress.get("stage")),
                 "processed": progress.get("processed"),
                 "total": progress.get("total"),
                 "percent": progress.get("percent"),
