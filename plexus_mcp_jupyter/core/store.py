@@ -445,9 +445,12 @@ class Store:
             if self.engine.dialect.name == "postgresql"
             else self.engine
         )
-        # SQLite's per-task writes run on its driver (_OnDriver); echoed statements (debugging) all go through
-        # SQLAlchemy, which logs them.
-        self._on_driver: dict[Any, _OnDriver] | None = {} if self.engine.dialect.name == "sqlite" and not echo else None
+        # The per-task writes run on the driver (_OnDriver), on SQLite and PostgreSQL; echoed statements
+        # (debugging) all go through SQLAlchemy, which logs them.
+        self._on_driver: dict[Any, _OnDriver] | None = (
+            {} if self.engine.dialect.name in ("sqlite", "postgresql") and not echo else None
+        )
+        self._positional = bool(self.engine.dialect.positional)  # SQLite's qmark, PostgreSQL's (psycopg) pyformat
         try:
             upgrade_store(self.engine, self.safe_url)
         except BaseException:
@@ -1004,9 +1007,13 @@ class Store:
         driver (`_OnDriver`, compiled once per statement); elsewhere through SQLAlchemy."""
         if self._on_driver is None:
             return int(conn.execute(statement, rows).rowcount)
-        prepared = self._on_driver.get(statement)
+        # PostgreSQL: compiled for the columns the rows name, as conn.execute does (an INSERT sends only those: a
+        # NULL id would not take its sequence's value); SQLite: for all of them (a NULL id takes the next one).
+        named = tuple(rows[0]) if rows and not self._positional else None
+        key = (statement, named)
+        prepared = self._on_driver.get(key)
         if prepared is None:
-            prepared = self._on_driver[statement] = _OnDriver(statement, self.engine.dialect)
+            prepared = self._on_driver[key] = _OnDriver(statement, self.engine.dialect, named)
         # What SQLAlchemy's events would have told the listing cache (core/listing_cache.py) about this write.
         self.writes.saw(conn, prepared.sql)
         try:
@@ -1295,17 +1302,20 @@ def _requeue(conn: Connection, task_id: str, *, holder: str | None) -> bool:
 
 
 class _OnDriver:
-    """A write run straight on the SQLite driver's cursor: the statements every small task runs (its insert,
-    its claim, its progress and final writes, its stages and samples). SQLAlchemy's own work per execution
-    (an execution context, parameters processed row by row: about 60 us) cost more than SQLite's for the few
-    rows of a small task. Compiled once; each parameter passes through its column type's bind processor (JSON
-    as SQLAlchemy serialises it), so the rows stored are the ones `conn.execute` would store. The statement
-    runs in the connection's open transaction (SQLAlchemy's, committed by it)."""
+    """A write run straight on the driver's cursor (SQLite's, psycopg's): the statements every small task runs
+    (its insert, its claim, its progress and final writes, its stages and samples). SQLAlchemy's own work per
+    execution (an execution context, parameters processed row by row: about 60 us) cost more than SQLite's for
+    the few rows of a small task, and on PostgreSQL most of the store writer thread's CPU per task. Compiled
+    once (on PostgreSQL for the columns the rows name: `columns`); each parameter passes through its type's
+    bind processor (JSON as SQLAlchemy serialises it), so the rows stored are the ones `conn.execute` would
+    store. The statement runs in the connection's open transaction (SQLAlchemy's, committed by it)."""
 
-    def __init__(self, statement: Any, dialect: sa.Dialect) -> None:
-        compiled = statement.compile(dialect=dialect)
+    def __init__(self, statement: Any, dialect: sa.Dialect, columns: Sequence[str] | None = None) -> None:
+        compiled = statement.compile(dialect=dialect, column_keys=list(columns) if columns is not None else None)
         self.sql = str(compiled)
-        keys = list(compiled.positiontup or ())
+        self.positional = bool(compiled.positional)
+        keys = list(compiled.positiontup or ()) if self.positional else list(compiled.params)
+        self._keys = keys
         # Every parameter's value when a row does not name it: a constant of the statement (e.g. the statuses it
         # compares with), else None (as conn.execute binds a missing one).
         self._defaults = {key: compiled.params.get(key) for key in keys}
@@ -1313,23 +1323,24 @@ class _OnDriver:
         self._values: Callable[[Mapping[str, Any]], Sequence[Any]] = (
             (lambda row: (getter(row),)) if len(keys) == 1 else getter
         )
-        self._convert = [
-            (i, convert)
-            for i, key in enumerate(keys)
-            if (convert := compiled.binds[key].type.bind_processor(dialect)) is not None
-        ]
+        processor = (
+            (lambda key: compiled.binds[key].type.bind_processor(dialect))
+            if self.positional
+            else compiled._bind_processors.get  # the dialect's own (psycopg's JSON), as conn.execute uses
+        )
+        self._convert = [(i, convert) for i, key in enumerate(keys) if (convert := processor(key)) is not None]
 
     def executemany(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> int:
         """Run it for every row (a mapping of its parameters); the number of rows it changed."""
-        defaults, values, convert = self._defaults, self._values, self._convert
-        params: list[Sequence[Any]] = []
+        defaults, values, convert, keys = self._defaults, self._values, self._convert, self._keys
+        params: list[Any] = []
         for row in rows:
             row_values = values({**defaults, **row})
             if convert:
                 row_values = list(row_values)
                 for i, fn in convert:
                     row_values[i] = fn(row_values[i])
-            params.append(row_values)
+            params.append(row_values if self.positional else dict(zip(keys, row_values, strict=True)))
         cursor = conn.connection.cursor()
         try:
             cursor.executemany(self.sql, params)
