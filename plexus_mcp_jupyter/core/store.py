@@ -750,7 +750,7 @@ class Store:
         if postgres and order:
             try:
                 with self.engine.begin() as conn:
-                    got = list(conn.execute(_CLAIM_FIRST_QUEUED, {**values, "order": list(order), "n": len(first)}))
+                    got = self._rows(conn, _CLAIM_FIRST_QUEUED, {**values, "order": list(order), "n": len(first)})
                     claimed = {task_id for (task_id,) in got}
                     last = max((order.index(task_id) for task_id in claimed), default=len(order) - 1)
                     examined = order if len(claimed) < len(first) else order[: last + 1]
@@ -1002,22 +1002,40 @@ class Store:
             self._many(conn, _INSERT_SAMPLES, sample_rows)
         return lost
 
+    def _prepared(self, statement: Any, row: Mapping[str, Any]) -> _OnDriver:
+        """`statement` compiled for the driver. PostgreSQL: for the columns `row` names, as conn.execute does (an
+        INSERT sends only those: a NULL id would not take its sequence's value); SQLite: for all of them (a NULL
+        id takes the next one)."""
+        assert self._on_driver is not None
+        named = tuple(row) if not self._positional else None
+        prepared = self._on_driver.get((statement, named))
+        if prepared is None:
+            prepared = self._on_driver[(statement, named)] = _OnDriver(statement, self.engine.dialect, named)
+        return prepared
+
     def _many(self, conn: Connection, statement: Any, rows: Sequence[Mapping[str, Any]]) -> int:
         """Run a prebuilt write for each of `rows` in `conn`'s transaction; the rows changed. SQLite: on the
         driver (`_OnDriver`, compiled once per statement); elsewhere through SQLAlchemy."""
         if self._on_driver is None:
             return int(conn.execute(statement, rows).rowcount)
-        # PostgreSQL: compiled for the columns the rows name, as conn.execute does (an INSERT sends only those: a
-        # NULL id would not take its sequence's value); SQLite: for all of them (a NULL id takes the next one).
-        named = tuple(rows[0]) if rows and not self._positional else None
-        key = (statement, named)
-        prepared = self._on_driver.get(key)
-        if prepared is None:
-            prepared = self._on_driver[key] = _OnDriver(statement, self.engine.dialect, named)
+        prepared = self._prepared(statement, rows[0] if rows else {})
         # What SQLAlchemy's events would have told the listing cache (core/listing_cache.py) about this write.
         self.writes.saw(conn, prepared.sql)
         try:
             return prepared.executemany(conn, rows)
+        except sa.exc.DBAPIError:
+            self.writes.bump()
+            raise
+
+    def _rows(self, conn: Connection, statement: Any, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        """Run a prebuilt statement that returns rows (RETURNING) once in `conn`'s transaction: its rows. On the
+        driver where `_many` runs there (`_OnDriver`), else through SQLAlchemy."""
+        if self._on_driver is None:
+            return [tuple(row) for row in conn.execute(statement, params)]
+        prepared = self._prepared(statement, params)
+        self.writes.saw(conn, prepared.sql)
+        try:
+            return prepared.fetch(conn, params)
         except sa.exc.DBAPIError:
             self.writes.bump()
             raise
@@ -1330,21 +1348,32 @@ class _OnDriver:
         )
         self._convert = [(i, convert) for i, key in enumerate(keys) if (convert := processor(key)) is not None]
 
+    def _params(self, row: Mapping[str, Any]) -> Any:
+        """A row's parameters as the driver takes them: in the statement's order (SQLite) or by name (psycopg)."""
+        row_values = self._values({**self._defaults, **row})
+        if self._convert:
+            row_values = list(row_values)
+            for i, fn in self._convert:
+                row_values[i] = fn(row_values[i])
+        return row_values if self.positional else dict(zip(self._keys, row_values, strict=True))
+
     def executemany(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> int:
         """Run it for every row (a mapping of its parameters); the number of rows it changed."""
-        defaults, values, convert, keys = self._defaults, self._values, self._convert, self._keys
-        params: list[Any] = []
-        for row in rows:
-            row_values = values({**defaults, **row})
-            if convert:
-                row_values = list(row_values)
-                for i, fn in convert:
-                    row_values[i] = fn(row_values[i])
-            params.append(row_values if self.positional else dict(zip(keys, row_values, strict=True)))
+        return self._run(conn, [self._params(row) for row in rows], many=True)[0]
+
+    def fetch(self, conn: Connection, row: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        """Run it once with `row`'s parameters; the rows it returns."""
+        return self._run(conn, self._params(row), many=False)[1]
+
+    def _run(self, conn: Connection, params: Any, *, many: bool) -> tuple[int, list[tuple[Any, ...]]]:
+        """The rows changed and the rows returned (not asked after an executemany)."""
         cursor = conn.connection.cursor()
         try:
-            cursor.executemany(self.sql, params)
-            return int(cursor.rowcount)
+            if many:
+                cursor.executemany(self.sql, params)
+                return int(cursor.rowcount), []
+            cursor.execute(self.sql, params)
+            return int(cursor.rowcount), [tuple(r) for r in cursor.fetchall()]
         except conn.dialect.loaded_dbapi.Error as exc:  # raised as SQLAlchemy raises it: callers handle those
             raise sa.exc.DBAPIError.instance(self.sql, params, exc, conn.dialect.loaded_dbapi.Error) from exc
         finally:
