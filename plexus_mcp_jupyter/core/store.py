@@ -1319,6 +1319,12 @@ def _requeue(conn: Connection, task_id: str, *, holder: str | None) -> bool:
     return done
 
 
+# psycopg: up to this many rows, a write runs a statement per row instead of executemany, whose pipeline costs more
+# for a few rows (a transaction updating 1, 2, 4 rows of a small table: 59, 70, 88 us of client CPU against 34, 47,
+# 71; 8 rows 119 against 125).
+FEW_ROWS = 4
+
+
 class _OnDriver:
     """A write run straight on the driver's cursor (SQLite's, psycopg's): the statements every small task runs
     (its insert, its claim, its progress and final writes, its stages and samples). SQLAlchemy's own work per
@@ -1369,9 +1375,15 @@ class _OnDriver:
         """The rows changed and the rows returned (not asked after an executemany)."""
         cursor = conn.connection.cursor()
         try:
-            if many:
+            if many and (self.positional or len(params) > FEW_ROWS):
                 cursor.executemany(self.sql, params)
                 return int(cursor.rowcount), []
+            if many:  # psycopg: a few rows cost less one by one than in the pipeline executemany opens
+                changed = 0
+                for row_params in params:
+                    cursor.execute(self.sql, row_params)
+                    changed += cursor.rowcount
+                return changed, []
             cursor.execute(self.sql, params)
             return int(cursor.rowcount), [tuple(r) for r in cursor.fetchall()]
         except conn.dialect.loaded_dbapi.Error as exc:  # raised as SQLAlchemy raises it: callers handle those
