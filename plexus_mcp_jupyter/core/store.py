@@ -1320,9 +1320,9 @@ def _requeue(conn: Connection, task_id: str, *, holder: str | None) -> bool:
 
 
 # psycopg: up to this many rows, a write runs a statement per row instead of executemany, whose pipeline costs more
-# for a few rows (a transaction updating 1, 2, 4 rows of a small table: 59, 70, 88 us of client CPU against 34, 47,
-# 71; 8 rows 119 against 125).
-FEW_ROWS = 4
+# for a few rows (a transaction updating 1 or 2 rows of a small table: client CPU 34-44 / 47-58 us against 59-81 /
+# 70-82, PostgreSQL's backend 40 / 40 against 50 / 60; at 4 rows it is a toss-up, at 8 executemany wins).
+FEW_ROWS = 2
 
 
 class _OnDriver:
