@@ -1014,28 +1014,27 @@ class Store:
         return prepared
 
     def _many(self, conn: Connection, statement: Any, rows: Sequence[Mapping[str, Any]]) -> int:
-        """Run a prebuilt write for each of `rows` in `conn`'s transaction; the rows changed. SQLite: on the
-        driver (`_OnDriver`, compiled once per statement); elsewhere through SQLAlchemy."""
+        """Run a prebuilt write for each of `rows` in `conn`'s transaction; the rows changed. On SQLite and
+        PostgreSQL on the driver (`_OnDriver`, compiled once per statement); elsewhere through SQLAlchemy."""
         if self._on_driver is None:
             return int(conn.execute(statement, rows).rowcount)
+        return self._on_the_driver(conn, statement, rows, many=True)[0]
+
+    def _rows(self, conn: Connection, statement: Any, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        """Run a prebuilt statement that returns rows (RETURNING) once in `conn`'s transaction: its rows. On the
+        driver where `_many` runs there, else through SQLAlchemy."""
+        if self._on_driver is None:
+            return [tuple(row) for row in conn.execute(statement, params)]
+        return self._on_the_driver(conn, statement, [params], many=False)[1]
+
+    def _on_the_driver(
+        self, conn: Connection, statement: Any, rows: Sequence[Mapping[str, Any]], *, many: bool
+    ) -> tuple[int, list[tuple[Any, ...]]]:
         prepared = self._prepared(statement, rows[0] if rows else {})
         # What SQLAlchemy's events would have told the listing cache (core/listing_cache.py) about this write.
         self.writes.saw(conn, prepared.sql)
         try:
-            return prepared.executemany(conn, rows)
-        except sa.exc.DBAPIError:
-            self.writes.bump()
-            raise
-
-    def _rows(self, conn: Connection, statement: Any, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
-        """Run a prebuilt statement that returns rows (RETURNING) once in `conn`'s transaction: its rows. On the
-        driver where `_many` runs there (`_OnDriver`), else through SQLAlchemy."""
-        if self._on_driver is None:
-            return [tuple(row) for row in conn.execute(statement, params)]
-        prepared = self._prepared(statement, params)
-        self.writes.saw(conn, prepared.sql)
-        try:
-            return prepared.fetch(conn, params)
+            return prepared.run(conn, rows, many=many)
         except sa.exc.DBAPIError:
             self.writes.bump()
             raise
@@ -1363,16 +1362,12 @@ class _OnDriver:
                 row_values[i] = fn(row_values[i])
         return row_values if self.positional else dict(zip(self._keys, row_values, strict=True))
 
-    def executemany(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> int:
-        """Run it for every row (a mapping of its parameters); the number of rows it changed."""
-        return self._run(conn, [self._params(row) for row in rows], many=True)[0]
-
-    def fetch(self, conn: Connection, row: Mapping[str, Any]) -> list[tuple[Any, ...]]:
-        """Run it once with `row`'s parameters; the rows it returns."""
-        return self._run(conn, self._params(row), many=False)[1]
-
-    def _run(self, conn: Connection, params: Any, *, many: bool) -> tuple[int, list[tuple[Any, ...]]]:
-        """The rows changed and the rows returned (not asked after an executemany)."""
+    def run(
+        self, conn: Connection, rows: Sequence[Mapping[str, Any]], *, many: bool
+    ) -> tuple[int, list[tuple[Any, ...]]]:
+        """Run it for every row (a mapping of its parameters), or (not `many`) once for the first: the rows it
+        changed, and the rows it returned (not asked after an executemany)."""
+        params: Any = [self._params(row) for row in rows] if many else self._params(rows[0])
         cursor = conn.connection.cursor()
         try:
             if many and (self.positional or len(params) > FEW_ROWS):
