@@ -243,3 +243,27 @@ async def test_a_pass_that_cannot_be_planned_with_a_write_leaves_the_write_and_r
     manager._pass_after = failing_once
     tasks = await queue_and_run(manager, store, 3)
     assert failures == [tasks[0].id]  # the first end's write went ahead; the next start came from a pass after it
+
+
+def test_a_driver_write_on_a_connection_postgresql_dropped_discards_it(postgres_url):
+    """A write on the driver over a connection the database ended (a restart, an admin's terminate) fails as
+    SQLAlchemy's would (an OperationalError, the connection invalidated: the store is unavailable, not broken),
+    and the pool reconnects for the next one."""
+    store = Store(postgres_url)
+    try:
+        first = Task(id=str(uuid.uuid4()), type="demo", status=TaskStatus.QUEUED, params={})
+        store.create_task(first)  # on the driver (_INSERT_TASK), leaving one pooled connection
+        with store.engine.connect() as conn:
+            backend = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+        with admin.connect() as conn:
+            assert conn.exec_driver_sql(f"SELECT pg_terminate_backend({int(backend)})").scalar_one()
+        admin.dispose()
+        second = Task(id=str(uuid.uuid4()), type="demo", status=TaskStatus.QUEUED, params={})
+        with pytest.raises(sa.exc.OperationalError) as failed:
+            store.create_task(second)
+        assert failed.value.connection_invalidated
+        store.create_task(second)
+        assert {t.id for t in store.tasks_by_ids([first.id, second.id])} == {first.id, second.id}
+    finally:
+        store.close()

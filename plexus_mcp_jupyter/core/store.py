@@ -1382,7 +1382,13 @@ class _OnDriver:
             cursor.execute(self.sql, params)
             return int(cursor.rowcount), [tuple(r) for r in cursor.fetchall()]
         except conn.dialect.loaded_dbapi.Error as exc:  # raised as SQLAlchemy raises it: callers handle those
-            raise sa.exc.DBAPIError.instance(self.sql, params, exc, conn.dialect.loaded_dbapi.Error) from exc
+            # A connection the database dropped (a restart) is discarded, as SQLAlchemy does: the pool reconnects.
+            gone = conn.dialect.is_disconnect(exc, conn.connection.dbapi_connection, cursor)
+            if gone:
+                conn.invalidate(exc)
+            raise sa.exc.DBAPIError.instance(
+                self.sql, params, exc, conn.dialect.loaded_dbapi.Error, connection_invalidated=gone
+            ) from exc
         finally:
             cursor.close()
 
