@@ -1,9 +1,10 @@
 """A small task's fixed cost on the server (issue 12): its end and its successor's claim commit together
-(Store.save_progress_many with a Claim), and SQLite's per-task writes run on the driver (store._OnDriver),
-storing exactly the rows SQLAlchemy would."""
+(Store.save_progress_many with a Claim), and the per-task writes run on the driver (store._OnDriver: SQLite,
+PostgreSQL), storing exactly the rows SQLAlchemy would."""
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import time
 import uuid
@@ -72,6 +73,16 @@ async def test_an_end_and_the_next_claim_commit_in_one_transaction(tmp_path):
 
 
 def _rows(path: Any) -> dict[str, list[tuple[Any, ...]]]:
+    if isinstance(path, str):  # a PostgreSQL database's URL
+        engine = sa.create_engine(path, poolclass=sa.pool.NullPool)
+        try:
+            with engine.connect() as conn:
+                return {
+                    table: [tuple(row) for row in conn.exec_driver_sql(f"SELECT * FROM {table} ORDER BY 1, 2")]
+                    for table in ("tasks", "task_stages", "progress_samples")
+                }
+        finally:
+            engine.dispose()
     with sqlite3.connect(path) as conn:
         return {
             table: conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall()
@@ -79,15 +90,25 @@ def _rows(path: Any) -> dict[str, list[tuple[Any, ...]]]:
         }
 
 
-def test_driver_writes_store_what_sqlalchemy_stores(tmp_path):
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_driver_writes_store_what_sqlalchemy_stores(tmp_path, request, dialect):
     """The same claim, progress and final writes through the driver and through SQLAlchemy leave equal rows:
-    JSON (a None output is JSON null, text with quotes and non-ASCII), booleans, floats, NULLs."""
+    JSON (a None output is JSON null, text with quotes and non-ASCII), booleans, floats, NULLs. On PostgreSQL
+    the claim's first round (UPDATE ... RETURNING) too, and writes of a few rows (a statement each) and more
+    (psycopg's executemany)."""
     at = time.time()
     ids = [str(uuid.UUID(int=i)) for i in range(3)]
     paths = []
     for on_driver in (True, False):
-        path = tmp_path / f"{on_driver}.db"
-        store = Store(f"sqlite:///{path}")
+        if dialect == "sqlite":
+            path = tmp_path / f"{on_driver}.db"
+            url = f"sqlite:///{path}"
+        else:
+            cluster = request.getfixturevalue("postgres_cluster")
+            path = url = cluster.create_database()
+            request.addfinalizer(functools.partial(cluster.drop_database, url))
+        store = Store(url)
+        assert store._on_driver is not None  # its writes go to the driver unless set to None below
         if not on_driver:
             store._on_driver = None  # every statement through SQLAlchemy, as with echo or another database
         tasks = [
@@ -103,7 +124,15 @@ def test_driver_writes_store_what_sqlalchemy_stores(tmp_path):
         ]
         store.create_task(tasks[0])
         store.create_tasks(tasks[1:])
-        assert store.claim_many(ids, worker="srv", started_at=at, lease_expires_at=at + 30) == set(ids)
+        planned = store.claim_planned(
+            lambda gone: [task_id for task_id in ids[:2] if task_id not in gone],
+            worker="srv",
+            started_at=at,
+            lease_expires_at=at + 30,
+            order=ids[:2],
+        )
+        assert planned == (ids[:2], set(ids[:2]), set())
+        assert store.claim_many(ids[2:], worker="srv", started_at=at, lease_expires_at=at + 30) == set(ids[2:])
         writes = []
         for i, task in enumerate(tasks):
             task.worker, task.current_stage = "srv/pid=1", "Work"
@@ -129,8 +158,8 @@ def test_driver_writes_store_what_sqlalchemy_stores(tmp_path):
     assert _rows(paths[0]) == _rows(paths[1])
 
 
-def test_a_driver_write_that_fails_rolls_back_its_transaction_and_raises_sqlalchemys_error(tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 'f.db'}")
+def test_a_driver_write_that_fails_rolls_back_its_transaction_and_raises_sqlalchemys_error(store_url):
+    store = Store(store_url)
     try:
         task = Task(id=str(uuid.uuid4()), type="demo", status=TaskStatus.QUEUED, params={})
         store.create_task(task)
@@ -214,3 +243,27 @@ async def test_a_pass_that_cannot_be_planned_with_a_write_leaves_the_write_and_r
     manager._pass_after = failing_once
     tasks = await queue_and_run(manager, store, 3)
     assert failures == [tasks[0].id]  # the first end's write went ahead; the next start came from a pass after it
+
+
+def test_a_driver_write_on_a_connection_postgresql_dropped_discards_it(postgres_url):
+    """A write on the driver over a connection the database ended (a restart, an admin's terminate) fails as
+    SQLAlchemy's would (an OperationalError, the connection invalidated: the store is unavailable, not broken),
+    and the pool reconnects for the next one."""
+    store = Store(postgres_url)
+    try:
+        first = Task(id=str(uuid.uuid4()), type="demo", status=TaskStatus.QUEUED, params={})
+        store.create_task(first)  # on the driver (_INSERT_TASK), leaving one pooled connection
+        with store.engine.connect() as conn:
+            backend = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+        with admin.connect() as conn:
+            assert conn.exec_driver_sql(f"SELECT pg_terminate_backend({int(backend)})").scalar_one()
+        admin.dispose()
+        second = Task(id=str(uuid.uuid4()), type="demo", status=TaskStatus.QUEUED, params={})
+        with pytest.raises(sa.exc.OperationalError) as failed:
+            store.create_task(second)
+        assert failed.value.connection_invalidated
+        store.create_task(second)
+        assert {t.id for t in store.tasks_by_ids([first.id, second.id])} == {first.id, second.id}
+    finally:
+        store.close()

@@ -445,9 +445,12 @@ class Store:
             if self.engine.dialect.name == "postgresql"
             else self.engine
         )
-        # SQLite's per-task writes run on its driver (_OnDriver); echoed statements (debugging) all go through
-        # SQLAlchemy, which logs them.
-        self._on_driver: dict[Any, _OnDriver] | None = {} if self.engine.dialect.name == "sqlite" and not echo else None
+        # The per-task writes run on the driver (_OnDriver), on SQLite and PostgreSQL; echoed statements
+        # (debugging) all go through SQLAlchemy, which logs them.
+        self._on_driver: dict[Any, _OnDriver] | None = (
+            {} if self.engine.dialect.name in ("sqlite", "postgresql") and not echo else None
+        )
+        self._positional = bool(self.engine.dialect.positional)  # SQLite's qmark, PostgreSQL's (psycopg) pyformat
         try:
             upgrade_store(self.engine, self.safe_url)
         except BaseException:
@@ -747,7 +750,7 @@ class Store:
         if postgres and order:
             try:
                 with self.engine.begin() as conn:
-                    got = list(conn.execute(_CLAIM_FIRST_QUEUED, {**values, "order": list(order), "n": len(first)}))
+                    got = self._rows(conn, _CLAIM_FIRST_QUEUED, {**values, "order": list(order), "n": len(first)})
                     claimed = {task_id for (task_id,) in got}
                     last = max((order.index(task_id) for task_id in claimed), default=len(order) - 1)
                     examined = order if len(claimed) < len(first) else order[: last + 1]
@@ -999,18 +1002,39 @@ class Store:
             self._many(conn, _INSERT_SAMPLES, sample_rows)
         return lost
 
+    def _prepared(self, statement: Any, row: Mapping[str, Any]) -> _OnDriver:
+        """`statement` compiled for the driver. PostgreSQL: for the columns `row` names, as conn.execute does (an
+        INSERT sends only those: a NULL id would not take its sequence's value); SQLite: for all of them (a NULL
+        id takes the next one)."""
+        assert self._on_driver is not None
+        named = tuple(row) if not self._positional else None
+        prepared = self._on_driver.get((statement, named))
+        if prepared is None:
+            prepared = self._on_driver[(statement, named)] = _OnDriver(statement, self.engine.dialect, named)
+        return prepared
+
     def _many(self, conn: Connection, statement: Any, rows: Sequence[Mapping[str, Any]]) -> int:
-        """Run a prebuilt write for each of `rows` in `conn`'s transaction; the rows changed. SQLite: on the
-        driver (`_OnDriver`, compiled once per statement); elsewhere through SQLAlchemy."""
+        """Run a prebuilt write for each of `rows` in `conn`'s transaction; the rows changed. On SQLite and
+        PostgreSQL on the driver (`_OnDriver`, compiled once per statement); elsewhere through SQLAlchemy."""
         if self._on_driver is None:
             return int(conn.execute(statement, rows).rowcount)
-        prepared = self._on_driver.get(statement)
-        if prepared is None:
-            prepared = self._on_driver[statement] = _OnDriver(statement, self.engine.dialect)
+        return self._on_the_driver(conn, statement, rows, many=True)[0]
+
+    def _rows(self, conn: Connection, statement: Any, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        """Run a prebuilt statement that returns rows (RETURNING) once in `conn`'s transaction: its rows. On the
+        driver where `_many` runs there, else through SQLAlchemy."""
+        if self._on_driver is None:
+            return [tuple(row) for row in conn.execute(statement, params)]
+        return self._on_the_driver(conn, statement, [params], many=False)[1]
+
+    def _on_the_driver(
+        self, conn: Connection, statement: Any, rows: Sequence[Mapping[str, Any]], *, many: bool
+    ) -> tuple[int, list[tuple[Any, ...]]]:
+        prepared = self._prepared(statement, rows[0] if rows else {})
         # What SQLAlchemy's events would have told the listing cache (core/listing_cache.py) about this write.
         self.writes.saw(conn, prepared.sql)
         try:
-            return prepared.executemany(conn, rows)
+            return prepared.run(conn, rows, many=many)
         except sa.exc.DBAPIError:
             self.writes.bump()
             raise
@@ -1294,18 +1318,27 @@ def _requeue(conn: Connection, task_id: str, *, holder: str | None) -> bool:
     return done
 
 
-class _OnDriver:
-    """A write run straight on the SQLite driver's cursor: the statements every small task runs (its insert,
-    its claim, its progress and final writes, its stages and samples). SQLAlchemy's own work per execution
-    (an execution context, parameters processed row by row: about 60 us) cost more than SQLite's for the few
-    rows of a small task. Compiled once; each parameter passes through its column type's bind processor (JSON
-    as SQLAlchemy serialises it), so the rows stored are the ones `conn.execute` would store. The statement
-    runs in the connection's open transaction (SQLAlchemy's, committed by it)."""
+# psycopg: up to this many rows, a write runs a statement per row instead of executemany, whose pipeline costs more
+# for a few rows (a transaction updating 1 or 2 rows of a small table: client CPU 34-44 / 47-58 us against 59-81 /
+# 70-82, PostgreSQL's backend 40 / 40 against 50 / 60; at 4 rows it is a toss-up, at 8 executemany wins).
+FEW_ROWS = 2
 
-    def __init__(self, statement: Any, dialect: sa.Dialect) -> None:
-        compiled = statement.compile(dialect=dialect)
+
+class _OnDriver:
+    """A write run straight on the driver's cursor (SQLite's, psycopg's): the statements every small task runs
+    (its insert, its claim, its progress and final writes, its stages and samples). SQLAlchemy's own work per
+    execution (an execution context, parameters processed row by row: about 60 us) cost more than SQLite's for
+    the few rows of a small task, and on PostgreSQL most of the store writer thread's CPU per task. Compiled
+    once (on PostgreSQL for the columns the rows name: `columns`); each parameter passes through its type's
+    bind processor (JSON as SQLAlchemy serialises it), so the rows stored are the ones `conn.execute` would
+    store. The statement runs in the connection's open transaction (SQLAlchemy's, committed by it)."""
+
+    def __init__(self, statement: Any, dialect: sa.Dialect, columns: Sequence[str] | None = None) -> None:
+        compiled = statement.compile(dialect=dialect, column_keys=list(columns) if columns is not None else None)
         self.sql = str(compiled)
-        keys = list(compiled.positiontup or ())
+        self.positional = bool(compiled.positional)
+        keys = list(compiled.positiontup or ()) if self.positional else list(compiled.params)
+        self._keys = keys
         # Every parameter's value when a row does not name it: a constant of the statement (e.g. the statuses it
         # compares with), else None (as conn.execute binds a missing one).
         self._defaults = {key: compiled.params.get(key) for key in keys}
@@ -1313,29 +1346,49 @@ class _OnDriver:
         self._values: Callable[[Mapping[str, Any]], Sequence[Any]] = (
             (lambda row: (getter(row),)) if len(keys) == 1 else getter
         )
-        self._convert = [
-            (i, convert)
-            for i, key in enumerate(keys)
-            if (convert := compiled.binds[key].type.bind_processor(dialect)) is not None
-        ]
+        processor = (
+            (lambda key: compiled.binds[key].type.bind_processor(dialect))
+            if self.positional
+            else compiled._bind_processors.get  # the dialect's own (psycopg's JSON), as conn.execute uses
+        )
+        self._convert = [(i, convert) for i, key in enumerate(keys) if (convert := processor(key)) is not None]
 
-    def executemany(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> int:
-        """Run it for every row (a mapping of its parameters); the number of rows it changed."""
-        defaults, values, convert = self._defaults, self._values, self._convert
-        params: list[Sequence[Any]] = []
-        for row in rows:
-            row_values = values({**defaults, **row})
-            if convert:
-                row_values = list(row_values)
-                for i, fn in convert:
-                    row_values[i] = fn(row_values[i])
-            params.append(row_values)
+    def _params(self, row: Mapping[str, Any]) -> Any:
+        """A row's parameters as the driver takes them: in the statement's order (SQLite) or by name (psycopg)."""
+        row_values = self._values({**self._defaults, **row})
+        if self._convert:
+            row_values = list(row_values)
+            for i, fn in self._convert:
+                row_values[i] = fn(row_values[i])
+        return row_values if self.positional else dict(zip(self._keys, row_values, strict=True))
+
+    def run(
+        self, conn: Connection, rows: Sequence[Mapping[str, Any]], *, many: bool
+    ) -> tuple[int, list[tuple[Any, ...]]]:
+        """Run it for every row (a mapping of its parameters), or (not `many`) once for the first: the rows it
+        changed, and the rows it returned (not asked after an executemany)."""
+        params: Any = [self._params(row) for row in rows] if many else self._params(rows[0])
         cursor = conn.connection.cursor()
         try:
-            cursor.executemany(self.sql, params)
-            return int(cursor.rowcount)
+            if many and (self.positional or len(params) > FEW_ROWS):
+                cursor.executemany(self.sql, params)
+                return int(cursor.rowcount), []
+            if many:  # psycopg: a few rows cost less one by one than in the pipeline executemany opens
+                changed = 0
+                for row_params in params:
+                    cursor.execute(self.sql, row_params)
+                    changed += cursor.rowcount
+                return changed, []
+            cursor.execute(self.sql, params)
+            return int(cursor.rowcount), [tuple(r) for r in cursor.fetchall()]
         except conn.dialect.loaded_dbapi.Error as exc:  # raised as SQLAlchemy raises it: callers handle those
-            raise sa.exc.DBAPIError.instance(self.sql, params, exc, conn.dialect.loaded_dbapi.Error) from exc
+            # A connection the database dropped (a restart) is discarded, as SQLAlchemy does: the pool reconnects.
+            gone = conn.dialect.is_disconnect(exc, conn.connection.dbapi_connection, cursor)
+            if gone:
+                conn.invalidate(exc)
+            raise sa.exc.DBAPIError.instance(
+                self.sql, params, exc, conn.dialect.loaded_dbapi.Error, connection_invalidated=gone
+            ) from exc
         finally:
             cursor.close()
 
