@@ -167,7 +167,7 @@ async def test_the_warm_up_after_start_rehearses_the_first_evaluation_and_stores
     assert any(sql.startswith("INSERT INTO evaluations") for sql in compiled), compiled
     # The task's own writes on SQLite's driver (compiled on first use, on the event loop): its claim, progress
     # with a stage and a sample, and its end.
-    prepared = runtime.store._on_driver
+    prepared = {statement for statement, _columns in runtime.store._on_driver}  # keyed by (statement, columns)
     for statement in (
         store_module._CLAIM,
         store_module._progress_update(final=False, held=True),
