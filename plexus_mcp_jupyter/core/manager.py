@@ -165,6 +165,7 @@ class TaskManager:
         # Store calls made from async code run here, off the event loop, each with a timeout (core/store_calls.py);
         # the runtime gives the one sized by db_pool_size and db_pool_timeout_seconds.
         self.calls = calls or StoreCalls(4, 30.0)
+        self._owns_calls = calls is None  # closed at stop; the runtime closes the one it gives
         self.worker_environment = dict(worker_environment or {})
         # Handlers of requests tasks send to the server (TaskContext.request), by kind.
         self.request_handlers: dict[str, RequestHandler] = dict(request_handlers or {})
@@ -342,6 +343,8 @@ class TaskManager:
         if self._writer is not None:
             self._writer.shutdown(wait=False)
             self._writer = None
+        if self._owns_calls:
+            self.calls.close()
         self.started = False
 
     def recover(self, running: Sequence[Task] | None = None) -> None:
