@@ -1,13 +1,13 @@
 """A group commit of concurrent single dispatches (TaskManager.adispatch; docs/architecture.md, "A group commit").
 
 Each `run_demo_task` call, REST dispatch or evaluation inserts one task. Calls that reach `adispatch` in the same
-turn of the loop, or while the group before them is being written (on a networked store, on the writer thread),
-are stored in one transaction: one commit and one driver executemany instead of one each. Each caller awaits its
-own outcome: its task, or its own refusal (its API key over `max_tasks_per_key`, counted in the group's order,
-so the cap stays exact however many calls arrive together). When the group's transaction fails (an `also`
-record that cannot be written, the store gone), nothing of it is stored and each create is tried again alone,
-so a failure is only the calls' whose own insert fails. A spec is checked (`TaskManager.new_task`) before it
-joins a group: a bad one is refused at once and never reaches the store.
+turns of the loop (on SQLite, while each turn brings more, up to MAX_HOPS), or while the group before them is being
+written (on a networked store, on the writer thread), are stored in one transaction: one commit and one driver
+executemany instead of one each. Each caller awaits its own outcome: its task, or its own refusal (its API key over
+`max_tasks_per_key`, counted in the group's order, so the cap stays exact however many calls arrive together). When
+the group's transaction fails (an `also` record that cannot be written, the store gone), nothing of it is stored and
+each create is tried again alone, so a failure is only the calls' whose own insert fails. A spec is checked
+(`TaskManager.new_task`) before it joins a group: a bad one is refused at once and never reaches the store.
 
 This module gathers and answers; the manager says how a group is stored (`store`: each create's outcome, None
 when stored) and what follows on the loop for each create (`landed`: announce and start its task).
@@ -35,6 +35,9 @@ class Create:
 
 
 Outcomes = list[BaseException | None]
+# On SQLite the group is written on the loop, at the first turn that brings no more creates, or after this many
+# (8 sessions calling at once: groups of 1-2 creates written at the next turn, 3-4 waiting while they come).
+MAX_HOPS = 4
 
 
 class CreateGroups:
@@ -54,6 +57,8 @@ class CreateGroups:
         self.writing = False  # a group is being written on the writer thread
         self.groups = 0  # groups written, and creates in them (benchmarks and tests read them)
         self.creates = 0
+        self.seen = 0  # on the loop (SQLite): the creates waiting at the last turn, and the turns waited so far
+        self.hops = 0
 
     async def add(self, task: Task, also: Callable[[Any], None] | None, created: Task | None) -> Task:
         """Store `task` with the next group; returns what `landed` made of it once its row exists, or raises
@@ -69,6 +74,12 @@ class CreateGroups:
         return await entry.done
 
     def _write(self) -> None:
+        if self.writer is None and len(self.waiting) > self.seen and self.hops < MAX_HOPS:
+            # Creates joined during the last turn: more calls are arriving, let the next turn's join too.
+            self.seen, self.hops = len(self.waiting), self.hops + 1
+            asyncio.get_running_loop().call_soon(self._write)
+            return
+        self.seen = self.hops = 0
         self.scheduled = False
         group, self.waiting = self.waiting, []
         if not group:
