@@ -6,31 +6,17 @@ that cannot be written), nothing half-written, and the key cap exact however man
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
-from plexus_mcp_jupyter.core import EventBus, InvalidArgument, Store, TaskManager, TaskStatus
-from plexus_mcp_jupyter.core.executors import LocalExecutor
+from plexus_mcp_jupyter.core import InvalidArgument, TaskManager, TaskStatus
 from plexus_mcp_jupyter.core.store import tasks_table
+
+from .test_core import running_manager
 
 QUICK = {"items": 1, "item_delay_ms": 0}
 LONG = {"items": 100_000, "item_delay_ms": 5}  # runs until cancelled
-
-
-@asynccontextmanager
-async def running_manager(store_url: str, **kw: Any) -> AsyncIterator[TaskManager]:
-    store = Store(store_url)
-    m = TaskManager(store, EventBus(), LocalExecutor(), cancel_grace_seconds=1.0, poll_interval=0.1, **kw)
-    await m.start()
-    try:
-        yield m
-    finally:
-        await m.stop()
-        store.close()
 
 
 def stored(manager: TaskManager) -> dict[str, tuple[str, str | None]]:
