@@ -172,7 +172,8 @@ async def test_a_slow_subscriber_gets_the_latest_state_per_entity_and_every_fina
 
 @asynccontextmanager
 async def running_manager(path, **kw):
-    store = Store(f"sqlite:///{path / 'manager.db'}")
+    """A started TaskManager with the local executor on `path` (a store URL, or a directory for a SQLite file)."""
+    store = Store(path if isinstance(path, str) else f"sqlite:///{path / 'manager.db'}")
     kw.setdefault("max_concurrency", 1)
     m = TaskManager(store, EventBus(), LocalExecutor(), cancel_grace_seconds=1.0, poll_interval=0.1, **kw)
     await m.start()

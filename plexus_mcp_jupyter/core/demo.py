@@ -56,12 +56,17 @@ class RunDemo(DemoParams):
 def validate_params(params: Mapping[str, Any]) -> dict[str, Any]:
     """Check demo parameters and fill defaults (the task type's validator); the error names the field, the value
     and the allowed range."""
-    checked = DemoParams.parse(params)
+    return checked_params(DemoParams.parse(params))
+
+
+def checked_params(checked: DemoParams) -> dict[str, Any]:
+    """The task's params from a parsed request (run_demo_task's RunDemo, its priority left out), checked as
+    `validate_params` checks them: the tool passes them on as checked, not parsed a second time."""
     if checked.fail_at is not None and checked.fail_at > checked.items:  # depends on two fields: checked here
         raise InvalidArgument(
             f"fail_at must be an item number from 1 to items ({checked.items}), not {checked.fail_at!r}"
         )
-    return checked.model_dump()
+    return checked.model_dump(exclude={"priority"})
 
 
 def run_demo(

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import resources as res
+from .creates import Create, CreateGroups
 from .errors import Expired, InvalidArgument, NotFound, PlexusError
 from .events import Event, EventBus
 from .executors.base import Executor
@@ -234,6 +235,8 @@ class TaskManager:
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
         self._scheduling = False  # a scheduling pass is reading or claiming on the writer thread
         self._starting: dict[str, Task] = {}  # started at once by adispatch, their insert under way
+        # adispatch's creates, stored a group at a time (core/creates.py)
+        self._creates = CreateGroups(self._store_creates, self._created, self._write if self.offload else None)
         self._flushing = False  # a batched write is being committed on the writer thread
         self._flush_held = False  # a write that ends tasks waits for the pass under way, to carry the next one
         self._requeueing: set[str] = set()  # ended tasks whose re-queue is under way on the writer thread
@@ -760,6 +763,7 @@ class TaskManager:
         internal: bool = False,
         role: str | None = None,
         record: Callable[[Task, Any], None] | None = None,
+        checked: bool = False,
     ) -> Task:
         """Create a task, QUEUED, and return it at once; the scheduler starts it when a slot is free.
 
@@ -767,10 +771,18 @@ class TaskManager:
         `role` is the dispatching caller's role: a priority above its ceiling (`max_priority_by_role`) is
         refused. None is the server's own work, with the full range. `record(task, connection)` writes what
         must exist before the task can start (an evaluation's record) in the transaction that stores it.
+        `checked`: `params` are the type's validator's output already (run_demo_task parsed them).
         """
         self.check_key_cap(owner, 1)
         task = self.new_task(
-            type_name, params, priority=priority, owner=owner, description=description, internal=internal, role=role
+            type_name,
+            params,
+            priority=priority,
+            owner=owner,
+            description=description,
+            internal=internal,
+            role=role,
+            checked=checked,
         )
         also = self._also(task, record)
         if self._starts_at_once(task):
@@ -781,29 +793,67 @@ class TaskManager:
         return self._queued(task)
 
     async def adispatch(self, type_name: str, params: Mapping[str, Any] | None = None, **options: Any) -> Task:
-        """`dispatch` (same arguments) for the faces: on a networked store its reads and its insert, with the
-        `record` written in its transaction, run on the writer thread (after the writes asked before it), and it
-        returns once the row exists (a `get_task` right after finds it). A task started at once holds its slot
-        meanwhile (`_starting`), so no other start takes it, and starts only once its row and record exist."""
-        if not self.offload:
+        """`dispatch` (same arguments) for the faces: it returns once the row exists (a `get_task` right after
+        finds it). Concurrent calls are stored together (core/creates.py, a group commit): those that arrive in
+        one turn of the loop, or while the group before them is written, share one transaction, each answered
+        with its own task or refusal. On a networked store the group's key-cap counts and its insert, with each
+        `record` written in its transaction, run on the writer thread (after the writes asked before it). A task
+        started at once holds its slot meanwhile (`_starting`), so no other start takes it, and starts only once
+        its row and record exist."""
+        if self._loop is None:  # not started: no loop to gather on
             return self.dispatch(type_name, params, **options)
         record = options.pop("record", None)
-        owner = options.get("owner")
-        if self._key_capped(owner):
-            await self._write(self.check_key_cap, owner, 1)
         task = self.new_task(type_name, params, **options)
-        also = self._also(task, record)
-        if not self._starts_at_once(task):
+        created = None
+        if self._starts_at_once(task):
+            created = self._claim_at_once(task)
+            self._starting[task.id] = task  # holds its slot until stored and started (`_created`)
+        else:
             self.queue_changing()  # a pass planned while the insert waits must read it, not a kept window
-            await self._write(functools.partial(self.store.create_task, task, also=also))
-            return self._queued(task)
-        created = self._claim_at_once(task)
-        self._starting[task.id] = task
-        try:
-            await self._write(functools.partial(self.store.create_task, task, also=also))
-        finally:
+        return await self._creates.add(task, self._also(task, record), created)
+
+    def _store_creates(self, group: list[Create]) -> list[BaseException | None]:
+        """A group of creates' store work (CreateGroups; the loop on SQLite, the writer thread on a networked
+        store): each one's outcome, None when its task is stored. The key caps first, in the group's order (one
+        count per key), then the accepted tasks in one transaction, or each alone if that fails (so a failure is
+        only its own create's)."""
+        outcomes: list[BaseException | None] = [None] * len(group)
+        counts: dict[str, int] = {}
+        for index, entry in enumerate(group):
+            owner = entry.task.owner
+            if owner is None or not self._key_capped(owner):
+                continue
+            if owner not in counts:
+                counts[owner] = self.unfinished_of(owner)
+            outcomes[index] = refused = self.key_cap_error(counts[owner], 1)
+            if refused is None:
+                counts[owner] += 1
+        accepted = [entry for entry, outcome in zip(group, outcomes, strict=True) if outcome is None]
+        if len(accepted) > 1:
+            try:
+                self.store.create_group([e.task for e in accepted], [e.also for e in accepted])
+                return outcomes
+            except Exception:
+                log.debug("Plexus: a group of %d creates failed; each is tried alone", len(accepted), exc_info=True)
+        for index, entry in enumerate(group):
+            if outcomes[index] is None:
+                try:
+                    self.store.create_task(entry.task, also=entry.also)
+                except Exception as exc:
+                    outcomes[index] = exc
+        return outcomes
+
+    def _created(self, entry: Create, outcome: BaseException | None) -> Task:
+        """On the loop, once a create's group is written: its task announced (and started, if it was to start at
+        once), or its refusal raised."""
+        task, created = entry.task, entry.created
+        if created is not None:
             del self._starting[task.id]
-        return self._started_at_once(task, created)
+        if outcome is not None:
+            if created is not None:  # its slot was held for nothing: a pass may fill it
+                self._schedule_soon(slot_freed=True)
+            raise outcome
+        return self._queued(task) if created is None else self._started_at_once(task, created)
 
     @staticmethod
     def _also(task: Task, record: Callable[[Task, Any], None] | None) -> Callable[[Any], None] | None:
@@ -859,16 +909,24 @@ class TaskManager:
         """InvalidArgument when an API key would have more than max_tasks_per_key unfinished tasks with
         `adding` more (a batch counts whole: it is refused, never cut)."""
         if self._key_capped(owner):
-            unfinished = self.store.count_tasks(
-                TaskFilter(statuses=(TaskStatus.QUEUED, TaskStatus.RUNNING), owner=owner)
-            )
-            if unfinished + adding > self.max_unfinished_per_key:
-                asked = "" if adding == 1 else f" and asks for {adding} more"
-                raise InvalidArgument(
-                    f"this API key has {unfinished} unfinished tasks{asked}, more than the "
-                    f"{self.max_unfinished_per_key} allowed (max_tasks_per_key): wait for some to finish, or cancel "
-                    "some, before starting more"
-                )
+            refused = self.key_cap_error(self.unfinished_of(owner), adding)
+            if refused is not None:
+                raise refused
+
+    def unfinished_of(self, owner: str | None) -> int:
+        """The owner's QUEUED and RUNNING tasks in the store."""
+        return self.store.count_tasks(TaskFilter(statuses=(TaskStatus.QUEUED, TaskStatus.RUNNING), owner=owner))
+
+    def key_cap_error(self, unfinished: int, adding: int) -> InvalidArgument | None:
+        """The refusal of `adding` more tasks for a key that has `unfinished`, if that is over max_tasks_per_key."""
+        if unfinished + adding <= self.max_unfinished_per_key:
+            return None
+        asked = "" if adding == 1 else f" and asks for {adding} more"
+        return InvalidArgument(
+            f"this API key has {unfinished} unfinished tasks{asked}, more than the "
+            f"{self.max_unfinished_per_key} allowed (max_tasks_per_key): wait for some to finish, or cancel "
+            "some, before starting more"
+        )
 
     def new_task(
         self,
@@ -882,8 +940,10 @@ class TaskManager:
         role: str | None = None,
         batch_id: str | None = None,
         retry_of: str | None = None,
+        checked: bool = False,
     ) -> Task:
-        """A validated QUEUED task, not yet stored (dispatch stores one; core/batches.py many at once)."""
+        """A validated QUEUED task, not yet stored (dispatch stores one; core/batches.py many at once).
+        `checked`: `params` are the type's validator's output already."""
         task_type = get_task_type(type_name)
         if task_type.internal and not internal:
             raise InvalidArgument(
@@ -891,7 +951,7 @@ class TaskManager:
                 "not dispatched directly"
             )
         params = dict(params or {})
-        if task_type.validate is not None:
+        if task_type.validate is not None and not checked:
             params = task_type.validate(params)
         if isinstance(priority, bool) or not isinstance(priority, int) or not MIN_PRIORITY <= priority <= MAX_PRIORITY:
             raise InvalidArgument(

@@ -517,6 +517,18 @@ class Store:
         if also is not None:
             also(conn)
 
+    def create_group(self, tasks: Sequence[Task], also: Sequence[Callable[[Connection], None] | None]) -> None:
+        """The tasks of concurrent single dispatches (core/creates.py) in one transaction: `create_task` for each,
+        their rows in one driver executemany of the prebuilt insert, each one's `also` after them."""
+        with self.engine.begin() as conn:
+            self._many(conn, _INSERT_TASK, [_task_row(task) for task in tasks])
+            stages = [_stage_row(task.id, stage) for task in tasks for stage in task.stages]
+            if stages:
+                conn.execute(sa.insert(stages_table), stages)
+            for write in also:
+                if write is not None:
+                    write(conn)
+
     def create_tasks(self, tasks: Sequence[Task], *, also: Callable[[Connection], None] | None = None) -> None:
         """Insert new tasks (without stages) in one transaction, through the driver's executemany: a
         batch is all there or not at all, and a thousand rows cost one commit. `also` writes in the same

@@ -162,10 +162,14 @@ def register_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs | Non
     @client_errors
     async def run_demo_task(ctx: Context, **fields: Any) -> Annotated[CallToolResult, DispatchResult]:
         request = demo.RunDemo.parse(fields)
-        params = request.model_dump(exclude={"priority"})
         principal = current_principal()
         task = await manager.adispatch(
-            "demo", params, priority=request.priority, owner=principal.owner, role=principal.role.value
+            "demo",
+            demo.checked_params(request),
+            priority=request.priority,
+            owner=principal.owner,
+            role=principal.role.value,
+            checked=True,
         )
         if logs is not None:
             logs.started(ctx, [task.id])
@@ -173,7 +177,8 @@ def register_tools(server: MCPServer, manager: TaskManager, logs: TaskLogs | Non
             # The caller asked for progress: stream it until the task ends (cancelling the call
             # cancels the task), then answer with the outcome.
             return outcome_result(await follow_to_end(ctx, manager, task.id, logs))
-        out = DispatchResult.model_validate(final_summary(task))
+        # DispatchResult's JSON form; the SDK validates it against DispatchResult (see result()).
+        out = {**final_summary(task), "status": task.status.value}
         return result(f"Queued demo task {task.id} ({request.items} items); follow it with get_task.", out)
 
     @server.tool(
