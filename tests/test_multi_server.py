@@ -307,8 +307,8 @@ async def test_the_relay_never_skips_an_event_whose_transaction_commits_late(db_
         return {
             "origin": "writer",
             "at": at,
-            "heads": [[at, "task.completed", "task", entity_id, "COMPLETED"]],
-            "data": [{"status": "COMPLETED"}],
+            "heads": json.dumps([[at, "task.completed", "task", entity_id, "COMPLETED"]]),
+            "data": json.dumps([{"status": "COMPLETED"}]),
         }
 
     insert = sa.insert(outbox_table)

@@ -10,8 +10,9 @@ or notebook mirrors. The relay closes that gap with the store itself, nothing el
   subscription is: a final state always goes out, the progress of a running task at most once per
   `progress_interval` (the rate its progress is written to the store anyway). Events from other servers
   (those with an `origin`) are never sent on again. A send is one packed row (up to PACK_MAX events): the
-  events' heads (time, kind, entity, status) in one JSON column, their data in another, so the store's cost
-  is a row and its index entries per send, not per event (a task's events were about two rows).
+  events' heads (time, kind, entity, status) in one column, their data in another, each JSON text the database
+  stores as text without parsing it, so the store's cost is a row and its index entries per send, not per
+  event (a task's events were about two rows).
 * In: it reads the rows other servers wrote since the last it read, unpacks them in order, and publishes the
   events on this bus with their `origin`, dropping any that is older than what this bus already said about the
   entity (a remote "created" arriving after this server ran the task to its end). On PostgreSQL a dedicated
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import threading
@@ -61,14 +63,22 @@ SEEN_MAX = 20_000  # entities whose latest state this bus published, remembered 
 _FINAL = frozenset(s.value for s in FINAL_STATUSES)
 _XMIN = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
 _NEWEST_ID = f"SELECT max(id) FROM {outbox_table.name}"
-# PostgreSQL: a send is one statement, its packed rows passed as one JSON document, with the NOTIFY (a
-# data-modifying WITH runs to completion whatever the outer query reads).
-_PG_SEND = f"""WITH sent AS (
-  INSERT INTO {outbox_table.name} (txid, origin, at, heads, data)
-  SELECT pg_current_xact_id()::text::bigint, %(origin)s, e.at, e.heads, e.data
-  FROM json_to_recordset(%(rows)s::json) AS e(at float8, heads json, data json)
+# PostgreSQL: a send is one statement, a VALUES row per pack (the packs as text parameters: nothing for the server
+# to parse), with the NOTIFY (a data-modifying WITH runs to completion whatever the outer query reads).
+_PG_SEND = """WITH sent AS (
+  INSERT INTO {table} (txid, origin, at, heads, data) VALUES {values}
   RETURNING 1)
 SELECT pg_notify(%(channel)s, %(origin)s)"""
+_PG_PACK = "(pg_current_xact_id()::text::bigint, %(origin)s, %(at)s, %(heads{i})s, %(data{i})s)"
+
+
+@functools.cache
+def _pg_send(packs: int) -> str:
+    """_PG_SEND for a send of `packs` rows."""
+    values = ", ".join(_PG_PACK.format(i=i) for i in range(packs))
+    return _PG_SEND.format(table=outbox_table.name, values=values)
+
+
 # PostgreSQL: a read is one statement: the rows after the cursor, of transactions older than every one still running
 # when the statement's snapshot was taken (all of them visible to it: one that commits late cannot be skipped).
 _PG_READ = (
@@ -80,12 +90,13 @@ _PG_DATA = f"SELECT id, data FROM {outbox_table.name} WHERE id = ANY(%(ids)s)"
 
 
 def pack(events: Sequence[Event], at: float) -> list[dict[str, Any]]:
-    """Events as outbox rows but their origin: up to PACK_MAX events a row, their heads and data in order."""
+    """Events as outbox rows but their origin: up to PACK_MAX events a row, their heads and data in order (JSON
+    texts)."""
     return [
         {
             "at": at,
-            "heads": [[e.at, e.kind, e.entity_type, e.entity_id, e.data.get("status")] for e in part],
-            "data": [e.data for e in part],
+            "heads": json.dumps([[e.at, e.kind, e.entity_type, e.entity_id, e.data.get("status")] for e in part]),
+            "data": json.dumps([e.data for e in part]),
         }
         for part in (events[i : i + PACK_MAX] for i in range(0, len(events), PACK_MAX))
     ]
@@ -96,8 +107,8 @@ def unpack(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     its data when the row's was read."""
     events: list[dict[str, Any]] = []
     for row in rows:
-        data = row.get("data")
-        for pos, (at, kind, entity_type, entity_id, status) in enumerate(row["heads"]):
+        data = None if row.get("data") is None else json.loads(row["data"])
+        for pos, (at, kind, entity_type, entity_id, status) in enumerate(json.loads(row["heads"])):
             events.append(
                 {
                     "id": row["id"],
@@ -259,8 +270,10 @@ class EventRelay:
         try:
             if self.postgres:  # one statement, in autocommit: NOTIFY delivered at its commit to every LISTENing server
                 with self.store.reads.connect() as conn:  # (ours ignores its own)
-                    params = {"origin": self.server_id, "channel": CHANNEL, "rows": json.dumps(rows)}
-                    conn.exec_driver_sql(_PG_SEND, params)
+                    params = {"origin": self.server_id, "channel": CHANNEL, "at": rows[0]["at"]}
+                    for i, row in enumerate(rows):
+                        params[f"heads{i}"], params[f"data{i}"] = row["heads"], row["data"]
+                    conn.exec_driver_sql(_pg_send(len(rows)), params)
             else:
                 with self.store.engine.begin() as conn:
                     conn.execute(sa.insert(outbox_table), [{"origin": self.server_id, **row} for row in rows])
@@ -344,9 +357,11 @@ class EventRelay:
     def _data(self, conn: Connection, ids: list[int]) -> dict[int, list[Any]]:
         """The data of the outbox rows `ids`: each row's events' data, in order."""
         if self.postgres:
-            return dict(conn.exec_driver_sql(_PG_DATA, {"ids": ids}).all())
-        o = outbox_table
-        return dict(conn.execute(sa.select(o.c.id, o.c.data).where(o.c.id.in_(ids))).all())
+            texts = conn.exec_driver_sql(_PG_DATA, {"ids": ids}).all()
+        else:
+            o = outbox_table
+            texts = conn.execute(sa.select(o.c.id, o.c.data).where(o.c.id.in_(ids))).all()
+        return {row_id: json.loads(text) for row_id, text in texts}
 
     def _hand_over(self, rows: list[dict[str, Any]], *, publish: bool) -> None:
         loop = self._loop

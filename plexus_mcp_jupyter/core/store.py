@@ -169,10 +169,11 @@ outbox_table = sa.Table(
     sa.Column("txid", sa.BigInteger, nullable=True),
     sa.Column("origin", sa.String(128), nullable=False),  # the server id of the publisher
     sa.Column("at", sa.Float, nullable=False),  # when the row was sent (pruning)
-    # Each event's [at, kind, entity_type, entity_id, status], in order: all a reader takes while nothing on its
-    # server follows other servers' events.
-    sa.Column("heads", sa.JSON, nullable=False),
-    sa.Column("data", sa.JSON, nullable=False),  # each event's entity state, in the order of `heads`
+    # JSON texts, written and read by the relay (text: the database stores them without parsing them). `heads`:
+    # each event's [at, kind, entity_type, entity_id, status], in order, all a reader takes while nothing on its
+    # server follows other servers' events; `data`: each event's entity state, in the same order.
+    sa.Column("heads", sa.Text, nullable=False),
+    sa.Column("data", sa.Text, nullable=False),
     sa.Index("ix_outbox_txid", "txid", "id"),
     sa.Index("ix_outbox_at", "at"),
     sqlite_autoincrement=True,  # an id is never reused after pruning: readers continue after the last one seen

@@ -1,9 +1,10 @@
 """The event outbox packed: a row per relay send carrying all its events (`heads`: each event's time, kind,
-entity and status; `data`: each event's entity state), instead of a row per event. The store's cost of relaying
-becomes one row and its index entries per send (core/relay.py). The outbox holds only the last
-`event_relay_keep_seconds` of relayed events, so it is made anew rather than converted: servers upgrading restart,
-and a relay starts reading after what is already there. On PostgreSQL built with lz4, the packed columns are compressed
-with it (cheaper than the default pglz for the JSON of a large send).
+entity and status; `data`: each event's entity state; JSON texts stored as text, which the database does not
+parse), instead of a row per event. The store's cost of relaying becomes one row and its index entries per send
+(core/relay.py). The outbox holds only the last `event_relay_keep_seconds` of relayed events, so it is made anew
+rather than converted: servers upgrading restart, and a relay starts reading after what is already there. On
+PostgreSQL built with lz4, the packed columns are compressed with it (cheaper than the default pglz for the JSON of
+a large send).
 
 Revision ID: 0005
 Revises: 0004
@@ -47,7 +48,7 @@ def _drop() -> None:
 
 def upgrade() -> None:
     _drop()
-    _create(sa.Column("heads", sa.JSON(), nullable=False), sa.Column("data", sa.JSON(), nullable=False))
+    _create(sa.Column("heads", sa.Text(), nullable=False), sa.Column("data", sa.Text(), nullable=False))
     bind = op.get_bind()
     if bind.dialect.name == "postgresql":
         lz4 = bind.exec_driver_sql(
