@@ -14,7 +14,8 @@ cores). Beside them, two servers with the event relay off (`event_relay = off`):
 task records its run in a file: the run also checks that each ran exactly once. Each server first runs WARM
 tasks, untimed. For each configuration, the CPU spent per task (psutil, user + system, over the timed part):
 the server processes with their workers, PostgreSQL (the postmaster and its backends), this client: on a
-machine with few cores, whether two servers can be faster depends on the CPU a task costs them in all.
+machine with few cores, whether two servers can be faster depends on the CPU a task costs them in all. And
+what PostgreSQL wrote per task: the event outbox's rows (its id sequence) and the WAL bytes.
 
     python benchmarks/bench_multi_server.py [--tasks 1000] [--task-ms 200] [--concurrency 4]
         [--workloads slot,trivial]
@@ -70,20 +71,32 @@ def client_cpu() -> float:
 
 @dataclass
 class Round:
-    """One configuration's figures: tasks/s, runs beyond one per task, CPU ms per task by whose."""
+    """One configuration's figures: tasks/s, runs beyond one per task, CPU ms per task by whose, and what
+    PostgreSQL wrote per task (event outbox rows, WAL bytes)."""
 
     tasks_per_s: float
     duplicates: int
     cpu_ms: dict[str, float]
+    outbox_rows: float
+    wal_bytes: float
 
     def cpu_line(self) -> str:
         parts = ", ".join(f"{who} {ms:.2f}" for who, ms in self.cpu_ms.items())
-        return f"CPU ms/task {sum(self.cpu_ms.values()):.2f} ({parts})"
+        written = f"outbox rows/task {self.outbox_rows:.3f}, WAL bytes/task {self.wal_bytes:.0f}"
+        return f"CPU ms/task {sum(self.cpu_ms.values()):.2f} ({parts}); {written}"
 
 
 def completed(engine: sa.Engine) -> int:
     with engine.connect() as conn:
         return int(conn.execute(sa.text("SELECT count(*) FROM tasks WHERE status = 'COMPLETED'")).scalar_one())
+
+
+def written(engine: sa.Engine) -> tuple[int, int]:
+    """The event outbox's newest row id (its sequence: rows ever inserted, whatever was pruned) and the WAL position."""
+    with engine.connect() as conn:
+        lsn = "pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint"
+        row = conn.execute(sa.text(f"SELECT (SELECT coalesce(max(id), 0) FROM plexus_event_outbox), {lsn}")).one()
+        return int(row[0]), int(row[1])
 
 
 def run(
@@ -122,7 +135,7 @@ def run(
             ).raise_for_status()
         while completed(engine) < WARM * n_servers:
             time.sleep(0.02)
-        before = cpu()
+        before, rows_before = cpu(), written(engine)
         started = time.perf_counter()
         for i in range(0, tasks, BATCH):
             server = servers[(i // BATCH) % n_servers]
@@ -136,14 +149,15 @@ def run(
         while completed(engine) < tasks + WARM * n_servers:
             time.sleep(0.02)
         elapsed = time.perf_counter() - started
-        after = cpu()
+        after, rows_after = cpu(), written(engine)
     finally:
         engine.dispose()
         with ThreadPoolExecutor(n_servers) as pool:
             list(pool.map(Server.stop, servers))
     counts = Counter(runs.read_text().split())  # the warm-up's runs too
     spent = {who: 1000 * (after[who] - before[who]) / tasks for who in before}
-    return Round(tasks / elapsed, sum(n - 1 for n in counts.values()), spent)
+    outbox_rows, wal = ((a - b) / tasks for a, b in zip(rows_after, rows_before, strict=True))
+    return Round(tasks / elapsed, sum(n - 1 for n in counts.values()), spent, outbox_rows, wal)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ import sqlalchemy as sa
 import websocket
 
 from plexus_mcp_jupyter.config import PlexusSettings, SettingsError
+from plexus_mcp_jupyter.core import relay as relay_module
 from plexus_mcp_jupyter.core.events import EventBus
 from plexus_mcp_jupyter.core.executors import LocalExecutor
 from plexus_mcp_jupyter.core.manager import TaskManager, _owner_gone
@@ -301,14 +302,13 @@ async def test_the_relay_never_skips_an_event_whose_transaction_commits_late(db_
     relay = EventRelay(store, bus, mode="poll", interval=0.05)
     relay.start(asyncio.get_running_loop(), "reader")
 
-    def row(entity_id: str) -> dict[str, Any]:
+    def row(entity_id: str) -> dict[str, Any]:  # a packed row of one event, as another server's relay sends it
+        at = time.time()
         return {
             "origin": "writer",
-            "at": time.time(),
-            "kind": "task.completed",
-            "entity_type": "task",
-            "entity_id": entity_id,
-            "data": {"status": "COMPLETED"},
+            "at": at,
+            "heads": json.dumps([[at, "task.completed", "task", entity_id, "COMPLETED"]]),
+            "data": json.dumps([{"status": "COMPLETED"}]),
         }
 
     insert = sa.insert(outbox_table)
@@ -332,6 +332,48 @@ async def test_the_relay_never_skips_an_event_whose_transaction_commits_late(db_
     finally:
         await asyncio.to_thread(relay.stop)
         store.close()
+
+
+async def test_a_send_is_packed_into_few_outbox_rows_and_its_events_arrive_in_order(db_url, monkeypatch):
+    """The relay writes the events of a send as packed rows (a row per PACK_MAX events, not one per event); the
+    other server unpacks them in order: each task's final state arrives once, with its data, nothing after it."""
+    monkeypatch.setattr(relay_module, "PACK_MAX", 7)  # a send of many events spans several rows
+    stores = [Store(db_url), Store(db_url)]
+    writer_bus, reader_bus = EventBus(), EventBus()
+    writer = EventRelay(stores[0], writer_bus, mode="auto", interval=0.05)
+    reader = EventRelay(stores[1], reader_bus, mode="auto", interval=0.05)
+    subscription = reader_bus.subscribe(lambda e: e.entity_type == "task")
+    loop = asyncio.get_running_loop()
+    writer.start(loop, "writer")
+    reader.start(loop, "reader")
+    arrived: dict[str, list[str]] = {}
+    tasks = [f"packed-{i}" for i in range(60)]
+    try:
+        for kind, status in (("task.created", "QUEUED"), ("task.updated", "RUNNING"), ("task.completed", "COMPLETED")):
+            for task_id in tasks:  # published in the loop's one turn: a send or two takes all of them
+                writer_bus.publish(kind, "task", task_id, {"task_id": task_id, "status": status, "type": "demo"})
+
+        async def collect() -> None:
+            while sum("COMPLETED" in statuses for statuses in arrived.values()) < len(tasks):
+                for event in await subscription.next_batch():
+                    assert event.origin == "writer" and event.data["type"] == "demo"
+                    arrived.setdefault(event.entity_id, []).append(event.data["status"])
+
+        await asyncio.wait_for(collect(), 20)
+        assert sorted(arrived) == sorted(tasks)
+        assert all(statuses[-1] == "COMPLETED" and statuses.count("COMPLETED") == 1 for statuses in arrived.values())
+        with stores[0].engine.connect() as conn:
+            rows = conn.execute(sa.select(sa.func.count()).select_from(outbox_table)).scalar_one()
+        sent = writer.status()
+        assert rows == sent["packs"] and sent["sent"] >= len(tasks)
+        assert sent["packs"] <= sent["sends"] + sent["sent"] // 7, "a row per PACK_MAX events of a send"
+        assert sent["packs"] < sent["sent"], "packed: fewer rows than events"
+    finally:
+        subscription.close()
+        await asyncio.to_thread(writer.stop)
+        await asyncio.to_thread(reader.stop)
+        for store in stores:
+            store.close()
 
 
 async def test_other_servers_events_are_only_noted_while_nobody_here_follows_them(db_url):

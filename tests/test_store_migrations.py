@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import pytest
 import sqlalchemy as sa
@@ -13,7 +14,14 @@ from alembic.runtime.migration import MigrationContext
 
 from plexus_mcp_jupyter.core.models import Task, TaskStatus
 from plexus_mcp_jupyter.core.store import Store, make_engine, meta_table, tasks_table
-from plexus_mcp_jupyter.migrations import BASELINE, StoreTooNew, current_revision, head_revision, schema_metadata
+from plexus_mcp_jupyter.migrations import (
+    BASELINE,
+    StoreTooNew,
+    _config,
+    current_revision,
+    head_revision,
+    schema_metadata,
+)
 
 
 def schema_diff(url: str) -> list[object]:
@@ -194,3 +202,50 @@ def test_servers_starting_at_once_on_a_new_store_migrate_it_once(store_url):
     finally:
         engine.dispose()
     assert schema_diff(store_url) == []
+
+
+def _outbox_columns(url: str) -> set[str]:
+    engine = make_engine(url)
+    try:
+        return {column["name"] for column in sa.inspect(engine).get_columns("plexus_event_outbox")}
+    finally:
+        engine.dispose()
+
+
+def _migrate(url: str, step: Callable[..., None], revision: str) -> None:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            step(_config(conn), revision)
+            conn.commit()
+    finally:
+        engine.dispose()
+
+
+def test_revision_0005_packs_the_event_outbox_in_place_and_back(store_url):
+    """A store at 0004 with relayed events in the old shape (a row per event) upgrades in place to the packed
+    outbox (a row per send: heads and data; the old rows, transient, dropped), and downgrades to the old shape."""
+    from alembic import command
+
+    _migrate(store_url, command.upgrade, "0004")
+    engine = make_engine(store_url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "INSERT INTO plexus_event_outbox (origin, at, kind, entity_type, entity_id, data) "
+                "VALUES ('old', 1.0, 'task.created', 'task', 't', '{\"status\": \"QUEUED\"}')"
+            )
+    finally:
+        engine.dispose()
+    Store(store_url).close()  # upgraded at start
+    assert {"heads", "data"} <= _outbox_columns(store_url) and "kind" not in _outbox_columns(store_url)
+    assert schema_diff(store_url) == []
+    store = Store(store_url)
+    try:
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT count(*) FROM plexus_event_outbox").scalar_one() == 0
+    finally:
+        store.close()
+    _migrate(store_url, command.downgrade, "0004")
+    assert {"kind", "entity_type", "entity_id", "data"} <= _outbox_columns(store_url)
+    assert "heads" not in _outbox_columns(store_url)

@@ -9,18 +9,21 @@ or notebook mirrors. The relay closes that gap with the store itself, nothing el
   with it), coalesced per entity like a
   subscription is: a final state always goes out, the progress of a running task at most once per
   `progress_interval` (the rate its progress is written to the store anyway). Events from other servers
-  (those with an `origin`) are never sent on again.
-* In: it reads the rows other servers wrote since the last it read and publishes them on this bus with
-  their `origin`, dropping any that is older than what this bus already said about the entity (a remote
-  "created" arriving after this server ran the task to its end). On PostgreSQL a dedicated connection
-  LISTENs for the writers' NOTIFY (whose payload is only the writer's server id: payloads are bounded)
-  and reads at once, polling only as a fallback; elsewhere (SQLite) it polls every `interval`.
+  (those with an `origin`) are never sent on again. A send is one packed row (up to PACK_MAX events): the
+  events' heads (time, kind, entity, status) in one column, their data in another, each JSON text the database
+  stores as text without parsing it, so the store's cost is a row and its index entries per send, not per
+  event (a task's events were about two rows).
+* In: it reads the rows other servers wrote since the last it read, unpacks them in order, and publishes the
+  events on this bus with their `origin`, dropping any that is older than what this bus already said about the
+  entity (a remote "created" arriving after this server ran the task to its end). On PostgreSQL a dedicated
+  connection LISTENs for the writers' NOTIFY (whose payload is only the writer's server id: payloads are
+  bounded) and reads at once, polling only as a fallback; elsewhere (SQLite) it polls every `interval`.
 * Lazily: while nothing on this server needs other servers' events (no WebSocket stream, MCP subscription,
-  progress relay or waiting call: `EventBus.wants_remote`), a read takes only each row's kind, entity and status,
-  not its data (the entity's whole state, most of a read's cost), and publishes nothing: it moves the bus's
-  sequence number (`EventBus.skip_remote`: listings are read again, a resuming client is told of the gap) and
-  tells `on_remote` (a task another server queued is planned here at once). Whether anything needs them is
-  asked after the read, so an event committed after a subscriber arrived is always published to it.
+  progress relay or waiting call: `EventBus.wants_remote`), a read takes only the rows' heads (each event's kind,
+  entity and status), not their data (the entities' whole state, most of a read's cost), and publishes nothing:
+  it moves the bus's sequence number (`EventBus.skip_remote`: listings are read again, a resuming client is told
+  of the gap) and tells `on_remote` (a task another server queued is planned here at once). Whether anything
+  needs them is asked after the read, so an event committed after a subscriber arrived is always published to it.
 * The outbox is pruned by age (`keep_seconds`): a server stalled for longer misses what was pruned, and
   resumes with what is left.
 
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import threading
@@ -51,36 +55,74 @@ log = logging.getLogger("plexus_mcp_jupyter")
 
 RELAY_MODES = ("auto", "poll", "off")
 CHANNEL = "plexus_events"  # the PostgreSQL NOTIFY channel
-READ_BATCH = 2000  # most outbox rows one read takes (it reads again at once when it got that many)
+READ_BATCH = 100  # most outbox rows (sends) one read takes (it reads again at once when it got that many)
+PACK_MAX = 1000  # most events one outbox row carries (a larger send writes several rows in its one statement)
 FALLBACK_POLLS = 20  # with LISTEN/NOTIFY, read anyway every this many intervals (a notification lost)
 PRUNE_EVERY = 10.0  # seconds between two prunings of the outbox
 SEEN_MAX = 20_000  # entities whose latest state this bus published, remembered to drop stale remote events
 _FINAL = frozenset(s.value for s in FINAL_STATUSES)
 _XMIN = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
 _NEWEST_ID = f"SELECT max(id) FROM {outbox_table.name}"
-# PostgreSQL: a send is one statement, the rows passed as one JSON document (as arrays, psycopg escapes each JSON
-# text element by regular expression, most of a send's CPU) and the NOTIFY with them (a data-modifying WITH runs to
-# completion whatever the outer query reads), against a statement per row and one for the NOTIFY.
-_PG_SEND = f"""WITH sent AS (
-  INSERT INTO {outbox_table.name} (txid, origin, at, kind, entity_type, entity_id, data)
-  SELECT pg_current_xact_id()::text::bigint, %(origin)s, e.at, e.kind, e.entity_type, e.entity_id, e.data
-  FROM json_to_recordset(%(rows)s::json) AS e(at float8, kind text, entity_type text, entity_id text, data json)
+# PostgreSQL: a send is one statement, a VALUES row per pack (the packs as text parameters: nothing for the server
+# to parse), with the NOTIFY (a data-modifying WITH runs to completion whatever the outer query reads).
+_PG_SEND = """WITH sent AS (
+  INSERT INTO {table} (txid, origin, at, heads, data) VALUES {values}
   RETURNING 1)
 SELECT pg_notify(%(channel)s, %(origin)s)"""
+_PG_PACK = "(pg_current_xact_id()::text::bigint, %(origin)s, %(at)s, %(heads{i})s, %(data{i})s)"
+
+
+@functools.cache
+def _pg_send(packs: int) -> str:
+    """_PG_SEND for a send of `packs` rows."""
+    values = ", ".join(_PG_PACK.format(i=i) for i in range(packs))
+    return _PG_SEND.format(table=outbox_table.name, values=values)
+
+
 # PostgreSQL: a read is one statement: the rows after the cursor, of transactions older than every one still running
 # when the statement's snapshot was taken (all of them visible to it: one that commits late cannot be skipped).
-_PG_COLUMNS = "id, txid, origin, at, kind, entity_type, entity_id, data->>'status' AS status"
 _PG_READ = (
-    f"SELECT {_PG_COLUMNS}{{data}} FROM {outbox_table.name} WHERE (txid, id) > (%(txid)s, %(id)s) "
+    f"SELECT id, txid, origin, heads{{data}} FROM {outbox_table.name} WHERE (txid, id) > (%(txid)s, %(id)s) "
     f"AND txid < ({_XMIN}) AND origin <> %(origin)s ORDER BY txid, id LIMIT %(limit)s"
 )
 _PG_READ_LEAN, _PG_READ_FULL = _PG_READ.format(data=""), _PG_READ.format(data=", data")
 _PG_DATA = f"SELECT id, data FROM {outbox_table.name} WHERE id = ANY(%(ids)s)"
 
 
-def _outbox_fields(e: Event) -> dict[str, Any]:
-    """An event's columns in the outbox, but its origin (the sending server's)."""
-    return {"at": e.at, "kind": e.kind, "entity_type": e.entity_type, "entity_id": e.entity_id, "data": e.data}
+def pack(events: Sequence[Event], at: float) -> list[dict[str, Any]]:
+    """Events as outbox rows but their origin: up to PACK_MAX events a row, their heads and data in order (JSON
+    texts)."""
+    return [
+        {
+            "at": at,
+            "heads": json.dumps([[e.at, e.kind, e.entity_type, e.entity_id, e.data.get("status")] for e in part]),
+            "data": json.dumps([e.data for e in part]),
+        }
+        for part in (events[i : i + PACK_MAX] for i in range(0, len(events), PACK_MAX))
+    ]
+
+
+def unpack(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Outbox rows as their events, in order: each with its row's id and origin, its place in the row (`pos`), and
+    its data when the row's was read."""
+    events: list[dict[str, Any]] = []
+    for row in rows:
+        data = None if row.get("data") is None else json.loads(row["data"])
+        for pos, (at, kind, entity_type, entity_id, status) in enumerate(json.loads(row["heads"])):
+            events.append(
+                {
+                    "id": row["id"],
+                    "pos": pos,
+                    "origin": row["origin"],
+                    "at": at,
+                    "kind": kind,
+                    "entity_type": entity_type,
+                    "entity_id": entity_id,
+                    "status": status,
+                    "data": None if data is None else data[pos],
+                }
+            )
+    return events
 
 
 def is_final(event: Event) -> bool:
@@ -88,7 +130,7 @@ def is_final(event: Event) -> bool:
 
 
 def _latest_per_entity(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The latest row per entity, in order; a final one is never replaced (finals are terminal)."""
+    """The latest event per entity, in order; a final one is never replaced (finals are terminal)."""
     latest: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
     for row in rows:
         key = (row["entity_type"], row["entity_id"])
@@ -126,6 +168,7 @@ class EventRelay:
         self.on_remote = on_remote
         self.server_id = ""
         self.sent = 0  # events written to the outbox
+        self.packs = 0  # outbox rows written (each carries up to PACK_MAX events)
         self.received = 0  # events of other servers published here
         self.noted = 0  # events of other servers read while nothing here needed them: counted, not published
         self.sends = 0  # outbox transactions written
@@ -183,6 +226,7 @@ class EventRelay:
             "received": self.received,
             "noted": self.noted,
             "sends": self.sends,
+            "packs": self.packs,
             "reads": self.reads,
         }
 
@@ -222,28 +266,25 @@ class EventRelay:
         return due
 
     def _send(self, events: Sequence[Event]) -> None:
+        rows = pack(events, now())
         try:
             if self.postgres:  # one statement, in autocommit: NOTIFY delivered at its commit to every LISTENing server
                 with self.store.reads.connect() as conn:  # (ours ignores its own)
-                    conn.exec_driver_sql(_PG_SEND, self._pg_rows(events))
+                    params = {"origin": self.server_id, "channel": CHANNEL, "at": rows[0]["at"]}
+                    for i, row in enumerate(rows):
+                        params[f"heads{i}"], params[f"data{i}"] = row["heads"], row["data"]
+                    conn.exec_driver_sql(_pg_send(len(rows)), params)
             else:
                 with self.store.engine.begin() as conn:
-                    conn.execute(sa.insert(outbox_table), [self._row(e) for e in events])
+                    conn.execute(sa.insert(outbox_table), [{"origin": self.server_id, **row} for row in rows])
         except Exception:
             with self._lock:  # keep them for the next round, unless a newer state of the entity came meanwhile
                 for event in events:
                     self._pending.setdefault((event.entity_type, event.entity_id), event)
             raise
         self.sent += len(events)
+        self.packs += len(rows)
         self.sends += 1
-
-    def _row(self, e: Event) -> dict[str, Any]:
-        return {"origin": self.server_id, **_outbox_fields(e)}
-
-    def _pg_rows(self, events: Sequence[Event]) -> dict[str, Any]:
-        """_PG_SEND's parameters: the origin once, beside the rows."""
-        rows = json.dumps([_outbox_fields(e) for e in events])
-        return {"origin": self.server_id, "channel": CHANNEL, "rows": rows}
 
     # -- in: the other servers' events ---------------------------------------------------------
 
@@ -284,14 +325,14 @@ class EventRelay:
                 if not rows:
                     return
                 self.reads += 1
-                latest = _latest_per_entity(rows)
+                latest = _latest_per_entity(unpack(rows))
                 # Asked after the read: a subscriber that came before it is owed these rows' events, one that
                 # comes after it is not (they were committed before it came).
                 self._full = self.bus.wants_remote()
-                if self._full and not full:  # needed after all: the data of the rows kept
-                    data = self._data(conn, [row["id"] for row in latest])
-                    for row in latest:
-                        row["data"] = data[row["id"]]
+                if self._full and not full:  # needed after all: the data of the events kept
+                    data = self._data(conn, sorted({event["id"] for event in latest}))
+                    for event in latest:
+                        event["data"] = data[event["id"]][event["pos"]]
             self._cursor = (int(rows[-1]["txid"] or 0), int(rows[-1]["id"]))
             self._hand_over(latest, publish=self._full)
             if len(rows) < READ_BATCH:
@@ -305,21 +346,22 @@ class EventRelay:
             result = conn.exec_driver_sql(_PG_READ_FULL if full else _PG_READ_LEAN, params)
             return [dict(row) for row in result.mappings()]
         o = outbox_table
-        status = o.c.data["status"].as_string().label("status")
-        columns = [o.c.id, o.c.txid, o.c.origin, o.c.at, o.c.kind, o.c.entity_type, o.c.entity_id, status]
         query = (  # one writer at a time: ids are in commit order
-            sa.select(*columns, *([o.c.data] if full else []))
+            sa.select(o.c.id, o.c.txid, o.c.origin, o.c.heads, *([o.c.data] if full else []))
             .where(o.c.id > row_id, o.c.origin != self.server_id)
             .order_by(o.c.id)
             .limit(READ_BATCH)
         )
         return [dict(row) for row in conn.execute(query).mappings()]
 
-    def _data(self, conn: Connection, ids: list[int]) -> dict[int, Any]:
+    def _data(self, conn: Connection, ids: list[int]) -> dict[int, list[Any]]:
+        """The data of the outbox rows `ids`: each row's events' data, in order."""
         if self.postgres:
-            return dict(conn.exec_driver_sql(_PG_DATA, {"ids": ids}).all())
-        o = outbox_table
-        return dict(conn.execute(sa.select(o.c.id, o.c.data).where(o.c.id.in_(ids))).all())
+            texts = conn.exec_driver_sql(_PG_DATA, {"ids": ids}).all()
+        else:
+            o = outbox_table
+            texts = conn.execute(sa.select(o.c.id, o.c.data).where(o.c.id.in_(ids))).all()
+        return {row_id: json.loads(text) for row_id, text in texts}
 
     def _hand_over(self, rows: list[dict[str, Any]], *, publish: bool) -> None:
         loop = self._loop

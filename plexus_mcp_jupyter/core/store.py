@@ -156,8 +156,10 @@ meta_table = sa.Table(
     sa.Column("value", sa.Text, nullable=False),
 )
 
-# The events each server relays to the others sharing the store (core/relay.py): the entity's state when the
-# event happened, written by the relay of the server that published it, read by the others', pruned by age.
+# The events each server relays to the others sharing the store (core/relay.py), packed: a row per relay send
+# (revision 0005), carrying every event of that send in order, written by the relay of the server that published
+# them, read by the others', pruned by age. The store's cost is per send, not per event (a row and three index
+# entries per send: a task's events were about two rows each).
 outbox_table = sa.Table(
     "plexus_event_outbox",
     metadata,
@@ -166,11 +168,12 @@ outbox_table = sa.Table(
     # still running, so a row that commits late is never skipped). NULL on SQLite, whose writers are serial.
     sa.Column("txid", sa.BigInteger, nullable=True),
     sa.Column("origin", sa.String(128), nullable=False),  # the server id of the publisher
-    sa.Column("at", sa.Float, nullable=False),
-    sa.Column("kind", sa.String(64), nullable=False),
-    sa.Column("entity_type", sa.String(32), nullable=False),
-    sa.Column("entity_id", sa.String(64), nullable=False),
-    sa.Column("data", sa.JSON, nullable=False),
+    sa.Column("at", sa.Float, nullable=False),  # when the row was sent (pruning)
+    # JSON texts, written and read by the relay (text: the database stores them without parsing them). `heads`:
+    # each event's [at, kind, entity_type, entity_id, status], in order, all a reader takes while nothing on its
+    # server follows other servers' events; `data`: each event's entity state, in the same order.
+    sa.Column("heads", sa.Text, nullable=False),
+    sa.Column("data", sa.Text, nullable=False),
     sa.Index("ix_outbox_txid", "txid", "id"),
     sa.Index("ix_outbox_at", "at"),
     sqlite_autoincrement=True,  # an id is never reused after pruning: readers continue after the last one seen
