@@ -4,6 +4,7 @@ should, and everything else reaches the handler. On a real Jupyter server, over 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 
@@ -187,3 +188,33 @@ async def test_plain_calls_are_recorded_as_the_handler_records_them(mcp_url, tok
     assert seen["plain"] - plain_before == 3
     assert REGISTRY.get_sample_value("http_request_duration_seconds_count", labels) - before == 3.0
     assert settings["api_last_activity"].tzinfo is not None
+
+
+async def test_plain_calls_keep_their_connection(server_url, mcp_url, token, runtime, routes):
+    """Calls answered by the route leave the connection open for the next request (keep-alive), as the handler does."""
+    _router, seen = routes
+    async with httpx2.AsyncClient(timeout=30) as http:
+        await http.post(mcp_url, content=call_body(), headers=call_headers(token))  # the Host is then known
+    host, port = httpx2.URL(server_url).host, httpx2.URL(server_url).port
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        path = httpx2.URL(mcp_url).raw_path.decode()
+        body = call_body()
+        head = "".join(f"{k}: {v}\r\n" for k, v in call_headers(token).items())
+        request = f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{head}Content-Length: {len(body)}\r\n\r\n"
+        before = seen["plain"]
+        for _ in range(3):
+            writer.write(request.encode() + body)
+            await writer.drain()
+            status_line = await asyncio.wait_for(reader.readline(), 10)
+            assert status_line.startswith(b"HTTP/1.1 200"), status_line
+            headers = {}
+            while (line := await asyncio.wait_for(reader.readline(), 10)) != b"\r\n":
+                name, _, value = line.decode().partition(":")
+                headers[name.strip().lower()] = value.strip()
+            assert headers.get("connection", "keep-alive").lower() != "close"
+            answer = json.loads(await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 10))
+            assert answer["id"] == 3 and "result" in answer
+        assert seen["plain"] - before == 3
+    finally:
+        writer.close()

@@ -134,6 +134,7 @@ class PlainMCPDelegate(httputil.HTTPMessageDelegate):
         self._state = READING
         self._read = False  # tornado called finish(): the whole request was read
         self._user: User | None = None
+        self._answered: tuple[dict[str, Any], int, bytes] = ({}, 0, b"")
 
     def headers_received(self, start_line: Any, headers: httputil.HTTPHeaders) -> None:
         self._start_line = start_line
@@ -144,9 +145,10 @@ class PlainMCPDelegate(httputil.HTTPMessageDelegate):
     def data_received(self, chunk: bytes) -> Awaitable[None] | None:
         self._chunks += chunk
         if len(self._chunks) == self._expected:
-            # The body's last bytes: answered here, in the connection's own task (tornado awaits what this
-            # returns), so the response is finished before tornado's finish(): no task of its own, and no close
-            # callback on the stream while it waits for one.
+            # The body's last bytes: the answer is made here, in the connection's own task (tornado awaits what
+            # this returns), and written by finish(), which tornado calls next: no task of its own, and no close
+            # callback on the stream while it waits for a response. (Written here, before tornado has marked the
+            # request read, it would make tornado close the connection after the response.)
             return self._settle()
         return None
 
@@ -165,6 +167,8 @@ class PlainMCPDelegate(httputil.HTTPMessageDelegate):
                 task.add_done_callback(self.router.tasks.discard)
         if self._state == HANDLER:
             self.fall_back()
+        elif self._state == ANSWERED:
+            self._write(*self._answered)
 
     def _settle(self) -> Coroutine[Any, Any, None] | None:
         """The body is all here: the coroutine answering it, or None (and the request is the handler's)."""
@@ -226,7 +230,9 @@ class PlainMCPDelegate(httputil.HTTPMessageDelegate):
             status = 500
             body = _json(jsonrpc_error(500, "internal server error; the server log has the details"))
         self._state = ANSWERED
-        self._write(settings, status, body)
+        self._answered = (settings, status, body)
+        if self._read:  # otherwise finish() writes it, once tornado has read the whole request
+            self._write(settings, status, body)
 
     def _principal(self, settings: dict[str, Any]) -> Principal | None:
         """The caller, as `PlexusHandler.prepare` admits it; None to let the handler decide (a refused key is
