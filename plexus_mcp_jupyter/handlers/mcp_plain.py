@@ -287,7 +287,7 @@ class _Finished:
     """What Jupyter's `log_request` reads of a handler, for a request answered without one."""
 
     def __init__(
-        self, request: httputil.HTTPServerRequest, settings: dict[str, Any], status: int, logger: Any, user: User
+        self, request: httputil.HTTPServerRequest, settings: dict[str, Any], status: int, logger: Any, user: User | None
     ) -> None:
         self.request = request
         self.settings = settings
