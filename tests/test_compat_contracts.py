@@ -641,18 +641,35 @@ def test_jupyter_s_prepare_does_only_what_plexus_handler_prepare_mirrors():
     )
 
 
-def test_route_first_finds_an_extension_s_rule_where_add_handlers_puts_it():
-    adapter = "jupyter_compat.route_first"
+class Other(RequestHandler):
+    pass
 
-    class Other(RequestHandler):
-        pass
 
-    class Mine(RequestHandler):
-        pass
+class Mine(RequestHandler):
+    pass
 
+
+def extensions_app() -> Application:
+    """Jupyter's handlers, then two extensions' (Mine's last), each added as Jupyter adds an extension's."""
     app = Application([(r"/jupyter", RequestHandler)])
     app.add_handlers(".*$", [(r"/other/.*", Other), (r"/other", Other)])
     app.add_handlers(".*$", [(r"/plexus/mcp/?", Mine), (r"/plexus/api/x", Other)])
+    return app
+
+
+def routed(app: Application, path: str) -> Any:
+    """The delegate the application's router gives a POST to `path`."""
+    request = HTTPServerRequest(
+        start_line=RequestStartLine("POST", path, "HTTP/1.1"),
+        headers=HTTPHeaders({"Host": "localhost"}),
+        connection=SimpleNamespace(context=None),
+    )
+    return app.find_handler(request)
+
+
+def test_route_first_finds_an_extension_s_rule_where_add_handlers_puts_it():
+    adapter = "jupyter_compat.route_first"
+    app = extensions_app()
     holds(
         isinstance(getattr(app, "default_router", None), RuleRouter) and len(app.default_router.rules) == 3,
         TORNADO,
@@ -668,27 +685,12 @@ def test_route_first_finds_an_extension_s_rule_where_add_handlers_puts_it():
         adapter,
     )
     for path, handler in (("/plexus/mcp", Mine), ("/other/a", Other), ("/jupyter", RequestHandler)):
-        request = HTTPServerRequest(
-            start_line=RequestStartLine("POST", path, "HTTP/1.1"),
-            headers=HTTPHeaders({"Host": "localhost"}),
-            connection=SimpleNamespace(context=None),
-        )
-        delegate = app.find_handler(request)
-        assert delegate.handler_class is handler, (path, delegate.handler_class)
+        assert routed(app, path).handler_class is handler, path
 
 
 def test_route_through_hands_the_handler_s_requests_to_a_router():
     adapter = "jupyter_compat.route_through"
-
-    class Other(RequestHandler):
-        pass
-
-    class Mine(RequestHandler):
-        pass
-
-    app = Application([(r"/jupyter", RequestHandler)])
-    app.add_handlers(".*$", [(r"/other", Other)])
-    app.add_handlers(".*$", [(r"/plexus/mcp/?", Mine), (r"/plexus/api/x", Other)])
+    app = extensions_app()
     seen: list[tuple[str, dict[str, Any]]] = []
 
     class Picker(Router):
@@ -701,13 +703,7 @@ def test_route_through_hands_the_handler_s_requests_to_a_router():
     assert jupyter_compat.route_through(app, Mine, Picker()) and not jupyter_compat.route_through(app, Mine, Picker())
     assert jupyter_compat.route_first(app, Mine)  # still found by its handler class
     for path, handler in (("/plexus/mcp", Mine), ("/plexus/api/x", Other), ("/other", Other)):
-        request = HTTPServerRequest(
-            start_line=RequestStartLine("POST", path, "HTTP/1.1"),
-            headers=HTTPHeaders({"Host": "localhost"}),
-            connection=SimpleNamespace(context=None),
-        )
-        delegate = app.find_handler(request)
-        assert delegate.handler_class is handler, (path, delegate.handler_class)
+        assert routed(app, path).handler_class is handler, path
     holds(
         [path for path, _params in seen] == ["/plexus/mcp"],
         TORNADO,
