@@ -218,3 +218,28 @@ async def test_plain_calls_keep_their_connection(server_url, mcp_url, token, run
         assert seen["plain"] - before == 3
     finally:
         writer.close()
+
+
+async def test_a_chunked_body_is_answered_when_it_ends(mcp_url, token, runtime, routes):
+    """A body without Content-Length (chunked) is answered once tornado has read all of it (from its finish()), or
+    handed to the handler then, alike on both routes."""
+    router, seen = routes
+
+    async def chunked(body: bytes):
+        for start in range(0, len(body), 40):
+            yield body[start : start + 40]
+
+    async with httpx2.AsyncClient(timeout=30) as http:
+        await http.post(mcp_url, content=call_body(), headers=call_headers(token))  # the Host is then known
+        answers = {}
+        for enabled in (True, False):
+            router.enabled = enabled
+            before = dict(seen)
+            plain = await http.post(mcp_url, content=chunked(call_body()), headers=call_headers(token))
+            refused = await http.post(mcp_url, content=chunked(call_body()), headers=call_headers(token + "x"))
+            assert plain.request.headers.get("transfer-encoding") == "chunked"
+            answers[enabled] = (compared(plain), compared(refused))
+            if enabled:
+                assert (seen["plain"] - before["plain"], seen["handler"] - before["handler"]) == (1, 1)
+    assert answers[True] == answers[False]
+    assert answers[True][0][0] == 200 and answers[True][1][0] == 401
