@@ -243,3 +243,33 @@ async def test_a_chunked_body_is_answered_when_it_ends(mcp_url, token, runtime, 
                 assert (seen["plain"] - before["plain"], seen["handler"] - before["handler"]) == (1, 1)
     assert answers[True] == answers[False]
     assert answers[True][0][0] == 200 and answers[True][1][0] == 401
+
+
+async def test_revoking_a_key_ends_its_call_on_the_plain_route(mcp_url, runtime, routes):
+    """A key's call in progress on the plain route ends with its connection when the key is revoked, as on the
+    handler's (MCPBridge.end)."""
+    _router, seen = routes
+    entered, gate = asyncio.Event(), asyncio.Event()
+
+    async def hold() -> str:
+        entered.set()
+        await gate.wait()
+        return "answered late"
+
+    runtime.mcp.add_tool(hold, name="hold")
+    key, credential = runtime.keys.create("held", "admin")
+    try:
+        async with httpx2.AsyncClient(timeout=30) as http:
+            await http.post(mcp_url, content=call_body(), headers=call_headers(credential))  # the Host is then known
+            before = seen["plain"]
+            call = asyncio.ensure_future(
+                http.post(mcp_url, content=call_body("hold"), headers=call_headers(credential, "hold"))
+            )
+            await asyncio.wait_for(entered.wait(), 10)
+            runtime.revoke_key(key.id)
+            with pytest.raises(httpx2.TransportError):
+                await asyncio.wait_for(call, 10)
+    finally:
+        gate.set()
+        runtime.mcp.remove_tool("hold")
+    await poll(lambda: seen["plain"] - before, lambda answered: answered == 1)  # the late answer meets a closed stream
