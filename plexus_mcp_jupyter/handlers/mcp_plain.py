@@ -10,6 +10,12 @@ and answers it itself; for any other request, and for a candidate it does not an
 handler's own delegate, unchanged (`fall_back`: the headers and body replayed, so the handler sees the request as
 tornado would have given it).
 
+The answer is made as the body's last bytes arrive (`data_received`, which tornado awaits in the connection's own
+task: no task of its own) and written by `finish()`, which tornado calls next, once it has marked the request read
+(written earlier, tornado would close the connection after the response); the response then ends before tornado
+would register a close callback on the stream. A chunked body, whose end only `finish()` tells, is answered from
+a task.
+
 What the handler does is done here the same way, or the request falls back before anything happened:
 - Host (Jupyter's check, only Hosts it allowed before, `PlexusHandler.check_host`), Origin (none), credential: an
   API key through `admit_key` (verification, revocation, rate limit; a refusal is handed to the handler, which
