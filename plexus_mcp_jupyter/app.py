@@ -30,9 +30,10 @@ from .handlers.evaluations import (
 )
 from .handlers.events import EventsHandler
 from .handlers.health import AUTH_DISABLED_WARNING, HealthHandler, UnavailableHandler
-from .handlers.jupyter_compat import route_first
+from .handlers.jupyter_compat import route_first, route_through
 from .handlers.keys import AuditHandler, KeyHandler, KeysHandler
 from .handlers.mcp import MCPHandler
+from .handlers.mcp_plain import PlainMCPRouter
 from .handlers.rest import (
     BatchHandler,
     CancelTasksHandler,
@@ -129,6 +130,10 @@ class PlexusMCPExtension(ExtensionApp, PlexusSettings):
         if self.serverapp is not None and not self.config_problems:
             # An MCP call is matched first, not after every pattern of the extensions loaded before this one.
             route_first(self.serverapp.web_app, MCPHandler)
+            # A plain 2026-07-28 call is answered without a RequestHandler (handlers/mcp_plain.py).
+            router = PlainMCPRouter(self.serverapp.web_app, MCPHandler)
+            if route_through(self.serverapp.web_app, MCPHandler, router):
+                self.serverapp.web_app.settings["plexus_mcp_plain"] = router
 
     def initialize_handlers(self) -> None:
         routes: list[tuple[str, type[Any]]] = [

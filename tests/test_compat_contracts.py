@@ -34,7 +34,7 @@ from mcp.shared._context_streams import ContextReceiveStream
 from pydantic import Field
 from starlette.requests import Request
 from tornado.httputil import HTTPHeaders, HTTPServerRequest, RequestStartLine
-from tornado.routing import RuleRouter
+from tornado.routing import Router, RuleRouter
 from tornado.web import Application, RequestHandler
 
 from plexus_mcp_jupyter.endpoint import sdk_compat
@@ -641,18 +641,35 @@ def test_jupyter_s_prepare_does_only_what_plexus_handler_prepare_mirrors():
     )
 
 
-def test_route_first_finds_an_extension_s_rule_where_add_handlers_puts_it():
-    adapter = "jupyter_compat.route_first"
+class Other(RequestHandler):
+    pass
 
-    class Other(RequestHandler):
-        pass
 
-    class Mine(RequestHandler):
-        pass
+class Mine(RequestHandler):
+    pass
 
+
+def extensions_app() -> Application:
+    """Jupyter's handlers, then two extensions' (Mine's last), each added as Jupyter adds an extension's."""
     app = Application([(r"/jupyter", RequestHandler)])
     app.add_handlers(".*$", [(r"/other/.*", Other), (r"/other", Other)])
     app.add_handlers(".*$", [(r"/plexus/mcp/?", Mine), (r"/plexus/api/x", Other)])
+    return app
+
+
+def routed(app: Application, path: str) -> Any:
+    """The delegate the application's router gives a POST to `path`."""
+    request = HTTPServerRequest(
+        start_line=RequestStartLine("POST", path, "HTTP/1.1"),
+        headers=HTTPHeaders({"Host": "localhost"}),
+        connection=SimpleNamespace(context=None),
+    )
+    return app.find_handler(request)
+
+
+def test_route_first_finds_an_extension_s_rule_where_add_handlers_puts_it():
+    adapter = "jupyter_compat.route_first"
+    app = extensions_app()
     holds(
         isinstance(getattr(app, "default_router", None), RuleRouter) and len(app.default_router.rules) == 3,
         TORNADO,
@@ -668,13 +685,92 @@ def test_route_first_finds_an_extension_s_rule_where_add_handlers_puts_it():
         adapter,
     )
     for path, handler in (("/plexus/mcp", Mine), ("/other/a", Other), ("/jupyter", RequestHandler)):
-        request = HTTPServerRequest(
-            start_line=RequestStartLine("POST", path, "HTTP/1.1"),
-            headers=HTTPHeaders({"Host": "localhost"}),
-            connection=SimpleNamespace(context=None),
-        )
-        delegate = app.find_handler(request)
-        assert delegate.handler_class is handler, (path, delegate.handler_class)
+        assert routed(app, path).handler_class is handler, path
+
+
+def test_route_through_hands_the_handler_s_requests_to_a_router():
+    adapter = "jupyter_compat.route_through"
+    app = extensions_app()
+    seen: list[tuple[str, dict[str, Any]]] = []
+
+    class Picker(Router):
+        handler_class = Mine
+
+        def find_handler(self, request: HTTPServerRequest, **params: Any) -> Any:
+            seen.append((request.path, params))
+            return app.get_handler_delegate(request, Mine, None, params.get("path_args"), params.get("path_kwargs"))
+
+    assert jupyter_compat.route_through(app, Mine, Picker()) and not jupyter_compat.route_through(app, Mine, Picker())
+    assert jupyter_compat.route_first(app, Mine)  # still found by its handler class
+    for path, handler in (("/plexus/mcp", Mine), ("/plexus/api/x", Other), ("/other", Other)):
+        assert routed(app, path).handler_class is handler, path
+    holds(
+        [path for path, _params in seen] == ["/plexus/mcp"],
+        TORNADO,
+        "no longer calls find_handler(request, **target_params) on a Router a rule targets",
+        adapter,
+    )
+
+
+def test_json_response_headers_are_those_an_api_handler_finishing_json_sends():
+    from tornado.concurrent import Future
+
+    from plexus_mcp_jupyter.handlers.base import PlexusHandler
+
+    class Handler(jupyter_compat.CachedDateHeader, PlexusHandler):
+        pass
+
+    written: list[HTTPHeaders] = []
+
+    class Connection:
+        context = None
+
+        def set_close_callback(self, callback: Any) -> None:
+            pass
+
+        def write_headers(self, start_line: Any, headers: HTTPHeaders, chunk: bytes) -> Future[None]:
+            written.append(HTTPHeaders(headers))
+            done: Future[None] = Future()
+            done.set_result(None)
+            return done
+
+        def finish(self) -> None:
+            pass
+
+    defaults = {
+        "X-Content-Type-Options": "nosniff",
+        "X-Extra": "1",
+        "Content-Security-Policy": "frame-ancestors 'self'",
+    }
+    app = Application([], plexus_default_headers=defaults)
+    request = HTTPServerRequest(method="POST", uri="/plexus/mcp", headers=HTTPHeaders(), connection=Connection())
+    handler = Handler(app, request)
+    handler._transforms = []  # what _execute sets before a method runs
+    body = b'{"jsonrpc": "2.0"}'
+    handler.set_header("Content-Type", "application/json")
+    handler.finish(body)
+    ours = jupyter_compat.json_response_headers(defaults, body)
+    holds(
+        [(k, v) for k, v in written[0].get_all() if k != "Date"] == [(k, v) for k, v in ours.get_all() if k != "Date"]
+        and "Date" in ours,
+        f"{TORNADO} / {JUPYTER}",
+        "changed the headers (or their order) of an API handler's JSON response",
+        "jupyter_compat.json_response_headers",
+    )
+
+
+def test_api_activity_is_still_the_setting_api_handler_finish_sets():
+    from jupyter_server import _tz
+
+    holds(
+        'self.settings["api_last_activity"] = utcnow()' in source(APIHandler.update_api_activity)
+        and "self.update_api_activity()" in source(APIHandler.finish)
+        and _tz.utcnow().utcoffset() is not None
+        and _tz.utcnow().utcoffset().total_seconds() == 0,
+        JUPYTER,
+        "changed how APIHandler.finish records API activity (settings['api_last_activity'], an aware UTC time)",
+        "jupyter_compat.mark_api_activity",
+    )
 
 
 # -- nowhere else ---------------------------------------------------------------------------------------------

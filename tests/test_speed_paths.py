@@ -127,15 +127,15 @@ async def test_a_plain_2026_call_is_answered_past_the_sdk_s_http_entry_with_the_
         legacy_page = (await client.call_tool("list_tasks", {"limit": 5})).structured_content
 
     entry = runtime.endpoint.modern_json
-    answer = entry.answer
+    check = entry.check
     answered: list[bool] = []
 
-    async def counted(request, message):
-        reply = await answer(request, message)
-        answered.append(reply is not None)
-        return reply
+    async def counted(request, message):  # both the plain route (mcp_plain.py) and the bridge go through check
+        call = await check(request, message)
+        answered.append(call is not None)
+        return call
 
-    monkeypatch.setattr(entry, "answer", counted)
+    monkeypatch.setattr(entry, "check", counted)
     async with mcp_client(MODERN) as client:
         modern = await client.call_tool("get_task", {"task_id": task_id})
         modern_page = await client.call_tool("list_tasks", {"limit": 5})
@@ -148,19 +148,19 @@ async def test_a_plain_2026_call_is_answered_past_the_sdk_s_http_entry_with_the_
     async def declined(request, message):
         return None
 
-    monkeypatch.setattr(entry, "answer", declined)
+    monkeypatch.setattr(entry, "check", declined)
     through_sdk = [await modern_call(mcp_url, token, name, arguments=arguments) for name, arguments in calls]
     for mine, theirs in zip(fast, through_sdk, strict=True):
         assert mine.headers["content-type"] == theirs.headers["content-type"] == "application/json"
         assert (mine.status_code, mine.content) == (theirs.status_code, theirs.content)
     assert fast[1].json()["result"]["isError"] and fast[2].json()["result"]["isError"]
 
-    monkeypatch.setattr(entry, "answer", counted)
+    monkeypatch.setattr(entry, "check", counted)
     answered.clear()
     mismatched = await modern_call(
         mcp_url, token, "get_task", arguments={"task_id": task_id}, headers={"Mcp-Name": "x"}
     )
-    assert answered == [False]
+    assert answered and not any(answered)  # checked on the plain route, then in the bridge: both decline
     assert mismatched.status_code == 400 and "mcp-name" in mismatched.json()["error"]["message"].lower()
 
     runtime.audit.flush()
@@ -172,4 +172,4 @@ def test_the_mcp_routes_are_matched_before_the_other_extensions(jp_serverapp, ru
     from plexus_mcp_jupyter.handlers.mcp import MCPHandler
 
     first = jp_serverapp.web_app.default_router.rules[0].target
-    assert any(rule.target is MCPHandler for rule in first.rules)
+    assert any(getattr(rule.target, "handler_class", rule.target) is MCPHandler for rule in first.rules)

@@ -66,7 +66,7 @@ import json
 import sys
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 from mcp.server._streamable_http_modern import _mcp_param_rejection, _SingleExchangeDispatchContext
 from mcp.server.auth.middleware.bearer_auth import AuthorizationContext
@@ -295,6 +295,14 @@ def modern_request(headers: Any) -> bool:
     return version is not None and version not in HANDSHAKE_PROTOCOL_VERSIONS
 
 
+class ModernCall(NamedTuple):
+    """A 2026-07-28 call `ModernJSONEntry.check` let through: its Starlette request, JSON-RPC request and envelope."""
+
+    request: Request
+    req: JSONRPCRequest
+    verdict: Any
+
+
 class ModernJSONEntry:
     """A plain 2026-07-28 call answered as one JSON body by the SDK's `serve_one`, without its HTTP entry (see
     the module's docstring)."""
@@ -328,6 +336,12 @@ class ModernJSONEntry:
     async def answer(self, request: Request, message: dict[str, Any]) -> tuple[int, bytes] | None:
         """The HTTP status and JSON body answering `message` (a parsed `json_message` POSTed to the 2026-07-28
         entry, see `modern_request`), or None when the SDK's entry must answer it (it would refuse it)."""
+        checked = await self.check(request, message)
+        return None if checked is None else await self.serve(checked)
+
+    async def check(self, request: Request, message: dict[str, Any]) -> ModernCall | None:
+        """`message`'s checks, in the SDK entry's order, with no effect on anything: the call ready to `serve`,
+        or None when the SDK's entry must answer it (it would refuse it)."""
         if await self.security.validate_request(request, is_post=True) is not None:
             return None
         # The SDK's check depends on the Accept header alone: its answer is kept per header value (clients send one).
@@ -358,18 +372,28 @@ class ModernJSONEntry:
             and await _mcp_param_rejection(app, request, req, verdict, lifespan_state) is not None
         ):
             return None
+        return ModernCall(request, req, verdict)
+
+    async def serve(self, call: ModernCall) -> tuple[int, bytes]:
+        """The HTTP status and JSON body answering a call `check` let through (the tool runs here)."""
+        req, verdict = call.req, call.verdict
         connection = Connection.from_envelope(
             verdict.protocol_version, verdict.client_info, verdict.client_capabilities
         )
         dctx = _SingleExchangeDispatchContext(
-            transport=TransportContext(kind="streamable-http", can_send_request=False, headers=headers),
+            transport=TransportContext(kind="streamable-http", can_send_request=False, headers=call.request.headers),
             request_id=req.id,
-            message_metadata=ServerMessageMetadata(request_context=request),
+            message_metadata=ServerMessageMetadata(request_context=call.request),
             progress_token=progress_token_from_params(req.params),
         )
         try:
             result = await serve_one(
-                app, dctx, req.method, req.params, connection=connection, lifespan_state=lifespan_state
+                self.manager.app,
+                dctx,
+                req.method,
+                req.params,
+                connection=connection,
+                lifespan_state=self.manager._lifespan_state,
             )
         except Exception as exc:
             error = modern_error_data(exc)

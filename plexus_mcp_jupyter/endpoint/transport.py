@@ -19,6 +19,7 @@ from typing import Any
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.requests import Request
+from tornado.httputil import HTTPServerRequest
 from tornado.iostream import StreamClosedError
 from tornado.web import RequestHandler
 
@@ -114,28 +115,7 @@ class MCPBridge:
         self._flush_handle: asyncio.Handle | None = None
 
     def scope(self, extra: dict[str, Any]) -> dict[str, Any]:
-        request = self.handler.request
-        host, _, port = (request.host or "localhost").partition(":")
-        headers = [
-            (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in request.headers.get_all()
-        ]
-        scope: dict[str, Any] = {
-            "type": "http",
-            "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": request.version.partition("/")[2] or "1.1",
-            "method": request.method,
-            "scheme": request.protocol,
-            "path": request.path,
-            "raw_path": request.path.encode("latin-1"),
-            "query_string": request.query.encode("latin-1"),
-            "root_path": "",
-            "headers": headers,
-            "client": (request.remote_ip or "", 0),
-            "server": (host, int(port) if port.isdigit() else (443 if request.protocol == "https" else 80)),
-            "state": {},
-        }
-        scope.update(extra)
-        return scope
+        return asgi_scope(self.handler.request, extra)
 
     async def serve(self, principal: Principal) -> None:
         """Serve the request as `principal` (authenticated by the handler): tools and resources act as it,
@@ -250,6 +230,29 @@ class MCPBridge:
     def _flushed(self, future: asyncio.Future[None]) -> None:
         if not future.cancelled() and future.exception() is not None:
             self.disconnected.set()
+
+
+def asgi_scope(request: HTTPServerRequest, extra: dict[str, Any]) -> dict[str, Any]:
+    """The ASGI scope of a tornado request, with `extra` added."""
+    host, _, port = (request.host or "localhost").partition(":")
+    headers = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in request.headers.get_all()]
+    scope: dict[str, Any] = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": request.version.partition("/")[2] or "1.1",
+        "method": request.method,
+        "scheme": request.protocol,
+        "path": request.path,
+        "raw_path": request.path.encode("latin-1"),
+        "query_string": request.query.encode("latin-1"),
+        "root_path": "",
+        "headers": headers,
+        "client": (request.remote_ip or "", 0),
+        "server": (host, int(port) if port.isdigit() else (443 if request.protocol == "https" else 80)),
+        "state": {},
+    }
+    scope.update(extra)
+    return scope
 
 
 ENVELOPE = (

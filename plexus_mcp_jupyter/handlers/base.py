@@ -43,6 +43,9 @@ from .jupyter_compat import (
 )
 
 M = TypeVar("M", bound=RequestModel)
+# A request attribute: the HTTPError of an API key the plain MCP route (mcp_plain.py) refused, answered here as is
+# (admitting the key again would take a second token of its rate limit).
+KEY_REFUSAL = "plexus_key_refused"
 MAX_HOSTS_REMEMBERED = 64  # Host values whose check passed (see PlexusHandler.check_host)
 
 
@@ -179,6 +182,9 @@ class PlexusHandler(APIHandler):
     async def _authenticate_key(self, credential: str) -> None:
         """An API key in the Authorization header: its principal, checked on every request (revocation),
         then its rate limit (HTTP 429 with Retry-After)."""
+        refused = getattr(self.request, KEY_REFUSAL, None)
+        if refused is not None:
+            raise refused
         self._principal = admit_key(self.runtime, credential, "the Jupyter token")
         set_request_user(self, User(username=self._principal.owner or "key"))
         mark_token_authenticated(self)  # a header credential: no XSRF check

@@ -15,6 +15,8 @@ the adapter's name). docs/architecture.md lists the adapters with the upstream c
 - `route_first`: an extension's routes matched before those of the extensions loaded before it.
 - `record_request_metrics`: what Jupyter's `prometheus_log_method` records for a request, its labelled series
   looked up once per (method, handler class, status).
+- `token_user`, `json_response_headers`, `record_request_duration`, `mark_api_activity`, `route_through`: what the
+  plain MCP route (handlers/mcp_plain.py) needs to answer a request the way the MCP handler would, without one.
 - `pending_read`: which read a tornado stream is waiting on (a request's headers, its body, or none), for the
   connection timeouts' sweep (security/connections.py).
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import functools
 import hmac
 import time
+from datetime import datetime, timezone
 from typing import Any
 
 import tornado
@@ -92,17 +95,24 @@ def server_token_user(handler: JupyterHandler) -> User | None:
     `auth_header_pat` in the Authorization header, and `auth_enabled` meaning "no authentication at all" when
     false; a token-authenticated request is marked as the provider marks it (`mark_token_authenticated`).
     """
-    provider = handler.identity_provider
+    user = token_user(handler.identity_provider, handler.request.headers)
+    if user is _TOKEN_USER:
+        mark_token_authenticated(handler)
+    return user
+
+
+def token_user(provider: Any, headers: httputil.HTTPHeaders) -> User | None:
+    """`server_token_user`'s check on a request's headers alone (no handler): the token's user, the anonymous user
+    with auth disabled (and no cookie), or None."""
     if type(provider) not in SINGLE_USER_PROVIDERS:
         return None
     if not provider.auth_enabled:
-        return None if "Cookie" in handler.request.headers else _ANONYMOUS_USER
+        return None if "Cookie" in headers else _ANONYMOUS_USER
     if not provider.token:
         return None
-    match = provider.auth_header_pat.match(handler.request.headers.get("Authorization", ""))
+    match = provider.auth_header_pat.match(headers.get("Authorization", ""))
     if match is None or not hmac.compare_digest(match.group(2).encode(), provider.token.encode()):
         return None
-    mark_token_authenticated(handler)
     return _TOKEN_USER
 
 
@@ -145,7 +155,12 @@ def record_request_metrics(handler: RequestHandler) -> None:
     .observe(request.request_time())`, and prometheus_client returning the same child for the same label values
     while it is not removed (Jupyter never removes one).
     """
-    key = (handler.request.method, type(handler), handler.get_status())
+    record_request_duration(handler.request, type(handler), handler.get_status())
+
+
+def record_request_duration(request: httputil.HTTPServerRequest, handler_class: type, status: int) -> None:
+    """`record_request_metrics` for a request answered without a handler, in the series of `handler_class`."""
+    key = (request.method, handler_class, status)
     series = _REQUEST_SERIES.get(key)
     if series is None:
         cls = key[1]
@@ -154,7 +169,16 @@ def record_request_metrics(handler: RequestHandler) -> None:
         )
         if len(_REQUEST_SERIES) < MAX_REQUEST_SERIES:
             _REQUEST_SERIES[key] = series
-    series.observe(handler.request.request_time())
+    series.observe(request.request_time())
+
+
+def mark_api_activity(settings: dict[str, Any]) -> None:
+    """Record an authenticated API request's activity, as `APIHandler.finish` does (what idle culling reads).
+
+    Relies on: `APIHandler.update_api_activity` setting `settings["api_last_activity"]` to `jupyter_server._tz.utcnow()`
+    (a timezone-aware UTC datetime) for an authenticated request without a `no_track_activity` argument.
+    """
+    settings["api_last_activity"] = datetime.now(timezone.utc)
 
 
 class CachedDateHeader(RequestHandler):
@@ -180,9 +204,44 @@ class CachedDateHeader(RequestHandler):
 _SERVER_HEADER = f"TornadoServer/{tornado.version}"
 
 
+def json_response_headers(default_headers: dict[str, str], body: bytes) -> httputil.HTTPHeaders:
+    """The headers a `CachedDateHeader` API handler (Jupyter's `APIHandler`) sends with a JSON body it finishes,
+    for a response written without a handler: `clear()`'s, then `default_headers` (what the handler's
+    `set_default_headers` sets), `APIHandler.finish`'s Content-Type, then tornado's Content-Length, in that order.
+
+    Relies on: what `CachedDateHeader.clear` relies on, `APIHandler.finish` setting Content-Type to
+    `application/json`, and `RequestHandler.finish` adding Content-Length last.
+    """
+    headers = httputil.HTTPHeaders(
+        {"Server": _SERVER_HEADER, "Content-Type": "text/html; charset=UTF-8", "Date": _http_date(int(time.time()))}
+    )
+    for name, value in default_headers.items():
+        headers[name] = value
+    headers["Content-Type"] = "application/json"
+    headers["Content-Length"] = str(len(body))
+    return headers
+
+
 @functools.lru_cache(maxsize=4)
 def _http_date(second: int) -> str:
     return httputil.format_timestamp(second)
+
+
+def route_through(app: Application, handler_class: type[RequestHandler], router: Any) -> bool:
+    """Make `router` (a tornado `Router`) the target of the route that serves `handler_class`: the router is
+    given each request the route matches (it chooses the delegate that serves it, the handler's or its own).
+    True when the route was found.
+
+    Relies on: what `route_first` relies on (each extension's rule's target a router whose `rules` hold the
+    `Rule`s targeting its handler classes), and tornado's `RuleRouter.get_target_delegate` calling
+    `find_handler(request, **target_params)` on a `Router` target.
+    """
+    for rule in app.default_router.rules:
+        for inner in getattr(rule.target, "rules", ()):
+            if getattr(inner, "target", None) is handler_class:
+                inner.target = router
+                return True
+    return False
 
 
 def route_first(app: Application, handler_class: type[RequestHandler]) -> bool:
@@ -199,7 +258,11 @@ def route_first(app: Application, handler_class: type[RequestHandler]) -> bool:
     """
     rules = app.default_router.rules
     for index, rule in enumerate(rules):
-        if any(getattr(inner, "target", None) is handler_class for inner in getattr(rule.target, "rules", ())):
+        inner_targets = (getattr(inner, "target", None) for inner in getattr(rule.target, "rules", ()))
+        if any(
+            target is handler_class or getattr(target, "handler_class", None) is handler_class
+            for target in inner_targets
+        ):
             if index:
                 rules.insert(0, rules.pop(index))
             return True
