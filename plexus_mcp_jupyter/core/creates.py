@@ -59,6 +59,7 @@ class CreateGroups:
         self.creates = 0
         self.seen = 0  # on the loop (SQLite): the creates waiting at the last turn, and the turns waited so far
         self.hops = 0
+        self._writes: set[asyncio.Task[None]] = set()  # the group being written on the writer thread
 
     async def add(self, task: Task, also: Callable[[Any], None] | None, created: Task | None) -> Task:
         """Store `task` with the next group; returns what `landed` made of it once its row exists, or raises
@@ -90,7 +91,11 @@ class CreateGroups:
             self._land(group, self._stored(group))
             return
         self.writing = True
-        asyncio.get_running_loop().create_task(self._write_off_loop(group), name="plexus-creates")
+        # Kept while it runs: the loop holds only a weak reference to a task.
+        self._writes.add(
+            task := asyncio.get_running_loop().create_task(self._write_off_loop(group), name="plexus-creates")
+        )
+        task.add_done_callback(self._writes.discard)
 
     def _stored(self, group: list[Create]) -> Outcomes:
         try:
