@@ -10,28 +10,32 @@ export const FINAL_STATUSES: ReadonlySet<string> = new Set(['COMPLETED', 'FAILED
 export const STATUSES = ['QUEUED', 'RUNNING', 'COMPLETED', 'FAILED', 'CANCELLED'] as const;
 
 export interface Progress {
-  stage: string | null;
+  stage?: string | null;
   processed: number;
-  total: number | null;
-  percent: number | null;
+  total?: number | null;
+  percent?: number | null;
 }
 
-/** A task summary, as `Task.summary()` on the server gives it. */
+/**
+ * A task summary, as `Task.summary()` on the server gives it (events, get_task: every field, null when unset),
+ * or a listing's row (`Task.list_row`: null fields left out, `description` when it is the type's own text,
+ * `current_stage` when `progress.stage` names it): hence the optional fields.
+ */
 export interface TaskSummary {
   task_id: string;
   type: string;
   status: string;
   priority: number;
-  description: string | null;
-  created_at: string | null;
-  started_at: string | null;
-  completed_at: string | null;
-  estimated_completion_at: string | null;
-  current_stage: string | null;
+  description?: string | null;
+  created_at?: string | null;
+  started_at?: string | null;
+  completed_at?: string | null;
+  estimated_completion_at?: string | null;
+  current_stage?: string | null;
   progress: Progress;
-  error_message: string | null;
-  owner: string | null;
-  batch_id: string | null;
+  error_message?: string | null;
+  owner?: string | null;
+  batch_id?: string | null;
 }
 
 /** A message of `GET plexus/api/events` (docs/rest.md, "Event stream"). */
@@ -58,9 +62,19 @@ export const NO_FILTER: TaskFilter = { status: '', type: '', owner: '' };
  * The tasks the panel knows, by id. `version` grows on every change so views can skip work when nothing
  * changed; `changed` collects the ids changed since the view last drew (a progress event redraws one row).
  */
+/** Whether `event` (from the stream) says more than `read` (from a page) about the same task. */
+function newerThan(event: TaskSummary, read: TaskSummary): boolean {
+  const final = FINAL_STATUSES.has(event.status);
+  if (final !== FINAL_STATUSES.has(read.status)) {
+    return final;
+  }
+  return (event.progress?.processed ?? 0) >= (read.progress?.processed ?? 0);
+}
+
 export class TaskCache {
   private byId = new Map<string, TaskSummary>();
   private order: TaskSummary[] | null = null;
+  private live: Map<string, TaskSummary> | null = null; // what events said since a re-read began
   readonly changed = new Set<string>();
   version = 0;
 
@@ -82,17 +96,43 @@ export class TaskCache {
       this.order = null; // a new row: the sort order changes
     }
     this.byId.set(task.task_id, task);
+    this.live?.set(task.task_id, task);
     this.changed.add(task.task_id);
     this.version++;
     return true;
   }
 
-  /** A fresh page of the newest tasks (after a reconnect with a gap): what it holds replaces the cache. */
+  /**
+   * A re-read by REST begins (`replaceAll` ends it): what the stream says meanwhile is kept, since the pages
+   * may have been read before it happened (a task created and ended while they load would be lost).
+   */
+  beginReplace(): void {
+    this.live = new Map();
+  }
+
+  /** The re-read failed: stop keeping what the stream says for it. */
+  endReplace(): void {
+    this.live = null;
+  }
+
+  /**
+   * A fresh page of the newest tasks (after a reconnect with a gap): what it holds replaces the cache, with
+   * what the stream said since `beginReplace`: a task the pages do not hold, a final state over a running one,
+   * and otherwise the summary that has processed more (the event, when equal: it may be the newer).
+   */
   replaceAll(tasks: TaskSummary[]): void {
+    const live = this.live;
+    this.live = null;
     this.byId.clear();
     this.order = null;
     for (const task of tasks) {
       this.byId.set(task.task_id, task);
+    }
+    for (const task of live?.values() ?? []) {
+      const read = this.byId.get(task.task_id);
+      if (!read || newerThan(task, read)) {
+        this.byId.set(task.task_id, task);
+      }
     }
     this.changed.clear();
     this.version++;
@@ -175,7 +215,7 @@ export function visibleWindow(
 }
 
 /** Who owns a task, for people: the notebook user, or the key. */
-export function ownerLabel(owner: string | null): string {
+export function ownerLabel(owner: string | null | undefined): string {
   if (!owner || owner === 'jupyter') {
     return 'notebook user';
   }

@@ -211,6 +211,9 @@ export class PlexusPanel extends Widget {
   }
 
   private async loadPage(cursor: string | null, replace = false): Promise<void> {
+    if (replace) {
+      this.cache.beginReplace();
+    }
     try {
       let loaded = 0;
       let page: string | null = cursor;
@@ -233,6 +236,9 @@ export class PlexusPanel extends Widget {
       this.table.schedule(true);
       this.changed.emit();
     } catch (error) {
+      if (replace) {
+        this.cache.endReplace();
+      }
       this.showBanner(`Could not read the tasks: ${(error as Error).message}`);
     }
   }

@@ -65,6 +65,31 @@ describe('TaskCache', () => {
     expect(cache.types()).toEqual(['demo', 'evaluation']);
   });
 
+  it('keeps what the stream said while a re-read was loading', () => {
+    const cache = new TaskCache();
+    cache.replaceAll([task('1'), task('2')]);
+    cache.beginReplace();
+    // Events while the pages load: a task created and ended, one further on, one behind the page.
+    cache.upsert(task('3', { status: 'COMPLETED' }));
+    cache.upsert(task('1', { progress: { stage: 'Processing', processed: 9, total: 10, percent: 90 } }));
+    cache.upsert(task('2', { progress: { stage: 'Processing', processed: 1, total: 10, percent: 10 } }));
+    const page = [task('1'), task('2', { progress: { stage: 'Processing', processed: 7, total: 10, percent: 70 } })];
+    cache.replaceAll(page);
+    expect(cache.sorted().map(t => t.task_id)).toEqual(['3', '2', '1']);
+    expect(cache.get('3')?.status).toBe('COMPLETED');
+    expect(cache.get('1')?.progress.processed).toBe(9);
+    expect(cache.get('2')?.progress.processed).toBe(7);
+    // A final state read from the page is not undone by a running event from before it.
+    cache.beginReplace();
+    cache.upsert(task('4', { progress: { stage: 'Processing', processed: 10, total: 10, percent: 100 } }));
+    cache.replaceAll([task('4', { status: 'COMPLETED', progress: { stage: 'Processing', processed: 10, total: 10, percent: 100 } })]);
+    expect(cache.get('4')?.status).toBe('COMPLETED');
+    // Once replaced, events are no longer kept for a later page.
+    cache.upsert(task('5'));
+    cache.replaceAll([]);
+    expect(cache.size).toBe(0);
+  });
+
   it('holds 10,000 tasks and filters them quickly', () => {
     const cache = new TaskCache();
     const many = Array.from({ length: 10000 }, (_, i) => task(String(i), { created_at: new Date(i * 1000).toISOString() }));
