@@ -514,23 +514,26 @@ class Store:
                 transaction.rollback()
 
     def _insert_task(self, conn: Connection, task: Task, also: Callable[[Connection], None] | None) -> None:
-        self._many(conn, _INSERT_TASK, [_task_row(task)])  # prebuilt: building one per call cost more
-        if task.stages:
-            conn.execute(sa.insert(stages_table), [_stage_row(task.id, stage) for stage in task.stages])
-        if also is not None:
-            also(conn)
+        self._insert_tasks(conn, [task], [also])
+
+    def _insert_tasks(
+        self, conn: Connection, tasks: Sequence[Task], also: Sequence[Callable[[Connection], None] | None]
+    ) -> None:
+        """`tasks`' rows in one driver executemany of the prebuilt insert (building one per call cost more), their
+        stages, then each one's `also`."""
+        self._many(conn, _INSERT_TASK, [_task_row(task) for task in tasks])
+        stages = [_stage_row(task.id, stage) for task in tasks for stage in task.stages]
+        if stages:
+            conn.execute(sa.insert(stages_table), stages)
+        for write in also:
+            if write is not None:
+                write(conn)
 
     def create_group(self, tasks: Sequence[Task], also: Sequence[Callable[[Connection], None] | None]) -> None:
         """The tasks of concurrent single dispatches (core/creates.py) in one transaction: `create_task` for each,
-        their rows in one driver executemany of the prebuilt insert, each one's `also` after them."""
+        their rows in one driver executemany, each one's `also` after them."""
         with self.engine.begin() as conn:
-            self._many(conn, _INSERT_TASK, [_task_row(task) for task in tasks])
-            stages = [_stage_row(task.id, stage) for task in tasks for stage in task.stages]
-            if stages:
-                conn.execute(sa.insert(stages_table), stages)
-            for write in also:
-                if write is not None:
-                    write(conn)
+            self._insert_tasks(conn, tasks, also)
 
     def create_tasks(self, tasks: Sequence[Task], *, also: Callable[[Connection], None] | None = None) -> None:
         """Insert new tasks (without stages) in one transaction, through the driver's executemany: a
