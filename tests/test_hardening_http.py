@@ -44,7 +44,13 @@ class Capture(logging.Handler):
         super().__init__(logging.DEBUG)
         self.lines: list[str] = []
 
+    # The test's own HTTP clients run in the server's process: their request lines (httpx logs each URL at INFO
+    # once something set the root logger to INFO) are what the client sent, not what the server logged.
+    CLIENT_SIDE = ("httpx", "httpx2", "httpcore", "httpcore2")
+
     def emit(self, record: logging.LogRecord) -> None:
+        if record.name.split(".")[0] in self.CLIENT_SIDE:
+            return
         self.lines.append(logging.Formatter("%(levelname)s %(name)s %(message)s").format(record))
 
     def attach(self, *loggers: logging.Logger) -> None:
