@@ -92,3 +92,27 @@ async def test_a_batch_beside_single_calls_of_one_key_never_passes_its_cap(mcp_u
     assert stored <= cap, f"{stored} tasks stored for a key capped at {cap}"
     assert stored == held + sum(n for (refused, _, _), n in zip(answers, sizes, strict=True) if not refused)
     check_refusals(answers, sizes, cap, stored)
+
+
+async def test_a_retry_beside_a_batch_of_one_key_is_counted_with_it(mcp_url, keys, runtime):
+    # Six cancelled tasks retried while a batch of six arrives: with a cap of 10, one call is refused whole.
+    cap, size = 10, 6
+    runtime.manager.max_unfinished_per_key = cap
+    owner = key_owner(runtime.keys.verify(keys["operator"]).id)
+    async with open_client(mcp_url, keys["operator"]) as a, open_client(mcp_url, keys["operator"]) as b:
+        refused, text, batch = await answer(a, "dispatch_batch", {"tasks": [QUICK] * size})
+        assert not refused, text
+        refused, text, _ = await answer(a, "cancel_tasks", {"batch": batch["batch_id"]})
+        assert not refused, text
+        answers = await asyncio.gather(
+            answer(a, "retry_tasks", {"batch": batch["batch_id"]}),
+            answer(b, "dispatch_batch", {"tasks": [QUICK] * size}),
+        )
+    manager = runtime.manager
+    unfinished = manager.store.count_tasks(manager.build_filter(status=["QUEUED", "RUNNING"], owner=owner))
+    assert [r for r, _, _ in answers].count(True) == 1, answers
+    assert unfinished == size
+    check_refusals(answers, [size, size], cap, unfinished)
+    retry_refused, _, content = answers[0]
+    if not retry_refused:
+        assert {r["outcome"] for r in content["results"]} == {"retried"}

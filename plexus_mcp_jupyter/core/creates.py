@@ -1,10 +1,12 @@
-"""A group commit of concurrent single dispatches (TaskManager.adispatch; docs/architecture.md, "A group commit").
+"""A group commit of concurrent dispatches (TaskManager.adispatch and acreate_batch; docs/architecture.md, "A group
+commit").
 
-Each `run_demo_task` call, REST dispatch or evaluation inserts one task. Calls that reach `adispatch` in the same
-turns of the loop (on SQLite, while each turn brings more, up to MAX_HOPS), or while the group before them is being
-written (on a networked store, on the writer thread), are stored in one transaction: one commit and one driver
-executemany instead of one each. Each caller awaits its own outcome: its task, or its own refusal (its API key over
-`max_tasks_per_key`, counted in the group's order, so the cap stays exact however many calls arrive together). When
+Each `run_demo_task` call, REST dispatch or evaluation inserts one task; a `dispatch_batch` or `retry_tasks` call
+its batch's, all or none. Calls that reach the manager in the same turns of the loop (on SQLite, while each turn
+brings more, up to MAX_HOPS), or while the group before them is being written (on a networked store, on the writer
+thread), are stored in one transaction: one commit and one driver executemany instead of one each. Each caller
+awaits its own outcome: its task, or its own refusal (its API key over `max_tasks_per_key`, counted in the group's
+order with a batch counted whole, so the cap stays exact however many calls arrive together). When
 the group's transaction fails (an `also` record that cannot be written, the store gone), nothing of it is stored and
 each create is tried again alone, so a failure is only the calls' whose own insert fails. A spec is checked
 (`TaskManager.new_task`) before it joins a group: a bad one is refused at once and never reaches the store.
@@ -26,12 +28,17 @@ if TYPE_CHECKING:
 
 @dataclass(slots=True)
 class Create:
-    """One dispatch waiting for its group's commit."""
+    """One dispatch waiting for its group's commit: one task, or a batch's tasks (stored all or none)."""
 
-    task: Task
-    also: Callable[[Any], None] | None  # writes what must exist with the task (its record), in its transaction
-    created: Task | None  # as created (QUEUED), when the task is stored claimed to start at once; else None
+    tasks: list[Task]
+    also: Callable[[Any], None] | None  # writes what must exist with the tasks (their records), in their transaction
+    created: Task | None  # one task as created (QUEUED), when it is stored claimed to start at once; else None
     done: asyncio.Future[Task]
+
+    @property
+    def task(self) -> Task:
+        """The task of a single dispatch; a batch's first."""
+        return self.tasks[0]
 
 
 Outcomes = list[BaseException | None]
@@ -61,11 +68,11 @@ class CreateGroups:
         self.hops = 0
         self._writes: set[asyncio.Task[None]] = set()  # the group being written on the writer thread
 
-    async def add(self, task: Task, also: Callable[[Any], None] | None, created: Task | None) -> Task:
-        """Store `task` with the next group; returns what `landed` made of it once its row exists, or raises
-        its own refusal or store error."""
+    async def add(self, tasks: list[Task], also: Callable[[Any], None] | None, created: Task | None) -> Task:
+        """Store `tasks` (one, or a batch's) with the next group; returns what `landed` made of them once their
+        rows exist, or raises their own refusal or store error."""
         loop = asyncio.get_running_loop()
-        entry = Create(task, also, created, loop.create_future())
+        entry = Create(tasks, also, created, loop.create_future())
         self.waiting.append(entry)
         if not (self.scheduled or self.writing):  # a group being written takes the next one when it lands
             self.scheduled = True
