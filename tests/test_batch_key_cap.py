@@ -6,7 +6,9 @@ Real Jupyter server, real HTTP, the official SDK client, a SQLite file and a Pos
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -22,6 +24,19 @@ REFUSAL = re.compile(r"this API key has (\d+) unfinished tasks( and asks for (\d
 @pytest.fixture
 def plexus_config(plexus_config, store_url) -> dict[str, Any]:
     return {**plexus_config, "db_url": store_url, "max_concurrency": 0, "max_batch_size": 1000}
+
+
+@contextlib.asynccontextmanager
+async def sessions_of(mcp_url: str, key: str, count: int) -> AsyncIterator[list[Any]]:
+    """`count` SDK client sessions of one key, open at once (their calls reach the server concurrently)."""
+    async with contextlib.AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(open_client(mcp_url, key)) for _ in range(count)]
+
+
+def capped(runtime, keys, cap: int) -> str:
+    """Cap the keys at `cap` unfinished tasks; the owner of the operator key's tasks."""
+    runtime.manager.max_unfinished_per_key = cap
+    return key_owner(runtime.keys.verify(keys["operator"]).id)
 
 
 def stored_of(runtime, owner: str) -> int:
@@ -50,17 +65,11 @@ def check_refusals(answers: list[tuple[bool, str, Any]], sizes: list[int], cap: 
 
 async def test_concurrent_batches_of_one_key_never_pass_its_cap(mcp_url, keys, runtime):
     cap, size, calls = 500, 200, 6
-    runtime.manager.max_unfinished_per_key = cap
-    owner = key_owner(runtime.keys.verify(keys["operator"]).id)
-    clients = [open_client(mcp_url, keys["operator"]) for _ in range(calls)]
-    sessions = [await client.__aenter__() for client in clients]
-    try:
+    owner = capped(runtime, keys, cap)
+    async with sessions_of(mcp_url, keys["operator"], calls) as sessions:
         answers = await asyncio.gather(
             *(answer(session, "dispatch_batch", {"tasks": [QUICK] * size}) for session in sessions)
         )
-    finally:
-        for client in reversed(clients):
-            await client.__aexit__(None, None, None)
     accepted = [content for refused, _, content in answers if not refused]
     stored = stored_of(runtime, owner)
     assert stored <= cap, f"{stored} tasks stored for a key capped at {cap}"
@@ -74,19 +83,13 @@ async def test_a_batch_beside_single_calls_of_one_key_never_passes_its_cap(mcp_u
     # The key holds 700 of its 1,000; then a batch of 300 and 24 run_demo_task calls arrive together: either the
     # batch fits (and no single), or singles stored before it take their slots and the batch is refused.
     cap, held, size, singles = 1000, 700, 300, 24
-    runtime.manager.max_unfinished_per_key = cap
-    owner = key_owner(runtime.keys.verify(keys["operator"]).id)
-    clients = [open_client(mcp_url, keys["operator"]) for _ in range(4)]
-    sessions = [await client.__aenter__() for client in clients]
-    try:
+    owner = capped(runtime, keys, cap)
+    async with sessions_of(mcp_url, keys["operator"], 4) as sessions:
         refused, text, _ = await answer(sessions[0], "dispatch_batch", {"tasks": [QUICK] * held})
         assert not refused, text
         calls = [answer(sessions[1 + i % 3], "run_demo_task", {"items": 1, "item_delay_ms": 0}) for i in range(singles)]
         calls.insert(0, answer(sessions[0], "dispatch_batch", {"tasks": [QUICK] * size}))
         answers = await asyncio.gather(*calls)
-    finally:
-        for client in reversed(clients):
-            await client.__aexit__(None, None, None)
     sizes = [size if i == 0 else 1 for i in range(len(answers))]
     stored = stored_of(runtime, owner)
     assert stored <= cap, f"{stored} tasks stored for a key capped at {cap}"
@@ -97,9 +100,8 @@ async def test_a_batch_beside_single_calls_of_one_key_never_passes_its_cap(mcp_u
 async def test_a_retry_beside_a_batch_of_one_key_is_counted_with_it(mcp_url, keys, runtime):
     # Six cancelled tasks retried while a batch of six arrives: with a cap of 10, one call is refused whole.
     cap, size = 10, 6
-    runtime.manager.max_unfinished_per_key = cap
-    owner = key_owner(runtime.keys.verify(keys["operator"]).id)
-    async with open_client(mcp_url, keys["operator"]) as a, open_client(mcp_url, keys["operator"]) as b:
+    owner = capped(runtime, keys, cap)
+    async with sessions_of(mcp_url, keys["operator"], 2) as (a, b):
         refused, text, batch = await answer(a, "dispatch_batch", {"tasks": [QUICK] * size})
         assert not refused, text
         refused, text, _ = await answer(a, "cancel_tasks", {"batch": batch["batch_id"]})
