@@ -835,16 +835,16 @@ class TaskManager:
         count per key, a batch counted whole), then the accepted tasks in one transaction, or each create alone
         if that fails (so a failure is only its own create's)."""
         outcomes: list[BaseException | None] = [None] * len(group)
-        counts: dict[str, int] = {}
+        counts: dict[str | None, int] = {}  # each capped key's unfinished tasks, with the creates accepted so far
         for index, entry in enumerate(group):
             adding = Counter(task.owner for task in entry.tasks if self._key_capped(task.owner))
-            for owner in adding:
+            for owner, n in adding.items():
                 if owner not in counts:
                     counts[owner] = self.unfinished_of(owner)
-            refusals = (self.key_cap_error(counts[owner], n) for owner, n in adding.items())
-            outcomes[index] = refused = next((r for r in refusals if r is not None), None)
-            if refused is None:
-                counts.update({owner: counts[owner] + n for owner, n in adding.items()})
+                outcomes[index] = outcomes[index] or self.key_cap_error(counts[owner], n)
+            if outcomes[index] is None:
+                for owner, n in adding.items():
+                    counts[owner] += n
         accepted = [entry for entry, outcome in zip(group, outcomes, strict=True) if outcome is None]
         if len(accepted) > 1:
             try:
