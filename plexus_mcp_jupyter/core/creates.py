@@ -63,9 +63,8 @@ class CreateGroups:
         self.store = store  # on the loop, or on `writer` (a networked store's writer thread) when given
         self.landed = landed
         self.writer = writer
-        self.threads: Callable[..., Awaitable[Any]] = (
-            asyncio.to_thread
-        )  # without `writer`: a group too big for the loop
+        # Without `writer` (SQLite): where a group too big for the loop is written.
+        self.threads: Callable[..., Awaitable[Any]] = asyncio.to_thread
         self.waiting: list[Create] = []
         self.scheduled = False  # a write of the waiting creates is asked for (call_soon)
         self.writing = False  # a group is being written off the loop
@@ -73,7 +72,7 @@ class CreateGroups:
         self.creates = 0
         self.seen = 0  # on the loop (SQLite): the creates waiting at the last turn, and the turns waited so far
         self.hops = 0
-        self._writes: set[asyncio.Task[None]] = set()  # the group being written on the writer thread
+        self._writes: set[asyncio.Task[None]] = set()  # the group being written off the loop
 
     async def add(self, tasks: list[Task], also: Callable[[Any], None] | None, created: Task | None) -> Task:
         """Store `tasks` (one, or a batch's) with the next group; returns what `landed` made of them once their

@@ -820,12 +820,6 @@ class TaskManager:
         key's count and the batch's size."""
         if not tasks:
             return
-        if self._loop is None:  # not started: no loop to gather on
-            for owner, adding in Counter(task.owner for task in tasks).items():
-                self.check_key_cap(owner, adding)
-            await asyncio.to_thread(self.store.create_tasks, tasks, also=also)
-            self.announce(tasks)
-            return
         self.queue_changing()
         await self._creates.add(tasks, also, None)
 
