@@ -6,11 +6,13 @@ that cannot be written), nothing half-written, and the key cap exact however man
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import sqlalchemy as sa
 
 from plexus_mcp_jupyter.core import InvalidArgument, TaskManager, TaskStatus
+from plexus_mcp_jupyter.core.creates import MAX_ON_LOOP
 from plexus_mcp_jupyter.core.store import tasks_table
 
 from .test_core import running_manager
@@ -115,3 +117,32 @@ async def test_a_caller_that_goes_away_still_gets_its_task_stored_and_run(store_
         other = next(task_id for task_id in rows if task_id != task.id)
         await manager.wait_final([task.id, other], 30)
         assert manager.get(other).status is TaskStatus.COMPLETED
+
+
+async def test_a_batch_joins_the_group_counted_whole_and_on_sqlite_a_big_one_is_written_off_the_loop(store_url):
+    async with running_manager(store_url, max_concurrency=0, max_unfinished_per_key=MAX_ON_LOOP + 2) as manager:
+        loop_thread = threading.get_ident()
+        written: list[tuple[int, bool]] = []  # each group's tasks, and whether it was written on the loop
+        store_creates = manager._creates.store
+
+        def store(group):
+            written.append((sum(len(entry.tasks) for entry in group), threading.get_ident() == loop_thread))
+            return store_creates(group)
+
+        manager._creates.store = store
+        batch = [manager.new_task("demo", QUICK, owner="key:a") for _ in range(MAX_ON_LOOP + 1)]
+        over = [manager.new_task("demo", QUICK, owner="key:a") for _ in range(2)]
+        answers = await asyncio.gather(
+            manager.adispatch("demo", QUICK, owner="key:a"),
+            manager.acreate_batch(batch),
+            manager.acreate_batch(over),  # one slot left: refused whole
+            return_exceptions=True,
+        )
+        assert isinstance(answers[2], InvalidArgument), answers
+        assert f"has {MAX_ON_LOOP + 2} unfinished tasks and asks for 2 more" in str(answers[2])
+        assert set(stored(manager)) == {answers[0].id, *(t.id for t in batch)}
+        # One group; on SQLite on a thread (too big for the loop), on PostgreSQL on the writer thread. A lone
+        # create after it is written on the loop on SQLite.
+        await manager.adispatch("demo", QUICK, owner="alice")
+        sqlite = manager.store.engine.dialect.name == "sqlite"
+        assert written == [(MAX_ON_LOOP + 4, False), (1, sqlite)]

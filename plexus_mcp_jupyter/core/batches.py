@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -124,7 +123,6 @@ class BatchOperations:
         An error names the index of the first bad spec and what was wrong with it.
         """
         self._check_specs(specs)
-        self.manager.check_key_cap(actor.owner, len(specs))
         batch_id = str(uuid.uuid4())
         tasks = []
         for index, spec in enumerate(specs):
@@ -192,7 +190,8 @@ class BatchOperations:
 
     async def dispatch(self, specs: Sequence[Mapping[str, Any] | DispatchTask], actor: Actor) -> list[Task]:
         """Validate (internal types by their services), then store every task and their services' records in
-        one transaction (off the event loop), then announce them."""
+        one transaction, the key cap counted for the whole batch in that store work (`acreate_batch`: with the
+        concurrent creates of the key, on the writer thread on a networked store), then announce them."""
         planned = await self.plan(specs, actor)
         tasks = self.prepare(specs, actor, planned)
 
@@ -200,9 +199,7 @@ class BatchOperations:
             for index, spec in planned.items():
                 spec.record(tasks[index], conn)
 
-        self.manager.queue_changing()
-        await asyncio.to_thread(self.manager.store.create_tasks, tasks, also=records if planned else None)
-        self.manager.announce(tasks)
+        await self.manager.acreate_batch(tasks, records if planned else None)
         return tasks
 
     # -- selection -----------------------------------------------------------------------------------
@@ -374,9 +371,10 @@ class BatchOperations:
         """Re-run FAILED or CANCELLED tasks as new attempts: a new task (new id, `retry_of` the old one, same
         type, parameters, priority, owner and batch) per task, all stored in one transaction. A task that has
         not ended, completed, or was retried already is a per-task "not_retryable" outcome; caps and the
-        priority ceiling apply to the whole call (nothing is retried if one attempt would break them)."""
+        priority ceiling apply to the whole call (nothing is retried if one attempt would break them; the key cap
+        is counted where the attempts are stored, `acreate_batch`)."""
 
-        def work() -> tuple[list[str], list[CancelOutcome], list[Task]]:
+        def work() -> tuple[list[str], list[CancelOutcome], list[Task], list[Task]]:
             ids = self.select(selection, actor, "retry")
             tasks, outcomes = self._resolve(ids, actor, "retry")
             retried = self.manager.store.retries_of([t.id for t in tasks])
@@ -389,8 +387,6 @@ class BatchOperations:
                     )
                 else:
                     retryable.append(task)
-            for owner, n in Counter(t.owner for t in retryable).items():
-                self.manager.check_key_cap(owner, n)
             attempts = []
             for task in retryable:
                 try:
@@ -408,16 +404,14 @@ class BatchOperations:
                     )
                 except InvalidArgument as exc:
                     raise InvalidArgument(f"task {task.id}: {exc}; nothing was retried") from None
-            self.manager.store.create_tasks(attempts)
-            outcomes += [
-                CancelOutcome(old.id, "retried", old.status.value, f"queued again as task {new.id}", new.id)
-                for old, new in zip(retryable, attempts, strict=True)
-            ]
-            return ids, outcomes, attempts
+            return ids, outcomes, retryable, attempts
 
-        self.manager.queue_changing()
-        ids, outcomes, attempts = await asyncio.to_thread(work)
-        self.manager.announce(attempts)
+        ids, outcomes, retryable, attempts = await asyncio.to_thread(work)
+        await self.manager.acreate_batch(attempts)
+        outcomes += [
+            CancelOutcome(old.id, "retried", old.status.value, f"queued again as task {new.id}", new.id)
+            for old, new in zip(retryable, attempts, strict=True)
+        ]
         return _in_order(ids, outcomes)
 
     async def set_priority(self, selection: Selection, priority: int, actor: Actor) -> list[CancelOutcome]:

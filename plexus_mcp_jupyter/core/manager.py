@@ -16,7 +16,7 @@ import logging
 import os
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -810,38 +810,55 @@ class TaskManager:
             self._starting[task.id] = task  # holds its slot until stored and started (`_created`)
         else:
             self.queue_changing()  # a pass planned while the insert waits must read it, not a kept window
-        return await self._creates.add(task, self._also(task, record), created)
+        return await self._creates.add([task], self._also(task, record), created)
+
+    async def acreate_batch(self, tasks: list[Task], also: Callable[[Any], None] | None = None) -> None:
+        """Store validated QUEUED tasks (`new_task`'s: a batch, retries) all or none, `also(connection)` written in
+        their transaction, then announce them. They go in a group of concurrent creates (core/creates.py), so the
+        key cap is counted for all of them in the group's store work, with the other creates of their keys: two
+        batches, or a batch and single dispatches, of one key never pass it together. Refused whole, naming the
+        key's count and the batch's size."""
+        if not tasks:
+            return
+        self.queue_changing()
+        await self._creates.add(tasks, also, None)
 
     def _store_creates(self, group: list[Create]) -> list[BaseException | None]:
         """A group of creates' store work (CreateGroups; the loop on SQLite, the writer thread on a networked
-        store): each one's outcome, None when its task is stored. The key caps first, in the group's order (one
-        count per key), then the accepted tasks in one transaction, or each alone if that fails (so a failure is
-        only its own create's)."""
+        store): each one's outcome, None when its tasks are stored. The key caps first, in the group's order (one
+        count per key, a batch counted whole), then the accepted tasks in one transaction, or each create alone
+        if that fails (so a failure is only its own create's)."""
         outcomes: list[BaseException | None] = [None] * len(group)
-        counts: dict[str, int] = {}
+        counts: dict[str | None, int] = {}  # each capped key's unfinished tasks, with the creates accepted so far
         for index, entry in enumerate(group):
-            owner = entry.task.owner
-            if owner is None or not self._key_capped(owner):
-                continue
-            if owner not in counts:
-                counts[owner] = self.unfinished_of(owner)
-            outcomes[index] = refused = self.key_cap_error(counts[owner], 1)
-            if refused is None:
-                counts[owner] += 1
+            adding = Counter(task.owner for task in entry.tasks if self._key_capped(task.owner))
+            for owner, n in adding.items():
+                if owner not in counts:
+                    counts[owner] = self.unfinished_of(owner)
+                outcomes[index] = outcomes[index] or self.key_cap_error(counts[owner], n)
+            if outcomes[index] is None:
+                for owner, n in adding.items():
+                    counts[owner] += n
         accepted = [entry for entry, outcome in zip(group, outcomes, strict=True) if outcome is None]
         if len(accepted) > 1:
             try:
-                self.store.create_group([e.task for e in accepted], [e.also for e in accepted])
+                self._insert_creates(accepted)
                 return outcomes
             except Exception:
                 log.debug("Plexus: a group of %d creates failed; each is tried alone", len(accepted), exc_info=True)
         for index, entry in enumerate(group):
             if outcomes[index] is None:
                 try:
-                    self.store.create_task(entry.task, also=entry.also)
+                    self._insert_creates([entry])
                 except Exception as exc:
                     outcomes[index] = exc
         return outcomes
+
+    def _insert_creates(self, entries: list[Create]) -> None:
+        """The tasks of `entries` in one transaction: their rows, then each create's `also`."""
+        tasks = [task for entry in entries for task in entry.tasks]
+        also = [write for entry in entries for write in [*[None] * (len(entry.tasks) - 1), entry.also]]
+        self.store.create_group(tasks, also)
 
     def _created(self, entry: Create, outcome: BaseException | None) -> Task:
         """On the loop, once a create's group is written: its task announced (and started, if it was to start at
@@ -853,7 +870,10 @@ class TaskManager:
             if created is not None:  # its slot was held for nothing: a pass may fill it
                 self._schedule_soon(slot_freed=True)
             raise outcome
-        return self._queued(task) if created is None else self._started_at_once(task, created)
+        if created is not None:
+            return self._started_at_once(task, created)
+        self.announce(entry.tasks)
+        return task
 
     @staticmethod
     def _also(task: Task, record: Callable[[Task, Any], None] | None) -> Callable[[Any], None] | None:
