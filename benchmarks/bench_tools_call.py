@@ -17,7 +17,9 @@ Measures, per protocol era (2025-11-25: initialize handshake and a session; 2026
 POST per call), in rounds that rotate the servers' order so machine noise hits them alike:
 1. the official SDK client (one client, sequential calls): calls/s, p50, p99 -- what an assistant sees;
 2. server CPU per call during (1), read from /proc (its threads' schedstat, to the nanosecond): the cost of the
-   serving stack itself;
+   serving stack itself; the SDK client's CPU per call (this process); and the answer: its size, and the
+   client's own work on it without HTTP (parse into the SDK's models, check against the published output
+   schema: `answer_cost`), timed in this process after the calls;
 3. (2025-11-25 only) a lean keep-alive client (benchmarks/_common.py LeanSession): latency that is mostly the
    server's.
 The load average is printed before and after: the machine is shared, and the ratios are what to compare.
@@ -39,6 +41,7 @@ import json
 import os
 import resource
 import subprocess
+import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +65,10 @@ from _common import (
     time_calls,
     uvicorn_peer,
 )
+from jsonschema.exceptions import best_match
+from jsonschema.validators import validator_for
+from mcp.types import CallToolResult, jsonrpc_message_adapter
+from referencing import Registry
 
 TOOLS = ("get_task", "list_tasks")
 ERAS = {"2025-11-25": "legacy", "2026-07-28": "2026-07-28"}  # era -> the SDK client's `mode`
@@ -138,8 +145,33 @@ async def timed_calls(
             stats = summarize(await time_calls(call, calls))
             stats["server_cpu_us"] = 1e6 * (thread_cpu_seconds(pid) - cpu0) / calls
             stats["client_cpu_us"] = 1e6 * (own_cpu_seconds() - client0) / calls
+            schemas = {t.name: t.output_schema for t in (await c.list_tools()).tools}
+            stats["answer_bytes"], stats["answer_us"] = answer_cost(await c.call_tool(tool, args), schemas.get(tool))
             out[row] = stats
     return out
+
+
+def answer_cost(result: CallToolResult, schema: dict[str, Any] | None, repeat: int = 50) -> tuple[int, float]:
+    """The size of an answer (its JSON-RPC body as the 2026 era sends it) and the SDK client's own work on it
+    without HTTP, in us of this process's CPU: the body parsed into the SDK's message model, the result into
+    `CallToolResult`, and its structured content checked against the published output schema as
+    `ClientSession.validate_tool_result` does (a compiled validator, `best_match` over `iter_errors`)."""
+    body = json.dumps(
+        {"jsonrpc": "2.0", "id": 1, "result": result.model_dump(by_alias=True, mode="json", exclude_none=True)},
+        separators=(",", ":"),
+    ).encode()
+    validator = validator_for(schema)(schema, registry=Registry()) if schema is not None else None
+
+    def once() -> None:
+        answer = CallToolResult.model_validate(jsonrpc_message_adapter.validate_json(body, by_name=False).result)
+        if validator is not None:
+            assert best_match(validator.iter_errors(answer.structured_content)) is None
+
+    once()
+    started = time.process_time()
+    for _ in range(repeat):
+        once()
+    return len(body), 1e6 * (time.process_time() - started) / repeat
 
 
 async def sdk_round(url: str, token: str | None, pid: int, task_id: str, calls: int, warmup: int) -> dict:
@@ -234,7 +266,7 @@ def report(targets: list[Target], args: argparse.Namespace, load_before: str) ->
     width = max(len(t.label) for t in targets)
     print(
         f"{'client':<6} {'era':<10} {'tool':<11} {'server':<{width}} {'calls/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
-        f"{'srv CPU us':>10} {'cli CPU us':>10}"
+        f"{'srv CPU us':>10} {'cli CPU us':>10} {'answer B':>8} {'answer us':>9}"
     )
     for era in ERAS:
         for tool in TOOLS:
@@ -244,7 +276,8 @@ def report(targets: list[Target], args: argparse.Namespace, load_before: str) ->
                     print(
                         f"{'sdk':<6} {era:<10} {tool:<11} {t.label:<{width}} {med(runs, tool, 'calls_per_s'):>8.0f} "
                         f"{med(runs, tool, 'p50_ms'):>7.2f} {med(runs, tool, 'p99_ms'):>7.2f} "
-                        f"{med(runs, tool, 'server_cpu_us'):>10.0f} {med(runs, tool, 'client_cpu_us'):>10.0f}"
+                        f"{med(runs, tool, 'server_cpu_us'):>10.0f} {med(runs, tool, 'client_cpu_us'):>10.0f} "
+                        f"{med(runs, tool, 'answer_bytes'):>8.0f} {med(runs, tool, 'answer_us'):>9.0f}"
                     )
     for tool in TOOLS:
         for t in targets:

@@ -89,6 +89,9 @@ def tools_md(server: Any) -> str:
         "one-line text summary. A bad argument is a tool error (`isError: true`) whose text says what was",
         "wrong and what is allowed. Long work starts a task and answers with its id; how to follow it",
         "(progress tokens, MCP tasks, subscriptions, reconnecting) is in long-running-work.md.",
+        "In an output schema, the items of a list are checked by their type and required fields only; their",
+        "fields are described under `$defs`, in the entry the items' description names (the server checks",
+        "them).",
         "",
     ]
     for tool in tools:
