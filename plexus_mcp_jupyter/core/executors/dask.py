@@ -14,8 +14,8 @@ task's package installed, as they must for any Dask work. What travels back, and
 - a worker that dies mid-task ends the task FAILED naming the worker, or re-queued when its task type is
   idempotent (a "lost" final message, see TaskManager._finish), at most MAX_LOSSES - 1 times.
 
-What goes on a distributed Queue is pickled first (the scheduler's msgpack would turn lists into tuples),
-as Dask pickles task arguments and results. Nothing here runs Dask calls on the server's event loop:
+What goes on a distributed Queue is pickled first (the scheduler's msgpack would turn lists into tuples);
+so are a task's call and its result (`run_on_dask` takes and returns bytes: one frame at every hop). Nothing here runs Dask calls on the server's event loop:
 submit() records the task for the submitting thread; the rest runs in this executor's threads (submitter,
 reader, collector, monitor, control).
 """
