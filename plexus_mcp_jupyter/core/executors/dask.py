@@ -15,9 +15,9 @@ task's package installed, as they must for any Dask work. What travels back, and
   idempotent (a "lost" final message, see TaskManager._finish), at most MAX_LOSSES - 1 times.
 
 What goes on a distributed Queue is pickled first (the scheduler's msgpack would turn lists into tuples);
-so are a task's call and its result (`run_on_dask` takes and returns bytes: one frame at every hop). Nothing here runs Dask calls on the server's event loop:
-submit() records the task for the submitting thread; the rest runs in this executor's threads (submitter,
-reader, collector, monitor, control).
+so are a task's call and its result (`run_on_dask` takes and returns bytes: one frame at every hop).
+Nothing here runs Dask calls on the server's event loop: submit() records the task for the submitting thread;
+the rest runs in this executor's threads (submitter, reader, collector, monitor, control).
 """
 
 from __future__ import annotations
