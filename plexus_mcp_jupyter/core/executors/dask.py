@@ -689,7 +689,7 @@ class DaskExecutor(Executor):
             for future in futures:
                 with contextlib.suppress(Exception):
                     got[future.key] = future.result(timeout=5)
-        return {key: pickle.loads(blob) for key, blob in got.items()}
+        return {key: _read_result(blob) for key, blob in got.items()}
 
     def _maybe_end(self, run: _Run, deliveries: Deliveries) -> None:
         """Deliver a task's result once every batch it put on the queue before it has arrived (or waited long).
@@ -810,6 +810,16 @@ class DaskExecutor(Executor):
             return
         with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
             self._loop.call_soon_threadsafe(run_callbacks, deliveries)
+
+
+def _read_result(blob: Any) -> tuple[str, list[FromTask | Started], int, Final]:
+    """run_on_dask's result; one that cannot be read (a worker on another version of this package) fails its task
+    rather than the collector thread."""
+    try:
+        return pickle.loads(blob)
+    except Exception as exc:
+        message = f"the Dask worker's result could not be read ({type(exc).__name__}: {exc}); do the workers run "
+        return "unknown", [], 0, Failed(message + "this server's version of plexus-mcp-jupyter?")
 
 
 def _release_all(futures: list[Any]) -> None:
