@@ -14,10 +14,10 @@ task's package installed, as they must for any Dask work. What travels back, and
 - a worker that dies mid-task ends the task FAILED naming the worker, or re-queued when its task type is
   idempotent (a "lost" final message, see TaskManager._finish), at most MAX_LOSSES - 1 times.
 
-What goes on a distributed Queue is pickled first (the scheduler's msgpack would turn lists into tuples),
-as Dask pickles task arguments and results. Nothing here runs Dask calls on the server's event loop:
-submit() records the task for the submitting thread; the rest runs in this executor's threads (submitter,
-reader, collector, monitor, control).
+What goes on a distributed Queue is pickled first (the scheduler's msgpack would turn lists into tuples);
+so are a task's call and its result (`run_on_dask` takes and returns bytes: one frame at every hop).
+Nothing here runs Dask calls on the server's event loop: submit() records the task for the submitting thread;
+the rest runs in this executor's threads (submitter, reader, collector, monitor, control).
 """
 
 from __future__ import annotations
@@ -183,20 +183,19 @@ class _Inbox:
                 self.queue.close()
 
 
-def run_on_dask(
-    task_id: str,
-    target: str,
-    params: dict[str, Any],
-    max_output_bytes: int,
-    environment: dict[str, Any],
-    channel: str,
-    interval: float,
-) -> tuple[str, list[FromTask | Started], int, Final]:
+def run_on_dask(call: bytes) -> bytes:
     """What a Dask worker runs for one task: the task function by its import path, with a context whose
-    messages go through this worker's outbox. Returns (worker address, messages not put yet, batches put,
-    final message)."""
+    messages go through this worker's outbox. `call`: (task_id, target, params, max_output_bytes, environment,
+    channel, interval) pickled; returns (worker address, messages not put yet, batches put, final message)
+    pickled.
+
+    Both ends are pickled here, in the task's thread, rather than left to Dask: a tuple of objects is walked on
+    the client to find dependencies, unpickled by the scheduler with the graph, measured by the worker's
+    `sizeof` and serialized object by object on its event loop when gathered, all per task; bytes are one frame
+    that every hop passes as it is."""
     from distributed import get_worker
 
+    task_id, target, params, max_output_bytes, environment, channel, interval = pickle.loads(call)
     address = str(get_worker().address)
     box = _outbox(channel, interval, task_id)
     box.send(task_id, Started(address))
@@ -219,7 +218,7 @@ def run_on_dask(
     finally:
         inbox.close()
         rest, puts = box.take(task_id)
-    return address, rest, puts, final
+    return pickle.dumps((address, rest, puts, final), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 # -- the server side ---------------------------------------------------------------------------------
@@ -230,7 +229,7 @@ class _Run:
     task_id: str
     key: str  # the Dask key of its future
     on_message: MessageCallback
-    call: tuple[Any, ...]  # run_on_dask's arguments, until submitted
+    call: bytes  # run_on_dask's argument, until submitted
     needs: tuple[tuple[str, int], ...]  # its Dask resources
     future: Any = None  # once submitted
     address: str | None = None  # the worker running it, once it said so
@@ -462,7 +461,7 @@ class DaskExecutor(Executor):
             sorted((name, amount) for name, amount in (resources or {}).items() if amount and name in self._declared)
         )
         call = (task_id, target, params, max_output_bytes, dict(environment or {}), self.channel, self.message_interval)
-        run = _Run(task_id, key, on_message, call, needs)
+        run = _Run(task_id, key, on_message, pickle.dumps(call, protocol=pickle.HIGHEST_PROTOCOL), needs)
         with self._lock:
             self._runs[task_id] = run
             self._by_key[key] = run
@@ -504,7 +503,7 @@ class DaskExecutor(Executor):
                 try:
                     futures = self.client.map(
                         run_on_dask,
-                        *zip(*(r.call for r in group), strict=True),
+                        [r.call for r in group],
                         key=[r.key for r in group],
                         pure=False,
                         resources=dict(needs) or None,
@@ -518,7 +517,7 @@ class DaskExecutor(Executor):
                     continue
                 for run, future in zip(group, futures, strict=True):
                     with self._lock:
-                        run.future, run.call = future, ()
+                        run.future, run.call = future, b""
                         killed = run.killed
                     if killed:  # stopped before it was handed over
                         self._in_control(self._kill, run)
@@ -679,18 +678,18 @@ class DaskExecutor(Executor):
             self._release_ended()
 
     def _gather(self, futures: list[Any]) -> dict[str, Any]:
-        """Results by key, in one call; one by one if that fails (a worker holding a result died before it was
-        fetched: that task is left out, and handled as lost)."""
+        """Results by key (unpickled: run_on_dask's), in one call; one by one if that fails (a worker holding a
+        result died before it was fetched: that task is left out, and handled as lost)."""
         if not futures:
             return {}
         try:
-            return dict(zip([f.key for f in futures], self.client.gather(futures), strict=True))
+            got = dict(zip([f.key for f in futures], self.client.gather(futures), strict=True))
         except Exception:
-            out = {}
+            got = {}
             for future in futures:
                 with contextlib.suppress(Exception):
-                    out[future.key] = future.result(timeout=5)
-            return out
+                    got[future.key] = future.result(timeout=5)
+        return {key: _read_result(blob) for key, blob in got.items()}
 
     def _maybe_end(self, run: _Run, deliveries: Deliveries) -> None:
         """Deliver a task's result once every batch it put on the queue before it has arrived (or waited long).
@@ -811,6 +810,16 @@ class DaskExecutor(Executor):
             return
         with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
             self._loop.call_soon_threadsafe(run_callbacks, deliveries)
+
+
+def _read_result(blob: Any) -> tuple[str, list[FromTask | Started], int, Final]:
+    """run_on_dask's result; one that cannot be read (a worker on another version of this package) fails its task
+    rather than the collector thread."""
+    try:
+        return pickle.loads(blob)
+    except Exception as exc:
+        message = f"the Dask worker's result could not be read ({type(exc).__name__}: {exc}); do the workers run "
+        return "unknown", [], 0, Failed(message + "this server's version of plexus-mcp-jupyter?")
 
 
 def _release_all(futures: list[Any]) -> None:
