@@ -54,6 +54,9 @@ MAX_LABELS_SHOWN = 50  # per-class rows and confusion matrix beyond this many cl
 DEFAULT_SCORE = "score"
 PRUNE_BATCH = 5000  # items deleted per transaction when pruning: the SQLite write lock is released between
 
+# A new record's columns that its insert leaves null (the worker writes them later): metrics, counts, ...
+_NULL_RECORD: dict[str, Any] = {column.name: None for column in evaluations_table.columns}
+
 log = logging.getLogger("plexus_mcp_jupyter")
 
 
@@ -345,8 +348,13 @@ class EvaluationService:
         self, plan: EvaluationPlan, *, priority: int = 0, owner: str | None = None, role: str | None = None
     ) -> tuple[dict[str, Any], Task]:
         """Dispatch a checked request and insert its record (TaskManager.adispatch: on a networked store, on its
-        writer thread)."""
-        spec = self.planned_spec(plan, owner)
+        writer thread).
+
+        The answer is the view of the record as inserted and of the task as the manager holds it, not read back
+        from the store (a store call's thread: ~1 ms of CPU and a thread's wake-up, which right after start or an
+        idle spell took several ms); read back only if the task has already ended (its metrics are in the store)."""
+        inserted: dict[str, Any] = {}
+        spec = self.planned_spec(plan, owner, inserted)
         # The record is stored with the task, in one transaction: a worker may start it at once.
         task = await self.manager.adispatch(
             "evaluation",
@@ -358,10 +366,15 @@ class EvaluationService:
             role=role,
             record=spec.record,
         )
+        if inserted and not self.manager.current(task.id, task).status.is_final:
+            return self.view({**_NULL_RECORD, **inserted}, {task.id: task}), task
         return await self.get(spec.params["evaluation_id"]), task
 
-    def planned_spec(self, plan: EvaluationPlan, owner: str | None) -> PlannedSpec:
-        """A checked request as the evaluation task's params, and the record stored beside its task."""
+    def planned_spec(
+        self, plan: EvaluationPlan, owner: str | None, inserted: dict[str, Any] | None = None
+    ) -> PlannedSpec:
+        """A checked request as the evaluation task's params, and the record stored beside its task (also put in
+        `inserted` when it is written)."""
         for score in plan.scores:
             if score["scorer"].get("kind") == "kernel":  # the registry lives on the loop: checked here
                 self.kernel_scorers.check(score["scorer"]["function"], owner)
@@ -385,18 +398,18 @@ class EvaluationService:
             definition["scorecard"] = plan.scorecard
 
         def record(task: Task, conn: Connection) -> None:
-            self.store.create(
-                {
-                    "id": evaluation_id,
-                    "task_id": task.id,
-                    "type": plan.type,
-                    "owner": owner,
-                    "dataset": plan.dataset,
-                    "definition": definition,
-                    "created_at": time.time(),
-                },
-                conn,
-            )
+            row = {
+                "id": evaluation_id,
+                "task_id": task.id,
+                "type": plan.type,
+                "owner": owner,
+                "dataset": plan.dataset,
+                "definition": definition,
+                "created_at": time.time(),
+            }
+            self.store.create(row, conn)
+            if inserted is not None:
+                inserted.update(row)
 
         return PlannedSpec(params, f"{plan.type} evaluation of {plan.dataset}", record)
 
