@@ -133,14 +133,13 @@ async def warm_start(url: str) -> tuple[float, float, float, float, str]:
     return calls[0], statistics.median(calls[1:]), ends[0], statistics.median(ends[1:]), task_id
 
 
-async def lean_warm_start(url: str, idle: float) -> tuple[float, float, float, float]:
-    """warm_start's figures through the lean client (the SDK client validates each tool's first result against its
-    output schema, a first-call cost of the client's own), `idle` seconds after the server became ready."""
-    await asyncio.sleep(idle)
+async def lean_evaluations(url: str, n: int) -> tuple[list[float], list[float]]:
+    """`n` small evaluations, one after the other, in a new session of the lean client: each create_evaluation
+    call's seconds, and each evaluation's end to end (the call, then get_evaluation every 50 ms until it ends)."""
     arguments = {"type": "accuracy", "dataset": "warm.csv", "label_column": "label", "prediction_column": "prediction"}
     calls, ends = [], []
     async with LeanSession(url, TOKEN) as session:
-        for _ in range(4):
+        for _ in range(n):
             t0 = time.perf_counter()
             made = await session.call("create_evaluation", arguments)
             calls.append(time.perf_counter() - t0)
@@ -152,10 +151,24 @@ async def lean_warm_start(url: str, idle: float) -> tuple[float, float, float, f
             if got["status"] != "COMPLETED":
                 raise RuntimeError(f"warm-up evaluation {got['status']}: {got['error_message']}")
             ends.append(time.perf_counter() - t0)
-    return calls[0], statistics.median(calls[1:]), ends[0], statistics.median(ends[1:])
+    return calls, ends
 
 
-async def fresh_starts(n: int, nice: int, pin: bool, idle: float, without: list[str]) -> None:
+async def lean_warm_start(url: str, idle: float, again: float = 0) -> tuple[float, float, float, float, float | None]:
+    """warm_start's figures through the lean client (the SDK client validates each tool's first result against its
+    output schema, a first-call cost of the client's own), `idle` seconds after the server became ready; with
+    `again`, last, the call of a new session `again` seconds after those (a server that served the same call
+    already, idle as long: what a first call pays that is not first use, e.g. caches gone cold while idle)."""
+    await asyncio.sleep(idle)
+    calls, ends = await lean_evaluations(url, 4)
+    later_call = None
+    if again:
+        await asyncio.sleep(again)
+        later_call = (await lean_evaluations(url, 1))[0][0]
+    return calls[0], statistics.median(calls[1:]), ends[0], statistics.median(ends[1:]), later_call
+
+
+async def fresh_starts(n: int, nice: int, pin: bool, idle: float, without: list[str], again: float = 0) -> None:
     """Item 5 of issue 15 over several fresh servers, through the lean client: each one's first create_evaluation
     call (and its 1,000-row evaluation end to end) against the median of its next three, `idle` seconds after
     the server answered health, and the median ratios over the starts. `without`: server extensions disabled
@@ -163,7 +176,7 @@ async def fresh_starts(n: int, nice: int, pin: bool, idle: float, without: list[
     args = ["-m", "jupyter", "server"]
     if without:
         args.append("--ServerApp.jpserver_extensions=" + repr(dict.fromkeys(without, False)))
-    calls, ends = [], []
+    calls, ends, agains = [], [], []
     for i in range(n):
         with tempdir() as tmp:
             work = Path(tmp)
@@ -171,19 +184,27 @@ async def fresh_starts(n: int, nice: int, pin: bool, idle: float, without: list[
             env = {"PLEXUS_MCP_WORKER_NICE": str(nice)}
             load = os.getloadavg()[0]
             with jupyter_server(work, extra_env=env, pin=pin, python_args=args) as (url, _pid):
-                first, later, first_end, later_end = await lean_warm_start(url, idle)
+                first, later, first_end, later_end, again_call = await lean_warm_start(url, idle, again)
         calls.append(first / later)
         ends.append(first_end / later_end)
+        again_text = ""
+        if again_call is not None:
+            agains.append(again_call / later)
+            again_text = (
+                f"; a new session's call {again:g} s later {again_call * 1000:.0f} ms ({again_call / later:.2f}x)"
+            )
         print(
             f"start {i + 1} (first call {idle:g} s after ready): first create_evaluation {first * 1000:.0f} ms, "
             f"later p50 {later * 1000:.0f} ms ({first / later:.2f}x); end to end {first_end:.2f} s against "
-            f"{later_end:.2f} s ({first_end / later_end:.2f}x); load {load:.2f}",
+            f"{later_end:.2f} s ({first_end / later_end:.2f}x){again_text}; load {load:.2f}",
             flush=True,
         )
     print(
         f"fresh starts: {n}{' without ' + ','.join(without) if without else ''}, first / later "
         f"create_evaluation median {statistics.median(calls):.2f}x "
-        f"(goal <= 1.3x), end to end median {statistics.median(ends):.2f}x; load {os.getloadavg()[0]:.2f}"
+        f"(goal <= 1.3x), end to end median {statistics.median(ends):.2f}x"
+        + (f", a new session's call {again:g} s later median {statistics.median(agains):.2f}x" if agains else "")
+        + f"; load {os.getloadavg()[0]:.2f}"
     )
 
 
@@ -240,6 +261,12 @@ async def main() -> None:
         help="first, N fresh servers: the first create_evaluation of each against the median of its later ones",
     )
     parser.add_argument(
+        "--again",
+        type=float,
+        default=0.0,
+        help="--starts: also, S seconds after the later calls, one call in a new session (the same idle, served)",
+    )
+    parser.add_argument(
         "--without",
         default="",
         help="--starts: comma-separated server extensions to disable (jupyter_lsp: its start-up work runs at ready)",
@@ -258,7 +285,8 @@ async def main() -> None:
         f"{'pinned to core ' + str(_common.SERVER_CPU) if args.pin else 'on any core'}"
     )
     if args.starts:
-        await fresh_starts(args.starts, args.nice, args.pin, args.idle, [e for e in args.without.split(",") if e])
+        without = [e for e in args.without.split(",") if e]
+        await fresh_starts(args.starts, args.nice, args.pin, args.idle, without, args.again)
     if not sizes:
         print(f"load average {os.getloadavg()[0]:.2f} at end")
         return

@@ -35,8 +35,8 @@ def wrap_records(runtime, monkeypatch, before) -> None:
     service = runtime.evaluations
     planned_spec = service.planned_spec
 
-    def slow_spec(plan, owner):
-        spec = planned_spec(plan, owner)
+    def slow_spec(plan, owner, *inserted):  # (create passes a dict to receive the row it inserted)
+        spec = planned_spec(plan, owner, *inserted)
 
         def record(task, conn):
             before()

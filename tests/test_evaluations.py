@@ -447,3 +447,20 @@ async def test_an_evaluation_started_at_once_finds_its_record_while_another_writ
         stop.set()
         thread.join()
     assert [t.status.value for t in tasks] == ["COMPLETED"] * 5, [t.error_message for t in tasks]
+
+
+async def test_create_answers_the_record_it_stored_without_reading_it_back(runtime, monkeypatch):
+    """create's answer is made from the record as inserted and the task in memory (no store read: a thread's
+    wake-up and ~1 ms per call); it is the record the store then holds, as get_evaluation shows it."""
+    service = runtime.evaluations
+    reads = []
+    read_one = service._read_one
+    monkeypatch.setattr(service, "_read_one", lambda *a: reads.append(a) or read_one(*a))
+    view, task = await service.create(BY_COLUMN, owner="ann")
+    assert reads == [] and view["status"] in ("SETUP", "RUNNING") and view["metrics"] is None
+    stored = await service.get(view["evaluation_id"])
+    record_fields = ("evaluation_id", "task_id", "type", "dataset", "scores", "created_at", "definition")
+    assert {k: view[k] for k in record_fields} == {k: stored[k] for k in record_fields}
+    assert view["task_id"] == task.id and view["resource_uri"] == stored["resource_uri"]
+    assert view["items_pruned_at"] is None and view["counts"] is None
+    await runtime.manager.wait_final([task.id], 60)

@@ -497,7 +497,8 @@ class Store:
         """`create_task`'s statements, executed and rolled back: nothing is stored, and they are compiled and in
         the engine's cache (and a connection opened) before the first real one (the warm-up after start). With
         `holder` (the manager's server id), also the task's claim, a progress write with a stage and a sample,
-        and its final write: on SQLite each statement is compiled on first use, on the event loop."""
+        and its final write: on SQLite each statement is compiled on first use, on the event loop. Last, the task
+        is read back with its stages."""
         with self.engine.connect() as conn:
             transaction = conn.begin()
             try:
@@ -510,6 +511,9 @@ class Store:
                     sample = ProgressSample(now, stage.name, 0, None)
                     writes = [ProgressWrite(running, [stage], [sample]), ProgressWrite(running, [], [], final=True)]
                     self._write_progress(conn, writes, holder=holder)
+                # The read that answers a create (the task and its stages): the stages' select is compiled only
+                # when a task is found (~1 ms of the first create_evaluation, in the store calls' thread it awaits).
+                self._tasks_by_ids(conn, [task.id], stages=True)
             finally:
                 transaction.rollback()
 
@@ -547,17 +551,20 @@ class Store:
 
     def tasks_by_ids(self, ids: Sequence[str], *, stages: bool = False) -> list[Task]:
         """The tasks with these ids that exist (with their stages if `stages`), in no particular order."""
+        with self.reads.connect() as conn:
+            return self._tasks_by_ids(conn, ids, stages)
+
+    def _tasks_by_ids(self, conn: Connection, ids: Sequence[str], stages: bool) -> list[Task]:
         t = tasks_table
         out: list[Task] = []
-        with self.reads.connect() as conn:
-            for start in range(0, len(ids), _IN_CHUNK):
-                chunk = list(ids[start : start + _IN_CHUNK])
-                found = [_task_from_tuple(r) for r in conn.execute(sa.select(t).where(t.c.id.in_(chunk)))]
-                if stages:
-                    by_task = self._stages_for(conn, [task.id for task in found])
-                    for task in found:
-                        task.stages = by_task.get(task.id, [])
-                out += found
+        for start in range(0, len(ids), _IN_CHUNK):
+            chunk = list(ids[start : start + _IN_CHUNK])
+            found = [_task_from_tuple(r) for r in conn.execute(sa.select(t).where(t.c.id.in_(chunk)))]
+            if stages:
+                by_task = self._stages_for(conn, [task.id for task in found])
+                for task in found:
+                    task.stages = by_task.get(task.id, [])
+            out += found
         return out
 
     def retries_of(self, ids: Sequence[str]) -> dict[str, str]:
