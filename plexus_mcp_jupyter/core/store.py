@@ -215,34 +215,55 @@ _CLAIM_SKIP_LOCKED = (
 )
 
 
-# PostgreSQL, Store.claim_planned: the planned tasks still QUEUED, locked (a row being claimed by another server's
-# transaction is skipped, never waited for); then one UPDATE claims those locked (the status holds under the lock).
+# PostgreSQL, Store.claim_planned: planned tasks found by their ids, still QUEUED. Not the partial queue index's
+# literal (`_IS_QUEUED`): beside an id, the planner could then scan that index for the status and filter the ids,
+# which it did whenever its statistics were stale (a store that grew or drained since autovacuum last analysed it,
+# as any new one in its first minute): every QUEUED task read per claim, and the claim's UPDATE joined to all of
+# them (0.6-0.8 ms of PostgreSQL's CPU a claim with 1,000-2,000 queued, a third of its CPU per trivial task in
+# bench_multi_server). `coalesce` matches no index: the ids find the rows, by the primary key (or a scan of a
+# small table), whatever the statistics say.
+_STILL_QUEUED = sa.func.coalesce(tasks_table.c.status, sa.literal_column("''")) == sa.literal_column("'QUEUED'")
+# The planned tasks still QUEUED, locked (a row being claimed by another server's transaction is skipped, never
+# waited for); then one UPDATE claims those locked (the status holds under the lock).
 _LOCK_QUEUED = (
     sa.select(tasks_table.c.id)
-    .where(tasks_table.c.id.in_(sa.bindparam("ids", expanding=True)), _IS_QUEUED)
+    .where(tasks_table.c.id.in_(sa.bindparam("ids", expanding=True)), _STILL_QUEUED)
     .with_for_update(skip_locked=True)
 )
 _CLAIM_LOCKED = (
     sa.update(tasks_table)
-    .where(tasks_table.c.id.in_(sa.bindparam("ids", expanding=True)), _IS_QUEUED)
+    .where(tasks_table.c.id.in_(sa.bindparam("ids", expanding=True)), _STILL_QUEUED)
     .values(**_CLAIMED)
     .returning(tasks_table.c.id)
 )
-# The first `n` of the plan's order (`order`) still QUEUED and not locked by another transaction, locked, in order.
-_LOCK_FIRST_QUEUED = (
-    sa.select(tasks_table.c.id)
-    .where(tasks_table.c.id == sa.any_(sa.bindparam("order", type_=postgresql.ARRAY(sa.String))), _IS_QUEUED)
-    .order_by(sa.func.array_position(sa.bindparam("order", type_=postgresql.ARRAY(sa.String)), tasks_table.c.id))
-    .limit(sa.bindparam("n"))
-    .with_for_update(skip_locked=True)
+# The first round in one statement (the job-queue idiom): claim the first `n` of the plan's order (`order`) still
+# QUEUED and not being claimed by another server. The order's ids are probed one by one, in order (`unnest`, and a
+# LATERAL subquery that locks its one row by the primary key: a nested loop keeps the outer order, and the LIMIT
+# stops it after the `n`th row locked, so no other row is locked). The pick is a MATERIALIZED CTE: as a subquery of
+# the UPDATE, PostgreSQL may evaluate it again for each row, and each evaluation would then pick the next `n`
+# (those claimed no longer QUEUED). The UPDATE finds the rows picked by their address (`ctid`, a TID scan: joined
+# by id, stale statistics made it a hash join over the whole table), and their id: locked QUEUED rows, no status
+# check (which would offer the planner the queue index again). A row's address stays its own while it is locked.
+_ORDER = (
+    sa.func.unnest(sa.bindparam("order", type_=postgresql.ARRAY(sa.String))).table_valued("id").render_derived(name="o")
 )
-# The first round in one statement (the job-queue idiom): claim the first `n` of the plan's order still QUEUED and
-# not being claimed by another server. The pick is a MATERIALIZED CTE: as a subquery of the UPDATE, PostgreSQL may
-# evaluate it again for each row, and each evaluation would then pick the next `n` (those claimed no longer QUEUED).
-_PICKED = _LOCK_FIRST_QUEUED.cte("picked").prefix_with("MATERIALIZED")
+_PROBE = (
+    sa.select(tasks_table.c.id, sa.literal_column("tasks.ctid").label("tid"))
+    .where(tasks_table.c.id == _ORDER.c.id, _STILL_QUEUED)
+    .with_for_update(skip_locked=True)
+    .lateral("probe")
+)
+_PICKED = (
+    sa.select(_PROBE.c.id, _PROBE.c.tid)
+    .select_from(_ORDER)
+    .join(_PROBE, sa.true())
+    .limit(sa.bindparam("n"))
+    .cte("picked")
+    .prefix_with("MATERIALIZED")
+)
 _CLAIM_FIRST_QUEUED = (
     sa.update(tasks_table)
-    .where(tasks_table.c.id == _PICKED.c.id, _IS_QUEUED)
+    .where(sa.literal_column("tasks.ctid") == _PICKED.c.tid, tasks_table.c.id == _PICKED.c.id)
     .values(**_CLAIMED)
     .returning(tasks_table.c.id)
 )
@@ -753,7 +774,7 @@ class Store:
 
         `order`: the plan's start order (the queue's head the plan read, as it would start them). On PostgreSQL the
         first round then CLAIMS, in one statement, the first as many of them as the plan starts that are still
-        QUEUED and not being claimed (`_CLAIM_FIRST_QUEUED`: `ORDER BY` their place, `LIMIT`, `SKIP LOCKED`, the
+        QUEUED and not being claimed (`_CLAIM_FIRST_QUEUED`: probed in their order, `LIMIT`, `SKIP LOCKED`, the
         job-queue idiom), and every task of the order before the last one claimed is known gone: servers planning
         from one head take its successive free tasks in one statement each. If the plan made without those gone
         would not start all it claimed (an owner cap, a resource), that transaction is undone and the rounds above
