@@ -14,6 +14,7 @@ import json
 import logging
 import operator
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -557,12 +558,13 @@ class Store:
             self._insert_tasks(conn, tasks, also)
 
     def create_tasks(self, tasks: Sequence[Task], *, also: Callable[[Connection], None] | None = None) -> None:
-        """Insert new tasks (without stages) in one transaction, through the driver's executemany: a
-        batch is all there or not at all, and a thousand rows cost one commit. `also` writes in the same
-        transaction what must exist with them (the records of internal types: an evaluation's)."""
+        """Insert new tasks (without stages) in one transaction, on the driver (`_many`: on PostgreSQL an INSERT of
+        up to VALUES_ROWS_MAX rows a statement): a batch is all there or not at all, and a thousand rows cost one
+        commit. `also` writes in the same transaction what must exist with them (the records of internal types: an
+        evaluation's)."""
         if tasks:
             with self.engine.begin() as conn:
-                conn.execute(sa.insert(tasks_table), [_task_row(task) for task in tasks])
+                self._many(conn, _INSERT_TASK, [_task_row(task) for task in tasks])
                 if also is not None:
                     also(conn)
 
@@ -1263,7 +1265,10 @@ class Store:
         """Insert or update stage rows (keyed by task and order): one statement where the database has upserts."""
         dialect = self.engine.dialect.name
         if dialect in ("sqlite", "postgresql"):
-            self._many(conn, _upsert_stages_statement(dialect), rows)
+            # A stage twice in one write: its last row (each upsert replaces all the row's values), as one VALUES
+            # list may not upsert a row twice.
+            latest = {(row["task_id"], row["stage_order"]): row for row in rows}
+            self._many(conn, _upsert_stages_statement(dialect), list(latest.values()))
             return
         st = stages_table
         for row in rows:
@@ -1361,6 +1366,10 @@ def _requeue(conn: Connection, task_id: str, *, holder: str | None) -> bool:
 # for a few rows (a transaction updating 1 or 2 rows of a small table: client CPU 34-44 / 47-58 us against 59-81 /
 # 70-82, PostgreSQL's backend 40 / 40 against 50 / 60; at 4 rows it is a toss-up, at 8 executemany wins).
 FEW_ROWS = 2
+# psycopg: an INSERT of several rows is one statement with a VALUES list of up to this many rows (chunks beyond):
+# one execution in PostgreSQL instead of one per row (executemany's pipeline saves the round trips, not those).
+VALUES_ROWS_MAX = 100
+_PYFORMAT_PARAM = re.compile(r"%\((\w+)\)s")
 
 
 class _OnDriver:
@@ -1391,6 +1400,11 @@ class _OnDriver:
             else compiled._bind_processors.get  # the dialect's own (psycopg's JSON), as conn.execute uses
         )
         self._convert = [(i, convert) for i, key in enumerate(keys) if (convert := processor(key)) is not None]
+        # psycopg: an INSERT takes several rows in one VALUES list (`_values_sql`), without the RETURNING SQLAlchemy
+        # adds for a serial id (a run of many rows returns none).
+        self._insert = self.sql.split(" RETURNING ")[0] if self.sql.startswith("INSERT") else ""
+        self._values_list = None if self.positional or not self._insert else _values_group(self._insert)
+        self._values_sqls: dict[int, str] = {}
 
     def _params(self, row: Mapping[str, Any]) -> Any:
         """A row's parameters as the driver takes them: in the statement's order (SQLite) or by name (psycopg)."""
@@ -1409,6 +1423,16 @@ class _OnDriver:
         params: Any = [self._params(row) for row in rows] if many else self._params(rows[0])
         cursor = conn.connection.cursor()
         try:
+            if many and self._values_list is not None and len(params) > 1:
+                changed = 0
+                for start in range(0, len(params), VALUES_ROWS_MAX):
+                    chunk = params[start : start + VALUES_ROWS_MAX]
+                    cursor.execute(
+                        self._values_sql(len(chunk)),
+                        {f"{key}__{i}": value for i, row in enumerate(chunk) for key, value in row.items()},
+                    )
+                    changed += cursor.rowcount
+                return changed, []
             if many and (self.positional or len(params) > FEW_ROWS):
                 cursor.executemany(self.sql, params)
                 return int(cursor.rowcount), []
@@ -1430,6 +1454,31 @@ class _OnDriver:
             ) from exc
         finally:
             cursor.close()
+
+    def _values_sql(self, n: int) -> str:
+        """The INSERT with `n` rows in its VALUES list, each row's parameters suffixed with its place (`__i`)."""
+        sql = self._values_sqls.get(n)
+        if sql is None:
+            assert self._values_list is not None
+            start, end = self._values_list
+            group = self._insert[start:end]
+            rows = ", ".join(_PYFORMAT_PARAM.sub(rf"%(\1__{i})s", group) for i in range(n))
+            sql = self._values_sqls[n] = self._insert[:start] + rows + self._insert[end:]
+        return sql
+
+
+def _values_group(sql: str) -> tuple[int, int] | None:
+    """Where an INSERT's one VALUES row, `(...)`, begins and ends in its SQL (None if it has no such row)."""
+    start = sql.find(" VALUES (")
+    if start < 0:
+        return None
+    start += len(" VALUES ")
+    depth = 0
+    for end in range(start, len(sql)):
+        depth += {"(": 1, ")": -1}.get(sql[end], 0)
+        if depth == 0:
+            return start, end + 1
+    return None
 
 
 @functools.lru_cache(maxsize=2)
