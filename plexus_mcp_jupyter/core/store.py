@@ -558,10 +558,9 @@ class Store:
             self._insert_tasks(conn, tasks, also)
 
     def create_tasks(self, tasks: Sequence[Task], *, also: Callable[[Connection], None] | None = None) -> None:
-        """Insert new tasks (without stages) in one transaction, on the driver (`_many`: on PostgreSQL an INSERT of
-        up to VALUES_ROWS_MAX rows a statement): a batch is all there or not at all, and a thousand rows cost one
-        commit. `also` writes in the same transaction what must exist with them (the records of internal types: an
-        evaluation's)."""
+        """Insert new tasks (without stages) in one transaction, on the driver (`_many`: its executemany, without
+        SQLAlchemy's work per row): a batch is all there or not at all, and a thousand rows cost one commit. `also`
+        writes in the same transaction what must exist with them (the records of internal types: an evaluation's)."""
         if tasks:
             with self.engine.begin() as conn:
                 self._many(conn, _INSERT_TASK, [_task_row(task) for task in tasks])
@@ -1366,9 +1365,12 @@ def _requeue(conn: Connection, task_id: str, *, holder: str | None) -> bool:
 # for a few rows (a transaction updating 1 or 2 rows of a small table: client CPU 34-44 / 47-58 us against 59-81 /
 # 70-82, PostgreSQL's backend 40 / 40 against 50 / 60; at 4 rows it is a toss-up, at 8 executemany wins).
 FEW_ROWS = 2
-# psycopg: an INSERT of several rows is one statement with a VALUES list of up to this many rows (chunks beyond):
-# one execution in PostgreSQL instead of one per row (executemany's pipeline saves the round trips, not those).
-VALUES_ROWS_MAX = 100
+# psycopg: an INSERT of a few rows is one statement with a VALUES list (one execution in PostgreSQL instead of one per
+# row: executemany's pipeline saves the round trips, not those), when the statement stays one psycopg parses once
+# and keeps (at most this many parameters, and 4,096 characters): a longer one is parsed again at every execution
+# (a batch of 100 tasks' rows in one VALUES list cost 8 ms of client CPU a statement, executemany 3).
+VALUES_PARAMS_MAX = 50
+VALUES_SQL_MAX = 4096
 _PYFORMAT_PARAM = re.compile(r"%\((\w+)\)s")
 
 
@@ -1423,16 +1425,12 @@ class _OnDriver:
         params: Any = [self._params(row) for row in rows] if many else self._params(rows[0])
         cursor = conn.connection.cursor()
         try:
-            if many and self._values_list is not None and len(params) > 1:
-                changed = 0
-                for start in range(0, len(params), VALUES_ROWS_MAX):
-                    chunk = params[start : start + VALUES_ROWS_MAX]
-                    cursor.execute(
-                        self._values_sql(len(chunk)),
-                        {f"{key}__{i}": value for i, row in enumerate(chunk) for key, value in row.items()},
-                    )
-                    changed += cursor.rowcount
-                return changed, []
+            values_sql = self._values_sql(len(params)) if many and len(params) > 1 else None
+            if values_sql is not None:
+                cursor.execute(
+                    values_sql, {f"{key}__{i}": value for i, row in enumerate(params) for key, value in row.items()}
+                )
+                return int(cursor.rowcount), []
             if many and (self.positional or len(params) > FEW_ROWS):
                 cursor.executemany(self.sql, params)
                 return int(cursor.rowcount), []
@@ -1455,16 +1453,19 @@ class _OnDriver:
         finally:
             cursor.close()
 
-    def _values_sql(self, n: int) -> str:
-        """The INSERT with `n` rows in its VALUES list, each row's parameters suffixed with its place (`__i`)."""
+    def _values_sql(self, n: int) -> str | None:
+        """The INSERT with `n` rows in its VALUES list, each row's parameters suffixed with its place (`__i`); None
+        when it is no INSERT psycopg takes so (SQLite's, or beyond VALUES_PARAMS_MAX or VALUES_SQL_MAX)."""
+        if self._values_list is None or n * len(self._keys) > VALUES_PARAMS_MAX:
+            return None
         sql = self._values_sqls.get(n)
         if sql is None:
-            assert self._values_list is not None
             start, end = self._values_list
             group = self._insert[start:end]
             rows = ", ".join(_PYFORMAT_PARAM.sub(rf"%(\1__{i})s", group) for i in range(n))
-            sql = self._values_sqls[n] = self._insert[:start] + rows + self._insert[end:]
-        return sql
+            sql = self._insert[:start] + rows + self._insert[end:]
+            sql = self._values_sqls[n] = sql if len(sql) <= VALUES_SQL_MAX else ""
+        return sql or None
 
 
 def _values_group(sql: str) -> tuple[int, int] | None:
