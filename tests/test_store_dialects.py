@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from plexus_mcp_jupyter.core.models import ProgressSample, Stage, StageStatus, Task, TaskStatus
-from plexus_mcp_jupyter.core.store import ProgressWrite, Store, TaskFilter
+from plexus_mcp_jupyter.core.store import _CLAIM_FIRST_QUEUED, ProgressWrite, Store, TaskFilter
 from plexus_mcp_jupyter.evaluations.store import EvaluationStore, ItemFilter
 from plexus_mcp_jupyter.security.audit import AuditLog
 from plexus_mcp_jupyter.security.identity import LOCAL_ADMIN
@@ -128,6 +128,32 @@ def test_a_planned_claim_passes_over_a_task_being_claimed_and_never_claims_beyon
         TaskStatus.RUNNING,
         TaskStatus.QUEUED,
     ]
+
+
+def test_a_planned_claim_finds_its_tasks_by_id_whatever_the_statistics(store):
+    # PostgreSQL: a table never analysed (a new store's first minute; any store whose queue grew since autovacuum
+    # last looked) once made the planner read every QUEUED task through the partial queue index for the claim's
+    # few ids, and join the UPDATE to all of them. The claim's plan now reaches tasks only by the primary key (the
+    # pick) and the rows' addresses (the UPDATE of the rows picked).
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL's planner")
+    tasks = queued(2000)
+    store.create_tasks(tasks)
+    order = [t.id for t in tasks[500:537]]
+    sql = str(_CLAIM_FIRST_QUEUED.compile(dialect=store.engine.dialect))
+    params = {"order": order, "n": 4, "status": "RUNNING", "b_worker": "w", "b_started_at": 1.0, "b_lease": None}
+    with store.engine.connect() as conn:
+        plan = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + sql, params).scalar_one()
+    scans = []
+    nodes = [plan[0]["Plan"]]
+    while nodes:
+        node = nodes.pop()
+        nodes += node.get("Plans", [])
+        if node.get("Relation Name") == "tasks" and node["Node Type"] != "ModifyTable":
+            scans.append((node["Node Type"], node.get("Index Name")))
+    assert sorted(scans) == [("Index Scan", "tasks_pkey"), ("Tid Scan", None)]  # the pick's probes, the UPDATE's
+    ids, won, gone = store.claim_planned(lambda gone: order[:4], worker="w", started_at=time.time(), order=order)
+    assert ids == order[:4] and won == set(order[:4]) and gone == set()
 
 
 def test_progress_writes_upsert_stages_and_a_final_write_never_overwrites_a_final_task(store):

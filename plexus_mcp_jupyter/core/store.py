@@ -14,6 +14,7 @@ import json
 import logging
 import operator
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -215,34 +216,55 @@ _CLAIM_SKIP_LOCKED = (
 )
 
 
-# PostgreSQL, Store.claim_planned: the planned tasks still QUEUED, locked (a row being claimed by another server's
-# transaction is skipped, never waited for); then one UPDATE claims those locked (the status holds under the lock).
+# PostgreSQL, Store.claim_planned: planned tasks found by their ids, still QUEUED. Not the partial queue index's
+# literal (`_IS_QUEUED`): beside an id, the planner could then scan that index for the status and filter the ids,
+# which it did whenever its statistics were stale (a store that grew or drained since autovacuum last analysed it,
+# as any new one in its first minute): every QUEUED task read per claim, and the claim's UPDATE joined to all of
+# them (0.6-0.8 ms of PostgreSQL's CPU a claim with 1,000-2,000 queued, a third of its CPU per trivial task in
+# bench_multi_server). `coalesce` matches no index: the ids find the rows, by the primary key (or a scan of a
+# small table), whatever the statistics say.
+_STILL_QUEUED = sa.func.coalesce(tasks_table.c.status, sa.literal_column("''")) == sa.literal_column("'QUEUED'")
+# The planned tasks still QUEUED, locked (a row being claimed by another server's transaction is skipped, never
+# waited for); then one UPDATE claims those locked (the status holds under the lock).
 _LOCK_QUEUED = (
     sa.select(tasks_table.c.id)
-    .where(tasks_table.c.id.in_(sa.bindparam("ids", expanding=True)), _IS_QUEUED)
+    .where(tasks_table.c.id.in_(sa.bindparam("ids", expanding=True)), _STILL_QUEUED)
     .with_for_update(skip_locked=True)
 )
 _CLAIM_LOCKED = (
     sa.update(tasks_table)
-    .where(tasks_table.c.id.in_(sa.bindparam("ids", expanding=True)), _IS_QUEUED)
+    .where(tasks_table.c.id.in_(sa.bindparam("ids", expanding=True)), _STILL_QUEUED)
     .values(**_CLAIMED)
     .returning(tasks_table.c.id)
 )
-# The first `n` of the plan's order (`order`) still QUEUED and not locked by another transaction, locked, in order.
-_LOCK_FIRST_QUEUED = (
-    sa.select(tasks_table.c.id)
-    .where(tasks_table.c.id == sa.any_(sa.bindparam("order", type_=postgresql.ARRAY(sa.String))), _IS_QUEUED)
-    .order_by(sa.func.array_position(sa.bindparam("order", type_=postgresql.ARRAY(sa.String)), tasks_table.c.id))
-    .limit(sa.bindparam("n"))
-    .with_for_update(skip_locked=True)
+# The first round in one statement (the job-queue idiom): claim the first `n` of the plan's order (`order`) still
+# QUEUED and not being claimed by another server. The order's ids are probed one by one, in order (`unnest`, and a
+# LATERAL subquery that locks its one row by the primary key: a nested loop keeps the outer order, and the LIMIT
+# stops it after the `n`th row locked, so no other row is locked). The pick is a MATERIALIZED CTE: as a subquery of
+# the UPDATE, PostgreSQL may evaluate it again for each row, and each evaluation would then pick the next `n`
+# (those claimed no longer QUEUED). The UPDATE finds the rows picked by their address (`ctid`, a TID scan: joined
+# by id, stale statistics made it a hash join over the whole table), and their id: locked QUEUED rows, no status
+# check (which would offer the planner the queue index again). A row's address stays its own while it is locked.
+_ORDER = (
+    sa.func.unnest(sa.bindparam("order", type_=postgresql.ARRAY(sa.String))).table_valued("id").render_derived(name="o")
 )
-# The first round in one statement (the job-queue idiom): claim the first `n` of the plan's order still QUEUED and
-# not being claimed by another server. The pick is a MATERIALIZED CTE: as a subquery of the UPDATE, PostgreSQL may
-# evaluate it again for each row, and each evaluation would then pick the next `n` (those claimed no longer QUEUED).
-_PICKED = _LOCK_FIRST_QUEUED.cte("picked").prefix_with("MATERIALIZED")
+_PROBE = (
+    sa.select(tasks_table.c.id, sa.literal_column("tasks.ctid").label("tid"))
+    .where(tasks_table.c.id == _ORDER.c.id, _STILL_QUEUED)
+    .with_for_update(skip_locked=True)
+    .lateral("probe")
+)
+_PICKED = (
+    sa.select(_PROBE.c.id, _PROBE.c.tid)
+    .select_from(_ORDER)
+    .join(_PROBE, sa.true())
+    .limit(sa.bindparam("n"))
+    .cte("picked")
+    .prefix_with("MATERIALIZED")
+)
 _CLAIM_FIRST_QUEUED = (
     sa.update(tasks_table)
-    .where(tasks_table.c.id == _PICKED.c.id, _IS_QUEUED)
+    .where(sa.literal_column("tasks.ctid") == _PICKED.c.tid, tasks_table.c.id == _PICKED.c.id)
     .values(**_CLAIMED)
     .returning(tasks_table.c.id)
 )
@@ -540,12 +562,12 @@ class Store:
             self._insert_tasks(conn, tasks, also)
 
     def create_tasks(self, tasks: Sequence[Task], *, also: Callable[[Connection], None] | None = None) -> None:
-        """Insert new tasks (without stages) in one transaction, through the driver's executemany: a
-        batch is all there or not at all, and a thousand rows cost one commit. `also` writes in the same
-        transaction what must exist with them (the records of internal types: an evaluation's)."""
+        """Insert new tasks (without stages) in one transaction, on the driver (`_many`: its executemany, without
+        SQLAlchemy's work per row): a batch is all there or not at all, and a thousand rows cost one commit. `also`
+        writes in the same transaction what must exist with them (the records of internal types: an evaluation's)."""
         if tasks:
             with self.engine.begin() as conn:
-                conn.execute(sa.insert(tasks_table), [_task_row(task) for task in tasks])
+                self._many(conn, _INSERT_TASK, [_task_row(task) for task in tasks])
                 if also is not None:
                     also(conn)
 
@@ -760,7 +782,7 @@ class Store:
 
         `order`: the plan's start order (the queue's head the plan read, as it would start them). On PostgreSQL the
         first round then CLAIMS, in one statement, the first as many of them as the plan starts that are still
-        QUEUED and not being claimed (`_CLAIM_FIRST_QUEUED`: `ORDER BY` their place, `LIMIT`, `SKIP LOCKED`, the
+        QUEUED and not being claimed (`_CLAIM_FIRST_QUEUED`: probed in their order, `LIMIT`, `SKIP LOCKED`, the
         job-queue idiom), and every task of the order before the last one claimed is known gone: servers planning
         from one head take its successive free tasks in one statement each. If the plan made without those gone
         would not start all it claimed (an owner cap, a resource), that transaction is undone and the rounds above
@@ -1249,7 +1271,10 @@ class Store:
         """Insert or update stage rows (keyed by task and order): one statement where the database has upserts."""
         dialect = self.engine.dialect.name
         if dialect in ("sqlite", "postgresql"):
-            self._many(conn, _upsert_stages_statement(dialect), rows)
+            # A stage twice in one write: its last row (each upsert replaces all the row's values), as one VALUES
+            # list may not upsert a row twice.
+            latest = {(row["task_id"], row["stage_order"]): row for row in rows}
+            self._many(conn, _upsert_stages_statement(dialect), list(latest.values()))
             return
         st = stages_table
         for row in rows:
@@ -1347,6 +1372,13 @@ def _requeue(conn: Connection, task_id: str, *, holder: str | None) -> bool:
 # for a few rows (a transaction updating 1 or 2 rows of a small table: client CPU 34-44 / 47-58 us against 59-81 /
 # 70-82, PostgreSQL's backend 40 / 40 against 50 / 60; at 4 rows it is a toss-up, at 8 executemany wins).
 FEW_ROWS = 2
+# psycopg: an INSERT of a few rows is one statement with a VALUES list (one execution in PostgreSQL instead of one per
+# row: executemany's pipeline saves the round trips, not those), when the statement stays one psycopg parses once
+# and keeps (at most this many parameters, and 4,096 characters): a longer one is parsed again at every execution
+# (a batch of 100 tasks' rows in one VALUES list cost 8 ms of client CPU a statement, executemany 3).
+VALUES_PARAMS_MAX = 50
+VALUES_SQL_MAX = 4096
+_PYFORMAT_PARAM = re.compile(r"%\((\w+)\)s")
 
 
 class _OnDriver:
@@ -1377,6 +1409,11 @@ class _OnDriver:
             else compiled._bind_processors.get  # the dialect's own (psycopg's JSON), as conn.execute uses
         )
         self._convert = [(i, convert) for i, key in enumerate(keys) if (convert := processor(key)) is not None]
+        # psycopg: an INSERT takes several rows in one VALUES list (`_values_sql`), without the RETURNING SQLAlchemy
+        # adds for a serial id (a run of many rows returns none).
+        self._insert = self.sql.split(" RETURNING ")[0] if self.sql.startswith("INSERT") else ""
+        self._values_list = None if self.positional or not self._insert else _values_group(self._insert)
+        self._values_sqls: dict[int, str] = {}
 
     def _params(self, row: Mapping[str, Any]) -> Any:
         """A row's parameters as the driver takes them: in the statement's order (SQLite) or by name (psycopg)."""
@@ -1395,6 +1432,12 @@ class _OnDriver:
         params: Any = [self._params(row) for row in rows] if many else self._params(rows[0])
         cursor = conn.connection.cursor()
         try:
+            values_sql = self._values_sql(len(params)) if many and len(params) > 1 else None
+            if values_sql is not None:
+                cursor.execute(
+                    values_sql, {f"{key}__{i}": value for i, row in enumerate(params) for key, value in row.items()}
+                )
+                return int(cursor.rowcount), []
             if many and (self.positional or len(params) > FEW_ROWS):
                 cursor.executemany(self.sql, params)
                 return int(cursor.rowcount), []
@@ -1416,6 +1459,34 @@ class _OnDriver:
             ) from exc
         finally:
             cursor.close()
+
+    def _values_sql(self, n: int) -> str | None:
+        """The INSERT with `n` rows in its VALUES list, each row's parameters suffixed with its place (`__i`); None
+        when it is no INSERT psycopg takes so (SQLite's, or beyond VALUES_PARAMS_MAX or VALUES_SQL_MAX)."""
+        if self._values_list is None or n * len(self._keys) > VALUES_PARAMS_MAX:
+            return None
+        sql = self._values_sqls.get(n)
+        if sql is None:
+            start, end = self._values_list
+            group = self._insert[start:end]
+            rows = ", ".join(_PYFORMAT_PARAM.sub(rf"%(\1__{i})s", group) for i in range(n))
+            sql = self._insert[:start] + rows + self._insert[end:]
+            sql = self._values_sqls[n] = sql if len(sql) <= VALUES_SQL_MAX else ""
+        return sql or None
+
+
+def _values_group(sql: str) -> tuple[int, int] | None:
+    """Where an INSERT's one VALUES row, `(...)`, begins and ends in its SQL (None if it has no such row)."""
+    start = sql.find(" VALUES (")
+    if start < 0:
+        return None
+    start += len(" VALUES ")
+    depth = 0
+    for end in range(start, len(sql)):
+        depth += {"(": 1, ")": -1}.get(sql[end], 0)
+        if depth == 0:
+            return start, end + 1
+    return None
 
 
 @functools.lru_cache(maxsize=2)
