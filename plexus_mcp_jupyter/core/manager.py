@@ -790,7 +790,8 @@ class TaskManager:
             self.store.create_task(task, also=also)
             return self._started_at_once(task, created)
         self.store.create_task(task, also=also)
-        return self._queued(task)
+        self.announce([task])
+        return task
 
     async def adispatch(self, type_name: str, params: Mapping[str, Any] | None = None, **options: Any) -> Task:
         """`dispatch` (same arguments) for the faces: it returns once the row exists (a `get_task` right after
@@ -856,9 +857,7 @@ class TaskManager:
 
     def _insert_creates(self, entries: list[Create]) -> None:
         """The tasks of `entries` in one transaction: their rows, then each create's `also`."""
-        tasks = [task for entry in entries for task in entry.tasks]
-        also = [write for entry in entries for write in [*[None] * (len(entry.tasks) - 1), entry.also]]
-        self.store.create_group(tasks, also)
+        self.store.create_group([task for entry in entries for task in entry.tasks], [entry.also for entry in entries])
 
     def _created(self, entry: Create, outcome: BaseException | None) -> Task:
         """On the loop, once a create's group is written: its task announced (and started, if it was to start at
@@ -879,12 +878,6 @@ class TaskManager:
     def _also(task: Task, record: Callable[[Task, Any], None] | None) -> Callable[[Any], None] | None:
         """What `create_task` writes in the task's own transaction: `record(task, connection)`, if any."""
         return (lambda conn: record(task, conn)) if record is not None else None
-
-    def _queued(self, task: Task) -> Task:
-        """Announce a task just stored QUEUED, and let the scheduler look at the queue."""
-        self.bus.publish("task.created", "task", task.id, task.summary())
-        self.queue_changed()
-        return task
 
     def _starts_at_once(self, task: Task) -> bool:
         """True when a scheduling pass right now would start `task` and nothing else: nothing is queued (the

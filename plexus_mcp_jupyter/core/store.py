@@ -556,20 +556,19 @@ class Store:
                 write(conn)
 
     def create_group(self, tasks: Sequence[Task], also: Sequence[Callable[[Connection], None] | None]) -> None:
-        """The tasks of concurrent single dispatches (core/creates.py) in one transaction: `create_task` for each,
-        their rows in one driver executemany, each one's `also` after them."""
+        """The tasks of concurrent dispatches (core/creates.py: single ones and batches) in one transaction, their
+        rows in one driver executemany, then each write of `also` (the creates' records: one per create)."""
         with self.engine.begin() as conn:
             self._insert_tasks(conn, tasks, also)
 
     def create_tasks(self, tasks: Sequence[Task], *, also: Callable[[Connection], None] | None = None) -> None:
-        """Insert new tasks (without stages) in one transaction, on the driver (`_many`: its executemany, without
-        SQLAlchemy's work per row): a batch is all there or not at all, and a thousand rows cost one commit. `also`
-        writes in the same transaction what must exist with them (the records of internal types: an evaluation's)."""
+        """Insert new tasks (and any stages they hold) in one transaction, on the driver (`_insert_tasks`: its
+        executemany, without SQLAlchemy's work per row): a batch is all there or not at all, and a thousand rows
+        cost one commit. `also` writes in the same transaction what must exist with them (the records of internal
+        types: an evaluation's)."""
         if tasks:
             with self.engine.begin() as conn:
-                self._many(conn, _INSERT_TASK, [_task_row(task) for task in tasks])
-                if also is not None:
-                    also(conn)
+                self._insert_tasks(conn, tasks, [also])
 
     def tasks_by_ids(self, ids: Sequence[str], *, stages: bool = False) -> list[Task]:
         """The tasks with these ids that exist (with their stages if `stages`), in no particular order."""
