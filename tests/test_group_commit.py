@@ -11,8 +11,9 @@ import threading
 import pytest
 import sqlalchemy as sa
 
-from plexus_mcp_jupyter.core import InvalidArgument, TaskManager, TaskStatus
+from plexus_mcp_jupyter.core import EventBus, InvalidArgument, Store, TaskManager, TaskStatus
 from plexus_mcp_jupyter.core.creates import MAX_ON_LOOP
+from plexus_mcp_jupyter.core.executors import LocalExecutor
 from plexus_mcp_jupyter.core.store import tasks_table
 
 from .test_core import running_manager
@@ -146,3 +147,67 @@ async def test_a_batch_joins_the_group_counted_whole_and_on_sqlite_a_big_one_is_
         await manager.adispatch("demo", QUICK, owner="alice")
         sqlite = manager.store.engine.dialect.name == "sqlite"
         assert written == [(MAX_ON_LOOP + 4, False), (1, sqlite)]
+
+
+def insert_held(manager: TaskManager, monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Hold the next group's store work after its key-cap counts, before its insert: `paused` is set once it
+    waits there, and it goes on once `go` is set. The single dispatch raced against it sets `go` once it has
+    built its task (`new_task`): before any count of its own, if its count and insert are in line with the group."""
+    paused, go = threading.Event(), threading.Event()
+    create_group, new_task = manager.store.create_group, manager.new_task
+
+    def held(tasks, also) -> None:
+        if not paused.is_set():
+            paused.set()
+            go.wait(30)
+        create_group(tasks, also)
+
+    def releasing(*args, **kwargs):
+        task = new_task(*args, **kwargs)
+        go.set()
+        return task
+
+    monkeypatch.setattr(manager.store, "create_group", held)
+    monkeypatch.setattr(manager, "new_task", releasing)
+    return paused, go
+
+
+async def cap_raced(manager: TaskManager, monkeypatch: pytest.MonkeyPatch, dispatch) -> None:
+    """A batch filling key:a's cap is written off the loop (a thread on SQLite: more than MAX_ON_LOOP tasks; the
+    writer thread on PostgreSQL) and held between its count and its insert while `dispatch` (one more task of
+    key:a) runs: it is refused in the cap's words, and the key holds its cap, never one more."""
+    cap = manager.max_unfinished_per_key
+    batch = [manager.new_task("demo", QUICK, owner="key:a") for _ in range(cap)]
+    paused, go = insert_held(manager, monkeypatch)
+    try:
+        writing = asyncio.ensure_future(manager.acreate_batch(batch))
+        assert await asyncio.to_thread(paused.wait, 30), "the batch's group never reached its insert"
+        with pytest.raises(InvalidArgument, match=f"this API key has {cap} unfinished tasks, more than the {cap} "):
+            await dispatch()
+        await writing
+    finally:
+        go.set()
+    assert sorted(owner for _, owner in stored(manager).values()) == ["key:a"] * cap
+
+
+async def test_a_dispatch_before_the_manager_starts_is_counted_in_line_with_a_group(store_url, monkeypatch):
+    # Jupyter Server listens before it starts its extensions: a REST or MCP call may reach the manager before
+    # `start`, beside a batch that is being written off the loop. Its count must not slip between the batch's.
+    store = Store(store_url)
+    manager = TaskManager(store, EventBus(), LocalExecutor(), max_concurrency=0, max_unfinished_per_key=MAX_ON_LOOP + 1)
+    try:
+        await cap_raced(manager, monkeypatch, lambda: manager.adispatch("demo", QUICK, owner="key:a"))
+        await manager.start()  # and it starts as usual afterwards
+    finally:
+        await manager.stop()
+        store.close()
+
+
+async def test_an_in_process_dispatch_is_counted_in_line_with_a_group_written_off_the_loop(store_url, monkeypatch):
+    # TaskManager.dispatch (synchronous, on the loop: in-process callers) while a group is written on a thread.
+    async with running_manager(store_url, max_concurrency=0, max_unfinished_per_key=MAX_ON_LOOP + 1) as manager:
+
+        async def dispatch():
+            return manager.dispatch("demo", QUICK, owner="key:a")
+
+        await cap_raced(manager, monkeypatch, dispatch)

@@ -34,12 +34,21 @@ class Create:
     tasks: list[Task]
     also: Callable[[Any], None] | None  # writes what must exist with the tasks (their records), in their transaction
     created: Task | None  # one task as created (QUEUED), when it is stored claimed to start at once; else None
-    done: asyncio.Future[Task]
+    done: asyncio.Future[Task] | None  # its caller's answer; None for TaskManager.dispatch's (answered in its call)
 
     @property
     def task(self) -> Task:
         """The task of a single dispatch; a batch's first."""
         return self.tasks[0]
+
+    def answer(self, outcome: Task | BaseException) -> None:
+        """Hand the caller its task or its refusal, unless it went away (its future cancelled)."""
+        if self.done is None or self.done.cancelled():
+            return
+        if isinstance(outcome, BaseException):
+            self.done.set_exception(outcome)
+        else:
+            self.done.set_result(outcome)
 
 
 Outcomes = list[BaseException | None]
@@ -78,14 +87,14 @@ class CreateGroups:
         """Store `tasks` (one, or a batch's) with the next group; returns what `landed` made of them once their
         rows exist, or raises their own refusal or store error."""
         loop = asyncio.get_running_loop()
-        entry = Create(tasks, also, created, loop.create_future())
+        entry = Create(tasks, also, created, done := loop.create_future())
         self.waiting.append(entry)
         if not (self.scheduled or self.writing):  # a group being written takes the next one when it lands
             self.scheduled = True
             loop.call_soon(self._write)
         # A caller that goes away (its future cancelled) does not take its create out of its group: the group's
         # landing stores, announces and starts its task all the same.
-        return await entry.done
+        return await done
 
     def _write(self) -> None:
         if self.writer is None and len(self.waiting) > self.seen and self.hops < MAX_HOPS:
@@ -135,10 +144,6 @@ class CreateGroups:
     def _land(self, group: list[Create], outcomes: Outcomes) -> None:
         for entry, outcome in zip(group, outcomes, strict=True):
             try:
-                task = self.landed(entry, outcome)
+                entry.answer(self.landed(entry, outcome))
             except Exception as exc:  # its refusal, or what failed after it was stored
-                if not entry.done.cancelled():
-                    entry.done.set_exception(exc)
-                continue
-            if not entry.done.cancelled():
-                entry.done.set_result(task)
+                entry.answer(exc)

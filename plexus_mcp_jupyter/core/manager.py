@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import logging
 import os
+import threading
 import time
 import uuid
 from collections import Counter, OrderedDict, deque
@@ -237,6 +238,7 @@ class TaskManager:
         self._starting: dict[str, Task] = {}  # started at once by adispatch, their insert under way
         # adispatch's creates, stored a group at a time (core/creates.py)
         self._creates = CreateGroups(self._store_creates, self._created, self._write if self.offload else None)
+        self._counting = threading.Lock()  # one create's store work at a time: a group's, or dispatch's
         self._flushing = False  # a batched write is being committed on the writer thread
         self._flush_held = False  # a write that ends tasks waits for the pass under way, to carry the next one
         self._requeueing: set[str] = set()  # ended tasks whose re-queue is under way on the writer thread
@@ -772,8 +774,11 @@ class TaskManager:
         refused. None is the server's own work, with the full range. `record(task, connection)` writes what
         must exist before the task can start (an evaluation's record) in the transaction that stores it.
         `checked`: `params` are the type's validator's output already (run_demo_task parsed them).
+
+        For in-process callers, on the loop or before it runs (the faces call `adispatch`). Its key-cap count and
+        insert are the group commit's own (`_store_creates`), in line with a group written off the loop: this
+        call waits for it.
         """
-        self.check_key_cap(owner, 1)
         task = self.new_task(
             type_name,
             params,
@@ -784,14 +789,10 @@ class TaskManager:
             role=role,
             checked=checked,
         )
-        also = self._also(task, record)
-        if self._starts_at_once(task):
-            created = self._claim_at_once(task)
-            self.store.create_task(task, also=also)
-            return self._started_at_once(task, created)
-        self.store.create_task(task, also=also)
-        self.announce([task])
-        return task
+        created = self._claim_at_once(task) if self._starts_at_once(task) else None
+        entry = Create([task], self._also(task, record), created, None)
+        (outcome,) = self._store_creates([entry])
+        return self._created(entry, outcome)
 
     async def adispatch(self, type_name: str, params: Mapping[str, Any] | None = None, **options: Any) -> Task:
         """`dispatch` (same arguments) for the faces: it returns once the row exists (a `get_task` right after
@@ -800,9 +801,8 @@ class TaskManager:
         with its own task or refusal. On a networked store the group's key-cap counts and its insert, with each
         `record` written in its transaction, run on the writer thread (after the writes asked before it). A task
         started at once holds its slot meanwhile (`_starting`), so no other start takes it, and starts only once
-        its row and record exist."""
-        if self._loop is None:  # not started: no loop to gather on
-            return self.dispatch(type_name, params, **options)
+        its row and record exist. Before `start` too (Jupyter Server listens before it starts its extensions):
+        a call then waits in line with the group written meanwhile, as any other."""
         record = options.pop("record", None)
         task = self.new_task(type_name, params, **options)
         created = None
@@ -828,7 +828,12 @@ class TaskManager:
         """A group of creates' store work (CreateGroups; the loop on SQLite, the writer thread on a networked
         store): each one's outcome, None when its tasks are stored. The key caps first, in the group's order (one
         count per key, a batch counted whole), then the accepted tasks in one transaction, or each create alone
-        if that fails (so a failure is only its own create's)."""
+        if that fails (so a failure is only its own create's). One call at a time (`_counting`): a group written
+        off the loop and `dispatch` on it never count between the other's count and insert."""
+        with self._counting:
+            return self._count_and_insert(group)
+
+    def _count_and_insert(self, group: list[Create]) -> list[BaseException | None]:
         outcomes: list[BaseException | None] = [None] * len(group)
         counts: dict[str | None, int] = {}  # each capped key's unfinished tasks, with the creates accepted so far
         for index, entry in enumerate(group):
@@ -864,7 +869,7 @@ class TaskManager:
         once), or its refusal raised."""
         task, created = entry.task, entry.created
         if created is not None:
-            del self._starting[task.id]
+            self._starting.pop(task.id, None)  # held by adispatch; `dispatch` stores at once
         if outcome is not None:
             if created is not None:  # its slot was held for nothing: a pass may fill it
                 self._schedule_soon(slot_freed=True)
@@ -917,14 +922,6 @@ class TaskManager:
 
     def _key_capped(self, owner: str | None) -> bool:
         return bool(self.max_unfinished_per_key and is_key_owner(owner))
-
-    def check_key_cap(self, owner: str | None, adding: int) -> None:
-        """InvalidArgument when an API key would have more than max_tasks_per_key unfinished tasks with
-        `adding` more (a batch counts whole: it is refused, never cut)."""
-        if self._key_capped(owner):
-            refused = self.key_cap_error(self.unfinished_of(owner), adding)
-            if refused is not None:
-                raise refused
 
     def unfinished_of(self, owner: str | None) -> int:
         """The owner's QUEUED and RUNNING tasks in the store."""
