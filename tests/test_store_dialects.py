@@ -140,10 +140,10 @@ def test_a_planned_claim_finds_its_tasks_by_id_whatever_the_statistics(store):
     tasks = queued(2000)
     store.create_tasks(tasks)
     order = [t.id for t in tasks[500:537]]
-    sql = str(_CLAIM_FIRST_QUEUED.compile(dialect=store.engine.dialect))
-    params = {"order": order, "n": 4, "status": "RUNNING", "b_worker": "w", "b_started_at": 1.0, "b_lease": None}
+    compiled = _CLAIM_FIRST_QUEUED.compile(dialect=store.engine.dialect)
+    params = {**compiled.params, "order": order, "n": 4, "b_worker": "w", "b_started_at": 1.0, "b_lease": None}
     with store.engine.connect() as conn:
-        plan = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + sql, params).scalar_one()
+        plan = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + str(compiled), params).scalar_one()
     scans = []
     nodes = [plan[0]["Plan"]]
     while nodes:

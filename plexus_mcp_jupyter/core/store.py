@@ -244,7 +244,10 @@ _CLAIM_LOCKED = (
 # the UPDATE, PostgreSQL may evaluate it again for each row, and each evaluation would then pick the next `n`
 # (those claimed no longer QUEUED). The UPDATE finds the rows picked by their address (`ctid`, a TID scan: joined
 # by id, stale statistics made it a hash join over the whole table), and their id: locked QUEUED rows, no status
-# check (which would offer the planner the queue index again). A row's address stays its own while it is locked.
+# check (which would offer the planner the queue index again). A row's address stays its own while it is locked,
+# but a row changed by a transaction that committed after this statement began (a re-prioritisation) is locked at
+# its new version, which the UPDATE's snapshot does not see: the statement returns every row picked, and whether
+# the UPDATE claimed it (`Store._claimed_first` claims the others by id; tests/test_claim_races.py).
 _ORDER = (
     sa.func.unnest(sa.bindparam("order", type_=postgresql.ARRAY(sa.String))).table_valued("id").render_derived(name="o")
 )
@@ -262,11 +265,15 @@ _PICKED = (
     .cte("picked")
     .prefix_with("MATERIALIZED")
 )
-_CLAIM_FIRST_QUEUED = (
+_CLAIMED_BY_ADDRESS = (
     sa.update(tasks_table)
     .where(sa.literal_column("tasks.ctid") == _PICKED.c.tid, tasks_table.c.id == _PICKED.c.id)
     .values(**_CLAIMED)
     .returning(tasks_table.c.id)
+    .cte("claimed")
+)
+_CLAIM_FIRST_QUEUED = sa.select(_PICKED.c.id, _CLAIMED_BY_ADDRESS.c.id.is_not(None)).select_from(
+    _PICKED.outerjoin(_CLAIMED_BY_ADDRESS, _CLAIMED_BY_ADDRESS.c.id == _PICKED.c.id)
 )
 
 
@@ -797,7 +804,7 @@ class Store:
             try:
                 with self.engine.begin() as conn:
                     got = self._rows(conn, _CLAIM_FIRST_QUEUED, {**values, "order": list(order), "n": len(first)})
-                    claimed = {task_id for (task_id,) in got}
+                    claimed = self._claimed_first(conn, got, values)
                     last = max((order.index(task_id) for task_id in claimed), default=len(order) - 1)
                     examined = order if len(claimed) < len(first) else order[: last + 1]
                     gone = {task_id for task_id in examined if task_id not in claimed}
@@ -809,6 +816,18 @@ class Store:
                 pass
         with self.engine.begin() as conn:
             return self._claim_rounds(conn, plan, first, set(), set(), values)
+
+    @staticmethod
+    def _claimed_first(conn: Connection, picked: list[tuple[Any, ...]], values: dict[str, Any]) -> set[str]:
+        """The tasks `_CLAIM_FIRST_QUEUED` claimed, from its rows (each task it locked, and whether its UPDATE by
+        address claimed it): those it locked at a version its snapshot does not see (changed, still QUEUED, by a
+        transaction that committed after it began) are claimed here by their id (rare; still QUEUED under the
+        lock), not left QUEUED and reported gone."""
+        claimed = {task_id for task_id, updated in picked if updated}
+        missed = [task_id for task_id, updated in picked if not updated]
+        if missed:
+            claimed |= set(conn.execute(_CLAIM_LOCKED, {**values, "ids": missed}).scalars())
+        return claimed
 
     def _claim_rounds(
         self,
