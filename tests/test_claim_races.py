@@ -24,7 +24,11 @@ from plexus_mcp_jupyter.core.models import Task, TaskStatus
 from plexus_mcp_jupyter.core.store import Store
 
 HOLD = 4242  # the advisory lock a held claim waits for
-CHANGES = {"priority": {"priority": 5}, "cancel": {"status": TaskStatus.CANCELLED, "completed_at": 1.0}}
+# What set_task_priority and cancel_tasks write to a queued task (core/batches.py, through Store.update_queued).
+CHANGES = {
+    "priority": {"priority": 5},
+    "cancel": {"status": TaskStatus.CANCELLED, "completed_at": 1.0, "cancel_requested": True},
+}
 
 
 @pytest.fixture
