@@ -60,8 +60,6 @@ _NULL_RECORD: dict[str, Any] = {column.name: None for column in evaluations_tabl
 # has run a few times (about 8), so the first calls of any path run slower; the rehearsal's path (the plan, the
 # inserts, the reads, the view) is the first create_evaluation's, off the loop. ~5 ms of CPU each.
 WARM_REPEATS = 8
-# A rehearsal after start waits while a create is running (each holds the GIL for ~5 ms of CPU), at most this long.
-WARM_YIELD_SECONDS = 1.0
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
@@ -111,7 +109,7 @@ class EvaluationService:
         self.warmed = threading.Event()  # set once warm_up has run (warm_up_soon)
         self._warm_lock = threading.Lock()
         self._warm_asked = False
-        self._creating = 0  # creates running now (on the loop): the rehearsals after start wait for them
+        self._created = False  # a create has begun: the rehearsals after start stop (warm_up_again)
         # Why evaluations cannot run now (Dask workers that do not see the items directory), or None: set by the
         # runtime (items_check.WorkerItemsCheck).
         self.items_problem: Callable[[], str | None] = lambda: None
@@ -159,24 +157,17 @@ class EvaluationService:
         """After start (the server answers meanwhile), in the pruning thread, after warm_up: its rehearsal
         WARM_REPEATS times more, so that the first create_evaluation runs code already specialized by the
         interpreter (the first call's server CPU was 1.32x the next ones', 0.98x after ten rehearsals: 5 fresh
-        servers each). Stops at the first failure, or when the service closes."""
+        servers each). Stops at the first failure, when the service closes, or once a create has begun: a rehearsal
+        beside a call competes with it for the GIL (~5 ms of CPU each; at ready the first call met one in 1 of 3
+        fresh servers, 9-12 ms of this thread's CPU within the call), and real calls warm the path from then on."""
         for _ in range(WARM_REPEATS):
-            if self._stopping.is_set():
+            if self._stopping.is_set() or self._created:
                 return
-            self._wait_for_creates()
             try:
                 self._rehearse()
             except Exception:
                 log.debug("Plexus: the evaluation warm-up failed", exc_info=True)
                 return
-
-    def _wait_for_creates(self) -> None:
-        """Until no create is running (at most WARM_YIELD_SECONDS): a rehearsal beside the first create_evaluation
-        after ready competed with it for the GIL (8 rehearsals take 60-150 ms after start; a call at ready met one
-        in 1 of 3 fresh servers)."""
-        deadline = time.monotonic() + WARM_YIELD_SECONDS
-        while self._creating and time.monotonic() < deadline and not self._stopping.is_set():
-            time.sleep(0.002)
 
     def _rehearse(self) -> None:
         """A create_evaluation's work, nothing stored (see warm_up)."""
@@ -263,12 +254,9 @@ class EvaluationService:
         """
         self.manager.check_priority(request.priority, role)
         self.check_runnable()
-        self._creating += 1
-        try:
-            plan = await self.catalog.run(self.plan, request, trusted=trusted)
-            return await self.dispatch(plan, priority=request.priority, owner=owner, role=role)
-        finally:
-            self._creating -= 1
+        self._created = True
+        plan = await self.catalog.run(self.plan, request, trusted=trusted)
+        return await self.dispatch(plan, priority=request.priority, owner=owner, role=role)
 
     def plan(self, request: CreateEvaluation, trusted: bool = True) -> EvaluationPlan:
         """Check a request without dispatching it: what depends on several fields (the model checked each on
