@@ -158,8 +158,8 @@ class EvaluationService:
         WARM_REPEATS times more, so that the first create_evaluation runs code already specialized by the
         interpreter (the first call's server CPU was 1.32x the next ones', 0.98x after ten rehearsals: 5 fresh
         servers each). Stops at the first failure, when the service closes, or once a create has begun: a rehearsal
-        beside a call competes with it for the GIL (~5 ms of CPU each; at ready the first call met one in 1 of 3
-        fresh servers, 9-12 ms of this thread's CPU within the call), and real calls warm the path from then on."""
+        beside a call competes with it for the GIL (~5 ms of CPU each; a first call at ready met them in 4 of 12
+        fresh servers, 5-12 ms of this thread's CPU within the call), and real calls warm the path from then on."""
         for _ in range(WARM_REPEATS):
             if self._stopping.is_set() or self._created:
                 return
