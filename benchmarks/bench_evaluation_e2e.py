@@ -133,13 +133,16 @@ async def warm_start(url: str) -> tuple[float, float, float, float, str]:
     return calls[0], statistics.median(calls[1:]), ends[0], statistics.median(ends[1:]), task_id
 
 
-async def lean_evaluations(url: str, n: int) -> tuple[list[float], list[float]]:
-    """`n` small evaluations, one after the other, in a new session of the lean client: each create_evaluation
-    call's seconds, and each evaluation's end to end (the call, then get_evaluation every 50 ms until it ends)."""
+async def lean_evaluations(url: str, n: int, gap: float = 0) -> tuple[list[float], list[float]]:
+    """`n` small evaluations, one after the other (each after `gap` seconds idle but the first), in a new session of
+    the lean client: each create_evaluation call's seconds, and each evaluation's end to end (the call, then
+    get_evaluation every 50 ms until it ends)."""
     arguments = {"type": "accuracy", "dataset": "warm.csv", "label_column": "label", "prediction_column": "prediction"}
     calls, ends = [], []
     async with LeanSession(url, TOKEN) as session:
-        for _ in range(n):
+        for i in range(n):
+            if i and gap:
+                await asyncio.sleep(gap)
             t0 = time.perf_counter()
             made = await session.call("create_evaluation", arguments)
             calls.append(time.perf_counter() - t0)
@@ -154,13 +157,16 @@ async def lean_evaluations(url: str, n: int) -> tuple[list[float], list[float]]:
     return calls, ends
 
 
-async def lean_warm_start(url: str, idle: float, again: float = 0) -> tuple[float, float, float, float, float | None]:
+async def lean_warm_start(
+    url: str, idle: float, again: float = 0, spaced: bool = False
+) -> tuple[float, float, float, float, float | None]:
     """warm_start's figures through the lean client (the SDK client validates each tool's first result against its
     output schema, a first-call cost of the client's own), `idle` seconds after the server became ready; with
-    `again`, last, the call of a new session `again` seconds after those (a server that served the same call
+    `spaced`, each later call `idle` seconds after the evaluation before it ended (the same idle as the first's);
+    with `again`, last, the call of a new session `again` seconds after those (a server that served the same call
     already, idle as long: what a first call pays that is not first use, e.g. caches gone cold while idle)."""
     await asyncio.sleep(idle)
-    calls, ends = await lean_evaluations(url, 4)
+    calls, ends = await lean_evaluations(url, 4, idle if spaced else 0)
     later_call = None
     if again:
         await asyncio.sleep(again)
@@ -168,11 +174,15 @@ async def lean_warm_start(url: str, idle: float, again: float = 0) -> tuple[floa
     return calls[0], statistics.median(calls[1:]), ends[0], statistics.median(ends[1:]), later_call
 
 
-async def fresh_starts(n: int, nice: int, pin: bool, idle: float, without: list[str], again: float = 0) -> None:
+async def fresh_starts(
+    n: int, nice: int, pin: bool, idle: float, without: list[str], again: float = 0, spaced: bool = False
+) -> None:
     """Item 5 of issue 15 over several fresh servers, through the lean client: each one's first create_evaluation
     call (and its 1,000-row evaluation end to end) against the median of its next three, `idle` seconds after
     the server answered health, and the median ratios over the starts. `without`: server extensions disabled
-    (e.g. jupyter_lsp, whose language-server discovery runs in a thread and an `npm prefix -g` at ready)."""
+    (e.g. jupyter_lsp, whose language-server discovery runs in a thread and an `npm prefix -g` at ready). `spaced`:
+    the later calls each after the same idle as the first (an idle spell alone makes a call slower: the machine's
+    caches go cold, the client's too), so that the ratio is first use only."""
     args = ["-m", "jupyter", "server"]
     if without:
         args.append("--ServerApp.jpserver_extensions=" + repr(dict.fromkeys(without, False)))
@@ -184,7 +194,7 @@ async def fresh_starts(n: int, nice: int, pin: bool, idle: float, without: list[
             env = {"PLEXUS_MCP_WORKER_NICE": str(nice)}
             load = os.getloadavg()[0]
             with jupyter_server(work, extra_env=env, pin=pin, python_args=args) as (url, _pid):
-                first, later, first_end, later_end, again_call = await lean_warm_start(url, idle, again)
+                first, later, first_end, later_end, again_call = await lean_warm_start(url, idle, again, spaced)
         calls.append(first / later)
         ends.append(first_end / later_end)
         again_text = ""
@@ -195,12 +205,14 @@ async def fresh_starts(n: int, nice: int, pin: bool, idle: float, without: list[
             )
         print(
             f"start {i + 1} (first call {idle:g} s after ready): first create_evaluation {first * 1000:.0f} ms, "
-            f"later p50 {later * 1000:.0f} ms ({first / later:.2f}x); end to end {first_end:.2f} s against "
+            f"later p50 {later * 1000:.0f} ms{f' (each {idle:g} s after the last)' if spaced else ''} "
+            f"({first / later:.2f}x); end to end {first_end:.2f} s against "
             f"{later_end:.2f} s ({first_end / later_end:.2f}x){again_text}; load {load:.2f}",
             flush=True,
         )
     print(
-        f"fresh starts: {n}{' without ' + ','.join(without) if without else ''}, first / later "
+        f"fresh starts: {n}{' without ' + ','.join(without) if without else ''}{' spaced' if spaced else ''}, "
+        "first / later "
         f"create_evaluation median {statistics.median(calls):.2f}x "
         f"(goal <= 1.3x), end to end median {statistics.median(ends):.2f}x"
         + (f", a new session's call {again:g} s later median {statistics.median(agains):.2f}x" if agains else "")
@@ -267,6 +279,12 @@ async def main() -> None:
         help="--starts: also, S seconds after the later calls, one call in a new session (the same idle, served)",
     )
     parser.add_argument(
+        "--spaced",
+        action="store_true",
+        help="--starts: each later call --idle seconds after the evaluation before it (like the first: idle alone "
+        "makes a call slower), so the ratio is first use only",
+    )
+    parser.add_argument(
         "--without",
         default="",
         help="--starts: comma-separated server extensions to disable (jupyter_lsp: its start-up work runs at ready)",
@@ -286,7 +304,7 @@ async def main() -> None:
     )
     if args.starts:
         without = [e for e in args.without.split(",") if e]
-        await fresh_starts(args.starts, args.nice, args.pin, args.idle, without, args.again)
+        await fresh_starts(args.starts, args.nice, args.pin, args.idle, without, args.again, args.spaced)
     if not sizes:
         print(f"load average {os.getloadavg()[0]:.2f} at end")
         return

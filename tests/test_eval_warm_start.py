@@ -13,6 +13,7 @@ import asyncio
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,6 +26,7 @@ import pytest
 from plexus_mcp_jupyter.core import EventBus, Store, TaskManager, TaskStatus
 from plexus_mcp_jupyter.core import store as store_module
 from plexus_mcp_jupyter.core.executors import LocalExecutor
+from plexus_mcp_jupyter.evaluations import service as service_module
 
 from .conftest import poll
 from .test_evaluations import create, finished
@@ -191,6 +193,45 @@ async def test_the_warm_up_after_start_rehearses_the_first_evaluation_and_stores
         # events to the outbox on its own clock, meanwhile or not.)
         new = {c.string for c in engine._compiled_cache.values()} - warmed
         assert not {sql for sql in new if "plexus_event_outbox" not in sql}, new
+        assert (await finished(client, made["evaluation_id"]))["status"] == "COMPLETED"
+
+
+async def test_the_rehearsals_after_start_stop_once_a_create_has_begun(runtime, mcp_client, jp_root_dir, monkeypatch):
+    """warm_up_again's rehearsals (~5 ms of the GIL each) stop at the first create_evaluation: they would compete
+    with it and the calls after it, which warm the path themselves. Before any create they all run."""
+    service = runtime.evaluations
+    await poll(service.warmed.is_set, bool)
+    await asyncio.wrap_future(service._pruner.submit(lambda: None))  # the rehearsals after start are done
+    rehearsals: list[float] = []
+    rehearse, plan = service._rehearse, service.plan
+    planning, go = threading.Event(), threading.Event()
+
+    def counted_rehearse() -> None:
+        rehearsals.append(time.monotonic())
+        rehearse()
+
+    def held_plan(*args: Any, **kwargs: Any) -> Any:  # the create stays running until `go`
+        planning.set()
+        assert go.wait(30)
+        return plan(*args, **kwargs)
+
+    monkeypatch.setattr(service, "_rehearse", counted_rehearse)
+    await asyncio.wrap_future(service._pruner.submit(service.warm_up_again))
+    assert len(rehearsals) == service_module.WARM_REPEATS  # no create yet: every rehearsal ran
+    rehearsals.clear()
+    monkeypatch.setattr(service, "plan", held_plan)
+    pd.DataFrame({"label": ["yes", "no"] * 5, "prediction": ["yes"] * 10}).to_csv(jp_root_dir / "r.csv", index=False)
+    async with mcp_client() as client:
+        call = asyncio.ensure_future(
+            create(client, type="accuracy", dataset="r.csv", label_column="label", prediction_column="prediction")
+        )
+        await poll(planning.is_set, bool)
+        await asyncio.wrap_future(service._pruner.submit(service.warm_up_again))
+        assert not rehearsals, "a rehearsal ran beside a create"
+        go.set()
+        made = await call
+        await asyncio.wrap_future(service._pruner.submit(service.warm_up_again))
+        assert not rehearsals, "the rehearsals went on after a create"
         assert (await finished(client, made["evaluation_id"]))["status"] == "COMPLETED"
 
 

@@ -109,6 +109,7 @@ class EvaluationService:
         self.warmed = threading.Event()  # set once warm_up has run (warm_up_soon)
         self._warm_lock = threading.Lock()
         self._warm_asked = False
+        self._created = False  # a create has begun: the rehearsals after start stop (warm_up_again)
         # Why evaluations cannot run now (Dask workers that do not see the items directory), or None: set by the
         # runtime (items_check.WorkerItemsCheck).
         self.items_problem: Callable[[], str | None] = lambda: None
@@ -156,9 +157,11 @@ class EvaluationService:
         """After start (the server answers meanwhile), in the pruning thread, after warm_up: its rehearsal
         WARM_REPEATS times more, so that the first create_evaluation runs code already specialized by the
         interpreter (the first call's server CPU was 1.32x the next ones', 0.98x after ten rehearsals: 5 fresh
-        servers each). Stops at the first failure, or when the service closes."""
+        servers each). Stops at the first failure, when the service closes, or once a create has begun: a rehearsal
+        beside a call competes with it for the GIL (~5 ms of CPU each; a first call at ready met them in 4 of 12
+        fresh servers, 5-12 ms of this thread's CPU within the call), and real calls warm the path from then on."""
         for _ in range(WARM_REPEATS):
-            if self._stopping.is_set():
+            if self._stopping.is_set() or self._created:
                 return
             try:
                 self._rehearse()
@@ -251,6 +254,7 @@ class EvaluationService:
         """
         self.manager.check_priority(request.priority, role)
         self.check_runnable()
+        self._created = True
         plan = await self.catalog.run(self.plan, request, trusted=trusted)
         return await self.dispatch(plan, priority=request.priority, owner=owner, role=role)
 
