@@ -25,8 +25,10 @@ or notebook mirrors. The relay closes that gap with the store itself, nothing el
   told their kinds and statuses (a task another server queued is planned here at once). On PostgreSQL the NOTIFY
   says all of that (its payload: the sender, how many events, their distinct (kind, status)), so nothing is read:
   the rows are skipped by moving the cursor to the horizon (`pg_snapshot_xmin`) of a statement the relay makes
-  anyway (its send, else a horizon query), taken only when nothing needed the events after that statement ended:
-  every row below it was committed before any subscriber here came, and every row above it is read once one has.
+  anyway (its send, else a horizon query every few intervals), taken only when nothing needed the events after
+  that statement ended: every row below it was committed before any subscriber here came, and every row above it
+  is read once one has, but those of the sends whose NOTIFY was taken (their transaction ids are kept until the
+  cursor passes them).
   A NOTIFY that arrives while something needs them wakes a read, as before. Polling (SQLite), a read takes only
   the rows' heads (each event's kind, entity and status), not their data (the entities' whole state, most of a
   read's cost). Whether anything needs them is asked after the read (or the horizon's statement), so an event
@@ -65,6 +67,7 @@ CHANNEL = "plexus_events"  # the PostgreSQL NOTIFY channel
 READ_BATCH = 100  # most outbox rows (sends) one read takes (it reads again at once when it got that many)
 PACK_MAX = 1000  # most events one outbox row carries (a larger send writes several rows in its one statement)
 FALLBACK_POLLS = 20  # with LISTEN/NOTIFY, read anyway every this many intervals (a notification lost)
+HORIZON_EVERY = 5  # NOTIFYs taken without their rows: the horizon is asked after this many intervals without a send
 PRUNE_EVERY = 10.0  # seconds between two prunings of the outbox
 SEEN_MAX = 20_000  # entities whose latest state this bus published, remembered to drop stale remote events
 NOTICE_MAX = 4000  # longest NOTIFY payload (PostgreSQL's limit is 8000 bytes); a longer one names no kinds: read
@@ -476,7 +479,7 @@ class EventRelay:
     # -- the threads ---------------------------------------------------------------------------
 
     def _run(self) -> None:
-        polls = 0
+        polls = unmoved = 0
         next_prune = time.monotonic() + PRUNE_EVERY
         failing = False
         while True:
@@ -492,9 +495,12 @@ class EventRelay:
                     polls = 0
                     if not stopping:
                         self._receive()
-                elif self._skipped or horizon is not None:  # NOTIFYs heard: their rows are skipped, not read
-                    self._skipped = False
+                elif horizon is not None or (self._skipped and unmoved >= HORIZON_EVERY):
+                    # NOTIFYs heard: their rows are skipped, not read (meanwhile a read skips their sends by txid)
+                    self._skipped, unmoved = False, 0
                     self._skip_to(self._horizon() if horizon is None else horizon)
+                elif self._skipped:
+                    unmoved += 1
                 if time.monotonic() >= next_prune and not stopping:
                     next_prune = time.monotonic() + PRUNE_EVERY
                     self._prune()
