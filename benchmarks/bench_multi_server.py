@@ -18,7 +18,10 @@ machine with few cores, whether two servers can be faster depends on the CPU a t
 what PostgreSQL wrote per task: the event outbox's rows (its id sequence) and the WAL bytes.
 
     python benchmarks/bench_multi_server.py [--tasks 1000] [--task-ms 200] [--concurrency 4]
-        [--workloads slot,trivial]
+        [--workloads slot,trivial] [--rounds 1]
+
+With --rounds N, each workload's three configurations run N times, two servers with and without the relay in
+turn first (the later of two runs in a minute may find the machine warmer or busier), and the medians follow.
 
 Goal (issue 13): two servers dispatch >= 1.6x the tasks/s of one.
 """
@@ -29,6 +32,7 @@ import argparse
 import contextlib
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -160,6 +164,18 @@ def run(
     return Round(tasks / elapsed, sum(n - 1 for n in counts.values()), spent, outbox_rows, wal)
 
 
+def report(label: str, one: Round, two: Round, quiet: Round, relay_cost: float) -> None:
+    print(
+        f"{label}: one server {one.tasks_per_s:.1f} tasks/s, two servers {two.tasks_per_s:.1f} tasks/s, "
+        f"ratio {two.tasks_per_s / one.tasks_per_s:.2f}x (goal >= 1.6x); two servers without the event "
+        f"relay {quiet.tasks_per_s:.1f} tasks/s (the relay costs {relay_cost:.0f}%); "
+        f"runs beyond one per task: {one.duplicates + two.duplicates + quiet.duplicates}\n"
+        f"  one server {one.cpu_line()}\n  two servers {two.cpu_line()}\n"
+        f"  two without the relay {quiet.cpu_line()}\n  load average {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=1000)
@@ -168,24 +184,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workloads", default="slot,trivial", help="comma-separated: slot (tasks of --task-ms), trivial (0 ms)"
     )
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of the three configurations (medians after)")
     args = parser.parse_args(argv)
     workloads = {"slot": (f"{args.task_ms:g} ms tasks", args.task_ms), "trivial": ("trivial tasks", 0.0)}
     print(f"load average {os.getloadavg()[0]:.2f} at start, {os.cpu_count()} cores", flush=True)
     with tempfile.TemporaryDirectory() as workdir, postgres_cluster() as cluster:
         for label, task_ms in (workloads[w] for w in args.workloads.split(",")):
-            one = run(cluster, Path(workdir), 1, args.tasks, task_ms, args.concurrency)
-            two = run(cluster, Path(workdir), 2, args.tasks, task_ms, args.concurrency)
-            quiet = run(cluster, Path(workdir), 2, args.tasks, task_ms, args.concurrency, relay="off")
-            relay_cost = 100 * (1 - two.tasks_per_s / quiet.tasks_per_s)
-            print(
-                f"{label}: one server {one.tasks_per_s:.1f} tasks/s, two servers {two.tasks_per_s:.1f} tasks/s, "
-                f"ratio {two.tasks_per_s / one.tasks_per_s:.2f}x (goal >= 1.6x); two servers without the event "
-                f"relay {quiet.tasks_per_s:.1f} tasks/s (the relay costs {relay_cost:.0f}%); "
-                f"runs beyond one per task: {one.duplicates + two.duplicates + quiet.duplicates}\n"
-                f"  one server {one.cpu_line()}\n  two servers {two.cpu_line()}\n"
-                f"  two without the relay {quiet.cpu_line()}\n  load average {os.getloadavg()[0]:.2f}",
-                flush=True,
-            )
+            ratios, costs = [], []
+            for i in range(args.rounds):
+                one = run(cluster, Path(workdir), 1, args.tasks, task_ms, args.concurrency)
+                pair = {
+                    relay: run(cluster, Path(workdir), 2, args.tasks, task_ms, args.concurrency, relay=relay)
+                    for relay in (("auto", "off") if i % 2 == 0 else ("off", "auto"))
+                }
+                two, quiet = pair["auto"], pair["off"]
+                relay_cost = 100 * (1 - two.tasks_per_s / quiet.tasks_per_s)
+                ratios.append(two.tasks_per_s / one.tasks_per_s)
+                costs.append(relay_cost)
+                report(label, one, two, quiet, relay_cost)
+            if args.rounds > 1:
+                print(
+                    f"{label}, {args.rounds} rounds: median ratio {statistics.median(ratios):.2f}x "
+                    f"({', '.join(f'{r:.2f}x' for r in ratios)}); the relay's median cost "
+                    f"{statistics.median(costs):.0f}% ({', '.join(f'{c:.0f}%' for c in costs)})",
+                    flush=True,
+                )
     return 0
 
 

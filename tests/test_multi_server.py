@@ -9,13 +9,14 @@ start, its tests skip locally and FAIL on CI (CI=true): a CI run must not pass w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ import websocket
 
 from plexus_mcp_jupyter.config import PlexusSettings, SettingsError
 from plexus_mcp_jupyter.core import relay as relay_module
-from plexus_mcp_jupyter.core.events import EventBus
+from plexus_mcp_jupyter.core.events import Event, EventBus
 from plexus_mcp_jupyter.core.executors import LocalExecutor
 from plexus_mcp_jupyter.core.manager import TaskManager, _owner_gone
 from plexus_mcp_jupyter.core.models import Task, TaskStatus
@@ -376,27 +377,46 @@ async def test_a_send_is_packed_into_few_outbox_rows_and_its_events_arrive_in_or
             store.close()
 
 
+@contextlib.asynccontextmanager
+async def writer_and_reader(
+    db_url: str, on_remote: Callable[[list[tuple[str, str | None]]], None]
+) -> AsyncIterator[tuple[EventRelay, EventBus, EventRelay, EventBus]]:
+    """Two relays on one store, as two servers' (intervals of 50 ms): the writer's, and the reader's telling
+    `on_remote`; stopped at the end."""
+    stores = [Store(db_url), Store(db_url)]
+    writer_bus, reader_bus = EventBus(), EventBus()
+    writer = EventRelay(stores[0], writer_bus, mode="auto", interval=0.05)
+    reader = EventRelay(stores[1], reader_bus, mode="auto", interval=0.05, on_remote=on_remote)
+    loop = asyncio.get_running_loop()
+    writer.start(loop, "writer")
+    reader.start(loop, "reader")
+    try:
+        yield writer, writer_bus, reader, reader_bus
+    finally:
+        await asyncio.to_thread(writer.stop)
+        await asyncio.to_thread(reader.stop)
+        for store in stores:
+            store.close()
+
+
 async def test_other_servers_events_are_only_noted_while_nobody_here_follows_them(db_url):
     """A server with no subscriber reads another server's events without their data and publishes none of them,
     yet its listings see the change, a task queued there is planned here, and a client resuming from before is
     told of the gap; once something follows, every event (each final state) is published again."""
-    stores = [Store(db_url), Store(db_url)]
-    writer_bus, reader_bus = EventBus(), EventBus()
     told: list[tuple[str, str | None]] = []
-    writer = EventRelay(stores[0], writer_bus, mode="auto", interval=0.05)
-    reader = EventRelay(stores[1], reader_bus, mode="auto", interval=0.05, on_remote=told.extend)
-    loop = asyncio.get_running_loop()
-    writer.start(loop, "writer")
-    reader.start(loop, "reader")
+    async with writer_and_reader(db_url, told.extend) as (_writer, writer_bus, reader, reader_bus):
 
-    def publish(task_id: str, kind: str, status: str) -> None:
-        writer_bus.publish(kind, "task", task_id, {"id": task_id, "status": status, "type": "demo"})
+        def publish(task_id: str, kind: str, status: str) -> None:
+            writer_bus.publish(kind, "task", task_id, {"id": task_id, "status": status, "type": "demo"})
 
-    def run(task_id: str) -> None:
-        for kind, status in (("task.created", "QUEUED"), ("task.updated", "RUNNING"), ("task.completed", "COMPLETED")):
-            publish(task_id, kind, status)
+        def run(task_id: str) -> None:
+            for kind, status in (
+                ("task.created", "QUEUED"),
+                ("task.updated", "RUNNING"),
+                ("task.completed", "COMPLETED"),
+            ):
+                publish(task_id, kind, status)
 
-    try:
         seq_before = reader_bus.last_seq
         publish("unwatched", "task.created", "QUEUED")
         # A task queued there is planned here at once (a writer sends each entity's latest state per interval).
@@ -424,11 +444,49 @@ async def test_other_servers_events_are_only_noted_while_nobody_here_follows_the
         remote = [e for e in reader_bus.since(0) if e.entity_id.startswith("watched-")]
         assert remote and all(e.origin == "writer" and e.data["type"] == "demo" for e in remote), "with their data"
         subscription.close()
-    finally:
-        await asyncio.to_thread(writer.stop)
-        await asyncio.to_thread(reader.stop)
-        for store in stores:
-            store.close()
+
+
+async def test_on_postgresql_a_server_nobody_follows_reads_no_row_the_notify_says_it_all(db_url, monkeypatch):
+    """On PostgreSQL the NOTIFY of a send says what a server with nobody following other servers' events needs
+    (how many events, their kinds and statuses): it reads no outbox row, yet is told of them, and skips their rows
+    (the cursor follows the horizon of its own statements); a subscriber that comes later gets what was committed
+    after it came, with the data, and nothing from before."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("LISTEN/NOTIFY: PostgreSQL only (SQLite polls)")
+    monkeypatch.setattr(relay_module, "FALLBACK_POLLS", 10**6)  # no read for a lost notification
+    told: list[tuple[str, str | None]] = []
+    async with writer_and_reader(db_url, told.extend) as (writer, writer_bus, reader, reader_bus):
+        await poll(lambda: reader.listening and writer.listening, bool, timeout=20)
+        for i in range(30):
+            writer_bus.publish("task.created", "task", f"before-{i}", {"status": "QUEUED"})
+        await poll(lambda: reader.noted, lambda n: n >= 30, timeout=20)
+        for i in range(30):
+            writer_bus.publish("task.completed", "task", f"before-{i}", {"status": "COMPLETED"})
+        await poll(lambda: reader.noted, lambda n: n >= 60, timeout=20)
+        assert ("task.created", "QUEUED") in told and ("task.completed", "COMPLETED") in told
+        assert reader.reads == 0 and reader.received == 0, reader.status()
+        assert reader_bus.skipped_seq > 0, "listings read again, a resuming client told of the gap"
+
+        subscription = reader_bus.subscribe(lambda e: e.entity_type == "task")
+        writer_bus.publish("task.completed", "task", "after", {"status": "COMPLETED", "type": "demo"})
+        events = await asyncio.wait_for(subscription.next_batch(), 20)
+        assert [(e.entity_id, e.data) for e in events] == [("after", {"status": "COMPLETED", "type": "demo"})]
+        assert reader.received == 1 and reader.reads >= 1
+        subscription.close()
+
+
+def test_a_notify_payload_says_the_sender_its_events_and_their_kinds_and_an_older_one_only_its_id():
+    events = [
+        Event(1, 0.0, "task.created", "task", "a", {"status": "QUEUED"}),
+        Event(2, 0.0, "task.created", "task", "b", {"status": "QUEUED"}),
+        Event(3, 0.0, "task.completed", "task", "c", {"status": "COMPLETED"}),
+    ]
+    origin, count, pairs, txid = relay_module.heard(relay_module.notice("s1", events) + "123]")
+    assert (origin, count, txid) == ("s1", 3, 123)
+    assert sorted(pairs or []) == [("task.completed", "COMPLETED"), ("task.created", "QUEUED")]
+    many = [Event(i, 0.0, f"kind-{i}", "task", str(i), {"status": "x" * 50}) for i in range(200)]
+    assert relay_module.heard(relay_module.notice("s1", many) + "7]") == ("s1", 200, None, 7), "too long: read"
+    assert relay_module.heard("server-of-an-older-release") == ("server-of-an-older-release", 0, None, 0)
 
 
 def test_a_claim_and_a_take_over_are_each_won_by_one_server_only(db_url):

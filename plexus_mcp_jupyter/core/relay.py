@@ -16,14 +16,23 @@ or notebook mirrors. The relay closes that gap with the store itself, nothing el
 * In: it reads the rows other servers wrote since the last it read, unpacks them in order, and publishes the
   events on this bus with their `origin`, dropping any that is older than what this bus already said about the
   entity (a remote "created" arriving after this server ran the task to its end). On PostgreSQL a dedicated
-  connection LISTENs for the writers' NOTIFY (whose payload is only the writer's server id: payloads are
-  bounded) and reads at once, polling only as a fallback; elsewhere (SQLite) it polls every `interval`.
+  connection LISTENs for the writers' NOTIFY (whose payload is the writer's server id and a few words on its send:
+  payloads are bounded) and reads at once, polling only as a fallback; elsewhere (SQLite) it polls every
+  `interval`.
 * Lazily: while nothing on this server needs other servers' events (no WebSocket stream, MCP subscription,
-  progress relay or waiting call: `EventBus.wants_remote`), a read takes only the rows' heads (each event's kind,
-  entity and status), not their data (the entities' whole state, most of a read's cost), and publishes nothing:
-  it moves the bus's sequence number (`EventBus.skip_remote`: listings are read again, a resuming client is told
-  of the gap) and tells `on_remote` (a task another server queued is planned here at once). Whether anything
-  needs them is asked after the read, so an event committed after a subscriber arrived is always published to it.
+  progress relay or waiting call: `EventBus.wants_remote`), they are not published: the bus's sequence number
+  moves (`EventBus.skip_remote`: listings are read again, a resuming client is told of the gap) and `on_remote` is
+  told their kinds and statuses (a task another server queued is planned here at once). On PostgreSQL the NOTIFY
+  says all of that (its payload: the sender, how many events, their distinct (kind, status)), so nothing is read:
+  the rows are skipped by moving the cursor to the horizon (`pg_snapshot_xmin`) of a statement the relay makes
+  anyway (its send, else a horizon query every few intervals), taken only when nothing needed the events after
+  that statement ended: every row below it was committed before any subscriber here came, and every row above it
+  is read once one has, but those of the sends whose NOTIFY was taken (their transaction ids are kept until the
+  cursor passes them).
+  A NOTIFY that arrives while something needs them wakes a read, as before. Polling (SQLite), a read takes only
+  the rows' heads (each event's kind, entity and status), not their data (the entities' whole state, most of a
+  read's cost). Whether anything needs them is asked after the read (or the horizon's statement), so an event
+  committed after a subscriber arrived is always published to it.
 * The outbox is pruned by age (`keep_seconds`): a server stalled for longer misses what was pruned, and
   resumes with what is left.
 
@@ -58,8 +67,10 @@ CHANNEL = "plexus_events"  # the PostgreSQL NOTIFY channel
 READ_BATCH = 100  # most outbox rows (sends) one read takes (it reads again at once when it got that many)
 PACK_MAX = 1000  # most events one outbox row carries (a larger send writes several rows in its one statement)
 FALLBACK_POLLS = 20  # with LISTEN/NOTIFY, read anyway every this many intervals (a notification lost)
+HORIZON_EVERY = 5  # NOTIFYs taken without their rows: the horizon is asked after this many intervals without a send
 PRUNE_EVERY = 10.0  # seconds between two prunings of the outbox
 SEEN_MAX = 20_000  # entities whose latest state this bus published, remembered to drop stale remote events
+NOTICE_MAX = 4000  # longest NOTIFY payload (PostgreSQL's limit is 8000 bytes); a longer one names no kinds: read
 _FINAL = frozenset(s.value for s in FINAL_STATUSES)
 _XMIN = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
 _NEWEST_ID = f"SELECT max(id) FROM {outbox_table.name}"
@@ -68,7 +79,7 @@ _NEWEST_ID = f"SELECT max(id) FROM {outbox_table.name}"
 _PG_SEND = """WITH sent AS (
   INSERT INTO {table} (txid, origin, at, heads, data) VALUES {values}
   RETURNING 1)
-SELECT pg_notify(%(channel)s, %(origin)s)"""
+SELECT pg_notify(%(channel)s, %(notice)s || pg_current_xact_id()::text || ']'), ({xmin})"""
 _PG_PACK = "(pg_current_xact_id()::text::bigint, %(origin)s, %(at)s, %(heads{i})s, %(data{i})s)"
 
 
@@ -76,7 +87,7 @@ _PG_PACK = "(pg_current_xact_id()::text::bigint, %(origin)s, %(at)s, %(heads{i})
 def _pg_send(packs: int) -> str:
     """_PG_SEND for a send of `packs` rows."""
     values = ", ".join(_PG_PACK.format(i=i) for i in range(packs))
-    return _PG_SEND.format(table=outbox_table.name, values=values)
+    return _PG_SEND.format(table=outbox_table.name, values=values, xmin=_XMIN)
 
 
 # PostgreSQL: a read is one statement: the rows after the cursor, of transactions older than every one still running
@@ -100,6 +111,28 @@ def pack(events: Sequence[Event], at: float) -> list[dict[str, Any]]:
         }
         for part in (events[i : i + PACK_MAX] for i in range(0, len(events), PACK_MAX))
     ]
+
+
+def notice(origin: str, events: Sequence[Event]) -> str:
+    """A send's NOTIFY payload but its end: its sender, how many events it carries and their distinct (kind,
+    status), all that a server with nobody following other servers' events needs of them (a JSON list, without the
+    pairs when too long; _PG_SEND ends it with the send's transaction id)."""
+    pairs = list({(event.kind, event.data.get("status")) for event in events})
+    text = json.dumps([origin, len(events), pairs])
+    if len(text) > NOTICE_MAX:
+        text = json.dumps([origin, len(events), None])
+    return text[:-1] + ","
+
+
+def heard(payload: str) -> tuple[str, int, list[tuple[str, str | None]] | None, int]:
+    """A NOTIFY payload read back: (origin, events, their (kind, status) or None when not said, the send's
+    transaction id). An older server's payload is its id alone: nothing said."""
+    try:
+        origin, count, pairs, txid = json.loads(payload)
+        said = None if pairs is None else [(str(kind), status) for kind, status in pairs]
+        return str(origin), int(count), said, int(txid)
+    except (ValueError, TypeError):
+        return payload, 0, None, 0
 
 
 def unpack(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -182,6 +215,8 @@ class EventRelay:
         self._seen: OrderedDict[tuple[str, str], tuple[float, bool]] = OrderedDict()  # (at, final) published
         self._wake = threading.Event()
         self._notified = False
+        self._skipped = False  # PostgreSQL: NOTIFYs taken without reading their rows since the cursor last moved
+        self._noted_tx: set[int] = set()  # ...their sends' transactions (above the cursor): never read after all
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._remove_listener: Callable[[], None] | None = None
@@ -265,15 +300,18 @@ class EventRelay:
                 self._last_sent = {k: t for k, t in self._last_sent.items() if at - t < self.progress_interval}
         return due
 
-    def _send(self, events: Sequence[Event]) -> None:
+    def _send(self, events: Sequence[Event]) -> int | None:
+        """Write `events` to the outbox; on PostgreSQL, returns the horizon of the statement's snapshot."""
         rows = pack(events, now())
+        horizon = None
         try:
             if self.postgres:  # one statement, in autocommit: NOTIFY delivered at its commit to every LISTENing server
                 with self.store.reads.connect() as conn:  # (ours ignores its own)
                     params = {"origin": self.server_id, "channel": CHANNEL, "at": rows[0]["at"]}
+                    params["notice"] = notice(self.server_id, events)
                     for i, row in enumerate(rows):
                         params[f"heads{i}"], params[f"data{i}"] = row["heads"], row["data"]
-                    conn.exec_driver_sql(_pg_send(len(rows)), params)
+                    horizon = int(conn.exec_driver_sql(_pg_send(len(rows)), params).one()[1])
             else:
                 with self.store.engine.begin() as conn:
                     conn.execute(sa.insert(outbox_table), [{"origin": self.server_id, **row} for row in rows])
@@ -285,6 +323,7 @@ class EventRelay:
         self.sent += len(events)
         self.packs += len(rows)
         self.sends += 1
+        return horizon
 
     # -- in: the other servers' events ---------------------------------------------------------
 
@@ -325,7 +364,7 @@ class EventRelay:
                 if not rows:
                     return
                 self.reads += 1
-                latest = _latest_per_entity(unpack(rows))
+                latest = _latest_per_entity(unpack(self._unnoted(rows)))
                 # Asked after the read: a subscriber that came before it is owed these rows' events, one that
                 # comes after it is not (they were committed before it came).
                 self._full = self.bus.wants_remote()
@@ -333,8 +372,9 @@ class EventRelay:
                     data = self._data(conn, sorted({event["id"] for event in latest}))
                     for event in latest:
                         event["data"] = data[event["id"]][event["pos"]]
-            self._cursor = (int(rows[-1]["txid"] or 0), int(rows[-1]["id"]))
-            self._hand_over(latest, publish=self._full)
+            self._move_cursor((int(rows[-1]["txid"] or 0), int(rows[-1]["id"])))
+            if latest:
+                self._hand_over(latest, publish=self._full)
             if len(rows) < READ_BATCH:
                 return
 
@@ -363,11 +403,36 @@ class EventRelay:
             texts = conn.execute(sa.select(o.c.id, o.c.data).where(o.c.id.in_(ids))).all()
         return {row_id: json.loads(text) for row_id, text in texts}
 
+    def _unnoted(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The rows whose NOTIFY was not taken without them (`_heard`)."""
+        with self._lock:
+            noted = self._noted_tx
+            return [row for row in rows if row["txid"] not in noted] if noted else rows
+
+    def _move_cursor(self, cursor: tuple[int, int]) -> None:
+        with self._lock:
+            self._cursor = max(self._cursor, cursor)
+            if self._noted_tx:
+                self._noted_tx = {txid for txid in self._noted_tx if txid >= self._cursor[0]}
+
+    def _skip_to(self, horizon: int) -> None:
+        """PostgreSQL, its NOTIFYs heard: skip the rows below `horizon` (that of a statement that just ended) unless
+        something here needs other servers' events now: every such row was committed before it came."""
+        if not self._notified and not self.bus.wants_remote():  # (a read asked for meanwhile reads from here)
+            self._move_cursor((horizon, -1))
+
+    def _horizon(self) -> int:
+        with self.store.reads.connect() as conn:
+            return int(conn.exec_driver_sql(_XMIN).scalar_one())
+
     def _hand_over(self, rows: list[dict[str, Any]], *, publish: bool) -> None:
+        self._to_loop(self._publish if publish else self._note, rows)
+
+    def _to_loop(self, fn: Callable[..., None], *args: Any) -> None:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: the server is stopping
-                loop.call_soon_threadsafe(self._publish if publish else self._note, rows)
+                loop.call_soon_threadsafe(fn, *args)
 
     def _fresh(self, row: dict[str, Any]) -> bool:
         """Whether a remote row is newer than what this bus said about its entity (remembered if it is)."""
@@ -398,6 +463,12 @@ class EventRelay:
             self.noted += len(fresh)
         self._tell(fresh)
 
+    def _noted(self, count: int, pairs: list[tuple[str, str | None]]) -> None:
+        """On the loop: a NOTIFY of another server's send, its rows not read (nobody here needed them)."""
+        self.bus.skip_remote()
+        self.noted += count
+        self._tell(pairs)
+
     def _tell(self, events: list[tuple[str, str | None]]) -> None:
         if events and self.on_remote is not None:
             try:
@@ -408,7 +479,7 @@ class EventRelay:
     # -- the threads ---------------------------------------------------------------------------
 
     def _run(self) -> None:
-        polls = 0
+        polls = unmoved = 0
         next_prune = time.monotonic() + PRUNE_EVERY
         failing = False
         while True:
@@ -417,14 +488,19 @@ class EventRelay:
             stopping = self._stop.is_set()
             try:
                 due = self._due(now())
-                if due:
-                    self._send(due)
+                horizon = self._send(due) if due else None
                 polls += 1
                 if self.mode == "poll" or self._notified or polls >= FALLBACK_POLLS or not self.listening:
                     self._notified = False
                     polls = 0
                     if not stopping:
                         self._receive()
+                elif horizon is not None or (self._skipped and unmoved >= HORIZON_EVERY):
+                    # NOTIFYs heard: their rows are skipped, not read (meanwhile a read skips their sends by txid)
+                    self._skipped, unmoved = False, 0
+                    self._skip_to(self._horizon() if horizon is None else horizon)
+                elif self._skipped:
+                    unmoved += 1
                 if time.monotonic() >= next_prune and not stopping:
                     next_prune = time.monotonic() + PRUNE_EVERY
                     self._prune()
@@ -459,8 +535,7 @@ class EventRelay:
                     self._wake_to_read()  # what was written while this connection was down
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=1.0):
-                            if note.payload != self.server_id:
-                                self._wake_to_read()
+                            self._heard(note.payload)
             except Exception as exc:
                 if self.listening or not self._stop.is_set():
                     log.warning(
@@ -470,6 +545,24 @@ class EventRelay:
                 self.listening = False
                 self._stop.wait(min(5.0, max(self.interval, 1.0)))
         self.listening = False
+
+    def _heard(self, payload: str) -> None:
+        """A NOTIFY (on the LISTEN thread): another server's send. While nothing here needs other servers' events,
+        what it says is told to the loop and its rows are skipped; else (or when it says nothing) a read follows."""
+        origin, count, pairs, txid = heard(payload)
+        if origin == self.server_id:
+            return
+        if pairs is not None and (txid < self._cursor[0] or not self.bus.wants_remote()):
+            # Not needed here (or below the cursor: committed before what needs them came, never read): the loop is
+            # told what they were, and a read skips them.
+            with self._lock:
+                self._noted_tx.add(txid)
+            self._skipped = True
+            self._to_loop(self._noted, count, pairs)
+            return
+        if pairs is not None:  # needed here: the read takes the rows' data at once
+            self._full = True
+        self._wake_to_read()
 
     def _wake_to_read(self) -> None:
         self._notified = True
