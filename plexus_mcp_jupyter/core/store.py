@@ -1023,12 +1023,11 @@ class Store:
                 final_rows.append(row)
             else:
                 progress_rows.append(row)
-        held = holder is not None
-        updated = 0
-        if progress_rows:
-            updated += self._many(conn, _progress_update(final=False, held=held), progress_rows)
-        if final_rows:
-            updated += self._many(conn, _progress_update(final=True, held=held), final_rows)
+        updated = sum(
+            self._update_progress(conn, rows, final=final, held=holder is not None)
+            for rows, final in ((progress_rows, False), (final_rows, True))
+            if rows
+        )
         lost: set[str] = set()
         if holder is not None and updated < len(progress_rows) + len(final_rows):  # rare: which, in this transaction
             t = tasks_table
@@ -1047,6 +1046,16 @@ class Store:
         if sample_rows:
             self._many(conn, _INSERT_SAMPLES, sample_rows)
         return lost
+
+    def _update_progress(self, conn: Connection, rows: list[dict[str, Any]], *, final: bool, held: bool) -> int:
+        """The progress (or final) UPDATE of `rows` (their b_<column> parameters); the rows it changed. On
+        PostgreSQL through the driver, several rows in one statement (`_progress_update_arrays`)."""
+        if len(rows) < 2 or self._on_driver is None or self.engine.dialect.name != "postgresql":
+            return self._many(conn, _progress_update(final=final, held=held), rows)
+        params = {f"a_{name}": [row[f"b_{name}"] for row in rows] for name in ("id", *_progress_columns(final))}
+        if held:
+            params["b_holder_like"] = rows[0]["b_holder_like"]  # one holder per write
+        return self._on_the_driver(conn, _progress_update_arrays(final=final, held=held), [params], many=False)[0]
 
     def _prepared(self, statement: Any, row: Mapping[str, Any]) -> _OnDriver:
         """`statement` compiled for the driver. PostgreSQL: for the columns `row` names, as conn.execute does (an
@@ -1323,20 +1332,65 @@ def _holder_pattern(holder: str) -> str:
     return holder.replace("/", "//").replace("%", "/%").replace("_", "/_") + "%"
 
 
-@functools.lru_cache(maxsize=4)
-def _progress_update(*, final: bool, held: bool) -> Any:
-    """The UPDATE of Store.save_progress_many; `held`: only of a task the writing server holds (b_holder_like)."""
-    t = tasks_table
+def _progress_columns(final: bool) -> list[str]:
+    """The columns a progress write sets (a final one: the end's too)."""
     columns = ["current_stage", "estimated_completion_at", "worker"]
-    query = sa.update(t).where(t.c.id == sa.bindparam("b_id"))
-    if held:
-        query = query.where(_held_by())
     if final:
         columns += ["status", "completed_at", "error_message", "error_details", "output", "stdout_tail", "stderr_tail"]
-        # A task already final (cancelled meanwhile by another server, recovered) is never overwritten. Plain
-        # comparisons, not NOT IN: an expanding IN parameter cannot be used in an executemany.
-        query = query.where(*(t.c.status != s.value for s in FINAL_STATUSES))
-    return query.values(**{name: sa.bindparam(f"b_{name}") for name in columns})
+    return columns
+
+
+def _progress_conditions(*, final: bool, held: bool) -> list[Any]:
+    """Which rows a progress write may change: with `held`, only a task the writing server holds (b_holder_like);
+    a final one never a task already final (cancelled meanwhile by another server, recovered). Plain comparisons,
+    not NOT IN: an expanding IN parameter cannot be used in an executemany."""
+    t = tasks_table
+    conditions = [_held_by()] if held else []
+    if final:
+        conditions += [t.c.status != s.value for s in FINAL_STATUSES]
+    return conditions
+
+
+@functools.lru_cache(maxsize=4)
+def _progress_update(*, final: bool, held: bool) -> Any:
+    """The UPDATE of Store.save_progress_many, a row's (its parameters b_<column>)."""
+    t = tasks_table
+    query = sa.update(t).where(t.c.id == sa.bindparam("b_id"), *_progress_conditions(final=final, held=held))
+    return query.values(**{name: sa.bindparam(f"b_{name}") for name in _progress_columns(final)})
+
+
+@functools.lru_cache(maxsize=4)
+def _progress_update_arrays(*, final: bool, held: bool) -> Any:
+    """PostgreSQL: `_progress_update` of many rows in ONE statement, each column's values one array parameter
+    (a_<column>, a_id the tasks' ids, in id order): one execution in PostgreSQL whatever the count, and one
+    statement text, which psycopg parses once and PostgreSQL prepares once (a statement per row before: the end's
+    UPDATE was one execution a task). The rows are found as the claim's first round finds them (`_PROBE`): each id
+    probed by the primary key in a LATERAL subquery that locks its row (in the ids' order; a locked subquery is
+    never flattened into a join, so stale statistics cannot turn it into a scan of every task), the UPDATE then
+    finds each by its address (`ctid`, a TID scan) and id; the lock keeps the address the row's newest."""
+    t = tasks_table
+    names = ["id", *_progress_columns(final)]
+    arrays = [sa.bindparam(f"a_{name}", type_=postgresql.ARRAY(t.c[name].type)) for name in names]
+    rows = sa.func.unnest(*arrays).table_valued(*names).render_derived(name="v")
+    probe = (
+        sa.select(sa.literal_column("tasks.ctid").label("tid"))
+        .where(t.c.id == rows.c.id)
+        .with_for_update()
+        .lateral("probe")
+    )
+    found = (
+        sa.select(probe.c.tid, *rows.c)
+        .select_from(rows)
+        .join(probe, sa.true())
+        .cte("found")
+        .prefix_with("MATERIALIZED")
+    )
+    query = sa.update(t).where(
+        sa.literal_column("tasks.ctid") == found.c.tid,
+        t.c.id == found.c.id,
+        *_progress_conditions(final=final, held=held),
+    )
+    return query.values(**{name: found.c[name] for name in names[1:]})
 
 
 def _requeue(conn: Connection, task_id: str, *, holder: str | None) -> bool:
@@ -1447,7 +1501,7 @@ class _OnDriver:
                     changed += cursor.rowcount
                 return changed, []
             cursor.execute(self.sql, params)
-            return int(cursor.rowcount), [tuple(r) for r in cursor.fetchall()]
+            return int(cursor.rowcount), [tuple(r) for r in cursor.fetchall()] if cursor.description else []
         except conn.dialect.loaded_dbapi.Error as exc:  # raised as SQLAlchemy raises it: callers handle those
             # A connection the database dropped (a restart) is discarded, as SQLAlchemy does: the pool reconnects.
             gone = conn.dialect.is_disconnect(exc, conn.connection.dbapi_connection, cursor)
