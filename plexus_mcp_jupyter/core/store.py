@@ -1085,16 +1085,22 @@ class Store:
 
     def _update_progress(self, conn: Connection, rows: list[dict[str, Any]], *, final: bool, held: bool) -> int:
         """The progress (or final) UPDATE of `rows` (their b_<column> parameters); the rows it changed. On
-        PostgreSQL through the driver, several rows in one statement (`_progress_update_arrays`)."""
+        PostgreSQL through the driver, several rows in one statement (`_progress_update_arrays`); the rows it did
+        not update are written again one by one: another server holds them, or they are final already (the row's
+        own UPDATE then changes nothing either), or another transaction changed them (a lease renewed) after the
+        statement began and before its lock, a version its UPDATE cannot see (the row's own UPDATE re-reads it)."""
+        single = _progress_update(final=final, held=held)
         if len(rows) < 2 or self._on_driver is None or self.engine.dialect.name != "postgresql":
-            return self._many(conn, _progress_update(final=final, held=held), rows)
-        params: dict[str, Any] = {
-            f"a_{name}": [row[f"b_{name}"] for row in rows] for name in ("id", *_progress_columns(final))
-        }
+            return self._many(conn, single, rows)
+        names = ("id", *_progress_columns(final))
+        params: dict[str, Any] = {f"a_{name}": [row[f"b_{name}"] for row in rows] for name in names}
         params["n"] = len(rows)
         if held:
             params["b_holder_like"] = rows[0]["b_holder_like"]  # one holder per write
-        return self._on_the_driver(conn, _progress_update_arrays(final=final, held=held), [params], many=False)[0]
+        got = self._on_the_driver(conn, _progress_update_arrays(final=final, held=held), [params], many=False)[1]
+        updated = {task_id for (task_id,) in got}
+        rest = [row for row in rows if row["b_id"] not in updated]
+        return len(updated) + (self._many(conn, single, rest) if rest else 0)
 
     def _prepared(self, statement: Any, row: Mapping[str, Any]) -> _OnDriver:
         """`statement` compiled for the driver. PostgreSQL: for the columns `row` names, as conn.execute does (an
@@ -1407,7 +1413,10 @@ def _progress_update_arrays(*, final: bool, held: bool) -> Any:
     say: each id probed by the primary key in a LATERAL subquery that checks the write's conditions and locks the
     row (in the ids' order; a locked subquery is never flattened into a join), at most `n` rows (the LIMIT makes
     the generic plan expect few), then the UPDATE finds each by its address (`ctid`, a TID scan) and id; the lock
-    keeps the address the row's newest and the conditions true until the transaction ends.
+    keeps the address the row's newest and the conditions true until the transaction ends. It returns the ids it
+    updated: a row another transaction changed after this statement began and before its lock is found at an
+    address (its newest version's) the statement's snapshot cannot see, and left to the caller (`_update_progress`,
+    which writes it again on its own).
     Each array is a scalar subquery: its length then counts for nothing in the plan's estimates (10 rows), so the
     prepared statement keeps one generic plan (with the lengths known, every custom plan looked cheaper and the
     statement was planned at every execution: 0.24 ms each). Without the LIMIT and with the conditions outside
@@ -1433,7 +1442,7 @@ def _progress_update_arrays(*, final: bool, held: bool) -> Any:
         .prefix_with("MATERIALIZED")
     )
     query = sa.update(t).where(sa.literal_column("tasks.ctid") == found.c.tid, t.c.id == found.c.id)
-    return query.values(**{name: found.c[name] for name in names[1:]})
+    return query.values(**{name: found.c[name] for name in names[1:]}).returning(t.c.id)
 
 
 def _requeue(conn: Connection, task_id: str, *, holder: str | None) -> bool:
