@@ -217,16 +217,19 @@ def test_a_write_of_several_tasks_writes_a_row_changed_while_it_waited_for_its_l
         )
     )
     waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
-    with store.engine.connect() as other, store.engine.connect() as watch:
+    another = sa.create_engine(store.engine.url, poolclass=sa.pool.NullPool)  # another server's, and a watcher's
+    with another.connect() as other, another.connect() as watch:
         other.begin()
         other.execute(sa.text("UPDATE tasks SET lease_expires_at = 1 WHERE id = :id"), {"id": tasks[1].id})
         writer.start()
         deadline = time.monotonic() + 30
         while watch.exec_driver_sql(waiting).scalar_one() == 0:  # the write waits for the row's lock
+            watch.rollback()  # pg_stat_activity is read once per transaction
             assert time.monotonic() < deadline, "the write never waited for the row's lock"
             time.sleep(0.01)
         other.commit()
     writer.join(30)
+    another.dispose()
     assert lost == [set()]
     assert [store.get_task(t.id).status for t in tasks] == [TaskStatus.COMPLETED] * 3
 
