@@ -15,6 +15,7 @@ import json
 import logging
 import operator
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -552,9 +553,9 @@ class Store:
     def _insert_tasks(
         self, conn: Connection, tasks: Sequence[Task], also: Sequence[Callable[[Connection], None] | None]
     ) -> None:
-        """`tasks`' rows in one statement on the driver (`_insert`; building one per call cost more), their stages,
-        then each one's `also`."""
-        self._insert(conn, _INSERT_TASK, [_task_row(task) for task in tasks])
+        """`tasks`' rows in one driver executemany of the prebuilt insert (building one per call cost more), their
+        stages, then each one's `also`."""
+        self._many(conn, _INSERT_TASK, [_task_row(task) for task in tasks])
         stages = [_stage_row(task.id, stage) for task in tasks for stage in task.stages]
         if stages:
             conn.execute(sa.insert(stages_table), stages)
@@ -1058,11 +1059,12 @@ class Store:
                 final_rows.append(row)
             else:
                 progress_rows.append(row)
-        updated = sum(
-            self._update_progress(conn, rows, final=final, held=holder is not None)
-            for rows, final in ((progress_rows, False), (final_rows, True))
-            if rows
-        )
+        held = holder is not None
+        updated = 0
+        if progress_rows:
+            updated += self._many(conn, _progress_update(final=False, held=held), progress_rows)
+        if final_rows:
+            updated += self._many(conn, _progress_update(final=True, held=held), final_rows)
         lost: set[str] = set()
         if holder is not None and updated < len(progress_rows) + len(final_rows):  # rare: which, in this transaction
             t = tasks_table
@@ -1079,37 +1081,8 @@ class Store:
         if stage_rows:
             self._upsert_stages(conn, stage_rows)
         if sample_rows:
-            self._insert(conn, _INSERT_SAMPLES, sample_rows)
+            self._many(conn, _INSERT_SAMPLES, sample_rows)
         return lost
-
-    def _update_progress(self, conn: Connection, rows: list[dict[str, Any]], *, final: bool, held: bool) -> int:
-        """The progress (or final) UPDATE of `rows` (their b_<column> parameters); the rows it changed. On
-        PostgreSQL through the driver, several rows in one statement (`_progress_update_arrays`); the rows it did
-        not update are written again one by one: another server holds them, or they are final already (the row's
-        own UPDATE then changes nothing either), or another transaction changed them (a lease renewed) after the
-        statement began and before its lock, a version its UPDATE cannot see (the row's own UPDATE re-reads it)."""
-        single = _progress_update(final=final, held=held)
-        if len(rows) < 2 or self._on_driver is None or self.engine.dialect.name != "postgresql":
-            return self._many(conn, single, rows)
-        names = ("id", *_progress_columns(final))
-        params: dict[str, Any] = {f"a_{name}": [row[f"b_{name}"] for row in rows] for name in names}
-        params["n"] = len(rows)
-        if held:
-            params["b_holder_like"] = rows[0]["b_holder_like"]  # one holder per write
-        got = self._on_the_driver(conn, _progress_update_arrays(final=final, held=held), [params], many=False)[1]
-        updated = {task_id for (task_id,) in got}
-        rest = [row for row in rows if row["b_id"] not in updated]
-        return len(updated) + (self._many(conn, single, rest) if rest else 0)
-
-    def _insert(self, conn: Connection, statement: Any, rows: list[dict[str, Any]]) -> None:
-        """Run an INSERT (or an upsert: `_upsert_stages_statement`) of `rows` (naming the same columns). On PostgreSQL
-        several rows are one statement on the driver (`_insert_unnest`); else `_many`."""
-        if len(rows) < 2 or self._on_driver is None or self.engine.dialect.name != "postgresql":
-            self._many(conn, statement, rows)
-            return
-        names = tuple(rows[0])
-        params = {f"a_{name}": [row[name] for row in rows] for name in names}
-        self._on_the_driver(conn, _insert_unnest(statement, names), [params], many=False)
 
     def _prepared(self, statement: Any, row: Mapping[str, Any]) -> _OnDriver:
         """`statement` compiled for the driver. PostgreSQL: for the columns `row` names, as conn.execute does (an
@@ -1336,7 +1309,7 @@ class Store:
             # A stage twice in one write: its last row (each upsert replaces all the row's values), as one VALUES
             # list may not upsert a row twice.
             latest = {(row["task_id"], row["stage_order"]): row for row in rows}
-            self._insert(conn, _upsert_stages_statement(dialect), list(latest.values()))
+            self._many(conn, _upsert_stages_statement(dialect), list(latest.values()))
             return
         st = stages_table
         for row in rows:
@@ -1386,100 +1359,20 @@ def _holder_pattern(holder: str) -> str:
     return holder.replace("/", "//").replace("%", "/%").replace("_", "/_") + "%"
 
 
-def _progress_columns(final: bool) -> list[str]:
-    """The columns a progress write sets (a final one: the end's too)."""
-    columns = ["current_stage", "estimated_completion_at", "worker"]
-    if final:
-        columns += ["status", "completed_at", "error_message", "error_details", "output", "stdout_tail", "stderr_tail"]
-    return columns
-
-
-def _progress_conditions(*, final: bool, held: bool) -> list[Any]:
-    """Which rows a progress write may change: with `held`, only a task the writing server holds (b_holder_like);
-    a final one never a task already final (cancelled meanwhile by another server, recovered). Plain comparisons,
-    not NOT IN: an expanding IN parameter cannot be used in an executemany."""
-    t = tasks_table
-    conditions = [_held_by()] if held else []
-    if final:
-        conditions += [t.c.status != s.value for s in FINAL_STATUSES]
-    return conditions
-
-
 @functools.lru_cache(maxsize=4)
 def _progress_update(*, final: bool, held: bool) -> Any:
-    """The UPDATE of Store.save_progress_many, a row's (its parameters b_<column>)."""
+    """The UPDATE of Store.save_progress_many; `held`: only of a task the writing server holds (b_holder_like)."""
     t = tasks_table
-    query = sa.update(t).where(t.c.id == sa.bindparam("b_id"), *_progress_conditions(final=final, held=held))
-    return query.values(**{name: sa.bindparam(f"b_{name}") for name in _progress_columns(final)})
-
-
-def _unnest(table: sa.Table, names: Sequence[str]) -> Any:
-    """PostgreSQL: rows given as one array parameter per column (a_<name>), joined by position (`unnest`), as `v`.
-    Each array is a scalar subquery: its length then counts for nothing in the plan's estimates (10 rows), so a
-    prepared statement keeps one generic plan (with the lengths known, every custom plan looked cheaper, and the
-    statement was planned again at every execution: 0.24 ms each for the UPDATE of `_progress_update_arrays`)."""
-    arrays = [
-        sa.select(sa.bindparam(f"a_{name}", type_=postgresql.ARRAY(table.c[name].type))).scalar_subquery()
-        for name in names
-    ]
-    return sa.func.unnest(*arrays).table_valued(*names).render_derived(name="v")
-
-
-@functools.lru_cache(maxsize=16)
-def _insert_unnest(statement: Any, names: tuple[str, ...]) -> Any:
-    """PostgreSQL: `statement` (an INSERT, or `_upsert_stages_statement`'s upsert) of many rows in ONE statement,
-    their values as one array per column (`_unnest`): one execution in PostgreSQL whatever the count, and one
-    statement text, which psycopg parses once and PostgreSQL plans once. Before, a few rows were a VALUES list
-    (a text per count, each prepared apart) and more an executemany (an execution per row: the 100 tasks of a
-    dispatched batch were 100)."""
-    table = statement.table
-    rows = _unnest(table, names)
-    insert = postgresql.insert(table).from_select(list(names), sa.select(*rows.c))
-    conflict = getattr(statement, "_post_values_clause", None)
-    if conflict is not None:  # the upsert's ON CONFLICT, its SET taken from the rows offered (`excluded`)
-        keys = [getattr(element, "name", element) for element in conflict.inferred_target_elements]
-        insert = insert.on_conflict_do_update(
-            index_elements=keys, set_={name: insert.excluded[name] for name in names if name not in keys}
-        )
-    return insert
-
-
-@functools.lru_cache(maxsize=4)
-def _progress_update_arrays(*, final: bool, held: bool) -> Any:
-    """PostgreSQL: `_progress_update` of many rows in ONE statement, each column's values one array parameter
-    (a_<column>, a_id the tasks' ids, in id order; n: how many): one execution in PostgreSQL whatever the count, and
-    one statement text, which psycopg parses once and PostgreSQL plans once (a statement per row before: the end's
-    UPDATE was one execution a task). Planned as the claim's first round is (`_PICKED`), whatever the statistics
-    say: each id probed by the primary key in a LATERAL subquery that checks the write's conditions and locks the
-    row (in the ids' order; a locked subquery is never flattened into a join), at most `n` rows (the LIMIT makes
-    the generic plan expect few), then the UPDATE finds each by its address (`ctid`, a TID scan) and id; the lock
-    keeps the address the row's newest and the conditions true until the transaction ends. It returns the ids it
-    updated: a row another transaction changed after this statement began and before its lock is found at an
-    address (its newest version's) the statement's snapshot cannot see, and left to the caller (`_update_progress`,
-    which writes it again on its own).
-    Each array is a scalar subquery: its length then counts for nothing in the plan's estimates (10 rows), so the
-    prepared statement keeps one generic plan (with the lengths known, every custom plan looked cheaper and the
-    statement was planned at every execution: 0.24 ms each). Without the LIMIT and with the conditions outside
-    the probe, that generic plan, made while the table was small, scanned every task for the rows."""
-    t = tasks_table
-    names = ["id", *_progress_columns(final)]
-    rows = _unnest(t, names)
-    probe = (
-        sa.select(sa.literal_column("tasks.ctid").label("tid"))
-        .where(t.c.id == rows.c.id, *_progress_conditions(final=final, held=held))
-        .with_for_update()
-        .lateral("probe")
-    )
-    found = (
-        sa.select(probe.c.tid, *rows.c)
-        .select_from(rows)
-        .join(probe, sa.true())
-        .limit(sa.bindparam("n"))
-        .cte("found")
-        .prefix_with("MATERIALIZED")
-    )
-    query = sa.update(t).where(sa.literal_column("tasks.ctid") == found.c.tid, t.c.id == found.c.id)
-    return query.values(**{name: found.c[name] for name in names[1:]}).returning(t.c.id)
+    columns = ["current_stage", "estimated_completion_at", "worker"]
+    query = sa.update(t).where(t.c.id == sa.bindparam("b_id"))
+    if held:
+        query = query.where(_held_by())
+    if final:
+        columns += ["status", "completed_at", "error_message", "error_details", "output", "stdout_tail", "stderr_tail"]
+        # A task already final (cancelled meanwhile by another server, recovered) is never overwritten. Plain
+        # comparisons, not NOT IN: an expanding IN parameter cannot be used in an executemany.
+        query = query.where(*(t.c.status != s.value for s in FINAL_STATUSES))
+    return query.values(**{name: sa.bindparam(f"b_{name}") for name in columns})
 
 
 def _requeue(conn: Connection, task_id: str, *, holder: str | None) -> bool:
@@ -1514,6 +1407,13 @@ def _requeue(conn: Connection, task_id: str, *, holder: str | None) -> bool:
 # for a few rows (a transaction updating 1 or 2 rows of a small table: client CPU 34-44 / 47-58 us against 59-81 /
 # 70-82, PostgreSQL's backend 40 / 40 against 50 / 60; at 4 rows it is a toss-up, at 8 executemany wins).
 FEW_ROWS = 2
+# psycopg: an INSERT of a few rows is one statement with a VALUES list (one execution in PostgreSQL instead of one per
+# row: executemany's pipeline saves the round trips, not those), when the statement stays one psycopg parses once
+# and keeps (at most this many parameters, and 4,096 characters): a longer one is parsed again at every execution
+# (a batch of 100 tasks' rows in one VALUES list cost 8 ms of client CPU a statement, executemany 3).
+VALUES_PARAMS_MAX = 50
+VALUES_SQL_MAX = 4096
+_PYFORMAT_PARAM = re.compile(r"%\((\w+)\)s")
 
 
 class _OnDriver:
@@ -1544,6 +1444,11 @@ class _OnDriver:
             else compiled._bind_processors.get  # the dialect's own (psycopg's JSON), as conn.execute uses
         )
         self._convert = [(i, convert) for i, key in enumerate(keys) if (convert := processor(key)) is not None]
+        # psycopg: an INSERT takes several rows in one VALUES list (`_values_sql`), without the RETURNING SQLAlchemy
+        # adds for a serial id (a run of many rows returns none).
+        self._insert = self.sql.split(" RETURNING ")[0] if self.sql.startswith("INSERT") else ""
+        self._values_list = None if self.positional or not self._insert else _values_group(self._insert)
+        self._values_sqls: dict[int, str] = {}
 
     def _params(self, row: Mapping[str, Any]) -> Any:
         """A row's parameters as the driver takes them: in the statement's order (SQLite) or by name (psycopg)."""
@@ -1562,6 +1467,12 @@ class _OnDriver:
         params: Any = [self._params(row) for row in rows] if many else self._params(rows[0])
         cursor = conn.connection.cursor()
         try:
+            values_sql = self._values_sql(len(params)) if many and len(params) > 1 else None
+            if values_sql is not None:
+                cursor.execute(
+                    values_sql, {f"{key}__{i}": value for i, row in enumerate(params) for key, value in row.items()}
+                )
+                return int(cursor.rowcount), []
             if many and (self.positional or len(params) > FEW_ROWS):
                 cursor.executemany(self.sql, params)
                 return int(cursor.rowcount), []
@@ -1572,7 +1483,7 @@ class _OnDriver:
                     changed += cursor.rowcount
                 return changed, []
             cursor.execute(self.sql, params)
-            return int(cursor.rowcount), [tuple(r) for r in cursor.fetchall()] if cursor.description else []
+            return int(cursor.rowcount), [tuple(r) for r in cursor.fetchall()]
         except conn.dialect.loaded_dbapi.Error as exc:  # raised as SQLAlchemy raises it: callers handle those
             # A connection the database dropped (a restart) is discarded, as SQLAlchemy does: the pool reconnects.
             gone = conn.dialect.is_disconnect(exc, conn.connection.dbapi_connection, cursor)
@@ -1583,6 +1494,34 @@ class _OnDriver:
             ) from exc
         finally:
             cursor.close()
+
+    def _values_sql(self, n: int) -> str | None:
+        """The INSERT with `n` rows in its VALUES list, each row's parameters suffixed with its place (`__i`); None
+        when it is no INSERT psycopg takes so (SQLite's, or beyond VALUES_PARAMS_MAX or VALUES_SQL_MAX)."""
+        if self._values_list is None or n * len(self._keys) > VALUES_PARAMS_MAX:
+            return None
+        sql = self._values_sqls.get(n)
+        if sql is None:
+            start, end = self._values_list
+            group = self._insert[start:end]
+            rows = ", ".join(_PYFORMAT_PARAM.sub(rf"%(\1__{i})s", group) for i in range(n))
+            sql = self._insert[:start] + rows + self._insert[end:]
+            sql = self._values_sqls[n] = sql if len(sql) <= VALUES_SQL_MAX else ""
+        return sql or None
+
+
+def _values_group(sql: str) -> tuple[int, int] | None:
+    """Where an INSERT's one VALUES row, `(...)`, begins and ends in its SQL (None if it has no such row)."""
+    start = sql.find(" VALUES (")
+    if start < 0:
+        return None
+    start += len(" VALUES ")
+    depth = 0
+    for end in range(start, len(sql)):
+        depth += {"(": 1, ")": -1}.get(sql[end], 0)
+        if depth == 0:
+            return start, end + 1
+    return None
 
 
 @functools.lru_cache(maxsize=2)
