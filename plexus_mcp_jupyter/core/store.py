@@ -1016,9 +1016,10 @@ class Store:
         self, writes: Sequence[ProgressWrite], *, holder: str | None, then: Callable[[Connection], Any]
     ) -> tuple[set[str], Any]:
         """`save_progress_many(writes, holder=)`, then `then(conn)` in the same transaction: on a networked store,
-        the scheduling pass the write's ends call for (its queue read and claim, `Store.claim_planned(conn=)`),
-        one commit for both instead of two. Returns the tasks left unwritten and what `then` returned; when `then`
-        fails, the write is made again alone (the transaction was undone) and the exception is returned instead."""
+        the claim of the scheduling pass the write's ends call for (`Store.claim_planned(conn=)`; a queue read it
+        needs goes on a connection of its own), one commit for both instead of two. Returns the tasks left
+        unwritten and what `then` returned; when `then` fails, the write is made again alone (the transaction was
+        undone) and the exception is returned instead."""
         failed: Exception | None = None
         try:
             with self.engine.begin() as conn:
