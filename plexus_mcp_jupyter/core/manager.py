@@ -1270,6 +1270,7 @@ class TaskManager:
         clock: FairClock,
         view: tuple[list[Task], dict[Group, int]] | None,
         version: int,
+        conn: Any = None,
     ) -> tuple[QueueWindow | None, list[Task], dict[Group, int], list[Task], set[str], float, set[str]]:
         """A scheduling pass's store work and plan (any thread: it reads only its arguments and the store): the
         queue's head (`view`, else a read of the store, returned to be kept), what starts, which of those this
@@ -1278,7 +1279,7 @@ class TaskManager:
         The claim is planned against what is still claimable (`Store.claim_planned`): on a shared PostgreSQL a
         task another server took or is taking is left out and the pass planned again without it, in the claim's
         transaction, so servers planning from the same head claim different tasks and none reads the queue again
-        for a lost claim."""
+        for a lost claim. `conn`: the transaction to claim in (a write's, `Store.save_progress_then`)."""
         read, window, cut, planned = self._read_plan(policy, running, clock, view, version, whole=True)
         starts = planned.starts
         started_at = now()
@@ -1298,6 +1299,7 @@ class TaskManager:
             started_at=started_at,
             lease_expires_at=self._lease_end(started_at),
             order=[task.id for task in planned.order],
+            conn=conn,
         )
         return read, window, cut, [by_id[task_id] for task_id in ids], won, started_at, gone
 
@@ -1611,20 +1613,18 @@ class TaskManager:
         riding: PassInputs | None,
     ) -> None:
         """`_flush` on a networked store. When the write ends tasks, the scheduling pass their slots call for runs in
-        the same writer-thread hop, right after the write commits (a transaction of its own: its claim may be
-        undone and planned again, `Store.claim_planned`): one hop and one loop turn per small task's end and its
-        successor's start, not two."""
+        the same writer-thread hop and the same transaction, after the write (`Store.save_progress_then`: one
+        commit; a pass that fails leaves the write committed alone): one hop and one loop turn per small task's end
+        and its successor's start, not two."""
         writes = [self._write_of(p) for p, *_ in batch]
         version = self._queue_version
 
         def write_then_pass() -> tuple[set[str], Any]:
-            lost = self.store.save_progress_many(writes, holder=self.server_id)
             if riding is None:
-                return lost, None
-            try:
-                return lost, self._read_plan_claim(*riding, version)
-            except Exception as exc:  # the write committed: its tasks are released all the same
-                return lost, exc
+                return self.store.save_progress_many(writes, holder=self.server_id), None
+            return self.store.save_progress_then(
+                writes, holder=self.server_id, then=lambda conn: self._read_plan_claim(*riding, version, conn)
+            )
 
         try:
             try:

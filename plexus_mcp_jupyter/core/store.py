@@ -7,6 +7,7 @@ transaction, so a failure leaves no half-written row. The Store knows nothing of
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -230,6 +231,13 @@ _LOCK_QUEUED = (
     sa.select(tasks_table.c.id)
     .where(tasks_table.c.id.in_(sa.bindparam("ids", expanding=True)), _STILL_QUEUED)
     .with_for_update(skip_locked=True)
+)
+# Claims undone within their transaction (Store.claim_planned with a transaction of its caller's): the tasks back as
+# a QUEUED task is (never started, held by no server).
+_UNCLAIM = (
+    sa.update(tasks_table)
+    .where(tasks_table.c.id.in_(sa.bindparam("ids", expanding=True)))
+    .values(status=TaskStatus.QUEUED.value, worker=None, started_at=None, lease_expires_at=None)
 )
 _CLAIM_LOCKED = (
     sa.update(tasks_table)
@@ -770,6 +778,7 @@ class Store:
         started_at: float,
         lease_expires_at: float | None = None,
         order: Sequence[str] = (),
+        conn: Connection | None = None,
     ) -> tuple[list[str], set[str], set[str]]:
         """Claim the starts of one scheduling pass, planned against what is really still claimable: several
         servers planning from the same head of a shared queue then claim DIFFERENT tasks, with no claim lost
@@ -794,6 +803,10 @@ class Store:
         would not start all it claimed (an owner cap, a resource), that transaction is undone and the rounds above
         follow the plan instead.
 
+        `conn`: a transaction to claim in (the write whose ends call for this pass: one commit for both,
+        `save_progress_then`); the undone first round's claims are then put back as they were, QUEUED (their
+        rows stay locked by it until it ends), instead of rolled back.
+
         Returns (the ids planned to start, those this call moved to RUNNING, those found gone)."""
         first = list(plan(set()))
         if not first:
@@ -802,20 +815,22 @@ class Store:
         values = {"b_worker": worker, "b_started_at": started_at, "b_lease": lease_expires_at}
         if postgres and order:
             try:
-                with self.engine.begin() as conn:
-                    got = self._rows(conn, _CLAIM_FIRST_QUEUED, {**values, "order": list(order), "n": len(first)})
-                    claimed = self._claimed_first(conn, got, values)
+                with contextlib.nullcontext(conn) if conn is not None else self.engine.begin() as in_tx:
+                    got = self._rows(in_tx, _CLAIM_FIRST_QUEUED, {**values, "order": list(order), "n": len(first)})
+                    claimed = self._claimed_first(in_tx, got, values)
                     last = max((order.index(task_id) for task_id in claimed), default=len(order) - 1)
                     examined = order if len(claimed) < len(first) else order[: last + 1]
                     gone = {task_id for task_id in examined if task_id not in claimed}
                     ids = list(plan(gone)) if gone else first
-                    if not claimed <= set(ids):
+                    if claimed <= set(ids):
+                        return self._claim_rounds(in_tx, plan, ids, claimed, gone, values)
+                    if conn is None:
                         raise _PlanChanged  # undone: the claims below follow the plan round by round
-                    return self._claim_rounds(conn, plan, ids, claimed, gone, values)
+                    conn.execute(_UNCLAIM, {"ids": sorted(claimed)})
             except _PlanChanged:
                 pass
-        with self.engine.begin() as conn:
-            return self._claim_rounds(conn, plan, first, set(), set(), values)
+        with contextlib.nullcontext(conn) if conn is not None else self.engine.begin() as in_tx:
+            return self._claim_rounds(in_tx, plan, first, set(), set(), values)
 
     @staticmethod
     def _claimed_first(conn: Connection, picked: list[tuple[Any, ...]], values: dict[str, Any]) -> set[str]:
@@ -1015,6 +1030,28 @@ class Store:
             if claim is not None:
                 claim.won = self._claim_many(conn, claim) if claim.task_ids else set()
             return lost
+
+    def save_progress_then(
+        self, writes: Sequence[ProgressWrite], *, holder: str | None, then: Callable[[Connection], Any]
+    ) -> tuple[set[str], Any]:
+        """`save_progress_many(writes, holder=)`, then `then(conn)` in the same transaction: on a networked store,
+        the claim of the scheduling pass the write's ends call for (`Store.claim_planned(conn=)`; a queue read it
+        needs goes on a connection of its own), one commit for both instead of two. Returns the tasks left
+        unwritten and what `then` returned; when `then` fails, the write is made again alone (the transaction was
+        undone) and the exception is returned instead."""
+        failed: Exception | None = None
+        try:
+            with self.engine.begin() as conn:
+                lost = self._write_progress(conn, writes, holder=holder) if writes else set()
+                try:
+                    return lost, then(conn)
+                except Exception as exc:
+                    failed = exc
+                    raise
+        except Exception:
+            if failed is None:
+                raise
+        return self.save_progress_many(writes, holder=holder), failed
 
     def _write_progress(self, conn: Connection, writes: Sequence[ProgressWrite], *, holder: str | None) -> set[str]:
         progress_rows: list[dict[str, Any]] = []
