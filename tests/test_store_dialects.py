@@ -432,3 +432,52 @@ def test_a_score_name_longer_than_its_column_is_refused_by_name():
 
     with pytest.raises(InvalidArgument, match=r"scores\[0\]\.name': must be at most 128 characters, not 200"):
         load_scorecard(CARD.replace("name: stored predictions", "name: " + "s" * 200, 1))
+
+
+def test_a_final_write_carries_its_stages_and_samples_in_the_tasks_row_and_every_read_merges_them(store):
+    """A final write's stages and samples go in the task's own row (tasks.trail), not in task_stages and
+    progress_samples; get_task, tasks_by_ids, list_tasks, tasks_with_status, history and batch_items read them as
+    if they were rows: a stage of the trail replaces the row of its order, its samples follow the table's."""
+    small, long_ = queued(2, batch_id="b")
+    store.create_tasks([small, long_])
+    store.claim_many([small.id, long_.id], worker="srv/pid=1", started_at=time.time())
+    at = time.time()
+    # The long task wrote two stages and a sample before its end; the small one nothing.
+    first = Stage("Load", 0, StageStatus.COMPLETED, "ok", 4, 4, at, at + 1, None)
+    second = Stage("Work", 1, StageStatus.RUNNING, None, 10, 3, at + 1, None, at + 9)
+    long_.worker = small.worker = "srv/pid=1"
+    store.save_progress_many([ProgressWrite(long_, [first, second], [ProgressSample(at + 1, "Work", 3, 10)])])
+    done = Stage("Work", 1, StageStatus.COMPLETED, "all", 10, 10, at + 1, at + 2, None)
+    only = Stage("Working", 0, StageStatus.COMPLETED, None, 1, 1, at, at + 0.5, None)
+    for task in (small, long_):
+        task.status, task.completed_at = TaskStatus.COMPLETED, at + 2
+    store.save_progress_many(
+        [
+            ProgressWrite(
+                small, [only], [ProgressSample(at, "Working", 0, 1), ProgressSample(at + 0.5, "Working", 1, 1)], True
+            ),
+            ProgressWrite(long_, [done], [ProgressSample(at + 2, "Work", 10, 10, "all")], True),
+        ],
+        holder="srv",
+    )
+    with store.engine.connect() as conn:  # the small task left no child rows, the long one its earlier ones
+        assert conn.exec_driver_sql("SELECT task_id, stage_order, status FROM task_stages ORDER BY 2").all() == [
+            (long_.id, 0, "COMPLETED"),
+            (long_.id, 1, "RUNNING"),
+        ]
+        assert conn.exec_driver_sql("SELECT count(*) FROM progress_samples").scalar_one() == 1
+    want = {small.id: [only], long_.id: [first, done]}
+    assert {t.id: t.stages for t in store.tasks_by_ids([small.id, long_.id], stages=True)} == want
+    assert {t.id: store.get_task(t.id).stages for t in (small, long_)} == want
+    assert {t.id: t.stages for t in store.list_tasks(TaskFilter(), limit=10)[0]} == want
+    assert {t.id: t.stages for t in store.tasks_with_status(TaskStatus.COMPLETED)} == want
+    samples, total = store.history(long_.id, limit=10)
+    assert total == 2 and [(s.processed, s.message) for s in samples] == [(3, None), (10, "all")]
+    assert store.history(long_.id, limit=1) == ([ProgressSample(at + 2, "Work", 10, 10, "all")], 2)
+    samples, total = store.history(small.id, limit=10)
+    assert total == 2 and [s.processed for s in samples] == [0, 1]
+    processed, items, _, ended = store.batch_items("b")
+    assert (processed, items, ended) == (4 + 10 + 1, 4 + 10 + 1, pytest.approx(at + 2))
+    # Re-queued: the trail goes as the rows do.
+    assert store.requeue(small.id)
+    assert store.get_task(small.id).stages == [] and store.history(small.id, limit=10) == ([], 0)

@@ -249,3 +249,62 @@ def test_revision_0005_packs_the_event_outbox_in_place_and_back(store_url):
     _migrate(store_url, command.downgrade, "0004")
     assert {"kind", "entity_type", "entity_id", "data"} <= _outbox_columns(store_url)
     assert "heads" not in _outbox_columns(store_url)
+
+
+def test_revision_0006_keeps_a_stores_stages_and_samples_and_gives_a_trail_back_as_rows(store_url):
+    """A store at 0005 whose tasks have stage rows and samples upgrades in place (the column added, the rows kept
+    and read as before); a task ended after it carries its stages and samples in its row (tasks.trail), and a
+    downgrade to 0005 makes them rows of task_stages and progress_samples again."""
+    from alembic import command
+
+    from plexus_mcp_jupyter.core.models import ProgressSample, Stage, StageStatus
+    from plexus_mcp_jupyter.core.store import ProgressWrite
+
+    _migrate(store_url, command.upgrade, "0005")
+    at = time.time()
+    engine = make_engine(store_url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "INSERT INTO tasks (id, type, status, priority, created_at, completed_at, cancel_requested) "
+                f"VALUES ('old', 'demo', 'COMPLETED', 0, {at}, {at + 1}, false)"
+            )
+            conn.exec_driver_sql(
+                "INSERT INTO task_stages (task_id, stage_order, name, status, total_items, processed_items) "
+                "VALUES ('old', 0, 'Load', 'COMPLETED', 5, 5)"
+            )
+            conn.exec_driver_sql(
+                "INSERT INTO progress_samples (task_id, at, stage, processed, total) "
+                f"VALUES ('old', {at}, 'Load', 5, 5)"
+            )
+    finally:
+        engine.dispose()
+    store = Store(store_url)  # upgraded at start
+    try:
+        assert current_revision(store.engine) == head_revision()
+        old = store.get_task("old")
+        assert [(s.name, s.status, s.processed_items) for s in old.stages] == [("Load", StageStatus.COMPLETED, 5)]
+        assert store.history("old", limit=5) == ([ProgressSample(at, "Load", 5, 5)], 1)
+        new = Task(id="new", type="demo", status=TaskStatus.QUEUED, created_at=at)
+        store.create_task(new)
+        store.claim("new", worker="srv/pid=1", started_at=at)
+        new.status, new.completed_at, new.worker = TaskStatus.COMPLETED, at + 1, "srv/pid=1"
+        stage = Stage("Working", 0, StageStatus.COMPLETED, None, 1, 1, at, at + 1, None)
+        store.save_progress_many([ProgressWrite(new, [stage], [ProgressSample(at + 1, "Working", 1, 1)], True)])
+        assert store.get_task("new").stages == [stage]
+    finally:
+        store.close()
+    assert schema_diff(store_url) == []
+    _migrate(store_url, command.downgrade, "0005")
+    engine = make_engine(store_url)
+    try:
+        assert "trail" not in {c["name"] for c in sa.inspect(engine).get_columns("tasks")}
+        with engine.connect() as conn:
+            stages = conn.exec_driver_sql(
+                "SELECT task_id, stage_order, name, status, processed_items FROM task_stages ORDER BY task_id"
+            ).all()
+            samples = conn.exec_driver_sql("SELECT task_id, processed FROM progress_samples ORDER BY task_id").all()
+    finally:
+        engine.dispose()
+    assert stages == [("new", 0, "Working", "COMPLETED", 1), ("old", 0, "Load", "COMPLETED", 5)]
+    assert samples == [("new", 1), ("old", 5)]

@@ -161,17 +161,21 @@ def test_driver_writes_store_what_sqlalchemy_stores(tmp_path, request, dialect):
 def test_a_driver_write_that_fails_rolls_back_its_transaction_and_raises_sqlalchemys_error(store_url):
     store = Store(store_url)
     try:
-        task = Task(id=str(uuid.uuid4()), type="demo", status=TaskStatus.QUEUED, params={})
+        task, other = (Task(id=str(uuid.uuid4()), type="demo", status=TaskStatus.QUEUED, params={}) for _ in "ab")
         store.create_task(task)
         with pytest.raises(sa.exc.IntegrityError):
             store.create_task(task)  # the same id twice
+        store.create_task(other)
         assert [t.id for t in store.tasks_by_ids([task.id])] == [task.id]
-        store.claim_many([task.id], worker="srv", started_at=time.time())
+        store.claim_many([task.id, other.id], worker="srv", started_at=time.time())
         task.status, task.completed_at, task.worker = TaskStatus.COMPLETED, time.time(), "srv/pid=1"
-        bad_stage = Stage("S", 0, StageStatus.COMPLETED, None, None, 0, None, None, None)
-        bad_stage.name = None  # NOT NULL: the stage upsert fails after the task's final UPDATE ran
+        other.worker = "srv/pid=1"
+        bad_stage = Stage("S", 0, StageStatus.RUNNING, None, None, 0, None, None, None)
+        bad_stage.name = None  # NOT NULL: the other task's stage upsert fails after the task's final UPDATE ran
         with pytest.raises(sa.exc.IntegrityError):
-            store.save_progress_many([ProgressWrite(task, [bad_stage], [], True)], holder="srv")
+            store.save_progress_many(
+                [ProgressWrite(task, [], [], True), ProgressWrite(other, [bad_stage], [])], holder="srv"
+            )
         assert store.get_task(task.id).status is TaskStatus.RUNNING  # the UPDATE before it was rolled back
     finally:
         store.close()

@@ -105,6 +105,13 @@ tasks_table = sa.Table(
     # Until when the claiming server's heartbeat holds a RUNNING task (core/leases.py); past it, any server on
     # the store may recover the task. None: claimed by a release without leases (recovered by process id).
     sa.Column("lease_expires_at", sa.Float, nullable=True),
+    # The stages and progress samples of a task's final write (revision 0006), carried by its row instead of rows
+    # of task_stages and progress_samples: a small task's whole life is that write, and its child rows (a stage,
+    # two samples, their index entries and foreign-key checks) were a third of PostgreSQL's work per task. Read
+    # over the child rows: a stage here replaces the row of its order, samples here follow the table's.
+    # {"stages": [[order, name, status, message, total, processed, started, completed, eta], ...],
+    #  "samples": [[at, stage, processed, total, message], ...]}; None: everything is in the child tables.
+    sa.Column("trail", sa.JSON, nullable=True),
 )
 
 stages_table = sa.Table(
@@ -181,6 +188,7 @@ outbox_table = sa.Table(
     sqlite_autoincrement=True,  # an id is never reused after pruning: readers continue after the last one seen
 )
 _TASK_COLUMNS = [c.name for c in tasks_table.columns]
+_TASK_FIELDS = [name for name in _TASK_COLUMNS if name != "trail"]  # the Task's own (the row's trail: its stages)
 
 # The hottest reads, built once: constructing and cache-keying a statement per call cost more than
 # running it on SQLite.
@@ -599,7 +607,7 @@ class Store:
             if stages:
                 by_task = self._stages_for(conn, [task.id for task in found])
                 for task in found:
-                    task.stages = by_task.get(task.id, [])
+                    _with_stages(task, by_task.get(task.id, []))
             out += found
         return out
 
@@ -655,18 +663,30 @@ class Store:
         where = [t.c.batch_id == batch_id, t.c.id.notin_(retried)]
         if viewer is not None:
             where.append(visible_to(t.c.owner, viewer))
-        items = (
+        items = (  # the tasks whose stages are all rows of task_stages
             sa.select(
                 sa.func.coalesce(sa.func.sum(st.c.processed_items), 0),
                 sa.func.coalesce(sa.func.sum(st.c.total_items), 0),
             )
             .select_from(st.join(t, st.c.task_id == t.c.id))
-            .where(*where)
+            .where(*where, t.c.trail.is_(None))
         )
+        # The ended ones whose final write carried stages (tasks.trail): merged with their rows, if any, here.
+        trailed = sa.select(t.c.id, t.c.trail).where(*where, t.c.trail.is_not(None))
         times = sa.select(sa.func.min(t.c.created_at), sa.func.max(t.c.completed_at)).where(*where)
         with self.reads.connect() as conn:
             processed, total = conn.execute(items).one()
+            ended_tasks = [_task_from_dict({"id": i, "trail": trail, **_BARE}) for i, trail in conn.execute(trailed)]
+            rows: dict[str, list[Stage]] = {}
+            if ended_tasks:
+                their_rows = sa.select(st).join(t, st.c.task_id == t.c.id).where(*where, t.c.trail.is_not(None))
+                for r in conn.execute(their_rows):
+                    rows.setdefault(r[0], []).append(_stage_from_tuple(r))
             created, ended = conn.execute(times).one()
+        for task in ended_tasks:
+            _with_stages(task, rows.get(task.id, []))
+            processed += sum(stage.processed_items for stage in task.stages)
+            total += sum(stage.total_items or 0 for stage in task.stages)
         return int(processed), int(total), created, ended
 
     def get_task(self, task_id: str) -> Task | None:
@@ -676,7 +696,7 @@ class Store:
         if not rows:
             return None
         task = _task_from_tuple(rows[0][:_N_TASK_COLUMNS])
-        task.stages = [_stage_from_tuple(r[_N_TASK_COLUMNS:]) for r in rows if r[_N_TASK_COLUMNS] is not None]
+        _with_stages(task, [_stage_from_tuple(r[_N_TASK_COLUMNS:]) for r in rows if r[_N_TASK_COLUMNS] is not None])
         return task
 
     def list_tasks(
@@ -715,7 +735,7 @@ class Store:
             page = [_task_from_tuple(r) for r in rows[:limit]]
             stages = self._stages_for(conn, [task.id for task in page])
         for task in page:
-            task.stages = stages.get(task.id, [])
+            _with_stages(task, stages.get(task.id, []))
         next_key = (page[-1].created_at, page[-1].id) if len(rows) > limit else None
         return page, next_key
 
@@ -751,7 +771,7 @@ class Store:
             tasks = [_task_from_row(r) for r in rows]
             stages = self._stages_for(conn, [t.id for t in tasks])
         for task in tasks:
-            task.stages = stages.get(task.id, [])
+            _with_stages(task, stages.get(task.id, []))
         return tasks
 
     def claim(self, task_id: str, *, worker: str, started_at: float, lease_expires_at: float | None = None) -> bool:
@@ -1075,6 +1095,7 @@ class Store:
                     b_output=task.output,
                     b_stdout_tail=task.stdout_tail,
                     b_stderr_tail=task.stderr_tail,
+                    b_trail=_trail(write.stages, write.samples),
                 )
                 final_rows.append(row)
             else:
@@ -1091,13 +1112,10 @@ class Store:
             elsewhere = sa.or_(t.c.worker.is_(None), sa.not_(_held_by(holder)))
             ids = [w.task.id for w in writes]
             lost = set(conn.execute(sa.select(t.c.id).where(t.c.id.in_(ids), elsewhere)).scalars())
-        stage_rows = [_stage_row(w.task.id, stage) for w in writes if w.task.id not in lost for stage in w.stages]
-        sample_rows = [
-            {"task_id": w.task.id, **_sample_row(sample)}
-            for w in writes
-            if w.task.id not in lost
-            for sample in w.samples
-        ]
+        # A final write's stages and samples are in its row (tasks.trail); the others' in the child tables.
+        tabled = [w for w in writes if not w.final and w.task.id not in lost]
+        stage_rows = [_stage_row(w.task.id, stage) for w in tabled for stage in w.stages]
+        sample_rows = [{"task_id": w.task.id, **_sample_row(sample)} for w in tabled for sample in w.samples]
         if stage_rows:
             self._upsert_stages(conn, stage_rows)
         if sample_rows:
@@ -1143,11 +1161,13 @@ class Store:
 
     def history(self, task_id: str, *, limit: int) -> tuple[list[ProgressSample], int]:
         """The most recent `limit` progress samples of a task, oldest first, and how many exist."""
-        s = samples_table
+        s, t = samples_table, tasks_table
         with self.reads.connect() as conn:
+            # The samples its final write carried (tasks.trail) come after the table's.
+            last = _samples_from_trail(conn.execute(sa.select(t.c.trail).where(t.c.id == task_id)).scalar())
             total = conn.execute(sa.select(sa.func.count()).select_from(s).where(s.c.task_id == task_id)).scalar_one()
             rows = conn.execute(
-                sa.select(s).where(s.c.task_id == task_id).order_by(s.c.id.desc()).limit(limit)
+                sa.select(s).where(s.c.task_id == task_id).order_by(s.c.id.desc()).limit(max(limit - len(last), 0))
             ).mappings()
             samples = [
                 ProgressSample(
@@ -1156,7 +1176,8 @@ class Store:
                 for r in rows
             ]
         samples.reverse()
-        return samples, int(total)
+        samples += last
+        return samples[len(samples) - limit :] if limit > 0 else [], int(total) + len(last)
 
     # -- the queue (core/queue.py) -------------------------------------------------------------
 
@@ -1388,7 +1409,16 @@ def _progress_update(*, final: bool, held: bool) -> Any:
     if held:
         query = query.where(_held_by())
     if final:
-        columns += ["status", "completed_at", "error_message", "error_details", "output", "stdout_tail", "stderr_tail"]
+        columns += [
+            "status",
+            "completed_at",
+            "error_message",
+            "error_details",
+            "output",
+            "stdout_tail",
+            "stderr_tail",
+            "trail",
+        ]
         # A task already final (cancelled meanwhile by another server, recovered) is never overwritten. Plain
         # comparisons, not NOT IN: an expanding IN parameter cannot be used in an executemany.
         query = query.where(*(t.c.status != s.value for s in FINAL_STATUSES))
@@ -1413,6 +1443,7 @@ def _requeue(conn: Connection, task_id: str, *, holder: str | None) -> bool:
                 estimated_completion_at=None,
                 error_message=None,
                 error_details=None,
+                trail=None,
             )
         ).rowcount
         == 1
@@ -1741,8 +1772,9 @@ class _Checkpointer:
 
 
 def _task_row(task: Task) -> dict[str, Any]:
-    row = {name: getattr(task, name) for name in _TASK_COLUMNS}
+    row = {name: getattr(task, name) for name in _TASK_FIELDS}
     row["status"] = task.status.value
+    row["trail"] = None
     return row
 
 
@@ -1756,10 +1788,63 @@ def _task_from_tuple(row: Any) -> Task:
 
 
 def _task_from_dict(data: dict[str, Any]) -> Task:
+    """A task from its row's values; the stages its final write carried (`trail`) are its stages until
+    `_with_stages` merges the child table's rows in."""
+    trail = data.pop("trail")
     data["status"] = TaskStatus(data["status"])
     data["params"] = data["params"] or {}
     data["cancel_requested"] = bool(data["cancel_requested"])
-    return Task(**data)
+    task = Task(**data)
+    if trail:
+        task.stages = [_stage_from_trail(item) for item in trail.get("stages", ())]
+    return task
+
+
+# The fields a Task needs besides its id and trail, for one read only for its stages (Store.batch_items).
+_BARE = {"type": "", "status": TaskStatus.COMPLETED.value, "params": None, "cancel_requested": False, "created_at": 0.0}
+
+
+def _with_stages(task: Task, rows: list[Stage]) -> None:
+    """`task`'s stages: the child table's `rows`, each replaced by the stage of its order its final write carried
+    (task.stages, from the row's trail), in order."""
+    if not task.stages:
+        task.stages = rows
+    elif rows:
+        by_order = {stage.order: stage for stage in rows}
+        by_order.update((stage.order, stage) for stage in task.stages)
+        task.stages = [by_order[order] for order in sorted(by_order)]
+
+
+def _trail(stages: Sequence[Stage], samples: Sequence[ProgressSample]) -> dict[str, Any] | None:
+    """What a final write's row carries of its stages and samples (tasks.trail), or None if it has neither."""
+    if not stages and not samples:
+        return None
+    return {
+        "stages": [
+            [
+                s.order,
+                s.name,
+                s.status.value,
+                s.status_message,
+                s.total_items,
+                s.processed_items,
+                s.started_at,
+                s.completed_at,
+                s.estimated_completion_at,
+            ]
+            for s in stages
+        ],
+        "samples": [[x.at, x.stage, x.processed, x.total, x.message] for x in samples],
+    }
+
+
+def _stage_from_trail(item: Sequence[Any]) -> Stage:
+    order, name, status, message, total, processed, started, completed, eta = item
+    return Stage(name, order, StageStatus(status), message, total, processed, started, completed, eta)
+
+
+def _samples_from_trail(trail: Mapping[str, Any] | None) -> list[ProgressSample]:
+    return [ProgressSample(*item) for item in (trail or {}).get("samples", ())]
 
 
 _STAGE_COLUMNS = (
