@@ -1034,6 +1034,7 @@ class Store:
         The manager gathers what its workers reported during one turn of the event loop (stage changes with
         the worker ids, progress, ends of many tasks) and writes it here at once: a commit and a statement per
         kind of row, instead of a transaction per message, which was most of a small task's cost on the server.
+        A final write's stages and samples go in the task's row (`tasks.trail`), not in the child tables.
 
         With `holder` (a server id), a task is written only while that server holds it (its `worker` starts
         with the id): another server that took it over (this one's lease ran out, core/leases.py) owns the row
@@ -1796,7 +1797,7 @@ def _task_from_dict(data: dict[str, Any]) -> Task:
     data["cancel_requested"] = bool(data["cancel_requested"])
     task = Task(**data)
     if trail:
-        task.stages = [_stage_from_trail(item) for item in trail.get("stages", ())]
+        task.stages = [_stage_from_tuple((task.id, *item)) for item in trail.get("stages", ())]  # a row's order
     return task
 
 
@@ -1836,11 +1837,6 @@ def _trail(stages: Sequence[Stage], samples: Sequence[ProgressSample]) -> dict[s
         ],
         "samples": [[x.at, x.stage, x.processed, x.total, x.message] for x in samples],
     }
-
-
-def _stage_from_trail(item: Sequence[Any]) -> Stage:
-    order, name, status, message, total, processed, started, completed, eta = item
-    return Stage(name, order, StageStatus(status), message, total, processed, started, completed, eta)
 
 
 def _samples_from_trail(trail: Mapping[str, Any] | None) -> list[ProgressSample]:

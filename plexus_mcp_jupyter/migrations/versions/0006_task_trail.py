@@ -22,6 +22,7 @@ down_revision = "0005"
 branch_labels = None
 depends_on = None
 
+# The trail's item orders, as this revision wrote them (not imported: a revision keeps its own tables' shape).
 STAGE_COLUMNS = (
     "stage_order",
     "name",
