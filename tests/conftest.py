@@ -29,6 +29,20 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     compileall.compile_dir(plexus_mcp_jupyter.__path__[0], quiet=2)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """mypy, when its test is among those to run, starts now in the background (tests/test_quality.py)."""
+    if any(item.nodeid == "tests/test_quality.py::test_mypy_finds_nothing" for item in session.items):
+        from tests.test_quality import start_in_background
+
+        start_in_background()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    from tests.test_quality import stop_background
+
+    stop_background()
+
+
 pytest_plugins = ("pytest_jupyter.jupyter_server", "tests.postgres")
 
 LEGACY = "legacy"  # the 2025-11-25 initialize handshake
