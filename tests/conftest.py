@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import compileall
+import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -17,6 +19,7 @@ from mcp.client.streamable_http import streamable_http_client
 from traitlets.config import Config
 
 import plexus_mcp_jupyter
+from plexus_mcp_jupyter.core.store import Store
 from plexus_mcp_jupyter.core.tasks import TaskType, register_task_type, unregister_task_type
 from plexus_mcp_jupyter.security.keys import keys_table
 
@@ -49,9 +52,22 @@ LEGACY = "legacy"  # the 2025-11-25 initialize handshake
 MODERN = "2026-07-28"  # the per-request era, no handshake
 
 
+@pytest.fixture(scope="session")
+def migrated_store_file(tmp_path_factory) -> Path:
+    """An empty SQLite store at the newest schema, made once per session by the store itself (its migrations)."""
+    path = tmp_path_factory.mktemp("store-template") / "plexus.db"
+    Store(f"sqlite:///{path}").close()
+    assert not path.with_name(path.name + "-wal").exists()  # closed: everything is in the one file
+    return path
+
+
 @pytest.fixture
-def db_path(tmp_path):
-    return tmp_path / "plexus.db"
+def db_path(tmp_path, migrated_store_file):
+    """The test's own SQLite store, empty and already at the newest schema: a copy of the session's migrated file
+    (migrating a new file costs ~50-70 ms of every server start; tests/test_store_migrations.py covers that path)."""
+    path = tmp_path / "plexus.db"
+    shutil.copyfile(migrated_store_file, path)
+    return path
 
 
 @pytest.fixture
