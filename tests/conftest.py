@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import compileall
+import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -17,6 +19,7 @@ from mcp.client.streamable_http import streamable_http_client
 from traitlets.config import Config
 
 import plexus_mcp_jupyter
+from plexus_mcp_jupyter.core.store import Store
 from plexus_mcp_jupyter.core.tasks import TaskType, register_task_type, unregister_task_type
 from plexus_mcp_jupyter.security.keys import keys_table
 
@@ -29,15 +32,42 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     compileall.compile_dir(plexus_mcp_jupyter.__path__[0], quiet=2)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """mypy, when its test is among those to run, starts now in the background (tests/test_quality.py)."""
+    if any(item.nodeid == "tests/test_quality.py::test_mypy_finds_nothing" for item in session.items):
+        from tests.test_quality import start_in_background
+
+        start_in_background()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    from tests.test_quality import stop_background
+
+    stop_background()
+
+
 pytest_plugins = ("pytest_jupyter.jupyter_server", "tests.postgres")
 
 LEGACY = "legacy"  # the 2025-11-25 initialize handshake
 MODERN = "2026-07-28"  # the per-request era, no handshake
 
 
+@pytest.fixture(scope="session")
+def migrated_store_file(tmp_path_factory) -> Path:
+    """An empty SQLite store at the newest schema, made once per session by the store itself (its migrations)."""
+    path = tmp_path_factory.mktemp("store-template") / "plexus.db"
+    Store(f"sqlite:///{path}").close()
+    assert not path.with_name(path.name + "-wal").exists()  # closed: everything is in the one file
+    return path
+
+
 @pytest.fixture
-def db_path(tmp_path):
-    return tmp_path / "plexus.db"
+def db_path(tmp_path, migrated_store_file):
+    """The test's own SQLite store, empty and already at the newest schema: a copy of the session's migrated file
+    (migrating a new file costs ~50-70 ms of every server start; tests/test_store_migrations.py covers that path)."""
+    path = tmp_path / "plexus.db"
+    shutil.copyfile(migrated_store_file, path)
+    return path
 
 
 @pytest.fixture

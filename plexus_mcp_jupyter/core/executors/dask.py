@@ -366,6 +366,7 @@ class DaskExecutor(Executor):
         self._stop.set()
         self._submit_wake.set()
         self._collect_wake.set()
+        self._submitted_event.set()  # the idle reader waits on it (up to 1 s): it ends now, not at its next look
         await asyncio.to_thread(self._control.shutdown, True)  # a worker restart may take seconds
         await asyncio.to_thread(self._close_client)
         for thread in self._threads:

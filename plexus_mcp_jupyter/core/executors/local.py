@@ -284,6 +284,11 @@ class LocalExecutor(Executor):
         new = _Worker(process, receiver, cancel_seq, single_use, threading.Lock())
         with self._lock:
             self._workers[receiver] = new
+            # Started while shutdown retired the workers it saw (a replacement the reader thread was starting):
+            # retired here, or it would live on, and the reader thread wait for its pipe, past the shutdown.
+            late = self._closing and not new.retiring
+        if late:
+            self._retire(new)
         self._wake()
         return new
 
