@@ -196,32 +196,55 @@ async def test_the_warm_up_after_start_rehearses_the_first_evaluation_and_stores
         assert (await finished(client, made["evaluation_id"]))["status"] == "COMPLETED"
 
 
-async def test_the_rehearsals_after_start_stop_once_a_create_has_begun(runtime, mcp_client, jp_root_dir, monkeypatch):
-    """warm_up_again's rehearsals (~5 ms of the GIL each) stop at the first create_evaluation: they would compete
-    with it and the calls after it, which warm the path themselves. Before any create they all run."""
+async def test_the_rehearsals_after_start_stop_once_a_client_has_come(runtime, mcp_client, jp_root_dir, monkeypatch):
+    """warm_up_again's rehearsals (~5 ms of the GIL each, and on SQLite the write lock until each rolls back) stop at
+    a client's first MCP message (a session's initialize: its create_evaluation follows within milliseconds) and at
+    a create (the REST face too): they would compete with it and the calls after it, which warm the path
+    themselves. Before any, they all run; one already planning when the client comes stops before the store."""
     service = runtime.evaluations
     await poll(service.warmed.is_set, bool)
     await asyncio.wrap_future(service._pruner.submit(lambda: None))  # the rehearsals after start are done
     rehearsals: list[float] = []
-    rehearse, plan = service._rehearse, service.plan
+    stored: list[float] = []
+    rehearse, plan, rehearse_create = service._rehearse, service.plan, runtime.store.rehearse_create_task
     planning, go = threading.Event(), threading.Event()
 
-    def counted_rehearse() -> None:
+    def counted_rehearse(*args: Any, **kwargs: Any) -> None:
         rehearsals.append(time.monotonic())
-        rehearse()
+        rehearse(*args, **kwargs)
 
-    def held_plan(*args: Any, **kwargs: Any) -> Any:  # the create stays running until `go`
+    def counted_store(*args: Any, **kwargs: Any) -> None:
+        stored.append(time.monotonic())
+        rehearse_create(*args, **kwargs)
+
+    def held_plan(*args: Any, **kwargs: Any) -> Any:  # a create (or a rehearsal) stays in its plan until `go`
         planning.set()
         assert go.wait(30)
         return plan(*args, **kwargs)
 
     monkeypatch.setattr(service, "_rehearse", counted_rehearse)
+    monkeypatch.setattr(runtime.store, "rehearse_create_task", counted_store)
     await asyncio.wrap_future(service._pruner.submit(service.warm_up_again))
-    assert len(rehearsals) == service_module.WARM_REPEATS  # no create yet: every rehearsal ran
+    assert len(rehearsals) == len(stored) == service_module.WARM_REPEATS  # no client yet: every rehearsal ran
     rehearsals.clear()
+    # A rehearsal in its plan when the first message comes: it goes no further (no insert, no write lock taken).
     monkeypatch.setattr(service, "plan", held_plan)
+    stored.clear()
+    again = asyncio.wrap_future(service._pruner.submit(service.warm_up_again))
+    await poll(planning.is_set, bool)
+    async with mcp_client() as client:
+        go.set()
+        await again
+        assert len(rehearsals) == 1 and not stored, "a rehearsal went on after a client came"
+        rehearsals.clear()
+        await asyncio.wrap_future(service._pruner.submit(service.warm_up_again))
+        assert not rehearsals, "a rehearsal ran after a client's first message"
+    # A create stops them too (a REST create may be a server's first request): as if no message had come.
+    planning.clear()
+    go.clear()
     pd.DataFrame({"label": ["yes", "no"] * 5, "prediction": ["yes"] * 10}).to_csv(jp_root_dir / "r.csv", index=False)
     async with mcp_client() as client:
+        service._served = False  # (the endpoint tells the service once, at the server's first request)
         call = asyncio.ensure_future(
             create(client, type="accuracy", dataset="r.csv", label_column="label", prediction_column="prediction")
         )
