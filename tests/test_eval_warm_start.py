@@ -155,6 +155,69 @@ async def test_a_task_still_waiting_past_the_grace_period_is_killed_without_a_wo
         assert m.executor.status()["waiting"] == 0
 
 
+class UnfairSpawnLock:
+    """The executor's spawn lock as an unfair Lock behaves at its worst: the thread that released it may take it again
+    within BARGE seconds before any other waiter (a woken waiter needs the GIL and a core, the releaser has both).
+    Records which threads take it, in order, and how many wait."""
+
+    BARGE = 0.5
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._owner: threading.Thread | None = None
+        self._released_by: threading.Thread | None = None
+        self._released_at = 0.0
+        self.takers: list[str] = []
+        self.waiting = 0
+
+    def _free_for(self, me: threading.Thread) -> bool:
+        barging = self._released_by is not None and time.monotonic() - self._released_at < self.BARGE
+        return self._owner is None and (not barging or self._released_by is me)
+
+    def __enter__(self) -> None:
+        me = threading.current_thread()
+        with self._cond:
+            self.waiting += 1
+            while not self._free_for(me):
+                self._cond.wait(0.05)
+            self.waiting -= 1
+            self._owner = me
+            self.takers.append(me.name)
+
+    def __exit__(self, *_: object) -> None:
+        with self._cond:
+            self._owner, self._released_by, self._released_at = None, threading.current_thread(), time.monotonic()
+            self._cond.notify_all()
+
+
+async def test_a_waiting_tasks_worker_starts_before_the_rest_of_the_pools_warm_up(tmp_path):
+    """Right after start the pool's warm-up starts its workers one after the other under the spawn lock, as a task's
+    start does; a Lock is not fair, so the warm-up could take it again and again before the first task's start (one
+    to three workers of 5-15 ms each, after the forkserver's preload: seen at ready). It now lets a waiting task's
+    start go first, whatever the lock does."""
+    store = Store(f"sqlite:///{tmp_path / 'order.db'}")
+    ex = LocalExecutor(pool_size=3)
+    ex._spawn_lock = UnfairSpawnLock()  # type: ignore[assignment]
+    blocked = SpawnsBlocked(ex)  # holds it, as the forkserver's preload does
+    m = TaskManager(store, EventBus(), ex, max_concurrency=3, poll_interval=0.1)
+    await m.start()
+    try:
+        await poll(lambda: ex._spawn_lock.waiting, lambda n: n == 1)  # the warm-up's first worker
+        task = m.dispatch("demo", {"items": 1, "item_delay_ms": 0})
+        await poll(lambda: ex._spawn_lock.waiting, lambda n: n == 2)  # and the task's start
+        blocked.release()
+        await m.wait_final([task.id], 30)
+        assert m.get(task.id).status is TaskStatus.COMPLETED
+        await poll(lambda: len(ex._spawn_lock.takers), lambda n: n >= 3)
+        takers = ex._spawn_lock.takers[1:]  # after the blocker's
+        # The warm-up's first worker may have taken it first (both waited); its next ones came after the task's.
+        assert takers.index(next(t for t in takers if t.startswith("plexus-worker-start"))) <= 1, takers
+    finally:
+        blocked.release()
+        await m.stop()
+        store.close()
+
+
 async def test_the_warm_up_after_start_rehearses_the_first_evaluation_and_stores_nothing(
     runtime, mcp_client, jp_root_dir
 ):
