@@ -240,6 +240,7 @@ class PlexusRuntime:
             max_request_body_size=settings.max_request_bytes,
             event_store_size=settings.event_store_size,
             event_store_bytes=settings.event_store_bytes,
+            on_first_request=self.evaluations.client_came,
         )
         self._started = False
         self._log_scrubbers: list[Callable[[], None]] = []  # detach functions (see protect_secret)

@@ -155,6 +155,69 @@ async def test_a_task_still_waiting_past_the_grace_period_is_killed_without_a_wo
         assert m.executor.status()["waiting"] == 0
 
 
+class UnfairSpawnLock:
+    """The executor's spawn lock as an unfair Lock behaves at its worst: the thread that released it may take it again
+    within BARGE seconds before any other waiter (a woken waiter needs the GIL and a core, the releaser has both).
+    Records which threads take it, in order, and how many wait."""
+
+    BARGE = 0.5
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._owner: threading.Thread | None = None
+        self._released_by: threading.Thread | None = None
+        self._released_at = 0.0
+        self.takers: list[str] = []
+        self.waiting = 0
+
+    def _free_for(self, me: threading.Thread) -> bool:
+        barging = self._released_by is not None and time.monotonic() - self._released_at < self.BARGE
+        return self._owner is None and (not barging or self._released_by is me)
+
+    def __enter__(self) -> None:
+        me = threading.current_thread()
+        with self._cond:
+            self.waiting += 1
+            while not self._free_for(me):
+                self._cond.wait(0.05)
+            self.waiting -= 1
+            self._owner = me
+            self.takers.append(me.name)
+
+    def __exit__(self, *_: object) -> None:
+        with self._cond:
+            self._owner, self._released_by, self._released_at = None, threading.current_thread(), time.monotonic()
+            self._cond.notify_all()
+
+
+async def test_a_waiting_tasks_worker_starts_before_the_rest_of_the_pools_warm_up(tmp_path):
+    """Right after start the pool's warm-up starts its workers one after the other under the spawn lock, as a task's
+    start does; a Lock is not fair, so the warm-up could take it again and again before the first task's start (one
+    to three workers of 5-15 ms each, after the forkserver's preload: seen at ready). It now lets a waiting task's
+    start go first, whatever the lock does."""
+    store = Store(f"sqlite:///{tmp_path / 'order.db'}")
+    ex = LocalExecutor(pool_size=3)
+    ex._spawn_lock = UnfairSpawnLock()  # type: ignore[assignment]
+    blocked = SpawnsBlocked(ex)  # holds it, as the forkserver's preload does
+    m = TaskManager(store, EventBus(), ex, max_concurrency=3, poll_interval=0.1)
+    await m.start()
+    try:
+        await poll(lambda: ex._spawn_lock.waiting, lambda n: n == 1)  # the warm-up's first worker
+        task = m.dispatch("demo", {"items": 1, "item_delay_ms": 0})
+        await poll(lambda: ex._spawn_lock.waiting, lambda n: n == 2)  # and the task's start
+        blocked.release()
+        await m.wait_final([task.id], 30)
+        assert m.get(task.id).status is TaskStatus.COMPLETED
+        await poll(lambda: len(ex._spawn_lock.takers), lambda n: n >= 3)
+        takers = ex._spawn_lock.takers[1:]  # after the blocker's
+        # The warm-up's first worker may have taken it first (both waited); its next ones came after the task's.
+        assert takers.index(next(t for t in takers if t.startswith("plexus-worker-start"))) <= 1, takers
+    finally:
+        blocked.release()
+        await m.stop()
+        store.close()
+
+
 async def test_the_warm_up_after_start_rehearses_the_first_evaluation_and_stores_nothing(
     runtime, mcp_client, jp_root_dir
 ):
@@ -196,32 +259,55 @@ async def test_the_warm_up_after_start_rehearses_the_first_evaluation_and_stores
         assert (await finished(client, made["evaluation_id"]))["status"] == "COMPLETED"
 
 
-async def test_the_rehearsals_after_start_stop_once_a_create_has_begun(runtime, mcp_client, jp_root_dir, monkeypatch):
-    """warm_up_again's rehearsals (~5 ms of the GIL each) stop at the first create_evaluation: they would compete
-    with it and the calls after it, which warm the path themselves. Before any create they all run."""
+async def test_the_rehearsals_after_start_stop_once_a_client_has_come(runtime, mcp_client, jp_root_dir, monkeypatch):
+    """warm_up_again's rehearsals (~5 ms of the GIL each, and on SQLite the write lock until each rolls back) stop at
+    a client's first MCP message (a session's initialize: its create_evaluation follows within milliseconds) and at
+    a create (the REST face too): they would compete with it and the calls after it, which warm the path
+    themselves. Before any, they all run; one already planning when the client comes stops before the store."""
     service = runtime.evaluations
     await poll(service.warmed.is_set, bool)
     await asyncio.wrap_future(service._pruner.submit(lambda: None))  # the rehearsals after start are done
     rehearsals: list[float] = []
-    rehearse, plan = service._rehearse, service.plan
+    stored: list[float] = []
+    rehearse, plan, rehearse_create = service._rehearse, service.plan, runtime.store.rehearse_create_task
     planning, go = threading.Event(), threading.Event()
 
-    def counted_rehearse() -> None:
+    def counted_rehearse(*args: Any, **kwargs: Any) -> None:
         rehearsals.append(time.monotonic())
-        rehearse()
+        rehearse(*args, **kwargs)
 
-    def held_plan(*args: Any, **kwargs: Any) -> Any:  # the create stays running until `go`
+    def counted_store(*args: Any, **kwargs: Any) -> None:
+        stored.append(time.monotonic())
+        rehearse_create(*args, **kwargs)
+
+    def held_plan(*args: Any, **kwargs: Any) -> Any:  # a create (or a rehearsal) stays in its plan until `go`
         planning.set()
         assert go.wait(30)
         return plan(*args, **kwargs)
 
     monkeypatch.setattr(service, "_rehearse", counted_rehearse)
+    monkeypatch.setattr(runtime.store, "rehearse_create_task", counted_store)
     await asyncio.wrap_future(service._pruner.submit(service.warm_up_again))
-    assert len(rehearsals) == service_module.WARM_REPEATS  # no create yet: every rehearsal ran
+    assert len(rehearsals) == len(stored) == service_module.WARM_REPEATS  # no client yet: every rehearsal ran
     rehearsals.clear()
+    # A rehearsal in its plan when the first message comes: it goes no further (no insert, no write lock taken).
     monkeypatch.setattr(service, "plan", held_plan)
+    stored.clear()
+    again = asyncio.wrap_future(service._pruner.submit(service.warm_up_again))
+    await poll(planning.is_set, bool)
+    async with mcp_client() as client:
+        go.set()
+        await again
+        assert len(rehearsals) == 1 and not stored, "a rehearsal went on after a client came"
+        rehearsals.clear()
+        await asyncio.wrap_future(service._pruner.submit(service.warm_up_again))
+        assert not rehearsals, "a rehearsal ran after a client's first message"
+    # A create stops them too (a REST create may be a server's first request): as if no message had come.
+    planning.clear()
+    go.clear()
     pd.DataFrame({"label": ["yes", "no"] * 5, "prediction": ["yes"] * 10}).to_csv(jp_root_dir / "r.csv", index=False)
     async with mcp_client() as client:
+        service._served = False  # (the endpoint tells the service once, at the server's first request)
         call = asyncio.ensure_future(
             create(client, type="accuracy", dataset="r.csv", label_column="label", prediction_column="prediction")
         )

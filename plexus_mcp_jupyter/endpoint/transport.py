@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from mcp.server.mcpserver import MCPServer
@@ -47,8 +47,11 @@ class MCPEndpoint:
         max_request_body_size: int = 4 * 1024 * 1024,
         event_store_size: int = 10_000,
         event_store_bytes: int = 32 * 1024 * 1024,
+        on_first_request: Callable[[], None] | None = None,
     ) -> None:
         self.server = server
+        # Told once, at the first request (`arrived`): the evaluation service stops its start-up rehearsals.
+        self._on_first_request = on_first_request
         self.event_store = MemoryEventStore(event_store_size, event_store_bytes)
         self.session_manager = PlexusSessionManager(
             lowlevel_server(server),
@@ -74,6 +77,12 @@ class MCPEndpoint:
         await self._started.wait()
         if self._failure is not None:
             raise RuntimeError(f"the MCP session manager could not start: {self._failure}") from self._failure
+
+    def arrived(self) -> None:
+        """A request has come (called for each, after `start`): the first one tells `on_first_request`."""
+        if self._on_first_request is not None:
+            tell, self._on_first_request = self._on_first_request, None
+            tell()
 
     async def _run(self) -> None:
         try:
@@ -121,6 +130,7 @@ class MCPBridge:
         """Serve the request as `principal` (authenticated by the handler): tools and resources act as it,
         and a session answers only the principal that opened it."""
         await self.endpoint.start()
+        self.endpoint.arrived()
         extra_scope = {"plexus.principal": principal, "user": session_user(principal)}
         body = self.handler.request.body or b""
         body_sent = False

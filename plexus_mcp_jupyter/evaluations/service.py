@@ -109,7 +109,8 @@ class EvaluationService:
         self.warmed = threading.Event()  # set once warm_up has run (warm_up_soon)
         self._warm_lock = threading.Lock()
         self._warm_asked = False
-        self._created = False  # a create has begun: the rehearsals after start stop (warm_up_again)
+        # A client has come (its first MCP message, or a create): the rehearsals after start stop (warm_up_again).
+        self._served = False
         # Why evaluations cannot run now (Dask workers that do not see the items directory), or None: set by the
         # runtime (items_check.WorkerItemsCheck).
         self.items_problem: Callable[[], str | None] = lambda: None
@@ -153,29 +154,39 @@ class EvaluationService:
         finally:
             self.warmed.set()
 
+    def client_came(self) -> None:
+        """A client's first request has arrived (the MCP endpoint says so, once): the rehearsals after start stop,
+        as at a create. Its create_evaluation follows within milliseconds (a session's initialize, then the call)."""
+        self._served = True
+
     def warm_up_again(self) -> None:
         """After start (the server answers meanwhile), in the pruning thread, after warm_up: its rehearsal
         WARM_REPEATS times more, so that the first create_evaluation runs code already specialized by the
         interpreter (the first call's server CPU was 1.32x the next ones', 0.98x after ten rehearsals: 5 fresh
-        servers each). Stops at the first failure, when the service closes, or once a create has begun: a rehearsal
-        beside a call competes with it for the GIL (~5 ms of CPU each; a first call at ready met them in 4 of 12
-        fresh servers, 5-12 ms of this thread's CPU within the call), and real calls warm the path from then on."""
+        servers each). Stops at the first failure, when the service closes, or once a client has come (its first
+        MCP message, or a create), also between a rehearsal's plan and its store statements: a rehearsal beside a
+        call competes with it for the GIL (~5 ms of CPU each) and, on SQLite, holds the write lock the call's insert
+        needs until it rolls back; real calls warm the path from then on."""
         for _ in range(WARM_REPEATS):
-            if self._stopping.is_set() or self._created:
+            if self._stopping.is_set() or self._served:
                 return
             try:
-                self._rehearse()
+                self._rehearse(until_served=True)
             except Exception:
                 log.debug("Plexus: the evaluation warm-up failed", exc_info=True)
                 return
 
-    def _rehearse(self) -> None:
-        """A create_evaluation's work, nothing stored (see warm_up)."""
+    def _rehearse(self, until_served: bool = False) -> None:
+        """A create_evaluation's work, nothing stored (see warm_up); with `until_served`, nothing after the plan
+        once a client has come."""
         request = CreateEvaluation.parse(
             {"type": "accuracy", "dataset": "example:sentiment", "prediction_column": "prediction"}
         )
         inserted: dict[str, Any] = {}
-        spec = self.planned_spec(self.plan(request), None, inserted)
+        plan = self.plan(request)
+        if until_served and self._served:
+            return
+        spec = self.planned_spec(plan, None, inserted)
         task = self.manager.new_task("evaluation", spec.params, description=spec.description, internal=True)
         record = spec.record
         self.manager.store.rehearse_create_task(
@@ -254,7 +265,7 @@ class EvaluationService:
         """
         self.manager.check_priority(request.priority, role)
         self.check_runnable()
-        self._created = True
+        self._served = True
         plan = await self.catalog.run(self.plan, request, trusted=trusted)
         return await self.dispatch(plan, priority=request.priority, owner=owner, role=role)
 

@@ -210,6 +210,7 @@ class PlainMCPDelegate(httputil.HTTPMessageDelegate):
             await runtime.start()
             endpoint = runtime.endpoint
             await endpoint.start()
+            endpoint.arrived()
             scope = asgi_scope(request, {})
             call = await endpoint.modern_json.check(Request(scope, _receive(request.body)), message)
             if call is None:

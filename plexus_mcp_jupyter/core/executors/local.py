@@ -48,6 +48,7 @@ log = logging.getLogger("plexus_mcp_jupyter")
 
 READ_BATCH = 256  # most messages taken from one pipe per wake-up, so a chatty worker cannot starve the others
 STARTERS = 2  # threads starting workers for waiting tasks: a start mostly waits on the forkserver
+SPAWN_YIELD_MAX = 10.0  # seconds the pool's warm-up lets starts for waiting tasks go first, at most, per worker
 WORKER_MODULE = "plexus_mcp_jupyter.core.worker"
 
 # The preload of a forkserver started ahead of any executor (start_forkserver_early), while it runs.
@@ -211,6 +212,10 @@ class LocalExecutor(Executor):
         self._lock = threading.Lock()  # the four maps above, and the workers' jobs
         self._starter: ThreadPoolExecutor | None = None  # starts workers for waiting tasks, off the loop
         self._spawn_lock = threading.Lock()  # _main_module_hidden swaps a global
+        # Start threads bringing up a worker for a waiting task (counted under it): the pool's warm-up lets them take
+        # the spawn lock first (a Lock is not fair: the warm-up, re-taking it at once, passed them for each worker).
+        self._task_starts = threading.Condition()
+        self._task_starts_pending = 0
         self._wake_r: Any = None
         self._wake_w: Any = None
         self._reader: threading.Thread | None = None
@@ -260,14 +265,16 @@ class LocalExecutor(Executor):
                 if sum(not w.single_use and not w.retiring for w in self._workers.values()) >= self.pool_size:
                     return
             try:
-                new = self._spawn(single_use=False)
+                new = self._spawn(single_use=False, for_task=False)
             except Exception:
                 log.exception("Plexus: could not start a warm worker; tasks will start their own")
                 return
             self._became_idle(new)
 
-    def _spawn(self, *, single_use: bool) -> _Worker:
-        """Start a worker process and register it with the reader thread."""
+    def _spawn(self, *, single_use: bool, for_task: bool = True) -> _Worker:
+        """Start a worker process and register it with the reader thread; one not `for_task` (the pool's warm-up)
+        waits until no start for a waiting task wants the spawn lock (right after start the first evaluation's
+        worker came after one to three of the pool's, 5-15 ms each once the forkserver has preloaded)."""
         receiver, sender = self._mp.Pipe(duplex=True)  # duplex: the server answers the worker's requests on it
         cancel_seq = self._mp.RawValue("q", 0)
         process = self._mp.Process(
@@ -278,8 +285,19 @@ class LocalExecutor(Executor):
             name="plexus-worker",
             daemon=True,
         )
-        with self._spawn_lock, _main_module_hidden():
-            process.start()
+        with self._task_starts:
+            if for_task:
+                self._task_starts_pending += 1
+            else:
+                self._task_starts.wait_for(lambda: not self._task_starts_pending or self._closing, SPAWN_YIELD_MAX)
+        try:
+            with self._spawn_lock, _main_module_hidden():
+                process.start()
+        finally:
+            if for_task:
+                with self._task_starts:
+                    self._task_starts_pending -= 1
+                    self._task_starts.notify_all()
         sender.close()  # the child holds the only writer: EOF on our side means it is gone
         new = _Worker(process, receiver, cancel_seq, single_use, threading.Lock())
         with self._lock:
