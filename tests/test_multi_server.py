@@ -28,6 +28,7 @@ import sqlalchemy as sa
 import websocket
 
 from plexus_mcp_jupyter.config import PlexusSettings, SettingsError
+from plexus_mcp_jupyter.core import manager as manager_module
 from plexus_mcp_jupyter.core import relay as relay_module
 from plexus_mcp_jupyter.core.events import Event, EventBus
 from plexus_mcp_jupyter.core.executors import LocalExecutor
@@ -551,11 +552,12 @@ def test_a_server_whose_item_directory_the_others_do_not_share_says_so_in_health
     assert len(list((shared / ".plexus-servers").iterdir())) == 1
 
 
-async def test_two_managers_claiming_one_queue_at_once_run_different_tasks_and_both_progress(db_url):
-    """Two task managers (two servers' schedulers, each with its own store pool) drain one shared queue at once,
-    both planning from its head: every task runs once, on one of them, both run a share, and on PostgreSQL no
-    planned claim is ever lost to the other (the claim plans around what the other is taking, in one transaction:
-    Store.claim_planned), so neither reads the queue again for a lost claim."""
+async def drain_through_two_managers(db_url: str, owners: Callable[[int], str | None], n: int) -> list[TaskManager]:
+    """Two task managers (two servers' schedulers, each with its own store pool) drain one shared queue of `n` tasks
+    (the ith task's owner `owners(i)`), queued by a third party so that both learn of it at once and plan from its
+    head: every task runs once, on one of them, and both run a share. No maintenance tick runs meanwhile
+    (poll_interval): a pass that left a slot free with tasks queued and nothing to wake it stalls the drain, and
+    fails it. Returns the managers (stopped), for their counters."""
     stores = [Store(db_url), Store(db_url)]
     managers = [
         # No maintenance tick during the test (poll_interval): its recovery would take the other manager of this
@@ -570,7 +572,6 @@ async def test_two_managers_claiming_one_queue_at_once_run_different_tasks_and_b
                 starts.setdefault(e.entity_id, set()).add(m.server_id) if e.data.get("status") == "RUNNING" else None
             )
         )
-    n = 120
     base = time.time()
     tasks = [
         Task(
@@ -578,7 +579,7 @@ async def test_two_managers_claiming_one_queue_at_once_run_different_tasks_and_b
             type="demo",
             status=TaskStatus.QUEUED,
             params={"items": 1, "item_delay_ms": 0},
-            owner=f"key:{i % 3}",  # three owners sharing the slots
+            owner=owners(i),
             created_at=base + i * 1e-4,
         )
         for i in range(n)
@@ -605,10 +606,38 @@ async def test_two_managers_claiming_one_queue_at_once_run_different_tasks_and_b
         with stores[0].engine.connect() as conn:
             workers = dict(conn.execute(sa.text("SELECT id, worker FROM tasks")).all())
         assert all(workers[task_id].startswith(next(iter(by))) for task_id, by in starts.items()), "the row says who"
-        if stores[0].engine.dialect.name == "postgresql":
-            assert [m.claims_lost for m in managers] == [0, 0]
     finally:
         for manager in managers:
             await manager.stop()
         for store in stores:
             store.close()
+    return managers
+
+
+async def test_two_managers_claiming_one_queue_at_once_run_different_tasks_and_both_progress(db_url):
+    """Both planning from the shared queue's head, with three owners sharing the slots: on PostgreSQL no planned
+    claim is ever lost to the other (the claim plans around what the other is taking, in one transaction:
+    Store.claim_planned), so neither reads the queue again for a lost claim."""
+    managers = await drain_through_two_managers(db_url, lambda i: f"key:{i % 3}", 120)
+    if db_url.startswith("postgresql"):
+        assert [m.claims_lost for m in managers] == [0, 0]
+
+
+async def test_a_manager_that_finds_its_head_taken_looks_deeper_and_leaves_no_slot_idle(db_url):
+    """One owner's flood drained by two managers at once: their claims find tasks of the head the other took
+    (`claims_gone`), and a manager that did then plans from a deeper head and keeps a deeper window
+    (`TaskManager._depth`: the other takes about half of it), for CONTENDED_SECONDS; every task still runs once
+    with no maintenance tick to wake a pass that left a slot free. (On SQLite a claim is a write's conditional UPDATE:
+    one taken meanwhile is a lost claim, planned again, not a task found gone; the drain is the test there.)"""
+    managers = await drain_through_two_managers(db_url, lambda i: None, 300)
+    if not db_url.startswith("postgresql"):
+        return
+    policy = managers[0]._policy()
+    plain = (manager_module._pass_head(policy), manager_module.WINDOW_SPARE)
+    assert plain == (5, 32)  # 4 slots
+    contended = [m for m in managers if m.claims_gone]
+    assert contended, "two managers draining one head found none of it taken"
+    for manager in contended:
+        assert manager._depth(policy) == (9, 32 * manager_module.CONTENDED_SPARE)
+        manager._contended_at -= manager_module.CONTENDED_SECONDS  # no claim found the head taken since
+        assert manager._depth(policy) == plain

@@ -57,6 +57,11 @@ FINISHED_CACHE_SIZE = 1024
 RECOVERY_EVERY = 10  # maintenance ticks between checks for tasks of servers that died
 SCHEDULE_WINDOW = 200  # most queued tasks one scheduling pass reads
 WINDOW_SPARE = 32  # tasks per group a read takes beyond a pass's need, for the next passes (QueueWindow)
+# A shared queue (several servers claiming from one store's head): for this long after a claim found tasks of the
+# head taken by another server, a pass looks at twice the head per group and a read keeps this many times the
+# spare (`TaskManager._depth`): the other servers take about half of what a kept window holds.
+CONTENDED_SECONDS = 10.0
+CONTENDED_SPARE = 3
 QUEUE_LOOKAHEAD = 200  # most queued tasks whose exact position get_task computes (beyond: by priority and age)
 DURATIONS_KEPT = 20  # recent run times per task type behind estimated starts
 HOST = os.uname().nodename if hasattr(os, "uname") else "localhost"
@@ -208,6 +213,7 @@ class TaskManager:
         # Store.claim_planned); and the tasks of the head those claims found gone.
         self.claims_lost = 0
         self.claims_gone = 0
+        self._contended_at = float("-inf")  # when a claim last found tasks of the head gone (monotonic)
         # Writes of running tasks gathered during one turn of the loop, committed together (_flush).
         self._pending: dict[str, _PendingWrite] = {}
         self._flush_scheduled = False
@@ -1261,7 +1267,7 @@ class TaskManager:
         window = self._window
         if window is None or window.version != self._queue_version:
             return None
-        return window.view(_pass_head(policy))
+        return window.view(self._depth(policy)[0])
 
     def _read_plan_claim(
         self,
@@ -1317,14 +1323,19 @@ class TaskManager:
         `whole`: the plan, its start order too)."""
         read = None
         if view is None:
-            tasks, cut = self.store.queue_window(
-                per_owner=_pass_head(policy) + WINDOW_SPARE, limit=SCHEDULE_WINDOW, exact=False
-            )
+            head, spare = self._depth(policy)
+            tasks, cut = self.store.queue_window(per_owner=head + spare, limit=SCHEDULE_WINDOW, exact=False)
             read = QueueWindow(version, tasks, cut)
-            view = read.view(_pass_head(policy)) or (tasks, cut)
+            view = read.view(head) or (tasks, cut)
         window, cut = view
         planned = queue_plan(window, running, policy, clock=clock)
         return read, window, cut, planned if whole else planned.starts
+
+    def _depth(self, policy: QueuePolicy) -> tuple[int, int]:
+        """How deep passes look into the queue (tasks per group) and how many more per group a read keeps for the
+        next passes: deeper while other servers claim from the same head (CONTENDED_SECONDS). Any thread."""
+        contended = time.monotonic() - self._contended_at < CONTENDED_SECONDS
+        return _pass_head(policy, contended=contended), WINDOW_SPARE * (CONTENDED_SPARE if contended else 1)
 
     def _claim_of(self, starts: list[Task]) -> Claim:
         started_at = now()
@@ -1401,6 +1412,8 @@ class TaskManager:
             self._start(task)
             started += 1
         self.claims_gone += len(gone or ())
+        if gone:
+            self._contended_at = time.monotonic()
         if gone and not self._schedule_pending:
             # The pass was planned without what others took: slots may be left that the queue's unread tail (or
             # a read of it) fills. Another pass on the kept window, which reads again if it ran short.
@@ -1931,7 +1944,10 @@ def _log_failed_pass(exc: Exception) -> None:
         log.warning("Plexus: a scheduling pass could not read the queue: %s", unavailable)
 
 
-def _pass_head(policy: QueuePolicy) -> int:
+def _pass_head(policy: QueuePolicy, *, contended: bool = False) -> int:
     """Tasks per (priority, owner) group a scheduling pass looks at: slots+1, enough for any owner's share of one
-    pass, so one owner's flood never hides the next owner's work, and the plan stays small."""
-    return policy.capacity.get("slots", 0) + 1
+    pass, so one owner's flood never hides the next owner's work, and the plan stays small. `contended` (other
+    servers claim from the same head): 2 x slots + 1, so that a pass whose claim finds up to a share of the head
+    taken still plans enough starts for its slots, without a pass of its own for the rest."""
+    slots = policy.capacity.get("slots", 0)
+    return 2 * slots + 1 if contended else slots + 1
