@@ -1202,6 +1202,24 @@ class TaskManager:
         self._queue_info = None
         self._schedule_soon()
 
+    def queued_elsewhere(self, groups: Iterable[Group] | None) -> None:
+        """Another server on the shared store queued tasks (their task.created events), in these (priority, owner)
+        groups (None: not known): a pass follows. The kept window of the queue's head stays kept when it shows tasks
+        of every such group (a task queued since comes after them in its group: `QueueWindow.holds`), now knowing
+        those groups have more; else it is read again (`queue_changed`). Either way the queue's version moves, so a
+        pass under way that read the queue before (it may not have seen the new tasks) neither keeps its read nor
+        takes the queue for empty."""
+        window = self._window
+        keep = groups is not None and window is not None and window.version == self._queue_version
+        groups = list(groups or ())
+        self._queue_info = None
+        self._queue_changed()
+        if keep and window is not None and window.holds(groups):
+            window.more(groups)
+            window.version = self._queue_version
+            self._window = window
+        self._schedule_soon(slot_freed=True)  # (the queue is no longer known to be empty: _queue_changed)
+
     def queue_changing(self) -> None:
         """Call before queueing or re-prioritising tasks from another thread: until the change is announced
         (`announce`, `queue_changed`), scheduling passes read the queue instead of planning on the window they
@@ -1297,7 +1315,7 @@ class TaskManager:
             if not gone:
                 return [task.id for task in starts]
             left = [task for task in window if task.id not in gone]
-            return [task.id for task in queue_plan(left, running, policy, clock=clock).starts]
+            return [task.id for task in queue_plan(left, running, policy, clock=clock, reasons=False).starts]
 
         ids, won, gone = self.store.claim_planned(
             replan,
@@ -1328,7 +1346,7 @@ class TaskManager:
             read = QueueWindow(version, tasks, cut)
             view = read.view(head) or (tasks, cut)
         window, cut = view
-        planned = queue_plan(window, running, policy, clock=clock)
+        planned = queue_plan(window, running, policy, clock=clock, reasons=False)
         return read, window, cut, planned if whole else planned.starts
 
     def _depth(self, policy: QueuePolicy) -> tuple[int, int]:
