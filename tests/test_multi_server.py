@@ -710,19 +710,19 @@ async def test_tasks_another_server_queues_start_here_without_a_tick_and_the_kep
 
 async def test_a_manager_that_finds_its_head_taken_looks_deeper_and_leaves_no_slot_idle(db_url):
     """One owner's flood drained by two managers at once: their claims find tasks of the head the other took
-    (`claims_gone`), and a manager that did then plans from a deeper head and keeps a deeper window
-    (`TaskManager._depth`: the other takes about half of it), for CONTENDED_SECONDS; every task still runs once
-    with no maintenance tick to wake a pass that left a slot free. (On SQLite a claim is a write's conditional UPDATE:
+    (`claims_gone`), and a manager that did then plans from a deeper head (`TaskManager._head`: the replan without
+    what the other took still fills its slots), for CONTENDED_SECONDS; every task still runs once with no
+    maintenance tick to wake a pass that left a slot free. (On SQLite a claim is a write's conditional UPDATE:
     one taken meanwhile is a lost claim, planned again, not a task found gone; the drain is the test there.)"""
     managers = await drain_through_two_managers(db_url, lambda i: None, 300)
     if not db_url.startswith("postgresql"):
         return
     policy = managers[0]._policy()
-    plain = (manager_module._pass_head(policy), manager_module.WINDOW_SPARE)
-    assert plain == (5, 32)  # 4 slots
+    plain = manager_module._pass_head(policy)
+    assert plain == 5  # 4 slots
     contended = [m for m in managers if m.claims_gone]
     assert contended, "two managers draining one head found none of it taken"
     for manager in contended:
-        assert manager._depth(policy) == (9, 32 * manager_module.CONTENDED_SPARE)
+        assert manager._head(policy) == 9
         manager._contended_at -= manager_module.CONTENDED_SECONDS  # no claim found the head taken since
-        assert manager._depth(policy) == plain
+        assert manager._head(policy) == plain

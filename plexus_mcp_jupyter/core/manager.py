@@ -58,10 +58,8 @@ RECOVERY_EVERY = 10  # maintenance ticks between checks for tasks of servers tha
 SCHEDULE_WINDOW = 200  # most queued tasks one scheduling pass reads
 WINDOW_SPARE = 32  # tasks per group a read takes beyond a pass's need, for the next passes (QueueWindow)
 # A shared queue (several servers claiming from one store's head): for this long after a claim found tasks of the
-# head taken by another server, a pass looks at twice the head per group and a read keeps this many times the
-# spare (`TaskManager._depth`): the other servers take about half of what a kept window holds.
+# head taken by another server, a pass looks at twice the head per group (`TaskManager._head`).
 CONTENDED_SECONDS = 10.0
-CONTENDED_SPARE = 3
 QUEUE_LOOKAHEAD = 200  # most queued tasks whose exact position get_task computes (beyond: by priority and age)
 DURATIONS_KEPT = 20  # recent run times per task type behind estimated starts
 HOST = os.uname().nodename if hasattr(os, "uname") else "localhost"
@@ -1285,7 +1283,7 @@ class TaskManager:
         window = self._window
         if window is None or window.version != self._queue_version:
             return None
-        return window.view(self._depth(policy)[0])
+        return window.view(self._head(policy))
 
     def _read_plan_claim(
         self,
@@ -1341,19 +1339,18 @@ class TaskManager:
         `whole`: the plan, its start order too)."""
         read = None
         if view is None:
-            head, spare = self._depth(policy)
-            tasks, cut = self.store.queue_window(per_owner=head + spare, limit=SCHEDULE_WINDOW, exact=False)
+            head = self._head(policy)
+            tasks, cut = self.store.queue_window(per_owner=head + WINDOW_SPARE, limit=SCHEDULE_WINDOW, exact=False)
             read = QueueWindow(version, tasks, cut)
             view = read.view(head) or (tasks, cut)
         window, cut = view
         planned = queue_plan(window, running, policy, clock=clock, reasons=False)
         return read, window, cut, planned if whole else planned.starts
 
-    def _depth(self, policy: QueuePolicy) -> tuple[int, int]:
-        """How deep passes look into the queue (tasks per group) and how many more per group a read keeps for the
-        next passes: deeper while other servers claim from the same head (CONTENDED_SECONDS). Any thread."""
-        contended = time.monotonic() - self._contended_at < CONTENDED_SECONDS
-        return _pass_head(policy, contended=contended), WINDOW_SPARE * (CONTENDED_SPARE if contended else 1)
+    def _head(self, policy: QueuePolicy) -> int:
+        """How deep passes look into the queue (tasks per group): deeper while other servers claim from the same head
+        (CONTENDED_SECONDS). Any thread."""
+        return _pass_head(policy, contended=time.monotonic() - self._contended_at < CONTENDED_SECONDS)
 
     def _claim_of(self, starts: list[Task]) -> Claim:
         started_at = now()
