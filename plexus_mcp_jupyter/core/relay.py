@@ -114,7 +114,7 @@ def pack(events: Sequence[Event], at: float) -> list[dict[str, Any]]:
     ]
 
 
-def created_groups(events: Iterable[Event]) -> list[tuple[int, str | None]] | None:
+def created_groups(events: Iterable[Event]) -> set[tuple[int, str | None]] | None:
     """The (priority, owner) queue groups of the tasks `events` created (their task.created events), None when one
     does not say (its data has no priority or owner): what a server needs to keep the queue's head it read."""
     groups: set[tuple[int, str | None]] = set()
@@ -123,7 +123,7 @@ def created_groups(events: Iterable[Event]) -> list[tuple[int, str | None]] | No
             if "priority" not in event.data or "owner" not in event.data:
                 return None
             groups.add((event.data["priority"], event.data["owner"]))
-    return sorted(groups, key=repr)
+    return groups
 
 
 def notice(origin: str, events: Sequence[Event]) -> str:
@@ -132,7 +132,8 @@ def notice(origin: str, events: Sequence[Event]) -> str:
     other servers' events needs of them (a JSON list, without the pairs and groups when too long; _PG_SEND ends it
     with the send's transaction id)."""
     pairs = list({(event.kind, event.data.get("status")) for event in events})
-    text = json.dumps([origin, len(events), pairs, created_groups(events)])
+    groups = created_groups(events)
+    text = json.dumps([origin, len(events), pairs, None if groups is None else sorted(groups, key=repr)])
     if len(text) > NOTICE_MAX:
         text = json.dumps([origin, len(events), None, None])
     return text[:-1] + ","
