@@ -18,7 +18,7 @@ from .core.executors.local import stop_early_forkserver
 from .core.leases import LeaseKeeper, lease_problem
 from .core.manager import TaskManager
 from .core.models import TaskStatus
-from .core.relay import EventRelay
+from .core.relay import EventRelay, Groups
 from .core.resources import parse_positive_numbers, parse_resources
 from .core.retention import RetentionPolicy
 from .core.store import Store, default_db_url
@@ -248,10 +248,14 @@ class PlexusRuntime:
     def _workers_items_problem(self) -> str | None:
         return self.worker_items_check.problem if self.worker_items_check is not None else None
 
-    def _on_remote_events(self, events: list[tuple[str, str | None]]) -> None:
-        """Tasks another server queued on the shared store ((kind, status) of its events): plan a start now, not at
-        the next maintenance tick."""
-        if any(kind == "task.created" or status == TaskStatus.QUEUED.value for kind, status in events):
+    def _on_remote_events(self, events: list[tuple[str, str | None]], groups: Groups) -> None:
+        """Tasks another server queued on the shared store ((kind, status) of its events, and the queue groups of
+        the tasks they created): plan a start now, not at the next maintenance tick; the queue's head this server
+        read is kept when only new tasks of groups it shows came (`TaskManager.queued_elsewhere`)."""
+        queued = {kind for kind, status in events if kind == "task.created" or status == TaskStatus.QUEUED.value}
+        if queued == {"task.created"}:
+            self.manager.queued_elsewhere(groups)
+        elif queued:  # a task queued again (its place in its group is its old one): read the queue again
             self.manager.queue_changed()
 
     async def _kernel_score(self, task: Any, payload: Any) -> dict[str, Any]:

@@ -28,6 +28,7 @@ import sqlalchemy as sa
 import websocket
 
 from plexus_mcp_jupyter.config import PlexusSettings, SettingsError
+from plexus_mcp_jupyter.core import manager as manager_module
 from plexus_mcp_jupyter.core import relay as relay_module
 from plexus_mcp_jupyter.core.events import Event, EventBus
 from plexus_mcp_jupyter.core.executors import LocalExecutor
@@ -379,7 +380,7 @@ async def test_a_send_is_packed_into_few_outbox_rows_and_its_events_arrive_in_or
 
 @contextlib.asynccontextmanager
 async def writer_and_reader(
-    db_url: str, on_remote: Callable[[list[tuple[str, str | None]]], None]
+    db_url: str, on_remote: Callable[[list[tuple[str, str | None]], relay_module.Groups], None]
 ) -> AsyncIterator[tuple[EventRelay, EventBus, EventRelay, EventBus]]:
     """Two relays on one store, as two servers' (intervals of 50 ms): the writer's, and the reader's telling
     `on_remote`; stopped at the end."""
@@ -404,7 +405,12 @@ async def test_other_servers_events_are_only_noted_while_nobody_here_follows_the
     yet its listings see the change, a task queued there is planned here, and a client resuming from before is
     told of the gap; once something follows, every event (each final state) is published again."""
     told: list[tuple[str, str | None]] = []
-    async with writer_and_reader(db_url, told.extend) as (_writer, writer_bus, reader, reader_bus):
+    async with writer_and_reader(db_url, lambda events, groups: told.extend(events)) as (
+        _writer,
+        writer_bus,
+        reader,
+        reader_bus,
+    ):
 
         def publish(task_id: str, kind: str, status: str) -> None:
             writer_bus.publish(kind, "task", task_id, {"id": task_id, "status": status, "type": "demo"})
@@ -448,22 +454,35 @@ async def test_other_servers_events_are_only_noted_while_nobody_here_follows_the
 
 async def test_on_postgresql_a_server_nobody_follows_reads_no_row_the_notify_says_it_all(db_url, monkeypatch):
     """On PostgreSQL the NOTIFY of a send says what a server with nobody following other servers' events needs
-    (how many events, their kinds and statuses): it reads no outbox row, yet is told of them, and skips their rows
-    (the cursor follows the horizon of its own statements); a subscriber that comes later gets what was committed
-    after it came, with the data, and nothing from before."""
+    (how many events, their kinds and statuses, the queue groups of the tasks they created): it reads no outbox row,
+    yet is told of them, and skips their rows (the cursor follows the horizon of its own statements); a subscriber
+    that comes later gets what was committed after it came, with the data, and nothing from before."""
     if not db_url.startswith("postgresql"):
         pytest.skip("LISTEN/NOTIFY: PostgreSQL only (SQLite polls)")
     monkeypatch.setattr(relay_module, "FALLBACK_POLLS", 10**6)  # no read for a lost notification
     told: list[tuple[str, str | None]] = []
-    async with writer_and_reader(db_url, told.extend) as (writer, writer_bus, reader, reader_bus):
+    groups_told: list[relay_module.Groups] = []
+
+    def on_remote(events: list[tuple[str, str | None]], groups: relay_module.Groups) -> None:
+        told.extend(events)
+        groups_told.append(groups)
+
+    async with writer_and_reader(db_url, on_remote) as (
+        writer,
+        writer_bus,
+        reader,
+        reader_bus,
+    ):
         await poll(lambda: reader.listening and writer.listening, bool, timeout=20)
         for i in range(30):
-            writer_bus.publish("task.created", "task", f"before-{i}", {"status": "QUEUED"})
+            data = {"status": "QUEUED", "priority": i % 2, "owner": None}
+            writer_bus.publish("task.created", "task", f"before-{i}", data)
         await poll(lambda: reader.noted, lambda n: n >= 30, timeout=20)
         for i in range(30):
             writer_bus.publish("task.completed", "task", f"before-{i}", {"status": "COMPLETED"})
         await poll(lambda: reader.noted, lambda n: n >= 60, timeout=20)
         assert ("task.created", "QUEUED") in told and ("task.completed", "COMPLETED") in told
+        assert set().union(*(g for g in groups_told if g)) == {(0, None), (1, None)}, "the created tasks' groups"
         assert reader.reads == 0 and reader.received == 0, reader.status()
         assert reader_bus.skipped_seq > 0, "listings read again, a resuming client told of the gap"
 
@@ -481,12 +500,29 @@ def test_a_notify_payload_says_the_sender_its_events_and_their_kinds_and_an_olde
         Event(2, 0.0, "task.created", "task", "b", {"status": "QUEUED"}),
         Event(3, 0.0, "task.completed", "task", "c", {"status": "COMPLETED"}),
     ]
-    origin, count, pairs, txid = relay_module.heard(relay_module.notice("s1", events) + "123]")
-    assert (origin, count, txid) == ("s1", 3, 123)
+    origin, count, pairs, groups, txid = relay_module.heard(relay_module.notice("s1", events) + "123]")
+    assert (origin, count, txid, groups) == ("s1", 3, 123, None), "created tasks whose group is not said: none"
     assert sorted(pairs or []) == [("task.completed", "COMPLETED"), ("task.created", "QUEUED")]
+    queued = [
+        Event(i, 0.0, "task.created", "task", str(i), {"status": "QUEUED", "priority": i % 2, "owner": owner})
+        for i, owner in enumerate(["key:a", "key:a", None, None])
+    ]
+    assert relay_module.heard(relay_module.notice("s1", queued) + "9]")[3] == {
+        (0, "key:a"),
+        (1, "key:a"),
+        (0, None),
+        (1, None),
+    }
     many = [Event(i, 0.0, f"kind-{i}", "task", str(i), {"status": "x" * 50}) for i in range(200)]
-    assert relay_module.heard(relay_module.notice("s1", many) + "7]") == ("s1", 200, None, 7), "too long: read"
-    assert relay_module.heard("server-of-an-older-release") == ("server-of-an-older-release", 0, None, 0)
+    assert relay_module.heard(relay_module.notice("s1", many) + "7]") == ("s1", 200, None, None, 7), "too long: read"
+    assert relay_module.heard('["s0", 2, [["task.created", "QUEUED"]], 5]') == (
+        "s0",
+        2,
+        [("task.created", "QUEUED")],
+        None,
+        5,
+    ), "a payload of the release before: no groups said"
+    assert relay_module.heard("server-of-an-older-release") == ("server-of-an-older-release", 0, None, None, 0)
 
 
 def test_a_claim_and_a_take_over_are_each_won_by_one_server_only(db_url):
@@ -551,11 +587,12 @@ def test_a_server_whose_item_directory_the_others_do_not_share_says_so_in_health
     assert len(list((shared / ".plexus-servers").iterdir())) == 1
 
 
-async def test_two_managers_claiming_one_queue_at_once_run_different_tasks_and_both_progress(db_url):
-    """Two task managers (two servers' schedulers, each with its own store pool) drain one shared queue at once,
-    both planning from its head: every task runs once, on one of them, both run a share, and on PostgreSQL no
-    planned claim is ever lost to the other (the claim plans around what the other is taking, in one transaction:
-    Store.claim_planned), so neither reads the queue again for a lost claim."""
+async def drain_through_two_managers(db_url: str, owners: Callable[[int], str | None], n: int) -> list[TaskManager]:
+    """Two task managers (two servers' schedulers, each with its own store pool) drain one shared queue of `n` tasks
+    (the ith task's owner `owners(i)`), queued by a third party so that both learn of it at once and plan from its
+    head: every task runs once, on one of them, and both run a share. No maintenance tick runs meanwhile
+    (poll_interval): a pass that left a slot free with tasks queued and nothing to wake it stalls the drain, and
+    fails it. Returns the managers (stopped), for their counters."""
     stores = [Store(db_url), Store(db_url)]
     managers = [
         # No maintenance tick during the test (poll_interval): its recovery would take the other manager of this
@@ -570,7 +607,6 @@ async def test_two_managers_claiming_one_queue_at_once_run_different_tasks_and_b
                 starts.setdefault(e.entity_id, set()).add(m.server_id) if e.data.get("status") == "RUNNING" else None
             )
         )
-    n = 120
     base = time.time()
     tasks = [
         Task(
@@ -578,7 +614,7 @@ async def test_two_managers_claiming_one_queue_at_once_run_different_tasks_and_b
             type="demo",
             status=TaskStatus.QUEUED,
             params={"items": 1, "item_delay_ms": 0},
-            owner=f"key:{i % 3}",  # three owners sharing the slots
+            owner=owners(i),
             created_at=base + i * 1e-4,
         )
         for i in range(n)
@@ -605,10 +641,88 @@ async def test_two_managers_claiming_one_queue_at_once_run_different_tasks_and_b
         with stores[0].engine.connect() as conn:
             workers = dict(conn.execute(sa.text("SELECT id, worker FROM tasks")).all())
         assert all(workers[task_id].startswith(next(iter(by))) for task_id, by in starts.items()), "the row says who"
-        if stores[0].engine.dialect.name == "postgresql":
-            assert [m.claims_lost for m in managers] == [0, 0]
     finally:
         for manager in managers:
             await manager.stop()
         for store in stores:
             store.close()
+    return managers
+
+
+async def test_two_managers_claiming_one_queue_at_once_run_different_tasks_and_both_progress(db_url):
+    """Both planning from the shared queue's head, with three owners sharing the slots: on PostgreSQL no planned
+    claim is ever lost to the other (the claim plans around what the other is taking, in one transaction:
+    Store.claim_planned), so neither reads the queue again for a lost claim."""
+    managers = await drain_through_two_managers(db_url, lambda i: f"key:{i % 3}", 120)
+    if db_url.startswith("postgresql"):
+        assert [m.claims_lost for m in managers] == [0, 0]
+
+
+async def test_tasks_another_server_queues_start_here_without_a_tick_and_the_kept_head_stays_when_it_can(db_url):
+    """A task manager told that another server queued tasks (`queued_elsewhere`, from the relay's task.created
+    events with their queue groups) keeps the head of the queue it read when it shows tasks of those groups (the
+    new ones come after them), reads it again when a group is new, and starts every task either way: no
+    maintenance tick runs (poll_interval), so a wake-up lost or a group left unknown stalls the drain."""
+    store = Store(db_url)
+    manager = TaskManager(store, EventBus(), LocalExecutor(), max_concurrency=2, poll_interval=600, lease_seconds=120)
+    base = time.time()
+
+    def queued(n: int, owner: str | None) -> list[Task]:
+        return [
+            Task(
+                id=uuid.uuid4().hex,
+                type="demo",
+                status=TaskStatus.QUEUED,
+                params={"items": 1, "item_delay_ms": 20},
+                owner=owner,
+                created_at=base + i * 1e-4,
+            )
+            for i in range(n)
+        ]
+
+    def statuses() -> Counter[str]:
+        with store.engine.connect() as conn:
+            return Counter(dict(conn.execute(sa.text("SELECT status, count(*) FROM tasks GROUP BY status")).all()))
+
+    def kept() -> bool:
+        window = manager._window
+        return window is not None and window.version == manager._queue_version and window.holds([(0, None)])
+
+    try:
+        await manager.start()
+        await asyncio.to_thread(store.create_tasks, queued(20, None))  # fewer than a read takes: all read
+        manager.queue_changed()
+        window = await poll(lambda: kept() and manager._window, bool, timeout=30)
+        await asyncio.to_thread(store.create_tasks, queued(20, None))  # by another server, in the group shown
+        assert manager._window is window and kept(), "the first 20 still running: the head read is kept meanwhile"
+        manager.queued_elsewhere([(0, None)])
+        assert manager._window is window, "the head read stays kept: the new tasks come after it"
+        await poll(lambda: asyncio.to_thread(statuses), lambda c: c["COMPLETED"] == 40, timeout=30)
+        await asyncio.to_thread(store.create_tasks, queued(5, "key:new"))  # a group the head does not show
+        manager.queued_elsewhere([(0, "key:new")])
+        assert manager._window is None, "a new group: the queue is read again"
+        final = await poll(lambda: asyncio.to_thread(statuses), lambda c: c["COMPLETED"] == 45, timeout=30)
+        assert final == {"COMPLETED": 45}
+    finally:
+        await manager.stop()
+        store.close()
+
+
+async def test_a_manager_that_finds_its_head_taken_looks_deeper_and_leaves_no_slot_idle(db_url):
+    """One owner's flood drained by two managers at once: their claims find tasks of the head the other took
+    (`claims_gone`), and a manager that did then plans from a deeper head (`TaskManager._head`: the replan without
+    what the other took still fills its slots), for CONTENDED_SECONDS; every task still runs once with no
+    maintenance tick to wake a pass that left a slot free. (On SQLite a claim is a write's conditional UPDATE:
+    one taken meanwhile is a lost claim, planned again, not a task found gone; the drain is the test there.)"""
+    managers = await drain_through_two_managers(db_url, lambda i: None, 300)
+    if not db_url.startswith("postgresql"):
+        return
+    policy = managers[0]._policy()
+    plain = manager_module._pass_head(policy)
+    assert plain == 5  # 4 slots
+    contended = [m for m in managers if m.claims_gone]
+    assert contended, "two managers draining one head found none of it taken"
+    for manager in contended:
+        assert manager._head(policy) == 9
+        manager._contended_at -= manager_module.CONTENDED_SECONDS  # no claim found the head taken since
+        assert manager._head(policy) == plain

@@ -57,6 +57,9 @@ FINISHED_CACHE_SIZE = 1024
 RECOVERY_EVERY = 10  # maintenance ticks between checks for tasks of servers that died
 SCHEDULE_WINDOW = 200  # most queued tasks one scheduling pass reads
 WINDOW_SPARE = 32  # tasks per group a read takes beyond a pass's need, for the next passes (QueueWindow)
+# A shared queue (several servers claiming from one store's head): for this long after a claim found tasks of the
+# head taken by another server, a pass looks at twice the head per group (`TaskManager._head`).
+CONTENDED_SECONDS = 10.0
 QUEUE_LOOKAHEAD = 200  # most queued tasks whose exact position get_task computes (beyond: by priority and age)
 DURATIONS_KEPT = 20  # recent run times per task type behind estimated starts
 HOST = os.uname().nodename if hasattr(os, "uname") else "localhost"
@@ -208,6 +211,7 @@ class TaskManager:
         # Store.claim_planned); and the tasks of the head those claims found gone.
         self.claims_lost = 0
         self.claims_gone = 0
+        self._contended_at = float("-inf")  # when a claim last found tasks of the head gone (monotonic)
         # Writes of running tasks gathered during one turn of the loop, committed together (_flush).
         self._pending: dict[str, _PendingWrite] = {}
         self._flush_scheduled = False
@@ -1196,6 +1200,24 @@ class TaskManager:
         self._queue_info = None
         self._schedule_soon()
 
+    def queued_elsewhere(self, groups: Iterable[Group] | None) -> None:
+        """Another server on the shared store queued tasks (their task.created events), in these (priority, owner)
+        groups (None: not known): a pass follows. The kept window of the queue's head stays kept when it shows tasks
+        of every such group (a task queued since comes after them in its group: `QueueWindow.holds`), now knowing
+        those groups have more; else it is read again (`queue_changed`). Either way the queue's version moves, so a
+        pass under way that read the queue before (it may not have seen the new tasks) neither keeps its read nor
+        takes the queue for empty."""
+        window = self._window
+        keep = groups is not None and window is not None and window.version == self._queue_version
+        groups = list(groups or ())
+        self._queue_info = None
+        self._queue_changed()
+        if keep and window is not None and window.holds(groups):
+            window.more(groups)
+            window.version = self._queue_version
+            self._window = window
+        self._schedule_soon(slot_freed=True)  # (the queue is no longer known to be empty: _queue_changed)
+
     def queue_changing(self) -> None:
         """Call before queueing or re-prioritising tasks from another thread: until the change is announced
         (`announce`, `queue_changed`), scheduling passes read the queue instead of planning on the window they
@@ -1261,7 +1283,7 @@ class TaskManager:
         window = self._window
         if window is None or window.version != self._queue_version:
             return None
-        return window.view(_pass_head(policy))
+        return window.view(self._head(policy))
 
     def _read_plan_claim(
         self,
@@ -1291,7 +1313,7 @@ class TaskManager:
             if not gone:
                 return [task.id for task in starts]
             left = [task for task in window if task.id not in gone]
-            return [task.id for task in queue_plan(left, running, policy, clock=clock).starts]
+            return [task.id for task in queue_plan(left, running, policy, clock=clock, reasons=False).starts]
 
         ids, won, gone = self.store.claim_planned(
             replan,
@@ -1317,14 +1339,18 @@ class TaskManager:
         `whole`: the plan, its start order too)."""
         read = None
         if view is None:
-            tasks, cut = self.store.queue_window(
-                per_owner=_pass_head(policy) + WINDOW_SPARE, limit=SCHEDULE_WINDOW, exact=False
-            )
+            head = self._head(policy)
+            tasks, cut = self.store.queue_window(per_owner=head + WINDOW_SPARE, limit=SCHEDULE_WINDOW, exact=False)
             read = QueueWindow(version, tasks, cut)
-            view = read.view(_pass_head(policy)) or (tasks, cut)
+            view = read.view(head) or (tasks, cut)
         window, cut = view
-        planned = queue_plan(window, running, policy, clock=clock)
+        planned = queue_plan(window, running, policy, clock=clock, reasons=False)
         return read, window, cut, planned if whole else planned.starts
+
+    def _head(self, policy: QueuePolicy) -> int:
+        """How deep passes look into the queue (tasks per group): deeper while other servers claim from the same head
+        (CONTENDED_SECONDS). Any thread."""
+        return _pass_head(policy, contended=time.monotonic() - self._contended_at < CONTENDED_SECONDS)
 
     def _claim_of(self, starts: list[Task]) -> Claim:
         started_at = now()
@@ -1401,6 +1427,8 @@ class TaskManager:
             self._start(task)
             started += 1
         self.claims_gone += len(gone or ())
+        if gone:
+            self._contended_at = time.monotonic()
         if gone and not self._schedule_pending:
             # The pass was planned without what others took: slots may be left that the queue's unread tail (or
             # a read of it) fills. Another pass on the kept window, which reads again if it ran short.
@@ -1931,7 +1959,10 @@ def _log_failed_pass(exc: Exception) -> None:
         log.warning("Plexus: a scheduling pass could not read the queue: %s", unavailable)
 
 
-def _pass_head(policy: QueuePolicy) -> int:
+def _pass_head(policy: QueuePolicy, *, contended: bool = False) -> int:
     """Tasks per (priority, owner) group a scheduling pass looks at: slots+1, enough for any owner's share of one
-    pass, so one owner's flood never hides the next owner's work, and the plan stays small."""
-    return policy.capacity.get("slots", 0) + 1
+    pass, so one owner's flood never hides the next owner's work, and the plan stays small. `contended` (other
+    servers claim from the same head): 2 x slots + 1, so that a pass whose claim finds up to a share of the head
+    taken still plans enough starts for its slots, without a pass of its own for the rest."""
+    slots = policy.capacity.get("slots", 0)
+    return 2 * slots + 1 if contended else slots + 1

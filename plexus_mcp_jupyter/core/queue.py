@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import heapq
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,11 +159,14 @@ def plan(
     clock: FairClock | None = None,
     durations: Mapping[str, float] | None = None,
     at: float | None = None,
+    reasons: bool = True,
 ) -> Plan:
     """Which of `queued` start now, and for the others their position, reason and estimated start.
 
     `clock` is the owners' fair-share state (not changed here: commit the starts you make). With
-    `durations` (task type -> mean seconds) and `at` (now), estimated starts are filled in.
+    `durations` (task type -> mean seconds) and `at` (now), estimated starts are filled in. Without `reasons`
+    (a scheduling pass, which needs only the starts and the order), the others are left out of `waiting`: their
+    reasons are texts, most of a small plan's cost.
     """
     order = start_order(queued, policy, clock)
     policy = dataclasses.replace(policy, needs=functools.cache(policy.needs))  # one registry read per type
@@ -184,6 +187,11 @@ def plan(
         needs = policy.needs(task.type)
         owner_cap = policy.slot_cap(task.owner)
         type_cap = policy.type_caps.get(task.type, 0)
+        if not reasons and (
+            (owner_cap and by_owner.get(task.owner, 0) >= owner_cap)
+            or (type_cap and by_type.get(task.type, 0) >= type_cap)
+        ):
+            continue
         if owner_cap and by_owner.get(task.owner, 0) >= owner_cap:
             waiting[task.id] = (
                 position,
@@ -199,7 +207,8 @@ def plan(
                 f"at once (max_concurrency_by_type); it starts when one of them ends",
             )
         elif not res.fits(needs, free):
-            waiting[task.id] = (position, *_shortage(needs, free, actual, capacity, holder))
+            if reasons:
+                waiting[task.id] = (position, *_shortage(needs, free, actual, capacity, holder))
             res.take(free, needs)  # reserve: later tasks may not use what this one waits for
             holder = holder or task
         else:
@@ -341,6 +350,17 @@ class QueueWindow:
             return None
         cut = {group: left.get(group, 0) + self._cut.get(group, 0) for group in left.keys() | self._cut.keys()}
         return tasks, {group: n for group, n in cut.items() if n}
+
+    def holds(self, groups: Iterable[Group]) -> bool:
+        """Whether the window shows tasks of each of `groups`: a task queued since in such a group comes after them
+        (created later), so the window stays the queue's head once it knows the group has more (`more`)."""
+        shown = {(task.priority, task.owner) for task in self._tasks}
+        return all(group in shown for group in groups)
+
+    def more(self, groups: Iterable[Group]) -> None:
+        """Tasks were queued in `groups` after the read (at least one each)."""
+        for group in groups:
+            self._cut[group] = self._cut.get(group, 0) + 1
 
     def taken(self, ids: set[str]) -> None:
         """Drop the tasks a pass started."""

@@ -23,7 +23,8 @@ or notebook mirrors. The relay closes that gap with the store itself, nothing el
   progress relay or waiting call: `EventBus.wants_remote`), they are not published: the bus's sequence number
   moves (`EventBus.skip_remote`: listings are read again, a resuming client is told of the gap) and `on_remote` is
   told their kinds and statuses (a task another server queued is planned here at once). On PostgreSQL the NOTIFY
-  says all of that (its payload: the sender, how many events, their distinct (kind, status)), so nothing is read:
+  says all of that (its payload: the sender, how many events, their distinct (kind, status), the queue groups of
+  the tasks they created), so nothing is read:
   the rows are skipped by moving the cursor to the horizon (`pg_snapshot_xmin`) of a statement the relay makes
   anyway (its send, else a horizon query every few intervals), taken only when nothing needed the events after
   that statement ended: every row below it was committed before any subscriber here came, and every row above it
@@ -50,7 +51,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -113,26 +114,45 @@ def pack(events: Sequence[Event], at: float) -> list[dict[str, Any]]:
     ]
 
 
+def created_groups(events: Iterable[Event]) -> set[tuple[int, str | None]] | None:
+    """The (priority, owner) queue groups of the tasks `events` created (their task.created events), None when one
+    does not say (its data has no priority or owner): what a server needs to keep the queue's head it read."""
+    groups: set[tuple[int, str | None]] = set()
+    for event in events:
+        if event.kind == "task.created":
+            if "priority" not in event.data or "owner" not in event.data:
+                return None
+            groups.add((event.data["priority"], event.data["owner"]))
+    return groups
+
+
 def notice(origin: str, events: Sequence[Event]) -> str:
-    """A send's NOTIFY payload but its end: its sender, how many events it carries and their distinct (kind,
-    status), all that a server with nobody following other servers' events needs of them (a JSON list, without the
-    pairs when too long; _PG_SEND ends it with the send's transaction id)."""
+    """A send's NOTIFY payload but its end: its sender, how many events it carries, their distinct (kind, status)
+    and the queue groups of the tasks they created (`created_groups`), all that a server with nobody following
+    other servers' events needs of them (a JSON list, without the pairs and groups when too long; _PG_SEND ends it
+    with the send's transaction id)."""
     pairs = list({(event.kind, event.data.get("status")) for event in events})
-    text = json.dumps([origin, len(events), pairs])
+    groups = created_groups(events)
+    text = json.dumps([origin, len(events), pairs, None if groups is None else sorted(groups, key=repr)])
     if len(text) > NOTICE_MAX:
-        text = json.dumps([origin, len(events), None])
+        text = json.dumps([origin, len(events), None, None])
     return text[:-1] + ","
 
 
-def heard(payload: str) -> tuple[str, int, list[tuple[str, str | None]] | None, int]:
-    """A NOTIFY payload read back: (origin, events, their (kind, status) or None when not said, the send's
-    transaction id). An older server's payload is its id alone: nothing said."""
+Groups = set[tuple[int, str | None]] | None  # the queue groups of the tasks a batch of remote events created
+
+
+def heard(payload: str) -> tuple[str, int, list[tuple[str, str | None]] | None, Groups, int]:
+    """A NOTIFY payload read back: (origin, events, their (kind, status) or None when not said, the groups of the
+    tasks they created or None when not said, the send's transaction id). An older server's payload says no groups
+    (or is its id alone: nothing said)."""
     try:
-        origin, count, pairs, txid = json.loads(payload)
+        origin, count, pairs, *groups, txid = json.loads(payload)
         said = None if pairs is None else [(str(kind), status) for kind, status in pairs]
-        return str(origin), int(count), said, int(txid)
+        known = None if not groups or groups[0] is None else {(int(p), o) for p, o in groups[0]}
+        return str(origin), int(count), said, known, int(txid)
     except (ValueError, TypeError):
-        return payload, 0, None, 0
+        return payload, 0, None, None, 0
 
 
 def unpack(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -186,7 +206,7 @@ class EventRelay:
         interval: float = 0.25,
         progress_interval: float = 1.0,
         keep_seconds: float = 60.0,
-        on_remote: Callable[[list[tuple[str, str | None]]], None] | None = None,
+        on_remote: Callable[[list[tuple[str, str | None]], Groups], None] | None = None,
     ) -> None:
         if mode not in RELAY_MODES:
             raise ValueError(f"event_relay must be one of {', '.join(RELAY_MODES)}, not {mode!r}")
@@ -197,7 +217,8 @@ class EventRelay:
         self.interval = interval
         self.progress_interval = progress_interval
         self.keep_seconds = keep_seconds
-        # Called on the loop with (kind, status) of each batch of remote events, published or not.
+        # Called on the loop with (kind, status) of each batch of remote events, published or not, and the queue
+        # groups of the tasks they created (None when not known: their rows were read without their data).
         self.on_remote = on_remote
         self.server_id = ""
         self.sent = 0  # events written to the outbox
@@ -453,7 +474,7 @@ class EventRelay:
             if self._fresh(row)
         ]
         self.received += len(published)
-        self._tell([(event.kind, event.data.get("status")) for event in published])
+        self._tell([(event.kind, event.data.get("status")) for event in published], created_groups(published))
 
     def _note(self, rows: Sequence[dict[str, Any]]) -> None:
         """On the loop: remote events nobody here needed: counted and told to `on_remote`, not published."""
@@ -461,18 +482,18 @@ class EventRelay:
         if fresh:
             self.bus.skip_remote()
             self.noted += len(fresh)
-        self._tell(fresh)
+        self._tell(fresh, None)
 
-    def _noted(self, count: int, pairs: list[tuple[str, str | None]]) -> None:
+    def _noted(self, count: int, pairs: list[tuple[str, str | None]], groups: Groups) -> None:
         """On the loop: a NOTIFY of another server's send, its rows not read (nobody here needed them)."""
         self.bus.skip_remote()
         self.noted += count
-        self._tell(pairs)
+        self._tell(pairs, groups)
 
-    def _tell(self, events: list[tuple[str, str | None]]) -> None:
+    def _tell(self, events: list[tuple[str, str | None]], groups: Groups) -> None:
         if events and self.on_remote is not None:
             try:
-                self.on_remote(events)
+                self.on_remote(events, groups)
             except Exception:
                 log.exception("Plexus: handling events of other servers failed")
 
@@ -549,7 +570,7 @@ class EventRelay:
     def _heard(self, payload: str) -> None:
         """A NOTIFY (on the LISTEN thread): another server's send. While nothing here needs other servers' events,
         what it says is told to the loop and its rows are skipped; else (or when it says nothing) a read follows."""
-        origin, count, pairs, txid = heard(payload)
+        origin, count, pairs, groups, txid = heard(payload)
         if origin == self.server_id:
             return
         if pairs is not None and (txid < self._cursor[0] or not self.bus.wants_remote()):
@@ -558,7 +579,7 @@ class EventRelay:
             with self._lock:
                 self._noted_tx.add(txid)
             self._skipped = True
-            self._to_loop(self._noted, count, pairs)
+            self._to_loop(self._noted, count, pairs, groups)
             return
         if pairs is not None:  # needed here: the read takes the rows' data at once
             self._full = True
