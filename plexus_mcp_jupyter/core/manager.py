@@ -20,7 +20,7 @@ import uuid
 from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import resources as res
 from .creates import Create, CreateGroups
@@ -50,6 +50,9 @@ from .store import (
 )
 from .store_calls import StoreCalls, store_unavailable
 from .tasks import get_task_type, task_type_names, type_text
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
@@ -1292,7 +1295,7 @@ class TaskManager:
         clock: FairClock,
         view: tuple[list[Task], dict[Group, int]] | None,
         version: int,
-        conn: Any = None,
+        conn: Connection | None = None,
     ) -> tuple[QueueWindow | None, list[Task], dict[Group, int], list[Task], set[str], float, set[str]]:
         """A scheduling pass's store work and plan (any thread: it reads only its arguments and the store): the
         queue's head (`view`, else a read of the store, returned to be kept), what starts, which of those this

@@ -532,9 +532,9 @@ class Store:
     # -- tasks ---------------------------------------------------------------------------------
 
     def create_task(self, task: Task, *, also: Callable[[Connection], None] | None = None) -> None:
-        """Insert a new task; `also` writes in the same transaction what must exist with it (its record)."""
-        with self.engine.begin() as conn:
-            self._insert_task(conn, task, also)
+        """Insert a new task (`create_tasks` of one; the manager stores its creates in groups, `create_group`);
+        `also` writes in the same transaction what must exist with it (its record)."""
+        self.create_tasks([task], also=also)
 
     def rehearse_create_task(
         self, task: Task, *, also: Callable[[Connection], None] | None = None, holder: str | None = None
