@@ -476,6 +476,8 @@ def test_a_final_write_carries_its_stages_and_samples_in_the_tasks_row_and_every
     assert store.history(long_.id, limit=1) == ([ProgressSample(at + 2, "Work", 10, 10, "all")], 2)
     samples, total = store.history(small.id, limit=10)
     assert total == 2 and [s.processed for s in samples] == [0, 1]
+    assert [s.processed for s in store.history(small.id, limit=3)[0]] == [0, 1]  # fewer than the limit: all
+    assert [s.processed for s in store.history(small.id, limit=1)[0]] == [1]
     processed, items, _, ended = store.batch_items("b")
     assert (processed, items, ended) == (4 + 10 + 1, 4 + 10 + 1, pytest.approx(at + 2))
     # Re-queued: the trail goes as the rows do.

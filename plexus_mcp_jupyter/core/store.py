@@ -1178,7 +1178,7 @@ class Store:
             ]
         samples.reverse()
         samples += last
-        return samples[len(samples) - limit :] if limit > 0 else [], int(total) + len(last)
+        return samples[max(len(samples) - limit, 0) :] if limit > 0 else [], int(total) + len(last)
 
     # -- the queue (core/queue.py) -------------------------------------------------------------
 
