@@ -210,7 +210,6 @@ class PlainMCPDelegate(httputil.HTTPMessageDelegate):
             await runtime.start()
             endpoint = runtime.endpoint
             await endpoint.start()
-            endpoint.arrived()
             scope = asgi_scope(request, {})
             call = await endpoint.modern_json.check(Request(scope, _receive(request.body)), message)
             if call is None:
@@ -221,6 +220,7 @@ class PlainMCPDelegate(httputil.HTTPMessageDelegate):
                 self._hand_over()
                 return
             admitted = True
+            endpoint.arrived()  # (authenticated: a refused request is handed over, the handler's path tells it)
             scope["plexus.principal"] = principal
             scope["user"] = session_user(principal)
             forget = runtime.track_stream(principal, self._close)
