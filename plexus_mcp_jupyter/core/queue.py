@@ -187,25 +187,22 @@ def plan(
         needs = policy.needs(task.type)
         owner_cap = policy.slot_cap(task.owner)
         type_cap = policy.type_caps.get(task.type, 0)
-        if not reasons and (
-            (owner_cap and by_owner.get(task.owner, 0) >= owner_cap)
-            or (type_cap and by_type.get(task.type, 0) >= type_cap)
-        ):
-            continue
         if owner_cap and by_owner.get(task.owner, 0) >= owner_cap:
-            waiting[task.id] = (
-                position,
-                "owner_cap",
-                f"its owner already runs {owner_cap} tasks, the most it may "
-                "run at once; it starts when one of them ends",
-            )
+            if reasons:
+                waiting[task.id] = (
+                    position,
+                    "owner_cap",
+                    f"its owner already runs {owner_cap} tasks, the most it may "
+                    "run at once; it starts when one of them ends",
+                )
         elif type_cap and by_type.get(task.type, 0) >= type_cap:
-            waiting[task.id] = (
-                position,
-                "type_cap",
-                f"{type_cap} {task.type} tasks are running, the most allowed "
-                f"at once (max_concurrency_by_type); it starts when one of them ends",
-            )
+            if reasons:
+                waiting[task.id] = (
+                    position,
+                    "type_cap",
+                    f"{type_cap} {task.type} tasks are running, the most allowed "
+                    f"at once (max_concurrency_by_type); it starts when one of them ends",
+                )
         elif not res.fits(needs, free):
             if reasons:
                 waiting[task.id] = (position, *_shortage(needs, free, actual, capacity, holder))
