@@ -676,17 +676,17 @@ class Store:
         times = sa.select(sa.func.min(t.c.created_at), sa.func.max(t.c.completed_at)).where(*where)
         with self.reads.connect() as conn:
             processed, total = conn.execute(items).one()
-            ended_tasks = [_task_from_dict({"id": i, "trail": trail, **_BARE}) for i, trail in conn.execute(trailed)]
+            trails = {i: _stages_from_trail(i, trail) for i, trail in conn.execute(trailed)}
             rows: dict[str, list[Stage]] = {}
-            if ended_tasks:
+            if trails:
                 their_rows = sa.select(st).join(t, st.c.task_id == t.c.id).where(*where, t.c.trail.is_not(None))
                 for r in conn.execute(their_rows):
                     rows.setdefault(r[0], []).append(_stage_from_tuple(r))
             created, ended = conn.execute(times).one()
-        for task in ended_tasks:
-            _with_stages(task, rows.get(task.id, []))
-            processed += sum(stage.processed_items for stage in task.stages)
-            total += sum(stage.total_items or 0 for stage in task.stages)
+        for task_id, carried in trails.items():
+            stages = _merged_stages(carried, rows.get(task_id, []))
+            processed += sum(stage.processed_items for stage in stages)
+            total += sum(stage.total_items or 0 for stage in stages)
         return int(processed), int(total), created, ended
 
     def get_task(self, task_id: str) -> Task | None:
@@ -1797,23 +1797,30 @@ def _task_from_dict(data: dict[str, Any]) -> Task:
     data["cancel_requested"] = bool(data["cancel_requested"])
     task = Task(**data)
     if trail:
-        task.stages = [_stage_from_tuple((task.id, *item)) for item in trail.get("stages", ())]  # a row's order
+        task.stages = _stages_from_trail(task.id, trail)
     return task
 
 
-# The fields a Task needs besides its id and trail, for one read only for its stages (Store.batch_items).
-_BARE = {"type": "", "status": TaskStatus.COMPLETED.value, "params": None, "cancel_requested": False, "created_at": 0.0}
+def _stages_from_trail(task_id: str, trail: Mapping[str, Any] | None) -> list[Stage]:
+    """The stages a final write carried (tasks.trail; JSON null when it carried none): each item is a task_stages
+    row without its task id."""
+    return [_stage_from_tuple((task_id, *item)) for item in (trail or {}).get("stages", ())]
+
+
+def _merged_stages(carried: list[Stage], rows: list[Stage]) -> list[Stage]:
+    """The child table's `rows`, each replaced by the stage of its order a final write `carried`, in order."""
+    if not carried:
+        return rows
+    if not rows:
+        return carried
+    by_order = {stage.order: stage for stage in rows}
+    by_order.update((stage.order, stage) for stage in carried)
+    return [by_order[order] for order in sorted(by_order)]
 
 
 def _with_stages(task: Task, rows: list[Stage]) -> None:
-    """`task`'s stages: the child table's `rows`, each replaced by the stage of its order its final write carried
-    (task.stages, from the row's trail), in order."""
-    if not task.stages:
-        task.stages = rows
-    elif rows:
-        by_order = {stage.order: stage for stage in rows}
-        by_order.update((stage.order, stage) for stage in task.stages)
-        task.stages = [by_order[order] for order in sorted(by_order)]
+    """`task`'s stages: the child table's `rows` merged with those its trail carried (task.stages so far)."""
+    task.stages = _merged_stages(task.stages, rows)
 
 
 def _trail(stages: Sequence[Stage], samples: Sequence[ProgressSample]) -> dict[str, Any] | None:
@@ -1821,20 +1828,7 @@ def _trail(stages: Sequence[Stage], samples: Sequence[ProgressSample]) -> dict[s
     if not stages and not samples:
         return None
     return {
-        "stages": [
-            [
-                s.order,
-                s.name,
-                s.status.value,
-                s.status_message,
-                s.total_items,
-                s.processed_items,
-                s.started_at,
-                s.completed_at,
-                s.estimated_completion_at,
-            ]
-            for s in stages
-        ],
+        "stages": [_stage_values(stage) for stage in stages],
         "samples": [[x.at, x.stage, x.processed, x.total, x.message] for x in samples],
     }
 
@@ -1874,19 +1868,23 @@ def _stage_from_tuple(r: Any) -> Stage:
     )
 
 
+def _stage_values(stage: Stage) -> list[Any]:
+    """A stage's values in _STAGE_COLUMNS order but the task id (a task_stages row; an item of a trail)."""
+    return [
+        stage.order,
+        stage.name,
+        stage.status.value,
+        stage.status_message,
+        stage.total_items,
+        stage.processed_items,
+        stage.started_at,
+        stage.completed_at,
+        stage.estimated_completion_at,
+    ]
+
+
 def _stage_row(task_id: str, stage: Stage) -> dict[str, Any]:
-    return {
-        "task_id": task_id,
-        "stage_order": stage.order,
-        "name": stage.name,
-        "status": stage.status.value,
-        "status_message": stage.status_message,
-        "total_items": stage.total_items,
-        "processed_items": stage.processed_items,
-        "started_at": stage.started_at,
-        "completed_at": stage.completed_at,
-        "estimated_completion_at": stage.estimated_completion_at,
-    }
+    return dict(zip(_STAGE_COLUMNS, (task_id, *_stage_values(stage)), strict=True))
 
 
 def _sample_row(sample: ProgressSample) -> dict[str, Any]:
