@@ -483,3 +483,48 @@ def test_a_final_write_carries_its_stages_and_samples_in_the_tasks_row_and_every
     # Re-queued: the trail goes as the rows do.
     assert store.requeue(small.id)
     assert store.get_task(small.id).stages == [] and store.history(small.id, limit=10) == ([], 0)
+
+
+def test_no_trail_is_sql_null_and_a_json_null_from_an_older_store_counts_as_none(store, monkeypatch):
+    """No trail is SQL NULL (tasks.trail is JSON with none_as_null): an insert, a final write that carried no
+    stages or samples and a re-queue leave none, so batch_items sums those tasks' stage rows in SQL. A store the
+    code before wrote holds JSON null there instead: every read takes it as no trail, batch_items included."""
+    from plexus_mcp_jupyter.core import store as store_module
+
+    plain, ended, requeued, trailed = queued(4, batch_id="b")
+    plain.stages = [Stage("S", 0, total_items=5, processed_items=2)]
+    store.create_tasks([plain, ended, requeued, trailed])
+    at = time.time()
+    store.claim_many([ended.id, requeued.id, trailed.id], worker="srv/pid=1", started_at=at)
+    writes = []
+    for task in (ended, requeued, trailed):
+        task.worker, task.status, task.completed_at = "srv/pid=1", TaskStatus.COMPLETED, at + 1
+        stages = [Stage("W", 0, StageStatus.COMPLETED, None, 3, 3, at, at + 1, None)] if task is trailed else []
+        writes.append(ProgressWrite(task, stages, [], True))
+    store.save_progress_many(writes, holder="srv")
+    assert store.requeue(requeued.id)
+
+    def null_trails() -> int:
+        with store.engine.connect() as conn:
+            return conn.exec_driver_sql("SELECT count(*) FROM tasks WHERE trail IS NULL").scalar_one()
+
+    assert null_trails() == 3  # all but the one whose final write carried a stage
+    read: list[str] = []  # the tasks batch_items merged in Python (read as having a trail)
+    real = store_module._stages_from_trail
+    monkeypatch.setattr(
+        store_module, "_stages_from_trail", lambda task_id, trail: read.append(task_id) or real(task_id, trail)
+    )
+    want = {plain.id: [plain.stages[0]], ended.id: [], requeued.id: [], trailed.id: [writes[2].stages[0]]}
+    for old in (False, True):
+        if old:  # as the code before none_as_null stored them
+            with store.engine.begin() as conn:
+                json_null = "CAST('null' AS JSON)" if store.engine.dialect.name == "postgresql" else "'null'"
+                conn.exec_driver_sql(f"UPDATE tasks SET trail = {json_null} WHERE trail IS NULL")
+            assert null_trails() == 0
+        read.clear()
+        assert store.batch_items("b")[:2] == (2 + 3, 5 + 3)
+        assert read == [trailed.id]
+        assert {t.id: t.stages for t in store.tasks_by_ids(list(want), stages=True)} == want
+        assert {i: store.get_task(i).stages for i in want} == want
+        assert {t.id: t.stages for t in store.list_tasks(TaskFilter(), limit=10)[0]} == want
+        assert store.history(ended.id, limit=5) == ([], 0)

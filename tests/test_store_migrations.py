@@ -254,7 +254,8 @@ def test_revision_0005_packs_the_event_outbox_in_place_and_back(store_url):
 def test_revision_0006_keeps_a_stores_stages_and_samples_and_gives_a_trail_back_as_rows(store_url):
     """A store at 0005 whose tasks have stage rows and samples upgrades in place (the column added, the rows kept
     and read as before); a task ended after it carries its stages and samples in its row (tasks.trail), and a
-    downgrade to 0005 makes them rows of task_stages and progress_samples again."""
+    downgrade to 0005 makes them rows of task_stages and progress_samples again (a JSON null trail, as stored
+    before none_as_null, is no trail)."""
     from alembic import command
 
     from plexus_mcp_jupyter.core.models import ProgressSample, Stage, StageStatus
@@ -295,6 +296,16 @@ def test_revision_0006_keeps_a_stores_stages_and_samples_and_gives_a_trail_back_
     finally:
         store.close()
     assert schema_diff(store_url) == []
+    engine = make_engine(store_url)
+    try:  # no trail: SQL NULL ("new" before its end), or the JSON null the code before none_as_null stored
+        with engine.begin() as conn:
+            json_null = "CAST('null' AS JSON)" if engine.dialect.name == "postgresql" else "'null'"
+            conn.exec_driver_sql(
+                "INSERT INTO tasks (id, type, status, priority, created_at, cancel_requested, trail) "
+                f"VALUES ('nulled', 'demo', 'QUEUED', 0, {at}, false, {json_null})"
+            )
+    finally:
+        engine.dispose()
     _migrate(store_url, command.downgrade, "0005")
     engine = make_engine(store_url)
     try:

@@ -110,8 +110,9 @@ tasks_table = sa.Table(
     # two samples, their index entries and foreign-key checks) were a third of PostgreSQL's work per task. Read
     # over the child rows: a stage here replaces the row of its order, samples here follow the table's.
     # {"stages": [[order, name, status, message, total, processed, started, completed, eta], ...],
-    #  "samples": [[at, stage, processed, total, message], ...]}; None: everything is in the child tables.
-    sa.Column("trail", sa.JSON, nullable=True),
+    #  "samples": [[at, stage, processed, total, message], ...]}; SQL NULL: everything is in the child tables (a
+    # store written before none_as_null may hold JSON 'null' for that: every reader takes it as no trail).
+    sa.Column("trail", sa.JSON(none_as_null=True), nullable=True),
 )
 
 stages_table = sa.Table(
@@ -199,6 +200,10 @@ _SELECT_TASK_WITH_STAGES = (  # a row per stage (one with NULL stage columns for
     .where(tasks_table.c.id == sa.bindparam("task_id"))
     .order_by(stages_table.c.stage_order)
 )
+
+# A task without a trail: SQL NULL, or the JSON 'null' the code before none_as_null stored (a final write without
+# stages or samples, a re-queue, every insert). The cast: PostgreSQL's json has no equality operator.
+_NO_TRAIL = sa.or_(tasks_table.c.trail.is_(None), sa.cast(tasks_table.c.trail, sa.Text) == "null")
 
 _INSERT_TASK = sa.insert(tasks_table)
 _INSERT_SAMPLES = sa.insert(samples_table)
@@ -607,7 +612,7 @@ class Store:
             if stages:
                 by_task = self._stages_for(conn, [task.id for task in found])
                 for task in found:
-                    _with_stages(task, by_task.get(task.id, []))
+                    task.stages = _merged_stages(task.stages, by_task.get(task.id, []))
             out += found
         return out
 
@@ -669,17 +674,17 @@ class Store:
                 sa.func.coalesce(sa.func.sum(st.c.total_items), 0),
             )
             .select_from(st.join(t, st.c.task_id == t.c.id))
-            .where(*where, t.c.trail.is_(None))
+            .where(*where, _NO_TRAIL)
         )
         # The ended ones whose final write carried stages (tasks.trail): merged with their rows, if any, here.
-        trailed = sa.select(t.c.id, t.c.trail).where(*where, t.c.trail.is_not(None))
+        trailed = sa.select(t.c.id, t.c.trail).where(*where, sa.not_(_NO_TRAIL))
         times = sa.select(sa.func.min(t.c.created_at), sa.func.max(t.c.completed_at)).where(*where)
         with self.reads.connect() as conn:
             processed, total = conn.execute(items).one()
             trails = {i: _stages_from_trail(i, trail) for i, trail in conn.execute(trailed)}
             rows: dict[str, list[Stage]] = {}
             if trails:
-                their_rows = sa.select(st).join(t, st.c.task_id == t.c.id).where(*where, t.c.trail.is_not(None))
+                their_rows = sa.select(st).join(t, st.c.task_id == t.c.id).where(*where, sa.not_(_NO_TRAIL))
                 for r in conn.execute(their_rows):
                     rows.setdefault(r[0], []).append(_stage_from_tuple(r))
             created, ended = conn.execute(times).one()
@@ -696,7 +701,8 @@ class Store:
         if not rows:
             return None
         task = _task_from_tuple(rows[0][:_N_TASK_COLUMNS])
-        _with_stages(task, [_stage_from_tuple(r[_N_TASK_COLUMNS:]) for r in rows if r[_N_TASK_COLUMNS] is not None])
+        table = [_stage_from_tuple(r[_N_TASK_COLUMNS:]) for r in rows if r[_N_TASK_COLUMNS] is not None]
+        task.stages = _merged_stages(task.stages, table)
         return task
 
     def list_tasks(
@@ -735,7 +741,7 @@ class Store:
             page = [_task_from_tuple(r) for r in rows[:limit]]
             stages = self._stages_for(conn, [task.id for task in page])
         for task in page:
-            _with_stages(task, stages.get(task.id, []))
+            task.stages = _merged_stages(task.stages, stages.get(task.id, []))
         next_key = (page[-1].created_at, page[-1].id) if len(rows) > limit else None
         return page, next_key
 
@@ -771,7 +777,7 @@ class Store:
             tasks = [_task_from_row(r) for r in rows]
             stages = self._stages_for(conn, [t.id for t in tasks])
         for task in tasks:
-            _with_stages(task, stages.get(task.id, []))
+            task.stages = _merged_stages(task.stages, stages.get(task.id, []))
         return tasks
 
     def claim(self, task_id: str, *, worker: str, started_at: float, lease_expires_at: float | None = None) -> bool:
@@ -1790,7 +1796,7 @@ def _task_from_tuple(row: Any) -> Task:
 
 def _task_from_dict(data: dict[str, Any]) -> Task:
     """A task from its row's values; the stages its final write carried (`trail`) are its stages until
-    `_with_stages` merges the child table's rows in."""
+    `_merged_stages` merges the child table's rows in (`task.stages = _merged_stages(task.stages, rows)`)."""
     trail = data.pop("trail")
     data["status"] = TaskStatus(data["status"])
     data["params"] = data["params"] or {}
@@ -1802,8 +1808,8 @@ def _task_from_dict(data: dict[str, Any]) -> Task:
 
 
 def _stages_from_trail(task_id: str, trail: Mapping[str, Any] | None) -> list[Stage]:
-    """The stages a final write carried (tasks.trail; JSON null when it carried none): each item is a task_stages
-    row without its task id."""
+    """The stages a final write carried (tasks.trail; SQL NULL when it carried none, or the JSON null a store
+    written before held: None here too): each item is a task_stages row without its task id."""
     return [_stage_from_tuple((task_id, *item)) for item in (trail or {}).get("stages", ())]
 
 
@@ -1816,11 +1822,6 @@ def _merged_stages(carried: list[Stage], rows: list[Stage]) -> list[Stage]:
     by_order = {stage.order: stage for stage in rows}
     by_order.update((stage.order, stage) for stage in carried)
     return [by_order[order] for order in sorted(by_order)]
-
-
-def _with_stages(task: Task, rows: list[Stage]) -> None:
-    """`task`'s stages: the child table's `rows` merged with those its trail carried (task.stages so far)."""
-    task.stages = _merged_stages(task.stages, rows)
 
 
 def _trail(stages: Sequence[Stage], samples: Sequence[ProgressSample]) -> dict[str, Any] | None:

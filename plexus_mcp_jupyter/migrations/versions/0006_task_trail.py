@@ -2,8 +2,9 @@
 rows of task_stages and progress_samples: a small task's whole life is that one write, and its child rows (a
 stage, two samples, their index entries and foreign-key checks) were about a third of PostgreSQL's work per task.
 Readers merge the trail over the child rows (core/store.py: a stage in the trail replaces the row of its order,
-its samples follow the table's), so existing rows need no change: upgrading adds the column. Downgrading moves
-each trail into the child tables, then drops the column.
+its samples follow the table's), so existing rows need no change: upgrading adds the column. "No trail" is SQL
+NULL; a store written before the column's none_as_null may hold JSON null for it, which readers and the
+downgrade take as no trail too. Downgrading moves each trail into the child tables, then drops the column.
 
 Revision ID: 0006
 Revises: 0005
@@ -39,7 +40,7 @@ SAMPLE_COLUMNS = ("at", "stage", "processed", "total", "message")
 
 def upgrade() -> None:
     if "trail" not in {c["name"] for c in sa.inspect(op.get_bind()).get_columns("tasks")}:
-        op.add_column("tasks", sa.Column("trail", sa.JSON(), nullable=True))
+        op.add_column("tasks", sa.Column("trail", sa.JSON(none_as_null=True), nullable=True))
 
 
 def downgrade() -> None:
@@ -49,6 +50,8 @@ def downgrade() -> None:
     rows = bind.execute(sa.text("SELECT id, trail FROM tasks WHERE trail IS NOT NULL")).all()
     for task_id, trail in rows:
         trail = json.loads(trail) if isinstance(trail, str) else trail
+        if trail is None:  # JSON null (the code before none_as_null stored it for "no trail"): nothing to move
+            continue
         for item in trail.get("stages", ()):
             row = dict(zip(STAGE_COLUMNS, item, strict=True))
             bind.execute(
