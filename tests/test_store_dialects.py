@@ -38,27 +38,45 @@ def queued(n: int, **kw) -> list[Task]:
 def drain_with_two_stores(store_url: str, n: int, claim: Callable[[Store, str, list[Task]], list[str]]) -> None:
     """Two Store instances (two pools, as two servers have) drain one queue of `n` tasks concurrently, each reading
     the head of the queue (40 tasks) and claiming from it with `claim(store, worker, head)` (the ids it claimed),
-    until the queue is empty: every task is claimed once, by one of them, both claim some, and the rows say who."""
+    until the queue is empty: every task is claimed once, by one of them, both claim some, and the rows say who.
+
+    Deterministic under load: both read the first head before either claims (the same head, claimed from at
+    once), and one that has claimed waits (up to a deadline) until the other has claimed too before it goes on, so
+    a thread the machine leaves unscheduled cannot find the queue drained by the other."""
     first, second = Store(store_url), Store(store_url)
     first.create_tasks(queued(n))
     claimed: dict[str, list[str]] = {"a": [], "b": []}
+    has_claimed = {"a": threading.Event(), "b": threading.Event()}
     failures: list[BaseException] = []
-    start = threading.Barrier(2)
+    both_read = threading.Barrier(2, timeout=60)
 
-    def drain(name: str, store: Store) -> None:
+    def drain(name: str, other: str, store: Store) -> None:
         try:
-            start.wait()
-            while window := store.queue_window(per_owner=40, limit=40)[0]:
-                claimed[name] += claim(store, name, window)
+            window = store.queue_window(per_owner=40, limit=40)[0]
+            both_read.wait()
+            while window:
+                got = claim(store, name, window)
+                claimed[name] += got
+                if got:
+                    has_claimed[name].set()
+                if has_claimed[name].is_set() and not has_claimed[other].wait(60):
+                    raise AssertionError(f"{other} claimed nothing in 60 s while {name} waited")
+                window = store.queue_window(per_owner=40, limit=40)[0]
         except BaseException as exc:  # reported by the main thread
             failures.append(exc)
+            both_read.abort()
+            has_claimed[name].set()  # the other stops waiting; the failure is reported
 
-    threads = [threading.Thread(target=drain, args=(name, s)) for name, s in (("a", first), ("b", second))]
+    threads = [
+        threading.Thread(target=drain, args=(name, other, s))
+        for name, other, s in (("a", "b", first), ("b", "a", second))
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(120)
     try:
+        assert not any(thread.is_alive() for thread in threads), "a store still draining after 120 s"
         assert not failures, failures
         both = claimed["a"] + claimed["b"]
         assert len(both) == n and len(set(both)) == n  # every task claimed, none twice
