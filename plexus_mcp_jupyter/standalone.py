@@ -14,10 +14,15 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import anyio
+from mcp.server.stdio import stdio_server
+from mcp.shared.message import SessionMessage
+from mcp.types import JSONRPCRequest
 from tornado import web
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
+from .endpoint.sdk_compat import lowlevel_server
 from .endpoint.transport import MCPBridge
 from .runtime import PlexusRuntime
 from .security.connections import ConnectionGuard
@@ -142,6 +147,54 @@ def _on_stop_signals(callback: Callable[[], object]) -> None:
             loop.add_signal_handler(sig, callback)
 
 
+class _ArrivalTelling:
+    """The stdio transport's read stream (the SDK's `ReadStream`), telling `arrived` once, at the first JSON-RPC
+    request it receives: as the HTTP routes do after authentication (handlers/mcp.py, handlers/mcp_plain.py), so
+    the evaluation service stops its start-up rehearsals when a client comes (MCPEndpoint.arrived). The SDK's
+    loop reads it with `async for` and closes it; the sender's context (`last_context`) is the inner stream's."""
+
+    def __init__(self, inner: Any, arrived: Callable[[], None]) -> None:
+        self._inner = inner
+        self._arrived: Callable[[], None] | None = arrived
+
+    @property
+    def last_context(self) -> Any:
+        return getattr(self._inner, "last_context", None)
+
+    async def receive(self) -> Any:
+        item = await self._inner.receive()
+        if self._arrived is not None and isinstance(item, SessionMessage) and isinstance(item.message, JSONRPCRequest):
+            tell, self._arrived = self._arrived, None
+            tell()
+        return item
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    def __aiter__(self) -> _ArrivalTelling:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            raise StopAsyncIteration from None
+
+    async def __aenter__(self) -> _ArrivalTelling:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+async def _run_stdio(runtime: PlexusRuntime) -> None:
+    """MCPServer.run_stdio_async, its read stream telling the endpoint when a client has arrived."""
+    server = lowlevel_server(runtime.mcp)
+    async with stdio_server() as (read_stream, write_stream):
+        arrivals = _ArrivalTelling(read_stream, runtime.endpoint.arrived)
+        await server.run(arrivals, write_stream, server.create_initialization_options())
+
+
 async def serve_stdio(runtime: PlexusRuntime) -> None:
     """MCP over this process's stdin/stdout; stdout carries nothing but the protocol.
 
@@ -153,7 +206,7 @@ async def serve_stdio(runtime: PlexusRuntime) -> None:
     _on_stop_signals(stop.set)
     await runtime.manager.start()
     runtime.evaluations.start()  # prunes the items of cancelled evaluations, as the HTTP servers do
-    serving = asyncio.ensure_future(runtime.mcp.run_stdio_async())
+    serving = asyncio.ensure_future(_run_stdio(runtime))
     stopping = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -40,6 +40,21 @@ def use_noisy_demo() -> None:
     register_task_type(TaskType("demo", "tests.task_functions:noisy_demo", "noisy demo", demo.validate_params))
 
 
+def record_client_came(path: str) -> None:
+    """Append a line to `path` each time this process's evaluation service is told a client came (the stdio test's
+    server: MCPEndpoint.arrived -> EvaluationService.client_came)."""
+    from plexus_mcp_jupyter.evaluations.service import EvaluationService
+
+    came = EvaluationService.client_came
+
+    def told(self) -> None:
+        with open(path, "a") as f:
+            f.write("came\n")
+        came(self)
+
+    EvaluationService.client_came = told
+
+
 def circular(ctx) -> list:
     """Returns a value JSON cannot express at all."""
     loop: list = []

@@ -79,6 +79,27 @@ async def test_stdio_serves_the_same_tools_and_keeps_stdout_for_the_protocol(tmp
     assert garbage == []
 
 
+async def test_stdio_tells_the_endpoint_a_client_came_once_at_its_first_request(tmp_path):
+    # As the HTTP routes do (after authentication): the evaluation service's start-up rehearsals stop when a
+    # client's first MCP request arrives (MCPEndpoint.arrived -> EvaluationService.client_came), told once.
+    came = tmp_path / "came"
+    bootstrap = (
+        "import os, sys; from tests.task_functions import record_client_came; "
+        "record_client_came(os.environ['PLEXUS_TEST_CAME']); "
+        "from plexus_mcp_jupyter.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-c", bootstrap, "mcp", "serve", "--transport", "stdio"],
+        env=plexus_env(tmp_path, PLEXUS_TEST_CAME=str(came)),
+        cwd=str(Path(__file__).resolve().parent.parent),
+    )
+    async with Client(params) as client:  # initialize, then two more requests
+        assert {t.name for t in (await client.list_tools()).tools} == ALL_TOOLS
+        await client.call_tool("list_tasks", {})
+        assert came.read_text() == "came\n"
+
+
 def start_http(tmp_path, *args: str, **env: str) -> tuple[subprocess.Popen, str, str | None]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "plexus_mcp_jupyter.cli", "mcp", "serve", "--transport", "http", "--port", "0", *args],
