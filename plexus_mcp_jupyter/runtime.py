@@ -251,7 +251,8 @@ class PlexusRuntime:
     def _on_remote_events(self, events: list[tuple[str, str | None]], groups: Groups) -> None:
         """Tasks another server queued on the shared store ((kind, status) of its events, and the queue groups of
         the tasks they created): plan a start now, not at the next maintenance tick; the queue's head this server
-        read is kept when only new tasks of groups it shows came (`TaskManager.queued_elsewhere`)."""
+        read is kept when only new tasks of groups it shows came, none older than a task it shows of its group
+        (`TaskManager.queued_elsewhere`)."""
         queued = {kind for kind, status in events if kind == "task.created" or status == TaskStatus.QUEUED.value}
         if queued == {"task.created"}:
             self.manager.queued_elsewhere(groups)

@@ -33,7 +33,8 @@ from plexus_mcp_jupyter.core import relay as relay_module
 from plexus_mcp_jupyter.core.events import Event, EventBus
 from plexus_mcp_jupyter.core.executors import LocalExecutor
 from plexus_mcp_jupyter.core.manager import TaskManager, _owner_gone
-from plexus_mcp_jupyter.core.models import Task, TaskStatus
+from plexus_mcp_jupyter.core.models import Task, TaskStatus, iso
+from plexus_mcp_jupyter.core.queue import QueueWindow
 from plexus_mcp_jupyter.core.relay import EventRelay
 from plexus_mcp_jupyter.core.store import Store, outbox_table
 from plexus_mcp_jupyter.runtime import PlexusRuntime
@@ -475,7 +476,7 @@ async def test_on_postgresql_a_server_nobody_follows_reads_no_row_the_notify_say
     ):
         await poll(lambda: reader.listening and writer.listening, bool, timeout=20)
         for i in range(30):
-            data = {"status": "QUEUED", "priority": i % 2, "owner": None}
+            data = {"status": "QUEUED", "priority": i % 2, "owner": None, "created_at": "2026-12-04T10:00:00.000Z"}
             writer_bus.publish("task.created", "task", f"before-{i}", data)
         await poll(lambda: reader.noted, lambda n: n >= 30, timeout=20)
         for i in range(30):
@@ -504,15 +505,28 @@ def test_a_notify_payload_says_the_sender_its_events_and_their_kinds_and_an_olde
     assert (origin, count, txid, groups) == ("s1", 3, 123, None), "created tasks whose group is not said: none"
     assert sorted(pairs or []) == [("task.completed", "COMPLETED"), ("task.created", "QUEUED")]
     queued = [
-        Event(i, 0.0, "task.created", "task", str(i), {"status": "QUEUED", "priority": i % 2, "owner": owner})
-        for i, owner in enumerate(["key:a", "key:a", None, None])
+        Event(
+            i,
+            0.0,
+            "task.created",
+            "task",
+            str(i),
+            {"status": "QUEUED", "priority": i % 2, "owner": owner, "created_at": iso(1796400000.0 + 10 - i)},
+        )
+        for i, owner in enumerate(["key:a", "key:a", "key:a", None, None])
     ]
+    # Each group with the oldest creation time of its new tasks (a lower bound: milliseconds, less 1 us)
     assert relay_module.heard(relay_module.notice("s1", queued) + "9]")[3] == {
-        (0, "key:a"),
-        (1, "key:a"),
-        (0, None),
-        (1, None),
+        (0, "key:a"): pytest.approx(1796400000.0 + 8 - 1e-6, abs=1e-7),
+        (1, "key:a"): pytest.approx(1796400000.0 + 9 - 1e-6, abs=1e-7),
+        (1, None): pytest.approx(1796400000.0 + 7 - 1e-6, abs=1e-7),
+        (0, None): pytest.approx(1796400000.0 + 6 - 1e-6, abs=1e-7),
     }
+    at = 1796400000.0006  # its ISO time is cut to the millisecond: the group's time is never later than the task's
+    late = [Event(1, 0.0, "task.created", "task", "t", {"priority": 0, "owner": None, "created_at": iso(at)})]
+    assert relay_module.heard(relay_module.notice("s1", late) + "9]")[3][(0, None)] < at
+    untimed = [Event(1, 0.0, "task.created", "task", "t", {"priority": 0, "owner": None})]
+    assert relay_module.heard(relay_module.notice("s1", untimed) + "9]")[3] is None, "no creation time: not known"
     many = [Event(i, 0.0, f"kind-{i}", "task", str(i), {"status": "x" * 50}) for i in range(200)]
     assert relay_module.heard(relay_module.notice("s1", many) + "7]") == ("s1", 200, None, None, 7), "too long: read"
     assert relay_module.heard('["s0", 2, [["task.created", "QUEUED"]], 5]') == (
@@ -522,6 +536,9 @@ def test_a_notify_payload_says_the_sender_its_events_and_their_kinds_and_an_olde
         None,
         5,
     ), "a payload of the release before: no groups said"
+    assert relay_module.heard('["s0", 1, [["task.created", "QUEUED"]], [[0, null]], 5]')[3] is None, (
+        "groups without their oldest creation time (a server of the release before): not known, the head read again"
+    )
     assert relay_module.heard("server-of-an-older-release") == ("server-of-an-older-release", 0, None, None, 0)
 
 
@@ -667,7 +684,7 @@ async def test_tasks_another_server_queues_start_here_without_a_tick_and_the_kep
     manager = TaskManager(store, EventBus(), LocalExecutor(), max_concurrency=2, poll_interval=600, lease_seconds=120)
     base = time.time()
 
-    def queued(n: int, owner: str | None) -> list[Task]:
+    def queued(n: int, owner: str | None, after: float = 0.0) -> list[Task]:
         return [
             Task(
                 id=uuid.uuid4().hex,
@@ -675,7 +692,7 @@ async def test_tasks_another_server_queues_start_here_without_a_tick_and_the_kep
                 status=TaskStatus.QUEUED,
                 params={"items": 1, "item_delay_ms": 20},
                 owner=owner,
-                created_at=base + i * 1e-4,
+                created_at=base + after + i * 1e-4,
             )
             for i in range(n)
         ]
@@ -686,26 +703,97 @@ async def test_tasks_another_server_queues_start_here_without_a_tick_and_the_kep
 
     def kept() -> bool:
         window = manager._window
-        return window is not None and window.version == manager._queue_version and window.holds([(0, None)])
+        return window is not None and window.version == manager._queue_version and window.holds({(0, None): base + 1})
 
     try:
         await manager.start()
         await asyncio.to_thread(store.create_tasks, queued(20, None))  # fewer than a read takes: all read
         manager.queue_changed()
         window = await poll(lambda: kept() and manager._window, bool, timeout=30)
-        await asyncio.to_thread(store.create_tasks, queued(20, None))  # by another server, in the group shown
+        await asyncio.to_thread(store.create_tasks, queued(20, None, after=1))  # by another server, in the group
         assert manager._window is window and kept(), "the first 20 still running: the head read is kept meanwhile"
-        manager.queued_elsewhere([(0, None)])
+        manager.queued_elsewhere({(0, None): base + 1})  # created after every task the head shows
         assert manager._window is window, "the head read stays kept: the new tasks come after it"
         await poll(lambda: asyncio.to_thread(statuses), lambda c: c["COMPLETED"] == 40, timeout=30)
         await asyncio.to_thread(store.create_tasks, queued(5, "key:new"))  # a group the head does not show
-        manager.queued_elsewhere([(0, "key:new")])
+        manager.queued_elsewhere({(0, "key:new"): base})
         assert manager._window is None, "a new group: the queue is read again"
         final = await poll(lambda: asyncio.to_thread(statuses), lambda c: c["COMPLETED"] == 45, timeout=30)
         assert final == {"COMPLETED": 45}
     finally:
         await manager.stop()
         store.close()
+
+
+async def test_a_task_whose_create_committed_late_on_another_server_starts_before_newer_ones_of_its_group(
+    db_url, monkeypatch
+):
+    """FIFO within (priority, owner) across servers: a server whose kept head of the queue shows tasks of a group
+    is told by another server's NOTIFY (its payload: the groups of the tasks it created, with their oldest
+    creation time) of a task of that group OLDER than those (its create committed late): it reads the queue
+    again, and starts that task before the newer ones; told of a task newer than the head's, it keeps the head.
+    Two servers on one PostgreSQL: the other one a store and relay of its own (its send's NOTIFY is real)."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("the NOTIFY payload's groups: PostgreSQL only (SQLite polls the rows, read with their data)")
+    monkeypatch.setattr(relay_module, "FALLBACK_POLLS", 10**6)  # no read for a lost notification: the NOTIFY says
+    store = Store(db_url)
+    manager = TaskManager(store, EventBus(), LocalExecutor(), max_concurrency=1, poll_interval=600, lease_seconds=120)
+    told: list[relay_module.Groups] = []
+
+    def on_remote(events: list[tuple[str, str | None]], groups: relay_module.Groups) -> None:
+        if {kind for kind, _ in events} == {"task.created"}:  # as PlexusRuntime._on_remote_events
+            told.append(groups)
+            manager.queued_elsewhere(groups)
+
+    def task(task_id: str, created_at: float, items: int = 1) -> Task:
+        params = {"items": items, "item_delay_ms": 50}
+        return Task(id=task_id, type="demo", status=TaskStatus.QUEUED, params=params, created_at=created_at)
+
+    def statuses() -> dict[str, str]:
+        with store.engine.connect() as conn:
+            return dict(conn.execute(sa.text("SELECT id, status FROM tasks")).all())
+
+    base = time.time()
+    async with writer_and_reader(db_url, on_remote) as (writer, writer_bus, reader, _reader_bus):
+        await poll(lambda: reader.listening and writer.listening, bool, timeout=20)
+        try:
+            # The only slot busy for as long as the test needs (ended by a cancel), three newer tasks queued behind:
+            # the start's pass reads them all, starts the first and keeps the rest as the head of the queue.
+            newer = [task(f"newer-{i}", base + 10 + i) for i in range(3)]
+            await asyncio.to_thread(store.create_tasks, [task("blocker", base, items=10_000), *newer])
+            await manager.start()
+
+            def head_kept() -> QueueWindow | None:
+                window = manager._window
+                shows = window is not None and window.version == manager._queue_version and window.view(5)
+                return window if shows and [t.id for t in shows[0]] == [t.id for t in newer] else None
+
+            window = await poll(head_kept, bool, timeout=30)
+
+            async def created_elsewhere(new: Task) -> None:
+                """The other server's create: its row committed, then its task.created event sent (NOTIFY)."""
+                await asyncio.to_thread(writer.store.create_task, new)
+                writer_bus.publish("task.created", "task", new.id, new.summary())
+                before = len(told)
+                await poll(lambda: len(told), lambda n: n > before, timeout=20)
+
+            await created_elsewhere(task("newest", base + 20))  # after every task the head shows: kept
+            assert told[-1] == {(0, None): pytest.approx(base + 20, abs=2e-3)}
+            assert manager._window is window, "a newer task of a group the head shows: the head read is kept"
+            await created_elsewhere(task("late", base + 5))  # older than the head's: committed late
+            assert told[-1] == {(0, None): pytest.approx(base + 5, abs=2e-3)}
+            assert manager._window is not window, "a task older than the head's: the queue is read again"
+            assert manager.cancel(["blocker"])[0].outcome in ("cancelled", "cancelling")
+            final = await poll(
+                lambda: asyncio.to_thread(statuses), lambda s: sum(v in FINAL for v in s.values()) == 6, timeout=60
+            )
+            assert final["blocker"] == "CANCELLED" and all(final[t] == "COMPLETED" for t in final if t != "blocker")
+            with store.engine.connect() as conn:
+                order = conn.execute(sa.text("SELECT id FROM tasks WHERE id <> 'blocker' ORDER BY started_at")).all()
+            assert [r[0] for r in order] == ["late", "newer-0", "newer-1", "newer-2", "newest"], "by created_at"
+        finally:
+            await manager.stop()
+            store.close()
 
 
 async def test_a_manager_that_finds_its_head_taken_looks_deeper_and_leaves_no_slot_idle(db_url):

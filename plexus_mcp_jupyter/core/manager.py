@@ -1203,19 +1203,20 @@ class TaskManager:
         self._queue_info = None
         self._schedule_soon()
 
-    def queued_elsewhere(self, groups: Iterable[Group] | None) -> None:
+    def queued_elsewhere(self, groups: Mapping[Group, float] | None) -> None:
         """Another server on the shared store queued tasks (their task.created events), in these (priority, owner)
-        groups (None: not known): a pass follows. The kept window of the queue's head stays kept when it shows tasks
-        of every such group (a task queued since comes after them in its group: `QueueWindow.holds`), now knowing
-        those groups have more; else it is read again (`queue_changed`). Either way the queue's version moves, so a
-        pass under way that read the queue before (it may not have seen the new tasks) neither keeps its read nor
-        takes the queue for empty."""
+        groups, each with the oldest creation time of its new tasks (None: not known): a pass follows. The kept
+        window of the queue's head stays kept when it shows tasks of every such group, all older than its new ones
+        (which then come after them in their group: `QueueWindow.holds`), now knowing those groups have more; else
+        it is read again (`queue_changed`): a task whose create committed late, older than one the window shows,
+        is started before it (FIFO within (priority, owner)). Either way the queue's version moves, so a pass under
+        way that read the queue before (it may not have seen the new tasks) neither keeps its read nor takes the
+        queue for empty."""
         window = self._window
         keep = groups is not None and window is not None and window.version == self._queue_version
-        groups = list(groups or ())
         self._queue_info = None
         self._queue_changed()
-        if keep and window is not None and window.holds(groups):
+        if keep and window is not None and groups is not None and window.holds(groups):
             window.more(groups)
             window.version = self._queue_version
             self._window = window

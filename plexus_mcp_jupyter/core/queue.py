@@ -348,11 +348,18 @@ class QueueWindow:
         cut = {group: left.get(group, 0) + self._cut.get(group, 0) for group in left.keys() | self._cut.keys()}
         return tasks, {group: n for group, n in cut.items() if n}
 
-    def holds(self, groups: Iterable[Group]) -> bool:
-        """Whether the window shows tasks of each of `groups`: a task queued since in such a group comes after them
-        (created later), so the window stays the queue's head once it knows the group has more (`more`)."""
-        shown = {(task.priority, task.owner) for task in self._tasks}
-        return all(group in shown for group in groups)
+    def holds(self, oldest: Mapping[Group, float]) -> bool:
+        """Whether the window stays the queue's head when tasks were queued since in the groups of `oldest`, the
+        oldest creation time of those tasks each: it shows tasks of each group, all created before that time, so
+        the new tasks come after them in their group (once the window knows the group has more: `more`). A task
+        older than one the window shows (its create committed late, on another server) belongs among them: the
+        queue is read again, or the newer task would start first (FIFO within (priority, owner) holds)."""
+        newest: dict[Group, float] = {}
+        for task in self._tasks:
+            group = (task.priority, task.owner)
+            if task.created_at > newest.get(group, float("-inf")):
+                newest[group] = task.created_at
+        return all(group in newest and at > newest[group] for group, at in oldest.items())
 
     def more(self, groups: Iterable[Group]) -> None:
         """Tasks were queued in `groups` after the read (at least one each)."""

@@ -24,7 +24,7 @@ or notebook mirrors. The relay closes that gap with the store itself, nothing el
   moves (`EventBus.skip_remote`: listings are read again, a resuming client is told of the gap) and `on_remote` is
   told their kinds and statuses (a task another server queued is planned here at once). On PostgreSQL the NOTIFY
   says all of that (its payload: the sender, how many events, their distinct (kind, status), the queue groups of
-  the tasks they created), so nothing is read:
+  the tasks they created, each with its tasks' oldest creation time), so nothing is read:
   the rows are skipped by moving the cursor to the horizon (`pg_snapshot_xmin`) of a statement the relay makes
   anyway (its send, else a horizon query every few intervals), taken only when nothing needed the events after
   that statement ended: every row below it was committed before any subscriber here came, and every row above it
@@ -52,6 +52,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -114,16 +115,32 @@ def pack(events: Sequence[Event], at: float) -> list[dict[str, Any]]:
     ]
 
 
-def created_groups(events: Iterable[Event]) -> set[tuple[int, str | None]] | None:
-    """The (priority, owner) queue groups of the tasks `events` created (their task.created events), None when one
-    does not say (its data has no priority or owner): what a server needs to keep the queue's head it read."""
-    groups: set[tuple[int, str | None]] = set()
+def created_groups(events: Iterable[Event]) -> dict[tuple[int, str | None], float] | None:
+    """The (priority, owner) queue groups of the tasks `events` created (their task.created events), each with the
+    oldest creation time of its tasks there (epoch seconds, a lower bound: the summary's ISO time, milliseconds,
+    less a microsecond for its rounding); None when one does not say (its data has no priority, owner or creation
+    time): what a server needs to keep the queue's head it read (`QueueWindow.holds`: a task that committed late,
+    older than a task the head shows of its group, has the head read again)."""
+    oldest: dict[tuple[int, str | None], str] = {}
     for event in events:
         if event.kind == "task.created":
-            if "priority" not in event.data or "owner" not in event.data:
+            data = event.data
+            created = data.get("created_at")
+            if "priority" not in data or "owner" not in data or not isinstance(created, str):
                 return None
-            groups.add((event.data["priority"], event.data["owner"]))
-    return groups
+            group = (data["priority"], data["owner"])
+            if group not in oldest or created < oldest[group]:  # one ISO format: its text sorts as its time
+                oldest[group] = created
+    try:
+        return {group: _epoch(created) for group, created in oldest.items()}
+    except ValueError:  # not an ISO time
+        return None
+
+
+def _epoch(text: str) -> float:
+    """An ISO 8601 UTC time (models.iso: milliseconds, cut not rounded) as epoch seconds, less 1 us: at most the
+    time it was made from (its datetime rounded that to microseconds)."""
+    return datetime.fromisoformat(text).timestamp() - 1e-6
 
 
 def notice(origin: str, events: Sequence[Event]) -> str:
@@ -133,26 +150,41 @@ def notice(origin: str, events: Sequence[Event]) -> str:
     with the send's transaction id)."""
     pairs = list({(event.kind, event.data.get("status")) for event in events})
     groups = created_groups(events)
-    text = json.dumps([origin, len(events), pairs, None if groups is None else sorted(groups, key=repr)])
+    said = None if groups is None else sorted(([*group, at] for group, at in groups.items()), key=repr)
+    text = json.dumps([origin, len(events), pairs, said])
     if len(text) > NOTICE_MAX:
         text = json.dumps([origin, len(events), None, None])
     return text[:-1] + ","
 
 
-Groups = set[tuple[int, str | None]] | None  # the queue groups of the tasks a batch of remote events created
+# The queue groups of the tasks a batch of remote events created, each with the oldest creation time of its tasks
+# there (`created_groups`); None: not known (the queue's head is read again).
+Groups = dict[tuple[int, str | None], float] | None
 
 
 def heard(payload: str) -> tuple[str, int, list[tuple[str, str | None]] | None, Groups, int]:
     """A NOTIFY payload read back: (origin, events, their (kind, status) or None when not said, the groups of the
-    tasks they created or None when not said, the send's transaction id). An older server's payload says no groups
-    (or is its id alone: nothing said)."""
+    tasks they created with their oldest creation time or None when not said, the send's transaction id). An older
+    server's payload says no groups, or groups without their times (both: None), or is its id alone (nothing)."""
     try:
         origin, count, pairs, *groups, txid = json.loads(payload)
         said = None if pairs is None else [(str(kind), status) for kind, status in pairs]
-        known = None if not groups or groups[0] is None else {(int(p), o) for p, o in groups[0]}
+        known = None if not groups or groups[0] is None else _timed_groups(groups[0])
         return str(origin), int(count), said, known, int(txid)
     except (ValueError, TypeError):
         return payload, 0, None, None, 0
+
+
+def _timed_groups(items: list[list[Any]]) -> Groups:
+    """A payload's groups, [priority, owner, oldest creation time] each; None if one has no time (a server of the
+    release before said [priority, owner]: whether its tasks are older than the head's is not known)."""
+    out: dict[tuple[int, str | None], float] = {}
+    for item in items:
+        if len(item) != 3:
+            return None
+        priority, owner, oldest = item
+        out[(int(priority), owner)] = float(oldest)
+    return out
 
 
 def unpack(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
