@@ -784,7 +784,8 @@ class TaskManager:
 
         For in-process callers, on the loop or before it runs (the faces call `adispatch`). Its key-cap count and
         insert are the group commit's own (`_store_creates`), in line with a group written off the loop: this
-        call waits for it.
+        call waits for it, holding the loop meanwhile when called on it (docs/architecture.md, "A group commit of
+        concurrent creates"): on a running loop, prefer `await adispatch(...)`.
         """
         task = self.new_task(
             type_name,
