@@ -1,0 +1,81 @@
+"""Every client-sized input is bounded, and refused in one line that says what is allowed.
+
+Each test drives the real server (Jupyter with the extension, real HTTP, the official MCP SDK client) and sends
+what a careless or hostile client could: a megabyte URI, a thousand subscriptions, a huge completion text,
+long id and type lists, long cursors, repeated filter values.
+"""
+
+from __future__ import annotations
+
+import pytest
+from mcp.shared.exceptions import MCPError
+from mcp.types import ResourceTemplateReference
+
+MAX_ERROR_CHARS = 2000  # endpoint/input_limits.py (a literal: the test runs against older code too)
+
+from .conftest import MODERN
+
+# Client.subscribe_resource is deprecated for the 2026 era; the 2025-11-25 era still uses it.
+pytestmark = pytest.mark.filterwarnings("ignore::mcp.shared.exceptions.MCPDeprecationWarning")
+
+LONG_URI = "plexus://tasks/" + "x" * 10_000
+
+
+@pytest.mark.parametrize("mode", ["legacy", MODERN])
+async def test_a_resource_uri_over_4096_characters_is_refused_before_it_is_parsed(mcp_client, runtime, mode):
+    async with mcp_client(mode) if mode == MODERN else mcp_client() as client:
+        with pytest.raises(MCPError) as err:
+            await client.read_resource(LONG_URI)
+        assert err.value.code == -32602
+        assert "uri is 10015 characters long; at most 4096 are allowed" in err.value.message
+        assert (await client.list_tools()).tools  # still serving
+
+
+async def test_subscribing_to_a_uri_over_4096_characters_is_refused(mcp_client, runtime):
+    async with mcp_client() as client:
+        with pytest.raises(MCPError) as err:
+            await client.subscribe_resource(LONG_URI)
+        assert err.value.code == -32602 and "at most 4096 are allowed" in err.value.message
+        assert runtime.mcp.resource_watch.followed() == 0
+
+
+async def test_an_error_quoting_a_long_uri_is_bounded(mcp_client, runtime):
+    """The SDK's own `Unknown resource: <uri>` and our `cannot subscribe to <uri>; ...` quote the URI: the message
+    a client gets is bounded whoever wrote it."""
+    uri = "plexus://nowhere/" + "y" * 4000
+    async with mcp_client() as client:
+        with pytest.raises(MCPError) as read:
+            await client.read_resource(uri)
+        with pytest.raises(MCPError) as subscribe:
+            await client.subscribe_resource(uri)
+    for err in (read, subscribe):
+        assert len(err.value.message) <= MAX_ERROR_CHARS, len(err.value.message)
+        assert "plexus://nowhere/yyy" in err.value.message  # still says what was wrong
+
+
+async def test_a_session_follows_at_most_max_subscriptions_resources(mcp_client, runtime):
+    watch = runtime.mcp.resource_watch
+    watch.max_subscriptions = 5  # the bound (1000 by default) is a setting of the watch; 5 keeps this quick
+    uris = [f"plexus://tasks?type=demo&limit={n}" for n in range(1, 7)]
+    async with mcp_client() as client:
+        for uri in uris[:5]:
+            await client.subscribe_resource(uri)
+        await client.subscribe_resource(uris[0])  # following one again is not one more
+        with pytest.raises(MCPError) as err:
+            await client.subscribe_resource(uris[5])
+        assert err.value.code == -32602
+        assert "already follows 5 resources, the most one session may" in err.value.message
+        assert watch.followed() == 5
+        await client.unsubscribe_resource(uris[0])
+        await client.subscribe_resource(uris[5])  # room again
+        assert watch.followed() == 5
+
+
+async def test_a_completion_value_over_4096_characters_is_refused(mcp_client, runtime):
+    ref = ResourceTemplateReference(type="ref/resource", uri="plexus://tasks/{task_id}")
+    async with mcp_client() as client:
+        assert (await client.complete(ref, {"name": "task_id", "value": "ab"})).completion.values == []
+        with pytest.raises(MCPError) as err:
+            await client.complete(ref, {"name": "task_id", "value": "a" * 5000})
+        assert err.value.code == -32602
+        assert "argument.value is 5000 characters long; at most 4096 are allowed" in err.value.message
