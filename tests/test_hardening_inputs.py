@@ -7,11 +7,15 @@ long id and type lists, long cursors, repeated filter values.
 
 from __future__ import annotations
 
+import httpx2
 import pytest
 from mcp.shared.exceptions import MCPError
 from mcp.types import ResourceTemplateReference
 
 MAX_ERROR_CHARS = 2000  # endpoint/input_limits.py (a literal: the test runs against older code too)
+
+from plexus_mcp_jupyter.core.errors import InvalidArgument
+from plexus_mcp_jupyter.core.store import decode_position
 
 from .conftest import MODERN
 
@@ -79,3 +83,43 @@ async def test_a_completion_value_over_4096_characters_is_refused(mcp_client, ru
             await client.complete(ref, {"name": "task_id", "value": "a" * 5000})
         assert err.value.code == -32602
         assert "argument.value is 5000 characters long; at most 4096 are allowed" in err.value.message
+
+
+async def rest_get(server_url: str, token: str, path: str) -> httpx2.Response:
+    async with httpx2.AsyncClient(headers={"Authorization": f"token {token}"}, timeout=30) as http:
+        return await http.get(f"{server_url}plexus/api/{path}")
+
+
+async def test_a_bulk_call_takes_at_most_64_types_and_ids_of_at_most_64_characters(mcp_client, runtime):
+    async with mcp_client() as client:
+        many = await client.call_tool("cancel_tasks", {"type": [f"t{n}" for n in range(65)], "dry_run": True})
+        assert many.is_error and "65 names given; at most 64 are allowed" in many.content[0].text
+        same = await client.call_tool("cancel_tasks", {"type": ["demo"] * 1000, "dry_run": True})
+        assert not same.is_error, same.content[0].text  # one type, a thousand times, is one type
+        long_id = await client.call_tool("retry_tasks", {"task_ids": ["x" * 1000], "dry_run": True})
+        assert long_id.is_error and "at most 64 characters" in long_id.content[0].text
+        listed = await client.call_tool("list_tasks", {"type": [f"t{n}" for n in range(65)]})
+        assert listed.is_error and "at most 64 are allowed" in listed.content[0].text
+
+
+async def test_a_repeated_filter_value_counts_once_and_a_long_list_is_refused(server_url, token, runtime):
+    repeated = await rest_get(server_url, token, "tasks?" + "&".join(["status=RUNNING"] * 500))
+    assert repeated.status_code == 200, repeated.text
+    distinct = await rest_get(server_url, token, "tasks?" + "&".join(f"type=t{n}" for n in range(100)))
+    assert distinct.status_code == 400
+    assert "100 names given; at most 64 are allowed" in distinct.text
+
+
+async def test_a_cursor_over_1024_characters_is_refused_before_it_is_decoded(mcp_client, server_url, token, runtime):
+    cursor = "A" * 2000
+    async with mcp_client() as client:
+        listed = await client.call_tool("list_tasks", {"cursor": cursor})
+        assert listed.is_error and "a cursor is at most 1024 characters, not 2000" in listed.content[0].text
+        with pytest.raises(MCPError) as err:
+            await client.read_resource(f"plexus://tasks?cursor={cursor}")
+        assert "a cursor is at most 1024 characters" in err.value.message
+    refused = await rest_get(server_url, token, f"tasks?cursor={cursor}")
+    assert refused.status_code == 400 and "at most 1024 characters" in refused.text
+    # the MCP tasks extension's own listing (tasks/list) decodes its cursor without a request model
+    with pytest.raises(InvalidArgument, match="at most 1024 characters, not 2000"):
+        decode_position(cursor, "fingerprint", 2)
