@@ -134,6 +134,18 @@ class PlexusSettings(Configurable):
         help="MCP sessions one API key may have open at once (HTTP 429 beyond; a session ends by DELETE "
         "or after session_idle_timeout). The notebook user and the server's token are held only to max_sessions.",
     ).tag(config=True)
+    max_event_streams_per_key = Integer(
+        20,
+        min=1,
+        help="Event-stream WebSockets (plexus/api/events) one API key may have open at once; one more is refused "
+        "with HTTP 429 naming this setting. The notebook user and the server's token are not held to it. Default 20.",
+    ).tag(config=True)
+    max_kernel_scorers_per_owner = Integer(
+        100,
+        min=1,
+        help="Kernel scorers (plexus.register_scorer) one owner (an API key, or the notebook user) may have "
+        "registered at once; one more is refused, naming this setting (unregister one first). Default 100.",
+    ).tag(config=True)
     reserved_session_share = Float(
         0.1,
         min=0.0,

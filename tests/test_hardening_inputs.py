@@ -7,20 +7,30 @@ long id and type lists, long cursors, repeated filter values.
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import httpx2
 import pytest
 from mcp.shared.exceptions import MCPError
 from mcp.types import ResourceTemplateReference
+from tornado.httpclient import HTTPClientError
 
 MAX_ERROR_CHARS = 2000  # endpoint/input_limits.py (a literal: the test runs against older code too)
 
 from plexus_mcp_jupyter.core.errors import InvalidArgument
 from plexus_mcp_jupyter.core.store import decode_position
 
-from .conftest import MODERN
+from .conftest import MODERN, poll
 
 # Client.subscribe_resource is deprecated for the 2026 era; the 2025-11-25 era still uses it.
 pytestmark = pytest.mark.filterwarnings("ignore::mcp.shared.exceptions.MCPDeprecationWarning")
+
+async def next_message(ws, timeout: float = 10.0) -> dict:
+    message = await asyncio.wait_for(ws.read_message(), timeout)
+    assert message is not None, f"closed: {ws.close_code} {ws.close_reason}"
+    return json.loads(message)
+
 
 LONG_URI = "plexus://tasks/" + "x" * 10_000
 
@@ -123,3 +133,54 @@ async def test_a_cursor_over_1024_characters_is_refused_before_it_is_decoded(mcp
     # the MCP tasks extension's own listing (tasks/list) decodes its cursor without a request model
     with pytest.raises(InvalidArgument, match="at most 1024 characters, not 2000"):
         decode_position(cursor, "fingerprint", 2)
+
+
+async def test_an_owner_has_at_most_max_kernel_scorers_registered(jp_ws_fetch, runtime, keys):
+    runtime.kernel_scorers.max_per_owner = 3  # 100 by default (setting max_kernel_scorers_per_owner)
+    auth = {"Authorization": f"Bearer {keys['operator']}"}
+    ws = await jp_ws_fetch("plexus", "api", "events", headers=auth)
+    assert (await next_message(ws))["type"] == "hello"
+    for n in range(4):
+        ws.write_message(json.dumps({"type": "register_scorer", "name": f"s{n}"}))
+        answer = await next_message(ws)
+        if n < 3:
+            assert answer == {"type": "scorer_registered", "name": f"s{n}"}
+    assert answer["type"] == "error" and answer["in_reply_to"] == "register_scorer"
+    assert "already have 3 kernel scorers registered" in answer["message"]
+    assert "max_kernel_scorers_per_owner" in answer["message"]
+    ws.write_message(json.dumps({"type": "register_scorer", "name": "s0"}))  # one it has already: re-registered
+    assert await next_message(ws) == {"type": "scorer_registered", "name": "s0"}
+    # another owner (the notebook user) has its own room
+    mine = await jp_ws_fetch("plexus", "api", "events")
+    await next_message(mine)
+    mine.write_message(json.dumps({"type": "register_scorer", "name": "s3"}))
+    assert await next_message(mine) == {"type": "scorer_registered", "name": "s3"}
+    ws.write_message(json.dumps({"type": "unregister_scorer", "name": "s1"}))
+    ws.write_message(json.dumps({"type": "register_scorer", "name": "s3"}))
+    assert await next_message(ws) == {"type": "scorer_registered", "name": "s3"}
+    ws.close()
+    mine.close()
+
+
+async def test_an_api_key_has_at_most_max_event_streams_open(jp_ws_fetch, runtime, keys):
+    runtime.max_event_streams_per_key = 2  # 20 by default (setting max_event_streams_per_key)
+    viewer = {"Authorization": f"Bearer {keys['viewer']}"}
+    opened = [await jp_ws_fetch("plexus", "api", "events", headers=viewer) for _ in range(2)]
+    for ws in opened:
+        assert (await next_message(ws))["type"] == "hello"
+    with pytest.raises(HTTPClientError) as refused:
+        await jp_ws_fetch("plexus", "api", "events", headers=viewer)
+    assert refused.value.code == 429
+    assert b"already has 2 event streams open" in refused.value.response.body
+    other = await jp_ws_fetch("plexus", "api", "events", headers={"Authorization": f"Bearer {keys['operator']}"})
+    assert (await next_message(other))["type"] == "hello"  # another key is not held by this one's streams
+    opened[0].close()
+    await poll(lambda: runtime.event_streams.get(_key_id(runtime, keys["viewer"]), 0), lambda n: n == 1)
+    again = await jp_ws_fetch("plexus", "api", "events", headers=viewer)
+    assert (await next_message(again))["type"] == "hello"
+    for ws in (opened[1], other, again):
+        ws.close()
+
+
+def _key_id(runtime, credential: str) -> str:
+    return runtime.keys.verify(credential).id
