@@ -432,6 +432,14 @@ class PlexusSettings(Configurable):
         "DataFrame in parts, each a request below Jupyter's ServerApp.max_body_size); past it the upload is "
         "discarded with an error saying so. Default 8 GiB.",
     ).tag(config=True)
+    max_parquet_uncompressed_bytes = Integer(
+        2**30,
+        min=1,
+        help="Most bytes a Parquet body registered in one request (POST plexus/api/datasets) may declare in its footer "
+        "once uncompressed, and most cells (rows x columns) times 8; checked before any of it is read, so a small "
+        "body cannot expand into gigabytes. Past it the body is refused saying so (send the frame in parts: the "
+        "notebook client does). Default 1 GiB.",
+    ).tag(config=True)
     max_registered_bytes_per_principal = Integer(
         2 * 2**30,
         min=0,

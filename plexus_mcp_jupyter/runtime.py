@@ -180,6 +180,7 @@ class PlexusRuntime:
             bounds=ReadBounds(header_bytes=settings.max_dataset_header_bytes, columns=settings.max_dataset_columns),
         )
         self.catalog.max_registered_bytes = settings.max_registered_bytes_per_principal
+        self.catalog.max_parquet_uncompressed_bytes = settings.max_parquet_uncompressed_bytes
         self.uploads = DatasetUploads(self.catalog, max_bytes=settings.max_dataset_upload_bytes)
         self.keys = KeyStore(self.store.engine)
         self._streams: dict[str, set[Callable[[], None]]] = {}

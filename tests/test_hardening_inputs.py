@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 
 import httpx2
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from mcp.shared.exceptions import MCPError
 from mcp.types import ResourceTemplateReference
@@ -25,6 +28,7 @@ from .conftest import MODERN, poll
 
 # Client.subscribe_resource is deprecated for the 2026 era; the 2025-11-25 era still uses it.
 pytestmark = pytest.mark.filterwarnings("ignore::mcp.shared.exceptions.MCPDeprecationWarning")
+
 
 async def next_message(ws, timeout: float = 10.0) -> dict:
     message = await asyncio.wait_for(ws.read_message(), timeout)
@@ -184,3 +188,81 @@ async def test_an_api_key_has_at_most_max_event_streams_open(jp_ws_fetch, runtim
 
 def _key_id(runtime, credential: str) -> str:
     return runtime.keys.verify(credential).id
+
+
+def ipc_stream(table: pa.Table, compression: str | None) -> bytes:
+    sink = pa.BufferOutputStream()
+    options = pa.ipc.IpcWriteOptions(compression=compression)
+    with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
+        writer.write_table(table)
+    return bytes(sink.getvalue().to_pybytes())
+
+
+def error_message(answer: httpx2.Response) -> str:
+    body = answer.json()
+    return str(body.get("message") or body["error"]["message"])
+
+
+@pytest.mark.parametrize("compression", ["zstd", "lz4"])
+async def test_a_compressed_arrow_part_is_refused_before_it_is_decompressed(server_url, keys, runtime, compression):
+    """2 MB of zeros is a few hundred bytes of ZSTD; as much of a few gigabytes would be a bomb."""
+    api = f"{server_url}plexus/api/datasets/uploads"
+    auth = {"Authorization": f"Bearer {keys['operator']}"}
+    bomb = ipc_stream(pa.table({"label": pa.array([0] * 250_000, pa.int64())}), compression)
+    assert len(bomb) < 50_000
+    async with httpx2.AsyncClient(headers=auth, timeout=30) as http:
+        began = await http.post(api, params={"name": "bomb"})
+        upload = f"{api}/{began.json()['upload_id']}"
+        refused = await http.put(upload, params={"part": "0"}, content=bomb)
+        assert refused.status_code == 400, refused.text
+        assert "compressed record batch (LZ4 or ZSTD IPC body compression)" in error_message(refused)
+        plain = ipc_stream(pa.table({"label": ["a", "b"], "prediction": ["a", "a"]}), None)
+        accepted = await http.put(upload, params={"part": "0"}, content=plain)
+        assert accepted.status_code == 200 and accepted.json()["rows"] == 2, accepted.text
+
+
+async def test_a_parquet_body_whose_footer_declares_too_much_is_refused_before_it_is_read(server_url, token, runtime):
+    runtime.catalog.max_parquet_uncompressed_bytes = 1_000_000  # 1 GiB by default (max_parquet_uncompressed_bytes)
+    api = f"{server_url}plexus/api/datasets"
+    headers = {"Authorization": f"token {token}", "Content-Type": "application/vnd.apache.parquet"}
+
+    def parquet_of(rows: int) -> bytes:
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.table({"label": pa.array([7] * rows, pa.int64())}), sink)  # a run: a few bytes per million
+        return bytes(sink.getvalue().to_pybytes())
+
+    expanding = parquet_of(200_000)  # 1.6 MB as a frame's int64 column
+    assert len(expanding) < 10_000
+    async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
+        refused = await http.post(api, params={"name": "expands"}, content=expanding)
+        assert refused.status_code == 400, refused.text
+        assert "max_parquet_uncompressed_bytes" in error_message(refused)
+        assert "200,000 rows x 1 columns" in error_message(refused)
+        small = await http.post(api, params={"name": "small"}, content=parquet_of(1000))
+        assert small.status_code == 201, small.text
+    assert "expands" not in runtime.catalog.registered_names()
+
+
+async def test_registering_reads_the_registered_directory_off_the_event_loop(server_url, token, runtime):
+    loop_thread = threading.get_ident()
+    threads: list[int] = []
+    catalog = runtime.catalog
+    listed = catalog.registered_names
+
+    def watched() -> list[str]:
+        threads.append(threading.get_ident())
+        return listed()
+
+    catalog.registered_names = watched
+    try:
+        async with httpx2.AsyncClient(headers={"Authorization": f"token {token}"}, timeout=30) as http:
+            body = {"records": [{"label": "a", "prediction": "a"}]}
+            first = await http.post(f"{server_url}plexus/api/datasets", params={"name": "offloop"}, json=body)
+            assert first.status_code == 201, first.text
+            again = await http.post(f"{server_url}plexus/api/datasets", params={"name": "offloop"}, json=body)
+            assert again.status_code == 409, again.text
+            began = await http.post(f"{server_url}plexus/api/datasets/uploads", params={"name": "offloop2"})
+            assert began.status_code == 201, began.text
+    finally:
+        del catalog.registered_names
+    assert threads and loop_thread not in threads

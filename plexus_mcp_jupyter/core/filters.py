@@ -34,7 +34,9 @@ class FollowEvents(RequestModel):
         WithJsonSchema(names_schema("Only events of these entity types", ENTITY_TYPES)),
     ] = ()
     ids: Annotated[
-        tuple[Name, ...], listed(MAX_FOLLOWED_IDS, "ids"), WithJsonSchema(names_schema("Only events of these entities (ids)"))
+        tuple[Name, ...],
+        listed(MAX_FOLLOWED_IDS, "ids"),
+        WithJsonSchema(names_schema("Only events of these entities (ids)")),
     ] = ()
     status: Annotated[tuple[StatusName, ...], LISTED, WithJsonSchema(names_schema("Only tasks in these statuses"))] = ()
     type: Annotated[tuple[Name, ...], LISTED, WithJsonSchema(names_schema("Only tasks of these types"))] = ()

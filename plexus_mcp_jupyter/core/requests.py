@@ -484,6 +484,8 @@ CreatedSince = Annotated[  # the bound on the text, not on the union (None has n
     BeforeValidator(_blank_is_none),
     Field(description="Only tasks created at or after this ISO 8601 time"),
 ]
+
+
 def _cursor_text(value: Any) -> Any:
     if isinstance(value, str) and len(value) > MAX_CURSOR_CHARS:
         raise ValueError(

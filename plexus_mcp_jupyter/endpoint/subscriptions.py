@@ -255,13 +255,17 @@ class ResourceWatch:
     async def subscribe(self, connection: Any, uri: str, viewer: str | None = None) -> None:
         """`connection` is the SDK's connection-scoped object (one per MCP session)."""
         follower = self._sessions.get(connection)
-        if follower is not None and len(follower.task_of) + len(follower.lists) >= self.max_subscriptions:
-            if uri not in follower.task_of and uri not in follower.lists:
-                raise MCPError(
-                    INVALID_PARAMS,
-                    f"this session already follows {self.max_subscriptions} resources, the most one session may "
-                    "(resources/unsubscribe one it no longer needs first, or open another session)",
-                )
+        if (
+            follower is not None
+            and len(follower.task_of) + len(follower.lists) >= self.max_subscriptions
+            and uri not in follower.task_of
+            and uri not in follower.lists
+        ):
+            raise MCPError(
+                INVALID_PARAMS,
+                f"this session already follows {self.max_subscriptions} resources, the most one session may "
+                "(resources/unsubscribe one it no longer needs first, or open another session)",
+            )
         matcher = await parse_subscription(uri, self.manager, self.evaluations, viewer)
         self._session_follower(connection).follow(uri, matcher)
 
