@@ -19,12 +19,12 @@ from mcp.shared.exceptions import MCPError
 from mcp.types import ResourceTemplateReference
 from tornado.httpclient import HTTPClientError
 
-MAX_ERROR_CHARS = 2000  # endpoint/input_limits.py (a literal: the test runs against older code too)
-
 from plexus_mcp_jupyter.core.errors import InvalidArgument
 from plexus_mcp_jupyter.core.store import decode_position
 
 from .conftest import MODERN, poll
+
+MAX_ERROR_CHARS = 2000  # endpoint/input_limits.py (a literal: the test runs against older code too)
 
 # Client.subscribe_resource is deprecated for the 2026 era; the 2025-11-25 era still uses it.
 pytestmark = pytest.mark.filterwarnings("ignore::mcp.shared.exceptions.MCPDeprecationWarning")
