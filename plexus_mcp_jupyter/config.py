@@ -90,6 +90,14 @@ class PlexusSettings(Configurable):
         "evaluations, keys), in bytes (larger ones get HTTP 413). Registering a dataset (POST plexus/api/datasets) "
         "has Jupyter's ServerApp.max_body_size instead.",
     ).tag(config=True)
+    max_json_values = Integer(
+        100_000,
+        min=100,
+        help="Most JSON values (arrays, objects and their elements) one MCP request body, REST JSON body or "
+        "event-stream message may hold; more are refused (HTTP 400 / a JSON-RPC error) before the body is parsed, "
+        "so a body within max_request_bytes cannot expand into millions of Python objects. Default 100000 (about "
+        "max_request_bytes / 40).",
+    ).tag(config=True)
     event_store_size = Integer(
         10_000, min=1, help="SSE events kept so a dropped MCP stream can resume with Last-Event-ID."
     ).tag(config=True)

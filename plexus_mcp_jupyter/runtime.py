@@ -243,6 +243,7 @@ class PlexusRuntime:
                 idle_timeout=settings.session_idle_timeout,
             ),
             max_request_body_size=settings.max_request_bytes,
+            max_json_values=settings.max_json_values,
             event_store_size=settings.event_store_size,
             event_store_bytes=settings.event_store_bytes,
             on_first_request=self.evaluations.client_came,

@@ -266,3 +266,38 @@ async def test_registering_reads_the_registered_directory_off_the_event_loop(ser
     finally:
         del catalog.registered_names
     assert threads and loop_thread not in threads
+
+
+async def test_a_body_holding_too_many_json_values_is_refused_before_it_is_parsed(
+    jp_ws_fetch, mcp_url, server_url, token, runtime
+):
+    """A few bytes each, a Python object of 50 to 200 bytes each: a body within max_request_bytes must not become
+    millions of objects. 300 here (100,000 by default, setting max_json_values)."""
+    runtime.settings.max_json_values = runtime.endpoint.max_json_values = 300
+    many = [[] for _ in range(5000)]  # 15 kB
+    text_with_commas = {"description": "," * 999}  # commas in a string are not values
+    headers = {"Authorization": f"token {token}"}
+    async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
+        rest = await http.post(f"{server_url}plexus/api/tasks/cancel", json={"task_ids": many, "dry_run": True})
+        assert rest.status_code == 400, rest.text
+        assert "it holds 5,003 JSON values" in rest.text and "max_json_values" in rest.text
+        fine = await http.post(
+            f"{server_url}plexus/api/tasks", json={"type": "demo", "params": {"items": 1}, **text_with_commas}
+        )
+        assert fine.status_code == 201, fine.text
+        call = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "tools/call",
+            "params": {"name": "list_tasks", "arguments": {"type": many}},
+        }
+        mcp_headers = {"Accept": "application/json, text/event-stream", "MCP-Protocol-Version": MODERN}
+        mcp = await http.post(mcp_url, json=call, headers=mcp_headers)
+        assert mcp.status_code == 400, mcp.text
+        assert "it holds 5,008 JSON values" in mcp.json()["error"]["message"], mcp.text
+    ws = await jp_ws_fetch("plexus", "api", "events")
+    assert (await next_message(ws))["type"] == "hello"
+    ws.write_message(json.dumps({"type": "score_result", "request_id": "s1", "predictions": many}))
+    answer = await next_message(ws)
+    assert answer["type"] == "error" and "max_json_values" in answer["message"]
+    ws.close()

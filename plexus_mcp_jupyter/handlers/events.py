@@ -155,7 +155,7 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
         registry = self.runtime.kernel_scorers
         expected = f"messages to the event stream are JSON objects with a type: one of {', '.join(SCORER_MESSAGES)}"
         try:
-            data = await parse_json_off_loop(message)
+            data = await parse_json_off_loop(message, self.runtime.settings.max_json_values)
         except BadJSON as exc:
             self.send_json({"type": "error", "message": f"the message is {exc}; {expected}"})
             return
