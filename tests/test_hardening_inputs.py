@@ -11,6 +11,7 @@ import asyncio
 import json
 import threading
 
+import anyio
 import httpx2
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -301,3 +302,27 @@ async def test_a_body_holding_too_many_json_values_is_refused_before_it_is_parse
     answer = await next_message(ws)
     assert answer["type"] == "error" and "max_json_values" in answer["message"]
     ws.close()
+
+
+async def test_a_listen_stream_follows_at_most_max_subscriptions_resources(mcp_client, runtime):
+    """subscriptions/listen (2026-07-28): its URIs are counted (once each) and measured before they are parsed."""
+    runtime.mcp.resource_watch.max_subscriptions = 3
+    async with mcp_client(MODERN) as client:
+        with anyio.fail_after(30):
+            uris = [f"plexus://tasks?type=demo&limit={n}" for n in range(1, 5)]
+            with pytest.raises(MCPError) as many:
+                async with client.listen(resource_subscriptions=uris):
+                    pass
+            assert "4 resources asked for; one stream may follow at most 3" in many.value.message
+            with pytest.raises(MCPError) as many_by_default:  # past the default bound: refused unparsed
+                async with client.listen(resource_subscriptions=[f"plexus://x{n}" for n in range(1001)]):
+                    pass
+            assert "1001 resourceSubscriptions asked for; one stream may follow at most 1000" in (
+                many_by_default.value.message
+            )
+            with pytest.raises(MCPError) as long:
+                async with client.listen(resource_subscriptions=[LONG_URI]):
+                    pass
+            assert "at most 4096 are allowed" in long.value.message
+            async with client.listen(resource_subscriptions=uris[:3] + uris[:1]):  # a URI twice is one
+                assert runtime.mcp.resource_watch.followed() == 3
