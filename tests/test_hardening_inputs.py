@@ -326,3 +326,15 @@ async def test_a_listen_stream_follows_at_most_max_subscriptions_resources(mcp_c
             assert "at most 4096 are allowed" in long.value.message
             async with client.listen(resource_subscriptions=uris[:3] + uris[:1]):  # a URI twice is one
                 assert runtime.mcp.resource_watch.followed() == 3
+
+
+async def test_an_event_stream_names_at_most_1000_ids(jp_ws_fetch, runtime):
+    ids = ",".join(f"t{n}" for n in range(1001))
+    refused = await jp_ws_fetch("plexus", "api", "events", params={"ids": ids})
+    answer = await next_message(refused)
+    assert answer["type"] == "error" and "ids: 1001 ids given; at most 1000 are allowed" in answer["message"]
+    assert await refused.read_message() is None and refused.close_code == 4400
+    again = ",".join([ids.rsplit(",", 1)[0]] * 2)  # 1000 ids, each twice: 1000
+    accepted = await jp_ws_fetch("plexus", "api", "events", params={"ids": again})
+    assert (await next_message(accepted))["type"] == "hello"
+    accepted.close()
