@@ -317,7 +317,7 @@ async def test_a_listen_stream_follows_at_most_max_subscriptions_resources(mcp_c
             with pytest.raises(MCPError) as many_by_default:  # past the default bound: refused unparsed
                 async with client.listen(resource_subscriptions=[f"plexus://x{n}" for n in range(1001)]):
                     pass
-            assert "1001 resourceSubscriptions asked for; one stream may follow at most 1000" in (
+            assert "notifications.resourceSubscriptions has 1001 entries; one stream may follow at most 1000" in (
                 many_by_default.value.message
             )
             with pytest.raises(MCPError) as long:

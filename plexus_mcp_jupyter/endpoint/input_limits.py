@@ -34,6 +34,11 @@ def _too_long(what: str, value: Any, limit: int) -> None:
         raise MCPError(INVALID_PARAMS, f"{what} is {len(value)} characters long; at most {limit} are allowed")
 
 
+def _too_many(what: str, count: int, allowed: str, limit: int) -> None:
+    if count > limit:
+        raise MCPError(INVALID_PARAMS, f"{what} has {count} entries; {allowed} {limit}")
+
+
 def check_params(method: str, params: Mapping[str, Any] | None) -> None:
     """Refuse (MCPError, invalid params) a request whose URI or completion text is longer than allowed, or a
     listen stream that asks for more than MAX_SUBSCRIPTIONS resources; anything else is left to the SDK."""
@@ -45,11 +50,9 @@ def check_params(method: str, params: Mapping[str, Any] | None) -> None:
         notifications = params.get("notifications")
         uris = notifications.get("resourceSubscriptions") if isinstance(notifications, Mapping) else None
         if isinstance(uris, list):
-            if len(uris) > MAX_SUBSCRIPTIONS:
-                raise MCPError(
-                    INVALID_PARAMS,
-                    f"{len(uris)} resourceSubscriptions asked for; one stream may follow at most {MAX_SUBSCRIPTIONS}",
-                )
+            _too_many(
+                "notifications.resourceSubscriptions", len(uris), "one stream may follow at most", MAX_SUBSCRIPTIONS
+            )
             for uri in uris:
                 _too_long("a resourceSubscriptions uri", uri, MAX_URI_CHARS)
     else:  # completion/complete
@@ -62,11 +65,7 @@ def check_params(method: str, params: Mapping[str, Any] | None) -> None:
             _too_long("argument.name", argument.get("name"), MAX_COMPLETION_VALUE_CHARS)
         arguments = context.get("arguments") if isinstance(context, Mapping) else None
         if isinstance(arguments, Mapping):
-            if len(arguments) > MAX_COMPLETION_CONTEXT_ARGUMENTS:
-                raise MCPError(
-                    INVALID_PARAMS,
-                    f"context.arguments has {len(arguments)} entries; at most {MAX_COMPLETION_CONTEXT_ARGUMENTS}",
-                )
+            _too_many("context.arguments", len(arguments), "at most", MAX_COMPLETION_CONTEXT_ARGUMENTS)
             for name, value in arguments.items():
                 _too_long("a context argument's name", name, MAX_COMPLETION_VALUE_CHARS)
                 _too_long(f"context.arguments.{str(name)[:40]}", value, MAX_COMPLETION_VALUE_CHARS)
