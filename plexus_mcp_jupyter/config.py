@@ -90,6 +90,14 @@ class PlexusSettings(Configurable):
         "evaluations, keys), in bytes (larger ones get HTTP 413). Registering a dataset (POST plexus/api/datasets) "
         "has Jupyter's ServerApp.max_body_size instead.",
     ).tag(config=True)
+    max_json_values = Integer(
+        100_000,
+        min=100,
+        help="Most JSON values (arrays, objects and their elements) one MCP request body, REST JSON body or "
+        "event-stream message may hold; more are refused (HTTP 400 / a JSON-RPC error) before the body is parsed, "
+        "so a body within max_request_bytes cannot expand into millions of Python objects. Default 100000 (about "
+        "max_request_bytes / 40).",
+    ).tag(config=True)
     event_store_size = Integer(
         10_000, min=1, help="SSE events kept so a dropped MCP stream can resume with Last-Event-ID."
     ).tag(config=True)
@@ -133,6 +141,18 @@ class PlexusSettings(Configurable):
         min=1,
         help="MCP sessions one API key may have open at once (HTTP 429 beyond; a session ends by DELETE "
         "or after session_idle_timeout). The notebook user and the server's token are held only to max_sessions.",
+    ).tag(config=True)
+    max_event_streams_per_key = Integer(
+        20,
+        min=1,
+        help="Event-stream WebSockets (plexus/api/events) one API key may have open at once; one more is refused "
+        "with HTTP 429 naming this setting. The notebook user and the server's token are not held to it. Default 20.",
+    ).tag(config=True)
+    max_kernel_scorers_per_owner = Integer(
+        100,
+        min=1,
+        help="Kernel scorers (plexus.register_scorer) one owner (an API key, or the notebook user) may have "
+        "registered at once; one more is refused, naming this setting (unregister one first). Default 100.",
     ).tag(config=True)
     reserved_session_share = Float(
         0.1,
@@ -419,6 +439,14 @@ class PlexusSettings(Configurable):
         help="Most bytes of Arrow data one dataset registered in parts may total (the notebook sends a large "
         "DataFrame in parts, each a request below Jupyter's ServerApp.max_body_size); past it the upload is "
         "discarded with an error saying so. Default 8 GiB.",
+    ).tag(config=True)
+    max_parquet_uncompressed_bytes = Integer(
+        2**30,
+        min=1,
+        help="Most bytes a Parquet body registered in one request (POST plexus/api/datasets) may declare in its footer "
+        "once uncompressed, and most cells (rows x columns) times 8; checked before any of it is read, so a small "
+        "body cannot expand into gigabytes. Past it the body is refused saying so (send the frame in parts: the "
+        "notebook client does). Default 1 GiB.",
     ).tag(config=True)
     max_registered_bytes_per_principal = Integer(
         2 * 2**30,

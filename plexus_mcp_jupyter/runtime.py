@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 from collections.abc import Callable
@@ -142,7 +143,7 @@ class PlexusRuntime:
         self.items_check: SharedItemsCheck | None = None
         # And the Dask workers, which write an evaluation's item files, must see it too (WorkerItemsCheck).
         self.worker_items_check: WorkerItemsCheck | None = None
-        self.kernel_scorers = KernelScorerRegistry()
+        self.kernel_scorers = KernelScorerRegistry(max_per_owner=settings.max_kernel_scorers_per_owner)
         self.manager = TaskManager(
             self.store,
             self.bus,
@@ -179,9 +180,13 @@ class PlexusRuntime:
             bounds=ReadBounds(header_bytes=settings.max_dataset_header_bytes, columns=settings.max_dataset_columns),
         )
         self.catalog.max_registered_bytes = settings.max_registered_bytes_per_principal
+        self.catalog.max_parquet_uncompressed_bytes = settings.max_parquet_uncompressed_bytes
         self.uploads = DatasetUploads(self.catalog, max_bytes=settings.max_dataset_upload_bytes)
         self.keys = KeyStore(self.store.engine)
         self._streams: dict[str, set[Callable[[], None]]] = {}
+        # Event-stream WebSockets open per API key (handlers/events.py holds each key to max_event_streams_per_key)
+        self.event_streams: collections.Counter[str] = collections.Counter()
+        self.max_event_streams_per_key = settings.max_event_streams_per_key
         self._key_watch: asyncio.Task[None] | None = None
         self.audit = AuditLog(self.store.engine, retention_seconds=settings.audit_retention_days * 86_400.0)
         self.limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
@@ -238,6 +243,7 @@ class PlexusRuntime:
                 idle_timeout=settings.session_idle_timeout,
             ),
             max_request_body_size=settings.max_request_bytes,
+            max_json_values=settings.max_json_values,
             event_store_size=settings.event_store_size,
             event_store_bytes=settings.event_store_bytes,
             on_first_request=self.evaluations.client_came,

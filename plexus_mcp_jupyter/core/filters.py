@@ -9,7 +9,7 @@ from typing import Annotated
 from pydantic import AfterValidator, Field, WithJsonSchema
 
 from .events import Event
-from .requests import LISTED, Number, OptionalText, RequestModel, StatusName, names_schema
+from .requests import LISTED, Number, OptionalText, RequestModel, StatusName, listed, names_schema
 
 ENTITY_TYPES = ("task",)
 
@@ -21,6 +21,7 @@ def known_entity_type(value: str) -> str:
 
 
 Name = Annotated[str, Field(max_length=64)]
+MAX_FOLLOWED_IDS = 1000  # entities one event stream may name (as resources one MCP session may follow)
 
 
 class FollowEvents(RequestModel):
@@ -32,7 +33,11 @@ class FollowEvents(RequestModel):
         LISTED,
         WithJsonSchema(names_schema("Only events of these entity types", ENTITY_TYPES)),
     ] = ()
-    ids: Annotated[tuple[Name, ...], LISTED, WithJsonSchema(names_schema("Only events of these entities (ids)"))] = ()
+    ids: Annotated[
+        tuple[Name, ...],
+        listed(MAX_FOLLOWED_IDS, "ids"),
+        WithJsonSchema(names_schema("Only events of these entities (ids)")),
+    ] = ()
     status: Annotated[tuple[StatusName, ...], LISTED, WithJsonSchema(names_schema("Only tasks in these statuses"))] = ()
     type: Annotated[tuple[Name, ...], LISTED, WithJsonSchema(names_schema("Only tasks of these types"))] = ()
     since: Annotated[int | None, Number] = Field(

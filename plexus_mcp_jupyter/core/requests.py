@@ -39,6 +39,11 @@ SAMPLE_SIZE = 20  # task ids a dry run shows
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 20
 HISTORY_MAX = 1000  # most progress samples one read returns
+MAX_CURSOR_CHARS = 1024  # an opaque cursor (ours are under 200): a longer one is refused before it is decoded
+MAX_LISTED_NAMES = 64  # names in one list-valued filter (statuses, types), after duplicates are dropped
+# Ids in one bulk selection: the largest max_batch_size (config.py); a server's own bound is checked by
+# BatchOperations.select, naming the setting.
+MAX_SELECTED_IDS = 100_000
 # Query parameters that are Jupyter's own (its token, its XSRF value), not an operation's arguments
 QUERY_CREDENTIALS = frozenset({"token", "_xsrf"})
 
@@ -338,7 +343,28 @@ def task_status(value: str) -> str:
 StatusName = Annotated[str, AfterValidator(task_status)]
 
 
-LISTED = BeforeValidator(lambda value: () if value is None else comma_list(value))  # null or left out: none
+def listed(maximum: int, what: str = "names") -> BeforeValidator:
+    """A list-valued filter's validator: null or left out is none, "A,B" is ["A", "B"] (`comma_list`), a name given
+    twice counts once (`?status=RUNNING&status=RUNNING`), and more than `maximum` distinct ones are refused before
+    each is checked."""
+
+    def distinct(value: Any) -> Any:
+        if value is None:
+            return ()
+        value = comma_list(value)
+        if isinstance(value, (list, tuple)):
+            try:
+                value = list(dict.fromkeys(value))
+            except TypeError:  # an unhashable element (an object): the element's own check refuses it
+                return value
+            if len(value) > maximum:
+                raise ValueError(f"{len(value)} {what} given; at most {maximum} are allowed")
+        return value
+
+    return BeforeValidator(distinct)
+
+
+LISTED = listed(MAX_LISTED_NAMES)
 
 
 def _blank_is_none(value: Any) -> Any:
@@ -356,8 +382,8 @@ class Selection(RequestModel):
     CLI and the notebook client build it before sending."""
 
     task_ids: Annotated[
-        tuple[str, ...],
-        LISTED,
+        tuple[Annotated[str, Field(max_length=64)], ...],
+        listed(MAX_SELECTED_IDS, "task ids"),
         WithJsonSchema(
             names_schema("Ids of the tasks to act on (full ids, as list_tasks shows them; at most max_batch_size)")
         ),
@@ -371,7 +397,11 @@ class Selection(RequestModel):
             )
         ),
     ] = ()
-    type: Annotated[tuple[str, ...], LISTED, WithJsonSchema(names_schema("Filter: only tasks of these types"))] = ()
+    type: Annotated[
+        tuple[Annotated[str, Field(max_length=64)], ...],
+        LISTED,
+        WithJsonSchema(names_schema("Filter: only tasks of these types")),
+    ] = ()
     owner: OptionalText = Field(
         None,
         max_length=128,
@@ -454,8 +484,19 @@ CreatedSince = Annotated[  # the bound on the text, not on the union (None has n
     BeforeValidator(_blank_is_none),
     Field(description="Only tasks created at or after this ISO 8601 time"),
 ]
+
+
+def _cursor_text(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > MAX_CURSOR_CHARS:
+        raise ValueError(
+            f"a cursor is at most {MAX_CURSOR_CHARS} characters, not {len(value)}: pass back the next_cursor of a "
+            "previous page unchanged, or omit it for the first page"
+        )
+    return _blank_is_none(value)
+
+
 Cursor = Annotated[
-    str | None, BeforeValidator(_blank_is_none), Field(description="next_cursor of the previous page, unchanged")
+    str | None, BeforeValidator(_cursor_text), Field(description="next_cursor of the previous page, unchanged")
 ]
 
 

@@ -29,6 +29,7 @@ from ..telemetry import Telemetry
 from .batch_tools import register_batch_tools
 from .completion import install_completion
 from .evaluation_tools import evaluation_outcome, register_evaluation_tools
+from .input_limits import bound_tool_error, bounded_error, check_params
 from .principal import acting_as, current_principal, principal_of
 from .prompts import register_prompts
 from .resources import register_metrics_resource, register_resources
@@ -56,10 +57,17 @@ async def as_the_caller(ctx: ServerRequestContext[Any, Any], call_next: CallNext
     are the wire form the SDK's handlers produced (`tools`, `resourceTemplates`).
     """
     principal = principal_of(ctx)
-    with acting_as(principal):
-        result = await call_next(ctx)
+    try:
+        check_params(ctx.method, ctx.params)  # a URI or text too long is refused before the SDK parses it
+        with acting_as(principal):
+            result = await call_next(ctx)
+    except Exception as exc:  # what the client is told is bounded, whoever raised it
+        bounded_error(exc)
+        raise
     if not isinstance(result, dict):
         return result
+    if result.get("isError") is True:
+        bound_tool_error(result)
     if ctx.method == "tools/list" and not principal.is_admin:
         result["tools"] = [t for t in result.get("tools", ()) if principal.may_call(t.get("name"))]
     elif ctx.method == "resources/templates/list" and not principal.may("audit"):

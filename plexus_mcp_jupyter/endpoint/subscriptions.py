@@ -49,6 +49,7 @@ from ..core.store import TaskFilter
 from ..evaluations.requests import GetEvaluationResults, ListEvaluations
 from ..evaluations.service import EvaluationService
 from ..evaluations.store import EvaluationStatus
+from .input_limits import MAX_SUBSCRIPTIONS
 from .principal import principal_of
 from .sdk_compat import connection_of, lowlevel_server
 from .tasks_ext import TASKS_EXTENSION, Outcome, detailed_task, legacy_status_notification
@@ -247,11 +248,24 @@ class ResourceWatch:
             self._on_event, remote=lambda: bool(self._sessions or self._streams)
         )
         self.on_sent = on_sent  # seconds from a change to its notification (the service metrics)
+        self.max_subscriptions = MAX_SUBSCRIPTIONS  # resources one session (or one listen stream) may follow
 
     # -- registration --------------------------------------------------------------------------
 
     async def subscribe(self, connection: Any, uri: str, viewer: str | None = None) -> None:
         """`connection` is the SDK's connection-scoped object (one per MCP session)."""
+        follower = self._sessions.get(connection)
+        if (
+            follower is not None
+            and len(follower.task_of) + len(follower.lists) >= self.max_subscriptions
+            and uri not in follower.task_of
+            and uri not in follower.lists
+        ):
+            raise MCPError(
+                INVALID_PARAMS,
+                f"this session already follows {self.max_subscriptions} resources, the most one session may "
+                "(resources/unsubscribe one it no longer needs first, or open another session)",
+            )
         matcher = await parse_subscription(uri, self.manager, self.evaluations, viewer)
         self._session_follower(connection).follow(uri, matcher)
 
@@ -292,6 +306,12 @@ class ResourceWatch:
         viewer: str | None = None,
     ) -> _Follower:
         """A listen stream (2026 era): its own follower, so it is coalesced and paced by its own writes."""
+        uris = list(dict.fromkeys(uris))
+        if len(uris) > self.max_subscriptions:
+            raise MCPError(
+                INVALID_PARAMS,
+                f"{len(uris)} resources asked for; one stream may follow at most {self.max_subscriptions}",
+            )
         follower = _Follower(send=send, send_status=send_status, ready=False)
         for uri in uris:
             follower.follow(uri, await parse_subscription(uri, self.manager, self.evaluations, viewer))
@@ -439,9 +459,15 @@ class PlexusListenHandler(ListenHandler):
         require_client_extension(ctx, TASKS_EXTENSION)
         if not isinstance(task_ids, list) or not all(isinstance(t, str) for t in task_ids):
             raise MCPError(INVALID_PARAMS, "notifications.taskIds must be a list of task id strings")
+        task_ids = list(dict.fromkeys(task_ids))
+        if len(task_ids) > self._watch.max_subscriptions:
+            raise MCPError(
+                INVALID_PARAMS,
+                f"{len(task_ids)} taskIds asked for; one stream may follow at most {self._watch.max_subscriptions}",
+            )
         honoured = []
         viewer = principal_of(ctx).viewer
-        for task_id in dict.fromkeys(task_ids):
+        for task_id in task_ids:
             try:
                 await self._watch.manager.aget(task_id, viewer)
             except NotFound:

@@ -21,10 +21,10 @@ from mcp.server.transport_security import TransportSecuritySettings
 from starlette.requests import Request
 from tornado.httputil import HTTPServerRequest
 from tornado.iostream import StreamClosedError
-from tornado.web import RequestHandler
+from tornado.web import HTTPError, RequestHandler
 
 from ..handlers.jupyter_compat import response_finished
-from ..security.http import jsonrpc_error
+from ..security.http import json_values, jsonrpc_error, too_many_values
 from ..security.identity import Principal
 from .event_store import MemoryEventStore
 from .sdk_compat import ModernJSONEntry, json_message, lowlevel_server, modern_request, response_mode
@@ -45,11 +45,13 @@ class MCPEndpoint:
         *,
         limits: SessionLimits | None = None,
         max_request_body_size: int = 4 * 1024 * 1024,
+        max_json_values: int = 100_000,
         event_store_size: int = 10_000,
         event_store_bytes: int = 32 * 1024 * 1024,
         on_first_request: Callable[[], None] | None = None,
     ) -> None:
         self.server = server
+        self.max_json_values = max_json_values  # most JSON values a request body may hold (max_json_values)
         # Told once, at the first request (`arrived`): the evaluation service stops its start-up rehearsals.
         self._on_first_request = on_first_request
         self.event_store = MemoryEventStore(event_store_size, event_store_bytes)
@@ -133,6 +135,10 @@ class MCPBridge:
         self.endpoint.arrived()
         extra_scope = {"plexus.principal": principal, "user": session_user(principal)}
         body = self.handler.request.body or b""
+        if len(body) > 2 * self.endpoint.max_json_values:  # only a body long enough to hold more (security/http.py)
+            values = await asyncio.to_thread(json_values, body, self.endpoint.max_json_values)
+            if values is not None:
+                raise HTTPError(400, f"the request body is {too_many_values(values, self.endpoint.max_json_values)}")
         body_sent = False
 
         async def receive() -> MutableMapping[str, Any]:

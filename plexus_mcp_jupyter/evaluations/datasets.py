@@ -34,6 +34,7 @@ import builtins
 import contextlib
 import fcntl
 import functools
+import io
 import itertools
 import os
 import re
@@ -60,6 +61,7 @@ from .file_reads import (
     check_columns,
     check_header,
     check_name,
+    check_parquet_sizes,
     clip,
     count_csv,
     count_jsonl,
@@ -252,6 +254,9 @@ class DatasetCatalog:
         # Most bytes of registered datasets one API key's owner may keep (0: no limit); the
         # max_registered_bytes_per_principal setting, set by the runtime.
         self.max_registered_bytes = 0
+        # Most bytes (and cells x 8) a Parquet body may declare uncompressed (read_parquet_body); the
+        # max_parquet_uncompressed_bytes setting, set by the runtime.
+        self.max_parquet_uncompressed_bytes = 2**30
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._admitting = threading.Lock()  # one quota check and placement at a time (admit)
@@ -639,6 +644,19 @@ class DatasetCatalog:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
         return _info(DatasetRef("registered", name), len(frame), [(str(c), str(t)) for c, t in frame.dtypes.items()])
+
+    def read_parquet_body(self, body: bytes, name: str) -> pd.DataFrame:
+        """The DataFrame a request's Parquet body holds, after its footer's declared sizes are checked against
+        `max_parquet_uncompressed_bytes` (InvalidArgument past them, or when it is not Parquet). Run it in the
+        catalog's threads: it reads the whole body."""
+        ref = f"registered:{name}"
+        try:
+            check_parquet_sizes(parquet_file(io.BytesIO(body), ref).metadata, self.max_parquet_uncompressed_bytes, ref)
+            return pd.read_parquet(io.BytesIO(body))
+        except InvalidArgument:
+            raise
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise InvalidArgument(f"the body is not a readable Parquet file: {one_line(exc)}") from None
 
     def admit(self, temporary: str | Path, name: str, *, owner: str | None, replace: bool) -> DatasetInfo:
         """Check `owner`'s quota on the complete file `temporary` (the bytes it takes on disk), place it as

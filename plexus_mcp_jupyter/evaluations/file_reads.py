@@ -175,6 +175,20 @@ def parquet_file(handle: IO[bytes], ref: str) -> pq.ParquetFile:
     return pq.ParquetFile(handle)
 
 
+def check_parquet_sizes(metadata: pq.FileMetaData, max_bytes: int, ref: str) -> None:
+    """InvalidArgument when a Parquet file's footer declares more than `max_bytes` of uncompressed column data, or
+    more than `max_bytes / 8` cells (rows x columns: a run-length encoded column of a billion equal values is a few
+    bytes on disk and uncompressed, and gigabytes in a frame). Only the footer is read."""
+    declared = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
+    cells = metadata.num_rows * max(metadata.num_columns, 1)
+    if declared > max_bytes or cells * 8 > max_bytes:
+        raise InvalidArgument(
+            f"{clip(ref, 60)} is too large for one request: its Parquet footer declares {declared:,} bytes "
+            f"uncompressed and {metadata.num_rows:,} rows x {metadata.num_columns:,} columns; at most {max_bytes:,} "
+            f"bytes and {max_bytes // 8:,} cells (setting max_parquet_uncompressed_bytes): send it in parts"
+        )
+
+
 # --- streaming passes --------------------------------------------------------------------------------
 
 

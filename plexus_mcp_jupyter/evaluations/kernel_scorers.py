@@ -31,6 +31,7 @@ from ..core.requests import RequestModel
 
 NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 DEFAULT_TIMEOUT = 600.0
+MAX_PER_OWNER = 100  # kernel scorers one owner may have registered (setting max_kernel_scorers_per_owner)
 MAX_ERROR_TEXT = 2000  # of a kernel's score_error message, in the evaluation's error
 
 
@@ -121,8 +122,9 @@ class KernelScorer:
 class KernelScorerRegistry:
     """Kernel scorers by name, and the score requests waiting for their kernels."""
 
-    def __init__(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, timeout: float = DEFAULT_TIMEOUT, max_per_owner: int = MAX_PER_OWNER) -> None:
         self.timeout = timeout
+        self.max_per_owner = max_per_owner  # scorers one owner may have registered at once
         self._scorers: dict[tuple[str | None, str], KernelScorer] = {}  # by (namespace, name)
         self._ids = itertools.count(1)
 
@@ -155,6 +157,13 @@ class KernelScorerRegistry:
         if current is not None:  # the same kernel again (a re-run cell): requests waiting for it keep waiting
             current.batch = batch
             return
+        space = namespace(owner)
+        held = sum(1 for s, _ in self._scorers if s == space)
+        if held >= self.max_per_owner:
+            raise InvalidArgument(
+                f"you already have {held} kernel scorers registered, the most one owner may "
+                "(setting max_kernel_scorers_per_owner): unregister one you no longer use first"
+            )
         scorer = KernelScorer(name, batch, channel, owner)
         self._scorers[scorer.key] = scorer
 

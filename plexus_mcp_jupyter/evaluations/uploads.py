@@ -99,6 +99,7 @@ class DatasetUploads:
                     "under the Jupyter root and evaluate that path"
                 )
             try:
+                refuse_compressed_ipc(body, part)  # before any batch is read: decompressing is the bomb
                 table = pa.ipc.open_stream(pa.BufferReader(body)).read_all()
             except (pa.ArrowException, OSError, ValueError) as exc:
                 raise InvalidArgument(f"part {part} is not an Arrow IPC stream: {one_line(exc)}") from None
@@ -173,6 +174,64 @@ class DatasetUploads:
                 upload.writer.close()
             upload.writer = None
         upload.path.unlink(missing_ok=True)
+
+
+# Arrow's IPC metadata (format/Message.fbs), read by hand: pyarrow decompresses a batch's body as it reads it, and
+# says whether it was compressed only then. Field numbers in their tables:
+_MESSAGE_HEADER_TYPE, _MESSAGE_HEADER = 1, 2  # Message.header_type (a ubyte), Message.header (the union's table)
+_DICTIONARY_BATCH, _RECORD_BATCH = 2, 3  # MessageHeader values
+_DICTIONARY_DATA = 1  # DictionaryBatch.data: its RecordBatch
+_RECORD_BATCH_COMPRESSION = 3  # RecordBatch.compression: a BodyCompression table, absent when uncompressed
+
+
+def _field_position(meta: bytes, table: int, index: int) -> int | None:
+    """Where field `index` of the flatbuffer table at `table` is stored, or None when it is absent."""
+    vtable = table - int.from_bytes(meta[table : table + 4], "little", signed=True)
+    vtable_size = int.from_bytes(meta[vtable : vtable + 2], "little")
+    if 4 + 2 * index + 2 > vtable_size:
+        return None
+    offset = int.from_bytes(meta[vtable + 4 + 2 * index : vtable + 6 + 2 * index], "little")
+    return table + offset if offset else None
+
+
+def _subtable(meta: bytes, table: int, index: int) -> int | None:
+    at = _field_position(meta, table, index)
+    return None if at is None else at + int.from_bytes(meta[at : at + 4], "little")
+
+
+def body_compressed(metadata: bytes) -> bool:
+    """Whether an Arrow IPC message (its flatbuffer metadata) is a record or dictionary batch with a compressed
+    body (LZ4 or ZSTD buffers). Malformed metadata raises ValueError or IndexError."""
+    root = int.from_bytes(metadata[0:4], "little")
+    kind_at = _field_position(metadata, root, _MESSAGE_HEADER_TYPE)
+    kind = metadata[kind_at] if kind_at is not None else 0
+    batch = _subtable(metadata, root, _MESSAGE_HEADER)
+    if batch is None or kind not in (_RECORD_BATCH, _DICTIONARY_BATCH):
+        return False
+    if kind == _DICTIONARY_BATCH:
+        batch = _subtable(metadata, batch, _DICTIONARY_DATA)
+        if batch is None:
+            return False
+    return _field_position(metadata, batch, _RECORD_BATCH_COMPRESSION) is not None
+
+
+def refuse_compressed_ipc(body: bytes, part: int) -> None:
+    """InvalidArgument when an upload's part holds a batch with a compressed body: a few kilobytes of ZSTD can
+    claim gigabytes, and pyarrow allocates them as it reads (a decompression bomb). Only the messages' metadata
+    is read here; the notebook client sends its parts uncompressed."""
+    for message in pa.ipc.MessageReader.open_stream(pa.BufferReader(body)):
+        try:
+            compressed = body_compressed(message.metadata.to_pybytes())
+        except (ValueError, IndexError):
+            raise InvalidArgument(
+                f"part {part} is not an Arrow IPC stream: a message's metadata is malformed"
+            ) from None
+        if compressed:
+            raise InvalidArgument(
+                f"part {part} has a compressed record batch (LZ4 or ZSTD IPC body compression), which this server "
+                "does not read (its size is known only once decompressed): send the batches uncompressed "
+                "(pyarrow.ipc.new_stream without IpcWriteOptions(compression=...)); the request is bounded anyway"
+            )
 
 
 def _shown(schema: pa.Schema) -> str:

@@ -230,7 +230,7 @@ class PlexusHandler(APIHandler):
                 f"{limit:,} a JSON request may have (max_request_bytes)",
             )
         try:
-            body = await parse_json_off_loop(self.request.body)
+            body = await parse_json_off_loop(self.request.body, self.runtime.settings.max_json_values)
         except BadJSON as exc:
             raise web.HTTPError(400, f"the request body is {exc}") from None
         if not isinstance(body, dict):

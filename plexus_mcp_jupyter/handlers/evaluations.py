@@ -6,11 +6,9 @@ DataFrame from a kernel (the notebook client's `register_dataset`) as Parquet, o
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import pandas as pd
-import pyarrow as pa
 from tornado import web
 from tornado.iostream import StreamClosedError
 
@@ -43,11 +41,17 @@ def _results_request(handler: PlexusHandler, evaluation_id: str) -> GetEvaluatio
     )
 
 
-def _may_register(handler: PlexusHandler, name: str, replace: bool) -> bool:
+async def _may_register(handler: PlexusHandler, name: str, replace: bool) -> bool:
     """Whether the caller may register `name` now: False once a 409 is answered (taken, and not `replace`);
-    403 when it is another caller's dataset (replacing it would change what their evaluations score)."""
+    403 when it is another caller's dataset (replacing it would change what their evaluations score). The
+    registered directory is read in the catalog's threads (it holds as many files as datasets were registered)."""
     catalog = handler.runtime.catalog
-    taken = name in catalog.registered_names()
+
+    def taken_by() -> tuple[bool, str | None]:
+        taken = name in catalog.registered_names()
+        return taken, catalog.owner_of(name) if taken else None
+
+    taken, owner = await catalog.run(taken_by)
     if not replace and taken:
         handler.reply(
             {
@@ -57,7 +61,6 @@ def _may_register(handler: PlexusHandler, name: str, replace: bool) -> bool:
             status=409,
         )
         return False
-    owner = catalog.owner_of(name) if taken else None
     if taken and not handler.principal.is_admin and owner != handler.principal.owner:
         raise web.HTTPError(
             403,
@@ -219,24 +222,21 @@ class DatasetsHandler(PlexusHandler):
             owner = self.principal.owner
             await catalog.run(catalog.check_quota, owner, name, 1)  # already at the quota: refused before parsing
             # Parsing and writing Parquet take a while for a big frame: off the event loop, in the catalog's threads.
-            frame = await catalog.run(self._frame)
-            if not _may_register(self, name, replace):
+            frame = await catalog.run(self._frame, name)
+            if not await _may_register(self, name, replace):
                 return
             info = await catalog.run(catalog.register, name, frame, replace=replace, owner=owner)
         except PlexusError as exc:
             raise http_error(exc) from None
         self.reply(info.to_dict(), status=201)
 
-    def _frame(self) -> pd.DataFrame:
+    def _frame(self, name: str) -> pd.DataFrame:
         content_type = (self.request.headers.get("Content-Type") or "").split(";")[0].strip().lower()
         body = self.request.body
         if not body:
             raise InvalidArgument("the request has no body: send the DataFrame as Parquet or JSON records")
-        if content_type in PARQUET_TYPES:
-            try:
-                return pd.read_parquet(io.BytesIO(body))
-            except (pa.ArrowException, OSError, ValueError) as exc:
-                raise InvalidArgument(f"the body is not a readable Parquet file: {exc}") from None
+        if content_type in PARQUET_TYPES:  # its footer's sizes are checked before it is read
+            return self.runtime.catalog.read_parquet_body(body, name)
         if content_type == "application/json":
             try:  # in a thread already (see post)
                 data: Any = parse_json(body)
@@ -263,7 +263,7 @@ class DatasetUploadsHandler(PlexusHandler):
         self.require("register")
         try:
             request = self.query_request(BeginUpload)
-            if not _may_register(self, request.name, request.replace):
+            if not await _may_register(self, request.name, request.replace):
                 return
             uploads = self.runtime.uploads
             upload_id = await self.runtime.catalog.run(

@@ -9,7 +9,9 @@ sequence number: events after it that are still in the bus's history are replaye
 beyond the last event; or other servers' events on a shared store that were not kept while no client
 of this server followed them). A client that reads slowly gets the latest state per entity (never an
 unbounded backlog) and always the final state. Bad filters close the socket with code 4400 and the
-reason; the full message is sent first as `{"type": "error", "message": ...}`.
+reason; the full message is sent first as `{"type": "error", "message": ...}`. An API key has at most
+max_event_streams_per_key streams open: one more is refused with HTTP 429 (or, if it raced past that check,
+closed with code 4429), saying so.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from jupyter_server.base.websocket import WebSocketMixin
+from tornado import web
 from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
@@ -40,11 +43,13 @@ from ..security.identity import Principal
 from .base import PlexusHandler
 
 BAD_FILTER = 4400
+TOO_MANY_STREAMS = 4429
 
 
 class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: ignore[misc]
     _subscription: Subscription | None = None
     _pump: asyncio.Task[None] | None = None
+    _counted_key: str | None = None  # the API key this stream counts against (max_event_streams_per_key)
     _forget_stream: Callable[[], None] = staticmethod(lambda: None)  # type: ignore[assignment]
 
     async def prepare(self) -> None:  # type: ignore[override]
@@ -54,8 +59,31 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
     def check_origin(self, origin: str | None = None) -> bool:
         return self.origin_allowed()
 
+    def _streams_over_cap(self) -> str | None:
+        """Why one more event stream of this API key is refused (it has max_event_streams_per_key open), or None."""
+        key_id, limit = self.principal.key_id, self.runtime.max_event_streams_per_key
+        if key_id is None or self.runtime.event_streams[key_id] < limit:
+            return None
+        return (
+            f"this API key already has {limit} event streams open, the most one key may "
+            "(setting max_event_streams_per_key): close one first"
+        )
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        refusal = self._streams_over_cap()  # before the upgrade: a plain HTTP 429 with the reason
+        if refusal is not None:
+            raise web.HTTPError(429, refusal)
+        await super().get(*args, **kwargs)
+
     async def open(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         super().open(*args, **kwargs)  # Jupyter's keep-alive pings
+        refusal = self._streams_over_cap()  # streams upgraded at once, past the check in get
+        if refusal is not None:
+            self._refuse(refusal, TOO_MANY_STREAMS)
+            return
+        if self.principal.key_id is not None:
+            self._counted_key = self.principal.key_id
+            self.runtime.event_streams[self._counted_key] += 1
         bus = self.runtime.bus
         try:
             request = self.query_request(FollowEvents)
@@ -96,10 +124,10 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
         replayed_up_to = snapshot
         self._pump = asyncio.get_running_loop().create_task(self._forward(replayed_up_to))
 
-    def _refuse(self, message: str) -> None:
+    def _refuse(self, message: str, code: int = BAD_FILTER) -> None:
         self.write_message(json.dumps({"type": "error", "message": message}))
         reason = message if len(message.encode()) <= 120 else message.encode()[:117].decode(errors="ignore") + "..."
-        self.close(BAD_FILTER, reason)
+        self.close(code, reason)
 
     async def _forward(self, after: int) -> None:
         subscription = self._subscription
@@ -127,7 +155,7 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
         registry = self.runtime.kernel_scorers
         expected = f"messages to the event stream are JSON objects with a type: one of {', '.join(SCORER_MESSAGES)}"
         try:
-            data = await parse_json_off_loop(message)
+            data = await parse_json_off_loop(message, self.runtime.settings.max_json_values)
         except BadJSON as exc:
             self.send_json({"type": "error", "message": f"the message is {exc}; {expected}"})
             return
@@ -170,6 +198,12 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
 
     def on_close(self) -> None:
         self._forget_stream()
+        if self._counted_key is not None:
+            streams = self.runtime.event_streams
+            streams[self._counted_key] -= 1
+            if streams[self._counted_key] <= 0:
+                del streams[self._counted_key]
+            self._counted_key = None
         self.runtime.kernel_scorers.channel_closed(self)
         if self._subscription is not None:
             self._subscription.close()

@@ -85,9 +85,37 @@ class BadJSON(ValueError):
     """A body or message that is not the JSON the server accepts; the message is one line for the client."""
 
 
-def parse_json(text: str | bytes) -> Any:
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_EMPTY_CONTAINER = re.compile(rb"\[\s*\]|\{\s*\}")
+
+
+def json_values(text: str | bytes, limit: int) -> int | None:
+    """How many values (arrays, objects, their elements and members, and the top one) a JSON text holds, when that
+    may be more than `limit`; None when it cannot be (the common case: a length check, or three byte counts).
+
+    A text of n bytes holds at most about n/2 values, so a short one is not looked at. Otherwise commas and opening
+    brackets bound the count from above; only when that bound passes `limit` are strings set aside (their commas
+    and brackets are text) for the exact count. Malformed JSON is counted as if it were well-formed: the parser
+    refuses it after."""
+    if len(text) <= 2 * limit:
+        return None
+    data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+    if 1 + data.count(b",") + data.count(b"[") + data.count(b"{") <= limit:
+        return None
+    bare = _JSON_STRING.sub(b"0", data)
+    opens = bare.count(b"[") + bare.count(b"{")
+    values = 1 + bare.count(b",") + opens - len(_EMPTY_CONTAINER.findall(bare))
+    return values if values > limit else None
+
+
+def parse_json(text: str | bytes, max_values: int | None = None) -> Any:
     """JSON from a client, every failure a BadJSON with a one-line reason (never a RecursionError or a
-    multi-line message): the one parse behind every REST body and WebSocket message."""
+    multi-line message): the one parse behind every REST body and WebSocket message. `max_values`: a text holding
+    more values (`json_values`: a few bytes each, and each a Python object of 50 to 200) is refused unparsed."""
+    if max_values is not None:
+        refused = json_values(text, max_values)
+        if refused is not None:
+            raise BadJSON(too_many_values(refused, max_values))
     try:
         return json.loads(text)
     except RecursionError:
@@ -103,11 +131,18 @@ def parse_json(text: str | bytes) -> Any:
         raise BadJSON(f"not valid JSON: {str(exc).splitlines()[0]}") from None
 
 
-async def parse_json_off_loop(text: str | bytes) -> Any:
+def too_many_values(values: int, limit: int) -> str:
+    return (
+        f"not accepted: it holds {values:,} JSON values (arrays, objects and their elements), more than the "
+        f"{limit:,} one request may have (max_json_values)"
+    )
+
+
+async def parse_json_off_loop(text: str | bytes, max_values: int | None = None) -> Any:
     """parse_json, in a thread for large input: nothing that grows with client input runs on the loop."""
     if len(text) <= JSON_ON_LOOP_BYTES:
-        return parse_json(text)
-    return await asyncio.to_thread(parse_json, text)
+        return parse_json(text, max_values)
+    return await asyncio.to_thread(parse_json, text, max_values)
 
 
 def reason_phrase(status_code: int, error: dict[str, Any]) -> str:

@@ -1,0 +1,340 @@
+"""Every client-sized input is bounded, and refused in one line that says what is allowed.
+
+Each test drives the real server (Jupyter with the extension, real HTTP, the official MCP SDK client) and sends
+what a careless or hostile client could: a megabyte URI, a thousand subscriptions, a huge completion text,
+long id and type lists, long cursors, repeated filter values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import anyio
+import httpx2
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from mcp.shared.exceptions import MCPError
+from mcp.types import ResourceTemplateReference
+from tornado.httpclient import HTTPClientError
+
+from plexus_mcp_jupyter.core.errors import InvalidArgument
+from plexus_mcp_jupyter.core.store import decode_position
+
+from .conftest import MODERN, poll
+
+MAX_ERROR_CHARS = 2000  # endpoint/input_limits.py (a literal: the test runs against older code too)
+
+# Client.subscribe_resource is deprecated for the 2026 era; the 2025-11-25 era still uses it.
+pytestmark = pytest.mark.filterwarnings("ignore::mcp.shared.exceptions.MCPDeprecationWarning")
+
+
+async def next_message(ws, timeout: float = 10.0) -> dict:
+    message = await asyncio.wait_for(ws.read_message(), timeout)
+    assert message is not None, f"closed: {ws.close_code} {ws.close_reason}"
+    return json.loads(message)
+
+
+LONG_URI = "plexus://tasks/" + "x" * 10_000
+
+
+@pytest.mark.parametrize("mode", ["legacy", MODERN])
+async def test_a_resource_uri_over_4096_characters_is_refused_before_it_is_parsed(mcp_client, runtime, mode):
+    async with mcp_client(mode) if mode == MODERN else mcp_client() as client:
+        with pytest.raises(MCPError) as err:
+            await client.read_resource(LONG_URI)
+        assert err.value.code == -32602
+        assert "uri is 10015 characters long; at most 4096 are allowed" in err.value.message
+        assert (await client.list_tools()).tools  # still serving
+
+
+async def test_subscribing_to_a_uri_over_4096_characters_is_refused(mcp_client, runtime):
+    async with mcp_client() as client:
+        with pytest.raises(MCPError) as err:
+            await client.subscribe_resource(LONG_URI)
+        assert err.value.code == -32602 and "at most 4096 are allowed" in err.value.message
+        assert runtime.mcp.resource_watch.followed() == 0
+
+
+async def test_an_error_quoting_a_long_uri_is_bounded(mcp_client, runtime):
+    """The SDK's own `Unknown resource: <uri>` and our `cannot subscribe to <uri>; ...` quote the URI: the message
+    a client gets is bounded whoever wrote it."""
+    uri = "plexus://nowhere/" + "y" * 4000
+    async with mcp_client() as client:
+        with pytest.raises(MCPError) as read:
+            await client.read_resource(uri)
+        with pytest.raises(MCPError) as subscribe:
+            await client.subscribe_resource(uri)
+    for err in (read, subscribe):
+        assert len(err.value.message) <= MAX_ERROR_CHARS, len(err.value.message)
+        assert "plexus://nowhere/yyy" in err.value.message  # still says what was wrong
+
+
+async def test_a_session_follows_at_most_max_subscriptions_resources(mcp_client, runtime):
+    watch = runtime.mcp.resource_watch
+    watch.max_subscriptions = 5  # the bound (1000 by default) is a setting of the watch; 5 keeps this quick
+    uris = [f"plexus://tasks?type=demo&limit={n}" for n in range(1, 7)]
+    async with mcp_client() as client:
+        for uri in uris[:5]:
+            await client.subscribe_resource(uri)
+        await client.subscribe_resource(uris[0])  # following one again is not one more
+        with pytest.raises(MCPError) as err:
+            await client.subscribe_resource(uris[5])
+        assert err.value.code == -32602
+        assert "already follows 5 resources, the most one session may" in err.value.message
+        assert watch.followed() == 5
+        await client.unsubscribe_resource(uris[0])
+        await client.subscribe_resource(uris[5])  # room again
+        assert watch.followed() == 5
+
+
+async def test_a_completion_value_over_4096_characters_is_refused(mcp_client, runtime):
+    ref = ResourceTemplateReference(type="ref/resource", uri="plexus://tasks/{task_id}")
+    async with mcp_client() as client:
+        assert (await client.complete(ref, {"name": "task_id", "value": "ab"})).completion.values == []
+        with pytest.raises(MCPError) as err:
+            await client.complete(ref, {"name": "task_id", "value": "a" * 5000})
+        assert err.value.code == -32602
+        assert "argument.value is 5000 characters long; at most 4096 are allowed" in err.value.message
+
+
+async def rest_get(server_url: str, token: str, path: str) -> httpx2.Response:
+    async with httpx2.AsyncClient(headers={"Authorization": f"token {token}"}, timeout=30) as http:
+        return await http.get(f"{server_url}plexus/api/{path}")
+
+
+async def test_a_bulk_call_takes_at_most_64_types_and_ids_of_at_most_64_characters(mcp_client, runtime):
+    async with mcp_client() as client:
+        many = await client.call_tool("cancel_tasks", {"type": [f"t{n}" for n in range(65)], "dry_run": True})
+        assert many.is_error and "65 names given; at most 64 are allowed" in many.content[0].text
+        same = await client.call_tool("cancel_tasks", {"type": ["demo"] * 1000, "dry_run": True})
+        assert not same.is_error, same.content[0].text  # one type, a thousand times, is one type
+        long_id = await client.call_tool("retry_tasks", {"task_ids": ["x" * 1000], "dry_run": True})
+        assert long_id.is_error and "at most 64 characters" in long_id.content[0].text
+        listed = await client.call_tool("list_tasks", {"type": [f"t{n}" for n in range(65)]})
+        assert listed.is_error and "at most 64 are allowed" in listed.content[0].text
+
+
+async def test_a_repeated_filter_value_counts_once_and_a_long_list_is_refused(server_url, token, runtime):
+    repeated = await rest_get(server_url, token, "tasks?" + "&".join(["status=RUNNING"] * 500))
+    assert repeated.status_code == 200, repeated.text
+    distinct = await rest_get(server_url, token, "tasks?" + "&".join(f"type=t{n}" for n in range(100)))
+    assert distinct.status_code == 400
+    assert "100 names given; at most 64 are allowed" in distinct.text
+
+
+async def test_a_cursor_over_1024_characters_is_refused_before_it_is_decoded(mcp_client, server_url, token, runtime):
+    cursor = "A" * 2000
+    async with mcp_client() as client:
+        listed = await client.call_tool("list_tasks", {"cursor": cursor})
+        assert listed.is_error and "a cursor is at most 1024 characters, not 2000" in listed.content[0].text
+        with pytest.raises(MCPError) as err:
+            await client.read_resource(f"plexus://tasks?cursor={cursor}")
+        assert "a cursor is at most 1024 characters" in err.value.message
+    refused = await rest_get(server_url, token, f"tasks?cursor={cursor}")
+    assert refused.status_code == 400 and "at most 1024 characters" in refused.text
+    # the MCP tasks extension's own listing (tasks/list) decodes its cursor without a request model
+    with pytest.raises(InvalidArgument, match="at most 1024 characters, not 2000"):
+        decode_position(cursor, "fingerprint", 2)
+
+
+async def test_an_owner_has_at_most_max_kernel_scorers_registered(jp_ws_fetch, runtime, keys):
+    runtime.kernel_scorers.max_per_owner = 3  # 100 by default (setting max_kernel_scorers_per_owner)
+    auth = {"Authorization": f"Bearer {keys['operator']}"}
+    ws = await jp_ws_fetch("plexus", "api", "events", headers=auth)
+    assert (await next_message(ws))["type"] == "hello"
+    for n in range(4):
+        ws.write_message(json.dumps({"type": "register_scorer", "name": f"s{n}"}))
+        answer = await next_message(ws)
+        if n < 3:
+            assert answer == {"type": "scorer_registered", "name": f"s{n}"}
+    assert answer["type"] == "error" and answer["in_reply_to"] == "register_scorer"
+    assert "already have 3 kernel scorers registered" in answer["message"]
+    assert "max_kernel_scorers_per_owner" in answer["message"]
+    ws.write_message(json.dumps({"type": "register_scorer", "name": "s0"}))  # one it has already: re-registered
+    assert await next_message(ws) == {"type": "scorer_registered", "name": "s0"}
+    # another owner (the notebook user) has its own room
+    mine = await jp_ws_fetch("plexus", "api", "events")
+    await next_message(mine)
+    mine.write_message(json.dumps({"type": "register_scorer", "name": "s3"}))
+    assert await next_message(mine) == {"type": "scorer_registered", "name": "s3"}
+    ws.write_message(json.dumps({"type": "unregister_scorer", "name": "s1"}))
+    ws.write_message(json.dumps({"type": "register_scorer", "name": "s3"}))
+    assert await next_message(ws) == {"type": "scorer_registered", "name": "s3"}
+    ws.close()
+    mine.close()
+
+
+async def test_an_api_key_has_at_most_max_event_streams_open(jp_ws_fetch, runtime, keys):
+    runtime.max_event_streams_per_key = 2  # 20 by default (setting max_event_streams_per_key)
+    viewer = {"Authorization": f"Bearer {keys['viewer']}"}
+    opened = [await jp_ws_fetch("plexus", "api", "events", headers=viewer) for _ in range(2)]
+    for ws in opened:
+        assert (await next_message(ws))["type"] == "hello"
+    with pytest.raises(HTTPClientError) as refused:
+        await jp_ws_fetch("plexus", "api", "events", headers=viewer)
+    assert refused.value.code == 429
+    assert b"already has 2 event streams open" in refused.value.response.body
+    other = await jp_ws_fetch("plexus", "api", "events", headers={"Authorization": f"Bearer {keys['operator']}"})
+    assert (await next_message(other))["type"] == "hello"  # another key is not held by this one's streams
+    opened[0].close()
+    await poll(lambda: runtime.event_streams.get(_key_id(runtime, keys["viewer"]), 0), lambda n: n == 1)
+    again = await jp_ws_fetch("plexus", "api", "events", headers=viewer)
+    assert (await next_message(again))["type"] == "hello"
+    for ws in (opened[1], other, again):
+        ws.close()
+
+
+def _key_id(runtime, credential: str) -> str:
+    return runtime.keys.verify(credential).id
+
+
+def ipc_stream(table: pa.Table, compression: str | None) -> bytes:
+    sink = pa.BufferOutputStream()
+    options = pa.ipc.IpcWriteOptions(compression=compression)
+    with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
+        writer.write_table(table)
+    return bytes(sink.getvalue().to_pybytes())
+
+
+def error_message(answer: httpx2.Response) -> str:
+    body = answer.json()
+    return str(body.get("message") or body["error"]["message"])
+
+
+@pytest.mark.parametrize("compression", ["zstd", "lz4"])
+async def test_a_compressed_arrow_part_is_refused_before_it_is_decompressed(server_url, keys, runtime, compression):
+    """2 MB of zeros is a few hundred bytes of ZSTD; as much of a few gigabytes would be a bomb."""
+    api = f"{server_url}plexus/api/datasets/uploads"
+    auth = {"Authorization": f"Bearer {keys['operator']}"}
+    bomb = ipc_stream(pa.table({"label": pa.array([0] * 250_000, pa.int64())}), compression)
+    assert len(bomb) < 50_000
+    async with httpx2.AsyncClient(headers=auth, timeout=30) as http:
+        began = await http.post(api, params={"name": "bomb"})
+        upload = f"{api}/{began.json()['upload_id']}"
+        refused = await http.put(upload, params={"part": "0"}, content=bomb)
+        assert refused.status_code == 400, refused.text
+        assert "compressed record batch (LZ4 or ZSTD IPC body compression)" in error_message(refused)
+        plain = ipc_stream(pa.table({"label": ["a", "b"], "prediction": ["a", "a"]}), None)
+        accepted = await http.put(upload, params={"part": "0"}, content=plain)
+        assert accepted.status_code == 200 and accepted.json()["rows"] == 2, accepted.text
+
+
+async def test_a_parquet_body_whose_footer_declares_too_much_is_refused_before_it_is_read(server_url, token, runtime):
+    runtime.catalog.max_parquet_uncompressed_bytes = 1_000_000  # 1 GiB by default (max_parquet_uncompressed_bytes)
+    api = f"{server_url}plexus/api/datasets"
+    headers = {"Authorization": f"token {token}", "Content-Type": "application/vnd.apache.parquet"}
+
+    def parquet_of(rows: int) -> bytes:
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.table({"label": pa.array([7] * rows, pa.int64())}), sink)  # a run: a few bytes per million
+        return bytes(sink.getvalue().to_pybytes())
+
+    expanding = parquet_of(200_000)  # 1.6 MB as a frame's int64 column
+    assert len(expanding) < 10_000
+    async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
+        refused = await http.post(api, params={"name": "expands"}, content=expanding)
+        assert refused.status_code == 400, refused.text
+        assert "max_parquet_uncompressed_bytes" in error_message(refused)
+        assert "200,000 rows x 1 columns" in error_message(refused)
+        small = await http.post(api, params={"name": "small"}, content=parquet_of(1000))
+        assert small.status_code == 201, small.text
+    assert "expands" not in runtime.catalog.registered_names()
+
+
+async def test_registering_reads_the_registered_directory_off_the_event_loop(server_url, token, runtime):
+    loop_thread = threading.get_ident()
+    threads: list[int] = []
+    catalog = runtime.catalog
+    listed = catalog.registered_names
+
+    def watched() -> list[str]:
+        threads.append(threading.get_ident())
+        return listed()
+
+    catalog.registered_names = watched
+    try:
+        async with httpx2.AsyncClient(headers={"Authorization": f"token {token}"}, timeout=30) as http:
+            body = {"records": [{"label": "a", "prediction": "a"}]}
+            first = await http.post(f"{server_url}plexus/api/datasets", params={"name": "offloop"}, json=body)
+            assert first.status_code == 201, first.text
+            again = await http.post(f"{server_url}plexus/api/datasets", params={"name": "offloop"}, json=body)
+            assert again.status_code == 409, again.text
+            began = await http.post(f"{server_url}plexus/api/datasets/uploads", params={"name": "offloop2"})
+            assert began.status_code == 201, began.text
+    finally:
+        del catalog.registered_names
+    assert threads and loop_thread not in threads
+
+
+async def test_a_body_holding_too_many_json_values_is_refused_before_it_is_parsed(
+    jp_ws_fetch, mcp_url, server_url, token, runtime
+):
+    """A few bytes each, a Python object of 50 to 200 bytes each: a body within max_request_bytes must not become
+    millions of objects. 300 here (100,000 by default, setting max_json_values)."""
+    runtime.settings.max_json_values = runtime.endpoint.max_json_values = 300
+    many = [[] for _ in range(5000)]  # 15 kB
+    text_with_commas = {"description": "," * 999}  # commas in a string are not values
+    headers = {"Authorization": f"token {token}"}
+    async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
+        rest = await http.post(f"{server_url}plexus/api/tasks/cancel", json={"task_ids": many, "dry_run": True})
+        assert rest.status_code == 400, rest.text
+        assert "it holds 5,003 JSON values" in rest.text and "max_json_values" in rest.text
+        fine = await http.post(
+            f"{server_url}plexus/api/tasks", json={"type": "demo", "params": {"items": 1}, **text_with_commas}
+        )
+        assert fine.status_code == 201, fine.text
+        call = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "tools/call",
+            "params": {"name": "list_tasks", "arguments": {"type": many}},
+        }
+        mcp_headers = {"Accept": "application/json, text/event-stream", "MCP-Protocol-Version": MODERN}
+        mcp = await http.post(mcp_url, json=call, headers=mcp_headers)
+        assert mcp.status_code == 400, mcp.text
+        assert "it holds 5,008 JSON values" in mcp.json()["error"]["message"], mcp.text
+    ws = await jp_ws_fetch("plexus", "api", "events")
+    assert (await next_message(ws))["type"] == "hello"
+    ws.write_message(json.dumps({"type": "score_result", "request_id": "s1", "predictions": many}))
+    answer = await next_message(ws)
+    assert answer["type"] == "error" and "max_json_values" in answer["message"]
+    ws.close()
+
+
+async def test_a_listen_stream_follows_at_most_max_subscriptions_resources(mcp_client, runtime):
+    """subscriptions/listen (2026-07-28): its URIs are counted (once each) and measured before they are parsed."""
+    runtime.mcp.resource_watch.max_subscriptions = 3
+    async with mcp_client(MODERN) as client:
+        with anyio.fail_after(30):
+            uris = [f"plexus://tasks?type=demo&limit={n}" for n in range(1, 5)]
+            with pytest.raises(MCPError) as many:
+                async with client.listen(resource_subscriptions=uris):
+                    pass
+            assert "4 resources asked for; one stream may follow at most 3" in many.value.message
+            with pytest.raises(MCPError) as many_by_default:  # past the default bound: refused unparsed
+                async with client.listen(resource_subscriptions=[f"plexus://x{n}" for n in range(1001)]):
+                    pass
+            assert "notifications.resourceSubscriptions has 1001 entries; one stream may follow at most 1000" in (
+                many_by_default.value.message
+            )
+            with pytest.raises(MCPError) as long:
+                async with client.listen(resource_subscriptions=[LONG_URI]):
+                    pass
+            assert "at most 4096 are allowed" in long.value.message
+            async with client.listen(resource_subscriptions=uris[:3] + uris[:1]):  # a URI twice is one
+                assert runtime.mcp.resource_watch.followed() == 3
+
+
+async def test_an_event_stream_names_at_most_1000_ids(jp_ws_fetch, runtime):
+    ids = ",".join(f"t{n}" for n in range(1001))
+    refused = await jp_ws_fetch("plexus", "api", "events", params={"ids": ids})
+    answer = await next_message(refused)
+    assert answer["type"] == "error" and "ids: 1001 ids given; at most 1000 are allowed" in answer["message"]
+    assert await refused.read_message() is None and refused.close_code == 4400
+    again = ",".join([ids.rsplit(",", 1)[0]] * 2)  # 1000 ids, each twice: 1000
+    accepted = await jp_ws_fetch("plexus", "api", "events", params={"ids": again})
+    assert (await next_message(accepted))["type"] == "hello"
+    accepted.close()
