@@ -19,7 +19,8 @@ import threading
 import time
 import traceback
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from .context import CancelFlag, TaskCancelled, TaskContext
 from .errors import PlexusError
@@ -102,8 +103,13 @@ class Outbox:
     """A worker's messages to the server, coalesced: the first message after a quiet spell waits `delay`
     seconds for the ones that follow, then they all leave in one pipe write (a small task's stage changes
     and its end are one write, not five: each costs a system call, a wake-up and an unpickle on the
-    server). A flusher thread sends what waits; `flush()` sends at once (a task's end, a request whose
-    answer the task waits for). One lock keeps the messages in order.
+    server). A flusher thread sends what waits once the delay has passed; `flush()` sends at once (a
+    task's end, a request whose answer the task waits for). One lock keeps the messages in order.
+
+    The delay is a kernel timer (`_Alarm`): the first message arms it, a flush disarms it, and the flusher
+    sleeps on it, so a task that ends within the delay (most of them) never wakes the flusher: one system
+    call to arm and one to disarm, where a thread woken to sleep the delay cost two wake-ups a task and the
+    interpreter's lock handed back and forth with the task's thread.
 
     Each message is pickled on its own (a messages.Batch of bytes), so one that cannot be pickled here, or
     unpickled on the server, costs only itself (a log line), never the task's end beside it.
@@ -111,37 +117,141 @@ class Outbox:
 
     def __init__(self, conn: Any, delay: float = 0.002) -> None:
         self._conn = conn
-        self._delay = delay
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._pending: list[Message] = []
-        threading.Thread(target=self._run, name="plexus-outbox", daemon=True).start()
+        self._alarm = _alarm(delay)
+        self.thread = threading.Thread(target=self._run, name="plexus-outbox", daemon=True)
+        self.thread.start()
 
     def send(self, msg: Message) -> None:
-        with self._cond:
+        with self._lock:
             self._pending.append(msg)
             if len(self._pending) == 1:
-                self._cond.notify()
+                self._alarm.arm()
 
     def flush(self, last: Message | None = None) -> None:
         """Send what waits, and `last` after it, now. `last` that cannot be pickled raises (nothing is sent)."""
-        with self._cond:
+        self._flush(last, disarm=True)
+
+    def _flush(self, last: Message | None, disarm: bool) -> None:
+        with self._lock:
             tail = [pickle.dumps(last, pickle.HIGHEST_PROTOCOL)] if last is not None else []
             batch, self._pending = self._pending, []
+            if batch and disarm:  # armed while messages wait, and only then
+                self._alarm.disarm()
             if batch or tail:
                 self._conn.send(Batch([_pickled(m) for m in batch] + tail))
 
     def _run(self) -> None:
         while True:
-            with self._cond:
-                while not self._pending:
-                    self._cond.wait()
-            time.sleep(self._delay)
+            self._alarm.wait()
             try:
-                self.flush()
+                self._flush(None, disarm=False)  # the alarm rang: nothing left to disarm
             except (OSError, EOFError, ValueError):  # the server's end closed: the worker is going away
                 return
             except Exception:  # never let the flusher die: the next tasks on this worker would report nothing
                 traceback.print_exc()
+
+
+class _Alarm(Protocol):
+    """Wakes the outbox's flusher `delay` seconds after `arm()`, unless `disarm()` came first. `arm` and
+    `disarm` are called under the outbox's lock, `wait` by the flusher alone."""
+
+    def arm(self) -> None: ...
+
+    def disarm(self) -> None: ...
+
+    def wait(self) -> None: ...
+
+
+class _TimerAlarm:
+    """A Linux timerfd: arming and disarming are one system call each and wake no thread; the flusher blocks in
+    a read that returns when the timer expires. (A disarm that races the expiry at worst wakes the flusher to
+    find nothing waiting.)"""
+
+    def __init__(self, delay: float, fd: int, settime: Callable[[int, float], None]) -> None:
+        self._delay = delay
+        self._fd = fd
+        self._settime = settime
+
+    def arm(self) -> None:
+        self._settime(self._fd, self._delay)
+
+    def disarm(self) -> None:
+        self._settime(self._fd, 0.0)
+
+    def wait(self) -> None:
+        os.read(self._fd, 8)  # the count of expiries since the last read; blocks while the timer is unexpired
+
+
+class _SleepAlarm:
+    """Where there is no timerfd: arming wakes the flusher, which sleeps the delay; a disarm cannot stop it (it
+    wakes to find nothing waiting)."""
+
+    def __init__(self, delay: float) -> None:
+        self._delay = delay
+        self._cond = threading.Condition()
+        self._armed = False
+
+    def arm(self) -> None:
+        with self._cond:
+            self._armed = True
+            self._cond.notify()
+
+    def disarm(self) -> None:
+        pass
+
+    def wait(self) -> None:
+        with self._cond:
+            while not self._armed:
+                self._cond.wait()
+            self._armed = False
+        time.sleep(self._delay)
+
+
+def _alarm(delay: float) -> _Alarm:
+    timer = _timerfd()
+    if timer is None:
+        return _SleepAlarm(delay)
+    return _TimerAlarm(delay, *timer)
+
+
+def _timerfd() -> tuple[int, Callable[[int, float], None]] | None:
+    """A monotonic one-shot timerfd and a function setting it (seconds from now; 0 disarms), or None where
+    there is none: os.timerfd_* from Python 3.13, libc's through ctypes before it (Linux)."""
+    if sys.version_info >= (3, 13) and hasattr(os, "timerfd_create"):
+        fd = os.timerfd_create(time.CLOCK_MONOTONIC, flags=os.TFD_CLOEXEC)
+        return fd, lambda fd, seconds: os.timerfd_settime(fd, initial=seconds)
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        create, settime = libc.timerfd_create, libc.timerfd_settime
+    except (OSError, AttributeError):
+        return None
+
+    class Timespec(ctypes.Structure):
+        _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+    class Itimerspec(ctypes.Structure):
+        _fields_ = [("it_interval", Timespec), ("it_value", Timespec)]
+
+    clock_monotonic, tfd_cloexec = 1, 0o2000000
+    fd = create(clock_monotonic, tfd_cloexec)
+    if fd < 0:
+        return None
+    spec = Itimerspec()  # one per outbox: only ever set under the outbox's lock
+
+    def set_timer(fd: int, seconds: float) -> None:
+        whole = int(seconds)
+        spec.it_value.tv_sec, spec.it_value.tv_nsec = whole, int((seconds - whole) * 1e9)
+        if settime(fd, 0, ctypes.byref(spec), None) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    return fd, set_timer
 
 
 def _pickled(msg: Message) -> bytes:
