@@ -9,6 +9,7 @@ worker died).
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import pickle
@@ -169,16 +170,10 @@ class _TimerAlarm:
     a read that returns when the timer expires. (A disarm that races the expiry at worst wakes the flusher to
     find nothing waiting.)"""
 
-    def __init__(self, delay: float, fd: int, settime: Callable[[int, float], None]) -> None:
-        self._delay = delay
+    def __init__(self, fd: int, arm: Callable[[], None], disarm: Callable[[], None]) -> None:
         self._fd = fd
-        self._settime = settime
-
-    def arm(self) -> None:
-        self._settime(self._fd, self._delay)
-
-    def disarm(self) -> None:
-        self._settime(self._fd, 0.0)
+        self.arm = arm
+        self.disarm = disarm
 
     def wait(self) -> None:
         os.read(self._fd, 8)  # the count of expiries since the last read; blocks while the timer is unexpired
@@ -210,18 +205,16 @@ class _SleepAlarm:
 
 
 def _alarm(delay: float) -> _Alarm:
-    timer = _timerfd()
-    if timer is None:
-        return _SleepAlarm(delay)
-    return _TimerAlarm(delay, *timer)
+    timer = _timerfd(delay)
+    return _SleepAlarm(delay) if timer is None else _TimerAlarm(*timer)
 
 
-def _timerfd() -> tuple[int, Callable[[int, float], None]] | None:
-    """A monotonic one-shot timerfd and a function setting it (seconds from now; 0 disarms), or None where
-    there is none: os.timerfd_* from Python 3.13, libc's through ctypes before it (Linux)."""
+def _timerfd(delay: float) -> tuple[int, Callable[[], None], Callable[[], None]] | None:
+    """A monotonic one-shot timerfd, a function arming it `delay` seconds from now and one disarming it, or None
+    where there is none: os.timerfd_* from Python 3.13, libc's through ctypes before it (Linux)."""
     if sys.version_info >= (3, 13) and hasattr(os, "timerfd_create"):
         fd = os.timerfd_create(time.CLOCK_MONOTONIC, flags=os.TFD_CLOEXEC)
-        return fd, lambda fd, seconds: os.timerfd_settime(fd, initial=seconds)
+        return fd, functools.partial(os.timerfd_settime, fd, initial=delay), functools.partial(os.timerfd_settime, fd)
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -242,16 +235,21 @@ def _timerfd() -> tuple[int, Callable[[int, float], None]] | None:
     fd = create(clock_monotonic, tfd_cloexec)
     if fd < 0:
         return None
-    spec = Itimerspec()  # one per outbox: only ever set under the outbox's lock
 
-    def set_timer(fd: int, seconds: float) -> None:
+    def setter(seconds: float) -> Callable[[], None]:
+        # Built once and passed by reference: a setting is one foreign call, no structure filled per call.
         whole = int(seconds)
-        spec.it_value.tv_sec, spec.it_value.tv_nsec = whole, int((seconds - whole) * 1e9)
-        if settime(fd, 0, ctypes.byref(spec), None) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
+        spec = Itimerspec(it_value=Timespec(whole, int((seconds - whole) * 1e9)))
+        ref = ctypes.byref(spec)  # holds the structure
 
-    return fd, set_timer
+        def set_timer() -> None:
+            if settime(fd, 0, ref, None) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"timerfd_settime: {os.strerror(err)}")
+
+        return set_timer
+
+    return fd, setter(delay), setter(0.0)
 
 
 def _pickled(msg: Message) -> bytes:
@@ -276,12 +274,24 @@ class _TaskCancelFlag:
         return bool(self._cancel_seq.value == self._seq)
 
 
-def _rss_mb() -> float:
-    """This process's resident memory now (Linux), else its peak (ru_maxrss, KiB on Linux and BSD)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
+class _ResidentMemory:
+    """This process's resident memory in MB, read at each task's end: /proc/self/statm (Linux), opened once and
+    read again in place (one system call; opening it each time cost nine and a file object), else the peak
+    (ru_maxrss, KiB on Linux and BSD)."""
+
+    def __init__(self) -> None:
+        try:
+            self._fd: int | None = os.open("/proc/self/statm", os.O_RDONLY)
+            self._page_mb = os.sysconf("SC_PAGE_SIZE") / 2**20
+        except (OSError, ValueError, AttributeError):
+            self._fd = None
+
+    def __call__(self) -> float:
+        if self._fd is not None:
+            try:
+                return int(os.pread(self._fd, 256, 0).split()[1]) * self._page_mb
+            except (OSError, ValueError, IndexError):
+                pass
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -309,6 +319,7 @@ def pool_main(conn: Any, cancel_seq: Any, nice: int = 0, environ: dict[str, str]
         with contextlib.suppress(OSError):
             os.nice(int(nice))
     outbox = Outbox(conn)
+    rss_mb = _ResidentMemory()
     _exit_with_the_server(conn)
     try:
         while True:
@@ -342,10 +353,10 @@ def pool_main(conn: Any, cancel_seq: Any, nice: int = 0, environ: dict[str, str]
                 receive,
             )
             try:
-                outbox.flush(End(final, _rss_mb()))
+                outbox.flush(End(final, rss_mb()))
             except Exception as exc:  # e.g. an output that cannot be pickled
                 failed = Failed(f"the task's result could not be sent back: {exc}", None, final.tails)
-                outbox.flush(End(failed, _rss_mb()))
+                outbox.flush(End(failed, rss_mb()))
     finally:
         conn.close()
 
