@@ -366,3 +366,12 @@ async def test_what_the_reader_hands_a_busy_loop_waits_in_one_callback_in_order(
     executor._deliver([(got.append, "after")])  # once run, the next hand-off schedules a callback again
     await poll(lambda: got[-1], lambda last: last == "after", timeout=10)
     assert len(scheduled) == 2
+    other = asyncio.new_event_loop()  # a loop that never runs what it is handed (stopped for good)
+    try:
+        executor._loop = other
+        executor._deliver([(got.append, "stranded")])
+    finally:
+        other.close()
+    executor._loop = loop  # an executor started again, on this loop, is not left waiting on the other's callback
+    executor._deliver([(got.append, "here")])
+    await poll(lambda: got[-2:], lambda last: last == ["stranded", "here"], timeout=10)

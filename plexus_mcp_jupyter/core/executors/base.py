@@ -43,27 +43,27 @@ class LoopHandoff:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._waiting: Deliveries = []
-        self._scheduled = False
+        self._scheduled_on: asyncio.AbstractEventLoop | None = None  # the loop a callback waits on, if one does
 
     def deliver(self, loop: asyncio.AbstractEventLoop | None, batch: Deliveries) -> None:
         if not batch or loop is None:
             return
         with self._lock:
             self._waiting.extend(batch)
-            if self._scheduled:
+            if self._scheduled_on is loop:
                 return
-            self._scheduled = True
+            self._scheduled_on = loop  # (another loop's callback, one stopped without running it, is not waited for)
         try:
             loop.call_soon_threadsafe(self._run)
         except RuntimeError:  # the loop closed during shutdown: nothing will run what waits
             with self._lock:
                 self._waiting.clear()
-                self._scheduled = False
+                self._scheduled_on = None
 
     def _run(self) -> None:
         with self._lock:
             batch, self._waiting = self._waiting, []
-            self._scheduled = False
+            self._scheduled_on = None
         run_callbacks(batch)
 
 
