@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -335,3 +336,42 @@ def test_a_worker_whose_server_died_mid_task_ends_and_so_does_the_forkserver(tmp
         for pid in (worker, server):  # only when the test failed: what it started must not outlive it
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+async def test_what_the_reader_hands_a_busy_loop_waits_in_one_callback_in_order(monkeypatch):
+    """The executor's threads hand messages to the loop: while the loop is busy (it has not run the callback
+    handed it yet) what follows joins that callback rather than writing to the loop's self-pipe again."""
+    loop = asyncio.get_running_loop()
+    executor = LocalExecutor()
+    executor._loop = loop  # not started: only its hand-off is used
+    scheduled: list[Any] = []
+    call_soon_threadsafe = loop.call_soon_threadsafe
+
+    def counted(*args: Any) -> Any:
+        scheduled.append(args)
+        return call_soon_threadsafe(*args)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counted)
+    got: list[Any] = []
+
+    def reader() -> None:
+        for i in range(50):
+            executor._deliver([(got.append, i), (got.append, -i)])
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    thread.join()  # the loop is busy meanwhile: it runs nothing until this test awaits
+    await poll(lambda: len(got), lambda n: n == 100, timeout=10)
+    assert got == [x for i in range(50) for x in (i, -i)] and len(scheduled) == 1
+    executor._deliver([(got.append, "after")])  # once run, the next hand-off schedules a callback again
+    await poll(lambda: got[-1], lambda last: last == "after", timeout=10)
+    assert len(scheduled) == 2
+    other = asyncio.new_event_loop()  # a loop that never runs what it is handed (stopped for good)
+    try:
+        executor._loop = other
+        executor._deliver([(got.append, "stranded")])
+    finally:
+        other.close()
+    executor._loop = loop  # an executor started again, on this loop, is not left waiting on the other's callback
+    executor._deliver([(got.append, "here")])
+    await poll(lambda: got[-2:], lambda last: last == ["stranded", "here"], timeout=10)

@@ -9,6 +9,7 @@ worker died).
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import pickle
@@ -19,7 +20,8 @@ import threading
 import time
 import traceback
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from .context import CancelFlag, TaskCancelled, TaskContext
 from .errors import PlexusError
@@ -102,8 +104,13 @@ class Outbox:
     """A worker's messages to the server, coalesced: the first message after a quiet spell waits `delay`
     seconds for the ones that follow, then they all leave in one pipe write (a small task's stage changes
     and its end are one write, not five: each costs a system call, a wake-up and an unpickle on the
-    server). A flusher thread sends what waits; `flush()` sends at once (a task's end, a request whose
-    answer the task waits for). One lock keeps the messages in order.
+    server). A flusher thread sends what waits once the delay has passed; `flush()` sends at once (a
+    task's end, a request whose answer the task waits for). One lock keeps the messages in order.
+
+    The delay is a kernel timer (`_Alarm`): the first message arms it, a flush disarms it, and the flusher
+    sleeps on it, so a task that ends within the delay (most of them) never wakes the flusher: one system
+    call to arm and one to disarm, where a thread woken to sleep the delay cost two wake-ups a task and the
+    interpreter's lock handed back and forth with the task's thread.
 
     Each message is pickled on its own (a messages.Batch of bytes), so one that cannot be pickled here, or
     unpickled on the server, costs only itself (a log line), never the task's end beside it.
@@ -111,37 +118,138 @@ class Outbox:
 
     def __init__(self, conn: Any, delay: float = 0.002) -> None:
         self._conn = conn
-        self._delay = delay
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._pending: list[Message] = []
-        threading.Thread(target=self._run, name="plexus-outbox", daemon=True).start()
+        self._alarm = _alarm(delay)
+        self.thread = threading.Thread(target=self._run, name="plexus-outbox", daemon=True)
+        self.thread.start()
 
     def send(self, msg: Message) -> None:
-        with self._cond:
+        with self._lock:
             self._pending.append(msg)
             if len(self._pending) == 1:
-                self._cond.notify()
+                self._alarm.arm()
 
     def flush(self, last: Message | None = None) -> None:
         """Send what waits, and `last` after it, now. `last` that cannot be pickled raises (nothing is sent)."""
-        with self._cond:
+        self._flush(last, disarm=True)
+
+    def _flush(self, last: Message | None, disarm: bool) -> None:
+        with self._lock:
             tail = [pickle.dumps(last, pickle.HIGHEST_PROTOCOL)] if last is not None else []
             batch, self._pending = self._pending, []
+            if batch and disarm:  # armed while messages wait, and only then
+                self._alarm.disarm()
             if batch or tail:
                 self._conn.send(Batch([_pickled(m) for m in batch] + tail))
 
     def _run(self) -> None:
         while True:
-            with self._cond:
-                while not self._pending:
-                    self._cond.wait()
-            time.sleep(self._delay)
+            self._alarm.wait()
             try:
-                self.flush()
+                self._flush(None, disarm=False)  # the alarm rang: nothing left to disarm
             except (OSError, EOFError, ValueError):  # the server's end closed: the worker is going away
                 return
             except Exception:  # never let the flusher die: the next tasks on this worker would report nothing
                 traceback.print_exc()
+
+
+class _Alarm(Protocol):
+    """Wakes the outbox's flusher `delay` seconds after `arm()`, unless `disarm()` came first. `arm` and
+    `disarm` are called under the outbox's lock, `wait` by the flusher alone."""
+
+    def arm(self) -> None: ...
+
+    def disarm(self) -> None: ...
+
+    def wait(self) -> None: ...
+
+
+class _TimerAlarm:
+    """A Linux timerfd: arming and disarming are one system call each and wake no thread; the flusher blocks in
+    a read that returns when the timer expires. (A disarm that races the expiry at worst wakes the flusher to
+    find nothing waiting.)"""
+
+    def __init__(self, fd: int, arm: Callable[[], None], disarm: Callable[[], None]) -> None:
+        self._fd = fd
+        self.arm = arm
+        self.disarm = disarm
+
+    def wait(self) -> None:
+        os.read(self._fd, 8)  # the count of expiries since the last read; blocks while the timer is unexpired
+
+
+class _SleepAlarm:
+    """Where there is no timerfd: arming wakes the flusher, which sleeps the delay; a disarm cannot stop it (it
+    wakes to find nothing waiting)."""
+
+    def __init__(self, delay: float) -> None:
+        self._delay = delay
+        self._cond = threading.Condition()
+        self._armed = False
+
+    def arm(self) -> None:
+        with self._cond:
+            self._armed = True
+            self._cond.notify()
+
+    def disarm(self) -> None:
+        pass
+
+    def wait(self) -> None:
+        with self._cond:
+            while not self._armed:
+                self._cond.wait()
+            self._armed = False
+        time.sleep(self._delay)
+
+
+def _alarm(delay: float) -> _Alarm:
+    timer = _timerfd(delay)
+    return _SleepAlarm(delay) if timer is None else _TimerAlarm(*timer)
+
+
+def _timerfd(delay: float) -> tuple[int, Callable[[], None], Callable[[], None]] | None:
+    """A monotonic one-shot timerfd, a function arming it `delay` seconds from now and one disarming it, or None
+    where there is none: os.timerfd_* from Python 3.13, libc's through ctypes before it (Linux)."""
+    if sys.version_info >= (3, 13) and hasattr(os, "timerfd_create"):
+        fd = os.timerfd_create(time.CLOCK_MONOTONIC, flags=os.TFD_CLOEXEC)
+        return fd, functools.partial(os.timerfd_settime, fd, initial=delay), functools.partial(os.timerfd_settime, fd)
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        create, settime = libc.timerfd_create, libc.timerfd_settime
+    except (OSError, AttributeError):
+        return None
+
+    class Timespec(ctypes.Structure):
+        _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+    class Itimerspec(ctypes.Structure):
+        _fields_ = [("it_interval", Timespec), ("it_value", Timespec)]
+
+    clock_monotonic, tfd_cloexec = 1, 0o2000000
+    fd = create(clock_monotonic, tfd_cloexec)
+    if fd < 0:
+        return None
+
+    def setter(seconds: float) -> Callable[[], None]:
+        # Built once and passed by reference: a setting is one foreign call, no structure filled per call.
+        whole = int(seconds)
+        spec = Itimerspec(it_value=Timespec(whole, int((seconds - whole) * 1e9)))
+        ref = ctypes.byref(spec)  # holds the structure
+
+        def set_timer() -> None:
+            if settime(fd, 0, ref, None) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"timerfd_settime: {os.strerror(err)}")
+
+        return set_timer
+
+    return fd, setter(delay), setter(0.0)
 
 
 def _pickled(msg: Message) -> bytes:
@@ -166,12 +274,24 @@ class _TaskCancelFlag:
         return bool(self._cancel_seq.value == self._seq)
 
 
-def _rss_mb() -> float:
-    """This process's resident memory now (Linux), else its peak (ru_maxrss, KiB on Linux and BSD)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
+class _ResidentMemory:
+    """This process's resident memory in MB, read at each task's end: /proc/self/statm (Linux), opened once and
+    read again in place (one system call; opening it each time cost nine and a file object), else the peak
+    (ru_maxrss, KiB on Linux and BSD)."""
+
+    def __init__(self) -> None:
+        try:
+            self._fd: int | None = os.open("/proc/self/statm", os.O_RDONLY)
+            self._page_mb = os.sysconf("SC_PAGE_SIZE") / 2**20
+        except (OSError, ValueError, AttributeError):
+            self._fd = None
+
+    def __call__(self) -> float:
+        if self._fd is not None:
+            try:
+                return int(os.pread(self._fd, 256, 0).split()[1]) * self._page_mb
+            except (OSError, ValueError, IndexError):
+                pass
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -199,6 +319,7 @@ def pool_main(conn: Any, cancel_seq: Any, nice: int = 0, environ: dict[str, str]
         with contextlib.suppress(OSError):
             os.nice(int(nice))
     outbox = Outbox(conn)
+    rss_mb = _ResidentMemory()
     _exit_with_the_server(conn)
     try:
         while True:
@@ -232,10 +353,10 @@ def pool_main(conn: Any, cancel_seq: Any, nice: int = 0, environ: dict[str, str]
                 receive,
             )
             try:
-                outbox.flush(End(final, _rss_mb()))
+                outbox.flush(End(final, rss_mb()))
             except Exception as exc:  # e.g. an output that cannot be pickled
                 failed = Failed(f"the task's result could not be sent back: {exc}", None, final.tails)
-                outbox.flush(End(failed, _rss_mb()))
+                outbox.flush(End(failed, rss_mb()))
     finally:
         conn.close()
 

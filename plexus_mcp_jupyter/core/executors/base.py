@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -30,6 +31,40 @@ def run_callbacks(batch: Deliveries) -> None:
             on_message(msg)
         except Exception:
             log.exception("Plexus: handling a worker message %s failed", type(msg).__name__)
+
+
+class LoopHandoff:
+    """What an executor's threads hand the event loop, in order, with at most one callback waiting on the loop:
+    what arrives before the loop has run it joins it. Each call_soon_threadsafe writes to the loop's self-pipe
+    (a system call here, a read and a pass of the loop there, and a wake-up when it slept); while the loop is
+    busy, as it is when the machine's cores are, the hand-offs of a worker's end, the next one's and the
+    placements share one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: Deliveries = []
+        self._scheduled_on: asyncio.AbstractEventLoop | None = None  # the loop a callback waits on, if one does
+
+    def deliver(self, loop: asyncio.AbstractEventLoop | None, batch: Deliveries) -> None:
+        if not batch or loop is None:
+            return
+        with self._lock:
+            self._waiting.extend(batch)
+            if self._scheduled_on is loop:
+                return
+            self._scheduled_on = loop  # (another loop's callback, one stopped without running it, is not waited for)
+        try:
+            loop.call_soon_threadsafe(self._run)
+        except RuntimeError:  # the loop closed during shutdown: nothing will run what waits
+            with self._lock:
+                self._waiting.clear()
+                self._scheduled_on = None
+
+    def _run(self) -> None:
+        with self._lock:
+            batch, self._waiting = self._waiting, []
+            self._scheduled_on = None
+        run_callbacks(batch)
 
 
 class Executor(abc.ABC):

@@ -37,7 +37,7 @@ from typing import Any
 from .. import worker as worker_side
 from ..messages import Exit, Failed, Final, FromTask, Lost, Placed, Reply, Request, Started, ToManager
 from ..resources import Resources
-from .base import Deliveries, Executor, ExecutorUnavailable, MessageCallback, run_callbacks
+from .base import Deliveries, Executor, ExecutorUnavailable, LoopHandoff, MessageCallback
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
@@ -265,6 +265,7 @@ class DaskExecutor(Executor):
         self.cluster: Any = None
         self.client: Any = None
         self._loop: Any = None
+        self._handoff = LoopHandoff()
         self._runs: dict[str, _Run] = {}
         self._by_key: dict[str, _Run] = {}
         self._lock = threading.Lock()
@@ -807,10 +808,7 @@ class DaskExecutor(Executor):
             self._deliver(deliveries)
 
     def _deliver(self, deliveries: Deliveries) -> None:
-        if not deliveries or self._loop is None:
-            return
-        with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
-            self._loop.call_soon_threadsafe(run_callbacks, deliveries)
+        self._handoff.deliver(self._loop, deliveries)
 
 
 def _read_result(blob: Any) -> tuple[str, list[FromTask | Started], int, Final]:

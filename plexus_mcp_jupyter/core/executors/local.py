@@ -42,7 +42,7 @@ from typing import Any
 from .. import tasks, worker
 from ..messages import Batch, Cancelled, End, Exit, Failed, Log, Message, Placed, Reply, Run, Stop, ToManager, ToTask
 from ..pools import start_one_thread
-from .base import Deliveries, Executor, MessageCallback, run_callbacks
+from .base import Deliveries, Executor, LoopHandoff, MessageCallback
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
@@ -205,6 +205,7 @@ class LocalExecutor(Executor):
         self.max_worker_memory_mb = max_worker_memory_mb
         self.nice = nice
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._handoff = LoopHandoff()
         self._workers: dict[Any, _Worker] = {}  # by our end of its pipe
         self._idle: list[_Worker] = []
         self._by_task: dict[str, _Worker] = {}
@@ -633,11 +634,7 @@ class LocalExecutor(Executor):
             self._fill_pool()
 
     def _deliver(self, batch: Deliveries) -> None:
-        loop = self._loop
-        if loop is None:
-            return
-        with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
-            loop.call_soon_threadsafe(run_callbacks, batch)
+        self._handoff.deliver(self._loop, batch)
 
 
 def _unbatched(msg: Any) -> list[ToManager | End]:
