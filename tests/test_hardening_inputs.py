@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import threading
 
 import anyio
@@ -338,3 +340,17 @@ async def test_an_event_stream_names_at_most_1000_ids(jp_ws_fetch, runtime):
     accepted = await jp_ws_fetch("plexus", "api", "events", params={"ids": again})
     assert (await next_message(accepted))["type"] == "hello"
     accepted.close()
+
+
+def test_counting_the_values_of_an_unterminated_string_takes_linear_time():
+    """An unterminated string of escaped quotes, then commas enough to pass the quick upper bound: a string pattern
+    that could fail started again at every later quote and scanned to the end (quadratic in the body, the GIL
+    held: a 4 MB body took hours, the event loop frozen). Counted in a child process, killed after 60 s."""
+    code = (
+        "from plexus_mcp_jupyter.security.http import json_values\n"
+        "limit = 100_000\n"
+        "body = b'\"' + b'\\\\\"' * 1_900_000 + b',' * (limit + 1)\n"
+        "print(json_values(body, limit))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "None"  # all of it one string: one value
