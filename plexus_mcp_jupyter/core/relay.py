@@ -52,14 +52,14 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from .events import Event, EventBus
-from .models import FINAL_STATUSES, now
+from .errors import InvalidArgument
+from .models import FINAL_STATUSES, now, parse_iso
 from .store import Store, outbox_table
 
 log = logging.getLogger("plexus_mcp_jupyter")
@@ -131,16 +131,10 @@ def created_groups(events: Iterable[Event]) -> dict[tuple[int, str | None], floa
             group = (data["priority"], data["owner"])
             if group not in oldest or created < oldest[group]:  # one ISO format: its text sorts as its time
                 oldest[group] = created
-    try:
-        return {group: _epoch(created) for group, created in oldest.items()}
-    except ValueError:  # not an ISO time
+    try:  # models.iso cuts to milliseconds; less 1 us: at most the time it was made from (its datetime rounds)
+        return {group: parse_iso(created) - 1e-6 for group, created in oldest.items()}
+    except InvalidArgument:  # not an ISO time
         return None
-
-
-def _epoch(text: str) -> float:
-    """An ISO 8601 UTC time (models.iso: milliseconds, cut not rounded) as epoch seconds, less 1 us: at most the
-    time it was made from (its datetime rounded that to microseconds)."""
-    return datetime.fromisoformat(text).timestamp() - 1e-6
 
 
 def notice(origin: str, events: Sequence[Event]) -> str:
