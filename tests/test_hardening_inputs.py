@@ -117,6 +117,8 @@ async def test_a_bulk_call_takes_at_most_64_types_and_ids_of_at_most_64_characte
         assert long_id.is_error and "at most 64 characters" in long_id.content[0].text
         listed = await client.call_tool("list_tasks", {"type": [f"t{n}" for n in range(65)]})
         assert listed.is_error and "at most 64 are allowed" in listed.content[0].text
+        objects = await client.call_tool("list_tasks", {"type": [{}] * 1000})  # unhashable: counted, not each checked
+        assert objects.is_error and "1000 names given; at most 64 are allowed" in objects.content[0].text
 
 
 async def test_a_repeated_filter_value_counts_once_and_a_long_list_is_refused(server_url, token, runtime):
@@ -316,12 +318,13 @@ async def test_a_listen_stream_follows_at_most_max_subscriptions_resources(mcp_c
                 async with client.listen(resource_subscriptions=uris):
                     pass
             assert "4 resources asked for; one stream may follow at most 3" in many.value.message
-            with pytest.raises(MCPError) as many_by_default:  # past the default bound: refused unparsed
-                async with client.listen(resource_subscriptions=[f"plexus://x{n}" for n in range(1001)]):
+            with pytest.raises(MCPError) as many_sent:  # past 10 x the default bound, repeats included: unparsed
+                async with client.listen(resource_subscriptions=[f"plexus://x{n % 3}" for n in range(10_001)]):
                     pass
-            assert "notifications.resourceSubscriptions has 1001 entries; one stream may follow at most 1000" in (
-                many_by_default.value.message
-            )
+            assert "notifications.resourceSubscriptions has 10001 entries; at most 10000" in many_sent.value.message
+            repeats = uris[:3] * 400  # 1,200 entries, three resources: within the bound of three
+            async with client.listen(resource_subscriptions=repeats):
+                assert runtime.mcp.resource_watch.followed() == 3
             with pytest.raises(MCPError) as long:
                 async with client.listen(resource_subscriptions=[LONG_URI]):
                     pass

@@ -57,8 +57,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from .events import Event, EventBus
 from .errors import InvalidArgument
+from .events import Event, EventBus
 from .models import FINAL_STATUSES, now, parse_iso
 from .store import Store, outbox_table
 

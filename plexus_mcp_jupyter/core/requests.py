@@ -8,6 +8,7 @@ that names each bad field, what was wrong and what is allowed, the same words on
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import typing
@@ -353,10 +354,8 @@ def listed(maximum: int, what: str = "names") -> BeforeValidator:
             return ()
         value = comma_list(value)
         if isinstance(value, (list, tuple)):
-            try:
+            with contextlib.suppress(TypeError):  # an unhashable element (an object): its own check refuses it
                 value = list(dict.fromkeys(value))
-            except TypeError:  # an unhashable element (an object): the element's own check refuses it
-                return value
             if len(value) > maximum:
                 raise ValueError(f"{len(value)} {what} given; at most {maximum} are allowed")
         return value
@@ -486,12 +485,17 @@ CreatedSince = Annotated[  # the bound on the text, not on the union (None has n
 ]
 
 
+def cursor_too_long(length: int) -> str:
+    """What a client is told of a cursor over MAX_CURSOR_CHARS (refused before it is decoded: ours are far shorter)."""
+    return (
+        f"a cursor is at most {MAX_CURSOR_CHARS} characters, not {length}: pass back the next_cursor of a previous "
+        "page unchanged, or omit it for the first page"
+    )
+
+
 def _cursor_text(value: Any) -> Any:
     if isinstance(value, str) and len(value) > MAX_CURSOR_CHARS:
-        raise ValueError(
-            f"a cursor is at most {MAX_CURSOR_CHARS} characters, not {len(value)}: pass back the next_cursor of a "
-            "previous page unchanged, or omit it for the first page"
-        )
+        raise ValueError(cursor_too_long(len(value)))
     return _blank_is_none(value)
 
 

@@ -31,7 +31,7 @@ from .errors import InvalidArgument
 from .listing_cache import WriteGeneration
 from .models import FINAL_STATUSES, STAGE_NAME_MAX, ProgressSample, Stage, StageStatus, Task, TaskStatus
 from .ownership import visible_to
-from .requests import MAX_CURSOR_CHARS
+from .requests import MAX_CURSOR_CHARS, cursor_too_long
 from .retention import RetentionPolicy
 
 log = logging.getLogger("plexus_mcp_jupyter")
@@ -351,10 +351,7 @@ def encode_position(values: Sequence[Any], fingerprint: str) -> str:
 def decode_position(cursor: str, fingerprint: str, size: int) -> list[Any]:
     """The position of a cursor this server issued for the same filter; InvalidArgument otherwise."""
     if len(cursor) > MAX_CURSOR_CHARS:  # refused before it is decoded (ours are far shorter)
-        raise InvalidArgument(
-            f"invalid cursor: at most {MAX_CURSOR_CHARS} characters, not {len(cursor)}; pass back the next_cursor "
-            "of a previous page unchanged, or omit it for the first page"
-        )
+        raise InvalidArgument(f"invalid cursor: {cursor_too_long(len(cursor))}")
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         payload = json.loads(base64.urlsafe_b64decode(padded.encode()))

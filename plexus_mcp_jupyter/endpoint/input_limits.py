@@ -23,6 +23,7 @@ MAX_URI_CHARS = 4096  # a resource URI (resources/read, resources/subscribe, a c
 MAX_COMPLETION_VALUE_CHARS = 4096  # completion/complete: the argument's value and each context argument
 MAX_COMPLETION_CONTEXT_ARGUMENTS = 64
 MAX_SUBSCRIPTIONS = 1000  # resources one MCP session (or one subscriptions/listen stream) may follow
+MAX_LISTED_URIS = 10 * MAX_SUBSCRIPTIONS  # a listen stream's URIs as sent, repeats included (each once is a follow)
 MAX_ERROR_CHARS = 2000  # an error message sent to a client (longer ones are cut, quoted values first)
 
 _URI_METHODS = frozenset({"resources/read", "resources/subscribe", "resources/unsubscribe"})
@@ -41,7 +42,7 @@ def _too_many(what: str, count: int, allowed: str, limit: int) -> None:
 
 def check_params(method: str, params: Mapping[str, Any] | None) -> None:
     """Refuse (MCPError, invalid params) a request whose URI or completion text is longer than allowed, or a
-    listen stream that asks for more than MAX_SUBSCRIPTIONS resources; anything else is left to the SDK."""
+    listen stream that names more than MAX_LISTED_URIS (repeats included); anything else is left to the SDK."""
     if method not in _CHECKED_METHODS or not isinstance(params, Mapping):
         return
     if method in _URI_METHODS:
@@ -49,10 +50,8 @@ def check_params(method: str, params: Mapping[str, Any] | None) -> None:
     elif method == "subscriptions/listen":
         notifications = params.get("notifications")
         uris = notifications.get("resourceSubscriptions") if isinstance(notifications, Mapping) else None
-        if isinstance(uris, list):
-            _too_many(
-                "notifications.resourceSubscriptions", len(uris), "one stream may follow at most", MAX_SUBSCRIPTIONS
-            )
+        if isinstance(uris, list):  # the distinct ones are counted against the watch's bound (subscriptions.py)
+            _too_many("notifications.resourceSubscriptions", len(uris), "at most", MAX_LISTED_URIS)
             for uri in uris:
                 _too_long("a resourceSubscriptions uri", uri, MAX_URI_CHARS)
     else:  # completion/complete
