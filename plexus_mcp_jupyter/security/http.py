@@ -90,12 +90,13 @@ class BadJSON(ValueError):
 # otherwise recurse to about a thousand levels (a RecursionError); no request of this API needs more than a few.
 MAX_JSON_DEPTH = 64
 
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _EMPTY_CONTAINER = re.compile(rb"\[\s*\]|\{\s*\}")
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_QUOTED = re.compile(rb'"[^"]*"')
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{}"')
+_AS_PARENTHESES = bytes.maketrans(b"[]{}", b"()()")
 _NESTING_STEP = [0] * 256
-for _open, _close in (b"[]", b"{}"):
-    _NESTING_STEP[_open], _NESTING_STEP[_close] = 1, -1
+_NESTING_STEP[ord("(")], _NESTING_STEP[ord(")")] = 1, -1
 
 
 def json_refusal(text: str | bytes, max_values: int | None = None, setting: str = "max_json_values") -> str | None:
@@ -104,20 +105,18 @@ def json_refusal(text: str | bytes, max_values: int | None = None, setting: str 
 
     Cheap for the common case: a text shorter than 2 * MAX_JSON_DEPTH bytes cannot be deeper (each level takes an
     opening and a closing bracket), and one with at most MAX_JSON_DEPTH opening brackets cannot either; only past
-    both are strings set aside (their brackets are text) and the nesting measured. Malformed JSON is measured as if
-    it were well-formed: the parser refuses it after."""
+    both is the nesting measured (`json_depth`, byte operations). Malformed JSON is measured as if it were
+    well-formed: the parser refuses it after."""
     if len(text) <= 2 * MAX_JSON_DEPTH:
         return None
     opens = _count(text, "[") + _count(text, "{")
-    bare: bytes | None = None
     if opens > MAX_JSON_DEPTH:
-        bare = _without_strings(text)
-        depth = json_depth(bare)
+        depth = json_depth(text, MAX_JSON_DEPTH)
         if depth > MAX_JSON_DEPTH:
             return f"not accepted: JSON nested {depth:,} levels deep, more than the {MAX_JSON_DEPTH} allowed"
     if max_values is None or len(text) <= 2 * max_values or 1 + _count(text, ",") + opens <= max_values:
         return None  # a text of n bytes holds at most about n/2 values; commas and brackets bound them from above
-    bare = _without_strings(text) if bare is None else bare  # commas and brackets in strings are text
+    bare = _JSON_STRING.sub(b"0", _as_bytes(text))  # commas and brackets in strings are text
     values = 1 + bare.count(b",") + bare.count(b"[") + bare.count(b"{") - len(_EMPTY_CONTAINER.findall(bare))
     return too_many_values(values, max_values, setting) if values > max_values else None
 
@@ -126,15 +125,33 @@ def _count(text: str | bytes, char: str) -> int:
     return text.count(char) if isinstance(text, str) else text.count(char.encode())
 
 
-def _without_strings(text: str | bytes) -> bytes:
-    """The text as bytes, each JSON string a 0 (its commas and brackets are not structure)."""
-    data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
-    return _JSON_STRING.sub(b"0", data)
+def _as_bytes(text: str | bytes) -> bytes:
+    return text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
 
 
-def json_depth(bare: bytes) -> int:
-    """The deepest nesting of arrays and objects in a JSON text whose strings were set aside (`json_refusal`)."""
-    return max(accumulate(map(_NESTING_STEP.__getitem__, bare.translate(None, _NOT_BRACKETS))), default=0)
+def json_depth(text: str | bytes, limit: int) -> int:
+    """The deepest nesting of arrays and objects in a JSON text when it is more than `limit`, else at most `limit`.
+
+    Byte operations, no per-character Python: escaped backslashes and quotes dropped, then all but brackets and
+    quotes; adjacent quotes dropped (an empty string, or one string's end and the next one's start: every bracket
+    stays inside or outside a string as it was), then what is left quoted (brackets in strings). Then innermost
+    pairs are dropped, a level a pass, `limit` passes at most; only a text with pairs left after them is measured
+    exactly."""
+    data = _as_bytes(text)
+    if b"\\" in data:  # pairs from the left, as a JSON string's escapes are read
+        data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    structure = data.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
+    if b'"' in structure:
+        structure = _QUOTED.sub(b"", structure)
+    brackets = inner = structure.translate(_AS_PARENTHESES)
+    for _ in range(limit):
+        shorter = inner.replace(b"()", b"")
+        if len(shorter) == len(inner):  # no pair left: every level dropped (or malformed: the parser refuses it)
+            return 0
+        inner = shorter
+    if b"()" not in inner:
+        return limit
+    return max(accumulate(map(_NESTING_STEP.__getitem__, brackets)))
 
 
 def parse_json(text: str | bytes, max_values: int | None = None, setting: str = "max_json_values") -> Any:
