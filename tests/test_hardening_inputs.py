@@ -350,7 +350,7 @@ def nested(levels: int) -> list:
 
 
 async def test_json_nested_deeper_than_64_levels_is_refused_before_it_is_parsed(
-    jp_ws_fetch, mcp_url, server_url, token, runtime
+    jp_ws_fetch, mcp_client, mcp_url, server_url, token, runtime
 ):
     """Python's parser would recurse to about a thousand levels; no request needs more than a few. REST bodies, MCP
     bodies and event-stream messages share one check (security/http.py MAX_JSON_DEPTH), with the depth found."""
@@ -371,12 +371,41 @@ async def test_json_nested_deeper_than_64_levels_is_refused_before_it_is_parsed(
         )
         assert mcp.status_code == 400, mcp.text
         assert "JSON nested 103 levels deep, more than the 64 allowed" in mcp.json()["error"]["message"], mcp.text
+    async with mcp_client() as client:  # the SDK client gets the JSON-RPC error; its session still serves
+        with pytest.raises(MCPError) as err:
+            await client.call_tool("list_tasks", {"type": deep})
+        assert "levels deep, more than the 64 allowed" in err.value.message
+        assert (await client.list_tools()).tools
     ws = await jp_ws_fetch("plexus", "api", "events")
     assert (await next_message(ws))["type"] == "hello"
     ws.write_message(json.dumps({"type": "score_result", "request_id": "s1", "predictions": deep}))
     answer = await next_message(ws)
     assert answer["type"] == "error" and refused in answer["message"], answer
     ws.close()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"s": "[" * 300},  # brackets in a string are text
+        {"s": "\\", "t": "]" * 70, "deep": nested(65)},  # a string ending in an escaped backslash
+        ['"[[[[', nested(64), '\\"' + "]" * 70],  # escaped quotes inside strings
+        ['\\\\"]]]', nested(63), "x"],  # 64 levels: allowed
+    ],
+    ids=["brackets-in-text", "escaped-backslash", "escaped-quotes", "64-levels"],
+)
+def test_the_nesting_check_reads_strings_and_escapes_as_the_parser_does(value):
+    from plexus_mcp_jupyter.security.http import MAX_JSON_DEPTH, json_depth, json_refusal  # new in this check
+
+    def true_depth(value) -> int:
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        return 0 if children is None else 1 + max(map(true_depth, children), default=0)
+
+    depth = true_depth(value)
+    for text in (json.dumps(value), json.dumps(value, ensure_ascii=False).encode()):
+        measured = json_depth(text, MAX_JSON_DEPTH)
+        assert measured == depth if depth > MAX_JSON_DEPTH else measured <= MAX_JSON_DEPTH, (depth, measured)
+        assert (json_refusal(text) is not None) == (depth > MAX_JSON_DEPTH)
 
 
 async def test_a_json_records_dataset_holding_too_many_values_is_refused_before_it_is_parsed(
