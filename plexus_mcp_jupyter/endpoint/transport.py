@@ -135,9 +135,9 @@ class MCPBridge:
         self.endpoint.arrived()
         extra_scope = {"plexus.principal": principal, "user": session_user(principal)}
         body = self.handler.request.body or b""
-        refused = await json_refusal_off_loop(body, self.endpoint.max_json_values)  # too deep or too many values
-        if refused is not None:
-            raise HTTPError(400, f"the request body is {refused}")
+        refusal = await json_refusal_off_loop(body, self.endpoint.max_json_values)  # too deep or too many values
+        if refusal is not None:
+            raise HTTPError(400, f"the request body is {refusal}")
         body_sent = False
 
         async def receive() -> MutableMapping[str, Any]:
