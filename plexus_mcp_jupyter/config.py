@@ -98,6 +98,15 @@ class PlexusSettings(Configurable):
         "so a body within max_request_bytes cannot expand into millions of Python objects. Default 100000 (about "
         "max_request_bytes / 40).",
     ).tag(config=True)
+    max_dataset_json_values = Integer(
+        1_000_000,
+        min=100,
+        help="Most JSON values (the records, their fields' values, and any arrays or objects in them) a dataset "
+        'registered as JSON records (POST plexus/api/datasets, {"records": [...]}) may hold; more are refused '
+        "(HTTP 400) before the body is parsed: such a body has Jupyter's ServerApp.max_body_size, not "
+        "max_request_bytes, and each value becomes a Python object of 50 to 200 bytes. A larger frame goes as "
+        "Parquet (the notebook client sends it in parts). Default 1000000 (110,000 rows of 8 columns).",
+    ).tag(config=True)
     event_store_size = Integer(
         10_000, min=1, help="SSE events kept so a dropped MCP stream can resume with Last-Event-ID."
     ).tag(config=True)

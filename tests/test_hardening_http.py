@@ -32,7 +32,8 @@ from .conftest import open_client, poll
 from .loop_watch import HealthWatch, watched
 from .test_standalone import plexus_env, start_http, stop
 
-NESTED = '{"a":' * 5_000 + "1" + "}" * 5_000  # deep, within max_json_values (a value count refuses 100,000 first)
+TOO_DEEP = "nested 5,000 levels deep, more than the 64 allowed"
+NESTED = '{"a":' * 5_000 + "1" + "}" * 5_000  # 5,000 levels (64 allowed), within max_json_values (100,000)
 HUGE_NUMBER = '{"items": ' + "9" * 100_000 + "}"
 REPO = Path(__file__).resolve().parent.parent
 
@@ -75,7 +76,7 @@ async def test_deep_nesting_and_huge_numbers_are_a_400_with_one_line_on_every_re
             assert answer.status_code == 400, (route, answer.status_code, answer.text[:300])
             message = answer.json()["error"]["message"]
             assert "\n" not in message and len(message) < 300, message
-            assert ("nested too deeply" if body is NESTED else "digits") in message
+            assert (TOO_DEEP if body is NESTED else "digits") in message
         assert (await http.get(f"{server_url}plexus/api/health")).status_code == 200
 
 
@@ -99,7 +100,7 @@ async def test_a_deeply_nested_websocket_message_gets_an_error_and_the_socket_st
     try:
         hello = json.loads(await asyncio.wait_for(ws.read_message(), 10))
         assert hello["type"] == "hello"
-        for bad, reason in ((NESTED, "nested too deeply"), (HUGE_NUMBER, "digits"), ("{nope", "not valid JSON")):
+        for bad, reason in ((NESTED, TOO_DEEP), (HUGE_NUMBER, "digits"), ("{nope", "not valid JSON")):
             await ws.write_message(bad)
             reply = json.loads(await asyncio.wait_for(ws.read_message(), 10))
             assert reply["type"] == "error" and reason in reply["message"] and "\n" not in reply["message"]

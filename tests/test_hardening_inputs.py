@@ -8,6 +8,7 @@ long id and type lists, long cursors, repeated filter values.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from mcp.types import ResourceTemplateReference
 from tornado.httpclient import HTTPClientError
 
 from plexus_mcp_jupyter.core.errors import InvalidArgument
+from plexus_mcp_jupyter.core.requests import ListTasks
 from plexus_mcp_jupyter.core.store import decode_position
 
 from .conftest import MODERN, poll
@@ -350,10 +352,110 @@ def test_counting_the_values_of_an_unterminated_string_takes_linear_time():
     that could fail started again at every later quote and scanned to the end (quadratic in the body, the GIL
     held: a 4 MB body took hours, the event loop frozen). Counted in a child process, killed after 60 s."""
     code = (
-        "from plexus_mcp_jupyter.security.http import json_values\n"
+        "from plexus_mcp_jupyter.security.http import json_refusal\n"
         "limit = 100_000\n"
         "body = b'\"' + b'\\\\\"' * 1_900_000 + b',' * (limit + 1)\n"
-        "print(json_values(body, limit))\n"
+        "print(json_refusal(body, limit))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.strip() == "None"  # all of it one string: one value
+
+
+def nested(levels: int) -> list:
+    value: list = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
+async def test_json_nested_deeper_than_64_levels_is_refused_before_it_is_parsed(
+    jp_ws_fetch, mcp_client, mcp_url, server_url, token, runtime
+):
+    """Python's parser would recurse to about a thousand levels; no request needs more than a few. REST bodies, MCP
+    bodies and event-stream messages share one check (security/http.py MAX_JSON_DEPTH), with the depth found."""
+    headers = {"Authorization": f"token {token}"}
+    deep = nested(100)
+    refused = "JSON nested 101 levels deep, more than the 64 allowed"  # 100 lists in the body's object
+    async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
+        rest = await http.post(f"{server_url}plexus/api/tasks/cancel", json={"task_ids": deep, "dry_run": True})
+        assert rest.status_code == 400, rest.text
+        assert refused in rest.text, rest.text
+        strings = {"type": "demo", "params": {"items": 1}, "description": "[" * 500}  # brackets in text are text
+        fine = await http.post(f"{server_url}plexus/api/tasks", json=strings)
+        assert fine.status_code == 201, fine.text
+        call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "list_tasks"}}
+        mcp_headers = {"Accept": "application/json, text/event-stream", "MCP-Protocol-Version": MODERN}
+        mcp = await http.post(
+            mcp_url, json={**call, "params": {**call["params"], "arguments": {"type": deep}}}, headers=mcp_headers
+        )
+        assert mcp.status_code == 400, mcp.text
+        assert "JSON nested 103 levels deep, more than the 64 allowed" in mcp.json()["error"]["message"], mcp.text
+    async with mcp_client() as client:  # the SDK client gets the JSON-RPC error; its session still serves
+        with pytest.raises(MCPError) as err:
+            await client.call_tool("list_tasks", {"type": deep})
+        assert "levels deep, more than the 64 allowed" in err.value.message
+        assert (await client.list_tools()).tools
+    ws = await jp_ws_fetch("plexus", "api", "events")
+    assert (await next_message(ws))["type"] == "hello"
+    ws.write_message(json.dumps({"type": "score_result", "request_id": "s1", "predictions": deep}))
+    answer = await next_message(ws)
+    assert answer["type"] == "error" and refused in answer["message"], answer
+    ws.close()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"s": "[" * 300},  # brackets in a string are text
+        {"s": "\\", "t": "]" * 70, "deep": nested(65)},  # a string ending in an escaped backslash
+        ['"[[[[', nested(64), '\\"' + "]" * 70],  # escaped quotes inside strings
+        ['\\\\"]]]', nested(63), "x"],  # 64 levels: allowed
+    ],
+    ids=["brackets-in-text", "escaped-backslash", "escaped-quotes", "64-levels"],
+)
+def test_the_nesting_check_reads_strings_and_escapes_as_the_parser_does(value):
+    from plexus_mcp_jupyter.security.http import MAX_JSON_DEPTH, json_depth, json_refusal  # new in this check
+
+    def true_depth(value) -> int:
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        return 0 if children is None else 1 + max(map(true_depth, children), default=0)
+
+    depth = true_depth(value)
+    for text in (json.dumps(value), json.dumps(value, ensure_ascii=False).encode()):
+        measured = json_depth(text, MAX_JSON_DEPTH)
+        assert measured == depth if depth > MAX_JSON_DEPTH else measured <= MAX_JSON_DEPTH, (depth, measured)
+        assert (json_refusal(text) is not None) == (depth > MAX_JSON_DEPTH)
+
+
+async def test_a_json_records_dataset_holding_too_many_values_is_refused_before_it_is_parsed(
+    server_url, token, runtime
+):
+    """A dataset body has Jupyter's max_body_size (512 MiB), not max_request_bytes: its values are bounded by
+    max_dataset_json_values (1,000,000 by default; 300 here)."""
+    runtime.settings.max_dataset_json_values = 300
+    api = f"{server_url}plexus/api/datasets"
+    rows = [{"label": "a", "prediction": "b"} for _ in range(200)]  # 1 + 1 + 200 objects + 400 values
+    async with httpx2.AsyncClient(headers={"Authorization": f"token {token}"}, timeout=30) as http:
+        refused = await http.post(api, params={"name": "many"}, json={"records": rows})
+        assert refused.status_code == 400, refused.text
+        message = error_message(refused)
+        assert "it holds 602 JSON values" in message and "max_dataset_json_values" in message, message
+        assert "as Parquet" in message
+        small = await http.post(api, params={"name": "few"}, json={"records": rows[:50]})
+        assert small.status_code == 201, small.text
+    assert "many" not in runtime.catalog.registered_names()
+
+
+async def test_a_status_named_in_several_cases_is_one_status(mcp_client, server_url, token, runtime):
+    """`running`, `RUNNING` and `Running` are one status: a hundred spellings of it are not a hundred filters (nor
+    refused as more than 64 names); an unknown name is still refused with the allowed ones."""
+    spellings = list(dict.fromkeys("".join(c) for c in itertools.product(*zip("running", "RUNNING", strict=True))))
+    assert len(spellings) == 128
+    listed = await rest_get(server_url, token, "tasks?" + "&".join(f"status={s}" for s in spellings))
+    assert listed.status_code == 200, listed.text
+    async with mcp_client() as client:
+        called = await client.call_tool("list_tasks", {"status": spellings})
+        assert not called.is_error, called.content[0].text
+        unknown = await client.call_tool("list_tasks", {"status": ["running", "sleeping"]})
+        assert unknown.is_error and "expected one of" in unknown.content[0].text
+    assert ListTasks.parse({"status": ["running", " RUNNING", "Queued"]}).status == ("RUNNING", "QUEUED")

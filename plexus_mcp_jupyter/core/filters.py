@@ -9,7 +9,7 @@ from typing import Annotated
 from pydantic import AfterValidator, Field, WithJsonSchema
 
 from .events import Event
-from .requests import LISTED, Number, OptionalText, RequestModel, StatusName, listed, names_schema
+from .requests import LISTED, STATUSES_LISTED, Number, OptionalText, RequestModel, StatusName, listed, names_schema
 
 ENTITY_TYPES = ("task",)
 
@@ -38,7 +38,9 @@ class FollowEvents(RequestModel):
         listed(MAX_FOLLOWED_IDS, "ids"),
         WithJsonSchema(names_schema("Only events of these entities (ids)")),
     ] = ()
-    status: Annotated[tuple[StatusName, ...], LISTED, WithJsonSchema(names_schema("Only tasks in these statuses"))] = ()
+    status: Annotated[
+        tuple[StatusName, ...], STATUSES_LISTED, WithJsonSchema(names_schema("Only tasks in these statuses"))
+    ] = ()
     type: Annotated[tuple[Name, ...], LISTED, WithJsonSchema(names_schema("Only tasks of these types"))] = ()
     since: Annotated[int | None, Number] = Field(
         None,

@@ -344,16 +344,19 @@ def task_status(value: str) -> str:
 StatusName = Annotated[str, AfterValidator(task_status)]
 
 
-def listed(maximum: int, what: str = "names") -> BeforeValidator:
+def listed(maximum: int, what: str = "names", *, any_case: bool = False) -> BeforeValidator:
     """A list-valued filter's validator: null or left out is none, "A,B" is ["A", "B"] (`comma_list`), a name given
     twice counts once (`?status=RUNNING&status=RUNNING`), and more than `maximum` distinct ones are refused before
-    each is checked."""
+    each is checked. `any_case`: names are case-insensitive (statuses), so `running` and `RUNNING` are one name
+    (folded to upper case first: case variants cannot make one name many)."""
 
     def distinct(value: Any) -> Any:
         if value is None:
             return ()
         value = comma_list(value)
         if isinstance(value, (list, tuple)):
+            if any_case:
+                value = [v.strip().upper() if isinstance(v, str) else v for v in value]
             with contextlib.suppress(TypeError):  # an unhashable element (an object): its own check refuses it
                 value = list(dict.fromkeys(value))
             if len(value) > maximum:
@@ -364,6 +367,7 @@ def listed(maximum: int, what: str = "names") -> BeforeValidator:
 
 
 LISTED = listed(MAX_LISTED_NAMES)
+STATUSES_LISTED = listed(MAX_LISTED_NAMES, any_case=True)  # a status name in any case is one status
 
 
 def _blank_is_none(value: Any) -> Any:
@@ -389,7 +393,7 @@ class Selection(RequestModel):
     ] = ()
     status: Annotated[
         tuple[StatusName, ...],
-        LISTED,
+        STATUSES_LISTED,
         WithJsonSchema(
             names_schema(
                 "Filter: only tasks with these statuses (default: those the operation can change)", STATUS_NAMES
@@ -536,7 +540,7 @@ class ListTasks(RequestModel):
 
     status: Annotated[
         tuple[StatusName, ...],
-        LISTED,
+        STATUSES_LISTED,
         WithJsonSchema(names_schema("Only tasks with one of these statuses", STATUS_NAMES)),
     ] = ()
     type: Annotated[

@@ -24,7 +24,7 @@ from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError, RequestHandler
 
 from ..handlers.jupyter_compat import response_finished
-from ..security.http import json_values, jsonrpc_error, too_many_values
+from ..security.http import json_refusal_off_loop, jsonrpc_error
 from ..security.identity import Principal
 from .event_store import MemoryEventStore
 from .sdk_compat import ModernJSONEntry, json_message, lowlevel_server, modern_request, response_mode
@@ -135,10 +135,9 @@ class MCPBridge:
         self.endpoint.arrived()
         extra_scope = {"plexus.principal": principal, "user": session_user(principal)}
         body = self.handler.request.body or b""
-        if len(body) > 2 * self.endpoint.max_json_values:  # only a body long enough to hold more (security/http.py)
-            values = await asyncio.to_thread(json_values, body, self.endpoint.max_json_values)
-            if values is not None:
-                raise HTTPError(400, f"the request body is {too_many_values(values, self.endpoint.max_json_values)}")
+        refusal = await json_refusal_off_loop(body, self.endpoint.max_json_values)  # too deep or too many values
+        if refusal is not None:
+            raise HTTPError(400, f"the request body is {refusal}")
         body_sent = False
 
         async def receive() -> MutableMapping[str, Any]:

@@ -238,10 +238,11 @@ class DatasetsHandler(PlexusHandler):
         if content_type in PARQUET_TYPES:  # its footer's sizes are checked before it is read
             return self.runtime.catalog.read_parquet_body(body, name)
         if content_type == "application/json":
-            try:  # in a thread already (see post)
-                data: Any = parse_json(body)
+            try:  # in a thread already (see post); counted before it is parsed, as every JSON body is
+                data: Any = parse_json(body, self.runtime.settings.max_dataset_json_values, "max_dataset_json_values")
             except BadJSON as exc:
-                raise InvalidArgument(f"the request body is {exc}") from None
+                hint = "; send a larger DataFrame as Parquet" if "max_dataset_json_values" in str(exc) else ""
+                raise InvalidArgument(f"the request body is {exc}{hint}") from None
             if not isinstance(data, dict):
                 raise InvalidArgument("the request body must be a JSON object")
             records = data.get("records")

@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 import sys
+from itertools import accumulate
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -85,44 +86,89 @@ class BadJSON(ValueError):
     """A body or message that is not the JSON the server accepts; the message is one line for the client."""
 
 
+# Deepest nesting of arrays and objects a client's JSON may have (the top value is level 1). Python's parser would
+# otherwise recurse to about a thousand levels (a RecursionError); no request of this API needs more than a few.
+MAX_JSON_DEPTH = 64
+
 # A string, or from an unterminated one's quote to the end: every match from a quote succeeds, so the engine never
 # starts again at each later quote and scans to the end (quadratic: a 4 MB body of escaped quotes took hours, the
 # GIL held). DOTALL: an escaped newline is one character too.
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*(?:"|\\?\Z)', re.DOTALL)
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
 _EMPTY_CONTAINER = re.compile(rb"\[\s*\]|\{\s*\}")
+_QUOTED = re.compile(rb'"[^"]*"')
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{}"')
+_AS_PARENTHESES = bytes.maketrans(b"[]{}", b"()()")
+_NESTING_STEP = [0] * 256
+_NESTING_STEP[ord("(")], _NESTING_STEP[ord(")")] = 1, -1
 
 
-def json_values(text: str | bytes, limit: int) -> int | None:
-    """How many values (arrays, objects, their elements and members, and the top one) a JSON text holds, when that
-    may be more than `limit`; None when it cannot be (the common case: a length check, or three byte counts).
+def json_refusal(text: str | bytes, max_values: int | None = None, setting: str = "max_json_values") -> str | None:
+    """Why a client's JSON text is refused unparsed, or None: nested deeper than MAX_JSON_DEPTH, or (`max_values`
+    given) holding more values than that. The one check behind every REST body, MCP body and WebSocket message.
 
-    A text of n bytes holds at most about n/2 values, so a short one is not looked at. Otherwise commas and opening
-    brackets bound the count from above; only when that bound passes `limit` are strings set aside (their commas
-    and brackets are text) for the exact count. Malformed JSON is counted as if it were well-formed: the parser
-    refuses it after."""
-    if len(text) <= 2 * limit:
+    Cheap for the common case: a text shorter than 2 * MAX_JSON_DEPTH bytes cannot be deeper (each level takes an
+    opening and a closing bracket), and one with at most MAX_JSON_DEPTH opening brackets cannot either; only past
+    both is the nesting measured (`json_depth`, byte operations). Malformed JSON is measured as if it were
+    well-formed: the parser refuses it after."""
+    if len(text) <= 2 * MAX_JSON_DEPTH:
         return None
-    data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
-    if 1 + data.count(b",") + data.count(b"[") + data.count(b"{") <= limit:
-        return None
-    bare = _JSON_STRING.sub(b"0", data)
-    opens = bare.count(b"[") + bare.count(b"{")
-    values = 1 + bare.count(b",") + opens - len(_EMPTY_CONTAINER.findall(bare))
-    return values if values > limit else None
+    opens = _count(text, "[") + _count(text, "{")
+    if opens > MAX_JSON_DEPTH:
+        depth = json_depth(text, MAX_JSON_DEPTH)
+        if depth > MAX_JSON_DEPTH:
+            return f"not accepted: JSON nested {depth:,} levels deep, more than the {MAX_JSON_DEPTH} allowed"
+    if max_values is None or len(text) <= 2 * max_values or 1 + _count(text, ",") + opens <= max_values:
+        return None  # a text of n bytes holds at most about n/2 values; commas and brackets bound them from above
+    bare = _JSON_STRING.sub(b"0", _as_bytes(text))  # commas and brackets in strings are text
+    values = 1 + bare.count(b",") + bare.count(b"[") + bare.count(b"{") - len(_EMPTY_CONTAINER.findall(bare))
+    return too_many_values(values, max_values, setting) if values > max_values else None
 
 
-def parse_json(text: str | bytes, max_values: int | None = None) -> Any:
+def _count(text: str | bytes, char: str) -> int:
+    return text.count(char) if isinstance(text, str) else text.count(char.encode())
+
+
+def _as_bytes(text: str | bytes) -> bytes:
+    return text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+
+
+def json_depth(text: str | bytes, limit: int) -> int:
+    """The deepest nesting of arrays and objects in a JSON text when it is more than `limit`, else at most `limit`.
+
+    Byte operations, no per-character Python: escaped backslashes and quotes dropped, then all but brackets and
+    quotes; adjacent quotes dropped (an empty string, or one string's end and the next one's start: every bracket
+    stays inside or outside a string as it was), then what is left quoted (brackets in strings). Then innermost
+    pairs are dropped, a level a pass, `limit` passes at most; only a text with pairs left after them is measured
+    exactly."""
+    data = _as_bytes(text)
+    if b"\\" in data:  # pairs from the left, as a JSON string's escapes are read
+        data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    structure = data.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
+    if b'"' in structure:
+        structure = _QUOTED.sub(b"", structure)
+    brackets = inner = structure.translate(_AS_PARENTHESES)
+    for _ in range(limit):
+        shorter = inner.replace(b"()", b"")
+        if len(shorter) == len(inner):  # no pair left: every level dropped (or malformed: the parser refuses it)
+            return 0
+        inner = shorter
+    if b"()" not in inner:
+        return limit
+    return max(accumulate(map(_NESTING_STEP.__getitem__, brackets)))
+
+
+def parse_json(text: str | bytes, max_values: int | None = None, setting: str = "max_json_values") -> Any:
     """JSON from a client, every failure a BadJSON with a one-line reason (never a RecursionError or a
-    multi-line message): the one parse behind every REST body and WebSocket message. `max_values`: a text holding
-    more values (`json_values`: a few bytes each, and each a Python object of 50 to 200) is refused unparsed."""
-    if max_values is not None:
-        refused = json_values(text, max_values)
-        if refused is not None:
-            raise BadJSON(too_many_values(refused, max_values))
+    multi-line message): the one parse behind every REST body and WebSocket message. Refused unparsed
+    (`json_refusal`): nesting deeper than MAX_JSON_DEPTH, and with `max_values`, a text holding more values (a few
+    bytes each, and each a Python object of 50 to 200), `setting` the bound's name for the message."""
+    refused = json_refusal(text, max_values, setting)
+    if refused is not None:
+        raise BadJSON(refused)
     try:
         return json.loads(text)
-    except RecursionError:
-        raise BadJSON("not accepted: JSON nested too deeply (at most a few hundred levels)") from None
+    except RecursionError:  # not reached past json_refusal; kept so no parse can raise one to a handler
+        raise BadJSON(f"not accepted: JSON nested more than the {MAX_JSON_DEPTH} levels allowed") from None
     except UnicodeDecodeError:
         raise BadJSON("not valid JSON: the text is not UTF-8") from None
     except json.JSONDecodeError as exc:
@@ -134,10 +180,10 @@ def parse_json(text: str | bytes, max_values: int | None = None) -> Any:
         raise BadJSON(f"not valid JSON: {str(exc).splitlines()[0]}") from None
 
 
-def too_many_values(values: int, limit: int) -> str:
+def too_many_values(values: int, limit: int, setting: str = "max_json_values") -> str:
     return (
         f"not accepted: it holds {values:,} JSON values (arrays, objects and their elements), more than the "
-        f"{limit:,} one request may have (max_json_values)"
+        f"{limit:,} allowed ({setting})"
     )
 
 
@@ -146,6 +192,13 @@ async def parse_json_off_loop(text: str | bytes, max_values: int | None = None) 
     if len(text) <= JSON_ON_LOOP_BYTES:
         return parse_json(text, max_values)
     return await asyncio.to_thread(parse_json, text, max_values)
+
+
+async def json_refusal_off_loop(text: str | bytes, max_values: int | None = None) -> str | None:
+    """json_refusal, in a thread for large input (for a body another parser reads: the MCP SDK's)."""
+    if len(text) <= JSON_ON_LOOP_BYTES:
+        return json_refusal(text, max_values)
+    return await asyncio.to_thread(json_refusal, text, max_values)
 
 
 def reason_phrase(status_code: int, error: dict[str, Any]) -> str:
