@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import sys
@@ -11,6 +10,7 @@ from urllib.parse import urlsplit
 
 from tornado import httputil, web
 
+from .bodies import JSON_ON_LOOP_BYTES, parse_large
 from .identity import Principal
 from .keys import KeyRejected
 from .ratelimit import RateLimited
@@ -77,10 +77,6 @@ def host_name(host_header: str | None) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
-# Bodies up to this size are parsed on the event loop; larger ones in a thread (they take milliseconds).
-JSON_ON_LOOP_BYTES = 64 * 1024
-
-
 class BadJSON(ValueError):
     """A body or message that is not the JSON the server accepts; the message is one line for the client."""
 
@@ -90,24 +86,35 @@ def parse_json(text: str | bytes) -> Any:
     multi-line message): the one parse behind every REST body and WebSocket message."""
     try:
         return json.loads(text)
-    except RecursionError:
-        raise BadJSON("not accepted: JSON nested too deeply (at most a few hundred levels)") from None
-    except UnicodeDecodeError:
-        raise BadJSON("not valid JSON: the text is not UTF-8") from None
-    except json.JSONDecodeError as exc:
-        raise BadJSON(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    except ValueError as exc:  # an integer of more than sys.get_int_max_str_digits() digits
-        if "digits" in str(exc):
-            limit = sys.get_int_max_str_digits()
-            raise BadJSON(f"not accepted: a number in it has more than {limit} digits") from None
-        raise BadJSON(f"not valid JSON: {str(exc).splitlines()[0]}") from None
+    except ValueError as exc:  # (JSONDecodeError, UnicodeDecodeError and a huge integer's are ValueErrors)
+        raise bad_json(exc) from None
+    except RecursionError as exc:
+        raise bad_json(exc) from None
+
+
+def bad_json(exc: BaseException) -> BadJSON:
+    """The one-line BadJSON of json.loads's exception."""
+    if isinstance(exc, RecursionError):
+        return BadJSON("not accepted: JSON nested too deeply (at most a few hundred levels)")
+    if isinstance(exc, UnicodeDecodeError):
+        return BadJSON("not valid JSON: the text is not UTF-8")
+    if isinstance(exc, json.JSONDecodeError):
+        return BadJSON(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
+    if "digits" in str(exc):  # an integer of more than sys.get_int_max_str_digits() digits
+        limit = sys.get_int_max_str_digits()
+        return BadJSON(f"not accepted: a number in it has more than {limit} digits")
+    return BadJSON(f"not valid JSON: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
 
 
 async def parse_json_off_loop(text: str | bytes) -> Any:
-    """parse_json, in a thread for large input: nothing that grows with client input runs on the loop."""
+    """parse_json, off the event loop for large input (in a thread, in pieces: security/bodies.py): nothing that
+    grows with client input runs on the loop."""
     if len(text) <= JSON_ON_LOOP_BYTES:
         return parse_json(text)
-    return await asyncio.to_thread(parse_json, text)
+    try:
+        return await parse_large(text)
+    except (ValueError, RecursionError) as exc:
+        raise bad_json(exc) from None
 
 
 def reason_phrase(status_code: int, error: dict[str, Any]) -> str:

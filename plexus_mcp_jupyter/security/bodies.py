@@ -1,0 +1,186 @@
+"""Large JSON bodies parsed off the event loop, in pieces a thread can be interrupted between.
+
+A thread alone does not take a parse off the loop: `json.loads` (and pydantic's `from_json`, orjson) is one C call
+that holds the GIL until it returns, so the loop waits for the whole parse all the same (4 MiB of small objects:
+60-200 ms). `cooperative_loads` reads the same JSON as `json.loads`, value for value and error for error (message
+and position), but calls the C parser on pieces of at most `window` characters (64 KiB, ~3 ms), walking the
+containers larger than that in Python; between two pieces the thread gives the GIL up whenever the loop asks for
+it, so the loop waits a few milliseconds at most. A run of a large container's small elements is parsed as one
+piece (`"[" + run + "]"`, cut at a comma, kept only if the C parser reads it whole); a string is one C call (a
+copy: ~2 ms for 4 MiB). The pieces the C parser refuses (a cut inside a nested value or a string) are redone
+element by element, and they stop being tried once they have cost twice the text: the parse costs at most about
+three times `json.loads`'s CPU (typically 1.0-1.5 times), never a stretch of the loop.
+
+`parse_large` runs it in a small thread pool (`PARSE_THREADS`): bodies above `JSON_ON_LOOP_BYTES` only; smaller ones
+are parsed where they are (a thread hop costs more than their parse).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from json import JSONDecodeError
+from json.decoder import scanstring
+from typing import Any
+
+# Bodies up to this size are parsed on the event loop; larger ones in a thread, in pieces (`cooperative_loads`).
+JSON_ON_LOOP_BYTES = 64 * 1024
+WINDOW = 64 * 1024  # characters the C parser reads in one call, at most (strings excepted)
+SEPARATOR_CHARS = 6  # characters of an element's start a run's cut looks for after the comma (see _run)
+PARSE_THREADS = 2  # large bodies parsed at once; more wait their turn (each is charged to its sender first)
+
+_DECODER = json.JSONDecoder()
+_SCAN = _DECODER.scan_once  # the C scanner: (text, index) -> (value, end), StopIteration(index) if no value there
+_SPACE = re.compile(r"[ \t\n\r]*")
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _skip(text: str, index: int) -> int:
+    return _SPACE.match(text, index).end()  # type: ignore[union-attr]  # (it matches the empty string)
+
+
+def cooperative_loads(text: str | bytes | bytearray, window: int = WINDOW) -> Any:
+    """`json.loads(text)`, the C parser called on pieces of at most `window` characters (see the module)."""
+    if isinstance(text, (bytes, bytearray)):
+        text = text.decode(json.detect_encoding(text), "surrogatepass")  # as json.loads decodes bytes
+    if text.startswith("\ufeff"):
+        raise JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+    parser = _Pieces(text, window)
+    value, end = parser.value(_skip(text, 0))
+    end = _skip(text, end)
+    if end != len(text):
+        raise JSONDecodeError("Extra data", text, end)
+    return value
+
+
+class _Pieces:
+    """One parse: the text, the window, and how much refused pieces have cost so far."""
+
+    def __init__(self, text: str, window: int) -> None:
+        self.text = text
+        self.window = window
+        self.trial_budget = 2 * len(text)  # characters refused pieces may cost before they stop being tried
+
+    def value(self, index: int, size_hint: int = 0) -> tuple[Any, int]:
+        """The value at `index` and the index after it (`size_hint`: its likely size, its previous sibling's)."""
+        text = self.text
+        first = text[index : index + 1]
+        if first == '"':
+            return scanstring(text, index + 1, True)
+        if first not in ("[", "{"):
+            return self._scalar(index)
+        if len(text) - index <= self.window:
+            return self._scalar(index)  # the rest of the text is one piece
+        # A small piece first when the siblings are small (a window's copy for each would cost more than them).
+        for size in (4 * size_hint, self.window) if 0 < 4 * size_hint < self.window else (self.window,):
+            whole = self._piece(text[index : index + size])
+            if whole is not None:
+                return whole[0], index + whole[1]
+        return self._array(index) if first == "[" else self._object(index)
+
+    def _scalar(self, index: int) -> tuple[Any, int]:
+        try:
+            return _SCAN(self.text, index)  # type: ignore[no-any-return]
+        except StopIteration as stop:
+            raise JSONDecodeError("Expecting value", self.text, stop.value) from None
+
+    def _piece(self, piece: str) -> tuple[Any, int] | None:
+        """(value, end) of the value `piece` starts with, or None if the C parser cannot read one (cut too early,
+        or the piece is not JSON: what is wrong is found element by element)."""
+        if self.trial_budget <= 0:
+            return None
+        try:
+            return _SCAN(piece, 0)  # type: ignore[no-any-return]
+        except (StopIteration, JSONDecodeError, RecursionError):
+            self.trial_budget -= len(piece)
+            return None
+
+    def _run(self, index: int, opening: str, closing: str, separator: str) -> tuple[Any, int] | None:
+        """The container's elements from `index` up to a comma past `index + window`, read as one piece, and the
+        index of that comma; None if there is no such comma or the piece is not read whole. The comma looked for
+        is first one followed by what followed the last separator (`separator`: its comma, spaces and the next
+        element's first characters), likely the container's own."""
+        if self.trial_budget <= 0:
+            return None
+        start = index + self.window
+        cut = self.text.find(separator, start) if len(separator) > 1 else -1
+        if cut == -1:
+            cut = self.text.find(",", start)
+            if cut == -1:
+                return None
+        piece = opening + self.text[index:cut] + closing
+        read = self._piece(piece)
+        if read is None or read[1] != len(piece):  # (a run that closes early went past the container's end)
+            return None
+        return read[0], cut
+
+    def _array(self, index: int) -> tuple[list[Any], int]:
+        text = self.text
+        items: list[Any] = []
+        index = _skip(text, index + 1)
+        if text[index : index + 1] == "]":
+            return items, index + 1
+        separator, size = ",", 0
+        while True:
+            run = self._run(index, "[", "]", separator)
+            if run is not None:
+                items.extend(run[0])
+                index = _skip(text, run[1] + 1)
+                continue
+            item, end = self.value(index, size)
+            items.append(item)
+            size = end - index
+            index = _skip(text, end)
+            delimiter = text[index : index + 1]
+            if delimiter == "]":
+                return items, index + 1
+            if delimiter != ",":
+                raise JSONDecodeError("Expecting ',' delimiter", text, index)
+            comma, index = index, _skip(text, index + 1)
+            separator = text[comma : index + SEPARATOR_CHARS]
+
+    def _object(self, index: int) -> tuple[dict[str, Any], int]:
+        text = self.text
+        members: dict[str, Any] = {}
+        index = _skip(text, index + 1)
+        if text[index : index + 1] == "}":
+            return members, index + 1
+        separator, size = ",", 0
+        while True:
+            run = self._run(index, "{", "}", separator)
+            if run is not None:
+                members.update(run[0])  # (a key given twice keeps its last value, as in json.loads)
+                index = _skip(text, run[1] + 1)
+                continue
+            if text[index : index + 1] != '"':
+                raise JSONDecodeError("Expecting property name enclosed in double quotes", text, index)
+            key, index = scanstring(text, index + 1, True)
+            index = _skip(text, index)
+            if text[index : index + 1] != ":":
+                raise JSONDecodeError("Expecting ':' delimiter", text, index)
+            index = _skip(text, index + 1)
+            members[key], end = self.value(index, size)
+            size = end - index
+            index = _skip(text, end)
+            delimiter = text[index : index + 1]
+            if delimiter == "}":
+                return members, index + 1
+            if delimiter != ",":
+                raise JSONDecodeError("Expecting ',' delimiter", text, index)
+            comma, index = index, _skip(text, index + 1)
+            separator = text[comma : index + SEPARATOR_CHARS]
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="plexus-json")
+    return _POOL
+
+
+async def parse_large(body: str | bytes) -> Any:
+    """`cooperative_loads(body)` in the parse threads (for bodies above JSON_ON_LOOP_BYTES): json.loads's value or
+    its exception (JSONDecodeError, RecursionError, UnicodeDecodeError, ValueError for a huge integer)."""
+    return await asyncio.get_running_loop().run_in_executor(_pool(), cooperative_loads, body)

@@ -1,0 +1,159 @@
+"""Large MCP request bodies (hardening): parsed off the event loop, and charged to their key by size.
+
+A body near max_request_bytes (4 MiB) of many small JSON objects takes 60-200 ms of CPU to parse; parsed on the
+event loop (as the SDK does), one key posting such bodies at its request rate stalls every other client. Real
+Jupyter server, real HTTP, the loop's thread measured by tests/loop_watch.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx2
+import pytest
+from tornado.httpclient import HTTPRequest
+from tornado.websocket import websocket_connect
+
+from plexus_mcp_jupyter.security.bodies import cooperative_loads
+
+from .conftest import MODERN
+from .loop_watch import HealthWatch
+from .test_speed_paths import MODERN_META
+
+ITEM = {"k": 1, "v": "ab"}
+
+
+def big_call(size: int, *, shape: str = "array", meta: dict | None = None) -> bytes:
+    """A tools/call of list_tasks (which refuses the unknown argument) with an argument of about `size` bytes."""
+    if shape == "array":
+        value: object = [ITEM] * (size // (len(json.dumps(ITEM)) + 2))
+    else:
+        value = "a" * size
+    params = {"name": "list_tasks", "arguments": {"junk": value}, "_meta": meta or MODERN_META}
+    return json.dumps({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": params}).encode()
+
+
+def modern_headers(credential: str) -> dict[str, str]:
+    return {
+        "Accept": "application/json, text/event-stream",
+        "Content-Type": "application/json",
+        "MCP-Protocol-Version": MODERN,
+        "Mcp-Method": "tools/call",
+        "Mcp-Name": "list_tasks",
+        "Authorization": f"Bearer {credential}",
+    }
+
+
+@pytest.fixture
+def plexus_config(plexus_config):
+    plexus_config["rate_limit"] = 1000.0  # the request rate is not what bounds these floods
+    plexus_config["rate_burst"] = 1000
+    return plexus_config
+
+
+async def test_big_bodies_are_parsed_off_the_loop_while_small_calls_keep_answering(server_url, keys, runtime):
+    runtime.body_budget.rate = runtime.body_budget.burst = 1e12  # the flood is bounded by its count, not its bytes
+    url = f"{server_url}plexus/mcp"
+    body = big_call(runtime.settings.max_request_bytes - 4096)
+    assert len(body) < runtime.settings.max_request_bytes
+    answers: list[int] = []
+    async with httpx2.AsyncClient(timeout=120) as http:
+
+        async def ask() -> None:  # another key's small call: health, anonymous, on the same loop
+            response = await http.get(f"{server_url}plexus/api/health")
+            assert response.status_code == 200, response.text
+
+        watch = HealthWatch(ask, None)
+        await watch.measure_idle()
+
+        async def flood() -> None:
+            async def post() -> None:
+                for _ in range(3):
+                    answer = await http.post(url, content=body, headers=modern_headers(keys["viewer"]))
+                    answers.append(answer.status_code)
+                    assert "unknown argument(s) junk" in answer.text, answer.text[:300]
+
+            await asyncio.gather(post(), post())
+
+        await watch.around(flood())
+    assert answers == [200] * 6
+    # The parse is ~100-200 ms of CPU a body: on the loop, a stretch between two health answers holds it.
+    cpu = max(c for c, _ in watch.during)
+    print(f"largest loop CPU between two health answers during the flood: {cpu * 1000:.1f} ms")
+    assert cpu < max(0.06, 3 * max(c for c, _ in watch.idle)), [round(c, 3) for c, _ in watch.during]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"a": [1, 2.5, "x,y]", {"b": [true, false, null]}, [], {}], "c": "\\u00e9\\"", "d": {"e": {"f": [[[]]]}}}',
+        json.dumps({"items": [ITEM] * 5000, "s": "q" * 70_000, "o": {str(i): [i, {"z": "}],"}] for i in range(3000)}}),
+        json.dumps([[{"deep": [[["x,", {"y": "]"}]]] * 3}] * 2000, {"k": "v"}]),
+        '{"dup": 1, "pad": "' + "p" * 70_000 + '", "dup2": [' + "1, " * 40_000 + '1], "dup": 2}',
+        " [ 1 , 2 ,\n 3 ] ",
+    ],
+)
+def test_the_cooperative_parse_reads_what_json_loads_reads(text):
+    assert cooperative_loads(text, window=256) == json.loads(text)
+    assert cooperative_loads(text) == json.loads(text)
+
+
+@pytest.mark.parametrize(
+    "text", ["[1, 2,", '{"a": [1, 2, 3], "b": ', "[" + "1, " * 30_000 + "]", '{"a": 1,}', "[1] x", "", '"abc']
+)
+def test_the_cooperative_parse_refuses_what_json_loads_refuses(text):
+    with pytest.raises(json.JSONDecodeError) as wanted:
+        json.loads(text)
+    with pytest.raises(json.JSONDecodeError) as got:
+        cooperative_loads(text, window=256)
+    assert got.value.msg == wanted.value.msg
+
+
+async def test_a_key_over_its_byte_budget_gets_a_429_with_retry_after(server_url, keys, runtime):
+    budget = runtime.body_budget
+    budget.rate, budget.burst = 100_000.0, 700_000.0  # bytes per second, bytes at once
+    body = big_call(300_000, shape="string")
+    url = f"{server_url}plexus/mcp"
+    async with httpx2.AsyncClient(timeout=60) as http:
+        statuses = []
+        for _ in range(3):
+            answer = await http.post(url, content=body, headers=modern_headers(keys["viewer"]))
+            statuses.append(answer.status_code)
+        assert statuses[:2] == [200, 200], statuses
+        assert statuses[2] == 429, (statuses, answer.text[:300])
+        assert int(answer.headers["Retry-After"]) >= 1
+        message = answer.json()["error"]["message"]
+        assert "request_bytes_rate" in message and "\n" not in message, message
+        # Another key's budget is its own; small bodies are not charged.
+        answer = await http.post(url, content=body, headers=modern_headers(keys["operator"]))
+        assert answer.status_code == 200, answer.text[:300]
+        small = big_call(1000, shape="string")
+        answer = await http.post(url, content=small, headers=modern_headers(keys["viewer"]))
+        assert answer.status_code == 200, answer.text[:300]
+
+
+async def test_a_websocket_is_metered_per_connection(server_url, keys, runtime):
+    runtime.settings.ws_message_rate = 5.0  # type: ignore[misc]
+    url = server_url.replace("http://", "ws://") + "plexus/api/events"
+    ws = await websocket_connect(HTTPRequest(url, headers={"Authorization": f"Bearer {keys['operator']}"}))
+    try:
+        json.loads(await asyncio.wait_for(ws.read_message(), 10))  # hello
+        for _ in range(30):
+            await ws.write_message(json.dumps({"type": "unregister_scorer", "name": "nothing"}))
+        errors = []
+        while True:
+            message = await asyncio.wait_for(ws.read_message(), 10)
+            assert message is not None
+            data = json.loads(message)
+            if data.get("type") == "error":
+                errors.append(data["message"])
+                break
+        assert "messages per second" in errors[0], errors
+        big = json.dumps({"type": "x", "pad": "p" * (runtime.settings.max_request_bytes + 10)})
+        await ws.write_message(big)
+        closed = await asyncio.wait_for(ws.read_message(), 10)
+        while closed is not None:
+            closed = await asyncio.wait_for(ws.read_message(), 10)
+        assert ws.close_code == 1009
+    finally:
+        ws.close()
