@@ -7,12 +7,14 @@ Jupyter server, real HTTP, the loop's thread measured by tests/loop_watch.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import time
 
 import httpx2
 import pytest
 from tornado.httpclient import HTTPRequest
-from tornado.websocket import websocket_connect
+from tornado.websocket import WebSocketClosedError, websocket_connect
 
 from plexus_mcp_jupyter.security.bodies import cooperative_loads
 
@@ -48,6 +50,7 @@ def modern_headers(credential: str) -> dict[str, str]:
 def plexus_config(plexus_config):
     plexus_config["rate_limit"] = 1000.0  # the request rate is not what bounds these floods
     plexus_config["rate_burst"] = 1000
+    plexus_config["ws_message_rate"] = 5.0
     return plexus_config
 
 
@@ -77,10 +80,11 @@ async def test_big_bodies_are_parsed_off_the_loop_while_small_calls_keep_answeri
 
         await watch.around(flood())
     assert answers == [200] * 6
-    # The parse is ~100-200 ms of CPU a body: on the loop, a stretch between two health answers holds it.
+    # Parsed on the loop (as the SDK does), a body is 40-200 ms of it, and a stretch between two health answers has
+    # 130-600 ms; off it, what is left of a body on the loop (its bytes read, the call answered) is 10-20 ms.
     cpu = max(c for c, _ in watch.during)
     print(f"largest loop CPU between two health answers during the flood: {cpu * 1000:.1f} ms")
-    assert cpu < max(0.06, 3 * max(c for c, _ in watch.idle)), [round(c, 3) for c, _ in watch.during]
+    assert cpu < max(0.1, 3 * max(c for c, _ in watch.idle)), [round(c, 3) for c, _ in watch.during]
 
 
 @pytest.mark.parametrize(
@@ -132,28 +136,26 @@ async def test_a_key_over_its_byte_budget_gets_a_429_with_retry_after(server_url
         assert answer.status_code == 200, answer.text[:300]
 
 
-async def test_a_websocket_is_metered_per_connection(server_url, keys, runtime):
-    runtime.settings.ws_message_rate = 5.0  # type: ignore[misc]
+async def test_an_event_websocket_is_metered_per_connection(server_url, keys, runtime):
+    rate = runtime.settings.ws_message_rate  # 5 a second, 10 at once (plexus_config)
     url = server_url.replace("http://", "ws://") + "plexus/api/events"
     ws = await websocket_connect(HTTPRequest(url, headers={"Authorization": f"Bearer {keys['operator']}"}))
     try:
         json.loads(await asyncio.wait_for(ws.read_message(), 10))  # hello
-        for _ in range(30):
-            await ws.write_message(json.dumps({"type": "unregister_scorer", "name": "nothing"}))
-        errors = []
-        while True:
-            message = await asyncio.wait_for(ws.read_message(), 10)
-            assert message is not None
-            data = json.loads(message)
-            if data.get("type") == "error":
-                errors.append(data["message"])
-                break
-        assert "messages per second" in errors[0], errors
-        big = json.dumps({"type": "x", "pad": "p" * (runtime.settings.max_request_bytes + 10)})
-        await ws.write_message(big)
-        closed = await asyncio.wait_for(ws.read_message(), 10)
-        while closed is not None:
-            closed = await asyncio.wait_for(ws.read_message(), 10)
-        assert ws.close_code == 1009
+        count = 20
+        started = time.monotonic()
+        for _ in range(count):
+            await ws.write_message(json.dumps({"type": "no such type"}))
+        for _ in range(count):  # each is answered (an error saying which types there are): slowed, never dropped
+            answer = json.loads(await asyncio.wait_for(ws.read_message(), 30))
+            assert answer["type"] == "error", answer
+        took = time.monotonic() - started
+        assert took >= (count - 2 * rate) / rate * 0.9, f"{count} messages answered in {took:.2f} s"
+        # A message over max_request_bytes closes the socket before it is read.
+        with contextlib.suppress(WebSocketClosedError):  # (closed as soon as the frame's header is read)
+            await ws.write_message(json.dumps({"type": "x", "pad": "p" * runtime.settings.max_request_bytes}))
+        while await asyncio.wait_for(ws.read_message(), 10) is not None:
+            pass
+        assert ws.close_code == 1009, ws.close_code
     finally:
         ws.close()

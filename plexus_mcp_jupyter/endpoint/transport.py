@@ -29,7 +29,7 @@ from tornado.iostream import StreamClosedError
 from tornado.web import RequestHandler
 
 from ..handlers.jupyter_compat import response_finished
-from ..security.bodies import JSON_ON_LOOP_BYTES, parse_large
+from ..security.bodies import JSON_ON_LOOP_BYTES, charge_identity, parse_large
 from ..security.http import BadJSON, TooManyRequests, bad_json, jsonrpc_error
 from ..security.identity import Principal
 from ..security.ratelimit import BytesLimited, RateLimiter
@@ -164,7 +164,7 @@ class MCPBridge:
             return {"type": "http.disconnect"}
 
         parsed: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
-        if (
+        if (  # (a body over the endpoint's limit is the SDK's to refuse, unread)
             self.handler.request.method == "POST"
             and JSON_ON_LOOP_BYTES < len(body) <= self.endpoint.max_request_body_size
         ):
@@ -292,13 +292,6 @@ class MCPBridge:
     def _flushed(self, future: asyncio.Future[None]) -> None:
         if not future.cancelled() and future.exception() is not None:
             self.disconnected.set()
-
-
-def charge_identity(principal: Principal) -> tuple[str, str]:
-    """Whose byte budget a principal's bodies are charged to, and how a refusal names it."""
-    if principal.key_id is not None:
-        return principal.key_id, "this API key"
-    return f"user:{principal.owner}", "this user"
 
 
 def asgi_scope(request: HTTPServerRequest, extra: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,8 @@ from json import JSONDecodeError
 from json.decoder import scanstring
 from typing import Any
 
+from .identity import Principal
+
 # Bodies up to this size are parsed on the event loop; larger ones in a thread, in pieces (`cooperative_loads`).
 JSON_ON_LOOP_BYTES = 64 * 1024
 WINDOW = 64 * 1024  # characters the C parser reads in one call, at most (strings excepted)
@@ -171,6 +173,13 @@ class _Pieces:
                 raise JSONDecodeError("Expecting ',' delimiter", text, index)
             comma, index = index, _skip(text, index + 1)
             separator = text[comma : index + SEPARATOR_CHARS]
+
+
+def charge_identity(principal: Principal) -> tuple[str, str]:
+    """Whose byte budget (request_bytes_rate) a principal's large bodies are charged to, and how a refusal names it."""
+    if principal.key_id is not None:
+        return principal.key_id, "this API key"
+    return f"user:{principal.owner}", "this user"
 
 
 def _pool() -> ThreadPoolExecutor:
