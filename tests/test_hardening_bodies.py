@@ -23,15 +23,16 @@ from .loop_watch import HealthWatch
 from .test_speed_paths import MODERN_META
 
 ITEM = {"k": 1, "v": "ab"}
+HANDSHAKE = "2025-11-25"
 
 
-def big_call(size: int, *, shape: str = "array", meta: dict | None = None) -> bytes:
+def big_call(size: int, *, shape: str = "array", era: str = MODERN) -> bytes:
     """A tools/call of list_tasks (which refuses the unknown argument) with an argument of about `size` bytes."""
-    if shape == "array":
-        value: object = [ITEM] * (size // (len(json.dumps(ITEM)) + 2))
+    if shape == "array":  # (each string its own: no parser's cache of strings makes them cheap)
+        value: object = [{"k": i, "v": f"{i:x}"} for i in range(size // 28)]
     else:
         value = "a" * size
-    params = {"name": "list_tasks", "arguments": {"junk": value}, "_meta": meta or MODERN_META}
+    params = {"name": "list_tasks", "arguments": {"junk": value}, "_meta": MODERN_META if era == MODERN else {}}
     return json.dumps({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": params}).encode()
 
 
@@ -46,6 +47,26 @@ def modern_headers(credential: str) -> dict[str, str]:
     }
 
 
+async def call_headers(http: httpx2.AsyncClient, url: str, credential: str, era: str) -> dict[str, str]:
+    """The headers of a call in `era`: for the handshake era, of a session opened here."""
+    if era == MODERN:
+        return modern_headers(credential)
+    headers = {
+        "Accept": "application/json, text/event-stream",
+        "Content-Type": "application/json",
+        "Authorization": f"Bearer {credential}",
+    }
+    hello = {"protocolVersion": HANDSHAKE, "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}
+    opened = await http.post(
+        url, json={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": hello}, headers=headers
+    )
+    assert opened.status_code == 200, opened.text
+    headers |= {"Mcp-Session-Id": opened.headers["mcp-session-id"], "MCP-Protocol-Version": HANDSHAKE}
+    initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+    assert (await http.post(url, json=initialized, headers=headers)).status_code == 202
+    return headers
+
+
 @pytest.fixture
 def plexus_config(plexus_config):
     plexus_config["rate_limit"] = 1000.0  # the request rate is not what bounds these floods
@@ -54,10 +75,11 @@ def plexus_config(plexus_config):
     return plexus_config
 
 
-async def test_big_bodies_are_parsed_off_the_loop_while_small_calls_keep_answering(server_url, keys, runtime):
+@pytest.mark.parametrize("era", [MODERN, HANDSHAKE])
+async def test_big_bodies_are_parsed_off_the_loop_while_small_calls_keep_answering(server_url, keys, runtime, era):
     runtime.body_budget.rate = runtime.body_budget.burst = 1e12  # the flood is bounded by its count, not its bytes
     url = f"{server_url}plexus/mcp"
-    body = big_call(runtime.settings.max_request_bytes - 4096)
+    body = big_call(runtime.settings.max_request_bytes - 4096, era=era)
     assert len(body) < runtime.settings.max_request_bytes
     answers: list[int] = []
     async with httpx2.AsyncClient(timeout=120) as http:
@@ -66,17 +88,19 @@ async def test_big_bodies_are_parsed_off_the_loop_while_small_calls_keep_answeri
             response = await http.get(f"{server_url}plexus/api/health")
             assert response.status_code == 200, response.text
 
+        headers = await call_headers(http, url, keys["viewer"], era)
         watch = HealthWatch(ask, None)
         await watch.measure_idle()
 
         async def flood() -> None:
-            async def post() -> None:
-                for _ in range(3):
-                    answer = await http.post(url, content=body, headers=modern_headers(keys["viewer"]))
+            async def post(call_id: bytes) -> None:  # (a session's calls in flight must have their own ids)
+                own = body.replace(b'"id": 7', b'"id": ' + call_id, 1)
+                for _ in range(2):
+                    answer = await http.post(url, content=own, headers=headers)
                     answers.append(answer.status_code)
                     assert "unknown argument(s) junk" in answer.text, answer.text[:300]
 
-            await asyncio.gather(post(), post())
+            await asyncio.gather(post(b"7"), post(b"8"), post(b"9"))
 
         await watch.around(flood())
     assert answers == [200] * 6
