@@ -128,8 +128,9 @@ class PlexusSettings(Configurable):
     request_bytes_rate = Integer(
         2 * 1024 * 1024,
         min=1024,
-        help="Bytes per second each caller (an API key, a user) may send on average in MCP request bodies and event "
-        "WebSocket messages over 64 KiB (parsed in a thread, charged before): HTTP 429 beyond, with Retry-After.",
+        help="Bytes per second each caller (an API key, a user) may send on average in MCP request bodies, REST JSON "
+        "bodies and event WebSocket messages over 64 KiB (parsed off the event loop, charged before): HTTP 429 "
+        "beyond, with Retry-After (a WebSocket message waits).",
     ).tag(config=True)
     request_bytes_burst = Integer(
         16 * 1024 * 1024,

@@ -158,6 +158,14 @@ async def test_a_key_over_its_byte_budget_gets_a_429_with_retry_after(server_url
         small = big_call(1000, shape="string")
         answer = await http.post(url, content=small, headers=modern_headers(keys["viewer"]))
         assert answer.status_code == 200, answer.text[:300]
+        # A REST JSON body over 64 KiB is charged to the same budget.
+        rest = json.dumps({"task_ids": ["x" * 300_000]})
+        auth = {"Authorization": f"Bearer {keys['operator2']}"}
+        statuses = [
+            (await http.post(f"{server_url}plexus/api/tasks/cancel", content=rest, headers=auth)).status_code
+            for _ in range(3)
+        ]
+        assert statuses[2] == 429 and 429 not in statuses[:2], statuses
 
 
 async def test_an_event_websocket_is_metered_per_connection(server_url, keys, runtime):

@@ -29,7 +29,7 @@ from tornado.iostream import StreamClosedError
 from tornado.web import RequestHandler
 
 from ..handlers.jupyter_compat import response_finished
-from ..security.bodies import JSON_ON_LOOP_BYTES, charge_identity, parse_large
+from ..security.bodies import JSON_ON_LOOP_BYTES, charge_body, parse_large
 from ..security.http import BadJSON, TooManyRequests, bad_json, jsonrpc_error
 from ..security.identity import Principal
 from ..security.ratelimit import BytesLimited, RateLimiter
@@ -91,12 +91,8 @@ class MCPEndpoint:
 
     def charge_body(self, principal: Principal, size: int) -> None:
         """Charge a large body to its sender's byte budget: BytesLimited when over it."""
-        if self.body_budget is None:
-            return
-        identity, what = charge_identity(principal)
-        wait = self.body_budget.take(identity, cost=size)
-        if wait:
-            raise BytesLimited(wait, self.body_budget.rate, self.body_budget.burst, what)
+        if self.body_budget is not None:
+            charge_body(self.body_budget, principal, size)
 
     def arrived(self) -> None:
         """A request has come (called for each, after `start`): the first one tells `on_first_request`."""

@@ -26,6 +26,7 @@ from json.decoder import scanstring
 from typing import Any
 
 from .identity import Principal
+from .ratelimit import BytesLimited, RateLimiter
 
 # Bodies up to this size are parsed on the event loop; larger ones in a thread, in pieces (`cooperative_loads`).
 JSON_ON_LOOP_BYTES = 64 * 1024
@@ -180,6 +181,14 @@ def charge_identity(principal: Principal) -> tuple[str, str]:
     if principal.key_id is not None:
         return principal.key_id, "this API key"
     return f"user:{principal.owner}", "this user"
+
+
+def charge_body(budget: RateLimiter, principal: Principal, size: int) -> None:
+    """Charge a large body (over JSON_ON_LOOP_BYTES) to its sender's byte budget: BytesLimited when over it."""
+    identity, what = charge_identity(principal)
+    wait = budget.take(identity, cost=size)
+    if wait:
+        raise BytesLimited(wait, budget.rate, budget.burst, what)
 
 
 def _pool() -> ThreadPoolExecutor:
