@@ -13,6 +13,8 @@ import time
 
 import httpx2
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import WebSocketClosedError, websocket_connect
 
@@ -119,11 +121,38 @@ async def test_big_bodies_are_parsed_off_the_loop_while_small_calls_keep_answeri
         json.dumps([[{"deep": [[["x,", {"y": "]"}]]] * 3}] * 2000, {"k": "v"}]),
         '{"dup": 1, "pad": "' + "p" * 70_000 + '", "dup2": [' + "1, " * 40_000 + '1], "dup": 2}',
         " [ 1 , 2 ,\n 3 ] ",
+        json.dumps({str(i): {"a": i, "b": [i, i]} for i in range(3000)}),
+        json.dumps([f'{i},a,"b",[{i}]' for i in range(5000)]),
+        json.dumps([i * 1.5 for i in range(5000)] + [1e400, -0.0, 10**40]),
     ],
 )
 def test_the_cooperative_parse_reads_what_json_loads_reads(text):
     assert cooperative_loads(text, window=256) == json.loads(text)
     assert cooperative_loads(text) == json.loads(text)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(',[]{}":\\ ab\u00e9'),
+    lambda children: st.lists(children) | st.dictionaries(st.text(',]}" ab', max_size=4), children),
+    max_leaves=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=JSON_VALUES, indent=st.sampled_from([None, 1]), window=st.sampled_from([8, 16, 64]))
+def test_the_cooperative_parse_reads_any_json_as_json_loads_does(value, indent, window):
+    text = json.dumps(value, indent=indent, ensure_ascii=False)
+    assert cooperative_loads(text, window=window) == json.loads(text)
+    for cut in (len(text) // 3, len(text) // 2, len(text) - 1):  # truncated or spoilt: the same error
+        for spoilt in (text[:cut], text[:cut] + "," + text[cut:], text[:cut] + "]" + text[cut:]):
+            try:
+                expected = json.loads(spoilt)
+            except json.JSONDecodeError as wanted:
+                with pytest.raises(json.JSONDecodeError) as got:
+                    cooperative_loads(spoilt, window=window)
+                assert (got.value.msg, got.value.pos) == (wanted.msg, wanted.pos), spoilt
+            else:
+                assert cooperative_loads(spoilt, window=window) == expected
 
 
 @pytest.mark.parametrize(

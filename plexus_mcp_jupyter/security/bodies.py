@@ -22,7 +22,6 @@ import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 from json import JSONDecodeError
-from json.decoder import scanstring
 from typing import Any
 
 from .identity import Principal
@@ -31,11 +30,14 @@ from .ratelimit import BytesLimited, RateLimiter
 # Bodies up to this size are parsed on the event loop; larger ones in a thread, in pieces (`cooperative_loads`).
 JSON_ON_LOOP_BYTES = 64 * 1024
 WINDOW = 64 * 1024  # characters the C parser reads in one call, at most (strings excepted)
-SEPARATOR_CHARS = 6  # characters of an element's start a run's cut looks for after the comma (see _run)
+SEPARATOR_CHARS = 1  # characters of an element's start a run's cut looks for after the comma (see _run)
+RUN_CUTS = 3  # commas a run tries before it is refused
 PARSE_THREADS = 2  # large bodies parsed at once; more wait their turn (each is charged to its sender first)
 
 _DECODER = json.JSONDecoder()
-_SCAN = _DECODER.scan_once  # the C scanner: (text, index) -> (value, end), StopIteration(index) if no value there
+_SCAN = _DECODER.scan_once  # type: ignore[attr-defined]  # the C scanner: (text, index) -> (value, end), or
+# StopIteration(index) when there is no value there
+scanstring = json.decoder.scanstring  # type: ignore[attr-defined]  # the C one: (text, after the quote) -> (str, end)
 _SPACE = re.compile(r"[ \t\n\r]*")
 _POOL: ThreadPoolExecutor | None = None
 
@@ -64,7 +66,8 @@ class _Pieces:
     def __init__(self, text: str, window: int) -> None:
         self.text = text
         self.window = window
-        self.trial_budget = 2 * len(text)  # characters refused pieces may cost before they stop being tried
+        self.trial_budget = 2 * len(text)  # characters refused pieces of one value may cost before none is tried
+        self.run_budget = len(text)  # characters refused runs may cost before none is tried
 
     def value(self, index: int, size_hint: int = 0) -> tuple[Any, int]:
         """The value at `index` and the index after it (`size_hint`: its likely size, its previous sibling's)."""
@@ -103,21 +106,30 @@ class _Pieces:
     def _run(self, index: int, opening: str, closing: str, separator: str) -> tuple[Any, int] | None:
         """The container's elements from `index` up to a comma past `index + window`, read as one piece, and the
         index of that comma; None if there is no such comma or the piece is not read whole. The comma looked for
-        is first one followed by what followed the last separator (`separator`: its comma, spaces and the next
-        element's first characters), likely the container's own."""
-        if self.trial_budget <= 0:
+        first is one followed by what followed the last one (`separator`: the comma, spaces and the next element's
+        first character), likely the container's own."""
+        if self.run_budget <= 0:
             return None
         start = index + self.window
-        cut = self.text.find(separator, start) if len(separator) > 1 else -1
-        if cut == -1:
-            cut = self.text.find(",", start)
+        for _ in range(RUN_CUTS):
+            cut = self.text.find(separator, start) if len(separator) > 1 else -1
             if cut == -1:
+                cut = self.text.find(",", start)
+                if cut == -1:
+                    return None
+            piece = opening + self.text[index:cut] + closing
+            try:
+                value, end = _SCAN(piece, 0)
+            except (StopIteration, JSONDecodeError, RecursionError):
+                end = -1
+            if end == len(piece):
+                return value, cut
+            # (a run that closes early went past the container's end; one that does not close cut a nested value)
+            self.run_budget -= len(piece)
+            if self.run_budget <= 0:
                 return None
-        piece = opening + self.text[index:cut] + closing
-        read = self._piece(piece)
-        if read is None or read[1] != len(piece):  # (a run that closes early went past the container's end)
-            return None
-        return read[0], cut
+            start = cut + 1
+        return None
 
     def _array(self, index: int) -> tuple[list[Any], int]:
         text = self.text
@@ -125,13 +137,18 @@ class _Pieces:
         index = _skip(text, index + 1)
         if text[index : index + 1] == "]":
             return items, index + 1
-        separator, size = ",", 0
+        separator, size, wait, backoff = ",", 0, 0, 1
         while True:
-            run = self._run(index, "[", "]", separator)
+            # After a run is refused, the next is tried only after 1, 2, 4... more elements (at most 1,024).
+            run = self._run(index, "[", "]", separator) if wait <= 0 else None
             if run is not None:
                 items.extend(run[0])
                 index = _skip(text, run[1] + 1)
+                backoff = 1
                 continue
+            if wait <= 0:
+                wait, backoff = backoff, min(2 * backoff, 1024)
+            wait -= 1
             item, end = self.value(index, size)
             items.append(item)
             size = end - index
@@ -150,13 +167,18 @@ class _Pieces:
         index = _skip(text, index + 1)
         if text[index : index + 1] == "}":
             return members, index + 1
-        separator, size = ",", 0
+        separator, size, wait, backoff = ",", 0, 0, 1
         while True:
-            run = self._run(index, "{", "}", separator)
+            # After a run is refused, the next is tried only after 1, 2, 4... more elements (at most 1,024).
+            run = self._run(index, "{", "}", separator) if wait <= 0 else None
             if run is not None:
                 members.update(run[0])  # (a key given twice keeps its last value, as in json.loads)
                 index = _skip(text, run[1] + 1)
+                backoff = 1
                 continue
+            if wait <= 0:
+                wait, backoff = backoff, min(2 * backoff, 1024)
+            wait -= 1
             if text[index : index + 1] != '"':
                 raise JSONDecodeError("Expecting property name enclosed in double quotes", text, index)
             key, index = scanstring(text, index + 1, True)
