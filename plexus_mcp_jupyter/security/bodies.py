@@ -226,5 +226,24 @@ def _pool() -> ThreadPoolExecutor:
 
 async def parse_large(body: str | bytes) -> Any:
     """`cooperative_loads(body)` in the parse threads (for bodies above JSON_ON_LOOP_BYTES): json.loads's value or
-    its exception (JSONDecodeError, RecursionError, UnicodeDecodeError, ValueError for a huge integer)."""
-    return await asyncio.get_running_loop().run_in_executor(_pool(), cooperative_loads, body)
+    its exception (JSONDecodeError, RecursionError, UnicodeDecodeError, ValueError for a huge integer).
+
+    The body and the value pass through lists emptied here, not as the executor's argument and result: the executor's
+    future and asyncio's are a reference cycle, which only a full garbage collection frees (rarely, when the objects
+    made are dicts of strings and numbers, which the collector does not track), so what it held stayed alive: 45 MB
+    per 4 MiB body of small objects, measured (benchmarks/bench_abuse.py --only bodies)."""
+    given: list[str | bytes] = [body]
+    del body
+    answer: list[Any] = []
+
+    def parse() -> None:
+        try:
+            answer.append(cooperative_loads(given.pop()))
+        except (ValueError, RecursionError) as exc:
+            answer.append(exc.with_traceback(None))
+
+    await asyncio.get_running_loop().run_in_executor(_pool(), parse)
+    result = answer.pop()
+    if isinstance(result, (ValueError, RecursionError)):
+        raise result
+    return result
