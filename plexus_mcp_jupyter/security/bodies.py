@@ -5,15 +5,19 @@ that holds the GIL until it returns, so the loop waits for the whole parse all t
 60-200 ms). `cooperative_loads` reads the same JSON as `json.loads`, value for value and error for error (message
 and position), but calls the C parser on pieces of at most `window` characters (64 KiB, ~3 ms), walking the
 containers larger than that in Python; between two pieces the thread gives the GIL up whenever the loop asks for
-it, so the loop waits a few milliseconds at most. A run of a large container's small elements is parsed as one
-piece (`"[" + run + "]"`, cut at a comma past the window, kept only if the C parser reads it whole: then the cut was
-between two of the container's own elements); a string is one C call (a copy: ~2 ms for 4 MiB). A refused run (a
-cut inside a nested value or a string) tries the next two commas, then the container goes on element by element
-for 1, 2, 4... elements before the next run; refused pieces cost at most the text's length (runs) and twice it
-(a value's pieces) before none is tried. Measured for 4 MiB (thread CPU, against `json.loads`): small objects
-0.9-1.2x, numbers 1.1x, nested lists of objects 1.7x, strings with commas 2.2x, objects of objects 2.4x.
-What the loop may still wait for is the garbage collector: a full collection, run by whichever thread allocates
-when it is due, walks every tracked object (tens of ms for the dicts and lists a 4 MiB body makes) holding the GIL.
+it, and before each piece of a window's size it gives it up of its own accord (`time.sleep(0)`): the loop waits
+for a piece (1-3 ms), not for the 5 ms switch interval, when it wakes (health p99 under a flood of 4 MiB bodies on
+one core, benchmarks/bench_abuse.py --only bodies: 66-112 ms -> 28 ms, p50 12-13 -> 2-3 ms).
+
+A run of a large container's small elements is parsed as one piece (`"[" + run + "]"`, cut at a comma past the
+window, kept only if the C parser reads it whole: then the cut was between two of the container's own elements); a
+string is one C call (a copy: ~2 ms for 4 MiB). A refused run (a cut inside a nested value or a string) tries the
+next two commas, then the container goes on element by element for 1, 2, 4... elements before the next run; refused
+pieces cost at most the text's length (runs) and twice it (a value's pieces) before none is tried. Measured for 4
+MiB (thread CPU, against `json.loads`): small objects 0.9-1.2x, numbers 1.1x, nested lists of objects 1.7x, strings
+with commas 2.2x, objects of objects 2.4x. What the loop may still wait for is the garbage collector: a full
+collection, run by whichever thread allocates when it is due, walks every tracked object (tens of ms for the dicts
+and lists a 4 MiB body makes) holding the GIL.
 
 `parse_large` runs it in a small thread pool (`PARSE_THREADS`): bodies above `JSON_ON_LOOP_BYTES` only; smaller ones
 are parsed where they are (a thread hop costs more than their parse).
@@ -24,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from json import JSONDecodeError
 from typing import Any
@@ -85,6 +90,8 @@ class _Pieces:
             return self._scalar(index)  # the rest of the text is one piece
         # A small piece first when the siblings are small (a window's copy for each would cost more than them).
         for size in (4 * size_hint, self.window) if 0 < 4 * size_hint < self.window else (self.window,):
+            if size == self.window:
+                time.sleep(0)  # (as before a run)
             whole = self._piece(text[index : index + size])
             if whole is not None:
                 return whole[0], index + whole[1]
@@ -122,6 +129,7 @@ class _Pieces:
                 if cut == -1:
                     return None
             piece = opening + self.text[index:cut] + closing
+            time.sleep(0)  # the GIL to the loop now if it waits for it, not after the 5 ms switch interval
             try:
                 value, end = _SCAN(piece, 0)
             except (StopIteration, JSONDecodeError, RecursionError):
