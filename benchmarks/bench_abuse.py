@@ -30,7 +30,11 @@ time to recover, up to 60 s, between them):
 5. bigfiles (Jupyter only): a --big-mb MB file under the root with a single line and no newline, then the
    viewer key GETs `plexus/api/datasets` and `plexus/api/datasets/<file>`, --big-requests in all, four at
    once; the server's RSS before and after and the sizes of the answers are printed;
-6. idle again (--idle-s / 2): has the server recovered?
+6. bodies: the viewer key POSTs 2026-07-28 MCP tools/call bodies of --body-kib KiB (4000) of small JSON objects,
+   --body-concurrency (3) at once, --bodies in all: each is parsed (off the event loop, in pieces) and refused by the
+   tool; past the key's byte budget (request_bytes_rate, --body-rate sets it: 0 keeps the server's 2 MiB/s) they are
+   429s;
+7. idle again (--idle-s / 2): has the server recovered?
 
 Keys get --key-rate requests/s (default 10,000, the most a key may have) so that floods are bounded by the
 server, not by the key's token bucket; `--key-rate 20` replays them at the default rate limit. Answers are
@@ -38,7 +42,7 @@ counted by HTTP status (and, for MCP tools/call, whether the tool refused): a fl
 refusing with 4xx is still a flood.
 
     python benchmarks/bench_abuse.py [--quick] [--only sessions,scorecards,slow,bigfiles] [--standalone]
-        [--port N] [--big-mb 50] [--slow 3000] [--server-fds 1024] ...
+        [--port N] [--big-mb 50] [--slow 3000] [--server-fds 1024] [--body-kib 4000] [--body-rate 0] ...
 
 Printed per phase: the kept-alive probe's count, p50, p99, max, timeouts, errors, longest time without an
 answer ("stall s": timeouts cap the latencies, not this) and p99 / idle p99; the new-connection probe's p99,
@@ -90,8 +94,8 @@ from _common import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-FLOODS = ("sessions", "scorecards", "slow", "bigfiles")
-STANDALONE_FLOODS = ("sessions", "scorecards", "slow")  # the standalone server serves no datasets over REST
+FLOODS = ("sessions", "scorecards", "slow", "bigfiles", "bodies")
+STANDALONE_FLOODS = ("sessions", "scorecards", "slow", "bodies")  # the standalone server serves no datasets over REST
 GOAL = 5.0  # health p99 during a flood <= GOAL x idle p99
 FD_MARGIN = 256  # files this process keeps for itself beside the slow connections
 Sample = tuple[float, float, str]  # (monotonic time the probe started, seconds, outcome: status, timeout, error)
@@ -155,6 +159,8 @@ def create_key(db_url: str, role: str, rate: float) -> str:
 def start_server(stack: ExitStack, args: argparse.Namespace) -> Target:
     tmp = Path(stack.enter_context(tempdir()))
     env = {"PYTHONPATH": str(ROOT)}
+    if args.body_rate:
+        env["PLEXUS_MCP_REQUEST_BYTES_RATE"] = str(args.body_rate)
     if args.standalone:
         url, pid = stack.enter_context(standalone_server(tmp, env, port=args.port))
         db_url = f"sqlite:///{tmp / 'standalone.db'}"
@@ -577,11 +583,59 @@ def write_big_file(path: Path, megabytes: int) -> None:
             handle.write(block)
 
 
+async def flood_bodies(target: Target, args: argparse.Namespace, phase: Phase) -> None:
+    """The viewer key POSTs 2026-07-28 tools/call bodies of --body-kib KiB of small objects (list_tasks with an
+    argument it refuses once the body is parsed), --body-concurrency at once."""
+    items = [{"k": n, "v": f"{n:x}"} for n in range(args.body_kib * 1024 // 28)]
+    meta = {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientInfo": {"name": "bench_abuse", "version": "1"},
+        "io.modelcontextprotocol/clientCapabilities": {},
+    }
+    headers = {
+        **MCP_HEADERS,
+        **target.auth("viewer"),
+        "MCP-Protocol-Version": "2026-07-28",
+        "Mcp-Method": "tools/call",
+        "Mcp-Name": "list_tasks",
+    }
+    deadline = time.monotonic() + args.flood_s
+    min_end = time.monotonic() + min(args.min_flood_s, args.flood_s)
+    sent = itertools.count()
+    seconds: list[float] = []
+    async with httpx2.AsyncClient(headers=headers, timeout=max(60.0, args.flood_s)) as http:
+
+        async def worker(number: int) -> None:
+            call = {
+                "jsonrpc": "2.0",
+                "id": number,
+                "method": "tools/call",
+                "params": {"name": "list_tasks", "arguments": {"junk": items}, "_meta": meta},
+            }
+            body = json.dumps(call).encode()
+            while flooding(sent, args.bodies, deadline, min_end):
+                t0 = time.monotonic()
+                label, response = await answer(http.post(target.mcp_url, content=body))
+                if response is not None:
+                    label, text = mcp_outcome(response)
+                    first_refusal(phase, label, text)
+                phase.answers[label] += 1
+                seconds.append(time.monotonic() - t0)
+
+        await asyncio.gather(*(worker(n) for n in range(args.body_concurrency)))
+    if seconds:
+        phase.notes.append(
+            f"{len(seconds)} bodies of {args.body_kib} KiB ({len(items):,} objects), answered in "
+            f"{min(seconds):.2f} to {max(seconds):.2f} s each"
+        )
+
+
 FLOOD_RUNS: dict[str, Callable[[Target, argparse.Namespace, Phase], Awaitable[None]]] = {
     "sessions": flood_sessions,
     "scorecards": flood_scorecards,
     "slow": flood_slow,
     "bigfiles": flood_bigfiles,
+    "bodies": flood_bodies,
 }
 
 
@@ -776,6 +830,15 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--big-mb", type=int, default=50, help="size of the one-line file (the issue used 200)")
     parser.add_argument("--big-requests", type=int, default=8, help="dataset GETs (listing and describe), 4 at once")
+    parser.add_argument("--bodies", type=int, default=60, help="MCP bodies the viewer key POSTs (the bodies flood)")
+    parser.add_argument("--body-kib", type=int, default=4000, help="size of each body (under max_request_bytes)")
+    parser.add_argument("--body-concurrency", type=int, default=3)
+    parser.add_argument(
+        "--body-rate",
+        type=int,
+        default=0,
+        help="the server's request_bytes_rate, bytes/s (0: its default, 2 MiB/s; a large one shows the parse alone)",
+    )
     parser.add_argument("--key-rate", type=float, default=10_000, help="requests/s of the keys (the key's limit)")
     parser.add_argument("--probe-ms", type=float, default=20.0, help="kept-alive health GET every this often")
     parser.add_argument("--fresh-ms", type=float, default=100.0, help="new-connection health GET every this often")
@@ -784,6 +847,7 @@ def parse_args() -> argparse.Namespace:
     if args.quick:
         args.idle_s, args.flood_s, args.sessions, args.scorecards = 5.0, 15.0, 200, 2
         args.slow, args.slow_hold_s, args.big_mb, args.big_requests = 1500, 6.0, 10, 4
+        args.bodies = 20
     allowed = STANDALONE_FLOODS if args.standalone else FLOODS
     args.floods = [f.strip() for f in args.only.split(",")] if args.only else list(allowed)
     unknown = [f for f in args.floods if f not in allowed]

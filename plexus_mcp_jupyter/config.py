@@ -142,6 +142,25 @@ class PlexusSettings(Configurable):
     rate_burst = Integer(40, min=1, help="Requests an API key may make at once before rate_limit applies.").tag(
         config=True
     )
+    request_bytes_rate = Integer(
+        2 * 1024 * 1024,
+        min=1024,
+        help="Bytes per second each caller (an API key, a user) may send on average in MCP request bodies, REST JSON "
+        "bodies and event WebSocket messages over 64 KiB (parsed off the event loop, charged before): HTTP 429 "
+        "beyond, with Retry-After (a WebSocket message waits).",
+    ).tag(config=True)
+    request_bytes_burst = Integer(
+        16 * 1024 * 1024,
+        min=1024,
+        help="Bytes of such bodies a caller may send at once before request_bytes_rate applies (at least "
+        "max_request_bytes).",
+    ).tag(config=True)
+    ws_message_rate = Float(
+        20.0,
+        min=0.01,
+        help="Messages per second one event WebSocket may send on average (twice that at once); beyond, a message "
+        "is answered with an error and not read.",
+    ).tag(config=True)
     max_tasks_per_key = Integer(
         50, min=1, help="Unfinished tasks (queued and running) one API key may have; more are refused."
     ).tag(config=True)

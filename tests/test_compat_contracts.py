@@ -212,6 +212,35 @@ def test_the_session_manager_still_has_the_admission_points_the_adapter_hooks():
     assert events == [("check", None), ("opened", session_id), ("check", None), ("closed", session_id)]
 
 
+def test_the_sdk_parses_a_posted_body_through_the_module_names_preparsed_stands_in_for():
+    """sdk_compat.preparsed: each SDK entry parses the body with one call through a module name, and, inside the
+    block, that call returns the value parsed off the loop for that body (and parses anything else)."""
+    adapter = "sdk_compat.preparsed"
+    import mcp.server._streamable_http_modern as modern_entry
+    import mcp.server.streamable_http as transport
+
+    for entry, module_name, call in (
+        (transport.StreamableHTTPServerTransport._handle_post_request, "pydantic_core", "from_json(body)"),
+        (modern_entry.handle_modern_request, "json", "loads(body)"),
+    ):
+        holds(
+            f"{module_name}.{call}" in source(entry),
+            MCP,
+            f"no longer parses the body with {module_name}.{call} in {entry.__qualname__}",
+            adapter,
+        )
+    body, other = b'{"a": 1}', b'{"b": 2}'
+    with sdk_compat.preparsed(body, {"parsed": "off the loop"}):
+        assert modern_entry.json.loads(other) == {"b": 2}
+        assert transport.pydantic_core.from_json(bytes(body)) == {"parsed": "off the loop"}
+        assert modern_entry.json.loads(body) == {"a": 1}  # (given once: the block holds it no longer)
+        assert modern_entry.json.dumps({"c": 3}) == '{"c": 3}'  # (every other name is the module's)
+    with sdk_compat.preparsed(body, {"parsed": "off the loop"}):
+        assert modern_entry.json.loads(body) == {"parsed": "off the loop"}
+    assert transport.pydantic_core.from_json(body) == {"a": 1}
+    assert modern_entry.json.loads(body) == {"a": 1}
+
+
 def test_the_transport_reads_its_response_mode_where_the_per_request_mode_expects():
     """PerRequestTransport answers `is_json_response_enabled` from the request's context, except in the session's
     message router (named by its frame), where it reads the routed message's sender context."""

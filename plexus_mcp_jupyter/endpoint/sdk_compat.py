@@ -15,6 +15,17 @@ with the upstream change that would retire each.
   event store leaves out the answers of requests served as JSON bodies (nothing can replay them).
 - `ModernJSONEntry`: a plain 2026-07-28 call answered by the SDK's own per-request kernel (`serve_one`) without
   its HTTP entry around it (below).
+- `preparsed(body, value)`: a large body the bridge parsed off the event loop is not parsed again, on it, by the
+  SDK (below).
+
+**A large body is parsed once, off the loop.** The SDK parses a POSTed body on the event loop: the handshake-era
+transport with `pydantic_core.from_json(body)` (`mcp.server.streamable_http`), the 2026-07-28 entry with
+`json.loads(body)` (`mcp.server._streamable_http_modern`); 4 MiB of small objects is 50-200 ms of the loop. The
+bridge parses a body above `security.bodies.JSON_ON_LOOP_BYTES` in a thread (`parse_large`) and serves the request
+inside `preparsed(body, value)`: each of those two module names is given a stand-in (the module itself for every
+other name) whose parse returns `value` for that very body in that request's context, and parses anything else as
+before. Relies on: those two modules calling their parse through those module names (tests/test_compat_contracts.py
+checks it). The upstream change that would retire it: a transport hook to parse a body (or an async one).
 
 **A plain 2026-07-28 call, without the SDK's HTTP entry.** The SDK serves a 2026-07-28 POST through
 `handle_modern_request` behind its session manager's ASGI wrappers: a body-size middleware that replays the body,
@@ -68,6 +79,8 @@ from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
+import mcp.server._streamable_http_modern as sdk_modern_entry
+import mcp.server.streamable_http as sdk_transport
 from mcp.server._streamable_http_modern import _mcp_param_rejection, _SingleExchangeDispatchContext
 from mcp.server.auth.middleware.bearer_auth import AuthorizationContext
 from mcp.server.connection import Connection
@@ -95,6 +108,8 @@ from pydantic import ValidationError
 from starlette.requests import Request
 
 _JSON_RESPONSE: contextvars.ContextVar[bool] = contextvars.ContextVar("plexus_json_response", default=False)
+# [body, value] while a request is served (see `preparsed`): emptied when the SDK has it, and at the block's end.
+_PREPARSED: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar("plexus_preparsed", default=None)
 
 # Methods answered by one response and nothing else tied to the request (without a progress token or task).
 ONE_SHOT_METHODS = frozenset(
@@ -402,3 +417,67 @@ class ModernJSONEntry:
             reply = {"jsonrpc": "2.0", "id": req.id, "error": data}
             return status, json.dumps(reply, separators=(",", ":")).encode()
         return 200, json.dumps({"jsonrpc": "2.0", "id": req.id, "result": result}, separators=(",", ":")).encode()
+
+
+# -- a large body parsed once, off the loop -----------------------------------------------------------------------
+
+
+@contextmanager
+def preparsed(body: bytes, value: Any) -> Iterator[None]:
+    """Serve the request handled inside this block with `body` already parsed into `value`: the SDK's parse of
+    that body returns it (see the module's docstring).
+
+    The context holds them in a list emptied as soon as the SDK has the value, and at the block's end: a context is
+    copied into every task and callback made in it (a timer the loop keeps until its deadline, even cancelled), and
+    such a copy kept the whole parsed body alive for seconds after its request (2.4 GB measured under a flood)."""
+    _install_preparsed_parses()
+    held: list[Any] = [body, value]
+    del body, value
+    token = _PREPARSED.set(held)
+    try:
+        yield
+    finally:
+        held.clear()
+        _PREPARSED.reset(token)
+
+
+def _preparsed_value(data: Any) -> tuple[bool, Any]:
+    """(True, the parsed value) when `data` is the body `preparsed` was given in this context (once); (False, None)
+    else."""
+    held = _PREPARSED.get()
+    if not held:
+        return False, None
+    body = held[0]
+    if data is body or (isinstance(data, (bytes, bytearray)) and len(data) == len(body) and data == body):
+        value = held[1]
+        held.clear()
+        return True, value
+    return False, None
+
+
+class _ModuleStandIn:
+    """A module as the SDK's module sees it, with one parse function answering from `preparsed`."""
+
+    def __init__(self, module: Any, name: str) -> None:
+        self._module = module
+        parse = getattr(module, name)
+
+        def parse_once(data: Any, *args: Any, **kwargs: Any) -> Any:
+            found, value = _preparsed_value(data)
+            return value if found else parse(data, *args, **kwargs)
+
+        setattr(self, name, parse_once)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
+_PREPARSED_PARSES = ((sdk_transport, "pydantic_core", "from_json"), (sdk_modern_entry, "json", "loads"))
+
+
+def _install_preparsed_parses() -> None:
+    """Give the SDK's modules their stand-ins (once)."""
+    for sdk_module, module_name, parse in _PREPARSED_PARSES:
+        module = getattr(sdk_module, module_name)
+        if not isinstance(module, _ModuleStandIn):
+            setattr(sdk_module, module_name, _ModuleStandIn(module, parse))

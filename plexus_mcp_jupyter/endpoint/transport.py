@@ -6,11 +6,16 @@ the request body is fed through `receive`, and `send` events become status, head
 flushed body chunks, so SSE streams go out as they are produced. Authentication happens before
 the bridge is entered; the SDK never sees an unauthenticated request. Who may open and use a session
 is decided in sessions.py (the per-key cap, the admins' reserve, the binding to its opener).
+
+A POSTed body over `JSON_ON_LOOP_BYTES` (64 KiB) is charged to its sender's byte budget (`request_bytes_rate`: 429
+with Retry-After beyond) and parsed off the event loop (security/bodies.py) before the SDK sees it; the SDK's own
+parse of it returns that value (`sdk_compat.preparsed`). Smaller bodies take their path unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Callable, MutableMapping
@@ -24,10 +29,12 @@ from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError, RequestHandler
 
 from ..handlers.jupyter_compat import response_finished
-from ..security.http import json_refusal_off_loop, jsonrpc_error
+from ..security.bodies import JSON_ON_LOOP_BYTES, charge_body, parse_large
+from ..security.http import BadJSON, TooManyRequests, bad_json, json_refusal_off_loop, jsonrpc_error
 from ..security.identity import Principal
+from ..security.ratelimit import BytesLimited, RateLimiter
 from .event_store import MemoryEventStore
-from .sdk_compat import ModernJSONEntry, json_message, lowlevel_server, modern_request, response_mode
+from .sdk_compat import ModernJSONEntry, json_message, lowlevel_server, modern_request, preparsed, response_mode
 from .sessions import PlexusSessionManager, SessionLimits, SessionRefused, session_user
 
 log = logging.getLogger("plexus_mcp_jupyter")
@@ -49,9 +56,13 @@ class MCPEndpoint:
         event_store_size: int = 10_000,
         event_store_bytes: int = 32 * 1024 * 1024,
         on_first_request: Callable[[], None] | None = None,
+        body_budget: RateLimiter | None = None,
     ) -> None:
         self.server = server
         self.max_json_values = max_json_values  # most JSON values a request body may hold (max_json_values)
+        self.max_request_body_size = max_request_body_size
+        # Bytes of large bodies per caller (request_bytes_rate); None: not charged.
+        self.body_budget = body_budget
         # Told once, at the first request (`arrived`): the evaluation service stops its start-up rehearsals.
         self._on_first_request = on_first_request
         self.event_store = MemoryEventStore(event_store_size, event_store_bytes)
@@ -79,6 +90,11 @@ class MCPEndpoint:
         await self._started.wait()
         if self._failure is not None:
             raise RuntimeError(f"the MCP session manager could not start: {self._failure}") from self._failure
+
+    def charge_body(self, principal: Principal, size: int) -> None:
+        """Charge a large body to its sender's byte budget: BytesLimited when over it."""
+        if self.body_budget is not None:
+            charge_body(self.body_budget, principal, size)
 
     def arrived(self) -> None:
         """A request has come (called for each, after `start`): the first one tells `on_first_request`."""
@@ -135,6 +151,12 @@ class MCPBridge:
         self.endpoint.arrived()
         extra_scope = {"plexus.principal": principal, "user": session_user(principal)}
         body = self.handler.request.body or b""
+        large = (  # (a body over the endpoint's limit is the SDK's to refuse, unread)
+            self.handler.request.method == "POST"
+            and JSON_ON_LOOP_BYTES < len(body) <= self.endpoint.max_request_body_size
+        )
+        if large:  # charged before any work on it
+            self._charge(principal, len(body))
         refusal = await json_refusal_off_loop(body, self.endpoint.max_json_values)  # too deep or too many values
         if refusal is not None:
             raise HTTPError(400, f"the request body is {refusal}")
@@ -148,6 +170,13 @@ class MCPBridge:
             await self.disconnected.wait()
             return {"type": "http.disconnect"}
 
+        parsed: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        if large:
+            try:
+                parsed = preparsed(body, await self._parse_large(body))
+            except BadJSON as exc:
+                self._parse_error(str(exc))
+                return
         scope = self.scope(extra_scope)
         message = json_message(body) if self.handler.request.method == "POST" else None
         if message is not None:
@@ -207,7 +236,7 @@ class MCPBridge:
                         self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_later)
 
         try:
-            with response_mode(message is not None):
+            with response_mode(message is not None), parsed:
                 await self.endpoint.session_manager.handle_request(scope, receive, send)
         except SessionRefused as refused:  # raised before anything was sent
             self.handler.set_status(refused.status)
@@ -219,6 +248,31 @@ class MCPBridge:
                 self._flush_handle = None
         if not response_finished(self.handler) and not self.disconnected.is_set():
             self.handler.finish()
+
+    def _charge(self, principal: Principal, size: int) -> None:
+        """A large body's bytes charged to `principal`: TooManyRequests (429) over its byte budget."""
+        try:
+            self.endpoint.charge_body(principal, size)
+        except BytesLimited as exc:
+            raise TooManyRequests(exc) from None
+
+    async def _parse_large(self, body: bytes) -> Any:
+        """A large body parsed off the loop (BadJSON)."""
+        try:
+            return await parse_large(body)
+        except (ValueError, RecursionError) as exc:
+            raise bad_json(exc) from None
+
+    def _parse_error(self, reason: str) -> None:
+        """A body that is not JSON: 400 and the JSON-RPC parse error, as the SDK answers one (with the reason)."""
+        self.handler.set_status(400)
+        self.handler.set_header("Content-Type", "application/json")
+        error = {
+            "jsonrpc": "2.0",
+            "id": None,
+            "error": {"code": -32700, "message": f"Parse error: the body is {reason}"},
+        }
+        self.handler.finish(json.dumps(error))
 
     def end(self) -> None:
         """End the response now (its API key was revoked): the SDK sees a disconnect, the client a closed stream."""

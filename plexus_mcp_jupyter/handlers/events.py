@@ -12,6 +12,11 @@ unbounded backlog) and always the final state. Bad filters close the socket with
 reason; the full message is sent first as `{"type": "error", "message": ...}`. An API key has at most
 max_event_streams_per_key streams open: one more is refused with HTTP 429 (or, if it raced past that check,
 closed with code 4429), saying so.
+
+What a client sends is metered per connection: a message larger than max_request_bytes closes the socket (1009,
+unread); past ws_message_rate messages per second (twice that at once), and past its sender's byte budget for one
+over 64 KiB (request_bytes_rate, shared with its MCP requests), the next message waits (and tornado reads nothing
+more meanwhile, so the client's sends wait too): slowed, never dropped (a kernel scorer's answer must arrive).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -38,8 +44,10 @@ from ..evaluations.kernel_scorers import (
     UnregisterScorer,
     parse_message,
 )
+from ..security.bodies import JSON_ON_LOOP_BYTES, charge_identity
 from ..security.http import BadJSON, parse_json_off_loop
 from ..security.identity import Principal
+from ..security.ratelimit import RateLimiter
 from .base import PlexusHandler
 
 BAD_FILTER = 4400
@@ -51,6 +59,7 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
     _pump: asyncio.Task[None] | None = None
     _counted_key: str | None = None  # the API key this stream counts against (max_event_streams_per_key)
     _forget_stream: Callable[[], None] = staticmethod(lambda: None)  # type: ignore[assignment]
+    _meter: RateLimiter | None = None  # the connection's messages (ws_message_rate)
 
     async def prepare(self) -> None:  # type: ignore[override]
         # Our 401/403 rules, not WebSocketMixin's (which answers a missing credential with 403).
@@ -75,8 +84,15 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
             raise web.HTTPError(429, refusal)
         await super().get(*args, **kwargs)
 
+    @property
+    def max_message_size(self) -> int:  # type: ignore[override]
+        """A larger message closes the socket (1009) before it is read (tornado's default is 10 MiB)."""
+        return int(self.runtime.settings.max_request_bytes)
+
     async def open(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         super().open(*args, **kwargs)  # Jupyter's keep-alive pings
+        rate = self.runtime.settings.ws_message_rate
+        self._meter = RateLimiter(rate, math.ceil(2 * rate))
         refusal = self._streams_over_cap()  # streams upgraded at once, past the check in get
         if refusal is not None:
             self._refuse(refusal, TOO_MANY_STREAMS)
@@ -152,6 +168,7 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
         """Kernel scorers (evaluations/kernel_scorers.py): registration, and answers to score requests.
 
         A message that is not a JSON object gets an error message saying why; the socket stays open."""
+        await self._metered(len(message))
         registry = self.runtime.kernel_scorers
         expected = f"messages to the event stream are JSON objects with a type: one of {', '.join(SCORER_MESSAGES)}"
         try:
@@ -190,6 +207,17 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
                     registry.resolve(self, request)
         except InvalidArgument as exc:
             self.send_json({"type": "error", "message": bounded(str(exc)), "in_reply_to": reply_to})
+
+    async def _metered(self, size: int) -> None:
+        """Wait until the connection may send another message (ws_message_rate) and, for a large one, until its
+        sender's byte budget has room for it (request_bytes_rate): tornado reads nothing more meanwhile."""
+        if self._meter is not None:
+            while wait := self._meter.take(""):
+                await asyncio.sleep(wait)
+        if size > JSON_ON_LOOP_BYTES:
+            identity, _ = charge_identity(self.principal)
+            while wait := self.runtime.body_budget.take(identity, cost=size):
+                await asyncio.sleep(wait)
 
     def send_json(self, message: dict[str, Any]) -> None:
         """Send a message now (score requests); a closed socket is the registry's to notice (on_close)."""

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 from tornado import httputil, web
 
+from .bodies import JSON_ON_LOOP_BYTES, parse_large
 from .identity import Principal
 from .keys import KeyRejected
 from .ratelimit import RateLimited
@@ -76,10 +77,6 @@ def host_name(host_header: str | None) -> str:
     if host.startswith("["):
         return host.split("]", 1)[0] + "]"
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-
-
-# Bodies up to this size are parsed on the event loop; larger ones in a thread (they take milliseconds).
-JSON_ON_LOOP_BYTES = 64 * 1024
 
 
 class BadJSON(ValueError):
@@ -167,17 +164,24 @@ def parse_json(text: str | bytes, max_values: int | None = None, setting: str = 
         raise BadJSON(refused)
     try:
         return json.loads(text)
-    except RecursionError:  # not reached past json_refusal; kept so no parse can raise one to a handler
-        raise BadJSON(f"not accepted: JSON nested more than the {MAX_JSON_DEPTH} levels allowed") from None
-    except UnicodeDecodeError:
-        raise BadJSON("not valid JSON: the text is not UTF-8") from None
-    except json.JSONDecodeError as exc:
-        raise BadJSON(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    except ValueError as exc:  # an integer of more than sys.get_int_max_str_digits() digits
-        if "digits" in str(exc):
-            limit = sys.get_int_max_str_digits()
-            raise BadJSON(f"not accepted: a number in it has more than {limit} digits") from None
-        raise BadJSON(f"not valid JSON: {str(exc).splitlines()[0]}") from None
+    except ValueError as exc:  # (JSONDecodeError, UnicodeDecodeError and a huge integer's are ValueErrors)
+        raise bad_json(exc) from None
+    except RecursionError as exc:  # not reached past json_refusal; kept so no parse can raise one to a handler
+        raise bad_json(exc) from None
+
+
+def bad_json(exc: BaseException) -> BadJSON:
+    """The one-line BadJSON of json.loads's exception."""
+    if isinstance(exc, RecursionError):
+        return BadJSON(f"not accepted: JSON nested more than the {MAX_JSON_DEPTH} levels allowed")
+    if isinstance(exc, UnicodeDecodeError):
+        return BadJSON("not valid JSON: the text is not UTF-8")
+    if isinstance(exc, json.JSONDecodeError):
+        return BadJSON(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
+    if "digits" in str(exc):  # an integer of more than sys.get_int_max_str_digits() digits
+        limit = sys.get_int_max_str_digits()
+        return BadJSON(f"not accepted: a number in it has more than {limit} digits")
+    return BadJSON(f"not valid JSON: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
 
 
 def too_many_values(values: int, limit: int, setting: str = "max_json_values") -> str:
@@ -188,10 +192,17 @@ def too_many_values(values: int, limit: int, setting: str = "max_json_values") -
 
 
 async def parse_json_off_loop(text: str | bytes, max_values: int | None = None) -> Any:
-    """parse_json, in a thread for large input: nothing that grows with client input runs on the loop."""
+    """parse_json, off the event loop for large input (the refusal's checks in a thread, the parse in pieces:
+    security/bodies.py): nothing that grows with client input runs on the loop."""
     if len(text) <= JSON_ON_LOOP_BYTES:
         return parse_json(text, max_values)
-    return await asyncio.to_thread(parse_json, text, max_values)
+    refused = await asyncio.to_thread(json_refusal, text, max_values)
+    if refused is not None:
+        raise BadJSON(refused)
+    try:
+        return await parse_large(text)
+    except (ValueError, RecursionError) as exc:
+        raise bad_json(exc) from None
 
 
 async def json_refusal_off_loop(text: str | bytes, max_values: int | None = None) -> str | None:

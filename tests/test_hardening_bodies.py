@@ -1,0 +1,243 @@
+"""Large MCP request bodies (hardening): parsed off the event loop, and charged to their key by size.
+
+A body near max_request_bytes (4 MiB) of many small JSON objects takes 60-200 ms of CPU to parse; parsed on the
+event loop (as the SDK does), one key posting such bodies at its request rate stalls every other client. Real
+Jupyter server, real HTTP, the loop's thread measured by tests/loop_watch.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+import time
+
+import httpx2
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tornado.httpclient import HTTPRequest
+from tornado.websocket import WebSocketClosedError, websocket_connect
+
+from plexus_mcp_jupyter.security.bodies import cooperative_loads
+
+from .conftest import MODERN
+from .loop_watch import HealthWatch
+from .test_speed_paths import MODERN_META
+
+ITEM = {"k": 1, "v": "ab"}
+HANDSHAKE = "2025-11-25"
+
+
+def big_call(size: int, *, shape: str = "array", era: str = MODERN) -> bytes:
+    """A tools/call of list_tasks (which refuses the unknown argument) with an argument of about `size` bytes."""
+    if shape == "array":  # (each string its own: no parser's cache of strings makes them cheap)
+        value: object = [{"k": i, "v": f"{i:x}"} for i in range(size // 28)]
+    else:
+        value = "a" * size
+    params = {"name": "list_tasks", "arguments": {"junk": value}, "_meta": MODERN_META if era == MODERN else {}}
+    return json.dumps({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": params}).encode()
+
+
+def modern_headers(credential: str) -> dict[str, str]:
+    return {
+        "Accept": "application/json, text/event-stream",
+        "Content-Type": "application/json",
+        "MCP-Protocol-Version": MODERN,
+        "Mcp-Method": "tools/call",
+        "Mcp-Name": "list_tasks",
+        "Authorization": f"Bearer {credential}",
+    }
+
+
+async def call_headers(http: httpx2.AsyncClient, url: str, credential: str, era: str) -> dict[str, str]:
+    """The headers of a call in `era`: for the handshake era, of a session opened here."""
+    if era == MODERN:
+        return modern_headers(credential)
+    headers = {
+        "Accept": "application/json, text/event-stream",
+        "Content-Type": "application/json",
+        "Authorization": f"Bearer {credential}",
+    }
+    hello = {"protocolVersion": HANDSHAKE, "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}
+    opened = await http.post(
+        url, json={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": hello}, headers=headers
+    )
+    assert opened.status_code == 200, opened.text
+    headers |= {"Mcp-Session-Id": opened.headers["mcp-session-id"], "MCP-Protocol-Version": HANDSHAKE}
+    initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+    assert (await http.post(url, json=initialized, headers=headers)).status_code == 202
+    return headers
+
+
+@pytest.fixture
+def plexus_config(plexus_config):
+    plexus_config["rate_limit"] = 1000.0  # the request rate is not what bounds these floods
+    plexus_config["rate_burst"] = 1000
+    plexus_config["ws_message_rate"] = 5.0
+    return plexus_config
+
+
+@pytest.mark.parametrize("era", [MODERN, HANDSHAKE])
+async def test_big_bodies_are_parsed_off_the_loop_while_small_calls_keep_answering(server_url, keys, runtime, era):
+    runtime.body_budget.rate = runtime.body_budget.burst = 1e12  # the flood is bounded by its count, not its bytes
+    url = f"{server_url}plexus/mcp"
+    body = big_call(runtime.settings.max_request_bytes - 4096, era=era)
+    assert len(body) < runtime.settings.max_request_bytes
+    answers: list[int] = []
+    async with httpx2.AsyncClient(timeout=120) as http:
+
+        async def ask() -> None:  # another key's small call: health, anonymous, on the same loop
+            response = await http.get(f"{server_url}plexus/api/health")
+            assert response.status_code == 200, response.text
+
+        headers = await call_headers(http, url, keys["viewer"], era)
+        watch = HealthWatch(ask, None)
+        await watch.measure_idle()
+
+        async def flood() -> None:
+            async def post(call_id: bytes) -> None:  # (a session's calls in flight must have their own ids)
+                own = body.replace(b'"id": 7', b'"id": ' + call_id, 1)
+                for _ in range(2):
+                    answer = await http.post(url, content=own, headers=headers)
+                    answers.append(answer.status_code)
+                    assert "unknown argument(s) junk" in answer.text, answer.text[:300]
+
+            await asyncio.gather(post(b"7"), post(b"8"), post(b"9"))
+
+        await watch.around(flood())
+    assert answers == [200] * 6
+    # Parsed on the loop (as the SDK does), a body is 40-200 ms of it, and a stretch between two health answers has
+    # 130-600 ms; off it, what is left of a body on the loop (its bytes read, the call answered) is 10-20 ms.
+    cpu = max(c for c, _ in watch.during)
+    print(f"largest loop CPU between two health answers during the flood: {cpu * 1000:.1f} ms")
+    assert cpu < max(0.1, 3 * max(c for c, _ in watch.idle)), [round(c, 3) for c, _ in watch.during]
+
+
+@pytest.mark.parametrize("era", [MODERN, HANDSHAKE])
+async def test_a_parsed_body_is_not_kept_once_answered(server_url, keys, runtime, era):
+    # Each parsed 4 MiB body was kept for seconds by the contexts copied while it was served (a cancelled timer
+    # keeps its context until its deadline): 2.4 GB under a flood.
+    runtime.body_budget.rate = runtime.body_budget.burst = 1e12
+    url = f"{server_url}plexus/mcp"
+    body = big_call(2 * 1024 * 1024, era=era)
+    async with httpx2.AsyncClient(timeout=60) as http:
+        headers = await call_headers(http, url, keys["viewer"], era)
+        for _ in range(3):
+            answer = await http.post(url, content=body, headers=headers)
+            assert "unknown argument(s) junk" in answer.text, answer.text[:300]
+        # (a session's dispatcher holds its last message until the next one: a small call replaces it)
+        answer = await http.post(url, content=big_call(10, era=era), headers=headers)
+        assert "unknown argument(s) junk" in answer.text, answer.text[:300]
+    gc.collect()
+    kept = [o for o in gc.get_objects() if type(o) is list and len(o) > 50_000]
+    assert not kept, f"{len(kept)} parsed bodies still alive"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"a": [1, 2.5, "x,y]", {"b": [true, false, null]}, [], {}], "c": "\\u00e9\\"", "d": {"e": {"f": [[[]]]}}}',
+        json.dumps({"items": [ITEM] * 5000, "s": "q" * 70_000, "o": {str(i): [i, {"z": "}],"}] for i in range(3000)}}),
+        json.dumps([[{"deep": [[["x,", {"y": "]"}]]] * 3}] * 2000, {"k": "v"}]),
+        '{"dup": 1, "pad": "' + "p" * 70_000 + '", "dup2": [' + "1, " * 40_000 + '1], "dup": 2}',
+        " [ 1 , 2 ,\n 3 ] ",
+        json.dumps({str(i): {"a": i, "b": [i, i]} for i in range(3000)}),
+        json.dumps([f'{i},a,"b",[{i}]' for i in range(5000)]),
+        json.dumps([i * 1.5 for i in range(5000)] + [1e400, -0.0, 10**40]),
+    ],
+)
+def test_the_cooperative_parse_reads_what_json_loads_reads(text):
+    assert cooperative_loads(text, window=256) == json.loads(text)
+    assert cooperative_loads(text) == json.loads(text)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(',[]{}":\\ ab\u00e9'),
+    lambda children: st.lists(children) | st.dictionaries(st.text(',]}" ab', max_size=4), children),
+    max_leaves=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=JSON_VALUES, indent=st.sampled_from([None, 1]), window=st.sampled_from([8, 16, 64]))
+def test_the_cooperative_parse_reads_any_json_as_json_loads_does(value, indent, window):
+    text = json.dumps(value, indent=indent, ensure_ascii=False)
+    assert cooperative_loads(text, window=window) == json.loads(text)
+    for cut in (len(text) // 3, len(text) // 2, len(text) - 1):  # truncated or spoilt: the same error
+        for spoilt in (text[:cut], text[:cut] + "," + text[cut:], text[:cut] + "]" + text[cut:]):
+            try:
+                expected = json.loads(spoilt)
+            except json.JSONDecodeError as wanted:
+                with pytest.raises(json.JSONDecodeError) as got:
+                    cooperative_loads(spoilt, window=window)
+                assert (got.value.msg, got.value.pos) == (wanted.msg, wanted.pos), spoilt
+            else:
+                assert cooperative_loads(spoilt, window=window) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["[1, 2,", '{"a": [1, 2, 3], "b": ', "[" + "1, " * 30_000 + "]", '{"a": 1,}', "[1] x", "", '"abc']
+)
+def test_the_cooperative_parse_refuses_what_json_loads_refuses(text):
+    with pytest.raises(json.JSONDecodeError) as wanted:
+        json.loads(text)
+    with pytest.raises(json.JSONDecodeError) as got:
+        cooperative_loads(text, window=256)
+    assert got.value.msg == wanted.value.msg
+
+
+async def test_a_key_over_its_byte_budget_gets_a_429_with_retry_after(server_url, keys, runtime):
+    budget = runtime.body_budget
+    budget.rate, budget.burst = 100_000.0, 700_000.0  # bytes per second, bytes at once
+    body = big_call(300_000, shape="string")
+    url = f"{server_url}plexus/mcp"
+    async with httpx2.AsyncClient(timeout=60) as http:
+        statuses = []
+        for _ in range(3):
+            answer = await http.post(url, content=body, headers=modern_headers(keys["viewer"]))
+            statuses.append(answer.status_code)
+        assert statuses[:2] == [200, 200], statuses
+        assert statuses[2] == 429, (statuses, answer.text[:300])
+        assert int(answer.headers["Retry-After"]) >= 1
+        message = answer.json()["error"]["message"]
+        assert "request_bytes_rate" in message and "\n" not in message, message
+        # Another key's budget is its own; small bodies are not charged.
+        answer = await http.post(url, content=body, headers=modern_headers(keys["operator"]))
+        assert answer.status_code == 200, answer.text[:300]
+        small = big_call(1000, shape="string")
+        answer = await http.post(url, content=small, headers=modern_headers(keys["viewer"]))
+        assert answer.status_code == 200, answer.text[:300]
+        # A REST JSON body over 64 KiB is charged to the same budget.
+        rest = json.dumps({"task_ids": ["x" * 300_000]})
+        auth = {"Authorization": f"Bearer {keys['operator2']}"}
+        statuses = [
+            (await http.post(f"{server_url}plexus/api/tasks/cancel", content=rest, headers=auth)).status_code
+            for _ in range(3)
+        ]
+        assert statuses[2] == 429 and 429 not in statuses[:2], statuses
+
+
+async def test_an_event_websocket_is_metered_per_connection(server_url, keys, runtime):
+    rate = runtime.settings.ws_message_rate  # 5 a second, 10 at once (plexus_config)
+    url = server_url.replace("http://", "ws://") + "plexus/api/events"
+    ws = await websocket_connect(HTTPRequest(url, headers={"Authorization": f"Bearer {keys['operator']}"}))
+    try:
+        json.loads(await asyncio.wait_for(ws.read_message(), 10))  # hello
+        count = 20
+        started = time.monotonic()
+        for _ in range(count):
+            await ws.write_message(json.dumps({"type": "no such type"}))
+        for _ in range(count):  # each is answered (an error saying which types there are): slowed, never dropped
+            answer = json.loads(await asyncio.wait_for(ws.read_message(), 30))
+            assert answer["type"] == "error", answer
+        took = time.monotonic() - started
+        assert took >= (count - 2 * rate) / rate * 0.9, f"{count} messages answered in {took:.2f} s"
+        # A message over max_request_bytes closes the socket before it is read.
+        with contextlib.suppress(WebSocketClosedError):  # (closed as soon as the frame's header is read)
+            await ws.write_message(json.dumps({"type": "x", "pad": "p" * runtime.settings.max_request_bytes}))
+        while await asyncio.wait_for(ws.read_message(), 10) is not None:
+            pass
+        assert ws.close_code == 1009, ws.close_code
+    finally:
+        ws.close()
