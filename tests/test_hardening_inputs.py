@@ -248,6 +248,51 @@ async def test_a_parquet_body_whose_footer_declares_too_much_is_refused_before_i
     assert "expands" not in runtime.catalog.registered_names()
 
 
+def parquet_body(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return bytes(sink.getvalue().to_pybytes())
+
+
+# Bodies of a few hundred bytes that the footer check alone let through (its fields are a writer's to set):
+EXPANDING_PARQUET = {
+    # a dictionary page of one 50 kB string and 1,000 indices to it: the footer says 50,053 bytes, 1,000 rows;
+    # it reads back as 50 MB
+    "strings": pa.table({"label": pa.array(["x" * 50_000] * 1000)}),
+    # one row holding a list of 5,000,000 int64 (rows count top-level rows, not values): 40 MB
+    "list": pa.table({"label": pa.array([[0] * 5_000_000], pa.list_(pa.int64()))}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(EXPANDING_PARQUET))
+async def test_a_small_parquet_body_that_expands_past_the_bound_is_refused(server_url, token, runtime, kind):
+    runtime.catalog.max_parquet_uncompressed_bytes = 1_000_000  # 1 GiB by default (max_parquet_uncompressed_bytes)
+    api = f"{server_url}plexus/api/datasets"
+    headers = {"Authorization": f"token {token}", "Content-Type": "application/vnd.apache.parquet"}
+    expanding = parquet_body(EXPANDING_PARQUET[kind])
+    assert len(expanding) < 1_000
+    ordinary = pa.table(
+        {
+            "label": pa.array(["cat", "dog", None] * 1000),
+            "prediction": pa.array(["cat", "cat", "dog"] * 1000).dictionary_encode(),
+            "score": pa.array([0.5, 0.25, 1.0] * 1000),
+            "tags": pa.array([["a", "b"], [], None] * 1000, pa.list_(pa.string())),
+        }
+    )
+    async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
+        refused = await http.post(api, params={"name": "expands"}, content=expanding)
+        assert refused.status_code == 400, refused.text
+        assert "max_parquet_uncompressed_bytes" in error_message(refused)
+        assert "at most 1,000,000" in error_message(refused)
+        accepted = await http.post(api, params={"name": "ordinary"}, content=parquet_body(ordinary))
+        assert accepted.status_code == 201, accepted.text
+        assert accepted.json()["rows"] == 3000, accepted.text
+    assert "expands" not in runtime.catalog.registered_names()
+    frame = runtime.catalog.load("registered:ordinary")
+    assert list(frame["label"][:3].fillna("-")) == ["cat", "dog", "-"]
+    assert list(frame["tags"][0]) == ["a", "b"] and frame["score"].sum() == 1750.0
+
+
 async def test_registering_reads_the_registered_directory_off_the_event_loop(server_url, token, runtime):
     loop_thread = threading.get_ident()
     threads: list[int] = []

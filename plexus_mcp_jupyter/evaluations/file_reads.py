@@ -177,16 +177,73 @@ def parquet_file(handle: IO[bytes], ref: str) -> pq.ParquetFile:
 
 def check_parquet_sizes(metadata: pq.FileMetaData, max_bytes: int, ref: str) -> None:
     """InvalidArgument when a Parquet file's footer declares more than `max_bytes` of uncompressed column data, or
-    more than `max_bytes / 8` cells (rows x columns: a run-length encoded column of a billion equal values is a few
-    bytes on disk and uncompressed, and gigabytes in a frame). Only the footer is read."""
+    more than `max_bytes / 8` values: rows x columns, and leaf values (a list column's elements; a run-length
+    encoded column of a billion equal values is a few bytes on disk and uncompressed, and gigabytes in a frame).
+    Only the footer is read: a first filter, since a writer sets these fields freely; read_parquet_bounded enforces
+    the bound on what the body reads back as."""
     declared = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
     cells = metadata.num_rows * max(metadata.num_columns, 1)
-    if declared > max_bytes or cells * 8 > max_bytes:
+    leaves = sum(
+        group.column(j).num_values
+        for group in (metadata.row_group(i) for i in range(metadata.num_row_groups))
+        for j in range(group.num_columns)
+    )
+    if declared > max_bytes or max(cells, leaves) * 8 > max_bytes:
         raise InvalidArgument(
             f"{clip(ref, 60)} is too large for one request: its Parquet footer declares {declared:,} bytes "
-            f"uncompressed and {metadata.num_rows:,} rows x {metadata.num_columns:,} columns; at most {max_bytes:,} "
-            f"bytes and {max_bytes // 8:,} cells (setting max_parquet_uncompressed_bytes): send it in parts"
+            f"uncompressed, {metadata.num_rows:,} rows x {metadata.num_columns:,} columns and {leaves:,} values; "
+            f"at most {max_bytes:,} bytes and {max_bytes // 8:,} values (setting max_parquet_uncompressed_bytes): "
+            "send it in parts"
         )
+
+
+PARQUET_BATCH_ROWS = 8_192  # rows per batch of read_parquet_bounded: the bound is checked after each
+
+
+def read_parquet_bounded(handle: IO[bytes], max_bytes: int, ref: str) -> pa.Table:
+    """The table a Parquet file holds, read in batches whose decoded size is added up as they come: past
+    `max_bytes` the read stops with InvalidArgument (setting max_parquet_uncompressed_bytes), so a footer that
+    under-declares is caught too. The footer is parsed once and checked first (check_parquet_sizes).
+
+    String and binary columns are read as dictionaries (a dictionary page of one long value and a thousand
+    indices to it is a few hundred bytes on disk): a batch's size counts each index as its value's length,
+    without decoding it, so memory stays bounded by the encoded data plus one batch. Once the total is known
+    to be within the bound, the columns are cast back to the file's own types (what pandas.read_parquet reads)."""
+    opened = parquet_file(handle, ref)
+    metadata = opened.metadata
+    check_parquet_sizes(metadata, max_bytes, ref)
+    schema = opened.schema
+    byte_arrays = [
+        schema.column(i).path for i in range(metadata.num_columns) if schema.column(i).physical_type == "BYTE_ARRAY"
+    ]
+    parquet = pq.ParquetFile(handle, metadata=metadata, read_dictionary=byte_arrays)
+    batches, total = [], 0
+    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+        total += sum(decoded_nbytes(column) for column in batch.columns)
+        if total > max_bytes:
+            raise InvalidArgument(
+                f"{clip(ref, 60)} is too large for one request: its Parquet data reads back as more than "
+                f"{max_bytes:,} bytes (its footer declared {metadata.num_rows:,} rows); at most {max_bytes:,} "
+                "(setting max_parquet_uncompressed_bytes): send it in parts"
+            )
+        batches.append(batch)
+    return pa.Table.from_batches(batches, schema=parquet.schema_arrow).cast(opened.schema_arrow)
+
+
+def decoded_nbytes(array: pa.Array) -> int:
+    """About the bytes `array` takes once its dictionaries are decoded: a dictionary of strings counts each index
+    as its value's length (plus an offset), lists and structs their own buffers and their children's decoded size.
+    """
+    kind = array.type
+    if pa.types.is_dictionary(kind):
+        lengths = pc.binary_length(array.dictionary)
+        values = pc.sum(pc.take(lengths, array.indices)).as_py() or 0
+        return int(values) + 8 * len(array)
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return 8 * len(array) + decoded_nbytes(array.flatten())  # a map is a list of key-value structs
+    if pa.types.is_struct(kind):
+        return len(array) // 8 + 1 + sum(decoded_nbytes(child) for child in array.flatten())
+    return int(array.nbytes)
 
 
 # --- streaming passes --------------------------------------------------------------------------------
