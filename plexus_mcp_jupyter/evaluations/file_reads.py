@@ -197,7 +197,7 @@ def check_parquet_sizes(metadata: pq.FileMetaData, max_bytes: int, ref: str) -> 
         )
 
 
-PARQUET_BATCH_ROWS = 8_192  # rows per batch of read_parquet_bounded: the bound is checked after each
+PARQUET_BATCH_ROWS = 65_536  # rows per batch of read_parquet_bounded: the bound is checked after each
 
 
 def read_parquet_bounded(handle: IO[bytes], max_bytes: int, ref: str) -> pa.Table:
@@ -227,7 +227,33 @@ def read_parquet_bounded(handle: IO[bytes], max_bytes: int, ref: str) -> pa.Tabl
                 "(setting max_parquet_uncompressed_bytes): send it in parts"
             )
         batches.append(batch)
-    return pa.Table.from_batches(batches, schema=parquet.schema_arrow).cast(opened.schema_arrow)
+    table = pa.Table.from_batches(batches, schema=parquet.schema_arrow)
+    try:
+        return table.cast(opened.schema_arrow)
+    except pa.ArrowNotImplementedError:  # no cast from a dictionary to some types (string_view): through its values
+        dense = pa.schema([_dense_field(field) for field in table.schema], metadata=table.schema.metadata)
+        return table.cast(dense).cast(opened.schema_arrow)
+
+
+def _dense(kind: pa.DataType) -> pa.DataType:
+    """`kind` with each dictionary type, at any depth, replaced by its value type."""
+    if pa.types.is_dictionary(kind):
+        return kind.value_type
+    if pa.types.is_map(kind):
+        return pa.map_(_dense_field(kind.key_field), _dense_field(kind.item_field), kind.keys_sorted)
+    if pa.types.is_list(kind):
+        return pa.list_(_dense_field(kind.value_field))
+    if pa.types.is_large_list(kind):
+        return pa.large_list(_dense_field(kind.value_field))
+    if pa.types.is_fixed_size_list(kind):
+        return pa.list_(_dense_field(kind.value_field), kind.list_size)
+    if pa.types.is_struct(kind):
+        return pa.struct([_dense_field(kind.field(i)) for i in range(kind.num_fields)])
+    return kind
+
+
+def _dense_field(field: pa.Field) -> pa.Field:
+    return field.with_type(_dense(field.type))
 
 
 def decoded_nbytes(array: pa.Array) -> int:
