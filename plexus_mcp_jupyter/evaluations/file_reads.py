@@ -11,6 +11,8 @@ memory or read an unbounded line: a 200 MB line without a newline once became a 
 - a file may have at most `ReadBounds.columns` columns, each named in at most `ReadBounds.name_chars`
   characters, so every message that lists column names is bounded too;
 - the first rows (for dtypes) come from at most HEAD_SAMPLE_BYTES after the header;
+- a Parquet body registered in one request is read in batches whose decoded size is added up, within a
+  bound (read_parquet_bounded: its footer's declared sizes are only a first filter);
 - rows and label counts come from a streaming pass in blocks (Parquet batches of one column, pyarrow's
   CSV reader of one column, JSON Lines lines of at most `block_bytes`), never from a loaded frame.
 
