@@ -293,6 +293,37 @@ async def test_a_small_parquet_body_that_expands_past_the_bound_is_refused(serve
     assert list(frame["tags"][0]) == ["a", "b"] and frame["score"].sum() == 1750.0
 
 
+@pytest.mark.parametrize("kind", ["plain page", "dictionary"])
+async def test_a_parquet_footer_that_under_declares_is_caught_by_the_read(
+    server_url, token, runtime, monkeypatch, kind
+):
+    """The footer's sizes are a writer's to set: with its check passed (as a crafted footer would pass it), a plain
+    page of 10 MB of zstd (a few kB) is refused from its page headers before it is decompressed, and a dictionary
+    column by its decoded size during the read."""
+    from plexus_mcp_jupyter.evaluations import datasets, file_reads
+
+    monkeypatch.setattr(file_reads, "check_parquet_sizes", lambda *args: None)
+    monkeypatch.setattr(
+        datasets, "check_parquet_sizes", lambda *args: None, raising=False
+    )  # where older code called it
+    runtime.catalog.max_parquet_uncompressed_bytes = 1_000_000
+    sink = pa.BufferOutputStream()
+    if kind == "plain page":
+        pq.write_table(pa.table({"text": ["x" * 10_000_000]}), sink, use_dictionary=False, compression="zstd")
+        said = "its Parquet pages decompress to 10,000,0"
+    else:
+        pq.write_table(EXPANDING_PARQUET["strings"], sink, compression="zstd")
+        said = "its Parquet data reads back as more than 1,000,000 bytes"
+    headers = {"Authorization": f"token {token}", "Content-Type": "application/vnd.apache.parquet"}
+    async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
+        refused = await http.post(
+            f"{server_url}plexus/api/datasets", params={"name": "lies"}, content=sink.getvalue().to_pybytes()
+        )
+    assert refused.status_code == 400, refused.text
+    assert said in error_message(refused) and "max_parquet_uncompressed_bytes" in error_message(refused)
+    assert "lies" not in runtime.catalog.registered_names()
+
+
 async def test_registering_reads_the_registered_directory_off_the_event_loop(server_url, token, runtime):
     loop_thread = threading.get_ident()
     threads: list[int] = []

@@ -214,6 +214,12 @@ def read_parquet_bounded(handle: IO[bytes], max_bytes: int, ref: str) -> pa.Tabl
     opened = parquet_file(handle, ref)
     metadata = opened.metadata
     check_parquet_sizes(metadata, max_bytes, ref)
+    pages = parquet_page_bytes(handle, metadata)
+    if pages > max_bytes:
+        raise InvalidArgument(
+            f"{clip(ref, 60)} is too large for one request: its Parquet pages decompress to {pages:,} bytes; at most "
+            f"{max_bytes:,} (setting max_parquet_uncompressed_bytes): send it in parts"
+        )
     schema = opened.schema
     byte_arrays = [
         schema.column(i).path for i in range(metadata.num_columns) if schema.column(i).physical_type == "BYTE_ARRAY"
@@ -256,6 +262,115 @@ def _dense(kind: pa.DataType) -> pa.DataType:
 
 def _dense_field(field: pa.Field) -> pa.Field:
     return field.with_type(_dense(field.type))
+
+
+def parquet_page_bytes(handle: IO[bytes], metadata: pq.FileMetaData) -> int:
+    """The bytes a Parquet file's pages decompress to, from their headers (what pyarrow allocates to read them, a
+    plain page of one repeated value included; the footer's sizes are a writer's to set). Each column chunk is
+    walked as pyarrow reads it: from its first page, `total_compressed_size` bytes. ValueError when a header is
+    not one."""
+    total = 0
+    for i in range(metadata.num_row_groups):
+        group = metadata.row_group(i)
+        for j in range(group.num_columns):
+            chunk = group.column(j)
+            position = chunk.data_page_offset
+            if chunk.has_dictionary_page and 0 < chunk.dictionary_page_offset < position:
+                position = chunk.dictionary_page_offset
+            end = position + chunk.total_compressed_size
+            while position < end:
+                handle.seek(position)
+                reader = _CompactReader(handle)
+                fields = reader.struct_fields((2, 3))
+                uncompressed, compressed = fields.get(2, -1), fields.get(3, -1)
+                if uncompressed < 0 or compressed < 0:
+                    raise ValueError(f"a page header at byte {position:,} has no sizes")
+                total += uncompressed
+                position += reader.read_bytes + compressed
+    return total
+
+
+class _CompactReader:
+    """Just enough of Thrift's compact protocol to read a page header's integer fields and skip the rest."""
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self.handle = handle
+        self.read_bytes = 0
+
+    def _read(self, count: int) -> bytes:
+        data = self.handle.read(count)
+        if len(data) != count:
+            raise ValueError("a page header runs past the end of the file")
+        self.read_bytes += count
+        return data
+
+    def _varint(self) -> int:
+        value = shift = 0
+        while True:
+            byte = self._read(1)[0]
+            value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return value
+            shift += 7
+            if shift > 70:
+                raise ValueError("a page header holds an overlong integer")
+
+    def _zigzag(self) -> int:
+        value = self._varint()
+        return (value >> 1) ^ -(value & 1)
+
+    def struct_fields(self, wanted: tuple[int, ...] = (), depth: int = 0) -> dict[int, int]:
+        """The integer fields `wanted` of the struct at the reader's position, which is read to its end."""
+        if depth > 32:
+            raise ValueError("a page header nests too deep")
+        found: dict[int, int] = {}
+        field = 0
+        while True:
+            header = self._read(1)[0]
+            if header == 0:
+                return found
+            kind, delta = header & 0x0F, header >> 4
+            field = field + delta if delta else self._zigzag()
+            if field in wanted and kind in (4, 5, 6):
+                found[field] = self._zigzag()
+            else:
+                self._skip(kind, depth)
+
+    def _skip(self, kind: int, depth: int) -> None:
+        if kind in (1, 2):  # booleans: the value is the type
+            return
+        if kind == 3:
+            self._read(1)
+        elif kind in (4, 5, 6):
+            self._varint()
+        elif kind == 7:
+            self._read(8)
+        elif kind == 8:
+            self._read(self._varint())
+        elif kind in (9, 10):
+            header = self._read(1)[0]
+            size, element = header >> 4, header & 0x0F
+            if size == 15:
+                size = self._varint()
+            for _ in range(size):
+                self._skip_element(element, depth)
+        elif kind == 11:
+            size = self._varint()
+            if size:
+                types = self._read(1)[0]
+                for _ in range(size):
+                    self._skip_element(types >> 4, depth)
+                    self._skip_element(types & 0x0F, depth)
+        elif kind == 12:
+            self.struct_fields(depth=depth + 1)
+        else:
+            raise ValueError(f"a page header holds an unknown Thrift type {kind}")
+
+    def _skip_element(self, kind: int, depth: int) -> None:
+        if kind in (1, 2):  # a boolean in a list or map is one byte
+            self._read(1)
+        else:
+            self._skip(kind, depth)
 
 
 def decoded_nbytes(array: pa.Array) -> int:
