@@ -264,29 +264,45 @@ def _dense_field(field: pa.Field) -> pa.Field:
     return field.with_type(_dense(field.type))
 
 
+PARQUET_BYTES_PER_PAGE = 256  # a body may have one page per this many bytes (and two per column chunk) at most
+
+
 def parquet_page_bytes(handle: IO[bytes], metadata: pq.FileMetaData) -> int:
     """The bytes a Parquet file's pages decompress to, from their headers (what pyarrow allocates to read them, a
     plain page of one repeated value included; the footer's sizes are a writer's to set). Each column chunk is
-    walked as pyarrow reads it: from its first page, `total_compressed_size` bytes. ValueError when a header is
-    not one."""
-    total = 0
-    for i in range(metadata.num_row_groups):
-        group = metadata.row_group(i)
-        for j in range(group.num_columns):
-            chunk = group.column(j)
-            position = chunk.data_page_offset
-            if chunk.has_dictionary_page and 0 < chunk.dictionary_page_offset < position:
-                position = chunk.dictionary_page_offset
-            end = position + chunk.total_compressed_size
-            while position < end:
-                handle.seek(position)
-                reader = _CompactReader(handle)
-                fields = reader.struct_fields((2, 3))
-                uncompressed, compressed = fields.get(2, -1), fields.get(3, -1)
-                if uncompressed < 0 or compressed < 0:
-                    raise ValueError(f"a page header at byte {position:,} has no sizes")
-                total += uncompressed
-                position += reader.read_bytes + compressed
+    walked as pyarrow reads it: from its first page, `total_compressed_size` bytes (none of a chunk of no values;
+    pyarrow reads no page past a chunk's values, so a crafted chunk may be over-counted, never under).
+    ValueError when a header is not one, when the chunks walked add up to more bytes than the file has (they
+    overlap), or when there are more pages than PARQUET_BYTES_PER_PAGE allows (writers make pages of about a
+    megabyte): the walk is bounded by the body's size."""
+    size = handle.seek(0, io.SEEK_END)
+    chunks = [
+        metadata.row_group(i).column(j) for i in range(metadata.num_row_groups) for j in range(metadata.num_columns)
+    ]
+    most_pages = 2 * len(chunks) + size // PARQUET_BYTES_PER_PAGE  # a dictionary page and a data page each
+    total = walked = pages = 0
+    for chunk in chunks:
+        if chunk.num_values <= 0:  # pyarrow reads no page of it (an empty table's chunk starts at byte 0)
+            continue
+        position = chunk.data_page_offset
+        if chunk.has_dictionary_page and 0 < chunk.dictionary_page_offset < position:
+            position = chunk.dictionary_page_offset
+        end = position + chunk.total_compressed_size
+        while position < end:
+            pages += 1
+            if pages > most_pages:
+                raise ValueError(f"it has more than {most_pages:,} pages (one per {PARQUET_BYTES_PER_PAGE} bytes)")
+            handle.seek(position)
+            reader = _CompactReader(handle)
+            fields = reader.struct_fields((2, 3))
+            uncompressed, compressed = fields.get(2, -1), fields.get(3, -1)
+            if uncompressed < 0 or compressed < 0:
+                raise ValueError(f"a page header at byte {position:,} has no sizes")
+            total += uncompressed
+            position += reader.read_bytes + compressed
+            walked += reader.read_bytes + compressed
+            if walked > size:
+                raise ValueError("its column chunks overlap")
     return total
 
 
