@@ -445,8 +445,9 @@ class PlexusSettings(Configurable):
         min=1,
         help="Most bytes a Parquet body registered in one request (POST plexus/api/datasets) may read back as. Its "
         "footer is a first filter (declared uncompressed bytes, and rows x columns and leaf values times 8, checked "
-        "before any data is read); the read enforces it, adding up each batch's decoded size (string columns "
-        "counted from their dictionaries, not decoded), so a small body cannot expand into gigabytes even when its "
+        "before any data is read); the read enforces it: the page headers' decompressed sizes before any page is "
+        "decompressed, then each batch's decoded size (string columns counted from their dictionaries, not "
+        "decoded), so a small body cannot expand into gigabytes even when its "
         "footer under-declares. Past it the body is refused saying so (send the frame in parts: the notebook "
         "client does). Default 1 GiB.",
     ).tag(config=True)
