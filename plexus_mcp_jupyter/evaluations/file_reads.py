@@ -369,20 +369,22 @@ class _CompactReader:
             if size == 15:
                 size = self._varint()
             for _ in range(size):
-                self._skip_element(element, depth)
+                self._skip_element(element, depth + 1)
         elif kind == 11:
             size = self._varint()
             if size:
                 types = self._read(1)[0]
                 for _ in range(size):
-                    self._skip_element(types >> 4, depth)
-                    self._skip_element(types & 0x0F, depth)
+                    self._skip_element(types >> 4, depth + 1)
+                    self._skip_element(types & 0x0F, depth + 1)
         elif kind == 12:
             self.struct_fields(depth=depth + 1)
         else:
             raise ValueError(f"a page header holds an unknown Thrift type {kind}")
 
     def _skip_element(self, kind: int, depth: int) -> None:
+        if depth > 32:  # lists of lists
+            raise ValueError("a page header nests too deep")
         if kind in (1, 2):  # a boolean in a list or map is one byte
             self._read(1)
         else:
@@ -395,9 +397,17 @@ def decoded_nbytes(array: pa.Array) -> int:
     """
     kind = array.type
     if pa.types.is_dictionary(kind):
+        value_type = kind.value_type
+        if not (
+            pa.types.is_string(value_type)
+            or pa.types.is_binary(value_type)
+            or pa.types.is_large_string(value_type)
+            or pa.types.is_large_binary(value_type)
+        ):  # a decimal in BYTE_ARRAY: one batch of it, decoded
+            return int(array.dictionary_decode().nbytes)
         lengths = pc.binary_length(array.dictionary)
-        values = pc.sum(pc.take(lengths, array.indices)).as_py() or 0
-        return int(values) + 8 * len(array)
+        decoded = pc.sum(pc.take(lengths, array.indices)).as_py() or 0
+        return int(decoded) + 8 * len(array)
     if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
         return 8 * len(array) + decoded_nbytes(array.flatten())  # a map is a list of key-value structs
     if pa.types.is_struct(kind):
