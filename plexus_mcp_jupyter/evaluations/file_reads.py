@@ -264,7 +264,10 @@ def _dense_field(field: pa.Field) -> pa.Field:
     return field.with_type(_dense(field.type))
 
 
-PARQUET_BYTES_PER_PAGE = 256  # a body may have one page per this many bytes (and two per column chunk) at most
+# A body may have at most two pages per column chunk, one per PARQUET_BYTES_PER_PAGE bytes and one per
+# PARQUET_VALUES_PER_PAGE values (pyarrow starts a page every 20,000 rows: a run of equal values is a few bytes each)
+PARQUET_BYTES_PER_PAGE = 256
+PARQUET_VALUES_PER_PAGE = 1_000
 
 
 def parquet_page_bytes(handle: IO[bytes], metadata: pq.FileMetaData) -> int:
@@ -273,13 +276,15 @@ def parquet_page_bytes(handle: IO[bytes], metadata: pq.FileMetaData) -> int:
     walked as pyarrow reads it: from its first page, `total_compressed_size` bytes (none of a chunk of no values;
     pyarrow reads no page past a chunk's values, so a crafted chunk may be over-counted, never under).
     ValueError when a header is not one, when the chunks walked add up to more bytes than the file has (they
-    overlap), or when there are more pages than PARQUET_BYTES_PER_PAGE allows (writers make pages of about a
-    megabyte): the walk is bounded by the body's size."""
+    overlap), or when there are more pages than PARQUET_BYTES_PER_PAGE and PARQUET_VALUES_PER_PAGE allow (writers
+    make pages of about a megabyte or 20,000 rows): the walk is bounded by the body's size and its values (which
+    check_parquet_sizes bounds)."""
     size = handle.seek(0, io.SEEK_END)
     chunks = [
         metadata.row_group(i).column(j) for i in range(metadata.num_row_groups) for j in range(metadata.num_columns)
     ]
-    most_pages = 2 * len(chunks) + size // PARQUET_BYTES_PER_PAGE  # a dictionary page and a data page each
+    values = sum(chunk.num_values for chunk in chunks)
+    most_pages = 2 * len(chunks) + size // PARQUET_BYTES_PER_PAGE + values // PARQUET_VALUES_PER_PAGE
     total = walked = pages = 0
     for chunk in chunks:
         if chunk.num_values <= 0:  # pyarrow reads no page of it (an empty table's chunk starts at byte 0)
@@ -291,7 +296,7 @@ def parquet_page_bytes(handle: IO[bytes], metadata: pq.FileMetaData) -> int:
         while position < end:
             pages += 1
             if pages > most_pages:
-                raise ValueError(f"it has more than {most_pages:,} pages (one per {PARQUET_BYTES_PER_PAGE} bytes)")
+                raise ValueError(f"it has more than {most_pages:,} pages for {size:,} bytes and {values:,} values")
             handle.seek(position)
             reader = _CompactReader(handle)
             fields = reader.struct_fields((2, 3))
