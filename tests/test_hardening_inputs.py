@@ -287,6 +287,9 @@ async def test_a_small_parquet_body_that_expands_past_the_bound_is_refused(serve
         accepted = await http.post(api, params={"name": "ordinary"}, content=parquet_body(ordinary))
         assert accepted.status_code == 201, accepted.text
         assert accepted.json()["rows"] == 3000, accepted.text
+        runs = parquet_body(pa.table({"label": ["a"] * 100_000}))  # 5 pages of a few bytes (one per 20,000 rows)
+        accepted = await http.post(api, params={"name": "runs"}, content=runs)
+        assert accepted.status_code == 201 and accepted.json()["rows"] == 100_000, accepted.text
     assert "expands" not in runtime.catalog.registered_names()
     frame = runtime.catalog.load("registered:ordinary")
     assert list(frame["label"][:3].fillna("-")) == ["cat", "dog", "-"]
