@@ -205,12 +205,14 @@ PARQUET_BATCH_ROWS = 65_536  # rows per batch of read_parquet_bounded: the bound
 def read_parquet_bounded(handle: IO[bytes], max_bytes: int, ref: str) -> pa.Table:
     """The table a Parquet file holds, read in batches whose decoded size is added up as they come: past
     `max_bytes` the read stops with InvalidArgument (setting max_parquet_uncompressed_bytes), so a footer that
-    under-declares is caught too. The footer is parsed once and checked first (check_parquet_sizes).
+    under-declares is caught too. The footer is parsed once and checked first (check_parquet_sizes, a first
+    filter), then the page headers (parquet_page_bytes: pyarrow decompresses a page whole).
 
     String and binary columns are read as dictionaries (a dictionary page of one long value and a thousand
     indices to it is a few hundred bytes on disk): a batch's size counts each index as its value's length,
-    without decoding it, so memory stays bounded by the encoded data plus one batch. Once the total is known
-    to be within the bound, the columns are cast back to the file's own types (what pandas.read_parquet reads)."""
+    without decoding it, so memory stays bounded by the decompressed pages plus one batch. Once the total is
+    known to be within the bound, the columns are cast back to the file's own types (what pandas.read_parquet
+    reads)."""
     opened = parquet_file(handle, ref)
     metadata = opened.metadata
     check_parquet_sizes(metadata, max_bytes, ref)
