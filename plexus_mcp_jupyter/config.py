@@ -471,10 +471,13 @@ class PlexusSettings(Configurable):
     max_parquet_uncompressed_bytes = Integer(
         2**30,
         min=1,
-        help="Most bytes a Parquet body registered in one request (POST plexus/api/datasets) may declare in its footer "
-        "once uncompressed, and most cells (rows x columns) times 8; checked before any of it is read, so a small "
-        "body cannot expand into gigabytes. Past it the body is refused saying so (send the frame in parts: the "
-        "notebook client does). Default 1 GiB.",
+        help="Most bytes a Parquet body registered in one request (POST plexus/api/datasets) may read back as. Its "
+        "footer is a first filter (declared uncompressed bytes, and rows x columns and leaf values times 8, checked "
+        "before any data is read); the read enforces it: the page headers' decompressed sizes before any page is "
+        "decompressed, then each batch's decoded size (string columns counted from their dictionaries, not "
+        "decoded), so a small body cannot expand into gigabytes even when its "
+        "footer under-declares. Past it the body is refused saying so (send the frame in parts: the notebook "
+        "client does). Default 1 GiB.",
     ).tag(config=True)
     max_registered_bytes_per_principal = Integer(
         2 * 2**30,

@@ -250,6 +250,85 @@ async def test_a_parquet_body_whose_footer_declares_too_much_is_refused_before_i
     assert "expands" not in runtime.catalog.registered_names()
 
 
+def parquet_body(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return bytes(sink.getvalue().to_pybytes())
+
+
+# Bodies of a few hundred bytes that the footer check alone let through (its fields are a writer's to set):
+EXPANDING_PARQUET = {
+    # a dictionary page of one 50 kB string and 1,000 indices to it: the footer says 50,053 bytes, 1,000 rows;
+    # it reads back as 50 MB
+    "strings": pa.table({"label": pa.array(["x" * 50_000] * 1000)}),
+    # one row holding a list of 5,000,000 int64 (rows count top-level rows, not values): 40 MB
+    "list": pa.table({"label": pa.array([[0] * 5_000_000], pa.list_(pa.int64()))}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(EXPANDING_PARQUET))
+async def test_a_small_parquet_body_that_expands_past_the_bound_is_refused(server_url, token, runtime, kind):
+    runtime.catalog.max_parquet_uncompressed_bytes = 1_000_000  # 1 GiB by default (max_parquet_uncompressed_bytes)
+    api = f"{server_url}plexus/api/datasets"
+    headers = {"Authorization": f"token {token}", "Content-Type": "application/vnd.apache.parquet"}
+    expanding = parquet_body(EXPANDING_PARQUET[kind])
+    assert len(expanding) < 1_000
+    ordinary = pa.table(
+        {
+            "label": pa.array(["cat", "dog", None] * 1000),
+            "prediction": pa.array(["cat", "cat", "dog"] * 1000).dictionary_encode(),
+            "score": pa.array([0.5, 0.25, 1.0] * 1000),
+            "tags": pa.array([["a", "b"], [], None] * 1000, pa.list_(pa.string())),
+        }
+    )
+    async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
+        refused = await http.post(api, params={"name": "expands"}, content=expanding)
+        assert refused.status_code == 400, refused.text
+        assert "max_parquet_uncompressed_bytes" in error_message(refused)
+        assert "at most 1,000,000" in error_message(refused)
+        accepted = await http.post(api, params={"name": "ordinary"}, content=parquet_body(ordinary))
+        assert accepted.status_code == 201, accepted.text
+        assert accepted.json()["rows"] == 3000, accepted.text
+        runs = parquet_body(pa.table({"label": ["a"] * 100_000}))  # 5 pages of a few bytes (one per 20,000 rows)
+        accepted = await http.post(api, params={"name": "runs"}, content=runs)
+        assert accepted.status_code == 201 and accepted.json()["rows"] == 100_000, accepted.text
+    assert "expands" not in runtime.catalog.registered_names()
+    frame = runtime.catalog.load("registered:ordinary")
+    assert list(frame["label"][:3].fillna("-")) == ["cat", "dog", "-"]
+    assert list(frame["tags"][0]) == ["a", "b"] and frame["score"].sum() == 1750.0
+
+
+@pytest.mark.parametrize("kind", ["plain page", "dictionary"])
+async def test_a_parquet_footer_that_under_declares_is_caught_by_the_read(
+    server_url, token, runtime, monkeypatch, kind
+):
+    """The footer's sizes are a writer's to set: with its check passed (as a crafted footer would pass it), a plain
+    page of 10 MB of zstd (a few kB) is refused from its page headers before it is decompressed, and a dictionary
+    column by its decoded size during the read."""
+    from plexus_mcp_jupyter.evaluations import datasets, file_reads
+
+    monkeypatch.setattr(file_reads, "check_parquet_sizes", lambda *args: None)
+    monkeypatch.setattr(
+        datasets, "check_parquet_sizes", lambda *args: None, raising=False
+    )  # where older code called it
+    runtime.catalog.max_parquet_uncompressed_bytes = 1_000_000
+    sink = pa.BufferOutputStream()
+    if kind == "plain page":
+        pq.write_table(pa.table({"text": ["x" * 10_000_000]}), sink, use_dictionary=False, compression="zstd")
+        said = "its Parquet pages decompress to 10,000,0"
+    else:
+        pq.write_table(EXPANDING_PARQUET["strings"], sink, compression="zstd")
+        said = "its Parquet data reads back as more than 1,000,000 bytes"
+    headers = {"Authorization": f"token {token}", "Content-Type": "application/vnd.apache.parquet"}
+    async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
+        refused = await http.post(
+            f"{server_url}plexus/api/datasets", params={"name": "lies"}, content=sink.getvalue().to_pybytes()
+        )
+    assert refused.status_code == 400, refused.text
+    assert said in error_message(refused) and "max_parquet_uncompressed_bytes" in error_message(refused)
+    assert "lies" not in runtime.catalog.registered_names()
+
+
 async def test_registering_reads_the_registered_directory_off_the_event_loop(server_url, token, runtime):
     loop_thread = threading.get_ident()
     threads: list[int] = []

@@ -61,7 +61,6 @@ from .file_reads import (
     check_columns,
     check_header,
     check_name,
-    check_parquet_sizes,
     clip,
     count_csv,
     count_jsonl,
@@ -69,6 +68,7 @@ from .file_reads import (
     head,
     parquet_file,
     parse_head,
+    read_parquet_bounded,
 )
 
 Source = Literal["file", "registered", "example"]
@@ -646,13 +646,12 @@ class DatasetCatalog:
         return _info(DatasetRef("registered", name), len(frame), [(str(c), str(t)) for c, t in frame.dtypes.items()])
 
     def read_parquet_body(self, body: bytes, name: str) -> pd.DataFrame:
-        """The DataFrame a request's Parquet body holds, after its footer's declared sizes are checked against
-        `max_parquet_uncompressed_bytes` (InvalidArgument past them, or when it is not Parquet). Run it in the
-        catalog's threads: it reads the whole body."""
+        """The DataFrame a request's Parquet body holds, within `max_parquet_uncompressed_bytes`: its footer's
+        declared sizes first, then its decoded size as it is read (read_parquet_bounded); InvalidArgument past
+        them, or when it is not Parquet. Run it in the catalog's threads: it reads the whole body."""
         ref = f"registered:{name}"
         try:
-            check_parquet_sizes(parquet_file(io.BytesIO(body), ref).metadata, self.max_parquet_uncompressed_bytes, ref)
-            return pd.read_parquet(io.BytesIO(body))
+            return read_parquet_bounded(io.BytesIO(body), self.max_parquet_uncompressed_bytes, ref).to_pandas()
         except InvalidArgument:
             raise
         except (pa.ArrowException, OSError, ValueError) as exc:

@@ -11,6 +11,8 @@ memory or read an unbounded line: a 200 MB line without a newline once became a 
 - a file may have at most `ReadBounds.columns` columns, each named in at most `ReadBounds.name_chars`
   characters, so every message that lists column names is bounded too;
 - the first rows (for dtypes) come from at most HEAD_SAMPLE_BYTES after the header;
+- a Parquet body registered in one request is read in batches whose decoded size is added up, within a
+  bound (read_parquet_bounded: its footer's declared sizes are only a first filter);
 - rows and label counts come from a streaming pass in blocks (Parquet batches of one column, pyarrow's
   CSV reader of one column, JSON Lines lines of at most `block_bytes`), never from a loaded frame.
 
@@ -177,16 +179,247 @@ def parquet_file(handle: IO[bytes], ref: str) -> pq.ParquetFile:
 
 def check_parquet_sizes(metadata: pq.FileMetaData, max_bytes: int, ref: str) -> None:
     """InvalidArgument when a Parquet file's footer declares more than `max_bytes` of uncompressed column data, or
-    more than `max_bytes / 8` cells (rows x columns: a run-length encoded column of a billion equal values is a few
-    bytes on disk and uncompressed, and gigabytes in a frame). Only the footer is read."""
+    more than `max_bytes / 8` values: rows x columns, and leaf values (a list column's elements; a run-length
+    encoded column of a billion equal values is a few bytes on disk and uncompressed, and gigabytes in a frame).
+    Only the footer is read: a first filter, since a writer sets these fields freely; read_parquet_bounded enforces
+    the bound on what the body reads back as."""
     declared = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
     cells = metadata.num_rows * max(metadata.num_columns, 1)
-    if declared > max_bytes or cells * 8 > max_bytes:
+    leaves = sum(
+        group.column(j).num_values
+        for group in (metadata.row_group(i) for i in range(metadata.num_row_groups))
+        for j in range(group.num_columns)
+    )
+    if declared > max_bytes or max(cells, leaves) * 8 > max_bytes:
         raise InvalidArgument(
             f"{clip(ref, 60)} is too large for one request: its Parquet footer declares {declared:,} bytes "
-            f"uncompressed and {metadata.num_rows:,} rows x {metadata.num_columns:,} columns; at most {max_bytes:,} "
-            f"bytes and {max_bytes // 8:,} cells (setting max_parquet_uncompressed_bytes): send it in parts"
+            f"uncompressed, {metadata.num_rows:,} rows x {metadata.num_columns:,} columns and {leaves:,} values; "
+            f"at most {max_bytes:,} bytes and {max_bytes // 8:,} values (setting max_parquet_uncompressed_bytes): "
+            "send it in parts"
         )
+
+
+PARQUET_BATCH_ROWS = 65_536  # rows per batch of read_parquet_bounded: the bound is checked after each
+
+
+def read_parquet_bounded(handle: IO[bytes], max_bytes: int, ref: str) -> pa.Table:
+    """The table a Parquet file holds, read in batches whose decoded size is added up as they come: past
+    `max_bytes` the read stops with InvalidArgument (setting max_parquet_uncompressed_bytes), so a footer that
+    under-declares is caught too. The footer is parsed once and checked first (check_parquet_sizes, a first
+    filter), then the page headers (parquet_page_bytes: pyarrow decompresses a page whole).
+
+    String and binary columns are read as dictionaries (a dictionary page of one long value and a thousand
+    indices to it is a few hundred bytes on disk): a batch's size counts each index as its value's length,
+    without decoding it, so memory stays bounded by the decompressed pages plus one batch. Once the total is
+    known to be within the bound, the columns are cast back to the file's own types (what pandas.read_parquet
+    reads)."""
+    opened = parquet_file(handle, ref)
+    metadata = opened.metadata
+    check_parquet_sizes(metadata, max_bytes, ref)
+    pages = parquet_page_bytes(handle, metadata)
+    if pages > max_bytes:
+        raise InvalidArgument(
+            f"{clip(ref, 60)} is too large for one request: its Parquet pages decompress to {pages:,} bytes; at most "
+            f"{max_bytes:,} (setting max_parquet_uncompressed_bytes): send it in parts"
+        )
+    schema = opened.schema
+    byte_arrays = [
+        schema.column(i).path for i in range(metadata.num_columns) if schema.column(i).physical_type == "BYTE_ARRAY"
+    ]
+    parquet = pq.ParquetFile(handle, metadata=metadata, read_dictionary=byte_arrays)
+    batches, total = [], 0
+    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+        total += sum(decoded_nbytes(column) for column in batch.columns)
+        if total > max_bytes:
+            raise InvalidArgument(
+                f"{clip(ref, 60)} is too large for one request: its Parquet data reads back as more than "
+                f"{max_bytes:,} bytes (its footer declared {metadata.num_rows:,} rows); at most {max_bytes:,} "
+                "(setting max_parquet_uncompressed_bytes): send it in parts"
+            )
+        batches.append(batch)
+    table = pa.Table.from_batches(batches, schema=parquet.schema_arrow)
+    try:
+        return table.cast(opened.schema_arrow)
+    except pa.ArrowNotImplementedError:  # no cast from a dictionary to some types (string_view): through its values
+        dense = pa.schema([_dense_field(field) for field in table.schema], metadata=table.schema.metadata)
+        return table.cast(dense).cast(opened.schema_arrow)
+
+
+def _dense(kind: pa.DataType) -> pa.DataType:
+    """`kind` with each dictionary type, at any depth, replaced by its value type."""
+    if pa.types.is_dictionary(kind):
+        return kind.value_type
+    if pa.types.is_map(kind):
+        return pa.map_(_dense_field(kind.key_field), _dense_field(kind.item_field), kind.keys_sorted)
+    if pa.types.is_list(kind):
+        return pa.list_(_dense_field(kind.value_field))
+    if pa.types.is_large_list(kind):
+        return pa.large_list(_dense_field(kind.value_field))
+    if pa.types.is_fixed_size_list(kind):
+        return pa.list_(_dense_field(kind.value_field), kind.list_size)
+    if pa.types.is_struct(kind):
+        return pa.struct([_dense_field(kind.field(i)) for i in range(kind.num_fields)])
+    return kind
+
+
+def _dense_field(field: pa.Field) -> pa.Field:
+    return field.with_type(_dense(field.type))
+
+
+# A body may have at most two pages per column chunk, one per PARQUET_BYTES_PER_PAGE bytes and one per
+# PARQUET_VALUES_PER_PAGE values (pyarrow starts a page every 20,000 rows: a run of equal values is a few bytes each)
+PARQUET_BYTES_PER_PAGE = 256
+PARQUET_VALUES_PER_PAGE = 1_000
+
+
+def parquet_page_bytes(handle: IO[bytes], metadata: pq.FileMetaData) -> int:
+    """The bytes a Parquet file's pages decompress to, from their headers (what pyarrow allocates to read them, a
+    plain page of one repeated value included; the footer's sizes are a writer's to set). Each column chunk is
+    walked as pyarrow reads it: from its first page, `total_compressed_size` bytes (none of a chunk of no values;
+    pyarrow reads no page past a chunk's values, so a crafted chunk may be over-counted, never under).
+    ValueError when a header is not one, when the chunks walked add up to more bytes than the file has (they
+    overlap), or when there are more pages than PARQUET_BYTES_PER_PAGE and PARQUET_VALUES_PER_PAGE allow (writers
+    make pages of about a megabyte or 20,000 rows): the walk is bounded by the body's size and its values (which
+    check_parquet_sizes bounds)."""
+    size = handle.seek(0, io.SEEK_END)
+    chunks = [
+        metadata.row_group(i).column(j) for i in range(metadata.num_row_groups) for j in range(metadata.num_columns)
+    ]
+    values = sum(chunk.num_values for chunk in chunks)
+    most_pages = 2 * len(chunks) + size // PARQUET_BYTES_PER_PAGE + values // PARQUET_VALUES_PER_PAGE
+    total = walked = pages = 0
+    for chunk in chunks:
+        if chunk.num_values <= 0:  # pyarrow reads no page of it (an empty table's chunk starts at byte 0)
+            continue
+        position = chunk.data_page_offset
+        if chunk.has_dictionary_page and 0 < chunk.dictionary_page_offset < position:
+            position = chunk.dictionary_page_offset
+        end = position + chunk.total_compressed_size
+        while position < end:
+            pages += 1
+            if pages > most_pages:
+                raise ValueError(f"it has more than {most_pages:,} pages for {size:,} bytes and {values:,} values")
+            handle.seek(position)
+            reader = _CompactReader(handle)
+            fields = reader.struct_fields((2, 3))
+            uncompressed, compressed = fields.get(2, -1), fields.get(3, -1)
+            if uncompressed < 0 or compressed < 0:
+                raise ValueError(f"a page header at byte {position:,} has no sizes")
+            total += uncompressed
+            position += reader.read_bytes + compressed
+            walked += reader.read_bytes + compressed
+            if walked > size:
+                raise ValueError("its column chunks overlap")
+    return total
+
+
+class _CompactReader:
+    """Just enough of Thrift's compact protocol to read a page header's integer fields and skip the rest."""
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self.handle = handle
+        self.read_bytes = 0
+
+    def _read(self, count: int) -> bytes:
+        data = self.handle.read(count)
+        if len(data) != count:
+            raise ValueError("a page header runs past the end of the file")
+        self.read_bytes += count
+        return data
+
+    def _varint(self) -> int:
+        value = shift = 0
+        while True:
+            byte = self._read(1)[0]
+            value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return value
+            shift += 7
+            if shift > 70:
+                raise ValueError("a page header holds an overlong integer")
+
+    def _zigzag(self) -> int:
+        value = self._varint()
+        return (value >> 1) ^ -(value & 1)
+
+    def struct_fields(self, wanted: tuple[int, ...] = (), depth: int = 0) -> dict[int, int]:
+        """The integer fields `wanted` of the struct at the reader's position, which is read to its end."""
+        if depth > 32:
+            raise ValueError("a page header nests too deep")
+        found: dict[int, int] = {}
+        field = 0
+        while True:
+            header = self._read(1)[0]
+            if header == 0:
+                return found
+            kind, delta = header & 0x0F, header >> 4
+            field = field + delta if delta else self._zigzag()
+            if field in wanted and kind in (4, 5, 6):
+                found[field] = self._zigzag()
+            else:
+                self._skip(kind, depth)
+
+    def _skip(self, kind: int, depth: int) -> None:
+        if kind in (1, 2):  # booleans: the value is the type
+            return
+        if kind == 3:
+            self._read(1)
+        elif kind in (4, 5, 6):
+            self._varint()
+        elif kind == 7:
+            self._read(8)
+        elif kind == 8:
+            self._read(self._varint())
+        elif kind in (9, 10):
+            header = self._read(1)[0]
+            size, element = header >> 4, header & 0x0F
+            if size == 15:
+                size = self._varint()
+            for _ in range(size):
+                self._skip_element(element, depth + 1)
+        elif kind == 11:
+            size = self._varint()
+            if size:
+                types = self._read(1)[0]
+                for _ in range(size):
+                    self._skip_element(types >> 4, depth + 1)
+                    self._skip_element(types & 0x0F, depth + 1)
+        elif kind == 12:
+            self.struct_fields(depth=depth + 1)
+        else:
+            raise ValueError(f"a page header holds an unknown Thrift type {kind}")
+
+    def _skip_element(self, kind: int, depth: int) -> None:
+        if depth > 32:  # lists of lists
+            raise ValueError("a page header nests too deep")
+        if kind in (1, 2):  # a boolean in a list or map is one byte
+            self._read(1)
+        else:
+            self._skip(kind, depth)
+
+
+def decoded_nbytes(array: pa.Array) -> int:
+    """About the bytes `array` takes once its dictionaries are decoded: a dictionary of strings counts each index
+    as its value's length (plus an offset), lists and structs their own buffers and their children's decoded size.
+    """
+    kind = array.type
+    if pa.types.is_dictionary(kind):
+        value_type = kind.value_type
+        if not (
+            pa.types.is_string(value_type)
+            or pa.types.is_binary(value_type)
+            or pa.types.is_large_string(value_type)
+            or pa.types.is_large_binary(value_type)
+        ):  # a decimal in BYTE_ARRAY: one batch of it, decoded
+            return int(array.dictionary_decode().nbytes)
+        lengths = pc.binary_length(array.dictionary)
+        decoded = pc.sum(pc.take(lengths, array.indices)).as_py() or 0
+        return int(decoded) + 8 * len(array)
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return 8 * len(array) + decoded_nbytes(array.flatten())  # a map is a list of key-value structs
+    if pa.types.is_struct(kind):
+        return len(array) // 8 + 1 + sum(decoded_nbytes(child) for child in array.flatten())
+    return int(array.nbytes)
 
 
 # --- streaming passes --------------------------------------------------------------------------------

@@ -235,7 +235,7 @@ class DatasetsHandler(PlexusHandler):
         body = self.request.body
         if not body:
             raise InvalidArgument("the request has no body: send the DataFrame as Parquet or JSON records")
-        if content_type in PARQUET_TYPES:  # its footer's sizes are checked before it is read
+        if content_type in PARQUET_TYPES:  # its footer's sizes checked first, its decoded size as it is read
             return self.runtime.catalog.read_parquet_body(body, name)
         if content_type == "application/json":
             try:  # in a thread already (see post); counted before it is parsed, as every JSON body is
