@@ -151,15 +151,14 @@ class MCPBridge:
         self.endpoint.arrived()
         extra_scope = {"plexus.principal": principal, "user": session_user(principal)}
         body = self.handler.request.body or b""
-        large = (  # (a body over the endpoint's limit is the SDK's to refuse, unread)
-            self.handler.request.method == "POST"
-            and JSON_ON_LOOP_BYTES < len(body) <= self.endpoint.max_request_body_size
-        )
+        within = len(body) <= self.endpoint.max_request_body_size  # (a larger body is the SDK's to refuse, unread)
+        large = self.handler.request.method == "POST" and len(body) > JSON_ON_LOOP_BYTES and within
         if large:  # charged before any work on it
             self._charge(principal, len(body))
-        refusal = await json_refusal_off_loop(body, self.endpoint.max_json_values)  # too deep or too many values
-        if refusal is not None:
-            raise HTTPError(400, f"the request body is {refusal}")
+        if within:
+            refusal = await json_refusal_off_loop(body, self.endpoint.max_json_values)  # too deep, too many values
+            if refusal is not None:
+                raise HTTPError(400, f"the request body is {refusal}")
         body_sent = False
 
         async def receive() -> MutableMapping[str, Any]:

@@ -27,7 +27,7 @@ from ..evaluations.requests import (
     RegisterDataset,
     UploadPart,
 )
-from ..security.http import BadJSON, parse_json
+from ..security.http import BadJSON, parse_json_in_pieces
 from .base import PlexusHandler, http_error
 
 PARQUET_TYPES = ("application/vnd.apache.parquet", "application/x-parquet", "application/octet-stream")
@@ -238,8 +238,10 @@ class DatasetsHandler(PlexusHandler):
         if content_type in PARQUET_TYPES:  # its footer's sizes checked first, its decoded size as it is read
             return self.runtime.catalog.read_parquet_body(body, name)
         if content_type == "application/json":
-            try:  # in a thread already (see post); counted before it is parsed, as every JSON body is
-                data: Any = parse_json(body, self.runtime.settings.max_dataset_json_values, "max_dataset_json_values")
+            try:  # in a thread already (see post), a piece at a time (up to ServerApp.max_body_size: 512 MiB)
+                data: Any = parse_json_in_pieces(
+                    body, self.runtime.settings.max_dataset_json_values, "max_dataset_json_values"
+                )
             except BadJSON as exc:
                 hint = "; send a larger DataFrame as Parquet" if "max_dataset_json_values" in str(exc) else ""
                 raise InvalidArgument(f"the request body is {exc}{hint}") from None

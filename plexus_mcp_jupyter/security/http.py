@@ -6,13 +6,13 @@ import asyncio
 import json
 import re
 import sys
-from itertools import accumulate
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
 from tornado import httputil, web
 
-from .bodies import JSON_ON_LOOP_BYTES, parse_large
+from .bodies import JSON_ON_LOOP_BYTES, cooperative_loads, parse_large
 from .identity import Principal
 from .keys import KeyRejected
 from .ratelimit import RateLimited
@@ -87,42 +87,94 @@ class BadJSON(ValueError):
 # otherwise recurse to about a thousand levels (a RecursionError); no request of this API needs more than a few.
 MAX_JSON_DEPTH = 64
 
-# A string, or from an unterminated one's quote to the end: every match from a quote succeeds, so the engine never
-# starts again at each later quote and scans to the end (quadratic: a 4 MB body of escaped quotes took hours, the
-# GIL held). DOTALL: an escaped newline is one character too.
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
 _EMPTY_CONTAINER = re.compile(rb"\[\s*\]|\{\s*\}")
 _QUOTED = re.compile(rb'"[^"]*"')
 _NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{}"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _AS_PARENTHESES = bytes.maketrans(b"[]{}", b"()()")
-_NESTING_STEP = [0] * 256
-_NESTING_STEP[ord("(")], _NESTING_STEP[ord(")")] = 1, -1
 
 
 def json_refusal(text: str | bytes, max_values: int | None = None, setting: str = "max_json_values") -> str | None:
-    """Why a client's JSON text is refused unparsed, or None: nested deeper than MAX_JSON_DEPTH, or (`max_values`
-    given) holding more values than that. The one check behind every REST body, MCP body and WebSocket message.
+    """Why a client's JSON text is refused unparsed, or None: (`max_values` given) holding more values than that,
+    or nested deeper than MAX_JSON_DEPTH. The one check behind every REST body, MCP body and WebSocket message.
 
     Cheap for the common case: a text shorter than 2 * MAX_JSON_DEPTH bytes cannot be deeper (each level takes an
-    opening and a closing bracket), and one with at most MAX_JSON_DEPTH opening brackets cannot either; only past
-    both is the nesting measured (`json_depth`, byte operations). Malformed JSON is measured as if it were
-    well-formed: the parser refuses it after."""
+    opening and a closing bracket), one with at most MAX_JSON_DEPTH opening brackets cannot either, and a text of n
+    bytes holds at most about n/2 values, fewer than its commas and opening brackets: only past those bounds are the
+    values counted (`json_values`) or the nesting measured (`json_depth`). A large text is looked at in pieces of
+    about `_PIECE_BYTES`, each a few C calls: a thread checking it gives the GIL back between them. Malformed JSON
+    is measured as if it were well-formed: the parser refuses it after."""
     if len(text) <= 2 * MAX_JSON_DEPTH:
         return None
-    opens = _count(text, "[") + _count(text, "{")
-    if opens > MAX_JSON_DEPTH:
-        depth = json_depth(text, MAX_JSON_DEPTH)
-        if depth > MAX_JSON_DEPTH:
-            return f"not accepted: JSON nested {depth:,} levels deep, more than the {MAX_JSON_DEPTH} allowed"
-    if max_values is None or len(text) <= 2 * max_values or 1 + _count(text, ",") + opens <= max_values:
-        return None  # a text of n bytes holds at most about n/2 values; commas and brackets bound them from above
-    bare = _JSON_STRING.sub(b"0", _as_bytes(text))  # commas and brackets in strings are text
-    values = 1 + bare.count(b",") + bare.count(b"[") + bare.count(b"{") - len(_EMPTY_CONTAINER.findall(bare))
-    return too_many_values(values, max_values, setting) if values > max_values else None
+    data = _as_bytes(text)
+    commas, opens = _structure_counts(data)
+    if max_values is not None and len(data) > 2 * max_values and 1 + commas + opens > max_values:
+        values = json_values(data)  # commas and brackets in strings are text
+        if values > max_values:
+            return too_many_values(values, max_values, setting)
+    if opens > MAX_JSON_DEPTH and json_depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        return f"not accepted: JSON nested more than the {MAX_JSON_DEPTH} levels allowed"
+    return None
 
 
-def _count(text: str | bytes, char: str) -> int:
-    return text.count(char) if isinstance(text, str) else text.count(char.encode())
+# A piece of a text looked at in one go: a thread checking a large body gives the GIL back between pieces (one regex
+# over a whole 4 MiB body held it 50-130 ms, the event loop standing still meanwhile).
+_PIECE_BYTES = 64 * 1024
+
+
+def _structure_counts(data: bytes) -> tuple[int, int]:
+    """The commas and the opening brackets of `data`, strings included (bounds from above), a piece at a time."""
+    if len(data) <= _PIECE_BYTES:  # (most bodies: no loop)
+        return data.count(b","), data.count(b"[") + data.count(b"{")
+    commas = opens = 0
+    for start in range(0, len(data), _PIECE_BYTES):
+        end = start + _PIECE_BYTES
+        commas += data.count(b",", start, end)
+        opens += data.count(b"[", start, end) + data.count(b"{", start, end)
+    return commas, opens
+
+
+def _unescaped_pieces(data: bytes) -> Iterator[bytes]:
+    """`data` in pieces of about `_PIECE_BYTES` (none cutting a run of backslashes from the byte after it), each
+    without its escaped backslashes and quotes (pairs from the left, as a JSON string's escapes are read): every
+    quote left opens or closes a string."""
+    start, size = 0, len(data)
+    while start < size:
+        end = min(start + _PIECE_BYTES, size)
+        while end < size and data[end - 1] == 0x5C:  # a backslash at the cut: the piece takes the byte it escapes
+            end += 1
+        piece = data[start:end]
+        yield piece.replace(b"\\\\", b"").replace(b'\\"', b"") if b"\\" in piece else piece
+        start = end
+
+
+def json_values(text: str | bytes) -> int:
+    """How many values (arrays, objects, their elements and members, and the top one) a JSON text holds: the commas
+    and opening brackets outside strings, less the empty containers, plus one (`_bare_pieces`). An empty container
+    cut by a piece's end counts as one value more (a bound, at most one a piece)."""
+    values = 1
+    for bare in _bare_pieces(_as_bytes(text)):
+        values += bare.count(b",") + bare.count(b"[") + bare.count(b"{") - len(_EMPTY_CONTAINER.findall(bare))
+    return values
+
+
+def _bare_pieces(data: bytes, dropped: bytes | None = None) -> Iterator[bytes]:
+    """`data` a piece at a time (`_unescaped_pieces`: every quote left opens or closes a string), each string in it
+    replaced by 0 (`_QUOTED`, linear: no match can fail and start again); a string open at a piece's end is cut
+    there and its rest from the next piece, a string never closed runs to the end (malformed: the parser refuses it).
+    `dropped`: bytes other than quotes taken out of each piece first (less for the regex to read)."""
+    open_string = False
+    for piece in _unescaped_pieces(data):
+        if dropped is not None:  # (adjacent quotes too: an empty string, or one's end and the next one's start)
+            piece = piece.translate(None, dropped).replace(b'""', b"")
+        if open_string:
+            close = piece.find(b'"')
+            if close < 0:
+                continue
+            piece, open_string = piece[close + 1 :], False
+        if piece.count(b'"') % 2:
+            piece, open_string = piece[: piece.rindex(b'"')] + b"0", True
+        yield _QUOTED.sub(b"0", piece)
 
 
 def _as_bytes(text: str | bytes) -> bytes:
@@ -130,28 +182,21 @@ def _as_bytes(text: str | bytes) -> bytes:
 
 
 def json_depth(text: str | bytes, limit: int) -> int:
-    """The deepest nesting of arrays and objects in a JSON text when it is more than `limit`, else at most `limit`.
+    """The deepest nesting of arrays and objects in a JSON text when it is at most `limit`; `limit` + 1 when deeper.
 
-    Byte operations, no per-character Python: escaped backslashes and quotes dropped, then all but brackets and
-    quotes; adjacent quotes dropped (an empty string, or one string's end and the next one's start: every bracket
-    stays inside or outside a string as it was), then what is left quoted (brackets in strings). Then innermost
-    pairs are dropped, a level a pass, `limit` passes at most; only a text with pairs left after them is measured
-    exactly."""
-    data = _as_bytes(text)
-    if b"\\" in data:  # pairs from the left, as a JSON string's escapes are read
-        data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
-    structure = data.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
-    if b'"' in structure:
-        structure = _QUOTED.sub(b"", structure)
-    brackets = inner = structure.translate(_AS_PARENTHESES)
-    for _ in range(limit):
+    Byte operations, no per-character Python: its brackets outside strings (`_bare_pieces`, a piece at a time);
+    then innermost pairs are dropped, a level a pass (each pass a C call: a thread gives the GIL back between them),
+    `limit` passes at most; pairs left after them: deeper than `limit` (not measured further: an exact measure held
+    the GIL throughout)."""
+    pieces = _bare_pieces(_as_bytes(text), _NOT_STRUCTURE)
+    structure = b"".join(bare.translate(None, _NOT_BRACKETS) for bare in pieces)
+    inner = structure.translate(_AS_PARENTHESES)
+    for level in range(limit):
         shorter = inner.replace(b"()", b"")
         if len(shorter) == len(inner):  # no pair left: every level dropped (or malformed: the parser refuses it)
-            return 0
+            return level
         inner = shorter
-    if b"()" not in inner:
-        return limit
-    return max(accumulate(map(_NESTING_STEP.__getitem__, brackets)))
+    return limit + 1 if b"()" in inner else limit
 
 
 def parse_json(text: str | bytes, max_values: int | None = None, setting: str = "max_json_values") -> Any:
@@ -189,6 +234,19 @@ def too_many_values(values: int, limit: int, setting: str = "max_json_values") -
         f"not accepted: it holds {values:,} JSON values (arrays, objects and their elements), more than the "
         f"{limit:,} allowed ({setting})"
     )
+
+
+def parse_json_in_pieces(text: str | bytes, max_values: int | None = None, setting: str = "max_json_values") -> Any:
+    """parse_json for a thread other than the loop's, on a text of any size: its checks and its parse each a piece
+    at a time (`json_refusal`, security/bodies.py `cooperative_loads`), so the loop gets the GIL between pieces
+    (json.loads on a large text holds it throughout)."""
+    refused = json_refusal(text, max_values, setting)
+    if refused is not None:
+        raise BadJSON(refused)
+    try:
+        return cooperative_loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise bad_json(exc) from None
 
 
 async def parse_json_off_loop(text: str | bytes, max_values: int | None = None) -> Any:
