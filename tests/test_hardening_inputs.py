@@ -263,6 +263,17 @@ EXPANDING_PARQUET = {
     "strings": pa.table({"label": pa.array(["x" * 50_000] * 1000)}),
     # one row holding a list of 5,000,000 int64 (rows count top-level rows, not values): 40 MB
     "list": pa.table({"label": pa.array([[0] * 5_000_000], pa.list_(pa.int64()))}),
+    # a map's string values are read as a dictionary too (a map is not a list to pyarrow's type checks): 50 MB
+    "map": pa.table({"label": pa.array([[("k", "x" * 50_000)]] * 1000, pa.map_(pa.string(), pa.string()))}),
+    # and a struct's inside a map's values
+    "map of structs": pa.table(
+        {
+            "label": pa.array(
+                [[("k", {"text": "x" * 50_000})]] * 1000,
+                pa.map_(pa.string(), pa.struct([("text", pa.string())])),
+            )
+        }
+    ),
 }
 
 
@@ -279,6 +290,7 @@ async def test_a_small_parquet_body_that_expands_past_the_bound_is_refused(serve
             "prediction": pa.array(["cat", "cat", "dog"] * 1000).dictionary_encode(),
             "score": pa.array([0.5, 0.25, 1.0] * 1000),
             "tags": pa.array([["a", "b"], [], None] * 1000, pa.list_(pa.string())),
+            "attributes": pa.array([[("a", "b")], [], None] * 1000, pa.map_(pa.string(), pa.string())),
         }
     )
     async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
@@ -296,6 +308,7 @@ async def test_a_small_parquet_body_that_expands_past_the_bound_is_refused(serve
     frame = runtime.catalog.load("registered:ordinary")
     assert list(frame["label"][:3].fillna("-")) == ["cat", "dog", "-"]
     assert list(frame["tags"][0]) == ["a", "b"] and frame["score"].sum() == 1750.0
+    assert [tuple(pair) for pair in frame["attributes"][0]] == [("a", "b")]
 
 
 @pytest.mark.parametrize("kind", ["plain page", "dictionary"])

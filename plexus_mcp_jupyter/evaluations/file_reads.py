@@ -415,11 +415,29 @@ def decoded_nbytes(array: pa.Array) -> int:
         lengths = pc.binary_length(array.dictionary)
         decoded = pc.sum(pc.take(lengths, array.indices)).as_py() or 0
         return int(decoded) + 8 * len(array)
+    if pa.types.is_map(kind):  # (not a list to pa.types, and flatten() has no kernel for it)
+        if not len(array):
+            return 0
+        start, end = array.offsets[0].as_py(), array.offsets[-1].as_py()  # keys/items ignore a slice's offset
+        entries = (array.keys.slice(start, end - start), array.items.slice(start, end - start))
+        return 8 * len(array) + sum(decoded_nbytes(child) for child in entries)
     if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
-        return 8 * len(array) + decoded_nbytes(array.flatten())  # a map is a list of key-value structs
+        return 8 * len(array) + decoded_nbytes(array.flatten())
     if pa.types.is_struct(kind):
         return len(array) // 8 + 1 + sum(decoded_nbytes(child) for child in array.flatten())
+    if _holds_dictionary(kind):  # its nbytes would count a dictionary once, however many rows refer to it
+        raise InvalidArgument(
+            f"a Parquet column of type {clip(str(kind), 100)} cannot be read within a size bound; send its values "
+            "as strings, numbers, lists, maps or structs of them"
+        )
     return int(array.nbytes)
+
+
+def _holds_dictionary(kind: pa.DataType) -> bool:
+    """Whether `kind` is, or holds at any depth, a dictionary type."""
+    if pa.types.is_dictionary(kind):
+        return True
+    return any(_holds_dictionary(kind.field(i).type) for i in range(kind.num_fields))
 
 
 # --- streaming passes --------------------------------------------------------------------------------
