@@ -312,6 +312,21 @@ async def test_a_small_parquet_body_that_expands_past_the_bound_is_refused(serve
     assert [tuple(pair) for pair in frame["attributes"][0]] == [("a", "b")]
 
 
+def test_a_column_type_holding_a_dictionary_the_size_count_does_not_know_is_refused():
+    """decoded_nbytes counts dictionaries inside lists, maps and structs; any other type holding one is refused
+    rather than counted by nbytes (which counts a dictionary once, however many rows refer to it)."""
+    from plexus_mcp_jupyter.evaluations.file_reads import decoded_nbytes
+
+    strings = pa.array(["x" * 1000] * 100).dictionary_encode()
+    ones = pa.array([1] * 100, pa.int32())
+    assert decoded_nbytes(pa.ListArray.from_arrays(pa.array(range(101), pa.int32()), strings)) >= 100_000
+    views = pa.ListViewArray.from_arrays(pa.array(range(100), pa.int32()), ones, strings)
+    union = pa.UnionArray.from_sparse(pa.array([0] * 100, pa.int8()), [strings])
+    for array in (views, union):
+        with pytest.raises(InvalidArgument, match="cannot be read within a size bound"):
+            decoded_nbytes(array)
+
+
 @pytest.mark.parametrize("kind", ["plain page", "dictionary"])
 async def test_a_parquet_footer_that_under_declares_is_caught_by_the_read(
     server_url, token, runtime, monkeypatch, kind
