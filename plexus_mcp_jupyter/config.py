@@ -158,8 +158,8 @@ class PlexusSettings(Configurable):
     ws_message_rate = Float(
         20.0,
         min=0.01,
-        help="Messages per second one event WebSocket may send on average (twice that at once); beyond, a message "
-        "is answered with an error and not read.",
+        help="Messages per second one event WebSocket may send on average (twice that at once); beyond, the next "
+        "message waits (the connection is read no further meanwhile); nothing is dropped.",
     ).tag(config=True)
     max_tasks_per_key = Integer(
         50, min=1, help="Unfinished tasks (queued and running) one API key may have; more are refused."

@@ -180,7 +180,48 @@ def test_the_cooperative_parse_reads_any_json_as_json_loads_does(value, indent, 
 
 
 @pytest.mark.parametrize(
-    "text", ["[1, 2,", '{"a": [1, 2, 3], "b": ', "[" + "1, " * 30_000 + "]", '{"a": 1,}', "[1] x", "", '"abc']
+    "text",
+    [
+        # a 200 kB string first spends the refused runs' budget; then each [0,0] was tried in a 4-character piece,
+        # then in a 64 KiB one (copied, and a sleep): 90 times json.loads's CPU
+        '[["' + "x" * 200_000 + '",0,0,0],' + ",".join(["0,[0,0]"] * 24_000) + ',"' + "y" * 70_000 + '"]',
+        # small elements before a last one larger than the window: no comma past the window to cut a run at
+        "[" + ",".join(["0,[0,0]"] * 8000) + ',"' + "y" * 70_000 + '"]',
+    ],
+)
+def test_the_cooperative_parse_copies_at_most_a_few_times_the_text(monkeypatch, text):
+    """What the cooperative parse costs beyond json.loads is the pieces it copies for the C parser (each a slice of
+    the text): counted, not timed, they add up to at most a few times the text's length."""
+    from plexus_mcp_jupyter.security import bodies
+
+    copied = [0, 0]  # characters, pieces
+    scan = bodies._SCAN
+
+    def counted(piece: str, index: int):
+        if piece is not text:  # (the text itself is scanned in place, not copied)
+            copied[0] += len(piece)
+            copied[1] += 1
+        return scan(piece, index)
+
+    monkeypatch.setattr(bodies, "_SCAN", counted)
+    assert cooperative_loads(text) == json.loads(text)
+    assert copied[0] <= 4 * len(text), copied
+    assert copied[1] <= len(text) // 1000, copied  # (a few hundred at most: not one per element)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[1, 2,",
+        '{"a": [1, 2, 3], "b": ',
+        "[" + "1, " * 30_000 + "]",
+        "[[" + "1, " * 30_000 + "], 2]",  # (a run that closes early is kept only if it read an element)
+        '{"a": [' + "1, " * 30_000 + "1],}",
+        '{"a": 1,}',
+        "[1] x",
+        "",
+        '"abc',
+    ],
 )
 def test_the_cooperative_parse_refuses_what_json_loads_refuses(text):
     with pytest.raises(json.JSONDecodeError) as wanted:
@@ -236,6 +277,24 @@ async def test_an_event_websocket_is_metered_per_connection(server_url, keys, ru
             assert answer["type"] == "error", answer
         took = time.monotonic() - started
         assert took >= (count - 2 * rate) / rate * 0.9, f"{count} messages answered in {took:.2f} s"
+        # A message is charged to its sender's byte budget by its UTF-8 bytes: 80,000 here, in 40,000 characters.
+        budget = runtime.body_budget
+        charged: list[int] = []
+        taken = budget.take
+
+        def counted(identity: str, rate: float | None = None, cost: float = 1.0) -> float:
+            charged.append(int(cost))
+            return taken(identity, rate, cost)
+
+        budget.take = counted
+        try:
+            wide = json.dumps({"type": "no such type", "pad": "\u00e9" * 40_000}, ensure_ascii=False)
+            await ws.write_message(wide)
+            answer = json.loads(await asyncio.wait_for(ws.read_message(), 30))
+            assert answer["type"] == "error", answer
+        finally:
+            del budget.take
+        assert charged == [len(wide.encode())], (charged, len(wide))
         # A message over max_request_bytes closes the socket before it is read.
         with contextlib.suppress(WebSocketClosedError):  # (closed as soon as the frame's header is read)
             await ws.write_message(json.dumps({"type": "x", "pad": "p" * runtime.settings.max_request_bytes}))

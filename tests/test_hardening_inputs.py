@@ -8,6 +8,7 @@ long id and type lists, long cursors, repeated filter values.
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
 import json
 import subprocess
@@ -263,6 +264,17 @@ EXPANDING_PARQUET = {
     "strings": pa.table({"label": pa.array(["x" * 50_000] * 1000)}),
     # one row holding a list of 5,000,000 int64 (rows count top-level rows, not values): 40 MB
     "list": pa.table({"label": pa.array([[0] * 5_000_000], pa.list_(pa.int64()))}),
+    # a map's string values are read as a dictionary too (a map is not a list to pyarrow's type checks): 50 MB
+    "map": pa.table({"label": pa.array([[("k", "x" * 50_000)]] * 1000, pa.map_(pa.string(), pa.string()))}),
+    # and a struct's inside a map's values
+    "map of structs": pa.table(
+        {
+            "label": pa.array(
+                [[("k", {"text": "x" * 50_000})]] * 1000,
+                pa.map_(pa.string(), pa.struct([("text", pa.string())])),
+            )
+        }
+    ),
 }
 
 
@@ -279,6 +291,7 @@ async def test_a_small_parquet_body_that_expands_past_the_bound_is_refused(serve
             "prediction": pa.array(["cat", "cat", "dog"] * 1000).dictionary_encode(),
             "score": pa.array([0.5, 0.25, 1.0] * 1000),
             "tags": pa.array([["a", "b"], [], None] * 1000, pa.list_(pa.string())),
+            "attributes": pa.array([[("a", "b")], [], None] * 1000, pa.map_(pa.string(), pa.string())),
         }
     )
     async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
@@ -296,6 +309,22 @@ async def test_a_small_parquet_body_that_expands_past_the_bound_is_refused(serve
     frame = runtime.catalog.load("registered:ordinary")
     assert list(frame["label"][:3].fillna("-")) == ["cat", "dog", "-"]
     assert list(frame["tags"][0]) == ["a", "b"] and frame["score"].sum() == 1750.0
+    assert [tuple(pair) for pair in frame["attributes"][0]] == [("a", "b")]
+
+
+def test_a_column_type_holding_a_dictionary_the_size_count_does_not_know_is_refused():
+    """decoded_nbytes counts dictionaries inside lists, maps and structs; any other type holding one is refused
+    rather than counted by nbytes (which counts a dictionary once, however many rows refer to it)."""
+    from plexus_mcp_jupyter.evaluations.file_reads import decoded_nbytes
+
+    strings = pa.array(["x" * 1000] * 100).dictionary_encode()
+    ones = pa.array([1] * 100, pa.int32())
+    assert decoded_nbytes(pa.ListArray.from_arrays(pa.array(range(101), pa.int32()), strings)) >= 100_000
+    views = pa.ListViewArray.from_arrays(pa.array(range(100), pa.int32()), ones, strings)
+    union = pa.UnionArray.from_sparse(pa.array([0] * 100, pa.int8()), [strings])
+    for array in (views, union):
+        with pytest.raises(InvalidArgument, match="cannot be read within a size bound"):
+            decoded_nbytes(array)
 
 
 @pytest.mark.parametrize("kind", ["plain page", "dictionary"])
@@ -327,6 +356,59 @@ async def test_a_parquet_footer_that_under_declares_is_caught_by_the_read(
     assert refused.status_code == 400, refused.text
     assert said in error_message(refused) and "max_parquet_uncompressed_bytes" in error_message(refused)
     assert "lies" not in runtime.catalog.registered_names()
+
+
+def parquet_with_long_statistics() -> tuple[bytes, int]:
+    """A Parquet body whose page header holds 8 kB of statistics (two 4,001-byte strings: pyarrow writes values of
+    up to 4,096 bytes), and the offset of the max_value's length in it."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"label": ["x" * 4000 + "0", "x" * 4000 + "2"]}), sink, use_dictionary=False)
+    body = bytes(sink.getvalue().to_pybytes())
+    at = body.index(b"\xa1\x1f" + b"x" * 4000 + b"2")  # the length (varint 4,001) and the bytes of max_value
+    assert at < 100, at  # in the first page's header, not the data or the footer
+    return body, at
+
+
+async def test_a_parquet_page_header_holding_a_long_list_is_refused(server_url, token, runtime):
+    """The page-header walk parses each header from at most 16 KiB read at once, and refuses a list or map of more
+    than 1,000 elements (a header has none; one declaring 500 million booleans took the walk minutes a header)."""
+    ordinary, at = parquet_with_long_statistics()
+    crafted = bytearray(ordinary)
+    crafted[at - 1] = (crafted[at - 1] & 0xF0) | 9  # the max_value field becomes a list (same length: the footer's
+    crafted[at : at + 4003] = b"\xf1\xa0\x1f" + b"\x01" * 4000  # offsets hold) of 4,000 booleans
+    assert pq.read_table(pa.BufferReader(bytes(crafted))).num_rows == 2  # (pyarrow skips a field of another type)
+    headers = {"Authorization": f"token {token}", "Content-Type": "application/vnd.apache.parquet"}
+    async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
+        api = f"{server_url}plexus/api/datasets"
+        refused = await http.post(api, params={"name": "listed"}, content=bytes(crafted))
+        assert refused.status_code == 400, refused.text
+        assert "a page header holds a list or map of 4,000 elements; at most 1,000" in error_message(refused)
+        accepted = await http.post(api, params={"name": "statistics"}, content=ordinary)
+        assert accepted.status_code == 201 and accepted.json()["rows"] == 2, accepted.text
+    assert "listed" not in runtime.catalog.registered_names()
+
+
+def test_a_parquet_page_header_over_16_kib_is_refused_from_one_read():
+    """A header is read into memory once (1 KiB, then up to 16 KiB), not byte by byte, and refused past 16 KiB."""
+    from plexus_mcp_jupyter.evaluations.file_reads import parquet_page_bytes
+
+    ordinary, _ = parquet_with_long_statistics()
+    metadata = pq.ParquetFile(pa.BufferReader(ordinary)).metadata
+    start = metadata.row_group(0).column(0).data_page_offset
+    blob = b"x" * 5_000_000  # a 5 MB field 100 (binary) after the page's sizes
+    header = b"\x15\x00\x15\xc8\x01\x15\x14" + b"\x08\xc8\x01" + b"\xc0\x96\xb1\x02" + blob + b"\x00"
+
+    class Counted(io.BytesIO):
+        reads = 0
+
+        def read(self, size: int | None = -1) -> bytes:
+            Counted.reads += 1
+            return super().read(size)
+
+    handle = Counted(ordinary[:start] + header + b"\x00" * 10)
+    with pytest.raises(ValueError, match=f"a page header at byte {start:,} is larger than 16,384 bytes"):
+        parquet_page_bytes(handle, metadata)
+    assert Counted.reads <= 2
 
 
 async def test_registering_reads_the_registered_directory_off_the_event_loop(server_url, token, runtime):

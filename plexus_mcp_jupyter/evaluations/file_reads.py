@@ -270,6 +270,13 @@ def _dense_field(field: pa.Field) -> pa.Field:
 # PARQUET_VALUES_PER_PAGE values (pyarrow starts a page every 20,000 rows: a run of equal values is a few bytes each)
 PARQUET_BYTES_PER_PAGE = 256
 PARQUET_VALUES_PER_PAGE = 1_000
+# A page header is read whole into memory and parsed there: first PAGE_HEADER_FIRST_READ bytes (a writer's headers
+# are tens of bytes; statistics of long strings a few kB), then, if it runs past them, up to PAGE_HEADER_MAX_BYTES
+# (pyarrow writes statistics of at most 4,096 bytes a value). A larger header, or one holding a list or map of more
+# than PAGE_HEADER_MAX_ELEMENTS elements (a page header has none), is refused.
+PAGE_HEADER_FIRST_READ = 1024
+PAGE_HEADER_MAX_BYTES = 16 * 1024
+PAGE_HEADER_MAX_ELEMENTS = 1_000
 
 
 def parquet_page_bytes(handle: IO[bytes], metadata: pq.FileMetaData) -> int:
@@ -277,10 +284,11 @@ def parquet_page_bytes(handle: IO[bytes], metadata: pq.FileMetaData) -> int:
     plain page of one repeated value included; the footer's sizes are a writer's to set). Each column chunk is
     walked as pyarrow reads it: from its first page, `total_compressed_size` bytes (none of a chunk of no values;
     pyarrow reads no page past a chunk's values, so a crafted chunk may be over-counted, never under).
-    ValueError when a header is not one, when the chunks walked add up to more bytes than the file has (they
+    ValueError when a header is not one (or is larger than PAGE_HEADER_MAX_BYTES, or holds a list or map of more
+    than PAGE_HEADER_MAX_ELEMENTS elements), when the chunks walked add up to more bytes than the file has (they
     overlap), or when there are more pages than PARQUET_BYTES_PER_PAGE and PARQUET_VALUES_PER_PAGE allow (writers
     make pages of about a megabyte or 20,000 rows): the walk is bounded by the body's size and its values (which
-    check_parquet_sizes bounds)."""
+    check_parquet_sizes bounds), each header's parse by PAGE_HEADER_MAX_BYTES."""
     size = handle.seek(0, io.SEEK_END)
     chunks = [
         metadata.row_group(i).column(j) for i in range(metadata.num_row_groups) for j in range(metadata.num_columns)
@@ -299,38 +307,64 @@ def parquet_page_bytes(handle: IO[bytes], metadata: pq.FileMetaData) -> int:
             pages += 1
             if pages > most_pages:
                 raise ValueError(f"it has more than {most_pages:,} pages for {size:,} bytes and {values:,} values")
-            handle.seek(position)
-            reader = _CompactReader(handle)
-            fields = reader.struct_fields((2, 3))
-            uncompressed, compressed = fields.get(2, -1), fields.get(3, -1)
-            if uncompressed < 0 or compressed < 0:
-                raise ValueError(f"a page header at byte {position:,} has no sizes")
+            uncompressed, compressed, header_bytes = _page_header(handle, position)
             total += uncompressed
-            position += reader.read_bytes + compressed
-            walked += reader.read_bytes + compressed
+            position += header_bytes + compressed
+            walked += header_bytes + compressed
             if walked > size:
                 raise ValueError("its column chunks overlap")
     return total
 
 
-class _CompactReader:
-    """Just enough of Thrift's compact protocol to read a page header's integer fields and skip the rest."""
+def _page_header(handle: IO[bytes], position: int) -> tuple[int, int, int]:
+    """(uncompressed size, compressed size, header's own size) of the page header at `position`."""
+    for limit in (PAGE_HEADER_FIRST_READ, PAGE_HEADER_MAX_BYTES):
+        handle.seek(position)
+        data = handle.read(limit)
+        reader = _CompactReader(data)
+        try:
+            fields = reader.struct_fields((2, 3))
+        except _PastBuffer:
+            if len(data) < limit:
+                raise ValueError("a page header runs past the end of the file") from None
+            continue
+        uncompressed, compressed = fields.get(2, -1), fields.get(3, -1)
+        if uncompressed < 0 or compressed < 0:
+            raise ValueError(f"a page header at byte {position:,} has no sizes")
+        return uncompressed, compressed, reader.position
+    raise ValueError(f"a page header at byte {position:,} is larger than {PAGE_HEADER_MAX_BYTES:,} bytes")
 
-    def __init__(self, handle: IO[bytes]) -> None:
-        self.handle = handle
-        self.read_bytes = 0
+
+class _PastBuffer(Exception):
+    """A page header runs past the bytes read for it."""
+
+
+class _CompactReader:
+    """Just enough of Thrift's compact protocol to read a page header's integer fields and skip the rest, from the
+    bytes read for it."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.position = 0
 
     def _read(self, count: int) -> bytes:
-        data = self.handle.read(count)
-        if len(data) != count:
-            raise ValueError("a page header runs past the end of the file")
-        self.read_bytes += count
-        return data
+        end = self.position + count
+        if end > len(self.data):
+            raise _PastBuffer
+        chunk = self.data[self.position : end]
+        self.position = end
+        return chunk
+
+    def _byte(self) -> int:
+        if self.position >= len(self.data):
+            raise _PastBuffer
+        self.position += 1
+        return self.data[self.position - 1]
 
     def _varint(self) -> int:
         value = shift = 0
         while True:
-            byte = self._read(1)[0]
+            byte = self._byte()
             value |= (byte & 0x7F) << shift
             if not byte & 0x80:
                 return value
@@ -349,7 +383,7 @@ class _CompactReader:
         found: dict[int, int] = {}
         field = 0
         while True:
-            header = self._read(1)[0]
+            header = self._byte()
             if header == 0:
                 return found
             kind, delta = header & 0x0F, header >> 4
@@ -359,11 +393,18 @@ class _CompactReader:
             else:
                 self._skip(kind, depth)
 
+    def _elements(self, size: int) -> int:
+        if size > PAGE_HEADER_MAX_ELEMENTS:
+            raise ValueError(
+                f"a page header holds a list or map of {size:,} elements; at most {PAGE_HEADER_MAX_ELEMENTS:,}"
+            )
+        return size
+
     def _skip(self, kind: int, depth: int) -> None:
         if kind in (1, 2):  # booleans: the value is the type
             return
         if kind == 3:
-            self._read(1)
+            self._byte()
         elif kind in (4, 5, 6):
             self._varint()
         elif kind == 7:
@@ -371,16 +412,16 @@ class _CompactReader:
         elif kind == 8:
             self._read(self._varint())
         elif kind in (9, 10):
-            header = self._read(1)[0]
+            header = self._byte()
             size, element = header >> 4, header & 0x0F
             if size == 15:
                 size = self._varint()
-            for _ in range(size):
+            for _ in range(self._elements(size)):
                 self._skip_element(element, depth + 1)
         elif kind == 11:
-            size = self._varint()
+            size = self._elements(self._varint())
             if size:
-                types = self._read(1)[0]
+                types = self._byte()
                 for _ in range(size):
                     self._skip_element(types >> 4, depth + 1)
                     self._skip_element(types & 0x0F, depth + 1)
@@ -393,7 +434,7 @@ class _CompactReader:
         if depth > 32:  # lists of lists
             raise ValueError("a page header nests too deep")
         if kind in (1, 2):  # a boolean in a list or map is one byte
-            self._read(1)
+            self._byte()
         else:
             self._skip(kind, depth)
 
@@ -415,11 +456,29 @@ def decoded_nbytes(array: pa.Array) -> int:
         lengths = pc.binary_length(array.dictionary)
         decoded = pc.sum(pc.take(lengths, array.indices)).as_py() or 0
         return int(decoded) + 8 * len(array)
+    if pa.types.is_map(kind):  # (not a list to pa.types, and flatten() has no kernel for it)
+        if not len(array):
+            return 0
+        start, end = array.offsets[0].as_py(), array.offsets[-1].as_py()  # keys/items ignore a slice's offset
+        entries = (array.keys.slice(start, end - start), array.items.slice(start, end - start))
+        return 8 * len(array) + sum(decoded_nbytes(child) for child in entries)
     if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
-        return 8 * len(array) + decoded_nbytes(array.flatten())  # a map is a list of key-value structs
+        return 8 * len(array) + decoded_nbytes(array.flatten())
     if pa.types.is_struct(kind):
         return len(array) // 8 + 1 + sum(decoded_nbytes(child) for child in array.flatten())
+    if _holds_dictionary(kind):  # its nbytes would count a dictionary once, however many rows refer to it
+        raise InvalidArgument(
+            f"a Parquet column of type {clip(str(kind), 100)} cannot be read within a size bound; send its values "
+            "as strings, numbers, lists, maps or structs of them"
+        )
     return int(array.nbytes)
+
+
+def _holds_dictionary(kind: pa.DataType) -> bool:
+    """Whether `kind` is, or holds at any depth, a dictionary type."""
+    if pa.types.is_dictionary(kind):
+        return True
+    return any(_holds_dictionary(kind.field(i).type) for i in range(kind.num_fields))
 
 
 # --- streaming passes --------------------------------------------------------------------------------

@@ -168,7 +168,7 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
         """Kernel scorers (evaluations/kernel_scorers.py): registration, and answers to score requests.
 
         A message that is not a JSON object gets an error message saying why; the socket stays open."""
-        await self._metered(len(message))
+        await self._metered(len(message.encode()) if isinstance(message, str) else len(message))  # bytes, not chars
         registry = self.runtime.kernel_scorers
         expected = f"messages to the event stream are JSON objects with a type: one of {', '.join(SCORER_MESSAGES)}"
         try:

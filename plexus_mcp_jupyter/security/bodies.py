@@ -11,11 +11,16 @@ one core, benchmarks/bench_abuse.py --only bodies: 66-112 ms -> 28 ms, p50 12-13
 
 A run of a large container's small elements is parsed as one piece (`"[" + run + "]"`, cut at a comma past the
 window, kept only if the C parser reads it whole: then the cut was between two of the container's own elements); a
-string is one C call (a copy: ~2 ms for 4 MiB). A refused run (a cut inside a nested value or a string) tries the
-next two commas, then the container goes on element by element for 1, 2, 4... elements before the next run; refused
-pieces cost at most the text's length (runs) and twice it (a value's pieces) before none is tried. Measured for 4
-MiB (thread CPU, against `json.loads`): small objects 0.9-1.2x, numbers 1.1x, nested lists of objects 1.7x, strings
-with commas 2.2x, objects of objects 2.4x. What the loop may still wait for is the garbage collector: a full
+string is one C call (a copy: ~2 ms for 4 MiB). With no comma past the window, a run is cut at the last one within
+it (the small elements before a large last one); a run that closes early has read the container's last elements and
+ends it; a run over two windows is not tried (a large element is read on its own). A refused run (a cut inside a
+nested value or a string) tries the next two commas, then the container goes on element by element for 1, 2, 4...
+elements before the next run; refused pieces cost at most the text's length (runs) and twice it (a value's pieces)
+before none is tried. A value's first piece is four times its previous sibling's size, then twice as large each time
+up to the window, so a value costs about twice its size in pieces, not a window's copy (`_Pieces.copied` counts the
+characters copied: at most a few times the text; a crafted 462 kB body once copied 1.5 GB, 90x json.loads). Measured
+for 4 MiB (thread CPU, against `json.loads`): small objects 0.9-1.2x, numbers 1.1x, nested lists of objects 1.7x,
+strings with commas 2.2x, objects of objects 2.4x. What the loop may still wait for is the garbage collector: a full
 collection, run by whichever thread allocates when it is due, walks every tracked object (tens of ms for the dicts
 and lists a 4 MiB body makes) holding the GIL.
 
@@ -77,6 +82,7 @@ class _Pieces:
         self.window = window
         self.trial_budget = 2 * len(text)  # characters refused pieces of one value may cost before none is tried
         self.run_budget = len(text)  # characters refused runs may cost before none is tried
+        self.copied = 0  # characters copied into pieces and runs (what the parse costs beyond json.loads's)
 
     def value(self, index: int, size_hint: int = 0) -> tuple[Any, int]:
         """The value at `index` and the index after it (`size_hint`: its likely size, its previous sibling's)."""
@@ -88,13 +94,19 @@ class _Pieces:
             return self._scalar(index)
         if len(text) - index <= self.window:
             return self._scalar(index)  # the rest of the text is one piece
-        # A small piece first when the siblings are small (a window's copy for each would cost more than them).
-        for size in (4 * size_hint, self.window) if 0 < 4 * size_hint < self.window else (self.window,):
-            if size == self.window:
+        # A small piece first when the siblings are small (a window's copy for each would cost more than them),
+        # then pieces twice as large up to the window's: a value costs at most about twice its size in pieces.
+        size = 4 * size_hint if 0 < 4 * size_hint < self.window else self.window
+        while self.trial_budget > 0:  # (checked before the slice is copied)
+            if size >= self.window:
+                size = self.window
                 time.sleep(0)  # (as before a run)
             whole = self._piece(text[index : index + size])
             if whole is not None:
                 return whole[0], index + whole[1]
+            if size == self.window:
+                break
+            size *= 2
         return self._array(index) if first == "[" else self._object(index)
 
     def _scalar(self, index: int) -> tuple[Any, int]:
@@ -108,35 +120,45 @@ class _Pieces:
         or the piece is not JSON: what is wrong is found element by element)."""
         if self.trial_budget <= 0:
             return None
+        self.copied += len(piece)
         try:
             return _SCAN(piece, 0)  # type: ignore[no-any-return]
         except (StopIteration, JSONDecodeError, RecursionError):
             self.trial_budget -= len(piece)
             return None
 
-    def _run(self, index: int, opening: str, closing: str, separator: str) -> tuple[Any, int] | None:
-        """The container's elements from `index` up to a comma past `index + window`, read as one piece, and the
-        index of that comma; None if there is no such comma or the piece is not read whole. The comma looked for
-        first is one followed by what followed the last one (`separator`: the comma, spaces and the next element's
-        first character), likely the container's own."""
+    def _run(self, index: int, opening: str, closing: str, separator: str) -> tuple[Any, int, bool] | None:
+        """The container's elements from `index` up to a comma past `index + window` (or, if there is none, the last
+        one before it), read as one piece: (elements, index of that comma, False); or, when the container closes
+        before that comma, (its remaining elements, the index after its closing bracket, True). None if there is no
+        such comma, the piece would be over two windows, or it is not read whole. The comma looked for first is one
+        followed by what followed the last one (`separator`: the comma, spaces and the next element's first
+        character), likely the container's own."""
         if self.run_budget <= 0:
             return None
         start = index + self.window
-        for _ in range(RUN_CUTS):
+        for attempt in range(RUN_CUTS):
             cut = self.text.find(separator, start) if len(separator) > 1 else -1
             if cut == -1:
                 cut = self.text.find(",", start)
-                if cut == -1:
-                    return None
+            if cut == -1 and attempt == 0:  # no comma past the window (a large last element, or the text's end):
+                cut = self.text.rfind(separator, index, start)  # the small elements before it, to the window's last
+                if cut == -1 and len(separator) > 1:
+                    cut = self.text.rfind(",", index, start)
+            if cut <= index or cut - index > 2 * self.window:  # (a piece past two windows: a large element,
+                return None  # which value() reads or walks on its own, and not one long C call)
             piece = opening + self.text[index:cut] + closing
+            self.copied += len(piece)
             time.sleep(0)  # the GIL to the loop now if it waits for it, not after the 5 ms switch interval
             try:
                 value, end = _SCAN(piece, 0)
             except (StopIteration, JSONDecodeError, RecursionError):
                 end = -1
             if end == len(piece):
-                return value, cut
-            # (a run that closes early went past the container's end; one that does not close cut a nested value)
+                return value, cut, False
+            if end > 0 and value:  # it closed early, with the container's own bracket: its last elements
+                return value, index + end - 1, True  # (an empty one would be a trailing comma's, refused)
+            # (one that does not close cut a nested value or a string)
             self.run_budget -= len(piece)
             if self.run_budget <= 0:
                 return None
@@ -155,6 +177,8 @@ class _Pieces:
             run = self._run(index, "[", "]", separator) if wait <= 0 else None
             if run is not None:
                 items.extend(run[0])
+                if run[2]:
+                    return items, run[1]
                 index = _skip(text, run[1] + 1)
                 backoff = 1
                 continue
@@ -185,6 +209,8 @@ class _Pieces:
             run = self._run(index, "{", "}", separator) if wait <= 0 else None
             if run is not None:
                 members.update(run[0])  # (a key given twice keeps its last value, as in json.loads)
+                if run[2]:
+                    return members, run[1]
                 index = _skip(text, run[1] + 1)
                 backoff = 1
                 continue
