@@ -370,7 +370,7 @@ def parquet_with_long_statistics() -> tuple[bytes, int]:
 
 
 async def test_a_parquet_page_header_holding_a_long_list_is_refused(server_url, token, runtime):
-    """The page-header walk parses each header from at most 16 KiB read at once, and refuses a list or map of more
+    """The page-header walk parses each header from at most 1 MiB read at once, and refuses a list or map of more
     than 1,000 elements (a header has none; one declaring 500 million booleans took the walk minutes a header)."""
     ordinary, at = parquet_with_long_statistics()
     crafted = bytearray(ordinary)
@@ -388,8 +388,8 @@ async def test_a_parquet_page_header_holding_a_long_list_is_refused(server_url, 
     assert "listed" not in runtime.catalog.registered_names()
 
 
-def test_a_parquet_page_header_over_16_kib_is_refused_from_one_read():
-    """A header is read into memory once (1 KiB, then up to 16 KiB), not byte by byte, and refused past 16 KiB."""
+def test_a_parquet_page_header_over_1_mib_is_refused_from_one_read():
+    """A header is read into memory once (1 KiB, then up to 1 MiB), not byte by byte, and refused past 1 MiB."""
     from plexus_mcp_jupyter.evaluations.file_reads import parquet_page_bytes
 
     ordinary, _ = parquet_with_long_statistics()
@@ -406,7 +406,7 @@ def test_a_parquet_page_header_over_16_kib_is_refused_from_one_read():
             return super().read(size)
 
     handle = Counted(ordinary[:start] + header + b"\x00" * 10)
-    with pytest.raises(ValueError, match=f"a page header at byte {start:,} is larger than 16,384 bytes"):
+    with pytest.raises(ValueError, match=f"a page header at byte {start:,} is larger than 1,048,576 bytes"):
         parquet_page_bytes(handle, metadata)
     assert Counted.reads <= 2
 

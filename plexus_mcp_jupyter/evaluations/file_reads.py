@@ -272,10 +272,12 @@ PARQUET_BYTES_PER_PAGE = 256
 PARQUET_VALUES_PER_PAGE = 1_000
 # A page header is read whole into memory and parsed there: first PAGE_HEADER_FIRST_READ bytes (a writer's headers
 # are tens of bytes; statistics of long strings a few kB), then, if it runs past them, up to PAGE_HEADER_MAX_BYTES
-# (pyarrow writes statistics of at most 4,096 bytes a value). A larger header, or one holding a list or map of more
-# than PAGE_HEADER_MAX_ELEMENTS elements (a page header has none), is refused.
+# (pyarrow writes statistics of at most 4,096 bytes a value; other writers may keep a long string's whole: a page of
+# documents is not refused for its header). A larger header, or one holding a list or map of more than
+# PAGE_HEADER_MAX_ELEMENTS elements (a page header has none), is refused. (The headers' bytes together are at most
+# the body's: the bound is on one header's read, the walk's on the body.)
 PAGE_HEADER_FIRST_READ = 1024
-PAGE_HEADER_MAX_BYTES = 16 * 1024
+PAGE_HEADER_MAX_BYTES = 1024 * 1024
 PAGE_HEADER_MAX_ELEMENTS = 1_000
 
 
