@@ -34,6 +34,7 @@ import asyncio
 import json
 import re
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from json import JSONDecodeError
 from typing import Any
@@ -166,57 +167,20 @@ class _Pieces:
         return None
 
     def _array(self, index: int) -> tuple[list[Any], int]:
-        text = self.text
         items: list[Any] = []
-        index = _skip(text, index + 1)
-        if text[index : index + 1] == "]":
-            return items, index + 1
-        separator, size, wait, backoff = ",", 0, 0, 1
-        while True:
-            # After a run is refused, the next is tried only after 1, 2, 4... more elements (at most 1,024).
-            run = self._run(index, "[", "]", separator) if wait <= 0 else None
-            if run is not None:
-                items.extend(run[0])
-                if run[2]:
-                    return items, run[1]
-                index = _skip(text, run[1] + 1)
-                backoff = 1
-                continue
-            if wait <= 0:
-                wait, backoff = backoff, min(2 * backoff, 1024)
-            wait -= 1
+
+        def element(index: int, size: int) -> tuple[int, int]:
             item, end = self.value(index, size)
             items.append(item)
-            size = end - index
-            index = _skip(text, end)
-            delimiter = text[index : index + 1]
-            if delimiter == "]":
-                return items, index + 1
-            if delimiter != ",":
-                raise JSONDecodeError("Expecting ',' delimiter", text, index)
-            comma, index = index, _skip(text, index + 1)
-            separator = text[comma : index + SEPARATOR_CHARS]
+            return index, end
+
+        return items, self._elements(index, "[", "]", items.extend, element)
 
     def _object(self, index: int) -> tuple[dict[str, Any], int]:
-        text = self.text
         members: dict[str, Any] = {}
-        index = _skip(text, index + 1)
-        if text[index : index + 1] == "}":
-            return members, index + 1
-        separator, size, wait, backoff = ",", 0, 0, 1
-        while True:
-            # After a run is refused, the next is tried only after 1, 2, 4... more elements (at most 1,024).
-            run = self._run(index, "{", "}", separator) if wait <= 0 else None
-            if run is not None:
-                members.update(run[0])  # (a key given twice keeps its last value, as in json.loads)
-                if run[2]:
-                    return members, run[1]
-                index = _skip(text, run[1] + 1)
-                backoff = 1
-                continue
-            if wait <= 0:
-                wait, backoff = backoff, min(2 * backoff, 1024)
-            wait -= 1
+        text = self.text
+
+        def member(index: int, size: int) -> tuple[int, int]:
             if text[index : index + 1] != '"':
                 raise JSONDecodeError("Expecting property name enclosed in double quotes", text, index)
             key, index = scanstring(text, index + 1, True)
@@ -225,11 +189,46 @@ class _Pieces:
                 raise JSONDecodeError("Expecting ':' delimiter", text, index)
             index = _skip(text, index + 1)
             members[key], end = self.value(index, size)
-            size = end - index
+            return index, end
+
+        # (members.update: a key given twice keeps its last value, as in json.loads)
+        return members, self._elements(index, "{", "}", members.update, member)
+
+    def _elements(
+        self,
+        index: int,
+        opening: str,
+        closing: str,
+        add_run: Callable[[Any], None],
+        element: Callable[[int, int], tuple[int, int]],
+    ) -> int:
+        """The index after the container opening at `index`, its elements read: runs of small ones as one piece each
+        (`_run`, given to `add_run`), the others one by one (`element`: from an element's index and its previous
+        sibling's size, the index of its value and the index after it)."""
+        text = self.text
+        index = _skip(text, index + 1)
+        if text[index : index + 1] == closing:
+            return index + 1
+        separator, size, wait, backoff = ",", 0, 0, 1
+        while True:
+            # After a run is refused, the next is tried only after 1, 2, 4... more elements (at most 1,024).
+            run = self._run(index, opening, closing, separator) if wait <= 0 else None
+            if run is not None:
+                add_run(run[0])
+                if run[2]:
+                    return int(run[1])
+                index = _skip(text, run[1] + 1)
+                backoff = 1
+                continue
+            if wait <= 0:
+                wait, backoff = backoff, min(2 * backoff, 1024)
+            wait -= 1
+            start, end = element(index, size)
+            size = end - start
             index = _skip(text, end)
             delimiter = text[index : index + 1]
-            if delimiter == "}":
-                return members, index + 1
+            if delimiter == closing:
+                return index + 1
             if delimiter != ",":
                 raise JSONDecodeError("Expecting ',' delimiter", text, index)
             comma, index = index, _skip(text, index + 1)
