@@ -29,10 +29,10 @@ from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError, RequestHandler
 
 from ..handlers.jupyter_compat import response_finished
-from ..security.bodies import JSON_ON_LOOP_BYTES, charge_body, parse_large
-from ..security.http import BadJSON, TooManyRequests, bad_json, json_refusal_off_loop, jsonrpc_error
+from ..security.bodies import JSON_ON_LOOP_BYTES, parse_large
+from ..security.http import BadJSON, bad_json, charge_large_body, json_refusal_off_loop, jsonrpc_error
 from ..security.identity import Principal
-from ..security.ratelimit import BytesLimited, RateLimiter
+from ..security.ratelimit import RateLimiter
 from .event_store import MemoryEventStore
 from .sdk_compat import ModernJSONEntry, json_message, lowlevel_server, modern_request, preparsed, response_mode
 from .sessions import PlexusSessionManager, SessionLimits, SessionRefused, session_user
@@ -90,11 +90,6 @@ class MCPEndpoint:
         await self._started.wait()
         if self._failure is not None:
             raise RuntimeError(f"the MCP session manager could not start: {self._failure}") from self._failure
-
-    def charge_body(self, principal: Principal, size: int) -> None:
-        """Charge a large body to its sender's byte budget: BytesLimited when over it."""
-        if self.body_budget is not None:
-            charge_body(self.body_budget, principal, size)
 
     def arrived(self) -> None:
         """A request has come (called for each, after `start`): the first one tells `on_first_request`."""
@@ -154,7 +149,7 @@ class MCPBridge:
         within = len(body) <= self.endpoint.max_request_body_size  # (a larger body is the SDK's to refuse, unread)
         large = self.handler.request.method == "POST" and len(body) > JSON_ON_LOOP_BYTES and within
         if large:  # charged before any work on it
-            self._charge(principal, len(body))
+            charge_large_body(self.endpoint.body_budget, principal, len(body))
         if within:
             refusal = await json_refusal_off_loop(body, self.endpoint.max_json_values)  # too deep, too many values
             if refusal is not None:
@@ -247,13 +242,6 @@ class MCPBridge:
                 self._flush_handle = None
         if not response_finished(self.handler) and not self.disconnected.is_set():
             self.handler.finish()
-
-    def _charge(self, principal: Principal, size: int) -> None:
-        """A large body's bytes charged to `principal`: TooManyRequests (429) over its byte budget."""
-        try:
-            self.endpoint.charge_body(principal, size)
-        except BytesLimited as exc:
-            raise TooManyRequests(exc) from None
 
     async def _parse_large(self, body: bytes) -> Any:
         """A large body parsed off the loop (BadJSON)."""

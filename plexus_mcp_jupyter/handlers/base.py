@@ -21,12 +21,12 @@ from ..core.executors import ExecutorUnavailable
 from ..core.requests import RequestModel
 from ..core.store_calls import RETRY_AFTER_SECONDS, store_unavailable
 from ..runtime import PlexusRuntime
-from ..security.bodies import JSON_ON_LOOP_BYTES, charge_body
+from ..security.bodies import JSON_ON_LOOP_BYTES
 from ..security.http import (
     BadJSON,
-    TooManyRequests,
     admit_key,
     bearer_credential,
+    charge_large_body,
     error_message,
     origin_allowed,
     parse_json_off_loop,
@@ -36,7 +36,6 @@ from ..security.http import (
 )
 from ..security.identity import Principal, Role
 from ..security.keys import looks_like_key
-from ..security.ratelimit import BytesLimited
 from .jupyter_compat import (
     NOTEBOOK_USER,
     SINGLE_USER_PROVIDERS,
@@ -233,10 +232,7 @@ class PlexusHandler(APIHandler):
                 f"{limit:,} a JSON request may have (max_request_bytes)",
             )
         if len(self.request.body) > JSON_ON_LOOP_BYTES:  # parsed off the loop: charged to its sender first
-            try:
-                charge_body(self.runtime.body_budget, self.principal, len(self.request.body))
-            except BytesLimited as exc:
-                raise TooManyRequests(exc) from None
+            charge_large_body(self.runtime.body_budget, self.principal, len(self.request.body))
         try:
             body = await parse_json_off_loop(self.request.body, self.runtime.settings.max_json_values)
         except BadJSON as exc:

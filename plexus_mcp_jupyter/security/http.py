@@ -12,10 +12,10 @@ from urllib.parse import urlsplit
 
 from tornado import httputil, web
 
-from .bodies import JSON_ON_LOOP_BYTES, cooperative_loads, parse_large
+from .bodies import JSON_ON_LOOP_BYTES, charge_body, cooperative_loads, parse_large
 from .identity import Principal
 from .keys import KeyRejected
-from .ratelimit import RateLimited
+from .ratelimit import BytesLimited, RateLimited, RateLimiter
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 
@@ -303,6 +303,17 @@ class TooManyRequests(web.HTTPError):
     def __init__(self, limited: RateLimited) -> None:
         super().__init__(429, str(limited))
         self.retry_after = limited.retry_after
+
+
+def charge_large_body(budget: RateLimiter | None, principal: Principal, size: int) -> None:
+    """A large body's bytes charged to its sender's byte budget (`request_bytes_rate`; None: not charged):
+    TooManyRequests (429 with Retry-After) when over it. The REST handlers and the MCP bridge both charge here."""
+    if budget is None:
+        return
+    try:
+        charge_body(budget, principal, size)
+    except BytesLimited as exc:
+        raise TooManyRequests(exc) from None
 
 
 def admit_key(runtime: Any, credential: str, alternative: str) -> Principal:
