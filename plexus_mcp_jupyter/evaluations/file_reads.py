@@ -177,6 +177,12 @@ def parquet_file(handle: IO[bytes], ref: str) -> pq.ParquetFile:
     return pq.ParquetFile(handle)
 
 
+def column_chunks(metadata: pq.FileMetaData) -> list[Any]:
+    """Every column chunk of a Parquet file's footer, row group by row group."""
+    groups = (metadata.row_group(i) for i in range(metadata.num_row_groups))
+    return [group.column(j) for group in groups for j in range(metadata.num_columns)]
+
+
 def check_parquet_sizes(metadata: pq.FileMetaData, max_bytes: int, ref: str) -> None:
     """InvalidArgument when a Parquet file's footer declares more than `max_bytes` of uncompressed column data, or
     more than `max_bytes / 8` values: rows x columns, and leaf values (a list column's elements; a run-length
@@ -185,11 +191,7 @@ def check_parquet_sizes(metadata: pq.FileMetaData, max_bytes: int, ref: str) -> 
     the bound on what the body reads back as."""
     declared = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
     cells = metadata.num_rows * max(metadata.num_columns, 1)
-    leaves = sum(
-        group.column(j).num_values
-        for group in (metadata.row_group(i) for i in range(metadata.num_row_groups))
-        for j in range(group.num_columns)
-    )
+    leaves = sum(chunk.num_values for chunk in column_chunks(metadata))
     if declared > max_bytes or max(cells, leaves) * 8 > max_bytes:
         raise InvalidArgument(
             f"{clip(ref, 60)} is too large for one request: its Parquet footer declares {declared:,} bytes "
@@ -292,9 +294,7 @@ def parquet_page_bytes(handle: IO[bytes], metadata: pq.FileMetaData) -> int:
     make pages of about a megabyte or 20,000 rows): the walk is bounded by the body's size and its values (which
     check_parquet_sizes bounds), each header's parse by PAGE_HEADER_MAX_BYTES."""
     size = handle.seek(0, io.SEEK_END)
-    chunks = [
-        metadata.row_group(i).column(j) for i in range(metadata.num_row_groups) for j in range(metadata.num_columns)
-    ]
+    chunks = column_chunks(metadata)
     values = sum(chunk.num_values for chunk in chunks)
     most_pages = 2 * len(chunks) + size // PARQUET_BYTES_PER_PAGE + values // PARQUET_VALUES_PER_PAGE
     total = walked = pages = 0
