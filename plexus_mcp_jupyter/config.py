@@ -474,8 +474,9 @@ class PlexusSettings(Configurable):
         help="Most bytes a Parquet body registered in one request (POST plexus/api/datasets) may read back as. Its "
         "footer is a first filter (declared uncompressed bytes, and rows x columns and leaf values times 8, checked "
         "before any data is read); the read enforces it: the page headers' decompressed sizes before any page is "
-        "decompressed, then each batch's decoded size (string columns counted from their dictionaries, not "
-        "decoded), so a small body cannot expand into gigabytes even when its "
+        "decompressed (and, from the dictionary pages, the most a string column's dictionary-encoded values "
+        "decode to), then each batch's decoded size (a string column whose pages do not bound it counted from "
+        "its dictionaries, not decoded), so a small body cannot expand into gigabytes even when its "
         "footer under-declares. Past it the body is refused saying so (send the frame in parts: the notebook "
         "client does). Default 1 GiB.",
     ).tag(config=True)

@@ -320,6 +320,74 @@ async def test_a_small_parquet_body_that_expands_past_the_bound_is_refused(serve
     assert [tuple(pair) for pair in frame["attributes"][0]] == [("a", "b")]
 
 
+def test_string_columns_whose_pages_bound_them_are_read_without_dictionaries(monkeypatch):
+    """Reading a string column as dictionaries costs about 5x the plain read when its values are unique (pyarrow
+    hashes every value its writer stopped dictionary-encoding): a column whose pages bound what it decodes to (plain
+    pages, and dictionary-encoded values times the dictionary's longest entry) is decoded as it is read; one whose
+    dictionary-encoded values could decode past the bound is still read as dictionaries, and refused."""
+    from plexus_mcp_jupyter.evaluations import file_reads
+
+    asked: list[object] = []
+    opened = file_reads.pq.ParquetFile
+
+    def recorded(*args: object, **kwargs: object) -> pq.ParquetFile:
+        asked.append(kwargs.get("read_dictionary"))
+        return opened(*args, **kwargs)
+
+    monkeypatch.setattr(file_reads.pq, "ParquetFile", recorded)
+    rows = 100_000
+    unique = pa.table(
+        {
+            "text": [f"item {i} of a hundred thousand" for i in range(rows)],  # a 1 MiB dictionary, then plain pages
+            "label": ["cat", "dog", "bird", "fish"] * (rows // 4),  # dictionary-encoded throughout
+            "tags": pa.array([["a", f"t{i}"] for i in range(rows)], pa.list_(pa.string())),
+        }
+    )
+    body = parquet_body(unique)
+    metadata = pq.ParquetFile(pa.BufferReader(body)).metadata
+    encodings = {
+        metadata.row_group(0).column(i).path_in_schema: metadata.row_group(0).column(i).encodings for i in range(3)
+    }
+    assert "PLAIN" in encodings["text"] and "RLE_DICTIONARY" in encodings["text"], encodings
+    asked.clear()
+    table = file_reads.read_parquet_bounded(io.BytesIO(body), 1 << 30, "unique")
+    assert table.equals(pq.read_table(pa.BufferReader(body)))
+    assert asked[-1] is None, asked
+    with pytest.raises(InvalidArgument, match="reads back as more than 1,000,000 bytes"):
+        file_reads.read_parquet_bounded(io.BytesIO(parquet_body(EXPANDING_PARQUET["strings"])), 1_000_000, "bomb")
+    assert asked[-1] == ["label"], asked
+
+
+async def test_a_parquet_body_of_delta_length_strings_registers(server_url, token, runtime):
+    """DELTA_LENGTH_BYTE_ARRAY pages hold their values (pyarrow cannot read them as dictionaries: such a body was
+    refused as unreadable); DELTA_BYTE_ARRAY ones may repeat each value's predecessor and are still refused."""
+    runtime.catalog.max_parquet_uncompressed_bytes = 1_000_000
+    headers = {"Authorization": f"token {token}", "Content-Type": "application/vnd.apache.parquet"}
+
+    def written(encoding: str, values: list[str]) -> bytes:
+        sink = pa.BufferOutputStream()
+        pq.write_table(
+            pa.table({"text": values}),
+            sink,
+            use_dictionary=False,
+            column_encoding={"text": encoding},
+            compression="zstd",
+        )
+        return bytes(sink.getvalue().to_pybytes())
+
+    prefixed = ["x" * 50_000 + str(i) for i in range(1000)]  # 50 MB of values, a few hundred bytes of pages
+    async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
+        api = f"{server_url}plexus/api/datasets"
+        accepted = await http.post(
+            api, params={"name": "lengths"}, content=written("DELTA_LENGTH_BYTE_ARRAY", ["a", "bc"] * 500)
+        )
+        assert accepted.status_code == 201 and accepted.json()["rows"] == 1000, accepted.text
+        refused = await http.post(api, params={"name": "prefixes"}, content=written("DELTA_BYTE_ARRAY", prefixed))
+        assert refused.status_code == 400, refused.text
+    assert list(runtime.catalog.load("registered:lengths")["text"][:3]) == ["a", "bc", "a"]
+    assert "prefixes" not in runtime.catalog.registered_names()
+
+
 def test_a_column_type_holding_a_dictionary_the_size_count_does_not_know_is_refused():
     """decoded_nbytes counts dictionaries inside lists, maps and structs; any other type holding one is refused
     rather than counted by nbytes (which counts a dictionary once, however many rows refer to it)."""

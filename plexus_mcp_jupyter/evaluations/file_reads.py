@@ -12,7 +12,7 @@ memory or read an unbounded line: a 200 MB line without a newline once became a 
   characters, so every message that lists column names is bounded too;
 - the first rows (for dtypes) come from at most HEAD_SAMPLE_BYTES after the header;
 - a Parquet body registered in one request is read in batches whose decoded size is added up, within a
-  bound (read_parquet_bounded: its footer's declared sizes are only a first filter);
+  bound (read_parquet_bounded: its footer's declared sizes are only a first filter, its page headers a second);
 - rows and label counts come from a streaming pass in blocks (Parquet batches of one column, pyarrow's
   CSV reader of one column, JSON Lines lines of at most `block_bytes`), never from a loaded frame.
 
@@ -25,9 +25,10 @@ import csv
 import hashlib
 import io
 import json
+import struct
 import unicodedata
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
@@ -208,27 +209,33 @@ def read_parquet_bounded(handle: IO[bytes], max_bytes: int, ref: str) -> pa.Tabl
     """The table a Parquet file holds, read in batches whose decoded size is added up as they come: past
     `max_bytes` the read stops with InvalidArgument (setting max_parquet_uncompressed_bytes), so a footer that
     under-declares is caught too. The footer is parsed once and checked first (check_parquet_sizes, a first
-    filter), then the page headers (parquet_page_bytes: pyarrow decompresses a page whole).
+    filter), then the page headers (walk_parquet_pages: pyarrow decompresses a page whole).
 
-    String and binary columns are read as dictionaries (a dictionary page of one long value and a thousand
-    indices to it is a few hundred bytes on disk): a batch's size counts each index as its value's length,
-    without decoding it, so memory stays bounded by the decompressed pages plus one batch. Once the total is
-    known to be within the bound, the columns are cast back to the file's own types (what pandas.read_parquet
-    reads)."""
+    A string or binary column is decoded as it is read when the walk bounds what it decodes to (dense_byte_arrays:
+    its plain pages hold their values, and its dictionary-encoded values are counted times its dictionaries'
+    longest entry), together within what the pages leave of `max_bytes`. Any other string or binary column is read
+    as dictionaries (a dictionary page of one long value and a thousand indices to it is a few hundred bytes on
+    disk): a batch's size counts each index as its value's length, without decoding it, so memory stays bounded by
+    the decompressed pages plus one batch; once the total is known to be within the bound, such columns are cast
+    back to the file's own types (what pandas.read_parquet reads). Reading as dictionaries costs about 5x the
+    plain read for a column of unique strings (pyarrow hashes every value a page did not dictionary-encode)."""
     opened = parquet_file(handle, ref)
     metadata = opened.metadata
     check_parquet_sizes(metadata, max_bytes, ref)
-    pages = parquet_page_bytes(handle, metadata)
-    if pages > max_bytes:
+    walk = walk_parquet_pages(handle, metadata)
+    if walk.decompressed > max_bytes:
         raise InvalidArgument(
-            f"{clip(ref, 60)} is too large for one request: its Parquet pages decompress to {pages:,} bytes; at most "
-            f"{max_bytes:,} (setting max_parquet_uncompressed_bytes): send it in parts"
+            f"{clip(ref, 60)} is too large for one request: its Parquet pages decompress to {walk.decompressed:,} "
+            f"bytes; at most {max_bytes:,} (setting max_parquet_uncompressed_bytes): send it in parts"
         )
+    dense = dense_byte_arrays(handle, walk, max_bytes - walk.decompressed)
     schema = opened.schema
-    byte_arrays = [
-        schema.column(i).path for i in range(metadata.num_columns) if schema.column(i).physical_type == "BYTE_ARRAY"
+    as_dictionaries = [
+        schema.column(i).path
+        for i in range(metadata.num_columns)
+        if schema.column(i).physical_type == "BYTE_ARRAY" and i not in dense
     ]
-    parquet = pq.ParquetFile(handle, metadata=metadata, read_dictionary=byte_arrays)
+    parquet = pq.ParquetFile(handle, metadata=metadata, read_dictionary=as_dictionaries or None)
     batches, total = [], 0
     for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
         total += sum(decoded_nbytes(column) for column in batch.columns)
@@ -240,11 +247,13 @@ def read_parquet_bounded(handle: IO[bytes], max_bytes: int, ref: str) -> pa.Tabl
             )
         batches.append(batch)
     table = pa.Table.from_batches(batches, schema=parquet.schema_arrow)
+    if not as_dictionaries:
+        return table
     try:
         return table.cast(opened.schema_arrow)
     except pa.ArrowNotImplementedError:  # no cast from a dictionary to some types (string_view): through its values
-        dense = pa.schema([_dense_field(field) for field in table.schema], metadata=table.schema.metadata)
-        return table.cast(dense).cast(opened.schema_arrow)
+        dense_schema = pa.schema([_dense_field(field) for field in table.schema], metadata=table.schema.metadata)
+        return table.cast(dense_schema).cast(opened.schema_arrow)
 
 
 def _dense(kind: pa.DataType) -> pa.DataType:
@@ -283,11 +292,66 @@ PAGE_HEADER_MAX_BYTES = 1024 * 1024
 PAGE_HEADER_MAX_ELEMENTS = 1_000
 
 
+# Page types and encodings of parquet.thrift that the walk tells apart
+DATA_PAGE, DICTIONARY_PAGE, DATA_PAGE_V2 = 0, 2, 3
+PLAIN, PLAIN_DICTIONARY, DELTA_LENGTH_BYTE_ARRAY, RLE_DICTIONARY = 0, 2, 6, 8
+# PageHeader's fields read by the walk: type, sizes, and (num_values, encoding) of a data page, a dictionary page and
+# a data page v2
+PAGE_HEADER_FIELDS: dict[int, Any] = {1: None, 2: None, 3: None, 5: {1: None, 2: None}, 7: {1: None, 2: None}}
+PAGE_HEADER_FIELDS[8] = {1: None, 4: None}
+
+
+class PageHeader(NamedTuple):
+    """What the walk reads of a page header (`values` and `encoding` are -1 for a page type without them)."""
+
+    kind: int
+    uncompressed: int
+    compressed: int
+    size: int  # the header's own bytes
+    values: int
+    encoding: int
+
+
+class DictionaryPage(NamedTuple):
+    """Where a dictionary page's (compressed) bytes are, their sizes and its number of entries."""
+
+    start: int
+    compressed: int
+    uncompressed: int
+    entries: int
+
+
+@dataclass
+class ByteArrayChunk:
+    """The pages of one column chunk of a BYTE_ARRAY leaf, as far as they bound what it decodes to."""
+
+    column: int  # the leaf's index in the schema
+    codec: str  # the chunk's compression, as the footer names it
+    dictionary_values: int = 0  # values in its dictionary-encoded data pages (nulls included)
+    dictionaries: list[DictionaryPage] = field(default_factory=list)
+    unbounded: bool = False  # a page of another encoding (DELTA_BYTE_ARRAY: a value may repeat its predecessor's)
+
+
+@dataclass
+class PageWalk:
+    """What walk_parquet_pages found: the bytes the pages decompress to, and the chunks of BYTE_ARRAY leaves."""
+
+    decompressed: int = 0
+    byte_arrays: list[ByteArrayChunk] = field(default_factory=list)
+
+
 def parquet_page_bytes(handle: IO[bytes], metadata: pq.FileMetaData) -> int:
+    """The bytes a Parquet file's pages decompress to (walk_parquet_pages)."""
+    return walk_parquet_pages(handle, metadata).decompressed
+
+
+def walk_parquet_pages(handle: IO[bytes], metadata: pq.FileMetaData) -> PageWalk:
     """The bytes a Parquet file's pages decompress to, from their headers (what pyarrow allocates to read them, a
-    plain page of one repeated value included; the footer's sizes are a writer's to set). Each column chunk is
-    walked as pyarrow reads it: from its first page, `total_compressed_size` bytes (none of a chunk of no values;
-    pyarrow reads no page past a chunk's values, so a crafted chunk may be over-counted, never under).
+    plain page of one repeated value included; the footer's sizes are a writer's to set), and, for each column
+    chunk of a BYTE_ARRAY leaf, its dictionary pages and the values of its dictionary-encoded data pages (the
+    encoding pyarrow decodes a page by is its header's). Each column chunk is walked as pyarrow reads it: from its
+    first page, `total_compressed_size` bytes (none of a chunk of no values; pyarrow reads no page past a chunk's
+    values, so a crafted chunk may be over-counted, never under).
     ValueError when a header is not one (or is larger than PAGE_HEADER_MAX_BYTES, or holds a list or map of more
     than PAGE_HEADER_MAX_ELEMENTS elements), when the chunks walked add up to more bytes than the file has (they
     overlap), or when there are more pages than PARQUET_BYTES_PER_PAGE and PARQUET_VALUES_PER_PAGE allow (writers
@@ -297,10 +361,16 @@ def parquet_page_bytes(handle: IO[bytes], metadata: pq.FileMetaData) -> int:
     chunks = column_chunks(metadata)
     values = sum(chunk.num_values for chunk in chunks)
     most_pages = 2 * len(chunks) + size // PARQUET_BYTES_PER_PAGE + values // PARQUET_VALUES_PER_PAGE
-    total = walked = pages = 0
-    for chunk in chunks:
+    byte_array = {i for i in range(metadata.num_columns) if metadata.schema.column(i).physical_type == "BYTE_ARRAY"}
+    walk = PageWalk()
+    walked = pages = 0
+    for index, chunk in enumerate(chunks):
         if chunk.num_values <= 0:  # pyarrow reads no page of it (an empty table's chunk starts at byte 0)
             continue
+        column = index % metadata.num_columns
+        strings = ByteArrayChunk(column, chunk.compression) if column in byte_array else None
+        if strings is not None:
+            walk.byte_arrays.append(strings)
         position = chunk.data_page_offset
         if chunk.has_dictionary_page and 0 < chunk.dictionary_page_offset < position:
             position = chunk.dictionary_page_offset
@@ -309,23 +379,106 @@ def parquet_page_bytes(handle: IO[bytes], metadata: pq.FileMetaData) -> int:
             pages += 1
             if pages > most_pages:
                 raise ValueError(f"it has more than {most_pages:,} pages for {size:,} bytes and {values:,} values")
-            uncompressed, compressed, header_bytes = _page_header(handle, position)
-            total += uncompressed
-            position += header_bytes + compressed
-            walked += header_bytes + compressed
+            page = _page_header(handle, position)
+            walk.decompressed += page.uncompressed
+            if strings is not None:
+                _note_page(strings, page, position)
+            position += page.size + page.compressed
+            walked += page.size + page.compressed
             if walked > size:
                 raise ValueError("its column chunks overlap")
-    return total
+    return walk
 
 
-def _page_header(handle: IO[bytes], position: int) -> tuple[int, int, int]:
-    """(uncompressed size, compressed size, header's own size) of the page header at `position`."""
+def _note_page(chunk: ByteArrayChunk, page: PageHeader, position: int) -> None:
+    if page.kind == DICTIONARY_PAGE and page.encoding in (PLAIN, PLAIN_DICTIONARY) and page.values >= 0:
+        chunk.dictionaries.append(DictionaryPage(position + page.size, page.compressed, page.uncompressed, page.values))
+    elif page.kind in (DATA_PAGE, DATA_PAGE_V2) and page.encoding in (PLAIN_DICTIONARY, RLE_DICTIONARY):
+        if page.values < 0:  # (pyarrow refuses such a page)
+            chunk.unbounded = True
+        chunk.dictionary_values += max(page.values, 0)
+    elif not (page.kind in (DATA_PAGE, DATA_PAGE_V2) and page.encoding in (PLAIN, DELTA_LENGTH_BYTE_ARRAY)):
+        chunk.unbounded = True
+
+
+# Most dictionary entries dense_byte_arrays reads (about 60 ns each in Python: a million unique strings' dictionaries
+# hold some 40,000); a file's columns past it are read as dictionaries
+DICTIONARY_SCAN_ENTRIES = 1 << 22
+# pyarrow's names of the codecs dense_byte_arrays decompresses a dictionary page with (parquet's LZ4, framed or
+# not, is left to pyarrow: its columns are read as dictionaries)
+DICTIONARY_CODECS = {"SNAPPY": "snappy", "GZIP": "gzip", "ZSTD": "zstd", "BROTLI": "brotli", "LZ4_RAW": "lz4_raw"}
+
+
+def dense_byte_arrays(handle: IO[bytes], walk: PageWalk, budget: int) -> set[int]:
+    """The BYTE_ARRAY leaves that may be decoded as they are read: those whose pages bound what they decode to,
+    together within `budget` bytes besides their pages. A plain (or delta-length) page holds its values, so its
+    decompressed size (in the walk's) bounds them; a dictionary-encoded value decodes to at most its chunk's longest
+    dictionary entry, read here from the dictionary pages (decompressed one at a time, each within the walk's
+    total), so a chunk adds its dictionary-encoded values times that entry's length (and an offset). A leaf with a
+    page of another encoding, a dictionary this cannot read, or past DICTIONARY_SCAN_ENTRIES is not in the set."""
+    bounds: dict[int, int | None] = {}
+    scanned = 0
+    for chunk in walk.byte_arrays:
+        bound = bounds.get(chunk.column, 0)
+        if bound is None:
+            continue
+        if chunk.unbounded:
+            bounds[chunk.column] = None
+            continue
+        if not chunk.dictionary_values:
+            bounds[chunk.column] = bound
+            continue
+        entries = sum(page.entries for page in chunk.dictionaries)
+        longest = None
+        if chunk.dictionaries and scanned + entries <= DICTIONARY_SCAN_ENTRIES:
+            scanned += entries
+            lengths = [_longest_entry(handle, page, chunk.codec) for page in chunk.dictionaries]
+            longest = None if None in lengths else max(length or 0 for length in lengths)
+        bounds[chunk.column] = None if longest is None else bound + chunk.dictionary_values * (longest + 8)
+    dense, total = set(), 0
+    for column, bound in sorted(bounds.items(), key=lambda item: (item[1] is None, item[1] or 0)):
+        if bound is None or total + bound > budget:
+            break
+        dense.add(column)
+        total += bound
+    return dense
+
+
+def _longest_entry(handle: IO[bytes], page: DictionaryPage, codec: str) -> int | None:
+    """The longest of a (plain-encoded) dictionary page's entries, as pyarrow decodes its `entries` from it; None
+    when its codec is not one this knows or its bytes are not what the header says (pyarrow then says why)."""
+    handle.seek(page.start)
+    data = handle.read(page.compressed)
+    if len(data) < page.compressed:
+        return None
+    if codec != "UNCOMPRESSED":
+        if codec not in DICTIONARY_CODECS:
+            return None
+        try:
+            data = pa.Codec(DICTIONARY_CODECS[codec]).decompress(data, page.uncompressed, asbytes=True)
+        except (pa.ArrowException, ValueError):
+            return None
+    unpack = struct.Struct("<I").unpack_from
+    position = longest = 0
+    try:
+        for _ in range(page.entries):
+            (length,) = unpack(data, position)
+            position += 4 + length
+            if length > longest:
+                longest = length
+    except struct.error:
+        return None
+    return longest if position <= len(data) else None
+
+
+def _page_header(handle: IO[bytes], position: int) -> PageHeader:
+    """The page header at `position`."""
     for limit in (PAGE_HEADER_FIRST_READ, PAGE_HEADER_MAX_BYTES):
         handle.seek(position)
         data = handle.read(limit)
         reader = _CompactReader(data)
         try:
-            fields = reader.struct_fields((2, 3))
+            fields = reader.struct_fields(PAGE_HEADER_FIELDS)
         except _PastBuffer:
             if len(data) < limit:
                 raise ValueError("a page header runs past the end of the file") from None
@@ -333,7 +486,10 @@ def _page_header(handle: IO[bytes], position: int) -> tuple[int, int, int]:
         uncompressed, compressed = fields.get(2, -1), fields.get(3, -1)
         if uncompressed < 0 or compressed < 0:
             raise ValueError(f"a page header at byte {position:,} has no sizes")
-        return uncompressed, compressed, reader.position
+        kind = fields.get(1, -1)
+        details = fields.get({DATA_PAGE: 5, DICTIONARY_PAGE: 7, DATA_PAGE_V2: 8}.get(kind, 0), {})
+        encoding = details.get(4 if kind == DATA_PAGE_V2 else 2, -1)
+        return PageHeader(kind, uncompressed, compressed, reader.position, details.get(1, -1), encoding)
     raise ValueError(f"a page header at byte {position:,} is larger than {PAGE_HEADER_MAX_BYTES:,} bytes")
 
 
@@ -378,20 +534,25 @@ class _CompactReader:
         value = self._varint()
         return (value >> 1) ^ -(value & 1)
 
-    def struct_fields(self, wanted: tuple[int, ...] = (), depth: int = 0) -> dict[int, int]:
-        """The integer fields `wanted` of the struct at the reader's position, which is read to its end."""
+    def struct_fields(self, wanted: dict[int, Any] | None = None, depth: int = 0) -> dict[int, Any]:
+        """The fields `wanted` of the struct at the reader's position, which is read to its end: an integer field
+        wanted as None, a struct field as the dict of its own wanted fields."""
         if depth > 32:
             raise ValueError("a page header nests too deep")
-        found: dict[int, int] = {}
-        field = 0
+        wanted = wanted or {}
+        found: dict[int, Any] = {}
+        number = 0
         while True:
             header = self._byte()
             if header == 0:
                 return found
             kind, delta = header & 0x0F, header >> 4
-            field = field + delta if delta else self._zigzag()
-            if field in wanted and kind in (4, 5, 6):
-                found[field] = self._zigzag()
+            number = number + delta if delta else self._zigzag()
+            spec = wanted.get(number, False)
+            if spec is None and kind in (4, 5, 6):
+                found[number] = self._zigzag()
+            elif isinstance(spec, dict) and kind == 12:
+                found[number] = self.struct_fields(spec, depth + 1)
             else:
                 self._skip(kind, depth)
 
