@@ -83,6 +83,29 @@ async def test_an_error_quoting_a_long_uri_is_bounded(mcp_client, runtime):
     for err in (read, subscribe):
         assert len(err.value.message) <= MAX_ERROR_CHARS, len(err.value.message)
         assert "plexus://nowhere/yyy" in err.value.message  # still says what was wrong
+        # and its data too (the SDK sends an unknown resource's URI again as {"uri": ...})
+        assert len(json.dumps(err.value.error.data)) <= MAX_ERROR_CHARS, err.value.error.data
+    assert read.value.error.data["uri"].startswith("plexus://nowhere/yyy")
+
+
+def test_an_error_s_data_of_any_type_is_bounded():
+    """bounded_error cuts an MCPError's data whatever its type: a string, a dict's long strings (its shape kept), or
+    the JSON text of data too large even then; data within the bound is sent as it was."""
+    from plexus_mcp_jupyter.endpoint.input_limits import bounded_error
+
+    small = {"uri": "plexus://tasks", "count": 3}
+    for data in ("z" * 5000, {"uri": "y" * 5000, "count": 3}, {"ids": ["x" * 100] * 200}, [["w" * 300] * 30] * 3):
+        error = MCPError(-32602, "Unknown resource", data)
+        bounded_error(error)
+        sent = error.error.data
+        assert len(sent if isinstance(sent, str) else json.dumps(sent)) <= MAX_ERROR_CHARS, sent
+        assert error.error.message == "Unknown resource" and error.error.code == -32602
+    error = MCPError(-32602, "Unknown resource", {"uri": "y" * 5000, "count": 3})
+    bounded_error(error)
+    assert error.error.data["count"] == 3 and error.error.data["uri"].startswith("yyy")
+    error = MCPError(-32602, "Unknown resource", small)
+    bounded_error(error)
+    assert error.error.data is small
 
 
 async def test_a_session_follows_at_most_max_subscriptions_resources(mcp_client, runtime):

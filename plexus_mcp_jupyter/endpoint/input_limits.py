@@ -5,17 +5,20 @@ that carry a client-sized URI or text (resources/read, resources/subscribe and u
 completion/complete) it checks lengths and counts on the raw params, so a megabyte URI is refused in one line
 before the SDK's URI parsing or our own subscription parsing sees it. Every other method costs one set lookup.
 
-`bounded_error` bounds the message of an error on its way out, whatever raised it: messages quote what was sent
-(an unknown URI, a bad cursor), and the SDK's own ones (`Unknown resource: ...`) are not bounded by it.
+`bounded_error` bounds the message and the data of an error on its way out, whatever raised it: messages quote
+what was sent (an unknown URI, a bad cursor), and the SDK's own ones (`Unknown resource: ...`, with the URI again in
+its data) are not bounded by it.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
 from mcp.shared.exceptions import MCPError
 from mcp.types import INVALID_PARAMS, ErrorData
+from pydantic_core import to_jsonable_python
 
 from ..core.errors import bounded
 
@@ -71,18 +74,51 @@ def check_params(method: str, params: Mapping[str, Any] | None) -> None:
 
 
 def bounded_error(exc: Exception) -> None:
-    """Cut `exc`'s message (and an MCPError's text data) to MAX_ERROR_CHARS in place, keeping its type and code:
-    the dispatcher sends it as it would have, only shorter. Messages within the bound are left alone."""
+    """Cut `exc`'s message (and an MCPError's data, whatever its type) to MAX_ERROR_CHARS in place, keeping its type
+    and code: the dispatcher sends it as it would have, only shorter. Messages and data within the bound are left
+    alone."""
     if isinstance(exc, MCPError):
         error = exc.error
-        data = error.data
-        if len(error.message) > MAX_ERROR_CHARS or (isinstance(data, str) and len(data) > MAX_ERROR_CHARS):
-            data = bounded(data, MAX_ERROR_CHARS) if isinstance(data, str) else data
+        data = bounded_data(error.data)
+        if len(error.message) > MAX_ERROR_CHARS or data is not error.data:
             exc.error = ErrorData(code=error.code, message=bounded(error.message, MAX_ERROR_CHARS), data=data)
             exc.args = (error.code, exc.error.message, data)
         return
     if len(exc.args) == 1 and isinstance(exc.args[0], str) and len(exc.args[0]) > MAX_ERROR_CHARS:
         exc.args = (bounded(exc.args[0], MAX_ERROR_CHARS),)
+
+
+def bounded_data(data: Any) -> Any:
+    """An error's `data` as sent, within MAX_ERROR_CHARS of JSON: `data` itself if it is (the same object), else its
+    strings cut (the SDK's `{"uri": ...}` of an unknown resource quotes the URI whole), else its JSON text cut."""
+    if data is None or isinstance(data, (bool, int, float)):
+        return data
+    if isinstance(data, str):
+        return data if len(data) <= MAX_ERROR_CHARS else bounded(data, MAX_ERROR_CHARS)
+    try:
+        plain = to_jsonable_python(data, fallback=str)
+        text = json.dumps(plain, ensure_ascii=False)
+    except (ValueError, TypeError, RecursionError):
+        return bounded(str(data), MAX_ERROR_CHARS)
+    if len(text) <= MAX_ERROR_CHARS:
+        return data
+    cut = _cut_strings(plain, MAX_ERROR_CHARS // 8)
+    if len(json.dumps(cut, ensure_ascii=False)) <= MAX_ERROR_CHARS:
+        return cut
+    return bounded(text, MAX_ERROR_CHARS)
+
+
+def _cut_strings(value: Any, limit: int, depth: int = 0) -> Any:
+    """`value` (plain JSON) with every string longer than `limit` cut, and what nests deeper than 8 levels elided."""
+    if isinstance(value, str):
+        return value if len(value) <= limit else value[: limit - 3] + "..."
+    if depth >= 8 and isinstance(value, (dict, list)):
+        return "..."
+    if isinstance(value, dict):
+        return {_cut_strings(str(key), limit): _cut_strings(item, limit, depth + 1) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_cut_strings(item, limit, depth + 1) for item in value]
+    return value
 
 
 def bound_tool_error(result: dict[str, Any]) -> None:
