@@ -119,7 +119,9 @@ async def test_a_session_follows_at_most_max_subscriptions_resources(mcp_client,
         with pytest.raises(MCPError) as err:
             await client.subscribe_resource(uris[5])
         assert err.value.code == -32602
-        assert "already follows 5 resources, the most one session may" in err.value.message
+        assert "this session would follow 6 resources; one session may follow at most 5 (resources/unsubscribe" in (
+            err.value.message
+        )
         assert watch.followed() == 5
         await client.unsubscribe_resource(uris[0])
         await client.subscribe_resource(uris[5])  # room again
@@ -579,7 +581,10 @@ async def test_a_listen_stream_follows_at_most_max_subscriptions_resources(mcp_c
             with pytest.raises(MCPError) as many:
                 async with client.listen(resource_subscriptions=uris):
                     pass
-            assert "4 resources asked for; one stream may follow at most 3" in many.value.message
+            assert (
+                "this stream would follow 4 resources; one stream may follow at most 3 (list fewer"
+                in many.value.message
+            )
             with pytest.raises(MCPError) as many_sent:  # past 10 x the default bound, repeats included: unparsed
                 async with client.listen(resource_subscriptions=[f"plexus://x{n % 3}" for n in range(10_001)]):
                     pass

@@ -252,19 +252,25 @@ class ResourceWatch:
 
     # -- registration --------------------------------------------------------------------------
 
+    def check_count(self, follower: str, count: int, what: str, fix: str) -> None:
+        """MCPError (invalid params) when one `follower` (a session, or a listen stream) would follow `count` `what`,
+        more than max_subscriptions: the one wording of every bound on what is followed, with the way out."""
+        if count > self.max_subscriptions:
+            raise MCPError(
+                INVALID_PARAMS,
+                f"this {follower} would follow {count:,} {what}; one {follower} may follow at most "
+                f"{self.max_subscriptions:,} ({fix})",
+            )
+
     async def subscribe(self, connection: Any, uri: str, viewer: str | None = None) -> None:
         """`connection` is the SDK's connection-scoped object (one per MCP session)."""
         follower = self._sessions.get(connection)
-        if (
-            follower is not None
-            and len(follower.task_of) + len(follower.lists) >= self.max_subscriptions
-            and uri not in follower.task_of
-            and uri not in follower.lists
-        ):
-            raise MCPError(
-                INVALID_PARAMS,
-                f"this session already follows {self.max_subscriptions} resources, the most one session may "
-                "(resources/unsubscribe one it no longer needs first, or open another session)",
+        if follower is not None and uri not in follower.task_of and uri not in follower.lists:
+            self.check_count(
+                "session",
+                len(follower.task_of) + len(follower.lists) + 1,
+                "resources",
+                "resources/unsubscribe one it no longer needs first, or open another session",
             )
         matcher = await parse_subscription(uri, self.manager, self.evaluations, viewer)
         self._session_follower(connection).follow(uri, matcher)
@@ -307,11 +313,7 @@ class ResourceWatch:
     ) -> _Follower:
         """A listen stream (2026 era): its own follower, so it is coalesced and paced by its own writes."""
         uris = list(dict.fromkeys(uris))
-        if len(uris) > self.max_subscriptions:
-            raise MCPError(
-                INVALID_PARAMS,
-                f"{len(uris)} resources asked for; one stream may follow at most {self.max_subscriptions}",
-            )
+        self.check_count("stream", len(uris), "resources", "list fewer, or open another stream")
         follower = _Follower(send=send, send_status=send_status, ready=False)
         for uri in uris:
             follower.follow(uri, await parse_subscription(uri, self.manager, self.evaluations, viewer))
@@ -460,11 +462,7 @@ class PlexusListenHandler(ListenHandler):
         if not isinstance(task_ids, list) or not all(isinstance(t, str) for t in task_ids):
             raise MCPError(INVALID_PARAMS, "notifications.taskIds must be a list of task id strings")
         task_ids = list(dict.fromkeys(task_ids))
-        if len(task_ids) > self._watch.max_subscriptions:
-            raise MCPError(
-                INVALID_PARAMS,
-                f"{len(task_ids)} taskIds asked for; one stream may follow at most {self._watch.max_subscriptions}",
-            )
+        self._watch.check_count("stream", len(task_ids), "tasks (taskIds)", "list fewer, or open another stream")
         honoured = []
         viewer = principal_of(ctx).viewer
         for task_id in task_ids:
