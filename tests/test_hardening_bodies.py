@@ -179,6 +179,27 @@ def test_the_cooperative_parse_reads_any_json_as_json_loads_does(value, indent, 
                 assert cooperative_loads(spoilt, window=window) == expected
 
 
+TRAILING_COMMAS = [
+    "[" + "1," * 5000 + "]",
+    "[" + ", ".join(["[0, 1]"] * 2000) + " ,\n ]",
+    "{" + ",".join(f'"k{n}": {n}' for n in range(3000)) + ",}",
+    '{"a": [' + "0," * 3000 + '0], "b": {"c": 1, }}',
+]
+
+
+@pytest.mark.parametrize("text", TRAILING_COMMAS)
+def test_a_trailing_comma_is_refused_as_this_python_s_json_loads_refuses_it(text):
+    """A comma before a closing bracket, found walking element by element: the message and position json.loads has
+    on the running Python (3.13 says "Illegal trailing comma before end of array" at the comma; 3.12 and earlier
+    "Expecting value" after it)."""
+    with pytest.raises(json.JSONDecodeError) as wanted:
+        json.loads(text)
+    for window in (8, 64, 4096):
+        with pytest.raises(json.JSONDecodeError) as got:
+            cooperative_loads(text, window=window)
+        assert (got.value.msg, got.value.pos) == (wanted.value.msg, wanted.value.pos), window
+
+
 @pytest.mark.parametrize(
     "text",
     [

@@ -57,6 +57,23 @@ _SPACE = re.compile(r"[ \t\n\r]*")
 _POOL: ThreadPoolExecutor | None = None
 
 
+def _trailing_comma_messages() -> dict[str, str]:
+    """What this Python's json.loads says of a comma before a container's closing bracket, by bracket, when it says
+    so at the comma: 3.13 has "Illegal trailing comma before end of array" (and "... of object"); earlier versions
+    expect a value (or a property name) after the comma, as the walk finds by itself, and are not in it."""
+    messages = {}
+    for closing, text in (("]", "[1,]"), ("}", '{"a": 1,}')):
+        try:
+            json.loads(text)
+        except JSONDecodeError as error:
+            if error.pos == text.index(","):
+                messages[closing] = error.msg
+    return messages
+
+
+_TRAILING_COMMA = _trailing_comma_messages()
+
+
 def _skip(text: str, index: int) -> int:
     return _SPACE.match(text, index).end()  # type: ignore[union-attr]  # (it matches the empty string)
 
@@ -217,7 +234,7 @@ class _Pieces:
                 add_run(run[0])
                 if run[2]:
                     return int(run[1])
-                index = _skip(text, run[1] + 1)
+                index = self._after_comma(run[1], closing)
                 backoff = 1
                 continue
             if wait <= 0:
@@ -231,8 +248,16 @@ class _Pieces:
                 return index + 1
             if delimiter != ",":
                 raise JSONDecodeError("Expecting ',' delimiter", text, index)
-            comma, index = index, _skip(text, index + 1)
+            comma, index = index, self._after_comma(index, closing)
             separator = text[comma : index + SEPARATOR_CHARS]
+
+    def _after_comma(self, comma: int, closing: str) -> int:
+        """The index of the element after the container's comma at `comma`; JSONDecodeError as this Python's
+        json.loads has it (3.13: at the comma) when the container closes there instead."""
+        index = _skip(self.text, comma + 1)
+        if closing in _TRAILING_COMMA and self.text[index : index + 1] == closing:
+            raise JSONDecodeError(_TRAILING_COMMA[closing], self.text, comma)
+        return index
 
 
 def charge_identity(principal: Principal) -> tuple[str, str]:
