@@ -378,6 +378,13 @@ def test_string_columns_whose_pages_bound_them_are_read_without_dictionaries(mon
     table = file_reads.read_parquet_bounded(io.BytesIO(body), 1 << 30, "unique")
     assert table.equals(pq.read_table(pa.BufferReader(body)))
     assert asked[-1] is None, asked
+    # A chunk whose pages hold fewer values than its footer says is read as dictionaries: pyarrow reads pages until it
+    # has them, past the range walked (it pads it by 100 bytes for files of parquet-mr before 1.2.9, PARQUET-816)
+    handle = io.BytesIO(body)
+    walk = file_reads.walk_parquet_pages(handle, metadata)
+    assert file_reads.dense_byte_arrays(handle, walk, 1 << 30) == {0, 1, 2}
+    walk.byte_arrays[0].declared_values += 1
+    assert file_reads.dense_byte_arrays(handle, walk, 1 << 30) == {1, 2}
     with pytest.raises(InvalidArgument, match="reads back as more than 1,000,000 bytes"):
         file_reads.read_parquet_bounded(io.BytesIO(parquet_body(EXPANDING_PARQUET["strings"])), 1_000_000, "bomb")
     assert asked[-1] == ["label"], asked

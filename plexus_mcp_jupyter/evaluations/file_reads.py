@@ -327,7 +327,9 @@ class ByteArrayChunk:
 
     column: int  # the leaf's index in the schema
     codec: str  # the chunk's compression, as the footer names it
-    dictionary_values: int = 0  # values in its dictionary-encoded data pages (nulls included)
+    declared_values: int  # the footer's num_values of the chunk
+    values: int = 0  # values in its data pages (nulls included)
+    dictionary_values: int = 0  # of which in dictionary-encoded ones
     dictionaries: list[DictionaryPage] = field(default_factory=list)
     unbounded: bool = False  # a page of another encoding (DELTA_BYTE_ARRAY: a value may repeat its predecessor's)
 
@@ -368,7 +370,7 @@ def walk_parquet_pages(handle: IO[bytes], metadata: pq.FileMetaData) -> PageWalk
         if chunk.num_values <= 0:  # pyarrow reads no page of it (an empty table's chunk starts at byte 0)
             continue
         column = index % metadata.num_columns
-        strings = ByteArrayChunk(column, chunk.compression) if column in byte_array else None
+        strings = ByteArrayChunk(column, chunk.compression, chunk.num_values) if column in byte_array else None
         if strings is not None:
             walk.byte_arrays.append(strings)
         position = chunk.data_page_offset
@@ -393,11 +395,13 @@ def walk_parquet_pages(handle: IO[bytes], metadata: pq.FileMetaData) -> PageWalk
 def _note_page(chunk: ByteArrayChunk, page: PageHeader, position: int) -> None:
     if page.kind == DICTIONARY_PAGE and page.encoding in (PLAIN, PLAIN_DICTIONARY) and page.values >= 0:
         chunk.dictionaries.append(DictionaryPage(position + page.size, page.compressed, page.uncompressed, page.values))
-    elif page.kind in (DATA_PAGE, DATA_PAGE_V2) and page.encoding in (PLAIN_DICTIONARY, RLE_DICTIONARY):
-        if page.values < 0:  # (pyarrow refuses such a page)
+    elif page.kind in (DATA_PAGE, DATA_PAGE_V2) and page.values >= 0:
+        chunk.values += page.values
+        if page.encoding in (PLAIN_DICTIONARY, RLE_DICTIONARY):
+            chunk.dictionary_values += page.values
+        elif page.encoding not in (PLAIN, DELTA_LENGTH_BYTE_ARRAY):
             chunk.unbounded = True
-        chunk.dictionary_values += max(page.values, 0)
-    elif not (page.kind in (DATA_PAGE, DATA_PAGE_V2) and page.encoding in (PLAIN, DELTA_LENGTH_BYTE_ARRAY)):
+    else:
         chunk.unbounded = True
 
 
@@ -415,14 +419,17 @@ def dense_byte_arrays(handle: IO[bytes], walk: PageWalk, budget: int) -> set[int
     decompressed size (in the walk's) bounds them; a dictionary-encoded value decodes to at most its chunk's longest
     dictionary entry, read here from the dictionary pages (decompressed one at a time, each within the walk's
     total), so a chunk adds its dictionary-encoded values times that entry's length (and an offset). A leaf with a
-    page of another encoding, a dictionary this cannot read, or past DICTIONARY_SCAN_ENTRIES is not in the set."""
+    page of another encoding, a dictionary this cannot read, or past DICTIONARY_SCAN_ENTRIES is not in the set; nor
+    is one with a chunk whose pages hold fewer values than its footer says: pyarrow reads pages until it has them, so
+    past the range the walk saw (it pads that range by up to 100 bytes for files of parquet-mr before 1.2.9,
+    PARQUET-816: room for a dictionary-encoded page of a million values)."""
     bounds: dict[int, int | None] = {}
     scanned = 0
     for chunk in walk.byte_arrays:
         bound = bounds.get(chunk.column, 0)
         if bound is None:
             continue
-        if chunk.unbounded:
+        if chunk.unbounded or chunk.values < chunk.declared_values:
             bounds[chunk.column] = None
             continue
         if not chunk.dictionary_values:
