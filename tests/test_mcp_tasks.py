@@ -304,6 +304,19 @@ async def test_listen_with_task_ids_pushes_each_status_and_the_final_result(mcp_
         assert final["result"]["structuredContent"]["output"]["items_processed"] == 30
 
 
+async def test_listen_follows_at_most_max_subscriptions_task_ids(mcp_client, runtime):
+    """A listen stream's taskIds (each a store read) are bounded as its resources are, in the same words."""
+    runtime.mcp.resource_watch.max_subscriptions = 3
+    async with mcp_client(MODERN, extensions=[TasksClient()]) as client:
+        listen = {"notifications": {"taskIds": [f"t{n}" for n in range(4)] + ["t0"]}}  # four, once each
+        with anyio.fail_after(30), pytest.raises(MCPError) as many:
+            await raw_request(client, "subscriptions/listen", listen, request_id="listen-many")
+        assert many.value.error.code == -32602
+        assert "this stream would follow 4 tasks (taskIds); one stream may follow at most 3 (list fewer" in (
+            many.value.error.message
+        )
+
+
 async def test_bad_arguments_with_the_extension_are_a_tool_error_and_no_task(mcp_client, runtime):
     tasks = TasksClient()
     async with mcp_client(MODERN, extensions=[tasks]) as client:
