@@ -420,6 +420,20 @@ async def test_a_parquet_body_of_delta_length_strings_registers(server_url, toke
     assert "prefixes" not in runtime.catalog.registered_names()
 
 
+def test_a_fixed_size_binary_column_is_bounded_by_its_width_before_it_is_read():
+    """A dictionary page of one 50 kB fixed-size value and 1,000 indices to it is a few hundred bytes, and 50 MB once
+    read (in one batch: the batch's size was counted after pyarrow had decoded it); each value takes its column's
+    width whatever its encoding, so the footer says what the column reads back as."""
+    from plexus_mcp_jupyter.evaluations.file_reads import read_parquet_bounded
+
+    expanding = parquet_body(pa.table({"key": pa.array([b"x" * 50_000] * 1000, pa.binary(50_000))}))
+    assert len(expanding) < 1_000
+    with pytest.raises(InvalidArgument, match="its fixed-size binary columns read back as 50,000,000 bytes"):
+        read_parquet_bounded(io.BytesIO(expanding), 1_000_000, "wide")
+    keys = pa.table({"key": pa.array([bytes([n % 256]) * 16 for n in range(3000)], pa.binary(16))})
+    assert read_parquet_bounded(io.BytesIO(parquet_body(keys)), 1_000_000, "keys").equals(keys)
+
+
 def test_a_column_type_holding_a_dictionary_the_size_count_does_not_know_is_refused():
     """decoded_nbytes counts dictionaries inside lists, maps and structs; any other type holding one is refused
     rather than counted by nbytes (which counts a dictionary once, however many rows refer to it)."""

@@ -187,7 +187,8 @@ def column_chunks(metadata: pq.FileMetaData) -> list[Any]:
 def check_parquet_sizes(metadata: pq.FileMetaData, max_bytes: int, ref: str) -> None:
     """InvalidArgument when a Parquet file's footer declares more than `max_bytes` of uncompressed column data, or
     more than `max_bytes / 8` values: rows x columns, and leaf values (a list column's elements; a run-length
-    encoded column of a billion equal values is a few bytes on disk and uncompressed, and gigabytes in a frame).
+    encoded column of a billion equal values is a few bytes on disk and uncompressed, and gigabytes in a frame), or
+    fixed-size binary values of more than `max_bytes` (fixed_width_bytes).
     Only the footer is read: a first filter, since a writer sets these fields freely; read_parquet_bounded enforces
     the bound on what the body reads back as."""
     declared = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
@@ -200,6 +201,30 @@ def check_parquet_sizes(metadata: pq.FileMetaData, max_bytes: int, ref: str) -> 
             f"at most {max_bytes:,} bytes and {max_bytes // 8:,} values (setting max_parquet_uncompressed_bytes): "
             "send it in parts"
         )
+    fixed = fixed_width_bytes(metadata)
+    if fixed > max_bytes:
+        raise InvalidArgument(
+            f"{clip(ref, 60)} is too large for one request: its fixed-size binary columns read back as {fixed:,} "
+            f"bytes (their values times their width); at most {max_bytes:,} (setting max_parquet_uncompressed_bytes): "
+            "send it in parts"
+        )
+
+
+def fixed_width_bytes(metadata: pq.FileMetaData) -> int:
+    """What a Parquet file's FIXED_LEN_BYTE_ARRAY leaves decode to: each value takes its column's width whatever its
+    encoding (a dictionary page of one 100 kB value and 20,000 indices to it is 429 bytes of zstd, and 2 GB in one
+    batch), counted for the most values the read may decode of each chunk: its own, or its row group's rows."""
+    schema = metadata.schema
+    widths = {
+        i: schema.column(i).length or 0
+        for i in range(metadata.num_columns)
+        if schema.column(i).physical_type == "FIXED_LEN_BYTE_ARRAY"
+    }
+    total = 0
+    for g in range(metadata.num_row_groups if widths else 0):
+        group = metadata.row_group(g)
+        total += sum(max(group.column(i).num_values, group.num_rows) * width for i, width in widths.items())
+    return total
 
 
 PARQUET_BATCH_ROWS = 65_536  # rows per batch of read_parquet_bounded: the bound is checked after each
