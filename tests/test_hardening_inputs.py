@@ -434,6 +434,38 @@ def test_a_fixed_size_binary_column_is_bounded_by_its_width_before_it_is_read():
     assert read_parquet_bounded(io.BytesIO(parquet_body(keys)), 1_000_000, "keys").equals(keys)
 
 
+def varint(number: int, width: int = 0) -> bytes:
+    """`number` as a Thrift compact varint, padded to `width` bytes (a reader takes the longer form as well)."""
+    out = bytearray()
+    while True:
+        out.append(number & 0x7F | 0x80)
+        number >>= 7
+        if not number and len(out) >= width:
+            out[-1] &= 0x7F
+            return bytes(out)
+
+
+def test_a_parquet_footer_that_under_declares_a_chunk_s_values_is_caught_by_the_page_walk():
+    """pyarrow decodes the values a page header says it holds, whatever the footer says of its chunk: one row of a
+    list of a million zeros is a few hundred bytes (one run) with a footer of one value, and 8 MB once read (in one
+    batch: one row). The page walk adds up the pages' values before any page is read."""
+    from plexus_mcp_jupyter.evaluations.file_reads import read_parquet_bounded
+
+    values = 1_000_000
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"label": pa.array([[0] * values], pa.list_(pa.int64()))}), sink, write_statistics=False)
+    body = bytearray(sink.getvalue().to_pybytes())
+    footer = len(body) - 8 - int.from_bytes(body[-8:-4], "little")
+    declared = varint(2 * values)  # zigzag: the column chunk's num_values (an i64 field: type 6)
+    at = next(i for i in range(footer, len(body)) if body[i : i + len(declared)] == declared and body[i - 1] & 15 == 6)
+    body[at : at + len(declared)] = varint(2 * 1, len(declared))
+    metadata = pq.ParquetFile(pa.BufferReader(bytes(body))).metadata
+    assert metadata.row_group(0).column(0).num_values == 1
+    assert pq.read_table(pa.BufferReader(bytes(body))).column(0)[0].values.to_pylist()[-1] == 0  # (read whole)
+    with pytest.raises(InvalidArgument, match="its Parquet pages hold 1,000,000 values; at most 125,000 values"):
+        read_parquet_bounded(io.BytesIO(bytes(body)), 1_000_000, "lies")
+
+
 def test_a_column_type_holding_a_dictionary_the_size_count_does_not_know_is_refused():
     """decoded_nbytes counts dictionaries inside lists, maps and structs; any other type holding one is refused
     rather than counted by nbytes (which counts a dictionary once, however many rows refer to it)."""

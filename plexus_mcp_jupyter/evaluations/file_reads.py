@@ -214,17 +214,22 @@ def fixed_width_bytes(metadata: pq.FileMetaData) -> int:
     """What a Parquet file's FIXED_LEN_BYTE_ARRAY leaves decode to: each value takes its column's width whatever its
     encoding (a dictionary page of one 100 kB value and 20,000 indices to it is 429 bytes of zstd, and 2 GB in one
     batch), counted for the most values the read may decode of each chunk: its own, or its row group's rows."""
-    schema = metadata.schema
-    widths = {
-        i: schema.column(i).length or 0
-        for i in range(metadata.num_columns)
-        if schema.column(i).physical_type == "FIXED_LEN_BYTE_ARRAY"
-    }
+    widths = fixed_widths(metadata)
     total = 0
     for g in range(metadata.num_row_groups if widths else 0):
         group = metadata.row_group(g)
         total += sum(max(group.column(i).num_values, group.num_rows) * width for i, width in widths.items())
     return total
+
+
+def fixed_widths(metadata: pq.FileMetaData) -> dict[int, int]:
+    """The width of each FIXED_LEN_BYTE_ARRAY leaf of a Parquet file, by its index."""
+    schema = metadata.schema
+    return {
+        i: schema.column(i).length or 0
+        for i in range(metadata.num_columns)
+        if schema.column(i).physical_type == "FIXED_LEN_BYTE_ARRAY"
+    }
 
 
 PARQUET_BATCH_ROWS = 65_536  # rows per batch of read_parquet_bounded: the bound is checked after each
@@ -252,6 +257,13 @@ def read_parquet_bounded(handle: IO[bytes], max_bytes: int, ref: str) -> pa.Tabl
         raise InvalidArgument(
             f"{clip(ref, 60)} is too large for one request: its Parquet pages decompress to {walk.decompressed:,} "
             f"bytes; at most {max_bytes:,} (setting max_parquet_uncompressed_bytes): send it in parts"
+        )
+    if walk.values * 8 > max_bytes or walk.fixed_bytes > max_bytes:
+        fixed = f" ({walk.fixed_bytes:,} bytes of fixed-size binary ones)" if walk.fixed_bytes else ""
+        raise InvalidArgument(
+            f"{clip(ref, 60)} is too large for one request: its Parquet pages hold {walk.values:,} values{fixed}; at "
+            f"most {max_bytes // 8:,} values and {max_bytes:,} bytes (setting max_parquet_uncompressed_bytes): send it "
+            "in parts"
         )
     dense = dense_byte_arrays(handle, walk, max_bytes - walk.decompressed)
     schema = opened.schema
@@ -361,9 +373,13 @@ class ByteArrayChunk:
 
 @dataclass
 class PageWalk:
-    """What walk_parquet_pages found: the bytes the pages decompress to, and the chunks of BYTE_ARRAY leaves."""
+    """What walk_parquet_pages found: the bytes the pages decompress to, the values their headers say they hold (what
+    pyarrow decodes from them: a footer may under-declare a chunk's), the bytes of those of fixed-size binary leaves,
+    and the chunks of BYTE_ARRAY leaves."""
 
     decompressed: int = 0
+    values: int = 0
+    fixed_bytes: int = 0
     byte_arrays: list[ByteArrayChunk] = field(default_factory=list)
 
 
@@ -389,6 +405,7 @@ def walk_parquet_pages(handle: IO[bytes], metadata: pq.FileMetaData) -> PageWalk
     values = sum(chunk.num_values for chunk in chunks)
     most_pages = 2 * len(chunks) + size // PARQUET_BYTES_PER_PAGE + values // PARQUET_VALUES_PER_PAGE
     byte_array = {i for i in range(metadata.num_columns) if metadata.schema.column(i).physical_type == "BYTE_ARRAY"}
+    widths = fixed_widths(metadata)
     walk = PageWalk()
     walked = pages = 0
     for index, chunk in enumerate(chunks):
@@ -408,6 +425,9 @@ def walk_parquet_pages(handle: IO[bytes], metadata: pq.FileMetaData) -> PageWalk
                 raise ValueError(f"it has more than {most_pages:,} pages for {size:,} bytes and {values:,} values")
             page = _page_header(handle, position)
             walk.decompressed += page.uncompressed
+            if page.kind in (DATA_PAGE, DATA_PAGE_V2) and page.values > 0:
+                walk.values += page.values
+                walk.fixed_bytes += page.values * widths.get(column, 0)
             if strings is not None:
                 _note_page(strings, page, position)
             position += page.size + page.compressed
