@@ -239,7 +239,8 @@ def read_parquet_bounded(handle: IO[bytes], max_bytes: int, ref: str) -> pa.Tabl
     """The table a Parquet file holds, read in batches whose decoded size is added up as they come: past
     `max_bytes` the read stops with InvalidArgument (setting max_parquet_uncompressed_bytes), so a footer that
     under-declares is caught too. The footer is parsed once and checked first (check_parquet_sizes, a first
-    filter), then the page headers (walk_parquet_pages: pyarrow decompresses a page whole).
+    filter), then the page headers (walk_parquet_pages: pyarrow decompresses a page whole, and decodes the values
+    its header says it holds, whatever the footer says).
 
     A string or binary column is decoded as it is read when the walk bounds what it decodes to (dense_byte_arrays:
     its plain pages hold their values, and its dictionary-encoded values are counted times its dictionaries'
