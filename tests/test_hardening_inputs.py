@@ -466,6 +466,34 @@ def test_a_parquet_footer_that_under_declares_a_chunk_s_values_is_caught_by_the_
         read_parquet_bounded(io.BytesIO(bytes(body)), 1_000_000, "lies")
 
 
+def test_the_page_walk_follows_pyarrow_past_a_chunk_of_an_old_parquet_mr_file():
+    """For a file of parquet-mr before 1.2.9 (PARQUET-816) pyarrow reads up to 100 bytes past a chunk's range while its
+    pages hold fewer values than the footer says: a 44-byte page of a million dictionary-encoded zeros there (one
+    row's list) was decoded before the batch was counted. The walk goes on as far, and counts it first."""
+    from plexus_mcp_jupyter.evaluations.file_reads import read_parquet_bounded
+
+    sink = pa.BufferOutputStream()
+    table = pa.table({"label": pa.array([[0], [0] * 1_000_000], pa.list_(pa.int64()))})
+    pq.write_table(table, sink, write_statistics=False, data_page_size=1, compression="none")
+    body = bytearray(sink.getvalue().to_pybytes())
+    chunk = pq.ParquetFile(pa.BufferReader(bytes(body))).metadata.row_group(0).column(0)
+    assert (chunk.num_values, chunk.total_compressed_size) == (1_000_001, 100)  # a dictionary page and two data pages
+    footer = len(body) - 8 - int.from_bytes(body[-8:-4], "little")
+
+    def rewrite(old: bytes, new: bytes) -> None:  # an i64 field's value (type 6), everywhere in the footer
+        for at in [i for i in range(footer, len(body)) if body[i : i + len(old)] == old and body[i - 1] & 15 == 6]:
+            body[at : at + len(old)] = new
+
+    rewrite(varint(2 * 100), varint(2 * 56, 2))  # the chunk ends before its last data page (44 bytes: in the padding)
+    rewrite(varint(2 * 1_000_001), varint(2 * 2, 3))  # and declares 2 values
+    writer = body.index(b"parquet-cpp-arrow version ")
+    body[writer : writer + 32] = b"parquet-mr version 1.2.8 (build)"
+    crafted = bytes(body)
+    assert [len(row) for row in pq.read_table(pa.BufferReader(crafted)).column(0).to_pylist()] == [1, 1_000_000]
+    with pytest.raises(InvalidArgument, match="its Parquet pages hold 1,000,001 values; at most 125,000 values"):
+        read_parquet_bounded(io.BytesIO(crafted), 1_000_000, "old")
+
+
 def test_a_column_type_holding_a_dictionary_the_size_count_does_not_know_is_refused():
     """decoded_nbytes counts dictionaries inside lists, maps and structs; any other type holding one is refused
     rather than counted by nbytes (which counts a dictionary once, however many rows refer to it)."""

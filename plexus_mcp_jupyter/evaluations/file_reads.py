@@ -326,6 +326,9 @@ PARQUET_VALUES_PER_PAGE = 1_000
 # PAGE_HEADER_MAX_ELEMENTS elements (a page header has none), is refused. (The headers' bytes together are at most
 # the body's: the bound is on one header's read, the walk's on the body.)
 PAGE_HEADER_FIRST_READ = 1024
+# pyarrow reads up to this many bytes past a chunk's range (files of parquet-mr before 1.2.9 left the dictionary page's
+# header out of total_compressed_size, PARQUET-816) while the pages so far hold fewer values than the footer says
+PARQUET_816_PADDING = 100
 PAGE_HEADER_MAX_BYTES = 1024 * 1024
 PAGE_HEADER_MAX_ELEMENTS = 1_000
 
@@ -395,7 +398,8 @@ def walk_parquet_pages(handle: IO[bytes], metadata: pq.FileMetaData) -> PageWalk
     chunk of a BYTE_ARRAY leaf, its dictionary pages and the values of its dictionary-encoded data pages (the
     encoding pyarrow decodes a page by is its header's). Each column chunk is walked as pyarrow reads it: from its
     first page, `total_compressed_size` bytes (none of a chunk of no values; pyarrow reads no page past a chunk's
-    values, so a crafted chunk may be over-counted, never under).
+    values, so a crafted chunk may be over-counted, never under), and on, while its pages hold fewer values than
+    the footer says, into the PARQUET_816_PADDING bytes pyarrow reads past it for old parquet-mr files.
     ValueError when a header is not one (or is larger than PAGE_HEADER_MAX_BYTES, or holds a list or map of more
     than PAGE_HEADER_MAX_ELEMENTS elements), when the chunks walked add up to more bytes than the file has (they
     overlap), or when there are more pages than PARQUET_BYTES_PER_PAGE and PARQUET_VALUES_PER_PAGE allow (writers
@@ -420,13 +424,16 @@ def walk_parquet_pages(handle: IO[bytes], metadata: pq.FileMetaData) -> PageWalk
         if chunk.has_dictionary_page and 0 < chunk.dictionary_page_offset < position:
             position = chunk.dictionary_page_offset
         end = position + chunk.total_compressed_size
-        while position < end:
+        padded = end + min(PARQUET_816_PADDING, max(size - end, 0))
+        found = 0  # values in the chunk's data pages so far
+        while position < end or (position < padded and found < chunk.num_values):
             pages += 1
             if pages > most_pages:
                 raise ValueError(f"it has more than {most_pages:,} pages for {size:,} bytes and {values:,} values")
             page = _page_header(handle, position)
             walk.decompressed += page.uncompressed
             if page.kind in (DATA_PAGE, DATA_PAGE_V2) and page.values > 0:
+                found += page.values
                 walk.values += page.values
                 walk.fixed_bytes += page.values * widths.get(column, 0)
             if strings is not None:
