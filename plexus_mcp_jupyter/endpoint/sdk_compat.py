@@ -17,6 +17,8 @@ with the upstream change that would retire each.
   its HTTP entry around it (below).
 - `preparsed(body, value)`: a large body the bridge parsed off the event loop is not parsed again, on it, by the
   SDK (below).
+- `rehearse_call(manager, method, params, scope)`: one request served in-process by the SDK's `serve_one` (the
+  endpoint's start-up rehearsals), on `_SingleExchangeDispatchContext` and `_lifespan_state` as `ModernJSONEntry`.
 
 **A large body is parsed once, off the loop.** The SDK parses a POSTed body on the event loop: the handshake-era
 transport with `pydantic_core.from_json(body)` (`mcp.server.streamable_http`), the 2026-07-28 entry with
