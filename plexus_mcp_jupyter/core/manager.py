@@ -845,8 +845,8 @@ class TaskManager:
         outcomes: list[BaseException | None] = [None] * len(group)
         counts: dict[str | None, int] = {}  # each capped key's unfinished tasks, with the creates accepted so far
         for index, entry in enumerate(group):
-            # A plain dict, not a Counter: Counter's isinstance(iterable, Mapping) (an ABC check) cost ~0.3 ms of
-            # the first create's loop CPU.
+            # A plain dict, not a Counter: Counter(iterable) checks isinstance(iterable, Mapping), an ABC check that
+            # costs ~0.1 ms the first time, on the first create's loop.
             adding: dict[str | None, int] = {}
             for task in entry.tasks:
                 if self._key_capped(task.owner):

@@ -15,8 +15,9 @@ from typing import Any
 from ..security.identity import LOCAL_ADMIN, Principal, Role
 
 # The caller of the endpoint's own rehearsals after start (MCPEndpoint.rehearse), and of nothing else: no credential
-# maps to it (only the endpoint puts it on a scope), its calls are never audited, and as a viewer with an owner no
-# key or user has, it reads nothing of anyone's. Recognised by identity (`is`), never by its fields.
+# maps to it (only the endpoint puts it on a scope) and its calls are never audited. A viewer with an owner no key or
+# user has: it sees what a viewer key sees (no key's work), and its answers go nowhere. Recognised by identity
+# (`is`), never by its fields.
 REHEARSAL = Principal(owner="plexus:rehearsal", role=Role.VIEWER, name="start-up rehearsal")
 
 _current: ContextVar[Principal] = ContextVar("plexus_principal", default=LOCAL_ADMIN)
