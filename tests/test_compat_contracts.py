@@ -467,6 +467,47 @@ def test_the_modern_json_entry_answers_a_plain_2026_call_as_the_sdk_s_entry_does
     asyncio.run(compare())
 
 
+def test_rehearse_call_serves_a_tool_call_through_the_sdk_s_kernel_with_the_scope_and_no_session():
+    """sdk_compat.rehearse_call (MCPEndpoint.rehearse's start-up rehearsals): a tools/call served by `serve_one` on a
+    handshake-era connection already initialized, the given scope on the request the middleware reads, no session
+    opened and no answer sent anywhere."""
+    adapter = "sdk_compat.rehearse_call"
+    server = MCPServer("probe")
+    scopes: list[Any] = []
+
+    async def record(ctx: Any, call_next: Any) -> Any:
+        scopes.append(getattr(ctx.request, "scope", None))
+        return await call_next(ctx)
+
+    @server.tool()
+    def echo(text: str) -> str:
+        return text
+
+    lowlevel = sdk_compat.lowlevel_server(server)
+    lowlevel.middleware.append(record)
+    manager = StreamableHTTPSessionManager(app=lowlevel, json_response=True, security_settings=NO_DNS_CHECKS)
+
+    async def rehearse() -> dict[str, Any]:
+        async with manager.run():
+            params = {"name": "echo", "arguments": {"text": "hi"}}
+            return await sdk_compat.rehearse_call(manager, "tools/call", params, {"probe": 1})
+
+    result = asyncio.run(rehearse())
+    holds(
+        result.get("content") == [{"type": "text", "text": "hi"}] and not result.get("isError"),
+        MCP,
+        f"serves a rehearsed tools/call otherwise: {result}",
+        adapter,
+    )
+    holds(
+        len(scopes) == 1 and isinstance(scopes[0], dict) and scopes[0].get("probe") == 1,
+        MCP,
+        "no longer hands middleware the request its message metadata carries (ctx.request.scope)",
+        adapter,
+    )
+    holds(not manager._server_instances, MCP, "opens a session for a single exchange", adapter)
+
+
 def test_server_middleware_sees_the_wire_form_of_initialize_and_listings():
     """Public but provisional in the SDK: the middleware (as_the_caller, PlexusTasks.legacy_middleware) edits the
     `initialize` and list results as dicts, after the SDK sieved them for the era."""

@@ -26,7 +26,10 @@ import pytest
 from plexus_mcp_jupyter.core import EventBus, Store, TaskManager, TaskStatus
 from plexus_mcp_jupyter.core import store as store_module
 from plexus_mcp_jupyter.core.executors import LocalExecutor
+from plexus_mcp_jupyter.endpoint import transport as transport_module
+from plexus_mcp_jupyter.endpoint.principal import REHEARSAL, acting_as
 from plexus_mcp_jupyter.evaluations import service as service_module
+from plexus_mcp_jupyter.security.identity import Principal
 
 from .conftest import poll
 from .test_evaluations import create, finished
@@ -417,3 +420,56 @@ def test_the_forkserver_started_early_is_the_one_the_executor_uses_and_workers_s
         "    time.sleep(0.05)\n"
         "assert not os.path.exists(f'/proc/{early}'), 'the early forkserver did not end'\n"
     )
+
+
+async def test_the_endpoints_rehearsals_after_start_are_unaudited_sessionless_and_stop_at_a_client(
+    runtime, mcp_client, monkeypatch
+):
+    """After start the MCP endpoint rehearses a tool call through the SDK's own request kernel (REHEARSALS times), so
+    a client's first call runs code the interpreter has specialized: as REHEARSAL, a caller no credential maps to.
+    None of it is audited, opens a session or stores a task; it stops at a client's first request; and only that
+    very principal goes unaudited (an equal one, say a key's, is audited)."""
+    endpoint = runtime.endpoint
+    ran = await asyncio.wait_for(asyncio.shield(endpoint._rehearsal), 30)
+    assert ran == transport_module.REHEARSALS  # no client yet: every rehearsal ran
+    runtime.audit.flush()
+    records, _ = runtime.audit.query()
+    assert not records, records  # none audited
+    assert endpoint.session_count == 0
+    with runtime.store.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM tasks").scalar_one() == 0
+    # Each one's tool ran (the whole path, not a refusal): it read the rehearsal's own tasks, as a viewer.
+    viewers: list[str | None] = []
+    list_rows = runtime.manager.alist_rows
+
+    async def counted(request: Any, viewer: str | None) -> Any:
+        viewers.append(viewer)
+        return await list_rows(request, viewer)
+
+    monkeypatch.setattr(runtime.manager, "alist_rows", counted)
+    assert await endpoint.rehearse(2) == 2
+    assert viewers == [REHEARSAL.owner] * 2
+    # A client's first request stops them, the one in flight finishing alone.
+    held, go = asyncio.Event(), asyncio.Event()
+
+    async def held_rows(request: Any, viewer: str | None) -> Any:
+        held.set()
+        await go.wait()
+        return await list_rows(request, viewer)
+
+    monkeypatch.setattr(runtime.manager, "alist_rows", held_rows)
+    rehearsing = asyncio.ensure_future(endpoint.rehearse())
+    await asyncio.wait_for(held.wait(), 10)
+    async with mcp_client():
+        go.set()
+        assert await asyncio.wait_for(rehearsing, 10) == 1
+        assert await endpoint.rehearse() == 0
+    monkeypatch.setattr(runtime.manager, "alist_rows", list_rows)
+    # Only REHEARSAL itself goes unaudited: an equal principal's call is recorded.
+    lookalike = Principal(owner=REHEARSAL.owner, role=REHEARSAL.role, name=REHEARSAL.name)
+    assert lookalike == REHEARSAL and lookalike is not REHEARSAL
+    with acting_as(lookalike):
+        await runtime.mcp.call_tool("list_tasks", {"limit": 1})
+    runtime.audit.flush()
+    records, _ = runtime.audit.query(action="tool.list_tasks")
+    assert [r["owner"] for r in records] == [REHEARSAL.owner], records

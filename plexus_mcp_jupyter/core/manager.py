@@ -17,7 +17,7 @@ import os
 import threading
 import time
 import uuid
-from collections import Counter, OrderedDict, deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -845,7 +845,12 @@ class TaskManager:
         outcomes: list[BaseException | None] = [None] * len(group)
         counts: dict[str | None, int] = {}  # each capped key's unfinished tasks, with the creates accepted so far
         for index, entry in enumerate(group):
-            adding = Counter(task.owner for task in entry.tasks if self._key_capped(task.owner))
+            # A plain dict, not a Counter: Counter(iterable) checks isinstance(iterable, Mapping), an ABC check that
+            # costs ~0.1 ms the first time, on the first create's loop.
+            adding: dict[str | None, int] = {}
+            for task in entry.tasks:
+                if self._key_capped(task.owner):
+                    adding[task.owner] = adding.get(task.owner, 0) + 1
             for owner, n in adding.items():
                 if owner not in counts:
                     counts[owner] = self.unfinished_of(owner)

@@ -12,7 +12,13 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
-from ..security.identity import LOCAL_ADMIN, Principal
+from ..security.identity import LOCAL_ADMIN, Principal, Role
+
+# The caller of the endpoint's own rehearsals after start (MCPEndpoint.rehearse), and of nothing else: no credential
+# maps to it (only the endpoint puts it on a scope) and its calls are never audited. A viewer with an owner no key or
+# user has: it sees what a viewer key sees (no key's work), and its answers go nowhere. Recognised by identity
+# (`is`), never by its fields.
+REHEARSAL = Principal(owner="plexus:rehearsal", role=Role.VIEWER, name="start-up rehearsal")
 
 _current: ContextVar[Principal] = ContextVar("plexus_principal", default=LOCAL_ADMIN)
 

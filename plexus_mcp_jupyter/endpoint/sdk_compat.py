@@ -17,6 +17,8 @@ with the upstream change that would retire each.
   its HTTP entry around it (below).
 - `preparsed(body, value)`: a large body the bridge parsed off the event loop is not parsed again, on it, by the
   SDK (below).
+- `rehearse_call(manager, method, params, scope)`: one request served in-process by the SDK's `serve_one` (the
+  endpoint's start-up rehearsals), on `_SingleExchangeDispatchContext` and `_lifespan_state` as `ModernJSONEntry`.
 
 **A large body is parsed once, off the loop.** The SDK parses a POSTed body on the event loop: the handshake-era
 transport with `pydantic_core.from_json(body)` (`mcp.server.streamable_http`), the 2026-07-28 entry with
@@ -481,3 +483,27 @@ def _install_preparsed_parses() -> None:
         module = getattr(sdk_module, module_name)
         if not isinstance(module, _ModuleStandIn):
             setattr(sdk_module, module_name, _ModuleStandIn(module, parse))
+
+
+# -- a call rehearsed through the SDK's own kernel --------------------------------------------------------------
+
+
+async def rehearse_call(
+    manager: StreamableHTTPSessionManager, method: str, params: dict[str, Any], scope: dict[str, Any]
+) -> dict[str, Any]:
+    """Serve one request in-process through the SDK's per-request kernel (`serve_one`: its request validation, the
+    server's middleware, the handler, the result's serialization), as a handshake-era (2025-11-25) connection that
+    has already initialized, with `scope` as its HTTP request's ASGI scope (where the middleware finds the caller).
+    No transport, no session and nothing sent: the result dict is returned, an error raised (as `serve_one` does).
+    What it is for: MCPEndpoint.rehearse. Relies on: `_SingleExchangeDispatchContext` (as `ModernJSONEntry`) and
+    the session manager's `_lifespan_state`."""
+    connection = Connection.from_envelope(HANDSHAKE_PROTOCOL_VERSIONS[-1], None, None)
+    request = Request({"type": "http", "method": "POST", "path": "/", "headers": [], **scope})
+    dctx = _SingleExchangeDispatchContext(
+        transport=TransportContext(kind="streamable-http", can_send_request=False, headers=request.headers),
+        request_id=0,
+        message_metadata=ServerMessageMetadata(request_context=request),
+    )
+    return await serve_one(
+        manager.app, dctx, method, params, connection=connection, lifespan_state=manager._lifespan_state
+    )

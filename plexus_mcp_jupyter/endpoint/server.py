@@ -30,7 +30,7 @@ from .batch_tools import register_batch_tools
 from .completion import install_completion
 from .evaluation_tools import evaluation_outcome, register_evaluation_tools
 from .input_limits import bound_tool_error, bounded_error, check_params
-from .principal import acting_as, current_principal, principal_of
+from .principal import REHEARSAL, acting_as, current_principal, principal_of
 from .prompts import register_prompts
 from .resources import register_metrics_resource, register_resources
 from .schemas import lean_output_schema
@@ -129,8 +129,9 @@ class PlexusMCPServer(MCPServer):
     audit: AuditLog | None = None
 
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
-        """Check, run and audit one tool call (every call is recorded, with its outcome). A tool may note what
-        to record instead of its arguments (note_for_audit): batch operations note their filter and count."""
+        """Check, run and audit one tool call (every call is recorded, with its outcome, but the endpoint's own
+        start-up rehearsals: REHEARSAL). A tool may note what to record instead of its arguments
+        (note_for_audit): batch operations note their filter and count."""
         outcome = "error"
         started = time.perf_counter()
         with audit_notes() as note:
@@ -142,7 +143,7 @@ class PlexusMCPServer(MCPServer):
                 outcome = "denied" if str(exc).startswith("permission denied") else "error"
                 raise
             finally:
-                if self.audit is not None:
+                if self.audit is not None and current_principal() is not REHEARSAL:
                     try:
                         scope = getattr(context.request_context.request, "scope", None) if context is not None else None
                     except ValueError:  # no request (stdio)
