@@ -796,13 +796,40 @@ async def test_a_task_whose_create_committed_late_on_another_server_starts_befor
             store.close()
 
 
+async def test_two_managers_draining_one_groups_flood_claim_its_first_tasks_without_reading_the_queue(
+    db_url, monkeypatch
+):
+    """One owner's flood drained by two managers at once: on PostgreSQL each knows from its first read that the
+    queue holds that one group, so its passes claim the group's first free tasks in one statement
+    (`Store.claim_group_head`) instead of reading the head and claiming from it: no row of the head the other took
+    is read or found gone, and the queue is read only when the group runs short. Every task runs once."""
+    reads: list[int] = []
+    queue_window = Store.queue_window
+
+    def counted(self: Store, **kwargs: Any) -> Any:
+        reads.append(1)
+        return queue_window(self, **kwargs)
+
+    monkeypatch.setattr(Store, "queue_window", counted)
+    n = 300
+    managers = await drain_through_two_managers(db_url, lambda i: None, n)
+    if not db_url.startswith("postgresql"):
+        return
+    # A first read each, and one each time a manager's claim finds the group short (the last tasks): a read per 32
+    # tasks or so each before (the kept window, both managers' claims draining it).
+    assert len(reads) <= 8, f"{len(reads)} reads of the queue for {n} tasks of one group"
+    # Only the first passes, planned from the head both read, find tasks of it taken by the other.
+    assert sum(m.claims_gone for m in managers) <= 2 * manager_module._pass_head(managers[0]._policy(), contended=True)
+
+
 async def test_a_manager_that_finds_its_head_taken_looks_deeper_and_leaves_no_slot_idle(db_url):
-    """One owner's flood drained by two managers at once: their claims find tasks of the head the other took
+    """Two owners' flood drained by two managers at once: their claims find tasks of the head the other took
     (`claims_gone`), and a manager that did then plans from a deeper head (`TaskManager._head`: the replan without
     what the other took still fills its slots), for CONTENDED_SECONDS; every task still runs once with no
     maintenance tick to wake a pass that left a slot free. (On SQLite a claim is a write's conditional UPDATE:
-    one taken meanwhile is a lost claim, planned again, not a task found gone; the drain is the test there.)"""
-    managers = await drain_through_two_managers(db_url, lambda i: None, 300)
+    one taken meanwhile is a lost claim, planned again, not a task found gone; the drain is the test there. One
+    owner's flood on PostgreSQL is claimed without the head: the test below.)"""
+    managers = await drain_through_two_managers(db_url, lambda i: f"key:{i % 2}", 300)
     if not db_url.startswith("postgresql"):
         return
     policy = managers[0]._policy()

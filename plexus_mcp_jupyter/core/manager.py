@@ -1357,7 +1357,7 @@ class TaskManager:
                     return None, got, {group: 1}, got, {task.id for task in got}, started_at, set(), True
                 if got:  # the group ran short: these start, and the next pass reads the queue
                     return None, got, {group: 1}, got, {task.id for task in got}, started_at, set(), False
-                direct = False
+                direct, view = False, None  # (a kept window does not show what other servers claimed since)
         read, window, cut, planned = self._read_plan(policy, running, clock, view, version, whole=True)
         starts = planned.starts
         started_at = now()
@@ -1485,6 +1485,8 @@ class TaskManager:
         """Start the tasks of a pass this server won. `gone`: tasks of the head the claim found taken (by another
         server, or cancelled) and planned without: they leave the kept window, which stays the queue's head.
         `direct`: how a claim of the one group's first tasks went (`_read_plan_claim`)."""
+        if direct is not None:  # a kept window does not show what other servers claimed since: read again
+            self._window = None
         if direct is False:  # the group ran short, or the plan refused its first tasks: passes read the queue
             self._single = None
         if read is not None:
