@@ -108,9 +108,10 @@ class CancelOutcome:
 
 
 RequestHandler = Callable[[Task, Any], Awaitable[Any]]  # answers a task's TaskContext.request of one kind
-# What `_read_plan_claim` reads besides the queue: the policy, the running tasks, the fair clock, the window's view.
+# What `_read_plan_claim` reads besides the queue: the policy, the running tasks, the fair clock, the window's view, the
+# one group the queue holds (`TaskManager._single`).
 PassInputs = tuple[
-    QueuePolicy, list[Task], FairClock, tuple[list[Task], dict[Group, int]] | None, "tuple[Group, list[Task]] | None"
+    QueuePolicy, list[Task], FairClock, tuple[list[Task], dict[Group, int]] | None, tuple[Group, list[Task]] | None
 ]
 
 
