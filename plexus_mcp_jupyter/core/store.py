@@ -299,18 +299,26 @@ _CLAIM_FIRST_QUEUED = sa.select(_PICKED.c.id, _CLAIMED_BY_ADDRESS.c.id.is_not(No
     _PICKED.outerjoin(_CLAIMED_BY_ADDRESS, _CLAIMED_BY_ADDRESS.c.id == _PICKED.c.id)
 )
 
+
 # PostgreSQL, Store.claim_group_head, in one statement: claim the first `n` QUEUED tasks of one (priority, owner)
 # group, in the queue's order, skipping those another server is claiming (`SKIP LOCKED`, the job-queue idiom), and
 # return them whole. As `_CLAIM_FIRST_QUEUED`: the pick is MATERIALIZED, the UPDATE finds its rows by address, and
 # every row picked comes back with whether it was claimed (one changed by a transaction that committed after the
 # statement began is claimed by id: `Store._claimed_first`).
+def _queued_in_group(owned: bool, priority: str, owner: str) -> Any:
+    """A QUEUED task of one (priority, owner) group (the queue index's condition), the group's values bound to the
+    parameters `priority` and `owner` (an owner-less group's: none)."""
+    t = tasks_table
+    return sa.and_(
+        _IS_QUEUED,
+        t.c.priority == sa.bindparam(priority),
+        t.c.owner == sa.bindparam(owner) if owned else t.c.owner.is_(None),
+    )
+
+
 _GROUP_PICKED = {
     owned: sa.select(tasks_table.c.id, sa.literal_column("tasks.ctid").label("tid"))
-    .where(
-        _IS_QUEUED,
-        tasks_table.c.priority == sa.bindparam("g_priority"),
-        tasks_table.c.owner == sa.bindparam("g_owner") if owned else tasks_table.c.owner.is_(None),
-    )
+    .where(_queued_in_group(owned, "g_priority", "g_owner"))
     .order_by(tasks_table.c.created_at, tasks_table.c.id)
     .limit(sa.bindparam("g_n"))
     .with_for_update(skip_locked=True)
@@ -1774,11 +1782,7 @@ _QUEUE_NEXT_OWNER = {  # the first owner (after `owner`) with queued tasks at `p
 }
 _QUEUE_GROUP_HEAD = {
     owned: sa.select(_t)
-    .where(
-        _IS_QUEUED,
-        _t.c.priority == sa.bindparam("priority"),
-        _t.c.owner == sa.bindparam("owner") if owned else _t.c.owner.is_(None),
-    )
+    .where(_queued_in_group(owned, "priority", "owner"))
     .order_by(_t.c.created_at, _t.c.id)
     .limit(sa.bindparam("per_owner"))
     for owned in (True, False)
