@@ -156,3 +156,32 @@ def test_a_change_of_a_task_the_claim_holds_waits_and_then_leaves_it_running(sto
         assert changing.result(timeout=30) == []
     assert status_of(store, r)[:2] == (TaskStatus.RUNNING, "first")
     assert claim_pass(store, [r], 1, "later") == ([], set(), {r})  # never twice
+
+
+def test_a_claim_of_a_groups_head_takes_its_first_free_tasks_in_order_and_no_other_groups(store):
+    """`Store.claim_group_head` (a pass of a server that knows the queue holds one group): the group's first queued
+    tasks by age, a task another transaction is claiming skipped (never waited for), another group's tasks left,
+    and what the plan refuses put back QUEUED."""
+    other = [
+        Task(id=uuid.uuid4().hex, type="demo", status=TaskStatus.QUEUED, owner="key:b", created_at=1.0 + i)
+        for i in range(2)
+    ]
+    store.create_tasks(other)  # older, but of another group
+    ids = queued(store, 6)
+
+    def claim(n: int, accept=lambda tasks: True) -> list[str] | None:
+        got = store.claim_group_head((0, None), n, accept, worker="me", started_at=time.time())
+        return None if got is None else [task.id for task in got]
+
+    with store.engine.connect() as holder:  # another server's claim of the first task, under way
+        holder.exec_driver_sql("SELECT id FROM tasks WHERE id = %(id)s FOR UPDATE", {"id": ids[0]})
+        assert claim(3) == ids[1:4]
+        holder.rollback()
+    assert claim(2, accept=lambda tasks: False) is None  # the plan refused them: back to the queue
+    assert [status_of(store, i)[0] for i in (ids[0], ids[4])] == [TaskStatus.QUEUED] * 2
+    assert claim(5) == [ids[0], ids[4], ids[5]]  # the group ran short
+    assert claim(1) == []
+    assert all(status_of(store, i)[:2] == (TaskStatus.RUNNING, "me") for i in ids)
+    assert [status_of(store, task.id)[0] for task in other] == [TaskStatus.QUEUED] * 2
+    got = store.claim_group_head((0, "key:b"), 1, lambda tasks: True, worker="me", started_at=time.time())
+    assert got is not None and [(t.id, t.status, t.params) for t in got] == [(other[0].id, TaskStatus.QUEUED, {})]

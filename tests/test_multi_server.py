@@ -679,7 +679,10 @@ async def test_tasks_another_server_queues_start_here_without_a_tick_and_the_kep
     """A task manager told that another server queued tasks (`queued_elsewhere`, from the relay's task.created
     events with their queue groups) keeps the head of the queue it read when it shows tasks of those groups (the
     new ones come after them), reads it again when a group is new, and starts every task either way: no
-    maintenance tick runs (poll_interval), so a wake-up lost or a group left unknown stalls the drain."""
+    maintenance tick runs (poll_interval), so a wake-up lost or a group left unknown stalls the drain. On PostgreSQL,
+    where the queue holds one group its passes claim that group's first tasks without the head (`_single`), which
+    is kept and dropped the same way."""
+    postgres = db_url.startswith("postgresql")
     store = Store(db_url)
     manager = TaskManager(store, EventBus(), LocalExecutor(), max_concurrency=2, poll_interval=600, lease_seconds=120)
     base = time.time()
@@ -702,22 +705,27 @@ async def test_tasks_another_server_queues_start_here_without_a_tick_and_the_kep
             return Counter(dict(conn.execute(sa.text("SELECT status, count(*) FROM tasks GROUP BY status")).all()))
 
     def kept() -> bool:
+        if postgres:
+            return manager._single is not None and manager._single[0] == (0, None)
         window = manager._window
         return window is not None and window.version == manager._queue_version and window.holds({(0, None): base + 1})
+
+    def head() -> Any:
+        return manager._single if postgres else manager._window
 
     try:
         await manager.start()
         await asyncio.to_thread(store.create_tasks, queued(20, None))  # fewer than a read takes: all read
         manager.queue_changed()
-        window = await poll(lambda: kept() and manager._window, bool, timeout=30)
+        window = await poll(lambda: kept() and head(), bool, timeout=30)
         await asyncio.to_thread(store.create_tasks, queued(20, None, after=1))  # by another server, in the group
-        assert manager._window is window and kept(), "the first 20 still running: the head read is kept meanwhile"
+        assert head() is window and kept(), "the first 20 still running: the head read is kept meanwhile"
         manager.queued_elsewhere({(0, None): base + 1})  # created after every task the head shows
-        assert manager._window is window, "the head read stays kept: the new tasks come after it"
+        assert head() is window, "the head read stays kept: the new tasks come after it"
         await poll(lambda: asyncio.to_thread(statuses), lambda c: c["COMPLETED"] == 40, timeout=30)
         await asyncio.to_thread(store.create_tasks, queued(5, "key:new"))  # a group the head does not show
         manager.queued_elsewhere({(0, "key:new"): base})
-        assert manager._window is None, "a new group: the queue is read again"
+        assert manager._window is None and manager._single is None, "a new group: the queue is read again"
         final = await poll(lambda: asyncio.to_thread(statuses), lambda c: c["COMPLETED"] == 45, timeout=30)
         assert final == {"COMPLETED": 45}
     finally:
@@ -796,13 +804,40 @@ async def test_a_task_whose_create_committed_late_on_another_server_starts_befor
             store.close()
 
 
+async def test_two_managers_draining_one_groups_flood_claim_its_first_tasks_without_reading_the_queue(
+    db_url, monkeypatch
+):
+    """One owner's flood drained by two managers at once: on PostgreSQL each knows from its first read that the
+    queue holds that one group, so its passes claim the group's first free tasks in one statement
+    (`Store.claim_group_head`) instead of reading the head and claiming from it: no row of the head the other took
+    is read or found gone, and the queue is read only when the group runs short. Every task runs once."""
+    reads: list[int] = []
+    queue_window = Store.queue_window
+
+    def counted(self: Store, **kwargs: Any) -> Any:
+        reads.append(1)
+        return queue_window(self, **kwargs)
+
+    monkeypatch.setattr(Store, "queue_window", counted)
+    n = 300
+    managers = await drain_through_two_managers(db_url, lambda i: None, n)
+    if not db_url.startswith("postgresql"):
+        return
+    # A first read each, and one each time a manager's claim finds the group short (the last tasks): a read per 32
+    # tasks or so each before (the kept window, both managers' claims draining it).
+    assert len(reads) <= 8, f"{len(reads)} reads of the queue for {n} tasks of one group"
+    # Only the first passes, planned from the head both read, find tasks of it taken by the other.
+    assert sum(m.claims_gone for m in managers) <= 2 * manager_module._pass_head(managers[0]._policy(), contended=True)
+
+
 async def test_a_manager_that_finds_its_head_taken_looks_deeper_and_leaves_no_slot_idle(db_url):
-    """One owner's flood drained by two managers at once: their claims find tasks of the head the other took
+    """Two owners' flood drained by two managers at once: their claims find tasks of the head the other took
     (`claims_gone`), and a manager that did then plans from a deeper head (`TaskManager._head`: the replan without
     what the other took still fills its slots), for CONTENDED_SECONDS; every task still runs once with no
     maintenance tick to wake a pass that left a slot free. (On SQLite a claim is a write's conditional UPDATE:
-    one taken meanwhile is a lost claim, planned again, not a task found gone; the drain is the test there.)"""
-    managers = await drain_through_two_managers(db_url, lambda i: None, 300)
+    one taken meanwhile is a lost claim, planned again, not a task found gone; the drain is the test there. One
+    owner's flood on PostgreSQL is claimed without the head: the test below.)"""
+    managers = await drain_through_two_managers(db_url, lambda i: f"key:{i % 2}", 300)
     if not db_url.startswith("postgresql"):
         return
     policy = managers[0]._policy()

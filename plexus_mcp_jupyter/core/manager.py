@@ -108,8 +108,11 @@ class CancelOutcome:
 
 
 RequestHandler = Callable[[Task, Any], Awaitable[Any]]  # answers a task's TaskContext.request of one kind
-# What `_read_plan_claim` reads besides the queue: the policy, the running tasks, the fair clock, the window's view.
-PassInputs = tuple[QueuePolicy, list[Task], FairClock, tuple[list[Task], dict[Group, int]] | None]
+# What `_read_plan_claim` reads besides the queue: the policy, the running tasks, the fair clock, the window's view, the
+# one group the queue holds (`TaskManager._single`).
+PassInputs = tuple[
+    QueuePolicy, list[Task], FairClock, tuple[list[Task], dict[Group, int]] | None, tuple[Group, list[Task]] | None
+]
 
 
 @dataclass
@@ -209,6 +212,10 @@ class TaskManager:
         self._queue_empty = False  # the last read of the queue found nothing left to start
         self._queue_version = 0  # counts the changes that may have queued tasks (`_queue_changed`)
         self._window: QueueWindow | None = None  # the queue's head as the last read saw it, less what started
+        # PostgreSQL: the one (priority, owner) group the queue held at the last read, nothing queued since in another
+        # (`_queue_changed`), and that read's head of it (what a plan of its next starts looks like): passes then
+        # claim the group's first tasks without reading the queue (`Store.claim_group_head`).
+        self._single: tuple[Group, list[Task]] | None = None
         # Planned starts another server claimed first, a pass planned again for each (only the claims a SQLite
         # store commits with a batched write, `_pass_after`: a pass's own claims plan around what others took,
         # Store.claim_planned); and the tasks of the head those claims found gone.
@@ -240,6 +247,7 @@ class TaskManager:
         # A networked store (PostgreSQL): the scheduler's and the batched writes' store calls run on one writer
         # thread, in order, off the event loop (SQLite, a local file, answers in microseconds: they stay on it).
         self.offload = store.engine.dialect.name != "sqlite"
+        self._direct_claims = store.engine.dialect.name == "postgresql"
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
         self._scheduling = False  # a scheduling pass is reading or claiming on the writer thread
         self._starting: dict[str, Task] = {}  # started at once by adispatch, their insert under way
@@ -998,9 +1006,14 @@ class TaskManager:
 
     def announce(self, tasks: Iterable[Task], kind: str = "task.created") -> None:
         """Publish one event per task changed by a bulk write, then let the scheduler look at the queue."""
+        groups = set()
         for task in tasks:
             self.bus.publish(kind, "task", task.id, task.summary())
+            groups.add((task.priority, task.owner))
+        single = self._single
         self.queue_changed()
+        if single is not None and groups <= {single[0]}:
+            self._single = single  # the queue still holds that group alone (`_read_plan_claim`)
 
     def check_priority(self, priority: int, role: str | None) -> None:
         """InvalidArgument when `priority` is above the ceiling of `role` (refused, never clamped: the caller
@@ -1220,8 +1233,11 @@ class TaskManager:
         queue for empty."""
         window = self._window
         keep = groups is not None and window is not None and window.version == self._queue_version
+        single = self._single
         self._queue_info = None
         self._queue_changed()
+        if single is not None and groups is not None and set(groups) <= {single[0]}:
+            self._single = single  # more of the one group: its first tasks are claimed in its order all the same
         if keep and window is not None and groups is not None and window.holds(groups):
             window.more(groups)
             window.version = self._queue_version
@@ -1239,6 +1255,7 @@ class TaskManager:
         self._queue_empty = False
         self._queue_version += 1
         self._window = None
+        self._single = None
 
     def _schedule_soon(self, *, slot_freed: bool = False) -> None:
         """Run the scheduler once the current work is done. `slot_freed`: only a slot came free (a task ended),
@@ -1283,8 +1300,8 @@ class TaskManager:
             return
         policy = self._policy()
         running = self._running_tasks()
-        read, window, cut, starts, won, started_at, gone = self._read_plan_claim(
-            policy, running, self._fair, self._window_view(policy), self._queue_version
+        read, window, cut, starts, won, started_at, gone, _ = self._read_plan_claim(
+            policy, running, self._fair, self._window_view(policy), None, self._queue_version
         )
         self._start_claimed(policy, read, window, cut, starts, won, started_at, exhausted=True, gone=gone)
 
@@ -1301,9 +1318,10 @@ class TaskManager:
         running: list[Task],
         clock: FairClock,
         view: tuple[list[Task], dict[Group, int]] | None,
+        single: tuple[Group, list[Task]] | None,
         version: int,
         conn: Connection | None = None,
-    ) -> tuple[QueueWindow | None, list[Task], dict[Group, int], list[Task], set[str], float, set[str]]:
+    ) -> tuple[QueueWindow | None, list[Task], dict[Group, int], list[Task], set[str], float, set[str], bool | None]:
         """A scheduling pass's store work and plan (any thread: it reads only its arguments and the store): the
         queue's head (`view`, else a read of the store, returned to be kept), what starts, which of those this
         server won the claim of (one transaction), and which tasks of the head were found gone meanwhile.
@@ -1311,12 +1329,46 @@ class TaskManager:
         The claim is planned against what is still claimable (`Store.claim_planned`): on a shared PostgreSQL a
         task another server took or is taking is left out and the pass planned again without it, in the claim's
         transaction, so servers planning from the same head claim different tasks and none reads the queue again
-        for a lost claim. `conn`: the transaction to claim in (a write's, `Store.save_progress_then`)."""
+        for a lost claim. `conn`: the transaction to claim in (a write's, `Store.save_progress_then`).
+
+        `single` (PostgreSQL; `_single`): the queue holds that one group, so the pass claims its first tasks, as many
+        as a plan of the head last read starts, without reading the queue (`Store.claim_group_head`): two servers
+        then read no queue row the other claims, nor plan again around what it took. The last item says how that
+        went: None (not tried), True (claimed as many as planned), False (fewer, or the plan refused the tasks
+        found: then the pass read the queue as usual)."""
+        direct = None
+        if single is not None:
+            group, head = single
+            want = len(queue_plan(head, running, policy, clock=clock, reasons=False).starts)
+            if want:
+                types = {task.type for task in head}
+
+                def accept(tasks: list[Task]) -> bool:
+                    # Tasks of the head's one type: the plan of the head started `want` such tasks of the group.
+                    if len(types) == 1 and all(task.type in types for task in tasks):
+                        return True
+                    return len(queue_plan(tasks, running, policy, clock=clock, reasons=False).starts) == len(tasks)
+
+                started_at = now()
+                got = self.store.claim_group_head(
+                    group,
+                    want,
+                    accept,
+                    worker=self.server_id,
+                    started_at=started_at,
+                    lease_expires_at=self._lease_end(started_at),
+                    conn=conn,
+                )
+                if got is not None and len(got) == want:
+                    return None, got, {group: 1}, got, {task.id for task in got}, started_at, set(), True
+                if got:  # the group ran short: these start, and the next pass reads the queue
+                    return None, got, {group: 1}, got, {task.id for task in got}, started_at, set(), False
+                direct, view = False, None  # (a kept window does not show what other servers claimed since)
         read, window, cut, planned = self._read_plan(policy, running, clock, view, version, whole=True)
         starts = planned.starts
         started_at = now()
         if not starts:
-            return read, window, cut, starts, set(), started_at, set()
+            return read, window, cut, starts, set(), started_at, set(), direct
         by_id = {task.id: task for task in window}
 
         def replan(gone: set[str]) -> list[str]:
@@ -1333,7 +1385,7 @@ class TaskManager:
             order=[task.id for task in planned.order],
             conn=conn,
         )
-        return read, window, cut, [by_id[task_id] for task_id in ids], won, started_at, gone
+        return read, window, cut, [by_id[task_id] for task_id in ids], won, started_at, gone, direct
 
     def _read_plan(
         self,
@@ -1375,7 +1427,13 @@ class TaskManager:
             policy = self._policy()
             running = self._running_tasks()
             planned = await self._write(
-                self._read_plan_claim, policy, running, self._fair.copy(), self._window_view(policy), version
+                self._read_plan_claim,
+                policy,
+                running,
+                self._fair.copy(),
+                self._window_view(policy),
+                self._single,
+                version,
             )
             await self._start_planned(policy, planned, version)
         except Exception as exc:
@@ -1385,14 +1443,23 @@ class TaskManager:
 
     async def _start_planned(self, policy: QueuePolicy, planned: tuple[Any, ...], version: int) -> None:
         """On the loop: start what a pass of the writer thread (`_read_plan_claim`) claimed."""
-        read, window, cut, starts, won, started_at, gone = planned
+        read, window, cut, starts, won, started_at, gone, direct = planned
         if self._stopping:  # claimed for nothing: back to the queue, for the next server
             for task_id in won:
                 await self._write(self.store.requeue, task_id)
             return
         # Tasks queued while the pass ran were not in its window: the queue is not known to be empty.
         self._start_claimed(
-            policy, read, window, cut, starts, won, started_at, exhausted=self._queue_version == version, gone=gone
+            policy,
+            read,
+            window,
+            cut,
+            starts,
+            won,
+            started_at,
+            exhausted=self._queue_version == version,
+            gone=gone,
+            direct=direct,
         )
 
     def _pass_done(self) -> None:
@@ -1419,11 +1486,20 @@ class TaskManager:
         *,
         exhausted: bool,
         gone: set[str] | None = None,
+        direct: bool | None = None,
     ) -> None:
         """Start the tasks of a pass this server won. `gone`: tasks of the head the claim found taken (by another
-        server, or cancelled) and planned without: they leave the kept window, which stays the queue's head."""
+        server, or cancelled) and planned without: they leave the kept window, which stays the queue's head.
+        `direct`: how a claim of the one group's first tasks went (`_read_plan_claim`)."""
+        if direct is not None:  # a kept window does not show what other servers claimed since: read again
+            self._window = None
+        if direct is False:  # the group ran short, or the plan refused its first tasks: passes read the queue
+            self._single = None
         if read is not None:
             self._window = read
+            if direct is None and self._direct_claims and read.version == self._queue_version:
+                groups = {(task.priority, task.owner) for task in window} | set(cut)
+                self._single = (groups.pop(), list(window)) if window and len(groups) == 1 else None
         if self._window is not None:
             self._window.taken({task.id for task in starts} | (gone or set()))  # one not won makes it stale (below)
         started = 0
@@ -1439,7 +1515,7 @@ class TaskManager:
         self.claims_gone += len(gone or ())
         if gone:
             self._contended_at = time.monotonic()
-        if gone and not self._schedule_pending:
+        if (gone or direct is False) and not self._schedule_pending:
             # The pass was planned without what others took: slots may be left that the queue's unread tail (or
             # a read of it) fills. Another pass on the kept window, which reads again if it ran short.
             self._schedule_soon(slot_freed=True)
@@ -1702,7 +1778,7 @@ class TaskManager:
             return None
         self._scheduling = True
         policy = self._policy()
-        return policy, running, self._fair.copy(), self._window_view(policy)
+        return policy, running, self._fair.copy(), self._window_view(policy), self._single
 
     def _committed(
         self, batch: list[tuple[_PendingWrite, int, int, int, bool]], lost: set[str], *, schedule: bool = True

@@ -300,6 +300,50 @@ _CLAIM_FIRST_QUEUED = sa.select(_PICKED.c.id, _CLAIMED_BY_ADDRESS.c.id.is_not(No
 )
 
 
+# PostgreSQL, Store.claim_group_head, in one statement: claim the first `n` QUEUED tasks of one (priority, owner)
+# group, in the queue's order, skipping those another server is claiming (`SKIP LOCKED`, the job-queue idiom), and
+# return them whole. As `_CLAIM_FIRST_QUEUED`: the pick is MATERIALIZED, the UPDATE finds its rows by address, and
+# every row picked comes back with whether it was claimed (one changed by a transaction that committed after the
+# statement began is claimed by id: `Store._claimed_first`).
+def _queued_in_group(owned: bool, priority: str, owner: str) -> Any:
+    """A QUEUED task of one (priority, owner) group (the queue index's condition), the group's values bound to the
+    parameters `priority` and `owner` (an owner-less group's: none)."""
+    t = tasks_table
+    return sa.and_(
+        _IS_QUEUED,
+        t.c.priority == sa.bindparam(priority),
+        t.c.owner == sa.bindparam(owner) if owned else t.c.owner.is_(None),
+    )
+
+
+_GROUP_PICKED = {
+    owned: sa.select(tasks_table.c.id, sa.literal_column("tasks.ctid").label("tid"))
+    .where(_queued_in_group(owned, "g_priority", "g_owner"))
+    .order_by(tasks_table.c.created_at, tasks_table.c.id)
+    .limit(sa.bindparam("g_n"))
+    .with_for_update(skip_locked=True)
+    .cte("picked")
+    .prefix_with("MATERIALIZED")
+    for owned in (True, False)
+}
+
+
+def _group_claim(picked: Any) -> Any:
+    claimed = (
+        sa.update(tasks_table)
+        .where(sa.literal_column("tasks.ctid") == picked.c.tid, tasks_table.c.id == picked.c.id)
+        .values(**_CLAIMED)
+        .returning(*tasks_table.columns)
+        .cte("claimed")
+    )
+    columns = [claimed.c[name] for name in _TASK_COLUMNS]
+    return sa.select(picked.c.id, *columns).select_from(picked.outerjoin(claimed, claimed.c.id == picked.c.id))
+
+
+_CLAIM_GROUP_HEAD = {owned: _group_claim(picked) for owned, picked in _GROUP_PICKED.items()}
+_CLAIMED_TASKS = sa.select(tasks_table).where(tasks_table.c.id.in_(sa.bindparam("ids", expanding=True)))
+
+
 class _PlanChanged(Exception):
     """claim_planned: the first round claimed tasks the plan, made again without those gone, would not start."""
 
@@ -861,6 +905,48 @@ class Store:
                 pass
         with contextlib.nullcontext(conn) if conn is not None else self.engine.begin() as in_tx:
             return self._claim_rounds(in_tx, plan, first, set(), set(), values)
+
+    def claim_group_head(
+        self,
+        group: tuple[int, str | None],
+        n: int,
+        accept: Callable[[list[Task]], bool],
+        *,
+        worker: str,
+        started_at: float,
+        lease_expires_at: float | None = None,
+        conn: Connection | None = None,
+    ) -> list[Task] | None:
+        """PostgreSQL: claim the first `n` QUEUED tasks of one (priority, owner) `group`, in its order, without a
+        read of the queue: a scheduling pass of a server that knows the queue holds that group alone. A task another
+        server is claiming is skipped (`SKIP LOCKED`), never waited for. The claims stand only if `accept(tasks)`
+        (the manager's plan of them starts them all: caps and resources stay its rules); else they are put back
+        QUEUED in the transaction (their rows stay locked by it until it ends) and None is returned: the caller
+        plans from a read of the queue instead. Returns the tasks claimed, as they were before the claim (fewer than
+        `n` when the group has no more free tasks). `conn`: a transaction to claim in (`save_progress_then`)."""
+        if n <= 0:
+            return []
+        priority, owner = group
+        values = {"b_worker": worker, "b_started_at": started_at, "b_lease": lease_expires_at}
+        with contextlib.nullcontext(conn) if conn is not None else self.engine.begin() as in_tx:
+            rows = self._rows(
+                in_tx,
+                _CLAIM_GROUP_HEAD[owner is not None],
+                {**values, "g_priority": priority, "g_owner": owner, "g_n": n},
+            )
+            tasks = [_task_from_tuple(row[1:]) for row in rows if row[1] is not None]
+            missed = [row[0] for row in rows if row[1] is None]
+            if missed:  # changed by a transaction that committed after the statement began: claimed by id
+                again = set(in_tx.execute(_CLAIM_LOCKED, {**values, "ids": missed}).scalars())
+                if again:
+                    tasks += [_task_from_tuple(row) for row in in_tx.execute(_CLAIMED_TASKS, {"ids": sorted(again)})]
+                    tasks.sort(key=lambda task: (task.created_at, task.id))
+            for task in tasks:  # as the queue showed it (the caller marks its claims: `TaskManager._mark_claimed`)
+                task.status, task.worker, task.started_at, task.lease_expires_at = TaskStatus.QUEUED, None, None, None
+            if tasks and not accept(tasks):
+                in_tx.execute(_UNCLAIM, {"ids": [task.id for task in tasks]})
+                return None
+            return tasks
 
     @staticmethod
     def _claimed_first(conn: Connection, picked: list[tuple[Any, ...]], values: dict[str, Any]) -> set[str]:
@@ -1696,11 +1782,7 @@ _QUEUE_NEXT_OWNER = {  # the first owner (after `owner`) with queued tasks at `p
 }
 _QUEUE_GROUP_HEAD = {
     owned: sa.select(_t)
-    .where(
-        _IS_QUEUED,
-        _t.c.priority == sa.bindparam("priority"),
-        _t.c.owner == sa.bindparam("owner") if owned else _t.c.owner.is_(None),
-    )
+    .where(_queued_in_group(owned, "priority", "owner"))
     .order_by(_t.c.created_at, _t.c.id)
     .limit(sa.bindparam("per_owner"))
     for owned in (True, False)
