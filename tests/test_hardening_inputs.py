@@ -14,6 +14,7 @@ import json
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 
 import anyio
 import httpx2
@@ -28,6 +29,7 @@ from plexus_mcp_jupyter.core.errors import InvalidArgument
 from plexus_mcp_jupyter.core.requests import ListTasks
 from plexus_mcp_jupyter.core.store import decode_position
 
+from . import parquet_thrift as thrift
 from .conftest import MODERN, poll
 
 MAX_ERROR_CHARS = 2000  # endpoint/input_limits.py (a literal: the test runs against older code too)
@@ -492,6 +494,135 @@ def test_the_page_walk_follows_pyarrow_past_a_chunk_of_an_old_parquet_mr_file():
     assert [len(row) for row in pq.read_table(pa.BufferReader(crafted)).column(0).to_pylist()] == [1, 1_000_000]
     with pytest.raises(InvalidArgument, match="its Parquet pages hold 1,000,001 values; at most 125,000 values"):
         read_parquet_bounded(io.BytesIO(crafted), 1_000_000, "old")
+
+
+def list_of_zeros(values: int, edit: Callable[[list[list[object]]], None]) -> bytes:
+    """One row of a list of `values` dictionary-encoded zeros in one data page (a run of each level and of the
+    indices: a few hundred bytes), its footer saying 1 value, its data page header's fields passed to `edit`."""
+    body = thrift.written(
+        pa.table({"label": pa.array([[0] * 1000], pa.list_(pa.int64()))}), write_statistics=False, compression="none"
+    )
+    levels = thrift.with_length(thrift.rle(1, 0, 1) + thrift.rle(values - 1, 1, 1))  # one row: repetition levels
+    levels += thrift.with_length(thrift.rle(values, 3, 2))  # all present: definition levels
+    payload = levels + bytes([1]) + thrift.rle(values, 0, 1)  # indices of 1 bit, all to the dictionary's 0
+
+    def pages(_: int, found: list[thrift.Page]) -> None:
+        for page in found:
+            if page.kind == 0:
+                page.replace_payload(payload)
+                edit(thrift.get(page.header, 5)[2])
+
+    def footer(meta: list[list[object]]) -> None:
+        chunk = thrift.get(thrift.get(thrift.get(meta, 4)[2][2][0], 1)[2][2][0], 3)[2]
+        thrift.get(chunk, 5)[2] = 1  # num_values
+
+    return thrift.rewrite(body, pages, footer)
+
+
+def _values_twice(header: list[list[object]]) -> None:  # the i32 pyarrow reads, then an i16 it skips
+    thrift.get(header, 1)[2] = 1_000_000
+    header.append([1, thrift.I16, 1])
+
+
+def _values_as_field_65537(header: list[list[object]]) -> None:  # pyarrow wraps the id to 16 bits: 1, read last
+    thrift.get(header, 1)[2] = 1
+    header.append([65_537, thrift.I32, 1_000_000])
+
+
+def _a_large_page_sized_twice() -> bytes:
+    """One int64 value in a page of 50 MB of zeros (zstd: a few kB), its uncompressed size given twice: the i32 50 MB
+    pyarrow allocates to decompress it, then an i16 8."""
+    size = 50_000_000
+    compressed = pa.Codec("zstd").compress(bytes(size), asbytes=True)
+    body = thrift.written(
+        pa.table({"a": pa.array([7], pa.int64())}), compression="zstd", write_statistics=False, use_dictionary=False
+    )
+
+    def pages(_: int, found: list[thrift.Page]) -> None:
+        found[0].replace_payload(compressed, size)
+        found[0].header.insert(2, [2, thrift.I16, 8])
+
+    return thrift.rewrite(body, pages)
+
+
+def _strings_of_encoding_twice() -> bytes:
+    """200 dictionary-encoded 100 kB strings (20 MB, a few hundred bytes of zstd), the data page's encoding given twice:
+    the i32 RLE_DICTIONARY pyarrow decodes the page by, then an i16 PLAIN (the walk took the column as bounded by its
+    pages and decoded it whole in one batch)."""
+    body = thrift.written(pa.table({"s": ["x" * 100_000] * 200}), compression="zstd", write_statistics=False)
+
+    def pages(_: int, found: list[thrift.Page]) -> None:
+        for page in found:
+            if page.kind == 0:
+                thrift.get(page.header, 5)[2].append([2, thrift.I16, 0])
+
+    return thrift.rewrite(body, pages)
+
+
+CRAFTED_HEADERS = {
+    "num_values twice": lambda: list_of_zeros(1_000_000, _values_twice),
+    "num_values as field 65537": lambda: list_of_zeros(1_000_000, _values_as_field_65537),
+    "uncompressed_page_size twice": _a_large_page_sized_twice,
+    "encoding twice": _strings_of_encoding_twice,
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED_HEADERS))
+def test_a_page_header_that_reads_otherwise_to_pyarrow_is_refused(case):
+    """pyarrow's Thrift reads a page header's fields as i32 only (skipping an i16 or i64 copy), wraps field ids to 16
+    bits and keeps a field's last copy: a header could give pyarrow the real value and the walk a decoy (a million
+    zeros decoded for a footer's and walk's 1 value; a 50 MB page allocated for a walk's 8 bytes; 20 MB of strings
+    decoded in one batch for a walk's plain page). A header no writer makes (ids not strictly increasing within
+    1..32,767, a wanted field not an i32) is refused before any page is read."""
+    from plexus_mcp_jupyter.evaluations.file_reads import read_parquet_bounded
+
+    crafted = CRAFTED_HEADERS[case]()
+    assert len(crafted) < 20_000
+    if case.startswith("num_values"):  # what pyarrow reads of it
+        assert len(pq.read_table(pa.BufferReader(crafted)).column(0)[0].values) == 1_000_000
+    with pytest.raises(ValueError, match=r"a page header's field ids are not increasing within 1\.\.32,767"):
+        read_parquet_bounded(io.BytesIO(crafted), 1_000_000, case)
+
+
+@pytest.mark.parametrize(
+    ("fields", "error"),
+    [
+        (bytes([0x14, 0x02, 0x00]), "field 1 is not an i32 .Thrift type 4"),  # num_values as an i16 (delta 1)
+        (bytes([0x16, 0x02, 0x00]), "field 1 is not an i32 .Thrift type 6"),  # as an i64
+        (bytes([0x15, 0x02, 0x05]) + thrift.zigzag(1) + bytes([0x04, 0x00]), "field 1 after 1"),  # twice
+        (bytes([0x36, 0x02, 0x05, 0x02, 0x02, 0x00]), "field 1 after 3"),  # decreasing
+        (bytes([0x05]) + thrift.zigzag(32_768) + bytes([0x02, 0x00]), "field 32,768 after 0"),  # past an i16
+        (bytes([0x05]) + thrift.zigzag(32_760) + bytes([0x00, 0xF5, 0x02, 0x00]), "field 32,775 after 32,760"),
+        (bytes([0x05]) + thrift.zigzag(0) + bytes([0x02, 0x00]), "field 0 after 0"),
+        (bytes([0x15]) + thrift.varint(1 << 32 | 2) + bytes([0x00]), "field 1 does not fit in 32 bits"),
+        (bytes([0x15, 0x02, 0x15, 0x00, 0x00]), "field 2 is not a struct"),
+    ],
+)
+def test_the_page_walk_reads_only_headers_a_writer_makes(fields, error):
+    """The walk's Thrift reader refuses a struct whose wanted fields pyarrow could read otherwise; a writer's passes
+    (an unwanted field of any type skipped)."""
+    from plexus_mcp_jupyter.evaluations.file_reads import _CompactReader
+
+    wanted = {1: None, 2: {1: None}}
+    with pytest.raises(ValueError, match=error):
+        _CompactReader(fields).struct_fields(wanted)
+    written = bytes([0x15, 0x02, 0x1C, 0x15, 0x06, 0x00, 0x16, 0x04, 0x00])  # 1: i32 1, 2: {1: i32 3}, 3: i64 2
+    assert _CompactReader(written).struct_fields(wanted) == {1: 1, 2: {1: 3}}
+
+
+async def test_a_body_with_a_crafted_page_header_is_refused_in_words(server_url, token, runtime):
+    """Over HTTP, such a body is a 400 saying it is not a readable Parquet file, and why."""
+    runtime.catalog.max_parquet_uncompressed_bytes = 1_000_000
+    headers = {"Authorization": f"token {token}", "Content-Type": "application/vnd.apache.parquet"}
+    async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
+        refused = await http.post(
+            f"{server_url}plexus/api/datasets",
+            params={"name": "decoy"},
+            content=list_of_zeros(1_000_000, _values_twice),
+        )
+    assert refused.status_code == 400, refused.text
+    assert "not a readable Parquet file: a page header's field ids are not increasing" in refused.text
+    assert "decoy" not in runtime.catalog.registered_names()
 
 
 def test_a_column_type_holding_a_dictionary_the_size_count_does_not_know_is_refused():

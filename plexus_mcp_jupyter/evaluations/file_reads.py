@@ -553,6 +553,11 @@ def _page_header(handle: IO[bytes], position: int) -> PageHeader:
     raise ValueError(f"a page header at byte {position:,} is larger than {PAGE_HEADER_MAX_BYTES:,} bytes")
 
 
+# Thrift compact protocol: the types of the fields the walk reads, and the largest field id (an i16)
+THRIFT_I32, THRIFT_STRUCT = 5, 12
+THRIFT_MAX_FIELD_ID = 32_767
+
+
 class _PastBuffer(Exception):
     """A page header runs past the bytes read for it."""
 
@@ -595,8 +600,13 @@ class _CompactReader:
         return (value >> 1) ^ -(value & 1)
 
     def struct_fields(self, wanted: dict[int, Any] | None = None, depth: int = 0) -> dict[int, Any]:
-        """The fields `wanted` of the struct at the reader's position, which is read to its end: an integer field
-        wanted as None, a struct field as the dict of its own wanted fields."""
+        """The fields `wanted` of the struct at the reader's position, which is read to its end: an i32 field wanted
+        as None, a struct field as the dict of its own wanted fields.
+
+        ValueError for a struct no writer makes, whose fields pyarrow's Thrift could read otherwise than this: field
+        ids not strictly increasing within 1..32,767 (pyarrow wraps an id to 16 bits, and keeps a field's last copy),
+        a wanted field of another type (pyarrow skips an i16 or i64 one where it reads an i32) or an i32 past 32 bits
+        (pyarrow truncates it). Else a header could say one thing to pyarrow and another to the walk."""
         if depth > 32:
             raise ValueError("a page header nests too deep")
         wanted = wanted or {}
@@ -607,11 +617,24 @@ class _CompactReader:
             if header == 0:
                 return found
             kind, delta = header & 0x0F, header >> 4
-            number = number + delta if delta else self._zigzag()
+            following = number + delta if delta else self._zigzag()
+            if not number < following <= THRIFT_MAX_FIELD_ID:
+                raise ValueError(
+                    f"a page header's field ids are not increasing within 1..{THRIFT_MAX_FIELD_ID:,} (field "
+                    f"{following:,} after {number:,}), which no Parquet writer makes"
+                )
+            number = following
             spec = wanted.get(number, False)
-            if spec is None and kind in (4, 5, 6):
-                found[number] = self._zigzag()
-            elif isinstance(spec, dict) and kind == 12:
+            if spec is None:
+                if kind != THRIFT_I32:
+                    raise ValueError(f"a page header's field {number} is not an i32 (Thrift type {kind})")
+                value = self._varint()
+                if value >> 32:
+                    raise ValueError(f"a page header's field {number} does not fit in 32 bits")
+                found[number] = (value >> 1) ^ -(value & 1)
+            elif isinstance(spec, dict):
+                if kind != THRIFT_STRUCT:
+                    raise ValueError(f"a page header's field {number} is not a struct (Thrift type {kind})")
                 found[number] = self.struct_fields(spec, depth + 1)
             else:
                 self._skip(kind, depth)
