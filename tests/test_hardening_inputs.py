@@ -430,7 +430,9 @@ def test_a_fixed_size_binary_column_is_bounded_by_its_width_before_it_is_read():
 
     expanding = parquet_body(pa.table({"key": pa.array([b"x" * 50_000] * 1000, pa.binary(50_000))}))
     assert len(expanding) < 1_000
-    with pytest.raises(InvalidArgument, match="its fixed-size binary columns read back as 50,000,000 bytes"):
+    with pytest.raises(
+        InvalidArgument, match="its fixed-size binary, decimal or view columns read back as 50,000,000 bytes"
+    ):
         read_parquet_bounded(io.BytesIO(expanding), 1_000_000, "wide")
     keys = pa.table({"key": pa.array([bytes([n % 256]) * 16 for n in range(3000)], pa.binary(16))})
     assert read_parquet_bounded(io.BytesIO(parquet_body(keys)), 1_000_000, "keys").equals(keys)
@@ -623,6 +625,70 @@ async def test_a_body_with_a_crafted_page_header_is_refused_in_words(server_url,
     assert refused.status_code == 400, refused.text
     assert "not a readable Parquet file: a page header's field ids are not increasing" in refused.text
     assert "decoy" not in runtime.catalog.registered_names()
+
+
+def as_decimal256(body: bytes, values: int | None = None) -> bytes:
+    """`body` (one BYTE_ARRAY leaf) with its leaf annotated DECIMAL(76, 0), which pyarrow reads as a decimal256 (32
+    bytes a value, whatever the bytes of each), and its chunk's values in the footer set to `values` if given."""
+
+    def footer(meta: list[list[object]]) -> None:
+        meta[:] = [f for f in meta if f[0] != 5]  # no ARROW:schema
+        leaf = thrift.get(meta, 2)[2][2][-1]
+        leaf += [
+            [6, thrift.I32, 5],
+            [7, thrift.I32, 0],
+            [8, thrift.I32, 76],
+        ]  # converted type DECIMAL, scale, precision
+        leaf.append([10, thrift.STRUCT, [[5, thrift.STRUCT, [[1, thrift.I32, 0], [2, thrift.I32, 76]]]]])
+        leaf.sort(key=lambda f: f[0])
+        if values is not None:
+            chunk = thrift.get(thrift.get(thrift.get(meta, 4)[2][2][0], 1)[2][2][0], 3)[2]
+            thrift.get(chunk, 5)[2] = values
+
+    return thrift.rewrite(body, footer=footer)
+
+
+def test_values_read_back_wider_than_8_bytes_are_counted_at_their_width():
+    """A one-byte BYTE_ARRAY annotated DECIMAL(76) reads back as a decimal256 (32 bytes a value) and a string_view as
+    16 bytes a value besides its data: counted as 8, a list of 200,000 of them (a few hundred bytes) was decoded in
+    one batch at 4x (2x) the bound before the batch was counted. They are counted at the width of the Arrow type they
+    are read as: in the footer, and in the page walk when the footer under-declares."""
+    from plexus_mcp_jupyter.evaluations.file_reads import read_parquet_bounded
+
+    values = 200_000
+    ones = thrift.written(
+        pa.table({"d": pa.array([[b"\x01"] * values], pa.list_(pa.binary()))}),
+        compression="zstd",
+        write_statistics=False,
+    )
+    decimals = as_decimal256(ones)
+    assert pq.read_table(pa.BufferReader(decimals)).schema.field("d").type == pa.list_(pa.decimal256(76, 0))
+    views = thrift.written(pa.table({"v": pa.array([["a"] * values], pa.list_(pa.string_view()))}), compression="zstd")
+    for body, read_back in ((decimals, "6,400,000"), (views, "3,200,000")):
+        assert len(body) < 2_000
+        with pytest.raises(InvalidArgument, match=f"decimal or view columns read back as {read_back} bytes"):
+            read_parquet_bounded(io.BytesIO(body), 2_000_000, "wide")
+    under_declared = as_decimal256(ones, values=1)
+    assert pq.ParquetFile(pa.BufferReader(under_declared)).metadata.row_group(0).column(0).num_values == 1
+    with pytest.raises(InvalidArgument, match=r"pages hold 200,000 values \(read back as 6,400,000 bytes\)"):
+        read_parquet_bounded(io.BytesIO(under_declared), 2_000_000, "wide")
+    # within the bound they are read as pyarrow reads them
+    for body in (decimals, views, as_decimal256(thrift.written(pa.table({"d": [b"\x01", b"\x02\x03", None]})))):
+        assert read_parquet_bounded(io.BytesIO(body), 10_000_000, "ok").equals(pq.read_table(pa.BufferReader(body)))
+
+
+def test_a_byte_array_decimal_whose_pages_do_not_bound_it_is_refused_unread():
+    """pyarrow decodes a BYTE_ARRAY decimal's bytes whole before it converts them, whatever read_dictionary asks: a
+    dictionary of one 100 kB entry and 1,000 indices to it (256 bytes) was 200 MB decoded (then an error: no decimal is
+    that long). Such a column is read only when its pages bound it (dense_byte_arrays), else refused unread."""
+    from plexus_mcp_jupyter.evaluations.file_reads import read_parquet_bounded
+
+    long = as_decimal256(thrift.written(pa.table({"d": [b"\x01" * 100_000] * 1000}), compression="zstd"))
+    assert len(long) < 1_000
+    with pytest.raises(
+        InvalidArgument, match=r"its column 'd' is read as 'decimal256\(76, 0\)' from byte arrays whose"
+    ):
+        read_parquet_bounded(io.BytesIO(long), 1_000_000, "long")
 
 
 def test_a_column_type_holding_a_dictionary_the_size_count_does_not_know_is_refused():
