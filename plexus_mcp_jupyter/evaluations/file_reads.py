@@ -225,10 +225,10 @@ def wide_value_bytes(metadata: pq.FileMetaData, widths: dict[int, int]) -> int:
 def value_widths(metadata: pq.FileMetaData) -> dict[int, int]:
     """The bytes a value of each leaf of a Parquet file takes once read, by the leaf's index, where more than 8: by
     the Arrow type pyarrow reads it as (the file's ARROW:schema may say), not its physical type: a fixed-size
-    binary's width, 16 or 32 for a decimal (a one-byte BYTE_ARRAY or an INT32 annotated DECIMAL(76) reads as a
-    decimal256), 16 for a string or binary view (besides its data); and a FIXED_LEN_BYTE_ARRAY leaf's width (its
-    values are decoded at it first, a decimal's too). When the Arrow leaves do not match the Parquet ones (no file
-    pyarrow writes), every leaf is taken at the widest, 32 bytes."""
+    binary's width, 16 or 32 for a decimal (an INT32 decimal reads as a decimal128; a one-byte BYTE_ARRAY annotated
+    DECIMAL(76) as a decimal256), 16 for a string or binary view (besides its data); and a FIXED_LEN_BYTE_ARRAY
+    leaf's width (its values are decoded at it first, a decimal's too). When the Arrow leaves do not match the
+    Parquet ones (no file pyarrow writes), every leaf is taken at the widest, 32 bytes."""
     leaves = arrow_leaf_types(metadata)
     schema = metadata.schema
     widths = {}
