@@ -332,7 +332,7 @@ def read_parquet_bounded(handle: IO[bytes], max_bytes: int, ref: str) -> pa.Tabl
         as_dictionaries.append(schema.column(i).path)
     parquet = pq.ParquetFile(handle, metadata=metadata, read_dictionary=as_dictionaries or None)
     batches, total = [], 0
-    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+    for batch in _batches(parquet, by_row_group=bool(as_dictionaries)):
         total += sum(decoded_nbytes(column) for column in batch.columns)
         if total > max_bytes:
             raise InvalidArgument(
@@ -349,6 +349,17 @@ def read_parquet_bounded(handle: IO[bytes], max_bytes: int, ref: str) -> pa.Tabl
     except pa.ArrowNotImplementedError:  # no cast from a dictionary to some types (string_view): through its values
         dense_schema = pa.schema([_dense_field(field) for field in table.schema], metadata=table.schema.metadata)
         return table.cast(dense_schema).cast(opened.schema_arrow)
+
+
+def _batches(parquet: pq.ParquetFile, *, by_row_group: bool) -> Iterator[pa.RecordBatch]:
+    """The batches of PARQUET_BATCH_ROWS rows of a Parquet file; with `by_row_group`, none spanning two row groups:
+    pyarrow cannot read a nested column as dictionaries into one batch from two chunks whose dictionaries differ
+    ("Nested data conversions not implemented for chunked array outputs")."""
+    if not by_row_group:
+        yield from parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS)
+        return
+    for group in range(parquet.metadata.num_row_groups):
+        yield from parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group])
 
 
 def _dense(kind: pa.DataType) -> pa.DataType:
