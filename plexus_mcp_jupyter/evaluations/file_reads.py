@@ -768,7 +768,7 @@ def decoded_nbytes(array: pa.Array) -> int:
             or pa.types.is_binary(value_type)
             or pa.types.is_large_string(value_type)
             or pa.types.is_large_binary(value_type)
-        ):  # a decimal in BYTE_ARRAY: one batch of it, decoded
+        ):  # another value type (no read asks for one): one batch of it, decoded
             return int(array.dictionary_decode().nbytes)
         lengths = pc.binary_length(array.dictionary)
         decoded = pc.sum(pc.take(lengths, array.indices)).as_py() or 0
