@@ -472,9 +472,10 @@ class PlexusSettings(Configurable):
         2**30,
         min=1,
         help="Most bytes a Parquet body registered in one request (POST plexus/api/datasets) may read back as. Its "
-        "footer is a first filter (declared uncompressed bytes, rows x columns and leaf values times 8, and "
-        "fixed-size binary values times their width, checked before any data is read); the read enforces it: the "
-        "page headers' decompressed sizes and values (times 8) before any page is decompressed (and, from the "
+        "footer is a first filter (declared uncompressed bytes, rows x columns and leaf values times 8, and values "
+        "read back wider, fixed-size binary, decimal or view, times their width, checked before any data is read); "
+        "the read enforces it: the page headers' decompressed sizes and values (times 8, or their width) before any "
+        "page is decompressed (a header no writer makes is refused; and, from the "
         "dictionary pages, the most a string column's dictionary-encoded values decode to), then each batch's "
         "decoded size (a string column whose pages do not bound it counted from its dictionaries, not decoded), "
         "so a small body cannot expand into gigabytes even when its footer under-declares. Past it the body is "

@@ -14,6 +14,7 @@ import json
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 
 import anyio
 import httpx2
@@ -28,6 +29,7 @@ from plexus_mcp_jupyter.core.errors import InvalidArgument
 from plexus_mcp_jupyter.core.requests import ListTasks
 from plexus_mcp_jupyter.core.store import decode_position
 
+from . import parquet_thrift as thrift
 from .conftest import MODERN, poll
 
 MAX_ERROR_CHARS = 2000  # endpoint/input_limits.py (a literal: the test runs against older code too)
@@ -428,7 +430,9 @@ def test_a_fixed_size_binary_column_is_bounded_by_its_width_before_it_is_read():
 
     expanding = parquet_body(pa.table({"key": pa.array([b"x" * 50_000] * 1000, pa.binary(50_000))}))
     assert len(expanding) < 1_000
-    with pytest.raises(InvalidArgument, match="its fixed-size binary columns read back as 50,000,000 bytes"):
+    with pytest.raises(
+        InvalidArgument, match="its fixed-size binary, decimal or view columns read back as 50,000,000 bytes"
+    ):
         read_parquet_bounded(io.BytesIO(expanding), 1_000_000, "wide")
     keys = pa.table({"key": pa.array([bytes([n % 256]) * 16 for n in range(3000)], pa.binary(16))})
     assert read_parquet_bounded(io.BytesIO(parquet_body(keys)), 1_000_000, "keys").equals(keys)
@@ -492,6 +496,250 @@ def test_the_page_walk_follows_pyarrow_past_a_chunk_of_an_old_parquet_mr_file():
     assert [len(row) for row in pq.read_table(pa.BufferReader(crafted)).column(0).to_pylist()] == [1, 1_000_000]
     with pytest.raises(InvalidArgument, match="its Parquet pages hold 1,000,001 values; at most 125,000 values"):
         read_parquet_bounded(io.BytesIO(crafted), 1_000_000, "old")
+
+
+def list_of_zeros(values: int, edit: Callable[[list[list[object]]], None]) -> bytes:
+    """One row of a list of `values` dictionary-encoded zeros in one data page (a run of each level and of the
+    indices: a few hundred bytes), its footer saying 1 value, its data page header's fields passed to `edit`."""
+    body = thrift.written(
+        pa.table({"label": pa.array([[0] * 1000], pa.list_(pa.int64()))}), write_statistics=False, compression="none"
+    )
+    levels = thrift.with_length(thrift.rle(1, 0, 1) + thrift.rle(values - 1, 1, 1))  # one row: repetition levels
+    levels += thrift.with_length(thrift.rle(values, 3, 2))  # all present: definition levels
+    payload = levels + bytes([1]) + thrift.rle(values, 0, 1)  # indices of 1 bit, all to the dictionary's 0
+
+    def pages(_: int, found: list[thrift.Page]) -> None:
+        for page in found:
+            if page.kind == 0:
+                page.replace_payload(payload)
+                edit(thrift.get(page.header, 5)[2])
+
+    def footer(meta: list[list[object]]) -> None:
+        chunk = thrift.get(thrift.get(thrift.get(meta, 4)[2][2][0], 1)[2][2][0], 3)[2]
+        thrift.get(chunk, 5)[2] = 1  # num_values
+
+    return thrift.rewrite(body, pages, footer)
+
+
+def _values_twice(header: list[list[object]]) -> None:  # the i32 pyarrow reads, then an i16 it skips
+    thrift.get(header, 1)[2] = 1_000_000
+    header.append([1, thrift.I16, 1])
+
+
+def _values_as_field_65537(header: list[list[object]]) -> None:  # pyarrow wraps the id to 16 bits: 1, read last
+    thrift.get(header, 1)[2] = 1
+    header.append([65_537, thrift.I32, 1_000_000])
+
+
+def _a_large_page_sized_twice() -> bytes:
+    """One int64 value in a page of 50 MB of zeros (zstd: a few kB), its uncompressed size given twice: the i32 50 MB
+    pyarrow allocates to decompress it, then an i16 8."""
+    size = 50_000_000
+    compressed = pa.Codec("zstd").compress(bytes(size), asbytes=True)
+    body = thrift.written(
+        pa.table({"a": pa.array([7], pa.int64())}), compression="zstd", write_statistics=False, use_dictionary=False
+    )
+
+    def pages(_: int, found: list[thrift.Page]) -> None:
+        found[0].replace_payload(compressed, size)
+        found[0].header.insert(2, [2, thrift.I16, 8])
+
+    return thrift.rewrite(body, pages)
+
+
+def _strings_of_encoding_twice() -> bytes:
+    """200 dictionary-encoded 100 kB strings (20 MB, a few hundred bytes of zstd), the data page's encoding given twice:
+    the i32 RLE_DICTIONARY pyarrow decodes the page by, then an i16 PLAIN (the walk took the column as bounded by its
+    pages and decoded it whole in one batch)."""
+    body = thrift.written(pa.table({"s": ["x" * 100_000] * 200}), compression="zstd", write_statistics=False)
+
+    def pages(_: int, found: list[thrift.Page]) -> None:
+        for page in found:
+            if page.kind == 0:
+                thrift.get(page.header, 5)[2].append([2, thrift.I16, 0])
+
+    return thrift.rewrite(body, pages)
+
+
+CRAFTED_HEADERS = {
+    "num_values twice": lambda: list_of_zeros(1_000_000, _values_twice),
+    "num_values as field 65537": lambda: list_of_zeros(1_000_000, _values_as_field_65537),
+    "uncompressed_page_size twice": _a_large_page_sized_twice,
+    "encoding twice": _strings_of_encoding_twice,
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED_HEADERS))
+def test_a_page_header_that_reads_otherwise_to_pyarrow_is_refused(case):
+    """pyarrow's Thrift reads a page header's fields as i32 only (skipping an i16 or i64 copy), wraps field ids to 16
+    bits and keeps a field's last copy: a header could give pyarrow the real value and the walk a decoy (a million
+    zeros decoded for a footer's and walk's 1 value; a 50 MB page allocated for a walk's 8 bytes; 20 MB of strings
+    decoded in one batch for a walk's plain page). A header no writer makes (ids not strictly increasing within
+    1..32,767, a wanted field not an i32) is refused before any page is read."""
+    from plexus_mcp_jupyter.evaluations.file_reads import read_parquet_bounded
+
+    crafted = CRAFTED_HEADERS[case]()
+    assert len(crafted) < 20_000
+    if case.startswith("num_values"):  # what pyarrow reads of it
+        assert len(pq.read_table(pa.BufferReader(crafted)).column(0)[0].values) == 1_000_000
+    with pytest.raises(ValueError, match=r"a page header's field ids are not increasing within 1\.\.32,767"):
+        read_parquet_bounded(io.BytesIO(crafted), 1_000_000, case)
+
+
+@pytest.mark.parametrize(
+    ("fields", "error"),
+    [
+        (bytes([0x14, 0x02, 0x00]), "field 1 is not an i32 .Thrift type 4"),  # num_values as an i16 (delta 1)
+        (bytes([0x16, 0x02, 0x00]), "field 1 is not an i32 .Thrift type 6"),  # as an i64
+        (bytes([0x15, 0x02, 0x05]) + thrift.zigzag(1) + bytes([0x04, 0x00]), "field 1 after 1"),  # twice
+        (bytes([0x36, 0x02, 0x05, 0x02, 0x02, 0x00]), "field 1 after 3"),  # decreasing
+        (bytes([0x05]) + thrift.zigzag(32_768) + bytes([0x02, 0x00]), "field 32,768 after 0"),  # past an i16
+        (bytes([0x05]) + thrift.zigzag(32_760) + bytes([0x00, 0xF5, 0x02, 0x00]), "field 32,775 after 32,760"),
+        (bytes([0x05]) + thrift.zigzag(0) + bytes([0x02, 0x00]), "field 0 after 0"),
+        (bytes([0x15]) + thrift.varint(1 << 32 | 2) + bytes([0x00]), "field 1 does not fit in 32 bits"),
+        (bytes([0x15, 0x02, 0x15, 0x00, 0x00]), "field 2 is not a struct"),
+    ],
+)
+def test_the_page_walk_reads_only_headers_a_writer_makes(fields, error):
+    """The walk's Thrift reader refuses a struct whose wanted fields pyarrow could read otherwise; a writer's passes
+    (an unwanted field of any type skipped)."""
+    from plexus_mcp_jupyter.evaluations.file_reads import _CompactReader
+
+    wanted = {1: None, 2: {1: None}}
+    with pytest.raises(ValueError, match=error):
+        _CompactReader(fields).struct_fields(wanted)
+    written = bytes([0x15, 0x02, 0x1C, 0x15, 0x06, 0x00, 0x16, 0x04, 0x00])  # 1: i32 1, 2: {1: i32 3}, 3: i64 2
+    assert _CompactReader(written).struct_fields(wanted) == {1: 1, 2: {1: 3}}
+
+
+async def test_a_body_with_a_crafted_page_header_is_refused_in_words(server_url, token, runtime):
+    """Over HTTP, such a body is a 400 saying it is not a readable Parquet file, and why."""
+    runtime.catalog.max_parquet_uncompressed_bytes = 1_000_000
+    headers = {"Authorization": f"token {token}", "Content-Type": "application/vnd.apache.parquet"}
+    async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
+        refused = await http.post(
+            f"{server_url}plexus/api/datasets",
+            params={"name": "decoy"},
+            content=list_of_zeros(1_000_000, _values_twice),
+        )
+    assert refused.status_code == 400, refused.text
+    assert "not a readable Parquet file: a page header's field ids are not increasing" in refused.text
+    assert "decoy" not in runtime.catalog.registered_names()
+
+
+def as_decimal256(body: bytes, values: int | None = None) -> bytes:
+    """`body` (one BYTE_ARRAY leaf) with its leaf annotated DECIMAL(76, 0), which pyarrow reads as a decimal256 (32
+    bytes a value, whatever the bytes of each), and its chunk's values in the footer set to `values` if given."""
+
+    def footer(meta: list[list[object]]) -> None:
+        meta[:] = [f for f in meta if f[0] != 5]  # no ARROW:schema
+        leaf = thrift.get(meta, 2)[2][2][-1]
+        leaf += [
+            [6, thrift.I32, 5],
+            [7, thrift.I32, 0],
+            [8, thrift.I32, 76],
+        ]  # converted type DECIMAL, scale, precision
+        leaf.append([10, thrift.STRUCT, [[5, thrift.STRUCT, [[1, thrift.I32, 0], [2, thrift.I32, 76]]]]])
+        leaf.sort(key=lambda f: f[0])
+        if values is not None:
+            chunk = thrift.get(thrift.get(thrift.get(meta, 4)[2][2][0], 1)[2][2][0], 3)[2]
+            thrift.get(chunk, 5)[2] = values
+
+    return thrift.rewrite(body, footer=footer)
+
+
+def test_values_read_back_wider_than_8_bytes_are_counted_at_their_width():
+    """A one-byte BYTE_ARRAY annotated DECIMAL(76) reads back as a decimal256 (32 bytes a value) and a string_view as
+    16 bytes a value besides its data: counted as 8, a list of 200,000 of them (a few hundred bytes) was decoded in
+    one batch at 4x (2x) the bound before the batch was counted. They are counted at the width of the Arrow type they
+    are read as: in the footer, and in the page walk when the footer under-declares."""
+    from plexus_mcp_jupyter.evaluations.file_reads import read_parquet_bounded
+
+    values = 200_000
+    ones = thrift.written(
+        pa.table({"d": pa.array([[b"\x01"] * values], pa.list_(pa.binary()))}),
+        compression="zstd",
+        write_statistics=False,
+    )
+    decimals = as_decimal256(ones)
+    assert pq.read_table(pa.BufferReader(decimals)).schema.field("d").type == pa.list_(pa.decimal256(76, 0))
+    views = thrift.written(pa.table({"v": pa.array([["a"] * values], pa.list_(pa.string_view()))}), compression="zstd")
+    for body, read_back in ((decimals, "6,400,000"), (views, "3,200,000")):
+        assert len(body) < 2_000
+        with pytest.raises(InvalidArgument, match=f"decimal or view columns read back as {read_back} bytes"):
+            read_parquet_bounded(io.BytesIO(body), 2_000_000, "wide")
+    under_declared = as_decimal256(ones, values=1)
+    assert pq.ParquetFile(pa.BufferReader(under_declared)).metadata.row_group(0).column(0).num_values == 1
+    with pytest.raises(InvalidArgument, match=r"pages hold 200,000 values \(read back as 6,400,000 bytes\)"):
+        read_parquet_bounded(io.BytesIO(under_declared), 2_000_000, "wide")
+    # within the bound they are read as pyarrow reads them
+    for body in (decimals, views, as_decimal256(thrift.written(pa.table({"d": [b"\x01", b"\x02\x03", None]})))):
+        assert read_parquet_bounded(io.BytesIO(body), 10_000_000, "ok").equals(pq.read_table(pa.BufferReader(body)))
+
+
+def test_a_byte_array_decimal_whose_pages_do_not_bound_it_is_refused_unread():
+    """pyarrow decodes a BYTE_ARRAY decimal's bytes whole before it converts them, whatever read_dictionary asks: a
+    dictionary of one 100 kB entry and 1,000 indices to it (256 bytes) was 200 MB decoded (then an error: no decimal is
+    that long). Such a column is read only when its pages bound it (dense_byte_arrays), else refused unread."""
+    from plexus_mcp_jupyter.evaluations.file_reads import read_parquet_bounded
+
+    long = as_decimal256(thrift.written(pa.table({"d": [b"\x01" * 100_000] * 1000}), compression="zstd"))
+    assert len(long) < 1_000
+    with pytest.raises(
+        InvalidArgument, match=r"its column 'd' is read as 'decimal256\(76, 0\)' from byte arrays whose"
+    ):
+        read_parquet_bounded(io.BytesIO(long), 1_000_000, "long")
+
+
+def nested_strings_in_row_groups() -> dict[str, bytes]:
+    """Valid bodies of nested string columns in several row groups, each read as dictionaries (their pages do not
+    bound them: a 100 kB tag among short ones; an LZ4 chunk), with dictionaries that differ from group to group."""
+    tags = [["a", "b"] for _ in range(100_000)]
+    tags[5] = ["x" * 100_000]
+    short = [None if i % 7 == 0 else f"s{i % 500}-{'x' * (i % 13)}" for i in range(30_000)]
+    listed = [None if i % 11 == 0 else [s, None, "k"] for i, s in enumerate(short)]
+    return {
+        "list, a long tag": thrift.written(
+            pa.table({"tags": pa.array(tags, pa.list_(pa.string()))}), row_group_size=50_000
+        ),
+        "list, lz4": thrift.written(
+            pa.table({"lst": pa.array(listed, pa.list_(pa.string()))}),
+            compression="lz4",
+            row_group_size=4000,
+            dictionary_pagesize_limit=8192,
+        ),
+        "struct, a long value": thrift.written(
+            pa.table({"s": pa.array([{"a": row[0], "n": i} for i, row in enumerate(tags)])}), row_group_size=30_000
+        ),
+    }
+
+
+def test_a_nested_string_column_read_as_dictionaries_spans_row_groups():
+    """pyarrow cannot read a nested column as dictionaries into one batch from two row groups whose dictionaries
+    differ ("Nested data conversions not implemented for chunked array outputs": such valid bodies were refused as
+    unreadable); they are read one row group at a time, as pq.read_table reads them."""
+    from plexus_mcp_jupyter.evaluations.file_reads import dense_byte_arrays, read_parquet_bounded, walk_parquet_pages
+
+    for case, body in nested_strings_in_row_groups().items():
+        metadata = pq.ParquetFile(pa.BufferReader(body)).metadata
+        assert metadata.num_row_groups > 1, case
+        handle = io.BytesIO(body)
+        assert dense_byte_arrays(handle, walk_parquet_pages(handle, metadata), 1 << 30) == set(), case
+        read = read_parquet_bounded(io.BytesIO(body), 1 << 30, case)
+        assert read.equals(pq.read_table(pa.BufferReader(body))), case
+
+
+async def test_a_body_of_nested_strings_in_row_groups_registers(server_url, token, runtime):
+    """Over HTTP, such a body registers and loads as pandas reads it."""
+    runtime.catalog.max_parquet_uncompressed_bytes = 100_000_000
+    headers = {"Authorization": f"token {token}", "Content-Type": "application/vnd.apache.parquet"}
+    body = nested_strings_in_row_groups()["list, lz4"]
+    async with httpx2.AsyncClient(headers=headers, timeout=60) as http:
+        registered = await http.post(f"{server_url}plexus/api/datasets", params={"name": "nested"}, content=body)
+    assert registered.status_code == 201 and registered.json()["rows"] == 30_000, registered.text
+    loaded = runtime.catalog.load("registered:nested")["lst"]
+    expected = pq.read_table(pa.BufferReader(body)).column("lst").to_pylist()
+    assert [None if value is None else list(value) for value in loaded] == expected
 
 
 def test_a_column_type_holding_a_dictionary_the_size_count_does_not_know_is_refused():

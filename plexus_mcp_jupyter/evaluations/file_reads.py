@@ -188,7 +188,7 @@ def check_parquet_sizes(metadata: pq.FileMetaData, max_bytes: int, ref: str) -> 
     """InvalidArgument when a Parquet file's footer declares more than `max_bytes` of uncompressed column data, or
     more than `max_bytes / 8` values: rows x columns, and leaf values (a list column's elements; a run-length
     encoded column of a billion equal values is a few bytes on disk and uncompressed, and gigabytes in a frame), or
-    fixed-size binary values of more than `max_bytes` (fixed_width_bytes).
+    values of more than 8 bytes each (fixed-size binary, decimal, view) of more than `max_bytes` (wide_value_bytes).
     Only the footer is read: a first filter, since a writer sets these fields freely; read_parquet_bounded enforces
     the bound on what the body reads back as."""
     declared = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
@@ -201,20 +201,20 @@ def check_parquet_sizes(metadata: pq.FileMetaData, max_bytes: int, ref: str) -> 
             f"at most {max_bytes:,} bytes and {max_bytes // 8:,} values (setting max_parquet_uncompressed_bytes): "
             "send it in parts"
         )
-    fixed = fixed_width_bytes(metadata)
-    if fixed > max_bytes:
+    wide = wide_value_bytes(metadata, value_widths(metadata))
+    if wide > max_bytes:
         raise InvalidArgument(
-            f"{clip(ref, 60)} is too large for one request: its fixed-size binary columns read back as {fixed:,} "
-            f"bytes (their values times their width); at most {max_bytes:,} (setting max_parquet_uncompressed_bytes): "
-            "send it in parts"
+            f"{clip(ref, 60)} is too large for one request: its fixed-size binary, decimal or view columns read back "
+            f"as {wide:,} bytes (their values times their width); at most {max_bytes:,} (setting "
+            "max_parquet_uncompressed_bytes): send it in parts"
         )
 
 
-def fixed_width_bytes(metadata: pq.FileMetaData) -> int:
-    """What a Parquet file's FIXED_LEN_BYTE_ARRAY leaves decode to: each value takes its column's width whatever its
-    encoding (a dictionary page of one 100 kB value and 20,000 indices to it is 429 bytes of zstd, and 2 GB in one
-    batch), counted for the most values the read may decode of each chunk: its own, or its row group's rows."""
-    widths = fixed_widths(metadata)
+def wide_value_bytes(metadata: pq.FileMetaData, widths: dict[int, int]) -> int:
+    """What a Parquet file's leaves of values wider than 8 bytes (value_widths) decode to: each value takes its
+    width whatever its encoding (a dictionary page of one 100 kB fixed-size value and 20,000 indices to it is 429
+    bytes of zstd, and 2 GB in one batch), counted for the most values the read may decode of each chunk: its own,
+    or its row group's rows."""
     total = 0
     for g in range(metadata.num_row_groups if widths else 0):
         group = metadata.row_group(g)
@@ -222,14 +222,63 @@ def fixed_width_bytes(metadata: pq.FileMetaData) -> int:
     return total
 
 
-def fixed_widths(metadata: pq.FileMetaData) -> dict[int, int]:
-    """The width of each FIXED_LEN_BYTE_ARRAY leaf of a Parquet file, by its index."""
+def value_widths(metadata: pq.FileMetaData) -> dict[int, int]:
+    """The bytes a value of each leaf of a Parquet file takes once read, by the leaf's index, where more than 8: by
+    the Arrow type pyarrow reads it as (the file's ARROW:schema may say), not its physical type: a fixed-size
+    binary's width, 16 or 32 for a decimal (an INT32 decimal reads as a decimal128; a one-byte BYTE_ARRAY annotated
+    DECIMAL(76) as a decimal256), 16 for a string or binary view (besides its data); and a FIXED_LEN_BYTE_ARRAY
+    leaf's width (its values are decoded at it first, a decimal's too). When the Arrow leaves do not match the
+    Parquet ones (no file pyarrow writes), every leaf is taken at the widest, 32 bytes."""
+    leaves = arrow_leaf_types(metadata)
     schema = metadata.schema
-    return {
-        i: schema.column(i).length or 0
-        for i in range(metadata.num_columns)
-        if schema.column(i).physical_type == "FIXED_LEN_BYTE_ARRAY"
-    }
+    widths = {}
+    for i in range(metadata.num_columns):
+        width = WIDEST_VALUE_BYTES if leaves is None else _value_width(leaves[i])
+        if schema.column(i).physical_type == "FIXED_LEN_BYTE_ARRAY":
+            width = max(width, schema.column(i).length or 0)
+        if width > 8:
+            widths[i] = width
+    return widths
+
+
+def arrow_leaf_types(metadata: pq.FileMetaData) -> list[pa.DataType] | None:
+    """The Arrow type pyarrow reads each leaf of a Parquet file as (a dictionary's value type, an extension's storage
+    type), by the leaf's index; None when they do not match the file's leaves."""
+    leaves = [leaf for field in metadata.schema.to_arrow_schema() for leaf in _leaf_types(field.type)]
+    return leaves if len(leaves) == metadata.num_columns else None
+
+
+WIDEST_VALUE_BYTES = 32  # a decimal256's
+
+
+def _leaf_types(kind: pa.DataType) -> Iterator[pa.DataType]:
+    """The leaf types of an Arrow type, depth first: in the order of a Parquet file's leaves."""
+    if isinstance(kind, pa.BaseExtensionType):
+        kind = kind.storage_type
+    if pa.types.is_dictionary(kind):
+        yield kind.value_type
+        return
+    children = [kind.field(i).type for i in range(kind.num_fields)]
+    if not children:
+        yield kind
+    for child in children:
+        yield from _leaf_types(child)
+
+
+def _reads_as_dictionary(kind: pa.DataType) -> bool:
+    """Whether pyarrow reads a BYTE_ARRAY leaf of Arrow type `kind` as dictionaries when asked (read_dictionary)."""
+    checks = ("is_string", "is_binary", "is_large_string", "is_large_binary", "is_string_view", "is_binary_view")
+    return any(getattr(pa.types, check)(kind) for check in checks)
+
+
+def _value_width(kind: pa.DataType) -> int:
+    """The bytes a value of a leaf of type `kind` takes (its offsets or its own, at least 8: what the walk counts)."""
+    if pa.types.is_string_view(kind) or pa.types.is_binary_view(kind):
+        return 16
+    try:
+        return max(8, kind.byte_width)
+    except ValueError:  # not of a fixed width (a string's offset, a boolean's bit)
+        return 8
 
 
 PARQUET_BATCH_ROWS = 65_536  # rows per batch of read_parquet_bounded: the bound is checked after each
@@ -259,23 +308,31 @@ def read_parquet_bounded(handle: IO[bytes], max_bytes: int, ref: str) -> pa.Tabl
             f"{clip(ref, 60)} is too large for one request: its Parquet pages decompress to {walk.decompressed:,} "
             f"bytes; at most {max_bytes:,} (setting max_parquet_uncompressed_bytes): send it in parts"
         )
-    if walk.values * 8 > max_bytes or walk.fixed_bytes > max_bytes:
-        fixed = f" ({walk.fixed_bytes:,} bytes of fixed-size binary ones)" if walk.fixed_bytes else ""
+    if walk.value_bytes > max_bytes:
+        wide = f" (read back as {walk.value_bytes:,} bytes)" if walk.value_bytes > walk.values * 8 else ""
         raise InvalidArgument(
-            f"{clip(ref, 60)} is too large for one request: its Parquet pages hold {walk.values:,} values{fixed}; at "
+            f"{clip(ref, 60)} is too large for one request: its Parquet pages hold {walk.values:,} values{wide}; at "
             f"most {max_bytes // 8:,} values and {max_bytes:,} bytes (setting max_parquet_uncompressed_bytes): send it "
             "in parts"
         )
     dense = dense_byte_arrays(handle, walk, max_bytes - walk.decompressed)
-    schema = opened.schema
-    as_dictionaries = [
-        schema.column(i).path
-        for i in range(metadata.num_columns)
-        if schema.column(i).physical_type == "BYTE_ARRAY" and i not in dense
-    ]
+    schema, leaves = opened.schema, arrow_leaf_types(metadata)
+    as_dictionaries = []
+    for i in range(metadata.num_columns):
+        if schema.column(i).physical_type != "BYTE_ARRAY" or i in dense:
+            continue
+        if leaves is None or not _reads_as_dictionary(leaves[i]):  # pyarrow decodes it whole (a decimal's bytes)
+            kind = "?" if leaves is None else str(leaves[i])
+            raise InvalidArgument(
+                f"{clip(ref, 60)} cannot be read within a size bound: its column {clip(schema.column(i).path, 60)} "
+                f"is read as {clip(kind, 60)} from byte arrays whose pages do not bound what they decode to (a "
+                "dictionary of long entries, or a page of another encoding); send it as strings, or a decimal as "
+                "an integer or fixed-size one"
+            )
+        as_dictionaries.append(schema.column(i).path)
     parquet = pq.ParquetFile(handle, metadata=metadata, read_dictionary=as_dictionaries or None)
     batches, total = [], 0
-    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+    for batch in _batches(parquet, by_row_group=bool(as_dictionaries)):
         total += sum(decoded_nbytes(column) for column in batch.columns)
         if total > max_bytes:
             raise InvalidArgument(
@@ -292,6 +349,17 @@ def read_parquet_bounded(handle: IO[bytes], max_bytes: int, ref: str) -> pa.Tabl
     except pa.ArrowNotImplementedError:  # no cast from a dictionary to some types (string_view): through its values
         dense_schema = pa.schema([_dense_field(field) for field in table.schema], metadata=table.schema.metadata)
         return table.cast(dense_schema).cast(opened.schema_arrow)
+
+
+def _batches(parquet: pq.ParquetFile, *, by_row_group: bool) -> Iterator[pa.RecordBatch]:
+    """The batches of PARQUET_BATCH_ROWS rows of a Parquet file; with `by_row_group`, none spanning two row groups:
+    pyarrow cannot read a nested column as dictionaries into one batch from two chunks whose dictionaries differ
+    ("Nested data conversions not implemented for chunked array outputs")."""
+    if not by_row_group:
+        yield from parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS)
+        return
+    for group in range(parquet.metadata.num_row_groups):
+        yield from parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group])
 
 
 def _dense(kind: pa.DataType) -> pa.DataType:
@@ -378,13 +446,14 @@ class ByteArrayChunk:
 @dataclass
 class PageWalk:
     """What walk_parquet_pages found: the bytes the pages decompress to, the values their headers say they hold (what
-    pyarrow decodes from them: a footer may under-declare a chunk's), the bytes of those of fixed-size binary leaves,
-    and the chunks of BYTE_ARRAY leaves."""
+    pyarrow decodes from them: a footer may under-declare a chunk's), the bytes they read back as (8 each, or their
+    leaf's width: value_widths), the chunks of BYTE_ARRAY leaves and the widths of the leaves wider than 8 bytes."""
 
     decompressed: int = 0
     values: int = 0
-    fixed_bytes: int = 0
+    value_bytes: int = 0
     byte_arrays: list[ByteArrayChunk] = field(default_factory=list)
+    widths: dict[int, int] = field(default_factory=dict)
 
 
 def parquet_page_bytes(handle: IO[bytes], metadata: pq.FileMetaData) -> int:
@@ -410,8 +479,8 @@ def walk_parquet_pages(handle: IO[bytes], metadata: pq.FileMetaData) -> PageWalk
     values = sum(chunk.num_values for chunk in chunks)
     most_pages = 2 * len(chunks) + size // PARQUET_BYTES_PER_PAGE + values // PARQUET_VALUES_PER_PAGE
     byte_array = {i for i in range(metadata.num_columns) if metadata.schema.column(i).physical_type == "BYTE_ARRAY"}
-    widths = fixed_widths(metadata)
-    walk = PageWalk()
+    widths = value_widths(metadata)
+    walk = PageWalk(widths=widths)
     walked = pages = 0
     for index, chunk in enumerate(chunks):
         if chunk.num_values <= 0:  # pyarrow reads no page of it (an empty table's chunk starts at byte 0)
@@ -435,7 +504,7 @@ def walk_parquet_pages(handle: IO[bytes], metadata: pq.FileMetaData) -> PageWalk
             if page.kind in (DATA_PAGE, DATA_PAGE_V2) and page.values > 0:
                 found += page.values
                 walk.values += page.values
-                walk.fixed_bytes += page.values * widths.get(column, 0)
+                walk.value_bytes += page.values * widths.get(column, 8)
             if strings is not None:
                 _note_page(strings, page, position)
             position += page.size + page.compressed
@@ -471,7 +540,8 @@ def dense_byte_arrays(handle: IO[bytes], walk: PageWalk, budget: int) -> set[int
     together within `budget` bytes besides their pages. A plain (or delta-length) page holds its values, so its
     decompressed size (in the walk's) bounds them; a dictionary-encoded value decodes to at most its chunk's longest
     dictionary entry, read here from the dictionary pages (decompressed one at a time, each within the walk's
-    total), so a chunk adds its dictionary-encoded values times that entry's length (and an offset). A leaf with a
+    total), so a chunk adds its dictionary-encoded values times that entry's length (and an offset), and a leaf read
+    as values wider than 8 bytes (a decimal, a view: value_widths) each value's width. A leaf with a
     page of another encoding, a dictionary this cannot read, or past DICTIONARY_SCAN_ENTRIES is not in the set; nor
     is one with a chunk whose pages hold fewer values than its footer says: pyarrow reads pages until it has them, so
     past the range the walk saw (it pads that range by up to 100 bytes for files of parquet-mr before 1.2.9,
@@ -485,6 +555,7 @@ def dense_byte_arrays(handle: IO[bytes], walk: PageWalk, budget: int) -> set[int
         if chunk.unbounded or chunk.values < chunk.declared_values:
             bounds[chunk.column] = None
             continue
+        bound += chunk.values * walk.widths.get(chunk.column, 0)  # a decimal's or a view's own bytes, besides its data
         if not chunk.dictionary_values:
             bounds[chunk.column] = bound
             continue
@@ -553,6 +624,11 @@ def _page_header(handle: IO[bytes], position: int) -> PageHeader:
     raise ValueError(f"a page header at byte {position:,} is larger than {PAGE_HEADER_MAX_BYTES:,} bytes")
 
 
+# Thrift compact protocol: the types of the fields the walk reads, and the largest field id (an i16)
+THRIFT_I32, THRIFT_STRUCT = 5, 12
+THRIFT_MAX_FIELD_ID = 32_767
+
+
 class _PastBuffer(Exception):
     """A page header runs past the bytes read for it."""
 
@@ -595,8 +671,13 @@ class _CompactReader:
         return (value >> 1) ^ -(value & 1)
 
     def struct_fields(self, wanted: dict[int, Any] | None = None, depth: int = 0) -> dict[int, Any]:
-        """The fields `wanted` of the struct at the reader's position, which is read to its end: an integer field
-        wanted as None, a struct field as the dict of its own wanted fields."""
+        """The fields `wanted` of the struct at the reader's position, which is read to its end: an i32 field wanted
+        as None, a struct field as the dict of its own wanted fields.
+
+        ValueError for a struct no writer makes, whose fields pyarrow's Thrift could read otherwise than this: field
+        ids not strictly increasing within 1..32,767 (pyarrow wraps an id to 16 bits, and keeps a field's last copy),
+        a wanted field of another type (pyarrow skips an i16 or i64 one where it reads an i32) or an i32 past 32 bits
+        (pyarrow truncates it). Else a header could say one thing to pyarrow and another to the walk."""
         if depth > 32:
             raise ValueError("a page header nests too deep")
         wanted = wanted or {}
@@ -607,11 +688,24 @@ class _CompactReader:
             if header == 0:
                 return found
             kind, delta = header & 0x0F, header >> 4
-            number = number + delta if delta else self._zigzag()
+            following = number + delta if delta else self._zigzag()
+            if not number < following <= THRIFT_MAX_FIELD_ID:
+                raise ValueError(
+                    f"a page header's field ids are not increasing within 1..{THRIFT_MAX_FIELD_ID:,} (field "
+                    f"{following:,} after {number:,}), which no Parquet writer makes"
+                )
+            number = following
             spec = wanted.get(number, False)
-            if spec is None and kind in (4, 5, 6):
-                found[number] = self._zigzag()
-            elif isinstance(spec, dict) and kind == 12:
+            if spec is None:
+                if kind != THRIFT_I32:
+                    raise ValueError(f"a page header's field {number} is not an i32 (Thrift type {kind})")
+                value = self._varint()
+                if value >> 32:
+                    raise ValueError(f"a page header's field {number} does not fit in 32 bits")
+                found[number] = (value >> 1) ^ -(value & 1)
+            elif isinstance(spec, dict):
+                if kind != THRIFT_STRUCT:
+                    raise ValueError(f"a page header's field {number} is not a struct (Thrift type {kind})")
                 found[number] = self.struct_fields(spec, depth + 1)
             else:
                 self._skip(kind, depth)
@@ -674,7 +768,7 @@ def decoded_nbytes(array: pa.Array) -> int:
             or pa.types.is_binary(value_type)
             or pa.types.is_large_string(value_type)
             or pa.types.is_large_binary(value_type)
-        ):  # a decimal in BYTE_ARRAY: one batch of it, decoded
+        ):  # another value type (no read asks for one): one batch of it, decoded
             return int(array.dictionary_decode().nbytes)
         lengths = pc.binary_length(array.dictionary)
         decoded = pc.sum(pc.take(lengths, array.indices)).as_py() or 0
