@@ -849,3 +849,45 @@ async def test_a_manager_that_finds_its_head_taken_looks_deeper_and_leaves_no_sl
         assert manager._head(policy) == 9
         manager._contended_at -= manager_module.CONTENDED_SECONDS  # no claim found the head taken since
         assert manager._head(policy) == plain
+
+
+async def test_slots_left_free_by_a_short_head_are_filled_when_another_server_queues_more_of_its_group(db_url):
+    """The one-group claim (`_single`, PostgreSQL) claims as many tasks as a plan of the head last read starts. A
+    read that found one task makes that plan start one: when another server then queues more of the same group (the
+    mode stays: `queued_elsewhere`), the slots it leaves free are filled at once all the same, with no maintenance
+    tick (poll_interval), not one task a pass."""
+    store = Store(db_url)
+    manager = TaskManager(store, EventBus(), LocalExecutor(), max_concurrency=8, poll_interval=600, lease_seconds=120)
+    base = time.time()
+
+    def queued(n: int, after: float) -> list[Task]:
+        return [
+            Task(
+                id=uuid.uuid4().hex,
+                type="demo",
+                status=TaskStatus.QUEUED,
+                params={"items": 1, "item_delay_ms": 20_000},
+                owner=None,
+                created_at=base + after + i * 1e-4,
+            )
+            for i in range(n)
+        ]
+
+    def running() -> int:
+        with store.engine.connect() as conn:
+            return int(conn.execute(sa.text("SELECT count(*) FROM tasks WHERE status = 'RUNNING'")).scalar_one())
+
+    try:
+        await manager.start()
+        first = queued(1, 0)
+        await asyncio.to_thread(store.create_tasks, first)
+        manager.queue_changed()
+        await poll(lambda: asyncio.to_thread(running), lambda n: n == 1, timeout=30)
+        if db_url.startswith("postgresql"):  # what a pass keeps when its read found that one task of the group
+            manager._single = ((0, None), first)
+        await asyncio.to_thread(store.create_tasks, queued(20, 1))  # by another server, in the same group
+        manager.queued_elsewhere({(0, None): base + 1})
+        await poll(lambda: asyncio.to_thread(running), lambda n: n == 8, timeout=30)
+    finally:
+        await manager.stop()
+        store.close()

@@ -1332,7 +1332,8 @@ class TaskManager:
         for a lost claim. `conn`: the transaction to claim in (a write's, `Store.save_progress_then`).
 
         `single` (PostgreSQL; `_single`): the queue holds that one group, so the pass claims its first tasks, as many
-        as a plan of the head last read starts, without reading the queue (`Store.claim_group_head`): two servers
+        as a plan of the head last read starts (when that plan leaves some of the head queued, so that the slots,
+        not the read, bound it), without reading the queue (`Store.claim_group_head`): two servers
         then read no queue row the other claims, nor plan again around what it took. The last item says how that
         went: None (not tried), True (claimed as many as planned), False (fewer, or the plan refused the tasks
         found: then the pass read the queue as usual)."""
@@ -1340,7 +1341,9 @@ class TaskManager:
         if single is not None:
             group, head = single
             want = len(queue_plan(head, running, policy, clock=clock, reasons=False).starts)
-            if want:
+            # A plan that starts every task of the head was bound by what the last read found, not by the slots
+            # free: more may be queued since (by another server, in this group), so the pass reads the queue.
+            if 0 < want < len(head):
                 types = {task.type for task in head}
 
                 def accept(tasks: list[Task]) -> bool:
