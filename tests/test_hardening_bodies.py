@@ -13,13 +13,14 @@ import json
 import time
 
 import httpx2
+import pydantic_core
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import WebSocketClosedError, websocket_connect
 
-from plexus_mcp_jupyter.security.bodies import cooperative_loads
+from plexus_mcp_jupyter.security.bodies import JSON_ON_LOOP_BYTES, cooperative_loads, utf8_json_refusal
 
 from .conftest import MODERN
 from .loop_watch import HealthWatch
@@ -229,6 +230,63 @@ def test_the_cooperative_parse_refuses_what_json_loads_refuses(text):
     with pytest.raises(json.JSONDecodeError) as got:
         cooperative_loads(text, window=256)
     assert got.value.msg == wanted.value.msg
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        rb'["\ud800"]',
+        rb'["\udc00x"]',
+        rb'["\ud83d\ude00", "\uD83D\uDE00", "\u00e9"]',
+        rb'["\\ud800", "\\\\udc00"]',
+        rb'["\\\ud800"]',
+        rb'["\ud800\\\udc00"]',
+        rb'["\ud800\ud800\udc00"]',
+        rb'["\ud800\u0041"]',
+        '["\u00e9"]'.encode("utf-16"),
+        '["x"]'.encode("utf-16-le"),
+        '["x"]'.encode("utf-32"),
+        '["x"]'.encode("utf-8-sig"),
+        b'["\xed\xa0\x80"]',
+        '["\u00e9 \U0001f600"]'.encode(),
+    ],
+)
+def test_the_utf8_refusal_refuses_what_the_sdk_parse_refuses_and_json_loads_reads(text):
+    json.loads(text)  # (each is JSON to json.loads)
+    try:
+        pydantic_core.from_json(text)
+        refused = False
+    except ValueError:
+        refused = True
+    assert (utf8_json_refusal(text) is not None) == refused, text
+    padded = text[:-1] + b", " + b'"' + b"p" * JSON_ON_LOOP_BYTES + b'"]' if text.startswith(b"[") else None
+    if padded is not None:  # the same, past a piece of the scan
+        assert (utf8_json_refusal(padded) is not None) == refused, text
+
+
+@pytest.mark.parametrize("era", [MODERN, HANDSHAKE])
+@pytest.mark.parametrize("size", [1000, 200_000])
+@pytest.mark.parametrize("encoding", ["lone surrogate", "utf-16"])
+async def test_a_body_the_sdk_parse_refuses_is_refused_at_any_size(server_url, keys, runtime, era, size, encoding):
+    # The handshake-era SDK parses a body with pydantic_core.from_json, which refuses a lone surrogate escape and a
+    # text that is not UTF-8; a body over 64 KiB is parsed here (json.loads's reading) and must be refused alike. The
+    # 2026-07-28 entry parses with json.loads, which reads both: the call reaches the tool at any size.
+    url = f"{server_url}plexus/mcp"
+    call = json.loads(big_call(size, shape="string", era=era))
+    call["params"]["arguments"]["junk"] += "\ud800"
+    body = json.dumps(call).encode()  # (the lone surrogate escaped: \ud800)
+    if encoding == "utf-16":
+        body = json.dumps(json.loads(big_call(size, shape="string", era=era))).encode("utf-16")
+    assert (len(body) > JSON_ON_LOOP_BYTES) == (size > JSON_ON_LOOP_BYTES)
+    async with httpx2.AsyncClient(timeout=60) as http:
+        headers = await call_headers(http, url, keys["operator"], era)
+        answer = await http.post(url, content=body, headers=headers)
+    if era == MODERN:
+        assert "unknown argument(s) junk" in answer.text, answer.text[:300]
+        return
+    assert answer.status_code == 400, answer.text[:300]
+    error = answer.json()["error"]
+    assert error["code"] == -32700 and error["message"].startswith("Parse error: "), error
 
 
 async def test_a_key_over_its_byte_budget_gets_a_429_with_retry_after(server_url, keys, runtime):

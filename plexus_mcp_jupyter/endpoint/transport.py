@@ -244,9 +244,10 @@ class MCPBridge:
             self.handler.finish()
 
     async def _parse_large(self, body: bytes) -> Any:
-        """A large body parsed off the loop (BadJSON)."""
+        """A large body parsed off the loop (BadJSON): refused where the SDK's own parse (of a smaller body) refuses
+        it, which is pydantic_core.from_json in the handshake era (json.loads in the 2026-07-28 era, as here)."""
         try:
-            return await parse_large(body)
+            return await parse_large(body, utf8_only=not modern_request(self.handler.request.headers))
         except (ValueError, RecursionError) as exc:
             raise bad_json(exc) from None
 
