@@ -251,7 +251,6 @@ class PlexusRuntime:
             event_store_size=settings.event_store_size,
             event_store_bytes=settings.event_store_bytes,
             on_first_request=self.evaluations.client_came,
-            body_budget=self.body_budget,
         )
         self._started = False
         self._log_scrubbers: list[Callable[[], None]] = []  # detach functions (see protect_secret)

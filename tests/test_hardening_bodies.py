@@ -20,10 +20,11 @@ from hypothesis import strategies as st
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import WebSocketClosedError, websocket_connect
 
-from plexus_mcp_jupyter.security.bodies import JSON_ON_LOOP_BYTES, cooperative_loads, utf8_json_refusal
+from plexus_mcp_jupyter.security.bodies import JSON_ON_LOOP_BYTES, charge_identity, cooperative_loads, utf8_json_refusal
 
 from .conftest import MODERN
 from .loop_watch import HealthWatch
+from .raw_http import answer_before_body, chunked_answer
 from .test_speed_paths import MODERN_META
 
 ITEM = {"k": 1, "v": "ab"}
@@ -318,6 +319,78 @@ async def test_a_key_over_its_byte_budget_gets_a_429_with_retry_after(server_url
             for _ in range(3)
         ]
         assert statuses[2] == 429 and 429 not in statuses[:2], statuses
+
+
+def drain_budget(runtime, credential: str) -> None:
+    """Empty the byte budget of a key: its next large body is over it."""
+    identity, _ = charge_identity(runtime.admit_key(credential))
+    runtime.body_budget.take(identity, cost=runtime.body_budget.burst)
+
+
+@pytest.mark.parametrize("route", ["mcp modern", "mcp handshake", "rest"])
+async def test_a_body_over_the_byte_budget_is_refused_before_it_is_read(server_url, keys, runtime, route):
+    # Tornado read a whole body before the handler ran: a 429 still cost the loop the read of 4 MiB. The answer now
+    # comes once the headers are in: the client sends them and 1 kB of a declared 4 MiB, and gets the 429.
+    budget = runtime.body_budget
+    budget.rate, budget.burst = 1000.0, 8 * 1024 * 1024
+    declared = runtime.settings.max_request_bytes - 1000
+    if route == "rest":
+        url, headers = f"{server_url}plexus/api/tasks/cancel", {"Authorization": f"Bearer {keys['operator']}"}
+    else:
+        url = f"{server_url}plexus/mcp"
+        async with httpx2.AsyncClient(timeout=30) as http:
+            era = MODERN if route == "mcp modern" else HANDSHAKE
+            headers = await call_headers(http, url, keys["operator"], era)
+    drain_budget(runtime, keys["operator"])
+    answer = await answer_before_body(url, headers, declared, b'{"jsonrpc": "2.0", "id": 1, ' + b" " * 1000)
+    assert answer.status == 429, answer
+    assert int(answer.headers["retry-after"]) >= 1 and "request_bytes_rate" in answer.body.decode(), answer
+    assert answer.closed and answer.headers.get("connection") == "close", answer  # the body was never read
+    # Within the budget the same declared body is read (the server waits for it); unauthenticated, it is not.
+    budget.rate = 1e12
+    runtime.body_budget.take(charge_identity(runtime.admit_key(keys["operator"]))[0], cost=1)  # (refilled)
+    answer = await answer_before_body(url, headers, declared, b"{", wait=1.0)
+    assert answer.status is None and not answer.closed, answer
+    anonymous = {k: v for k, v in headers.items() if k != "Authorization"}
+    answer = await answer_before_body(url, anonymous, declared, b"{")
+    assert answer.status == 401 and answer.closed, answer
+    # A small body's refusal waits for it: the client that wrote it all reads the answer, the connection stays open.
+    answer = await answer_before_body(url, anonymous, 100, b"{" + b" " * 98 + b"}")
+    assert answer.status == 401 and not answer.closed and "connection" not in answer.headers, answer
+
+
+@pytest.mark.parametrize("route", ["mcp modern", "rest"])
+async def test_a_body_over_max_request_bytes_is_refused_before_it_is_read(server_url, keys, runtime, route):
+    runtime.body_budget.rate = runtime.body_budget.burst = 1e12
+    if route == "rest":
+        url, headers = f"{server_url}plexus/api/tasks/cancel", {"Authorization": f"Bearer {keys['operator']}"}
+    else:
+        url, headers = f"{server_url}plexus/mcp", modern_headers(keys["operator"])
+    answer = await answer_before_body(url, headers, 512 * 1024 * 1024, b"{")  # (Jupyter's max_body_size)
+    assert answer.status == 413 and "(max_request_bytes)" in answer.body.decode() and answer.closed, answer
+
+
+@pytest.mark.parametrize("route", ["mcp modern", "mcp handshake", "rest"])
+async def test_a_chunked_body_is_charged_and_bounded_as_it_arrives(server_url, keys, runtime, route):
+    # Without a Content-Length the body's size is known only as it comes: charged past 64 KiB, refused once over
+    # the budget (429) or past max_request_bytes (413), before the rest is read.
+    budget = runtime.body_budget
+    budget.rate, budget.burst = 1000.0, 300_000
+    if route == "rest":
+        url, headers = f"{server_url}plexus/api/tasks/cancel", {"Authorization": f"Bearer {keys['operator']}"}
+    else:
+        url = f"{server_url}plexus/mcp"
+        async with httpx2.AsyncClient(timeout=30) as http:
+            era = MODERN if route == "mcp modern" else HANDSHAKE
+            headers = await call_headers(http, url, keys["operator"], era)
+    chunk = b" " * (64 * 1024)
+    answer, sent = await chunked_answer(url, headers, chunk, 40)
+    assert answer.status == 429 and "request_bytes_rate" in answer.body.decode(), (answer, sent)
+    assert sent <= 6, sent  # (300,000 bytes: the fifth chunk is over)
+    budget.rate = budget.burst = 1e12
+    runtime.settings.max_request_bytes = 256 * 1024
+    answer, sent = await chunked_answer(url, headers, chunk, 40)
+    assert answer.status == 413 and "(max_request_bytes)" in answer.body.decode() and sent <= 6, (answer, sent)
 
 
 async def test_an_event_websocket_is_metered_per_connection(server_url, keys, runtime):

@@ -28,7 +28,7 @@ from ..evaluations.requests import (
     UploadPart,
 )
 from ..security.http import BadJSON, parse_json_in_pieces
-from .base import PlexusHandler, http_error
+from .base import BodyHandler, PlexusHandler, http_error
 
 PARQUET_TYPES = ("application/vnd.apache.parquet", "application/x-parquet", "application/octet-stream")
 
@@ -70,7 +70,7 @@ async def _may_register(handler: PlexusHandler, name: str, replace: bool) -> boo
     return True
 
 
-class EvaluationsHandler(PlexusHandler):
+class EvaluationsHandler(BodyHandler):
     async def get(self) -> None:
         """List evaluations: ?status=COMPLETED,RUNNING&type=accuracy&limit=20&cursor=... (ListEvaluations)."""
         service = self.runtime.evaluations
