@@ -321,6 +321,15 @@ async def test_a_key_over_its_byte_budget_gets_a_429_with_retry_after(server_url
         assert statuses[2] == 429 and 429 not in statuses[:2], statuses
 
 
+async def route_of(server_url: str, credential: str, route: str) -> tuple[str, dict[str, str]]:
+    """The URL and headers of a POST with a body: "rest" (tasks/cancel), "mcp modern", "mcp handshake" (a session's)."""
+    if route == "rest":
+        return f"{server_url}plexus/api/tasks/cancel", {"Authorization": f"Bearer {credential}"}
+    url = f"{server_url}plexus/mcp"
+    async with httpx2.AsyncClient(timeout=30) as http:
+        return url, await call_headers(http, url, credential, MODERN if route == "mcp modern" else HANDSHAKE)
+
+
 def drain_budget(runtime, credential: str) -> None:
     """Empty the byte budget of a key: its next large body is over it."""
     identity, _ = charge_identity(runtime.admit_key(credential))
@@ -334,13 +343,7 @@ async def test_a_body_over_the_byte_budget_is_refused_before_it_is_read(server_u
     budget = runtime.body_budget
     budget.rate, budget.burst = 1000.0, 8 * 1024 * 1024
     declared = runtime.settings.max_request_bytes - 1000
-    if route == "rest":
-        url, headers = f"{server_url}plexus/api/tasks/cancel", {"Authorization": f"Bearer {keys['operator']}"}
-    else:
-        url = f"{server_url}plexus/mcp"
-        async with httpx2.AsyncClient(timeout=30) as http:
-            era = MODERN if route == "mcp modern" else HANDSHAKE
-            headers = await call_headers(http, url, keys["operator"], era)
+    url, headers = await route_of(server_url, keys["operator"], route)
     drain_budget(runtime, keys["operator"])
     answer = await answer_before_body(url, headers, declared, b'{"jsonrpc": "2.0", "id": 1, ' + b" " * 1000)
     assert answer.status == 429, answer
@@ -362,10 +365,7 @@ async def test_a_body_over_the_byte_budget_is_refused_before_it_is_read(server_u
 @pytest.mark.parametrize("route", ["mcp modern", "rest"])
 async def test_a_body_over_max_request_bytes_is_refused_before_it_is_read(server_url, keys, runtime, route):
     runtime.body_budget.rate = runtime.body_budget.burst = 1e12
-    if route == "rest":
-        url, headers = f"{server_url}plexus/api/tasks/cancel", {"Authorization": f"Bearer {keys['operator']}"}
-    else:
-        url, headers = f"{server_url}plexus/mcp", modern_headers(keys["operator"])
+    url, headers = await route_of(server_url, keys["operator"], route)
     answer = await answer_before_body(url, headers, 512 * 1024 * 1024, b"{")  # (Jupyter's max_body_size)
     assert answer.status == 413 and "(max_request_bytes)" in answer.body.decode() and answer.closed, answer
 
@@ -376,13 +376,7 @@ async def test_a_chunked_body_is_charged_and_bounded_as_it_arrives(server_url, k
     # the budget (429) or past max_request_bytes (413), before the rest is read.
     budget = runtime.body_budget
     budget.rate, budget.burst = 1000.0, 300_000
-    if route == "rest":
-        url, headers = f"{server_url}plexus/api/tasks/cancel", {"Authorization": f"Bearer {keys['operator']}"}
-    else:
-        url = f"{server_url}plexus/mcp"
-        async with httpx2.AsyncClient(timeout=30) as http:
-            era = MODERN if route == "mcp modern" else HANDSHAKE
-            headers = await call_headers(http, url, keys["operator"], era)
+    url, headers = await route_of(server_url, keys["operator"], route)
     chunk = b" " * (64 * 1024)
     answer, sent = await chunked_answer(url, headers, chunk, 40)
     assert answer.status == 429 and "request_bytes_rate" in answer.body.decode(), (answer, sent)
