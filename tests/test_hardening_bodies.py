@@ -370,6 +370,21 @@ async def test_a_body_over_max_request_bytes_is_refused_before_it_is_read(server
     assert answer.status == 413 and "(max_request_bytes)" in answer.body.decode() and answer.closed, answer
 
 
+async def test_a_dataset_body_is_read_only_once_its_sender_is_admitted(server_url, token):
+    # A DataFrame's bytes (up to Jupyter's 512 MiB) were read before the credential was checked: now an anonymous
+    # one is refused unread, a registration's and an upload part's alike.
+    api = f"{server_url}plexus/api/datasets"
+    parquet = {"Content-Type": "application/vnd.apache.parquet"}
+    answer = await answer_before_body(f"{api}?name=big", parquet, 64 * 1024 * 1024, b"PAR1")
+    assert answer.status == 401 and answer.closed, answer
+    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30) as http:
+        began = await http.post(f"{api}/uploads", params={"name": "parts"})
+    assert began.status_code == 201, began.text
+    part = f"{api}/uploads/{began.json()['upload_id']}?part=0"
+    answer = await answer_before_body(part, {}, 64 * 1024 * 1024, b"x", method="PUT")
+    assert answer.status == 401 and answer.closed, answer
+
+
 @pytest.mark.parametrize("route", ["mcp modern", "mcp handshake", "rest"])
 async def test_a_chunked_body_is_charged_and_bounded_as_it_arrives(server_url, keys, runtime, route):
     # Without a Content-Length the body's size is known only as it comes: charged past 64 KiB, refused once over
