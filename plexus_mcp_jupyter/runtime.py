@@ -190,7 +190,7 @@ class PlexusRuntime:
         self._key_watch: asyncio.Task[None] | None = None
         self.audit = AuditLog(self.store.engine, retention_seconds=settings.audit_retention_days * 86_400.0)
         self.limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
-        # Bytes of large bodies per caller (MCP requests, event WebSocket messages): charged before they are parsed.
+        # Bytes of large bodies per caller (MCP and REST bodies as they are read, event WebSocket messages).
         self.body_budget = RateLimiter(
             settings.request_bytes_rate, max(settings.request_bytes_burst, settings.max_request_bytes)
         )

@@ -143,7 +143,7 @@ class MCPBridge:
         self.endpoint.arrived()
         extra_scope = {"plexus.principal": principal, "user": session_user(principal)}
         body = self.handler.request.body or b""
-        within = len(body) <= self.endpoint.max_request_body_size  # (a larger body is the SDK's to refuse, unread)
+        within = len(body) <= self.endpoint.max_request_body_size  # (a larger one: the handler's 413, unread)
         large = self.handler.request.method == "POST" and len(body) > JSON_ON_LOOP_BYTES and within
         if within:
             refusal = await json_refusal_off_loop(body, self.endpoint.max_json_values)  # too deep, too many values
