@@ -360,6 +360,8 @@ async def test_a_body_over_the_byte_budget_is_refused_before_it_is_read(server_u
     # A small body's refusal waits for it: the client that wrote it all reads the answer, the connection stays open.
     answer = await answer_before_body(url, anonymous, 100, b"{" + b" " * 98 + b"}")
     assert answer.status == 401 and not answer.closed and "connection" not in answer.headers, answer
+    answer = await answer_before_body(url, anonymous, 2, b"{}", method="PUT")  # (a method it lacks: still a 401)
+    assert answer.status == 401, answer
 
 
 @pytest.mark.parametrize("route", ["mcp modern", "rest"])

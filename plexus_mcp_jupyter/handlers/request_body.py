@@ -73,8 +73,8 @@ class StreamedBody(web.RequestHandler):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        for name in HTTP_METHODS:
-            method = cls.__dict__.get(name)
+        for name in HTTP_METHODS:  # (inherited ones too: a method the handler lacks answers 405 after the refusal)
+            method = getattr(cls, name, None)
             if method is not None and not getattr(method, "_refusal_first", False):
                 setattr(cls, name, _refusal_first(method))
 
