@@ -479,7 +479,9 @@ class PlexusSettings(Configurable):
         "dictionary pages, the most a string column's dictionary-encoded values decode to), then each batch's "
         "decoded size (a string column whose pages do not bound it counted from its dictionaries, not decoded), "
         "so a small body cannot expand into gigabytes even when its footer under-declares. Past it the body is "
-        "refused saying so (send the frame in parts: the notebook client does). Default 1 GiB.",
+        "refused saying so (send the frame in parts: the notebook client does). The label column of a Parquet "
+        "file under the Jupyter root that a describe counts is held to it the same way (its page headers, then its "
+        "batches' decoded size). Default 1 GiB.",
     ).tag(config=True)
     max_registered_bytes_per_principal = Integer(
         2 * 2**30,

@@ -190,7 +190,7 @@ class PlexusRuntime:
         self._key_watch: asyncio.Task[None] | None = None
         self.audit = AuditLog(self.store.engine, retention_seconds=settings.audit_retention_days * 86_400.0)
         self.limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
-        # Bytes of large bodies per caller (MCP requests, event WebSocket messages): charged before they are parsed.
+        # Bytes of large bodies per caller (MCP and REST bodies as they are read, event WebSocket messages).
         self.body_budget = RateLimiter(
             settings.request_bytes_rate, max(settings.request_bytes_burst, settings.max_request_bytes)
         )
@@ -251,7 +251,6 @@ class PlexusRuntime:
             event_store_size=settings.event_store_size,
             event_store_bytes=settings.event_store_bytes,
             on_first_request=self.evaluations.client_came,
-            body_budget=self.body_budget,
         )
         self._started = False
         self._log_scrubbers: list[Callable[[], None]] = []  # detach functions (see protect_secret)

@@ -24,6 +24,7 @@ from tornado.netutil import bind_sockets
 
 from .endpoint.sdk_compat import lowlevel_server
 from .endpoint.transport import MCPBridge
+from .handlers.request_body import StreamedBody
 from .runtime import PlexusRuntime
 from .security.connections import ConnectionGuard
 from .security.http import (
@@ -40,6 +41,7 @@ from .security.http import (
 )
 from .security.identity import Principal, Role
 from .security.keys import looks_like_key
+from .security.ratelimit import RateLimiter
 
 log = logging.getLogger("plexus_mcp_jupyter")
 STANDALONE_ADMIN = Principal(owner="token", role=Role.ADMIN)  # whoever holds the server's token
@@ -95,10 +97,23 @@ class _StandaloneHandler(web.RequestHandler):
         self.finish(json.dumps(jsonrpc_error(status_code, message)))
 
 
-class StandaloneMCPHandler(_StandaloneHandler):
+class StandaloneMCPHandler(StreamedBody, _StandaloneHandler):  # type: ignore[misc]  # (prepare: async here)
+    """The MCP endpoint: its body read once the caller is admitted, within max_request_bytes and the caller's byte
+    budget (handlers/request_body.py)."""
+
     _bridge: MCPBridge | None = None
 
+    def body_limit(self) -> int:
+        return int(self.runtime.settings.max_request_bytes)
+
+    def body_budget(self) -> RateLimiter | None:
+        return self.runtime.body_budget
+
+    def body_sender(self) -> Principal | None:
+        return self.principal or STANDALONE_ADMIN
+
     async def _serve(self) -> None:
+        self.request.body = self.body
         self._bridge = MCPBridge(self, self.runtime.endpoint)
         principal = self.principal or STANDALONE_ADMIN
         forget = self.runtime.track_stream(principal, self._end_stream)  # ends when its API key is revoked

@@ -27,6 +27,7 @@ from plexus_mcp_jupyter.core.ownership import KEY_OWNER_PREFIX
 from plexus_mcp_jupyter.core.store import TaskFilter
 
 from .conftest import MODERN, open_client
+from .raw_http import answer_before_body
 
 MAX_BODY = 64 * 1024  # max_request_bytes of the server under test: a body just over it is cheap to send
 TOOL_EXAMPLES = 40  # argument sets per tool
@@ -748,10 +749,11 @@ async def fuzz_raw(url: str, credential: str, n: int, findings: Findings) -> Non
         for body, legacy in bodies:
             headers = era.legacy_headers() if legacy else era.modern_headers(body)
             check_raw(findings, *await exchange(http, url, body, headers), body)
-        # just over max_request_bytes: refused before parsing, the session untouched
+        # just over max_request_bytes: refused before it is read (once its headers are in), the session untouched
         big = encode({"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {"pad": "x" * MAX_BODY}})
-        status, _, text, _ = await exchange(http, url, big, era.legacy_headers())
-        assert status == 413 and "Traceback" not in text, (status, text[:MAX_MESSAGE])
+        headers = {"Authorization": f"Bearer {credential}", **era.legacy_headers()}
+        early = await answer_before_body(url, headers, len(big), big[:1000])
+        assert early.status == 413 and b"Traceback" not in early.body, early
         status, _, text, _ = await exchange(
             http, url, encode({"jsonrpc": "2.0", "id": 2, "method": "ping"}), era.legacy_headers()
         )

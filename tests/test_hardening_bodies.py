@@ -13,16 +13,18 @@ import json
 import time
 
 import httpx2
+import pydantic_core
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import WebSocketClosedError, websocket_connect
 
-from plexus_mcp_jupyter.security.bodies import cooperative_loads
+from plexus_mcp_jupyter.security.bodies import JSON_ON_LOOP_BYTES, charge_identity, cooperative_loads, utf8_json_refusal
 
 from .conftest import MODERN
 from .loop_watch import HealthWatch
+from .raw_http import answer_before_body, chunked_answer
 from .test_speed_paths import MODERN_META
 
 ITEM = {"k": 1, "v": "ab"}
@@ -252,6 +254,63 @@ def test_the_cooperative_parse_refuses_what_json_loads_refuses(text):
     assert got.value.msg == wanted.value.msg
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        rb'["\ud800"]',
+        rb'["\udc00x"]',
+        rb'["\ud83d\ude00", "\uD83D\uDE00", "\u00e9"]',
+        rb'["\\ud800", "\\\\udc00"]',
+        rb'["\\\ud800"]',
+        rb'["\ud800\\\udc00"]',
+        rb'["\ud800\ud800\udc00"]',
+        rb'["\ud800\u0041"]',
+        '["\u00e9"]'.encode("utf-16"),
+        '["x"]'.encode("utf-16-le"),
+        '["x"]'.encode("utf-32"),
+        '["x"]'.encode("utf-8-sig"),
+        b'["\xed\xa0\x80"]',
+        '["\u00e9 \U0001f600"]'.encode(),
+    ],
+)
+def test_the_utf8_refusal_refuses_what_the_sdk_parse_refuses_and_json_loads_reads(text):
+    json.loads(text)  # (each is JSON to json.loads)
+    try:
+        pydantic_core.from_json(text)
+        refused = False
+    except ValueError:
+        refused = True
+    assert (utf8_json_refusal(text) is not None) == refused, text
+    padded = text[:-1] + b", " + b'"' + b"p" * JSON_ON_LOOP_BYTES + b'"]' if text.startswith(b"[") else None
+    if padded is not None:  # the same, past a piece of the scan
+        assert (utf8_json_refusal(padded) is not None) == refused, text
+
+
+@pytest.mark.parametrize("era", [MODERN, HANDSHAKE])
+@pytest.mark.parametrize("size", [1000, 200_000])
+@pytest.mark.parametrize("encoding", ["lone surrogate", "utf-16"])
+async def test_a_body_the_sdk_parse_refuses_is_refused_at_any_size(server_url, keys, runtime, era, size, encoding):
+    # The handshake-era SDK parses a body with pydantic_core.from_json, which refuses a lone surrogate escape and a
+    # text that is not UTF-8; a body over 64 KiB is parsed here (json.loads's reading) and must be refused alike. The
+    # 2026-07-28 entry parses with json.loads, which reads both: the call reaches the tool at any size.
+    url = f"{server_url}plexus/mcp"
+    call = json.loads(big_call(size, shape="string", era=era))
+    call["params"]["arguments"]["junk"] += "\ud800"
+    body = json.dumps(call).encode()  # (the lone surrogate escaped: \ud800)
+    if encoding == "utf-16":
+        body = json.dumps(json.loads(big_call(size, shape="string", era=era))).encode("utf-16")
+    assert (len(body) > JSON_ON_LOOP_BYTES) == (size > JSON_ON_LOOP_BYTES)
+    async with httpx2.AsyncClient(timeout=60) as http:
+        headers = await call_headers(http, url, keys["operator"], era)
+        answer = await http.post(url, content=body, headers=headers)
+    if era == MODERN:
+        assert "unknown argument(s) junk" in answer.text, answer.text[:300]
+        return
+    assert answer.status_code == 400, answer.text[:300]
+    error = answer.json()["error"]
+    assert error["code"] == -32700 and error["message"].startswith("Parse error: "), error
+
+
 async def test_a_key_over_its_byte_budget_gets_a_429_with_retry_after(server_url, keys, runtime):
     budget = runtime.body_budget
     budget.rate, budget.burst = 100_000.0, 700_000.0  # bytes per second, bytes at once
@@ -281,6 +340,89 @@ async def test_a_key_over_its_byte_budget_gets_a_429_with_retry_after(server_url
             for _ in range(3)
         ]
         assert statuses[2] == 429 and 429 not in statuses[:2], statuses
+
+
+async def route_of(server_url: str, credential: str, route: str) -> tuple[str, dict[str, str]]:
+    """The URL and headers of a POST with a body: "rest" (tasks/cancel), "mcp modern", "mcp handshake" (a session's)."""
+    if route == "rest":
+        return f"{server_url}plexus/api/tasks/cancel", {"Authorization": f"Bearer {credential}"}
+    url = f"{server_url}plexus/mcp"
+    async with httpx2.AsyncClient(timeout=30) as http:
+        return url, await call_headers(http, url, credential, MODERN if route == "mcp modern" else HANDSHAKE)
+
+
+def drain_budget(runtime, credential: str) -> None:
+    """Empty the byte budget of a key: its next large body is over it."""
+    identity, _ = charge_identity(runtime.admit_key(credential))
+    runtime.body_budget.take(identity, cost=runtime.body_budget.burst)
+
+
+@pytest.mark.parametrize("route", ["mcp modern", "mcp handshake", "rest"])
+async def test_a_body_over_the_byte_budget_is_refused_before_it_is_read(server_url, keys, runtime, route):
+    # Tornado read a whole body before the handler ran: a 429 still cost the loop the read of 4 MiB. The answer now
+    # comes once the headers are in: the client sends them and 1 kB of a declared 4 MiB, and gets the 429.
+    budget = runtime.body_budget
+    budget.rate, budget.burst = 1000.0, 8 * 1024 * 1024
+    declared = runtime.settings.max_request_bytes - 1000
+    url, headers = await route_of(server_url, keys["operator"], route)
+    drain_budget(runtime, keys["operator"])
+    answer = await answer_before_body(url, headers, declared, b'{"jsonrpc": "2.0", "id": 1, ' + b" " * 1000)
+    assert answer.status == 429, answer
+    assert int(answer.headers["retry-after"]) >= 1 and "request_bytes_rate" in answer.body.decode(), answer
+    assert answer.closed and answer.headers.get("connection") == "close", answer  # the body was never read
+    # Within the budget the same declared body is read (the server waits for it); unauthenticated, it is not.
+    budget.rate = 1e12
+    runtime.body_budget.take(charge_identity(runtime.admit_key(keys["operator"]))[0], cost=1)  # (refilled)
+    answer = await answer_before_body(url, headers, declared, b"{", wait=1.0)
+    assert answer.status is None and not answer.closed, answer
+    anonymous = {k: v for k, v in headers.items() if k != "Authorization"}
+    answer = await answer_before_body(url, anonymous, declared, b"{")
+    assert answer.status == 401 and answer.closed, answer
+    # A small body's refusal waits for it: the client that wrote it all reads the answer, the connection stays open.
+    answer = await answer_before_body(url, anonymous, 100, b"{" + b" " * 98 + b"}")
+    assert answer.status == 401 and not answer.closed and "connection" not in answer.headers, answer
+    answer = await answer_before_body(url, anonymous, 2, b"{}", method="PUT")  # (a method it lacks: still a 401)
+    assert answer.status == 401, answer
+
+
+@pytest.mark.parametrize("route", ["mcp modern", "rest"])
+async def test_a_body_over_max_request_bytes_is_refused_before_it_is_read(server_url, keys, runtime, route):
+    runtime.body_budget.rate = runtime.body_budget.burst = 1e12
+    url, headers = await route_of(server_url, keys["operator"], route)
+    answer = await answer_before_body(url, headers, 512 * 1024 * 1024, b"{")  # (Jupyter's max_body_size)
+    assert answer.status == 413 and "(max_request_bytes)" in answer.body.decode() and answer.closed, answer
+
+
+async def test_a_dataset_body_is_read_only_once_its_sender_is_admitted(server_url, token):
+    # A DataFrame's bytes (up to Jupyter's 512 MiB) were read before the credential was checked: now an anonymous
+    # one is refused unread, a registration's and an upload part's alike.
+    api = f"{server_url}plexus/api/datasets"
+    parquet = {"Content-Type": "application/vnd.apache.parquet"}
+    answer = await answer_before_body(f"{api}?name=big", parquet, 64 * 1024 * 1024, b"PAR1")
+    assert answer.status == 401 and answer.closed, answer
+    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30) as http:
+        began = await http.post(f"{api}/uploads", params={"name": "parts"})
+    assert began.status_code == 201, began.text
+    part = f"{api}/uploads/{began.json()['upload_id']}?part=0"
+    answer = await answer_before_body(part, {}, 64 * 1024 * 1024, b"x", method="PUT")
+    assert answer.status == 401 and answer.closed, answer
+
+
+@pytest.mark.parametrize("route", ["mcp modern", "mcp handshake", "rest"])
+async def test_a_chunked_body_is_charged_and_bounded_as_it_arrives(server_url, keys, runtime, route):
+    # Without a Content-Length the body's size is known only as it comes: charged past 64 KiB, refused once over
+    # the budget (429) or past max_request_bytes (413), before the rest is read.
+    budget = runtime.body_budget
+    budget.rate, budget.burst = 1000.0, 300_000
+    url, headers = await route_of(server_url, keys["operator"], route)
+    chunk = b" " * (64 * 1024)
+    answer, sent = await chunked_answer(url, headers, chunk, 40)
+    assert answer.status == 429 and "request_bytes_rate" in answer.body.decode(), (answer, sent)
+    assert sent <= 6, sent  # (300,000 bytes: the fifth chunk is over)
+    budget.rate = budget.burst = 1e12
+    runtime.settings.max_request_bytes = 256 * 1024
+    answer, sent = await chunked_answer(url, headers, chunk, 40)
+    assert answer.status == 413 and "(max_request_bytes)" in answer.body.decode() and sent <= 6, (answer, sent)
 
 
 async def test_an_event_websocket_is_metered_per_connection(server_url, keys, runtime):

@@ -17,6 +17,8 @@ from typing import Any
 import httpx2
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from plexus_mcp_jupyter.core.errors import InvalidArgument
@@ -324,6 +326,36 @@ def test_a_row_longer_than_a_block_or_a_crafted_footer_is_an_error_not_a_read(ca
     (catalog.root_dir / "crafted.parquet").write_bytes(b"PAR1" + b"\0" * 64 + (1 << 30).to_bytes(4, "little") + b"PAR1")
     (listed,) = [info for info in catalog.list() if info.ref == "crafted.parquet"]
     assert "Parquet footer is 1,073,741,824 bytes" in (listed.error or "")
+
+
+def test_a_parquet_file_under_the_root_is_counted_within_the_parquet_bound(catalog):
+    # A body posted as Parquet is read within max_parquet_uncompressed_bytes (its pages' headers walked, its batches'
+    # decoded size added up); a file under the root is read the same way for its label counts: a dictionary page of
+    # one 50 kB string and 1,000 indices to it (a few hundred bytes on disk) read back as 50 MB in one batch, and a
+    # plain page of 10 MB of one character (a few kB of zstd) was decompressed whole.
+    catalog.max_parquet_uncompressed_bytes = 1_000_000
+    pq.write_table(
+        pa.table({"label": ["x" * 50_000] * 1000, "n": list(range(1000))}), catalog.root_dir / "dict.parquet"
+    )
+    assert (catalog.root_dir / "dict.parquet").stat().st_size < 60_000
+    with pytest.raises(InvalidArgument, match=r"'label' reads back as more than 1,000,000 bytes.*max_parquet_unc"):
+        catalog.describe("dict.parquet")
+    assert catalog.describe("dict.parquet", label_column="n").label_classes == 1000  # (another column: counted)
+    pq.write_table(
+        pa.table({"label": ["x" * 10_000_000]}),
+        catalog.root_dir / "page.parquet",
+        use_dictionary=False,
+        compression="zstd",
+    )
+    with pytest.raises(
+        InvalidArgument, match=r"decompresses to 10,000,0\d\d bytes of Parquet pages; at most 1,000,000"
+    ):
+        catalog.describe("page.parquet")
+    # Within the bound, counted as before (the strings read as a dictionary, counted by value).
+    frame = pd.DataFrame({"label": ["a", "b", None, "a"] * 250, "text": [f"t{i}" for i in range(1000)]})
+    frame.to_parquet(catalog.root_dir / "fine.parquet")
+    info = catalog.describe("fine.parquet")
+    assert info.rows == 1000 and dict(info.label_distribution or ()) == {"a": 500, "b": 250, None: 250}
 
 
 def test_the_column_bound_is_checked_before_pandas_parses_the_header(tmp_path, monkeypatch):

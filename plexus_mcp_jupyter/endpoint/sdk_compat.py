@@ -26,7 +26,9 @@ transport with `pydantic_core.from_json(body)` (`mcp.server.streamable_http`), t
 bridge parses a body above `security.bodies.JSON_ON_LOOP_BYTES` in a thread (`parse_large`) and serves the request
 inside `preparsed(body, value)`: each of those two module names is given a stand-in (the module itself for every
 other name) whose parse returns `value` for that very body in that request's context, and parses anything else as
-before. Relies on: those two modules calling their parse through those module names (tests/test_compat_contracts.py
+before. The bridge refuses what the era's own parse would refuse of a smaller body (from_json: a text that is
+not UTF-8, a lone surrogate escape; `security.bodies.utf8_json_refusal`), so the value handed over is one it would
+have read. Relies on: those two modules calling their parse through those module names (tests/test_compat_contracts.py
 checks it). The upstream change that would retire it: a transport hook to parse a body (or an async one).
 
 **A plain 2026-07-28 call, without the SDK's HTTP entry.** The SDK serves a 2026-07-28 POST through

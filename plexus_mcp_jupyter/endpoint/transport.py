@@ -7,9 +7,10 @@ flushed body chunks, so SSE streams go out as they are produced. Authentication 
 the bridge is entered; the SDK never sees an unauthenticated request. Who may open and use a session
 is decided in sessions.py (the per-key cap, the admins' reserve, the binding to its opener).
 
-A POSTed body over `JSON_ON_LOOP_BYTES` (64 KiB) is charged to its sender's byte budget (`request_bytes_rate`: 429
-with Retry-After beyond) and parsed off the event loop (security/bodies.py) before the SDK sees it; the SDK's own
-parse of it returns that value (`sdk_compat.preparsed`). Smaller bodies take their path unchanged.
+A POSTed body over `JSON_ON_LOOP_BYTES` (64 KiB), charged to its sender's byte budget as the handler read it
+(`request_bytes_rate`: 429 with Retry-After beyond, before it is read: handlers/request_body.py), is parsed off the
+event loop (security/bodies.py) before the SDK sees it; the SDK's own parse of it returns that value
+(`sdk_compat.preparsed`). Smaller bodies take their path unchanged.
 """
 
 from __future__ import annotations
@@ -30,9 +31,8 @@ from tornado.web import HTTPError, RequestHandler
 
 from ..handlers.jupyter_compat import response_finished
 from ..security.bodies import JSON_ON_LOOP_BYTES, parse_large
-from ..security.http import BadJSON, bad_json, charge_large_body, json_refusal_off_loop, jsonrpc_error
+from ..security.http import BadJSON, bad_json, json_refusal_off_loop, jsonrpc_error
 from ..security.identity import Principal
-from ..security.ratelimit import RateLimiter
 from .event_store import MemoryEventStore
 from .principal import REHEARSAL
 from .sdk_compat import (
@@ -70,13 +70,10 @@ class MCPEndpoint:
         event_store_size: int = 10_000,
         event_store_bytes: int = 32 * 1024 * 1024,
         on_first_request: Callable[[], None] | None = None,
-        body_budget: RateLimiter | None = None,
     ) -> None:
         self.server = server
         self.max_json_values = max_json_values  # most JSON values a request body may hold (max_json_values)
         self.max_request_body_size = max_request_body_size
-        # Bytes of large bodies per caller (request_bytes_rate); None: not charged.
-        self.body_budget = body_budget
         # Told once, at the first request (`arrived`): the evaluation service stops its start-up rehearsals.
         self._on_first_request = on_first_request
         self.event_store = MemoryEventStore(event_store_size, event_store_bytes)
@@ -190,10 +187,8 @@ class MCPBridge:
         self.endpoint.arrived()
         extra_scope = {"plexus.principal": principal, "user": session_user(principal)}
         body = self.handler.request.body or b""
-        within = len(body) <= self.endpoint.max_request_body_size  # (a larger body is the SDK's to refuse, unread)
+        within = len(body) <= self.endpoint.max_request_body_size  # (a larger one: the handler's 413, unread)
         large = self.handler.request.method == "POST" and len(body) > JSON_ON_LOOP_BYTES and within
-        if large:  # charged before any work on it
-            charge_large_body(self.endpoint.body_budget, principal, len(body))
         if within:
             refusal = await json_refusal_off_loop(body, self.endpoint.max_json_values)  # too deep, too many values
             if refusal is not None:
@@ -288,9 +283,10 @@ class MCPBridge:
             self.handler.finish()
 
     async def _parse_large(self, body: bytes) -> Any:
-        """A large body parsed off the loop (BadJSON)."""
+        """A large body parsed off the loop (BadJSON): refused where the SDK's own parse (of a smaller body) refuses
+        it, which is pydantic_core.from_json in the handshake era (json.loads in the 2026-07-28 era, as here)."""
         try:
-            return await parse_large(body)
+            return await parse_large(body, utf8_only=not modern_request(self.handler.request.headers))
         except (ValueError, RecursionError) as exc:
             raise bad_json(exc) from None
 

@@ -458,7 +458,7 @@ class DatasetCatalog:
             label_column = DEFAULT_LABEL_COLUMN
         with _reading(ref, fmt):
             if fmt == "parquet":
-                counted = count_parquet(path, label_column)
+                counted = count_parquet(path, label_column, self.max_parquet_uncompressed_bytes, ref)
             elif fmt == "csv":
                 counted = count_csv(path, names, label_column, self.bounds)
             else:

@@ -12,7 +12,8 @@ memory or read an unbounded line: a 200 MB line without a newline once became a 
   characters, so every message that lists column names is bounded too;
 - the first rows (for dtypes) come from at most HEAD_SAMPLE_BYTES after the header;
 - a Parquet body registered in one request is read in batches whose decoded size is added up, within a
-  bound (read_parquet_bounded: its footer's declared sizes are only a first filter, its page headers a second);
+  bound (read_parquet_bounded: its footer's declared sizes are only a first filter, its page headers a second),
+  and so is the label column of a Parquet file a describe counts (count_parquet);
 - rows and label counts come from a streaming pass in blocks (Parquet batches of one column, pyarrow's
   CSV reader of one column, JSON Lines lines of at most `block_bytes`), never from a loaded frame.
 
@@ -178,10 +179,12 @@ def parquet_file(handle: IO[bytes], ref: str) -> pq.ParquetFile:
     return pq.ParquetFile(handle)
 
 
-def column_chunks(metadata: pq.FileMetaData) -> list[Any]:
-    """Every column chunk of a Parquet file's footer, row group by row group."""
+def column_chunks(metadata: pq.FileMetaData, leaves: list[int] | None = None) -> list[Any]:
+    """Every column chunk of a Parquet file's footer (of its leaf columns `leaves` only, given), row group by row
+    group."""
+    wanted = range(metadata.num_columns) if leaves is None else leaves
     groups = (metadata.row_group(i) for i in range(metadata.num_row_groups))
-    return [group.column(j) for group in groups for j in range(metadata.num_columns)]
+    return [group.column(j) for group in groups for j in wanted]
 
 
 def check_parquet_sizes(metadata: pq.FileMetaData, max_bytes: int, ref: str) -> None:
@@ -456,12 +459,12 @@ class PageWalk:
     widths: dict[int, int] = field(default_factory=dict)
 
 
-def parquet_page_bytes(handle: IO[bytes], metadata: pq.FileMetaData) -> int:
-    """The bytes a Parquet file's pages decompress to (walk_parquet_pages)."""
-    return walk_parquet_pages(handle, metadata).decompressed
+def parquet_page_bytes(handle: IO[bytes], metadata: pq.FileMetaData, leaves: list[int] | None = None) -> int:
+    """The bytes a Parquet file's pages decompress to (walk_parquet_pages; of its leaf columns `leaves` only, given)."""
+    return walk_parquet_pages(handle, metadata, leaves).decompressed
 
 
-def walk_parquet_pages(handle: IO[bytes], metadata: pq.FileMetaData) -> PageWalk:
+def walk_parquet_pages(handle: IO[bytes], metadata: pq.FileMetaData, leaves: list[int] | None = None) -> PageWalk:
     """The bytes a Parquet file's pages decompress to, from their headers (what pyarrow allocates to read them, a
     plain page of one repeated value included; the footer's sizes are a writer's to set), and, for each column
     chunk of a BYTE_ARRAY leaf, its dictionary pages and the values of its dictionary-encoded data pages (the
@@ -475,7 +478,8 @@ def walk_parquet_pages(handle: IO[bytes], metadata: pq.FileMetaData) -> PageWalk
     make pages of about a megabyte or 20,000 rows): the walk is bounded by the body's size and its values (which
     check_parquet_sizes bounds), each header's parse by PAGE_HEADER_MAX_BYTES."""
     size = handle.seek(0, io.SEEK_END)
-    chunks = column_chunks(metadata)
+    chunks = column_chunks(metadata, leaves)
+    walked_leaves = list(range(metadata.num_columns)) if leaves is None else leaves  # each row group's, in order
     values = sum(chunk.num_values for chunk in chunks)
     most_pages = 2 * len(chunks) + size // PARQUET_BYTES_PER_PAGE + values // PARQUET_VALUES_PER_PAGE
     byte_array = {i for i in range(metadata.num_columns) if metadata.schema.column(i).physical_type == "BYTE_ARRAY"}
@@ -485,7 +489,7 @@ def walk_parquet_pages(handle: IO[bytes], metadata: pq.FileMetaData) -> PageWalk
     for index, chunk in enumerate(chunks):
         if chunk.num_values <= 0:  # pyarrow reads no page of it (an empty table's chunk starts at byte 0)
             continue
-        column = index % metadata.num_columns
+        column = walked_leaves[index % len(walked_leaves)]
         strings = ByteArrayChunk(column, chunk.compression, chunk.num_values) if column in byte_array else None
         if strings is not None:
             walk.byte_arrays.append(strings)
@@ -844,16 +848,43 @@ def _shown_label(value: Any) -> str:
     return text if len(text) <= MAX_LABEL_CHARS else text[: MAX_LABEL_CHARS - 3] + "..."
 
 
-def count_parquet(path: Path, label: str | None) -> LabelCounts:
-    """Rows from the metadata; label counts from batches of that one column."""
+def count_parquet(path: Path, label: str | None, max_bytes: int, ref: str | None = None) -> LabelCounts:
+    """Rows from the metadata; label counts from batches of that one column, within `max_bytes` as a Parquet body
+    is read (read_parquet_bounded): the column's page headers walked first (what its pages decompress to, before
+    any is), then its batches' decoded size added up as they come, a string column read as a dictionary (a
+    dictionary page of one long value and many indices to it, a few hundred bytes in a file under the root, is
+    counted by its values' lengths, not decoded): InvalidArgument past the bound (max_parquet_uncompressed_bytes)."""
     result = LabelCounts()
+    ref = ref or str(path)
     with path.open("rb") as handle:
-        parquet = parquet_file(handle, str(path))
+        parquet = parquet_file(handle, ref)
+        metadata = parquet.metadata
         if label is None:
-            result.rows = parquet.metadata.num_rows
+            result.rows = metadata.num_rows
             return result
-        for batch in parquet.iter_batches(batch_size=65_536, columns=[label]):
-            result.add(batch.column(0), batch.num_rows)
+        schema = parquet.schema
+        leaves = [i for i in range(metadata.num_columns) if schema.column(i).path.split(".")[0] == label]
+        try:
+            pages = parquet_page_bytes(handle, metadata, leaves)
+        except ValueError as error:
+            raise InvalidArgument(f"dataset {clip(ref)} cannot be read: {error}") from None
+        if pages > max_bytes:
+            raise InvalidArgument(
+                f"dataset {clip(ref)}: its label column {clip(label, 60)} decompresses to {pages:,} bytes of Parquet "
+                f"pages; at most {max_bytes:,} are counted (setting max_parquet_uncompressed_bytes)"
+            )
+        byte_arrays = [schema.column(i).path for i in leaves if schema.column(i).physical_type == "BYTE_ARRAY"]
+        bounded = pq.ParquetFile(handle, metadata=metadata, read_dictionary=byte_arrays)
+        total = 0
+        for batch in bounded.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[label]):
+            column = batch.column(0)
+            total += decoded_nbytes(column)
+            if total > max_bytes:
+                raise InvalidArgument(
+                    f"dataset {clip(ref)}: its label column {clip(label, 60)} reads back as more than "
+                    f"{max_bytes:,} bytes, the most that are counted (setting max_parquet_uncompressed_bytes)"
+                )
+            result.add(column, batch.num_rows)
     return result
 
 

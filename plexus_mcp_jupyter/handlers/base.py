@@ -21,12 +21,10 @@ from ..core.executors import ExecutorUnavailable
 from ..core.requests import RequestModel
 from ..core.store_calls import RETRY_AFTER_SECONDS, store_unavailable
 from ..runtime import PlexusRuntime
-from ..security.bodies import JSON_ON_LOOP_BYTES
 from ..security.http import (
     BadJSON,
     admit_key,
     bearer_credential,
-    charge_large_body,
     error_message,
     origin_allowed,
     parse_json_off_loop,
@@ -36,6 +34,7 @@ from ..security.http import (
 )
 from ..security.identity import Principal, Role
 from ..security.keys import looks_like_key
+from ..security.ratelimit import RateLimiter
 from .jupyter_compat import (
     NOTEBOOK_USER,
     SINGLE_USER_PROVIDERS,
@@ -43,6 +42,7 @@ from .jupyter_compat import (
     server_token_user,
     set_request_user,
 )
+from .request_body import StreamedBody
 
 M = TypeVar("M", bound=RequestModel)
 # A request attribute: the HTTPError of an API key the plain MCP route (mcp_plain.py) refused, answered here as is
@@ -219,28 +219,6 @@ class PlexusHandler(APIHandler):
 
     # -- JSON helpers --------------------------------------------------------------------------
 
-    async def json_body(self) -> dict[str, Any]:
-        """The body as a JSON object; 400 with a one-line reason for anything else (see parse_json), 413 above
-        max_request_bytes (Jupyter lets a body reach 512 MiB, which parses into several GiB of objects)."""
-        if not self.request.body:
-            return {}
-        limit = self.runtime.settings.max_request_bytes
-        if len(self.request.body) > limit:
-            raise web.HTTPError(
-                413,
-                f"the request body is {len(self.request.body):,} bytes, more than the "
-                f"{limit:,} a JSON request may have (max_request_bytes)",
-            )
-        if len(self.request.body) > JSON_ON_LOOP_BYTES:  # parsed off the loop: charged to its sender first
-            charge_large_body(self.runtime.body_budget, self.principal, len(self.request.body))
-        try:
-            body = await parse_json_off_loop(self.request.body, self.runtime.settings.max_json_values)
-        except BadJSON as exc:
-            raise web.HTTPError(400, f"the request body is {exc}") from None
-        if not isinstance(body, dict):
-            raise web.HTTPError(400, "the request body must be a JSON object")
-        return body
-
     def query_request(self, model: type[M], **given: Any) -> M:
         """The operation's request model read from the query string (`RequestModel.from_query`: repeated or
         comma-separated values for a list, numbers and flags from their text), `given` taken from the path;
@@ -285,6 +263,36 @@ class PlexusHandler(APIHandler):
 
     def error_body(self, status_code: int, message: str) -> dict[str, Any]:
         return {"error": {"status": status_code, "message": message}}
+
+
+class BodyHandler(StreamedBody, PlexusHandler):  # type: ignore[misc]  # (prepare: without Jupyter's keyword)
+    """A Plexus handler that takes a JSON body: read only once `prepare` has admitted its sender, within
+    max_request_bytes and the sender's byte budget, and refused before it is read when it is over either
+    (handlers/request_body.py)."""
+
+    def body_limit(self) -> int:
+        return int(self.runtime.settings.max_request_bytes)
+
+    def body_budget(self) -> RateLimiter | None:
+        return self.runtime.body_budget
+
+    def body_sender(self) -> Principal | None:
+        return None if self.request.method == "OPTIONS" else self.principal  # (a preflight is not authenticated)
+
+    async def json_body(self) -> dict[str, Any]:
+        """The body as a JSON object; 400 with a one-line reason for anything else (see parse_json). Its size and
+        its charge to the byte budget were checked as it was read (413 above max_request_bytes: Jupyter lets a body
+        reach 512 MiB, which parses into several GiB of objects)."""
+        body = self.body
+        if not body:
+            return {}
+        try:
+            parsed = await parse_json_off_loop(body, self.runtime.settings.max_json_values)
+        except BadJSON as exc:
+            raise web.HTTPError(400, f"the request body is {exc}") from None
+        if not isinstance(parsed, dict):
+            raise web.HTTPError(400, "the request body must be a JSON object")
+        return parsed
 
 
 def http_error(exc: PlexusError) -> web.HTTPError:

@@ -14,7 +14,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, SecretStr
 from ..cli import CLIENT_CHOICES, client_text
 from ..core.errors import PlexusError
 from ..core.requests import RequestModel
-from .base import PlexusHandler, http_error
+from .base import BodyHandler, http_error
 
 PLACEHOLDER = "<your API key>"
 MAX_SECRET = 200
@@ -46,7 +46,7 @@ class ClientConfigs(RequestModel):
     )
 
 
-class ClientsHandler(PlexusHandler):
+class ClientsHandler(BodyHandler):
     audit_mutations = False  # it changes nothing; a minted key is audited where it is created
 
     async def post(self) -> None:

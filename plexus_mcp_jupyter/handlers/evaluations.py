@@ -6,6 +6,7 @@ DataFrame from a kernel (the notebook client's `register_dataset`) as Parquet, o
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import pandas as pd
@@ -28,7 +29,10 @@ from ..evaluations.requests import (
     UploadPart,
 )
 from ..security.http import BadJSON, parse_json_in_pieces
-from .base import PlexusHandler, http_error
+from ..security.identity import Principal
+from ..security.ratelimit import RateLimiter
+from .base import BodyHandler, PlexusHandler, http_error
+from .request_body import StreamedBody
 
 PARQUET_TYPES = ("application/vnd.apache.parquet", "application/x-parquet", "application/octet-stream")
 
@@ -70,7 +74,7 @@ async def _may_register(handler: PlexusHandler, name: str, replace: bool) -> boo
     return True
 
 
-class EvaluationsHandler(PlexusHandler):
+class EvaluationsHandler(BodyHandler):
     async def get(self) -> None:
         """List evaluations: ?status=COMPLETED,RUNNING&type=accuracy&limit=20&cursor=... (ListEvaluations)."""
         service = self.runtime.evaluations
@@ -197,7 +201,22 @@ class DatasetHandler(PlexusHandler):
         self.finish()
 
 
-class DatasetsHandler(PlexusHandler):
+class DatasetBodyHandler(StreamedBody, PlexusHandler):  # type: ignore[misc]  # (prepare: as BodyHandler's)
+    """A handler taking a DataFrame's bytes (Parquet, JSON records, an Arrow IPC part): read only once `prepare` has
+    admitted the sender (handlers/request_body.py), so an unauthenticated body is refused unread. Not charged to the
+    byte budget, and bounded by Jupyter's max_body_size (tornado's) unless `body_limit` says less."""
+
+    def body_limit(self) -> int:
+        return sys.maxsize
+
+    def body_budget(self) -> RateLimiter | None:
+        return None
+
+    def body_sender(self) -> Principal | None:
+        return None
+
+
+class DatasetsHandler(DatasetBodyHandler):
     async def get(self) -> None:
         """Datasets: examples, registered and files under the root (?include_files=false to skip files)."""
         try:
@@ -222,7 +241,7 @@ class DatasetsHandler(PlexusHandler):
             owner = self.principal.owner
             await catalog.run(catalog.check_quota, owner, name, 1)  # already at the quota: refused before parsing
             # Parsing and writing Parquet take a while for a big frame: off the event loop, in the catalog's threads.
-            frame = await catalog.run(self._frame, name)
+            frame = await catalog.run(self._frame, name, self.body)
             if not await _may_register(self, name, replace):
                 return
             info = await catalog.run(catalog.register, name, frame, replace=replace, owner=owner)
@@ -230,9 +249,8 @@ class DatasetsHandler(PlexusHandler):
             raise http_error(exc) from None
         self.reply(info.to_dict(), status=201)
 
-    def _frame(self, name: str) -> pd.DataFrame:
+    def _frame(self, name: str, body: bytes) -> pd.DataFrame:
         content_type = (self.request.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-        body = self.request.body
         if not body:
             raise InvalidArgument("the request has no body: send the DataFrame as Parquet or JSON records")
         if content_type in PARQUET_TYPES:  # its footer's sizes checked first, its decoded size as it is read
@@ -281,7 +299,7 @@ class DatasetUploadsHandler(PlexusHandler):
         self.reply({"upload_id": upload_id, "max_bytes": uploads.max_bytes}, status=201)
 
 
-class DatasetUploadHandler(PlexusHandler):
+class DatasetUploadHandler(DatasetBodyHandler):
     async def put(self, upload_id: str) -> None:
         """One part: ?part=N, the body an Arrow IPC stream of record batches (parsed in the catalog's threads)."""
         self.require("register")
@@ -289,7 +307,7 @@ class DatasetUploadHandler(PlexusHandler):
             request = self.query_request(UploadPart, upload_id=upload_id)
             uploads = self.runtime.uploads
             progress = await self.runtime.catalog.run(
-                uploads.append, request.upload_id, self.principal.owner, request.part, self.request.body
+                uploads.append, request.upload_id, self.principal.owner, request.part, self.body
             )
         except PlexusError as exc:
             raise http_error(exc) from None

@@ -7,10 +7,10 @@ import functools
 from ..core.errors import PlexusError
 from ..security.audit import QueryAudit
 from ..security.keys import CreateKey, ListKeys
-from .base import PlexusHandler, http_error
+from .base import BodyHandler, PlexusHandler, http_error
 
 
-class KeysHandler(PlexusHandler):
+class KeysHandler(BodyHandler):
     async def get(self) -> None:
         """The keys (never their secrets); ?include_revoked=true lists revoked ones too (ListKeys)."""
         self.require("keys")

@@ -10,7 +10,7 @@ from jupyter_server.log import log_request
 
 from ..endpoint.transport import MCPBridge
 from ..security.http import jsonrpc_error
-from .base import PlexusHandler
+from .base import BodyHandler
 from .jupyter_compat import CachedDateHeader, SkippableRequestLog, record_request_metrics
 
 
@@ -32,7 +32,7 @@ def debug_emitted(logger: logging.Logger) -> bool:
     return logging.lastResort is not None and logging.lastResort.level <= logging.DEBUG
 
 
-class MCPHandler(SkippableRequestLog, CachedDateHeader, PlexusHandler):
+class MCPHandler(SkippableRequestLog, CachedDateHeader, BodyHandler):  # type: ignore[misc]  # (as BodyHandler)
     """`{base_url}plexus/mcp`: Streamable HTTP (POST messages, GET the SSE stream, DELETE the session)."""
 
     _bridge: MCPBridge | None = None
@@ -43,6 +43,7 @@ class MCPHandler(SkippableRequestLog, CachedDateHeader, PlexusHandler):
         # subscriptions/listen): when its API key is revoked, it ends.
         forget = self.runtime.track_stream(self.principal, self._end_stream)
         try:
+            self.request.body = self.body  # (read as it arrived, within its bounds: BodyHandler)
             self._bridge = MCPBridge(self, self.runtime.endpoint)
             await self._bridge.serve(self.principal)
         finally:

@@ -49,7 +49,7 @@ from tornado import httputil, web
 from tornado.iostream import StreamClosedError
 from tornado.routing import Router
 
-from ..endpoint.sdk_compat import json_message, modern_request
+from ..endpoint.sdk_compat import MAX_INSPECTED_BYTES, json_message, modern_request
 from ..endpoint.sessions import session_user
 from ..endpoint.transport import asgi_scope
 from ..security.http import admit_key, bearer_credential, jsonrpc_error
@@ -65,9 +65,11 @@ from .jupyter_compat import (
     token_user,
 )
 from .mcp import debug_emitted
+from .request_body import declared_length
 
 log = logging.getLogger("plexus_mcp_jupyter")
 READING, ANSWERING, ANSWERED, HANDLER = "reading", "answering", "answered", "handler"  # PlainMCPDelegate._state
+STREAMING = "streaming"  # (_state) the handler's, its body given to it as it arrives
 
 # The principal of Jupyter's token (or of no auth): the notebook user, an admin (PlexusHandler.principal).
 NOTEBOOK_ADMIN = Principal(owner=NOTEBOOK_USER, role=Role.ADMIN)
@@ -141,15 +143,23 @@ class PlainMCPDelegate(httputil.HTTPMessageDelegate):
         self._read = False  # tornado called finish(): the whole request was read
         self._user: User | None = None
         self._answered: tuple[dict[str, Any], int, bytes] = ({}, 0, b"")
+        self._closed = False  # the connection closed (on_connection_close)
 
-    def headers_received(self, start_line: Any, headers: httputil.HTTPHeaders) -> None:
+    def headers_received(self, start_line: Any, headers: httputil.HTTPHeaders) -> Awaitable[None] | None:
         self._start_line = start_line
-        length = headers.get("Content-Length")
-        if length is not None and length.isdigit() and "Transfer-Encoding" not in headers:
-            self._expected = int(length)
+        self._expected = declared_length(headers)
+        if self._expected is not None and self._expected > MAX_INSPECTED_BYTES:  # never answered here: the handler
+            self._state = STREAMING  # reads it, once it has admitted its sender (handlers/request_body.py)
+            delegate = self._handler_delegate = self._fall_back()
+            return delegate.headers_received(start_line, headers)
+        return None
 
     def data_received(self, chunk: bytes) -> Awaitable[None] | None:
+        if self._state == STREAMING:
+            return self._handler_delegate.data_received(chunk)  # type: ignore[union-attr]
         self._chunks += chunk
+        if self._expected is None and len(self._chunks) > MAX_INSPECTED_BYTES:  # a chunked body past what is answered
+            return self._stream_to_handler()  # here: the handler reads the rest within its bounds
         if len(self._chunks) == self._expected:
             # The body's last bytes: the answer is made here, in the connection's own task (tornado awaits what
             # this returns), and written by finish(), which tornado calls next: no task of its own, and no close
@@ -159,12 +169,16 @@ class PlainMCPDelegate(httputil.HTTPMessageDelegate):
         return None
 
     def on_connection_close(self) -> None:
+        self._closed = True
         if self._handler_delegate is not None:
             self._handler_delegate.on_connection_close()
         self._chunks = bytearray()
 
     def finish(self) -> None:
         self._read = True
+        if self._state == STREAMING:
+            self._handler_delegate.finish()  # type: ignore[union-attr]
+            return
         if self._state == READING:  # a body of unknown length (chunked), or none
             answer = self._settle()
             if answer is not None:
@@ -194,12 +208,40 @@ class PlainMCPDelegate(httputil.HTTPMessageDelegate):
             self.fall_back()
 
     def fall_back(self) -> None:
-        """Hand the request to the handler's delegate, as tornado would have (headers, body, end)."""
+        """Hand the request to the handler's delegate, as tornado would have (headers, body, end): the handler reads
+        its body once its `prepare` is done (tornado's `stream_request_body`), so the body and the end follow then."""
         delegate = self._handler_delegate = self._fall_back()
-        delegate.headers_received(self._start_line, self.request.headers)
+        prepared = delegate.headers_received(self._start_line, self.request.headers)
+        if prepared is None:
+            self._replay_body(delegate)
+            return
+        task = asyncio.get_running_loop().create_task(self._replay_after(prepared, delegate))
+        self.router.tasks.add(task)
+        task.add_done_callback(self.router.tasks.discard)
+
+    async def _replay_after(self, prepared: Awaitable[None], delegate: httputil.HTTPMessageDelegate) -> None:
+        await prepared
+        if not self._closed:  # (a closed connection has told the handler already)
+            self._replay_body(delegate)
+
+    def _replay_body(self, delegate: httputil.HTTPMessageDelegate) -> None:
         if self.request.body:
-            delegate.data_received(self.request.body)
+            delegate.data_received(self.request.body)  # (a handler's data_received returns nothing to wait for)
         delegate.finish()
+
+    async def _stream_to_handler(self) -> None:
+        """A body of unknown length grown past what this route answers: the handler's from now on, given what has
+        arrived once its `prepare` is done; the rest goes to it as it arrives (`data_received`)."""
+        self._state = STREAMING
+        delegate = self._handler_delegate = self._fall_back()
+        prepared = delegate.headers_received(self._start_line, self.request.headers)
+        if prepared is not None:
+            await prepared
+        received, self._chunks = bytes(self._chunks), bytearray()
+        if not self._closed:
+            waited = delegate.data_received(received)
+            if waited is not None:
+                await waited
 
     async def _answer(self, message: dict[str, Any]) -> None:
         request = self.request

@@ -20,10 +20,10 @@ from ..core.requests import (
     SetTaskPriority,
     paged,
 )
-from .base import PlexusHandler, http_error
+from .base import BodyHandler, PlexusHandler, http_error
 
 
-class TasksHandler(PlexusHandler):
+class TasksHandler(BodyHandler):
     async def get(self) -> None:
         """List tasks: ?status=RUNNING,QUEUED&type=demo&since=ISO&batch=...&limit=20&cursor=... (ListTasks, as MCP's
         list_tasks takes them; a list also as repeated parameters)."""
@@ -115,7 +115,7 @@ class TaskCancelHandler(PlexusHandler):
         self.reply(outcome.to_dict())
 
 
-class BulkTasksHandler(PlexusHandler):
+class BulkTasksHandler(BodyHandler):
     """POST plexus/api/tasks/{cancel,retry,priority}: the body is the operation's request model (core/requests.py,
     as MCP's tools take it): {"task_ids": [...]} or a filter (status, type, owner, created_after, created_before,
     batch), and "dry_run": true to count first. The answer is MCP's OperationResult: {dry_run, matched, sample,

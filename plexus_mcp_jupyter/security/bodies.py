@@ -260,6 +260,43 @@ class _Pieces:
         return index
 
 
+# What pydantic_core.from_json (the handshake-era SDK's parse) refuses and json.loads reads: a text that is not UTF-8
+# (json.loads takes UTF-16 and UTF-32, a UTF-8 byte-order mark, and UTF-8-encoded surrogates), a surrogate escape
+# that is not half of a pair (a high one not followed at once by a low one, a low one not preceded by a high one).
+_ENCODED_SURROGATE = re.compile(rb"\xed[\xa0-\xbf]")
+_LONE_SURROGATE_ESCAPE = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+)
+
+
+def utf8_json_refusal(body: bytes) -> str | None:
+    """Why pydantic_core.from_json refuses a text json.loads (and `cooperative_loads`) reads, or None: the SDK parses a
+    handshake-era body with from_json, so a large body parsed here must be refused where a small one would be.
+    Cheap for the common case (substring searches, a few ms for 4 MiB): only a body holding a `\\uD` escape or a
+    0xED byte (UTF-8 of U+D000-U+DFFF) is scanned further, a piece at a time, with its escaped backslashes made two
+    other bytes first (pairs from the left, as JSON reads them: every `\\u` left is an escape, none moved next to
+    another)."""
+    if json.detect_encoding(body) != "utf-8":
+        return "not valid JSON: the text is not UTF-8 (UTF-16, UTF-32 or a byte-order mark)"
+    if b"\xed" in body and _ENCODED_SURROGATE.search(body) is not None:
+        return "not valid JSON: the text is not UTF-8 (it holds an encoded UTF-16 surrogate)"
+    if b"\\ud" not in body and b"\\uD" not in body:
+        return None
+    escapes = body.replace(b"\\\\", b"00")
+    for start in range(0, len(escapes), _PIECE_BYTES):  # (a match starting in the piece sees 12 bytes past it)
+        lone = _LONE_SURROGATE_ESCAPE.search(escapes, start, start + _PIECE_BYTES + 12)
+        if lone is not None and lone.start() < start + _PIECE_BYTES:
+            return (
+                f"not valid JSON: it holds {lone.group().decode()}, a UTF-16 surrogate escape that is not half of a "
+                "pair (a character above U+FFFF is escaped as a high surrogate followed by a low one)"
+            )
+    return None
+
+
+_PIECE_BYTES = 64 * 1024  # bytes a regex reads in one call (a thread gives the GIL back between two)
+
+
 def charge_identity(principal: Principal) -> tuple[str, str]:
     """Whose byte budget (request_bytes_rate) a principal's large bodies are charged to, and how a refusal names it."""
     if principal.key_id is not None:
@@ -282,9 +319,11 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL
 
 
-async def parse_large(body: str | bytes) -> Any:
+async def parse_large(body: str | bytes, utf8_only: bool = False) -> Any:
     """`cooperative_loads(body)` in the parse threads (for bodies above JSON_ON_LOOP_BYTES): json.loads's value or
-    its exception (JSONDecodeError, RecursionError, UnicodeDecodeError, ValueError for a huge integer).
+    its exception (JSONDecodeError, RecursionError, UnicodeDecodeError, ValueError for a huge integer). `utf8_only`
+    (a bytes body the SDK would parse with pydantic_core.from_json): a ValueError for what from_json refuses and
+    json.loads reads (`utf8_json_refusal`), before the parse.
 
     The body and the value pass through lists emptied here, not as the executor's argument and result: the executor's
     future and asyncio's are a reference cycle, which only a full garbage collection frees (rarely, when the objects
@@ -296,7 +335,11 @@ async def parse_large(body: str | bytes) -> Any:
 
     def parse() -> None:
         try:
-            answer.append(cooperative_loads(given.pop()))
+            text = given.pop()
+            refused = utf8_json_refusal(text) if utf8_only and isinstance(text, bytes) else None
+            if refused is not None:
+                raise ValueError(refused)
+            answer.append(cooperative_loads(text))
         except (ValueError, RecursionError) as exc:
             answer.append(exc.with_traceback(None))
 

@@ -1,0 +1,173 @@
+"""A request body read only once its sender is admitted, and refused before it is read when it would be refused after.
+
+Tornado reads a whole body before a handler runs (up to Jupyter's `max_body_size`, 512 MiB): a body refused for its
+size (`max_request_bytes`, 413) or its sender's byte budget (`request_bytes_rate`, 429) had cost the event loop its
+read all the same (4 MiB: its bytes received, buffered and joined). `StreamedBody` handlers are tornado's
+`stream_request_body`: `prepare()` (authentication, Host, Origin, XSRF) runs once the headers are in, before any of
+the body is read, and then the body's declared size (Content-Length) is checked against the bound and charged to
+the sender's byte budget (`admit_body`). A large body (over JSON_ON_LOOP_BYTES, 64 KiB) refused there, or by
+`prepare()` itself (401, 403, the request rate's 429), is answered at once and never read: tornado ends the
+connection after an answer given before the body is read (`Connection: close` says so).
+
+A small body's refusal waits for the body (at most 64 KiB, read and not kept), so the connection stays open for the
+next request and a client that writes its whole body before it reads sees the answer: the refusal is raised when
+the handler's method would run (`__init_subclass__` wraps each one). A body without a Content-Length (chunked) is
+bounded as it arrives (`data_received`): refused once past the bound, charged once past 64 KiB (what it has so far,
+then each later chunk), refused once over the budget, and a refused sender's is answered once past 64 KiB. The body
+is kept as tornado keeps it (a list of chunks, joined once: `body`).
+
+What changes for a client: a client that writes a whole large body before it reads the answer may see the connection
+reset instead of a refusal when the body is larger than the sockets' buffers (one that sends `Expect: 100-continue`
+waits for the go-ahead, which a refused request never gets). Form-encoded bodies are not parsed into arguments (these
+handlers take JSON): an XSRF token goes in the `X-XSRFToken` header, as Jupyter's own frontend sends it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from tornado import web
+
+from ..security.bodies import JSON_ON_LOOP_BYTES
+from ..security.http import charge_large_body
+from ..security.identity import Principal
+from ..security.ratelimit import RateLimiter
+from .jupyter_compat import response_finished
+
+BODYLESS_METHODS = ("GET", "HEAD", "OPTIONS")
+HTTP_METHODS = ("get", "head", "post", "put", "patch", "delete", "options")
+
+
+def declared_length(headers: Any) -> int | None:
+    """The body's size its Content-Length says, or None (chunked, or not a number: tornado refuses that itself)."""
+    if "Transfer-Encoding" in headers:
+        return None
+    value = headers.get("Content-Length")
+    if value is None or not value.isascii() or not value.isdigit():
+        return None
+    return int(value)
+
+
+def too_large(size: int, limit: int) -> web.HTTPError:
+    """413 for a body over `limit` (max_request_bytes)."""
+    return web.HTTPError(
+        413, f"the request body is {size:,} bytes, more than the {limit:,} a JSON request may have (max_request_bytes)"
+    )
+
+
+@web.stream_request_body
+class StreamedBody(web.RequestHandler):
+    """A handler whose body is read after `prepare()`, within `body_limit()` and its sender's byte budget (above).
+
+    A subclass names the bound (`body_limit`), the budget (`body_budget`, None: not charged) and who is charged
+    (`body_sender`, called after its own `prepare()`: None for a request that is not charged). Its methods read the
+    body as `self.body`."""
+
+    _body_chunks: list[bytes] | None = None  # the body's chunks (None: refused, not kept)
+    _received = 0
+    _charged = False  # the body (so far) is charged: each later chunk is too
+    _unread = False  # answered before the whole body was read: the connection ends after the answer
+    _refusal: Exception | None = None  # prepare's, answered once a small body has been read
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in HTTP_METHODS:  # (inherited ones too: a method the handler lacks answers 405 after the refusal)
+            method = getattr(cls, name, None)
+            if method is not None and not getattr(method, "_refusal_first", False):
+                setattr(cls, name, _refusal_first(method))
+
+    def body_limit(self) -> int:
+        raise NotImplementedError
+
+    def body_budget(self) -> RateLimiter | None:
+        raise NotImplementedError
+
+    def body_sender(self) -> Principal | None:
+        raise NotImplementedError
+
+    async def prepare(self) -> None:
+        self._body_chunks = []
+        try:
+            prepared = super().prepare()
+            if prepared is not None:
+                await prepared
+            if self.request.method not in BODYLESS_METHODS:
+                self.admit_body()
+        except Exception as exc:
+            declared = declared_length(self.request.headers)
+            if declared is not None and declared > JSON_ON_LOOP_BYTES:  # answered now, the body never read
+                self._unread = True
+                raise
+            self._refusal, self._body_chunks = exc, None  # answered once the body has come (not kept meanwhile)
+
+    def admit_body(self) -> None:
+        """The declared size checked and charged, before any of the body is read: 413 over the bound, 429 over the
+        sender's byte budget (with Retry-After). A chunked body is checked as it arrives (`data_received`)."""
+        declared = declared_length(self.request.headers)
+        if declared is None:
+            return
+        limit = self.body_limit()
+        if declared > limit:
+            raise too_large(declared, limit)
+        if declared > JSON_ON_LOOP_BYTES:
+            self._charge(declared)
+
+    def _charge(self, size: int) -> None:
+        sender = self.body_sender()
+        if sender is not None:
+            charge_large_body(self.body_budget(), sender, size)
+        self._charged = True
+
+    def data_received(self, chunk: bytes) -> None:
+        if response_finished(self):  # refused while it was arriving: the rest is not read
+            return
+        self._received += len(chunk)
+        try:
+            if self._refusal is not None:
+                if self._received > JSON_ON_LOOP_BYTES:  # a refused sender's chunked body: not read further
+                    raise self._refusal
+                return
+            if self._received > self.body_limit():  # (only a chunked body can: a declared size was checked)
+                raise too_large(self._received, self.body_limit())
+            if declared_length(self.request.headers) is None:  # chunked: charged as it arrives
+                if self._charged:
+                    self._charge(len(chunk))
+                elif self._received > JSON_ON_LOOP_BYTES:
+                    self._charge(self._received)
+        except Exception as refused:
+            self._body_chunks, self._unread = None, True
+            self.log_exception(type(refused), refused, refused.__traceback__)
+            status = refused.status_code if isinstance(refused, web.HTTPError) else 500
+            self.send_error(status, exc_info=(type(refused), refused, refused.__traceback__))
+            return
+        if self._body_chunks is not None:
+            self._body_chunks.append(chunk)
+
+    @property
+    def body(self) -> bytes:
+        """The whole body (read by then: a handler's method runs once it has arrived), joined once."""
+        chunks = self._body_chunks
+        if chunks is not None and (len(chunks) != 1 or self.request.body is not chunks[0]):
+            self.request.body = b"".join(chunks)
+            self._body_chunks = [self.request.body]
+        return self.request.body
+
+    def finish(self, chunk: Any = None) -> Any:
+        if self._unread:  # (set here: send_error clears the headers set before it)
+            self.set_header("Connection", "close")
+        return super().finish(chunk)
+
+
+def _refusal_first(method: Callable[..., Any]) -> Callable[..., Any]:
+    """`method`, raising the refusal `prepare` kept for when the body had come, if any (see the module)."""
+
+    @functools.wraps(method)
+    def checked(self: StreamedBody, *args: Any, **kwargs: Any) -> Any:
+        if self._refusal is not None:
+            raise self._refusal
+        return method(self, *args, **kwargs)
+
+    checked._refusal_first = True  # type: ignore[attr-defined]
+    return checked
