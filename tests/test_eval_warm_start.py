@@ -464,6 +464,23 @@ async def test_the_endpoints_rehearsals_after_start_are_unaudited_sessionless_an
         go.set()
         assert await asyncio.wait_for(rehearsing, 10) == 1
         assert await endpoint.rehearse() == 0
+    # A store that fails (a tool error, not an exception) or hangs ends them at the first.
+    calls: list[int] = []
+
+    async def failing_rows(request: Any, viewer: str | None) -> Any:
+        calls.append(1)
+        raise ConnectionError("the store is down")
+
+    async def hanging_rows(request: Any, viewer: str | None) -> Any:
+        calls.append(1)
+        await asyncio.sleep(3600)
+
+    for broken in (failing_rows, hanging_rows):
+        calls.clear()
+        monkeypatch.setattr(runtime.manager, "alist_rows", broken)
+        monkeypatch.setattr(endpoint, "_arrived", False)
+        assert await asyncio.wait_for(endpoint.rehearse(), 10) == 0
+        assert calls == [1]
     monkeypatch.setattr(runtime.manager, "alist_rows", list_rows)
     # Only REHEARSAL itself goes unaudited: an equal principal's call is recorded.
     lookalike = Principal(owner=REHEARSAL.owner, role=REHEARSAL.role, name=REHEARSAL.name)

@@ -52,6 +52,7 @@ FLUSH_NOW_BYTES = 256 * 1024
 # Calls the endpoint rehearses after start (`MCPEndpoint.rehearse`): CPython (3.11+) specializes a function's
 # bytecode once it has run a few times (about 8), so the first calls of a path run slower.
 REHEARSALS = 8
+REHEARSAL_SECONDS = 1.0  # each rehearsal's most: a slower one (a store that hangs) ends them
 # What each rehearsal calls: a read of the rehearsal's own tasks (none), through the whole tool path.
 REHEARSED_CALL = {"name": "list_tasks", "arguments": {"limit": 1}}
 _NO_DNS_CHECKS = TransportSecuritySettings(enable_dns_rebinding_protection=False)
@@ -120,7 +121,8 @@ class MCPEndpoint:
         that a client's first call runs code the interpreter has specialized already (its dispatch ~0.5 ms slower
         the first time). The caller is REHEARSAL: no credential maps to it, it is never audited, and no session,
         transport or store write is made. Stops at a client's first request (`arrived`; each rehearsal yields the
-        loop first), at stop, or at the first failure (logged at debug: nothing depends on it). Returns how many
+        loop first), at stop, or at the first failure, tool error or rehearsal slower than REHEARSAL_SECONDS (a
+        store down or hanging at start: logged at debug, nothing depends on it). Returns how many
         ran."""
         done = 0
         scope = {"plexus.principal": REHEARSAL, "client": None}
@@ -129,9 +131,14 @@ class MCPEndpoint:
             if self._arrived or self._stop.is_set():
                 break
             try:
-                await rehearse_call(self.session_manager, "tools/call", REHEARSED_CALL, scope)
+                result = await asyncio.wait_for(
+                    rehearse_call(self.session_manager, "tools/call", REHEARSED_CALL, scope), REHEARSAL_SECONDS
+                )
             except Exception:
                 log.debug("Plexus: an MCP start-up rehearsal failed", exc_info=True)
+                break
+            if result.get("isError"):  # a tool error (a store that is down, say): the rest would fail alike
+                log.debug("Plexus: an MCP start-up rehearsal was answered with an error: %.200s", result)
                 break
             done += 1
         return done
