@@ -5,21 +5,24 @@ size (`max_request_bytes`, 413) or its sender's byte budget (`request_bytes_rate
 read all the same (4 MiB: its bytes received, buffered and joined). `StreamedBody` handlers are tornado's
 `stream_request_body`: `prepare()` (authentication, Host, Origin, XSRF) runs once the headers are in, before any of
 the body is read, and then the body's declared size (Content-Length) is checked against the bound and charged to
-the sender's byte budget (`admit_body`). A large body (over JSON_ON_LOOP_BYTES, 64 KiB) refused there, or by
-`prepare()` itself (401, 403, the request rate's 429), is answered at once and never read: tornado ends the
-connection after an answer given before the body is read (`Connection: close` says so).
+the sender's byte budget (`admit_body`). A large body (over JSON_ON_LOOP_BYTES, 64 KiB) refused there for its size
+(413), or by `prepare()` itself (401, 403), is answered at once and never read: tornado ends the connection after an
+answer given before the body is read (`Connection: close` says so).
 
 A small body's refusal waits for the body (at most 64 KiB, read and not kept), so the connection stays open for the
-next request and a client that writes its whole body before it reads sees the answer: the refusal is raised when
-the handler's method would run (`__init_subclass__` wraps each one). A body without a Content-Length (chunked) is
-bounded as it arrives (`data_received`): refused once past the bound, charged once past 64 KiB (what it has so far,
-then each later chunk), refused once over the budget, and a refused sender's is answered once past 64 KiB. The body
-is kept as tornado keeps it (a list of chunks, joined once: `body`).
+next request and a client that writes its whole body before it reads sees the answer; so does a 429 (the byte
+budget's or the request rate's) of a body within the bound: a client over its rate learns its Retry-After rather
+than seeing a reset, and its body costs the loop its read only (not kept, joined or parsed; the rates bound how
+often). The refusal is raised when the handler's method would run (`__init_subclass__` wraps each one). A body
+without a Content-Length (chunked) is bounded as it arrives (`data_received`): refused once past the bound, charged
+once past 64 KiB (what it has so far, then each later chunk), refused once over the budget, and a refused sender's is
+answered once past 64 KiB. The body is kept as tornado keeps it (a list of chunks, joined once: `body`).
 
 What changes for a client: a client that writes a whole large body before it reads the answer may see the connection
-reset instead of a refusal when the body is larger than the sockets' buffers (one that sends `Expect: 100-continue`
-waits for the go-ahead, which a refused request never gets). Form-encoded bodies are not parsed into arguments (these
-handlers take JSON): an XSRF token goes in the `X-XSRFToken` header, as Jupyter's own frontend sends it.
+reset instead of a refusal (401, 403, 413) when the body is larger than the sockets' buffers (one that sends
+`Expect: 100-continue` waits for the go-ahead, which a refused request never gets). Form-encoded bodies are not
+parsed into arguments (these handlers take JSON): an XSRF token goes in the `X-XSRFToken` header, as Jupyter's own
+frontend sends it.
 """
 
 from __future__ import annotations
@@ -97,10 +100,16 @@ class StreamedBody(web.RequestHandler):
                 self.admit_body()
         except Exception as exc:
             declared = declared_length(self.request.headers)
-            if declared is not None and declared > JSON_ON_LOOP_BYTES:  # answered now, the body never read
-                self._unread = True
+            if declared is not None and declared > JSON_ON_LOOP_BYTES and not self._throttled(exc, declared):
+                self._unread = True  # answered now, the body never read
                 raise
             self._refusal, self._body_chunks = exc, None  # answered once the body has come (not kept meanwhile)
+
+    def _throttled(self, refusal: Exception, declared: int) -> bool:
+        """A 429 of an admitted sender for a body within the bound: its body is read (and not kept) before the answer,
+        so that a client that writes its whole body before it reads (httpx, the MCP SDK's) sees the 429 and its
+        Retry-After, not a connection reset."""
+        return isinstance(refusal, web.HTTPError) and refusal.status_code == 429 and declared <= self.body_limit()
 
     def admit_body(self) -> None:
         """The declared size checked and charged, before any of the body is read: 413 over the bound, 429 over the
@@ -126,7 +135,8 @@ class StreamedBody(web.RequestHandler):
         self._received += len(chunk)
         try:
             if self._refusal is not None:
-                if self._received > JSON_ON_LOOP_BYTES:  # a refused sender's chunked body: not read further
+                chunked = declared_length(self.request.headers) is None
+                if chunked and self._received > JSON_ON_LOOP_BYTES:  # a refused sender's chunked body: not read further
                     raise self._refusal
                 return
             if self._received > self.body_limit():  # (only a chunked body can: a declared size was checked)
