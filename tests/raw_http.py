@@ -41,7 +41,7 @@ async def _read_answer(reader: asyncio.StreamReader, wait: float) -> EarlyAnswer
     return EarlyAnswer(int(status_line.split()[1]), headers, body, closed)
 
 
-def _head(url: str, method: str, headers: dict[str, str]) -> bytes:
+def request_head(url: str, method: str, headers: dict[str, str]) -> bytes:
     parts = urlsplit(url)
     target = parts.path + (f"?{parts.query}" if parts.query else "")
     lines = [f"{method} {target} HTTP/1.1", f"Host: {parts.netloc}", *(f"{k}: {v}" for k, v in headers.items())]
@@ -56,7 +56,7 @@ async def answer_before_body(
     parts = urlsplit(url)
     reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
     try:
-        writer.write(_head(url, method, {**headers, "Content-Length": str(declared)}) + sent)
+        writer.write(request_head(url, method, {**headers, "Content-Length": str(declared)}) + sent)
         await writer.drain()
         return await _read_answer(reader, wait)
     finally:
@@ -71,7 +71,7 @@ async def chunked_answer(
     parts = urlsplit(url)
     reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
     try:
-        writer.write(_head(url, method, {**headers, "Transfer-Encoding": "chunked"}))
+        writer.write(request_head(url, method, {**headers, "Transfer-Encoding": "chunked"}))
         for sent in range(1, most_chunks + 1):
             try:
                 writer.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")

@@ -11,6 +11,7 @@ import contextlib
 import gc
 import json
 import time
+from urllib.parse import urlsplit
 
 import httpx2
 import pydantic_core
@@ -20,11 +21,12 @@ from hypothesis import strategies as st
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import WebSocketClosedError, websocket_connect
 
+from plexus_mcp_jupyter.handlers.request_body import StreamedBody
 from plexus_mcp_jupyter.security.bodies import JSON_ON_LOOP_BYTES, charge_identity, cooperative_loads, utf8_json_refusal
 
-from .conftest import MODERN
+from .conftest import MODERN, poll
 from .loop_watch import HealthWatch
-from .raw_http import answer_before_body, chunked_answer
+from .raw_http import answer_before_body, chunked_answer, request_head
 from .test_speed_paths import MODERN_META
 
 ITEM = {"k": 1, "v": "ab"}
@@ -397,6 +399,57 @@ async def test_a_body_over_max_request_bytes_is_refused_before_it_is_read(server
     url, headers = await route_of(server_url, keys["operator"], route)
     answer = await answer_before_body(url, headers, 512 * 1024 * 1024, b"{")  # (Jupyter's max_body_size)
     assert answer.status == 413 and "(max_request_bytes)" in answer.body.decode() and answer.closed, answer
+
+
+def live_streamed_handlers() -> int:
+    gc.collect()
+    return sum(isinstance(o, StreamedBody) for o in gc.get_objects())
+
+
+async def closed_mid_body(url: str, headers: dict[str, str], declared: int, sent: bytes) -> None:
+    """Send the headers of a request declaring `declared` bytes and `sent` of them, then close the connection."""
+    parts = urlsplit(url)
+    _, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    writer.write(request_head(url, "POST", {**headers, "Content-Length": str(declared)}) + sent)
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    writer.close()
+
+
+@pytest.mark.parametrize("route", ["mcp modern", "mcp handshake", "rest"])
+async def test_a_connection_closed_mid_body_leaves_no_handler_behind(server_url, keys, runtime, route):
+    # A streamed handler waits for the rest of its body after prepare(); only tornado's on_connection_close ends
+    # that wait, and the MCP handlers' own one did not call it: each such request's handler, task and body so far
+    # were kept for good (an anonymous client could pile them up).
+    url, headers = await route_of(server_url, keys["operator"], route)
+    anonymous = {k: v for k, v in headers.items() if k != "Authorization"}
+    before = live_streamed_handlers()
+    for _ in range(4):
+        await closed_mid_body(url, headers, 200_000, b"{" + b" " * 1000)
+        await closed_mid_body(url, anonymous, 1000, b"{")
+    await poll(live_streamed_handlers, lambda n: n <= before, timeout=20)
+
+
+@pytest.mark.parametrize("route", ["mcp modern", "rest"])
+async def test_a_large_body_on_a_method_that_takes_none_is_refused_unread(server_url, keys, runtime, route):
+    url, headers = await route_of(server_url, keys["operator"], route)
+    answer = await answer_before_body(url, headers, 4 * 1024 * 1024, b"{", method="GET")
+    assert answer.status == 413 and answer.closed and "GET" in answer.body.decode(), answer
+
+
+async def test_a_body_a_little_over_max_request_bytes_gets_its_413_through_the_sdk_s_http_client(
+    server_url, keys, runtime
+):
+    # A client that writes its whole body before it reads (httpx, the MCP SDK's) saw a reset rather than the 413
+    # when the body outgrew the sockets' buffers: up to twice the bound the body is read, dropped, and answered.
+    runtime.body_budget.rate = runtime.body_budget.burst = 1e12
+    url, headers = await route_of(server_url, keys["operator"], "mcp modern")
+    size = runtime.settings.max_request_bytes + 512 * 1024
+    body = b'{"jsonrpc": "2.0", "id": 1, "method": "ping"' + b" " * (size - 45) + b"}"
+    async with httpx2.AsyncClient(timeout=60) as http:
+        for _ in range(3):
+            answer = await http.post(url, content=body, headers=headers)
+            assert answer.status_code == 413 and "max_request_bytes" in answer.text, answer.text[:300]
 
 
 async def test_a_dataset_body_is_read_only_once_its_sender_is_admitted(server_url, token):

@@ -80,6 +80,9 @@ class StreamedBody(web.RequestHandler):
             method = getattr(cls, name, None)
             if method is not None and not getattr(method, "_refusal_first", False):
                 setattr(cls, name, _refusal_first(method))
+        closing = cls.__dict__.get("on_connection_close")
+        if closing is not None:  # a handler's own: tornado's must run too (it ends the wait for the rest of the body)
+            cls.on_connection_close = _ending_the_body_wait(closing)  # type: ignore[method-assign]
 
     def body_limit(self) -> int:
         raise NotImplementedError
@@ -96,8 +99,7 @@ class StreamedBody(web.RequestHandler):
             prepared = super().prepare()
             if prepared is not None:
                 await prepared
-            if self.request.method not in BODYLESS_METHODS:
-                self.admit_body()
+            self.admit_body()
         except Exception as exc:
             declared = declared_length(self.request.headers)
             if declared is not None and declared > JSON_ON_LOOP_BYTES and not self._throttled(exc, declared):
@@ -106,10 +108,24 @@ class StreamedBody(web.RequestHandler):
             self._refusal, self._body_chunks = exc, None  # answered once the body has come (not kept meanwhile)
 
     def _throttled(self, refusal: Exception, declared: int) -> bool:
-        """A 429 of an admitted sender for a body within the bound: its body is read (and not kept) before the answer,
-        so that a client that writes its whole body before it reads (httpx, the MCP SDK's) sees the 429 and its
-        Retry-After, not a connection reset."""
-        return isinstance(refusal, web.HTTPError) and refusal.status_code == 429 and declared <= self.body_limit()
+        """A 429 of an admitted sender for a body within the bound, or a 413 of one at most twice the bound: its body
+        is read (and not kept) before the answer, so that a client that writes its whole body before it reads (httpx,
+        the MCP SDK's) sees the answer (a 429's Retry-After, a 413's limit), not a connection reset."""
+        status = refusal.status_code if isinstance(refusal, web.HTTPError) else None
+        return (status == 429 and declared <= self._bound()) or (status == 413 and declared <= 2 * self._bound())
+
+    def _too_large(self, size: int) -> web.HTTPError:
+        method = self.request.method
+        if method in BODYLESS_METHODS:
+            return web.HTTPError(
+                413, f"a {method} request's body is {size:,} bytes; one may have {JSON_ON_LOOP_BYTES:,}"
+            )
+        return too_large(size, self.body_limit())
+
+    def _bound(self) -> int:
+        """`body_limit()`, or 64 KiB for a method that takes no body (GET, HEAD, OPTIONS: a larger one is refused)."""
+        limit = self.body_limit()
+        return min(limit, JSON_ON_LOOP_BYTES) if self.request.method in BODYLESS_METHODS else limit
 
     def admit_body(self) -> None:
         """The declared size checked and charged, before any of the body is read: 413 over the bound, 429 over the
@@ -117,9 +133,8 @@ class StreamedBody(web.RequestHandler):
         declared = declared_length(self.request.headers)
         if declared is None:
             return
-        limit = self.body_limit()
-        if declared > limit:
-            raise too_large(declared, limit)
+        if declared > self._bound():
+            raise self._too_large(declared)
         if declared > JSON_ON_LOOP_BYTES:
             self._charge(declared)
 
@@ -139,8 +154,8 @@ class StreamedBody(web.RequestHandler):
                 if chunked and self._received > JSON_ON_LOOP_BYTES:  # a refused sender's chunked body: not read further
                     raise self._refusal
                 return
-            if self._received > self.body_limit():  # (only a chunked body can: a declared size was checked)
-                raise too_large(self._received, self.body_limit())
+            if self._received > self._bound():  # (only a chunked body can: a declared size was checked)
+                raise self._too_large(self._received)
             if declared_length(self.request.headers) is None:  # chunked: charged as it arrives
                 if self._charged:
                     self._charge(len(chunk))
@@ -168,6 +183,21 @@ class StreamedBody(web.RequestHandler):
         if self._unread:  # (set here: send_error clears the headers set before it)
             self.set_header("Connection", "close")
         return super().finish(chunk)
+
+
+def _ending_the_body_wait(closing: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A handler's `on_connection_close`, then tornado's: a stream_request_body handler waits for the rest of its body
+    after `prepare()`, and only tornado's ends that wait when the connection closes mid-body (without it the handler,
+    its request task and the body so far were kept for good)."""
+
+    @functools.wraps(closing)
+    def closed(self: Any) -> None:
+        try:
+            closing(self)
+        finally:
+            web.RequestHandler.on_connection_close(self)
+
+    return closed
 
 
 def _refusal_first(method: Callable[..., Any]) -> Callable[..., Any]:
