@@ -749,10 +749,10 @@ async def fuzz_raw(url: str, credential: str, n: int, findings: Findings) -> Non
         for body, legacy in bodies:
             headers = era.legacy_headers() if legacy else era.modern_headers(body)
             check_raw(findings, *await exchange(http, url, body, headers), body)
-        # just over max_request_bytes: refused before it is read (once its headers are in), the session untouched
+        # over twice max_request_bytes: refused before it is read (once its headers are in), the session untouched
         big = encode({"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {"pad": "x" * MAX_BODY}})
         headers = {"Authorization": f"Bearer {credential}", **era.legacy_headers()}
-        early = await answer_before_body(url, headers, len(big), big[:1000])
+        early = await answer_before_body(url, headers, 2 * MAX_BODY + 1, big[:1000])
         assert early.status == 413 and b"Traceback" not in early.body, early
         status, _, text, _ = await exchange(
             http, url, encode({"jsonrpc": "2.0", "id": 2, "method": "ping"}), era.legacy_headers()

@@ -70,7 +70,7 @@ async def test_a_request_after_the_session_was_deleted_gets_404(mcp_url, session
 async def test_an_oversized_body_is_refused_with_413(mcp_url, session):
     async with session() as http:  # (its headers: the session's; the body is refused unread, once they are in)
         headers = {k: v for k, v in http.headers.items() if k.lower() not in ("host", "connection", "accept-encoding")}
-    huge = await answer_before_body(mcp_url, headers, 5 * 1024 * 1024, b"x" * 1000)
+    huge = await answer_before_body(mcp_url, headers, 9 * 1024 * 1024, b"x" * 1000)  # (> 2 x max_request_bytes)
     assert huge.status == 413, huge
 
 

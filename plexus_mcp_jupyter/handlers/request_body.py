@@ -82,7 +82,7 @@ class StreamedBody(web.RequestHandler):
                 setattr(cls, name, _refusal_first(method))
         closing = cls.__dict__.get("on_connection_close")
         if closing is not None:  # a handler's own: tornado's must run too (it ends the wait for the rest of the body)
-            cls.on_connection_close = _ending_the_body_wait(closing)  # type: ignore[method-assign]
+            cls.on_connection_close = _ending_the_body_wait(closing)  # type: ignore[method-assign,assignment]
 
     def body_limit(self) -> int:
         raise NotImplementedError
