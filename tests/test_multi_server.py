@@ -604,6 +604,21 @@ def test_a_server_whose_item_directory_the_others_do_not_share_says_so_in_health
     assert len(list((shared / ".plexus-servers").iterdir())) == 1
 
 
+def demo_tasks(n: int, owner: str | None, created: float, *, delay_ms: int) -> list[Task]:
+    """`n` queued demo tasks of `owner`, of one item taking `delay_ms`, created from `created` on, in order."""
+    return [
+        Task(
+            id=uuid.uuid4().hex,
+            type="demo",
+            status=TaskStatus.QUEUED,
+            params={"items": 1, "item_delay_ms": delay_ms},
+            owner=owner,
+            created_at=created + i * 1e-4,
+        )
+        for i in range(n)
+    ]
+
+
 async def drain_through_two_managers(db_url: str, owners: Callable[[int], str | None], n: int) -> list[TaskManager]:
     """Two task managers (two servers' schedulers, each with its own store pool) drain one shared queue of `n` tasks
     (the ith task's owner `owners(i)`), queued by a third party so that both learn of it at once and plan from its
@@ -688,17 +703,7 @@ async def test_tasks_another_server_queues_start_here_without_a_tick_and_the_kep
     base = time.time()
 
     def queued(n: int, owner: str | None, after: float = 0.0) -> list[Task]:
-        return [
-            Task(
-                id=uuid.uuid4().hex,
-                type="demo",
-                status=TaskStatus.QUEUED,
-                params={"items": 1, "item_delay_ms": 20},
-                owner=owner,
-                created_at=base + after + i * 1e-4,
-            )
-            for i in range(n)
-        ]
+        return demo_tasks(n, owner, base + after, delay_ms=20)
 
     def statuses() -> Counter[str]:
         with store.engine.connect() as conn:
@@ -861,17 +866,7 @@ async def test_slots_left_free_by_a_short_head_are_filled_when_another_server_qu
     base = time.time()
 
     def queued(n: int, after: float) -> list[Task]:
-        return [
-            Task(
-                id=uuid.uuid4().hex,
-                type="demo",
-                status=TaskStatus.QUEUED,
-                params={"items": 1, "item_delay_ms": 20_000},
-                owner=None,
-                created_at=base + after + i * 1e-4,
-            )
-            for i in range(n)
-        ]
+        return demo_tasks(n, None, base + after, delay_ms=20_000)
 
     def running() -> int:
         with store.engine.connect() as conn:
