@@ -26,6 +26,7 @@ from .endpoint.sdk_compat import lowlevel_server
 from .endpoint.transport import MCPBridge
 from .handlers.request_body import StreamedBody
 from .runtime import PlexusRuntime
+from .security.bodies import JSON_ON_LOOP_BYTES
 from .security.connections import ConnectionGuard
 from .security.http import (
     LOOPBACK_HOSTS,
@@ -133,8 +134,20 @@ class StandaloneMCPHandler(StreamedBody, _StandaloneHandler):  # type: ignore[mi
             self._bridge.disconnected.set()
 
 
-class StandaloneHealthHandler(_StandaloneHandler):
+class StandaloneHealthHandler(StreamedBody, _StandaloneHandler):  # type: ignore[misc]  # (prepare: async here)
+    """Liveness for anyone: it reads no body, and one past 64 KiB is refused unread (tornado would read it first)."""
+
     require_auth = False
+    takes_body = False
+
+    def body_limit(self) -> int:
+        return JSON_ON_LOOP_BYTES
+
+    def body_budget(self) -> RateLimiter | None:
+        return None
+
+    def body_sender(self) -> Principal | None:
+        return None
 
     async def get(self) -> None:
         self.set_header("Content-Type", "application/json")

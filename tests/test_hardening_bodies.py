@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import re
 import time
 from urllib.parse import urlsplit
 
@@ -21,6 +22,8 @@ from hypothesis import strategies as st
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import WebSocketClosedError, websocket_connect
 
+from plexus_mcp_jupyter.handlers.events import EventsHandler
+from plexus_mcp_jupyter.handlers.health import HealthHandler
 from plexus_mcp_jupyter.handlers.request_body import StreamedBody
 from plexus_mcp_jupyter.security.bodies import JSON_ON_LOOP_BYTES, charge_identity, cooperative_loads, utf8_json_refusal
 
@@ -525,3 +528,61 @@ async def test_an_event_websocket_is_metered_per_connection(server_url, keys, ru
         assert ws.close_code == 1009, ws.close_code
     finally:
         ws.close()
+
+
+# A sample for each of the Plexus routes' URL parameters: a route with a new one fails here until it has one.
+ROUTE_SAMPLES = {
+    "task_id": "t1",
+    "batch_id": "b1",
+    "evaluation_id": "e1",
+    "upload_id": "0" * 32,
+    "ref": "registered:x",
+    "key_id": "k1",
+}
+NOT_STREAMED = {EventsHandler}  # a WebSocket: tornado's WebSocketHandler, not a StreamedBody (see docs/security.md)
+
+
+def rules_of(router) -> list:
+    """A router's rules, those of the routers it holds (each host's: Jupyter adds its handlers so) flattened."""
+    rules = []
+    for rule in router.rules:
+        rules.extend(rules_of(rule.target) if hasattr(rule.target, "rules") else [rule])
+    return rules
+
+
+def plexus_routes(web_app) -> list[tuple[str, type]]:
+    """Each Plexus route the running server has (from its router, not a list kept here): a sample path, its handler."""
+    routes = []
+    for rule in rules_of(web_app.default_router):
+        pattern = getattr(rule.matcher, "regex", None)
+        if pattern is None or "/plexus/" not in pattern.pattern or rule.target in NOT_STREAMED:
+            continue
+        path = re.sub(r"\(\?P<(\w+)>[^)]*\)", lambda m: ROUTE_SAMPLES[m[1]], pattern.pattern)
+        path = path.removesuffix("$").replace("/?", "")
+        assert pattern.fullmatch(path), (pattern.pattern, path)
+        routes.append((path, rule.target))
+    assert len(routes) >= 20, routes  # (the router's layout changed: this test would check nothing)
+    return routes
+
+
+async def test_every_route_refuses_an_anonymous_body_before_reading_it(jp_serverapp, server_url, jp_http_port):
+    # Tornado reads a handler's whole body (up to Jupyter's max_body_size, 512 MiB) before the handler runs, unless
+    # it is a StreamedBody: a cancel, a key's revocation, an upload's start or a dataset's deletion (and any route
+    # with a method it lacks, or a GET with a body) let an anonymous client make the server buffer that much.
+    # Every route, every method, from the server's own routes: refused once its headers are in, the body unread.
+    origin = f"http://localhost:{jp_http_port}"
+    asked = [
+        (m, path, h)
+        for path, h in plexus_routes(jp_serverapp.web_app)
+        for m in ("POST", "PUT", "PATCH", "DELETE", "GET")
+    ]
+    answers = await asyncio.gather(
+        *(answer_before_body(f"{origin}{path}", {}, 64 * 1024 * 1024, b"{", method=m, wait=2) for m, path, _ in asked)
+    )
+    refused = [
+        (method, path, getattr(handler, "__name__", handler), answer.status, answer.closed)
+        for (method, path, handler), answer in zip(asked, answers, strict=True)
+        # (health answers anyone: its refusal is the 413 of a body it does not read)
+        if answer.status not in ((413,) if handler is HealthHandler else (401, 403)) or not answer.closed
+    ]
+    assert not refused, refused

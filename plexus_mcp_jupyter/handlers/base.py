@@ -295,6 +295,14 @@ class BodyHandler(StreamedBody, PlexusHandler):  # type: ignore[misc]  # (prepar
         return parsed
 
 
+class BodylessHandler(BodyHandler):
+    """A Plexus handler that reads no body (GET, DELETE, a POST of an action named by its URL): a StreamedBody all
+    the same, so that tornado does not read a body of up to Jupyter's max_body_size (512 MiB) before `prepare` has
+    admitted its sender; one past 64 KiB is refused unread, whatever the method (handlers/request_body.py)."""
+
+    takes_body = False
+
+
 def http_error(exc: PlexusError) -> web.HTTPError:
     """Map a core error to the HTTP error of the same meaning, its message bounded as for a tool error (it
     quotes what the client sent, and tornado logs it with the URL)."""

@@ -31,7 +31,7 @@ from ..evaluations.requests import (
 from ..security.http import BadJSON, parse_json_in_pieces
 from ..security.identity import Principal
 from ..security.ratelimit import RateLimiter
-from .base import BodyHandler, PlexusHandler, http_error
+from .base import BodyHandler, BodylessHandler, PlexusHandler, http_error
 from .request_body import StreamedBody
 
 PARQUET_TYPES = ("application/vnd.apache.parquet", "application/x-parquet", "application/octet-stream")
@@ -100,7 +100,7 @@ class EvaluationsHandler(BodyHandler):
         self.reply(view, status=201)
 
 
-class EvaluationHandler(PlexusHandler):
+class EvaluationHandler(BodylessHandler):
     async def get(self, evaluation_id: str) -> None:
         try:
             request = self.query_request(GetEvaluation, evaluation_id=evaluation_id)
@@ -109,7 +109,7 @@ class EvaluationHandler(PlexusHandler):
             raise http_error(exc) from None
 
 
-class EvaluationResultsHandler(PlexusHandler):
+class EvaluationResultsHandler(BodylessHandler):
     async def get(self, evaluation_id: str) -> None:
         """Per-item results: ?only_mismatches=true&label=...&score=...&limit=20&cursor=...; with
         `Accept: application/vnd.apache.arrow.stream`, every item (no limit, no cursor) as an Arrow IPC stream."""
@@ -142,7 +142,7 @@ class EvaluationResultsHandler(PlexusHandler):
                 return
 
 
-class EvaluationItemFilesHandler(PlexusHandler):
+class EvaluationItemFilesHandler(BodylessHandler):
     async def get(self, evaluation_id: str) -> None:
         """Where the items are (?only_mismatches=...&label=...&score=..., as results): the chunk files' absolute
         paths, sizes and mtimes, the filter as applied, the Arrow schema; for a kernel on the same disk, which
@@ -158,7 +158,7 @@ class EvaluationItemFilesHandler(PlexusHandler):
         self.reply(manifest)
 
 
-class DatasetHandler(PlexusHandler):
+class DatasetHandler(BodylessHandler):
     async def get(self, ref: str) -> None:
         """One dataset: rows, columns, and the label distribution (?label_column=...; default 'label')."""
         try:
@@ -275,7 +275,7 @@ class DatasetsHandler(DatasetBodyHandler):
         )
 
 
-class DatasetUploadsHandler(PlexusHandler):
+class DatasetUploadsHandler(BodylessHandler):
     async def post(self) -> None:
         """Begin registering a DataFrame in parts: ?name=<name>[&replace=true]; 201 {"upload_id", "max_bytes"}.
 

@@ -9,7 +9,7 @@ from jupyter_server.auth.decorator import allow_unauthenticated
 from jupyter_server.base.handlers import APIHandler
 
 from .._version import __version__
-from .base import PlexusHandler
+from .base import BodylessHandler
 
 AUTH_DISABLED_WARNING = (
     "Jupyter authentication is disabled, so the MCP endpoint accepts anyone who can reach this server. "
@@ -17,7 +17,7 @@ AUTH_DISABLED_WARNING = (
 )
 
 
-class HealthHandler(PlexusHandler):
+class HealthHandler(BodylessHandler):
     require_auth = False
 
     @allow_unauthenticated  # also with ServerApp.allow_unauthenticated_access=False: liveness needs no credential

@@ -7,7 +7,7 @@ import functools
 from ..core.errors import PlexusError
 from ..security.audit import QueryAudit
 from ..security.keys import CreateKey, ListKeys
-from .base import BodyHandler, PlexusHandler, http_error
+from .base import BodyHandler, BodylessHandler, http_error
 
 
 class KeysHandler(BodyHandler):
@@ -51,7 +51,7 @@ class KeysHandler(BodyHandler):
         )
 
 
-class KeyHandler(PlexusHandler):
+class KeyHandler(BodylessHandler):
     async def get(self, key_id: str) -> None:
         self.require("keys")
         try:
@@ -68,7 +68,7 @@ class KeyHandler(PlexusHandler):
             raise http_error(exc) from None
 
 
-class AuditHandler(PlexusHandler):
+class AuditHandler(BodylessHandler):
     async def get(self) -> None:
         """Audit records, newest first: ?action=tool.*&outcome=denied&owner=key:<id>&since=ISO&limit=&cursor=
         (QueryAudit, as plexus://audit and `plexus audit export` take them)."""

@@ -20,7 +20,7 @@ from ..core.requests import (
     SetTaskPriority,
     paged,
 )
-from .base import BodyHandler, PlexusHandler, http_error
+from .base import BodyHandler, BodylessHandler, http_error
 
 
 class TasksHandler(BodyHandler):
@@ -86,7 +86,7 @@ class TasksHandler(BodyHandler):
         )
 
 
-class TaskHandler(PlexusHandler):
+class TaskHandler(BodylessHandler):
     async def get(self, task_id: str) -> None:
         """One task; ?history=true&history_limit=100 adds its progress history (GetTask, as MCP's get_task)."""
         manager = self.runtime.manager
@@ -103,7 +103,7 @@ class TaskHandler(PlexusHandler):
         self.reply(data)
 
 
-class TaskCancelHandler(PlexusHandler):
+class TaskCancelHandler(BodylessHandler):
     async def post(self, task_id: str) -> None:
         """Cancel one task. 404 if it does not exist; a finished task answers 200 with outcome already_finished."""
         principal = self.require("cancel_own")
@@ -155,7 +155,7 @@ class TaskPriorityHandler(BulkTasksHandler):
     request_model = SetTaskPriority
 
 
-class BatchHandler(PlexusHandler):
+class BatchHandler(BodylessHandler):
     async def get(self, batch_id: str) -> None:
         """A batch: counts by status, aggregated progress, estimated end (as plexus://batches/{batch_id})."""
         try:
