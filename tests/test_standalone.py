@@ -19,6 +19,7 @@ from plexus_mcp_jupyter.cli import main as cli_main
 from plexus_mcp_jupyter.core import Store, Task, TaskStatus
 
 from .conftest import LEGACY, MODERN, open_client, poll
+from .raw_http import answer_before_body
 from .test_mcp_tools import ALL_TOOLS
 
 
@@ -241,6 +242,23 @@ async def test_http_refuses_foreign_hosts_and_origins_on_loopback(tmp_path):
     assert rebinding.status_code == 403 and "Host" in rebinding.json()["error"]["message"]
     assert foreign.status_code == 403 and "Origin" in foreign.json()["error"]["message"]
     assert missing.status_code == 403
+
+
+async def test_http_refuses_an_anonymous_body_before_reading_it(tmp_path):
+    # Tornado reads a body before the handler runs unless it is a StreamedBody: the health route (anyone's) read
+    # one of up to tornado's max_body_size (100 MiB) for any method; the MCP route's is read after auth.
+    proc, url, _ = start_http(tmp_path)
+    try:
+        health = url.replace("/mcp", "/health")
+        answers = [
+            await answer_before_body(health, {}, 64 * 1024 * 1024, b"{", method=method, wait=5)
+            for method in ("GET", "POST", "PUT", "DELETE")
+        ]
+        mcp = await answer_before_body(url, {}, 64 * 1024 * 1024, b"{", wait=5)
+    finally:
+        stop(proc)
+    assert all(a.status == 413 and a.closed for a in answers), answers
+    assert mcp.status == 401 and mcp.closed, mcp
 
 
 def cli_key(env: dict[str, str], name: str, role: str) -> tuple[str, subprocess.CompletedProcess[str]]:
