@@ -138,7 +138,7 @@ class StandaloneHealthHandler(StreamedBody, _StandaloneHandler):  # type: ignore
     """Liveness for anyone: it reads no body, and one past 64 KiB is refused unread (tornado would read it first)."""
 
     require_auth = False
-    takes_body = False
+    body_methods = ()
 
     def body_limit(self) -> int:
         return JSON_ON_LOOP_BYTES

@@ -468,6 +468,11 @@ async def test_a_dataset_body_is_read_only_once_its_sender_is_admitted(server_ur
     part = f"{api}/uploads/{began.json()['upload_id']}?part=0"
     answer = await answer_before_body(part, {}, 64 * 1024 * 1024, b"x", method="PUT")
     assert answer.status == 401 and answer.closed, answer
+    # An upload's commit or abort reads no body: past 64 KiB, refused unread, its sender's admitted or not.
+    upload = part.removesuffix("?part=0")
+    for method in ("POST", "DELETE"):
+        answer = await answer_before_body(upload, {"Authorization": f"Bearer {token}"}, 64 * 1024 * 1024, b"x", method)
+        assert answer.status == 413 and answer.closed and method in answer.body.decode(), answer
 
 
 @pytest.mark.parametrize("route", ["mcp modern", "mcp handshake", "rest"])

@@ -300,7 +300,7 @@ class BodylessHandler(BodyHandler):
     the same, so that tornado does not read a body of up to Jupyter's max_body_size (512 MiB) before `prepare` has
     admitted its sender; one past 64 KiB is refused unread, whatever the method (handlers/request_body.py)."""
 
-    takes_body = False
+    body_methods = ()
 
 
 def http_error(exc: PlexusError) -> web.HTTPError:

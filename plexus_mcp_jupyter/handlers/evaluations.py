@@ -300,6 +300,8 @@ class DatasetUploadsHandler(BodylessHandler):
 
 
 class DatasetUploadHandler(DatasetBodyHandler):
+    body_methods = ("PUT",)  # (a commit or an abort reads none: past 64 KiB, refused unread)
+
     async def put(self, upload_id: str) -> None:
         """One part: ?part=N, the body an Arrow IPC stream of record batches (parsed in the catalog's threads)."""
         self.require("register")

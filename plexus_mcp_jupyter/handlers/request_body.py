@@ -73,7 +73,8 @@ class StreamedBody(web.RequestHandler):
     _charged = False  # the body (so far) is charged: each later chunk is too
     _unread = False  # answered before the whole body was read: the connection ends after the answer
     _refusal: Exception | None = None  # prepare's, answered once a small body has been read
-    takes_body = True  # False: none of its methods reads a body (one past 64 KiB is refused unread, as a GET's)
+    # The methods that read a body (None: all but GET, HEAD, OPTIONS); another's past 64 KiB is refused unread.
+    body_methods: tuple[str, ...] | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -117,18 +118,21 @@ class StreamedBody(web.RequestHandler):
 
     def _too_large(self, size: int) -> web.HTTPError:
         method = self.request.method
-        if method in BODYLESS_METHODS or not self.takes_body:
+        if self._bodyless():
             return web.HTTPError(
                 413, f"a {method} request's body is {size:,} bytes; one may have {JSON_ON_LOOP_BYTES:,}"
             )
         return too_large(size, self.body_limit())
 
     def _bound(self) -> int:
-        """`body_limit()`, or 64 KiB for a method that takes no body (GET, HEAD, OPTIONS, or any of a handler that
-        reads none: a larger one is refused)."""
+        """`body_limit()`, or 64 KiB for a method that takes no body (GET, HEAD, OPTIONS, or one not in
+        `body_methods`: a larger one is refused)."""
         limit = self.body_limit()
-        bodyless = self.request.method in BODYLESS_METHODS or not self.takes_body
-        return min(limit, JSON_ON_LOOP_BYTES) if bodyless else limit
+        return min(limit, JSON_ON_LOOP_BYTES) if self._bodyless() else limit
+
+    def _bodyless(self) -> bool:
+        method = self.request.method
+        return method in BODYLESS_METHODS or (self.body_methods is not None and method not in self.body_methods)
 
     def admit_body(self) -> None:
         """The declared size checked and charged, before any of the body is read: 413 over the bound, 429 over the
