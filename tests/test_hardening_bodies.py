@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import WebSocketClosedError, websocket_connect
 
-from plexus_mcp_jupyter.handlers.events import EventsHandler
 from plexus_mcp_jupyter.handlers.health import HealthHandler
 from plexus_mcp_jupyter.handlers.request_body import StreamedBody
 from plexus_mcp_jupyter.security.bodies import JSON_ON_LOOP_BYTES, charge_identity, cooperative_loads, utf8_json_refusal
@@ -544,7 +543,6 @@ ROUTE_SAMPLES = {
     "ref": "registered:x",
     "key_id": "k1",
 }
-NOT_STREAMED = {EventsHandler}  # a WebSocket: tornado's WebSocketHandler, not a StreamedBody (see docs/security.md)
 
 
 def rules_of(router) -> list:
@@ -560,7 +558,7 @@ def plexus_routes(web_app) -> list[tuple[str, type]]:
     routes = []
     for rule in rules_of(web_app.default_router):
         pattern = getattr(rule.matcher, "regex", None)
-        if pattern is None or "/plexus/" not in pattern.pattern or rule.target in NOT_STREAMED:
+        if pattern is None or "/plexus/" not in pattern.pattern:
             continue
         path = re.sub(r"\(\?P<(\w+)>[^)]*\)", lambda m: ROUTE_SAMPLES[m[1]], pattern.pattern)
         path = path.removesuffix("$").replace("/?", "")

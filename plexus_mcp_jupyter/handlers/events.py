@@ -48,13 +48,16 @@ from ..security.bodies import JSON_ON_LOOP_BYTES, charge_identity
 from ..security.http import BadJSON, parse_json_off_loop
 from ..security.identity import Principal
 from ..security.ratelimit import RateLimiter
-from .base import PlexusHandler
+from .base import BodylessHandler
 
 BAD_FILTER = 4400
 TOO_MANY_STREAMS = 4429
 
 
-class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: ignore[misc]
+class EventsHandler(WebSocketMixin, WebSocketHandler, BodylessHandler):  # type: ignore[misc]
+    """The event WebSocket; a BodylessHandler like the other routes that read no body, so that tornado does not read
+    an anonymous one (up to max_body_size) before `prepare` (past 64 KiB, refused unread: handlers/request_body.py)."""
+
     _subscription: Subscription | None = None
     _pump: asyncio.Task[None] | None = None
     _counted_key: str | None = None  # the API key this stream counts against (max_event_streams_per_key)
@@ -62,8 +65,8 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, PlexusHandler):  # type: i
     _meter: RateLimiter | None = None  # the connection's messages (ws_message_rate)
 
     async def prepare(self) -> None:  # type: ignore[override]
-        # Our 401/403 rules, not WebSocketMixin's (which answers a missing credential with 403).
-        await PlexusHandler.prepare(self)
+        # Our 401/403 rules, not WebSocketMixin's (which answers a missing credential with 403); then the body's bound.
+        await BodylessHandler.prepare(self)
 
     def check_origin(self, origin: str | None = None) -> bool:
         return self.origin_allowed()
