@@ -82,8 +82,10 @@ class StreamedBody(web.RequestHandler):
             method = getattr(cls, name, None)
             if method is not None and not getattr(method, "_refusal_first", False):
                 setattr(cls, name, _refusal_first(method))
-        closing = cls.__dict__.get("on_connection_close")
-        if closing is not None:  # a handler's own: tornado's must run too (it ends the wait for the rest of the body)
+        closing = cls.on_connection_close
+        if closing is not web.RequestHandler.on_connection_close and not getattr(closing, "_ends_body_wait", False):
+            # One of the handler's own or inherited (WebSocketHandler's does not call tornado's): tornado's must run
+            # too, it ends the wait for the rest of the body.
             cls.on_connection_close = _ending_the_body_wait(closing)  # type: ignore[method-assign,assignment]
 
     def body_limit(self) -> int:
@@ -204,6 +206,7 @@ def _ending_the_body_wait(closing: Callable[[Any], None]) -> Callable[[Any], Non
         finally:
             web.RequestHandler.on_connection_close(self)
 
+    closed._ends_body_wait = True  # type: ignore[attr-defined]
     return closed
 
 
