@@ -1362,10 +1362,8 @@ class TaskManager:
                     lease_expires_at=self._lease_end(started_at),
                     conn=conn,
                 )
-                if got is not None and len(got) == want:
-                    return None, got, {group: 1}, got, {task.id for task in got}, started_at, set(), True
-                if got:  # the group ran short: these start, and the next pass reads the queue
-                    return None, got, {group: 1}, got, {task.id for task in got}, started_at, set(), False
+                if got:  # fewer than planned: the group ran short, these start and the next pass reads the queue
+                    return None, got, {group: 1}, got, {task.id for task in got}, started_at, set(), len(got) == want
                 direct, view = False, None  # (a kept window does not show what other servers claimed since)
         read, window, cut, planned = self._read_plan(policy, running, clock, view, version, whole=True)
         starts = planned.starts
