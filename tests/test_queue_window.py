@@ -4,13 +4,18 @@ another claimed or cancelled meanwhile."""
 
 from __future__ import annotations
 
+import itertools
+import random
 import time
 import uuid
 
 import pytest
 
+import plexus_mcp_jupyter.core.manager as manager_mod
+from plexus_mcp_jupyter.core import queue as queue_mod
+from plexus_mcp_jupyter.core.manager import _starts_of_head
 from plexus_mcp_jupyter.core.models import Task, TaskStatus
-from plexus_mcp_jupyter.core.queue import QueueWindow
+from plexus_mcp_jupyter.core.queue import FairClock, QueuePolicy, QueueWindow, plan
 from plexus_mcp_jupyter.core.store import Store
 
 
@@ -139,3 +144,42 @@ def test_the_schedulers_read_finds_the_groups_by_seeks_and_returns_what_the_coun
                 assert "ix_tasks_owner_queue" in plan and "SCAN" not in plan and "TEMP B-TREE" not in plan, plan
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_a_one_group_pass_plans_a_prefix_of_the_head_and_starts_what_the_whole_head_would(mixed):
+    """`_starts_of_head` (a one-group pass, every pass): tasks of one type are planned on the first free slots + 1
+    of the head, and the count is what a plan of the whole head starts, whatever the caps, resources and running
+    tasks; a head of several types is planned whole."""
+    rng = random.Random(13)
+    planned: list[int] = []
+    real_plan = queue_mod.plan
+
+    def counting(tasks, *args, **kwargs):
+        planned.append(len(tasks))
+        return real_plan(tasks, *args, **kwargs)
+
+    for slots, n_running, head_len, owner_cap, type_cap, memory in itertools.product(
+        (1, 4), (0, 1, 3, 5), (1, 3, 5, 38), (0, 2), (0, 3), (0, 300, 600)
+    ):
+        needs = {"demo": {"slots": 1, "memory_mb": memory}, "other": {"slots": 2}}
+        policy = QueuePolicy(
+            capacity={"slots": slots, "memory_mb": 1000},
+            needs=needs.__getitem__,
+            slot_cap=lambda owner, cap=owner_cap: cap,
+            type_caps={"demo": type_cap} if type_cap else {},
+        )
+        head = queued(head_len, owner="a")
+        if mixed:
+            for task in rng.sample(head, k=max(1, head_len // 3)):
+                task.type = "other"
+        running = queued(n_running, owner=rng.choice(["a", "b"]))
+        whole = len(plan(head, running, policy, clock=FairClock(), reasons=False).starts)
+        planned.clear()
+        manager_mod.queue_plan, saved = counting, manager_mod.queue_plan
+        try:
+            assert _starts_of_head(head, running, policy, FairClock()) == whole
+        finally:
+            manager_mod.queue_plan = saved
+        if not mixed and slots - n_running + 1 < head_len and whole < slots - n_running + 1:
+            assert planned == [max(slots - n_running, 0) + 1], "tasks of one type: the prefix alone"
