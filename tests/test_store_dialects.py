@@ -546,3 +546,30 @@ def test_no_trail_is_sql_null_and_a_json_null_from_an_older_store_counts_as_none
         assert {i: store.get_task(i).stages for i in want} == want
         assert {t.id: t.stages for t in store.list_tasks(TaskFilter(), limit=10)[0]} == want
         assert store.history(ended.id, limit=5) == ([], 0)
+
+
+def test_a_json_none_is_stored_as_sql_null_and_read_back_as_none(store):
+    """A small task's JSON columns that hold nothing (its insert's output and error_details, a completed task's
+    error_details) are SQL NULL, not the JSON text 'null' (a dump, a value to store and a load per column and
+    task); every read gives None as before, and a JSON value stays JSON."""
+    created = queued(2)
+    created[1].output = {"kept": [1, None]}
+    store.create_tasks(created)
+    task = created[0]
+    store.claim_many([task.id], worker="w/1", started_at=time.time())
+    task.status, task.output, task.completed_at, task.worker = TaskStatus.COMPLETED, None, time.time(), "w/1"
+    store.save_progress_many([ProgressWrite(task, [], [], final=True)])
+    t = sa.table("tasks", sa.column("id"), sa.column("output"), sa.column("error_details"))
+    with store.engine.connect() as conn:
+        rows = dict(
+            conn.execute(
+                sa.select(t.c.id, sa.and_(t.c.output.is_(None), t.c.error_details.is_(None))).where(
+                    t.c.id.in_([c.id for c in created])
+                )
+            ).all()
+        )
+    assert rows == {task.id: True, created[1].id: False}
+    read = {t.id: t for t in store.tasks_by_ids([c.id for c in created])}
+    assert read[task.id].output is None and read[task.id].error_details is None
+    assert read[task.id].status is TaskStatus.COMPLETED
+    assert read[created[1].id].output == {"kept": [1, None]}
