@@ -93,7 +93,7 @@ def _rows(path: Any) -> dict[str, list[tuple[Any, ...]]]:
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
 def test_driver_writes_store_what_sqlalchemy_stores(tmp_path, request, dialect):
     """The same claim, progress and final writes through the driver and through SQLAlchemy leave equal rows:
-    JSON (a None output is JSON null, text with quotes and non-ASCII), booleans, floats, NULLs. On PostgreSQL
+    JSON (a None output is SQL NULL, text with quotes and non-ASCII), booleans, floats, NULLs. On PostgreSQL
     the claim's first round (UPDATE ... RETURNING) too, and writes of a few rows (a statement each) and more
     (psycopg's executemany)."""
     at = time.time()

@@ -58,8 +58,11 @@ tasks_table = sa.Table(
     sa.Column("estimated_completion_at", sa.Float),
     sa.Column("current_stage", sa.String(STAGE_NAME_MAX)),
     sa.Column("error_message", sa.Text),
-    sa.Column("error_details", sa.JSON),
-    sa.Column("output", sa.JSON),
+    # None is SQL NULL, not the JSON text 'null' (sa.JSON's default): a small task has neither, and each 'null'
+    # was a json.dumps at its insert and final write and a json.loads of its claim's row, on the store writer
+    # thread. Rows written before hold 'null', which every read takes as None too.
+    sa.Column("error_details", sa.JSON(none_as_null=True)),
+    sa.Column("output", sa.JSON(none_as_null=True)),
     sa.Column("stdout_tail", sa.Text),
     sa.Column("stderr_tail", sa.Text),
     sa.Column("worker", sa.String(256)),
@@ -1564,18 +1567,6 @@ VALUES_SQL_MAX = 4096
 _PYFORMAT_PARAM = re.compile(r"%\((\w+)\)s")
 
 
-def _sql_null_for_none(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """A JSON column's bind processor that binds None as SQL NULL, not the JSON text 'null' (what sa.JSON binds
-    without none_as_null): read back, both are None. A small task's insert has two such columns (error_details,
-    output) and its claim returns them: each 'null' was a json.dumps on the store writer thread, a JSON value for
-    PostgreSQL to parse and store, and a json.loads of the claim's row, per task."""
-
-    def process(value: Any) -> Any:
-        return None if value is None else convert(value)
-
-    return process
-
-
 class _OnDriver:
     """A write run straight on the driver's cursor (SQLite's, psycopg's): the statements every small task runs
     (its insert, its claim, its progress and final writes, its stages and samples). SQLAlchemy's own work per
@@ -1583,8 +1574,7 @@ class _OnDriver:
     the few rows of a small task, and on PostgreSQL most of the store writer thread's CPU per task. Compiled
     once (on PostgreSQL for the columns the rows name: `columns`); each parameter passes through its type's
     bind processor (JSON as SQLAlchemy serialises it), so the rows stored are the ones `conn.execute` would
-    store, except that a JSON None is SQL NULL here (`_sql_null_for_none`; both read back as None). The
-    statement runs in the connection's open transaction (SQLAlchemy's, committed by it)."""
+    store. The statement runs in the connection's open transaction (SQLAlchemy's, committed by it)."""
 
     def __init__(self, statement: Any, dialect: sa.Dialect, columns: Sequence[str] | None = None) -> None:
         compiled = statement.compile(dialect=dialect, column_keys=list(columns) if columns is not None else None)
@@ -1604,11 +1594,7 @@ class _OnDriver:
             if self.positional
             else compiled._bind_processors.get  # the dialect's own (psycopg's JSON), as conn.execute uses
         )
-        self._convert = [
-            (i, _sql_null_for_none(convert) if isinstance(compiled.binds[key].type, sa.JSON) else convert)
-            for i, key in enumerate(keys)
-            if (convert := processor(key)) is not None
-        ]
+        self._convert = [(i, convert) for i, key in enumerate(keys) if (convert := processor(key)) is not None]
         # psycopg: an INSERT takes several rows in one VALUES list (`_values_sql`), without the RETURNING SQLAlchemy
         # adds for a serial id (a run of many rows returns none).
         self._insert = self.sql.split(" RETURNING ")[0] if self.sql.startswith("INSERT") else ""
