@@ -1006,3 +1006,20 @@ async def test_slots_left_free_by_a_short_head_are_filled_when_another_server_qu
     finally:
         await manager.stop()
         store.close()
+
+
+def test_what_was_sent_without_rows_is_not_sent_again_once_a_newer_state_went_with_rows(tmp_path):
+    """The resend to a new follower carries the last seconds sent without rows, but never an entity's older state
+    after a newer one of it was written with rows (another follower was there meanwhile)."""
+    store = Store(create_store(f"sqlite:///{tmp_path / 's.db'}"))
+    relay = EventRelay(store, EventBus(), mode="poll")
+    relay.server_id = "writer"
+    running = Event(1, 1.0, "task.updated", "task", "t", {"status": "RUNNING"})
+    other = Event(2, 1.0, "task.updated", "task", "u", {"status": "RUNNING"})
+    try:
+        relay._keep_recent([running, other], time.monotonic())
+        relay._send([Event(3, 2.0, "task.completed", "task", "t", {"status": "COMPLETED"})])
+        assert relay._with_recent([]) == [other]
+        assert relay._with_recent([]) == [], "sent once"
+    finally:
+        store.close()

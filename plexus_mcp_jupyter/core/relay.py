@@ -461,6 +461,10 @@ class EventRelay:
                 for event in events:
                     self._pending.setdefault((event.entity_type, event.entity_id), event)
             raise
+        if self._recent:  # their rows are newer than what was sent of them without rows: never sent again
+            with self._lock:
+                for event in events:
+                    self._recent.pop((event.entity_type, event.entity_id), None)
         self.sent += len(events)
         self.packs += len(packed)
         self.sends += 1
