@@ -1023,3 +1023,33 @@ def test_what_was_sent_without_rows_is_not_sent_again_once_a_newer_state_went_wi
         assert relay._with_recent([]) == [], "sent once"
     finally:
         store.close()
+
+
+async def test_a_server_whose_listen_begins_asks_who_follows_and_hears_it_at_once(db_url, monkeypatch):
+    """A follower says it follows every INTEREST_EVERY seconds; a server that starts (or whose LISTEN reconnects)
+    asks, and a follower answers at once: the new server writes rows for it without waiting for its next saying."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("LISTEN/NOTIFY: PostgreSQL only")
+    monkeypatch.setattr(relay_module, "INTEREST_EVERY", 600.0, raising=False)  # no renewal during the test
+    stores = [Store(db_url), Store(db_url)]
+    writer_bus, reader_bus = EventBus(), EventBus()
+    writer = EventRelay(stores[0], writer_bus, mode="auto", interval=0.05)
+    reader = EventRelay(stores[1], reader_bus, mode="auto", interval=0.05)
+    subscription = reader_bus.subscribe(lambda e: e.entity_type == "task")
+    loop = asyncio.get_running_loop()
+    try:
+        reader.start(loop, "reader")
+        await poll(lambda: reader.status().get("following_said", 0), lambda n: n >= 1, timeout=20)  # said, unheard
+        writer.start(loop, "writer")
+        await poll(writer.followers, lambda n: n == 1, timeout=20)
+        assert reader.status()["following_said"] == 2, "said again when asked"
+        writer_bus.publish("task.completed", "task", "t", {"status": "COMPLETED", "type": "demo"})
+        events = await asyncio.wait_for(subscription.next_batch(), 20)
+        assert [(e.entity_id, e.data) for e in events] == [("t", {"status": "COMPLETED", "type": "demo"})]
+        assert outbox_rows(stores[0]) == 1
+    finally:
+        subscription.close()
+        await asyncio.to_thread(writer.stop)
+        await asyncio.to_thread(reader.stop)
+        for store in stores:
+            store.close()

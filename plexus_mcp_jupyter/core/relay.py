@@ -290,7 +290,6 @@ class EventRelay:
         self.interest_said = 0  # times this server said (or renewed) that it follows other servers' events
         self._interest: dict[str, float] = {}  # PostgreSQL: servers following others' events -> until (monotonic)
         self._new_interest = False  # one was heard that did not hold before: send RECENT again, with rows
-        self._assume_until = 0.0  # (monotonic) until then, who follows is not known yet (LISTEN just began): rows
         self._older = False  # a LISTEN of the release before is on CHANNEL: rows always
         self._said_at = 0.0  # (monotonic) when this server last said it follows; 0: it does not
         self._recent: OrderedDict[tuple[str, str], tuple[float, Event]] = OrderedDict()  # sent without rows
@@ -366,8 +365,9 @@ class EventRelay:
     def _rows_needed(self, at: float) -> bool:
         """Whether a send writes rows: always but on PostgreSQL with LISTEN/NOTIFY, where it does while another
         server follows, while who follows is not known (LISTEN down or just begun), or a server of the release
-        before listens (it reads rows whenever it follows, and never says so)."""
-        if self.mode != "notify" or not self.listening or self._older or at < self._assume_until:
+        before listens (it reads rows whenever it follows, and never says so). While the LISTEN is down nothing is
+        heard of who follows: rows."""
+        if self.mode != "notify" or not self.listening or self._older:
             return True
         with self._lock:
             for server, until in list(self._interest.items()):
@@ -686,6 +686,12 @@ class EventRelay:
         self._said_at = at if wants else 0.0
         self.interest_said += wants
 
+    def _ask_interest(self) -> None:
+        """PostgreSQL: ask the servers that follow others' events to say so now (a lease of -1: a question)."""
+        payload = json.dumps([self.server_id, -1])
+        with self.store.reads.connect() as conn:
+            conn.exec_driver_sql(_PG_INTEREST, {"channel": INTEREST_CHANNEL, "payload": payload}).all()
+
     def _older_listening(self) -> bool:
         """Whether a server of the release before LISTENs on the store (it never says it follows: rows always)."""
         with self.store.reads.connect() as conn:
@@ -709,9 +715,10 @@ class EventRelay:
                 with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
                     # One statement: its text tells this release's LISTEN from one of the release before (_PG_OLDER).
                     conn.execute(f"LISTEN {CHANNEL}; LISTEN {INTEREST_CHANNEL}")
-                    # Who follows is heard from now on: until every follower said so again, sends write rows.
-                    self._assume_until = time.monotonic() + INTEREST_EVERY * 2.5
                     self.listening = True
+                    # Who follows is heard from now on: ask them to say it at once (those heard later than this
+                    # server's first sends without rows are sent those again, with rows, as any new follower).
+                    self._ask_interest()
                     self._wake_to_read()  # what was written while this connection was down
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=1.0):
@@ -755,13 +762,18 @@ class EventRelay:
 
     def _heard_interest(self, payload: str) -> None:
         """A NOTIFY on INTEREST_CHANNEL (on the LISTEN thread): another server follows others' events for `lease`
-        seconds from now (0: no longer). One that did not before has what was sent without rows lately sent again."""
+        seconds from now (0: no longer; -1: it asks who follows, its LISTEN just began). One that did not before has
+        what was sent without rows lately sent again."""
         try:
             server, lease = json.loads(payload)
             server, lease = str(server), float(lease)
         except (ValueError, TypeError):
             return
         if server == self.server_id:
+            return
+        if lease < 0:  # answered at the relay thread's next turn, if something here follows
+            self._said_at = 0.0
+            self._wake.set()
             return
         at = time.monotonic()
         with self._lock:
