@@ -401,13 +401,15 @@ async def writer_and_reader(
             store.close()
 
 
-async def test_other_servers_events_are_only_noted_while_nobody_here_follows_them(db_url):
+async def test_other_servers_events_are_only_noted_while_nobody_here_follows_them(db_url, monkeypatch):
     """A server with no subscriber reads another server's events without their data and publishes none of them,
     yet its listings see the change, a task queued there is planned here, and a client resuming from before is
     told of the gap; once something follows, every event (each final state) is published again."""
+    # No resend of the last seconds sent without rows to the subscriber that comes (tested apart): nothing from before
+    monkeypatch.setattr(relay_module, "RECENT_MAX", 0, raising=False)
     told: list[tuple[str, str | None]] = []
     async with writer_and_reader(db_url, lambda events, groups: told.extend(events)) as (
-        _writer,
+        writer,
         writer_bus,
         reader,
         reader_bus,
@@ -424,6 +426,10 @@ async def test_other_servers_events_are_only_noted_while_nobody_here_follows_the
             ):
                 publish(task_id, kind, status)
 
+        if db_url.startswith("postgresql"):  # what a LISTEN's start tells (sends it could not hear): not this test's
+            await poll(lambda: reader.listening and writer.listening, bool, timeout=20)
+            await asyncio.sleep(0.2)
+            told.clear()
         seq_before = reader_bus.last_seq
         publish("unwatched", "task.created", "QUEUED")
         # A task queued there is planned here at once (a writer sends each entity's latest state per interval).
@@ -436,6 +442,8 @@ async def test_other_servers_events_are_only_noted_while_nobody_here_follows_the
         assert reader_bus.skipped_seq > seq_before, "a client resuming from before is told of a gap"
 
         subscription = reader_bus.subscribe(lambda e: e.entity_type == "task")
+        if db_url.startswith("postgresql"):  # the writer heard it (else its sends are NOTIFYs alone)
+            await poll(lambda: writer.status().get("followers", 1), lambda n: n == 1, timeout=20)
         finals: list[str] = []
 
         async def collect() -> None:
@@ -461,6 +469,8 @@ async def test_on_postgresql_a_server_nobody_follows_reads_no_row_the_notify_say
     if not db_url.startswith("postgresql"):
         pytest.skip("LISTEN/NOTIFY: PostgreSQL only (SQLite polls)")
     monkeypatch.setattr(relay_module, "FALLBACK_POLLS", 10**6)  # no read for a lost notification
+    # No resend of the last seconds sent without rows to the subscriber that comes (tested apart): nothing from before
+    monkeypatch.setattr(relay_module, "RECENT_MAX", 0, raising=False)
     told: list[tuple[str, str | None]] = []
     groups_told: list[relay_module.Groups] = []
 
@@ -488,6 +498,7 @@ async def test_on_postgresql_a_server_nobody_follows_reads_no_row_the_notify_say
         assert reader_bus.skipped_seq > 0, "listings read again, a resuming client told of the gap"
 
         subscription = reader_bus.subscribe(lambda e: e.entity_type == "task")
+        await poll(lambda: writer.status().get("followers", 1), lambda n: n == 1, timeout=20)
         writer_bus.publish("task.completed", "task", "after", {"status": "COMPLETED", "type": "demo"})
         events = await asyncio.wait_for(subscription.next_batch(), 20)
         assert [(e.entity_id, e.data) for e in events] == [("after", {"status": "COMPLETED", "type": "demo"})]
@@ -1053,3 +1064,22 @@ async def test_a_server_whose_listen_begins_asks_who_follows_and_hears_it_at_onc
         await asyncio.to_thread(reader.stop)
         for store in stores:
             store.close()
+
+
+async def test_a_server_whose_listen_begins_reads_listings_and_the_queue_again(db_url):
+    """Sends without rows made while a server's LISTEN was down (or before it began) were not heard and cannot be
+    read: when it (re)connects, listings are read again (a sequence number taken) and the queue is read again."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("LISTEN/NOTIFY: PostgreSQL only")
+    told: list[tuple[list[tuple[str, str | None]], relay_module.Groups]] = []
+    store, bus = Store(db_url), EventBus()
+    relay = EventRelay(
+        store, bus, mode="auto", interval=0.05, on_remote=lambda events, groups: told.append((events, groups))
+    )
+    relay.start(asyncio.get_running_loop(), "reader")
+    try:
+        await poll(lambda: told, lambda t: t == [([("task.created", "QUEUED")], None)], timeout=20)
+        assert bus.skipped_seq > 0
+    finally:
+        await asyncio.to_thread(relay.stop)
+        store.close()

@@ -59,7 +59,7 @@ from sqlalchemy.engine import Connection
 
 from .errors import InvalidArgument
 from .events import Event, EventBus
-from .models import FINAL_STATUSES, now, parse_iso
+from .models import FINAL_STATUSES, TaskStatus, now, parse_iso
 from .store import Store, outbox_table
 
 log = logging.getLogger("plexus_mcp_jupyter")
@@ -716,6 +716,9 @@ class EventRelay:
                     # One statement: its text tells this release's LISTEN from one of the release before (_PG_OLDER).
                     conn.execute(f"LISTEN {CHANNEL}; LISTEN {INTEREST_CHANNEL}")
                     self.listening = True
+                    # Sends without rows made while it was down (or before it began) were not heard, and cannot be
+                    # read: listings read again, the queue read again (tasks may have been queued elsewhere).
+                    self._to_loop(self._noted, 0, [("task.created", TaskStatus.QUEUED.value)], None)
                     # Who follows is heard from now on: ask them to say it at once (those heard later than this
                     # server's first sends without rows are sent those again, with rows, as any new follower).
                     self._ask_interest()
