@@ -12,7 +12,10 @@ or notebook mirrors. The relay closes that gap with the store itself, nothing el
   (those with an `origin`) are never sent on again. A send is one packed row (up to PACK_MAX events): the
   events' heads (time, kind, entity, status) in one column, their data in another, each JSON text the database
   stores as text without parsing it, so the store's cost is a row and its index entries per send, not per
-  event (a task's events were about two rows).
+  event (a task's events were about two rows). On PostgreSQL with LISTEN/NOTIFY, rows only while another server
+  follows other servers' events (it says so on INTEREST_CHANNEL, with a lease; a server of the release before
+  LISTENing counts as one): else a send is its NOTIFY alone, which says all such a server uses; what was sent so
+  in the last RECENT_SECONDS is sent again, with rows, to a server heard to follow anew (docs/architecture.md).
 * In: it reads the rows other servers wrote since the last it read, unpacks them in order, and publishes the
   events on this bus with their `origin`, dropping any that is older than what this bus already said about the
   entity (a remote "created" arriving after this server ran the task to its end). On PostgreSQL a dedicated
