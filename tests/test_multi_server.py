@@ -250,8 +250,8 @@ def test_kill_9_of_a_server_leaves_its_running_tasks_to_the_other_within_the_lea
 
 
 @pytest.mark.timeout(120)
-def test_an_mcp_subscriber_on_one_server_follows_a_task_the_other_runs(servers, tmp_path):
-    db_url = create_store(f"sqlite:///{tmp_path / 'shared.db'}")
+def test_an_mcp_subscriber_on_one_server_follows_a_task_the_other_runs(servers, db_url, tmp_path):
+    """On PostgreSQL the runner writes rows once the follower said it follows (its sends were NOTIFYs alone)."""
     # The follower runs nothing (max_concurrency 0): every task runs on the runner.
     runner, follower = servers(db_url, {"runner": {"max_concurrency": 2}, "follower": {"max_concurrency": 0}})
     runs, hold = tmp_path / "runs.txt", tmp_path / "release"
@@ -401,13 +401,15 @@ async def writer_and_reader(
             store.close()
 
 
-async def test_other_servers_events_are_only_noted_while_nobody_here_follows_them(db_url):
+async def test_other_servers_events_are_only_noted_while_nobody_here_follows_them(db_url, monkeypatch):
     """A server with no subscriber reads another server's events without their data and publishes none of them,
     yet its listings see the change, a task queued there is planned here, and a client resuming from before is
     told of the gap; once something follows, every event (each final state) is published again."""
+    # No resend of the last seconds sent without rows to the subscriber that comes (tested apart): nothing from before
+    monkeypatch.setattr(relay_module, "RECENT_MAX", 0, raising=False)
     told: list[tuple[str, str | None]] = []
     async with writer_and_reader(db_url, lambda events, groups: told.extend(events)) as (
-        _writer,
+        writer,
         writer_bus,
         reader,
         reader_bus,
@@ -424,6 +426,10 @@ async def test_other_servers_events_are_only_noted_while_nobody_here_follows_the
             ):
                 publish(task_id, kind, status)
 
+        if db_url.startswith("postgresql"):  # what a LISTEN's start tells (sends it could not hear): not this test's
+            await poll(lambda: reader.listening and writer.listening, bool, timeout=20)
+            await asyncio.sleep(0.2)
+            told.clear()
         seq_before = reader_bus.last_seq
         publish("unwatched", "task.created", "QUEUED")
         # A task queued there is planned here at once (a writer sends each entity's latest state per interval).
@@ -436,6 +442,8 @@ async def test_other_servers_events_are_only_noted_while_nobody_here_follows_the
         assert reader_bus.skipped_seq > seq_before, "a client resuming from before is told of a gap"
 
         subscription = reader_bus.subscribe(lambda e: e.entity_type == "task")
+        if db_url.startswith("postgresql"):  # the writer heard it (else its sends are NOTIFYs alone)
+            await poll(lambda: writer.status().get("followers", 1), lambda n: n == 1, timeout=20)
         finals: list[str] = []
 
         async def collect() -> None:
@@ -461,6 +469,8 @@ async def test_on_postgresql_a_server_nobody_follows_reads_no_row_the_notify_say
     if not db_url.startswith("postgresql"):
         pytest.skip("LISTEN/NOTIFY: PostgreSQL only (SQLite polls)")
     monkeypatch.setattr(relay_module, "FALLBACK_POLLS", 10**6)  # no read for a lost notification
+    # No resend of the last seconds sent without rows to the subscriber that comes (tested apart): nothing from before
+    monkeypatch.setattr(relay_module, "RECENT_MAX", 0, raising=False)
     told: list[tuple[str, str | None]] = []
     groups_told: list[relay_module.Groups] = []
 
@@ -488,6 +498,7 @@ async def test_on_postgresql_a_server_nobody_follows_reads_no_row_the_notify_say
         assert reader_bus.skipped_seq > 0, "listings read again, a resuming client told of the gap"
 
         subscription = reader_bus.subscribe(lambda e: e.entity_type == "task")
+        await poll(lambda: writer.status().get("followers", 1), lambda n: n == 1, timeout=20)
         writer_bus.publish("task.completed", "task", "after", {"status": "COMPLETED", "type": "demo"})
         events = await asyncio.wait_for(subscription.next_batch(), 20)
         assert [(e.entity_id, e.data) for e in events] == [("after", {"status": "COMPLETED", "type": "demo"})]
@@ -540,6 +551,126 @@ def test_a_notify_payload_says_the_sender_its_events_and_their_kinds_and_an_olde
         "groups without their oldest creation time (a server of the release before): not known, the head read again"
     )
     assert relay_module.heard("server-of-an-older-release") == ("server-of-an-older-release", 0, None, None, 0)
+
+
+def outbox_rows(store: Store) -> int:
+    with store.engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(outbox_table)).scalar_one())
+
+
+@pytest.fixture
+def quick_interest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interest said every 0.2 s (a LISTEN knows who follows 0.5 s after it began), older LISTENs looked for every
+    0.2 s."""
+    monkeypatch.setattr(relay_module, "INTEREST_EVERY", 0.2, raising=False)
+    monkeypatch.setattr(relay_module, "OLDER_EVERY", 0.2, raising=False)
+
+
+async def test_on_postgresql_no_outbox_row_is_written_while_no_other_server_follows_and_rows_once_one_does(
+    db_url, quick_interest
+):
+    """While no other server follows other servers' events, a send is its NOTIFY alone: the others are told what
+    they need (kinds, statuses) and no outbox row is written; once one follows (a subscriber there) it says so and
+    gets every event with its data, rows written; once it stops following, sends are NOTIFYs alone again."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("LISTEN/NOTIFY: PostgreSQL only (SQLite polls, every send writes rows)")
+    told: list[tuple[str, str | None]] = []
+    async with writer_and_reader(db_url, lambda events, groups: told.extend(events)) as (
+        writer,
+        writer_bus,
+        reader,
+        reader_bus,
+    ):
+        await poll(lambda: reader.listening and writer.listening, bool, timeout=20)
+        await asyncio.sleep(0.6)  # who follows is known (none)
+        for i in range(20):
+            writer_bus.publish("task.completed", "task", f"quiet-{i}", {"status": "COMPLETED", "type": "demo"})
+        await poll(lambda: reader.noted, lambda n: n >= 20, timeout=20)
+        assert ("task.completed", "COMPLETED") in told
+        assert outbox_rows(writer.store) == 0, "no row while nobody follows"
+        assert writer.status()["notified_only"] >= 20 and writer.status()["packs"] == 0, writer.status()
+
+        subscription = reader_bus.subscribe(lambda e: e.entity_type == "task")
+        await poll(writer.followers, lambda n: n == 1, timeout=20)
+        assert reader.status()["following_said"] >= 1
+        for i in range(20):
+            writer_bus.publish("task.completed", "task", f"followed-{i}", {"status": "COMPLETED", "type": "demo"})
+        finals: dict[str, dict[str, Any]] = {}
+
+        async def collect() -> None:
+            while len([k for k in finals if k.startswith("followed-")]) < 20:
+                finals.update((e.entity_id, e.data) for e in await subscription.next_batch())
+
+        await asyncio.wait_for(collect(), 20)
+        assert all(finals[f"followed-{i}"] == {"status": "COMPLETED", "type": "demo"} for i in range(20))
+        assert outbox_rows(writer.store) > 0 and writer.status()["packs"] > 0
+
+        subscription.close()
+        await poll(writer.followers, lambda n: n == 0, timeout=20)
+        rows = outbox_rows(writer.store)
+        noted = reader.noted
+        for i in range(10):
+            writer_bus.publish("task.completed", "task", f"after-{i}", {"status": "COMPLETED"})
+        await poll(lambda: reader.noted, lambda n: n >= noted + 10, timeout=20)
+        assert outbox_rows(writer.store) == rows, "no row once it stopped following"
+
+
+async def test_a_subscriber_that_comes_as_a_task_ends_on_the_other_server_gets_its_final_state(
+    db_url, quick_interest, monkeypatch
+):
+    """The race: a subscriber on the reader comes just as the writer's task ends, and the writer sends the final
+    state as its NOTIFY alone (it has not heard yet that the reader follows: the reader's saying so is held back
+    here). Once the writer hears it, it sends what it sent without rows lately again, with rows: the subscriber gets
+    the final state, with its data."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("LISTEN/NOTIFY: PostgreSQL only")
+    gate = threading.Event()
+    say = getattr(EventRelay, "_say_interest", None)
+
+    def held(self: EventRelay, at: float, stopping: bool) -> None:
+        if say is not None and (self.server_id != "reader" or gate.is_set()):
+            say(self, at, stopping)
+
+    monkeypatch.setattr(EventRelay, "_say_interest", held, raising=False)
+    async with writer_and_reader(db_url, lambda events, groups: None) as (writer, writer_bus, reader, reader_bus):
+        await poll(lambda: reader.listening and writer.listening, bool, timeout=20)
+        await asyncio.sleep(0.6)
+        writer_bus.publish("task.updated", "task", "racing", {"status": "RUNNING", "type": "demo"})
+        await poll(lambda: reader.noted, lambda n: n >= 1, timeout=20)
+        subscription = reader_bus.subscribe(lambda e: e.entity_id == "racing")  # it comes...
+        writer_bus.publish("task.completed", "task", "racing", {"status": "COMPLETED", "type": "demo"})  # ...it ends
+        await poll(lambda: reader.noted, lambda n: n >= 2, timeout=20)
+        assert writer.status()["notified_only"] == 2 and outbox_rows(writer.store) == 0, "sent without rows"
+        assert subscription.drain() == []
+        gate.set()  # the writer hears that the reader follows
+        events = await asyncio.wait_for(subscription.next_batch(), 20)
+        assert [(e.entity_id, e.data, e.origin) for e in events] == [
+            ("racing", {"status": "COMPLETED", "type": "demo"}, "writer")
+        ]
+        subscription.close()
+
+
+async def test_a_listen_of_the_release_before_on_the_store_gets_rows_always(db_url, quick_interest, postgres):
+    """A server of the release before never says it follows, and reads rows whenever it does: while its LISTEN is
+    on the store (its last statement `LISTEN plexus_events`), every send writes rows; once it is gone, they stop."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("LISTEN/NOTIFY: PostgreSQL only")
+    import psycopg
+
+    async with writer_and_reader(db_url, lambda events, groups: None) as (writer, writer_bus, reader, _reader_bus):
+        await poll(lambda: reader.listening and writer.listening, bool, timeout=20)
+        await asyncio.sleep(0.6)  # who follows is known (none)
+        dsn = writer.store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        with psycopg.connect(dsn, autocommit=True) as older:
+            older.execute(f"LISTEN {relay_module.CHANNEL}")
+            await poll(lambda: writer.status()["older_listeners"], bool, timeout=20)
+            writer_bus.publish("task.completed", "task", "for-the-older", {"status": "COMPLETED"})
+            await poll(lambda: writer.status()["sent"], lambda n: n >= 1, timeout=20)
+            assert outbox_rows(writer.store) == 1 and writer.status()["notified_only"] == 0
+        await poll(lambda: writer.status()["older_listeners"], lambda older: not older, timeout=20)
+        writer_bus.publish("task.completed", "task", "for-nobody", {"status": "COMPLETED"})
+        await poll(lambda: writer.status()["notified_only"], lambda n: n >= 1, timeout=20)
+        assert outbox_rows(writer.store) == 1
 
 
 def test_a_claim_and_a_take_over_are_each_won_by_one_server_only(db_url):
@@ -885,4 +1016,70 @@ async def test_slots_left_free_by_a_short_head_are_filled_when_another_server_qu
         await poll(lambda: asyncio.to_thread(running), lambda n: n == 8, timeout=30)
     finally:
         await manager.stop()
+        store.close()
+
+
+def test_what_was_sent_without_rows_is_not_sent_again_once_a_newer_state_went_with_rows(tmp_path):
+    """The resend to a new follower carries the last seconds sent without rows, but never an entity's older state
+    after a newer one of it was written with rows (another follower was there meanwhile)."""
+    store = Store(create_store(f"sqlite:///{tmp_path / 's.db'}"))
+    relay = EventRelay(store, EventBus(), mode="poll")
+    relay.server_id = "writer"
+    running = Event(1, 1.0, "task.updated", "task", "t", {"status": "RUNNING"})
+    other = Event(2, 1.0, "task.updated", "task", "u", {"status": "RUNNING"})
+    try:
+        relay._keep_recent([running, other], time.monotonic())
+        relay._send([Event(3, 2.0, "task.completed", "task", "t", {"status": "COMPLETED"})])
+        assert relay._with_recent([]) == [other]
+        assert relay._with_recent([]) == [], "sent once"
+    finally:
+        store.close()
+
+
+async def test_a_server_whose_listen_begins_asks_who_follows_and_hears_it_at_once(db_url, monkeypatch):
+    """A follower says it follows every INTEREST_EVERY seconds; a server that starts (or whose LISTEN reconnects)
+    asks, and a follower answers at once: the new server writes rows for it without waiting for its next saying."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("LISTEN/NOTIFY: PostgreSQL only")
+    monkeypatch.setattr(relay_module, "INTEREST_EVERY", 600.0, raising=False)  # no renewal during the test
+    stores = [Store(db_url), Store(db_url)]
+    writer_bus, reader_bus = EventBus(), EventBus()
+    writer = EventRelay(stores[0], writer_bus, mode="auto", interval=0.05)
+    reader = EventRelay(stores[1], reader_bus, mode="auto", interval=0.05)
+    subscription = reader_bus.subscribe(lambda e: e.entity_type == "task")
+    loop = asyncio.get_running_loop()
+    try:
+        reader.start(loop, "reader")
+        await poll(lambda: reader.status().get("following_said", 0), lambda n: n >= 1, timeout=20)  # said, unheard
+        writer.start(loop, "writer")
+        await poll(writer.followers, lambda n: n == 1, timeout=20)
+        assert reader.status()["following_said"] == 2, "said again when asked"
+        writer_bus.publish("task.completed", "task", "t", {"status": "COMPLETED", "type": "demo"})
+        events = await asyncio.wait_for(subscription.next_batch(), 20)
+        assert [(e.entity_id, e.data) for e in events] == [("t", {"status": "COMPLETED", "type": "demo"})]
+        assert outbox_rows(stores[0]) == 1
+    finally:
+        subscription.close()
+        await asyncio.to_thread(writer.stop)
+        await asyncio.to_thread(reader.stop)
+        for store in stores:
+            store.close()
+
+
+async def test_a_server_whose_listen_begins_reads_listings_and_the_queue_again(db_url):
+    """Sends without rows made while a server's LISTEN was down (or before it began) were not heard and cannot be
+    read: when it (re)connects, listings are read again (a sequence number taken) and the queue is read again."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("LISTEN/NOTIFY: PostgreSQL only")
+    told: list[tuple[list[tuple[str, str | None]], relay_module.Groups]] = []
+    store, bus = Store(db_url), EventBus()
+    relay = EventRelay(
+        store, bus, mode="auto", interval=0.05, on_remote=lambda events, groups: told.append((events, groups))
+    )
+    relay.start(asyncio.get_running_loop(), "reader")
+    try:
+        await poll(lambda: told, lambda t: t == [([("task.created", "QUEUED")], None)], timeout=20)
+        assert bus.skipped_seq > 0
+    finally:
+        await asyncio.to_thread(relay.stop)
         store.close()

@@ -12,7 +12,10 @@ or notebook mirrors. The relay closes that gap with the store itself, nothing el
   (those with an `origin`) are never sent on again. A send is one packed row (up to PACK_MAX events): the
   events' heads (time, kind, entity, status) in one column, their data in another, each JSON text the database
   stores as text without parsing it, so the store's cost is a row and its index entries per send, not per
-  event (a task's events were about two rows).
+  event (a task's events were about two rows). On PostgreSQL with LISTEN/NOTIFY, rows only while another server
+  follows other servers' events (it says so on INTEREST_CHANNEL, with a lease; a server of the release before
+  LISTENing counts as one): else a send is its NOTIFY alone, which says all such a server uses; what was sent so
+  in the last RECENT_SECONDS is sent again, with rows, to a server heard to follow anew (docs/architecture.md).
 * In: it reads the rows other servers wrote since the last it read, unpacks them in order, and publishes the
   events on this bus with their `origin`, dropping any that is older than what this bus already said about the
   entity (a remote "created" arriving after this server ran the task to its end). On PostgreSQL a dedicated
@@ -59,7 +62,7 @@ from sqlalchemy.engine import Connection
 
 from .errors import InvalidArgument
 from .events import Event, EventBus
-from .models import FINAL_STATUSES, now, parse_iso
+from .models import FINAL_STATUSES, TaskStatus, now, parse_iso
 from .store import Store, outbox_table
 
 log = logging.getLogger("plexus_mcp_jupyter")
@@ -73,9 +76,29 @@ HORIZON_EVERY = 5  # NOTIFYs taken without their rows: the horizon is asked afte
 PRUNE_EVERY = 10.0  # seconds between two prunings of the outbox
 SEEN_MAX = 20_000  # entities whose latest state this bus published, remembered to drop stale remote events
 NOTICE_MAX = 4000  # longest NOTIFY payload (PostgreSQL's limit is 8000 bytes); a longer one names no kinds: read
+# Interest (PostgreSQL, LISTEN/NOTIFY): a server whose bus wants other servers' events says so on a channel of its
+# own (a server of the release before neither listens to it nor is disturbed by it), every INTEREST_EVERY seconds
+# while it wants them, each saying holds for INTEREST_LEASE; while no other server holds one, a send is its NOTIFY
+# alone (no outbox row). A sender keeps what it sent so for RECENT_SECONDS (RECENT_MAX entities at most) and sends
+# it again with rows when it hears a new interest: what a follower's subscriber came for just before it was heard.
+INTEREST_CHANNEL = "plexus_interest"
+INTEREST_LEASE = 10.0
+INTEREST_EVERY = 2.0
+RECENT_SECONDS = 5.0
+RECENT_MAX = 10_000
+OLDER_EVERY = 10.0  # seconds between two looks for a LISTEN of the release before (pg_stat_activity)
 _FINAL = frozenset(s.value for s in FINAL_STATUSES)
 _XMIN = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
 _NEWEST_ID = f"SELECT max(id) FROM {outbox_table.name}"
+# A send without rows: its NOTIFY alone (and the horizon, as a send's).
+_PG_NOTICE = f"SELECT pg_notify(%(channel)s, %(notice)s || pg_current_xact_id()::text || ']'), ({_XMIN})"
+_PG_INTEREST = "SELECT pg_notify(%(channel)s, %(payload)s)"
+# A LISTEN of a server of the release before: its LISTEN connection's last statement is its LISTEN on CHANNEL alone
+# (this release's LISTENs on both channels in one). Visible to the same database role (or pg_read_all_stats).
+_PG_OLDER = (
+    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
+    f"AND query = 'LISTEN {CHANNEL}'"
+)
 # PostgreSQL: a send is one statement, a VALUES row per pack (the packs as text parameters: nothing for the server
 # to parse), with the NOTIFY (a data-modifying WITH runs to completion whatever the outer query reads).
 _PG_SEND = """WITH sent AS (
@@ -137,18 +160,25 @@ def created_groups(events: Iterable[Event]) -> dict[tuple[int, str | None], floa
         return None
 
 
-def notice(origin: str, events: Sequence[Event]) -> str:
+def notice(origin: str, events: Sequence[Event], *, rows: bool = True) -> str:
     """A send's NOTIFY payload but its end: its sender, how many events it carries, their distinct (kind, status)
     and the queue groups of the tasks they created (`created_groups`), all that a server with nobody following
-    other servers' events needs of them (a JSON list, without the pairs and groups when too long; _PG_SEND ends it
-    with the send's transaction id)."""
+    other servers' events needs of them, and whether the send wrote rows ("r") or is the NOTIFY alone ("n") (a JSON
+    list, without the pairs and groups when too long; _PG_SEND ends it with the send's transaction id). A server of
+    the release before reads the mark as a second item of the groups, which it ignores."""
+    return _notice(origin, events, rows)[0]
+
+
+def _notice(origin: str, events: Sequence[Event], rows: bool) -> tuple[str, bool]:
+    """`notice`, and whether it says the events' kinds (it was not too long)."""
     pairs = list({(event.kind, event.data.get("status")) for event in events})
     groups = created_groups(events)
     said = None if groups is None else sorted(([*group, at] for group, at in groups.items()), key=repr)
-    text = json.dumps([origin, len(events), pairs, said])
-    if len(text) > NOTICE_MAX:
-        text = json.dumps([origin, len(events), None, None])
-    return text[:-1] + ","
+    mark = "r" if rows else "n"
+    text = json.dumps([origin, len(events), pairs, said, mark])
+    if len(text) <= NOTICE_MAX:
+        return text[:-1] + ",", True
+    return json.dumps([origin, len(events), None, None, mark])[:-1] + ",", False
 
 
 # The queue groups of the tasks a batch of remote events created, each with the oldest creation time of its tasks
@@ -160,13 +190,19 @@ def heard(payload: str) -> tuple[str, int, list[tuple[str, str | None]] | None, 
     """A NOTIFY payload read back: (origin, events, their (kind, status) or None when not said, the groups of the
     tasks they created with their oldest creation time or None when not said, the send's transaction id). An older
     server's payload says no groups, or groups without their times (both: None), or is its id alone (nothing)."""
+    return hear(payload)[:5]  # type: ignore[return-value]
+
+
+def hear(payload: str) -> tuple[str, int, list[tuple[str, str | None]] | None, Groups, int, bool]:
+    """`heard`, and whether the send wrote no row (its NOTIFY alone: a payload that says its kinds and marks "n")."""
     try:
         origin, count, pairs, *groups, txid = json.loads(payload)
         said = None if pairs is None else [(str(kind), status) for kind, status in pairs]
         known = None if not groups or groups[0] is None else _timed_groups(groups[0])
-        return str(origin), int(count), said, known, int(txid)
+        rowless = said is not None and len(groups) >= 2 and groups[1] == "n"
+        return str(origin), int(count), said, known, int(txid), rowless
     except (ValueError, TypeError):
-        return payload, 0, None, None, 0
+        return payload, 0, None, None, 0, False
 
 
 def _timed_groups(items: list[list[Any]]) -> Groups:
@@ -253,6 +289,13 @@ class EventRelay:
         self.noted = 0  # events of other servers read while nothing here needed them: counted, not published
         self.sends = 0  # outbox transactions written
         self.reads = 0  # outbox reads that found rows
+        self.notified_only = 0  # events sent in a NOTIFY alone, no other server following (no outbox row)
+        self.interest_said = 0  # times this server said (or renewed) that it follows other servers' events
+        self._interest: dict[str, float] = {}  # PostgreSQL: servers following others' events -> until (monotonic)
+        self._new_interest = False  # one was heard that did not hold before: send RECENT again, with rows
+        self._older = False  # a LISTEN of the release before is on CHANNEL: rows always
+        self._said_at = 0.0  # (monotonic) when this server last said it follows; 0: it does not
+        self._recent: OrderedDict[tuple[str, str], tuple[float, Event]] = OrderedDict()  # sent without rows
         self._full = True  # the next read takes the rows' data (the last read found them needed)
         self.listening = False  # PostgreSQL: the LISTEN connection is up
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -310,7 +353,30 @@ class EventRelay:
             "sends": self.sends,
             "packs": self.packs,
             "reads": self.reads,
+            "notified_only": self.notified_only,
+            "followers": self.followers(),
+            "older_listeners": self._older,
+            "following_said": self.interest_said,
         }
+
+    def followers(self) -> int:
+        """PostgreSQL: how many other servers said lately that they follow other servers' events."""
+        at = time.monotonic()
+        with self._lock:
+            return sum(1 for until in self._interest.values() if until > at)
+
+    def _rows_needed(self, at: float) -> bool:
+        """Whether a send writes rows: always but on PostgreSQL with LISTEN/NOTIFY, where it does while another
+        server follows, while who follows is not known (LISTEN down or just begun), or a server of the release
+        before listens (it reads rows whenever it follows, and never says so). While the LISTEN is down nothing is
+        heard of who follows: rows."""
+        if self.mode != "notify" or not self.listening or self._older:
+            return True
+        with self._lock:
+            for server, until in list(self._interest.items()):
+                if until <= at:
+                    del self._interest[server]
+            return bool(self._interest)
 
     # -- out: this server's events -------------------------------------------------------------
 
@@ -347,28 +413,63 @@ class EventRelay:
                 self._last_sent = {k: t for k, t in self._last_sent.items() if at - t < self.progress_interval}
         return due
 
-    def _send(self, events: Sequence[Event]) -> int | None:
-        """Write `events` to the outbox; on PostgreSQL, returns the horizon of the statement's snapshot."""
-        rows = pack(events, now())
-        horizon = None
+    def _with_recent(self, due: list[Event]) -> list[Event]:
+        """A new follower was heard: `due` after what was sent without rows in the last RECENT_SECONDS (the latest
+        state of each entity not in `due`), to be sent with rows."""
+        with self._lock:
+            recent, self._recent = self._recent, OrderedDict()
+        keys = {(event.entity_type, event.entity_id) for event in due}
+        return [event for key, (_, event) in recent.items() if key not in keys] + due
+
+    def _keep_recent(self, events: Sequence[Event], at: float) -> None:
+        with self._lock:
+            for event in events:
+                key = (event.entity_type, event.entity_id)
+                self._recent.pop(key, None)
+                self._recent[key] = (at, event)
+            while self._recent and (
+                len(self._recent) > RECENT_MAX or next(iter(self._recent.values()))[0] < at - RECENT_SECONDS
+            ):
+                self._recent.popitem(last=False)
+
+    def _send(self, events: Sequence[Event], *, rows: bool = True) -> int | None:
+        """Send `events`: write them to the outbox, or without `rows` (PostgreSQL) their NOTIFY alone if it can say
+        their kinds; on PostgreSQL, returns the horizon of the statement's snapshot."""
         try:
+            if not rows and self.postgres:
+                said, full = _notice(self.server_id, events, rows=False)
+                if full:  # no other server follows: what the NOTIFY says is all they need
+                    with self.store.reads.connect() as conn:
+                        params = {"channel": CHANNEL, "notice": said}
+                        horizon: int | None = int(conn.exec_driver_sql(_PG_NOTICE, params).one()[1])
+                    self._keep_recent(events, time.monotonic())
+                    self.notified_only += len(events)
+                    self.sent += len(events)
+                    self.sends += 1
+                    return horizon
+            packed = pack(events, now())
+            horizon = None
             if self.postgres:  # one statement, in autocommit: NOTIFY delivered at its commit to every LISTENing server
                 with self.store.reads.connect() as conn:  # (ours ignores its own)
-                    params = {"origin": self.server_id, "channel": CHANNEL, "at": rows[0]["at"]}
+                    params = {"origin": self.server_id, "channel": CHANNEL, "at": packed[0]["at"]}
                     params["notice"] = notice(self.server_id, events)
-                    for i, row in enumerate(rows):
+                    for i, row in enumerate(packed):
                         params[f"heads{i}"], params[f"data{i}"] = row["heads"], row["data"]
-                    horizon = int(conn.exec_driver_sql(_pg_send(len(rows)), params).one()[1])
+                    horizon = int(conn.exec_driver_sql(_pg_send(len(packed)), params).one()[1])
             else:
                 with self.store.engine.begin() as conn:
-                    conn.execute(sa.insert(outbox_table), [{"origin": self.server_id, **row} for row in rows])
+                    conn.execute(sa.insert(outbox_table), [{"origin": self.server_id, **row} for row in packed])
         except Exception:
             with self._lock:  # keep them for the next round, unless a newer state of the entity came meanwhile
                 for event in events:
                     self._pending.setdefault((event.entity_type, event.entity_id), event)
             raise
+        if self._recent:  # their rows are newer than what was sent of them without rows: never sent again
+            with self._lock:
+                for event in events:
+                    self._recent.pop((event.entity_type, event.entity_id), None)
         self.sent += len(events)
-        self.packs += len(rows)
+        self.packs += len(packed)
         self.sends += 1
         return horizon
 
@@ -528,14 +629,25 @@ class EventRelay:
     def _run(self) -> None:
         polls = unmoved = 0
         next_prune = time.monotonic() + PRUNE_EVERY
+        next_older = 0.0
         failing = False
         while True:
             self._wake.wait(self.interval)
             self._wake.clear()
             stopping = self._stop.is_set()
             try:
+                at = time.monotonic()
+                if self.postgres:
+                    self._say_interest(at, stopping)
+                if self.mode == "notify" and at >= next_older and not stopping:
+                    next_older = at + OLDER_EVERY
+                    self._older = self._older_listening()
                 due = self._due(now())
-                horizon = self._send(due) if due else None
+                rows = self._rows_needed(at)
+                if rows and self._new_interest:
+                    self._new_interest = False
+                    due = self._with_recent(due)
+                horizon = self._send(due, rows=rows) if due else None
                 polls += 1
                 if self.mode == "poll" or self._notified or polls >= FALLBACK_POLLS or not self.listening:
                     self._notified = False
@@ -561,6 +673,33 @@ class EventRelay:
             if stopping:
                 return
 
+    def _say_interest(self, at: float, stopping: bool) -> None:
+        """PostgreSQL: while something here needs other servers' events, say so (again every INTEREST_EVERY
+        seconds: each saying holds INTEREST_LEASE); once nothing does (or the server stops), say that it is over."""
+        wants = not stopping and self.bus.wants_remote()
+        if wants and (not self._said_at or at - self._said_at >= INTEREST_EVERY):
+            lease = INTEREST_LEASE
+        elif not wants and self._said_at:
+            lease = 0.0
+        else:
+            return
+        payload = json.dumps([self.server_id, lease])
+        with self.store.reads.connect() as conn:
+            conn.exec_driver_sql(_PG_INTEREST, {"channel": INTEREST_CHANNEL, "payload": payload}).all()
+        self._said_at = at if wants else 0.0
+        self.interest_said += wants
+
+    def _ask_interest(self) -> None:
+        """PostgreSQL: ask the servers that follow others' events to say so now (a lease of -1: a question)."""
+        payload = json.dumps([self.server_id, -1])
+        with self.store.reads.connect() as conn:
+            conn.exec_driver_sql(_PG_INTEREST, {"channel": INTEREST_CHANNEL, "payload": payload}).all()
+
+    def _older_listening(self) -> bool:
+        """Whether a server of the release before LISTENs on the store (it never says it follows: rows always)."""
+        with self.store.reads.connect() as conn:
+            return bool(conn.exec_driver_sql(_PG_OLDER).scalar_one())
+
     def _prune(self) -> None:
         o = outbox_table
         with self.store.engine.begin() as conn:
@@ -577,12 +716,22 @@ class EventRelay:
         while not self._stop.is_set():
             try:
                 with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
-                    conn.execute(f"LISTEN {CHANNEL}")
+                    # One statement: its text tells this release's LISTEN from one of the release before (_PG_OLDER).
+                    conn.execute(f"LISTEN {CHANNEL}; LISTEN {INTEREST_CHANNEL}")
                     self.listening = True
+                    # Sends without rows made while it was down (or before it began) were not heard, and cannot be
+                    # read: listings read again, the queue read again (tasks may have been queued elsewhere).
+                    self._to_loop(self._noted, 0, [("task.created", TaskStatus.QUEUED.value)], None)
+                    # Who follows is heard from now on: ask them to say it at once (those heard later than this
+                    # server's first sends without rows are sent those again, with rows, as any new follower).
+                    self._ask_interest()
                     self._wake_to_read()  # what was written while this connection was down
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=1.0):
-                            self._heard(note.payload)
+                            if note.channel == INTEREST_CHANNEL:
+                                self._heard_interest(note.payload)
+                            else:
+                                self._heard(note.payload)
             except Exception as exc:
                 if self.listening or not self._stop.is_set():
                     log.warning(
@@ -596,8 +745,14 @@ class EventRelay:
     def _heard(self, payload: str) -> None:
         """A NOTIFY (on the LISTEN thread): another server's send. While nothing here needs other servers' events,
         what it says is told to the loop and its rows are skipped; else (or when it says nothing) a read follows."""
-        origin, count, pairs, groups, txid = heard(payload)
+        origin, count, pairs, groups, txid, rowless = hear(payload)
         if origin == self.server_id:
+            return
+        if rowless:  # no row to read: told what they were
+            if self.bus.wants_remote():  # (the sender has not heard that this server follows: say it again now)
+                self._said_at = 0.0
+                self._wake.set()
+            self._to_loop(self._noted, count, pairs, groups)
             return
         if pairs is not None and (txid < self._cursor[0] or not self.bus.wants_remote()):
             # Not needed here (or below the cursor: committed before what needs them came, never read): the loop is
@@ -610,6 +765,30 @@ class EventRelay:
         if pairs is not None:  # needed here: the read takes the rows' data at once
             self._full = True
         self._wake_to_read()
+
+    def _heard_interest(self, payload: str) -> None:
+        """A NOTIFY on INTEREST_CHANNEL (on the LISTEN thread): another server follows others' events for `lease`
+        seconds from now (0: no longer; -1: it asks who follows, its LISTEN just began). One that did not before has
+        what was sent without rows lately sent again."""
+        try:
+            server, lease = json.loads(payload)
+            server, lease = str(server), float(lease)
+        except (ValueError, TypeError):
+            return
+        if server == self.server_id:
+            return
+        if lease < 0:  # answered at the relay thread's next turn, if something here follows
+            self._said_at = 0.0
+            self._wake.set()
+            return
+        at = time.monotonic()
+        with self._lock:
+            held = self._interest.pop(server, 0.0) > at
+            if lease > 0:
+                self._interest[server] = at + lease
+        if lease > 0 and not held:
+            self._new_interest = True
+            self._wake.set()
 
     def _wake_to_read(self) -> None:
         self._notified = True
