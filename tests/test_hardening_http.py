@@ -337,6 +337,16 @@ class TestBadEnvironmentSetting:
     async def test_every_plexus_route_answers_503_naming_it(self, server_url, token, capture_server_log):
         await assert_plexus_unavailable(server_url, token, capture_server_log, "PLEXUS_MCP_EXECUTOR")
 
+    async def test_a_large_body_is_answered_503_unread(self, server_url, token):
+        """Tornado read a whole body (up to Jupyter's max_body_size, 512 MiB) before the 503's handler ran, for anyone:
+        one over 64 KiB is answered once its headers are in and the connection ended, the body never read."""
+        for headers in ({}, {"Authorization": f"Bearer {token}"}):
+            for method, route in (("POST", "plexus/mcp"), ("PUT", "plexus/api/datasets/uploads/x"), ("GET", "plexus/")):
+                url = f"{server_url}{route}"
+                answer = await answer_before_body(url, headers, 64 * 1024 * 1024, b"{", method=method)
+                assert answer.status == 503 and answer.closed, (method, route, headers, answer)
+                assert "PLEXUS_MCP_EXECUTOR" in json.loads(answer.body)["error"]["message"], answer.body
+
 
 class TestBadCommandLineSetting:
     @pytest.fixture
