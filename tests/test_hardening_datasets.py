@@ -25,7 +25,7 @@ from plexus_mcp_jupyter.core.errors import InvalidArgument
 from plexus_mcp_jupyter.evaluations.datasets import DatasetCatalog
 from plexus_mcp_jupyter.evaluations.file_reads import MAX_TRACKED_LABELS, ReadBounds
 
-from .conftest import open_client
+from .conftest import open_client, poll
 from .loop_watch import watched
 from .test_standalone import start_http, stop
 
@@ -387,3 +387,61 @@ def test_the_rows_an_evaluation_check_reads_from_a_parquet_footer_are_bounded_to
     (catalog.root_dir / "crafted.parquet").write_bytes(b"PAR1" + b"\0" * 64 + (1 << 30).to_bytes(4, "little") + b"PAR1")
     with pytest.raises(InvalidArgument, match="Parquet footer is 1,073,741,824 bytes"):
         catalog.known_rows("crafted.parquet")
+
+
+# --- a Parquet file under the root, read by an evaluation's worker or a load ---------------------------------------
+
+PARQUET_BOUND = 5_000_000
+
+
+def expanding_parquet(path: Any, rows: int = 2_000) -> None:
+    """A Parquet file of a few kB whose `text` column is a dictionary page of one 100 kB string and `rows` indices to
+    it: 200 MB once decoded (written from its dictionary, so the writer never holds them either; without its Arrow
+    schema, so that pyarrow reads it back as strings)."""
+    text = pa.DictionaryArray.from_arrays(pa.array([0] * rows, pa.int32()), pa.array(["x" * 100_000]))
+    pq.write_table(pa.table({"text": text, "label": ["pos", "neg"] * (rows // 2)}), path, store_schema=False)
+
+
+@pytest.mark.parametrize(
+    ("write", "named"),
+    [
+        (expanding_parquet, "read back as more than 5,000,000 bytes (setting max_parquet_uncompressed_bytes)"),
+    ],
+)
+async def test_an_evaluation_of_a_parquet_file_that_expands_fails_within_the_parquet_bound(
+    api, keys, jp_root_dir, runtime, write, named
+):
+    """A file under the Jupyter root was read by the evaluation's worker (record batches) and by a load with no bound:
+    a few kB that decode to 200 MB (a dictionary page of one long string, or DELTA_BYTE_ARRAY pages) took that much of
+    the worker's memory. Each row group is now read within max_parquet_uncompressed_bytes, refused before it is
+    decoded or at the batch that passes it; an ordinary file is read as before."""
+    runtime.catalog.max_parquet_uncompressed_bytes = PARQUET_BOUND  # (the server's load and describe)
+    runtime.manager.worker_environment["max_parquet_uncompressed_bytes"] = PARQUET_BOUND  # (the worker's stream)
+    write(jp_root_dir / "expands.parquet")
+    assert (jp_root_dir / "expands.parquet").stat().st_size < 100_000
+    pd.DataFrame({"text": ["pos", "neg", "pos"] * 1000, "label": ["pos", "neg", "neg"] * 1000}).to_parquet(
+        jp_root_dir / "fine.parquet", row_group_size=1000
+    )
+    async with api(keys["operator"]) as operator:
+
+        async def evaluated(dataset: str) -> dict[str, Any]:
+            created = await operator.post(
+                "evaluations",
+                json={"type": "accuracy", "dataset": dataset, "prediction_column": "text", "label_column": "label"},
+            )
+            assert created.status_code in (200, 201, 202), created.text
+            url = f"evaluations/{created.json()['evaluation_id']}"
+
+            async def state() -> dict[str, Any]:
+                return (await operator.get(url)).json()
+
+            return await poll(state, lambda e: e["status"] in ("COMPLETED", "FAILED"), timeout=120)
+
+        failed = await evaluated("expands.parquet")
+        assert failed["status"] == "FAILED" and named in failed["error_message"], failed
+        assert len(failed["error_message"]) < 1000
+        fine = await evaluated("fine.parquet")
+        assert fine["status"] == "COMPLETED" and fine["processed_items"] == 3000, fine
+    with pytest.raises(InvalidArgument, match=r"max_parquet_uncompressed_bytes|DELTA_BYTE_ARRAY"):
+        runtime.catalog.load("expands.parquet", ["text", "label"])
+    assert len(runtime.catalog.load("fine.parquet", ["label"])) == 3000

@@ -179,12 +179,29 @@ def parquet_file(handle: IO[bytes], ref: str) -> pq.ParquetFile:
     return pq.ParquetFile(handle)
 
 
-def column_chunks(metadata: pq.FileMetaData, leaves: list[int] | None = None) -> list[Any]:
-    """Every column chunk of a Parquet file's footer (of its leaf columns `leaves` only, given), row group by row
-    group."""
+def column_chunks(
+    metadata: pq.FileMetaData, leaves: list[int] | None = None, groups: list[int] | None = None
+) -> list[Any]:
+    """Every column chunk of a Parquet file's footer (of its leaf columns `leaves` only, given; of its row groups
+    `groups` only, given), row group by row group."""
     wanted = range(metadata.num_columns) if leaves is None else leaves
-    groups = (metadata.row_group(i) for i in range(metadata.num_row_groups))
-    return [group.column(j) for group in groups for j in wanted]
+    chosen = range(metadata.num_row_groups) if groups is None else groups
+    return [metadata.row_group(i).column(j) for i in chosen for j in wanted]
+
+
+def leaves_of(metadata: pq.FileMetaData, columns: list[str] | None) -> list[int] | None:
+    """The leaf columns (by index) of a Parquet file's top-level `columns` (None: all of them, None too), from its
+    Arrow schema (a nested column has several leaves; a name may hold a dot); every leaf when the Arrow fields' leaves
+    do not add up to the file's (no file pyarrow writes)."""
+    if columns is None:
+        return None
+    wanted, leaves, first = set(columns), [], 0
+    for top in metadata.schema.to_arrow_schema():
+        count = sum(1 for _ in _leaf_types(top.type))
+        if top.name in wanted:
+            leaves.extend(range(first, first + count))
+        first += count
+    return leaves if first == metadata.num_columns else list(range(metadata.num_columns))
 
 
 def check_parquet_sizes(metadata: pq.FileMetaData, max_bytes: int, ref: str) -> None:
@@ -287,12 +304,12 @@ def _value_width(kind: pa.DataType) -> int:
 PARQUET_BATCH_ROWS = 65_536  # rows per batch of read_parquet_bounded: the bound is checked after each
 
 
-def read_parquet_bounded(handle: IO[bytes], max_bytes: int, ref: str) -> pa.Table:
-    """The table a Parquet file holds, read in batches whose decoded size is added up as they come: past
-    `max_bytes` the read stops with InvalidArgument (setting max_parquet_uncompressed_bytes), so a footer that
-    under-declares is caught too. The footer is parsed once and checked first (check_parquet_sizes, a first
-    filter), then the page headers (walk_parquet_pages: pyarrow decompresses a page whole, and decodes the values
-    its header says it holds, whatever the footer says).
+def read_parquet_bounded(handle: IO[bytes], max_bytes: int, ref: str, columns: list[str] | None = None) -> pa.Table:
+    """The table a Parquet file holds (its `columns` only, given), read in batches whose decoded size is added up as
+    they come: past `max_bytes` the read stops with InvalidArgument (setting max_parquet_uncompressed_bytes), so a
+    footer that under-declares is caught too. The footer is parsed once and checked first (check_parquet_sizes, a
+    first filter, for a whole file), then the page headers (walk_parquet_pages: pyarrow decompresses a page whole,
+    and decodes the values its header says it holds, whatever the footer says): bounded_columns.
 
     A string or binary column is decoded as it is read when the walk bounds what it decodes to (dense_byte_arrays:
     its plain pages hold their values, and its dictionary-encoded values are counted times its dictionaries'
@@ -304,28 +321,79 @@ def read_parquet_bounded(handle: IO[bytes], max_bytes: int, ref: str) -> pa.Tabl
     plain read for a column of unique strings (pyarrow hashes every value a page did not dictionary-encode)."""
     opened = parquet_file(handle, ref)
     metadata = opened.metadata
-    check_parquet_sizes(metadata, max_bytes, ref)
-    walk = walk_parquet_pages(handle, metadata)
+    if columns is None:
+        check_parquet_sizes(metadata, max_bytes, ref)
+    too_large = f"{clip(ref, 60)} is too large for one request"
+    as_dictionaries = bounded_columns(handle, opened, max_bytes, ref, leaves_of(metadata, columns), None, too_large)
+    parquet = pq.ParquetFile(handle, metadata=metadata, read_dictionary=as_dictionaries or None)
+    batches, total = [], 0
+    for batch in _batches(parquet, by_row_group=bool(as_dictionaries), columns=columns):
+        total += sum(decoded_nbytes(column) for column in batch.columns)
+        if total > max_bytes:
+            raise InvalidArgument(
+                f"{too_large}: its Parquet data reads back as more than "
+                f"{max_bytes:,} bytes (its footer declared {metadata.num_rows:,} rows); at most {max_bytes:,} "
+                "(setting max_parquet_uncompressed_bytes): send it in parts"
+            )
+        batches.append(batch)
+    schema = parquet.schema_arrow if columns is None else _selected(parquet.schema_arrow, columns)
+    table = pa.Table.from_batches(batches, schema=schema)
+    if not as_dictionaries:
+        return table
+    return _as_file_types(table, opened.schema_arrow if columns is None else _selected(opened.schema_arrow, columns))
+
+
+def _selected(schema: pa.Schema, columns: list[str]) -> pa.Schema:
+    """`schema`'s fields named in `columns`, in that order (as pyarrow reads them), with its metadata."""
+    return pa.schema([schema.field(name) for name in columns], metadata=schema.metadata)
+
+
+def _as_file_types(data: Any, schema: pa.Schema) -> Any:
+    """A table or batch read with dictionaries, cast back to the file's own types (`schema`)."""
+    try:
+        return data.cast(schema)
+    except pa.ArrowNotImplementedError:  # no cast from a dictionary to some types (string_view): through its values
+        dense_schema = pa.schema([_dense_field(field) for field in data.schema], metadata=data.schema.metadata)
+        return data.cast(dense_schema).cast(schema)
+
+
+def bounded_columns(
+    handle: IO[bytes],
+    opened: pq.ParquetFile,
+    max_bytes: int,
+    ref: str,
+    leaves: list[int] | None,
+    groups: list[int] | None,
+    too_large: str,
+    advice: str = "send it in parts",
+) -> list[str]:
+    """The columns of a Parquet file to read as dictionaries for its leaves `leaves` of its row groups `groups` (None:
+    all) to be read within `max_bytes`, from their page headers (walk_parquet_pages) before any page is decompressed:
+    InvalidArgument (starting `too_large`) when the pages decompress to more, hold more values (times 8, or their
+    width) than `max_bytes` allows, or hold a string or binary column that no bound reaches (byte arrays pyarrow
+    decodes whole, a decimal's); `advice` ends the first two. ValueError when a page header is not one
+    (walk_parquet_pages)."""
+    metadata = opened.metadata
+    walk = walk_parquet_pages(handle, metadata, leaves, groups)  # (ValueError: not Parquet pyarrow would read)
     if walk.decompressed > max_bytes:
         raise InvalidArgument(
-            f"{clip(ref, 60)} is too large for one request: its Parquet pages decompress to {walk.decompressed:,} "
-            f"bytes; at most {max_bytes:,} (setting max_parquet_uncompressed_bytes): send it in parts"
+            f"{too_large}: its Parquet pages decompress to {walk.decompressed:,} "
+            f"bytes; at most {max_bytes:,} (setting max_parquet_uncompressed_bytes): {advice}"
         )
     if walk.value_bytes > max_bytes:
         wide = f" (read back as {walk.value_bytes:,} bytes)" if walk.value_bytes > walk.values * 8 else ""
         raise InvalidArgument(
-            f"{clip(ref, 60)} is too large for one request: its Parquet pages hold {walk.values:,} values{wide}; at "
-            f"most {max_bytes // 8:,} values and {max_bytes:,} bytes (setting max_parquet_uncompressed_bytes): send it "
-            "in parts"
+            f"{too_large}: its Parquet pages hold {walk.values:,} values{wide}; at "
+            f"most {max_bytes // 8:,} values and {max_bytes:,} bytes (setting max_parquet_uncompressed_bytes): {advice}"
         )
     dense = dense_byte_arrays(handle, walk, max_bytes - walk.decompressed)
-    schema, leaves = opened.schema, arrow_leaf_types(metadata)
+    schema, arrow_leaves = opened.schema, arrow_leaf_types(metadata)
     as_dictionaries = []
-    for i in range(metadata.num_columns):
+    for i in leaves if leaves is not None else range(metadata.num_columns):
         if schema.column(i).physical_type != "BYTE_ARRAY" or i in dense:
             continue
-        if leaves is None or not _reads_as_dictionary(leaves[i]):  # pyarrow decodes it whole (a decimal's bytes)
-            kind = "?" if leaves is None else str(leaves[i])
+        if arrow_leaves is None or not _reads_as_dictionary(arrow_leaves[i]):  # pyarrow decodes it whole
+            kind = "?" if arrow_leaves is None else str(arrow_leaves[i])
             raise InvalidArgument(
                 f"{clip(ref, 60)} cannot be read within a size bound: its column {clip(schema.column(i).path, 60)} "
                 f"is read as {clip(kind, 60)} from byte arrays whose pages do not bound what they decode to (a "
@@ -333,36 +401,50 @@ def read_parquet_bounded(handle: IO[bytes], max_bytes: int, ref: str) -> pa.Tabl
                 "an integer or fixed-size one"
             )
         as_dictionaries.append(schema.column(i).path)
-    parquet = pq.ParquetFile(handle, metadata=metadata, read_dictionary=as_dictionaries or None)
-    batches, total = [], 0
-    for batch in _batches(parquet, by_row_group=bool(as_dictionaries)):
-        total += sum(decoded_nbytes(column) for column in batch.columns)
-        if total > max_bytes:
-            raise InvalidArgument(
-                f"{clip(ref, 60)} is too large for one request: its Parquet data reads back as more than "
-                f"{max_bytes:,} bytes (its footer declared {metadata.num_rows:,} rows); at most {max_bytes:,} "
-                "(setting max_parquet_uncompressed_bytes): send it in parts"
-            )
-        batches.append(batch)
-    table = pa.Table.from_batches(batches, schema=parquet.schema_arrow)
-    if not as_dictionaries:
-        return table
-    try:
-        return table.cast(opened.schema_arrow)
-    except pa.ArrowNotImplementedError:  # no cast from a dictionary to some types (string_view): through its values
-        dense_schema = pa.schema([_dense_field(field) for field in table.schema], metadata=table.schema.metadata)
-        return table.cast(dense_schema).cast(opened.schema_arrow)
+    return as_dictionaries
 
 
-def _batches(parquet: pq.ParquetFile, *, by_row_group: bool) -> Iterator[pa.RecordBatch]:
+def parquet_batches_bounded(
+    handle: IO[bytes], max_bytes: int, ref: str, columns: list[str], batch_rows: int
+) -> Iterator[pa.RecordBatch]:
+    """The record batches of a Parquet file's `columns`, of at most `batch_rows` rows, row group by row group, each
+    row group read within `max_bytes` (setting max_parquet_uncompressed_bytes) as a body is (read_parquet_bounded):
+    its selected columns' page headers walked first (bounded_columns), then its batches' decoded size added up as they
+    come, a string column whose pages do not bound it read as dictionaries and counted from them, then cast back to
+    the file's type. A file of any size streams; a row group that reads back as more is refused (InvalidArgument)
+    before it is decoded, or at the batch that passes the bound. For an evaluation's worker: what a file under the
+    Jupyter root holds is anyone's with write access to it."""
+    opened = parquet_file(handle, ref)
+    metadata = opened.metadata
+    leaves = leaves_of(metadata, columns)
+    file_types = _selected(opened.schema_arrow, columns)
+    for group in range(metadata.num_row_groups):
+        too_large = f"dataset {clip(ref, 60)}: its row group {group:,} is too large to read at once"
+        advice = "write the file with smaller row groups"
+        as_dictionaries = bounded_columns(handle, opened, max_bytes, ref, leaves, [group], too_large, advice)
+        parquet = pq.ParquetFile(handle, metadata=metadata, read_dictionary=as_dictionaries or None)
+        total = 0
+        for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns):
+            total += sum(decoded_nbytes(column) for column in batch.columns)
+            if total > max_bytes:
+                raise InvalidArgument(
+                    f"{too_large}: its columns {clip(', '.join(columns), 60)} read back as more than {max_bytes:,} "
+                    f"bytes (setting max_parquet_uncompressed_bytes): {advice}"
+                )
+            yield _as_file_types(batch, file_types) if as_dictionaries else batch
+
+
+def _batches(
+    parquet: pq.ParquetFile, *, by_row_group: bool, columns: list[str] | None = None
+) -> Iterator[pa.RecordBatch]:
     """The batches of PARQUET_BATCH_ROWS rows of a Parquet file; with `by_row_group`, none spanning two row groups:
     pyarrow cannot read a nested column as dictionaries into one batch from two chunks whose dictionaries differ
     ("Nested data conversions not implemented for chunked array outputs")."""
     if not by_row_group:
-        yield from parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS)
+        yield from parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns)
         return
     for group in range(parquet.metadata.num_row_groups):
-        yield from parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group])
+        yield from parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group], columns=columns)
 
 
 def _dense(kind: pa.DataType) -> pa.DataType:
@@ -464,7 +546,9 @@ def parquet_page_bytes(handle: IO[bytes], metadata: pq.FileMetaData, leaves: lis
     return walk_parquet_pages(handle, metadata, leaves).decompressed
 
 
-def walk_parquet_pages(handle: IO[bytes], metadata: pq.FileMetaData, leaves: list[int] | None = None) -> PageWalk:
+def walk_parquet_pages(
+    handle: IO[bytes], metadata: pq.FileMetaData, leaves: list[int] | None = None, groups: list[int] | None = None
+) -> PageWalk:
     """The bytes a Parquet file's pages decompress to, from their headers (what pyarrow allocates to read them, a
     plain page of one repeated value included; the footer's sizes are a writer's to set), and, for each column
     chunk of a BYTE_ARRAY leaf, its dictionary pages and the values of its dictionary-encoded data pages (the
@@ -478,7 +562,7 @@ def walk_parquet_pages(handle: IO[bytes], metadata: pq.FileMetaData, leaves: lis
     make pages of about a megabyte or 20,000 rows): the walk is bounded by the body's size and its values (which
     check_parquet_sizes bounds), each header's parse by PAGE_HEADER_MAX_BYTES."""
     size = handle.seek(0, io.SEEK_END)
-    chunks = column_chunks(metadata, leaves)
+    chunks = column_chunks(metadata, leaves, groups)
     walked_leaves = list(range(metadata.num_columns)) if leaves is None else leaves  # each row group's, in order
     values = sum(chunk.num_values for chunk in chunks)
     most_pages = 2 * len(chunks) + size // PARQUET_BYTES_PER_PAGE + values // PARQUET_VALUES_PER_PAGE
@@ -863,11 +947,12 @@ def count_parquet(path: Path, label: str | None, max_bytes: int, ref: str | None
             result.rows = metadata.num_rows
             return result
         schema = parquet.schema
-        leaves = [i for i in range(metadata.num_columns) if schema.column(i).path.split(".")[0] == label]
+        leaves = leaves_of(metadata, [label]) or []
         try:
-            pages = parquet_page_bytes(handle, metadata, leaves)
+            walk = walk_parquet_pages(handle, metadata, leaves)
         except ValueError as error:
             raise InvalidArgument(f"dataset {clip(ref)} cannot be read: {error}") from None
+        pages = walk.decompressed
         if pages > max_bytes:
             raise InvalidArgument(
                 f"dataset {clip(ref)}: its label column {clip(label, 60)} decompresses to {pages:,} bytes of Parquet "
