@@ -402,10 +402,19 @@ def expanding_parquet(path: Any, rows: int = 2_000) -> None:
     pq.write_table(pa.table({"text": text, "label": ["pos", "neg"] * (rows // 2)}), path, store_schema=False)
 
 
+def delta_prefixed_parquet(path: Any, rows: int = 2_000) -> None:
+    """DELTA_BYTE_ARRAY pages of `rows` 100 kB values, each its predecessor's with one byte changed: a few kB on disk
+    (each value stores only what differs from the one before it), 200 MB once decoded."""
+    text = pa.array(["x" * 100_000 + str(i % 10) for i in range(rows)])
+    table = pa.table({"text": text, "label": pa.array(["pos", "neg"] * (rows // 2))})
+    pq.write_table(table, path, use_dictionary=["label"], column_encoding={"text": "DELTA_BYTE_ARRAY"})
+
+
 @pytest.mark.parametrize(
     ("write", "named"),
     [
         (expanding_parquet, "read back as more than 5,000,000 bytes (setting max_parquet_uncompressed_bytes)"),
+        (delta_prefixed_parquet, "holds DELTA_BYTE_ARRAY pages"),
     ],
 )
 async def test_an_evaluation_of_a_parquet_file_that_expands_fails_within_the_parquet_bound(
@@ -445,3 +454,10 @@ async def test_an_evaluation_of_a_parquet_file_that_expands_fails_within_the_par
     with pytest.raises(InvalidArgument, match=r"max_parquet_uncompressed_bytes|DELTA_BYTE_ARRAY"):
         runtime.catalog.load("expands.parquet", ["text", "label"])
     assert len(runtime.catalog.load("fine.parquet", ["label"])) == 3000
+
+
+def test_describing_a_delta_prefixed_label_column_says_why_it_is_not_counted(catalog):
+    delta_prefixed_parquet(catalog.root_dir / "prefixed.parquet")
+    with pytest.raises(InvalidArgument, match="label column 'text' holds DELTA_BYTE_ARRAY pages"):
+        catalog.describe("prefixed.parquet", "text")
+    assert catalog.describe("prefixed.parquet", "label").rows == 2_000

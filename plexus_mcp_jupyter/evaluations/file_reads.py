@@ -370,8 +370,10 @@ def bounded_columns(
     """The columns of a Parquet file to read as dictionaries for its leaves `leaves` of its row groups `groups` (None:
     all) to be read within `max_bytes`, from their page headers (walk_parquet_pages) before any page is decompressed:
     InvalidArgument (starting `too_large`) when the pages decompress to more, hold more values (times 8, or their
-    width) than `max_bytes` allows, or hold a string or binary column that no bound reaches (byte arrays pyarrow
-    decodes whole, a decimal's); `advice` ends the first two. ValueError when a page header is not one
+    width) than `max_bytes` allows, or hold a string or binary column that no bound reaches: DELTA_BYTE_ARRAY pages
+    (each value repeats a prefix of the one before it: 471 bytes of them read back as 200 MB, and pyarrow reads them
+    neither as dictionaries nor a page at a time: refused, before any is read), or byte arrays pyarrow decodes whole
+    (a decimal's); `advice` ends the first two. ValueError when a page header is not one
     (walk_parquet_pages)."""
     metadata = opened.metadata
     walk = walk_parquet_pages(handle, metadata, leaves, groups)  # (ValueError: not Parquet pyarrow would read)
@@ -388,10 +390,17 @@ def bounded_columns(
         )
     dense = dense_byte_arrays(handle, walk, max_bytes - walk.decompressed)
     schema, arrow_leaves = opened.schema, arrow_leaf_types(metadata)
+    prefixed = {chunk.column for chunk in walk.byte_arrays if chunk.prefixed}
     as_dictionaries = []
     for i in leaves if leaves is not None else range(metadata.num_columns):
         if schema.column(i).physical_type != "BYTE_ARRAY" or i in dense:
             continue
+        if i in prefixed:
+            raise InvalidArgument(
+                f"{clip(ref, 60)}: its column {clip(schema.column(i).path, 60)} holds DELTA_BYTE_ARRAY pages, which "
+                "cannot be read within a size bound; write it with the PLAIN, dictionary or DELTA_LENGTH_BYTE_ARRAY "
+                "encoding"
+            )
         if arrow_leaves is None or not _reads_as_dictionary(arrow_leaves[i]):  # pyarrow decodes it whole
             kind = "?" if arrow_leaves is None else str(arrow_leaves[i])
             raise InvalidArgument(
@@ -488,7 +497,7 @@ PAGE_HEADER_MAX_ELEMENTS = 1_000
 
 # Page types and encodings of parquet.thrift that the walk tells apart
 DATA_PAGE, DICTIONARY_PAGE, DATA_PAGE_V2 = 0, 2, 3
-PLAIN, PLAIN_DICTIONARY, DELTA_LENGTH_BYTE_ARRAY, RLE_DICTIONARY = 0, 2, 6, 8
+PLAIN, PLAIN_DICTIONARY, DELTA_LENGTH_BYTE_ARRAY, DELTA_BYTE_ARRAY, RLE_DICTIONARY = 0, 2, 6, 7, 8
 # PageHeader's fields read by the walk: type, sizes, and (num_values, encoding) of a data page, a dictionary page and
 # a data page v2
 PAGE_HEADER_FIELDS: dict[int, Any] = {1: None, 2: None, 3: None, 5: {1: None, 2: None}, 7: {1: None, 2: None}}
@@ -526,6 +535,7 @@ class ByteArrayChunk:
     dictionary_values: int = 0  # of which in dictionary-encoded ones
     dictionaries: list[DictionaryPage] = field(default_factory=list)
     unbounded: bool = False  # a page of another encoding (DELTA_BYTE_ARRAY: a value may repeat its predecessor's)
+    prefixed: bool = False  # a DELTA_BYTE_ARRAY page (pyarrow reads it neither as dictionaries nor a page at a time)
 
 
 @dataclass
@@ -611,6 +621,7 @@ def _note_page(chunk: ByteArrayChunk, page: PageHeader, position: int) -> None:
             chunk.dictionary_values += page.values
         elif page.encoding not in (PLAIN, DELTA_LENGTH_BYTE_ARRAY):
             chunk.unbounded = True
+            chunk.prefixed = chunk.prefixed or page.encoding == DELTA_BYTE_ARRAY
     else:
         chunk.unbounded = True
 
@@ -953,6 +964,12 @@ def count_parquet(path: Path, label: str | None, max_bytes: int, ref: str | None
         except ValueError as error:
             raise InvalidArgument(f"dataset {clip(ref)} cannot be read: {error}") from None
         pages = walk.decompressed
+        if any(chunk.prefixed for chunk in walk.byte_arrays):  # (read neither as dictionaries nor a page at a time)
+            raise InvalidArgument(
+                f"dataset {clip(ref)}: its label column {clip(label, 60)} holds DELTA_BYTE_ARRAY pages, which cannot "
+                "be counted within a size bound; write it with the PLAIN, dictionary or DELTA_LENGTH_BYTE_ARRAY "
+                "encoding"
+            )
         if pages > max_bytes:
             raise InvalidArgument(
                 f"dataset {clip(ref)}: its label column {clip(label, 60)} decompresses to {pages:,} bytes of Parquet "
