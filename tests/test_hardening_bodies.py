@@ -9,12 +9,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import io
 import json
 import re
 import time
 from urllib.parse import urlsplit
 
 import httpx2
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pydantic_core
 import pytest
 from hypothesis import given, settings
@@ -477,6 +480,50 @@ async def test_a_dataset_body_is_read_only_once_its_sender_is_admitted(server_ur
     for method in ("POST", "DELETE"):
         answer = await answer_before_body(upload, {"Authorization": f"Bearer {token}"}, 64 * 1024 * 1024, b"x", method)
         assert answer.status == 413 and answer.closed and method in answer.body.decode(), answer
+
+
+async def test_a_dataset_body_its_sender_may_not_register_is_refused_unread(server_url, token, keys, runtime):
+    # A registration's role, its sender's quota of registered bytes and max_dataset_upload_bytes were checked once the
+    # whole body (up to Jupyter's 512 MiB) had been read: now from its headers, the body unread (403, 413, 404).
+    big = 64 * 1024 * 1024
+    api = f"{server_url}plexus/api/datasets"
+    parquet = {"Content-Type": "application/vnd.apache.parquet"}
+
+    def as_(key: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {keys[key]}", **(extra or {})}
+
+    answer = await answer_before_body(f"{api}?name=big", as_("viewer", parquet), big, b"PAR1")
+    assert answer.status == 403 and answer.closed and "register" in answer.body.decode(), answer
+    runtime.catalog.max_registered_bytes = 1024 * 1024  # (max_registered_bytes_per_principal)
+    answer = await answer_before_body(f"{api}?name=big", as_("operator", parquet), big, b"PAR1")
+    assert answer.status == 403 and answer.closed and "max_registered_bytes_per_principal" in answer.body.decode()
+    runtime.catalog.max_registered_bytes = 0
+    runtime.uploads.max_bytes = 1024 * 1024  # (max_dataset_upload_bytes)
+    answer = await answer_before_body(f"{api}?name=big", as_("operator", parquet), big, b"PAR1")
+    assert answer.status == 413 and answer.closed and "max_dataset_upload_bytes" in answer.body.decode(), answer
+    async with httpx2.AsyncClient(headers=as_("operator"), timeout=30) as http:
+        began = await http.post(f"{api}/uploads", params={"name": "parts"})
+        assert began.status_code == 201, began.text
+        part = f"{api}/uploads/{began.json()['upload_id']}?part=0"
+        answer = await answer_before_body(part, as_("viewer"), big, b"x", method="PUT")
+        assert answer.status == 403 and answer.closed, answer
+        answer = await answer_before_body(part, as_("operator2"), big, b"x", method="PUT")  # not theirs
+        assert answer.status == 404 and answer.closed, answer
+        # A part within what the upload has left is taken; one past it discards the upload (as once read), unread.
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, pa.schema([("label", pa.string())])) as writer:
+            writer.write_table(pa.table({"label": ["a", "b"]}))
+        taken = await http.put(part, content=sink.getvalue().to_pybytes())
+        assert taken.status_code == 200 and taken.json()["rows"] == 2, taken.text
+        next_part = part.replace("part=0", "part=1")
+        answer = await answer_before_body(next_part, as_("operator"), big, b"x", method="PUT")
+        assert answer.status == 413 and answer.closed, answer
+        assert "max_dataset_upload_bytes setting) and was discarded" in answer.body.decode(), answer
+        assert (await http.post(part.removesuffix("?part=0"))).status_code == 404  # (discarded)
+        body = io.BytesIO()
+        pq.write_table(pa.table({"label": ["a", "b"]}), body)
+        registered = await http.post(f"{api}?name=small", content=body.getvalue(), headers=parquet)
+        assert registered.status_code == 201, registered.text
 
 
 @pytest.mark.parametrize("route", ["mcp modern", "mcp handshake", "rest"])
