@@ -195,7 +195,8 @@ def leaves_of(metadata: pq.FileMetaData, columns: list[str] | None) -> list[int]
     do not add up to the file's (no file pyarrow writes)."""
     if columns is None:
         return None
-    wanted, leaves, first = set(columns), [], 0
+    wanted, first = set(columns), 0
+    leaves: list[int] = []
     for top in metadata.schema.to_arrow_schema():
         count = sum(1 for _ in _leaf_types(top.type))
         if top.name in wanted:
