@@ -6,6 +6,7 @@ Each test drives a real server the way the attack did, with files of a few MB an
 from __future__ import annotations
 
 import asyncio
+import copy
 import io
 import json
 import os
@@ -27,6 +28,7 @@ from plexus_mcp_jupyter.evaluations.file_reads import MAX_TRACKED_LABELS, ReadBo
 
 from .conftest import open_client, poll
 from .loop_watch import watched
+from .parquet_thrift import get, rewrite
 from .test_standalone import start_http, stop
 
 HEADER_BYTES = 64 * 1024
@@ -447,7 +449,7 @@ async def test_an_evaluation_of_a_parquet_file_that_expands_fails_within_the_par
             return await poll(state, lambda e: e["status"] in ("COMPLETED", "FAILED"), timeout=120)
 
         failed = await evaluated("expands.parquet")
-        assert failed["status"] == "FAILED" and named in failed["error_message"], failed
+        assert failed["status"] == "FAILED" and named in failed["error_message"], failed["error_message"]
         assert len(failed["error_message"]) < 1000
         fine = await evaluated("fine.parquet")
         assert fine["status"] == "COMPLETED" and fine["processed_items"] == 3000, fine
@@ -461,3 +463,63 @@ def test_describing_a_delta_prefixed_label_column_says_why_it_is_not_counted(cat
     with pytest.raises(InvalidArgument, match="label column 'text' holds DELTA_BYTE_ARRAY pages"):
         catalog.describe("prefixed.parquet", "text")
     assert catalog.describe("prefixed.parquet", "label").rows == 2_000
+
+
+async def evaluated(client: Any, dataset: str, **extra: Any) -> dict[str, Any]:
+    """An accuracy evaluation of `dataset` (prediction `text`, label `label`), polled until it is over."""
+    body = {"type": "accuracy", "dataset": dataset, "prediction_column": "text", "label_column": "label", **extra}
+    created = await client.post("evaluations", json=body)
+    assert created.status_code in (200, 201, 202), created.text
+    url = f"evaluations/{created.json()['evaluation_id']}"
+
+    async def state() -> dict[str, Any]:
+        return (await client.get(url)).json()
+
+    return await poll(state, lambda e: e["status"] in ("COMPLETED", "FAILED"), timeout=120)
+
+
+def row_groups_at_one_chunk(path: Any, groups: int, footer_rows: int) -> None:
+    """An expanding file (expanding_parquet, 200 rows: 20 MB decoded) whose footer repeats its one row group `groups`
+    times, each pointing at the same column chunks, its footer's num_rows `footer_rows`."""
+    sink = io.BytesIO()
+    expanding_parquet(sink, rows=200)
+
+    def footer(meta: Any) -> None:
+        listed = get(meta, 4)[2][2]
+        listed[:] = [copy.deepcopy(listed[0]) for _ in range(groups)]
+        get(meta, 3)[2] = footer_rows
+
+    path.write_bytes(rewrite(sink.getvalue(), footer=footer))
+
+
+async def test_an_evaluation_reads_a_parquet_files_bytes_once_within_the_bound(api, keys, jp_root_dir, runtime):
+    """Each row group had been bounded alone: 50 row groups pointing at one 13 kB chunk streamed 10,000 rows (1 GB
+    decoded) past a footer that said 200, and a sample (which keeps every row group) held them all. Now the file is
+    checked whole before it is read (its groups' rows add up to its footer's, its chunks do not overlap), and a
+    sample's read is held to max_parquet_uncompressed_bytes in all."""
+    bound = 25_000_000
+    runtime.catalog.max_parquet_uncompressed_bytes = bound
+    runtime.manager.worker_environment["max_parquet_uncompressed_bytes"] = bound
+    row_groups_at_one_chunk(jp_root_dir / "footer.parquet", 50, 200)
+    row_groups_at_one_chunk(jp_root_dir / "overlap.parquet", 50, 200 * 50)
+    assert (jp_root_dir / "overlap.parquet").stat().st_size < 100_000
+    # 20 row groups of some 16 kB each once decoded (330 kB): streamed whole, but no sample of them within 200 kB
+    text = [("x" * 140) + str(i) for i in range(2_000)]
+    pd.DataFrame({"text": text, "label": ["pos", "neg"] * 1_000}).to_parquet(
+        jp_root_dir / "groups.parquet", row_group_size=100
+    )
+    async with api(keys["operator"]) as operator:
+        for dataset, named in (
+            ("footer.parquet", "its row groups hold 10,000 rows, its footer says 200"),
+            ("overlap.parquet", "its column chunks overlap"),
+        ):
+            for extra in ({}, {"sample_n": 10}):
+                failed = await evaluated(operator, dataset, **extra)
+                assert failed["status"] == "FAILED" and named in failed["error_message"], failed["error_message"]
+        runtime.manager.worker_environment["max_parquet_uncompressed_bytes"] = 200_000
+        whole = await evaluated(operator, "groups.parquet")
+        assert whole["status"] == "COMPLETED" and whole["processed_items"] == 2_000, whole["error_message"]
+        sampled = await evaluated(operator, "groups.parquet", sample_n=10)
+        assert sampled["status"] == "FAILED", sampled["error_message"]
+        assert "too large to sample" in sampled["error_message"], sampled
+        assert "200,000 bytes (setting max_parquet_uncompressed_bytes)" in sampled["error_message"], sampled

@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import struct
 import unicodedata
@@ -414,26 +415,65 @@ def bounded_columns(
     return as_dictionaries
 
 
+def parquet_rows(metadata: pq.FileMetaData, ref: str, leaves: list[int] | None = None) -> int:
+    """The rows of a Parquet file whose row groups are read one by one (parquet_batches_bounded), checked across the
+    whole file before any is: its row groups' rows must add up to its footer's (a writer sets both: 50 row groups of
+    200 rows under a footer's 200 had streamed 10,000 rows), and the byte ranges of the column chunks of its leaves
+    `leaves` (None: all) must not overlap (50 row groups pointing at one chunk of 13 kB had each been walked and
+    bounded alone, 1 GB decoded in all). InvalidArgument otherwise."""
+    groups = sum(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
+    if groups != metadata.num_rows:
+        raise InvalidArgument(
+            f"dataset {clip(ref, 60)} cannot be read: its row groups hold {groups:,} rows, its footer says "
+            f"{metadata.num_rows:,} (not a file a Parquet writer makes)"
+        )
+    ranges = sorted(_chunk_range(chunk) for chunk in column_chunks(metadata, leaves) if chunk.num_values > 0)
+    for (_start, end), (following, _end) in itertools.pairwise(ranges):
+        if following < end:
+            raise InvalidArgument(
+                f"dataset {clip(ref, 60)} cannot be read: its column chunks overlap (bytes {following:,} to "
+                f"{min(end, _end):,} belong to two of them; not a file a Parquet writer makes)"
+            )
+    return groups
+
+
+def _chunk_range(chunk: Any) -> tuple[int, int]:
+    """The bytes of a column chunk, as walk_parquet_pages reads them (from its dictionary page, if any)."""
+    position = chunk.data_page_offset
+    if chunk.has_dictionary_page and 0 < chunk.dictionary_page_offset < position:
+        position = chunk.dictionary_page_offset
+    return position, position + chunk.total_compressed_size
+
+
 def parquet_batches_bounded(
-    handle: IO[bytes], max_bytes: int, ref: str, columns: list[str], batch_rows: int
+    handle: IO[bytes], max_bytes: int, ref: str, columns: list[str], batch_rows: int, *, held: bool = False
 ) -> Iterator[pa.RecordBatch]:
     """The record batches of a Parquet file's `columns`, of at most `batch_rows` rows, row group by row group, each
     row group read within `max_bytes` (setting max_parquet_uncompressed_bytes) as a body is (read_parquet_bounded):
     its selected columns' page headers walked first (bounded_columns), then its batches' decoded size added up as they
     come, a string column whose pages do not bound it read as dictionaries and counted from them, then cast back to
     the file's type. A file of any size streams; a row group that reads back as more is refused (InvalidArgument)
-    before it is decoded, or at the batch that passes the bound. For an evaluation's worker: what a file under the
-    Jupyter root holds is anyone's with write access to it."""
+    before it is decoded, or at the batch that passes the bound. With `held` (the caller keeps every batch: an
+    evaluation's sample is drawn from all rows), one total across the whole file is held to `max_bytes`. The file is
+    checked whole first (parquet_rows: its row groups' rows add up to its footer's, its chunks do not overlap), so
+    that no byte is read, and bounded, more than once. For an evaluation's worker: what a file under the Jupyter root
+    holds is anyone's with write access to it."""
     opened = parquet_file(handle, ref)
     metadata = opened.metadata
     leaves = leaves_of(metadata, columns)
+    parquet_rows(metadata, ref, leaves)
     file_types = _selected(opened.schema_arrow, columns)
+    total = 0
     for group in range(metadata.num_row_groups):
         too_large = f"dataset {clip(ref, 60)}: its row group {group:,} is too large to read at once"
         advice = "write the file with smaller row groups"
         as_dictionaries = bounded_columns(handle, opened, max_bytes, ref, leaves, [group], too_large, advice)
         parquet = pq.ParquetFile(handle, metadata=metadata, read_dictionary=as_dictionaries or None)
-        total = 0
+        if held:
+            too_large = f"dataset {clip(ref, 60)} is too large to sample: every row is read first, and"
+            advice = "evaluate it without a sample, or sample a smaller file"
+        else:
+            total = 0
         for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns):
             total += sum(decoded_nbytes(column) for column in batch.columns)
             if total > max_bytes:

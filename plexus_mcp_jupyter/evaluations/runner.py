@@ -105,7 +105,7 @@ def _run(ctx: TaskContext, store: EvaluationStore, task: EvaluationParams, norm:
             needed + text + [c for _n, s, _c in scorers for c in s.columns] + ([input_column] if input_column else [])
         )
     )
-    stream = catalog.stream(dataset, columns, text)
+    stream = catalog.stream(dataset, columns, text, held=bool(task.sample))  # (a sample keeps every row)
     frames: Iterable[pd.DataFrame] = stream
     rows = stream.rows
     if task.sample:  # a sample is drawn from the whole set of rows: the selected columns are read first
