@@ -494,7 +494,14 @@ async def test_a_dataset_body_its_sender_may_not_register_is_refused_unread(serv
 
     answer = await answer_before_body(f"{api}?name=big", as_("viewer", parquet), big, b"PAR1")
     assert answer.status == 403 and answer.closed and "register" in answer.body.decode(), answer
-    runtime.catalog.max_registered_bytes = 1024 * 1024  # (max_registered_bytes_per_principal)
+    # A sender already at its quota of registered bytes (max_registered_bytes_per_principal); one below it is read,
+    # its stored size checked (a Parquet body is re-encoded: its size as sent is not what it adds)
+    first = io.BytesIO()
+    pq.write_table(pa.table({"label": ["a", "b"]}), first)
+    async with httpx2.AsyncClient(headers=as_("operator", parquet), timeout=30) as http:
+        registered = await http.post(f"{api}?name=first", content=first.getvalue())
+        assert registered.status_code == 201, registered.text
+    runtime.catalog.max_registered_bytes = (runtime.catalog.registered_dir / "first.parquet").stat().st_size
     answer = await answer_before_body(f"{api}?name=big", as_("operator", parquet), big, b"PAR1")
     assert answer.status == 403 and answer.closed and "max_registered_bytes_per_principal" in answer.body.decode()
     runtime.catalog.max_registered_bytes = 0
