@@ -523,3 +523,26 @@ async def test_an_evaluation_reads_a_parquet_files_bytes_once_within_the_bound(a
         assert sampled["status"] == "FAILED", sampled["error_message"]
         assert "too large to sample" in sampled["error_message"], sampled
         assert "200,000 bytes (setting max_parquet_uncompressed_bytes)" in sampled["error_message"], sampled
+
+
+def test_small_row_groups_stream_in_batches_that_span_them_within_the_bound(catalog):
+    """Each row group had been read alone, a batch never spanning two: 1M rows in 1,000-row groups gave 1,000 frames
+    and 1,004 scoring chunks (8 and 30 before the bound), 25x the CPU. Consecutive row groups are read at once while
+    their rows fit in a batch and their pages in max_parquet_uncompressed_bytes; a nested column read as dictionaries
+    (which pyarrow cannot join across row groups) is read a row group at a time."""
+    rows = 20_000
+    frame = pd.DataFrame({"text": [f"input number {i}" for i in range(rows)], "label": ["pos", "neg"] * (rows // 2)})
+    frame.to_parquet(catalog.root_dir / "small.parquet", row_group_size=100)
+    frames = list(catalog.stream("small.parquet", ["text", "label"]))
+    assert [len(f) for f in frames] == [rows] and frames[0]["text"].tolist() == frame["text"].tolist()
+    # 200 row groups of some 2.6 kB of pages each: within 20 kB, a batch holds a few of them
+    catalog.max_parquet_uncompressed_bytes = 20_000
+    frames = list(catalog.stream("small.parquet", ["text", "label"]))
+    assert 200 > len(frames) > 10 and sum(len(f) for f in frames) == rows, len(frames)
+    assert pd.concat(frames)["text"].tolist() == frame["text"].tolist()
+    catalog.max_parquet_uncompressed_bytes = 2**30
+    nested = pa.table({"tags": [[f"tag {i % 7}"] for i in range(1_000)], "label": ["pos", "neg"] * 500})
+    # (parquet's LZ4: its dictionaries are not read before, so its string columns are read as dictionaries)
+    pq.write_table(nested, catalog.root_dir / "nested.parquet", row_group_size=100, compression="lz4")
+    frames = list(catalog.stream("nested.parquet", ["tags", "label"]))
+    assert sum(len(f) for f in frames) == 1_000 and list(frames[0]["tags"].iloc[0]) == ["tag 0"]
