@@ -648,3 +648,26 @@ async def test_every_route_refuses_an_anonymous_body_before_reading_it(jp_server
         if answer.status not in ((413,) if handler is HealthHandler else (401, 403)) or not answer.closed
     ]
     assert not refused, refused
+
+
+async def test_a_chunked_upload_part_past_what_the_upload_has_left_discards_it(server_url, keys, runtime):
+    """A part declaring more than its upload has left of max_dataset_upload_bytes is refused 413 and the upload
+    discarded (as a part read past it is); a chunked one was refused 413 as it arrived, its upload kept."""
+    api = f"{server_url}plexus/api/datasets/uploads"
+    headers = {"Authorization": f"Bearer {keys['operator']}"}
+    runtime.uploads.max_bytes = 200_000
+    async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
+        began = await http.post(api, params={"name": "chunked"})
+        assert began.status_code == 201, began.text
+        upload = f"{api}/{began.json()['upload_id']}"
+        answer, sent = await chunked_answer(f"{upload}?part=0", headers, b"x" * 65_536, 10, method="PUT")
+        assert answer.status == 413 and answer.closed and sent <= 5, (answer, sent)
+        assert "max_dataset_upload_bytes setting), and the upload was discarded" in answer.body.decode(), answer
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, pa.schema([("label", pa.string())])) as writer:
+            writer.write_table(pa.table({"label": ["a", "b"]}))
+
+        async def part() -> int:
+            return (await http.put(upload, params={"part": "0"}, content=sink.getvalue().to_pybytes())).status_code
+
+        assert await poll(part, lambda status: status == 404, timeout=10) == 404  # (discarded: no such upload)

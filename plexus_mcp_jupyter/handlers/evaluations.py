@@ -6,6 +6,7 @@ DataFrame from a kernel (the notebook client's `register_dataset`) as Parquet, o
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pandas as pd
@@ -330,6 +331,7 @@ class DatasetUploadsHandler(BodylessHandler):
 
 class DatasetUploadHandler(DatasetBodyHandler):
     body_methods = ("PUT",)  # (a commit or an abort reads none: past 64 KiB, refused unread)
+    _discarding: asyncio.Future[Any] | None = None  # (a chunked part past what its upload has left: `_too_large`)
 
     async def admit_request(self) -> None:
         """A part's role and upload, before its body is read: 403 for a role that may not register, 404 for an upload
@@ -350,8 +352,21 @@ class DatasetUploadHandler(DatasetBodyHandler):
     def too_large_message(self, size: int) -> str:
         return (
             f"the part is more than the {self.body_limit():,} bytes this upload has left of "
-            f"{self.runtime.uploads.max_bytes:,} (the max_dataset_upload_bytes setting)"
+            f"{self.runtime.uploads.max_bytes:,} (the max_dataset_upload_bytes setting), and the upload was "
+            "discarded: keep only the columns the evaluation needs, or write the frame as Parquet under the Jupyter "
+            "root and evaluate that path"
         )
+
+    def _too_large(self, size: int) -> web.HTTPError:
+        """A chunked part past what the upload has left (a declared one is refused, and its upload discarded, by
+        `admit_request`): its upload discarded too, as a part read past it is (in the catalog's threads: its lock may
+        be held by a part being written)."""
+        if not self._bodyless():
+            uploads, upload_id = self.runtime.uploads, self.path_kwargs["upload_id"]
+            discard = self.runtime.catalog.run(uploads.admit_part, upload_id, self.principal.owner, size)
+            self._discarding = asyncio.ensure_future(discard)
+            self._discarding.add_done_callback(lambda done: done.exception())  # (InvalidArgument: discarded)
+        return super()._too_large(size)
 
     async def put(self, upload_id: str) -> None:
         """One part: ?part=N, the body an Arrow IPC stream of record batches (parsed in the catalog's threads)."""
