@@ -52,9 +52,10 @@ class UnavailableHandler(APIHandler):
     it is shown to a caller Jupyter authenticates.
 
     Its body is never kept (tornado's `stream_request_body`: without it tornado read a whole body, up to Jupyter's
-    max_body_size, before the 503): one over 64 KiB, declared or chunked, is answered once its headers are in and
-    never read (`Connection: close`, as a StreamedBody's); a smaller one is read and dropped, then answered, so the
-    connection stays open and a client that writes its whole body before it reads sees the 503."""
+    max_body_size, before the 503): one declared over 64 KiB is answered once its headers are in and never read
+    (`Connection: close`, as a StreamedBody's), a chunked one once more than 64 KiB of it has come; a smaller one is
+    read and dropped, then answered, so the connection stays open and a client that writes its whole body before it
+    reads sees the 503."""
 
     _answer: str | None = None
     _received = 0
@@ -70,9 +71,7 @@ class UnavailableHandler(APIHandler):
         except Exception:
             authenticated = False
         self._answer = self.detail if authenticated else self.message
-        declared = declared_length(self.request.headers)
-        chunked = declared is None and "Transfer-Encoding" in self.request.headers
-        if chunked or (declared or 0) > JSON_ON_LOOP_BYTES:
+        if (declared_length(self.request.headers) or 0) > JSON_ON_LOOP_BYTES:  # (a chunked one: data_received)
             self._unavailable(unread=True)
 
     def data_received(self, chunk: bytes) -> None:  # (dropped: a 503 reads nothing of it)
