@@ -546,3 +546,19 @@ def test_small_row_groups_stream_in_batches_that_span_them_within_the_bound(cata
     pq.write_table(nested, catalog.root_dir / "nested.parquet", row_group_size=100, compression="lz4")
     frames = list(catalog.stream("nested.parquet", ["tags", "label"]))
     assert sum(len(f) for f in frames) == 1_000 and list(frames[0]["tags"].iloc[0]) == ["tag 0"]
+
+
+def test_a_load_too_large_says_so_in_its_own_words(catalog):
+    """A load of a file under the root that reads back past max_parquet_uncompressed_bytes had been refused in a request
+    body's words ("too large for one request ... send it in parts"): it says the dataset is too large to load."""
+    catalog.max_parquet_uncompressed_bytes = PARQUET_BOUND
+    expanding_parquet(catalog.root_dir / "expands.parquet")
+    for columns in (["text", "label"], None):
+        with pytest.raises(InvalidArgument) as refused:
+            catalog.load("expands.parquet", columns)
+        said = str(refused.value)
+        assert said.startswith("dataset 'expands.parquet' is too large to load: its Parquet data reads back as"), said
+        assert "for one request" not in said and "send it in parts" not in said
+        assert said.endswith(
+            "max_parquet_uncompressed_bytes): evaluate it (an evaluation streams it), or load fewer of its columns"
+        )

@@ -783,7 +783,9 @@ def _read(path: Path, fmt: str, ref: str, columns: builtins.list[str] | None, ma
                 # reports the gap. Within max_parquet_uncompressed_bytes, as a body is (read_parquet_bounded).
                 index = [n for n in stored if n.startswith("__index_level_")]
                 wanted = columns + index if columns is not None and set(columns) <= set(stored) else None
-                df = read_parquet_bounded(handle, max_parquet_bytes, ref, wanted).to_pandas()
+                too_large = f"dataset {clip(ref, 60)} is too large to load"
+                advice = "evaluate it (an evaluation streams it), or load fewer of its columns"
+                df = read_parquet_bounded(handle, max_parquet_bytes, ref, wanted, too_large, advice).to_pandas()
     return _with_range_index(df)
 
 

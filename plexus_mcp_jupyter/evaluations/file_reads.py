@@ -306,10 +306,18 @@ def _value_width(kind: pa.DataType) -> int:
 PARQUET_BATCH_ROWS = 65_536  # rows per batch of read_parquet_bounded: the bound is checked after each
 
 
-def read_parquet_bounded(handle: IO[bytes], max_bytes: int, ref: str, columns: list[str] | None = None) -> pa.Table:
+def read_parquet_bounded(
+    handle: IO[bytes],
+    max_bytes: int,
+    ref: str,
+    columns: list[str] | None = None,
+    too_large: str | None = None,
+    advice: str = "send it in parts",
+) -> pa.Table:
     """The table a Parquet file holds (its `columns` only, given), read in batches whose decoded size is added up as
-    they come: past `max_bytes` the read stops with InvalidArgument (setting max_parquet_uncompressed_bytes), so a
-    footer that under-declares is caught too. The footer is parsed once and checked first (check_parquet_sizes, a
+    they come: past `max_bytes` the read stops with InvalidArgument (setting max_parquet_uncompressed_bytes; starting
+    `too_large`, by default a request body's wording, and ending `advice`), so a footer that under-declares is caught
+    too. The footer is parsed once and checked first (check_parquet_sizes, a
     first filter, for a whole file), then the page headers (walk_parquet_pages: pyarrow decompresses a page whole,
     and decodes the values its header says it holds, whatever the footer says): bounded_columns.
 
@@ -325,8 +333,9 @@ def read_parquet_bounded(handle: IO[bytes], max_bytes: int, ref: str, columns: l
     metadata = opened.metadata
     if columns is None:
         check_parquet_sizes(metadata, max_bytes, ref)
-    too_large = f"{clip(ref, 60)} is too large for one request"
-    as_dictionaries = bounded_columns(handle, opened, max_bytes, ref, leaves_of(metadata, columns), None, too_large)
+    too_large = too_large or f"{clip(ref, 60)} is too large for one request"
+    leaves = leaves_of(metadata, columns)
+    as_dictionaries = bounded_columns(handle, opened, max_bytes, ref, leaves, None, too_large, advice)
     parquet = pq.ParquetFile(handle, metadata=metadata, read_dictionary=as_dictionaries or None)
     batches, total = [], 0
     for batch in _batches(parquet, by_row_group=bool(as_dictionaries), columns=columns):
@@ -335,7 +344,7 @@ def read_parquet_bounded(handle: IO[bytes], max_bytes: int, ref: str, columns: l
             raise InvalidArgument(
                 f"{too_large}: its Parquet data reads back as more than "
                 f"{max_bytes:,} bytes (its footer declared {metadata.num_rows:,} rows); at most {max_bytes:,} "
-                "(setting max_parquet_uncompressed_bytes): send it in parts"
+                f"(setting max_parquet_uncompressed_bytes): {advice}"
             )
         batches.append(batch)
     schema = parquet.schema_arrow if columns is None else _selected(parquet.schema_arrow, columns)
