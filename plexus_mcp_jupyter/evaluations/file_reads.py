@@ -306,6 +306,16 @@ def _value_width(kind: pa.DataType) -> int:
 PARQUET_BATCH_ROWS = 65_536  # rows per batch of read_parquet_bounded: the bound is checked after each
 
 
+def add_decoded(total: int, batch: pa.RecordBatch, max_bytes: int, too_large: str) -> int:
+    """`total` plus the bytes `batch` decodes to (decoded_nbytes: a dictionary's indices at their values' lengths);
+    InvalidArgument(`too_large`) past `max_bytes`. Each Parquet read within max_parquet_uncompressed_bytes adds up its
+    batches so, as they come."""
+    total += sum(decoded_nbytes(column) for column in batch.columns)
+    if total > max_bytes:
+        raise InvalidArgument(too_large)
+    return total
+
+
 def read_parquet_bounded(
     handle: IO[bytes],
     max_bytes: int,
@@ -338,14 +348,12 @@ def read_parquet_bounded(
     as_dictionaries = bounded_columns(handle, opened, max_bytes, ref, leaves, None, too_large, advice)
     parquet = pq.ParquetFile(handle, metadata=metadata, read_dictionary=as_dictionaries or None)
     batches, total = [], 0
+    past = (
+        f"{too_large}: its Parquet data reads back as more than {max_bytes:,} bytes (its footer declared "
+        f"{metadata.num_rows:,} rows); at most {max_bytes:,} (setting max_parquet_uncompressed_bytes): {advice}"
+    )
     for batch in _batches(parquet, by_row_group=bool(as_dictionaries), columns=columns):
-        total += sum(decoded_nbytes(column) for column in batch.columns)
-        if total > max_bytes:
-            raise InvalidArgument(
-                f"{too_large}: its Parquet data reads back as more than "
-                f"{max_bytes:,} bytes (its footer declared {metadata.num_rows:,} rows); at most {max_bytes:,} "
-                f"(setting max_parquet_uncompressed_bytes): {advice}"
-            )
+        total = add_decoded(total, batch, max_bytes, past)
         batches.append(batch)
     schema = parquet.schema_arrow if columns is None else _selected(parquet.schema_arrow, columns)
     table = pa.Table.from_batches(batches, schema=schema)
@@ -499,13 +507,12 @@ def parquet_batches_bounded(
             shown = f" {groups[0]:,} is" if len(groups) == 1 else f"s {groups[0]:,} to {groups[-1]:,} are"
             too_large = f"dataset {clip(ref, 60)}: its row group{shown} too large to read at once"
             advice = "write the file with smaller row groups"
+        past = (
+            f"{too_large}: its columns {clip(', '.join(columns), 60)} read back as more than {max_bytes:,} bytes "
+            f"(setting max_parquet_uncompressed_bytes): {advice}"
+        )
         for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns):
-            total += sum(decoded_nbytes(column) for column in batch.columns)
-            if total > max_bytes:
-                raise InvalidArgument(
-                    f"{too_large}: its columns {clip(', '.join(columns), 60)} read back as more than {max_bytes:,} "
-                    f"bytes (setting max_parquet_uncompressed_bytes): {advice}"
-                )
+            total = add_decoded(total, batch, max_bytes, past)
             yield _as_file_types(batch, file_types) if as_dictionaries else batch
 
 
@@ -1060,10 +1067,11 @@ def _shown_label(value: Any) -> str:
 
 def count_parquet(path: Path, label: str | None, max_bytes: int, ref: str | None = None) -> LabelCounts:
     """Rows from the metadata; label counts from batches of that one column, within `max_bytes` as a Parquet body
-    is read (read_parquet_bounded): the column's page headers walked first (what its pages decompress to, before
-    any is), then its batches' decoded size added up as they come, a string column read as a dictionary (a
-    dictionary page of one long value and many indices to it, a few hundred bytes in a file under the root, is
-    counted by its values' lengths, not decoded): InvalidArgument past the bound (max_parquet_uncompressed_bytes)."""
+    is read (read_parquet_bounded): the column's page headers walked first (bounded_columns: what its pages
+    decompress to, before any is; a DELTA_BYTE_ARRAY column refused), then its batches' decoded size added up as they
+    come, a string column whose pages do not bound it read as a dictionary (a dictionary page of one long value and
+    many indices to it, a few hundred bytes in a file under the root, is counted by its values' lengths, not
+    decoded): InvalidArgument past the bound (max_parquet_uncompressed_bytes)."""
     result = LabelCounts()
     ref = ref or str(path)
     with path.open("rb") as handle:
@@ -1072,35 +1080,20 @@ def count_parquet(path: Path, label: str | None, max_bytes: int, ref: str | None
         if label is None:
             result.rows = metadata.num_rows
             return result
-        schema = parquet.schema
-        leaves = leaves_of(metadata, [label]) or []
-        try:
-            walk = walk_parquet_pages(handle, metadata, leaves)
+        counted = f"dataset {clip(ref)}: its label column {clip(label, 60)} is too large to count"
+        advice = "count a smaller file"
+        try:  # its page headers walked, a DELTA_BYTE_ARRAY column refused, before any page is decompressed
+            as_dictionaries = bounded_columns(
+                handle, parquet, max_bytes, ref, leaves_of(metadata, [label]), None, counted, advice
+            )
         except ValueError as error:
             raise InvalidArgument(f"dataset {clip(ref)} cannot be read: {error}") from None
-        pages = walk.decompressed
-        if any(chunk.prefixed for chunk in walk.byte_arrays):  # (read neither as dictionaries nor a page at a time)
-            raise InvalidArgument(
-                f"dataset {clip(ref)}: its label column {clip(label, 60)} holds DELTA_BYTE_ARRAY pages, which cannot "
-                "be counted within a size bound; write it with the PLAIN, dictionary or DELTA_LENGTH_BYTE_ARRAY "
-                "encoding"
-            )
-        if pages > max_bytes:
-            raise InvalidArgument(
-                f"dataset {clip(ref)}: its label column {clip(label, 60)} decompresses to {pages:,} bytes of Parquet "
-                f"pages; at most {max_bytes:,} are counted (setting max_parquet_uncompressed_bytes)"
-            )
-        byte_arrays = [schema.column(i).path for i in leaves if schema.column(i).physical_type == "BYTE_ARRAY"]
-        bounded = pq.ParquetFile(handle, metadata=metadata, read_dictionary=byte_arrays)
+        bounded = pq.ParquetFile(handle, metadata=metadata, read_dictionary=as_dictionaries or None)
         total = 0
-        for batch in bounded.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[label]):
+        past = f"{counted}: it reads back as more than {max_bytes:,} bytes (setting max_parquet_uncompressed_bytes)"
+        for batch in _batches(bounded, by_row_group=bool(as_dictionaries), columns=[label]):
+            total = add_decoded(total, batch, max_bytes, past)
             column = batch.column(0)
-            total += decoded_nbytes(column)
-            if total > max_bytes:
-                raise InvalidArgument(
-                    f"dataset {clip(ref)}: its label column {clip(label, 60)} reads back as more than "
-                    f"{max_bytes:,} bytes, the most that are counted (setting max_parquet_uncompressed_bytes)"
-                )
             result.add(column, batch.num_rows)
     return result
 
