@@ -466,7 +466,8 @@ class PlexusSettings(Configurable):
         min=1,
         help="Most bytes of Arrow data one dataset registered in parts may total (the notebook sends a large "
         "DataFrame in parts, each a request below Jupyter's ServerApp.max_body_size); past it the upload is "
-        "discarded with an error saying so. Default 8 GiB.",
+        "discarded with an error saying so (a part declaring more than is left: 413 before it is read). A "
+        "registration in one request (POST plexus/api/datasets) may send at most this many bytes too. Default 8 GiB.",
     ).tag(config=True)
     max_parquet_uncompressed_bytes = Integer(
         2**30,
@@ -481,7 +482,10 @@ class PlexusSettings(Configurable):
         "so a small body cannot expand into gigabytes even when its footer under-declares. Past it the body is "
         "refused saying so (send the frame in parts: the notebook client does). The label column of a Parquet "
         "file under the Jupyter root that a describe counts is held to it the same way (its page headers, then its "
-        "batches' decoded size). Default 1 GiB.",
+        "batches' decoded size), and so are a Parquet file's columns an evaluation reads, row group by row group "
+        "(a larger file streams; a row group past it fails the evaluation; a sampled evaluation's whole read is "
+        "held to it), and a dataset load. A DELTA_BYTE_ARRAY string column is refused (no bound reaches it). "
+        "Default 1 GiB.",
     ).tag(config=True)
     max_registered_bytes_per_principal = Integer(
         2 * 2**30,

@@ -165,6 +165,7 @@ class PlexusRuntime:
                 "redact_columns": settings.redact_columns,
                 "items_dir": str(items_dir),
                 "max_evaluation_items": settings.max_evaluation_items,
+                "max_parquet_uncompressed_bytes": settings.max_parquet_uncompressed_bytes,
             },
             calls=self.store_calls,
             request_handlers={"kernel_score": self._kernel_score},

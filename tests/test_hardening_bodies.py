@@ -9,12 +9,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import io
 import json
 import re
 import time
 from urllib.parse import urlsplit
 
 import httpx2
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pydantic_core
 import pytest
 from hypothesis import given, settings
@@ -479,6 +482,57 @@ async def test_a_dataset_body_is_read_only_once_its_sender_is_admitted(server_ur
         assert answer.status == 413 and answer.closed and method in answer.body.decode(), answer
 
 
+async def test_a_dataset_body_its_sender_may_not_register_is_refused_unread(server_url, token, keys, runtime):
+    # A registration's role, its sender's quota of registered bytes and max_dataset_upload_bytes were checked once the
+    # whole body (up to Jupyter's 512 MiB) had been read: now from its headers, the body unread (403, 413, 404).
+    big = 64 * 1024 * 1024
+    api = f"{server_url}plexus/api/datasets"
+    parquet = {"Content-Type": "application/vnd.apache.parquet"}
+
+    def as_(key: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {keys[key]}", **(extra or {})}
+
+    answer = await answer_before_body(f"{api}?name=big", as_("viewer", parquet), big, b"PAR1")
+    assert answer.status == 403 and answer.closed and "register" in answer.body.decode(), answer
+    # A sender already at its quota of registered bytes (max_registered_bytes_per_principal); one below it is read,
+    # its stored size checked (a Parquet body is re-encoded: its size as sent is not what it adds)
+    first = io.BytesIO()
+    pq.write_table(pa.table({"label": ["a", "b"]}), first)
+    async with httpx2.AsyncClient(headers=as_("operator", parquet), timeout=30) as http:
+        registered = await http.post(f"{api}?name=first", content=first.getvalue())
+        assert registered.status_code == 201, registered.text
+    runtime.catalog.max_registered_bytes = (runtime.catalog.registered_dir / "first.parquet").stat().st_size
+    answer = await answer_before_body(f"{api}?name=big", as_("operator", parquet), big, b"PAR1")
+    assert answer.status == 403 and answer.closed and "max_registered_bytes_per_principal" in answer.body.decode()
+    runtime.catalog.max_registered_bytes = 0
+    runtime.uploads.max_bytes = 1024 * 1024  # (max_dataset_upload_bytes)
+    answer = await answer_before_body(f"{api}?name=big", as_("operator", parquet), big, b"PAR1")
+    assert answer.status == 413 and answer.closed and "max_dataset_upload_bytes" in answer.body.decode(), answer
+    async with httpx2.AsyncClient(headers=as_("operator"), timeout=30) as http:
+        began = await http.post(f"{api}/uploads", params={"name": "parts"})
+        assert began.status_code == 201, began.text
+        part = f"{api}/uploads/{began.json()['upload_id']}?part=0"
+        answer = await answer_before_body(part, as_("viewer"), big, b"x", method="PUT")
+        assert answer.status == 403 and answer.closed, answer
+        answer = await answer_before_body(part, as_("operator2"), big, b"x", method="PUT")  # not theirs
+        assert answer.status == 404 and answer.closed, answer
+        # A part within what the upload has left is taken; one past it discards the upload (as once read), unread.
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, pa.schema([("label", pa.string())])) as writer:
+            writer.write_table(pa.table({"label": ["a", "b"]}))
+        taken = await http.put(part, content=sink.getvalue().to_pybytes())
+        assert taken.status_code == 200 and taken.json()["rows"] == 2, taken.text
+        next_part = part.replace("part=0", "part=1")
+        answer = await answer_before_body(next_part, as_("operator"), big, b"x", method="PUT")
+        assert answer.status == 413 and answer.closed, answer
+        assert "max_dataset_upload_bytes setting) and was discarded" in answer.body.decode(), answer
+        assert (await http.post(part.removesuffix("?part=0"))).status_code == 404  # (discarded)
+        body = io.BytesIO()
+        pq.write_table(pa.table({"label": ["a", "b"]}), body)
+        registered = await http.post(f"{api}?name=small", content=body.getvalue(), headers=parquet)
+        assert registered.status_code == 201, registered.text
+
+
 @pytest.mark.parametrize("route", ["mcp modern", "mcp handshake", "rest"])
 async def test_a_chunked_body_is_charged_and_bounded_as_it_arrives(server_url, keys, runtime, route):
     # Without a Content-Length the body's size is known only as it comes: charged past 64 KiB, refused once over
@@ -594,3 +648,26 @@ async def test_every_route_refuses_an_anonymous_body_before_reading_it(jp_server
         if answer.status not in ((413,) if handler is HealthHandler else (401, 403)) or not answer.closed
     ]
     assert not refused, refused
+
+
+async def test_a_chunked_upload_part_past_what_the_upload_has_left_discards_it(server_url, keys, runtime):
+    """A part declaring more than its upload has left of max_dataset_upload_bytes is refused 413 and the upload
+    discarded (as a part read past it is); a chunked one was refused 413 as it arrived, its upload kept."""
+    api = f"{server_url}plexus/api/datasets/uploads"
+    headers = {"Authorization": f"Bearer {keys['operator']}"}
+    runtime.uploads.max_bytes = 200_000
+    async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
+        began = await http.post(api, params={"name": "chunked"})
+        assert began.status_code == 201, began.text
+        upload = f"{api}/{began.json()['upload_id']}"
+        answer, sent = await chunked_answer(f"{upload}?part=0", headers, b"x" * 65_536, 10, method="PUT")
+        assert answer.status == 413 and answer.closed and sent <= 5, (answer, sent)
+        assert "max_dataset_upload_bytes setting), and the upload was discarded" in answer.body.decode(), answer
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, pa.schema([("label", pa.string())])) as writer:
+            writer.write_table(pa.table({"label": ["a", "b"]}))
+
+        async def part() -> int:
+            return (await http.put(upload, params={"part": "0"}, content=sink.getvalue().to_pybytes())).status_code
+
+        assert await poll(part, lambda status: status == 404, timeout=10) == 404  # (discarded: no such upload)

@@ -6,6 +6,7 @@ Each test drives a real server the way the attack did, with files of a few MB an
 from __future__ import annotations
 
 import asyncio
+import copy
 import io
 import json
 import os
@@ -25,8 +26,9 @@ from plexus_mcp_jupyter.core.errors import InvalidArgument
 from plexus_mcp_jupyter.evaluations.datasets import DatasetCatalog
 from plexus_mcp_jupyter.evaluations.file_reads import MAX_TRACKED_LABELS, ReadBounds
 
-from .conftest import open_client
+from .conftest import open_client, poll
 from .loop_watch import watched
+from .parquet_thrift import get, rewrite
 from .test_standalone import start_http, stop
 
 HEADER_BYTES = 64 * 1024
@@ -338,7 +340,10 @@ def test_a_parquet_file_under_the_root_is_counted_within_the_parquet_bound(catal
         pa.table({"label": ["x" * 50_000] * 1000, "n": list(range(1000))}), catalog.root_dir / "dict.parquet"
     )
     assert (catalog.root_dir / "dict.parquet").stat().st_size < 60_000
-    with pytest.raises(InvalidArgument, match=r"'label' reads back as more than 1,000,000 bytes.*max_parquet_unc"):
+    with pytest.raises(
+        InvalidArgument,
+        match=r"'label' is too large to count: it reads back as more than 1,000,000 bytes.*max_parquet_unc",
+    ):
         catalog.describe("dict.parquet")
     assert catalog.describe("dict.parquet", label_column="n").label_classes == 1000  # (another column: counted)
     pq.write_table(
@@ -348,7 +353,8 @@ def test_a_parquet_file_under_the_root_is_counted_within_the_parquet_bound(catal
         compression="zstd",
     )
     with pytest.raises(
-        InvalidArgument, match=r"decompresses to 10,000,0\d\d bytes of Parquet pages; at most 1,000,000"
+        InvalidArgument,
+        match=r"too large to count: its Parquet pages decompress to 10,000,0\d\d bytes; at most 1,000,000",
     ):
         catalog.describe("page.parquet")
     # Within the bound, counted as before (the strings read as a dictionary, counted by value).
@@ -387,3 +393,176 @@ def test_the_rows_an_evaluation_check_reads_from_a_parquet_footer_are_bounded_to
     (catalog.root_dir / "crafted.parquet").write_bytes(b"PAR1" + b"\0" * 64 + (1 << 30).to_bytes(4, "little") + b"PAR1")
     with pytest.raises(InvalidArgument, match="Parquet footer is 1,073,741,824 bytes"):
         catalog.known_rows("crafted.parquet")
+
+
+# --- a Parquet file under the root, read by an evaluation's worker or a load ---------------------------------------
+
+PARQUET_BOUND = 5_000_000
+
+
+def expanding_parquet(path: Any, rows: int = 2_000) -> None:
+    """A Parquet file of a few kB whose `text` column is a dictionary page of one 100 kB string and `rows` indices to
+    it: 200 MB once decoded (written from its dictionary, so the writer never holds them either; without its Arrow
+    schema, so that pyarrow reads it back as strings)."""
+    text = pa.DictionaryArray.from_arrays(pa.array([0] * rows, pa.int32()), pa.array(["x" * 100_000]))
+    pq.write_table(pa.table({"text": text, "label": ["pos", "neg"] * (rows // 2)}), path, store_schema=False)
+
+
+def delta_prefixed_parquet(path: Any, rows: int = 2_000) -> None:
+    """DELTA_BYTE_ARRAY pages of `rows` 100 kB values, each its predecessor's with one byte changed: a few kB on disk
+    (each value stores only what differs from the one before it), 200 MB once decoded."""
+    text = pa.array(["x" * 100_000 + str(i % 10) for i in range(rows)])
+    table = pa.table({"text": text, "label": pa.array(["pos", "neg"] * (rows // 2))})
+    pq.write_table(table, path, use_dictionary=["label"], column_encoding={"text": "DELTA_BYTE_ARRAY"})
+
+
+@pytest.mark.parametrize(
+    ("write", "named"),
+    [
+        (expanding_parquet, "read back as more than 5,000,000 bytes (setting max_parquet_uncompressed_bytes)"),
+        (delta_prefixed_parquet, "holds DELTA_BYTE_ARRAY pages"),
+    ],
+)
+async def test_an_evaluation_of_a_parquet_file_that_expands_fails_within_the_parquet_bound(
+    api, keys, jp_root_dir, runtime, write, named
+):
+    """A file under the Jupyter root was read by the evaluation's worker (record batches) and by a load with no bound:
+    a few kB that decode to 200 MB (a dictionary page of one long string, or DELTA_BYTE_ARRAY pages) took that much of
+    the worker's memory. Each row group is now read within max_parquet_uncompressed_bytes, refused before it is
+    decoded or at the batch that passes it; an ordinary file is read as before."""
+    runtime.catalog.max_parquet_uncompressed_bytes = PARQUET_BOUND  # (the server's load and describe)
+    runtime.manager.worker_environment["max_parquet_uncompressed_bytes"] = PARQUET_BOUND  # (the worker's stream)
+    write(jp_root_dir / "expands.parquet")
+    assert (jp_root_dir / "expands.parquet").stat().st_size < 100_000
+    pd.DataFrame({"text": ["pos", "neg", "pos"] * 1000, "label": ["pos", "neg", "neg"] * 1000}).to_parquet(
+        jp_root_dir / "fine.parquet", row_group_size=1000
+    )
+    async with api(keys["operator"]) as operator:
+
+        async def evaluated(dataset: str) -> dict[str, Any]:
+            created = await operator.post(
+                "evaluations",
+                json={"type": "accuracy", "dataset": dataset, "prediction_column": "text", "label_column": "label"},
+            )
+            assert created.status_code in (200, 201, 202), created.text
+            url = f"evaluations/{created.json()['evaluation_id']}"
+
+            async def state() -> dict[str, Any]:
+                return (await operator.get(url)).json()
+
+            return await poll(state, lambda e: e["status"] in ("COMPLETED", "FAILED"), timeout=120)
+
+        failed = await evaluated("expands.parquet")
+        assert failed["status"] == "FAILED" and named in failed["error_message"], failed["error_message"]
+        assert len(failed["error_message"]) < 1000
+        fine = await evaluated("fine.parquet")
+        assert fine["status"] == "COMPLETED" and fine["processed_items"] == 3000, fine
+    with pytest.raises(InvalidArgument, match=r"max_parquet_uncompressed_bytes|DELTA_BYTE_ARRAY"):
+        runtime.catalog.load("expands.parquet", ["text", "label"])
+    assert len(runtime.catalog.load("fine.parquet", ["label"])) == 3000
+
+
+def test_describing_a_delta_prefixed_label_column_says_why_it_is_not_counted(catalog):
+    delta_prefixed_parquet(catalog.root_dir / "prefixed.parquet")
+    with pytest.raises(InvalidArgument, match="column 'text' holds DELTA_BYTE_ARRAY pages"):
+        catalog.describe("prefixed.parquet", "text")
+    assert catalog.describe("prefixed.parquet", "label").rows == 2_000
+
+
+async def evaluated(client: Any, dataset: str, **extra: Any) -> dict[str, Any]:
+    """An accuracy evaluation of `dataset` (prediction `text`, label `label`), polled until it is over."""
+    body = {"type": "accuracy", "dataset": dataset, "prediction_column": "text", "label_column": "label", **extra}
+    created = await client.post("evaluations", json=body)
+    assert created.status_code in (200, 201, 202), created.text
+    url = f"evaluations/{created.json()['evaluation_id']}"
+
+    async def state() -> dict[str, Any]:
+        return (await client.get(url)).json()
+
+    return await poll(state, lambda e: e["status"] in ("COMPLETED", "FAILED"), timeout=120)
+
+
+def row_groups_at_one_chunk(path: Any, groups: int, footer_rows: int) -> None:
+    """An expanding file (expanding_parquet, 200 rows: 20 MB decoded) whose footer repeats its one row group `groups`
+    times, each pointing at the same column chunks, its footer's num_rows `footer_rows`."""
+    sink = io.BytesIO()
+    expanding_parquet(sink, rows=200)
+
+    def footer(meta: Any) -> None:
+        listed = get(meta, 4)[2][2]
+        listed[:] = [copy.deepcopy(listed[0]) for _ in range(groups)]
+        get(meta, 3)[2] = footer_rows
+
+    path.write_bytes(rewrite(sink.getvalue(), footer=footer))
+
+
+async def test_an_evaluation_reads_a_parquet_files_bytes_once_within_the_bound(api, keys, jp_root_dir, runtime):
+    """Each row group had been bounded alone: 50 row groups pointing at one 13 kB chunk streamed 10,000 rows (1 GB
+    decoded) past a footer that said 200, and a sample (which keeps every row group) held them all. Now the file is
+    checked whole before it is read (its groups' rows add up to its footer's, its chunks do not overlap), and a
+    sample's read is held to max_parquet_uncompressed_bytes in all."""
+    bound = 25_000_000
+    runtime.catalog.max_parquet_uncompressed_bytes = bound
+    runtime.manager.worker_environment["max_parquet_uncompressed_bytes"] = bound
+    row_groups_at_one_chunk(jp_root_dir / "footer.parquet", 50, 200)
+    row_groups_at_one_chunk(jp_root_dir / "overlap.parquet", 50, 200 * 50)
+    assert (jp_root_dir / "overlap.parquet").stat().st_size < 100_000
+    # 20 row groups of some 16 kB each once decoded (330 kB): streamed whole, but no sample of them within 200 kB
+    text = [("x" * 140) + str(i) for i in range(2_000)]
+    pd.DataFrame({"text": text, "label": ["pos", "neg"] * 1_000}).to_parquet(
+        jp_root_dir / "groups.parquet", row_group_size=100
+    )
+    async with api(keys["operator"]) as operator:
+        for dataset, named in (
+            ("footer.parquet", "its row groups hold 10,000 rows, its footer says 200"),
+            ("overlap.parquet", "its column chunks overlap"),
+        ):
+            for extra in ({}, {"sample_n": 10}):
+                failed = await evaluated(operator, dataset, **extra)
+                assert failed["status"] == "FAILED" and named in failed["error_message"], failed["error_message"]
+        runtime.manager.worker_environment["max_parquet_uncompressed_bytes"] = 200_000
+        whole = await evaluated(operator, "groups.parquet")
+        assert whole["status"] == "COMPLETED" and whole["processed_items"] == 2_000, whole["error_message"]
+        sampled = await evaluated(operator, "groups.parquet", sample_n=10)
+        assert sampled["status"] == "FAILED", sampled["error_message"]
+        assert "too large to sample" in sampled["error_message"], sampled
+        assert "200,000 bytes (setting max_parquet_uncompressed_bytes)" in sampled["error_message"], sampled
+
+
+def test_small_row_groups_stream_in_batches_that_span_them_within_the_bound(catalog):
+    """Each row group had been read alone, a batch never spanning two: 1M rows in 1,000-row groups gave 1,000 frames
+    and 1,004 scoring chunks (8 and 30 before the bound), 25x the CPU. Consecutive row groups are read at once while
+    their rows fit in a batch and their pages in max_parquet_uncompressed_bytes; a nested column read as dictionaries
+    (which pyarrow cannot join across row groups) is read a row group at a time."""
+    rows = 20_000
+    frame = pd.DataFrame({"text": [f"input number {i}" for i in range(rows)], "label": ["pos", "neg"] * (rows // 2)})
+    frame.to_parquet(catalog.root_dir / "small.parquet", row_group_size=100)
+    frames = list(catalog.stream("small.parquet", ["text", "label"]))
+    assert [len(f) for f in frames] == [rows] and frames[0]["text"].tolist() == frame["text"].tolist()
+    # 200 row groups of some 2.6 kB of pages each: within 20 kB, a batch holds a few of them
+    catalog.max_parquet_uncompressed_bytes = 20_000
+    frames = list(catalog.stream("small.parquet", ["text", "label"]))
+    assert 200 > len(frames) > 10 and sum(len(f) for f in frames) == rows, len(frames)
+    assert pd.concat(frames)["text"].tolist() == frame["text"].tolist()
+    catalog.max_parquet_uncompressed_bytes = 2**30
+    nested = pa.table({"tags": [[f"tag {i % 7}"] for i in range(1_000)], "label": ["pos", "neg"] * 500})
+    # (parquet's LZ4: its dictionaries are not read before, so its string columns are read as dictionaries)
+    pq.write_table(nested, catalog.root_dir / "nested.parquet", row_group_size=100, compression="lz4")
+    frames = list(catalog.stream("nested.parquet", ["tags", "label"]))
+    assert sum(len(f) for f in frames) == 1_000 and list(frames[0]["tags"].iloc[0]) == ["tag 0"]
+
+
+def test_a_load_too_large_says_so_in_its_own_words(catalog):
+    """A load of a file under the root that reads back past max_parquet_uncompressed_bytes had been refused in a request
+    body's words ("too large for one request ... send it in parts"): it says the dataset is too large to load."""
+    catalog.max_parquet_uncompressed_bytes = PARQUET_BOUND
+    expanding_parquet(catalog.root_dir / "expands.parquet")
+    for columns in (["text", "label"], None):
+        with pytest.raises(InvalidArgument) as refused:
+            catalog.load("expands.parquet", columns)
+        said = str(refused.value)
+        assert said.startswith("dataset 'expands.parquet' is too large to load: its Parquet data reads back as"), said
+        assert "for one request" not in said and "send it in parts" not in said
+        assert said.endswith(
+            "max_parquet_uncompressed_bytes): evaluate it (an evaluation streams it), or load fewer of its columns"
+        )

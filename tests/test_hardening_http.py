@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx2
 import pytest
@@ -30,7 +31,7 @@ from plexus_mcp_jupyter.security.redaction import SecretScrubber
 
 from .conftest import open_client, poll
 from .loop_watch import HealthWatch, watched
-from .raw_http import answer_before_body
+from .raw_http import _read_answer, answer_before_body, chunked_answer, request_head
 from .test_standalone import plexus_env, start_http, stop
 
 TOO_DEEP = "nested more than the 64 levels allowed"
@@ -336,6 +337,34 @@ class TestBadEnvironmentSetting:
 
     async def test_every_plexus_route_answers_503_naming_it(self, server_url, token, capture_server_log):
         await assert_plexus_unavailable(server_url, token, capture_server_log, "PLEXUS_MCP_EXECUTOR")
+
+    async def test_a_large_body_is_answered_503_unread(self, server_url, token):
+        """Tornado read a whole body (up to Jupyter's max_body_size, 512 MiB) before the 503's handler ran, for anyone:
+        one over 64 KiB is answered once its headers are in and the connection ended, the body never read."""
+        for headers in ({}, {"Authorization": f"Bearer {token}"}):
+            for method, route in (("POST", "plexus/mcp"), ("PUT", "plexus/api/datasets/uploads/x"), ("GET", "plexus/")):
+                url = f"{server_url}{route}"
+                answer = await answer_before_body(url, headers, 64 * 1024 * 1024, b"{", method=method)
+                assert answer.status == 503 and answer.closed, (method, route, headers, answer)
+                assert "PLEXUS_MCP_EXECUTOR" in json.loads(answer.body)["error"]["message"], answer.body
+
+    async def test_a_small_chunked_body_is_read_and_the_connection_kept(self, server_url, token):
+        """Every chunked body had been answered unread and its connection ended, 2 bytes too: one within 64 KiB is
+        read (and dropped), answered, and the connection kept; a larger one is answered once past 64 KiB, unread."""
+        url = f"{server_url}plexus/mcp"
+        headers = {"Authorization": f"Bearer {token}", "Transfer-Encoding": "chunked"}
+        parts = urlsplit(url)
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        try:
+            writer.write(request_head(url, "POST", headers) + b"2\r\n{}\r\n0\r\n\r\n")
+            await writer.drain()
+            answer = await _read_answer(reader, 10)
+        finally:
+            writer.close()
+        assert answer.status == 503 and not answer.closed, answer
+        assert "PLEXUS_MCP_EXECUTOR" in json.loads(answer.body)["error"]["message"], answer.body
+        answer, sent = await chunked_answer(url, {"Authorization": f"Bearer {token}"}, b" " * 32_768, 20)
+        assert answer.status == 503 and answer.closed and sent <= 4, (answer, sent)
 
 
 class TestBadCommandLineSetting:

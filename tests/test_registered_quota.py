@@ -126,3 +126,33 @@ def test_registrations_by_one_key_at_once_never_pass_its_quota_together(tmp_path
     placed = [f"n{index}" for index, outcome in enumerate(outcomes) if outcome == "placed"]
     assert sorted(catalog.registered_names()) == sorted(placed)
     assert all(catalog.owner_of(name) == owner for name in placed)
+
+
+async def test_a_parquet_body_larger_than_the_quota_left_registers_when_what_is_stored_fits(server_url, keys, runtime):
+    """A registration's declared size had been checked against the quota before its body was read: a Parquet body is
+    re-encoded when it is stored, so 2 MB sent uncompressed (stored as a few kB) was refused 403 under a quota of
+    100 kB when its Content-Length was sent, and registered when the same bytes were sent chunked. The stored size is
+    what counts: both register; a caller already at the quota is refused before the body is read."""
+    api = f"{server_url}plexus/api/datasets"
+    headers = {"Authorization": f"Bearer {keys['operator']}", "Content-Type": "application/vnd.apache.parquet"}
+    buffer = io.BytesIO()
+    pd.DataFrame({"text": ["the same words again"] * 100_000}).to_parquet(
+        buffer, index=False, compression=None, use_dictionary=False
+    )
+    body = buffer.getvalue()
+    assert len(body) > 20 * QUOTA
+
+    async def chunked() -> Any:
+        for start in range(0, len(body), 65_536):
+            yield body[start : start + 65_536]
+
+    async with httpx2.AsyncClient(timeout=60) as http:
+        declared = await http.post(api, params={"name": "declared"}, content=body, headers=headers)
+        assert declared.status_code == 201, declared.text
+        sent = await http.post(api, params={"name": "chunked"}, content=chunked(), headers=headers)
+        assert sent.status_code == 201, sent.text
+        stored = sum(path.stat().st_size for path in runtime.catalog.registered_dir.glob("*.parquet"))
+        assert stored < QUOTA
+        runtime.catalog.max_registered_bytes = stored  # (now at its quota)
+        refused = await http.post(api, params={"name": "more"}, content=body, headers=headers)
+        assert refused.status_code == 403 and "max_registered_bytes_per_principal" in said(refused), refused.text

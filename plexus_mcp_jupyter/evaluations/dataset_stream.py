@@ -29,7 +29,16 @@ import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 
 from ..core.errors import InvalidArgument, one_line
-from .file_reads import ReadBounds, clip, count_csv, count_jsonl, parquet_file
+from .file_reads import (
+    ReadBounds,
+    clip,
+    count_csv,
+    count_jsonl,
+    leaves_of,
+    parquet_batches_bounded,
+    parquet_file,
+    parquet_rows,
+)
 
 BATCH_BYTES = 8 << 20  # a CSV or JSON Lines block read at once (and a Parquet batch of about this many rows)
 PARQUET_BATCH_ROWS = 131_072
@@ -54,17 +63,23 @@ class DatasetStream:
         text_columns: Sequence[str] = (),
         bounds: ReadBounds | None = None,
         batch_bytes: int = BATCH_BYTES,
+        max_parquet_bytes: int = 2**30,
+        held: bool = False,
     ) -> None:
         self.path, self.fmt, self.ref = path, fmt, ref
         self.names, self.columns = list(names), list(dict.fromkeys(columns))
         self.text_columns = [c for c in dict.fromkeys(text_columns) if c in self.columns]
         self.bounds = bounds or ReadBounds()
         self.batch_bytes = batch_bytes  # a block read at once (at least a line's bound, for CSV and JSON Lines)
+        self.max_parquet_bytes = max_parquet_bytes  # what a Parquet row group reads back as (parquet_batches_bounded)
+        self.held = held  # every frame kept by the caller (a sample's): a Parquet file's whole read within the bound
         self.version = _version(path)
         self.rows: int | None = None
         if fmt == "parquet":
             with path.open("rb") as handle:
-                self.rows = parquet_file(handle, ref).metadata.num_rows
+                # its row groups' rows, which must add up to its footer's (the rows its stream yields)
+                metadata = parquet_file(handle, ref).metadata
+                self.rows = parquet_rows(metadata, ref, leaves_of(metadata, self.columns))
 
     def estimated_rows(self) -> int:
         """The rows, exact for Parquet; for CSV and JSON Lines the lines counted (more than the rows when a
@@ -102,6 +117,8 @@ class DatasetStream:
                 return
             frame.index = pd.RangeIndex(start, start + len(frame))
             start += len(frame)
+            if self.rows is not None and start > self.rows:  # (parquet_rows: a writer's row groups say how many)
+                raise InvalidArgument(f"dataset {clip(self.ref)} holds more rows than its Parquet footer says")
             if len(frame):
                 yield frame
 
@@ -162,10 +179,15 @@ class DatasetStream:
         return f"cannot read dataset {clip(self.ref)} as CSV: {one_line(message)}"
 
     def _parquet(self) -> Iterator[pd.DataFrame]:
+        # Its footer bounded, as for a listing, and each row group's selected columns within max_parquet_bytes: their
+        # page headers before a page is decompressed, their decoded size as they are read (a dictionary page of one
+        # long string and many indices to it, a few hundred bytes, had been decoded whole, gigabytes).
         with self.path.open("rb") as handle:
-            parquet = parquet_file(handle, self.ref)  # its footer bounded, as for a listing
             rows = max(1, PARQUET_BATCH_ROWS * self.batch_bytes // BATCH_BYTES)
-            for batch in parquet.iter_batches(batch_size=rows, columns=self.columns):
+            batches = parquet_batches_bounded(
+                handle, self.max_parquet_bytes, self.ref, self.columns, rows, held=self.held
+            )
+            for batch in batches:
                 yield batch.to_pandas()
 
     def _jsonl(self) -> Iterator[pd.DataFrame]:

@@ -373,7 +373,7 @@ class DatasetCatalog:
         parsed = parse_ref(ref)
         path, fmt = self._locate(parsed)
         wanted = builtins.list(columns) if columns is not None else None
-        df = _read(path, fmt, str(parsed), wanted)
+        df = _read(path, fmt, str(parsed), wanted, self.max_parquet_uncompressed_bytes)
         if wanted is not None:
             require_columns(df, *wanted, what=f"column(s) of dataset {str(parsed)!r}:")
             df = df[wanted]
@@ -381,15 +381,28 @@ class DatasetCatalog:
             raise InvalidArgument(f"dataset {str(parsed)!r} has no rows")
         return df
 
-    def stream(self, ref: str, columns: Sequence[str], text_columns: Sequence[str] = ()) -> DatasetStream:
+    def stream(
+        self, ref: str, columns: Sequence[str], text_columns: Sequence[str] = (), *, held: bool = False
+    ) -> DatasetStream:
         """The dataset's `columns`, batch by batch, for an evaluation worker (dataset_stream.py): bounded
-        memory whatever the file's size. Raises like :meth:`load`, and InvalidArgument for a missing column."""
+        memory whatever the file's size (`held`: the caller keeps every batch, a Parquet file's whole read is held to
+        max_parquet_uncompressed_bytes). Raises like :meth:`load`, and InvalidArgument for a missing column."""
         parsed = parse_ref(ref)
         path, fmt = self._locate(parsed)
         names = self.columns(ref)
         require_names(names, builtins.list(columns), f"column(s) of dataset {str(parsed)!r}:")
         with _reading(str(parsed), fmt):
-            return DatasetStream(path, fmt, str(parsed), names, columns, text_columns, self.bounds)
+            return DatasetStream(
+                path,
+                fmt,
+                str(parsed),
+                names,
+                columns,
+                text_columns,
+                self.bounds,
+                max_parquet_bytes=self.max_parquet_uncompressed_bytes,
+                held=held,
+            )
 
     def columns(self, ref: str) -> builtins.list[str]:
         """The dataset's column names, read from its first line or its Parquet footer only, within the
@@ -756,7 +769,7 @@ def _reading(ref: str, fmt: str) -> Iterator[None]:
         raise InvalidArgument(f"cannot read dataset {clip(ref)} as {fmt.upper()}: {one_line(error)}") from None
 
 
-def _read(path: Path, fmt: str, ref: str, columns: builtins.list[str] | None) -> pd.DataFrame:
+def _read(path: Path, fmt: str, ref: str, columns: builtins.list[str] | None, max_parquet_bytes: int) -> pd.DataFrame:
     with _reading(ref, fmt):
         if fmt == "csv":
             df = pd.read_csv(path)
@@ -765,11 +778,14 @@ def _read(path: Path, fmt: str, ref: str, columns: builtins.list[str] | None) ->
         else:
             # One open file for schema and data: a registered frame replaced meanwhile is read whole, old or new.
             with path.open("rb") as handle:
-                stored = [n for n in pq.read_schema(handle).names if not n.startswith("__index_level_")]
-                handle.seek(0)
-                # Read only the wanted columns when they are all there; otherwise load() reports the gap.
-                wanted = columns if columns is not None and set(columns) <= set(stored) else None
-                df = pd.read_parquet(handle, columns=wanted)
+                stored = parquet_file(handle, ref).schema_arrow.names
+                # Read only the wanted columns when they are all there (and the index pandas keeps); otherwise load()
+                # reports the gap. Within max_parquet_uncompressed_bytes, as a body is (read_parquet_bounded).
+                index = [n for n in stored if n.startswith("__index_level_")]
+                wanted = columns + index if columns is not None and set(columns) <= set(stored) else None
+                too_large = f"dataset {clip(ref, 60)} is too large to load"
+                advice = "evaluate it (an evaluation streams it), or load fewer of its columns"
+                df = read_parquet_bounded(handle, max_parquet_bytes, ref, wanted, too_large, advice).to_pandas()
     return _with_range_index(df)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import struct
 import unicodedata
@@ -179,12 +180,30 @@ def parquet_file(handle: IO[bytes], ref: str) -> pq.ParquetFile:
     return pq.ParquetFile(handle)
 
 
-def column_chunks(metadata: pq.FileMetaData, leaves: list[int] | None = None) -> list[Any]:
-    """Every column chunk of a Parquet file's footer (of its leaf columns `leaves` only, given), row group by row
-    group."""
+def column_chunks(
+    metadata: pq.FileMetaData, leaves: list[int] | None = None, groups: list[int] | None = None
+) -> list[Any]:
+    """Every column chunk of a Parquet file's footer (of its leaf columns `leaves` only, given; of its row groups
+    `groups` only, given), row group by row group."""
     wanted = range(metadata.num_columns) if leaves is None else leaves
-    groups = (metadata.row_group(i) for i in range(metadata.num_row_groups))
-    return [group.column(j) for group in groups for j in wanted]
+    chosen = range(metadata.num_row_groups) if groups is None else groups
+    return [metadata.row_group(i).column(j) for i in chosen for j in wanted]
+
+
+def leaves_of(metadata: pq.FileMetaData, columns: list[str] | None) -> list[int] | None:
+    """The leaf columns (by index) of a Parquet file's top-level `columns` (None: all of them, None too), from its
+    Arrow schema (a nested column has several leaves; a name may hold a dot); every leaf when the Arrow fields' leaves
+    do not add up to the file's (no file pyarrow writes)."""
+    if columns is None:
+        return None
+    wanted, first = set(columns), 0
+    leaves: list[int] = []
+    for top in metadata.schema.to_arrow_schema():
+        count = sum(1 for _ in _leaf_types(top.type))
+        if top.name in wanted:
+            leaves.extend(range(first, first + count))
+        first += count
+    return leaves if first == metadata.num_columns else list(range(metadata.num_columns))
 
 
 def check_parquet_sizes(metadata: pq.FileMetaData, max_bytes: int, ref: str) -> None:
@@ -287,12 +306,30 @@ def _value_width(kind: pa.DataType) -> int:
 PARQUET_BATCH_ROWS = 65_536  # rows per batch of read_parquet_bounded: the bound is checked after each
 
 
-def read_parquet_bounded(handle: IO[bytes], max_bytes: int, ref: str) -> pa.Table:
-    """The table a Parquet file holds, read in batches whose decoded size is added up as they come: past
-    `max_bytes` the read stops with InvalidArgument (setting max_parquet_uncompressed_bytes), so a footer that
-    under-declares is caught too. The footer is parsed once and checked first (check_parquet_sizes, a first
-    filter), then the page headers (walk_parquet_pages: pyarrow decompresses a page whole, and decodes the values
-    its header says it holds, whatever the footer says).
+def add_decoded(total: int, batch: pa.RecordBatch, max_bytes: int, too_large: str) -> int:
+    """`total` plus the bytes `batch` decodes to (decoded_nbytes: a dictionary's indices at their values' lengths);
+    InvalidArgument(`too_large`) past `max_bytes`. Each Parquet read within max_parquet_uncompressed_bytes adds up its
+    batches so, as they come."""
+    total += sum(decoded_nbytes(column) for column in batch.columns)
+    if total > max_bytes:
+        raise InvalidArgument(too_large)
+    return total
+
+
+def read_parquet_bounded(
+    handle: IO[bytes],
+    max_bytes: int,
+    ref: str,
+    columns: list[str] | None = None,
+    too_large: str | None = None,
+    advice: str = "send it in parts",
+) -> pa.Table:
+    """The table a Parquet file holds (its `columns` only, given), read in batches whose decoded size is added up as
+    they come: past `max_bytes` the read stops with InvalidArgument (setting max_parquet_uncompressed_bytes; starting
+    `too_large`, by default a request body's wording, and ending `advice`), so a footer that under-declares is caught
+    too. The footer is parsed once and checked first (check_parquet_sizes, a
+    first filter, for a whole file), then the page headers (walk_parquet_pages: pyarrow decompresses a page whole,
+    and decodes the values its header says it holds, whatever the footer says): bounded_columns.
 
     A string or binary column is decoded as it is read when the walk bounds what it decodes to (dense_byte_arrays:
     its plain pages hold their values, and its dictionary-encoded values are counted times its dictionaries'
@@ -304,28 +341,103 @@ def read_parquet_bounded(handle: IO[bytes], max_bytes: int, ref: str) -> pa.Tabl
     plain read for a column of unique strings (pyarrow hashes every value a page did not dictionary-encode)."""
     opened = parquet_file(handle, ref)
     metadata = opened.metadata
-    check_parquet_sizes(metadata, max_bytes, ref)
-    walk = walk_parquet_pages(handle, metadata)
+    if columns is None:
+        check_parquet_sizes(metadata, max_bytes, ref)
+    too_large = too_large or f"{clip(ref, 60)} is too large for one request"
+    leaves = leaves_of(metadata, columns)
+    as_dictionaries = bounded_columns(handle, opened, max_bytes, ref, leaves, None, too_large, advice)
+    parquet = pq.ParquetFile(handle, metadata=metadata, read_dictionary=as_dictionaries or None)
+    batches, total = [], 0
+    past = (
+        f"{too_large}: its Parquet data reads back as more than {max_bytes:,} bytes (its footer declared "
+        f"{metadata.num_rows:,} rows); at most {max_bytes:,} (setting max_parquet_uncompressed_bytes): {advice}"
+    )
+    for batch in _batches(parquet, by_row_group=bool(as_dictionaries), columns=columns):
+        total = add_decoded(total, batch, max_bytes, past)
+        batches.append(batch)
+    schema = parquet.schema_arrow if columns is None else _selected(parquet.schema_arrow, columns)
+    table = pa.Table.from_batches(batches, schema=schema)
+    if not as_dictionaries:
+        return table
+    return _as_file_types(table, opened.schema_arrow if columns is None else _selected(opened.schema_arrow, columns))
+
+
+def _selected(schema: pa.Schema, columns: list[str]) -> pa.Schema:
+    """`schema`'s fields named in `columns`, in that order (as pyarrow reads them), with its metadata."""
+    return pa.schema([schema.field(name) for name in columns], metadata=schema.metadata)
+
+
+def _as_file_types(data: Any, schema: pa.Schema) -> Any:
+    """A table or batch read with dictionaries, cast back to the file's own types (`schema`)."""
+    try:
+        return data.cast(schema)
+    except pa.ArrowNotImplementedError:  # no cast from a dictionary to some types (string_view): through its values
+        dense_schema = pa.schema([_dense_field(field) for field in data.schema], metadata=data.schema.metadata)
+        return data.cast(dense_schema).cast(schema)
+
+
+def bounded_columns(
+    handle: IO[bytes],
+    opened: pq.ParquetFile,
+    max_bytes: int,
+    ref: str,
+    leaves: list[int] | None,
+    groups: list[int] | None,
+    too_large: str,
+    advice: str = "send it in parts",
+) -> list[str]:
+    """The columns of a Parquet file to read as dictionaries for its leaves `leaves` of its row groups `groups` (None:
+    all) to be read within `max_bytes`, from their page headers (walk_parquet_pages) before any page is decompressed:
+    InvalidArgument (starting `too_large`) when the pages decompress to more, hold more values (times 8, or their
+    width) than `max_bytes` allows, or hold a string or binary column that no bound reaches: DELTA_BYTE_ARRAY pages
+    (each value repeats a prefix of the one before it: 471 bytes of them read back as 200 MB, and pyarrow reads them
+    neither as dictionaries nor a page at a time: refused, before any is read), or byte arrays pyarrow decodes whole
+    (a decimal's); `advice` ends the first two. ValueError when a page header is not one
+    (walk_parquet_pages)."""
+    walk = walk_parquet_pages(handle, opened.metadata, leaves, groups)  # (ValueError: not Parquet pyarrow reads)
+    return _judged(handle, opened, walk, max_bytes, ref, leaves, too_large, advice)[0]
+
+
+def _judged(
+    handle: IO[bytes],
+    opened: pq.ParquetFile,
+    walk: PageWalk,
+    max_bytes: int,
+    ref: str,
+    leaves: list[int] | None,
+    too_large: str,
+    advice: str,
+) -> tuple[list[str], int]:
+    """bounded_columns' judgement of a walk: the columns to read as dictionaries, and what the others' byte arrays
+    decode to at most (dense_byte_arrays) besides the pages."""
+    metadata = opened.metadata
     if walk.decompressed > max_bytes:
         raise InvalidArgument(
-            f"{clip(ref, 60)} is too large for one request: its Parquet pages decompress to {walk.decompressed:,} "
-            f"bytes; at most {max_bytes:,} (setting max_parquet_uncompressed_bytes): send it in parts"
+            f"{too_large}: its Parquet pages decompress to {walk.decompressed:,} "
+            f"bytes; at most {max_bytes:,} (setting max_parquet_uncompressed_bytes): {advice}"
         )
     if walk.value_bytes > max_bytes:
         wide = f" (read back as {walk.value_bytes:,} bytes)" if walk.value_bytes > walk.values * 8 else ""
         raise InvalidArgument(
-            f"{clip(ref, 60)} is too large for one request: its Parquet pages hold {walk.values:,} values{wide}; at "
-            f"most {max_bytes // 8:,} values and {max_bytes:,} bytes (setting max_parquet_uncompressed_bytes): send it "
-            "in parts"
+            f"{too_large}: its Parquet pages hold {walk.values:,} values{wide}; at "
+            f"most {max_bytes // 8:,} values and {max_bytes:,} bytes (setting max_parquet_uncompressed_bytes): {advice}"
         )
-    dense = dense_byte_arrays(handle, walk, max_bytes - walk.decompressed)
-    schema, leaves = opened.schema, arrow_leaf_types(metadata)
+    bounds = byte_array_bounds(handle, walk)
+    dense = dense_within(bounds, max_bytes - walk.decompressed)
+    schema, arrow_leaves = opened.schema, arrow_leaf_types(metadata)
+    prefixed = {chunk.column for chunk in walk.byte_arrays if chunk.prefixed}
     as_dictionaries = []
-    for i in range(metadata.num_columns):
+    for i in leaves if leaves is not None else range(metadata.num_columns):
         if schema.column(i).physical_type != "BYTE_ARRAY" or i in dense:
             continue
-        if leaves is None or not _reads_as_dictionary(leaves[i]):  # pyarrow decodes it whole (a decimal's bytes)
-            kind = "?" if leaves is None else str(leaves[i])
+        if i in prefixed:
+            raise InvalidArgument(
+                f"{clip(ref, 60)}: its column {clip(schema.column(i).path, 60)} holds DELTA_BYTE_ARRAY pages, which "
+                "cannot be read within a size bound; write it with the PLAIN, dictionary or DELTA_LENGTH_BYTE_ARRAY "
+                "encoding"
+            )
+        if arrow_leaves is None or not _reads_as_dictionary(arrow_leaves[i]):  # pyarrow decodes it whole
+            kind = "?" if arrow_leaves is None else str(arrow_leaves[i])
             raise InvalidArgument(
                 f"{clip(ref, 60)} cannot be read within a size bound: its column {clip(schema.column(i).path, 60)} "
                 f"is read as {clip(kind, 60)} from byte arrays whose pages do not bound what they decode to (a "
@@ -333,36 +445,125 @@ def read_parquet_bounded(handle: IO[bytes], max_bytes: int, ref: str) -> pa.Tabl
                 "an integer or fixed-size one"
             )
         as_dictionaries.append(schema.column(i).path)
-    parquet = pq.ParquetFile(handle, metadata=metadata, read_dictionary=as_dictionaries or None)
-    batches, total = [], 0
-    for batch in _batches(parquet, by_row_group=bool(as_dictionaries)):
-        total += sum(decoded_nbytes(column) for column in batch.columns)
-        if total > max_bytes:
+    return as_dictionaries, sum(bounds[i] or 0 for i in dense)
+
+
+def parquet_rows(metadata: pq.FileMetaData, ref: str, leaves: list[int] | None = None) -> int:
+    """The rows of a Parquet file whose row groups are read one by one (parquet_batches_bounded), checked across the
+    whole file before any is: its row groups' rows must add up to its footer's (a writer sets both: 50 row groups of
+    200 rows under a footer's 200 had streamed 10,000 rows), and the byte ranges of the column chunks of its leaves
+    `leaves` (None: all) must not overlap (50 row groups pointing at one chunk of 13 kB had each been walked and
+    bounded alone, 1 GB decoded in all). InvalidArgument otherwise."""
+    groups = sum(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
+    if groups != metadata.num_rows:
+        raise InvalidArgument(
+            f"dataset {clip(ref, 60)} cannot be read: its row groups hold {groups:,} rows, its footer says "
+            f"{metadata.num_rows:,} (not a file a Parquet writer makes)"
+        )
+    ranges = sorted(_chunk_range(chunk) for chunk in column_chunks(metadata, leaves) if chunk.num_values > 0)
+    for (_start, end), (following, _end) in itertools.pairwise(ranges):
+        if following < end:
             raise InvalidArgument(
-                f"{clip(ref, 60)} is too large for one request: its Parquet data reads back as more than "
-                f"{max_bytes:,} bytes (its footer declared {metadata.num_rows:,} rows); at most {max_bytes:,} "
-                "(setting max_parquet_uncompressed_bytes): send it in parts"
+                f"dataset {clip(ref, 60)} cannot be read: its column chunks overlap (bytes {following:,} to "
+                f"{min(end, _end):,} belong to two of them; not a file a Parquet writer makes)"
             )
-        batches.append(batch)
-    table = pa.Table.from_batches(batches, schema=parquet.schema_arrow)
-    if not as_dictionaries:
-        return table
-    try:
-        return table.cast(opened.schema_arrow)
-    except pa.ArrowNotImplementedError:  # no cast from a dictionary to some types (string_view): through its values
-        dense_schema = pa.schema([_dense_field(field) for field in table.schema], metadata=table.schema.metadata)
-        return table.cast(dense_schema).cast(opened.schema_arrow)
+    return groups
 
 
-def _batches(parquet: pq.ParquetFile, *, by_row_group: bool) -> Iterator[pa.RecordBatch]:
+def _chunk_range(chunk: Any) -> tuple[int, int]:
+    """The bytes of a column chunk, as walk_parquet_pages reads them (from its dictionary page, if any)."""
+    position = chunk.data_page_offset
+    if chunk.has_dictionary_page and 0 < chunk.dictionary_page_offset < position:
+        position = chunk.dictionary_page_offset
+    return position, position + chunk.total_compressed_size
+
+
+def parquet_batches_bounded(
+    handle: IO[bytes], max_bytes: int, ref: str, columns: list[str], batch_rows: int, *, held: bool = False
+) -> Iterator[pa.RecordBatch]:
+    """The record batches of a Parquet file's `columns`, of at most `batch_rows` rows, row group by row group, each
+    row group read within `max_bytes` (setting max_parquet_uncompressed_bytes) as a body is (read_parquet_bounded):
+    its selected columns' page headers walked first (bounded_columns), then its batches' decoded size added up as they
+    come, a string column whose pages do not bound it read as dictionaries and counted from them, then cast back to
+    the file's type. A file of any size streams; a row group that reads back as more is refused (InvalidArgument)
+    before it is decoded, or at the batch that passes the bound. With `held` (the caller keeps every batch: an
+    evaluation's sample is drawn from all rows), one total across the whole file is held to `max_bytes`. The file is
+    checked whole first (parquet_rows: its row groups' rows add up to its footer's, its chunks do not overlap), so
+    that no byte is read, and bounded, more than once. For an evaluation's worker: what a file under the Jupyter root
+    holds is anyone's with write access to it."""
+    opened = parquet_file(handle, ref)
+    metadata = opened.metadata
+    leaves = leaves_of(metadata, columns)
+    parquet_rows(metadata, ref, leaves)
+    file_types = _selected(opened.schema_arrow, columns)
+    total = 0
+    for groups, as_dictionaries in _row_group_runs(handle, opened, max_bytes, ref, leaves, batch_rows):
+        parquet = pq.ParquetFile(handle, metadata=metadata, read_dictionary=as_dictionaries or None)
+        if held:
+            too_large = f"dataset {clip(ref, 60)} is too large to sample: every row is read first, and"
+            advice = "evaluate it without a sample, or sample a smaller file"
+        else:
+            total = 0
+            shown = f" {groups[0]:,} is" if len(groups) == 1 else f"s {groups[0]:,} to {groups[-1]:,} are"
+            too_large = f"dataset {clip(ref, 60)}: its row group{shown} too large to read at once"
+            advice = "write the file with smaller row groups"
+        past = (
+            f"{too_large}: its columns {clip(', '.join(columns), 60)} read back as more than {max_bytes:,} bytes "
+            f"(setting max_parquet_uncompressed_bytes): {advice}"
+        )
+        for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns):
+            total = add_decoded(total, batch, max_bytes, past)
+            yield _as_file_types(batch, file_types) if as_dictionaries else batch
+
+
+def _row_group_runs(
+    handle: IO[bytes], opened: pq.ParquetFile, max_bytes: int, ref: str, leaves: list[int] | None, batch_rows: int
+) -> Iterator[tuple[list[int], list[str]]]:
+    """A Parquet file's row groups in runs read at once (a batch may span them: 1,000 row groups of 1,000 rows had
+    been 1,000 batches, their scoring 25x slower), with the columns each run reads as dictionaries. Each row group's
+    page headers are walked before it is read (bounded_columns: InvalidArgument for one too large alone); consecutive
+    ones join while they hold at most `batch_rows` rows in all and their pages, values and byte arrays together fit in
+    `max_bytes`, as they would walked at once. A row group with a column read as dictionaries is a run alone: pyarrow
+    cannot join a nested column's dictionaries of two row groups into one batch, nor does a flat one's batch span
+    them."""
+    metadata = opened.metadata
+    run: list[int] = []
+    rows = pages = values = 0
+    for group in range(metadata.num_row_groups):
+        too_large = f"dataset {clip(ref, 60)}: its row group {group:,} is too large to read at once"
+        walk = walk_parquet_pages(handle, metadata, leaves, [group])  # (ValueError: not Parquet pyarrow reads)
+        advice = "write the file with smaller row groups"
+        as_dictionaries, dense = _judged(handle, opened, walk, max_bytes, ref, leaves, too_large, advice)
+        group_rows = metadata.row_group(group).num_rows
+        joins = (
+            not as_dictionaries
+            and rows + group_rows <= batch_rows
+            and pages + walk.decompressed + dense <= max_bytes
+            and values + walk.value_bytes <= max_bytes
+        )
+        if run and not joins:
+            yield run, []
+            run, rows, pages, values = [], 0, 0, 0
+        if as_dictionaries:
+            yield [group], as_dictionaries
+            continue
+        run.append(group)
+        rows, pages, values = rows + group_rows, pages + walk.decompressed + dense, values + walk.value_bytes
+    if run:
+        yield run, []
+
+
+def _batches(
+    parquet: pq.ParquetFile, *, by_row_group: bool, columns: list[str] | None = None
+) -> Iterator[pa.RecordBatch]:
     """The batches of PARQUET_BATCH_ROWS rows of a Parquet file; with `by_row_group`, none spanning two row groups:
     pyarrow cannot read a nested column as dictionaries into one batch from two chunks whose dictionaries differ
     ("Nested data conversions not implemented for chunked array outputs")."""
     if not by_row_group:
-        yield from parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS)
+        yield from parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns)
         return
     for group in range(parquet.metadata.num_row_groups):
-        yield from parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group])
+        yield from parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group], columns=columns)
 
 
 def _dense(kind: pa.DataType) -> pa.DataType:
@@ -406,7 +607,7 @@ PAGE_HEADER_MAX_ELEMENTS = 1_000
 
 # Page types and encodings of parquet.thrift that the walk tells apart
 DATA_PAGE, DICTIONARY_PAGE, DATA_PAGE_V2 = 0, 2, 3
-PLAIN, PLAIN_DICTIONARY, DELTA_LENGTH_BYTE_ARRAY, RLE_DICTIONARY = 0, 2, 6, 8
+PLAIN, PLAIN_DICTIONARY, DELTA_LENGTH_BYTE_ARRAY, DELTA_BYTE_ARRAY, RLE_DICTIONARY = 0, 2, 6, 7, 8
 # PageHeader's fields read by the walk: type, sizes, and (num_values, encoding) of a data page, a dictionary page and
 # a data page v2
 PAGE_HEADER_FIELDS: dict[int, Any] = {1: None, 2: None, 3: None, 5: {1: None, 2: None}, 7: {1: None, 2: None}}
@@ -444,6 +645,7 @@ class ByteArrayChunk:
     dictionary_values: int = 0  # of which in dictionary-encoded ones
     dictionaries: list[DictionaryPage] = field(default_factory=list)
     unbounded: bool = False  # a page of another encoding (DELTA_BYTE_ARRAY: a value may repeat its predecessor's)
+    prefixed: bool = False  # a DELTA_BYTE_ARRAY page (pyarrow reads it neither as dictionaries nor a page at a time)
 
 
 @dataclass
@@ -464,7 +666,9 @@ def parquet_page_bytes(handle: IO[bytes], metadata: pq.FileMetaData, leaves: lis
     return walk_parquet_pages(handle, metadata, leaves).decompressed
 
 
-def walk_parquet_pages(handle: IO[bytes], metadata: pq.FileMetaData, leaves: list[int] | None = None) -> PageWalk:
+def walk_parquet_pages(
+    handle: IO[bytes], metadata: pq.FileMetaData, leaves: list[int] | None = None, groups: list[int] | None = None
+) -> PageWalk:
     """The bytes a Parquet file's pages decompress to, from their headers (what pyarrow allocates to read them, a
     plain page of one repeated value included; the footer's sizes are a writer's to set), and, for each column
     chunk of a BYTE_ARRAY leaf, its dictionary pages and the values of its dictionary-encoded data pages (the
@@ -478,7 +682,7 @@ def walk_parquet_pages(handle: IO[bytes], metadata: pq.FileMetaData, leaves: lis
     make pages of about a megabyte or 20,000 rows): the walk is bounded by the body's size and its values (which
     check_parquet_sizes bounds), each header's parse by PAGE_HEADER_MAX_BYTES."""
     size = handle.seek(0, io.SEEK_END)
-    chunks = column_chunks(metadata, leaves)
+    chunks = column_chunks(metadata, leaves, groups)
     walked_leaves = list(range(metadata.num_columns)) if leaves is None else leaves  # each row group's, in order
     values = sum(chunk.num_values for chunk in chunks)
     most_pages = 2 * len(chunks) + size // PARQUET_BYTES_PER_PAGE + values // PARQUET_VALUES_PER_PAGE
@@ -527,6 +731,7 @@ def _note_page(chunk: ByteArrayChunk, page: PageHeader, position: int) -> None:
             chunk.dictionary_values += page.values
         elif page.encoding not in (PLAIN, DELTA_LENGTH_BYTE_ARRAY):
             chunk.unbounded = True
+            chunk.prefixed = chunk.prefixed or page.encoding == DELTA_BYTE_ARRAY
     else:
         chunk.unbounded = True
 
@@ -550,6 +755,12 @@ def dense_byte_arrays(handle: IO[bytes], walk: PageWalk, budget: int) -> set[int
     is one with a chunk whose pages hold fewer values than its footer says: pyarrow reads pages until it has them, so
     past the range the walk saw (it pads that range by up to 100 bytes for files of parquet-mr before 1.2.9,
     PARQUET-816: room for a dictionary-encoded page of a million values)."""
+    return dense_within(byte_array_bounds(handle, walk), budget)
+
+
+def byte_array_bounds(handle: IO[bytes], walk: PageWalk) -> dict[int, int | None]:
+    """What each BYTE_ARRAY leaf of a walk decodes to at most besides its pages (None: not bounded by them), as
+    dense_byte_arrays says."""
     bounds: dict[int, int | None] = {}
     scanned = 0
     for chunk in walk.byte_arrays:
@@ -570,6 +781,12 @@ def dense_byte_arrays(handle: IO[bytes], walk: PageWalk, budget: int) -> set[int
             lengths = [_longest_entry(handle, page, chunk.codec) for page in chunk.dictionaries]
             longest = None if None in lengths else max(length or 0 for length in lengths)
         bounds[chunk.column] = None if longest is None else bound + chunk.dictionary_values * (longest + 8)
+    return bounds
+
+
+def dense_within(bounds: dict[int, int | None], budget: int) -> set[int]:
+    """The leaves of `bounds` (byte_array_bounds) decoded as they are read: the least first, together within
+    `budget`."""
     dense, total = set(), 0
     for column, bound in sorted(bounds.items(), key=lambda item: (item[1] is None, item[1] or 0)):
         if bound is None or total + bound > budget:
@@ -850,10 +1067,11 @@ def _shown_label(value: Any) -> str:
 
 def count_parquet(path: Path, label: str | None, max_bytes: int, ref: str | None = None) -> LabelCounts:
     """Rows from the metadata; label counts from batches of that one column, within `max_bytes` as a Parquet body
-    is read (read_parquet_bounded): the column's page headers walked first (what its pages decompress to, before
-    any is), then its batches' decoded size added up as they come, a string column read as a dictionary (a
-    dictionary page of one long value and many indices to it, a few hundred bytes in a file under the root, is
-    counted by its values' lengths, not decoded): InvalidArgument past the bound (max_parquet_uncompressed_bytes)."""
+    is read (read_parquet_bounded): the column's page headers walked first (bounded_columns: what its pages
+    decompress to, before any is; a DELTA_BYTE_ARRAY column refused), then its batches' decoded size added up as they
+    come, a string column whose pages do not bound it read as a dictionary (a dictionary page of one long value and
+    many indices to it, a few hundred bytes in a file under the root, is counted by its values' lengths, not
+    decoded): InvalidArgument past the bound (max_parquet_uncompressed_bytes)."""
     result = LabelCounts()
     ref = ref or str(path)
     with path.open("rb") as handle:
@@ -862,28 +1080,20 @@ def count_parquet(path: Path, label: str | None, max_bytes: int, ref: str | None
         if label is None:
             result.rows = metadata.num_rows
             return result
-        schema = parquet.schema
-        leaves = [i for i in range(metadata.num_columns) if schema.column(i).path.split(".")[0] == label]
-        try:
-            pages = parquet_page_bytes(handle, metadata, leaves)
+        counted = f"dataset {clip(ref)}: its label column {clip(label, 60)} is too large to count"
+        advice = "count a smaller file"
+        try:  # its page headers walked, a DELTA_BYTE_ARRAY column refused, before any page is decompressed
+            as_dictionaries = bounded_columns(
+                handle, parquet, max_bytes, ref, leaves_of(metadata, [label]), None, counted, advice
+            )
         except ValueError as error:
             raise InvalidArgument(f"dataset {clip(ref)} cannot be read: {error}") from None
-        if pages > max_bytes:
-            raise InvalidArgument(
-                f"dataset {clip(ref)}: its label column {clip(label, 60)} decompresses to {pages:,} bytes of Parquet "
-                f"pages; at most {max_bytes:,} are counted (setting max_parquet_uncompressed_bytes)"
-            )
-        byte_arrays = [schema.column(i).path for i in leaves if schema.column(i).physical_type == "BYTE_ARRAY"]
-        bounded = pq.ParquetFile(handle, metadata=metadata, read_dictionary=byte_arrays)
+        bounded = pq.ParquetFile(handle, metadata=metadata, read_dictionary=as_dictionaries or None)
         total = 0
-        for batch in bounded.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[label]):
+        past = f"{counted}: it reads back as more than {max_bytes:,} bytes (setting max_parquet_uncompressed_bytes)"
+        for batch in _batches(bounded, by_row_group=bool(as_dictionaries), columns=[label]):
+            total = add_decoded(total, batch, max_bytes, past)
             column = batch.column(0)
-            total += decoded_nbytes(column)
-            if total > max_bytes:
-                raise InvalidArgument(
-                    f"dataset {clip(ref)}: its label column {clip(label, 60)} reads back as more than "
-                    f"{max_bytes:,} bytes, the most that are counted (setting max_parquet_uncompressed_bytes)"
-                )
             result.add(column, batch.num_rows)
     return result
 

@@ -78,6 +78,7 @@ def _run(ctx: TaskContext, store: EvaluationStore, task: EvaluationParams, norm:
     env = ctx.environment
     ctx.stage(SETUP_STAGE, 1, f"loading {dataset}")  # one step, so that progress always has a total
     catalog = DatasetCatalog(Path(env["root_dir"]), Path(env["registered_dir"]))
+    catalog.max_parquet_uncompressed_bytes = int(env.get("max_parquet_uncompressed_bytes", 2**30))
     names = catalog.columns(dataset)
     passes = runs if task.type == "consistency" else 1
     limit = int(env.get("max_evaluation_items", DEFAULT_MAX_ITEMS))
@@ -104,7 +105,7 @@ def _run(ctx: TaskContext, store: EvaluationStore, task: EvaluationParams, norm:
             needed + text + [c for _n, s, _c in scorers for c in s.columns] + ([input_column] if input_column else [])
         )
     )
-    stream = catalog.stream(dataset, columns, text)
+    stream = catalog.stream(dataset, columns, text, held=bool(task.sample))  # (a sample keeps every row)
     frames: Iterable[pd.DataFrame] = stream
     rows = stream.rows
     if task.sample:  # a sample is drawn from the whole set of rows: the selected columns are read first

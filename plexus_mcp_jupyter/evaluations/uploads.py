@@ -91,13 +91,7 @@ class DatasetUploads:
                     f"upload {upload_id!r} expects part {upload.part}, not {part}: parts are sent in order from 0, "
                     "once each"
                 )
-            if upload.bytes + len(body) > self.max_bytes:
-                self._drop(upload)
-                raise InvalidArgument(
-                    f"the upload passed {self.max_bytes / 2**20:,.0f} MiB (the max_dataset_upload_bytes setting) "
-                    "and was discarded: keep only the columns the evaluation needs, or write the frame as Parquet "
-                    "under the Jupyter root and evaluate that path"
-                )
+            self._check_size(upload, len(body))
             try:
                 refuse_compressed_ipc(body, part)  # before any batch is read: decompressing is the bomb
                 table = pa.ipc.open_stream(pa.BufferReader(body)).read_all()
@@ -120,6 +114,26 @@ class DatasetUploads:
             upload.bytes += len(body)
             upload.touched = time.monotonic()
             return {"upload_id": upload_id, "parts": upload.part, "rows": upload.rows, "bytes": upload.bytes}
+
+    def admit_part(self, upload_id: str, owner: str | None, declared: int | None) -> int:
+        """What the upload `upload_id` of `owner` may still take (max_bytes less its parts'), checked before a part is
+        read: NotFound as for a part when it is not theirs or is over, and a part whose `declared` size (None: not
+        known, a chunked body) passes max_bytes discards the upload (InvalidArgument), as `append` does."""
+        upload = self._get(upload_id, owner)
+        with upload.lock:
+            if upload.closed:
+                raise NotFound(f"upload {upload_id!r} is over (committed, aborted or expired)")
+            self._check_size(upload, declared or 0)
+            return self.max_bytes - upload.bytes
+
+    def _check_size(self, upload: _Upload, adding: int) -> None:
+        if upload.bytes + adding > self.max_bytes:
+            self._drop(upload)
+            raise InvalidArgument(
+                f"the upload passed {self.max_bytes / 2**20:,.0f} MiB (the max_dataset_upload_bytes setting) "
+                "and was discarded: keep only the columns the evaluation needs, or write the frame as Parquet "
+                "under the Jupyter root and evaluate that path"
+            )
 
     def commit(self, upload_id: str, owner: str | None) -> DatasetInfo:
         """The registered dataset made of the parts sent (renamed into place whole)."""

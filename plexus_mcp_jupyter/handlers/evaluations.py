@@ -6,14 +6,14 @@ DataFrame from a kernel (the notebook client's `register_dataset`) as Parquet, o
 
 from __future__ import annotations
 
-import sys
+import asyncio
 from typing import Any
 
 import pandas as pd
 from tornado import web
 from tornado.iostream import StreamClosedError
 
-from ..core.errors import InvalidArgument, NotFound, PlexusError
+from ..core.errors import InvalidArgument, NotFound, PlexusError, bounded
 from ..core.requests import paged
 from ..evaluations.item_files import ARROW_STREAM_TYPE as ARROW_STREAM
 from ..evaluations.item_files import ArrowStream
@@ -32,7 +32,7 @@ from ..security.http import BadJSON, parse_json_in_pieces
 from ..security.identity import Principal
 from ..security.ratelimit import RateLimiter
 from .base import BodyHandler, BodylessHandler, PlexusHandler, http_error
-from .request_body import StreamedBody
+from .request_body import StreamedBody, declared_length
 
 PARQUET_TYPES = ("application/vnd.apache.parquet", "application/x-parquet", "application/octet-stream")
 
@@ -203,11 +203,26 @@ class DatasetHandler(BodylessHandler):
 
 class DatasetBodyHandler(StreamedBody, PlexusHandler):  # type: ignore[misc]  # (prepare: as BodyHandler's)
     """A handler taking a DataFrame's bytes (Parquet, JSON records, an Arrow IPC part): read only once `prepare` has
-    admitted the sender (handlers/request_body.py), so an unauthenticated body is refused unread. Not charged to the
-    byte budget, and bounded by Jupyter's max_body_size (tornado's) unless `body_limit` says less."""
+    admitted the sender (handlers/request_body.py), so an unauthenticated body is refused unread, and so is one its
+    sender may not register (403: the role, or the quota of registered bytes) or one over max_dataset_upload_bytes
+    (413; `admit_request`, from the headers). Not charged to the byte budget, and bounded by Jupyter's max_body_size
+    (tornado's) too."""
+
+    _limit: int | None = None  # what `admit_request` found this request may send (None: max_dataset_upload_bytes)
 
     def body_limit(self) -> int:
-        return sys.maxsize
+        return int(self.runtime.uploads.max_bytes) if self._limit is None else self._limit
+
+    def _too_large(self, size: int) -> web.HTTPError:
+        if self._bodyless():
+            return super()._too_large(size)
+        return web.HTTPError(413, self.too_large_message(size))
+
+    def too_large_message(self, size: int) -> str:
+        return (
+            f"the request body is {size:,} bytes, more than the {self.body_limit():,} a dataset may have (the "
+            "max_dataset_upload_bytes setting)"
+        )
 
     def body_budget(self) -> RateLimiter | None:
         return None
@@ -217,6 +232,21 @@ class DatasetBodyHandler(StreamedBody, PlexusHandler):  # type: ignore[misc]  # 
 
 
 class DatasetsHandler(DatasetBodyHandler):
+    body_methods = ("POST",)  # (a registration)
+
+    async def admit_request(self) -> None:
+        """A registration's role and quota, before its body is read: the role (403), the caller's quota of registered
+        bytes (403 for a caller already at it). Not its declared size against what is left: every body is written
+        anew (a Parquet one re-encoded, so 2 MB sent uncompressed may be stored as 4 kB), and `admit` checks the size
+        stored."""
+        self.require("register")
+        try:
+            name = self.query_request(RegisterDataset).name
+            catalog = self.runtime.catalog
+            await catalog.run(catalog.check_quota, self.principal.owner, name, 1)
+        except PlexusError as exc:
+            raise http_error(exc) from None
+
     async def get(self) -> None:
         """Datasets: examples, registered and files under the root (?include_files=false to skip files)."""
         try:
@@ -301,6 +331,42 @@ class DatasetUploadsHandler(BodylessHandler):
 
 class DatasetUploadHandler(DatasetBodyHandler):
     body_methods = ("PUT",)  # (a commit or an abort reads none: past 64 KiB, refused unread)
+    _discarding: asyncio.Future[Any] | None = None  # (a chunked part past what its upload has left: `_too_large`)
+
+    async def admit_request(self) -> None:
+        """A part's role and upload, before its body is read: 403 for a role that may not register, 404 for an upload
+        that is not the caller's (or is over), 413 for a declared size past what the upload has left of
+        max_dataset_upload_bytes (the upload discarded, as when a part read passes it); a chunked part is bounded by
+        what is left as it arrives."""
+        self.require("register")
+        uploads, declared = self.runtime.uploads, declared_length(self.request.headers)
+        try:
+            self._limit = await self.runtime.catalog.run(
+                uploads.admit_part, self.path_kwargs["upload_id"], self.principal.owner, declared
+            )
+        except InvalidArgument as exc:
+            raise web.HTTPError(413, bounded(str(exc))) from None
+        except PlexusError as exc:
+            raise http_error(exc) from None
+
+    def too_large_message(self, size: int) -> str:
+        return (
+            f"the part is more than the {self.body_limit():,} bytes this upload has left of "
+            f"{self.runtime.uploads.max_bytes:,} (the max_dataset_upload_bytes setting), and the upload was "
+            "discarded: keep only the columns the evaluation needs, or write the frame as Parquet under the Jupyter "
+            "root and evaluate that path"
+        )
+
+    def _too_large(self, size: int) -> web.HTTPError:
+        """A chunked part past what the upload has left (a declared one is refused, and its upload discarded, by
+        `admit_request`): its upload discarded too, as a part read past it is (in the catalog's threads: its lock may
+        be held by a part being written)."""
+        if not self._bodyless():
+            uploads, upload_id = self.runtime.uploads, self.path_kwargs["upload_id"]
+            discard = self.runtime.catalog.run(uploads.admit_part, upload_id, self.principal.owner, size)
+            self._discarding = asyncio.ensure_future(discard)
+            self._discarding.add_done_callback(lambda done: done.exception())  # (InvalidArgument: discarded)
+        return super()._too_large(size)
 
     async def put(self, upload_id: str) -> None:
         """One part: ?part=N, the body an Arrow IPC stream of record batches (parsed in the catalog's threads)."""

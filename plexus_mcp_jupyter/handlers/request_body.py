@@ -97,12 +97,19 @@ class StreamedBody(web.RequestHandler):
     def body_sender(self) -> Principal | None:
         raise NotImplementedError
 
+    async def admit_request(self) -> None:
+        """What a subclass checks of a request that takes a body, once `prepare()` has admitted its sender and before
+        the body's size is (a role, a quota, what an upload has left: `body_limit()` may then say less): raised, it is
+        refused as `prepare()`'s own refusals are, a large body unread."""
+
     async def prepare(self) -> None:
         self._body_chunks = []
         try:
             prepared = super().prepare()
             if prepared is not None:
                 await prepared
+            if not self._bodyless():
+                await self.admit_request()
             self.admit_body()
         except Exception as exc:
             declared = declared_length(self.request.headers)
