@@ -282,3 +282,28 @@ async def test_a_scorer_annotated_with_arrow_gets_arrow(mcp_client, runtime, jp_
         ).structured_content
         assert first["items"][0]["prediction"] == "arrow"
         assert json.dumps(first)  # results stay JSON
+
+
+async def test_long_texts_of_a_pandas_parquet_file_are_cut_in_the_results(mcp_client, runtime, jp_root_dir):
+    """pandas' str columns are large_string in Arrow: the results' excerpt of a text longer than its bound is cut
+    with the column's own string type (the join had no kernel for large_string beside string: the evaluation
+    failed with ArrowNotImplementedError)."""
+    data = pd.DataFrame({"text": ["word " * 100, "short"] * 50, "label": ["word", "short"] * 50}, dtype="str")
+    data.to_parquet(jp_root_dir / "long.parquet", index=False)
+    assert pq.read_schema(jp_root_dir / "long.parquet").field("text").type == pa.large_string()
+    async with mcp_client() as client:
+        started = await create(
+            client,
+            type="accuracy",
+            dataset="long.parquet",
+            label_column="label",
+            scorer="python:tests.arrow_scorer_functions:arrow_first_word",
+            input_column="text",
+        )
+        done = await finished(client, started["evaluation_id"])
+        assert done["status"] == "COMPLETED", done["error_message"]
+        assert done["metrics"]["score"]["accuracy"] == 1.0
+        items = await all_results(client, started["evaluation_id"])
+    inputs = [item["input"] for item in items]
+    assert inputs[0] == ("word " * 100)[:199] + "…" and inputs[1] == "short"
+    assert len(inputs) == 100

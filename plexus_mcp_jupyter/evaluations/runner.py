@@ -454,7 +454,10 @@ def _text_column(values: pd.Series, limit: int) -> pa.Array:
         text = text.combine_chunks()
     long = pc.greater(pc.utf8_length(text), limit)
     if pc.any(long).as_py():
-        cut = pc.binary_join_element_wise(pc.utf8_slice_codeunits(text, 0, limit - 1), pa.scalar("…"), "")
+        # The ellipsis and separator of the text's own type: pandas' str columns are large_string in Arrow, and
+        # the join has no kernel for mixed string widths.
+        ellipsis, separator = pa.scalar("…", type=text.type), pa.scalar("", type=text.type)
+        cut = pc.binary_join_element_wise(pc.utf8_slice_codeunits(text, 0, limit - 1), ellipsis, separator)
         text = pc.if_else(long, cut, text)
     return text
 
