@@ -67,6 +67,11 @@ def _configure_logging(level: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from . import start_workers_early
+
+    # The forkserver's imports (~0.7 s) beside this process's own (the runtime's, a second or more), as Jupyter
+    # does: not after the server answers, where the first evaluation's worker waited for them.
+    start_workers_early()
     from .core.executors import ExecutorUnavailable
     from .migrations import StoreRefused
     from .runtime import PlexusRuntime
