@@ -46,6 +46,9 @@ from .security.ratelimit import RateLimiter
 
 log = logging.getLogger("plexus_mcp_jupyter")
 STANDALONE_ADMIN = Principal(owner="token", role=Role.ADMIN)  # whoever holds the server's token
+# Most seconds a stdio server waits for its start-up rehearsals before it reads its first message (serve_stdio):
+# 60-400 ms at start, more on a loaded machine; a store that hangs ends them sooner (REHEARSAL_SECONDS).
+STDIO_REHEARSAL_SECONDS = 5.0
 
 
 class _StandaloneHandler(web.RequestHandler):
@@ -223,8 +226,22 @@ async def _run_stdio(runtime: PlexusRuntime) -> None:
         await server.run(arrivals, write_stream, server.create_initialization_options())
 
 
+async def _rehearsals_done(runtime: PlexusRuntime) -> None:
+    """Until the start-up rehearsals have ended: the endpoint's (on the loop) and the evaluation service's
+    (`warm_up`, then `warm_up_again`, in its thread)."""
+    await runtime.endpoint.rehearsed()
+    if runtime.evaluations.rehearsed is not None:
+        await asyncio.wait({asyncio.wrap_future(runtime.evaluations.rehearsed)})
+
+
 async def serve_stdio(runtime: PlexusRuntime) -> None:
     """MCP over this process's stdin/stdout; stdout carries nothing but the protocol.
+
+    The start-up rehearsals run before the first message is read (STDIO_REHEARSAL_SECONDS at most): a client
+    that launches the server sends its initialize at once, so it is already waiting when the server could
+    read it, and a client's first message stops the rehearsals (MCPEndpoint.arrived, told by the read stream:
+    `_ArrivalTelling`); read first, none would run, and the first create_evaluation would run code the
+    interpreter has not specialized yet, as they would have.
 
     Ends when the client closes stdin or on SIGTERM/SIGINT; either way running tasks are recorded and the
     audit log writes its last records. After a signal the process exits at once: the SDK reads stdin in a
@@ -234,19 +251,31 @@ async def serve_stdio(runtime: PlexusRuntime) -> None:
     _on_stop_signals(stop.set)
     await runtime.manager.start()
     runtime.evaluations.start()  # prunes the items of cancelled evaluations, as the HTTP servers do
-    serving = asyncio.ensure_future(_run_stdio(runtime))
     stopping = asyncio.ensure_future(stop.wait())
+    serving: asyncio.Future[None] | None = None
     try:
-        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await runtime.endpoint.start()  # the SDK's request kernel, which the endpoint's rehearsals call through
+        except RuntimeError:  # (logged by the endpoint) stdio does not need it: served without the rehearsals
+            log.debug("Plexus: no start-up rehearsals over stdio", exc_info=True)
+        rehearsing = asyncio.ensure_future(_rehearsals_done(runtime))
+        await asyncio.wait({rehearsing, stopping}, timeout=STDIO_REHEARSAL_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+        rehearsing.cancel()  # (not the rehearsals themselves: past the limit, a client's first message stops them)
+        if not stop.is_set():
+            serving = asyncio.ensure_future(_run_stdio(runtime))
+            await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stopping.cancel()
         try:
+            await runtime.endpoint.stop()
             await runtime.manager.stop()
         finally:
             runtime.evaluations.close()
             runtime.catalog.close()
             runtime.audit.close()
             runtime.store.close()
+    if serving is None:  # stopped before it served
+        return
     if not serving.done():
         sys.stdout.flush()
         sys.stderr.flush()

@@ -10,6 +10,8 @@ the server answers while no worker can start, and the task runs on the first wor
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import subprocess
 import sys
 import threading
@@ -22,6 +24,7 @@ from typing import Any
 import httpx2
 import pandas as pd
 import pytest
+from mcp import Client, StdioServerParameters
 
 from plexus_mcp_jupyter.core import EventBus, Store, TaskManager, TaskStatus
 from plexus_mcp_jupyter.core import store as store_module
@@ -490,3 +493,53 @@ async def test_the_endpoints_rehearsals_after_start_are_unaudited_sessionless_an
     runtime.audit.flush()
     records, _ = runtime.audit.query(action="tool.list_tasks")
     assert [r["owner"] for r in records] == [REHEARSAL.owner], records
+
+
+async def test_a_stdio_server_rehearses_before_it_reads_the_first_message_and_its_first_evaluation_finds_it_warm(
+    tmp_path,
+):
+    """`plexus mcp serve` over stdio (Claude Desktop, Cursor): the client sends initialize as it starts the server, so
+    the message is waiting before the server could read it, and a client's first message stops the start-up
+    rehearsals: read first, none ran. The server runs all of them (the endpoint's through the SDK's kernel, the
+    evaluation service's) before it reads it, none after; the first create_evaluation then imports no module and
+    compiles no statement; and stdout carries the protocol only."""
+    records = tmp_path / "warm.jsonl"
+    pd.DataFrame({"label": ["yes", "no"] * 50, "prediction": ["yes"] * 100}).to_csv(tmp_path / "w.csv", index=False)
+    bootstrap = (
+        "import os, sys; from tests.task_functions import record_warm_start; "
+        "record_warm_start(os.environ['PLEXUS_TEST_RECORDS']); "
+        "from plexus_mcp_jupyter.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    env = dict(
+        os.environ,
+        JUPYTER_DATA_DIR=str(tmp_path / "data"),
+        PLEXUS_MCP_DB_URL=f"sqlite:///{tmp_path / 's.db'}",
+        PLEXUS_TEST_RECORDS=str(records),
+    )
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-c", bootstrap, "mcp", "serve", "--transport", "stdio", "--root-dir", str(tmp_path)],
+        env=env,
+        cwd=str(Path(__file__).resolve().parent.parent),
+    )
+    garbage: list[Exception] = []
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, Exception):  # a line on stdout that is not a JSON-RPC message
+            garbage.append(message)
+
+    async with Client(params, message_handler=on_message) as client:
+        made = await create(
+            client, type="accuracy", dataset="w.csv", label_column="label", prediction_column="prediction"
+        )
+        assert (await finished(client, made["evaluation_id"]))["status"] == "COMPLETED"
+    assert garbage == []
+    events = [json.loads(line) for line in records.read_text().splitlines()]
+    [arrived] = [e["t"] for e in events if e["event"] == "arrived"]
+    endpoint = [e["t"] for e in events if e["event"] == "endpoint rehearsal"]
+    evaluation = [e["t"] for e in events if e["event"] == "evaluation rehearsal"]
+    assert len(endpoint) == transport_module.REHEARSALS, events
+    assert len(evaluation) == 1 + service_module.WARM_REPEATS, events  # warm_up, then warm_up_again's
+    assert max(endpoint + evaluation) < arrived, events  # each one ended before the first message was read
+    [first] = [e for e in events if e["event"] == "first create"]
+    assert first["modules"] == [] and first["compiled"] == [], first

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +111,8 @@ class EvaluationService:
         self._warm_asked = False
         # A client has come (its first MCP message, or a create): the rehearsals after start stop (warm_up_again).
         self._served = False
+        # Done once warm_up and warm_up_again have run (start() submits it).
+        self.rehearsed: Future[None] | None = None
         # Why evaluations cannot run now (Dask workers that do not see the items directory), or None: set by the
         # runtime (items_check.WorkerItemsCheck).
         self.items_problem: Callable[[], str | None] = lambda: None
@@ -125,10 +127,12 @@ class EvaluationService:
         if self._unlisten is None:
             self._unlisten = self.manager.bus.add_listener(self._on_event, remote=False)
             self.manager.pruned_listeners.append(self._on_tasks_pruned)
+            # The rehearsals first, the pruning after them (it may take long: a stdio server waits for the
+            # rehearsals before it reads its first message, `rehearsed`).
+            self.warm_up_soon()
+            self.rehearsed = self._pruner.submit(self.warm_up_again)
             self._prune_soon()
             self._on_tasks_pruned([])
-            self.warm_up_soon()
-            self._pruner.submit(self.warm_up_again)
 
     def warm_up_soon(self) -> None:
         """Run `warm_up` once, in the pruning thread (the runtime asks as soon as it is built, before the server
