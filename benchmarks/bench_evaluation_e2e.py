@@ -13,6 +13,7 @@ For each size and format, in one run against one real `jupyter server` with the 
 4. warm start: the first `create_evaluation` after the server is ready (and its small evaluation end to end)
    beside the median of the next ones. The SDK client's own first-call cost (it imports jsonschema to check
    tool results: ~4 s under load, rfc3987_syntax building grammars) is paid before, so it is not counted.
+   With --standalone, `plexus mcp serve` over stdio or http instead of Jupyter, and the server's CPU per call.
 
 Goals (issue 15): end to end <= 5x raw, <= 16 bytes/item, peak RSS <= 2 GiB at 10M, only_mismatches p50
 < 20 ms, get_task p50 during the evaluation <= 2x idle; the first create_evaluation as fast as later ones.
@@ -22,6 +23,7 @@ generated once per size into --cache (default /tmp/plexus-bench-e2e) in pieces o
 hard-linked into the server's root.
 
     python benchmarks/bench_evaluation_e2e.py [--rows 1000000,10000000] [--formats csv,parquet] [--pages 20]
+    python benchmarks/bench_evaluation_e2e.py --rows 0 --starts N [--standalone stdio|http]  (warm start only)
 """
 
 from __future__ import annotations
