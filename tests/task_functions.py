@@ -59,10 +59,11 @@ def record_client_came(path: str) -> None:
 def record_warm_start(path: str) -> None:
     """Append a JSON line to `path` as this process's start-up rehearsals end (the endpoint's, each call through the
     SDK's kernel; the evaluation service's, each `_rehearse`), at the endpoint's first request (`arrived`), and
-    after the first create_evaluation: the modules it imported and the statements it compiled (SQLAlchemy's
-    compiled cache) that were not there before it (the stdio warm-start test's server)."""
+    after the first create_evaluation: the modules it imported, the statements it compiled (SQLAlchemy's compiled
+    cache) and the threads it started, that were not there before it (the stdio warm-start test's server)."""
     import json
     import sys
+    import threading
 
     from plexus_mcp_jupyter.endpoint import transport
     from plexus_mcp_jupyter.evaluations.service import EvaluationService
@@ -102,7 +103,7 @@ def record_warm_start(path: str) -> None:
             return await create(self, *args, **kwargs)
         created.append(1)
         cache = self.manager.store.engine._compiled_cache
-        modules, compiled = set(sys.modules), {c.string for c in cache.values()}
+        modules, compiled, threads = set(sys.modules), {c.string for c in cache.values()}, set(threading.enumerate())
         try:
             return await create(self, *args, **kwargs)
         finally:
@@ -110,6 +111,7 @@ def record_warm_start(path: str) -> None:
                 event="first create",
                 modules=sorted(set(sys.modules) - modules),
                 compiled=sorted({c.string for c in cache.values()} - compiled),
+                threads=sorted(t.name for t in set(threading.enumerate()) - threads),
             )
 
     transport.rehearse_call = endpoint_rehearsal  # type: ignore[assignment]

@@ -501,8 +501,8 @@ async def test_a_stdio_server_rehearses_before_it_reads_the_first_message_and_it
     """`plexus mcp serve` over stdio (Claude Desktop, Cursor): the client sends initialize as it starts the server, so
     the message is waiting before the server could read it, and a client's first message stops the start-up
     rehearsals: read first, none ran. The server runs all of them (the endpoint's through the SDK's kernel, the
-    evaluation service's) before it reads it, none after; the first create_evaluation then imports no module and
-    compiles no statement; and stdout carries the protocol only."""
+    evaluation service's) before it reads it, none after; the first create_evaluation then imports no module,
+    compiles no statement and starts no thread; and stdout carries the protocol only."""
     records = tmp_path / "warm.jsonl"
     pd.DataFrame({"label": ["yes", "no"] * 50, "prediction": ["yes"] * 100}).to_csv(tmp_path / "w.csv", index=False)
     bootstrap = (
@@ -542,4 +542,4 @@ async def test_a_stdio_server_rehearses_before_it_reads_the_first_message_and_it
     assert len(evaluation) == 1 + service_module.WARM_REPEATS, events  # warm_up, then warm_up_again's
     assert max(endpoint + evaluation) < arrived, events  # each one ended before the first message was read
     [first] = [e for e in events if e["event"] == "first create"]
-    assert first["modules"] == [] and first["compiled"] == [], first
+    assert first["modules"] == [] and first["compiled"] == [] and first["threads"] == [], first
