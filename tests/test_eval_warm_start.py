@@ -425,6 +425,39 @@ def test_the_forkserver_started_early_is_the_one_the_executor_uses_and_workers_s
     )
 
 
+def test_plexus_mcp_serve_starts_the_forkserver_before_its_own_imports(tmp_path):
+    """As Jupyter's start does (`_start_workers_early`), `plexus mcp serve` starts the forkserver before it imports
+    the runtime (pandas, pyarrow, SQLAlchemy: a second or more), which its executor then adopts: the first
+    evaluation's worker waited for the forkserver's preload after the server answered (end to end 6-10x the next
+    ones'). The server here reads an empty stdin and ends."""
+    bootstrap = (
+        "import sys\n"
+        "from plexus_mcp_jupyter.core.executors import local\n"
+        "start = local.start_forkserver_early\n"
+        "def early(extra):\n"
+        "    heavy = ('pandas', 'pyarrow', 'sqlalchemy', 'plexus_mcp_jupyter.runtime')\n"
+        "    loaded = [m for m in heavy if m in sys.modules]\n"
+        "    started = start(extra)\n"
+        "    sys.stderr.write(f'EARLY {started} {loaded}\\n')\n"
+        "    return started\n"
+        "local.start_forkserver_early = early\n"
+        "from plexus_mcp_jupyter.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = dict(os.environ, JUPYTER_DATA_DIR=str(tmp_path / "data"), PLEXUS_MCP_DB_URL=f"sqlite:///{tmp_path / 's.db'}")
+    result = subprocess.run(
+        [sys.executable, "-c", bootstrap, "mcp", "serve", "--root-dir", str(tmp_path)],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert result.returncode == 0 and result.stdout == "", result.stdout + result.stderr
+    assert "EARLY True []" in result.stderr.splitlines(), result.stderr
+
+
 async def test_the_endpoints_rehearsals_after_start_are_unaudited_sessionless_and_stop_at_a_client(
     runtime, mcp_client, monkeypatch
 ):
