@@ -47,7 +47,9 @@ from .security.ratelimit import RateLimiter
 log = logging.getLogger("plexus_mcp_jupyter")
 STANDALONE_ADMIN = Principal(owner="token", role=Role.ADMIN)  # whoever holds the server's token
 # Most seconds a stdio server waits for its start-up rehearsals before it reads its first message (serve_stdio):
-# 44-144 ms measured at a load of 6.5-7.3; a store that hangs ends them sooner (REHEARSAL_SECONDS).
+# 44-144 ms measured at a load of 6.5-7.3. A store locked or hanging ends the wait sooner: once one rehearsal has run
+# longer than its REHEARSAL_SECONDS (the endpoint's, transport.py; the evaluation service's, service.py: that one
+# then ends on its own, in its thread, and no more run).
 STDIO_REHEARSAL_SECONDS = 5.0
 
 
@@ -228,10 +230,9 @@ async def _run_stdio(runtime: PlexusRuntime) -> None:
 
 async def _rehearsals_done(runtime: PlexusRuntime) -> None:
     """Until the start-up rehearsals have ended: the endpoint's (on the loop) and the evaluation service's
-    (`warm_up`, then `warm_up_again`, in its thread)."""
+    (`warm_up`, then `warm_up_again`, in its thread), or one of these has run longer than REHEARSAL_SECONDS."""
     await runtime.endpoint.rehearsed()
-    if runtime.evaluations.rehearsed is not None:
-        await asyncio.wait({asyncio.wrap_future(runtime.evaluations.rehearsed)})
+    await runtime.evaluations.rehearsals_ended()
 
 
 async def serve_stdio(runtime: PlexusRuntime) -> None:

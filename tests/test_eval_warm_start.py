@@ -576,3 +576,101 @@ async def test_a_stdio_server_rehearses_before_it_reads_the_first_message_and_it
     assert max(endpoint + evaluation) < arrived, events  # each one ended before the first message was read
     [first] = [e for e in events if e["event"] == "first create"]
     assert first["modules"] == [] and first["compiled"] == [] and first["threads"] == [], first
+
+
+def _stdio_server(tmp_path: Path, bootstrap: str, **env: str) -> subprocess.Popen[bytes]:
+    """`plexus mcp serve` over stdio, run by `bootstrap` (which ends by calling the CLI's main), its stderr in
+    tmp_path/err; the caller writes its stdin and reads its stdout."""
+    environ = dict(
+        os.environ, JUPYTER_DATA_DIR=str(tmp_path / "data"), PLEXUS_MCP_DB_URL=f"sqlite:///{tmp_path / 's.db'}", **env
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", bootstrap, "mcp", "serve", "--transport", "stdio", "--root-dir", str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=(tmp_path / "err").open("w"),
+        env=environ,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+
+
+def _initialize(server: subprocess.Popen[bytes]) -> None:
+    init = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}},
+    }
+    assert server.stdin is not None
+    server.stdin.write((json.dumps(init) + "\n").encode())
+    server.stdin.flush()
+
+
+def _lines(server: subprocess.Popen[bytes]) -> Any:
+    """The server's stdout lines, read in a thread: `.get(timeout=...)` each (b"" at its end)."""
+    import queue
+
+    lines: queue.Queue[bytes] = queue.Queue()
+
+    def read() -> None:
+        assert server.stdout is not None
+        for line in iter(server.stdout.readline, b""):
+            lines.put(line)
+        lines.put(b"")
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
+def test_a_stdio_server_reads_its_first_message_soon_when_another_process_holds_the_store_locked(tmp_path):
+    """The stdio server waits for its start-up rehearsals before it reads the client's first message; a store that
+    another process holds locked (SQLite: BEGIN IMMEDIATE) makes a rehearsal wait out the busy timeout (5 s; a
+    PostgreSQL that hangs, 30 s), and the client's initialize waited as long. The wait now ends once a rehearsal has
+    run longer than REHEARSAL_SECONDS, and none runs after it."""
+    import sqlite3
+
+    locked = tmp_path / "locked"
+    bootstrap = (
+        "import os, sys, time\n"
+        "from plexus_mcp_jupyter.evaluations.service import EvaluationService\n"
+        "again = EvaluationService.warm_up_again\n"
+        "def held(self):\n"  # the rehearsals after start wait for the test's lock (warm_up has run)
+        "    sys.stderr.write('REHEARSING\\n'); sys.stderr.flush()\n"
+        "    deadline = time.monotonic() + 120\n"
+        "    while not os.path.exists(os.environ['PLEXUS_TEST_LOCKED']) and time.monotonic() < deadline:\n"
+        "        time.sleep(0.005)\n"
+        "    again(self)\n"
+        "EvaluationService.warm_up_again = held\n"
+        "from plexus_mcp_jupyter.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    server = _stdio_server(tmp_path, bootstrap, PLEXUS_TEST_LOCKED=str(locked))
+    lines = _lines(server)
+    holder = None
+    try:
+        _initialize(server)  # as a client does: at once
+        deadline = time.monotonic() + 120
+        while "REHEARSING" not in (tmp_path / "err").read_text():
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()
+            time.sleep(0.01)
+        holder = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # another process's write transaction, held
+        locked.touch()
+        since = time.monotonic()
+        answer = lines.get(timeout=60)
+        waited = time.monotonic() - since
+        assert json.loads(answer)["id"] == 1, answer
+        # Before: 5.1 s (the busy timeout). A margin for a loaded machine.
+        assert waited < service_module.REHEARSAL_SECONDS + 2.0, waited
+    finally:
+        if holder is not None:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert server.stdin is not None
+        server.stdin.close()
+        try:
+            server.wait(60)
+        finally:
+            if server.poll() is None:
+                server.kill()
+    assert server.returncode == 0, (tmp_path / "err").read_text()
