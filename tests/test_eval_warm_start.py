@@ -458,6 +458,67 @@ def test_plexus_mcp_serve_starts_the_forkserver_before_its_own_imports(tmp_path)
     assert "EARLY True []" in result.stderr.splitlines(), result.stderr
 
 
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists and has not ended (a zombie has)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_a_plexus_mcp_serve_that_fails_to_start_leaves_no_process_behind(tmp_path):
+    """`plexus mcp serve` starts the forkserver early (above), but only once its settings are checked: a bad flag
+    ends it before any process starts (it started the forkserver, and the resource tracker, first). A failure
+    after it (a store that cannot be reached) ends and reaps both before it exits: they held its stdout (a stdio
+    client's pipe: its EOF came ~0.5 s after the exit, while the forkserver finished its imports)."""
+    bootstrap = (
+        "import sys\n"
+        "from multiprocessing import forkserver, resource_tracker\n"
+        "from plexus_mcp_jupyter.core.executors import local\n"
+        "start = local.start_forkserver_early\n"
+        "def early(extra):\n"
+        "    started = start(extra)\n"
+        "    pids = forkserver._forkserver._forkserver_pid, resource_tracker._resource_tracker._pid\n"
+        "    sys.stderr.write(f'EARLY {started} {pids[0]} {pids[1]}\\n')\n"
+        "    return started\n"
+        "local.start_forkserver_early = early\n"
+        "from plexus_mcp_jupyter.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = dict(os.environ, JUPYTER_DATA_DIR=str(tmp_path / "data"), PLEXUS_MCP_DB_URL=f"sqlite:///{tmp_path / 's.db'}")
+
+    def serve(*flags: str) -> subprocess.CompletedProcess[str]:
+        """Its output in files: a pipe's reader would wait for every holder's end, the forkserver's too."""
+        out, err = tmp_path / "out", tmp_path / "err"
+        with out.open("w") as stdout, err.open("w") as stderr:
+            server = subprocess.Popen(
+                [sys.executable, "-c", bootstrap, "mcp", "serve", "--root-dir", str(tmp_path), *flags],
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+                env=env,
+                cwd=Path(__file__).resolve().parent.parent,
+            )
+            try:
+                server.wait(180)
+            finally:
+                if server.poll() is None:
+                    server.kill()
+        return subprocess.CompletedProcess(server.args, server.returncode, out.read_text(), err.read_text())
+
+    bad = serve("--max-concurrency", "-3")
+    assert bad.returncode == 2 and bad.stdout == "", bad.stdout + bad.stderr
+    assert "--max-concurrency -3 is not valid" in bad.stderr and "EARLY" not in bad.stderr, bad.stderr
+    # Nothing listens on port 9 (discard) here: the connection is refused at once.
+    unreachable = serve("--db-url", "postgresql+psycopg://plexus@127.0.0.1:9/plexus")
+    assert unreachable.returncode != 0 and unreachable.stdout == "", unreachable.stdout + unreachable.stderr
+    [line] = [line for line in unreachable.stderr.splitlines() if line.startswith("EARLY ")]
+    started, *pids = line.split()[1:]
+    assert started == "True", line
+    assert [pid for pid in map(int, pids) if _running(pid)] == [], unreachable.stderr  # (checked at its exit)
+
+
 async def test_the_endpoints_rehearsals_after_start_are_unaudited_sessionless_and_stop_at_a_client(
     runtime, mcp_client, monkeypatch
 ):
