@@ -221,11 +221,22 @@ class _ArrivalTelling:
 
 
 async def _run_stdio(runtime: PlexusRuntime) -> None:
-    """MCPServer.run_stdio_async, its read stream telling the endpoint when a client has arrived."""
+    """MCPServer.run_stdio_async, its read stream telling the endpoint when a client has arrived, after the
+    start-up rehearsals (STDIO_REHEARSAL_SECONDS at most). It waits for them inside `stdio_server()`, which points
+    fd 1 at stderr: what runs meanwhile (a task or scorer module imported, that prints) misses the protocol. Its
+    reader reading the client's first message ahead stops nothing: `_ArrivalTelling` tells at `receive`."""
     server = lowlevel_server(runtime.mcp)
     async with stdio_server() as (read_stream, write_stream):
+        rehearsing = asyncio.ensure_future(_rehearsals_done(runtime))
+        try:
+            await asyncio.wait({rehearsing}, timeout=STDIO_REHEARSAL_SECONDS)
+        finally:
+            rehearsing.cancel()  # (not the rehearsals themselves: past the limit, a client's first message stops them)
         arrivals = _ArrivalTelling(read_stream, runtime.endpoint.arrived)
-        await server.run(arrivals, write_stream, server.create_initialization_options())
+        try:
+            await server.run(arrivals, write_stream, server.create_initialization_options())
+        finally:
+            sys.stdout.flush()  # what was printed and is still buffered: to stderr, not to the wire restored at exit
 
 
 async def _rehearsals_done(runtime: PlexusRuntime) -> None:
@@ -253,18 +264,13 @@ async def serve_stdio(runtime: PlexusRuntime) -> None:
     await runtime.manager.start()
     runtime.evaluations.start()  # prunes the items of cancelled evaluations, as the HTTP servers do
     stopping = asyncio.ensure_future(stop.wait())
-    serving: asyncio.Future[None] | None = None
     try:
         try:
             await runtime.endpoint.start()  # the SDK's request kernel, which the endpoint's rehearsals call through
         except RuntimeError:  # (logged by the endpoint) stdio does not need it: served without the rehearsals
             log.debug("Plexus: no start-up rehearsals over stdio", exc_info=True)
-        rehearsing = asyncio.ensure_future(_rehearsals_done(runtime))
-        await asyncio.wait({rehearsing, stopping}, timeout=STDIO_REHEARSAL_SECONDS, return_when=asyncio.FIRST_COMPLETED)
-        rehearsing.cancel()  # (not the rehearsals themselves: past the limit, a client's first message stops them)
-        if not stop.is_set():
-            serving = asyncio.ensure_future(_run_stdio(runtime))
-            await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        serving = asyncio.ensure_future(_run_stdio(runtime))  # (the rehearsals' wait first)
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stopping.cancel()
         try:
@@ -275,8 +281,6 @@ async def serve_stdio(runtime: PlexusRuntime) -> None:
             runtime.catalog.close()
             runtime.audit.close()
             runtime.store.close()
-    if serving is None:  # stopped before it served
-        return
     if not serving.done():
         sys.stdout.flush()
         sys.stderr.flush()

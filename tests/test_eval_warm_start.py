@@ -641,10 +641,11 @@ async def test_a_stdio_server_rehearses_before_it_reads_the_first_message_and_it
 
 def _stdio_server(tmp_path: Path, bootstrap: str, **env: str) -> subprocess.Popen[bytes]:
     """`plexus mcp serve` over stdio, run by `bootstrap` (which ends by calling the CLI's main), its stderr in
-    tmp_path/err; the caller writes its stdin and reads its stdout."""
+    tmp_path/err; the caller writes its stdin and reads its stdout. `env` over this one's (an empty value unsets)."""
     environ = dict(
         os.environ, JUPYTER_DATA_DIR=str(tmp_path / "data"), PLEXUS_MCP_DB_URL=f"sqlite:///{tmp_path / 's.db'}", **env
     )
+    environ = {name: value for name, value in environ.items() if value}
     return subprocess.Popen(
         [sys.executable, "-c", bootstrap, "mcp", "serve", "--transport", "stdio", "--root-dir", str(tmp_path)],
         stdin=subprocess.PIPE,
@@ -735,3 +736,47 @@ def test_a_stdio_server_reads_its_first_message_soon_when_another_process_holds_
             if server.poll() is None:
                 server.kill()
     assert server.returncode == 0, (tmp_path / "err").read_text()
+
+
+def test_what_runs_while_a_stdio_server_waits_for_its_rehearsals_does_not_write_to_the_protocol(tmp_path):
+    """The stdio server waits for its start-up rehearsals inside the SDK's `stdio_server()`, which points fd 1 at
+    stderr while it serves: what runs meanwhile and prints (a task or scorer module imported) went to the client's
+    pipe when the wait came first. A print still buffered at the end goes to stderr too, not to the wire that
+    `stdio_server()` gives back to fd 1 as it exits."""
+    bootstrap = (
+        "import sys, time\n"
+        "from plexus_mcp_jupyter.evaluations.service import EvaluationService\n"
+        "rehearse = EvaluationService._rehearse\n"
+        "after_start = []\n"
+        "def printing(self, until_served=False):\n"  # the last of warm_up_again's, 1.6 s after start: in the wait
+        "    if until_served:\n"
+        "        after_start.append(1)\n"
+        "        time.sleep(0.2)\n"
+        "        if len(after_start) == 8:\n"
+        "            print('STRAY-FLUSHED', flush=True)\n"
+        "            print('STRAY-BUFFERED')\n"
+        "    rehearse(self, until_served)\n"
+        "EvaluationService._rehearse = printing\n"
+        "from plexus_mcp_jupyter.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    server = _stdio_server(tmp_path, bootstrap, PYTHONUNBUFFERED="")  # as a client launches it: stdout buffered
+    lines = _lines(server)
+    try:
+        _initialize(server)
+        first = lines.get(timeout=120)
+    finally:
+        assert server.stdin is not None
+        server.stdin.close()
+        try:
+            server.wait(60)
+        finally:
+            if server.poll() is None:
+                server.kill()
+    out = [first]
+    while out[-1]:
+        out.append(lines.get(timeout=30))
+    assert json.loads(first)["id"] == 1, out
+    assert all(json.loads(line)["jsonrpc"] == "2.0" for line in out[:-1]), out
+    err = (tmp_path / "err").read_text()
+    assert server.returncode == 0 and "STRAY-FLUSHED" in err and "STRAY-BUFFERED" in err, [*out, err]
