@@ -195,7 +195,7 @@ async def lean_warm_start(
     )
 
 
-class StdioSession:
+class StdioSession(_common.ToolCalls):
     """A lean client over the SDK's stdio client (`mcp.client.stdio.stdio_client`: it starts `plexus mcp serve` and
     carries JSON-RPC over its stdin and stdout): initialize as a client launching it does (at once: the request
     waits in the pipe while the server starts), then tool calls, one at a time. `pid` is the server's."""
@@ -213,7 +213,8 @@ class StdioSession:
             env={**os.environ, "JUPYTER_DATA_DIR": str(work / "jdata"), **env},
             cwd=str(work),
         )
-        self._client = stdio_client(self._params, errlog=open(os.devnull, "w"))  # noqa: SIM115
+        self._errlog = open(os.devnull, "w")  # noqa: SIM115 (the server's stderr: closed at __aexit__)
+        self._client = stdio_client(self._params, errlog=self._errlog)
         self._id = 0
         self.pid = 0
         self.initialized = 0.0  # seconds from the start to initialize's answer
@@ -230,7 +231,10 @@ class StdioSession:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._client.__aexit__(None, None, None)
+        try:
+            await self._client.__aexit__(None, None, None)
+        finally:
+            self._errlog.close()
 
     async def _send(self, message: Any) -> None:
         await self._write.send(SessionMessage(message=message))
@@ -246,15 +250,6 @@ class StdioSession:
             if message.get("id") == self._id:
                 return message  # type: ignore[no-any-return]
 
-    async def call(self, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
-        message = await self.request("tools/call", {"name": tool, "arguments": arguments})
-        if "result" not in message:
-            raise RuntimeError(f"{tool}: {message}")
-        result = message["result"]
-        if result.get("isError"):
-            raise RuntimeError(f"{tool}: {result['content'][0]['text']}")
-        return result["structuredContent"]  # type: ignore[no-any-return]
-
 
 @contextlib.asynccontextmanager
 async def standalone_started(kind: str, work: Path, pin: bool, env: dict[str, str]) -> Any:
@@ -264,7 +259,7 @@ async def standalone_started(kind: str, work: Path, pin: bool, env: dict[str, st
         async with StdioSession(work, pin, env) as session:
             yield "", session.pid, session
     else:
-        with _common.standalone_server(work, extra_env=env) as (url, pid):
+        with _common.standalone_server(work, extra_env=env, pin=pin) as (url, pid):
             yield url, pid, None
 
 
@@ -299,7 +294,7 @@ async def fresh_starts(
             if standalone:
                 async with standalone_started(standalone, work, pin, env) as (url, pid, session):
                     first, later, first_end, later_end, again_call, first_cpu, later_cpu = await lean_warm_start(
-                        url, idle, 0 if session else again, spaced, pid, session
+                        url, idle, again, spaced, pid, session
                     )
             else:
                 with jupyter_server(work, extra_env=env, pin=pin, python_args=args) as (url, _pid):
@@ -396,7 +391,8 @@ async def main() -> None:
         "--again",
         type=float,
         default=0.0,
-        help="--starts: also, S seconds after the later calls, one call in a new session (the same idle, served)",
+        help="--starts: also, S seconds after the later calls, one call in a new session (the same idle, served); "
+        "not with --standalone stdio (its one session is the client that started the server)",
     )
     parser.add_argument(
         "--spaced",
@@ -416,6 +412,8 @@ async def main() -> None:
         help="--starts: `plexus mcp serve` over stdio (started by the SDK's stdio client) or http, not Jupyter",
     )
     args = parser.parse_args()
+    if args.again and args.standalone == "stdio":
+        parser.error("--again needs a server a new session can reach: --standalone http or Jupyter, not stdio")
     sizes = [int(r) for r in args.rows.split(",") if int(r)]
     formats = args.formats.split(",")
     _common.pin_client()
