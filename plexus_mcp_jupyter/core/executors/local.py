@@ -119,8 +119,13 @@ def stop_early_forkserver(wanted: Sequence[str] | None = None, *, now: bool = Fa
     _reap(pid)
     from multiprocessing import resource_tracker
 
-    with contextlib.suppress(Exception):  # its lifeline closed (the forkserver's copy is gone): it exits, reaped
-        resource_tracker._resource_tracker._stop()  # type: ignore[attr-defined]
+    # As ResourceTracker._stop (nothing else runs now): its lifeline closed, the forkserver's copy gone, it exits.
+    tracker: Any = resource_tracker._resource_tracker
+    tracker_fd, tracker_pid = tracker._fd, tracker._pid
+    if tracker_fd is not None and tracker_pid is not None:
+        tracker._fd = tracker._pid = None
+        os.close(tracker_fd)
+        _reap(tracker_pid)
 
 
 def _reap(pid: int) -> None:
