@@ -327,6 +327,45 @@ async def test_the_rehearsals_after_start_stop_once_a_client_has_come(runtime, m
         assert (await finished(client, made["evaluation_id"]))["status"] == "COMPLETED"
 
 
+async def test_the_rehearsals_end_after_a_failed_warm_up_or_a_slow_rehearsal_and_are_not_waited_for(
+    runtime, monkeypatch
+):
+    """A store locked or hanging makes each rehearsal wait out its timeout: after a warm_up that failed none follows;
+    after one longer than REHEARSAL_SECONDS none more; and `rehearsals_ended` (what a stdio server waits for before
+    its first message) returns once the one running has run that long, not when it ends."""
+    service = runtime.evaluations
+    await poll(service.warmed.is_set, bool)
+    await asyncio.wrap_future(service._pruner.submit(lambda: None))  # the rehearsals after start are done
+    monkeypatch.setattr(service_module, "REHEARSAL_SECONDS", 0.2)
+    ran: list[float] = []
+    release = threading.Event()
+
+    def failing(until_served: bool = False) -> None:
+        ran.append(time.monotonic())
+        raise RuntimeError("the store is locked")
+
+    def hanging(until_served: bool = False) -> None:
+        ran.append(time.monotonic())
+        assert release.wait(30)
+
+    monkeypatch.setattr(service, "_rehearse", failing)
+    await asyncio.wrap_future(service._pruner.submit(service.warm_up))
+    await asyncio.wrap_future(service._pruner.submit(service.warm_up_again))
+    assert len(ran) == 1, "a rehearsal ran after warm_up failed"
+    ran.clear()
+    service._rehearsals_over = False
+    monkeypatch.setattr(service, "_rehearse", hanging)
+    service.rehearsed = service._pruner.submit(service.warm_up_again)
+    await poll(lambda: len(ran), bool)
+    since = time.monotonic()
+    await asyncio.wait_for(service.rehearsals_ended(), 10)
+    waited = time.monotonic() - since
+    assert waited < 0.2 + 1.0 and not service.rehearsed.done(), waited  # (still rehearsing, in its thread)
+    release.set()
+    await asyncio.wrap_future(service.rehearsed)
+    assert len(ran) == 1, "a rehearsal ran after one longer than REHEARSAL_SECONDS"
+
+
 async def test_the_threads_the_first_evaluation_uses_are_started_before_it(runtime, mcp_client, jp_root_dir):
     """A thread pool starts a thread on its first submit and waits there until it runs: 5-10 ms each on a server
     just ready, on the event loop, for each of the three pools the first create_evaluation uses. They are started
