@@ -127,9 +127,11 @@ def jupyter_server(
 
 
 @contextmanager
-def standalone_server(workdir: Path, extra_env: dict[str, str] | None = None, port: int | None = None):
-    """`plexus mcp serve --transport http` on a SQLite store in `workdir` (also its root dir), with TOKEN;
-    yields (MCP endpoint URL, server pid)."""
+def standalone_server(
+    workdir: Path, extra_env: dict[str, str] | None = None, port: int | None = None, pin: bool = True
+):
+    """`plexus mcp serve --transport http` on a SQLite store in `workdir` (also its root dir), with TOKEN, pinned
+    as `jupyter_server` is (unless not `pin`); yields (MCP endpoint URL, server pid)."""
     port = port or free_port()
     env = dict(os.environ, JUPYTER_DATA_DIR=str(workdir / "jdata"), **(extra_env or {}))
     args = [
@@ -144,7 +146,7 @@ def standalone_server(workdir: Path, extra_env: dict[str, str] | None = None, po
         f"--db-url=sqlite:///{workdir / 'standalone.db'}",
         "--log-level=WARNING",
     ]
-    with started(args, f"http://127.0.0.1:{port}/health", env) as pid:
+    with started(args, f"http://127.0.0.1:{port}/health", env, pin) as pid:
         yield f"http://127.0.0.1:{port}/mcp", pid
 
 
@@ -222,7 +224,26 @@ INITIALIZE = {
 MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 
 
-class LeanSession:
+class ToolCalls:
+    """`call` over a `request(method, params)` that answers the JSON-RPC message: LeanSession's and the stdio
+    client's of bench_evaluation_e2e (StdioSession)."""
+
+    async def request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def call(self, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        """A tools/call's structured content; RuntimeError with the tool's message when it answers an error, or
+        with the JSON-RPC error."""
+        message = await self.request("tools/call", {"name": tool, "arguments": arguments})
+        if "result" not in message:
+            raise RuntimeError(f"{tool}: {message.get('error', message)}")
+        result = message["result"]
+        if result.get("isError"):
+            raise RuntimeError(f"{tool}: {result['content'][0]['text']}")
+        return result["structuredContent"]  # type: ignore[no-any-return]
+
+
+class LeanSession(ToolCalls):
     """A minimal keep-alive MCP client (2025-11-25 handshake, SSE parsed by hand).
 
     The SDK client opens a new connection for each call and spends several milliseconds of CPU per
@@ -268,13 +289,6 @@ class LeanSession:
                 if message.get("id") == self._id:
                     return message  # type: ignore[no-any-return]
         raise RuntimeError(f"no response to {method}: {response.status_code} {response.text[:200]}")
-
-    async def call(self, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
-        """A tools/call's structured content; RuntimeError with the tool's message when it answers an error."""
-        result = (await self.request("tools/call", {"name": tool, "arguments": arguments}))["result"]
-        if result.get("isError"):
-            raise RuntimeError(f"{tool}: {result['content'][0]['text']}")
-        return result["structuredContent"]  # type: ignore[no-any-return]
 
 
 TRIVIAL = {"name": "run_demo_task", "arguments": {"items": 1, "item_delay_ms": 0}}

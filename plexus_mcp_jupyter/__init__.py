@@ -30,6 +30,13 @@ def _start_workers_early() -> None:
     serverapp = sys.modules.get("jupyter_server.serverapp")
     if serverapp is None or not serverapp.ServerApp.initialized():
         return
+    start_workers_early()
+
+
+def start_workers_early() -> None:
+    """Start the local executor's forkserver (EARLY_PRELOAD) before the server's own imports, unless
+    PLEXUS_MCP_EXECUTOR names another executor: Jupyter's start (`_start_workers_early`) and `plexus mcp serve`'s
+    (cli.cmd_serve). Only a head start: a failure is logged at debug and the executor starts it as before."""
     if os.environ.get("PLEXUS_MCP_EXECUTOR", "local").strip().lower() not in ("", "local"):
         return
     try:

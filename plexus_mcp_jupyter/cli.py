@@ -23,6 +23,7 @@ from .config import PlexusSettings, SettingsError, allowed_values, env_var
 
 if TYPE_CHECKING:
     from .core.requests import RequestModel
+    from .runtime import PlexusRuntime
 
 M = TypeVar("M", bound="RequestModel")
 
@@ -67,18 +68,32 @@ def _configure_logging(level: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .core.executors import ExecutorUnavailable
-    from .migrations import StoreRefused
-    from .runtime import PlexusRuntime
-    from .standalone import serve_http, serve_stdio
-
     _configure_logging(args.log_level)
-    settings = _settings_from_args(args)
+    settings = _settings_from_args(args)  # (a bad flag or PLEXUS_MCP_* value ends it here, before any process)
+    early = settings.executor == "local"
+    if early:
+        from . import start_workers_early
+
+        # The forkserver's imports (~0.7 s) beside this process's own (the runtime's, a second or more), as
+        # Jupyter does: not after the server answers, where the first evaluation's worker waited for them.
+        start_workers_early()
+    runtime: PlexusRuntime | None = None
     try:
-        runtime = PlexusRuntime(settings, data_dir=jupyter_data_dir(), root_dir=args.root_dir)
-    except (ExecutorUnavailable, StoreRefused) as exc:  # dask_fallback=refuse; a store newer than this code
-        print(f"plexus: not started: {exc}", file=sys.stderr)
-        return 2
+        from .core.executors import ExecutorUnavailable
+        from .migrations import StoreRefused
+        from .runtime import PlexusRuntime
+        from .standalone import serve_http, serve_stdio
+
+        try:
+            runtime = PlexusRuntime(settings, data_dir=jupyter_data_dir(), root_dir=args.root_dir)
+        except (ExecutorUnavailable, StoreRefused) as exc:  # dask_fallback=refuse; a store newer than this code
+            print(f"plexus: not started: {exc}", file=sys.stderr)
+            return 2
+    finally:
+        if runtime is None and early:  # not started (its store unreachable, say): the forkserver must not outlive
+            from .core.executors.local import stop_early_forkserver  # this process on its stdout (a client's pipe)
+
+            stop_early_forkserver(now=True)
     if args.transport == "stdio":
         asyncio.run(serve_stdio(runtime))
         return 0

@@ -46,6 +46,11 @@ from .security.ratelimit import RateLimiter
 
 log = logging.getLogger("plexus_mcp_jupyter")
 STANDALONE_ADMIN = Principal(owner="token", role=Role.ADMIN)  # whoever holds the server's token
+# Most seconds a stdio server waits for its start-up rehearsals before it reads its first message (serve_stdio):
+# 44-144 ms measured at a load of 6.5-7.3. A store locked or hanging ends the wait sooner: once one rehearsal has run
+# longer than its REHEARSAL_SECONDS (the endpoint's, transport.py; the evaluation service's, service.py: that one
+# then ends on its own, in its thread, and no more run).
+STDIO_REHEARSAL_SECONDS = 5.0
 
 
 class _StandaloneHandler(web.RequestHandler):
@@ -216,15 +221,39 @@ class _ArrivalTelling:
 
 
 async def _run_stdio(runtime: PlexusRuntime) -> None:
-    """MCPServer.run_stdio_async, its read stream telling the endpoint when a client has arrived."""
+    """MCPServer.run_stdio_async, its read stream telling the endpoint when a client has arrived, after the
+    start-up rehearsals (STDIO_REHEARSAL_SECONDS at most). It waits for them inside `stdio_server()`, which points
+    fd 1 at stderr: what runs meanwhile (a task or scorer module imported, that prints) misses the protocol. Its
+    reader reading the client's first message ahead stops nothing: `_ArrivalTelling` tells at `receive`."""
     server = lowlevel_server(runtime.mcp)
     async with stdio_server() as (read_stream, write_stream):
+        rehearsing = asyncio.ensure_future(_rehearsals_done(runtime))
+        try:
+            await asyncio.wait({rehearsing}, timeout=STDIO_REHEARSAL_SECONDS)
+        finally:
+            rehearsing.cancel()  # (not the rehearsals themselves: past the limit, a client's first message stops them)
         arrivals = _ArrivalTelling(read_stream, runtime.endpoint.arrived)
-        await server.run(arrivals, write_stream, server.create_initialization_options())
+        try:
+            await server.run(arrivals, write_stream, server.create_initialization_options())
+        finally:
+            sys.stdout.flush()  # what was printed and is still buffered: to stderr, not to the wire restored at exit
+
+
+async def _rehearsals_done(runtime: PlexusRuntime) -> None:
+    """Until the start-up rehearsals have ended: the endpoint's (on the loop) and the evaluation service's
+    (`warm_up`, then `warm_up_again`, in its thread), or one of these has run longer than REHEARSAL_SECONDS."""
+    await runtime.endpoint.rehearsed()
+    await runtime.evaluations.rehearsals_ended()
 
 
 async def serve_stdio(runtime: PlexusRuntime) -> None:
     """MCP over this process's stdin/stdout; stdout carries nothing but the protocol.
+
+    The start-up rehearsals run before the first message is read (STDIO_REHEARSAL_SECONDS at most): a client
+    that launches the server sends its initialize at once, so it is already waiting when the server could
+    read it, and a client's first message stops the rehearsals (MCPEndpoint.arrived, told by the read stream:
+    `_ArrivalTelling`). Read first, it would stop them at once, and the first create_evaluation would pay for
+    the first runs of its path (the interpreter specializes a function's code once it has run a few times).
 
     Ends when the client closes stdin or on SIGTERM/SIGINT; either way running tasks are recorded and the
     audit log writes its last records. After a signal the process exits at once: the SDK reads stdin in a
@@ -234,13 +263,18 @@ async def serve_stdio(runtime: PlexusRuntime) -> None:
     _on_stop_signals(stop.set)
     await runtime.manager.start()
     runtime.evaluations.start()  # prunes the items of cancelled evaluations, as the HTTP servers do
-    serving = asyncio.ensure_future(_run_stdio(runtime))
     stopping = asyncio.ensure_future(stop.wait())
     try:
+        try:
+            await runtime.endpoint.start()  # the SDK's request kernel, which the endpoint's rehearsals call through
+        except RuntimeError:  # (logged by the endpoint) stdio does not need it: served without the rehearsals
+            log.debug("Plexus: no start-up rehearsals over stdio", exc_info=True)
+        serving = asyncio.ensure_future(_run_stdio(runtime))  # (the rehearsals' wait first)
         await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stopping.cancel()
         try:
+            await runtime.endpoint.stop()
             await runtime.manager.stop()
         finally:
             runtime.evaluations.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 
 def stubborn(ctx) -> None:
@@ -53,6 +54,70 @@ def record_client_came(path: str) -> None:
         came(self)
 
     EvaluationService.client_came = told
+
+
+def record_warm_start(path: str) -> None:
+    """Append a JSON line to `path` as this process's start-up rehearsals end (the endpoint's, each call through the
+    SDK's kernel; the evaluation service's, each `_rehearse`), at the endpoint's first request (`arrived`), and
+    after the first create_evaluation: the modules it imported, the statements it compiled (SQLAlchemy's compiled
+    cache) and the threads it started, that were not there before it (the stdio warm-start test's server)."""
+    import json
+    import sys
+    import threading
+
+    from plexus_mcp_jupyter.endpoint import transport
+    from plexus_mcp_jupyter.evaluations.service import EvaluationService
+
+    def record(**fields: Any) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps({"t": time.monotonic(), **fields}) + "\n")
+
+    rehearse_call, rehearse, arrived, create = (
+        transport.rehearse_call,
+        EvaluationService._rehearse,
+        transport.MCPEndpoint.arrived,
+        EvaluationService.create,
+    )
+
+    async def endpoint_rehearsal(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await rehearse_call(*args, **kwargs)
+        finally:
+            record(event="endpoint rehearsal")
+
+    def evaluation_rehearsal(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            rehearse(self, *args, **kwargs)
+        finally:
+            record(event="evaluation rehearsal")
+
+    def told(self: Any) -> None:
+        if not self._arrived:
+            record(event="arrived")
+        arrived(self)
+
+    created: list[int] = []
+
+    async def first_create(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if created:
+            return await create(self, *args, **kwargs)
+        created.append(1)
+        cache = self.manager.store.engine._compiled_cache
+        modules, compiled, threads = set(sys.modules), {c.string for c in cache.values()}, set(threading.enumerate())
+        try:
+            return await create(self, *args, **kwargs)
+        finally:
+            record(
+                event="first create",
+                modules=sorted(set(sys.modules) - modules),
+                compiled=sorted({c.string for c in cache.values()} - compiled),
+                threads=sorted(t.name for t in set(threading.enumerate()) - threads),
+            )
+
+    transport.rehearse_call = endpoint_rehearsal  # type: ignore[assignment]
+    EvaluationService._rehearse = evaluation_rehearsal  # type: ignore[method-assign]
+    transport.MCPEndpoint.arrived = told  # type: ignore[method-assign]
+    EvaluationService.create = first_create  # type: ignore[method-assign]
 
 
 def circular(ctx) -> list:

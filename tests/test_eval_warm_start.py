@@ -10,6 +10,8 @@ the server answers while no worker can start, and the task runs on the first wor
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import subprocess
 import sys
 import threading
@@ -22,6 +24,7 @@ from typing import Any
 import httpx2
 import pandas as pd
 import pytest
+from mcp import Client, StdioServerParameters
 
 from plexus_mcp_jupyter.core import EventBus, Store, TaskManager, TaskStatus
 from plexus_mcp_jupyter.core import store as store_module
@@ -324,6 +327,45 @@ async def test_the_rehearsals_after_start_stop_once_a_client_has_come(runtime, m
         assert (await finished(client, made["evaluation_id"]))["status"] == "COMPLETED"
 
 
+async def test_the_rehearsals_end_after_a_failed_warm_up_or_a_slow_rehearsal_and_are_not_waited_for(
+    runtime, monkeypatch
+):
+    """A store locked or hanging makes each rehearsal wait out its timeout: after a warm_up that failed none follows;
+    after one longer than REHEARSAL_SECONDS none more; and `rehearsals_ended` (what a stdio server waits for before
+    its first message) returns once the one running has run that long, not when it ends."""
+    service = runtime.evaluations
+    await poll(service.warmed.is_set, bool)
+    await asyncio.wrap_future(service._pruner.submit(lambda: None))  # the rehearsals after start are done
+    monkeypatch.setattr(service_module, "REHEARSAL_SECONDS", 0.2)
+    ran: list[float] = []
+    release = threading.Event()
+
+    def failing(until_served: bool = False) -> None:
+        ran.append(time.monotonic())
+        raise RuntimeError("the store is locked")
+
+    def hanging(until_served: bool = False) -> None:
+        ran.append(time.monotonic())
+        assert release.wait(30)
+
+    monkeypatch.setattr(service, "_rehearse", failing)
+    await asyncio.wrap_future(service._pruner.submit(service.warm_up))
+    await asyncio.wrap_future(service._pruner.submit(service.warm_up_again))
+    assert len(ran) == 1, "a rehearsal ran after warm_up failed"
+    ran.clear()
+    service._rehearsals_over = False
+    monkeypatch.setattr(service, "_rehearse", hanging)
+    service.rehearsed = service._pruner.submit(service.warm_up_again)
+    await poll(lambda: len(ran), bool)
+    since = time.monotonic()
+    await asyncio.wait_for(service.rehearsals_ended(), 10)
+    waited = time.monotonic() - since
+    assert waited < 0.2 + 1.0 and not service.rehearsed.done(), waited  # (still rehearsing, in its thread)
+    release.set()
+    await asyncio.wrap_future(service.rehearsed)
+    assert len(ran) == 1, "a rehearsal ran after one longer than REHEARSAL_SECONDS"
+
+
 async def test_the_threads_the_first_evaluation_uses_are_started_before_it(runtime, mcp_client, jp_root_dir):
     """A thread pool starts a thread on its first submit and waits there until it runs: 5-10 ms each on a server
     just ready, on the event loop, for each of the three pools the first create_evaluation uses. They are started
@@ -422,6 +464,100 @@ def test_the_forkserver_started_early_is_the_one_the_executor_uses_and_workers_s
     )
 
 
+def test_plexus_mcp_serve_starts_the_forkserver_before_its_own_imports(tmp_path):
+    """As Jupyter's start does (`_start_workers_early`), `plexus mcp serve` starts the forkserver before it imports
+    the runtime (pandas, pyarrow, SQLAlchemy: a second or more), which its executor then adopts: the first
+    evaluation's worker waited for the forkserver's preload after the server answered (end to end 6-10x the next
+    ones'). The server here reads an empty stdin and ends."""
+    bootstrap = (
+        "import sys\n"
+        "from plexus_mcp_jupyter.core.executors import local\n"
+        "start = local.start_forkserver_early\n"
+        "def early(extra):\n"
+        "    heavy = ('pandas', 'pyarrow', 'sqlalchemy', 'plexus_mcp_jupyter.runtime')\n"
+        "    loaded = [m for m in heavy if m in sys.modules]\n"
+        "    started = start(extra)\n"
+        "    sys.stderr.write(f'EARLY {started} {loaded}\\n')\n"
+        "    return started\n"
+        "local.start_forkserver_early = early\n"
+        "from plexus_mcp_jupyter.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = dict(os.environ, JUPYTER_DATA_DIR=str(tmp_path / "data"), PLEXUS_MCP_DB_URL=f"sqlite:///{tmp_path / 's.db'}")
+    result = subprocess.run(
+        [sys.executable, "-c", bootstrap, "mcp", "serve", "--root-dir", str(tmp_path)],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert result.returncode == 0 and result.stdout == "", result.stdout + result.stderr
+    assert "EARLY True []" in result.stderr.splitlines(), result.stderr
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists and has not ended (a zombie has)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_a_plexus_mcp_serve_that_fails_to_start_leaves_no_process_behind(tmp_path):
+    """`plexus mcp serve` starts the forkserver early (above), but only once its settings are checked: a bad flag
+    ends it before any process starts (it started the forkserver, and the resource tracker, first). A failure
+    after it (a store that cannot be reached) ends and reaps both before it exits: they held its stdout (a stdio
+    client's pipe: its EOF came ~0.5 s after the exit, while the forkserver finished its imports)."""
+    bootstrap = (
+        "import sys\n"
+        "from multiprocessing import forkserver, resource_tracker\n"
+        "from plexus_mcp_jupyter.core.executors import local\n"
+        "start = local.start_forkserver_early\n"
+        "def early(extra):\n"
+        "    started = start(extra)\n"
+        "    pids = forkserver._forkserver._forkserver_pid, resource_tracker._resource_tracker._pid\n"
+        "    sys.stderr.write(f'EARLY {started} {pids[0]} {pids[1]}\\n')\n"
+        "    return started\n"
+        "local.start_forkserver_early = early\n"
+        "from plexus_mcp_jupyter.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = dict(os.environ, JUPYTER_DATA_DIR=str(tmp_path / "data"), PLEXUS_MCP_DB_URL=f"sqlite:///{tmp_path / 's.db'}")
+
+    def serve(*flags: str) -> subprocess.CompletedProcess[str]:
+        """Its output in files: a pipe's reader would wait for every holder's end, the forkserver's too."""
+        out, err = tmp_path / "out", tmp_path / "err"
+        with out.open("w") as stdout, err.open("w") as stderr:
+            server = subprocess.Popen(
+                [sys.executable, "-c", bootstrap, "mcp", "serve", "--root-dir", str(tmp_path), *flags],
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+                env=env,
+                cwd=Path(__file__).resolve().parent.parent,
+            )
+            try:
+                server.wait(180)
+            finally:
+                if server.poll() is None:
+                    server.kill()
+        return subprocess.CompletedProcess(server.args, server.returncode, out.read_text(), err.read_text())
+
+    bad = serve("--max-concurrency", "-3")
+    assert bad.returncode == 2 and bad.stdout == "", bad.stdout + bad.stderr
+    assert "--max-concurrency -3 is not valid" in bad.stderr and "EARLY" not in bad.stderr, bad.stderr
+    # Nothing listens on port 9 (discard) here: the connection is refused at once.
+    unreachable = serve("--db-url", "postgresql+psycopg://plexus@127.0.0.1:9/plexus")
+    assert unreachable.returncode != 0 and unreachable.stdout == "", unreachable.stdout + unreachable.stderr
+    [line] = [line for line in unreachable.stderr.splitlines() if line.startswith("EARLY ")]
+    started, *pids = line.split()[1:]
+    assert started == "True", line
+    assert [pid for pid in map(int, pids) if _running(pid)] == [], unreachable.stderr  # (checked at its exit)
+
+
 async def test_the_endpoints_rehearsals_after_start_are_unaudited_sessionless_and_stop_at_a_client(
     runtime, mcp_client, monkeypatch
 ):
@@ -490,3 +626,196 @@ async def test_the_endpoints_rehearsals_after_start_are_unaudited_sessionless_an
     runtime.audit.flush()
     records, _ = runtime.audit.query(action="tool.list_tasks")
     assert [r["owner"] for r in records] == [REHEARSAL.owner], records
+
+
+async def test_a_stdio_server_rehearses_before_it_reads_the_first_message_and_its_first_evaluation_finds_it_warm(
+    tmp_path,
+):
+    """`plexus mcp serve` over stdio (Claude Desktop, Cursor): the client sends initialize as it starts the server, so
+    the message is waiting before the server could read it, and a client's first message stops the start-up
+    rehearsals: read first, none ran. The server runs all of them (the endpoint's through the SDK's kernel, the
+    evaluation service's) before it reads it, none after; the first create_evaluation then imports no module,
+    compiles no statement and starts no thread; and stdout carries the protocol only."""
+    records = tmp_path / "warm.jsonl"
+    pd.DataFrame({"label": ["yes", "no"] * 50, "prediction": ["yes"] * 100}).to_csv(tmp_path / "w.csv", index=False)
+    bootstrap = (
+        "import os, sys; from tests.task_functions import record_warm_start; "
+        "record_warm_start(os.environ['PLEXUS_TEST_RECORDS']); "
+        "from plexus_mcp_jupyter.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    env = dict(
+        os.environ,
+        JUPYTER_DATA_DIR=str(tmp_path / "data"),
+        PLEXUS_MCP_DB_URL=f"sqlite:///{tmp_path / 's.db'}",
+        PLEXUS_TEST_RECORDS=str(records),
+    )
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-c", bootstrap, "mcp", "serve", "--transport", "stdio", "--root-dir", str(tmp_path)],
+        env=env,
+        cwd=str(Path(__file__).resolve().parent.parent),
+    )
+    garbage: list[Exception] = []
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, Exception):  # a line on stdout that is not a JSON-RPC message
+            garbage.append(message)
+
+    async with Client(params, message_handler=on_message) as client:
+        made = await create(
+            client, type="accuracy", dataset="w.csv", label_column="label", prediction_column="prediction"
+        )
+        assert (await finished(client, made["evaluation_id"]))["status"] == "COMPLETED"
+    assert garbage == []
+    events = [json.loads(line) for line in records.read_text().splitlines()]
+    [arrived] = [e["t"] for e in events if e["event"] == "arrived"]
+    endpoint = [e["t"] for e in events if e["event"] == "endpoint rehearsal"]
+    evaluation = [e["t"] for e in events if e["event"] == "evaluation rehearsal"]
+    assert len(endpoint) == transport_module.REHEARSALS, events
+    assert len(evaluation) == 1 + service_module.WARM_REPEATS, events  # warm_up, then warm_up_again's
+    assert max(endpoint + evaluation) < arrived, events  # each one ended before the first message was read
+    [first] = [e for e in events if e["event"] == "first create"]
+    assert first["modules"] == [] and first["compiled"] == [] and first["threads"] == [], first
+
+
+def _stdio_server(tmp_path: Path, bootstrap: str, **env: str) -> subprocess.Popen[bytes]:
+    """`plexus mcp serve` over stdio, run by `bootstrap` (which ends by calling the CLI's main), its stderr in
+    tmp_path/err; the caller writes its stdin and reads its stdout. `env` over this one's (an empty value unsets)."""
+    environ = dict(
+        os.environ, JUPYTER_DATA_DIR=str(tmp_path / "data"), PLEXUS_MCP_DB_URL=f"sqlite:///{tmp_path / 's.db'}", **env
+    )
+    environ = {name: value for name, value in environ.items() if value}
+    return subprocess.Popen(
+        [sys.executable, "-c", bootstrap, "mcp", "serve", "--transport", "stdio", "--root-dir", str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=(tmp_path / "err").open("w"),
+        env=environ,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+
+
+def _initialize(server: subprocess.Popen[bytes]) -> None:
+    init = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}},
+    }
+    assert server.stdin is not None
+    server.stdin.write((json.dumps(init) + "\n").encode())
+    server.stdin.flush()
+
+
+def _lines(server: subprocess.Popen[bytes]) -> Any:
+    """The server's stdout lines, read in a thread: `.get(timeout=...)` each (b"" at its end)."""
+    import queue
+
+    lines: queue.Queue[bytes] = queue.Queue()
+
+    def read() -> None:
+        assert server.stdout is not None
+        for line in iter(server.stdout.readline, b""):
+            lines.put(line)
+        lines.put(b"")
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
+def test_a_stdio_server_reads_its_first_message_soon_when_another_process_holds_the_store_locked(tmp_path):
+    """The stdio server waits for its start-up rehearsals before it reads the client's first message; a store that
+    another process holds locked (SQLite: BEGIN IMMEDIATE) makes a rehearsal wait out the busy timeout (5 s; a
+    PostgreSQL that hangs, 30 s), and the client's initialize waited as long. The wait now ends once a rehearsal has
+    run longer than REHEARSAL_SECONDS, and none runs after it."""
+    import sqlite3
+
+    locked = tmp_path / "locked"
+    bootstrap = (
+        "import os, sys, time\n"
+        "from plexus_mcp_jupyter.evaluations.service import EvaluationService\n"
+        "again = EvaluationService.warm_up_again\n"
+        "def held(self):\n"  # the rehearsals after start wait for the test's lock (warm_up has run)
+        "    sys.stderr.write('REHEARSING\\n'); sys.stderr.flush()\n"
+        "    deadline = time.monotonic() + 120\n"
+        "    while not os.path.exists(os.environ['PLEXUS_TEST_LOCKED']) and time.monotonic() < deadline:\n"
+        "        time.sleep(0.005)\n"
+        "    again(self)\n"
+        "EvaluationService.warm_up_again = held\n"
+        "from plexus_mcp_jupyter.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    server = _stdio_server(tmp_path, bootstrap, PLEXUS_TEST_LOCKED=str(locked))
+    lines = _lines(server)
+    holder = None
+    try:
+        _initialize(server)  # as a client does: at once
+        deadline = time.monotonic() + 120
+        while "REHEARSING" not in (tmp_path / "err").read_text():
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()
+            time.sleep(0.01)
+        holder = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # another process's write transaction, held
+        locked.touch()
+        since = time.monotonic()
+        answer = lines.get(timeout=60)
+        waited = time.monotonic() - since
+        assert json.loads(answer)["id"] == 1, answer
+        # Before: 5.1 s (the busy timeout). A margin for a loaded machine.
+        assert waited < service_module.REHEARSAL_SECONDS + 2.0, waited
+    finally:
+        if holder is not None:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert server.stdin is not None
+        server.stdin.close()
+        try:
+            server.wait(60)
+        finally:
+            if server.poll() is None:
+                server.kill()
+    assert server.returncode == 0, (tmp_path / "err").read_text()
+
+
+def test_what_runs_while_a_stdio_server_waits_for_its_rehearsals_does_not_write_to_the_protocol(tmp_path):
+    """The stdio server waits for its start-up rehearsals inside the SDK's `stdio_server()`, which points fd 1 at
+    stderr while it serves: what runs meanwhile and prints (a task or scorer module imported) went to the client's
+    pipe when the wait came first. A print still buffered at the end goes to stderr too, not to the wire that
+    `stdio_server()` gives back to fd 1 as it exits."""
+    bootstrap = (
+        "import sys, time\n"
+        "from plexus_mcp_jupyter.evaluations.service import EvaluationService\n"
+        "rehearse = EvaluationService._rehearse\n"
+        "after_start = []\n"
+        "def printing(self, until_served=False):\n"  # the last of warm_up_again's, 1.6 s after start: in the wait
+        "    if until_served:\n"
+        "        after_start.append(1)\n"
+        "        time.sleep(0.2)\n"
+        "        if len(after_start) == 8:\n"
+        "            print('STRAY-FLUSHED', flush=True)\n"
+        "            print('STRAY-BUFFERED')\n"
+        "    rehearse(self, until_served)\n"
+        "EvaluationService._rehearse = printing\n"
+        "from plexus_mcp_jupyter.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    server = _stdio_server(tmp_path, bootstrap, PYTHONUNBUFFERED="")  # as a client launches it: stdout buffered
+    lines = _lines(server)
+    try:
+        _initialize(server)
+        first = lines.get(timeout=120)
+    finally:
+        assert server.stdin is not None
+        server.stdin.close()
+        try:
+            server.wait(60)
+        finally:
+            if server.poll() is None:
+                server.kill()
+    out = [first]
+    while out[-1]:
+        out.append(lines.get(timeout=30))
+    assert json.loads(first)["id"] == 1, out
+    assert all(json.loads(line)["jsonrpc"] == "2.0" for line in out[:-1]), out
+    err = (tmp_path / "err").read_text()
+    assert server.returncode == 0 and "STRAY-FLUSHED" in err and "STRAY-BUFFERED" in err, [*out, err]

@@ -107,6 +107,11 @@ class MCPEndpoint:
         if self._rehearsal is None:
             self._rehearsal = asyncio.get_running_loop().create_task(self.rehearse(), name="plexus-mcp-rehearsal")
 
+    async def rehearsed(self) -> None:
+        """Until the rehearsals `start` began have ended (at once when there are none); never cancels them."""
+        if self._rehearsal is not None:
+            await asyncio.wait({self._rehearsal})
+
     def arrived(self) -> None:
         """A request has come (called for each, after `start`): the rehearsals stop, and the first one tells
         `on_first_request`."""

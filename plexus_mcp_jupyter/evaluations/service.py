@@ -8,6 +8,7 @@ milliseconds; loading, scoring and metrics happen in the worker (runner.py).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import logging
@@ -16,7 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,10 @@ _NULL_RECORD: dict[str, Any] = {column.name: None for column in evaluations_tabl
 # has run a few times (about 8), so the first calls of any path run slower; the rehearsal's path (the plan, the
 # inserts, the reads, the view) is the first create_evaluation's, off the loop. ~5 ms of CPU each.
 WARM_REPEATS = 8
+# Each start-up rehearsal's most (warm_up's and warm_up_again's): one slower (a store locked by another process
+# waits out its busy timeout, 5 s on SQLite; a PostgreSQL that hangs, its statement timeout, 30 s) ends them, and
+# `rehearsals_ended` stops waiting for it (it ends on its own, in the pruning thread).
+REHEARSAL_SECONDS = 1.0
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
@@ -111,6 +116,10 @@ class EvaluationService:
         self._warm_asked = False
         # A client has come (its first MCP message, or a create): the rehearsals after start stop (warm_up_again).
         self._served = False
+        # Done once warm_up and warm_up_again have run (start() submits it): see rehearsals_ended.
+        self.rehearsed: Future[None] | None = None
+        self._rehearsing_since: float | None = None  # when the rehearsal running now began (time.monotonic)
+        self._rehearsals_over = False  # warm_up failed or ran longer than REHEARSAL_SECONDS: no more rehearsals
         # Why evaluations cannot run now (Dask workers that do not see the items directory), or None: set by the
         # runtime (items_check.WorkerItemsCheck).
         self.items_problem: Callable[[], str | None] = lambda: None
@@ -125,10 +134,12 @@ class EvaluationService:
         if self._unlisten is None:
             self._unlisten = self.manager.bus.add_listener(self._on_event, remote=False)
             self.manager.pruned_listeners.append(self._on_tasks_pruned)
+            # The rehearsals first, the pruning after them (it may take long: a stdio server waits for the
+            # rehearsals before it reads its first message, `rehearsed`).
+            self.warm_up_soon()
+            self.rehearsed = self._pruner.submit(self.warm_up_again)
             self._prune_soon()
             self._on_tasks_pruned([])
-            self.warm_up_soon()
-            self._pruner.submit(self.warm_up_again)
 
     def warm_up_soon(self) -> None:
         """Run `warm_up` once, in the pruning thread (the runtime asks as soon as it is built, before the server
@@ -148,8 +159,9 @@ class EvaluationService:
         and cache the statements), the answer's view made, and the record and task read (none found). 130-330 ms
         of the first call's, measured; nothing is stored. start() then asks for `warm_up_again`."""
         try:
-            self._rehearse()
+            self._timed_rehearsal()
         except Exception:  # the store is unreachable, say: the first evaluation then pays it, as before
+            self._rehearsals_over = True  # (warm_up_again's would fail alike, each after its timeouts)
             log.debug("Plexus: the evaluation warm-up failed", exc_info=True)
         finally:
             self.warmed.set()
@@ -163,18 +175,47 @@ class EvaluationService:
         """After start (the server answers meanwhile), in the pruning thread, after warm_up: its rehearsal
         WARM_REPEATS times more, so that the first create_evaluation runs code already specialized by the
         interpreter (the first call's server CPU was 1.32x the next ones', 0.98x after ten rehearsals: 5 fresh
-        servers each). Stops at the first failure, when the service closes, or once a client has come (its first
-        MCP message, or a create), also between a rehearsal's plan and its store statements: a rehearsal beside a
-        call competes with it for the GIL (~5 ms of CPU each) and, on SQLite, holds the write lock the call's insert
-        needs until it rolls back; real calls warm the path from then on."""
+        servers each). Not at all after warm_up failed or ran longer than REHEARSAL_SECONDS; stops at the first
+        failure, after a rehearsal longer than REHEARSAL_SECONDS, when the service closes, or once a client has
+        come (its first MCP message, or a create), also between a rehearsal's plan and its store statements: a
+        rehearsal beside a call competes with it for the GIL (~5 ms of CPU each) and, on SQLite, holds the write
+        lock the call's insert needs until it rolls back; real calls warm the path from then on."""
         for _ in range(WARM_REPEATS):
-            if self._stopping.is_set() or self._served:
+            if self._stopping.is_set() or self._served or self._rehearsals_over:
                 return
             try:
-                self._rehearse(until_served=True)
+                self._timed_rehearsal(until_served=True)
             except Exception:
                 log.debug("Plexus: the evaluation warm-up failed", exc_info=True)
                 return
+
+    def _timed_rehearsal(self, until_served: bool = False) -> None:
+        """`_rehearse`, timed: one longer than REHEARSAL_SECONDS, or failing, ends them (`_rehearsals_over`)."""
+        began = self._rehearsing_since = time.monotonic()
+        try:
+            self._rehearse(until_served=until_served)
+        except BaseException:
+            self._rehearsals_over = True
+            raise
+        finally:
+            self._rehearsing_since = None
+        if time.monotonic() - began > REHEARSAL_SECONDS:
+            self._rehearsals_over = True
+            log.debug("Plexus: an evaluation rehearsal took %.1f s: no more", time.monotonic() - began)
+
+    async def rehearsals_ended(self) -> None:
+        """Until the start-up rehearsals have ended (`rehearsed`; at once before start), or the one running has run
+        longer than REHEARSAL_SECONDS (a store locked or hanging: it ends on its own, and none runs after it). A
+        stdio server waits for this before it reads its first message (standalone.serve_stdio)."""
+        if self.rehearsed is None:
+            return
+        done = asyncio.wrap_future(self.rehearsed)
+        while not done.done():
+            began = self._rehearsing_since
+            left = REHEARSAL_SECONDS if began is None else began + REHEARSAL_SECONDS - time.monotonic()
+            if left <= 0:
+                return
+            await asyncio.wait({done}, timeout=left)
 
     def _rehearse(self, until_served: bool = False) -> None:
         """A create_evaluation's work, nothing stored (see warm_up); with `until_served`, nothing after the plan

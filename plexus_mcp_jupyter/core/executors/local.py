@@ -30,6 +30,7 @@ import logging
 import multiprocessing as mp
 import os
 import pickle
+import signal
 import sys
 import threading
 import types
@@ -85,11 +86,13 @@ def start_forkserver_early(extra: Sequence[str]) -> bool:
     return True
 
 
-def stop_early_forkserver(wanted: Sequence[str] | None = None) -> None:
+def stop_early_forkserver(wanted: Sequence[str] | None = None, *, now: bool = False) -> None:
     """Settle the forkserver `start_forkserver_early` started (nothing when there is none, or once settled): the
     first LocalExecutor to start adopts it when its preload is `wanted`, and it is ended otherwise (no executor:
     `wanted` None), before any worker came from it. Never blocks: the stdlib's `_stop` waits for the forkserver's
-    exit, i.e. for the end of its imports."""
+    exit, i.e. for the end of its imports. With `now` (a `plexus mcp serve` that failed to start, about to exit):
+    it is terminated in its imports and reaped, and the resource tracker it shares with this process ended too, so
+    that neither outlives the process holding its stdout (a stdio client's pipe: its EOF came ~0.5 s late)."""
     global _early_preload
     with _early_lock:
         early, _early_preload = _early_preload, None
@@ -108,7 +111,21 @@ def stop_early_forkserver(wanted: Sequence[str] | None = None) -> None:
     if address and not util.is_abstract_socket_namespace(address):
         with contextlib.suppress(OSError):
             os.unlink(address)
-    threading.Thread(target=_reap, args=(pid,), name="plexus-forkserver-reap", daemon=True).start()
+    if not now:
+        threading.Thread(target=_reap, args=(pid,), name="plexus-forkserver-reap", daemon=True).start()
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    _reap(pid)
+    from multiprocessing import resource_tracker
+
+    # As ResourceTracker._stop (nothing else runs now): its lifeline closed, the forkserver's copy gone, it exits.
+    tracker: Any = resource_tracker._resource_tracker
+    tracker_fd, tracker_pid = tracker._fd, tracker._pid
+    if tracker_fd is not None and tracker_pid is not None:
+        tracker._fd = tracker._pid = None
+        os.close(tracker_fd)
+        _reap(tracker_pid)
 
 
 def _reap(pid: int) -> None:
