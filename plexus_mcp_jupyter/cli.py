@@ -80,6 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     runtime: PlexusRuntime | None = None
     try:
         from .core.executors import ExecutorUnavailable
+        from .core.store_calls import store_unavailable
         from .migrations import StoreRefused
         from .runtime import PlexusRuntime
         from .standalone import serve_http, serve_stdio
@@ -89,6 +90,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except (ExecutorUnavailable, StoreRefused) as exc:  # dask_fallback=refuse; a store newer than this code
             print(f"plexus: not started: {exc}", file=sys.stderr)
             return 2
+        except Exception as exc:
+            unavailable = store_unavailable(exc)  # the database down or unreachable: its reason, not a traceback
+            if unavailable is None:
+                raise
+            print(f"plexus: not started: {unavailable}; check --db-url / {env_var('db_url')}", file=sys.stderr)
+            return 1
     finally:
         if runtime is None and early:  # not started (its store unreachable, say): the forkserver must not outlive
             from .core.executors.local import stop_early_forkserver  # this process on its stdout (a client's pipe)

@@ -550,8 +550,12 @@ def test_a_plexus_mcp_serve_that_fails_to_start_leaves_no_process_behind(tmp_pat
     assert bad.returncode == 2 and bad.stdout == "", bad.stdout + bad.stderr
     assert "--max-concurrency -3 is not valid" in bad.stderr and "EARLY" not in bad.stderr, bad.stderr
     # Nothing listens on port 9 (discard) here: the connection is refused at once.
-    unreachable = serve("--db-url", "postgresql+psycopg://plexus@127.0.0.1:9/plexus")
-    assert unreachable.returncode != 0 and unreachable.stdout == "", unreachable.stdout + unreachable.stderr
+    unreachable = serve("--db-url", "postgresql+psycopg://plexus:hunter2@127.0.0.1:9/plexus")
+    assert unreachable.returncode == 1 and unreachable.stdout == "", unreachable.stdout + unreachable.stderr
+    # What was wrong and where to fix it, in one line: not a traceback, not the password.
+    assert "Traceback" not in unreachable.stderr and "hunter2" not in unreachable.stderr, unreachable.stderr
+    assert "plexus: not started: the store is unavailable: connection failed" in unreachable.stderr
+    assert "check --db-url / PLEXUS_MCP_DB_URL" in unreachable.stderr
     [line] = [line for line in unreachable.stderr.splitlines() if line.startswith("EARLY ")]
     started, *pids = line.split()[1:]
     assert started == "True", line
