@@ -148,3 +148,27 @@ async def test_a_stdio_servers_mcp_subscriber_follows_a_task_the_other_server_ru
     finally:
         await asyncio.to_thread(other.stop)
     assert runs.read_text().split() == [task_id]
+
+
+@pytest.mark.timeout(180)
+async def test_a_task_a_stdio_server_leaves_running_when_its_client_closes_it_ends_on_the_other_servers_stream(
+    tmp_path,
+):
+    # Its stop (PlexusRuntime.stop): the manager records the running task, then the relay sends its final state.
+    db_url = create_store(f"sqlite:///{tmp_path / 'shared.db'}")
+    other = await asyncio.to_thread(other_server, tmp_path, db_url, max_concurrency=0)
+    watcher = await asyncio.to_thread(Watcher, other)
+    runs, hold = tmp_path / "runs.txt", tmp_path / "release"  # never released
+    try:
+        async with Client(stdio_server(tmp_path, db_url)) as client:
+            spec = {"type": "recorded_once", "params": {"runs": str(runs), "hold": str(hold)}}
+            task_id = (await client.call_tool("dispatch_batch", {"tasks": [spec]})).structured_content["task_ids"][0]
+            await poll(lambda: watcher.statuses.get(task_id), lambda s: s == "RUNNING", 30)
+        # The client closed its stdin: the stdio server stops.
+        final = await poll(lambda: watcher.statuses.get(task_id), lambda s: s in FINAL, 30)
+        row = await read_row(db_url, task_id)
+        assert row is not None and row["status"] == final != "COMPLETED", (row, final)
+        assert watcher.finals[task_id] == 1
+    finally:
+        watcher.close()
+        await asyncio.to_thread(other.stop)
