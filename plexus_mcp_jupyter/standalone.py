@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import hmac
 import json
-import logging
 import os
 import signal
 import ssl
@@ -44,7 +43,6 @@ from .security.identity import Principal, Role
 from .security.keys import looks_like_key
 from .security.ratelimit import RateLimiter
 
-log = logging.getLogger("plexus_mcp_jupyter")
 STANDALONE_ADMIN = Principal(owner="token", role=Role.ADMIN)  # whoever holds the server's token
 # Most seconds a stdio server waits for its start-up rehearsals before it reads its first message (serve_stdio):
 # 44-144 ms measured at a load of 6.5-7.3. A store locked or hanging ends the wait sooner: once one rehearsal has run

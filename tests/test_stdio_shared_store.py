@@ -23,6 +23,9 @@ import pytest
 import sqlalchemy as sa
 from mcp import Client, StdioServerParameters
 
+from plexus_mcp_jupyter.config import PlexusSettings
+from plexus_mcp_jupyter.runtime import PlexusRuntime
+
 from .conftest import LEGACY, poll
 from .multi_server import REPO, Server, create_store, start_server
 from .test_multi_server import FAST, FINAL, Watcher, dispatch, server_of
@@ -172,3 +175,32 @@ async def test_a_task_a_stdio_server_leaves_running_when_its_client_closes_it_en
     finally:
         watcher.close()
         await asyncio.to_thread(other.stop)
+
+
+@pytest.mark.parametrize("required", [False, True])
+async def test_without_the_sdks_session_manager_a_stdio_server_starts_the_rest_and_an_http_one_does_not(
+    tmp_path, monkeypatch, required
+):
+    # Over stdio the session manager only carries the start-up rehearsals (serve_stdio: sessions_required=False);
+    # the HTTP servers serve through it. Its failure to start is injected: nothing real makes it fail.
+    settings = PlexusSettings(
+        db_url=f"sqlite:///{tmp_path / 's.db'}", server_heartbeat_seconds=0.2, server_lease_seconds=1
+    )
+    runtime = PlexusRuntime(settings, data_dir=str(tmp_path))
+
+    async def cannot_start() -> None:
+        raise RuntimeError("the MCP session manager could not start: injected")
+
+    monkeypatch.setattr(runtime.endpoint, "start", cannot_start)
+    try:
+        if required:
+            with pytest.raises(RuntimeError, match="could not start: injected"):
+                await runtime.start()
+        else:
+            await runtime.start(sessions_required=False)
+            await poll(lambda: runtime.leases.last_beat, lambda beat: beat is not None, 20)  # the heartbeat
+            assert runtime.relay._threads, "the event relay"
+            assert runtime._key_watch is not None, "the key watch"
+            assert runtime.evaluations.rehearsed is not None, "the evaluation service (its rehearsals, its pruning)"
+    finally:
+        await runtime.stop()
