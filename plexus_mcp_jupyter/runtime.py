@@ -348,8 +348,12 @@ class PlexusRuntime:
                 if not active:
                     self._close_streams(key_id)
 
-    async def start(self) -> None:
-        """Start the task manager and the MCP session manager (idempotent, cheap once started)."""
+    async def start(self, *, sessions_required: bool = True) -> None:
+        """Start the task manager, the lease heartbeat and the event relay (docs/scale-out.md), the MCP session
+        manager, the evaluation service and the checks and watches (idempotent, cheap once started); `stop`
+        stops them all. The HTTP servers serve through the SDK's session manager: its failure to start raises.
+        A stdio server (`sessions_required=False`) only rehearses through it: without it, it serves all the
+        same (logged)."""
         if self._started:
             return
         self._started = True
@@ -357,7 +361,12 @@ class PlexusRuntime:
         loop = asyncio.get_running_loop()
         self.relay.start(loop, self.manager.server_id)
         self.leases.start(loop, self.manager.server_id)
-        await self.endpoint.start()
+        try:
+            await self.endpoint.start()
+        except RuntimeError:  # (logged by the endpoint)
+            if sessions_required:
+                raise
+            log.debug("Plexus: served without the MCP session manager (no start-up rehearsals)", exc_info=True)
         self.evaluations.start()
         if self.store.engine.dialect.name != "sqlite":
             self.items_check = SharedItemsCheck(self.store.engine, self.items_dir, self.manager.server_id)

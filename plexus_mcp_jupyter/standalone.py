@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import hmac
 import json
-import logging
 import os
 import signal
 import ssl
@@ -44,7 +43,6 @@ from .security.identity import Principal, Role
 from .security.keys import looks_like_key
 from .security.ratelimit import RateLimiter
 
-log = logging.getLogger("plexus_mcp_jupyter")
 STANDALONE_ADMIN = Principal(owner="token", role=Role.ADMIN)  # whoever holds the server's token
 # Most seconds a stdio server waits for its start-up rehearsals before it reads its first message (serve_stdio):
 # 44-144 ms measured at a load of 6.5-7.3. A store locked or hanging ends the wait sooner: once one rehearsal has run
@@ -255,32 +253,27 @@ async def serve_stdio(runtime: PlexusRuntime) -> None:
     `_ArrivalTelling`). Read first, it would stop them at once, and the first create_evaluation would pay for
     the first runs of its path (the interpreter specializes a function's code once it has run a few times).
 
-    Ends when the client closes stdin or on SIGTERM/SIGINT; either way running tasks are recorded and the
-    audit log writes its last records. After a signal the process exits at once: the SDK reads stdin in a
-    thread that nothing can interrupt, and waiting for it (as asyncio.run would) would hang until the
-    client writes or closes stdin."""
+    It starts and stops the runtime as the HTTP servers do (`PlexusRuntime.start` / `stop`): on a store shared
+    with other servers (docs/scale-out.md) its lease heartbeat holds the tasks it runs (another server would
+    take them over once their lease ran out: run them twice) and its event relay sends its tasks' events to the
+    other servers' subscribers and brings theirs here. Their logs go to stderr, as every log does (cli.py).
+
+    Ends when the client closes stdin or on SIGTERM/SIGINT; either way running tasks are recorded, their final
+    states relayed, and the audit log writes its last records. After a signal the process exits at once: the SDK
+    reads stdin in a thread that nothing can interrupt, and waiting for it (as asyncio.run would) would hang until
+    the client writes or closes stdin."""
     stop = asyncio.Event()
     _on_stop_signals(stop.set)
-    await runtime.manager.start()
-    runtime.evaluations.start()  # prunes the items of cancelled evaluations, as the HTTP servers do
     stopping = asyncio.ensure_future(stop.wait())
     try:
-        try:
-            await runtime.endpoint.start()  # the SDK's request kernel, which the endpoint's rehearsals call through
-        except RuntimeError:  # (logged by the endpoint) stdio does not need it: served without the rehearsals
-            log.debug("Plexus: no start-up rehearsals over stdio", exc_info=True)
+        # Its endpoint's session manager runs the SDK's request kernel, which the rehearsals call through; stdio
+        # serves without it if it cannot start (then without the rehearsals).
+        await runtime.start(sessions_required=False)
         serving = asyncio.ensure_future(_run_stdio(runtime))  # (the rehearsals' wait first)
         await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stopping.cancel()
-        try:
-            await runtime.endpoint.stop()
-            await runtime.manager.stop()
-        finally:
-            runtime.evaluations.close()
-            runtime.catalog.close()
-            runtime.audit.close()
-            runtime.store.close()
+        await runtime.stop()
     if not serving.done():
         sys.stdout.flush()
         sys.stderr.flush()
