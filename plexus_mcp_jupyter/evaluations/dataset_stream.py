@@ -64,7 +64,6 @@ class DatasetStream:
         bounds: ReadBounds | None = None,
         batch_bytes: int = BATCH_BYTES,
         max_parquet_bytes: int = 2**30,
-        held: bool = False,
     ) -> None:
         self.path, self.fmt, self.ref = path, fmt, ref
         self.names, self.columns = list(names), list(dict.fromkeys(columns))
@@ -72,7 +71,6 @@ class DatasetStream:
         self.bounds = bounds or ReadBounds()
         self.batch_bytes = batch_bytes  # a block read at once (at least a line's bound, for CSV and JSON Lines)
         self.max_parquet_bytes = max_parquet_bytes  # what a Parquet row group reads back as (parquet_batches_bounded)
-        self.held = held  # every frame kept by the caller (a sample's): a Parquet file's whole read within the bound
         self.version = _version(path)
         self.rows: int | None = None
         if fmt == "parquet":
@@ -184,9 +182,7 @@ class DatasetStream:
         # long string and many indices to it, a few hundred bytes, had been decoded whole, gigabytes).
         with self.path.open("rb") as handle:
             rows = max(1, PARQUET_BATCH_ROWS * self.batch_bytes // BATCH_BYTES)
-            batches = parquet_batches_bounded(
-                handle, self.max_parquet_bytes, self.ref, self.columns, rows, held=self.held
-            )
+            batches = parquet_batches_bounded(handle, self.max_parquet_bytes, self.ref, self.columns, rows)
             for batch in batches:
                 yield batch.to_pandas()
 
