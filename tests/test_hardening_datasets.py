@@ -537,8 +537,8 @@ async def test_an_evaluation_reads_a_parquet_files_bytes_once_within_the_bound(a
 def test_small_row_groups_stream_in_batches_that_span_them_within_the_bound(catalog):
     """Each row group had been read alone, a batch never spanning two: 1M rows in 1,000-row groups gave 1,000 frames
     and 1,004 scoring chunks (8 and 30 before the bound), 25x the CPU. Consecutive row groups are read at once while
-    their rows fit in a batch and their pages in max_parquet_uncompressed_bytes; a nested column read as dictionaries
-    (which pyarrow cannot join across row groups) is read a row group at a time."""
+    their rows fit in a batch and their pages in max_parquet_uncompressed_bytes; a row group with a column read as
+    dictionaries, flat or nested (pyarrow cannot join a nested one across row groups), is read alone."""
     rows = 20_000
     frame = pd.DataFrame({"text": [f"input number {i}" for i in range(rows)], "label": ["pos", "neg"] * (rows // 2)})
     frame.to_parquet(catalog.root_dir / "small.parquet", row_group_size=100)
@@ -550,6 +550,10 @@ def test_small_row_groups_stream_in_batches_that_span_them_within_the_bound(cata
     assert 200 > len(frames) > 10 and sum(len(f) for f in frames) == rows, len(frames)
     assert pd.concat(frames)["text"].tolist() == frame["text"].tolist()
     catalog.max_parquet_uncompressed_bytes = 2**30
+    # parquet's LZ4: its string columns are read as dictionaries, a row group alone, and its batches joined after
+    frame.to_parquet(catalog.root_dir / "lz4.parquet", row_group_size=100, compression="lz4")
+    frames = list(catalog.stream("lz4.parquet", ["text", "label"]))
+    assert [len(f) for f in frames] == [rows] and frames[0]["text"].tolist() == frame["text"].tolist(), len(frames)
     nested = pa.table({"tags": [[f"tag {i % 7}"] for i in range(1_000)], "label": ["pos", "neg"] * 500})
     # (parquet's LZ4: its dictionaries are not read before, so its string columns are read as dictionaries)
     pq.write_table(nested, catalog.root_dir / "nested.parquet", row_group_size=100, compression="lz4")
