@@ -117,7 +117,7 @@ def _run(ctx: TaskContext, store: EvaluationStore, task: EvaluationParams, norm:
             raise InvalidArgument(f"dataset {dataset!r} has no rows")
         positions = sample_positions(total, **task.sample)
         if positions is not None:
-            frames, rows = SampledFrames(stream, positions, total), len(positions)
+            frames, rows = SampledFrames(stream, positions, total, dataset), len(positions)
         else:
             rows = total
     estimate = rows if rows is not None else stream.estimated_rows()  # CSV, JSON Lines: lines (the rows, mostly)
@@ -252,8 +252,8 @@ class SampledFrames:
     default id), and nothing else held. A pass that does not end at `rows` rows fails: the positions were drawn
     from that count."""
 
-    def __init__(self, frames: Iterable[pd.DataFrame], positions: np.ndarray, rows: int) -> None:
-        self.frames, self.positions, self.rows = frames, positions, rows
+    def __init__(self, frames: Iterable[pd.DataFrame], positions: np.ndarray, rows: int, dataset: str = "") -> None:
+        self.frames, self.positions, self.rows, self.dataset = frames, positions, rows, dataset
 
     def __iter__(self) -> Iterator[pd.DataFrame]:
         end = 0
@@ -264,7 +264,8 @@ class SampledFrames:
                 yield frame.iloc[self.positions[low:high] - start]
         if end != self.rows:
             raise InvalidArgument(
-                f"the dataset read back as {end:,} rows, not the {self.rows:,} counted before its sample was drawn"
+                f"dataset {self.dataset!r} read back as {end:,} rows, not the {self.rows:,} counted before its sample "
+                "was drawn: evaluate it again once it is no longer being written"
             )
 
 
