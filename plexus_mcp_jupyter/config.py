@@ -483,9 +483,8 @@ class PlexusSettings(Configurable):
         "refused saying so (send the frame in parts: the notebook client does). The label column of a Parquet "
         "file under the Jupyter root that a describe counts is held to it the same way (its page headers, then its "
         "batches' decoded size), and so are a Parquet file's columns an evaluation reads, row group by row group "
-        "(a larger file streams; a row group past it fails the evaluation; a sampled evaluation's whole read is "
-        "held to it), and a dataset load. A DELTA_BYTE_ARRAY string column is refused (no bound reaches it). "
-        "Default 1 GiB.",
+        "(a larger file streams, sampled or not; a row group past it fails the evaluation), and a dataset load. "
+        "A DELTA_BYTE_ARRAY string column is refused (no bound reaches it). Default 1 GiB.",
     ).tag(config=True)
     max_registered_bytes_per_principal = Integer(
         2 * 2**30,

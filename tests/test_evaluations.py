@@ -12,6 +12,7 @@ from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score
 
 from plexus_mcp_jupyter.evaluations.datasets import EXAMPLES_DIR
 from plexus_mcp_jupyter.evaluations.requests import CreateEvaluation
+from plexus_mcp_jupyter.evaluations.sampling import sample_frame
 
 from .conftest import poll
 from .test_subscriptions import updates_collector
@@ -373,6 +374,8 @@ async def test_sampled_items_keep_their_dataset_rows_and_a_seed_is_kept_for_reru
         rows_again = [row_of[i["item_id"]] for i in await all_results(client, again["evaluation_id"])]
     rows = [row_of[i["item_id"]] for i in items]
     assert rows == rows_again and len(rows) == 40 and max(rows) >= 40  # dataset rows, not sample positions
+    # the rows drawn as the file streams are those a sample of the whole frame draws (the same seed, the same rows)
+    assert rows == sample_frame(frame, n=40, seed=seed).index.tolist()
     assert [i["label"] for i in items] == frame["label"][rows].tolist()
 
 

@@ -650,19 +650,34 @@ async def test_every_route_refuses_an_anonymous_body_before_reading_it(jp_server
     assert not refused, refused
 
 
-async def test_a_chunked_upload_part_past_what_the_upload_has_left_discards_it(server_url, keys, runtime):
+async def test_a_chunked_upload_part_past_what_the_upload_has_left_discards_it(server_url, keys, runtime, monkeypatch):
     """A part declaring more than its upload has left of max_dataset_upload_bytes is refused 413 and the upload
-    discarded (as a part read past it is); a chunked one was refused 413 as it arrived, its upload kept."""
+    discarded (as a part read past it is); a chunked one was refused 413 as it arrived, its upload kept. The upload
+    is over when the 413 is sent: its discard had been queued on the catalog's threads, and a commit sent at once
+    after the 413 that said "discarded" ran first."""
     api = f"{server_url}plexus/api/datasets/uploads"
     headers = {"Authorization": f"Bearer {keys['operator']}"}
     runtime.uploads.max_bytes = 200_000
+    uploads = runtime.uploads
+
+    def slow(call):
+        def later(*args):
+            time.sleep(1)  # (the catalog's threads busy)
+            return call(*args)
+
+        return later
+
     async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
         began = await http.post(api, params={"name": "chunked"})
         assert began.status_code == 201, began.text
         upload = f"{api}/{began.json()['upload_id']}"
+        monkeypatch.setattr(uploads, "discard", slow(uploads.discard))
+        monkeypatch.setattr(uploads, "admit_part", slow(uploads.admit_part))
         answer, sent = await chunked_answer(f"{upload}?part=0", headers, b"x" * 65_536, 10, method="PUT")
         assert answer.status == 413 and answer.closed and sent <= 5, (answer, sent)
         assert "max_dataset_upload_bytes setting), and the upload was discarded" in answer.body.decode(), answer
+        committed = await http.post(upload)
+        assert committed.status_code == 404, committed.text  # (over: not "has no rows")
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, pa.schema([("label", pa.string())])) as writer:
             writer.write_table(pa.table({"label": ["a", "b"]}))

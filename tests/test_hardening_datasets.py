@@ -499,19 +499,25 @@ def row_groups_at_one_chunk(path: Any, groups: int, footer_rows: int) -> None:
 async def test_an_evaluation_reads_a_parquet_files_bytes_once_within_the_bound(api, keys, jp_root_dir, runtime):
     """Each row group had been bounded alone: 50 row groups pointing at one 13 kB chunk streamed 10,000 rows (1 GB
     decoded) past a footer that said 200, and a sample (which keeps every row group) held them all. Now the file is
-    checked whole before it is read (its groups' rows add up to its footer's, its chunks do not overlap), and a
-    sample's read is held to max_parquet_uncompressed_bytes in all."""
+    checked whole before it is read (its groups' rows add up to its footer's, its chunks do not overlap). A sample
+    keeps only its rows of each batch as the file streams (it had kept every row, then held them to the bound in
+    all: a file of 330 kB decoded was "too large to sample" within 200 kB, and a list column, a few bytes a row in
+    Arrow, held as 10x that in pandas objects)."""
     bound = 25_000_000
     runtime.catalog.max_parquet_uncompressed_bytes = bound
     runtime.manager.worker_environment["max_parquet_uncompressed_bytes"] = bound
     row_groups_at_one_chunk(jp_root_dir / "footer.parquet", 50, 200)
     row_groups_at_one_chunk(jp_root_dir / "overlap.parquet", 50, 200 * 50)
     assert (jp_root_dir / "overlap.parquet").stat().st_size < 100_000
-    # 20 row groups of some 16 kB each once decoded (330 kB): streamed whole, but no sample of them within 200 kB
+    # 20 row groups of some 16 kB each once decoded (330 kB): streamed whole, and sampled, within 200 kB
     text = [("x" * 140) + str(i) for i in range(2_000)]
     pd.DataFrame({"text": text, "label": ["pos", "neg"] * 1_000}).to_parquet(
         jp_root_dir / "groups.parquet", row_group_size=100
     )
+    # a list column: 60,000 empty lists, 240 kB decoded (some 5 MB as pandas objects), in 1,000-row groups
+    tags = pa.array([[]] * 60_000, pa.list_(pa.int8()))
+    labels = pa.array(["pos", "neg"] * 30_000)
+    pq.write_table(pa.table({"tags": tags, "text": labels, "label": labels}), jp_root_dir / "tags.parquet", 1_000)
     async with api(keys["operator"]) as operator:
         for dataset, named in (
             ("footer.parquet", "its row groups hold 10,000 rows, its footer says 200"),
@@ -523,17 +529,16 @@ async def test_an_evaluation_reads_a_parquet_files_bytes_once_within_the_bound(a
         runtime.manager.worker_environment["max_parquet_uncompressed_bytes"] = 200_000
         whole = await evaluated(operator, "groups.parquet")
         assert whole["status"] == "COMPLETED" and whole["processed_items"] == 2_000, whole["error_message"]
-        sampled = await evaluated(operator, "groups.parquet", sample_n=10)
-        assert sampled["status"] == "FAILED", sampled["error_message"]
-        assert "too large to sample" in sampled["error_message"], sampled
-        assert "200,000 bytes (setting max_parquet_uncompressed_bytes)" in sampled["error_message"], sampled
+        for dataset, extra in (("groups.parquet", {}), ("tags.parquet", {"input_column": "tags"})):
+            sampled = await evaluated(operator, dataset, sample_n=10, seed=5, **extra)
+            assert sampled["status"] == "COMPLETED" and sampled["processed_items"] == 10, sampled["error_message"]
 
 
 def test_small_row_groups_stream_in_batches_that_span_them_within_the_bound(catalog):
     """Each row group had been read alone, a batch never spanning two: 1M rows in 1,000-row groups gave 1,000 frames
     and 1,004 scoring chunks (8 and 30 before the bound), 25x the CPU. Consecutive row groups are read at once while
-    their rows fit in a batch and their pages in max_parquet_uncompressed_bytes; a nested column read as dictionaries
-    (which pyarrow cannot join across row groups) is read a row group at a time."""
+    their rows fit in a batch and their pages in max_parquet_uncompressed_bytes; a row group with a column read as
+    dictionaries, flat or nested (pyarrow cannot join a nested one across row groups), is read alone."""
     rows = 20_000
     frame = pd.DataFrame({"text": [f"input number {i}" for i in range(rows)], "label": ["pos", "neg"] * (rows // 2)})
     frame.to_parquet(catalog.root_dir / "small.parquet", row_group_size=100)
@@ -545,6 +550,10 @@ def test_small_row_groups_stream_in_batches_that_span_them_within_the_bound(cata
     assert 200 > len(frames) > 10 and sum(len(f) for f in frames) == rows, len(frames)
     assert pd.concat(frames)["text"].tolist() == frame["text"].tolist()
     catalog.max_parquet_uncompressed_bytes = 2**30
+    # parquet's LZ4: its string columns are read as dictionaries, a row group alone, and its batches joined after
+    frame.to_parquet(catalog.root_dir / "lz4.parquet", row_group_size=100, compression="lz4")
+    frames = list(catalog.stream("lz4.parquet", ["text", "label"]))
+    assert [len(f) for f in frames] == [rows] and frames[0]["text"].tolist() == frame["text"].tolist(), len(frames)
     nested = pa.table({"tags": [[f"tag {i % 7}"] for i in range(1_000)], "label": ["pos", "neg"] * 500})
     # (parquet's LZ4: its dictionaries are not read before, so its string columns are read as dictionaries)
     pq.write_table(nested, catalog.root_dir / "nested.parquet", row_group_size=100, compression="lz4")

@@ -34,6 +34,7 @@ from .file_reads import (
     clip,
     count_csv,
     count_jsonl,
+    decoded_nbytes,
     leaves_of,
     parquet_batches_bounded,
     parquet_file,
@@ -64,7 +65,6 @@ class DatasetStream:
         bounds: ReadBounds | None = None,
         batch_bytes: int = BATCH_BYTES,
         max_parquet_bytes: int = 2**30,
-        held: bool = False,
     ) -> None:
         self.path, self.fmt, self.ref = path, fmt, ref
         self.names, self.columns = list(names), list(dict.fromkeys(columns))
@@ -72,7 +72,6 @@ class DatasetStream:
         self.bounds = bounds or ReadBounds()
         self.batch_bytes = batch_bytes  # a block read at once (at least a line's bound, for CSV and JSON Lines)
         self.max_parquet_bytes = max_parquet_bytes  # what a Parquet row group reads back as (parquet_batches_bounded)
-        self.held = held  # every frame kept by the caller (a sample's): a Parquet file's whole read within the bound
         self.version = _version(path)
         self.rows: int | None = None
         if fmt == "parquet":
@@ -184,11 +183,21 @@ class DatasetStream:
         # long string and many indices to it, a few hundred bytes, had been decoded whole, gigabytes).
         with self.path.open("rb") as handle:
             rows = max(1, PARQUET_BATCH_ROWS * self.batch_bytes // BATCH_BYTES)
-            batches = parquet_batches_bounded(
-                handle, self.max_parquet_bytes, self.ref, self.columns, rows, held=self.held
-            )
+            batches = parquet_batches_bounded(handle, self.max_parquet_bytes, self.ref, self.columns, rows)
+            # Batches that do not span row groups (a row group with a column read as dictionaries is read alone:
+            # a legacy LZ4 file of 1,000-row groups gave 1,000 frames) are joined while their rows fit in a batch and
+            # their decoded size in max_parquet_bytes, as _row_group_runs joins row groups.
+            pending: list[pa.RecordBatch] = []
+            held = size = 0
             for batch in batches:
-                yield batch.to_pandas()
+                batch_size = sum(decoded_nbytes(column) for column in batch.columns)
+                if pending and (held + batch.num_rows > rows or size + batch_size > self.max_parquet_bytes):
+                    yield pa.Table.from_batches(pending).to_pandas()
+                    pending, held, size = [], 0, 0
+                pending.append(batch)
+                held, size = held + batch.num_rows, size + batch_size
+            if pending:
+                yield pa.Table.from_batches(pending).to_pandas()
 
     def _jsonl(self) -> Iterator[pd.DataFrame]:
         """Blocks of whole lines, each parsed by pyarrow; a block pyarrow refuses (a field that changes type

@@ -381,12 +381,9 @@ class DatasetCatalog:
             raise InvalidArgument(f"dataset {str(parsed)!r} has no rows")
         return df
 
-    def stream(
-        self, ref: str, columns: Sequence[str], text_columns: Sequence[str] = (), *, held: bool = False
-    ) -> DatasetStream:
+    def stream(self, ref: str, columns: Sequence[str], text_columns: Sequence[str] = ()) -> DatasetStream:
         """The dataset's `columns`, batch by batch, for an evaluation worker (dataset_stream.py): bounded
-        memory whatever the file's size (`held`: the caller keeps every batch, a Parquet file's whole read is held to
-        max_parquet_uncompressed_bytes). Raises like :meth:`load`, and InvalidArgument for a missing column."""
+        memory whatever the file's size. Raises like :meth:`load`, and InvalidArgument for a missing column."""
         parsed = parse_ref(ref)
         path, fmt = self._locate(parsed)
         names = self.columns(ref)
@@ -401,7 +398,6 @@ class DatasetCatalog:
                 text_columns,
                 self.bounds,
                 max_parquet_bytes=self.max_parquet_uncompressed_bytes,
-                held=held,
             )
 
     def columns(self, ref: str) -> builtins.list[str]:

@@ -479,37 +479,30 @@ def _chunk_range(chunk: Any) -> tuple[int, int]:
 
 
 def parquet_batches_bounded(
-    handle: IO[bytes], max_bytes: int, ref: str, columns: list[str], batch_rows: int, *, held: bool = False
+    handle: IO[bytes], max_bytes: int, ref: str, columns: list[str], batch_rows: int
 ) -> Iterator[pa.RecordBatch]:
     """The record batches of a Parquet file's `columns`, of at most `batch_rows` rows, row group by row group, each
     row group read within `max_bytes` (setting max_parquet_uncompressed_bytes) as a body is (read_parquet_bounded):
     its selected columns' page headers walked first (bounded_columns), then its batches' decoded size added up as they
     come, a string column whose pages do not bound it read as dictionaries and counted from them, then cast back to
     the file's type. A file of any size streams; a row group that reads back as more is refused (InvalidArgument)
-    before it is decoded, or at the batch that passes the bound. With `held` (the caller keeps every batch: an
-    evaluation's sample is drawn from all rows), one total across the whole file is held to `max_bytes`. The file is
-    checked whole first (parquet_rows: its row groups' rows add up to its footer's, its chunks do not overlap), so
-    that no byte is read, and bounded, more than once. For an evaluation's worker: what a file under the Jupyter root
-    holds is anyone's with write access to it."""
+    before it is decoded, or at the batch that passes the bound (an evaluation's sample keeps only its rows of each
+    batch: runner.SampledFrames). The file is checked whole first (parquet_rows: its row groups' rows add up to its
+    footer's, its chunks do not overlap), so that no byte is read, and bounded, more than once. For an evaluation's
+    worker: what a file under the Jupyter root holds is anyone's with write access to it."""
     opened = parquet_file(handle, ref)
     metadata = opened.metadata
     leaves = leaves_of(metadata, columns)
     parquet_rows(metadata, ref, leaves)
     file_types = _selected(opened.schema_arrow, columns)
-    total = 0
     for groups, as_dictionaries in _row_group_runs(handle, opened, max_bytes, ref, leaves, batch_rows):
         parquet = pq.ParquetFile(handle, metadata=metadata, read_dictionary=as_dictionaries or None)
-        if held:
-            too_large = f"dataset {clip(ref, 60)} is too large to sample: every row is read first, and"
-            advice = "evaluate it without a sample, or sample a smaller file"
-        else:
-            total = 0
-            shown = f" {groups[0]:,} is" if len(groups) == 1 else f"s {groups[0]:,} to {groups[-1]:,} are"
-            too_large = f"dataset {clip(ref, 60)}: its row group{shown} too large to read at once"
-            advice = "write the file with smaller row groups"
+        total = 0
+        shown = f" {groups[0]:,} is" if len(groups) == 1 else f"s {groups[0]:,} to {groups[-1]:,} are"
         past = (
-            f"{too_large}: its columns {clip(', '.join(columns), 60)} read back as more than {max_bytes:,} bytes "
-            f"(setting max_parquet_uncompressed_bytes): {advice}"
+            f"dataset {clip(ref, 60)}: its row group{shown} too large to read at once: its columns "
+            f"{clip(', '.join(columns), 60)} read back as more than {max_bytes:,} bytes "
+            "(setting max_parquet_uncompressed_bytes): write the file with smaller row groups"
         )
         for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns):
             total = add_decoded(total, batch, max_bytes, past)

@@ -31,7 +31,7 @@ from .item_files import ItemFiles
 from .limits import DEFAULT_MAX_ITEMS, check_items
 from .metrics import ConfusionCounter, LabelNormalization, consistency_metrics, normalize_labels
 from .requests import EvaluationParams, EvaluationScore
-from .sampling import sample_frame
+from .sampling import sample_positions
 from .scorers import (
     DEFAULT_INPUT_COLUMN,
     ColumnScorer,
@@ -105,15 +105,21 @@ def _run(ctx: TaskContext, store: EvaluationStore, task: EvaluationParams, norm:
             needed + text + [c for _n, s, _c in scorers for c in s.columns] + ([input_column] if input_column else [])
         )
     )
-    stream = catalog.stream(dataset, columns, text, held=bool(task.sample))  # (a sample keeps every row)
+    stream = catalog.stream(dataset, columns, text)
     frames: Iterable[pd.DataFrame] = stream
     rows = stream.rows
-    if task.sample:  # a sample is drawn from the whole set of rows: the selected columns are read first
-        read = list(stream)
-        if not read:
+    if task.sample:
+        # The sample's rows are drawn from the file's row count (a CSV or JSON Lines file's counted first), as
+        # sample_frame draws them, and each pass keeps only those rows of each batch: nothing else is held (every
+        # row had been read into one frame first, lists and strings as Python objects, 10x their Arrow size).
+        total = stream.exact_rows()
+        if total == 0:
             raise InvalidArgument(f"dataset {dataset!r} has no rows")
-        frames = [sample_frame(pd.concat(read), **task.sample)]
-        rows = len(frames[0])
+        positions = sample_positions(total, **task.sample)
+        if positions is not None:
+            frames, rows = SampledFrames(stream, positions, total, dataset), len(positions)
+        else:
+            rows = total
     estimate = rows if rows is not None else stream.estimated_rows()  # CSV, JSON Lines: lines (the rows, mostly)
     if rows is None and estimate * len(scores) * passes > limit:
         rows = stream.exact_rows()  # lines are at least the rows: only near the bound is an exact count needed
@@ -238,6 +244,29 @@ class Chunks:
                 seq += len(chunk)
                 rate = len(chunk) / max(elapsed, 1e-6)
                 self.size = int(min(self.largest, max(1, min(rate * self.target, self.size * 4))))
+
+
+class SampledFrames:
+    """The rows at `positions` (sorted) of a stream's frames, whose index is their rows' positions in the file
+    (DatasetStream), batch by batch as the stream is read: a sample's rows, with their positions kept (an item's
+    default id), and nothing else held. A pass that does not end at `rows` rows fails: the positions were drawn
+    from that count."""
+
+    def __init__(self, frames: Iterable[pd.DataFrame], positions: np.ndarray, rows: int, dataset: str = "") -> None:
+        self.frames, self.positions, self.rows, self.dataset = frames, positions, rows, dataset
+
+    def __iter__(self) -> Iterator[pd.DataFrame]:
+        end = 0
+        for frame in self.frames:
+            start, end = int(frame.index[0]), int(frame.index[0]) + len(frame)
+            low, high = np.searchsorted(self.positions, [start, end])
+            if high > low:
+                yield frame.iloc[self.positions[low:high] - start]
+        if end != self.rows:
+            raise InvalidArgument(
+                f"dataset {self.dataset!r} read back as {end:,} rows, not the {self.rows:,} counted before its sample "
+                "was drawn: evaluate it again once it is no longer being written"
+            )
 
 
 def _score(ctx: TaskContext, scorer: Scorer, chunk: pd.DataFrame) -> ScoreBatch:

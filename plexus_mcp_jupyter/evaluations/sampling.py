@@ -43,8 +43,16 @@ def sample_frame(
     scorecard written for a big dataset should still run on a small one). A fraction rounds down; if
     that selects no row, InvalidArgument says so. The same seed gives the same rows.
     """
+    positions = sample_positions(len(df), n, fraction, seed)
+    return df if positions is None else df.iloc[positions]
+
+
+def sample_positions(
+    rows: int, n: int | None = None, fraction: float | None = None, seed: int | None = None
+) -> np.ndarray | None:
+    """The positions, in order, of the rows a sample of `rows` rows keeps (None: every row), as sample_frame
+    draws them: drawn before a file is read, an evaluation keeps only these rows of each batch (SampledFrames)."""
     check_sample(n, fraction, seed)
-    rows = len(df)
     size = sampled_rows(rows, n, fraction)
     if size == 0:
         what = f"fraction {fraction}" if fraction is not None else f"n={n}"
@@ -52,6 +60,5 @@ def sample_frame(
             f"sampling {what} of {rows} row(s) selects no rows; use a larger fraction or a number of rows n"
         )
     if size == rows:
-        return df
-    positions = np.sort(np.random.default_rng(seed).choice(rows, size=size, replace=False))
-    return df.iloc[positions]
+        return None
+    return np.sort(np.random.default_rng(seed).choice(rows, size=size, replace=False))

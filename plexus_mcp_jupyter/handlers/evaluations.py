@@ -359,13 +359,15 @@ class DatasetUploadHandler(DatasetBodyHandler):
 
     def _too_large(self, size: int) -> web.HTTPError:
         """A chunked part past what the upload has left (a declared one is refused, and its upload discarded, by
-        `admit_request`): its upload discarded too, as a part read past it is (in the catalog's threads: its lock may
-        be held by a part being written)."""
+        `admit_request`): its upload discarded too, as a part read past it is: closed at once (a part or commit sent
+        after this answer is refused 404), its file deleted in the catalog's threads (its lock may be held by a part
+        being written)."""
         if not self._bodyless():
-            uploads, upload_id = self.runtime.uploads, self.path_kwargs["upload_id"]
-            discard = self.runtime.catalog.run(uploads.admit_part, upload_id, self.principal.owner, size)
-            self._discarding = asyncio.ensure_future(discard)
-            self._discarding.add_done_callback(lambda done: done.exception())  # (InvalidArgument: discarded)
+            uploads = self.runtime.uploads
+            upload = uploads.close_upload(self.path_kwargs["upload_id"], self.principal.owner)
+            if upload is not None:
+                self._discarding = asyncio.ensure_future(self.runtime.catalog.run(uploads.discard, upload))
+                self._discarding.add_done_callback(lambda done: done.exception())
         return super()._too_large(size)
 
     async def put(self, upload_id: str) -> None:
