@@ -1083,3 +1083,43 @@ async def test_a_server_whose_listen_begins_reads_listings_and_the_queue_again(d
     finally:
         await asyncio.to_thread(relay.stop)
         store.close()
+
+
+@pytest.mark.parametrize("how", ["poll", "auto-listen-broken"])
+async def test_on_postgresql_a_server_that_polls_says_it_follows_and_hears_an_auto_servers_sends(
+    db_url, quick_interest, monkeypatch, how
+):
+    """A server that reads rows only (`event_relay = poll` on PostgreSQL, e.g. behind PgBouncer in transaction
+    mode, or `auto` whose LISTEN cannot connect) hears no NOTIFY: it always says it follows, so an `auto` server
+    writes rows for it, and its listings and its queue see the other server's tasks without a subscriber."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("LISTEN/NOTIFY: PostgreSQL only")
+    told: list[tuple[str, str | None]] = []
+    stores = [Store(db_url), Store(db_url)]
+    writer_bus, reader_bus = EventBus(), EventBus()
+    writer = EventRelay(stores[0], writer_bus, mode="auto", interval=0.05)
+    reader = EventRelay(
+        stores[1],
+        reader_bus,
+        mode="poll" if how == "poll" else "auto",
+        interval=0.05,
+        on_remote=lambda events, groups: told.extend(events),
+    )
+    if how != "poll":  # its LISTEN connection fails (the store's other connections work)
+        monkeypatch.setattr(reader, "_listen_dsn", lambda: "postgresql://nobody@127.0.0.1:1/none", raising=False)
+    loop = asyncio.get_running_loop()
+    writer.start(loop, "writer")
+    reader.start(loop, "reader")
+    try:
+        await poll(lambda: writer.listening, bool, timeout=20)
+        await poll(writer.followers, lambda n: n == 1, timeout=20)
+        seq = reader_bus.last_seq
+        writer_bus.publish("task.created", "task", "queued-there", {"status": "QUEUED", "type": "demo"})
+        await poll(lambda: told, lambda t: ("task.created", "QUEUED") in t, timeout=20)
+        assert reader_bus.last_seq > seq, "listings read again"
+        assert outbox_rows(stores[0]) == 1 and writer.status()["notified_only"] == 0
+    finally:
+        await asyncio.to_thread(writer.stop)
+        await asyncio.to_thread(reader.stop)
+        for store in stores:
+            store.close()

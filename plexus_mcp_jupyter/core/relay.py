@@ -298,6 +298,7 @@ class EventRelay:
         self._recent: OrderedDict[tuple[str, str], tuple[float, Event]] = OrderedDict()  # sent without rows
         self._full = True  # the next read takes the rows' data (the last read found them needed)
         self.listening = False  # PostgreSQL: the LISTEN connection is up
+        self._listen_down = False  # PostgreSQL, `auto`: the LISTEN failed (polling until it is back)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
         self._pending: OrderedDict[tuple[str, str], Event] = OrderedDict()  # to send, latest per entity
@@ -676,7 +677,7 @@ class EventRelay:
     def _say_interest(self, at: float, stopping: bool) -> None:
         """PostgreSQL: while something here needs other servers' events, say so (again every INTEREST_EVERY
         seconds: each saying holds INTEREST_LEASE); once nothing does (or the server stops), say that it is over."""
-        wants = not stopping and self.bus.wants_remote()
+        wants = not stopping and (self._reads_rows_only() or self.bus.wants_remote())
         if wants and (not self._said_at or at - self._said_at >= INTEREST_EVERY):
             lease = INTEREST_LEASE
         elif not wants and self._said_at:
@@ -688,6 +689,12 @@ class EventRelay:
             conn.exec_driver_sql(_PG_INTEREST, {"channel": INTEREST_CHANNEL, "payload": payload}).all()
         self._said_at = at if wants else 0.0
         self.interest_said += wants
+
+    def _reads_rows_only(self) -> bool:
+        """PostgreSQL: this server hears no NOTIFY (`poll`, e.g. behind PgBouncer in transaction mode, or `auto`
+        whose LISTEN failed): it learns of other servers' sends by their rows only, for its listings and queue
+        (`skip_remote`, `on_remote`) as for its subscribers: it always says it follows."""
+        return self.postgres and (self.mode == "poll" or (self.mode == "notify" and self._listen_down))
 
     def _ask_interest(self) -> None:
         """PostgreSQL: ask the servers that follow others' events to say so now (a lease of -1: a question)."""
@@ -711,14 +718,17 @@ class EventRelay:
             import psycopg
         except ImportError:
             log.warning("Plexus: psycopg is not installed: the event relay polls the store every %gs", self.interval)
+            self._listen_down = True
+            self._wake.set()  # say at once that it follows (it reads rows only)
             return
-        dsn = self.store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        dsn = self._listen_dsn()
         while not self._stop.is_set():
             try:
                 with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
                     # One statement: its text tells this release's LISTEN from one of the release before (_PG_OLDER).
                     conn.execute(f"LISTEN {CHANNEL}; LISTEN {INTEREST_CHANNEL}")
                     self.listening = True
+                    self._listen_down = False
                     # Sends without rows made while it was down (or before it began) were not heard, and cannot be
                     # read: listings read again, the queue read again (tasks may have been queued elsewhere).
                     self._to_loop(self._noted, 0, [("task.created", TaskStatus.QUEUED.value)], None)
@@ -739,8 +749,14 @@ class EventRelay:
                         type(exc).__name__,
                     )
                 self.listening = False
+                if not self._listen_down:  # it reads rows only until the LISTEN is back: it says it follows
+                    self._listen_down = True
+                    self._wake.set()
                 self._stop.wait(min(5.0, max(self.interval, 1.0)))
         self.listening = False
+
+    def _listen_dsn(self) -> str:
+        return self.store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
 
     def _heard(self, payload: str) -> None:
         """A NOTIFY (on the LISTEN thread): another server's send. While nothing here needs other servers' events,
