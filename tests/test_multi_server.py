@@ -1123,3 +1123,21 @@ async def test_on_postgresql_a_server_that_polls_says_it_follows_and_hears_an_au
         await asyncio.to_thread(reader.stop)
         for store in stores:
             store.close()
+
+
+def test_the_resend_to_a_new_follower_carries_only_the_last_recent_seconds(tmp_path):
+    """What was sent without rows longer than RECENT_SECONDS ago is not sent again to a follower heard later, even
+    when nothing was sent since (an idle sender)."""
+    store = Store(create_store(f"sqlite:///{tmp_path / 's.db'}"))
+    relay = EventRelay(store, EventBus(), mode="poll")
+    relay.server_id = "writer"
+    old = Event(1, 1.0, "task.updated", "task", "old", {"status": "RUNNING"})
+    fresh = Event(2, 2.0, "task.updated", "task", "fresh", {"status": "RUNNING"})
+    try:
+        at = time.monotonic()
+        relay._keep_recent([old], at - relay_module.RECENT_SECONDS - 1.0)
+        relay._keep_recent([fresh], at - relay_module.RECENT_SECONDS - 1.0)  # (kept: the last added)
+        relay._recent[("task", "fresh")] = (at - 0.1, fresh)
+        assert relay._with_recent([]) == [fresh]
+    finally:
+        store.close()

@@ -414,13 +414,15 @@ class EventRelay:
                 self._last_sent = {k: t for k, t in self._last_sent.items() if at - t < self.progress_interval}
         return due
 
-    def _with_recent(self, due: list[Event]) -> list[Event]:
-        """A new follower was heard: `due` after what was sent without rows in the last RECENT_SECONDS (the latest
-        state of each entity not in `due`), to be sent with rows."""
+    def _with_recent(self, due: list[Event], at: float | None = None) -> list[Event]:
+        """A new follower was heard (at `at`, monotonic; default now): `due` after what was sent without rows in
+        the last RECENT_SECONDS before it (the latest state of each entity not in `due`), to be sent with rows. Older
+        entries are left out: they stay in the buffer while nothing is sent without rows (an idle sender)."""
+        since = (time.monotonic() if at is None else at) - RECENT_SECONDS
         with self._lock:
             recent, self._recent = self._recent, OrderedDict()
         keys = {(event.entity_type, event.entity_id) for event in due}
-        return [event for key, (_, event) in recent.items() if key not in keys] + due
+        return [event for key, (t, event) in recent.items() if t >= since and key not in keys] + due
 
     def _keep_recent(self, events: Sequence[Event], at: float) -> None:
         with self._lock:
@@ -647,7 +649,7 @@ class EventRelay:
                 rows = self._rows_needed(at)
                 if rows and self._new_interest:
                     self._new_interest = False
-                    due = self._with_recent(due)
+                    due = self._with_recent(due, at)
                 horizon = self._send(due, rows=rows) if due else None
                 polls += 1
                 if self.mode == "poll" or self._notified or polls >= FALLBACK_POLLS or not self.listening:
