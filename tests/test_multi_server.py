@@ -1141,3 +1141,29 @@ def test_the_resend_to_a_new_follower_carries_only_the_last_recent_seconds(tmp_p
         assert relay._with_recent([]) == [fresh]
     finally:
         store.close()
+
+
+async def test_the_final_states_a_stopping_server_sends_are_written_as_rows(db_url, quick_interest, monkeypatch):
+    """A server that stops sends its tasks' final states with rows even while nobody follows: a follower heard
+    only later (it cannot have those sent again: the sender is gone) reads them."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("LISTEN/NOTIFY: PostgreSQL only")
+    gate = threading.Event()
+    say = EventRelay._say_interest
+
+    def held(self: EventRelay, at: float, stopping: bool) -> None:
+        if self.server_id != "reader" or gate.is_set():
+            say(self, at, stopping)
+
+    monkeypatch.setattr(EventRelay, "_say_interest", held)
+    async with writer_and_reader(db_url, lambda events, groups: None) as (writer, writer_bus, reader, reader_bus):
+        await poll(lambda: reader.listening and writer.listening, bool, timeout=20)
+        await poll(lambda: reader.status()["noted"] + writer.status()["followers"], lambda n: n == 0, timeout=5)
+        subscription = reader_bus.subscribe(lambda e: e.entity_id == "ended-at-stop")
+        writer_bus.publish("task.failed", "task", "ended-at-stop", {"status": "FAILED", "type": "demo"})
+        await asyncio.to_thread(writer.stop)
+        assert outbox_rows(writer.store) == 1 and writer.status()["notified_only"] == 0
+        gate.set()
+        events = await asyncio.wait_for(subscription.next_batch(), 20)
+        assert [(e.entity_id, e.data) for e in events] == [("ended-at-stop", {"status": "FAILED", "type": "demo"})]
+        subscription.close()

@@ -646,7 +646,9 @@ class EventRelay:
                     next_older = at + OLDER_EVERY
                     self._older = self._older_listening()
                 due = self._due(now())
-                rows = self._rows_needed(at)
+                # A stopping server's last send (its tasks' final states) writes rows: it cannot send them again
+                # to a follower heard later.
+                rows = stopping or self._rows_needed(at)
                 if rows and self._new_interest:
                     self._new_interest = False
                     due = self._with_recent(due, at)
