@@ -1167,3 +1167,24 @@ async def test_the_final_states_a_stopping_server_sends_are_written_as_rows(db_u
         events = await asyncio.wait_for(subscription.next_batch(), 20)
         assert [(e.entity_id, e.data) for e in events] == [("ended-at-stop", {"status": "FAILED", "type": "demo"})]
         subscription.close()
+
+
+async def test_a_listen_of_the_release_before_that_appears_is_sent_the_last_seconds_with_rows(
+    db_url, quick_interest, postgres
+):
+    """A server of the release before that starts LISTENing is sent again, with rows, what was sent without rows
+    in the last RECENT_SECONDS (as a follower heard anew), not only what is sent after it was seen."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("LISTEN/NOTIFY: PostgreSQL only")
+    import psycopg
+
+    async with writer_and_reader(db_url, lambda events, groups: None) as (writer, writer_bus, reader, _reader_bus):
+        await poll(lambda: reader.listening and writer.listening, bool, timeout=20)
+        writer_bus.publish("task.updated", "task", "before-the-older", {"status": "RUNNING"})
+        await poll(lambda: writer.status()["notified_only"], lambda n: n >= 1, timeout=20)
+        assert outbox_rows(writer.store) == 0
+        dsn = writer.store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        with psycopg.connect(dsn, autocommit=True) as older:
+            older.execute(f"LISTEN {relay_module.CHANNEL}")
+            await poll(lambda: outbox_rows(writer.store), lambda n: n == 1, timeout=20)
+

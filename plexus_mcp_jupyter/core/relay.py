@@ -644,7 +644,10 @@ class EventRelay:
                     self._say_interest(at, stopping)
                 if self.mode == "notify" and at >= next_older and not stopping:
                     next_older = at + OLDER_EVERY
-                    self._older = self._older_listening()
+                    older = self._older_listening()
+                    if older and not self._older:  # it missed the last sends: sent again
+                        self._new_interest = True
+                    self._older = older
                 due = self._due(now())
                 # A stopping server's last send (its tasks' final states) writes rows: it cannot send them again
                 # to a follower heard later.
