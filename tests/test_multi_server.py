@@ -1188,3 +1188,22 @@ async def test_a_listen_of_the_release_before_that_appears_is_sent_the_last_seco
             older.execute(f"LISTEN {relay_module.CHANNEL}")
             await poll(lambda: outbox_rows(writer.store), lambda n: n == 1, timeout=20)
 
+
+
+async def test_a_server_that_may_not_read_pg_stat_activity_writes_rows_and_keeps_sending(
+    db_url, quick_interest, monkeypatch, caplog
+):
+    """The look for a LISTEN of the release before fails (pg_stat_activity revoked): whether one listens is not
+    known, so sends write rows; the relay's turn goes on (its sends are not held back) and it warns once."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("LISTEN/NOTIFY: PostgreSQL only")
+    monkeypatch.setattr(relay_module, "_PG_OLDER", "SELECT count(*) FROM plexus_no_such_view", raising=False)
+    async with writer_and_reader(db_url, lambda events, groups: None) as (writer, writer_bus, reader, _reader_bus):
+        await poll(lambda: reader.listening and writer.listening, bool, timeout=20)
+        for i in range(5):
+            writer_bus.publish("task.completed", "task", f"t{i}", {"status": "COMPLETED"})
+            await poll(lambda: writer.status()["sent"], lambda n, i=i: n >= i + 1, timeout=20)
+        assert writer.status()["notified_only"] == 0 and outbox_rows(writer.store) >= 1
+        assert writer.status()["older_listeners"] is None, "not known"
+    warned = [r for r in caplog.records if "pg_stat_activity" in r.getMessage()]
+    assert len(warned) == 2, "once a server"

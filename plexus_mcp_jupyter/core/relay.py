@@ -293,7 +293,8 @@ class EventRelay:
         self.interest_said = 0  # times this server said (or renewed) that it follows other servers' events
         self._interest: dict[str, float] = {}  # PostgreSQL: servers following others' events -> until (monotonic)
         self._new_interest = False  # one was heard that did not hold before: send RECENT again, with rows
-        self._older = False  # a LISTEN of the release before is on CHANNEL: rows always
+        self._older: bool | None = False  # a LISTEN of the release before is on CHANNEL (None: not known): rows
+        self._older_failed = False  # the look for one failed (warned once)
         self._said_at = 0.0  # (monotonic) when this server last said it follows; 0: it does not
         self._recent: OrderedDict[tuple[str, str], tuple[float, Event]] = OrderedDict()  # sent without rows
         self._full = True  # the next read takes the rows' data (the last read found them needed)
@@ -371,7 +372,7 @@ class EventRelay:
         server follows, while who follows is not known (LISTEN down or just begun), or a server of the release
         before listens (it reads rows whenever it follows, and never says so). While the LISTEN is down nothing is
         heard of who follows: rows."""
-        if self.mode != "notify" or not self.listening or self._older:
+        if self.mode != "notify" or not self.listening or self._older is not False:
             return True
         with self._lock:
             for server, until in list(self._interest.items()):
@@ -645,7 +646,7 @@ class EventRelay:
                 if self.mode == "notify" and at >= next_older and not stopping:
                     next_older = at + OLDER_EVERY
                     older = self._older_listening()
-                    if older and not self._older:  # it missed the last sends: sent again
+                    if older is not False and self._older is False:  # it missed the last sends: sent again
                         self._new_interest = True
                     self._older = older
                 due = self._due(now())
@@ -709,10 +710,23 @@ class EventRelay:
         with self.store.reads.connect() as conn:
             conn.exec_driver_sql(_PG_INTEREST, {"channel": INTEREST_CHANNEL, "payload": payload}).all()
 
-    def _older_listening(self) -> bool:
-        """Whether a server of the release before LISTENs on the store (it never says it follows: rows always)."""
-        with self.store.reads.connect() as conn:
-            return bool(conn.exec_driver_sql(_PG_OLDER).scalar_one())
+    def _older_listening(self) -> bool | None:
+        """Whether a server of the release before LISTENs on the store (it never says it follows: rows always);
+        None when that cannot be known (pg_stat_activity not readable by this role): rows, warned once."""
+        try:
+            with self.store.reads.connect() as conn:
+                older = bool(conn.exec_driver_sql(_PG_OLDER).scalar_one())
+        except Exception as exc:
+            if not self._older_failed:
+                log.warning(
+                    "Plexus: the event relay cannot look for servers of the release before in pg_stat_activity "
+                    "(%s): its sends write outbox rows always",
+                    exc,
+                )
+            self._older_failed = True
+            return None
+        self._older_failed = False
+        return older
 
     def _prune(self) -> None:
         o = outbox_table
