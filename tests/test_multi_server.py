@@ -1207,3 +1207,43 @@ async def test_a_server_that_may_not_read_pg_stat_activity_writes_rows_and_keeps
         assert writer.status()["older_listeners"] is None, "not known"
     warned = [r for r in caplog.records if "pg_stat_activity" in r.getMessage()]
     assert len(warned) == 2, "once a server"
+
+
+def test_a_saying_that_a_server_follows_holds_three_relay_turns_at_least(tmp_path):
+    """With a long event_relay_interval the lease of a saying is three turns at least, renewed within a third."""
+    store = Store(create_store(f"sqlite:///{tmp_path / 's.db'}"))
+    try:
+        assert EventRelay(store, EventBus(), interval=0.25)._lease() == (10.0, 2.0)
+        assert EventRelay(store, EventBus(), interval=20.0)._lease() == (60.0, 2.0)
+    finally:
+        store.close()
+
+
+async def test_a_follower_whose_relay_thread_is_busy_still_renews_its_saying(db_url, monkeypatch):
+    """A follower's relay thread busy for longer than a lease (a long store call): its LISTEN thread renews the
+    saying, so the sender keeps writing rows for it."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("LISTEN/NOTIFY: PostgreSQL only")
+    monkeypatch.setattr(relay_module, "INTEREST_LEASE", 2.5, raising=False)
+    monkeypatch.setattr(relay_module, "INTEREST_EVERY", 0.2, raising=False)
+    busy, free = threading.Event(), threading.Event()
+    async with writer_and_reader(db_url, lambda events, groups: None) as (writer, _writer_bus, reader, reader_bus):
+        due = reader._due
+
+        def held(at: float) -> list[Event]:
+            if busy.is_set():
+                free.wait(20)
+            return due(at)
+
+        monkeypatch.setattr(reader, "_due", held)
+        subscription = reader_bus.subscribe(lambda e: e.entity_type == "task")
+        try:
+            await poll(writer.followers, lambda n: n == 1, timeout=20)
+            busy.set()
+            deadline = time.monotonic() + 5.0  # two leases
+            while time.monotonic() < deadline:
+                assert writer.followers() == 1, "the lease lapsed while the follower's relay thread was busy"
+                await asyncio.sleep(0.1)
+        finally:
+            free.set()
+            subscription.close()

@@ -295,7 +295,8 @@ class EventRelay:
         self._new_interest = False  # one was heard that did not hold before: send RECENT again, with rows
         self._older: bool | None = False  # a LISTEN of the release before is on CHANNEL (None: not known): rows
         self._older_failed = False  # the look for one failed (warned once)
-        self._said_at = 0.0  # (monotonic) when this server last said it follows; 0: it does not
+        self._said_at = 0.0  # (monotonic) when this server last said it follows; 0: it does not (_say_lock)
+        self._say_lock = threading.Lock()  # one saying at a time (the relay and the LISTEN thread both say)
         self._recent: OrderedDict[tuple[str, str], tuple[float, Event]] = OrderedDict()  # sent without rows
         self._full = True  # the next read takes the rows' data (the last read found them needed)
         self.listening = False  # PostgreSQL: the LISTEN connection is up
@@ -682,21 +683,35 @@ class EventRelay:
             if stopping:
                 return
 
+    def _lease(self) -> tuple[float, float]:
+        """How long a saying that this server follows holds, and how often it is said again: INTEREST_LEASE and
+        INTEREST_EVERY, or longer with a long `interval` (the relay thread says it at its turns: at least three
+        turns a lease)."""
+        lease = max(INTEREST_LEASE, 3 * self.interval)
+        return lease, min(INTEREST_EVERY, lease / 3)
+
     def _say_interest(self, at: float, stopping: bool) -> None:
         """PostgreSQL: while something here needs other servers' events, say so (again every INTEREST_EVERY
-        seconds: each saying holds INTEREST_LEASE); once nothing does (or the server stops), say that it is over."""
-        wants = not stopping and (self._reads_rows_only() or self.bus.wants_remote())
-        if wants and (not self._said_at or at - self._said_at >= INTEREST_EVERY):
-            lease = INTEREST_LEASE
-        elif not wants and self._said_at:
-            lease = 0.0
-        else:
-            return
-        payload = json.dumps([self.server_id, lease])
-        with self.store.reads.connect() as conn:
-            conn.exec_driver_sql(_PG_INTEREST, {"channel": INTEREST_CHANNEL, "payload": payload}).all()
-        self._said_at = at if wants else 0.0
-        self.interest_said += wants
+        seconds: each saying holds INTEREST_LEASE, see `_lease`); once nothing does (or the server stops), say that
+        it is over. Called by the relay thread at its turns and by the LISTEN thread every second (a relay thread
+        busy for long still renews): `_say_lock` keeps one saying at a time and `_said_at` with it."""
+        with self._say_lock:
+            wants = not stopping and (self._reads_rows_only() or self.bus.wants_remote())
+            lease, every = self._lease()
+            if (wants and self._said_at and at - self._said_at < every) or (not wants and not self._said_at):
+                return  # said lately, or nothing to say
+            lease = lease if wants else 0.0
+            payload = json.dumps([self.server_id, lease])
+            with self.store.reads.connect() as conn:
+                conn.exec_driver_sql(_PG_INTEREST, {"channel": INTEREST_CHANNEL, "payload": payload}).all()
+            self._said_at = at if wants else 0.0
+            self.interest_said += wants
+
+    def _say_again(self) -> None:
+        """(LISTEN thread) Have the saying that this server follows made again at the relay thread's next turn."""
+        with self._say_lock:
+            self._said_at = 0.0
+        self._wake.set()
 
     def _reads_rows_only(self) -> bool:
         """PostgreSQL: this server hears no NOTIFY (`poll`, e.g. behind PgBouncer in transaction mode, or `auto`
@@ -763,6 +778,7 @@ class EventRelay:
                                 self._heard_interest(note.payload)
                             else:
                                 self._heard(note.payload)
+                        self._renew_interest()
             except Exception as exc:
                 if self.listening or not self._stop.is_set():
                     log.warning(
@@ -776,6 +792,14 @@ class EventRelay:
                 self._stop.wait(min(5.0, max(self.interval, 1.0)))
         self.listening = False
 
+    def _renew_interest(self) -> None:
+        """(LISTEN thread, every second) Renew the saying that this server follows when due, the relay thread
+        busy or not (its lease would lapse while a long turn lasts)."""
+        try:
+            self._say_interest(time.monotonic(), self._stop.is_set())
+        except Exception:  # the relay thread says it again at its turn (and logs what fails there)
+            log.debug("Plexus: renewing the event relay's interest failed", exc_info=True)
+
     def _listen_dsn(self) -> str:
         return self.store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
 
@@ -787,8 +811,7 @@ class EventRelay:
             return
         if rowless:  # no row to read: told what they were
             if self.bus.wants_remote():  # (the sender has not heard that this server follows: say it again now)
-                self._said_at = 0.0
-                self._wake.set()
+                self._say_again()
             self._to_loop(self._noted, count, pairs, groups)
             return
         if pairs is not None and (txid < self._cursor[0] or not self.bus.wants_remote()):
@@ -815,8 +838,7 @@ class EventRelay:
         if server == self.server_id:
             return
         if lease < 0:  # answered at the relay thread's next turn, if something here follows
-            self._said_at = 0.0
-            self._wake.set()
+            self._say_again()
             return
         at = time.monotonic()
         with self._lock:
