@@ -428,7 +428,7 @@ async def test_other_servers_events_are_only_noted_while_nobody_here_follows_the
 
         if db_url.startswith("postgresql"):  # what a LISTEN's start tells (sends it could not hear): not this test's
             await poll(lambda: reader.listening and writer.listening, bool, timeout=20)
-            await asyncio.sleep(0.2)
+            await poll(lambda: told, lambda t: ("task.created", "QUEUED") in t, timeout=20)
             told.clear()
         seq_before = reader_bus.last_seq
         publish("unwatched", "task.created", "QUEUED")
