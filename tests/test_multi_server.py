@@ -1189,7 +1189,6 @@ async def test_a_listen_of_the_release_before_that_appears_is_sent_the_last_seco
             await poll(lambda: outbox_rows(writer.store), lambda n: n == 1, timeout=20)
 
 
-
 async def test_a_server_that_may_not_read_pg_stat_activity_writes_rows_and_keeps_sending(
     db_url, quick_interest, monkeypatch, caplog
 ):

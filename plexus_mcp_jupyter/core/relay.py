@@ -14,8 +14,10 @@ or notebook mirrors. The relay closes that gap with the store itself, nothing el
   stores as text without parsing it, so the store's cost is a row and its index entries per send, not per
   event (a task's events were about two rows). On PostgreSQL with LISTEN/NOTIFY, rows only while another server
   follows other servers' events (it says so on INTEREST_CHANNEL, with a lease; a server of the release before
-  LISTENing counts as one): else a send is its NOTIFY alone, which says all such a server uses; what was sent so
-  in the last RECENT_SECONDS is sent again, with rows, to a server heard to follow anew (docs/architecture.md).
+  LISTENing counts as one, and so does one that hears no NOTIFY: `poll` on PostgreSQL, or `auto` whose LISTEN is
+  down, which says it always): else a send is its NOTIFY alone, which says all such a server uses; what was sent so
+  in the last RECENT_SECONDS is sent again, with rows, to a server heard to follow anew (docs/architecture.md). A
+  stopping server's last send, and every send while pg_stat_activity cannot be read, write rows.
 * In: it reads the rows other servers wrote since the last it read, unpacks them in order, and publishes the
   events on this bus with their `origin`, dropping any that is older than what this bus already said about the
   entity (a remote "created" arriving after this server ran the task to its end). On PostgreSQL a dedicated
