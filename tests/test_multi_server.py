@@ -1143,9 +1143,11 @@ def test_the_resend_to_a_new_follower_carries_only_the_last_recent_seconds(tmp_p
         store.close()
 
 
-async def test_the_final_states_a_stopping_server_sends_are_written_as_rows(db_url, quick_interest, monkeypatch):
-    """A server that stops sends its tasks' final states with rows even while nobody follows: a follower heard
-    only later (it cannot have those sent again: the sender is gone) reads them."""
+@pytest.mark.parametrize("sent", ["at-stop", "a-turn-before"])
+async def test_the_final_states_a_stopping_server_sends_are_written_as_rows(db_url, quick_interest, monkeypatch, sent):
+    """A server that stops sends its tasks' final states with rows even while nobody follows, and those it sent
+    without rows in the last RECENT_SECONDS again: a follower heard only later (it cannot have those sent again:
+    the sender is gone) reads them."""
     if not db_url.startswith("postgresql"):
         pytest.skip("LISTEN/NOTIFY: PostgreSQL only")
     gate = threading.Event()
@@ -1161,8 +1163,10 @@ async def test_the_final_states_a_stopping_server_sends_are_written_as_rows(db_u
         await poll(lambda: reader.status()["noted"] + writer.status()["followers"], lambda n: n == 0, timeout=5)
         subscription = reader_bus.subscribe(lambda e: e.entity_id == "ended-at-stop")
         writer_bus.publish("task.failed", "task", "ended-at-stop", {"status": "FAILED", "type": "demo"})
+        if sent == "a-turn-before":  # sent without rows before the stop
+            await poll(lambda: writer.status()["notified_only"], lambda n: n == 1, timeout=20)
         await asyncio.to_thread(writer.stop)
-        assert outbox_rows(writer.store) == 1 and writer.status()["notified_only"] == 0
+        assert outbox_rows(writer.store) == 1
         gate.set()
         events = await asyncio.wait_for(subscription.next_batch(), 20)
         assert [(e.entity_id, e.data) for e in events] == [("ended-at-stop", {"status": "FAILED", "type": "demo"})]

@@ -17,7 +17,8 @@ or notebook mirrors. The relay closes that gap with the store itself, nothing el
   LISTENing counts as one, and so does one that hears no NOTIFY: `poll` on PostgreSQL, or `auto` whose LISTEN is
   down, which says it always): else a send is its NOTIFY alone, which says all such a server uses; what was sent so
   in the last RECENT_SECONDS is sent again, with rows, to a server heard to follow anew (docs/architecture.md). A
-  stopping server's last send, and every send while pg_stat_activity cannot be read, write rows.
+  stopping server's last send (with what went without rows in the last RECENT_SECONDS), and every send while
+  pg_stat_activity cannot be read, write rows.
 * In: it reads the rows other servers wrote since the last it read, unpacks them in order, and publishes the
   events on this bus with their `origin`, dropping any that is older than what this bus already said about the
   entity (a remote "created" arriving after this server ran the task to its end). On PostgreSQL a dedicated
@@ -653,10 +654,11 @@ class EventRelay:
                         self._new_interest = True
                     self._older = older
                 due = self._due(now())
-                # A stopping server's last send (its tasks' final states) writes rows: it cannot send them again
-                # to a follower heard later.
+                # A stopping server's last send writes rows, with what it sent without rows in the last
+                # RECENT_SECONDS (its tasks' final states may have gone out a turn before): it cannot send them
+                # again to a follower heard later.
                 rows = stopping or self._rows_needed(at)
-                if rows and self._new_interest:
+                if rows and (self._new_interest or stopping):
                     self._new_interest = False
                     due = self._with_recent(due, at)
                 horizon = self._send(due, rows=rows) if due else None
