@@ -1227,7 +1227,7 @@ async def test_a_follower_whose_relay_thread_is_busy_still_renews_its_saying(db_
     saying, so the sender keeps writing rows for it."""
     if not db_url.startswith("postgresql"):
         pytest.skip("LISTEN/NOTIFY: PostgreSQL only")
-    monkeypatch.setattr(relay_module, "INTEREST_LEASE", 2.5, raising=False)
+    monkeypatch.setattr(relay_module, "INTEREST_LEASE", 4.0, raising=False)  # (renewed each second or so)
     monkeypatch.setattr(relay_module, "INTEREST_EVERY", 0.2, raising=False)
     busy, free = threading.Event(), threading.Event()
     async with writer_and_reader(db_url, lambda events, groups: None) as (writer, _writer_bus, reader, reader_bus):
@@ -1243,7 +1243,7 @@ async def test_a_follower_whose_relay_thread_is_busy_still_renews_its_saying(db_
         try:
             await poll(writer.followers, lambda n: n == 1, timeout=20)
             busy.set()
-            deadline = time.monotonic() + 5.0  # two leases
+            deadline = time.monotonic() + 6.0  # one and a half leases
             while time.monotonic() < deadline:
                 assert writer.followers() == 1, "the lease lapsed while the follower's relay thread was busy"
                 await asyncio.sleep(0.1)
