@@ -428,7 +428,7 @@ async def test_other_servers_events_are_only_noted_while_nobody_here_follows_the
 
         if db_url.startswith("postgresql"):  # what a LISTEN's start tells (sends it could not hear): not this test's
             await poll(lambda: reader.listening and writer.listening, bool, timeout=20)
-            await asyncio.sleep(0.2)
+            await poll(lambda: told, lambda t: ("task.created", "QUEUED") in t, timeout=20)
             told.clear()
         seq_before = reader_bus.last_seq
         publish("unwatched", "task.created", "QUEUED")
@@ -1083,3 +1083,170 @@ async def test_a_server_whose_listen_begins_reads_listings_and_the_queue_again(d
     finally:
         await asyncio.to_thread(relay.stop)
         store.close()
+
+
+@pytest.mark.parametrize("how", ["poll", "auto-listen-broken"])
+async def test_on_postgresql_a_server_that_polls_says_it_follows_and_hears_an_auto_servers_sends(
+    db_url, quick_interest, monkeypatch, how
+):
+    """A server that reads rows only (`event_relay = poll` on PostgreSQL, e.g. behind PgBouncer in transaction
+    mode, or `auto` whose LISTEN cannot connect) hears no NOTIFY: it always says it follows, so an `auto` server
+    writes rows for it, and its listings and its queue see the other server's tasks without a subscriber."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("LISTEN/NOTIFY: PostgreSQL only")
+    told: list[tuple[str, str | None]] = []
+    stores = [Store(db_url), Store(db_url)]
+    writer_bus, reader_bus = EventBus(), EventBus()
+    writer = EventRelay(stores[0], writer_bus, mode="auto", interval=0.05)
+    reader = EventRelay(
+        stores[1],
+        reader_bus,
+        mode="poll" if how == "poll" else "auto",
+        interval=0.05,
+        on_remote=lambda events, groups: told.extend(events),
+    )
+    if how != "poll":  # its LISTEN connection fails (the store's other connections work)
+        monkeypatch.setattr(reader, "_listen_dsn", lambda: "postgresql://nobody@127.0.0.1:1/none", raising=False)
+    loop = asyncio.get_running_loop()
+    writer.start(loop, "writer")
+    reader.start(loop, "reader")
+    try:
+        await poll(lambda: writer.listening, bool, timeout=20)
+        await poll(writer.followers, lambda n: n == 1, timeout=20)
+        seq = reader_bus.last_seq
+        writer_bus.publish("task.created", "task", "queued-there", {"status": "QUEUED", "type": "demo"})
+        await poll(lambda: told, lambda t: ("task.created", "QUEUED") in t, timeout=20)
+        assert reader_bus.last_seq > seq, "listings read again"
+        assert outbox_rows(stores[0]) == 1 and writer.status()["notified_only"] == 0
+    finally:
+        await asyncio.to_thread(writer.stop)
+        await asyncio.to_thread(reader.stop)
+        for store in stores:
+            store.close()
+
+
+def test_the_resend_to_a_new_follower_carries_only_the_last_recent_seconds(tmp_path):
+    """What was sent without rows longer than RECENT_SECONDS ago is not sent again to a follower heard later, even
+    when nothing was sent since (an idle sender)."""
+    store = Store(create_store(f"sqlite:///{tmp_path / 's.db'}"))
+    relay = EventRelay(store, EventBus(), mode="poll")
+    relay.server_id = "writer"
+    old = Event(1, 1.0, "task.updated", "task", "old", {"status": "RUNNING"})
+    fresh = Event(2, 2.0, "task.updated", "task", "fresh", {"status": "RUNNING"})
+    try:
+        at = time.monotonic()
+        relay._keep_recent([old], at - relay_module.RECENT_SECONDS - 1.0)
+        relay._keep_recent([fresh], at - relay_module.RECENT_SECONDS - 1.0)  # (kept: the last added)
+        relay._recent[("task", "fresh")] = (at - 0.1, fresh)
+        assert relay._with_recent([]) == [fresh]
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("sent", ["at-stop", "a-turn-before"])
+async def test_the_final_states_a_stopping_server_sends_are_written_as_rows(db_url, quick_interest, monkeypatch, sent):
+    """A server that stops sends its tasks' final states with rows even while nobody follows, and those it sent
+    without rows in the last RECENT_SECONDS again: a follower heard only later (it cannot have those sent again:
+    the sender is gone) reads them."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("LISTEN/NOTIFY: PostgreSQL only")
+    gate = threading.Event()
+    say = EventRelay._say_interest
+
+    def held(self: EventRelay, at: float, stopping: bool) -> None:
+        if self.server_id != "reader" or gate.is_set():
+            say(self, at, stopping)
+
+    monkeypatch.setattr(EventRelay, "_say_interest", held)
+    async with writer_and_reader(db_url, lambda events, groups: None) as (writer, writer_bus, reader, reader_bus):
+        await poll(lambda: reader.listening and writer.listening, bool, timeout=20)
+        await poll(lambda: reader.status()["noted"] + writer.status()["followers"], lambda n: n == 0, timeout=5)
+        subscription = reader_bus.subscribe(lambda e: e.entity_id == "ended-at-stop")
+        writer_bus.publish("task.failed", "task", "ended-at-stop", {"status": "FAILED", "type": "demo"})
+        if sent == "a-turn-before":  # sent without rows before the stop
+            await poll(lambda: writer.status()["notified_only"], lambda n: n == 1, timeout=20)
+        await asyncio.to_thread(writer.stop)
+        assert outbox_rows(writer.store) == 1
+        gate.set()
+        events = await asyncio.wait_for(subscription.next_batch(), 20)
+        assert [(e.entity_id, e.data) for e in events] == [("ended-at-stop", {"status": "FAILED", "type": "demo"})]
+        subscription.close()
+
+
+async def test_a_listen_of_the_release_before_that_appears_is_sent_the_last_seconds_with_rows(
+    db_url, quick_interest, postgres
+):
+    """A server of the release before that starts LISTENing is sent again, with rows, what was sent without rows
+    in the last RECENT_SECONDS (as a follower heard anew), not only what is sent after it was seen."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("LISTEN/NOTIFY: PostgreSQL only")
+    import psycopg
+
+    async with writer_and_reader(db_url, lambda events, groups: None) as (writer, writer_bus, reader, _reader_bus):
+        await poll(lambda: reader.listening and writer.listening, bool, timeout=20)
+        writer_bus.publish("task.updated", "task", "before-the-older", {"status": "RUNNING"})
+        await poll(lambda: writer.status()["notified_only"], lambda n: n >= 1, timeout=20)
+        assert outbox_rows(writer.store) == 0
+        dsn = writer.store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        with psycopg.connect(dsn, autocommit=True) as older:
+            older.execute(f"LISTEN {relay_module.CHANNEL}")
+            await poll(lambda: outbox_rows(writer.store), lambda n: n == 1, timeout=20)
+
+
+async def test_a_server_that_may_not_read_pg_stat_activity_writes_rows_and_keeps_sending(
+    db_url, quick_interest, monkeypatch, caplog
+):
+    """The look for a LISTEN of the release before fails (pg_stat_activity revoked): whether one listens is not
+    known, so sends write rows; the relay's turn goes on (its sends are not held back) and it warns once."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("LISTEN/NOTIFY: PostgreSQL only")
+    monkeypatch.setattr(relay_module, "_PG_OLDER", "SELECT count(*) FROM plexus_no_such_view", raising=False)
+    async with writer_and_reader(db_url, lambda events, groups: None) as (writer, writer_bus, reader, _reader_bus):
+        await poll(lambda: reader.listening and writer.listening, bool, timeout=20)
+        for i in range(5):
+            writer_bus.publish("task.completed", "task", f"t{i}", {"status": "COMPLETED"})
+            await poll(lambda: writer.status()["sent"], lambda n, i=i: n >= i + 1, timeout=20)
+        assert writer.status()["notified_only"] == 0 and outbox_rows(writer.store) >= 1
+        assert writer.status()["older_listeners"] is None, "not known"
+    warned = [r for r in caplog.records if "pg_stat_activity" in r.getMessage()]
+    assert len(warned) == 2, "once a server"
+
+
+def test_a_saying_that_a_server_follows_holds_three_relay_turns_at_least(tmp_path):
+    """With a long event_relay_interval the lease of a saying is three turns at least, renewed within a third."""
+    store = Store(create_store(f"sqlite:///{tmp_path / 's.db'}"))
+    try:
+        assert EventRelay(store, EventBus(), interval=0.25)._lease() == (10.0, 2.0)
+        assert EventRelay(store, EventBus(), interval=20.0)._lease() == (60.0, 2.0)
+    finally:
+        store.close()
+
+
+async def test_a_follower_whose_relay_thread_is_busy_still_renews_its_saying(db_url, monkeypatch):
+    """A follower's relay thread busy for longer than a lease (a long store call): its LISTEN thread renews the
+    saying, so the sender keeps writing rows for it."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("LISTEN/NOTIFY: PostgreSQL only")
+    monkeypatch.setattr(relay_module, "INTEREST_LEASE", 4.0, raising=False)  # (renewed each second or so)
+    monkeypatch.setattr(relay_module, "INTEREST_EVERY", 0.2, raising=False)
+    busy, free = threading.Event(), threading.Event()
+    async with writer_and_reader(db_url, lambda events, groups: None) as (writer, _writer_bus, reader, reader_bus):
+        due = reader._due
+
+        def held(at: float) -> list[Event]:
+            if busy.is_set():
+                free.wait(20)
+            return due(at)
+
+        monkeypatch.setattr(reader, "_due", held)
+        subscription = reader_bus.subscribe(lambda e: e.entity_type == "task")
+        try:
+            await poll(writer.followers, lambda n: n == 1, timeout=20)
+            busy.set()
+            deadline = time.monotonic() + 6.0  # one and a half leases
+            while time.monotonic() < deadline:
+                assert writer.followers() == 1, "the lease lapsed while the follower's relay thread was busy"
+                await asyncio.sleep(0.1)
+        finally:
+            free.set()
+            subscription.close()

@@ -14,8 +14,11 @@ or notebook mirrors. The relay closes that gap with the store itself, nothing el
   stores as text without parsing it, so the store's cost is a row and its index entries per send, not per
   event (a task's events were about two rows). On PostgreSQL with LISTEN/NOTIFY, rows only while another server
   follows other servers' events (it says so on INTEREST_CHANNEL, with a lease; a server of the release before
-  LISTENing counts as one): else a send is its NOTIFY alone, which says all such a server uses; what was sent so
-  in the last RECENT_SECONDS is sent again, with rows, to a server heard to follow anew (docs/architecture.md).
+  LISTENing counts as one, and so does one that hears no NOTIFY: `poll` on PostgreSQL, or `auto` whose LISTEN is
+  down, which says it always): else a send is its NOTIFY alone, which says all such a server uses; what was sent so
+  in the last RECENT_SECONDS is sent again, with rows, to a server heard to follow anew (docs/architecture.md). A
+  stopping server's last send (with what went without rows in the last RECENT_SECONDS), and every send while
+  pg_stat_activity cannot be read, write rows.
 * In: it reads the rows other servers wrote since the last it read, unpacks them in order, and publishes the
   events on this bus with their `origin`, dropping any that is older than what this bus already said about the
   entity (a remote "created" arriving after this server ran the task to its end). On PostgreSQL a dedicated
@@ -293,11 +296,14 @@ class EventRelay:
         self.interest_said = 0  # times this server said (or renewed) that it follows other servers' events
         self._interest: dict[str, float] = {}  # PostgreSQL: servers following others' events -> until (monotonic)
         self._new_interest = False  # one was heard that did not hold before: send RECENT again, with rows
-        self._older = False  # a LISTEN of the release before is on CHANNEL: rows always
-        self._said_at = 0.0  # (monotonic) when this server last said it follows; 0: it does not
+        self._older: bool | None = False  # a LISTEN of the release before is on CHANNEL (None: not known): rows
+        self._older_failed = False  # the look for one failed (warned once)
+        self._said_at = 0.0  # (monotonic) when this server last said it follows; 0: it does not (_say_lock)
+        self._say_lock = threading.Lock()  # one saying at a time (the relay and the LISTEN thread both say)
         self._recent: OrderedDict[tuple[str, str], tuple[float, Event]] = OrderedDict()  # sent without rows
         self._full = True  # the next read takes the rows' data (the last read found them needed)
         self.listening = False  # PostgreSQL: the LISTEN connection is up
+        self._listen_down = False  # PostgreSQL, `auto`: the LISTEN failed (polling until it is back)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
         self._pending: OrderedDict[tuple[str, str], Event] = OrderedDict()  # to send, latest per entity
@@ -370,7 +376,7 @@ class EventRelay:
         server follows, while who follows is not known (LISTEN down or just begun), or a server of the release
         before listens (it reads rows whenever it follows, and never says so). While the LISTEN is down nothing is
         heard of who follows: rows."""
-        if self.mode != "notify" or not self.listening or self._older:
+        if self.mode != "notify" or not self.listening or self._older is not False:
             return True
         with self._lock:
             for server, until in list(self._interest.items()):
@@ -413,13 +419,15 @@ class EventRelay:
                 self._last_sent = {k: t for k, t in self._last_sent.items() if at - t < self.progress_interval}
         return due
 
-    def _with_recent(self, due: list[Event]) -> list[Event]:
-        """A new follower was heard: `due` after what was sent without rows in the last RECENT_SECONDS (the latest
-        state of each entity not in `due`), to be sent with rows."""
+    def _with_recent(self, due: list[Event], at: float | None = None) -> list[Event]:
+        """A new follower was heard (at `at`, monotonic; default now): `due` after what was sent without rows in
+        the last RECENT_SECONDS before it (the latest state of each entity not in `due`), to be sent with rows. Older
+        entries are left out: they stay in the buffer while nothing is sent without rows (an idle sender)."""
+        since = (time.monotonic() if at is None else at) - RECENT_SECONDS
         with self._lock:
             recent, self._recent = self._recent, OrderedDict()
         keys = {(event.entity_type, event.entity_id) for event in due}
-        return [event for key, (_, event) in recent.items() if key not in keys] + due
+        return [event for key, (t, event) in recent.items() if t >= since and key not in keys] + due
 
     def _keep_recent(self, events: Sequence[Event], at: float) -> None:
         with self._lock:
@@ -641,12 +649,18 @@ class EventRelay:
                     self._say_interest(at, stopping)
                 if self.mode == "notify" and at >= next_older and not stopping:
                     next_older = at + OLDER_EVERY
-                    self._older = self._older_listening()
+                    older = self._older_listening()
+                    if older is not False and self._older is False:  # it missed the last sends: sent again
+                        self._new_interest = True
+                    self._older = older
                 due = self._due(now())
-                rows = self._rows_needed(at)
-                if rows and self._new_interest:
+                # A stopping server's last send writes rows, with what it sent without rows in the last
+                # RECENT_SECONDS (its tasks' final states may have gone out a turn before): it cannot send them
+                # again to a follower heard later.
+                rows = stopping or self._rows_needed(at)
+                if rows and (self._new_interest or stopping):
                     self._new_interest = False
-                    due = self._with_recent(due)
+                    due = self._with_recent(due, at)
                 horizon = self._send(due, rows=rows) if due else None
                 polls += 1
                 if self.mode == "poll" or self._notified or polls >= FALLBACK_POLLS or not self.listening:
@@ -673,21 +687,41 @@ class EventRelay:
             if stopping:
                 return
 
+    def _lease(self) -> tuple[float, float]:
+        """How long a saying that this server follows holds, and how often it is said again: INTEREST_LEASE and
+        INTEREST_EVERY, or longer with a long `interval` (the relay thread says it at its turns: at least three
+        turns a lease)."""
+        lease = max(INTEREST_LEASE, 3 * self.interval)
+        return lease, min(INTEREST_EVERY, lease / 3)
+
     def _say_interest(self, at: float, stopping: bool) -> None:
         """PostgreSQL: while something here needs other servers' events, say so (again every INTEREST_EVERY
-        seconds: each saying holds INTEREST_LEASE); once nothing does (or the server stops), say that it is over."""
-        wants = not stopping and self.bus.wants_remote()
-        if wants and (not self._said_at or at - self._said_at >= INTEREST_EVERY):
-            lease = INTEREST_LEASE
-        elif not wants and self._said_at:
-            lease = 0.0
-        else:
-            return
-        payload = json.dumps([self.server_id, lease])
-        with self.store.reads.connect() as conn:
-            conn.exec_driver_sql(_PG_INTEREST, {"channel": INTEREST_CHANNEL, "payload": payload}).all()
-        self._said_at = at if wants else 0.0
-        self.interest_said += wants
+        seconds: each saying holds INTEREST_LEASE, see `_lease`); once nothing does (or the server stops), say that
+        it is over. Called by the relay thread at its turns and by the LISTEN thread every second (a relay thread
+        busy for long still renews): `_say_lock` keeps one saying at a time and `_said_at` with it."""
+        with self._say_lock:
+            wants = not stopping and (self._reads_rows_only() or self.bus.wants_remote())
+            lease, every = self._lease()
+            if (wants and self._said_at and at - self._said_at < every) or (not wants and not self._said_at):
+                return  # said lately, or nothing to say
+            lease = lease if wants else 0.0
+            payload = json.dumps([self.server_id, lease])
+            with self.store.reads.connect() as conn:
+                conn.exec_driver_sql(_PG_INTEREST, {"channel": INTEREST_CHANNEL, "payload": payload}).all()
+            self._said_at = at if wants else 0.0
+            self.interest_said += wants
+
+    def _say_again(self) -> None:
+        """(LISTEN thread) Have the saying that this server follows made again at the relay thread's next turn."""
+        with self._say_lock:
+            self._said_at = 0.0
+        self._wake.set()
+
+    def _reads_rows_only(self) -> bool:
+        """PostgreSQL: this server hears no NOTIFY (`poll`, e.g. behind PgBouncer in transaction mode, or `auto`
+        whose LISTEN failed): it learns of other servers' sends by their rows only, for its listings and queue
+        (`skip_remote`, `on_remote`) as for its subscribers: it always says it follows."""
+        return self.postgres and (self.mode == "poll" or (self.mode == "notify" and self._listen_down))
 
     def _ask_interest(self) -> None:
         """PostgreSQL: ask the servers that follow others' events to say so now (a lease of -1: a question)."""
@@ -695,10 +729,23 @@ class EventRelay:
         with self.store.reads.connect() as conn:
             conn.exec_driver_sql(_PG_INTEREST, {"channel": INTEREST_CHANNEL, "payload": payload}).all()
 
-    def _older_listening(self) -> bool:
-        """Whether a server of the release before LISTENs on the store (it never says it follows: rows always)."""
-        with self.store.reads.connect() as conn:
-            return bool(conn.exec_driver_sql(_PG_OLDER).scalar_one())
+    def _older_listening(self) -> bool | None:
+        """Whether a server of the release before LISTENs on the store (it never says it follows: rows always);
+        None when that cannot be known (pg_stat_activity not readable by this role): rows, warned once."""
+        try:
+            with self.store.reads.connect() as conn:
+                older = bool(conn.exec_driver_sql(_PG_OLDER).scalar_one())
+        except Exception as exc:
+            if not self._older_failed:
+                log.warning(
+                    "Plexus: the event relay cannot look for servers of the release before in pg_stat_activity "
+                    "(%s): its sends write outbox rows always",
+                    exc,
+                )
+            self._older_failed = True
+            return None
+        self._older_failed = False
+        return older
 
     def _prune(self) -> None:
         o = outbox_table
@@ -711,14 +758,17 @@ class EventRelay:
             import psycopg
         except ImportError:
             log.warning("Plexus: psycopg is not installed: the event relay polls the store every %gs", self.interval)
+            self._listen_down = True
+            self._wake.set()  # say at once that it follows (it reads rows only)
             return
-        dsn = self.store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        dsn = self._listen_dsn()
         while not self._stop.is_set():
             try:
                 with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
                     # One statement: its text tells this release's LISTEN from one of the release before (_PG_OLDER).
                     conn.execute(f"LISTEN {CHANNEL}; LISTEN {INTEREST_CHANNEL}")
                     self.listening = True
+                    self._listen_down = False
                     # Sends without rows made while it was down (or before it began) were not heard, and cannot be
                     # read: listings read again, the queue read again (tasks may have been queued elsewhere).
                     self._to_loop(self._noted, 0, [("task.created", TaskStatus.QUEUED.value)], None)
@@ -732,6 +782,7 @@ class EventRelay:
                                 self._heard_interest(note.payload)
                             else:
                                 self._heard(note.payload)
+                        self._renew_interest()
             except Exception as exc:
                 if self.listening or not self._stop.is_set():
                     log.warning(
@@ -739,8 +790,22 @@ class EventRelay:
                         type(exc).__name__,
                     )
                 self.listening = False
+                if not self._listen_down:  # it reads rows only until the LISTEN is back: it says it follows
+                    self._listen_down = True
+                    self._wake.set()
                 self._stop.wait(min(5.0, max(self.interval, 1.0)))
         self.listening = False
+
+    def _renew_interest(self) -> None:
+        """(LISTEN thread, every second) Renew the saying that this server follows when due, the relay thread
+        busy or not (its lease would lapse while a long turn lasts)."""
+        try:
+            self._say_interest(time.monotonic(), self._stop.is_set())
+        except Exception:  # the relay thread says it again at its turn (and logs what fails there)
+            log.debug("Plexus: renewing the event relay's interest failed", exc_info=True)
+
+    def _listen_dsn(self) -> str:
+        return self.store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
 
     def _heard(self, payload: str) -> None:
         """A NOTIFY (on the LISTEN thread): another server's send. While nothing here needs other servers' events,
@@ -750,8 +815,7 @@ class EventRelay:
             return
         if rowless:  # no row to read: told what they were
             if self.bus.wants_remote():  # (the sender has not heard that this server follows: say it again now)
-                self._said_at = 0.0
-                self._wake.set()
+                self._say_again()
             self._to_loop(self._noted, count, pairs, groups)
             return
         if pairs is not None and (txid < self._cursor[0] or not self.bus.wants_remote()):
@@ -778,8 +842,7 @@ class EventRelay:
         if server == self.server_id:
             return
         if lease < 0:  # answered at the relay thread's next turn, if something here follows
-            self._said_at = 0.0
-            self._wake.set()
+            self._say_again()
             return
         at = time.monotonic()
         with self._lock:
