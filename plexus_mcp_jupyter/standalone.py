@@ -265,15 +265,19 @@ async def serve_stdio(runtime: PlexusRuntime) -> None:
     stop = asyncio.Event()
     _on_stop_signals(stop.set)
     stopping = asyncio.ensure_future(stop.wait())
+    serving: asyncio.Future[None] | None = None
     try:
         # Its endpoint's session manager runs the SDK's request kernel, which the rehearsals call through; stdio
         # serves without it if it cannot start (then without the rehearsals).
         await runtime.start(sessions_required=False)
-        serving = asyncio.ensure_future(_run_stdio(runtime))  # (the rehearsals' wait first)
-        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not stop.is_set():  # a signal during start-up: stopped before it served (no message read, none answered)
+            serving = asyncio.ensure_future(_run_stdio(runtime))  # (the rehearsals' wait first)
+            await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stopping.cancel()
         await runtime.stop()
+    if serving is None:
+        return
     if not serving.done():
         sys.stdout.flush()
         sys.stderr.flush()

@@ -780,3 +780,60 @@ def test_what_runs_while_a_stdio_server_waits_for_its_rehearsals_does_not_write_
     assert all(json.loads(line)["jsonrpc"] == "2.0" for line in out[:-1]), out
     err = (tmp_path / "err").read_text()
     assert server.returncode == 0 and "STRAY-FLUSHED" in err and "STRAY-BUFFERED" in err, [*out, err]
+
+
+def _stdio_output(server: subprocess.Popen[bytes], lines: Any) -> list[bytes]:
+    """All the server's stdout lines once it has exited (60 s at most), the last b""."""
+    try:
+        server.wait(60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    out = [lines.get(timeout=30)]
+    while out[-1]:
+        out.append(lines.get(timeout=30))
+    return out
+
+
+def test_a_stdio_server_stopped_during_its_start_up_serves_nothing(tmp_path):
+    """A SIGTERM while the runtime starts: the server stops without reading a message. It served after
+    start-up all the same (the runtime's start no longer raced the signal): answered the initialize and ran a
+    dispatch_batch the client never learned of (the process exits at once after a signal)."""
+    import sqlite3
+
+    bootstrap = (
+        "import os, signal, sys\n"
+        "from tests.multi_server import register; register()\n"
+        "from plexus_mcp_jupyter.core.manager import TaskManager\n"
+        "start = TaskManager.start\n"
+        "async def signalled(self, *args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    await start(self, *args, **kwargs)\n"
+        "TaskManager.start = signalled\n"
+        "from plexus_mcp_jupyter.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    server = _stdio_server(tmp_path, bootstrap)
+    lines = _lines(server)
+    _initialize(server)
+    assert server.stdin is not None
+    for message in (
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {
+            "jsonrpc": "2.0",
+            "id": 2,
+            "method": "tools/call",
+            "params": {
+                "name": "dispatch_batch",
+                "arguments": {"tasks": [{"type": "recorded", "params": {"runs": str(tmp_path / "runs")}}]},
+            },
+        },
+    ):
+        server.stdin.write((json.dumps(message) + "\n").encode())
+    server.stdin.flush()
+    out = _stdio_output(server, lines)
+    err = (tmp_path / "err").read_text()
+    assert server.returncode == 0 and out == [b""], [*out, err]
+    with sqlite3.connect(tmp_path / "s.db") as db:
+        assert db.execute("SELECT id FROM tasks").fetchall() == []
+
