@@ -837,3 +837,28 @@ def test_a_stdio_server_stopped_during_its_start_up_serves_nothing(tmp_path):
     with sqlite3.connect(tmp_path / "s.db") as db:
         assert db.execute("SELECT id FROM tasks").fetchall() == []
 
+
+def test_what_prints_while_a_stdio_server_stops_at_its_clients_end_does_not_reach_the_client(tmp_path):
+    """The client closes stdin: the runtime stops inside the SDK's `stdio_server()`, fd 1 still pointed at
+    stderr. It stopped after `stdio_server()` had given fd 1 back: a print then reached the client's pipe."""
+    bootstrap = (
+        "import sys\n"
+        "from plexus_mcp_jupyter.evaluations.service import EvaluationService\n"
+        "close = EvaluationService.close\n"
+        "def printing(self):\n"
+        "    print('STRAY-AT-STOP')\n"
+        "    close(self)\n"
+        "EvaluationService.close = printing\n"
+        "from plexus_mcp_jupyter.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    server = _stdio_server(tmp_path, bootstrap, PYTHONUNBUFFERED="")  # as a client launches it: stdout buffered
+    lines = _lines(server)
+    _initialize(server)
+    first = lines.get(timeout=120)
+    assert server.stdin is not None
+    server.stdin.close()
+    out = [first, *_stdio_output(server, lines)]
+    err = (tmp_path / "err").read_text()
+    assert json.loads(first)["id"] == 1 and out[1:] == [b""], [*out, err]
+    assert server.returncode == 0 and "STRAY-AT-STOP" in err, [*out, err]
