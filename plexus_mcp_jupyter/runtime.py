@@ -356,7 +356,15 @@ class PlexusRuntime:
         if self._started:
             return
         self._started = True
-        await self._start(sessions_required)
+        try:
+            await self._start(sessions_required)
+        except BaseException:  # what started stops; a later start() tries again instead of returning half-started
+            self._started = False
+            try:
+                await self._stop_services()
+            except Exception:
+                log.debug("Plexus: stopping after a failed start failed too", exc_info=True)
+            raise
 
     async def _start(self, sessions_required: bool) -> None:
         await self.manager.start()

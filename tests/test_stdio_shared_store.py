@@ -217,6 +217,30 @@ async def test_without_the_sdks_session_manager_a_stdio_server_starts_the_rest_a
         await runtime.stop()
 
 
+async def test_a_runtime_that_fails_to_start_stops_what_it_started_and_starts_again_when_asked(tmp_path, monkeypatch):
+    # An HTTP server's runtime whose session manager cannot start: start() raises, and raised once only (the next
+    # lazy start() returned at once, the runtime half-started: the heartbeat and relay running, no endpoint).
+    settings = PlexusSettings(
+        db_url=f"sqlite:///{tmp_path / 's.db'}", server_heartbeat_seconds=0.2, server_lease_seconds=1
+    )
+    runtime = PlexusRuntime(settings, data_dir=str(tmp_path))
+    failures = []
+
+    async def cannot_start() -> None:
+        failures.append(1)
+        raise RuntimeError("the MCP session manager could not start: injected")
+
+    monkeypatch.setattr(runtime.endpoint, "start", cannot_start)
+    try:
+        for attempt in (1, 2):
+            with pytest.raises(RuntimeError, match="could not start: injected"):
+                await runtime.start()
+            assert len(failures) == attempt
+            assert not runtime.manager.started and not runtime.relay._threads and runtime.leases._thread is None
+    finally:
+        await runtime.stop()
+
+
 def test_a_stdio_server_whose_stop_fails_still_closes_its_audit_log_and_store(tmp_path):
     """A stop step that raises (the endpoint's, injected) no longer skips the audit log's last records and the
     store's close (runtime.stop: the closing part in a finally)."""
