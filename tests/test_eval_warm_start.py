@@ -862,3 +862,55 @@ def test_what_prints_while_a_stdio_server_stops_at_its_clients_end_does_not_reac
     err = (tmp_path / "err").read_text()
     assert json.loads(first)["id"] == 1 and out[1:] == [b""], [*out, err]
     assert server.returncode == 0 and "STRAY-AT-STOP" in err, [*out, err]
+
+
+def test_a_stdio_server_closed_while_a_rehearsal_waits_for_a_store_lock_exits_soon(tmp_path):
+    """The client closes stdin while another process holds the store locked (SQLite: BEGIN IMMEDIATE) and a
+    start-up rehearsal waits for it: the rehearsal waits REHEARSAL_SECONDS at most (its connection's busy timeout;
+    PostgreSQL: its transaction's lock and statement timeouts) and the server's stop does not wait for it. It
+    waited out the store's busy timeout (5 s) and the stop waited for it: exit 4.6-4.9 s after stdin's end, and
+    the SDK's client kills a server 4 s after it closed its stdin (before its audit log's last records)."""
+    import sqlite3
+
+    locked = tmp_path / "locked"
+    bootstrap = (
+        "import os, sys, time\n"
+        "from plexus_mcp_jupyter.evaluations.service import EvaluationService\n"
+        "again = EvaluationService.warm_up_again\n"
+        "def held(self):\n"  # the rehearsals after start wait for the test's lock (warm_up has run)
+        "    sys.stderr.write('REHEARSING\\n'); sys.stderr.flush()\n"
+        "    deadline = time.monotonic() + 120\n"
+        "    while not os.path.exists(os.environ['PLEXUS_TEST_LOCKED']) and time.monotonic() < deadline:\n"
+        "        time.sleep(0.005)\n"
+        "    again(self)\n"
+        "EvaluationService.warm_up_again = held\n"
+        "from plexus_mcp_jupyter.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    server = _stdio_server(tmp_path, bootstrap, PLEXUS_TEST_LOCKED=str(locked))
+    lines = _lines(server)
+    holder = None
+    try:
+        _initialize(server)
+        deadline = time.monotonic() + 120
+        while "REHEARSING" not in (tmp_path / "err").read_text():
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()
+            time.sleep(0.01)
+        holder = sqlite3.connect(tmp_path / "s.db", isolation_level=None, check_same_thread=False)
+        holder.execute("BEGIN IMMEDIATE")  # another process's write transaction, held until the server has exited
+        locked.touch()
+        assert json.loads(lines.get(timeout=60))["id"] == 1
+        assert server.stdin is not None
+        since = time.monotonic()
+        server.stdin.close()
+        server.wait(60)
+        exited = time.monotonic() - since
+    finally:
+        if server.poll() is None:
+            server.kill()
+        if holder is not None:
+            holder.execute("ROLLBACK")
+            holder.close()
+    assert server.returncode == 0, (tmp_path / "err").read_text()
+    # REHEARSAL_SECONDS (1 s) at most for the rehearsal; a margin for a loaded machine (before: 4.6-4.9 s).
+    assert exited < service_module.REHEARSAL_SECONDS + 2.0, exited
