@@ -742,10 +742,16 @@ def test_what_runs_while_a_stdio_server_waits_for_its_rehearsals_does_not_write_
     """The stdio server waits for its start-up rehearsals inside the SDK's `stdio_server()`, which points fd 1 at
     stderr while it serves: what runs meanwhile and prints (a task or scorer module imported) went to the client's
     pipe when the wait came first. A print still buffered at the end goes to stderr too, not to the wire that
-    `stdio_server()` gives back to fd 1 as it exits."""
+    `stdio_server()` gives back to fd 1 as it exits. The rehearsals' limits raised: the 8th rehearsal comes 1.6 s
+    after start, the wait's 5 s and each rehearsal's 1 s could end them before it on a loaded machine."""
     bootstrap = (
         "import sys, time\n"
+        "from plexus_mcp_jupyter import standalone\n"
+        "from plexus_mcp_jupyter.endpoint import transport\n"
+        "from plexus_mcp_jupyter.evaluations import service\n"
         "from plexus_mcp_jupyter.evaluations.service import EvaluationService\n"
+        "standalone.STDIO_REHEARSAL_SECONDS = 120.0\n"
+        "transport.REHEARSAL_SECONDS = service.REHEARSAL_SECONDS = 30.0\n"
         "rehearse = EvaluationService._rehearse\n"
         "after_start = []\n"
         "def printing(self, until_served=False):\n"  # the last of warm_up_again's, 1.6 s after start: in the wait
