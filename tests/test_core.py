@@ -391,7 +391,7 @@ def test_a_rehearsed_create_waits_for_a_lock_held_elsewhere_its_lock_wait_at_mos
                 other.begin()
                 other.exec_driver_sql("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
             began = time.monotonic()
-            with pytest.raises(Exception, match="(?i)locked|timeout"):
+            with pytest.raises(Exception, match=r"(?i)locked|timeout"):
                 store.rehearse_create_task(make_task(), holder="s1", lock_wait=0.3)
             waited = time.monotonic() - began
             if store.engine.dialect.name == "sqlite":
