@@ -357,6 +357,17 @@ class PlexusRuntime:
         if self._started:
             return
         self._started = True
+        try:
+            await self._start(sessions_required)
+        except BaseException:  # what started stops; a later start() tries again instead of returning half-started
+            self._started = False
+            try:
+                await self._stop_services()
+            except Exception:
+                log.debug("Plexus: stopping after a failed start failed too", exc_info=True)
+            raise
+
+    async def _start(self, sessions_required: bool) -> None:
         await self.manager.start()
         loop = asyncio.get_running_loop()
         self.relay.start(loop, self.manager.server_id)
@@ -393,11 +404,24 @@ class PlexusRuntime:
         if not self._started:
             return
         self._started = False
-        self.manager.begin_stop()  # first: MCP calls the endpoint cuts short must not cancel their tasks
+        try:
+            self.manager.begin_stop()  # first: MCP calls the endpoint cuts short must not cancel their tasks
+            if self.mcp.resource_watch is not None:
+                self.mcp.resource_watch.close()
+            await self._stop_services()
+        finally:  # whatever failed above, the audit log writes its last records and the store closes
+            self.evaluations.close()
+            self.uploads.close()
+            self.catalog.close()
+            self.audit.close()
+            self.store_calls.close()
+            self.store.close()
+
+    async def _stop_services(self) -> None:
+        """What `start` started (all of it, or what it had started when it failed), the stores left open."""
+        self.manager.begin_stop()
         if self._key_watch is not None:
             self._key_watch.cancel()
-        if self.mcp.resource_watch is not None:
-            self.mcp.resource_watch.close()
         await self.endpoint.stop()
         await self.manager.stop()
         await asyncio.to_thread(self.leases.stop)
@@ -408,12 +432,6 @@ class PlexusRuntime:
         if self.worker_items_check is not None:
             await asyncio.to_thread(self.worker_items_check.stop)
             self.worker_items_check = None
-        self.evaluations.close()
-        self.uploads.close()
-        self.catalog.close()
-        self.audit.close()
-        self.store_calls.close()
-        self.store.close()
 
     async def health(self) -> dict[str, Any]:
         """The server's state for admins; "degraded" (with why) while the store does not answer. The store is

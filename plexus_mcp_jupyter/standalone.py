@@ -10,7 +10,7 @@ import os
 import signal
 import ssl
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -218,11 +218,13 @@ class _ArrivalTelling:
         await self.aclose()
 
 
-async def _run_stdio(runtime: PlexusRuntime) -> None:
+async def _run_stdio(runtime: PlexusRuntime, stop_runtime: Callable[[], Awaitable[None]]) -> None:
     """MCPServer.run_stdio_async, its read stream telling the endpoint when a client has arrived, after the
     start-up rehearsals (STDIO_REHEARSAL_SECONDS at most). It waits for them inside `stdio_server()`, which points
     fd 1 at stderr: what runs meanwhile (a task or scorer module imported, that prints) misses the protocol. Its
-    reader reading the client's first message ahead stops nothing: `_ArrivalTelling` tells at `receive`."""
+    reader reading the client's first message ahead stops nothing: `_ArrivalTelling` tells at `receive`. When the
+    client closes stdin it stops the runtime (`stop_runtime`) still inside `stdio_server()`: what prints while
+    it stops goes to stderr, not to the wire `stdio_server()` gives back to fd 1 as it exits."""
     server = lowlevel_server(runtime.mcp)
     async with stdio_server() as (read_stream, write_stream):
         rehearsing = asyncio.ensure_future(_rehearsals_done(runtime))
@@ -233,6 +235,7 @@ async def _run_stdio(runtime: PlexusRuntime) -> None:
         arrivals = _ArrivalTelling(read_stream, runtime.endpoint.arrived)
         try:
             await server.run(arrivals, write_stream, server.create_initialization_options())
+            await stop_runtime()
         finally:
             sys.stdout.flush()  # what was printed and is still buffered: to stderr, not to the wire restored at exit
 
@@ -265,15 +268,27 @@ async def serve_stdio(runtime: PlexusRuntime) -> None:
     stop = asyncio.Event()
     _on_stop_signals(stop.set)
     stopping = asyncio.ensure_future(stop.wait())
+    stopped: asyncio.Future[None] | None = None
+
+    def stop_runtime() -> asyncio.Future[None]:  # once, whoever asks first (stdin's end, a signal, a failure)
+        nonlocal stopped
+        if stopped is None:
+            stopped = asyncio.ensure_future(runtime.stop())
+        return stopped
+
+    serving: asyncio.Future[None] | None = None
     try:
         # Its endpoint's session manager runs the SDK's request kernel, which the rehearsals call through; stdio
         # serves without it if it cannot start (then without the rehearsals).
         await runtime.start(sessions_required=False)
-        serving = asyncio.ensure_future(_run_stdio(runtime))  # (the rehearsals' wait first)
-        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not stop.is_set():  # a signal during start-up: stopped before it served (no message read, none answered)
+            serving = asyncio.ensure_future(_run_stdio(runtime, stop_runtime))  # (the rehearsals' wait first)
+            await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stopping.cancel()
-        await runtime.stop()
+        await asyncio.shield(stop_runtime())
+    if serving is None:
+        return
     if not serving.done():
         sys.stdout.flush()
         sys.stderr.flush()

@@ -367,3 +367,41 @@ def test_a_core_message_quoting_a_huge_value_is_bounded_with_its_quote_cut():
     assert len(message) < 200 and message.endswith("XXX...'")
     assert bounded("status 'abc' is bad") == "status 'abc' is bad"
     assert len(bounded("y" * 100_000)) == MAX_MESSAGE_CHARS
+
+
+def test_a_rehearsed_create_waits_for_a_lock_held_elsewhere_its_lock_wait_at_most(store_url):
+    """`rehearse_create_task(lock_wait=...)` (the start-up rehearsals') fails once it has waited that long for a
+    lock another connection holds (SQLite: a write transaction, the connection's busy timeout; PostgreSQL: a table
+    lock, its transaction's lock timeout), not after the store's own (5 s; 30 s); the next statements on the same
+    pooled connection wait as long as before."""
+    import time
+
+    import sqlalchemy as sa
+
+    from plexus_mcp_jupyter.core.store import SQLITE_BUSY_MS
+
+    store = Store(store_url, pool_size=1)
+    try:
+        store.rehearse_create_task(make_task(), holder="s1", lock_wait=0.3)  # unlocked: runs, stores nothing
+        holder = sa.create_engine(store_url, poolclass=sa.pool.NullPool)
+        with holder.connect() as other:
+            if store.engine.dialect.name == "sqlite":
+                other.exec_driver_sql("BEGIN IMMEDIATE")
+            else:
+                other.begin()
+                other.exec_driver_sql("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
+            began = time.monotonic()
+            with pytest.raises(Exception, match=r"(?i)locked|timeout"):
+                store.rehearse_create_task(make_task(), holder="s1", lock_wait=0.3)
+            waited = time.monotonic() - began
+            if store.engine.dialect.name == "sqlite":
+                other.exec_driver_sql("ROLLBACK")
+            else:
+                other.rollback()
+        holder.dispose()
+        assert 0.25 < waited < 2.5, waited  # before: the store's 5 s (SQLite), 30 s (PostgreSQL)
+        if store.engine.dialect.name == "sqlite":
+            with store.engine.connect() as conn:  # the pool's one connection: its busy timeout given back
+                assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == SQLITE_BUSY_MS
+    finally:
+        store.close()

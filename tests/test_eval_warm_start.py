@@ -785,10 +785,16 @@ def test_what_runs_while_a_stdio_server_waits_for_its_rehearsals_does_not_write_
     """The stdio server waits for its start-up rehearsals inside the SDK's `stdio_server()`, which points fd 1 at
     stderr while it serves: what runs meanwhile and prints (a task or scorer module imported) went to the client's
     pipe when the wait came first. A print still buffered at the end goes to stderr too, not to the wire that
-    `stdio_server()` gives back to fd 1 as it exits."""
+    `stdio_server()` gives back to fd 1 as it exits. The rehearsals' limits raised: the 8th rehearsal comes 1.6 s
+    after start, the wait's 5 s and each rehearsal's 1 s could end them before it on a loaded machine."""
     bootstrap = (
         "import sys, time\n"
+        "from plexus_mcp_jupyter import standalone\n"
+        "from plexus_mcp_jupyter.endpoint import transport\n"
+        "from plexus_mcp_jupyter.evaluations import service\n"
         "from plexus_mcp_jupyter.evaluations.service import EvaluationService\n"
+        "standalone.STDIO_REHEARSAL_SECONDS = 120.0\n"
+        "transport.REHEARSAL_SECONDS = service.REHEARSAL_SECONDS = 30.0\n"
         "rehearse = EvaluationService._rehearse\n"
         "after_start = []\n"
         "def printing(self, until_served=False):\n"  # the last of warm_up_again's, 1.6 s after start: in the wait
@@ -823,3 +829,137 @@ def test_what_runs_while_a_stdio_server_waits_for_its_rehearsals_does_not_write_
     assert all(json.loads(line)["jsonrpc"] == "2.0" for line in out[:-1]), out
     err = (tmp_path / "err").read_text()
     assert server.returncode == 0 and "STRAY-FLUSHED" in err and "STRAY-BUFFERED" in err, [*out, err]
+
+
+def _stdio_output(server: subprocess.Popen[bytes], lines: Any) -> list[bytes]:
+    """All the server's stdout lines once it has exited (60 s at most), the last b""."""
+    try:
+        server.wait(60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    out = [lines.get(timeout=30)]
+    while out[-1]:
+        out.append(lines.get(timeout=30))
+    return out
+
+
+def test_a_stdio_server_stopped_during_its_start_up_serves_nothing(tmp_path):
+    """A SIGTERM while the runtime starts: the server stops without reading a message. It served after
+    start-up all the same (the runtime's start no longer raced the signal): answered the initialize and ran a
+    dispatch_batch the client never learned of (the process exits at once after a signal)."""
+    import sqlite3
+
+    bootstrap = (
+        "import os, signal, sys\n"
+        "from tests.multi_server import register; register()\n"
+        "from plexus_mcp_jupyter.core.manager import TaskManager\n"
+        "start = TaskManager.start\n"
+        "async def signalled(self, *args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    await start(self, *args, **kwargs)\n"
+        "TaskManager.start = signalled\n"
+        "from plexus_mcp_jupyter.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    server = _stdio_server(tmp_path, bootstrap)
+    lines = _lines(server)
+    _initialize(server)
+    assert server.stdin is not None
+    for message in (
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {
+            "jsonrpc": "2.0",
+            "id": 2,
+            "method": "tools/call",
+            "params": {
+                "name": "dispatch_batch",
+                "arguments": {"tasks": [{"type": "recorded", "params": {"runs": str(tmp_path / "runs")}}]},
+            },
+        },
+    ):
+        server.stdin.write((json.dumps(message) + "\n").encode())
+    server.stdin.flush()
+    out = _stdio_output(server, lines)
+    err = (tmp_path / "err").read_text()
+    assert server.returncode == 0 and out == [b""], [*out, err]
+    with sqlite3.connect(tmp_path / "s.db") as db:
+        assert db.execute("SELECT id FROM tasks").fetchall() == []
+
+
+def test_what_prints_while_a_stdio_server_stops_at_its_clients_end_does_not_reach_the_client(tmp_path):
+    """The client closes stdin: the runtime stops inside the SDK's `stdio_server()`, fd 1 still pointed at
+    stderr. It stopped after `stdio_server()` had given fd 1 back: a print then reached the client's pipe."""
+    bootstrap = (
+        "import sys\n"
+        "from plexus_mcp_jupyter.evaluations.service import EvaluationService\n"
+        "close = EvaluationService.close\n"
+        "def printing(self):\n"
+        "    print('STRAY-AT-STOP')\n"
+        "    close(self)\n"
+        "EvaluationService.close = printing\n"
+        "from plexus_mcp_jupyter.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    server = _stdio_server(tmp_path, bootstrap, PYTHONUNBUFFERED="")  # as a client launches it: stdout buffered
+    lines = _lines(server)
+    _initialize(server)
+    first = lines.get(timeout=120)
+    assert server.stdin is not None
+    server.stdin.close()
+    out = [first, *_stdio_output(server, lines)]
+    err = (tmp_path / "err").read_text()
+    assert json.loads(first)["id"] == 1 and out[1:] == [b""], [*out, err]
+    assert server.returncode == 0 and "STRAY-AT-STOP" in err, [*out, err]
+
+
+def test_a_stdio_server_closed_while_a_rehearsal_waits_for_a_store_lock_exits_soon(tmp_path):
+    """The client closes stdin while another process holds the store locked (SQLite: BEGIN IMMEDIATE) and a
+    start-up rehearsal waits for it: the rehearsal waits REHEARSAL_SECONDS at most (its connection's busy timeout;
+    PostgreSQL: its transaction's lock and statement timeouts) and the server's stop does not wait for it. It
+    waited out the store's busy timeout (5 s) and the stop waited for it: exit 4.6-4.9 s after stdin's end, and
+    the SDK's client kills a server 4 s after it closed its stdin (before its audit log's last records)."""
+    import sqlite3
+
+    locked = tmp_path / "locked"
+    bootstrap = (
+        "import os, sys, time\n"
+        "from plexus_mcp_jupyter.evaluations.service import EvaluationService\n"
+        "again = EvaluationService.warm_up_again\n"
+        "def held(self):\n"  # the rehearsals after start wait for the test's lock (warm_up has run)
+        "    sys.stderr.write('REHEARSING\\n'); sys.stderr.flush()\n"
+        "    deadline = time.monotonic() + 120\n"
+        "    while not os.path.exists(os.environ['PLEXUS_TEST_LOCKED']) and time.monotonic() < deadline:\n"
+        "        time.sleep(0.005)\n"
+        "    again(self)\n"
+        "EvaluationService.warm_up_again = held\n"
+        "from plexus_mcp_jupyter.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    server = _stdio_server(tmp_path, bootstrap, PLEXUS_TEST_LOCKED=str(locked))
+    lines = _lines(server)
+    holder = None
+    try:
+        _initialize(server)
+        deadline = time.monotonic() + 120
+        while "REHEARSING" not in (tmp_path / "err").read_text():
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()
+            time.sleep(0.01)
+        holder = sqlite3.connect(tmp_path / "s.db", isolation_level=None, check_same_thread=False)
+        holder.execute("BEGIN IMMEDIATE")  # another process's write transaction, held until the server has exited
+        locked.touch()
+        assert json.loads(lines.get(timeout=60))["id"] == 1
+        assert server.stdin is not None
+        since = time.monotonic()
+        server.stdin.close()
+        server.wait(60)
+        exited = time.monotonic() - since
+    finally:
+        if server.poll() is None:
+            server.kill()
+        if holder is not None:
+            holder.execute("ROLLBACK")
+            holder.close()
+    assert server.returncode == 0, (tmp_path / "err").read_text()
+    # REHEARSAL_SECONDS (1 s) at most for the rehearsal; a margin for a loaded machine (before: 4.6-4.9 s).
+    assert exited < service_module.REHEARSAL_SECONDS + 2.0, exited

@@ -215,3 +215,70 @@ async def test_without_the_sdks_session_manager_a_stdio_server_starts_the_rest_a
             assert runtime.evaluations.rehearsed is not None, "the evaluation service (its rehearsals, its pruning)"
     finally:
         await runtime.stop()
+
+
+async def test_a_runtime_that_fails_to_start_stops_what_it_started_and_starts_again_when_asked(tmp_path, monkeypatch):
+    # An HTTP server's runtime whose session manager cannot start: start() raises, and raised once only (the next
+    # lazy start() returned at once, the runtime half-started: the heartbeat and relay running, no endpoint).
+    settings = PlexusSettings(
+        db_url=f"sqlite:///{tmp_path / 's.db'}", server_heartbeat_seconds=0.2, server_lease_seconds=1
+    )
+    runtime = PlexusRuntime(settings, data_dir=str(tmp_path))
+    failures = []
+
+    async def cannot_start() -> None:
+        failures.append(1)
+        raise RuntimeError("the MCP session manager could not start: injected")
+
+    monkeypatch.setattr(runtime.endpoint, "start", cannot_start)
+    try:
+        for attempt in (1, 2):
+            with pytest.raises(RuntimeError, match="could not start: injected"):
+                await runtime.start()
+            assert len(failures) == attempt
+            assert not runtime.manager.started and not runtime.relay._threads and runtime.leases._thread is None
+    finally:
+        await runtime.stop()
+
+
+def test_a_stdio_server_whose_stop_fails_still_closes_its_audit_log_and_store(tmp_path):
+    """A stop step that raises (the endpoint's, injected) no longer skips the audit log's last records and the
+    store's close (runtime.stop: the closing part in a finally)."""
+    import subprocess
+
+    bootstrap = (
+        "import sys\n"
+        "from plexus_mcp_jupyter.endpoint.transport import MCPEndpoint\n"
+        "from plexus_mcp_jupyter.security.audit import AuditLog\n"
+        "from plexus_mcp_jupyter.core.store import Store\n"
+        "async def failing(self):\n"
+        "    raise RuntimeError('endpoint stop: injected')\n"
+        "MCPEndpoint.stop = failing\n"
+        "def telling(cls, marker):\n"
+        "    close = cls.close\n"
+        "    def told(self, *args, **kwargs):\n"
+        "        sys.stderr.write(marker + '\\n'); sys.stderr.flush()\n"
+        "        return close(self, *args, **kwargs)\n"
+        "    cls.close = told\n"
+        "telling(AuditLog, 'AUDIT-CLOSED'); telling(Store, 'STORE-CLOSED')\n"
+        "from plexus_mcp_jupyter.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = dict(os.environ, JUPYTER_DATA_DIR=str(tmp_path / "data"), PLEXUS_MCP_DB_URL=f"sqlite:///{tmp_path / 's.db'}")
+    init = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}},
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", bootstrap, "mcp", "serve", "--transport", "stdio", "--root-dir", str(tmp_path)],
+        input=(json.dumps(init) + "\n").encode(),  # then stdin's end: the server stops
+        capture_output=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
+    err = done.stderr.decode()
+    assert all(json.loads(line)["jsonrpc"] == "2.0" for line in done.stdout.splitlines()), [done.stdout, err]
+    assert "endpoint stop: injected" in err and "AUDIT-CLOSED" in err and "STORE-CLOSED" in err, err

@@ -593,16 +593,31 @@ class Store:
         self.create_tasks([task], also=also)
 
     def rehearse_create_task(
-        self, task: Task, *, also: Callable[[Connection], None] | None = None, holder: str | None = None
+        self,
+        task: Task,
+        *,
+        also: Callable[[Connection], None] | None = None,
+        holder: str | None = None,
+        lock_wait: float | None = None,
     ) -> None:
         """`create_task`'s statements, executed and rolled back: nothing is stored, and they are compiled and in
         the engine's cache (and a connection opened) before the first real one (the warm-up after start). With
         `holder` (the manager's server id), also the task's claim, a progress write with a stage and a sample,
         and its final write: on SQLite each statement is compiled on first use, on the event loop. Last, the task
-        is read back with its stages."""
+        is read back with its stages. With `lock_wait` (seconds), a lock held elsewhere (SQLite: another
+        connection's write transaction; PostgreSQL: a row or table lock) or a statement that hangs fails it after
+        that long, not after the store's own timeouts (5 s, 30 s): a rehearsal is worth no wait."""
+        sqlite = self.engine.dialect.name == "sqlite"
         with self.engine.connect() as conn:
+            raw = conn.connection.dbapi_connection if sqlite and lock_wait is not None else None
+            if raw is not None:  # this connection's, until it goes back to the pool (restored below)
+                raw.execute(f"PRAGMA busy_timeout={max(1, round(lock_wait * 1000))}")  # type: ignore[union-attr,operator]
             transaction = conn.begin()
             try:
+                if lock_wait is not None and not sqlite:  # (both end with the transaction)
+                    ms = max(1, round(lock_wait * 1000))
+                    conn.exec_driver_sql(f"SET LOCAL lock_timeout = {ms}")
+                    conn.exec_driver_sql(f"SET LOCAL statement_timeout = {ms}")
                 self._insert_task(conn, task, also)
                 if holder is not None:
                     now, worker = time.time(), f"{holder}/pid=0"
@@ -617,6 +632,8 @@ class Store:
                 self._tasks_by_ids(conn, [task.id], stages=True)
             finally:
                 transaction.rollback()
+                if raw is not None:
+                    raw.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
 
     def _insert_task(self, conn: Connection, task: Task, also: Callable[[Connection], None] | None) -> None:
         self._insert_tasks(conn, [task], [also])

@@ -231,7 +231,7 @@ class EvaluationService:
         task = self.manager.new_task("evaluation", spec.params, description=spec.description, internal=True)
         record = spec.record
         self.manager.store.rehearse_create_task(
-            task, also=lambda conn: record(task, conn), holder=self.manager.server_id
+            task, also=lambda conn: record(task, conn), holder=self.manager.server_id, lock_wait=REHEARSAL_SECONDS
         )
         self.view({**_NULL_RECORD, **inserted}, {task.id: task})
         self.store.get(task.params["evaluation_id"])
@@ -251,14 +251,17 @@ class EvaluationService:
             return 0
 
     def close(self) -> None:
-        """Stop pruning (between two batches); the thread ends on its own."""
+        """Stop pruning (between two batches); the thread ends on its own. Not waited for while a start-up
+        rehearsal runs (one stuck on a store lock held elsewhere waits up to REHEARSAL_SECONDS, `_rehearse`; it
+        stores nothing): a stdio server whose client closes it exits without that wait (its client kills it 4 s
+        after closing stdin, before its audit log's last records)."""
         if self._unlisten is not None:
             self._unlisten()
             self._unlisten = None
             with contextlib.suppress(ValueError):
                 self.manager.pruned_listeners.remove(self._on_tasks_pruned)
         self._stopping.set()
-        self._pruner.shutdown(wait=True, cancel_futures=True)
+        self._pruner.shutdown(wait=self._rehearsing_since is None, cancel_futures=True)
 
     def _on_event(self, event: Any) -> None:
         # Another server's cancelled evaluation (event.origin) is pruned by that server, which ended it.
