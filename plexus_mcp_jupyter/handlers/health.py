@@ -13,6 +13,7 @@ from tornado import web
 from .._version import __version__
 from ..security.bodies import JSON_ON_LOOP_BYTES
 from .base import BodylessHandler
+from .jupyter_compat import response_finished
 from .request_body import HTTP_METHODS, declared_length
 
 AUTH_DISABLED_WARNING = (
@@ -76,11 +77,11 @@ class UnavailableHandler(APIHandler):
 
     def data_received(self, chunk: bytes) -> None:  # (dropped: a 503 reads nothing of it)
         self._received += len(chunk)
-        if self._received > JSON_ON_LOOP_BYTES and not self._finished:
+        if self._received > JSON_ON_LOOP_BYTES and not response_finished(self):
             self._unavailable(unread=True)
 
     def _unavailable(self, *, unread: bool = False) -> None:
-        if self._finished:
+        if response_finished(self):
             return
         self.clear()
         self.set_status(503)
