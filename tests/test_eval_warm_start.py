@@ -711,6 +711,17 @@ def _initialize(server: subprocess.Popen[bytes]) -> None:
     server.stdin.flush()
 
 
+def _close_stdin_and_wait(server: subprocess.Popen[bytes]) -> None:
+    """As a client ends a stdio server: its stdin closed, then its exit awaited (killed if it does not come)."""
+    assert server.stdin is not None
+    server.stdin.close()
+    try:
+        server.wait(60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
 def _lines(server: subprocess.Popen[bytes]) -> Any:
     """The server's stdout lines, read in a thread: `.get(timeout=...)` each (b"" at its end)."""
     import queue
@@ -727,40 +738,52 @@ def _lines(server: subprocess.Popen[bytes]) -> Any:
     return lines
 
 
+# A stdio server whose rehearsals after start (warm_up has run) wait for the file PLEXUS_TEST_LOCKED, once they said
+# REHEARSING on stderr: the test takes the store's lock meanwhile (_lock_the_store_once_rehearsing).
+_REHEARSING_INTO_A_LOCK = (
+    "import os, sys, time\n"
+    "from plexus_mcp_jupyter.evaluations.service import EvaluationService\n"
+    "again = EvaluationService.warm_up_again\n"
+    "def held(self):\n"
+    "    sys.stderr.write('REHEARSING\\n'); sys.stderr.flush()\n"
+    "    deadline = time.monotonic() + 120\n"
+    "    while not os.path.exists(os.environ['PLEXUS_TEST_LOCKED']) and time.monotonic() < deadline:\n"
+    "        time.sleep(0.005)\n"
+    "    again(self)\n"
+    "EvaluationService.warm_up_again = held\n"
+    "from plexus_mcp_jupyter.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def _lock_the_store_once_rehearsing(tmp_path: Path, server: subprocess.Popen[str], locked: Path) -> Any:
+    """Once the server's rehearsals wait (_REHEARSING_INTO_A_LOCK): another process's write transaction on its
+    SQLite store (BEGIN IMMEDIATE), held until the caller rolls it back; then the rehearsals go on into it."""
+    import sqlite3
+
+    deadline = time.monotonic() + 120
+    while "REHEARSING" not in (tmp_path / "err").read_text():
+        assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()
+        time.sleep(0.01)
+    holder = sqlite3.connect(tmp_path / "s.db", isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    locked.touch()
+    return holder
+
+
 def test_a_stdio_server_reads_its_first_message_soon_when_another_process_holds_the_store_locked(tmp_path):
     """The stdio server waits for its start-up rehearsals before it reads the client's first message; a store that
     another process holds locked (SQLite: BEGIN IMMEDIATE) makes a rehearsal wait out the busy timeout (5 s; a
     PostgreSQL that hangs, 30 s), and the client's initialize waited as long. The wait now ends once a rehearsal has
     run longer than REHEARSAL_SECONDS, and none runs after it."""
-    import sqlite3
 
     locked = tmp_path / "locked"
-    bootstrap = (
-        "import os, sys, time\n"
-        "from plexus_mcp_jupyter.evaluations.service import EvaluationService\n"
-        "again = EvaluationService.warm_up_again\n"
-        "def held(self):\n"  # the rehearsals after start wait for the test's lock (warm_up has run)
-        "    sys.stderr.write('REHEARSING\\n'); sys.stderr.flush()\n"
-        "    deadline = time.monotonic() + 120\n"
-        "    while not os.path.exists(os.environ['PLEXUS_TEST_LOCKED']) and time.monotonic() < deadline:\n"
-        "        time.sleep(0.005)\n"
-        "    again(self)\n"
-        "EvaluationService.warm_up_again = held\n"
-        "from plexus_mcp_jupyter.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
-    )
-    server = _stdio_server(tmp_path, bootstrap, PLEXUS_TEST_LOCKED=str(locked))
+    server = _stdio_server(tmp_path, _REHEARSING_INTO_A_LOCK, PLEXUS_TEST_LOCKED=str(locked))
     lines = _lines(server)
     holder = None
     try:
         _initialize(server)  # as a client does: at once
-        deadline = time.monotonic() + 120
-        while "REHEARSING" not in (tmp_path / "err").read_text():
-            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()
-            time.sleep(0.01)
-        holder = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
-        holder.execute("BEGIN IMMEDIATE")  # another process's write transaction, held
-        locked.touch()
+        holder = _lock_the_store_once_rehearsing(tmp_path, server, locked)
         since = time.monotonic()
         answer = lines.get(timeout=60)
         waited = time.monotonic() - since
@@ -771,13 +794,7 @@ def test_a_stdio_server_reads_its_first_message_soon_when_another_process_holds_
         if holder is not None:
             holder.execute("ROLLBACK")
             holder.close()
-        assert server.stdin is not None
-        server.stdin.close()
-        try:
-            server.wait(60)
-        finally:
-            if server.poll() is None:
-                server.kill()
+        _close_stdin_and_wait(server)
     assert server.returncode == 0, (tmp_path / "err").read_text()
 
 
@@ -815,13 +832,7 @@ def test_what_runs_while_a_stdio_server_waits_for_its_rehearsals_does_not_write_
         _initialize(server)
         first = lines.get(timeout=120)
     finally:
-        assert server.stdin is not None
-        server.stdin.close()
-        try:
-            server.wait(60)
-        finally:
-            if server.poll() is None:
-                server.kill()
+        _close_stdin_and_wait(server)
     out = [first]
     while out[-1]:
         out.append(lines.get(timeout=30))
@@ -919,35 +930,14 @@ def test_a_stdio_server_closed_while_a_rehearsal_waits_for_a_store_lock_exits_so
     PostgreSQL: its transaction's lock and statement timeouts) and the server's stop does not wait for it. It
     waited out the store's busy timeout (5 s) and the stop waited for it: exit 4.6-4.9 s after stdin's end, and
     the SDK's client kills a server 4 s after it closed its stdin (before its audit log's last records)."""
-    import sqlite3
 
     locked = tmp_path / "locked"
-    bootstrap = (
-        "import os, sys, time\n"
-        "from plexus_mcp_jupyter.evaluations.service import EvaluationService\n"
-        "again = EvaluationService.warm_up_again\n"
-        "def held(self):\n"  # the rehearsals after start wait for the test's lock (warm_up has run)
-        "    sys.stderr.write('REHEARSING\\n'); sys.stderr.flush()\n"
-        "    deadline = time.monotonic() + 120\n"
-        "    while not os.path.exists(os.environ['PLEXUS_TEST_LOCKED']) and time.monotonic() < deadline:\n"
-        "        time.sleep(0.005)\n"
-        "    again(self)\n"
-        "EvaluationService.warm_up_again = held\n"
-        "from plexus_mcp_jupyter.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
-    )
-    server = _stdio_server(tmp_path, bootstrap, PLEXUS_TEST_LOCKED=str(locked))
+    server = _stdio_server(tmp_path, _REHEARSING_INTO_A_LOCK, PLEXUS_TEST_LOCKED=str(locked))
     lines = _lines(server)
     holder = None
     try:
         _initialize(server)
-        deadline = time.monotonic() + 120
-        while "REHEARSING" not in (tmp_path / "err").read_text():
-            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()
-            time.sleep(0.01)
-        holder = sqlite3.connect(tmp_path / "s.db", isolation_level=None, check_same_thread=False)
-        holder.execute("BEGIN IMMEDIATE")  # another process's write transaction, held until the server has exited
-        locked.touch()
+        holder = _lock_the_store_once_rehearsing(tmp_path, server, locked)  # held until the server has exited
         assert json.loads(lines.get(timeout=60))["id"] == 1
         assert server.stdin is not None
         since = time.monotonic()
