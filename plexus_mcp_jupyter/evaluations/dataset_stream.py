@@ -190,7 +190,9 @@ class DatasetStream:
             batches = parquet_batches_bounded(handle, self.max_parquet_bytes, self.ref, self.columns, rows)
             # Batches that do not span row groups (a row group with a column read as dictionaries is read alone:
             # a legacy LZ4 file of 1,000-row groups gave 1,000 frames) are joined while their rows fit in a batch and
-            # their decoded size in max_parquet_bytes, as _row_group_runs joins row groups.
+            # their decoded size in max_parquet_bytes, as _row_group_runs joins row groups. The batches held are
+            # yielded once past half of it: the next batch is decoded while they are held (they had been held up to
+            # the whole bound, and the next, up to the bound too, beside them).
             pending: list[pa.RecordBatch] = []
             held = size = 0
             for batch in batches:
@@ -200,6 +202,9 @@ class DatasetStream:
                     pending, held, size = [], 0, 0
                 pending.append(batch)
                 held, size = held + batch.num_rows, size + batch_size
+                if size > self.max_parquet_bytes // 2:
+                    yield pa.Table.from_batches(pending).to_pandas()
+                    pending, held, size = [], 0, 0
             if pending:
                 yield pa.Table.from_batches(pending).to_pandas()
 
