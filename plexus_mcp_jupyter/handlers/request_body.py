@@ -28,7 +28,7 @@ frontend sends it.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tornado import web
@@ -160,7 +160,7 @@ class StreamedBody(web.RequestHandler):
             charge_large_body(self.body_budget(), sender, size)
         self._charged = True
 
-    def data_received(self, chunk: bytes) -> None:
+    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
         if response_finished(self):  # refused while it was arriving: the rest is not read
             return
         self._received += len(chunk)
