@@ -184,6 +184,17 @@ def test_a_malformed_csv_fails_its_count_as_its_stream_does_naming_the_dataset(t
         read.exact_rows()
 
 
+def test_a_json_lines_record_that_is_not_an_object_fails_naming_the_dataset(tmp_path):
+    """pandas' reader (a block pyarrow refuses) raised a raw TypeError for a line holding an array."""
+    path = tmp_path / "array.jsonl"
+    path.write_bytes(b'{"a":"x","label":"p"}\n[1,2]\n{"a":"y","label":"n"}\n')
+    read = DatasetStream(path, "jsonl", "array.jsonl", [], ["label"], ["label"])
+    with pytest.raises(InvalidArgument, match=r"cannot read dataset 'array\.jsonl' as JSONL"):
+        read.exact_rows()
+    with pytest.raises(InvalidArgument, match=r"cannot read dataset 'array\.jsonl' as JSONL"):
+        list(read)
+
+
 def test_a_sample_whose_read_passes_its_count_fails_at_that_frame_naming_the_dataset():
     """A pass that reads more rows than were counted fails at the frame that passes the count, not at its end."""
     read = []

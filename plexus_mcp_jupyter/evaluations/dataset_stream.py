@@ -110,7 +110,8 @@ class DatasetStream:
             except InvalidArgument:
                 self._check_unchanged(version)
                 raise
-            except (pa.ArrowException, ValueError, OSError, UnicodeDecodeError) as error:
+            except (pa.ArrowException, ValueError, TypeError, OSError, UnicodeDecodeError) as error:
+                # (TypeError: pandas' JSON reader given a line that is not an object, `[1, 2]`)
                 self._check_unchanged(version)  # a file cut short mid-read says "changed", not "malformed"
                 raise InvalidArgument(
                     f"cannot read dataset {clip(self.ref)} as {self.fmt.upper()}: {one_line(error)}"
