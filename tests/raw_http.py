@@ -19,7 +19,7 @@ class EarlyAnswer(NamedTuple):
     closed: bool  # the server closed the connection after the answer
 
 
-async def _read_answer(reader: asyncio.StreamReader, wait: float) -> EarlyAnswer:
+async def read_answer(reader: asyncio.StreamReader, wait: float) -> EarlyAnswer:
     try:
         status_line = await asyncio.wait_for(reader.readline(), wait)
     except asyncio.TimeoutError:
@@ -58,7 +58,7 @@ async def answer_before_body(
     try:
         writer.write(request_head(url, method, {**headers, "Content-Length": str(declared)}) + sent)
         await writer.drain()
-        return await _read_answer(reader, wait)
+        return await read_answer(reader, wait)
     finally:
         writer.close()
 
@@ -78,7 +78,7 @@ async def chunked_answer(
                 await writer.drain()
             except ConnectionError:
                 break
-            answer = await _read_answer(reader, wait)
+            answer = await read_answer(reader, wait)
             if answer.status is not None or answer.closed:
                 return answer, sent
         return EarlyAnswer(None, {}, b"", False), most_chunks

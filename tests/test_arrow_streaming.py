@@ -21,6 +21,7 @@ from plexus_mcp_jupyter.core.errors import InvalidArgument
 from plexus_mcp_jupyter.evaluations.dataset_stream import DatasetStream
 from plexus_mcp_jupyter.evaluations.file_reads import ReadBounds
 from plexus_mcp_jupyter.evaluations.metrics import ConfusionCounter, LabelNormalization, compute_metrics
+from plexus_mcp_jupyter.evaluations.runner import SampledFrames
 
 from .test_evaluations import all_results, create, finished, normalised
 
@@ -150,6 +151,67 @@ def test_a_csv_column_whose_type_changes_after_the_first_block_fails_naming_it(t
         list(stream(path, "csv", ["amount", "label"], ["label"]))
     # Read as text (a label column), the same values are classes like any other.
     assert pd.concat(stream(path, "csv", ["amount"], ["amount"]))["amount"].iloc[-1] == "not a number"
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "rows"),
+    [
+        # a 2 MiB row: the count had read 1 MiB blocks (a raw ValueError), the stream reads 8 MiB ones
+        ("long.csv", b"a,label\n" + b"x" * (2 << 20) + b",p\ny,n\n", 2),
+        ("long.jsonl", b'{"a":"' + b"x" * (2 << 20) + b'","label":"p"}\n{"a":"y","label":"n"}\n', 2),
+        # a latin-1 byte in a column the evaluation does not read (the count had read the first column as text)
+        ("latin.csv", b"a,label\nx\xe9,p\ny,n\n", 2),
+        # two records on one line, records split by a bare CR: lines counted 2, records read 3
+        ("two.jsonl", b'{"a":"x","label":"p"} {"a":"q","label":"p"}\n{"a":"y","label":"n"}\n', 3),
+        ("cr.jsonl", b'{"a":"x","label":"p"}\r{"a":"y","label":"n"}\n{"a":"z","label":"n"}\n', 3),
+    ],
+)
+def test_an_exact_row_count_is_the_rows_the_stream_reads(tmp_path, name, data, rows):
+    """A sample's rows are drawn from the count (runner.SampledFrames): a count of its own disagreed with the stream;
+    now it is a pass of the stream over one of its columns."""
+    path = tmp_path / name
+    path.write_bytes(data)
+    fmt = path.suffix[1:]
+    read = DatasetStream(path, fmt, name, ["a", "label"] if fmt == "csv" else [], ["label"], ["label"])
+    assert read.exact_rows() == sum(len(f) for f in read) == rows
+
+
+def test_a_malformed_csv_fails_its_count_as_its_stream_does_naming_the_dataset(tmp_path):
+    path = tmp_path / "ragged.csv"
+    path.write_bytes(b"a,label\nx,p\ny,n,extra\n")
+    read = DatasetStream(path, "csv", "ragged.csv", ["a", "label"], ["label"], ["label"])
+    with pytest.raises(InvalidArgument, match=r"cannot read dataset 'ragged.csv' as CSV: CSV parse error"):
+        read.exact_rows()
+
+
+def test_a_json_lines_record_that_is_not_an_object_fails_naming_the_dataset(tmp_path):
+    """pandas' reader (a block pyarrow refuses) raised a raw TypeError for a line holding an array."""
+    path = tmp_path / "array.jsonl"
+    path.write_bytes(b'{"a":"x","label":"p"}\n[1,2]\n{"a":"y","label":"n"}\n')
+    read = DatasetStream(path, "jsonl", "array.jsonl", [], ["label"], ["label"])
+    with pytest.raises(InvalidArgument, match=r"cannot read dataset 'array\.jsonl' as JSONL"):
+        read.exact_rows()
+    with pytest.raises(InvalidArgument, match=r"cannot read dataset 'array\.jsonl' as JSONL"):
+        list(read)
+
+
+def test_a_sample_whose_read_passes_its_count_fails_at_that_frame_naming_the_dataset():
+    """A pass that reads more rows than were counted fails at the frame that passes the count, not at its end."""
+    read = []
+
+    def frames():
+        for start in range(0, 100, 10):
+            read.append(start)
+            yield pd.DataFrame({"label": ["p"] * 10}, index=pd.RangeIndex(start, start + 10))
+
+    sampled = SampledFrames(frames(), np.array([1, 5, 12]), 20, "data.csv")
+    counted = r"'data\.csv': its rows were counted as 20 .* the read gave more than 20"
+    with pytest.raises(InvalidArgument, match=counted):
+        list(sampled)
+    assert read == [0, 10, 20]
+    short = SampledFrames(iter([pd.DataFrame({"label": ["p"]}, index=pd.RangeIndex(0, 1))]), np.array([0]), 2, "d")
+    with pytest.raises(InvalidArgument, match="the count and the read disagree"):
+        list(short)
 
 
 def test_a_file_that_changes_while_it_is_read_fails_saying_so(tmp_path):

@@ -12,6 +12,7 @@ import gc
 import io
 import json
 import re
+import threading
 import time
 from urllib.parse import urlsplit
 
@@ -31,7 +32,7 @@ from plexus_mcp_jupyter.security.bodies import JSON_ON_LOOP_BYTES, charge_identi
 
 from .conftest import MODERN, poll
 from .loop_watch import HealthWatch
-from .raw_http import answer_before_body, chunked_answer, request_head
+from .raw_http import answer_before_body, chunked_answer, read_answer, request_head
 from .test_speed_paths import MODERN_META
 
 ITEM = {"k": 1, "v": "ab"}
@@ -650,29 +651,18 @@ async def test_every_route_refuses_an_anonymous_body_before_reading_it(jp_server
     assert not refused, refused
 
 
-async def test_a_chunked_upload_part_past_what_the_upload_has_left_discards_it(server_url, keys, runtime, monkeypatch):
+async def test_a_chunked_upload_part_past_what_the_upload_has_left_discards_it(server_url, keys, runtime):
     """A part declaring more than its upload has left of max_dataset_upload_bytes is refused 413 and the upload
     discarded (as a part read past it is); a chunked one was refused 413 as it arrived, its upload kept. The upload
-    is over when the 413 is sent: its discard had been queued on the catalog's threads, and a commit sent at once
-    after the 413 that said "discarded" ran first."""
+    is discarded before the 413 is sent: its discard had been queued on the catalog's threads, and a commit sent at
+    once after the 413 that said "discarded" ran first."""
     api = f"{server_url}plexus/api/datasets/uploads"
     headers = {"Authorization": f"Bearer {keys['operator']}"}
     runtime.uploads.max_bytes = 200_000
-    uploads = runtime.uploads
-
-    def slow(call):
-        def later(*args):
-            time.sleep(1)  # (the catalog's threads busy)
-            return call(*args)
-
-        return later
-
     async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
         began = await http.post(api, params={"name": "chunked"})
         assert began.status_code == 201, began.text
         upload = f"{api}/{began.json()['upload_id']}"
-        monkeypatch.setattr(uploads, "discard", slow(uploads.discard))
-        monkeypatch.setattr(uploads, "admit_part", slow(uploads.admit_part))
         answer, sent = await chunked_answer(f"{upload}?part=0", headers, b"x" * 65_536, 10, method="PUT")
         assert answer.status == 413 and answer.closed and sent <= 5, (answer, sent)
         assert "max_dataset_upload_bytes setting), and the upload was discarded" in answer.body.decode(), answer
@@ -686,3 +676,65 @@ async def test_a_chunked_upload_part_past_what_the_upload_has_left_discards_it(s
             return (await http.put(upload, params={"part": "0"}, content=sink.getvalue().to_pybytes())).status_code
 
         assert await poll(part, lambda status: status == 404, timeout=10) == 404  # (discarded: no such upload)
+
+
+async def test_a_chunked_part_past_its_bound_waits_for_a_commit_under_way(server_url, keys, runtime, monkeypatch):
+    """A chunked part that passes what its upload has left while a commit of that upload is under way (past its
+    check that the upload is open) is answered once the commit is done, saying the upload was over already: it had
+    been marked over without the upload's lock, the 413 saying "discarded" while the commit registered it."""
+    api = f"{server_url}plexus/api/datasets/uploads"
+    headers = {"Authorization": f"Bearer {keys['operator']}"}
+    uploads = runtime.uploads
+    uploads.max_bytes = 200_000
+    admitted, committing, closing, release = (threading.Event() for _ in range(4))
+    admit_part, admit, close_upload = uploads.admit_part, uploads.catalog.admit, uploads.close_upload
+
+    def admitted_part(*args):
+        left = admit_part(*args)
+        admitted.set()
+        return left
+
+    def held_admit(*args, **kwargs):
+        committing.set()
+        assert release.wait(30)
+        return admit(*args, **kwargs)
+
+    def closed(*args):
+        closing.set()
+        return close_upload(*args)
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, pa.schema([("label", pa.string())])) as writer:
+        writer.write_table(pa.table({"label": ["a", "b"]}))
+    async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
+        began = await http.post(api, params={"name": "raced"})
+        assert began.status_code == 201, began.text
+        upload = f"{api}/{began.json()['upload_id']}"
+        first = await http.put(upload, params={"part": "0"}, content=sink.getvalue().to_pybytes())
+        assert first.status_code == 200, first.text
+        monkeypatch.setattr(uploads, "admit_part", admitted_part)
+        monkeypatch.setattr(uploads.catalog, "admit", held_admit)
+        monkeypatch.setattr(uploads, "close_upload", closed)
+        parts = urlsplit(upload)
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        try:
+            writer.write(request_head(f"{upload}?part=1", "PUT", {**headers, "Transfer-Encoding": "chunked"}))
+            chunk = b"x" * 65_536
+            writer.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+            await writer.drain()
+            assert await asyncio.to_thread(admitted.wait, 30)  # the part admitted, its body arriving
+            commit = asyncio.ensure_future(http.post(upload))
+            assert await asyncio.to_thread(committing.wait, 30)  # the commit past its check, the upload's lock held
+            for _ in range(3):  # past what the upload has left
+                writer.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+            await writer.drain()
+            assert await asyncio.to_thread(closing.wait, 30)
+            release.set()
+            committed = await commit
+            answer = await read_answer(reader, 30)
+        finally:
+            release.set()
+            writer.close()
+    assert committed.status_code == 201, committed.text
+    assert answer.status == 413, answer
+    assert "and the upload was over already (committed or aborted" in answer.body.decode(), answer

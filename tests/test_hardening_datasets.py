@@ -534,6 +534,20 @@ async def test_an_evaluation_reads_a_parquet_files_bytes_once_within_the_bound(a
             assert sampled["status"] == "COMPLETED" and sampled["processed_items"] == 10, sampled["error_message"]
 
 
+def test_joined_parquet_batches_are_yielded_once_past_half_the_bound(catalog):
+    """Batches read a row group at a time (LZ4: read as dictionaries) are joined, and yielded once past half of
+    max_parquet_uncompressed_bytes: the next batch is decoded while they are held (they had been held up to the whole
+    bound, the next beside them)."""
+    rows = 2_000
+    text = [("x" * 1_000) + str(i) for i in range(rows)]  # some 102 kB decoded a 100-row group
+    frame = pd.DataFrame({"text": text, "label": ["pos", "neg"] * (rows // 2)})
+    frame.to_parquet(catalog.root_dir / "wide.parquet", row_group_size=100, compression="lz4")
+    catalog.max_parquet_uncompressed_bytes = 340_000  # three row groups fit in it, two pass half of it
+    frames = list(catalog.stream("wide.parquet", ["text", "label"]))
+    assert [len(f) for f in frames] == [200] * 10, [len(f) for f in frames]
+    assert pd.concat(frames)["text"].tolist() == text
+
+
 def test_small_row_groups_stream_in_batches_that_span_them_within_the_bound(catalog):
     """Each row group had been read alone, a batch never spanning two: 1M rows in 1,000-row groups gave 1,000 frames
     and 1,004 scoring chunks (8 and 30 before the bound), 25x the CPU. Consecutive row groups are read at once while

@@ -31,7 +31,7 @@ from plexus_mcp_jupyter.security.redaction import SecretScrubber
 
 from .conftest import open_client, poll
 from .loop_watch import HealthWatch, watched
-from .raw_http import _read_answer, answer_before_body, chunked_answer, request_head
+from .raw_http import answer_before_body, chunked_answer, read_answer, request_head
 from .test_standalone import plexus_env, start_http, stop
 
 TOO_DEEP = "nested more than the 64 levels allowed"
@@ -358,7 +358,7 @@ class TestBadEnvironmentSetting:
         try:
             writer.write(request_head(url, "POST", headers) + b"2\r\n{}\r\n0\r\n\r\n")
             await writer.drain()
-            answer = await _read_answer(reader, 10)
+            answer = await read_answer(reader, 10)
         finally:
             writer.close()
         assert answer.status == 503 and not answer.closed, answer

@@ -17,6 +17,7 @@ before it reads, so a worker holds the selected columns of one batch (a few MiB)
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import re
@@ -32,8 +33,6 @@ from ..core.errors import InvalidArgument, one_line
 from .file_reads import (
     ReadBounds,
     clip,
-    count_csv,
-    count_jsonl,
     decoded_nbytes,
     leaves_of,
     parquet_batches_bounded,
@@ -92,12 +91,17 @@ class DatasetStream:
         return max(0, lines - 1) if self.fmt == "csv" else lines
 
     def exact_rows(self) -> int:
-        """The rows, counted exactly (CSV, JSON Lines: a pass over one column; a bound's check near its limit)."""
+        """The rows, counted exactly (CSV, JSON Lines: a pass of this stream over one of its columns, the rows its
+        passes yield; a sample's draw, a bound's check near its limit). The count reads the file as a pass does, its
+        blocks, its errors and its change check (the version this stream was made at): a count of its own had read
+        1 MiB blocks (a 2 MiB row failed the count, not the stream), a CSV's first column whatever the evaluation
+        reads, and a JSON Lines file's lines (two records on one line, or records split by a bare CR, counted one)."""
         if self.rows is not None:
             return self.rows
-        if self.fmt == "csv":
-            return count_csv(self.path, self.names, None, self.bounds).rows
-        return count_jsonl(self.path, None, self.bounds).rows
+        counter = copy.copy(self)
+        counter.columns = (self.text_columns or self.columns or self.names)[:1]
+        counter.text_columns = [c for c in self.text_columns if c in counter.columns]
+        return sum(len(frame) for frame in counter)
 
     def __iter__(self) -> Iterator[pd.DataFrame]:
         version = self.version  # every pass reads the version the first one read
@@ -109,7 +113,8 @@ class DatasetStream:
             except InvalidArgument:
                 self._check_unchanged(version)
                 raise
-            except (pa.ArrowException, ValueError, OSError, UnicodeDecodeError) as error:
+            except (pa.ArrowException, ValueError, TypeError, OSError, UnicodeDecodeError) as error:
+                # (TypeError: pandas' JSON reader given a line that is not an object, `[1, 2]`)
                 self._check_unchanged(version)  # a file cut short mid-read says "changed", not "malformed"
                 raise InvalidArgument(
                     f"cannot read dataset {clip(self.ref)} as {self.fmt.upper()}: {one_line(error)}"
@@ -189,7 +194,9 @@ class DatasetStream:
             batches = parquet_batches_bounded(handle, self.max_parquet_bytes, self.ref, self.columns, rows)
             # Batches that do not span row groups (a row group with a column read as dictionaries is read alone:
             # a legacy LZ4 file of 1,000-row groups gave 1,000 frames) are joined while their rows fit in a batch and
-            # their decoded size in max_parquet_bytes, as _row_group_runs joins row groups.
+            # their decoded size in max_parquet_bytes, as _row_group_runs joins row groups. The batches held are
+            # yielded once past half of it: the next batch is decoded while they are held (they had been held up to
+            # the whole bound, and the next, up to the bound too, beside them).
             pending: list[pa.RecordBatch] = []
             held = size = 0
             for batch in batches:
@@ -199,6 +206,9 @@ class DatasetStream:
                     pending, held, size = [], 0, 0
                 pending.append(batch)
                 held, size = held + batch.num_rows, size + batch_size
+                if size > self.max_parquet_bytes // 2:
+                    yield pa.Table.from_batches(pending).to_pandas()
+                    pending, held, size = [], 0, 0
             if pending:
                 yield pa.Table.from_batches(pending).to_pandas()
 

@@ -27,6 +27,7 @@ from ..core.context import TaskContext
 from ..core.errors import InvalidArgument
 from ..core.store import make_engine
 from .datasets import DatasetCatalog, require_names
+from .file_reads import clip
 from .item_files import ItemFiles
 from .limits import DEFAULT_MAX_ITEMS, check_items
 from .metrics import ConfusionCounter, LabelNormalization, consistency_metrics, normalize_labels
@@ -250,7 +251,8 @@ class SampledFrames:
     """The rows at `positions` (sorted) of a stream's frames, whose index is their rows' positions in the file
     (DatasetStream), batch by batch as the stream is read: a sample's rows, with their positions kept (an item's
     default id), and nothing else held. A pass that does not end at `rows` rows fails: the positions were drawn
-    from that count."""
+    from that count: at the frame that passes it, or at its end short of it (the stream counts with its own reader,
+    DatasetStream.exact_rows, and checks the file unchanged, so this is a reader's fault, not a writer's)."""
 
     def __init__(self, frames: Iterable[pd.DataFrame], positions: np.ndarray, rows: int, dataset: str = "") -> None:
         self.frames, self.positions, self.rows, self.dataset = frames, positions, rows, dataset
@@ -259,14 +261,20 @@ class SampledFrames:
         end = 0
         for frame in self.frames:
             start, end = int(frame.index[0]), int(frame.index[0]) + len(frame)
+            if end > self.rows:
+                raise self._disagree(f"more than {self.rows:,}")
             low, high = np.searchsorted(self.positions, [start, end])
             if high > low:
                 yield frame.iloc[self.positions[low:high] - start]
         if end != self.rows:
-            raise InvalidArgument(
-                f"dataset {self.dataset!r} read back as {end:,} rows, not the {self.rows:,} counted before its sample "
-                "was drawn: evaluate it again once it is no longer being written"
-            )
+            raise self._disagree(f"{end:,}")
+
+    def _disagree(self, read: str) -> InvalidArgument:
+        return InvalidArgument(
+            f"dataset {clip(self.dataset)}: its rows were counted as {self.rows:,} before its sample was drawn, but "
+            f"the read gave {read} rows: the count and the read disagree, so the sample cannot be kept; evaluate "
+            "it without a sample, or save it as Parquet (its footer says how many rows it holds)"
+        )
 
 
 def _score(ctx: TaskContext, scorer: Scorer, chunk: pd.DataFrame) -> ScoreBatch:

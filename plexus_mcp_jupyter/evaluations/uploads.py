@@ -171,23 +171,19 @@ class DatasetUploads:
             with upload.lock:
                 self._drop(upload)
 
-    def close_upload(self, upload_id: str, owner: str | None) -> _Upload | None:
-        """Mark the upload over at once, without its lock (the event loop's: a part read past what it has left), so
-        that a part or commit that takes its lock after this is refused as for an upload over; `discard` deletes its
-        file in the catalog's threads. None when it is not theirs or is over already."""
+    def close_upload(self, upload_id: str, owner: str | None) -> bool:
+        """Discard the upload (a part read past what it has left) under its lock, so a part or commit under way ends
+        first and one after it is refused as for an upload over. False when it is not theirs or was over already
+        (a commit that held the lock registered it)."""
         try:
             upload = self._get(upload_id, owner)
         except NotFound:
-            return None
-        upload.closed = True
-        with self._lock:
-            self._uploads.pop(upload.id, None)
-        return upload
-
-    def discard(self, upload: _Upload) -> None:
-        """Delete a closed upload's file (once a part or commit under way has let go of its lock)."""
+            return False
         with upload.lock:
+            if upload.closed:
+                return False
             self._drop(upload)
+            return True
 
     def _get(self, upload_id: str, owner: str | None) -> _Upload:
         with self._lock:

@@ -6,7 +6,7 @@ DataFrame from a kernel (the notebook client's `register_dataset`) as Parquet, o
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Awaitable
 from typing import Any
 
 import pandas as pd
@@ -32,6 +32,7 @@ from ..security.http import BadJSON, parse_json_in_pieces
 from ..security.identity import Principal
 from ..security.ratelimit import RateLimiter
 from .base import BodyHandler, BodylessHandler, PlexusHandler, http_error
+from .jupyter_compat import response_finished
 from .request_body import StreamedBody, declared_length
 
 PARQUET_TYPES = ("application/vnd.apache.parquet", "application/x-parquet", "application/octet-stream")
@@ -331,7 +332,7 @@ class DatasetUploadsHandler(BodylessHandler):
 
 class DatasetUploadHandler(DatasetBodyHandler):
     body_methods = ("PUT",)  # (a commit or an abort reads none: past 64 KiB, refused unread)
-    _discarding: asyncio.Future[Any] | None = None  # (a chunked part past what its upload has left: `_too_large`)
+    _discarded: bool | None = None  # (a chunked part past what its upload has left: `data_received`)
 
     async def admit_request(self) -> None:
         """A part's role and upload, before its body is read: 403 for a role that may not register, 404 for an upload
@@ -350,25 +351,44 @@ class DatasetUploadHandler(DatasetBodyHandler):
             raise http_error(exc) from None
 
     def too_large_message(self, size: int) -> str:
+        over = (
+            "was over already (committed or aborted while the part arrived)"
+            if self._discarded is False
+            else "was discarded"
+        )
         return (
             f"the part is more than the {self.body_limit():,} bytes this upload has left of "
-            f"{self.runtime.uploads.max_bytes:,} (the max_dataset_upload_bytes setting), and the upload was "
-            "discarded: keep only the columns the evaluation needs, or write the frame as Parquet under the Jupyter "
-            "root and evaluate that path"
+            f"{self.runtime.uploads.max_bytes:,} (the max_dataset_upload_bytes setting), and the upload {over}: keep "
+            "only the columns the evaluation needs, or write the frame as Parquet under the Jupyter root and evaluate "
+            "that path"
         )
 
-    def _too_large(self, size: int) -> web.HTTPError:
-        """A chunked part past what the upload has left (a declared one is refused, and its upload discarded, by
-        `admit_request`): its upload discarded too, as a part read past it is: closed at once (a part or commit sent
-        after this answer is refused 404), its file deleted in the catalog's threads (its lock may be held by a part
-        being written)."""
-        if not self._bodyless():
-            uploads = self.runtime.uploads
-            upload = uploads.close_upload(self.path_kwargs["upload_id"], self.principal.owner)
-            if upload is not None:
-                self._discarding = asyncio.ensure_future(self.runtime.catalog.run(uploads.discard, upload))
-                self._discarding.add_done_callback(lambda done: done.exception())
-        return super()._too_large(size)
+    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
+        """A chunked part whose chunk passes what the upload has left (a declared one is refused, and its upload
+        discarded, by `admit_request`) discards its upload in the catalog's threads under the upload's lock (a part
+        or commit under way ends first; one sent after is refused 404), the chunk and the rest unread meanwhile,
+        then is answered 413: the discard had been queued, or the upload marked over without its lock, while the 413
+        said "discarded" (a commit already past its check could still register it)."""
+        if (
+            self._discarded is None
+            and self._refusal is None
+            and not self._bodyless()
+            and not response_finished(self)
+            and self._received + len(chunk) > self._bound()
+        ):
+            return self._discard_then(chunk)
+        return super().data_received(chunk)
+
+    async def _discard_then(self, chunk: bytes) -> None:
+        uploads = self.runtime.uploads
+        try:
+            self._discarded = await self.runtime.catalog.run(
+                uploads.close_upload, self.path_kwargs["upload_id"], self.principal.owner
+            )
+        except Exception:
+            self._discarded = False
+            self.log.exception("discarding an upload past its bound")
+        super().data_received(chunk)
 
     async def put(self, upload_id: str) -> None:
         """One part: ?part=N, the body an Arrow IPC stream of record batches (parsed in the catalog's threads)."""

@@ -28,7 +28,7 @@ frontend sends it.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tornado import web
@@ -160,16 +160,16 @@ class StreamedBody(web.RequestHandler):
             charge_large_body(self.body_budget(), sender, size)
         self._charged = True
 
-    def data_received(self, chunk: bytes) -> None:
+    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
         if response_finished(self):  # refused while it was arriving: the rest is not read
-            return
+            return None
         self._received += len(chunk)
         try:
             if self._refusal is not None:
                 chunked = declared_length(self.request.headers) is None
                 if chunked and self._received > JSON_ON_LOOP_BYTES:  # a refused sender's chunked body: not read further
                     raise self._refusal
-                return
+                return None
             if self._received > self._bound():  # (only a chunked body can: a declared size was checked)
                 raise self._too_large(self._received)
             if declared_length(self.request.headers) is None:  # chunked: charged as it arrives
@@ -182,9 +182,10 @@ class StreamedBody(web.RequestHandler):
             self.log_exception(type(refused), refused, refused.__traceback__)
             status = refused.status_code if isinstance(refused, web.HTTPError) else 500
             self.send_error(status, exc_info=(type(refused), refused, refused.__traceback__))
-            return
+            return None
         if self._body_chunks is not None:
             self._body_chunks.append(chunk)
+        return None
 
     @property
     def body(self) -> bytes:
