@@ -335,11 +335,15 @@ class DatasetUploadHandler(DatasetBodyHandler):
     _discarded: bool | None = None  # (a chunked part past what its upload has left: `data_received`)
 
     async def admit_request(self) -> None:
-        """A part's role and upload, before its body is read: 403 for a role that may not register, 404 for an upload
-        that is not the caller's (or is over), 413 for a declared size past what the upload has left of
-        max_dataset_upload_bytes (the upload discarded, as when a part read passes it); a chunked part is bounded by
-        what is left as it arrives."""
+        """A part's role, arguments and upload, before its body is read: 403 for a role that may not register, 400
+        for a bad part number, 404 for an upload that is not the caller's (or is over), 413 for a declared size past
+        what the upload has left of max_dataset_upload_bytes (the upload discarded, as when a part read passes it); a
+        chunked part is bounded by what is left as it arrives."""
         self.require("register")
+        try:  # a bad argument is a 400 naming it, whatever the upload (as the part's own handling says)
+            self.query_request(UploadPart, upload_id=self.path_kwargs["upload_id"])
+        except PlexusError as exc:
+            raise http_error(exc) from None
         uploads, declared = self.runtime.uploads, declared_length(self.request.headers)
         try:
             self._limit = await self.runtime.catalog.run(
