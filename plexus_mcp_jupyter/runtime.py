@@ -254,6 +254,7 @@ class PlexusRuntime:
             on_first_request=self.evaluations.client_came,
         )
         self._started = False
+        self._stores_closed = False
         self._log_scrubbers: list[Callable[[], None]] = []  # detach functions (see protect_secret)
 
     def _workers_items_problem(self) -> str | None:
@@ -360,11 +361,12 @@ class PlexusRuntime:
         try:
             await self._start(sessions_required)
         except BaseException:  # what started stops; a later start() tries again instead of returning half-started
-            self._started = False
             try:
                 await self._stop_services()
             except Exception:
                 log.debug("Plexus: stopping after a failed start failed too", exc_info=True)
+            finally:  # only now: a start() meanwhile would have started what this stops
+                self._started = False
             raise
 
     async def _start(self, sessions_required: bool) -> None:
@@ -401,21 +403,27 @@ class PlexusRuntime:
         for detach in self._log_scrubbers:
             detach()
         self._log_scrubbers.clear()
-        if not self._started:
-            return
-        self._started = False
         try:
-            self.manager.begin_stop()  # first: MCP calls the endpoint cuts short must not cancel their tasks
-            if self.mcp.resource_watch is not None:
-                self.mcp.resource_watch.close()
-            await self._stop_services()
-        finally:  # whatever failed above, the audit log writes its last records and the store closes
-            self.evaluations.close()
-            self.uploads.close()
-            self.catalog.close()
-            self.audit.close()
-            self.store_calls.close()
-            self.store.close()
+            if self._started:
+                self._started = False
+                self.manager.begin_stop()  # first: MCP calls the endpoint cuts short must not cancel their tasks
+                if self.mcp.resource_watch is not None:
+                    self.mcp.resource_watch.close()
+                await self._stop_services()
+        finally:  # whatever failed above (or a start that failed, or none), the audit log writes its last records
+            self._close_stores()  # and the store closes
+
+    def _close_stores(self) -> None:
+        """The services the runtime made at its construction, closed once (a stop after a failed start too)."""
+        if self._stores_closed:
+            return
+        self._stores_closed = True
+        self.evaluations.close()
+        self.uploads.close()
+        self.catalog.close()
+        self.audit.close()
+        self.store_calls.close()
+        self.store.close()
 
     async def _stop_services(self) -> None:
         """What `start` started (all of it, or what it had started when it failed), the stores left open."""

@@ -231,13 +231,68 @@ async def test_a_runtime_that_fails_to_start_stops_what_it_started_and_starts_ag
         raise RuntimeError("the MCP session manager could not start: injected")
 
     monkeypatch.setattr(runtime.endpoint, "start", cannot_start)
+    closed = closes_told(runtime, monkeypatch)
     try:
         for attempt in (1, 2):
             with pytest.raises(RuntimeError, match="could not start: injected"):
                 await runtime.start()
             assert len(failures) == attempt
             assert not runtime.manager.started and not runtime.relay._threads and runtime.leases._thread is None
+        assert closed == []
     finally:
+        await runtime.stop()
+    # A stop after a failed start closes what the runtime made (it returned at once: audit log and store left open).
+    assert sorted(closed) == ["audit", "store"]
+    await runtime.stop()
+    assert sorted(closed) == ["audit", "store"]  # once
+
+
+def closes_told(runtime: PlexusRuntime, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the runtime's audit log and store as each is closed."""
+    closed: list[str] = []
+    for name in ("audit", "store"):
+        part = getattr(runtime, name)
+        monkeypatch.setattr(part, "close", lambda close=part.close, name=name: (closed.append(name), close())[1])
+    return closed
+
+
+async def test_a_start_asked_while_a_failed_start_is_undone_leaves_the_runtime_started_whole(tmp_path, monkeypatch):
+    """A lazy start() (a request) that comes while a failed start stops what it started: it must not start what
+    that undoing then stops (the runtime said started, its manager, heartbeat and relay stopped: every later start()
+    returned at once, its tasks' leases never renewed)."""
+    settings = PlexusSettings(
+        db_url=f"sqlite:///{tmp_path / 's.db'}", server_heartbeat_seconds=0.2, server_lease_seconds=1
+    )
+    runtime = PlexusRuntime(settings, data_dir=str(tmp_path))
+    real_start, real_undo = runtime.endpoint.start, runtime._stop_services
+    undoing, release = asyncio.Event(), asyncio.Event()
+    calls: list[int] = []
+
+    async def fails_once() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("the MCP session manager could not start: injected")
+        await real_start()
+
+    async def slow_undo() -> None:
+        undoing.set()
+        await release.wait()
+        await real_undo()
+
+    monkeypatch.setattr(runtime.endpoint, "start", fails_once)
+    monkeypatch.setattr(runtime, "_stop_services", slow_undo)
+    first = asyncio.ensure_future(runtime.start())
+    try:
+        await asyncio.wait_for(undoing.wait(), 30)
+        await runtime.start()  # meanwhile: a request's lazy start
+        monkeypatch.setattr(runtime, "_stop_services", real_undo)
+        release.set()
+        with pytest.raises(RuntimeError, match="injected"):
+            await first
+        await runtime.start()  # the next request's
+        assert runtime.manager.started and runtime.leases._thread is not None and runtime.relay._threads
+    finally:
+        release.set()
         await runtime.stop()
 
 
