@@ -631,9 +631,14 @@ class Store:
                 # when a task is found (~1 ms of the first create_evaluation, in the store calls' thread it awaits).
                 self._tasks_by_ids(conn, [task.id], stages=True)
             finally:
-                transaction.rollback()
-                if raw is not None:
-                    raw.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
+                try:
+                    transaction.rollback()
+                finally:
+                    if raw is not None:
+                        try:  # (a failure here must not hide the statement's, nor keep this wait in the pool)
+                            raw.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
+                        except Exception:
+                            conn.invalidate()
 
     def _insert_task(self, conn: Connection, task: Task, also: Callable[[Connection], None] | None) -> None:
         self._insert_tasks(conn, [task], [also])
