@@ -89,7 +89,8 @@ INTEREST_LEASE = 10.0
 INTEREST_EVERY = 2.0
 RECENT_SECONDS = 5.0
 RECENT_MAX = 10_000
-OLDER_EVERY = 10.0  # seconds between two looks for a LISTEN of the release before (pg_stat_activity)
+OLDER_EVERY = 3.0  # seconds between two looks for a LISTEN of the release before (pg_stat_activity): within
+# RECENT_SECONDS, so that what was sent without rows since one appeared is still kept to send it again
 _FINAL = frozenset(s.value for s in FINAL_STATUSES)
 _XMIN = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
 _NEWEST_ID = f"SELECT max(id) FROM {outbox_table.name}"
@@ -300,6 +301,7 @@ class EventRelay:
         self._older_failed = False  # the look for one failed (warned once)
         self._said_at = 0.0  # (monotonic) when this server last said it follows; 0: it does not (_say_lock)
         self._say_lock = threading.Lock()  # one saying at a time (the relay and the LISTEN thread both say)
+        self._say_asked = False  # a sender has not heard this server follows: say it at once (`_say_again`)
         self._recent: OrderedDict[tuple[str, str], tuple[float, Event]] = OrderedDict()  # sent without rows
         self._full = True  # the next read takes the rows' data (the last read found them needed)
         self.listening = False  # PostgreSQL: the LISTEN connection is up
@@ -645,7 +647,7 @@ class EventRelay:
             stopping = self._stop.is_set()
             try:
                 at = time.monotonic()
-                if self.postgres:
+                if self.postgres and not stopping:
                     self._say_interest(at, stopping)
                 if self.mode == "notify" and at >= next_older and not stopping:
                     next_older = at + OLDER_EVERY
@@ -662,6 +664,8 @@ class EventRelay:
                     self._new_interest = False
                     due = self._with_recent(due, at)
                 horizon = self._send(due, rows=rows) if due else None
+                if self.postgres and stopping:  # after the last send: a failure to say it must not lose that send
+                    self._say_interest(at, stopping)
                 polls += 1
                 if self.mode == "poll" or self._notified or polls >= FALLBACK_POLLS or not self.listening:
                     self._notified = False
@@ -694,27 +698,37 @@ class EventRelay:
         lease = max(INTEREST_LEASE, 3 * self.interval)
         return lease, min(INTEREST_EVERY, lease / 3)
 
-    def _say_interest(self, at: float, stopping: bool) -> None:
+    def _say_interest(self, at: float, stopping: bool, *, wait: bool = True) -> None:
         """PostgreSQL: while something here needs other servers' events, say so (again every INTEREST_EVERY
         seconds: each saying holds INTEREST_LEASE, see `_lease`); once nothing does (or the server stops), say that
         it is over. Called by the relay thread at its turns and by the LISTEN thread every second (a relay thread
-        busy for long still renews): `_say_lock` keeps one saying at a time and `_said_at` with it."""
-        with self._say_lock:
+        busy for long still renews; it does not wait for the lock, the relay thread saying it then): `_say_lock`
+        keeps one saying at a time and `_said_at` with it. A stopping server says it is over after its last send."""
+        if not self._say_lock.acquire(blocking=wait):
+            return  # (the LISTEN thread's renewal) the relay thread is saying it now
+        try:
+            again, self._say_asked = self._say_asked, False
             wants = not stopping and (self._reads_rows_only() or self.bus.wants_remote())
             lease, every = self._lease()
-            if (wants and self._said_at and at - self._said_at < every) or (not wants and not self._said_at):
+            lately = self._said_at and not again and at - self._said_at < every
+            if (wants and lately) or (not wants and not self._said_at):
                 return  # said lately, or nothing to say
             lease = lease if wants else 0.0
             payload = json.dumps([self.server_id, lease])
-            with self.store.reads.connect() as conn:
-                conn.exec_driver_sql(_PG_INTEREST, {"channel": INTEREST_CHANNEL, "payload": payload}).all()
+            try:
+                with self.store.reads.connect() as conn:
+                    conn.exec_driver_sql(_PG_INTEREST, {"channel": INTEREST_CHANNEL, "payload": payload}).all()
+            except BaseException:
+                self._say_asked = self._say_asked or again
+                raise
             self._said_at = at if wants else 0.0
             self.interest_said += wants
+        finally:
+            self._say_lock.release()
 
     def _say_again(self) -> None:
         """(LISTEN thread) Have the saying that this server follows made again at the relay thread's next turn."""
-        with self._say_lock:
-            self._said_at = 0.0
+        self._say_asked = True  # (no lock: this thread must not wait behind a saying's statement)
         self._wake.set()
 
     def _reads_rows_only(self) -> bool:
@@ -800,7 +814,8 @@ class EventRelay:
         """(LISTEN thread, every second) Renew the saying that this server follows when due, the relay thread
         busy or not (its lease would lapse while a long turn lasts)."""
         try:
-            self._say_interest(time.monotonic(), self._stop.is_set())
+            if not self._stop.is_set():  # (the relay thread's last turn says it is over)
+                self._say_interest(time.monotonic(), False, wait=False)
         except Exception:  # the relay thread says it again at its turn (and logs what fails there)
             log.debug("Plexus: renewing the event relay's interest failed", exc_info=True)
 
