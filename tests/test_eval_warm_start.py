@@ -37,6 +37,9 @@ from plexus_mcp_jupyter.security.identity import Principal
 from .conftest import poll
 from .test_evaluations import create, finished
 
+# The end of each bootstrap below (its patches before): `plexus mcp serve` with the test's arguments.
+_THEN_SERVE = "from plexus_mcp_jupyter.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+
 
 class SpawnsBlocked:
     """Holds a LocalExecutor's spawn lock from a thread of its own (as the warm-up does while the forkserver
@@ -479,9 +482,7 @@ def test_plexus_mcp_serve_starts_the_forkserver_before_its_own_imports(tmp_path)
         "    started = start(extra)\n"
         "    sys.stderr.write(f'EARLY {started} {loaded}\\n')\n"
         "    return started\n"
-        "local.start_forkserver_early = early\n"
-        "from plexus_mcp_jupyter.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
+        "local.start_forkserver_early = early\n" + _THEN_SERVE
     )
     env = dict(os.environ, JUPYTER_DATA_DIR=str(tmp_path / "data"), PLEXUS_MCP_DB_URL=f"sqlite:///{tmp_path / 's.db'}")
     result = subprocess.run(
@@ -521,9 +522,7 @@ def test_a_plexus_mcp_serve_that_fails_to_start_leaves_no_process_behind(tmp_pat
         "    pids = forkserver._forkserver._forkserver_pid, resource_tracker._resource_tracker._pid\n"
         "    sys.stderr.write(f'EARLY {started} {pids[0]} {pids[1]}\\n')\n"
         "    return started\n"
-        "local.start_forkserver_early = early\n"
-        "from plexus_mcp_jupyter.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
+        "local.start_forkserver_early = early\n" + _THEN_SERVE
     )
     env = dict(os.environ, JUPYTER_DATA_DIR=str(tmp_path / "data"), PLEXUS_MCP_DB_URL=f"sqlite:///{tmp_path / 's.db'}")
 
@@ -750,9 +749,7 @@ _REHEARSING_INTO_A_LOCK = (
     "    while not os.path.exists(os.environ['PLEXUS_TEST_LOCKED']) and time.monotonic() < deadline:\n"
     "        time.sleep(0.005)\n"
     "    again(self)\n"
-    "EvaluationService.warm_up_again = held\n"
-    "from plexus_mcp_jupyter.cli import main\n"
-    "sys.exit(main(sys.argv[1:]))\n"
+    "EvaluationService.warm_up_again = held\n" + _THEN_SERVE
 )
 
 
@@ -822,9 +819,7 @@ def test_what_runs_while_a_stdio_server_waits_for_its_rehearsals_does_not_write_
         "            print('STRAY-FLUSHED', flush=True)\n"
         "            print('STRAY-BUFFERED')\n"
         "    rehearse(self, until_served)\n"
-        "EvaluationService._rehearse = printing\n"
-        "from plexus_mcp_jupyter.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
+        "EvaluationService._rehearse = printing\n" + _THEN_SERVE
     )
     server = _stdio_server(tmp_path, bootstrap, PYTHONUNBUFFERED="")  # as a client launches it: stdout buffered
     lines = _lines(server)
@@ -869,9 +864,7 @@ def test_a_stdio_server_stopped_during_its_start_up_serves_nothing(tmp_path):
         "async def signalled(self, *args, **kwargs):\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    await start(self, *args, **kwargs)\n"
-        "TaskManager.start = signalled\n"
-        "from plexus_mcp_jupyter.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
+        "TaskManager.start = signalled\n" + _THEN_SERVE
     )
     server = _stdio_server(tmp_path, bootstrap)
     lines = _lines(server)
@@ -908,9 +901,7 @@ def test_what_prints_while_a_stdio_server_stops_at_its_clients_end_does_not_reac
         "def printing(self):\n"
         "    print('STRAY-AT-STOP')\n"
         "    close(self)\n"
-        "EvaluationService.close = printing\n"
-        "from plexus_mcp_jupyter.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
+        "EvaluationService.close = printing\n" + _THEN_SERVE
     )
     server = _stdio_server(tmp_path, bootstrap, PYTHONUNBUFFERED="")  # as a client launches it: stdout buffered
     lines = _lines(server)
