@@ -51,6 +51,9 @@ async def test_an_evaluation_started_at_once_runs_only_once_its_record_exists(ru
     manager = runtime.manager
     assert manager.offload  # PostgreSQL: adispatch inserts on the writer thread
     wrap_records(runtime, monkeypatch, lambda: time.sleep(RECORD_DELAY))
+    # The relay's LISTEN start has the queue read again (tasks other servers queued meanwhile): a dispatch before
+    # that pass is queued for it, not started at once. Its telling is seen as the bus's skipped sequence number.
+    await poll(lambda: runtime.relay.listening and runtime.bus.skipped_seq, bool, timeout=30)
     tasks = []
     for _ in range(3):
         # the last pass found the queue empty: a task dispatched now starts at once (TaskManager._starts_at_once)
