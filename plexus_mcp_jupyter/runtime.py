@@ -399,9 +399,9 @@ class PlexusRuntime:
 
     async def stop(self) -> None:
         if self.mcp.telemetry is not None:
-            self.mcp.telemetry.close()
+            _close_logged("telemetry", self.mcp.telemetry.close)
         for detach in self._log_scrubbers:
-            detach()
+            _close_logged("a log scrubber", detach)
         self._log_scrubbers.clear()
         try:
             if self._started:
@@ -418,12 +418,17 @@ class PlexusRuntime:
         if self._stores_closed:
             return
         self._stores_closed = True
-        self.evaluations.close()
-        self.uploads.close()
-        self.catalog.close()
-        self.audit.close()
-        self.store_calls.close()
-        self.store.close()
+        # Each on its own: one that fails (an upload's file that cannot be removed) leaves the others to close,
+        # the audit log's last records and the store last.
+        for what, close in (
+            ("evaluation service", self.evaluations.close),
+            ("uploads", self.uploads.close),
+            ("dataset catalog", self.catalog.close),
+            ("audit log", self.audit.close),
+            ("store calls", self.store_calls.close),
+            ("store", self.store.close),
+        ):
+            _close_logged(what, close)
 
     async def _stop_services(self) -> None:
         """What `start` started (all of it, or what it had started when it failed), the stores left open."""
@@ -477,3 +482,11 @@ class PlexusRuntime:
             "server": {"id": self.manager.server_id, "relay": self.relay.status(), "leases": self.leases.status()},
             "evaluation_items": items,
         }
+
+
+def _close_logged(what: str, close: Callable[[], object]) -> None:
+    """Close one part at a stop; a failure is logged and the stop goes on with the rest."""
+    try:
+        close()
+    except Exception:
+        log.exception("Plexus: closing the %s failed; the rest are closed", what)

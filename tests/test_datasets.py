@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 import threading
+import tracemalloc
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from plexus_mcp_jupyter.core.errors import InvalidArgument, NotFound
+from plexus_mcp_jupyter.evaluations import sampling
 from plexus_mcp_jupyter.evaluations.datasets import DatasetCatalog, confine_path, parse_ref, require_columns
 from plexus_mcp_jupyter.evaluations.examples import make_examples
-from plexus_mcp_jupyter.evaluations.sampling import sample_frame
+from plexus_mcp_jupyter.evaluations.sampling import sample_frame, sample_positions
 
 FRAME = pd.DataFrame({"id": ["a", "b", "c"], "text": ["good", "bad", "fine"], "label": ["pos", "neg", "pos"]})
 
@@ -371,6 +374,32 @@ def test_a_sample_is_reproducible_and_keeps_order_and_index():
     assert len(first) == 10 and list(first.index) == sorted(first.index) and list(first["x"]) == list(first.index)
     assert not first.equals(sample_frame(NUMBERS, n=10, seed=4))
     assert len(sample_frame(NUMBERS, fraction=0.25, seed=1)) == 25
+
+
+@pytest.mark.parametrize("hypergeometric_max", [10**9, 2_000], ids=["hypergeometric", "binomial"])
+def test_a_large_population_is_drawn_chunk_by_chunk_exactly_and_uniformly(monkeypatch, hypergeometric_max):
+    monkeypatch.setattr(sampling, "WHOLE_DRAW_ROWS", 1_000)
+    monkeypatch.setattr(sampling, "_HYPERGEOMETRIC_MAX", hypergeometric_max)
+    positions = sample_positions(10_500, n=4_000, seed=7)
+    assert positions is not None and len(positions) == 4_000 and len(set(positions.tolist())) == 4_000
+    assert positions.tolist() == sorted(positions.tolist()) and positions[0] >= 0 and positions[-1] < 10_500
+    shares = np.bincount(positions // 1_000, minlength=11)
+    assert all(300 <= share <= 460 for share in shares[:10]) and 100 <= shares[10] <= 250  # ~381 a chunk, ~190
+    assert positions.tolist() == sample_positions(10_500, n=4_000, seed=7).tolist()
+    every = sample_positions(10_500, fraction=0.999, seed=1)
+    assert every is not None and len(set(every.tolist())) == 10_489
+
+
+def test_a_sample_of_a_large_population_holds_the_sample_and_one_chunk_not_every_row():
+    # 5e7 rows, 2e6 drawn: in one go numpy permutes every row (400 MB); chunk by chunk ~134 MB at most.
+    tracemalloc.start()
+    try:
+        positions = sample_positions(50_000_000, n=2_000_000, seed=1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert positions is not None and len(positions) == 2_000_000 and len(np.unique(positions)) == 2_000_000
+    assert peak < 250 * 2**20, f"peak {peak / 2**20:.0f} MiB"
 
 
 def test_n_above_the_row_count_takes_every_row():

@@ -337,3 +337,22 @@ def test_a_stdio_server_whose_stop_fails_still_closes_its_audit_log_and_store(tm
     err = done.stderr.decode()
     assert all(json.loads(line)["jsonrpc"] == "2.0" for line in done.stdout.splitlines()), [done.stdout, err]
     assert "endpoint stop: injected" in err and "AUDIT-CLOSED" in err and "STORE-CLOSED" in err, err
+
+
+async def test_a_part_that_fails_to_close_leaves_the_others_to_close_the_audit_log_and_store_last(
+    tmp_path, monkeypatch, caplog
+):
+    # The uploads' close raising (an upload's file that cannot be removed: injected) skipped the dataset catalog,
+    # the audit log's last records and the store's close.
+    settings = PlexusSettings(db_url=f"sqlite:///{tmp_path / 's.db'}")
+    runtime = PlexusRuntime(settings, data_dir=str(tmp_path))
+    closed = closes_told(runtime, monkeypatch)
+
+    def cannot_close() -> None:
+        raise OSError("cannot remove an upload's file: injected")
+
+    monkeypatch.setattr(runtime.uploads, "close", cannot_close)
+    await runtime.start(sessions_required=False)
+    await runtime.stop()
+    assert sorted(closed) == ["audit", "store"]
+    assert "closing the uploads failed" in caplog.text

@@ -39,6 +39,7 @@ from .file_reads import (
     parquet_file,
     parquet_rows,
 )
+from .limits import DEFAULT_MAX_PARQUET_BYTES
 
 BATCH_BYTES = 8 << 20  # a CSV or JSON Lines block read at once (and a Parquet batch of about this many rows)
 PARQUET_BATCH_ROWS = 131_072
@@ -66,7 +67,7 @@ class DatasetStream:
         text_columns: Sequence[str] = (),
         bounds: ReadBounds | None = None,
         batch_bytes: int = BATCH_BYTES,
-        max_parquet_bytes: int = 2**30,
+        max_parquet_bytes: int = DEFAULT_MAX_PARQUET_BYTES,
     ) -> None:
         self.path, self.fmt, self.ref = path, fmt, ref
         self.names, self.columns = list(names), list(dict.fromkeys(columns))

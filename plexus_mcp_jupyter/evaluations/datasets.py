@@ -70,6 +70,7 @@ from .file_reads import (
     parse_head,
     read_parquet_bounded,
 )
+from .limits import DEFAULT_MAX_PARQUET_BYTES
 
 Source = Literal["file", "registered", "example"]
 T = TypeVar("T")
@@ -256,7 +257,7 @@ class DatasetCatalog:
         self.max_registered_bytes = 0
         # Most bytes (and cells x 8) a Parquet body may declare uncompressed (read_parquet_body); the
         # max_parquet_uncompressed_bytes setting, set by the runtime.
-        self.max_parquet_uncompressed_bytes = 2**30
+        self.max_parquet_uncompressed_bytes = DEFAULT_MAX_PARQUET_BYTES
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._admitting = threading.Lock()  # one quota check and placement at a time (admit)

@@ -17,6 +17,7 @@ _SETTINGS = PlexusSettings.settings_traits()  # the defaults are the settings' (
 DEFAULT_MAX_SCORECARD_BYTES: int = _SETTINGS["max_scorecard_bytes"].default_value
 DEFAULT_MAX_SCORES: int = _SETTINGS["max_scorecard_scores"].default_value
 DEFAULT_MAX_ITEMS: int = _SETTINGS["max_evaluation_items"].default_value
+DEFAULT_MAX_PARQUET_BYTES: int = _SETTINGS["max_parquet_uncompressed_bytes"].default_value
 # A scorecard needs 7 levels (card, scores, score, scorer, rules, rule, keywords); deeper is not a scorecard.
 MAX_NESTING = 16
 # A scorecard's numbers are sample sizes and seeds; a longer one is an attack on int() (and on JSON).

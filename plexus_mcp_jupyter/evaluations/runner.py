@@ -29,10 +29,10 @@ from ..core.store import make_engine
 from .datasets import DatasetCatalog, require_names
 from .file_reads import clip
 from .item_files import ItemFiles
-from .limits import DEFAULT_MAX_ITEMS, check_items
+from .limits import DEFAULT_MAX_ITEMS, DEFAULT_MAX_PARQUET_BYTES, check_items
 from .metrics import ConfusionCounter, LabelNormalization, consistency_metrics, normalize_labels
 from .requests import EvaluationParams, EvaluationScore
-from .sampling import sample_positions
+from .sampling import check_sample, sample_positions, sampled_rows
 from .scorers import (
     DEFAULT_INPUT_COLUMN,
     ColumnScorer,
@@ -79,7 +79,7 @@ def _run(ctx: TaskContext, store: EvaluationStore, task: EvaluationParams, norm:
     env = ctx.environment
     ctx.stage(SETUP_STAGE, 1, f"loading {dataset}")  # one step, so that progress always has a total
     catalog = DatasetCatalog(Path(env["root_dir"]), Path(env["registered_dir"]))
-    catalog.max_parquet_uncompressed_bytes = int(env.get("max_parquet_uncompressed_bytes", 2**30))
+    catalog.max_parquet_uncompressed_bytes = int(env.get("max_parquet_uncompressed_bytes", DEFAULT_MAX_PARQUET_BYTES))
     names = catalog.columns(dataset)
     passes = runs if task.type == "consistency" else 1
     limit = int(env.get("max_evaluation_items", DEFAULT_MAX_ITEMS))
@@ -116,6 +116,9 @@ def _run(ctx: TaskContext, store: EvaluationStore, task: EvaluationParams, norm:
         total = stream.exact_rows()
         if total == 0:
             raise InvalidArgument(f"dataset {dataset!r} has no rows")
+        # The items bound first: a sample too large to score is refused before its positions are drawn.
+        check_sample(**task.sample)
+        check_items(sampled_rows(total, task.sample.get("n"), task.sample.get("fraction")), len(scores), passes, limit)
         positions = sample_positions(total, **task.sample)
         if positions is not None:
             frames, rows = SampledFrames(stream, positions, total, dataset), len(positions)

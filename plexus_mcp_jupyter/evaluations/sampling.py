@@ -61,4 +61,33 @@ def sample_positions(
         )
     if size == rows:
         return None
-    return np.sort(np.random.default_rng(seed).choice(rows, size=size, replace=False))
+    return _draw(np.random.default_rng(seed), rows, size)
+
+
+# Up to this many rows a sample is drawn in one go; numpy's choice without replacement permutes every row (8 bytes
+# a row) once the sample is over 1/50 of them. A larger population is drawn chunk by chunk.
+WHOLE_DRAW_ROWS = 1 << 24
+_HYPERGEOMETRIC_MAX = 10**9  # numpy's bound on each of its two counts
+
+
+def _draw(rng: np.random.Generator, rows: int, size: int) -> np.ndarray:
+    """`size` distinct positions of `rows`, sorted, uniformly drawn. Above WHOLE_DRAW_ROWS rows each chunk's share of
+    the sample is drawn first (from the hypergeometric law of what is left: exact), then its positions: memory is
+    the sample and one chunk, not every row (1e8 rows, half sampled: 800 MB in one go)."""
+    if rows <= WHOLE_DRAW_ROWS:
+        return np.sort(rng.choice(rows, size=size, replace=False))
+    parts: list[np.ndarray] = []
+    rows_left, size_left = rows, size
+    for start in range(0, rows, WHOLE_DRAW_ROWS):
+        chunk = min(WHOLE_DRAW_ROWS, rows - start)
+        rest = rows_left - chunk
+        if rest == 0:
+            k = size_left
+        elif rest < _HYPERGEOMETRIC_MAX:
+            k = int(rng.hypergeometric(chunk, rest, size_left))
+        else:  # over a billion rows left: the binomial law, kept within what the rest can still take
+            k = min(chunk, size_left, max(size_left - rest, int(rng.binomial(size_left, chunk / rows_left))))
+        if k:
+            parts.append(start + np.sort(rng.choice(chunk, size=k, replace=False)))
+        rows_left, size_left = rest, size_left - k
+    return np.concatenate(parts)
