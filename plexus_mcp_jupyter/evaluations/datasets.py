@@ -601,21 +601,42 @@ class DatasetCatalog:
                     count += 1
         return used, count
 
-    def check_quota(self, owner: str | None, name: str, adding: int) -> None:
+    def check_quota(self, owner: str | None, name: str, adding: int) -> int | None:
         """Forbidden when registering `adding` bytes as `name` would put an API key's registered datasets past
-        `max_registered_bytes` (the one `name` replaces, if theirs, is not counted: it goes)."""
+        `max_registered_bytes` (the one `name` replaces, if theirs, is not counted: it goes); otherwise the bytes
+        they have left before `adding` (None: no quota applies to `owner`)."""
         quota = self.max_registered_bytes
         if not quota or not is_key_owner(owner):
-            return
+            return None
         used, count = self.registered_bytes(owner, besides=name)
         if used + adding > quota:
-            raise Forbidden(
-                f"registering {name!r} ({_size(adding)}) would pass your quota of registered data, {_size(quota)} "
-                f"(the max_registered_bytes_per_principal setting): your {count} registered dataset(s) use "
-                f"{_size(used)}. Delete those you no longer need (plexus.delete_dataset(name), or DELETE "
-                "plexus/api/datasets/registered:<name>), keep only the columns the evaluation needs, or ask an "
-                "admin for a larger quota"
-            )
+            raise self.quota_refusal(name, adding, used, count)
+        return quota - used
+
+    def quota_refusal(self, name: str, adding: int, used: int, count: int, sent: bool = False) -> Forbidden:
+        """The quota's refusal of `adding` bytes (`sent`: a request body's, before it is stored) registered as `name`
+        by a key whose `count` datasets use `used` bytes."""
+        quota = self.max_registered_bytes
+        what = f"a body of {_size(adding)}" if sent else _size(adding)
+        hint = (
+            " (a body is refused unread when it is larger than what your quota has left: send the frame as "
+            "compressed Parquet, which is what the notebook client sends)"
+            if sent
+            else ""
+        )
+        return Forbidden(
+            f"registering {name!r} ({what}) would pass your quota of registered data, {_size(quota)} "
+            f"(the max_registered_bytes_per_principal setting): your {count} registered dataset(s) use "
+            f"{_size(used)}{hint}. Delete those you no longer need (plexus.delete_dataset(name), or DELETE "
+            "plexus/api/datasets/registered:<name>), keep only the columns the evaluation needs, or ask an "
+            "admin for a larger quota"
+        )
+
+    def quota_use(self, owner: str | None, name: str) -> tuple[int, int] | None:
+        """Bytes and number of `owner`'s registered datasets besides `name` when a quota applies to them, else None."""
+        if not self.max_registered_bytes or not is_key_owner(owner):
+            return None
+        return self.registered_bytes(owner, besides=name)
 
     def register(self, name: str, df: pd.DataFrame, *, replace: bool = False, owner: str | None = None) -> DatasetInfo:
         """Store `df` as the registered dataset `name` (ref ``registered:<name>``).
