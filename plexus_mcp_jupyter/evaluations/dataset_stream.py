@@ -31,6 +31,7 @@ import pyarrow.json as pa_json
 
 from ..core.errors import InvalidArgument, one_line
 from .file_reads import (
+    KEEP_DATES,
     ReadBounds,
     clip,
     decoded_nbytes,
@@ -43,9 +44,6 @@ from .file_reads import (
 BATCH_BYTES = 8 << 20  # a CSV or JSON Lines block read at once (and a Parquet batch of about this many rows)
 PARQUET_BATCH_ROWS = 131_072
 _CSV_COLUMN = re.compile(r"In CSV column #(\d+)")
-# Values kept as they are: pandas 3 converts no date without dtype (its `convert_dates` is deprecated there);
-# pandas 2 converted columns named like dates unless told not to.
-_KEEP_DATES: dict[str, bool] = {} if int(pd.__version__.split(".")[0]) >= 3 else {"convert_dates": False}
 
 
 class DatasetStream:
@@ -225,7 +223,7 @@ class DatasetStream:
             if table is not None and all(_as_text(table, column) for column in self.text_columns):
                 frame = table.to_pandas()
             else:
-                frame = pd.read_json(io.BytesIO(block), lines=True, dtype=False, **_KEEP_DATES)
+                frame = pd.read_json(io.BytesIO(block), lines=True, dtype=False, **KEEP_DATES)
             for column in self.columns:  # a field no record of this block has
                 if column not in frame.columns:
                     frame[column] = None

@@ -56,6 +56,7 @@ from ..core.ownership import is_key_owner
 from ..core.pools import start_one_thread
 from .dataset_stream import DatasetStream, count_lines
 from .file_reads import (
+    KEEP_DATES,
     MAX_TRACKED_LABELS,
     ReadBounds,
     check_columns,
@@ -791,7 +792,7 @@ def _read(path: Path, fmt: str, ref: str, columns: builtins.list[str] | None, ma
         if fmt == "csv":
             df = pd.read_csv(path)
         elif fmt == "jsonl":
-            df = pd.read_json(path, lines=True, dtype=False)
+            df = pd.read_json(path, lines=True, dtype=False, **KEEP_DATES)
         else:
             # One open file for schema and data: a registered frame replaced meanwhile is read whole, old or new.
             with path.open("rb") as handle:

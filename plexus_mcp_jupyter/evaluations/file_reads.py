@@ -47,6 +47,10 @@ PARQUET_FOOTER_BYTES = 16 << 20  # a Parquet footer above this is refused (thrif
 MAX_TRACKED_LABELS = 10_000  # more distinct values than this and a column is not counted as labels
 MAX_LABEL_CHARS = 200  # a label value is shown up to this many characters
 MIN_BLOCK_BYTES = 1 << 20
+# pd.read_json's options that keep values as they are: pandas 3 converts no date without dtype (its `convert_dates`
+# is deprecated there); pandas 2 converted columns named like dates ("date", "modified", "*_at", "timestamp"...: a
+# "modified" column of integers became timestamps) unless told not to. Every pd.read_json of a dataset passes them.
+KEEP_DATES: dict[str, bool] = {} if int(pd.__version__.split(".")[0]) >= 3 else {"convert_dates": False}
 
 
 @dataclass(frozen=True)
@@ -160,7 +164,7 @@ def parse_head(data: bytes, fmt: str, rows: int | None) -> pd.DataFrame:
         return pd.read_csv(io.BytesIO(data), nrows=rows)
     if not data.strip():
         raise pd.errors.EmptyDataError("no records")
-    return pd.read_json(io.BytesIO(data), lines=True, nrows=rows, dtype=False)
+    return pd.read_json(io.BytesIO(data), lines=True, nrows=rows, dtype=False, **KEEP_DATES)
 
 
 def parquet_file(handle: IO[bytes], ref: str) -> pq.ParquetFile:
