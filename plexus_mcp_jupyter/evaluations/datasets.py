@@ -58,18 +58,19 @@ from .dataset_stream import DatasetStream, count_lines
 from .file_reads import (
     KEEP_DATES,
     MAX_TRACKED_LABELS,
+    LabelCounts,
     ReadBounds,
     check_columns,
     check_header,
     check_name,
     clip,
-    count_csv,
-    count_jsonl,
     count_parquet,
     head,
+    label_text,
     parquet_file,
     parse_head,
     read_parquet_bounded,
+    unreadable,
 )
 
 Source = Literal["file", "registered", "example"]
@@ -469,10 +470,8 @@ class DatasetCatalog:
         with _reading(ref, fmt):
             if fmt == "parquet":
                 counted = count_parquet(path, label_column, self.max_parquet_uncompressed_bytes, ref)
-            elif fmt == "csv":
-                counted = count_csv(path, names, label_column, self.bounds)
             else:
-                counted = count_jsonl(path, label_column, self.bounds)
+                counted = self._count_text(path, fmt, ref, names, label_column)
         if counted.rows == 0:
             raise InvalidArgument(f"dataset {clip(ref)} has no rows")
         extra: dict[str, Any] = {"label_column": label_column}
@@ -484,6 +483,30 @@ class DatasetCatalog:
             extra["label_distribution"] = counted.top(MAX_LABEL_CLASSES)
             extra["label_classes"] = len(counted.counts or {})
         return _info(parsed, counted.rows, columns, size_bytes=size if parsed.source == "file" else None, **extra)
+
+    def _count_text(
+        self, path: Path, fmt: str, ref: str, names: builtins.list[str], label_column: str | None
+    ) -> LabelCounts:
+        """A CSV or JSON Lines file's rows and label counts from one pass of the stream an evaluation reads it with
+        (DatasetStream, the label column as text, or the first column): the rows an evaluation reads, and its errors.
+        Counts of their own (pyarrow's CSV reader in 1 MiB blocks, JSON records line by line) had differed: a JSON
+        Lines file of records split by a bare CR was refused (a record read as two), a record that is not an object
+        raised a raw TypeError, and a CSV row over 1 MiB failed the count, not the evaluation."""
+        column = label_column if label_column is not None else names[0]
+        stream = DatasetStream(
+            path,
+            fmt,
+            ref,
+            names,
+            [column],
+            [column],
+            self.bounds,
+            max_parquet_bytes=self.max_parquet_uncompressed_bytes,
+        )
+        counted = LabelCounts()
+        for frame in stream:
+            counted.add(label_text(frame[column]) if label_column is not None else None, len(frame))
+        return counted
 
     def list(self, *, include_files: bool = True, limit: int = 500) -> builtins.list[DatasetInfo]:
         """Examples, then registered frames, then data files under the root (sorted by path), at most
@@ -783,8 +806,9 @@ def _reading(ref: str, fmt: str) -> Iterator[None]:
         raise
     except pd.errors.EmptyDataError:
         raise InvalidArgument(f"dataset {clip(ref)} is empty (no header and no rows)") from None
-    except (ValueError, pd.errors.ParserError, pa.ArrowException, UnicodeDecodeError, OSError, RecursionError) as error:
-        raise InvalidArgument(f"cannot read dataset {clip(ref)} as {fmt.upper()}: {one_line(error)}") from None
+    except (ValueError, TypeError, pa.ArrowException, UnicodeDecodeError, OSError, RecursionError) as error:
+        # (pd.errors.ParserError is a ValueError; a TypeError: pandas' JSON reader given a line that is not an object)
+        raise InvalidArgument(unreadable(ref, fmt, error)) from None
 
 
 def _read(path: Path, fmt: str, ref: str, columns: builtins.list[str] | None, max_parquet_bytes: int) -> pd.DataFrame:
