@@ -175,8 +175,9 @@ def parse_head(data: bytes, fmt: str, rows: int | None) -> pd.DataFrame:
     return pd.read_json(io.BytesIO(data), lines=True, nrows=rows, dtype=False, **KEEP_DATES)
 
 
-def parquet_file(handle: IO[bytes], ref: str) -> pq.ParquetFile:
-    """A ParquetFile, after checking its footer length: a crafted footer can claim gigabytes."""
+def parquet_file(handle: IO[bytes], ref: str, read_dictionary: list[str] | None = None) -> pq.ParquetFile:
+    """A ParquetFile (its `read_dictionary` columns read as dictionaries), after checking its footer length: a crafted
+    footer can claim gigabytes."""
     handle.seek(0, io.SEEK_END)
     size = handle.tell()
     if size >= 12:
@@ -189,7 +190,7 @@ def parquet_file(handle: IO[bytes], ref: str) -> pq.ParquetFile:
                 f"more than {PARQUET_FOOTER_BYTES:,}"
             )
     handle.seek(0)
-    return pq.ParquetFile(handle)
+    return pq.ParquetFile(handle, read_dictionary=read_dictionary)
 
 
 def column_chunks(

@@ -134,8 +134,21 @@ class EvaluationResultsHandler(BodylessHandler):
         """The items as Arrow IPC, a row group at a time, each piece read and encoded in the catalog's threads and
         flushed before the next: bounded memory, the loop free, whatever the evaluation's size."""
         service = self.runtime.evaluations
-        self.set_header("Content-Type", ARROW_STREAM)
-        while (piece := await service.catalog.run(stream.next)) is not None:
+        started = False
+        while True:
+            try:
+                piece = await service.catalog.run(stream.next)
+            except PlexusError as exc:  # an item file that cannot be read (item_files.DamagedItems)
+                if not started:
+                    raise http_error(exc) from None
+                self.log.warning("an Arrow stream of items cut short: %s", bounded(str(exc)))
+                self.request.connection.close()  # (the client sees a stream without its end mark)
+                return
+            if piece is None:
+                return
+            if not started:
+                self.set_header("Content-Type", ARROW_STREAM)
+                started = True
             self.write(piece)
             try:
                 await self.flush()
