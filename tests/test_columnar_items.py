@@ -286,6 +286,19 @@ async def test_an_item_file_past_what_a_worker_writes_is_refused_clearly_not_rea
         evaluation_id = made["evaluation_id"]
         assert (await finished(client, evaluation_id))["status"] == "COMPLETED"
         chunk = files_of(runtime).chunks(evaluation_id, "score")[0][2]  # (the first: where a page starts)
+        # A damaged chunk after the first: an Arrow stream begun is cut (the client sees no end), never ended quietly.
+        second = files_of(runtime).chunks(evaluation_id, "score")[1][2]
+        kept = second.read_bytes()
+        second.write_bytes(b"PAR1 not a parquet file at all PAR1")
+        headers = {"Authorization": f"token {token}", "Accept": "application/vnd.apache.arrow.stream"}
+        async with httpx2.AsyncClient(timeout=60) as http:
+            with pytest.raises(httpx2.HTTPError):  # (RemoteProtocolError: the chunked body ends without its end)
+                async with http.stream(
+                    "GET", f"{server_url}plexus/api/evaluations/{evaluation_id}/results", headers=headers
+                ) as cut:
+                    assert cut.status_code == 200
+                    await cut.aread()
+        second.write_bytes(kept)
         original = pq.read_table(chunk)
         # A chunk of every column as dictionaries (as workers wrote them before 55d7dd4) reads as before.
         pq.write_table(original, chunk)

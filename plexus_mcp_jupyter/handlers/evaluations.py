@@ -11,6 +11,7 @@ from typing import Any
 
 import pandas as pd
 from tornado import web
+from tornado.http1connection import HTTP1Connection
 from tornado.iostream import StreamClosedError
 
 from ..core.errors import InvalidArgument, NotFound, PlexusError, bounded
@@ -142,7 +143,9 @@ class EvaluationResultsHandler(BodylessHandler):
                 if not started:
                     raise http_error(exc) from None
                 self.log.warning("an Arrow stream of items cut short: %s", bounded(str(exc)))
-                self.request.connection.close()  # (the client sees a stream without its end mark)
+                connection = self.request.connection
+                if isinstance(connection, HTTP1Connection):  # the client sees the response cut, not an end
+                    connection.close()
                 return
             if piece is None:
                 return
