@@ -8,6 +8,7 @@ import signal
 import time
 from pathlib import Path
 
+import httpx2
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -266,3 +267,70 @@ def test_the_sweep_takes_only_evaluations_folders_not_the_servers_markers(tmp_pa
     for name in (".plexus-servers", "0b8f3c1e-5d2a-4f7e-9c61-2a4b6d8e0f13"):
         (files.root / name).mkdir(parents=True)
     assert files.evaluation_ids() == ["0b8f3c1e-5d2a-4f7e-9c61-2a4b6d8e0f13"]
+
+
+async def test_an_item_file_past_what_a_worker_writes_is_refused_clearly_not_read(
+    mcp_client, runtime, jp_root_dir, server_url, token
+):
+    """Item files were read without a bound: a chunk corrupted or replaced (by anyone with access to items_dir) with
+    a row group that reads back as 100 MB was read whole into the server for a page of 20 results, and one pyarrow
+    cannot read was a raw Arrow error. Now a row group's declared sizes are checked before it is read (and what it
+    reads back as once read), the footer's length first: one clear error, the same over MCP, REST and Arrow."""
+    import pyarrow as pa
+
+    write_dataset(jp_root_dir, 100)
+    async with mcp_client() as client:
+        made = await create(
+            client, type="accuracy", dataset="items.csv", label_column="label", prediction_column="prediction"
+        )
+        evaluation_id = made["evaluation_id"]
+        assert (await finished(client, evaluation_id))["status"] == "COMPLETED"
+        chunk = files_of(runtime).chunks(evaluation_id, "score")[0][2]  # (the first: where a page starts)
+        # A damaged chunk after the first: an Arrow stream begun is cut (the client sees no end), never ended quietly.
+        second = files_of(runtime).chunks(evaluation_id, "score")[1][2]
+        kept = second.read_bytes()
+        second.write_bytes(b"PAR1 not a parquet file at all PAR1")
+        headers = {"Authorization": f"token {token}", "Accept": "application/vnd.apache.arrow.stream"}
+        async with httpx2.AsyncClient(timeout=60) as http:
+            with pytest.raises(httpx2.HTTPError):  # (RemoteProtocolError: the chunked body ends without its end)
+                async with http.stream(
+                    "GET", f"{server_url}plexus/api/evaluations/{evaluation_id}/results", headers=headers
+                ) as cut:
+                    assert cut.status_code == 200
+                    await cut.aread()
+        second.write_bytes(kept)
+        original = pq.read_table(chunk)
+        # A chunk of every column as dictionaries (as workers wrote them before 55d7dd4) reads as before.
+        pq.write_table(original, chunk)
+        page = await client.call_tool("get_evaluation_results", {"evaluation_id": evaluation_id, "limit": 3})
+        assert not page.is_error and [i["seq"] for i in page.structured_content["items"]] == [0, 1, 2], page
+        rows = 1024
+        expanding = {name: original.column(name).to_pylist()[:1] * rows for name in original.column_names}
+        expanding["seq"] = list(range(rows))
+        expanding["input"] = ["x" * 100_000] * rows  # 100 MB of text, a few hundred kB compressed
+        table = pa.table(expanding, schema=original.schema)
+        for damage, why in (
+            ("dictionary", "row group 0 reads back as up to 102,"),  # a few bytes in the footer's sizes
+            ("plain", "row group 0 declares 1,024 items and 102,"),  # refused from the footer's sizes
+            ("garbage", "its Parquet footer is"),
+        ):
+            if damage == "garbage":
+                chunk.write_bytes(b"PAR1 not a parquet file at all PAR1")
+            else:
+                pq.write_table(table, chunk, compression="zstd", use_dictionary=damage == "dictionary")
+                assert chunk.stat().st_size < 1_000_000
+            result = await client.call_tool("get_evaluation_results", {"evaluation_id": evaluation_id})
+            assert result.is_error, result.content[0].text[:300]
+            message = result.content[0].text
+            assert f"the items of evaluation {evaluation_id} cannot be read" in message and why in message, message
+            assert "run the evaluation again" in message and "Traceback" not in message
+            headers = {"Authorization": f"token {token}"}
+            url = f"{server_url}plexus/api/evaluations/{evaluation_id}/results"
+            async with httpx2.AsyncClient(timeout=60) as http:
+                page = await http.get(url, headers=headers)
+                arrow = await http.get(url, headers={**headers, "Accept": "application/vnd.apache.arrow.stream"})
+            for answer in (page, arrow):
+                assert answer.status_code == 400, answer.text[:300]
+                assert answer.json()["error"]["message"] == message.removeprefix(
+                    "Error executing tool get_evaluation_results: "
+                )

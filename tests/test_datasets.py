@@ -422,3 +422,21 @@ def test_n_above_the_row_count_takes_every_row():
 def test_bad_sample_settings_are_refused(kwargs, message):
     with pytest.raises(InvalidArgument, match=message):
         sample_frame(NUMBERS, **kwargs)
+
+
+def test_json_lines_columns_named_like_dates_keep_their_values(catalog, root):
+    """pandas 2's read_json converted columns named like dates ("date", "modified", "*_at"...) to timestamps (a
+    "modified" column of integers too) unless told not to: a listing, a describe and a load read them as given, as an
+    evaluation's stream did already (pandas 3 converts none without dtype)."""
+    (root / "dated.jsonl").write_text(
+        '{"date": "2020-01-01", "modified": 1600000000, "created_at": "yes", "label": "a"}\n'
+        '{"date": "2021-02-03", "modified": 1600000001, "created_at": "no", "label": "b"}\n'
+    )
+    kinds = {column.name: column.dtype for column in catalog.describe("dated.jsonl").columns}
+    assert not any("datetime" in kind for kind in kinds.values()), kinds
+    listed = next(info for info in catalog.list() if info.name == "dated.jsonl")
+    assert not any("datetime" in column.dtype for column in listed.columns), listed
+    df = catalog.load("dated.jsonl")
+    assert df["date"].tolist() == ["2020-01-01", "2021-02-03"]
+    assert df["modified"].tolist() == [1600000000, 1600000001]
+    assert df["created_at"].tolist() == ["yes", "no"]

@@ -128,3 +128,44 @@ async def test_the_client_refuses_a_frame_past_the_servers_bound_before_sending_
         await run(plexus.register_dataset, "refused", frame_of(2000))
     assert "refused" not in runtime.catalog.registered_names()
     assert not list((runtime.catalog.registered_dir / ".uploads").iterdir())
+
+
+async def test_a_body_s_query_is_read_once_before_the_body(server_url, keys, runtime, monkeypatch):
+    """A registration's and an upload part's query (name, replace, part) were read by `admit_request` before the body
+    and again by the method once it had come: read once now (the method uses what `admit_request` read), with the same
+    refusals of a bad argument."""
+    from plexus_mcp_jupyter.handlers.base import PlexusHandler
+
+    read: list[str] = []
+    query_request = PlexusHandler.query_request
+
+    def counted(self: PlexusHandler, model: type, **given: object) -> object:
+        read.append(model.__name__)
+        return query_request(self, model, **given)
+
+    monkeypatch.setattr(PlexusHandler, "query_request", counted)
+    api = f"{server_url}plexus/api/datasets"
+    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {keys['operator']}"}, timeout=60) as http:
+        body = arrow_part(frame_of(10))
+        began = await http.post(f"{api}/uploads", params={"name": "once"})
+        assert began.status_code == 201, began.text
+        upload = f"{api}/uploads/{began.json()['upload_id']}"
+        read.clear()
+        sent = await http.put(upload, params={"part": "0"}, content=body)
+        assert sent.status_code == 200 and read == ["UploadPart"], (sent.text, read)
+        bad = await http.put(upload, params={"part": "-1"}, content=body)
+        assert bad.status_code == 400 and "part" in said(bad), bad.text
+        read.clear()
+        parquet = pa.BufferOutputStream()
+        pq.write_table(pa.table({"label": ["a", "b"]}), parquet)
+        registered = await http.post(
+            api,
+            params={"name": "once2"},
+            content=parquet.getvalue().to_pybytes(),
+            headers={"Content-Type": "application/vnd.apache.parquet"},
+        )
+        assert registered.status_code == 201 and read == ["RegisterDataset"], (registered.text, read)
+        bad = await http.post(
+            api, params={"name": "bad name"}, content=b"x", headers={"Content-Type": "application/json"}
+        )
+        assert bad.status_code == 400 and "invalid registered dataset name" in said(bad), bad.text

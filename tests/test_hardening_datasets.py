@@ -318,12 +318,30 @@ def test_a_column_of_too_many_distinct_values_gets_a_note_not_a_distribution(cat
 
 
 def test_a_row_longer_than_a_block_or_a_crafted_footer_is_an_error_not_a_read(catalog):
+    # A row is read in the stream's blocks (8 MiB), by a describe as by an evaluation: a describe's count of its own
+    # had read 1 MiB blocks (a 2 MiB row failed the describe, not the evaluation), and a JSON Lines line is bounded
+    # by the block wherever it is (the stream's bound of 1 MiB had held only across a block's end).
     (catalog.root_dir / "long_row.jsonl").write_bytes(b'{"label": "a"}\n{"label": "' + b"b" * (2 << 20) + b'"}\n')
-    with pytest.raises(InvalidArgument, match=r"cannot read dataset 'long_row\.jsonl' as JSONL: a line is longer"):
-        catalog.describe("long_row.jsonl")
+    assert catalog.describe("long_row.jsonl").rows == 2
+    shifted = (
+        b'{"label": "a"}\n' * 500_000 + b'{"label": "' + b"b" * (2 << 20) + b'"}\n'
+    )  # across the first block's end
+    (catalog.root_dir / "shifted.jsonl").write_bytes(shifted)
+    assert catalog.describe("shifted.jsonl").rows == 500_001
+    (catalog.root_dir / "longer_row.jsonl").write_bytes(b'{"label": "a"}\n{"label": "' + b"b" * (17 << 20) + b'"}\n')
+    for read in (
+        lambda: catalog.describe("longer_row.jsonl"),
+        lambda: list(catalog.stream("longer_row.jsonl", ["label"])),
+    ):
+        with pytest.raises(InvalidArgument, match=r"as JSONL: a line is longer than 8,388,608 bytes, the block a JSON"):
+            read()
     (catalog.root_dir / "long_row.csv").write_bytes(b"text,label\na,b\nc," + b"d" * (2 << 20) + b"\n")
-    with pytest.raises(InvalidArgument, match=r"as CSV: a row is longer than 1,048,576 bytes \(the max_dataset_h"):
-        catalog.describe("long_row.csv")
+    assert catalog.describe("long_row.csv").rows == 2
+    (catalog.root_dir / "longer_row.csv").write_bytes(b"text,label\na,b\nc," + b"d" * (20 << 20) + b"\n")
+    with pytest.raises(InvalidArgument, match=r"a row is longer than 8,388,608 bytes, the block a CSV file is read"):
+        catalog.describe("longer_row.csv")
+    with pytest.raises(InvalidArgument, match=r"a row is longer than 8,388,608 bytes, the block a CSV file is read"):
+        list(catalog.stream("longer_row.csv", ["label"], ["label"]))
     # A Parquet file whose footer claims 1 GB: refused before pyarrow tries to read it.
     (catalog.root_dir / "crafted.parquet").write_bytes(b"PAR1" + b"\0" * 64 + (1 << 30).to_bytes(4, "little") + b"PAR1")
     (listed,) = [info for info in catalog.list() if info.ref == "crafted.parquet"]
@@ -589,3 +607,36 @@ def test_a_load_too_large_says_so_in_its_own_words(catalog):
         assert said.endswith(
             "max_parquet_uncompressed_bytes): evaluate it (an evaluation streams it), or load fewer of its columns"
         )
+
+
+async def test_describe_counts_the_rows_an_evaluation_reads_and_says_why_it_cannot(api, keys, jp_root_dir):
+    """A describe counted CSV and JSON Lines rows with counts of its own, which differed from the stream an evaluation
+    reads: JSON records separated by a bare CR were one line to the count (refused as "not a JSON record" with a label
+    column, one row without), two records to the evaluation; a line that is not an object was a raw TypeError (a
+    500). Now a describe reads the file as the evaluation does: the same rows and the same clear errors."""
+    records = [{"text": ("pos", "neg")[i % 2], "label": ("pos", "neg", "neg")[i % 3]} for i in range(30)]
+    (jp_root_dir / "cr.jsonl").write_bytes(b"\r".join(json.dumps(r).encode() for r in records) + b"\n")
+    (jp_root_dir / "cr_unlabelled.jsonl").write_bytes(b'{"text": "a"}\r{"text": "b"}\r{"text": "c"}\n')
+    (jp_root_dir / "not_objects.jsonl").write_bytes(b'{"text": "pos", "label": "pos"}\n[1, 2]\n')
+    async with api(keys["operator"]) as operator:
+        described = await operator.get("datasets/cr.jsonl")
+        assert described.status_code == 200, described.text
+        info = described.json()
+        assert info["rows"] == 30 and {d["label"]: d["count"] for d in info["label_distribution"]} == {
+            "pos": 10,
+            "neg": 20,
+        }
+        done = await evaluated(operator, "cr.jsonl")
+        assert done["status"] == "COMPLETED" and done["counts"]["score"]["items"] == info["rows"], done
+        assert done["metrics"]["score"]["label_distribution"] == {"pos": 10, "neg": 20}
+        unlabelled = await operator.get("datasets/cr_unlabelled.jsonl")
+        assert unlabelled.status_code == 200 and unlabelled.json()["rows"] == 3, unlabelled.text
+        refused = await operator.get("datasets/not_objects.jsonl")
+        assert refused.status_code == 400, refused.text
+        message = refused.json()["error"]["message"]
+        assert message == (
+            "cannot read dataset 'not_objects.jsonl' as JSONL: a line is not a JSON object (each line must be one "
+            "record)"
+        )
+        failed = await evaluated(operator, "not_objects.jsonl")
+        assert failed["status"] == "FAILED" and failed["error_message"] == message, failed

@@ -401,19 +401,23 @@ async def writer_and_reader(
             store.close()
 
 
+@contextlib.asynccontextmanager
+async def relays_telling(
+    db_url: str,
+) -> AsyncIterator[tuple[list[tuple[str, str | None]], EventRelay, EventBus, EventRelay, EventBus]]:
+    """writer_and_reader, the reader's relay telling the events it notes (kind, status) into a list, yielded first."""
+    told: list[tuple[str, str | None]] = []
+    async with writer_and_reader(db_url, lambda events, groups: told.extend(events)) as relays:
+        yield (told, *relays)
+
+
 async def test_other_servers_events_are_only_noted_while_nobody_here_follows_them(db_url, monkeypatch):
     """A server with no subscriber reads another server's events without their data and publishes none of them,
     yet its listings see the change, a task queued there is planned here, and a client resuming from before is
     told of the gap; once something follows, every event (each final state) is published again."""
     # No resend of the last seconds sent without rows to the subscriber that comes (tested apart): nothing from before
     monkeypatch.setattr(relay_module, "RECENT_MAX", 0, raising=False)
-    told: list[tuple[str, str | None]] = []
-    async with writer_and_reader(db_url, lambda events, groups: told.extend(events)) as (
-        writer,
-        writer_bus,
-        reader,
-        reader_bus,
-    ):
+    async with relays_telling(db_url) as (told, writer, writer_bus, reader, reader_bus):
 
         def publish(task_id: str, kind: str, status: str) -> None:
             writer_bus.publish(kind, "task", task_id, {"id": task_id, "status": status, "type": "demo"})
@@ -574,13 +578,7 @@ async def test_on_postgresql_no_outbox_row_is_written_while_no_other_server_foll
     gets every event with its data, rows written; once it stops following, sends are NOTIFYs alone again."""
     if not db_url.startswith("postgresql"):
         pytest.skip("LISTEN/NOTIFY: PostgreSQL only (SQLite polls, every send writes rows)")
-    told: list[tuple[str, str | None]] = []
-    async with writer_and_reader(db_url, lambda events, groups: told.extend(events)) as (
-        writer,
-        writer_bus,
-        reader,
-        reader_bus,
-    ):
+    async with relays_telling(db_url) as (told, writer, writer_bus, reader, reader_bus):
         await poll(lambda: reader.listening and writer.listening, bool, timeout=20)
         await asyncio.sleep(0.6)  # who follows is known (none)
         for i in range(20):

@@ -18,6 +18,7 @@ import pytest
 from plexus_mcp_jupyter.core.errors import Forbidden
 from plexus_mcp_jupyter.evaluations.datasets import DatasetCatalog
 
+from .raw_http import answer_before_body, chunked_answer
 from .test_eval_uploads import arrow_part, said
 
 QUOTA = 100_000
@@ -128,31 +129,49 @@ def test_registrations_by_one_key_at_once_never_pass_its_quota_together(tmp_path
     assert all(catalog.owner_of(name) == owner for name in placed)
 
 
-async def test_a_parquet_body_larger_than_the_quota_left_registers_when_what_is_stored_fits(server_url, keys, runtime):
-    """A registration's declared size had been checked against the quota before its body was read: a Parquet body is
-    re-encoded when it is stored, so 2 MB sent uncompressed (stored as a few kB) was refused 403 under a quota of
-    100 kB when its Content-Length was sent, and registered when the same bytes were sent chunked. The stored size is
-    what counts: both register; a caller already at the quota is refused before the body is read."""
+async def test_a_body_larger_than_its_sender_s_quota_left_is_refused_unread_declared_or_chunked(
+    server_url, keys, runtime, monkeypatch
+):
+    """A registration's body was read, parsed and re-encoded before `admit` refused a sender with little quota left
+    (the size stored is what counts), so full-size bodies sent again and again cost a parse each, and no quota. Now a
+    body larger than what its sender's quota has left is refused before it is parsed, with the quota's message (403),
+    alike with a Content-Length (unread: the connection ends) and chunked (once past what is left); one that fits is
+    read, parsed and stored (its stored size checked as before)."""
     api = f"{server_url}plexus/api/datasets"
     headers = {"Authorization": f"Bearer {keys['operator']}", "Content-Type": "application/vnd.apache.parquet"}
+    parsed: list[int] = []
+    read_parquet_body = runtime.catalog.read_parquet_body
+
+    def counted(body: bytes, name: str) -> pd.DataFrame:
+        parsed.append(len(body))
+        return read_parquet_body(body, name)
+
+    monkeypatch.setattr(runtime.catalog, "read_parquet_body", counted)
     buffer = io.BytesIO()
     pd.DataFrame({"text": ["the same words again"] * 100_000}).to_parquet(
         buffer, index=False, compression=None, use_dictionary=False
     )
-    body = buffer.getvalue()
+    body = buffer.getvalue()  # 2 MB as sent (a few kB once stored)
     assert len(body) > 20 * QUOTA
-
-    async def chunked() -> Any:
-        for start in range(0, len(body), 65_536):
-            yield body[start : start + 65_536]
-
     async with httpx2.AsyncClient(timeout=60) as http:
-        declared = await http.post(api, params={"name": "declared"}, content=body, headers=headers)
-        assert declared.status_code == 201, declared.text
-        sent = await http.post(api, params={"name": "chunked"}, content=chunked(), headers=headers)
-        assert sent.status_code == 201, sent.text
-        stored = sum(path.stat().st_size for path in runtime.catalog.registered_dir.glob("*.parquet"))
-        assert stored < QUOTA
-        runtime.catalog.max_registered_bytes = stored  # (now at its quota)
-        refused = await http.post(api, params={"name": "more"}, content=body, headers=headers)
-        assert refused.status_code == 403 and "max_registered_bytes_per_principal" in said(refused), refused.text
+        first = await http.post(api, params={"name": "first"}, content=parquet(frame()), headers=headers)
+        assert first.status_code == 201, first.text
+    left = QUOTA - (runtime.catalog.registered_dir / "first.parquet").stat().st_size
+    assert 0 < left < 70_000 and len(parsed) == 1
+
+    for _ in range(3):
+        answer = await answer_before_body(f"{api}?name=more", headers, len(body), body[:4])
+        assert answer.status == 403 and answer.closed, answer
+        message = answer.body.decode()
+        for part in ("max_registered_bytes_per_principal", "compressed Parquet", "1 registered"):
+            assert part in message, message
+        chunked, sent = await chunked_answer(f"{api}?name=more", headers, body[:65_536], 40)
+        assert chunked.status == 403 and "max_registered_bytes_per_principal" in chunked.body.decode(), chunked
+        assert sent <= left // 65_536 + 2, sent  # refused once past what is left, the rest never sent
+    assert len(parsed) == 1, parsed  # none of the refused bodies was parsed
+    assert sorted(runtime.catalog.registered_names()) == ["first"]
+
+    async with httpx2.AsyncClient(timeout=60) as http:  # one that fits is read and stored
+        fits = await http.post(api, params={"name": "second"}, content=parquet(frame()), headers=headers)
+        assert fits.status_code == 201, fits.text
+    assert len(parsed) == 2

@@ -31,6 +31,7 @@ import pyarrow.json as pa_json
 
 from ..core.errors import InvalidArgument, one_line
 from .file_reads import (
+    KEEP_DATES,
     ReadBounds,
     clip,
     decoded_nbytes,
@@ -38,15 +39,13 @@ from .file_reads import (
     parquet_batches_bounded,
     parquet_file,
     parquet_rows,
+    unreadable,
 )
 from .limits import DEFAULT_MAX_PARQUET_BYTES
 
 BATCH_BYTES = 8 << 20  # a CSV or JSON Lines block read at once (and a Parquet batch of about this many rows)
 PARQUET_BATCH_ROWS = 131_072
 _CSV_COLUMN = re.compile(r"In CSV column #(\d+)")
-# Values kept as they are: pandas 3 converts no date without dtype (its `convert_dates` is deprecated there);
-# pandas 2 converted columns named like dates unless told not to.
-_KEEP_DATES: dict[str, bool] = {} if int(pd.__version__.split(".")[0]) >= 3 else {"convert_dates": False}
 
 
 class DatasetStream:
@@ -117,9 +116,7 @@ class DatasetStream:
             except (pa.ArrowException, ValueError, TypeError, OSError, UnicodeDecodeError) as error:
                 # (TypeError: pandas' JSON reader given a line that is not an object, `[1, 2]`)
                 self._check_unchanged(version)  # a file cut short mid-read says "changed", not "malformed"
-                raise InvalidArgument(
-                    f"cannot read dataset {clip(self.ref)} as {self.fmt.upper()}: {one_line(error)}"
-                ) from None
+                raise InvalidArgument(unreadable(self.ref, self.fmt, error)) from None
             self._check_unchanged(version)
             if frame is None:
                 return
@@ -180,9 +177,10 @@ class DatasetStream:
                 "the column one type (or save the file as Parquet with the column as text)"
             )
         if "straddl" in message:
+            block = max(self.batch_bytes, self.bounds.block_bytes)  # (what the reader was given: _csv)
             return (
-                f"dataset {clip(self.ref)}: a row is longer than {self.bounds.block_bytes:,} bytes (the "
-                "max_dataset_header_bytes setting)"
+                f"dataset {clip(self.ref)}: a row is longer than {block:,} bytes, the block a CSV file is read in "
+                "(the max_dataset_header_bytes setting when larger)"
             )
         return f"cannot read dataset {clip(self.ref)} as CSV: {one_line(message)}"
 
@@ -218,7 +216,10 @@ class DatasetStream:
         between records), or whose text columns it typed otherwise (a date-like label as a timestamp, integers
         with a null as floats: the same label would read differently from block to block), is parsed by pandas
         instead, its values kept as they are, as before."""
-        for block in _line_blocks(self.path, max(self.batch_bytes, self.bounds.block_bytes), self.bounds.block_bytes):
+        # A line may be as long as a block wherever it is (a longest line of bounds.block_bytes had held only for the
+        # line across a block's end: a 2 MiB record passed inside a block and failed across one), as for a CSV row.
+        size = max(self.batch_bytes, self.bounds.block_bytes)
+        for block in _line_blocks(self.path, size, size):
             try:
                 table = pa_json.read_json(io.BytesIO(block))
             except pa.ArrowInvalid:
@@ -226,7 +227,7 @@ class DatasetStream:
             if table is not None and all(_as_text(table, column) for column in self.text_columns):
                 frame = table.to_pandas()
             else:
-                frame = pd.read_json(io.BytesIO(block), lines=True, dtype=False, **_KEEP_DATES)
+                frame = pd.read_json(io.BytesIO(block), lines=True, dtype=False, **KEEP_DATES)
             for column in self.columns:  # a field no record of this block has
                 if column not in frame.columns:
                     frame[column] = None
@@ -266,7 +267,10 @@ def _line_blocks(path: Path, size: int, longest: int) -> Iterator[bytes]:
             end = data.rfind(b"\n") + 1
             rest = data[end:]
             if len(rest) > longest:
-                raise ValueError(f"a line is longer than {longest:,} bytes (the max_dataset_header_bytes setting)")
+                raise ValueError(
+                    f"a line is longer than {longest:,} bytes, the block a JSON Lines file is read in (the "
+                    "max_dataset_header_bytes setting when larger)"
+                )
             if data[:end].strip():
                 yield data[:end]
         if rest.strip():

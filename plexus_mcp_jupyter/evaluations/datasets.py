@@ -56,19 +56,21 @@ from ..core.ownership import is_key_owner
 from ..core.pools import start_one_thread
 from .dataset_stream import DatasetStream, count_lines
 from .file_reads import (
+    KEEP_DATES,
     MAX_TRACKED_LABELS,
+    LabelCounts,
     ReadBounds,
     check_columns,
     check_header,
     check_name,
     clip,
-    count_csv,
-    count_jsonl,
     count_parquet,
     head,
+    label_text,
     parquet_file,
     parse_head,
     read_parquet_bounded,
+    unreadable,
 )
 from .limits import DEFAULT_MAX_PARQUET_BYTES
 
@@ -469,10 +471,8 @@ class DatasetCatalog:
         with _reading(ref, fmt):
             if fmt == "parquet":
                 counted = count_parquet(path, label_column, self.max_parquet_uncompressed_bytes, ref)
-            elif fmt == "csv":
-                counted = count_csv(path, names, label_column, self.bounds)
             else:
-                counted = count_jsonl(path, label_column, self.bounds)
+                counted = self._count_text(path, fmt, ref, names, label_column)
         if counted.rows == 0:
             raise InvalidArgument(f"dataset {clip(ref)} has no rows")
         extra: dict[str, Any] = {"label_column": label_column}
@@ -484,6 +484,30 @@ class DatasetCatalog:
             extra["label_distribution"] = counted.top(MAX_LABEL_CLASSES)
             extra["label_classes"] = len(counted.counts or {})
         return _info(parsed, counted.rows, columns, size_bytes=size if parsed.source == "file" else None, **extra)
+
+    def _count_text(
+        self, path: Path, fmt: str, ref: str, names: builtins.list[str], label_column: str | None
+    ) -> LabelCounts:
+        """A CSV or JSON Lines file's rows and label counts from one pass of the stream an evaluation reads it with
+        (DatasetStream, the label column as text, or the first column): the rows an evaluation reads, and its errors.
+        Counts of their own (pyarrow's CSV reader in 1 MiB blocks, JSON records line by line) had differed: a JSON
+        Lines file of records split by a bare CR was refused (a record read as two), a record that is not an object
+        raised a raw TypeError, and a CSV row over 1 MiB failed the count, not the evaluation."""
+        column = label_column if label_column is not None else names[0]
+        stream = DatasetStream(
+            path,
+            fmt,
+            ref,
+            names,
+            [column],
+            [column],
+            self.bounds,
+            max_parquet_bytes=self.max_parquet_uncompressed_bytes,
+        )
+        counted = LabelCounts()
+        for frame in stream:
+            counted.add(label_text(frame[column]) if label_column is not None else None, len(frame))
+        return counted
 
     def list(self, *, include_files: bool = True, limit: int = 500) -> builtins.list[DatasetInfo]:
         """Examples, then registered frames, then data files under the root (sorted by path), at most
@@ -602,21 +626,42 @@ class DatasetCatalog:
                     count += 1
         return used, count
 
-    def check_quota(self, owner: str | None, name: str, adding: int) -> None:
+    def check_quota(self, owner: str | None, name: str, adding: int) -> int | None:
         """Forbidden when registering `adding` bytes as `name` would put an API key's registered datasets past
-        `max_registered_bytes` (the one `name` replaces, if theirs, is not counted: it goes)."""
+        `max_registered_bytes` (the one `name` replaces, if theirs, is not counted: it goes); otherwise the bytes
+        they have left before `adding` (None: no quota applies to `owner`)."""
         quota = self.max_registered_bytes
         if not quota or not is_key_owner(owner):
-            return
+            return None
         used, count = self.registered_bytes(owner, besides=name)
         if used + adding > quota:
-            raise Forbidden(
-                f"registering {name!r} ({_size(adding)}) would pass your quota of registered data, {_size(quota)} "
-                f"(the max_registered_bytes_per_principal setting): your {count} registered dataset(s) use "
-                f"{_size(used)}. Delete those you no longer need (plexus.delete_dataset(name), or DELETE "
-                "plexus/api/datasets/registered:<name>), keep only the columns the evaluation needs, or ask an "
-                "admin for a larger quota"
-            )
+            raise self.quota_refusal(name, adding, used, count)
+        return quota - used
+
+    def quota_refusal(self, name: str, adding: int, used: int, count: int, sent: bool = False) -> Forbidden:
+        """The quota's refusal of `adding` bytes (`sent`: a request body's, before it is stored) registered as `name`
+        by a key whose `count` datasets use `used` bytes."""
+        quota = self.max_registered_bytes
+        what = f"a body of {_size(adding)}" if sent else _size(adding)
+        hint = (
+            " (a body is refused unread when it is larger than what your quota has left: send the frame as "
+            "compressed Parquet, which is what the notebook client sends)"
+            if sent
+            else ""
+        )
+        return Forbidden(
+            f"registering {name!r} ({what}) would pass your quota of registered data, {_size(quota)} "
+            f"(the max_registered_bytes_per_principal setting): your {count} registered dataset(s) use "
+            f"{_size(used)}{hint}. Delete those you no longer need (plexus.delete_dataset(name), or DELETE "
+            "plexus/api/datasets/registered:<name>), keep only the columns the evaluation needs, or ask an "
+            "admin for a larger quota"
+        )
+
+    def quota_use(self, owner: str | None, name: str) -> tuple[int, int] | None:
+        """Bytes and number of `owner`'s registered datasets besides `name` when a quota applies to them, else None."""
+        if not self.max_registered_bytes or not is_key_owner(owner):
+            return None
+        return self.registered_bytes(owner, besides=name)
 
     def register(self, name: str, df: pd.DataFrame, *, replace: bool = False, owner: str | None = None) -> DatasetInfo:
         """Store `df` as the registered dataset `name` (ref ``registered:<name>``).
@@ -762,8 +807,9 @@ def _reading(ref: str, fmt: str) -> Iterator[None]:
         raise
     except pd.errors.EmptyDataError:
         raise InvalidArgument(f"dataset {clip(ref)} is empty (no header and no rows)") from None
-    except (ValueError, pd.errors.ParserError, pa.ArrowException, UnicodeDecodeError, OSError, RecursionError) as error:
-        raise InvalidArgument(f"cannot read dataset {clip(ref)} as {fmt.upper()}: {one_line(error)}") from None
+    except (ValueError, TypeError, pa.ArrowException, UnicodeDecodeError, OSError, RecursionError) as error:
+        # (pd.errors.ParserError is a ValueError; a TypeError: pandas' JSON reader given a line that is not an object)
+        raise InvalidArgument(unreadable(ref, fmt, error)) from None
 
 
 def _read(path: Path, fmt: str, ref: str, columns: builtins.list[str] | None, max_parquet_bytes: int) -> pd.DataFrame:
@@ -771,7 +817,7 @@ def _read(path: Path, fmt: str, ref: str, columns: builtins.list[str] | None, ma
         if fmt == "csv":
             df = pd.read_csv(path)
         elif fmt == "jsonl":
-            df = pd.read_json(path, lines=True, dtype=False)
+            df = pd.read_json(path, lines=True, dtype=False, **KEEP_DATES)
         else:
             # One open file for schema and data: a registered frame replaced meanwhile is read whole, old or new.
             with path.open("rb") as handle:

@@ -14,8 +14,9 @@ memory or read an unbounded line: a 200 MB line without a newline once became a 
 - a Parquet body registered in one request is read in batches whose decoded size is added up, within a
   bound (read_parquet_bounded: its footer's declared sizes are only a first filter, its page headers a second),
   and so is the label column of a Parquet file a describe counts (count_parquet);
-- rows and label counts come from a streaming pass in blocks (Parquet batches of one column, pyarrow's
-  CSV reader of one column, JSON Lines lines of at most `block_bytes`), never from a loaded frame.
+- rows and label counts come from a streaming pass in blocks (Parquet batches of one column; for CSV and JSON
+  Lines, one pass of the stream an evaluation reads the file with, dataset_stream.py, over one column, so that a
+  describe counts the rows an evaluation reads), never from a loaded frame.
 
 A file outside the bounds raises InvalidArgument saying which bound and the setting that sets it.
 """
@@ -37,16 +38,19 @@ from typing import IO, Any, NamedTuple
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from ..core.errors import InvalidArgument
+from ..core.errors import InvalidArgument, one_line
 
 HEAD_SAMPLE_BYTES = 1 << 20  # bytes after the header read to infer column dtypes from the first rows
 PARQUET_FOOTER_BYTES = 16 << 20  # a Parquet footer above this is refused (thrift metadata, read whole)
 MAX_TRACKED_LABELS = 10_000  # more distinct values than this and a column is not counted as labels
 MAX_LABEL_CHARS = 200  # a label value is shown up to this many characters
 MIN_BLOCK_BYTES = 1 << 20
+# pd.read_json's options that keep values as they are: pandas 3 converts no date without dtype (its `convert_dates`
+# is deprecated there); pandas 2 converted columns named like dates ("date", "modified", "*_at", "timestamp"...: a
+# "modified" column of integers became timestamps) unless told not to. Every pd.read_json of a dataset passes them.
+KEEP_DATES: dict[str, bool] = {} if int(pd.__version__.split(".")[0]) >= 3 else {"convert_dates": False}
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,14 @@ def clip(text: str, limit: int = 100) -> str:
     """`text` as repr, cut to about `limit` characters: what of a client's or a file's string an error echoes."""
     shown = repr(text[:limit])
     return shown + f"... ({len(text):,} characters)" if len(text) > limit else shown
+
+
+def unreadable(ref: str, fmt: str, error: BaseException) -> str:
+    """The one line saying why a parser refused a dataset file (a TypeError: pandas' JSON reader given a line that
+    is not an object, `[1, 2]`, which it words as a dict() conversion)."""
+    if isinstance(error, TypeError) and fmt == "jsonl":
+        return f"cannot read dataset {clip(ref)} as JSONL: a line is not a JSON object (each line must be one record)"
+    return f"cannot read dataset {clip(ref)} as {fmt.upper()}: {one_line(error)}"
 
 
 def check_name(value: object, what: str, limit: int) -> str:
@@ -160,11 +172,12 @@ def parse_head(data: bytes, fmt: str, rows: int | None) -> pd.DataFrame:
         return pd.read_csv(io.BytesIO(data), nrows=rows)
     if not data.strip():
         raise pd.errors.EmptyDataError("no records")
-    return pd.read_json(io.BytesIO(data), lines=True, nrows=rows, dtype=False)
+    return pd.read_json(io.BytesIO(data), lines=True, nrows=rows, dtype=False, **KEEP_DATES)
 
 
-def parquet_file(handle: IO[bytes], ref: str) -> pq.ParquetFile:
-    """A ParquetFile, after checking its footer length: a crafted footer can claim gigabytes."""
+def parquet_file(handle: IO[bytes], ref: str, read_dictionary: list[str] | None = None) -> pq.ParquetFile:
+    """A ParquetFile (its `read_dictionary` columns read as dictionaries), after checking its footer length: a crafted
+    footer can claim gigabytes."""
     handle.seek(0, io.SEEK_END)
     size = handle.tell()
     if size >= 12:
@@ -177,7 +190,7 @@ def parquet_file(handle: IO[bytes], ref: str) -> pq.ParquetFile:
                 f"more than {PARQUET_FOOTER_BYTES:,}"
             )
     handle.seek(0)
-    return pq.ParquetFile(handle)
+    return pq.ParquetFile(handle, read_dictionary=read_dictionary)
 
 
 def column_chunks(
@@ -1091,68 +1104,11 @@ def count_parquet(path: Path, label: str | None, max_bytes: int, ref: str | None
     return result
 
 
-def count_csv(path: Path, names: list[str], label: str | None, bounds: ReadBounds) -> LabelCounts:
-    """Rows and label counts from pyarrow's streaming CSV reader, one column, as text.
-
-    The header is replaced by `names` (pandas' names, with its suffixes for duplicates) so the label
-    column is the one pandas would read; quoted newlines are values, as for pandas.
-    """
-    column = label if label is not None else names[0]
-    reader = pa_csv.open_csv(
-        path,
-        read_options=pa_csv.ReadOptions(
-            column_names=names, skip_rows=1, block_size=bounds.block_bytes, use_threads=False
-        ),
-        parse_options=pa_csv.ParseOptions(newlines_in_values=True),
-        convert_options=pa_csv.ConvertOptions(
-            include_columns=[column], column_types={column: pa.string()}, strings_can_be_null=True
-        ),
-    )
-    result = LabelCounts()
+def label_text(values: pd.Series) -> pa.Array:
+    """A label column's values as text, as LabelCounts counts them: missing (None, NaN) as null, text as it is,
+    anything else (a number or a flag in a JSON record) as `str` says it."""
     try:
-        for batch in reader:
-            result.add(batch.column(0) if label is not None else None, batch.num_rows)
-    except pa.ArrowInvalid as error:
-        if "straddl" not in str(error):
-            raise
-        raise ValueError(
-            f"a row is longer than {bounds.block_bytes:,} bytes (the max_dataset_header_bytes setting)"
-        ) from None
-    return result
-
-
-def count_jsonl(path: Path, label: str | None, bounds: ReadBounds) -> LabelCounts:
-    """Rows and label counts from the records, read line by line in blocks (each line at most a block)."""
-    result = LabelCounts()
-    values: list[Any] = []
-    for number, line in enumerate(_lines(path, bounds.block_bytes), start=1):
-        if not line.strip():
-            continue
-        if label is None:
-            result.rows += 1
-            continue
-        try:
-            record = json.loads(line)
-        except (ValueError, RecursionError) as error:
-            raise ValueError(f"line {number} is not a JSON record ({type(error).__name__})") from None
-        value = record.get(label) if isinstance(record, dict) else None
-        values.append(value if value is None or isinstance(value, str) else str(value))
-        if len(values) >= 65_536:
-            result.add(pa.array(values, pa.string()), len(values))
-            values = []
-    if values:
-        result.add(pa.array(values, pa.string()), len(values))
-    return result
-
-
-def _lines(path: Path, block: int) -> Iterator[bytes]:
-    with path.open("rb") as handle:
-        rest = b""
-        while chunk := handle.read(block):
-            lines = (rest + chunk).split(b"\n")
-            rest = lines.pop()
-            if len(rest) > block:
-                raise ValueError(f"a line is longer than {block:,} bytes (the max_dataset_header_bytes setting)")
-            yield from lines
-        if rest:
-            yield rest
+        return pa.array(values, type=pa.string(), from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        shown = [None if v is None or (isinstance(v, float) and v != v) else str(v) for v in values.tolist()]
+        return pa.array(shown, type=pa.string())

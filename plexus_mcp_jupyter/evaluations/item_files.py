@@ -31,6 +31,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..core.errors import InvalidArgument, PlexusError, one_line
+from .file_reads import parquet_file
+
 FORMAT = "parquet"
 ARROW_STREAM_TYPE = "application/vnd.apache.arrow.stream"  # the media type of an Arrow IPC stream (REST results)
 # Columns of few distinct values, dictionary-encoded; inputs and ids are mostly distinct, where a dictionary
@@ -46,6 +49,16 @@ CLASS_COLUMNS = ("label", "label_class", "prediction")
 # items: 8192 -> 8.2 ms a page of mismatches, 4.9 bytes/item; 1024 -> 2.9 ms, 6.4 bytes/item.
 ROW_GROUP_ROWS = 1024
 _CHUNK = re.compile(r"^chunk-(\d{12})-(\d{12})\.parquet$")
+# What a row group of a chunk may read back as: a worker writes ROW_GROUP_ROWS items whose text is clipped to a few
+# hundred characters (runner.EXCERPT_CHARS, EXPLANATION_CHARS), a few MiB; a file past it (corrupted, or replaced by
+# someone with access to items_dir) is refused, not read into the server's memory.
+MAX_GROUP_BYTES = 64 << 20
+# The text columns a worker writes (item_id too when the ids are text), read as dictionaries where a file holds them
+# so (`tables`): those written as dictionaries, and those written plain (PLAIN_TEXT) in a row group that does not.
+PLAIN_TEXT = ("item_id", "input")
+TEXT_COLUMNS = [*PLAIN_TEXT, "label", "label_class", "prediction", "explanation", "error"]
+TEXT_DICTIONARIES = [name for name in TEXT_COLUMNS if name not in PLAIN_TEXT]
+_DICTIONARY_ENCODINGS = {"PLAIN_DICTIONARY", "RLE_DICTIONARY"}
 
 
 def score_key(score: str) -> str:
@@ -211,23 +224,94 @@ class ItemFiles:
             if after is not None and end - 1 <= after:
                 continue
             try:
-                parquet = pq.ParquetFile(path)
+                handle = path.open("rb")
             except FileNotFoundError:  # removed meanwhile (a re-run, a cancel): what is left is nothing
                 return
-            with parquet:
+            with handle, _reading(evaluation_id, path):
+                # Text read as dictionaries, its size bounded before it is decoded (_decoded): a dictionary page of one
+                # long value and many indices to it is a few bytes in a file, and its footer's sizes say so. Those a
+                # worker writes as dictionaries are read so; ids and inputs (zstd, their size in the footer) only in
+                # a row group that holds them as dictionaries (a file from before 55d7dd4, or not a worker's).
+                parquet = parquet_file(handle, path.name, TEXT_DICTIONARIES)  # (its footer within 16 MiB)
+                every: pq.ParquetFile | None = None  # (every text column as dictionaries)
+                schema = parquet.schema_arrow
+                seq = schema.get_field_index("seq")
+                plain = [i for i in (schema.get_field_index(n) for n in PLAIN_TEXT if n in wanted) if i >= 0]
                 # Row group by row group, so a page costs the groups it needs (a few thousand items), not the
                 # chunk; groups wholly before the cursor are skipped by their seq statistics.
                 for group in range(parquet.num_row_groups):
-                    if after is not None and _last_seq(parquet, group) <= after:
+                    if after is not None and _last_seq(parquet, group, seq) <= after:
                         continue
-                    table = matching(parquet.read_row_group(group, columns=wanted))
+                    reader = parquet
+                    if _check_group(parquet.metadata, group, plain):
+                        every = every or pq.ParquetFile(handle, metadata=parquet.metadata, read_dictionary=TEXT_COLUMNS)
+                        reader = every
+                    table = matching(_decoded(reader.read_row_group(group, columns=wanted), group))
                     if table.num_rows:
                         yield table.select(list(columns))
 
 
-def _last_seq(parquet: pq.ParquetFile, group: int) -> int:
+class DamagedItems(PlexusError):
+    """An item file that is not one a worker writes (corrupted, truncated or replaced): the message says which."""
+
+
+def _check_group(metadata: pq.FileMetaData, group: int, plain: list[int]) -> bool:
+    """A row group's declared sizes within what a worker writes (ROW_GROUP_ROWS items of text clipped to a few hundred
+    characters: a few MiB), before it is read: DamagedItems past MAX_GROUP_BYTES, uncompressed or as values; whether
+    one of its columns `plain` (leaf indices) holds dictionary pages."""
+    row_group = metadata.row_group(group)
+    # (its columns' uncompressed sizes: pyarrow's total_byte_size is what the pages take once decompressed... or not)
+    chunks = sum(row_group.column(i).total_uncompressed_size for i in range(row_group.num_columns))
+    declared, values = max(row_group.total_byte_size, chunks), row_group.num_rows * max(row_group.num_columns, 1) * 8
+    if max(declared, values) > MAX_GROUP_BYTES:
+        raise DamagedItems(
+            f"row group {group} declares {row_group.num_rows:,} items and {declared:,} bytes uncompressed"
+        )
+    return any(set(row_group.column(i).encodings) & _DICTIONARY_ENCODINGS for i in plain)
+
+
+@contextlib.contextmanager
+def _reading(evaluation_id: str, path: Path) -> Iterator[None]:
+    """An item file's read, its failures (a file past the bounds, or that pyarrow cannot read) one clear error."""
+    try:
+        yield
+    except DamagedItems as error:
+        raise DamagedItems(_damaged(evaluation_id, path, f"{error}, more than {MAX_GROUP_BYTES:,} allowed")) from None
+    except InvalidArgument as error:  # (parquet_file: a footer past its bound)
+        raise DamagedItems(_damaged(evaluation_id, path, str(error).split("cannot be read: ", 1)[-1])) from None
+    except (pa.ArrowException, OSError, ValueError, KeyError) as error:  # (KeyError: a text column missing)
+        raise DamagedItems(_damaged(evaluation_id, path, one_line(error))) from None
+
+
+def _damaged(evaluation_id: str, path: Path, why: str) -> str:
+    return (
+        f"the items of evaluation {evaluation_id} cannot be read: their file {path.parent.name}/{path.name} is not "
+        f"one a worker writes (corrupted or replaced: {why}); run the evaluation again to write them anew"
+    )
+
+
+def _decoded(table: pa.Table, group: int) -> pa.Table:
+    """A row group read with its text as dictionaries, decoded once its size is known to be within MAX_GROUP_BYTES
+    (a dictionary's column counted as its indices times its longest value: at least what it decodes to)."""
+    size = 0
+    decode = []
+    for index, column in enumerate(table.columns):
+        if pa.types.is_dictionary(column.type):
+            decode.append(index)
+            for piece in column.chunks:
+                longest = pc.max(pc.binary_length(piece.dictionary)).as_py() or 0
+                size += len(piece) * (longest + 8)
+        else:
+            size += column.nbytes
+    if size > MAX_GROUP_BYTES:
+        raise DamagedItems(f"row group {group} reads back as up to {size:,} bytes")
+    for index in decode:
+        table = table.set_column(index, table.field(index).name, table.column(index).cast(pa.string()))
+    return table
+
+
+def _last_seq(parquet: pq.ParquetFile, group: int, column: int) -> int:
     """The last seq of a row group, from its statistics (written for seq); a group without them is read."""
-    column = parquet.schema_arrow.get_field_index("seq")
     statistics = parquet.metadata.row_group(group).column(column).statistics
     return int(statistics.max) if statistics is not None and statistics.has_min_max else 2**62
 

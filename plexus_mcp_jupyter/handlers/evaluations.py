@@ -11,6 +11,7 @@ from typing import Any
 
 import pandas as pd
 from tornado import web
+from tornado.http1connection import HTTP1Connection
 from tornado.iostream import StreamClosedError
 
 from ..core.errors import InvalidArgument, NotFound, PlexusError, bounded
@@ -134,8 +135,23 @@ class EvaluationResultsHandler(BodylessHandler):
         """The items as Arrow IPC, a row group at a time, each piece read and encoded in the catalog's threads and
         flushed before the next: bounded memory, the loop free, whatever the evaluation's size."""
         service = self.runtime.evaluations
-        self.set_header("Content-Type", ARROW_STREAM)
-        while (piece := await service.catalog.run(stream.next)) is not None:
+        started = False
+        while True:
+            try:
+                piece = await service.catalog.run(stream.next)
+            except PlexusError as exc:  # an item file that cannot be read (item_files.DamagedItems)
+                if not started:
+                    raise http_error(exc) from None
+                self.log.warning("an Arrow stream of items cut short: %s", bounded(str(exc)))
+                connection = self.request.connection
+                if isinstance(connection, HTTP1Connection):  # the client sees the response cut, not an end
+                    connection.close()
+                return
+            if piece is None:
+                return
+            if not started:
+                self.set_header("Content-Type", ARROW_STREAM)
+                started = True
             self.write(piece)
             try:
                 await self.flush()
@@ -212,6 +228,10 @@ class DatasetBodyHandler(StreamedBody, PlexusHandler):  # type: ignore[misc]  # 
     _limit: int | None = None  # what `admit_request` found this request may send (None: max_dataset_upload_bytes)
 
     def body_limit(self) -> int:
+        return self.upload_limit()
+
+    def upload_limit(self) -> int:
+        """What max_dataset_upload_bytes lets this request send (a part: what its upload has left of it)."""
         return int(self.runtime.uploads.max_bytes) if self._limit is None else self._limit
 
     def _too_large(self, size: int) -> web.HTTPError:
@@ -221,7 +241,7 @@ class DatasetBodyHandler(StreamedBody, PlexusHandler):  # type: ignore[misc]  # 
 
     def too_large_message(self, size: int) -> str:
         return (
-            f"the request body is {size:,} bytes, more than the {self.body_limit():,} a dataset may have (the "
+            f"the request body is {size:,} bytes, more than the {self.upload_limit():,} a dataset may have (the "
             "max_dataset_upload_bytes setting)"
         )
 
@@ -234,19 +254,44 @@ class DatasetBodyHandler(StreamedBody, PlexusHandler):  # type: ignore[misc]  # 
 
 class DatasetsHandler(DatasetBodyHandler):
     body_methods = ("POST",)  # (a registration)
+    _registration: RegisterDataset | None = None  # the query, read once (admit_request) for the body's method
+    _quota: tuple[int, int] | None = None  # the sender's registered bytes and datasets, when a quota applies
 
     async def admit_request(self) -> None:
-        """A registration's role and quota, before its body is read: the role (403), the caller's quota of registered
-        bytes (403 for a caller already at it). Not its declared size against what is left: every body is written
-        anew (a Parquet one re-encoded, so 2 MB sent uncompressed may be stored as 4 kB), and `admit` checks the size
-        stored."""
+        """A registration's role, arguments and quota, before its body is read: the role (403), the query (400), and
+        the caller's quota of registered bytes (403 for a caller already at it, or whose body's declared size is more
+        than it has left; a chunked body is refused once past it, `_too_large`): a body from a sender without the
+        quota for it costs no read and no parse. The bytes stored are checked again once it is written (`admit`: a
+        Parquet body is re-encoded, usually to about its size as sent, smaller when it was sent uncompressed)."""
         self.require("register")
+        declared = declared_length(self.request.headers)
         try:
-            name = self.query_request(RegisterDataset).name
-            catalog = self.runtime.catalog
-            await catalog.run(catalog.check_quota, self.principal.owner, name, 1)
+            self._registration = request = self.query_request(RegisterDataset)
+            self._quota = await self.runtime.catalog.run(self._quota_for, request.name, declared)
         except PlexusError as exc:
             raise http_error(exc) from None
+
+    def _quota_for(self, name: str, declared: int | None) -> tuple[int, int] | None:
+        """The sender's use of its quota (None: none applies), once its body's declared size (chunked: 1 byte) fits."""
+        catalog = self.runtime.catalog
+        use = catalog.quota_use(self.principal.owner, name)
+        if use is not None and use[0] + max(declared or 0, 1) > catalog.max_registered_bytes:
+            raise catalog.quota_refusal(name, max(declared or 0, 1), *use, sent=declared is not None)
+        return use
+
+    def body_limit(self) -> int:
+        """max_dataset_upload_bytes, or less: what the sender's quota of registered bytes has left."""
+        if self._quota is None:
+            return self.upload_limit()
+        return min(self.upload_limit(), max(0, self.runtime.catalog.max_registered_bytes - self._quota[0]))
+
+    def _too_large(self, size: int) -> web.HTTPError:
+        quota, registration = self._quota, self._registration
+        if self._bodyless() or quota is None or registration is None or size > self.upload_limit():
+            return super()._too_large(size)
+        # (a chunked body past what its sender's quota has left: refused as a declared one is, by `admit_request`)
+        refusal = self.runtime.catalog.quota_refusal(registration.name, size, *quota, sent=True)
+        return web.HTTPError(403, bounded(str(refusal)))
 
     async def get(self) -> None:
         """Datasets: examples, registered and files under the root (?include_files=false to skip files)."""
@@ -265,12 +310,12 @@ class DatasetsHandler(DatasetBodyHandler):
         201 with the dataset's description; 409 when the name is taken (unless replace=true).
         """
         self.require("register")
+        request = self._registration
+        assert request is not None  # (admit_request read it before the body, or the request was refused)
         try:
-            request = self.query_request(RegisterDataset)  # the name as sent: one with a control character is refused
-            name, replace = request.name, request.replace
+            name, replace = request.name, request.replace  # the name as sent: one with a control character is refused
             catalog = self.runtime.catalog
             owner = self.principal.owner
-            await catalog.run(catalog.check_quota, owner, name, 1)  # already at the quota: refused before parsing
             # Parsing and writing Parquet take a while for a big frame: off the event loop, in the catalog's threads.
             frame = await catalog.run(self._frame, name, self.body)
             if not await _may_register(self, name, replace):
@@ -333,6 +378,7 @@ class DatasetUploadsHandler(BodylessHandler):
 class DatasetUploadHandler(DatasetBodyHandler):
     body_methods = ("PUT",)  # (a commit or an abort reads none: past 64 KiB, refused unread)
     _discarded: bool | None = None  # (a chunked part past what its upload has left: `data_received`)
+    _part: UploadPart | None = None  # the query, read once (admit_request) for a PUT
 
     async def admit_request(self) -> None:
         """A part's role, arguments and upload, before its body is read: 403 for a role that may not register, 400
@@ -341,7 +387,7 @@ class DatasetUploadHandler(DatasetBodyHandler):
         chunked part is bounded by what is left as it arrives."""
         self.require("register")
         try:  # a bad argument is a 400 naming it, whatever the upload (as the part's own handling says)
-            self.query_request(UploadPart, upload_id=self.path_kwargs["upload_id"])
+            self._part = self.query_request(UploadPart, upload_id=self.path_kwargs["upload_id"])
         except PlexusError as exc:
             raise http_error(exc) from None
         uploads, declared = self.runtime.uploads, declared_length(self.request.headers)
@@ -397,8 +443,9 @@ class DatasetUploadHandler(DatasetBodyHandler):
     async def put(self, upload_id: str) -> None:
         """One part: ?part=N, the body an Arrow IPC stream of record batches (parsed in the catalog's threads)."""
         self.require("register")
+        request = self._part
+        assert request is not None  # (admit_request read it before the body, or the request was refused)
         try:
-            request = self.query_request(UploadPart, upload_id=upload_id)
             uploads = self.runtime.uploads
             progress = await self.runtime.catalog.run(
                 uploads.append, request.upload_id, self.principal.owner, request.part, self.body
