@@ -756,10 +756,16 @@ _REHEARSING_INTO_A_LOCK = (
 def _lock_the_store_once_rehearsing(tmp_path: Path, server: subprocess.Popen[str], locked: Path) -> Any:
     """Once the server's rehearsals wait (_REHEARSING_INTO_A_LOCK): another process's write transaction on its
     SQLite store (BEGIN IMMEDIATE), held until the caller rolls it back; then the rehearsals go on into it."""
+    return _lock_the_store_once(tmp_path, server, locked, "REHEARSING")
+
+
+def _lock_the_store_once(tmp_path: Path, server: subprocess.Popen[Any], locked: Path, said: str) -> Any:
+    """Once the server has said `said` on stderr (and waits for the file `locked`): another process's write
+    transaction on its SQLite store (BEGIN IMMEDIATE), held until the caller rolls it back; `locked` made."""
     import sqlite3
 
     deadline = time.monotonic() + 120
-    while "REHEARSING" not in (tmp_path / "err").read_text():
+    while said not in (tmp_path / "err").read_text():
         assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()
         time.sleep(0.01)
     holder = sqlite3.connect(tmp_path / "s.db", isolation_level=None, check_same_thread=False)
@@ -944,3 +950,73 @@ def test_a_stdio_server_closed_while_a_rehearsal_waits_for_a_store_lock_exits_so
     assert server.returncode == 0, (tmp_path / "err").read_text()
     # REHEARSAL_SECONDS (1 s) at most for the rehearsal; a margin for a loaded machine (before: 4.6-4.9 s).
     assert exited < service_module.REHEARSAL_SECONDS + 2.0, exited
+
+
+def test_a_stdio_server_closed_while_its_pruning_waits_for_a_store_lock_exits_soon(tmp_path):
+    """The client closes stdin while another process holds the store locked (SQLite: BEGIN IMMEDIATE) and the
+    pruning of a cancelled evaluation's items (at start: what a stopped server left) waits for it: each pruning
+    transaction waits PRUNE_LOCK_WAIT at most, and none is tried again once the service closes; its batch rolled
+    back, the evaluation is not marked pruned (the next start prunes it). It waited out the store's busy timeout
+    (5 s), and the stop waited for it."""
+    from plexus_mcp_jupyter.core.models import Task
+    from plexus_mcp_jupyter.evaluations.store import EvaluationStore
+
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    evaluations = EvaluationStore(store.engine)
+    store.create_task(Task(id="t-cancelled", type="evaluation", status=TaskStatus.CANCELLED))
+    evaluations.create(
+        {
+            "id": "e-cancelled",
+            "task_id": "t-cancelled",
+            "type": "accuracy",
+            "owner": None,
+            "dataset": "example:sentiment",
+            "definition": {"scores": [{"name": "score"}]},
+            "created_at": time.time(),
+        }
+    )
+    items = [(i, str(i), "x", "a", "a", "a", True, None, None) for i in range(10)]
+    evaluations.add_items("e-cancelled", "score", items)
+    store.close()
+    bootstrap = (
+        "import os, sys, time\n"
+        "from plexus_mcp_jupyter.evaluations.store import EvaluationStore\n"
+        "delete = EvaluationStore.delete_items\n"
+        "def held(self, *args, **kwargs):\n"
+        "    sys.stderr.write('PRUNING\\n'); sys.stderr.flush()\n"
+        "    deadline = time.monotonic() + 120\n"
+        "    while not os.path.exists(os.environ['PLEXUS_TEST_LOCKED']) and time.monotonic() < deadline:\n"
+        "        time.sleep(0.005)\n"
+        "    return delete(self, *args, **kwargs)\n"
+        "EvaluationStore.delete_items = held\n" + _THEN_SERVE
+    )
+    locked = tmp_path / "locked"
+    server = _stdio_server(tmp_path, bootstrap, PLEXUS_TEST_LOCKED=str(locked))
+    lines = _lines(server)
+    holder = None
+    try:
+        _initialize(server)
+        assert json.loads(lines.get(timeout=60))["id"] == 1
+        holder = _lock_the_store_once(tmp_path, server, locked, "PRUNING")  # held until the server has exited
+        time.sleep(0.2)  # the pruning's delete waits for the lock
+        assert server.stdin is not None
+        since = time.monotonic()
+        server.stdin.close()
+        server.wait(60)
+        exited = time.monotonic() - since
+    finally:
+        if server.poll() is None:
+            server.kill()
+        if holder is not None:
+            holder.execute("ROLLBACK")
+            holder.close()
+    assert server.returncode == 0, (tmp_path / "err").read_text()
+    # PRUNE_LOCK_WAIT (1 s) at most for the pruning; a margin for a loaded machine (before: the 5 s busy timeout).
+    assert exited < service_module.PRUNE_LOCK_WAIT + 2.0, exited
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    try:
+        record = EvaluationStore(store.engine).get("e-cancelled")
+        assert record is not None and record["items_pruned_at"] is None
+        assert EvaluationStore(store.engine).count_items("e-cancelled", "score") == 10, "its batch rolled back"
+    finally:
+        store.close()

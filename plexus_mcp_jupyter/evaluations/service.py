@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import logging
 import secrets
 import threading
@@ -20,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.engine import Connection
 
@@ -49,11 +50,18 @@ from .store import (
     EvaluationStore,
     ItemFilter,
     evaluations_table,
+    lock_timed_out,
 )
 
 MAX_LABELS_SHOWN = 50  # per-class rows and confusion matrix beyond this many classes are left out
 DEFAULT_SCORE = "score"
 PRUNE_BATCH = 5000  # items deleted per transaction when pruning: the SQLite write lock is released between
+# A pruning transaction's most wait for a lock held elsewhere (another process's write transaction on SQLite, a row
+# lock on PostgreSQL): tried again up to PRUNE_LOCK_TRIES times (about the store's own 5 s busy timeout in all), but
+# not once the service closes, so that a server's exit waits for a pass stuck on such a lock about this long at most
+# (it waited out the busy timeout, 5 s). Each transaction is rolled back when it gives up: nothing half-written.
+PRUNE_LOCK_WAIT = 1.0
+PRUNE_LOCK_TRIES = 5
 
 # A new record's columns that its insert leaves null (the worker writes them later): metrics, counts, ...
 _NULL_RECORD: dict[str, Any] = {column.name: None for column in evaluations_table.columns}
@@ -67,6 +75,7 @@ WARM_REPEATS = 8
 REHEARSAL_SECONDS = 1.0
 
 log = logging.getLogger("plexus_mcp_jupyter")
+T = TypeVar("T")
 
 
 def evaluation_uri(evaluation_id: str) -> str:
@@ -280,17 +289,33 @@ class EvaluationService:
             for evaluation_id in self.store.unpruned_cancelled():
                 self.store.remove_files(evaluation_id)  # one directory: gone at once
                 while not self._stopping.is_set():
-                    batch = self.store.delete_items(evaluation_id, PRUNE_BATCH)
-                    deleted += batch
-                    if batch == 0:
+                    delete = functools.partial(self.store.delete_items, evaluation_id, PRUNE_BATCH)
+                    batch = self._pruning_write(functools.partial(delete, lock_wait=PRUNE_LOCK_WAIT))
+                    deleted += batch or 0
+                    if not batch:
                         break
                     time.sleep(0.005)  # let the server and the workers take the write lock between batches
                 if self._stopping.is_set():
                     break
-                self.store.mark_pruned(evaluation_id, time.time())
+                self._pruning_write(
+                    functools.partial(self.store.mark_pruned, evaluation_id, time.time(), lock_wait=PRUNE_LOCK_WAIT)
+                )
         except Exception:  # the store is unreachable, say: the next cancellation or start tries again
             log.exception("Plexus: pruning the items of cancelled evaluations failed")
         return deleted
+
+    def _pruning_write(self, write: Callable[[], T]) -> T | None:
+        """One of the pruning's transactions (`write`, its lock wait PRUNE_LOCK_WAIT), tried again while a lock
+        held elsewhere fails it, PRUNE_LOCK_TRIES times at most; None, not tried (again), once the service closes."""
+        for attempt in range(1, PRUNE_LOCK_TRIES + 1):
+            if self._stopping.is_set():
+                return None
+            try:
+                return write()
+            except Exception as exc:
+                if attempt == PRUNE_LOCK_TRIES or not lock_timed_out(exc):
+                    raise
+        return None
 
     # -- creating ---------------------------------------------------------------------------------------
 
