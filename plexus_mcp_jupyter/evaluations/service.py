@@ -132,7 +132,8 @@ class EvaluationService:
         # Why evaluations cannot run now (Dask workers that do not see the items directory), or None: set by the
         # runtime (items_check.WorkerItemsCheck).
         self.items_problem: Callable[[], str | None] = lambda: None
-        self._unlisten: Callable[[], None] | None = None
+        self._unlisten: Callable[[], None] | None = None  # set while started (`start`, `stop`)
+        self._started_work: list[Future[Any]] = []  # what `start` submitted: dropped by `stop` if not begun
         manager.spec_planners["evaluation"] = self.batch_spec
 
     # -- life cycle: pruning the items of cancelled evaluations ------------------------------------------
@@ -147,8 +148,25 @@ class EvaluationService:
             # rehearsals before it reads its first message, `rehearsed`).
             self.warm_up_soon()
             self.rehearsed = self._pruner.submit(self.warm_up_again)
-            self._prune_soon()
-            self._on_tasks_pruned([])
+            self._started_work = [
+                self.rehearsed,
+                self._pruner.submit(self.prune_cancelled),
+                self._pruner.submit(self.sweep_files),
+            ]
+
+    def stop(self) -> None:
+        """Undo `start` (a server whose start failed after it, or that stops): no more pruning on cancellations or
+        retention passes, and its rehearsals and passes not begun yet dropped (one running ends on its own); a
+        later start starts them again."""
+        if self._unlisten is None:
+            return
+        self._unlisten()
+        self._unlisten = None
+        with contextlib.suppress(ValueError):
+            self.manager.pruned_listeners.remove(self._on_tasks_pruned)
+        for future in self._started_work:
+            future.cancel()
+        self._started_work = []
 
     def warm_up_soon(self) -> None:
         """Run `warm_up` once, in the pruning thread (the runtime asks as soon as it is built, before the server
@@ -264,11 +282,7 @@ class EvaluationService:
         rehearsal runs (one stuck on a store lock held elsewhere waits up to REHEARSAL_SECONDS, `_rehearse`; it
         stores nothing): a stdio server whose client closes it exits without that wait (its client kills it 4 s
         after closing stdin, before its audit log's last records)."""
-        if self._unlisten is not None:
-            self._unlisten()
-            self._unlisten = None
-            with contextlib.suppress(ValueError):
-                self.manager.pruned_listeners.remove(self._on_tasks_pruned)
+        self.stop()
         self._stopping.set()
         self._pruner.shutdown(wait=self._rehearsing_since is None, cancel_futures=True)
 
