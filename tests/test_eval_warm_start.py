@@ -921,6 +921,47 @@ def test_what_prints_while_a_stdio_server_stops_at_its_clients_end_does_not_reac
     assert server.returncode == 0 and "STRAY-AT-STOP" in err, [*out, err]
 
 
+def test_nothing_a_stdio_server_prints_before_it_serves_reaches_the_client(tmp_path):
+    """stdout is the protocol's from the first byte: a library that writes at import while the runtime is built, a
+    print in the warm-up (at construction, in its thread) and in the task manager's start, and a child process
+    writing to its stdout, all land on stderr. They came before the SDK's `stdio_server()` pointed fd 1 at stderr:
+    on the client's pipe, ahead of the initialize's answer."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "noisy_lib.py").write_text("print('STRAY-AT-IMPORT', flush=True)\n")
+    bootstrap = (
+        "import os, subprocess, sys\n"
+        "sys.path.insert(0, os.environ['PLEXUS_TEST_LIB'])\n"
+        "from plexus_mcp_jupyter.core.manager import TaskManager\n"
+        "from plexus_mcp_jupyter.evaluations.service import EvaluationService\n"
+        "from plexus_mcp_jupyter.runtime import PlexusRuntime\n"
+        "init, warm_up, start = PlexusRuntime.__init__, EvaluationService.warm_up, TaskManager.start\n"
+        "def built(self, *args, **kwargs):\n"
+        "    import noisy_lib\n"
+        "    subprocess.run([sys.executable, '-c', 'print(\"STRAY-FROM-A-CHILD\")'], check=True)\n"
+        "    init(self, *args, **kwargs)\n"
+        "def warming(self):\n"
+        "    print('STRAY-IN-WARM-UP', flush=True)\n"
+        "    warm_up(self)\n"
+        "async def starting(self, *args, **kwargs):\n"
+        "    print('STRAY-AT-START', flush=True)\n"
+        "    await start(self, *args, **kwargs)\n"
+        "PlexusRuntime.__init__, EvaluationService.warm_up, TaskManager.start = built, warming, starting\n"
+        + _THEN_SERVE
+    )
+    server = _stdio_server(tmp_path, bootstrap, PYTHONUNBUFFERED="", PLEXUS_TEST_LIB=str(tmp_path / "lib"))
+    lines = _lines(server)
+    _initialize(server)
+    first = lines.get(timeout=120)
+    assert server.stdin is not None
+    server.stdin.close()
+    out = [first, *_stdio_output(server, lines)]
+    err = (tmp_path / "err").read_text()
+    assert all(json.loads(line)["jsonrpc"] == "2.0" for line in out[:-1]) and json.loads(first)["id"] == 1, out
+    assert server.returncode == 0, err
+    for stray in ("STRAY-AT-IMPORT", "STRAY-FROM-A-CHILD", "STRAY-IN-WARM-UP", "STRAY-AT-START"):
+        assert stray in err, (stray, err)
+
+
 def test_a_stdio_server_closed_while_a_rehearsal_waits_for_a_store_lock_exits_soon(tmp_path):
     """The client closes stdin while another process holds the store locked (SQLite: BEGIN IMMEDIATE) and a
     start-up rehearsal waits for it: the rehearsal waits REHEARSAL_SECONDS at most (its connection's busy timeout;
