@@ -1052,8 +1052,9 @@ def test_a_stdio_server_closed_while_its_pruning_waits_for_a_store_lock_exits_so
             holder.execute("ROLLBACK")
             holder.close()
     assert server.returncode == 0, (tmp_path / "err").read_text()
-    # PRUNE_LOCK_WAIT (1 s) at most for the pruning; a margin for a loaded machine (before: the 5 s busy timeout).
-    assert exited < service_module.PRUNE_LOCK_WAIT + 2.0, exited
+    # PRUNE_LOCK_WAIT (1 s) at most for the pruning, and the stop's own steps: 1.7-3.0 s at a load of 6.5; a margin
+    # for a loaded machine (before: 5.9 s, the busy timeout's 5 s alone from the lock on).
+    assert exited < service_module.PRUNE_LOCK_WAIT + 3.0, exited
     store = Store(f"sqlite:///{tmp_path / 's.db'}")
     try:
         record = EvaluationStore(store.engine).get("e-cancelled")
