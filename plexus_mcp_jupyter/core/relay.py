@@ -713,27 +713,27 @@ class EventRelay:
         if listen is not None:
             self._say_locked(at, stopping, lambda params: listen.execute(_PG_INTEREST, params), wait=False)
             return
-        if not self._saying_due(at, stopping, self._say_asked):  # (a first look without the lock; again under it)
+        if not self._saying_due(at, stopping, self._say_asked)[0]:  # (a first look without the lock; again under it)
             return
         with self.store.reads.connect() as conn:
             self._say_locked(at, stopping, lambda params: conn.exec_driver_sql(_PG_INTEREST, params).all(), wait=True)
 
-    def _saying_due(self, at: float, stopping: bool, again: bool) -> bool:
+    def _saying_due(self, at: float, stopping: bool, again: bool) -> tuple[bool, bool]:
         """Whether a saying is due: this server follows and has not said so within INTEREST_EVERY (or a sender asked
-        again), or it no longer follows and a saying of it may hold somewhere."""
+        again), or it no longer follows and a saying of it may hold somewhere; and whether it follows."""
         wants = not stopping and (self._reads_rows_only() or self.bus.wants_remote())
         if not wants:
-            return self._said_at is not None
-        return again or self._said_at is None or at - self._said_at >= self._lease()[1]
+            return self._said_at is not None, False
+        return again or self._said_at is None or at - self._said_at >= self._lease()[1], True
 
     def _say_locked(self, at: float, stopping: bool, execute: Callable[[dict[str, str]], Any], *, wait: bool) -> None:
         if not self._say_lock.acquire(blocking=wait):
             return  # (the LISTEN thread's renewal) the relay thread is saying it now
         try:
             again, self._say_asked = self._say_asked, False
-            if not self._saying_due(at, stopping, again):
+            due, wants = self._saying_due(at, stopping, again)
+            if not due:
                 return  # said lately, or nothing to say
-            wants = not stopping and (self._reads_rows_only() or self.bus.wants_remote())
             lease = self._lease()[0] if wants else 0.0
             try:
                 execute({"channel": INTEREST_CHANNEL, "payload": json.dumps([self.server_id, lease])})
