@@ -909,16 +909,22 @@ def test_what_prints_while_a_stdio_server_stops_at_its_clients_end_does_not_reac
         "    close(self)\n"
         "EvaluationService.close = printing\n" + _THEN_SERVE
     )
-    server = _stdio_server(tmp_path, bootstrap, PYTHONUNBUFFERED="")  # as a client launches it: stdout buffered
+    out, err, code = _initialized_and_closed(tmp_path, bootstrap)
+    assert json.loads(out[0])["id"] == 1 and out[1:] == [b""], [*out, err]
+    assert code == 0 and "STRAY-AT-STOP" in err, [*out, err]
+
+
+def _initialized_and_closed(tmp_path: Path, bootstrap: str, **env: str) -> tuple[list[bytes], str, int | None]:
+    """A stdio server run by `bootstrap`, launched as a client does (stdout buffered), initialized, then its stdin
+    closed once initialize is answered: its stdout lines (the last b""), its stderr and its exit code."""
+    server = _stdio_server(tmp_path, bootstrap, PYTHONUNBUFFERED="", **env)
     lines = _lines(server)
     _initialize(server)
     first = lines.get(timeout=120)
     assert server.stdin is not None
     server.stdin.close()
     out = [first, *_stdio_output(server, lines)]
-    err = (tmp_path / "err").read_text()
-    assert json.loads(first)["id"] == 1 and out[1:] == [b""], [*out, err]
-    assert server.returncode == 0 and "STRAY-AT-STOP" in err, [*out, err]
+    return out, (tmp_path / "err").read_text(), server.returncode
 
 
 def test_nothing_a_stdio_server_prints_before_it_serves_reaches_the_client(tmp_path):
@@ -948,35 +954,26 @@ def test_nothing_a_stdio_server_prints_before_it_serves_reaches_the_client(tmp_p
         "PlexusRuntime.__init__, EvaluationService.warm_up, TaskManager.start = built, warming, starting\n"
         + _THEN_SERVE
     )
-    server = _stdio_server(tmp_path, bootstrap, PYTHONUNBUFFERED="", PLEXUS_TEST_LIB=str(tmp_path / "lib"))
-    lines = _lines(server)
-    _initialize(server)
-    first = lines.get(timeout=120)
-    assert server.stdin is not None
-    server.stdin.close()
-    out = [first, *_stdio_output(server, lines)]
-    err = (tmp_path / "err").read_text()
-    assert all(json.loads(line)["jsonrpc"] == "2.0" for line in out[:-1]) and json.loads(first)["id"] == 1, out
-    assert server.returncode == 0, err
+    out, err, code = _initialized_and_closed(tmp_path, bootstrap, PLEXUS_TEST_LIB=str(tmp_path / "lib"))
+    assert all(json.loads(line)["jsonrpc"] == "2.0" for line in out[:-1]) and json.loads(out[0])["id"] == 1, out
+    assert code == 0, err
     for stray in ("STRAY-AT-IMPORT", "STRAY-FROM-A-CHILD", "STRAY-IN-WARM-UP", "STRAY-AT-START"):
         assert stray in err, (stray, err)
 
 
-def test_a_stdio_server_closed_while_a_rehearsal_waits_for_a_store_lock_exits_soon(tmp_path):
-    """The client closes stdin while another process holds the store locked (SQLite: BEGIN IMMEDIATE) and a
-    start-up rehearsal waits for it: the rehearsal waits REHEARSAL_SECONDS at most (its connection's busy timeout;
-    PostgreSQL: its transaction's lock and statement timeouts) and the server's stop does not wait for it. It
-    waited out the store's busy timeout (5 s) and the stop waited for it: exit 4.6-4.9 s after stdin's end, and
-    the SDK's client kills a server 4 s after it closed its stdin (before its audit log's last records)."""
-
+def _closed_with_the_store_locked(tmp_path: Path, bootstrap: str, said: str) -> float:
+    """A stdio server run by `bootstrap` (which says `said` on stderr, then waits for the file PLEXUS_TEST_LOCKED),
+    initialized; once it said it, another process holds its store locked (`_lock_the_store_once`, until the server
+    has exited), and the client closes its stdin: the seconds from there to its exit (code 0)."""
     locked = tmp_path / "locked"
-    server = _stdio_server(tmp_path, _REHEARSING_INTO_A_LOCK, PLEXUS_TEST_LOCKED=str(locked))
+    server = _stdio_server(tmp_path, bootstrap, PLEXUS_TEST_LOCKED=str(locked))
     lines = _lines(server)
     holder = None
     try:
         _initialize(server)
-        holder = _lock_the_store_once_rehearsing(tmp_path, server, locked)  # held until the server has exited
+        holder = _lock_the_store_once(tmp_path, server, locked, said)
         assert json.loads(lines.get(timeout=60))["id"] == 1
+        time.sleep(0.2)  # what went on into the lock waits for it
         assert server.stdin is not None
         since = time.monotonic()
         server.stdin.close()
@@ -989,6 +986,17 @@ def test_a_stdio_server_closed_while_a_rehearsal_waits_for_a_store_lock_exits_so
             holder.execute("ROLLBACK")
             holder.close()
     assert server.returncode == 0, (tmp_path / "err").read_text()
+    return exited
+
+
+def test_a_stdio_server_closed_while_a_rehearsal_waits_for_a_store_lock_exits_soon(tmp_path):
+    """The client closes stdin while another process holds the store locked (SQLite: BEGIN IMMEDIATE) and a
+    start-up rehearsal waits for it: the rehearsal waits REHEARSAL_SECONDS at most (its connection's busy timeout;
+    PostgreSQL: its transaction's lock and statement timeouts) and the server's stop does not wait for it. It
+    waited out the store's busy timeout (5 s) and the stop waited for it: exit 4.6-4.9 s after stdin's end, and
+    the SDK's client kills a server 4 s after it closed its stdin (before its audit log's last records)."""
+
+    exited = _closed_with_the_store_locked(tmp_path, _REHEARSING_INTO_A_LOCK, "REHEARSING")
     # REHEARSAL_SECONDS (1 s) at most for the rehearsal; a margin for a loaded machine (before: 4.6-4.9 s).
     assert exited < service_module.REHEARSAL_SECONDS + 2.0, exited
 
@@ -999,25 +1007,12 @@ def test_a_stdio_server_closed_while_its_pruning_waits_for_a_store_lock_exits_so
     transaction waits PRUNE_LOCK_WAIT at most, and none is tried again once the service closes; its batch rolled
     back, the evaluation is not marked pruned (the next start prunes it). It waited out the store's busy timeout
     (5 s), and the stop waited for it."""
-    from plexus_mcp_jupyter.core.models import Task
     from plexus_mcp_jupyter.evaluations.store import EvaluationStore
 
+    from .test_hardening_evaluations import cancelled_with_items
+
     store = Store(f"sqlite:///{tmp_path / 's.db'}")
-    evaluations = EvaluationStore(store.engine)
-    store.create_task(Task(id="t-cancelled", type="evaluation", status=TaskStatus.CANCELLED))
-    evaluations.create(
-        {
-            "id": "e-cancelled",
-            "task_id": "t-cancelled",
-            "type": "accuracy",
-            "owner": None,
-            "dataset": "example:sentiment",
-            "definition": {"scores": [{"name": "score"}]},
-            "created_at": time.time(),
-        }
-    )
-    items = [(i, str(i), "x", "a", "a", "a", True, None, None) for i in range(10)]
-    evaluations.add_items("e-cancelled", "score", items)
+    cancelled_with_items(store, 10)
     store.close()
     bootstrap = (
         "import os, sys, time\n"
@@ -1031,27 +1026,7 @@ def test_a_stdio_server_closed_while_its_pruning_waits_for_a_store_lock_exits_so
         "    return delete(self, *args, **kwargs)\n"
         "EvaluationStore.delete_items = held\n" + _THEN_SERVE
     )
-    locked = tmp_path / "locked"
-    server = _stdio_server(tmp_path, bootstrap, PLEXUS_TEST_LOCKED=str(locked))
-    lines = _lines(server)
-    holder = None
-    try:
-        _initialize(server)
-        assert json.loads(lines.get(timeout=60))["id"] == 1
-        holder = _lock_the_store_once(tmp_path, server, locked, "PRUNING")  # held until the server has exited
-        time.sleep(0.2)  # the pruning's delete waits for the lock
-        assert server.stdin is not None
-        since = time.monotonic()
-        server.stdin.close()
-        server.wait(60)
-        exited = time.monotonic() - since
-    finally:
-        if server.poll() is None:
-            server.kill()
-        if holder is not None:
-            holder.execute("ROLLBACK")
-            holder.close()
-    assert server.returncode == 0, (tmp_path / "err").read_text()
+    exited = _closed_with_the_store_locked(tmp_path, bootstrap, "PRUNING")
     # PRUNE_LOCK_WAIT (1 s) at most for the pruning, and the stop's own steps: 1.7-3.0 s at a load of 6.5; a margin
     # for a loaded machine (before: 5.9 s, the busy timeout's 5 s alone from the lock on).
     assert exited < service_module.PRUNE_LOCK_WAIT + 3.0, exited

@@ -256,10 +256,9 @@ async def test_the_standalone_server_refuses_the_same_scorecards_and_stays_respo
         stop(proc)
 
 
-@pytest.mark.parametrize("transport", ["http", "stdio"])
-async def test_a_server_prunes_at_start_what_a_stopped_one_left(tmp_path, transport):
-    # A cancelled evaluation whose items were still there when its server stopped (12,000: three batches).
-    store = Store(plexus_env(tmp_path)["PLEXUS_MCP_DB_URL"])
+def cancelled_with_items(store: Store, items: int) -> EvaluationStore:
+    """A cancelled evaluation ("e-cancelled", its task "t-cancelled") whose `items` items ("score") are still in
+    `store`, as a server that stopped before it pruned them left it; the evaluation store over `store`."""
     evaluations = EvaluationStore(store.engine)
     store.create_task(Task(id="t-cancelled", type="evaluation", status=TaskStatus.CANCELLED))
     evaluations.create(
@@ -274,8 +273,16 @@ async def test_a_server_prunes_at_start_what_a_stopped_one_left(tmp_path, transp
         }
     )
     evaluations.add_items(
-        "e-cancelled", "score", [(i, str(i), "x", "a", "a", "a", True, None, None) for i in range(12_000)]
+        "e-cancelled", "score", [(i, str(i), "x", "a", "a", "a", True, None, None) for i in range(items)]
     )
+    return evaluations
+
+
+@pytest.mark.parametrize("transport", ["http", "stdio"])
+async def test_a_server_prunes_at_start_what_a_stopped_one_left(tmp_path, transport):
+    # A cancelled evaluation whose items were still there when its server stopped (12,000: three batches).
+    store = Store(plexus_env(tmp_path)["PLEXUS_MCP_DB_URL"])
+    evaluations = cancelled_with_items(store, 12_000)
     if transport == "http":
         proc, _url, _token = start_http(tmp_path)
     else:  # serving until its client closes stdin
@@ -309,20 +316,7 @@ def test_a_pruning_transaction_gives_up_on_a_lock_held_elsewhere_after_its_lock_
     from plexus_mcp_jupyter.evaluations.store import lock_timed_out
 
     store = Store(store_url)
-    evaluations = EvaluationStore(store.engine)
-    store.create_task(Task(id="t-cancelled", type="evaluation", status=TaskStatus.CANCELLED))
-    evaluations.create(
-        {
-            "id": "e-cancelled",
-            "task_id": "t-cancelled",
-            "type": "accuracy",
-            "owner": None,
-            "dataset": "example:sentiment",
-            "definition": {"scores": [{"name": "score"}]},
-            "created_at": time.time(),
-        }
-    )
-    evaluations.add_items("e-cancelled", "score", [(i, str(i), "x", "a", "a", "a", True, None, None) for i in range(9)])
+    evaluations = cancelled_with_items(store, 9)
     sqlite = store_url.startswith("sqlite")
     holder: Any = None
     try:
