@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import functools
 import logging
 import secrets
 import threading
@@ -303,29 +302,26 @@ class EvaluationService:
             for evaluation_id in self.store.unpruned_cancelled():
                 self.store.remove_files(evaluation_id)  # one directory: gone at once
                 while not self._stopping.is_set():
-                    delete = functools.partial(self.store.delete_items, evaluation_id, PRUNE_BATCH)
-                    batch = self._pruning_write(functools.partial(delete, lock_wait=PRUNE_LOCK_WAIT))
+                    batch = self._pruning_write(self.store.delete_items, evaluation_id, PRUNE_BATCH)
                     deleted += batch or 0
                     if not batch:
                         break
                     time.sleep(0.005)  # let the server and the workers take the write lock between batches
                 if self._stopping.is_set():
                     break
-                self._pruning_write(
-                    functools.partial(self.store.mark_pruned, evaluation_id, time.time(), lock_wait=PRUNE_LOCK_WAIT)
-                )
+                self._pruning_write(self.store.mark_pruned, evaluation_id, time.time())
         except Exception:  # the store is unreachable, say: the next cancellation or start tries again
             log.exception("Plexus: pruning the items of cancelled evaluations failed")
         return deleted
 
-    def _pruning_write(self, write: Callable[[], T]) -> T | None:
-        """One of the pruning's transactions (`write`, its lock wait PRUNE_LOCK_WAIT), tried again while a lock
+    def _pruning_write(self, write: Callable[..., T], *args: Any) -> T | None:
+        """One of the pruning's transactions, `write(*args, lock_wait=PRUNE_LOCK_WAIT)`, tried again while a lock
         held elsewhere fails it, PRUNE_LOCK_TRIES times at most; None, not tried (again), once the service closes."""
         for attempt in range(1, PRUNE_LOCK_TRIES + 1):
             if self._stopping.is_set():
                 return None
             try:
-                return write()
+                return write(*args, lock_wait=PRUNE_LOCK_WAIT)
             except Exception as exc:
                 if attempt == PRUNE_LOCK_TRIES or not lock_timed_out(exc):
                     raise
