@@ -13,7 +13,7 @@ import secrets
 import shlex
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from jupyter_core.paths import jupyter_data_dir
 from traitlets import TraitError
@@ -67,7 +67,32 @@ def _configure_logging(level: str) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def take_stdout() -> BinaryIO | None:
+    """stdio: stdout taken for the protocol before anything else of the server runs: fd 1 pointed at stderr from
+    here on (a print in a warm-up or a start, a library that writes at import, the forkserver and the workers and any
+    child process, which inherit fd 1), the client's pipe kept on a descriptor of its own, above 2 and not inherited,
+    that only the transport writes (standalone.serve_stdio). The SDK's `stdio_server()` does the same, but only once
+    it runs: the runtime's construction and start came before it. None where stdout is not fd 1, or on Windows
+    (whose standard handles need rebinding: `stdio_server()` takes it, as before)."""
+    if sys.platform == "win32":
+        return None
+    try:
+        if sys.stdout is None or sys.stdout.fileno() != 1:
+            return None
+        sys.stdout.flush()
+        wire = os.dup(1)  # (non-inheritable, PEP 446)
+    except (OSError, ValueError, AttributeError):  # (io.UnsupportedOperation is an OSError and a ValueError)
+        return None
+    try:
+        os.dup2(2, 1)
+    except OSError:
+        os.close(wire)
+        return None
+    return os.fdopen(wire, "wb")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    wire = take_stdout() if args.transport == "stdio" else None  # first: nothing but JSON-RPC may reach it
     _configure_logging(args.log_level)
     settings = _settings_from_args(args)  # (a bad flag or PLEXUS_MCP_* value ends it here, before any process)
     early = settings.executor == "local"
@@ -102,7 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
             stop_early_forkserver(now=True)
     if args.transport == "stdio":
-        asyncio.run(serve_stdio(runtime))
+        asyncio.run(serve_stdio(runtime, wire))
         return 0
     token = args.token or os.environ.get(env_var("token"), "")
     generated = not token

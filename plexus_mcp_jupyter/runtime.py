@@ -439,6 +439,7 @@ class PlexusRuntime:
         await self.manager.stop()
         await asyncio.to_thread(self.leases.stop)
         await asyncio.to_thread(self.relay.stop)  # after the manager: the final states it recorded go out
+        self.evaluations.stop()  # (a failed start's too: a later start submits its rehearsals and pruning anew)
         if self.items_check is not None:
             await asyncio.to_thread(self.items_check.stop)
             self.items_check = None

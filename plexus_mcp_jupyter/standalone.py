@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import io
 import json
 import os
 import signal
 import ssl
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, BinaryIO
 
 import anyio
 from mcp.server.stdio import stdio_server
@@ -218,15 +219,20 @@ class _ArrivalTelling:
         await self.aclose()
 
 
-async def _run_stdio(runtime: PlexusRuntime, stop_runtime: Callable[[], Awaitable[None]]) -> None:
+async def _run_stdio(
+    runtime: PlexusRuntime, stop_runtime: Callable[[], Awaitable[None]], wire: BinaryIO | None = None
+) -> None:
     """MCPServer.run_stdio_async, its read stream telling the endpoint when a client has arrived, after the
     start-up rehearsals (STDIO_REHEARSAL_SECONDS at most). It waits for them inside `stdio_server()`, which points
     fd 1 at stderr: what runs meanwhile (a task or scorer module imported, that prints) misses the protocol. Its
     reader reading the client's first message ahead stops nothing: `_ArrivalTelling` tells at `receive`. When the
     client closes stdin it stops the runtime (`stop_runtime`) still inside `stdio_server()`: what prints while
-    it stops goes to stderr, not to the wire `stdio_server()` gives back to fd 1 as it exits."""
+    it stops goes to stderr, not to the wire `stdio_server()` gives back to fd 1 as it exits. With `wire` (stdout
+    taken by cli.take_stdout before the runtime was built: fd 1 is stderr already), the protocol is written there,
+    and fd 1 stays stderr to the end."""
     server = lowlevel_server(runtime.mcp)
-    async with stdio_server() as (read_stream, write_stream):
+    stdout = None if wire is None else anyio.wrap_file(io.TextIOWrapper(wire, encoding="utf-8"))
+    async with stdio_server(stdout=stdout) as (read_stream, write_stream):
         rehearsing = asyncio.ensure_future(_rehearsals_done(runtime))
         try:
             await asyncio.wait({rehearsing}, timeout=STDIO_REHEARSAL_SECONDS)
@@ -247,8 +253,9 @@ async def _rehearsals_done(runtime: PlexusRuntime) -> None:
     await runtime.evaluations.rehearsals_ended()
 
 
-async def serve_stdio(runtime: PlexusRuntime) -> None:
-    """MCP over this process's stdin/stdout; stdout carries nothing but the protocol.
+async def serve_stdio(runtime: PlexusRuntime, wire: BinaryIO | None = None) -> None:
+    """MCP over this process's stdin/stdout; stdout carries nothing but the protocol: `wire`, the stdout that
+    `plexus mcp serve` took before it built the runtime (cli.take_stdout), else fd 1 as `stdio_server()` takes it.
 
     The start-up rehearsals run before the first message is read (STDIO_REHEARSAL_SECONDS at most): a client
     that launches the server sends its initialize at once, so it is already waiting when the server could
@@ -282,7 +289,7 @@ async def serve_stdio(runtime: PlexusRuntime) -> None:
         # serves without it if it cannot start (then without the rehearsals).
         await runtime.start(sessions_required=False)
         if not stop.is_set():  # a signal during start-up: stopped before it served (no message read, none answered)
-            serving = asyncio.ensure_future(_run_stdio(runtime, stop_runtime))  # (the rehearsals' wait first)
+            serving = asyncio.ensure_future(_run_stdio(runtime, stop_runtime, wire))  # (the rehearsals' wait first)
             await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stopping.cancel()

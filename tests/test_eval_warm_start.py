@@ -756,10 +756,16 @@ _REHEARSING_INTO_A_LOCK = (
 def _lock_the_store_once_rehearsing(tmp_path: Path, server: subprocess.Popen[str], locked: Path) -> Any:
     """Once the server's rehearsals wait (_REHEARSING_INTO_A_LOCK): another process's write transaction on its
     SQLite store (BEGIN IMMEDIATE), held until the caller rolls it back; then the rehearsals go on into it."""
+    return _lock_the_store_once(tmp_path, server, locked, "REHEARSING")
+
+
+def _lock_the_store_once(tmp_path: Path, server: subprocess.Popen[Any], locked: Path, said: str) -> Any:
+    """Once the server has said `said` on stderr (and waits for the file `locked`): another process's write
+    transaction on its SQLite store (BEGIN IMMEDIATE), held until the caller rolls it back; `locked` made."""
     import sqlite3
 
     deadline = time.monotonic() + 120
-    while "REHEARSING" not in (tmp_path / "err").read_text():
+    while said not in (tmp_path / "err").read_text():
         assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()
         time.sleep(0.01)
     holder = sqlite3.connect(tmp_path / "s.db", isolation_level=None, check_same_thread=False)
@@ -903,33 +909,71 @@ def test_what_prints_while_a_stdio_server_stops_at_its_clients_end_does_not_reac
         "    close(self)\n"
         "EvaluationService.close = printing\n" + _THEN_SERVE
     )
-    server = _stdio_server(tmp_path, bootstrap, PYTHONUNBUFFERED="")  # as a client launches it: stdout buffered
+    out, err, code = _initialized_and_closed(tmp_path, bootstrap)
+    assert json.loads(out[0])["id"] == 1 and out[1:] == [b""], [*out, err]
+    assert code == 0 and "STRAY-AT-STOP" in err, [*out, err]
+
+
+def _initialized_and_closed(tmp_path: Path, bootstrap: str, **env: str) -> tuple[list[bytes], str, int | None]:
+    """A stdio server run by `bootstrap`, launched as a client does (stdout buffered), initialized, then its stdin
+    closed once initialize is answered: its stdout lines (the last b""), its stderr and its exit code."""
+    server = _stdio_server(tmp_path, bootstrap, PYTHONUNBUFFERED="", **env)
     lines = _lines(server)
     _initialize(server)
     first = lines.get(timeout=120)
     assert server.stdin is not None
     server.stdin.close()
     out = [first, *_stdio_output(server, lines)]
-    err = (tmp_path / "err").read_text()
-    assert json.loads(first)["id"] == 1 and out[1:] == [b""], [*out, err]
-    assert server.returncode == 0 and "STRAY-AT-STOP" in err, [*out, err]
+    return out, (tmp_path / "err").read_text(), server.returncode
 
 
-def test_a_stdio_server_closed_while_a_rehearsal_waits_for_a_store_lock_exits_soon(tmp_path):
-    """The client closes stdin while another process holds the store locked (SQLite: BEGIN IMMEDIATE) and a
-    start-up rehearsal waits for it: the rehearsal waits REHEARSAL_SECONDS at most (its connection's busy timeout;
-    PostgreSQL: its transaction's lock and statement timeouts) and the server's stop does not wait for it. It
-    waited out the store's busy timeout (5 s) and the stop waited for it: exit 4.6-4.9 s after stdin's end, and
-    the SDK's client kills a server 4 s after it closed its stdin (before its audit log's last records)."""
+def test_nothing_a_stdio_server_prints_before_it_serves_reaches_the_client(tmp_path):
+    """stdout is the protocol's from the first byte: a library that writes at import while the runtime is built, a
+    print in the warm-up (at construction, in its thread) and in the task manager's start, and a child process
+    writing to its stdout, all land on stderr. They came before the SDK's `stdio_server()` pointed fd 1 at stderr:
+    on the client's pipe, ahead of the initialize's answer."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "noisy_lib.py").write_text("print('STRAY-AT-IMPORT', flush=True)\n")
+    bootstrap = (
+        "import os, subprocess, sys\n"
+        "sys.path.insert(0, os.environ['PLEXUS_TEST_LIB'])\n"
+        "from plexus_mcp_jupyter.core.manager import TaskManager\n"
+        "from plexus_mcp_jupyter.evaluations.service import EvaluationService\n"
+        "from plexus_mcp_jupyter.runtime import PlexusRuntime\n"
+        "init, warm_up, start = PlexusRuntime.__init__, EvaluationService.warm_up, TaskManager.start\n"
+        "def built(self, *args, **kwargs):\n"
+        "    import noisy_lib\n"
+        "    subprocess.run([sys.executable, '-c', 'print(\"STRAY-FROM-A-CHILD\")'], check=True)\n"
+        "    init(self, *args, **kwargs)\n"
+        "def warming(self):\n"
+        "    print('STRAY-IN-WARM-UP', flush=True)\n"
+        "    warm_up(self)\n"
+        "async def starting(self, *args, **kwargs):\n"
+        "    print('STRAY-AT-START', flush=True)\n"
+        "    await start(self, *args, **kwargs)\n"
+        "PlexusRuntime.__init__, EvaluationService.warm_up, TaskManager.start = built, warming, starting\n"
+        + _THEN_SERVE
+    )
+    out, err, code = _initialized_and_closed(tmp_path, bootstrap, PLEXUS_TEST_LIB=str(tmp_path / "lib"))
+    assert all(json.loads(line)["jsonrpc"] == "2.0" for line in out[:-1]) and json.loads(out[0])["id"] == 1, out
+    assert code == 0, err
+    for stray in ("STRAY-AT-IMPORT", "STRAY-FROM-A-CHILD", "STRAY-IN-WARM-UP", "STRAY-AT-START"):
+        assert stray in err, (stray, err)
 
+
+def _closed_with_the_store_locked(tmp_path: Path, bootstrap: str, said: str) -> float:
+    """A stdio server run by `bootstrap` (which says `said` on stderr, then waits for the file PLEXUS_TEST_LOCKED),
+    initialized; once it said it, another process holds its store locked (`_lock_the_store_once`, until the server
+    has exited), and the client closes its stdin: the seconds from there to its exit (code 0)."""
     locked = tmp_path / "locked"
-    server = _stdio_server(tmp_path, _REHEARSING_INTO_A_LOCK, PLEXUS_TEST_LOCKED=str(locked))
+    server = _stdio_server(tmp_path, bootstrap, PLEXUS_TEST_LOCKED=str(locked))
     lines = _lines(server)
     holder = None
     try:
         _initialize(server)
-        holder = _lock_the_store_once_rehearsing(tmp_path, server, locked)  # held until the server has exited
+        holder = _lock_the_store_once(tmp_path, server, locked, said)
         assert json.loads(lines.get(timeout=60))["id"] == 1
+        time.sleep(0.2)  # what went on into the lock waits for it
         assert server.stdin is not None
         since = time.monotonic()
         server.stdin.close()
@@ -942,5 +986,54 @@ def test_a_stdio_server_closed_while_a_rehearsal_waits_for_a_store_lock_exits_so
             holder.execute("ROLLBACK")
             holder.close()
     assert server.returncode == 0, (tmp_path / "err").read_text()
+    return exited
+
+
+def test_a_stdio_server_closed_while_a_rehearsal_waits_for_a_store_lock_exits_soon(tmp_path):
+    """The client closes stdin while another process holds the store locked (SQLite: BEGIN IMMEDIATE) and a
+    start-up rehearsal waits for it: the rehearsal waits REHEARSAL_SECONDS at most (its connection's busy timeout;
+    PostgreSQL: its transaction's lock and statement timeouts) and the server's stop does not wait for it. It
+    waited out the store's busy timeout (5 s) and the stop waited for it: exit 4.6-4.9 s after stdin's end, and
+    the SDK's client kills a server 4 s after it closed its stdin (before its audit log's last records)."""
+
+    exited = _closed_with_the_store_locked(tmp_path, _REHEARSING_INTO_A_LOCK, "REHEARSING")
     # REHEARSAL_SECONDS (1 s) at most for the rehearsal; a margin for a loaded machine (before: 4.6-4.9 s).
     assert exited < service_module.REHEARSAL_SECONDS + 2.0, exited
+
+
+def test_a_stdio_server_closed_while_its_pruning_waits_for_a_store_lock_exits_soon(tmp_path):
+    """The client closes stdin while another process holds the store locked (SQLite: BEGIN IMMEDIATE) and the
+    pruning of a cancelled evaluation's items (at start: what a stopped server left) waits for it: each pruning
+    transaction waits PRUNE_LOCK_WAIT at most, and none is tried again once the service closes; its batch rolled
+    back, the evaluation is not marked pruned (the next start prunes it). It waited out the store's busy timeout
+    (5 s), and the stop waited for it."""
+    from plexus_mcp_jupyter.evaluations.store import EvaluationStore
+
+    from .test_hardening_evaluations import cancelled_with_items
+
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    cancelled_with_items(store, 10)
+    store.close()
+    bootstrap = (
+        "import os, sys, time\n"
+        "from plexus_mcp_jupyter.evaluations.store import EvaluationStore\n"
+        "delete = EvaluationStore.delete_items\n"
+        "def held(self, *args, **kwargs):\n"
+        "    sys.stderr.write('PRUNING\\n'); sys.stderr.flush()\n"
+        "    deadline = time.monotonic() + 120\n"
+        "    while not os.path.exists(os.environ['PLEXUS_TEST_LOCKED']) and time.monotonic() < deadline:\n"
+        "        time.sleep(0.005)\n"
+        "    return delete(self, *args, **kwargs)\n"
+        "EvaluationStore.delete_items = held\n" + _THEN_SERVE
+    )
+    exited = _closed_with_the_store_locked(tmp_path, bootstrap, "PRUNING")
+    # PRUNE_LOCK_WAIT (1 s) at most for the pruning, and the stop's own steps: 1.7-3.0 s at a load of 6.5; a margin
+    # for a loaded machine (before: 5.9 s, the busy timeout's 5 s alone from the lock on).
+    assert exited < service_module.PRUNE_LOCK_WAIT + 3.0, exited
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    try:
+        record = EvaluationStore(store.engine).get("e-cancelled")
+        assert record is not None and record["items_pruned_at"] is None
+        assert EvaluationStore(store.engine).count_items("e-cancelled", "score") == 10, "its batch rolled back"
+    finally:
+        store.close()

@@ -256,10 +256,9 @@ async def test_the_standalone_server_refuses_the_same_scorecards_and_stays_respo
         stop(proc)
 
 
-@pytest.mark.parametrize("transport", ["http", "stdio"])
-async def test_a_server_prunes_at_start_what_a_stopped_one_left(tmp_path, transport):
-    # A cancelled evaluation whose items were still there when its server stopped (12,000: three batches).
-    store = Store(plexus_env(tmp_path)["PLEXUS_MCP_DB_URL"])
+def cancelled_with_items(store: Store, items: int) -> EvaluationStore:
+    """A cancelled evaluation ("e-cancelled", its task "t-cancelled") whose `items` items ("score") are still in
+    `store`, as a server that stopped before it pruned them left it; the evaluation store over `store`."""
     evaluations = EvaluationStore(store.engine)
     store.create_task(Task(id="t-cancelled", type="evaluation", status=TaskStatus.CANCELLED))
     evaluations.create(
@@ -274,8 +273,16 @@ async def test_a_server_prunes_at_start_what_a_stopped_one_left(tmp_path, transp
         }
     )
     evaluations.add_items(
-        "e-cancelled", "score", [(i, str(i), "x", "a", "a", "a", True, None, None) for i in range(12_000)]
+        "e-cancelled", "score", [(i, str(i), "x", "a", "a", "a", True, None, None) for i in range(items)]
     )
+    return evaluations
+
+
+@pytest.mark.parametrize("transport", ["http", "stdio"])
+async def test_a_server_prunes_at_start_what_a_stopped_one_left(tmp_path, transport):
+    # A cancelled evaluation whose items were still there when its server stopped (12,000: three batches).
+    store = Store(plexus_env(tmp_path)["PLEXUS_MCP_DB_URL"])
+    evaluations = cancelled_with_items(store, 12_000)
     if transport == "http":
         proc, _url, _token = start_http(tmp_path)
     else:  # serving until its client closes stdin
@@ -294,6 +301,49 @@ async def test_a_server_prunes_at_start_what_a_stopped_one_left(tmp_path, transp
         stop(proc)
     assert evaluations.count_items("e-cancelled", "score") == 0 and record["definition"]["scores"]
     store.close()
+
+
+def test_a_pruning_transaction_gives_up_on_a_lock_held_elsewhere_after_its_lock_wait(store_url):
+    """A pruning batch (`delete_items(lock_wait=)`) while another connection holds a lock it needs (SQLite: a write
+    transaction; PostgreSQL: the items' rows): it fails after about its lock wait, as a lock that timed out
+    (`lock_timed_out`: the pruning tries it again unless the service closes), rolled back, not after the store's
+    own timeouts (SQLite's busy timeout 5 s, PostgreSQL's statement timeout 30 s); the connection's wait is the
+    store's again after it."""
+    import sqlite3
+
+    import sqlalchemy as sa
+
+    from plexus_mcp_jupyter.evaluations.store import lock_timed_out
+
+    store = Store(store_url)
+    evaluations = cancelled_with_items(store, 9)
+    sqlite = store_url.startswith("sqlite")
+    holder: Any = None
+    try:
+        if sqlite:
+            holder = sqlite3.connect(store.engine.url.database, isolation_level=None, check_same_thread=False)
+            holder.execute("BEGIN IMMEDIATE")
+        else:
+            holder = store.engine.connect()
+            holder.exec_driver_sql("SELECT seq FROM evaluation_items FOR UPDATE").all()
+        began = time.monotonic()
+        with pytest.raises(sa.exc.OperationalError) as failed:
+            evaluations.delete_items("e-cancelled", 100, lock_wait=0.3)
+        took = time.monotonic() - began
+        assert lock_timed_out(failed.value), failed.value
+        assert took < 3.0, took  # 0.3 s and a margin for a loaded machine (the store's own: 5 s, 30 s)
+    finally:
+        if holder is not None:
+            holder.rollback() if not sqlite else holder.execute("ROLLBACK")
+            holder.close()
+    try:
+        assert evaluations.count_items("e-cancelled", "score") == 9, "rolled back"
+        if sqlite:
+            with store.engine.connect() as conn:  # the pooled connection's wait is the store's again
+                assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one() == 5000
+        assert evaluations.delete_items("e-cancelled", 100, lock_wait=0.3) == 9
+    finally:
+        store.close()
 
 
 async def test_the_column_names_an_error_echoes_are_bounded(server_url, operator, jp_root_dir, caplog):

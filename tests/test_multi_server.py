@@ -1248,3 +1248,95 @@ async def test_a_follower_whose_relay_thread_is_busy_still_renews_its_saying(db_
         finally:
             free.set()
             subscription.close()
+
+
+async def test_a_follower_whose_connection_pool_is_exhausted_still_renews_its_saying_and_hears_notifies(
+    db_url, monkeypatch
+):
+    """Every pooled connection of the follower held elsewhere (its relay thread waits for one): its LISTEN thread
+    renews its saying over the LISTEN connection, and still hears the other servers' NOTIFYs (here the writer's
+    saying that it stopped following). It waited for the pool, db_pool_timeout_seconds (30 s), with neither."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("LISTEN/NOTIFY: PostgreSQL only")
+    monkeypatch.setattr(relay_module, "INTEREST_LEASE", 4.0, raising=False)  # (renewed each second or so)
+    monkeypatch.setattr(relay_module, "INTEREST_EVERY", 0.2, raising=False)
+    held: list[sa.Connection] = []
+    async with writer_and_reader(db_url, lambda events, groups: None) as (writer, writer_bus, reader, reader_bus):
+        following = reader_bus.subscribe(lambda e: e.entity_type == "task")
+        writer_following = writer_bus.subscribe(lambda e: e.entity_type == "task")  # the reader hears its sayings
+        try:
+            await poll(lambda: (writer.followers(), reader.followers()), lambda n: n == (1, 1), timeout=20)
+            for _ in range(reader.store.engine.pool.size()):  # the pool exhausted
+                held.append(await asyncio.to_thread(reader.store.engine.connect))
+            writer_following.close()  # the writer says lease 0: heard by the reader's LISTEN thread
+            await poll(reader.followers, lambda n: n == 0, timeout=5)
+            deadline = time.monotonic() + 6.0  # one and a half leases
+            while time.monotonic() < deadline:
+                assert writer.followers() == 1, "the follower's lease lapsed while its pool was exhausted"
+                await asyncio.sleep(0.1)
+        finally:
+            for conn in held:
+                conn.close()
+            following.close()
+
+
+async def test_a_saying_that_failed_after_it_went_out_is_ended_when_the_server_stops_following(db_url, monkeypatch):
+    """A saying that this server follows whose statement failed after it reached the database (its answer lost):
+    the others hold its lease all the same, so once nothing here follows, its end is said (it was taken for
+    "nothing said": the others wrote rows for it a whole lease longer)."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("LISTEN/NOTIFY: PostgreSQL only")
+    wants, failed = threading.Event(), threading.Event()
+    async with writer_and_reader(db_url, lambda events, groups: None) as (writer, _writer_bus, reader, reader_bus):
+        await poll(lambda: reader.listening and writer.listening, bool, timeout=20)
+        heard: list[float] = []
+        hear = writer._heard_interest
+
+        def heard_interest(payload: str) -> None:
+            server, lease = json.loads(payload)
+            if server == "reader":
+                heard.append(lease)
+            hear(payload)
+
+        monkeypatch.setattr(writer, "_heard_interest", heard_interest)
+        monkeypatch.setattr(reader, "_renew_interest", lambda *args: None)  # the relay thread's saying alone
+        monkeypatch.setattr(reader_bus, "wants_remote", wants.is_set)
+
+        def answer_lost(conn, cursor, statement, params, context, executemany):
+            said = params.get("payload") if isinstance(params, dict) and "pg_notify" in statement else None
+            if said is not None and json.loads(said)[1] > 0 and not failed.is_set():  # a saying that it follows
+                wants.clear()  # nothing here follows any longer when it is said again
+                failed.set()
+                raise sa.exc.OperationalError(statement, params, Exception("injected: the answer was lost"))
+
+        sa.event.listen(reader.store.engine, "after_cursor_execute", answer_lost)
+        try:
+            wants.set()
+            reader._wake.set()
+            await poll(failed.is_set, bool, timeout=20)
+            await poll(lambda: list(heard), lambda said: said[-1:] == [0], timeout=5)
+            assert heard[0] > 0, heard
+            assert writer.followers() == 0
+        finally:
+            sa.event.remove(reader.store.engine, "after_cursor_execute", answer_lost)
+
+
+async def test_a_store_outage_is_not_taken_for_a_pg_stat_activity_it_may_not_read(
+    db_url, quick_interest, monkeypatch, caplog
+):
+    """The look for a LISTEN of the release before fails because the database is gone (here its connection ends
+    under it): not known (rows, as when it may not be read), but no warning that pg_stat_activity cannot be read."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("LISTEN/NOTIFY: PostgreSQL only")
+    monkeypatch.setattr(
+        relay_module, "_PG_OLDER", "SELECT count(pg_terminate_backend(pg_backend_pid()))", raising=False
+    )
+    async with writer_and_reader(db_url, lambda events, groups: None) as (writer, writer_bus, reader, _reader_bus):
+        await poll(lambda: reader.listening and writer.listening, bool, timeout=20)
+        await poll(lambda: writer.status()["older_listeners"], lambda older: older is None, timeout=20)
+        for i in range(3):
+            writer_bus.publish("task.completed", "task", f"t{i}", {"status": "COMPLETED"})
+            await poll(lambda: writer.status()["sent"], lambda n, i=i: n >= i + 1, timeout=20)
+        assert writer.status()["notified_only"] == 0 and outbox_rows(writer.store) >= 1
+    warned = [r for r in caplog.records if "pg_stat_activity" in r.getMessage()]
+    assert warned == []

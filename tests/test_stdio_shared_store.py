@@ -247,6 +247,38 @@ async def test_a_runtime_that_fails_to_start_stops_what_it_started_and_starts_ag
     assert sorted(closed) == ["audit", "store"]  # once
 
 
+async def test_a_start_that_fails_after_the_evaluation_service_started_undoes_it_and_the_next_starts_it_anew(
+    tmp_path, monkeypatch
+):
+    """A start that fails after the evaluation service started (its items checks, its key watch): the service is
+    stopped with the rest (no pruning on a cancellation meanwhile), and the next start submits its rehearsals and
+    pruning anew. It stayed started: it pruned for a stopped runtime, and the next start rehearsed nothing."""
+    runtime = PlexusRuntime(PlexusSettings(db_url=f"sqlite:///{tmp_path / 's.db'}"), data_dir=str(tmp_path))
+    submitted: list[str] = []
+    pruner = runtime.evaluations._pruner
+    submit = pruner.submit
+    monkeypatch.setattr(pruner, "submit", lambda fn, *a, **k: (submitted.append(fn.__name__), submit(fn, *a, **k))[1])
+    watch = runtime._watch_keys
+
+    def cannot_watch() -> Any:
+        raise RuntimeError("the key watch could not start: injected")
+
+    monkeypatch.setattr(runtime, "_watch_keys", cannot_watch)
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            await runtime.start()
+        assert submitted.count("warm_up_again") == 1
+        submitted.clear()
+        runtime.bus.publish("task.cancelled", "task", "t1", {"status": "CANCELLED", "type": "evaluation"})
+        assert submitted == [], "pruning for a runtime that is not started"
+        monkeypatch.setattr(runtime, "_watch_keys", watch)
+        await runtime.start()
+        assert sorted(submitted) == ["prune_cancelled", "sweep_files", "warm_up_again"]
+        await asyncio.wait_for(runtime.evaluations.rehearsals_ended(), 30)
+    finally:
+        await runtime.stop()
+
+
 def closes_told(runtime: PlexusRuntime, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The names of the runtime's audit log and store as each is closed."""
     closed: list[str] = []

@@ -67,6 +67,7 @@ from .errors import InvalidArgument
 from .events import Event, EventBus
 from .models import FINAL_STATUSES, TaskStatus, now, parse_iso
 from .store import Store, outbox_table
+from .store_calls import store_unavailable
 
 log = logging.getLogger("plexus_mcp_jupyter")
 
@@ -299,7 +300,10 @@ class EventRelay:
         self._new_interest = False  # one was heard that did not hold before: send RECENT again, with rows
         self._older: bool | None = False  # a LISTEN of the release before is on CHANNEL (None: not known): rows
         self._older_failed = False  # the look for one failed (warned once)
-        self._said_at = 0.0  # (monotonic) when this server last said it follows; 0: it does not (_say_lock)
+        # (monotonic) When this server last said it follows; None: no saying of it holds anywhere (never said, or
+        # its end said); -inf: a saying failed, which may have reached the others all the same (said again at once,
+        # its end owed). Under _say_lock.
+        self._said_at: float | None = None
         self._say_lock = threading.Lock()  # one saying at a time (the relay and the LISTEN thread both say)
         self._say_asked = False  # a sender has not heard this server follows: say it at once (`_say_again`)
         self._recent: OrderedDict[tuple[str, str], tuple[float, Event]] = OrderedDict()  # sent without rows
@@ -698,30 +702,47 @@ class EventRelay:
         lease = max(INTEREST_LEASE, 3 * self.interval)
         return lease, min(INTEREST_EVERY, lease / 3)
 
-    def _say_interest(self, at: float, stopping: bool, *, wait: bool = True) -> None:
+    def _say_interest(self, at: float, stopping: bool, *, listen: Any = None) -> None:
         """PostgreSQL: while something here needs other servers' events, say so (again every INTEREST_EVERY
         seconds: each saying holds INTEREST_LEASE, see `_lease`); once nothing does (or the server stops), say that
-        it is over. Called by the relay thread at its turns and by the LISTEN thread every second (a relay thread
-        busy for long still renews; it does not wait for the lock, the relay thread saying it then): `_say_lock`
-        keeps one saying at a time and `_said_at` with it. A stopping server says it is over after its last send."""
+        it is over. Called by the relay thread at its turns, on a pooled connection taken before `_say_lock` (a
+        pool exhausted stalls that thread, never the lock), and by the LISTEN thread every second on its own
+        connection (`listen`: a relay thread busy for long, or a pool exhausted, still renews; it does not wait for
+        the lock, the relay thread saying it then): `_say_lock` keeps one saying at a time and `_said_at` with it.
+        A stopping server says it is over after its last send."""
+        if listen is not None:
+            self._say_locked(at, stopping, lambda params: listen.execute(_PG_INTEREST, params), wait=False)
+            return
+        if not self._saying_due(at, stopping, self._say_asked)[0]:  # (a first look without the lock; again under it)
+            return
+        with self.store.reads.connect() as conn:
+            self._say_locked(at, stopping, lambda params: conn.exec_driver_sql(_PG_INTEREST, params).all(), wait=True)
+
+    def _saying_due(self, at: float, stopping: bool, again: bool) -> tuple[bool, bool]:
+        """Whether a saying is due: this server follows and has not said so within INTEREST_EVERY (or a sender asked
+        again), or it no longer follows and a saying of it may hold somewhere; and whether it follows."""
+        wants = not stopping and (self._reads_rows_only() or self.bus.wants_remote())
+        if not wants:
+            return self._said_at is not None, False
+        return again or self._said_at is None or at - self._said_at >= self._lease()[1], True
+
+    def _say_locked(self, at: float, stopping: bool, execute: Callable[[dict[str, str]], Any], *, wait: bool) -> None:
         if not self._say_lock.acquire(blocking=wait):
             return  # (the LISTEN thread's renewal) the relay thread is saying it now
         try:
             again, self._say_asked = self._say_asked, False
-            wants = not stopping and (self._reads_rows_only() or self.bus.wants_remote())
-            lease, every = self._lease()
-            lately = self._said_at and not again and at - self._said_at < every
-            if (wants and lately) or (not wants and not self._said_at):
+            due, wants = self._saying_due(at, stopping, again)
+            if not due:
                 return  # said lately, or nothing to say
-            lease = lease if wants else 0.0
-            payload = json.dumps([self.server_id, lease])
+            lease = self._lease()[0] if wants else 0.0
             try:
-                with self.store.reads.connect() as conn:
-                    conn.exec_driver_sql(_PG_INTEREST, {"channel": INTEREST_CHANNEL, "payload": payload}).all()
+                execute({"channel": INTEREST_CHANNEL, "payload": json.dumps([self.server_id, lease])})
             except BaseException:
                 self._say_asked = self._say_asked or again
+                if wants and self._said_at is None:  # it may have gone out: its end is owed (and it is said again)
+                    self._said_at = float("-inf")
                 raise
-            self._said_at = at if wants else 0.0
+            self._said_at = at if wants else None
             self.interest_said += wants
         finally:
             self._say_lock.release()
@@ -737,19 +758,22 @@ class EventRelay:
         (`skip_remote`, `on_remote`) as for its subscribers: it always says it follows."""
         return self.postgres and (self.mode == "poll" or (self.mode == "notify" and self._listen_down))
 
-    def _ask_interest(self) -> None:
-        """PostgreSQL: ask the servers that follow others' events to say so now (a lease of -1: a question)."""
-        payload = json.dumps([self.server_id, -1])
-        with self.store.reads.connect() as conn:
-            conn.exec_driver_sql(_PG_INTEREST, {"channel": INTEREST_CHANNEL, "payload": payload}).all()
+    def _ask_interest(self, listen: Any) -> None:
+        """PostgreSQL: ask the servers that follow others' events to say so now (a lease of -1: a question), on
+        the LISTEN connection (`listen`: the LISTEN thread never waits for the pool)."""
+        listen.execute(_PG_INTEREST, {"channel": INTEREST_CHANNEL, "payload": json.dumps([self.server_id, -1])})
 
     def _older_listening(self) -> bool | None:
         """Whether a server of the release before LISTENs on the store (it never says it follows: rows always);
-        None when that cannot be known (pg_stat_activity not readable by this role): rows, warned once."""
+        None when that cannot be known: rows. pg_stat_activity not readable by this role is warned once; the store
+        unreachable (down, restarting, every connection busy) is not that, and not warned here: the turn's send
+        fails alike and says so (`_run`)."""
         try:
             with self.store.reads.connect() as conn:
                 older = bool(conn.exec_driver_sql(_PG_OLDER).scalar_one())
         except Exception as exc:
+            if store_unavailable(exc) is not None:
+                return None
             if not self._older_failed:
                 log.warning(
                     "Plexus: the event relay cannot look for servers of the release before in pg_stat_activity "
@@ -788,7 +812,7 @@ class EventRelay:
                     self._to_loop(self._noted, 0, [("task.created", TaskStatus.QUEUED.value)], None)
                     # Who follows is heard from now on: ask them to say it at once (those heard later than this
                     # server's first sends without rows are sent those again, with rows, as any new follower).
-                    self._ask_interest()
+                    self._ask_interest(conn)
                     self._wake_to_read()  # what was written while this connection was down
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=1.0):
@@ -796,7 +820,7 @@ class EventRelay:
                                 self._heard_interest(note.payload)
                             else:
                                 self._heard(note.payload)
-                        self._renew_interest()
+                        self._renew_interest(conn)
             except Exception as exc:
                 if self.listening or not self._stop.is_set():
                     log.warning(
@@ -810,12 +834,14 @@ class EventRelay:
                 self._stop.wait(min(5.0, max(self.interval, 1.0)))
         self.listening = False
 
-    def _renew_interest(self) -> None:
+    def _renew_interest(self, listen: Any) -> None:
         """(LISTEN thread, every second) Renew the saying that this server follows when due, the relay thread
-        busy or not (its lease would lapse while a long turn lasts)."""
+        busy or not (its lease would lapse while a long turn lasts), on the LISTEN connection (`listen`: never
+        waiting for the pool, whose 30 s stalled the handling of the NOTIFYs; notifications that arrive during the
+        statement are kept by psycopg for the next `notifies`)."""
         try:
             if not self._stop.is_set():  # (the relay thread's last turn says it is over)
-                self._say_interest(time.monotonic(), False, wait=False)
+                self._say_interest(time.monotonic(), False, listen=listen)
         except Exception:  # the relay thread says it again at its turn (and logs what fails there)
             log.debug("Plexus: renewing the event relay's interest failed", exc_info=True)
 

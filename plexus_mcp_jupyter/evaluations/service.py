@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.engine import Connection
 
@@ -49,11 +49,18 @@ from .store import (
     EvaluationStore,
     ItemFilter,
     evaluations_table,
+    lock_timed_out,
 )
 
 MAX_LABELS_SHOWN = 50  # per-class rows and confusion matrix beyond this many classes are left out
 DEFAULT_SCORE = "score"
 PRUNE_BATCH = 5000  # items deleted per transaction when pruning: the SQLite write lock is released between
+# A pruning transaction's most wait for a lock held elsewhere (another process's write transaction on SQLite, a row
+# lock on PostgreSQL): tried again up to PRUNE_LOCK_TRIES times (about the store's own 5 s busy timeout in all), but
+# not once the service closes, so that a server's exit waits for a pass stuck on such a lock about this long at most
+# (it waited out the busy timeout, 5 s). Each transaction is rolled back when it gives up: nothing half-written.
+PRUNE_LOCK_WAIT = 1.0
+PRUNE_LOCK_TRIES = 5
 
 # A new record's columns that its insert leaves null (the worker writes them later): metrics, counts, ...
 _NULL_RECORD: dict[str, Any] = {column.name: None for column in evaluations_table.columns}
@@ -67,6 +74,7 @@ WARM_REPEATS = 8
 REHEARSAL_SECONDS = 1.0
 
 log = logging.getLogger("plexus_mcp_jupyter")
+T = TypeVar("T")
 
 
 def evaluation_uri(evaluation_id: str) -> str:
@@ -123,7 +131,8 @@ class EvaluationService:
         # Why evaluations cannot run now (Dask workers that do not see the items directory), or None: set by the
         # runtime (items_check.WorkerItemsCheck).
         self.items_problem: Callable[[], str | None] = lambda: None
-        self._unlisten: Callable[[], None] | None = None
+        self._unlisten: Callable[[], None] | None = None  # set while started (`start`, `stop`)
+        self._started_work: list[Future[Any]] = []  # what `start` submitted: dropped by `stop` if not begun
         manager.spec_planners["evaluation"] = self.batch_spec
 
     # -- life cycle: pruning the items of cancelled evaluations ------------------------------------------
@@ -138,8 +147,25 @@ class EvaluationService:
             # rehearsals before it reads its first message, `rehearsed`).
             self.warm_up_soon()
             self.rehearsed = self._pruner.submit(self.warm_up_again)
-            self._prune_soon()
-            self._on_tasks_pruned([])
+            self._started_work = [
+                self.rehearsed,
+                self._pruner.submit(self.prune_cancelled),
+                self._pruner.submit(self.sweep_files),
+            ]
+
+    def stop(self) -> None:
+        """Undo `start` (a server whose start failed after it, or that stops): no more pruning on cancellations or
+        retention passes, and its rehearsals and passes not begun yet dropped (one running ends on its own); a
+        later start starts them again."""
+        if self._unlisten is None:
+            return
+        self._unlisten()
+        self._unlisten = None
+        with contextlib.suppress(ValueError):
+            self.manager.pruned_listeners.remove(self._on_tasks_pruned)
+        for future in self._started_work:
+            future.cancel()
+        self._started_work = []
 
     def warm_up_soon(self) -> None:
         """Run `warm_up` once, in the pruning thread (the runtime asks as soon as it is built, before the server
@@ -255,11 +281,7 @@ class EvaluationService:
         rehearsal runs (one stuck on a store lock held elsewhere waits up to REHEARSAL_SECONDS, `_rehearse`; it
         stores nothing): a stdio server whose client closes it exits without that wait (its client kills it 4 s
         after closing stdin, before its audit log's last records)."""
-        if self._unlisten is not None:
-            self._unlisten()
-            self._unlisten = None
-            with contextlib.suppress(ValueError):
-                self.manager.pruned_listeners.remove(self._on_tasks_pruned)
+        self.stop()
         self._stopping.set()
         self._pruner.shutdown(wait=self._rehearsing_since is None, cancel_futures=True)
 
@@ -280,17 +302,30 @@ class EvaluationService:
             for evaluation_id in self.store.unpruned_cancelled():
                 self.store.remove_files(evaluation_id)  # one directory: gone at once
                 while not self._stopping.is_set():
-                    batch = self.store.delete_items(evaluation_id, PRUNE_BATCH)
-                    deleted += batch
-                    if batch == 0:
+                    batch = self._pruning_write(self.store.delete_items, evaluation_id, PRUNE_BATCH)
+                    deleted += batch or 0
+                    if not batch:
                         break
                     time.sleep(0.005)  # let the server and the workers take the write lock between batches
                 if self._stopping.is_set():
                     break
-                self.store.mark_pruned(evaluation_id, time.time())
+                self._pruning_write(self.store.mark_pruned, evaluation_id, time.time())
         except Exception:  # the store is unreachable, say: the next cancellation or start tries again
             log.exception("Plexus: pruning the items of cancelled evaluations failed")
         return deleted
+
+    def _pruning_write(self, write: Callable[..., T], *args: Any) -> T | None:
+        """One of the pruning's transactions, `write(*args, lock_wait=PRUNE_LOCK_WAIT)`, tried again while a lock
+        held elsewhere fails it, PRUNE_LOCK_TRIES times at most; None, not tried (again), once the service closes."""
+        for attempt in range(1, PRUNE_LOCK_TRIES + 1):
+            if self._stopping.is_set():
+                return None
+            try:
+                return write(*args, lock_wait=PRUNE_LOCK_WAIT)
+            except Exception as exc:
+                if attempt == PRUNE_LOCK_TRIES or not lock_timed_out(exc):
+                    raise
+        return None
 
     # -- creating ---------------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ its items as rows of evaluation_items, which stay readable, paged and pruned as 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -25,6 +26,7 @@ from ..core.errors import InvalidArgument
 from ..core.models import TaskStatus
 from ..core.ownership import visible_to
 from ..core.store import (
+    SQLITE_BUSY_MS,
     decode_position,
     encode_position,
     metadata,
@@ -304,14 +306,15 @@ class EvaluationStore:
         with self.engine.connect() as conn:
             return [str(r) for r in conn.execute(query).scalars()]
 
-    def delete_items(self, evaluation_id: str, batch: int) -> int:
-        """Delete at most `batch` items of an evaluation in one transaction; returns how many went.
+    def delete_items(self, evaluation_id: str, batch: int, *, lock_wait: float | None = None) -> int:
+        """Delete at most `batch` items of an evaluation in one transaction; returns how many went. With
+        `lock_wait`, a lock held elsewhere fails it after that long (`_writing`).
 
         From its first remaining item on, by key range (items of a score are numbered 0, 1, 2...), so
         each batch is found through the primary key, on SQLite and PostgreSQL alike.
         """
         i = items_table
-        with self.engine.begin() as conn:
+        with self._writing(lock_wait) as conn:
             first = conn.execute(
                 sa.select(i.c.score, i.c.seq)
                 .where(i.c.evaluation_id == evaluation_id)
@@ -330,10 +333,37 @@ class EvaluationStore:
             )
             return int(gone.rowcount)
 
-    def mark_pruned(self, evaluation_id: str, at: float) -> None:
+    def mark_pruned(self, evaluation_id: str, at: float, *, lock_wait: float | None = None) -> None:
         e = evaluations_table
-        with self.engine.begin() as conn:
+        with self._writing(lock_wait) as conn:
             conn.execute(sa.update(e).where(e.c.id == evaluation_id).values(items_pruned_at=at))
+
+    @contextlib.contextmanager
+    def _writing(self, lock_wait: float | None) -> Iterator[Connection]:
+        """A write transaction; with `lock_wait` (seconds) a lock held elsewhere (SQLite: another connection's write
+        transaction; PostgreSQL: a row or table lock) fails it after that long, rolled back (`lock_timed_out`), not
+        after the store's own timeouts (SQLite's busy timeout, 5 s; PostgreSQL's statement timeout, 30 s)."""
+        if lock_wait is None:
+            with self.engine.begin() as conn:
+                yield conn
+            return
+        ms = max(1, round(lock_wait * 1000))
+        sqlite = self.engine.dialect.name == "sqlite"
+        with self.engine.connect() as conn:
+            raw = conn.connection.dbapi_connection if sqlite else None
+            if raw is not None:  # this connection's, until it goes back to the pool (restored below)
+                raw.execute(f"PRAGMA busy_timeout={ms}")  # type: ignore[attr-defined]
+            try:
+                with conn.begin():
+                    if not sqlite:  # (ends with the transaction)
+                        conn.exec_driver_sql(f"SET LOCAL lock_timeout = {ms}")
+                    yield conn
+            finally:
+                if raw is not None:
+                    try:  # (a failure here must not hide the statement's, nor keep this wait in the pool)
+                        raw.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")  # type: ignore[attr-defined]
+                    except Exception:
+                        conn.invalidate()
 
     def set_results(self, evaluation_id: str, metrics: dict[str, Any], counts: dict[str, Any]) -> None:
         """Record the metrics and counts, and (items in files) the manifest's chunks and rows per score."""
@@ -460,3 +490,11 @@ def _items_query(only_mismatches: bool, label: bool, after: bool) -> sa.Select[A
     if after:
         query = query.where(i.c.seq > sa.bindparam("after"))
     return query
+
+
+def lock_timed_out(exc: BaseException) -> bool:
+    """Whether `exc` is a write that waited out its lock wait (`EvaluationStore._writing`): SQLite's "database is
+    locked", PostgreSQL's lock_timeout (55P03). Its transaction was rolled back."""
+    if not isinstance(exc, sa.exc.OperationalError):
+        return False
+    return getattr(exc.orig, "sqlstate", None) == "55P03" or "database is locked" in str(exc.orig)
