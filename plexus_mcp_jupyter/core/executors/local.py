@@ -194,7 +194,7 @@ class _Worker:
 
     def send_run(self, run: Run) -> None:
         """A task to run: plain data (its parameters and environment are JSON's), pickled with pickle itself, not
-        multiprocessing's ForkingPickler, which `send` builds with a buffer for every message (~5 us a task)."""
+        multiprocessing's ForkingPickler, which `send` builds with a buffer for every message (~1 us a task)."""
         data = pickle.dumps(run, pickle.HIGHEST_PROTOCOL)
         with self.send_lock:
             self.channel.send_bytes(data)
@@ -555,7 +555,7 @@ class LocalExecutor(Executor):
 
         One `select.poll` object kept across wake-ups, its pipes registered again only when the workers changed
         (`_workers_version`): multiprocessing's `wait` built a selector and registered every pipe on each call,
-        ~10 us of this thread's CPU a task's end. Where there is no poll (Windows), that `wait`."""
+        ~6 us of this thread's CPU against 0.6 with five pipes. Where there is no poll (Windows), that `wait`."""
         poller = select.poll() if hasattr(select, "poll") else None
         watched: dict[int, Any] = {}  # the poller's: file descriptor -> its pipe (the wake-up pipe's, every worker's)
         version = -1
