@@ -269,6 +269,33 @@ async def test_large_outputs_are_truncated_and_log_tails_are_kept(tmp_path, test
     assert "a line for the task's stderr tail" in done.stderr_tail
 
 
+def test_a_small_output_is_what_its_json_says_whether_or_not_it_is_given_back_as_it_is():
+    """bounded_output gives a small value of JSON's own types back as it is (no json.loads): every other value
+    comes back as its JSON text loads, of the same types (tuples as lists, int keys as str, an int enum as int,
+    what JSON cannot express as its str), and a large one truncated as before."""
+    import enum
+    import json
+
+    from plexus_mcp_jupyter.core.output import bounded_output
+
+    class Level(enum.IntEnum):
+        HIGH = 2
+
+    def typed(value):  # the value with every type spelled out: equal values of other types differ
+        if isinstance(value, dict):
+            return ("dict", [(typed(k), typed(v)) for k, v in value.items()])
+        if isinstance(value, list):
+            return ("list", [typed(v) for v in value])
+        return (type(value).__name__, value if value == value else "nan")
+
+    plain = {"pid": 123, "ok": True, "none": None, "x": 1.5, "nan": float("nan"), "items": [1, "a", {"b": [None]}]}
+    others = [(1, 2), {1: "a"}, {"level": Level.HIGH}, {"at": __import__("datetime").date(2026, 1, 2)}, [b"x"]]
+    for value in [plain, "text", 7, None, [], {}, *others]:
+        assert typed(bounded_output(value, 65_536)) == typed(json.loads(json.dumps(value, default=str)))
+    assert bounded_output(plain, 65_536) is plain  # given back, not loaded again
+    assert bounded_output({"k": "x" * 100}, 50)["truncated"] is True
+
+
 async def test_a_per_owner_cap_lets_other_owners_through(tmp_path):
     async with running_manager(tmp_path, max_concurrency=2, max_concurrency_per_owner=1) as manager:
         a1 = manager.dispatch("demo", {"items": 10_000, "item_delay_ms": 5}, owner="alice")

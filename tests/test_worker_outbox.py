@@ -31,6 +31,9 @@ class Pipe:
         with self.lock:
             self.writes.append((time.monotonic(), [pickle.loads(item) for item in batch.items]))
 
+    def send_bytes(self, data: bytes) -> None:  # what the outbox writes: a Batch, pickled
+        self.send(pickle.loads(data))
+
     def messages(self) -> list[list[Message]]:
         with self.lock:
             return [messages for _, messages in self.writes]

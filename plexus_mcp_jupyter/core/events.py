@@ -134,7 +134,10 @@ class EventBus:
         event = Event(next(self._seq), now(), kind, entity_type, entity_id, data, origin)
         self._last_seq = event.seq
         self._history.append(event)
-        for receiver in [*(s.offer for s in self._subscriptions), *self._listeners]:
+        # Copies of both: a receiver may subscribe or unsubscribe, add or remove a listener, while this runs.
+        subscriptions = self._subscriptions
+        receivers = (*(s.offer for s in subscriptions), *self._listeners) if subscriptions else self._listeners[:]
+        for receiver in receivers:
             try:
                 receiver(event)
             except Exception:

@@ -30,6 +30,7 @@ import logging
 import multiprocessing as mp
 import os
 import pickle
+import select
 import signal
 import sys
 import threading
@@ -191,6 +192,13 @@ class _Worker:
         with self.send_lock:
             self.channel.send(message)
 
+    def send_run(self, run: Run) -> None:
+        """A task to run: plain data (its parameters and environment are JSON's), pickled with pickle itself, not
+        multiprocessing's ForkingPickler, which `send` builds with a buffer for every message (~1 us a task)."""
+        data = pickle.dumps(run, pickle.HIGHEST_PROTOCOL)
+        with self.send_lock:
+            self.channel.send_bytes(data)
+
 
 class LocalExecutor(Executor):
     name = "local"
@@ -224,6 +232,7 @@ class LocalExecutor(Executor):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handoff = LoopHandoff()
         self._workers: dict[Any, _Worker] = {}  # by our end of its pipe
+        self._workers_version = 0  # moves with every change of _workers: the reader thread registers their pipes
         self._idle: list[_Worker] = []
         self._by_task: dict[str, _Worker] = {}
         self._waiting: dict[str, _Waiting] = {}  # by task id, in submission order: no worker free yet
@@ -320,6 +329,7 @@ class LocalExecutor(Executor):
         new = _Worker(process, receiver, cancel_seq, single_use, threading.Lock())
         with self._lock:
             self._workers[receiver] = new
+            self._workers_version += 1
             # Started while shutdown retired the workers it saw (a replacement the reader thread was starting):
             # retired here, or it would live on, and the reader thread wait for its pipe, past the shutdown.
             late = self._closing and not new.retiring
@@ -427,7 +437,7 @@ class LocalExecutor(Executor):
         job = w.job
         try:
             assert job is not None
-            w.send(
+            w.send_run(
                 Run(
                     job.seq,
                     waiting.task_id,
@@ -541,16 +551,39 @@ class LocalExecutor(Executor):
     # -- the reader thread ---------------------------------------------------------------------
 
     def _read(self) -> None:
-        """Wait on every worker's pipe; hand what arrived to the loop in one callback per wake-up."""
+        """Wait on every worker's pipe; hand what arrived to the loop in one callback per wake-up.
+
+        One `select.poll` object kept across wake-ups, its pipes registered again only when the workers changed
+        (`_workers_version`): multiprocessing's `wait` built a selector and registered every pipe on each call,
+        ~6 us of this thread's CPU against 0.6 with five pipes. Where there is no poll (Windows), that `wait`."""
+        poller = select.poll() if hasattr(select, "poll") else None
+        watched: dict[int, Any] = {}  # the poller's: file descriptor -> its pipe (the wake-up pipe's, every worker's)
+        version = -1
         while True:
             with self._lock:
-                channels = list(self._workers)
-            if self._closing and not channels:
+                channels = list(self._workers) if version != self._workers_version else None
+                version = self._workers_version
+                closing_with_none = self._closing and not self._workers
+            if closing_with_none:
                 return
-            try:
-                ready: list[Any] = wait_for_pipes([self._wake_r, *channels], timeout=1.0)
-            except OSError:  # a pipe closed while we waited: look again
-                ready = []
+            if poller is not None and channels is not None:
+                wanted = {c.fileno(): c for c in [self._wake_r, *channels] if not c.closed}
+                for fd in [fd for fd, c in watched.items() if wanted.get(fd) is not c]:
+                    poller.unregister(fd)
+                    del watched[fd]
+                for fd, c in wanted.items():
+                    if fd not in watched:
+                        poller.register(fd, select.POLLIN)
+                        watched[fd] = c
+            if poller is None:
+                with self._lock:
+                    channels = list(self._workers)
+                try:
+                    ready: list[Any] = wait_for_pipes([self._wake_r, *channels], timeout=1.0)
+                except OSError:  # a pipe closed while we waited: look again
+                    ready = []
+            else:
+                ready = [watched[fd] for fd, _ in poller.poll(1000) if fd in watched]
             batch: Deliveries = []
             for channel in ready:
                 if channel is self._wake_r:
@@ -566,7 +599,10 @@ class LocalExecutor(Executor):
                 self._deliver(batch)
 
     def _drain(self, w: _Worker, batch: Deliveries) -> None:
-        """Read what one worker sent (at most READ_BATCH messages); handle its end or its death."""
+        """Read what one worker sent (at most READ_BATCH messages); handle its end or its death. After a task's
+        end it does not look for more: the worker sends nothing until its next task (anything else, a message of
+        a thread the task left behind, or the pipe's end, the next poll finds: it reports a pipe while it holds
+        something to read)."""
         for _ in range(READ_BATCH):
             try:
                 msg = w.channel.recv()
@@ -575,12 +611,16 @@ class LocalExecutor(Executor):
                 return
             except Exception as exc:  # an unpicklable message: report it, keep reading
                 msg = Log(f"plexus: a message from the worker could not be read: {exc}")
+            ended = False
             for one in _unbatched(msg):  # worker.Outbox coalesces messages
                 job = w.job
                 if isinstance(one, End):
                     self._ended(w, one, batch)
+                    ended = True
                 elif job is not None:
                     batch.append((job.on_message, one))
+            if ended:
+                return
             try:
                 if not w.channel.poll():
                     return
@@ -640,6 +680,7 @@ class LocalExecutor(Executor):
         w.process.join(5)
         with self._lock:
             self._workers.pop(w.channel, None)
+            self._workers_version += 1
             if w in self._idle:
                 self._idle.remove(w)
             job, w.job = w.job, None
