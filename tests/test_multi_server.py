@@ -564,8 +564,7 @@ def outbox_rows(store: Store) -> int:
 
 @pytest.fixture
 def quick_interest(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Interest said every 0.2 s (a LISTEN knows who follows 0.5 s after it began), older LISTENs looked for every
-    0.2 s."""
+    """Interest said every 0.2 s, older LISTENs looked for every 0.2 s."""
     monkeypatch.setattr(relay_module, "INTEREST_EVERY", 0.2, raising=False)
     monkeypatch.setattr(relay_module, "OLDER_EVERY", 0.2, raising=False)
 
@@ -580,7 +579,6 @@ async def test_on_postgresql_no_outbox_row_is_written_while_no_other_server_foll
         pytest.skip("LISTEN/NOTIFY: PostgreSQL only (SQLite polls, every send writes rows)")
     async with relays_telling(db_url) as (told, writer, writer_bus, reader, reader_bus):
         await poll(lambda: reader.listening and writer.listening, bool, timeout=20)
-        await asyncio.sleep(0.6)  # who follows is known (none)
         for i in range(20):
             writer_bus.publish("task.completed", "task", f"quiet-{i}", {"status": "COMPLETED", "type": "demo"})
         await poll(lambda: reader.noted, lambda n: n >= 20, timeout=20)
@@ -625,14 +623,13 @@ async def test_a_subscriber_that_comes_as_a_task_ends_on_the_other_server_gets_i
     gate = threading.Event()
     say = getattr(EventRelay, "_say_interest", None)
 
-    def held(self: EventRelay, at: float, stopping: bool) -> None:
+    def held(self: EventRelay, at: float, stopping: bool, **how: Any) -> None:
         if say is not None and (self.server_id != "reader" or gate.is_set()):
-            say(self, at, stopping)
+            say(self, at, stopping, **how)
 
     monkeypatch.setattr(EventRelay, "_say_interest", held, raising=False)
     async with writer_and_reader(db_url, lambda events, groups: None) as (writer, writer_bus, reader, reader_bus):
         await poll(lambda: reader.listening and writer.listening, bool, timeout=20)
-        await asyncio.sleep(0.6)
         writer_bus.publish("task.updated", "task", "racing", {"status": "RUNNING", "type": "demo"})
         await poll(lambda: reader.noted, lambda n: n >= 1, timeout=20)
         subscription = reader_bus.subscribe(lambda e: e.entity_id == "racing")  # it comes...
@@ -657,7 +654,6 @@ async def test_a_listen_of_the_release_before_on_the_store_gets_rows_always(db_u
 
     async with writer_and_reader(db_url, lambda events, groups: None) as (writer, writer_bus, reader, _reader_bus):
         await poll(lambda: reader.listening and writer.listening, bool, timeout=20)
-        await asyncio.sleep(0.6)  # who follows is known (none)
         dsn = writer.store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         with psycopg.connect(dsn, autocommit=True) as older:
             older.execute(f"LISTEN {relay_module.CHANNEL}")
@@ -1151,9 +1147,9 @@ async def test_the_final_states_a_stopping_server_sends_are_written_as_rows(db_u
     gate = threading.Event()
     say = EventRelay._say_interest
 
-    def held(self: EventRelay, at: float, stopping: bool) -> None:
+    def held(self: EventRelay, at: float, stopping: bool, **how: Any) -> None:
         if self.server_id != "reader" or gate.is_set():
-            say(self, at, stopping)
+            say(self, at, stopping, **how)
 
     monkeypatch.setattr(EventRelay, "_say_interest", held)
     async with writer_and_reader(db_url, lambda events, groups: None) as (writer, writer_bus, reader, reader_bus):
