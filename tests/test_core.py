@@ -270,8 +270,9 @@ async def test_large_outputs_are_truncated_and_log_tails_are_kept(tmp_path, test
 
 
 def test_a_small_output_is_what_its_json_says_whether_or_not_it_is_given_back_as_it_is():
-    """bounded_output gives a small value of JSON's own types back as it is (no json.loads): every other value
-    comes back as its JSON text loads, of the same types (tuples as lists, int keys as str, an int enum as int,
+    """bounded_output gives a scalar of JSON's own types back as it is (no json.loads), a dict or list as a copy
+    (its checked text loaded: a thread the task left behind cannot change it after the check): every value comes
+    back as its JSON text loads, of the same types (tuples as lists, int keys as str, an int enum as int,
     what JSON cannot express as its str), and a large one truncated as before."""
     import enum
     import json
@@ -292,7 +293,9 @@ def test_a_small_output_is_what_its_json_says_whether_or_not_it_is_given_back_as
     others = [(1, 2), {1: "a"}, {"level": Level.HIGH}, {"at": __import__("datetime").date(2026, 1, 2)}, [b"x"]]
     for value in [plain, "text", 7, None, [], {}, *others]:
         assert typed(bounded_output(value, 65_536)) == typed(json.loads(json.dumps(value, default=str)))
-    assert bounded_output(plain, 65_536) is plain  # given back, not loaded again
+    assert bounded_output(plain, 65_536) is not plain  # a copy of what was checked
+    text = "x" * 40
+    assert bounded_output(text, 65_536) is text  # immutable: given back
     assert bounded_output({"k": "x" * 100}, 50)["truncated"] is True
 
 
