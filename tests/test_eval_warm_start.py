@@ -1037,3 +1037,38 @@ def test_a_stdio_server_closed_while_its_pruning_waits_for_a_store_lock_exits_so
         assert EvaluationStore(store.engine).count_items("e-cancelled", "score") == 10, "its batch rolled back"
     finally:
         store.close()
+
+
+def test_a_stdio_server_launched_with_stderr_closed_keeps_its_prints_off_the_client_pipe(tmp_path):
+    """A client that launches the server with fd 2 closed: the client's pipe is kept above 2, and what is printed
+    (here in the warm-up) is dropped, not written to the pipe. os.dup(1) took fd 2, the lowest free, and pointing fd
+    1 "at stderr" left it on the client's pipe: the print came ahead of the initialize's answer."""
+    bootstrap = (
+        "import sys\n"
+        "from plexus_mcp_jupyter.evaluations.service import EvaluationService\n"
+        "warm_up = EvaluationService.warm_up\n"
+        "def warming(self):\n"
+        "    print('STRAY-IN-WARM-UP', flush=True)\n"
+        "    warm_up(self)\n"
+        "EvaluationService.warm_up = warming\n" + _THEN_SERVE
+    )
+    environ = dict(
+        os.environ, JUPYTER_DATA_DIR=str(tmp_path / "data"), PLEXUS_MCP_DB_URL=f"sqlite:///{tmp_path / 's.db'}"
+    )
+    environ.pop("PYTHONUNBUFFERED", None)  # as a client launches it: stdout buffered
+    server = subprocess.Popen(
+        [sys.executable, "-c", bootstrap, "mcp", "serve", "--transport", "stdio", "--root-dir", str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=environ,
+        cwd=Path(__file__).resolve().parent.parent,
+        preexec_fn=lambda: os.close(2),  # the child's stderr closed, as its client launched it
+    )
+    lines = _lines(server)
+    _initialize(server)
+    first = lines.get(timeout=120)
+    assert server.stdin is not None
+    server.stdin.close()
+    out = [first, *_stdio_output(server, lines)]
+    assert out[-1] == b"" and all(json.loads(line)["jsonrpc"] == "2.0" for line in out[:-1]), out
+    assert json.loads(out[0])["id"] == 1, out
