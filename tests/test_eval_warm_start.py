@@ -1072,3 +1072,82 @@ def test_a_stdio_server_launched_with_stderr_closed_keeps_its_prints_off_the_cli
     out = [first, *_stdio_output(server, lines)]
     assert out[-1] == b"" and all(json.loads(line)["jsonrpc"] == "2.0" for line in out[:-1]), out
     assert json.loads(out[0])["id"] == 1, out
+
+
+@asynccontextmanager
+async def built_runtime(tmp_path: Path) -> AsyncIterator[Any]:
+    """A runtime on a SQLite store in tmp_path, built, not started (its evaluation service started by the test)."""
+    from plexus_mcp_jupyter.config import PlexusSettings
+    from plexus_mcp_jupyter.runtime import PlexusRuntime
+
+    runtime = PlexusRuntime(PlexusSettings(db_url=f"sqlite:///{tmp_path / 's.db'}"), data_dir=str(tmp_path))
+    try:
+        await asyncio.to_thread(runtime.evaluations.warmed.wait, 60)
+        yield runtime
+    finally:
+        await runtime.stop()
+
+
+async def test_the_rehearsals_running_when_the_evaluation_service_stops_go_no_further(tmp_path, monkeypatch):
+    """`stop` (a start that failed after the service started) while warm_up_again rehearses: it ends after the
+    rehearsal under way, not running on for a stopped runtime (the next start's would queue behind it)."""
+    async with built_runtime(tmp_path) as runtime:
+        service = runtime.evaluations
+        rehearsed: list[int] = []
+        entered, go = threading.Event(), threading.Event()
+        timed = service._timed_rehearsal
+
+        def counted(until_served: bool = False) -> None:
+            rehearsed.append(1)
+            if len(rehearsed) == 1:
+                entered.set()
+                go.wait(30)
+            timed(until_served)
+
+        monkeypatch.setattr(service, "_timed_rehearsal", counted)
+        service.start()
+        try:
+            assert await asyncio.to_thread(entered.wait, 30)
+            service.stop()
+        finally:
+            go.set()
+        assert service.rehearsed is not None
+        await asyncio.wait_for(asyncio.wrap_future(service.rehearsed), 30)
+        assert len(rehearsed) == 1, f"{len(rehearsed)} rehearsals for a stopped service"
+
+
+async def test_the_pruning_running_when_the_evaluation_service_stops_goes_no_further(tmp_path, monkeypatch):
+    """`stop` while the pruning deletes a cancelled evaluation's items: it ends after the batch under way, the
+    evaluation left unmarked (the next start prunes the rest), not pruning on for a stopped runtime."""
+    from plexus_mcp_jupyter.evaluations.store import EvaluationStore
+
+    from .test_hardening_evaluations import cancelled_with_items
+
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    cancelled_with_items(store, 10)
+    store.close()
+    monkeypatch.setattr(service_module, "PRUNE_BATCH", 2)
+    async with built_runtime(tmp_path) as runtime:
+        service = runtime.evaluations
+        service._rehearsals_over = True  # (no rehearsal before the pruning)
+        entered, go = threading.Event(), threading.Event()
+        delete = service.store.delete_items
+
+        def held(*args: Any, **kwargs: Any) -> int:
+            entered.set()
+            go.wait(30)
+            return delete(*args, **kwargs)
+
+        monkeypatch.setattr(service.store, "delete_items", held)
+        service.start()
+        pruning = service._started_work[1]
+        try:
+            assert await asyncio.to_thread(entered.wait, 30)
+            service.stop()
+        finally:
+            go.set()
+        await asyncio.wait_for(asyncio.wrap_future(pruning), 30)
+        evaluations = EvaluationStore(runtime.store.engine)
+        assert evaluations.count_items("e-cancelled", "score") == 8, "one batch, then no more"
+        record = evaluations.get("e-cancelled")
+        assert record is not None and record["items_pruned_at"] is None
