@@ -853,7 +853,7 @@ class EventRelay:
             )
         while not self._stop.is_set():
             try:
-                with psycopg.connect(dsn, autocommit=True, **self._listen_args()) as conn:
+                with psycopg.connect(dsn, autocommit=True, **self._listen_args(psycopg.pq.version())) as conn:
                     says = conn if says_here else None
                     # One statement: its text tells this release's LISTEN from one of the release before (_PG_OLDER).
                     conn.execute(f"LISTEN {CHANNEL}; LISTEN {INTEREST_CHANNEL}")
@@ -900,15 +900,18 @@ class EventRelay:
     def _listen_dsn(self) -> str:
         return self.store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
 
-    def _listen_args(self) -> dict[str, Any]:
+    def _listen_args(self, libpq: int) -> dict[str, Any]:
         """The LISTEN connection's libpq parameters beside its DSN: the pool's keepalives, LISTEN_TCP_TIMEOUT_MS
-        and a statement timeout (its sayings and questions: one pg_notify each)."""
-        return {
+        (libpq 12 and later: an older one refuses the parameter) and a statement timeout (its sayings and questions:
+        one pg_notify each)."""
+        args: dict[str, Any] = {
             **KEEPALIVES,
             "connect_timeout": LISTEN_CONNECT_TIMEOUT,
-            "tcp_user_timeout": LISTEN_TCP_TIMEOUT_MS,
             "options": f"-c statement_timeout={LISTEN_STATEMENT_TIMEOUT_MS}",
         }
+        if libpq >= 120000:
+            args["tcp_user_timeout"] = LISTEN_TCP_TIMEOUT_MS
+        return args
 
     def _heard(self, payload: str) -> None:
         """A NOTIFY (on the LISTEN thread): another server's send. While nothing here needs other servers' events,
