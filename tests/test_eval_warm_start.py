@@ -738,18 +738,40 @@ def _lines(server: subprocess.Popen[bytes]) -> Any:
 
 
 # A stdio server whose rehearsals after start (warm_up has run) wait for the file PLEXUS_TEST_LOCKED, once they said
-# REHEARSING on stderr: the test takes the store's lock meanwhile (_lock_the_store_once_rehearsing).
+
+
+def _locked_out(module: str, cls: str, method: str) -> str:
+    """Bootstrap lines: `cls.method` (of `module`) says LOCKED-OUT on stderr when it fails (a lock wait that timed
+    out), so that a test knows its statement waited for the lock."""
+    return (
+        f"from {module} import {cls}\n"
+        f"_inner = {cls}.{method}\n"
+        "def _locked_out(self, *args, **kwargs):\n"
+        "    try:\n"
+        "        return _inner(self, *args, **kwargs)\n"
+        "    except Exception as exc:\n"
+        "        sys.stderr.write('LOCKED-OUT ' + type(exc).__name__ + '\\n'); sys.stderr.flush()\n"
+        "        raise\n"
+        f"{cls}.{method} = _locked_out\n"
+    )
+
+
+# REHEARSING on stderr: the test takes the store's lock meanwhile (_lock_the_store_once_rehearsing); INTO-THE-LOCK as
+# the rehearsals go on into it, LOCKED-OUT when a rehearsal's statement gave up on it.
 _REHEARSING_INTO_A_LOCK = (
     "import os, sys, time\n"
     "from plexus_mcp_jupyter.evaluations.service import EvaluationService\n"
     "again = EvaluationService.warm_up_again\n"
-    "def held(self):\n"
+    "def held(self, *args):\n"
     "    sys.stderr.write('REHEARSING\\n'); sys.stderr.flush()\n"
     "    deadline = time.monotonic() + 120\n"
     "    while not os.path.exists(os.environ['PLEXUS_TEST_LOCKED']) and time.monotonic() < deadline:\n"
     "        time.sleep(0.005)\n"
-    "    again(self)\n"
-    "EvaluationService.warm_up_again = held\n" + _THEN_SERVE
+    "    sys.stderr.write('INTO-THE-LOCK\\n'); sys.stderr.flush()\n"
+    "    again(self, *args)\n"
+    "EvaluationService.warm_up_again = held\n"
+    + _locked_out("plexus_mcp_jupyter.core.store", "Store", "rehearse_create_task")
+    + _THEN_SERVE
 )
 
 
@@ -962,9 +984,11 @@ def test_nothing_a_stdio_server_prints_before_it_serves_reaches_the_client(tmp_p
 
 
 def _closed_with_the_store_locked(tmp_path: Path, bootstrap: str, said: str) -> float:
-    """A stdio server run by `bootstrap` (which says `said` on stderr, then waits for the file PLEXUS_TEST_LOCKED),
-    initialized; once it said it, another process holds its store locked (`_lock_the_store_once`, until the server
-    has exited), and the client closes its stdin: the seconds from there to its exit (code 0)."""
+    """A stdio server run by `bootstrap` (which says `said` on stderr, then waits for the file PLEXUS_TEST_LOCKED,
+    then says INTO-THE-LOCK before the statement that waits for the lock, and LOCKED-OUT when it gave up: see
+    `_locked_out`), initialized; once it said it, another process holds its store locked (`_lock_the_store_once`,
+    until the server has exited), and once it goes into the lock the client closes its stdin: the seconds from
+    there to its exit (code 0)."""
     locked = tmp_path / "locked"
     server = _stdio_server(tmp_path, bootstrap, PLEXUS_TEST_LOCKED=str(locked))
     lines = _lines(server)
@@ -973,7 +997,10 @@ def _closed_with_the_store_locked(tmp_path: Path, bootstrap: str, said: str) -> 
         _initialize(server)
         holder = _lock_the_store_once(tmp_path, server, locked, said)
         assert json.loads(lines.get(timeout=60))["id"] == 1
-        time.sleep(0.2)  # what went on into the lock waits for it
+        deadline = time.monotonic() + 120  # the statement that waits for the lock begins (LOCKED-OUT says it did)
+        while "INTO-THE-LOCK" not in (tmp_path / "err").read_text():
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()
+            time.sleep(0.01)
         assert server.stdin is not None
         since = time.monotonic()
         server.stdin.close()
@@ -985,7 +1012,9 @@ def _closed_with_the_store_locked(tmp_path: Path, bootstrap: str, said: str) -> 
         if holder is not None:
             holder.execute("ROLLBACK")
             holder.close()
-    assert server.returncode == 0, (tmp_path / "err").read_text()
+    err = (tmp_path / "err").read_text()
+    assert server.returncode == 0, err
+    assert "LOCKED-OUT OperationalError" in err, f"the lock was not waited for: nothing was tested\n{err}"
     return exited
 
 
@@ -1023,8 +1052,11 @@ def test_a_stdio_server_closed_while_its_pruning_waits_for_a_store_lock_exits_so
         "    deadline = time.monotonic() + 120\n"
         "    while not os.path.exists(os.environ['PLEXUS_TEST_LOCKED']) and time.monotonic() < deadline:\n"
         "        time.sleep(0.005)\n"
+        "    sys.stderr.write('INTO-THE-LOCK\\n'); sys.stderr.flush()\n"
         "    return delete(self, *args, **kwargs)\n"
-        "EvaluationStore.delete_items = held\n" + _THEN_SERVE
+        "EvaluationStore.delete_items = held\n"
+        + _locked_out("plexus_mcp_jupyter.evaluations.store", "EvaluationStore", "delete_items")
+        + _THEN_SERVE
     )
     exited = _closed_with_the_store_locked(tmp_path, bootstrap, "PRUNING")
     # PRUNE_LOCK_WAIT (1 s) at most for the pruning, and the stop's own steps: 1.7-3.0 s at a load of 6.5; a margin
