@@ -68,27 +68,41 @@ def _configure_logging(level: str) -> None:
 
 
 def take_stdout() -> BinaryIO | None:
-    """stdio: stdout taken for the protocol before anything else of the server runs: fd 1 pointed at stderr from
-    here on (a print in a warm-up or a start, a library that writes at import, the forkserver and the workers and any
-    child process, which inherit fd 1), the client's pipe kept on a descriptor of its own, above 2 and not inherited,
-    that only the transport writes (standalone.serve_stdio). The SDK's `stdio_server()` does the same, but only once
-    it runs: the runtime's construction and start came before it. None where stdout is not fd 1, or on Windows
-    (whose standard handles need rebinding: `stdio_server()` takes it, as before)."""
+    """stdio: stdout taken for the protocol before anything else of the server runs: fd 1 pointed at stderr (the
+    null device when stderr is closed) from here on (a print in a warm-up or a start, a library that writes at import,
+    the forkserver and the workers and any child process, which inherit fd 1), the client's pipe kept on a descriptor
+    of its own, above 2 and not inherited, that only the transport writes (standalone.serve_stdio). The SDK's
+    `stdio_server()` does the same, but only once it runs: the runtime's construction and start came before it. None
+    where stdout is not fd 1, or on Windows (whose standard handles need rebinding: `stdio_server()` takes it, as
+    before)."""
     if sys.platform == "win32":
         return None
+    import fcntl  # (POSIX)
+
     try:
         if sys.stdout is None or sys.stdout.fileno() != 1:
             return None
         sys.stdout.flush()
-        wire = os.dup(1)  # (non-inheritable, PEP 446)
+        # Above 2 (as the SDK's `_dup_above_std`): os.dup takes the lowest free descriptor, 2 when a client launched
+        # this process with stderr closed, and fd 1 pointed "at stderr" was the client's pipe still. Not inherited.
+        wire = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 3)
     except (OSError, ValueError, AttributeError):  # (io.UnsupportedOperation is an OSError and a ValueError)
         return None
     try:
-        os.dup2(2, 1)
+        try:
+            diversion = os.dup(2)
+        except OSError:  # stderr closed: what is written to fd 1 is dropped
+            diversion = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(diversion, 1)
+        finally:
+            os.close(diversion)
     except OSError:
         os.close(wire)
         return None
-    return os.fdopen(wire, "wb")
+    # Never closed (closefd=False, as the SDK's own wire): a thread may still write to it as the process exits, and a
+    # descriptor closed by a wrapper's collection could be reused by another file under it.
+    return os.fdopen(wire, "wb", closefd=False)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

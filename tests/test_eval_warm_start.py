@@ -738,18 +738,40 @@ def _lines(server: subprocess.Popen[bytes]) -> Any:
 
 
 # A stdio server whose rehearsals after start (warm_up has run) wait for the file PLEXUS_TEST_LOCKED, once they said
-# REHEARSING on stderr: the test takes the store's lock meanwhile (_lock_the_store_once_rehearsing).
+
+
+def _locked_out(module: str, cls: str, method: str) -> str:
+    """Bootstrap lines: `cls.method` (of `module`) says LOCKED-OUT on stderr when it fails (a lock wait that timed
+    out), so that a test knows its statement waited for the lock."""
+    return (
+        f"from {module} import {cls}\n"
+        f"_inner = {cls}.{method}\n"
+        "def _locked_out(self, *args, **kwargs):\n"
+        "    try:\n"
+        "        return _inner(self, *args, **kwargs)\n"
+        "    except Exception as exc:\n"
+        "        sys.stderr.write('LOCKED-OUT ' + type(exc).__name__ + '\\n'); sys.stderr.flush()\n"
+        "        raise\n"
+        f"{cls}.{method} = _locked_out\n"
+    )
+
+
+# REHEARSING on stderr: the test takes the store's lock meanwhile (_lock_the_store_once_rehearsing); INTO-THE-LOCK as
+# the rehearsals go on into it, LOCKED-OUT when a rehearsal's statement gave up on it.
 _REHEARSING_INTO_A_LOCK = (
     "import os, sys, time\n"
     "from plexus_mcp_jupyter.evaluations.service import EvaluationService\n"
     "again = EvaluationService.warm_up_again\n"
-    "def held(self):\n"
+    "def held(self, *args):\n"
     "    sys.stderr.write('REHEARSING\\n'); sys.stderr.flush()\n"
     "    deadline = time.monotonic() + 120\n"
     "    while not os.path.exists(os.environ['PLEXUS_TEST_LOCKED']) and time.monotonic() < deadline:\n"
     "        time.sleep(0.005)\n"
-    "    again(self)\n"
-    "EvaluationService.warm_up_again = held\n" + _THEN_SERVE
+    "    sys.stderr.write('INTO-THE-LOCK\\n'); sys.stderr.flush()\n"
+    "    again(self, *args)\n"
+    "EvaluationService.warm_up_again = held\n"
+    + _locked_out("plexus_mcp_jupyter.core.store", "Store", "rehearse_create_task")
+    + _THEN_SERVE
 )
 
 
@@ -962,9 +984,11 @@ def test_nothing_a_stdio_server_prints_before_it_serves_reaches_the_client(tmp_p
 
 
 def _closed_with_the_store_locked(tmp_path: Path, bootstrap: str, said: str) -> float:
-    """A stdio server run by `bootstrap` (which says `said` on stderr, then waits for the file PLEXUS_TEST_LOCKED),
-    initialized; once it said it, another process holds its store locked (`_lock_the_store_once`, until the server
-    has exited), and the client closes its stdin: the seconds from there to its exit (code 0)."""
+    """A stdio server run by `bootstrap` (which says `said` on stderr, then waits for the file PLEXUS_TEST_LOCKED,
+    then says INTO-THE-LOCK before the statement that waits for the lock, and LOCKED-OUT when it gave up: see
+    `_locked_out`), initialized; once it said it, another process holds its store locked (`_lock_the_store_once`,
+    until the server has exited), and once it goes into the lock the client closes its stdin: the seconds from
+    there to its exit (code 0)."""
     locked = tmp_path / "locked"
     server = _stdio_server(tmp_path, bootstrap, PLEXUS_TEST_LOCKED=str(locked))
     lines = _lines(server)
@@ -973,7 +997,10 @@ def _closed_with_the_store_locked(tmp_path: Path, bootstrap: str, said: str) -> 
         _initialize(server)
         holder = _lock_the_store_once(tmp_path, server, locked, said)
         assert json.loads(lines.get(timeout=60))["id"] == 1
-        time.sleep(0.2)  # what went on into the lock waits for it
+        deadline = time.monotonic() + 120  # the statement that waits for the lock begins (LOCKED-OUT says it did)
+        while "INTO-THE-LOCK" not in (tmp_path / "err").read_text():
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()
+            time.sleep(0.01)
         assert server.stdin is not None
         since = time.monotonic()
         server.stdin.close()
@@ -985,7 +1012,9 @@ def _closed_with_the_store_locked(tmp_path: Path, bootstrap: str, said: str) -> 
         if holder is not None:
             holder.execute("ROLLBACK")
             holder.close()
-    assert server.returncode == 0, (tmp_path / "err").read_text()
+    err = (tmp_path / "err").read_text()
+    assert server.returncode == 0, err
+    assert "LOCKED-OUT OperationalError" in err, f"the lock was not waited for: nothing was tested\n{err}"
     return exited
 
 
@@ -1023,8 +1052,11 @@ def test_a_stdio_server_closed_while_its_pruning_waits_for_a_store_lock_exits_so
         "    deadline = time.monotonic() + 120\n"
         "    while not os.path.exists(os.environ['PLEXUS_TEST_LOCKED']) and time.monotonic() < deadline:\n"
         "        time.sleep(0.005)\n"
+        "    sys.stderr.write('INTO-THE-LOCK\\n'); sys.stderr.flush()\n"
         "    return delete(self, *args, **kwargs)\n"
-        "EvaluationStore.delete_items = held\n" + _THEN_SERVE
+        "EvaluationStore.delete_items = held\n"
+        + _locked_out("plexus_mcp_jupyter.evaluations.store", "EvaluationStore", "delete_items")
+        + _THEN_SERVE
     )
     exited = _closed_with_the_store_locked(tmp_path, bootstrap, "PRUNING")
     # PRUNE_LOCK_WAIT (1 s) at most for the pruning, and the stop's own steps: 1.7-3.0 s at a load of 6.5; a margin
@@ -1037,3 +1069,117 @@ def test_a_stdio_server_closed_while_its_pruning_waits_for_a_store_lock_exits_so
         assert EvaluationStore(store.engine).count_items("e-cancelled", "score") == 10, "its batch rolled back"
     finally:
         store.close()
+
+
+def test_a_stdio_server_launched_with_stderr_closed_keeps_its_prints_off_the_client_pipe(tmp_path):
+    """A client that launches the server with fd 2 closed: the client's pipe is kept above 2, and what is printed
+    (here in the warm-up) is dropped, not written to the pipe. os.dup(1) took fd 2, the lowest free, and pointing fd
+    1 "at stderr" left it on the client's pipe: the print came ahead of the initialize's answer."""
+    bootstrap = (
+        "import sys\n"
+        "from plexus_mcp_jupyter.evaluations.service import EvaluationService\n"
+        "warm_up = EvaluationService.warm_up\n"
+        "def warming(self):\n"
+        "    print('STRAY-IN-WARM-UP', flush=True)\n"
+        "    warm_up(self)\n"
+        "EvaluationService.warm_up = warming\n" + _THEN_SERVE
+    )
+    environ = dict(
+        os.environ, JUPYTER_DATA_DIR=str(tmp_path / "data"), PLEXUS_MCP_DB_URL=f"sqlite:///{tmp_path / 's.db'}"
+    )
+    environ.pop("PYTHONUNBUFFERED", None)  # as a client launches it: stdout buffered
+    server = subprocess.Popen(
+        [sys.executable, "-c", bootstrap, "mcp", "serve", "--transport", "stdio", "--root-dir", str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=environ,
+        cwd=Path(__file__).resolve().parent.parent,
+        preexec_fn=lambda: os.close(2),  # the child's stderr closed, as its client launched it
+    )
+    lines = _lines(server)
+    _initialize(server)
+    first = lines.get(timeout=120)
+    assert server.stdin is not None
+    server.stdin.close()
+    out = [first, *_stdio_output(server, lines)]
+    assert out[-1] == b"" and all(json.loads(line)["jsonrpc"] == "2.0" for line in out[:-1]), out
+    assert json.loads(out[0])["id"] == 1, out
+
+
+@asynccontextmanager
+async def built_runtime(tmp_path: Path) -> AsyncIterator[Any]:
+    """A runtime on a SQLite store in tmp_path, built, not started (its evaluation service started by the test)."""
+    from plexus_mcp_jupyter.config import PlexusSettings
+    from plexus_mcp_jupyter.runtime import PlexusRuntime
+
+    runtime = PlexusRuntime(PlexusSettings(db_url=f"sqlite:///{tmp_path / 's.db'}"), data_dir=str(tmp_path))
+    try:
+        await asyncio.to_thread(runtime.evaluations.warmed.wait, 60)
+        yield runtime
+    finally:
+        await runtime.stop()
+
+
+async def test_the_rehearsals_running_when_the_evaluation_service_stops_go_no_further(tmp_path, monkeypatch):
+    """`stop` (a start that failed after the service started) while warm_up_again rehearses: it ends after the
+    rehearsal under way, not running on for a stopped runtime (the next start's would queue behind it)."""
+    async with built_runtime(tmp_path) as runtime:
+        service = runtime.evaluations
+        rehearsed: list[int] = []
+        entered, go = threading.Event(), threading.Event()
+        timed = service._timed_rehearsal
+
+        def counted(until_served: bool = False) -> None:
+            rehearsed.append(1)
+            if len(rehearsed) == 1:
+                entered.set()
+                go.wait(30)
+            timed(until_served)
+
+        monkeypatch.setattr(service, "_timed_rehearsal", counted)
+        service.start()
+        try:
+            assert await asyncio.to_thread(entered.wait, 30)
+            service.stop()
+        finally:
+            go.set()
+        assert service.rehearsed is not None
+        await asyncio.wait_for(asyncio.wrap_future(service.rehearsed), 30)
+        assert len(rehearsed) == 1, f"{len(rehearsed)} rehearsals for a stopped service"
+
+
+async def test_the_pruning_running_when_the_evaluation_service_stops_goes_no_further(tmp_path, monkeypatch):
+    """`stop` while the pruning deletes a cancelled evaluation's items: it ends after the batch under way, the
+    evaluation left unmarked (the next start prunes the rest), not pruning on for a stopped runtime."""
+    from plexus_mcp_jupyter.evaluations.store import EvaluationStore
+
+    from .test_hardening_evaluations import cancelled_with_items
+
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    cancelled_with_items(store, 10)
+    store.close()
+    monkeypatch.setattr(service_module, "PRUNE_BATCH", 2)
+    async with built_runtime(tmp_path) as runtime:
+        service = runtime.evaluations
+        service._rehearsals_over = True  # (no rehearsal before the pruning)
+        entered, go = threading.Event(), threading.Event()
+        delete = service.store.delete_items
+
+        def held(*args: Any, **kwargs: Any) -> int:
+            entered.set()
+            go.wait(30)
+            return delete(*args, **kwargs)
+
+        monkeypatch.setattr(service.store, "delete_items", held)
+        service.start()
+        pruning = service._started_work[1]
+        try:
+            assert await asyncio.to_thread(entered.wait, 30)
+            service.stop()
+        finally:
+            go.set()
+        await asyncio.wait_for(asyncio.wrap_future(pruning), 30)
+        evaluations = EvaluationStore(runtime.store.engine)
+        assert evaluations.count_items("e-cancelled", "score") == 8, "one batch, then no more"
+        record = evaluations.get("e-cancelled")
+        assert record is not None and record["items_pruned_at"] is None

@@ -1336,3 +1336,144 @@ async def test_a_store_outage_is_not_taken_for_a_pg_stat_activity_it_may_not_rea
         assert writer.status()["notified_only"] == 0 and outbox_rows(writer.store) >= 1
     warned = [r for r in caplog.records if "pg_stat_activity" in r.getMessage()]
     assert warned == []
+
+
+def _conninfo(conn: Any) -> dict[str, str | None]:
+    """A psycopg connection's libpq parameters, defaults included."""
+    return {o.keyword.decode(): None if o.val is None else o.val.decode() for o in conn.pgconn.info}
+
+
+async def test_the_listen_connection_has_the_pools_keepalives_a_tcp_user_timeout_and_a_statement_timeout(
+    db_url, monkeypatch
+):
+    """The LISTEN connection, which also says this server follows, is found dead as the pool's connections are
+    (the store's keepalives), and a statement sent on it when it was dropped silently ends after about 25 s
+    (tcp_user_timeout), not TCP's 15 minutes of retransmissions with the saying lock held; its statements have a
+    timeout of their own. It had none of them (the pool's are its connect arguments, not in the URL)."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("LISTEN/NOTIFY: PostgreSQL only")
+    import psycopg
+
+    from plexus_mcp_jupyter.core.store import KEEPALIVES
+
+    made: list[Any] = []
+    connect = psycopg.connect
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        conn = connect(*args, **kwargs)
+        if threading.current_thread().name == "plexus-event-listen":  # (not the pool's)
+            made.append(conn)
+        return conn
+
+    monkeypatch.setattr(psycopg, "connect", recorded)
+    async with writer_and_reader(db_url, lambda events, groups: None) as (writer, _writer_bus, reader, _reader_bus):
+        await poll(lambda: reader.listening and writer.listening, bool, timeout=20)
+        listening = [_conninfo(conn) for conn in made]
+    assert len(listening) == 2, listening
+    for info in listening:
+        assert {key: info[key] for key in KEEPALIVES} == {key: str(value) for key, value in KEEPALIVES.items()}
+        assert info["tcp_user_timeout"] == str(relay_module.LISTEN_TCP_TIMEOUT_MS)
+        assert f"statement_timeout={relay_module.LISTEN_STATEMENT_TIMEOUT_MS}" in (info["options"] or "")
+
+
+async def test_a_saying_stuck_on_the_listen_connection_stalls_neither_the_relay_threads_sends_nor_its_last_saying(
+    db_url, monkeypatch
+):
+    """The saying lock held (the LISTEN thread's saying on a connection dropped silently): the relay thread waits
+    SAY_LOCK_WAIT for it at most, sends meanwhile (its saying asked for its next turn), and when the server stops
+    says it no longer follows without the lock. It waited for the lock as long as the statement lasted (~15 minutes
+    of TCP retransmissions): no sends, no reads, and the others held its lease to its end."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("LISTEN/NOTIFY: PostgreSQL only")
+    monkeypatch.setattr(relay_module, "INTEREST_LEASE", 60.0, raising=False)
+    monkeypatch.setattr(relay_module, "INTEREST_EVERY", 0.2, raising=False)
+    async with writer_and_reader(db_url, lambda events, groups: None) as (writer, writer_bus, reader, reader_bus):
+        following = reader_bus.subscribe(lambda e: e.entity_type == "task")  # the reader's sayings are due
+        arriving = writer_bus.subscribe(lambda e: e.entity_id == "sent-while-stuck")
+        try:
+            await poll(lambda: (writer.followers(), reader.followers()), lambda n: n == (1, 1), timeout=20)
+            assert await asyncio.to_thread(reader._say_lock.acquire, timeout=10)  # held by a stuck saying
+            try:
+                await poll(lambda: reader._say_asked, bool, timeout=20)  # a saying due waited for it, and gave up
+                reader_bus.publish("task.completed", "task", "sent-while-stuck", {"status": "COMPLETED"})
+                events = await asyncio.wait_for(arriving.next_batch(), 20)
+                assert [e.entity_id for e in events] == ["sent-while-stuck"]
+                await asyncio.to_thread(reader.stop)
+                await poll(writer.followers, lambda n: n == 0, timeout=10)  # its lease: 60 s
+            finally:
+                reader._say_lock.release()
+        finally:
+            following.close()
+            arriving.close()
+
+
+async def test_a_first_saying_the_listen_thread_makes_as_the_server_stops_is_ended(db_url, monkeypatch):
+    """The LISTEN thread partway through the first saying that this server follows as the relay thread's last turn
+    comes: that turn waits for it, and says it is over. It looked without the lock, found nothing said, and ended:
+    the others held the lease to its end."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("LISTEN/NOTIFY: PostgreSQL only")
+    import psycopg
+
+    store = Store(db_url)
+    relay = EventRelay(store, EventBus(), mode="auto", interval=0.05)
+    relay.server_id = "stopping"
+    monkeypatch.setattr(relay.bus, "wants_remote", lambda: True)
+    dsn = relay._listen_dsn()
+    with psycopg.connect(dsn, autocommit=True) as others, psycopg.connect(dsn, autocommit=True) as listen:
+        others.execute(f"LISTEN {relay_module.INTEREST_CHANNEL}")
+        entered, go = threading.Event(), threading.Event()
+
+        class Slow:
+            def execute(self, *args: Any) -> Any:
+                entered.set()
+                go.wait(20)
+                return listen.execute(*args)
+
+        first = threading.Thread(target=relay._renew_interest, args=(Slow(),))  # the LISTEN thread's renewal
+        first.start()
+        try:
+            assert entered.wait(20)
+            relay._stop.set()
+            last = threading.Thread(target=relay._say_interest, args=(time.monotonic(), True))
+            last.start()
+            last.join(0.5)  # it waits for the saying under way (it ended here at once)
+        finally:
+            go.set()
+            first.join(20)
+        last.join(20)
+        leases = [json.loads(note.payload)[1] for note in others.notifies(timeout=2.0)]
+    store.close()
+    assert leases == [relay._lease()[0], 0], leases
+
+
+async def test_a_psycopg_that_drops_notifies_during_a_statement_says_who_follows_on_a_pooled_connection(
+    db_url, monkeypatch, caplog
+):
+    """psycopg before 3.2.4 drops the NOTIFYs that arrive while a statement runs on the LISTEN connection: with one
+    installed (the package's floor holds only at install), the LISTEN thread warns once and asks and says on a
+    pooled connection, as before."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("LISTEN/NOTIFY: PostgreSQL only")
+    import psycopg
+
+    monkeypatch.setattr(psycopg, "__version__", "3.2.3")
+    pooled: list[tuple[str, float]] = []
+
+    def on_the_pool(conn, cursor, statement, params, context, executemany):
+        if (
+            threading.current_thread().name == "plexus-event-listen"
+            and isinstance(params, dict)
+            and "payload" in params
+        ):
+            pooled.append(tuple(json.loads(params["payload"])))
+
+    sa.event.listen(sa.engine.Engine, "after_cursor_execute", on_the_pool)
+    try:
+        async with writer_and_reader(db_url, lambda events, groups: None) as (writer, _wb, reader, _rb):
+            await poll(lambda: reader.listening and writer.listening, bool, timeout=20)
+            await poll(lambda: sorted(pooled), lambda said: said == [("reader", -1), ("writer", -1)], timeout=20)
+    finally:
+        sa.event.remove(sa.engine.Engine, "after_cursor_execute", on_the_pool)
+    warned = [r for r in caplog.records if "drops the NOTIFYs" in r.getMessage()]
+    assert len(warned) == 2, warned  # once per relay

@@ -54,6 +54,7 @@ import contextlib
 import functools
 import json
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -66,7 +67,7 @@ from sqlalchemy.engine import Connection
 from .errors import InvalidArgument
 from .events import Event, EventBus
 from .models import FINAL_STATUSES, TaskStatus, now, parse_iso
-from .store import Store, outbox_table
+from .store import KEEPALIVES, Store, outbox_table
 from .store_calls import store_unavailable
 
 log = logging.getLogger("plexus_mcp_jupyter")
@@ -90,6 +91,19 @@ INTEREST_LEASE = 10.0
 INTEREST_EVERY = 2.0
 RECENT_SECONDS = 5.0
 RECENT_MAX = 10_000
+# The relay thread's most wait for the saying lock (held by the LISTEN thread's saying, whose connection may be
+# gone: found dead after LISTEN_TCP_TIMEOUT_MS at most): it sends and reads meanwhile, its saying asked for its next
+# turn.
+SAY_LOCK_WAIT = 2.0
+# The LISTEN connection (it also says this server follows): the pool's TCP keepalives (store.KEEPALIVES), data not
+# acknowledged for this long ends it (milliseconds, libpq's tcp_user_timeout: a statement sent on a connection
+# dropped silently waited for TCP's retransmissions, about 15 minutes), and a statement timeout of its own.
+LISTEN_TCP_TIMEOUT_MS = 25_000
+LISTEN_STATEMENT_TIMEOUT_MS = 5_000
+LISTEN_CONNECT_TIMEOUT = 5
+# psycopg before 3.2.4 drops the NOTIFYs that arrive while a statement runs on the LISTEN connection: with one, the
+# LISTEN thread says who follows on a pooled connection, as the relay thread does.
+PSYCOPG_KEEPS_NOTIFIES = (3, 2, 4)
 OLDER_EVERY = 3.0  # seconds between two looks for a LISTEN of the release before (pg_stat_activity): within
 # RECENT_SECONDS, so that what was sent without rows since one appeared is still kept to send it again
 _FINAL = frozenset(s.value for s in FINAL_STATUSES)
@@ -243,6 +257,12 @@ def unpack(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 }
             )
     return events
+
+
+def _keeps_notifies(version: str) -> bool:
+    """Whether a psycopg of `version` keeps the NOTIFYs that arrive during a statement (PSYCOPG_KEEPS_NOTIFIES)."""
+    numbers = tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+    return numbers >= PSYCOPG_KEEPS_NOTIFIES
 
 
 def is_final(event: Event) -> bool:
@@ -702,21 +722,24 @@ class EventRelay:
         lease = max(INTEREST_LEASE, 3 * self.interval)
         return lease, min(INTEREST_EVERY, lease / 3)
 
-    def _say_interest(self, at: float, stopping: bool, *, listen: Any = None) -> None:
+    def _say_interest(self, at: float, stopping: bool, *, renewal: bool = False, listen: Any = None) -> None:
         """PostgreSQL: while something here needs other servers' events, say so (again every INTEREST_EVERY
         seconds: each saying holds INTEREST_LEASE, see `_lease`); once nothing does (or the server stops), say that
         it is over. Called by the relay thread at its turns, on a pooled connection taken before `_say_lock` (a
-        pool exhausted stalls that thread, never the lock), and by the LISTEN thread every second on its own
-        connection (`listen`: a relay thread busy for long, or a pool exhausted, still renews; it does not wait for
-        the lock, the relay thread saying it then): `_say_lock` keeps one saying at a time and `_said_at` with it.
+        pool exhausted stalls that thread, never the lock), and by the LISTEN thread every second (`renewal`) on its
+        own connection (`listen`; a pooled one with a psycopg before 3.2.4): a relay thread busy for long, or a pool
+        exhausted, still renews. `_say_lock` keeps one saying at a time and `_said_at` with it (`_say_locked`).
         A stopping server says it is over after its last send."""
         if listen is not None:
-            self._say_locked(at, stopping, lambda params: listen.execute(_PG_INTEREST, params), wait=False)
+            self._say_locked(at, stopping, lambda params: listen.execute(_PG_INTEREST, params), renewal=renewal)
             return
-        if not self._saying_due(at, stopping, self._say_asked)[0]:  # (a first look without the lock; again under it)
+        # A first look without the lock (again under it); none on the last turn: a first saying the LISTEN thread
+        # is making now does not show yet, and its end would not be said.
+        if not stopping and not self._saying_due(at, stopping, self._say_asked)[0]:
             return
         with self.store.reads.connect() as conn:
-            self._say_locked(at, stopping, lambda params: conn.exec_driver_sql(_PG_INTEREST, params).all(), wait=True)
+            execute = lambda params: conn.exec_driver_sql(_PG_INTEREST, params).all()  # noqa: E731
+            self._say_locked(at, stopping, execute, renewal=renewal)
 
     def _saying_due(self, at: float, stopping: bool, again: bool) -> tuple[bool, bool]:
         """Whether a saying is due: this server follows and has not said so within INTEREST_EVERY (or a sender asked
@@ -726,10 +749,25 @@ class EventRelay:
             return self._said_at is not None, False
         return again or self._said_at is None or at - self._said_at >= self._lease()[1], True
 
-    def _say_locked(self, at: float, stopping: bool, execute: Callable[[dict[str, str]], Any], *, wait: bool) -> None:
-        if not self._say_lock.acquire(blocking=wait):
-            return  # (the LISTEN thread's renewal) the relay thread is saying it now
+    def _say_locked(
+        self, at: float, stopping: bool, execute: Callable[[dict[str, str]], Any], *, renewal: bool
+    ) -> None:
+        """A saying that is due (`_saying_due`), under `_say_lock`. The LISTEN thread's renewal does not wait for
+        the lock (the relay thread is saying it then), nor says anything once the server stops (the relay thread's
+        last turn says it is over, after it). The relay thread waits SAY_LOCK_WAIT for it at most: a LISTEN
+        connection dropped silently holds it until it is found dead (LISTEN_TCP_TIMEOUT_MS), and the relay thread
+        sends and reads meanwhile, its saying asked for its next turn; on its last turn it says it is over without
+        the lock (what the LISTEN thread is saying may have gone out)."""
+        locked = self._say_lock.acquire(blocking=False) if renewal else self._say_lock.acquire(timeout=SAY_LOCK_WAIT)
+        if not locked:
+            if not renewal and stopping:
+                execute({"channel": INTEREST_CHANNEL, "payload": json.dumps([self.server_id, 0.0])})
+            elif not renewal:
+                self._say_asked = True
+            return
         try:
+            if renewal and self._stop.is_set():
+                return
             again, self._say_asked = self._say_asked, False
             due, wants = self._saying_due(at, stopping, again)
             if not due:
@@ -758,10 +796,16 @@ class EventRelay:
         (`skip_remote`, `on_remote`) as for its subscribers: it always says it follows."""
         return self.postgres and (self.mode == "poll" or (self.mode == "notify" and self._listen_down))
 
-    def _ask_interest(self, listen: Any) -> None:
+    def _ask_interest(self, listen: Any | None) -> None:
         """PostgreSQL: ask the servers that follow others' events to say so now (a lease of -1: a question), on
-        the LISTEN connection (`listen`: the LISTEN thread never waits for the pool)."""
-        listen.execute(_PG_INTEREST, {"channel": INTEREST_CHANNEL, "payload": json.dumps([self.server_id, -1])})
+        the LISTEN connection (`listen`: the LISTEN thread never waits for the pool), or a pooled one (None: a
+        psycopg before 3.2.4)."""
+        params = {"channel": INTEREST_CHANNEL, "payload": json.dumps([self.server_id, -1])}
+        if listen is not None:
+            listen.execute(_PG_INTEREST, params)
+            return
+        with self.store.reads.connect() as conn:
+            conn.exec_driver_sql(_PG_INTEREST, params).all()
 
     def _older_listening(self) -> bool | None:
         """Whether a server of the release before LISTENs on the store (it never says it follows: rows always);
@@ -800,9 +844,17 @@ class EventRelay:
             self._wake.set()  # say at once that it follows (it reads rows only)
             return
         dsn = self._listen_dsn()
+        says_here = _keeps_notifies(psycopg.__version__)
+        if not says_here:
+            log.warning(
+                "Plexus: psycopg %s drops the NOTIFYs that arrive during a statement on the event relay's LISTEN "
+                "connection: it says who follows on a pooled connection (pip install 'psycopg>=3.2.4')",
+                psycopg.__version__,
+            )
         while not self._stop.is_set():
             try:
-                with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+                with psycopg.connect(dsn, autocommit=True, **self._listen_args(psycopg.pq.version())) as conn:
+                    says = conn if says_here else None
                     # One statement: its text tells this release's LISTEN from one of the release before (_PG_OLDER).
                     conn.execute(f"LISTEN {CHANNEL}; LISTEN {INTEREST_CHANNEL}")
                     self.listening = True
@@ -812,7 +864,7 @@ class EventRelay:
                     self._to_loop(self._noted, 0, [("task.created", TaskStatus.QUEUED.value)], None)
                     # Who follows is heard from now on: ask them to say it at once (those heard later than this
                     # server's first sends without rows are sent those again, with rows, as any new follower).
-                    self._ask_interest(conn)
+                    self._ask_interest(says)
                     self._wake_to_read()  # what was written while this connection was down
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=1.0):
@@ -820,7 +872,7 @@ class EventRelay:
                                 self._heard_interest(note.payload)
                             else:
                                 self._heard(note.payload)
-                        self._renew_interest(conn)
+                        self._renew_interest(says)
             except Exception as exc:
                 if self.listening or not self._stop.is_set():
                     log.warning(
@@ -834,19 +886,32 @@ class EventRelay:
                 self._stop.wait(min(5.0, max(self.interval, 1.0)))
         self.listening = False
 
-    def _renew_interest(self, listen: Any) -> None:
+    def _renew_interest(self, listen: Any | None) -> None:
         """(LISTEN thread, every second) Renew the saying that this server follows when due, the relay thread
         busy or not (its lease would lapse while a long turn lasts), on the LISTEN connection (`listen`: never
         waiting for the pool, whose 30 s stalled the handling of the NOTIFYs; notifications that arrive during the
         statement are kept by psycopg for the next `notifies`)."""
         try:
-            if not self._stop.is_set():  # (the relay thread's last turn says it is over)
-                self._say_interest(time.monotonic(), False, listen=listen)
+            if not self._stop.is_set():  # (the relay thread's last turn says it is over; looked at again locked)
+                self._say_interest(time.monotonic(), False, renewal=True, listen=listen)
         except Exception:  # the relay thread says it again at its turn (and logs what fails there)
             log.debug("Plexus: renewing the event relay's interest failed", exc_info=True)
 
     def _listen_dsn(self) -> str:
         return self.store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+    def _listen_args(self, libpq: int) -> dict[str, Any]:
+        """The LISTEN connection's libpq parameters beside its DSN: the pool's keepalives, LISTEN_TCP_TIMEOUT_MS
+        (libpq 12 and later: an older one refuses the parameter) and a statement timeout (its sayings and questions:
+        one pg_notify each)."""
+        args: dict[str, Any] = {
+            **KEEPALIVES,
+            "connect_timeout": LISTEN_CONNECT_TIMEOUT,
+            "options": f"-c statement_timeout={LISTEN_STATEMENT_TIMEOUT_MS}",
+        }
+        if libpq >= 120000:
+            args["tcp_user_timeout"] = LISTEN_TCP_TIMEOUT_MS
+        return args
 
     def _heard(self, payload: str) -> None:
         """A NOTIFY (on the LISTEN thread): another server's send. While nothing here needs other servers' events,

@@ -438,6 +438,11 @@ def default_db_url(data_dir: str | os.PathLike[str]) -> str:
     return f"sqlite:///{path / 'plexus.db'}"
 
 
+# TCP keepalives (libpq's): a connection to a host that vanished (no reset sent) is found dead in about 25 s. Every
+# connection to a PostgreSQL store has them: the engine's pool, the event relay's LISTEN connection.
+KEEPALIVES: dict[str, int] = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+
+
 def make_engine(
     url: str, *, echo: bool = False, pool_size: int = 10, pool_timeout: float = 30.0, statement_timeout: float = 30.0
 ) -> Engine:
@@ -460,14 +465,7 @@ def make_engine(
         # others' writes: the final UPDATE of a task took twice as long).
         options.update(pool_size=pool_size, max_overflow=0, pool_timeout=pool_timeout, pool_use_lifo=True)
     if parsed.get_backend_name() == "postgresql":
-        # TCP keepalives: a connection to a host that vanished (no reset sent) is found dead in about 25 s.
-        connect_args: dict[str, Any] = {
-            "connect_timeout": max(1, round(pool_timeout)),
-            "keepalives": 1,
-            "keepalives_idle": 10,
-            "keepalives_interval": 5,
-            "keepalives_count": 3,
-        }
+        connect_args: dict[str, Any] = {"connect_timeout": max(1, round(pool_timeout)), **KEEPALIVES}
         if statement_timeout > 0:
             connect_args["options"] = f"-c statement_timeout={round(statement_timeout * 1000)}"
         options.update(connect_args=connect_args)

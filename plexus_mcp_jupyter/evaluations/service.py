@@ -133,6 +133,10 @@ class EvaluationService:
         self.items_problem: Callable[[], str | None] = lambda: None
         self._unlisten: Callable[[], None] | None = None  # set while started (`start`, `stop`)
         self._started_work: list[Future[Any]] = []  # what `start` submitted: dropped by `stop` if not begun
+        # Moves at each start and stop: the rehearsals and pruning passes a start (or its listeners) submitted stop
+        # once it moved (one running when `stop` came ends at its next step, not running on for a stopped runtime
+        # ahead of the next start's).
+        self._generation = 0
         manager.spec_planners["evaluation"] = self.batch_spec
 
     # -- life cycle: pruning the items of cancelled evaluations ------------------------------------------
@@ -145,20 +149,22 @@ class EvaluationService:
             self.manager.pruned_listeners.append(self._on_tasks_pruned)
             # The rehearsals first, the pruning after them (it may take long: a stdio server waits for the
             # rehearsals before it reads its first message, `rehearsed`).
+            self._generation += 1
             self.warm_up_soon()
-            self.rehearsed = self._pruner.submit(self.warm_up_again)
+            self.rehearsed = self._pruner.submit(self.warm_up_again, self._generation)
             self._started_work = [
                 self.rehearsed,
-                self._pruner.submit(self.prune_cancelled),
+                self._pruner.submit(self.prune_cancelled, self._generation),
                 self._pruner.submit(self.sweep_files),
             ]
 
     def stop(self) -> None:
         """Undo `start` (a server whose start failed after it, or that stops): no more pruning on cancellations or
-        retention passes, and its rehearsals and passes not begun yet dropped (one running ends on its own); a
-        later start starts them again."""
+        retention passes, its rehearsals and passes not begun yet dropped, and one running ends at its next step
+        (a rehearsal, a pruning batch); a later start starts them again."""
         if self._unlisten is None:
             return
+        self._generation += 1
         self._unlisten()
         self._unlisten = None
         with contextlib.suppress(ValueError):
@@ -197,7 +203,12 @@ class EvaluationService:
         as at a create. Its create_evaluation follows within milliseconds (a session's initialize, then the call)."""
         self._served = True
 
-    def warm_up_again(self) -> None:
+    def _ended(self, generation: int | None) -> bool:
+        """Whether work a start submitted (its `generation`; None: whatever started it) is to stop: the service
+        closes, or it was stopped (or started again) since."""
+        return self._stopping.is_set() or (generation is not None and generation != self._generation)
+
+    def warm_up_again(self, generation: int | None = None) -> None:
         """After start (the server answers meanwhile), in the pruning thread, after warm_up: its rehearsal
         WARM_REPEATS times more, so that the first create_evaluation runs code already specialized by the
         interpreter (the first call's server CPU was 1.32x the next ones', 0.98x after ten rehearsals: 5 fresh
@@ -205,9 +216,10 @@ class EvaluationService:
         failure, after a rehearsal longer than REHEARSAL_SECONDS, when the service closes, or once a client has
         come (its first MCP message, or a create), also between a rehearsal's plan and its store statements: a
         rehearsal beside a call competes with it for the GIL (~5 ms of CPU each) and, on SQLite, holds the write
-        lock the call's insert needs until it rolls back; real calls warm the path from then on."""
+        lock the call's insert needs until it rolls back; real calls warm the path from then on. Not either once the
+        start that asked for it (`generation`) was undone (`stop`)."""
         for _ in range(WARM_REPEATS):
-            if self._stopping.is_set() or self._served or self._rehearsals_over:
+            if self._ended(generation) or self._served or self._rehearsals_over:
                 return
             try:
                 self._timed_rehearsal(until_served=True)
@@ -292,33 +304,36 @@ class EvaluationService:
 
     def _prune_soon(self) -> None:
         if not self._stopping.is_set():
-            self._pruner.submit(self.prune_cancelled)
+            self._pruner.submit(self.prune_cancelled, self._generation)
 
-    def prune_cancelled(self) -> int:
+    def prune_cancelled(self, generation: int | None = None) -> int:
         """Delete the items of cancelled evaluations (their files; rows PRUNE_BATCH per transaction), and mark
-        each record pruned; returns how many item rows went. Runs in the pruning thread; blocks on the store."""
+        each record pruned; returns how many item rows went. Runs in the pruning thread; blocks on the store. Stops
+        between two transactions once the service closes, or the start that asked for it (`generation`) was undone
+        (`stop`): the next start prunes what is left."""
         deleted = 0
         try:
             for evaluation_id in self.store.unpruned_cancelled():
                 self.store.remove_files(evaluation_id)  # one directory: gone at once
-                while not self._stopping.is_set():
-                    batch = self._pruning_write(self.store.delete_items, evaluation_id, PRUNE_BATCH)
+                while not self._ended(generation):
+                    batch = self._pruning_write(generation, self.store.delete_items, evaluation_id, PRUNE_BATCH)
                     deleted += batch or 0
                     if not batch:
                         break
                     time.sleep(0.005)  # let the server and the workers take the write lock between batches
-                if self._stopping.is_set():
+                if self._ended(generation):
                     break
-                self._pruning_write(self.store.mark_pruned, evaluation_id, time.time())
+                self._pruning_write(generation, self.store.mark_pruned, evaluation_id, time.time())
         except Exception:  # the store is unreachable, say: the next cancellation or start tries again
             log.exception("Plexus: pruning the items of cancelled evaluations failed")
         return deleted
 
-    def _pruning_write(self, write: Callable[..., T], *args: Any) -> T | None:
+    def _pruning_write(self, generation: int | None, write: Callable[..., T], *args: Any) -> T | None:
         """One of the pruning's transactions, `write(*args, lock_wait=PRUNE_LOCK_WAIT)`, tried again while a lock
-        held elsewhere fails it, PRUNE_LOCK_TRIES times at most; None, not tried (again), once the service closes."""
+        held elsewhere fails it, PRUNE_LOCK_TRIES times at most; None, not tried (again), once the service closes
+        or its start (`generation`) was undone."""
         for attempt in range(1, PRUNE_LOCK_TRIES + 1):
-            if self._stopping.is_set():
+            if self._ended(generation):
                 return None
             try:
                 return write(*args, lock_wait=PRUNE_LOCK_WAIT)
