@@ -258,19 +258,34 @@ def _version(path: Path) -> tuple[int, int]:
 
 
 def _line_blocks(path: Path, size: int, longest: int) -> Iterator[bytes]:
-    """The file in blocks of about `size` bytes, each ending at a line's end (no line longer than `longest`)."""
+    """The file in blocks of about `size` bytes, each ending at a line's end; ValueError for a line (its bytes
+    without its newline) longer than `longest`, wherever it is: each line is checked, not the block's end only (a
+    9 MiB record had passed at one offset and been refused 100 kB earlier)."""
+    too_long = ValueError(
+        f"a line is longer than {longest:,} bytes, the block a JSON Lines file is read in (the "
+        "max_dataset_header_bytes setting when larger)"
+    )
     with path.open("rb") as handle:
         rest = b""
         while chunk := handle.read(size):
             data = rest + chunk
             end = data.rfind(b"\n") + 1
             rest = data[end:]
-            if len(rest) > longest:
-                raise ValueError(
-                    f"a line is longer than {longest:,} bytes, the block a JSON Lines file is read in (the "
-                    "max_dataset_header_bytes setting when larger)"
-                )
+            if len(rest) > longest or _longer_line(data, end, longest):
+                raise too_long
             if data[:end].strip():
                 yield data[:end]
         if rest.strip():
             yield rest
+
+
+def _longer_line(data: bytes, end: int, longest: int) -> bool:
+    """Whether a line of data[:end] (whole lines) is longer than `longest` bytes: from each line's start, the last
+    newline within `longest` bytes ends the lines checked so far (a few steps a block, not one a line)."""
+    start = 0
+    while end - 1 - start > longest:  # (the line from `start` may be longer: a newline within its reach?)
+        newline = data.rfind(b"\n", start, start + longest + 1)
+        if newline < 0:
+            return True
+        start = newline + 1
+    return False
