@@ -3,6 +3,7 @@ the SDK client, real worker processes, the SQLite store and the files on disk.""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -408,3 +409,33 @@ async def test_an_item_file_past_what_a_worker_writes_is_refused_clearly_not_rea
                 assert answer.json()["error"]["message"] == message.removeprefix(
                     "Error executing tool get_evaluation_results: "
                 )
+
+
+async def test_json_lines_integer_labels_with_a_null_are_the_items_labels_a_csv_gives(mcp_client, jp_root_dir):
+    """A JSON Lines block of integer labels with a null was read by pandas as floats: the evaluation's items said
+    "1.0" and "0.0" where the same data as CSV says "1" and "0". Both give the same items and metrics now."""
+    rows = 60
+    labels = [None if i % 5 == 0 else i % 2 for i in range(rows)]
+    predictions = [i % 2 if i % 7 else 1 - i % 2 for i in range(rows)]
+    (jp_root_dir / "ints.jsonl").write_text(
+        "".join(
+            f'{{"text": "t{i}", "label": {json.dumps(label)}, "prediction": {prediction}}}\n'
+            for i, (label, prediction) in enumerate(zip(labels, predictions, strict=True))
+        )
+    )
+    (jp_root_dir / "ints.csv").write_text(
+        "text,label,prediction\n"
+        + "".join(f"t{i},{'' if labels[i] is None else labels[i]},{predictions[i]}\n" for i in range(rows))
+    )
+    seen = {}
+    async with mcp_client() as client:
+        for ref in ("ints.jsonl", "ints.csv"):
+            made = await create(
+                client, type="accuracy", dataset=ref, label_column="label", prediction_column="prediction"
+            )
+            done = await finished(client, made["evaluation_id"])
+            assert done["status"] == "COMPLETED", done["error_message"]
+            items = await all_results(client, made["evaluation_id"])
+            seen[ref] = ([(i["label"], i["prediction"]) for i in items], done["metrics"]["score"]["accuracy"])
+    assert seen["ints.jsonl"] == seen["ints.csv"], seen
+    assert seen["ints.csv"][0][:3] == [(None, "1"), ("1", "1"), ("0", "0")], seen["ints.csv"][0][:3]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -226,11 +227,26 @@ class DatasetStream:
             if table is not None and all(_as_text(table, column) for column in self.text_columns):
                 frame = table.to_pandas()
             else:
-                frame = pd.read_json(io.BytesIO(block), lines=True, dtype=False, **KEEP_DATES)
+                frame = self._text_kept(block, pd.read_json(io.BytesIO(block), lines=True, dtype=False, **KEEP_DATES))
             for column in self.columns:  # a field no record of this block has
                 if column not in frame.columns:
                     frame[column] = None
             yield frame[self.columns]
+
+    def _text_kept(self, block: bytes, frame: pd.DataFrame) -> pd.DataFrame:
+        """`frame` (pandas' read of `block`) with its text columns that pandas read as floats (integers with a null:
+        1.0, 0.0) taken as the file writes them: 1 -> "1" (as a CSV's are read, and pyarrow's blocks)."""
+        floats = [c for c in self.text_columns if c in frame.columns and pd.api.types.is_float_dtype(frame[c].dtype)]
+        if not floats:
+            return frame
+        records = [json.loads(line) for line in block.splitlines() if line.strip()]
+        if len(records) != len(frame):  # (not one record a line: pandas' values kept)
+            return frame
+        for column in floats:
+            values = [record.get(column) if isinstance(record, dict) else None for record in records]
+            texts = [value if value is None or isinstance(value, str) else json.dumps(value) for value in values]
+            frame[column] = pd.Series(texts, index=frame.index, dtype=object)
+        return frame
 
 
 def _as_text(table: pa.Table, column: str) -> bool:
