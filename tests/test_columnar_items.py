@@ -3,6 +3,7 @@ the SDK client, real worker processes, the SQLite store and the files on disk.""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -16,7 +17,7 @@ import sqlalchemy as sa
 
 from plexus_mcp_jupyter.core.models import Task, TaskStatus
 from plexus_mcp_jupyter.core.retention import RetentionPolicy
-from plexus_mcp_jupyter.evaluations.item_files import ItemFiles
+from plexus_mcp_jupyter.evaluations.item_files import EXCERPT_CHARS, ItemFiles, item_table, score_key
 from plexus_mcp_jupyter.evaluations.store import ItemFilter, items_table
 
 from .conftest import poll
@@ -269,6 +270,80 @@ def test_the_sweep_takes_only_evaluations_folders_not_the_servers_markers(tmp_pa
     assert files.evaluation_ids() == ["0b8f3c1e-5d2a-4f7e-9c61-2a4b6d8e0f13"]
 
 
+def old_era_columns(rows: int, text: str) -> dict:
+    """Items as a worker made them: inputs clipped to 200 characters, explanations to 500 (`text` repeated)."""
+    import numpy as np
+    import pyarrow as pa
+
+    return {
+        "seq": pa.array(np.arange(rows)),
+        "item_id": pa.array([f"item-{i:08d}" for i in range(rows)]),
+        "input": pa.array([text * 190 + str(i) for i in range(rows)]),
+        "label": pa.array(["yes", "no"] * (rows // 2)),
+        "label_class": pa.array(["yes", "no"] * (rows // 2)),
+        "prediction": pa.array(["no"] * rows),
+        "correct": pa.array([i % 2 == 1 for i in range(rows)]),
+        "explanation": pa.array([text * 490 + str(i) for i in range(rows)]),
+        "error": pa.nulls(rows, pa.string()),
+    }
+
+
+def test_an_item_file_of_one_row_group_of_50_000_items_as_workers_wrote_them_reads(tmp_path):
+    """From 76cc39a until e15682d a worker wrote a chunk of up to 50,000 items as one row group (every column a
+    dictionary): with non-ASCII text a group declares ~104 MB, and the fixed 64 MiB a group refused such files as
+    damaged. A group is bounded per item now (rows x what a clipped item can take): the file reads."""
+    files = ItemFiles(tmp_path / "items")
+    files.start("old-eval")
+    rows = 50_000
+    folder = files.directory("old-eval") / score_key("accuracy")
+    folder.mkdir()
+    path = folder / f"chunk-{0:012d}-{rows:012d}.parquet"
+    table = item_table(old_era_columns(rows, "日"))
+    pq.write_table(table, path, compression="zstd", use_dictionary=True, write_statistics=["seq"])
+    metadata = pq.ParquetFile(path).metadata
+    assert metadata.num_row_groups == 1 and metadata.row_group(0).total_byte_size > 64 << 20
+    page = files.page(
+        "old-eval", "accuracy", limit=21, after=None, only_mismatches=True, label=None, columns=["seq", "input"]
+    )
+    assert [row["seq"] for row in page] == list(range(0, 42, 2)) and page[1]["input"] == "日" * 190 + "2"
+    tail = files.page("old-eval", "accuracy", limit=5, after=49_990, only_mismatches=False, label="no", columns=["seq"])
+    assert [row["seq"] for row in tail] == [49_991, 49_993, 49_995, 49_997, 49_999]
+
+
+def test_a_long_label_class_is_stored_clipped_and_counted_as_what_it_decodes_to(tmp_path):
+    """label_class was the one text column written unclipped, and a group's text was counted as rows x its longest
+    value: one 70,000-character class in a group of 1,024 items made the file damaged for good (a re-run wrote the
+    same). A class is clipped at write as the other text (EXCERPT_CHARS), a label filter clipped alike, and a
+    dictionary column counted as what it decodes to, so a file holding such a class (an older one) reads too."""
+    import numpy as np
+    import pyarrow as pa
+
+    files = ItemFiles(tmp_path / "items")
+    files.start("e")
+    rows, long = 1024, "x" * 70_000
+    columns = {
+        "seq": pa.array(np.arange(rows)),
+        "item_id": pa.array(np.arange(rows)),
+        "input": pa.array(["i"] * rows),
+        "label": pa.array([long[:EXCERPT_CHARS]] + ["short"] * (rows - 1)),
+        "label_class": pa.array([long] + ["short"] * (rows - 1)),
+        "prediction": pa.array(["p"] * rows),
+        "correct": pa.array([False] * rows),
+        "explanation": pa.nulls(rows, pa.string()),
+        "error": pa.nulls(rows, pa.string()),
+    }
+    files.write_chunk("e", "accuracy", 0, columns)
+    page = files.page("e", "accuracy", limit=3, after=None, only_mismatches=True, label=None, columns=["label_class"])
+    assert page[0]["label_class"] == "x" * (EXCERPT_CHARS - 1) + "…" and page[1]["label_class"] == "short"
+    found = files.page("e", "accuracy", limit=3, after=None, only_mismatches=False, label=long, columns=["seq"])
+    assert found == [{"seq": 0}]
+    # A file written with the class whole (before the clip) reads: counted as 70,000 + 1,023 x 5 bytes, not x 1,024.
+    (path,) = [chunk for _first, _end, chunk in files.chunks("e", "accuracy")]
+    pq.write_table(item_table(columns), path, use_dictionary=["label", "label_class", "prediction"])
+    page = files.page("e", "accuracy", limit=2, after=None, only_mismatches=True, label=None, columns=["label_class"])
+    assert page == [{"label_class": long}, {"label_class": "short"}]
+
+
 async def test_an_item_file_past_what_a_worker_writes_is_refused_clearly_not_read(
     mcp_client, runtime, jp_root_dir, server_url, token
 ):
@@ -310,8 +385,8 @@ async def test_an_item_file_past_what_a_worker_writes_is_refused_clearly_not_rea
         expanding["input"] = ["x" * 100_000] * rows  # 100 MB of text, a few hundred kB compressed
         table = pa.table(expanding, schema=original.schema)
         for damage, why in (
-            ("dictionary", "row group 0 reads back as up to 102,"),  # a few bytes in the footer's sizes
-            ("plain", "row group 0 declares 1,024 items and 102,"),  # refused from the footer's sizes
+            ("dictionary", "row group 0 reads back as 102,"),  # a few bytes in the footer's sizes
+            ("plain", "row group 0 declares 1,024 items, 9 columns and 102,"),  # refused from the footer's sizes
             ("garbage", "its Parquet footer is"),
         ):
             if damage == "garbage":
@@ -334,3 +409,33 @@ async def test_an_item_file_past_what_a_worker_writes_is_refused_clearly_not_rea
                 assert answer.json()["error"]["message"] == message.removeprefix(
                     "Error executing tool get_evaluation_results: "
                 )
+
+
+async def test_json_lines_integer_labels_with_a_null_are_the_items_labels_a_csv_gives(mcp_client, jp_root_dir):
+    """A JSON Lines block of integer labels with a null was read by pandas as floats: the evaluation's items said
+    "1.0" and "0.0" where the same data as CSV says "1" and "0". Both give the same items and metrics now."""
+    rows = 60
+    labels = [None if i % 5 == 0 else i % 2 for i in range(rows)]
+    predictions = [i % 2 if i % 7 else 1 - i % 2 for i in range(rows)]
+    (jp_root_dir / "ints.jsonl").write_text(
+        "".join(
+            f'{{"text": "t{i}", "label": {json.dumps(label)}, "prediction": {prediction}}}\n'
+            for i, (label, prediction) in enumerate(zip(labels, predictions, strict=True))
+        )
+    )
+    (jp_root_dir / "ints.csv").write_text(
+        "text,label,prediction\n"
+        + "".join(f"t{i},{'' if labels[i] is None else labels[i]},{predictions[i]}\n" for i in range(rows))
+    )
+    seen = {}
+    async with mcp_client() as client:
+        for ref in ("ints.jsonl", "ints.csv"):
+            made = await create(
+                client, type="accuracy", dataset=ref, label_column="label", prediction_column="prediction"
+            )
+            done = await finished(client, made["evaluation_id"])
+            assert done["status"] == "COMPLETED", done["error_message"]
+            items = await all_results(client, made["evaluation_id"])
+            seen[ref] = ([(i["label"], i["prediction"]) for i in items], done["metrics"]["score"]["accuracy"])
+    assert seen["ints.jsonl"] == seen["ints.csv"], seen
+    assert seen["ints.csv"][0][:3] == [(None, "1"), ("1", "1"), ("0", "0")], seen["ints.csv"][0][:3]

@@ -440,3 +440,19 @@ def test_json_lines_columns_named_like_dates_keep_their_values(catalog, root):
     assert df["date"].tolist() == ["2020-01-01", "2021-02-03"]
     assert df["modified"].tolist() == [1600000000, 1600000001]
     assert df["created_at"].tolist() == ["yes", "no"]
+
+
+def test_json_lines_integer_labels_with_a_null_read_as_they_are_written(catalog, root):
+    """A JSON Lines block whose integer labels have a null is read by pandas (pyarrow types them as numbers, not text),
+    which made them floats: labels "1.0" and "0.0" in the evaluation's items and in a describe, where a CSV's are "1"
+    and "0". The fallback keeps a text column's values as the file writes them."""
+    (root / "ints.jsonl").write_text(
+        "".join(f'{{"text": "t{i}", "label": {"null" if i % 5 == 0 else i % 2}}}\n' for i in range(100))
+    )
+    (root / "ints.csv").write_text(
+        "text,label\n" + "".join(f"t{i},{'' if i % 5 == 0 else i % 2}\n" for i in range(100))
+    )
+    for ref in ("ints.jsonl", "ints.csv"):
+        assert dict(catalog.describe(ref).label_distribution or ()) == {"1": 40, "0": 40, None: 20}, ref
+        labels = [value for frame in catalog.stream(ref, ["label"], ["label"]) for value in frame["label"]]
+        assert [None if pd.isna(value) else value for value in labels[:4]] == [None, "1", "0", "1"], (ref, labels[:4])

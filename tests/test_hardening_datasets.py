@@ -317,6 +317,33 @@ def test_a_column_of_too_many_distinct_values_gets_a_note_not_a_distribution(cat
     assert "more than 10,000 distinct values" in (info.label_note or "")
 
 
+def test_a_json_lines_line_is_bounded_exactly_wherever_it_is(tmp_path):
+    """A JSON Lines line had been bounded by where it sat: one longer than the block passed when it began inside a
+    block (it was checked only when it crossed a block's end), so a 9 MiB record was accepted at one offset and refused
+    100 kB earlier. Each line is checked now: a line of the bound's bytes (without its newline) reads at every offset,
+    one byte more is refused at every offset."""
+    from plexus_mcp_jupyter.evaluations.dataset_stream import DatasetStream
+
+    bound = 1 << 20  # (the block: max(batch_bytes, the bounds' block_bytes))
+    small = b'{"text": "s", "label": "a"}\n'
+
+    def line(size: int) -> bytes:
+        head = b'{"label": "b", "text": "'
+        return head + b"x" * (size - len(head) - 2) + b'"}'
+
+    for pad in (0, 100_000, 500_000, bound - 40, bound + 10_000, 3 * bound // 2):
+        lines = pad // len(small)
+        for size, fits in ((bound, True), (bound + 1, False)):
+            path = tmp_path / f"{pad}-{size}.jsonl"
+            path.write_bytes(small * lines + line(size) + b"\n" + small)
+            stream = DatasetStream(path, "jsonl", path.name, ["text", "label"], ["label"], ["label"], None, bound)
+            if fits:
+                assert sum(len(frame) for frame in stream) == lines + 2, (pad, size)
+            else:
+                with pytest.raises(ValueError, match=r"a line is longer than 1,048,576 bytes"):
+                    list(stream)
+
+
 def test_a_row_longer_than_a_block_or_a_crafted_footer_is_an_error_not_a_read(catalog):
     # A row is read in the stream's blocks (8 MiB), by a describe as by an evaluation: a describe's count of its own
     # had read 1 MiB blocks (a 2 MiB row failed the describe, not the evaluation), and a JSON Lines line is bounded

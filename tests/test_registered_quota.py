@@ -6,6 +6,7 @@ it; deleting a dataset frees it; another key is not affected. A real server, RES
 from __future__ import annotations
 
 import io
+import json
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -129,14 +130,56 @@ def test_registrations_by_one_key_at_once_never_pass_its_quota_together(tmp_path
     assert all(catalog.owner_of(name) == owner for name in placed)
 
 
+async def test_a_body_larger_than_the_quota_left_registers_when_what_is_stored_fits(server_url, keys, runtime):
+    """What is stored (the frame as compressed Parquet) is what counts against the quota: a body had been refused
+    unread once its size as sent passed what the quota had left, so JSON records (several times their stored size)
+    and Parquet sent uncompressed that would be stored within the quota were refused. A body is refused unread only
+    past 16 times what is left (and a sender with nothing left); below that it is read, stored and counted as stored,
+    declared or chunked."""
+    api = f"{server_url}plexus/api/datasets"
+    headers = {"Authorization": f"Bearer {keys['operator']}", "Content-Type": "application/vnd.apache.parquet"}
+    buffer = io.BytesIO()
+    pd.DataFrame({"text": ["the same words again"] * 50_000}).to_parquet(
+        buffer, index=False, compression=None, use_dictionary=False
+    )
+    body = buffer.getvalue()  # 1.2 MB as sent (a few kB once stored)
+    assert 10 * QUOTA < len(body) < 16 * QUOTA
+
+    async def chunked() -> Any:
+        for start in range(0, len(body), 65_536):
+            yield body[start : start + 65_536]
+
+    records = {"records": [{"text": uuid.uuid4().hex, "label": "yes"} for _ in range(1000)] * 8}
+    async with httpx2.AsyncClient(timeout=60) as http:
+        declared = await http.post(api, params={"name": "declared"}, content=body, headers=headers)
+        assert declared.status_code == 201, declared.text
+        sent = await http.post(api, params={"name": "chunked"}, content=chunked(), headers=headers)
+        assert sent.status_code == 201, sent.text
+        stored = sum(path.stat().st_size for path in runtime.catalog.registered_dir.glob("*.parquet"))
+        left = QUOTA - stored
+        json_body = json.dumps(records).encode()
+        assert left < len(json_body) < 16 * left, (left, len(json_body))  # (its Parquet: ~40 kB)
+        as_json = await http.post(
+            api, params={"name": "records"}, content=json_body, headers={**headers, "Content-Type": "application/json"}
+        )
+        assert as_json.status_code == 201, as_json.text
+        stored = sum(path.stat().st_size for path in runtime.catalog.registered_dir.glob("*.parquet"))
+        assert stored < QUOTA
+        runtime.catalog.max_registered_bytes = stored  # (now at its quota: refused before the body is read)
+        answer = await answer_before_body(f"{api}?name=more", headers, len(body), body[:4])
+        assert answer.status == 403 and answer.closed, answer
+        assert "max_registered_bytes_per_principal" in answer.body.decode(), answer
+    assert sorted(runtime.catalog.registered_names()) == ["chunked", "declared", "records"]
+
+
 async def test_a_body_larger_than_its_sender_s_quota_left_is_refused_unread_declared_or_chunked(
     server_url, keys, runtime, monkeypatch
 ):
     """A registration's body was read, parsed and re-encoded before `admit` refused a sender with little quota left
     (the size stored is what counts), so full-size bodies sent again and again cost a parse each, and no quota. Now a
-    body larger than what its sender's quota has left is refused before it is parsed, with the quota's message (403),
-    alike with a Content-Length (unread: the connection ends) and chunked (once past what is left); one that fits is
-    read, parsed and stored (its stored size checked as before)."""
+    body larger than 16 times what its sender's quota has left is refused before it is parsed, with the quota's
+    message (403), alike with a Content-Length (unread: the connection ends) and chunked (once past it); one that fits
+    is read, parsed and stored (its stored size checked as before)."""
     api = f"{server_url}plexus/api/datasets"
     headers = {"Authorization": f"Bearer {keys['operator']}", "Content-Type": "application/vnd.apache.parquet"}
     parsed: list[int] = []
@@ -163,11 +206,11 @@ async def test_a_body_larger_than_its_sender_s_quota_left_is_refused_unread_decl
         answer = await answer_before_body(f"{api}?name=more", headers, len(body), body[:4])
         assert answer.status == 403 and answer.closed, answer
         message = answer.body.decode()
-        for part in ("max_registered_bytes_per_principal", "compressed Parquet", "1 registered"):
+        for part in ("max_registered_bytes_per_principal", "compressed Parquet", "1 registered", "16 times"):
             assert part in message, message
         chunked, sent = await chunked_answer(f"{api}?name=more", headers, body[:65_536], 40)
         assert chunked.status == 403 and "max_registered_bytes_per_principal" in chunked.body.decode(), chunked
-        assert sent <= left // 65_536 + 2, sent  # refused once past what is left, the rest never sent
+        assert sent <= 16 * left // 65_536 + 2, sent  # refused once past 16 x what is left, the rest never sent
     assert len(parsed) == 1, parsed  # none of the refused bodies was parsed
     assert sorted(runtime.catalog.registered_names()) == ["first"]
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -227,11 +228,26 @@ class DatasetStream:
             if table is not None and all(_as_text(table, column) for column in self.text_columns):
                 frame = table.to_pandas()
             else:
-                frame = pd.read_json(io.BytesIO(block), lines=True, dtype=False, **KEEP_DATES)
+                frame = self._text_kept(block, pd.read_json(io.BytesIO(block), lines=True, dtype=False, **KEEP_DATES))
             for column in self.columns:  # a field no record of this block has
                 if column not in frame.columns:
                     frame[column] = None
             yield frame[self.columns]
+
+    def _text_kept(self, block: bytes, frame: pd.DataFrame) -> pd.DataFrame:
+        """`frame` (pandas' read of `block`) with its text columns that pandas read as floats (integers with a null:
+        1.0, 0.0) taken as the file writes them: 1 -> "1" (as a CSV's are read, and pyarrow's blocks)."""
+        floats = [c for c in self.text_columns if c in frame.columns and pd.api.types.is_float_dtype(frame[c].dtype)]
+        if not floats:
+            return frame
+        records = [json.loads(line) for line in block.splitlines() if line.strip()]
+        if len(records) != len(frame):  # (not one record a line: pandas' values kept)
+            return frame
+        for column in floats:
+            values = [record.get(column) if isinstance(record, dict) else None for record in records]
+            texts = [value if value is None or isinstance(value, str) else json.dumps(value) for value in values]
+            frame[column] = pd.Series(texts, index=frame.index, dtype=object)
+        return frame
 
 
 def _as_text(table: pa.Table, column: str) -> bool:
@@ -259,19 +275,34 @@ def _version(path: Path) -> tuple[int, int]:
 
 
 def _line_blocks(path: Path, size: int, longest: int) -> Iterator[bytes]:
-    """The file in blocks of about `size` bytes, each ending at a line's end (no line longer than `longest`)."""
+    """The file in blocks of about `size` bytes, each ending at a line's end; ValueError for a line (its bytes
+    without its newline) longer than `longest`, wherever it is: each line is checked, not the block's end only (a
+    9 MiB record had passed at one offset and been refused 100 kB earlier)."""
+    too_long = ValueError(
+        f"a line is longer than {longest:,} bytes, the block a JSON Lines file is read in (the "
+        "max_dataset_header_bytes setting when larger)"
+    )
     with path.open("rb") as handle:
         rest = b""
         while chunk := handle.read(size):
             data = rest + chunk
             end = data.rfind(b"\n") + 1
             rest = data[end:]
-            if len(rest) > longest:
-                raise ValueError(
-                    f"a line is longer than {longest:,} bytes, the block a JSON Lines file is read in (the "
-                    "max_dataset_header_bytes setting when larger)"
-                )
+            if len(rest) > longest or _longer_line(data, end, longest):
+                raise too_long
             if data[:end].strip():
                 yield data[:end]
         if rest.strip():
             yield rest
+
+
+def _longer_line(data: bytes, end: int, longest: int) -> bool:
+    """Whether a line of data[:end] (whole lines) is longer than `longest` bytes: from each line's start, the last
+    newline within `longest` bytes ends the lines checked so far (a few steps a block, not one a line)."""
+    start = 0
+    while end - 1 - start > longest:  # (the line from `start` may be longer: a newline within its reach?)
+        newline = data.rfind(b"\n", start, start + longest + 1)
+        if newline < 0:
+            return True
+        start = newline + 1
+    return False

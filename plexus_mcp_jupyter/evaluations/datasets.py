@@ -89,6 +89,11 @@ REF_HELP = (
 REGISTERED_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 REGISTERED_NAME_HELP = "1 to 64 letters, digits, '_', '.' or '-', not starting with '.'"
 
+# What is stored (the frame re-encoded as compressed Parquet) counts against a key's quota of registered bytes, and is
+# known once the body is read and parsed: a registration body is refused before it is read only when its sender has
+# nothing left, or when it is larger than this many times what is left (JSON records are several times the Parquet
+# stored from them). What a sender near its quota can make the server read and parse: 16 x what it has left.
+BODY_QUOTA_FACTOR = 16
 MAX_LABEL_CLASSES = 20  # label_distribution keeps the most frequent classes only
 MAX_COLUMNS_LISTED = 200  # DatasetInfo.columns keeps the first ones; column_count says how many there are
 MAX_LISTED_IN_ERROR = 20  # require_columns names this many existing columns, then "and N more"
@@ -639,20 +644,25 @@ class DatasetCatalog:
         return quota - used
 
     def quota_refusal(self, name: str, adding: int, used: int, count: int, sent: bool = False) -> Forbidden:
-        """The quota's refusal of `adding` bytes (`sent`: a request body's, before it is stored) registered as `name`
-        by a key whose `count` datasets use `used` bytes."""
+        """The quota's refusal of `adding` bytes registered as `name` by a key whose `count` datasets use `used` bytes;
+        `sent`: a request body's, before it is read (nothing left, or a body past BODY_QUOTA_FACTOR x what is)."""
         quota = self.max_registered_bytes
-        what = f"a body of {_size(adding)}" if sent else _size(adding)
-        hint = (
-            " (a body is refused unread when it is larger than what your quota has left: send the frame as "
-            "compressed Parquet, which is what the notebook client sends)"
-            if sent
-            else ""
-        )
+        left = max(0, quota - used)
+        if sent and left:  # (a body past BODY_QUOTA_FACTOR x what is left)
+            allowed = _size(BODY_QUOTA_FACTOR * left)
+            return Forbidden(
+                f"registering {name!r} (a body of {_size(adding)}): a body, JSON or Parquet, is read only up to "
+                f"{BODY_QUOTA_FACTOR} times what your quota of registered data has left, {allowed} now "
+                f"(max_registered_bytes_per_principal: {_size(quota)}; your {count} registered dataset(s) use "
+                f"{_size(used)}). What is stored, the frame as compressed Parquet, is what counts: send compressed "
+                "Parquet (what the notebook client sends) or fewer rows, or delete datasets you no longer need "
+                "(plexus.delete_dataset(name))"
+            )
+        what = "" if sent else f" ({_size(adding)})"  # (sent: nothing left)
         return Forbidden(
-            f"registering {name!r} ({what}) would pass your quota of registered data, {_size(quota)} "
+            f"registering {name!r}{what} would pass your quota of registered data, {_size(quota)} "
             f"(the max_registered_bytes_per_principal setting): your {count} registered dataset(s) use "
-            f"{_size(used)}{hint}. Delete those you no longer need (plexus.delete_dataset(name), or DELETE "
+            f"{_size(used)}. Delete those you no longer need (plexus.delete_dataset(name), or DELETE "
             "plexus/api/datasets/registered:<name>), keep only the columns the evaluation needs, or ask an "
             "admin for a larger quota"
         )

@@ -49,15 +49,24 @@ CLASS_COLUMNS = ("label", "label_class", "prediction")
 # items: 8192 -> 8.2 ms a page of mismatches, 4.9 bytes/item; 1024 -> 2.9 ms, 6.4 bytes/item.
 ROW_GROUP_ROWS = 1024
 _CHUNK = re.compile(r"^chunk-(\d{12})-(\d{12})\.parquet$")
-# What a row group of a chunk may read back as: a worker writes ROW_GROUP_ROWS items whose text is clipped to a few
-# hundred characters (runner.EXCERPT_CHARS, EXPLANATION_CHARS), a few MiB; a file past it (corrupted, or replaced by
-# someone with access to items_dir) is refused, not read into the server's memory.
-MAX_GROUP_BYTES = 64 << 20
+# How much of an item's text a worker stores (the runner clips to these; label_class too, at write): what an item
+# of a worker's file can take, and so what a row group of it may read back as.
+EXCERPT_CHARS = 200  # ids, inputs, labels, classes, predictions
+EXPLANATION_CHARS = 500  # explanations, errors
 # The text columns a worker writes (item_id too when the ids are text), read as dictionaries where a file holds them
 # so (`tables`): those written as dictionaries, and those written plain (PLAIN_TEXT) in a row group that does not.
 PLAIN_TEXT = ("item_id", "input")
 TEXT_COLUMNS = [*PLAIN_TEXT, "label", "label_class", "prediction", "explanation", "error"]
 TEXT_DICTIONARIES = [name for name in TEXT_COLUMNS if name not in PLAIN_TEXT]
+_CLIPPED = {name: EXPLANATION_CHARS if name in ("explanation", "error") else EXCERPT_CHARS for name in TEXT_COLUMNS}
+# The most bytes an item of a worker's file takes, decoded or as declared in a footer: its clipped text at 4 bytes a
+# character (UTF-8) with 8 bytes of offset or length each, and its numbers (seq, a numeric id, correct). A row group
+# is bounded per item (rows x this), not by a fixed size: from 76cc39a until e15682d a worker wrote a chunk of up to
+# 50,000 items as one row group (~104 MB declared with non-ASCII text), files that must still read. A file past it
+# (corrupted, or replaced by someone with access to items_dir) is refused, not read into the server's memory.
+MAX_ITEM_BYTES = sum(4 * chars + 8 for chars in _CLIPPED.values()) + 24
+MAX_GROUP_ROWS = 50_000  # the most items a worker puts in a row group (a chunk's, before e15682d)
+GROUP_SLACK = 1 << 20  # a row group's pages' headers, levels and dictionaries beyond its values
 _DICTIONARY_ENCODINGS = {"PLAIN_DICTIONARY", "RLE_DICTIONARY"}
 
 
@@ -97,6 +106,9 @@ class ItemFiles:
     def write_chunk(self, evaluation_id: str, score: str, start: int, columns: Mapping[str, Sequence[Any]]) -> int:
         """Write one chunk's items (columns as ITEM_COLUMNS + label_class) atomically; its size in bytes."""
         table = item_table(columns)
+        # Classes are the only text a worker hands over unclipped: clipped here as the rest (EXCERPT_CHARS).
+        classes = table.schema.get_field_index("label_class")
+        table = table.set_column(classes, "label_class", clipped(table["label_class"].combine_chunks(), EXCERPT_CHARS))
         numbers = [f.name for f in table.schema if pa.types.is_integer(f.type)]  # seq, and a numeric item id
         # Free text that holds values (an all-null column, no explanations say, costs a zstd context per page).
         text = [
@@ -239,6 +251,12 @@ class ItemFiles:
                 plain = [i for i in (schema.get_field_index(n) for n in PLAIN_TEXT if n in wanted) if i >= 0]
                 # Row group by row group, so a page costs the groups it needs (a few thousand items), not the
                 # chunk; groups wholly before the cursor are skipped by their seq statistics.
+                # Once a group has had no match, the filters' columns are read first (seq, correct, a class: numbers
+                # and indices), the others only for a group with matches; only matching rows are decoded: a page of
+                # sparse mismatches reads the few groups that hold them, not every group's text.
+                keys = [name for name in ("seq", "correct", "label_class") if name in wanted]
+                rest = [name for name in wanted if name not in keys]
+                sparse = False
                 for group in range(parquet.num_row_groups):
                     if after is not None and _last_seq(parquet, group, seq) <= after:
                         continue
@@ -246,7 +264,23 @@ class ItemFiles:
                     if _check_group(parquet.metadata, group, plain):
                         every = every or pq.ParquetFile(handle, metadata=parquet.metadata, read_dictionary=TEXT_COLUMNS)
                         reader = every
-                    table = matching(_decoded(reader.read_row_group(group, columns=wanted), group))
+                    if sparse:
+                        filters = reader.read_row_group(group, columns=keys)
+                        mask = matching.mask(filters)
+                        if mask is not None and not pc.any(mask).as_py():
+                            continue
+                        others = reader.read_row_group(group, columns=rest)
+                        read = {name: filters[name] for name in keys} | {name: others[name] for name in rest}
+                        table = pa.Table.from_arrays([read[name] for name in wanted], names=wanted)
+                    else:  # (one read a group while they match: a dense filter's groups are read whole anyway)
+                        table = reader.read_row_group(group, columns=wanted)
+                        mask = matching.mask(table)
+                        if mask is not None and not pc.any(mask).as_py():
+                            sparse = True
+                            continue
+                    if mask is not None:
+                        table = table.filter(mask)  # (a null: dropped)
+                    table = _decoded(table, group)
                     if table.num_rows:
                         yield table.select(list(columns))
 
@@ -256,16 +290,19 @@ class DamagedItems(PlexusError):
 
 
 def _check_group(metadata: pq.FileMetaData, group: int, plain: list[int]) -> bool:
-    """A row group's declared sizes within what a worker writes (ROW_GROUP_ROWS items of text clipped to a few hundred
-    characters: a few MiB), before it is read: DamagedItems past MAX_GROUP_BYTES, uncompressed or as values; whether
-    one of its columns `plain` (leaf indices) holds dictionary pages."""
+    """A row group's declared sizes within what a worker writes, before it is read: DamagedItems past MAX_GROUP_ROWS
+    items, or past MAX_ITEM_BYTES an item (+ GROUP_SLACK) uncompressed; whether one of its columns `plain` (leaf
+    indices) holds dictionary pages."""
     row_group = metadata.row_group(group)
+    rows = row_group.num_rows
     # (its columns' uncompressed sizes: pyarrow's total_byte_size is what the pages take once decompressed... or not)
     chunks = sum(row_group.column(i).total_uncompressed_size for i in range(row_group.num_columns))
-    declared, values = max(row_group.total_byte_size, chunks), row_group.num_rows * max(row_group.num_columns, 1) * 8
-    if max(declared, values) > MAX_GROUP_BYTES:
+    declared, allowed = max(row_group.total_byte_size, chunks), rows * MAX_ITEM_BYTES + GROUP_SLACK
+    if rows > MAX_GROUP_ROWS or row_group.num_columns > len(TEXT_COLUMNS) + 2 or declared > allowed:
         raise DamagedItems(
-            f"row group {group} declares {row_group.num_rows:,} items and {declared:,} bytes uncompressed"
+            f"row group {group} declares {rows:,} items, {row_group.num_columns} columns and {declared:,} bytes "
+            f"uncompressed; a worker's hold at most {MAX_GROUP_ROWS:,} items, {len(TEXT_COLUMNS) + 2} columns and "
+            f"{MAX_ITEM_BYTES:,} bytes an item"
         )
     return any(set(row_group.column(i).encodings) & _DICTIONARY_ENCODINGS for i in plain)
 
@@ -276,7 +313,7 @@ def _reading(evaluation_id: str, path: Path) -> Iterator[None]:
     try:
         yield
     except DamagedItems as error:
-        raise DamagedItems(_damaged(evaluation_id, path, f"{error}, more than {MAX_GROUP_BYTES:,} allowed")) from None
+        raise DamagedItems(_damaged(evaluation_id, path, str(error))) from None
     except InvalidArgument as error:  # (parquet_file: a footer past its bound)
         raise DamagedItems(_damaged(evaluation_id, path, str(error).split("cannot be read: ", 1)[-1])) from None
     except (pa.ArrowException, OSError, ValueError, KeyError) as error:  # (KeyError: a text column missing)
@@ -291,23 +328,35 @@ def _damaged(evaluation_id: str, path: Path, why: str) -> str:
 
 
 def _decoded(table: pa.Table, group: int) -> pa.Table:
-    """A row group read with its text as dictionaries, decoded once its size is known to be within MAX_GROUP_BYTES
-    (a dictionary's column counted as its indices times its longest value: at least what it decodes to)."""
-    size = 0
-    decode = []
-    for index, column in enumerate(table.columns):
-        if pa.types.is_dictionary(column.type):
-            decode.append(index)
-            for piece in column.chunks:
-                longest = pc.max(pc.binary_length(piece.dictionary)).as_py() or 0
-                size += len(piece) * (longest + 8)
-        else:
-            size += column.nbytes
-    if size > MAX_GROUP_BYTES:
-        raise DamagedItems(f"row group {group} reads back as up to {size:,} bytes")
+    """Rows of a row group read with their text as dictionaries, decoded once their size is known to be within
+    MAX_ITEM_BYTES an item: a dictionary's column counted as what it decodes to (each index's entry's length, + 8)."""
+    allowed = table.num_rows * MAX_ITEM_BYTES + GROUP_SLACK
+    decode = [i for i, column in enumerate(table.columns) if pa.types.is_dictionary(column.type)]
+    plain = sum(column.nbytes for i, column in enumerate(table.columns) if i not in decode)
+    # Indices x the longest entry first (a dictionary's maximum: cheap), what they decode to only when that is past.
+    size = plain + sum(_decoded_size(table.column(i), exact=False) for i in decode)
+    if size > allowed:
+        size = plain + sum(_decoded_size(table.column(i), exact=True) for i in decode)
+    if size > allowed:
+        raise DamagedItems(
+            f"row group {group} reads back as {size:,} bytes for {table.num_rows:,} items; a worker's hold at most "
+            f"{MAX_ITEM_BYTES:,} bytes an item"
+        )
     for index in decode:
         table = table.set_column(index, table.field(index).name, table.column(index).cast(pa.string()))
     return table
+
+
+def _decoded_size(column: pa.ChunkedArray, *, exact: bool) -> int:
+    """What a dictionary column decodes to (+ 8 bytes a value), or at most (`exact` False: values x the longest)."""
+    size = 0
+    for piece in column.chunks:
+        lengths = pc.binary_length(piece.dictionary)
+        if exact:
+            size += (pc.sum(pc.take(lengths, piece.indices)).as_py() or 0) + 8 * len(piece)
+        else:
+            size += len(piece) * ((pc.max(lengths).as_py() or 0) + 8)
+    return size
 
 
 def _last_seq(parquet: pq.ParquetFile, group: int, column: int) -> int:
@@ -327,6 +376,20 @@ def item_table(columns: Mapping[str, Sequence[Any]]) -> pa.Table:
     return pa.table({f.name: _array(columns[f.name], f.type) for f in schema}, schema=schema)
 
 
+def clipped(text: pa.Array, limit: int) -> pa.Array:
+    """Strings cut to `limit` characters, the last one an ellipsis where cut (as the runner's text columns)."""
+    long = pc.greater(pc.utf8_length(text), limit)
+    if not pc.any(long).as_py():
+        return text
+    ellipsis, separator = pa.scalar("…", type=text.type), pa.scalar("", type=text.type)
+    cut = pc.binary_join_element_wise(pc.utf8_slice_codeunits(text, 0, limit - 1), ellipsis, separator)
+    return pc.if_else(long, cut, text)
+
+
+def _clipped_label(label: str | None) -> str | None:
+    return label if label is None or len(label) <= EXCERPT_CHARS else label[: EXCERPT_CHARS - 1] + "…"
+
+
 def _array(values: Any, arrow_type: pa.DataType) -> pa.Array:
     return values.cast(arrow_type) if isinstance(values, pa.Array) else pa.array(values, type=arrow_type)
 
@@ -336,9 +399,15 @@ class _Matching:
     Acero, whose start costs more than the filtering of 1,024 rows (a third of a page's time, measured)."""
 
     def __init__(self, after: int | None, only_mismatches: bool, label: str | None) -> None:
-        self.after, self.only_mismatches, self.label = after, only_mismatches, label
+        # A class is stored clipped (write_chunk): a label past EXCERPT_CHARS matches the classes it was clipped to.
+        self.after, self.only_mismatches, self.label = after, only_mismatches, _clipped_label(label)
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        mask = self.mask(table)
+        return table if mask is None else table.filter(mask)  # null (no class): dropped
+
+    def mask(self, table: pa.Table) -> pa.Array | None:
+        """Which rows of `table` match (None: every row)."""
         masks = []
         if self.after is not None:
             masks.append(pc.greater(table["seq"], self.after))
@@ -347,11 +416,11 @@ class _Matching:
         if self.label is not None:
             masks.append(pc.equal(table["label_class"], self.label))  # a null class matches no label
         if not masks:
-            return table
+            return None
         mask = masks[0]
         for more in masks[1:]:
             mask = pc.and_(mask, more)
-        return table.filter(mask)  # null (no class): dropped
+        return mask
 
     def expression(self) -> pc.Expression | None:
         """The same filters as a dataset expression (reading files whole, where Acero's start is paid once)."""

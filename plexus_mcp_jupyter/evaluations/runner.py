@@ -28,7 +28,7 @@ from ..core.errors import InvalidArgument
 from ..core.store import make_engine
 from .datasets import DatasetCatalog, require_names
 from .file_reads import clip
-from .item_files import ItemFiles
+from .item_files import EXCERPT_CHARS, EXPLANATION_CHARS, ItemFiles
 from .limits import DEFAULT_MAX_ITEMS, DEFAULT_MAX_PARQUET_BYTES, check_items
 from .metrics import ConfusionCounter, LabelNormalization, consistency_metrics, normalize_labels
 from .requests import EvaluationParams, EvaluationScore
@@ -46,9 +46,7 @@ from .scorers import (
 )
 from .store import SETUP_STAGE, EvaluationStore
 
-EXCERPT_CHARS = 200
 REDACTED = "[redacted]"
-EXPLANATION_CHARS = 500
 
 
 def run_evaluation(ctx: TaskContext, **params: Any) -> dict[str, Any]:

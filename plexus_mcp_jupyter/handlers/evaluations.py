@@ -16,6 +16,7 @@ from tornado.iostream import StreamClosedError
 
 from ..core.errors import InvalidArgument, NotFound, PlexusError, bounded
 from ..core.requests import paged
+from ..evaluations.datasets import BODY_QUOTA_FACTOR
 from ..evaluations.item_files import ARROW_STREAM_TYPE as ARROW_STREAM
 from ..evaluations.item_files import ArrowStream
 from ..evaluations.requests import (
@@ -259,10 +260,11 @@ class DatasetsHandler(DatasetBodyHandler):
 
     async def admit_request(self) -> None:
         """A registration's role, arguments and quota, before its body is read: the role (403), the query (400), and
-        the caller's quota of registered bytes (403 for a caller already at it, or whose body's declared size is more
-        than it has left; a chunked body is refused once past it, `_too_large`): a body from a sender without the
-        quota for it costs no read and no parse. The bytes stored are checked again once it is written (`admit`: a
-        Parquet body is re-encoded, usually to about its size as sent, smaller when it was sent uncompressed)."""
+        the caller's quota of registered bytes: 403 for a caller already at it, or whose body's declared size is more
+        than BODY_QUOTA_FACTOR times what it has left (a chunked body once past that, `_too_large`). What is stored
+        decides (`admit`, once the body is parsed and written: JSON records are several times their Parquet, and a
+        Parquet body is re-encoded), so a body is refused unread only that far past it: what a sender near its quota
+        can make the server parse is 16 x what it has left."""
         self.require("register")
         declared = declared_length(self.request.headers)
         try:
@@ -272,24 +274,29 @@ class DatasetsHandler(DatasetBodyHandler):
             raise http_error(exc) from None
 
     def _quota_for(self, name: str, declared: int | None) -> tuple[int, int] | None:
-        """The sender's use of its quota (None: none applies), once its body's declared size (chunked: 1 byte) fits."""
+        """The sender's use of its quota (None: none applies), once it has some left and its body's declared size is
+        within BODY_QUOTA_FACTOR x that."""
         catalog = self.runtime.catalog
         use = catalog.quota_use(self.principal.owner, name)
-        if use is not None and use[0] + max(declared or 0, 1) > catalog.max_registered_bytes:
-            raise catalog.quota_refusal(name, max(declared or 0, 1), *use, sent=declared is not None)
+        if use is not None:
+            left = catalog.max_registered_bytes - use[0]
+            if left <= 0 or (declared is not None and declared > BODY_QUOTA_FACTOR * left):
+                raise catalog.quota_refusal(name, declared or 0, *use, sent=True)
         return use
 
     def body_limit(self) -> int:
-        """max_dataset_upload_bytes, or less: what the sender's quota of registered bytes has left."""
+        """max_dataset_upload_bytes, or less: BODY_QUOTA_FACTOR x what the sender's quota of registered bytes has
+        left."""
         if self._quota is None:
             return self.upload_limit()
-        return min(self.upload_limit(), max(0, self.runtime.catalog.max_registered_bytes - self._quota[0]))
+        left = max(0, self.runtime.catalog.max_registered_bytes - self._quota[0])
+        return min(self.upload_limit(), BODY_QUOTA_FACTOR * left)
 
     def _too_large(self, size: int) -> web.HTTPError:
         quota, registration = self._quota, self._registration
         if self._bodyless() or quota is None or registration is None or size > self.upload_limit():
             return super()._too_large(size)
-        # (a chunked body past what its sender's quota has left: refused as a declared one is, by `admit_request`)
+        # (a chunked body past BODY_QUOTA_FACTOR x what its sender's quota has left: refused as a declared one is)
         refusal = self.runtime.catalog.quota_refusal(registration.name, size, *quota, sent=True)
         return web.HTTPError(403, bounded(str(refusal)))
 
