@@ -277,6 +277,122 @@ def test_a_write_and_the_pass_it_calls_for_commit_together_and_a_failed_pass_lea
     assert store.get_task(waiting.id).status is TaskStatus.RUNNING
 
 
+def _statements(monkeypatch) -> dict[str, int]:
+    """Counts of psycopg's executes and commits from here on (psycopg begins a transaction with its first statement)."""
+    import psycopg
+
+    counts = {"execute": 0, "commit": 0}
+    execute, commit = psycopg.Cursor.execute, psycopg.Connection.commit
+
+    def counted_execute(self, *args, **kwargs):
+        counts["execute"] += 1
+        return execute(self, *args, **kwargs)
+
+    def counted_commit(self):
+        counts["commit"] += 1
+        return commit(self)
+
+    monkeypatch.setattr(psycopg.Cursor, "execute", counted_execute)
+    monkeypatch.setattr(psycopg.Connection, "commit", counted_commit)
+    return counts
+
+
+def test_ends_and_the_one_group_claim_they_call_for_are_one_statement_on_postgresql(store, monkeypatch):
+    """PostgreSQL, Store.save_progress_then with ends only and a one-group claim of tasks of one type (`kind`): the
+    write and the claim are ONE statement in autocommit (no BEGIN, no COMMIT, no statement per end), stored as the
+    write's transaction stored them: each end with its output and trail, a task another server took over left
+    alone and reported lost, one already final left alone, and the group's first free tasks claimed in order."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("a one-group claim (Store.claim_group_head): PostgreSQL")
+    running, waiting = queued(4), queued(4)
+    store.create_tasks(running + waiting)
+    assert store.claim_many([t.id for t in running], worker="srv/1", started_at=time.time()) == {t.id for t in running}
+    mine, taken, cancelled = running[:2], running[2], running[3]
+    assert store.take_over(taken.id, previous="srv/1", worker="other/1", lease_expires_at=None)
+    assert store.update_task(cancelled.id, status=TaskStatus.CANCELLED)
+    at = time.time()
+    for i, task in enumerate(running):
+        task.worker, task.status, task.completed_at = "srv/1", TaskStatus.COMPLETED, at + i
+        task.output, task.current_stage = {"i": i, "text": 'a "quoted" é'}, "Working"
+    task = mine[1]
+    task.status, task.error_message, task.error_details = TaskStatus.FAILED, "boom", {"kind": "ValueError"}
+    stage = Stage("Working", 0, StageStatus.COMPLETED, None, 1, 1, at, at + 0.5, None)
+    samples = [ProgressSample(at, "Working", 0, 1), ProgressSample(at + 0.5, "Working", 1, 1)]
+    writes = [ProgressWrite(t, [stage], samples, final=True) for t in reversed(running)]
+    asked: list[list[Task]] = []
+
+    def claim_next(conn):
+        return store.claim_group_head(
+            (0, None),
+            2,
+            lambda tasks: bool(asked.append(tasks)),  # never asked: tasks of `kind` are taken
+            worker="srv/2",
+            started_at=at + 9,
+            lease_expires_at=at + 99,
+            conn=conn,
+            kind="demo",
+        )
+
+    counts = _statements(monkeypatch)
+    lost, got = store.save_progress_then(writes, holder="srv", then=claim_next)
+    assert counts == {"execute": 2, "commit": 0}  # the statement, and a read of who holds the two not written
+    monkeypatch.undo()
+    assert lost == {taken.id} and asked == []
+    assert [(t.id, t.status, t.worker) for t in got] == [(t.id, TaskStatus.QUEUED, None) for t in waiting[:2]]
+    stored = {t.id: t for t in store.tasks_by_ids([t.id for t in running + waiting], stages=True)}
+    assert [stored[t.id].status for t in running] == [
+        TaskStatus.COMPLETED,
+        TaskStatus.FAILED,
+        TaskStatus.RUNNING,
+        TaskStatus.CANCELLED,
+    ]
+    assert [(stored[t.id].output, stored[t.id].completed_at, stored[t.id].stages) for t in mine] == [
+        ({"i": 0, "text": 'a "quoted" é'}, at, [stage]),
+        ({"i": 1, "text": 'a "quoted" é'}, at + 1, [stage]),
+    ]
+    assert (stored[mine[1].id].error_message, stored[mine[1].id].error_details) == ("boom", {"kind": "ValueError"})
+    assert store.history(mine[0].id, limit=5) == (samples, 2)
+    assert stored[taken.id].worker == "other/1" and stored[cancelled.id].output is None
+    assert [(stored[t.id].status, stored[t.id].worker, stored[t.id].lease_expires_at) for t in waiting] == [
+        (TaskStatus.RUNNING, "srv/2", at + 99)
+    ] * 2 + [(TaskStatus.QUEUED, None, None)] * 2
+
+
+def test_ends_with_a_one_group_claim_that_meets_another_type_claim_as_the_plan_says(store):
+    """PostgreSQL: when the group's first tasks are not all of `kind`, the one statement claims none and the claim
+    is made in a transaction, as the plan (`accept`) says; the ends are written once either way. Ends alone (no
+    claim, or a pass that claims nothing) are one statement too."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("a one-group claim (Store.claim_group_head): PostgreSQL")
+    running, waiting = queued(3), queued(3)
+    waiting[1].type = "other"
+    store.create_tasks(running + waiting)
+    store.claim_many([t.id for t in running], worker="srv/1", started_at=time.time())
+    for task in running:
+        task.worker, task.status, task.completed_at = "srv/1", TaskStatus.COMPLETED, time.time()
+
+    def claim_next(conn, accept):
+        return store.claim_group_head(
+            (0, None), 2, accept, worker="srv/2", started_at=time.time(), conn=conn, kind="demo"
+        )
+
+    lost, got = store.save_progress_then(
+        [ProgressWrite(running[0], [], [], final=True)], holder="srv", then=lambda conn: claim_next(conn, lambda t: False)
+    )
+    assert (lost, got) == (set(), None)  # refused by the plan: back to the queue
+    lost, got = store.save_progress_then(
+        [ProgressWrite(running[1], [], [], final=True)], holder="srv", then=lambda conn: claim_next(conn, lambda t: True)
+    )
+    assert lost == set() and [t.id for t in got] == [t.id for t in waiting[:2]]
+    lost, none = store.save_progress_then([ProgressWrite(running[2], [], [], final=True)], holder="srv", then=lambda c: 7)
+    assert (lost, none) == (set(), 7)
+    statuses = {t.id: t.status for t in store.tasks_by_ids([t.id for t in running + waiting])}
+    assert [statuses[t.id] for t in running + waiting] == [TaskStatus.COMPLETED] * 3 + [TaskStatus.RUNNING] * 2 + [
+        TaskStatus.QUEUED
+    ]
+    assert store.save_progress_many([ProgressWrite(running[0], [], [], final=True)], holder="srv") == set()
+
+
 def test_progress_writes_upsert_stages_and_a_final_write_never_overwrites_a_final_task(store):
     task = queued(1)[0]
     store.create_task(task)
