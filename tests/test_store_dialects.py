@@ -377,14 +377,20 @@ def test_ends_with_a_one_group_claim_that_meets_another_type_claim_as_the_plan_s
         )
 
     lost, got = store.save_progress_then(
-        [ProgressWrite(running[0], [], [], final=True)], holder="srv", then=lambda conn: claim_next(conn, lambda t: False)
+        [ProgressWrite(running[0], [], [], final=True)],
+        holder="srv",
+        then=lambda conn: claim_next(conn, lambda t: False),
     )
     assert (lost, got) == (set(), None)  # refused by the plan: back to the queue
     lost, got = store.save_progress_then(
-        [ProgressWrite(running[1], [], [], final=True)], holder="srv", then=lambda conn: claim_next(conn, lambda t: True)
+        [ProgressWrite(running[1], [], [], final=True)],
+        holder="srv",
+        then=lambda conn: claim_next(conn, lambda t: True),
     )
     assert lost == set() and [t.id for t in got] == [t.id for t in waiting[:2]]
-    lost, none = store.save_progress_then([ProgressWrite(running[2], [], [], final=True)], holder="srv", then=lambda c: 7)
+    lost, none = store.save_progress_then(
+        [ProgressWrite(running[2], [], [], final=True)], holder="srv", then=lambda c: 7
+    )
     assert (lost, none) == (set(), 7)
     statuses = {t.id: t.status for t in store.tasks_by_ids([t.id for t in running + waiting])}
     assert [statuses[t.id] for t in running + waiting] == [TaskStatus.COMPLETED] * 3 + [TaskStatus.RUNNING] * 2 + [

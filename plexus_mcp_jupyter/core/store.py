@@ -1332,7 +1332,7 @@ class Store:
         return self.save_progress_many(writes, holder=holder), failed
 
     def _ends_in_one(self, writes: Sequence[ProgressWrite]) -> bool:
-        """Whether `writes` go in one statement of their own (`_ends_sql`): final writes only, on PostgreSQL's driver."""
+        """Whether `writes` go in one statement of their own (`_ends_sql`): ends only, PostgreSQL on the driver."""
         return (
             bool(writes)
             and self._on_driver is not None
