@@ -399,6 +399,47 @@ def test_ends_with_a_one_group_claim_that_meets_another_type_claim_as_the_plan_s
     assert store.save_progress_many([ProgressWrite(running[0], [], [], final=True)], holder="srv") == set()
 
 
+def test_a_task_the_one_statement_picked_but_did_not_claim_is_claimed_by_id_in_its_place(store, monkeypatch):
+    """PostgreSQL: a task the one statement of ends and claim locked at a version its snapshot does not see (changed,
+    still QUEUED, by a transaction that committed after it began: tests/test_claim_races.py drives that for the
+    claims in a transaction) comes back picked and not claimed; it is claimed by id after the statement, if still
+    QUEUED, and returned in its place. Simulated here: the statement's claim of the second task undone, its row
+    returned unclaimed."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("a one-group claim (Store.claim_group_head): PostgreSQL")
+    ending, waiting = queued(1)[0], queued(3)
+    store.create_tasks([ending, *waiting])
+    assert store.claim(ending.id, worker="srv/1", started_at=time.time())
+    ending.status, ending.completed_at, ending.worker = TaskStatus.COMPLETED, time.time(), "srv/1"
+    statement = store._autocommit_rows
+
+    def second_unclaimed(sql, params):
+        rows = statement(sql, params)
+        with store.engine.begin() as conn:
+            conn.execute(
+                sa.text("UPDATE tasks SET status = 'QUEUED', worker = NULL, started_at = NULL WHERE id = :id"),
+                {"id": waiting[1].id},
+            )
+        return [row if row[1] != waiting[1].id else (*row[:3], *[None] * (len(row) - 3)) for row in rows]
+
+    monkeypatch.setattr(store, "_autocommit_rows", second_unclaimed)
+    lost, got = store.save_progress_then(
+        [ProgressWrite(ending, [], [], final=True)],
+        holder="srv",
+        then=lambda conn: store.claim_group_head(
+            (0, None), 2, lambda tasks: False, worker="srv/2", started_at=time.time(), conn=conn, kind="demo"
+        ),
+    )
+    assert lost == set() and [(t.id, t.status) for t in got] == [(t.id, TaskStatus.QUEUED) for t in waiting[:2]]
+    statuses = {t.id: (t.status, t.worker) for t in store.tasks_by_ids([t.id for t in [ending, *waiting]])}
+    assert [statuses[t.id] for t in [ending, *waiting]] == [
+        (TaskStatus.COMPLETED, "srv/1"),
+        (TaskStatus.RUNNING, "srv/2"),
+        (TaskStatus.RUNNING, "srv/2"),
+        (TaskStatus.QUEUED, None),
+    ]
+
+
 def test_progress_writes_upsert_stages_and_a_final_write_never_overwrites_a_final_task(store):
     task = queued(1)[0]
     store.create_task(task)
