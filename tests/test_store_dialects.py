@@ -440,6 +440,74 @@ def test_a_task_the_one_statement_picked_but_did_not_claim_is_claimed_by_id_in_i
     ]
 
 
+def _one_statement_setup(store, n_waiting: int = 3):
+    """A task srv/1 runs, ended (not written yet), and `n_waiting` QUEUED tasks of its type in group (0, None)."""
+    ending, waiting = queued(1)[0], queued(n_waiting)
+    store.create_tasks([ending, *waiting])
+    assert store.claim(ending.id, worker="srv/1", started_at=time.time())
+    ending.status, ending.completed_at, ending.worker = TaskStatus.COMPLETED, time.time(), "srv/1"
+    return ending, waiting
+
+
+def _claim_two(store, conn):
+    return store.claim_group_head(
+        (0, None), 2, lambda tasks: False, worker="srv/2", started_at=time.time(), conn=conn, kind="demo"
+    )
+
+
+def test_the_one_statement_picks_the_queue_after_its_ends_so_a_locked_end_holds_no_queued_row(store):
+    """PostgreSQL: while an end's row is locked elsewhere (a lease renewal, a take-over), the one statement of ends
+    and claim waits for it BEFORE it picks the group's head: the queued rows stay free, another server claims them
+    meanwhile (SKIP LOCKED), and the statement then claims what is left, in order."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("a one-group claim (Store.claim_group_head): PostgreSQL")
+    ending, waiting = _one_statement_setup(store, 4)
+    result: dict[str, object] = {}
+    with store.engine.connect() as locker:
+        locker.execute(sa.text("SELECT id FROM tasks WHERE id = :id FOR UPDATE"), {"id": ending.id})
+
+        def run() -> None:
+            result["got"] = store.save_progress_then(
+                [ProgressWrite(ending, [], [], final=True)], holder="srv", then=lambda conn: _claim_two(store, conn)
+            )
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        try:
+            deadline = time.monotonic() + 20
+            waiting_sql = sa.text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+            while True:  # a transaction each read: pg_stat_activity is a snapshot for the whole of one
+                with store.engine.connect() as watch:
+                    if watch.execute(waiting_sql).scalar():
+                        break
+                assert time.monotonic() < deadline, "the statement never waited for the end's row"
+                time.sleep(0.02)
+            with store.engine.begin() as other:  # another server's claim while the statement waits
+                free = other.execute(
+                    sa.text(
+                        "SELECT id FROM tasks WHERE status = 'QUEUED' ORDER BY created_at, id FOR UPDATE SKIP LOCKED"
+                    )
+                ).scalars()
+                assert list(free) == [t.id for t in waiting]
+                other.execute(
+                    sa.text("UPDATE tasks SET status = 'RUNNING', worker = 'other/1' WHERE id = :id"),
+                    {"id": waiting[0].id},
+                )
+        finally:
+            locker.rollback()
+            thread.join(20)
+    lost, got = result["got"]
+    assert lost == set() and [t.id for t in got] == [t.id for t in waiting[1:3]]
+    statuses = {t.id: (t.status, t.worker) for t in store.tasks_by_ids([t.id for t in [ending, *waiting]])}
+    assert [statuses[t.id] for t in [ending, *waiting]] == [
+        (TaskStatus.COMPLETED, "srv/1"),
+        (TaskStatus.RUNNING, "other/1"),
+        (TaskStatus.RUNNING, "srv/2"),
+        (TaskStatus.RUNNING, "srv/2"),
+        (TaskStatus.QUEUED, None),
+    ]
+
+
 def test_progress_writes_upsert_stages_and_a_final_write_never_overwrites_a_final_task(store):
     task = queued(1)[0]
     store.create_task(task)

@@ -392,10 +392,15 @@ def _ends_sql(n: int, owned: bool | None) -> str:
     owner = "tasks.owner = CAST(%(g_owner)s AS VARCHAR)" if owned else "tasks.owner IS NULL"
     claimed = ", ".join(f"claimed.{c}" for c in _TASK_COLUMNS)
     written = ", ".join(f"(SELECT id FROM e{i})" for i in range(n))
+    # The pick waits for the ends (a condition on them all, a one-time filter PostgreSQL evaluates before it reads a
+    # row): while an end's row is locked elsewhere (a lease renewal, a take-over), the queued rows are not locked
+    # yet, and other servers claim them meanwhile.
+    after_ends = " UNION ALL ".join(f"SELECT id FROM e{i}" for i in range(n))
     return (
         f"WITH {ends}, "
         "picked AS MATERIALIZED (SELECT tasks.id, tasks.ctid AS tid, tasks.type FROM tasks"
         f" WHERE tasks.status = 'QUEUED' AND tasks.priority = CAST(%(g_priority)s AS INTEGER) AND {owner}"
+        f" AND (SELECT count(*) FROM ({after_ends}) AS ended) >= 0"
         " ORDER BY tasks.created_at, tasks.id LIMIT %(g_n)s FOR UPDATE SKIP LOCKED), "
         "claimed AS (UPDATE tasks SET status = 'RUNNING', worker = CAST(%(b_worker)s AS VARCHAR),"
         " started_at = CAST(%(b_started_at)s AS FLOAT), lease_expires_at = CAST(%(b_lease)s AS FLOAT)"
