@@ -508,6 +508,19 @@ def test_the_one_statement_picks_the_queue_after_its_ends_so_a_locked_end_holds_
     ]
 
 
+@pytest.mark.parametrize("column", ["worker", "current_stage"])
+def test_the_one_statement_refuses_a_value_longer_than_its_column_as_a_bound_value_is(store, column):
+    """PostgreSQL: an end's value longer than its VARCHAR column is refused ("value too long"), as the transaction's
+    bound value is, never cut silently by the statement's cast."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("the one statement of ends: PostgreSQL")
+    ending, _ = _one_statement_setup(store, 0)
+    setattr(ending, column, "srv/1" + "x" * 600)
+    with pytest.raises(sa.exc.DBAPIError, match="too long"):
+        store.save_progress_then([ProgressWrite(ending, [], [], final=True)], holder="srv", then=lambda conn: None)
+    assert (store.get_task(ending.id).status, store.get_task(ending.id).worker) == (TaskStatus.RUNNING, "srv/1")
+
+
 def test_progress_writes_upsert_stages_and_a_final_write_never_overwrites_a_final_task(store):
     task = queued(1)[0]
     store.create_task(task)

@@ -370,6 +370,16 @@ _END_COLUMNS = (  # `_progress_update(final=True)`'s
 _JSON_END_COLUMNS = frozenset(("error_details", "output", "trail"))
 _PG_TYPES = {c.name: c.type.compile(dialect=postgresql.dialect()) for c in tasks_table.columns}
 _NOT_FINAL = " AND ".join(f"tasks.status <> '{s.value}'" for s in sorted(FINAL_STATUSES, key=lambda s: s.value))
+# Most ends one statement writes (`Store._ends_in_one`): 12 parameters an end, and PostgreSQL takes 65,535 a
+# statement; more go in a transaction (`_write_progress`'s executemany), as before the one statement.
+ENDS_IN_ONE_MAX = 32
+
+
+def _end_cast(column: str) -> str:
+    """The type an end's value is cast to: the column's, a VARCHAR unbounded (a cast to VARCHAR(n) cuts a longer
+    value silently; the assignment to the column refuses it, "value too long", as a bound value is)."""
+    pg_type = _PG_TYPES[column]
+    return "VARCHAR" if pg_type.startswith("VARCHAR") else pg_type
 
 
 @functools.lru_cache(maxsize=64)
@@ -382,7 +392,7 @@ def _ends_sql(n: int, owned: bool | None) -> str:
     committed after the statement began, as `_CLAIM_GROUP_HEAD`'s)."""
     ends = ", ".join(
         f"e{i} AS (UPDATE tasks SET "
-        + ", ".join(f"{c} = CAST(%(e{i}_{c})s AS {_PG_TYPES[c]})" for c in _END_COLUMNS)
+        + ", ".join(f"{c} = CAST(%(e{i}_{c})s AS {_end_cast(c)})" for c in _END_COLUMNS)
         + f" WHERE tasks.id = CAST(%(e{i}_id)s AS {_PG_TYPES['id']}) AND tasks.worker LIKE %(holder)s ESCAPE '/'"
         + f" AND {_NOT_FINAL} RETURNING tasks.id)"
         for i in range(n)
