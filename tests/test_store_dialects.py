@@ -508,6 +508,30 @@ def test_the_one_statement_picks_the_queue_after_its_ends_so_a_locked_end_holds_
     ]
 
 
+def test_more_ends_than_one_statement_takes_go_in_a_transaction_as_before(store, monkeypatch):
+    """PostgreSQL: at most ENDS_IN_ONE_MAX ends go in the one statement (12 parameters an end, 65,535 a statement at
+    most); a write of more is made in a transaction (BEGIN, the writes, the claim, COMMIT), every end written."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("the one statement of ends: PostgreSQL")
+    from plexus_mcp_jupyter.core import store as store_module
+
+    monkeypatch.setattr(store_module, "ENDS_IN_ONE_MAX", 2)
+    running, waiting = queued(3), queued(2)
+    store.create_tasks(running + waiting)
+    store.claim_many([t.id for t in running], worker="srv/1", started_at=time.time())
+    for task in running:
+        task.worker, task.status, task.completed_at = "srv/1", TaskStatus.COMPLETED, time.time()
+    counts = _statements(monkeypatch)
+    lost, got = store.save_progress_then(
+        [ProgressWrite(t, [], [], final=True) for t in running], holder="srv", then=lambda conn: _claim_two(store, conn)
+    )
+    assert counts["commit"] == 1  # a transaction, not the statement in autocommit
+    monkeypatch.undo()
+    assert lost == set() and got is None  # `accept` refused the claims: put back
+    statuses = {t.id: t.status for t in store.tasks_by_ids([t.id for t in running + waiting])}
+    assert [statuses[t.id] for t in running + waiting] == [TaskStatus.COMPLETED] * 3 + [TaskStatus.QUEUED] * 2
+
+
 @pytest.mark.parametrize("column", ["worker", "current_stage"])
 def test_the_one_statement_refuses_a_value_longer_than_its_column_as_a_bound_value_is(store, column):
     """PostgreSQL: an end's value longer than its VARCHAR column is refused ("value too long"), as the transaction's

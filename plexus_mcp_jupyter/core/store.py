@@ -1347,9 +1347,10 @@ class Store:
         return self.save_progress_many(writes, holder=holder), failed
 
     def _ends_in_one(self, writes: Sequence[ProgressWrite]) -> bool:
-        """Whether `writes` go in one statement of their own (`_ends_sql`): ends only, PostgreSQL on the driver."""
+        """Whether `writes` go in one statement of their own (`_ends_sql`): ends only, at most ENDS_IN_ONE_MAX,
+        PostgreSQL on the driver."""
         return (
-            bool(writes)
+            0 < len(writes) <= ENDS_IN_ONE_MAX
             and self._on_driver is not None
             and self.engine.dialect.name == "postgresql"
             and all(write.final for write in writes)
