@@ -508,6 +508,71 @@ def test_the_one_statement_picks_the_queue_after_its_ends_so_a_locked_end_holds_
     ]
 
 
+def test_a_failure_after_the_one_statement_committed_puts_its_claims_back(store, monkeypatch):
+    """PostgreSQL: what follows the one statement of ends and claim failing (here the read of a claimed row) hands
+    the exception back with the ends standing, and the claims it committed, which nobody would start, put back
+    QUEUED."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("a one-group claim (Store.claim_group_head): PostgreSQL")
+    from plexus_mcp_jupyter.core import store as store_module
+
+    ending, waiting = _one_statement_setup(store)
+
+    def broken(row):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(store_module, "_task_from_tuple", broken)
+    lost, failed = store.save_progress_then(
+        [ProgressWrite(ending, [], [], final=True)], holder="srv", then=lambda conn: _claim_two(store, conn)
+    )
+    monkeypatch.undo()
+    assert lost == set() and isinstance(failed, RuntimeError)
+    statuses = {t.id: (t.status, t.worker) for t in store.tasks_by_ids([t.id for t in [ending, *waiting]])}
+    assert [statuses[t.id] for t in [ending, *waiting]] == [(TaskStatus.COMPLETED, "srv/1")] + [
+        (TaskStatus.QUEUED, None)
+    ] * 3
+
+
+def test_a_failed_read_of_who_holds_the_ends_not_written_is_made_again_then_raised(store, monkeypatch):
+    """PostgreSQL: the ends one statement did not write (another server holds them, or final already) are read
+    after it; a failed read is made again once, and a second failure is raised (the write, made again, is
+    idempotent), never taken as every such end held elsewhere (a take-over: no final event)."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("the one statement of ends: PostgreSQL")
+    tasks = queued(3)
+    store.create_tasks(tasks)
+    store.claim_many([t.id for t in tasks], worker="srv/1", started_at=time.time())
+    mine, taken, cancelled = tasks
+    assert store.take_over(taken.id, previous="srv/1", worker="other/1", lease_expires_at=None)
+    assert store.update_task(cancelled.id, status=TaskStatus.CANCELLED)
+    for task in tasks:
+        task.worker, task.status, task.completed_at = "srv/1", TaskStatus.COMPLETED, time.time()
+    connect, calls = store.reads.connect, []
+
+    def failing(fail: set[int]):
+        def connect_or_fail():
+            calls.append(1)
+            if len(calls) in fail:
+                raise sa.exc.OperationalError("SELECT", {}, Exception("injected"))
+            return connect()
+
+        return connect_or_fail
+
+    monkeypatch.setattr(store.reads, "connect", failing({2}))  # 1: the statement; 2: the read, 3: again
+    lost, _ = store.save_progress_then(
+        [ProgressWrite(t, [], [], final=True) for t in tasks], holder="srv", then=lambda conn: None
+    )
+    assert lost == {taken.id} and len(calls) == 3
+    calls.clear()
+    monkeypatch.setattr(store.reads, "connect", failing({2, 3}))
+    with pytest.raises(sa.exc.OperationalError):
+        store.save_progress_then(
+            [ProgressWrite(t, [], [], final=True) for t in tasks], holder="srv", then=lambda conn: None
+        )
+    monkeypatch.undo()
+    assert store.get_task(mine.id).status is TaskStatus.COMPLETED
+
+
 def test_more_ends_than_one_statement_takes_go_in_a_transaction_as_before(store, monkeypatch):
     """PostgreSQL: at most ENDS_IN_ONE_MAX ends go in the one statement (12 parameters an end, 65,535 a statement at
     most); a write of more is made in a transaction (BEGIN, the writes, the claim, COMMIT), every end written."""

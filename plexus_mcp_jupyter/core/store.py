@@ -257,6 +257,17 @@ _UNCLAIM = (
     .where(tasks_table.c.id.in_(sa.bindparam("ids", expanding=True)))
     .values(status=TaskStatus.QUEUED.value, worker=None, started_at=None, lease_expires_at=None)
 )
+# The one statement's claims undone when what follows it fails (`Store._ends_and_group_head`): back to QUEUED, each
+# only while still this claim's (its worker, RUNNING).
+_UNCLAIM_MINE = (
+    sa.update(tasks_table)
+    .where(
+        tasks_table.c.id.in_(sa.bindparam("ids", expanding=True)),
+        tasks_table.c.worker == sa.bindparam("b_worker"),
+        tasks_table.c.status == TaskStatus.RUNNING.value,
+    )
+    .values(status=TaskStatus.QUEUED.value, worker=None, started_at=None, lease_expires_at=None)
+)
 _CLAIM_LOCKED = (
     sa.update(tasks_table)
     .where(tasks_table.c.id.in_(sa.bindparam("ids", expanding=True)), _STILL_QUEUED)
@@ -1371,20 +1382,31 @@ class Store:
         params = _ends_params(ends.writes, ends.holder)
         params.update(values, g_priority=priority, g_owner=owner, g_n=n, g_kind=kind)
         rows = self._autocommit_rows(_ends_sql(len(ends.writes), owner is not None), params)
-        ends.written(task_id for task_id in rows[0][0] if task_id is not None)
-        picked = [row for row in rows if row[1] is not None]
-        if any(row[2] != kind for row in picked):
-            return None
-        tasks = [_task_from_tuple(row[3:]) for row in picked if row[3] is not None]
-        missed = [row[1] for row in picked if row[3] is None]
-        if missed:  # changed by a transaction that committed after the statement began: claimed by id, if still QUEUED
-            try:
-                with self.engine.begin() as conn:
-                    again = set(conn.execute(_CLAIM_LOCKED, {**values, "ids": missed}).scalars())
-                    if again:
-                        tasks += [_task_from_tuple(row) for row in conn.execute(_CLAIMED_TASKS, {"ids": sorted(again)})]
-            except Exception:  # what the statement claimed stands (committed): these stay QUEUED for a later pass
-                log.warning("Plexus: could not claim %d tasks of a group's head again", len(missed), exc_info=True)
+        claims = [row[1] for row in rows if row[1] is not None and row[3] is not None]  # committed
+        try:
+            ends.written(task_id for task_id in rows[0][0] if task_id is not None)
+            picked = [row for row in rows if row[1] is not None]
+            if any(row[2] != kind for row in picked):
+                return None
+            tasks = [_task_from_tuple(row[3:]) for row in picked if row[3] is not None]
+            missed = [row[1] for row in picked if row[3] is None]
+            if missed:  # changed by a transaction that committed after the statement began: claimed by id, if QUEUED
+                try:
+                    with self.engine.begin() as conn:
+                        again = sorted(conn.execute(_CLAIM_LOCKED, {**values, "ids": missed}).scalars())
+                        got = conn.execute(_CLAIMED_TASKS, {"ids": again}).all() if again else []
+                    claims += again
+                    tasks += [_task_from_tuple(row) for row in got]
+                except Exception:  # what the statement claimed stands (committed): these stay QUEUED for a later pass
+                    log.warning("Plexus: could not claim %d tasks of a group's head again", len(missed), exc_info=True)
+        except BaseException:  # committed claims nobody would start: put back QUEUED (those still this claim's)
+            if claims:
+                try:
+                    with self.engine.begin() as conn:
+                        conn.execute(_UNCLAIM_MINE, {"ids": sorted(set(claims)), "b_worker": values["b_worker"]})
+                except Exception:
+                    log.warning("Plexus: could not put back %d claims of a failed pass", len(claims), exc_info=True)
+            raise
         tasks.sort(key=lambda task: (task.created_at, task.id))
         for task in tasks:  # as the queue showed it (the caller marks its claims: `TaskManager._mark_claimed`)
             task.status, task.worker, task.started_at, task.lease_expires_at = TaskStatus.QUEUED, None, None, None
@@ -1392,8 +1414,9 @@ class Store:
 
     def _unwritten_elsewhere(self, writes: Sequence[ProgressWrite], written: set[str], holder: str) -> set[str]:
         """Of `writes` not `written` by a statement of their own, those another server holds (`_write_progress`'s
-        `lost`; the others were final already). Read after that statement committed; when the read fails, all are
-        taken as held elsewhere: their run here is over either way, and nothing more of them is written."""
+        `lost`; the others were final already). Read after that statement committed, again once when it fails; a
+        second failure is raised (the caller's write of the ends is made again: what is written already is final,
+        left alone), never taken as held elsewhere (a take-over: no final event)."""
         unwritten = [w.task.id for w in writes if w.task.id not in written]
         if not unwritten:
             return set()
@@ -1403,8 +1426,9 @@ class Store:
             with self.reads.connect() as conn:
                 return set(conn.execute(sa.select(t.c.id).where(t.c.id.in_(unwritten), elsewhere)).scalars())
         except Exception:
-            log.warning("Plexus: could not read who holds %d tasks not written", len(unwritten), exc_info=True)
-            return set(unwritten)
+            log.warning("Plexus: could not read who holds %d tasks not written; reading again", len(unwritten))
+        with self.reads.connect() as conn:  # a second failure is raised: the ends, made again, change nothing more
+            return set(conn.execute(sa.select(t.c.id).where(t.c.id.in_(unwritten), elsewhere)).scalars())
 
     def _autocommit_rows(self, sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
         """One statement on PostgreSQL's driver in autocommit (its own transaction): its rows."""
