@@ -277,6 +277,339 @@ def test_a_write_and_the_pass_it_calls_for_commit_together_and_a_failed_pass_lea
     assert store.get_task(waiting.id).status is TaskStatus.RUNNING
 
 
+def _statements(monkeypatch) -> dict[str, int]:
+    """Counts of psycopg's executes and commits from here on (psycopg begins a transaction with its first statement)."""
+    import psycopg
+
+    counts = {"execute": 0, "commit": 0}
+    execute, commit = psycopg.Cursor.execute, psycopg.Connection.commit
+
+    def counted_execute(self, *args, **kwargs):
+        counts["execute"] += 1
+        return execute(self, *args, **kwargs)
+
+    def counted_commit(self):
+        counts["commit"] += 1
+        return commit(self)
+
+    monkeypatch.setattr(psycopg.Cursor, "execute", counted_execute)
+    monkeypatch.setattr(psycopg.Connection, "commit", counted_commit)
+    return counts
+
+
+def test_ends_and_the_one_group_claim_they_call_for_are_one_statement_on_postgresql(store, monkeypatch):
+    """PostgreSQL, Store.save_progress_then with ends only and a one-group claim of tasks of one type (`kind`): the
+    write and the claim are ONE statement in autocommit (no BEGIN, no COMMIT, no statement per end), stored as the
+    write's transaction stored them: each end with its output and trail, a task another server took over left
+    alone and reported lost, one already final left alone, and the group's first free tasks claimed in order."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("a one-group claim (Store.claim_group_head): PostgreSQL")
+    running, waiting = queued(4), queued(4)
+    store.create_tasks(running + waiting)
+    assert store.claim_many([t.id for t in running], worker="srv/1", started_at=time.time()) == {t.id for t in running}
+    mine, taken, cancelled = running[:2], running[2], running[3]
+    assert store.take_over(taken.id, previous="srv/1", worker="other/1", lease_expires_at=None)
+    assert store.update_task(cancelled.id, status=TaskStatus.CANCELLED)
+    at = time.time()
+    for i, task in enumerate(running):
+        task.worker, task.status, task.completed_at = "srv/1", TaskStatus.COMPLETED, at + i
+        task.output, task.current_stage = {"i": i, "text": 'a "quoted" é'}, "Working"
+    task = mine[1]
+    task.status, task.error_message, task.error_details = TaskStatus.FAILED, "boom", {"kind": "ValueError"}
+    stage = Stage("Working", 0, StageStatus.COMPLETED, None, 1, 1, at, at + 0.5, None)
+    samples = [ProgressSample(at, "Working", 0, 1), ProgressSample(at + 0.5, "Working", 1, 1)]
+    writes = [ProgressWrite(t, [stage], samples, final=True) for t in reversed(running)]
+    asked: list[list[Task]] = []
+
+    def claim_next(conn):
+        return store.claim_group_head(
+            (0, None),
+            2,
+            lambda tasks: bool(asked.append(tasks)),  # never asked: tasks of `kind` are taken
+            worker="srv/2",
+            started_at=at + 9,
+            lease_expires_at=at + 99,
+            conn=conn,
+            kind="demo",
+        )
+
+    counts = _statements(monkeypatch)
+    lost, got = store.save_progress_then(writes, holder="srv", then=claim_next)
+    assert counts == {"execute": 2, "commit": 0}  # the statement, and a read of who holds the two not written
+    monkeypatch.undo()
+    assert lost == {taken.id} and asked == []
+    assert [(t.id, t.status, t.worker) for t in got] == [(t.id, TaskStatus.QUEUED, None) for t in waiting[:2]]
+    stored = {t.id: t for t in store.tasks_by_ids([t.id for t in running + waiting], stages=True)}
+    assert [stored[t.id].status for t in running] == [
+        TaskStatus.COMPLETED,
+        TaskStatus.FAILED,
+        TaskStatus.RUNNING,
+        TaskStatus.CANCELLED,
+    ]
+    assert [(stored[t.id].output, stored[t.id].completed_at, stored[t.id].stages) for t in mine] == [
+        ({"i": 0, "text": 'a "quoted" é'}, at, [stage]),
+        ({"i": 1, "text": 'a "quoted" é'}, at + 1, [stage]),
+    ]
+    assert (stored[mine[1].id].error_message, stored[mine[1].id].error_details) == ("boom", {"kind": "ValueError"})
+    assert store.history(mine[0].id, limit=5) == (samples, 2)
+    assert stored[taken.id].worker == "other/1" and stored[cancelled.id].output is None
+    assert [(stored[t.id].status, stored[t.id].worker, stored[t.id].lease_expires_at) for t in waiting] == [
+        (TaskStatus.RUNNING, "srv/2", at + 99)
+    ] * 2 + [(TaskStatus.QUEUED, None, None)] * 2
+
+
+def test_ends_with_a_one_group_claim_that_meets_another_type_claim_as_the_plan_says(store):
+    """PostgreSQL: when the group's first tasks are not all of `kind`, the one statement claims none and the claim
+    is made in a transaction, as the plan (`accept`) says; the ends are written once either way. Ends alone (no
+    claim, or a pass that claims nothing) are one statement too."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("a one-group claim (Store.claim_group_head): PostgreSQL")
+    running, waiting = queued(3), queued(3)
+    waiting[1].type = "other"
+    store.create_tasks(running + waiting)
+    store.claim_many([t.id for t in running], worker="srv/1", started_at=time.time())
+    for task in running:
+        task.worker, task.status, task.completed_at = "srv/1", TaskStatus.COMPLETED, time.time()
+
+    def claim_next(conn, accept):
+        return store.claim_group_head(
+            (0, None), 2, accept, worker="srv/2", started_at=time.time(), conn=conn, kind="demo"
+        )
+
+    lost, got = store.save_progress_then(
+        [ProgressWrite(running[0], [], [], final=True)],
+        holder="srv",
+        then=lambda conn: claim_next(conn, lambda t: False),
+    )
+    assert (lost, got) == (set(), None)  # refused by the plan: back to the queue
+    lost, got = store.save_progress_then(
+        [ProgressWrite(running[1], [], [], final=True)],
+        holder="srv",
+        then=lambda conn: claim_next(conn, lambda t: True),
+    )
+    assert lost == set() and [t.id for t in got] == [t.id for t in waiting[:2]]
+    lost, none = store.save_progress_then(
+        [ProgressWrite(running[2], [], [], final=True)], holder="srv", then=lambda c: 7
+    )
+    assert (lost, none) == (set(), 7)
+    statuses = {t.id: t.status for t in store.tasks_by_ids([t.id for t in running + waiting])}
+    assert [statuses[t.id] for t in running + waiting] == [TaskStatus.COMPLETED] * 3 + [TaskStatus.RUNNING] * 2 + [
+        TaskStatus.QUEUED
+    ]
+    assert store.save_progress_many([ProgressWrite(running[0], [], [], final=True)], holder="srv") == set()
+
+
+def test_a_task_the_one_statement_picked_but_did_not_claim_is_claimed_by_id_in_its_place(store, monkeypatch):
+    """PostgreSQL: a task the one statement of ends and claim locked at a version its snapshot does not see (changed,
+    still QUEUED, by a transaction that committed after it began: tests/test_claim_races.py drives that for the
+    claims in a transaction) comes back picked and not claimed; it is claimed by id after the statement, if still
+    QUEUED, and returned in its place. Simulated here: the statement's claim of the second task undone, its row
+    returned unclaimed."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("a one-group claim (Store.claim_group_head): PostgreSQL")
+    ending, waiting = queued(1)[0], queued(3)
+    store.create_tasks([ending, *waiting])
+    assert store.claim(ending.id, worker="srv/1", started_at=time.time())
+    ending.status, ending.completed_at, ending.worker = TaskStatus.COMPLETED, time.time(), "srv/1"
+    statement = store._autocommit_rows
+
+    def second_unclaimed(sql, params):
+        rows = statement(sql, params)
+        with store.engine.begin() as conn:
+            conn.execute(
+                sa.text("UPDATE tasks SET status = 'QUEUED', worker = NULL, started_at = NULL WHERE id = :id"),
+                {"id": waiting[1].id},
+            )
+        return [row if row[1] != waiting[1].id else (*row[:3], *[None] * (len(row) - 3)) for row in rows]
+
+    monkeypatch.setattr(store, "_autocommit_rows", second_unclaimed)
+    lost, got = store.save_progress_then(
+        [ProgressWrite(ending, [], [], final=True)],
+        holder="srv",
+        then=lambda conn: store.claim_group_head(
+            (0, None), 2, lambda tasks: False, worker="srv/2", started_at=time.time(), conn=conn, kind="demo"
+        ),
+    )
+    assert lost == set() and [(t.id, t.status) for t in got] == [(t.id, TaskStatus.QUEUED) for t in waiting[:2]]
+    statuses = {t.id: (t.status, t.worker) for t in store.tasks_by_ids([t.id for t in [ending, *waiting]])}
+    assert [statuses[t.id] for t in [ending, *waiting]] == [
+        (TaskStatus.COMPLETED, "srv/1"),
+        (TaskStatus.RUNNING, "srv/2"),
+        (TaskStatus.RUNNING, "srv/2"),
+        (TaskStatus.QUEUED, None),
+    ]
+
+
+def _one_statement_setup(store, n_waiting: int = 3):
+    """A task srv/1 runs, ended (not written yet), and `n_waiting` QUEUED tasks of its type in group (0, None)."""
+    ending, waiting = queued(1)[0], queued(n_waiting)
+    store.create_tasks([ending, *waiting])
+    assert store.claim(ending.id, worker="srv/1", started_at=time.time())
+    ending.status, ending.completed_at, ending.worker = TaskStatus.COMPLETED, time.time(), "srv/1"
+    return ending, waiting
+
+
+def _claim_two(store, conn):
+    return store.claim_group_head(
+        (0, None), 2, lambda tasks: False, worker="srv/2", started_at=time.time(), conn=conn, kind="demo"
+    )
+
+
+def test_the_one_statement_picks_the_queue_after_its_ends_so_a_locked_end_holds_no_queued_row(store):
+    """PostgreSQL: while an end's row is locked elsewhere (a lease renewal, a take-over), the one statement of ends
+    and claim waits for it BEFORE it picks the group's head: the queued rows stay free, another server claims them
+    meanwhile (SKIP LOCKED), and the statement then claims what is left, in order."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("a one-group claim (Store.claim_group_head): PostgreSQL")
+    ending, waiting = _one_statement_setup(store, 4)
+    result: dict[str, object] = {}
+    with store.engine.connect() as locker:
+        locker.execute(sa.text("SELECT id FROM tasks WHERE id = :id FOR UPDATE"), {"id": ending.id})
+
+        def run() -> None:
+            result["got"] = store.save_progress_then(
+                [ProgressWrite(ending, [], [], final=True)], holder="srv", then=lambda conn: _claim_two(store, conn)
+            )
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        try:
+            deadline = time.monotonic() + 20
+            waiting_sql = sa.text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+            while True:  # a transaction each read: pg_stat_activity is a snapshot for the whole of one
+                with store.engine.connect() as watch:
+                    if watch.execute(waiting_sql).scalar():
+                        break
+                assert time.monotonic() < deadline, "the statement never waited for the end's row"
+                time.sleep(0.02)
+            with store.engine.begin() as other:  # another server's claim while the statement waits
+                free = other.execute(
+                    sa.text(
+                        "SELECT id FROM tasks WHERE status = 'QUEUED' ORDER BY created_at, id FOR UPDATE SKIP LOCKED"
+                    )
+                ).scalars()
+                assert list(free) == [t.id for t in waiting]
+                other.execute(
+                    sa.text("UPDATE tasks SET status = 'RUNNING', worker = 'other/1' WHERE id = :id"),
+                    {"id": waiting[0].id},
+                )
+        finally:
+            locker.rollback()
+            thread.join(20)
+    lost, got = result["got"]
+    assert lost == set() and [t.id for t in got] == [t.id for t in waiting[1:3]]
+    statuses = {t.id: (t.status, t.worker) for t in store.tasks_by_ids([t.id for t in [ending, *waiting]])}
+    assert [statuses[t.id] for t in [ending, *waiting]] == [
+        (TaskStatus.COMPLETED, "srv/1"),
+        (TaskStatus.RUNNING, "other/1"),
+        (TaskStatus.RUNNING, "srv/2"),
+        (TaskStatus.RUNNING, "srv/2"),
+        (TaskStatus.QUEUED, None),
+    ]
+
+
+def test_a_failure_after_the_one_statement_committed_puts_its_claims_back(store, monkeypatch):
+    """PostgreSQL: what follows the one statement of ends and claim failing (here the read of a claimed row) hands
+    the exception back with the ends standing, and the claims it committed, which nobody would start, put back
+    QUEUED."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("a one-group claim (Store.claim_group_head): PostgreSQL")
+    from plexus_mcp_jupyter.core import store as store_module
+
+    ending, waiting = _one_statement_setup(store)
+
+    def broken(row):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(store_module, "_task_from_tuple", broken)
+    lost, failed = store.save_progress_then(
+        [ProgressWrite(ending, [], [], final=True)], holder="srv", then=lambda conn: _claim_two(store, conn)
+    )
+    monkeypatch.undo()
+    assert lost == set() and isinstance(failed, RuntimeError)
+    statuses = {t.id: (t.status, t.worker) for t in store.tasks_by_ids([t.id for t in [ending, *waiting]])}
+    assert [statuses[t.id] for t in [ending, *waiting]] == [(TaskStatus.COMPLETED, "srv/1")] + [
+        (TaskStatus.QUEUED, None)
+    ] * 3
+
+
+def test_a_failed_read_of_who_holds_the_ends_not_written_is_made_again_then_raised(store, monkeypatch):
+    """PostgreSQL: the ends one statement did not write (another server holds them, or final already) are read
+    after it; a failed read is made again once, and a second failure is raised (the write, made again, is
+    idempotent), never taken as every such end held elsewhere (a take-over: no final event)."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("the one statement of ends: PostgreSQL")
+    tasks = queued(3)
+    store.create_tasks(tasks)
+    store.claim_many([t.id for t in tasks], worker="srv/1", started_at=time.time())
+    mine, taken, cancelled = tasks
+    assert store.take_over(taken.id, previous="srv/1", worker="other/1", lease_expires_at=None)
+    assert store.update_task(cancelled.id, status=TaskStatus.CANCELLED)
+    for task in tasks:
+        task.worker, task.status, task.completed_at = "srv/1", TaskStatus.COMPLETED, time.time()
+    connect, calls = store.reads.connect, []
+
+    def failing(fail: set[int]):
+        def connect_or_fail():
+            calls.append(1)
+            if len(calls) in fail:
+                raise sa.exc.OperationalError("SELECT", {}, Exception("injected"))
+            return connect()
+
+        return connect_or_fail
+
+    monkeypatch.setattr(store.reads, "connect", failing({2}))  # 1: the statement; 2: the read, 3: again
+    lost, _ = store.save_progress_then(
+        [ProgressWrite(t, [], [], final=True) for t in tasks], holder="srv", then=lambda conn: None
+    )
+    assert lost == {taken.id} and len(calls) == 3
+    calls.clear()
+    monkeypatch.setattr(store.reads, "connect", failing({2, 3}))
+    with pytest.raises(sa.exc.OperationalError):
+        store.save_progress_then(
+            [ProgressWrite(t, [], [], final=True) for t in tasks], holder="srv", then=lambda conn: None
+        )
+    monkeypatch.undo()
+    assert store.get_task(mine.id).status is TaskStatus.COMPLETED
+
+
+def test_more_ends_than_one_statement_takes_go_in_a_transaction_as_before(store, monkeypatch):
+    """PostgreSQL: at most ENDS_IN_ONE_MAX ends go in the one statement (12 parameters an end, 65,535 a statement at
+    most); a write of more is made in a transaction (BEGIN, the writes, the claim, COMMIT), every end written."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("the one statement of ends: PostgreSQL")
+    from plexus_mcp_jupyter.core import store as store_module
+
+    monkeypatch.setattr(store_module, "ENDS_IN_ONE_MAX", 2)
+    running, waiting = queued(3), queued(2)
+    store.create_tasks(running + waiting)
+    store.claim_many([t.id for t in running], worker="srv/1", started_at=time.time())
+    for task in running:
+        task.worker, task.status, task.completed_at = "srv/1", TaskStatus.COMPLETED, time.time()
+    counts = _statements(monkeypatch)
+    lost, got = store.save_progress_then(
+        [ProgressWrite(t, [], [], final=True) for t in running], holder="srv", then=lambda conn: _claim_two(store, conn)
+    )
+    assert counts["commit"] == 1  # a transaction, not the statement in autocommit
+    monkeypatch.undo()
+    assert lost == set() and got is None  # `accept` refused the claims: put back
+    statuses = {t.id: t.status for t in store.tasks_by_ids([t.id for t in running + waiting])}
+    assert [statuses[t.id] for t in running + waiting] == [TaskStatus.COMPLETED] * 3 + [TaskStatus.QUEUED] * 2
+
+
+@pytest.mark.parametrize("column", ["worker", "current_stage"])
+def test_the_one_statement_refuses_a_value_longer_than_its_column_as_a_bound_value_is(store, column):
+    """PostgreSQL: an end's value longer than its VARCHAR column is refused ("value too long"), as the transaction's
+    bound value is, never cut silently by the statement's cast."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("the one statement of ends: PostgreSQL")
+    ending, _ = _one_statement_setup(store, 0)
+    setattr(ending, column, "srv/1" + "x" * 600)
+    with pytest.raises(sa.exc.DBAPIError, match="too long"):
+        store.save_progress_then([ProgressWrite(ending, [], [], final=True)], holder="srv", then=lambda conn: None)
+    assert (store.get_task(ending.id).status, store.get_task(ending.id).worker) == (TaskStatus.RUNNING, "srv/1")
+
+
 def test_progress_writes_upsert_stages_and_a_final_write_never_overwrites_a_final_task(store):
     task = queued(1)[0]
     store.create_task(task)

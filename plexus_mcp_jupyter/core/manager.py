@@ -54,6 +54,8 @@ from .tasks import get_task_type, task_type_names, type_text
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
+    from .store import PendingEnds
+
 log = logging.getLogger("plexus_mcp_jupyter")
 
 FINISHED_CACHE_SIZE = 1024
@@ -1320,7 +1322,7 @@ class TaskManager:
         view: tuple[list[Task], dict[Group, int]] | None,
         single: tuple[Group, list[Task]] | None,
         version: int,
-        conn: Connection | None = None,
+        conn: Connection | PendingEnds | None = None,
     ) -> tuple[QueueWindow | None, list[Task], dict[Group, int], list[Task], set[str], float, set[str], bool | None]:
         """A scheduling pass's store work and plan (any thread: it reads only its arguments and the store): the
         queue's head (`view`, else a read of the store, returned to be kept), what starts, which of those this
@@ -1361,6 +1363,7 @@ class TaskManager:
                     started_at=started_at,
                     lease_expires_at=self._lease_end(started_at),
                     conn=conn,
+                    kind=next(iter(types)) if len(types) == 1 else None,  # what `accept` takes unplanned
                 )
                 if got:  # fewer than planned: the group ran short, these start and the next pass reads the queue
                     return None, got, {group: 1}, got, {task.id for task in got}, started_at, set(), len(got) == want

@@ -257,6 +257,17 @@ _UNCLAIM = (
     .where(tasks_table.c.id.in_(sa.bindparam("ids", expanding=True)))
     .values(status=TaskStatus.QUEUED.value, worker=None, started_at=None, lease_expires_at=None)
 )
+# The one statement's claims undone when what follows it fails (`Store._ends_and_group_head`): back to QUEUED, each
+# only while still this claim's (its worker, RUNNING).
+_UNCLAIM_MINE = (
+    sa.update(tasks_table)
+    .where(
+        tasks_table.c.id.in_(sa.bindparam("ids", expanding=True)),
+        tasks_table.c.worker == sa.bindparam("b_worker"),
+        tasks_table.c.status == TaskStatus.RUNNING.value,
+    )
+    .values(status=TaskStatus.QUEUED.value, worker=None, started_at=None, lease_expires_at=None)
+)
 _CLAIM_LOCKED = (
     sa.update(tasks_table)
     .where(tasks_table.c.id.in_(sa.bindparam("ids", expanding=True)), _STILL_QUEUED)
@@ -345,6 +356,108 @@ def _group_claim(picked: Any) -> Any:
 
 _CLAIM_GROUP_HEAD = {owned: _group_claim(picked) for owned, picked in _GROUP_PICKED.items()}
 _CLAIMED_TASKS = sa.select(tasks_table).where(tasks_table.c.id.in_(sa.bindparam("ids", expanding=True)))
+
+# PostgreSQL, a write of task ends (final writes only: `PendingEnds`) as ONE statement run in autocommit, alone or
+# with the one-group claim of the pass its ends call for: a transaction of its own was BEGIN, an UPDATE per end (or
+# an executemany), the claim and COMMIT, each a round trip to the database (~25 us of the store writer's CPU and ~20
+# of PostgreSQL's each, on a busy machine), 4.4 a transaction in bench_multi_server's two servers. Each end is an
+# UPDATE of its own in the statement (a CTE: `_progress_update(final=True, held=True)` with the values cast to the
+# columns' types), found by its id as that one is: one UPDATE ... FROM a VALUES list, planned (and its plan kept by
+# psycopg's prepared statement) while the table was small and its statistics stale, joined the list to a scan of
+# the whole table (PostgreSQL's CPU a task up by a third in a micro-run). In id order, as `_write_progress`'s.
+_END_COLUMNS = (  # `_progress_update(final=True)`'s
+    "current_stage",
+    "estimated_completion_at",
+    "worker",
+    "status",
+    "completed_at",
+    "error_message",
+    "error_details",
+    "output",
+    "stdout_tail",
+    "stderr_tail",
+    "trail",
+)
+_JSON_END_COLUMNS = frozenset(("error_details", "output", "trail"))
+_PG_TYPES = {c.name: c.type.compile(dialect=postgresql.dialect()) for c in tasks_table.columns}
+_NOT_FINAL = " AND ".join(f"tasks.status <> '{s.value}'" for s in sorted(FINAL_STATUSES, key=lambda s: s.value))
+# Most ends one statement writes (`Store._ends_in_one`): 12 parameters an end, and PostgreSQL takes 65,535 a
+# statement; more go in a transaction (`_write_progress`'s executemany), as before the one statement.
+ENDS_IN_ONE_MAX = 32
+
+
+def _end_cast(column: str) -> str:
+    """The type an end's value is cast to: the column's, a VARCHAR unbounded (a cast to VARCHAR(n) cuts a longer
+    value silently; the assignment to the column refuses it, "value too long", as a bound value is)."""
+    pg_type = _PG_TYPES[column]
+    return "VARCHAR" if pg_type.startswith("VARCHAR") else pg_type
+
+
+@functools.lru_cache(maxsize=64)
+def _ends_sql(n: int, owned: bool | None) -> str:
+    """The ends of `n` tasks (parameters `e{i}_{column}` and `e{i}_id`, and `holder`: `_holder_pattern`), alone
+    (`owned` None: a row per task written, its id) or with `_CLAIM_GROUP_HEAD[owned]`'s claim, on the condition that
+    every task it picks is of the type `g_kind` (else it claims none). Then one row at least: the ids written (an
+    array, NULL for a task not written, repeated), then each task picked, its type, and its row as claimed
+    (`_TASK_COLUMNS`; NULLs where not claimed: another type picked, or the row changed by a transaction that
+    committed after the statement began, as `_CLAIM_GROUP_HEAD`'s)."""
+    ends = ", ".join(
+        f"e{i} AS (UPDATE tasks SET "
+        + ", ".join(f"{c} = CAST(%(e{i}_{c})s AS {_end_cast(c)})" for c in _END_COLUMNS)
+        + f" WHERE tasks.id = CAST(%(e{i}_id)s AS {_PG_TYPES['id']}) AND tasks.worker LIKE %(holder)s ESCAPE '/'"
+        + f" AND {_NOT_FINAL} RETURNING tasks.id)"
+        for i in range(n)
+    )
+    if owned is None:
+        return f"WITH {ends} " + " UNION ALL ".join(f"SELECT id FROM e{i}" for i in range(n))
+    owner = "tasks.owner = CAST(%(g_owner)s AS VARCHAR)" if owned else "tasks.owner IS NULL"
+    claimed = ", ".join(f"claimed.{c}" for c in _TASK_COLUMNS)
+    written = ", ".join(f"(SELECT id FROM e{i})" for i in range(n))
+    # The pick waits for the ends (a condition on them all, a one-time filter PostgreSQL evaluates before it reads a
+    # row): while an end's row is locked elsewhere (a lease renewal, a take-over), the queued rows are not locked
+    # yet, and other servers claim them meanwhile.
+    after_ends = " UNION ALL ".join(f"SELECT id FROM e{i}" for i in range(n))
+    return (
+        f"WITH {ends}, "
+        "picked AS MATERIALIZED (SELECT tasks.id, tasks.ctid AS tid, tasks.type FROM tasks"
+        f" WHERE tasks.status = 'QUEUED' AND tasks.priority = CAST(%(g_priority)s AS INTEGER) AND {owner}"
+        f" AND (SELECT count(*) FROM ({after_ends}) AS ended) >= 0"
+        " ORDER BY tasks.created_at, tasks.id LIMIT %(g_n)s FOR UPDATE SKIP LOCKED), "
+        "claimed AS (UPDATE tasks SET status = 'RUNNING', worker = CAST(%(b_worker)s AS VARCHAR),"
+        " started_at = CAST(%(b_started_at)s AS FLOAT), lease_expires_at = CAST(%(b_lease)s AS FLOAT)"
+        " FROM picked WHERE tasks.ctid = picked.tid AND tasks.id = picked.id"
+        " AND NOT EXISTS (SELECT FROM picked AS other WHERE other.type <> CAST(%(g_kind)s AS VARCHAR))"
+        f" RETURNING {', '.join(f'tasks.{c}' for c in _TASK_COLUMNS)}) "
+        f"SELECT e.ids, p.id, p.type, {claimed} FROM (SELECT ARRAY[{written}] AS ids) AS e"
+        " LEFT JOIN (picked AS p LEFT JOIN claimed ON claimed.id = p.id) ON true"
+    )
+
+
+def _ends_params(writes: Sequence[ProgressWrite], holder: str) -> dict[str, Any]:
+    """`_ends_sql`'s parameters for `writes` (final ones, in id order): JSON as `sa.JSON(none_as_null=True)` binds it
+    (json.dumps; None is SQL NULL)."""
+    params: dict[str, Any] = {"holder": _holder_pattern(holder)}
+    for i, write in enumerate(writes):
+        task = write.task
+        params[f"e{i}_id"] = task.id
+        values = {
+            "current_stage": task.current_stage,
+            "estimated_completion_at": task.estimated_completion_at,
+            "worker": task.worker,
+            "status": task.status.value,
+            "completed_at": task.completed_at,
+            "error_message": task.error_message,
+            "error_details": task.error_details,
+            "output": task.output,
+            "stdout_tail": task.stdout_tail,
+            "stderr_tail": task.stderr_tail,
+            "trail": _trail(write.stages, write.samples),
+        }
+        for column, value in values.items():
+            if column in _JSON_END_COLUMNS and value is not None:
+                value = json.dumps(value)
+            params[f"e{i}_{column}"] = value
+    return params
 
 
 class _PlanChanged(Exception):
@@ -875,7 +988,7 @@ class Store:
         started_at: float,
         lease_expires_at: float | None = None,
         order: Sequence[str] = (),
-        conn: Connection | None = None,
+        conn: Connection | PendingEnds | None = None,
     ) -> tuple[list[str], set[str], set[str]]:
         """Claim the starts of one scheduling pass, planned against what is really still claimable: several
         servers planning from the same head of a shared queue then claim DIFFERENT tasks, with no claim lost
@@ -908,6 +1021,8 @@ class Store:
         first = list(plan(set()))
         if not first:
             return [], set(), set()
+        if isinstance(conn, PendingEnds):
+            conn = conn.transaction()
         postgres = self.engine.dialect.name == "postgresql"
         values = {"b_worker": worker, "b_started_at": started_at, "b_lease": lease_expires_at}
         if postgres and order:
@@ -938,7 +1053,8 @@ class Store:
         worker: str,
         started_at: float,
         lease_expires_at: float | None = None,
-        conn: Connection | None = None,
+        conn: Connection | PendingEnds | None = None,
+        kind: str | None = None,
     ) -> list[Task] | None:
         """PostgreSQL: claim the first `n` QUEUED tasks of one (priority, owner) `group`, in its order, without a
         read of the queue: a scheduling pass of a server that knows the queue holds that group alone. A task another
@@ -946,11 +1062,22 @@ class Store:
         (the manager's plan of them starts them all: caps and resources stay its rules); else they are put back
         QUEUED in the transaction (their rows stay locked by it until it ends) and None is returned: the caller
         plans from a read of the queue instead. Returns the tasks claimed, as they were before the claim (fewer than
-        `n` when the group has no more free tasks). `conn`: a transaction to claim in (`save_progress_then`)."""
+        `n` when the group has no more free tasks). `conn`: a transaction to claim in (`save_progress_then`).
+
+        `kind`: a type whose tasks `accept` takes, whatever they are. With `conn` a write of ends not made yet
+        (`PendingEnds`), the write and a claim of tasks all of that type are then ONE statement, in autocommit: what
+        it claims is committed when this returns (it never asks `accept`); when it picks a task of another type, it
+        claims none and the claim is made as without `kind`, in a transaction."""
         if n <= 0:
             return []
         priority, owner = group
         values = {"b_worker": worker, "b_started_at": started_at, "b_lease": lease_expires_at}
+        if isinstance(conn, PendingEnds):
+            if kind is not None and conn.lost is None:
+                got = self._ends_and_group_head(conn, group, n, kind, values)
+                if got is not None:
+                    return got
+            conn = conn.transaction()
         with contextlib.nullcontext(conn) if conn is not None else self.engine.begin() as in_tx:
             rows = self._rows(
                 in_tx,
@@ -1165,6 +1292,10 @@ class Store:
         """
         if not writes and claim is None:
             return set()
+        if claim is None and holder is not None and self._ends_in_one(writes):
+            writes = sorted(writes, key=lambda w: w.task.id)
+            ids = self._ends_alone(writes, holder)
+            return self._unwritten_elsewhere(writes, ids, holder)
         with self.engine.begin() as conn:
             lost = self._write_progress(conn, writes, holder=holder) if writes else set()
             if claim is not None:
@@ -1172,14 +1303,45 @@ class Store:
             return lost
 
     def save_progress_then(
-        self, writes: Sequence[ProgressWrite], *, holder: str | None, then: Callable[[Connection], Any]
+        self,
+        writes: Sequence[ProgressWrite],
+        *,
+        holder: str | None,
+        then: Callable[[Connection | PendingEnds], Any],
     ) -> tuple[set[str], Any]:
         """`save_progress_many(writes, holder=)`, then `then(conn)` in the same transaction: on a networked store,
         the claim of the scheduling pass the write's ends call for (`Store.claim_planned(conn=)`; a queue read it
         needs goes on a connection of its own), one commit for both instead of two. Returns the tasks left
         unwritten and what `then` returned; when `then` fails, the write is made again alone (the transaction was
-        undone) and the exception is returned instead."""
+        undone) and the exception is returned instead.
+
+        PostgreSQL, a write of ends alone (final writes only, the common write of small tasks): `then` gets the
+        write not made yet (`PendingEnds`). A one-group claim (`claim_group_head(kind=)`) makes both in one
+        statement in autocommit (no BEGIN, COMMIT or statement per end: one round trip to the database instead of
+        four or five); any other claim opens the transaction and makes the write in it first, as above; a pass
+        that claims nothing leaves the write alone, one statement. A `then` that fails after the one statement
+        committed hands its exception back with the write standing (not made again)."""
         failed: Exception | None = None
+        if holder is not None and self._ends_in_one(writes):
+            ends: PendingEnds | None = None
+            try:
+                with contextlib.ExitStack() as stack:
+                    ends = PendingEnds(self, writes, holder, stack)
+                    try:
+                        done = then(ends)
+                    except Exception as exc:
+                        failed = exc
+                        raise
+                    if ends.lost is None:  # the pass used no transaction: the write alone
+                        ends.written(self._ends_alone(ends.writes, holder))
+                    assert ends.lost is not None
+                    return ends.lost, done
+            except Exception:
+                if failed is None:
+                    raise
+            if ends is not None and ends.committed and ends.lost is not None:  # the write stands: not made again
+                return ends.lost, failed
+            return self.save_progress_many(writes, holder=holder), failed
         try:
             with self.engine.begin() as conn:
                 lost = self._write_progress(conn, writes, holder=holder) if writes else set()
@@ -1192,6 +1354,98 @@ class Store:
             if failed is None:
                 raise
         return self.save_progress_many(writes, holder=holder), failed
+
+    def _ends_in_one(self, writes: Sequence[ProgressWrite]) -> bool:
+        """Whether `writes` go in one statement of their own (`_ends_sql`): ends only, at most ENDS_IN_ONE_MAX,
+        PostgreSQL on the driver."""
+        return (
+            0 < len(writes) <= ENDS_IN_ONE_MAX
+            and self._on_driver is not None
+            and self.engine.dialect.name == "postgresql"
+            and all(write.final for write in writes)
+        )
+
+    def _ends_alone(self, writes: Sequence[ProgressWrite], holder: str) -> set[str]:
+        """The ends of `writes` (final, in id order) in one statement in autocommit; the ids it wrote."""
+        rows = self._autocommit_rows(_ends_sql(len(writes), None), _ends_params(writes, holder))
+        return {row[0] for row in rows}
+
+    def _ends_and_group_head(
+        self, ends: PendingEnds, group: tuple[int, str | None], n: int, kind: str, values: dict[str, Any]
+    ) -> list[Task] | None:
+        """`claim_group_head` with a write of ends not made yet: both in one statement in autocommit (`_ends_sql`).
+        The tasks claimed (committed), or None when the group's first `n` hold a task of another type than `kind`
+        (none claimed; the ends are written either way)."""
+        priority, owner = group
+        params = _ends_params(ends.writes, ends.holder)
+        params.update(values, g_priority=priority, g_owner=owner, g_n=n, g_kind=kind)
+        rows = self._autocommit_rows(_ends_sql(len(ends.writes), owner is not None), params)
+        claims = [row[1] for row in rows if row[1] is not None and row[3] is not None]  # committed
+        try:
+            ends.written(task_id for task_id in rows[0][0] if task_id is not None)
+            picked = [row for row in rows if row[1] is not None]
+            if any(row[2] != kind for row in picked):
+                return None
+            tasks = [_task_from_tuple(row[3:]) for row in picked if row[3] is not None]
+            missed = [row[1] for row in picked if row[3] is None]
+            if missed:  # changed by a transaction that committed after the statement began: claimed by id, if QUEUED
+                try:
+                    with self.engine.begin() as conn:
+                        again = sorted(conn.execute(_CLAIM_LOCKED, {**values, "ids": missed}).scalars())
+                        got = conn.execute(_CLAIMED_TASKS, {"ids": again}).all() if again else []
+                    claims += again
+                    tasks += [_task_from_tuple(row) for row in got]
+                except Exception:  # what the statement claimed stands (committed): these stay QUEUED for a later pass
+                    log.warning("Plexus: could not claim %d tasks of a group's head again", len(missed), exc_info=True)
+        except BaseException:  # committed claims nobody would start: put back QUEUED (those still this claim's)
+            if claims:
+                try:
+                    with self.engine.begin() as conn:
+                        conn.execute(_UNCLAIM_MINE, {"ids": sorted(set(claims)), "b_worker": values["b_worker"]})
+                except Exception:
+                    log.warning("Plexus: could not put back %d claims of a failed pass", len(claims), exc_info=True)
+            raise
+        tasks.sort(key=lambda task: (task.created_at, task.id))
+        for task in tasks:  # as the queue showed it (the caller marks its claims: `TaskManager._mark_claimed`)
+            task.status, task.worker, task.started_at, task.lease_expires_at = TaskStatus.QUEUED, None, None, None
+        return tasks
+
+    def _unwritten_elsewhere(self, writes: Sequence[ProgressWrite], written: set[str], holder: str) -> set[str]:
+        """Of `writes` not `written` by a statement of their own, those another server holds (`_write_progress`'s
+        `lost`; the others were final already). Read after that statement committed, again once when it fails; a
+        second failure is raised (the caller's write of the ends is made again: what is written already is final,
+        left alone), never taken as held elsewhere (a take-over: no final event)."""
+        unwritten = [w.task.id for w in writes if w.task.id not in written]
+        if not unwritten:
+            return set()
+        t = tasks_table
+        elsewhere = sa.or_(t.c.worker.is_(None), sa.not_(_held_by(holder)))
+        try:
+            with self.reads.connect() as conn:
+                return set(conn.execute(sa.select(t.c.id).where(t.c.id.in_(unwritten), elsewhere)).scalars())
+        except Exception:
+            log.warning("Plexus: could not read who holds %d tasks not written; reading again", len(unwritten))
+        with self.reads.connect() as conn:  # a second failure is raised: the ends, made again, change nothing more
+            return set(conn.execute(sa.select(t.c.id).where(t.c.id.in_(unwritten), elsewhere)).scalars())
+
+    def _autocommit_rows(self, sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        """One statement on PostgreSQL's driver in autocommit (its own transaction): its rows."""
+        with self.reads.connect() as conn:
+            self.writes.saw(conn, sql)
+            cursor = conn.connection.cursor()
+            try:
+                cursor.execute(sql, params)
+                return [tuple(row) for row in cursor.fetchall()]
+            except conn.dialect.loaded_dbapi.Error as exc:  # as `_OnDriver.run` raises it
+                self.writes.bump()
+                gone = conn.dialect.is_disconnect(exc, conn.connection.dbapi_connection, cursor)
+                if gone:
+                    conn.invalidate(exc)
+                raise sa.exc.DBAPIError.instance(
+                    sql, params, exc, conn.dialect.loaded_dbapi.Error, connection_invalidated=gone
+                ) from exc
+            finally:
+                cursor.close()
 
     def _write_progress(self, conn: Connection, writes: Sequence[ProgressWrite], *, holder: str | None) -> set[str]:
         progress_rows: list[dict[str, Any]] = []
@@ -1504,6 +1758,34 @@ class ProgressWrite:
     stages: list[Stage]
     samples: list[ProgressSample]
     final: bool = False
+
+
+class PendingEnds:
+    """PostgreSQL, `Store.save_progress_then`: a write of task ends (final writes only) not made yet, handed to the
+    pass its ends call for as the transaction to claim in. A one-group claim of tasks of one type
+    (`Store.claim_group_head(kind=)`) makes the write and the claim in one statement, in autocommit (`_ends_sql`);
+    any other use opens a transaction and makes the write in it first (`transaction`); a pass that claims nothing
+    leaves the write to be made alone, in one statement, once it returns."""
+
+    def __init__(self, store: Store, writes: Sequence[ProgressWrite], holder: str, stack: contextlib.ExitStack) -> None:
+        self.store, self.holder, self._stack = store, holder, stack
+        self.writes = sorted(writes, key=lambda w: w.task.id)  # rows locked in one order (core/leases.py)
+        self.lost: set[str] | None = None  # the tasks left unwritten (another server holds them), once written
+        self.committed = False  # written by a statement of its own (not in `transaction`'s, undone with it)
+        self._conn: Connection | None = None
+
+    def transaction(self) -> Connection:
+        """The transaction of the rest of the pass, the write made in it first unless made already."""
+        if self._conn is None:
+            self._conn = self._stack.enter_context(self.store.engine.begin())
+            if self.lost is None:
+                self.lost = self.store._write_progress(self._conn, self.writes, holder=self.holder)
+        return self._conn
+
+    def written(self, ids: Iterable[str]) -> None:
+        """A statement of its own wrote the ends, `ids` those it changed (committed)."""
+        self.committed = True
+        self.lost = self.store._unwritten_elsewhere(self.writes, set(ids), self.holder)
 
 
 def _held_by(holder: str | None = None) -> Any:
