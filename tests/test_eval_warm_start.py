@@ -940,13 +940,17 @@ def _initialized_and_closed(tmp_path: Path, bootstrap: str, **env: str) -> tuple
     """A stdio server run by `bootstrap`, launched as a client does (stdout buffered), initialized, then its stdin
     closed once initialize is answered: its stdout lines (the last b""), its stderr and its exit code."""
     server = _stdio_server(tmp_path, bootstrap, PYTHONUNBUFFERED="", **env)
+    return _answered_then_closed(server), (tmp_path / "err").read_text(), server.returncode
+
+
+def _answered_then_closed(server: subprocess.Popen[bytes]) -> list[bytes]:
+    """Initialize `server`, close its stdin once initialize is answered: its stdout lines (the last b"")."""
     lines = _lines(server)
     _initialize(server)
     first = lines.get(timeout=120)
     assert server.stdin is not None
     server.stdin.close()
-    out = [first, *_stdio_output(server, lines)]
-    return out, (tmp_path / "err").read_text(), server.returncode
+    return [first, *_stdio_output(server, lines)]
 
 
 def test_nothing_a_stdio_server_prints_before_it_serves_reaches_the_client(tmp_path):
@@ -1096,12 +1100,7 @@ def test_a_stdio_server_launched_with_stderr_closed_keeps_its_prints_off_the_cli
         cwd=Path(__file__).resolve().parent.parent,
         preexec_fn=lambda: os.close(2),  # the child's stderr closed, as its client launched it
     )
-    lines = _lines(server)
-    _initialize(server)
-    first = lines.get(timeout=120)
-    assert server.stdin is not None
-    server.stdin.close()
-    out = [first, *_stdio_output(server, lines)]
+    out = _answered_then_closed(server)
     assert out[-1] == b"" and all(json.loads(line)["jsonrpc"] == "2.0" for line in out[:-1]), out
     assert json.loads(out[0])["id"] == 1, out
 

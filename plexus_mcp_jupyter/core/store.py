@@ -365,10 +365,8 @@ _CLAIMED_TASKS = sa.select(tasks_table).where(tasks_table.c.id.in_(sa.bindparam(
 # columns' types), found by its id as that one is: one UPDATE ... FROM a VALUES list, planned (and its plan kept by
 # psycopg's prepared statement) while the table was small and its statistics stale, joined the list to a scan of
 # the whole table (PostgreSQL's CPU a task up by a third in a micro-run). In id order, as `_write_progress`'s.
-_END_COLUMNS = (  # `_progress_update(final=True)`'s
-    "current_stage",
-    "estimated_completion_at",
-    "worker",
+_PROGRESS_COLUMNS = ("current_stage", "estimated_completion_at", "worker")  # `_progress_update`'s
+_FINAL_COLUMNS = (  # and with final=True these too
     "status",
     "completed_at",
     "error_message",
@@ -378,6 +376,7 @@ _END_COLUMNS = (  # `_progress_update(final=True)`'s
     "stderr_tail",
     "trail",
 )
+_END_COLUMNS = _PROGRESS_COLUMNS + _FINAL_COLUMNS
 _JSON_END_COLUMNS = frozenset(("error_details", "output", "trail"))
 _PG_TYPES = {c.name: c.type.compile(dialect=postgresql.dialect()) for c in tasks_table.columns}
 _NOT_FINAL = " AND ".join(f"tasks.status <> '{s.value}'" for s in sorted(FINAL_STATUSES, key=lambda s: s.value))
@@ -1806,21 +1805,12 @@ def _holder_pattern(holder: str) -> str:
 def _progress_update(*, final: bool, held: bool) -> Any:
     """The UPDATE of Store.save_progress_many; `held`: only of a task the writing server holds (b_holder_like)."""
     t = tasks_table
-    columns = ["current_stage", "estimated_completion_at", "worker"]
+    columns = list(_PROGRESS_COLUMNS)
     query = sa.update(t).where(t.c.id == sa.bindparam("b_id"))
     if held:
         query = query.where(_held_by())
     if final:
-        columns += [
-            "status",
-            "completed_at",
-            "error_message",
-            "error_details",
-            "output",
-            "stdout_tail",
-            "stderr_tail",
-            "trail",
-        ]
+        columns += _FINAL_COLUMNS
         # A task already final (cancelled meanwhile by another server, recovered) is never overwritten. Plain
         # comparisons, not NOT IN: an expanding IN parameter cannot be used in an executemany.
         query = query.where(*(t.c.status != s.value for s in FINAL_STATUSES))
