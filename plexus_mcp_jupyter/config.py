@@ -250,8 +250,9 @@ class PlexusSettings(Configurable):
         1024 * 1024,
         min=1024,
         help="Longest first line (header, or first record) of a CSV or JSON Lines file that listing, describing "
-        "or checking a dataset reads, in bytes; also the longest row a describe streams. A file beyond it is "
-        "listed as unreadable, with the reason. Default 1 MiB.",
+        "or checking a dataset reads, in bytes. A file beyond it is listed as unreadable, with the reason. The "
+        "longest row or line a describe or an evaluation streams is the 8 MiB block a file is read in (this "
+        "setting when larger). Default 1 MiB.",
     ).tag(config=True)
     max_dataset_columns = Integer(
         10_000,

@@ -342,6 +342,8 @@ def test_a_long_label_class_is_stored_clipped_and_counted_as_what_it_decodes_to(
     pq.write_table(item_table(columns), path, use_dictionary=["label", "label_class", "prediction"])
     page = files.page("e", "accuracy", limit=2, after=None, only_mismatches=True, label=None, columns=["label_class"])
     assert page == [{"label_class": long}, {"label_class": "short"}]
+    found = files.page("e", "accuracy", limit=3, after=None, only_mismatches=False, label=long, columns=["seq"])
+    assert found == [{"seq": 0}], "the whole label still finds a class stored whole"
 
 
 async def test_an_item_file_past_what_a_worker_writes_is_refused_clearly_not_read(

@@ -399,8 +399,11 @@ class _Matching:
     Acero, whose start costs more than the filtering of 1,024 rows (a third of a page's time, measured)."""
 
     def __init__(self, after: int | None, only_mismatches: bool, label: str | None) -> None:
-        # A class is stored clipped (write_chunk): a label past EXCERPT_CHARS matches the classes it was clipped to.
-        self.after, self.only_mismatches, self.label = after, only_mismatches, _clipped_label(label)
+        # A class is stored clipped (write_chunk): a label past EXCERPT_CHARS matches the classes it was clipped to,
+        # and itself whole (a file written before the clip holds it so).
+        self.after, self.only_mismatches = after, only_mismatches
+        clipped = _clipped_label(label)
+        self.labels = [] if label is None else [label] if clipped == label else [label, clipped]
 
     def __call__(self, table: pa.Table) -> pa.Table:
         mask = self.mask(table)
@@ -413,8 +416,10 @@ class _Matching:
             masks.append(pc.greater(table["seq"], self.after))
         if self.only_mismatches:  # wrong, and not scored (an error, no prediction): correct is not true
             masks.append(pc.invert(pc.fill_null(table["correct"], False)))
-        if self.label is not None:
-            masks.append(pc.equal(table["label_class"], self.label))  # a null class matches no label
+        if self.labels:  # a null class matches no label
+            kind = table["label_class"].type
+            kind = kind.value_type if pa.types.is_dictionary(kind) else kind
+            masks.append(pc.is_in(table["label_class"], value_set=pa.array(self.labels, kind)))
         if not masks:
             return None
         mask = masks[0]
@@ -429,8 +434,8 @@ class _Matching:
             terms.append(pc.field("seq") > self.after)
         if self.only_mismatches:
             terms.append(~pc.coalesce(pc.field("correct"), pa.scalar(False)))
-        if self.label is not None:
-            terms.append(pc.field("label_class") == self.label)
+        if self.labels:
+            terms.append(pc.field("label_class").isin(self.labels))
         out = None
         for term in terms:
             out = term if out is None else out & term

@@ -293,9 +293,11 @@ class EvaluationService:
         rehearsal runs (one stuck on a store lock held elsewhere waits up to REHEARSAL_SECONDS, `_rehearse`; it
         stores nothing): a stdio server whose client closes it exits without that wait (its client kills it 4 s
         after closing stdin, before its audit log's last records)."""
-        self.stop()
-        self._stopping.set()
-        self._pruner.shutdown(wait=self._rehearsing_since is None, cancel_futures=True)
+        try:
+            self.stop()
+        finally:  # whatever stop raised, the pruning thread is told to end
+            self._stopping.set()
+            self._pruner.shutdown(wait=self._rehearsing_since is None, cancel_futures=True)
 
     def _on_event(self, event: Any) -> None:
         # Another server's cancelled evaluation (event.origin) is pruned by that server, which ended it.
