@@ -19,7 +19,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -555,6 +555,37 @@ def default_db_url(data_dir: str | os.PathLike[str]) -> str:
 KEEPALIVES: dict[str, int] = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
 
 
+@contextlib.contextmanager
+def sqlite_lock_wait(conn: Connection, lock_wait: float | None) -> Iterator[None]:
+    """SQLite, with `lock_wait` (seconds): `conn`'s busy timeout that long while the block runs (a write lock held by
+    another connection fails a statement after it, not after SQLITE_BUSY_MS), set back before the connection goes
+    back to the pool. Elsewhere, or without `lock_wait`, nothing (`postgres_lock_wait` inside the transaction)."""
+    if lock_wait is None or conn.dialect.name != "sqlite":
+        yield
+        return
+    raw: Any = conn.connection.dbapi_connection
+    raw.execute(f"PRAGMA busy_timeout={max(1, round(lock_wait * 1000))}")
+    try:
+        yield
+    finally:
+        try:  # (a failure here must not hide the statement's, nor keep this wait in the pool)
+            raw.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
+        except Exception:
+            conn.invalidate()
+
+
+def postgres_lock_wait(conn: Connection, lock_wait: float | None, *, statements: bool = False) -> None:
+    """PostgreSQL, with `lock_wait` (seconds), in a transaction: a row or table lock held elsewhere fails a statement
+    after that long (and with `statements`, a statement that runs longer), not after the store's statement timeout;
+    both end with the transaction. Elsewhere, or without `lock_wait`, nothing (`sqlite_lock_wait` around it)."""
+    if lock_wait is None or conn.dialect.name == "sqlite":
+        return
+    ms = max(1, round(lock_wait * 1000))
+    conn.exec_driver_sql(f"SET LOCAL lock_timeout = {ms}")
+    if statements:
+        conn.exec_driver_sql(f"SET LOCAL statement_timeout = {ms}")
+
+
 def make_engine(
     url: str, *, echo: bool = False, pool_size: int = 10, pool_timeout: float = 30.0, statement_timeout: float = 30.0
 ) -> Engine:
@@ -717,17 +748,10 @@ class Store:
         is read back with its stages. With `lock_wait` (seconds), a lock held elsewhere (SQLite: another
         connection's write transaction; PostgreSQL: a row or table lock) or a statement that hangs fails it after
         that long, not after the store's own timeouts (5 s, 30 s): a rehearsal is worth no wait."""
-        sqlite = self.engine.dialect.name == "sqlite"
-        with self.engine.connect() as conn:
-            raw = conn.connection.dbapi_connection if sqlite and lock_wait is not None else None
-            if raw is not None:  # this connection's, until it goes back to the pool (restored below)
-                raw.execute(f"PRAGMA busy_timeout={max(1, round(lock_wait * 1000))}")  # type: ignore[union-attr,operator]
+        with self.engine.connect() as conn, sqlite_lock_wait(conn, lock_wait):
             transaction = conn.begin()
             try:
-                if lock_wait is not None and not sqlite:  # (both end with the transaction)
-                    ms = max(1, round(lock_wait * 1000))
-                    conn.exec_driver_sql(f"SET LOCAL lock_timeout = {ms}")
-                    conn.exec_driver_sql(f"SET LOCAL statement_timeout = {ms}")
+                postgres_lock_wait(conn, lock_wait, statements=True)
                 self._insert_task(conn, task, also)
                 if holder is not None:
                     now, worker = time.time(), f"{holder}/pid=0"
@@ -741,14 +765,7 @@ class Store:
                 # when a task is found (~1 ms of the first create_evaluation, in the store calls' thread it awaits).
                 self._tasks_by_ids(conn, [task.id], stages=True)
             finally:
-                try:
-                    transaction.rollback()
-                finally:
-                    if raw is not None:
-                        try:  # (a failure here must not hide the statement's, nor keep this wait in the pool)
-                            raw.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
-                        except Exception:
-                            conn.invalidate()
+                transaction.rollback()
 
     def _insert_task(self, conn: Connection, task: Task, also: Callable[[Connection], None] | None) -> None:
         self._insert_tasks(conn, [task], [also])

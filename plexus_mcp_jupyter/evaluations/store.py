@@ -26,10 +26,11 @@ from ..core.errors import InvalidArgument
 from ..core.models import TaskStatus
 from ..core.ownership import visible_to
 from ..core.store import (
-    SQLITE_BUSY_MS,
     decode_position,
     encode_position,
     metadata,
+    postgres_lock_wait,
+    sqlite_lock_wait,
     tasks_table,
 )
 from .item_files import ItemFiles
@@ -343,27 +344,9 @@ class EvaluationStore:
         """A write transaction; with `lock_wait` (seconds) a lock held elsewhere (SQLite: another connection's write
         transaction; PostgreSQL: a row or table lock) fails it after that long, rolled back (`lock_timed_out`), not
         after the store's own timeouts (SQLite's busy timeout, 5 s; PostgreSQL's statement timeout, 30 s)."""
-        if lock_wait is None:
-            with self.engine.begin() as conn:
-                yield conn
-            return
-        ms = max(1, round(lock_wait * 1000))
-        sqlite = self.engine.dialect.name == "sqlite"
-        with self.engine.connect() as conn:
-            raw = conn.connection.dbapi_connection if sqlite else None
-            if raw is not None:  # this connection's, until it goes back to the pool (restored below)
-                raw.execute(f"PRAGMA busy_timeout={ms}")  # type: ignore[attr-defined]
-            try:
-                with conn.begin():
-                    if not sqlite:  # (ends with the transaction)
-                        conn.exec_driver_sql(f"SET LOCAL lock_timeout = {ms}")
-                    yield conn
-            finally:
-                if raw is not None:
-                    try:  # (a failure here must not hide the statement's, nor keep this wait in the pool)
-                        raw.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")  # type: ignore[attr-defined]
-                    except Exception:
-                        conn.invalidate()
+        with self.engine.connect() as conn, sqlite_lock_wait(conn, lock_wait), conn.begin():
+            postgres_lock_wait(conn, lock_wait)
+            yield conn
 
     def set_results(self, evaluation_id: str, metrics: dict[str, Any], counts: dict[str, Any]) -> None:
         """Record the metrics and counts, and (items in files) the manifest's chunks and rows per score."""
