@@ -377,10 +377,12 @@ def item_table(columns: Mapping[str, Sequence[Any]]) -> pa.Table:
 
 
 def clipped(text: pa.Array, limit: int) -> pa.Array:
-    """Strings cut to `limit` characters, the last one an ellipsis where cut (as the runner's text columns)."""
+    """Strings cut to `limit` characters, the last one an ellipsis where cut (the runner's text columns, classes)."""
     long = pc.greater(pc.utf8_length(text), limit)
     if not pc.any(long).as_py():
         return text
+    # The ellipsis and separator of the text's own type: pandas' str columns are large_string in Arrow, and the join
+    # has no kernel for mixed string widths.
     ellipsis, separator = pa.scalar("…", type=text.type), pa.scalar("", type=text.type)
     cut = pc.binary_join_element_wise(pc.utf8_slice_codeunits(text, 0, limit - 1), ellipsis, separator)
     return pc.if_else(long, cut, text)

@@ -28,7 +28,7 @@ from ..core.errors import InvalidArgument
 from ..core.store import make_engine
 from .datasets import DatasetCatalog, require_names
 from .file_reads import clip
-from .item_files import EXCERPT_CHARS, EXPLANATION_CHARS, ItemFiles
+from .item_files import EXCERPT_CHARS, EXPLANATION_CHARS, ItemFiles, clipped
 from .limits import DEFAULT_MAX_ITEMS, DEFAULT_MAX_PARQUET_BYTES, check_items
 from .metrics import ConfusionCounter, LabelNormalization, consistency_metrics, normalize_labels
 from .requests import EvaluationParams, EvaluationScore
@@ -490,14 +490,7 @@ def _text_column(values: pd.Series, limit: int) -> pa.Array:
     text = pa.array(values)
     if isinstance(text, pa.ChunkedArray):
         text = text.combine_chunks()
-    long = pc.greater(pc.utf8_length(text), limit)
-    if pc.any(long).as_py():
-        # The ellipsis and separator of the text's own type: pandas' str columns are large_string in Arrow, and
-        # the join has no kernel for mixed string widths.
-        ellipsis, separator = pa.scalar("…", type=text.type), pa.scalar("", type=text.type)
-        cut = pc.binary_join_element_wise(pc.utf8_slice_codeunits(text, 0, limit - 1), ellipsis, separator)
-        text = pc.if_else(long, cut, text)
-    return text
+    return clipped(text, limit)
 
 
 def _whole_numbers(values: pd.Series) -> bool:
