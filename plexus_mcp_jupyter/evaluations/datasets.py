@@ -631,17 +631,12 @@ class DatasetCatalog:
                     count += 1
         return used, count
 
-    def check_quota(self, owner: str | None, name: str, adding: int) -> int | None:
+    def check_quota(self, owner: str | None, name: str, adding: int) -> None:
         """Forbidden when registering `adding` bytes as `name` would put an API key's registered datasets past
-        `max_registered_bytes` (the one `name` replaces, if theirs, is not counted: it goes); otherwise the bytes
-        they have left before `adding` (None: no quota applies to `owner`)."""
-        quota = self.max_registered_bytes
-        if not quota or not is_key_owner(owner):
-            return None
-        used, count = self.registered_bytes(owner, besides=name)
-        if used + adding > quota:
-            raise self.quota_refusal(name, adding, used, count)
-        return quota - used
+        `max_registered_bytes` (the one `name` replaces, if theirs, is not counted: it goes)."""
+        use = self.quota_use(owner, name)
+        if use is not None and use[0] + adding > self.max_registered_bytes:
+            raise self.quota_refusal(name, adding, *use)
 
     def quota_refusal(self, name: str, adding: int, used: int, count: int, sent: bool = False) -> Forbidden:
         """The quota's refusal of `adding` bytes registered as `name` by a key whose `count` datasets use `used` bytes;
